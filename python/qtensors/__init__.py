@@ -1,0 +1,42 @@
+"""qtensors: safetensors, but group-quantized.
+
+    import qtensors as qt
+    qt.save_file({"fc.weight": w, "fc.bias": b}, "model.qtensors", quant=qt.FLEXGEN)
+    tensors = qt.load_file("model.qtensors", framework="pt")
+    with qt.safe_open("model.qtensors", framework="np") as f:
+        q = f.get_quantized("fc.weight")   # codes, scales, mins: zero-copy views of the file
+"""
+
+from __future__ import annotations
+
+from ._core import FORMAT_VERSION, kernels
+from .encodings import FLEXGEN, NF4, PRESETS, Affine, Encoding, Raw, Symmetric, choose_encoding
+from .errors import ChecksumError, FormatError, QtensorsError, QuantizationError, UnsupportedError
+from .files import load_file, safe_open, save_file
+from .quantized import QuantizedTensor, dequantize, quantize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FLEXGEN",
+    "FORMAT_VERSION",
+    "NF4",
+    "PRESETS",
+    "Affine",
+    "ChecksumError",
+    "Encoding",
+    "FormatError",
+    "QtensorsError",
+    "QuantizationError",
+    "QuantizedTensor",
+    "Raw",
+    "Symmetric",
+    "UnsupportedError",
+    "choose_encoding",
+    "dequantize",
+    "kernels",
+    "load_file",
+    "quantize",
+    "safe_open",
+    "save_file",
+]

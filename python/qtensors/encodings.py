@@ -1,0 +1,153 @@
+"""Encodings a tensor can be stored in, and the policy that picks one per tensor.
+
+An encoding is a small frozen dataclass; `to_dict(rank)` gives the header form (spec section 4)
+with the axis normalized for a tensor of that rank.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Union
+
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _normalize_axis(axis: int, rank: int) -> int:
+    r = max(rank, 1)
+    if not -r <= axis < r:
+        raise ValueError(f"axis {axis} is out of range for a tensor of rank {rank}")
+    return axis % r
+
+
+@dataclass(frozen=True)
+class Raw:
+    """Stored byte for byte (any dtype)."""
+
+    name: ClassVar[str] = "raw"
+
+    def to_dict(self, rank: int = 0) -> dict[str, Any]:
+        return {"name": "raw"}
+
+
+@dataclass(frozen=True)
+class _Grouped:
+    bits: int = 4
+    group_size: int = 64
+    axis: int = -1
+    scale_dtype: str = "float16"
+
+    name: ClassVar[str] = "?"
+    _bits_range: ClassVar[tuple[int, int]] = (1, 8)
+
+    def __post_init__(self) -> None:
+        lo, hi = self._bits_range
+        if not isinstance(self.bits, int) or not lo <= self.bits <= hi:
+            raise ValueError(f"{self.name}: bits must be an integer in {lo}..{hi}, not {self.bits!r}")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"{self.name}: group_size must be a positive integer")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"{self.name}: scale_dtype must be one of {SCALE_DTYPES}")
+
+    def to_dict(self, rank: int = 2) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "axis": _normalize_axis(self.axis, rank),
+            "scale_dtype": self.scale_dtype,
+        }
+
+
+@dataclass(frozen=True)
+class Affine(_Grouped):
+    """Asymmetric min-max per group: x ≈ code * scale + min (FlexGen's scheme)."""
+
+    name: ClassVar[str] = "affine"
+
+
+@dataclass(frozen=True)
+class Symmetric(_Grouped):
+    """Absmax per group: x ≈ (code - 2^(bits-1)) * scale."""
+
+    bits: int = 8
+    group_size: int = 128
+    name: ClassVar[str] = "symmetric"
+    _bits_range: ClassVar[tuple[int, int]] = (2, 8)
+
+
+@dataclass(frozen=True)
+class NF4(_Grouped):
+    """bitsandbytes' NormalFloat-4 levels scaled by each group's absmax."""
+
+    name: ClassVar[str] = "nf4"
+    _bits_range: ClassVar[tuple[int, int]] = (4, 4)
+
+
+Encoding = Union[Raw, Affine, Symmetric, NF4]
+
+#: 4-bit, group 64 along axis 0, fp16 scale and min: how FlexLLMGen stores weights.
+FLEXGEN = Affine(bits=4, group_size=64, axis=0)
+
+PRESETS: dict[str, Encoding] = {
+    "flexgen": FLEXGEN,
+    "int4-g64": Affine(bits=4, group_size=64, axis=-1),
+    "int4-g128": Affine(bits=4, group_size=128, axis=-1),
+    "nf4": NF4(group_size=64, axis=-1),
+    "int8": Symmetric(bits=8, group_size=128, axis=-1),
+}
+
+
+def from_dict(d: Mapping[str, Any]) -> Encoding:
+    """The encoding object of a header `encoding` dict."""
+    name = d.get("name")
+    if name == "raw":
+        return Raw()
+    cls = {"affine": Affine, "symmetric": Symmetric, "nf4": NF4}.get(str(name))
+    if cls is None:
+        from .errors import UnsupportedError
+
+        raise UnsupportedError(f"unknown encoding {name!r}: this file needs a newer qtensors")
+    return cls(
+        bits=int(d.get("bits", 4)),
+        group_size=int(d["group_size"]),
+        axis=int(d["axis"]),
+        scale_dtype=str(d["scale_dtype"]),
+    )
+
+
+QuantSpec = Union[None, Encoding, Mapping[str, Union[Encoding, None]]]
+
+
+def default_wants_quantization(dtype: str, shape: tuple[int, ...]) -> bool:
+    """Floating tensors of rank >= 2 (linear, conv, embedding weights) are quantized; norms,
+    biases, scalars and integer tensors stay raw."""
+    return dtype in FLOAT_DTYPES and len(shape) >= 2
+
+
+def choose_encoding(name: str, dtype: str, shape: tuple[int, ...], quant: QuantSpec) -> Encoding:
+    """Pick the encoding of one tensor.
+
+    `quant` is None (the FLEXGEN preset under the default policy), one encoding (used under the
+    default policy), or a mapping from fnmatch patterns to encodings (None = raw): the first
+    pattern matching `name` decides; names no pattern matches follow the default policy.
+    """
+    if isinstance(quant, Mapping):
+        for pattern, enc in quant.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                if enc is None or isinstance(enc, Raw):
+                    return Raw()
+                if dtype not in FLOAT_DTYPES:
+                    raise ValueError(
+                        f"tensor {name!r} matches pattern {pattern!r} but has dtype {dtype}: "
+                        "only float tensors can be quantized; map it to None to keep it raw"
+                    )
+                return enc
+        enc: Encoding = FLEXGEN
+    else:
+        enc = FLEXGEN if quant is None else quant
+    if isinstance(enc, Raw) or not default_wants_quantization(dtype, shape):
+        return Raw()
+    return enc

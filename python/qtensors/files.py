@@ -1,0 +1,185 @@
+"""The safetensors-like file API: `save_file`, `load_file` and lazy `safe_open` handles."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from . import _core
+from ._arrays import as_bytes, from_buffer, normalize_framework
+from .encodings import QuantSpec, Raw, choose_encoding
+from .quantized import QuantizedTensor, wrap_parts
+
+DEFAULT_ALIGNMENT = 64
+DIRECT_IO_ALIGNMENT = 4096
+
+
+def save_file(
+    tensors: Mapping[str, Any],
+    filename: str | os.PathLike[str],
+    quant: QuantSpec = None,
+    metadata: Mapping[str, str] | None = None,
+    alignment: int = DEFAULT_ALIGNMENT,
+) -> None:
+    """Write `tensors` (numpy arrays, torch tensors or QuantizedTensors) to `filename`.
+
+    `quant` picks each tensor's encoding (see `qtensors.encodings.choose_encoding`): by default
+    float tensors of rank >= 2 are stored as FLEXGEN (4-bit, group 64, axis 0) and the rest raw.
+    QuantizedTensors are stored as they are. `alignment=4096` aligns every part for direct I/O.
+    The file appears atomically: on any error nothing is left under `filename`.
+    """
+    plans: list[tuple[str, str, list[int], str]] = []
+    sources: list[tuple[str, Any]] = []
+    for name, value in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names must be str, not {type(name).__name__}")
+        if isinstance(value, QuantizedTensor):
+            plans.append((name, value.dtype, list(value.shape), json.dumps(value.encoding)))
+            sources.append(("parts", value))
+            continue
+        data, dtype, shape = as_bytes(value)
+        enc = choose_encoding(name, dtype, shape, quant)
+        enc_dict = {"name": "raw"} if isinstance(enc, Raw) else enc.to_dict(len(shape))
+        plans.append((name, dtype, list(shape), json.dumps(enc_dict)))
+        sources.append(("values", (data, dtype)))
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    writer = _core.Writer(os.fspath(filename), plans, meta, alignment)
+    try:
+        for i, (kind, src) in enumerate(sources):
+            if kind == "parts":
+                writer.write_parts(i, [_raw_bytes(p) for p in src.parts()])
+            else:
+                data, dtype = src
+                writer.write_tensor(i, data, dtype)
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _raw_bytes(p: Any):
+    return as_bytes(p)[0]
+
+
+def load_file(
+    filename: str | os.PathLike[str], framework: str = "np", device: str = "cpu"
+) -> dict[str, Any]:
+    """Read every tensor, decoded to its original dtype, as numpy arrays or torch tensors."""
+    with safe_open(filename, framework=framework, device=device) as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+class safe_open:  # noqa: N801 - named like safetensors.safe_open on purpose
+    """A lazy, memory-mapped view of a qtensors file.
+
+    Opening validates the whole header (never the data) so it is instant; tensors are decoded
+    on demand. `get_quantized` returns the stored parts as zero-copy views of the file.
+    Use as a context manager or call `close()`.
+    """
+
+    def __init__(
+        self,
+        filename: str | os.PathLike[str],
+        framework: str = "np",
+        device: str = "cpu",
+        verify: bool = False,
+    ) -> None:
+        self._framework = normalize_framework(framework)
+        self._device = device
+        self._reader: Any = _core.Reader(os.fspath(filename))
+        header = json.loads(self._reader.header_json())
+        self._meta: dict[str, str] = header.get("metadata", {})
+        self._tensors: dict[str, dict[str, Any]] = {t["name"]: t for t in header["tensors"]}
+        self._data_start: int = self._reader.data_start
+        self.alignment: int = header["alignment"]
+        if verify:
+            self.verify()
+
+    # -- context manager -------------------------------------------------------------------
+    def __enter__(self) -> safe_open:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Forget the file. Views already handed out keep the mapping alive until they go."""
+        self._reader = None
+
+    def _open_reader(self):
+        if self._reader is None:
+            raise ValueError("this qtensors file is closed")
+        return self._reader
+
+    # -- listing ---------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._meta)
+
+    def _info(self, name: str) -> dict[str, Any]:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise KeyError(f"no tensor named {name!r} in this file") from None
+
+    def encoding(self, name: str) -> dict[str, Any]:
+        return dict(self._info(name)["encoding"])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._info(name)["shape"])
+
+    def dtype(self, name: str) -> str:
+        return str(self._info(name)["dtype"])
+
+    def tensor_info(self, name: str) -> dict[str, Any]:
+        """The header entry of a tensor: dtype, shape, encoding and parts."""
+        return json.loads(json.dumps(self._info(name)))
+
+    # -- data ------------------------------------------------------------------------------
+    def get_tensor(self, name: str):
+        """The tensor decoded to its original dtype (a new array)."""
+        info = self._info(name)
+        buf = self._open_reader().decode(name)
+        t = from_buffer(buf, info["dtype"], tuple(info["shape"]), self._framework)
+        if self._framework == "pt" and self._device != "cpu":
+            t = t.to(self._device)
+        return t
+
+    def get_quantized(self, name: str) -> QuantizedTensor:
+        """The stored parts as zero-copy views of the file (read-only with numpy; with torch,
+        writable private copy-on-write pages: writes never reach the file)."""
+        info = self._info(name)
+        reader = self._open_reader()
+        enc = info["encoding"]
+        from .quantized import PART_NAMES
+
+        names = PART_NAMES[enc["name"]]
+        parts = [info["parts"][n] for n in names]
+        return wrap_parts(
+            [reader] * len(parts),
+            [self._data_start + p["offset"] for p in parts],
+            [p["length"] for p in parts],
+            tuple(info["shape"]),
+            info["dtype"],
+            enc,
+            self._framework,
+            writable=self._framework == "pt",
+            owner=reader,
+        )
+
+    def verify(self, name: str | None = None) -> None:
+        """Check checksums (of one tensor, or all); raises ChecksumError naming the tensor/part."""
+        self._open_reader().verify(name)

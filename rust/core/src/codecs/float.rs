@@ -1,0 +1,74 @@
+//! Conversions between the float dtypes and fp32, and the rounding of stored scales (`st` in the spec).
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::format::DType;
+
+const PAR_CHUNK: usize = 1 << 16;
+
+/// `st(v)`: round fp32 to the scale dtype (nearest-even) and back.
+#[inline]
+pub fn store_scale(v: f32, dtype: DType) -> f32 {
+    match dtype {
+        DType::Float16 => f16::from_f32(v).to_f32(),
+        DType::Bfloat16 => bf16::from_f32(v).to_f32(),
+        _ => v,
+    }
+}
+
+/// Widen little-endian float bytes to fp32 (float64 is rounded to fp32, per spec 4.3).
+pub fn bytes_to_f32(src: &[u8], dtype: DType) -> Result<Vec<f32>> {
+    let size = dtype.itemsize();
+    if src.len() % size != 0 {
+        return Err(Error::Invalid(format!(
+            "{} bytes are not a whole number of {dtype} elements",
+            src.len()
+        )));
+    }
+    let n = src.len() / size;
+    let mut out = vec![0f32; n];
+    let conv: fn(&[u8]) -> f32 = match dtype {
+        DType::Float16 => |b| f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        DType::Bfloat16 => |b| bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        DType::Float32 => |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        DType::Float64 => |b| f64::from_le_bytes(b.try_into().unwrap()) as f32,
+        other => {
+            return Err(Error::Invalid(format!(
+                "dtype {other} cannot be quantized: only float16, bfloat16, float32 and float64 can"
+            )))
+        }
+    };
+    out.par_chunks_mut(PAR_CHUNK)
+        .zip(src.par_chunks(PAR_CHUNK * size))
+        .for_each(|(o, s)| {
+            for (v, b) in o.iter_mut().zip(s.chunks_exact(size)) {
+                *v = conv(b);
+            }
+        });
+    Ok(out)
+}
+
+/// Narrow fp32 values into little-endian bytes of `dtype` (round-to-nearest-even).
+pub fn f32_to_bytes(src: &[f32], dtype: DType, out: &mut [u8]) -> Result<()> {
+    let size = dtype.itemsize();
+    if out.len() != src.len() * size {
+        return Err(Error::Invalid("output buffer has the wrong size".into()));
+    }
+    let conv: fn(f32, &mut [u8]) = match dtype {
+        DType::Float16 => |v, o| o.copy_from_slice(&f16::from_f32(v).to_le_bytes()),
+        DType::Bfloat16 => |v, o| o.copy_from_slice(&bf16::from_f32(v).to_le_bytes()),
+        DType::Float32 => |v, o| o.copy_from_slice(&v.to_le_bytes()),
+        DType::Float64 => |v, o| o.copy_from_slice(&(v as f64).to_le_bytes()),
+        other => return Err(Error::Invalid(format!("cannot decode to dtype {other}"))),
+    };
+    out.par_chunks_mut(PAR_CHUNK * size)
+        .zip(src.par_chunks(PAR_CHUNK))
+        .for_each(|(o, s)| {
+            for (b, &v) in o.chunks_exact_mut(size).zip(s) {
+                conv(v, b);
+            }
+        });
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! Kernel tables and runtime CPU dispatch. Every table computes exactly what `scalar` computes.
+
+use std::sync::OnceLock;
+
+use crate::codecs::codec::Codec;
+
+pub mod scalar;
+
+/// The hot loops of quantization, one table per instruction set.
+/// `codes` + `first`: the packed stream and the index (in codes) of the first element concerned.
+pub struct Kernels {
+    pub name: &'static str,
+    /// `out[i] = decode(code[first + i], s, m)`
+    pub dequant_bcast: fn(Codec, &[u8], usize, f32, f32, &mut [f32]),
+    /// `out[i] = decode(code[first + i], s[i], m[i])` (`m` is empty without mins)
+    pub dequant_vec: fn(Codec, &[u8], usize, &[f32], &[f32], &mut [f32]),
+    /// `code[first + i] |= encode(x[i], inv, m)`, into a zeroed stream
+    pub encode_bcast: fn(Codec, &[f32], f32, f32, &[f32; 15], &mut [u8], usize),
+    /// `code[first + i] |= encode(x[i], inv[i], m[i])`
+    pub encode_vec: fn(Codec, &[f32], &[f32], &[f32], &[f32; 15], &mut [u8], usize),
+    /// `(min, max, all finite)`
+    pub min_max: fn(&[f32]) -> (f32, f32, bool),
+    /// `(max |x|, all finite)`
+    pub abs_max: fn(&[f32]) -> (f32, bool),
+    /// elementwise running min and max; returns all finite
+    pub min_max_vec: fn(&[f32], &mut [f32], &mut [f32]) -> bool,
+    /// elementwise running max |x|; returns all finite
+    pub abs_max_vec: fn(&[f32], &mut [f32]) -> bool,
+}
+
+/// Every kernel table this CPU can run, best last.
+pub fn available() -> Vec<&'static Kernels> {
+    vec![&scalar::SCALAR]
+}
+
+/// The best table for this CPU, unless `QTENSORS_KERNELS` names another (e.g. `scalar`).
+pub fn best() -> &'static Kernels {
+    static BEST: OnceLock<&'static Kernels> = OnceLock::new();
+    BEST.get_or_init(|| {
+        let all = available();
+        if let Ok(want) = std::env::var("QTENSORS_KERNELS") {
+            if let Some(k) = all.iter().find(|k| k.name == want) {
+                return k;
+            }
+        }
+        all.last().copied().expect("scalar kernels always exist")
+    })
+}
+
+pub fn by_name(name: &str) -> Option<&'static Kernels> {
+    available().into_iter().find(|k| k.name == name)
+}

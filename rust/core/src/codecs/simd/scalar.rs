@@ -1,0 +1,112 @@
+//! Portable kernels: the reference every SIMD path is tested against, and the fallback.
+
+use super::Kernels;
+use crate::codecs::codec::{read_code, write_code, Codec};
+
+pub static SCALAR: Kernels = Kernels {
+    name: "scalar",
+    dequant_bcast,
+    dequant_vec,
+    encode_bcast,
+    encode_vec,
+    min_max,
+    abs_max,
+    min_max_vec,
+    abs_max_vec,
+};
+
+pub fn dequant_bcast(codec: Codec, codes: &[u8], first: usize, s: f32, m: f32, out: &mut [f32]) {
+    let bits = codec.bits();
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = codec.decode(read_code(codes, first + i, bits), s, m);
+    }
+}
+
+pub fn dequant_vec(
+    codec: Codec,
+    codes: &[u8],
+    first: usize,
+    s: &[f32],
+    m: &[f32],
+    out: &mut [f32],
+) {
+    let bits = codec.bits();
+    let has_m = codec.has_mins();
+    for (i, o) in out.iter_mut().enumerate() {
+        let mi = if has_m { m[i] } else { 0.0 };
+        *o = codec.decode(read_code(codes, first + i, bits), s[i], mi);
+    }
+}
+
+pub fn encode_bcast(
+    codec: Codec,
+    x: &[f32],
+    inv: f32,
+    m: f32,
+    mids: &[f32; 15],
+    codes: &mut [u8],
+    first: usize,
+) {
+    let bits = codec.bits();
+    for (i, &v) in x.iter().enumerate() {
+        write_code(codes, first + i, bits, codec.encode(v, inv, m, mids));
+    }
+}
+
+pub fn encode_vec(
+    codec: Codec,
+    x: &[f32],
+    inv: &[f32],
+    m: &[f32],
+    mids: &[f32; 15],
+    codes: &mut [u8],
+    first: usize,
+) {
+    let bits = codec.bits();
+    let has_m = codec.has_mins();
+    for (i, &v) in x.iter().enumerate() {
+        let mi = if has_m { m[i] } else { 0.0 };
+        write_code(codes, first + i, bits, codec.encode(v, inv[i], mi, mids));
+    }
+}
+
+pub fn min_max(x: &[f32]) -> (f32, f32, bool) {
+    let mut lo = f32::INFINITY;
+    let mut hi = f32::NEG_INFINITY;
+    let mut finite = true;
+    for &v in x {
+        finite &= v.is_finite();
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    (lo, hi, finite)
+}
+
+pub fn abs_max(x: &[f32]) -> (f32, bool) {
+    let mut a = 0f32;
+    let mut finite = true;
+    for &v in x {
+        finite &= v.is_finite();
+        a = a.max(v.abs());
+    }
+    (a, finite)
+}
+
+pub fn min_max_vec(x: &[f32], lo: &mut [f32], hi: &mut [f32]) -> bool {
+    let mut finite = true;
+    for ((&v, l), h) in x.iter().zip(lo.iter_mut()).zip(hi.iter_mut()) {
+        finite &= v.is_finite();
+        *l = l.min(v);
+        *h = h.max(v);
+    }
+    finite
+}
+
+pub fn abs_max_vec(x: &[f32], a: &mut [f32]) -> bool {
+    let mut finite = true;
+    for (&v, acc) in x.iter().zip(a.iter_mut()) {
+        finite &= v.is_finite();
+        *acc = acc.max(v.abs());
+    }
+    finite
+}

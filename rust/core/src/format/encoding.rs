@@ -1,0 +1,290 @@
+//! Encodings (spec section 4): their parameters, the parts they are made of, and the sizes those
+//! parts must have. Everything here is computed in checked arithmetic because shapes come from
+//! untrusted headers.
+
+use serde_json::{Map, Value};
+
+use super::dtype::DType;
+use crate::error::{Error, Result};
+
+/// Parameters shared by the group-quantized encodings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupParams {
+    pub bits: u8,
+    pub group_size: u64,
+    /// Normalized: `0 <= axis < max(rank, 1)`.
+    pub axis: usize,
+    pub scale_dtype: DType,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Encoding {
+    Raw,
+    Affine(GroupParams),
+    Symmetric(GroupParams),
+    Nf4(GroupParams),
+    /// Only produced by lenient (listing) parsing: an encoding this version does not know.
+    Unknown {
+        name: String,
+        params: Map<String, Value>,
+    },
+}
+
+/// What one part of a tensor must look like.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartSpec {
+    pub name: &'static str,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    pub length: u64,
+}
+
+/// The (P, L, Q, G) view of spec section 4.1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupLayout {
+    pub outer: u64,
+    pub axis_len: u64,
+    pub inner: u64,
+    pub group_size: u64,
+    pub groups_along_axis: u64,
+}
+
+impl GroupLayout {
+    pub fn new(shape: &[u64], axis: usize, group_size: u64) -> Result<Self> {
+        let overflow = || Error::Format(format!("shape {shape:?} overflows 64-bit element counts"));
+        let (outer, axis_len, inner) = if shape.is_empty() {
+            (1, 1, 1)
+        } else {
+            let mut outer: u64 = 1;
+            for &d in &shape[..axis] {
+                outer = outer.checked_mul(d).ok_or_else(overflow)?;
+            }
+            let mut inner: u64 = 1;
+            for &d in &shape[axis + 1..] {
+                inner = inner.checked_mul(d).ok_or_else(overflow)?;
+            }
+            (outer, shape[axis], inner)
+        };
+        if group_size == 0 {
+            return Err(Error::Format("group_size must be at least 1".into()));
+        }
+        let groups_along_axis = axis_len.div_ceil(group_size);
+        // Overflow check of the full products.
+        outer
+            .checked_mul(axis_len)
+            .and_then(|v| v.checked_mul(inner))
+            .ok_or_else(overflow)?;
+        Ok(GroupLayout {
+            outer,
+            axis_len,
+            inner,
+            group_size,
+            groups_along_axis,
+        })
+    }
+
+    pub fn numel(&self) -> u64 {
+        self.outer * self.axis_len * self.inner
+    }
+
+    pub fn num_groups(&self) -> u64 {
+        self.outer * self.groups_along_axis * self.inner
+    }
+}
+
+pub fn numel(shape: &[u64]) -> Option<u64> {
+    shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
+}
+
+/// Bytes of `n` codes of `bits` bits, packed.
+pub fn packed_len(n: u64, bits: u8) -> Option<u64> {
+    n.checked_mul(bits as u64).map(|b| b.div_ceil(8))
+}
+
+/// The shape of the scales/mins parts: the tensor's shape with the group axis cut to its group count.
+pub fn scales_shape(shape: &[u64], p: &GroupParams) -> Vec<u64> {
+    if shape.is_empty() {
+        return vec![1];
+    }
+    let mut s = shape.to_vec();
+    s[p.axis] = s[p.axis].div_ceil(p.group_size);
+    s
+}
+
+impl Encoding {
+    pub fn name(&self) -> &str {
+        match self {
+            Encoding::Raw => "raw",
+            Encoding::Affine(_) => "affine",
+            Encoding::Symmetric(_) => "symmetric",
+            Encoding::Nf4(_) => "nf4",
+            Encoding::Unknown { name, .. } => name,
+        }
+    }
+
+    pub fn group_params(&self) -> Option<&GroupParams> {
+        match self {
+            Encoding::Affine(p) | Encoding::Symmetric(p) | Encoding::Nf4(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Parse a header `encoding` object. `rank` normalizes nothing: axes in files are already
+    /// normalized, and must be `< max(rank, 1)`. With `lenient`, unknown names become `Unknown`.
+    pub fn from_json(obj: &Map<String, Value>, rank: usize, lenient: bool) -> Result<Self> {
+        let name = obj
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::Format("encoding has no string 'name'".into()))?;
+        let int = |key: &str| -> Result<u64> {
+            obj.get(key).and_then(Value::as_u64).ok_or_else(|| {
+                Error::Format(format!(
+                    "encoding '{name}' needs a non-negative integer '{key}'"
+                ))
+            })
+        };
+        let group = |default_bits: Option<u8>| -> Result<GroupParams> {
+            let bits = match (obj.get("bits"), default_bits) {
+                (None, Some(b)) => b as u64,
+                _ => int("bits")?,
+            };
+            let group_size = int("group_size")?;
+            let axis = int("axis")?;
+            let sd_name = obj
+                .get("scale_dtype")
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    Error::Format(format!("encoding '{name}' needs a string 'scale_dtype'"))
+                })?;
+            let scale_dtype = DType::parse(sd_name)
+                .filter(|d| d.is_scale_dtype())
+                .ok_or_else(|| {
+                    Error::Format(format!(
+                        "encoding '{name}': scale_dtype '{sd_name}' is not float16, bfloat16 or float32"
+                    ))
+                })?;
+            if group_size == 0 || group_size > u32::MAX as u64 {
+                return Err(Error::Format(format!(
+                    "encoding '{name}': group_size {group_size} is out of range 1..=4294967295"
+                )));
+            }
+            if axis >= rank.max(1) as u64 {
+                return Err(Error::Format(format!(
+                    "encoding '{name}': axis {axis} is out of range for a tensor of rank {rank}"
+                )));
+            }
+            Ok(GroupParams {
+                bits: bits.min(255) as u8,
+                group_size,
+                axis: axis as usize,
+                scale_dtype,
+            })
+        };
+        let enc = match name {
+            "raw" => Encoding::Raw,
+            "affine" => Encoding::Affine(group(None)?),
+            "symmetric" => Encoding::Symmetric(group(None)?),
+            "nf4" => Encoding::Nf4(group(Some(4))?),
+            other if lenient => Encoding::Unknown {
+                name: other.to_string(),
+                params: obj.clone(),
+            },
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "unknown encoding '{other}': this file needs a newer qtensors (known: raw, affine, symmetric, nf4)"
+                )))
+            }
+        };
+        enc.check_params()?;
+        Ok(enc)
+    }
+
+    /// Range checks of the parameters (spec rule 8).
+    pub fn check_params(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Format(msg));
+        match self {
+            Encoding::Affine(p) if !(1..=8).contains(&p.bits) => {
+                bad(format!("affine bits {} is out of range 1..=8", p.bits))
+            }
+            Encoding::Symmetric(p) if !(2..=8).contains(&p.bits) => {
+                bad(format!("symmetric bits {} is out of range 2..=8", p.bits))
+            }
+            Encoding::Nf4(p) if p.bits != 4 => bad(format!("nf4 bits must be 4, not {}", p.bits)),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("name".into(), Value::from(self.name()));
+        match self {
+            Encoding::Raw => {}
+            Encoding::Affine(p) | Encoding::Symmetric(p) | Encoding::Nf4(p) => {
+                m.insert("bits".into(), Value::from(p.bits));
+                m.insert("group_size".into(), Value::from(p.group_size));
+                m.insert("axis".into(), Value::from(p.axis as u64));
+                m.insert("scale_dtype".into(), Value::from(p.scale_dtype.name()));
+            }
+            Encoding::Unknown { params, .. } => return Value::Object(params.clone()),
+        }
+        Value::Object(m)
+    }
+
+    /// Whether `dtype` may be the logical dtype of a tensor in this encoding.
+    pub fn accepts_dtype(&self, dtype: DType) -> bool {
+        match self {
+            Encoding::Raw | Encoding::Unknown { .. } => true,
+            _ => dtype.is_quantizable_float(),
+        }
+    }
+
+    /// The parts a tensor of this encoding must have, in file order.
+    pub fn part_specs(&self, dtype: DType, shape: &[u64]) -> Result<Vec<PartSpec>> {
+        let n =
+            numel(shape).ok_or_else(|| Error::Format(format!("shape {shape:?} overflows u64")))?;
+        let too_big = || Error::Format(format!("shape {shape:?} is too large"));
+        match self {
+            Encoding::Raw => Ok(vec![PartSpec {
+                name: "data",
+                dtype,
+                shape: shape.to_vec(),
+                length: n.checked_mul(dtype.itemsize() as u64).ok_or_else(too_big)?,
+            }]),
+            Encoding::Affine(p) | Encoding::Symmetric(p) | Encoding::Nf4(p) => {
+                let layout = GroupLayout::new(shape, p.axis, p.group_size)?;
+                let code_bytes = packed_len(n, p.bits).ok_or_else(too_big)?;
+                let sshape = scales_shape(shape, p);
+                let slen = layout
+                    .num_groups()
+                    .checked_mul(p.scale_dtype.itemsize() as u64)
+                    .ok_or_else(too_big)?;
+                let mut parts = vec![
+                    PartSpec {
+                        name: "codes",
+                        dtype: DType::Uint8,
+                        shape: vec![code_bytes],
+                        length: code_bytes,
+                    },
+                    PartSpec {
+                        name: "scales",
+                        dtype: p.scale_dtype,
+                        shape: sshape.clone(),
+                        length: slen,
+                    },
+                ];
+                if matches!(self, Encoding::Affine(_)) {
+                    parts.push(PartSpec {
+                        name: "mins",
+                        dtype: p.scale_dtype,
+                        shape: sshape,
+                        length: slen,
+                    });
+                }
+                Ok(parts)
+            }
+            Encoding::Unknown { name, .. } => Err(Error::Unsupported(format!(
+                "unknown encoding '{name}': this file needs a newer qtensors"
+            ))),
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! Hard limits of spec section 7: a reader refuses anything beyond them before reading data.
+
+pub const MAGIC: &[u8; 8] = b"QTENSORS";
+pub const VERSION_MAJOR: u16 = 1;
+pub const VERSION_MINOR: u16 = 0;
+/// magic (8) + major (2) + minor (2) + reserved (4) + header_len (8)
+pub const PREFIX_LEN: usize = 24;
+pub const MAX_HEADER_LEN: u64 = 100 * 1024 * 1024;
+pub const MAX_TENSORS: usize = 1_000_000;
+pub const MAX_NAME_LEN: usize = 1024;
+pub const MAX_RANK: usize = 32;
+pub const MIN_ALIGNMENT: u64 = 64;
+pub const MAX_ALIGNMENT: u64 = 1 << 20;
+pub const DEFAULT_ALIGNMENT: u64 = 64;
+pub const DIRECT_IO_ALIGNMENT: u64 = 4096;

@@ -1,0 +1,137 @@
+//! The memory-mapped reader. Opening checks the prefix and the whole header (spec section 7)
+//! before any part is touched; parts are then zero-copy slices of the mapping.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::{MmapMut, MmapOptions};
+use rayon::prelude::*;
+
+use super::checksum::checksum;
+use crate::codecs::Kernels;
+use crate::error::{Error, Result};
+use crate::format::header::{format_checksum, parse_prefix};
+use crate::format::limits::PREFIX_LEN;
+use crate::format::{Header, PartInfo, TensorInfo};
+use crate::tensor;
+
+pub struct QFile {
+    /// Private copy-on-write mapping: views handed to Python may be written to without ever
+    /// touching the file (and without the crash a read-only mapping gives on write).
+    map: MmapMut,
+    header: Header,
+    data_start: usize,
+    path: PathBuf,
+}
+
+impl QFile {
+    /// Open and validate. `lenient` accepts newer minor versions and unknown encodings (listing).
+    pub fn open(path: &Path, lenient: bool) -> Result<Self> {
+        let file = File::open(path)
+            .map_err(|e| Error::io(format!("cannot open '{}'", path.display()), e))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| Error::io(format!("cannot stat '{}'", path.display()), e))?
+            .len();
+        if file_len < PREFIX_LEN as u64 {
+            parse_prefix(&[], file_len, lenient)?;
+        }
+        // SAFETY: the mapping is private; if another process truncates the file while it is
+        // mapped, reads past the new end fault (as with every memory-mapped reader).
+        let map = unsafe { MmapOptions::new().map_copy(&file) }
+            .map_err(|e| Error::io(format!("cannot map '{}'", path.display()), e))?;
+        let (major, minor, header_len) = parse_prefix(&map[..PREFIX_LEN], file_len, lenient)?;
+        let data_start = PREFIX_LEN as u64 + header_len;
+        let header = Header::parse(
+            &map[PREFIX_LEN..data_start as usize],
+            (major, minor),
+            data_start,
+            file_len - data_start,
+            lenient,
+        )?;
+        Ok(QFile {
+            map,
+            header,
+            data_start: data_start as usize,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Absolute file offset of the data section.
+    pub fn data_start(&self) -> usize {
+        self.data_start
+    }
+
+    /// Absolute file offset of a part.
+    pub fn part_offset(&self, p: &PartInfo) -> usize {
+        self.data_start + p.offset as usize
+    }
+
+    pub fn part_bytes(&self, p: &PartInfo) -> &[u8] {
+        let start = self.part_offset(p);
+        &self.map[start..start + p.length as usize]
+    }
+
+    /// Base pointer of the whole mapping (for buffer-protocol views).
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+
+    pub fn tensor(&self, name: &str) -> Result<&TensorInfo> {
+        self.header.get(name).ok_or_else(|| {
+            Error::Invalid(format!(
+                "no tensor named '{name}' in '{}'",
+                self.path.display()
+            ))
+        })
+    }
+
+    pub fn verify_tensor(&self, t: &TensorInfo) -> Result<()> {
+        for p in &t.parts {
+            let got = checksum(self.part_bytes(p));
+            if got != p.checksum {
+                return Err(Error::Checksum(format!(
+                    "tensor '{}' part '{}': checksum mismatch (file says {}, bytes hash to {}): the file is corrupted",
+                    t.name,
+                    p.name,
+                    format_checksum(p.checksum),
+                    format_checksum(got)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Verify every part's checksum, in parallel; reports the first corrupted tensor in file order.
+    pub fn verify(&self) -> Result<()> {
+        let results: Vec<Result<()>> = self
+            .header
+            .tensors
+            .par_iter()
+            .map(|t| self.verify_tensor(t))
+            .collect();
+        results.into_iter().collect()
+    }
+
+    /// Decode tensor `t` into `out` (bytes of its logical dtype).
+    pub fn decode(&self, k: &Kernels, t: &TensorInfo, out: &mut [u8]) -> Result<()> {
+        let parts: Vec<&[u8]> = t.parts.iter().map(|p| self.part_bytes(p)).collect();
+        tensor::decode(k, t, &parts, out)
+    }
+}

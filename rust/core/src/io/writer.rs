@@ -1,0 +1,277 @@
+//! The writer: plans the layout from shapes and encodings alone, writes parts in any order into a
+//! temporary file beside the target, then writes the header with the checksums, fsyncs and renames.
+//! The final name never holds a partial file; the same inputs give the same bytes.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use tempfile::NamedTempFile;
+
+use super::checksum::checksum;
+use crate::error::{Error, Result};
+use crate::format::header::PartInfo;
+use crate::format::limits::*;
+use crate::format::{DType, Encoding, Header, TensorInfo};
+
+/// What the caller wants stored under one name.
+#[derive(Debug, Clone)]
+pub struct PlannedTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    pub encoding: Encoding,
+}
+
+pub struct FileWriter {
+    tmp: Option<NamedTempFile>,
+    final_path: PathBuf,
+    header: Header,
+    written: Vec<Vec<bool>>,
+    data_start: u64,
+}
+
+fn align_up(v: u64, a: u64) -> u64 {
+    v.div_ceil(a) * a
+}
+
+#[cfg(unix)]
+fn write_at(f: &File, buf: &[u8], pos: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(buf, pos)
+}
+
+#[cfg(windows)]
+fn write_at(f: &File, mut buf: &[u8], mut pos: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        let n = f.seek_write(buf, pos)?;
+        buf = &buf[n..];
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+/// Plan every part's offset: tensors in the given order, parts in encoding order, aligned.
+pub fn plan_layout(
+    plans: Vec<PlannedTensor>,
+    metadata: BTreeMap<String, String>,
+    alignment: u64,
+) -> Result<Header> {
+    if !alignment.is_power_of_two() || !(MIN_ALIGNMENT..=MAX_ALIGNMENT).contains(&alignment) {
+        return Err(Error::Invalid(format!(
+            "alignment {alignment} must be a power of two between {MIN_ALIGNMENT} and {MAX_ALIGNMENT}"
+        )));
+    }
+    let mut offset = 0u64;
+    let mut tensors = Vec::with_capacity(plans.len());
+    for p in plans {
+        if p.name.is_empty() || p.name.len() > MAX_NAME_LEN {
+            return Err(Error::Invalid(format!(
+                "tensor name '{}' must be 1 to {MAX_NAME_LEN} bytes",
+                p.name
+            )));
+        }
+        if p.shape.len() > MAX_RANK {
+            return Err(Error::Invalid(format!(
+                "tensor '{}' has rank {}, above the limit of {MAX_RANK}",
+                p.name,
+                p.shape.len()
+            )));
+        }
+        p.encoding.check_params()?;
+        if !p.encoding.accepts_dtype(p.dtype) {
+            return Err(Error::Invalid(format!(
+                "tensor '{}': encoding '{}' cannot store dtype {}: only float tensors can be quantized",
+                p.name,
+                p.encoding.name(),
+                p.dtype
+            )));
+        }
+        let specs = p.encoding.part_specs(p.dtype, &p.shape)?;
+        let parts = specs
+            .into_iter()
+            .map(|s| {
+                let part = PartInfo {
+                    name: s.name.to_string(),
+                    dtype: s.dtype,
+                    shape: s.shape,
+                    offset,
+                    length: s.length,
+                    checksum: 0,
+                };
+                offset = align_up(offset + s.length, alignment);
+                part
+            })
+            .collect();
+        tensors.push(TensorInfo {
+            name: p.name,
+            dtype: p.dtype,
+            shape: p.shape,
+            encoding: p.encoding,
+            parts,
+        });
+    }
+    Header::new(alignment, metadata, tensors).map_err(|e| Error::Invalid(e.to_string()))
+}
+
+/// The header bytes padded with spaces so that the data section starts aligned.
+fn padded_header(json: &str, alignment: u64) -> Vec<u8> {
+    let data_start = align_up(PREFIX_LEN as u64 + json.len() as u64, alignment);
+    let mut out = json.as_bytes().to_vec();
+    out.resize((data_start - PREFIX_LEN as u64) as usize, b' ');
+    out
+}
+
+impl FileWriter {
+    pub fn create(
+        path: &Path,
+        plans: Vec<PlannedTensor>,
+        metadata: BTreeMap<String, String>,
+        alignment: u64,
+    ) -> Result<Self> {
+        let header = plan_layout(plans, metadata, alignment)?;
+        let header_bytes = padded_header(&header.to_json(), alignment);
+        let data_start = PREFIX_LEN as u64 + header_bytes.len() as u64;
+        let data_len = header
+            .tensors
+            .iter()
+            .flat_map(|t| t.parts.iter())
+            .map(|p| p.offset + p.length)
+            .max()
+            .unwrap_or(0);
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let file_name = path
+            .file_name()
+            .ok_or_else(|| Error::Invalid(format!("'{}' is not a file path", path.display())))?
+            .to_string_lossy()
+            .into_owned();
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{file_name}."))
+            .suffix(".tmp")
+            .tempfile_in(&dir)
+            .map_err(|e| Error::io(format!("cannot create a file in '{}'", dir.display()), e))?;
+        tmp.as_file()
+            .set_len(data_start + data_len)
+            .map_err(|e| Error::io("cannot size the output file", e))?;
+        let written = header
+            .tensors
+            .iter()
+            .map(|t| vec![false; t.parts.len()])
+            .collect();
+        Ok(FileWriter {
+            tmp: Some(tmp),
+            final_path: path.to_path_buf(),
+            header,
+            written,
+            data_start,
+        })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Write one part's bytes; `tensor` and `part` index the planned header.
+    pub fn write_part(&mut self, tensor: usize, part: usize, bytes: &[u8]) -> Result<()> {
+        let t = self
+            .header
+            .tensors
+            .get_mut(tensor)
+            .ok_or_else(|| Error::Invalid(format!("no tensor #{tensor} in this file")))?;
+        let p = t
+            .parts
+            .get_mut(part)
+            .ok_or_else(|| Error::Invalid(format!("tensor '{}' has no part #{part}", t.name)))?;
+        if bytes.len() as u64 != p.length {
+            return Err(Error::Invalid(format!(
+                "tensor '{}' part '{}': {} bytes given, {} planned",
+                t.name,
+                p.name,
+                bytes.len(),
+                p.length
+            )));
+        }
+        let file = self.tmp.as_ref().expect("writer is open").as_file();
+        write_at(file, bytes, self.data_start + p.offset)
+            .map_err(|e| Error::io(format!("writing tensor '{}'", t.name), e))?;
+        p.checksum = checksum(bytes);
+        self.written[tensor][part] = true;
+        Ok(())
+    }
+
+    /// Write every part of a tensor at once.
+    pub fn write_tensor(&mut self, tensor: usize, parts: &[Vec<u8>]) -> Result<()> {
+        for (i, p) in parts.iter().enumerate() {
+            self.write_part(tensor, i, p)?;
+        }
+        Ok(())
+    }
+
+    /// Write the prefix and header, fsync, and rename into place.
+    pub fn finish(mut self) -> Result<()> {
+        for (t, w) in self.header.tensors.iter().zip(&self.written) {
+            if let Some(i) = w.iter().position(|done| !done) {
+                return Err(Error::Invalid(format!(
+                    "tensor '{}' part '{}' was never written",
+                    t.name, t.parts[i].name
+                )));
+            }
+        }
+        let header_bytes = padded_header(&self.header.to_json(), self.header.alignment);
+        debug_assert_eq!(
+            PREFIX_LEN as u64 + header_bytes.len() as u64,
+            self.data_start
+        );
+        let mut prefix = Vec::with_capacity(PREFIX_LEN);
+        prefix.extend_from_slice(MAGIC);
+        prefix.extend_from_slice(&VERSION_MAJOR.to_le_bytes());
+        prefix.extend_from_slice(&VERSION_MINOR.to_le_bytes());
+        prefix.extend_from_slice(&0u32.to_le_bytes());
+        prefix.extend_from_slice(&(header_bytes.len() as u64).to_le_bytes());
+        let tmp = self.tmp.take().expect("writer is open");
+        let file = tmp.as_file();
+        let io = |e| Error::io(format!("writing '{}'", self.final_path.display()), e);
+        write_at(file, &prefix, 0).map_err(io)?;
+        write_at(file, &header_bytes, PREFIX_LEN as u64).map_err(io)?;
+        set_readable_permissions(file);
+        file.sync_all().map_err(io)?;
+        tmp.persist(&self.final_path).map_err(|e| {
+            Error::io(
+                format!("renaming into '{}'", self.final_path.display()),
+                e.error,
+            )
+        })?;
+        sync_parent_dir(&self.final_path);
+        Ok(())
+    }
+}
+
+#[cfg(unix)]
+fn set_readable_permissions(f: &File) {
+    use std::os::unix::fs::PermissionsExt;
+    // Temporary files are created 0600; a saved model should be readable like any other file.
+    let _ = f.set_permissions(std::fs::Permissions::from_mode(0o644));
+}
+#[cfg(not(unix))]
+fn set_readable_permissions(_f: &File) {}
+
+#[cfg(unix)]
+fn sync_parent_dir(path: &Path) {
+    // Makes the rename itself durable; failure here leaves a complete file, so it is not an error.
+    if let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+}
+#[cfg(not(unix))]
+fn sync_parent_dir(_path: &Path) {}

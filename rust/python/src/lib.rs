@@ -1,0 +1,370 @@
+//! `qtensors._core`: a thin PyO3 layer over qtensors-core. Every call that touches tensor data
+//! releases the GIL.
+
+mod buffers;
+mod errors;
+
+use std::collections::BTreeMap;
+use std::ffi::c_int;
+use std::path::PathBuf;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::ffi;
+use pyo3::prelude::*;
+use qtensors_core::codecs::simd;
+use qtensors_core::format::{DType, Encoding};
+use qtensors_core::io::{FileWriter, PlannedTensor, QFile};
+use qtensors_core::tensor::{self, Input};
+
+use buffers::{fill_view, AlignedBytes, InputBytes, OwnedBuffer};
+use errors::IntoPyResult;
+
+fn parse_dtype(name: &str) -> PyResult<DType> {
+    DType::parse(name).ok_or_else(|| PyValueError::new_err(format!("unknown dtype '{name}'")))
+}
+
+fn parse_encoding(json: &str, rank: usize) -> PyResult<Encoding> {
+    let v: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| PyValueError::new_err(format!("encoding is not JSON: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| PyValueError::new_err("encoding must be a JSON object"))?;
+    Encoding::from_json(obj, rank, false).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// Encode `data` in place of the caller's choice of kernels; fp32 aligned input skips a copy.
+fn encode_input(
+    enc: &Encoding,
+    dtype: DType,
+    shape: &[u64],
+    data: &[u8],
+) -> qtensors_core::Result<Vec<Vec<u8>>> {
+    let k = simd::best();
+    if dtype == DType::Float32 && !matches!(enc, Encoding::Raw) {
+        // SAFETY: any bit pattern is a valid f32; only the aligned middle is used.
+        let (pre, mid, post) = unsafe { data.align_to::<f32>() };
+        if pre.is_empty() && post.is_empty() {
+            return tensor::encode(k, enc, dtype, shape, Input::F32(mid));
+        }
+    }
+    tensor::encode(k, enc, dtype, shape, Input::Bytes(data, dtype))
+}
+
+/// A validated, memory-mapped qtensors file. Exports the whole mapping as a buffer; parts are
+/// slices of it at `data_start + offset`.
+#[pyclass(frozen, module = "qtensors._core")]
+struct Reader {
+    file: QFile,
+    base: usize,
+}
+
+#[pymethods]
+impl Reader {
+    #[new]
+    #[pyo3(signature = (path, lenient = false))]
+    fn new(py: Python<'_>, path: PathBuf, lenient: bool) -> PyResult<Self> {
+        let mut file = py.detach(|| QFile::open(&path, lenient)).py()?;
+        let base = file.as_mut_ptr() as usize;
+        Ok(Reader { file, base })
+    }
+
+    /// The validated header as JSON (normalized, sorted keys).
+    fn header_json(&self) -> String {
+        self.file.header().to_json()
+    }
+
+    #[getter]
+    fn data_start(&self) -> usize {
+        self.file.data_start()
+    }
+
+    #[getter]
+    fn version(&self) -> (u16, u16) {
+        self.file.header().version
+    }
+
+    fn __len__(&self) -> usize {
+        self.file.len()
+    }
+
+    /// Decode a tensor to its logical dtype: into `out` (a writable contiguous buffer of the exact
+    /// size) or into a new buffer.
+    #[pyo3(signature = (name, out = None))]
+    fn decode(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        out: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Option<OwnedBuffer>> {
+        let t = self.file.tensor(name).py()?;
+        let k = simd::best();
+        match out {
+            Some(o) => {
+                let ob = InputBytes::new(o)?;
+                // SAFETY: we hold the only Rust reference to the output buffer.
+                let dst = unsafe { ob.as_mut_slice()? };
+                py.detach(|| self.file.decode(k, t, dst)).py()?;
+                Ok(None)
+            }
+            None => {
+                let n = qtensors_core::format::encoding::numel(&t.shape).unwrap_or(0) as usize;
+                let mut data = AlignedBytes::zeroed(n * t.dtype.itemsize());
+                py.detach(|| self.file.decode(k, t, data.as_mut_slice()))
+                    .py()?;
+                Ok(Some(OwnedBuffer { data }))
+            }
+        }
+    }
+
+    /// Check the checksums of one tensor, or of every tensor.
+    #[pyo3(signature = (name = None))]
+    fn verify(&self, py: Python<'_>, name: Option<&str>) -> PyResult<()> {
+        match name {
+            Some(n) => {
+                let t = self.file.tensor(n).py()?;
+                py.detach(|| self.file.verify_tensor(t)).py()
+            }
+            None => py.detach(|| self.file.verify()).py(),
+        }
+    }
+
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        let (ptr, len) = {
+            let me = slf.get();
+            (me.base as *mut u8, me.file.len())
+        };
+        // SAFETY: the mapping is private (copy-on-write) and lives as long as `slf`.
+        unsafe { fill_view(view, flags, ptr, len, false, slf.into_any()) }
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+}
+
+/// Writes a file: the layout is planned up front from names, dtypes, shapes and encodings; parts
+/// are written in any order; `finish` publishes the file atomically. Dropped unfinished, nothing
+/// is left behind.
+#[pyclass(module = "qtensors._core")]
+struct Writer {
+    inner: Option<FileWriter>,
+}
+
+#[pymethods]
+impl Writer {
+    /// `tensors`: list of (name, dtype, shape, encoding JSON).
+    #[new]
+    #[pyo3(signature = (path, tensors, metadata = None, alignment = 64))]
+    fn new(
+        path: PathBuf,
+        tensors: Vec<(String, String, Vec<u64>, String)>,
+        metadata: Option<BTreeMap<String, String>>,
+        alignment: u64,
+    ) -> PyResult<Self> {
+        let mut plans = Vec::with_capacity(tensors.len());
+        for (name, dtype, shape, enc) in tensors {
+            plans.push(PlannedTensor {
+                dtype: parse_dtype(&dtype)?,
+                encoding: parse_encoding(&enc, shape.len())
+                    .map_err(|e| PyValueError::new_err(format!("tensor '{name}': {e}")))?,
+                name,
+                shape,
+            });
+        }
+        let w = FileWriter::create(&path, plans, metadata.unwrap_or_default(), alignment).py()?;
+        Ok(Writer { inner: Some(w) })
+    }
+
+    fn header_json(&self) -> PyResult<String> {
+        Ok(self.open()?.header().to_json())
+    }
+
+    /// Encode tensor `index` from its values (contiguous bytes of `dtype`) and write its parts.
+    fn write_tensor(
+        &mut self,
+        py: Python<'_>,
+        index: usize,
+        data: &Bound<'_, PyAny>,
+        dtype: &str,
+    ) -> PyResult<()> {
+        let src_dtype = parse_dtype(dtype)?;
+        let input = InputBytes::new(data)?;
+        let w = self.open_mut()?;
+        let t = w
+            .header()
+            .tensors
+            .get(index)
+            .ok_or_else(|| PyValueError::new_err(format!("no tensor #{index}")))?
+            .clone();
+        let parts = py
+            .detach(|| encode_input(&t.encoding, src_dtype, &t.shape, input.as_slice()))
+            .map_err(|e| prefix_tensor(e, &t.name))?;
+        py.detach(|| w.write_tensor(index, &parts)).py()
+    }
+
+    /// Write already-encoded parts (in encoding order) of tensor `index`.
+    fn write_parts(
+        &mut self,
+        py: Python<'_>,
+        index: usize,
+        parts: Vec<Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let inputs = parts
+            .iter()
+            .map(InputBytes::new)
+            .collect::<PyResult<Vec<_>>>()?;
+        let w = self.open_mut()?;
+        py.detach(|| {
+            for (i, p) in inputs.iter().enumerate() {
+                w.write_part(index, i, p.as_slice())?;
+            }
+            Ok(())
+        })
+        .py()
+    }
+
+    fn finish(&mut self, py: Python<'_>) -> PyResult<()> {
+        let w = self
+            .inner
+            .take()
+            .ok_or_else(|| PyValueError::new_err("writer is already finished or aborted"))?;
+        py.detach(|| w.finish()).py()
+    }
+
+    /// Drop the temporary file.
+    fn abort(&mut self) {
+        self.inner = None;
+    }
+}
+
+impl Writer {
+    fn open(&self) -> PyResult<&FileWriter> {
+        self.inner
+            .as_ref()
+            .ok_or_else(|| PyValueError::new_err("writer is already finished or aborted"))
+    }
+    fn open_mut(&mut self) -> PyResult<&mut FileWriter> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| PyValueError::new_err("writer is already finished or aborted"))
+    }
+}
+
+fn prefix_tensor(e: qtensors_core::Error, name: &str) -> PyErr {
+    use qtensors_core::Error as E;
+    let e = match e {
+        E::Quantization(m) => E::Quantization(format!("tensor '{name}': {m}")),
+        E::Invalid(m) => E::Invalid(format!("tensor '{name}': {m}")),
+        other => other,
+    };
+    errors::to_py(e)
+}
+
+/// Encode one tensor; returns its parts' bytes in encoding order.
+#[pyfunction]
+fn encode(
+    py: Python<'_>,
+    data: &Bound<'_, PyAny>,
+    dtype: &str,
+    shape: Vec<u64>,
+    encoding: &str,
+) -> PyResult<Vec<OwnedBuffer>> {
+    let dtype = parse_dtype(dtype)?;
+    let enc = parse_encoding(encoding, shape.len())?;
+    let input = InputBytes::new(data)?;
+    let parts = py
+        .detach(|| encode_input(&enc, dtype, &shape, input.as_slice()))
+        .py()?;
+    Ok(parts
+        .into_iter()
+        .map(|p| OwnedBuffer {
+            data: AlignedBytes::from_slice(&p),
+        })
+        .collect())
+}
+
+/// Decode a tensor of logical `dtype` and `shape` from its parts (in encoding order).
+#[pyfunction]
+#[pyo3(signature = (parts, dtype, shape, encoding, out = None))]
+fn decode(
+    py: Python<'_>,
+    parts: Vec<Bound<'_, PyAny>>,
+    dtype: &str,
+    shape: Vec<u64>,
+    encoding: &str,
+    out: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Option<OwnedBuffer>> {
+    let dtype = parse_dtype(dtype)?;
+    let enc = parse_encoding(encoding, shape.len())?;
+    let specs = enc.part_specs(dtype, &shape).py()?;
+    let inputs = parts
+        .iter()
+        .map(InputBytes::new)
+        .collect::<PyResult<Vec<_>>>()?;
+    if inputs.len() != specs.len() {
+        return Err(PyValueError::new_err(format!(
+            "encoding '{}' has {} parts, {} given",
+            enc.name(),
+            specs.len(),
+            inputs.len()
+        )));
+    }
+    for (s, i) in specs.iter().zip(&inputs) {
+        if i.as_slice().len() as u64 != s.length {
+            return Err(PyValueError::new_err(format!(
+                "part '{}' has {} bytes, {} expected",
+                s.name,
+                i.as_slice().len(),
+                s.length
+            )));
+        }
+    }
+    let info = qtensors_core::format::TensorInfo {
+        name: "<array>".into(),
+        dtype,
+        shape: shape.clone(),
+        encoding: enc,
+        parts: vec![],
+    };
+    let slices: Vec<&[u8]> = inputs.iter().map(|i| i.as_slice()).collect();
+    let k = simd::best();
+    match out {
+        Some(o) => {
+            let ob = InputBytes::new(o)?;
+            // SAFETY: sole Rust reference to the output.
+            let dst = unsafe { ob.as_mut_slice()? };
+            py.detach(|| tensor::decode(k, &info, &slices, dst)).py()?;
+            Ok(None)
+        }
+        None => {
+            let n = qtensors_core::format::encoding::numel(&shape).unwrap_or(0) as usize;
+            let mut data = AlignedBytes::zeroed(n * dtype.itemsize());
+            py.detach(|| tensor::decode(k, &info, &slices, data.as_mut_slice()))
+                .py()?;
+            Ok(Some(OwnedBuffer { data }))
+        }
+    }
+}
+
+/// Names of the kernel tables this CPU can run, and the one in use.
+#[pyfunction]
+fn kernels() -> (Vec<&'static str>, &'static str) {
+    (
+        simd::available().iter().map(|k| k.name).collect(),
+        simd::best().name,
+    )
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Reader>()?;
+    m.add_class::<Writer>()?;
+    m.add_class::<OwnedBuffer>()?;
+    m.add_function(wrap_pyfunction!(encode, m)?)?;
+    m.add_function(wrap_pyfunction!(decode, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels, m)?)?;
+    m.add("FORMAT_VERSION", (1u16, 0u16))?;
+    Ok(())
+}
