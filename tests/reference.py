@@ -310,7 +310,14 @@ def _is_int(v) -> bool:
 def _group_arrays(v32: np.ndarray, shape, axis: int, g: int):
     """Return v as (P, L, Q) and the group index of each l (length L)."""
     P, L, Q, G = group_layout(shape, axis, g)
-    return v32.reshape(P, L, Q), np.arange(L) // g, G
+    return v32.reshape(P, L, Q), group_index(L, g), G
+
+
+def group_index(L: int, g: int) -> np.ndarray:
+    """floor(l / g) for l in 0..L-1 (the group of each position along the axis)."""
+    if g >= L:  # one (possibly ragged) group; also avoids huge integers in numpy
+        return np.zeros(L, dtype=np.int64)
+    return np.arange(L, dtype=np.int64) // g
 
 
 def _per_group(v3: np.ndarray, G: int, g: int, fn) -> np.ndarray:
@@ -318,7 +325,7 @@ def _per_group(v3: np.ndarray, G: int, g: int, fn) -> np.ndarray:
     P, _, Q = v3.shape
     out = np.zeros((P, G, Q), dtype=np.float32)
     for k in range(G):
-        seg = v3[:, k * g : (k + 1) * g, :]
+        seg = v3[:, k * g : min((k + 1) * g, v3.shape[1]), :]
         out[:, k, :] = fn(seg, axis=1)
     return out
 
@@ -413,7 +420,7 @@ def dequantize_fp32(parts: dict, enc: dict, shape) -> np.ndarray:
     n = prod(shape)
     P, L, Q, G = group_layout(shape, axis, g)
     codes = unpack_codes(parts["codes"], bits, n).reshape(P, L, Q)
-    gidx = np.arange(L) // g
+    gidx = group_index(L, g)
     s = storage_to_fp32(parts["scales"], sd).reshape(P, G, Q)[:, gidx, :]
     if kind == "affine":
         m = storage_to_fp32(parts["mins"], sd).reshape(P, G, Q)[:, gidx, :]

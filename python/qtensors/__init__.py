@@ -1,10 +1,10 @@
 """qtensors: safetensors, but group-quantized.
 
-    import qtensors as qt
-    qt.save_file({"fc.weight": w, "fc.bias": b}, "model.qtensors", quant=qt.FLEXGEN)
-    tensors = qt.load_file("model.qtensors", framework="pt")
-    with qt.safe_open("model.qtensors", framework="np") as f:
-        q = f.get_quantized("fc.weight")   # codes, scales, mins: zero-copy views of the file
+import qtensors as qt
+qt.save_file({"fc.weight": w, "fc.bias": b}, "model.qtensors", quant=qt.FLEXGEN)
+tensors = qt.load_file("model.qtensors", framework="pt")
+with qt.safe_open("model.qtensors", framework="np") as f:
+    q = f.get_quantized("fc.weight")   # codes, scales, mins: zero-copy views of the file
 """
 
 from __future__ import annotations

@@ -98,8 +98,8 @@ def as_bytes(x: Any) -> tuple[np.ndarray, str, tuple[int, ...]]:
     name = _NAME_BY_NP.get(arr.dtype)
     if name is None:
         raise TypeError(
-            f"dtype {arr.dtype} is not supported: qtensors stores bool, (u)int8-64 and float16/32/64"
-            " numpy arrays, and bfloat16/float8 torch tensors"
+            f"dtype {arr.dtype} is not supported: qtensors stores bool, (u)int8-64 and"
+            " float16/32/64 numpy arrays, and bfloat16/float8 torch tensors"
         )
     shape = tuple(arr.shape)
     arr = np.ascontiguousarray(arr)

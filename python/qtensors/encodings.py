@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -45,7 +45,9 @@ class _Grouped:
     def __post_init__(self) -> None:
         lo, hi = self._bits_range
         if not isinstance(self.bits, int) or not lo <= self.bits <= hi:
-            raise ValueError(f"{self.name}: bits must be an integer in {lo}..{hi}, not {self.bits!r}")
+            raise ValueError(
+                f"{self.name}: bits must be an integer in {lo}..{hi}, not {self.bits!r}"
+            )
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"{self.name}: group_size must be a positive integer")
         if self.scale_dtype not in SCALE_DTYPES:
@@ -79,14 +81,33 @@ class Symmetric(_Grouped):
 
 
 @dataclass(frozen=True)
-class NF4(_Grouped):
-    """bitsandbytes' NormalFloat-4 levels scaled by each group's absmax."""
+class NF4:
+    """bitsandbytes' NormalFloat-4 levels scaled by each group's absmax (always 4 bits)."""
+
+    group_size: int = 64
+    axis: int = -1
+    scale_dtype: str = "float16"
 
     name: ClassVar[str] = "nf4"
-    _bits_range: ClassVar[tuple[int, int]] = (4, 4)
+    bits: ClassVar[int] = 4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError("nf4: group_size must be a positive integer")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"nf4: scale_dtype must be one of {SCALE_DTYPES}")
+
+    def to_dict(self, rank: int = 2) -> dict[str, Any]:
+        return {
+            "name": "nf4",
+            "bits": 4,
+            "group_size": self.group_size,
+            "axis": _normalize_axis(self.axis, rank),
+            "scale_dtype": self.scale_dtype,
+        }
 
 
-Encoding = Union[Raw, Affine, Symmetric, NF4]
+Encoding = Raw | Affine | Symmetric | NF4
 
 #: 4-bit, group 64 along axis 0, fp16 scale and min: how FlexLLMGen stores weights.
 FLEXGEN = Affine(bits=4, group_size=64, axis=0)
@@ -110,15 +131,17 @@ def from_dict(d: Mapping[str, Any]) -> Encoding:
         from .errors import UnsupportedError
 
         raise UnsupportedError(f"unknown encoding {name!r}: this file needs a newer qtensors")
-    return cls(
-        bits=int(d.get("bits", 4)),
-        group_size=int(d["group_size"]),
-        axis=int(d["axis"]),
-        scale_dtype=str(d["scale_dtype"]),
-    )
+    common = {
+        "group_size": int(d["group_size"]),
+        "axis": int(d["axis"]),
+        "scale_dtype": str(d["scale_dtype"]),
+    }
+    if cls is NF4:
+        return NF4(**common)
+    return cls(bits=int(d["bits"]), **common)
 
 
-QuantSpec = Union[None, Encoding, Mapping[str, Union[Encoding, None]]]
+QuantSpec = Encoding | Mapping[str, Encoding | None] | None
 
 
 def default_wants_quantization(dtype: str, shape: tuple[int, ...]) -> bool:

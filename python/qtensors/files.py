@@ -71,7 +71,7 @@ def load_file(
         return {name: f.get_tensor(name) for name in f.keys()}
 
 
-class safe_open:  # noqa: N801 - named like safetensors.safe_open on purpose
+class safe_open:
     """A lazy, memory-mapped view of a qtensors file.
 
     Opening validates the whole header (never the data) so it is instant; tensors are decoded

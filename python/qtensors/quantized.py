@@ -96,9 +96,7 @@ def wrap_parts(
             buf, pdt, pshape, framework, offset=off, writable=writable, bf16_bits=True
         )
     if encoding["name"] == "raw":
-        return QuantizedTensor(
-            arrays["data"], None, None, shape, dtype, encoding, framework, owner
-        )
+        return QuantizedTensor(arrays["data"], None, None, shape, dtype, encoding, framework, owner)
     return QuantizedTensor(
         arrays["codes"],
         arrays["scales"],

@@ -1,0 +1,224 @@
+"""Helpers shared by the tests: input generation, dtype conversions, encoding constructors.
+
+Nothing here imports qtensors at module level, so the reference-only tests run without it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import strategies as st
+
+import reference as R
+
+NP_FLOAT = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
+TORCH_DTYPES = {
+    "bool": torch.bool,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+}
+# unsigned wide types exist in recent torch (limited ops, but storage/view works)
+for _name in ("uint16", "uint32", "uint64"):
+    if hasattr(torch, _name):
+        TORCH_DTYPES[_name] = getattr(torch, _name)
+TORCH_TO_NAME = {v: k for k, v in TORCH_DTYPES.items()}
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_NP_BITS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+# ---------------------------------------------------------------------------------------------------
+# encodings
+# ---------------------------------------------------------------------------------------------------
+
+
+def ref_dict(kind: str, bits: int, group_size: int, axis: int, scale_dtype: str, rank: int) -> dict:
+    """The header encoding dict, built independently of qtensors (axis normalized)."""
+    if kind == "raw":
+        return {"name": "raw"}
+    a = R.normalize_axis(axis, rank)
+    if kind == "nf4":
+        return {"name": "nf4", "group_size": group_size, "axis": a, "scale_dtype": scale_dtype}
+    return {"name": kind, "bits": bits, "group_size": group_size, "axis": a, "scale_dtype": scale_dtype}
+
+
+def qt_encoding(kind: str, bits: int, group_size: int, axis: int, scale_dtype: str):
+    import qtensors as qt
+
+    if kind == "affine":
+        return qt.Affine(bits=bits, group_size=group_size, axis=axis, scale_dtype=scale_dtype)
+    if kind == "symmetric":
+        return qt.Symmetric(bits=bits, group_size=group_size, axis=axis, scale_dtype=scale_dtype)
+    if kind == "nf4":
+        return qt.NF4(group_size=group_size, axis=axis, scale_dtype=scale_dtype)
+    if kind == "raw":
+        return qt.Raw()
+    raise AssertionError(kind)
+
+
+def same_encoding(got: dict, want: dict) -> bool:
+    """Header encoding dicts equal; an nf4 dict may carry the implied ``bits: 4``."""
+    got = dict(got)
+    if got.get("name") == "nf4" and got.get("bits") == 4:
+        del got["bits"]
+    return got == want
+
+
+# ---------------------------------------------------------------------------------------------------
+# dtype plumbing
+# ---------------------------------------------------------------------------------------------------
+
+
+def torch_from_bits(bits: np.ndarray, dtype: str) -> torch.Tensor:
+    """A torch tensor of ``dtype`` (bfloat16 / float8) from its raw bit patterns."""
+    bits = np.ascontiguousarray(bits)
+    tdt = TORCH_DTYPES[dtype]
+    size = torch.tensor([], dtype=tdt).element_size()
+    carrier = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[size]
+    return torch.from_numpy(bits.view(carrier).copy()).view(tdt)
+
+
+def torch_bits(t: torch.Tensor) -> np.ndarray:
+    """Raw bit patterns of a torch tensor as unsigned numpy integers of the same width."""
+    t = t.detach().cpu().contiguous()
+    size = t.element_size()
+    if t.dtype == torch.bool:
+        return t.to(torch.uint8).numpy()
+    return t.view(_SAME_SIZE_INT[size]).numpy().view(_NP_BITS[size])
+
+
+def np_bits(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    if a.dtype == np.bool_:
+        return a.view(np.uint8)
+    return a.view(_NP_BITS[a.dtype.itemsize])
+
+
+def to_torch(x: np.ndarray, dtype: str) -> torch.Tensor:
+    """Logical numpy value (bf16/float8 as bits) -> torch tensor."""
+    if dtype in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        return torch_from_bits(x, dtype)
+    return torch.from_numpy(np.ascontiguousarray(x).copy())
+
+
+def logical_of_torch(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    """torch tensor -> (reference logical value, dtype name)."""
+    name = TORCH_TO_NAME[t.dtype]
+    if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        return torch_bits(t), name
+    return t.detach().cpu().contiguous().numpy(), name
+
+
+def scales_bits(arr: np.ndarray) -> np.ndarray:
+    """Bit patterns of a stored scales/mins array (fp16/fp32 values, or bf16 already as uint16)."""
+    return np_bits(np.asarray(arr))
+
+
+def assert_stored_equal(got, want: np.ndarray, what: str, signed_zero_ok: bool = False):
+    """A stored scale/min array equals the reference bit for bit (optionally +0.0 == -0.0)."""
+    got = np.asarray(got)
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype}, expected {want.dtype}"
+    assert got.size == want.size, f"{what}: {got.size} elements, expected {want.size}"
+    gb, wb = scales_bits(got).reshape(-1), scales_bits(want).reshape(-1)
+    diff = gb != wb
+    if signed_zero_ok:
+        magnitude = np.array((1 << (8 * want.dtype.itemsize - 1)) - 1, dtype=gb.dtype)  # all bits but the sign
+        both_zero = ((gb & magnitude) == 0) & ((wb & magnitude) == 0)
+        diff &= ~both_zero
+    if diff.any():
+        i = int(np.flatnonzero(diff)[0])
+        raise AssertionError(f"{what}: element {i} differs: got {got.reshape(-1)[i]!r}, expected {want.reshape(-1)[i]!r}")
+
+
+def fp32_spacing(v) -> np.ndarray:
+    v = np.abs(np.asarray(v, dtype=np.float32))
+    return np.spacing(v).astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------------
+
+MODES = ("normal", "uniform", "positive", "grid", "flat", "sparse", "outlier", "tiny")
+
+
+def make_values(seed: int, shape, mode: str, mag: float) -> np.ndarray:
+    """Deterministic float64 test values of ``shape``."""
+    rng = np.random.default_rng(seed)
+    n = R.prod(shape)
+    if mode == "normal":
+        v = rng.standard_normal(n) * mag
+    elif mode == "uniform":
+        v = rng.uniform(-mag, mag, n)
+    elif mode == "positive":
+        v = rng.uniform(0, mag, n) + mag
+    elif mode == "grid":  # many repeated values and exact ties
+        v = rng.integers(-8, 9, n) * (mag / 8)
+    elif mode == "flat":
+        v = np.full(n, rng.standard_normal() * mag)
+    elif mode == "sparse":  # zeros of both signs
+        v = rng.standard_normal(n) * mag * (rng.random(n) < 0.3)
+    elif mode == "outlier":
+        v = rng.standard_normal(n) * mag
+        if n:
+            v[rng.integers(0, n)] *= 40
+    elif mode == "tiny":  # scales underflow in fp16 / bf16 subnormals
+        v = rng.standard_normal(n) * 1e-7
+    else:
+        raise AssertionError(mode)
+    return v.reshape(shape)
+
+
+def logical_input(v64: np.ndarray, dtype: str) -> np.ndarray:
+    """float64 values -> the logical value of ``dtype`` (bf16 as uint16 bits)."""
+    if dtype == "bfloat16":
+        return R.fp32_to_bf16_bits(v64.astype(np.float32))
+    with np.errstate(over="ignore"):
+        return v64.astype(NP_FLOAT[dtype])
+
+
+@st.composite
+def shapes(draw, max_rank: int = 3, max_dim: int = 9):
+    rank = draw(st.integers(0, max_rank))
+    dims = draw(st.lists(st.integers(0, max_dim), min_size=rank, max_size=rank))
+    if rank and draw(st.booleans()):
+        # sometimes one longer axis so that group sizes of 32..128 matter
+        i = draw(st.integers(0, rank - 1))
+        dims[i] = draw(st.integers(10, 140))
+    return tuple(dims)
+
+
+group_sizes = st.one_of(st.sampled_from([1, 2, 3, 4, 5, 7, 8, 16, 32, 64, 128]), st.integers(1, 200))
+scale_dtypes = st.sampled_from(["float16", "bfloat16", "float32"])
+magnitudes = st.sampled_from([1e-3, 0.02, 1.0, 37.0, 1000.0])
+
+
+@st.composite
+def cases(draw, kinds=("affine", "symmetric", "nf4"), in_dtypes=("float32", "float16", "float64", "bfloat16")):
+    """A quantization case: dict(kind, bits, group_size, axis, scale_dtype, shape, dtype, values)."""
+    kind = draw(st.sampled_from(kinds))
+    if kind == "affine":
+        bits = draw(st.sampled_from([1, 2, 3, 4, 5, 8]))
+    elif kind == "symmetric":
+        bits = draw(st.sampled_from([2, 3, 4, 8]))
+    else:
+        bits = 4
+    shape = draw(shapes())
+    r = max(len(shape), 1)
+    axis = draw(st.integers(-r, r - 1))
+    g = draw(group_sizes)
+    sd = draw(scale_dtypes)
+    dtype = draw(st.sampled_from(in_dtypes))
+    mode = draw(st.sampled_from(MODES))
+    mag = draw(magnitudes)
+    seed = draw(st.integers(0, 2**32 - 1))
+    values = logical_input(make_values(seed, shape, mode, mag), dtype)
+    return dict(kind=kind, bits=bits, group_size=g, axis=axis, scale_dtype=sd, shape=shape, dtype=dtype, values=values)
