@@ -79,7 +79,7 @@ def same_encoding(got: dict, want: dict) -> bool:
 
 def torch_from_bits(bits: np.ndarray, dtype: str) -> torch.Tensor:
     """A torch tensor of ``dtype`` (bfloat16 / float8) from its raw bit patterns."""
-    bits = np.ascontiguousarray(bits)
+    bits = np.array(bits, order="C")  # keeps 0-d shapes (ascontiguousarray would not)
     tdt = TORCH_DTYPES[dtype]
     size = torch.tensor([], dtype=tdt).element_size()
     carrier = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[size]
@@ -96,7 +96,7 @@ def torch_bits(t: torch.Tensor) -> np.ndarray:
 
 
 def np_bits(a: np.ndarray) -> np.ndarray:
-    a = np.ascontiguousarray(a)
+    a = np.array(a, order="C")
     if a.dtype == np.bool_:
         return a.view(np.uint8)
     return a.view(_NP_BITS[a.dtype.itemsize])
@@ -106,7 +106,7 @@ def to_torch(x: np.ndarray, dtype: str) -> torch.Tensor:
     """Logical numpy value (bf16/float8 as bits) -> torch tensor."""
     if dtype in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
         return torch_from_bits(x, dtype)
-    return torch.from_numpy(np.ascontiguousarray(x).copy())
+    return torch.from_numpy(np.array(x, order="C"))
 
 
 def logical_of_torch(t: torch.Tensor) -> tuple[np.ndarray, str]:

@@ -272,7 +272,7 @@ def write_npz(path: str, arrays: dict):
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for key, arr in arrays.items():
             member = io.BytesIO()
-            np.lib.format.write_array(member, np.ascontiguousarray(arr), allow_pickle=False)
+            np.lib.format.write_array(member, np.array(arr, order="C"), allow_pickle=False)
             info = zipfile.ZipInfo(key + ".npy", date_time=(2024, 1, 1, 0, 0, 0))
             zf.writestr(info, member.getvalue())
     with open(path, "wb") as fh:

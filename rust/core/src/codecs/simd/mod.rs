@@ -4,7 +4,13 @@ use std::sync::OnceLock;
 
 use crate::codecs::codec::Codec;
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod scalar;
+#[cfg(test)]
+mod tests;
 
 /// The hot loops of quantization, one table per instruction set.
 /// `codes` + `first`: the packed stream and the index (in codes) of the first element concerned.
@@ -30,7 +36,26 @@ pub struct Kernels {
 
 /// Every kernel table this CPU can run, best last.
 pub fn available() -> Vec<&'static Kernels> {
-    vec![&scalar::SCALAR]
+    #[allow(unused_mut)]
+    let mut all = vec![&scalar::SCALAR];
+    #[cfg(target_arch = "x86_64")]
+    {
+        all.extend(avx2::table());
+        all.extend(avx512::table());
+    }
+    all
+}
+
+/// Elements at the start of a run that the SIMD kernels leave to scalar code so that their body
+/// starts on a byte boundary of the code stream (only 4- and 8-bit codes are vectorized).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn byte_head(first: usize, bits: u8, len: usize) -> usize {
+    if bits == 4 {
+        (first & 1).min(len)
+    } else {
+        0
+    }
 }
 
 /// The best table for this CPU, unless `QTENSORS_KERNELS` names another (e.g. `scalar`).

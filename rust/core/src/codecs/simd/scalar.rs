@@ -70,14 +70,34 @@ pub fn encode_vec(
     }
 }
 
+/// Min and max in IEEE total order (-0 < +0): `f32::min` leaves the sign of a zero result to the
+/// optimizer, which would let tables (and builds) disagree on a stored min of ±0.
+#[inline]
+pub fn tmin(a: f32, b: f32) -> f32 {
+    if b.total_cmp(&a).is_lt() {
+        b
+    } else {
+        a
+    }
+}
+
+#[inline]
+pub fn tmax(a: f32, b: f32) -> f32 {
+    if b.total_cmp(&a).is_gt() {
+        b
+    } else {
+        a
+    }
+}
+
 pub fn min_max(x: &[f32]) -> (f32, f32, bool) {
     let mut lo = f32::INFINITY;
     let mut hi = f32::NEG_INFINITY;
     let mut finite = true;
     for &v in x {
         finite &= v.is_finite();
-        lo = lo.min(v);
-        hi = hi.max(v);
+        lo = tmin(lo, v);
+        hi = tmax(hi, v);
     }
     (lo, hi, finite)
 }
@@ -87,7 +107,7 @@ pub fn abs_max(x: &[f32]) -> (f32, bool) {
     let mut finite = true;
     for &v in x {
         finite &= v.is_finite();
-        a = a.max(v.abs());
+        a = tmax(a, v.abs());
     }
     (a, finite)
 }
@@ -96,8 +116,8 @@ pub fn min_max_vec(x: &[f32], lo: &mut [f32], hi: &mut [f32]) -> bool {
     let mut finite = true;
     for ((&v, l), h) in x.iter().zip(lo.iter_mut()).zip(hi.iter_mut()) {
         finite &= v.is_finite();
-        *l = l.min(v);
-        *h = h.max(v);
+        *l = tmin(*l, v);
+        *h = tmax(*h, v);
     }
     finite
 }
@@ -106,7 +126,7 @@ pub fn abs_max_vec(x: &[f32], a: &mut [f32]) -> bool {
     let mut finite = true;
     for (&v, acc) in x.iter().zip(a.iter_mut()) {
         finite &= v.is_finite();
-        *acc = acc.max(v.abs());
+        *acc = tmax(*acc, v.abs());
     }
     finite
 }
