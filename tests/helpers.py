@@ -6,10 +6,9 @@ Nothing here imports qtensors at module level, so the reference-only tests run w
 from __future__ import annotations
 
 import numpy as np
+import reference as R
 import torch
 from hypothesis import strategies as st
-
-import reference as R
 
 NP_FLOAT = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
 TORCH_DTYPES = {
@@ -35,9 +34,9 @@ _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64
 _NP_BITS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # encodings
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 
 
 def ref_dict(kind: str, bits: int, group_size: int, axis: int, scale_dtype: str, rank: int) -> dict:
@@ -47,7 +46,13 @@ def ref_dict(kind: str, bits: int, group_size: int, axis: int, scale_dtype: str,
     a = R.normalize_axis(axis, rank)
     if kind == "nf4":
         return {"name": "nf4", "group_size": group_size, "axis": a, "scale_dtype": scale_dtype}
-    return {"name": kind, "bits": bits, "group_size": group_size, "axis": a, "scale_dtype": scale_dtype}
+    return {
+        "name": kind,
+        "bits": bits,
+        "group_size": group_size,
+        "axis": a,
+        "scale_dtype": scale_dtype,
+    }
 
 
 def qt_encoding(kind: str, bits: int, group_size: int, axis: int, scale_dtype: str):
@@ -65,16 +70,20 @@ def qt_encoding(kind: str, bits: int, group_size: int, axis: int, scale_dtype: s
 
 
 def same_encoding(got: dict, want: dict) -> bool:
-    """Header encoding dicts equal; an nf4 dict may carry the implied ``bits: 4``."""
-    got = dict(got)
-    if got.get("name") == "nf4" and got.get("bits") == 4:
-        del got["bits"]
-    return got == want
+    """Header encoding dicts equal; an nf4 dict may carry the implied ``bits: 4`` (or not)."""
+
+    def norm(d):
+        d = dict(d)
+        if d.get("name") == "nf4" and d.get("bits") == 4:
+            del d["bits"]
+        return d
+
+    return norm(got) == norm(want)
 
 
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # dtype plumbing
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 
 
 def torch_from_bits(bits: np.ndarray, dtype: str) -> torch.Tensor:
@@ -117,6 +126,17 @@ def logical_of_torch(t: torch.Tensor) -> tuple[np.ndarray, str]:
     return t.detach().cpu().contiguous().numpy(), name
 
 
+def as_np(part):
+    """A part of a QuantizedTensor as numpy (torch parts: bf16 -> uint16 bits); None stays None."""
+    if part is None:
+        return None
+    if isinstance(part, torch.Tensor):
+        if part.dtype == torch.bfloat16:
+            return torch_bits(part)
+        return part.detach().cpu().contiguous().numpy()
+    return np.asarray(part)
+
+
 def scales_bits(arr: np.ndarray) -> np.ndarray:
     """Bit patterns of a stored scales/mins array (fp16/fp32 values, or bf16 already as uint16)."""
     return np_bits(np.asarray(arr))
@@ -124,18 +144,23 @@ def scales_bits(arr: np.ndarray) -> np.ndarray:
 
 def assert_stored_equal(got, want: np.ndarray, what: str, signed_zero_ok: bool = False):
     """A stored scale/min array equals the reference bit for bit (optionally +0.0 == -0.0)."""
-    got = np.asarray(got)
+    got = as_np(got)
     assert got.dtype == want.dtype, f"{what}: dtype {got.dtype}, expected {want.dtype}"
     assert got.size == want.size, f"{what}: {got.size} elements, expected {want.size}"
     gb, wb = scales_bits(got).reshape(-1), scales_bits(want).reshape(-1)
     diff = gb != wb
     if signed_zero_ok:
-        magnitude = np.array((1 << (8 * want.dtype.itemsize - 1)) - 1, dtype=gb.dtype)  # all bits but the sign
+        magnitude = np.array(
+            (1 << (8 * want.dtype.itemsize - 1)) - 1, dtype=gb.dtype
+        )  # all bits but the sign
         both_zero = ((gb & magnitude) == 0) & ((wb & magnitude) == 0)
         diff &= ~both_zero
     if diff.any():
         i = int(np.flatnonzero(diff)[0])
-        raise AssertionError(f"{what}: element {i} differs: got {got.reshape(-1)[i]!r}, expected {want.reshape(-1)[i]!r}")
+        raise AssertionError(
+            f"{what}: element {i} differs: got {got.reshape(-1)[i]!r}, "
+            f"expected {want.reshape(-1)[i]!r}"
+        )
 
 
 def fp32_spacing(v) -> np.ndarray:
@@ -143,9 +168,56 @@ def fp32_spacing(v) -> np.ndarray:
     return np.spacing(v).astype(np.float64)
 
 
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
+# the spec's error bounds
+# ------------------------------------------------------------------------------------------------
+
+
+def per_element_group_stats(x32: np.ndarray, shape, axis, g):
+    """lo, hi, absmax of each element's group, as float64 arrays of the tensor's (P, L, Q)
+    layout."""
+    P, L, Q, G = R.group_layout(shape, axis, g)
+    v = x32.astype(np.float64).reshape(P, L, Q)
+    lo, hi, am = np.empty_like(v), np.empty_like(v), np.empty_like(v)
+    for k in range(G):
+        sl = slice(k * g, min((k + 1) * g, L))
+        lo[:, sl, :] = v[:, sl, :].min(axis=1, keepdims=True)
+        hi[:, sl, :] = v[:, sl, :].max(axis=1, keepdims=True)
+        am[:, sl, :] = np.abs(v[:, sl, :]).max(axis=1, keepdims=True)
+    return lo, hi, am
+
+
+def expand(stored: np.ndarray, sd: str, shape, axis, g):
+    P, L, Q, G = R.group_layout(shape, axis, g)
+    return (
+        R.storage_to_fp32(stored, sd).astype(np.float64).reshape(P, G, Q)[:, R.group_index(L, g), :]
+    )
+
+
+def spec_error_bound(kind, bits, x32, q, shape, axis, g, sd):
+    """The spec's bound on |x - x_hat| per element (sections 4.5-4.7), plus fp32 rounding slack."""
+    lo, hi, am = per_element_group_stats(x32, shape, axis, g)
+    s = expand(q["scales"], sd, shape, axis, g)
+    v = np.abs(x32.astype(np.float64).reshape(s.shape))
+    eps = 2.0**-23
+    if kind == "affine":
+        qmax = 2**bits - 1
+        m = expand(q["mins"], sd, shape, axis, g)
+        bound = s / 2 + np.abs(lo - m) + qmax * np.abs(s - (hi - lo) / qmax)
+        slack = 4 * eps * (v + np.abs(m) + qmax * s)
+    elif kind == "symmetric":
+        qmax = 2 ** (bits - 1) - 1
+        bound = s / 2 + qmax * np.abs(s - am / qmax)
+        slack = 4 * eps * (v + qmax * s)
+    else:  # nf4: half the widest gap between levels, plus the rounding of the stored absmax
+        bound = s * 0.152 + np.abs(am - s)
+        slack = 4 * eps * (v + s)
+    return bound + slack + 1e-45
+
+
+# ------------------------------------------------------------------------------------------------
 # inputs
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 
 MODES = ("normal", "uniform", "positive", "grid", "flat", "sparse", "outlier", "tiny")
 
@@ -196,14 +268,21 @@ def shapes(draw, max_rank: int = 3, max_dim: int = 9):
     return tuple(dims)
 
 
-group_sizes = st.one_of(st.sampled_from([1, 2, 3, 4, 5, 7, 8, 16, 32, 64, 128]), st.integers(1, 200))
+group_sizes = st.one_of(
+    st.sampled_from([1, 2, 3, 4, 5, 7, 8, 16, 32, 64, 128]), st.integers(1, 200)
+)
 scale_dtypes = st.sampled_from(["float16", "bfloat16", "float32"])
 magnitudes = st.sampled_from([1e-3, 0.02, 1.0, 37.0, 1000.0])
 
 
 @st.composite
-def cases(draw, kinds=("affine", "symmetric", "nf4"), in_dtypes=("float32", "float16", "float64", "bfloat16")):
-    """A quantization case: dict(kind, bits, group_size, axis, scale_dtype, shape, dtype, values)."""
+def cases(
+    draw,
+    kinds=("affine", "symmetric", "nf4"),
+    in_dtypes=("float32", "float16", "float64", "bfloat16"),
+):
+    """A quantization case: dict(kind, bits, group_size, axis, scale_dtype, shape, dtype,
+    values)."""
     kind = draw(st.sampled_from(kinds))
     if kind == "affine":
         bits = draw(st.sampled_from([1, 2, 3, 4, 5, 8]))
@@ -221,4 +300,13 @@ def cases(draw, kinds=("affine", "symmetric", "nf4"), in_dtypes=("float32", "flo
     mag = draw(magnitudes)
     seed = draw(st.integers(0, 2**32 - 1))
     values = logical_input(make_values(seed, shape, mode, mag), dtype)
-    return dict(kind=kind, bits=bits, group_size=g, axis=axis, scale_dtype=sd, shape=shape, dtype=dtype, values=values)
+    return dict(
+        kind=kind,
+        bits=bits,
+        group_size=g,
+        axis=axis,
+        scale_dtype=sd,
+        shape=shape,
+        dtype=dtype,
+        values=values,
+    )

@@ -4,9 +4,9 @@
 
 Every vector is deterministic (seeded), so running this again reproduces identical bytes.
 For each NAME it writes NAME.qtensors, NAME.expected.npz (the decoded value of every tensor) and one
-MANIFEST.json for all of them. In the .npz, bfloat16 values are stored as their uint16 bit patterns and
-float8 values as their uint8 bit patterns (numpy has no such dtypes); raw tensors must match bit for bit
-(they may hold NaN).
+MANIFEST.json for all of them. In the .npz, bfloat16 values are stored as their uint16 bit patterns
+and float8 values as their uint8 bit patterns (numpy has no such dtypes); raw tensors must match bit
+for bit (they may hold NaN).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import zipfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reference as R  # noqa: E402
+import reference as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "spec", "vectors")
@@ -55,16 +55,20 @@ def bf16(values):
     return R.fp32_to_bf16_bits(np.asarray(values, dtype=np.float32))
 
 
-# Each vector: (name, description, [(tensor_name, value, encoding, dtype_or_None)], metadata, alignment)
+# Each vector: (name, description, [(tensor_name, value, encoding, dtype_or_None)], metadata,
+# alignment)
 def vectors():
     out = []
 
-    specials32 = np.array([0.0, -0.0, 1.5, -2.25, np.inf, -np.inf, np.nan, 1e-45, 3.4028235e38], np.float32)
+    specials32 = np.array(
+        [0.0, -0.0, 1.5, -2.25, np.inf, -np.inf, np.nan, 1e-45, 3.4028235e38], np.float32
+    )
     specials16 = np.array([[0.0, -0.0, 65504.0], [6e-8, np.inf, np.nan]], np.float16)
     out.append(
         (
             "raw_dtypes",
-            "raw encoding of every numpy-representable dtype, bfloat16 as raw bits; values kept bit for bit",
+            "raw encoding of every numpy-representable dtype, bfloat16 as raw bits; "
+            "values kept bit for bit",
             [
                 ("bool", np.array([True, False, False, True, True]), RAW, None),
                 ("uint8", np.array([[0, 1, 255], [128, 7, 64]], np.uint8), RAW, None),
@@ -72,13 +76,28 @@ def vectors():
                 ("uint16", np.array([0, 1, 65535], np.uint16), RAW, None),
                 ("int16", np.array([[-32768, 2], [3, 32767]], np.int16), RAW, None),
                 ("uint32", np.array([0, 4294967295, 123456789], np.uint32), RAW, None),
-                ("int32", np.array([[-2147483648, -5, 0], [1, 2, 2147483647]], np.int32), RAW, None),
+                (
+                    "int32",
+                    np.array([[-2147483648, -5, 0], [1, 2, 2147483647]], np.int32),
+                    RAW,
+                    None,
+                ),
                 ("uint64", np.array([0, 18446744073709551615], np.uint64), RAW, None),
-                ("int64", np.array([-9223372036854775808, -1, 9223372036854775807], np.int64), RAW, None),
+                (
+                    "int64",
+                    np.array([-9223372036854775808, -1, 9223372036854775807], np.int64),
+                    RAW,
+                    None,
+                ),
                 ("float16", specials16, RAW, None),
                 ("float32", specials32, RAW, None),
                 ("float64", np.array([np.pi, -0.0, 1e300, np.nan], np.float64), RAW, None),
-                ("bfloat16", bf16([[1.0, -2.5, 3.140625, 0.0], [1e30, -1e-30, np.inf, 0.5]]), RAW, "bfloat16"),
+                (
+                    "bfloat16",
+                    bf16([[1.0, -2.5, 3.140625, 0.0], [1e30, -1e-30, np.inf, 0.5]]),
+                    RAW,
+                    "bfloat16",
+                ),
                 ("empty_i32", np.zeros((0, 3), np.int32), RAW, None),
                 ("scalar", np.array(2.5, np.float32), RAW, None),
             ],
@@ -91,8 +110,18 @@ def vectors():
             "raw_float8",
             "raw float8_e4m3fn / float8_e5m2 tensors (expected values are the uint8 bit patterns)",
             [
-                ("e4m3", np.array([0x00, 0x38, 0xB8, 0x7E, 0x01, 0x80, 0x40, 0x7F], np.uint8), RAW, "float8_e4m3fn"),
-                ("e5m2", np.array([0x00, 0x3C, 0xBC, 0x7B, 0x7C, 0x01, 0x80, 0x7F], np.uint8), RAW, "float8_e5m2"),
+                (
+                    "e4m3",
+                    np.array([0x00, 0x38, 0xB8, 0x7E, 0x01, 0x80, 0x40, 0x7F], np.uint8),
+                    RAW,
+                    "float8_e4m3fn",
+                ),
+                (
+                    "e5m2",
+                    np.array([0x00, 0x3C, 0xBC, 0x7B, 0x7C, 0x01, 0x80, 0x7F], np.uint8),
+                    RAW,
+                    "float8_e5m2",
+                ),
             ],
             None,
             64,
@@ -102,7 +131,8 @@ def vectors():
     out.append(
         (
             "affine_bits",
-            "affine bits 2,3,4,8 on [10,6] grouped along axis 0 with g=4 (ragged last group of 2), fp16 scales",
+            "affine bits 2,3,4,8 on [10,6] grouped along axis 0 with g=4 (ragged last group of "
+            "2), fp16 scales",
             [(f"w.b{b}", w, affine(b, 4, 0), None) for b in (2, 3, 4, 8)],
             None,
             64,
@@ -137,7 +167,8 @@ def vectors():
     out.append(
         (
             "scale_dtypes",
-            "the same tensor with float16, bfloat16 and float32 scales (affine 4-bit; symmetric 8-bit)",
+            "the same tensor with float16, bfloat16 and float32 scales (affine 4-bit; symmetric "
+            "8-bit)",
             [
                 ("aff.f16", w, affine(4, 4, 1, "float16"), None),
                 ("aff.bf16", w, affine(4, 4, 1, "bfloat16"), None),
@@ -171,7 +202,8 @@ def vectors():
     out.append(
         (
             "nf4",
-            "nf4 along the last axis (g=16) and axis 0 (g=5, ragged); values exactly on the fp32 midpoints "
+            "nf4 along the last axis (g=16) and axis 0 (g=5, ragged); values exactly on the fp32 "
+            "midpoints "
             "take the lower level, the next float above takes the upper one",
             [
                 ("last", w, nf4(16, 1), None),
@@ -184,11 +216,14 @@ def vectors():
             64,
         )
     )
-    flat = np.repeat(np.array([[0.1, -3.0, 7.25]], np.float32), 4, axis=0)  # each column is constant
+    flat = np.repeat(
+        np.array([[0.1, -3.0, 7.25]], np.float32), 4, axis=0
+    )  # each column is constant
     out.append(
         (
             "edge",
-            "flat groups (s = 0 decodes to the min), all-zero groups, a 0-d tensor, one element, group_size "
+            "flat groups (s = 0 decodes to the min), all-zero groups, a 0-d tensor, one element, "
+            "group_size "
             "larger than the axis, empty tensors between non-empty ones",
             [
                 ("flat", flat, affine(4, 4, 0), None),
@@ -209,11 +244,14 @@ def vectors():
     )
     # lo = 0, hi = 3 in every row-group: s = 1, m = 0, so x - m = k + 0.5 are exact ties
     grid_a = np.array([[0.0, 3.0, 0.5, 1.5, 2.5, 1.0], [3.0, 0.0, 2.5, 0.5, 1.5, 2.0]], np.float32)
-    grid_s = np.array([[7.0, -0.5, 0.5, 1.5, -2.5, 6.5, -6.5, 2.5]], np.float32)  # absmax 7 -> s = 1
+    grid_s = np.array(
+        [[7.0, -0.5, 0.5, 1.5, -2.5, 6.5, -6.5, 2.5]], np.float32
+    )  # absmax 7 -> s = 1
     out.append(
         (
             "ties",
-            "round-half-even ties: affine 2-bit with s = 1 (x - m = k + 0.5), symmetric 4-bit with s = 1",
+            "round-half-even ties: affine 2-bit with s = 1 (x - m = k + 0.5), symmetric 4-bit "
+            "with s = 1",
             [
                 ("affine", grid_a, affine(2, 6, 1), None),
                 ("symmetric", grid_s, symmetric(4, 8, 1), None),
@@ -225,11 +263,22 @@ def vectors():
     out.append(
         (
             "logical_dtypes",
-            "quantized tensors whose logical dtype is float16, bfloat16 (expected as uint16 bits) and float64",
+            "quantized tensors whose logical dtype is float16, bfloat16 (expected as uint16 bits) "
+            "and float64",
             [
                 ("f16", normal("logical.f16", (6, 5), dtype=np.float16), affine(4, 4, 0), None),
-                ("bf16", bf16(normal("logical.bf16", (6, 5))), affine(4, 4, 1, "bfloat16"), "bfloat16"),
-                ("f64", normal("logical.f64", (4, 6), dtype=np.float64), symmetric(8, 4, 1, "float32"), None),
+                (
+                    "bf16",
+                    bf16(normal("logical.bf16", (6, 5))),
+                    affine(4, 4, 1, "bfloat16"),
+                    "bfloat16",
+                ),
+                (
+                    "f64",
+                    normal("logical.f64", (4, 6), dtype=np.float64),
+                    symmetric(8, 4, 1, "float32"),
+                    None,
+                ),
                 ("f16.nf4", normal("logical.f16nf4", (4, 8), dtype=np.float16), nf4(4, 1), None),
             ],
             None,
@@ -239,10 +288,16 @@ def vectors():
     out.append(
         (
             "flexgen",
-            "the flexgen preset (affine 4-bit, g=64, axis 0, fp16 scales) on a [130,20] weight, with a raw "
+            "the flexgen preset (affine 4-bit, g=64, axis 0, fp16 scales) on a [130,20] weight, "
+            "with a raw "
             "bias and an int64 tensor, as save_file's default policy would store them",
             [
-                ("layer.weight", normal("flexgen.w", (130, 20), scale=0.05), affine(4, 64, 0), None),
+                (
+                    "layer.weight",
+                    normal("flexgen.w", (130, 20), scale=0.05),
+                    affine(4, 64, 0),
+                    None,
+                ),
                 ("layer.bias", normal("flexgen.b", (20,)), RAW, None),
                 ("position_ids", np.arange(12, dtype=np.int64).reshape(1, 12), RAW, None),
             ],
@@ -293,8 +348,10 @@ def main(out_dir: str = DEFAULT_OUT):
         "format_version": "1.0",
         "generator": "tests/make_vectors.py (independent numpy reference, tests/reference.py)",
         "notes": [
-            "NAME.expected.npz holds the decoded value of every tensor of NAME.qtensors, keyed by tensor name.",
-            "bfloat16 values are stored as uint16 bit patterns, float8 values as uint8 bit patterns.",
+            "NAME.expected.npz holds the decoded value of every tensor of NAME.qtensors, "
+            "keyed by tensor name.",
+            "bfloat16 values are stored as uint16 bit patterns, float8 values as uint8 bit "
+            "patterns.",
             "Compare bit for bit: raw tensors may hold NaN, -0.0 and Inf.",
         ],
         "vectors": [],
@@ -304,12 +361,14 @@ def main(out_dir: str = DEFAULT_OUT):
         entries = [R.make_entry(tname, x, enc, dtype) for tname, x, enc, dtype in tensors]
         path = os.path.join(out_dir, f"{name}.qtensors")
         R.write_file(path, entries, metadata=metadata, alignment=alignment)
-        decoded, md, info = R.read_file(path, verify=True, strict=True)
+        decoded, md, _ = R.read_file(path, verify=True, strict=True)
         assert md == metadata
         # the raw values must survive bit for bit; the reference decode is the expectation
         expected = {}
         listing = []
-        for (tname, x, enc, dtype), (ename, edtype, eshape, eenc, _) in zip(tensors, entries):
+        for (tname, x, enc, _dt), (ename, edtype, eshape, eenc, _) in zip(
+            tensors, entries, strict=True
+        ):
             assert tname == ename
             value = decoded[tname]
             if enc["name"] == "raw":

@@ -1,8 +1,9 @@
 """Crafted malformed files, one or more per rule of spec section 7.
 
-Each case is a ``Case(id, rule, blob, error, mentions)``: ``blob`` the file bytes, ``error`` the name of
-the qtensors exception class a reader must raise (``FormatError`` or a subclass), ``mentions`` words
-its message must contain (case-insensitive): the tensor, the part, or the offending value.
+Each case is a ``Case(id, rule, blob, error, mentions)``: ``blob`` the file bytes, ``error`` the
+name of the qtensors exception class a reader must raise (``FormatError`` or a subclass),
+``mentions`` words its message must contain (case-insensitive): the tensor, the part, or the
+offending value.
 
 The cases are built from one valid base file written by the reference writer; ``test_reference.py``
 checks that the reference reader rejects every one of them (so each blob really breaks its rule) and
@@ -17,7 +18,6 @@ import struct
 from dataclasses import dataclass, field
 
 import numpy as np
-
 import reference as R
 
 
@@ -37,12 +37,18 @@ def base_entries():
     n = rng.standard_normal((2, 16)).astype(np.float32)
     return [
         R.make_entry(
-            "blk.w", w, {"name": "affine", "bits": 4, "group_size": 4, "axis": 0, "scale_dtype": "float16"}
+            "blk.w",
+            w,
+            {"name": "affine", "bits": 4, "group_size": 4, "axis": 0, "scale_dtype": "float16"},
         ),
         R.make_entry(
-            "blk.s", s, {"name": "symmetric", "bits": 8, "group_size": 3, "axis": 1, "scale_dtype": "bfloat16"}
+            "blk.s",
+            s,
+            {"name": "symmetric", "bits": 8, "group_size": 3, "axis": 1, "scale_dtype": "bfloat16"},
         ),
-        R.make_entry("blk.n", n, {"name": "nf4", "group_size": 8, "axis": 1, "scale_dtype": "float16"}),
+        R.make_entry(
+            "blk.n", n, {"name": "nf4", "group_size": 8, "axis": 1, "scale_dtype": "float16"}
+        ),
         R.make_entry("blk.r", np.arange(5, dtype=np.int32), {"name": "raw"}),
     ]
 
@@ -73,7 +79,8 @@ def _mut(fn):
 
 
 def _set(path, value):
-    """fn(header) setting h[path...] = value; path items are keys or tensor names (str starting 'blk.')."""
+    """fn(header) setting h[path...] = value; path items are keys or tensor names (str starting
+    'blk.')."""
 
     def fn(h):
         obj = h
@@ -124,11 +131,23 @@ def cases() -> list[Case]:
     add(Case("r3_header_len_shorter", 3, R.assemble(h0, d0, header_len=hl - 64)))
 
     # --- rule 4: UTF-8 JSON of the right shape --------------------------------------------------
-    add(Case("r4_not_utf8", 4, _text_file(b'{"alignment":64,"metadata":{"k":"\xff\xfe"},"tensors":[]}')))
+    add(
+        Case(
+            "r4_not_utf8",
+            4,
+            _text_file(b'{"alignment":64,"metadata":{"k":"\xff\xfe"},"tensors":[]}'),
+        )
+    )
     add(Case("r4_not_json", 4, _text_file(b'{"alignment":64,"tensors":[')))
     add(Case("r4_top_level_array", 4, _text_file(b"[]")))
     add(Case("r4_nul_padding", 4, _text_file(b'{"alignment":64,"tensors":[]}' + b"\0" * 34)))
-    add(Case("r4_deeply_nested", 4, _text_file(b'{"alignment":64,"tensors":[],"x":' + b"[" * 100000 + b"]" * 100000 + b"}")))
+    add(
+        Case(
+            "r4_deeply_nested_tensors",
+            4,
+            _text_file(b'{"alignment":64,"tensors":' + b"[" * 100000 + b"]" * 100000 + b"}"),
+        )
+    )
     add(Case("r4_tensors_not_array", 4, _mut(_set(["tensors"], {}))))
     add(Case("r4_tensors_missing", 4, _mut(_del(["tensors"]))))
     add(Case("r4_alignment_missing", 4, _mut(_del(["alignment"])), mentions=["alignment"]))
@@ -136,17 +155,58 @@ def cases() -> list[Case]:
     add(Case("r4_tensor_not_object", 4, _mut(lambda h: h["tensors"].append("blk.x"))))
     add(Case("r4_name_not_string", 4, _mut(_set(["tensors", 0, "name"], 42))))
     add(Case("r4_dtype_not_string", 4, _mut(_set(["blk.w", "dtype"], 3)), mentions=["blk.w"]))
-    add(Case("r4_shape_string_dim", 4, _mut(_set(["blk.w", "shape"], ["8", 6])), mentions=["blk.w"]))
+    add(
+        Case("r4_shape_string_dim", 4, _mut(_set(["blk.w", "shape"], ["8", 6])), mentions=["blk.w"])
+    )
     add(Case("r4_shape_negative", 4, _mut(_set(["blk.w", "shape"], [-8, 6])), mentions=["blk.w"]))
     add(Case("r4_shape_not_u64", 4, _mut(_set(["blk.r", "shape"], [2**64])), mentions=["blk.r"]))
     add(Case("r4_shape_not_array", 4, _mut(_set(["blk.r", "shape"], 5)), mentions=["blk.r"]))
-    add(Case("r4_encoding_not_object", 4, _mut(_set(["blk.w", "encoding"], "affine")), mentions=["blk.w"]))
+    add(
+        Case(
+            "r4_encoding_not_object",
+            4,
+            _mut(_set(["blk.w", "encoding"], "affine")),
+            mentions=["blk.w"],
+        )
+    )
     add(Case("r4_parts_not_object", 4, _mut(_set(["blk.w", "parts"], [])), mentions=["blk.w"]))
-    add(Case("r4_offset_float", 4, _mut(_set(["blk.w", "parts", "scales", "offset"], 64.5)), mentions=["blk.w"]))
-    add(Case("r4_offset_string", 4, _mut(_set(["blk.w", "parts", "scales", "offset"], "64")), mentions=["blk.w"]))
-    add(Case("r4_offset_negative", 4, _mut(_set(["blk.w", "parts", "scales", "offset"], -64)), mentions=["blk.w"]))
-    add(Case("r4_length_not_u64", 4, _mut(_set(["blk.w", "parts", "codes", "length"], 2**64)), mentions=["blk.w"]))
-    add(Case("r4_metadata_not_object", 4, _mut(_set(["metadata"], ["a", "b"])), mentions=["metadata"]))
+    add(
+        Case(
+            "r4_offset_float",
+            4,
+            _mut(_set(["blk.w", "parts", "scales", "offset"], 64.5)),
+            mentions=["blk.w"],
+        )
+    )
+    add(
+        Case(
+            "r4_offset_string",
+            4,
+            _mut(_set(["blk.w", "parts", "scales", "offset"], "64")),
+            mentions=["blk.w"],
+        )
+    )
+    add(
+        Case(
+            "r4_offset_negative",
+            4,
+            _mut(_set(["blk.w", "parts", "scales", "offset"], -64)),
+            mentions=["blk.w"],
+        )
+    )
+    add(
+        Case(
+            "r4_length_not_u64",
+            4,
+            _mut(_set(["blk.w", "parts", "codes", "length"], 2**64)),
+            mentions=["blk.w"],
+        )
+    )
+    add(
+        Case(
+            "r4_metadata_not_object", 4, _mut(_set(["metadata"], ["a", "b"])), mentions=["metadata"]
+        )
+    )
 
     # --- rule 5: alignment ----------------------------------------------------------------------
     for bad in (0, 32, 48, 96, 2**21):
@@ -158,7 +218,13 @@ def cases() -> list[Case]:
     pad = R.align_up(24 + len(text), 64) - 24 - len(text)
     if (24 + len(text) + pad) % 128 == 0:
         pad += 64
-    add(Case("r5_data_start_unaligned", 5, R.assemble(None, d0, alignment=1, header_text=text + b" " * pad)))
+    add(
+        Case(
+            "r5_data_start_unaligned",
+            5,
+            R.assemble(None, d0, alignment=1, header_text=text + b" " * pad),
+        )
+    )
 
     # --- rule 6: names, count, metadata values --------------------------------------------------
     add(Case("r6_empty_name", 6, _mut(_set(["blk.s", "name"], ""))))
@@ -166,12 +232,23 @@ def cases() -> list[Case]:
     add(Case("r6_name_over_1024_bytes", 6, _mut(_set(["blk.s", "name"], long_name))))
     add(Case("r6_duplicate_name", 6, _mut(_set(["blk.s", "name"], "blk.w")), mentions=["blk.w"]))
     add(Case("r6_metadata_value_int", 6, _mut(_set(["metadata", "a"], 1)), mentions=["metadata"]))
-    add(Case("r6_metadata_value_null", 6, _mut(_set(["metadata", "a"], None)), mentions=["metadata"]))
+    add(
+        Case(
+            "r6_metadata_value_null", 6, _mut(_set(["metadata", "a"], None)), mentions=["metadata"]
+        )
+    )
     many = b'{"alignment":64,"tensors":[' + b",".join([b"{}"] * 1_000_001) + b"]}"
     add(Case("r6_too_many_tensors", 6, _text_file(many)))
 
     # --- rule 7: dtypes, rank, element count ----------------------------------------------------
-    add(Case("r7_unknown_dtype", 7, _mut(_set(["blk.w", "dtype"], "float128")), mentions=["blk.w", "float128"]))
+    add(
+        Case(
+            "r7_unknown_dtype",
+            7,
+            _mut(_set(["blk.w", "dtype"], "float128")),
+            mentions=["blk.w", "float128"],
+        )
+    )
     add(
         Case(
             "r7_unknown_part_dtype",
@@ -208,20 +285,96 @@ def cases() -> list[Case]:
         )
     )
     for bits in (0, 9, "4", None):
-        add(Case(f"r8_affine_bits_{bits}", 8, _mut(_set(["blk.w", "encoding", "bits"], bits)), mentions=["blk.w"]))
-    add(Case("r8_affine_bits_missing", 8, _mut(_del(["blk.w", "encoding", "bits"])), mentions=["blk.w"]))
-    add(Case("r8_symmetric_bits_1", 8, _mut(_set(["blk.s", "encoding", "bits"], 1)), mentions=["blk.s"]))
+        add(
+            Case(
+                f"r8_affine_bits_{bits}",
+                8,
+                _mut(_set(["blk.w", "encoding", "bits"], bits)),
+                mentions=["blk.w"],
+            )
+        )
+    add(
+        Case(
+            "r8_affine_bits_missing",
+            8,
+            _mut(_del(["blk.w", "encoding", "bits"])),
+            mentions=["blk.w"],
+        )
+    )
+    add(
+        Case(
+            "r8_symmetric_bits_1",
+            8,
+            _mut(_set(["blk.s", "encoding", "bits"], 1)),
+            mentions=["blk.s"],
+        )
+    )
     add(Case("r8_nf4_bits_3", 8, _mut(_set(["blk.n", "encoding", "bits"], 3)), mentions=["blk.n"]))
-    add(Case("r8_group_size_0", 8, _mut(_set(["blk.w", "encoding", "group_size"], 0)), mentions=["blk.w"]))
-    add(Case("r8_group_size_missing", 8, _mut(_del(["blk.n", "encoding", "group_size"])), mentions=["blk.n"]))
-    add(Case("r8_axis_eq_rank", 8, _mut(_set(["blk.w", "encoding", "axis"], 2)), mentions=["blk.w"]))
-    add(Case("r8_axis_negative", 8, _mut(_set(["blk.w", "encoding", "axis"], -1)), mentions=["blk.w"]))
+    add(
+        Case(
+            "r8_group_size_0",
+            8,
+            _mut(_set(["blk.w", "encoding", "group_size"], 0)),
+            mentions=["blk.w"],
+        )
+    )
+    add(
+        Case(
+            "r8_group_size_missing",
+            8,
+            _mut(_del(["blk.n", "encoding", "group_size"])),
+            mentions=["blk.n"],
+        )
+    )
+    add(
+        Case("r8_axis_eq_rank", 8, _mut(_set(["blk.w", "encoding", "axis"], 2)), mentions=["blk.w"])
+    )
+    add(
+        Case(
+            "r8_axis_negative", 8, _mut(_set(["blk.w", "encoding", "axis"], -1)), mentions=["blk.w"]
+        )
+    )
     add(Case("r8_axis_missing", 8, _mut(_del(["blk.s", "encoding", "axis"])), mentions=["blk.s"]))
-    add(Case("r8_scale_dtype_int8", 8, _mut(_set(["blk.s", "encoding", "scale_dtype"], "int8")), mentions=["blk.s"]))
-    add(Case("r8_scale_dtype_float64", 8, _mut(_set(["blk.w", "encoding", "scale_dtype"], "float64")), mentions=["blk.w"]))
-    add(Case("r8_scale_dtype_missing", 8, _mut(_del(["blk.n", "encoding", "scale_dtype"])), mentions=["blk.n"]))
-    add(Case("r8_logical_int32_affine", 8, _mut(_set(["blk.w", "dtype"], "int32")), mentions=["blk.w"]))
-    add(Case("r8_logical_float8_nf4", 8, _mut(_set(["blk.n", "dtype"], "float8_e4m3fn")), mentions=["blk.n"]))
+    add(
+        Case(
+            "r8_scale_dtype_int8",
+            8,
+            _mut(_set(["blk.s", "encoding", "scale_dtype"], "int8")),
+            mentions=["blk.s"],
+        )
+    )
+    add(
+        Case(
+            "r8_scale_dtype_float64",
+            8,
+            _mut(_set(["blk.w", "encoding", "scale_dtype"], "float64")),
+            mentions=["blk.w"],
+        )
+    )
+    add(
+        Case(
+            "r8_scale_dtype_missing",
+            8,
+            _mut(_del(["blk.n", "encoding", "scale_dtype"])),
+            mentions=["blk.n"],
+        )
+    )
+    add(
+        Case(
+            "r8_logical_int32_affine",
+            8,
+            _mut(_set(["blk.w", "dtype"], "int32")),
+            mentions=["blk.w"],
+        )
+    )
+    add(
+        Case(
+            "r8_logical_float8_nf4",
+            8,
+            _mut(_set(["blk.n", "dtype"], "float8_e4m3fn")),
+            mentions=["blk.n"],
+        )
+    )
 
     # --- rule 9: the parts ----------------------------------------------------------------------
     add(Case("r9_missing_mins", 9, _mut(_del(["blk.w", "parts", "mins"])), mentions=["blk.w"]))
@@ -229,11 +382,22 @@ def cases() -> list[Case]:
         Case(
             "r9_extra_part",
             9,
-            _mut(lambda h: _tensor(h, "blk.s")["parts"].__setitem__("zeros", dict(_tensor(h, "blk.s")["parts"]["scales"]))),
+            _mut(
+                lambda h: _tensor(h, "blk.s")["parts"].__setitem__(
+                    "zeros", dict(_tensor(h, "blk.s")["parts"]["scales"])
+                )
+            ),
             mentions=["blk.s"],
         )
     )
-    add(Case("r9_raw_part_named_codes", 9, _mut(lambda h: _rename_part(h, "blk.r", "data", "codes")), mentions=["blk.r"]))
+    add(
+        Case(
+            "r9_raw_part_named_codes",
+            9,
+            _mut(lambda h: _rename_part(h, "blk.r", "data", "codes")),
+            mentions=["blk.r"],
+        )
+    )
     add(
         Case(
             "r9_codes_dtype_int8",
@@ -266,7 +430,14 @@ def cases() -> list[Case]:
             mentions=["blk.w", "codes"],
         )
     )
-    add(Case("r9_raw_length", 9, _mut(lambda h: _shrink(h, "blk.r", "data")), mentions=["blk.r", "data"]))
+    add(
+        Case(
+            "r9_raw_length",
+            9,
+            _mut(lambda h: _shrink(h, "blk.r", "data")),
+            mentions=["blk.r", "data"],
+        )
+    )
     add(
         Case(
             "r9_raw_dtype_differs",
@@ -369,7 +540,14 @@ def cases() -> list[Case]:
                 mentions=["blk.s", "codes"],
             )
         )
-    add(Case("r12_checksum_missing", 12, _mut(_del(["blk.s", "parts", "codes", "checksum"])), mentions=["blk.s"]))
+    add(
+        Case(
+            "r12_checksum_missing",
+            12,
+            _mut(_del(["blk.s", "parts", "codes", "checksum"])),
+            mentions=["blk.s"],
+        )
+    )
     return out
 
 
@@ -389,7 +567,8 @@ def _shift(h, tname, part, delta):
 
 
 def _alias(h, a, b):
-    """Point part a at the offset of part b (same length in the base file, so only overlap is wrong)."""
+    """Point part a at the offset of part b (same length in the base file, so only overlap is
+    wrong)."""
     ra = _tensor(h, a[0])["parts"][a[1]]
     rb = _tensor(h, b[0])["parts"][b[1]]
     ra["offset"] = rb["offset"]
@@ -424,19 +603,37 @@ def valid_variants() -> list[tuple[str, bytes]]:
     # extra header padding: data_start two alignments further than needed
     text = json.dumps(h0, separators=(",", ":")).encode()
     pad = R.align_up(24 + len(text), 64) - 24 - len(text) + 128
-    out.append(("extra_header_padding", R.assemble(None, d0, alignment=1, header_text=text + b" " * pad)))
-    out.append(("pretty_printed_header", R.assemble(None, d0, header_text=json.dumps(h0, indent=2).encode())))
+    out.append(
+        ("extra_header_padding", R.assemble(None, d0, alignment=1, header_text=text + b" " * pad))
+    )
+    out.append(
+        (
+            "pretty_printed_header",
+            R.assemble(None, d0, header_text=json.dumps(h0, indent=2).encode()),
+        )
+    )
     return out
 
 
 def huge_group_size_file() -> tuple[bytes, np.ndarray]:
-    """A valid file whose group_size is u64::MAX (one group per axis); returns (blob, expected fp32)."""
+    """A valid file whose group_size is u64::MAX (one group per axis); returns (blob, expected
+    fp32)."""
     x = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
-    enc = {"name": "affine", "bits": 4, "group_size": 2**64 - 1, "axis": 0, "scale_dtype": "float16"}
+    enc = {
+        "name": "affine",
+        "bits": 4,
+        "group_size": 2**64 - 1,
+        "axis": 0,
+        "scale_dtype": "float16",
+    }
     entry = R.make_entry("huge.g", x, enc)
     blob = R.file_bytes([entry])
     expected = R.dequantize(
-        {"codes": entry[4]["codes"][0], "scales": entry[4]["scales"][0], "mins": entry[4]["mins"][0]},
+        {
+            "codes": entry[4]["codes"][0],
+            "scales": entry[4]["scales"][0],
+            "mins": entry[4]["mins"][0],
+        },
         enc,
         x.shape,
         "float32",

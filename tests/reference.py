@@ -1,8 +1,8 @@
 """Independent plain-numpy reference of the qtensors format.
 
-Written only from ``spec/FORMAT.md``. It is deliberately simple (readability over speed) and meant for
-small data: the test-suite compares the Rust core against it, and ``make_vectors.py`` writes the spec's
-test vectors with it.
+Written only from ``spec/FORMAT.md``. It is deliberately simple (readability over speed) and meant
+for small data: the test-suite compares the Rust core against it, and ``make_vectors.py`` writes the
+spec's test vectors with it.
 
 Conventions used here:
 
@@ -17,6 +17,7 @@ Conventions used here:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -89,9 +90,9 @@ class ReferenceError(ValueError):
 F32 = np.float32
 
 
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Scalar formats
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 
 
 def fp32_to_bf16_bits(x) -> np.ndarray:
@@ -155,7 +156,8 @@ def st(v, scale_dtype: str) -> np.ndarray:
 
 
 def scales_to_storage(v, scale_dtype: str) -> np.ndarray:
-    """fp32 values that are already representable in ``scale_dtype`` -> stored array (bf16 as bits)."""
+    """fp32 values that are already representable in ``scale_dtype`` -> stored array (bf16 as
+    bits)."""
     v = np.asarray(v, dtype=np.float32)
     if scale_dtype == "float32":
         return v.astype("<f4")
@@ -178,9 +180,9 @@ def storage_to_fp32(arr, scale_dtype: str) -> np.ndarray:
     raise ReferenceError(f"unknown scale_dtype {scale_dtype!r}")
 
 
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Groups (spec 4.1)
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 
 
 def prod(values) -> int:
@@ -228,9 +230,9 @@ def codes_length(n_elements: int, bits: int) -> int:
     return (n_elements * bits + 7) // 8
 
 
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Bit packing (spec 4.2)
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 
 
 def pack_codes(codes, bits: int) -> np.ndarray:
@@ -271,9 +273,9 @@ def unpack_codes(data, bits: int, n: int) -> np.ndarray:
     return codes
 
 
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Encodings (spec 4.5 - 4.7)
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 
 
 def encoding_params(enc: dict, rank: int) -> dict:
@@ -299,7 +301,9 @@ def encoding_params(enc: dict, rank: int) -> dict:
         raise ReferenceError(f"{name}: axis {out.get('axis')!r} must be an integer")
     out["axis"] = normalize_axis(out["axis"], rank)
     if out.get("scale_dtype") not in SCALE_DTYPES:
-        raise ReferenceError(f"{name}: scale_dtype {out.get('scale_dtype')!r} not one of {SCALE_DTYPES}")
+        raise ReferenceError(
+            f"{name}: scale_dtype {out.get('scale_dtype')!r} not one of {SCALE_DTYPES}"
+        )
     return out
 
 
@@ -366,9 +370,10 @@ def quantize(x, enc: dict, dtype: str | None = None, name: str = "tensor") -> di
         qmax = F32(2**bits - 1)
         lo = _per_group(v3, G, g, np.min)
         hi = _per_group(v3, G, g, np.max)
-        m = st(lo, sd)
+        # "+ 0" stores a zero min or scale as +0.0 (spec 4.5), whichever zero min/max picked.
+        m = (st(lo, sd) + F32(0)).astype(np.float32)
         with np.errstate(over="ignore", invalid="ignore"):
-            s = st((hi - lo).astype(np.float32) / qmax, sd)
+            s = (st((hi - lo).astype(np.float32) / qmax, sd) + F32(0)).astype(np.float32)
         _check_finite(m, "a stored min", name)
         _check_finite(s, "a stored scale", name)
         inv = _inverse(s)
@@ -443,9 +448,9 @@ def raw_decode(data: bytes, dtype: str, shape) -> np.ndarray:
     return np.frombuffer(bytes(data), dtype=DTYPES[dtype][1]).reshape(tuple(shape)).copy()
 
 
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Checksums (spec 6)
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 
 
 def xxh3_64_hex(data) -> str:
@@ -459,12 +464,12 @@ def checksum_string(data) -> str:
 CHECKSUM_RE = re.compile(r"^xxh3-64:[0-9a-f]{16}$")
 
 
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Writer
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 #
-# An entry is (name, dtype, shape, encoding_dict, parts) with parts = {part_name: (bytes, dtype, shape)}
-# in the order the parts are laid out in the data section.
+# An entry is (name, dtype, shape, encoding_dict, parts) with parts = {part_name: (bytes, dtype,
+# shape)} in the order the parts are laid out in the data section.
 
 
 def expected_parts(dtype: str, shape, enc: dict) -> dict:
@@ -496,7 +501,13 @@ def make_entry(name: str, x, enc: dict, dtype: str | None = None):
         dtype = str(x.dtype)
     shape = tuple(x.shape)
     if enc["name"] == "raw":
-        return (name, dtype, shape, {"name": "raw"}, {"data": (logical_to_bytes(x, dtype), dtype, shape)})
+        return (
+            name,
+            dtype,
+            shape,
+            {"name": "raw"},
+            {"data": (logical_to_bytes(x, dtype), dtype, shape)},
+        )
     p = encoding_params(enc, len(shape))
     q = quantize(x, p, dtype=dtype, name=name)
     header_enc = {k: p[k] for k in ("name", "bits", "group_size", "axis", "scale_dtype")}
@@ -536,7 +547,13 @@ def build(entries, metadata=None, alignment: int = 64) -> tuple[dict, bytes]:
                 "checksum": checksum_string(raw),
             }
         tensors.append(
-            {"name": name, "dtype": dtype, "shape": [int(d) for d in shape], "encoding": dict(enc), "parts": records}
+            {
+                "name": name,
+                "dtype": dtype,
+                "shape": [int(d) for d in shape],
+                "encoding": dict(enc),
+                "parts": records,
+            }
         )
     header = {"alignment": alignment}
     if metadata is not None:
@@ -559,9 +576,10 @@ def assemble(
 ) -> bytes:
     """Serialize a header (dict, or explicit ``header_text``) and data section into file bytes.
 
-    The header is padded with spaces so that 24 + header_len is a multiple of ``alignment`` (default:
-    the header's own alignment when it is a sane integer, else 64). ``header_len`` overrides the
-    value written in the preamble (the bytes written stay the same) - for crafting malformed files.
+    The header is padded with spaces so that 24 + header_len is a multiple of ``alignment``
+    (default: the header's own alignment when it is a sane integer, else 64). ``header_len``
+    overrides the value written in the preamble (the bytes written stay the same) - for crafting
+    malformed files.
     """
     if header_text is None:
         text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -589,18 +607,22 @@ def write_file(path, entries, metadata=None, alignment: int = 64) -> None:
         fh.write(blob)
 
 
-def save_tensors(path, tensors: dict, encodings: dict, metadata=None, alignment: int = 64, dtypes=None):
-    """Convenience: ``tensors`` name -> array, ``encodings`` name -> encoding dict (missing: raw)."""
+def save_tensors(
+    path, tensors: dict, encodings: dict, metadata=None, alignment: int = 64, dtypes=None
+):
+    """Convenience: ``tensors`` name -> array, ``encodings`` name -> encoding dict (missing:
+    raw)."""
     dtypes = dtypes or {}
     entries = [
-        make_entry(name, x, encodings.get(name, {"name": "raw"}), dtypes.get(name)) for name, x in tensors.items()
+        make_entry(name, x, encodings.get(name, {"name": "raw"}), dtypes.get(name))
+        for name, x in tensors.items()
     ]
     write_file(path, entries, metadata, alignment)
 
 
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Reader (spec 7: every check before any part is read)
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 
 
 def _fail(msg: str):
@@ -701,7 +723,7 @@ def _check_header(h, data_start: int, data_len: int):
         intervals.extend(_check_tensor(name, t, alignment, data_len))
     # rule 11: no two parts overlap (zero-length parts overlap nothing)
     intervals = sorted((o, o + n, who) for o, n, who in intervals if n > 0)
-    for (o1, e1, w1), (o2, e2, w2) in zip(intervals, intervals[1:]):
+    for (_, e1, w1), (o2, _, w2) in itertools.pairwise(intervals):
         if o2 < e1:
             _fail(f"{w1} and {w2} overlap")
 
@@ -750,11 +772,17 @@ def _check_tensor(name: str, t: dict, alignment: int, data_len: int):
         length = _u64(rec.get("length"), f"{where}: length")
         wd, ws, wl = want[pname]
         if pdtype != wd or pshape != ws or length != wl or wl > U64_MAX:
-            _fail(f"{where}: dtype/shape/length {pdtype}/{list(pshape)}/{length}, expected {wd}/{list(ws)}/{wl}")
+            _fail(
+                f"{where}: dtype/shape/length {pdtype}/{list(pshape)}/{length}, "
+                f"expected {wd}/{list(ws)}/{wl}"
+            )
         if offset % alignment:
             _fail(f"{where}: offset {offset} is not a multiple of alignment {alignment}")
         if offset + length > U64_MAX or offset + length > data_len:
-            _fail(f"{where}: offset {offset} + length {length} exceeds the data section ({data_len} bytes)")
+            _fail(
+                f"{where}: offset {offset} + length {length} exceeds the data section "
+                f"({data_len} bytes)"
+            )
         cs = rec.get("checksum")
         if not isinstance(cs, str) or not CHECKSUM_RE.match(cs):
             _fail(f"{where}: malformed checksum {cs!r}")
@@ -777,13 +805,13 @@ def _check_shape(shape, where: str) -> tuple[int, ...]:
 def read_file(src, verify: bool = True, strict: bool = True):
     """Read and decode a whole file.
 
-    Returns (tensors, metadata, info): ``tensors`` name -> decoded numpy array in file order (bf16 as
-    uint16 bits, float8 as uint8 bits); ``info`` name -> dict(dtype, shape, encoding, parts) where
-    parts maps part name -> numpy array of the part (its storage dtype, its shape).
+    Returns (tensors, metadata, info): ``tensors`` name -> decoded numpy array in file order (bf16
+    as uint16 bits, float8 as uint8 bits); ``info`` name -> dict(dtype, shape, encoding, parts)
+    where parts maps part name -> numpy array of the part (its storage dtype, its shape).
 
     ``verify`` compares every checksum. ``strict`` also checks what a conforming *writer* must do
-    (beyond the reader's rules): only spaces after the JSON text, zero padding between parts, parts in
-    tensor order, and no bytes after the last part.
+    (beyond the reader's rules): only spaces after the JSON text, zero padding between parts,
+    parts in tensor order, and no bytes after the last part.
     """
     hdr = read_header(src)
     blob, h, ds = hdr["blob"], hdr["header"], hdr["data_start"]
@@ -800,7 +828,9 @@ def read_file(src, verify: bool = True, strict: bool = True):
             if verify and checksum_string(raw) != rec["checksum"]:
                 _fail(f"tensor {name!r} part {pname!r}: checksum mismatch")
             parts_bytes[pname] = raw
-            parts_arrays[pname] = np.frombuffer(raw, dtype=DTYPES[rec["dtype"]][1]).reshape(tuple(rec["shape"]))
+            parts_arrays[pname] = np.frombuffer(raw, dtype=DTYPES[rec["dtype"]][1]).reshape(
+                tuple(rec["shape"])
+            )
         if enc["name"] == "raw":
             value = raw_decode(parts_bytes["data"], dtype, shape)
         else:
@@ -843,7 +873,10 @@ def _strict_checks(hdr: dict):
         if any(data[pos:o]):
             _fail(f"non-zero padding bytes in data section at [{pos}, {o})")
         pos = e
-    last = max((r["offset"] + r["length"] for t in hdr["header"]["tensors"] for r in t["parts"].values()), default=0)
+    last = max(
+        (r["offset"] + r["length"] for t in hdr["header"]["tensors"] for r in t["parts"].values()),
+        default=0,
+    )
     if len(data) != last:
         _fail(f"data section is {len(data)} bytes but the last part ends at {last}")
 

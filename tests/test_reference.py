@@ -1,8 +1,8 @@
 """Self-checks of the numpy reference (tests/reference.py) and of the spec's test vectors.
 
 These run without qtensors: they make sure the yardstick the other tests use is itself right, by
-comparing it with hand-computed values, with torch's own float conversions, with a second (big-integer)
-bit packer, and with the error bounds the spec states.
+comparing it with hand-computed values, with torch's own float conversions, with a second
+(big-integer) bit packer, and with the error bounds the spec states.
 """
 
 from __future__ import annotations
@@ -10,26 +10,26 @@ from __future__ import annotations
 import json
 import os
 
+import helpers as H
+import make_vectors
+import malformed_cases as M
 import numpy as np
 import pytest
+import reference as R
 import torch
 import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
-import helpers as H
-import make_vectors
-import malformed_cases as M
-import reference as R
-
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # scalar formats
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 
 
 def test_bf16_known_values():
     x = np.array(
-        [1.0, 1.00390625, 1.01171875, -2.0, 0.0, -0.0, 3.4e38, -3.4e38, np.inf, 1e-45], dtype=np.float32
+        [1.0, 1.00390625, 1.01171875, -2.0, 0.0, -0.0, 3.4e38, -3.4e38, np.inf, 1e-45],
+        dtype=np.float32,
     )
     # ties to even: 1 + 2^-8 -> 1.0 (even), 1 + 3*2^-8 -> 1 + 2^-6 (even); 3.4e38 overflows to inf
     want = [0x3F80, 0x3F80, 0x3F82, 0xC000, 0x0000, 0x8000, 0x7F80, 0xFF80, 0x7F80, 0x0000]
@@ -80,9 +80,9 @@ def test_float64_inputs_are_rounded_to_fp32_first():
     assert R.to_fp32(x, "float64").tolist() == [1.0, np.float32(1 + 2**-23)]
 
 
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # groups
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -107,23 +107,27 @@ def test_group_layout(shape, axis, g, layout, sshape):
 def test_group_index_follows_spec_formula():
     # s(e) = (p*G + floor(l/g))*Q + q, checked element by element against the vectorized layout
     shape, axis, g = (3, 7, 4), 1, 3
-    P, L, Q, G = R.group_layout(shape, axis, g)
+    _, L, Q, G = R.group_layout(shape, axis, g)
     x = np.arange(R.prod(shape), dtype=np.float32).reshape(shape)
-    q = R.quantize(x, {"name": "symmetric", "bits": 8, "group_size": g, "axis": axis, "scale_dtype": "float32"})
+    q = R.quantize(
+        x, {"name": "symmetric", "bits": 8, "group_size": g, "axis": axis, "scale_dtype": "float32"}
+    )
     scales = q["scales"].reshape(-1)
     for e in range(x.size):
-        p, l, qq = e // (L * Q), (e // Q) % L, e % Q
-        s_e = (p * G + l // g) * Q + qq
+        p, li, qq = e // (L * Q), (e // Q) % L, e % Q
+        s_e = (p * G + li // g) * Q + qq
         members = [
-            f for f in range(x.size) if f // (L * Q) == p and ((f // Q) % L) // g == l // g and f % Q == qq
+            f
+            for f in range(x.size)
+            if f // (L * Q) == p and ((f // Q) % L) // g == li // g and f % Q == qq
         ]
         absmax = np.float32(max(members))
         assert scales[s_e] == np.float32(absmax / np.float32(127))
 
 
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # bit packing
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 
 
 def bigint_pack(codes, bits):
@@ -168,62 +172,32 @@ def test_pack_rejects_out_of_range():
         R.unpack_codes(b"\0\0", 4, 5)
 
 
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # codecs
-# ---------------------------------------------------------------------------------------------------
-
-
-def per_element_group_stats(x32: np.ndarray, shape, axis, g):
-    """lo, hi, absmax of each element's group, as float64 arrays of the tensor's (P, L, Q) layout."""
-    P, L, Q, G = R.group_layout(shape, axis, g)
-    v = x32.astype(np.float64).reshape(P, L, Q)
-    lo, hi, am = np.empty_like(v), np.empty_like(v), np.empty_like(v)
-    for k in range(G):
-        sl = slice(k * g, min((k + 1) * g, L))
-        lo[:, sl, :] = v[:, sl, :].min(axis=1, keepdims=True)
-        hi[:, sl, :] = v[:, sl, :].max(axis=1, keepdims=True)
-        am[:, sl, :] = np.abs(v[:, sl, :]).max(axis=1, keepdims=True)
-    return lo, hi, am
-
-
-def expand(stored: np.ndarray, sd: str, shape, axis, g):
-    P, L, Q, G = R.group_layout(shape, axis, g)
-    return R.storage_to_fp32(stored, sd).astype(np.float64).reshape(P, G, Q)[:, R.group_index(L, g), :]
-
-
-def spec_error_bound(kind, bits, x32, q, shape, axis, g, sd):
-    """The spec's bound on |x - x_hat| per element (sections 4.5-4.7), plus fp32 rounding slack."""
-    lo, hi, am = per_element_group_stats(x32, shape, axis, g)
-    s = expand(q["scales"], sd, shape, axis, g)
-    v = np.abs(x32.astype(np.float64).reshape(s.shape))
-    eps = 2.0**-23
-    if kind == "affine":
-        qmax = 2**bits - 1
-        m = expand(q["mins"], sd, shape, axis, g)
-        bound = s / 2 + np.abs(lo - m) + qmax * np.abs(s - (hi - lo) / qmax)
-        slack = 4 * eps * (v + np.abs(m) + qmax * s)
-    elif kind == "symmetric":
-        qmax = 2 ** (bits - 1) - 1
-        bound = s / 2 + qmax * np.abs(s - am / qmax)
-        slack = 4 * eps * (v + qmax * s)
-    else:  # nf4: half the widest gap between levels, plus the rounding of the stored absmax
-        bound = s * 0.152 + np.abs(am - s)
-        slack = 4 * eps * (v + s)
-    return bound + slack + 1e-45
+# ------------------------------------------------------------------------------------------------
 
 
 @given(H.cases(in_dtypes=("float32", "float64", "float16")))
 def test_reference_error_bound(case):
     x = case["values"]
-    enc = H.ref_dict(case["kind"], case["bits"], case["group_size"], case["axis"], case["scale_dtype"], x.ndim)
+    enc = H.ref_dict(
+        case["kind"], case["bits"], case["group_size"], case["axis"], case["scale_dtype"], x.ndim
+    )
     try:
         q = R.quantize(x, enc)
     except R.ReferenceError:
         return  # values beyond the scale dtype (checked in test_rejects_*)
     y = R.dequantize_fp32(q, enc, x.shape)
     x32 = R.to_fp32(x, case["dtype"])
-    bound = spec_error_bound(
-        case["kind"], case["bits"], x32, q, x.shape, enc["axis"], case["group_size"], case["scale_dtype"]
+    bound = H.spec_error_bound(
+        case["kind"],
+        case["bits"],
+        x32,
+        q,
+        x.shape,
+        enc["axis"],
+        case["group_size"],
+        case["scale_dtype"],
     )
     err = np.abs(x32.astype(np.float64) - y.astype(np.float64)).reshape(bound.shape)
     assert np.all(err <= bound), float((err - bound).max())
@@ -247,7 +221,9 @@ def test_reference_nf4_is_nearest_level(seed, mag):
 def test_nf4_midpoints_take_the_lower_level():
     mids = R.NF4_MIDS
     assert mids.dtype == np.float32
-    assert np.array_equal(mids, ((R.NF4_LEVELS[:-1] + R.NF4_LEVELS[1:]) / np.float32(2)).astype(np.float32))
+    assert np.array_equal(
+        mids, ((R.NF4_LEVELS[:-1] + R.NF4_LEVELS[1:]) / np.float32(2)).astype(np.float32)
+    )
     x = np.concatenate([mids, [1.0]]).astype(np.float32)
     q = R.quantize(x, {"name": "nf4", "group_size": 16, "axis": 0, "scale_dtype": "float16"})
     assert R.unpack_codes(q["codes"], 4, 16).tolist() == [*range(15), 15]
@@ -258,15 +234,22 @@ def test_nf4_midpoints_take_the_lower_level():
 
 def test_affine_ties_round_half_even():
     x = np.array([0.0, 3.0, 0.5, 1.5, 2.5, 1.0], np.float32)  # lo 0, hi 3, 2 bits: s = 1, m = 0
-    q = R.quantize(x, {"name": "affine", "bits": 2, "group_size": 8, "axis": 0, "scale_dtype": "float16"})
+    q = R.quantize(
+        x, {"name": "affine", "bits": 2, "group_size": 8, "axis": 0, "scale_dtype": "float16"}
+    )
     assert R.unpack_codes(q["codes"], 2, 6).tolist() == [0, 3, 0, 2, 2, 1]
 
 
 def test_symmetric_codes_and_zero_point():
     x = np.array([-127.0, 0.0, 127.0, 1.0, -0.5, 0.5, 1.5], np.float32)
-    q = R.quantize(x, {"name": "symmetric", "bits": 8, "group_size": 64, "axis": 0, "scale_dtype": "float32"})
+    q = R.quantize(
+        x, {"name": "symmetric", "bits": 8, "group_size": 64, "axis": 0, "scale_dtype": "float32"}
+    )
     assert R.unpack_codes(q["codes"], 8, 7).tolist() == [1, 128, 255, 129, 128, 128, 130]
-    z = R.quantize(np.zeros(5, np.float32), {"name": "symmetric", "bits": 4, "group_size": 2, "axis": 0, "scale_dtype": "float16"})
+    z = R.quantize(
+        np.zeros(5, np.float32),
+        {"name": "symmetric", "bits": 4, "group_size": 2, "axis": 0, "scale_dtype": "float16"},
+    )
     assert R.unpack_codes(z["codes"], 4, 5).tolist() == [8] * 5
     assert np.all(z["scales"] == 0)
 
@@ -295,16 +278,22 @@ def test_rejects_non_finite(bad):
 def test_rejects_scale_beyond_scale_dtype():
     x = np.array([[-70000.0, 1.0]], np.float32)  # the min is not finite in fp16
     with pytest.raises(ValueError):
-        R.quantize(x, {"name": "affine", "bits": 4, "group_size": 2, "axis": 1, "scale_dtype": "float16"})
+        R.quantize(
+            x, {"name": "affine", "bits": 4, "group_size": 2, "axis": 1, "scale_dtype": "float16"}
+        )
     y = np.array([[0.0, 1e6]], np.float32)  # (hi - lo) / 15 is not finite in fp16
     with pytest.raises(ValueError):
-        R.quantize(y, {"name": "affine", "bits": 4, "group_size": 2, "axis": 1, "scale_dtype": "float16"})
-    R.quantize(y, {"name": "affine", "bits": 4, "group_size": 2, "axis": 1, "scale_dtype": "bfloat16"})
+        R.quantize(
+            y, {"name": "affine", "bits": 4, "group_size": 2, "axis": 1, "scale_dtype": "float16"}
+        )
+    R.quantize(
+        y, {"name": "affine", "bits": 4, "group_size": 2, "axis": 1, "scale_dtype": "bfloat16"}
+    )
 
 
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # writer / reader
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 
 
 def test_xxh3_known_value():
@@ -316,13 +305,19 @@ def test_xxh3_known_value():
 def test_writer_layout(tmp_path):
     x = np.random.default_rng(0).standard_normal((9, 5)).astype(np.float32)
     entries = [
-        R.make_entry("w", x, {"name": "affine", "bits": 3, "group_size": 4, "axis": 0, "scale_dtype": "bfloat16"}),
+        R.make_entry(
+            "w",
+            x,
+            {"name": "affine", "bits": 3, "group_size": 4, "axis": 0, "scale_dtype": "bfloat16"},
+        ),
         R.make_entry("b", np.arange(3, dtype=np.int64), {"name": "raw"}),
     ]
     path = tmp_path / "f.qtensors"
     R.write_file(path, entries, metadata={"k": "v"}, alignment=128)
     blob = path.read_bytes()
-    assert blob[:8] == b"QTENSORS" and blob[8:12] == b"\x01\x00\x00\x00" and blob[12:16] == b"\0" * 4
+    assert (
+        blob[:8] == b"QTENSORS" and blob[8:12] == b"\x01\x00\x00\x00" and blob[12:16] == b"\0" * 4
+    )
     hdr = R.read_header(path)
     assert hdr["data_start"] % 128 == 0
     h = hdr["header"]
@@ -336,7 +331,7 @@ def test_writer_layout(tmp_path):
         "checksum": R.checksum_string(blob[hdr["data_start"] : hdr["data_start"] + 17]),
     }
     assert w["parts"]["scales"]["shape"] == [3, 5] and w["parts"]["scales"]["offset"] == 128
-    tensors, md, info = R.read_file(path)
+    tensors, md, _ = R.read_file(path)
     assert md == {"k": "v"}
     assert tensors["b"].tolist() == [0, 1, 2]
     assert len(blob) == hdr["data_start"] + h["tensors"][1]["parts"]["data"]["offset"] + 24
@@ -348,13 +343,14 @@ def test_reader_checksum_mismatch():
     rec = next(t for t in h["header"]["tensors"] if t["name"] == "blk.s")["parts"]["scales"]
     blob[h["data_start"] + rec["offset"]] ^= 1
     R.read_file(bytes(blob), verify=False)
-    with pytest.raises(ValueError, match="blk.s.*scales"):
+    with pytest.raises(ValueError, match=r"blk\.s.*scales"):
         R.read_file(bytes(blob), verify=True)
 
 
 @pytest.mark.parametrize("case", M.cases(), ids=lambda c: c.id)
 def test_reference_rejects_malformed(case):
-    """Each crafted file really breaks a rule: the reference reader rejects it with a clear message."""
+    """Each crafted file really breaks a rule: the reference reader rejects it with a clear
+    message."""
     with pytest.raises(R.ReferenceError) as ei:
         R.read_header(case.blob)
     msg = str(ei.value).lower()
@@ -376,9 +372,9 @@ def test_reference_huge_group_size_and_rank32():
     assert tensors["rank32"].shape == (1,) * 31 + (2,)
 
 
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # the spec's test vectors
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 
 
 def test_vectors_are_reproducible(tmp_path, vectors_dir):

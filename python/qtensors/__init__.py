@@ -10,10 +10,12 @@ with qt.safe_open("model.qtensors", framework="np") as f:
 from __future__ import annotations
 
 from ._core import FORMAT_VERSION, kernels
+from .convert import convert
 from .encodings import FLEXGEN, NF4, PRESETS, Affine, Encoding, Raw, Symmetric, choose_encoding
 from .errors import ChecksumError, FormatError, QtensorsError, QuantizationError, UnsupportedError
 from .files import load_file, safe_open, save_file
 from .quantized import QuantizedTensor, dequantize, quantize
+from .stream import TensorStream, stream
 
 __version__ = "0.1.0"
 
@@ -31,12 +33,15 @@ __all__ = [
     "QuantizedTensor",
     "Raw",
     "Symmetric",
+    "TensorStream",
     "UnsupportedError",
     "choose_encoding",
+    "convert",
     "dequantize",
     "kernels",
     "load_file",
     "quantize",
     "safe_open",
     "save_file",
+    "stream",
 ]

@@ -13,7 +13,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use qtensors_core::codecs::simd;
 use qtensors_core::format::{DType, Encoding};
-use qtensors_core::io::{FileWriter, PlannedTensor, QFile};
+use qtensors_core::io::{FileWriter, PlannedTensor, QFile, ReadMode, StreamFile};
 use qtensors_core::tensor::{self, Input};
 
 use buffers::{fill_view, AlignedBytes, InputBytes, OwnedBuffer};
@@ -144,6 +144,82 @@ impl Reader {
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
 }
 
+/// A validated qtensors file opened for streaming: copies tensors' byte ranges into caller
+/// buffers (e.g. pinned host memory) with large reads, the GIL released. See
+/// `qtensors_core::io::stream`.
+#[pyclass(frozen, module = "qtensors._core")]
+struct StreamReader {
+    file: StreamFile,
+}
+
+#[pymethods]
+impl StreamReader {
+    #[new]
+    #[pyo3(signature = (path, mode = "pread", threads = 4, chunk_size = 8 << 20))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        mode: &str,
+        threads: usize,
+        chunk_size: usize,
+    ) -> PyResult<Self> {
+        let mode = ReadMode::parse(mode).py()?;
+        let file = py
+            .detach(|| StreamFile::open(&path, mode, threads, chunk_size))
+            .py()?;
+        Ok(StreamReader { file })
+    }
+
+    fn header_json(&self) -> String {
+        self.file.header().to_json()
+    }
+
+    #[getter]
+    fn data_start(&self) -> u64 {
+        self.file.data_start()
+    }
+
+    /// The read mode in use ('direct' becomes 'pread' where O_DIRECT is refused).
+    #[getter]
+    fn mode(&self) -> &'static str {
+        self.file.mode().name()
+    }
+
+    #[getter]
+    fn file_len(&self) -> u64 {
+        self.file.file_len()
+    }
+
+    /// Absolute byte range (start, end) covering every part of tensor `index` (file order).
+    fn tensor_range(&self, index: usize) -> PyResult<(u64, u64)> {
+        self.file.tensor_range(index).py()
+    }
+
+    /// Read-ahead hint for the absolute byte range [start, start + length).
+    fn will_need(&self, py: Python<'_>, start: u64, length: u64) {
+        py.detach(|| self.file.will_need(start, length))
+    }
+
+    /// Copy len(out) bytes of tensor `index`, starting `offset` bytes into its range, into `out`
+    /// (a writable contiguous buffer); with `verify`, check the checksums of the parts that end
+    /// in this piece.
+    #[pyo3(signature = (index, offset, out, verify = false))]
+    fn read(
+        &self,
+        py: Python<'_>,
+        index: usize,
+        offset: u64,
+        out: &Bound<'_, PyAny>,
+        verify: bool,
+    ) -> PyResult<()> {
+        let ob = InputBytes::new(out)?;
+        // SAFETY: we hold the only Rust reference to the output buffer.
+        let dst = unsafe { ob.as_mut_slice()? };
+        py.detach(|| self.file.read(index, offset, dst, verify))
+            .py()
+    }
+}
+
 /// Writes a file: the layout is planned up front from names, dtypes, shapes and encodings; parts
 /// are written in any order; `finish` publishes the file atomically. Dropped unfinished, nothing
 /// is left behind.
@@ -198,6 +274,16 @@ impl Writer {
             .get(index)
             .ok_or_else(|| PyValueError::new_err(format!("no tensor #{index}")))?
             .clone();
+        if matches!(t.encoding, Encoding::Raw) {
+            // Raw bytes go straight to the file, without an intermediate copy.
+            if src_dtype != t.dtype {
+                return Err(PyValueError::new_err(format!(
+                    "tensor '{}' is planned as {} but {src_dtype} data was given",
+                    t.name, t.dtype
+                )));
+            }
+            return py.detach(|| w.write_part(index, 0, input.as_slice())).py();
+        }
         let parts = py
             .detach(|| encode_input(&t.encoding, src_dtype, &t.shape, input.as_slice()))
             .map_err(|e| prefix_tensor(e, &t.name))?;
@@ -361,6 +447,7 @@ fn kernels() -> (Vec<&'static str>, &'static str) {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Reader>()?;
     m.add_class::<Writer>()?;
+    m.add_class::<StreamReader>()?;
     m.add_class::<OwnedBuffer>()?;
     m.add_function(wrap_pyfunction!(encode, m)?)?;
     m.add_function(wrap_pyfunction!(decode, m)?)?;

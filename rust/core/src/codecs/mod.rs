@@ -41,6 +41,18 @@ pub fn quantize(
     shape: &[u64],
     x: &[f32],
 ) -> Result<Quantized> {
+    quantize_with(k, codec, params, shape, x, true)
+}
+
+/// `fuse`: allow the one-pass path where the layout permits (tests compare both paths).
+fn quantize_with(
+    k: &Kernels,
+    codec: Codec,
+    params: &GroupParams,
+    shape: &[u64],
+    x: &[f32],
+    fuse: bool,
+) -> Result<Quantized> {
     let layout = layout_for(shape, params)?;
     if layout.numel() as usize != x.len() {
         return Err(Error::Invalid(format!(
@@ -51,52 +63,66 @@ pub fn quantize(
     let n_groups = layout.num_groups() as usize;
     let mut scales = vec![0f32; n_groups];
     let mut mins = vec![0f32; n_groups];
-    let mut invs = vec![0f32; n_groups];
-    group_params(
-        k,
-        codec,
-        params,
-        &layout,
-        x,
-        &mut scales,
-        &mut mins,
-        &mut invs,
-    )?;
-    if !codec.has_mins() {
-        mins = Vec::new();
-    }
-
     let bits = codec.bits() as usize;
     let n = x.len();
     let mut codes = vec![0u8; packed_len(n as u64, codec.bits()).unwrap() as usize];
     let mids = codec::nf4_midpoints();
-    codes
-        .par_chunks_mut(CHUNK * bits / 8)
-        .enumerate()
-        .for_each(|(ci, chunk)| {
-            let e0 = ci * CHUNK;
-            let e1 = (e0 + CHUNK).min(n);
-            for_each_segment(&layout, e0, e1, |seg| {
-                let xs = &x[seg.start..seg.start + seg.len];
-                let first = seg.start - e0;
-                if seg.per_element {
-                    let g = seg.group..seg.group + seg.len;
-                    let m = if codec.has_mins() {
-                        &mins[g.clone()]
+
+    let fused = fuse
+        && quantize_fused(
+            k,
+            codec,
+            params,
+            &layout,
+            x,
+            &mut scales,
+            &mut mins,
+            &mut codes,
+            &mids,
+        )?;
+    if !fused {
+        let mut invs = vec![0f32; n_groups];
+        group_params(
+            k,
+            codec,
+            params,
+            &layout,
+            x,
+            &mut scales,
+            &mut mins,
+            &mut invs,
+        )?;
+        codes
+            .par_chunks_mut(CHUNK * bits / 8)
+            .enumerate()
+            .for_each(|(ci, chunk)| {
+                let e0 = ci * CHUNK;
+                let e1 = (e0 + CHUNK).min(n);
+                for_each_segment(&layout, e0, e1, |seg| {
+                    let xs = &x[seg.start..seg.start + seg.len];
+                    let first = seg.start - e0;
+                    if seg.per_element {
+                        let g = seg.group..seg.group + seg.len;
+                        let m = if codec.has_mins() {
+                            &mins[g.clone()]
+                        } else {
+                            &[][..]
+                        };
+                        (k.encode_vec)(codec, xs, &invs[g], m, &mids, chunk, first);
                     } else {
-                        &[][..]
-                    };
-                    (k.encode_vec)(codec, xs, &invs[g], m, &mids, chunk, first);
-                } else {
-                    let m = if codec.has_mins() {
-                        mins[seg.group]
-                    } else {
-                        0.0
-                    };
-                    (k.encode_bcast)(codec, xs, invs[seg.group], m, &mids, chunk, first);
-                }
+                        let m = if codec.has_mins() {
+                            mins[seg.group]
+                        } else {
+                            0.0
+                        };
+                        (k.encode_bcast)(codec, xs, invs[seg.group], m, &mids, chunk, first);
+                    }
+                });
             });
-        });
+    }
+    if !codec.has_mins() {
+        mins = Vec::new();
+    }
     Ok(Quantized {
         codes,
         scales,
@@ -104,12 +130,151 @@ pub fn quantize(
     })
 }
 
+/// Statistics, parameters and codes of each block of groups in one pass while the block is in
+/// cache, instead of two passes over the tensor (which is then read from memory twice).
+///
+/// Tasks are runs of group-rows (one outer index, one group along the axis, every inner index:
+/// contiguous elements and scales), so they need each group-row to start on a code-byte boundary.
+/// Returns false, having done nothing, where that fails or where too few tasks would leave
+/// threads idle; the two-pass path computes the same results.
+#[allow(clippy::too_many_arguments)]
+fn quantize_fused(
+    k: &Kernels,
+    codec: Codec,
+    params: &GroupParams,
+    layout: &GroupLayout,
+    x: &[f32],
+    scales: &mut [f32],
+    mins: &mut [f32],
+    codes: &mut [u8],
+    mids: &[f32; 15],
+) -> Result<bool> {
+    let n = x.len();
+    let l_len = layout.axis_len as usize;
+    let q_len = layout.inner as usize;
+    let g_len = layout.groups_along_axis as usize;
+    let bits = codec.bits() as usize;
+    if n == 0 {
+        return Ok(false);
+    }
+    // Elements along the axis per group (a group larger than the axis is the whole axis).
+    let gs = (layout.group_size as usize).min(l_len);
+    if gs * q_len * bits % 8 != 0 || l_len * q_len * bits % 8 != 0 {
+        return Ok(false);
+    }
+    let rows = layout.outer as usize * g_len;
+    let per_task = (CHUNK / (gs * q_len)).max(1);
+    let n_tasks = rows.div_ceil(per_task);
+    if n > CHUNK && n_tasks < rayon::current_num_threads() {
+        return Ok(false);
+    }
+    // First element of group-row `j`.
+    let start = |j: usize| {
+        if j >= rows {
+            n
+        } else {
+            ((j / g_len) * l_len + (j % g_len) * gs) * q_len
+        }
+    };
+    let has_mins = codec.has_mins();
+
+    let mut tasks = Vec::with_capacity(n_tasks);
+    let (mut c_rest, mut s_rest, mut m_rest) = (codes, scales, mins);
+    for t in 0..n_tasks {
+        let (j0, j1) = (t * per_task, ((t + 1) * per_task).min(rows));
+        let e0 = start(j0);
+        let nb = if j1 == rows {
+            c_rest.len()
+        } else {
+            (start(j1) - e0) * bits / 8
+        };
+        let (c, rest) = std::mem::take(&mut c_rest).split_at_mut(nb);
+        c_rest = rest;
+        let (s, rest) = std::mem::take(&mut s_rest).split_at_mut((j1 - j0) * q_len);
+        s_rest = rest;
+        let (m, rest) = std::mem::take(&mut m_rest).split_at_mut((j1 - j0) * q_len);
+        m_rest = rest;
+        tasks.push((j0, j1, e0, c, s, m));
+    }
+
+    tasks
+        .into_par_iter()
+        .try_for_each(|(j0, j1, e0, c, s, m)| -> Result<()> {
+            if q_len == 1 {
+                // Each group-row is one group of contiguous elements.
+                for j in j0..j1 {
+                    let (a, b) = (start(j), start(j + 1));
+                    let xs = &x[a..b];
+                    let (lo, hi, finite) = if has_mins {
+                        (k.min_max)(xs)
+                    } else {
+                        let (h, f) = (k.abs_max)(xs);
+                        (0.0, h, f)
+                    };
+                    if !finite {
+                        return Err(non_finite());
+                    }
+                    let (sc, mn, inv) = finish_group(codec, params, lo, hi)?;
+                    (s[j - j0], m[j - j0]) = (sc, mn);
+                    let mb = if has_mins { mn } else { 0.0 };
+                    (k.encode_bcast)(codec, xs, inv, mb, mids, c, a - e0);
+                }
+                return Ok(());
+            }
+            // Groups along an earlier axis: columns in tiles of about CHUNK elements per group,
+            // statistics over the tile's rows, then its codes while the rows are still cached.
+            let w = ((CHUNK / gs).max(8) & !7).min(q_len);
+            let (mut lo, mut hi, mut inv) = (vec![0f32; w], vec![0f32; w], vec![0f32; w]);
+            for j in j0..j1 {
+                let (p, kk) = (j / g_len, j % g_len);
+                let l0 = kk * gs;
+                let l1 = l0 + gs.min(l_len - l0);
+                let sb = (j - j0) * q_len;
+                for q0 in (0..q_len).step_by(w) {
+                    let q1 = (q0 + w).min(q_len);
+                    let wq = q1 - q0;
+                    lo[..wq].fill(f32::INFINITY);
+                    hi[..wq].fill(if has_mins { f32::NEG_INFINITY } else { 0.0 });
+                    for l in l0..l1 {
+                        let r = (p * l_len + l) * q_len;
+                        let xs = &x[r + q0..r + q1];
+                        let finite = if has_mins {
+                            (k.min_max_vec)(xs, &mut lo[..wq], &mut hi[..wq])
+                        } else {
+                            (k.abs_max_vec)(xs, &mut hi[..wq])
+                        };
+                        if !finite {
+                            return Err(non_finite());
+                        }
+                    }
+                    for q in 0..wq {
+                        let g = sb + q0 + q;
+                        (s[g], m[g], inv[q]) = finish_group(codec, params, lo[q], hi[q])?;
+                    }
+                    let mv = if has_mins {
+                        &m[sb + q0..sb + q1]
+                    } else {
+                        &[][..]
+                    };
+                    for l in l0..l1 {
+                        let r = (p * l_len + l) * q_len;
+                        let xs = &x[r + q0..r + q1];
+                        (k.encode_vec)(codec, xs, &inv[..wq], mv, mids, c, r + q0 - e0);
+                    }
+                }
+            }
+            Ok(())
+        })?;
+    Ok(true)
+}
+
 /// Turn group statistics into stored scale, stored min and inverse scale (spec 4.5-4.7).
 #[inline]
 fn finish_group(codec: Codec, params: &GroupParams, lo: f32, hi: f32) -> Result<(f32, f32, f32)> {
     let (s_raw, m_raw) = codec.raw_params(lo, hi);
-    let s = float::store_scale(s_raw, params.scale_dtype);
-    let m = float::store_scale(m_raw, params.scale_dtype);
+    // `+ 0.0` stores a zero scale or min as +0.0 whichever zero min/max picked (spec 4.5).
+    let s = float::store_scale(s_raw, params.scale_dtype) + 0.0;
+    let m = float::store_scale(m_raw, params.scale_dtype) + 0.0;
     if !s.is_finite() || !m.is_finite() {
         return Err(Error::Quantization(format!(
             "a group's scale ({s_raw:e}) or min ({m_raw:e}) does not fit in {}: use scale_dtype=\"float32\"",
@@ -159,7 +324,7 @@ fn group_params(
                     let g = ti * GROUPS_PER_TASK + j;
                     let (p, kk) = (g / g_len, g % g_len);
                     let start = p * l_len + kk * gs;
-                    let xs = &x[start..(start + gs).min(p * l_len + l_len)];
+                    let xs = &x[start..start.saturating_add(gs).min(p * l_len + l_len)];
                     let (lo, hi, finite) = if has_mins {
                         (k.min_max)(xs)
                     } else {
@@ -184,7 +349,7 @@ fn group_params(
         .try_for_each(|(row, ((sc, mn), iv))| -> Result<()> {
             let (p, kk) = (row / g_len, row % g_len);
             let l0 = kk * gs;
-            let l1 = (l0 + gs).min(l_len);
+            let l1 = l0.saturating_add(gs).min(l_len);
             let mut lo = vec![f32::INFINITY; q_len];
             let mut hi = vec![if has_mins { f32::NEG_INFINITY } else { 0.0 }; q_len];
             for l in l0..l1 {
@@ -259,3 +424,6 @@ pub fn dequantize(
         });
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

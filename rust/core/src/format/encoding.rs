@@ -163,9 +163,9 @@ impl Encoding {
                         "encoding '{name}': scale_dtype '{sd_name}' is not float16, bfloat16 or float32"
                     ))
                 })?;
-            if group_size == 0 || group_size > u32::MAX as u64 {
+            if group_size == 0 {
                 return Err(Error::Format(format!(
-                    "encoding '{name}': group_size {group_size} is out of range 1..=4294967295"
+                    "encoding '{name}': group_size must be at least 1"
                 )));
             }
             if axis >= rank.max(1) as u64 {

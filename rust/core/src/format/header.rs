@@ -50,12 +50,10 @@ pub struct Header {
     index: HashMap<String, usize>,
 }
 
-#[derive(Deserialize)]
-struct RawHeader {
+struct RawHeader<'a> {
     alignment: u64,
-    #[serde(default)]
     metadata: BTreeMap<String, String>,
-    tensors: Vec<RawTensor>,
+    tensors: &'a [Value],
 }
 
 #[derive(Deserialize)]
@@ -64,7 +62,7 @@ struct RawTensor {
     dtype: String,
     shape: Vec<u64>,
     encoding: Map<String, Value>,
-    parts: BTreeMap<String, RawPart>,
+    parts: BTreeMap<String, Value>,
 }
 
 #[derive(Deserialize)]
@@ -177,8 +175,39 @@ impl Header {
     ) -> Result<Self> {
         let text =
             std::str::from_utf8(json).map_err(|e| format_err!("header is not valid UTF-8: {e}"))?;
-        let raw: RawHeader = serde_json::from_str(text.trim_end_matches(' '))
-            .map_err(|e| format_err!("header is not valid qtensors JSON: {e}"))?;
+        let root: Value = serde_json::from_str(text.trim_end_matches(' '))
+            .map_err(|e| format_err!("header is not valid JSON: {e}"))?;
+        let root = root
+            .as_object()
+            .ok_or_else(|| format_err!("header must be a JSON object"))?;
+        let alignment = root
+            .get("alignment")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| {
+                format_err!("header field 'alignment' must be a non-negative integer")
+            })?;
+        let mut metadata = BTreeMap::new();
+        match root.get("metadata") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(m)) => {
+                for (k, v) in m {
+                    let v = v.as_str().ok_or_else(|| {
+                        format_err!("metadata value of key '{k}' must be a string")
+                    })?;
+                    metadata.insert(k.clone(), v.to_string());
+                }
+            }
+            Some(_) => return Err(format_err!("header field 'metadata' must be an object")),
+        }
+        let raw_tensors = root
+            .get("tensors")
+            .and_then(Value::as_array)
+            .ok_or_else(|| format_err!("header field 'tensors' must be an array"))?;
+        let raw = RawHeader {
+            alignment,
+            metadata,
+            tensors: raw_tensors,
+        };
 
         let a = raw.alignment;
         if !a.is_power_of_two() || !(MIN_ALIGNMENT..=MAX_ALIGNMENT).contains(&a) {
@@ -199,7 +228,12 @@ impl Header {
         }
 
         let mut tensors = Vec::with_capacity(raw.tensors.len());
-        for rt in raw.tensors {
+        for (i, tv) in raw.tensors.iter().enumerate() {
+            let label = match tv.get("name").and_then(Value::as_str) {
+                Some(n) => format!("'{}'", n.chars().take(80).collect::<String>()),
+                None => format!("#{i}"),
+            };
+            let rt = RawTensor::deserialize(tv).map_err(|e| format_err!("tensor {label}: {e}"))?;
             tensors.push(check_tensor(rt, a, data_len, lenient)?);
         }
         check_overlaps(&tensors)?;
@@ -279,7 +313,13 @@ fn check_tensor(rt: RawTensor, alignment: u64, data_len: u64, lenient: bool) -> 
         ));
     }
 
-    let mut parts = Vec::with_capacity(rt.parts.len());
+    let mut raw_parts = BTreeMap::new();
+    for (pname, pv) in &rt.parts {
+        let rp = RawPart::deserialize(pv)
+            .map_err(|e| format_err!("tensor '{short}' part '{pname}': {e}"))?;
+        raw_parts.insert(pname.clone(), rp);
+    }
+    let mut parts = Vec::with_capacity(raw_parts.len());
     let check_place = |pname: &str, rp: &RawPart| -> Result<()> {
         let where_ = format!("tensor '{short}' part '{pname}'");
         if rp.offset % alignment != 0 {
@@ -298,7 +338,7 @@ fn check_tensor(rt: RawTensor, alignment: u64, data_len: u64, lenient: bool) -> 
         }
     };
     if let Encoding::Unknown { .. } = encoding {
-        for (pname, rp) in &rt.parts {
+        for (pname, rp) in &raw_parts {
             check_place(pname, rp)?;
             parts.push(PartInfo {
                 name: pname.clone(),
@@ -317,7 +357,6 @@ fn check_tensor(rt: RawTensor, alignment: u64, data_len: u64, lenient: bool) -> 
         let specs: Vec<PartSpec> = encoding
             .part_specs(dtype, &rt.shape)
             .map_err(|e| prefix_err(e, &format!("tensor '{short}'")))?;
-        let mut raw_parts = rt.parts;
         for spec in specs {
             let where_ = format!("tensor '{short}' part '{}'", spec.name);
             let rp = raw_parts.remove(spec.name).ok_or_else(|| {

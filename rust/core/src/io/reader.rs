@@ -2,6 +2,7 @@
 //! before any part is touched; parts are then zero-copy slices of the mapping.
 
 use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use memmap2::{MmapMut, MmapOptions};
@@ -14,6 +15,39 @@ use crate::format::header::{format_checksum, parse_prefix};
 use crate::format::limits::PREFIX_LEN;
 use crate::format::{Header, PartInfo, TensorInfo};
 use crate::tensor;
+
+/// Read the prefix and header of an open file and run every check of spec section 7 on them
+/// (shared by [`QFile`] and the streaming reader). Returns (header, data_start, file length).
+pub(crate) fn read_header(file: &File, path: &Path, lenient: bool) -> Result<(Header, u64, u64)> {
+    let file_len = file
+        .metadata()
+        .map_err(|e| Error::io(format!("cannot stat '{}'", path.display()), e))?
+        .len();
+    let read = |buf: &mut [u8], at: u64| {
+        let mut f = file;
+        f.seek(SeekFrom::Start(at))
+            .and_then(|_| f.read_exact(buf))
+            .map_err(|e| Error::io(format!("cannot read the header of '{}'", path.display()), e))
+    };
+    let mut prefix = [0u8; PREFIX_LEN];
+    if file_len < PREFIX_LEN as u64 {
+        parse_prefix(&[], file_len, lenient)?;
+    }
+    read(&mut prefix, 0)?;
+    let (major, minor, header_len) = parse_prefix(&prefix, file_len, lenient)?;
+    let data_start = PREFIX_LEN as u64 + header_len;
+    // header_len is at most MAX_HEADER_LEN and within the file (checked by parse_prefix).
+    let mut json = vec![0u8; header_len as usize];
+    read(&mut json, PREFIX_LEN as u64)?;
+    let header = Header::parse(
+        &json,
+        (major, minor),
+        data_start,
+        file_len - data_start,
+        lenient,
+    )?;
+    Ok((header, data_start, file_len))
+}
 
 pub struct QFile {
     /// Private copy-on-write mapping: views handed to Python may be written to without ever
@@ -29,26 +63,11 @@ impl QFile {
     pub fn open(path: &Path, lenient: bool) -> Result<Self> {
         let file = File::open(path)
             .map_err(|e| Error::io(format!("cannot open '{}'", path.display()), e))?;
-        let file_len = file
-            .metadata()
-            .map_err(|e| Error::io(format!("cannot stat '{}'", path.display()), e))?
-            .len();
-        if file_len < PREFIX_LEN as u64 {
-            parse_prefix(&[], file_len, lenient)?;
-        }
+        let (header, data_start, _) = read_header(&file, path, lenient)?;
         // SAFETY: the mapping is private; if another process truncates the file while it is
         // mapped, reads past the new end fault (as with every memory-mapped reader).
         let map = unsafe { MmapOptions::new().map_copy(&file) }
             .map_err(|e| Error::io(format!("cannot map '{}'", path.display()), e))?;
-        let (major, minor, header_len) = parse_prefix(&map[..PREFIX_LEN], file_len, lenient)?;
-        let data_start = PREFIX_LEN as u64 + header_len;
-        let header = Header::parse(
-            &map[PREFIX_LEN..data_start as usize],
-            (major, minor),
-            data_start,
-            file_len - data_start,
-            lenient,
-        )?;
         Ok(QFile {
             map,
             header,

@@ -10,7 +10,7 @@ mod avx2;
 mod avx512;
 pub mod scalar;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// The hot loops of quantization, one table per instruction set.
 /// `codes` + `first`: the packed stream and the index (in codes) of the first element concerned.

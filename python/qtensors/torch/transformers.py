@@ -1,0 +1,132 @@
+"""Hugging Face transformers: build a model from a converted qtensors folder in one call.
+
+    from transformers import AutoModel, AutoTokenizer
+    model = qtensors.torch.from_pretrained("MiniLM-qtensors", device="cuda")   # 4-bit on the GPU
+
+``qtensors.convert(src_folder, dst_folder, quant=...)`` makes such a folder (config, tokenizer
+and ``*.qtensors`` with its index). The model is built with its parameters on the meta device
+(no memory, no random initialisation) and filled by ``load_model``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .loading import LoadResult, load_model
+
+
+@contextlib.contextmanager
+def init_empty_weights() -> Iterator[None]:
+    """Inside this block every parameter a module registers is moved to the meta device at once
+    (its initialisation then costs nothing); buffers stay where they are created, so the
+    non-persistent ones a model computes in ``__init__`` (position ids, rotary frequencies)
+    survive."""
+    original = nn.Module.register_parameter
+
+    def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(self, name, param)
+        p = self._parameters.get(name)
+        if p is not None and not p.is_meta:
+            meta = p.detach().to("meta")
+            try:
+                new = type(p)(meta, requires_grad=p.requires_grad)
+            except TypeError:
+                new = nn.Parameter(meta, requires_grad=p.requires_grad)
+            self._parameters[name] = new
+
+    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(d, str):
+            d = getattr(torch, d)
+        return d if isinstance(d, torch.dtype) else None
+    return getattr(torch, dtype)
+
+
+def from_pretrained(
+    folder: str | os.PathLike[str],
+    model_cls: Any = None,
+    *,
+    device: torch.device | str | None = None,
+    keep_quantized: bool = True,
+    dtype: torch.dtype | str | None = None,
+    config: Any = None,
+    strict: bool = True,
+    **model_kwargs: Any,
+) -> nn.Module:
+    """A transformers model of a converted qtensors model folder, its weights on ``device``.
+
+    * ``model_cls``: a transformers Auto class (default ``AutoModel``) or a model class.
+    * ``keep_quantized``: linear layers (and embeddings) stay quantized on the device as
+      ``QuantizedLinear`` / ``QuantizedEmbedding``; False decodes every weight on the device.
+    * ``dtype``: dtype of the floating weights (``"auto"``: the config's); default float32.
+    * ``strict``: raise if a parameter of the model is in no file.
+
+    The model comes back in eval mode; ``model.qtensors_load_result`` says what was loaded.
+    """
+    import transformers
+
+    folder = os.fspath(folder)
+    if config is None:
+        config = transformers.AutoConfig.from_pretrained(folder)
+    cls = model_cls or transformers.AutoModel
+    tdtype = _resolve_dtype(dtype, config)
+    with init_empty_weights():
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            model = cls(config, **model_kwargs)
+        else:
+            model = cls.from_config(config, **model_kwargs)
+    result: LoadResult = load_model(
+        model, folder, device=device, keep_quantized=keep_quantized, dtype=tdtype
+    )
+    dev = result.device or torch.device("cpu")
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise KeyError(f"{folder}: no weights for {', '.join(still_meta)}")
+    if strict and result.missing_keys:
+        raise KeyError(f"{folder}: no weights for {', '.join(result.missing_keys)}")
+    for module in model.modules():
+        for k, b in list(module._buffers.items()):
+            if b is not None and b.device != dev:
+                module._buffers[k] = b.to(dev)
+    model.eval()
+    model.qtensors_load_result = result
+    return model
+
+
+def sentence_embeddings(
+    model: nn.Module,
+    tokenizer: Any,
+    sentences: Sequence[str],
+    max_length: int = 256,
+) -> torch.Tensor:
+    """Mean-pooled, L2-normalised last hidden states (the sentence-transformers recipe of
+    all-MiniLM-L6-v2), one row per sentence, as float32."""
+    device = next(model.parameters()).device
+    batch = tokenizer(
+        list(sentences),
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    ).to(device)
+    with torch.inference_mode():
+        hidden = model(**batch).last_hidden_state.float()
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, p=2, dim=1)

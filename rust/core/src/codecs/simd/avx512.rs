@@ -1,0 +1,530 @@
+//! AVX-512F kernels: the AVX2 method on 16 lanes, with 4-bit codes decoded by one 16-entry
+//! permute. Bit-identical to `scalar` for the same reasons. What is left after the last full
+//! vector goes to the AVX2 kernels (every AVX-512 CPU has AVX2; `table()` checks both).
+
+use std::arch::x86_64::*;
+
+use super::avx2::{self, key1, kind, ABS, AFF, INF_BITS, NF4, ROUND, SYM};
+use super::{byte_head, scalar, Kernels};
+use crate::codecs::codec::{Codec, NF4_LEVELS};
+
+static AVX512: Kernels = Kernels {
+    name: "avx512",
+    dequant_bcast,
+    dequant_vec,
+    encode_bcast,
+    encode_vec,
+    min_max,
+    abs_max,
+    min_max_vec,
+    abs_max_vec,
+};
+
+/// The AVX-512 table if this CPU has AVX-512F and AVX2. Its functions are reachable only here.
+pub fn table() -> Option<&'static Kernels> {
+    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx2") {
+        Some(&AVX512)
+    } else {
+        None
+    }
+}
+
+// SAFETY (all wrappers below): only reachable through `table()`, which checked AVX-512F and AVX2.
+
+fn dequant_bcast(codec: Codec, codes: &[u8], first: usize, s: f32, m: f32, out: &mut [f32]) {
+    unsafe { dequant::<false>(codec, codes, first, &[s], &[m], out) }
+}
+
+fn dequant_vec(codec: Codec, codes: &[u8], first: usize, s: &[f32], m: &[f32], out: &mut [f32]) {
+    unsafe { dequant::<true>(codec, codes, first, s, m, out) }
+}
+
+fn encode_bcast(
+    codec: Codec,
+    x: &[f32],
+    inv: f32,
+    m: f32,
+    mids: &[f32; 15],
+    codes: &mut [u8],
+    first: usize,
+) {
+    unsafe { encode::<false>(codec, x, &[inv], &[m], mids, codes, first) }
+}
+
+fn encode_vec(
+    codec: Codec,
+    x: &[f32],
+    inv: &[f32],
+    m: &[f32],
+    mids: &[f32; 15],
+    codes: &mut [u8],
+    first: usize,
+) {
+    unsafe { encode::<true>(codec, x, inv, m, mids, codes, first) }
+}
+
+fn min_max(x: &[f32]) -> (f32, f32, bool) {
+    unsafe { min_max_avx512(x) }
+}
+
+fn abs_max(x: &[f32]) -> (f32, bool) {
+    unsafe { abs_max_avx512(x) }
+}
+
+fn min_max_vec(x: &[f32], lo: &mut [f32], hi: &mut [f32]) -> bool {
+    unsafe { min_max_vec_avx512(x, lo, hi) }
+}
+
+fn abs_max_vec(x: &[f32], a: &mut [f32]) -> bool {
+    unsafe { abs_max_vec_avx512(x, a) }
+}
+
+/// `s[from..]`, `m[from..]` of a per-element run (`m` may be empty), or the broadcast pair as is.
+fn rest<'a, const VEC: bool>(
+    codec: Codec,
+    s: &'a [f32],
+    m: &'a [f32],
+    from: usize,
+) -> (&'a [f32], &'a [f32]) {
+    if !VEC {
+        (s, m)
+    } else if codec.has_mins() {
+        (&s[from..], &m[from..])
+    } else {
+        (&s[from..], m)
+    }
+}
+
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn dequant<const VEC: bool>(
+    codec: Codec,
+    codes: &[u8],
+    first: usize,
+    s: &[f32],
+    m: &[f32],
+    out: &mut [f32],
+) {
+    let n = out.len();
+    let bits = codec.bits();
+    let head = byte_head(first, bits, n);
+    let body = if bits == 4 || bits == 8 {
+        (n - head) & !15
+    } else {
+        0
+    };
+    if body == 0 {
+        return avx2::dequant::<VEC>(codec, codes, first, s, m, out);
+    }
+    if VEC {
+        assert!(s.len() >= n && (!codec.has_mins() || m.len() >= n));
+    }
+    if head > 0 {
+        avx2::dequant::<VEC>(codec, codes, first, s, m, &mut out[..head]);
+    }
+    let b0 = (first + head) * bits as usize / 8;
+    let src = &codes[b0..b0 + body * bits as usize / 8];
+    let o = out[head..head + body].as_mut_ptr();
+    let (sh, mh) = rest::<VEC>(codec, s, m, head);
+    let (sp, mp, p) = (sh.as_ptr(), mh.as_ptr(), src.as_ptr());
+    match (kind(codec), bits) {
+        (AFF, 4) => dq_body::<AFF, 4, VEC>(p, o, body, sp, mp),
+        (AFF, _) => dq_body::<AFF, 8, VEC>(p, o, body, sp, mp),
+        (SYM, 4) => dq_body::<SYM, 4, VEC>(p, o, body, sp, mp),
+        (SYM, _) => dq_body::<SYM, 8, VEC>(p, o, body, sp, mp),
+        _ => dq_body::<NF4, 4, VEC>(p, o, body, sp, mp),
+    }
+    let r = head + body;
+    if r < n {
+        let (sr, mr) = rest::<VEC>(codec, s, m, r);
+        avx2::dequant::<VEC>(codec, codes, first + r, sr, mr, &mut out[r..]);
+    }
+}
+
+/// The 16 levels of a 4-bit codec (`code`, `code - 8` or NF4's).
+#[inline]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn levels16<const K: u8>() -> __m512 {
+    match K {
+        AFF => _mm512_setr_ps(
+            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+        ),
+        SYM => _mm512_setr_ps(
+            -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
+        ),
+        _ => _mm512_loadu_ps(NF4_LEVELS.as_ptr()),
+    }
+}
+
+/// `n` (a multiple of 16) values from byte-aligned codes at `p`. Without VEC, `sp`/`mp` point at
+/// the one scale/min.
+#[inline]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn dq_body<const K: u8, const B: u8, const VEC: bool>(
+    p: *const u8,
+    o: *mut f32,
+    n: usize,
+    sp: *const f32,
+    mp: *const f32,
+) {
+    let vs = _mm512_set1_ps(*sp);
+    let vm = if K == AFF {
+        _mm512_set1_ps(*mp)
+    } else {
+        _mm512_setzero_ps()
+    };
+    // One scale: decode the 16 possible values once (same mul and add as per element).
+    let mut tab = levels16::<K>();
+    if B == 4 && !VEC {
+        tab = _mm512_mul_ps(tab, vs);
+        if K == AFF {
+            tab = _mm512_add_ps(tab, vm);
+        }
+    }
+    macro_rules! one {
+        ($i:expr) => {{
+            let i = $i;
+            let v = if B == 4 {
+                let t = _mm512_cvtepu8_epi64(_mm_loadl_epi64(p.add(i / 2).cast()));
+                // Dword 2j: byte j (vpermps reads the low nibble); dword 2j+1: byte j >> 4.
+                let idx = _mm512_or_si512(t, _mm512_slli_epi64::<28>(t));
+                _mm512_permutexvar_ps(idx, tab)
+            } else {
+                let c = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(i).cast()));
+                let c = if K == SYM {
+                    _mm512_sub_epi32(c, _mm512_set1_epi32(128))
+                } else {
+                    c
+                };
+                _mm512_cvtepi32_ps(c)
+            };
+            let v = if B == 4 && !VEC {
+                v
+            } else {
+                let s = if VEC { _mm512_loadu_ps(sp.add(i)) } else { vs };
+                let v = _mm512_mul_ps(v, s);
+                if K == AFF {
+                    let m = if VEC { _mm512_loadu_ps(mp.add(i)) } else { vm };
+                    _mm512_add_ps(v, m)
+                } else {
+                    v
+                }
+            };
+            _mm512_storeu_ps(o.add(i), v);
+        }};
+    }
+    let mut i = 0;
+    while i + 64 <= n {
+        one!(i);
+        one!(i + 16);
+        one!(i + 32);
+        one!(i + 48);
+        i += 64;
+    }
+    while i < n {
+        one!(i);
+        i += 16;
+    }
+}
+
+/// Broadcast constants of one encode call.
+#[derive(Clone, Copy)]
+struct Enc {
+    inv: __m512,
+    m: __m512,
+    qmax: __m512,
+    nqmax: __m512,
+    zero: __m512i,
+    mid7: __m512,
+    /// `mids[j + 3]`, `mids[j + 1]`, `mids[j]`: steps 2-4 of the NF4 search, indexed by the code
+    /// found so far.
+    t3: __m512,
+    t2: __m512,
+    t1: __m512,
+}
+
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn encode<const VEC: bool>(
+    codec: Codec,
+    x: &[f32],
+    inv: &[f32],
+    m: &[f32],
+    mids: &[f32; 15],
+    codes: &mut [u8],
+    first: usize,
+) {
+    let n = x.len();
+    let bits = codec.bits();
+    // The NF4 kernel binary-searches the midpoints, which equals counting only if they are sorted.
+    let sorted = codec != Codec::Nf4 || mids.windows(2).all(|w| w[0] <= w[1]);
+    let head = byte_head(first, bits, n);
+    let body = if (bits == 4 || bits == 8) && sorted {
+        (n - head) & !15
+    } else {
+        0
+    };
+    if body == 0 {
+        return avx2::encode::<VEC>(codec, x, inv, m, mids, codes, first);
+    }
+    if VEC {
+        assert!(inv.len() >= n && (!codec.has_mins() || m.len() >= n));
+    }
+    if head > 0 {
+        avx2::encode::<VEC>(codec, &x[..head], inv, m, mids, codes, first);
+    }
+    let b0 = (first + head) * bits as usize / 8;
+    let dst = codes[b0..b0 + body * bits as usize / 8].as_mut_ptr();
+    let (ih, mh) = rest::<VEC>(codec, inv, m, head);
+    let (xp, ip, mp) = (x[head..].as_ptr(), ih.as_ptr(), mh.as_ptr());
+    let qmax = match codec {
+        Codec::Affine { bits } => ((1u32 << bits) - 1) as f32,
+        _ => ((1u32 << (bits - 1)) - 1) as f32,
+    };
+    let tab = |off: usize| {
+        let mut t = [0f32; 16];
+        for (j, v) in t.iter_mut().enumerate() {
+            *v = mids[(j + off).min(14)];
+        }
+        t
+    };
+    let (t3, t2, t1) = (tab(3), tab(1), tab(0));
+    let c = Enc {
+        inv: _mm512_set1_ps(ih[0]),
+        m: _mm512_set1_ps(if codec.has_mins() { mh[0] } else { 0.0 }),
+        qmax: _mm512_set1_ps(qmax),
+        nqmax: _mm512_set1_ps(-qmax),
+        zero: _mm512_set1_epi32(1 << (bits - 1)),
+        mid7: _mm512_set1_ps(mids[7]),
+        t3: _mm512_loadu_ps(t3.as_ptr()),
+        t2: _mm512_loadu_ps(t2.as_ptr()),
+        t1: _mm512_loadu_ps(t1.as_ptr()),
+    };
+    match (kind(codec), bits) {
+        (AFF, 4) => enc_body::<AFF, 4, VEC>(xp, ip, mp, body, &c, dst),
+        (AFF, _) => enc_body::<AFF, 8, VEC>(xp, ip, mp, body, &c, dst),
+        (SYM, 4) => enc_body::<SYM, 4, VEC>(xp, ip, mp, body, &c, dst),
+        (SYM, _) => enc_body::<SYM, 8, VEC>(xp, ip, mp, body, &c, dst),
+        _ => enc_body::<NF4, 4, VEC>(xp, ip, mp, body, &c, dst),
+    }
+    let r = head + body;
+    if r < n {
+        let (ir, mr) = rest::<VEC>(codec, inv, m, r);
+        avx2::encode::<VEC>(codec, &x[r..], ir, mr, mids, codes, first + r);
+    }
+}
+
+/// Codes of the 16 elements starting at `i`, one per dword.
+#[inline]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn code16<const K: u8, const VEC: bool>(
+    xp: *const f32,
+    ip: *const f32,
+    mp: *const f32,
+    i: usize,
+    c: &Enc,
+) -> __m512i {
+    let x = _mm512_loadu_ps(xp.add(i));
+    let inv = if VEC {
+        _mm512_loadu_ps(ip.add(i))
+    } else {
+        c.inv
+    };
+    match K {
+        AFF => {
+            let m = if VEC { _mm512_loadu_ps(mp.add(i)) } else { c.m };
+            let r = _mm512_roundscale_ps::<ROUND>(_mm512_mul_ps(_mm512_sub_ps(x, m), inv));
+            // maxps returns its second operand for NaN: NaN -> 0, as Rust's `NaN as u8`.
+            let q = _mm512_min_ps(_mm512_max_ps(r, _mm512_setzero_ps()), c.qmax);
+            _mm512_cvttps_epi32(q)
+        }
+        SYM => {
+            let r = _mm512_roundscale_ps::<ROUND>(_mm512_mul_ps(x, inv));
+            let q = _mm512_min_ps(_mm512_max_ps(r, c.nqmax), c.qmax);
+            // NaN -> 0 (Rust's `NaN as i32`), which the clamp alone would make -qmax.
+            let ord = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(r, r);
+            _mm512_add_epi32(_mm512_maskz_cvttps_epi32(ord, q), c.zero)
+        }
+        _ => {
+            // Counting `t > mid[k]` over sorted mids = a 4-step binary search (NaN -> 0).
+            let t = _mm512_mul_ps(x, inv);
+            let k = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(t, c.mid7);
+            let code = _mm512_maskz_mov_epi32(k, _mm512_set1_epi32(8));
+            let k = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(t, _mm512_permutexvar_ps(code, c.t3));
+            let code = _mm512_mask_add_epi32(code, k, code, _mm512_set1_epi32(4));
+            let k = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(t, _mm512_permutexvar_ps(code, c.t2));
+            let code = _mm512_mask_add_epi32(code, k, code, _mm512_set1_epi32(2));
+            let k = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(t, _mm512_permutexvar_ps(code, c.t1));
+            _mm512_mask_add_epi32(code, k, code, _mm512_set1_epi32(1))
+        }
+    }
+}
+
+/// 16 dword codes as bytes (8 bytes of nibble pairs for 4 bits, 16 bytes for 8 bits).
+#[inline]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn pack16<const B: u8>(c: __m512i) -> __m128i {
+    if B == 8 {
+        _mm512_cvtepi32_epi8(c)
+    } else {
+        // Low byte of each qword = code 2j | code 2j+1 << 4.
+        _mm512_cvtepi64_epi8(_mm512_or_si512(c, _mm512_srli_epi64::<28>(c)))
+    }
+}
+
+/// Encode `n` (a multiple of 16) elements into byte-aligned `dst`, OR-ing into what is there.
+#[inline]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn enc_body<const K: u8, const B: u8, const VEC: bool>(
+    xp: *const f32,
+    ip: *const f32,
+    mp: *const f32,
+    n: usize,
+    c: &Enc,
+    dst: *mut u8,
+) {
+    let mut i = 0;
+    while i + 32 <= n {
+        let a = pack16::<B>(code16::<K, VEC>(xp, ip, mp, i, c));
+        let b = pack16::<B>(code16::<K, VEC>(xp, ip, mp, i + 16, c));
+        if B == 8 {
+            let d = dst.add(i).cast::<__m256i>();
+            let v = _mm256_set_m128i(b, a);
+            _mm256_storeu_si256(d, _mm256_or_si256(_mm256_loadu_si256(d), v));
+        } else {
+            let d = dst.add(i / 2).cast::<__m128i>();
+            let v = _mm_unpacklo_epi64(a, b);
+            _mm_storeu_si128(d, _mm_or_si128(_mm_loadu_si128(d), v));
+        }
+        i += 32;
+    }
+    if i < n {
+        let a = pack16::<B>(code16::<K, VEC>(xp, ip, mp, i, c));
+        if B == 8 {
+            let d = dst.add(i).cast::<__m128i>();
+            _mm_storeu_si128(d, _mm_or_si128(_mm_loadu_si128(d), a));
+        } else {
+            let d = dst.add(i / 2).cast::<__m128i>();
+            _mm_storel_epi64(d, _mm_or_si128(_mm_loadl_epi64(d), a));
+        }
+    }
+}
+
+/// Float bits -> integer key in IEEE total order (see `avx2::key`).
+#[inline]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn key(v: __m512i) -> __m512i {
+    _mm512_xor_si512(v, _mm512_srli_epi32::<1>(_mm512_srai_epi32::<31>(v)))
+}
+
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn min_max_avx512(x: &[f32]) -> (f32, f32, bool) {
+    let body = x.len() & !15;
+    if body == 0 {
+        return avx2::min_max_avx2(x);
+    }
+    let p = x.as_ptr();
+    let (mut lo0, mut hi0) = (_mm512_set1_epi32(i32::MAX), _mm512_set1_epi32(i32::MIN));
+    let (mut lo1, mut hi1) = (lo0, hi0);
+    let mut i = 0;
+    while i + 32 <= body {
+        let k0 = key(_mm512_loadu_si512(p.add(i).cast()));
+        let k1 = key(_mm512_loadu_si512(p.add(i + 16).cast()));
+        lo0 = _mm512_min_epi32(lo0, k0);
+        hi0 = _mm512_max_epi32(hi0, k0);
+        lo1 = _mm512_min_epi32(lo1, k1);
+        hi1 = _mm512_max_epi32(hi1, k1);
+        i += 32;
+    }
+    if i < body {
+        let k0 = key(_mm512_loadu_si512(p.add(i).cast()));
+        lo0 = _mm512_min_epi32(lo0, k0);
+        hi0 = _mm512_max_epi32(hi0, k0);
+    }
+    let lk = _mm512_reduce_min_epi32(_mm512_min_epi32(lo0, lo1));
+    let hk = _mm512_reduce_max_epi32(_mm512_max_epi32(hi0, hi1));
+    // NaN keys lie beyond the keys of ±inf, so the extremes tell finiteness.
+    let finite = lk > key1(f32::NEG_INFINITY.to_bits() as i32) && hk < INF_BITS;
+    let lo = f32::from_bits(key1(lk) as u32);
+    let hi = f32::from_bits(key1(hk) as u32);
+    let (rl, rh, rf) = avx2::min_max_avx2(&x[body..]);
+    (scalar::tmin(lo, rl), scalar::tmax(hi, rh), finite && rf)
+}
+
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn abs_max_avx512(x: &[f32]) -> (f32, bool) {
+    let body = x.len() & !15;
+    if body == 0 {
+        return avx2::abs_max_avx2(x);
+    }
+    // |x| as bits orders like the floats (NaN above inf), so an integer max is exact.
+    let p = x.as_ptr();
+    let abs = _mm512_set1_epi32(ABS);
+    let (mut a0, mut a1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+    let mut i = 0;
+    while i + 32 <= body {
+        let v0 = _mm512_and_si512(_mm512_loadu_si512(p.add(i).cast()), abs);
+        let v1 = _mm512_and_si512(_mm512_loadu_si512(p.add(i + 16).cast()), abs);
+        a0 = _mm512_max_epi32(a0, v0);
+        a1 = _mm512_max_epi32(a1, v1);
+        i += 32;
+    }
+    if i < body {
+        let v0 = _mm512_and_si512(_mm512_loadu_si512(p.add(i).cast()), abs);
+        a0 = _mm512_max_epi32(a0, v0);
+    }
+    let a = _mm512_reduce_max_epi32(_mm512_max_epi32(a0, a1));
+    let (ra, rf) = avx2::abs_max_avx2(&x[body..]);
+    (
+        scalar::tmax(f32::from_bits(a as u32), ra),
+        a < INF_BITS && rf,
+    )
+}
+
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn min_max_vec_avx512(x: &[f32], lo: &mut [f32], hi: &mut [f32]) -> bool {
+    let n = x.len().min(lo.len()).min(hi.len());
+    let body = n & !15;
+    let (xp, lp, hp) = (x.as_ptr(), lo.as_mut_ptr(), hi.as_mut_ptr());
+    let abs = _mm512_set1_epi32(ABS);
+    let mut fin = _mm512_setzero_si512();
+    let mut i = 0;
+    while i < body {
+        let v = _mm512_loadu_ps(xp.add(i));
+        let l = _mm512_loadu_ps(lp.add(i));
+        let h = _mm512_loadu_ps(hp.add(i));
+        // Both operand orders combined give the total-order result for ±0 (see avx2).
+        let l = _mm512_or_si512(
+            _mm512_castps_si512(_mm512_min_ps(l, v)),
+            _mm512_castps_si512(_mm512_min_ps(v, l)),
+        );
+        let h = _mm512_and_si512(
+            _mm512_castps_si512(_mm512_max_ps(h, v)),
+            _mm512_castps_si512(_mm512_max_ps(v, h)),
+        );
+        _mm512_storeu_si512(lp.add(i).cast(), l);
+        _mm512_storeu_si512(hp.add(i).cast(), h);
+        fin = _mm512_max_epi32(fin, _mm512_and_si512(_mm512_castps_si512(v), abs));
+        i += 16;
+    }
+    let rf = avx2::min_max_vec_avx2(&x[body..n], &mut lo[body..n], &mut hi[body..n]);
+    _mm512_reduce_max_epi32(fin) < INF_BITS && rf
+}
+
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn abs_max_vec_avx512(x: &[f32], a: &mut [f32]) -> bool {
+    let n = x.len().min(a.len());
+    let body = n & !15;
+    let (xp, ap) = (x.as_ptr(), a.as_mut_ptr());
+    let abs = _mm512_set1_epi32(ABS);
+    let mut fin = _mm512_setzero_si512();
+    let mut i = 0;
+    while i < body {
+        let v = _mm512_and_si512(_mm512_loadu_si512(xp.add(i).cast()), abs);
+        // A negative accumulator (bits < 0 as i32) loses to any |x|, as in total order.
+        let acc = _mm512_max_epi32(_mm512_loadu_si512(ap.add(i).cast()), v);
+        _mm512_storeu_si512(ap.add(i).cast(), acc);
+        fin = _mm512_max_epi32(fin, v);
+        i += 16;
+    }
+    let rf = avx2::abs_max_vec_avx2(&x[body..n], &mut a[body..n]);
+    _mm512_reduce_max_epi32(fin) < INF_BITS && rf
+}

@@ -1,0 +1,355 @@
+//! Every kernel table this CPU runs, bit for bit against `scalar`.
+
+use super::{available, scalar::SCALAR, Kernels};
+use crate::codecs::codec::{nf4_midpoints, Codec};
+
+/// xorshift64*: deterministic and dependency-free.
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    /// Uniform in [-1, 1).
+    pub fn unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next_u64() as u8).collect()
+    }
+
+    pub fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len())]
+    }
+}
+
+const LENS: [usize; 20] = [
+    0, 1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 127, 129, 1000, 1031,
+];
+const FIRSTS: [usize; 9] = [0, 1, 2, 3, 5, 7, 8, 13, 64];
+
+/// Hot widths of every codec, plus widths that take the scalar fallback.
+const CODECS: [Codec; 9] = [
+    Codec::Affine { bits: 4 },
+    Codec::Affine { bits: 8 },
+    Codec::Symmetric { bits: 4 },
+    Codec::Symmetric { bits: 8 },
+    Codec::Nf4,
+    Codec::Affine { bits: 3 },
+    Codec::Affine { bits: 1 },
+    Codec::Symmetric { bits: 6 },
+    Codec::Symmetric { bits: 2 },
+];
+
+fn simd_tables() -> Vec<&'static Kernels> {
+    let all = available();
+    assert_eq!(all[0].name, "scalar");
+    // Tell the log which tables ran, so a green run on a narrow CPU is not mistaken for coverage.
+    eprintln!(
+        "kernel tables: {:?}",
+        all.iter().map(|k| k.name).collect::<Vec<_>>()
+    );
+    all[1..].to_vec()
+}
+
+fn bits_of(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn codes_len(first: usize, len: usize, bits: u8) -> usize {
+    ((first + len) * bits as usize).div_ceil(8)
+}
+
+/// A scale: mostly random, sometimes 0 (flat group), -0, a power of two or tiny.
+fn scale(r: &mut Rng) -> f32 {
+    match r.below(6) {
+        0 => 0.0,
+        1 => -0.0,
+        2 => 0.25,
+        3 => 1e-30,
+        _ => r.unit().abs() * 3.0 + 1e-3,
+    }
+}
+
+fn min_of(r: &mut Rng) -> f32 {
+    match r.below(4) {
+        0 => 0.0,
+        1 => -0.0,
+        _ => r.unit() * 2.0,
+    }
+}
+
+#[test]
+fn dequant_matches_scalar() {
+    let mut r = Rng::new(1);
+    for k in simd_tables() {
+        for codec in CODECS {
+            let bits = codec.bits();
+            for len in LENS {
+                for first in FIRSTS {
+                    let extra = r.below(3);
+                    let codes = r.bytes(codes_len(first, len, bits) + extra);
+                    let (s, m) = (scale(&mut r), min_of(&mut r));
+                    let mut want = vec![f32::NAN; len];
+                    let mut got = vec![f32::NAN; len];
+                    (SCALAR.dequant_bcast)(codec, &codes, first, s, m, &mut want);
+                    (k.dequant_bcast)(codec, &codes, first, s, m, &mut got);
+                    assert_eq!(
+                        bits_of(&want),
+                        bits_of(&got),
+                        "{} dequant_bcast {codec:?} len {len} first {first} s {s} m {m}",
+                        k.name
+                    );
+
+                    let sv: Vec<f32> = (0..len).map(|_| scale(&mut r)).collect();
+                    let mv: Vec<f32> = if codec.has_mins() {
+                        (0..len).map(|_| min_of(&mut r)).collect()
+                    } else {
+                        Vec::new()
+                    };
+                    (SCALAR.dequant_vec)(codec, &codes, first, &sv, &mv, &mut want);
+                    (k.dequant_vec)(codec, &codes, first, &sv, &mv, &mut got);
+                    assert_eq!(
+                        bits_of(&want),
+                        bits_of(&got),
+                        "{} dequant_vec {codec:?} len {len} first {first}",
+                        k.name
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Inputs for encoding: random values, exact ties of the grid `inv` defines, ±0, values beyond
+/// the clamp, and (rarely, as the kernels must still agree) NaN and ±inf.
+fn encode_input(r: &mut Rng, len: usize, inv: f32, m: f32) -> Vec<f32> {
+    let step = if inv != 0.0 && inv.is_finite() {
+        1.0 / inv
+    } else {
+        0.5
+    };
+    (0..len)
+        .map(|_| match r.below(16) {
+            0 => 0.0,
+            1 => -0.0,
+            2..=5 => m + (r.below(40) as f32 - 20.0 + 0.5) * step,
+            6 => m + (r.below(40) as f32 - 20.0) * step,
+            7 => r.unit() * 1e6,
+            8 => r.pick(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e-45, -1e-45]),
+            9 => r.pick(&nf4_midpoints()) * step,
+            _ => m + r.unit() * 20.0 * step,
+        })
+        .collect()
+}
+
+fn inv_of(r: &mut Rng) -> f32 {
+    match r.below(8) {
+        0 => 0.0,
+        1 => f32::INFINITY,
+        2 => 4.0,
+        3 => 1.0,
+        4 => 0.5,
+        _ => 1.0 / (r.unit().abs() * 0.5 + 1e-3),
+    }
+}
+
+#[test]
+fn encode_matches_scalar() {
+    let mut r = Rng::new(2);
+    let mids = nf4_midpoints();
+    for k in simd_tables() {
+        for codec in CODECS {
+            let bits = codec.bits();
+            for len in LENS {
+                for first in FIRSTS {
+                    let n = codes_len(first, len, bits) + 1;
+                    // Zeroed as the drivers hand it, or prefilled to check the OR at the ends.
+                    let base = if r.below(2) == 0 {
+                        vec![0u8; n]
+                    } else {
+                        r.bytes(n)
+                    };
+                    let (inv, m) = (inv_of(&mut r), min_of(&mut r));
+                    let x = encode_input(&mut r, len, inv, m);
+                    let (mut want, mut got) = (base.clone(), base.clone());
+                    (SCALAR.encode_bcast)(codec, &x, inv, m, &mids, &mut want, first);
+                    (k.encode_bcast)(codec, &x, inv, m, &mids, &mut got, first);
+                    assert_eq!(
+                        want, got,
+                        "{} encode_bcast {codec:?} len {len} first {first} inv {inv} m {m}",
+                        k.name
+                    );
+
+                    let iv: Vec<f32> = (0..len).map(|_| inv_of(&mut r)).collect();
+                    let mv: Vec<f32> = if codec.has_mins() {
+                        (0..len).map(|_| min_of(&mut r)).collect()
+                    } else {
+                        Vec::new()
+                    };
+                    let x = encode_input(&mut r, len, 4.0, 0.0);
+                    let (mut want, mut got) = (base.clone(), base);
+                    (SCALAR.encode_vec)(codec, &x, &iv, &mv, &mids, &mut want, first);
+                    (k.encode_vec)(codec, &x, &iv, &mv, &mids, &mut got, first);
+                    assert_eq!(
+                        want, got,
+                        "{} encode_vec {codec:?} len {len} first {first}",
+                        k.name
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn encode_with_unsorted_midpoints_still_counts() {
+    // Not what the drivers pass, but the kernels must not assume it.
+    let mut r = Rng::new(3);
+    let mut mids = nf4_midpoints();
+    mids.swap(3, 9);
+    for k in simd_tables() {
+        let x: Vec<f32> = (0..200).map(|_| r.unit()).collect();
+        let (mut want, mut got) = (vec![0u8; 100], vec![0u8; 100]);
+        (SCALAR.encode_bcast)(Codec::Nf4, &x, 1.0, 0.0, &mids, &mut want, 0);
+        (k.encode_bcast)(Codec::Nf4, &x, 1.0, 0.0, &mids, &mut got, 0);
+        assert_eq!(want, got, "{}", k.name);
+    }
+}
+
+/// Values for the statistics: random, with runs of ±0 and, when `special`, one NaN or ±inf.
+fn stats_input(r: &mut Rng, len: usize, special: bool) -> Vec<f32> {
+    let zeros = r.below(3) == 0;
+    let mut x: Vec<f32> = (0..len)
+        .map(|_| {
+            if zeros {
+                r.pick(&[0.0, -0.0])
+            } else {
+                match r.below(8) {
+                    0 => 0.0,
+                    1 => -0.0,
+                    _ => r.unit() * 100.0,
+                }
+            }
+        })
+        .collect();
+    if special && len > 0 {
+        let i = r.below(len);
+        x[i] = r.pick(&[f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY]);
+    }
+    x
+}
+
+#[test]
+fn statistics_match_scalar() {
+    let mut r = Rng::new(4);
+    for k in simd_tables() {
+        for len in LENS {
+            for special in [false, false, true] {
+                let x = stats_input(&mut r, len, special);
+                let (wl, wh, wf) = (SCALAR.min_max)(&x);
+                let (gl, gh, gf) = (k.min_max)(&x);
+                assert_eq!(wf, gf, "{} min_max finite, len {len}", k.name);
+                assert_eq!(wf, !special || len == 0);
+                if wf {
+                    assert_eq!(
+                        (wl.to_bits(), wh.to_bits()),
+                        (gl.to_bits(), gh.to_bits()),
+                        "{} min_max len {len}: {wl} {wh} vs {gl} {gh}",
+                        k.name
+                    );
+                }
+
+                let (wa, wf) = (SCALAR.abs_max)(&x);
+                let (ga, gf) = (k.abs_max)(&x);
+                assert_eq!(wf, gf, "{} abs_max finite, len {len}", k.name);
+                if wf {
+                    assert_eq!(wa.to_bits(), ga.to_bits(), "{} abs_max len {len}", k.name);
+                }
+
+                // Running accumulators: fresh (±inf, 0) or already holding values and zeros.
+                let fresh = r.below(2) == 0;
+                let lo0: Vec<f32> = (0..len)
+                    .map(|_| {
+                        if fresh {
+                            f32::INFINITY
+                        } else {
+                            stats_input(&mut r, 1, false)[0]
+                        }
+                    })
+                    .collect();
+                let hi0: Vec<f32> = (0..len)
+                    .map(|_| {
+                        if fresh {
+                            f32::NEG_INFINITY
+                        } else {
+                            stats_input(&mut r, 1, false)[0]
+                        }
+                    })
+                    .collect();
+                let (mut wl, mut wh) = (lo0.clone(), hi0.clone());
+                let (mut gl, mut gh) = (lo0, hi0);
+                let wf = (SCALAR.min_max_vec)(&x, &mut wl, &mut wh);
+                let gf = (k.min_max_vec)(&x, &mut gl, &mut gh);
+                assert_eq!(wf, gf, "{} min_max_vec finite, len {len}", k.name);
+                if wf {
+                    assert_eq!(bits_of(&wl), bits_of(&gl), "{} min_max_vec lo", k.name);
+                    assert_eq!(bits_of(&wh), bits_of(&gh), "{} min_max_vec hi", k.name);
+                }
+
+                let a0: Vec<f32> = (0..len)
+                    .map(|_| {
+                        if fresh {
+                            0.0
+                        } else {
+                            stats_input(&mut r, 1, false)[0].abs()
+                        }
+                    })
+                    .collect();
+                let (mut wa, mut ga) = (a0.clone(), a0);
+                let wf = (SCALAR.abs_max_vec)(&x, &mut wa);
+                let gf = (k.abs_max_vec)(&x, &mut ga);
+                assert_eq!(wf, gf, "{} abs_max_vec finite, len {len}", k.name);
+                if wf {
+                    assert_eq!(bits_of(&wa), bits_of(&ga), "{} abs_max_vec", k.name);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn signed_zero_statistics_are_total_order() {
+    // -0 < +0 whatever the position or the table: a group of zeros stores min -0 iff it has one.
+    for k in available() {
+        for n in [3usize, 8, 16, 40] {
+            for pos in [0, n / 2, n - 1] {
+                let mut x = vec![0.0f32; n];
+                x[pos] = -0.0;
+                let (lo, hi, f) = (k.min_max)(&x);
+                assert!(
+                    f && lo.is_sign_negative() && hi.is_sign_positive(),
+                    "{}",
+                    k.name
+                );
+                let mut x = vec![-0.0f32; n];
+                x[pos] = 0.0;
+                let (lo, hi, _) = (k.min_max)(&x);
+                assert!(lo.is_sign_negative() && hi.is_sign_positive(), "{}", k.name);
+            }
+        }
+    }
+}

@@ -1,0 +1,677 @@
+//! Streaming reads: whole tensors copied out of a file with large sequential reads, for loaders
+//! that move weights from disk to an accelerator through their own (pinned) buffers.
+//!
+//! Unlike [`QFile`](super::QFile), a [`StreamFile`] reads through its own file descriptor instead
+//! of a memory map (except in [`ReadMode::Mmap`], kept to measure against): a file truncated or
+//! rewritten while it is streamed gives an error naming the tensor, never a `SIGBUS`. The header
+//! is read and validated by the same code as `QFile::open` (spec section 7) before any part.
+//!
+//! The parts of one tensor are contiguous in files written by qtensors, so one tensor is one
+//! sequential byte range; [`StreamFile::read`] copies any piece of that range into a caller's
+//! buffer, split into `chunk`-byte reads spread over up to `threads` threads, and can check the
+//! part checksums on the bytes it read (parts read piecewise, in order, are hashed incrementally).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+#[cfg(target_os = "linux")]
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use memmap2::{Advice, Mmap, MmapOptions};
+use xxhash_rust::xxh3::Xxh3Default;
+
+use super::checksum::checksum;
+use super::reader::read_header;
+use crate::error::{Error, Result};
+use crate::format::header::format_checksum;
+use crate::format::{Header, TensorInfo};
+
+/// How [`StreamFile`] gets bytes off the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    /// `pread` through the page cache, with `posix_fadvise(SEQUENTIAL)` and `WILLNEED` read-ahead.
+    Pread,
+    /// `pread` on a descriptor opened with `O_DIRECT` (no page cache). Falls back to `Pread` where
+    /// the file system refuses `O_DIRECT` (tmpfs).
+    Direct,
+    /// Copies out of a read-only memory map with `madvise(SEQUENTIAL)` and `WILLNEED`.
+    Mmap,
+}
+
+impl ReadMode {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "pread" => Ok(ReadMode::Pread),
+            "direct" => Ok(ReadMode::Direct),
+            "mmap" => Ok(ReadMode::Mmap),
+            other => Err(Error::Invalid(format!(
+                "read mode '{other}' is not one of 'pread', 'direct', 'mmap'"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ReadMode::Pread => "pread",
+            ReadMode::Direct => "direct",
+            ReadMode::Mmap => "mmap",
+        }
+    }
+}
+
+const EINVAL: i32 = 22;
+
+/// Block size that `O_DIRECT` offsets, lengths and buffer addresses are aligned to.
+pub const DIRECT_ALIGN: u64 = 4096;
+/// Default size of one read system call.
+pub const DEFAULT_CHUNK: usize = 8 << 20;
+
+/// A part being hashed across several reads.
+struct PartialHash {
+    next: u64,
+    hasher: Box<Xxh3Default>,
+}
+
+/// A validated qtensors file opened for streaming reads.
+pub struct StreamFile {
+    file: File,
+    direct: Option<File>,
+    map: Option<Mmap>,
+    header: Header,
+    data_start: u64,
+    file_len: u64,
+    modified: Option<SystemTime>,
+    path: PathBuf,
+    mode: ReadMode,
+    threads: usize,
+    chunk: usize,
+    hashes: Mutex<HashMap<(usize, usize), PartialHash>>,
+}
+
+fn align_down(x: u64) -> u64 {
+    x & !(DIRECT_ALIGN - 1)
+}
+
+fn align_up(x: u64) -> u64 {
+    align_down(x + DIRECT_ALIGN - 1)
+}
+
+impl StreamFile {
+    /// Open and validate. `threads` (≥ 1) reads run at once within one [`read`](Self::read) call,
+    /// each of at most `chunk` bytes (rounded up to 4 KiB).
+    pub fn open(path: &Path, mode: ReadMode, threads: usize, chunk: usize) -> Result<Self> {
+        let file = File::open(path)
+            .map_err(|e| Error::io(format!("cannot open '{}'", path.display()), e))?;
+        let (header, data_start, file_len) = read_header(&file, path, false)?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(format!("cannot stat '{}'", path.display()), e))?;
+        let mut mode = mode;
+        let mut direct = None;
+        let mut map = None;
+        match mode {
+            ReadMode::Pread => advise_file(&file, FADV_SEQUENTIAL, 0, 0),
+            ReadMode::Direct => {
+                match open_direct(path) {
+                    Ok(f) => direct = Some(f),
+                    Err(_) => {
+                        // tmpfs and a few others refuse O_DIRECT: read through the page cache.
+                        mode = ReadMode::Pread;
+                        advise_file(&file, FADV_SEQUENTIAL, 0, 0);
+                    }
+                }
+            }
+            ReadMode::Mmap => {
+                if file_len > 0 {
+                    // SAFETY: read-only mapping; the length is checked against the file before
+                    // every copy, which narrows (cannot close) the window in which a concurrent
+                    // truncation faults. The other modes have no such window.
+                    let m = unsafe { MmapOptions::new().len(file_len as usize).map(&file) }
+                        .map_err(|e| Error::io(format!("cannot map '{}'", path.display()), e))?;
+                    let _ = m.advise(Advice::Sequential);
+                    map = Some(m);
+                }
+            }
+        }
+        let chunk = (align_up(chunk.max(1) as u64)) as usize;
+        Ok(StreamFile {
+            file,
+            direct,
+            map,
+            header,
+            data_start,
+            file_len,
+            modified: meta.modified().ok(),
+            path: path.to_path_buf(),
+            mode,
+            threads: threads.clamp(1, 64),
+            chunk,
+            hashes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn data_start(&self) -> u64 {
+        self.data_start
+    }
+
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// The mode in use (`Direct` becomes `Pread` where `O_DIRECT` is refused).
+    pub fn mode(&self) -> ReadMode {
+        self.mode
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn tensor_info(&self, index: usize) -> Result<&TensorInfo> {
+        self.header.tensors.get(index).ok_or_else(|| {
+            Error::Invalid(format!(
+                "tensor #{index} does not exist ('{}' has {})",
+                self.path.display(),
+                self.header.tensors.len()
+            ))
+        })
+    }
+
+    /// Absolute byte range `[start, end)` that covers every part of tensor `index`.
+    pub fn tensor_range(&self, index: usize) -> Result<(u64, u64)> {
+        let t = self.tensor_info(index)?;
+        Ok(range_of(t, self.data_start))
+    }
+
+    /// Hint that the absolute byte range `[start, start + len)` is wanted soon (read-ahead into
+    /// the page cache; nothing in `Direct` mode).
+    pub fn will_need(&self, start: u64, len: u64) {
+        let end = start.saturating_add(len).min(self.file_len);
+        if start >= end {
+            return;
+        }
+        match self.mode {
+            ReadMode::Pread => advise_file(
+                &self.file,
+                FADV_WILLNEED,
+                start as i64,
+                (end - start) as i64,
+            ),
+            ReadMode::Mmap => {
+                if let Some(m) = &self.map {
+                    let _ =
+                        m.advise_range(Advice::WillNeed, start as usize, (end - start) as usize);
+                }
+            }
+            ReadMode::Direct => {}
+        }
+    }
+
+    /// Copy `out.len()` bytes of tensor `index`, from `offset` bytes into its range, into `out`.
+    /// With `verify`, checks the checksum of every part that ends inside this piece; parts split
+    /// over several calls are hashed incrementally and must then be read in order.
+    pub fn read(&self, index: usize, offset: u64, out: &mut [u8], verify: bool) -> Result<()> {
+        let t = self.tensor_info(index)?;
+        let (start, end) = range_of(t, self.data_start);
+        let len = out.len() as u64;
+        let a = start.checked_add(offset).filter(|a| {
+            a.checked_add(len)
+                .is_some_and(|b| b <= end && offset <= end - start)
+        });
+        let Some(a) = a else {
+            return Err(Error::Invalid(format!(
+                "bytes [{offset}, {offset}+{len}) lie outside tensor '{}' ({} bytes)",
+                t.name,
+                end - start
+            )));
+        };
+        self.read_span(t, a, out)?;
+        self.check_unchanged(t)?;
+        if verify {
+            self.verify_piece(index, t, a, out)?;
+        }
+        Ok(())
+    }
+
+    /// Read the absolute range `[a, a + out.len())`, in `chunk`-sized pieces over the threads.
+    fn read_span(&self, t: &TensorInfo, a: u64, out: &mut [u8]) -> Result<()> {
+        let b = a + out.len() as u64;
+        // Piece boundaries at multiples of `chunk` in file offsets, so that inner pieces are
+        // block-aligned for O_DIRECT.
+        let chunk = self.chunk as u64;
+        let mut pieces: Vec<(u64, &mut [u8])> = Vec::new();
+        let mut rest = out;
+        let mut pos = a;
+        while pos < b {
+            let next = ((pos / chunk) + 1).saturating_mul(chunk).min(b);
+            let (head, tail) = rest.split_at_mut((next - pos) as usize);
+            pieces.push((pos, head));
+            rest = tail;
+            pos = next;
+        }
+        let workers = self.threads.min(pieces.len());
+        if workers <= 1 {
+            for (pos, buf) in pieces {
+                self.read_piece(t, pos, buf)?;
+            }
+            return Ok(());
+        }
+        let next = AtomicUsize::new(0);
+        let slots: Vec<Mutex<Option<(u64, &mut [u8])>>> =
+            pieces.into_iter().map(|p| Mutex::new(Some(p))).collect();
+        let errors: Mutex<Vec<(u64, Error)>> = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(slot) = slots.get(i) else { break };
+                    let Some((pos, buf)) = slot.lock().unwrap().take() else {
+                        continue;
+                    };
+                    if let Err(e) = self.read_piece(t, pos, buf) {
+                        errors.lock().unwrap().push((pos, e));
+                        break;
+                    }
+                });
+            }
+        });
+        let mut errors = errors.into_inner().unwrap();
+        errors.sort_by_key(|(p, _)| *p);
+        match errors.into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn read_piece(&self, t: &TensorInfo, pos: u64, buf: &mut [u8]) -> Result<()> {
+        match self.mode {
+            ReadMode::Pread => self.pread_exact(&self.file, t, pos, buf),
+            ReadMode::Direct => self.read_direct(t, pos, buf),
+            ReadMode::Mmap => self.copy_from_map(t, pos, buf),
+        }
+    }
+
+    fn truncated(&self, t: &TensorInfo, pos: u64, want: u64) -> Error {
+        let now = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        Error::Format(format!(
+            "file '{}' truncated while streaming tensor '{}': expected {want} bytes at offset {pos}, the file now ends at byte {now} (it had {} when opened)",
+            self.path.display(),
+            t.name,
+            self.file_len
+        ))
+    }
+
+    fn pread_exact(&self, f: &File, t: &TensorInfo, pos: u64, buf: &mut [u8]) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            match f.read_at(&mut buf[done..], pos + done as u64) {
+                Ok(0) => return Err(self.truncated(t, pos, buf.len() as u64)),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(Error::io(
+                        format!(
+                            "reading tensor '{}' from '{}' at offset {}",
+                            t.name,
+                            self.path.display(),
+                            pos + done as u64
+                        ),
+                        e,
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// O_DIRECT: the block-aligned middle goes straight into `buf` when `buf` sits at the same
+    /// offset modulo 4 KiB as the file position; otherwise through an aligned bounce buffer.
+    /// The unaligned head and tail (under 4 KiB each) come through the page cache.
+    fn read_direct(&self, t: &TensorInfo, pos: u64, buf: &mut [u8]) -> Result<()> {
+        let Some(direct) = &self.direct else {
+            return self.pread_exact(&self.file, t, pos, buf);
+        };
+        let end = pos + buf.len() as u64;
+        let (ia, ib) = (align_up(pos), align_down(end));
+        if ia >= ib {
+            return self.pread_exact(&self.file, t, pos, buf);
+        }
+        let same_phase = (buf.as_ptr() as u64).wrapping_sub(pos) % DIRECT_ALIGN == 0;
+        let (head, rest) = buf.split_at_mut((ia - pos) as usize);
+        let (mid, tail) = rest.split_at_mut((ib - ia) as usize);
+        if !head.is_empty() {
+            self.pread_exact(&self.file, t, pos, head)?;
+        }
+        if !tail.is_empty() {
+            self.pread_exact(&self.file, t, ib, tail)?;
+        }
+        if same_phase {
+            match self.pread_direct(direct, t, ia, mid) {
+                Err(Error::Io { source, .. }) if source.raw_os_error() == Some(EINVAL) => {
+                    self.pread_exact(&self.file, t, ia, mid)
+                }
+                r => r,
+            }
+        } else {
+            let mut bounce = AlignedBuf::new(mid.len());
+            match self.pread_direct(direct, t, ia, bounce.as_mut_slice()) {
+                Ok(()) => {
+                    mid.copy_from_slice(bounce.as_mut_slice());
+                    Ok(())
+                }
+                Err(Error::Io { source, .. }) if source.raw_os_error() == Some(EINVAL) => {
+                    self.pread_exact(&self.file, t, ia, mid)
+                }
+                Err(e) => Err(e),
+            }
+        }
+    }
+
+    fn pread_direct(&self, f: &File, t: &TensorInfo, pos: u64, buf: &mut [u8]) -> Result<()> {
+        // Lengths and positions are block multiples here, so a short read only happens at EOF.
+        self.pread_exact(f, t, pos, buf)
+    }
+
+    fn copy_from_map(&self, t: &TensorInfo, pos: u64, buf: &mut [u8]) -> Result<()> {
+        let end = pos + buf.len() as u64;
+        let now = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(format!("cannot stat '{}'", self.path.display()), e))?
+            .len();
+        let Some(map) = &self.map else {
+            return Err(self.truncated(t, pos, buf.len() as u64));
+        };
+        if now < end || (map.len() as u64) < end {
+            return Err(self.truncated(t, pos, buf.len() as u64));
+        }
+        let _ = map.advise_range(Advice::WillNeed, pos as usize, buf.len());
+        buf.copy_from_slice(&map[pos as usize..end as usize]);
+        Ok(())
+    }
+
+    /// After a read: a file that only shrank left the bytes just read intact (a truncation that
+    /// reaches them makes the read itself short); any other change of size or modification
+    /// time means the bytes may mix two versions of the file.
+    fn check_unchanged(&self, t: &TensorInfo) -> Result<()> {
+        let meta = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(format!("cannot stat '{}'", self.path.display()), e))?;
+        if meta.len() < self.file_len {
+            return Ok(());
+        }
+        if meta.len() != self.file_len || meta.modified().ok() != self.modified {
+            return Err(Error::Format(format!(
+                "file '{}' was modified while streaming tensor '{}' (its size or modification time changed since it was opened)",
+                self.path.display(),
+                t.name
+            )));
+        }
+        Ok(())
+    }
+
+    fn verify_piece(&self, index: usize, t: &TensorInfo, a: u64, bytes: &[u8]) -> Result<()> {
+        let b = a + bytes.len() as u64;
+        for (pi, p) in t.parts.iter().enumerate() {
+            let (ps, pe) = (
+                self.data_start + p.offset,
+                self.data_start + p.offset + p.length,
+            );
+            let (lo, hi) = (ps.max(a), pe.min(b));
+            if lo > hi || (lo == hi && p.length > 0) {
+                continue;
+            }
+            let slice = &bytes[(lo - a) as usize..(hi - a) as usize];
+            let got = if lo == ps && hi == pe {
+                checksum(slice)
+            } else {
+                let mut map = self.hashes.lock().unwrap();
+                let key = (index, pi);
+                let state = map.entry(key).or_insert_with(|| PartialHash {
+                    next: ps,
+                    hasher: Box::new(Xxh3Default::new()),
+                });
+                if state.next != lo {
+                    map.remove(&key);
+                    return Err(Error::Invalid(format!(
+                        "tensor '{}' part '{}': verifying needs its bytes in order (got offset {lo}, expected {})",
+                        t.name, p.name, ps
+                    )));
+                }
+                state.hasher.update(slice);
+                state.next = hi;
+                if hi < pe {
+                    continue;
+                }
+                let h = state.hasher.digest();
+                map.remove(&key);
+                h
+            };
+            if got != p.checksum {
+                return Err(Error::Checksum(format!(
+                    "tensor '{}' part '{}': checksum mismatch while streaming (file says {}, bytes hash to {}): the file is corrupted",
+                    t.name,
+                    p.name,
+                    format_checksum(p.checksum),
+                    format_checksum(got)
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[start, end)` of a tensor's parts, absolute. Tensors without bytes give an empty range at
+/// their first part.
+fn range_of(t: &TensorInfo, data_start: u64) -> (u64, u64) {
+    let start = t.parts.iter().map(|p| p.offset).min().unwrap_or(0);
+    let end = t
+        .parts
+        .iter()
+        .map(|p| p.offset + p.length)
+        .max()
+        .unwrap_or(0)
+        .max(start);
+    (data_start + start, data_start + end)
+}
+
+#[cfg(target_os = "linux")]
+fn open_direct(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_path: &Path) -> std::io::Result<File> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
+
+#[cfg(target_os = "linux")]
+const FADV_SEQUENTIAL: i32 = libc::POSIX_FADV_SEQUENTIAL;
+#[cfg(target_os = "linux")]
+const FADV_WILLNEED: i32 = libc::POSIX_FADV_WILLNEED;
+#[cfg(not(target_os = "linux"))]
+const FADV_SEQUENTIAL: i32 = 0;
+#[cfg(not(target_os = "linux"))]
+const FADV_WILLNEED: i32 = 0;
+
+fn advise_file(f: &File, advice: i32, offset: i64, len: i64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid descriptor; posix_fadvise only hints the kernel.
+        unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), offset, len, advice);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (f, advice, offset, len);
+}
+
+/// A 4 KiB-aligned heap buffer for O_DIRECT reads.
+struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let size = (align_up(len as u64) as usize).max(DIRECT_ALIGN as usize);
+        let layout = std::alloc::Layout::from_size_align(size, DIRECT_ALIGN as usize)
+            .expect("size fits in isize");
+        // SAFETY: non-zero size.
+        let p = unsafe { std::alloc::alloc(layout) };
+        let ptr =
+            std::ptr::NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, len, layout }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `len` ≤ the allocation; u8 needs no initialization for reads into it, and
+        // every byte is written by the read before it is copied out.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::Encoding;
+    use crate::io::{FileWriter, PlannedTensor, QFile};
+    use std::collections::BTreeMap;
+
+    fn write_file(dir: &Path, alignment: u64) -> PathBuf {
+        let path = dir.join("s.qtensors");
+        let enc = |bits: u64| {
+            let mut m = serde_json::Map::new();
+            m.insert("name".into(), "affine".into());
+            m.insert("bits".into(), bits.into());
+            m.insert("group_size".into(), 64.into());
+            m.insert("axis".into(), 0.into());
+            m.insert("scale_dtype".into(), "float16".into());
+            Encoding::from_json(&m, 2, false).unwrap()
+        };
+        let plans = vec![
+            PlannedTensor {
+                name: "a".into(),
+                dtype: crate::format::DType::Float32,
+                shape: vec![256, 300],
+                encoding: enc(4),
+            },
+            PlannedTensor {
+                name: "b".into(),
+                dtype: crate::format::DType::Float32,
+                shape: vec![100, 33],
+                encoding: enc(3),
+            },
+        ];
+        let mut w = FileWriter::create(&path, plans, BTreeMap::new(), alignment).unwrap();
+        let k = crate::codecs::simd::best();
+        for i in 0..2 {
+            let t = w.header().tensors[i].clone();
+            let n = crate::format::encoding::numel(&t.shape).unwrap() as usize;
+            let x: Vec<f32> = (0..n)
+                .map(|j| ((j * 7919 + i) % 1000) as f32 / 10.0)
+                .collect();
+            let parts = crate::tensor::encode(
+                k,
+                &t.encoding,
+                t.dtype,
+                &t.shape,
+                crate::tensor::Input::F32(&x),
+            )
+            .unwrap();
+            w.write_tensor(i, &parts).unwrap();
+        }
+        w.finish().unwrap();
+        path
+    }
+
+    #[test]
+    fn every_mode_reads_the_same_bytes_as_the_map() {
+        let dir = tempfile::tempdir().unwrap();
+        for alignment in [64, 4096] {
+            let path = write_file(dir.path(), alignment);
+            let q = QFile::open(&path, false).unwrap();
+            for mode in [ReadMode::Pread, ReadMode::Direct, ReadMode::Mmap] {
+                // Tiny chunks and several threads: many pieces, unaligned heads and tails.
+                let s = StreamFile::open(&path, mode, 3, 4096).unwrap();
+                assert_eq!(s.header(), q.header());
+                for i in 0..2 {
+                    let (a, b) = s.tensor_range(i).unwrap();
+                    s.will_need(a, b - a);
+                    let mut whole = vec![0u8; (b - a) as usize];
+                    s.read(i, 0, &mut whole, true).unwrap();
+                    assert_eq!(&whole[..], &q_bytes(&q)[a as usize..b as usize]);
+                    // The same in three uneven pieces, verified incrementally.
+                    let cuts = [0, 1000, 9000.min(whole.len()), whole.len()];
+                    for w in cuts.windows(2) {
+                        let mut piece = vec![0u8; w[1] - w[0]];
+                        s.read(i, w[0] as u64, &mut piece, true).unwrap();
+                        assert_eq!(&piece[..], &whole[w[0]..w[1]]);
+                    }
+                }
+                let (a, b) = s.tensor_range(1).unwrap();
+                let mut too_long = vec![0u8; (b - a + 1) as usize];
+                assert!(matches!(
+                    s.read(1, 0, &mut too_long, false),
+                    Err(Error::Invalid(_))
+                ));
+            }
+        }
+    }
+
+    fn q_bytes(q: &QFile) -> Vec<u8> {
+        std::fs::read(q.path()).unwrap()
+    }
+
+    #[test]
+    fn truncation_and_corruption_name_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_file(dir.path(), 64);
+        for mode in [ReadMode::Pread, ReadMode::Direct, ReadMode::Mmap] {
+            let s = StreamFile::open(&path, mode, 2, 4096).unwrap();
+            let (a, b) = s.tensor_range(1).unwrap();
+            let f = OpenOptions::new().write(true).open(&path).unwrap();
+            let full = s.file_len();
+            f.set_len(a + (b - a) / 2).unwrap();
+            let mut buf = vec![0u8; (b - a) as usize];
+            let e = s.read(1, 0, &mut buf, false).unwrap_err().to_string();
+            assert!(e.contains("truncated while streaming tensor 'b'"), "{e}");
+            f.set_len(full).unwrap();
+        }
+        // A flipped byte in tensor a: checksum error naming it (the file is rewritten first, so
+        // it is opened after the change).
+        let mut bytes = std::fs::read(&path).unwrap();
+        let s = StreamFile::open(&path, ReadMode::Pread, 1, 1 << 20).unwrap();
+        let (a, b) = s.tensor_range(0).unwrap();
+        bytes[a as usize + 5] ^= 0xff;
+        drop(s);
+        std::fs::write(&path, &bytes).unwrap();
+        let s = StreamFile::open(&path, ReadMode::Pread, 1, 1 << 20).unwrap();
+        let mut buf = vec![0u8; (b - a) as usize];
+        s.read(0, 0, &mut buf, false).unwrap();
+        let e = s.read(0, 0, &mut buf, true).unwrap_err();
+        assert!(matches!(e, Error::Checksum(_)));
+        assert!(e.to_string().contains("tensor 'a' part 'codes'"), "{e}");
+    }
+}
