@@ -22,8 +22,9 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")  # before the Rust thread pool s
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import qtensors as qt
 import reference
+
+import qtensors as qt
 from qtensors import _core
 
 
@@ -58,6 +59,9 @@ def main() -> None:
     t_copy = best_of(lambda: np.copyto(dst, x), args.repeat)
     copy_gbs = nbytes / t_copy / 1e9
     print(f"memcpy (np.copyto)                 {copy_gbs:7.2f} GB/s")
+    t_copy_new = best_of(lambda: x.copy(), args.repeat)
+    copy_new_gbs = nbytes / t_copy_new / 1e9
+    print(f"copy to a new array (x.copy())     {copy_new_gbs:7.2f} GB/s")
 
     xr = rng.standard_normal((args.ref_size, args.ref_size), dtype=np.float32)
     rows = []
@@ -115,7 +119,8 @@ def main() -> None:
             f"{d_gbs / ref_d_gbs:7.1f}x numpy ({ref_d_gbs:.3f} GB/s)"
         )
         print(
-            f"  dequantize to a new array    {dn_gbs:7.2f} GB/s  {dn_gbs / copy_gbs:5.2f}x memcpy"
+            f"  dequantize to a new array    {dn_gbs:7.2f} GB/s  {dn_gbs / copy_gbs:5.2f}x memcpy  "
+            f"{dn_gbs / copy_new_gbs:5.2f}x x.copy()"
         )
 
 

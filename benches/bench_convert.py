@@ -156,24 +156,34 @@ def warm(folder: str) -> None:
                     pass
 
 
+# A child's ru_maxrss starts from its parent's RSS at fork (Linux carries the high-water mark
+# across exec), so commands are started from this small, fresh interpreter, never from the
+# benchmark process itself (which holds numpy, and torch after generating a model).
+RUNNER = r"""
+import json, os, subprocess, sys, time
+cmd = json.loads(sys.argv[1])
+t0 = time.perf_counter()
+p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+_pid, status, ru = os.wait4(p.pid, 0)
+wall = time.perf_counter() - t0
+err = p.stderr.read().decode()
+print(json.dumps({"wall": wall, "rss": ru.ru_maxrss * 1024, "cpu": ru.ru_utime + ru.ru_stime,
+                  "rc": os.waitstatus_to_exitcode(status), "err": err}))
+"""
+
+
 def run(cmd: list[str]) -> dict:
-    """Run `cmd`, returning wall seconds, the child's peak RSS and CPU seconds."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _pid, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    out, err = p.stdout.read(), p.stderr.read()
-    p.stdout.close()
-    p.stderr.close()
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        sys.exit(f"failed ({p.returncode}): {shlex.join(cmd)}\n{err.decode()}")
-    return {
-        "wall": wall,
-        "rss": ru.ru_maxrss * 1024,  # kB on Linux
-        "cpu": ru.ru_utime + ru.ru_stime,
-        "stdout": out.decode(),
-    }
+    """Run `cmd`: wall seconds, peak RSS (bytes) and CPU seconds (user + system) of the child."""
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", RUNNER, json.dumps(cmd)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    r = json.loads(out.stdout)
+    if r["rc"] != 0:
+        sys.exit(f"failed ({r['rc']}): {shlex.join(cmd)}\n{r['err']}")
+    return r
 
 
 def gb(n: float) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -27,13 +28,19 @@ class Progress:
         if enabled:
             from tqdm import tqdm
 
+            try:
+                cols = os.get_terminal_size(sys.stderr.fileno()).columns
+            except (OSError, ValueError, AttributeError):
+                cols = 0
+            # tqdm draws nothing on a terminal that reports no size (a fresh pty): assume one.
+            size: dict = {"dynamic_ncols": True} if cols > 0 else {"ncols": 100, "nrows": 24}
             self._bar = tqdm(
                 total=total_bytes,
                 desc=desc,
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1000,
-                dynamic_ncols=True,
+                **size,
                 leave=False,
                 file=sys.stderr,
                 bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B "

@@ -180,9 +180,7 @@ def touch(x: Any) -> None:
     n = x.numel()
     if n == 0:
         return
-    flat = x.reshape(-1)
-    if flat.element_size() != 1:
-        flat = flat.view(torch.uint8)
+    flat = x.reshape(-1).view(torch.uint8)  # any dtype, bool and float8 included
     # One byte per 4 KiB page; the kernel's fault-around and readahead take the rest.
     flat[::4096].sum()
 

@@ -140,7 +140,6 @@ def _scale_shape(info: dict[str, Any]) -> tuple[int, ...]:
 def quantized_from_torch(buf, e: Entry) -> QuantizedTensor:
     """A QuantizedTensor whose parts view the torch uint8 tensor `buf` (any device) holding the
     bytes of `e`'s range."""
-    import torch
 
     from ._arrays import torch_dtype
 
@@ -349,8 +348,10 @@ class _Pipeline:
         self.queue: queue.Queue = queue.Queue()
         self.stop = threading.Event()
         self.stager: DeviceStager | None = None
+        self.pinned_bytes = 0
         if device is not None and device.type == "cuda":
             self.stager = DeviceStager(device, pinned)
+            self.pinned_bytes = self.stager.pinned_bytes
         self.thread = threading.Thread(target=self._run, name="qtensors-stream", daemon=True)
         self.started = False
         self.closed = False
@@ -376,7 +377,7 @@ class _Pipeline:
                         payload = read_host(e, self.verify, self.stop)
                 except Stopped:
                     raise
-                except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                except BaseException as exc:
                     self.queue.put((k, None, exc))
                     return
                 self.queue.put((k, payload, None))
@@ -391,7 +392,11 @@ class _Pipeline:
         self.closed = True
         self.stop.set()
         self.window.wake()
-        if self.started and self.thread.is_alive() and threading.current_thread() is not self.thread:
+        if (
+            self.started
+            and self.thread.is_alive()
+            and threading.current_thread() is not self.thread
+        ):
             self.thread.join()
         # Drop whatever was read ahead.
         while True:
@@ -509,13 +514,12 @@ class TensorStream:
         return len(self._pipe.plan)
 
     def stats(self) -> dict[str, Any]:
-        stager = self._pipe.stager
         return {
             "tensors": self._yielded,
             "bytes": self._bytes,
             "window": self._pipe.window.limit,
             "peak_window_bytes": self._pipe.window.peak,
-            "pinned_bytes": stager.pinned_bytes if stager is not None else 0,
+            "pinned_bytes": self._pipe.pinned_bytes,
             "mode": self.mode,
         }
 

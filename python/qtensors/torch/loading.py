@@ -18,6 +18,7 @@ decoded by the Rust core.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -150,9 +151,12 @@ class _Streamer:
         chunk: int = DEFAULT_CHUNK,
         slots: int = DEFAULT_SLOTS,
         threads: int | None = None,
+        staged: bool | None = None,
     ) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
+        # staged: through the ring of (pinned, for CUDA) host buffers; else straight into dst
+        self.staged = self.cuda if staged is None else staged
         self.chunk = chunk
         self.nslots = max(1, slots)
         self.threads = threads or max(1, min(self.nslots, os.cpu_count() or 1))
@@ -162,7 +166,8 @@ class _Streamer:
     def _slot_buffers(self) -> list[torch.Tensor]:
         if not self._bufs:
             self._bufs = [
-                torch.empty(self.chunk, dtype=torch.uint8, pin_memory=True) for _ in range(self.nslots)
+                torch.empty(self.chunk, dtype=torch.uint8, pin_memory=self.cuda)
+                for _ in range(self.nslots)
             ]
         return self._bufs
 
@@ -174,8 +179,8 @@ class _Streamer:
         try:
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            if self.cuda:
-                yield from self._stream_cuda(fd, pool, spans)
+            if self.staged:
+                yield from self._stream_staged(fd, pool, spans)
             else:
                 yield from self._stream_host(fd, pool, spans)
         finally:
@@ -207,7 +212,8 @@ class _Streamer:
             self.bytes_read += s.length
             yield s, d
 
-    def _stream_cuda(self, fd: int, pool: ThreadPoolExecutor, spans: Iterable[_Span]):
+    def _stream_staged(self, fd: int, pool: ThreadPoolExecutor, spans: Iterable[_Span]):
+        cuda = self.cuda
         bufs = self._slot_buffers()
         free = deque(range(self.nslots))
         events: list[torch.cuda.Event | None] = [None] * self.nslots
@@ -215,16 +221,17 @@ class _Streamer:
         inflight: deque[tuple[int, int, int, int, Future]] = deque()
         todo: dict[int, list[Any]] = {}  # span index -> [span, dst, chunks not yet copied]
         order: deque[int] = deque()
-        stream = torch.cuda.current_stream(self.device)
+        stream = torch.cuda.current_stream(self.device) if cuda else None
 
         def finish_one() -> None:
             idx, slot, n, pos, fut = inflight.popleft()
             fut.result()
             entry = todo[idx]
-            entry[1][pos : pos + n].copy_(bufs[slot][:n], non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(stream)
-            events[slot] = ev
+            entry[1][pos : pos + n].copy_(bufs[slot][:n], non_blocking=cuda)
+            if cuda:
+                ev = torch.cuda.Event()
+                ev.record(stream)
+                events[slot] = ev
             free.append(slot)
             entry[2] -= 1
 
@@ -234,7 +241,7 @@ class _Streamer:
                 self.bytes_read += span.length
                 yield span, dst
 
-        with torch.cuda.device(self.device):
+        with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
             for idx, span in enumerate(spans):
                 dst = torch.empty(span.length, dtype=torch.uint8, device=self.device)
                 nchunks = -(-span.length // self.chunk)
@@ -375,7 +382,11 @@ def _parts_of(info: dict[str, Any], buf: torch.Tensor, base: int) -> list[torch.
         o = rec["offset"] - base
         raw = buf[o : o + rec["length"]]
         dt = _ALL_DTYPES[rec["dtype"]]
-        out.append(raw.view(dt).reshape(rec["shape"]) if rec["length"] else torch.empty(rec["shape"], dtype=dt, device=buf.device))
+        out.append(
+            raw.view(dt).reshape(rec["shape"])
+            if rec["length"]
+            else torch.empty(rec["shape"], dtype=dt, device=buf.device)
+        )
     return out
 
 
@@ -387,8 +398,12 @@ def load_model(
     dtype: torch.dtype | None = None,
     strict: bool = False,
     key_map: Callable[[str], str | None] | None = None,
+    *,
+    io: str = "stream",
     chunk_bytes: int = DEFAULT_CHUNK,
     slots: int = DEFAULT_SLOTS,
+    staged: bool | None = None,
+    **stream_options: Any,
 ) -> LoadResult:
     """Fill ``model`` (real or on the meta device) from a qtensors file or model folder.
 
@@ -405,7 +420,10 @@ def load_model(
     * Tensors of ``model`` that no file provides are listed in ``missing_keys`` (an error with
       ``strict``); file tensors the model lacks in ``unexpected_keys``.
 
-    Host memory stays at the pinned ring (``slots x chunk_bytes``) plus one tensor's header.
+    I/O: ``io="stream"`` (default) goes through ``qtensors.stream`` (``stream_options`` are its
+    options: ``mode``, ``threads``, ``pinned``, ``prefetch``...); ``io="builtin"`` through this
+    module's own reader (``chunk_bytes``, ``slots``; ``staged`` forces or skips its host ring).
+    Either way host memory stays at a ring of pinned buffers, whatever the model size.
     """
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else _default_device(model)
@@ -414,29 +432,57 @@ def load_model(
     targets = _Targets(model)
     result = LoadResult(device=dev)
     loaded: set[str] = set()
-    streamer = _Streamer(dev, chunk=chunk_bytes, slots=slots)
 
+    # plan: (file, [(file key, model name, header entry)]) in file order
+    plan: list[tuple[str, list[tuple[str, str, dict[str, Any]]]]] = []
     for path_i in model_files(path):
         with safe_open(path_i) as f:
             infos = [f.tensor_info(k) for k in f.keys()]
-        base = _data_start(path_i)
-        spans = []
+        items = []
         for info in infos:
             fkey = info["name"]
             name = key_map(fkey) if key_map is not None else targets.resolve(fkey)
             if name is None or name not in targets.kind:
                 result.unexpected_keys.append(fkey)
-                continue
-            recs = list(info["parts"].values())
-            lo = min(r["offset"] for r in recs)
-            hi = max(r["offset"] + r["length"] for r in recs)
-            spans.append(_Span((name, info, lo), base + lo, hi - lo))
-        for span, buf in streamer.stream(path_i, spans):
-            name, info, lo = span.key
-            _place(targets, name, info, _parts_of(info, buf, lo), keep_quantized, dtype, dev, result)
-            loaded.update(targets.groups.get(name, [name]))
+            else:
+                items.append((fkey, name, info))
+        plan.append((path_i, items))
 
-    result.bytes_read = streamer.bytes_read
+    def place(name: str, info: dict[str, Any], parts: list[torch.Tensor]) -> None:
+        _place(targets, name, info, parts, keep_quantized, dtype, result)
+        loaded.update(targets.groups.get(name, [name]))
+
+    if io == "stream":
+        from ..stream import stream
+
+        for path_i, items in plan:
+            if not items:
+                continue
+            by_key = {fkey: (name, info) for fkey, name, info in items}
+            with stream(
+                path_i, [k for k, _, _ in items], device=dev, quantized=True, **stream_options
+            ) as s:
+                for fkey, q in s:
+                    name, info = by_key[fkey]
+                    place(name, info, q.parts())
+                result.bytes_read += s.stats()["bytes"]
+    elif io == "builtin":
+        streamer = _Streamer(dev, chunk=chunk_bytes, slots=slots, staged=staged)
+        for path_i, items in plan:
+            base = _data_start(path_i)
+            spans = []
+            for _, name, info in items:
+                recs = list(info["parts"].values())
+                lo = min(r["offset"] for r in recs)
+                hi = max(r["offset"] + r["length"] for r in recs)
+                spans.append(_Span((name, info, lo), base + lo, hi - lo))
+            for span, buf in streamer.stream(path_i, spans):
+                name, info, lo = span.key
+                place(name, info, _parts_of(info, buf, lo))
+        result.bytes_read = streamer.bytes_read
+    else:
+        raise ValueError(f"io must be 'stream' or 'builtin', not {io!r}")
+
     result.missing_keys = sorted(k for k in targets.persistent if k not in loaded)
     if strict and result.missing_keys:
         raise KeyError(f"no tensor in {os.fspath(path)} for: {', '.join(result.missing_keys)}")
@@ -453,7 +499,6 @@ def _place(
     parts: list[torch.Tensor],
     keep_quantized: bool,
     dtype: torch.dtype | None,
-    dev: torch.device,
     result: LoadResult,
 ) -> None:
     shape = tuple(int(d) for d in info["shape"])
@@ -532,7 +577,7 @@ def state_dict_for_file(model: nn.Module) -> dict[str, Any]:
     qweights = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedWeight)}
     out: dict[str, Any] = {}
     for key, value in model.state_dict().items():
-        head, _, leaf = key.rpartition(".")
+        head = key.rpartition(".")[0]
         if head in qweights:
             if head not in out:
                 out[head] = qweights[head].to_quantized()

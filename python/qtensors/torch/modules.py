@@ -82,7 +82,8 @@ class QuantizedWeight(nn.Module):
         sdt = _SCALE_TORCH[e["scale_dtype"]]
         sshape = scale_shape(self.shape, e["axis"], e["group_size"])
         self.register_buffer(
-            "codes", torch.zeros(codes_nbytes(self.shape, self.bits), dtype=torch.uint8, device=device)
+            "codes",
+            torch.zeros(codes_nbytes(self.shape, self.bits), dtype=torch.uint8, device=device),
         )
         self.register_buffer("scales", torch.zeros(sshape, dtype=sdt, device=device))
         mins = torch.zeros(sshape, dtype=sdt, device=device) if e["name"] == "affine" else None
@@ -148,7 +149,9 @@ class QuantizedWeight(nn.Module):
         """Wrap a QuantizedTensor's parts (numpy or torch), copied to ``device``."""
         if q.encoding["name"] == "raw":
             raise ValueError("this tensor is stored raw, not quantized")
-        parts = [_as_torch(p, n, q.encoding) for p, n in zip(q.parts(), ("c", "s", "m"), strict=False)]
+        parts = [
+            _as_torch(p, n, q.encoding) for p, n in zip(q.parts(), ("c", "s", "m"), strict=False)
+        ]
         return cls.from_parts(
             parts[0],
             parts[1],
@@ -249,7 +252,9 @@ class QuantizedWeight(nn.Module):
         except ValueError as exc:
             error_msgs.append(f"{prefix}: {exc}")
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantizedWeight:
+    def _apply(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+    ) -> QuantizedWeight:
         # Follow device moves, never dtype changes of the stored parts (a .half() would round fp32
         # scales); a floating dtype change becomes the default decode dtype instead.
         probe = fn(torch.empty(0, dtype=self.dtype, device=self.codes.device))
@@ -338,7 +343,10 @@ class QuantizedLinear(nn.Module):
         return F.linear(x, w, b)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}"
+        )
 
     @classmethod
     def from_weight(
@@ -352,7 +360,9 @@ class QuantizedLinear(nn.Module):
             m = cls(in_f, out_f, bias=False, encoding=weight.encoding, dtype=weight.dtype)
         m.weight = weight
         if bias is not None:
-            m.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+            m.bias = (
+                bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+            )
         return m
 
     @classmethod
@@ -394,7 +404,9 @@ class QuantizedEmbedding(nn.Module):
         )
 
     @classmethod
-    def from_weight(cls, weight: QuantizedWeight, padding_idx: int | None = None) -> QuantizedEmbedding:
+    def from_weight(
+        cls, weight: QuantizedWeight, padding_idx: int | None = None
+    ) -> QuantizedEmbedding:
         if len(weight.shape) != 2:
             raise ValueError(f"an embedding table is 2-D, not {list(weight.shape)}")
         with torch.device("meta"):

@@ -1,6 +1,7 @@
 """``torch.ops.qtensors.dequantize``: decode group-quantized parts into a tensor, on any device.
 
-    out = torch.ops.qtensors.dequantize(codes, scales, mins, shape, "affine", 4, 64, 0, torch.float16)
+    out = torch.ops.qtensors.dequantize(codes, scales, mins, shape, "affine", 4, 64, 0,
+                                        torch.float16)
 
 * CUDA: a Triton kernel (``triton_kernels.py``); plain torch when Triton is missing.
 * CPU: the Rust core (``qtensors._core.decode``), bit-exact with the spec.
@@ -68,12 +69,16 @@ def check_args(
         raise ValueError(f"negative dimension in shape {list(shape)}")
     a = normalize_axis(axis, len(shape))
     if out_dtype not in OUT_DTYPES:
-        raise ValueError(f"out_dtype must be a floating dtype ({list(OUT_DTYPES)}), not {out_dtype}")
+        raise ValueError(
+            f"out_dtype must be a floating dtype ({list(OUT_DTYPES)}), not {out_dtype}"
+        )
     if codes.dtype != torch.uint8:
         raise ValueError(f"codes must be uint8, not {codes.dtype}")
     want = codes_nbytes(shape, bits)
     if codes.numel() != want:
-        raise ValueError(f"codes has {codes.numel()} bytes; shape {list(shape)} at {bits} bits needs {want}")
+        raise ValueError(
+            f"codes has {codes.numel()} bytes; shape {list(shape)} at {bits} bits needs {want}"
+        )
     if scales.dtype not in SCALE_DTYPES:
         raise ValueError(f"scales must be float16, bfloat16 or float32, not {scales.dtype}")
     P, _, Q, G = group_layout(shape, a, group_size)
@@ -220,9 +225,7 @@ def dequantize_op(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     a = check_args(codes, scales, mins, shape, encoding, bits, group_size, axis, out_dtype)
-    return dequantize_torch(
-        codes, scales, mins, shape, encoding, bits, group_size, a, out_dtype
-    )
+    return dequantize_torch(codes, scales, mins, shape, encoding, bits, group_size, a, out_dtype)
 
 
 @dequantize_op.register_kernel("cpu")
@@ -232,10 +235,14 @@ def _dequantize_cpu_kernel(codes, scales, mins, shape, encoding, bits, group_siz
 
 
 @dequantize_op.register_kernel("cuda")
-def _dequantize_cuda_kernel(codes, scales, mins, shape, encoding, bits, group_size, axis, out_dtype):
+def _dequantize_cuda_kernel(
+    codes, scales, mins, shape, encoding, bits, group_size, axis, out_dtype
+):
     a = check_args(codes, scales, mins, shape, encoding, bits, group_size, axis, out_dtype)
     if not HAVE_TRITON:
-        return dequantize_torch(codes, scales, mins, shape, encoding, bits, group_size, a, out_dtype)
+        return dequantize_torch(
+            codes, scales, mins, shape, encoding, bits, group_size, a, out_dtype
+        )
     return _tk.dequantize_triton(
         codes.contiguous(),
         scales.contiguous(),

@@ -16,8 +16,9 @@ and 7 bits a code may straddle two bytes, so two bytes are read. The 4-bit path 
 the tile's bytes contiguously and split each into its two nibbles (``PAIRED``).
 
 Each program walks tiles ``pid, pid + nprog, ...`` so the same kernel runs one tile per program
-or as a persistent grid. Arithmetic is fp32; the result is rounded once to the output dtype (the
-affine multiply-add may be fused, which the spec allows for GPU decoders).
+or as a persistent grid. Arithmetic is fp32, each operation rounded once (floating-point fusion is
+off by default, so the affine ``code * s + m`` is not an FMA and results match the spec and the
+CPU decoder bit for bit); the result is rounded once to the output dtype.
 
 Importing this module needs Triton; it works on CPU tensors under ``TRITON_INTERPRET=1``.
 """
@@ -237,8 +238,9 @@ def _grouped_kernel(
 class Config:
     """Launch parameters: tile shape, warps, pipelining, persistent-grid factor (0 = one tile per
     program, k = k programs per SM looping over tiles), whether 4-bit codes are loaded as whole
-    bytes (``paired``) and whether the 3-D group-broadcast kernel is used (``grouped``; it needs
-    a power-of-two group size and the group axis last or first)."""
+    bytes (``paired``), whether the 3-D group-broadcast kernel is used (``grouped``; it needs a
+    power-of-two group size and the group axis last or first) and whether the compiler may fuse
+    multiply-adds (``fp_fusion``; off keeps results bit-exact)."""
 
     block_r: int
     block_c: int
@@ -247,6 +249,7 @@ class Config:
     persistent: int = 0
     paired: bool = True
     grouped: bool = True
+    fp_fusion: bool = False
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
@@ -333,7 +336,11 @@ def dequantize_triton(
         BLOCK_C=cfg.block_c,
     )
     if codes.device.type == "cuda":
-        common.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        common.update(
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+            enable_fp_fusion=cfg.fp_fusion,
+        )
     nbytes = codes.numel()
     with torch.cuda.device(codes.device) if codes.device.type == "cuda" else _nullctx():
         if grouped:
@@ -342,8 +349,21 @@ def dequantize_triton(
             )
         else:
             _dequant_kernel[(grid_n,)](
-                codes, scales, m, levels, out, R, C, L, G, Q, nbytes, n_tiles, n_ct,
-                ONE_P=P == 1, **common,
+                codes,
+                scales,
+                m,
+                levels,
+                out,
+                R,
+                C,
+                L,
+                G,
+                Q,
+                nbytes,
+                n_tiles,
+                n_ct,
+                ONE_P=P == 1,
+                **common,
             )
     return out
 

@@ -5,20 +5,49 @@
 //! Optional arguments: the fp32 size in MiB (default 64), the repetitions (best of, default 5) and
 //! a comma-separated list of tables (default all). GB/s counts the fp32 bytes (input of quantize,
 //! output of dequantize) per second. Each case's ratio is taken against a memcpy timed right
-//! before it, so that load from other processes skews both alike.
+//! before it, so that load from other processes skews both alike. On Linux the times are the
+//! process's CPU time (immune to being descheduled on a shared machine; with one rayon thread it
+//! equals the wall time of an undisturbed run), elsewhere wall time.
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+#[cfg(not(target_os = "linux"))]
+use std::time::Instant;
 
 use qtensors_core::codecs::{self, simd, Codec};
 use qtensors_core::format::{DType, GroupParams};
 
+#[cfg(target_os = "linux")]
+fn now() -> Duration {
+    #[repr(C)]
+    struct Timespec {
+        sec: std::ffi::c_long,
+        nsec: std::ffi::c_long,
+    }
+    extern "C" {
+        fn clock_gettime(clock: std::ffi::c_int, ts: *mut Timespec) -> std::ffi::c_int;
+    }
+    const CLOCK_PROCESS_CPUTIME_ID: std::ffi::c_int = 2;
+    let mut ts = Timespec { sec: 0, nsec: 0 };
+    // SAFETY: a valid pointer to a timespec; the clock exists on every Linux.
+    let rc = unsafe { clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0);
+    Duration::new(ts.sec as u64, ts.nsec as u32)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn now() -> Duration {
+    use std::sync::OnceLock;
+    static T0: OnceLock<Instant> = OnceLock::new();
+    T0.get_or_init(Instant::now).elapsed()
+}
+
 fn best_of(reps: usize, mut f: impl FnMut()) -> Duration {
     (0..reps)
         .map(|_| {
-            let t = Instant::now();
+            let t = now();
             f();
-            t.elapsed()
+            now() - t
         })
         .min()
         .unwrap()

@@ -10,10 +10,14 @@ use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 
-/// 64-byte aligned so numpy/torch views are aligned for any dtype and for SIMD.
+/// 64-byte aligned so numpy/torch views are aligned for any dtype and for SIMD. Large buffers are
+/// anonymous mappings with transparent huge pages requested: a fresh 64 MiB output otherwise
+/// spends more time in 4 KiB page faults than in decoding.
 pub struct AlignedBytes {
     ptr: NonNull<u8>,
     len: usize,
+    /// Set for large buffers; `ptr` points into it.
+    map: Option<memmap2::MmapMut>,
 }
 
 // SAFETY: a plain owned allocation.
@@ -21,6 +25,7 @@ unsafe impl Send for AlignedBytes {}
 unsafe impl Sync for AlignedBytes {}
 
 const ALIGN: usize = 64;
+const MAP_THRESHOLD: usize = 4 << 20;
 
 impl AlignedBytes {
     pub fn zeroed(len: usize) -> Self {
@@ -28,13 +33,30 @@ impl AlignedBytes {
             return AlignedBytes {
                 ptr: NonNull::dangling(),
                 len: 0,
+                map: None,
             };
+        }
+        if len >= MAP_THRESHOLD {
+            if let Ok(mut m) = memmap2::MmapMut::map_anon(len) {
+                #[cfg(target_os = "linux")]
+                let _ = m.advise(memmap2::Advice::HugePage);
+                let ptr = NonNull::new(m.as_mut_ptr()).expect("mapping is not null");
+                return AlignedBytes {
+                    ptr,
+                    len,
+                    map: Some(m),
+                };
+            }
         }
         let layout = Layout::from_size_align(len, ALIGN).expect("size fits");
         // SAFETY: non-zero size.
         let p = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedBytes { ptr, len }
+        AlignedBytes {
+            ptr,
+            len,
+            map: None,
+        }
     }
 
     pub fn from_slice(src: &[u8]) -> Self {
@@ -56,7 +78,7 @@ impl AlignedBytes {
 
 impl Drop for AlignedBytes {
     fn drop(&mut self) {
-        if self.len > 0 {
+        if self.len > 0 && self.map.is_none() {
             let layout = Layout::from_size_align(self.len, ALIGN).expect("size fits");
             // SAFETY: allocated with this layout.
             unsafe { dealloc(self.ptr.as_ptr(), layout) }

@@ -21,7 +21,7 @@ pub fn store_scale(v: f32, dtype: DType) -> f32 {
 /// Widen little-endian float bytes to fp32 (float64 is rounded to fp32, per spec 4.3).
 pub fn bytes_to_f32(src: &[u8], dtype: DType) -> Result<Vec<f32>> {
     let size = dtype.itemsize();
-    if src.len() % size != 0 {
+    if !src.len().is_multiple_of(size) {
         return Err(Error::Invalid(format!(
             "{} bytes are not a whole number of {dtype} elements",
             src.len()

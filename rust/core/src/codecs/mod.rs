@@ -159,7 +159,7 @@ fn quantize_fused(
     }
     // Elements along the axis per group (a group larger than the axis is the whole axis).
     let gs = (layout.group_size as usize).min(l_len);
-    if gs * q_len * bits % 8 != 0 || l_len * q_len * bits % 8 != 0 {
+    if !(gs * q_len * bits).is_multiple_of(8) || !(l_len * q_len * bits).is_multiple_of(8) {
         return Ok(false);
     }
     let rows = layout.outer as usize * g_len;
@@ -201,23 +201,35 @@ fn quantize_fused(
         .into_par_iter()
         .try_for_each(|(j0, j1, e0, c, s, m)| -> Result<()> {
             if q_len == 1 {
-                // Each group-row is one group of contiguous elements.
-                for j in j0..j1 {
-                    let (a, b) = (start(j), start(j + 1));
-                    let xs = &x[a..b];
-                    let (lo, hi, finite) = if has_mins {
-                        (k.min_max)(xs)
-                    } else {
-                        let (h, f) = (k.abs_max)(xs);
-                        (0.0, h, f)
-                    };
-                    if !finite {
-                        return Err(non_finite());
+                // Each group-row is one group of contiguous elements. Batches of groups (in L1)
+                // go through statistics, parameters and codes in turn, so that the divisions and
+                // scale roundings of different groups overlap instead of forming one chain.
+                const BATCH: usize = 64;
+                let (mut lo, mut hi, mut inv) = ([0f32; BATCH], [0f32; BATCH], [0f32; BATCH]);
+                for b0 in (j0..j1).step_by(BATCH) {
+                    let b1 = (b0 + BATCH).min(j1);
+                    for j in b0..b1 {
+                        let xs = &x[start(j)..start(j + 1)];
+                        let (l, h, finite) = if has_mins {
+                            (k.min_max)(xs)
+                        } else {
+                            let (h, f) = (k.abs_max)(xs);
+                            (0.0, h, f)
+                        };
+                        if !finite {
+                            return Err(non_finite());
+                        }
+                        (lo[j - b0], hi[j - b0]) = (l, h);
                     }
-                    let (sc, mn, inv) = finish_group(codec, params, lo, hi)?;
-                    (s[j - j0], m[j - j0]) = (sc, mn);
-                    let mb = if has_mins { mn } else { 0.0 };
-                    (k.encode_bcast)(codec, xs, inv, mb, mids, c, a - e0);
+                    for j in b0..b1 {
+                        let (sc, mn, iv) = finish_group(codec, params, lo[j - b0], hi[j - b0])?;
+                        (s[j - j0], m[j - j0], inv[j - b0]) = (sc, mn, iv);
+                    }
+                    for j in b0..b1 {
+                        let (a, b) = (start(j), start(j + 1));
+                        let mb = if has_mins { m[j - j0] } else { 0.0 };
+                        (k.encode_bcast)(codec, &x[a..b], inv[j - b0], mb, mids, c, a - e0);
+                    }
                 }
                 return Ok(());
             }

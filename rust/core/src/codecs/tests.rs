@@ -6,7 +6,8 @@ use super::*;
 use crate::format::DType;
 
 /// (shape, axis, group size): ragged last groups, groups along earlier axes (FlexGen layout),
-/// rank 0, empty, and tensors that cross the driver's chunk boundary mid-group and mid-row.
+/// rank 0, empty, tensors that cross the driver's chunk boundary mid-group and mid-row, and one
+/// whose fused pass has several tasks and column tiles.
 fn cases() -> Vec<(Vec<u64>, usize, u64)> {
     vec![
         (vec![1000], 0, 64),
@@ -22,6 +23,7 @@ fn cases() -> Vec<(Vec<u64>, usize, u64)> {
         (vec![140_001], 0, 7),
         (vec![3, 40_003], 0, 2),
         (vec![2, 70_000], 1, 64),
+        (vec![260, 1032], 0, 64),
     ]
 }
 
@@ -83,7 +85,13 @@ fn roundtrip_error_within_spec_bound() {
         let n = layout.numel() as usize;
         let groups = group_of(&layout, n);
         for codec in CODECS {
-            for dt in [DType::Float16, DType::Bfloat16, DType::Float32] {
+            // Every scale dtype on the small shapes; one on the large (debug builds are slow).
+            let dts: &[DType] = if n > 10_000 {
+                &[DType::Float16]
+            } else {
+                &[DType::Float16, DType::Bfloat16, DType::Float32]
+            };
+            for &dt in dts {
                 let p = params(codec, axis, gs, dt);
                 let x = tensor(&mut r, n);
                 let q = quantize(k, codec, &p, &shape, &x).unwrap();
@@ -196,4 +204,37 @@ fn non_finite_input_is_rejected_by_every_table() {
             }
         }
     }
+}
+
+#[test]
+fn fused_and_two_pass_quantize_agree() {
+    let mut r = Rng::new(12);
+    let mut fused_runs = 0;
+    for (shape, axis, gs) in cases() {
+        let layout = GroupLayout::new(&shape, axis, gs).unwrap();
+        let n = layout.numel() as usize;
+        for codec in CODECS {
+            let p = params(codec, axis, gs, DType::Bfloat16);
+            let x = tensor(&mut r, n);
+            for k in available() {
+                let one = quantize_with(k, codec, &p, &shape, &x, true).unwrap();
+                let two = quantize_with(k, codec, &p, &shape, &x, false).unwrap();
+                assert!(one == two, "{} {codec:?} shape {shape:?}", k.name);
+            }
+            let g = layout.num_groups() as usize;
+            let (mut s, mut m) = (vec![0f32; g], vec![0f32; g]);
+            let mut c = vec![0u8; packed_len(n as u64, codec.bits()).unwrap() as usize];
+            let mids = codec::nf4_midpoints();
+            let k = &SCALAR;
+            if quantize_fused(k, codec, &p, &layout, &x, &mut s, &mut m, &mut c, &mids).unwrap() {
+                fused_runs += 1;
+            }
+        }
+    }
+    // Both paths must have been taken for the comparison to mean anything.
+    let total = cases().len() * CODECS.len();
+    assert!(
+        fused_runs > total / 2 && fused_runs < total,
+        "{fused_runs} of {total}"
+    );
 }

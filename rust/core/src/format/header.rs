@@ -215,7 +215,7 @@ impl Header {
                 "alignment {a} must be a power of two between {MIN_ALIGNMENT} and {MAX_ALIGNMENT}"
             ));
         }
-        if data_start % a != 0 {
+        if !data_start.is_multiple_of(a) {
             return Err(format_err!(
                 "data section starts at byte {data_start}, not a multiple of the alignment {a}"
             ));
@@ -322,7 +322,7 @@ fn check_tensor(rt: RawTensor, alignment: u64, data_len: u64, lenient: bool) -> 
     let mut parts = Vec::with_capacity(raw_parts.len());
     let check_place = |pname: &str, rp: &RawPart| -> Result<()> {
         let where_ = format!("tensor '{short}' part '{pname}'");
-        if rp.offset % alignment != 0 {
+        if !rp.offset.is_multiple_of(alignment) {
             return Err(format_err!(
                 "{where_}: offset {} is not a multiple of the alignment {alignment}",
                 rp.offset

@@ -70,6 +70,9 @@ pub const DIRECT_ALIGN: u64 = 4096;
 /// Default size of one read system call.
 pub const DEFAULT_CHUNK: usize = 8 << 20;
 
+/// A piece of a read: its absolute file offset and where its bytes go.
+type Piece<'a> = (u64, &'a mut [u8]);
+
 /// A part being hashed across several reads.
 struct PartialHash {
     next: u64,
@@ -247,7 +250,7 @@ impl StreamFile {
         // Piece boundaries at multiples of `chunk` in file offsets, so that inner pieces are
         // block-aligned for O_DIRECT.
         let chunk = self.chunk as u64;
-        let mut pieces: Vec<(u64, &mut [u8])> = Vec::new();
+        let mut pieces: Vec<Piece<'_>> = Vec::new();
         let mut rest = out;
         let mut pos = a;
         while pos < b {
@@ -265,7 +268,7 @@ impl StreamFile {
             return Ok(());
         }
         let next = AtomicUsize::new(0);
-        let slots: Vec<Mutex<Option<(u64, &mut [u8])>>> =
+        let slots: Vec<Mutex<Option<Piece<'_>>>> =
             pieces.into_iter().map(|p| Mutex::new(Some(p))).collect();
         let errors: Mutex<Vec<(u64, Error)>> = Mutex::new(Vec::new());
         std::thread::scope(|s| {
@@ -344,7 +347,7 @@ impl StreamFile {
         if ia >= ib {
             return self.pread_exact(&self.file, t, pos, buf);
         }
-        let same_phase = (buf.as_ptr() as u64).wrapping_sub(pos) % DIRECT_ALIGN == 0;
+        let same_phase = (buf.as_ptr() as u64).wrapping_sub(pos) & (DIRECT_ALIGN - 1) == 0;
         let (head, rest) = buf.split_at_mut((ia - pos) as usize);
         let (mid, tail) = rest.split_at_mut((ib - ia) as usize);
         if !head.is_empty() {

@@ -4,7 +4,10 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{self, key1, kind, ABS, AFF, INF_BITS, NF4, ROUND, SYM};
+use super::avx2::{
+    self, by_codec, key1, mins_of, prefetch_in, prefetch_out, sorted, ABS, AFF, INF_BITS, NF4,
+    ROUND, SYM,
+};
 use super::{byte_head, scalar, Kernels};
 use crate::codecs::codec::{Codec, NF4_LEVELS};
 
@@ -30,13 +33,26 @@ pub fn table() -> Option<&'static Kernels> {
 }
 
 // SAFETY (all wrappers below): only reachable through `table()`, which checked AVX-512F and AVX2.
+// The codec is picked here so that kernels take their arguments in registers (see avx2.rs).
 
 fn dequant_bcast(codec: Codec, codes: &[u8], first: usize, s: f32, m: f32, out: &mut [f32]) {
-    unsafe { dequant::<false>(codec, codes, first, &[s], &[m], out) }
+    unsafe {
+        by_codec!(
+            codec,
+            dq_bcast(codes, first, s, m, out),
+            scalar::dequant_bcast(codec, codes, first, s, m, out)
+        )
+    }
 }
 
 fn dequant_vec(codec: Codec, codes: &[u8], first: usize, s: &[f32], m: &[f32], out: &mut [f32]) {
-    unsafe { dequant::<true>(codec, codes, first, s, m, out) }
+    unsafe {
+        by_codec!(
+            codec,
+            dq_vec(codes, first, s, m, out),
+            scalar::dequant_vec(codec, codes, first, s, m, out)
+        )
+    }
 }
 
 fn encode_bcast(
@@ -48,7 +64,13 @@ fn encode_bcast(
     codes: &mut [u8],
     first: usize,
 ) {
-    unsafe { encode::<false>(codec, x, &[inv], &[m], mids, codes, first) }
+    unsafe {
+        by_codec!(
+            codec,
+            enc_bcast(x, inv, m, mids, codes, first),
+            scalar::encode_bcast(codec, x, inv, m, mids, codes, first)
+        )
+    }
 }
 
 fn encode_vec(
@@ -60,7 +82,13 @@ fn encode_vec(
     codes: &mut [u8],
     first: usize,
 ) {
-    unsafe { encode::<true>(codec, x, inv, m, mids, codes, first) }
+    unsafe {
+        by_codec!(
+            codec,
+            enc_vec(x, inv, m, mids, codes, first),
+            scalar::encode_vec(codec, x, inv, m, mids, codes, first)
+        )
+    }
 }
 
 fn min_max(x: &[f32]) -> (f32, f32, bool) {
@@ -79,25 +107,35 @@ fn abs_max_vec(x: &[f32], a: &mut [f32]) -> bool {
     unsafe { abs_max_vec_avx512(x, a) }
 }
 
-/// `s[from..]`, `m[from..]` of a per-element run (`m` may be empty), or the broadcast pair as is.
-fn rest<'a, const VEC: bool>(
-    codec: Codec,
-    s: &'a [f32],
-    m: &'a [f32],
-    from: usize,
-) -> (&'a [f32], &'a [f32]) {
-    if !VEC {
-        (s, m)
-    } else if codec.has_mins() {
-        (&s[from..], &m[from..])
-    } else {
-        (&s[from..], m)
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn dq_bcast<const K: u8, const B: u8>(
+    codes: &[u8],
+    first: usize,
+    s: f32,
+    m: f32,
+    out: &mut [f32],
+) {
+    let n = out.len();
+    let head = byte_head(first, B, n);
+    let body = (n - head) & !15;
+    if body == 0 {
+        return avx2::dq_bcast::<K, B>(codes, first, s, m, out);
+    }
+    if head > 0 {
+        avx2::dq_bcast::<K, B>(codes, first, s, m, &mut out[..head]);
+    }
+    let b0 = (first + head) * B as usize / 8;
+    let src = &codes[b0..b0 + body * B as usize / 8];
+    let o = out[head..head + body].as_mut_ptr();
+    dq_body::<K, B, false>(src.as_ptr(), o, body, &s, &m);
+    let r = head + body;
+    if r < n {
+        avx2::dq_bcast::<K, B>(codes, first + r, s, m, &mut out[r..]);
     }
 }
 
 #[target_feature(enable = "avx512f,avx2")]
-unsafe fn dequant<const VEC: bool>(
-    codec: Codec,
+unsafe fn dq_vec<const K: u8, const B: u8>(
     codes: &[u8],
     first: usize,
     s: &[f32],
@@ -105,38 +143,25 @@ unsafe fn dequant<const VEC: bool>(
     out: &mut [f32],
 ) {
     let n = out.len();
-    let bits = codec.bits();
-    let head = byte_head(first, bits, n);
-    let body = if bits == 4 || bits == 8 {
-        (n - head) & !15
-    } else {
-        0
-    };
+    let head = byte_head(first, B, n);
+    let body = (n - head) & !15;
     if body == 0 {
-        return avx2::dequant::<VEC>(codec, codes, first, s, m, out);
+        return avx2::dq_vec::<K, B>(codes, first, s, m, out);
     }
-    if VEC {
-        assert!(s.len() >= n && (!codec.has_mins() || m.len() >= n));
-    }
+    assert!(s.len() >= n && (K != AFF || m.len() >= n));
     if head > 0 {
-        avx2::dequant::<VEC>(codec, codes, first, s, m, &mut out[..head]);
+        let mh = mins_of::<K>(m, 0..head);
+        avx2::dq_vec::<K, B>(codes, first, &s[..head], mh, &mut out[..head]);
     }
-    let b0 = (first + head) * bits as usize / 8;
-    let src = &codes[b0..b0 + body * bits as usize / 8];
+    let b0 = (first + head) * B as usize / 8;
+    let src = &codes[b0..b0 + body * B as usize / 8];
     let o = out[head..head + body].as_mut_ptr();
-    let (sh, mh) = rest::<VEC>(codec, s, m, head);
-    let (sp, mp, p) = (sh.as_ptr(), mh.as_ptr(), src.as_ptr());
-    match (kind(codec), bits) {
-        (AFF, 4) => dq_body::<AFF, 4, VEC>(p, o, body, sp, mp),
-        (AFF, _) => dq_body::<AFF, 8, VEC>(p, o, body, sp, mp),
-        (SYM, 4) => dq_body::<SYM, 4, VEC>(p, o, body, sp, mp),
-        (SYM, _) => dq_body::<SYM, 8, VEC>(p, o, body, sp, mp),
-        _ => dq_body::<NF4, 4, VEC>(p, o, body, sp, mp),
-    }
+    let mp = mins_of::<K>(m, head..n).as_ptr();
+    dq_body::<K, B, true>(src.as_ptr(), o, body, s[head..].as_ptr(), mp);
     let r = head + body;
     if r < n {
-        let (sr, mr) = rest::<VEC>(codec, s, m, r);
-        avx2::dequant::<VEC>(codec, codes, first + r, sr, mr, &mut out[r..]);
+        let mr = mins_of::<K>(m, r..n);
+        avx2::dq_vec::<K, B>(codes, first + r, &s[r..n], mr, &mut out[r..]);
     }
 }
 
@@ -209,6 +234,7 @@ unsafe fn dq_body<const K: u8, const B: u8, const VEC: bool>(
                     v
                 }
             };
+            prefetch_out(o, i);
             _mm512_storeu_ps(o.add(i), v);
         }};
     }
@@ -242,9 +268,68 @@ struct Enc {
     t1: __m512,
 }
 
+impl Enc {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2")]
+    unsafe fn new<const K: u8, const B: u8>(inv: f32, m: f32, mids: &[f32; 15]) -> Enc {
+        let qmax = if K == AFF {
+            ((1u32 << B) - 1) as f32
+        } else {
+            ((1u32 << (B - 1)) - 1) as f32
+        };
+        // NF4 search tables `mids[j + off]` (lanes past the end are never indexed).
+        let tab = |off: usize| {
+            if K == NF4 {
+                _mm512_maskz_loadu_ps(0x7fff >> off, mids.as_ptr().add(off))
+            } else {
+                _mm512_setzero_ps()
+            }
+        };
+        Enc {
+            inv: _mm512_set1_ps(inv),
+            m: _mm512_set1_ps(if K == AFF { m } else { 0.0 }),
+            qmax: _mm512_set1_ps(qmax),
+            nqmax: _mm512_set1_ps(-qmax),
+            zero: _mm512_set1_epi32(1 << (B - 1)),
+            mid7: _mm512_set1_ps(mids[7]),
+            t3: tab(3),
+            t2: tab(1),
+            t1: tab(0),
+        }
+    }
+}
+
 #[target_feature(enable = "avx512f,avx2")]
-unsafe fn encode<const VEC: bool>(
-    codec: Codec,
+unsafe fn enc_bcast<const K: u8, const B: u8>(
+    x: &[f32],
+    inv: f32,
+    m: f32,
+    mids: &[f32; 15],
+    codes: &mut [u8],
+    first: usize,
+) {
+    let n = x.len();
+    let head = byte_head(first, B, n);
+    let body = (n - head) & !15;
+    if body == 0 || (K == NF4 && !sorted(mids)) {
+        return avx2::enc_bcast::<K, B>(x, inv, m, mids, codes, first);
+    }
+    if head > 0 {
+        avx2::enc_bcast::<K, B>(&x[..head], inv, m, mids, codes, first);
+    }
+    let b0 = (first + head) * B as usize / 8;
+    let dst = codes[b0..b0 + body * B as usize / 8].as_mut_ptr();
+    let c = Enc::new::<K, B>(inv, m, mids);
+    let xp = x[head..].as_ptr();
+    enc_body::<K, B, false>(xp, xp, xp, body, &c, dst);
+    let r = head + body;
+    if r < n {
+        avx2::enc_bcast::<K, B>(&x[r..], inv, m, mids, codes, first + r);
+    }
+}
+
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn enc_vec<const K: u8, const B: u8>(
     x: &[f32],
     inv: &[f32],
     m: &[f32],
@@ -253,62 +338,25 @@ unsafe fn encode<const VEC: bool>(
     first: usize,
 ) {
     let n = x.len();
-    let bits = codec.bits();
-    // The NF4 kernel binary-searches the midpoints, which equals counting only if they are sorted.
-    let sorted = codec != Codec::Nf4 || mids.windows(2).all(|w| w[0] <= w[1]);
-    let head = byte_head(first, bits, n);
-    let body = if (bits == 4 || bits == 8) && sorted {
-        (n - head) & !15
-    } else {
-        0
-    };
-    if body == 0 {
-        return avx2::encode::<VEC>(codec, x, inv, m, mids, codes, first);
+    let head = byte_head(first, B, n);
+    let body = (n - head) & !15;
+    if body == 0 || (K == NF4 && !sorted(mids)) {
+        return avx2::enc_vec::<K, B>(x, inv, m, mids, codes, first);
     }
-    if VEC {
-        assert!(inv.len() >= n && (!codec.has_mins() || m.len() >= n));
-    }
+    assert!(inv.len() >= n && (K != AFF || m.len() >= n));
     if head > 0 {
-        avx2::encode::<VEC>(codec, &x[..head], inv, m, mids, codes, first);
+        let mh = mins_of::<K>(m, 0..head);
+        avx2::enc_vec::<K, B>(&x[..head], &inv[..head], mh, mids, codes, first);
     }
-    let b0 = (first + head) * bits as usize / 8;
-    let dst = codes[b0..b0 + body * bits as usize / 8].as_mut_ptr();
-    let (ih, mh) = rest::<VEC>(codec, inv, m, head);
-    let (xp, ip, mp) = (x[head..].as_ptr(), ih.as_ptr(), mh.as_ptr());
-    let qmax = match codec {
-        Codec::Affine { bits } => ((1u32 << bits) - 1) as f32,
-        _ => ((1u32 << (bits - 1)) - 1) as f32,
-    };
-    let tab = |off: usize| {
-        let mut t = [0f32; 16];
-        for (j, v) in t.iter_mut().enumerate() {
-            *v = mids[(j + off).min(14)];
-        }
-        t
-    };
-    let (t3, t2, t1) = (tab(3), tab(1), tab(0));
-    let c = Enc {
-        inv: _mm512_set1_ps(ih[0]),
-        m: _mm512_set1_ps(if codec.has_mins() { mh[0] } else { 0.0 }),
-        qmax: _mm512_set1_ps(qmax),
-        nqmax: _mm512_set1_ps(-qmax),
-        zero: _mm512_set1_epi32(1 << (bits - 1)),
-        mid7: _mm512_set1_ps(mids[7]),
-        t3: _mm512_loadu_ps(t3.as_ptr()),
-        t2: _mm512_loadu_ps(t2.as_ptr()),
-        t1: _mm512_loadu_ps(t1.as_ptr()),
-    };
-    match (kind(codec), bits) {
-        (AFF, 4) => enc_body::<AFF, 4, VEC>(xp, ip, mp, body, &c, dst),
-        (AFF, _) => enc_body::<AFF, 8, VEC>(xp, ip, mp, body, &c, dst),
-        (SYM, 4) => enc_body::<SYM, 4, VEC>(xp, ip, mp, body, &c, dst),
-        (SYM, _) => enc_body::<SYM, 8, VEC>(xp, ip, mp, body, &c, dst),
-        _ => enc_body::<NF4, 4, VEC>(xp, ip, mp, body, &c, dst),
-    }
+    let b0 = (first + head) * B as usize / 8;
+    let dst = codes[b0..b0 + body * B as usize / 8].as_mut_ptr();
+    let c = Enc::new::<K, B>(0.0, 0.0, mids);
+    let mp = mins_of::<K>(m, head..n).as_ptr();
+    enc_body::<K, B, true>(x[head..].as_ptr(), inv[head..].as_ptr(), mp, body, &c, dst);
     let r = head + body;
     if r < n {
-        let (ir, mr) = rest::<VEC>(codec, inv, m, r);
-        avx2::encode::<VEC>(codec, &x[r..], ir, mr, mids, codes, first + r);
+        let mr = mins_of::<K>(m, r..n);
+        avx2::enc_vec::<K, B>(&x[r..], &inv[r..n], mr, mids, codes, first + r);
     }
 }
 
@@ -415,17 +463,25 @@ unsafe fn key(v: __m512i) -> __m512i {
     _mm512_xor_si512(v, _mm512_srli_epi32::<1>(_mm512_srai_epi32::<31>(v)))
 }
 
+/// Lanes `0..r` (`r < 16`) set.
+#[inline]
+fn tail_mask(r: usize) -> __mmask16 {
+    ((1u32 << r) - 1) as __mmask16
+}
+
 #[target_feature(enable = "avx512f,avx2")]
 unsafe fn min_max_avx512(x: &[f32]) -> (f32, f32, bool) {
-    let body = x.len() & !15;
-    if body == 0 {
-        return avx2::min_max_avx2(x);
+    let n = x.len();
+    if n == 0 {
+        return scalar::min_max(x);
     }
     let p = x.as_ptr();
     let (mut lo0, mut hi0) = (_mm512_set1_epi32(i32::MAX), _mm512_set1_epi32(i32::MIN));
     let (mut lo1, mut hi1) = (lo0, hi0);
     let mut i = 0;
-    while i + 32 <= body {
+    while i + 32 <= n {
+        prefetch_in(p, i);
+        prefetch_in(p, i + 16);
         let k0 = key(_mm512_loadu_si512(p.add(i).cast()));
         let k1 = key(_mm512_loadu_si512(p.add(i + 16).cast()));
         lo0 = _mm512_min_epi32(lo0, k0);
@@ -434,49 +490,57 @@ unsafe fn min_max_avx512(x: &[f32]) -> (f32, f32, bool) {
         hi1 = _mm512_max_epi32(hi1, k1);
         i += 32;
     }
-    if i < body {
+    if i + 16 <= n {
         let k0 = key(_mm512_loadu_si512(p.add(i).cast()));
         lo0 = _mm512_min_epi32(lo0, k0);
         hi0 = _mm512_max_epi32(hi0, k0);
+        i += 16;
+    }
+    if i < n {
+        // Masked lanes are neither read nor counted.
+        let t = tail_mask(n - i);
+        let k1 = key(_mm512_maskz_loadu_epi32(t, p.add(i).cast()));
+        lo1 = _mm512_mask_min_epi32(lo1, t, lo1, k1);
+        hi1 = _mm512_mask_max_epi32(hi1, t, hi1, k1);
     }
     let lk = _mm512_reduce_min_epi32(_mm512_min_epi32(lo0, lo1));
     let hk = _mm512_reduce_max_epi32(_mm512_max_epi32(hi0, hi1));
     // NaN keys lie beyond the keys of ±inf, so the extremes tell finiteness.
     let finite = lk > key1(f32::NEG_INFINITY.to_bits() as i32) && hk < INF_BITS;
-    let lo = f32::from_bits(key1(lk) as u32);
-    let hi = f32::from_bits(key1(hk) as u32);
-    let (rl, rh, rf) = avx2::min_max_avx2(&x[body..]);
-    (scalar::tmin(lo, rl), scalar::tmax(hi, rh), finite && rf)
+    // Folding in the scalar start values (+inf, -inf) keeps all-NaN input identical to scalar.
+    let lo = scalar::tmin(f32::INFINITY, f32::from_bits(key1(lk) as u32));
+    let hi = scalar::tmax(f32::NEG_INFINITY, f32::from_bits(key1(hk) as u32));
+    (lo, hi, finite)
 }
 
 #[target_feature(enable = "avx512f,avx2")]
 unsafe fn abs_max_avx512(x: &[f32]) -> (f32, bool) {
-    let body = x.len() & !15;
-    if body == 0 {
-        return avx2::abs_max_avx2(x);
-    }
     // |x| as bits orders like the floats (NaN above inf), so an integer max is exact.
-    let p = x.as_ptr();
+    let (n, p) = (x.len(), x.as_ptr());
     let abs = _mm512_set1_epi32(ABS);
     let (mut a0, mut a1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
     let mut i = 0;
-    while i + 32 <= body {
+    while i + 32 <= n {
+        prefetch_in(p, i);
+        prefetch_in(p, i + 16);
         let v0 = _mm512_and_si512(_mm512_loadu_si512(p.add(i).cast()), abs);
         let v1 = _mm512_and_si512(_mm512_loadu_si512(p.add(i + 16).cast()), abs);
         a0 = _mm512_max_epi32(a0, v0);
         a1 = _mm512_max_epi32(a1, v1);
         i += 32;
     }
-    if i < body {
+    if i + 16 <= n {
         let v0 = _mm512_and_si512(_mm512_loadu_si512(p.add(i).cast()), abs);
         a0 = _mm512_max_epi32(a0, v0);
+        i += 16;
+    }
+    if i < n {
+        // Zeroed lanes are +0, the start value of the scalar loop.
+        let v1 = _mm512_maskz_loadu_epi32(tail_mask(n - i), p.add(i).cast());
+        a1 = _mm512_max_epi32(a1, _mm512_and_si512(v1, abs));
     }
     let a = _mm512_reduce_max_epi32(_mm512_max_epi32(a0, a1));
-    let (ra, rf) = avx2::abs_max_avx2(&x[body..]);
-    (
-        scalar::tmax(f32::from_bits(a as u32), ra),
-        a < INF_BITS && rf,
-    )
+    (f32::from_bits(a as u32), a < INF_BITS)
 }
 
 #[target_feature(enable = "avx512f,avx2")]
@@ -488,6 +552,7 @@ unsafe fn min_max_vec_avx512(x: &[f32], lo: &mut [f32], hi: &mut [f32]) -> bool 
     let mut fin = _mm512_setzero_si512();
     let mut i = 0;
     while i < body {
+        prefetch_in(xp, i);
         let v = _mm512_loadu_ps(xp.add(i));
         let l = _mm512_loadu_ps(lp.add(i));
         let h = _mm512_loadu_ps(hp.add(i));
@@ -518,6 +583,7 @@ unsafe fn abs_max_vec_avx512(x: &[f32], a: &mut [f32]) -> bool {
     let mut fin = _mm512_setzero_si512();
     let mut i = 0;
     while i < body {
+        prefetch_in(xp, i);
         let v = _mm512_and_si512(_mm512_loadu_si512(xp.add(i).cast()), abs);
         // A negative accumulator (bits < 0 as i32) loses to any |x|, as in total order.
         let acc = _mm512_max_epi32(_mm512_loadu_si512(ap.add(i).cast()), v);

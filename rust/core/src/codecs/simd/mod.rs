@@ -13,6 +13,7 @@ pub mod scalar;
 pub(crate) mod tests;
 
 /// The hot loops of quantization, one table per instruction set.
+#[allow(clippy::type_complexity)] // the signatures are the interface; aliases would hide them
 /// `codes` + `first`: the packed stream and the index (in codes) of the first element concerned.
 pub struct Kernels {
     pub name: &'static str,
