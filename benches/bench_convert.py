@@ -9,7 +9,8 @@ config.json), generated once under --dir (never in the repository). Every measur
 subprocess; its peak RSS is that child's ru_maxrss (os.wait4), which counts file pages mapped into
 the process as well as its own allocations. Runs:
 
-* imports only: python + numpy + safetensors + qtensors, the floor of every other figure;
+* imports only: python + numpy + safetensors + qtensors (+ torch for bfloat16 models, which
+  numpy cannot hold), the floor of every other figure;
 * plain read: safetensors.safe_open (numpy) and get_tensor of every tensor, one handle per shard,
   the way a loader reads a model: the speed limit of reading, and what the input costs in memory;
 * convert: `python -m qtensors convert SRC DST` (default read-ahead of one tensor), and again with
@@ -227,7 +228,7 @@ def main() -> None:
     py = sys.executable
     fw = "pt" if args.dtype == "bfloat16" else "np"
     kinds = [
-        ("imports only", [py, "-c", IMPORTS_ONLY]),
+        ("imports only", [py, "-c", IMPORTS_ONLY + (", torch" if fw == "pt" else "")]),
         (f"plain read (safetensors, {fw})", [py, "-c", PLAIN_READ, src, fw]),
         (
             "convert (read-ahead 1)",
@@ -235,8 +236,20 @@ def main() -> None:
         ),
         (
             "convert (read-ahead 0)",
-            [py, "-m", "qtensors", "convert", src, dst, "--preset", args.preset, "--force", "-q",
-             "--read-ahead", "0"],
+            [
+                py,
+                "-m",
+                "qtensors",
+                "convert",
+                src,
+                dst,
+                "--preset",
+                args.preset,
+                "--force",
+                "-q",
+                "--read-ahead",
+                "0",
+            ],
         ),
     ]
     results = {}
@@ -267,10 +280,14 @@ def main() -> None:
     conv = results["convert (read-ahead 1)"]
     serial = results["convert (read-ahead 0)"]
     print()
-    print(f"model size               {gb(m['bytes'])} of tensors; output {gb(out_bytes)} "
-          f"({m['bytes'] / out_bytes:.2f}x smaller); verify took {verify['wall']:.2f} s")
-    print(f"convert vs plain read    {conv['wall'] / read['wall']:.2f}x the time "
-          f"({m['bytes'] / conv['wall'] / 1e9:.2f} vs {m['bytes'] / read['wall'] / 1e9:.2f} GB/s)")
+    print(
+        f"model size               {gb(m['bytes'])} of tensors; output {gb(out_bytes)} "
+        f"({m['bytes'] / out_bytes:.2f}x smaller); verify took {verify['wall']:.2f} s"
+    )
+    print(
+        f"convert vs plain read    {conv['wall'] / read['wall']:.2f}x the time "
+        f"({m['bytes'] / conv['wall'] / 1e9:.2f} vs {m['bytes'] / read['wall'] / 1e9:.2f} GB/s)"
+    )
     print(f"read-ahead 1 vs 0        {serial['wall'] / conv['wall']:.2f}x faster")
     print(
         f"convert peak RSS         {gb(conv['rss'])} = {conv['rss'] / m['bytes']:.2f}x the model,"

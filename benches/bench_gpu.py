@@ -51,12 +51,12 @@ def S(n: int) -> int:
 
 def sync() -> None:
     if not DRY:
-        sync()
+        torch.cuda.synchronize()
 
 
 def empty_cache() -> None:
     if not DRY:
-        empty_cache()
+        torch.cuda.empty_cache()
 
 
 def say(line: str = "") -> None:
@@ -137,6 +137,8 @@ def section_check() -> None:
         (384, 1536),
         (1000, 1000),
     ]
+    if DRY:
+        shapes = [s for s in shapes if math.prod(s) <= 1000]
     encs = [("affine", b) for b in range(1, 9)] + [("symmetric", b) for b in range(2, 9)]
     encs.append(("nf4", 4))
     sdts = [torch.float16, torch.bfloat16, torch.float32]
@@ -314,13 +316,13 @@ def section_sweep(size: int = S(8192)) -> dict[str, Any]:
 
     say(f"## sweep: launch configurations on {size}x{size} (median ms; GB/s of bytes moved)")
     best: dict[str, Any] = {}
-    for name in [*MAIN_CASES, "int3-g64 ax-1"]:
+    for name in [*MAIN_CASES, "int3-g64 ax-1", "int2-g64 ax0"]:
         case = CASES[name]
         lastaxis = case[3] == -1
         shape = (size, size)
         rows = []
         stage1 = sweep_configs(lastaxis, case[1])
-        if name == "int3-g64 ax-1":
+        if name in ("int3-g64 ax-1", "int2-g64 ax0"):
             stage1 = stage1[::3]
         for cfg in stage1:
             try:
@@ -337,6 +339,9 @@ def section_sweep(size: int = S(8192)) -> dict[str, Any]:
                     stage2.append(
                         dataclasses.replace(top, persistent=pers, paired=paired, grouped=grouped)
                     )
+        if case[1] != 8:
+            stage2.append(dataclasses.replace(top, paired=False, octets=True))
+            stage2.append(dataclasses.replace(top, paired=False, octets=False))
         for cfg in stage2:
             if cfg == top:
                 continue
@@ -477,6 +482,9 @@ def load_one(method: str, st_path: str, qt_path: str) -> None:
     elif method == "qt_model_keep":
         r = qtt.load_model(model, qt_path, device=DEV, dtype=torch.float16)
         n = len(r.quantized_modules) + len(r.decoded)
+    elif method == "qt_model_keep_stream":
+        r = qtt.load_model(model, qt_path, device=DEV, dtype=torch.float16, io="stream")
+        n = len(r.quantized_modules) + len(r.decoded)
     elif method == "qt_model_decode":
         r = qtt.load_model(model, qt_path, device=DEV, dtype=torch.float16, keep_quantized=False)
         n = len(r.decoded)
@@ -484,6 +492,9 @@ def load_one(method: str, st_path: str, qt_path: str) -> None:
         sd = qtensors.load_file(qt_path, framework="pt", device=DEV)
         sync()
         n = len(sd)
+    elif method == "qt_variants":
+        load_variants(qt_path)
+        return
     else:
         raise ValueError(method)
     secs = time.perf_counter() - t0
@@ -505,6 +516,32 @@ def load_one(method: str, st_path: str, qt_path: str) -> None:
     )
 
 
+def load_variants(qt_path: str) -> None:
+    """Warm, in one process: load_model with other reader settings, and decoding's first call
+    (Triton kernels compiled or fetched from the disk cache) against a second one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import qtensors.torch as qtt
+
+    def one(**kw) -> float:
+        with qtt.init_empty_weights():
+            model = LlamaForCausalLM(LlamaConfig(**LLAMA))
+        t0 = time.perf_counter()
+        qtt.load_model(model, qt_path, device=DEV, dtype=torch.float16, **kw)
+        return time.perf_counter() - t0
+
+    out = {}
+    first = one(keep_quantized=False)
+    out["decode first call in process"] = first
+    out["decode second call"] = one(keep_quantized=False)
+    for chunk, slots, threads in ((8, 8, 8), (16, 4, 4), (4, 16, 16), (32, 4, 4), (8, 8, 16)):
+        key = f"keep chunk={chunk}MiB slots={slots} threads={threads}"
+        out[key] = min(one(chunk_bytes=chunk << 20, slots=slots, threads=threads) for _ in range(2))
+    out["keep io=stream"] = min(one(io="stream") for _ in range(2))
+    out["keep io=stream threads=8"] = min(one(io="stream", threads=8) for _ in range(2))
+    print("RESULT " + json.dumps({"method": "qt_variants", "variants": out}), flush=True)
+
+
 def drop_caches(paths: list[str]) -> str:
     os.sync()
     try:
@@ -521,11 +558,12 @@ def drop_caches(paths: list[str]) -> str:
         return "posix_fadvise(DONTNEED)"
 
 
-def section_load(workdir: str, repeats: int = 3) -> None:
-    import qtensors
-    import qtensors.torch as qtt
+def section_load(workdir: str, repeats: int = 2, only_variants: bool = False) -> None:
     from safetensors.torch import save_file as st_save
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import qtensors
+    import qtensors.torch as qtt
 
     say("## load: Llama-shaped model (TinyLlama-1.1B dims, random weights) to cuda")
     os.makedirs(workdir, exist_ok=True)
@@ -554,30 +592,40 @@ def section_load(workdir: str, repeats: int = 3) -> None:
     methods = {
         "safetensors": "safetensors.torch.load_file(fp16, device='cuda')",
         "qt_model_keep": "qtensors.torch.load_model(meta model, keep_quantized=True)",
+        "qt_model_keep_stream": "same, io='stream' (through qtensors.stream)",
         "qt_model_decode": "qtensors.torch.load_model(meta model, keep_quantized=False) -> fp16",
         "qt_load_file": "qtensors.load_file(framework='pt', device='cuda') (CPU decode)",
     }
     res: dict[str, Any] = {}
     how = ""
+
+    def child(method: str) -> dict[str, Any] | None:
+        p = subprocess.run(
+            [sys.executable, __file__, "--load-one", method, st_path, qt_path],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode or not line:
+            say(f"  {method}: FAILED rc={p.returncode}\n{p.stderr[-2000:]}")
+            return None
+        return json.loads(line[0][7:])
+
+    if only_variants:
+        methods = {}
     for method in methods:
         runs = []
         for kind in ["cold"] + ["warm"] * repeats:
             if kind == "cold":
                 how = drop_caches([st_path, qt_path])
-            p = subprocess.run(
-                [sys.executable, __file__, "--load-one", method, st_path, qt_path],
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-            if p.returncode or not line:
-                say(f"  {method} {kind}: FAILED rc={p.returncode}\n{p.stderr[-2000:]}")
+            r = child(method)
+            if r is None:
                 break
-            r = json.loads(line[0][7:])
             r["kind"] = kind
             runs.append(r)
         res[method] = runs
+    variants = child("qt_variants")
     RESULTS["load"] = {
         "params": nparams,
         "st_MiB": st_mb,
@@ -587,7 +635,7 @@ def section_load(workdir: str, repeats: int = 3) -> None:
     }
     say(f"cold cache by {how}; warm = median of {repeats} runs; each run a fresh process")
     say(
-        f"{'method':18} {'cold s':>7} {'warm s':>7} {'warm GB/s':>9} {'peak RSS+ MB':>12} "
+        f"{'method':21} {'cold s':>7} {'warm s':>7} {'warm GB/s':>9} {'peak RSS+ MB':>12} "
         f"{'GPU MB':>7}  what"
     )
     base = None
@@ -604,7 +652,7 @@ def section_load(workdir: str, repeats: int = 3) -> None:
         if method == "safetensors":
             base = (c, w)
         say(
-            f"{method:18} {c:7.3f} {w:7.3f} {size / 1024 / w:9.2f} {rss:12.0f} {gpu:7.0f}  "
+            f"{method:21} {c:7.3f} {w:7.3f} {size / 1024 / w:9.2f} {rss:12.0f} {gpu:7.0f}  "
             f"{methods[method]}"
         )
     if base:
@@ -616,6 +664,11 @@ def section_load(workdir: str, repeats: int = 3) -> None:
                     f"  {method}: {base[0] / cold[0]:.2f}x faster cold, "
                     f"{base[1] / statistics.median(warm):.2f}x faster warm than safetensors fp16"
                 )
+    if variants:
+        RESULTS["load"]["variants"] = variants["variants"]
+        say("warm, in one process (best of 2):")
+        for k, v in variants["variants"].items():
+            say(f"  {k:45} {v:.3f} s")
     say()
 
 
@@ -625,8 +678,9 @@ def section_load(workdir: str, repeats: int = 3) -> None:
 
 
 def section_minilm(devdata: str) -> None:
-    import qtensors.torch as qtt
     from transformers import AutoTokenizer
+
+    import qtensors.torch as qtt
 
     say("## minilm: converted MiniLM (int4-g64) on cuda vs the embeddings computed on the CPU")
     exp = torch.load(os.path.join(devdata, "minilm_expected.pt"))
@@ -681,8 +735,9 @@ def main() -> None:
     ap.add_argument("--devdata", default=".devdata")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    import qtensors.torch as qtt
     import triton
+
+    import qtensors.torch as qtt
 
     props = (
         torch.cuda.get_device_properties(0)
@@ -710,6 +765,8 @@ def main() -> None:
                 section_kernels(best)
             elif sec == "load":
                 section_load(args.workdir)
+            elif sec == "loadvariants":
+                section_load(args.workdir, only_variants=True)
             elif sec == "minilm":
                 section_minilm(args.devdata)
         except Exception as exc:

@@ -130,8 +130,9 @@ def env_info() -> dict:
 
 def check_cuda_stream(work: str) -> dict:
     import numpy as np
-    import qtensors as qt
     import torch
+
+    import qtensors as qt
 
     rng = np.random.default_rng(1)
     t = {
@@ -173,9 +174,10 @@ def check_cuda_stream(work: str) -> dict:
 
 
 def make_model(work: str, layers: int) -> dict:
-    import qtensors as qt
     import torch
     from transformers import LlamaForCausalLM
+
+    import qtensors as qt
 
     st_dir = os.path.join(work, "fp16")
     q_dir = os.path.join(work, "q4")
@@ -265,8 +267,9 @@ def raw_disk(work: str) -> dict:
 
 
 def stream_once(q_dir: str, **kw) -> dict:
-    import qtensors as qt
     import torch
+
+    import qtensors as qt
 
     files = files_of(q_dir, ".qtensors")
     cold = kw.pop("cold", True)
@@ -388,11 +391,12 @@ def decode_steps(model, steps: int, files: list[str], prompt: int = 16) -> dict:
 
 
 def offload_bench(work: str, layers: int, steps: int) -> dict:
-    import qtensors as qt
     import torch
+    from transformers import LlamaForCausalLM
+
+    import qtensors as qt
     from qtensors.torch import init_empty_weights
     from qtensors.torch.offload import offload
-    from transformers import LlamaForCausalLM
 
     q_dir = os.path.join(work, "q4")
     cfg = llama_config(layers)
@@ -452,11 +456,12 @@ def offload_bench(work: str, layers: int, steps: int) -> dict:
 
 
 def minilm_bench(repo: str) -> dict:
-    import qtensors as qt
     import torch
+    from transformers import BertConfig, BertModel
+
+    import qtensors as qt
     from qtensors.torch import init_empty_weights
     from qtensors.torch.offload import offload
-    from transformers import BertConfig, BertModel
 
     folder = os.path.join(repo, "benches", "_data", "minilm")
     path = os.path.join(folder, "model.qtensors")

@@ -8,6 +8,7 @@ flipped byte in every kind of part, padding, trailing and truncated files), diff
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import pty
@@ -57,7 +58,7 @@ def minilm_q(bert_path, tmp_path_factory) -> str:
     return str(dst)
 
 
-# -- help ---------------------------------------------------------------------------------------
+# -- help ------------------------------------------------------------------------------------------
 
 
 def test_help_teaches():
@@ -65,15 +66,26 @@ def test_help_teaches():
     for cmd in ("convert", "inspect", "verify", "diff", "demo"):
         assert f"qtensors {cmd}" in p.stdout
     p = cli("convert", "--help")
-    for text in ("presets", "flexgen", "int4-g128", "nf4", "int8", "--keep-embeddings",
-                 "examples:", "--force", "model.safetensors.index.json", ".tmp"):
+    for text in (
+        "presets",
+        "flexgen",
+        "int4-g128",
+        "nf4",
+        "int8",
+        "--keep-embeddings",
+        "examples:",
+        "--force",
+        "model.safetensors.index.json",
+        ".tmp",
+    ):
         assert text in p.stdout, text
     for cmd in ("inspect", "verify", "diff", "demo"):
         assert "examples:" in cli(cmd, "--help").stdout
     assert cli(ok=False).returncode == 2  # no command: usage
     assert cli("--version").stdout.startswith("qtensors ")
-    p = subprocess.run([sys.executable, "-m", "qtensors", "--version"], capture_output=True,
-                       text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "qtensors", "--version"], capture_output=True, text=True
+    )
     assert p.returncode == 0 and p.stdout.startswith("qtensors ")
 
 
@@ -88,7 +100,7 @@ def test_errors_are_one_line(tmp_path):
     assert p.returncode == 1 and "4-bit only" in p.stderr
 
 
-# -- convert, inspect, verify, diff on MiniLM --------------------------------------------------------
+# -- convert, inspect, verify, diff on MiniLM ------------------------------------------------------
 
 
 def test_inspect_table_and_json(minilm_q):
@@ -151,29 +163,59 @@ def test_refuses_to_overwrite(bert_path, minilm_q, tmp_path):
 
 def test_options_reach_the_file(bert_path, tmp_path):
     dst = tmp_path / "o.qtensors"
-    p = cli("convert", bert_path, dst, "--bits", "3", "--group-size", "32", "--axis", "-1",
-            "--scale-dtype", "float32", "--keep", "*.intermediate.*", "--keep-embeddings",
-            "--alignment", "4096", "--json")
+    p = cli(
+        "convert",
+        bert_path,
+        dst,
+        "--bits",
+        "3",
+        "--group-size",
+        "32",
+        "--axis",
+        "-1",
+        "--scale-dtype",
+        "float32",
+        "--keep",
+        "*.intermediate.*",
+        "--keep-embeddings",
+        "--alignment",
+        "4096",
+        "--json",
+    )
     res = json.loads(p.stdout)
     assert res["tensors"] == 104 and res["quantized"] == 40 - 6 - 3
     with qt.safe_open(dst) as f:
         assert f.alignment == 4096
         assert f.encoding("encoder.layer.2.output.dense.weight") == {
-            "name": "affine", "bits": 3, "group_size": 32, "axis": 1, "scale_dtype": "float32"
+            "name": "affine",
+            "bits": 3,
+            "group_size": 32,
+            "axis": 1,
+            "scale_dtype": "float32",
         }
         assert f.encoding("encoder.layer.2.intermediate.dense.weight")["name"] == "raw"
         assert f.encoding("embeddings.word_embeddings.weight")["name"] == "raw"
     cli("convert", bert_path, tmp_path / "s.qtensors", "--symmetric", "--bits", "8", "-q")
     assert qt.safe_open(tmp_path / "s.qtensors").encoding("pooler.dense.weight") == {
-        "name": "symmetric", "bits": 8, "group_size": 64, "axis": 0, "scale_dtype": "float16"
+        "name": "symmetric",
+        "bits": 8,
+        "group_size": 64,
+        "axis": 0,
+        "scale_dtype": "float16",
     }
 
 
 def test_progress_bar_only_on_a_terminal(bert_path, tmp_path):
     master, slave = pty.openpty()
     try:
-        p = subprocess.run([*ENTRY, "convert", bert_path, tmp_path / "a.qtensors"], stdin=slave,
-                           stdout=subprocess.PIPE, stderr=slave, env=ENV, timeout=120)
+        p = subprocess.run(
+            [*ENTRY, "convert", bert_path, tmp_path / "a.qtensors"],
+            stdin=slave,
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            env=ENV,
+            timeout=120,
+        )
         os.close(slave)
         slave = -1
         chunks = []
@@ -195,8 +237,13 @@ def test_progress_bar_only_on_a_terminal(bert_path, tmp_path):
     assert "converting" not in p.stdout.decode()
     # --quiet: nothing at all, even on a terminal
     master, slave = pty.openpty()
-    p = subprocess.run([*ENTRY, "convert", bert_path, tmp_path / "b.qtensors", "-q"],
-                       stdout=slave, stderr=slave, env=ENV, timeout=120)
+    p = subprocess.run(
+        [*ENTRY, "convert", bert_path, tmp_path / "b.qtensors", "-q"],
+        stdout=slave,
+        stderr=slave,
+        env=ENV,
+        timeout=120,
+    )
     os.close(slave)
     try:
         out = os.read(master, 65536)
@@ -206,7 +253,7 @@ def test_progress_bar_only_on_a_terminal(bert_path, tmp_path):
     assert p.returncode == 0 and out == b""
 
 
-# -- model folders --------------------------------------------------------------------------------
+# -- model folders ---------------------------------------------------------------------------------
 
 
 def test_sharded_folder(tmp_path):
@@ -232,7 +279,7 @@ def test_sharded_folder(tmp_path):
     assert "tensor 'lm_head.weight' is not in its shard model-00001-of-00002.qtensors" in p.stdout
 
 
-# -- interrupted conversions ------------------------------------------------------------------------
+# -- interrupted conversions -----------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -250,20 +297,50 @@ def slow_model(tmp_path_factory) -> str:
 SLOW = ("--bits", "3", "--group-size", "7", "--scale-dtype", "float32")
 
 
+def written_bytes(parent: str, prefix: str) -> int:
+    """Bytes actually written so far into the temporaries named `prefix*` under `parent` (the
+    writer sizes its file up front, sparse: allocated blocks grow as tensors are written)."""
+    total = 0
+    for name in os.listdir(parent):
+        if name.startswith(prefix):
+            path = os.path.join(parent, name)
+            paths = (
+                [path]
+                if os.path.isfile(path)
+                else [os.path.join(r, f) for r, _d, fs in os.walk(path) for f in fs]
+            )
+            for q in paths:
+                try:
+                    total += os.stat(q).st_blocks * 512
+                except FileNotFoundError:
+                    pass
+    return total
+
+
 def start_and_interrupt(src: str, dst: str, sig: int) -> subprocess.Popen:
+    """Start a conversion, wait until it has written 16 MB (of ~200), then send `sig`."""
     parent = os.path.dirname(dst)
-    p = subprocess.Popen([*ENTRY, "convert", src, dst, *SLOW], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=ENV)
+    p = subprocess.Popen(
+        [*ENTRY, "convert", src, dst, *SLOW],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**ENV, "PYTHONFAULTHANDLER": "1"},
+    )
     prefix = "." + os.path.basename(dst) + "."
     deadline = time.monotonic() + 60
-    while not any(n.startswith(prefix) for n in os.listdir(parent)):
+    while written_bytes(parent, prefix) < 16 << 20:
         assert p.poll() is None, p.communicate()
         assert time.monotonic() < deadline, "the conversion never started writing"
-        time.sleep(0.005)
-    time.sleep(0.3)  # mid-way: tensors are being encoded and written
+        time.sleep(0.002)
     assert p.poll() is None, "the conversion finished before the signal: make slow_model bigger"
     p.send_signal(sig)
-    p.wait(timeout=60)
+    try:
+        p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+        _out, err = p.communicate(timeout=30)
+        pytest.fail(f"the conversion hung after signal {sig}:\n{err}")
     return p
 
 
@@ -310,7 +387,7 @@ def test_killed_conversion_never_leaves_a_partial_output(slow_model, tmp_path):
     cli("verify", dst)
 
 
-# -- verify catches corruption ------------------------------------------------------------------------
+# -- verify catches corruption ---------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -322,6 +399,7 @@ def every_part(tmp_path_factory) -> tuple[str, dict]:
         "affine.weight": rng.standard_normal((96, 64)).astype(np.float32),
         "symmetric.weight": rng.standard_normal((64, 128)).astype(np.float16),
         "nf4.weight": rng.standard_normal((32, 256)).astype(np.float32),
+        "odd.bias": rng.standard_normal(13).astype(np.float32),  # 52 bytes, then padding
         "raw.bias": rng.standard_normal(200).astype(np.float32),
     }
     quant = {"affine.*": qt.FLEXGEN, "symmetric.*": qt.Symmetric(8, 32), "nf4.*": qt.NF4(64)}
@@ -333,7 +411,7 @@ def every_part(tmp_path_factory) -> tuple[str, dict]:
             for name in f.keys()
             for pname, p in f.tensor_info(name)["parts"].items()
         }
-    assert len(parts) == 8
+    assert len(parts) == 9
     return str(path), parts
 
 
@@ -367,7 +445,7 @@ def test_verify_names_every_corrupted_part(every_part, tmp_path):
 def test_verify_catches_padding_trailing_and_truncation(every_part, tmp_path):
     path, parts = every_part
     spans = sorted(parts.values())
-    gap = next(s + n for (s, n), (t, _) in zip(spans, spans[1:], strict=False) if s + n < t)
+    gap = next(s + n for (s, n), (t, _) in itertools.pairwise(spans) if s + n < t)
     p = cli("verify", flipped(path, tmp_path / "pad.qtensors", gap), ok=False)
     assert "nonzero bytes in the padding after tensor" in p.stdout
     data = open(path, "rb").read()
@@ -382,7 +460,7 @@ def test_verify_catches_padding_trailing_and_truncation(every_part, tmp_path):
     assert "FAILED" in p.stdout
 
 
-# -- inspect files from a newer qtensors ---------------------------------------------------------------
+# -- inspect files from a newer qtensors -----------------------------------------------------------
 
 
 def rewrite_header(src: str, dst, edit, minor: int = 1) -> str:
@@ -403,8 +481,14 @@ def rewrite_header(src: str, dst, edit, minor: int = 1) -> str:
 def base_file(tmp_path_factory) -> str:
     rng = np.random.default_rng(5)
     path = tmp_path_factory.mktemp("newer") / "base.qtensors"
-    qt.save_file({"a.weight": rng.standard_normal((64, 64)).astype(np.float32),
-                  "b.bias": rng.standard_normal(64).astype(np.float32)}, path, alignment=4096)
+    qt.save_file(
+        {
+            "a.weight": rng.standard_normal((64, 64)).astype(np.float32),
+            "b.bias": rng.standard_normal(64).astype(np.float32),
+        },
+        path,
+        alignment=4096,
+    )
     return str(path)
 
 
@@ -441,7 +525,7 @@ def test_inspect_survives_an_unknown_dtype(base_file, tmp_path):
     assert "unknown dtype" in row
 
 
-# -- demo -----------------------------------------------------------------------------------------
+# -- demo ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow

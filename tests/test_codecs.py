@@ -9,11 +9,12 @@ from __future__ import annotations
 import helpers as H
 import numpy as np
 import pytest
-import qtensors as qt
 import reference as R
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+
+import qtensors as qt
 
 
 def run_qt(case, as_torch=False):

@@ -105,7 +105,7 @@ def minilm_converted(bert_path, tmp_path_factory) -> tuple[str, qt.convert]:
     return dst, qt.convert(bert_path, dst)
 
 
-# -- the real MiniLM file -------------------------------------------------------------------------
+# -- the real MiniLM file --------------------------------------------------------------------------
 
 
 def test_minilm_conversion_matches_the_library_encoder(bert_path, minilm_converted):
@@ -170,7 +170,7 @@ def test_read_ahead_does_not_change_the_bytes(bert_path, minilm_converted, tmp_p
         assert a.read() == b.read()
 
 
-# -- policy and presets ---------------------------------------------------------------------------
+# -- policy and presets ----------------------------------------------------------------------------
 
 
 def test_resolve_quant():
@@ -235,12 +235,12 @@ def test_mapping_quant(bert_path, tmp_path):
 
 
 def test_bad_axis_names_the_tensor(bert_path, tmp_path):
-    with pytest.raises(ValueError, match="embeddings.position_embeddings.weight.*axis 2"):
+    with pytest.raises(ValueError, match=r"embeddings\.position_embeddings\.weight.*axis 2"):
         qt.convert(bert_path, tmp_path / "x.qtensors", qt.Affine(4, 64, axis=2))
     assert os.listdir(tmp_path) == []
 
 
-# -- model folders ----------------------------------------------------------------------------------
+# -- model folders ---------------------------------------------------------------------------------
 
 
 def test_sharded_folder(sharded, tmp_path):
@@ -362,7 +362,7 @@ def test_refuses_output_inside_input(sharded):
         )
 
 
-# -- atomicity --------------------------------------------------------------------------------------
+# -- atomicity -------------------------------------------------------------------------------------
 
 
 def test_nan_fails_cleanly_and_names_the_tensor(tmp_path):
@@ -427,7 +427,7 @@ def test_stale_temporaries_are_removed(bert_path, tmp_path):
     assert any(young.name in n and "still running" in n for n in res.notes)
 
 
-# -- dtypes -------------------------------------------------------------------------------------------
+# -- dtypes ----------------------------------------------------------------------------------------
 
 
 def test_dtypes_and_frameworks(tmp_path):
@@ -473,12 +473,12 @@ def test_not_a_safetensors_file(tmp_path):
         qt.convert(tmp_path / "missing.safetensors")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(_source.InputError, match="no .safetensors"):
+    with pytest.raises(_source.InputError, match=r"no \.safetensors"):
         qt.convert(empty, tmp_path / "out")
     assert sorted(os.listdir(tmp_path)) == ["bad.safetensors", "empty"]
 
 
-# -- the demo's numpy BERT ----------------------------------------------------------------------------
+# -- the demo's numpy BERT -------------------------------------------------------------------------
 
 
 @pytest.mark.slow

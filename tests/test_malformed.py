@@ -9,10 +9,11 @@ import json
 import malformed_cases as M
 import numpy as np
 import pytest
-import qtensors as qt
 import reference as R
 from hypothesis import given
 from hypothesis import strategies as st
+
+import qtensors as qt
 
 CASES = M.cases()
 VALID = M.valid_variants()

@@ -6,10 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
-import qtensors as qt
 import torch
-from qtensors.torch import init_empty_weights
-from qtensors.torch.offload import offload
 from transformers import (
     BertConfig,
     BertModel,
@@ -18,6 +15,10 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
 )
+
+import qtensors as qt
+from qtensors.torch import init_empty_weights
+from qtensors.torch.offload import offload
 
 
 def _llama_config() -> LlamaConfig:

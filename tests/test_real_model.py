@@ -14,9 +14,10 @@ import os
 import helpers as H
 import numpy as np
 import pytest
-import qtensors as qt
 import reference as R
 from safetensors.numpy import load_file as st_load
+
+import qtensors as qt
 
 pytestmark = pytest.mark.slow
 

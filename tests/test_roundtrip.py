@@ -8,9 +8,10 @@ import os
 import helpers as H
 import numpy as np
 import pytest
-import qtensors as qt
 import reference as R
 import torch
+
+import qtensors as qt
 
 FLEXGEN = {"name": "affine", "bits": 4, "group_size": 64, "axis": 0, "scale_dtype": "float16"}
 

@@ -11,8 +11,9 @@ import time
 
 import numpy as np
 import pytest
-import qtensors as qt
 import torch
+
+import qtensors as qt
 from qtensors import _core
 
 MODES = ("pread", "direct", "mmap")

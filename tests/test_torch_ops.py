@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference as R
 import torch
 
-import reference as R
 from qtensors.torch import ops
 from qtensors.torch._layout import normalize_axis
 
@@ -153,7 +153,7 @@ def test_spec_vectors(vectors_dir, manifest):
 
 
 def _args(shape=(6, 8), kind="affine", bits=4, g=4, axis=-1):
-    parts, enc = make_case(0, shape, kind, bits, g, axis, "float16", True)
+    parts, _ = make_case(0, shape, kind, bits, g, axis, "float16", True)
     codes = torch.from_numpy(parts["codes"].copy())
     s = part_to_torch(parts["scales"], "float16")
     m = part_to_torch(parts["mins"], "float16")

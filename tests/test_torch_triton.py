@@ -3,9 +3,9 @@
 The interpreter is chosen when Triton's ``jit`` decorates a kernel, so the kernels run in a child
 process that sets the variable before importing them (this process may have compiled them for a
 GPU already). Every launch path is covered: the 2-D kernel (any group size / axis) and the
-grouped 3-D kernel (axis last and axis 0), 4-bit codes loaded per element or as whole bytes, one
-tile per program or several, with the output poisoned with NaN first so that any element left
-unwritten shows.
+grouped 3-D kernel (axis last and axis 0), codes read per element, as whole bytes (4-bit) or as
+8-code words (any width), 32- or 64-bit indices, with the output poisoned with NaN first so that
+any element left unwritten shows.
 """
 
 from __future__ import annotations
@@ -63,16 +63,17 @@ CHILD = textwrap.dedent(
         codes = torch.from_numpy(parts["codes"].copy())
         s, m = T(parts["scales"], sd), T(parts["mins"], sd)
         a = R.normalize_axis(axis, len(shape))
-        for cfg in configs:
+        for j, cfg in enumerate(configs):
             o = torch.full(tuple(shape), float("nan"), dtype=OUT_T[out])
             tk.dequantize_triton(codes, s, m, list(shape), kind, bits, g, a, OUT_T[out],
-                                 config=cfg, out=o)
+                                 config=cfg, out=o, idx64=(i + j) % 4 == 0)
             ti, ni = INT[o.element_size()]
             got = o.view(ti).numpy().view(ni).reshape(want.shape)
             n += 1
             if not np.array_equal(got, want):
                 bad = int((got != want).sum())
-                failures.append(f"{shape} {kind}{bits} g{g} ax{axis} {sd}->{out} {cfg}: {bad} differ")
+                what = f"{shape} {kind}{bits} g{g} ax{axis} {sd}->{out} {cfg}"
+                failures.append(f"{what}: {bad} differ")
     print(json.dumps({"n": n, "failures": failures}))
     """
 )
@@ -99,6 +100,12 @@ CASES = [
     ((6, 34), "symmetric", 4, 1, 0, "float16", "float32"),
     ((17, 48), "affine", 2, 16, 0, "float16", "float16"),
     ((2, 8, 6), "symmetric", 3, 4, 0, "bfloat16", "bfloat16"),
+    ((6, 64), "affine", 3, 16, -1, "float16", "float32"),
+    ((5, 40), "symmetric", 5, 8, -1, "float32", "float16"),
+    ((4, 24), "affine", 1, 8, -1, "float16", "float32"),
+    ((19, 32), "affine", 7, 32, 0, "bfloat16", "float32"),
+    ((16, 32), "symmetric", 6, 8, -1, "float16", "bfloat16"),
+    ((70, 16), "affine", 2, 64, 0, "float16", "float16"),
 ]
 
 

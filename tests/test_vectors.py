@@ -9,9 +9,10 @@ import os
 import helpers as H
 import numpy as np
 import pytest
-import qtensors as qt
 import reference as R
 import torch
+
+import qtensors as qt
 
 VECTORS_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "spec", "vectors"

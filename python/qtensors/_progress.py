@@ -43,10 +43,10 @@ class Progress:
                 **size,
                 leave=False,
                 file=sys.stderr,
+                postfix=self._tensors_text(),
                 bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B "
-                "[{elapsed}<{remaining}, {rate_fmt}] {postfix}",
+                "[{elapsed}<{remaining}, {rate_fmt}]{postfix}",
             )
-            self._bar.set_postfix_str(self._tensors_text(), refresh=False)
 
     def _tensors_text(self) -> str:
         return f"{self.tensors}/{self.total_tensors} tensors"

@@ -101,7 +101,7 @@ class Entry:
 
 
 def list_file(path: str) -> tuple[dict[str, str], list[Entry]]:
-    """The metadata and the tensors (in file order) of one safetensors file; reads the header only."""
+    """The metadata and the tensors (in file order) of a safetensors file, from its header."""
     st = _safetensors()
     try:
         with st.safe_open(path, framework="np") as f:
@@ -131,8 +131,9 @@ def framework_for(dtypes: Iterable[str]) -> str:
     if not need:
         return "np"
     if not have_torch():
-        raise InputError(f"{', '.join(need)} tensors need torch, which numpy cannot hold: "
-                         "pip install torch")
+        raise InputError(
+            f"{', '.join(need)} tensors need torch, which numpy cannot hold: pip install torch"
+        )
     return "pt"
 
 

@@ -116,7 +116,7 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
         "--axis",
         type=int,
         metavar="A",
-        help="axis the groups run along (0 = output rows, -1 = the last axis)",
+        help="axis the groups run along: 0 = down a column (flexgen), -1 = along a row",
     )
     g.add_argument(
         "--symmetric",

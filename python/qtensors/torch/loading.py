@@ -43,8 +43,8 @@ from .modules import (
 from .ops import dequantize_op
 
 INDEX_SUFFIX = ".qtensors.index.json"
-DEFAULT_CHUNK = 16 << 20
-DEFAULT_SLOTS = 4
+DEFAULT_CHUNK = 8 << 20
+DEFAULT_SLOTS = 8
 
 _ALL_DTYPES = {
     "bool": torch.bool,
@@ -159,7 +159,7 @@ class _Streamer:
         self.staged = self.cuda if staged is None else staged
         self.chunk = chunk
         self.nslots = max(1, slots)
-        self.threads = threads or max(1, min(self.nslots, os.cpu_count() or 1))
+        self.threads = threads or max(1, min(self.nslots, os.cpu_count() or 1, 8))
         self._bufs: list[torch.Tensor] = []
         self.bytes_read = 0
 
@@ -399,9 +399,10 @@ def load_model(
     strict: bool = False,
     key_map: Callable[[str], str | None] | None = None,
     *,
-    io: str = "stream",
+    io: str = "builtin",
     chunk_bytes: int = DEFAULT_CHUNK,
     slots: int = DEFAULT_SLOTS,
+    threads: int | None = None,
     staged: bool | None = None,
     **stream_options: Any,
 ) -> LoadResult:
@@ -420,10 +421,12 @@ def load_model(
     * Tensors of ``model`` that no file provides are listed in ``missing_keys`` (an error with
       ``strict``); file tensors the model lacks in ``unexpected_keys``.
 
-    I/O: ``io="stream"`` (default) goes through ``qtensors.stream`` (``stream_options`` are its
-    options: ``mode``, ``threads``, ``pinned``, ``prefetch``...); ``io="builtin"`` through this
-    module's own reader (``chunk_bytes``, ``slots``; ``staged`` forces or skips its host ring).
-    Either way host memory stays at a ring of pinned buffers, whatever the model size.
+    I/O: ``io="builtin"`` (default): each tensor's byte range is read by ``threads`` threads in
+    chunks of ``chunk_bytes`` into a ring of ``slots`` pinned buffers and copied to the device
+    asynchronously (``staged`` forces or skips the ring; by default CUDA targets use it).
+    ``io="stream"`` goes through ``qtensors.stream`` instead (``stream_options`` are its options:
+    ``mode="direct"`` for O_DIRECT, ``pinned``, ``prefetch``...). Either way host memory stays at
+    a ring of pinned buffers (64 MiB by default), whatever the model size.
     """
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else _default_device(model)
@@ -455,6 +458,9 @@ def load_model(
     if io == "stream":
         from ..stream import stream
 
+        if threads:
+            stream_options.setdefault("threads", threads)
+
         for path_i, items in plan:
             if not items:
                 continue
@@ -467,7 +473,7 @@ def load_model(
                     place(name, info, q.parts())
                 result.bytes_read += s.stats()["bytes"]
     elif io == "builtin":
-        streamer = _Streamer(dev, chunk=chunk_bytes, slots=slots, staged=staged)
+        streamer = _Streamer(dev, chunk=chunk_bytes, slots=slots, threads=threads, staged=staged)
         for path_i, items in plan:
             base = _data_start(path_i)
             spans = []

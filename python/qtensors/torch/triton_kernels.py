@@ -26,6 +26,7 @@ Importing this module needs Triton; it works on CPU tensors under ``TRITON_INTER
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -64,19 +65,55 @@ def _codes_at(codes_ptr, e, nbytes, mask, BITS: tl.constexpr):
 
 
 @triton.jit
-def _values(code, s, m, levels_ptr, mask, ENC: tl.constexpr, BITS: tl.constexpr):
+def _octets(codes_ptr, start, omask, BITS: tl.constexpr):
+    """The 8 codes of each octet whose BITS bytes start at byte ``start`` (a 3-D tensor): one
+    word per octet, then 8 shifts. Returns ``start``'s shape + [8]."""
+    BP: tl.constexpr = 1 if BITS == 1 else (2 if BITS == 2 else (4 if BITS <= 4 else 8))
+    k = tl.arange(0, BP)[None, None, None, :]
+    bmask = omask[:, :, :, None] & (k < BITS)
+    raw = tl.load(codes_ptr + start[:, :, :, None] + k, mask=bmask, other=0)
+    if BITS <= 4:
+        word = tl.sum(raw.to(tl.int32) << (8 * k), axis=3)
+    else:
+        word = tl.sum(raw.to(tl.int64) << (8 * k).to(tl.int64), axis=3)
+    j = tl.arange(0, 8)[None, None, None, :]
+    return ((word[:, :, :, None] >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _values(
+    code, s, m, levels_ptr, mask, ENC: tl.constexpr, BITS: tl.constexpr, PAIRED: tl.constexpr
+):
     """fp32 values of the codes: affine ``code * s + m``, symmetric ``(code - 2^(b-1)) * s``,
-    nf4 ``level[code] * s``."""
+    nf4 ``level[code] * s`` (with PAIRED, ``code`` already holds the levels)."""
     if ENC == 0:
         val = code.to(tl.float32) * s + m
     elif ENC == 1:
         val = (code - (1 << (BITS - 1))).to(tl.float32) * s
+    elif PAIRED:
+        val = code * s
     else:
         val = tl.load(levels_ptr + code, mask=mask, other=0.0) * s
     return val
 
 
 @triton.jit
+def _to_out(val, out_ptr, BF16_BITS: tl.constexpr):
+    """fp32 -> the output dtype, rounded to nearest even. ``BF16_BITS``: round to bfloat16 with
+    integer operations (Triton's interpreter truncates in its own conversion; GPUs round)."""
+    if BF16_BITS:
+        b = val.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        return b.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return val.to(out_ptr.dtype.element_ty)
+
+
+# Only the arguments whose divisibility decides vector widths (C, Q) are specialized on: fewer
+# variants to compile or fetch from Triton's cache in a fresh process.
+_NO_SPEC = ["R", "L", "G", "nbytes", "n_tiles", "n_ctiles"]
+
+
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _dequant_kernel(
     codes_ptr,
     scales_ptr,
@@ -98,6 +135,7 @@ def _dequant_kernel(
     ONE_P: tl.constexpr,
     PAIRED: tl.constexpr,
     IDX64: tl.constexpr,
+    BF16_BITS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -121,7 +159,11 @@ def _dequant_kernel(
             bmask = rmask[:, None] & (half < (C >> 1))[None, :]
             bptr = codes_ptr + rows[:, None] * (C >> 1) + half[None, :]
             b = tl.load(bptr, mask=bmask, other=0).to(tl.int32)
-            code = tl.join(b & 15, b >> 4).reshape(BLOCK_R, BLOCK_C)
+            if ENC == 2:  # levels_ptr: per byte value, the levels of its two nibbles
+                pair = (b * 2)[:, :, None] + tl.arange(0, 2)[None, None, :]
+                code = tl.load(levels_ptr + pair).reshape(BLOCK_R, BLOCK_C)
+            else:
+                code = tl.join(b & 15, b >> 4).reshape(BLOCK_R, BLOCK_C)
         else:
             code = _codes_at(codes_ptr, e, nbytes, mask, BITS)
 
@@ -139,11 +181,11 @@ def _dequant_kernel(
             m = tl.load(mins_ptr + sidx, mask=mask, other=0.0).to(tl.float32)
         else:
             m = s
-        val = _values(code, s, m, levels_ptr, mask, ENC, BITS)
-        tl.store(out_ptr + e, val.to(out_ptr.dtype.element_ty), mask=mask)
+        val = _values(code, s, m, levels_ptr, mask, ENC, BITS, PAIRED)
+        tl.store(out_ptr + e, _to_out(val, out_ptr, BF16_BITS), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[n for n in _NO_SPEC if n != "L"])
 def _grouped_kernel(
     codes_ptr,
     scales_ptr,
@@ -162,7 +204,9 @@ def _grouped_kernel(
     GS: tl.constexpr,
     LASTAXIS: tl.constexpr,
     PAIRED: tl.constexpr,
+    OCTETS: tl.constexpr,
     IDX64: tl.constexpr,
+    BF16_BITS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -170,7 +214,10 @@ def _grouped_kernel(
     of two), so each scale / min is loaded once and broadcast over its group in registers.
 
     LASTAXIS: tile [BLOCK_R, NG, GB] = rows x (groups of GB columns). Otherwise (axis 0, ``P ==
-    1``): tile [NG, GB, BLOCK_C] = (groups of GB rows) x columns. ``GB = min(GS, block)``."""
+    1``): tile [NG, GB, BLOCK_C] = (groups of GB rows) x columns. ``GB = min(GS, block)``.
+
+    OCTETS (any bit width, rows of a multiple of 8 elements): 8 consecutive codes fill exactly
+    BITS bytes, so each run of 8 is read as one BITS-byte word and split with shifts."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     if LASTAXIS:
@@ -198,7 +245,16 @@ def _grouped_kernel(
                 h3 = (gstart // 2)[None, :, None] + tl.arange(0, GB // 2)[None, None, :]
                 bmask = (r3 < R) & (h3 < (C >> 1))
                 b = tl.load(codes_ptr + r3 * (C >> 1) + h3, mask=bmask, other=0).to(tl.int32)
-                code = tl.join(b & 15, b >> 4).reshape(BLOCK_R, NG, GB)
+                if ENC == 2:
+                    pair = (b * 2)[:, :, :, None] + tl.arange(0, 2)[None, None, None, :]
+                    code = tl.load(levels_ptr + pair).reshape(BLOCK_R, NG, GB)
+                else:
+                    code = tl.join(b & 15, b >> 4).reshape(BLOCK_R, NG, GB)
+            elif OCTETS:
+                o3 = (gstart // 8)[None, :, None] + tl.arange(0, GB // 8)[None, None, :]
+                omask = (r3 < R) & (o3 < (C >> 3))
+                code = _octets(codes_ptr, r3 * ((C >> 3) * BITS) + o3 * BITS, omask, BITS)
+                code = code.reshape(BLOCK_R, NG, GB)
             else:
                 code = _codes_at(codes_ptr, e, nbytes, mask, BITS)
             s = tl.load(scales_ptr + sidx, mask=smask, other=0.0).to(tl.float32)[:, :, None]
@@ -222,7 +278,16 @@ def _grouped_kernel(
                 h3 = (tc * (BLOCK_C // 2) + tl.arange(0, BLOCK_C // 2))[None, None, :]
                 bmask = (r3 < R) & (h3 < (C >> 1))
                 b = tl.load(codes_ptr + r3 * (C >> 1) + h3, mask=bmask, other=0).to(tl.int32)
-                code = tl.join(b & 15, b >> 4).reshape(NG, GB, BLOCK_C)
+                if ENC == 2:
+                    pair = (b * 2)[:, :, :, None] + tl.arange(0, 2)[None, None, None, :]
+                    code = tl.load(levels_ptr + pair).reshape(NG, GB, BLOCK_C)
+                else:
+                    code = tl.join(b & 15, b >> 4).reshape(NG, GB, BLOCK_C)
+            elif OCTETS:
+                o3 = (tc * (BLOCK_C // 8) + tl.arange(0, BLOCK_C // 8))[None, None, :]
+                omask = (r3 < R) & (o3 < (C >> 3))
+                code = _octets(codes_ptr, r3 * ((C >> 3) * BITS) + o3 * BITS, omask, BITS)
+                code = code.reshape(NG, GB, BLOCK_C)
             else:
                 code = _codes_at(codes_ptr, e, nbytes, mask, BITS)
             s = tl.load(scales_ptr + sidx, mask=smask, other=0.0).to(tl.float32)[:, None, :]
@@ -230,8 +295,8 @@ def _grouped_kernel(
                 m = tl.load(mins_ptr + sidx, mask=smask, other=0.0).to(tl.float32)[:, None, :]
             else:
                 m = s
-        val = _values(code, s, m, levels_ptr, mask, ENC, BITS)
-        tl.store(out_ptr + e, val.to(out_ptr.dtype.element_ty), mask=mask)
+        val = _values(code, s, m, levels_ptr, mask, ENC, BITS, PAIRED)
+        tl.store(out_ptr + e, _to_out(val, out_ptr, BF16_BITS), mask=mask)
 
 
 @dataclass(frozen=True)
@@ -249,6 +314,7 @@ class Config:
     persistent: int = 0
     paired: bool = True
     grouped: bool = True
+    octets: bool = True
     fp_fusion: bool = False
 
 
@@ -259,12 +325,18 @@ def _pow2_at_most(n: int, cap: int) -> int:
     return v
 
 
-def default_config(R: int, C: int, bits: int, lastaxis: bool) -> Config:
-    """The launch parameters used when none are given (chosen on an H100: benches/results/)."""
-    tile = 4096
-    block_c = max(_pow2_at_most(C, 1024 if lastaxis else 512), 16)
+def default_config(R: int, C: int, bits: int, lastaxis: bool, encoding: str = "affine") -> Config:
+    """The launch parameters used when none are given, picked from sweeps on an H100
+    (benches/results/gpu_sweep_h100.txt): tiles of 4096 (axis last: 2 x 2048) or 8192 (axis 0:
+    8 x 1024) elements, the columns (the contiguous axis) as wide as the tensor allows."""
+    if lastaxis:
+        block_c = max(_pow2_at_most(C, 2048), 16)
+        tile, warps = 4096, (4 if bits in (4, 8) else 8)
+    else:
+        block_c = max(_pow2_at_most(C, 1024), 16)
+        tile, warps = 8192, 4
     block_r = max(1, min(_pow2_at_most(R, 64), tile // block_c))
-    return Config(block_r, block_c, num_warps=4)
+    return Config(block_r, block_c, num_warps=warps)
 
 
 def is_pow2(v: int) -> bool:
@@ -276,14 +348,20 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-_LEVELS: dict[torch.device, torch.Tensor] = {}
+_LEVELS: dict[tuple[torch.device, bool], torch.Tensor] = {}
 
 
-def _levels(device: torch.device) -> torch.Tensor:
-    t = _LEVELS.get(device)
+def _levels(device: torch.device, pairs: bool) -> torch.Tensor:
+    """The NF4 levels (16 fp32), or with ``pairs`` a 256 x 2 table: for each byte value the
+    levels of its low and high nibble (one 8-byte load decodes two codes)."""
+    t = _LEVELS.get((device, pairs))
     if t is None:
-        t = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
-        _LEVELS[device] = t
+        lv = torch.tensor(NF4_LEVELS, dtype=torch.float32)
+        if pairs:
+            b = torch.arange(256)
+            lv = torch.stack([lv[b & 15], lv[b >> 4]], dim=1).contiguous()
+        t = lv.to(device)
+        _LEVELS[(device, pairs)] = t
     return t
 
 
@@ -299,9 +377,11 @@ def dequantize_triton(
     out_dtype: torch.dtype,
     config: Config | None = None,
     out: torch.Tensor | None = None,
+    idx64: bool | None = None,
 ) -> torch.Tensor:
     """Decode with the Triton kernel. Arguments as ``torch.ops.qtensors.dequantize`` (already
-    validated); ``config`` overrides the launch parameters; ``out`` receives the result."""
+    validated); ``config`` overrides the launch parameters; ``out`` receives the result;
+    ``idx64`` forces 64-bit (True) indexing, by default used only past 2^31 elements."""
     shape = [int(d) for d in shape]
     P, L, Q, G = group_layout(shape, axis, group_size)
     n = P * L * Q
@@ -311,19 +391,23 @@ def dequantize_triton(
         return out
     lastaxis = Q == 1
     R, C = (P, L) if lastaxis else (P * L, Q)
-    cfg = config or default_config(R, C, bits, lastaxis)
+    cfg = config or default_config(R, C, bits, lastaxis, encoding)
     grouped = cfg.grouped and is_pow2(group_size) and (lastaxis or P == 1)
     paired = cfg.paired and bits == 4 and C % 2 == 0 and (not grouped or group_size >= 2)
+    # octets: 8 codes per BITS-byte word; rows (and group slots) must hold whole octets
+    slot = min(group_size, cfg.block_c) if lastaxis else cfg.block_c
+    octets = cfg.octets and grouped and not paired and bits != 8 and C % 8 == 0 and slot % 8 == 0
     n_rt = triton.cdiv(R, cfg.block_r)
     n_ct = triton.cdiv(C, cfg.block_c)
     n_tiles = n_rt * n_ct
     # int32 indices while every element and scale index fits (tiles may overhang by a block)
     reach = (R + cfg.block_r) * (C + cfg.block_c)
-    idx64 = reach >= 2**31 - 1
+    if idx64 is None:
+        idx64 = reach >= 2**31 - 1
     grid_n = n_tiles
     if cfg.persistent and codes.device.type == "cuda":
         grid_n = min(n_tiles, cfg.persistent * _sm_count(codes.device.index or 0))
-    levels = _levels(codes.device) if encoding == "nf4" else scales
+    levels = _levels(codes.device, paired) if encoding == "nf4" else scales
     m = mins if mins is not None else scales
     common = dict(
         ENC=ENC_IDS[encoding],
@@ -332,6 +416,7 @@ def dequantize_triton(
         LASTAXIS=lastaxis,
         PAIRED=paired,
         IDX64=idx64,
+        BF16_BITS=out_dtype == torch.bfloat16 and _interpreting(),
         BLOCK_R=cfg.block_r,
         BLOCK_C=cfg.block_c,
     )
@@ -345,7 +430,20 @@ def dequantize_triton(
     with torch.cuda.device(codes.device) if codes.device.type == "cuda" else _nullctx():
         if grouped:
             _grouped_kernel[(grid_n,)](
-                codes, scales, m, levels, out, R, C, G, Q, nbytes, n_tiles, n_ct, **common
+                codes,
+                scales,
+                m,
+                levels,
+                out,
+                R,
+                C,
+                G,
+                Q,
+                nbytes,
+                n_tiles,
+                n_ct,
+                OCTETS=octets,
+                **common,
             )
         else:
             _dequant_kernel[(grid_n,)](
@@ -366,6 +464,10 @@ def dequantize_triton(
                 **common,
             )
     return out
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 class _nullctx:
