@@ -42,15 +42,20 @@ pub fn encode(
         }
         return Ok(vec![bytes]);
     };
-    let owned;
-    let values: &[f32] = match input {
-        Input::F32(v) => v,
+    let src = match input {
+        Input::F32(v) => codecs::Source::F32(v),
         Input::Bytes(b, d) => {
-            owned = float::bytes_to_f32(b, d)?;
-            &owned
+            if !d.is_quantizable_float() || b.len() % d.itemsize() != 0 {
+                return Err(Error::Invalid(format!(
+                    "{} bytes of {d} cannot be quantized: only whole float16, bfloat16, float32 \
+                     and float64 values can",
+                    b.len()
+                )));
+            }
+            codecs::Source::Bytes(b, d)
         }
     };
-    let q = codecs::quantize(k, codec, &params, shape, values)?;
+    let q = codecs::quantize_source(k, codec, &params, shape, src)?;
     let mut parts = vec![q.codes, scale_bytes(&q.scales, params.scale_dtype)?];
     if codec.has_mins() {
         parts.push(scale_bytes(&q.mins, params.scale_dtype)?);

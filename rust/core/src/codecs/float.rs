@@ -50,6 +50,38 @@ pub fn bytes_to_f32(src: &[u8], dtype: DType) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// Widen one block of little-endian float bytes into `out` (sequential: callers are threads).
+pub fn widen_into(src: &[u8], dtype: DType, out: &mut [f32]) -> Result<()> {
+    match dtype {
+        DType::Float16 => {
+            for (v, b) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *v = f16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        DType::Bfloat16 => {
+            for (v, b) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *v = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+            }
+        }
+        DType::Float32 => {
+            for (v, b) in out.iter_mut().zip(src.chunks_exact(4)) {
+                *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        DType::Float64 => {
+            for (v, b) in out.iter_mut().zip(src.chunks_exact(8)) {
+                *v = f64::from_le_bytes(b.try_into().unwrap()) as f32;
+            }
+        }
+        other => {
+            return Err(Error::Invalid(format!(
+                "dtype {other} cannot be quantized: only float16, bfloat16, float32 and float64 can"
+            )))
+        }
+    }
+    Ok(())
+}
+
 /// Narrow fp32 values into little-endian bytes of `dtype` (round-to-nearest-even).
 pub fn f32_to_bytes(src: &[f32], dtype: DType, out: &mut [u8]) -> Result<()> {
     let size = dtype.itemsize();

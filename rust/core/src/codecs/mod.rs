@@ -12,8 +12,10 @@ pub use codec::{Codec, NF4_LEVELS};
 use segments::for_each_segment;
 pub use simd::Kernels;
 
+use std::borrow::Cow;
+
 use crate::error::{Error, Result};
-use crate::format::{encoding::packed_len, GroupLayout, GroupParams};
+use crate::format::{encoding::packed_len, DType, GroupLayout, GroupParams};
 
 /// Elements per parallel task: a multiple of 8 so every task owns whole bytes of codes at any
 /// bit width, and small enough (256 KiB of fp32) to stay in L2.
@@ -29,6 +31,36 @@ pub struct Quantized {
     pub mins: Vec<f32>,
 }
 
+/// The values to quantize: fp32 already, or little-endian bytes of another float dtype that are
+/// widened block by block inside the threads (no whole-tensor fp32 copy).
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    F32(&'a [f32]),
+    Bytes(&'a [u8], DType),
+}
+
+impl<'a> Source<'a> {
+    fn len(&self) -> usize {
+        match self {
+            Source::F32(x) => x.len(),
+            Source::Bytes(b, d) => b.len() / d.itemsize(),
+        }
+    }
+
+    /// Elements `a..b` as fp32.
+    fn range(&self, a: usize, b: usize) -> Result<Cow<'a, [f32]>> {
+        match *self {
+            Source::F32(x) => Ok(Cow::Borrowed(&x[a..b])),
+            Source::Bytes(bytes, d) => {
+                let size = d.itemsize();
+                let mut out = vec![0f32; b - a];
+                float::widen_into(&bytes[a * size..b * size], d, &mut out)?;
+                Ok(Cow::Owned(out))
+            }
+        }
+    }
+}
+
 fn layout_for(shape: &[u64], p: &GroupParams) -> Result<GroupLayout> {
     GroupLayout::new(shape, p.axis, p.group_size)
 }
@@ -41,7 +73,18 @@ pub fn quantize(
     shape: &[u64],
     x: &[f32],
 ) -> Result<Quantized> {
-    quantize_with(k, codec, params, shape, x, true)
+    quantize_with(k, codec, params, shape, Source::F32(x), true)
+}
+
+/// Quantize values given as fp32 or as bytes of another float dtype.
+pub fn quantize_source(
+    k: &Kernels,
+    codec: Codec,
+    params: &GroupParams,
+    shape: &[u64],
+    src: Source<'_>,
+) -> Result<Quantized> {
+    quantize_with(k, codec, params, shape, src, true)
 }
 
 /// `fuse`: allow the one-pass path where the layout permits (tests compare both paths).
@@ -50,21 +93,21 @@ fn quantize_with(
     codec: Codec,
     params: &GroupParams,
     shape: &[u64],
-    x: &[f32],
+    src: Source<'_>,
     fuse: bool,
 ) -> Result<Quantized> {
     let layout = layout_for(shape, params)?;
-    if layout.numel() as usize != x.len() {
+    if layout.numel() as usize != src.len() {
         return Err(Error::Invalid(format!(
             "{} values do not fill shape {shape:?}",
-            x.len()
+            src.len()
         )));
     }
     let n_groups = layout.num_groups() as usize;
     let mut scales = vec![0f32; n_groups];
     let mut mins = vec![0f32; n_groups];
     let bits = codec.bits() as usize;
-    let n = x.len();
+    let n = src.len();
     let mut codes = vec![0u8; packed_len(n as u64, codec.bits()).unwrap() as usize];
     let mids = codec::nf4_midpoints();
 
@@ -74,13 +117,16 @@ fn quantize_with(
             codec,
             params,
             &layout,
-            x,
+            src,
             &mut scales,
             &mut mins,
             &mut codes,
             &mids,
         )?;
     if !fused {
+        // The two-pass path reads the tensor twice: widen it once.
+        let widened = src.range(0, n)?;
+        let x: &[f32] = &widened;
         let mut invs = vec![0f32; n_groups];
         group_params(
             k,
@@ -143,13 +189,13 @@ fn quantize_fused(
     codec: Codec,
     params: &GroupParams,
     layout: &GroupLayout,
-    x: &[f32],
+    src: Source<'_>,
     scales: &mut [f32],
     mins: &mut [f32],
     codes: &mut [u8],
     mids: &[f32; 15],
 ) -> Result<bool> {
-    let n = x.len();
+    let n = src.len();
     let l_len = layout.axis_len as usize;
     let q_len = layout.inner as usize;
     let g_len = layout.groups_along_axis as usize;
@@ -200,6 +246,9 @@ fn quantize_fused(
     tasks
         .into_par_iter()
         .try_for_each(|(j0, j1, e0, c, s, m)| -> Result<()> {
+            // This task's elements, widened to fp32 here if they are not already.
+            let block = src.range(e0, start(j1))?;
+            let x: &[f32] = &block;
             if q_len == 1 {
                 // Each group-row is one group of contiguous elements. Batches of groups (in L1)
                 // go through statistics, parameters and codes in turn, so that the divisions and
@@ -209,7 +258,7 @@ fn quantize_fused(
                 for b0 in (j0..j1).step_by(BATCH) {
                     let b1 = (b0 + BATCH).min(j1);
                     for j in b0..b1 {
-                        let xs = &x[start(j)..start(j + 1)];
+                        let xs = &x[start(j) - e0..start(j + 1) - e0];
                         let (l, h, finite) = if has_mins {
                             (k.min_max)(xs)
                         } else {
@@ -228,7 +277,8 @@ fn quantize_fused(
                     for j in b0..b1 {
                         let (a, b) = (start(j), start(j + 1));
                         let mb = if has_mins { m[j - j0] } else { 0.0 };
-                        (k.encode_bcast)(codec, &x[a..b], inv[j - b0], mb, mids, c, a - e0);
+                        let xs = &x[a - e0..b - e0];
+                        (k.encode_bcast)(codec, xs, inv[j - b0], mb, mids, c, a - e0);
                     }
                 }
                 return Ok(());
@@ -249,7 +299,7 @@ fn quantize_fused(
                     hi[..wq].fill(if has_mins { f32::NEG_INFINITY } else { 0.0 });
                     for l in l0..l1 {
                         let r = (p * l_len + l) * q_len;
-                        let xs = &x[r + q0..r + q1];
+                        let xs = &x[r + q0 - e0..r + q1 - e0];
                         let finite = if has_mins {
                             (k.min_max_vec)(xs, &mut lo[..wq], &mut hi[..wq])
                         } else {
@@ -270,7 +320,7 @@ fn quantize_fused(
                     };
                     for l in l0..l1 {
                         let r = (p * l_len + l) * q_len;
-                        let xs = &x[r + q0..r + q1];
+                        let xs = &x[r + q0 - e0..r + q1 - e0];
                         (k.encode_vec)(codec, xs, &inv[..wq], mv, mids, c, r + q0 - e0);
                     }
                 }

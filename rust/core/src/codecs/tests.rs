@@ -3,7 +3,6 @@
 
 use super::simd::{available, scalar::SCALAR, tests::Rng};
 use super::*;
-use crate::format::DType;
 
 /// (shape, axis, group size): ragged last groups, groups along earlier axes (FlexGen layout),
 /// rank 0, empty, tensors that cross the driver's chunk boundary mid-group and mid-row, and one
@@ -217,16 +216,34 @@ fn fused_and_two_pass_quantize_agree() {
             let p = params(codec, axis, gs, DType::Bfloat16);
             let x = tensor(&mut r, n);
             for k in available() {
-                let one = quantize_with(k, codec, &p, &shape, &x, true).unwrap();
-                let two = quantize_with(k, codec, &p, &shape, &x, false).unwrap();
+                let one = quantize_with(k, codec, &p, &shape, Source::F32(&x), true).unwrap();
+                let two = quantize_with(k, codec, &p, &shape, Source::F32(&x), false).unwrap();
                 assert!(one == two, "{} {codec:?} shape {shape:?}", k.name);
+                // fp16 bytes widened block by block inside the tasks give what widening the
+                // whole tensor first gives, on both paths.
+                let halves: Vec<u8> = x
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect();
+                let widened: Vec<f32> = halves
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect();
+                let want =
+                    quantize_with(k, codec, &p, &shape, Source::F32(&widened), true).unwrap();
+                for fuse in [true, false] {
+                    let src = Source::Bytes(&halves, DType::Float16);
+                    let got = quantize_with(k, codec, &p, &shape, src, fuse).unwrap();
+                    assert!(got == want, "fp16 source, fuse={fuse}, {codec:?} {shape:?}");
+                }
             }
             let g = layout.num_groups() as usize;
             let (mut s, mut m) = (vec![0f32; g], vec![0f32; g]);
             let mut c = vec![0u8; packed_len(n as u64, codec.bits()).unwrap() as usize];
             let mids = codec::nf4_midpoints();
             let k = &SCALAR;
-            if quantize_fused(k, codec, &p, &layout, &x, &mut s, &mut m, &mut c, &mids).unwrap() {
+            let src = Source::F32(&x);
+            if quantize_fused(k, codec, &p, &layout, src, &mut s, &mut m, &mut c, &mids).unwrap() {
                 fused_runs += 1;
             }
         }
