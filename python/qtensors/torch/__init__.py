@@ -5,6 +5,7 @@ models.
     w = qtt.dequantize(q, device="cuda")                 # a QuantizedTensor, decoded on the GPU
     qtt.load_model(model, "model.qtensors", device="cuda")   # linears stay 4-bit on the GPU
     model = qtt.from_pretrained("MiniLM-qtensors", device="cuda")   # transformers, one call
+    qtt.offload(model, "model.qtensors", device="cuda")      # weights stay on disk, prefetched
 
 ``torch.ops.qtensors.dequantize`` is the op underneath (Triton on CUDA, the Rust core on the
 CPU, plain torch elsewhere, fake tensors under ``torch.compile``).
@@ -19,12 +20,14 @@ import torch as _torch
 from ..quantized import QuantizedTensor
 from .loading import LoadResult, load_model, model_files, save_model, state_dict_for_file
 from .modules import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
+from .offload import OffloadHandle, offload
 from .ops import HAVE_TRITON, dequantize_op, dequantize_torch
 from .transformers import from_pretrained, init_empty_weights, sentence_embeddings
 
 __all__ = [
     "HAVE_TRITON",
     "LoadResult",
+    "OffloadHandle",
     "QuantizedEmbedding",
     "QuantizedLinear",
     "QuantizedWeight",
@@ -35,6 +38,7 @@ __all__ = [
     "init_empty_weights",
     "load_model",
     "model_files",
+    "offload",
     "quantize_model",
     "save_model",
     "sentence_embeddings",

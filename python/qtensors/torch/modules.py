@@ -26,7 +26,7 @@ from .. import quantized as _q
 from ..encodings import Encoding, Raw, from_dict
 from ..quantized import QuantizedTensor
 from ._layout import codes_nbytes, normalize_axis, scale_shape
-from .ops import OUT_DTYPES, dequantize_op
+from .ops import OUT_DTYPES, dequantize
 
 _TORCH_BY_NAME = {v: k for k, v in OUT_DTYPES.items()}
 _SCALE_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -126,7 +126,7 @@ class QuantizedWeight(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The decoded tensor (on the buffers' device) in ``dtype`` (default ``self.dtype``)."""
         e = self.encoding
-        return dequantize_op(
+        return dequantize(
             self.codes,
             self.scales,
             self.mins,
@@ -444,7 +444,7 @@ class QuantizedEmbedding(nn.Module):
             scales = w.scales.index_select(0, grp)
             mins = None if w.mins is None else w.mins.index_select(0, grp)
             gs, axis = 1, 0
-        out = dequantize_op(
+        out = dequantize(
             codes, scales, mins, [flat.numel(), D], e["name"], w.bits, gs, axis, w.dtype
         )
         return out.reshape(*ids.shape, D)

@@ -3,7 +3,8 @@
     out = torch.ops.qtensors.dequantize(codes, scales, mins, shape, "affine", 4, 64, 0,
                                         torch.float16)
 
-* CUDA: a Triton kernel (``triton_kernels.py``); plain torch when Triton is missing.
+* CUDA: a Triton kernel (``triton_kernels.py``), bit-exact with the spec (no fused
+  multiply-add); plain torch when Triton is missing.
 * CPU: the Rust core (``qtensors._core.decode``), bit-exact with the spec.
 * any other device: plain torch (``dequantize_torch``), also bit-exact (no fused multiply-add).
 * meta / FakeTensor: shape and dtype only, so the op traces under ``torch.compile``.
@@ -12,6 +13,8 @@ Arguments: ``codes`` is the packed uint8 code stream (1-D, ``ceil(N * bits / 8)`
 ``scales`` (and ``mins`` for affine, else None) hold one value per group in the scale dtype
 (float16, bfloat16 or float32) and any shape with the right number of elements; ``shape`` is the
 tensor's shape, ``axis`` its group axis (negative allowed), ``out_dtype`` a floating dtype.
+
+``dequantize`` (below) is the same with the dispatcher skipped in eager mode (modules use it).
 """
 
 from __future__ import annotations
@@ -260,3 +263,30 @@ def _dequantize_cuda_kernel(
 def _dequantize_fake(codes, scales, mins, shape, encoding, bits, group_size, axis, out_dtype):
     check_args(codes, scales, mins, shape, encoding, bits, group_size, axis, out_dtype)
     return codes.new_empty([int(d) for d in shape], dtype=out_dtype)
+
+
+def dequantize(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    shape: Sequence[int],
+    encoding: str,
+    bits: int,
+    group_size: int,
+    axis: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``torch.ops.qtensors.dequantize``, calling the CPU / CUDA implementation directly in eager
+    mode on plain tensors (the dispatcher costs some 20 us a call, more than the kernel of a
+    small layer); under ``torch.compile``, fake or wrapped tensors it goes through the op."""
+    if type(codes) is torch.Tensor and not torch.compiler.is_compiling():
+        kind = codes.device.type
+        if kind == "cuda":
+            return _dequantize_cuda_kernel(
+                codes, scales, mins, shape, encoding, bits, group_size, axis, out_dtype
+            )
+        if kind == "cpu":
+            return _dequantize_cpu_kernel(
+                codes, scales, mins, shape, encoding, bits, group_size, axis, out_dtype
+            )
+    return dequantize_op(codes, scales, mins, shape, encoding, bits, group_size, axis, out_dtype)
