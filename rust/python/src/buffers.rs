@@ -18,6 +18,8 @@ pub struct AlignedBytes {
     len: usize,
     /// Set for large buffers; `ptr` points into it.
     map: Option<memmap2::MmapMut>,
+    /// Set for buffers adopted from a Vec (no copy); `ptr` points into it.
+    vec: Option<Vec<u8>>,
 }
 
 // SAFETY: a plain owned allocation.
@@ -34,6 +36,7 @@ impl AlignedBytes {
                 ptr: NonNull::dangling(),
                 len: 0,
                 map: None,
+                vec: None,
             };
         }
         if len >= MAP_THRESHOLD {
@@ -45,6 +48,7 @@ impl AlignedBytes {
                     ptr,
                     len,
                     map: Some(m),
+                    vec: None,
                 };
             }
         }
@@ -56,13 +60,23 @@ impl AlignedBytes {
             ptr,
             len,
             map: None,
+            vec: None,
         }
     }
 
-    pub fn from_slice(src: &[u8]) -> Self {
-        let mut b = Self::zeroed(src.len());
-        b.as_mut_slice().copy_from_slice(src);
-        b
+    /// Adopt a Vec without copying. The system allocator aligns every non-empty allocation to
+    /// at least 16 bytes on 64-bit targets, enough for every dtype's element alignment.
+    pub fn from_vec(mut v: Vec<u8>) -> Self {
+        if v.is_empty() {
+            return Self::zeroed(0);
+        }
+        let ptr = NonNull::new(v.as_mut_ptr()).expect("non-empty Vec");
+        AlignedBytes {
+            ptr,
+            len: v.len(),
+            map: None,
+            vec: Some(v),
+        }
     }
 
     pub fn as_slice(&self) -> &[u8] {
@@ -78,7 +92,7 @@ impl AlignedBytes {
 
 impl Drop for AlignedBytes {
     fn drop(&mut self) {
-        if self.len > 0 && self.map.is_none() {
+        if self.len > 0 && self.map.is_none() && self.vec.is_none() {
             let layout = Layout::from_size_align(self.len, ALIGN).expect("size fits");
             // SAFETY: allocated with this layout.
             unsafe { dealloc(self.ptr.as_ptr(), layout) }

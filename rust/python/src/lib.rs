@@ -366,7 +366,7 @@ fn encode(
     Ok(parts
         .into_iter()
         .map(|p| OwnedBuffer {
-            data: AlignedBytes::from_slice(&p),
+            data: AlignedBytes::from_vec(p),
         })
         .collect())
 }

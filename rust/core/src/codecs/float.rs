@@ -18,6 +18,31 @@ pub fn store_scale(v: f32, dtype: DType) -> f32 {
     }
 }
 
+/// `store_scale` over a slice, in place, through the half crate's slice conversions (F16C).
+pub fn store_scales(v: &mut [f32], dtype: DType) {
+    use half::slice::HalfFloatSliceExt;
+    const STEP: usize = 64;
+    match dtype {
+        DType::Float16 => {
+            let mut tmp = [f16::ZERO; STEP];
+            for c in v.chunks_mut(STEP) {
+                let t = &mut tmp[..c.len()];
+                t.convert_from_f32_slice(c);
+                t.convert_to_f32_slice(c);
+            }
+        }
+        DType::Bfloat16 => {
+            let mut tmp = [bf16::ZERO; STEP];
+            for c in v.chunks_mut(STEP) {
+                let t = &mut tmp[..c.len()];
+                t.convert_from_f32_slice(c);
+                t.convert_to_f32_slice(c);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Widen little-endian float bytes to fp32 (float64 is rounded to fp32, per spec 4.3).
 pub fn bytes_to_f32(src: &[u8], dtype: DType) -> Result<Vec<f32>> {
     let size = dtype.itemsize();
