@@ -7,18 +7,6 @@ use std::arch::x86_64::*;
 use super::{byte_head, scalar, Kernels};
 use crate::codecs::codec::{Codec, NF4_LEVELS};
 
-static AVX2: Kernels = Kernels {
-    name: "avx2",
-    dequant_bcast,
-    dequant_vec,
-    encode_bcast,
-    encode_vec,
-    min_max,
-    abs_max,
-    min_max_vec,
-    abs_max_vec,
-};
-
 /// The AVX2 table if this CPU has AVX2. Its functions are reachable only through here.
 pub fn table() -> Option<&'static Kernels> {
     if is_x86_feature_detected!("avx2") {
@@ -70,82 +58,15 @@ pub(super) fn sorted(mids: &[f32; 15]) -> bool {
     mids.windows(2).all(|w| w[0] <= w[1])
 }
 
-// SAFETY (all wrappers below): they are only reachable through `table()`, which checked AVX2.
-// They pick the codec here, so that the kernels take at most six integer arguments, all in
-// registers: re-passing stack arguments costs a store-forwarding stall per call, which is as
-// much as a 64-element group's work.
-
-fn dequant_bcast(codec: Codec, codes: &[u8], first: usize, s: f32, m: f32, out: &mut [f32]) {
-    unsafe {
-        by_codec!(
-            codec,
-            dq_bcast(codes, first, s, m, out),
-            scalar::dequant_bcast(codec, codes, first, s, m, out)
-        )
-    }
-}
-
-fn dequant_vec(codec: Codec, codes: &[u8], first: usize, s: &[f32], m: &[f32], out: &mut [f32]) {
-    unsafe {
-        by_codec!(
-            codec,
-            dq_vec(codes, first, s, m, out),
-            scalar::dequant_vec(codec, codes, first, s, m, out)
-        )
-    }
-}
-
-fn encode_bcast(
-    codec: Codec,
-    x: &[f32],
-    inv: f32,
-    m: f32,
-    mids: &[f32; 15],
-    codes: &mut [u8],
-    first: usize,
-) {
-    unsafe {
-        by_codec!(
-            codec,
-            enc_bcast(x, inv, m, mids, codes, first),
-            scalar::encode_bcast(codec, x, inv, m, mids, codes, first)
-        )
-    }
-}
-
-fn encode_vec(
-    codec: Codec,
-    x: &[f32],
-    inv: &[f32],
-    m: &[f32],
-    mids: &[f32; 15],
-    codes: &mut [u8],
-    first: usize,
-) {
-    unsafe {
-        by_codec!(
-            codec,
-            enc_vec(x, inv, m, mids, codes, first),
-            scalar::encode_vec(codec, x, inv, m, mids, codes, first)
-        )
-    }
-}
-
-fn min_max(x: &[f32]) -> (f32, f32, bool) {
-    unsafe { min_max_avx2(x) }
-}
-
-fn abs_max(x: &[f32]) -> (f32, bool) {
-    unsafe { abs_max_avx2(x) }
-}
-
-fn min_max_vec(x: &[f32], lo: &mut [f32], hi: &mut [f32]) -> bool {
-    unsafe { min_max_vec_avx2(x, lo, hi) }
-}
-
-fn abs_max_vec(x: &[f32], a: &mut [f32]) -> bool {
-    unsafe { abs_max_vec_avx2(x, a) }
-}
+// The table and its wrappers; reachable only through `table()`, which checked AVX2.
+kernel_table!(
+    AVX2,
+    "avx2",
+    min_max_avx2,
+    abs_max_avx2,
+    min_max_vec_avx2,
+    abs_max_vec_avx2
+);
 
 /// Floats ahead of the current position to prefetch (4 KiB). Dequantizing prefetches the output
 /// for ownership: without it the stores' line fills come late, and a large output was written at

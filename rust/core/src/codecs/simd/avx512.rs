@@ -11,18 +11,6 @@ use super::avx2::{
 use super::{byte_head, scalar, Kernels};
 use crate::codecs::codec::{Codec, NF4_LEVELS};
 
-static AVX512: Kernels = Kernels {
-    name: "avx512",
-    dequant_bcast,
-    dequant_vec,
-    encode_bcast,
-    encode_vec,
-    min_max,
-    abs_max,
-    min_max_vec,
-    abs_max_vec,
-};
-
 /// The AVX-512 table if this CPU has AVX-512F and AVX2. Its functions are reachable only here.
 pub fn table() -> Option<&'static Kernels> {
     if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx2") {
@@ -32,80 +20,15 @@ pub fn table() -> Option<&'static Kernels> {
     }
 }
 
-// SAFETY (all wrappers below): only reachable through `table()`, which checked AVX-512F and AVX2.
-// The codec is picked here so that kernels take their arguments in registers (see avx2.rs).
-
-fn dequant_bcast(codec: Codec, codes: &[u8], first: usize, s: f32, m: f32, out: &mut [f32]) {
-    unsafe {
-        by_codec!(
-            codec,
-            dq_bcast(codes, first, s, m, out),
-            scalar::dequant_bcast(codec, codes, first, s, m, out)
-        )
-    }
-}
-
-fn dequant_vec(codec: Codec, codes: &[u8], first: usize, s: &[f32], m: &[f32], out: &mut [f32]) {
-    unsafe {
-        by_codec!(
-            codec,
-            dq_vec(codes, first, s, m, out),
-            scalar::dequant_vec(codec, codes, first, s, m, out)
-        )
-    }
-}
-
-fn encode_bcast(
-    codec: Codec,
-    x: &[f32],
-    inv: f32,
-    m: f32,
-    mids: &[f32; 15],
-    codes: &mut [u8],
-    first: usize,
-) {
-    unsafe {
-        by_codec!(
-            codec,
-            enc_bcast(x, inv, m, mids, codes, first),
-            scalar::encode_bcast(codec, x, inv, m, mids, codes, first)
-        )
-    }
-}
-
-fn encode_vec(
-    codec: Codec,
-    x: &[f32],
-    inv: &[f32],
-    m: &[f32],
-    mids: &[f32; 15],
-    codes: &mut [u8],
-    first: usize,
-) {
-    unsafe {
-        by_codec!(
-            codec,
-            enc_vec(x, inv, m, mids, codes, first),
-            scalar::encode_vec(codec, x, inv, m, mids, codes, first)
-        )
-    }
-}
-
-fn min_max(x: &[f32]) -> (f32, f32, bool) {
-    unsafe { min_max_avx512(x) }
-}
-
-fn abs_max(x: &[f32]) -> (f32, bool) {
-    unsafe { abs_max_avx512(x) }
-}
-
-fn min_max_vec(x: &[f32], lo: &mut [f32], hi: &mut [f32]) -> bool {
-    unsafe { min_max_vec_avx512(x, lo, hi) }
-}
-
-fn abs_max_vec(x: &[f32], a: &mut [f32]) -> bool {
-    unsafe { abs_max_vec_avx512(x, a) }
-}
+// The table and its wrappers; reachable only through `table()`, which checked AVX-512F and AVX2.
+kernel_table!(
+    AVX512,
+    "avx512",
+    min_max_avx512,
+    abs_max_avx512,
+    min_max_vec_avx512,
+    abs_max_vec_avx512
+);
 
 #[target_feature(enable = "avx512f,avx2")]
 unsafe fn dq_bcast<const K: u8, const B: u8>(

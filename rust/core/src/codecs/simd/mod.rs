@@ -4,6 +4,118 @@ use std::sync::OnceLock;
 
 use crate::codecs::codec::Codec;
 
+/// The table of an x86 instruction set and its safe wrappers. The invoking module provides the
+/// kernels (`dq_bcast`, `dq_vec`, `enc_bcast`, `enc_vec`, generic over the codec, and the four
+/// statistics functions named here) and `by_codec!`. The wrappers pick the codec so that the
+/// kernels take at most six integer arguments, all in registers: re-passing stack arguments costs
+/// a store-forwarding stall per call, as much as a 64-element group's work.
+///
+/// SAFETY of the generated wrappers: they are only reachable through the table, which the
+/// module's `table()` hands out only after checking the instruction set.
+#[cfg(target_arch = "x86_64")]
+macro_rules! kernel_table {
+    ($table:ident, $name:literal, $min_max:ident, $abs_max:ident, $min_max_vec:ident,
+     $abs_max_vec:ident) => {
+        static $table: Kernels = Kernels {
+            name: $name,
+            dequant_bcast,
+            dequant_vec,
+            encode_bcast,
+            encode_vec,
+            min_max,
+            abs_max,
+            min_max_vec,
+            abs_max_vec,
+        };
+
+        fn dequant_bcast(
+            codec: Codec,
+            codes: &[u8],
+            first: usize,
+            s: f32,
+            m: f32,
+            out: &mut [f32],
+        ) {
+            unsafe {
+                by_codec!(
+                    codec,
+                    dq_bcast(codes, first, s, m, out),
+                    scalar::dequant_bcast(codec, codes, first, s, m, out)
+                )
+            }
+        }
+
+        fn dequant_vec(
+            codec: Codec,
+            codes: &[u8],
+            first: usize,
+            s: &[f32],
+            m: &[f32],
+            out: &mut [f32],
+        ) {
+            unsafe {
+                by_codec!(
+                    codec,
+                    dq_vec(codes, first, s, m, out),
+                    scalar::dequant_vec(codec, codes, first, s, m, out)
+                )
+            }
+        }
+
+        fn encode_bcast(
+            codec: Codec,
+            x: &[f32],
+            inv: f32,
+            m: f32,
+            mids: &[f32; 15],
+            codes: &mut [u8],
+            first: usize,
+        ) {
+            unsafe {
+                by_codec!(
+                    codec,
+                    enc_bcast(x, inv, m, mids, codes, first),
+                    scalar::encode_bcast(codec, x, inv, m, mids, codes, first)
+                )
+            }
+        }
+
+        fn encode_vec(
+            codec: Codec,
+            x: &[f32],
+            inv: &[f32],
+            m: &[f32],
+            mids: &[f32; 15],
+            codes: &mut [u8],
+            first: usize,
+        ) {
+            unsafe {
+                by_codec!(
+                    codec,
+                    enc_vec(x, inv, m, mids, codes, first),
+                    scalar::encode_vec(codec, x, inv, m, mids, codes, first)
+                )
+            }
+        }
+
+        fn min_max(x: &[f32]) -> (f32, f32, bool) {
+            unsafe { $min_max(x) }
+        }
+
+        fn abs_max(x: &[f32]) -> (f32, bool) {
+            unsafe { $abs_max(x) }
+        }
+
+        fn min_max_vec(x: &[f32], lo: &mut [f32], hi: &mut [f32]) -> bool {
+            unsafe { $min_max_vec(x, lo, hi) }
+        }
+
+        fn abs_max_vec(x: &[f32], a: &mut [f32]) -> bool {
+            unsafe { $abs_max_vec(x, a) }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
