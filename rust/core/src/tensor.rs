@@ -113,7 +113,7 @@ pub fn decode(k: &Kernels, info: &TensorInfo, parts: &[&[u8]], out: &mut [u8]) -
             );
         }
     }
-    let mut tmp = vec![0f32; n];
+    let mut tmp = codecs::zeroed_here::<f32>(n);
     codecs::dequantize(
         k,
         codec,

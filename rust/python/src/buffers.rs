@@ -1,7 +1,7 @@
 //! Memory shared with Python without copies, through the buffer protocol: `OwnedBuffer` hands a
 //! Rust allocation to numpy/torch; `input_bytes`/`output_bytes` read and fill Python buffers.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::alloc::{alloc, dealloc, Layout};
 use std::ffi::c_int;
 use std::ptr::NonNull;
 
@@ -53,9 +53,10 @@ impl AlignedBytes {
             }
         }
         let layout = Layout::from_size_align(len, ALIGN).expect("size fits");
-        // SAFETY: non-zero size.
-        let p = unsafe { alloc_zeroed(layout) };
+        // SAFETY: non-zero size; the bytes are zeroed by this thread (see above).
+        let p = unsafe { alloc(layout) };
         let ptr = NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, len) };
         AlignedBytes {
             ptr,
             len,

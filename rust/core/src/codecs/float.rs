@@ -53,7 +53,7 @@ pub fn bytes_to_f32(src: &[u8], dtype: DType) -> Result<Vec<f32>> {
         )));
     }
     let n = src.len() / size;
-    let mut out = vec![0f32; n];
+    let mut out = super::zeroed_here::<f32>(n);
     let conv: fn(&[u8]) -> f32 = match dtype {
         DType::Float16 => |b| f16::from_le_bytes([b[0], b[1]]).to_f32(),
         DType::Bfloat16 => |b| bf16::from_le_bytes([b[0], b[1]]).to_f32(),
@@ -79,8 +79,15 @@ pub fn bytes_to_f32(src: &[u8], dtype: DType) -> Result<Vec<f32>> {
 pub fn widen_into(src: &[u8], dtype: DType, out: &mut [f32]) -> Result<()> {
     match dtype {
         DType::Float16 => {
-            for (v, b) in out.iter_mut().zip(src.chunks_exact(2)) {
-                *v = f16::from_le_bytes([b[0], b[1]]).to_f32();
+            // SAFETY: any bits are a valid f16; only the aligned middle is used (little-endian).
+            let (pre, mid, post) = unsafe { src.align_to::<f16>() };
+            if cfg!(target_endian = "little") && pre.is_empty() && post.is_empty() {
+                use half::slice::HalfFloatSliceExt;
+                mid.convert_to_f32_slice(out); // F16C where the CPU has it
+            } else {
+                for (v, b) in out.iter_mut().zip(src.chunks_exact(2)) {
+                    *v = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
             }
         }
         DType::Bfloat16 => {

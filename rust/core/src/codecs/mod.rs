@@ -12,7 +12,7 @@ pub use codec::{Codec, NF4_LEVELS};
 use segments::for_each_segment;
 pub use simd::Kernels;
 
-use std::borrow::Cow;
+use std::cell::RefCell;
 
 use crate::error::{Error, Result};
 use crate::format::{encoding::packed_len, DType, GroupLayout, GroupParams};
@@ -47,18 +47,67 @@ impl<'a> Source<'a> {
         }
     }
 
-    /// Elements `a..b` as fp32.
-    fn range(&self, a: usize, b: usize) -> Result<Cow<'a, [f32]>> {
+    /// Elements `a..b` as fp32: a view, or a widened copy in a buffer recycled per thread (a
+    /// fresh allocation per task costs an mmap and page faults larger than the work).
+    fn range(&self, a: usize, b: usize) -> Result<Block<'a>> {
         match *self {
-            Source::F32(x) => Ok(Cow::Borrowed(&x[a..b])),
+            Source::F32(x) => Ok(Block::View(&x[a..b])),
             Source::Bytes(bytes, d) => {
                 let size = d.itemsize();
-                let mut out = vec![0f32; b - a];
-                float::widen_into(&bytes[a * size..b * size], d, &mut out)?;
-                Ok(Cow::Owned(out))
+                let mut buf = SPARE.with(|s| s.borrow_mut().pop()).unwrap_or_default();
+                buf.resize(b - a, 0.0);
+                float::widen_into(&bytes[a * size..b * size], d, &mut buf)?;
+                Ok(Block::Widened(buf))
             }
         }
     }
+}
+
+thread_local! {
+    static SPARE: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Values of a block of elements; a widened buffer goes back to its thread's spares on drop.
+enum Block<'a> {
+    View(&'a [f32]),
+    Widened(Vec<f32>),
+}
+
+impl std::ops::Deref for Block<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            Block::View(x) => x,
+            Block::Widened(v) => v,
+        }
+    }
+}
+
+impl Drop for Block<'_> {
+    fn drop(&mut self) {
+        if let Block::Widened(v) = self {
+            let v = std::mem::take(v);
+            // Keep a couple per thread; whole-tensor buffers (two-pass path) are freed.
+            if v.capacity() <= 4 * CHUNK * 16 {
+                SPARE.with(|s| {
+                    let mut s = s.borrow_mut();
+                    if s.len() < 2 {
+                        s.push(v);
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// A zeroed Vec whose pages are touched by the calling thread. `vec![0; n]` maps fresh zero pages
+/// that the worker threads would then fault in concurrently, and on virtual machines concurrent
+/// first-touch faults contend so badly that two threads ran slower than one (measured: 4096²
+/// FLEXGEN quantize took 41 ms on two threads with `vec!`, 15 ms with this).
+pub fn zeroed_here<T: Copy + Default>(n: usize) -> Vec<T> {
+    let mut v = Vec::with_capacity(n);
+    v.resize(n, T::default());
+    v
 }
 
 fn layout_for(shape: &[u64], p: &GroupParams) -> Result<GroupLayout> {
@@ -104,11 +153,11 @@ fn quantize_with(
         )));
     }
     let n_groups = layout.num_groups() as usize;
-    let mut scales = vec![0f32; n_groups];
-    let mut mins = vec![0f32; n_groups];
+    let mut scales = zeroed_here(n_groups);
+    let mut mins = zeroed_here(n_groups);
     let bits = codec.bits() as usize;
     let n = src.len();
-    let mut codes = vec![0u8; packed_len(n as u64, codec.bits()).unwrap() as usize];
+    let mut codes = zeroed_here(packed_len(n as u64, codec.bits()).unwrap() as usize);
     let mids = codec::nf4_midpoints();
 
     let fused = fuse
@@ -127,7 +176,7 @@ fn quantize_with(
         // The two-pass path reads the tensor twice: widen it once.
         let widened = src.range(0, n)?;
         let x: &[f32] = &widened;
-        let mut invs = vec![0f32; n_groups];
+        let mut invs = zeroed_here(n_groups);
         group_params(
             k,
             codec,
