@@ -35,6 +35,7 @@ import time
 from typing import Any
 
 import torch
+from _common import drop_caches
 
 RESULTS: dict[str, Any] = {}
 LINES: list[str] = []
@@ -609,22 +610,6 @@ def load_variants(qt_path: str) -> None:
     out["keep io=stream"] = min(one(io="stream") for _ in range(2))
     out["keep io=stream threads=8"] = min(one(io="stream", threads=8) for _ in range(2))
     print("RESULT " + json.dumps({"method": "qt_variants", "variants": out}), flush=True)
-
-
-def drop_caches(paths: list[str]) -> str:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as fh:
-            fh.write("3\n")
-        return "drop_caches"
-    except OSError:
-        for p in paths:
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-        return "posix_fadvise(DONTNEED)"
 
 
 def section_load(workdir: str, repeats: int = 2, only_variants: bool = False) -> None:

@@ -34,6 +34,8 @@ import sys
 import time
 import traceback
 
+from _common import drop_caches
+
 MiB = 1 << 20
 GB = 1e9
 RESULTS: dict = {"phases": {}, "errors": {}}
@@ -51,22 +53,6 @@ def save(out: str) -> None:
 
 def files_of(folder: str, suffix: str) -> list[str]:
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(suffix))
-
-
-def drop_caches(files: list[str]) -> str:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as fh:
-            fh.write("3\n")
-        return "drop_caches"
-    except OSError:
-        for f in files:
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-        return "fadvise_dontneed"
 
 
 def phase(name: str, out: str):

@@ -3,6 +3,7 @@ back to arrays of either framework without copies."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -41,25 +42,16 @@ def _torch():
     return torch
 
 
-def torch_dtype(name: str):
+@functools.cache
+def _torch_dtypes() -> dict[str, Any]:
     torch = _torch()
-    return {
-        "bool": torch.bool,
-        "uint8": torch.uint8,
-        "int8": torch.int8,
-        "uint16": torch.uint16,
-        "int16": torch.int16,
-        "uint32": torch.uint32,
-        "int32": torch.int32,
-        "uint64": torch.uint64,
-        "int64": torch.int64,
-        "float16": torch.float16,
-        "bfloat16": torch.bfloat16,
-        "float32": torch.float32,
-        "float64": torch.float64,
-        "float8_e4m3fn": torch.float8_e4m3fn,
-        "float8_e5m2": torch.float8_e5m2,
-    }[name]
+    names = [*_NP_BY_NAME, "bfloat16", "float8_e4m3fn", "float8_e5m2"]
+    return {n: getattr(torch, n) for n in names if n != "bool"} | {"bool": torch.bool}
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a qtensors dtype name (every dtype of spec section 3)."""
+    return _torch_dtypes()[name]
 
 
 def numpy_dtype(name: str) -> np.dtype:

@@ -49,7 +49,7 @@ def save_file(
     try:
         for i, (kind, src) in enumerate(sources):
             if kind == "parts":
-                writer.write_parts(i, [_raw_bytes(p) for p in src.parts()])
+                writer.write_parts(i, [as_bytes(p)[0] for p in src.parts()])
             else:
                 data, dtype = src
                 writer.write_tensor(i, data, dtype)
@@ -57,10 +57,6 @@ def save_file(
     except BaseException:
         writer.abort()
         raise
-
-
-def _raw_bytes(p: Any):
-    return as_bytes(p)[0]
 
 
 def load_file(

@@ -129,19 +129,9 @@ def quantize(x: Any, encoding: Encoding, framework: str | None = None) -> Quanti
     )
 
 
-def _part_bytes(p: Any):
-    from ._arrays import is_torch_tensor
-
-    if is_torch_tensor(p):
-        return as_bytes(p)[0]
-    import numpy as np
-
-    return np.ascontiguousarray(p).reshape(-1).view(np.uint8)
-
-
 def dequantize(q: QuantizedTensor, framework: str | None = None):
     """Decode to the logical dtype, as numpy or torch (default: the tensor's framework)."""
     fw = normalize_framework(framework) if framework else q.framework
-    parts = [_part_bytes(p) for p in q.parts()]
+    parts = [as_bytes(p)[0] for p in q.parts()]
     buf = _core.decode(parts, q.dtype, list(q.shape), json.dumps(q.encoding))
     return from_buffer(buf, q.dtype, tuple(q.shape), fw)

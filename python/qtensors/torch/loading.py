@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._arrays import torch_dtype as dtype_of_name
 from ..files import safe_open
 from ._layout import scale_shape
 from .modules import (
@@ -51,24 +52,6 @@ from .ops import dequantize
 INDEX_SUFFIX = ".qtensors.index.json"
 DEFAULT_CHUNK = 8 << 20
 DEFAULT_SLOTS = 8
-
-_ALL_DTYPES = {
-    "bool": torch.bool,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
-}
-for _n in ("uint16", "uint32", "uint64"):
-    if hasattr(torch, _n):
-        _ALL_DTYPES[_n] = getattr(torch, _n)
 
 
 @dataclass
@@ -387,7 +370,7 @@ def _parts_of(info: dict[str, Any], buf: torch.Tensor, base: int) -> list[torch.
             continue
         o = rec["offset"] - base
         raw = buf[o : o + rec["length"]]
-        dt = _ALL_DTYPES[rec["dtype"]]
+        dt = dtype_of_name(rec["dtype"])
         out.append(
             raw.view(dt).reshape(rec["shape"])
             if rec["length"]

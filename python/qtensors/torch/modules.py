@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import quantized as _q
+from .._arrays import torch_dtype as dtype_of_name
 from ..encodings import Encoding, Raw, from_dict
 from ..quantized import QuantizedTensor
 from ._layout import codes_nbytes, normalize_axis, scale_shape
 from .ops import OUT_DTYPES, dequantize
 
 _TORCH_BY_NAME = {v: k for k, v in OUT_DTYPES.items()}
-_SCALE_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def torch_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -79,7 +79,7 @@ class QuantizedWeight(nn.Module):
         self.encoding = _encoding_dict(encoding, len(self.shape))
         self.dtype = torch_dtype(dtype)
         e = self.encoding
-        sdt = _SCALE_TORCH[e["scale_dtype"]]
+        sdt = dtype_of_name(e["scale_dtype"])
         sshape = scale_shape(self.shape, e["axis"], e["group_size"])
         self.register_buffer(
             "codes",
@@ -285,7 +285,7 @@ def _check_parts(w: QuantizedWeight) -> None:
             f"codes: {w.codes.numel()} {w.codes.dtype} values, {want_codes} uint8 expected"
         )
     sshape = torch.Size(scale_shape(w.shape, e["axis"], e["group_size"]))
-    sdt = _SCALE_TORCH[e["scale_dtype"]]
+    sdt = dtype_of_name(e["scale_dtype"])
     for name, t in (("scales", w.scales), ("mins", w.mins)):
         if t is None:
             if name == "scales" or e["name"] == "affine":

@@ -4,13 +4,8 @@ use crate::codecs::{self, float, Codec, Kernels};
 use crate::error::{Error, Result};
 use crate::format::{DType, Encoding, TensorInfo};
 
-/// The values of a tensor to encode.
-pub enum Input<'a> {
-    /// fp32 values, row-major, already aligned (the fast path).
-    F32(&'a [f32]),
-    /// Little-endian bytes of `DType`, row-major.
-    Bytes(&'a [u8], DType),
-}
+/// The values of a tensor to encode: fp32, or bytes of its dtype (`Input::from_bytes`).
+pub use crate::codecs::Source as Input;
 
 /// Encode a tensor of logical `dtype` and `shape`; returns its parts' bytes in spec order.
 pub fn encode(
@@ -42,25 +37,28 @@ pub fn encode(
         }
         return Ok(vec![bytes]);
     };
-    let src = match input {
-        Input::F32(v) => codecs::Source::F32(v),
-        Input::Bytes(b, d) => {
-            if !d.is_quantizable_float() || b.len() % d.itemsize() != 0 {
-                return Err(Error::Invalid(format!(
-                    "{} bytes of {d} cannot be quantized: only whole float16, bfloat16, float32 \
-                     and float64 values can",
-                    b.len()
-                )));
-            }
-            codecs::Source::Bytes(b, d)
-        }
-    };
-    let q = codecs::quantize_source(k, codec, &params, shape, src)?;
+    let q = codecs::quantize_source(k, codec, &params, shape, input)?;
     let mut parts = vec![q.codes, scale_bytes(&q.scales, params.scale_dtype)?];
     if codec.has_mins() {
         parts.push(scale_bytes(&q.mins, params.scale_dtype)?);
     }
     Ok(parts)
+}
+
+/// `encode` from the little-endian bytes of a tensor of `dtype` (what bindings hold); aligned
+/// fp32 bytes are quantized in place, without a copy.
+pub fn encode_bytes(
+    k: &Kernels,
+    encoding: &Encoding,
+    dtype: DType,
+    shape: &[u64],
+    bytes: &[u8],
+) -> Result<Vec<Vec<u8>>> {
+    let input = match encoding {
+        Encoding::Raw => Input::Bytes(bytes, dtype),
+        _ => Input::from_bytes(bytes, dtype)?,
+    };
+    encode(k, encoding, dtype, shape, input)
 }
 
 fn scale_bytes(v: &[f32], dtype: DType) -> Result<Vec<u8>> {

@@ -12,9 +12,9 @@ use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use qtensors_core::codecs::simd;
-use qtensors_core::format::{DType, Encoding};
+use qtensors_core::format::{DType, Encoding, TensorInfo};
 use qtensors_core::io::{FileWriter, PlannedTensor, QFile, ReadMode, StreamFile};
-use qtensors_core::tensor::{self, Input};
+use qtensors_core::tensor;
 
 use buffers::{fill_view, AlignedBytes, InputBytes, OwnedBuffer};
 use errors::IntoPyResult;
@@ -30,24 +30,6 @@ fn parse_encoding(json: &str, rank: usize) -> PyResult<Encoding> {
         .as_object()
         .ok_or_else(|| PyValueError::new_err("encoding must be a JSON object"))?;
     Encoding::from_json(obj, rank, false).map_err(|e| PyValueError::new_err(e.to_string()))
-}
-
-/// Encode `data` in place of the caller's choice of kernels; fp32 aligned input skips a copy.
-fn encode_input(
-    enc: &Encoding,
-    dtype: DType,
-    shape: &[u64],
-    data: &[u8],
-) -> qtensors_core::Result<Vec<Vec<u8>>> {
-    let k = simd::best();
-    if dtype == DType::Float32 && !matches!(enc, Encoding::Raw) {
-        // SAFETY: any bit pattern is a valid f32; only the aligned middle is used.
-        let (pre, mid, post) = unsafe { data.align_to::<f32>() };
-        if pre.is_empty() && post.is_empty() {
-            return tensor::encode(k, enc, dtype, shape, Input::F32(mid));
-        }
-    }
-    tensor::encode(k, enc, dtype, shape, Input::Bytes(data, dtype))
 }
 
 /// A validated, memory-mapped qtensors file. Exports the whole mapping as a buffer; parts are
@@ -98,22 +80,7 @@ impl Reader {
     ) -> PyResult<Option<OwnedBuffer>> {
         let t = self.file.tensor(name).py()?;
         let k = simd::best();
-        match out {
-            Some(o) => {
-                let ob = InputBytes::new(o)?;
-                // SAFETY: we hold the only Rust reference to the output buffer.
-                let dst = unsafe { ob.as_mut_slice()? };
-                py.detach(|| self.file.decode(k, t, dst)).py()?;
-                Ok(None)
-            }
-            None => {
-                let n = qtensors_core::format::encoding::numel(&t.shape).unwrap_or(0) as usize;
-                let mut data = AlignedBytes::zeroed(n * t.dtype.itemsize());
-                py.detach(|| self.file.decode(k, t, data.as_mut_slice()))
-                    .py()?;
-                Ok(Some(OwnedBuffer { data }))
-            }
-        }
+        decode_to(py, out, t, |dst| self.file.decode(k, t, dst))
     }
 
     /// Check the checksums of one tensor, or of every tensor.
@@ -285,7 +252,15 @@ impl Writer {
             return py.detach(|| w.write_part(index, 0, input.as_slice())).py();
         }
         let parts = py
-            .detach(|| encode_input(&t.encoding, src_dtype, &t.shape, input.as_slice()))
+            .detach(|| {
+                tensor::encode_bytes(
+                    simd::best(),
+                    &t.encoding,
+                    src_dtype,
+                    &t.shape,
+                    input.as_slice(),
+                )
+            })
             .map_err(|e| prefix_tensor(e, &t.name))?;
         py.detach(|| w.write_tensor(index, &parts)).py()
     }
@@ -361,7 +336,7 @@ fn encode(
     let enc = parse_encoding(encoding, shape.len())?;
     let input = InputBytes::new(data)?;
     let parts = py
-        .detach(|| encode_input(&enc, dtype, &shape, input.as_slice()))
+        .detach(|| tensor::encode_bytes(simd::best(), &enc, dtype, &shape, input.as_slice()))
         .py()?;
     Ok(parts
         .into_iter()
@@ -407,7 +382,7 @@ fn decode(
             )));
         }
     }
-    let info = qtensors_core::format::TensorInfo {
+    let info = TensorInfo {
         name: "<array>".into(),
         dtype,
         shape: shape.clone(),
@@ -416,19 +391,29 @@ fn decode(
     };
     let slices: Vec<&[u8]> = inputs.iter().map(|i| i.as_slice()).collect();
     let k = simd::best();
+    decode_to(py, out, &info, |dst| tensor::decode(k, &info, &slices, dst))
+}
+
+/// Run `decode` (without the GIL) into `out`, a writable buffer of the exact size, or into a new
+/// buffer that is returned.
+fn decode_to(
+    py: Python<'_>,
+    out: Option<&Bound<'_, PyAny>>,
+    t: &TensorInfo,
+    decode: impl FnOnce(&mut [u8]) -> qtensors_core::Result<()> + Send,
+) -> PyResult<Option<OwnedBuffer>> {
     match out {
         Some(o) => {
             let ob = InputBytes::new(o)?;
-            // SAFETY: sole Rust reference to the output.
+            // SAFETY: we hold the only Rust reference to the output buffer.
             let dst = unsafe { ob.as_mut_slice()? };
-            py.detach(|| tensor::decode(k, &info, &slices, dst)).py()?;
+            py.detach(|| decode(dst)).py()?;
             Ok(None)
         }
         None => {
-            let n = qtensors_core::format::encoding::numel(&shape).unwrap_or(0) as usize;
-            let mut data = AlignedBytes::zeroed(n * dtype.itemsize());
-            py.detach(|| tensor::decode(k, &info, &slices, data.as_mut_slice()))
-                .py()?;
+            let n = qtensors_core::format::encoding::numel(&t.shape).unwrap_or(0) as usize;
+            let mut data = AlignedBytes::zeroed(n * t.dtype.itemsize());
+            py.detach(|| decode(data.as_mut_slice())).py()?;
             Ok(Some(OwnedBuffer { data }))
         }
     }

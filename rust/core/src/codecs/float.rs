@@ -52,26 +52,15 @@ pub fn bytes_to_f32(src: &[u8], dtype: DType) -> Result<Vec<f32>> {
             src.len()
         )));
     }
-    let n = src.len() / size;
-    let mut out = super::zeroed_here::<f32>(n);
-    let conv: fn(&[u8]) -> f32 = match dtype {
-        DType::Float16 => |b| f16::from_le_bytes([b[0], b[1]]).to_f32(),
-        DType::Bfloat16 => |b| bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-        DType::Float32 => |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-        DType::Float64 => |b| f64::from_le_bytes(b.try_into().unwrap()) as f32,
-        other => {
-            return Err(Error::Invalid(format!(
-                "dtype {other} cannot be quantized: only float16, bfloat16, float32 and float64 can"
-            )))
-        }
-    };
+    if !dtype.is_quantizable_float() {
+        return Err(Error::Invalid(format!(
+            "dtype {dtype} cannot be quantized: only float16, bfloat16, float32 and float64 can"
+        )));
+    }
+    let mut out = super::zeroed_here::<f32>(src.len() / size);
     out.par_chunks_mut(PAR_CHUNK)
         .zip(src.par_chunks(PAR_CHUNK * size))
-        .for_each(|(o, s)| {
-            for (v, b) in o.iter_mut().zip(s.chunks_exact(size)) {
-                *v = conv(b);
-            }
-        });
+        .try_for_each(|(o, s)| widen_into(s, dtype, o))?;
     Ok(out)
 }
 

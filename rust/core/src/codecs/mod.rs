@@ -35,11 +35,32 @@ pub struct Quantized {
 /// widened block by block inside the threads (no whole-tensor fp32 copy).
 #[derive(Clone, Copy)]
 pub enum Source<'a> {
+    /// fp32 values, row-major (the fast path: no copy).
     F32(&'a [f32]),
+    /// Little-endian bytes of a float dtype, row-major; build with `Source::from_bytes`.
     Bytes(&'a [u8], DType),
 }
 
 impl<'a> Source<'a> {
+    /// Values given as little-endian bytes of `dtype`; aligned fp32 bytes are used in place.
+    pub fn from_bytes(bytes: &'a [u8], dtype: DType) -> Result<Self> {
+        if !dtype.is_quantizable_float() || !bytes.len().is_multiple_of(dtype.itemsize()) {
+            return Err(Error::Invalid(format!(
+                "{} bytes of {dtype} cannot be quantized: only whole float16, bfloat16, float32 \
+                 and float64 values can",
+                bytes.len()
+            )));
+        }
+        if dtype == DType::Float32 && cfg!(target_endian = "little") {
+            // SAFETY: any bit pattern is a valid f32; only a fully aligned view is used.
+            let (pre, mid, post) = unsafe { bytes.align_to::<f32>() };
+            if pre.is_empty() && post.is_empty() {
+                return Ok(Source::F32(mid));
+            }
+        }
+        Ok(Source::Bytes(bytes, dtype))
+    }
+
     fn len(&self) -> usize {
         match self {
             Source::F32(x) => x.len(),
@@ -102,8 +123,8 @@ impl Drop for Block<'_> {
 
 /// A zeroed Vec whose pages are touched by the calling thread. `vec![0; n]` maps fresh zero pages
 /// that the worker threads would then fault in concurrently, and on virtual machines concurrent
-/// first-touch faults contend so badly that two threads ran slower than one (measured: 4096²
-/// FLEXGEN quantize took 41 ms on two threads with `vec!`, 15 ms with this).
+/// first-touch faults contend so badly that two threads ran slower than one
+/// (`RAYON_NUM_THREADS=2 python3 benches/bench_codecs.py` shows the scaling).
 pub fn zeroed_here<T: Copy + Default>(n: usize) -> Vec<T> {
     let mut v = Vec::with_capacity(n);
     v.resize(n, T::default());
