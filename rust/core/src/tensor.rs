@@ -1,8 +1,11 @@
 //! Encode a whole tensor into its parts and decode parts back, for every encoding.
 
+use std::ops::Range;
+
+use crate::codecs::region::{self, Runs, Stored};
 use crate::codecs::{self, float, Codec, Kernels};
 use crate::error::{Error, Result};
-use crate::format::{DType, Encoding, TensorInfo};
+use crate::format::{DType, Encoding, GroupLayout, TensorInfo};
 
 /// The values of a tensor to encode: fp32, or bytes of its dtype (`Input::from_bytes`).
 pub use crate::codecs::Source as Input;
@@ -69,13 +72,29 @@ fn scale_bytes(v: &[f32], dtype: DType) -> Result<Vec<u8>> {
 
 /// Decode a tensor from its parts (in `info.parts` order) into `out`, bytes of the logical dtype.
 pub fn decode(k: &Kernels, info: &TensorInfo, parts: &[&[u8]], out: &mut [u8]) -> Result<()> {
-    let n = crate::format::encoding::numel(&info.shape).unwrap_or(0) as usize;
-    if out.len() != n * info.dtype.itemsize() {
+    let full: Vec<Range<u64>> = info.shape.iter().map(|&d| 0..d).collect();
+    decode_region(k, info, parts, &full, out)
+}
+
+/// Decode the box `ranges` (one `start..stop` per dimension) of a tensor into `out`, bytes of
+/// the logical dtype in row-major order of the box. Only the code bytes and scales of the
+/// groups the box touches are read.
+pub fn decode_region(
+    k: &Kernels,
+    info: &TensorInfo,
+    parts: &[&[u8]],
+    ranges: &[Range<u64>],
+    out: &mut [u8],
+) -> Result<()> {
+    check_box(info, ranges)?;
+    let runs = Runs::new(&info.shape, ranges);
+    if out.len() != runs.numel() * info.dtype.itemsize() {
         return Err(Error::Invalid(format!(
-            "output buffer of {} bytes for tensor '{}' of {n} {} elements",
+            "output buffer of {} bytes for {} {} elements of tensor '{}'",
             out.len(),
-            info.name,
-            info.dtype
+            runs.numel(),
+            info.dtype,
+            info.name
         )));
     }
     let Some((codec, params)) = Codec::from_encoding(&info.encoding) else {
@@ -85,42 +104,46 @@ pub fn decode(k: &Kernels, info: &TensorInfo, parts: &[&[u8]], out: &mut [u8]) -
                 info.name
             )));
         }
-        out.copy_from_slice(parts[0]);
+        region::copy_box(parts[0], info.dtype.itemsize(), &runs, out);
+        if info.dtype == DType::Bool {
+            check_bools(&info.name, out)?;
+        }
         return Ok(());
     };
-    let scales = float::bytes_to_f32(parts[1], params.scale_dtype)?;
-    let mins = if codec.has_mins() {
-        float::bytes_to_f32(parts[2], params.scale_dtype)?
-    } else {
-        Vec::new()
-    };
-    // Decode straight into the output when it is fp32 and aligned; else through a temporary.
-    if info.dtype == DType::Float32 {
-        // SAFETY: any bit pattern is a valid f32; align_to_mut only yields the aligned middle.
-        let (pre, mid, post) = unsafe { out.align_to_mut::<f32>() };
-        if pre.is_empty() && post.is_empty() {
-            return codecs::dequantize(
-                k,
-                codec,
-                &params,
-                &info.shape,
-                parts[0],
-                &scales,
-                &mins,
-                mid,
-            );
-        }
-    }
-    let mut tmp = codecs::zeroed_here::<f32>(n);
-    codecs::dequantize(
-        k,
+    let stored = Stored {
         codec,
-        &params,
-        &info.shape,
-        parts[0],
-        &scales,
-        &mins,
-        &mut tmp,
-    )?;
-    float::f32_to_bytes(&tmp, info.dtype, out)
+        params: &params,
+        layout: GroupLayout::new(&info.shape, params.axis, params.group_size)?,
+        codes: parts[0],
+        scales: parts[1],
+        mins: if codec.has_mins() { parts[2] } else { &[] },
+    };
+    region::decode_box(k, &stored, &runs, info.dtype, out)
+}
+
+fn check_box(info: &TensorInfo, ranges: &[Range<u64>]) -> Result<()> {
+    let fits = ranges.len() == info.shape.len()
+        && ranges
+            .iter()
+            .zip(&info.shape)
+            .all(|(r, &d)| r.start <= r.end && r.end <= d);
+    if !fits {
+        return Err(Error::Invalid(format!(
+            "box {ranges:?} does not fit tensor '{}' of shape {:?}",
+            info.name, info.shape
+        )));
+    }
+    Ok(())
+}
+
+/// Spec 3: a bool is stored as the byte 0 or 1; any other byte is a malformed file (numpy and
+/// torch would otherwise disagree on what it means).
+fn check_bools(name: &str, bytes: &[u8]) -> Result<()> {
+    match bytes.iter().position(|&b| b > 1) {
+        None => Ok(()),
+        Some(i) => Err(Error::Format(format!(
+            "tensor '{name}': bool element {i} is stored as byte {}; bools must be 0 or 1",
+            bytes[i]
+        ))),
+    }
 }

@@ -103,25 +103,53 @@ pub fn widen_into(src: &[u8], dtype: DType, out: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
-/// Narrow fp32 values into little-endian bytes of `dtype` (round-to-nearest-even).
+/// Narrow fp32 values into little-endian bytes of `dtype` (round-to-nearest-even), in threads.
 pub fn f32_to_bytes(src: &[f32], dtype: DType, out: &mut [u8]) -> Result<()> {
     let size = dtype.itemsize();
     if out.len() != src.len() * size {
         return Err(Error::Invalid("output buffer has the wrong size".into()));
     }
-    let conv: fn(f32, &mut [u8]) = match dtype {
-        DType::Float16 => |v, o| o.copy_from_slice(&f16::from_f32(v).to_le_bytes()),
-        DType::Bfloat16 => |v, o| o.copy_from_slice(&bf16::from_f32(v).to_le_bytes()),
-        DType::Float32 => |v, o| o.copy_from_slice(&v.to_le_bytes()),
-        DType::Float64 => |v, o| o.copy_from_slice(&(v as f64).to_le_bytes()),
-        other => return Err(Error::Invalid(format!("cannot decode to dtype {other}"))),
-    };
     out.par_chunks_mut(PAR_CHUNK * size)
         .zip(src.par_chunks(PAR_CHUNK))
-        .for_each(|(o, s)| {
-            for (b, &v) in o.chunks_exact_mut(size).zip(s) {
-                conv(v, b);
+        .try_for_each(|(o, s)| narrow_into(s, dtype, o))
+}
+
+/// Narrow one block of fp32 values into little-endian bytes of a float `dtype`
+/// (round-to-nearest-even; sequential: callers are threads). fp16 goes through F16C where the
+/// CPU has it.
+pub fn narrow_into(src: &[f32], dtype: DType, out: &mut [u8]) -> Result<()> {
+    use half::slice::HalfFloatSliceExt;
+    if out.len() != src.len() * dtype.itemsize() {
+        return Err(Error::Invalid("output buffer has the wrong size".into()));
+    }
+    match dtype {
+        DType::Float16 => {
+            // SAFETY: any bits are a valid f16; only the aligned middle is used (little-endian).
+            let (pre, mid, post) = unsafe { out.align_to_mut::<f16>() };
+            if cfg!(target_endian = "little") && pre.is_empty() && post.is_empty() {
+                mid.convert_from_f32_slice(src);
+            } else {
+                for (b, &v) in out.chunks_exact_mut(2).zip(src) {
+                    b.copy_from_slice(&f16::from_f32(v).to_le_bytes());
+                }
             }
-        });
+        }
+        DType::Bfloat16 => {
+            for (b, &v) in out.chunks_exact_mut(2).zip(src) {
+                b.copy_from_slice(&bf16::from_f32(v).to_le_bytes());
+            }
+        }
+        DType::Float32 => {
+            for (b, &v) in out.chunks_exact_mut(4).zip(src) {
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        DType::Float64 => {
+            for (b, &v) in out.chunks_exact_mut(8).zip(src) {
+                b.copy_from_slice(&(v as f64).to_le_bytes());
+            }
+        }
+        other => return Err(Error::Invalid(format!("cannot decode to dtype {other}"))),
+    }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 pub mod codec;
 pub mod float;
+pub mod region;
 pub mod segments;
 pub mod simd;
 

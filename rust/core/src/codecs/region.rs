@@ -1,0 +1,318 @@
+//! Dequantize a box of a tensor (one `start..stop` range per dimension) straight into bytes of
+//! its logical dtype. Work goes in pieces of at most `CHUNK` contiguous elements, in threads;
+//! each piece is decoded into a small fp32 buffer that stays in cache and narrowed into the
+//! output, and only the scales and mins it needs are widened. So memory is the output plus a
+//! few small buffers per thread, whatever the dtypes, and a slice reads only the code bytes and
+//! scales of the groups it touches. Decoding a whole tensor is decoding its full box.
+
+use std::cell::RefCell;
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::segments::{for_each_segment, Segment};
+use super::{float, Codec, Kernels, CHUNK};
+use crate::error::{Error, Result};
+use crate::format::{DType, GroupLayout, GroupParams};
+
+/// The contiguous runs of source elements that make up a box, in row-major order of the box:
+/// `count` runs of `len` elements each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Runs {
+    pub count: usize,
+    pub len: usize,
+    /// The box's ranges over the dimensions that enumerate runs, and their strides.
+    outer: Vec<(Range<usize>, usize)>,
+    /// Source offset of every run's first element, before the outer dimensions are added.
+    base: usize,
+}
+
+impl Runs {
+    /// Runs of the box `ranges` (already checked against `shape`). Trailing dimensions the box
+    /// covers fully merge into longer runs; a whole tensor is one run.
+    pub fn new(shape: &[u64], ranges: &[Range<u64>]) -> Runs {
+        let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        let r: Vec<Range<usize>> = ranges
+            .iter()
+            .map(|x| x.start as usize..x.end as usize)
+            .collect();
+        if r.iter().any(|x| x.is_empty()) {
+            return Runs {
+                count: 0,
+                len: 0,
+                outer: vec![],
+                base: 0,
+            };
+        }
+        // Dimensions `split..` are covered fully; dimension `split - 1` (if any) partly.
+        let mut split = dims.len();
+        while split > 0 && r[split - 1] == (0..dims[split - 1]) {
+            split -= 1;
+        }
+        let strides: Vec<usize> = (0..dims.len())
+            .map(|k| dims[k + 1..].iter().product())
+            .collect();
+        let tail: usize = dims[split..].iter().product();
+        if split == 0 {
+            return Runs {
+                count: 1,
+                len: tail,
+                outer: vec![],
+                base: 0,
+            };
+        }
+        let d = split - 1;
+        let outer: Vec<(Range<usize>, usize)> =
+            (0..d).map(|k| (r[k].clone(), strides[k])).collect();
+        Runs {
+            count: outer.iter().map(|(x, _)| x.len()).product(),
+            len: r[d].len() * tail,
+            base: r[d].start * strides[d],
+            outer,
+        }
+    }
+
+    /// Source element where run `i` starts.
+    pub fn start(&self, mut i: usize) -> usize {
+        let mut at = self.base;
+        for (range, stride) in self.outer.iter().rev() {
+            let n = range.len();
+            at += (range.start + i % n) * stride;
+            i /= n;
+        }
+        at
+    }
+
+    pub fn numel(&self) -> usize {
+        self.count * self.len
+    }
+}
+
+/// The stored parts of a quantized tensor, scales and mins as their stored bytes.
+pub struct Stored<'a> {
+    pub codec: Codec,
+    pub params: &'a GroupParams,
+    pub layout: GroupLayout,
+    pub codes: &'a [u8],
+    pub scales: &'a [u8],
+    /// Empty unless the codec has mins.
+    pub mins: &'a [u8],
+}
+
+thread_local! {
+    /// Per-thread buffers: decoded fp32 values, widened scales, widened mins.
+    static BUFFERS: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+}
+
+/// This thread's buffer `i`, taken out while in use (so nested uses cannot alias it).
+fn take_buffer(i: usize) -> Vec<f32> {
+    BUFFERS.with(|b| std::mem::take(&mut b.borrow_mut()[i]))
+}
+
+fn put_buffer(i: usize, v: Vec<f32>) {
+    BUFFERS.with(|b| b.borrow_mut()[i] = v);
+}
+
+/// Decode the box `runs` of `q` into `out`, bytes of `dtype` (a float dtype), row-major.
+pub fn decode_box(
+    k: &Kernels,
+    q: &Stored<'_>,
+    runs: &Runs,
+    dtype: DType,
+    out: &mut [u8],
+) -> Result<()> {
+    let size = dtype.itemsize();
+    if !dtype.is_quantizable_float() || out.len() != runs.numel() * size {
+        return Err(Error::Invalid(format!(
+            "cannot decode {} elements into {} bytes of {dtype}",
+            runs.numel(),
+            out.len()
+        )));
+    }
+    if runs.len == 0 {
+        return Ok(());
+    }
+    // Tasks of about CHUNK elements: pieces of long runs, or groups of short runs.
+    let min_runs = (CHUNK / runs.len).max(1);
+    let direct_f32 = dtype == DType::Float32 && cfg!(target_endian = "little");
+    // SAFETY: any bit pattern is a valid f32; only a fully aligned view is used.
+    let (pre, f32_out, post) = unsafe { out.align_to_mut::<f32>() };
+    if direct_f32 && pre.is_empty() && post.is_empty() {
+        return f32_out
+            .par_chunks_mut(runs.len)
+            .with_min_len(min_runs)
+            .enumerate()
+            .try_for_each(|(i, run)| {
+                let start = runs.start(i);
+                run.par_chunks_mut(CHUNK)
+                    .enumerate()
+                    .try_for_each(|(p, piece)| decode_piece(k, q, start + p * CHUNK, piece))
+            });
+    }
+    out.par_chunks_mut(runs.len * size)
+        .with_min_len(min_runs)
+        .enumerate()
+        .try_for_each(|(i, run)| {
+            let start = runs.start(i);
+            run.par_chunks_mut(CHUNK * size)
+                .enumerate()
+                .try_for_each(|(p, piece)| {
+                    let mut vals = take_buffer(0);
+                    vals.resize(piece.len() / size, 0.0);
+                    let result = decode_piece(k, q, start + p * CHUNK, &mut vals)
+                        .and_then(|()| float::narrow_into(&vals, dtype, piece));
+                    put_buffer(0, vals);
+                    result
+                })
+        })
+}
+
+/// Decode the contiguous elements `e0..e0 + out.len()` into `out`.
+fn decode_piece(k: &Kernels, q: &Stored<'_>, e0: usize, out: &mut [f32]) -> Result<()> {
+    let e1 = e0 + out.len();
+    let window = scale_window(&q.layout, e0, e1);
+    // A piece that needs few of the scales in its window (a narrow column of a tensor grouped
+    // along an earlier axis) widens them segment by segment instead.
+    let per_segment = window.len() > 2 * out.len() + 64;
+    let (mut s_buf, mut m_buf) = (take_buffer(1), take_buffer(2));
+    let mut result = Ok(());
+    if !per_segment {
+        result = widen_scales(q, window.clone(), &mut s_buf, &mut m_buf);
+    }
+    if result.is_ok() {
+        for_each_segment(&q.layout, e0, e1, |seg| {
+            if result.is_err() {
+                return;
+            }
+            let w = if per_segment {
+                let w = segment_window(&seg);
+                if let Err(e) = widen_scales(q, w.clone(), &mut s_buf, &mut m_buf) {
+                    result = Err(e);
+                    return;
+                }
+                w
+            } else {
+                window.clone()
+            };
+            let o = &mut out[seg.start - e0..seg.start - e0 + seg.len];
+            let g = seg.group - w.start;
+            if seg.per_element {
+                let m = if q.codec.has_mins() {
+                    &m_buf[g..g + seg.len]
+                } else {
+                    &[][..]
+                };
+                (k.dequant_vec)(q.codec, q.codes, seg.start, &s_buf[g..g + seg.len], m, o);
+            } else {
+                let m = if q.codec.has_mins() { m_buf[g] } else { 0.0 };
+                (k.dequant_bcast)(q.codec, q.codes, seg.start, s_buf[g], m, o);
+            }
+        });
+    }
+    put_buffer(1, s_buf);
+    put_buffer(2, m_buf);
+    result
+}
+
+/// The range of scale indices that elements `e0..e1` (non-empty) can use: every group-row
+/// (one outer index, one group along the axis, every inner index) they touch.
+fn scale_window(layout: &GroupLayout, e0: usize, e1: usize) -> Range<usize> {
+    let q = layout.inner as usize;
+    let l_len = layout.axis_len as usize;
+    let gs = layout.group_size as usize;
+    let g_len = layout.groups_along_axis as usize;
+    let group_row = |e: usize| (e / (q * l_len)) * g_len + ((e / q) % l_len) / gs;
+    group_row(e0) * q..(group_row(e1 - 1) + 1) * q
+}
+
+fn segment_window(seg: &Segment) -> Range<usize> {
+    if seg.per_element {
+        seg.group..seg.group + seg.len
+    } else {
+        seg.group..seg.group + 1
+    }
+}
+
+/// Widen the stored scales (and mins) of `window` into the two buffers.
+fn widen_scales(
+    q: &Stored<'_>,
+    window: Range<usize>,
+    s_buf: &mut Vec<f32>,
+    m_buf: &mut Vec<f32>,
+) -> Result<()> {
+    let size = q.params.scale_dtype.itemsize();
+    let bytes = window.start * size..window.end * size;
+    s_buf.resize(window.len(), 0.0);
+    float::widen_into(&q.scales[bytes.clone()], q.params.scale_dtype, s_buf)?;
+    if q.codec.has_mins() {
+        m_buf.resize(window.len(), 0.0);
+        float::widen_into(&q.mins[bytes], q.params.scale_dtype, m_buf)?;
+    }
+    Ok(())
+}
+
+/// Copy the box `runs` of a raw tensor's bytes (`size` bytes per element) into `out`.
+pub fn copy_box(data: &[u8], size: usize, runs: &Runs, out: &mut [u8]) {
+    if runs.len == 0 {
+        return;
+    }
+    let min_runs = (CHUNK / runs.len).max(1);
+    out.par_chunks_mut(runs.len * size)
+        .with_min_len(min_runs)
+        .enumerate()
+        .for_each(|(i, run)| {
+            let at = runs.start(i) * size;
+            run.copy_from_slice(&data[at..at + run.len()]);
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Source indices of a box, one element at a time.
+    fn reference(shape: &[u64], ranges: &[Range<u64>]) -> Vec<usize> {
+        let mut out = vec![];
+        let n: u64 = shape.iter().product();
+        'e: for e in 0..n {
+            let mut rest = e;
+            for (d, r) in shape.iter().zip(ranges).rev() {
+                if !r.contains(&(rest % d)) {
+                    continue 'e;
+                }
+                rest /= d;
+            }
+            out.push(e as usize);
+        }
+        out
+    }
+
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)] // one range per dimension of a 1-D shape
+    fn runs_enumerate_the_box_in_order() {
+        let cases: &[(&[u64], &[Range<u64>])] = &[
+            (&[4, 6], &[0..4, 0..6]),
+            (&[4, 6], &[1..3, 0..6]),
+            (&[4, 6], &[0..4, 2..5]),
+            (&[3, 4, 5], &[1..3, 0..4, 1..2]),
+            (&[3, 4, 5], &[0..3, 2..3, 0..5]),
+            (&[3, 4, 5], &[2..3, 1..4, 0..5]),
+            (&[7], &[3..6]),
+            (&[], &[]),
+            (&[2, 0, 3], &[0..2, 0..0, 0..3]),
+        ];
+        for (shape, ranges) in cases {
+            let runs = Runs::new(shape, ranges);
+            let got: Vec<usize> = (0..runs.count)
+                .flat_map(|i| runs.start(i)..runs.start(i) + runs.len)
+                .collect();
+            assert_eq!(got, reference(shape, ranges), "{shape:?} {ranges:?}");
+        }
+    }
+
+    #[test]
+    fn full_box_is_one_run() {
+        let runs = Runs::new(&[8, 16, 4], &[0..8, 0..16, 0..4]);
+        assert_eq!((runs.count, runs.len), (1, 512));
+    }
+}
