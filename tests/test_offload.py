@@ -35,7 +35,7 @@ def _llama_config() -> LlamaConfig:
 
 def _saved(model: torch.nn.Module, path) -> dict[str, torch.Tensor]:
     qt.save_file(model.state_dict(), path)
-    return qt.load_file(path, "pt")
+    return qt.load_file(path, framework="pt")
 
 
 def _fully_loaded(cls, cfg, weights):
@@ -90,7 +90,7 @@ def test_gpt2_tied_weights(tmp_path):
     src = GPT2LMHeadModel(cfg).eval()
     sd = {k: v for k, v in src.state_dict().items() if k != "lm_head.weight"}
     qt.save_file(sd, path)  # the tied lm_head is found under its alias transformer.wte.weight
-    weights = qt.load_file(path, "pt")
+    weights = qt.load_file(path, framework="pt")
     ref = _fully_loaded(GPT2LMHeadModel, cfg, weights)
     ref.tie_weights()
     off = _offloaded(GPT2LMHeadModel, cfg, path, prefetch=1)
@@ -104,7 +104,7 @@ def test_minilm(tmp_path, bert_path):
     path = tmp_path / "minilm.qtensors"
     qt.convert(bert_path, path)
     cfg = BertConfig.from_json_file(os.path.join(os.path.dirname(bert_path), "config.json"))
-    ref = _fully_loaded(BertModel, cfg, qt.load_file(path, "pt"))
+    ref = _fully_loaded(BertModel, cfg, qt.load_file(path, framework="pt"))
     off = _offloaded(BertModel, cfg, path, prefetch=3, verify=True)
     ids = torch.randint(1000, 2000, (2, 16))
     mask = torch.ones_like(ids)

@@ -35,7 +35,7 @@ def model_file(tmp_path):
     path = tmp_path / "m.qtensors"
     quant = {"layer1.*": qt.Affine(bits=3, group_size=32, axis=-1), "layer2.weight": qt.NF4()}
     qt.save_file(t, path, quant=quant)
-    return str(path), qt.load_file(path, "pt")
+    return str(path), qt.load_file(path, framework="pt")
 
 
 def _entry_ranges(path: str) -> list[tuple[str, int, int]]:
@@ -212,7 +212,9 @@ def test_model_folder(tmp_path):
         qt.save_file({n: t[n] for n in ns}, folder / shard)
         weight_map.update(dict.fromkeys(ns, shard))
     (folder / "model.qtensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    full = {n: v for shard in shards for n, v in qt.load_file(folder / shard, "pt").items()}
+    full = {
+        n: v for shard in shards for n, v in qt.load_file(folder / shard, framework="pt").items()
+    }
     got = list(qt.stream(folder, device="cpu", verify=True))
     assert [n for n, _ in got] == names
     assert all(torch.equal(v, full[n]) for n, v in got)
@@ -231,7 +233,7 @@ def test_empty_and_scalar_tensors(tmp_path):
     }
     path = tmp_path / "e.qtensors"
     qt.save_file(t, path, quant={"empty": qt.FLEXGEN})
-    full = qt.load_file(path, "pt")
+    full = qt.load_file(path, framework="pt")
     got = dict(qt.stream(path, device="cpu", verify=True))
     assert list(got) == list(t)
     for n, v in got.items():

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from . import _core
-from ._arrays import as_bytes, from_buffer, normalize_framework
+from ._arrays import FRAMEWORKS, as_bytes, from_buffer, normalize_framework
 from .encodings import QuantSpec, Raw, choose_encoding
 from .quantized import QuantizedTensor, wrap_parts
+from .slices import TensorSlice
 
 DEFAULT_ALIGNMENT = 64
 DIRECT_IO_ALIGNMENT = 4096
@@ -60,11 +63,77 @@ def save_file(
 
 
 def load_file(
-    filename: str | os.PathLike[str], framework: str = "np", device: str = "cpu"
+    filename: str | os.PathLike[str], device: str = "cpu", *, framework: str | None = None
 ) -> dict[str, Any]:
-    """Read every tensor, decoded to its original dtype, as numpy arrays or torch tensors."""
-    with safe_open(filename, framework=framework, device=device) as f:
+    """Read every tensor, decoded to its original dtype.
+
+    As `safetensors.torch.load_file(filename, device)`: the second argument is the device. The
+    result is numpy arrays, or torch tensors with `framework="pt"` or any device but "cpu".
+    """
+    fw = _framework_for(device, framework)
+    with safe_open(filename, framework=fw, device=device) as f:
         return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def save(
+    tensors: Mapping[str, Any],
+    quant: QuantSpec = None,
+    metadata: Mapping[str, str] | None = None,
+    alignment: int = DEFAULT_ALIGNMENT,
+) -> bytes:
+    """The bytes of the file `save_file` would write (as `safetensors.torch.save`)."""
+    with tempfile.TemporaryDirectory(prefix="qtensors-") as tmp:
+        path = os.path.join(tmp, "tensors.qtensors")
+        save_file(tensors, path, quant=quant, metadata=metadata, alignment=alignment)
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def load(
+    data: bytes | bytearray | memoryview, device: str = "cpu", *, framework: str | None = None
+) -> dict[str, Any]:
+    """Every tensor of a qtensors file held in memory (as `safetensors.torch.load`), validated
+    exactly as a file on disk is."""
+    fw = _framework_for(device, framework)
+    with _in_memory_file(data) as path, safe_open(path, framework=fw, device=device) as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def _framework_for(device: Any, framework: str | None) -> str:
+    """numpy by default; torch when asked or when the device is not the CPU."""
+    if not isinstance(device, str) and type(device).__name__ != "device":
+        raise TypeError(f"device must be a str or torch.device, not {type(device).__name__}")
+    if str(device) in FRAMEWORKS:
+        raise TypeError(
+            f"the second argument of load_file/load is the device (as in safetensors.torch."
+            f"load_file), not the framework {device!r}: pass framework={device!r}"
+        )
+    if framework is None:
+        return "np" if str(device) == "cpu" else "pt"
+    fw = normalize_framework(framework)
+    if fw == "np" and str(device) != "cpu":
+        raise ValueError(f"numpy arrays live on the CPU: use framework='pt' for device {device!r}")
+    return fw
+
+
+@contextlib.contextmanager
+def _in_memory_file(data: bytes | bytearray | memoryview) -> Iterator[str]:
+    """A path to `data`: an anonymous in-memory file where the OS has them (Linux), else a
+    temporary file that is removed afterwards."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("qtensors-load", os.MFD_CLOEXEC)
+        try:
+            with os.fdopen(os.dup(fd), "wb") as f:
+                f.write(data)
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="qtensors-") as tmp:
+        path = os.path.join(tmp, "tensors.qtensors")
+        with open(path, "wb") as f:
+            f.write(data)
+        yield path
 
 
 class safe_open:
@@ -154,6 +223,21 @@ class safe_open:
             t = t.to(self._device)
         return t
 
+    def get_slice(self, name: str) -> TensorSlice:
+        """A lazily indexed view of a tensor: `f.get_slice(name)[:, 1024:2048]` decodes only
+        the selected box (reading only the groups it touches); `get_shape()`, `get_dtype()`."""
+        self._info(name)
+        return TensorSlice(self, name)
+
+    def _decode_box(self, name: str, box: list[tuple[int, int]]):
+        info = self._info(name)
+        buf = self._open_reader().decode(name, region=box)
+        shape = tuple(b - a for a, b in box)
+        t = from_buffer(buf, info["dtype"], shape, self._framework)
+        if self._framework == "pt" and self._device != "cpu":
+            t = t.to(self._device)
+        return t
+
     def get_quantized(self, name: str) -> QuantizedTensor:
         """The stored parts as zero-copy views of the file (read-only with numpy; with torch,
         writable private copy-on-write pages: writes never reach the file)."""
@@ -164,6 +248,9 @@ class safe_open:
 
         names = PART_NAMES[enc["name"]]
         parts = [info["parts"][n] for n in names]
+        if info["dtype"] == "bool":
+            # The view must not show numpy and torch different values (spec 3): check the bytes.
+            reader.decode(name)
         return wrap_parts(
             [reader] * len(parts),
             [self._data_start + p["offset"] for p in parts],

@@ -121,7 +121,8 @@ pub fn decode_region(
     region::decode_box(k, &stored, &runs, info.dtype, out)
 }
 
-fn check_box(info: &TensorInfo, ranges: &[Range<u64>]) -> Result<()> {
+/// Check that `ranges` is a box inside the tensor (one range per dimension, each within it).
+pub fn check_box(info: &TensorInfo, ranges: &[Range<u64>]) -> Result<()> {
     let fits = ranges.len() == info.shape.len()
         && ranges
             .iter()

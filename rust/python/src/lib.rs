@@ -6,6 +6,7 @@ mod errors;
 
 use std::collections::BTreeMap;
 use std::ffi::c_int;
+use std::ops::Range;
 use std::path::PathBuf;
 
 use pyo3::exceptions::PyValueError;
@@ -70,17 +71,29 @@ impl Reader {
     }
 
     /// Decode a tensor to its logical dtype: into `out` (a writable contiguous buffer of the exact
-    /// size) or into a new buffer.
-    #[pyo3(signature = (name, out = None))]
+    /// size) or into a new buffer. `region`: one (start, stop) per dimension, to decode only that
+    /// box (reading only the groups it touches).
+    #[pyo3(signature = (name, out = None, region = None))]
     fn decode(
         &self,
         py: Python<'_>,
         name: &str,
         out: Option<&Bound<'_, PyAny>>,
+        region: Option<Vec<(u64, u64)>>,
     ) -> PyResult<Option<OwnedBuffer>> {
         let t = self.file.tensor(name).py()?;
         let k = simd::best();
-        decode_to(py, out, t, |dst| self.file.decode(k, t, dst))
+        let Some(region) = region else {
+            return decode_to(py, out, t, numel(&t.shape), |dst| self.file.decode(k, t, dst));
+        };
+        let ranges: Vec<Range<u64>> = region.iter().map(|&(a, b)| a..b).collect();
+        // Checked before the output is sized by it.
+        tensor::check_box(t, &ranges).py()?;
+        let n = ranges.iter().map(|r| r.end - r.start).product();
+        let parts: Vec<&[u8]> = t.parts.iter().map(|p| self.file.part_bytes(p)).collect();
+        decode_to(py, out, t, n, |dst| {
+            tensor::decode_region(k, t, &parts, &ranges, dst)
+        })
     }
 
     /// Check the checksums of one tensor, or of every tensor.
@@ -391,15 +404,22 @@ fn decode(
     };
     let slices: Vec<&[u8]> = inputs.iter().map(|i| i.as_slice()).collect();
     let k = simd::best();
-    decode_to(py, out, &info, |dst| tensor::decode(k, &info, &slices, dst))
+    decode_to(py, out, &info, numel(&shape), |dst| {
+        tensor::decode(k, &info, &slices, dst)
+    })
+}
+
+fn numel(shape: &[u64]) -> u64 {
+    qtensors_core::format::encoding::numel(shape).unwrap_or(0)
 }
 
 /// Run `decode` (without the GIL) into `out`, a writable buffer of the exact size, or into a new
-/// buffer that is returned.
+/// buffer for `n` elements of `t`'s dtype that is returned.
 fn decode_to(
     py: Python<'_>,
     out: Option<&Bound<'_, PyAny>>,
     t: &TensorInfo,
+    n: u64,
     decode: impl FnOnce(&mut [u8]) -> qtensors_core::Result<()> + Send,
 ) -> PyResult<Option<OwnedBuffer>> {
     match out {
@@ -411,8 +431,7 @@ fn decode_to(
             Ok(None)
         }
         None => {
-            let n = qtensors_core::format::encoding::numel(&t.shape).unwrap_or(0) as usize;
-            let mut data = AlignedBytes::zeroed(n * t.dtype.itemsize());
+            let mut data = AlignedBytes::zeroed(n as usize * t.dtype.itemsize());
             py.detach(|| decode(data.as_mut_slice())).py()?;
             Ok(Some(OwnedBuffer { data }))
         }
