@@ -95,6 +95,12 @@ impl Reader {
         }
     }
 
+    /// Raise FormatError when the file was truncated or rewritten since it was opened (one
+    /// fstat; decode, verify and new buffer views check it themselves).
+    fn check_unchanged(&self) -> PyResult<()> {
+        self.file.check_unchanged().py()
+    }
+
     unsafe fn __getbuffer__(
         slf: Bound<'_, Self>,
         view: *mut ffi::Py_buffer,
@@ -102,6 +108,9 @@ impl Reader {
     ) -> PyResult<()> {
         let (ptr, len) = {
             let me = slf.get();
+            // Views are zero-copy: refuse to hand out new ones over a truncated or rewritten
+            // file (touching its lost pages would kill the process with SIGBUS).
+            me.file.check_unchanged().py()?;
             (me.base as *mut u8, me.file.len())
         };
         // SAFETY: the mapping is private (copy-on-write) and lives as long as `slf`.
