@@ -171,14 +171,26 @@ impl StreamReader {
         self.file.tensor_range(index).py()
     }
 
+    /// The buffer `read` fills for tensor `index`: (its size, [(part name, offset in it,
+    /// length)]). Parts far apart in the file are read separately, not the span between them.
+    fn tensor_layout(&self, index: usize) -> PyResult<(u64, Vec<(String, u64, u64)>)> {
+        let l = self.file.tensor_layout(index).py()?;
+        Ok((l.len, l.parts))
+    }
+
     /// Read-ahead hint for the absolute byte range [start, start + length).
     fn will_need(&self, py: Python<'_>, start: u64, length: u64) {
         py.detach(|| self.file.will_need(start, length))
     }
 
-    /// Copy len(out) bytes of tensor `index`, starting `offset` bytes into its range, into `out`
-    /// (a writable contiguous buffer); with `verify`, check the checksums of the parts that end
-    /// in this piece.
+    /// Read-ahead hint for the first `limit` bytes of tensor `index`'s parts.
+    fn will_need_tensor(&self, py: Python<'_>, index: usize, limit: u64) -> PyResult<()> {
+        py.detach(|| self.file.will_need_tensor(index, limit)).py()
+    }
+
+    /// Copy len(out) bytes of tensor `index`'s buffer (see `tensor_layout`), starting `offset`
+    /// bytes into it, into `out` (a writable contiguous buffer); with `verify`, check the
+    /// checksums of the parts that end in this piece.
     #[pyo3(signature = (index, offset, out, verify = false))]
     fn read(
         &self,
