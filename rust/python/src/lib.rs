@@ -120,6 +120,9 @@ impl Reader {
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
 }
 
+/// (part name, offset in a tensor's read buffer, length) of each part.
+type PartPlaces = Vec<(String, u64, u64)>;
+
 /// A validated qtensors file opened for streaming: copies tensors' byte ranges into caller
 /// buffers (e.g. pinned host memory) with large reads, the GIL released. See
 /// `qtensors_core::io::stream`.
@@ -173,7 +176,7 @@ impl StreamReader {
 
     /// The buffer `read` fills for tensor `index`: (its size, [(part name, offset in it,
     /// length)]). Parts far apart in the file are read separately, not the span between them.
-    fn tensor_layout(&self, index: usize) -> PyResult<(u64, Vec<(String, u64, u64)>)> {
+    fn tensor_layout(&self, index: usize) -> PyResult<(u64, PartPlaces)> {
         let l = self.file.tensor_layout(index).py()?;
         Ok((l.len, l.parts))
     }
