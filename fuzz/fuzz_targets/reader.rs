@@ -136,7 +136,10 @@ fn mutate_header(file: &[u8], rng: &mut Rng) -> Option<Vec<u8>> {
         .and_then(Value::as_u64)
         .filter(|a| a.is_power_of_two() && *a <= 1 << 20)
         .unwrap_or(64) as usize;
-    text.resize(text.len() + (align - (24 + text.len()) % align) % align, b' ');
+    text.resize(
+        text.len() + (align - (24 + text.len()) % align) % align,
+        b' ',
+    );
     let mut out = Vec::with_capacity(24 + text.len() + file.len() - end);
     out.extend_from_slice(&file[..16]);
     out.extend_from_slice(&(text.len() as u64).to_le_bytes());
@@ -219,7 +222,11 @@ fn mutate_node(v: &mut Value, seen: &mut usize, target: usize, rng: &mut Rng) ->
                 return true;
             }
             Value::Object(o) if !o.is_empty() => {
-                let key = o.keys().nth(rng.below(o.len())).cloned().unwrap_or_default();
+                let key = o
+                    .keys()
+                    .nth(rng.below(o.len()))
+                    .cloned()
+                    .unwrap_or_default();
                 if rng.below(2) == 0 {
                     o.remove(&key);
                 } else {
