@@ -243,6 +243,7 @@ class safe_open:
         writable private copy-on-write pages: writes never reach the file)."""
         info = self._info(name)
         reader = self._open_reader()
+        reader.check_unchanged()  # torch.frombuffer would hide the buffer export's FormatError
         enc = info["encoding"]
         from .quantized import PART_NAMES
 

@@ -108,6 +108,12 @@ impl Reader {
         }
     }
 
+    /// Raise FormatError when the file was truncated or rewritten since it was opened (one
+    /// fstat; decode, verify and new buffer views check it themselves).
+    fn check_unchanged(&self) -> PyResult<()> {
+        self.file.check_unchanged().py()
+    }
+
     unsafe fn __getbuffer__(
         slf: Bound<'_, Self>,
         view: *mut ffi::Py_buffer,
@@ -115,6 +121,9 @@ impl Reader {
     ) -> PyResult<()> {
         let (ptr, len) = {
             let me = slf.get();
+            // Views are zero-copy: refuse to hand out new ones over a truncated or rewritten
+            // file (touching its lost pages would kill the process with SIGBUS).
+            me.file.check_unchanged().py()?;
             (me.base as *mut u8, me.file.len())
         };
         // SAFETY: the mapping is private (copy-on-write) and lives as long as `slf`.
@@ -123,6 +132,9 @@ impl Reader {
 
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
 }
+
+/// (part name, offset in a tensor's read buffer, length) of each part.
+type PartPlaces = Vec<(String, u64, u64)>;
 
 /// A validated qtensors file opened for streaming: copies tensors' byte ranges into caller
 /// buffers (e.g. pinned host memory) with large reads, the GIL released. See
@@ -175,14 +187,26 @@ impl StreamReader {
         self.file.tensor_range(index).py()
     }
 
+    /// The buffer `read` fills for tensor `index`: (its size, [(part name, offset in it,
+    /// length)]). Parts far apart in the file are read separately, not the span between them.
+    fn tensor_layout(&self, index: usize) -> PyResult<(u64, PartPlaces)> {
+        let l = self.file.tensor_layout(index).py()?;
+        Ok((l.len, l.parts))
+    }
+
     /// Read-ahead hint for the absolute byte range [start, start + length).
     fn will_need(&self, py: Python<'_>, start: u64, length: u64) {
         py.detach(|| self.file.will_need(start, length))
     }
 
-    /// Copy len(out) bytes of tensor `index`, starting `offset` bytes into its range, into `out`
-    /// (a writable contiguous buffer); with `verify`, check the checksums of the parts that end
-    /// in this piece.
+    /// Read-ahead hint for the first `limit` bytes of tensor `index`'s parts.
+    fn will_need_tensor(&self, py: Python<'_>, index: usize, limit: u64) -> PyResult<()> {
+        py.detach(|| self.file.will_need_tensor(index, limit)).py()
+    }
+
+    /// Copy len(out) bytes of tensor `index`'s buffer (see `tensor_layout`), starting `offset`
+    /// bytes into it, into `out` (a writable contiguous buffer); with `verify`, check the
+    /// checksums of the parts that end in this piece.
     #[pyo3(signature = (index, offset, out, verify = false))]
     fn read(
         &self,
