@@ -24,6 +24,8 @@ CALLS = {
     "get_quantized_raw": "f.get_quantized('b').codes.sum()",
     "verify_all": "f.verify()",
     "verify_one": "f.verify('w')",
+    "get_slice": "f.get_slice('w')[100:200]",
+    "get_slice_raw": "f.get_slice('b')[-10:]",
 }
 
 # How the file changes after it is opened: cut into the data, cut to nothing, or cut and grown

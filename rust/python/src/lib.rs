@@ -83,16 +83,15 @@ impl Reader {
     ) -> PyResult<Option<OwnedBuffer>> {
         let t = self.file.tensor(name).py()?;
         let k = simd::best();
-        let Some(region) = region else {
-            return decode_to(py, out, t, numel(&t.shape), |dst| self.file.decode(k, t, dst));
+        let ranges: Vec<Range<u64>> = match region {
+            Some(r) => r.iter().map(|&(a, b)| a..b).collect(),
+            None => t.shape.iter().map(|&d| 0..d).collect(),
         };
-        let ranges: Vec<Range<u64>> = region.iter().map(|&(a, b)| a..b).collect();
         // Checked before the output is sized by it.
-        tensor::check_box(t, &ranges).py()?;
+        tensor::check_decodable(t, &ranges).py()?;
         let n = ranges.iter().map(|r| r.end - r.start).product();
-        let parts: Vec<&[u8]> = t.parts.iter().map(|p| self.file.part_bytes(p)).collect();
         decode_to(py, out, t, n, |dst| {
-            tensor::decode_region(k, t, &parts, &ranges, dst)
+            self.file.decode_region(k, t, &ranges, dst)
         })
     }
 

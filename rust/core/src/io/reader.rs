@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -199,8 +200,23 @@ impl QFile {
     /// Decode tensor `t` into `out` (bytes of its logical dtype).
     pub fn decode(&self, k: &Kernels, t: &TensorInfo, out: &mut [u8]) -> Result<()> {
         self.check_unchanged()?;
-        let parts: Vec<&[u8]> = t.parts.iter().map(|p| self.part_bytes(p)).collect();
-        tensor::decode(k, t, &parts, out)
+        tensor::decode(k, t, &self.parts_of(t), out)
+    }
+
+    /// Decode the box `ranges` of tensor `t` into `out` (see [`tensor::decode_region`]).
+    pub fn decode_region(
+        &self,
+        k: &Kernels,
+        t: &TensorInfo,
+        ranges: &[Range<u64>],
+        out: &mut [u8],
+    ) -> Result<()> {
+        self.check_unchanged()?;
+        tensor::decode_region(k, t, &self.parts_of(t), ranges, out)
+    }
+
+    fn parts_of(&self, t: &TensorInfo) -> Vec<&[u8]> {
+        t.parts.iter().map(|p| self.part_bytes(p)).collect()
     }
 }
 
