@@ -53,7 +53,9 @@ def minilm_q(bert_path, tmp_path_factory) -> str:
     p = cli("convert", bert_path, dst)
     assert "104 tensors, 40 quantized, 64 raw" in p.stdout
     assert "flexgen (affine 4b g64 ax0 f16)" in p.stdout
-    assert "smaller" in p.stdout and "MB/s" in p.stdout
+    assert "smaller" in p.stdout
+    # The rate's unit depends on how fast the run was (kB/s .. GB/s): assert on the line's shape.
+    assert re.search(r"^  time +[\d.]+ s \([\d.]+ [kMGT]?B/s\)$", p.stdout, re.M), p.stdout
     assert p.stderr == ""  # no progress bar when stderr is not a terminal
     return str(dst)
 
