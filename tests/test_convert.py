@@ -330,6 +330,23 @@ def test_single_file_folder_and_default_names(bert_path, tmp_path):
     assert res.files == [str(out / "model.qtensors")]
 
 
+def test_folder_never_ships_an_older_output_of_itself(tmp_path):
+    src = tmp_path / "m"
+    src.mkdir()
+    x = np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 4096
+    st_save({"w": x}, str(src / "model.safetensors"))
+    (src / "config.json").write_text("{}")
+    qt.convert(src / "model.safetensors", quant="nf4")  # leaves src/model.qtensors behind
+    (src / "old.qtensors.index.json").write_text("{}")  # an index of earlier qtensors shards
+    res = qt.convert(src, tmp_path / "out", "int8")
+    assert res.copied == ["config.json"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.qtensors"]
+    with qt.safe_open(tmp_path / "out" / "model.qtensors") as f:
+        assert f.encoding("w")["name"] == "symmetric"  # the fresh int8, not the stale nf4
+    assert any("model.qtensors" in n and "earlier conversion" in n for n in res.notes)
+    assert any("old.qtensors.index.json" in n for n in res.notes)
+
+
 def test_refuses_to_overwrite_without_force(sharded, bert_path, tmp_path):
     dst = tmp_path / "x.qtensors"
     dst.write_bytes(b"precious")

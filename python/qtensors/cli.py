@@ -40,8 +40,9 @@ input and output:
   SRC is a .safetensors file or a Hugging Face model folder (sharded, with
   model.safetensors.index.json, or not). From a file, DST is a .qtensors file (default: beside
   SRC). From a folder, DST is a folder (default: SRC-qtensors) where every X.safetensors becomes
-  X.qtensors, every index is rewritten, and the other files (config, tokenizer) are copied; give
-  a DST ending in .qtensors to get the whole model in one file instead.
+  X.qtensors, every index is rewritten, and the other files (config, tokenizer) are copied, but
+  not the .qtensors files of an earlier conversion lying in SRC; give a DST ending in .qtensors
+  to get the whole model in one file instead.
 
 safety:
   The output appears only when complete (written under a hidden .NAME.*.tmp name, then renamed).

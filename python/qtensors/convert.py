@@ -4,7 +4,8 @@ The input is one `.safetensors` file or a Hugging Face model folder (sharded fil
 `model.safetensors.index.json`, or single files); the safetensors package reads it. The output is
 one `.qtensors` file, or a model folder where every `X.safetensors` became `X.qtensors`, every
 `X.safetensors.index.json` became `X.qtensors.index.json`, and the other files (config,
-tokenizer) were copied, so it stays a model folder.
+tokenizer) were copied, so it stays a model folder. qtensors files and indexes already in the
+input folder (an earlier conversion's) are not copied: a conversion never ships a stale output.
 
 How it streams: the safetensors headers give every name, dtype and shape before any data is
 read, so the whole output layout is planned up front (`_core.Writer`). Then tensors go one at a
@@ -69,6 +70,9 @@ SKIPPED_WEIGHTS = (
     "*.onnx",
     "*.onnx_data",
 )
+#: What a conversion itself writes: such files in an input folder are the outputs of an earlier
+#: conversion (say of one of its files), never copied over this conversion's fresh ones.
+OWN_OUTPUTS = ("*.qtensors", "*.qtensors.index.json")
 #: Temporary files and folders older than this are leftovers of a killed conversion.
 STALE_SECONDS = 600
 
@@ -264,6 +268,10 @@ def _job_metadata(
 
 def _qtensors_name(rel: str) -> str:
     return rel[: -len(".safetensors")] + ".qtensors"
+
+
+def _is_own_output(rel: str) -> bool:
+    return any(fnmatch.fnmatchcase(os.path.basename(rel), p) for p in OWN_OUTPUTS)
 
 
 def _default_dst(src: str) -> str:
@@ -545,6 +553,8 @@ def convert(
                 )
             elif rel.endswith(".safetensors.index.json"):
                 indexes.append(_source.read_index(src, rel))
+            elif _is_own_output(rel):
+                notes.append(f"not copied: {rel} (the output of an earlier conversion)")
             elif any(fnmatch.fnmatch(os.path.basename(rel), p) for p in SKIPPED_WEIGHTS):
                 notes.append(f"not copied: {rel} (weights in another format)")
             else:
