@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pytest
 from safetensors.numpy import save_file as st_save
-from test_convert import make_sharded_model, tree_digest
+from test_convert import InterruptAfterPublishing, make_sharded_model, tree_digest
 
 import qtensors as qt
 
@@ -359,10 +359,25 @@ def test_interrupted_conversion_leaves_nothing(slow_model, tmp_path, sig, rc, to
     before = tree_digest(slow_model)
     dst = str(tmp_path / ("out" if to == "folder" else "out.qtensors"))
     p = start_and_interrupt(src, dst, sig)
-    assert p.returncode == rc, p.stderr
-    assert "Traceback" not in p.stderr
+    err = p.stderr.read()  # (`in` on the stream itself would consume it line by line)
+    assert p.returncode == rc, err
+    assert "Traceback" not in err
+    if sig == signal.SIGINT:
+        assert "interrupted: nothing was written" in err
     assert os.listdir(tmp_path) == []  # no output, no temporary
     assert tree_digest(slow_model) == before
+
+
+def test_interrupt_after_the_rename_says_the_output_is_complete(tmp_path, monkeypatch, capsys):
+    from qtensors.cli import main
+
+    src = tmp_path / "m.safetensors"
+    st_save({"w": np.ones((64, 64), np.float32)}, str(src))
+    dst = tmp_path / "m.qtensors"
+    InterruptAfterPublishing(monkeypatch, "file")
+    assert main(["convert", str(src), str(dst), "-q"]) == 0
+    assert f"interrupted after the output was written: {dst} is complete" in capsys.readouterr().err
+    qt.safe_open(dst, verify=True).close()
 
 
 def test_killed_conversion_never_leaves_a_partial_output(slow_model, tmp_path):

@@ -23,6 +23,7 @@ from qtensors import _source
 from qtensors.convert import (
     EMBEDDING_PATTERNS,
     STALE_SECONDS,
+    ConversionInterrupted,
     OutputExistsError,
     Policy,
     resolve_quant,
@@ -421,6 +422,60 @@ def test_interrupt_leaves_nothing(sharded, tmp_path, monkeypatch, read_ahead, to
         qt.convert(sharded, dst, read_ahead=read_ahead)
     assert os.listdir(tmp_path) == []
     assert tree_digest(sharded) == before
+
+
+class InterruptAfterPublishing:
+    """Raises KeyboardInterrupt just after the output was renamed into place (as a Ctrl-C that
+    lands during the rename does, at the next Python instruction)."""
+
+    def __init__(self, monkeypatch, to: str) -> None:
+        import importlib
+
+        from qtensors import _core
+
+        convert_mod = importlib.import_module("qtensors.convert")  # the function shadows it
+
+        class Writer:
+            def __init__(self, *args):
+                self._inner = _core.Writer(*args)
+
+            def __getattr__(self, name):
+                return getattr(self._inner, name)
+
+            def finish(self):
+                self._inner.finish()
+                raise KeyboardInterrupt
+
+        publish = convert_mod._publish_folder
+
+        def publish_then_interrupt(*args):
+            publish(*args)
+            raise KeyboardInterrupt
+
+        if to == "file":  # the writer renames the file into place as it finishes
+            monkeypatch.setattr(convert_mod, "_core", type("core", (), {"Writer": Writer}))
+        else:  # the shards finish inside the temporary folder, renamed into place at the end
+            monkeypatch.setattr(convert_mod, "_publish_folder", publish_then_interrupt)
+
+
+@pytest.mark.parametrize("to", ["file", "folder"])
+def test_interrupt_says_whether_the_output_was_published(sharded, tmp_path, monkeypatch, to):
+    dst = tmp_path / ("out.qtensors" if to == "file" else "out")
+    with monkeypatch.context() as m:
+        Interrupt(m, 3)
+        with pytest.raises(ConversionInterrupted) as before:
+            qt.convert(sharded, dst)
+    assert not before.value.published and not dst.exists()
+    for force in (False, True):  # a new output, then one replacing an older one
+        with monkeypatch.context() as m:
+            InterruptAfterPublishing(m, to)
+            with pytest.raises(KeyboardInterrupt) as after:
+                qt.convert(sharded, dst, force=force)
+        assert isinstance(after.value, ConversionInterrupted)
+        assert after.value.published and after.value.dst == str(dst)
+        for f in [dst] if to == "file" else sorted(dst.rglob("*.qtensors")):
+            qt.safe_open(f, verify=True).close()
+    assert os.listdir(tmp_path) == [dst.name]
 
 
 def test_stale_temporaries_are_removed(bert_path, tmp_path):

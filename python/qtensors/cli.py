@@ -46,9 +46,10 @@ input and output:
 
 safety:
   The output appears only when complete (written under a hidden .NAME.*.tmp name, then renamed).
-  Ctrl-C or an error removes the temporary; a hard kill can leave it, and the next conversion
-  to the same name removes it once it is 10 minutes old. The input is only read. An existing
-  output is replaced only with --force.
+  Ctrl-C or an error removes the temporary (Ctrl-C: "nothing was written", exit 130); a Ctrl-C
+  landing after the rename says so: the output is complete (exit 0). A hard kill can leave the
+  temporary; the next conversion to the same name removes it once it is 10 minutes old. The
+  input is only read. An existing output is replaced only with --force.
 
 examples:
   qtensors convert model.safetensors
@@ -382,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from .convert import ConversionInterrupted
     from .errors import QtensorsError
 
     previous = None
@@ -391,6 +393,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     try:
         return COMMANDS[args.command](args)
+    except ConversionInterrupted as e:
+        if e.published:  # Ctrl-C came too late to stop anything: the work is done
+            _err(f"qtensors convert: interrupted after the output was written: {e.dst} is complete")
+            return 0
+        _err("qtensors convert: interrupted: nothing was written")
+        return 130
     except KeyboardInterrupt:
         _err("qtensors: interrupted")
         return 130

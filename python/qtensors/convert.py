@@ -53,7 +53,14 @@ from .encodings import (
 )
 from .errors import QtensorsError, QuantizationError
 
-__all__ = ["ConvertResult", "OutputExistsError", "Policy", "convert", "resolve_quant"]
+__all__ = [
+    "ConversionInterrupted",
+    "ConvertResult",
+    "OutputExistsError",
+    "Policy",
+    "convert",
+    "resolve_quant",
+]
 
 #: Patterns `keep_embeddings=True` keeps raw.
 EMBEDDING_PATTERNS = ("*embed*", "*wte*", "*wpe*")
@@ -79,6 +86,16 @@ STALE_SECONDS = 600
 
 class OutputExistsError(QtensorsError, FileExistsError):
     """The output exists and `force` was not given."""
+
+
+class ConversionInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped `convert`. `published` says whether it landed after the output had been
+    renamed into place (then `dst` is complete) or before (then nothing was written)."""
+
+    def __init__(self, dst: str, published: bool) -> None:
+        super().__init__(dst, published)
+        self.dst = dst
+        self.published = published
 
 
 # -- policy ------------------------------------------------------------------------------------
@@ -567,40 +584,25 @@ def convert(
     quantized = sum(1 for j in jobs for enc in j.encodings if enc["name"] != "raw")
     framework = _source.framework_for(e.dtype for e in all_entries)
 
-    tmp_dir = None
-    fetcher = _Fetcher(all_entries, max(0, int(read_ahead)), framework)
-    bar = Progress(total_bytes, len(all_entries), "converting", _want(progress))
+    before = _identity(dst)
     try:
-        items = iter(fetcher)
-        if not to_folder:
-            jobs[0].stored_bytes = _write_job(jobs[0], dst, items, alignment, bar)
-            files = [dst]
-        else:
-            parent = os.path.dirname(os.path.abspath(dst))
-            tmp_dir = tempfile.mkdtemp(
-                prefix=f".{os.path.basename(os.path.abspath(dst))}.", suffix=".tmp", dir=parent
-            )
-            for job in jobs:
-                out = os.path.join(tmp_dir, job.out)
-                os.makedirs(os.path.dirname(out), exist_ok=True)
-                job.stored_bytes = _write_job(job, out, items, alignment, bar)
-            for rel in copies:
-                out = os.path.join(tmp_dir, rel)
-                os.makedirs(os.path.dirname(out), exist_ok=True)
-                shutil.copy2(os.path.join(src, rel), out)
-            stored_by_file = {j.out: j.stored_bytes for j in jobs}
-            for ix in indexes:
-                _write_index(tmp_dir, ix, stored_by_file)
-            _publish_folder(tmp_dir, dst, force)
-            tmp_dir = None
-            files = [os.path.join(dst, j.out) for j in jobs]
-    finally:
-        bar.close()
-        fetcher.close()
-        if tmp_dir is not None:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-
-    out_bytes = sum(os.path.getsize(f) for f in files)
+        fetcher = _Fetcher(all_entries, max(0, int(read_ahead)), framework)
+        bar = Progress(total_bytes, len(all_entries), "converting", _want(progress))
+        try:
+            items = iter(fetcher)
+            if not to_folder:
+                jobs[0].stored_bytes = _write_job(jobs[0], dst, items, alignment, bar)
+                files = [dst]
+            else:
+                _write_folder(src, dst, jobs, copies, indexes, items, alignment, bar, force)
+                files = [os.path.join(dst, j.out) for j in jobs]
+        finally:
+            bar.close()
+            fetcher.close()
+        out_bytes = sum(os.path.getsize(f) for f in files)
+    except KeyboardInterrupt:
+        # Ctrl-C can land just after the rename that published the output: tell which it was.
+        raise ConversionInterrupted(dst, published=_identity(dst) not in (None, before)) from None
     return ConvertResult(
         src=src,
         dst=dst,
@@ -614,6 +616,50 @@ def convert(
         copied=copies,
         notes=notes,
     )
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """Which file or folder is at `path` now (None: nothing). A published output is a new one."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _write_folder(
+    src: str,
+    dst: str,
+    jobs: list[_Job],
+    copies: list[str],
+    indexes: list[_source.Index],
+    items: Any,
+    alignment: int,
+    bar: Progress,
+    force: bool,
+) -> None:
+    """Build the output folder in a hidden temporary beside `dst`, then rename it into place."""
+    parent = os.path.dirname(os.path.abspath(dst))
+    tmp_dir: str | None = tempfile.mkdtemp(
+        prefix=f".{os.path.basename(os.path.abspath(dst))}.", suffix=".tmp", dir=parent
+    )
+    try:
+        for job in jobs:
+            out = os.path.join(tmp_dir, job.out)
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            job.stored_bytes = _write_job(job, out, items, alignment, bar)
+        for rel in copies:
+            out = os.path.join(tmp_dir, rel)
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            shutil.copy2(os.path.join(src, rel), out)
+        stored_by_file = {j.out: j.stored_bytes for j in jobs}
+        for ix in indexes:
+            _write_index(tmp_dir, ix, stored_by_file)
+        _publish_folder(tmp_dir, dst, force)
+        tmp_dir = None
+    finally:
+        if tmp_dir is not None:  # (once renamed, nothing is left under the temporary name)
+            shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def _want(progress: bool | None) -> bool:
