@@ -209,6 +209,22 @@ def test_policy():
     assert "int8" in p.describe() and "lm_head.*" in p.describe()
 
 
+def test_policy_takes_names_in_mappings_and_refuses_what_is_no_encoding(bert_path, tmp_path):
+    p = Policy({"*embed*": "raw", "head.*": None, "*": "nf4"}, keep="lm_head.weight")
+    assert p("model.embed_tokens.weight", "float32", (4, 8)) == qt.Raw()
+    assert p("head.w", "float32", (4, 8)) == qt.Raw()
+    assert p("lm_head.weight", "float32", (4, 8)) == qt.Raw()  # a lone pattern, not its letters
+    assert p("mlp.weight", "float32", (4, 8)) == qt.PRESETS["nf4"]
+    assert "*embed*: raw" in p.describe() and "*: nf4 g64" in p.describe()
+    with pytest.raises(TypeError, match="not int 123"):
+        qt.convert(bert_path, tmp_path / "x.qtensors", 123)
+    with pytest.raises(ValueError, match="choose one of raw, flexgen"):
+        qt.convert(bert_path, tmp_path / "x.qtensors", {"*": "int2"})
+    with pytest.raises(TypeError, match="metadata keys and values must be str"):
+        qt.convert(bert_path, tmp_path / "x.qtensors", metadata={"n": 1})
+    assert os.listdir(tmp_path) == []
+
+
 def test_keep_and_preset_options(bert_path, tmp_path):
     dst = tmp_path / "int8.qtensors"
     res = qt.convert(

@@ -50,6 +50,7 @@ from .encodings import (
     Raw,
     Symmetric,
     choose_encoding,
+    normalize_quant,
 )
 from .errors import QtensorsError, QuantizationError
 
@@ -182,18 +183,18 @@ class Policy:
     Tensors whose name matches a `keep` pattern (fnmatch, e.g. `*embed*`, `lm_head.weight`) stay
     raw; the rest follow `quant` as in `save_file` (`qtensors.encodings.choose_encoding`): float
     tensors of rank >= 2 (linear and conv weights) are quantized, 1-D tensors (norms, biases),
-    scalars and integer tensors stay raw. `quant` may also be a preset name.
+    scalars and integer tensors stay raw. Preset names are accepted wherever an encoding is.
     """
 
     def __init__(
         self,
-        quant: QuantSpec | str = None,
+        quant: QuantSpec = None,
         keep: Iterable[str] = (),
         keep_embeddings: bool = False,
     ) -> None:
-        if isinstance(quant, str):
-            quant = resolve_quant(quant)
-        self.quant = quant
+        self.quant = normalize_quant(quant)
+        if isinstance(keep, str):  # a lone pattern, not its characters
+            keep = (keep,)
         self.keep = tuple(keep) + (EMBEDDING_PATTERNS if keep_embeddings else ())
 
     def __call__(self, name: str, dtype: str, shape: tuple[int, ...]) -> Encoding:
@@ -206,9 +207,7 @@ class Policy:
         if q is None:
             text = f"flexgen ({describe_encoding(FLEXGEN)})"
         elif isinstance(q, Mapping):
-            text = ", ".join(
-                f"{p}: {'raw' if e is None else describe_encoding(e)}" for p, e in q.items()
-            )
+            text = ", ".join(f"{p}: {describe_encoding(e)}" for p, e in q.items())
         else:
             names = [k for k, v in PRESETS.items() if v == q]
             text = f"{names[0]} ({describe_encoding(q)})" if names else describe_encoding(q)
@@ -279,8 +278,18 @@ def _job_metadata(
     meta = {str(k): str(v) for k, v in st_meta.items()}
     meta.setdefault("source", source)
     meta.setdefault("converted_by", f"qtensors {__version__}")
-    meta.update({str(k): str(v) for k, v in (extra or {}).items()})
+    meta.update(extra or {})
     return meta
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> None:
+    """Keys and values must be str, as in `save_file` and safetensors."""
+    for k, v in (metadata or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(
+                f"metadata keys and values must be str, not {type(k).__name__}: "
+                f"{type(v).__name__} ({k!r}: {v!r})"
+            )
 
 
 def _qtensors_name(rel: str) -> str:
@@ -469,7 +478,7 @@ def _write_job(job: _Job, path: str, items: Any, alignment: int, progress: Progr
 def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str] | None = None,
-    quant: QuantSpec | str = None,
+    quant: QuantSpec = None,
     *,
     keep: Iterable[str] = (),
     keep_embeddings: bool = False,
@@ -488,9 +497,11 @@ def convert(
       safetensors file and index converted and the other files copied, or, if `dst` ends in
       `.qtensors`, one file holding all the model's tensors.
     * `quant`: a preset name (`flexgen`, `int4-g64`, `int4-g128`, `nf4`, `int8`), an encoding
-      (`qt.Affine(bits=4, group_size=128)`), or a mapping of name patterns to encodings, as in
-      `save_file`. Default: `flexgen`. Float tensors of rank >= 2 are quantized; the rest stay raw.
+      (`qt.Affine(bits=4, group_size=128)`), `"raw"`, or a mapping of name patterns to any of
+      those, as in `save_file`. Default (None): `flexgen`. Float tensors of rank >= 2 are
+      quantized; the rest stay raw.
     * `keep`: name patterns (fnmatch) kept raw; `keep_embeddings` adds `*embed*`, `*wte*`, `*wpe*`.
+    * `metadata`: extra str -> str entries for every output file's header.
     * `force`: replace an existing output. `alignment`: 64, or 4096 for direct I/O.
     * `progress`: a progress bar on stderr (None: only on a terminal).
     * `read_ahead`: tensors read ahead of the one being encoded (0: read inline).
@@ -523,6 +534,7 @@ def convert(
         raise ValueError(f"alignment {alignment} must be a power of two between 64 and 1 MiB")
 
     policy = Policy(quant, keep, keep_embeddings)
+    _check_metadata(metadata)
     notes: list[str] = []
     removed, young = clean_stale(dst)
     notes += [f"removed {p}, left by an interrupted conversion" for p in removed]

@@ -64,14 +64,17 @@ def quantize_model(
     skip: tuple[str, ...] = (),
 ) -> _torch.nn.Module:
     """Replace every plain ``nn.Linear`` of ``model`` (and ``nn.Embedding`` with
-    ``embeddings``) by its quantized counterpart, quantized with ``encoding`` (default FLEXGEN)
-    on the CPU; names matching a ``skip`` pattern (fnmatch) stay as they are. In place."""
+    ``embeddings``) by its quantized counterpart, quantized with ``encoding`` (an encoding or a
+    preset name such as ``"nf4"``; default FLEXGEN) on the CPU; names matching a ``skip``
+    pattern (fnmatch) stay as they are. In place."""
     import fnmatch
 
-    from ..encodings import FLEXGEN
+    from ..encodings import FLEXGEN, Raw, as_encoding
     from .loading import _swappable
 
-    enc = encoding or FLEXGEN
+    enc = FLEXGEN if encoding is None else as_encoding(encoding, "encoding")
+    if isinstance(enc, Raw):
+        raise ValueError("quantize_model needs a quantizing encoding, not raw")
     for name, module in list(model.named_modules()):
         if any(fnmatch.fnmatchcase(name, p) for p in skip) or not name:
             continue
