@@ -331,6 +331,19 @@ def test_metadata_must_be_str_to_str(tmp_path, metadata):
     assert not path.exists()
 
 
+def test_missing_folder_is_named_not_the_temporary(tmp_path):
+    path = tmp_path / "no" / "such" / "m.qtensors"
+    with pytest.raises(FileNotFoundError) as e:
+        qt.save_file({"x": np.ones((2, 2), np.float32)}, path)
+    assert f"the folder '{tmp_path / 'no' / 'such'}' does not exist" in str(e.value)
+    assert ".tmp" not in str(e.value)
+    a_file = tmp_path / "f"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match="is not a folder") as e:
+        qt.save_file({"x": np.ones((2, 2), np.float32)}, a_file / "m.qtensors")
+    assert ".tmp" not in str(e.value)
+
+
 @pytest.mark.parametrize("alignment", [64, 128, 4096])
 def test_alignment(tmp_path, alignment):
     path = tmp_path / "al.qtensors"
