@@ -449,7 +449,7 @@ def test_verify_names_every_corrupted_part(every_part, tmp_path):
         assert p.returncode == 1
         assert p.stdout.startswith(f"FAILED  {bad}")
         assert f"tensor '{name}' part '{pname}': checksum mismatch" in p.stdout, p.stdout
-        assert "1 of 1 file(s) failed verification" in p.stderr
+        assert "1 of 1 file failed verification" in p.stderr
         rep = json.loads(cli("verify", bad, "--json", ok=False).stdout)
         assert rep["ok"] is False and len(rep["files"][0]["errors"]) == 1
     # two corrupted tensors: both are named
@@ -457,6 +457,43 @@ def test_verify_names_every_corrupted_part(every_part, tmp_path):
     two = flipped(two, tmp_path / "two.qtensors", parts[("raw.bias", "data")][0])
     p = cli("verify", two, ok=False)
     assert "'affine.weight' part 'mins'" in p.stdout and "'raw.bias' part 'data'" in p.stdout
+
+
+def test_diff_reports_corruption_and_the_argument_order(tmp_path):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    src = folder / "model.safetensors"
+    st_save({n: rng.standard_normal((64, 64)).astype(np.float32) for n in ("a.w", "b.w")}, str(src))
+    q = tmp_path / "model.qtensors"
+    cli("convert", src, q, "-q")
+    assert cli("diff", src, q).returncode == 0
+    with qt.safe_open(q) as f:
+        start = f._data_start + f.tensor_info("b.w")["parts"]["codes"]["offset"]
+    bad = flipped(str(q), tmp_path / "bad.qtensors", start + 7)
+    p = cli("diff", src, bad, ok=False)
+    assert p.returncode == 1
+    assert "CORRUPTED" in p.stdout and "1 PROBLEM;" in p.stdout
+    assert "b.w: CORRUPTED: tensor 'b.w' part 'codes': checksum mismatch" in p.stderr
+    order = "the order is `qtensors diff ORIGINAL.safetensors QUANTIZED.qtensors`"
+    p = cli("diff", q, src, ok=False)
+    assert p.returncode == 1 and order in p.stderr and str(q) in p.stderr
+    cli("convert", folder, tmp_path / "model-q", "-q")
+    p = cli("diff", tmp_path / "model-q", folder, ok=False)
+    assert p.returncode == 1 and order in p.stderr
+
+
+def test_plurals(tmp_path):
+    src = tmp_path / "m" / "model.safetensors"
+    src.parent.mkdir()
+    st_save({"w": np.ones((64, 64), np.float32)}, str(src))
+    (src.parent / "config.json").write_text("{}")
+    p = cli("convert", src.parent, tmp_path / "out")
+    assert "1 tensor, 1 quantized" in p.stdout and "copied  1 other file:" in p.stdout
+    assert "(1 tensor, 3 parts," in cli("verify", tmp_path / "out" / "model.qtensors").stdout
+    assert cli("diff", src, tmp_path / "out" / "model.qtensors", "-q").stdout.startswith(
+        "1 tensor: 1 quantized, 0 raw"
+    )
 
 
 def test_verify_catches_padding_trailing_and_truncation(every_part, tmp_path):

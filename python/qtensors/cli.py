@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ._progress import count
+
 DESCRIPTION = """\
 qtensors: safetensors, but group-quantized.
 
@@ -83,8 +85,10 @@ examples:
 DIFF_EPILOG = """\
 For each tensor: SQNR = 10 log10(sum x^2 / sum (x - x')^2) in dB (higher is better; every bit
 adds about 6 dB), relative RMSE = RMS error / RMS value, and the largest absolute error. Rows
-come worst first; raw tensors show as exact. Exits 1 when a tensor is missing or mismatched, or
-(with --min-sqnr) when a tensor falls below the threshold.
+come worst first; raw tensors show as exact. Every tensor's checksums are checked first: a
+corrupted one is reported, not compared. Exits 1 when a tensor is corrupted, missing or
+mismatched, or (with --min-sqnr) when a tensor falls below the threshold. The original comes
+first: qtensors diff ORIGINAL.safetensors QUANTIZED.qtensors.
 
 examples:
   qtensors diff model.safetensors model.qtensors
@@ -273,9 +277,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         d.update(ratio=res.ratio, throughput=res.throughput)
         print(json.dumps(d, indent=2))
     elif not args.quiet:
-        where = res.dst if len(res.files) == 1 else f"{res.dst} ({len(res.files)} files)"
+        where = res.dst if len(res.files) == 1 else f"{res.dst} ({count(len(res.files), 'file')})"
         print(
-            f"wrote {where}: {res.tensors} tensors, {res.quantized} quantized, "
+            f"wrote {where}: {count(res.tensors, 'tensor')}, {res.quantized} quantized, "
             f"{res.tensors - res.quantized} raw"
         )
         print(f"  policy  {res.policy}")
@@ -286,7 +290,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"  time    {res.seconds:.2f} s ({human_bytes(res.throughput)}/s)")
         if res.copied:
             print(
-                f"  copied  {len(res.copied)} other files: {', '.join(res.copied[:6])}"
+                f"  copied  {count(len(res.copied), 'other file')}: {', '.join(res.copied[:6])}"
                 + (", ..." if len(res.copied) > 6 else "")
             )
     return 0
@@ -315,9 +319,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if r.ok:
             if not args.quiet:
                 what = (
-                    f"{r.tensors} tensors, {r.parts} parts, {human_bytes(r.bytes)}"
+                    f"{count(r.tensors, 'tensor')}, {count(r.parts, 'part')}, "
+                    f"{human_bytes(r.bytes)}"
                     if r.path.endswith(".qtensors") or r.parts
-                    else f"{r.tensors} entries"
+                    else count(r.tensors, "entry", "entries")
                 )
                 print(f"OK      {r.path} ({what}, {r.seconds:.2f} s)")
         else:
@@ -326,7 +331,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 print(f"  {e}")
     if not ok:
         bad = sum(1 for r in reports if not r.ok)
-        _err(f"qtensors: {bad} of {len(reports)} file(s) failed verification")
+        _err(f"qtensors: {bad} of {count(len(reports), 'file')} failed verification")
     return 0 if ok else 1
 
 
@@ -343,9 +348,13 @@ def cmd_diff(args: argparse.Namespace) -> int:
         print(summary_line(rep))
     else:
         print(format_diff(rep, args.top))
+    if rep.problems:  # also in the table, but a corrupted or incomplete file must not pass unseen
+        first = rep.problems[0]
+        more = f" (and {len(rep.problems) - 1} more)" if len(rep.problems) > 1 else ""
+        _err(f"qtensors: {first.name}: {first.problem}{more}")
     if below:
         _err(
-            f"qtensors: {len(below)} tensor(s) below {args.min_sqnr} dB, worst "
+            f"qtensors: {count(len(below), 'tensor')} below {args.min_sqnr} dB, worst "
             f"{below[0].name} at {below[0].sqnr_db:.2f} dB"
         )
     return 1 if (rep.problems or below) else 0
