@@ -102,6 +102,35 @@ def test_errors_are_one_line(tmp_path):
     assert p.returncode == 1 and "4-bit only" in p.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--read-ahead", "-1"], "--read-ahead: -1 is out of range: must be >= 0"),
+        (["--group-size", "100000"], "--group-size: 100000 is out of range: must be 1..65536"),
+        (["--group-size", "0"], "--group-size: 0 is out of range"),
+        (["--group-size", "x"], "--group-size: 'x' is not a whole number"),
+        (["--bits", "9"], "--bits: 9 is out of range: must be 1..8"),
+    ],
+)
+def test_convert_refuses_out_of_range_numbers(tmp_path, args, message):
+    p = cli("convert", tmp_path / "m.safetensors", tmp_path / "m.qtensors", *args, ok=False)
+    assert p.returncode == 2 and message in p.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_single_file_output_needs_the_qtensors_suffix(tmp_path):
+    src = tmp_path / "m.safetensors"
+    st_save({"w": np.ones((64, 64), np.float32)}, str(src))
+    p = cli("convert", src, tmp_path / "o.txt", ok=False)
+    assert p.returncode == 1 and "o.txt must end in .qtensors" in p.stderr
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+    p = cli("diff", src, src, "--top", "0", ok=False)
+    assert p.returncode == 2 and "--top: 0 is out of range: must be >= 1" in p.stderr
+    with pytest.raises(ValueError, match="read_ahead must be a whole number >= 0"):
+        qt.convert(src, tmp_path / "m.qtensors", read_ahead=-1)
+    assert "1..65536" in cli("convert", "--help").stdout
+
+
 # -- convert, inspect, verify, diff on MiniLM ------------------------------------------------------
 
 

@@ -40,11 +40,11 @@ presets (--preset, default flexgen):
 
 input and output:
   SRC is a .safetensors file or a Hugging Face model folder (sharded, with
-  model.safetensors.index.json, or not). From a file, DST is a .qtensors file (default: beside
-  SRC). From a folder, DST is a folder (default: SRC-qtensors) where every X.safetensors becomes
-  X.qtensors, every index is rewritten, and the other files (config, tokenizer) are copied, but
-  not the .qtensors files of an earlier conversion lying in SRC; give a DST ending in .qtensors
-  to get the whole model in one file instead.
+  model.safetensors.index.json, or not). From a file, DST is a file named *.qtensors (default:
+  beside SRC) or an existing folder. From a folder, DST is a folder (default: SRC-qtensors)
+  where every X.safetensors becomes X.qtensors, every index is rewritten, and the other files
+  (config, tokenizer) are copied, but not the .qtensors files of an earlier conversion lying in
+  SRC; give a DST ending in .qtensors to get the whole model in one file instead.
 
 safety:
   The output appears only when complete (written under a hidden .NAME.*.tmp name, then renamed).
@@ -111,13 +111,41 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
+#: The largest --group-size the CLI takes. The format allows any group size >= 1 (a group ends
+#: at the end of its axis anyway), but past a few hundred elements one scale per group costs
+#: accuracy for almost no space: a larger number is a typo far more often than a wish.
+MAX_GROUP_SIZE = 1 << 16
+
+
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: a whole number in lo..hi, else a usage error saying the range."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < lo or (hi is not None and n > hi):
+            want = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"{n} is out of range: must be {want}")
+        return n
+
+    return parse
+
+
 def _add_quant_options(p: argparse.ArgumentParser) -> None:
     from .encodings import PRESETS, SCALE_DTYPES
 
     g = p.add_argument_group("quantization")
     g.add_argument("--preset", choices=list(PRESETS), help="parameter set (default: flexgen)")
-    g.add_argument("--bits", type=int, metavar="N", help="bits per code, 1..8")
-    g.add_argument("--group-size", type=int, metavar="G", help="elements per group")
+    g.add_argument("--bits", type=_int_in(1, 8), metavar="N", help="bits per code, 1..8")
+    g.add_argument(
+        "--group-size",
+        type=_int_in(1, MAX_GROUP_SIZE),
+        metavar="G",
+        help=f"elements per group, 1..{MAX_GROUP_SIZE} (typical: 32..256; smaller is more "
+        "accurate and larger)",
+    )
     g.add_argument(
         "--axis",
         type=int,
@@ -161,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_formatter,
     )
     p.add_argument("src", metavar="SRC", help=".safetensors file or model folder")
-    p.add_argument("dst", metavar="DST", nargs="?", help=".qtensors file or folder")
+    p.add_argument(
+        "dst", metavar="DST", nargs="?", help="a .qtensors file (the suffix is required) or folder"
+    )
     _add_quant_options(p)
     g = p.add_argument_group("output")
     g.add_argument("-f", "--force", action="store_true", help="replace an existing output")
@@ -176,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.add_argument(
         "--read-ahead",
-        type=int,
+        type=_int_in(0),
         default=1,
         metavar="N",
         help="tensors read ahead while one encodes (default 1; 0 reads inline)",
@@ -212,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("original", metavar="ORIGINAL", help=".safetensors file or model folder")
     p.add_argument("converted", metavar="CONVERTED", help=".qtensors file or folder")
-    p.add_argument("--top", type=int, metavar="N", help="show only the N worst tensors")
+    p.add_argument("--top", type=_int_in(1), metavar="N", help="show only the N worst tensors")
     p.add_argument("--min-sqnr", type=float, metavar="DB", help="fail below this SQNR")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")

@@ -524,6 +524,12 @@ def convert(
 
     if os.path.exists(dst) and os.path.realpath(dst) == os.path.realpath(src):
         raise ValueError(f"the output {dst} is the input")
+    if not src_is_dir and not dst.endswith(".qtensors"):
+        # Readers and `qtensors inspect FOLDER` find qtensors files by their suffix.
+        raise ValueError(
+            f"the output {dst} must end in .qtensors (or be an existing folder to write "
+            "NAME.qtensors into)"
+        )
     if to_folder and _is_within(dst, src):
         raise ValueError(f"the output folder {dst} must not be inside the input folder {src}")
     if src_is_dir and not to_folder and os.path.isdir(dst):
@@ -532,6 +538,8 @@ def convert(
         raise OutputExistsError(f"{dst} exists: pass force=True (--force) to replace it")
     if not (64 <= alignment <= 1 << 20 and alignment & (alignment - 1) == 0):
         raise ValueError(f"alignment {alignment} must be a power of two between 64 and 1 MiB")
+    if not isinstance(read_ahead, int) or read_ahead < 0:
+        raise ValueError(f"read_ahead must be a whole number >= 0, not {read_ahead!r}")
 
     policy = Policy(quant, keep, keep_embeddings)
     _check_metadata(metadata)
@@ -598,7 +606,7 @@ def convert(
 
     before = _identity(dst)
     try:
-        fetcher = _Fetcher(all_entries, max(0, int(read_ahead)), framework)
+        fetcher = _Fetcher(all_entries, read_ahead, framework)
         bar = Progress(total_bytes, len(all_entries), "converting", _want(progress))
         try:
             items = iter(fetcher)
