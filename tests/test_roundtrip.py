@@ -522,3 +522,17 @@ def test_quantized_tensor_can_be_saved_as_is(tmp_path):
     _, _, info = R.read_file(path, strict=True)
     assert info["q"]["parts"]["codes"].tobytes() == H.as_np(q.codes).tobytes()
     assert np.array_equal(qt.load_file(path)["q"], qt.dequantize(q))
+
+
+def test_stream_defaults_to_where_it_can_run(tmp_path, monkeypatch):
+    # (a stream test kept here: qtensors.stream's default device)
+    path = tmp_path / "s.qtensors"
+    x = rng(6).standard_normal((64, 64)).astype(np.float32)
+    qt.save_file({"w": x}, path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine
+    with qt.stream(path) as s:
+        [(name, t)] = list(s)
+    assert name == "w" and t.device.type == "cpu"
+    torch.testing.assert_close(t, torch.from_numpy(qt.load_file(path)["w"]))
+    with qt.stream(path, framework="np") as s:  # numpy: the CPU, with or without a device
+        assert next(iter(s))[1].shape == (64, 64)
