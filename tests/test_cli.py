@@ -409,6 +409,28 @@ def test_interrupt_after_the_rename_says_the_output_is_complete(tmp_path, monkey
     qt.safe_open(dst, verify=True).close()
 
 
+def test_interrupt_while_planning_or_reporting(tmp_path, monkeypatch, capsys):
+    from qtensors import _source, cli
+
+    src = tmp_path / "m.safetensors"
+    st_save({"w": np.ones((64, 64), np.float32)}, str(src))
+    dst = tmp_path / "m.qtensors"
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(_source, "list_file", interrupt)  # reading the headers
+        assert cli.main(["convert", str(src), str(dst)]) == 130
+    assert "interrupted: nothing was written" in capsys.readouterr().err
+    assert not dst.exists()
+    with monkeypatch.context() as m:
+        m.setattr(cli, "_report_conversion", interrupt)  # printing the summary
+        assert cli.main(["convert", str(src), str(dst)]) == 0
+    assert f"{dst} is complete" in capsys.readouterr().err
+    qt.safe_open(dst, verify=True).close()
+
+
 def test_killed_conversion_never_leaves_a_partial_output(slow_model, tmp_path):
     src = os.path.join(slow_model, "model.safetensors")
     before = tree_digest(slow_model)

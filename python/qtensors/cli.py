@@ -8,9 +8,12 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._progress import count
+
+if TYPE_CHECKING:  # the CLI imports the library lazily: `--help` stays instant
+    from .convert import ConvertResult
 
 DESCRIPTION = """\
 qtensors: safetensors, but group-quantized.
@@ -285,8 +288,7 @@ def _times(ratio: float) -> str:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
-    from .inspect import human_bytes
+    from .convert import ConversionInterrupted, convert
 
     res = convert(
         args.src,
@@ -299,6 +301,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
         progress=False if (args.quiet or args.json) else None,
         read_ahead=args.read_ahead,
     )
+    try:
+        _report_conversion(res, args)
+    except KeyboardInterrupt:  # the output is complete: only the summary was cut short
+        raise ConversionInterrupted(res.dst, published=True) from None
+    return 0
+
+
+def _report_conversion(res: ConvertResult, args: argparse.Namespace) -> None:
+    from .inspect import human_bytes
+
     if not args.quiet:
         for n in res.notes:
             _err(f"note: {n}")
@@ -323,7 +335,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 f"  copied  {count(len(res.copied), 'other file')}: {', '.join(res.copied[:6])}"
                 + (", ..." if len(res.copied) > 6 else "")
             )
-    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

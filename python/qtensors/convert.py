@@ -543,6 +543,7 @@ def convert(
 
     policy = Policy(quant, keep, keep_embeddings)
     _check_metadata(metadata)
+    options = _WriteOptions(alignment, read_ahead, progress, force)
     notes: list[str] = []
     removed, young = clean_stale(dst)
     notes += [f"removed {p}, left by an interrupted conversion" for p in removed]
@@ -552,7 +553,40 @@ def convert(
         for p in young
     ]
 
-    # Plan every output file from the safetensors headers alone.
+    before = _identity(dst)
+    try:
+        jobs, copies, indexes = _plan(src, dst, src_is_dir, to_folder, policy, metadata, notes)
+        files = _write_outputs(src, dst, to_folder, jobs, copies, indexes, options)
+        all_entries = [e for j in jobs for e in j.entries]
+        return ConvertResult(
+            src=src,
+            dst=dst,
+            files=files,
+            tensors=len(all_entries),
+            quantized=sum(1 for j in jobs for enc in j.encodings if enc["name"] != "raw"),
+            input_bytes=sum(e.nbytes for e in all_entries),
+            output_bytes=sum(os.path.getsize(f) for f in files),
+            seconds=time.perf_counter() - t0,
+            policy=policy.describe(),
+            copied=copies,
+            notes=notes,
+        )
+    except KeyboardInterrupt:
+        # Ctrl-C can land just after the rename that published the output: tell which it was.
+        raise ConversionInterrupted(dst, published=_identity(dst) not in (None, before)) from None
+
+
+def _plan(
+    src: str,
+    dst: str,
+    src_is_dir: bool,
+    to_folder: bool,
+    policy: Policy,
+    metadata: Mapping[str, str] | None,
+    notes: list[str],
+) -> tuple[list[_Job], list[str], list[_source.Index]]:
+    """Every output file, from the safetensors headers alone; the files to copy and the
+    indexes to rewrite (folder outputs). Appends what it leaves out to `notes`."""
     jobs: list[_Job] = []
     copies: list[str] = []
     indexes: list[_source.Index] = []
@@ -599,43 +633,42 @@ def convert(
         if not jobs:
             raise _source.InputError(f"{src} holds no .safetensors file")
 
+    return jobs, copies, indexes
+
+
+@dataclass
+class _WriteOptions:
+    alignment: int
+    read_ahead: int
+    progress: bool | None
+    force: bool
+
+
+def _write_outputs(
+    src: str,
+    dst: str,
+    to_folder: bool,
+    jobs: list[_Job],
+    copies: list[str],
+    indexes: list[_source.Index],
+    options: _WriteOptions,
+) -> list[str]:
+    """Read, encode and write every job (a reader thread fetching ahead); the output files."""
     all_entries = [e for j in jobs for e in j.entries]
     total_bytes = sum(e.nbytes for e in all_entries)
-    quantized = sum(1 for j in jobs for enc in j.encodings if enc["name"] != "raw")
     framework = _source.framework_for(e.dtype for e in all_entries)
-
-    before = _identity(dst)
+    fetcher = _Fetcher(all_entries, options.read_ahead, framework)
+    bar = Progress(total_bytes, len(all_entries), "converting", _want(options.progress))
     try:
-        fetcher = _Fetcher(all_entries, read_ahead, framework)
-        bar = Progress(total_bytes, len(all_entries), "converting", _want(progress))
-        try:
-            items = iter(fetcher)
-            if not to_folder:
-                jobs[0].stored_bytes = _write_job(jobs[0], dst, items, alignment, bar)
-                files = [dst]
-            else:
-                _write_folder(src, dst, jobs, copies, indexes, items, alignment, bar, force)
-                files = [os.path.join(dst, j.out) for j in jobs]
-        finally:
-            bar.close()
-            fetcher.close()
-        out_bytes = sum(os.path.getsize(f) for f in files)
-    except KeyboardInterrupt:
-        # Ctrl-C can land just after the rename that published the output: tell which it was.
-        raise ConversionInterrupted(dst, published=_identity(dst) not in (None, before)) from None
-    return ConvertResult(
-        src=src,
-        dst=dst,
-        files=files,
-        tensors=len(all_entries),
-        quantized=quantized,
-        input_bytes=total_bytes,
-        output_bytes=out_bytes,
-        seconds=time.perf_counter() - t0,
-        policy=policy.describe(),
-        copied=copies,
-        notes=notes,
-    )
+        items = iter(fetcher)
+        if not to_folder:
+            jobs[0].stored_bytes = _write_job(jobs[0], dst, items, options.alignment, bar)
+            return [dst]
+        _write_folder(src, dst, jobs, copies, indexes, items, options.alignment, bar, options.force)
+        return [os.path.join(dst, j.out) for j in jobs]
+    finally:
+        bar.close()
+        fetcher.close()
 
 
 def _identity(path: str) -> tuple[int, int] | None:
