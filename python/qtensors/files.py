@@ -28,11 +28,25 @@ def save_file(
 ) -> None:
     """Write `tensors` (numpy arrays, torch tensors or QuantizedTensors) to `filename`.
 
-    `quant` picks each tensor's encoding (see `qtensors.encodings.choose_encoding`): by default
-    float tensors of rank >= 2 are stored as FLEXGEN (4-bit, group 64, axis 0) and the rest raw.
-    QuantizedTensors are stored as they are. `alignment=4096` aligns every part for direct I/O.
+    `quant` picks each tensor's encoding (see `qtensors.encodings.choose_encoding`): None (the
+    default) stores float tensors of rank >= 2 as FLEXGEN (4-bit, group 64, axis 0) and the
+    rest raw; an encoding (`qt.NF4()`) or a preset name (`"nf4"`, `"int8"`, ...) replaces
+    FLEXGEN; `"raw"` stores everything raw; a mapping `{pattern: encoding, preset name or "raw"}`
+    decides by name (None there also means raw). QuantizedTensors are stored as they are.
+    `metadata` maps str to str (anything else raises TypeError, as in safetensors).
+    `alignment=4096` aligns every part for direct I/O.
     The file appears atomically: on any error nothing is left under `filename`.
     """
+    from .encodings import normalize_quant
+
+    quant = normalize_quant(quant)
+    meta = dict(metadata or {})
+    for k, v in meta.items():  # as safetensors: a silent str() would change what readers get
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(
+                f"metadata keys and values must be str, not {type(k).__name__}: "
+                f"{type(v).__name__} ({k!r}: {v!r}); convert them first, e.g. json.dumps(value)"
+            )
     plans: list[tuple[str, str, list[int], str]] = []
     sources: list[tuple[str, Any]] = []
     for name, value in tensors.items():
@@ -47,7 +61,6 @@ def save_file(
         enc_dict = {"name": "raw"} if isinstance(enc, Raw) else enc.to_dict(len(shape))
         plans.append((name, dtype, list(shape), json.dumps(enc_dict)))
         sources.append(("values", (data, dtype)))
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     writer = _core.Writer(os.fspath(filename), plans, meta, alignment)
     try:
         for i, (kind, src) in enumerate(sources):

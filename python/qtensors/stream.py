@@ -418,7 +418,7 @@ class TensorStream:
         self,
         path: str | os.PathLike[str],
         names: Sequence[str] | None = None,
-        device: Any = "cuda",
+        device: Any = None,
         prefetch: int = DEFAULT_PREFETCH,
         *,
         quantized: bool = False,
@@ -444,10 +444,12 @@ class TensorStream:
         if self._framework == "pt":
             import torch
 
+            if device is None:  # where it can run: the GPU if there is one
+                device = "cuda" if torch.cuda.is_available() else "cpu"
             dev = torch.device(device)
             if dev.type == "cuda" and dev.index is None:
                 dev = torch.device("cuda", torch.cuda.current_device())
-        elif str(device) != "cpu":
+        elif device is not None and str(device) != "cpu":
             raise ValueError("framework='np' streams to the CPU only (device='cpu')")
         self._device = dev
         self._pipe = _Pipeline(plan, dev, verify, prefetch, pinned)
@@ -525,7 +527,7 @@ class TensorStream:
 def stream(
     path: str | os.PathLike[str],
     names: Sequence[str] | None = None,
-    device: Any = "cuda",
+    device: Any = None,
     prefetch: int = DEFAULT_PREFETCH,
     *,
     quantized: bool = False,
@@ -540,7 +542,8 @@ def stream(
     `(name, tensor)` in file order, or in the order of `names`.
 
     * `device`: "cuda" (or "cuda:N"): read into pinned buffers, copied on a separate CUDA stream,
-      dequantized on the GPU; "cpu": read and decoded by the Rust core.
+      dequantized on the GPU; "cpu": read and decoded by the Rust core; None (the default):
+      "cuda" when torch sees a GPU, else "cpu".
     * `prefetch`: bytes (stored) read ahead of the consumer; bounds host / device memory.
     * `quantized=True`: yield `QuantizedTensor`s (packed parts on `device`) instead of decoded
       tensors. `verify=True`: check every part's checksum on the bytes read.
