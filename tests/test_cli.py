@@ -625,7 +625,7 @@ def test_inspect_survives_an_unknown_dtype(base_file, tmp_path):
 
     newer = rewrite_header(base_file, tmp_path / "fp4.qtensors", to_fp4)
     p = cli("inspect", newer)
-    assert "warning: listed without validation" in p.stdout and "float4_e2m1" in p.stdout
+    assert "warning:" in p.stdout and "float4_e2m1" in p.stdout
     row = next(ln for ln in p.stdout.splitlines() if ln.startswith("b.bias"))
     assert "unknown dtype" in row
 
