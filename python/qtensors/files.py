@@ -167,11 +167,14 @@ class safe_open:
         self._framework = normalize_framework(framework)
         self._device = device
         self._reader: Any = _core.Reader(os.fspath(filename))
-        header = json.loads(self._reader.header_json())
-        self._meta: dict[str, str] = header.get("metadata", {})
-        self._tensors: dict[str, dict[str, Any]] = {t["name"]: t for t in header["tensors"]}
+        # The header is validated in Rust; Python holds only the names and reads an entry when
+        # a tensor is asked for, so opening costs no JSON parse of the whole header.
+        self._names: list[str] = self._reader.names()
+        self._name_set = frozenset(self._names)
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._meta: dict[str, str] = self._reader.metadata()
         self._data_start: int = self._reader.data_start
-        self.alignment: int = header["alignment"]
+        self.alignment: int = self._reader.alignment
         if verify:
             self.verify()
 
@@ -193,25 +196,28 @@ class safe_open:
 
     # -- listing ---------------------------------------------------------------------------
     def keys(self) -> list[str]:
-        return list(self._tensors)
+        return list(self._names)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
+        return iter(self._names)
 
     def __len__(self) -> int:
-        return len(self._tensors)
+        return len(self._names)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._tensors
+        return name in self._name_set
 
     def metadata(self) -> dict[str, str]:
         return dict(self._meta)
 
     def _info(self, name: str) -> dict[str, Any]:
-        try:
-            return self._tensors[name]
-        except KeyError:
-            raise KeyError(f"no tensor named {name!r} in this file") from None
+        entry = self._entries.get(name)
+        if entry is None:
+            if name not in self._name_set:
+                raise KeyError(f"no tensor named {name!r} in this file")
+            entry = json.loads(self._open_reader().tensor_json(name))
+            self._entries[name] = entry
+        return entry
 
     def encoding(self, name: str) -> dict[str, Any]:
         return dict(self._info(name)["encoding"])

@@ -56,6 +56,30 @@ impl Reader {
         self.file.header().to_json()
     }
 
+    /// Tensor names in file order (listing a file needs no JSON round trip of the header).
+    fn names(&self) -> Vec<&str> {
+        self.file
+            .header()
+            .tensors
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect()
+    }
+
+    /// One tensor's header entry as JSON.
+    fn tensor_json(&self, name: &str) -> PyResult<String> {
+        Ok(self.file.tensor(name).py()?.to_json())
+    }
+
+    fn metadata(&self) -> BTreeMap<String, String> {
+        self.file.header().metadata.clone()
+    }
+
+    #[getter]
+    fn alignment(&self) -> u64 {
+        self.file.header().alignment
+    }
+
     #[getter]
     fn data_start(&self) -> usize {
         self.file.data_start()

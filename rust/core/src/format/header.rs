@@ -266,6 +266,13 @@ impl Header {
     }
 }
 
+impl TensorInfo {
+    /// This tensor's header entry as JSON, as it appears in [`Header::to_json`].
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&JsonTensor(self)).expect("JSON of plain values")
+    }
+}
+
 // -- reading ------------------------------------------------------------------------------------
 
 /// The top-level object as read: fields of the wrong type are kept for the error message.
