@@ -364,8 +364,9 @@ def test_safetensors_file_gets_the_convert_hint(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(save({"x": np.ones((2, 2), np.float32)}))
     for open_it in (qt._core.Reader, qt._core.StreamReader, qt.load_file):
-        with pytest.raises(qt.FormatError, match=r"safetensors.*qtensors convert"):
+        with pytest.raises(qt.FormatError, match=r"safetensors.*qtensors convert") as e:
             open_it(str(path))
+        assert f"qtensors convert {path}`" in str(e.value)
     p = _cli("inspect", path)
     assert p.returncode != 0 and "qtensors convert" in p.stderr and "Traceback" not in p.stderr
 

@@ -536,3 +536,10 @@ def test_stream_defaults_to_where_it_can_run(tmp_path, monkeypatch):
     torch.testing.assert_close(t, torch.from_numpy(qt.load_file(path)["w"]))
     with qt.stream(path, framework="np") as s:  # numpy: the CPU, with or without a device
         assert next(iter(s))[1].shape == (64, 64)
+
+
+def test_quantize_takes_preset_names():
+    x = rng(5).standard_normal((8, 64)).astype(np.float32)
+    assert qt.quantize(x, "nf4").encoding == qt.quantize(x, qt.PRESETS["nf4"]).encoding
+    with pytest.raises(ValueError, match="nf4"):
+        qt.quantize(x, "int5-g7")

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
+from ._progress import count
 from ._source import ITEMSIZE, numel
 from .convert import KNOWN_ENCODINGS, describe_encoding
 from .errors import ChecksumError, FormatError
@@ -208,7 +209,8 @@ def format_inspect(info: dict[str, Any]) -> str:
     blocks = [format_file(f) for f in info["files"]]
     t = info["totals"]
     blocks.append(
-        f"total: {len(info['files'])} files, {t['tensors']} tensors ({t['quantized']} quantized): "
+        f"total: {count(len(info['files']), 'file')}, {count(t['tensors'], 'tensor')} "
+        f"({t['quantized']} quantized): "
         f"{human_bytes(t['original_bytes'])} of values in {human_bytes(t['stored_bytes'])} "
         f"({_pct(t['ratio'])}); files {human_bytes(t['file_bytes'])}"
     )

@@ -120,7 +120,7 @@ pub fn parse_prefix(prefix: &[u8], file_len: u64, lenient: bool) -> Result<(u16,
 }
 
 /// A safetensors file starts with its header length (u64, little-endian) and then the JSON `{`.
-fn looks_like_safetensors(prefix: &[u8], file_len: u64) -> bool {
+pub fn looks_like_safetensors(prefix: &[u8], file_len: u64) -> bool {
     let n = u64::from_le_bytes(prefix[..8].try_into().unwrap());
     prefix[8] == b'{' && n >= 2 && n <= file_len - 8
 }

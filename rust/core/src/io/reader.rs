@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use super::checksum::checksum;
 use crate::codecs::Kernels;
 use crate::error::{Error, Result};
-use crate::format::header::{format_checksum, parse_prefix};
+use crate::format::header::{format_checksum, looks_like_safetensors, parse_prefix};
 use crate::format::limits::PREFIX_LEN;
 use crate::format::{Header, PartInfo, TensorInfo};
 use crate::tensor;
@@ -36,6 +36,12 @@ pub(crate) fn read_header(file: &File, path: &Path, lenient: bool) -> Result<(He
         parse_prefix(&[], file_len, lenient)?;
     }
     read(&mut prefix, 0)?;
+    if looks_like_safetensors(&prefix, file_len) {
+        return Err(Error::Format(format!(
+            "'{0}' is a safetensors file, not a qtensors file: convert it with `qtensors convert {0}`",
+            path.display()
+        )));
+    }
     let (major, minor, header_len) = parse_prefix(&prefix, file_len, lenient)?;
     let data_start = PREFIX_LEN as u64 + header_len;
     // header_len is at most MAX_HEADER_LEN and within the file (checked by parse_prefix).
