@@ -446,7 +446,7 @@ def dequantize(parts: dict, enc: dict, shape, dtype: str) -> np.ndarray:
 
 def raw_decode(data: bytes, dtype: str, shape) -> np.ndarray:
     if dtype == "bool" and any(b > 1 for b in bytes(data)):
-        raise FormatError("bool tensor holds a byte other than 0 or 1 (spec 3)")
+        raise ReferenceError("bool tensor holds a byte other than 0 or 1 (spec 3)")
     return np.frombuffer(bytes(data), dtype=DTYPES[dtype][1]).reshape(tuple(shape)).copy()
 
 
