@@ -8,7 +8,8 @@ models.
     qtt.offload(model, "model.qtensors", device="cuda")      # weights stay on disk, prefetched
 
 ``torch.ops.qtensors.dequantize`` is the op underneath (Triton on CUDA, the Rust core on the
-CPU, plain torch elsewhere, fake tensors under ``torch.compile``).
+CPU, plain torch elsewhere, fake tensors under ``torch.compile``); ``torch.ops.qtensors.linear``
+multiplies by a quantized weight without decoding it (fused Triton kernels on CUDA).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch as _torch
 
 from ..quantized import QuantizedTensor
+from .linear import linear_op
 from .loading import LoadResult, load_model, model_files, save_model, state_dict_for_file
 from .modules import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from .offload import OffloadHandle, offload
@@ -36,6 +38,7 @@ __all__ = [
     "dequantize_torch",
     "from_pretrained",
     "init_empty_weights",
+    "linear_op",
     "load_model",
     "model_files",
     "offload",

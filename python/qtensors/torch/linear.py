@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .ops import HAVE_TRITON, OUT_DTYPES, check_args, dequantize
+from .ops import HAVE_TRITON, OUT_DTYPES, check_args, dequantize, dequantize_op
 
 SCHEMA = (
     "(Tensor x, Tensor codes, Tensor scales, Tensor? mins, Tensor? bias, int[] shape, "
@@ -171,6 +171,29 @@ linear_op.register_kernel("cuda")(linear_cuda)
 def _linear_fake(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
     check_linear_args(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
     return x.new_empty((*x.shape[:-1], int(shape[0])))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis = inputs
+    ctx.save_for_backward(codes, scales, mins)
+    ctx.weight = (list(shape), encoding, bits, group_size, axis)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad):
+    """Gradients for ``x`` and ``bias`` (the quantized weight is frozen)."""
+    codes, scales, mins = ctx.saved_tensors
+    shape, encoding, bits, group_size, axis = ctx.weight
+    gx = gb = None
+    if ctx.needs_input_grad[0]:
+        w = dequantize_op(codes, scales, mins, shape, encoding, bits, group_size, axis, grad.dtype)
+        gx = grad @ w
+    if ctx.needs_input_grad[4]:
+        gb = grad.reshape(-1, shape[0]).sum(0).to(ctx.bias_dtype)
+    return gx, None, None, None, gb, None, None, None, None, None
+
+
+linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear(
