@@ -24,8 +24,10 @@ from .epilogue import code_values, min_term, store_result
 
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
+    """``a @ b`` in fp32; IEEE: exact fp32 products (fp32 activations, as cuBLAS without TF32;
+    also the interpreter's way for bf16, whose ``tl.dot`` misreads bf16 operands)."""
     if IEEE:
-        r = tl.dot(a, b, input_precision="ieee")
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         r = tl.dot(a, b)
     return r
@@ -95,12 +97,15 @@ def gemm_kernel(
             v0 = code_values(b, levels_ptr, ENC, BITS, False)
         if AXIS0:
             s0 = tl.load(scales_ptr + srow + kk, mask=kmask, other=0.0).to(tl.float32)
-            w0 = v0 * s0[:, None] + min_term(s0, mins_ptr, srow + kk, kmask, ENC, BITS)[:, None]
+            w0 = v0 * s0[:, None]
+            if ENC != 2:
+                w0 += min_term(s0, mins_ptr, srow + kk, kmask, ENC, BITS)[:, None]
             acc += _dot(x0, w0.to(dt), IEEE)
             if PACK == 2:
                 s1 = tl.load(scales_ptr + srow + kk + 1, mask=kmask, other=0.0).to(tl.float32)
-                m1 = min_term(s1, mins_ptr, srow + kk + 1, kmask, ENC, BITS)
-                w1 = v1 * s1[:, None] + m1[:, None]
+                w1 = v1 * s1[:, None]
+                if ENC != 2:
+                    w1 += min_term(s1, mins_ptr, srow + kk + 1, kmask, ENC, BITS)[:, None]
                 acc += _dot(x1, w1.to(dt), IEEE)
         else:
             d = _dot(x0, v0.to(dt), IEEE)

@@ -190,7 +190,7 @@ def _plan(
     if use_gemv:
         meta["FAST_CVT"] = config.fast_cvt and encoding != "nf4"
     else:
-        meta["IEEE"] = x_dtype == torch.float32
+        meta["IEEE"] = x_dtype == torch.float32 or (cuda_index < 0 and x_dtype == torch.bfloat16)
     if cuda_index >= 0:
         meta.update(num_warps=config.num_warps, num_stages=config.num_stages)
     kernel = gemv_kernel if use_gemv else gemm_kernel
