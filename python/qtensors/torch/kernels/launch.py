@@ -36,8 +36,9 @@ ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """``gemv_kernel``: output features per program, columns per step, K-slices (0: picked from
-    the shape), warps, software-pipelining stages, bit-built code values (``fast_cvt``)."""
+    """``gemv_kernel``: output features per program, columns per step, K-slices (0: as many as
+    fill the GPU, see ``_pick_split``), warps, software-pipelining stages, bit-built code
+    values (``fast_cvt``)."""
 
     block_n: int = 8
     block_k: int = 512
@@ -49,7 +50,8 @@ class GemvConfig:
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """``gemm_kernel``: output tile, columns per step, K-slices (0: picked from the shape)."""
+    """``gemm_kernel``: output tile, columns per step, K-slices (0: as many as fill the GPU),
+    warps, software-pipelining stages."""
 
     block_m: int = 64
     block_n: int = 64
@@ -92,17 +94,15 @@ def _pick_split(n_tiles: int, k_steps: int, sms: int, waves: int) -> int:
     return split
 
 
-def gemv_config(M: int, N: int, K: int, bits: int, g: int, axis0: bool, sms: int) -> GemvConfig:
+def gemv_config(M: int, N: int, K: int, bits: int, g: int, axis0: bool) -> GemvConfig:
     """Batch 1-4: 8 features x 256 bytes of codes per step (16 bytes a thread with 4 warps),
     and enough programs (splitting K) for some 4 per SM to hide the memory latency."""
     block_n = min(8, g) if axis0 else 8
     block_k = 512 if bits == 4 else 256
-    n_tiles = -(-N // block_n)
-    split = _pick_split(n_tiles, -(-K // block_k), sms, 4)
-    return GemvConfig(block_n=block_n, block_k=block_k, split_k=split)
+    return GemvConfig(block_n=block_n, block_k=block_k)
 
 
-def gemm_config(M: int, N: int, K: int, bits: int, g: int, axis0: bool, sms: int) -> GemmConfig:
+def gemm_config(M: int, N: int, K: int, bits: int, g: int, axis0: bool) -> GemmConfig:
     """Tiles grow with M (16 rows for batch <= 16, 128 from 128 rows); ``BLOCK_K`` divides the
     group (one scale per feature and step) unless the groups run along the features."""
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
@@ -112,10 +112,8 @@ def gemm_config(M: int, N: int, K: int, bits: int, g: int, axis0: bool, sms: int
         block_k = 128 if bits == 4 else 64
     else:
         block_k = min(g, 128 if bits == 4 else 64)
-    n_tiles = -(-M // block_m) * -(-N // block_n)
-    split = _pick_split(n_tiles, -(-K // block_k), sms, 2)
     warps = 4 if block_m * block_n <= 64 * 64 else 8
-    return GemmConfig(block_m, block_n, block_k, split, num_warps=warps, num_stages=3)
+    return GemmConfig(block_m, block_n, block_k, num_warps=warps, num_stages=3)
 
 
 _LOCKS: dict[torch.device, torch.Tensor] = {}
@@ -154,7 +152,7 @@ def _plan(
     use_gemv = isinstance(config, GemvConfig) or (config is None and M <= GEMV_MAX_M)
     if config is None:
         pick = gemv_config if use_gemv else gemm_config
-        config = pick(M, N, K, bits, g, axis0, sms)
+        config = pick(M, N, K, bits, g, axis0)
     if use_gemv:
         assert isinstance(config, GemvConfig)
         bn, bk = config.block_n, config.block_k
@@ -169,10 +167,10 @@ def _plan(
         raise ValueError(f"block_n {bn} must divide the group size {g} (groups along out)")
     if not axis0 and not use_gemv and g % bk:
         raise ValueError(f"block_k {bk} must divide the group size {g}")
-    split = config.split_k or 1
+    k_steps = -(-K // bk)
+    split = config.split_k or _pick_split(n_tiles, k_steps, sms, 4 if use_gemv else 2)
     if not allow_split or n_tiles > LOCK_SLOTS or split * M * N >= 2**31:
         split = 1
-    k_steps = -(-K // bk)
     k_split = -(-k_steps // split) * bk
     split = -(-K // k_split) if K else 1
     G = -(-K // g)
