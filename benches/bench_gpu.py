@@ -118,8 +118,8 @@ def ulp_ok(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> tuple[bo
 
 def section_check() -> None:
     from qtensors.torch import ops
-    from qtensors.torch import triton_kernels as tk
     from qtensors.torch._layout import normalize_axis
+    from qtensors.torch.kernels import dequant as tk
 
     say("## check: Triton (CUDA) vs CPU op (Rust core); plain torch on CUDA vs CPU (bit-exact)")
     gen = torch.Generator(device="cpu").manual_seed(1234)
@@ -264,8 +264,8 @@ def copy_ms(nbytes: int) -> float:
 
 def kernel_case_ms(shape, case, cfg=None, impl="triton"):
     from qtensors.torch import ops
-    from qtensors.torch import triton_kernels as tk
     from qtensors.torch._layout import normalize_axis
+    from qtensors.torch.kernels import dequant as tk
 
     encoding, bits, g, axis, sdt, odt = case
     codes, scales, mins = random_parts(shape, encoding, bits, g, axis, sdt, DEV)
@@ -300,7 +300,7 @@ def kernel_case_ms(shape, case, cfg=None, impl="triton"):
 
 
 def sweep_configs(lastaxis: bool, bits: int):
-    from qtensors.torch.triton_kernels import Config
+    from qtensors.torch.kernels.dequant import Config
 
     out = []
     bcs = (512, 1024, 2048) if lastaxis else (128, 256, 512, 1024)
@@ -376,8 +376,8 @@ def section_sweep(size: int = S(8192)) -> dict[str, Any]:
 
 def section_kernels(best: dict[str, Any], rounds: int = 3) -> None:
     from qtensors.torch import ops
-    from qtensors.torch import triton_kernels as tk
     from qtensors.torch._layout import normalize_axis
+    from qtensors.torch.kernels import dequant as tk
 
     say("## kernels: bandwidth = (codes + scales + mins + output bytes) / time")
     say(
@@ -473,7 +473,7 @@ def section_kernels(best: dict[str, Any], rounds: int = 3) -> None:
             codes, scales, mins, [64, 64], "affine", 4, 64, -1, torch.float16
         ),
         "QuantizedWeight.dequantize (eager fast path)": w.dequantize,
-        "triton_kernels.dequantize_triton": lambda: tk.dequantize_triton(
+        "kernels.dequant.dequantize_triton": lambda: tk.dequantize_triton(
             codes, scales, mins, [64, 64], "affine", 4, 64, 1, torch.float16
         ),
     }

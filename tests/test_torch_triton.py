@@ -28,7 +28,7 @@ CHILD = textwrap.dedent(
     import numpy as np, torch
     sys.path.insert(0, sys.argv[1])
     import reference as R
-    from qtensors.torch import triton_kernels as tk
+    from qtensors.torch.kernels import dequant as tk
 
     SCALE_T = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
     OUT_T = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,

@@ -8,7 +8,8 @@ models.
     qtt.offload(model, "model.qtensors", device="cuda")      # weights stay on disk, prefetched
 
 ``torch.ops.qtensors.dequantize`` is the op underneath (Triton on CUDA, the Rust core on the
-CPU, plain torch elsewhere, fake tensors under ``torch.compile``).
+CPU, plain torch elsewhere, fake tensors under ``torch.compile``); ``torch.ops.qtensors.linear``
+multiplies by a quantized weight without decoding it (fused Triton kernels on CUDA).
 """
 
 # No `from __future__ import annotations` and no bare `typing` names: everything imported here
@@ -27,6 +28,7 @@ except ImportError as _e:
     ) from None
 
 from ..quantized import QuantizedTensor as _QuantizedTensor
+from .linear import linear_op
 from .loading import LoadResult, load_model, model_files, save_model, state_dict_for_file
 from .modules import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from .offload import OffloadHandle, offload
@@ -45,6 +47,7 @@ __all__ = [
     "dequantize_torch",
     "from_pretrained",
     "init_empty_weights",
+    "linear_op",
     "load_model",
     "model_files",
     "offload",

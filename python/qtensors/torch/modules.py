@@ -2,8 +2,9 @@
 
 * ``QuantizedWeight``: the parts of one quantized tensor as buffers (``codes``, ``scales``,
   ``mins``) plus its encoding; ``dequantize()`` decodes it with ``torch.ops.qtensors.dequantize``.
-* ``QuantizedLinear``: ``nn.Linear`` with a ``QuantizedWeight``; ``forward`` decodes the weight in
-  the input's dtype and calls ``F.linear``.
+* ``QuantizedLinear``: ``nn.Linear`` with a ``QuantizedWeight``; ``forward`` is one call of
+  ``torch.ops.qtensors.linear`` (fused Triton kernels on CUDA that never build the weight; decode
+  + ``F.linear`` elsewhere), in the input's dtype.
 * ``QuantizedEmbedding``: ``nn.Embedding`` with a ``QuantizedWeight``; ``forward`` gathers and
   decodes only the rows it looks up (when each row's codes start on a byte).
 
@@ -27,6 +28,7 @@ from .._arrays import torch_dtype as dtype_of_name
 from ..encodings import Encoding, Raw, from_dict
 from ..quantized import QuantizedTensor
 from ._layout import codes_nbytes, normalize_axis, scale_shape
+from .linear import linear
 from .ops import OUT_DTYPES, dequantize
 
 _TORCH_BY_NAME = {v: k for k, v in OUT_DTYPES.items()}
@@ -307,8 +309,8 @@ def _as_torch(p: Any, part: str, encoding: dict[str, Any]) -> torch.Tensor:
 
 
 class QuantizedLinear(nn.Module):
-    """``y = x W^T + b`` with ``W`` stored quantized on the device and decoded per call in the
-    input's dtype."""
+    """``y = x W^T + b`` with ``W`` stored quantized on the device, computed in the input's dtype
+    by ``torch.ops.qtensors.linear``."""
 
     def __init__(
         self,
@@ -334,13 +336,22 @@ class QuantizedLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.dequantize(x.dtype if x.dtype in OUT_DTYPES else None)
-        b = self.bias
-        if b is not None and b.dtype != w.dtype:
-            b = b.to(w.dtype)
-        if x.dtype != w.dtype:
+        w = self.weight
+        if x.dtype not in OUT_DTYPES:
             x = x.to(w.dtype)
-        return F.linear(x, w, b)
+        e = w.encoding
+        return linear(
+            x,
+            w.codes,
+            w.scales,
+            w.mins,
+            self.bias,
+            list(w.shape),
+            e["name"],
+            w.bits,
+            int(e["group_size"]),
+            int(e["axis"]),
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -3,7 +3,7 @@
     out = torch.ops.qtensors.dequantize(codes, scales, mins, shape, "affine", 4, 64, 0,
                                         torch.float16)
 
-* CUDA: a Triton kernel (``triton_kernels.py``), bit-exact with the spec (no fused
+* CUDA: a Triton kernel (``kernels/dequant.py``), bit-exact with the spec (no fused
   multiply-add); plain torch when Triton is missing.
 * CPU: the Rust core (``qtensors._core.decode``), bit-exact with the spec.
 * any other device: plain torch (``dequantize_torch``), also bit-exact (no fused multiply-add).
@@ -40,7 +40,7 @@ OUT_DTYPES = {
 }
 
 try:  # Triton is optional: without it CUDA tensors decode with plain torch
-    from . import triton_kernels as _tk
+    from .kernels import dequant as _tk
 
     HAVE_TRITON = True
 except Exception:

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import NF4_LEVELS, group_layout
+from .._layout import NF4_LEVELS, group_layout
 
 ENC_IDS = {"affine": 0, "symmetric": 1, "nf4": 2}
 

@@ -1,0 +1,264 @@
+"""Launch configuration of the fused matmul kernels (from shapes only) and the launches.
+
+``fused_linear(x2, codes, scales, mins, bias, ...)`` computes ``x2 @ W^T + bias`` for a 2-D
+activation ``x2 [M, K]``: up to ``GEMV_MAX_M`` rows with ``gemv.gemv_kernel`` (CUDA cores),
+more with ``gemm.gemm_kernel`` (``tl.dot``). Everything about a launch but the tensors is
+computed once per (shape, dtype, encoding) and cached; a call allocates only the output (and,
+with split-K, an fp32 workspace through torch's allocator), never syncs with the host, and so
+can be captured in a CUDA graph. The split-K counters live in one zeroed int32 buffer per device,
+allocated on the first eager call and put back to 0 by the kernels themselves.
+
+Supported (``supported()``): affine / symmetric 4- and 8-bit and NF4, a power-of-two group size
+of at least 16 weights per byte-plane (32 for 4-bit, 16 for 8-bit), groups along either dim of
+the ``[out, in]`` weight, rows starting on a byte (``in * bits % 8 == 0``). Anything else is
+decoded and multiplied by the caller.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .dequant import _levels
+from .epilogue import ENC_IDS
+from .gemm import gemm_kernel
+from .gemv import gemv_kernel
+
+#: rows of ``x`` up to which the CUDA-core kernel runs; more go to the tensor-core one
+GEMV_MAX_M = 4
+#: split-K counters per device: tiles of one launch that may split K
+LOCK_SLOTS = 1 << 15
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """``gemv_kernel``: output features per program, columns per step, K-slices (0: as many as
+    fill the GPU, see ``_pick_split``), warps, software-pipelining stages, bit-built code
+    values (``fast_cvt``)."""
+
+    block_n: int = 8
+    block_k: int = 512
+    split_k: int = 0
+    num_warps: int = 4
+    num_stages: int = 1
+    fast_cvt: bool = True
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """``gemm_kernel``: output tile, columns per step, K-slices (0: as many as fill the GPU),
+    warps, software-pipelining stages."""
+
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 64
+    split_k: int = 0
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def supported(shape, encoding: str, bits: int, group_size: int, axis: int) -> bool:
+    """Whether the fused kernels handle this weight (else: decode, then ``F.linear``)."""
+    if len(shape) != 2 or encoding not in ENC_IDS or bits not in (4, 8):
+        return False
+    pack = 8 // bits
+    g = group_size
+    return (
+        axis in (0, 1, -1, -2)
+        and g & (g - 1) == 0
+        and g >= 16 * pack
+        and (int(shape[1]) * bits) % 8 == 0
+    )
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    if index < 0:
+        return 4  # the interpreter: a few "SMs", so that small test shapes split K
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _pick_split(n_tiles: int, k_steps: int, sms: int, waves: int) -> int:
+    """Split K until the grid covers ``waves`` programs per SM, each slice keeping >= 2 steps."""
+    split = 1
+    while n_tiles * split < waves * sms and split * 4 <= k_steps and split < 16:
+        split *= 2
+    return split
+
+
+def gemv_config(M: int, N: int, K: int, bits: int, g: int, axis0: bool) -> GemvConfig:
+    """Batch 1-4: 8 features x 256 bytes of codes per step (16 bytes a thread with 4 warps),
+    and enough programs (splitting K) for some 4 per SM to hide the memory latency."""
+    block_n = min(8, g) if axis0 else 8
+    block_k = 512 if bits == 4 else 256
+    return GemvConfig(block_n=block_n, block_k=block_k)
+
+
+def gemm_config(M: int, N: int, K: int, bits: int, g: int, axis0: bool) -> GemmConfig:
+    """Tiles grow with M (16 rows for batch <= 16, 128 from 128 rows); ``BLOCK_K`` divides the
+    group (one scale per feature and step) unless the groups run along the features."""
+    block_m = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
+    block_n = 64 if M <= 64 else 128
+    if axis0:
+        block_n = min(block_n, g)
+        block_k = 128 if bits == 4 else 64
+    else:
+        block_k = min(g, 128 if bits == 4 else 64)
+    warps = 4 if block_m * block_n <= 64 * 64 else 8
+    return GemmConfig(block_m, block_n, block_k, num_warps=warps, num_stages=3)
+
+
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def _locks(device: torch.device) -> torch.Tensor | None:
+    """The split-K counters of ``device`` (None while a CUDA graph is being captured and they
+    do not exist yet: allocating them then would leave them unzeroed outside the graph)."""
+    t = _LOCKS.get(device)
+    if t is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        t = torch.zeros(LOCK_SLOTS, dtype=torch.int32, device=device)
+        _LOCKS[device] = t
+    return t
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(
+    M: int,
+    N: int,
+    K: int,
+    encoding: str,
+    bits: int,
+    g: int,
+    axis: int,
+    x_dtype: torch.dtype,
+    has_bias: bool,
+    cuda_index: int,
+    config: GemvConfig | GemmConfig | None,
+    allow_split: bool,
+):
+    """(kernel, grid, split, k_split, scalars, constexprs and options) of one launch."""
+    axis0 = axis in (0, -2)
+    sms = _sm_count(cuda_index)
+    use_gemv = isinstance(config, GemvConfig) or (config is None and M <= GEMV_MAX_M)
+    if config is None:
+        pick = gemv_config if use_gemv else gemm_config
+        config = pick(M, N, K, bits, g, axis0)
+    if use_gemv:
+        assert isinstance(config, GemvConfig)
+        bn, bk = config.block_n, config.block_k
+        block_m = max(1, 1 << (M - 1).bit_length())
+        n_tiles = -(-N // bn)
+    else:
+        assert isinstance(config, GemmConfig)
+        bn, bk = config.block_n, config.block_k
+        block_m = config.block_m
+        n_tiles = -(-M // block_m) * -(-N // bn)
+    if axis0 and g % bn:
+        raise ValueError(f"block_n {bn} must divide the group size {g} (groups along out)")
+    if not axis0 and not use_gemv and g % bk:
+        raise ValueError(f"block_k {bk} must divide the group size {g}")
+    k_steps = -(-K // bk)
+    split = config.split_k or _pick_split(n_tiles, k_steps, sms, 4 if use_gemv else 2)
+    if not allow_split or n_tiles > LOCK_SLOTS or split * M * N >= 2**31:
+        split = 1
+    k_split = -(-k_steps // split) * bk
+    split = -(-K // k_split) if K else 1
+    G = -(-K // g)
+    meta: dict = dict(
+        ENC=ENC_IDS[encoding],
+        BITS=bits,
+        GS=g,
+        AXIS0=axis0,
+        HAS_BIAS=has_bias,
+        BLOCK_M=block_m,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        SPLIT_K=split,
+    )
+    if use_gemv:
+        meta["FAST_CVT"] = config.fast_cvt and encoding != "nf4"
+    else:
+        meta["IEEE"] = x_dtype == torch.float32 or (cuda_index < 0 and x_dtype == torch.bfloat16)
+    if cuda_index >= 0:
+        meta.update(num_warps=config.num_warps, num_stages=config.num_stages)
+    kernel = gemv_kernel if use_gemv else gemm_kernel
+    grid = (n_tiles, split)
+    return kernel, grid, split, (M, N, K, G), k_split, meta
+
+
+def fused_linear(
+    x2: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    N: int,
+    K: int,
+    encoding: str,
+    bits: int,
+    group_size: int,
+    axis: int,
+    config: GemvConfig | GemmConfig | None = None,
+) -> torch.Tensor:
+    """``x2 @ W^T + bias`` for ``x2 [M, K]`` (unit stride along K) and the parts of ``W [N, K]``
+    (already validated, ``supported()``); ``config`` overrides the launch parameters (a
+    GemvConfig or GemmConfig also picks the kernel)."""
+    dev = x2.device
+    M = x2.shape[0]
+    out = torch.empty((M, N), dtype=x2.dtype, device=dev)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        return out.zero_() if bias is None else out.copy_(bias.expand(M, N))
+    cuda_index = (
+        (dev.index if dev.index is not None else torch.cuda.current_device())
+        if (dev.type == "cuda")
+        else -1
+    )
+    locks = _locks(dev)
+    kernel, grid, split, (M, N, K, G), k_split, meta = _plan(
+        M,
+        N,
+        K,
+        encoding,
+        bits,
+        group_size,
+        axis,
+        x2.dtype,
+        bias is not None,
+        cuda_index,
+        config,
+        locks is not None,
+    )
+    ws = torch.empty((split, M, N), dtype=torch.float32, device=dev) if split > 1 else out
+    levels = _levels(dev, False) if encoding == "nf4" else scales
+    kernel[grid](
+        x2,
+        codes,
+        scales,
+        scales if mins is None else mins,
+        levels,
+        scales if bias is None else bias,
+        out,
+        ws,
+        out if locks is None else locks,
+        M,
+        N,
+        K,
+        G,
+        x2.stride(0),
+        out.stride(0),
+        k_split,
+        **meta,
+    )
+    return out

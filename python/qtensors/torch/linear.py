@@ -1,0 +1,224 @@
+"""``torch.ops.qtensors.linear``: ``y = x @ W^T + bias`` with ``W [out, in]`` kept quantized.
+
+    y = torch.ops.qtensors.linear(x, codes, scales, mins, bias, [out, in], "affine", 4, 64, 1)
+
+* CUDA: the fused Triton kernels (``kernels/``), which read the packed codes and scales and never
+  build the weight: a CUDA-core GEMV for a few rows of ``x``, a ``tl.dot`` GEMM for more, both
+  splitting K when the output alone would not fill the GPU. Capturable in a CUDA graph (no host
+  sync; only the output and a split-K workspace are allocated, through torch). Weights the
+  kernels do not handle (``kernels.launch.supported``) are decoded, then ``F.linear``.
+* CPU (``linear_cpu``) and any other device: decode with ``torch.ops.qtensors.dequantize``, then
+  ``F.linear``.
+* meta / FakeTensor: shape and dtype only, so the op traces under ``torch.compile``.
+
+Arguments: ``x [..., in]`` (float16, bfloat16, float32 or float64; the result has its dtype),
+the weight's parts as for ``torch.ops.qtensors.dequantize`` with ``shape = [out, in]``,
+``bias [out]`` or None (any floating dtype).
+
+``linear`` (below) is the same with the dispatcher skipped in eager mode (modules use it).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .ops import HAVE_TRITON, OUT_DTYPES, check_args, dequantize, dequantize_op
+
+SCHEMA = (
+    "(Tensor x, Tensor codes, Tensor scales, Tensor? mins, Tensor? bias, int[] shape, "
+    "str encoding, int bits, int group_size, int axis) -> Tensor"
+)
+
+try:  # Triton is optional: without it CUDA decodes, then multiplies
+    from .kernels import launch as _launch
+except Exception:
+    _launch = None  # type: ignore[assignment]
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_meta(
+    in_features: int,
+    x_dtype: torch.dtype,
+    devices: tuple[torch.device, ...],
+    codes: tuple[int, torch.dtype],
+    scales: tuple[int, torch.dtype],
+    mins: tuple[int, torch.dtype] | None,
+    bias: tuple[tuple[int, ...], torch.dtype] | None,
+    shape: tuple[int, ...],
+    encoding: str,
+    bits: int,
+    group_size: int,
+    axis: int,
+) -> int:
+    """The checks of ``check_linear_args`` on the arguments' metadata (cached: a layer pays
+    them once); returns the axis normalized."""
+    if len(shape) != 2:
+        raise ValueError(f"a linear weight is 2-D, not {list(shape)}")
+    if x_dtype not in OUT_DTYPES:
+        raise ValueError(f"x must be a floating tensor ({list(OUT_DTYPES)}), not {x_dtype}")
+    if in_features != shape[1]:
+        raise ValueError(f"x has {in_features} features, the weight {list(shape)} takes {shape[1]}")
+    if len(set(devices)) != 1:
+        raise ValueError(f"x, the weight's parts and bias are on several devices: {devices}")
+    if bias is not None:
+        if bias[0] != (shape[0],):
+            raise ValueError(f"bias has shape {list(bias[0])}, [{shape[0]}] expected")
+        if not bias[1].is_floating_point:
+            raise ValueError(f"bias must be floating, not {bias[1]}")
+
+    def meta(info):
+        return None if info is None else torch.empty(info[0], dtype=info[1], device="meta")
+
+    return check_args(
+        meta(codes),
+        meta(scales),
+        meta(mins),
+        shape,
+        encoding,
+        bits,
+        group_size,
+        axis,
+        x_dtype,
+    )
+
+
+def check_linear_args(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis) -> int:
+    """Validate the arguments (ValueError naming the problem); returns the axis normalized."""
+    devices = tuple(t.device for t in (x, codes, scales, mins, bias) if t is not None)
+    return _check_meta(
+        int(x.shape[-1]) if x.dim() else -1,
+        x.dtype,
+        devices,
+        (codes.numel(), codes.dtype),
+        (scales.numel(), scales.dtype),
+        None if mins is None else (mins.numel(), mins.dtype),
+        None if bias is None else (tuple(bias.shape), bias.dtype),
+        tuple(int(d) for d in shape),
+        encoding,
+        bits,
+        group_size,
+        axis,
+    )
+
+
+def linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
+    """Decode the weight in ``x``'s dtype, then ``F.linear`` (arguments already validated)."""
+    w = dequantize(codes, scales, mins, list(shape), encoding, bits, group_size, axis, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
+    """The CPU implementation: the Rust core decodes, torch multiplies."""
+    a = check_linear_args(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
+    return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
+
+
+def linear_cuda(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
+    """The CUDA implementation: the fused kernels where they apply."""
+    a = check_linear_args(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
+    N, K = int(shape[0]), int(shape[1])
+    if (
+        _launch is None
+        or x.dtype not in _launch.ACT_DTYPES
+        or not _launch.supported(shape, encoding, bits, group_size, a)
+    ):
+        return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
+    x2 = x.reshape(-1, K)
+    if K and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = _launch.fused_linear(
+        x2,
+        codes.reshape(-1),
+        scales.reshape(-1),
+        None if mins is None else mins.reshape(-1),
+        bias,
+        N,
+        K,
+        encoding,
+        bits,
+        group_size,
+        a,
+    )
+    return out.reshape(*x.shape[:-1], N)
+
+
+@torch.library.custom_op("qtensors::linear", mutates_args=(), schema=SCHEMA)
+def linear_op(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    shape: Sequence[int],
+    encoding: str,
+    bits: int,
+    group_size: int,
+    axis: int,
+) -> torch.Tensor:
+    a = check_linear_args(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
+    return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
+
+
+linear_op.register_kernel("cpu")(linear_cpu)
+linear_op.register_kernel("cuda")(linear_cuda)
+
+
+@linear_op.register_fake
+def _linear_fake(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
+    check_linear_args(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
+    return x.new_empty((*x.shape[:-1], int(shape[0])))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis = inputs
+    ctx.save_for_backward(codes, scales, mins)
+    ctx.weight = (list(shape), encoding, bits, group_size, axis)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad):
+    """Gradients for ``x`` and ``bias`` (the quantized weight is frozen)."""
+    codes, scales, mins = ctx.saved_tensors
+    shape, encoding, bits, group_size, axis = ctx.weight
+    gx = gb = None
+    if ctx.needs_input_grad[0]:
+        w = dequantize_op(codes, scales, mins, shape, encoding, bits, group_size, axis, grad.dtype)
+        gx = grad @ w
+    if ctx.needs_input_grad[4]:
+        gb = grad.reshape(-1, shape[0]).sum(0).to(ctx.bias_dtype)
+    return gx, None, None, None, gb, None, None, None, None, None
+
+
+linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    shape: Sequence[int],
+    encoding: str,
+    bits: int,
+    group_size: int,
+    axis: int,
+) -> torch.Tensor:
+    """``torch.ops.qtensors.linear``, calling the CPU / CUDA implementation directly in eager
+    mode on plain tensors (the dispatcher's cost is a large share of a small layer's); under
+    ``torch.compile``, fake or wrapped tensors it goes through the op."""
+    args = (x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
+    if type(x) is torch.Tensor and not torch.compiler.is_compiling():
+        kind = x.device.type
+        if kind == "cuda":
+            return linear_cuda(*args)
+        if kind == "cpu":
+            return linear_cpu(*args)
+    return linear_op(*args)
+
+
+__all__ = ["HAVE_TRITON", "check_linear_args", "linear", "linear_cpu", "linear_cuda", "linear_op"]

@@ -1,0 +1,188 @@
+"""Checks of the fused matmul kernels, run by ``test_torch_fused.py`` in a child process with
+``TRITON_INTERPRET=1`` set before Triton is imported (the CPU runs the kernels).
+
+``main(group)`` prints one JSON line: ``{"n": cases run, "failures": [...]}``. Each case builds
+random weights, quantizes them (Rust core), and compares the kernel's ``x @ W^T + b`` with the
+decode-then-matmul reference in fp32, the output first filled with NaN by nobody (a fresh
+``torch.empty``), so an element left unwritten shows as a large error or NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from qtensors import quantized as Q  # noqa: E402
+from qtensors.encodings import NF4, Affine, Symmetric  # noqa: E402
+from qtensors.torch import linear as lin  # noqa: E402
+from qtensors.torch.kernels import launch as L  # noqa: E402
+from qtensors.torch.ops import dequantize  # noqa: E402
+
+# the error allowed, relative to the largest |reference| value, per activation dtype
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+ENCODINGS = {
+    "affine4-g32": Affine(bits=4, group_size=32, axis=-1),
+    "affine4-g64-ax0": Affine(bits=4, group_size=64, axis=0),
+    "symmetric4-g64": Symmetric(bits=4, group_size=64, axis=-1),
+    "symmetric8-g16": Symmetric(bits=8, group_size=16, axis=-1),
+    "affine8-g32-ax0": Affine(bits=8, group_size=32, axis=0),
+    "nf4-g32": NF4(group_size=32, axis=-1),
+    "nf4-g16-ax0": NF4(group_size=16, axis=0),
+    "symmetric4-g128-ax0": Symmetric(bits=4, group_size=128, axis=0),
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def weight(N: int, K: int, enc_name: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.5 + torch.randn(N, 1, generator=g) * 0.1
+    q = Q.quantize(w, ENCODINGS[enc_name], framework="pt")
+    e = q.encoding
+    parts = q.parts()
+    bits = 4 if e["name"] == "nf4" else int(e["bits"])
+    args = dict(
+        codes=parts[0],
+        scales=parts[1].reshape(-1),
+        mins=parts[2].reshape(-1) if len(parts) > 2 else None,
+        encoding=e["name"],
+        bits=bits,
+        group_size=int(e["group_size"]),
+        axis=int(e["axis"]) % 2,
+    )
+    dense = dequantize(
+        args["codes"],
+        args["scales"],
+        args["mins"],
+        [N, K],
+        e["name"],
+        bits,
+        args["group_size"],
+        args["axis"],
+        torch.float32,
+    )
+    return args, dense
+
+
+def check(label, got, x, dense, bias, failures):
+    ref = F.linear(x.float(), dense, None if bias is None else bias.float())
+    if got.shape != ref.shape or got.dtype != x.dtype:
+        failures.append(f"{label}: got {tuple(got.shape)} {got.dtype}")
+        return
+    scale = max(ref.abs().max().item(), 1e-6)
+    err = (got.float() - ref).abs().max().item() / scale
+    if not err <= TOL[x.dtype]:  # NaN fails too
+        failures.append(f"{label}: error {err:.3g} > {TOL[x.dtype]:.3g}")
+
+
+def cases(group: str):
+    """(label, N, K, M, encoding, dtype, bias?, config)."""
+    out = []
+    shapes = [(37, 100), (16, 64), (24, 130)]  # out odd; K not a multiple of any block; ragged
+    encs = list(ENCODINGS)
+    i = 0
+    for ename in encs:
+        ax0 = ENCODINGS[ename].to_dict(2)["axis"] % 2 == 0
+        g = ENCODINGS[ename].group_size
+        bits = getattr(ENCODINGS[ename], "bits", 4)
+        pack = 8 // bits
+        for N, K in shapes:
+            dt = DTYPES[i % 3]
+            bias = i % 2 == 0
+            i += 1
+            bn = min(8, g) if ax0 else 4
+            if group == "gemv":
+                for M in (1, 3) if N != 16 else (1, 16):
+                    out.append((N, K, M, ename, dt, bias, L.GemvConfig(bn, 32 * pack, 1)))
+            elif group == "splitk":
+                for M in (1, 2):
+                    out.append((N, K, M, ename, dt, bias, L.GemvConfig(bn, 16 * pack, 3)))
+                gbn = min(16, g) if ax0 else 16
+                bk = 16 * pack if ax0 else min(g, 16 * pack)
+                out.append((N, K, 5, ename, dt, not bias, L.GemmConfig(16, gbn, bk, 2)))
+            elif group == "gemm":
+                gbn = min(32, g) if ax0 else 16
+                bk = 32 * pack if ax0 else min(g, 32 * pack)
+                for M in (16, 33):
+                    out.append((N, K, M, ename, dt, bias, L.GemmConfig(16, gbn, bk, 1)))
+            elif group == "dispatch":  # the shape-picked configs, through the CUDA entry point
+                for M in (1, 3, 16, 33):
+                    out.append((N, K, M, ename, DTYPES[(i + M) % 3], bias, None))
+    return [
+        (f"{group} {e} N{N} K{K} M{M} {dt} bias={b} {c}", N, K, M, e, dt, b, c)
+        for (
+            N,
+            K,
+            M,
+            e,
+            dt,
+            b,
+            c,
+        ) in out
+    ]
+
+
+def run_case(label, N, K, M, ename, dt, has_bias, cfg, failures):
+    args, dense = weight(N, K, ename, seed=N * 1000 + K)
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, K, generator=g).to(dt)
+    bias = torch.randn(N, generator=g).to(dt) if has_bias else None
+    if cfg is None:
+        # the op's CUDA implementation on CPU tensors: dispatch, reshape of a 3-D x
+        got = lin.linear_cuda(x.reshape(1, M, K), bias=bias, shape=[N, K], **args)[0]
+    else:
+        got = L.fused_linear(x, bias=bias, N=N, K=K, config=cfg, **args)
+    check(label, got, x, dense, bias, failures)
+
+
+def check_locks_reset(failures):
+    """Split-K: the counters are back to 0 after a call, and a second call gives the same."""
+    args, dense = weight(24, 130, "affine4-g32", seed=7)
+    x = torch.randn(2, 130)
+    cfg = L.GemvConfig(4, 32, 3)
+    a = L.fused_linear(x, bias=None, N=24, K=130, config=cfg, **args)
+    locks = L._LOCKS[x.device]
+    if int(locks.abs().sum()) != 0:
+        failures.append("split-K counters not reset")
+    b = L.fused_linear(x, bias=None, N=24, K=130, config=cfg, **args)
+    if not torch.equal(a, b):
+        failures.append("split-K: a second call differs")
+    check("locks", a, x, dense, None, failures)
+
+
+def check_fallback(failures):
+    """A 3-bit weight is not fused: decoded, then F.linear, through the same entry point."""
+    w = torch.randn(10, 24)
+    q = Q.quantize(w, Affine(bits=3, group_size=8, axis=-1), framework="pt")
+    c, s, m = q.parts()
+    if lin._launch.supported([10, 24], "affine", 3, 8, 1):
+        failures.append("3-bit reported as supported")
+    x = torch.randn(2, 24, dtype=torch.bfloat16)
+    got = lin.linear_cuda(x, c, s, m, None, [10, 24], "affine", 3, 8, 1)
+    dense = dequantize(c, s, m, [10, 24], "affine", 3, 8, 1, torch.float32)
+    check("fallback 3-bit", got, x, dense, None, failures)
+
+
+def main(group: str) -> None:
+    failures: list[str] = []
+    n = 0
+    for case in cases(group):
+        try:
+            run_case(*case, failures)
+        except Exception as exc:  # report every failing case, not just the first
+            failures.append(f"{case[0]}: {type(exc).__name__}: {exc}"[:400])
+        n += 1
+    if group == "dispatch":
+        check_locks_reset(failures)
+        check_fallback(failures)
+        n += 2
+    print(json.dumps({"n": n, "failures": failures}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

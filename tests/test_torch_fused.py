@@ -1,0 +1,99 @@
+"""The fused matmul kernels (``torch.ops.qtensors.linear``'s CUDA path) on the CPU under
+``TRITON_INTERPRET=1``, against decode-then-matmul in fp32; the op on the CPU; torch.compile.
+
+The interpreter is chosen when Triton's ``jit`` decorates a kernel, so the kernels run in child
+processes (``fused_child.py``) that set the variable before importing them. Every path: the
+CUDA-core GEMV, its split-K reduction, the ``tl.dot`` GEMM (with and without split-K), and the
+configurations picked from the shape; every encoding the kernels take (affine / symmetric 4 and
+8 bits, NF4, groups along either dim), odd shapes, batch 1/3/16/33, fp16/bf16/fp32 activations,
+with and without bias.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qtensors as qt
+from qtensors.torch import QuantizedLinear
+from qtensors.torch.linear import linear_op
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.parametrize("group", ["gemv", "splitk", "gemm", "dispatch"])
+def test_fused_kernels_match_decode_then_matmul(group):
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), TESTS_DIR) if p)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(TESTS_DIR, "fused_child.py"), group],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["n"] > 0
+    assert not result["failures"], "\n".join(result["failures"])
+
+
+@pytest.mark.parametrize("enc", [qt.FLEXGEN, qt.NF4(group_size=32, axis=-1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_op_cpu(enc, dtype):
+    torch.manual_seed(3)
+    lin = nn.Linear(96, 40)
+    q = QuantizedLinear.from_linear(lin, enc)
+    x = torch.randn(2, 5, 96, dtype=dtype)
+    want = F.linear(x, q.weight.dequantize(dtype), q.bias.to(dtype))
+    torch.testing.assert_close(q(x), want, rtol=0, atol=0)
+    assert q(x).dtype == dtype and q(x).shape == (2, 5, 40)
+
+
+def test_linear_op_rejects_bad_arguments():
+    q = QuantizedLinear.from_linear(nn.Linear(64, 8), qt.FLEXGEN)
+    w = q.weight
+    args = (w.codes, w.scales, w.mins, None, [8, 64], "affine", 4, 64, 0)
+    with pytest.raises(ValueError, match="features"):
+        linear_op(torch.randn(3, 32), *args)
+    with pytest.raises(ValueError, match="bias"):
+        linear_op(torch.randn(3, 64), *args[:3], torch.zeros(7), *args[4:])
+
+
+def test_linear_op_backward():
+    torch.manual_seed(4)
+    q = QuantizedLinear.from_linear(nn.Linear(64, 16), qt.Affine(bits=4, group_size=32, axis=-1))
+    x = torch.randn(3, 64, requires_grad=True)
+    q(x).square().sum().backward()
+    w = q.weight.dequantize(torch.float32).detach()
+    x2 = x.detach().clone().requires_grad_(True)
+    b2 = q.bias.detach().clone().requires_grad_(True)
+    F.linear(x2, w, b2).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(q.bias.grad, b2.grad)
+
+
+def test_torch_compile_fullgraph_one_op():
+    """fullgraph tracing of a QuantizedLinear (the fake impl) leaves one qtensors.linear call."""
+    torch.manual_seed(6)
+    q = QuantizedLinear.from_linear(nn.Linear(64, 24), qt.Affine(bits=4, group_size=32, axis=-1))
+    q.requires_grad_(False)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    x = torch.randn(5, 64)
+    compiled = torch.compile(q, backend=backend, fullgraph=True)
+    torch.testing.assert_close(compiled(x), q(x), rtol=0, atol=0)
+    assert "qtensors.linear.default" in seen
+    assert not any("dequantize" in s for s in seen)
