@@ -84,7 +84,9 @@ impl Reader {
         let t = self.file.tensor(name).py()?;
         let k = simd::best();
         let Some(region) = region else {
-            return decode_to(py, out, t, numel(&t.shape), |dst| self.file.decode(k, t, dst));
+            return decode_to(py, out, t, numel(&t.shape), |dst| {
+                self.file.decode(k, t, dst)
+            });
         };
         let ranges: Vec<Range<u64>> = region.iter().map(|&(a, b)| a..b).collect();
         // Checked before the output is sized by it.
