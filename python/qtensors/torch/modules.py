@@ -2,8 +2,9 @@
 
 * ``QuantizedWeight``: the parts of one quantized tensor as buffers (``codes``, ``scales``,
   ``mins``) plus its encoding; ``dequantize()`` decodes it with ``torch.ops.qtensors.dequantize``.
-* ``QuantizedLinear``: ``nn.Linear`` with a ``QuantizedWeight``; ``forward`` decodes the weight in
-  the input's dtype and calls ``F.linear``.
+* ``QuantizedLinear``: ``nn.Linear`` with a ``QuantizedWeight``; on CPU (without gradients)
+  ``forward`` multiplies by the packed codes in the Rust core (``torch.ops.qtensors.linear``),
+  elsewhere it decodes the weight in the input's dtype and calls ``F.linear``.
 * ``QuantizedEmbedding``: ``nn.Embedding`` with a ``QuantizedWeight``; ``forward`` gathers and
   decodes only the rows it looks up (when each row's codes start on a byte).
 
@@ -27,7 +28,7 @@ from .._arrays import torch_dtype as dtype_of_name
 from ..encodings import Encoding, Raw, from_dict
 from ..quantized import QuantizedTensor
 from ._layout import codes_nbytes, normalize_axis, scale_shape
-from .ops import OUT_DTYPES, dequantize
+from .ops import LINEAR_DTYPES, OUT_DTYPES, dequantize, linear
 
 _TORCH_BY_NAME = {v: k for k, v in OUT_DTYPES.items()}
 
@@ -334,8 +335,20 @@ class QuantizedLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.dequantize(x.dtype if x.dtype in OUT_DTYPES else None)
         b = self.bias
+        wt = self.weight
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or (b is not None and b.requires_grad)
+        )
+        on_cpu = x.device.type == "cpu" and wt.codes.device.type == "cpu"
+        if on_cpu and x.dtype in LINEAR_DTYPES and not needs_grad:
+            # The Rust matmul over the packed codes: the weight is never decoded to memory.
+            e = wt.encoding
+            return linear(
+                x, wt.codes, wt.scales, wt.mins, b, list(wt.shape),
+                e["name"], wt.bits, int(e["group_size"]), int(e["axis"]),
+            )  # fmt: skip
+        w = wt.dequantize(x.dtype if x.dtype in OUT_DTYPES else None)
         if b is not None and b.dtype != w.dtype:
             b = b.to(w.dtype)
         if x.dtype != w.dtype:

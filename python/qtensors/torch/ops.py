@@ -15,6 +15,13 @@ Arguments: ``codes`` is the packed uint8 code stream (1-D, ``ceil(N * bits / 8)`
 tensor's shape, ``axis`` its group axis (negative allowed), ``out_dtype`` a floating dtype.
 
 ``dequantize`` (below) is the same with the dispatcher skipped in eager mode (modules use it).
+
+``torch.ops.qtensors.linear(x, codes, scales, mins, bias, shape, encoding, bits, group_size,
+axis)`` is ``F.linear(x, W, bias)`` for a 2-D quantized weight ``W`` of ``shape`` ``[out, in]``:
+on CPU with float16, bfloat16 or float32 activations the Rust core multiplies by the packed
+codes without decoding ``W`` to memory (``qtensors._core.linear``); elsewhere it decodes ``W`` in
+the activations' dtype and calls ``F.linear``. ``linear`` (below) skips the dispatcher in eager
+mode.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ._layout import BITS_RANGE, NF4_LEVELS, codes_nbytes, group_layout, normalize_axis
 
@@ -290,3 +298,81 @@ def dequantize(
                 codes, scales, mins, shape, encoding, bits, group_size, axis, out_dtype
             )
     return dequantize_op(codes, scales, mins, shape, encoding, bits, group_size, axis, out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# linear: x @ W^T + bias with W quantized
+# ------------------------------------------------------------------------------------------------
+
+LINEAR_SCHEMA = (
+    "(Tensor x, Tensor codes, Tensor scales, Tensor? mins, Tensor? bias, int[] shape, "
+    "str encoding, int bits, int group_size, int axis) -> Tensor"
+)
+LINEAR_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def linear_decoded(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
+    """Decode the weight in the activations' dtype (float32 for others), then ``F.linear``."""
+    dt = x.dtype if x.dtype in OUT_DTYPES else torch.float32
+    w = dequantize(codes, scales, mins, shape, encoding, bits, group_size, axis, dt)
+    if bias is not None and bias.dtype != dt:
+        bias = bias.to(dt)
+    return F.linear(x.to(dt), w, bias)
+
+
+def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
+    """The Rust core's matmul over the packed codes (float16/bfloat16/float32 activations)."""
+    from .. import _core
+
+    shape = [int(d) for d in shape]
+    if x.dtype not in LINEAR_DTYPES or len(shape) != 2 or x.shape[-1] != shape[1]:
+        return linear_decoded(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
+    a = check_args(codes, scales, mins, shape, encoding, bits, group_size, axis, x.dtype)
+    out = torch.empty((*x.shape[:-1], shape[0]), dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+    enc = encoding_dict(encoding, bits, group_size, a, SCALE_DTYPES[scales.dtype])
+    parts = [_byte_view(codes), _byte_view(scales)]
+    if mins is not None:
+        parts.append(_byte_view(mins))
+    b = None if bias is None else _byte_view(bias.to(x.dtype))
+    _core.linear(
+        parts, shape, json.dumps(enc), _byte_view(x), LINEAR_DTYPES[x.dtype], _byte_view(out), b
+    )
+    return out
+
+
+@torch.library.custom_op("qtensors::linear", mutates_args=(), schema=LINEAR_SCHEMA)
+def linear_op(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
+    return linear_decoded(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
+
+
+@linear_op.register_kernel("cpu")
+def _linear_cpu_kernel(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
+    return linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
+
+
+@linear_op.register_fake
+def _linear_fake(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
+    dt = x.dtype if x.dtype in OUT_DTYPES else torch.float32
+    return x.new_empty((*x.shape[:-1], int(shape[0])), dtype=dt)
+
+
+def linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    shape: Sequence[int],
+    encoding: str,
+    bits: int,
+    group_size: int,
+    axis: int,
+) -> torch.Tensor:
+    """``torch.ops.qtensors.linear``, calling the CPU implementation directly in eager mode on
+    plain CPU tensors; under ``torch.compile``, fake or wrapped tensors it goes through the op.
+    The op has no autograd formula: callers that need gradients use ``linear_decoded``."""
+    if type(x) is torch.Tensor and not torch.compiler.is_compiling() and x.device.type == "cpu":
+        return linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
+    return linear_op(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)

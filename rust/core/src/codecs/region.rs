@@ -163,6 +163,17 @@ pub fn decode_box(
         })
 }
 
+/// Decode the contiguous elements `e0..e0 + out.len()` of `q` into `out` as fp32, on the calling
+/// thread (for callers that are threads already, such as the matmul's tiles).
+pub fn decode_span(k: &Kernels, q: &Stored<'_>, e0: usize, out: &mut [f32]) -> Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    decode_piece(k, q, e0, OutType::F32, float::f32_bytes_mut(out))?;
+    float::from_le_in_place(out);
+    Ok(())
+}
+
 /// Decode the contiguous elements `e0..` into `out`, bytes of `t` (as many as it holds).
 fn decode_piece(k: &Kernels, q: &Stored<'_>, e0: usize, t: OutType, out: &mut [u8]) -> Result<()> {
     let size = t.size();
