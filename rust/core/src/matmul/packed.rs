@@ -219,15 +219,14 @@ mod kernel {
             }
             let mut e = e0;
             while e < e1 {
-                for r in 0..R {
+                for (r, (row, &t)) in acc.iter_mut().zip(&tab).enumerate() {
                     let c = _mm_loadu_si128(codes.add(r * row_bytes + e / 2).cast());
                     let c = _mm512_cvtepu8_epi32(c);
                     // vpermps reads the low 4 bits of each index: the low nibble as is.
-                    let wl = _mm512_permutexvar_ps(c, tab[r]);
-                    let wh = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(c), tab[r]);
-                    for b in 0..NB {
+                    let wl = _mm512_permutexvar_ps(c, t);
+                    let wh = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(c), t);
+                    for (b, a) in row.iter_mut().enumerate() {
                         let xb = x.add(b * n_in + e);
-                        let a = &mut acc[r][b];
                         a[0] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(xb), a[0]);
                         a[1] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xb.add(16)), a[1]);
                     }
