@@ -11,13 +11,22 @@ models.
 CPU, plain torch elsewhere, fake tensors under ``torch.compile``).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` and no bare `typing` names: everything imported here
+# shows in dir(qtensors.torch), which should list the API (`__all__`) and its submodules only.
+import typing as _typing
 
-from typing import Any
+try:
+    import torch as _torch
+except ImportError as _e:
+    if _e.name != "torch":  # torch is there but broken: its own message says why
+        raise
+    raise ImportError(
+        "qtensors.torch needs PyTorch, which is not installed: pip install 'qtensors[torch]' "
+        "(or torch for your CUDA version, from pytorch.org)",
+        name="torch",
+    ) from None
 
-import torch as _torch
-
-from ..quantized import QuantizedTensor
+from ..quantized import QuantizedTensor as _QuantizedTensor
 from .loading import LoadResult, load_model, model_files, save_model, state_dict_for_file
 from .modules import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from .offload import OffloadHandle, offload
@@ -47,7 +56,7 @@ __all__ = [
 
 
 def dequantize(
-    q: QuantizedTensor,
+    q: _QuantizedTensor,
     dtype: _torch.dtype | None = None,
     device: _torch.device | str | None = None,
 ) -> _torch.Tensor:
@@ -59,19 +68,22 @@ def dequantize(
 
 def quantize_model(
     model: _torch.nn.Module,
-    encoding: Any = None,
+    encoding: _typing.Any = None,
     embeddings: bool = False,
     skip: tuple[str, ...] = (),
 ) -> _torch.nn.Module:
     """Replace every plain ``nn.Linear`` of ``model`` (and ``nn.Embedding`` with
-    ``embeddings``) by its quantized counterpart, quantized with ``encoding`` (default FLEXGEN)
-    on the CPU; names matching a ``skip`` pattern (fnmatch) stay as they are. In place."""
+    ``embeddings``) by its quantized counterpart, quantized with ``encoding`` (an encoding or a
+    preset name such as ``"nf4"``; default FLEXGEN) on the CPU; names matching a ``skip``
+    pattern (fnmatch) stay as they are. In place."""
     import fnmatch
 
-    from ..encodings import FLEXGEN
+    from ..encodings import FLEXGEN, Raw, as_encoding
     from .loading import _swappable
 
-    enc = encoding or FLEXGEN
+    enc = FLEXGEN if encoding is None else as_encoding(encoding, "encoding")
+    if isinstance(enc, Raw):
+        raise ValueError("quantize_model needs a quantizing encoding, not raw")
     for name, module in list(model.named_modules()):
         if any(fnmatch.fnmatchcase(name, p) for p in skip) or not name:
             continue
