@@ -5,6 +5,9 @@ same bytes and against the numpy reference implementation of the spec (tests/ref
 
 Prints GB/s (of fp32 bytes: output for dequantize, input for quantize) and the ratios the
 foundation issue asks for: dequantize >= 0.8x memcpy, quantize >= 0.4x memcpy, both >= 20x numpy.
+Dequantizing to fp16 and bf16 is measured against a memcpy of the same (half-size) output, and
+peers that are installed (gguf-py's Q4_0, bitsandbytes' NF4) dequantize comparable data to fp16
+in the same run.
 """
 
 from __future__ import annotations
@@ -122,6 +125,50 @@ def main() -> None:
             f"  dequantize to a new array    {dn_gbs:7.2f} GB/s  {dn_gbs / copy_gbs:5.2f}x memcpy  "
             f"{dn_gbs / copy_new_gbs:5.2f}x x.copy()"
         )
+        for dt in ("float16", "bfloat16"):
+            half = np.empty((n, n), np.uint16)
+            src = np.ones_like(half)
+            t_c = best_of(lambda half=half, src=src: np.copyto(half, src), args.repeat)
+            hb = half.reshape(-1).view(np.uint8)
+            t_h = best_of(
+                lambda parts=parts, enc_json=enc_json, hb=hb, dt=dt: _core.decode(
+                    parts, dt, [n, n], enc_json, hb
+                ),
+                args.repeat,
+            )
+            h_gbs, hc_gbs = half.nbytes / t_h / 1e9, half.nbytes / t_c / 1e9
+            print(
+                f"  dequantize to {dt:<8} (prealloc) {h_gbs:7.2f} GB/s  "
+                f"{h_gbs / hc_gbs:5.2f}x memcpy of the {dt} bytes ({hc_gbs:.2f} GB/s)"
+            )
+    peers(x, args.repeat)
+
+
+def peers(x: np.ndarray, repeat: int) -> None:
+    """Other libraries dequantizing the same matrix to fp16, where installed."""
+    print("\npeers, dequantize the same matrix to fp16 (where installed)")
+    half_bytes = x.size * 2
+    try:
+        import gguf
+
+        q4 = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q4_0)
+        t = best_of(
+            lambda: gguf.quants.dequantize(q4, gguf.GGMLQuantizationType.Q4_0).astype(np.float16),
+            max(1, repeat // 2),
+        )
+        print(f"  gguf-py Q4_0 (numpy)         {half_bytes / t / 1e9:7.2f} GB/s")
+    except ImportError:
+        print("  gguf-py: not installed")
+    try:
+        import bitsandbytes.functional as bnbf
+        import torch
+
+        w = torch.from_numpy(x).to(torch.float16)
+        packed, state = bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64)
+        t = best_of(lambda: bnbf.dequantize_4bit(packed, state), repeat)
+        print(f"  bitsandbytes NF4 (CPU)       {half_bytes / t / 1e9:7.2f} GB/s")
+    except ImportError:
+        print("  bitsandbytes: not installed")
 
 
 if __name__ == "__main__":

@@ -21,12 +21,26 @@ the weight's parts as for ``torch.ops.qtensors.dequantize`` with ``shape = [out,
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .ops import HAVE_TRITON, OUT_DTYPES, check_args, dequantize, dequantize_op
+from .. import _core
+from .ops import (
+    HAVE_TRITON,
+    OUT_DTYPES,
+    SCALE_DTYPES,
+    _byte_view,
+    check_args,
+    dequantize,
+    dequantize_op,
+    encoding_dict,
+)
+
+# Activations the Rust CPU matmul takes, by the dtype names of the core.
+RUST_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 SCHEMA = (
     "(Tensor x, Tensor codes, Tensor scales, Tensor? mins, Tensor? bias, int[] shape, "
@@ -112,19 +126,39 @@ def linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group
 
 
 def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
-    """The CPU implementation: the Rust core decodes, torch multiplies."""
+    """The CPU implementation: the Rust core multiplies by the packed codes (float16, bfloat16
+    and float32 activations; the weight is never decoded to memory); float64 decodes first."""
     a = check_linear_args(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
-    return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
+    if x.dtype not in RUST_DTYPES:
+        return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
+    out = torch.empty((*x.shape[:-1], int(shape[0])), dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+    enc = encoding_dict(encoding, bits, group_size, a, SCALE_DTYPES[scales.dtype])
+    parts = [_byte_view(codes), _byte_view(scales)]
+    if mins is not None:
+        parts.append(_byte_view(mins))
+    b = None if bias is None else _byte_view(bias.detach().to(x.dtype))
+    xc = x.detach().contiguous()
+    shape = [int(d) for d in shape]
+    _core.linear(
+        parts, shape, json.dumps(enc), _byte_view(xc), RUST_DTYPES[x.dtype], _byte_view(out), b
+    )
+    return out
 
 
 def linear_cuda(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
     """The CUDA implementation: the fused kernels where they apply."""
     a = check_linear_args(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
     N, K = int(shape[0]), int(shape[1])
+    rows = x.numel() // K if K else 0
     if (
         _launch is None
         or x.dtype not in _launch.ACT_DTYPES
         or not _launch.supported(shape, encoding, bits, group_size, a)
+        # Beyond a few rows, decoding and cuBLAS beat the fused GEMM on the H200 (0.05-0.5x of
+        # cuBLAS at batch 16-256: benches/results/gpu_linear_h200_run1.txt).
+        or rows > _launch.GEMV_MAX_M
     ):
         return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
     x2 = x.reshape(-1, K)
@@ -212,7 +246,11 @@ def linear(
     mode on plain tensors (the dispatcher's cost is a large share of a small layer's); under
     ``torch.compile``, fake or wrapped tensors it goes through the op."""
     args = (x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
-    if type(x) is torch.Tensor and not torch.compiler.is_compiling():
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    # Gradients come from the op's autograd formula, so only gradient-free calls skip it.
+    if type(x) is torch.Tensor and not torch.compiler.is_compiling() and not needs_grad:
         kind = x.device.type
         if kind == "cuda":
             return linear_cuda(*args)

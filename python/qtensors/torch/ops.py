@@ -15,6 +15,13 @@ Arguments: ``codes`` is the packed uint8 code stream (1-D, ``ceil(N * bits / 8)`
 tensor's shape, ``axis`` its group axis (negative allowed), ``out_dtype`` a floating dtype.
 
 ``dequantize`` (below) is the same with the dispatcher skipped in eager mode (modules use it).
+
+``torch.ops.qtensors.linear(x, codes, scales, mins, bias, shape, encoding, bits, group_size,
+axis)`` is ``F.linear(x, W, bias)`` for a 2-D quantized weight ``W`` of ``shape`` ``[out, in]``:
+on CPU with float16, bfloat16 or float32 activations the Rust core multiplies by the packed
+codes without decoding ``W`` to memory (``qtensors._core.linear``); elsewhere it decodes ``W`` in
+the activations' dtype and calls ``F.linear``. ``linear`` (below) skips the dispatcher in eager
+mode.
 """
 
 from __future__ import annotations

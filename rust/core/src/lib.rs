@@ -9,6 +9,7 @@ pub mod codecs;
 pub mod error;
 pub mod format;
 pub mod io;
+pub mod matmul;
 pub mod tensor;
 
 pub use error::{Error, Result};

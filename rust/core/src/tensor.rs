@@ -115,6 +115,51 @@ pub fn decode_region(
     region::decode_box(k, &stored, &runs, info.dtype, out)
 }
 
+/// `out = x @ W^T + bias` with `W` the 2-D quantized tensor `info` (`[out, in]`) given by its
+/// parts, without decoding it to memory (see `matmul`). `x` (`[batch, in]`), `bias` (`[out]`)
+/// and `out` (`[batch, out]`) are little-endian bytes of `dtype` (float16, bfloat16, float32).
+pub fn linear(
+    k: &Kernels,
+    info: &TensorInfo,
+    parts: &[&[u8]],
+    x: &[u8],
+    bias: Option<&[u8]>,
+    dtype: DType,
+    out: &mut [u8],
+) -> Result<()> {
+    let Some((codec, params)) = Codec::from_encoding(&info.encoding) else {
+        return Err(Error::Unsupported(format!(
+            "tensor '{}': linear needs a quantized weight, not '{}'",
+            info.name,
+            info.encoding.name()
+        )));
+    };
+    let &[n_out, n_in] = info.shape.as_slice() else {
+        return Err(Error::Invalid(format!(
+            "tensor '{}': linear needs a 2-D weight, not shape {:?}",
+            info.name, info.shape
+        )));
+    };
+    let stored = Stored {
+        codec,
+        params: &params,
+        layout: GroupLayout::new(&info.shape, params.axis, params.group_size)?,
+        codes: parts[0],
+        scales: parts[1],
+        mins: if codec.has_mins() { parts[2] } else { &[] },
+    };
+    crate::matmul::linear(
+        k,
+        &stored,
+        n_out as usize,
+        n_in as usize,
+        x,
+        bias,
+        dtype,
+        out,
+    )
+}
+
 /// Check, before any output is sized, that the tensor can be decoded (its encoding is known:
 /// a leniently opened file may hold unknown ones, whose shapes were not checked) and that
 /// `ranges` is a box inside it (one range per dimension, each within it).

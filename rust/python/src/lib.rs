@@ -419,7 +419,69 @@ fn decode(
 ) -> PyResult<Option<OwnedBuffer>> {
     let dtype = parse_dtype(dtype)?;
     let enc = parse_encoding(encoding, shape.len())?;
-    let specs = enc.part_specs(dtype, &shape).py()?;
+    let inputs = part_inputs(&parts, &enc, dtype, &shape)?;
+    let info = TensorInfo {
+        name: "<array>".into(),
+        dtype,
+        shape: shape.clone(),
+        encoding: enc,
+        parts: vec![],
+    };
+    let slices: Vec<&[u8]> = inputs.iter().map(|i| i.as_slice()).collect();
+    let k = simd::best();
+    decode_to(py, out, &info, numel(&shape), |dst| {
+        tensor::decode(k, &info, &slices, dst)
+    })
+}
+
+/// `out = x @ W^T + bias` (the CPU matmul), `W` the 2-D quantized tensor `shape` (`[out, in]`)
+/// given by its parts (in encoding order); `x` (`[batch, in]`), `bias` (`[out]`) and `out`
+/// (`[batch, out]`, written) are buffers of `dtype` (float16, bfloat16 or float32).
+#[pyfunction]
+#[pyo3(signature = (parts, shape, encoding, x, dtype, out, bias = None))]
+#[allow(clippy::too_many_arguments)]
+fn linear(
+    py: Python<'_>,
+    parts: Vec<Bound<'_, PyAny>>,
+    shape: Vec<u64>,
+    encoding: &str,
+    x: &Bound<'_, PyAny>,
+    dtype: &str,
+    out: &Bound<'_, PyAny>,
+    bias: Option<&Bound<'_, PyAny>>,
+) -> PyResult<()> {
+    let dtype = parse_dtype(dtype)?;
+    let enc = parse_encoding(encoding, shape.len())?;
+    let inputs = part_inputs(&parts, &enc, DType::Float32, &shape)?;
+    let info = TensorInfo {
+        name: "<weight>".into(),
+        dtype: DType::Float32,
+        shape,
+        encoding: enc,
+        parts: vec![],
+    };
+    let slices: Vec<&[u8]> = inputs.iter().map(|i| i.as_slice()).collect();
+    let x = InputBytes::new(x)?;
+    let bias = bias.map(InputBytes::new).transpose()?;
+    let ob = InputBytes::new(out)?;
+    // SAFETY: we hold the only Rust reference to the output buffer.
+    let dst = unsafe { ob.as_mut_slice()? };
+    let k = simd::best();
+    py.detach(|| {
+        let b = bias.as_ref().map(|b| b.as_slice());
+        tensor::linear(k, &info, &slices, x.as_slice(), b, dtype, dst)
+    })
+    .py()
+}
+
+/// The parts' buffers, checked against the encoding's part specs (count and sizes).
+fn part_inputs(
+    parts: &[Bound<'_, PyAny>],
+    enc: &Encoding,
+    dtype: DType,
+    shape: &[u64],
+) -> PyResult<Vec<InputBytes>> {
+    let specs = enc.part_specs(dtype, shape).py()?;
     let inputs = parts
         .iter()
         .map(InputBytes::new)
@@ -442,18 +504,7 @@ fn decode(
             )));
         }
     }
-    let info = TensorInfo {
-        name: "<array>".into(),
-        dtype,
-        shape: shape.clone(),
-        encoding: enc,
-        parts: vec![],
-    };
-    let slices: Vec<&[u8]> = inputs.iter().map(|i| i.as_slice()).collect();
-    let k = simd::best();
-    decode_to(py, out, &info, numel(&shape), |dst| {
-        tensor::decode(k, &info, &slices, dst)
-    })
+    Ok(inputs)
 }
 
 fn numel(shape: &[u64]) -> u64 {
@@ -503,6 +554,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode, m)?)?;
     m.add_function(wrap_pyfunction!(decode, m)?)?;
     m.add_function(wrap_pyfunction!(kernels, m)?)?;
+    m.add_function(wrap_pyfunction!(linear, m)?)?;
     m.add("FORMAT_VERSION", (1u16, 0u16))?;
     Ok(())
 }

@@ -8,6 +8,34 @@ use crate::format::DType;
 
 const PAR_CHUNK: usize = 1 << 16;
 
+/// fp32 values as their little-endian bytes: a view on little-endian targets, else a copy.
+pub fn f32_le_bytes(v: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        // SAFETY: same memory; u8 has no alignment or validity requirement.
+        let b = unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), size_of_val(v)) };
+        std::borrow::Cow::Borrowed(b)
+    } else {
+        std::borrow::Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+}
+
+/// The memory of fp32 values as bytes, for kernels that write little-endian bytes into it;
+/// `from_le_in_place` afterwards makes them the values on any target.
+pub fn f32_bytes_mut(v: &mut [f32]) -> &mut [u8] {
+    // SAFETY: same memory; any bytes are a valid f32.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), size_of_val(v)) }
+}
+
+/// Little-endian fp32 bytes written through `f32_bytes_mut` -> values (nothing to do on
+/// little-endian targets).
+pub fn from_le_in_place(v: &mut [f32]) {
+    if cfg!(target_endian = "big") {
+        for x in v {
+            *x = f32::from_bits(x.to_bits().swap_bytes());
+        }
+    }
+}
+
 /// `st(v)`: round fp32 to the scale dtype (nearest-even) and back.
 #[inline]
 pub fn store_scale(v: f32, dtype: DType) -> f32 {

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 pub use codec::{Codec, NF4_LEVELS};
 use segments::for_each_segment;
-pub use simd::Kernels;
+pub use simd::{Kernels, OutType};
 
 use std::cell::RefCell;
 
@@ -550,7 +550,9 @@ fn group_params(
         })
 }
 
-/// Dequantize into `out` (fp32, row-major). `mins` is empty unless the codec has mins.
+/// Dequantize into `out` (fp32, row-major). `mins` is empty unless the codec has mins; scales
+/// and mins are the fp32 values of their stored form. Runs the one decode driver,
+/// `region::decode_box`, over the whole tensor.
 #[allow(clippy::too_many_arguments)]
 pub fn dequantize(
     k: &Kernels,
@@ -577,30 +579,23 @@ pub fn dequantize(
             mins.len()
         )));
     }
-    out.par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(ci, chunk)| {
-            let e0 = ci * CHUNK;
-            for_each_segment(&layout, e0, e0 + chunk.len(), |seg| {
-                let o = &mut chunk[seg.start - e0..seg.start - e0 + seg.len];
-                if seg.per_element {
-                    let g = seg.group..seg.group + seg.len;
-                    let m = if codec.has_mins() {
-                        &mins[g.clone()]
-                    } else {
-                        &[][..]
-                    };
-                    (k.dequant_vec)(codec, codes, seg.start, &scales[g], m, o);
-                } else {
-                    let m = if codec.has_mins() {
-                        mins[seg.group]
-                    } else {
-                        0.0
-                    };
-                    (k.dequant_bcast)(codec, codes, seg.start, scales[seg.group], m, o);
-                }
-            });
-        });
+    // The fp32 values of the stored scales are exact, so decoding them as fp32 scales is the same.
+    let params = GroupParams {
+        scale_dtype: DType::Float32,
+        ..*params
+    };
+    let stored = region::Stored {
+        codec,
+        params: &params,
+        layout,
+        codes,
+        scales: &float::f32_le_bytes(scales),
+        mins: &float::f32_le_bytes(mins),
+    };
+    let full: Vec<std::ops::Range<u64>> = shape.iter().map(|&d| 0..d).collect();
+    let runs = region::Runs::new(shape, &full);
+    region::decode_box(k, &stored, &runs, DType::Float32, float::f32_bytes_mut(out))?;
+    float::from_le_in_place(out);
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! Dequantize a box of a tensor (one `start..stop` range per dimension) straight into bytes of
 //! its logical dtype. Work goes in pieces of at most `CHUNK` contiguous elements, in threads;
-//! each piece is decoded into a small fp32 buffer that stays in cache and narrowed into the
-//! output, and only the scales and mins it needs are widened. So memory is the output plus a
+//! the kernels write each piece straight into the output in its dtype (fp32, fp16, bf16;
+//! float64 goes through a small fp32 buffer), and only the scales and mins it needs are widened. So memory is the output plus a
 //! few small buffers per thread, whatever the dtypes, and a slice reads only the code bytes and
 //! scales of the groups it touches. Decoding a whole tensor is decoding its full box.
 
@@ -11,6 +11,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::segments::{for_each_segment, Segment};
+use super::simd::OutType;
 use super::{float, Codec, Kernels, CHUNK};
 use crate::error::{Error, Result};
 use crate::format::{DType, GroupLayout, GroupParams};
@@ -100,7 +101,8 @@ pub struct Stored<'a> {
 }
 
 thread_local! {
-    /// Per-thread buffers: decoded fp32 values, widened scales, widened mins.
+    /// Per-thread buffers: decoded fp32 values (for float64 output only), widened scales,
+    /// widened mins.
     static BUFFERS: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
 }
 
@@ -114,6 +116,8 @@ fn put_buffer(i: usize, v: Vec<f32>) {
 }
 
 /// Decode the box `runs` of `q` into `out`, bytes of `dtype` (a float dtype), row-major.
+/// fp32, fp16 and bf16 are written by the kernels themselves; float64 (rare) is decoded to fp32
+/// in cache and widened.
 pub fn decode_box(
     k: &Kernels,
     q: &Stored<'_>,
@@ -134,21 +138,6 @@ pub fn decode_box(
     }
     // Tasks of about CHUNK elements: pieces of long runs, or groups of short runs.
     let min_runs = (CHUNK / runs.len).max(1);
-    let direct_f32 = dtype == DType::Float32 && cfg!(target_endian = "little");
-    // SAFETY: any bit pattern is a valid f32; only a fully aligned view is used.
-    let (pre, f32_out, post) = unsafe { out.align_to_mut::<f32>() };
-    if direct_f32 && pre.is_empty() && post.is_empty() {
-        return f32_out
-            .par_chunks_mut(runs.len)
-            .with_min_len(min_runs)
-            .enumerate()
-            .try_for_each(|(i, run)| {
-                let start = runs.start(i);
-                run.par_chunks_mut(CHUNK)
-                    .enumerate()
-                    .try_for_each(|(p, piece)| decode_piece(k, q, start + p * CHUNK, piece))
-            });
-    }
     out.par_chunks_mut(runs.len * size)
         .with_min_len(min_runs)
         .enumerate()
@@ -157,29 +146,82 @@ pub fn decode_box(
             run.par_chunks_mut(CHUNK * size)
                 .enumerate()
                 .try_for_each(|(p, piece)| {
+                    let e0 = start + p * CHUNK;
+                    if let Some(t) = OutType::of(dtype) {
+                        return decode_piece(k, q, e0, t, piece);
+                    }
                     let mut vals = take_buffer(0);
                     vals.resize(piece.len() / size, 0.0);
-                    let result = decode_piece(k, q, start + p * CHUNK, &mut vals)
-                        .and_then(|()| float::narrow_into(&vals, dtype, piece));
+                    let bytes = float::f32_bytes_mut(&mut vals);
+                    let result = decode_piece(k, q, e0, OutType::F32, bytes).and_then(|()| {
+                        float::from_le_in_place(&mut vals);
+                        float::narrow_into(&vals, dtype, piece)
+                    });
                     put_buffer(0, vals);
                     result
                 })
         })
 }
 
-/// Decode the contiguous elements `e0..e0 + out.len()` into `out`.
-fn decode_piece(k: &Kernels, q: &Stored<'_>, e0: usize, out: &mut [f32]) -> Result<()> {
-    let e1 = e0 + out.len();
+/// Decode the contiguous elements `e0..e0 + out.len()` of `q` into `out` as fp32, on the calling
+/// thread (for callers that are threads already, such as the matmul's tiles).
+pub fn decode_span(k: &Kernels, q: &Stored<'_>, e0: usize, out: &mut [f32]) -> Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    decode_piece(k, q, e0, OutType::F32, float::f32_bytes_mut(out))?;
+    float::from_le_in_place(out);
+    Ok(())
+}
+
+/// Decode the contiguous elements `e0..` into `out`, bytes of `t` (as many as it holds).
+fn decode_piece(k: &Kernels, q: &Stored<'_>, e0: usize, t: OutType, out: &mut [u8]) -> Result<()> {
+    let size = t.size();
+    let e1 = e0 + out.len() / size;
     let window = scale_window(&q.layout, e0, e1);
     // A piece that needs few of the scales in its window (a narrow column of a tensor grouped
     // along an earlier axis) widens them segment by segment instead.
-    let per_segment = window.len() > 2 * out.len() + 64;
+    let per_segment = window.len() > 2 * (e1 - e0) + 64;
     let (mut s_buf, mut m_buf) = (take_buffer(1), take_buffer(2));
     let mut result = Ok(());
     if !per_segment {
         result = widen_scales(q, window.clone(), &mut s_buf, &mut m_buf);
     }
-    if result.is_ok() {
+    if result.is_ok() && q.layout.inner == 1 {
+        // Groups along the last axis: runs of whole groups go to the kernel in one call (a call
+        // per 64-element group, through the segment walker, cost as much as the decoding).
+        let l_len = q.layout.axis_len as usize;
+        let g = (q.layout.group_size as usize).min(l_len);
+        let g_len = q.layout.groups_along_axis as usize;
+        let mut e = e0;
+        while e < e1 {
+            let l = e % l_len;
+            // Rows made of whole groups chain into one run; a ragged last group ends it.
+            let stop = if l_len.is_multiple_of(g) {
+                e1
+            } else {
+                e1.min(e - l + l_len)
+            };
+            let kk = l / g;
+            let into = l - kk * g;
+            let len = if into > 0 {
+                (g.min(l_len - kk * g) - into).min(stop - e)
+            } else {
+                stop - e
+            };
+            let gi = (e / l_len) * g_len + kk - window.start..;
+            let m = if q.codec.has_mins() {
+                &m_buf[gi.clone()]
+            } else {
+                &[][..]
+            };
+            let o = &mut out[(e - e0) * size..(e - e0 + len) * size];
+            // A run that starts inside a group is that group's rest: one "group" of `len`.
+            let run_g = if into > 0 { len } else { g };
+            (k.dequant_groups)(q.codec, q.codes, e, run_g, &s_buf[gi], m, t, o);
+            e += len;
+        }
+    } else if result.is_ok() {
         for_each_segment(&q.layout, e0, e1, |seg| {
             if result.is_err() {
                 return;
@@ -194,7 +236,7 @@ fn decode_piece(k: &Kernels, q: &Stored<'_>, e0: usize, out: &mut [f32]) -> Resu
             } else {
                 window.clone()
             };
-            let o = &mut out[seg.start - e0..seg.start - e0 + seg.len];
+            let o = &mut out[(seg.start - e0) * size..(seg.start - e0 + seg.len) * size];
             let g = seg.group - w.start;
             if seg.per_element {
                 let m = if q.codec.has_mins() {
@@ -202,10 +244,11 @@ fn decode_piece(k: &Kernels, q: &Stored<'_>, e0: usize, out: &mut [f32]) -> Resu
                 } else {
                     &[][..]
                 };
-                (k.dequant_vec)(q.codec, q.codes, seg.start, &s_buf[g..g + seg.len], m, o);
+                let s = &s_buf[g..g + seg.len];
+                (k.dequant_vec)(q.codec, q.codes, seg.start, s, m, t, o);
             } else {
                 let m = if q.codec.has_mins() { m_buf[g] } else { 0.0 };
-                (k.dequant_bcast)(q.codec, q.codes, seg.start, s_buf[g], m, o);
+                (k.dequant_bcast)(q.codec, q.codes, seg.start, s_buf[g], m, t, o);
             }
         });
     }

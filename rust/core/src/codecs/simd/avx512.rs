@@ -5,15 +5,19 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    self, by_codec, key1, mins_of, prefetch_in, prefetch_out, sorted, ABS, AFF, INF_BITS, NF4,
-    ROUND, SYM,
+    self, by_codec, by_codec_out, key1, mins_of, out_size, prefetch_in, prefetch_out, sorted, ABS,
+    AFF, INF_BITS, NF4, OBF16, OF16, OF32, ROUND, SYM,
 };
-use super::{byte_head, scalar, Kernels};
+use super::{byte_head, scalar, Kernels, OutType};
 use crate::codecs::codec::{Codec, NF4_LEVELS};
 
-/// The AVX-512 table if this CPU has AVX-512F and AVX2. Its functions are reachable only here.
+/// The AVX-512 table if this CPU has AVX-512F, AVX2 and F16C. Its functions are reachable only
+/// here.
 pub fn table() -> Option<&'static Kernels> {
-    if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx2") {
+    if is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("f16c")
+    {
         Some(&AVX512)
     } else {
         None
@@ -30,62 +34,113 @@ kernel_table!(
     abs_max_vec_avx512
 );
 
-#[target_feature(enable = "avx512f,avx2")]
-unsafe fn dq_bcast<const K: u8, const B: u8>(
+#[inline]
+#[target_feature(enable = "avx512f,avx2,f16c")]
+unsafe fn dq_bcast<const K: u8, const B: u8, const O: u8>(
     codes: &[u8],
     first: usize,
     s: f32,
     m: f32,
-    out: &mut [f32],
+    out: &mut [u8],
 ) {
-    let n = out.len();
+    let size = out_size::<O>();
+    let n = out.len() / size;
     let head = byte_head(first, B, n);
     let body = (n - head) & !15;
-    if body == 0 {
-        return avx2::dq_bcast::<K, B>(codes, first, s, m, out);
+    // 16-bit outputs of 4-bit codes: the AVX2 table lookup beats 16-lane decoding.
+    if body == 0 || (B == 4 && O != OF32) {
+        return avx2::dq_bcast::<K, B, O>(codes, first, s, m, out);
     }
     if head > 0 {
-        avx2::dq_bcast::<K, B>(codes, first, s, m, &mut out[..head]);
+        avx2::dq_bcast::<K, B, O>(codes, first, s, m, &mut out[..head * size]);
     }
     let b0 = (first + head) * B as usize / 8;
     let src = &codes[b0..b0 + body * B as usize / 8];
-    let o = out[head..head + body].as_mut_ptr();
-    dq_body::<K, B, false>(src.as_ptr(), o, body, &s, &m);
+    let o = out[head * size..(head + body) * size].as_mut_ptr();
+    dq_body::<K, B, false, O>(src.as_ptr(), o, body, &s, &m);
     let r = head + body;
     if r < n {
-        avx2::dq_bcast::<K, B>(codes, first + r, s, m, &mut out[r..]);
+        let o = &mut out[r * size..n * size];
+        avx2::dq_bcast::<K, B, O>(codes, first + r, s, m, o);
     }
 }
 
-#[target_feature(enable = "avx512f,avx2")]
-unsafe fn dq_vec<const K: u8, const B: u8>(
+/// `dq_bcast` over consecutive groups of `g` elements (the last may be shorter).
+#[target_feature(enable = "avx512f,avx2,f16c")]
+unsafe fn dq_groups<const K: u8, const B: u8, const O: u8>(
+    codes: &[u8],
+    first: usize,
+    g: usize,
+    s: &[f32],
+    m: &[f32],
+    out: &mut [u8],
+) {
+    let size = out_size::<O>();
+    for (j, o) in out.chunks_mut(g * size).enumerate() {
+        let mj = if K == AFF { m[j] } else { 0.0 };
+        dq_bcast::<K, B, O>(codes, first + j * g, s[j], mj, o);
+    }
+}
+
+#[target_feature(enable = "avx512f,avx2,f16c")]
+unsafe fn dq_vec<const K: u8, const B: u8, const O: u8>(
     codes: &[u8],
     first: usize,
     s: &[f32],
     m: &[f32],
-    out: &mut [f32],
+    out: &mut [u8],
 ) {
-    let n = out.len();
+    let size = out_size::<O>();
+    let n = out.len() / size;
     let head = byte_head(first, B, n);
     let body = (n - head) & !15;
     if body == 0 {
-        return avx2::dq_vec::<K, B>(codes, first, s, m, out);
+        return avx2::dq_vec::<K, B, O>(codes, first, s, m, out);
     }
     assert!(s.len() >= n && (K != AFF || m.len() >= n));
     if head > 0 {
-        let mh = mins_of::<K>(m, 0..head);
-        avx2::dq_vec::<K, B>(codes, first, &s[..head], mh, &mut out[..head]);
+        let (mh, oh) = (mins_of::<K>(m, 0..head), &mut out[..head * size]);
+        avx2::dq_vec::<K, B, O>(codes, first, &s[..head], mh, oh);
     }
     let b0 = (first + head) * B as usize / 8;
     let src = &codes[b0..b0 + body * B as usize / 8];
-    let o = out[head..head + body].as_mut_ptr();
+    let o = out[head * size..(head + body) * size].as_mut_ptr();
     let mp = mins_of::<K>(m, head..n).as_ptr();
-    dq_body::<K, B, true>(src.as_ptr(), o, body, s[head..].as_ptr(), mp);
+    dq_body::<K, B, true, O>(src.as_ptr(), o, body, s[head..].as_ptr(), mp);
     let r = head + body;
     if r < n {
-        let mr = mins_of::<K>(m, r..n);
-        avx2::dq_vec::<K, B>(codes, first + r, &s[r..n], mr, &mut out[r..]);
+        let (mr, or) = (mins_of::<K>(m, r..n), &mut out[r * size..n * size]);
+        avx2::dq_vec::<K, B, O>(codes, first + r, &s[r..n], mr, or);
     }
+}
+
+/// Store 16 values as elements `i..i + 16` of `o`, bytes of output type `O`.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,f16c")]
+unsafe fn store16<const O: u8>(o: *mut u8, i: usize, v: __m512) {
+    match O {
+        OF32 => _mm512_storeu_ps(o.add(4 * i).cast(), v),
+        OF16 => {
+            let h = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+            _mm256_storeu_si256(o.add(2 * i).cast(), h)
+        }
+        _ => _mm256_storeu_si256(o.add(2 * i).cast(), bf16x16(v)),
+    }
+}
+
+/// fp32 -> bf16 as `half::bf16::from_f32` (see `avx2::bf16x8`).
+#[inline]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn bf16x16(v: __m512) -> __m256i {
+    let b = _mm512_castps_si512(v);
+    let hi = _mm512_srli_epi32::<16>(b);
+    let lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+    let biased = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb);
+    let rounded = _mm512_srli_epi32::<16>(biased);
+    let magnitude = _mm512_and_si512(b, _mm512_set1_epi32(ABS));
+    let nan = _mm512_cmpgt_epi32_mask(magnitude, _mm512_set1_epi32(INF_BITS));
+    let r = _mm512_mask_or_epi32(rounded, nan, hi, _mm512_set1_epi32(0x40));
+    _mm512_cvtepi32_epi16(r)
 }
 
 /// The 16 levels of a 4-bit codec (`code`, `code - 8` or NF4's).
@@ -103,13 +158,13 @@ unsafe fn levels16<const K: u8>() -> __m512 {
     }
 }
 
-/// `n` (a multiple of 16) values from byte-aligned codes at `p`. Without VEC, `sp`/`mp` point at
-/// the one scale/min.
+/// `n` (a multiple of 16) values from byte-aligned codes at `p`, stored into `o` as bytes of
+/// output type `O`. Without VEC, `sp`/`mp` point at the one scale/min.
 #[inline]
-#[target_feature(enable = "avx512f,avx2")]
-unsafe fn dq_body<const K: u8, const B: u8, const VEC: bool>(
+#[target_feature(enable = "avx512f,avx2,f16c")]
+unsafe fn dq_body<const K: u8, const B: u8, const VEC: bool, const O: u8>(
     p: *const u8,
-    o: *mut f32,
+    o: *mut u8,
     n: usize,
     sp: *const f32,
     mp: *const f32,
@@ -157,8 +212,8 @@ unsafe fn dq_body<const K: u8, const B: u8, const VEC: bool>(
                     v
                 }
             };
-            prefetch_out(o, i);
-            _mm512_storeu_ps(o.add(i), v);
+            prefetch_out(o, i * out_size::<O>());
+            store16::<O>(o, i, v);
         }};
     }
     let mut i = 0;

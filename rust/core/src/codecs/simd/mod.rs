@@ -3,9 +3,49 @@
 use std::sync::OnceLock;
 
 use crate::codecs::codec::Codec;
+use crate::format::DType;
+
+/// The float type the dequantize kernels write, as little-endian bytes: values are narrowed in
+/// registers (round to nearest even, as `half`'s `from_f32`), with no fp32 buffer in between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl OutType {
+    pub const ALL: [OutType; 3] = [OutType::F32, OutType::F16, OutType::Bf16];
+
+    /// The kernels' type for `dtype`; None for dtypes they do not write (float64).
+    pub fn of(dtype: DType) -> Option<OutType> {
+        match dtype {
+            DType::Float32 => Some(OutType::F32),
+            DType::Float16 => Some(OutType::F16),
+            DType::Bfloat16 => Some(OutType::Bf16),
+            _ => None,
+        }
+    }
+
+    pub fn dtype(self) -> DType {
+        match self {
+            OutType::F32 => DType::Float32,
+            OutType::F16 => DType::Float16,
+            OutType::Bf16 => DType::Bfloat16,
+        }
+    }
+
+    #[inline]
+    pub fn size(self) -> usize {
+        match self {
+            OutType::F32 => 4,
+            _ => 2,
+        }
+    }
+}
 
 /// The table of an x86 instruction set and its safe wrappers. The invoking module provides the
-/// kernels (`dq_bcast`, `dq_vec`, `enc_bcast`, `enc_vec`, generic over the codec, and the four
+/// kernels (`dq_bcast`, `dq_vec`, `dq_groups`, `enc_bcast`, `enc_vec`, generic over the codec, and the four
 /// statistics functions named here) and `by_codec!`. The wrappers pick the codec so that the
 /// kernels take at most six integer arguments, all in registers: re-passing stack arguments costs
 /// a store-forwarding stall per call, as much as a 64-element group's work.
@@ -20,6 +60,7 @@ macro_rules! kernel_table {
             name: $name,
             dequant_bcast,
             dequant_vec,
+            dequant_groups,
             encode_bcast,
             encode_vec,
             min_max,
@@ -34,13 +75,15 @@ macro_rules! kernel_table {
             first: usize,
             s: f32,
             m: f32,
-            out: &mut [f32],
+            t: OutType,
+            out: &mut [u8],
         ) {
             unsafe {
-                by_codec!(
+                by_codec_out!(
                     codec,
+                    t,
                     dq_bcast(codes, first, s, m, out),
-                    scalar::dequant_bcast(codec, codes, first, s, m, out)
+                    scalar::dequant_bcast(codec, codes, first, s, m, t, out)
                 )
             }
         }
@@ -51,13 +94,36 @@ macro_rules! kernel_table {
             first: usize,
             s: &[f32],
             m: &[f32],
-            out: &mut [f32],
+            t: OutType,
+            out: &mut [u8],
         ) {
             unsafe {
-                by_codec!(
+                by_codec_out!(
                     codec,
+                    t,
                     dq_vec(codes, first, s, m, out),
-                    scalar::dequant_vec(codec, codes, first, s, m, out)
+                    scalar::dequant_vec(codec, codes, first, s, m, t, out)
+                )
+            }
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        fn dequant_groups(
+            codec: Codec,
+            codes: &[u8],
+            first: usize,
+            g: usize,
+            s: &[f32],
+            m: &[f32],
+            t: OutType,
+            out: &mut [u8],
+        ) {
+            unsafe {
+                by_codec_out!(
+                    codec,
+                    t,
+                    dq_groups(codes, first, g, s, m, out),
+                    scalar::dequant_groups(codec, codes, first, g, s, m, t, out)
                 )
             }
         }
@@ -127,12 +193,16 @@ pub(crate) mod tests;
 /// The hot loops of quantization, one table per instruction set.
 #[allow(clippy::type_complexity)] // the signatures are the interface; aliases would hide them
 /// `codes` + `first`: the packed stream and the index (in codes) of the first element concerned.
+/// Dequantize writes `out.len() / t.size()` elements as little-endian bytes of `t`.
 pub struct Kernels {
     pub name: &'static str,
     /// `out[i] = decode(code[first + i], s, m)`
-    pub dequant_bcast: fn(Codec, &[u8], usize, f32, f32, &mut [f32]),
+    pub dequant_bcast: fn(Codec, &[u8], usize, f32, f32, OutType, &mut [u8]),
     /// `out[i] = decode(code[first + i], s[i], m[i])` (`m` is empty without mins)
-    pub dequant_vec: fn(Codec, &[u8], usize, &[f32], &[f32], &mut [f32]),
+    pub dequant_vec: fn(Codec, &[u8], usize, &[f32], &[f32], OutType, &mut [u8]),
+    /// `out[i] = decode(code[first + i], s[i / g], m[i / g])`: runs of whole groups of `g`
+    /// (the last may be shorter) in one call, as `dequant_bcast` per group would.
+    pub dequant_groups: fn(Codec, &[u8], usize, usize, &[f32], &[f32], OutType, &mut [u8]),
     /// `code[first + i] |= encode(x[i], inv, m)`, into a zeroed stream
     pub encode_bcast: fn(Codec, &[f32], f32, f32, &[f32; 15], &mut [u8], usize),
     /// `code[first + i] |= encode(x[i], inv[i], m[i])`

@@ -1,12 +1,15 @@
 //! Portable kernels: the reference every SIMD path is tested against, and the fallback.
 
-use super::Kernels;
+use half::{bf16, f16};
+
+use super::{Kernels, OutType};
 use crate::codecs::codec::{read_code, write_code, Codec};
 
 pub static SCALAR: Kernels = Kernels {
     name: "scalar",
     dequant_bcast,
     dequant_vec,
+    dequant_groups,
     encode_bcast,
     encode_vec,
     min_max,
@@ -15,26 +18,74 @@ pub static SCALAR: Kernels = Kernels {
     abs_max_vec,
 };
 
-pub fn dequant_bcast(codec: Codec, codes: &[u8], first: usize, s: f32, m: f32, out: &mut [f32]) {
-    let bits = codec.bits();
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = codec.decode(read_code(codes, first + i, bits), s, m);
+/// Store `v` as element `i` of `out`, little-endian bytes of `t` (nearest-even narrowing).
+#[inline]
+pub fn put(t: OutType, v: f32, out: &mut [u8], i: usize) {
+    match t {
+        OutType::F32 => out[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes()),
+        OutType::F16 => out[2 * i..2 * i + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes()),
+        OutType::Bf16 => out[2 * i..2 * i + 2].copy_from_slice(&bf16::from_f32(v).to_le_bytes()),
     }
 }
 
+pub fn dequant_bcast(
+    codec: Codec,
+    codes: &[u8],
+    first: usize,
+    s: f32,
+    m: f32,
+    t: OutType,
+    out: &mut [u8],
+) {
+    let bits = codec.bits();
+    for i in 0..out.len() / t.size() {
+        put(
+            t,
+            codec.decode(read_code(codes, first + i, bits), s, m),
+            out,
+            i,
+        );
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 pub fn dequant_vec(
     codec: Codec,
     codes: &[u8],
     first: usize,
     s: &[f32],
     m: &[f32],
-    out: &mut [f32],
+    t: OutType,
+    out: &mut [u8],
 ) {
     let bits = codec.bits();
     let has_m = codec.has_mins();
-    for (i, o) in out.iter_mut().enumerate() {
+    for i in 0..out.len() / t.size() {
         let mi = if has_m { m[i] } else { 0.0 };
-        *o = codec.decode(read_code(codes, first + i, bits), s[i], mi);
+        put(
+            t,
+            codec.decode(read_code(codes, first + i, bits), s[i], mi),
+            out,
+            i,
+        );
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn dequant_groups(
+    codec: Codec,
+    codes: &[u8],
+    first: usize,
+    g: usize,
+    s: &[f32],
+    m: &[f32],
+    t: OutType,
+    out: &mut [u8],
+) {
+    let size = t.size();
+    for (j, o) in out.chunks_mut(g * size).enumerate() {
+        let mj = if codec.has_mins() { m[j] } else { 0.0 };
+        dequant_bcast(codec, codes, first + j * g, s[j], mj, t, o);
     }
 }
 

@@ -1,6 +1,6 @@
 //! Every kernel table this CPU runs, bit for bit against `scalar`.
 
-use super::{available, scalar::SCALAR, Kernels};
+use super::{available, scalar::SCALAR, Kernels, OutType};
 use crate::codecs::codec::{nf4_midpoints, Codec};
 
 /// xorshift64*: deterministic and dependency-free.
@@ -92,44 +92,122 @@ fn min_of(r: &mut Rng) -> f32 {
     }
 }
 
+/// A scale for the narrowing checks: besides `scale`, values whose products overflow fp16 or
+/// bf16, land on exact ties of their rounding, are subnormal there, or are NaN / inf.
+fn wide_scale(r: &mut Rng) -> f32 {
+    match r.below(10) {
+        0 => 5000.0,
+        1 => 3.0e38 / 8.0,
+        2 => 1.0 + f32::EPSILON * 2048.0 * 3.0, // 1 + 3 * 2^-12: fp16 tie, to even
+        3 => 1.0 + 1.0 / 256.0,                 // bf16 tie (2^-8 below the 8 kept bits)
+        4 => 3.0e-40,
+        5 => 1.0e-6,
+        6 => r.pick(&[f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY]),
+        _ => scale(r),
+    }
+}
+
 #[test]
 fn dequant_matches_scalar() {
     let mut r = Rng::new(1);
     for k in simd_tables() {
-        for codec in CODECS {
-            let bits = codec.bits();
-            for len in LENS {
-                for first in FIRSTS {
-                    let extra = r.below(3);
-                    let codes = r.bytes(codes_len(first, len, bits) + extra);
-                    let (s, m) = (scale(&mut r), min_of(&mut r));
-                    let mut want = vec![f32::NAN; len];
-                    let mut got = vec![f32::NAN; len];
-                    (SCALAR.dequant_bcast)(codec, &codes, first, s, m, &mut want);
-                    (k.dequant_bcast)(codec, &codes, first, s, m, &mut got);
-                    assert_eq!(
-                        bits_of(&want),
-                        bits_of(&got),
-                        "{} dequant_bcast {codec:?} len {len} first {first} s {s} m {m}",
-                        k.name
-                    );
+        for t in OutType::ALL {
+            let size = t.size();
+            for codec in CODECS {
+                let bits = codec.bits();
+                for len in LENS {
+                    for first in FIRSTS {
+                        let extra = r.below(3);
+                        let codes = r.bytes(codes_len(first, len, bits) + extra);
+                        let (s, m) = (wide_scale(&mut r), min_of(&mut r));
+                        // Prefilled, so a kernel that writes too few or too many bytes shows.
+                        let fill = r.bytes(len * size + 3);
+                        let (mut want, mut got) = (fill.clone(), fill.clone());
+                        let o = ..len * size;
+                        (SCALAR.dequant_bcast)(codec, &codes, first, s, m, t, &mut want[o]);
+                        (k.dequant_bcast)(codec, &codes, first, s, m, t, &mut got[o]);
+                        assert_eq!(
+                            want, got,
+                            "{} dequant_bcast {codec:?} {t:?} len {len} first {first} s {s} m {m}",
+                            k.name
+                        );
 
-                    let sv: Vec<f32> = (0..len).map(|_| scale(&mut r)).collect();
-                    let mv: Vec<f32> = if codec.has_mins() {
-                        (0..len).map(|_| min_of(&mut r)).collect()
-                    } else {
-                        Vec::new()
-                    };
-                    (SCALAR.dequant_vec)(codec, &codes, first, &sv, &mv, &mut want);
-                    (k.dequant_vec)(codec, &codes, first, &sv, &mv, &mut got);
-                    assert_eq!(
-                        bits_of(&want),
-                        bits_of(&got),
-                        "{} dequant_vec {codec:?} len {len} first {first}",
-                        k.name
-                    );
+                        let sv: Vec<f32> = (0..len).map(|_| wide_scale(&mut r)).collect();
+                        let mv: Vec<f32> = if codec.has_mins() {
+                            (0..len).map(|_| min_of(&mut r)).collect()
+                        } else {
+                            Vec::new()
+                        };
+                        let (mut want, mut got) = (fill.clone(), fill);
+                        (SCALAR.dequant_vec)(codec, &codes, first, &sv, &mv, t, &mut want[o]);
+                        (k.dequant_vec)(codec, &codes, first, &sv, &mv, t, &mut got[o]);
+                        assert_eq!(
+                            want, got,
+                            "{} dequant_vec {codec:?} {t:?} len {len} first {first}",
+                            k.name
+                        );
+                    }
                 }
             }
+        }
+    }
+}
+
+#[test]
+fn dequant_groups_matches_scalar_per_group() {
+    let mut r = Rng::new(6);
+    for k in available() {
+        for t in OutType::ALL {
+            for codec in CODECS {
+                for g in [1usize, 7, 32, 64, 100] {
+                    for len in [0usize, 1, g, 3 * g, 3 * g + 5, 10 * g - 1] {
+                        let first = r.pick(&[0usize, 1, 64, 2 * g]);
+                        let codes = r.bytes(codes_len(first, len, codec.bits()) + 2);
+                        let groups = len.div_ceil(g);
+                        let sv: Vec<f32> = (0..groups).map(|_| wide_scale(&mut r)).collect();
+                        let mv: Vec<f32> = if codec.has_mins() {
+                            (0..groups).map(|_| min_of(&mut r)).collect()
+                        } else {
+                            Vec::new()
+                        };
+                        let size = t.size();
+                        let mut want = vec![0u8; len * size];
+                        for (j, o) in want.chunks_mut(g * size).enumerate() {
+                            let m = if codec.has_mins() { mv[j] } else { 0.0 };
+                            (SCALAR.dequant_bcast)(codec, &codes, first + j * g, sv[j], m, t, o);
+                        }
+                        let mut got = vec![0u8; len * size];
+                        (k.dequant_groups)(codec, &codes, first, g, &sv, &mv, t, &mut got);
+                        assert_eq!(
+                            want, got,
+                            "{} dequant_groups {codec:?} {t:?} g {g} len {len} first {first}",
+                            k.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn scalar_narrowing_is_decode_then_round() {
+    // The reference itself: each output element is the fp32 decode rounded by `half`.
+    let mut r = Rng::new(5);
+    let codec = Codec::Affine { bits: 4 };
+    let codes = r.bytes(64);
+    let mut f = vec![0u8; 128 * 4];
+    (SCALAR.dequant_bcast)(codec, &codes, 0, 0.3, -1.1, OutType::F32, &mut f);
+    for t in [OutType::F16, OutType::Bf16] {
+        let mut h = vec![0u8; 128 * 2];
+        (SCALAR.dequant_bcast)(codec, &codes, 0, 0.3, -1.1, t, &mut h);
+        for i in 0..128 {
+            let v = f32::from_le_bytes(f[4 * i..4 * i + 4].try_into().unwrap());
+            let want = match t {
+                OutType::F16 => half::f16::from_f32(v).to_bits(),
+                _ => half::bf16::from_f32(v).to_bits(),
+            };
+            assert_eq!(u16::from_le_bytes([h[2 * i], h[2 * i + 1]]), want);
         }
     }
 }

@@ -1,0 +1,112 @@
+"""The CPU matmul (``torch.ops.qtensors.linear`` / ``qtensors._core.linear``) against
+decode-then-matmul: every encoding, bits 2-8, ragged groups, odd shapes, batches 1, 3, 8, 33,
+float32 / float16 / bfloat16 activations, and ``QuantizedLinear`` using it on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qtensors as qt
+from qtensors.torch import QuantizedLinear
+from qtensors.torch.linear import linear, linear_op
+
+ENCODINGS = [
+    qt.Affine(bits=4, group_size=64, axis=-1),
+    qt.Symmetric(bits=4, group_size=32, axis=-1),
+    qt.NF4(group_size=64, axis=-1),
+    qt.Affine(bits=2, group_size=16, axis=-1),
+    qt.Affine(bits=3, group_size=64, axis=-1, scale_dtype="bfloat16"),
+    qt.Symmetric(bits=5, group_size=48, axis=-1),
+    qt.Affine(bits=6, group_size=64, axis=-1, scale_dtype="float32"),
+    qt.Symmetric(bits=7, group_size=64, axis=-1),
+    qt.Affine(bits=8, group_size=128, axis=-1),
+    qt.FLEXGEN,
+    qt.Symmetric(bits=8, group_size=32, axis=0),
+]
+# (out, in): the packed kernel's shapes, a ragged last group, odd sizes
+SHAPES = [(48, 256), (17, 160), (9, 100), (13, 37)]
+
+
+def ident(e) -> str:
+    return f"{e.name}{e.bits}-g{e.group_size}-ax{e.axis}"
+
+
+def weight(shape, enc) -> QuantizedLinear:
+    torch.manual_seed(hash((shape, ident(enc))) % 2**31)
+    lin = nn.Linear(shape[1], shape[0])
+    return QuantizedLinear.from_linear(lin, enc).requires_grad_(False)
+
+
+def args(q: QuantizedLinear):
+    w, e = q.weight, q.weight.encoding
+    return (
+        w.codes, w.scales, w.mins, q.bias, list(w.shape),
+        e["name"], w.bits, int(e["group_size"]), int(e["axis"]),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("enc", ENCODINGS, ids=ident)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("batch", [1, 3, 8, 33])
+def test_matches_decode_then_matmul(enc, shape, batch):
+    q = weight(shape, enc)
+    x = torch.randn(batch, shape[1])
+    w = q.weight.dequantize(torch.float64)
+    want = F.linear(x.double(), w, q.bias.double())
+    got = linear(x, *args(q))
+    assert got.dtype == torch.float32 and got.shape == (batch, shape[0])
+    # fp32 accumulation: error within n * eps * sum |w x|
+    bound = (x.double().abs() @ w.abs().T + q.bias.double().abs()) * (shape[1] + 2) * 2**-23
+    assert ((got.double() - want).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("enc", [*ENCODINGS[:3], qt.FLEXGEN], ids=ident)
+def test_half_activations(enc, dtype):
+    q = weight((40, 192), enc)
+    x = torch.randn(2, 3, 192).to(dtype)  # leading dimensions are kept
+    got = linear(x, *args(q))
+    assert got.dtype == dtype and got.shape == (2, 3, 40)
+    w = q.weight.dequantize(torch.float64)
+    want = F.linear(x.double(), w, q.bias.to(dtype).double())
+    eps = 2**-10 if dtype == torch.float16 else 2**-7
+    bound = (x.double().abs() @ w.abs().T + 1) * (192 * 2**-23 + eps)
+    assert ((got.double() - want).abs() <= bound).all()
+
+
+def test_op_dispatch_and_fake():
+    q = weight((24, 64), ENCODINGS[0])
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(linear_op(x, *args(q)), linear(x, *args(q)))
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fx = mode.from_tensor(x)
+        fa = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args(q)]
+        out = linear_op(fx, *fa)
+    assert out.shape == (4, 24) and out.dtype == torch.float32
+
+
+def test_quantized_linear_uses_it_without_grad():
+    q = weight((32, 128), ENCODINGS[2])
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        got = q(x)
+    torch.testing.assert_close(got, linear(x, *args(q)), rtol=0, atol=0)
+    # With gradients wanted it decodes and calls F.linear, which autograd can differentiate.
+    q.requires_grad_(True)
+    xg = x.clone().requires_grad_(True)
+    y = q(xg)
+    y.sum().backward()
+    assert xg.grad is not None and q.bias.grad is not None
+    torch.testing.assert_close(y.detach(), got, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments():
+    q = weight((8, 64), ENCODINGS[0])
+    a = list(args(q))
+    with pytest.raises(ValueError):
+        linear(torch.randn(2, 64), a[0][:-1], *a[1:])  # codes too short
+    with pytest.raises(ValueError, match="63 features"):
+        linear(torch.randn(2, 63), *a)
