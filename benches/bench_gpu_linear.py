@@ -346,23 +346,6 @@ def sweep_configs(M: int, enc: tuple) -> list:
         L.GemvConfig(8, 256 * pack, split_k=1),
         L.GemvConfig(8, 256 * pack, num_stages=2),
     ]
-    if L.words_supported(4096, enc[0], enc[1], g, enc[3]) and not DRY:
-        wpg = g * enc[1] // 32
-        gemv += [
-            L.GemvWordsConfig(bn, max(bw, wpg), split_k=0, num_warps=nw, num_stages=ns)
-            for bn, bw, nw, ns in (
-                (16, 64, 4, 2),
-                (16, 64, 4, 1),
-                (16, 64, 4, 3),
-                (8, 64, 2, 2),
-                (8, 128, 4, 2),
-                (32, 32, 4, 2),
-                (32, 64, 8, 2),
-                (16, 128, 8, 2),
-                (4, 128, 2, 2),
-                (16, 32, 2, 3),
-            )
-        ]
     bk = min(g, 64)
     gemm_small = [
         L.GemmConfig(16, 32, bk, num_warps=4, num_stages=3),

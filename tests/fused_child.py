@@ -80,11 +80,6 @@ def check(label, got, x, dense, bias, failures):
         failures.append(f"{label}: error {err:.3g} > {TOL[x.dtype]:.3g}")
 
 
-def _words_args(ename: str) -> tuple:
-    e = ENCODINGS[ename].to_dict(2)
-    return e["name"], int(e.get("bits", 4)), int(e["group_size"]), int(e["axis"])
-
-
 def cases(group: str):
     """(label, N, K, M, encoding, dtype, bias?, config)."""
     out = []
@@ -115,14 +110,6 @@ def cases(group: str):
                 bk = 32 * pack if ax0 else min(g, 32 * pack)
                 for M in (16, 33):
                     out.append((N, K, M, ename, dt, bias, L.GemmConfig(16, gbn, bk, 1)))
-            elif group == "words" and L.words_supported(96, *_words_args(ename)):
-                # word-aligned rows (K % 8 == 0 for 4-bit), a ragged last group at K = 200
-                wpg = g * bits // 32
-                for Nw, Kw in ((37, 96), (24, 200), (16, 64)):
-                    for M, split in ((1, 1), (3, 1), (2, 3), (4, 2)):
-                        cfg = L.GemvWordsConfig(4, 2 * wpg, split)
-                        out.append((Nw, Kw, M, ename, DTYPES[(i + M) % 3], M % 2 == 0, cfg))
-                break
             elif group == "dispatch":  # the shape-picked configs, through the CUDA entry point
                 for M in (1, 3, 16, 33):
                     out.append((N, K, M, ename, DTYPES[(i + M) % 3], bias, None))

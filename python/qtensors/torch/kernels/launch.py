@@ -26,7 +26,6 @@ from .dequant import _levels
 from .epilogue import ENC_IDS
 from .gemm import gemm_kernel
 from .gemv import gemv_kernel
-from .gemv_words import gemv_words_kernel
 
 #: rows of ``x`` up to which the CUDA-core kernel runs; more go to the tensor-core one
 GEMV_MAX_M = 4
@@ -47,18 +46,6 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 1
     fast_cvt: bool = True
-
-
-@dataclass(frozen=True)
-class GemvWordsConfig:
-    """``gemv_words_kernel``: output features per program, int32 words of codes per step (a
-    multiple of a group's words), K-slices (0: as many as fill the GPU), warps, stages."""
-
-    block_n: int = 16
-    block_w: int = 64
-    split_k: int = 0
-    num_warps: int = 4
-    num_stages: int = 2
 
 
 @dataclass(frozen=True)
@@ -88,19 +75,6 @@ def supported(shape, encoding: str, bits: int, group_size: int, axis: int) -> bo
     )
 
 
-def words_supported(K: int, encoding: str, bits: int, group_size: int, axis: int) -> bool:
-    """Whether ``gemv_words_kernel`` applies: affine or symmetric 4/8-bit, groups along the
-    input, every row and group starting on a 32-bit word of codes."""
-    pack = 32 // bits
-    return (
-        encoding in ("affine", "symmetric")
-        and bits in (4, 8)
-        and axis in (1, -1)
-        and K % pack == 0
-        and group_size % pack == 0
-    )
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -124,13 +98,9 @@ def gemv_config(M: int, N: int, K: int, bits: int, g: int, axis0: bool) -> GemvC
     """Batch 1-4: 8 features x 256 bytes of codes per step (16 bytes a thread with 4 warps),
     and enough programs (splitting K) for some 4 per SM to hide the memory latency."""
     block_n = min(8, g) if axis0 else 8
-    block_k = 512 if bits == 4 else 256
-    return GemvConfig(block_n=block_n, block_k=block_k)
-
-
-def gemv_words_config(M: int, N: int, K: int, bits: int, g: int) -> GemvWordsConfig:
-    """Batch 1-4 on word-aligned rows: 16 features x 64 words (256 bytes) of codes per step."""
-    return GemvWordsConfig(block_n=16, block_w=max(64, g * bits // 32))
+    block_k = 256 if bits == 4 else 128
+    # the best of the sweep on the H200 for every shape of benches/results/gpu_linear_h200.txt
+    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=2)
 
 
 def gemm_config(M: int, N: int, K: int, bits: int, g: int, axis0: bool) -> GemmConfig:
@@ -174,21 +144,12 @@ def _plan(
     x_dtype: torch.dtype,
     has_bias: bool,
     cuda_index: int,
-    config: GemvConfig | GemvWordsConfig | GemmConfig | None,
+    config: GemvConfig | GemmConfig | None,
     allow_split: bool,
-    words_aligned: bool,
 ):
     """(kernel, grid, split, k_split, scalars, constexprs and options) of one launch."""
     axis0 = axis in (0, -2)
     sms = _sm_count(cuda_index)
-    use_words = isinstance(config, GemvWordsConfig) or (
-        config is None
-        and M <= GEMV_MAX_M
-        and words_aligned
-        and words_supported(K, encoding, bits, g, axis)
-    )
-    if use_words:
-        return _plan_words(M, N, K, encoding, bits, g, has_bias, cuda_index, config, allow_split)
     use_gemv = isinstance(config, GemvConfig) or (config is None and M <= GEMV_MAX_M)
     if config is None:
         pick = gemv_config if use_gemv else gemm_config
@@ -236,36 +197,6 @@ def _plan(
     return kernel, grid, split, (M, N, K, G), k_split, meta
 
 
-def _plan_words(M, N, K, encoding, bits, g, has_bias, cuda_index, config, allow_split):
-    """``_plan`` for ``gemv_words_kernel``."""
-    config = config or gemv_words_config(M, N, K, bits, g)
-    pack = 32 // bits
-    wpg = g // pack
-    bw = max(config.block_w, wpg)
-    if bw % wpg:
-        raise ValueError(f"block_w {bw} must be a multiple of a group's {wpg} words")
-    n_tiles = -(-N // config.block_n)
-    k_steps = -(-(K // pack) // bw)
-    split = config.split_k or _pick_split(n_tiles, k_steps, _sm_count(cuda_index), 4)
-    if not allow_split or n_tiles > LOCK_SLOTS or split * M * N >= 2**31:
-        split = 1
-    k_split = -(-k_steps // split) * bw * pack
-    split = -(-K // k_split) if K else 1
-    meta: dict = dict(
-        ENC=ENC_IDS[encoding],
-        BITS=bits,
-        GS=g,
-        HAS_BIAS=has_bias,
-        BLOCK_M=max(1, 1 << (M - 1).bit_length()),
-        BLOCK_N=config.block_n,
-        BLOCK_W=bw,
-        SPLIT_K=split,
-    )
-    if cuda_index >= 0:
-        meta.update(num_warps=config.num_warps, num_stages=config.num_stages)
-    return gemv_words_kernel, (n_tiles, split), split, (M, N, K, -(-K // g)), k_split, meta
-
-
 def fused_linear(
     x2: torch.Tensor,
     codes: torch.Tensor,
@@ -278,7 +209,7 @@ def fused_linear(
     bits: int,
     group_size: int,
     axis: int,
-    config: GemvConfig | GemvWordsConfig | GemmConfig | None = None,
+    config: GemvConfig | GemmConfig | None = None,
 ) -> torch.Tensor:
     """``x2 @ W^T + bias`` for ``x2 [M, K]`` (unit stride along K) and the parts of ``W [N, K]``
     (already validated, ``supported()``); ``config`` overrides the launch parameters (a
@@ -309,31 +240,8 @@ def fused_linear(
         cuda_index,
         config,
         locks is not None,
-        codes.data_ptr() % 4 == 0,
     )
     ws = torch.empty((split, M, N), dtype=torch.float32, device=dev) if split > 1 else out
-    if kernel is gemv_words_kernel:
-        # The same bytes as int32 words (little-endian: code k is bits (k % PACK) * BITS).
-        words = codes.view(torch.int32)
-        kernel[grid](
-            x2,
-            words,
-            scales,
-            scales if mins is None else mins,
-            scales if bias is None else bias,
-            out,
-            ws,
-            out if locks is None else locks,
-            M,
-            N,
-            K,
-            G,
-            x2.stride(0),
-            out.stride(0),
-            k_split,
-            **meta,
-        )
-        return out
     levels = _levels(dev, False) if encoding == "nf4" else scales
     kernel[grid](
         x2,
