@@ -39,6 +39,8 @@ from .ops import (
     encoding_dict,
 )
 
+# Rows of x up to which the Rust core's packed GEMV runs (rust/core/src/matmul/packed.rs).
+CPU_PACKED_MAX_ROWS = 8
 # Activations the Rust CPU matmul takes, by the dtype names of the core.
 RUST_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
@@ -129,7 +131,12 @@ def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, 
     """The CPU implementation: the Rust core multiplies by the packed codes (float16, bfloat16
     and float32 activations; the weight is never decoded to memory); float64 decodes first."""
     a = check_linear_args(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
-    if x.dtype not in RUST_DTYPES:
+    rows = x.numel() // int(shape[1]) if int(shape[1]) else 0
+    # Half-precision activations beyond the packed GEMV's batch: torch's bf16/fp16 GEMM on the
+    # decoded weight wins (benches/results/cpu_matmul_1thread.txt: 0.3-0.5x of dense bf16 at
+    # batch 32 for the Rust tiles, against a decode of ~0.5x of the GEMM's time).
+    half_many = x.dtype in (torch.float16, torch.bfloat16) and rows > CPU_PACKED_MAX_ROWS
+    if x.dtype not in RUST_DTYPES or half_many:
         return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
     out = torch.empty((*x.shape[:-1], int(shape[0])), dtype=x.dtype)
     if out.numel() == 0:
