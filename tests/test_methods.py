@@ -345,6 +345,27 @@ def test_tiny_model_end_to_end(method, tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids).logits, got, rtol=0, atol=0)
 
 
+def test_layer_error_on_held_back_windows():
+    ids = torch.randint(2, 92, (72, 16), generator=torch.Generator().manual_seed(0))
+    errors = {}
+    for method in ("rtn", "gptq"):
+        model = tiny_llama(seed=9)
+        qtt.quantize_model(
+            model,
+            qt.Symmetric(bits=3, group_size=16),
+            method=method,
+            calibration=ids[:64],
+            holdout=ids[64:],
+            samples=64,
+            seq_len=16,
+            skip=("lm_head",),
+            progress=False,
+        )
+        errors[method] = model.qtensors_quantization["layer_error"]
+        assert len(errors[method]) == 14
+    assert sum(errors["gptq"].values()) < sum(errors["rtn"].values())
+
+
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_calibrated_methods_on_an_encoder(method):
     model = tiny_bert(seed=8)

@@ -119,16 +119,23 @@ def quantize_blocks(
     batch_size: int = 8,
     progress: bool = True,
     on_block: Callable[[int, nn.Module], None] | None = None,
+    holdout: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Quantize the linears of every block of ``model`` with ``method`` on ``windows`` (token
-    ids ``[samples, L]``); in place. Returns a record of what was done (e.g. AWQ's alphas)."""
+    ids ``[samples, L]``); in place. Returns a record of what was done (e.g. AWQ's alphas).
+
+    ``holdout``: other windows on which each linear's relative output error
+    ``||X W^T - X W'^T|| / ||X W^T||`` is measured (X: its inputs there, W: its float weight as
+    the method left it, W': quantized), recorded under ``layer_error``."""
     skip = tuple(skip)
     prefix, blocks = find_blocks(model)
     home = next(model.parameters()).device
     dev = torch.device(device) if device is not None else home
     record: dict[str, Any] = {"blocks": len(blocks)}
+    layer_error: dict[str, float] = {}
     with torch.no_grad():
         calls = capture_inputs(model, blocks, windows, batch_size, dev)
+        held = [] if holdout is None else capture_inputs(model, blocks, holdout, batch_size, dev)
         bar = _bar(len(blocks), f"{method.name} blocks", progress)
         for i, block in enumerate(blocks):
             block.to(dev)
@@ -157,26 +164,58 @@ def quantize_blocks(
             finally:
                 for h in hooks:
                     h.remove()
+            held_inputs = _inputs_of(block, linears, held)
             for n, lin in linears.items():
                 q = method.quantize_weight(lin.weight, encoding, observers[n])
                 qw = QuantizedWeight.from_quantized(q, device=dev, dtype=lin.weight.dtype)
                 bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone())
                 _swap(block, n, QuantizedLinear.from_weight(qw, bias))
+                if held:
+                    x = held_inputs[n]
+                    ref = x @ lin.weight.float().t()
+                    err = torch.linalg.norm(ref - x @ qw.dequantize(torch.float32).t())
+                    layer_error[f"{prefix}.{i}.{n}"] = float(err / torch.linalg.norm(ref))
                 observers[n] = None  # free the Hessian before the next one is built
             # the next block sees this block's quantized outputs
-            for j, (args, kwargs) in enumerate(calls):
-                if args:
-                    out = _first(block(*args, **kwargs))
-                    calls[j] = ((out, *args[1:]), kwargs)
-                else:
-                    out = _first(block(**kwargs))
-                    calls[j] = (args, {**kwargs, "hidden_states": out})
+            _advance(block, calls)
+            _advance(block, held)
             block.to(home)
             if on_block is not None:
                 on_block(i, block)
             bar.update(1)
         bar.close()
+    if layer_error:
+        record["layer_error"] = layer_error
     return record
+
+
+def _advance(block: nn.Module, calls: list[tuple[tuple, dict]]) -> None:
+    """Replace each call's hidden states by the block's output on them."""
+    for j, (args, kwargs) in enumerate(calls):
+        if args:
+            calls[j] = ((_first(block(*args, **kwargs)), *args[1:]), kwargs)
+        else:
+            calls[j] = (args, {**kwargs, "hidden_states": _first(block(**kwargs))})
+
+
+def _inputs_of(
+    block: nn.Module, linears: dict[str, nn.Linear], calls: list[tuple[tuple, dict]]
+) -> dict[str, torch.Tensor]:
+    """The inputs (rows) every linear of ``block`` gets on ``calls``."""
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda _m, a, n=n: got[n].append(a[0].reshape(-1, a[0].shape[-1]).float())
+        )
+        for n, m in linears.items()
+    ]
+    try:
+        for args, kwargs in calls:
+            block(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.cat(v) for n, v in got.items() if v}
 
 
 class _NoBar:

@@ -72,6 +72,7 @@ def quantize_model(
     device: _torch.device | str | None = None,
     batch_size: int = 8,
     progress: bool | None = None,
+    holdout: Any = None,
     **settings: Any,
 ) -> _torch.nn.Module:
     """Replace every plain ``nn.Linear`` of ``model`` (and ``nn.Embedding`` with
@@ -87,6 +88,9 @@ def quantize_model(
     the method (e.g. ``act_order=False``). Embeddings always get round-to-nearest. The method
     and its settings are kept in ``model.qtensors_quantization`` and ``save_model`` records
     them in the file's metadata.
+
+    ``holdout`` (token ids ``[n, L]``): measure each linear's relative output error on these
+    other windows (any method; recorded under ``layer_error``), for comparing methods.
     """
     import fnmatch
 
@@ -97,16 +101,19 @@ def quantize_model(
     enc = encoding or FLEXGEN
     m = _methods.get_method(method, **settings)
     record: dict[str, Any] = {**m.settings(), "encoding": _describe(enc)}
-    if m.needs_calibration:
-        # check the data before any work, so a mistake fails at once
-        windows = _methods.calibration_windows(
-            calibration, tokenizer, samples, seq_len, seed, method=f"method {m.name!r}"
-        )
-        record["calibration"] = {
-            "samples": int(windows.shape[0]),
-            "seq_len": int(windows.shape[1]),
-            "seed": seed,
-        }
+    if m.needs_calibration or holdout is not None:
+        if m.needs_calibration:
+            # check the data before any work, so a mistake fails at once
+            windows = _methods.calibration_windows(
+                calibration, tokenizer, samples, seq_len, seed, method=f"method {m.name!r}"
+            )
+            record["calibration"] = {
+                "samples": int(windows.shape[0]),
+                "seq_len": int(windows.shape[1]),
+                "seed": seed,
+            }
+        else:  # only measuring: the blocks run on the held-back windows alone
+            windows = holdout
         record.update(
             _methods.runner.quantize_blocks(
                 model,
@@ -117,13 +124,14 @@ def quantize_model(
                 device=device,
                 batch_size=batch_size,
                 progress=_want_progress(progress),
+                holdout=holdout,
             )
         )
     for name, module in list(model.named_modules()):
         if any(fnmatch.fnmatchcase(name, p) for p in skip) or not name:
             continue
         if _swappable(module, _torch.nn.Linear):
-            if m.needs_calibration or m.name == "rtn":  # linears outside the blocks
+            if m.needs_calibration or m.name == "rtn":  # linears outside any block
                 new: _torch.nn.Module = QuantizedLinear.from_linear(module, enc)
             else:
                 q = m.quantize_weight(module.weight, enc, None)

@@ -604,8 +604,9 @@ def save_model(
 
     meta = dict(metadata or {})
     record = getattr(model, "qtensors_quantization", None)
-    if record:
-        meta.setdefault("quantization_method", json.dumps(record, sort_keys=True))
+    if record:  # measurements (layer_error) are not part of how the file was made
+        made = {k: v for k, v in record.items() if k != "layer_error"}
+        meta.setdefault("quantization_method", json.dumps(made, sort_keys=True))
     path = os.fspath(filename)
     if os.path.isdir(path) or not os.path.splitext(path)[1]:
         os.makedirs(path, exist_ok=True)
