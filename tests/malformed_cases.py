@@ -119,9 +119,9 @@ def cases() -> list[Case]:
     add(Case("r1_lowercase_magic", 1, b"qtensors" + blob[8:]))
 
     # --- rule 2: versions and reserved ----------------------------------------------------------
-    add(Case("r2_major_2", 2, R.assemble(h0, d0, major=2), "UnsupportedError", ["version"]))
+    add(Case("r2_major_2", 2, R.assemble(h0, d0, major=2), "UnsupportedError", ["2.0", "1.0"]))
     add(Case("r2_minor_1", 2, R.assemble(h0, d0, minor=1), "UnsupportedError", ["version"]))
-    add(Case("r2_major_0", 2, R.assemble(h0, d0, major=0), "FormatError", ["version"]))
+    add(Case("r2_major_0", 2, R.assemble(h0, d0, major=0), "FormatError", ["0.0", "invalid"]))
     add(Case("r2_reserved", 2, R.assemble(h0, d0, reserved=1), "FormatError", ["reserved"]))
 
     # --- rule 3: header_len ---------------------------------------------------------------------
@@ -149,6 +149,19 @@ def cases() -> list[Case]:
         )
     )
     add(Case("r4_tensors_not_array", 4, _mut(_set(["tensors"], {}))))
+    repeated = json.dumps(h0, separators=(",", ":")).replace(
+        '"name":"blk.r"', '"name":"blk.r","name":"blk.q"'
+    )
+    add(Case("r4_repeated_key", 4, _text_file(repeated.encode(), d0), mentions=["name", "twice"]))
+    repeated = json.dumps(h0, separators=(",", ":")).replace('"data":{', '"data":{"offset":0,', 1)
+    add(
+        Case(
+            "r4_repeated_part_key",
+            4,
+            _text_file(repeated.encode(), d0),
+            mentions=["offset", "twice"],
+        )
+    )
     add(Case("r4_tensors_missing", 4, _mut(_del(["tensors"]))))
     add(Case("r4_alignment_missing", 4, _mut(_del(["alignment"])), mentions=["alignment"]))
     add(Case("r4_alignment_string", 4, _mut(_set(["alignment"], "64")), mentions=["alignment"]))
@@ -199,7 +212,15 @@ def cases() -> list[Case]:
             "r4_length_not_u64",
             4,
             _mut(_set(["blk.w", "parts", "codes", "length"], 2**64)),
-            mentions=["blk.w"],
+            mentions=["blk.w", "18446744073709551616"],
+        )
+    )
+    add(
+        Case(
+            "r4_offset_2_64",
+            4,
+            _mut(_set(["blk.w", "parts", "codes", "offset"], 2**64)),
+            mentions=["blk.w", "codes", "18446744073709551616"],
         )
     )
     add(
@@ -274,6 +295,18 @@ def cases() -> list[Case]:
 
     add(Case("r7_element_count_overflow", 7, _mut(overflow), mentions=["blk.r"]))
 
+    # Rule 7 in any order of the dimensions: an empty tensor must still be creatable in numpy and
+    # torch, so the non-zero dimensions times the item size must stay below 2^63.
+    for dims in ([0, 2**63, 2**63], [2**63, 2**63, 0], [0, 2**63], [0, 2**62, 2**62], [0, 2**61]):
+
+        def huge_empty(h, dims=dims):
+            t = _tensor(h, "blk.r")  # int32: 4 bytes per element
+            t["shape"] = dims
+            t["parts"]["data"]["shape"] = dims
+            t["parts"]["data"]["length"] = 0
+
+        add(Case(f"r7_empty_shape_{dims}", 7, _mut(huge_empty), mentions=["blk.r", "shape"]))
+
     # --- rule 8: encoding and parameters --------------------------------------------------------
     add(
         Case(
@@ -284,13 +317,13 @@ def cases() -> list[Case]:
             ["blk.w", "mxfp4"],
         )
     )
-    for bits in (0, 9, "4", None):
+    for bits in (0, 9, "4", None, 256, 2**64 - 1):
         add(
             Case(
                 f"r8_affine_bits_{bits}",
                 8,
                 _mut(_set(["blk.w", "encoding", "bits"], bits)),
-                mentions=["blk.w"],
+                mentions=["blk.w"] + ([str(bits)] if isinstance(bits, int) else []),
             )
         )
     add(

@@ -445,6 +445,8 @@ def dequantize(parts: dict, enc: dict, shape, dtype: str) -> np.ndarray:
 
 
 def raw_decode(data: bytes, dtype: str, shape) -> np.ndarray:
+    if dtype == "bool" and any(b > 1 for b in bytes(data)):
+        raise ReferenceError("bool tensor holds a byte other than 0 or 1 (spec 3)")
     return np.frombuffer(bytes(data), dtype=DTYPES[dtype][1]).reshape(tuple(shape)).copy()
 
 
@@ -646,6 +648,8 @@ def read_header(src) -> dict:
     if blob[:8] != MAGIC:
         _fail(f"bad magic {blob[:8]!r}, expected b'QTENSORS'")
     major, minor, reserved, header_len = struct.unpack("<HHIQ", blob[8:24])
+    if major == 0:
+        _fail(f"version {major}.{minor} is invalid: versions start at 1.0")
     if major != MAJOR or minor > MINOR:
         _fail(f"unsupported version {major}.{minor} (this reader knows {MAJOR}.{MINOR})")
     if reserved != 0:
@@ -660,7 +664,7 @@ def read_header(src) -> dict:
     except UnicodeDecodeError as e:
         _fail(f"header is not UTF-8: {e}")
     try:
-        header = json.loads(text)
+        header = json.loads(text, object_pairs_hook=_object_without_repeats)
     except (ValueError, RecursionError) as e:
         _fail(f"header is not JSON: {e}")
     data_start = PREAMBLE + header_len
@@ -676,6 +680,16 @@ def read_header(src) -> dict:
         "header": header,
         "blob": blob,
     }
+
+
+def _object_without_repeats(pairs) -> dict:
+    """Rule 4: a key may not appear twice in one object (which one would count?)."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            _fail(f"the key {k!r} appears twice in one object")
+        out[k] = v
+    return out
 
 
 def _load(src) -> bytes:
@@ -735,6 +749,8 @@ def _check_tensor(name: str, t: dict, alignment: int, data_len: int):
     if dtype not in DTYPES:
         _fail(f"tensor {name!r}: unknown dtype {dtype!r}")
     shape = _check_shape(t.get("shape"), f"tensor {name!r}")
+    if not shape_fits(shape, DTYPES[dtype][0]):
+        _fail(f"tensor {name!r}: shape {list(shape)} is too large (rule 7)")
     enc = t.get("encoding")
     if not isinstance(enc, dict) or not isinstance(enc.get("name"), str):
         _fail(f"tensor {name!r}: encoding is not an object with a string 'name'")
@@ -788,6 +804,13 @@ def _check_tensor(name: str, t: dict, alignment: int, data_len: int):
             _fail(f"{where}: malformed checksum {cs!r}")
         out.append((offset, length, f"{name}/{pname}"))
     return out
+
+
+def shape_fits(shape, itemsize: int) -> bool:
+    """Rule 7: the byte size with each zero dimension counted as 1 is below 2^63, so that every
+    dimension, the element count and every stride fit a signed 64-bit integer in any order of
+    multiplication (numpy and torch need that even for an empty tensor)."""
+    return prod(max(int(d), 1) for d in shape) * itemsize < 2**63
 
 
 def _check_shape(shape, where: str) -> tuple[int, ...]:

@@ -23,6 +23,7 @@ from qtensors import _source
 from qtensors.convert import (
     EMBEDDING_PATTERNS,
     STALE_SECONDS,
+    ConversionInterrupted,
     OutputExistsError,
     Policy,
     resolve_quant,
@@ -208,6 +209,22 @@ def test_policy():
     assert "int8" in p.describe() and "lm_head.*" in p.describe()
 
 
+def test_policy_takes_names_in_mappings_and_refuses_what_is_no_encoding(bert_path, tmp_path):
+    p = Policy({"*embed*": "raw", "head.*": None, "*": "nf4"}, keep="lm_head.weight")
+    assert p("model.embed_tokens.weight", "float32", (4, 8)) == qt.Raw()
+    assert p("head.w", "float32", (4, 8)) == qt.Raw()
+    assert p("lm_head.weight", "float32", (4, 8)) == qt.Raw()  # a lone pattern, not its letters
+    assert p("mlp.weight", "float32", (4, 8)) == qt.PRESETS["nf4"]
+    assert "*embed*: raw" in p.describe() and "*: nf4 g64" in p.describe()
+    with pytest.raises(TypeError, match="not int 123"):
+        qt.convert(bert_path, tmp_path / "x.qtensors", 123)
+    with pytest.raises(ValueError, match="choose one of raw, flexgen"):
+        qt.convert(bert_path, tmp_path / "x.qtensors", {"*": "int2"})
+    with pytest.raises(TypeError, match="metadata keys and values must be str"):
+        qt.convert(bert_path, tmp_path / "x.qtensors", metadata={"n": 1})
+    assert os.listdir(tmp_path) == []
+
+
 def test_keep_and_preset_options(bert_path, tmp_path):
     dst = tmp_path / "int8.qtensors"
     res = qt.convert(
@@ -330,6 +347,23 @@ def test_single_file_folder_and_default_names(bert_path, tmp_path):
     assert res.files == [str(out / "model.qtensors")]
 
 
+def test_folder_never_ships_an_older_output_of_itself(tmp_path):
+    src = tmp_path / "m"
+    src.mkdir()
+    x = np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 4096
+    st_save({"w": x}, str(src / "model.safetensors"))
+    (src / "config.json").write_text("{}")
+    qt.convert(src / "model.safetensors", quant="nf4")  # leaves src/model.qtensors behind
+    (src / "old.qtensors.index.json").write_text("{}")  # an index of earlier qtensors shards
+    res = qt.convert(src, tmp_path / "out", "int8")
+    assert res.copied == ["config.json"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.qtensors"]
+    with qt.safe_open(tmp_path / "out" / "model.qtensors") as f:
+        assert f.encoding("w")["name"] == "symmetric"  # the fresh int8, not the stale nf4
+    assert any("model.qtensors" in n and "earlier conversion" in n for n in res.notes)
+    assert any("old.qtensors.index.json" in n for n in res.notes)
+
+
 def test_refuses_to_overwrite_without_force(sharded, bert_path, tmp_path):
     dst = tmp_path / "x.qtensors"
     dst.write_bytes(b"precious")
@@ -404,6 +438,60 @@ def test_interrupt_leaves_nothing(sharded, tmp_path, monkeypatch, read_ahead, to
         qt.convert(sharded, dst, read_ahead=read_ahead)
     assert os.listdir(tmp_path) == []
     assert tree_digest(sharded) == before
+
+
+class InterruptAfterPublishing:
+    """Raises KeyboardInterrupt just after the output was renamed into place (as a Ctrl-C that
+    lands during the rename does, at the next Python instruction)."""
+
+    def __init__(self, monkeypatch, to: str) -> None:
+        import importlib
+
+        from qtensors import _core
+
+        convert_mod = importlib.import_module("qtensors.convert")  # the function shadows it
+
+        class Writer:
+            def __init__(self, *args):
+                self._inner = _core.Writer(*args)
+
+            def __getattr__(self, name):
+                return getattr(self._inner, name)
+
+            def finish(self):
+                self._inner.finish()
+                raise KeyboardInterrupt
+
+        publish = convert_mod._publish_folder
+
+        def publish_then_interrupt(*args):
+            publish(*args)
+            raise KeyboardInterrupt
+
+        if to == "file":  # the writer renames the file into place as it finishes
+            monkeypatch.setattr(convert_mod, "_core", type("core", (), {"Writer": Writer}))
+        else:  # the shards finish inside the temporary folder, renamed into place at the end
+            monkeypatch.setattr(convert_mod, "_publish_folder", publish_then_interrupt)
+
+
+@pytest.mark.parametrize("to", ["file", "folder"])
+def test_interrupt_says_whether_the_output_was_published(sharded, tmp_path, monkeypatch, to):
+    dst = tmp_path / ("out.qtensors" if to == "file" else "out")
+    with monkeypatch.context() as m:
+        Interrupt(m, 3)
+        with pytest.raises(ConversionInterrupted) as before:
+            qt.convert(sharded, dst)
+    assert not before.value.published and not dst.exists()
+    for force in (False, True):  # a new output, then one replacing an older one
+        with monkeypatch.context() as m:
+            InterruptAfterPublishing(m, to)
+            with pytest.raises(KeyboardInterrupt) as after:
+                qt.convert(sharded, dst, force=force)
+        assert isinstance(after.value, ConversionInterrupted)
+        assert after.value.published and after.value.dst == str(dst)
+        for f in [dst] if to == "file" else sorted(dst.rglob("*.qtensors")):
+            qt.safe_open(f, verify=True).close()
+    assert os.listdir(tmp_path) == [dst.name]
 
 
 def test_stale_temporaries_are_removed(bert_path, tmp_path):

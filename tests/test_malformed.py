@@ -264,3 +264,141 @@ def test_checksum_error_is_a_format_error():
     assert issubclass(qt.QuantizationError, qt.QtensorsError) and issubclass(
         qt.QuantizationError, ValueError
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# listing newer files (qtensors inspect), messages, header amplification
+# ------------------------------------------------------------------------------------------------
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "qtensors", *map(str, args)], capture_output=True, text=True
+    )
+
+
+def _hostile_headers():
+    """Headers that broke the old unvalidated fallback of `inspect` (RecursionError,
+    AttributeError, TypeError, OverflowError), each with an unknown dtype so that only a lenient
+    reader gets past the first tensor."""
+    h, _ = M.base()
+    t0 = dict(h["tensors"][3], dtype="float4_e2m1")
+    out = {"deep": b'{"alignment":64,"tensors":' + b"[" * 100000 + b"]" * 100000 + b"}"}
+    for key, value in [
+        ("tensors", {"a": 1}),
+        ("metadata", [1, 2]),
+    ]:
+        out[f"top_{key}"] = json.dumps({"alignment": 64, "tensors": [t0], key: value}).encode()
+    for key, value in [("shape", 7), ("parts", [1]), ("shape", [10**30]), ("parts", {"data": 3})]:
+        out[f"tensor_{key}_{value}"] = json.dumps(
+            {"alignment": 64, "tensors": [dict(t0, **{key: value})]}
+        ).encode()
+    return out
+
+
+@pytest.mark.parametrize("major", [1, 2])
+@pytest.mark.parametrize("case", sorted(_hostile_headers()))
+def test_inspect_validates_every_header(case, major, tmp_path):
+    from qtensors.inspect import inspect_file
+
+    path = tmp_path / "x.qtensors"
+    _, d = M.base()
+    path.write_bytes(R.assemble(None, d, header_text=_hostile_headers()[case], major=major))
+    with pytest.raises(qt.FormatError):
+        inspect_file(str(path))
+    p = _cli("inspect", path)
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_major_version_2_is_unsupported_even_when_listing(tmp_path):
+    path = tmp_path / "v2.qtensors"
+    path.write_bytes(R.assemble(*M.base(), major=2, minor=3))
+    with pytest.raises(qt.UnsupportedError, match=r"2\.3.*1\.0"):
+        qt._core.Reader(str(path), lenient=True)
+
+
+def test_lenient_reader_lists_unknown_dtypes_and_refuses_to_decode_them(tmp_path):
+    h, d = M.base()
+    t = next(t for t in h["tensors"] if t["name"] == "blk.r")
+    t["dtype"] = t["parts"]["data"]["dtype"] = "float4_e2m1"
+    path = tmp_path / "fp4.qtensors"
+    path.write_bytes(R.assemble(h, d))
+    with pytest.raises(qt.UnsupportedError, match="float4_e2m1"):
+        qt._core.Reader(str(path))
+    r = qt._core.Reader(str(path), lenient=True)
+    listed = {t["name"]: t for t in json.loads(r.header_json())["tensors"]}
+    assert listed["blk.r"]["dtype"] == "float4_e2m1"
+    assert listed["blk.r"]["parts"]["data"]["dtype"] == "float4_e2m1"
+    with pytest.raises(qt.UnsupportedError):
+        r.decode("blk.r")
+    # the structure is still checked: a lying offset is refused
+    t["parts"]["data"]["offset"] = 1 << 40
+    path.write_bytes(R.assemble(h, d))
+    with pytest.raises(qt.FormatError, match=r"blk\.r"):
+        qt._core.Reader(str(path), lenient=True)
+
+
+def test_shapes_that_pass_can_be_materialised_empty(tmp_path):
+    """The largest empty shapes rule 7 allows for int32 can be created in numpy and torch."""
+    import torch
+
+    for dims in ([0, 2**61 - 1], [2**61 - 1, 0], [0, 2**30, 2**31 - 1]):
+        h, d = M.base()
+        t = next(t for t in h["tensors"] if t["name"] == "blk.r")
+        t["shape"] = t["parts"]["data"]["shape"] = dims
+        t["parts"]["data"]["length"] = 0
+        path = tmp_path / "e.qtensors"
+        path.write_bytes(R.assemble(h, d))
+        assert qt.load_file(str(path))["blk.r"].shape == tuple(dims)
+        assert tuple(qt.load_file(str(path), framework="pt")["blk.r"].shape) == tuple(dims)
+        assert torch.empty(dims, dtype=torch.int32).numel() == 0
+
+
+def test_safetensors_file_gets_the_convert_hint(tmp_path):
+    from safetensors.numpy import save
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(save({"x": np.ones((2, 2), np.float32)}))
+    for open_it in (qt._core.Reader, qt._core.StreamReader, qt.load_file):
+        with pytest.raises(qt.FormatError, match=r"safetensors.*qtensors convert") as e:
+            open_it(str(path))
+        assert f"qtensors convert {path}`" in str(e.value)
+    p = _cli("inspect", path)
+    assert p.returncode != 0 and "qtensors convert" in p.stderr and "Traceback" not in p.stderr
+
+
+AMPLIFY = """
+import resource, sys
+from qtensors import _core
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+_core.StreamReader(sys.argv[1])
+r = _core.Reader(sys.argv[1], lenient=True)
+r.header_json()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_header_memory_is_a_small_multiple_of_its_length(tmp_path):
+    """A 10 MiB header of ~57,000 empty tensors, read by both readers and given back as JSON: the
+    old Value-tree reader grew by 21 times the header, the typed reader by about 5."""
+    import subprocess
+    import sys
+
+    entry = (
+        '{"name":"t%d","dtype":"float32","shape":[0],"encoding":{"name":"raw"},"parts":{"data":'
+        '{"dtype":"float32","shape":[0],"offset":0,"length":0,"checksum":"%s"}}}'
+    )
+    empty = R.checksum_string(b"")
+    text = ",".join(entry % (i, empty) for i in range(57_000))
+    text = ('{"alignment":64,"tensors":[' + text + "]}").encode()
+    path = tmp_path / "many.qtensors"
+    path.write_bytes(R.assemble(None, b"", header_text=text))
+    p = subprocess.run(
+        [sys.executable, "-c", AMPLIFY, str(path)], capture_output=True, text=True, check=True
+    )
+    growth = int(p.stdout)
+    assert growth < 8 * len(text), f"{growth / len(text):.1f} times the header"

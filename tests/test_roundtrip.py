@@ -262,6 +262,49 @@ def test_flexgen_is_the_default(tmp_path):
         assert f.encoding("w") == FLEXGEN
 
 
+@pytest.mark.parametrize("preset", list(qt.PRESETS))
+def test_preset_names_are_accepted_wherever_an_encoding_is(tmp_path, preset):
+    x = rng(4).standard_normal((128, 64)).astype(np.float32)
+    by_name, by_object = tmp_path / "n.qtensors", tmp_path / "o.qtensors"
+    qt.save_file({"w": x, "v": x}, by_name, quant={"v": "raw", "*": preset})
+    qt.save_file({"w": x, "v": x}, by_object, quant={"v": qt.Raw(), "*": qt.PRESETS[preset]})
+    assert by_name.read_bytes() == by_object.read_bytes()
+    qt.save_file({"w": x}, by_name, quant=preset)
+    qt.save_file({"w": x}, by_object, quant=qt.PRESETS[preset])
+    assert by_name.read_bytes() == by_object.read_bytes()
+    assert qt.choose_encoding("w", "float32", (128, 64), preset) == qt.PRESETS[preset]
+
+
+def test_raw_by_name_none_in_a_mapping_and_none_at_the_top(tmp_path):
+    x = rng(5).standard_normal((64, 64)).astype(np.float32)
+    shape = (64, 64)
+    assert qt.choose_encoding("w", "float32", shape, "raw") == qt.Raw()
+    assert qt.choose_encoding("w", "float32", shape, {"w": "raw"}) == qt.Raw()
+    assert qt.choose_encoding("w", "float32", shape, {"w": None}) == qt.Raw()  # None = raw here
+    assert qt.choose_encoding("w", "float32", shape, None) == qt.FLEXGEN  # and default here
+    path = tmp_path / "r.qtensors"
+    qt.save_file({"w": x}, path, quant="raw")
+    assert qt.load_file(path)["w"].tobytes() == x.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("quant", "error", "message"),
+    [
+        (123, TypeError, "must be an encoding .* or a preset name .*not int 123"),
+        ("int3", ValueError, "unknown preset 'int3': choose one of raw, flexgen, int4-g64"),
+        ({"*": 4}, TypeError, r"quant\['\*'\] must be an encoding"),
+        ({"*": "nf5"}, ValueError, r"quant\['\*'\]: unknown preset 'nf5'"),
+        ({1: "nf4"}, TypeError, "patterns must be str"),
+        ({"w": "int8"}, ValueError, 'only float tensors can be quantized; map it to "raw"'),
+    ],
+)
+def test_bad_quant_is_refused_with_what_is_accepted(tmp_path, quant, error, message):
+    path = tmp_path / "bad.qtensors"
+    with pytest.raises(error, match=message):
+        qt.save_file({"w": np.arange(64 * 64, dtype=np.int32).reshape(64, 64)}, path, quant=quant)
+    assert not path.exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # metadata, alignment, determinism, atomicity
 # ------------------------------------------------------------------------------------------------
@@ -278,6 +321,27 @@ def test_metadata(tmp_path):
     qt.save_file({"x": np.ones((2, 2), np.float32)}, path2)
     with qt.safe_open(path2) as f:
         assert not f.metadata()
+
+
+@pytest.mark.parametrize("metadata", [{"n": 1}, {1: "n"}, {"n": None}, {"n": b"x"}])
+def test_metadata_must_be_str_to_str(tmp_path, metadata):
+    path = tmp_path / "m.qtensors"
+    with pytest.raises(TypeError, match="metadata keys and values must be str"):
+        qt.save_file({"x": np.ones((2, 2), np.float32)}, path, metadata=metadata)
+    assert not path.exists()
+
+
+def test_missing_folder_is_named_not_the_temporary(tmp_path):
+    path = tmp_path / "no" / "such" / "m.qtensors"
+    with pytest.raises(FileNotFoundError) as e:
+        qt.save_file({"x": np.ones((2, 2), np.float32)}, path)
+    assert f"the folder '{tmp_path / 'no' / 'such'}' does not exist" in str(e.value)
+    assert ".tmp" not in str(e.value)
+    a_file = tmp_path / "f"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match="is not a folder") as e:
+        qt.save_file({"x": np.ones((2, 2), np.float32)}, a_file / "m.qtensors")
+    assert ".tmp" not in str(e.value)
 
 
 @pytest.mark.parametrize("alignment", [64, 128, 4096])
@@ -458,3 +522,24 @@ def test_quantized_tensor_can_be_saved_as_is(tmp_path):
     _, _, info = R.read_file(path, strict=True)
     assert info["q"]["parts"]["codes"].tobytes() == H.as_np(q.codes).tobytes()
     assert np.array_equal(qt.load_file(path)["q"], qt.dequantize(q))
+
+
+def test_stream_defaults_to_where_it_can_run(tmp_path, monkeypatch):
+    # (a stream test kept here: qtensors.stream's default device)
+    path = tmp_path / "s.qtensors"
+    x = rng(6).standard_normal((64, 64)).astype(np.float32)
+    qt.save_file({"w": x}, path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine
+    with qt.stream(path) as s:
+        [(name, t)] = list(s)
+    assert name == "w" and t.device.type == "cpu"
+    torch.testing.assert_close(t, torch.from_numpy(qt.load_file(path)["w"]))
+    with qt.stream(path, framework="np") as s:  # numpy: the CPU, with or without a device
+        assert next(iter(s))[1].shape == (64, 64)
+
+
+def test_quantize_takes_preset_names():
+    x = rng(5).standard_normal((8, 64)).astype(np.float32)
+    assert qt.quantize(x, "nf4").encoding == qt.quantize(x, qt.PRESETS["nf4"]).encoding
+    with pytest.raises(ValueError, match="nf4"):
+        qt.quantize(x, "int5-g7")

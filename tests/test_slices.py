@@ -202,3 +202,11 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024 / y.nby
     ratio = float(out.stdout)
     # output 8n; the mapped parts (1 bit + 2 fp16 per element = 4.1n) may be paged in too.
     assert ratio < 1.7, f"decode peaked at {ratio:.2f}x its output"
+
+
+def test_reference_reader_refuses_bad_bool_bytes_too():
+    import reference as R
+
+    R.raw_decode(bytes([0, 1, 1]), "bool", (3,))
+    with pytest.raises(ValueError, match="bool"):
+        R.raw_decode(bytes([0, 2]), "bool", (2,))

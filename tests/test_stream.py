@@ -6,6 +6,9 @@ from __future__ import annotations
 import gc
 import json
 import os
+import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -238,3 +241,72 @@ def test_empty_and_scalar_tensors(tmp_path):
     assert list(got) == list(t)
     for n, v in got.items():
         assert v.shape == full[n].shape and torch.equal(v, full[n])
+
+
+GAP = 3 << 29  # 1.5 GiB
+
+
+def _spread_parts(src: str, dst: str, gap: int) -> None:
+    """Rewrite `src` (one quantized tensor) with its scales and mins `gap` bytes past its codes,
+    as another writer may place them. The file is sparse: the gap takes no disk space."""
+    with open(src, "rb") as fh:
+        blob = fh.read()
+    (header_len,) = struct.unpack("<Q", blob[16:24])
+    header = json.loads(blob[24 : 24 + header_len])
+    data = blob[24 + header_len :]
+    (t,) = header["tensors"]
+    chunks = []
+    pos = 0
+    for k, name in enumerate(("codes", "scales", "mins")):
+        p = t["parts"][name]
+        chunks.append((pos, data[p["offset"] : p["offset"] + p["length"]]))
+        p["offset"] = pos
+        pos += gap if k == 0 else 64
+    text = json.dumps(header).encode()
+    text += b" " * (-(24 + len(text)) % header["alignment"])
+    with open(dst, "wb") as fh:
+        fh.write(blob[:16] + struct.pack("<Q", len(text)) + text)
+        base = fh.tell()
+        for off, b in chunks:
+            fh.seek(base + off)
+            fh.write(b)
+
+
+RSS_SCRIPT = """
+import resource, sys
+import qtensors as qt
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+got = dict(qt.stream(sys.argv[1], device="cpu", framework="np", verify=True))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) // 1024)
+"""
+
+
+def test_parts_far_apart_are_read_alone(tmp_path):
+    src, dst = tmp_path / "a.qtensors", tmp_path / "spread.qtensors"
+    w = np.linspace(-1, 1, 64, dtype=np.float32)
+    qt.save_file({"w": w}, src, quant={"w": qt.FLEXGEN})
+    _spread_parts(str(src), str(dst), GAP)
+    assert os.path.getsize(dst) > GAP
+    # Layout: the parts, each at its own place in a buffer of a few KiB, not the 1.5 GiB span.
+    r = _core.StreamReader(str(dst))
+    start, end = r.tensor_range(0)
+    nbytes, layout = r.tensor_layout(0)
+    assert end - start > GAP and nbytes < 2 * 4096
+    assert [(n, ln) for n, _, ln in layout] == [("codes", 32), ("scales", 2), ("mins", 2)]
+    # Same values (and checksums) as the original; peak RSS of a fresh process stays small.
+    want = qt.load_file(src)["w"]
+    got = dict(qt.stream(dst, device="cpu", framework="np", verify=True))
+    assert np.array_equal(got["w"], want)
+    assert np.array_equal(qt.load_file(dst)["w"], want)
+    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "python"))
+    p = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(dst)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    grew_mib = int(p.stdout.strip())
+    assert grew_mib < 64, f"streaming one 64-element tensor grew the peak RSS by {grew_mib} MiB"

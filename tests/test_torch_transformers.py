@@ -95,3 +95,39 @@ def test_tied_masked_lm_head(tmp_path):
     with torch.no_grad():
         want = ref(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_from_pretrained_says_what_to_pass(tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match=r"folder .*nonexistent does not exist.*qtensors co"
+    ):
+        qtt.from_pretrained(tmp_path / "nonexistent")
+    one = tmp_path / "m.qtensors"
+    qt.save_file({"w": torch.ones(4, 4)}, one)
+    with pytest.raises(ValueError, match=r"is a file: .*model folder.*load_model\(model, path\)"):
+        qtt.from_pretrained(one)
+    with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
+        qtt.from_pretrained(tmp_path)
+
+
+def test_import_without_torch_says_how_to_install():
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['torch'] = None; import qtensors.torch"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 1
+    assert "pip install 'qtensors[torch]'" in p.stderr.splitlines()[-1], p.stderr
+
+
+def test_namespace_lists_the_api_only():
+    import types
+
+    extra = {
+        n
+        for n in dir(qtt)
+        if not n.startswith("_")
+        and n not in qtt.__all__
+        and not isinstance(getattr(qtt, n), types.ModuleType)
+    }
+    assert not extra, extra

@@ -10,7 +10,7 @@ with qt.safe_open("model.qtensors", framework="np") as f:
 from __future__ import annotations
 
 from ._core import FORMAT_VERSION, kernels
-from .convert import convert
+from .convert import ConversionInterrupted, convert
 from .encodings import FLEXGEN, NF4, PRESETS, Affine, Encoding, Raw, Symmetric, choose_encoding
 from .errors import ChecksumError, FormatError, QtensorsError, QuantizationError, UnsupportedError
 from .files import load, load_file, safe_open, save, save_file
@@ -27,6 +27,7 @@ __all__ = [
     "PRESETS",
     "Affine",
     "ChecksumError",
+    "ConversionInterrupted",
     "Encoding",
     "FormatError",
     "QtensorsError",

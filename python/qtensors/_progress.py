@@ -67,3 +67,8 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 file`, `2 files`, `0 tensors`: a number with its noun, plural when it is not 1."""
+    return f"{n} {noun if n == 1 else (plural or noun + 's')}"

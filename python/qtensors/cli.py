@@ -8,7 +8,12 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from ._progress import count
+
+if TYPE_CHECKING:  # the CLI imports the library lazily: `--help` stays instant
+    from .convert import ConvertResult
 
 DESCRIPTION = """\
 qtensors: safetensors, but group-quantized.
@@ -38,16 +43,18 @@ presets (--preset, default flexgen):
 
 input and output:
   SRC is a .safetensors file or a Hugging Face model folder (sharded, with
-  model.safetensors.index.json, or not). From a file, DST is a .qtensors file (default: beside
-  SRC). From a folder, DST is a folder (default: SRC-qtensors) where every X.safetensors becomes
-  X.qtensors, every index is rewritten, and the other files (config, tokenizer) are copied; give
-  a DST ending in .qtensors to get the whole model in one file instead.
+  model.safetensors.index.json, or not). From a file, DST is a file named *.qtensors (default:
+  beside SRC) or an existing folder. From a folder, DST is a folder (default: SRC-qtensors)
+  where every X.safetensors becomes X.qtensors, every index is rewritten, and the other files
+  (config, tokenizer) are copied, but not the .qtensors files of an earlier conversion lying in
+  SRC; give a DST ending in .qtensors to get the whole model in one file instead.
 
 safety:
   The output appears only when complete (written under a hidden .NAME.*.tmp name, then renamed).
-  Ctrl-C or an error removes the temporary; a hard kill can leave it, and the next conversion
-  to the same name removes it once it is 10 minutes old. The input is only read. An existing
-  output is replaced only with --force.
+  Ctrl-C or an error removes the temporary (Ctrl-C: "nothing was written", exit 130); a Ctrl-C
+  landing after the rename says so: the output is complete (exit 0). A hard kill can leave the
+  temporary; the next conversion to the same name removes it once it is 10 minutes old. The
+  input is only read. An existing output is replaced only with --force.
 
 examples:
   qtensors convert model.safetensors
@@ -81,8 +88,10 @@ examples:
 DIFF_EPILOG = """\
 For each tensor: SQNR = 10 log10(sum x^2 / sum (x - x')^2) in dB (higher is better; every bit
 adds about 6 dB), relative RMSE = RMS error / RMS value, and the largest absolute error. Rows
-come worst first; raw tensors show as exact. Exits 1 when a tensor is missing or mismatched, or
-(with --min-sqnr) when a tensor falls below the threshold.
+come worst first; raw tensors show as exact. Every tensor's checksums are checked first: a
+corrupted one is reported, not compared. Exits 1 when a tensor is corrupted, missing or
+mismatched, or (with --min-sqnr) when a tensor falls below the threshold. The original comes
+first: qtensors diff ORIGINAL.safetensors QUANTIZED.qtensors.
 
 examples:
   qtensors diff model.safetensors model.qtensors
@@ -105,13 +114,41 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
+#: The largest --group-size the CLI takes. The format allows any group size >= 1 (a group ends
+#: at the end of its axis anyway), but past a few hundred elements one scale per group costs
+#: accuracy for almost no space: a larger number is a typo far more often than a wish.
+MAX_GROUP_SIZE = 1 << 16
+
+
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: a whole number in lo..hi, else a usage error saying the range."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < lo or (hi is not None and n > hi):
+            want = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"{n} is out of range: must be {want}")
+        return n
+
+    return parse
+
+
 def _add_quant_options(p: argparse.ArgumentParser) -> None:
     from .encodings import PRESETS, SCALE_DTYPES
 
     g = p.add_argument_group("quantization")
     g.add_argument("--preset", choices=list(PRESETS), help="parameter set (default: flexgen)")
-    g.add_argument("--bits", type=int, metavar="N", help="bits per code, 1..8")
-    g.add_argument("--group-size", type=int, metavar="G", help="elements per group")
+    g.add_argument("--bits", type=_int_in(1, 8), metavar="N", help="bits per code, 1..8")
+    g.add_argument(
+        "--group-size",
+        type=_int_in(1, MAX_GROUP_SIZE),
+        metavar="G",
+        help=f"elements per group, 1..{MAX_GROUP_SIZE} (typical: 32..256; smaller is more "
+        "accurate and larger)",
+    )
     g.add_argument(
         "--axis",
         type=int,
@@ -155,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_formatter,
     )
     p.add_argument("src", metavar="SRC", help=".safetensors file or model folder")
-    p.add_argument("dst", metavar="DST", nargs="?", help=".qtensors file or folder")
+    p.add_argument(
+        "dst", metavar="DST", nargs="?", help="a .qtensors file (the suffix is required) or folder"
+    )
     _add_quant_options(p)
     g = p.add_argument_group("output")
     g.add_argument("-f", "--force", action="store_true", help="replace an existing output")
@@ -170,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.add_argument(
         "--read-ahead",
-        type=int,
+        type=_int_in(0),
         default=1,
         metavar="N",
         help="tensors read ahead while one encodes (default 1; 0 reads inline)",
@@ -206,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("original", metavar="ORIGINAL", help=".safetensors file or model folder")
     p.add_argument("converted", metavar="CONVERTED", help=".qtensors file or folder")
-    p.add_argument("--top", type=int, metavar="N", help="show only the N worst tensors")
+    p.add_argument("--top", type=_int_in(1), metavar="N", help="show only the N worst tensors")
     p.add_argument("--min-sqnr", type=float, metavar="DB", help="fail below this SQNR")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
@@ -249,8 +288,7 @@ def _times(ratio: float) -> str:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
-    from .inspect import human_bytes
+    from .convert import ConversionInterrupted, convert
 
     res = convert(
         args.src,
@@ -263,6 +301,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
         progress=False if (args.quiet or args.json) else None,
         read_ahead=args.read_ahead,
     )
+    try:
+        _report_conversion(res, args)
+    except KeyboardInterrupt:  # the output is complete: only the summary was cut short
+        raise ConversionInterrupted(res.dst, published=True) from None
+    return 0
+
+
+def _report_conversion(res: ConvertResult, args: argparse.Namespace) -> None:
+    from .inspect import human_bytes
+
     if not args.quiet:
         for n in res.notes:
             _err(f"note: {n}")
@@ -271,9 +319,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         d.update(ratio=res.ratio, throughput=res.throughput)
         print(json.dumps(d, indent=2))
     elif not args.quiet:
-        where = res.dst if len(res.files) == 1 else f"{res.dst} ({len(res.files)} files)"
+        where = res.dst if len(res.files) == 1 else f"{res.dst} ({count(len(res.files), 'file')})"
         print(
-            f"wrote {where}: {res.tensors} tensors, {res.quantized} quantized, "
+            f"wrote {where}: {count(res.tensors, 'tensor')}, {res.quantized} quantized, "
             f"{res.tensors - res.quantized} raw"
         )
         print(f"  policy  {res.policy}")
@@ -284,10 +332,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"  time    {res.seconds:.2f} s ({human_bytes(res.throughput)}/s)")
         if res.copied:
             print(
-                f"  copied  {len(res.copied)} other files: {', '.join(res.copied[:6])}"
+                f"  copied  {count(len(res.copied), 'other file')}: {', '.join(res.copied[:6])}"
                 + (", ..." if len(res.copied) > 6 else "")
             )
-    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -313,9 +360,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if r.ok:
             if not args.quiet:
                 what = (
-                    f"{r.tensors} tensors, {r.parts} parts, {human_bytes(r.bytes)}"
+                    f"{count(r.tensors, 'tensor')}, {count(r.parts, 'part')}, "
+                    f"{human_bytes(r.bytes)}"
                     if r.path.endswith(".qtensors") or r.parts
-                    else f"{r.tensors} entries"
+                    else count(r.tensors, "entry", "entries")
                 )
                 print(f"OK      {r.path} ({what}, {r.seconds:.2f} s)")
         else:
@@ -324,7 +372,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 print(f"  {e}")
     if not ok:
         bad = sum(1 for r in reports if not r.ok)
-        _err(f"qtensors: {bad} of {len(reports)} file(s) failed verification")
+        _err(f"qtensors: {bad} of {count(len(reports), 'file')} failed verification")
     return 0 if ok else 1
 
 
@@ -341,9 +389,13 @@ def cmd_diff(args: argparse.Namespace) -> int:
         print(summary_line(rep))
     else:
         print(format_diff(rep, args.top))
+    if rep.problems:  # also in the table, but a corrupted or incomplete file must not pass unseen
+        first = rep.problems[0]
+        more = f" (and {len(rep.problems) - 1} more)" if len(rep.problems) > 1 else ""
+        _err(f"qtensors: {first.name}: {first.problem}{more}")
     if below:
         _err(
-            f"qtensors: {len(below)} tensor(s) below {args.min_sqnr} dB, worst "
+            f"qtensors: {count(len(below), 'tensor')} below {args.min_sqnr} dB, worst "
             f"{below[0].name} at {below[0].sqnr_db:.2f} dB"
         )
     return 1 if (rep.problems or below) else 0
@@ -381,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from .convert import ConversionInterrupted
     from .errors import QtensorsError
 
     previous = None
@@ -390,6 +443,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     try:
         return COMMANDS[args.command](args)
+    except ConversionInterrupted as e:
+        if e.published:  # Ctrl-C came too late to stop anything: the work is done
+            _err(f"qtensors convert: interrupted after the output was written: {e.dst} is complete")
+            return 0
+        _err("qtensors convert: interrupted: nothing was written")
+        return 130
     except KeyboardInterrupt:
         _err("qtensors: interrupted")
         return 130

@@ -4,7 +4,8 @@ The input is one `.safetensors` file or a Hugging Face model folder (sharded fil
 `model.safetensors.index.json`, or single files); the safetensors package reads it. The output is
 one `.qtensors` file, or a model folder where every `X.safetensors` became `X.qtensors`, every
 `X.safetensors.index.json` became `X.qtensors.index.json`, and the other files (config,
-tokenizer) were copied, so it stays a model folder.
+tokenizer) were copied, so it stays a model folder. qtensors files and indexes already in the
+input folder (an earlier conversion's) are not copied: a conversion never ships a stale output.
 
 How it streams: the safetensors headers give every name, dtype and shape before any data is
 read, so the whole output layout is planned up front (`_core.Writer`). Then tensors go one at a
@@ -49,10 +50,18 @@ from .encodings import (
     Raw,
     Symmetric,
     choose_encoding,
+    normalize_quant,
 )
 from .errors import QtensorsError, QuantizationError
 
-__all__ = ["ConvertResult", "OutputExistsError", "Policy", "convert", "resolve_quant"]
+__all__ = [
+    "ConversionInterrupted",
+    "ConvertResult",
+    "OutputExistsError",
+    "Policy",
+    "convert",
+    "resolve_quant",
+]
 
 #: Patterns `keep_embeddings=True` keeps raw.
 EMBEDDING_PATTERNS = ("*embed*", "*wte*", "*wpe*")
@@ -69,12 +78,25 @@ SKIPPED_WEIGHTS = (
     "*.onnx",
     "*.onnx_data",
 )
+#: What a conversion itself writes: such files in an input folder are the outputs of an earlier
+#: conversion (say of one of its files), never copied over this conversion's fresh ones.
+OWN_OUTPUTS = ("*.qtensors", "*.qtensors.index.json")
 #: Temporary files and folders older than this are leftovers of a killed conversion.
 STALE_SECONDS = 600
 
 
 class OutputExistsError(QtensorsError, FileExistsError):
     """The output exists and `force` was not given."""
+
+
+class ConversionInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped `convert`. `published` says whether it landed after the output had been
+    renamed into place (then `dst` is complete) or before (then nothing was written)."""
+
+    def __init__(self, dst: str, published: bool) -> None:
+        super().__init__(dst, published)
+        self.dst = dst
+        self.published = published
 
 
 # -- policy ------------------------------------------------------------------------------------
@@ -161,18 +183,18 @@ class Policy:
     Tensors whose name matches a `keep` pattern (fnmatch, e.g. `*embed*`, `lm_head.weight`) stay
     raw; the rest follow `quant` as in `save_file` (`qtensors.encodings.choose_encoding`): float
     tensors of rank >= 2 (linear and conv weights) are quantized, 1-D tensors (norms, biases),
-    scalars and integer tensors stay raw. `quant` may also be a preset name.
+    scalars and integer tensors stay raw. Preset names are accepted wherever an encoding is.
     """
 
     def __init__(
         self,
-        quant: QuantSpec | str = None,
+        quant: QuantSpec = None,
         keep: Iterable[str] = (),
         keep_embeddings: bool = False,
     ) -> None:
-        if isinstance(quant, str):
-            quant = resolve_quant(quant)
-        self.quant = quant
+        self.quant = normalize_quant(quant)
+        if isinstance(keep, str):  # a lone pattern, not its characters
+            keep = (keep,)
         self.keep = tuple(keep) + (EMBEDDING_PATTERNS if keep_embeddings else ())
 
     def __call__(self, name: str, dtype: str, shape: tuple[int, ...]) -> Encoding:
@@ -185,9 +207,7 @@ class Policy:
         if q is None:
             text = f"flexgen ({describe_encoding(FLEXGEN)})"
         elif isinstance(q, Mapping):
-            text = ", ".join(
-                f"{p}: {'raw' if e is None else describe_encoding(e)}" for p, e in q.items()
-            )
+            text = ", ".join(f"{p}: {describe_encoding(e)}" for p, e in q.items())
         else:
             names = [k for k, v in PRESETS.items() if v == q]
             text = f"{names[0]} ({describe_encoding(q)})" if names else describe_encoding(q)
@@ -258,12 +278,26 @@ def _job_metadata(
     meta = {str(k): str(v) for k, v in st_meta.items()}
     meta.setdefault("source", source)
     meta.setdefault("converted_by", f"qtensors {__version__}")
-    meta.update({str(k): str(v) for k, v in (extra or {}).items()})
+    meta.update(extra or {})
     return meta
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> None:
+    """Keys and values must be str, as in `save_file` and safetensors."""
+    for k, v in (metadata or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(
+                f"metadata keys and values must be str, not {type(k).__name__}: "
+                f"{type(v).__name__} ({k!r}: {v!r})"
+            )
 
 
 def _qtensors_name(rel: str) -> str:
     return rel[: -len(".safetensors")] + ".qtensors"
+
+
+def _is_own_output(rel: str) -> bool:
+    return any(fnmatch.fnmatchcase(os.path.basename(rel), p) for p in OWN_OUTPUTS)
 
 
 def _default_dst(src: str) -> str:
@@ -444,7 +478,7 @@ def _write_job(job: _Job, path: str, items: Any, alignment: int, progress: Progr
 def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str] | None = None,
-    quant: QuantSpec | str = None,
+    quant: QuantSpec = None,
     *,
     keep: Iterable[str] = (),
     keep_embeddings: bool = False,
@@ -463,9 +497,11 @@ def convert(
       safetensors file and index converted and the other files copied, or, if `dst` ends in
       `.qtensors`, one file holding all the model's tensors.
     * `quant`: a preset name (`flexgen`, `int4-g64`, `int4-g128`, `nf4`, `int8`), an encoding
-      (`qt.Affine(bits=4, group_size=128)`), or a mapping of name patterns to encodings, as in
-      `save_file`. Default: `flexgen`. Float tensors of rank >= 2 are quantized; the rest stay raw.
+      (`qt.Affine(bits=4, group_size=128)`), `"raw"`, or a mapping of name patterns to any of
+      those, as in `save_file`. Default (None): `flexgen`. Float tensors of rank >= 2 are
+      quantized; the rest stay raw.
     * `keep`: name patterns (fnmatch) kept raw; `keep_embeddings` adds `*embed*`, `*wte*`, `*wpe*`.
+    * `metadata`: extra str -> str entries for every output file's header.
     * `force`: replace an existing output. `alignment`: 64, or 4096 for direct I/O.
     * `progress`: a progress bar on stderr (None: only on a terminal).
     * `read_ahead`: tensors read ahead of the one being encoded (0: read inline).
@@ -488,6 +524,12 @@ def convert(
 
     if os.path.exists(dst) and os.path.realpath(dst) == os.path.realpath(src):
         raise ValueError(f"the output {dst} is the input")
+    if not src_is_dir and not dst.endswith(".qtensors"):
+        # Readers and `qtensors inspect FOLDER` find qtensors files by their suffix.
+        raise ValueError(
+            f"the output {dst} must end in .qtensors (or be an existing folder to write "
+            "NAME.qtensors into)"
+        )
     if to_folder and _is_within(dst, src):
         raise ValueError(f"the output folder {dst} must not be inside the input folder {src}")
     if src_is_dir and not to_folder and os.path.isdir(dst):
@@ -496,8 +538,12 @@ def convert(
         raise OutputExistsError(f"{dst} exists: pass force=True (--force) to replace it")
     if not (64 <= alignment <= 1 << 20 and alignment & (alignment - 1) == 0):
         raise ValueError(f"alignment {alignment} must be a power of two between 64 and 1 MiB")
+    if not isinstance(read_ahead, int) or read_ahead < 0:
+        raise ValueError(f"read_ahead must be a whole number >= 0, not {read_ahead!r}")
 
     policy = Policy(quant, keep, keep_embeddings)
+    _check_metadata(metadata)
+    options = _WriteOptions(alignment, read_ahead, progress, force)
     notes: list[str] = []
     removed, young = clean_stale(dst)
     notes += [f"removed {p}, left by an interrupted conversion" for p in removed]
@@ -507,7 +553,40 @@ def convert(
         for p in young
     ]
 
-    # Plan every output file from the safetensors headers alone.
+    before = _identity(dst)
+    try:
+        jobs, copies, indexes = _plan(src, dst, src_is_dir, to_folder, policy, metadata, notes)
+        files = _write_outputs(src, dst, to_folder, jobs, copies, indexes, options)
+        all_entries = [e for j in jobs for e in j.entries]
+        return ConvertResult(
+            src=src,
+            dst=dst,
+            files=files,
+            tensors=len(all_entries),
+            quantized=sum(1 for j in jobs for enc in j.encodings if enc["name"] != "raw"),
+            input_bytes=sum(e.nbytes for e in all_entries),
+            output_bytes=sum(os.path.getsize(f) for f in files),
+            seconds=time.perf_counter() - t0,
+            policy=policy.describe(),
+            copied=copies,
+            notes=notes,
+        )
+    except KeyboardInterrupt:
+        # Ctrl-C can land just after the rename that published the output: tell which it was.
+        raise ConversionInterrupted(dst, published=_identity(dst) not in (None, before)) from None
+
+
+def _plan(
+    src: str,
+    dst: str,
+    src_is_dir: bool,
+    to_folder: bool,
+    policy: Policy,
+    metadata: Mapping[str, str] | None,
+    notes: list[str],
+) -> tuple[list[_Job], list[str], list[_source.Index]]:
+    """Every output file, from the safetensors headers alone; the files to copy and the
+    indexes to rewrite (folder outputs). Appends what it leaves out to `notes`."""
     jobs: list[_Job] = []
     copies: list[str] = []
     indexes: list[_source.Index] = []
@@ -545,6 +624,8 @@ def convert(
                 )
             elif rel.endswith(".safetensors.index.json"):
                 indexes.append(_source.read_index(src, rel))
+            elif _is_own_output(rel):
+                notes.append(f"not copied: {rel} (the output of an earlier conversion)")
             elif any(fnmatch.fnmatch(os.path.basename(rel), p) for p in SKIPPED_WEIGHTS):
                 notes.append(f"not copied: {rel} (weights in another format)")
             else:
@@ -552,58 +633,86 @@ def convert(
         if not jobs:
             raise _source.InputError(f"{src} holds no .safetensors file")
 
+    return jobs, copies, indexes
+
+
+@dataclass
+class _WriteOptions:
+    alignment: int
+    read_ahead: int
+    progress: bool | None
+    force: bool
+
+
+def _write_outputs(
+    src: str,
+    dst: str,
+    to_folder: bool,
+    jobs: list[_Job],
+    copies: list[str],
+    indexes: list[_source.Index],
+    options: _WriteOptions,
+) -> list[str]:
+    """Read, encode and write every job (a reader thread fetching ahead); the output files."""
     all_entries = [e for j in jobs for e in j.entries]
     total_bytes = sum(e.nbytes for e in all_entries)
-    quantized = sum(1 for j in jobs for enc in j.encodings if enc["name"] != "raw")
     framework = _source.framework_for(e.dtype for e in all_entries)
-
-    tmp_dir = None
-    fetcher = _Fetcher(all_entries, max(0, int(read_ahead)), framework)
-    bar = Progress(total_bytes, len(all_entries), "converting", _want(progress))
+    fetcher = _Fetcher(all_entries, options.read_ahead, framework)
+    bar = Progress(total_bytes, len(all_entries), "converting", _want(options.progress))
     try:
         items = iter(fetcher)
         if not to_folder:
-            jobs[0].stored_bytes = _write_job(jobs[0], dst, items, alignment, bar)
-            files = [dst]
-        else:
-            parent = os.path.dirname(os.path.abspath(dst))
-            tmp_dir = tempfile.mkdtemp(
-                prefix=f".{os.path.basename(os.path.abspath(dst))}.", suffix=".tmp", dir=parent
-            )
-            for job in jobs:
-                out = os.path.join(tmp_dir, job.out)
-                os.makedirs(os.path.dirname(out), exist_ok=True)
-                job.stored_bytes = _write_job(job, out, items, alignment, bar)
-            for rel in copies:
-                out = os.path.join(tmp_dir, rel)
-                os.makedirs(os.path.dirname(out), exist_ok=True)
-                shutil.copy2(os.path.join(src, rel), out)
-            stored_by_file = {j.out: j.stored_bytes for j in jobs}
-            for ix in indexes:
-                _write_index(tmp_dir, ix, stored_by_file)
-            _publish_folder(tmp_dir, dst, force)
-            tmp_dir = None
-            files = [os.path.join(dst, j.out) for j in jobs]
+            jobs[0].stored_bytes = _write_job(jobs[0], dst, items, options.alignment, bar)
+            return [dst]
+        _write_folder(src, dst, jobs, copies, indexes, items, options.alignment, bar, options.force)
+        return [os.path.join(dst, j.out) for j in jobs]
     finally:
         bar.close()
         fetcher.close()
-        if tmp_dir is not None:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
 
-    out_bytes = sum(os.path.getsize(f) for f in files)
-    return ConvertResult(
-        src=src,
-        dst=dst,
-        files=files,
-        tensors=len(all_entries),
-        quantized=quantized,
-        input_bytes=total_bytes,
-        output_bytes=out_bytes,
-        seconds=time.perf_counter() - t0,
-        policy=policy.describe(),
-        copied=copies,
-        notes=notes,
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """Which file or folder is at `path` now (None: nothing). A published output is a new one."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _write_folder(
+    src: str,
+    dst: str,
+    jobs: list[_Job],
+    copies: list[str],
+    indexes: list[_source.Index],
+    items: Any,
+    alignment: int,
+    bar: Progress,
+    force: bool,
+) -> None:
+    """Build the output folder in a hidden temporary beside `dst`, then rename it into place."""
+    parent = os.path.dirname(os.path.abspath(dst))
+    tmp_dir: str | None = tempfile.mkdtemp(
+        prefix=f".{os.path.basename(os.path.abspath(dst))}.", suffix=".tmp", dir=parent
     )
+    try:
+        for job in jobs:
+            out = os.path.join(tmp_dir, job.out)
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            job.stored_bytes = _write_job(job, out, items, alignment, bar)
+        for rel in copies:
+            out = os.path.join(tmp_dir, rel)
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            shutil.copy2(os.path.join(src, rel), out)
+        stored_by_file = {j.out: j.stored_bytes for j in jobs}
+        for ix in indexes:
+            _write_index(tmp_dir, ix, stored_by_file)
+        _publish_folder(tmp_dir, dst, force)
+        tmp_dir = None
+    finally:
+        if tmp_dir is not None:  # (once renamed, nothing is left under the temporary name)
+            shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def _want(progress: bool | None) -> bool:

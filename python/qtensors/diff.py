@@ -23,8 +23,9 @@ import numpy as np
 
 from . import _source
 from ._arrays import as_bytes
-from ._progress import Progress, want_progress
+from ._progress import Progress, count, want_progress
 from .convert import describe_encoding
+from .errors import ChecksumError
 from .files import safe_open
 from .inspect import qtensors_files
 
@@ -124,6 +125,10 @@ def _sort_sqnr(v: float | None) -> float:
     return -math.inf if v is None else v
 
 
+#: The first bytes of every qtensors file (spec section 1).
+MAGIC = b"QTENSORS"
+
+
 def _original_entries(path: str) -> list[_source.Entry]:
     if not os.path.isdir(path):
         return _source.list_file(path)[1]
@@ -142,6 +147,29 @@ def _converted_files(path: str) -> list[str]:
         if f.endswith(".qtensors") and not f.startswith(".")
     ]
     return top or qtensors_files(path)
+
+
+def _is_qtensors(path: str) -> bool:
+    """A qtensors file (by its magic bytes), or a folder of them holding no safetensors."""
+    if os.path.isdir(path):
+        names = os.listdir(path)
+        return any(n.endswith(".qtensors") for n in names) and not any(
+            n.endswith(".safetensors") for n in names
+        )
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def _checksum_problem(h: safe_open, name: str) -> str | None:
+    """None when every part of `name` matches its checksum, else what is wrong."""
+    try:
+        h.verify(name)
+    except ChecksumError as e:
+        return f"CORRUPTED: {e}"
+    return None
 
 
 def _into_f64(x: Any, start: int, stop: int, buf: np.ndarray) -> np.ndarray:
@@ -213,6 +241,11 @@ def diff(
     Rows come worst first: problems, then by rising SQNR (exact tensors last)."""
     t0 = time.perf_counter()
     original, converted = os.fspath(original), os.fspath(converted)
+    if _is_qtensors(original):
+        raise _source.InputError(
+            f"{original} is the quantized one: the order is "
+            "`qtensors diff ORIGINAL.safetensors QUANTIZED.qtensors` (original first)"
+        )
     entries = {e.name: e for e in _original_entries(original)}
     fw = _source.framework_for(e.dtype for e in entries.values())
     rep = DiffReport(original, converted)
@@ -244,6 +277,11 @@ def diff(
                             problem=f"original is {e.dtype}{list(e.shape)}",
                         )
                     )
+                    bar.update(e.nbytes)
+                    continue
+                corrupted = _checksum_problem(h, name)
+                if corrupted:  # its decoded values would be garbage: report, do not compare
+                    rep.rows.append(TensorDiff(name, shape, dtype, enc, problem=corrupted))
                     bar.update(e.nbytes)
                     continue
                 x = reader.read(e)
@@ -284,9 +322,9 @@ def summary_line(rep: DiffReport) -> str:
     raw = f"{s['raw']} raw"
     if s["raw"]:
         raw += " (exact)" if s["raw_exact"] == s["raw"] else f" ({s['raw_exact']} exact)"
-    text = f"{s['tensors']} tensors: {s['quantized']} quantized, {raw}"
+    text = f"{count(s['tensors'], 'tensor')}: {s['quantized']} quantized, {raw}"
     if s["problems"]:
-        text += f", {s['problems']} PROBLEMS"
+        text += f", {count(s['problems'], 'PROBLEM')}"
     if s["quantized"]:
         text += (
             f"; SQNR worst {_db(s['worst_sqnr_db'])} ({s['worst_tensor']}), "
@@ -314,7 +352,7 @@ def format_diff(rep: DiffReport, top: int | None = None) -> str:
     ]
     lines = _table(["name", "encoding", "SQNR dB", "rel RMSE", "max abs err", ""], cells, {2, 3, 4})
     if top is not None and len(rep.rows) > top:
-        lines.append(f"... {len(rep.rows) - top} more (better) tensors")
+        lines.append(f"... {count(len(rep.rows) - top, 'more (better) tensor')}")
     lines.append("")
     lines.append(summary_line(rep))
     return "\n".join(lines)

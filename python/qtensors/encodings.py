@@ -141,7 +141,52 @@ def from_dict(d: Mapping[str, Any]) -> Encoding:
     return cls(bits=int(d["bits"]), **common)
 
 
-QuantSpec = Encoding | Mapping[str, Encoding | None] | None
+#: What `quant=` accepts: None (the default policy), an encoding or a preset name (under the
+#: default policy), "raw", or a mapping of name patterns to any of those (there None means raw).
+QuantSpec = Encoding | str | Mapping[str, Encoding | str | None] | None
+
+
+def _accepted() -> str:
+    return ", ".join(["raw", *PRESETS])
+
+
+def as_encoding(spec: Encoding | str, what: str = "quant") -> Encoding:
+    """The encoding of `spec`: an encoding object as it is, a preset name (`"nf4"`, ...) or
+    `"raw"`. Anything else raises TypeError, an unknown name ValueError (both listing the
+    accepted names); `what` names the argument in the message."""
+    if isinstance(spec, (Raw, Affine, Symmetric, NF4)):
+        return spec
+    if isinstance(spec, str):
+        if spec == "raw":
+            return Raw()
+        try:
+            return PRESETS[spec]
+        except KeyError:
+            raise ValueError(
+                f"{what}: unknown preset {spec!r}: choose one of {_accepted()}"
+            ) from None
+    raise TypeError(
+        f"{what} must be an encoding (qt.Affine(...), qt.Symmetric(...), qt.NF4(...), qt.Raw()) "
+        f"or a preset name ({_accepted()}), not {type(spec).__name__} {spec!r}"
+    )
+
+
+def normalize_quant(quant: QuantSpec) -> Encoding | dict[str, Encoding] | None:
+    """`quant` with every preset name resolved and every value checked (see `choose_encoding`):
+    None stays None (the default policy); in a mapping, None becomes `Raw()`."""
+    if quant is None:
+        return None
+    if not isinstance(quant, Mapping):
+        return as_encoding(quant)
+    out: dict[str, Encoding] = {}
+    for pattern, enc in quant.items():
+        if not isinstance(pattern, str):
+            raise TypeError(
+                f"quant patterns must be str (fnmatch patterns), not {type(pattern).__name__} "
+                f"{pattern!r}"
+            )
+        out[pattern] = Raw() if enc is None else as_encoding(enc, f"quant[{pattern!r}]")
+    return out
 
 
 def default_wants_quantization(dtype: str, shape: tuple[int, ...]) -> bool:
@@ -153,24 +198,31 @@ def default_wants_quantization(dtype: str, shape: tuple[int, ...]) -> bool:
 def choose_encoding(name: str, dtype: str, shape: tuple[int, ...], quant: QuantSpec) -> Encoding:
     """Pick the encoding of one tensor.
 
-    `quant` is None (the FLEXGEN preset under the default policy), one encoding (used under the
-    default policy), or a mapping from fnmatch patterns to encodings (None = raw): the first
-    pattern matching `name` decides; names no pattern matches follow the default policy.
+    `quant` is one of:
+
+    * None: the default policy with the FLEXGEN preset: float tensors of rank >= 2 are
+      quantized, the rest (norms, biases, scalars, integer tensors) stay raw;
+    * an encoding (`qt.NF4()`) or a preset name (`"nf4"`, see `PRESETS`): the default policy
+      with that encoding; `qt.Raw()` or `"raw"` stores everything raw;
+    * a mapping from fnmatch patterns to encodings, preset names or `"raw"`: the first pattern
+      matching `name` decides, even for tensors the default policy keeps raw; names no pattern
+      matches follow the default policy. In a mapping None also means raw (as `"raw"` does).
     """
-    if isinstance(quant, Mapping):
-        for pattern, enc in quant.items():
+    q = normalize_quant(quant)
+    if isinstance(q, Mapping):
+        for pattern, enc in q.items():
             if fnmatch.fnmatchcase(name, pattern):
-                if enc is None or isinstance(enc, Raw):
-                    return Raw()
+                if isinstance(enc, Raw):
+                    return enc
                 if dtype not in FLOAT_DTYPES:
                     raise ValueError(
                         f"tensor {name!r} matches pattern {pattern!r} but has dtype {dtype}: "
-                        "only float tensors can be quantized; map it to None to keep it raw"
+                        'only float tensors can be quantized; map it to "raw" to keep it raw'
                     )
                 return enc
         enc: Encoding = FLEXGEN
     else:
-        enc = FLEXGEN if quant is None else quant
+        enc = FLEXGEN if q is None else q
     if isinstance(enc, Raw) or not default_wants_quantization(dtype, shape):
         return Raw()
     return enc

@@ -28,11 +28,25 @@ def save_file(
 ) -> None:
     """Write `tensors` (numpy arrays, torch tensors or QuantizedTensors) to `filename`.
 
-    `quant` picks each tensor's encoding (see `qtensors.encodings.choose_encoding`): by default
-    float tensors of rank >= 2 are stored as FLEXGEN (4-bit, group 64, axis 0) and the rest raw.
-    QuantizedTensors are stored as they are. `alignment=4096` aligns every part for direct I/O.
+    `quant` picks each tensor's encoding (see `qtensors.encodings.choose_encoding`): None (the
+    default) stores float tensors of rank >= 2 as FLEXGEN (4-bit, group 64, axis 0) and the
+    rest raw; an encoding (`qt.NF4()`) or a preset name (`"nf4"`, `"int8"`, ...) replaces
+    FLEXGEN; `"raw"` stores everything raw; a mapping `{pattern: encoding, preset name or "raw"}`
+    decides by name (None there also means raw). QuantizedTensors are stored as they are.
+    `metadata` maps str to str (anything else raises TypeError, as in safetensors).
+    `alignment=4096` aligns every part for direct I/O.
     The file appears atomically: on any error nothing is left under `filename`.
     """
+    from .encodings import normalize_quant
+
+    quant = normalize_quant(quant)
+    meta = dict(metadata or {})
+    for k, v in meta.items():  # as safetensors: a silent str() would change what readers get
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(
+                f"metadata keys and values must be str, not {type(k).__name__}: "
+                f"{type(v).__name__} ({k!r}: {v!r}); convert them first, e.g. json.dumps(value)"
+            )
     plans: list[tuple[str, str, list[int], str]] = []
     sources: list[tuple[str, Any]] = []
     for name, value in tensors.items():
@@ -47,7 +61,6 @@ def save_file(
         enc_dict = {"name": "raw"} if isinstance(enc, Raw) else enc.to_dict(len(shape))
         plans.append((name, dtype, list(shape), json.dumps(enc_dict)))
         sources.append(("values", (data, dtype)))
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     writer = _core.Writer(os.fspath(filename), plans, meta, alignment)
     try:
         for i, (kind, src) in enumerate(sources):
@@ -154,11 +167,14 @@ class safe_open:
         self._framework = normalize_framework(framework)
         self._device = device
         self._reader: Any = _core.Reader(os.fspath(filename))
-        header = json.loads(self._reader.header_json())
-        self._meta: dict[str, str] = header.get("metadata", {})
-        self._tensors: dict[str, dict[str, Any]] = {t["name"]: t for t in header["tensors"]}
+        # The header is validated in Rust; Python holds only the names and reads an entry when
+        # a tensor is asked for, so opening costs no JSON parse of the whole header.
+        self._names: list[str] = self._reader.names()
+        self._name_set = frozenset(self._names)
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._meta: dict[str, str] = self._reader.metadata()
         self._data_start: int = self._reader.data_start
-        self.alignment: int = header["alignment"]
+        self.alignment: int = self._reader.alignment
         if verify:
             self.verify()
 
@@ -180,25 +196,28 @@ class safe_open:
 
     # -- listing ---------------------------------------------------------------------------
     def keys(self) -> list[str]:
-        return list(self._tensors)
+        return list(self._names)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
+        return iter(self._names)
 
     def __len__(self) -> int:
-        return len(self._tensors)
+        return len(self._names)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._tensors
+        return name in self._name_set
 
     def metadata(self) -> dict[str, str]:
         return dict(self._meta)
 
     def _info(self, name: str) -> dict[str, Any]:
-        try:
-            return self._tensors[name]
-        except KeyError:
-            raise KeyError(f"no tensor named {name!r} in this file") from None
+        entry = self._entries.get(name)
+        if entry is None:
+            if name not in self._name_set:
+                raise KeyError(f"no tensor named {name!r} in this file")
+            entry = json.loads(self._open_reader().tensor_json(name))
+            self._entries[name] = entry
+        return entry
 
     def encoding(self, name: str) -> dict[str, Any]:
         return dict(self._info(name)["encoding"])
@@ -243,6 +262,7 @@ class safe_open:
         writable private copy-on-write pages: writes never reach the file)."""
         info = self._info(name)
         reader = self._open_reader()
+        reader.check_unchanged()  # torch.frombuffer would hide the buffer export's FormatError
         enc = info["encoding"]
         from .quantized import PART_NAMES
 

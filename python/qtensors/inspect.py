@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,13 +14,10 @@ from typing import Any
 import numpy as np
 
 from . import _core
+from ._progress import count
 from ._source import ITEMSIZE, numel
 from .convert import KNOWN_ENCODINGS, describe_encoding
-from .errors import ChecksumError, FormatError, UnsupportedError
-
-MAGIC = b"QTENSORS"
-PREFIX_LEN = 24
-
+from .errors import ChecksumError, FormatError
 
 # -- helpers -----------------------------------------------------------------------------------
 
@@ -49,45 +45,21 @@ def qtensors_files(path: str) -> list[str]:
     return out
 
 
-def _raw_header(path: str) -> dict[str, Any]:
-    """The header JSON read without validation (for files too new for even the lenient reader)."""
-    with open(path, "rb") as fh:
-        prefix = fh.read(PREFIX_LEN)
-        if len(prefix) < PREFIX_LEN or prefix[:8] != MAGIC:
-            raise FormatError(f"{path} is not a qtensors file (no QTENSORS magic)")
-        major, minor, _reserved, header_len = struct.unpack("<HHIQ", prefix[8:])
-        if header_len > 100 << 20:
-            raise FormatError(f"{path}: header of {header_len} bytes exceeds the 100 MiB limit")
-        text = fh.read(header_len)
-    header = json.loads(text.decode("utf-8").rstrip(" "))
-    if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
-        raise FormatError(f"{path}: the header has no tensor list")
-    header["_version"] = (major, minor)
-    header["_data_start"] = PREFIX_LEN + header_len
-    return header
-
-
 # -- inspect -----------------------------------------------------------------------------------
 
 
 def inspect_file(path: str) -> dict[str, Any]:
     """Everything `qtensors inspect` shows about one file, as JSON-ready data.
 
-    Newer files are listed too: the reader accepts newer minor versions and unknown encodings
-    (listed with `known: false`); a file even that reader refuses (say, an unknown dtype) is listed
-    from its raw header with a `warning`.
+    Newer files are listed too: the lenient reader accepts newer minor versions, unknown
+    encodings and unknown dtypes (listed with `known: false`), and still checks the whole
+    structure of the header. A file of another major version raises `UnsupportedError`: its
+    layout is unknown, so nothing in it can be trusted or shown.
     """
-    warning = None
-    try:
-        reader = _core.Reader(path, lenient=True)
-        header = json.loads(reader.header_json())
-        version = list(reader.version)
-        data_start = reader.data_start
-    except UnsupportedError as e:
-        header = _raw_header(path)
-        version = list(header.pop("_version"))
-        data_start = header.pop("_data_start")
-        warning = f"listed without validation: {e}"
+    reader = _core.Reader(path, lenient=True)
+    header = json.loads(reader.header_json())
+    version = list(reader.version)
+    data_start = reader.data_start
     file_bytes = os.path.getsize(path)
     rows = []
     for t in header["tensors"]:
@@ -120,6 +92,7 @@ def inspect_file(path: str) -> dict[str, Any]:
     original_total = sum(r["original_bytes"] or 0 for r in rows)
     stored_total = sum(r["stored_bytes"] for r in rows)
     q_elems = sum(numel(r["shape"]) for r in quant)
+    unknown_dtypes = sorted({r["dtype"] for r in rows if r["dtype"] not in ITEMSIZE})
     info: dict[str, Any] = {
         "file": path,
         "version": version,
@@ -141,8 +114,11 @@ def inspect_file(path: str) -> dict[str, Any]:
             ),
         },
     }
-    if warning:
-        info["warning"] = warning
+    if unknown_dtypes:
+        info["warning"] = (
+            f"dtypes unknown to this qtensors: {', '.join(unknown_dtypes)}: such tensors are "
+            "listed but cannot be loaded (upgrade qtensors)"
+        )
     return info
 
 
@@ -233,7 +209,8 @@ def format_inspect(info: dict[str, Any]) -> str:
     blocks = [format_file(f) for f in info["files"]]
     t = info["totals"]
     blocks.append(
-        f"total: {len(info['files'])} files, {t['tensors']} tensors ({t['quantized']} quantized): "
+        f"total: {count(len(info['files']), 'file')}, {count(t['tensors'], 'tensor')} "
+        f"({t['quantized']} quantized): "
         f"{human_bytes(t['original_bytes'])} of values in {human_bytes(t['stored_bytes'])} "
         f"({_pct(t['ratio'])}); files {human_bytes(t['file_bytes'])}"
     )

@@ -8,7 +8,7 @@ from typing import Any
 
 from . import _core
 from ._arrays import as_bytes, from_buffer, normalize_framework
-from .encodings import Encoding, Raw, from_dict
+from .encodings import Encoding, Raw, as_encoding, from_dict
 
 PART_NAMES = {
     "raw": ("data",),
@@ -109,8 +109,10 @@ def wrap_parts(
     )
 
 
-def quantize(x: Any, encoding: Encoding, framework: str | None = None) -> QuantizedTensor:
-    """Encode a numpy array or torch tensor. `framework` of the parts defaults to the input's."""
+def quantize(x: Any, encoding: Encoding | str, framework: str | None = None) -> QuantizedTensor:
+    """Encode a numpy array or torch tensor with an encoding or a preset name ("nf4", ...).
+    `framework` of the parts defaults to the input's."""
+    encoding = as_encoding(encoding, "encoding")
     data, dtype, shape = as_bytes(x)
     from ._arrays import is_torch_tensor
 

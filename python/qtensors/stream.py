@@ -3,9 +3,10 @@
     for name, t in qt.stream("model.qtensors", device="cuda"):
         ...  # t: the decoded tensor on the GPU, in file order
 
-How it moves bytes (one tensor = one contiguous byte range of the file, spec section 1):
+How it moves bytes (one tensor = one contiguous byte range in files qtensors writes; parts that
+another writer placed far apart are read separately, never the span between them):
 
-* a background thread reads each tensor's range with large reads through the Rust core
+* a background thread reads each tensor's parts with large reads through the Rust core
   (`_core.StreamReader`: `pread` with `posix_fadvise` read-ahead, `O_DIRECT`, or a memory map,
   split over several threads, the GIL released) into a small ring of reusable *pinned* buffers;
 * each filled buffer is copied to the device with `non_blocking=True` on a dedicated CUDA copy
@@ -86,20 +87,19 @@ def resolve_files(path: str | os.PathLike[str]) -> list[str]:
 
 @dataclass
 class Entry:
-    """One tensor of one file: its header entry and its absolute byte range."""
+    """One tensor of one file: its header entry and the buffer its parts are read into
+    (`StreamReader.tensor_layout`: the parts, and the gaps between those close together)."""
 
     reader: Any
     index: int
     name: str
     info: dict[str, Any]
+    #: absolute file offset of the first part; buffer offsets keep its phase modulo 4 KiB
     start: int
-    end: int
-    #: (part name, offset from `start`, length) in encoding order
+    #: bytes of the buffer
+    nbytes: int
+    #: (part name, offset in the buffer, length) in encoding order
     parts: list[tuple[str, int, int]] = field(default_factory=list)
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
 
 
 def open_entries(
@@ -111,16 +111,14 @@ def open_entries(
         reader = _core.StreamReader(f, mode=mode, threads=threads, chunk_size=chunk_size)
         header = json.loads(reader.header_json())
         for i, t in enumerate(header["tensors"]):
-            start, end = reader.tensor_range(i)
+            start, _ = reader.tensor_range(i)
+            nbytes, layout = reader.tensor_layout(i)
+            where = {n: (off, ln) for n, off, ln in layout}
             names = PART_NAMES.get(t["encoding"]["name"], tuple(t["parts"]))
-            data_start = reader.data_start
-            parts = [
-                (n, data_start + t["parts"][n]["offset"] - start, t["parts"][n]["length"])
-                for n in names
-            ]
+            parts = [(n, *where[n]) for n in names]
             if t["name"] in entries:
                 raise ValueError(f"tensor {t['name']!r} appears in two files of {path}")
-            entries[t["name"]] = Entry(reader, i, t["name"], t, start, end, parts)
+            entries[t["name"]] = Entry(reader, i, t["name"], t, start, nbytes, parts)
     return entries
 
 
@@ -139,7 +137,7 @@ def _scale_shape(info: dict[str, Any]) -> tuple[int, ...]:
 
 def quantized_from_torch(buf, e: Entry) -> QuantizedTensor:
     """A QuantizedTensor whose parts view the torch uint8 tensor `buf` (any device) holding the
-    bytes of `e`'s range."""
+    bytes of `e`'s buffer."""
 
     from ._arrays import torch_dtype
 
@@ -240,7 +238,7 @@ class DeviceStager:
         self.pinned_bytes = sum(s.numel() for s in self.slots)
 
     def load(self, e: Entry, verify: bool, stop: threading.Event | None = None):
-        """The bytes of `e`'s range in a new device uint8 tensor (allocated on the copy stream)
+        """The bytes of `e`'s buffer in a new device uint8 tensor (allocated on the copy stream)
         and an event recorded after its last copy."""
         torch = self.torch
         n = e.nbytes
@@ -282,7 +280,7 @@ class DeviceStager:
 
 
 def read_host(e: Entry, verify: bool, stop: threading.Event | None = None) -> np.ndarray:
-    """The bytes of `e`'s range in a new 64-byte aligned host array."""
+    """The bytes of `e`'s buffer in a new 64-byte aligned host array."""
     n = e.nbytes
     raw = np.empty(n + 64, dtype=np.uint8)
     pad = (-raw.ctypes.data) % 64
@@ -369,7 +367,7 @@ class _Pipeline:
                 self.window.acquire(e.nbytes, self.stop)
                 if k + 1 < len(self.plan):
                     nxt = self.plan[k + 1]
-                    nxt.reader.will_need(nxt.start, min(nxt.nbytes, 64 * MiB))
+                    nxt.reader.will_need_tensor(nxt.index, 64 * MiB)
                 try:
                     if self.stager is not None:
                         payload = self.stager.load(e, self.verify, self.stop)
@@ -420,7 +418,7 @@ class TensorStream:
         self,
         path: str | os.PathLike[str],
         names: Sequence[str] | None = None,
-        device: Any = "cuda",
+        device: Any = None,
         prefetch: int = DEFAULT_PREFETCH,
         *,
         quantized: bool = False,
@@ -446,10 +444,12 @@ class TensorStream:
         if self._framework == "pt":
             import torch
 
+            if device is None:  # where it can run: the GPU if there is one
+                device = "cuda" if torch.cuda.is_available() else "cpu"
             dev = torch.device(device)
             if dev.type == "cuda" and dev.index is None:
                 dev = torch.device("cuda", torch.cuda.current_device())
-        elif str(device) != "cpu":
+        elif device is not None and str(device) != "cpu":
             raise ValueError("framework='np' streams to the CPU only (device='cpu')")
         self._device = dev
         self._pipe = _Pipeline(plan, dev, verify, prefetch, pinned)
@@ -527,7 +527,7 @@ class TensorStream:
 def stream(
     path: str | os.PathLike[str],
     names: Sequence[str] | None = None,
-    device: Any = "cuda",
+    device: Any = None,
     prefetch: int = DEFAULT_PREFETCH,
     *,
     quantized: bool = False,
@@ -542,7 +542,8 @@ def stream(
     `(name, tensor)` in file order, or in the order of `names`.
 
     * `device`: "cuda" (or "cuda:N"): read into pinned buffers, copied on a separate CUDA stream,
-      dequantized on the GPU; "cpu": read and decoded by the Rust core.
+      dequantized on the GPU; "cpu": read and decoded by the Rust core; None (the default):
+      "cuda" when torch sees a GPU, else "cpu".
     * `prefetch`: bytes (stored) read ahead of the consumer; bounds host / device memory.
     * `quantized=True`: yield `QuantizedTensor`s (packed parts on `device`) instead of decoded
       tensors. `verify=True`: check every part's checksum on the bytes read.

@@ -11,13 +11,22 @@ models.
 CPU, plain torch elsewhere, fake tensors under ``torch.compile``).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` and no bare `typing` names: everything imported here
+# shows in dir(qtensors.torch), which should list the API (`__all__`) and its submodules only.
+import typing as _typing
 
-from typing import Any
+try:
+    import torch as _torch
+except ImportError as _e:
+    if _e.name != "torch":  # torch is there but broken: its own message says why
+        raise
+    raise ImportError(
+        "qtensors.torch needs PyTorch, which is not installed: pip install 'qtensors[torch]' "
+        "(or torch for your CUDA version, from pytorch.org)",
+        name="torch",
+    ) from None
 
-import torch as _torch
-
-from ..quantized import QuantizedTensor
+from ..quantized import QuantizedTensor as _QuantizedTensor
 from .loading import LoadResult, load_model, model_files, save_model, state_dict_for_file
 from .modules import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from .offload import OffloadHandle, offload
@@ -47,7 +56,7 @@ __all__ = [
 
 
 def dequantize(
-    q: QuantizedTensor,
+    q: _QuantizedTensor,
     dtype: _torch.dtype | None = None,
     device: _torch.device | str | None = None,
 ) -> _torch.Tensor:
@@ -59,24 +68,25 @@ def dequantize(
 
 def quantize_model(
     model: _torch.nn.Module,
-    encoding: Any = None,
+    encoding: _typing.Any = None,
     embeddings: bool = False,
     skip: tuple[str, ...] = (),
     *,
-    method: Any = "rtn",
-    calibration: Any = None,
-    tokenizer: Any = None,
+    method: _typing.Any = "rtn",
+    calibration: _typing.Any = None,
+    tokenizer: _typing.Any = None,
     samples: int = 128,
     seq_len: int = 512,
     seed: int = 0,
     device: _torch.device | str | None = None,
     batch_size: int = 8,
     progress: bool | None = None,
-    holdout: Any = None,
-    **settings: Any,
+    holdout: _typing.Any = None,
+    **settings: _typing.Any,
 ) -> _torch.nn.Module:
     """Replace every plain ``nn.Linear`` of ``model`` (and ``nn.Embedding`` with
-    ``embeddings``) by its quantized counterpart, quantized with ``encoding`` (default FLEXGEN);
+    ``embeddings``) by its quantized counterpart, quantized with ``encoding`` (an encoding or a
+    preset name such as ``"nf4"``; default FLEXGEN);
     names matching a ``skip`` pattern (fnmatch) stay as they are. In place.
 
     ``method`` picks how codes and group parameters are chosen (``qtensors.methods``):
@@ -95,12 +105,14 @@ def quantize_model(
     import fnmatch
 
     from .. import methods as _methods
-    from ..encodings import FLEXGEN
+    from ..encodings import FLEXGEN, Raw, as_encoding
     from .loading import _swappable
 
-    enc = encoding or FLEXGEN
+    enc = FLEXGEN if encoding is None else as_encoding(encoding, "encoding")
+    if isinstance(enc, Raw):
+        raise ValueError("quantize_model needs a quantizing encoding, not raw")
     m = _methods.get_method(method, **settings)
-    record: dict[str, Any] = {**m.settings(), "encoding": _describe(enc)}
+    record: dict[str, _typing.Any] = {**m.settings(), "encoding": _describe(enc)}
     if m.needs_calibration or holdout is not None:
         if m.needs_calibration:
             # check the data before any work, so a mistake fails at once
@@ -151,7 +163,7 @@ def quantize_model(
     return model
 
 
-def _describe(enc: Any) -> dict[str, Any]:
+def _describe(enc: _typing.Any) -> dict[str, _typing.Any]:
     return enc.to_dict(2)
 
 

@@ -58,6 +58,27 @@ def _resolve_dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype 
     return getattr(torch, dtype)
 
 
+def _check_model_folder(folder: str, need_config: bool) -> None:
+    """Say what to pass when `folder` is not a converted model folder (transformers would
+    otherwise look the name up on the Hugging Face hub and report that instead)."""
+    made_by = "the model folder `qtensors convert MODEL_FOLDER OUT_FOLDER` makes"
+    if os.path.isfile(folder):
+        raise ValueError(
+            f"{folder} is a file: from_pretrained takes {made_by} (config.json and *.qtensors); "
+            "to fill a model you built from one file, use qtensors.torch.load_model(model, path)"
+        )
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"the folder {folder} does not exist: from_pretrained takes {made_by} "
+            "(a local folder, not a Hugging Face hub name)"
+        )
+    if need_config and not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(
+            f"{folder} has no config.json: from_pretrained takes {made_by}, which copies the "
+            "config; or pass config=..."
+        )
+
+
 def from_pretrained(
     folder: str | os.PathLike[str],
     model_cls: Any = None,
@@ -79,9 +100,10 @@ def from_pretrained(
 
     The model comes back in eval mode; ``model.qtensors_load_result`` says what was loaded.
     """
+    folder = os.fspath(folder)
+    _check_model_folder(folder, need_config=config is None)
     import transformers
 
-    folder = os.fspath(folder)
     if config is None:
         config = transformers.AutoConfig.from_pretrained(folder)
     cls = model_cls or transformers.AutoModel

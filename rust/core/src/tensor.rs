@@ -86,7 +86,7 @@ pub fn decode_region(
     ranges: &[Range<u64>],
     out: &mut [u8],
 ) -> Result<()> {
-    check_box(info, ranges)?;
+    check_decodable(info, ranges)?;
     let runs = Runs::new(&info.shape, ranges);
     if out.len() != runs.numel() * info.dtype.itemsize() {
         return Err(Error::Invalid(format!(
@@ -98,12 +98,6 @@ pub fn decode_region(
         )));
     }
     let Some((codec, params)) = Codec::from_encoding(&info.encoding) else {
-        if let Encoding::Unknown { name, .. } = &info.encoding {
-            return Err(Error::Unsupported(format!(
-                "tensor '{}': unknown encoding '{name}': upgrade qtensors",
-                info.name
-            )));
-        }
         region::copy_box(parts[0], info.dtype.itemsize(), &runs, out);
         if info.dtype == DType::Bool {
             check_bools(&info.name, out)?;
@@ -121,8 +115,16 @@ pub fn decode_region(
     region::decode_box(k, &stored, &runs, info.dtype, out)
 }
 
-/// Check that `ranges` is a box inside the tensor (one range per dimension, each within it).
-pub fn check_box(info: &TensorInfo, ranges: &[Range<u64>]) -> Result<()> {
+/// Check, before any output is sized, that the tensor can be decoded (its encoding is known:
+/// a leniently opened file may hold unknown ones, whose shapes were not checked) and that
+/// `ranges` is a box inside it (one range per dimension, each within it).
+pub fn check_decodable(info: &TensorInfo, ranges: &[Range<u64>]) -> Result<()> {
+    if let Encoding::Unknown { name, .. } = &info.encoding {
+        return Err(Error::Unsupported(format!(
+            "tensor '{}': unknown encoding '{name}': upgrade qtensors",
+            info.name
+        )));
+    }
     let fits = ranges.len() == info.shape.len()
         && ranges
             .iter()

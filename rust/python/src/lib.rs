@@ -56,6 +56,30 @@ impl Reader {
         self.file.header().to_json()
     }
 
+    /// Tensor names in file order (listing a file needs no JSON round trip of the header).
+    fn names(&self) -> Vec<&str> {
+        self.file
+            .header()
+            .tensors
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect()
+    }
+
+    /// One tensor's header entry as JSON.
+    fn tensor_json(&self, name: &str) -> PyResult<String> {
+        Ok(self.file.tensor(name).py()?.to_json())
+    }
+
+    fn metadata(&self) -> BTreeMap<String, String> {
+        self.file.header().metadata.clone()
+    }
+
+    #[getter]
+    fn alignment(&self) -> u64 {
+        self.file.header().alignment
+    }
+
     #[getter]
     fn data_start(&self) -> usize {
         self.file.data_start()
@@ -83,16 +107,15 @@ impl Reader {
     ) -> PyResult<Option<OwnedBuffer>> {
         let t = self.file.tensor(name).py()?;
         let k = simd::best();
-        let Some(region) = region else {
-            return decode_to(py, out, t, numel(&t.shape), |dst| self.file.decode(k, t, dst));
+        let ranges: Vec<Range<u64>> = match region {
+            Some(r) => r.iter().map(|&(a, b)| a..b).collect(),
+            None => t.shape.iter().map(|&d| 0..d).collect(),
         };
-        let ranges: Vec<Range<u64>> = region.iter().map(|&(a, b)| a..b).collect();
         // Checked before the output is sized by it.
-        tensor::check_box(t, &ranges).py()?;
+        tensor::check_decodable(t, &ranges).py()?;
         let n = ranges.iter().map(|r| r.end - r.start).product();
-        let parts: Vec<&[u8]> = t.parts.iter().map(|p| self.file.part_bytes(p)).collect();
         decode_to(py, out, t, n, |dst| {
-            tensor::decode_region(k, t, &parts, &ranges, dst)
+            self.file.decode_region(k, t, &ranges, dst)
         })
     }
 
@@ -108,6 +131,12 @@ impl Reader {
         }
     }
 
+    /// Raise FormatError when the file was truncated or rewritten since it was opened (one
+    /// fstat; decode, verify and new buffer views check it themselves).
+    fn check_unchanged(&self) -> PyResult<()> {
+        self.file.check_unchanged().py()
+    }
+
     unsafe fn __getbuffer__(
         slf: Bound<'_, Self>,
         view: *mut ffi::Py_buffer,
@@ -115,6 +144,9 @@ impl Reader {
     ) -> PyResult<()> {
         let (ptr, len) = {
             let me = slf.get();
+            // Views are zero-copy: refuse to hand out new ones over a truncated or rewritten
+            // file (touching its lost pages would kill the process with SIGBUS).
+            me.file.check_unchanged().py()?;
             (me.base as *mut u8, me.file.len())
         };
         // SAFETY: the mapping is private (copy-on-write) and lives as long as `slf`.
@@ -123,6 +155,9 @@ impl Reader {
 
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
 }
+
+/// (part name, offset in a tensor's read buffer, length) of each part.
+type PartPlaces = Vec<(String, u64, u64)>;
 
 /// A validated qtensors file opened for streaming: copies tensors' byte ranges into caller
 /// buffers (e.g. pinned host memory) with large reads, the GIL released. See
@@ -175,14 +210,26 @@ impl StreamReader {
         self.file.tensor_range(index).py()
     }
 
+    /// The buffer `read` fills for tensor `index`: (its size, [(part name, offset in it,
+    /// length)]). Parts far apart in the file are read separately, not the span between them.
+    fn tensor_layout(&self, index: usize) -> PyResult<(u64, PartPlaces)> {
+        let l = self.file.tensor_layout(index).py()?;
+        Ok((l.len, l.parts))
+    }
+
     /// Read-ahead hint for the absolute byte range [start, start + length).
     fn will_need(&self, py: Python<'_>, start: u64, length: u64) {
         py.detach(|| self.file.will_need(start, length))
     }
 
-    /// Copy len(out) bytes of tensor `index`, starting `offset` bytes into its range, into `out`
-    /// (a writable contiguous buffer); with `verify`, check the checksums of the parts that end
-    /// in this piece.
+    /// Read-ahead hint for the first `limit` bytes of tensor `index`'s parts.
+    fn will_need_tensor(&self, py: Python<'_>, index: usize, limit: u64) -> PyResult<()> {
+        py.detach(|| self.file.will_need_tensor(index, limit)).py()
+    }
+
+    /// Copy len(out) bytes of tensor `index`'s buffer (see `tensor_layout`), starting `offset`
+    /// bytes into it, into `out` (a writable contiguous buffer); with `verify`, check the
+    /// checksums of the parts that end in this piece.
     #[pyo3(signature = (index, offset, out, verify = false))]
     fn read(
         &self,

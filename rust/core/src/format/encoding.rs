@@ -5,6 +5,8 @@
 use serde_json::{Map, Value};
 
 use super::dtype::DType;
+use super::json::Shallow;
+use super::limits::MAX_SHAPE_BYTES;
 use crate::error::{Error, Result};
 
 /// Parameters shared by the group-quantized encodings.
@@ -23,11 +25,24 @@ pub enum Encoding {
     Affine(GroupParams),
     Symmetric(GroupParams),
     Nf4(GroupParams),
-    /// Only produced by lenient (listing) parsing: an encoding this version does not know.
+    /// Only produced by lenient (listing) parsing: a tensor this version cannot decode, because
+    /// its encoding or one of its dtypes is unknown. Its structure is still checked.
     Unknown {
+        /// What is unknown, for messages: the encoding's name, or "raw with unknown dtype 'x'".
         name: String,
+        /// The encoding object as written.
         params: Map<String, Value>,
+        /// The dtype names as written (they may be unknown), so that listings show them.
+        dtypes: DtypeNames,
     },
+}
+
+/// The dtypes of a tensor this reader cannot decode, as written in the header.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DtypeNames {
+    pub logical: String,
+    /// One per part, in the order of `TensorInfo::parts`.
+    pub parts: Vec<String>,
 }
 
 /// What one part of a tensor must look like.
@@ -92,6 +107,17 @@ impl GroupLayout {
     }
 }
 
+/// Spec rule 7: the byte size of the tensor with each zero dimension counted as 1 fits in a
+/// signed 64-bit integer. Then every dimension, the element count and every row-major stride fit
+/// too, in any order of multiplication, and an empty tensor of the shape can be created in numpy
+/// and torch.
+pub fn shape_fits(shape: &[u64], itemsize: u64) -> bool {
+    shape
+        .iter()
+        .try_fold(itemsize, |acc, &d| acc.checked_mul(d.max(1)))
+        .is_some_and(|bytes| bytes <= MAX_SHAPE_BYTES)
+}
+
 pub fn numel(shape: &[u64]) -> Option<u64> {
     shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
 }
@@ -137,9 +163,14 @@ impl Encoding {
             .and_then(Value::as_str)
             .ok_or_else(|| Error::Format("encoding has no string 'name'".into()))?;
         let int = |key: &str| -> Result<u64> {
-            obj.get(key).and_then(Value::as_u64).ok_or_else(|| {
+            let v = obj.get(key);
+            v.and_then(Value::as_u64).ok_or_else(|| {
+                let got = match v {
+                    Some(v) => format!(", not {}", Shallow::from_value(v)),
+                    None => String::new(),
+                };
                 Error::Format(format!(
-                    "encoding '{name}' needs a non-negative integer '{key}'"
+                    "encoding '{name}' needs a non-negative integer '{key}' below 2^64{got}"
                 ))
             })
         };
@@ -173,8 +204,20 @@ impl Encoding {
                     "encoding '{name}': axis {axis} is out of range for a tensor of rank {rank}"
                 )));
             }
+            let (lo, hi) = match name {
+                "symmetric" => (2, 8),
+                "nf4" => (4, 4),
+                _ => (1, 8),
+            };
+            if !(lo..=hi).contains(&bits) {
+                return Err(Error::Format(if lo == hi {
+                    format!("{name} bits must be {lo}, not {bits}")
+                } else {
+                    format!("{name} bits {bits} is out of range {lo}..={hi}")
+                }));
+            }
             Ok(GroupParams {
-                bits: bits.min(255) as u8,
+                bits: bits as u8,
                 group_size,
                 axis: axis as usize,
                 scale_dtype,
@@ -188,6 +231,7 @@ impl Encoding {
             other if lenient => Encoding::Unknown {
                 name: other.to_string(),
                 params: obj.clone(),
+                dtypes: DtypeNames::default(),
             },
             other => {
                 return Err(Error::Unsupported(format!(

@@ -13,3 +13,8 @@ pub const MIN_ALIGNMENT: u64 = 64;
 pub const MAX_ALIGNMENT: u64 = 1 << 20;
 pub const DEFAULT_ALIGNMENT: u64 = 64;
 pub const DIRECT_IO_ALIGNMENT: u64 = 4096;
+/// JSON values (numbers, strings, arrays, objects, each counted) in one `encoding` object.
+pub const MAX_ENCODING_VALUES: usize = 1024;
+/// Every dimension, and the byte size of a tensor with its zero dimensions counted as 1, must fit
+/// in a signed 64-bit integer: numpy and torch refuse (or overflow computing strides) beyond it.
+pub const MAX_SHAPE_BYTES: u64 = i64::MAX as u64;

@@ -3,6 +3,7 @@
 pub mod dtype;
 pub mod encoding;
 pub mod header;
+mod json;
 pub mod limits;
 
 pub use dtype::DType;

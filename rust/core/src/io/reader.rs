@@ -3,7 +3,9 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use memmap2::{MmapMut, MmapOptions};
 use rayon::prelude::*;
@@ -11,7 +13,7 @@ use rayon::prelude::*;
 use super::checksum::checksum;
 use crate::codecs::Kernels;
 use crate::error::{Error, Result};
-use crate::format::header::{format_checksum, parse_prefix};
+use crate::format::header::{format_checksum, looks_like_safetensors, parse_prefix};
 use crate::format::limits::PREFIX_LEN;
 use crate::format::{Header, PartInfo, TensorInfo};
 use crate::tensor;
@@ -34,6 +36,12 @@ pub(crate) fn read_header(file: &File, path: &Path, lenient: bool) -> Result<(He
         parse_prefix(&[], file_len, lenient)?;
     }
     read(&mut prefix, 0)?;
+    if looks_like_safetensors(&prefix, file_len) {
+        return Err(Error::Format(format!(
+            "'{0}' is a safetensors file, not a qtensors file: convert it with `qtensors convert {0}`",
+            path.display()
+        )));
+    }
     let (major, minor, header_len) = parse_prefix(&prefix, file_len, lenient)?;
     let data_start = PREFIX_LEN as u64 + header_len;
     // header_len is at most MAX_HEADER_LEN and within the file (checked by parse_prefix).
@@ -53,6 +61,11 @@ pub struct QFile {
     /// Private copy-on-write mapping: views handed to Python may be written to without ever
     /// touching the file (and without the crash a read-only mapping gives on write).
     map: MmapMut,
+    /// Kept open to `fstat` before each access: a mapped page past a new end of file faults.
+    file: File,
+    /// Size and modification time when opened; any change means the mapping may no longer hold
+    /// the bytes the header describes.
+    opened: (u64, Option<SystemTime>),
     header: Header,
     data_start: usize,
     path: PathBuf,
@@ -63,13 +76,18 @@ impl QFile {
     pub fn open(path: &Path, lenient: bool) -> Result<Self> {
         let file = File::open(path)
             .map_err(|e| Error::io(format!("cannot open '{}'", path.display()), e))?;
-        let (header, data_start, _) = read_header(&file, path, lenient)?;
-        // SAFETY: the mapping is private; if another process truncates the file while it is
-        // mapped, reads past the new end fault (as with every memory-mapped reader).
-        let map = unsafe { MmapOptions::new().map_copy(&file) }
+        let (header, data_start, file_len) = read_header(&file, path, lenient)?;
+        let modified = stat(&file, path)?.modified().ok();
+        // SAFETY: the mapping is private and exactly `file_len` bytes long. If another process
+        // truncates the file while it is mapped, touching a page past the new end faults
+        // (SIGBUS); every access through `QFile` first checks the size (`check_unchanged`),
+        // which leaves only a truncation racing a call already in flight (see README).
+        let map = unsafe { MmapOptions::new().len(file_len as usize).map_copy(&file) }
             .map_err(|e| Error::io(format!("cannot map '{}'", path.display()), e))?;
         Ok(QFile {
             map,
+            file,
+            opened: (file_len, modified),
             header,
             data_start: data_start as usize,
             path: path.to_path_buf(),
@@ -102,6 +120,30 @@ impl QFile {
         self.data_start + p.offset as usize
     }
 
+    /// Fail cleanly when the file was truncated or rewritten in place since it was opened: the
+    /// mapping would fault (SIGBUS) past the new end, or hold bytes the header does not describe.
+    /// One `fstat`; every method that touches the mapping calls it first, and so must callers of
+    /// [`part_bytes`](Self::part_bytes) and of the mapping's base pointer.
+    pub fn check_unchanged(&self) -> Result<()> {
+        let meta = stat(&self.file, &self.path)?;
+        let (len, modified) = self.opened;
+        if meta.len() < len {
+            return Err(Error::Format(format!(
+                "file '{}' was truncated after it was opened ({len} bytes then, {} now): reopen it",
+                self.path.display(),
+                meta.len()
+            )));
+        }
+        if meta.len() != len || meta.modified().ok() != modified {
+            return Err(Error::Format(format!(
+                "file '{}' was modified after it was opened (its size or modification time changed): reopen it",
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The bytes of part `p`. Unchecked: call [`check_unchanged`](Self::check_unchanged) first.
     pub fn part_bytes(&self, p: &PartInfo) -> &[u8] {
         let start = self.part_offset(p);
         &self.map[start..start + p.length as usize]
@@ -122,6 +164,30 @@ impl QFile {
     }
 
     pub fn verify_tensor(&self, t: &TensorInfo) -> Result<()> {
+        self.check_unchanged()?;
+        self.compare_checksums(t)
+    }
+
+    /// Verify every part's checksum, in parallel; reports the first corrupted tensor in file order.
+    pub fn verify(&self) -> Result<()> {
+        self.check_unchanged()?;
+        let results: Vec<Result<()>> = self
+            .header
+            .tensors
+            .par_iter()
+            .map(|t| {
+                // Checked again before each tensor with bytes: a truncation during a long verify
+                // is caught at the next tensor instead of faulting.
+                if t.parts.iter().any(|p| p.length > 0) {
+                    self.check_unchanged()?;
+                }
+                self.compare_checksums(t)
+            })
+            .collect();
+        results.into_iter().collect()
+    }
+
+    fn compare_checksums(&self, t: &TensorInfo) -> Result<()> {
         for p in &t.parts {
             let got = checksum(self.part_bytes(p));
             if got != p.checksum {
@@ -137,20 +203,30 @@ impl QFile {
         Ok(())
     }
 
-    /// Verify every part's checksum, in parallel; reports the first corrupted tensor in file order.
-    pub fn verify(&self) -> Result<()> {
-        let results: Vec<Result<()>> = self
-            .header
-            .tensors
-            .par_iter()
-            .map(|t| self.verify_tensor(t))
-            .collect();
-        results.into_iter().collect()
-    }
-
     /// Decode tensor `t` into `out` (bytes of its logical dtype).
     pub fn decode(&self, k: &Kernels, t: &TensorInfo, out: &mut [u8]) -> Result<()> {
-        let parts: Vec<&[u8]> = t.parts.iter().map(|p| self.part_bytes(p)).collect();
-        tensor::decode(k, t, &parts, out)
+        self.check_unchanged()?;
+        tensor::decode(k, t, &self.parts_of(t), out)
     }
+
+    /// Decode the box `ranges` of tensor `t` into `out` (see [`tensor::decode_region`]).
+    pub fn decode_region(
+        &self,
+        k: &Kernels,
+        t: &TensorInfo,
+        ranges: &[Range<u64>],
+        out: &mut [u8],
+    ) -> Result<()> {
+        self.check_unchanged()?;
+        tensor::decode_region(k, t, &self.parts_of(t), ranges, out)
+    }
+
+    fn parts_of(&self, t: &TensorInfo) -> Vec<&[u8]> {
+        t.parts.iter().map(|p| self.part_bytes(p)).collect()
+    }
+}
+
+fn stat(file: &File, path: &Path) -> Result<std::fs::Metadata> {
+    file.metadata()
+        .map_err(|e| Error::io(format!("cannot stat '{}'", path.display()), e))
 }

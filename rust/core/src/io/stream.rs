@@ -6,10 +6,14 @@
 //! rewritten while it is streamed gives an error naming the tensor, never a `SIGBUS`. The header
 //! is read and validated by the same code as `QFile::open` (spec section 7) before any part.
 //!
-//! The parts of one tensor are contiguous in files written by qtensors, so one tensor is one
-//! sequential byte range; [`StreamFile::read`] copies any piece of that range into a caller's
-//! buffer, split into `chunk`-byte reads spread over up to `threads` threads, and can check the
-//! part checksums on the bytes it read (parts read piecewise, in order, are hashed incrementally).
+//! A tensor is read into one buffer laid out by [`TensorLayout`]: its parts, grouped into
+//! segments of parts less than [`COALESCE_GAP`] apart (read with the bytes between them), and
+//! segments farther apart read separately, so a buffer never holds more than the parts plus small
+//! gaps, however far apart a file places them. The parts of one tensor are contiguous in files
+//! written by qtensors: then the layout is one segment and the buffer is the tensor's byte range.
+//! [`StreamFile::read`] copies any piece of a tensor's buffer, split into `chunk`-byte reads
+//! spread over up to `threads` threads, and can check the part checksums on the bytes it read
+//! (parts read piecewise, in order, are hashed incrementally).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -69,6 +73,89 @@ const EINVAL: i32 = 22;
 pub const DIRECT_ALIGN: u64 = 4096;
 /// Default size of one read system call.
 pub const DEFAULT_CHUNK: usize = 8 << 20;
+
+/// Parts of one tensor closer than this are read as one segment, with the bytes between them;
+/// farther apart, each is read alone (reading a gap costs more than one more system call).
+pub const COALESCE_GAP: u64 = 1 << 20;
+
+/// One contiguous file range of a tensor and where it lands in the tensor's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Absolute file offset.
+    pub file: u64,
+    pub len: u64,
+    /// Offset in the buffer.
+    pub buf: u64,
+}
+
+/// Where each part of a tensor lies in the buffer that [`StreamFile::read`] fills.
+///
+/// Each segment keeps its file offset's phase modulo [`DIRECT_ALIGN`] relative to the first one
+/// (at most 4 KiB - 1 bytes of padding per segment): parts stay as aligned in the buffer as in
+/// the file (typed views of them work), and a buffer placed at the first segment's phase gets
+/// block-aligned `O_DIRECT` reads for every segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorLayout {
+    /// In file order.
+    pub segments: Vec<Segment>,
+    /// (part name, buffer offset, length), in the header's order of parts.
+    pub parts: Vec<(String, u64, u64)>,
+    /// Bytes of the buffer (padding between segments included).
+    pub len: u64,
+}
+
+impl TensorLayout {
+    fn of(t: &TensorInfo, data_start: u64) -> Self {
+        let mut order: Vec<usize> = (0..t.parts.len()).collect();
+        order.sort_by_key(|&i| (t.parts[i].offset, t.parts[i].length));
+        let mut segments: Vec<Segment> = Vec::new();
+        let mut part_buf = vec![0u64; t.parts.len()];
+        for i in order {
+            let p = &t.parts[i];
+            let (start, end) = (data_start + p.offset, data_start + p.offset + p.length);
+            let joined = segments
+                .last_mut()
+                .filter(|s| start.saturating_sub(s.file + s.len) < COALESCE_GAP);
+            let seg = match joined {
+                Some(s) => {
+                    s.len = s.len.max(end - s.file);
+                    *s
+                }
+                None => {
+                    let buf = match (segments.first(), segments.last()) {
+                        (Some(first), Some(last)) if p.length > 0 => {
+                            let after = last.buf + last.len;
+                            let phase = (start - first.file) % DIRECT_ALIGN;
+                            after + (phase + DIRECT_ALIGN - after % DIRECT_ALIGN) % DIRECT_ALIGN
+                        }
+                        (_, Some(last)) => last.buf + last.len,
+                        _ => 0,
+                    };
+                    let s = Segment {
+                        file: start,
+                        len: p.length,
+                        buf,
+                    };
+                    segments.push(s);
+                    s
+                }
+            };
+            part_buf[i] = seg.buf + (start - seg.file);
+        }
+        let len = segments.last().map_or(0, |s| s.buf + s.len);
+        let parts = t
+            .parts
+            .iter()
+            .zip(part_buf)
+            .map(|(p, b)| (p.name.clone(), b, p.length))
+            .collect();
+        TensorLayout {
+            segments,
+            parts,
+            len,
+        }
+    }
+}
 
 /// A piece of a read: its absolute file offset and where its bytes go.
 type Piece<'a> = (u64, &'a mut [u8]);
@@ -188,10 +275,31 @@ impl StreamFile {
         })
     }
 
-    /// Absolute byte range `[start, end)` that covers every part of tensor `index`.
+    /// Absolute byte range `[start, end)` that covers every part of tensor `index` (the span:
+    /// what is read is [`tensor_layout`](Self::tensor_layout)).
     pub fn tensor_range(&self, index: usize) -> Result<(u64, u64)> {
         let t = self.tensor_info(index)?;
         Ok(range_of(t, self.data_start))
+    }
+
+    /// The buffer that [`read`](Self::read) fills for tensor `index`: its size and where each
+    /// part lies in it.
+    pub fn tensor_layout(&self, index: usize) -> Result<TensorLayout> {
+        let t = self.tensor_info(index)?;
+        Ok(TensorLayout::of(t, self.data_start))
+    }
+
+    /// Read-ahead hint for the first `limit` bytes of tensor `index`'s segments.
+    pub fn will_need_tensor(&self, index: usize, limit: u64) -> Result<()> {
+        let mut left = limit;
+        for s in self.tensor_layout(index)?.segments {
+            if left == 0 {
+                break;
+            }
+            self.will_need(s.file, s.len.min(left));
+            left -= s.len.min(left);
+        }
+        Ok(())
     }
 
     /// Hint that the absolute byte range `[start, start + len)` is wanted soon (read-ahead into
@@ -218,28 +326,42 @@ impl StreamFile {
         }
     }
 
-    /// Copy `out.len()` bytes of tensor `index`, from `offset` bytes into its range, into `out`.
-    /// With `verify`, checks the checksum of every part that ends inside this piece; parts split
-    /// over several calls are hashed incrementally and must then be read in order.
+    /// Copy `out.len()` bytes of tensor `index`'s buffer ([`tensor_layout`](Self::tensor_layout)),
+    /// from `offset` on, into `out` (padding between segments comes out as zeros). With `verify`,
+    /// checks the checksum of every part that ends inside this piece; parts split over several
+    /// calls are hashed incrementally and must then be read in order.
     pub fn read(&self, index: usize, offset: u64, out: &mut [u8], verify: bool) -> Result<()> {
         let t = self.tensor_info(index)?;
-        let (start, end) = range_of(t, self.data_start);
+        let layout = TensorLayout::of(t, self.data_start);
         let len = out.len() as u64;
-        let a = start.checked_add(offset).filter(|a| {
-            a.checked_add(len)
-                .is_some_and(|b| b <= end && offset <= end - start)
-        });
-        let Some(a) = a else {
+        if offset.checked_add(len).is_none_or(|end| end > layout.len) {
             return Err(Error::Invalid(format!(
                 "bytes [{offset}, {offset}+{len}) lie outside tensor '{}' ({} bytes)",
-                t.name,
-                end - start
+                t.name, layout.len
             )));
-        };
-        self.read_span(t, a, out)?;
+        }
+        let end = offset + len;
+        // (absolute file offset, [lo, hi) in the buffer) of each segment's share of this piece.
+        // Zero-length segments at the edges count too: verify sees their (empty) parts.
+        let pieces: Vec<(u64, u64, u64)> = layout
+            .segments
+            .iter()
+            .map(|s| (s, s.buf.max(offset), (s.buf + s.len).min(end)))
+            .filter(|&(s, lo, hi)| lo < hi || (lo == hi && s.len == 0))
+            .map(|(s, lo, hi)| (s.file + (lo - s.buf), lo - offset, hi - offset))
+            .collect();
+        let mut filled = 0;
+        for &(at, lo, hi) in &pieces {
+            out[filled as usize..lo as usize].fill(0);
+            self.read_span(t, at, &mut out[lo as usize..hi as usize])?;
+            filled = filled.max(hi);
+        }
+        out[filled as usize..].fill(0);
         self.check_unchanged(t)?;
         if verify {
-            self.verify_piece(index, t, a, out)?;
+            for &(at, lo, hi) in &pieces {
+                self.verify_piece(index, t, at, &out[lo as usize..hi as usize])?;
+            }
         }
         Ok(())
     }
@@ -639,6 +761,89 @@ mod tests {
                     s.read(1, 0, &mut too_long, false),
                     Err(Error::Invalid(_))
                 ));
+            }
+        }
+    }
+
+    fn with_parts(parts: &[(u64, u64)]) -> TensorInfo {
+        let part = |(i, &(offset, length)): (usize, &(u64, u64))| crate::format::PartInfo {
+            name: format!("p{i}"),
+            dtype: crate::format::DType::Uint8,
+            shape: vec![length],
+            offset,
+            length,
+            checksum: 0,
+        };
+        TensorInfo {
+            name: "t".into(),
+            dtype: crate::format::DType::Uint8,
+            shape: vec![],
+            encoding: Encoding::Raw,
+            parts: parts.iter().enumerate().map(part).collect(),
+        }
+    }
+
+    #[test]
+    fn layout_reads_parts_not_the_span_between_them() {
+        // Contiguous parts (with alignment padding): one segment, the buffer is the range.
+        let t = with_parts(&[(128, 100), (256, 64), (320, 0)]);
+        let l = TensorLayout::of(&t, 1024);
+        assert_eq!(
+            l.segments,
+            vec![Segment {
+                file: 1152,
+                len: 192,
+                buf: 0
+            }]
+        );
+        assert_eq!(l.len, 192);
+        let offsets: Vec<u64> = l.parts.iter().map(|p| p.1).collect();
+        assert_eq!(offsets, [0, 128, 192]);
+        // Parts 1.5 GiB apart, listed out of file order: two segments, the far one placed at
+        // its file phase modulo 4 KiB, the buffer holds parts and padding only.
+        let far = 3 << 29;
+        let t = with_parts(&[(far + 4096 + 192, 64), (64, 100)]);
+        let l = TensorLayout::of(&t, 0);
+        let second = Segment {
+            file: far + 4096 + 192,
+            len: 64,
+            buf: 128,
+        };
+        assert_eq!(l.segments[1], second);
+        assert_eq!(l.len, 192);
+        assert_eq!(
+            l.parts[0].1 % DIRECT_ALIGN,
+            (far + 4096 + 192 - 64) % DIRECT_ALIGN
+        );
+        // A gap just under COALESCE_GAP is read through; at the limit it is not.
+        let t = with_parts(&[(0, 64), (64 + COALESCE_GAP - 1, 64)]);
+        assert_eq!(TensorLayout::of(&t, 0).segments.len(), 1);
+        let t = with_parts(&[(0, 64), (64 + COALESCE_GAP, 64)]);
+        assert_eq!(TensorLayout::of(&t, 0).segments.len(), 2);
+        // No parts with bytes: an empty buffer, whatever the offsets.
+        let t = with_parts(&[(0, 0), (far, 0)]);
+        assert_eq!(TensorLayout::of(&t, 0).len, 0);
+    }
+
+    #[test]
+    fn layout_of_written_files_is_the_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_file(dir.path(), 4096);
+        let s = StreamFile::open(&path, ReadMode::Pread, 1, 1 << 20).unwrap();
+        for i in 0..2 {
+            let (a, b) = s.tensor_range(i).unwrap();
+            let l = s.tensor_layout(i).unwrap();
+            assert_eq!(
+                l.segments,
+                vec![Segment {
+                    file: a,
+                    len: b - a,
+                    buf: 0
+                }]
+            );
+            for (name, off, len) in &l.parts {
+                let p = s.header().tensors[i].part(name).unwrap();
+                assert_eq!((a + off, *len), (s.data_start() + p.offset, p.length));
             }
         }
     }

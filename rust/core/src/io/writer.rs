@@ -149,11 +149,15 @@ impl FileWriter {
             .ok_or_else(|| Error::Invalid(format!("'{}' is not a file path", path.display())))?
             .to_string_lossy()
             .into_owned();
+        check_folder(&dir, path)?;
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{file_name}."))
             .suffix(".tmp")
             .tempfile_in(&dir)
-            .map_err(|e| Error::io(format!("cannot create a file in '{}'", dir.display()), e))?;
+            .map_err(|e| {
+                let context = format!("cannot create a file in '{}'", dir.display());
+                Error::io(context, without_temp_name(e))
+            })?;
         tmp.as_file()
             .set_len(data_start + data_len)
             .map_err(|e| Error::io("cannot size the output file", e))?;
@@ -258,6 +262,45 @@ fn set_readable_permissions(f: &File) {
 }
 #[cfg(not(unix))]
 fn set_readable_permissions(_f: &File) {}
+
+/// The folder the output goes into must exist: say so in its terms, not the temporary file's.
+fn check_folder(dir: &Path, path: &Path) -> Result<()> {
+    let output = path.display();
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(Error::Invalid(format!(
+            "cannot write '{output}': '{}' is not a folder",
+            dir.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::io(
+            format!(
+                "cannot write '{output}': the folder '{}' does not exist",
+                dir.display()
+            ),
+            e,
+        )),
+        Err(e) => Err(Error::io(
+            format!(
+                "cannot write '{output}': cannot reach the folder '{}'",
+                dir.display()
+            ),
+            e,
+        )),
+    }
+}
+
+/// The error of a failed temporary-file creation without the random temporary name tempfile
+/// appends ("<OS message> at path \".x.qtensors.a1B2c3.tmp\""): it means nothing to the user.
+fn without_temp_name(e: std::io::Error) -> std::io::Error {
+    if e.raw_os_error().is_some() {
+        return e;
+    }
+    let text = e.to_string();
+    match text.rsplit_once(" at path ") {
+        Some((message, _path)) => std::io::Error::new(e.kind(), message.to_string()),
+        None => e,
+    }
+}
 
 #[cfg(unix)]
 fn sync_parent_dir(path: &Path) {
