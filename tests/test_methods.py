@@ -380,3 +380,49 @@ def test_calibrated_methods_on_an_encoder(method):
         progress=False,
     )
     assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 2 * 6 + 1  # + pooler
+
+
+# -- the command line ---------------------------------------------------------------------------
+def tiny_folder(tmp_path):
+    """A transformers model folder: tiny Llama weights and a word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = "the a cat dog sat ran on under mat log and then".split()
+    vocab = {"[UNK]": 0, "[EOS]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="[UNK]", eos_token="[EOS]"
+    )
+    src = tmp_path / "src"
+    tiny_llama(seed=11).save_pretrained(src)
+    tok.save_pretrained(src)
+    text = tmp_path / "notes.txt"
+    text.write_text("the cat sat on the mat and then the dog ran under a log . " * 30)
+    return src, text
+
+
+def test_cli_convert_with_a_method(tmp_path, capsys):
+    from qtensors.cli import main
+
+    src, text = tiny_folder(tmp_path)
+    dst = tmp_path / "out"
+    common = ["--preset", "int4-g64", "--samples", "4", "--seq-len", "16", "-q"]
+    assert main(["convert", str(src), str(dst), "--method", "gptq", *common]) == 1
+    assert "--method gptq needs --calibration" in capsys.readouterr().err
+    assert not dst.exists()
+    rc = main(
+        ["convert", str(src), str(dst), "--method", "gptq", "--calibration", str(text), *common]
+    )
+    assert rc == 0
+    with qt.safe_open(dst / "model.qtensors") as f:
+        meta = json.loads(f.metadata()["quantization_method"])
+        assert meta["method"] == "gptq" and meta["calibration"]["samples"] == 4
+        assert f.encoding("model.layers.0.mlp.down_proj.weight")["name"] == "affine"
+        assert f.encoding("lm_head.weight")["name"] == "raw"
+    model = qtt.from_pretrained(dst, transformers.AutoModelForCausalLM)
+    ref = tiny_llama(seed=11)
+    ids = torch.tensor([[2, 3, 4, 5, 2, 6]])
+    with torch.no_grad():
+        got, want = model(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert float((got - want).pow(2).mean() / want.pow(2).mean()) < 0.1
