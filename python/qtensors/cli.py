@@ -174,6 +174,31 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("method (model folders of transformers models)")
+    g.add_argument(
+        "--method",
+        choices=("rtn", "hqq", "gptq", "awq"),
+        default="rtn",
+        help="how codes and scales are chosen: rtn (default, round-to-nearest), hqq (no data), "
+        "gptq or awq (need --calibration); the linears of the model's blocks are quantized, "
+        "lm_head and the rest kept raw",
+    )
+    g.add_argument(
+        "--calibration",
+        action="append",
+        metavar="FILE|DIR",
+        help="calibration text: a file, or a folder of .txt files (repeatable)",
+    )
+    g.add_argument(
+        "--samples", type=_int_in(1), default=128, metavar="N", help="calibration windows (128)"
+    )
+    g.add_argument(
+        "--seq-len", type=_int_in(1), default=512, metavar="L", help="tokens per window (512)"
+    )
+    g.add_argument("--device", metavar="DEV", help="where blocks run: cpu (default), cuda, ...")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -196,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dst", metavar="DST", nargs="?", help="a .qtensors file (the suffix is required) or folder"
     )
     _add_quant_options(p)
+    _add_method_options(p)
     g = p.add_argument_group("output")
     g.add_argument("-f", "--force", action="store_true", help="replace an existing output")
     g.add_argument(
@@ -290,6 +316,8 @@ def _times(ratio: float) -> str:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import ConversionInterrupted, convert
 
+    if args.method != "rtn" or args.calibration:
+        return _convert_with_method(args)
     res = convert(
         args.src,
         args.dst,
@@ -305,6 +333,32 @@ def cmd_convert(args: argparse.Namespace) -> int:
         _report_conversion(res, args)
     except KeyboardInterrupt:  # the output is complete: only the summary was cut short
         raise ConversionInterrupted(res.dst, published=True) from None
+    return 0
+
+
+def _convert_with_method(args: argparse.Namespace) -> int:
+    from .methods.convert import convert_with_method
+
+    if args.dst is None:
+        raise ValueError(f"--method {args.method} needs DST, the output model folder")
+    res = convert_with_method(
+        args.src,
+        args.dst,
+        _quant(args),
+        args.method,
+        calibration=args.calibration,
+        samples=args.samples,
+        seq_len=args.seq_len,
+        device=args.device,
+        keep=args.keep,
+        force=args.force,
+        progress=False if (args.quiet or args.json) else None,
+    )
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+    elif not args.quiet:
+        print(f"wrote {res['dst']}: linears quantized with {args.method}")
+        print(f"  time    {res['seconds']:.2f} s")
     return 0
 
 

@@ -74,28 +74,103 @@ def quantize_model(
     encoding: _typing.Any = None,
     embeddings: bool = False,
     skip: tuple[str, ...] = (),
+    *,
+    method: _typing.Any = "rtn",
+    calibration: _typing.Any = None,
+    tokenizer: _typing.Any = None,
+    samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+    device: _torch.device | str | None = None,
+    batch_size: int = 8,
+    progress: bool | None = None,
+    holdout: _typing.Any = None,
+    **settings: _typing.Any,
 ) -> _torch.nn.Module:
     """Replace every plain ``nn.Linear`` of ``model`` (and ``nn.Embedding`` with
     ``embeddings``) by its quantized counterpart, quantized with ``encoding`` (an encoding or a
-    preset name such as ``"nf4"``; default FLEXGEN) on the CPU; names matching a ``skip``
-    pattern (fnmatch) stay as they are. In place."""
+    preset name such as ``"nf4"``; default FLEXGEN);
+    names matching a ``skip`` pattern (fnmatch) stay as they are. In place.
+
+    ``method`` picks how codes and group parameters are chosen (``qtensors.methods``):
+    ``"rtn"`` (default) and ``"hqq"`` need no data; ``"gptq"`` and ``"awq"`` need
+    ``calibration`` (texts with ``tokenizer``, or token ids), of which ``samples`` windows of
+    ``seq_len`` tokens are drawn (``seed``), and run the model's blocks one at a time on
+    ``device`` (default: where the model is), ``batch_size`` windows per forward. Linears
+    outside the blocks (e.g. an lm_head not skipped) get round-to-nearest. ``settings`` go to
+    the method (e.g. ``act_order=False``). Embeddings always get round-to-nearest. The method
+    and its settings are kept in ``model.qtensors_quantization`` and ``save_model`` records
+    them in the file's metadata.
+
+    ``holdout`` (token ids ``[n, L]``): measure each linear's relative output error on these
+    other windows (any method; recorded under ``layer_error``), for comparing methods.
+    """
     import fnmatch
 
+    from .. import methods as _methods
     from ..encodings import FLEXGEN, Raw, as_encoding
     from .loading import _swappable
 
     enc = FLEXGEN if encoding is None else as_encoding(encoding, "encoding")
     if isinstance(enc, Raw):
         raise ValueError("quantize_model needs a quantizing encoding, not raw")
+    m = _methods.get_method(method, **settings)
+    record: dict[str, _typing.Any] = {**m.settings(), "encoding": _describe(enc)}
+    if m.needs_calibration or holdout is not None:
+        if m.needs_calibration:
+            # check the data before any work, so a mistake fails at once
+            windows = _methods.calibration_windows(
+                calibration, tokenizer, samples, seq_len, seed, method=f"method {m.name!r}"
+            )
+            record["calibration"] = {
+                "samples": int(windows.shape[0]),
+                "seq_len": int(windows.shape[1]),
+                "seed": seed,
+            }
+        else:  # only measuring: the blocks run on the held-back windows alone
+            windows = holdout
+        record.update(
+            _methods.runner.quantize_blocks(
+                model,
+                enc,
+                m,
+                windows,
+                skip=skip,
+                device=device,
+                batch_size=batch_size,
+                progress=_want_progress(progress),
+                holdout=holdout,
+            )
+        )
     for name, module in list(model.named_modules()):
         if any(fnmatch.fnmatchcase(name, p) for p in skip) or not name:
             continue
         if _swappable(module, _torch.nn.Linear):
-            new: _torch.nn.Module = QuantizedLinear.from_linear(module, enc)
+            if m.needs_calibration or m.name == "rtn":  # linears outside any block
+                new: _torch.nn.Module = QuantizedLinear.from_linear(module, enc)
+            else:
+                q = m.quantize_weight(module.weight, enc, None)
+                w = module.weight
+                qw = QuantizedWeight.from_quantized(q, device=w.device, dtype=w.dtype)
+                bias = module.bias
+                new = QuantizedLinear.from_weight(
+                    qw, None if bias is None else _torch.nn.Parameter(bias.detach().clone())
+                )
         elif embeddings and _swappable(module, _torch.nn.Embedding):
             new = QuantizedEmbedding.from_embedding(module, enc)
         else:
             continue
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
+    model.qtensors_quantization = record
     return model
+
+
+def _describe(enc: _typing.Any) -> dict[str, _typing.Any]:
+    return enc.to_dict(2)
+
+
+def _want_progress(progress: bool | None) -> bool:
+    from .._progress import want_progress
+
+    return want_progress(progress)

@@ -587,10 +587,36 @@ def save_model(
     filename: str | os.PathLike[str],
     quant: Any = None,
     metadata: dict[str, str] | None = None,
-) -> None:
+    tokenizer: Any = None,
+) -> str:
     """Write ``model``'s tensors to a qtensors file: quantized modules as they are stored, the
     other tensors encoded by ``quant`` as in ``qtensors.save_file`` (default: FLEXGEN for float
-    tensors of rank >= 2, the rest raw)."""
+    tensors of rank >= 2, the rest raw; ``qtensors.Raw()`` keeps them all as they are).
+
+    ``filename`` naming a folder (an existing one, or a path without extension) gives a model
+    folder ``from_pretrained`` loads: ``model.qtensors`` plus the model's config (and
+    generation config, and ``tokenizer``'s files when given). The quantization method a model
+    was quantized with (``quantize_model``) is recorded in the metadata under
+    ``quantization_method`` (JSON). Returns the path of the qtensors file written."""
+    import json
+
     from ..files import save_file
 
-    save_file(state_dict_for_file(model), filename, quant=quant, metadata=metadata)
+    meta = dict(metadata or {})
+    record = getattr(model, "qtensors_quantization", None)
+    if record:  # measurements (layer_error) are not part of how the file was made
+        made = {k: v for k, v in record.items() if k != "layer_error"}
+        meta.setdefault("quantization_method", json.dumps(made, sort_keys=True))
+    path = os.fspath(filename)
+    if os.path.isdir(path) or not os.path.splitext(path)[1]:
+        os.makedirs(path, exist_ok=True)
+        for part in (
+            getattr(model, "config", None),
+            getattr(model, "generation_config", None),
+            tokenizer,
+        ):
+            if part is not None and hasattr(part, "save_pretrained"):
+                part.save_pretrained(path)
+        path = os.path.join(path, "model.qtensors")
+    save_file(state_dict_for_file(model), path, quant=quant, metadata=meta)
+    return path

@@ -190,11 +190,14 @@ class QuantizedWeight(nn.Module):
 
     def to_quantized(self) -> QuantizedTensor:
         """The parts as a CPU QuantizedTensor (framework "pt"), e.g. for ``qtensors.save_file``."""
-        parts = [t.detach().cpu().contiguous() for t in (self.codes, self.scales, self.mins)]
+        parts = [
+            None if t is None else t.detach().cpu().contiguous()
+            for t in (self.codes, self.scales, self.mins)
+        ]
         return QuantizedTensor(
             parts[0],
             parts[1],
-            parts[2] if self.mins is not None else None,
+            parts[2],
             tuple(self.shape),
             OUT_DTYPES[self.dtype],
             dict(self.encoding),

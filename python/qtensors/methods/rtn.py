@@ -1,0 +1,53 @@
+"""Round-to-nearest: each group's min-max (or absmax) parameters and nearest codes, exactly what
+``qtensors.quantize`` writes. The baseline every other method is compared with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..encodings import Encoding
+from ..quantized import QuantizedTensor
+from .grid import Grid, expand, from_rows, grouped, rows_view
+from .packing import quantized_tensor
+
+
+@dataclass
+class RTN:
+    name = "rtn"
+    needs_calibration = False
+
+    def settings(self) -> dict[str, Any]:
+        return {"method": self.name}
+
+    def observer(self, linear: nn.Linear, name: str = "") -> None:
+        return None
+
+    def prepare_block(self, block: nn.Module, run: Any, encoding: Encoding) -> None:
+        return None
+
+    def quantize_weight(
+        self, weight: torch.Tensor, encoding: Encoding, stats: Any = None
+    ) -> QuantizedTensor:
+        grid = Grid.of(encoding)
+        return quantized_tensor(grid, *rtn_quantize(rows_view(weight.detach(), grid), grid))
+
+
+def rtn_quantize(
+    w: torch.Tensor, grid: Grid
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Codes ``[rows, n]`` and parameters ``[rows, G]`` of ``w`` (groups along its last axis)."""
+    g, n = grid.group_size, w.shape[1]
+    s, m = grid.params(grouped(w.float(), g))
+    return grid.encode(w, expand(s, g, n), expand(m, g, n)), s, m
+
+
+def rtn_fake(weight: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """``weight`` (any orientation the grid allows) round-tripped through RTN."""
+    w = rows_view(weight.detach(), grid)
+    g, n = grid.group_size, w.shape[1]
+    c, s, m = rtn_quantize(w, grid)
+    return from_rows(grid.decode(c, expand(s, g, n), expand(m, g, n)), grid)

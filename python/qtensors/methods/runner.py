@@ -1,0 +1,234 @@
+"""Quantize a transformers model block by block on calibration data, as GPTQ does: the inputs
+of each block are the outputs of the previous block *after* its quantization, so every block
+learns to correct what came before. Only the block being quantized needs to be on ``device``.
+
+Blocks are the repeated layers of a Llama-like decoder (``model.layers``) or a BERT-like
+encoder (``encoder.layer``). Per block: the method may rewrite its float weights
+(``prepare_block``: AWQ folds scales), observers collect the inputs of each linear in one pass,
+each linear is quantized and swapped for a ``QuantizedLinear``, and a second pass computes the
+next block's inputs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..encodings import Encoding
+from ..torch.modules import QuantizedLinear, QuantizedWeight
+from .base import Method
+
+#: Where the repeated blocks live in the models we know, tried in order.
+BLOCK_PATHS = (
+    "model.layers",
+    "model.model.layers",
+    "layers",
+    "encoder.layer",
+    "bert.encoder.layer",
+    "model.encoder.layer",
+    "transformer.h",
+    "model.decoder.layers",
+)
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The path and the ModuleList of the model's repeated blocks."""
+    for path in BLOCK_PATHS:
+        try:
+            mod = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            return path, mod
+    raise ValueError(
+        "calibrated quantization runs decoder or encoder blocks one at a time, but this model "
+        f"has none of {', '.join(BLOCK_PATHS)}"
+    )
+
+
+class _Stop(Exception):
+    """Raised by the hook on the first block once its inputs are captured."""
+
+
+def _move_outside(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Move every parameter and buffer not inside ``blocks`` to ``device``."""
+    inside = {id(m) for m in blocks.modules()}
+    for m in model.modules():
+        if id(m) in inside:
+            continue
+        for p in m._parameters.values():
+            if p is not None:
+                p.data = p.data.to(device)
+        for k, b in m._buffers.items():
+            if b is not None:
+                m._buffers[k] = b.to(device)
+
+
+def capture_inputs(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    windows: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) the first block gets for each batch of windows."""
+    calls: list[tuple[tuple, dict]] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.append((args, kwargs))
+        raise _Stop
+
+    home = next(model.parameters()).device
+    _move_outside(model, blocks, device)
+    h = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    try:
+        for i in range(0, windows.shape[0], batch_size):
+            ids = windows[i : i + batch_size].to(device)
+            try:
+                model(input_ids=ids, **extra)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+        _move_outside(model, blocks, home)
+    return calls
+
+
+def _swap(block: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(block.get_submodule(parent) if parent else block, child, new)
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def quantize_blocks(
+    model: nn.Module,
+    encoding: Encoding,
+    method: Method,
+    windows: torch.Tensor,
+    *,
+    skip: Iterable[str] = (),
+    device: torch.device | str | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    on_block: Callable[[int, nn.Module], None] | None = None,
+    holdout: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """Quantize the linears of every block of ``model`` with ``method`` on ``windows`` (token
+    ids ``[samples, L]``); in place. Returns a record of what was done (e.g. AWQ's alphas).
+
+    ``holdout``: other windows on which each linear's relative output error
+    ``||X W^T - X W'^T|| / ||X W^T||`` is measured (X: its inputs there, W: its float weight as
+    the method left it, W': quantized), recorded under ``layer_error``."""
+    skip = tuple(skip)
+    prefix, blocks = find_blocks(model)
+    home = next(model.parameters()).device
+    dev = torch.device(device) if device is not None else home
+    record: dict[str, Any] = {"blocks": len(blocks)}
+    layer_error: dict[str, float] = {}
+    with torch.no_grad():
+        calls = capture_inputs(model, blocks, windows, batch_size, dev)
+        held = [] if holdout is None else capture_inputs(model, blocks, holdout, batch_size, dev)
+        bar = _bar(len(blocks), f"{method.name} blocks", progress)
+        for i, block in enumerate(blocks):
+            block.to(dev)
+
+            def run(max_batches: int | None = None, block: nn.Module = block) -> None:
+                for args, kwargs in calls[:max_batches]:
+                    block(*args, **kwargs)
+
+            extra = method.prepare_block(block, run, encoding)
+            if extra is not None:
+                record.setdefault("prepare", []).append(extra)
+            linears = {
+                n: m
+                for n, m in block.named_modules()
+                if type(m) is nn.Linear
+                and not any(fnmatch.fnmatchcase(f"{prefix}.{i}.{n}", p) for p in skip)
+            }
+            observers = {n: method.observer(m, n) for n, m in linears.items()}
+            hooks = [
+                m.register_forward_pre_hook(lambda _m, a, o=observers[n]: o.add(a[0]))
+                for n, m in linears.items()
+                if observers[n] is not None
+            ]
+            try:
+                run()
+            finally:
+                for h in hooks:
+                    h.remove()
+            held_inputs = _inputs_of(block, linears, held)
+            for n, lin in linears.items():
+                q = method.quantize_weight(lin.weight, encoding, observers[n])
+                qw = QuantizedWeight.from_quantized(q, device=dev, dtype=lin.weight.dtype)
+                bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone())
+                _swap(block, n, QuantizedLinear.from_weight(qw, bias))
+                if held:
+                    x = held_inputs[n]
+                    ref = x @ lin.weight.float().t()
+                    err = torch.linalg.norm(ref - x @ qw.dequantize(torch.float32).t())
+                    layer_error[f"{prefix}.{i}.{n}"] = float(err / torch.linalg.norm(ref))
+                observers[n] = None  # free the Hessian before the next one is built
+            # the next block sees this block's quantized outputs
+            _advance(block, calls)
+            _advance(block, held)
+            block.to(home)
+            if on_block is not None:
+                on_block(i, block)
+            bar.update(1)
+        bar.close()
+    if layer_error:
+        record["layer_error"] = layer_error
+    return record
+
+
+def _advance(block: nn.Module, calls: list[tuple[tuple, dict]]) -> None:
+    """Replace each call's hidden states by the block's output on them."""
+    for j, (args, kwargs) in enumerate(calls):
+        if args:
+            calls[j] = ((_first(block(*args, **kwargs)), *args[1:]), kwargs)
+        else:
+            calls[j] = (args, {**kwargs, "hidden_states": _first(block(**kwargs))})
+
+
+def _inputs_of(
+    block: nn.Module, linears: dict[str, nn.Linear], calls: list[tuple[tuple, dict]]
+) -> dict[str, torch.Tensor]:
+    """The inputs (rows) every linear of ``block`` gets on ``calls``."""
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda _m, a, n=n: got[n].append(a[0].reshape(-1, a[0].shape[-1]).float())
+        )
+        for n, m in linears.items()
+    ]
+    try:
+        for args, kwargs in calls:
+            block(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.cat(v) for n, v in got.items() if v}
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="block")

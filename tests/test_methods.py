@@ -1,0 +1,428 @@
+"""Calibrated quantizers (qtensors.methods): GPTQ, AWQ, HQQ and RTN, on tiny layers and models
+built here (fast, CPU only)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import reference as R
+import torch
+from torch import nn
+
+import qtensors as qt
+import qtensors.torch as qtt
+from qtensors.methods import (
+    AWQ,
+    GPTQ,
+    HQQ,
+    RTN,
+    CalibrationError,
+    HessianObserver,
+    calibration_windows,
+    get_method,
+)
+from qtensors.methods.awq import fold_scales, scale_groups
+from qtensors.methods.gptq import gptq_quantize
+from qtensors.methods.grid import Grid
+from qtensors.methods.hqq import hqq_quantize
+from qtensors.torch import QuantizedLinear, QuantizedWeight
+
+transformers = pytest.importorskip("transformers")
+
+ENCODINGS = [
+    qt.Affine(bits=4, group_size=16),
+    qt.Symmetric(bits=4, group_size=16),
+    qt.Symmetric(bits=3, group_size=32, scale_dtype="bfloat16"),
+    qt.NF4(group_size=16),
+    qt.Affine(bits=4, group_size=16, axis=0),
+]
+IDS = ["affine4", "sym4", "sym3-bf16", "nf4", "affine4-axis0"]
+
+
+def decoded(q: qt.QuantizedTensor) -> torch.Tensor:
+    return QuantizedWeight.from_quantized(q).dequantize(torch.float32)
+
+
+def reference_decoded(q: qt.QuantizedTensor) -> np.ndarray:
+    """Decode the parts with the numpy reference of the spec."""
+    parts = {
+        "codes": q.codes.numpy(),
+        "scales": _storage(q.scales),
+        "mins": None if q.mins is None else _storage(q.mins),
+    }
+    return R.dequantize_fp32(parts, q.encoding, q.shape)
+
+
+def _storage(t: torch.Tensor) -> np.ndarray:
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def correlated_inputs(n: int, features: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(features, features, generator=g) / features**0.5
+    scale = torch.rand(features, generator=g) * 3 + 0.1
+    return (torch.randn(n, features, generator=g) @ mix + 0.3) * scale
+
+
+def output_error(W: torch.Tensor, W_hat: torch.Tensor, X: torch.Tensor) -> float:
+    return float(torch.linalg.norm(X @ W.t() - X @ W_hat.t()))
+
+
+# -- RTN is exactly what qtensors.quantize writes -----------------------------------------------
+@pytest.mark.parametrize("enc", [*ENCODINGS, qt.Affine(bits=3, group_size=16)], ids=[*IDS, "a3"])
+def test_rtn_matches_core(enc):
+    torch.manual_seed(0)
+    w = torch.randn(24, 40) * torch.rand(24, 1) * 3  # 40 columns: a ragged last group
+    mine = RTN().quantize_weight(w, enc, None)
+    core = qt.quantize(w, enc, framework="pt")
+    for a, b in zip(mine.parts(), core.parts(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("enc", ENCODINGS, ids=IDS)
+def test_every_method_writes_what_the_reference_decodes(enc):
+    torch.manual_seed(6)
+    W = torch.randn(24, 48)
+    X = correlated_inputs(128, 48, seed=6)
+    for method in (RTN(), HQQ(), GPTQ(), AWQ()):
+        obs = method.observer(nn.Linear(48, 24), "mlp.down_proj")
+        if obs is not None:
+            obs.add(X)
+        q = method.quantize_weight(W, enc, obs)
+        assert q.encoding_object == qt.quantize(W, enc).encoding_object
+        np.testing.assert_array_equal(reference_decoded(q), decoded(q).numpy())
+
+
+# -- GPTQ ---------------------------------------------------------------------------------------
+def test_gptq_worked_example():
+    """One row of three weights, a given inverse Hessian, a 3-bit symmetric grid of step 0.2.
+
+    By hand (OBS): q1 = Q(0.13) = 0.2, error e1 = (0.13 - 0.2) / Hinv11 = -0.07; the others
+    move by -e1 * Hinv1j: w2 = -0.13 + 0.07 * 0.8 = -0.074, w3 = 0.6 - 0.07 * 0.4 = 0.572.
+    Removing column 1 leaves Hinv22' = 1 - 0.8^2 = 0.36, Hinv23' = 0.1 + 0.8 * 0.4 = 0.42.
+    q2 = Q(-0.074) = 0 (RTN would give -0.2), e2 = -0.074 / 0.36, w3 = 0.572 + 0.074 * 0.42 / 0.36
+    = 0.6583, q3 = Q(0.6583) = 0.6 (clamped to 3 steps).
+    """
+    Hinv = torch.tensor([[1.0, 0.8, -0.4], [0.8, 1.0, 0.1], [-0.4, 0.1, 1.0]], dtype=torch.float64)
+    w = torch.tensor([[0.13, -0.13, 0.6]])
+    enc = qt.Symmetric(bits=3, group_size=3, scale_dtype="float32")
+    step = 0.6 / 3
+
+    def Q(v: float) -> float:
+        return max(-3, min(3, round(v / step))) * step
+
+    # the OBS update, written out
+    w1, w2, w3 = w[0].tolist()
+    q1 = Q(w1)
+    e1 = (w1 - q1) / Hinv[0, 0].item()
+    w2 -= e1 * Hinv[0, 1].item()
+    w3 -= e1 * Hinv[0, 2].item()
+    h22 = (Hinv[1, 1] - Hinv[0, 1] ** 2 / Hinv[0, 0]).item()
+    h23 = (Hinv[1, 2] - Hinv[0, 1] * Hinv[0, 2] / Hinv[0, 0]).item()
+    assert (w2, w3, h22, h23) == pytest.approx((-0.074, 0.572, 0.36, 0.42))
+    q2 = Q(w2)
+    w3 -= (w2 - q2) / h22 * h23
+    expected = [q1, q2, Q(w3)]
+    assert expected == pytest.approx([0.2, 0.0, 0.6])
+
+    H = torch.linalg.inv(Hinv).float()
+    grid = Grid.of(enc)
+    codes, s, _ = gptq_quantize(w, H, grid, damp=0.0, act_order=False)
+    got = grid.decode(codes, s, None)
+    assert got[0].tolist() == pytest.approx(expected, abs=1e-6)
+    rtn = decoded(RTN().quantize_weight(w, enc))
+    assert rtn[0].tolist() == pytest.approx([0.2, -0.2, 0.6], abs=1e-6)
+
+    # and the compensated row has the lower output error under H
+    def err(q):
+        d = (w - q).double()
+        return float(d @ H.double() @ d.t())
+
+    assert err(got) < err(rtn)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("enc", ENCODINGS, ids=IDS)
+def test_gptq_beats_rtn_on_a_random_layer(enc, act_order):
+    torch.manual_seed(1)
+    W = torch.randn(32, 64)
+    X = correlated_inputs(512, 64, seed=2)
+    obs = HessianObserver(64)
+    for chunk in X.split(100):
+        obs.add(chunk)
+    torch.testing.assert_close(obs.H, 2 * X.t() @ X / X.shape[0], rtol=1e-4, atol=1e-3)
+    X_held = correlated_inputs(256, 64, seed=2)  # same distribution, other rows
+    X_held = X_held[torch.randperm(256)]
+    rtn = output_error(W, decoded(RTN().quantize_weight(W, enc)), X_held)
+    gptq = output_error(W, decoded(GPTQ(act_order=act_order).quantize_weight(W, enc, obs)), X_held)
+    assert gptq < 0.8 * rtn
+
+
+@pytest.mark.parametrize("enc", ENCODINGS, ids=IDS)
+def test_gptq_on_a_diagonal_hessian_is_rtn(enc):
+    """No correlation between inputs: nothing to compensate, GPTQ never does worse than RTN."""
+    torch.manual_seed(3)
+    W = torch.randn(16, 48)
+    obs = HessianObserver(48)
+    obs.add(torch.diag(torch.rand(48) + 0.5))  # orthogonal input rows: a diagonal Hessian
+    for act_order in (False, True):
+        got = decoded(GPTQ(act_order=act_order).quantize_weight(W, enc, obs))
+        torch.testing.assert_close(got, decoded(RTN().quantize_weight(W, enc)), rtol=0, atol=0)
+
+
+def test_gptq_dead_columns_become_zero():
+    torch.manual_seed(4)
+    W = torch.randn(8, 32)
+    X = torch.randn(64, 32)
+    X[:, 5] = 0
+    obs = HessianObserver(32)
+    obs.add(X)
+    got = decoded(GPTQ().quantize_weight(W, qt.Affine(bits=4, group_size=16), obs))
+    assert torch.isfinite(got).all()
+    assert got[:, 5].abs().max() <= (W[:, :16].amax(1) - W[:, :16].amin(1)).max() / 15 / 2 + 1e-3
+
+
+# -- HQQ ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("enc", ENCODINGS, ids=IDS)
+def test_hqq_never_increases_its_objective(enc):
+    torch.manual_seed(5)
+    w = torch.randn(32, 40)
+    w[0, 3] = 9.0  # an outlier: the lp fit should let it go
+    grid = Grid.of(enc)
+    rows = w.t() if grid.axis % 2 == 0 else w
+    *_, history = hqq_quantize(rows, grid)
+    assert len(history) >= 2
+    assert all(b <= a for a, b in itertools.pairwise(history))
+    assert history[-1] < history[0]  # and it does improve on round-to-nearest
+
+    method = HQQ()
+    q = method.quantize_weight(w, enc)
+    assert method.last_history == history
+    p = method.p
+    hqq_err = float((w - decoded(q)).abs().pow(p).mean())
+    rtn_err = float((w - decoded(RTN().quantize_weight(w, enc))).abs().pow(p).mean())
+    assert hqq_err <= rtn_err
+
+
+# -- AWQ ----------------------------------------------------------------------------------------
+def tiny_llama(seed: int = 0, kv_heads: int = 4, tie: bool = False):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms away from 1, so that folding into them is really tested
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def tiny_bert(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    return transformers.BertModel(cfg).eval()
+
+
+def test_awq_folding_leaves_the_float_model_unchanged():
+    for model, out in ((tiny_llama(), "logits"), (tiny_bert(), "last_hidden_state")):
+        ids = torch.randint(0, 96, (2, 12))
+        with torch.no_grad():
+            want = getattr(model(input_ids=ids), out)
+        blocks = model.model.layers if hasattr(model, "model") else model.encoder.layer
+        n_groups = 0
+        for block in blocks:
+            for group in scale_groups(block):
+                s = torch.rand(group.linears[0].in_features) * 4 + 0.25
+                fold_scales(group, s)
+                n_groups += 1
+        assert n_groups == (8 if out == "logits" else 2)  # qkv, v->o, gate/up, up->down
+        with torch.no_grad():
+            got = getattr(model(input_ids=ids), out)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_awq_skips_folds_that_do_not_fit():
+    block = tiny_llama(kv_heads=2).model.layers[0]  # grouped-query: v_proj is narrower than o
+    names = [[type(g.prev).__name__, len(g.linears)] for g in scale_groups(block)]
+    assert names == [["LlamaRMSNorm", 3], ["LlamaRMSNorm", 2], ["Linear", 1]]
+
+
+# -- calibration ------------------------------------------------------------------------------
+class CharTokenizer:
+    """A stand-in tokenizer: one token per character."""
+
+    eos_token_id = 1
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [2 + ord(c) % 90 for c in text]}
+
+
+def test_calibration_windows_are_seeded():
+    text = "the quick brown fox jumps over the lazy dog. " * 20
+    a = calibration_windows(text, CharTokenizer(), samples=4, seq_len=16, seed=3)
+    b = calibration_windows([text], CharTokenizer(), samples=4, seq_len=16, seed=3)
+    assert a.shape == (4, 16) and torch.equal(a, b)
+    assert not torch.equal(a, calibration_windows(text, CharTokenizer(), 4, 16, seed=4))
+    ids = torch.arange(100).reshape(2, 50)
+    w = calibration_windows(ids, samples=3, seq_len=200)
+    assert w.shape == (3, 100)  # shorter data: windows as long as it is
+
+
+def test_calibration_errors_are_clear():
+    model = tiny_llama()
+    enc = qt.Symmetric(bits=4, group_size=16)
+    with pytest.raises(CalibrationError, match="needs calibration data: pass calibration="):
+        qtt.quantize_model(model, enc, method="gptq")
+    with pytest.raises(CalibrationError, match="no tokens"):
+        qtt.quantize_model(model, enc, method="awq", calibration="  ", tokenizer=CharTokenizer())
+    with pytest.raises(CalibrationError, match="no tokens"):
+        qtt.quantize_model(model, enc, method="gptq", calibration=[])
+    with pytest.raises(CalibrationError, match="need a tokenizer: pass tokenizer="):
+        qtt.quantize_model(model, enc, method="gptq", calibration=["some text"])
+    with pytest.raises(ValueError, match="unknown method 'gptqq'"):
+        get_method("gptqq")
+    # nothing was touched by the failed calls
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
+# -- end to end ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["rtn", "hqq", "gptq", "awq"])
+def test_tiny_model_end_to_end(method, tmp_path):
+    model = tiny_llama(seed=7)
+    ref = tiny_llama(seed=7)
+    text = "Calibration text for a tiny model; it only needs to be long enough. " * 12
+    enc = qt.Affine(bits=4, group_size=16)
+    qtt.quantize_model(
+        model,
+        enc,
+        method=method,
+        calibration=text,
+        tokenizer=CharTokenizer(),
+        samples=6,
+        seq_len=24,
+        batch_size=4,
+        skip=("lm_head",),
+        progress=False,
+    )
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert len(linears) == 14 and isinstance(model.lm_head, nn.Linear)
+    record = model.qtensors_quantization
+    assert record["method"] == method and record["encoding"]["group_size"] == 16
+
+    ids = torch.randint(2, 92, (2, 20))
+    with torch.no_grad():
+        got, want = model(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert float((got - want).pow(2).mean() / want.pow(2).mean()) < 0.1
+
+    folder = tmp_path / "out"
+    path = qtt.save_model(model, folder, quant=qt.Raw())
+    # the file is ordinary qtensors data: the numpy reference reads and decodes every weight
+    tensors, metadata, _ = R.read_file(path)
+    assert json.loads(metadata["quantization_method"])["method"] == method
+    for name, lin in linears.items():
+        want_w = lin.weight.dequantize(torch.float32).numpy()
+        np.testing.assert_array_equal(tensors[f"{name}.weight"], want_w)
+    loaded = qtt.from_pretrained(folder, transformers.AutoModelForCausalLM)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, got, rtol=0, atol=0)
+
+
+def test_layer_error_on_held_back_windows():
+    ids = torch.randint(2, 92, (72, 16), generator=torch.Generator().manual_seed(0))
+    errors = {}
+    for method in ("rtn", "gptq"):
+        model = tiny_llama(seed=9)
+        qtt.quantize_model(
+            model,
+            qt.Symmetric(bits=3, group_size=16),
+            method=method,
+            calibration=ids[:64],
+            holdout=ids[64:],
+            samples=64,
+            seq_len=16,
+            skip=("lm_head",),
+            progress=False,
+        )
+        errors[method] = model.qtensors_quantization["layer_error"]
+        assert len(errors[method]) == 14
+    assert sum(errors["gptq"].values()) < sum(errors["rtn"].values())
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_methods_on_an_encoder(method):
+    model = tiny_bert(seed=8)
+    ids = torch.randint(2, 92, (8, 16))
+    qtt.quantize_model(
+        model,
+        qt.Symmetric(bits=4, group_size=32),
+        method=method,
+        calibration=ids,
+        samples=8,
+        seq_len=16,
+        progress=False,
+    )
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 2 * 6 + 1  # + pooler
+
+
+# -- the command line ---------------------------------------------------------------------------
+def tiny_folder(tmp_path):
+    """A transformers model folder: tiny Llama weights and a word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = "the a cat dog sat ran on under mat log and then".split()
+    vocab = {"[UNK]": 0, "[EOS]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="[UNK]", eos_token="[EOS]"
+    )
+    src = tmp_path / "src"
+    tiny_llama(seed=11).save_pretrained(src)
+    tok.save_pretrained(src)
+    text = tmp_path / "notes.txt"
+    text.write_text("the cat sat on the mat and then the dog ran under a log . " * 30)
+    return src, text
+
+
+def test_cli_convert_with_a_method(tmp_path, capsys):
+    from qtensors.cli import main
+
+    src, text = tiny_folder(tmp_path)
+    dst = tmp_path / "out"
+    common = ["--preset", "int4-g64", "--samples", "4", "--seq-len", "16", "-q"]
+    assert main(["convert", str(src), str(dst), "--method", "gptq", *common]) == 1
+    assert "--method gptq needs --calibration" in capsys.readouterr().err
+    assert not dst.exists()
+    rc = main(
+        ["convert", str(src), str(dst), "--method", "gptq", "--calibration", str(text), *common]
+    )
+    assert rc == 0
+    with qt.safe_open(dst / "model.qtensors") as f:
+        meta = json.loads(f.metadata()["quantization_method"])
+        assert meta["method"] == "gptq" and meta["calibration"]["samples"] == 4
+        assert f.encoding("model.layers.0.mlp.down_proj.weight")["name"] == "affine"
+        assert f.encoding("lm_head.weight")["name"] == "raw"
+    model = qtt.from_pretrained(dst, transformers.AutoModelForCausalLM)
+    ref = tiny_llama(seed=11)
+    ids = torch.tensor([[2, 3, 4, 5, 2, 6]])
+    with torch.no_grad():
+        got, want = model(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert float((got - want).pow(2).mean() / want.pow(2).mean()) < 0.1
