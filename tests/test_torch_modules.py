@@ -37,7 +37,8 @@ def test_linear_forward(enc):
     q = QuantizedLinear.from_linear(lin, enc)
     x = torch.randn(5, 96)
     want = F.linear(x, reference_weight(lin, enc), lin.bias)
-    torch.testing.assert_close(q(x), want, rtol=0, atol=0)
+    # the CPU multiplies by the packed codes (fp32 sums in its own order): equal up to rounding
+    torch.testing.assert_close(q(x), want, rtol=1e-5, atol=1e-6)
     # half inputs decode the weight in half
     y = q(x.half())
     assert y.dtype == torch.float16
