@@ -328,43 +328,51 @@ def slow_model(tmp_path_factory) -> str:
 SLOW = ("--bits", "3", "--group-size", "7", "--scale-dtype", "float32")
 
 
-def written_bytes(parent: str, prefix: str) -> int:
-    """Bytes actually written so far into the temporaries named `prefix*` under `parent` (the
-    writer sizes its file up front, sparse: allocated blocks grow as tensors are written)."""
-    total = 0
-    for name in os.listdir(parent):
-        if name.startswith(prefix):
-            path = os.path.join(parent, name)
-            paths = (
-                [path]
-                if os.path.isfile(path)
-                else [os.path.join(r, f) for r, _d, fs in os.walk(path) for f in fs]
-            )
-            for q in paths:
-                try:
-                    total += os.stat(q).st_blocks * 512
-                except FileNotFoundError:
-                    pass
-    return total
+# The CLI in a subprocess, with the writer paused after two tensors until a signal arrives: the
+# signal lands mid-conversion however fast or slow the machine is (no race with a timer).
+PAUSED_CLI = """
+import sys, time
+from qtensors import _core
+from qtensors.cli import main
+
+Writer = _core.Writer
+
+
+class PausingWriter:
+    def __init__(self, *args):
+        self._w, self._n = Writer(*args), 0
+
+    def write_tensor(self, *args):
+        self._w.write_tensor(*args)
+        self._n += 1
+        if self._n == 2:
+            print("PAUSED", flush=True)
+            while True:
+                time.sleep(0.01)
+
+    def __getattr__(self, name):
+        return getattr(self._w, name)
+
+
+_core.Writer = PausingWriter
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def start_and_interrupt(src: str, dst: str, sig: int) -> subprocess.Popen:
-    """Start a conversion, wait until it has written 16 MB (of ~200), then send `sig`."""
-    parent = os.path.dirname(dst)
+    """Start a conversion, wait until it has written two tensors (and stays there), send `sig`."""
     p = subprocess.Popen(
-        [*ENTRY, "convert", src, dst, *SLOW],
+        [sys.executable, "-c", PAUSED_CLI, "convert", src, dst, *SLOW],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**ENV, "PYTHONFAULTHANDLER": "1"},
     )
-    prefix = "." + os.path.basename(dst) + "."
-    deadline = time.monotonic() + 60
-    while written_bytes(parent, prefix) < 16 << 20:
-        assert p.poll() is None, p.communicate()
-        assert time.monotonic() < deadline, "the conversion never started writing"
-        time.sleep(0.002)
-    assert p.poll() is None, "the conversion finished before the signal: make slow_model bigger"
+    for line in p.stdout:
+        if line.strip() == "PAUSED":
+            break
+    else:
+        pytest.fail(f"the conversion ended before pausing:\n{p.communicate()}")
     p.send_signal(sig)
     try:
         p.wait(timeout=60)
