@@ -87,7 +87,8 @@ def test_every_method_writes_what_the_reference_decodes(enc):
     torch.manual_seed(6)
     W = torch.randn(24, 48)
     X = correlated_inputs(128, 48, seed=6)
-    for method in (RTN(), HQQ(), GPTQ(), AWQ()):
+    affine = Grid.of(enc).kind == "affine"
+    for method in (RTN(), HQQ(), GPTQ(), AWQ()) if affine else (RTN(), GPTQ(), AWQ()):
         obs = method.observer(nn.Linear(48, 24), "mlp.down_proj")
         if obs is not None:
             obs.add(X)
@@ -186,7 +187,10 @@ def test_gptq_dead_columns_become_zero():
 
 
 # -- HQQ ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("enc", ENCODINGS, ids=IDS)
+AFFINE = [(e, i) for e, i in zip(ENCODINGS, IDS, strict=True) if isinstance(e, qt.Affine)]
+
+
+@pytest.mark.parametrize("enc", [e for e, _ in AFFINE], ids=[i for _, i in AFFINE])
 def test_hqq_never_increases_its_objective(enc):
     torch.manual_seed(5)
     w = torch.randn(32, 40)
@@ -205,6 +209,12 @@ def test_hqq_never_increases_its_objective(enc):
     hqq_err = float((w - decoded(q)).abs().pow(p).mean())
     rtn_err = float((w - decoded(RTN().quantize_weight(w, enc))).abs().pow(p).mean())
     assert hqq_err <= rtn_err
+
+
+def test_hqq_refuses_groups_without_a_zero_point():
+    for enc in (qt.Symmetric(bits=4, group_size=16), qt.NF4(group_size=16)):
+        with pytest.raises(ValueError, match="affine encoding"):
+            HQQ().quantize_weight(torch.randn(8, 32), enc)
 
 
 # -- AWQ ----------------------------------------------------------------------------------------
@@ -426,3 +436,10 @@ def test_cli_convert_with_a_method(tmp_path, capsys):
     with torch.no_grad():
         got, want = model(input_ids=ids).logits, ref(input_ids=ids).logits
     assert float((got - want).pow(2).mean() / want.pow(2).mean()) < 0.1
+
+
+def test_quantize_model_refuses_hqq_on_symmetric_before_touching_the_model():
+    model = tiny_llama(seed=3)
+    with pytest.raises(ValueError, match="affine encoding"):
+        qtt.quantize_model(model, qt.Symmetric(bits=4, group_size=16), method="hqq")
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
