@@ -292,7 +292,7 @@ mod tests {
     #[test]
     fn filters_invert() {
         let src: Vec<u8> = (0..4096u32)
-            .map(|i| (i * 2654435761u32 >> 13) as u8)
+            .map(|i| ((i * 2654435761u32) >> 13) as u8)
             .collect();
         for filter in [Filter::None, Filter::Bytes, Filter::Float] {
             for k in [1, 2, 4, 8] {

@@ -288,9 +288,11 @@ pub(crate) fn check(
     };
     let chunk_size = match &raw.chunk_size {
         Some(Shallow::Uint(v)) if v.is_power_of_two() && (MIN_CHUNK..=MAX_CHUNK).contains(v) => *v,
-        Some(other) => return Err(format_err!(
+        Some(other) => {
+            return Err(format_err!(
             "{w} 'chunk_size' {other} must be a power of two between {MIN_CHUNK} and {MAX_CHUNK}"
-        )),
+        ))
+        }
         None => return Err(format_err!("{w} 'chunk_size' is missing")),
     };
     let list = match raw.chunks {

@@ -913,7 +913,8 @@ mod tests {
             vec![Segment {
                 file: 1152,
                 len: 192,
-                buf: 0
+                buf: 0,
+                compressed: None,
             }]
         );
         assert_eq!(l.len, 192);
@@ -928,6 +929,7 @@ mod tests {
             file: far + 4096 + 192,
             len: 64,
             buf: 128,
+            compressed: None,
         };
         assert_eq!(l.segments[1], second);
         assert_eq!(l.len, 192);
@@ -958,7 +960,8 @@ mod tests {
                 vec![Segment {
                     file: a,
                     len: b - a,
-                    buf: 0
+                    buf: 0,
+                    compressed: None,
                 }]
             );
             for (name, off, len) in &l.parts {
