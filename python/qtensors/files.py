@@ -299,12 +299,12 @@ class safe_open:
         # Compressed parts cannot be views of the file: they are decoded into new buffers.
         bufs = [
             reader.decode_part(name, n) if "compression" in p else reader
-            for n, p in zip(names, parts)
+            for n, p in zip(names, parts, strict=True)
         ]
         return wrap_parts(
             bufs,
             [0 if "compression" in p else self._data_start + p["offset"] for p in parts],
-            [len(b) if b is not reader else p["length"] for b, p in zip(bufs, parts)],
+            [len(b) if b is not reader else p["length"] for b, p in zip(bufs, parts, strict=True)],
             tuple(info["shape"]),
             info["dtype"],
             enc,
