@@ -278,8 +278,9 @@ fn join4(src: &[u8], dst: &mut [u8], n: usize, rotate: bool) {
     let (p0, rest) = src.split_at(n);
     let (p1, rest) = rest.split_at(n);
     let (p2, p3) = rest.split_at(n);
-    for (i, e) in dst.chunks_exact_mut(4).enumerate() {
-        let v = u32::from_le_bytes([p0[i], p1[i], p2[i], p3[i]]);
+    let planes = p0.iter().zip(p1).zip(p2.iter().zip(&p3[..n]));
+    for (e, ((&a, &b), (&c, &d))) in dst.chunks_exact_mut(4).zip(planes) {
+        let v = u32::from_le_bytes([a, b, c, d]);
         let v = if rotate { v.rotate_right(1) } else { v };
         e.copy_from_slice(&v.to_le_bytes());
     }
