@@ -564,6 +564,13 @@ def build(entries, metadata=None, alignment: int = 64) -> tuple[dict, bytes]:
     return header, bytes(data)
 
 
+def _has_compression(header) -> bool:
+    try:
+        return any("compression" in p for t in header["tensors"] for p in t["parts"].values())
+    except (TypeError, KeyError, AttributeError):
+        return False
+
+
 def assemble(
     header,
     data: bytes,
@@ -571,7 +578,7 @@ def assemble(
     alignment: int | None = None,
     magic: bytes = MAGIC,
     major: int = MAJOR,
-    minor: int = MINOR,
+    minor: int | None = None,
     reserved: int = 0,
     header_len: int | None = None,
     header_text: bytes | str | None = None,
@@ -593,6 +600,8 @@ def assemble(
     total = align_up(PREAMBLE + len(text), alignment)
     text = text + b" " * (total - PREAMBLE - len(text))
     hl = len(text) if header_len is None else header_len
+    if minor is None:  # as writers do: 1.0 unless a part is compressed
+        minor = MINOR if _has_compression(header) else 0
     pre = magic + struct.pack("<HHIQ", major, minor, reserved, hl)
     return pre + text + data
 
