@@ -4,7 +4,8 @@ the format or the malformed cases change. spec/vectors/ adds the conformance fil
 
 Seeds: every crafted malformed file of tests/malformed_cases.py (one or more per rule of spec
 section 7) and a few valid files at the edges (1-bit codes, every raw dtype, empty and scalar
-tensors, 4096 alignment, many tiny tensors, parts of one tensor in reverse order)."""
+tensors, 4096 alignment, many tiny tensors, parts of one tensor in reverse order, compressed
+parts in small chunks)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,40 @@ def valid_files(tmp: str) -> dict[str, bytes]:
         with open(path, "rb") as fh:
             out[name] = fh.read()
     out["reversed_parts"] = reverse_parts(out["bits1"])
+    # Compressed parts (spec 2.1): lossless (every filter), quantized with compressed scales, and
+    # several small chunks in one part.
+    small = {
+        "f": (rng.standard_normal(3000) * 0.05).astype(np.float32),
+        "h": np.ones(5000, dtype=np.float16),
+        "i": np.arange(2000, dtype=np.int32),
+        "u": np.zeros(9000, dtype=np.uint8),
+        "e": np.zeros(0, dtype=np.float32),
+    }
+    for name, tensors, quant in [
+        ("zstd_lossless", small, "raw"),
+        ("zstd_quantized", {"w": np.round(w * 4) / 4}, None),
+    ]:
+        path = os.path.join(tmp, name + ".qtensors")
+        w_ = qt._core.Writer(path, *plan(tensors, quant), {}, 64, "zstd", chunk_size=4096)
+        for i, x in enumerate(tensors.values()):
+            w_.write_tensor(i, np.ascontiguousarray(x).view(np.uint8).reshape(-1), str(x.dtype))
+        w_.finish()
+        with open(path, "rb") as fh:
+            out[name] = fh.read()
     return out
+
+
+def plan(tensors, quant):
+    """`_core.Writer`'s plans for `tensors` (save_file's choice of encodings)."""
+    from qtensors.encodings import Raw, choose_encoding, normalize_quant
+
+    q = normalize_quant(quant)
+    plans = []
+    for name, x in tensors.items():
+        enc = choose_encoding(name, str(x.dtype), x.shape, q)
+        ed = {"name": "raw"} if isinstance(enc, Raw) else enc.to_dict(x.ndim)
+        plans.append((name, str(x.dtype), list(x.shape), json.dumps(ed)))
+    return (plans,)
 
 
 def reverse_parts(blob: bytes) -> bytes:
@@ -86,6 +120,11 @@ def main() -> None:
     for f in os.listdir(seeds):
         os.remove(os.path.join(seeds, f))
     blobs = {f"malformed-{c.id}": c.blob for c in cases()}
+    # Hostile compressed parts: lying chunk tables, bombs, frames of the wrong size.
+    from test_compression import DATA_CASES, OPEN_CASES, craft
+
+    blobs.update({f"malformed-zstd-{c[0]}": c[1]() for c in OPEN_CASES})
+    blobs.update({f"malformed-zstd-{c[0]}": craft(c[1], c[2]) for c in DATA_CASES})
     with tempfile.TemporaryDirectory() as tmp:
         blobs.update({f"valid-{k}": v for k, v in valid_files(tmp).items()})
     kept = 0

@@ -29,7 +29,7 @@ import xxhash
 
 MAGIC = b"QTENSORS"
 MAJOR = 1
-MINOR = 0
+MINOR = 1
 PREAMBLE = 24
 MAX_HEADER_LEN = 100 * 1024 * 1024
 MAX_TENSORS = 1_000_000
@@ -564,6 +564,13 @@ def build(entries, metadata=None, alignment: int = 64) -> tuple[dict, bytes]:
     return header, bytes(data)
 
 
+def _has_compression(header) -> bool:
+    try:
+        return any("compression" in p for t in header["tensors"] for p in t["parts"].values())
+    except (TypeError, KeyError, AttributeError):
+        return False
+
+
 def assemble(
     header,
     data: bytes,
@@ -571,7 +578,7 @@ def assemble(
     alignment: int | None = None,
     magic: bytes = MAGIC,
     major: int = MAJOR,
-    minor: int = MINOR,
+    minor: int | None = None,
     reserved: int = 0,
     header_len: int | None = None,
     header_text: bytes | str | None = None,
@@ -593,6 +600,8 @@ def assemble(
     total = align_up(PREAMBLE + len(text), alignment)
     text = text + b" " * (total - PREAMBLE - len(text))
     hl = len(text) if header_len is None else header_len
+    if minor is None:  # as writers do: 1.0 unless a part is compressed
+        minor = MINOR if _has_compression(header) else 0
     pre = magic + struct.pack("<HHIQ", major, minor, reserved, hl)
     return pre + text + data
 
@@ -778,8 +787,6 @@ def _check_tensor(name: str, t: dict, alignment: int, data_len: int):
         where = f"tensor {name!r} part {pname!r}"
         if not isinstance(rec, dict):
             _fail(f"{where}: record is not an object")
-        if "compression" in rec:
-            _fail(f"{where}: unsupported compression {rec['compression']!r}")
         pdtype = rec.get("dtype")
         if not isinstance(pdtype, str) or pdtype not in DTYPES:
             _fail(f"{where}: unknown dtype {pdtype!r}")
@@ -787,6 +794,9 @@ def _check_tensor(name: str, t: dict, alignment: int, data_len: int):
         offset = _u64(rec.get("offset"), f"{where}: offset")
         length = _u64(rec.get("length"), f"{where}: length")
         wd, ws, wl = want[pname]
+        if "compression" in rec:
+            check_compression(rec["compression"], wd, wl, length, where)
+            wl = length  # the stored bytes; the decoded length is checked by the chunk table
         if pdtype != wd or pshape != ws or length != wl or wl > U64_MAX:
             _fail(
                 f"{where}: dtype/shape/length {pdtype}/{list(pshape)}/{length}, "
@@ -804,6 +814,81 @@ def _check_tensor(name: str, t: dict, alignment: int, data_len: int):
             _fail(f"{where}: malformed checksum {cs!r}")
         out.append((offset, length, f"{name}/{pname}"))
     return out
+
+
+# --- compressed parts (spec 2.1) -------------------------------------------------------------
+
+FILTERS = ("none", "bytes", "float")
+
+
+def check_compression(c, dtype: str, decoded: int, stored: int, where: str) -> None:
+    """Rule 9 for a part's `compression` record."""
+    if not isinstance(c, dict):
+        _fail(f"{where}: compression is not an object")
+    if c.get("codec") != "zstd":
+        _fail(f"{where}: unsupported compression codec {c.get('codec')!r}")
+    if c.get("filter") not in FILTERS:
+        _fail(f"{where}: unsupported compression filter {c.get('filter')!r}")
+    if c["filter"] == "float" and dtype not in FLOAT_LOGICAL:
+        _fail(f"{where}: filter 'float' on a {dtype} part")
+    if not _is_int(c.get("level")) or not -(2**31) <= c["level"] < 2**31:
+        _fail(f"{where}: compression level {c.get('level')!r} is not a 32-bit integer")
+    cs = c.get("chunk_size")
+    if not _is_int(cs) or cs < 4096 or cs > 64 << 20 or cs & (cs - 1):
+        _fail(f"{where}: chunk_size {cs!r} is not a power of two in [4096, 64 MiB]")
+    chunks = c.get("chunks")
+    if not isinstance(chunks, list) or not all(_is_int(n) and n >= 0 for n in chunks):
+        _fail(f"{where}: chunks is not an array of non-negative integers")
+    if len(chunks) != -(-decoded // cs):
+        _fail(f"{where}: {len(chunks)} chunks for {decoded} bytes in chunks of {cs}")
+    for i, n in enumerate(chunks):
+        m = min(cs, decoded - i * cs)
+        if not 1 <= n <= m or m > n * 32768:
+            _fail(f"{where}: chunk {i} of {n} stored bytes for {m} decoded bytes")
+    if sum(chunks) != stored:
+        _fail(f"{where}: chunks add up to {sum(chunks)} bytes, the part has {stored}")
+
+
+def decompress_part(stored: bytes, c: dict, dtype: str, decoded: int, where: str) -> bytes:
+    """The decoded bytes of a compressed part, with the `zstandard` package."""
+    import zstandard
+
+    k = DTYPES[dtype][0]
+    out = bytearray()
+    pos = 0
+    for i, n in enumerate(c["chunks"]):
+        m = min(c["chunk_size"], decoded - i * c["chunk_size"])
+        piece = stored[pos : pos + n]
+        pos += n
+        if n == m:
+            filtered = piece
+        else:
+            try:
+                size = zstandard.frame_content_size(piece)
+            except zstandard.ZstdError as e:
+                _fail(f"{where} chunk {i}: {e}")
+            if size != m:
+                _fail(f"{where} chunk {i}: the frame does not state {m} decoded bytes")
+            d = zstandard.ZstdDecompressor().decompressobj()
+            try:
+                filtered = d.decompress(piece)
+            except zstandard.ZstdError as e:
+                _fail(f"{where} chunk {i}: {e}")
+            if not d.eof or d.unused_data or len(filtered) != m:
+                _fail(f"{where} chunk {i}: not exactly one frame of {m} bytes")
+        out += unfilter(filtered, c["filter"], k)
+    return bytes(out)
+
+
+def unfilter(b: bytes, filt: str, k: int) -> bytes:
+    if filt == "none" or k == 1:
+        return bytes(b)
+    planes = np.frombuffer(b, np.uint8).reshape(k, -1)
+    v = np.ascontiguousarray(planes.T).view(f"<u{k}").ravel()
+    if filt == "float":
+        bits = 8 * k
+        v = (v >> np.array(1, v.dtype)) | (v << np.array(bits - 1, v.dtype))
+    return v.astype(f"<u{k}").tobytes()
 
 
 def shape_fits(shape, itemsize: int) -> bool:
@@ -850,6 +935,9 @@ def read_file(src, verify: bool = True, strict: bool = True):
             raw = data[rec["offset"] : rec["offset"] + rec["length"]]
             if verify and checksum_string(raw) != rec["checksum"]:
                 _fail(f"tensor {name!r} part {pname!r}: checksum mismatch")
+            if "compression" in rec:
+                decoded = DTYPES[rec["dtype"]][0] * prod(rec["shape"])
+                raw = decompress_part(raw, rec["compression"], rec["dtype"], decoded, pname)
             parts_bytes[pname] = raw
             parts_arrays[pname] = np.frombuffer(raw, dtype=DTYPES[rec["dtype"]][1]).reshape(
                 tuple(rec["shape"])

@@ -576,7 +576,7 @@ def test_verify_catches_padding_trailing_and_truncation(every_part, tmp_path):
 # -- inspect files from a newer qtensors -----------------------------------------------------------
 
 
-def rewrite_header(src: str, dst, edit, minor: int = 1) -> str:
+def rewrite_header(src: str, dst, edit, minor: int = 2) -> str:
     """Copy `src` with its header JSON edited and the minor version set (data unchanged)."""
     data = open(src, "rb").read()
     (header_len,) = struct.unpack("<Q", data[16:24])
@@ -613,7 +613,7 @@ def test_inspect_lists_unknown_encodings(base_file, tmp_path):
 
     newer = rewrite_header(base_file, tmp_path / "newer.qtensors", to_mxfp4)
     p = cli("inspect", newer)
-    assert "qtensors 1.1" in p.stdout
+    assert "qtensors 1.2" in p.stdout
     row = next(ln for ln in p.stdout.splitlines() if ln.startswith("a.weight"))
     assert "unknown: mxfp4" in row and "group_size=32" in row
     assert "1 unknown" in p.stdout
@@ -622,7 +622,7 @@ def test_inspect_lists_unknown_encodings(base_file, tmp_path):
     assert a["known"] is False and a["encoding"]["name"] == "mxfp4"
     assert set(a["parts"]) == {"codes", "e8m0_scales"}
     p = cli("verify", newer, ok=False)
-    assert "FAILED" in p.stdout and "1.1" in p.stdout  # this reader knows 1.0
+    assert "FAILED" in p.stdout and "1.2" in p.stdout  # this reader knows 1.1
 
 
 def test_inspect_survives_an_unknown_dtype(base_file, tmp_path):

@@ -240,6 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="tensors read ahead while one encodes (default 1; 0 reads inline)",
     )
+    g.add_argument(
+        "--compress",
+        choices=["zstd"],
+        help="compress parts in 1 MiB chunks where it saves >= 5%% (floats by byte planes)",
+    )
+    g.add_argument(
+        "--lossless",
+        action="store_true",
+        help="store every tensor raw and compressed (zstd): a smaller, bit-identical copy",
+    )
 
     p = sub.add_parser(
         "inspect",
@@ -318,16 +328,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     if args.method != "rtn" or args.calibration:
         return _convert_with_method(args)
+    quant_flags = (args.preset, args.bits, args.group_size, args.axis, args.symmetric)
+    lossless_only = args.lossless and all(v is None for v in (*quant_flags, args.scale_dtype))
     res = convert(
         args.src,
         args.dst,
-        _quant(args),
+        None if lossless_only else _quant(args),
         keep=args.keep,
         keep_embeddings=args.keep_embeddings,
         force=args.force,
         alignment=args.alignment,
         progress=False if (args.quiet or args.json) else None,
         read_ahead=args.read_ahead,
+        compression=args.compress,
+        lossless=args.lossless,
     )
     try:
         _report_conversion(res, args)

@@ -437,15 +437,20 @@ class _Fetcher:
             self._thread.join(timeout=5)
 
 
-def _write_job(job: _Job, path: str, items: Any, alignment: int, progress: Progress) -> int:
+def _write_job(
+    job: _Job,
+    path: str,
+    items: Any,
+    alignment: int,
+    progress: Progress,
+    compression: str | None = None,
+) -> int:
     plans = [
         (e.name, e.dtype, list(e.shape), json.dumps(enc))
         for e, enc in zip(job.entries, job.encodings, strict=True)
     ]
-    writer = _core.Writer(path, plans, job.metadata, alignment)
+    writer = _core.Writer(path, plans, job.metadata, alignment, compression)
     try:
-        header = json.loads(writer.header_json())
-        stored = sum(p["length"] for t in header["tensors"] for p in t["parts"].values())
         for i, enc in enumerate(job.encodings):
             entry, x = next(items)
             data, dtype, shape = as_bytes(x)
@@ -465,6 +470,9 @@ def _write_job(job: _Job, path: str, items: Any, alignment: int, progress: Progr
                 ) from None
             del data, x
             progress.update(entry.nbytes)
+        # Stored sizes are known once every part is written (compressed parts shrink).
+        header = json.loads(writer.header_json())
+        stored = sum(p["length"] for t in header["tensors"] for p in t["parts"].values())
         writer.finish()
     except BaseException:
         writer.abort()
@@ -487,6 +495,8 @@ def convert(
     metadata: Mapping[str, str] | None = None,
     progress: bool | None = False,
     read_ahead: int = 1,
+    compression: str | None = None,
+    lossless: bool = False,
 ) -> ConvertResult:
     """Convert a safetensors file or model folder to qtensors, streaming tensor by tensor.
 
@@ -505,6 +515,8 @@ def convert(
     * `force`: replace an existing output. `alignment`: 64, or 4096 for direct I/O.
     * `progress`: a progress bar on stderr (None: only on a terminal).
     * `read_ahead`: tensors read ahead of the one being encoded (0: read inline).
+    * `compression="zstd"`: compress parts in 1 MiB chunks where it saves >= 5% (spec 2.1).
+      `lossless=True`: every tensor raw and compressed (a smaller, bit-identical copy).
 
     Nothing appears under `dst` unless the conversion completes; the input is never modified.
     """
@@ -541,9 +553,14 @@ def convert(
     if not isinstance(read_ahead, int) or read_ahead < 0:
         raise ValueError(f"read_ahead must be a whole number >= 0, not {read_ahead!r}")
 
+    from .files import _check_compression
+
+    compression = _check_compression(compression, lossless, quant)
+    if lossless:
+        quant = "raw"
     policy = Policy(quant, keep, keep_embeddings)
     _check_metadata(metadata)
-    options = _WriteOptions(alignment, read_ahead, progress, force)
+    options = _WriteOptions(alignment, read_ahead, progress, force, compression)
     notes: list[str] = []
     removed, young = clean_stale(dst)
     notes += [f"removed {p}, left by an interrupted conversion" for p in removed]
@@ -642,6 +659,7 @@ class _WriteOptions:
     read_ahead: int
     progress: bool | None
     force: bool
+    compression: str | None = None
 
 
 def _write_outputs(
@@ -662,9 +680,11 @@ def _write_outputs(
     try:
         items = iter(fetcher)
         if not to_folder:
-            jobs[0].stored_bytes = _write_job(jobs[0], dst, items, options.alignment, bar)
+            jobs[0].stored_bytes = _write_job(
+                jobs[0], dst, items, options.alignment, bar, options.compression
+            )
             return [dst]
-        _write_folder(src, dst, jobs, copies, indexes, items, options.alignment, bar, options.force)
+        _write_folder(src, dst, jobs, copies, indexes, items, options, bar)
         return [os.path.join(dst, j.out) for j in jobs]
     finally:
         bar.close()
@@ -687,9 +707,8 @@ def _write_folder(
     copies: list[str],
     indexes: list[_source.Index],
     items: Any,
-    alignment: int,
+    options: _WriteOptions,
     bar: Progress,
-    force: bool,
 ) -> None:
     """Build the output folder in a hidden temporary beside `dst`, then rename it into place."""
     parent = os.path.dirname(os.path.abspath(dst))
@@ -700,7 +719,9 @@ def _write_folder(
         for job in jobs:
             out = os.path.join(tmp_dir, job.out)
             os.makedirs(os.path.dirname(out), exist_ok=True)
-            job.stored_bytes = _write_job(job, out, items, alignment, bar)
+            job.stored_bytes = _write_job(
+                job, out, items, options.alignment, bar, options.compression
+            )
         for rel in copies:
             out = os.path.join(tmp_dir, rel)
             os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -708,7 +729,7 @@ def _write_folder(
         stored_by_file = {j.out: j.stored_bytes for j in jobs}
         for ix in indexes:
             _write_index(tmp_dir, ix, stored_by_file)
-        _publish_folder(tmp_dir, dst, force)
+        _publish_folder(tmp_dir, dst, options.force)
         tmp_dir = None
     finally:
         if tmp_dir is not None:  # (once renamed, nothing is left under the temporary name)

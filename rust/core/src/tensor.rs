@@ -2,9 +2,12 @@
 
 use std::ops::Range;
 
+use rayon::prelude::*;
+
 use crate::codecs::region::{self, Runs, Stored};
-use crate::codecs::{self, float, Codec, Kernels};
+use crate::codecs::{self, compress, float, Codec, Kernels};
 use crate::error::{Error, Result};
+use crate::format::compression::Compression;
 use crate::format::{DType, Encoding, GroupLayout, TensorInfo};
 
 /// The values of a tensor to encode: fp32, or bytes of its dtype (`Input::from_bytes`).
@@ -78,7 +81,8 @@ pub fn decode(k: &Kernels, info: &TensorInfo, parts: &[&[u8]], out: &mut [u8]) -
 
 /// Decode the box `ranges` (one `start..stop` per dimension) of a tensor into `out`, bytes of
 /// the logical dtype in row-major order of the box. Only the code bytes and scales of the
-/// groups the box touches are read.
+/// groups the box touches are read. `parts` are the parts' stored bytes: compressed parts
+/// (spec 2.1) have only the chunks holding those bytes decompressed.
 pub fn decode_region(
     k: &Kernels,
     info: &TensorInfo,
@@ -88,6 +92,9 @@ pub fn decode_region(
 ) -> Result<()> {
     check_decodable(info, ranges)?;
     let runs = Runs::new(&info.shape, ranges);
+    if info.is_compressed() {
+        return decode_compressed(k, info, parts, ranges, &runs, out);
+    }
     if out.len() != runs.numel() * info.dtype.itemsize() {
         return Err(Error::Invalid(format!(
             "output buffer of {} bytes for {} {} elements of tensor '{}'",
@@ -113,6 +120,142 @@ pub fn decode_region(
         mins: if codec.has_mins() { parts[2] } else { &[] },
     };
     region::decode_box(k, &stored, &runs, info.dtype, out)
+}
+
+/// `decode_region` for a tensor with compressed parts: each compressed part is decompressed
+/// into a buffer of its decoded size in which only the chunks the box reads are filled (the
+/// rest stays untouched zero pages), then decoded as usual. A whole raw tensor is decompressed
+/// straight into `out`.
+fn decode_compressed(
+    k: &Kernels,
+    info: &TensorInfo,
+    parts: &[&[u8]],
+    ranges: &[Range<u64>],
+    runs: &Runs,
+    out: &mut [u8],
+) -> Result<()> {
+    let p0 = &info.parts[0];
+    if let (Encoding::Raw, Some(c)) = (&info.encoding, &p0.compression) {
+        if runs.numel() as u64 * info.dtype.itemsize() as u64 == c.decoded_len
+            && out.len() as u64 == c.decoded_len
+        {
+            let what = format!("tensor '{}' part '{}'", info.name, p0.name);
+            let offsets = c.stored_offsets();
+            compress::decompress_chunks(c, &offsets, parts[0], 0..c.chunks.len(), out, &what)?;
+            if info.dtype == DType::Bool {
+                check_bools(&info.name, out)?;
+            }
+            return Ok(());
+        }
+    }
+    let needed = needed_chunks(info, runs)?;
+    let expanded: Vec<Vec<u8>> = info
+        .parts
+        .iter()
+        .zip(parts)
+        .zip(&needed)
+        .map(|((p, stored), flags)| match (&p.compression, flags) {
+            (Some(c), Some(flags)) => {
+                let what = format!("tensor '{}' part '{}'", info.name, p.name);
+                expand(c, stored, flags, &what)
+            }
+            _ => Ok(Vec::new()),
+        })
+        .collect::<Result<_>>()?;
+    let slices: Vec<&[u8]> = info
+        .parts
+        .iter()
+        .zip(parts)
+        .zip(&expanded)
+        .map(|((p, stored), e)| {
+            if p.compression.is_some() {
+                &e[..]
+            } else {
+                *stored
+            }
+        })
+        .collect();
+    let mut plain = info.clone();
+    for p in &mut plain.parts {
+        p.compression = None;
+    }
+    decode_region(k, &plain, &slices, ranges, out)
+}
+
+/// For each compressed part, a flag per chunk: does the box `runs` read a byte of it.
+fn needed_chunks(info: &TensorInfo, runs: &Runs) -> Result<Vec<Option<Vec<bool>>>> {
+    let mut flags: Vec<Option<Vec<bool>>> = info
+        .parts
+        .iter()
+        .map(|p| p.compression.as_ref().map(|c| vec![false; c.chunks.len()]))
+        .collect();
+    let mut mark = |part: usize, a: u64, b: u64| {
+        if let (Some(f), Some(c)) = (&mut flags[part], &info.parts[part].compression) {
+            for i in c.chunks_of(a, b) {
+                f[i] = true;
+            }
+        }
+    };
+    let quant = Codec::from_encoding(&info.encoding);
+    let layout = match &quant {
+        Some((_, params)) => Some(GroupLayout::new(
+            &info.shape,
+            params.axis,
+            params.group_size,
+        )?),
+        None => None,
+    };
+    for i in 0..runs.count {
+        let (s, e) = (runs.start(i) as u64, (runs.start(i) + runs.len) as u64);
+        match (&quant, &layout) {
+            (Some((codec, params)), Some(layout)) => {
+                let b = params.bits as u64;
+                mark(0, s * b / 8, (e * b).div_ceil(8));
+                let w = region::scale_window(layout, s as usize, e as usize);
+                let size = params.scale_dtype.itemsize() as u64;
+                let (wa, wb) = (w.start as u64 * size, w.end as u64 * size);
+                mark(1, wa, wb);
+                if codec.has_mins() {
+                    mark(2, wa, wb);
+                }
+            }
+            _ => {
+                let size = info.dtype.itemsize() as u64;
+                mark(0, s * size, e * size);
+            }
+        }
+    }
+    Ok(flags)
+}
+
+/// The decoded bytes of a compressed part with the flagged chunks filled, in parallel.
+fn expand(c: &Compression, stored: &[u8], flags: &[bool], what: &str) -> Result<Vec<u8>> {
+    // Zeroed allocation: pages of chunks never filled are never touched (nor committed).
+    let mut buf = vec![0u8; c.decoded_len as usize];
+    let offsets = c.stored_offsets();
+    buf.par_chunks_mut(c.chunk_size as usize)
+        .enumerate()
+        .filter(|(i, _)| flags[*i])
+        .try_for_each(|(i, dst)| {
+            let from = &stored[offsets[i] as usize..];
+            compress::decompress_chunks(c, &offsets, from, i..i + 1, dst, what)
+        })?;
+    Ok(buf)
+}
+
+/// The decoded bytes of one part (stored bytes `stored`), decompressed if it is compressed.
+pub fn decoded_part(info: &TensorInfo, part: usize, stored: &[u8]) -> Result<Vec<u8>> {
+    let p = &info.parts[part];
+    match &p.compression {
+        None => Ok(stored.to_vec()),
+        Some(c) => {
+            let mut out = vec![0u8; c.decoded_len as usize];
+            let what = format!("tensor '{}' part '{}'", info.name, p.name);
+            let offsets = c.stored_offsets();
+            compress::decompress_chunks(c, &offsets, stored, 0..c.chunks.len(), &mut out, &what)?;
+            Ok(out)
+        }
+    }
 }
 
 /// `out = x @ W^T + bias` with `W` the 2-D quantized tensor `info` (`[out, in]`) given by its

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
 use pyo3::prelude::*;
-use qtensors_core::codecs::simd;
+use qtensors_core::codecs::{compress, simd};
 use qtensors_core::format::{DType, Encoding, TensorInfo};
 use qtensors_core::io::{FileWriter, PlannedTensor, QFile, ReadMode, StreamFile};
 use qtensors_core::tensor;
@@ -116,6 +116,19 @@ impl Reader {
         let n = ranges.iter().map(|r| r.end - r.start).product();
         decode_to(py, out, t, n, |dst| {
             self.file.decode_region(k, t, &ranges, dst)
+        })
+    }
+
+    /// The decoded (decompressed) bytes of part `part` of tensor `name`, in a new buffer: what
+    /// `get_quantized` returns for compressed parts, which cannot be views of the file.
+    fn decode_part(&self, py: Python<'_>, name: &str, part: &str) -> PyResult<OwnedBuffer> {
+        let t = self.file.tensor(name).py()?;
+        let i = t.parts.iter().position(|p| p.name == part).ok_or_else(|| {
+            PyValueError::new_err(format!("tensor '{name}' has no part '{part}'"))
+        })?;
+        let bytes = py.detach(|| self.file.decoded_part(t, i)).py()?;
+        Ok(OwnedBuffer {
+            data: AlignedBytes::from_vec(bytes),
         })
     }
 
@@ -257,15 +270,28 @@ struct Writer {
 
 #[pymethods]
 impl Writer {
-    /// `tensors`: list of (name, dtype, shape, encoding JSON).
+    /// `tensors`: list of (name, dtype, shape, encoding JSON). `compression`: None or "zstd"
+    /// (each part compressed in chunks of `chunk_size` where it pays; spec 2.1).
     #[new]
-    #[pyo3(signature = (path, tensors, metadata = None, alignment = 64))]
+    #[pyo3(signature = (path, tensors, metadata = None, alignment = 64, compression = None, level = compress::DEFAULT_LEVEL, chunk_size = compress::DEFAULT_CHUNK))]
     fn new(
         path: PathBuf,
         tensors: Vec<(String, String, Vec<u64>, String)>,
         metadata: Option<BTreeMap<String, String>>,
         alignment: u64,
+        compression: Option<&str>,
+        level: i32,
+        chunk_size: u64,
     ) -> PyResult<Self> {
+        let options = match compression {
+            None => None,
+            Some("zstd") => Some(compress::Options { level, chunk_size }),
+            Some(other) => {
+                return Err(PyValueError::new_err(format!(
+                    "compression '{other}' is not one of: 'zstd'"
+                )))
+            }
+        };
         let mut plans = Vec::with_capacity(tensors.len());
         for (name, dtype, shape, enc) in tensors {
             plans.push(PlannedTensor {
@@ -276,7 +302,8 @@ impl Writer {
                 shape,
             });
         }
-        let w = FileWriter::create(&path, plans, metadata.unwrap_or_default(), alignment).py()?;
+        let meta = metadata.unwrap_or_default();
+        let w = FileWriter::create_compressed(&path, plans, meta, alignment, options).py()?;
         Ok(Writer { inner: Some(w) })
     }
 
@@ -555,6 +582,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode, m)?)?;
     m.add_function(wrap_pyfunction!(kernels, m)?)?;
     m.add_function(wrap_pyfunction!(linear, m)?)?;
-    m.add("FORMAT_VERSION", (1u16, 0u16))?;
+    m.add(
+        "FORMAT_VERSION",
+        (
+            qtensors_core::format::limits::VERSION_MAJOR,
+            qtensors_core::format::limits::VERSION_MINOR,
+        ),
+    )?;
     Ok(())
 }

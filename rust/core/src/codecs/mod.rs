@@ -2,6 +2,7 @@
 //! threads with rayon and run through the fastest kernel table of the CPU.
 
 pub mod codec;
+pub mod compress;
 pub mod float;
 pub mod region;
 pub mod segments;

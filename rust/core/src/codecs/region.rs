@@ -259,7 +259,7 @@ fn decode_piece(k: &Kernels, q: &Stored<'_>, e0: usize, t: OutType, out: &mut [u
 
 /// The range of scale indices that elements `e0..e1` (non-empty) can use: every group-row
 /// (one outer index, one group along the axis, every inner index) they touch.
-fn scale_window(layout: &GroupLayout, e0: usize, e1: usize) -> Range<usize> {
+pub(crate) fn scale_window(layout: &GroupLayout, e0: usize, e1: usize) -> Range<usize> {
     let q = layout.inner as usize;
     let l_len = layout.axis_len as usize;
     let gs = layout.group_size as usize;

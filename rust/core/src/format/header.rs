@@ -8,6 +8,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::{Map, Value};
 
+use super::compression::{self, Compression, RawCompression};
 use super::dtype::DType;
 use super::encoding::{shape_fits, DtypeNames, Encoding, PartSpec};
 use super::json::{
@@ -24,8 +25,21 @@ pub struct PartInfo {
     pub shape: Vec<u64>,
     /// Relative to the data section.
     pub offset: u64,
+    /// Bytes stored in the file (compressed, for a compressed part).
     pub length: u64,
+    /// XXH3-64 of the stored bytes.
     pub checksum: u64,
+    /// How the part is compressed (spec 2.1); `None`: stored as its decoded bytes.
+    pub compression: Option<Box<Compression>>,
+}
+
+impl PartInfo {
+    /// Bytes of the part once decoded (decompressed): what the encoding reads.
+    pub fn decoded_len(&self) -> u64 {
+        self.compression
+            .as_ref()
+            .map_or(self.length, |c| c.decoded_len)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +58,9 @@ impl TensorInfo {
     }
     pub fn stored_bytes(&self) -> u64 {
         self.parts.iter().map(|p| p.length).sum()
+    }
+    pub fn is_compressed(&self) -> bool {
+        self.parts.iter().any(|p| p.compression.is_some())
     }
 }
 
@@ -580,7 +597,7 @@ struct RawPart {
     offset: Option<Shallow>,
     length: Option<Shallow>,
     checksum: Option<Shallow>,
-    compression: Option<Shallow>,
+    compression: Option<Field<RawCompression>>,
 }
 
 impl<'de> de::Deserialize<'de> for Field<RawPart> {
@@ -761,8 +778,17 @@ fn check_tensor(rt: RawTensor, index: usize, lenient: bool) -> Result<TensorInfo
             encoding.name()
         ));
     }
-    if lenient && parts.iter().any(|(_, p)| p.compression.is_some()) {
-        return Ok(opaque(format!("{} with compressed parts", encoding.name())));
+    for (pname, p) in &parts {
+        let Some(c) = &p.compression else { continue };
+        match compression::check_known(c, &format!("{at} part '{pname}'")) {
+            Err(Error::Unsupported(_)) if lenient => {
+                return Ok(opaque(format!(
+                    "{} with unknown compression",
+                    encoding.name()
+                )));
+            }
+            r => r?,
+        }
     }
     let specs: Vec<PartSpec> = encoding
         .part_specs(dtype, &shape)
@@ -778,11 +804,6 @@ fn check_tensor(rt: RawTensor, index: usize, lenient: bool) -> Result<TensorInfo
                 spec.name
             )
         })?;
-        if let Some(c) = &rp.compression {
-            return Err(Error::Unsupported(format!(
-                "{where_}: compression {c} is not supported by this reader: upgrade qtensors"
-            )));
-        }
         if rp.dtype != spec.dtype.name() {
             return Err(format_err!(
                 "{where_}: dtype '{}' should be '{}'",
@@ -797,14 +818,24 @@ fn check_tensor(rt: RawTensor, index: usize, lenient: bool) -> Result<TensorInfo
                 spec.shape
             ));
         }
-        if rp.length != spec.length {
-            return Err(format_err!(
-                "{where_}: length {} should be {} for shape {:?}",
-                rp.length,
+        let compression = match rp.compression {
+            Some(c) => Some(Box::new(compression::check(
+                c,
+                spec.dtype,
                 spec.length,
-                shape
-            ));
-        }
+                rp.length,
+                &where_,
+            )?)),
+            None if rp.length != spec.length => {
+                return Err(format_err!(
+                    "{where_}: length {} should be {} for shape {:?}",
+                    rp.length,
+                    spec.length,
+                    shape
+                ));
+            }
+            None => None,
+        };
         out.push(PartInfo {
             name: spec.name.to_string(),
             dtype: spec.dtype,
@@ -812,6 +843,7 @@ fn check_tensor(rt: RawTensor, index: usize, lenient: bool) -> Result<TensorInfo
             offset: rp.offset,
             length: rp.length,
             checksum: rp.checksum,
+            compression,
         });
     }
     if let Some(extra) = by_name.keys().next() {
@@ -836,7 +868,7 @@ struct CheckedPart {
     offset: u64,
     length: u64,
     checksum: u64,
-    compression: Option<Shallow>,
+    compression: Option<Field<RawCompression>>,
 }
 
 fn check_part_record(rp: RawPart, where_: &str) -> Result<CheckedPart> {
@@ -888,6 +920,7 @@ fn opaque_tensor(
                 offset: p.offset,
                 length: p.length,
                 checksum: p.checksum,
+                compression: None,
             })
             .collect(),
     }
@@ -1031,8 +1064,11 @@ impl Serialize for JsonParts<'_> {
 impl Serialize for JsonPart<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         let p = self.0;
-        let mut m = s.serialize_map(Some(5))?;
+        let mut m = s.serialize_map(Some(6))?;
         m.serialize_entry("checksum", &format_checksum(p.checksum))?;
+        if let Some(c) = &p.compression {
+            m.serialize_entry("compression", c.as_ref())?;
+        }
         m.serialize_entry("dtype", self.1)?;
         m.serialize_entry("length", &p.length)?;
         m.serialize_entry("offset", &p.offset)?;

@@ -2,7 +2,8 @@
 
 pub const MAGIC: &[u8; 8] = b"QTENSORS";
 pub const VERSION_MAJOR: u16 = 1;
-pub const VERSION_MINOR: u16 = 0;
+/// 1.1: compressed parts (spec 2.1). Files without them are still written as 1.0.
+pub const VERSION_MINOR: u16 = 1;
 /// magic (8) + major (2) + minor (2) + reserved (4) + header_len (8)
 pub const PREFIX_LEN: usize = 24;
 pub const MAX_HEADER_LEN: u64 = 100 * 1024 * 1024;

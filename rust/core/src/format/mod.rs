@@ -1,5 +1,6 @@
 //! The file format: dtypes, encodings, the header and the limits a reader enforces.
 
+pub mod compression;
 pub mod dtype;
 pub mod encoding;
 pub mod header;

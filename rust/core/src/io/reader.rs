@@ -221,6 +221,16 @@ impl QFile {
         tensor::decode_region(k, t, &self.parts_of(t), ranges, out)
     }
 
+    /// The decoded bytes of part `part` of `t` in a new buffer (decompressed if compressed).
+    pub fn decoded_part(&self, t: &TensorInfo, part: usize) -> Result<Vec<u8>> {
+        self.check_unchanged()?;
+        let p = t
+            .parts
+            .get(part)
+            .ok_or_else(|| Error::Invalid(format!("tensor '{}' has no part #{part}", t.name)))?;
+        tensor::decoded_part(t, part, self.part_bytes(p))
+    }
+
     fn parts_of(&self, t: &TensorInfo) -> Vec<&[u8]> {
         t.parts.iter().map(|p| self.part_bytes(p)).collect()
     }

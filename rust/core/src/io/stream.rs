@@ -14,6 +14,10 @@
 //! [`StreamFile::read`] copies any piece of a tensor's buffer, split into `chunk`-byte reads
 //! spread over up to `threads` threads, and can check the part checksums on the bytes it read
 //! (parts read piecewise, in order, are hashed incrementally).
+//!
+//! A compressed part (spec 2.1) is a segment of its own whose buffer holds the *decoded* bytes:
+//! a read reads the stored bytes of just the chunks that cover the piece asked for (the same
+//! threaded reads), decompresses them in parallel and checks the checksum on the stored bytes.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -28,8 +32,11 @@ use std::time::SystemTime;
 use memmap2::{Advice, Mmap, MmapOptions};
 use xxhash_rust::xxh3::Xxh3Default;
 
+use rayon::prelude::*;
+
 use super::checksum::checksum;
 use super::reader::read_header;
+use crate::codecs::compress;
 use crate::error::{Error, Result};
 use crate::format::header::format_checksum;
 use crate::format::{Header, TensorInfo};
@@ -83,9 +90,12 @@ pub const COALESCE_GAP: u64 = 1 << 20;
 pub struct Segment {
     /// Absolute file offset.
     pub file: u64,
+    /// Bytes in the buffer (decoded bytes, for a compressed part).
     pub len: u64,
     /// Offset in the buffer.
     pub buf: u64,
+    /// For a compressed part: its index in the tensor's parts (the segment is that part alone).
+    pub compressed: Option<usize>,
 }
 
 /// Where each part of a tensor lies in the buffer that [`StreamFile::read`] fills.
@@ -113,13 +123,28 @@ impl TensorLayout {
         for i in order {
             let p = &t.parts[i];
             let (start, end) = (data_start + p.offset, data_start + p.offset + p.length);
-            let joined = segments
-                .last_mut()
-                .filter(|s| start.saturating_sub(s.file + s.len) < COALESCE_GAP);
+            let joined = segments.last_mut().filter(|s| {
+                p.compression.is_none()
+                    && s.compressed.is_none()
+                    && start.saturating_sub(s.file + s.len) < COALESCE_GAP
+            });
             let seg = match joined {
                 Some(s) => {
                     s.len = s.len.max(end - s.file);
                     *s
+                }
+                None if p.compression.is_some() => {
+                    // Decoded bytes: no file phase to keep, 64-byte aligned for typed views.
+                    let after = segments.last().map_or(0, |l| l.buf + l.len);
+                    let s = Segment {
+                        file: start,
+                        len: p.decoded_len(),
+                        buf: after.div_ceil(64) * 64,
+                        compressed: Some(i),
+                    };
+                    segments.push(s);
+                    part_buf[i] = s.buf;
+                    continue;
                 }
                 None => {
                     let buf = match (segments.first(), segments.last()) {
@@ -135,6 +160,7 @@ impl TensorLayout {
                         file: start,
                         len: p.length,
                         buf,
+                        compressed: None,
                     };
                     segments.push(s);
                     s
@@ -147,7 +173,7 @@ impl TensorLayout {
             .parts
             .iter()
             .zip(part_buf)
-            .map(|(p, b)| (p.name.clone(), b, p.length))
+            .map(|(p, b)| (p.name.clone(), b, p.decoded_len()))
             .collect();
         TensorLayout {
             segments,
@@ -164,6 +190,8 @@ type Piece<'a> = (u64, &'a mut [u8]);
 struct PartialHash {
     next: u64,
     hasher: Box<Xxh3Default>,
+    /// Hashed and checked to the end (kept for compressed parts, see `verify_piece`).
+    done: bool,
 }
 
 /// A validated qtensors file opened for streaming reads.
@@ -180,6 +208,11 @@ pub struct StreamFile {
     threads: usize,
     chunk: usize,
     hashes: Mutex<HashMap<(usize, usize), PartialHash>>,
+}
+
+/// Where a piece starting at decoded offset `from` begins inside the chunk starting at `cs`.
+fn pos_in_chunk(from: u64, cs: u64) -> u64 {
+    from.saturating_sub(cs)
 }
 
 fn align_down(x: u64) -> u64 {
@@ -292,12 +325,14 @@ impl StreamFile {
     /// Read-ahead hint for the first `limit` bytes of tensor `index`'s segments.
     pub fn will_need_tensor(&self, index: usize, limit: u64) -> Result<()> {
         let mut left = limit;
+        let t = self.tensor_info(index)?;
         for s in self.tensor_layout(index)?.segments {
             if left == 0 {
                 break;
             }
-            self.will_need(s.file, s.len.min(left));
-            left -= s.len.min(left);
+            let len = s.compressed.map_or(s.len, |i| t.parts[i].length);
+            self.will_need(s.file, len.min(left));
+            left -= len.min(left);
         }
         Ok(())
     }
@@ -343,27 +378,96 @@ impl StreamFile {
         let end = offset + len;
         // (absolute file offset, [lo, hi) in the buffer) of each segment's share of this piece.
         // Zero-length segments at the edges count too: verify sees their (empty) parts.
-        let pieces: Vec<(u64, u64, u64)> = layout
+        let pieces: Vec<(&Segment, u64, u64)> = layout
             .segments
             .iter()
             .map(|s| (s, s.buf.max(offset), (s.buf + s.len).min(end)))
             .filter(|&(s, lo, hi)| lo < hi || (lo == hi && s.len == 0))
-            .map(|(s, lo, hi)| (s.file + (lo - s.buf), lo - offset, hi - offset))
+            .map(|(s, lo, hi)| (s, lo - offset, hi - offset))
             .collect();
         let mut filled = 0;
-        for &(at, lo, hi) in &pieces {
+        // Stored bytes read for compressed parts, kept for `verify`: (absolute offset, bytes).
+        let mut stored: Vec<(u64, Vec<u8>)> = Vec::new();
+        for &(s, lo, hi) in &pieces {
             out[filled as usize..lo as usize].fill(0);
-            self.read_span(t, at, &mut out[lo as usize..hi as usize])?;
+            let dst = &mut out[lo as usize..hi as usize];
+            let from = lo + offset - s.buf;
+            match s.compressed {
+                None => self.read_span(t, s.file + from, dst)?,
+                Some(pi) => stored.push(self.read_compressed(t, pi, from, dst)?),
+            }
             filled = filled.max(hi);
         }
         out[filled as usize..].fill(0);
         self.check_unchanged(t)?;
         if verify {
-            for &(at, lo, hi) in &pieces {
-                self.verify_piece(index, t, at, &out[lo as usize..hi as usize])?;
+            let mut stored = stored.iter();
+            for &(s, lo, hi) in &pieces {
+                match s.compressed {
+                    None => {
+                        let at = s.file + (lo + offset - s.buf);
+                        self.verify_piece(index, t, at, &out[lo as usize..hi as usize])?;
+                    }
+                    Some(_) => {
+                        let (at, bytes) = stored.next().expect("one per compressed piece");
+                        self.verify_piece(index, t, *at, bytes)?;
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    /// Decoded bytes `[from, from + out.len())` of compressed part `pi`: reads the stored bytes
+    /// of the chunks that cover them and decompresses those in parallel, chunks wholly inside
+    /// the piece straight into `out`. Returns the stored bytes read and their file offset.
+    fn read_compressed(
+        &self,
+        t: &TensorInfo,
+        pi: usize,
+        from: u64,
+        out: &mut [u8],
+    ) -> Result<(u64, Vec<u8>)> {
+        let p = &t.parts[pi];
+        let c = p.compression.as_ref().expect("a compressed part");
+        let to = from + out.len() as u64;
+        let range = c.chunks_of(from, to);
+        let offsets = c.stored_offsets();
+        let (sa, sb) = (offsets[range.start], offsets[range.end]);
+        let at = self.data_start + p.offset + sa;
+        let mut stored = vec![0u8; (sb - sa) as usize];
+        self.read_span(t, at, &mut stored)?;
+        // `out` cut at chunk boundaries: (chunk, its decoded start, the slice of `out`).
+        let mut jobs: Vec<(usize, u64, &mut [u8])> = Vec::with_capacity(range.len());
+        let mut rest = out;
+        let mut pos = from;
+        for i in range.clone() {
+            let (cs, ce) = (
+                i as u64 * c.chunk_size,
+                i as u64 * c.chunk_size + c.chunk_len(i),
+            );
+            let (head, tail) = rest.split_at_mut((ce.min(to) - pos) as usize);
+            jobs.push((i, cs, head));
+            rest = tail;
+            pos = ce.min(to);
+        }
+        let what = format!("tensor '{}' part '{}'", t.name, p.name);
+        let stored_ref = &stored;
+        let chunk = |i: usize, into: &mut [u8]| {
+            let src = &stored_ref[(offsets[i] - sa) as usize..];
+            compress::decompress_chunks(c, &offsets, src, i..i + 1, into, &what)
+        };
+        jobs.into_par_iter().try_for_each(|(i, cs, dst)| {
+            let lo = pos_in_chunk(from, cs);
+            if lo == 0 && dst.len() as u64 == c.chunk_len(i) {
+                return chunk(i, dst);
+            }
+            let mut whole = vec![0u8; c.chunk_len(i) as usize];
+            chunk(i, &mut whole)?;
+            dst.copy_from_slice(&whole[lo as usize..lo as usize + dst.len()]);
+            Ok(())
+        })?;
+        Ok((at, stored))
     }
 
     /// Read the absolute range `[a, a + out.len())`, in `chunk`-sized pieces over the threads.
@@ -561,24 +665,39 @@ impl StreamFile {
             } else {
                 let mut map = self.hashes.lock().unwrap();
                 let key = (index, pi);
+                if lo == ps {
+                    map.remove(&key); // a read from the part's start begins afresh
+                }
                 let state = map.entry(key).or_insert_with(|| PartialHash {
                     next: ps,
                     hasher: Box::new(Xxh3Default::new()),
+                    done: false,
                 });
-                if state.next != lo {
+                if state.done {
+                    continue; // a compressed part's last chunk, read again by the next piece
+                }
+                // Compressed parts read in pieces re-read the chunk at each boundary: bytes
+                // hashed already are skipped; a gap means the bytes came out of order.
+                if lo > state.next || (lo < state.next && p.compression.is_none()) {
                     map.remove(&key);
                     return Err(Error::Invalid(format!(
                         "tensor '{}' part '{}': verifying needs its bytes in order (got offset {lo}, expected {})",
                         t.name, p.name, ps
                     )));
                 }
-                state.hasher.update(slice);
-                state.next = hi;
+                if hi > state.next {
+                    state.hasher.update(&slice[(state.next - lo) as usize..]);
+                    state.next = hi;
+                }
                 if hi < pe {
                     continue;
                 }
                 let h = state.hasher.digest();
-                map.remove(&key);
+                if p.compression.is_some() {
+                    state.done = true;
+                } else {
+                    map.remove(&key);
+                }
                 h
             };
             if got != p.checksum {
@@ -773,6 +892,7 @@ mod tests {
             offset,
             length,
             checksum: 0,
+            compression: None,
         };
         TensorInfo {
             name: "t".into(),
@@ -793,7 +913,8 @@ mod tests {
             vec![Segment {
                 file: 1152,
                 len: 192,
-                buf: 0
+                buf: 0,
+                compressed: None,
             }]
         );
         assert_eq!(l.len, 192);
@@ -808,6 +929,7 @@ mod tests {
             file: far + 4096 + 192,
             len: 64,
             buf: 128,
+            compressed: None,
         };
         assert_eq!(l.segments[1], second);
         assert_eq!(l.len, 192);
@@ -838,7 +960,8 @@ mod tests {
                 vec![Segment {
                     file: a,
                     len: b - a,
-                    buf: 0
+                    buf: 0,
+                    compressed: None,
                 }]
             );
             for (name, off, len) in &l.parts {

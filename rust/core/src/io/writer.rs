@@ -1,6 +1,10 @@
 //! The writer: plans the layout from shapes and encodings alone, writes parts in any order into a
 //! temporary file beside the target, then writes the header with the checksums, fsyncs and renames.
 //! The final name never holds a partial file; the same inputs give the same bytes.
+//!
+//! With compression (spec 2.1) the stored size of a part is known only once it is compressed:
+//! parts then go one after another in the order they are written, and the header space is
+//! reserved up front for the largest compression records the parts can get.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -9,7 +13,9 @@ use std::path::{Path, PathBuf};
 use tempfile::NamedTempFile;
 
 use super::checksum::checksum;
+use crate::codecs::compress::{self, Options};
 use crate::error::{Error, Result};
+use crate::format::compression::{CodecId, Compression, Filter};
 use crate::format::header::PartInfo;
 use crate::format::limits::*;
 use crate::format::{DType, Encoding, Header, TensorInfo};
@@ -29,6 +35,11 @@ pub struct FileWriter {
     header: Header,
     written: Vec<Vec<bool>>,
     data_start: u64,
+    /// Compress parts where it pays; parts are then placed at `next` in write order.
+    compression: Option<Options>,
+    next: u64,
+    /// Header bytes available (the planned header plus the reserve), compressed mode only.
+    header_room: u64,
 }
 
 fn align_up(v: u64, a: u64) -> u64 {
@@ -99,6 +110,7 @@ pub fn plan_layout(
                     offset,
                     length: s.length,
                     checksum: 0,
+                    compression: None,
                 };
                 offset = align_up(offset + s.length, alignment);
                 part
@@ -115,12 +127,35 @@ pub fn plan_layout(
     Header::new(alignment, metadata, tensors).map_err(|e| Error::Invalid(e.to_string()))
 }
 
-/// The header bytes padded with spaces so that the data section starts aligned.
-fn padded_header(json: &str, alignment: u64) -> Vec<u8> {
-    let data_start = align_up(PREFIX_LEN as u64 + json.len() as u64, alignment);
-    let mut out = json.as_bytes().to_vec();
-    out.resize((data_start - PREFIX_LEN as u64) as usize, b' ');
-    out
+/// Header bytes that the compressed writer keeps free beyond the planned header: for each part,
+/// the longest compression record it can get (every chunk at most its decoded length) and the
+/// extra digits its offset can take when parts are placed in write order.
+fn header_reserve(header: &Header, o: &Options) -> u64 {
+    let end: u64 = header
+        .tensors
+        .iter()
+        .flat_map(|t| &t.parts)
+        .map(|p| align_up(p.length, header.alignment))
+        .sum();
+    let digits = |v: u64| v.to_string().len() as u64;
+    let mut total = 0;
+    for p in header.tensors.iter().flat_map(|t| &t.parts) {
+        total += digits(end).saturating_sub(digits(p.offset));
+        let n = p.length.div_ceil(o.chunk_size);
+        let widest = Compression {
+            codec: CodecId::Zstd,
+            level: o.level,
+            filter: Filter::Float,
+            chunk_size: o.chunk_size,
+            chunks: vec![],
+            decoded_len: p.length,
+            itemsize: 1,
+        };
+        let empty = serde_json::to_string(&widest).expect("JSON of plain values");
+        // `,"compression":` + the record + one length (and comma) per chunk.
+        total += 16 + empty.len() as u64 + n * (digits(o.chunk_size.min(p.length)) + 1);
+    }
+    total
 }
 
 impl FileWriter {
@@ -130,9 +165,36 @@ impl FileWriter {
         metadata: BTreeMap<String, String>,
         alignment: u64,
     ) -> Result<Self> {
+        Self::create_compressed(path, plans, metadata, alignment, None)
+    }
+
+    /// `create`, compressing every part where it saves enough (`compress::MIN_SAVING`).
+    pub fn create_compressed(
+        path: &Path,
+        plans: Vec<PlannedTensor>,
+        metadata: BTreeMap<String, String>,
+        alignment: u64,
+        compression: Option<Options>,
+    ) -> Result<Self> {
+        if let Some(o) = &compression {
+            let cs = o.chunk_size;
+            let (lo, hi) = (
+                crate::format::compression::MIN_CHUNK,
+                crate::format::compression::MAX_CHUNK,
+            );
+            if !cs.is_power_of_two() || !(lo..=hi).contains(&cs) {
+                return Err(Error::Invalid(format!(
+                    "compression chunk size {cs} must be a power of two between {lo} and {hi}"
+                )));
+            }
+        }
         let header = plan_layout(plans, metadata, alignment)?;
-        let header_bytes = padded_header(&header.to_json(), alignment);
-        let data_start = PREFIX_LEN as u64 + header_bytes.len() as u64;
+        let json = header.to_json();
+        let header_room = match &compression {
+            Some(o) => json.len() as u64 + header_reserve(&header, o),
+            None => json.len() as u64,
+        };
+        let data_start = align_up(PREFIX_LEN as u64 + header_room, alignment);
         let data_len = header
             .tensors
             .iter()
@@ -158,8 +220,9 @@ impl FileWriter {
                 let context = format!("cannot create a file in '{}'", dir.display());
                 Error::io(context, without_temp_name(e))
             })?;
+        let initial = if compression.is_some() { 0 } else { data_len };
         tmp.as_file()
-            .set_len(data_start + data_len)
+            .set_len(data_start + initial)
             .map_err(|e| Error::io("cannot size the output file", e))?;
         let written = header
             .tensors
@@ -172,6 +235,9 @@ impl FileWriter {
             header,
             written,
             data_start,
+            compression,
+            next: 0,
+            header_room,
         })
     }
 
@@ -190,19 +256,41 @@ impl FileWriter {
             .parts
             .get_mut(part)
             .ok_or_else(|| Error::Invalid(format!("tensor '{}' has no part #{part}", t.name)))?;
-        if bytes.len() as u64 != p.length {
+        let planned = p.decoded_len();
+        if bytes.len() as u64 != planned {
             return Err(Error::Invalid(format!(
                 "tensor '{}' part '{}': {} bytes given, {} planned",
                 t.name,
                 p.name,
                 bytes.len(),
-                p.length
+                planned
             )));
         }
+        if self.written[tensor][part] && self.compression.is_some() {
+            return Err(Error::Invalid(format!(
+                "tensor '{}' part '{}' is written already (a compressing writer places parts in write order)",
+                t.name, p.name
+            )));
+        }
+        let compressed = match &self.compression {
+            Some(o) => compress::compress_part(bytes, p.dtype, o)
+                .map_err(|e| Error::Invalid(format!("tensor '{}': {e}", t.name)))?,
+            None => None,
+        };
+        let stored: &[u8] = match &compressed {
+            Some((c, _)) => c,
+            None => bytes,
+        };
+        if self.compression.is_some() {
+            p.offset = self.next;
+            p.length = stored.len() as u64;
+            p.compression = compressed.as_ref().map(|(_, c)| Box::new(c.clone()));
+            self.next = align_up(p.offset + p.length, self.header.alignment);
+        }
         let file = self.tmp.as_ref().expect("writer is open").as_file();
-        write_at(file, bytes, self.data_start + p.offset)
+        write_at(file, stored, self.data_start + p.offset)
             .map_err(|e| Error::io(format!("writing tensor '{}'", t.name), e))?;
-        p.checksum = checksum(bytes);
+        p.checksum = checksum(stored);
         self.written[tensor][part] = true;
         Ok(())
     }
@@ -225,20 +313,43 @@ impl FileWriter {
                 )));
             }
         }
-        let header_bytes = padded_header(&self.header.to_json(), self.header.alignment);
-        debug_assert_eq!(
-            PREFIX_LEN as u64 + header_bytes.len() as u64,
-            self.data_start
-        );
+        let json = self.header.to_json();
+        if self.compression.is_some() && json.len() as u64 > self.header_room {
+            return Err(Error::Invalid(format!(
+                "the header grew to {} bytes, beyond the {} reserved for it (a bug: please report it)",
+                json.len(),
+                self.header_room
+            )));
+        }
+        let mut header_bytes = json.into_bytes();
+        header_bytes.resize((self.data_start - PREFIX_LEN as u64) as usize, b' ');
+        // Files without compressed parts stay version 1.0: every 1.x reader reads them.
+        let minor = if self.header.tensors.iter().any(|t| t.is_compressed()) {
+            VERSION_MINOR
+        } else {
+            0
+        };
         let mut prefix = Vec::with_capacity(PREFIX_LEN);
         prefix.extend_from_slice(MAGIC);
         prefix.extend_from_slice(&VERSION_MAJOR.to_le_bytes());
-        prefix.extend_from_slice(&VERSION_MINOR.to_le_bytes());
+        prefix.extend_from_slice(&minor.to_le_bytes());
         prefix.extend_from_slice(&0u32.to_le_bytes());
         prefix.extend_from_slice(&(header_bytes.len() as u64).to_le_bytes());
         let tmp = self.tmp.take().expect("writer is open");
         let file = tmp.as_file();
         let io = |e| Error::io(format!("writing '{}'", self.final_path.display()), e);
+        if self.compression.is_some() {
+            // Zero-length parts may sit at the running offset past the last byte (rule 10).
+            let end = self
+                .header
+                .tensors
+                .iter()
+                .flat_map(|t| &t.parts)
+                .map(|p| p.offset + p.length)
+                .max()
+                .unwrap_or(0);
+            file.set_len(self.data_start + end).map_err(io)?;
+        }
         write_at(file, &prefix, 0).map_err(io)?;
         write_at(file, &header_bytes, PREFIX_LEN as u64).map_err(io)?;
         set_readable_permissions(file);

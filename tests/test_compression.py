@@ -1,0 +1,322 @@
+"""Compressed parts (spec 2.1): lossless round trips, the independent zstandard-based reader
+(tests/reference.py), random access that decodes only the chunks it needs, and hostile files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import reference as R
+import zstandard
+
+import qtensors as qt
+from qtensors import _core
+from qtensors.errors import FormatError, UnsupportedError
+
+SMALL = 4096  # the smallest chunk size: many chunks in small tensors
+
+
+def write(path, tensors, chunk_size=SMALL, quant="raw"):
+    """save_file's writer with a chosen chunk size (save_file uses the 1 MiB default)."""
+    from qtensors._arrays import as_bytes
+    from qtensors.encodings import Raw, choose_encoding, normalize_quant
+
+    q = normalize_quant(quant)
+    plans, data = [], []
+    for name, x in tensors.items():
+        b, dtype, shape = as_bytes(x)
+        enc = choose_encoding(name, dtype, shape, q)
+        ed = {"name": "raw"} if isinstance(enc, Raw) else enc.to_dict(len(shape))
+        plans.append((name, dtype, list(shape), json.dumps(ed)))
+        data.append((b, dtype))
+    w = _core.Writer(str(path), plans, {}, 64, "zstd", chunk_size=chunk_size)
+    for i, (b, dtype) in enumerate(data):
+        w.write_tensor(i, b, dtype)
+    w.finish()
+
+
+def sample(rng, dtype, shape):
+    if dtype == "bool":
+        return rng.random(shape) > 0.5
+    if dtype.startswith("float"):
+        return (rng.standard_normal(shape) * 0.05).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(max(info.min, -1000), min(info.max, 1000), shape).astype(dtype)
+
+
+DTYPES = ["bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64"]
+DTYPES += ["float16", "float32", "float64"]
+# Sizes in bytes around the chunk boundaries (SMALL), empty, scalar and odd shapes.
+SHAPES = [(0,), (), (1,), (3, 5), (SMALL // 8,), (SMALL // 8 + 1,), (3 * SMALL // 8 - 1,), (777, 9)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lossless_round_trip_every_dtype_and_the_reference_reads_it(tmp_path, dtype):
+    rng = np.random.default_rng(1)
+    tensors = {f"t{i}": sample(rng, dtype, s) for i, s in enumerate(SHAPES)}
+    path = tmp_path / "l.qtensors"
+    write(path, tensors)
+    back = qt.load_file(str(path))
+    for k, x in tensors.items():
+        assert back[k].dtype == x.dtype and back[k].shape == x.shape
+        assert back[k].tobytes() == x.tobytes(), k
+    ref, _, _ = R.read_file(str(path))  # zstandard, checksums of the stored bytes
+    for k, x in tensors.items():
+        assert ref[k].tobytes() == x.tobytes(), k
+    with qt.safe_open(str(path)) as f:
+        f.verify()
+        if np.dtype(dtype).itemsize > 1:  # random bytes do not compress
+            parts = f.tensor_info("t7")["parts"]["data"]
+            assert parts["compression"]["chunk_size"] == SMALL  # it was compressed
+
+
+def test_bfloat16_and_save_file_lossless(tmp_path):
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(0)
+    t = {"w": torch.randn(300, 500, generator=g).to(torch.bfloat16), "i": torch.arange(10)}
+    path = tmp_path / "b.qtensors"
+    qt.save_file(t, str(path), lossless=True)
+    back = qt.load_file(str(path), framework="pt")
+    for k in t:
+        assert torch.equal(back[k].view(torch.uint8), t[k].view(torch.uint8)), k
+    assert os.path.getsize(path) < t["w"].numel() * 2 / 1.3
+    with open(path, "rb") as fh:
+        assert fh.read(12)[8:12] == b"\x01\x00\x01\x00"  # version 1.1
+    ref, _, _ = R.read_file(str(path))
+    assert np.array_equal(ref["w"], t["w"].view(torch.int16).numpy().view(np.uint16))
+
+
+def test_uncompressed_files_stay_version_1_0(tmp_path):
+    path = tmp_path / "u.qtensors"
+    qt.save_file({"a": np.arange(4, dtype=np.float32)}, str(path))
+    with open(path, "rb") as fh:
+        assert fh.read(12)[8:12] == b"\x01\x00\x00\x00"
+    with pytest.raises(ValueError):
+        qt.save_file({"a": np.ones(3)}, str(path), compression="lz4")
+    with pytest.raises(ValueError):
+        qt.save_file({"a": np.ones(3)}, str(path), lossless=True, quant="nf4")
+
+
+def test_quantized_parts_compressed_where_it_pays(tmp_path):
+    rng = np.random.default_rng(2)
+    t = {"w": (rng.standard_normal((256, 384)) * 0.02).astype(np.float32)}
+    t["n"] = np.ones(384, np.float32)
+    a, b = tmp_path / "a.qtensors", tmp_path / "b.qtensors"
+    write(a, t, quant=None)
+    qt.save_file(t, str(b))
+    x, y = qt.load_file(str(a)), qt.load_file(str(b))
+    for k in t:
+        assert x[k].tobytes() == y[k].tobytes()
+    ref, _, _ = R.read_file(str(a))
+    assert ref["w"].tobytes() == y["w"].tobytes()
+    with qt.safe_open(str(a)) as f, qt.safe_open(str(b)) as g:
+        parts = f.tensor_info("w")["parts"]
+        # fp16 scales and mins shrink; each compressed part saves at least 5%.
+        assert "compression" in parts["scales"]
+        for p in parts.values():
+            if "compression" in p:
+                decoded = int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
+                assert p["length"] <= decoded * 0.95
+        qa, qb = f.get_quantized("w"), g.get_quantized("w")
+        for n in ("codes", "scales", "mins"):
+            assert np.array_equal(getattr(qa, n), getattr(qb, n)), n
+        box = (slice(10, 100), slice(33, 300))
+        assert np.array_equal(f.get_slice("w")[box], g.get_slice("w")[box])
+
+
+def chunk_spans(path, name, part):
+    """Absolute (start, end) of each stored chunk of a part."""
+    h = R.read_header(str(path))
+    rec = next(t for t in h["header"]["tensors"] if t["name"] == name)["parts"][part]
+    at = h["data_start"] + rec["offset"]
+    spans = []
+    for n in rec["compression"]["chunks"]:
+        spans.append((at, at + n))
+        at += n
+    return spans
+
+
+def break_chunks(path, spans):
+    blob = bytearray(path.read_bytes())
+    for a, _ in spans:
+        blob[a : a + 4] = b"\xde\xad\xbe\xef"  # no longer a zstd frame
+    path.write_bytes(bytes(blob))
+
+
+def test_slices_decode_only_the_chunks_they_need(tmp_path):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((64, 256)) * 0.1).astype(np.float32)  # 64 KiB: 16 chunks of 4 KiB
+    path = tmp_path / "r.qtensors"
+    write(path, {"x": x})
+    spans = chunk_spans(path, "x", "data")
+    assert len(spans) == 16
+    # Rows 20..23 are bytes 20480..24576: chunks 5 only. Break every other chunk.
+    break_chunks(path, spans[:5] + spans[6:])
+    with qt.safe_open(str(path)) as f:
+        assert np.array_equal(f.get_slice("x")[20:24], x[20:24])
+        assert np.array_equal(f.get_slice("x")[20:24, 7:9], x[20:24, 7:9])
+        with pytest.raises(FormatError, match="tensor 'x' part 'data' chunk 4"):
+            f.get_slice("x")[19:24]
+        with pytest.raises(FormatError, match="chunk 0"):
+            f.get_tensor("x")
+
+
+def test_quantized_slice_needs_only_its_codes_and_scales(tmp_path):
+    rng = np.random.default_rng(4)
+    # Few distinct values: the codes compress too.
+    x = (np.round(rng.standard_normal((512, 256)) * 3) / 30).astype(np.float32)
+    enc = qt.encodings.from_dict(
+        {"name": "affine", "bits": 8, "group_size": 64, "axis": 1, "scale_dtype": "float32"}
+    )
+    path = tmp_path / "q.qtensors"
+    write(path, {"x": x}, quant=enc)
+    whole = qt.load_file(str(path))["x"]
+    codes = chunk_spans(path, "x", "codes")  # 128 KiB of codes: 32 chunks, 2 rows per 4 KiB...
+    assert len(codes) == 32  # ...16 rows each
+    # Rows 64..79 use codes chunk 4 and the scales/mins of those rows only.
+    break_chunks(path, codes[:4] + codes[5:])
+    with qt.safe_open(str(path)) as f:
+        assert np.array_equal(f.get_slice("x")[64:80, 3:200], whole[64:80, 3:200])
+        with pytest.raises(FormatError):
+            f.get_slice("x")[60:80]
+
+
+def craft(frames, decoded, chunk_size=SMALL, filt="none", codec="zstd", dtype="uint8"):
+    """A file with one raw tensor whose part is the given stored chunks."""
+    data = b"".join(frames)
+    k = np.dtype(dtype).itemsize
+    rec = {
+        "dtype": dtype,
+        "shape": [decoded // k],
+        "offset": 0,
+        "length": len(data),
+        "checksum": R.checksum_string(data),
+        "compression": {
+            "codec": codec,
+            "level": 1,
+            "filter": filt,
+            "chunk_size": chunk_size,
+            "chunks": [len(f) for f in frames],
+        },
+    }
+    t = {"name": "x", "dtype": dtype, "shape": [decoded // k], "encoding": {"name": "raw"}}
+    t["parts"] = {"data": rec}
+    return R.assemble({"alignment": 64, "metadata": {}, "tensors": [t]}, data, minor=1)
+
+
+def z(b, **kw):
+    return zstandard.ZstdCompressor(level=1, **kw).compress(b)
+
+
+ZEROS = bytes(SMALL)
+PATTERN = bytes(range(256)) * (SMALL // 256)
+
+
+def test_crafted_valid_file_reads(tmp_path):
+    path = tmp_path / "ok.qtensors"
+    path.write_bytes(craft([z(PATTERN), PATTERN[:100]], SMALL + 100))
+    assert qt.load_file(str(path))["x"].tobytes() == PATTERN + PATTERN[:100]
+
+
+# (id, file bytes, error class, words the message has) - refused at open
+OPEN_CASES = [
+    ("unknown_codec", lambda: craft([z(ZEROS)], SMALL, codec="lz4"), UnsupportedError, ["lz4"]),
+    ("unknown_filter", lambda: craft([z(ZEROS)], SMALL, filt="bits"), UnsupportedError, ["bits"]),
+    ("float_filter_on_ints", lambda: craft([z(ZEROS)], SMALL, filt="float"), FormatError, []),
+    ("chunk_size_odd", lambda: craft([z(ZEROS)], SMALL, chunk_size=5000), FormatError, []),
+    ("too_few_chunks", lambda: craft([z(ZEROS)], 2 * SMALL), FormatError, ["chunk table"]),
+    ("chunk_longer_than_data", lambda: craft([ZEROS + b"x"], SMALL), FormatError, ["chunk 0"]),
+    ("empty_chunk", lambda: craft([b"", z(ZEROS)], 2 * SMALL), FormatError, ["chunk 0"]),
+    # 64 MiB claimed by 8 bytes: more than zstd can expand, refused before reading.
+    ("bomb", lambda: craft([b"12345678"], 64 << 20, chunk_size=64 << 20), FormatError, ["32768"]),
+]
+
+
+@pytest.mark.parametrize("case", OPEN_CASES, ids=[c[0] for c in OPEN_CASES])
+def test_hostile_records_are_refused_at_open(tmp_path, case):
+    _, make, err, words = case
+    path = tmp_path / "h.qtensors"
+    path.write_bytes(make())
+    with pytest.raises(err) as ei:
+        qt.safe_open(str(path))
+    for w in words:
+        assert w in str(ei.value)
+    with pytest.raises(R.ReferenceError):
+        R.read_file(str(path))
+
+
+def test_lying_chunk_table_sum(tmp_path):
+    blob = craft([z(ZEROS)], SMALL)
+    h = R.read_header(blob)
+    h["header"]["tensors"][0]["parts"]["data"]["compression"]["chunks"] = [3]
+    path = tmp_path / "lie.qtensors"
+    path.write_bytes(R.assemble(h["header"], blob[h["data_start"] :], minor=1))
+    with pytest.raises(FormatError, match="add up"):
+        qt.safe_open(str(path))
+
+
+# chunks whose bytes lie: found when decoded (get_tensor, get_slice, stream)
+DATA_CASES = [
+    ("decodes_to_more", [z(ZEROS + b"\0")], SMALL),
+    ("decodes_to_less", [z(ZEROS[:-1]) + b""], SMALL),
+    ("no_content_size", [z(PATTERN, write_content_size=False)], SMALL),
+    ("truncated_frame", [z(PATTERN)[:-3]], SMALL),
+    ("two_frames", [z(PATTERN[:2048]) + z(PATTERN[2048:])], SMALL),
+    ("garbage", [b"\x28\xb5\x2f\xfd" + b"\xff" * 60], SMALL),
+    # A 16 MiB bomb in a 4 KiB chunk: its frame header says 16 MiB, refused before decoding.
+    ("bomb_frame", [z(bytes(16 << 20))], SMALL),
+]
+
+
+@pytest.mark.parametrize("case", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_hostile_chunks_are_format_errors(tmp_path, case):
+    _, frames, decoded = case
+    path = tmp_path / "d.qtensors"
+    path.write_bytes(craft(frames, decoded))
+    with qt.safe_open(str(path)) as f:
+        with pytest.raises(FormatError, match="tensor 'x' part 'data' chunk 0"):
+            f.get_tensor("x")
+        with pytest.raises(FormatError):
+            f.get_slice("x")[10:20]
+        with pytest.raises(FormatError):
+            f.get_quantized("x")
+    with pytest.raises(FormatError):
+        list(qt.stream(str(path), device="cpu", framework="np"))
+    with pytest.raises(R.ReferenceError):
+        R.read_file(str(path))
+
+
+def test_stream_reads_compressed_parts_piecewise_and_verifies(tmp_path):
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(40_000) * 0.1).astype(np.float32)
+    q = (rng.standard_normal((128, 192)) * 0.1).astype(np.float32)
+    path = tmp_path / "s.qtensors"
+    write(path, {"x": x})
+    r = _core.StreamReader(str(path), threads=3, chunk_size=4096)
+    n, layout = r.tensor_layout(0)
+    assert n == x.nbytes and layout == [("data", 0, x.nbytes)]
+    buf = np.zeros(n, np.uint8)
+    for a in range(0, n, 10_000):  # pieces that cut chunks: boundary chunks are read twice
+        r.read(0, a, buf[a : a + 10_000], True)
+    assert buf.tobytes() == x.tobytes()
+    # A corrupted stored byte: checksum error on the verified read.
+    spans = chunk_spans(path, "x", "data")
+    blob = bytearray(path.read_bytes())
+    blob[spans[3][0] + 20] ^= 1
+    path.write_bytes(bytes(blob))
+    r = _core.StreamReader(str(path))
+    with pytest.raises(qt.errors.ChecksumError):
+        r.read(0, 0, np.zeros(n, np.uint8), True)
+    # Quantized tensors through the CPU stream and with quantized=True.
+    p2 = tmp_path / "s2.qtensors"
+    write(p2, {"q": q, "x": x}, quant=None)
+    want = qt.load_file(str(p2))
+    got = dict(qt.stream(str(p2), device="cpu", framework="np", verify=True))
+    for k in want:
+        assert got[k].tobytes() == want[k].tobytes()
+    with qt.safe_open(str(p2)) as f:
+        ref = f.get_quantized("q")
+    for _, qq in qt.stream(str(p2), ["q"], device="cpu", framework="np", quantized=True):
+        assert np.array_equal(qq.scales, ref.scales) and np.array_equal(qq.codes, ref.codes)
