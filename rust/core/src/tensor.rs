@@ -105,7 +105,7 @@ pub fn decode_region(
         return Ok(());
     };
     let stored = Stored {
-        codec,
+        codec: codec.decoder(),
         params: &params,
         layout: GroupLayout::new(&info.shape, params.axis, params.group_size)?,
         codes: parts[0],
@@ -141,7 +141,7 @@ pub fn linear(
         )));
     };
     let stored = Stored {
-        codec,
+        codec: codec.decoder(),
         params: &params,
         layout: GroupLayout::new(&info.shape, params.axis, params.group_size)?,
         codes: parts[0],
