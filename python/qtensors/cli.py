@@ -191,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=CONVERT_EPILOG,
         formatter_class=_formatter,
     )
-    p.add_argument("src", metavar="SRC", help=".safetensors file or model folder")
+    p.add_argument(
+        "src", metavar="SRC", help=".safetensors file or model folder, or a GGUF file (imported)"
+    )
     p.add_argument(
         "dst", metavar="DST", nargs="?", help="a .qtensors file (the suffix is required) or folder"
     )
@@ -289,7 +291,10 @@ def _times(ratio: float) -> str:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import ConversionInterrupted, convert
+    from .interop import detect
 
+    if detect(args.src) is not None:
+        return _import_foreign(args)
     res = convert(
         args.src,
         args.dst,
@@ -305,6 +310,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
         _report_conversion(res, args)
     except KeyboardInterrupt:  # the output is complete: only the summary was cut short
         raise ConversionInterrupted(res.dst, published=True) from None
+    return 0
+
+
+def _import_foreign(args: argparse.Namespace) -> int:
+    """`convert` of a file in another format (GGUF): its importer, with the quantization options
+    (if any) as the encoding of the tensors that cannot be mapped exactly."""
+    from dataclasses import asdict
+
+    from .interop import import_model
+
+    chosen = (args.preset, args.bits, args.group_size, args.axis, args.symmetric, args.scale_dtype)
+    quant = _quant(args) if any(v is not None for v in chosen) else None
+    base = os.path.splitext(args.src.rstrip("/\\"))[0]
+    report = import_model(args.src, args.dst or base + "-qtensors", quant=quant, force=args.force)
+    if args.json:
+        print(json.dumps(asdict(report), indent=2))
+    elif not args.quiet:
+        print(report.summary())
     return 0
 
 
