@@ -29,7 +29,7 @@ EXACT = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 def weights(shape, seed=0):
     rng = np.random.default_rng(seed)
     return (
-        rng.standard_normal(shape) * 0.05 + rng.standard_normal(shape[:-1] + (1,)) * 0.01
+        rng.standard_normal(shape) * 0.05 + rng.standard_normal((*shape[:-1], 1)) * 0.01
     ).astype(np.float32)
 
 
@@ -128,7 +128,7 @@ def test_full_levels_equal_gguf_where_scales_are_exact():
     assert np.array_equal(_unpack(np.asarray(q.codes), 4, x.size), g_codes)
 
 
-# -- the header reader -------------------------------------------------------------------------------
+# -- the header reader -----------------------------------------------------------------------------
 
 
 def _blocks(type_name, x):
@@ -201,7 +201,7 @@ def test_malformed_files_name_the_format_and_tensor(tmp_path):
     data = p.read_bytes()
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(data[:40])
-    with pytest.raises(ForeignFormatError, match="GGUF .*truncated"):
+    with pytest.raises(ForeignFormatError, match=r"GGUF .*truncated"):
         GGUFFile(bad)
     bad.write_bytes(data[:-40])  # the tensor's bytes run past the end
     with pytest.raises(ForeignFormatError, match=r"GGUF .*tensor 'blk\.0\.w' \(Q4_0\)"):
@@ -216,7 +216,7 @@ def test_malformed_files_name_the_format_and_tensor(tmp_path):
         GGUFFile(bad)
 
 
-# -- a whole model -----------------------------------------------------------------------------------
+# -- a whole model ---------------------------------------------------------------------------------
 
 HIDDEN, HEADS, KV_HEADS, FF, LAYERS, VOCAB = 64, 4, 2, 256, 2, 96
 
