@@ -32,12 +32,12 @@ pub fn nf4_midpoints() -> [f32; 15] {
     m
 }
 
+/// `SymmetricFull` is symmetric with all 2^bits levels (spec 4.6, `levels: "full"`): it decodes
+/// as `Symmetric` and quantizes with the signed value of largest magnitude.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec {
     Affine { bits: u8 },
     Symmetric { bits: u8 },
-    /// Symmetric with all 2^bits levels (spec 4.6, `levels: "full"`): decodes as `Symmetric`,
-    /// quantizes with the signed value of largest magnitude.
     SymmetricFull { bits: u8 },
     Nf4,
 }
