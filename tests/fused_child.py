@@ -35,6 +35,8 @@ ENCODINGS = {
     "nf4-g32": NF4(group_size=32, axis=-1),
     "nf4-g16-ax0": NF4(group_size=16, axis=0),
     "symmetric4-g128-ax0": Symmetric(bits=4, group_size=128, axis=0),
+    # negative scales (llama.cpp Q4_0's rule)
+    "symfull4-g32": Symmetric(bits=4, group_size=32, axis=-1, levels="full"),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

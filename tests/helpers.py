@@ -46,6 +46,9 @@ def ref_dict(kind: str, bits: int, group_size: int, axis: int, scale_dtype: str,
     a = R.normalize_axis(axis, rank)
     if kind == "nf4":
         return {"name": "nf4", "group_size": group_size, "axis": a, "scale_dtype": scale_dtype}
+    if kind == "symmetric_full":
+        d = ref_dict("symmetric", bits, group_size, axis, scale_dtype, rank)
+        return {**d, "levels": "full"}
     return {
         "name": kind,
         "bits": bits,
@@ -62,6 +65,10 @@ def qt_encoding(kind: str, bits: int, group_size: int, axis: int, scale_dtype: s
         return qt.Affine(bits=bits, group_size=group_size, axis=axis, scale_dtype=scale_dtype)
     if kind == "symmetric":
         return qt.Symmetric(bits=bits, group_size=group_size, axis=axis, scale_dtype=scale_dtype)
+    if kind == "symmetric_full":
+        return qt.Symmetric(
+            bits=bits, group_size=group_size, axis=axis, scale_dtype=scale_dtype, levels="full"
+        )
     if kind == "nf4":
         return qt.NF4(group_size=group_size, axis=axis, scale_dtype=scale_dtype)
     if kind == "raw":
@@ -209,6 +216,12 @@ def spec_error_bound(kind, bits, x32, q, shape, axis, g, sd):
         qmax = 2 ** (bits - 1) - 1
         bound = s / 2 + qmax * np.abs(s - am / qmax)
         slack = 4 * eps * (v + qmax * s)
+    elif kind == "symmetric_full":
+        # a whole step on the side opposite the peak, which clamps to level zero - 1
+        zero = 2 ** (bits - 1)
+        s = np.abs(s)
+        bound = s + zero * np.abs(s - am / zero)
+        slack = 4 * eps * (v + zero * s)
     else:  # nf4: half the widest gap between levels, plus the rounding of the stored absmax
         bound = s * 0.152 + np.abs(am - s)
         slack = 4 * eps * (v + s)
@@ -278,7 +291,7 @@ magnitudes = st.sampled_from([1e-3, 0.02, 1.0, 37.0, 1000.0])
 @st.composite
 def cases(
     draw,
-    kinds=("affine", "symmetric", "nf4"),
+    kinds=("affine", "symmetric", "symmetric_full", "nf4"),
     in_dtypes=("float32", "float16", "float64", "bfloat16"),
 ):
     """A quantization case: dict(kind, bits, group_size, axis, scale_dtype, shape, dtype,
@@ -286,8 +299,8 @@ def cases(
     kind = draw(st.sampled_from(kinds))
     if kind == "affine":
         bits = draw(st.sampled_from([1, 2, 3, 4, 5, 8]))
-    elif kind == "symmetric":
-        bits = draw(st.sampled_from([2, 3, 4, 8]))
+    elif kind in ("symmetric", "symmetric_full"):
+        bits = draw(st.sampled_from([2, 3, 4, 5, 8]))
     else:
         bits = 4
     shape = draw(shapes())

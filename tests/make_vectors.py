@@ -35,6 +35,10 @@ def symmetric(bits, g, axis, sd="float16"):
     return {"name": "symmetric", "bits": bits, "group_size": g, "axis": axis, "scale_dtype": sd}
 
 
+def symmetric_full(bits, g, axis, sd="float16"):
+    return {**symmetric(bits, g, axis, sd), "levels": "full"}
+
+
 def nf4(g, axis, sd="float16"):
     return {"name": "nf4", "group_size": g, "axis": axis, "scale_dtype": sd}
 
@@ -318,6 +322,31 @@ def vectors():
         )
     )
     out.append(("no_tensors", "a file without tensors, only metadata", [], {"k": "v"}, 64))
+    w = normal("symmetric_full.w", (9, 8))
+    # peak +8 (a tie with -8: the positive one wins) -> s = -1, t = -x: half-way ties round to
+    # even, and -8 clamps to level 7 (decodes to -7)
+    tie = np.array([[8.0, -8.0, 0.5, 1.5, -2.5, 3.5, -7.5, 6.5]], np.float32)
+    neg = np.array([[-4.0, 1.0, 3.0, -0.25]], np.float32)  # peak -4: s = +0.5
+    out.append(
+        (
+            "symmetric_full",
+            'symmetric with levels "full" (all 2^b codes, llama.cpp Q4_0 / Q5_0): 4, 5 and 8 '
+            "bits along both axes (ragged), a +/- peak tie, a negative peak, round-half-even "
+            "ties, an all-zero group, bfloat16 scales",
+            [
+                ("f4.ax1", w, symmetric_full(4, 4, 1), None),
+                ("f4.ax0", w, symmetric_full(4, 4, 0), None),
+                ("f5.ax1", w, symmetric_full(5, 3, 1), None),
+                ("f8.ax1", w, symmetric_full(8, 8, 1, "float32"), None),
+                ("tie", tie, symmetric_full(4, 8, 1), None),
+                ("neg", neg, symmetric_full(4, 4, 1), None),
+                ("zeros", np.zeros((2, 4), np.float32), symmetric_full(4, 2, 1), None),
+                ("bf16", w, symmetric_full(4, 8, 1, "bfloat16"), None),
+            ],
+            None,
+            64,
+        )
+    )
     return out
 
 

@@ -300,6 +300,8 @@ def encoding_params(enc: dict, rank: int) -> dict:
     if not _is_int(out.get("axis")):
         raise ReferenceError(f"{name}: axis {out.get('axis')!r} must be an integer")
     out["axis"] = normalize_axis(out["axis"], rank)
+    if name == "symmetric" and out.get("levels", "balanced") not in ("balanced", "full"):
+        raise ReferenceError(f"symmetric: levels {out.get('levels')!r} not 'balanced' or 'full'")
     if out.get("scale_dtype") not in SCALE_DTYPES:
         raise ReferenceError(
             f"{name}: scale_dtype {out.get('scale_dtype')!r} not one of {SCALE_DTYPES}"
@@ -383,6 +385,24 @@ def quantize(x, enc: dict, dtype: str | None = None, name: str = "tensor") -> di
             "codes": pack_codes(codes.reshape(-1), bits),
             "scales": scales_to_storage(s, sd).reshape(sshape),
             "mins": scales_to_storage(m, sd).reshape(sshape),
+        }
+
+    if kind == "symmetric" and p.get("levels") == "full":
+        # All 2^b levels (llama.cpp's Q4_0): the value of largest magnitude, the positive one on
+        # a tie, goes to level -zero, so the scale is negative when that value is positive.
+        zero = 2 ** (bits - 1)
+        lo = _per_group(v3, G, g, np.min)
+        hi = _per_group(v3, G, g, np.max)
+        peak = np.where(hi >= -lo, hi, lo).astype(np.float32)
+        s = (st((peak / F32(-zero)).astype(np.float32), sd) + F32(0)).astype(np.float32)
+        _check_finite(s, "a stored scale", name)
+        inv = _inverse(s)
+        t = (v3 * inv[:, gidx, :]).astype(np.float32)
+        codes = np.clip(np.rint(t), -zero, zero - 1).astype(np.int64) + zero
+        return {
+            "codes": pack_codes(codes.reshape(-1), bits),
+            "scales": scales_to_storage(s, sd).reshape(sshape),
+            "mins": None,
         }
 
     absmax = _per_group(np.abs(v3), G, g, np.max)

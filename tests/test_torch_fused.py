@@ -46,7 +46,14 @@ def test_fused_kernels_match_decode_then_matmul(group):
     assert not result["failures"], "\n".join(result["failures"])
 
 
-@pytest.mark.parametrize("enc", [qt.FLEXGEN, qt.NF4(group_size=32, axis=-1)])
+@pytest.mark.parametrize(
+    "enc",
+    [
+        qt.FLEXGEN,
+        qt.NF4(group_size=32, axis=-1),
+        qt.Symmetric(bits=4, group_size=32, axis=-1, levels="full"),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_op_cpu(enc, dtype):
     torch.manual_seed(3)

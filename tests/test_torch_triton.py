@@ -57,6 +57,9 @@ CHILD = textwrap.dedent(
         rng = np.random.default_rng(i)
         x = (rng.standard_normal(shape) * 3).astype(np.float32)
         enc = {"name": kind, "bits": bits, "group_size": g, "axis": axis, "scale_dtype": sd}
+        if kind == "symmetric_full":  # decodes as symmetric; negative scales
+            kind = enc["name"] = "symmetric"
+            enc["levels"] = "full"
         parts = R.quantize(x, enc)
         want = np.ascontiguousarray(R.dequantize(parts, enc, shape, out))
         want = want.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[want.dtype.itemsize])
@@ -106,6 +109,8 @@ CASES = [
     ((19, 32), "affine", 7, 32, 0, "bfloat16", "float32"),
     ((16, 32), "symmetric", 6, 8, -1, "float16", "bfloat16"),
     ((70, 16), "affine", 2, 64, 0, "float16", "float16"),
+    ((9, 64), "symmetric_full", 4, 32, -1, "float16", "float32"),
+    ((40, 6), "symmetric_full", 5, 8, 0, "bfloat16", "float16"),
 ]
 
 

@@ -216,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=CONVERT_EPILOG,
         formatter_class=_formatter,
     )
-    p.add_argument("src", metavar="SRC", help=".safetensors file or model folder")
+    p.add_argument(
+        "src", metavar="SRC", help=".safetensors file or model folder, or a GGUF file (imported)"
+    )
     p.add_argument(
         "dst", metavar="DST", nargs="?", help="a .qtensors file (the suffix is required) or folder"
     )
@@ -325,7 +327,10 @@ def _times(ratio: float) -> str:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import ConversionInterrupted, convert
+    from .interop import detect
 
+    if detect(args.src) is not None:
+        return _import_foreign(args)
     if args.method != "rtn" or args.calibration:
         return _convert_with_method(args)
     quant_flags = (args.preset, args.bits, args.group_size, args.axis, args.symmetric)
@@ -373,6 +378,24 @@ def _convert_with_method(args: argparse.Namespace) -> int:
     elif not args.quiet:
         print(f"wrote {res['dst']}: linears quantized with {args.method}")
         print(f"  time    {res['seconds']:.2f} s")
+    return 0
+
+
+def _import_foreign(args: argparse.Namespace) -> int:
+    """`convert` of a file in another format (GGUF): its importer, with the quantization options
+    (if any) as the encoding of the tensors that cannot be mapped exactly."""
+    from dataclasses import asdict
+
+    from .interop import import_model
+
+    chosen = (args.preset, args.bits, args.group_size, args.axis, args.symmetric, args.scale_dtype)
+    quant = _quant(args) if any(v is not None for v in chosen) else None
+    base = os.path.splitext(args.src.rstrip("/\\"))[0]
+    report = import_model(args.src, args.dst or base + "-qtensors", quant=quant, force=args.force)
+    if args.json:
+        print(json.dumps(asdict(report), indent=2))
+    elif not args.quiet:
+        print(report.summary())
     return 0
 
 

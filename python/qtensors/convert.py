@@ -159,6 +159,7 @@ def describe_encoding(enc: Mapping[str, Any] | Encoding) -> str:
             "group_size": enc.group_size,
             "axis": enc.axis,
             "scale_dtype": enc.scale_dtype,
+            "levels": getattr(enc, "levels", None),
         }
     name = str(d.get("name", "?"))
     if name == "raw":
@@ -170,7 +171,8 @@ def describe_encoding(enc: Mapping[str, Any] | Encoding) -> str:
         str(d.get("scale_dtype")), str(d.get("scale_dtype"))
     )
     bits = "" if name == "nf4" else f" {d.get('bits')}b"
-    return f"{name}{bits} g{d.get('group_size')} ax{d.get('axis')} {sd}"
+    full = " full" if d.get("levels") == "full" else ""  # all 2^b levels (spec 4.6)
+    return f"{name}{bits}{full} g{d.get('group_size')} ax{d.get('axis')} {sd}"
 
 
 def _enc_dict(enc: Encoding, rank: int) -> dict[str, Any]:

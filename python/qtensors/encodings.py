@@ -70,14 +70,34 @@ class Affine(_Grouped):
     name: ClassVar[str] = "affine"
 
 
+LEVELS = ("balanced", "full")
+
+
 @dataclass(frozen=True)
 class Symmetric(_Grouped):
-    """Absmax per group: x ≈ (code - 2^(bits-1)) * scale."""
+    """Absmax per group: x ≈ (code - 2^(bits-1)) * scale.
+
+    `levels="balanced"` (default) uses the 2^bits - 1 codes symmetric around zero, scale =
+    absmax / (2^(bits-1) - 1); `levels="full"` uses all 2^bits codes as llama.cpp's Q4_0 does:
+    scale = (the value of largest magnitude) / -2^(bits-1), which may be negative (spec 4.6).
+    """
 
     bits: int = 8
     group_size: int = 128
+    levels: str = "balanced"
     name: ClassVar[str] = "symmetric"
     _bits_range: ClassVar[tuple[int, int]] = (2, 8)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.levels not in LEVELS:
+            raise ValueError(f"symmetric: levels must be one of {LEVELS}, not {self.levels!r}")
+
+    def to_dict(self, rank: int = 2) -> dict[str, Any]:
+        d = super().to_dict(rank)
+        if self.levels == "full":
+            d["levels"] = "full"
+        return d
 
 
 @dataclass(frozen=True)
@@ -138,6 +158,8 @@ def from_dict(d: Mapping[str, Any]) -> Encoding:
     }
     if cls is NF4:
         return NF4(**common)
+    if cls is Symmetric:
+        return Symmetric(bits=int(d["bits"]), levels=str(d.get("levels", "balanced")), **common)
     return cls(bits=int(d["bits"]), **common)
 
 

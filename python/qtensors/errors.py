@@ -22,3 +22,8 @@ class UnsupportedError(FormatError):
 
 class QuantizationError(QtensorsError, ValueError):
     """Values that cannot be quantized (NaN or Inf, a scale beyond the scale dtype's range)."""
+
+
+class ForeignFormatError(QtensorsError, ValueError):
+    """A file of another format (GGUF, GPTQ, ...) that cannot be imported: malformed, or using a
+    layout the importer does not know. The message names the format and the tensor."""

@@ -112,7 +112,7 @@ pub fn decode_region(
         return Ok(());
     };
     let stored = Stored {
-        codec,
+        codec: codec.decoder(),
         params: &params,
         layout: GroupLayout::new(&info.shape, params.axis, params.group_size)?,
         codes: parts[0],
@@ -284,7 +284,7 @@ pub fn linear(
         )));
     };
     let stored = Stored {
-        codec,
+        codec: codec.decoder(),
         params: &params,
         layout: GroupLayout::new(&info.shape, params.axis, params.group_size)?,
         codes: parts[0],

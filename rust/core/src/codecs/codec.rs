@@ -32,10 +32,13 @@ pub fn nf4_midpoints() -> [f32; 15] {
     m
 }
 
+/// `SymmetricFull` is symmetric with all 2^bits levels (spec 4.6, `levels: "full"`): it decodes
+/// as `Symmetric` and quantizes with the signed value of largest magnitude.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec {
     Affine { bits: u8 },
     Symmetric { bits: u8 },
+    SymmetricFull { bits: u8 },
     Nf4,
 }
 
@@ -44,6 +47,7 @@ impl Codec {
         match enc {
             Encoding::Affine(p) => Some((Codec::Affine { bits: p.bits }, *p)),
             Encoding::Symmetric(p) => Some((Codec::Symmetric { bits: p.bits }, *p)),
+            Encoding::SymmetricFull(p) => Some((Codec::SymmetricFull { bits: p.bits }, *p)),
             Encoding::Nf4(p) => Some((Codec::Nf4, *p)),
             _ => None,
         }
@@ -52,13 +56,30 @@ impl Codec {
     #[inline]
     pub fn bits(self) -> u8 {
         match self {
-            Codec::Affine { bits } | Codec::Symmetric { bits } => bits,
+            Codec::Affine { bits } | Codec::Symmetric { bits } | Codec::SymmetricFull { bits } => {
+                bits
+            }
             Codec::Nf4 => 4,
         }
     }
 
     pub fn has_mins(self) -> bool {
         matches!(self, Codec::Affine { .. })
+    }
+
+    /// Whether a group's statistics are its min and max (else only its largest magnitude).
+    pub fn signed_stats(self) -> bool {
+        matches!(self, Codec::Affine { .. } | Codec::SymmetricFull { .. })
+    }
+
+    /// The codec that decodes this one's codes: the decode kernels know `Symmetric` only, and
+    /// the full-level variant decodes the same way.
+    #[inline]
+    pub fn decoder(self) -> Codec {
+        match self {
+            Codec::SymmetricFull { bits } => Codec::Symmetric { bits },
+            c => c,
+        }
     }
 
     /// Offset of the symmetric codes, `2^(b-1)`.
@@ -72,7 +93,9 @@ impl Codec {
     pub fn level(self, code: u8) -> f32 {
         match self {
             Codec::Affine { .. } => code as f32,
-            Codec::Symmetric { .. } => (code as i32 - self.zero()) as f32,
+            Codec::Symmetric { .. } | Codec::SymmetricFull { .. } => {
+                (code as i32 - self.zero()) as f32
+            }
             Codec::Nf4 => NF4_LEVELS[code as usize & 15],
         }
     }
@@ -105,6 +128,11 @@ impl Codec {
                 let q = (x * inv).round_ties_even().clamp(-qmax, qmax) as i32;
                 (q + self.zero()) as u8
             }
+            Codec::SymmetricFull { .. } => {
+                let z = self.zero() as f32;
+                let q = (x * inv).round_ties_even().clamp(-z, z - 1.0) as i32;
+                (q + self.zero()) as u8
+            }
             Codec::Nf4 => {
                 let t = x * inv;
                 mids.iter().filter(|&&mid| t > mid).count() as u8
@@ -112,13 +140,18 @@ impl Codec {
         }
     }
 
-    /// Stored scale and min of a group from its statistics `(lo, hi)` (for symmetric and NF4 only
-    /// `hi = max |x|` is used), before rounding to the scale dtype.
+    /// Stored scale and min of a group from its statistics `(lo, hi)` (min and max where
+    /// `signed_stats`, else `hi = max |x|`), before rounding to the scale dtype.
     #[inline]
     pub fn raw_params(self, lo: f32, hi: f32) -> (f32, f32) {
         match self {
             Codec::Affine { bits } => ((hi - lo) / ((1u32 << bits) - 1) as f32, lo),
             Codec::Symmetric { bits } => (hi / ((1i32 << (bits - 1)) - 1) as f32, 0.0),
+            Codec::SymmetricFull { .. } => {
+                // The value of largest magnitude, the positive one on a tie, goes to level -zero.
+                let v = if hi >= -lo { hi } else { lo };
+                (v / -(self.zero() as f32), 0.0)
+            }
             Codec::Nf4 => (hi, 0.0),
         }
     }

@@ -295,6 +295,7 @@ fn quantize_fused(
         }
     };
     let has_mins = codec.has_mins();
+    let signed = codec.signed_stats();
 
     let mut tasks = Vec::with_capacity(n_tasks);
     let (mut c_rest, mut s_rest, mut m_rest) = (codes, scales, mins);
@@ -331,7 +332,7 @@ fn quantize_fused(
                     let b1 = (b0 + BATCH).min(j1);
                     for j in b0..b1 {
                         let xs = &x[start(j) - e0..start(j + 1) - e0];
-                        let (l, h, finite) = if has_mins {
+                        let (l, h, finite) = if signed {
                             (k.min_max)(xs)
                         } else {
                             let (h, f) = (k.abs_max)(xs);
@@ -374,11 +375,11 @@ fn quantize_fused(
                     let q1 = (q0 + w).min(q_len);
                     let wq = q1 - q0;
                     lo[..wq].fill(f32::INFINITY);
-                    hi[..wq].fill(if has_mins { f32::NEG_INFINITY } else { 0.0 });
+                    hi[..wq].fill(if signed { f32::NEG_INFINITY } else { 0.0 });
                     for l in l0..l1 {
                         let r = (p * l_len + l) * q_len;
                         let xs = &x[r + q0 - e0..r + q1 - e0];
-                        let finite = if has_mins {
+                        let finite = if signed {
                             (k.min_max_vec)(xs, &mut lo[..wq], &mut hi[..wq])
                         } else {
                             (k.abs_max_vec)(xs, &mut hi[..wq])
@@ -490,7 +491,7 @@ fn group_params(
     if scales.is_empty() {
         return Ok(());
     }
-    let has_mins = codec.has_mins();
+    let signed = codec.signed_stats();
     if q_len == 1 {
         // Groups are contiguous runs: one task per block of groups.
         const GROUPS_PER_TASK: usize = 1024;
@@ -505,7 +506,7 @@ fn group_params(
                     let (p, kk) = (g / g_len, g % g_len);
                     let start = p * l_len + kk * gs;
                     let xs = &x[start..start.saturating_add(gs).min(p * l_len + l_len)];
-                    let (lo, hi, finite) = if has_mins {
+                    let (lo, hi, finite) = if signed {
                         (k.min_max)(xs)
                     } else {
                         let (a, f) = (k.abs_max)(xs);
@@ -531,11 +532,11 @@ fn group_params(
             let l0 = kk * gs;
             let l1 = l0.saturating_add(gs).min(l_len);
             let mut lo = vec![f32::INFINITY; q_len];
-            let mut hi = vec![if has_mins { f32::NEG_INFINITY } else { 0.0 }; q_len];
+            let mut hi = vec![if signed { f32::NEG_INFINITY } else { 0.0 }; q_len];
             for l in l0..l1 {
                 let start = (p * l_len + l) * q_len;
                 let xs = &x[start..start + q_len];
-                let finite = if has_mins {
+                let finite = if signed {
                     (k.min_max_vec)(xs, &mut lo, &mut hi)
                 } else {
                     (k.abs_max_vec)(xs, &mut hi)
@@ -586,7 +587,7 @@ pub fn dequantize(
         ..*params
     };
     let stored = region::Stored {
-        codec,
+        codec: codec.decoder(),
         params: &params,
         layout,
         codes,

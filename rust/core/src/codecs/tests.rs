@@ -26,12 +26,14 @@ fn cases() -> Vec<(Vec<u64>, usize, u64)> {
     ]
 }
 
-const CODECS: [Codec; 6] = [
+const CODECS: [Codec; 8] = [
     Codec::Affine { bits: 4 },
     Codec::Affine { bits: 8 },
     Codec::Affine { bits: 3 },
     Codec::Symmetric { bits: 4 },
     Codec::Symmetric { bits: 8 },
+    Codec::SymmetricFull { bits: 4 },
+    Codec::SymmetricFull { bits: 5 },
     Codec::Nf4,
 ];
 
@@ -118,6 +120,11 @@ fn roundtrip_error_within_spec_bound() {
                         Codec::Symmetric { bits } => {
                             let qmax = ((1u32 << (bits - 1)) - 1) as f64;
                             s / 2.0 + qmax * (s - amax / qmax).abs()
+                        }
+                        Codec::SymmetricFull { bits } => {
+                            // a whole step on the side opposite the peak (it clamps)
+                            let zero = (1u32 << (bits - 1)) as f64;
+                            s.abs() + zero * (s.abs() - amax / zero).abs()
                         }
                         Codec::Nf4 => s * max_half_gap + (s - amax).abs(),
                     };

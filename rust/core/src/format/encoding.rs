@@ -24,6 +24,9 @@ pub enum Encoding {
     Raw,
     Affine(GroupParams),
     Symmetric(GroupParams),
+    /// `symmetric` with `"levels": "full"` (spec 4.6): all 2^bits codes, llama.cpp's Q4_0/Q5_0
+    /// rule. It decodes as `Symmetric`; only quantization differs.
+    SymmetricFull(GroupParams),
     Nf4(GroupParams),
     /// Only produced by lenient (listing) parsing: a tensor this version cannot decode, because
     /// its encoding or one of its dtypes is unknown. Its structure is still checked.
@@ -142,7 +145,7 @@ impl Encoding {
         match self {
             Encoding::Raw => "raw",
             Encoding::Affine(_) => "affine",
-            Encoding::Symmetric(_) => "symmetric",
+            Encoding::Symmetric(_) | Encoding::SymmetricFull(_) => "symmetric",
             Encoding::Nf4(_) => "nf4",
             Encoding::Unknown { name, .. } => name,
         }
@@ -150,7 +153,10 @@ impl Encoding {
 
     pub fn group_params(&self) -> Option<&GroupParams> {
         match self {
-            Encoding::Affine(p) | Encoding::Symmetric(p) | Encoding::Nf4(p) => Some(p),
+            Encoding::Affine(p)
+            | Encoding::Symmetric(p)
+            | Encoding::SymmetricFull(p)
+            | Encoding::Nf4(p) => Some(p),
             _ => None,
         }
     }
@@ -226,7 +232,10 @@ impl Encoding {
         let enc = match name {
             "raw" => Encoding::Raw,
             "affine" => Encoding::Affine(group(None)?),
-            "symmetric" => Encoding::Symmetric(group(None)?),
+            "symmetric" => match symmetric_levels(obj)? {
+                false => Encoding::Symmetric(group(None)?),
+                true => Encoding::SymmetricFull(group(None)?),
+            },
             "nf4" => Encoding::Nf4(group(Some(4))?),
             other if lenient => Encoding::Unknown {
                 name: other.to_string(),
@@ -250,7 +259,7 @@ impl Encoding {
             Encoding::Affine(p) if !(1..=8).contains(&p.bits) => {
                 bad(format!("affine bits {} is out of range 1..=8", p.bits))
             }
-            Encoding::Symmetric(p) if !(2..=8).contains(&p.bits) => {
+            Encoding::Symmetric(p) | Encoding::SymmetricFull(p) if !(2..=8).contains(&p.bits) => {
                 bad(format!("symmetric bits {} is out of range 2..=8", p.bits))
             }
             Encoding::Nf4(p) if p.bits != 4 => bad(format!("nf4 bits must be 4, not {}", p.bits)),
@@ -263,11 +272,17 @@ impl Encoding {
         m.insert("name".into(), Value::from(self.name()));
         match self {
             Encoding::Raw => {}
-            Encoding::Affine(p) | Encoding::Symmetric(p) | Encoding::Nf4(p) => {
+            Encoding::Affine(p)
+            | Encoding::Symmetric(p)
+            | Encoding::SymmetricFull(p)
+            | Encoding::Nf4(p) => {
                 m.insert("bits".into(), Value::from(p.bits));
                 m.insert("group_size".into(), Value::from(p.group_size));
                 m.insert("axis".into(), Value::from(p.axis as u64));
                 m.insert("scale_dtype".into(), Value::from(p.scale_dtype.name()));
+                if matches!(self, Encoding::SymmetricFull(_)) {
+                    m.insert("levels".into(), Value::from("full"));
+                }
             }
             Encoding::Unknown { params, .. } => return Value::Object(params.clone()),
         }
@@ -294,7 +309,10 @@ impl Encoding {
                 shape: shape.to_vec(),
                 length: n.checked_mul(dtype.itemsize() as u64).ok_or_else(too_big)?,
             }]),
-            Encoding::Affine(p) | Encoding::Symmetric(p) | Encoding::Nf4(p) => {
+            Encoding::Affine(p)
+            | Encoding::Symmetric(p)
+            | Encoding::SymmetricFull(p)
+            | Encoding::Nf4(p) => {
                 let layout = GroupLayout::new(shape, p.axis, p.group_size)?;
                 let code_bytes = packed_len(n, p.bits).ok_or_else(too_big)?;
                 let sshape = scales_shape(shape, p);
@@ -330,5 +348,19 @@ impl Encoding {
                 "unknown encoding '{name}': this file needs a newer qtensors"
             ))),
         }
+    }
+}
+
+/// The optional `levels` parameter of `symmetric` (spec 4.6): true for `"full"`, false for
+/// `"balanced"` or no key.
+fn symmetric_levels(obj: &Map<String, Value>) -> Result<bool> {
+    match obj.get("levels") {
+        None => Ok(false),
+        Some(Value::String(v)) if v == "balanced" => Ok(false),
+        Some(Value::String(v)) if v == "full" => Ok(true),
+        Some(v) => Err(Error::Format(format!(
+            "encoding 'symmetric': levels must be \"balanced\" or \"full\", not {}",
+            Shallow::from_value(v)
+        ))),
     }
 }

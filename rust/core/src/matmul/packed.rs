@@ -123,7 +123,7 @@ mod kernel {
         }
         match p.codec {
             Codec::Affine { .. } => by_batch!(AFF),
-            Codec::Symmetric { .. } => by_batch!(SYM),
+            Codec::Symmetric { .. } | Codec::SymmetricFull { .. } => by_batch!(SYM),
             Codec::Nf4 => by_batch!(NF4),
         }
     }

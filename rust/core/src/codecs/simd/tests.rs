@@ -42,7 +42,8 @@ const LENS: [usize; 20] = [
 const FIRSTS: [usize; 9] = [0, 1, 2, 3, 5, 7, 8, 13, 64];
 
 /// Hot widths of every codec, plus widths that take the scalar fallback.
-const CODECS: [Codec; 9] = [
+const CODECS: [Codec; 10] = [
+    Codec::SymmetricFull { bits: 4 },
     Codec::Affine { bits: 4 },
     Codec::Affine { bits: 8 },
     Codec::Symmetric { bits: 4 },
