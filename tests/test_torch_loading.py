@@ -82,7 +82,10 @@ def test_meta_model(saved, keep, io_kw):
     res = qtt.load_model(model, path, device="cpu", keep_quantized=keep, **io_kw)
     assert not res.missing_keys and not res.unexpected_keys
     assert not any(p.is_meta for p in model.parameters())
-    torch.testing.assert_close(model(IDS), ref(IDS), rtol=0, atol=0)
+    # decoded weights give the reference exactly; quantized linears multiply in the Rust CPU
+    # matmul, whose sums round differently from decode + F.linear
+    tol = {"rtol": 1e-5, "atol": 1e-5} if keep else {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(model(IDS), ref(IDS), **tol)
     # the tied pair stays one parameter, decoded; the untied quantized layers stay quantized
     assert model.head.weight is model.embed.weight
     assert isinstance(model.embed, nn.Embedding)
