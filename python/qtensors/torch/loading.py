@@ -67,8 +67,9 @@ class LoadResult:
     #: non-persistent buffers left on the meta device (no file holds them and the model could
     #: not recompute them: only transformers models can)
     meta_buffers: list[str] = field(default_factory=list)
-    #: what ``warmup`` ran (CUDA loads of ``from_pretrained`` / transformers' loaders)
+    #: the quantized layer signatures ``warmup`` ran (CUDA loads), and its seconds
     warmed: list[Any] = field(default_factory=list)
+    warmup_seconds: float = 0.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -422,6 +423,7 @@ def load_model(
     threads: int | None = None,
     staged: bool | None = None,
     mode: str = "pread",
+    warmup: bool = True,
     **stream_options: Any,
 ) -> LoadResult:
     """Fill ``model`` (real or on the meta device) from a qtensors file or model folder.
@@ -449,6 +451,10 @@ def load_model(
     host memory stays at a ring of pinned buffers (64 MiB by default), whatever the model size.
     Non-persistent buffers a model built on the meta device holds are recomputed on ``device``
     (transformers models; ``materialize_meta_buffers``).
+
+    ``warmup`` (CUDA targets): run each distinct quantized layer once at the end
+    (``qtensors.torch.warmup``), so the first forward compiles no kernel; ``result.warmed`` lists
+    what ran, ``result.warmup_seconds`` its time (not in ``result.seconds``).
     """
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else _default_device(model)
@@ -501,6 +507,12 @@ def load_model(
         torch.cuda.current_stream(dev).synchronize()
     result.meta_buffers = materialize_meta_buffers(model, dev)
     result.seconds = time.perf_counter() - t0
+    if warmup and dev.type == "cuda" and result.quantized_modules:
+        from .warmup import warmup as warm_kernels
+
+        t1 = time.perf_counter()
+        result.warmed = warm_kernels(model)
+        result.warmup_seconds = time.perf_counter() - t1
     return result
 
 
