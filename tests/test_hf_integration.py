@@ -152,6 +152,14 @@ def test_registration_order_and_loud_failure_without_it(tiny_llama):
     )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.split()[-1] == "QuantizedLinear"
+    # transformers' quantizers imported first: registered at once by import qtensors.torch
+    ok = _run(
+        "import transformers as t, transformers.quantizers.auto, qtensors.torch\n"
+        f"m = t.AutoModelForCausalLM.from_pretrained({str(dst)!r})\n"
+        "print(type(m.model.layers[0].mlp.up_proj).__name__)"
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.split()[-1] == "QuantizedLinear"
     # never registered: transformers fails on the qtensors shards instead of random weights
     bad = _run(f"import transformers as t; t.AutoModelForCausalLM.from_pretrained({str(dst)!r})")
     assert bad.returncode != 0

@@ -71,7 +71,12 @@ class _RegisterOnImport(importlib.abc.MetaPathFinder):
         if fullname != AUTO_MODULE:
             return None
         sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        spec = None
+        for finder in [*sys.meta_path, importlib.machinery.PathFinder]:
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find is not None else None
+            if spec is not None:
+                break
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         loader = spec.loader
