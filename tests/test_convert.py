@@ -281,12 +281,27 @@ def test_sharded_folder(sharded, tmp_path):
         "model-00001-of-00002.qtensors",
         "model-00002-of-00002.qtensors",
         "model.qtensors.index.json",
+        "model.safetensors.index.json",  # for transformers' loaders (qtensors._hf_folder)
         "tokenizer.json",
     ]
     assert any("pytorch_model.bin" in n for n in res.notes)
-    for rel in ("config.json", "tokenizer.json", "1_Pooling/config.json"):
+    for rel in ("tokenizer.json", "1_Pooling/config.json"):
         with open(os.path.join(sharded, rel), "rb") as a, open(os.path.join(dst, rel), "rb") as b:
             assert a.read() == b.read()
+    # config.json: the same, plus the quantization_config transformers reads
+    with (
+        open(os.path.join(sharded, "config.json")) as a,
+        open(os.path.join(dst, "config.json")) as b,
+    ):
+        src_cfg, dst_cfg = json.load(a), json.load(b)
+    qc = dst_cfg.pop("quantization_config")
+    assert dst_cfg == src_cfg
+    assert qc["quant_method"] == "qtensors" and qc["weights"] == "model.qtensors.index.json"
+    with open(os.path.join(dst, "model.safetensors.index.json")) as fh:
+        hf_index = json.load(fh)
+    with open(os.path.join(dst, "model.qtensors.index.json")) as fh:
+        # the top-level shards only (2_Dense is a sentence-transformers module of its own)
+        assert hf_index["weight_map"] == json.load(fh)["weight_map"]
     assert oct(os.stat(dst).st_mode & 0o777) != oct(0o700)
 
     with open(os.path.join(dst, "model.qtensors.index.json")) as fh:
@@ -336,7 +351,11 @@ def test_single_file_folder_and_default_names(bert_path, tmp_path):
     (src / "config.json").write_text("{}")
     res = qt.convert(src)
     assert res.dst == str(src) + "-qtensors"
-    assert sorted(os.listdir(res.dst)) == ["config.json", "model.qtensors"]
+    assert sorted(os.listdir(res.dst)) == [
+        "config.json",
+        "model.qtensors",
+        "model.safetensors.index.json",
+    ]
     # file -> file beside it; file into an existing folder
     res = qt.convert(src / "model.safetensors")
     assert res.dst == str(src / "model.qtensors")
@@ -357,7 +376,11 @@ def test_folder_never_ships_an_older_output_of_itself(tmp_path):
     (src / "old.qtensors.index.json").write_text("{}")  # an index of earlier qtensors shards
     res = qt.convert(src, tmp_path / "out", "int8")
     assert res.copied == ["config.json"]
-    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.qtensors"]
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "config.json",
+        "model.qtensors",
+        "model.safetensors.index.json",
+    ]
     with qt.safe_open(tmp_path / "out" / "model.qtensors") as f:
         assert f.encoding("w")["name"] == "symmetric"  # the fresh int8, not the stale nf4
     assert any("model.qtensors" in n and "earlier conversion" in n for n in res.notes)

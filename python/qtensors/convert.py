@@ -36,7 +36,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _core, _source
+from . import _core, _hf_folder, _source
 from ._arrays import as_bytes
 from ._progress import Progress
 from .encodings import (
@@ -575,7 +575,7 @@ def convert(
     before = _identity(dst)
     try:
         jobs, copies, indexes = _plan(src, dst, src_is_dir, to_folder, policy, metadata, notes)
-        files = _write_outputs(src, dst, to_folder, jobs, copies, indexes, options)
+        files = _write_outputs(src, dst, to_folder, jobs, copies, indexes, options, policy, notes)
         all_entries = [e for j in jobs for e in j.entries]
         return ConvertResult(
             src=src,
@@ -642,7 +642,10 @@ def _plan(
                     )
                 )
             elif rel.endswith(".safetensors.index.json"):
-                indexes.append(_source.read_index(src, rel))
+                if _hf_folder.is_qtensors_index(full):
+                    notes.append(f"not copied: {rel} (the output of an earlier conversion)")
+                else:
+                    indexes.append(_source.read_index(src, rel))
             elif _is_own_output(rel):
                 notes.append(f"not copied: {rel} (the output of an earlier conversion)")
             elif any(fnmatch.fnmatch(os.path.basename(rel), p) for p in SKIPPED_WEIGHTS):
@@ -672,6 +675,8 @@ def _write_outputs(
     copies: list[str],
     indexes: list[_source.Index],
     options: _WriteOptions,
+    policy: Policy,
+    notes: list[str],
 ) -> list[str]:
     """Read, encode and write every job (a reader thread fetching ahead); the output files."""
     all_entries = [e for j in jobs for e in j.entries]
@@ -686,7 +691,7 @@ def _write_outputs(
                 jobs[0], dst, items, options.alignment, bar, options.compression
             )
             return [dst]
-        _write_folder(src, dst, jobs, copies, indexes, items, options, bar)
+        _write_folder(src, dst, jobs, copies, indexes, items, options, bar, policy, notes)
         return [os.path.join(dst, j.out) for j in jobs]
     finally:
         bar.close()
@@ -711,6 +716,8 @@ def _write_folder(
     items: Any,
     options: _WriteOptions,
     bar: Progress,
+    policy: Policy,
+    notes: list[str],
 ) -> None:
     """Build the output folder in a hidden temporary beside `dst`, then rename it into place."""
     parent = os.path.dirname(os.path.abspath(dst))
@@ -731,11 +738,47 @@ def _write_folder(
         stored_by_file = {j.out: j.stored_bytes for j in jobs}
         for ix in indexes:
             _write_index(tmp_dir, ix, stored_by_file)
+        if "config.json" in copies:
+            _describe_for_transformers(tmp_dir, jobs, indexes, policy, notes)
         _publish_folder(tmp_dir, dst, options.force)
         tmp_dir = None
     finally:
         if tmp_dir is not None:  # (once renamed, nothing is left under the temporary name)
             shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _describe_for_transformers(
+    tmp_dir: str,
+    jobs: list[_Job],
+    indexes: list[_source.Index],
+    policy: Policy,
+    notes: list[str],
+) -> None:
+    """The model folder's `quantization_config` and transformers' index (`_hf_folder`), over
+    the weight files at the folder's top (those transformers loads)."""
+    top = [j for j in jobs if os.sep not in j.out and "/" not in j.out]
+    if not top:
+        return
+    top_indexes = [ix for ix in indexes if "/" not in ix.path and os.sep not in ix.path]
+    if top_indexes:
+        weights = top_indexes[0].path[: -len(".safetensors.index.json")] + ".qtensors.index.json"
+    else:
+        weights = top[0].out
+    tensors = [
+        (e.name, e.dtype, tuple(e.shape), enc)
+        for j in top
+        for e, enc in zip(j.entries, j.encodings, strict=True)
+    ]
+    qconfig = _hf_folder.quantization_config(policy.quant, policy.keep, tensors, weights)
+    note = _hf_folder.add_quantization_config(os.path.join(tmp_dir, "config.json"), qconfig)
+    if note:
+        notes.append(note)
+    floats = [e.dtype for j in top for e in j.entries if e.dtype in _hf_folder.FLOAT_DTYPES]
+    meta: dict[str, Any] = {"total_size": sum(j.stored_bytes for j in top), "qtensors": weights}
+    if floats:
+        meta["dtype"] = max(set(floats), key=floats.count)
+    weight_map = {e.name: j.out for j in top for e in j.entries}
+    _hf_folder.write_hf_index(tmp_dir, weight_map, meta)
 
 
 def _want(progress: bool | None) -> bool:

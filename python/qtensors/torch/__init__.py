@@ -5,6 +5,7 @@ models.
     w = qtt.dequantize(q, device="cuda")                 # a QuantizedTensor, decoded on the GPU
     qtt.load_model(model, "model.qtensors", device="cuda")   # linears stay 4-bit on the GPU
     model = qtt.from_pretrained("MiniLM-qtensors", device="cuda")   # transformers, one call
+    AutoModelForCausalLM.from_pretrained("llama-q4", device_map="cuda")   # registered quantizer
     qtt.offload(model, "model.qtensors", device="cuda")      # weights stay on disk, prefetched
 
 ``torch.ops.qtensors.dequantize`` is the op underneath (Triton on CUDA, the Rust core on the
@@ -28,12 +29,14 @@ except ImportError as _e:
     ) from None
 
 from ..quantized import QuantizedTensor as _QuantizedTensor
+from .hf_quantizer import install as _install_hf_quantizer
 from .linear import linear_op
 from .loading import LoadResult, load_model, model_files, save_model, state_dict_for_file
 from .modules import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from .offload import OffloadHandle, offload
 from .ops import HAVE_TRITON, dequantize_op, dequantize_torch
 from .transformers import from_pretrained, init_empty_weights, sentence_embeddings
+from .warmup import warmup
 
 __all__ = [
     "HAVE_TRITON",
@@ -55,7 +58,12 @@ __all__ = [
     "save_model",
     "sentence_embeddings",
     "state_dict_for_file",
+    "warmup",
 ]
+
+# transformers' from_pretrained / pipeline / SentenceTransformer of converted folders
+# (quant_method "qtensors"); lazy: costs nothing until transformers imports its quantizers.
+_install_hf_quantizer()
 
 
 def dequantize(

@@ -3,18 +3,19 @@
     model = MyModel(config)                          # or built on the meta device
     qtensors.torch.load_model(model, "model.qtensors", device="cuda")
 
-How the bytes travel: the file's header gives every part's offset, so each tensor is one span of
-the file. Spans are cut into chunks read by a few threads (``os.preadv``, GIL released) into a
-small ring of pinned host buffers, and each chunk is copied to the device asynchronously
-(``non_blocking``) while the next ones are read. A pinned buffer is reused only once the copy out
-of it has finished (a CUDA event). Host memory in use is therefore the ring (``slots x chunk``,
-64 MiB by default), whatever the model size. On the device the stored parts either become the
-buffers of a ``QuantizedLinear`` / ``QuantizedEmbedding`` (``keep_quantized``) or are decoded
-there by ``torch.ops.qtensors.dequantize`` into the parameter's dtype.
+How the bytes travel: one I/O engine under ``load_model``, ``qtensors.stream`` and ``offload``, the
+Rust ``StreamReader`` (``pread`` with read-ahead hints, O_DIRECT or mmap; GIL released). Each
+tensor's parts (``StreamReader.tensor_layout``: one buffer per tensor) are cut into chunks read by
+a few threads at once into a small ring of pinned host buffers, and each chunk is copied to the
+device asynchronously (``non_blocking``) while the next ones are read. A pinned buffer is reused
+only once the copy out of it has finished (a CUDA event). Host memory in use is therefore the ring
+(``slots x chunk``, 64 MiB by default), whatever the model size. On the device the stored parts
+either become the buffers of a ``QuantizedLinear`` / ``QuantizedEmbedding`` (``keep_quantized``) or
+are decoded there by ``torch.ops.qtensors.dequantize`` into the parameter's dtype.
 
 For a CPU target the chunks are read straight into the destination tensors (no staging) and
-decoded by the Rust core. ``io="stream"`` reads through ``qtensors.stream`` instead (O_DIRECT,
-checksums), slower here for whole-model loads.
+decoded by the Rust core. ``io="stream"`` runs ``qtensors.stream``'s pipeline instead (a loader
+thread, checksums with ``verify=True``).
 
 Measured on an H100 machine (benches/results/gpu_load_h100.txt; 1.1B-parameter Llama-shaped
 model, int4-g64 vs the same weights in fp16 through ``safetensors.torch.load_file(device=
@@ -25,9 +26,7 @@ model, int4-g64 vs the same weights in fp16 through ``safetensors.torch.load_fil
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -38,8 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._arrays import torch_dtype as dtype_of_name
 from ..files import safe_open
+from ..stream import Entry, open_entries, quantized_from_torch, resolve_files
 from ._layout import scale_shape
 from .modules import (
     QuantizedEmbedding,
@@ -65,6 +64,12 @@ class LoadResult:
     bytes_read: int = 0
     seconds: float = 0.0
     device: torch.device | None = None
+    #: non-persistent buffers left on the meta device (no file holds them and the model could
+    #: not recompute them: only transformers models can)
+    meta_buffers: list[str] = field(default_factory=list)
+    #: the quantized layer signatures ``warmup`` ran (CUDA loads), and its seconds
+    warmed: list[Any] = field(default_factory=list)
+    warmup_seconds: float = 0.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,64 +80,20 @@ class LoadResult:
 def model_files(path: str | os.PathLike[str]) -> list[str]:
     """The qtensors files of ``path``: the file itself, or the shards a model folder's
     ``*.qtensors.index.json`` names (in index order), or every ``*.qtensors`` in the folder."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} does not exist")
-        return [path]
-    indexes = sorted(f for f in os.listdir(path) if f.endswith(INDEX_SUFFIX))
-    if indexes:
-        files: list[str] = []
-        for ix in indexes:
-            with open(os.path.join(path, ix), encoding="utf-8") as fh:
-                weight_map = json.load(fh).get("weight_map", {})
-            for shard in weight_map.values():
-                full = os.path.normpath(os.path.join(path, shard))
-                if full not in files:
-                    files.append(full)
-        return files
-    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".qtensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} holds no .qtensors file")
-    return files
-
-
-def _data_start(path: str) -> int:
-    with open(path, "rb") as fh:
-        pre = fh.read(24)
-    (header_len,) = struct.unpack("<Q", pre[16:24])
-    return 24 + header_len
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{os.fspath(path)} does not exist")
+    return resolve_files(path)
 
 
 # ------------------------------------------------------------------------------------------------
-# streaming spans of a file to the device
+# streaming tensors of a file to the device
 # ------------------------------------------------------------------------------------------------
-
-
-def _pread_into(fd: int, dst: torch.Tensor, offset: int) -> None:
-    """Fill the contiguous CPU uint8 tensor ``dst`` from the file at ``offset``."""
-    n = dst.numel()
-    if n == 0:
-        return
-    mv = memoryview(dst.numpy()).cast("B")
-    got = 0
-    while got < n:
-        r = os.preadv(fd, [mv[got:]], offset + got)
-        if r <= 0:
-            raise OSError(f"unexpected end of file reading {n} bytes at offset {offset}")
-        got += r
-
-
-@dataclass
-class _Span:
-    key: Any
-    offset: int
-    length: int
 
 
 class _Streamer:
-    """Reads file spans into device tensors: chunked, threaded reads into pinned buffers and
-    asynchronous host-to-device copies on the current stream."""
+    """Reads tensors (``qtensors.stream`` entries: the Rust ``StreamReader`` does every read,
+    GIL released) into device tensors: chunks read by a few threads at once into a ring of
+    pinned buffers, each copied to the device asynchronously on the current stream."""
 
     def __init__(
         self,
@@ -160,55 +121,53 @@ class _Streamer:
             ]
         return self._bufs
 
-    def stream(self, path: str, spans: Iterable[_Span]) -> Iterator[tuple[_Span, torch.Tensor]]:
-        """Yield ``(span, bytes)`` in order, each once all its copies are enqueued on the
-        current stream (device work queued after it sees the data)."""
-        fd = os.open(path, os.O_RDONLY)
+    def stream(self, entries: Iterable[Entry]) -> Iterator[tuple[Entry, torch.Tensor]]:
+        """Yield ``(entry, bytes of its buffer)`` in order, each once all its copies are enqueued
+        on the current stream (device work queued after it sees the data)."""
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="qtensors-load")
         try:
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             if self.staged:
-                yield from self._stream_staged(fd, pool, spans)
+                yield from self._stream_staged(pool, entries)
             else:
-                yield from self._stream_host(fd, pool, spans)
+                yield from self._stream_host(pool, entries)
         finally:
             pool.shutdown(wait=True)
-            os.close(fd)
 
-    def _stream_host(self, fd: int, pool: ThreadPoolExecutor, spans: Iterable[_Span]):
-        window: deque[tuple[_Span, torch.Tensor, list[Future]]] = deque()
+    def _stream_host(self, pool: ThreadPoolExecutor, entries: Iterable[Entry]):
+        window: deque[tuple[Entry, torch.Tensor, list[Future]]] = deque()
         inflight = 0
-        for span in spans:
-            dst = torch.empty(span.length, dtype=torch.uint8)
+        for e in entries:
+            dst = torch.empty(e.nbytes, dtype=torch.uint8)
+            arr = dst.numpy()
             futs = [
-                pool.submit(_pread_into, fd, dst[p : p + self.chunk], span.offset + p)
-                for p in range(0, span.length, self.chunk)
+                pool.submit(_read, e, p, arr[p : p + self.chunk])
+                for p in range(0, max(e.nbytes, 1), self.chunk)
             ]
-            window.append((span, dst, futs))
+            window.append((e, dst, futs))
             inflight += len(futs)
             while window and (inflight > 2 * self.nslots or all(f.done() for f in window[0][2])):
-                s, d, fs = window.popleft()
+                got, d, fs = window.popleft()
                 for f in fs:
                     f.result()
                 inflight -= len(fs)
-                self.bytes_read += s.length
-                yield s, d
+                self.bytes_read += got.nbytes
+                yield got, d
         while window:
-            s, d, fs = window.popleft()
+            got, d, fs = window.popleft()
             for f in fs:
                 f.result()
-            self.bytes_read += s.length
-            yield s, d
+            self.bytes_read += got.nbytes
+            yield got, d
 
-    def _stream_staged(self, fd: int, pool: ThreadPoolExecutor, spans: Iterable[_Span]):
+    def _stream_staged(self, pool: ThreadPoolExecutor, entries: Iterable[Entry]):
         cuda = self.cuda
         bufs = self._slot_buffers()
+        arrays = [b.numpy() for b in bufs]
         free = deque(range(self.nslots))
         events: list[torch.cuda.Event | None] = [None] * self.nslots
-        # chunk jobs in flight: (span index, slot, n, dst offset, future)
+        # chunk jobs in flight: (entry number, slot, n, dst offset, future)
         inflight: deque[tuple[int, int, int, int, Future]] = deque()
-        todo: dict[int, list[Any]] = {}  # span index -> [span, dst, chunks not yet copied]
+        todo: dict[int, list[Any]] = {}  # entry number -> [entry, dst, chunks not yet copied]
         order: deque[int] = deque()
         stream = torch.cuda.current_stream(self.device) if cuda else None
 
@@ -216,7 +175,8 @@ class _Streamer:
             idx, slot, n, pos, fut = inflight.popleft()
             fut.result()
             entry = todo[idx]
-            entry[1][pos : pos + n].copy_(bufs[slot][:n], non_blocking=cuda)
+            if n:
+                entry[1][pos : pos + n].copy_(bufs[slot][:n], non_blocking=cuda)
             if cuda:
                 ev = torch.cuda.Event()
                 ev.record(stream)
@@ -224,20 +184,20 @@ class _Streamer:
             free.append(slot)
             entry[2] -= 1
 
-        def ready() -> Iterator[tuple[_Span, torch.Tensor]]:
+        def ready() -> Iterator[tuple[Entry, torch.Tensor]]:
             while order and todo[order[0]][2] == 0:
-                span, dst, _ = todo.pop(order.popleft())
-                self.bytes_read += span.length
-                yield span, dst
+                e, dst, _ = todo.pop(order.popleft())
+                self.bytes_read += e.nbytes
+                yield e, dst
 
         with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
-            for idx, span in enumerate(spans):
-                dst = torch.empty(span.length, dtype=torch.uint8, device=self.device)
-                nchunks = -(-span.length // self.chunk)
-                todo[idx] = [span, dst, nchunks]
+            for idx, e in enumerate(entries):
+                dst = torch.empty(e.nbytes, dtype=torch.uint8, device=self.device)
+                starts = range(0, max(e.nbytes, 1), self.chunk)
+                todo[idx] = [e, dst, len(starts)]
                 order.append(idx)
-                for pos in range(0, span.length, self.chunk):
-                    n = min(self.chunk, span.length - pos)
+                for pos in starts:
+                    n = min(self.chunk, e.nbytes - pos)
                     if not free:
                         finish_one()
                         yield from ready()
@@ -245,13 +205,17 @@ class _Streamer:
                     ev = events[slot]
                     if ev is not None:
                         ev.synchronize()
-                    fut = pool.submit(_pread_into, fd, bufs[slot][:n], span.offset + pos)
+                    fut = pool.submit(_read, e, pos, arrays[slot][:n])
                     inflight.append((idx, slot, n, pos, fut))
                 yield from ready()
             while inflight:
                 finish_one()
                 yield from ready()
             yield from ready()
+
+
+def _read(e: Entry, offset: int, out: Any) -> None:
+    e.reader.read(e.index, offset, out, False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -359,24 +323,89 @@ class _Targets:
         setattr(self.model.get_submodule(parent_path), child, new)
 
 
-def _parts_of(info: dict[str, Any], buf: torch.Tensor, base: int) -> list[torch.Tensor]:
-    """The parts of a tensor as views of ``buf`` (which holds the file from offset ``base``)."""
-    enc = info["encoding"]
-    order = ("data",) if enc["name"] == "raw" else ("codes", "scales", "mins")
-    out = []
-    for pname in order:
-        rec = info["parts"].get(pname)
-        if rec is None:
-            continue
-        o = rec["offset"] - base
-        raw = buf[o : o + rec["length"]]
-        dt = dtype_of_name(rec["dtype"])
-        out.append(
-            raw.view(dt).reshape(rec["shape"])
-            if rec["length"]
-            else torch.empty(rec["shape"], dtype=dt, device=buf.device)
-        )
-    return out
+def quantized_skeleton(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    skip: Iterable[str] = (),
+    key_map: Callable[[str], str | None] | None = None,
+) -> list[str]:
+    """Make each plain ``nn.Linear`` / ``nn.Embedding`` whose weight the files store quantized
+    a ``QuantizedLinear`` / ``QuantizedEmbedding`` on the meta device, from the headers alone
+    (shape, encoding; the dtype is the module's), so the model has its final structure before
+    ``load_model`` fills it. Weights named in ``skip`` and tied weights stay as they are (they
+    are decoded at load). Returns the modules replaced."""
+    targets = _Targets(model)
+    skip = set(skip)
+    done: list[str] = []
+    for path_i in model_files(path):
+        with safe_open(path_i) as f:
+            infos = [f.tensor_info(k) for k in f.keys()]
+        for info in infos:
+            name = key_map(info["name"]) if key_map is not None else targets.resolve(info["name"])
+            if name is None or name in skip or targets.kind.get(name) != "param":
+                continue
+            module_path, _, leaf = name.rpartition(".")
+            enc = info["encoding"]
+            if leaf != "weight" or enc["name"] == "raw" or len(targets.groups[name]) > 1:
+                continue
+            module = model.get_submodule(module_path)
+            shape = tuple(int(d) for d in info["shape"])
+            if tuple(module.weight.shape) != shape or not module.weight.is_floating_point():
+                continue  # load_model reports the mismatch
+            dtype = module.weight.dtype
+            new: nn.Module
+            if _swappable(module, nn.Linear):
+                new = QuantizedLinear(
+                    shape[1], shape[0], bias=False, encoding=enc, device="meta", dtype=dtype
+                )
+                new.bias = module.bias
+            elif _swappable(module, nn.Embedding):
+                new = QuantizedEmbedding(
+                    shape[0], shape[1], module.padding_idx, encoding=enc, device="meta", dtype=dtype
+                )
+            else:
+                continue
+            targets.replace_module(module_path, new)
+            done.append(module_path)
+    return done
+
+
+def materialize_meta_buffers(model: nn.Module, device: torch.device) -> list[str]:
+    """Give the non-persistent buffers still on the meta device (a model built under
+    ``torch.device("meta")``: rotary ``inv_freq``, ``position_ids``) real values on ``device``.
+    A transformers model recomputes them with its own ``_init_weights``, the way its
+    ``from_pretrained`` does, with every other tensor of those modules left untouched. Returns
+    the names of the buffers that stay on meta (models without ``_init_weights``)."""
+    owners: list[tuple[str, nn.Module, list[str]]] = []
+    for mod_name, module in model.named_modules():
+        names = [
+            k
+            for k, b in module._buffers.items()
+            if b is not None and b.is_meta and k in module._non_persistent_buffers_set
+        ]
+        if names:
+            owners.append((mod_name, module, names))
+    if not owners:
+        return []
+    init_weights = getattr(model, "_init_weights", None)
+    if init_weights is None:
+        return [f"{m}.{k}" if m else k for m, _, names in owners for k in names]
+    try:  # transformers' init functions skip tensors flagged initialised
+        from transformers import initialization as hf_init
+
+        guard = hf_init.guard_torch_init_functions()
+    except (ImportError, AttributeError):
+        guard = contextlib.nullcontext()
+    with torch.no_grad(), guard:
+        for _, module, names in owners:
+            keep = [t for t in module.parameters(recurse=False)]
+            keep += [b for k, b in module._buffers.items() if b is not None and k not in names]
+            for t in keep:
+                t._is_hf_initialized = True
+            for k in names:
+                module._buffers[k] = torch.empty_like(module._buffers[k], device=device)
+            init_weights(module)
+    return []
 
 
 def load_model(
@@ -393,6 +422,8 @@ def load_model(
     slots: int = DEFAULT_SLOTS,
     threads: int | None = None,
     staged: bool | None = None,
+    mode: str = "pread",
+    warmup: bool = True,
     **stream_options: Any,
 ) -> LoadResult:
     """Fill ``model`` (real or on the meta device) from a qtensors file or model folder.
@@ -410,12 +441,20 @@ def load_model(
     * Tensors of ``model`` that no file provides are listed in ``missing_keys`` (an error with
       ``strict``); file tensors the model lacks in ``unexpected_keys``.
 
-    I/O: ``io="builtin"`` (default): each tensor's byte range is read by ``threads`` threads in
-    chunks of ``chunk_bytes`` into a ring of ``slots`` pinned buffers and copied to the device
-    asynchronously (``staged`` forces or skips the ring; by default CUDA targets use it).
-    ``io="stream"`` goes through ``qtensors.stream`` instead (``stream_options`` are its options:
-    ``mode="direct"`` for O_DIRECT, ``pinned``, ``prefetch``...). Either way host memory stays at
-    a ring of pinned buffers (64 MiB by default), whatever the model size.
+    I/O: every byte goes through the Rust ``StreamReader`` (``mode``: ``"pread"``, ``"direct"``
+    for O_DIRECT, ``"mmap"``), as in ``qtensors.stream`` and ``offload``. ``io="builtin"``
+    (default): each tensor's parts are read by ``threads`` threads in chunks of ``chunk_bytes``
+    into a ring of ``slots`` pinned buffers and copied to the device asynchronously (``staged``
+    forces or skips the ring; by default CUDA targets use it; a CPU target is read straight into
+    its tensors). ``io="stream"`` goes through ``qtensors.stream``'s pipeline instead
+    (``stream_options`` are its options: ``verify=True``, ``pinned``, ``prefetch``...). Either way
+    host memory stays at a ring of pinned buffers (64 MiB by default), whatever the model size.
+    Non-persistent buffers a model built on the meta device holds are recomputed on ``device``
+    (transformers models; ``materialize_meta_buffers``).
+
+    ``warmup`` (CUDA targets): run each distinct quantized layer once at the end
+    (``qtensors.torch.warmup``), so the first forward compiles no kernel; ``result.warmed`` lists
+    what ran, ``result.warmup_seconds`` its time (not in ``result.seconds``).
     """
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else _default_device(model)
@@ -425,20 +464,15 @@ def load_model(
     result = LoadResult(device=dev)
     loaded: set[str] = set()
 
-    # plan: (file, [(file key, model name, header entry)]) in file order
-    plan: list[tuple[str, list[tuple[str, str, dict[str, Any]]]]] = []
-    for path_i in model_files(path):
-        with safe_open(path_i) as f:
-            infos = [f.tensor_info(k) for k in f.keys()]
-        items = []
-        for info in infos:
-            fkey = info["name"]
-            name = key_map(fkey) if key_map is not None else targets.resolve(fkey)
-            if name is None or name not in targets.kind:
-                result.unexpected_keys.append(fkey)
-            else:
-                items.append((fkey, name, info))
-        plan.append((path_i, items))
+    # plan: (entry, model name) in file order; every tensor's header from the Rust reader
+    entries = open_entries(path, mode=mode, threads=1, chunk_size=chunk_bytes)
+    plan: list[tuple[Entry, str]] = []
+    for fkey, e in entries.items():
+        name = key_map(fkey) if key_map is not None else targets.resolve(fkey)
+        if name is None or name not in targets.kind:
+            result.unexpected_keys.append(fkey)
+        else:
+            plan.append((e, name))
 
     def place(name: str, info: dict[str, Any], parts: list[torch.Tensor]) -> None:
         _place(targets, name, info, parts, keep_quantized, dtype, result)
@@ -449,31 +483,19 @@ def load_model(
 
         if threads:
             stream_options.setdefault("threads", threads)
-
-        for path_i, items in plan:
-            if not items:
-                continue
-            by_key = {fkey: (name, info) for fkey, name, info in items}
-            with stream(
-                path_i, [k for k, _, _ in items], device=dev, quantized=True, **stream_options
-            ) as s:
-                for fkey, q in s:
-                    name, info = by_key[fkey]
-                    place(name, info, q.parts())
-                result.bytes_read += s.stats()["bytes"]
+        by_key = {e.name: (name, e.info) for e, name in plan}
+        with stream(
+            path, list(by_key), device=dev, quantized=True, mode=mode, **stream_options
+        ) as s:
+            for fkey, q in s:
+                name, info = by_key[fkey]
+                place(name, info, q.parts())
+            result.bytes_read += s.stats()["bytes"]
     elif io == "builtin":
         streamer = _Streamer(dev, chunk=chunk_bytes, slots=slots, threads=threads, staged=staged)
-        for path_i, items in plan:
-            base = _data_start(path_i)
-            spans = []
-            for _, name, info in items:
-                recs = list(info["parts"].values())
-                lo = min(r["offset"] for r in recs)
-                hi = max(r["offset"] + r["length"] for r in recs)
-                spans.append(_Span((name, info, lo), base + lo, hi - lo))
-            for span, buf in streamer.stream(path_i, spans):
-                name, info, lo = span.key
-                place(name, info, _parts_of(info, buf, lo))
+        names = {id(e): name for e, name in plan}
+        for e, buf in streamer.stream([e for e, _ in plan]):
+            place(names[id(e)], e.info, quantized_from_torch(buf, e).parts())
         result.bytes_read = streamer.bytes_read
     else:
         raise ValueError(f"io must be 'stream' or 'builtin', not {io!r}")
@@ -483,7 +505,14 @@ def load_model(
         raise KeyError(f"no tensor in {os.fspath(path)} for: {', '.join(result.missing_keys)}")
     if dev.type == "cuda":
         torch.cuda.current_stream(dev).synchronize()
+    result.meta_buffers = materialize_meta_buffers(model, dev)
     result.seconds = time.perf_counter() - t0
+    if warmup and dev.type == "cuda" and result.quantized_modules:
+        from .warmup import warmup as warm_kernels
+
+        t1 = time.perf_counter()
+        result.warmed = warm_kernels(model)
+        result.warmup_seconds = time.perf_counter() - t1
     return result
 
 

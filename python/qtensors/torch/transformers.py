@@ -79,6 +79,18 @@ def _check_model_folder(folder: str, need_config: bool) -> None:
         )
 
 
+def architecture_class(config: Any) -> Any:
+    """The transformers class ``config.architectures`` names (the one the checkpoint was saved
+    from), else ``AutoModel``."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    return transformers.AutoModel
+
+
 def from_pretrained(
     folder: str | os.PathLike[str],
     model_cls: Any = None,
@@ -88,15 +100,19 @@ def from_pretrained(
     dtype: torch.dtype | str | None = None,
     config: Any = None,
     strict: bool = True,
+    warmup: bool = True,
     **model_kwargs: Any,
 ) -> nn.Module:
     """A transformers model of a converted qtensors model folder, its weights on ``device``.
 
-    * ``model_cls``: a transformers Auto class (default ``AutoModel``) or a model class.
+    * ``model_cls``: a transformers Auto class or model class; default: the class the config's
+      ``architectures`` names (a causal LM keeps its head), else ``AutoModel``.
     * ``keep_quantized``: linear layers (and embeddings) stay quantized on the device as
       ``QuantizedLinear`` / ``QuantizedEmbedding``; False decodes every weight on the device.
     * ``dtype``: dtype of the floating weights (``"auto"``: the config's); default float32.
     * ``strict``: raise if a parameter of the model is in no file.
+    * ``warmup``: on CUDA, run every distinct quantized layer once before returning, so the first
+      forward compiles no kernel (``qtensors.torch.warmup``).
 
     The model comes back in eval mode; ``model.qtensors_load_result`` says what was loaded.
     """
@@ -106,7 +122,7 @@ def from_pretrained(
 
     if config is None:
         config = transformers.AutoConfig.from_pretrained(folder)
-    cls = model_cls or transformers.AutoModel
+    cls = model_cls or architecture_class(config)
     tdtype = _resolve_dtype(dtype, config)
     with init_empty_weights():
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
@@ -114,7 +130,7 @@ def from_pretrained(
         else:
             model = cls.from_config(config, **model_kwargs)
     result: LoadResult = load_model(
-        model, folder, device=device, keep_quantized=keep_quantized, dtype=tdtype
+        model, folder, device=device, keep_quantized=keep_quantized, dtype=tdtype, warmup=warmup
     )
     dev = result.device or torch.device("cpu")
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]

@@ -1,0 +1,282 @@
+"""Time to first token in a fresh process: fp16 through transformers against the int4-g64 folder.
+
+    python3 benches/bench_gpu_load.py                # the 1.1B Llama-shaped model, on CUDA
+    python3 benches/bench_gpu_load.py --quick --device cpu      # a small dry run, any machine
+
+A 1.1B Llama-shaped model (hidden 2048, 22 layers, intermediate 5632, GQA 32/4, vocab 32000) with
+random weights is written to a temporary folder as fp16 safetensors (`save_pretrained` layout)
+and converted with `qtensors convert --preset int4-g64`. Then each way of loading runs in a fresh
+Python process, which first pays (and reports apart) its imports (torch, transformers' auto
+classes and Llama modules, qtensors.torch) and CUDA's initialisation, then times:
+
+* `load_s`: the load onto the device, synchronised;
+* `first_forward_s`: the first forward of a 16-token prompt (kernels compile or load here unless
+  the load warmed them), and `second_forward_s` for comparison;
+* `ttft_s` = load + first forward.
+
+Ways: `hf_fp16` = `AutoModelForCausalLM.from_pretrained(fp16_folder, dtype=float16,
+device_map=DEV)`; `qtt` = `qtensors.torch.from_pretrained(q_folder, dtype=float16, device=DEV)`
+(warm-up on, the default); `qtt_nowarm` = the same with `warmup=False`; `hf_qtensors` =
+`AutoModelForCausalLM.from_pretrained(q_folder, dtype=float16, device_map=DEV)` through the
+registered quantizer. Each runs `--repeat` times with the page cache warm (after one untimed
+run, which also fills Triton's on-disk cache), once with a fresh Triton cache (`*_fresh_triton`:
+what a first-ever run pays), and once with the page cache dropped (`cold`, when
+/proc/sys/vm/drop_caches is writable). Correctness first: the qtensors loaders give identical
+logits, and close to the fp16 model's. Writes JSON and text to $OUT when set. Needs no network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+SIZES = {
+    "full": dict(hidden=2048, layers=22, inter=5632, heads=32, kv=4, vocab=32000),
+    "quick": dict(hidden=256, layers=2, inter=704, heads=4, kv=2, vocab=1024),
+}
+PROMPT = 16
+
+
+# ------------------------------------------------------------------------------------------------
+# the child: one fresh process, one way of loading
+# ------------------------------------------------------------------------------------------------
+
+
+def child(way: str, folder: str, device: str, dump: str | None) -> None:
+    t0 = time.perf_counter()
+    import torch
+    import transformers
+    import transformers.quantizers.auto
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama import modeling_llama  # noqa: F401
+
+    import qtensors.torch as qtt
+
+    t1 = time.perf_counter()
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda":
+        torch.empty(1, device=dev)
+        sync()
+    t2 = time.perf_counter()
+    if way == "hf_fp16" or way == "hf_qtensors":
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float16, device_map=str(dev)
+        )
+    elif way in ("qtt", "qtt_nowarm"):
+        model = qtt.from_pretrained(folder, device=dev, dtype=torch.float16, warmup=way == "qtt")
+    else:
+        raise ValueError(way)
+    sync()
+    t3 = time.perf_counter()
+    ids = torch.arange(1, PROMPT + 1, device=dev).unsqueeze(0)
+    with torch.inference_mode():
+        logits = model(ids).logits
+        sync()
+        t4 = time.perf_counter()
+        _ = model(ids).logits
+        sync()
+        t5 = time.perf_counter()
+    res = getattr(model, "qtensors_load_result", None)
+    out = {
+        "way": way,
+        "imports_s": t1 - t0,
+        "cuda_init_s": t2 - t1,
+        "load_s": t3 - t2,
+        "first_forward_s": t4 - t3,
+        "second_forward_s": t5 - t4,
+        "ttft_s": t4 - t2,
+        "quantized_linears": sum(type(m).__name__ == "QuantizedLinear" for m in model.modules()),
+        "warmed": len(res.warmed) if res is not None else 0,
+        "warmup_s": res.warmup_seconds if res is not None else 0.0,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+    }
+    if dump:
+        torch.save(logits[0, -1].float().cpu(), dump)
+    print("RESULT " + json.dumps(out))
+
+
+def run_child(way: str, folder: str, device: str, env: dict, dump: str | None = None) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", way, folder, "--device", device]
+    if dump:
+        cmd += ["--dump", dump]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{way} failed:\n{p.stderr[-4000:]}")
+
+
+# ------------------------------------------------------------------------------------------------
+# the parent: make the folders, check, time
+# ------------------------------------------------------------------------------------------------
+
+
+def make_folders(work: str, size: dict) -> tuple[str, str, dict]:
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=size["hidden"],
+        intermediate_size=size["inter"],
+        num_hidden_layers=size["layers"],
+        num_attention_heads=size["heads"],
+        num_key_value_heads=size["kv"],
+        vocab_size=size["vocab"],
+        tie_word_embeddings=False,
+        dtype="float16",
+        architectures=["LlamaForCausalLM"],
+    )
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in transformers.LlamaForCausalLM(cfg).state_dict().items()}
+    src, dst = os.path.join(work, "fp16"), os.path.join(work, "int4-g64")
+    os.makedirs(src)
+    cfg.save_pretrained(src)
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for k, s in shapes.items():
+        if k.endswith("norm.weight"):
+            sd[k] = torch.ones(s, dtype=torch.float16)
+        else:
+            sd[k] = (torch.randn(s, generator=g) * 0.02).to(torch.float16)
+    save_file(sd, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    params = sum(v.numel() for v in sd.values())
+    del sd
+    t = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "qtensors", "convert", src, dst, "--preset", "int4-g64"],
+        check=True,
+        capture_output=True,
+    )
+    info = {
+        "params": params,
+        "fp16_bytes": os.path.getsize(os.path.join(src, "model.safetensors")),
+        "q_bytes": sum(
+            os.path.getsize(os.path.join(dst, f))
+            for f in os.listdir(dst)
+            if f.endswith(".qtensors")
+        ),
+        "convert_s": time.perf_counter() - t,
+    }
+    return src, dst, info
+
+
+def check(src: str, dst: str, device: str, env: dict, work: str) -> dict:
+    import torch
+
+    dumps = {}
+    for way, folder in (("hf_fp16", src), ("qtt", dst), ("hf_qtensors", dst)):
+        path = os.path.join(work, f"{way}.pt")
+        run_child(way, folder, device, env, dump=path)
+        dumps[way] = torch.load(path)
+    same = torch.equal(dumps["qtt"], dumps["hf_qtensors"])
+    cos = torch.nn.functional.cosine_similarity(dumps["qtt"], dumps["hf_fp16"], dim=0).item()
+    if not same:
+        raise AssertionError("qtensors.torch.from_pretrained and transformers' loader differ")
+    return {"qtt_equals_hf_qtensors": same, "cosine_last_logits_vs_fp16": cos}
+
+
+def drop_caches_ok() -> bool:
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", nargs=2, metavar=("WAY", "FOLDER"))
+    ap.add_argument("--dump")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], args.device, args.dump)
+        return
+
+    from _common import drop_caches
+
+    size = SIZES["quick" if args.quick else "full"]
+    lines = ["$ python3 " + " ".join(sys.argv[0:1] + sys.argv[1:]), f"model: {size}"]
+
+    def say(s: str) -> None:
+        print(s, flush=True)
+        lines.append(s)
+
+    report: dict = {"size": size, "device": args.device}
+    work = tempfile.mkdtemp(prefix="qtensors-bench-load-")
+    triton_cache = os.path.join(work, "triton-cache")
+    env = dict(os.environ, TRITON_CACHE_DIR=triton_cache, TOKENIZERS_PARALLELISM="false")
+    try:
+        src, dst, info = make_folders(work, size)
+        report["folders"] = info
+        say(
+            f"{info['params'] / 1e9:.2f}B params; fp16 {info['fp16_bytes'] / 1e9:.2f} GB, "
+            f"int4-g64 {info['q_bytes'] / 1e9:.2f} GB (convert {info['convert_s']:.1f} s)"
+        )
+        report["check"] = check(src, dst, args.device, env, work)
+        say(f"check: {report['check']}")
+
+        ways = [("hf_fp16", src), ("qtt", dst), ("qtt_nowarm", dst), ("hf_qtensors", dst)]
+        runs: dict = {}
+        for way, folder in ways:
+            runs[way] = [run_child(way, folder, args.device, env) for _ in range(args.repeat)]
+        for way, folder in ways[1:]:  # a first-ever run: nothing in Triton's on-disk cache
+            fresh = dict(env, TRITON_CACHE_DIR=os.path.join(work, f"triton-{way}"))
+            runs[f"{way}_fresh_triton"] = [run_child(way, folder, args.device, fresh)]
+        if drop_caches_ok():
+            for way, folder in ways:
+                drop_caches([])
+                runs[f"{way}_cold"] = [run_child(way, folder, args.device, env)]
+        report["runs"] = runs
+
+        def med(way: str, key: str) -> float:
+            return statistics.median(r[key] for r in runs[way])
+
+        say(
+            f"transformers {runs['qtt'][0]['transformers']}, torch {runs['qtt'][0]['torch']}; "
+            f"medians of {args.repeat} fresh processes (page cache warm) unless marked"
+        )
+        say(
+            f"{'way':28s} {'imports':>8s} {'cuda init':>9s} {'load':>7s} {'1st fwd':>8s} "
+            f"{'2nd fwd':>8s} {'TTFT':>7s} {'warmup':>7s}"
+        )
+        for way in runs:
+            say(
+                f"{way:28s} {med(way, 'imports_s'):8.2f} {med(way, 'cuda_init_s'):9.2f} "
+                f"{med(way, 'load_s'):7.3f} {med(way, 'first_forward_s'):8.3f} "
+                f"{med(way, 'second_forward_s'):8.4f} {med(way, 'ttft_s'):7.3f} "
+                f"{med(way, 'warmup_s'):7.3f}"
+            )
+        base = med("hf_fp16", "ttft_s")
+        for way in runs:
+            if way != "hf_fp16" and not way.startswith("hf_fp16"):
+                ref = med("hf_fp16_cold", "ttft_s") if way.endswith("_cold") else base
+                say(f"TTFT hf_fp16 / {way}: {ref / med(way, 'ttft_s'):.2f}x")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "gpu_load.json"), "w") as fh:
+            json.dump(report, fh, indent=2)
+        with open(os.path.join(out, "gpu_load.txt"), "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Compile the kernels a model's quantized layers need during the load, not at its first forward.
+
+Triton compiles a kernel the first time it runs with a new specialisation (dtype, constexpr
+configuration, shapes' divisibility): 1-2 s for a 1.1B Llama on the H200 (issue 11), paid by the
+user's first forward unless done before. ``warmup(model)`` runs each distinct quantized layer of
+the model once per path its forward can take, on zeros, so that the compiled kernels are in
+Triton's in-process cache (and its on-disk cache, which makes a later process's compile a load):
+
+* ``QuantizedLinear``: one row (the fused GEMV, decoding) and ``GEMV_MAX_M + 1`` rows (decode the
+  weight, then cuBLAS: prefill), in the layer's dtype;
+* ``QuantizedEmbedding``: a lookup of one row (the row-decoding kernel).
+
+Layers that share shape, encoding, dtype and device share kernels and configuration, so the
+number of runs depends on the distinct layer kinds (about 4-6 for a Llama), not on the depth.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .modules import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
+
+try:
+    from .kernels.launch import GEMV_MAX_M
+except Exception:  # no Triton: the CUDA path decodes, nothing to compile
+    GEMV_MAX_M = 4
+
+
+def _signature(kind: str, w: QuantizedWeight, rows: int) -> tuple[Any, ...]:
+    e = w.encoding
+    enc = (e["name"], w.bits, int(e["group_size"]), int(e["axis"]), e["scale_dtype"])
+    has_mins = w.mins is not None
+    return (kind, tuple(w.shape), enc, has_mins, w.dtype, str(w.device), rows)
+
+
+@torch.inference_mode()
+def warmup(model: nn.Module, rows: tuple[int, ...] | None = None) -> list[tuple[Any, ...]]:
+    """Run every distinct quantized layer of ``model`` once per forward path (see the module's
+    docstring; ``rows``: the batch sizes for linears, default ``(1, GEMV_MAX_M + 1)``). Returns
+    the signatures run: (kind, shape, encoding, has mins, dtype, device, rows)."""
+    rows = rows or (1, GEMV_MAX_M + 1)
+    done: dict[tuple[Any, ...], None] = {}
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            w = module.weight
+            if w.codes.is_meta:
+                continue
+            for m in rows:
+                key = _signature("linear", w, m)
+                if key in done:
+                    continue
+                x = torch.zeros(m, int(w.shape[1]), dtype=w.dtype, device=w.device)
+                module(x)
+                done[key] = None
+        elif isinstance(module, QuantizedEmbedding):
+            w = module.weight
+            if w.codes.is_meta:
+                continue
+            key = _signature("embedding", w, 1)
+            if key in done:
+                continue
+            module(torch.zeros(1, 1, dtype=torch.long, device=w.device))
+            done[key] = None
+    if done and any(k[5].startswith("cuda") for k in done):
+        torch.cuda.synchronize()
+    return list(done)
