@@ -25,11 +25,11 @@ pub enum Encoding {
     Affine(GroupParams),
     Symmetric(GroupParams),
     Nf4(GroupParams),
-    /// OCP MXFP4 (spec 4.8): `bits` 4, `group_size` 32, `scale_dtype` uint8 (E8M0 exponents);
-    /// only `axis` is a header parameter.
+    /// OCP MXFP4 (spec 4.8): `bits` 4, `group_size` 32, `scale_dtype` uint8 (E8M0 exponents),
+    /// all fixed; `axis` is the one free parameter.
     Mxfp4(GroupParams),
-    /// NVFP4 (spec 4.9): `bits` 4, `group_size` 16, `scale_dtype` float8_e4m3fn, plus an fp32
-    /// `tensor_scale` part; only `axis` is a header parameter.
+    /// NVFP4 (spec 4.9): `bits` 4, `group_size` 16, `scale_dtype` float8_e4m3fn, all fixed,
+    /// plus an fp32 `tensor_scale` part; `axis` is the one free parameter.
     Nvfp4(GroupParams),
     /// Only produced by lenient (listing) parsing: a tensor this version cannot decode, because
     /// its encoding or one of its dtypes is unknown. Its structure is still checked.
@@ -262,12 +262,20 @@ impl Encoding {
         };
         // The FP4 formats fix their block size and width: a writer may state them, but only
         // as those values (a file claiming other ones is not one of these formats).
-        if let Some((gs, _)) = fp4_fixed(name) {
+        if let Some((gs, sd)) = fp4_fixed(name) {
             for (key, want) in [("bits", 4), ("group_size", gs)] {
                 if obj.contains_key(key) && int(key)? != want {
                     return Err(Error::Format(format!(
                         "encoding '{name}': {key} is fixed at {want}, not {}",
                         Shallow::from_value(&obj[key])
+                    )));
+                }
+            }
+            if let Some(v) = obj.get("scale_dtype") {
+                if v.as_str() != Some(sd.name()) {
+                    return Err(Error::Format(format!(
+                        "encoding '{name}': scale_dtype is fixed at {sd}, not {}",
+                        Shallow::from_value(v)
                     )));
                 }
             }
@@ -323,14 +331,16 @@ impl Encoding {
         m.insert("name".into(), Value::from(self.name()));
         match self {
             Encoding::Raw => {}
-            Encoding::Affine(p) | Encoding::Symmetric(p) | Encoding::Nf4(p) => {
+            // The FP4 formats fix all but the axis; writing them keeps headers self-describing.
+            Encoding::Affine(p)
+            | Encoding::Symmetric(p)
+            | Encoding::Nf4(p)
+            | Encoding::Mxfp4(p)
+            | Encoding::Nvfp4(p) => {
                 m.insert("bits".into(), Value::from(p.bits));
                 m.insert("group_size".into(), Value::from(p.group_size));
                 m.insert("axis".into(), Value::from(p.axis as u64));
                 m.insert("scale_dtype".into(), Value::from(p.scale_dtype.name()));
-            }
-            Encoding::Mxfp4(p) | Encoding::Nvfp4(p) => {
-                m.insert("axis".into(), Value::from(p.axis as u64));
             }
             Encoding::Unknown { params, .. } => return Value::Object(params.clone()),
         }
