@@ -871,13 +871,14 @@ def _check_tensor(name: str, t: dict, alignment: int, data_len: int):
     enc = t.get("encoding")
     if not isinstance(enc, dict) or not isinstance(enc.get("name"), str):
         _fail(f"tensor {name!r}: encoding is not an object with a string 'name'")
-    if enc["name"] not in ("raw", "affine", "symmetric", "nf4"):
+    if enc["name"] not in ("raw", "affine", "symmetric", "nf4", *FP4_FIXED):
         _fail(f"tensor {name!r}: unknown encoding {enc['name']!r}")
     if enc["name"] != "raw":
         if dtype not in FLOAT_LOGICAL:
             _fail(f"tensor {name!r}: logical dtype {dtype} not allowed for encoding {enc['name']}")
         for key in ("group_size", "axis"):
-            _u64(enc.get(key), f"tensor {name!r}: encoding {key}")
+            if key in enc or enc["name"] not in FP4_FIXED:  # FP4 may leave group_size out
+                _u64(enc.get(key), f"tensor {name!r}: encoding {key}")
         if enc["axis"] >= max(len(shape), 1):
             _fail(f"tensor {name!r}: axis {enc['axis']} out of range for rank {len(shape)}")
         try:
@@ -979,6 +980,7 @@ def read_file(src, verify: bool = True, strict: bool = True):
                     "codes": parts_bytes["codes"],
                     "scales": parts_bytes["scales"],
                     "mins": parts_bytes.get("mins"),
+                    "tensor_scale": parts_bytes.get("tensor_scale"),
                 },
                 enc,
                 shape,
