@@ -251,3 +251,17 @@ def test_nvfp4_bytes_equal_modelopt(seed, spread, dtype):
     # ModelOpt decodes as the spec does: level * (scale * tensor scale), rounded once.
     want = qm.dequantize(torch.float32, scale=scale, double_scale=g, block_sizes={-1: 16})
     assert torch.equal(qt.dequantize(q).float(), want.to(dtype).float())
+
+
+def test_mxfp4_decodes_as_gguf_after_repacking():
+    """GGUF's MXFP4 block (spec 4.10): the E8M0 byte, then byte j holding elements j and j + 16,
+    with doubled levels and a halved scale. Our parts, re-laid out so, decode through the gguf
+    package's own dequantizer to our values."""
+    quants = pytest.importorskip("gguf.quants")
+    gguf = pytest.importorskip("gguf")
+    x = weights(3, rows=8, cols=128, spread=4.0).numpy()
+    q = qt.quantize(x, qt.MXFP4())
+    codes = R.unpack_codes(q.codes, 4, x.size).reshape(-1, 2, 16).astype(np.uint8)
+    blocks = np.concatenate([q.scales.reshape(-1, 1), codes[:, 0] | codes[:, 1] << 4], axis=1)
+    got = quants.dequantize(blocks.reshape(8, -1), gguf.GGMLQuantizationType.MXFP4)
+    assert np.array_equal(got.reshape(x.shape), q.dequantize())
