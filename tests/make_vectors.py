@@ -241,9 +241,10 @@ def vectors():
     out.append(
         (
             "fp4",
-            "mxfp4 and nvfp4: E2M1 ties (round to the even code) with a unit scale, ragged last "
-            "blocks along the last axis and along axis 0, rows over 60 binades, an all-zero tensor, "
-            "a block far below the tensor's amax (nvfp4 scale clamped to 2^-9), bfloat16 values",
+            "mxfp4 and nvfp4: E2M1 ties (round to the even code) with a unit scale, ragged "
+            "last blocks along the last axis and along axis 0, rows over 60 binades, an all-zero "
+            "tensor, a block far below the tensor's amax (nvfp4 scale clamped to 2^-9), "
+            "bfloat16 values",
             [
                 ("mxfp4.ties", mx_ties, fp4("mxfp4", 0), None),
                 ("mxfp4.ragged", normal("fp4.mx", (3, 40)), fp4("mxfp4", 1), None),
