@@ -265,3 +265,20 @@ def test_mxfp4_decodes_as_gguf_after_repacking():
     blocks = np.concatenate([q.scales.reshape(-1, 1), codes[:, 0] | codes[:, 1] << 4], axis=1)
     got = quants.dequantize(blocks.reshape(8, -1), gguf.GGMLQuantizationType.MXFP4)
     assert np.array_equal(got.reshape(x.shape), q.dequantize())
+
+
+@pytest.mark.parametrize("kind", sorted(FP4))
+def test_torch_load_model_decodes_and_modules_refuse(tmp_path, kind):
+    qtt = pytest.importorskip("qtensors.torch")
+    m = torch.nn.Sequential(torch.nn.Linear(64, 16))
+    path = tmp_path / "m.qtensors"
+    qt.save_file(m.state_dict(), path, quant=kind)
+    want = torch.from_numpy(qt.load_file(path)["0.weight"])
+    for keep in (False, True):
+        m2 = torch.nn.Sequential(torch.nn.Linear(64, 16))
+        result = qtt.load_model(m2, path, keep_quantized=keep)
+        # Decoded by the Rust core, also when asked to keep weights quantized (not supported yet).
+        assert torch.equal(m2[0].weight.data, want)
+        assert result.decoded == ["0.weight"]
+    with pytest.raises(ValueError, match="cannot be kept quantized"):
+        qtt.quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 16)), kind)
