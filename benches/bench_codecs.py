@@ -73,6 +73,8 @@ def main() -> None:
         ("affine 4-bit g64 axis=0 (flexgen)", qt.FLEXGEN),
         ("symmetric 8-bit g128 axis=-1", qt.Symmetric(8, 128, axis=-1)),
         ("nf4 g64 axis=-1", qt.NF4(64, axis=-1)),
+        ("mxfp4 axis=-1", qt.MXFP4()),
+        ("nvfp4 axis=-1", qt.NVFP4()),
     ]
     for label, enc in cases:
         enc_json = json.dumps(enc.to_dict(2))

@@ -43,6 +43,12 @@ def nf4(g, axis, sd="float16"):
     return {"name": "nf4", "group_size": g, "axis": axis, "scale_dtype": sd}
 
 
+def fp4(name, axis):
+    """mxfp4 / nvfp4 with their fixed parameters written out, as writers write them."""
+    fixed = {"mxfp4": (32, "uint8"), "nvfp4": (16, "float8_e4m3fn")}[name]
+    return {"name": name, "bits": 4, "group_size": fixed[0], "axis": axis, "scale_dtype": fixed[1]}
+
+
 RAW = {"name": "raw"}
 
 
@@ -215,6 +221,52 @@ def vectors():
                 ("ties", ties, nf4(16, 0), None),
                 ("above_ties", np.concatenate([above, [1.0]]).astype(np.float32), nf4(16, 0), None),
                 ("bf16_scales", w, nf4(8, 1, "bfloat16"), None),
+            ],
+            None,
+            64,
+        )
+    )
+    # amax 6 -> X = 1 (mxfp4); every E2M1 midpoint and its neighbours, both signs, and -0.0.
+    mids = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32)
+    near = np.concatenate(
+        [mids, np.nextafter(mids, np.float32(0)), np.nextafter(mids, np.float32(9))]
+    )
+    mx_ties = np.concatenate([[6.0], near, -near, [-0.0, -0.1, 7.9]]).astype(np.float32)
+    mx_ties = np.concatenate([mx_ties, np.zeros(64 - mx_ties.size, np.float32)])
+    # nvfp4: amax 2688 -> g = 1 exactly; the second block (amax 6) gets s = 1, so t = x.
+    nv_ties = np.concatenate([[2688.0], np.zeros(15), mx_ties[:16], mx_ties[16:32]]).astype(
+        np.float32
+    )
+    scaled = (
+        normal("fp4.scaled", (6, 40)) * np.exp2(np.arange(-40, 20, 10, dtype=np.float32))[:, None]
+    )
+    tiny = np.zeros((2, 16), np.float32)
+    tiny[0, 0], tiny[1, :3] = 1.0, [1e-6, -2e-7, 3e-9]  # block scales below 2^-9 clamp up to it
+    out.append(
+        (
+            "fp4",
+            "mxfp4 and nvfp4: E2M1 ties (round to the even code) with a unit scale, ragged "
+            "last blocks along the last axis and along axis 0, rows over 60 binades, an all-zero "
+            "tensor, a block far below the tensor's amax (nvfp4 scale clamped to 2^-9), "
+            "bfloat16 values",
+            [
+                ("mxfp4.ties", mx_ties, fp4("mxfp4", 0), None),
+                ("mxfp4.ragged", normal("fp4.mx", (3, 40)), fp4("mxfp4", 1), None),
+                ("mxfp4.axis0", normal("fp4.mx0", (37, 3)), fp4("mxfp4", 0), None),
+                ("mxfp4.binades", scaled, fp4("mxfp4", 1), None),
+                ("mxfp4.zeros", np.zeros((2, 32), np.float32), fp4("mxfp4", 1), None),
+                ("mxfp4.bf16", bf16(normal("fp4.mxbf", (4, 32))), fp4("mxfp4", 1), "bfloat16"),
+                ("nvfp4.ties", nv_ties, fp4("nvfp4", 0), None),
+                ("nvfp4.ragged", normal("fp4.nv", (3, 40)), fp4("nvfp4", 1), None),
+                ("nvfp4.axis0", normal("fp4.nv0", (37, 3)), fp4("nvfp4", 0), None),
+                ("nvfp4.tiny_block", tiny, fp4("nvfp4", 1), None),
+                ("nvfp4.zeros", np.zeros((2, 16), np.float32), fp4("nvfp4", 1), None),
+                (
+                    "nvfp4.f16",
+                    normal("fp4.nvf16", (4, 32), dtype=np.float16),
+                    fp4("nvfp4", 1),
+                    None,
+                ),
             ],
             None,
             64,

@@ -324,9 +324,9 @@ def cases() -> list[Case]:
         Case(
             "r8_unknown_encoding",
             8,
-            _mut(_set(["blk.w", "encoding", "name"], "mxfp4")),
+            _mut(_set(["blk.w", "encoding", "name"], "mxfp6")),
             "UnsupportedError",
-            ["blk.w", "mxfp4"],
+            ["blk.w", "mxfp6"],
         )
     )
     for bits in (0, 9, "4", None, 256, 2**64 - 1):

@@ -278,11 +278,24 @@ def unpack_codes(data, bits: int, n: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 
+#: The FP4 block formats (spec 4.8, 4.9) fix everything but the axis: bits, group size, scale dtype.
+FP4_FIXED = {"mxfp4": (4, 32, "uint8"), "nvfp4": (4, 16, "float8_e4m3fn")}
+
+
 def encoding_params(enc: dict, rank: int) -> dict:
     """Validate an encoding dict and return it with a normalized axis."""
     name = enc.get("name")
     if name == "raw":
         return {"name": "raw"}
+    if name in FP4_FIXED:
+        out = dict(enc)
+        for key, want in zip(("bits", "group_size", "scale_dtype"), FP4_FIXED[name], strict=True):
+            if out.setdefault(key, want) != want:
+                raise ReferenceError(f"{name}: {key} is fixed at {want!r}, got {out[key]!r}")
+        if not _is_int(out.get("axis")):
+            raise ReferenceError(f"{name}: axis {out.get('axis')!r} must be an integer")
+        out["axis"] = normalize_axis(out["axis"], rank)
+        return out
     if name not in ("affine", "symmetric", "nf4"):
         raise ReferenceError(f"unknown encoding {name!r}")
     out = dict(enc)
@@ -367,6 +380,8 @@ def quantize(x, enc: dict, dtype: str | None = None, name: str = "tensor") -> di
         raise ReferenceError(f"tensor {name!r}: holds NaN or Inf (or overflows fp32)")
     v3, gidx, G = _group_arrays(v, shape, axis, g)
     sshape = scale_shape(shape, axis, g)
+    if kind in FP4_FIXED:
+        return fp4_quantize(kind, v3, gidx, G, g, sshape)
 
     if kind == "affine":
         qmax = F32(2**bits - 1)
@@ -428,6 +443,101 @@ def quantize(x, enc: dict, dtype: str | None = None, name: str = "tensor") -> di
     }
 
 
+# ------------------------------------------------------------------------------------------------
+# FP4 block formats (spec 4.8 mxfp4, 4.9 nvfp4)
+# ------------------------------------------------------------------------------------------------
+
+#: E2M1 values by code (bit 3 the sign; code 8 is -0).
+E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+def _e4m3_table() -> np.ndarray:
+    """The value of every E4M3 byte 0..126 (the non-negative finite ones), from the definition:
+    bias 7, 3 mantissa bits, subnormals m * 2^-9."""
+    out = []
+    for b in range(127):
+        e, m = b >> 3, b & 7
+        out.append(m * 2.0**-9 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7))
+    return np.array(out, dtype=np.float64)
+
+
+E4M3_VALUES = _e4m3_table()
+
+
+def e4m3_byte(r) -> np.ndarray:
+    """Non-negative fp32 values -> the nearest E4M3 byte (ties to the even byte), saturating at
+    448 (byte 126): a search over the table, not bit arithmetic."""
+    r = np.asarray(r, dtype=np.float64)
+    d = np.abs(r[..., None] - E4M3_VALUES)
+    best = d.min(axis=-1, keepdims=True)
+    ties = d == best
+    # Among the nearest (one, or two at a tie), the even byte.
+    even = ties & (np.arange(127) % 2 == 0)
+    pick = np.where(even.any(axis=-1), even.argmax(axis=-1), ties.argmax(axis=-1))
+    return np.where(r >= 448.0, 126, pick).astype(np.uint8)
+
+
+def e2m1_codes(x, t) -> np.ndarray:
+    """Codes of elements ``x`` scaled to ``t``: the nearest E2M1 magnitude to |t| (ties to the
+    even code), saturating at 6, with the sign bit of ``x < 0``."""
+    a = np.abs(np.asarray(t, dtype=np.float64))[..., None]
+    d = np.abs(a - E2M1[:8].astype(np.float64))
+    best = d.min(axis=-1, keepdims=True)
+    ties = d == best
+    even = ties & (np.arange(8) % 2 == 0)
+    mag = np.where(even.any(axis=-1), even.argmax(axis=-1), ties.argmax(axis=-1))
+    mag = np.where(a[..., 0] >= 6, 7, mag)
+    return (mag + 8 * (np.asarray(x) < 0)).astype(np.int64)
+
+
+def e8m0_value(b) -> np.ndarray:
+    """2^(b - 127) as fp32 (2^-127 is subnormal); 255 is NaN."""
+    b = np.asarray(b).astype(np.int64)
+    v = np.ldexp(np.float64(1), b - 127)
+    return np.where(b == 255, np.nan, v).astype(np.float32)
+
+
+def fp4_quantize(kind: str, v3: np.ndarray, gidx, G: int, g: int, sshape) -> dict:
+    absmax = _per_group(np.abs(v3), G, g, np.max)
+    if kind == "mxfp4":
+        # floor(log2(amax)) from frexp (amax = f * 2^e, f in [0.5, 1)): e - 1; amax = 0 -> 0.
+        _, e = np.frexp(absmax.astype(np.float64))
+        biased = np.where(absmax == 0, 0, np.clip(e - 1 - 2 + 127, 0, 254)).astype(np.uint8)
+        x_scale = e8m0_value(biased)[:, gidx, :].astype(np.float64)
+        t = v3.astype(np.float64) / x_scale  # a power of two: exact
+        return {
+            "codes": pack_codes(e2m1_codes(v3, t).reshape(-1), 4),
+            "scales": biased.reshape(sshape),
+            "mins": None,
+        }
+    amax = np.float32(np.abs(v3).max()) if v3.size else F32(0)
+    gs = max(np.float32(amax / F32(2688)), np.float32(2.0**-126))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = (absmax / np.float32(F32(6) * gs)).astype(np.float32)
+    s_bytes = e4m3_byte(np.clip(r, 2.0**-9, 448.0))
+    s_bytes = np.where(r == 0, np.uint8(0x38), s_bytes).astype(np.uint8)  # 0x38 = 1.0
+    s = E4M3_VALUES[s_bytes].astype(np.float32)
+    d = (s * gs).astype(np.float32)[:, gidx, :]
+    t = (v3 / d).astype(np.float32)  # fp32 division, rounded once
+    return {
+        "codes": pack_codes(e2m1_codes(v3, t).reshape(-1), 4),
+        "scales": s_bytes.reshape(sshape),
+        "mins": None,
+        "tensor_scale": np.array(gs, dtype=np.float32),
+    }
+
+
+def fp4_block_scales(parts: dict, kind: str) -> np.ndarray:
+    """The full fp32 scale of every block: 2^(b-127), or E4M3 value times the tensor scale."""
+    raw = np.frombuffer(bytes(np.ascontiguousarray(parts["scales"])), dtype=np.uint8)
+    if kind == "mxfp4":
+        return e8m0_value(raw)
+    s = np.where((raw & 0x7F) == 0x7F, np.nan, E4M3_VALUES[np.minimum(raw & 0x7F, 126)])
+    s = np.where(raw & 0x80, -s, s).astype(np.float32)
+    gs = np.frombuffer(bytes(np.ascontiguousarray(parts["tensor_scale"])), dtype="<f4")[0]
+    return (s * gs).astype(np.float32)
+
+
 def nf4_code(t) -> np.ndarray:
     """code = number of k in 0..14 with t > mid[k] (a value on a midpoint takes the lower level)."""
     t = np.asarray(t, dtype=np.float32)
@@ -446,6 +556,9 @@ def dequantize_fp32(parts: dict, enc: dict, shape) -> np.ndarray:
     P, L, Q, G = group_layout(shape, axis, g)
     codes = unpack_codes(parts["codes"], bits, n).reshape(P, L, Q)
     gidx = group_index(L, g)
+    if kind in FP4_FIXED:
+        s = fp4_block_scales(parts, kind).reshape(P, G, Q)[:, gidx, :]
+        return (E2M1[codes] * s).astype(np.float32).reshape(shape)
     s = storage_to_fp32(parts["scales"], sd).reshape(P, G, Q)[:, gidx, :]
     if kind == "affine":
         m = storage_to_fp32(parts["mins"], sd).reshape(P, G, Q)[:, gidx, :]
@@ -507,6 +620,8 @@ def expected_parts(dtype: str, shape, enc: dict) -> dict:
     out = {"codes": ("uint8", (clen,), clen), "scales": (p["scale_dtype"], sshape, slen)}
     if p["name"] == "affine":
         out["mins"] = (p["scale_dtype"], sshape, slen)
+    if p["name"] == "nvfp4":
+        out["tensor_scale"] = ("float32", (), 4)
     return out
 
 
@@ -540,6 +655,8 @@ def make_entry(name: str, x, enc: dict, dtype: str | None = None):
     parts["scales"] = (q["scales"].tobytes(), p["scale_dtype"], sshape)
     if q["mins"] is not None:
         parts["mins"] = (q["mins"].tobytes(), p["scale_dtype"], sshape)
+    if "tensor_scale" in q:
+        parts["tensor_scale"] = (q["tensor_scale"].astype("<f4").tobytes(), "float32", ())
     return (name, dtype, shape, header_enc, parts)
 
 
@@ -783,13 +900,14 @@ def _check_tensor(name: str, t: dict, alignment: int, data_len: int):
     enc = t.get("encoding")
     if not isinstance(enc, dict) or not isinstance(enc.get("name"), str):
         _fail(f"tensor {name!r}: encoding is not an object with a string 'name'")
-    if enc["name"] not in ("raw", "affine", "symmetric", "nf4"):
+    if enc["name"] not in ("raw", "affine", "symmetric", "nf4", *FP4_FIXED):
         _fail(f"tensor {name!r}: unknown encoding {enc['name']!r}")
     if enc["name"] != "raw":
         if dtype not in FLOAT_LOGICAL:
             _fail(f"tensor {name!r}: logical dtype {dtype} not allowed for encoding {enc['name']}")
         for key in ("group_size", "axis"):
-            _u64(enc.get(key), f"tensor {name!r}: encoding {key}")
+            if key in enc or enc["name"] not in FP4_FIXED:  # FP4 may leave group_size out
+                _u64(enc.get(key), f"tensor {name!r}: encoding {key}")
         if enc["axis"] >= max(len(shape), 1):
             _fail(f"tensor {name!r}: axis {enc['axis']} out of range for rank {len(shape)}")
         try:
@@ -970,6 +1088,7 @@ def read_file(src, verify: bool = True, strict: bool = True):
                     "codes": parts_bytes["codes"],
                     "scales": parts_bytes["scales"],
                     "mins": parts_bytes.get("mins"),
+                    "tensor_scale": parts_bytes.get("tensor_scale"),
                 },
                 enc,
                 shape,

@@ -606,20 +606,20 @@ def base_file(tmp_path_factory) -> str:
 
 
 def test_inspect_lists_unknown_encodings(base_file, tmp_path):
-    def to_mxfp4(h):
+    def to_mxfp6(h):  # an encoding this version does not know
         t = h["tensors"][0]
-        t["encoding"] = {"name": "mxfp4", "group_size": 32}
+        t["encoding"] = {"name": "mxfp6", "group_size": 32}
         t["parts"] = {"codes": t["parts"]["codes"], "e8m0_scales": t["parts"]["scales"]}
 
-    newer = rewrite_header(base_file, tmp_path / "newer.qtensors", to_mxfp4)
+    newer = rewrite_header(base_file, tmp_path / "newer.qtensors", to_mxfp6)
     p = cli("inspect", newer)
     assert "qtensors 1.2" in p.stdout
     row = next(ln for ln in p.stdout.splitlines() if ln.startswith("a.weight"))
-    assert "unknown: mxfp4" in row and "group_size=32" in row
+    assert "unknown: mxfp6" in row and "group_size=32" in row
     assert "1 unknown" in p.stdout
     info = json.loads(cli("inspect", newer, "--json").stdout)
     a = info["tensors"][0]
-    assert a["known"] is False and a["encoding"]["name"] == "mxfp4"
+    assert a["known"] is False and a["encoding"]["name"] == "mxfp6"
     assert set(a["parts"]) == {"codes", "e8m0_scales"}
     p = cli("verify", newer, ok=False)
     assert "FAILED" in p.stdout and "1.2" in p.stdout  # this reader knows 1.1

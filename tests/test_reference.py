@@ -392,7 +392,7 @@ def test_vectors_small_and_listed(vectors_dir, manifest):
     listed = {v["file"] for v in manifest["vectors"]} | {v["expected"] for v in manifest["vectors"]}
     assert listed | {"MANIFEST.json"} == set(os.listdir(vectors_dir))
     kinds = {t["encoding"]["name"] for v in manifest["vectors"] for t in v["tensors"]}
-    assert kinds == {"raw", "affine", "symmetric", "nf4"}
+    assert kinds == {"raw", "affine", "symmetric", "nf4", "mxfp4", "nvfp4"}
 
 
 def test_reference_reads_vectors(vectors_dir, manifest):

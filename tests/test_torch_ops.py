@@ -130,6 +130,8 @@ def test_spec_vectors(vectors_dir, manifest):
                 enc = f.encoding(key)
                 if enc["name"] == "raw" or key not in expected.files:
                     continue
+                if enc["name"] in ("mxfp4", "nvfp4"):  # not covered by the torch op yet
+                    continue
                 q = f.get_quantized(key)
                 bits = 4 if enc["name"] == "nf4" else enc["bits"]
                 dt = f.dtype(key)

@@ -33,6 +33,7 @@ SENTENCES = [
 # int8 0.9997). Round-to-nearest 4-bit leaves this 6-layer, 384-wide model near 0.96, under the
 # 0.99 hoped for; 8-bit is there.
 FLOORS = {"flexgen": 0.955, "int4-g64": 0.95, "int4-g128": 0.925, "nf4": 0.955, "int8": 0.999}
+FLOORS |= {"mxfp4": 0.945, "nvfp4": 0.96}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,10 @@ def test_minilm_presets(minilm, preset, tmp_path):
     model = qtt.from_pretrained(dst, device="cpu")
     assert not model.training
     kinds = {type(m).__name__ for m in model.modules()}
-    assert {"QuantizedLinear", "QuantizedEmbedding"} <= kinds
+    if preset in ("mxfp4", "nvfp4"):  # the torch modules do not keep FP4 yet: decoded at load
+        assert not kinds & {"QuantizedLinear", "QuantizedEmbedding"}
+    else:
+        assert {"QuantizedLinear", "QuantizedEmbedding"} <= kinds
     emb = qtt.sentence_embeddings(model, tok, SENTENCES)
     cos = (emb * ref).sum(1)
     print(f"\n{preset}: mean cosine {cos.mean():.5f}, min {cos.min():.5f}")

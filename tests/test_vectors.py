@@ -117,7 +117,10 @@ def test_vectors_cover_the_spec(manifest):
         "float16",
         "bfloat16",
         "float32",
+        "uint8",  # mxfp4's E8M0 scales
+        "float8_e4m3fn",  # nvfp4's
     }
+    assert {e["axis"] for e in encs if e["name"] in ("mxfp4", "nvfp4")} == {0, 1}
     dtypes = {t["dtype"] for v in manifest["vectors"] for t in v["tensors"]}
     assert dtypes == set(R.DTYPES)
     assert {v["alignment"] for v in manifest["vectors"]} == {64, 4096}

@@ -11,7 +11,18 @@ from __future__ import annotations
 
 from ._core import FORMAT_VERSION, kernels
 from .convert import ConversionInterrupted, convert
-from .encodings import FLEXGEN, NF4, PRESETS, Affine, Encoding, Raw, Symmetric, choose_encoding
+from .encodings import (
+    FLEXGEN,
+    MXFP4,
+    NF4,
+    NVFP4,
+    PRESETS,
+    Affine,
+    Encoding,
+    Raw,
+    Symmetric,
+    choose_encoding,
+)
 from .errors import ChecksumError, FormatError, QtensorsError, QuantizationError, UnsupportedError
 from .files import load, load_file, safe_open, save, save_file
 from .quantized import QuantizedTensor, dequantize, quantize
@@ -23,7 +34,9 @@ __version__ = "0.1.0"
 __all__ = [
     "FLEXGEN",
     "FORMAT_VERSION",
+    "MXFP4",
     "NF4",
+    "NVFP4",
     "PRESETS",
     "Affine",
     "ChecksumError",

@@ -22,6 +22,8 @@ _NP_BY_NAME: dict[str, Any] = {
     "float32": np.float32,
     "float64": np.float64,
 }
+#: Dtypes numpy lacks, as the unsigned integers of their bits.
+_BITS = {"bfloat16": np.uint16, "float8_e4m3fn": np.uint8, "float8_e5m2": np.uint8}
 _NAME_BY_NP = {np.dtype(v): k for k, v in _NP_BY_NAME.items()}
 
 FRAMEWORKS = {"np": "np", "numpy": "np", "pt": "pt", "torch": "pt"}
@@ -108,12 +110,14 @@ def from_buffer(
     bf16_bits: bool = False,
 ):
     """An array of `framework` viewing the bytes of `buf` at `offset` (no copy). With numpy,
-    bfloat16 data comes back as its raw uint16 bits when `bf16_bits`, else raises TypeError."""
+    bfloat16 and float8 data come back as their raw bits (uint16, uint8) when `bf16_bits`, else
+    raise TypeError."""
     n = 1
     for d in shape:
         n *= d
     if framework == "np":
-        dt = np.dtype(np.uint16) if (dtype == "bfloat16" and bf16_bits) else numpy_dtype(dtype)
+        bits = _BITS.get(dtype) if bf16_bits else None
+        dt = np.dtype(bits) if bits is not None else numpy_dtype(dtype)
         a = np.frombuffer(buf, dtype=dt, count=n, offset=offset).reshape(shape)
         if not writable:
             a.flags.writeable = False

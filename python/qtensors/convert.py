@@ -41,7 +41,9 @@ from ._arrays import as_bytes
 from ._progress import Progress
 from .encodings import (
     FLEXGEN,
+    MXFP4,
     NF4,
+    NVFP4,
     PRESETS,
     SCALE_DTYPES,
     Affine,
@@ -123,6 +125,15 @@ def resolve_quant(
                 f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}"
             ) from None
     assert not isinstance(base, Raw)
+    if isinstance(base, (MXFP4, NVFP4)):
+        fixed = {"bits": bits, "group_size": group_size, "symmetric": symmetric}
+        fixed["scale_dtype"] = scale_dtype
+        given = [k for k, v in fixed.items() if v is not None]
+        if given:
+            raise ValueError(
+                f"{base.name} fixes bits, group size and scale dtype: drop {', '.join(given)}"
+            )
+        return type(base)(axis=base.axis if axis is None else axis)
     if scale_dtype is not None and scale_dtype not in SCALE_DTYPES:
         raise ValueError(f"scale dtype must be one of {', '.join(SCALE_DTYPES)}")
     cls: type = type(base)
@@ -142,7 +153,7 @@ def resolve_quant(
     return cls(bits=base.bits if bits is None else bits, **params)
 
 
-KNOWN_ENCODINGS = ("raw", "affine", "symmetric", "nf4")
+KNOWN_ENCODINGS = ("raw", "affine", "symmetric", "nf4", "mxfp4", "nvfp4")
 
 
 def describe_encoding(enc: Mapping[str, Any] | Encoding) -> str:
@@ -167,10 +178,14 @@ def describe_encoding(enc: Mapping[str, Any] | Encoding) -> str:
     if name not in KNOWN_ENCODINGS:
         params = " ".join(f"{k}={v}" for k, v in sorted(d.items()) if k != "name")
         return f"{name} {params}".strip()
-    sd = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}.get(
-        str(d.get("scale_dtype")), str(d.get("scale_dtype"))
-    )
-    bits = "" if name == "nf4" else f" {d.get('bits')}b"
+    sd = {
+        "float16": "f16",
+        "bfloat16": "bf16",
+        "float32": "f32",
+        "uint8": "e8m0",  # mxfp4's scales are E8M0 exponents
+        "float8_e4m3fn": "e4m3",
+    }.get(str(d.get("scale_dtype")), str(d.get("scale_dtype")))
+    bits = "" if name in ("nf4", "mxfp4", "nvfp4") else f" {d.get('bits')}b"
     full = " full" if d.get("levels") == "full" else ""  # all 2^b levels (spec 4.6)
     return f"{name}{bits}{full} g{d.get('group_size')} ax{d.get('axis')} {sd}"
 

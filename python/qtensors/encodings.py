@@ -127,7 +127,52 @@ class NF4:
         }
 
 
-Encoding = Raw | Affine | Symmetric | NF4
+@dataclass(frozen=True)
+class _Fp4Block:
+    """An FP4 block format: E2M1 elements, with the block size and scale type the format fixes;
+    only the axis is free."""
+
+    axis: int = -1
+
+    name: ClassVar[str] = "?"
+    bits: ClassVar[int] = 4
+    group_size: ClassVar[int] = 0
+    scale_dtype: ClassVar[str] = "?"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.axis, int):
+            raise ValueError(f"{self.name}: axis must be an integer, not {self.axis!r}")
+
+    def to_dict(self, rank: int = 2) -> dict[str, Any]:
+        # The fixed parameters are written too, so that headers describe themselves.
+        return {
+            "name": self.name,
+            "bits": 4,
+            "group_size": self.group_size,
+            "axis": _normalize_axis(self.axis, rank),
+            "scale_dtype": self.scale_dtype,
+        }
+
+
+@dataclass(frozen=True)
+class MXFP4(_Fp4Block):
+    """OCP Microscaling FP4: blocks of 32 E2M1 values sharing a power-of-two (E8M0) scale."""
+
+    name: ClassVar[str] = "mxfp4"
+    group_size: ClassVar[int] = 32
+    scale_dtype: ClassVar[str] = "uint8"
+
+
+@dataclass(frozen=True)
+class NVFP4(_Fp4Block):
+    """NVIDIA FP4: blocks of 16 E2M1 values with an E4M3 scale, times one fp32 tensor scale."""
+
+    name: ClassVar[str] = "nvfp4"
+    group_size: ClassVar[int] = 16
+    scale_dtype: ClassVar[str] = "float8_e4m3fn"
+
+
+Encoding = Raw | Affine | Symmetric | NF4 | MXFP4 | NVFP4
 
 #: 4-bit, group 64 along axis 0, fp16 scale and min: how FlexLLMGen stores weights.
 FLEXGEN = Affine(bits=4, group_size=64, axis=0)
@@ -138,6 +183,8 @@ PRESETS: dict[str, Encoding] = {
     "int4-g128": Affine(bits=4, group_size=128, axis=-1),
     "nf4": NF4(group_size=64, axis=-1),
     "int8": Symmetric(bits=8, group_size=128, axis=-1),
+    "mxfp4": MXFP4(),
+    "nvfp4": NVFP4(),
 }
 
 
@@ -146,11 +193,19 @@ def from_dict(d: Mapping[str, Any]) -> Encoding:
     name = d.get("name")
     if name == "raw":
         return Raw()
-    cls = {"affine": Affine, "symmetric": Symmetric, "nf4": NF4}.get(str(name))
+    cls = {
+        "affine": Affine,
+        "symmetric": Symmetric,
+        "nf4": NF4,
+        "mxfp4": MXFP4,
+        "nvfp4": NVFP4,
+    }.get(str(name))
     if cls is None:
         from .errors import UnsupportedError
 
         raise UnsupportedError(f"unknown encoding {name!r}: this file needs a newer qtensors")
+    if cls is MXFP4 or cls is NVFP4:
+        return cls(axis=int(d["axis"]))
     common = {
         "group_size": int(d["group_size"]),
         "axis": int(d["axis"]),
@@ -176,7 +231,7 @@ def as_encoding(spec: Encoding | str, what: str = "quant") -> Encoding:
     """The encoding of `spec`: an encoding object as it is, a preset name (`"nf4"`, ...) or
     `"raw"`. Anything else raises TypeError, an unknown name ValueError (both listing the
     accepted names); `what` names the argument in the message."""
-    if isinstance(spec, (Raw, Affine, Symmetric, NF4)):
+    if isinstance(spec, (Raw, Affine, Symmetric, NF4, MXFP4, NVFP4)):
         return spec
     if isinstance(spec, str):
         if spec == "raw":
@@ -188,7 +243,8 @@ def as_encoding(spec: Encoding | str, what: str = "quant") -> Encoding:
                 f"{what}: unknown preset {spec!r}: choose one of {_accepted()}"
             ) from None
     raise TypeError(
-        f"{what} must be an encoding (qt.Affine(...), qt.Symmetric(...), qt.NF4(...), qt.Raw()) "
+        f"{what} must be an encoding (qt.Affine(...), qt.Symmetric(...), qt.NF4(...), qt.MXFP4(), "
+        "qt.NVFP4(), qt.Raw()) "
         f"or a preset name ({_accepted()}), not {type(spec).__name__} {spec!r}"
     )
 

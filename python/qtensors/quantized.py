@@ -15,6 +15,8 @@ PART_NAMES = {
     "affine": ("codes", "scales", "mins"),
     "symmetric": ("codes", "scales"),
     "nf4": ("codes", "scales"),
+    "mxfp4": ("codes", "scales"),
+    "nvfp4": ("codes", "scales", "tensor_scale"),
 }
 
 
@@ -24,8 +26,9 @@ class QuantizedTensor:
 
     `codes` is the packed code stream (uint8, 1-D); `scales` and `mins` have the shape of the
     tensor with the group axis cut to its number of groups (spec 4.1), in the scale dtype
-    (numpy returns bfloat16 scales as their raw uint16 bits). `mins` is None without mins.
-    For raw tensors `codes` holds the data and `scales` is None.
+    (numpy returns bfloat16 and float8 scales as their raw bits: uint16, uint8; mxfp4's E8M0
+    scales are uint8 exponents). `mins` is None without mins, `tensor_scale` (fp32, shape [])
+    None except for nvfp4. For raw tensors `codes` holds the data and `scales` is None.
     """
 
     codes: Any
@@ -36,6 +39,7 @@ class QuantizedTensor:
     encoding: dict[str, Any]
     framework: str = "np"
     _owner: Any = field(default=None, repr=False, compare=False)
+    tensor_scale: Any = None
 
     @property
     def encoding_object(self) -> Encoding:
@@ -43,7 +47,7 @@ class QuantizedTensor:
 
     def parts(self) -> list[Any]:
         """The parts in file order."""
-        return [p for p in (self.codes, self.scales, self.mins) if p is not None]
+        return [p for p in (self.codes, self.scales, self.mins, self.tensor_scale) if p is not None]
 
     @property
     def nbytes(self) -> int:
@@ -58,6 +62,8 @@ def _part_dtype(encoding: dict[str, Any], part: str, logical: str) -> str:
         return "uint8"
     if part == "data":
         return logical
+    if part == "tensor_scale":
+        return "float32"
     return str(encoding["scale_dtype"])
 
 
@@ -66,6 +72,8 @@ def _part_shape(encoding: dict[str, Any], part: str, shape: tuple[int, ...], nby
         return (nbytes,)
     if part == "data":
         return shape
+    if part == "tensor_scale":
+        return ()
     if not shape:
         return (1,)
     s = list(shape)
@@ -106,6 +114,7 @@ def wrap_parts(
         encoding,
         framework,
         owner,
+        arrays.get("tensor_scale"),
     )
 
 

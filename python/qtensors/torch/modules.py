@@ -45,6 +45,15 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def _encoding_dict(encoding: Encoding | dict[str, Any], rank: int) -> dict[str, Any]:
+    name = encoding.get("name") if isinstance(encoding, dict) else encoding.name
+    if name in ("mxfp4", "nvfp4"):
+        # The torch ops (CPU, Triton) do not decode the FP4 formats yet: refuse here rather than
+        # build a module whose forward fails. Files in these formats load decoded
+        # (qt.load_file, qtt.load_model(..., keep_quantized=False)).
+        raise ValueError(
+            f"{name} weights cannot be kept quantized in torch modules yet: "
+            "load them decoded (keep_quantized=False)"
+        )
     if isinstance(encoding, dict):
         enc = dict(encoding)
         enc["axis"] = normalize_axis(int(enc["axis"]), rank)

@@ -5,10 +5,10 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use crate::codecs::region::{self, Runs, Stored};
-use crate::codecs::{self, compress, float, Codec, Kernels};
+use crate::codecs::{self, compress, float, fp4, Codec, Kernels};
 use crate::error::{Error, Result};
 use crate::format::compression::Compression;
-use crate::format::{DType, Encoding, GroupLayout, TensorInfo};
+use crate::format::{DType, Encoding, GroupLayout, GroupParams, TensorInfo};
 
 /// The values of a tensor to encode: fp32, or bytes of its dtype (`Input::from_bytes`).
 pub use crate::codecs::Source as Input;
@@ -44,9 +44,17 @@ pub fn encode(
         return Ok(vec![bytes]);
     };
     let q = codecs::quantize_source(k, codec, &params, shape, input)?;
-    let mut parts = vec![q.codes, scale_bytes(&q.scales, params.scale_dtype)?];
+    let scales = if codec.is_fp4() {
+        fp4::scale_bytes(&q.scales, params.scale_dtype)?
+    } else {
+        scale_bytes(&q.scales, params.scale_dtype)?
+    };
+    let mut parts = vec![q.codes, scales];
     if codec.has_mins() {
         parts.push(scale_bytes(&q.mins, params.scale_dtype)?);
+    }
+    if let Codec::Nvfp4 { .. } = codec {
+        parts.push(q.tensor_scale.to_le_bytes().to_vec());
     }
     Ok(parts)
 }
@@ -111,14 +119,7 @@ pub fn decode_region(
         }
         return Ok(());
     };
-    let stored = Stored {
-        codec: codec.decoder(),
-        params: &params,
-        layout: GroupLayout::new(&info.shape, params.axis, params.group_size)?,
-        codes: parts[0],
-        scales: parts[1],
-        mins: if codec.has_mins() { parts[2] } else { &[] },
-    };
+    let stored = stored(info, codec, &params, parts)?;
     region::decode_box(k, &stored, &runs, info.dtype, out)
 }
 
@@ -283,14 +284,7 @@ pub fn linear(
             info.name, info.shape
         )));
     };
-    let stored = Stored {
-        codec: codec.decoder(),
-        params: &params,
-        layout: GroupLayout::new(&info.shape, params.axis, params.group_size)?,
-        codes: parts[0],
-        scales: parts[1],
-        mins: if codec.has_mins() { parts[2] } else { &[] },
-    };
+    let stored = stored(info, codec, &params, parts)?;
     crate::matmul::linear(
         k,
         &stored,
@@ -301,6 +295,37 @@ pub fn linear(
         dtype,
         out,
     )
+}
+
+/// The parts of a quantized tensor (in `info.parts` order) for the decoders; an NVFP4 codec
+/// gets its tensor scale from the `tensor_scale` part.
+fn stored<'a>(
+    info: &TensorInfo,
+    codec: Codec,
+    params: &'a GroupParams,
+    parts: &[&'a [u8]],
+) -> Result<Stored<'a>> {
+    let codec = match codec {
+        Codec::Nvfp4 { .. } => {
+            let b: [u8; 4] = parts[2].try_into().map_err(|_| {
+                Error::Invalid(format!(
+                    "tensor '{}': tensor_scale has {} bytes, not 4",
+                    info.name,
+                    parts[2].len()
+                ))
+            })?;
+            Codec::nvfp4(f32::from_le_bytes(b))
+        }
+        c => c,
+    };
+    Ok(Stored {
+        codec: codec.decoder(),
+        params,
+        layout: GroupLayout::new(&info.shape, params.axis, params.group_size)?,
+        codes: parts[0],
+        scales: parts[1],
+        mins: if codec.has_mins() { parts[2] } else { &[] },
+    })
 }
 
 /// Check, before any output is sized, that the tensor can be decoded (its encoding is known:

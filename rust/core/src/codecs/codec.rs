@@ -1,6 +1,7 @@
 //! The per-element math of the quantized encodings (spec 4.5-4.7), in scalar form. The SIMD kernels
 //! must produce exactly the same codes and values.
 
+use super::fp4::{self, E2M1_LEVELS};
 use crate::format::{Encoding, GroupParams};
 
 /// bitsandbytes' NF4 levels (spec 4.7).
@@ -36,10 +37,24 @@ pub fn nf4_midpoints() -> [f32; 15] {
 /// as `Symmetric` and quantizes with the signed value of largest magnitude.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec {
-    Affine { bits: u8 },
-    Symmetric { bits: u8 },
-    SymmetricFull { bits: u8 },
+    Affine {
+        bits: u8,
+    },
+    Symmetric {
+        bits: u8,
+    },
+    SymmetricFull {
+        bits: u8,
+    },
     Nf4,
+    /// E2M1 elements, E8M0 block scales (spec 4.8).
+    Mxfp4,
+    /// E2M1 elements, E4M3 block scales times the fp32 tensor scale (spec 4.9), whose bits this
+    /// holds (`from_encoding` gives 1.0: decoders set it from the `tensor_scale` part, and
+    /// `quantize` computes it from the data).
+    Nvfp4 {
+        tensor_scale: u32,
+    },
 }
 
 impl Codec {
@@ -49,8 +64,29 @@ impl Codec {
             Encoding::Symmetric(p) => Some((Codec::Symmetric { bits: p.bits }, *p)),
             Encoding::SymmetricFull(p) => Some((Codec::SymmetricFull { bits: p.bits }, *p)),
             Encoding::Nf4(p) => Some((Codec::Nf4, *p)),
+            Encoding::Mxfp4(p) => Some((Codec::Mxfp4, *p)),
+            Encoding::Nvfp4(p) => Some((Codec::nvfp4(1.0), *p)),
             _ => None,
         }
+    }
+
+    pub fn nvfp4(tensor_scale: f32) -> Codec {
+        Codec::Nvfp4 {
+            tensor_scale: tensor_scale.to_bits(),
+        }
+    }
+
+    /// The NVFP4 tensor scale; 1.0 for the other codecs.
+    #[inline]
+    pub fn tensor_scale(self) -> f32 {
+        match self {
+            Codec::Nvfp4 { tensor_scale } => f32::from_bits(tensor_scale),
+            _ => 1.0,
+        }
+    }
+
+    pub fn is_fp4(self) -> bool {
+        matches!(self, Codec::Mxfp4 | Codec::Nvfp4 { .. })
     }
 
     #[inline]
@@ -59,7 +95,7 @@ impl Codec {
             Codec::Affine { bits } | Codec::Symmetric { bits } | Codec::SymmetricFull { bits } => {
                 bits
             }
-            Codec::Nf4 => 4,
+            Codec::Nf4 | Codec::Mxfp4 | Codec::Nvfp4 { .. } => 4,
         }
     }
 
@@ -97,6 +133,7 @@ impl Codec {
                 (code as i32 - self.zero()) as f32
             }
             Codec::Nf4 => NF4_LEVELS[code as usize & 15],
+            Codec::Mxfp4 | Codec::Nvfp4 { .. } => E2M1_LEVELS[code as usize & 15],
         }
     }
 
@@ -115,7 +152,8 @@ impl Codec {
         }
     }
 
-    /// Code of one element, given the group's stored min `m` (0 unless affine) and `inv = 1/s`.
+    /// Code of one element, given the group's stored min `m` (0 unless affine) and `inv`, the
+    /// group's `encode_factor`.
     #[inline]
     pub fn encode(self, x: f32, inv: f32, m: f32, mids: &[f32; 15]) -> u8 {
         match self {
@@ -137,11 +175,27 @@ impl Codec {
                 let t = x * inv;
                 mids.iter().filter(|&&mid| t > mid).count() as u8
             }
+            // x / 2^k, exactly, as a product with 2^-k.
+            Codec::Mxfp4 => fp4::e2m1_code(x, x * inv),
+            // Divided, as NVIDIA's reference does (the product with 1/d can round differently).
+            Codec::Nvfp4 { .. } => fp4::e2m1_code(x, x / inv),
+        }
+    }
+
+    /// What `encode` takes as `inv` for a group of stored scale `s`: `1/s` (0 for s = 0), except
+    /// for NVFP4, which divides by the group's full scale `s * tensor_scale`.
+    #[inline]
+    pub fn encode_factor(self, s: f32) -> f32 {
+        match self {
+            Codec::Nvfp4 { .. } => s * self.tensor_scale(),
+            _ if s == 0.0 => 0.0,
+            _ => 1.0 / s,
         }
     }
 
     /// Stored scale and min of a group from its statistics `(lo, hi)` (min and max where
-    /// `signed_stats`, else `hi = max |x|`), before rounding to the scale dtype.
+    /// `signed_stats`, else `hi = max |x|`), before rounding to the scale dtype (the FP4 formats
+    /// round here, to their own scale types).
     #[inline]
     pub fn raw_params(self, lo: f32, hi: f32) -> (f32, f32) {
         match self {
@@ -153,6 +207,9 @@ impl Codec {
                 (v / -(self.zero() as f32), 0.0)
             }
             Codec::Nf4 => (hi, 0.0),
+            // The stored value already: a power of two, or an E4M3 value.
+            Codec::Mxfp4 => (fp4::e8m0_value(fp4::e8m0_of_amax(hi)), 0.0),
+            Codec::Nvfp4 { .. } => (fp4::nvfp4_block_scale(hi, self.tensor_scale()), 0.0),
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod codec;
 pub mod compress;
 pub mod float;
+pub mod fp4;
 pub mod region;
 pub mod segments;
 pub mod simd;
@@ -31,6 +32,8 @@ pub struct Quantized {
     pub scales: Vec<f32>,
     /// Empty unless the codec has mins.
     pub mins: Vec<f32>,
+    /// The NVFP4 tensor scale (1.0 for the other codecs).
+    pub tensor_scale: f32,
 }
 
 /// The values to quantize: fp32 already, or little-endian bytes of another float dtype that are
@@ -137,7 +140,8 @@ fn layout_for(shape: &[u64], p: &GroupParams) -> Result<GroupLayout> {
     GroupLayout::new(shape, p.axis, p.group_size)
 }
 
-/// Quantize `x` (row-major, shape `shape`) with `codec` and `params`.
+/// Quantize `x` (row-major, shape `shape`) with `codec` and `params` (an NVFP4 codec's tensor
+/// scale is computed from `x`, whatever it holds).
 pub fn quantize(
     k: &Kernels,
     codec: Codec,
@@ -175,6 +179,11 @@ fn quantize_with(
             src.len()
         )));
     }
+    // NVFP4's tensor scale comes from the whole tensor, before any block.
+    let codec = match codec {
+        Codec::Nvfp4 { .. } => Codec::nvfp4(fp4::nvfp4_tensor_scale(fp4::tensor_amax(k, src)?)),
+        c => c,
+    };
     let n_groups = layout.num_groups() as usize;
     let mut scales = zeroed_here(n_groups);
     let mut mins = zeroed_here(n_groups);
@@ -245,6 +254,7 @@ fn quantize_with(
         codes,
         scales,
         mins,
+        tensor_scale: codec.tensor_scale(),
     })
 }
 
@@ -438,7 +448,7 @@ fn finish_groups(
         s[i] += 0.0;
         m[i] += 0.0;
         finite &= s[i].is_finite() & m[i].is_finite();
-        inv[i] = if s[i] == 0.0 { 0.0 } else { 1.0 / s[i] };
+        inv[i] = codec.encode_factor(s[i]);
     }
     if !finite {
         // Rare: redo one by one for the message of the first failing group.
@@ -462,11 +472,10 @@ fn finish_group(codec: Codec, params: &GroupParams, lo: f32, hi: f32) -> Result<
             params.scale_dtype
         )));
     }
-    let inv = if s == 0.0 { 0.0 } else { 1.0 / s };
-    Ok((s, m, inv))
+    Ok((s, m, codec.encode_factor(s)))
 }
 
-fn non_finite() -> Error {
+pub(crate) fn non_finite() -> Error {
     Error::Quantization(
         "tensor holds NaN or infinite values, which cannot be quantized: store it raw or clean it"
             .into(),

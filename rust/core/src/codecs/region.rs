@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use super::segments::{for_each_segment, Segment};
 use super::simd::OutType;
-use super::{float, Codec, Kernels, CHUNK};
+use super::{float, fp4, Codec, Kernels, CHUNK};
 use crate::error::{Error, Result};
 use crate::format::{DType, GroupLayout, GroupParams};
 
@@ -286,7 +286,16 @@ fn widen_scales(
     let size = q.params.scale_dtype.itemsize();
     let bytes = window.start * size..window.end * size;
     s_buf.resize(window.len(), 0.0);
-    float::widen_into(&q.scales[bytes.clone()], q.params.scale_dtype, s_buf)?;
+    let scales = &q.scales[bytes.clone()];
+    match q.params.scale_dtype {
+        d @ (DType::Uint8 | DType::Float8E4m3fn) => fp4::widen_scales(scales, d, s_buf)?,
+        d => float::widen_into(scales, d, s_buf)?,
+    }
+    if let Codec::Nvfp4 { .. } = q.codec {
+        // A block's full scale is its E4M3 scale times the tensor scale, rounded once.
+        let g = q.codec.tensor_scale();
+        s_buf.iter_mut().for_each(|s| *s *= g);
+    }
     if q.codec.has_mins() {
         m_buf.resize(window.len(), 0.0);
         float::widen_into(&q.mins[bytes], q.params.scale_dtype, m_buf)?;

@@ -35,14 +35,32 @@ const CODECS: [Codec; 8] = [
     Codec::SymmetricFull { bits: 4 },
     Codec::SymmetricFull { bits: 5 },
     Codec::Nf4,
+    Codec::Mxfp4,
+    // quantize computes the tensor scale, whatever this one says.
+    Codec::Nvfp4 { tensor_scale: 0 },
 ];
 
+/// Group parameters; the FP4 codecs keep their own scale dtype (the group size is free here:
+/// the codec math does not depend on it).
 fn params(codec: Codec, axis: usize, group_size: u64, scale_dtype: DType) -> GroupParams {
+    let scale_dtype = match codec {
+        Codec::Mxfp4 => DType::Uint8,
+        Codec::Nvfp4 { .. } => DType::Float8E4m3fn,
+        _ => scale_dtype,
+    };
     GroupParams {
         bits: codec.bits(),
         group_size,
         axis,
         scale_dtype,
+    }
+}
+
+/// The codec that decodes `q`: NVFP4 with the tensor scale quantize chose.
+fn decoder(codec: Codec, q: &Quantized) -> Codec {
+    match codec {
+        Codec::Nvfp4 { .. } => Codec::nvfp4(q.tensor_scale),
+        c => c,
     }
 }
 
@@ -98,7 +116,8 @@ fn roundtrip_error_within_spec_bound() {
                 let q = quantize(k, codec, &p, &shape, &x).unwrap();
                 assert_eq!(q.scales.len(), layout.num_groups() as usize);
                 let mut out = vec![f32::NAN; n];
-                dequantize(k, codec, &p, &shape, &q.codes, &q.scales, &q.mins, &mut out).unwrap();
+                let dc = decoder(codec, &q);
+                dequantize(k, dc, &p, &shape, &q.codes, &q.scales, &q.mins, &mut out).unwrap();
 
                 let mut lo = vec![f64::INFINITY; q.scales.len()];
                 let mut hi = vec![f64::NEG_INFINITY; q.scales.len()];
@@ -127,6 +146,12 @@ fn roundtrip_error_within_spec_bound() {
                             s.abs() + zero * (s.abs() - amax / zero).abs()
                         }
                         Codec::Nf4 => s * max_half_gap + (s - amax).abs(),
+                        // Half the widest E2M1 gap (4 to 6) is 1 step, and values beyond 6
+                        // steps saturate.
+                        Codec::Mxfp4 | Codec::Nvfp4 { .. } => {
+                            let d = s * q.tensor_scale as f64;
+                            d + (amax - 6.0 * d).max(0.0)
+                        }
                     };
                     // fp32 rounding of the steps (1/s, products, sums).
                     let slop = 1e-6 * (amax + s * 256.0);
@@ -153,7 +178,7 @@ fn tables_agree_through_drivers() {
             let mut want_out = vec![0f32; n];
             dequantize(
                 &SCALAR,
-                codec,
+                decoder(codec, &want),
                 &p,
                 &shape,
                 &want.codes,
@@ -172,7 +197,7 @@ fn tables_agree_through_drivers() {
                 let mut out = vec![0f32; n];
                 dequantize(
                     k,
-                    codec,
+                    decoder(codec, &got),
                     &p,
                     &shape,
                     &got.codes,
@@ -202,6 +227,8 @@ fn non_finite_input_is_rejected_by_every_table() {
                     Codec::Affine { bits: 4 },
                     Codec::Symmetric { bits: 8 },
                     Codec::Nf4,
+                    Codec::Mxfp4,
+                    Codec::nvfp4(1.0),
                 ] {
                     let p = params(codec, axis, 64, DType::Float16);
                     let err = quantize(k, codec, &p, &shape, &x).unwrap_err();

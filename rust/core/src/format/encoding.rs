@@ -28,6 +28,12 @@ pub enum Encoding {
     /// rule. It decodes as `Symmetric`; only quantization differs.
     SymmetricFull(GroupParams),
     Nf4(GroupParams),
+    /// OCP MXFP4 (spec 4.8): `bits` 4, `group_size` 32, `scale_dtype` uint8 (E8M0 exponents),
+    /// all fixed; `axis` is the one free parameter.
+    Mxfp4(GroupParams),
+    /// NVFP4 (spec 4.9): `bits` 4, `group_size` 16, `scale_dtype` float8_e4m3fn, all fixed,
+    /// plus an fp32 `tensor_scale` part; `axis` is the one free parameter.
+    Nvfp4(GroupParams),
     /// Only produced by lenient (listing) parsing: a tensor this version cannot decode, because
     /// its encoding or one of its dtypes is unknown. Its structure is still checked.
     Unknown {
@@ -130,6 +136,31 @@ pub fn packed_len(n: u64, bits: u8) -> Option<u64> {
     n.checked_mul(bits as u64).map(|b| b.div_ceil(8))
 }
 
+/// Block size and scale dtype of the FP4 block formats (spec 4.8, 4.9).
+fn fp4_fixed(name: &str) -> Option<(u64, DType)> {
+    match name {
+        "mxfp4" => Some((32, DType::Uint8)),
+        "nvfp4" => Some((16, DType::Float8E4m3fn)),
+        _ => None,
+    }
+}
+
+/// The parameters of an FP4 block format; only the axis comes from the header.
+fn fp4_params(axis: u64, rank: usize, name: &str) -> Result<GroupParams> {
+    let (group_size, scale_dtype) = fp4_fixed(name).expect("an FP4 format");
+    if axis >= rank.max(1) as u64 {
+        return Err(Error::Format(format!(
+            "encoding '{name}': axis {axis} is out of range for a tensor of rank {rank}"
+        )));
+    }
+    Ok(GroupParams {
+        bits: 4,
+        group_size,
+        axis: axis as usize,
+        scale_dtype,
+    })
+}
+
 /// The shape of the scales/mins parts: the tensor's shape with the group axis cut to its group count.
 pub fn scales_shape(shape: &[u64], p: &GroupParams) -> Vec<u64> {
     if shape.is_empty() {
@@ -147,6 +178,8 @@ impl Encoding {
             Encoding::Affine(_) => "affine",
             Encoding::Symmetric(_) | Encoding::SymmetricFull(_) => "symmetric",
             Encoding::Nf4(_) => "nf4",
+            Encoding::Mxfp4(_) => "mxfp4",
+            Encoding::Nvfp4(_) => "nvfp4",
             Encoding::Unknown { name, .. } => name,
         }
     }
@@ -156,7 +189,9 @@ impl Encoding {
             Encoding::Affine(p)
             | Encoding::Symmetric(p)
             | Encoding::SymmetricFull(p)
-            | Encoding::Nf4(p) => Some(p),
+            | Encoding::Nf4(p)
+            | Encoding::Mxfp4(p)
+            | Encoding::Nvfp4(p) => Some(p),
             _ => None,
         }
     }
@@ -229,6 +264,26 @@ impl Encoding {
                 scale_dtype,
             })
         };
+        // The FP4 formats fix their block size and width: a writer may state them, but only
+        // as those values (a file claiming other ones is not one of these formats).
+        if let Some((gs, sd)) = fp4_fixed(name) {
+            for (key, want) in [("bits", 4), ("group_size", gs)] {
+                if obj.contains_key(key) && int(key)? != want {
+                    return Err(Error::Format(format!(
+                        "encoding '{name}': {key} is fixed at {want}, not {}",
+                        Shallow::from_value(&obj[key])
+                    )));
+                }
+            }
+            if let Some(v) = obj.get("scale_dtype") {
+                if v.as_str() != Some(sd.name()) {
+                    return Err(Error::Format(format!(
+                        "encoding '{name}': scale_dtype is fixed at {sd}, not {}",
+                        Shallow::from_value(v)
+                    )));
+                }
+            }
+        }
         let enc = match name {
             "raw" => Encoding::Raw,
             "affine" => Encoding::Affine(group(None)?),
@@ -237,6 +292,8 @@ impl Encoding {
                 true => Encoding::SymmetricFull(group(None)?),
             },
             "nf4" => Encoding::Nf4(group(Some(4))?),
+            "mxfp4" => Encoding::Mxfp4(fp4_params(int("axis")?, rank, name)?),
+            "nvfp4" => Encoding::Nvfp4(fp4_params(int("axis")?, rank, name)?),
             other if lenient => Encoding::Unknown {
                 name: other.to_string(),
                 params: obj.clone(),
@@ -244,7 +301,7 @@ impl Encoding {
             },
             other => {
                 return Err(Error::Unsupported(format!(
-                    "unknown encoding '{other}': this file needs a newer qtensors (known: raw, affine, symmetric, nf4)"
+                    "unknown encoding '{other}': this file needs a newer qtensors (known: raw, affine, symmetric, nf4, mxfp4, nvfp4)"
                 )))
             }
         };
@@ -263,6 +320,15 @@ impl Encoding {
                 bad(format!("symmetric bits {} is out of range 2..=8", p.bits))
             }
             Encoding::Nf4(p) if p.bits != 4 => bad(format!("nf4 bits must be 4, not {}", p.bits)),
+            Encoding::Mxfp4(p) | Encoding::Nvfp4(p)
+                if fp4_fixed(self.name()) != Some((p.group_size, p.scale_dtype)) || p.bits != 4 =>
+            {
+                bad(format!(
+                    "{} has fixed parameters: bits 4, group_size {}",
+                    self.name(),
+                    fp4_fixed(self.name()).map_or(0, |f| f.0)
+                ))
+            }
             _ => Ok(()),
         }
     }
@@ -272,10 +338,13 @@ impl Encoding {
         m.insert("name".into(), Value::from(self.name()));
         match self {
             Encoding::Raw => {}
+            // The FP4 formats fix all but the axis; writing them keeps headers self-describing.
             Encoding::Affine(p)
             | Encoding::Symmetric(p)
             | Encoding::SymmetricFull(p)
-            | Encoding::Nf4(p) => {
+            | Encoding::Nf4(p)
+            | Encoding::Mxfp4(p)
+            | Encoding::Nvfp4(p) => {
                 m.insert("bits".into(), Value::from(p.bits));
                 m.insert("group_size".into(), Value::from(p.group_size));
                 m.insert("axis".into(), Value::from(p.axis as u64));
@@ -312,7 +381,9 @@ impl Encoding {
             Encoding::Affine(p)
             | Encoding::Symmetric(p)
             | Encoding::SymmetricFull(p)
-            | Encoding::Nf4(p) => {
+            | Encoding::Nf4(p)
+            | Encoding::Mxfp4(p)
+            | Encoding::Nvfp4(p) => {
                 let layout = GroupLayout::new(shape, p.axis, p.group_size)?;
                 let code_bytes = packed_len(n, p.bits).ok_or_else(too_big)?;
                 let sshape = scales_shape(shape, p);
@@ -340,6 +411,14 @@ impl Encoding {
                         dtype: p.scale_dtype,
                         shape: sshape,
                         length: slen,
+                    });
+                }
+                if matches!(self, Encoding::Nvfp4(_)) {
+                    parts.push(PartSpec {
+                        name: "tensor_scale",
+                        dtype: DType::Float32,
+                        shape: vec![],
+                        length: 4,
                     });
                 }
                 Ok(parts)

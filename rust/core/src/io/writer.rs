@@ -323,8 +323,12 @@ impl FileWriter {
         }
         let mut header_bytes = json.into_bytes();
         header_bytes.resize((self.data_start - PREFIX_LEN as u64) as usize, b' ');
-        // Files without compressed parts stay version 1.0: every 1.x reader reads them.
-        let minor = if self.header.tensors.iter().any(|t| t.is_compressed()) {
+        // Only files that use a 1.1 feature (compressed parts, the FP4 encodings) say 1.1: the
+        // rest stay 1.0, which every 1.x reader reads.
+        let needs_1_1 = |t: &TensorInfo| {
+            t.is_compressed() || matches!(t.encoding, Encoding::Mxfp4(_) | Encoding::Nvfp4(_))
+        };
+        let minor = if self.header.tensors.iter().any(needs_1_1) {
             VERSION_MINOR
         } else {
             0

@@ -125,6 +125,7 @@ mod kernel {
             Codec::Affine { .. } => by_batch!(AFF),
             Codec::Symmetric { .. } | Codec::SymmetricFull { .. } => by_batch!(SYM),
             Codec::Nf4 => by_batch!(NF4),
+            Codec::Mxfp4 | Codec::Nvfp4 { .. } => unreachable!("Plan::new excludes FP4"),
         }
     }
 

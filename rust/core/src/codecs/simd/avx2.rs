@@ -6,6 +6,7 @@ use std::arch::x86_64::*;
 
 use super::{byte_head, scalar, Kernels, OutType};
 use crate::codecs::codec::{Codec, NF4_LEVELS};
+use crate::codecs::fp4::E2M1_LEVELS;
 
 /// The AVX2 table if this CPU has AVX2 and F16C. Its functions are reachable only through here.
 pub fn table() -> Option<&'static Kernels> {
@@ -20,6 +21,9 @@ pub fn table() -> Option<&'static Kernels> {
 pub(super) const AFF: u8 = 0;
 pub(super) const SYM: u8 = 1;
 pub(super) const NF4: u8 = 2;
+// The FP4 formats: E2M1 levels looked up like NF4's; MXFP4 multiplies by 1/scale, NVFP4 divides.
+pub(super) const MXF4: u8 = 3;
+pub(super) const NVF4: u8 = 4;
 
 // The output type as a const parameter (`OutType` in that order).
 pub(super) const OF32: u8 = 0;
@@ -36,6 +40,8 @@ macro_rules! by_codec {
             Codec::Symmetric { bits: 4 } => $f::<SYM, 4 $(, $o)?>($($a),*),
             Codec::Symmetric { bits: 8 } => $f::<SYM, 8 $(, $o)?>($($a),*),
             Codec::Nf4 => $f::<NF4, 4 $(, $o)?>($($a),*),
+            Codec::Mxfp4 => $f::<MXF4, 4 $(, $o)?>($($a),*),
+            Codec::Nvfp4 { .. } => $f::<NVF4, 4 $(, $o)?>($($a),*),
             _ => $other,
         }
     };
@@ -75,7 +81,20 @@ pub(super) fn codec_of<const K: u8, const B: u8>() -> Codec {
     match K {
         AFF => Codec::Affine { bits: B },
         SYM => Codec::Symmetric { bits: B },
-        _ => Codec::Nf4,
+        NF4 => Codec::Nf4,
+        MXF4 => Codec::Mxfp4,
+        // The scalar fallbacks get full scales (decode) and divisors (encode): they never read
+        // the tensor scale.
+        _ => Codec::nvfp4(1.0),
+    }
+}
+
+/// The 16-entry level table of a table-decoded codec (NF4 or E2M1).
+pub(super) fn lut<const K: u8>() -> &'static [f32; 16] {
+    if K == NF4 {
+        &NF4_LEVELS
+    } else {
+        &E2M1_LEVELS
     }
 }
 
@@ -190,8 +209,8 @@ pub(super) unsafe fn dq_lookup16<const K: u8, const O: u8>(
             _mm256_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0),
         ),
         _ => (
-            _mm256_loadu_ps(NF4_LEVELS.as_ptr()),
-            _mm256_loadu_ps(NF4_LEVELS.as_ptr().add(8)),
+            _mm256_loadu_ps(lut::<K>().as_ptr()),
+            _mm256_loadu_ps(lut::<K>().as_ptr().add(8)),
         ),
     };
     let vs = _mm256_set1_ps(s);
@@ -328,8 +347,10 @@ unsafe fn dq_body<const K: u8, const B: u8, const VEC: bool, const O: u8>(
     sp: *const f32,
     mp: *const f32,
 ) {
-    let lv_lo = _mm256_loadu_ps(NF4_LEVELS.as_ptr());
-    let lv_hi = _mm256_loadu_ps(NF4_LEVELS.as_ptr().add(8));
+    // The table (NF4 or E2M1) of the codecs decoded by lookup; unused by the others.
+    let table = if K >= NF4 { lut::<K>() } else { &NF4_LEVELS };
+    let lv_lo = _mm256_loadu_ps(table.as_ptr());
+    let lv_hi = _mm256_loadu_ps(table.as_ptr().add(8));
     let vs = _mm256_set1_ps(*sp);
     let vm = if K == AFF {
         _mm256_set1_ps(*mp)
@@ -378,7 +399,7 @@ unsafe fn levels<const K: u8, const B: u8>(
         let t = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(w));
         // Dword 2j holds byte j (low nibble = code 2j), dword 2j+1 holds byte j >> 4.
         let idx = _mm256_or_si256(t, _mm256_slli_epi64::<28>(t));
-        if K == NF4 {
+        if K >= NF4 {
             // vpermps reads the low 3 bits; bit 3 picks the half (moved to the sign for blendv).
             let a = _mm256_permutevar8x32_ps(lv_lo, idx);
             let b = _mm256_permutevar8x32_ps(lv_hi, idx);
@@ -542,6 +563,14 @@ unsafe fn code8<const K: u8, const VEC: bool>(
             let q = _mm256_min_ps(_mm256_max_ps(r, c.nqmax), c.qmax);
             _mm256_add_epi32(_mm256_cvttps_epi32(q), c.zero)
         }
+        MXF4 | NVF4 => {
+            let t = if K == MXF4 {
+                _mm256_mul_ps(x, inv)
+            } else {
+                _mm256_div_ps(x, inv)
+            };
+            fp4_code8(x, t)
+        }
         _ => {
             // Counting `t > mid[k]` over sorted mids = a 4-step binary search (NaN -> 0).
             let t = _mm256_mul_ps(x, inv);
@@ -558,6 +587,27 @@ unsafe fn code8<const K: u8, const VEC: bool>(
             _mm256_sub_epi32(code, k)
         }
     }
+}
+
+/// E2M1 codes as `fp4::e2m1_code`: the count of rounding thresholds below |t| (`>` where ties
+/// go down, `>=` where they go up), plus 8 where `x < 0`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn fp4_code8(x: __m256, t: __m256) -> __m256i {
+    let a = _mm256_and_ps(t, _mm256_castsi256_ps(_mm256_set1_epi32(ABS)));
+    let gt = |v: f32| _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(a, _mm256_set1_ps(v)));
+    let ge = |v: f32| _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(a, _mm256_set1_ps(v)));
+    // Each true comparison is -1: the sum is minus the magnitude code.
+    let s = _mm256_add_epi32(
+        _mm256_add_epi32(_mm256_add_epi32(gt(0.25), ge(0.75)), gt(1.25)),
+        _mm256_add_epi32(
+            _mm256_add_epi32(ge(1.75), gt(2.5)),
+            _mm256_add_epi32(ge(3.5), gt(5.0)),
+        ),
+    );
+    let neg = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_setzero_ps()));
+    let sign = _mm256_and_si256(neg, _mm256_set1_epi32(8));
+    _mm256_or_si256(_mm256_sub_epi32(_mm256_setzero_si256(), s), sign)
 }
 
 /// Four vectors of dword codes (0..=255) as 32 bytes in element order.

@@ -5,11 +5,11 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    self, by_codec, by_codec_out, key1, mins_of, out_size, prefetch_in, prefetch_out, sorted, ABS,
-    AFF, INF_BITS, NF4, OBF16, OF16, OF32, ROUND, SYM,
+    self, by_codec, by_codec_out, key1, lut, mins_of, out_size, prefetch_in, prefetch_out, sorted,
+    ABS, AFF, INF_BITS, MXF4, NF4, NVF4, OBF16, OF16, OF32, ROUND, SYM,
 };
 use super::{byte_head, scalar, Kernels, OutType};
-use crate::codecs::codec::{Codec, NF4_LEVELS};
+use crate::codecs::codec::Codec;
 
 /// The AVX-512 table if this CPU has AVX-512F, AVX2 and F16C. Its functions are reachable only
 /// here.
@@ -143,7 +143,7 @@ unsafe fn bf16x16(v: __m512) -> __m256i {
     _mm512_cvtepi32_epi16(r)
 }
 
-/// The 16 levels of a 4-bit codec (`code`, `code - 8` or NF4's).
+/// The 16 levels of a 4-bit codec (`code`, `code - 8`, NF4's or E2M1's).
 #[inline]
 #[target_feature(enable = "avx512f,avx2")]
 unsafe fn levels16<const K: u8>() -> __m512 {
@@ -154,7 +154,7 @@ unsafe fn levels16<const K: u8>() -> __m512 {
         SYM => _mm512_setr_ps(
             -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
         ),
-        _ => _mm512_loadu_ps(NF4_LEVELS.as_ptr()),
+        _ => _mm512_loadu_ps(lut::<K>().as_ptr()),
     }
 }
 
@@ -368,6 +368,34 @@ unsafe fn code16<const K: u8, const VEC: bool>(
             // NaN -> 0 (Rust's `NaN as i32`), which the clamp alone would make -qmax.
             let ord = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(r, r);
             _mm512_add_epi32(_mm512_maskz_cvttps_epi32(ord, q), c.zero)
+        }
+        MXF4 | NVF4 => {
+            let t = if K == MXF4 {
+                _mm512_mul_ps(x, inv)
+            } else {
+                _mm512_div_ps(x, inv)
+            };
+            // As `fp4::e2m1_code`: thresholds below |t| (`>`: ties go down, `>=`: up), sign 8.
+            let a = _mm512_abs_ps(t);
+            let mut mag = _mm512_setzero_si512();
+            for (v, ge) in [
+                (0.25, false),
+                (0.75, true),
+                (1.25, false),
+                (1.75, true),
+                (2.5, false),
+                (3.5, true),
+                (5.0, false),
+            ] {
+                let k = if ge {
+                    _mm512_cmp_ps_mask::<_CMP_GE_OQ>(a, _mm512_set1_ps(v))
+                } else {
+                    _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, _mm512_set1_ps(v))
+                };
+                mag = _mm512_mask_add_epi32(mag, k, mag, _mm512_set1_epi32(1));
+            }
+            let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_setzero_ps());
+            _mm512_mask_or_epi32(mag, neg, mag, _mm512_set1_epi32(8))
         }
         _ => {
             // Counting `t > mid[k]` over sorted mids = a 4-step binary search (NaN -> 0).

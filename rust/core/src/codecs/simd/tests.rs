@@ -42,13 +42,17 @@ const LENS: [usize; 20] = [
 const FIRSTS: [usize; 9] = [0, 1, 2, 3, 5, 7, 8, 13, 64];
 
 /// Hot widths of every codec, plus widths that take the scalar fallback.
-const CODECS: [Codec; 10] = [
+const CODECS: [Codec; 12] = [
     Codec::SymmetricFull { bits: 4 },
     Codec::Affine { bits: 4 },
     Codec::Affine { bits: 8 },
     Codec::Symmetric { bits: 4 },
     Codec::Symmetric { bits: 8 },
     Codec::Nf4,
+    Codec::Mxfp4,
+    Codec::Nvfp4 {
+        tensor_scale: 0x3f80_0000,
+    },
     Codec::Affine { bits: 3 },
     Codec::Affine { bits: 1 },
     Codec::Symmetric { bits: 6 },
@@ -428,6 +432,41 @@ fn signed_zero_statistics_are_total_order() {
                 x[pos] = 0.0;
                 let (lo, hi, _) = (k.min_max)(&x);
                 assert!(lo.is_sign_negative() && hi.is_sign_positive(), "{}", k.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn fp4_encode_ties_and_signs_match_scalar() {
+    // Every E2M1 threshold, its fp32 neighbours, both signs, zeros of both signs and values far
+    // beyond 6, with a unit scale (so t = x) and with a scale that divides exactly.
+    let mut x = vec![0.0f32, -0.0, 6.0, -6.0, 7.9, -100.0, 1e-30, -1e-30];
+    for t in [0.25f32, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0] {
+        for v in [
+            t,
+            f32::from_bits(t.to_bits() - 1),
+            f32::from_bits(t.to_bits() + 1),
+        ] {
+            x.extend([v, -v]);
+        }
+    }
+    let mids = nf4_midpoints();
+    for k in simd_tables() {
+        for codec in [Codec::Mxfp4, Codec::nvfp4(1.0)] {
+            for scale in [1.0f32, 0.5, 4.0] {
+                // MXFP4 multiplies by 1/scale, NVFP4 divides by the scale.
+                let inv = if codec == Codec::Mxfp4 {
+                    1.0 / scale
+                } else {
+                    scale
+                };
+                let xs: Vec<f32> = x.iter().map(|v| v * scale).collect();
+                let n = xs.len().div_ceil(2);
+                let (mut want, mut got) = (vec![0u8; n], vec![0u8; n]);
+                (SCALAR.encode_bcast)(codec, &xs, inv, 0.0, &mids, &mut want, 0);
+                (k.encode_bcast)(codec, &xs, inv, 0.0, &mids, &mut got, 0);
+                assert_eq!(want, got, "{} {codec:?} scale {scale}", k.name);
             }
         }
     }
