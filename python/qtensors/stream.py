@@ -152,7 +152,11 @@ def quantized_from_torch(buf, e: Entry) -> QuantizedTensor:
     sshape = _scale_shape(info)
     scales = views["scales"].view(sdt).reshape(sshape)
     mins = views["mins"].view(sdt).reshape(sshape) if "mins" in views else None
-    return QuantizedTensor(views["codes"], scales, mins, shape, info["dtype"], enc, "pt", buf)
+    # nvfp4's per-tensor fp32 scale (spec 4.9)
+    ts = views["tensor_scale"].view(torch_dtype("float32")) if "tensor_scale" in views else None
+    return QuantizedTensor(
+        views["codes"], scales, mins, shape, info["dtype"], enc, "pt", buf, tensor_scale=ts
+    )
 
 
 def dequantize_device(q: QuantizedTensor):
