@@ -6,6 +6,7 @@ models.
     qtt.load_model(model, "model.qtensors", device="cuda")   # linears stay 4-bit on the GPU
     model = qtt.from_pretrained("MiniLM-qtensors", device="cuda")   # transformers, one call
     qtt.offload(model, "model.qtensors", device="cuda")      # weights stay on disk, prefetched
+    cache = qtt.QuantizedKVCache(bits=4)                     # a 4-bit KV cache for generate
 
 ``torch.ops.qtensors.dequantize`` is the op underneath (Triton on CUDA, the Rust core on the
 CPU, plain torch elsewhere, fake tensors under ``torch.compile``); ``torch.ops.qtensors.linear``
@@ -40,6 +41,7 @@ __all__ = [
     "LoadResult",
     "OffloadHandle",
     "QuantizedEmbedding",
+    "QuantizedKVCache",
     "QuantizedLinear",
     "QuantizedWeight",
     "dequantize",
@@ -48,14 +50,32 @@ __all__ = [
     "from_pretrained",
     "init_empty_weights",
     "linear_op",
+    "load_kv_cache",
     "load_model",
     "model_files",
     "offload",
     "quantize_model",
+    "save_kv_cache",
     "save_model",
     "sentence_embeddings",
     "state_dict_for_file",
 ]
+
+# The KV cache subclasses transformers' Cache: imported on first use, transformers is optional.
+_KV_NAMES = {
+    "QuantizedKVCache": "kv_cache",
+    "save_kv_cache": "kv_files",
+    "load_kv_cache": "kv_files",
+}
+
+
+def __getattr__(name: str) -> _typing.Any:
+    if name in _KV_NAMES:
+        import importlib
+
+        module = importlib.import_module(f"{__name__}.{_KV_NAMES[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def dequantize(

@@ -69,7 +69,8 @@ class _Scratch:
 class _Store:
     """The keys (or values) of one layer: the quantized tokens ``[0, tq)`` in ``codes`` /
     ``scales`` / ``mins`` ([B, H, capacity, ...], grown as needed) and the exact window in one
-    of two residual buffers ([B, H, residual_length, D]; an update reads one, writes the other)."""
+    of two window buffers ([B, H, up to residual_length, D]; an update reads one, writes the
+    other)."""
 
     def __init__(self, B, H, D, dtype, device, bits, group_size, scale_dtype, residual_length):
         self.D = D
@@ -79,22 +80,34 @@ class _Store:
         self.codes = torch.empty((B, H, 0, D * bits // 8), dtype=torch.uint8, device=device)
         self.scales = torch.empty((B, H, 0, self.G), dtype=scale_dtype, device=device)
         self.mins = torch.empty_like(self.scales)
-        self.res = [
-            torch.empty((B, H, residual_length, D), dtype=dtype, device=device) for _ in range(2)
-        ]
+        self.residual_length = residual_length
+        self.res = [torch.empty((B, H, 0, D), dtype=dtype, device=device) for _ in range(2)]
         self.cur = 0
 
-    def reserve(self, used: int, need: int) -> None:
+    def reserve(self, used: int, need: int, exact: bool = False) -> None:
         """Capacity for ``need`` quantized tokens, keeping the first ``used``."""
         cap = self.codes.shape[2]
         if need <= cap:
             return
-        new_cap = _round_up(max(need, cap + cap // 4, 64), 64)
+        new_cap = need if exact else _round_up(max(need, cap + cap // 4, 64), 64)
         for name in ("codes", "scales", "mins"):
             old = getattr(self, name)
             new = old.new_empty((*old.shape[:2], new_cap, old.shape[3]))
             new[:, :, :used] = old[:, :, :used]
             setattr(self, name, new)
+
+    def reserve_window(self, used: int, need: int, exact: bool = False) -> None:
+        """Capacity for ``need`` (at most ``residual_length``) exact tokens in both window
+        buffers, keeping the first ``used`` of the current one."""
+        cap = self.res[0].shape[2]
+        if need <= cap:
+            return
+        new_cap = need if exact else min(self.residual_length, max(need, 2 * cap, 16))
+        for j, old in enumerate(self.res):
+            new = old.new_empty((*old.shape[:2], new_cap, old.shape[3]))
+            if j == self.cur:
+                new[:, :, :used] = old[:, :, :used]
+            self.res[j] = new
 
     def select(self, fn) -> None:
         """Apply ``fn`` (an indexing of the batch axis) to every buffer."""
@@ -121,11 +134,19 @@ class _Store:
         return sum(b.numel() * b.element_size() for b in bufs)
 
 
+def backend(device: torch.device) -> str:
+    """Which implementation updates a cache on ``device``: "triton", "rust" or "torch"."""
+    if device.type == "cuda" and HAVE_TRITON:
+        return "triton"
+    return "rust" if device.type == "cpu" else "torch"
+
+
 def _update_store(store: _Store, new, out, t_old: int, tq_old: int, tq_new: int) -> None:
     """Fill ``out`` with the decoded tokens, the window and ``new``; quantize the rows
-    ``[tq_old, tq_new)``; write the next window into the other residual buffer."""
+    ``[tq_old, tq_new)``; write the next window into the other window buffer."""
     res_in, res_out = store.res[store.cur], store.res[1 - store.cur]
-    if out.device.type == "cuda" and HAVE_TRITON:
+    kind = backend(out.device)
+    if kind == "triton":
         from .kernels.kv import kv_update_triton
 
         kv_update_triton(
@@ -146,7 +167,7 @@ def _update_store(store: _Store, new, out, t_old: int, tq_old: int, tq_new: int)
     B, H, T, D = out.shape
     bits, g = store.bits, store.group_size
     if tq_old:
-        if out.device.type == "cpu":
+        if kind == "rust":
             for b in range(B):
                 for h in range(H):
                     dequantize_cpu(
@@ -171,7 +192,7 @@ def _update_store(store: _Store, new, out, t_old: int, tq_old: int, tq_new: int)
     out[:, :, t_old:] = new
     if tq_new > tq_old:
         x = out[:, :, tq_old:tq_new]
-        if out.device.type == "cpu":
+        if kind == "rust":
             enc = Affine(bits, g, axis=-1, scale_dtype=SCALE_DTYPES[store.scales.dtype])
             q = quantize(x, enc)
             codes = q.codes.view(B, H, tq_new - tq_old, -1)
@@ -275,6 +296,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         for store, new, name, D in ((self.k, key_states, "k", Dk), (self.v, value_states, "v", Dv)):
             out = self._scratch.get(name, (B, H, T, D), self.dtype, self.device)
             store.reserve(tq_old, tq_new)
+            store.reserve_window(t_old - tq_old, T - tq_new)
             _update_store(store, new, out, t_old, tq_old, tq_new)
             outs.append(out)
         # committed only once both stores are written (the windows they read are untouched)
