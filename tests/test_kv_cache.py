@@ -117,9 +117,9 @@ def test_append_matches_reference(bits, g, D, dtype, sd, res, path, monkeypatch)
         np.testing.assert_array_equal(_scale_bits(scales), parts["scales"])
         np.testing.assert_array_equal(_scale_bits(mins), parts["mins"])
     k_all, v_all = cache.layers[0].dequantized()
-    np.testing.assert_array_equal(
-        _np(k_all), _rounded(_reference(torch.cat(ks, 2), tq, bits, g, sd)[1], dtype)
-    )
+    for got, states in ((k_all, torch.cat(ks, 2)), (v_all, torch.cat(vs, 2))):
+        want = _reference(states, tq, bits, g, sd)[1]
+        np.testing.assert_array_equal(_np(got), _rounded(want, dtype))
 
 
 def test_quantize_affine_torch_matches_reference():
@@ -368,7 +368,6 @@ def test_save_load_round_trip_continues_identically(llama, tmp_path, bits, res):
     tensors, meta, _ = R.read_file(path.read_bytes())
     assert meta["kind"] == "qtensors.kv_cache" and meta["tokens"] == "40"
     assert meta["kv_heads"] == "2" and "model_sha256" in meta
-    tq = loaded.layers[0].quantized_tokens
     saved_k = np.concatenate([tensors["layers.0.keys"], tensors["layers.0.keys.window"]], axis=2)
     np.testing.assert_array_equal(saved_k, _np(b_keys0))
 
