@@ -7,6 +7,7 @@ models.
     model = qtt.from_pretrained("MiniLM-qtensors", device="cuda")   # transformers, one call
     AutoModelForCausalLM.from_pretrained("llama-q4", device_map="cuda")   # registered quantizer
     qtt.offload(model, "model.qtensors", device="cuda")      # weights stay on disk, prefetched
+    cache = qtt.QuantizedKVCache(bits=4)                     # a 4-bit KV cache for generate
 
 ``torch.ops.qtensors.dequantize`` is the op underneath (Triton on CUDA, the Rust core on the
 CPU, plain torch elsewhere, fake tensors under ``torch.compile``); ``torch.ops.qtensors.linear``
@@ -43,6 +44,7 @@ __all__ = [
     "LoadResult",
     "OffloadHandle",
     "QuantizedEmbedding",
+    "QuantizedKVCache",
     "QuantizedLinear",
     "QuantizedWeight",
     "dequantize",
@@ -51,10 +53,12 @@ __all__ = [
     "from_pretrained",
     "init_empty_weights",
     "linear_op",
+    "load_kv_cache",
     "load_model",
     "model_files",
     "offload",
     "quantize_model",
+    "save_kv_cache",
     "save_model",
     "sentence_embeddings",
     "state_dict_for_file",
@@ -64,6 +68,22 @@ __all__ = [
 # transformers' from_pretrained / pipeline / SentenceTransformer of converted folders
 # (quant_method "qtensors"); lazy: costs nothing until transformers imports its quantizers.
 _install_hf_quantizer()
+
+# The KV cache subclasses transformers' Cache: imported on first use, transformers is optional.
+_KV_NAMES = {
+    "QuantizedKVCache": "kv_cache",
+    "save_kv_cache": "kv_files",
+    "load_kv_cache": "kv_files",
+}
+
+
+def __getattr__(name: str) -> _typing.Any:
+    if name in _KV_NAMES:
+        import importlib
+
+        module = importlib.import_module(f"{__name__}.{_KV_NAMES[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def dequantize(

@@ -173,6 +173,36 @@ def dequantize_torch(
     return out.to(out_dtype).reshape(shape)
 
 
+def quantize_affine_torch(
+    x: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The spec's affine encoding (4.5) along the last axis in plain torch ops (any device),
+    for ``bits`` dividing 8 and rows of whole bytes: ``(codes, scales, mins)`` with ``codes``
+    of shape ``[..., D * bits / 8]`` (each row's slice of the code stream) and the scales and
+    mins ``[..., G]``. No NaN / Inf check: the Rust core's encoder is the one that refuses
+    them."""
+    D = x.shape[-1]
+    G = -(-D // group_size)
+    qmax = (1 << bits) - 1
+    xf = x.to(torch.float32)
+    pad = G * group_size - D
+    lead = xf.shape[:-1]
+    lo = torch.nn.functional.pad(xf, (0, pad), value=float("inf"))
+    hi = torch.nn.functional.pad(xf, (0, pad), value=float("-inf"))
+    lo = lo.reshape(*lead, G, group_size).amin(-1)
+    hi = hi.reshape(*lead, G, group_size).amax(-1)
+    m = lo.to(scale_dtype).to(torch.float32) + 0.0
+    s = ((hi - lo) / qmax).to(scale_dtype).to(torch.float32) + 0.0
+    inv = torch.where(s == 0, torch.zeros_like(s), 1.0 / s)
+    m_e = m.repeat_interleave(group_size, -1)[..., :D]
+    inv_e = inv.repeat_interleave(group_size, -1)[..., :D]
+    code = torch.round((xf - m_e) * inv_e).clamp_(0, qmax).to(torch.int32)
+    per = 8 // bits
+    shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=x.device)
+    packed = (code.reshape(*lead, D // per, per) << shifts).sum(-1).to(torch.uint8)
+    return packed, s.to(scale_dtype), m.to(scale_dtype)
+
+
 # ------------------------------------------------------------------------------------------------
 # CPU: the Rust core
 # ------------------------------------------------------------------------------------------------
@@ -202,11 +232,17 @@ def dequantize_cpu(
     group_size: int,
     axis: int,
     out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The Rust core's decoding; ``out`` (contiguous, ``shape`` and ``out_dtype``) receives the
+    values when given."""
     from .. import _core
 
     shape = [int(d) for d in shape]
-    out = torch.empty(shape, dtype=out_dtype)
+    if out is None:
+        out = torch.empty(shape, dtype=out_dtype)
+    elif not out.is_contiguous() or list(out.shape) != shape or out.dtype != out_dtype:
+        raise ValueError(f"out must be a contiguous {out_dtype} tensor of shape {shape}")
     if out.numel() == 0:
         return out
     enc = encoding_dict(encoding, bits, group_size, axis, SCALE_DTYPES[scales.dtype])
