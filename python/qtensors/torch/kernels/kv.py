@@ -35,7 +35,8 @@ import triton.language as tl
 from .dequant import _to_out
 
 SCALE_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
-_RINT = tl.constexpr(12582912.0)  # 1.5 * 2^23: t + _RINT - _RINT rounds |t| < 2^22 to the nearest even integer
+# 1.5 * 2^23: t + _RINT - _RINT rounds |t| < 2^22 to the nearest even integer
+_RINT = tl.constexpr(12582912.0)
 
 
 @triton.jit
