@@ -147,3 +147,30 @@ def test_bad_io(saved):
     path, _ = saved
     with pytest.raises(ValueError, match="io"):
         qtt.load_model(Inner(), path, io="nope")
+
+
+def test_save_model_stores_tied_weights_once(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    path = qtt.save_model(model, tmp_path / "m.qtensors", quant=qt.Raw())
+    with qt.safe_open(path) as f:
+        names = set(f.keys())
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    fresh = LlamaForCausalLM(cfg).eval()
+    res = qtt.load_model(fresh, path)
+    assert not res.missing_keys
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    ids = torch.tensor([[1, 5, 9, 3]])
+    torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)

@@ -609,17 +609,25 @@ def _place(
 
 def state_dict_for_file(model: nn.Module) -> dict[str, Any]:
     """The model's tensors in the form ``qtensors.save_file`` takes: each ``QuantizedWeight`` as
-    one QuantizedTensor under its name (``layer.weight``), the rest as CPU tensors."""
+    one QuantizedTensor under its name (``layer.weight``), the rest as CPU tensors. A tensor
+    shared under several names (tied embeddings and LM head) is stored once, under its first
+    name: ``load_model`` fills every name of a tied group from it."""
     qweights = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedWeight)}
     out: dict[str, Any] = {}
-    for key, value in model.state_dict().items():
+    seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = set()
+    for key, value in model.state_dict(keep_vars=True).items():
         head = key.rpartition(".")[0]
         if head in qweights:
             if head not in out:
                 out[head] = qweights[head].to_quantized()
             continue
-        if isinstance(value, torch.Tensor):
-            out[key] = value.detach().cpu()
+        if not isinstance(value, torch.Tensor):
+            continue
+        same = (id(value.untyped_storage()), value.storage_offset(), value.shape, value.stride())
+        if value.numel() and same in seen:
+            continue
+        seen.add(same)
+        out[key] = value.detach().cpu()
     return out
 
 
