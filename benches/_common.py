@@ -3,7 +3,9 @@ importable as `_common`)."""
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 
 def drop_caches(paths: list[str]) -> str:
@@ -21,3 +23,25 @@ def drop_caches(paths: list[str]) -> str:
             finally:
                 os.close(fd)
         return "posix_fadvise(DONTNEED)"
+
+
+class Report:
+    """What a benchmark prints, kept so that it can be written with the numbers under $OUT."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def say(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def write(self, stem: str, results: dict[str, Any]) -> None:
+        """`stem.json` (the numbers) and `stem.txt` (what was printed) under $OUT, if it is set."""
+        out = os.environ.get("OUT")
+        if not out:
+            return
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"{stem}.json"), "w") as fh:
+            json.dump(results, fh, indent=1, default=str)
+        with open(os.path.join(out, f"{stem}.txt"), "w") as fh:
+            fh.write("\n".join(self.lines) + "\n")

@@ -15,11 +15,12 @@ only (checks the script).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from typing import Any
+
+from _common import Report
 
 DRY = os.environ.get("QT_BENCH_DRY") == "1"
 if DRY:
@@ -40,12 +41,8 @@ BATCHES = (1, 8) if not DRY else (1, 2)
 MODES = ("eager", "static+compile") if not DRY else ("eager",)
 T0 = time.time()
 RESULTS: dict[str, Any] = {"runs": []}
-LINES: list[str] = []
-
-
-def say(line: str = "") -> None:
-    print(line, flush=True)
-    LINES.append(line)
+REPORT = Report()
+say = REPORT.say
 
 
 def sync() -> None:
@@ -177,13 +174,7 @@ def main() -> None:
         if q and f:
             say(f"  batch {b} {m:<15} {q['tokens_per_s'] / f['tokens_per_s']:.2f}x")
     say(f"total {time.time() - T0:.0f} s")
-    out = os.environ.get("OUT")
-    if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "bench_gpu_generate.json"), "w") as fh:
-            json.dump(RESULTS, fh, indent=1)
-        with open(os.path.join(out, "bench_gpu_generate.txt"), "w") as fh:
-            fh.write("\n".join(LINES) + "\n")
+    REPORT.write("bench_gpu_generate", RESULTS)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,13 @@ Self-contained, no network, about 3-5 minutes on an H200:
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 import warnings
 from typing import Any
+
+from _common import Report
 
 DRY = os.environ.get("QT_BENCH_DRY") == "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,13 +47,9 @@ STEPS, WARM = (32, 3) if not DRY else (3, 1)
 PREFILL_CHUNK = 4096 if not DRY else 32
 BUDGET_GIB = float(os.environ.get("QT_KV_BUDGET_GIB", "1"))
 RESULTS: dict[str, Any] = {"correctness": [], "decode": [], "budget": []}
-LINES: list[str] = []
+REPORT = Report()
+say = REPORT.say
 T0 = time.time()
-
-
-def say(line: str = "") -> None:
-    print(line, flush=True)
-    LINES.append(line)
 
 
 def sync() -> None:
@@ -293,13 +290,7 @@ def main() -> None:
     budget(model)
     say()
     say(f"correctness: {'all identical' if ok else 'MISMATCH'}; {time.time() - T0:.0f} s")
-    out = os.environ.get("OUT")
-    if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "gpu_kv_cache.json"), "w") as fh:
-            json.dump(RESULTS, fh, indent=1)
-        with open(os.path.join(out, "gpu_kv_cache.txt"), "w") as fh:
-            fh.write("\n".join(LINES) + "\n")
+    REPORT.write("gpu_kv_cache", RESULTS)
 
 
 if __name__ == "__main__":

@@ -27,13 +27,14 @@ and the old decode-then-``F.linear`` path, on one GPU. Self-contained, no networ
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
 import sys
 import time
 from typing import Any
+
+from _common import Report
 
 DRY = os.environ.get("QT_BENCH_DRY") == "1"
 if DRY:
@@ -71,12 +72,8 @@ if DRY:
     FLUSH_BYTES = 1 << 14
 
 RESULTS: dict[str, Any] = {"device": "", "copy_gbps": 0.0, "check": [], "main": [], "sweep": []}
-LINES: list[str] = []
-
-
-def say(line: str = "") -> None:
-    print(line, flush=True)
-    LINES.append(line)
+REPORT = Report()
+say = REPORT.say
 
 
 def sync() -> None:
@@ -510,13 +507,7 @@ def main() -> None:
     section_others(gbps)
     section_overhead()
     say(f"\ntotal {time.time() - t0:.0f} s")
-    out = os.environ.get("OUT")
-    if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "bench_gpu_linear.json"), "w") as fh:
-            json.dump(RESULTS, fh, indent=1, default=str)
-        with open(os.path.join(out, "bench_gpu_linear.txt"), "w") as fh:
-            fh.write("\n".join(LINES) + "\n")
+    REPORT.write("bench_gpu_linear", RESULTS)
 
 
 if __name__ == "__main__":
