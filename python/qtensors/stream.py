@@ -172,7 +172,7 @@ def dequantize_device(q: QuantizedTensor):
     return dequantize_op(
         q.codes,
         q.scales,
-        q.mins,
+        q.mins if q.mins is not None else q.tensor_scale,  # nvfp4: its tensor scale
         list(q.shape),
         enc["name"],
         bits,

@@ -1,4 +1,5 @@
-"""Shapes of the parts of a quantized tensor (spec 4.1) and the NF4 levels (spec 4.7)."""
+"""Shapes of the parts of a quantized tensor (spec 4.1), the NF4 levels (spec 4.7) and the
+FP4 E2M1 values (spec 4.8)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,22 @@ NF4_LEVELS: tuple[float, ...] = (
     1.0,
 )
 
+#: FP4 E2M1 values by 4-bit code (bit 3 the sign; code 8 is -0), spec 4.8
+E2M1_LEVELS: tuple[float, ...] = (
+    *(0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0),
+    *(-0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0),
+)
+
 #: the bit widths each quantized encoding allows
-BITS_RANGE = {"affine": (1, 8), "symmetric": (2, 8), "nf4": (4, 4)}
+BITS_RANGE = {
+    "affine": (1, 8),
+    "symmetric": (2, 8),
+    "nf4": (4, 4),
+    "mxfp4": (4, 4),
+    "nvfp4": (4, 4),
+}
+#: encodings whose codes index a table of 16 levels, times a per-group fp32 scale
+CODEBOOKS = ("nf4", "mxfp4", "nvfp4")
 
 
 def normalize_axis(axis: int, rank: int) -> int:

@@ -32,7 +32,14 @@ from typing import Any
 
 import torch
 
-from ._layout import BITS_RANGE, NF4_LEVELS, codes_nbytes, group_layout, normalize_axis
+from ._layout import (
+    BITS_RANGE,
+    E2M1_LEVELS,
+    NF4_LEVELS,
+    codes_nbytes,
+    group_layout,
+    normalize_axis,
+)
 
 SCHEMA = (
     "(Tensor codes, Tensor scales, Tensor? mins, int[] shape, str encoding, int bits, "
@@ -89,7 +96,11 @@ def check_args(
         raise ValueError(
             f"codes has {codes.numel()} bytes; shape {list(shape)} at {bits} bits needs {want}"
         )
-    if scales.dtype not in SCALE_DTYPES:
+    want_scales = FP4_SCALE_DTYPES.get(encoding)
+    if want_scales is not None:
+        if scales.dtype != want_scales:
+            raise ValueError(f"{encoding} scales must be {want_scales}, not {scales.dtype}")
+    elif scales.dtype not in SCALE_DTYPES:
         raise ValueError(f"scales must be float16, bfloat16 or float32, not {scales.dtype}")
     P, _, Q, G = group_layout(shape, a, group_size)
     if scales.numel() != P * G * Q:
@@ -99,6 +110,9 @@ def check_args(
             raise ValueError("affine needs mins")
         if mins.dtype != scales.dtype or mins.numel() != scales.numel():
             raise ValueError("mins must have the dtype and size of scales")
+    elif encoding == "nvfp4":  # the per-tensor scale goes where mins go
+        if mins is None or mins.dtype != torch.float32 or mins.numel() != 1:
+            raise ValueError("nvfp4 needs its tensor_scale (one float32) in place of mins")
     elif mins is not None:
         raise ValueError(f"{encoding} has no mins")
     for name, t in (("scales", scales), ("mins", mins)):
@@ -141,6 +155,29 @@ def _expand_groups(v: torch.Tensor, P: int, L: int, Q: int, G: int, g: int) -> t
     return v.expand(P, G, g, Q).reshape(P, G * g, Q)[:, :L]
 
 
+FP4_SCALE_DTYPES = {"mxfp4": torch.uint8, "nvfp4": torch.float8_e4m3fn}
+
+
+def codebook_scales(encoding: str, scales: torch.Tensor, mins: torch.Tensor | None):
+    """The fp32 scale each group's level is multiplied by: NF4's own; MXFP4's E8M0 byte ``b`` as
+    ``2^(b - 127)`` (255: NaN); NVFP4's ``E4M3 scale * tensor_scale`` rounded once (spec 4.9).
+    Every product ``level * scale`` then matches the spec's decoding bit for bit."""
+    if encoding == "mxfp4":
+        b = scales.to(torch.int32)
+        one = torch.ones_like(b, dtype=torch.float32)
+        pow2 = torch.ldexp(one, b - 127)
+        return torch.where(b == 255, torch.full_like(pow2, float("nan")), pow2)
+    if encoding == "nvfp4":
+        assert mins is not None
+        return scales.to(torch.float32) * mins.reshape(()).to(torch.float32)
+    return scales
+
+
+def _levels_of(encoding: str, device: torch.device) -> torch.Tensor:
+    table = NF4_LEVELS if encoding == "nf4" else E2M1_LEVELS
+    return torch.tensor(table, dtype=torch.float32, device=device)
+
+
 def dequantize_torch(
     codes: torch.Tensor,
     scales: torch.Tensor,
@@ -167,9 +204,9 @@ def dequantize_torch(
         out = out + m
     elif encoding == "symmetric":
         out = (c.to(torch.int32) - (1 << (bits - 1))).to(torch.float32) * s
-    else:
-        levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=codes.device)
-        out = levels[c.to(torch.int64)] * s
+    else:  # a codebook: NF4 levels or FP4 values, times the group's fp32 scale
+        s = _expand_groups(codebook_scales(encoding, scales, mins), P, L, Q, G, group_size)
+        out = _levels_of(encoding, codes.device)[c.to(torch.int64)] * s
     return out.to(out_dtype).reshape(shape)
 
 
@@ -245,7 +282,9 @@ def dequantize_cpu(
         raise ValueError(f"out must be a contiguous {out_dtype} tensor of shape {shape}")
     if out.numel() == 0:
         return out
-    enc = encoding_dict(encoding, bits, group_size, axis, SCALE_DTYPES[scales.dtype])
+    fp4_names = {"mxfp4": "uint8", "nvfp4": "float8_e4m3fn"}
+    scale_dtype = fp4_names.get(encoding) or SCALE_DTYPES[scales.dtype]
+    enc = encoding_dict(encoding, bits, group_size, axis, scale_dtype)
     parts = [_byte_view(codes), _byte_view(scales)]
     if mins is not None:
         parts.append(_byte_view(mins))
@@ -289,6 +328,9 @@ def _dequantize_cuda_kernel(
         return dequantize_torch(
             codes, scales, mins, shape, encoding, bits, group_size, a, out_dtype
         )
+    book = "nf4"
+    if encoding in FP4_SCALE_DTYPES:  # the NF4 kernels with E2M1 values and fp32 scales
+        scales, mins, book, encoding = codebook_scales(encoding, scales, mins), None, "e2m1", "nf4"
     return _tk.dequantize_triton(
         codes.contiguous(),
         scales.contiguous(),
@@ -299,6 +341,7 @@ def _dequantize_cuda_kernel(
         group_size,
         a,
         out_dtype,
+        book=book,
     )
 
 

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._layout import NF4_LEVELS, group_layout
+from .._layout import E2M1_LEVELS, NF4_LEVELS, group_layout
 
 ENC_IDS = {"affine": 0, "symmetric": 1, "nf4": 2}
 
@@ -361,20 +361,22 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-_LEVELS: dict[tuple[torch.device, bool], torch.Tensor] = {}
+_LEVELS: dict[tuple[torch.device, bool, str], torch.Tensor] = {}
+_BOOKS = {"nf4": NF4_LEVELS, "e2m1": E2M1_LEVELS}
 
 
-def _levels(device: torch.device, pairs: bool) -> torch.Tensor:
-    """The NF4 levels (16 fp32), or with ``pairs`` a 256 x 2 table: for each byte value the
-    levels of its low and high nibble (one 8-byte load decodes two codes)."""
-    t = _LEVELS.get((device, pairs))
+def _levels(device: torch.device, pairs: bool, book: str = "nf4") -> torch.Tensor:
+    """A codebook's 16 fp32 levels (NF4's, or FP4's E2M1 values), or with ``pairs`` a 256 x 2
+    table: for each byte value the levels of its low and high nibble (one 8-byte load decodes
+    two codes)."""
+    t = _LEVELS.get((device, pairs, book))
     if t is None:
-        lv = torch.tensor(NF4_LEVELS, dtype=torch.float32)
+        lv = torch.tensor(_BOOKS[book], dtype=torch.float32)
         if pairs:
             b = torch.arange(256)
             lv = torch.stack([lv[b & 15], lv[b >> 4]], dim=1).contiguous()
         t = lv.to(device)
-        _LEVELS[(device, pairs)] = t
+        _LEVELS[(device, pairs, book)] = t
     return t
 
 
@@ -447,10 +449,12 @@ def dequantize_triton(
     config: Config | None = None,
     out: torch.Tensor | None = None,
     idx64: bool | None = None,
+    book: str = "nf4",
 ) -> torch.Tensor:
     """Decode with the Triton kernel. Arguments as ``torch.ops.qtensors.dequantize`` (already
     validated); ``config`` overrides the launch parameters; ``out`` receives the result;
-    ``idx64`` forces 64-bit (True) indexing, by default used only past 2^31 elements."""
+    ``idx64`` forces 64-bit (True) indexing, by default used only past 2^31 elements; ``book``:
+    the levels an "nf4" codebook indexes ("e2m1" decodes FP4 codes, with fp32 scales)."""
     shape = tuple(int(d) for d in shape)
     dev = codes.device
     if out is None:
@@ -463,7 +467,7 @@ def dequantize_triton(
     grouped, grid_n, scalars, meta = _plan(
         shape, axis, group_size, bits, encoding, out_dtype, config, idx64, cuda_index
     )
-    levels = _levels(dev, meta["PAIRED"]) if encoding == "nf4" else scales
+    levels = _levels(dev, meta["PAIRED"], book) if encoding == "nf4" else scales
     m = mins if mins is not None else scales
     kernel = _grouped_kernel if grouped else _dequant_kernel
     if cuda_index is not None and cuda_index != torch.cuda.current_device():
