@@ -7,6 +7,24 @@ import json
 import os
 from typing import Any
 
+#: The Llama-shaped 1.1B model the GPU benchmarks load or build (random weights): TinyLlama's
+#: shape, so figures compare across scripts. `LLAMA_1B_DRY`: the same architecture, tiny, for
+#: the CPU dry runs that check the scripts.
+LLAMA_1B: dict[str, Any] = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
+LLAMA_1B_DRY: dict[str, Any] = dict(
+    LLAMA_1B, hidden_size=128, intermediate_size=256, num_hidden_layers=2, vocab_size=128
+)
+LLAMA_1B_DRY.update(num_attention_heads=4, num_key_value_heads=2)
+
 
 def drop_caches(paths: list[str]) -> str:
     """Drop the page cache (all of it where permitted, else these files'); returns which way."""

@@ -35,7 +35,7 @@ import time
 from typing import Any
 
 import torch
-from _common import drop_caches
+from _common import LLAMA_1B, drop_caches
 
 RESULTS: dict[str, Any] = {}
 LINES: list[str] = []
@@ -496,16 +496,7 @@ def section_kernels(best: dict[str, Any], rounds: int = 3) -> None:
 # load
 # ------------------------------------------------------------------------------------------------
 
-LLAMA = dict(
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_hidden_layers=22,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-    vocab_size=32000,
-    max_position_embeddings=2048,
-    tie_word_embeddings=False,
-)
+LLAMA = dict(LLAMA_1B)
 if DRY:
     LLAMA.update(hidden_size=256, intermediate_size=512, num_hidden_layers=2, vocab_size=1000)
 

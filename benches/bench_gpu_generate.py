@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-from _common import Report
+from _common import LLAMA_1B, LLAMA_1B_DRY, Report
 
 DRY = os.environ.get("QT_BENCH_DRY") == "1"
 if DRY:
@@ -53,26 +53,7 @@ def sync() -> None:
 def build_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if DRY:
-        cfg = LlamaConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            intermediate_size=128,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-        )
-    else:
-        cfg = LlamaConfig(
-            hidden_size=2048,
-            num_hidden_layers=22,
-            intermediate_size=5632,
-            num_attention_heads=32,
-            num_key_value_heads=4,
-            vocab_size=32000,
-            max_position_embeddings=2048,
-            tie_word_embeddings=False,
-        )
+    cfg = LlamaConfig(**(LLAMA_1B_DRY if DRY else LLAMA_1B))
     torch.manual_seed(0)
     with torch.device(DEV):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16 if not DRY else torch.float32)

@@ -28,7 +28,7 @@ import time
 import warnings
 from typing import Any
 
-from _common import Report
+from _common import LLAMA_1B, LLAMA_1B_DRY, Report
 
 DRY = os.environ.get("QT_BENCH_DRY") == "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,27 +105,8 @@ def correctness() -> bool:
 def build_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if DRY:
-        cfg = LlamaConfig(
-            hidden_size=128,
-            num_hidden_layers=2,
-            intermediate_size=256,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-            max_position_embeddings=1 << 20,
-        )
-    else:
-        cfg = LlamaConfig(
-            hidden_size=2048,
-            num_hidden_layers=22,
-            intermediate_size=5632,
-            num_attention_heads=32,
-            num_key_value_heads=4,
-            vocab_size=32000,
-            max_position_embeddings=1 << 20,
-            tie_word_embeddings=False,
-        )
+    # contexts up to 32k tokens: positions beyond the model's 2048
+    cfg = LlamaConfig(**{**(LLAMA_1B_DRY if DRY else LLAMA_1B), "max_position_embeddings": 1 << 20})
     torch.manual_seed(0)
     with torch.device(DEV):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16 if not DRY else torch.float32)

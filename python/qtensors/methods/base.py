@@ -44,6 +44,19 @@ class Method(Protocol):
     ) -> QuantizedTensor: ...
 
 
+class WeightOnly:
+    """The part of ``Method`` a method that looks at the weights alone shares: no calibration,
+    no observers, nothing to do per block."""
+
+    needs_calibration = False
+
+    def observer(self, linear: nn.Linear, name: str = "") -> None:
+        return None
+
+    def prepare_block(self, block: nn.Module, run: Any, encoding: Encoding) -> None:
+        return None
+
+
 class HessianObserver:
     """``H = 2/n * sum x x^T`` over the n input rows seen so far (GPTQ's proxy Hessian)."""
 

@@ -21,16 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..encodings import Encoding
 from ..quantized import QuantizedTensor
+from .base import WeightOnly
 from .grid import Grid, group_mask, grouped, rows_view
 from .packing import quantized_tensor
 
 
 @dataclass
-class HQQ:
+class HQQ(WeightOnly):
     p: float = 0.7
     beta: float = 10.0
     kappa: float = 1.01
@@ -39,7 +39,6 @@ class HQQ:
     last_history: list[float] = field(default_factory=list, repr=False, compare=False)
 
     name = "hqq"
-    needs_calibration = False
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -49,12 +48,6 @@ class HQQ:
             "kappa": self.kappa,
             "iters": self.iters,
         }
-
-    def observer(self, linear: nn.Linear, name: str = "") -> None:
-        return None
-
-    def prepare_block(self, block: nn.Module, run: Any, encoding: Encoding) -> None:
-        return None
 
     def quantize_weight(
         self, weight: torch.Tensor, encoding: Encoding, stats: Any = None

@@ -7,27 +7,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..encodings import Encoding
 from ..quantized import QuantizedTensor
+from .base import WeightOnly
 from .grid import Grid, expand, from_rows, grouped, rows_view
 from .packing import quantized_tensor
 
 
 @dataclass
-class RTN:
+class RTN(WeightOnly):
     name = "rtn"
-    needs_calibration = False
 
     def settings(self) -> dict[str, Any]:
         return {"method": self.name}
-
-    def observer(self, linear: nn.Linear, name: str = "") -> None:
-        return None
-
-    def prepare_block(self, block: nn.Module, run: Any, encoding: Encoding) -> None:
-        return None
 
     def quantize_weight(
         self, weight: torch.Tensor, encoding: Encoding, stats: Any = None
