@@ -28,7 +28,9 @@ from qtensors.torch.linear import linear_op
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.mark.parametrize("group", ["gemv", "splitk", "gemm", "dispatch"])
+@pytest.mark.parametrize(
+    "group", ["gemv", "splitk", "gemm", "dispatch", "tiled-fma", "tiled-dot", "tiled-dispatch"]
+)
 def test_fused_kernels_match_decode_then_matmul(group):
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")

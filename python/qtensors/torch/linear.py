@@ -155,35 +155,31 @@ def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, 
 
 
 def linear_cuda(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
-    """The CUDA implementation: the fused kernels where they apply."""
+    """The CUDA implementation: the fused kernels where they apply (by weight layout and batch,
+    ``kernels/launch.py``), else decode and ``F.linear``."""
     a = check_linear_args(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
     N, K = int(shape[0]), int(shape[1])
     rows = x.numel() // K if K else 0
-    if (
-        _launch is None
-        or x.dtype not in _launch.ACT_DTYPES
-        or not _launch.supported(shape, encoding, bits, group_size, a)
-        # Beyond a few rows, decoding and cuBLAS beat the fused GEMM on the H200 (0.05-0.5x of
-        # cuBLAS at batch 16-256: benches/results/gpu_linear_h200_run1.txt).
-        or rows > _launch.GEMV_MAX_M
-    ):
+    L = _launch
+    if L is None or x.dtype not in L.ACT_DTYPES:
+        return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
+    tiled = (
+        rows <= L.TILED_MAX_M
+        and L.tiled_supported(shape, encoding, bits, group_size, a)
+        and L.words_aligned(codes)
+    )
+    # Beyond these batches decoding and cuBLAS win (measured: benches/bench_gpu_gemv_sweep.py).
+    if not tiled and (rows > L.GEMV_MAX_M or not L.supported(shape, encoding, bits, group_size, a)):
         return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
     x2 = x.reshape(-1, K)
     if K and x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    out = _launch.fused_linear(
-        x2,
-        codes.reshape(-1),
-        scales.reshape(-1),
-        None if mins is None else mins.reshape(-1),
-        bias,
-        N,
-        K,
-        encoding,
-        bits,
-        group_size,
-        a,
-    )
+    c, s = codes.reshape(-1), scales.reshape(-1)
+    m = None if mins is None else mins.reshape(-1)
+    if tiled:
+        out = L.tiled_linear(x2, c, s, m, bias, N, K, encoding, bits, group_size)
+    else:
+        out = L.fused_linear(x2, c, s, m, bias, N, K, encoding, bits, group_size, a)
     return out.reshape(*x.shape[:-1], N)
 
 
