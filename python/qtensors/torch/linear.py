@@ -41,6 +41,8 @@ from .ops import (
 
 # Rows of x up to which the Rust core's packed GEMV runs (rust/core/src/matmul/packed.rs).
 CPU_PACKED_MAX_ROWS = 8
+# The stored scale formats of the FP4 encodings, by the dtype names of the core.
+FP4_SCALE_NAMES = {"mxfp4": "uint8", "nvfp4": "float8_e4m3fn"}
 # Activations the Rust CPU matmul takes, by the dtype names of the core.
 RUST_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
@@ -141,7 +143,8 @@ def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, 
     out = torch.empty((*x.shape[:-1], int(shape[0])), dtype=x.dtype)
     if out.numel() == 0:
         return out
-    enc = encoding_dict(encoding, bits, group_size, a, SCALE_DTYPES[scales.dtype])
+    scale_dtype = FP4_SCALE_NAMES.get(encoding) or SCALE_DTYPES[scales.dtype]
+    enc = encoding_dict(encoding, bits, group_size, a, scale_dtype)
     parts = [_byte_view(codes), _byte_view(scales)]
     if mins is not None:
         parts.append(_byte_view(mins))

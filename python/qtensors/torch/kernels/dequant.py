@@ -459,9 +459,9 @@ def dequantize_triton(
 ) -> torch.Tensor:
     """Decode with the Triton kernel. Arguments as ``torch.ops.qtensors.dequantize`` (already
     validated); ``config`` overrides the launch parameters; ``out`` receives the result;
-    ``idx64`` forces 64-bit (True) indexing, by default used only past 2^31 elements. MXFP4 / NVFP4 scales are
-    given as stored (E8M0 bytes; E4M3 with the tensor scale in ``mins``) and decoded in the
-    kernel."""
+    ``idx64`` forces 64-bit (True) indexing, by default used only past 2^31 elements. MXFP4 /
+    NVFP4 scales are given as stored (E8M0 bytes; E4M3 with the tensor scale in ``mins``) and
+    decoded in the kernel."""
     shape = tuple(int(d) for d in shape)
     dev = codes.device
     if out is None:

@@ -94,11 +94,13 @@ TILED_TABLE: dict[tuple[int, int, int], TiledConfig] = {}
 
 def tiled_default(M: int, bits: int, g: int) -> TiledConfig:
     """Shape-independent starting points: 16 features x 256 codes a step (2 KB of 4-bit codes
-    per program and step) on the CUDA cores; 16-row x 64-feature ``tl.dot`` tiles beyond."""
+    per program and step) on the CUDA cores; ``tl.dot`` tiles of 16 rows x 64 features, of 64 /
+    128 rows x 128 features from 17 rows."""
     if M <= FMA_MAX_M:
         return TiledConfig("fma", 0, 16, 256 if bits == 4 else 128, num_warps=4, num_stages=2)
-    bm = 16 if M <= 16 else 32 if M <= 32 else 64
-    return TiledConfig("dot", bm, 64, max(64, min(g, 128)), num_warps=4, num_stages=3)
+    if M <= 16:
+        return TiledConfig("dot", 16, 64, 128, num_warps=4, num_stages=3)
+    return TiledConfig("dot", 64 if M <= 64 else 128, 128, 64, num_warps=4, num_stages=3)
 
 
 def tiled_config(M: int, N: int, K: int, bits: int, g: int) -> TiledConfig:
