@@ -93,11 +93,12 @@ TILED_TABLE: dict[tuple[int, int, int], TiledConfig] = {}
 
 
 def tiled_default(M: int, bits: int, g: int) -> TiledConfig:
-    """Shape-independent starting points: 16 features x 256 codes a step (2 KB of 4-bit codes
+    """Shape-independent starting points: 8 features x 1024 codes a step (4 KB of 4-bit codes
     per program and step) on the CUDA cores; ``tl.dot`` tiles of 16 rows x 64 features, of 64 /
     128 rows x 128 features from 17 rows."""
     if M <= FMA_MAX_M:
-        return TiledConfig("fma", 0, 16, 256 if bits == 4 else 128, num_warps=4, num_stages=2)
+        # 8 activations (16 bytes) per thread and step: the layout the decoded words share with x
+        return TiledConfig("fma", 0, 8, 1024, num_warps=4, num_stages=2)
     if M <= 16:
         return TiledConfig("dot", 16, 64, 128, num_warps=4, num_stages=3)
     return TiledConfig("dot", 64 if M <= 64 else 128, 128, 64, num_warps=4, num_stages=3)
@@ -296,7 +297,9 @@ def _tiled_plan(
     if not fma:
         meta["IEEE"] = x_dtype == torch.float32 or (cuda_index < 0 and x_dtype == torch.bfloat16)
     if cuda_index >= 0:
-        meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        # FMAs explicitly: the decode's ``f * s2 + off`` and the accumulation are one each
+        # (Triton's default for fusion is changing)
+        meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
     kernel = fma_kernel if fma else dot_kernel
     return kernel, (n_tiles, split), split, k_split, meta
 
@@ -361,6 +364,7 @@ def tiled_linear(
         M,
         N,
         K,
+        K * bits // 32,  # int32 words per row
         -(-K // group_size),
         x2.stride(0),
         out.stride(0),

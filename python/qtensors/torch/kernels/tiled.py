@@ -7,8 +7,8 @@ as a broadcast over ``[BLOCK_N, NG, GB]`` (``GB = min(group, BLOCK_K)``): one sc
 group, not per weight. Affine / symmetric codes become floats from bits (``1 + c / 2^BITS``,
 exponent of 1.0 and the code in the mantissa: no int-to-float conversion), the zero point and
 the ``1`` folded into the per-group offset, so a weight costs a shift, a mask, an or and one
-FMA. Codebooks (NF4, FP4 E2M1) index their 16 levels; MXFP4 / NVFP4 scales are decoded in the
-kernel (``scales.py``).
+FMA. NF4 indexes its 16 levels; FP4 E2M1 values are built from bits; MXFP4 / NVFP4 scales are
+decoded in the kernel (``scales.py``).
 
 * ``fma_kernel`` (a few rows of ``x``): the CUDA cores; the products go into an fp32
   accumulator the shape of the tile (``[BLOCK_M, BLOCK_N, BLOCK_K]``) and are summed over K
@@ -29,8 +29,33 @@ from .epilogue import store_result
 from .gemm import _dot
 from .scales import group_scale
 
-#: encoding ids of these kernels (codebooks index ``levels_ptr``)
-TILED_ENC = {"affine": 0, "symmetric": 1, "nf4": 2, "mxfp4": 2, "nvfp4": 2}
+#: encoding ids of these kernels (NF4 indexes ``levels_ptr``; FP4 E2M1 values are built from bits)
+TILED_ENC = {"affine": 0, "symmetric": 1, "nf4": 2, "mxfp4": 3, "nvfp4": 3}
+
+
+@triton.jit
+def _interleave8(w, BITS: tl.constexpr):
+    """The 8 codes of each int32 word of 4-bit codes, in order, as a new trailing dim of 8 held
+    by the thread that loaded the word (``tl.join`` adds register dims): no data moves."""
+    a = tl.join(tl.join(w & 15, (w >> 16) & 15), tl.join((w >> 8) & 15, (w >> 24) & 15))
+    b = tl.join(tl.join((w >> 4) & 15, (w >> 20) & 15), tl.join((w >> 12) & 15, (w >> 28) & 15))
+    return tl.join(a, b)
+
+
+@triton.jit
+def _interleave4(w):
+    """The 4 bytes of each int32 word of 8-bit codes, in order (see ``_interleave8``)."""
+    return tl.join(tl.join(w & 255, (w >> 16) & 255), tl.join((w >> 8) & 255, (w >> 24) & 255))
+
+
+@triton.jit
+def _e2m1(c):
+    """FP4 E2M1 codes as fp32, from bits (no table gather): magnitude ``m = c & 7`` is
+    ``2^((m >> 1) - 1) * (1 + (m & 1) / 2)`` (fp32 exponent ``126 + (m >> 1)``, ``m & 1`` the
+    top mantissa bit) for ``m >= 2``, the subnormals 0 / 0.5 below; bit 3 the sign."""
+    mag = c & 7
+    bits = tl.where(mag >= 2, (mag << 22) + 0x3F000000, (mag & 1) * 0x3F000000)
+    return (bits | ((c & 8) << 28)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -43,7 +68,7 @@ def weight_tile(
     rmask,
     k0,
     k_hi,
-    K,
+    row_words,
     G,
     ENC: tl.constexpr,
     SFMT: tl.constexpr,
@@ -52,26 +77,31 @@ def weight_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """The fp32 weights ``W[rows, k0:k0 + BLOCK_K]`` (zero past ``k_hi`` and ``N``)."""
+    """The fp32 weights ``W[rows, k0:k0 + BLOCK_K]`` (zero past ``N``; finite past ``k_hi``) as
+    ``[BLOCK_N, NG, GB]``: ``NG`` group slots of ``GB = min(group, BLOCK_K)`` columns."""
     PW: tl.constexpr = 32 // BITS  # codes per word
     GB: tl.constexpr = GS if GS < BLOCK_K else BLOCK_K
     NG: tl.constexpr = BLOCK_K // GB
     WG: tl.constexpr = GB // PW  # words per group slot
-    MASK: tl.constexpr = (1 << BITS) - 1
     slot = k0 + tl.arange(0, NG) * GB  # first column of each group slot
-    col = slot[:, None] + tl.arange(0, WG)[None, :] * PW  # first column of each word
-    wptr = words_ptr + rows[:, None, None] * (K // PW) + (col // PW)[None, :, :]
-    wmask = rmask[:, None, None] & (col < k_hi)[None, :, :]
+    # no contiguity hints on purpose: one word (PW codes) per thread, the layout in which the
+    # decoded codes sit where the activations' vector loads put x (no layout conversion)
+    word = (k0 // PW + tl.arange(0, BLOCK_K // PW)).reshape(NG, WG)
+    wptr = words_ptr + rows[:, None, None] * row_words + word[None, :, :]
+    wmask = rmask[:, None, None] & (word < k_hi // PW)[None, :, :]
     w = tl.load(wptr, mask=wmask, other=0)
-    shifts = tl.arange(0, PW) * BITS
-    c = (w[:, :, :, None] >> shifts[None, None, None, :]) & MASK
-    c = c.reshape(BLOCK_N, NG, GB)
+    if BITS == 4:
+        c = _interleave8(w, BITS).reshape(BLOCK_N, NG, GB)
+    else:
+        c = _interleave4(w).reshape(BLOCK_N, NG, GB)
     gidx = slot // GS
     sidx = rows[:, None] * G + gidx[None, :]
     smask = rmask[:, None] & (gidx < G)[None, :]
     s = group_scale(scales_ptr, sidx, smask, mins_ptr, SFMT)
     if ENC == 2:
         v = tl.load(levels_ptr + c) * s[:, :, None]
+    elif ENC == 3:
+        v = _e2m1(c) * s[:, :, None]
     else:
         # 1 + c / 2^BITS from bits; value = (that - 1) * 2^BITS * s + offset
         f = ((c << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
@@ -81,10 +111,10 @@ def weight_tile(
         else:
             off = -s2 - s * (1 << (BITS - 1))
         v = f * s2[:, :, None] + off[:, :, None]
-    return v.reshape(BLOCK_N, BLOCK_K)
+    return v
 
 
-@triton.jit(do_not_specialize=["M", "k_split"])
+@triton.jit(do_not_specialize=["M"])
 def fma_kernel(
     x_ptr,
     words_ptr,
@@ -98,6 +128,7 @@ def fma_kernel(
     M,
     N,
     K,
+    row_words,
     G,
     stride_xm,
     stride_om,
@@ -118,7 +149,10 @@ def fma_kernel(
     rmask = rows < N
     m_ids = tl.arange(0, BLOCK_M)
     mmask = m_ids < M
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    GB: tl.constexpr = GS if GS < BLOCK_K else BLOCK_K
+    NG: tl.constexpr = BLOCK_K // GB
+    # one row of x: an accumulator the shape (and register layout) of the weight tile
+    acc = tl.zeros((BLOCK_N, NG, GB) if BLOCK_M == 1 else (BLOCK_M, BLOCK_N, NG, GB), tl.float32)
     k_lo = pid_k * k_split
     k_hi = tl.minimum(K, k_lo + k_split)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -131,7 +165,7 @@ def fma_kernel(
             rmask,
             k0,
             k_hi,
-            K,
+            row_words,
             G,
             ENC,
             SFMT,
@@ -140,12 +174,20 @@ def fma_kernel(
             BLOCK_N,
             BLOCK_K,
         )
-        kk = k0 + tl.arange(0, BLOCK_K)
+        kk = tl.max_contiguous(tl.multiple_of(k0, BLOCK_K) + tl.arange(0, BLOCK_K), BLOCK_K)
         xptr = x_ptr + m_ids[:, None] * stride_xm + kk[None, :]
         x = tl.load(xptr, mask=mmask[:, None] & (kk < k_hi)[None, :], other=0.0).to(tl.float32)
-        acc += x[:, None, :] * w[None, :, :]
+        if BLOCK_M == 1:
+            x1 = tl.load(x_ptr + kk, mask=kk < k_hi, other=0.0).to(tl.float32)
+            acc += w * x1.reshape(1, NG, GB)
+        else:
+            acc += x.reshape(BLOCK_M, 1, NG, GB) * w[None, :, :, :]
+    if BLOCK_M == 1:
+        part = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
+    else:
+        part = tl.sum(tl.sum(acc, axis=3), axis=2)
     store_result(
-        tl.sum(acc, axis=2),
+        part,
         m_ids,
         rows,
         M,
@@ -162,7 +204,7 @@ def fma_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["M", "k_split"])
+@triton.jit(do_not_specialize=["M"])
 def dot_kernel(
     x_ptr,
     words_ptr,
@@ -176,6 +218,7 @@ def dot_kernel(
     M,
     N,
     K,
+    row_words,
     G,
     stride_xm,
     stride_om,
@@ -215,7 +258,7 @@ def dot_kernel(
             rmask,
             k0,
             k_hi,
-            K,
+            row_words,
             G,
             ENC,
             SFMT,
@@ -224,10 +267,10 @@ def dot_kernel(
             BLOCK_N,
             BLOCK_K,
         )
-        kk = k0 + tl.arange(0, BLOCK_K)
+        kk = tl.max_contiguous(tl.multiple_of(k0, BLOCK_K) + tl.arange(0, BLOCK_K), BLOCK_K)
         xptr = x_ptr + offs_m[:, None] * stride_xm + kk[None, :]
         x = tl.load(xptr, mask=mmask[:, None] & (kk < k_hi)[None, :], other=0.0)
-        acc += _dot(x, tl.trans(w.to(dt)), IEEE)
+        acc += _dot(x, tl.trans(w.reshape(BLOCK_N, BLOCK_K).to(dt)), IEEE)
     store_result(
         acc,
         offs_m,
