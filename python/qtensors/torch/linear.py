@@ -3,12 +3,14 @@
     y = torch.ops.qtensors.linear(x, codes, scales, mins, bias, [out, in], "affine", 4, 64, 1)
 
 * CUDA: the fused Triton kernels (``kernels/``), which read the packed codes and scales and never
-  build the weight: a CUDA-core GEMV for a few rows of ``x``, a ``tl.dot`` GEMM for more, both
-  splitting K when the output alone would not fill the GPU. Capturable in a CUDA graph (no host
-  sync; only the output and a split-K workspace are allocated, through torch). Weights the
-  kernels do not handle (``kernels.launch.supported``) are decoded, then ``F.linear``.
-* CPU (``linear_cpu``) and any other device: decode with ``torch.ops.qtensors.dequantize``, then
-  ``F.linear``.
+  build the weight: ``kernels/tiled.py`` for groups along the input dim (a CUDA-core kernel up
+  to ``launch.FMA_MAX_M`` rows of ``x``, a ``tl.dot`` kernel up to ``launch.TILED_MAX_M``), the
+  byte-tile GEMV (``gemv.py``) for up to ``launch.GEMV_MAX_M`` rows of other layouts; all split
+  K when the output alone would not fill the GPU. Capturable in a CUDA graph (no host sync;
+  only the output and a split-K workspace are allocated, through torch). Other weights and
+  larger batches are decoded, then ``F.linear`` (cuBLAS).
+* CPU (``linear_cpu``): the Rust core's packed matmul (FP4 parts as stored), or decode and
+  ``F.linear`` (float64, half-precision batches beyond ``CPU_PACKED_MAX_ROWS``).
 * meta / FakeTensor: shape and dtype only, so the op traces under ``torch.compile``.
 
 Arguments: ``x [..., in]`` (float16, bfloat16, float32 or float64; the result has its dtype),
