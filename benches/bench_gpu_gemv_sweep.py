@@ -6,6 +6,10 @@ config sweeps if compiles run long, and says so):
     python3 benches/bench_gpu_gemv_sweep.py            # tables to stdout; with OUT=DIR also files
     python3 benches/bench_gpu_gemv_sweep.py --smoke    # CPU, Triton interpreter, tiny shapes
 
+Most of a first run is Triton compiling some 200 kernel variants; they land in Triton's on-disk
+cache, so if the sweep reports "skipped (time budget)" a second run (or ``--budget 600``)
+completes it.
+
 1. copy bandwidth (1 GiB device-to-device): the bound every "hbm" share is measured against.
 2. correctness, before any timing: for every encoding, shape and batch, the routed op
    (``linear``) against ``F.linear`` in fp32 of the decoded weight; each swept config is checked
@@ -62,7 +66,8 @@ ENCODINGS = {  # name: (encoding, bits, group size); groups along the input dim
 }
 MAIN = "int4-affine-g64"
 FLUSH_BYTES = 256 << 20  # weight copies per timing: enough to overflow the L2 cache
-BUDGET_S = 240.0  # the config sweeps stop here (the tables before them always run)
+# the config sweeps stop here (the tables before them always run); --budget S to change it
+BUDGET_S = float(sys.argv[sys.argv.index("--budget") + 1]) if "--budget" in sys.argv else 240.0
 OTHER_BATCHES = [1, 16, 256]  # the main table's batches for encodings other than MAIN
 TOL = 2e-2  # bf16 activations and output
 if SMOKE:
