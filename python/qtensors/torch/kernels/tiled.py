@@ -84,9 +84,9 @@ def weight_tile(
     NG: tl.constexpr = BLOCK_K // GB
     WG: tl.constexpr = GB // PW  # words per group slot
     slot = k0 + tl.arange(0, NG) * GB  # first column of each group slot
-    # no contiguity hints on purpose: one word (PW codes) per thread, the layout in which the
-    # decoded codes sit where the activations' vector loads put x (no layout conversion)
-    word = (k0 // PW + tl.arange(0, BLOCK_K // PW)).reshape(NG, WG)
+    # contiguity 1 on purpose: one word (PW codes) per thread, the layout in which the decoded
+    # codes sit where the activations' 16-byte loads put x (no layout conversion per step)
+    word = tl.max_contiguous(k0 // PW + tl.arange(0, BLOCK_K // PW), 1).reshape(NG, WG)
     wptr = words_ptr + rows[:, None, None] * row_words + word[None, :, :]
     wmask = rmask[:, None, None] & (word < k_hi // PW)[None, :, :]
     w = tl.load(wptr, mask=wmask, other=0)
