@@ -19,7 +19,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from qtensors import quantized as Q  # noqa: E402
-from qtensors.encodings import NF4, Affine, Symmetric  # noqa: E402
+from qtensors.encodings import MXFP4, NF4, NVFP4, Affine, Symmetric  # noqa: E402
 from qtensors.torch import linear as lin  # noqa: E402
 from qtensors.torch.kernels import launch as L  # noqa: E402
 from qtensors.torch.ops import dequantize  # noqa: E402
@@ -38,16 +38,28 @@ ENCODINGS = {
     # negative scales (llama.cpp Q4_0's rule)
     "symfull4-g32": Symmetric(bits=4, group_size=32, axis=-1, levels="full"),
 }
+# the tiled kernels' encodings (groups along the input dim, rows of whole int32 words)
+TILED_ENCODINGS = {
+    "affine4-g32": Affine(bits=4, group_size=32, axis=-1),
+    "affine4-g128": Affine(bits=4, group_size=128, axis=-1),
+    "symmetric4-g64": Symmetric(bits=4, group_size=64, axis=-1),
+    "symmetric8-g16": Symmetric(bits=8, group_size=16, axis=-1),
+    "affine8-g32": Affine(bits=8, group_size=32, axis=-1),
+    "nf4-g32": NF4(group_size=32, axis=-1),
+    "symfull4-g32": Symmetric(bits=4, group_size=32, axis=-1, levels="full"),
+    "mxfp4": MXFP4(),
+    "nvfp4": NVFP4(),
+}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def weight(N: int, K: int, enc_name: str, seed: int):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(N, K, generator=g) * 0.5 + torch.randn(N, 1, generator=g) * 0.1
-    q = Q.quantize(w, ENCODINGS[enc_name], framework="pt")
+    q = Q.quantize(w, {**ENCODINGS, **TILED_ENCODINGS}[enc_name], framework="pt")
     e = q.encoding
     parts = q.parts()
-    bits = 4 if e["name"] == "nf4" else int(e["bits"])
+    bits = int(e.get("bits", 4))
     args = dict(
         codes=parts[0],
         scales=parts[1].reshape(-1),
@@ -115,6 +127,8 @@ def cases(group: str):
             elif group == "dispatch":  # the shape-picked configs, through the CUDA entry point
                 for M in (1, 3, 16, 33):
                     out.append((N, K, M, ename, DTYPES[(i + M) % 3], bias, None))
+    if group.startswith("tiled"):
+        out = tiled_cases(group)
     return [
         (f"{group} {e} N{N} K{K} M{M} {dt} bias={b} {c}", N, K, M, e, dt, b, c)
         for (
@@ -129,12 +143,39 @@ def cases(group: str):
     ]
 
 
+def tiled_cases(group: str):
+    """``tiled.py``: K a multiple of a word but of no block, ragged last groups, odd N."""
+    out = []
+    i = 0
+    for ename in TILED_ENCODINGS:
+        for N, K in [(37, 200), (16, 64), (24, 136)]:
+            dt = DTYPES[i % 3]
+            bias = i % 2 == 0
+            i += 1
+            if group == "tiled-fma":
+                for M in (1, 3) if N != 16 else (1, 4):
+                    out.append((N, K, M, ename, dt, bias, L.TiledConfig("fma", 0, 8, 64, 1)))
+                out.append((N, K, 2, ename, dt, not bias, L.TiledConfig("fma", 0, 16, 32, 3)))
+            elif group == "tiled-dot":
+                for M in (16, 33):
+                    out.append((N, K, M, ename, dt, bias, L.TiledConfig("dot", 16, 16, 64, 1)))
+                out.append((N, K, 5, ename, dt, not bias, L.TiledConfig("dot", 16, 32, 32, 2)))
+            elif group == "tiled-dispatch":
+                for M in (1, 3, 16, 33):
+                    out.append((N, K, M, ename, DTYPES[(i + M) % 3], bias, None))
+    return out
+
+
 def run_case(label, N, K, M, ename, dt, has_bias, cfg, failures):
     args, dense = weight(N, K, ename, seed=N * 1000 + K)
     g = torch.Generator().manual_seed(M)
     x = torch.randn(M, K, generator=g).to(dt)
     bias = torch.randn(N, generator=g).to(dt) if has_bias else None
-    if cfg is None:
+    if isinstance(cfg, L.TiledConfig):
+        c, s, m = (args[k] for k in ("codes", "scales", "mins"))
+        e, b, gs = args["encoding"], args["bits"], args["group_size"]
+        got = L.tiled_linear(x, c, s, m, bias, N, K, e, b, gs, config=cfg)
+    elif cfg is None:
         # the op's CUDA implementation on CPU tensors: dispatch, reshape of a 3-D x
         got = lin.linear_cuda(x.reshape(1, M, K), bias=bias, shape=[N, K], **args)[0]
     else:

@@ -19,7 +19,7 @@ CHILD = r"""
 import sys, torch
 import qtensors as qt
 from qtensors.torch.kernels import dequant
-from qtensors.torch.ops import codebook_scales
+from qtensors.torch.ops import dequantize_torch
 CASES = [(qt.MXFP4(), (5, 70)), (qt.NVFP4(), (3, 50)), (qt.MXFP4(axis=0), (40, 6))]
 for enc, shape in CASES:
     x = torch.randn(*shape) * 3
@@ -28,14 +28,25 @@ for enc, shape in CASES:
     want = q.dequantize()
     p = q.parts()
     e = q.encoding
-    s = codebook_scales(e["name"], p[1], p[2] if len(p) > 2 else None)
+    mins = p[2] if len(p) > 2 else None
+    args = (list(shape), e["name"], 4, e["group_size"], e["axis"] % 2)
     for dt in (torch.float32, torch.float16, torch.bfloat16):
-        got = dequant.dequantize_triton(
-            p[0], s, None, list(shape), "nf4", 4, e["group_size"], e["axis"] % 2, dt, book="e2m1"
-        )
+        # the stored scales, decoded in the kernel
+        got = dequant.dequantize_triton(p[0], p[1], mins, *args, dt)
         bits = torch.int32 if dt == torch.float32 else torch.int16
         ok = torch.equal(got.view(bits), want.to(dt).view(bits))
         print(e["name"], dt, "OK" if ok else "MISMATCH")
+for name, K in (("mxfp4", 512), ("nvfp4", 256)):
+    # every scale byte (E8M0 0 and 255; E4M3 subnormals, negatives, NaN) as plain torch reads it
+    codes = torch.randint(0, 256, (16 * K // 2,), dtype=torch.uint8)
+    s = torch.arange(256).to(torch.uint8)
+    s = s if name == "mxfp4" else s.view(torch.float8_e4m3fn)
+    mins = torch.tensor([0.37]) if name == "nvfp4" else None
+    args = (codes, s, mins, [16, K], name, 4, 32 if name == "mxfp4" else 16, 1, torch.float32)
+    got = dequant.dequantize_triton(*args)
+    ref = dequantize_torch(*args)
+    same = torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.nan_to_num(), ref.nan_to_num())
+    print(name, "scale bytes", "OK" if same else "MISMATCH")
 """
 
 
@@ -69,7 +80,7 @@ def test_triton_kernel_matches_the_core():
     )
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.strip().splitlines()
-    assert len(lines) == 9 and all(ln.endswith("OK") for ln in lines), p.stdout
+    assert len(lines) == 11 and all(ln.endswith("OK") for ln in lines), p.stdout
 
 
 def test_stream_decodes_fp4_with_the_op(tmp_path):

@@ -171,9 +171,9 @@ def test_warmup_runs_each_layer_kind_once(tiny_llama):
     model = qtt.from_pretrained(dst)
     warmed = qtt.warmup(model)
     # 2 layers, 7 linears each, 4 distinct (shape, encoding, dtype): q/o [64,64], k/v [32,64],
-    # gate/up [128,64], down [64,128]; two batch sizes each (the GEMV path and the decode path);
-    # plus the quantized embedding table
-    assert len(warmed) == 4 * 2 + 1
+    # gate/up [128,64], down [64,128]; three batch sizes each (the CUDA-core kernel, the tl.dot
+    # kernel, the decode path); plus the quantized embedding table
+    assert len(warmed) == 4 * 3 + 1
     assert {w[1] for w in warmed if w[0] == "linear"} == {(64, 64), (32, 64), (128, 64), (64, 128)}
     assert [w for w in warmed if w[0] == "embedding"] == [
         ("embedding", (96, 64), ("affine", 4, 64, 1, "float16"), True, torch.float32, "cpu", 1)

@@ -22,13 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import qtensors as qt
+from qtensors import quantized as Q
 from qtensors.torch import QuantizedLinear
 from qtensors.torch.linear import linear_op
+from qtensors.torch.ops import dequantize
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.mark.parametrize("group", ["gemv", "splitk", "gemm", "dispatch"])
+@pytest.mark.parametrize(
+    "group", ["gemv", "splitk", "gemm", "dispatch", "tiled-fma", "tiled-dot", "tiled-dispatch"]
+)
 def test_fused_kernels_match_decode_then_matmul(group):
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -106,3 +110,19 @@ def test_torch_compile_fullgraph_one_op():
     torch.testing.assert_close(compiled(x), q(x), rtol=0, atol=0)
     assert "qtensors.linear.default" in seen
     assert not any("dequantize" in s for s in seen)
+
+
+@pytest.mark.parametrize("enc", [qt.MXFP4(), qt.NVFP4()], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_op_cpu_fp4(enc, dtype):
+    """The op on the CPU takes FP4 parts as stored (E8M0 / E4M3 scales, NVFP4's tensor scale)."""
+    torch.manual_seed(5)
+    q = Q.quantize(torch.randn(40, 96), enc, framework="pt")
+    p = q.parts()
+    name = q.encoding["name"]
+    tscale = p[2].reshape(1) if len(p) > 2 else None
+    w = dequantize(p[0], p[1], tscale, [40, 96], name, 4, enc.group_size, 1, torch.float32)
+    x = torch.randn(3, 96, dtype=dtype)
+    got = linear_op(x, p[0], p[1], tscale, None, [40, 96], name, 4, enc.group_size, 1)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), F.linear(x.float(), w), rtol=tol, atol=tol)

@@ -3,12 +3,14 @@
     y = torch.ops.qtensors.linear(x, codes, scales, mins, bias, [out, in], "affine", 4, 64, 1)
 
 * CUDA: the fused Triton kernels (``kernels/``), which read the packed codes and scales and never
-  build the weight: a CUDA-core GEMV for a few rows of ``x``, a ``tl.dot`` GEMM for more, both
-  splitting K when the output alone would not fill the GPU. Capturable in a CUDA graph (no host
-  sync; only the output and a split-K workspace are allocated, through torch). Weights the
-  kernels do not handle (``kernels.launch.supported``) are decoded, then ``F.linear``.
-* CPU (``linear_cpu``) and any other device: decode with ``torch.ops.qtensors.dequantize``, then
-  ``F.linear``.
+  build the weight: ``kernels/tiled.py`` for groups along the input dim (a CUDA-core kernel up
+  to ``launch.FMA_MAX_M`` rows of ``x``, a ``tl.dot`` kernel up to ``launch.TILED_MAX_M``), the
+  byte-tile GEMV (``gemv.py``) for up to ``launch.GEMV_MAX_M`` rows of other layouts; all split
+  K when the output alone would not fill the GPU. Capturable in a CUDA graph (no host sync;
+  only the output and a split-K workspace are allocated, through torch). Other weights and
+  larger batches are decoded, then ``F.linear`` (cuBLAS).
+* CPU (``linear_cpu``): the Rust core's packed matmul (FP4 parts as stored), or decode and
+  ``F.linear`` (float64, half-precision batches beyond ``CPU_PACKED_MAX_ROWS``).
 * meta / FakeTensor: shape and dtype only, so the op traces under ``torch.compile``.
 
 Arguments: ``x [..., in]`` (float16, bfloat16, float32 or float64; the result has its dtype),
@@ -41,6 +43,8 @@ from .ops import (
 
 # Rows of x up to which the Rust core's packed GEMV runs (rust/core/src/matmul/packed.rs).
 CPU_PACKED_MAX_ROWS = 8
+# The stored scale formats of the FP4 encodings, by the dtype names of the core.
+FP4_SCALE_NAMES = {"mxfp4": "uint8", "nvfp4": "float8_e4m3fn"}
 # Activations the Rust CPU matmul takes, by the dtype names of the core.
 RUST_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
@@ -141,7 +145,8 @@ def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, 
     out = torch.empty((*x.shape[:-1], int(shape[0])), dtype=x.dtype)
     if out.numel() == 0:
         return out
-    enc = encoding_dict(encoding, bits, group_size, a, SCALE_DTYPES[scales.dtype])
+    scale_dtype = FP4_SCALE_NAMES.get(encoding) or SCALE_DTYPES[scales.dtype]
+    enc = encoding_dict(encoding, bits, group_size, a, scale_dtype)
     parts = [_byte_view(codes), _byte_view(scales)]
     if mins is not None:
         parts.append(_byte_view(mins))
@@ -155,35 +160,31 @@ def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, 
 
 
 def linear_cuda(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
-    """The CUDA implementation: the fused kernels where they apply."""
+    """The CUDA implementation: the fused kernels where they apply (by weight layout and batch,
+    ``kernels/launch.py``), else decode and ``F.linear``."""
     a = check_linear_args(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
     N, K = int(shape[0]), int(shape[1])
     rows = x.numel() // K if K else 0
-    if (
-        _launch is None
-        or x.dtype not in _launch.ACT_DTYPES
-        or not _launch.supported(shape, encoding, bits, group_size, a)
-        # Beyond a few rows, decoding and cuBLAS beat the fused GEMM on the H200 (0.05-0.5x of
-        # cuBLAS at batch 16-256: benches/results/gpu_linear_h200_run1.txt).
-        or rows > _launch.GEMV_MAX_M
-    ):
+    L = _launch
+    if L is None or x.dtype not in L.ACT_DTYPES:
+        return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
+    tiled = (
+        rows <= L.TILED_MAX_M
+        and L.tiled_supported(shape, encoding, bits, group_size, a)
+        and L.words_aligned(codes)
+    )
+    # Beyond these batches decoding and cuBLAS win (measured: benches/bench_gpu_gemv_sweep.py).
+    if not tiled and (rows > L.GEMV_MAX_M or not L.supported(shape, encoding, bits, group_size, a)):
         return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
     x2 = x.reshape(-1, K)
     if K and x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    out = _launch.fused_linear(
-        x2,
-        codes.reshape(-1),
-        scales.reshape(-1),
-        None if mins is None else mins.reshape(-1),
-        bias,
-        N,
-        K,
-        encoding,
-        bits,
-        group_size,
-        a,
-    )
+    c, s = codes.reshape(-1), scales.reshape(-1)
+    m = None if mins is None else mins.reshape(-1)
+    if tiled:
+        out = L.tiled_linear(x2, c, s, m, bias, N, K, encoding, bits, group_size)
+    else:
+        out = L.fused_linear(x2, c, s, m, bias, N, K, encoding, bits, group_size, a)
     return out.reshape(*x.shape[:-1], N)
 
 

@@ -328,9 +328,6 @@ def _dequantize_cuda_kernel(
         return dequantize_torch(
             codes, scales, mins, shape, encoding, bits, group_size, a, out_dtype
         )
-    book = "nf4"
-    if encoding in FP4_SCALE_DTYPES:  # the NF4 kernels with E2M1 values and fp32 scales
-        scales, mins, book, encoding = codebook_scales(encoding, scales, mins), None, "e2m1", "nf4"
     return _tk.dequantize_triton(
         codes.contiguous(),
         scales.contiguous(),
@@ -341,7 +338,6 @@ def _dequantize_cuda_kernel(
         group_size,
         a,
         out_dtype,
-        book=book,
     )
 
 

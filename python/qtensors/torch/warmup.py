@@ -6,8 +6,9 @@ user's first forward unless done before. ``warmup(model)`` runs each distinct qu
 the model once per path its forward can take, on zeros, so that the compiled kernels are in
 Triton's in-process cache (and its on-disk cache, which makes a later process's compile a load):
 
-* ``QuantizedLinear``: one row (the fused GEMV, decoding) and ``GEMV_MAX_M + 1`` rows (decode the
-  weight, then cuBLAS: prefill), in the layer's dtype;
+* ``QuantizedLinear``: one row (the CUDA-core kernel), ``FMA_MAX_M + 1`` rows (the ``tl.dot``
+  kernel) and ``TILED_MAX_M + 1`` rows (decode the weight, then cuBLAS: prefill), in the
+  layer's dtype (``kernels/launch.py`` routes by these batch sizes);
 * ``QuantizedEmbedding``: a lookup of one row (the row-decoding kernel).
 
 Layers that share shape, encoding, dtype and device share kernels and configuration, so the
@@ -24,9 +25,9 @@ from torch import nn
 from .modules import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 
 try:
-    from .kernels.launch import GEMV_MAX_M
+    from .kernels.launch import FMA_MAX_M, TILED_MAX_M
 except Exception:  # no Triton: the CUDA path decodes, nothing to compile
-    GEMV_MAX_M = 4
+    FMA_MAX_M, TILED_MAX_M = 4, 16
 
 
 def _signature(kind: str, w: QuantizedWeight, rows: int) -> tuple[Any, ...]:
@@ -39,9 +40,10 @@ def _signature(kind: str, w: QuantizedWeight, rows: int) -> tuple[Any, ...]:
 @torch.inference_mode()
 def warmup(model: nn.Module, rows: tuple[int, ...] | None = None) -> list[tuple[Any, ...]]:
     """Run every distinct quantized layer of ``model`` once per forward path (see the module's
-    docstring; ``rows``: the batch sizes for linears, default ``(1, GEMV_MAX_M + 1)``). Returns
+    docstring; ``rows``: the batch sizes for linears, default ``(1, FMA_MAX_M + 1,
+    TILED_MAX_M + 1)``). Returns
     the signatures run: (kind, shape, encoding, has mins, dtype, device, rows)."""
-    rows = rows or (1, GEMV_MAX_M + 1)
+    rows = rows or (1, FMA_MAX_M + 1, TILED_MAX_M + 1)
     done: dict[tuple[Any, ...], None] = {}
     for module in model.modules():
         if isinstance(module, QuantizedLinear):

@@ -1,8 +1,11 @@
 """The Triton kernels of qtensors.torch, one module per job:
 
 * ``dequant``: decode a quantized tensor into a dense one (``torch.ops.qtensors.dequantize``);
-* ``gemv``: ``x @ W^T`` for a few rows of ``x`` (batch 1-16), CUDA cores, split-K;
-* ``gemm``: ``x @ W^T`` for many rows, a decoded weight tile fed to ``tl.dot``, split-K;
+* ``tiled``: ``x @ W^T`` from int32 words of codes (groups along the input dim): a CUDA-core
+  kernel for a few rows of ``x``, a ``tl.dot`` kernel for more, split-K;
+* ``gemv`` / ``gemm``: the byte-tile kernels, for the weights ``tiled`` does not take (groups
+  along the output dim, rows not of whole words) and as the baseline of the sweep;
+* ``scales``: group scales as fp32 in every stored format (float, E8M0, E4M3 x tensor scale);
 * ``epilogue``: what both matmul kernels share (code values, the split-K reduction, the store);
 * ``launch``: shapes -> launch configuration, and the launches (``torch.ops.qtensors.linear``).
 

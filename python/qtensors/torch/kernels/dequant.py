@@ -47,8 +47,12 @@ import triton
 import triton.language as tl
 
 from .._layout import E2M1_LEVELS, NF4_LEVELS, group_layout
+from .scales import SCALE_FORMATS, group_scale
 
-ENC_IDS = {"affine": 0, "symmetric": 1, "nf4": 2}
+#: kernel encoding ids: the FP4 formats are codebooks (E2M1 levels) like NF4
+ENC_IDS = {"affine": 0, "symmetric": 1, "nf4": 2, "mxfp4": 2, "nvfp4": 2}
+#: the levels each codebook encoding indexes
+BOOK_OF = {"nf4": "nf4", "mxfp4": "e2m1", "nvfp4": "e2m1"}
 
 
 @triton.jit
@@ -142,6 +146,7 @@ def _dequant_kernel(
     n_tiles,
     n_ctiles,
     ENC: tl.constexpr,
+    SFMT: tl.constexpr,
     BITS: tl.constexpr,
     GS: tl.constexpr,
     LASTAXIS: tl.constexpr,
@@ -189,7 +194,7 @@ def _dequant_kernel(
                 p = rows // L
                 srow = (p * G + (rows - p * L) // GS) * Q
             sidx = srow[:, None] + cols[None, :]
-        s = tl.load(scales_ptr + sidx, mask=mask, other=0.0).to(tl.float32)
+        s = group_scale(scales_ptr, sidx, mask, mins_ptr, SFMT)
         if ENC == 0:
             m = tl.load(mins_ptr + sidx, mask=mask, other=0.0).to(tl.float32)
         else:
@@ -213,6 +218,7 @@ def _grouped_kernel(
     n_tiles,
     n_ctiles,
     ENC: tl.constexpr,
+    SFMT: tl.constexpr,
     BITS: tl.constexpr,
     GS: tl.constexpr,
     LASTAXIS: tl.constexpr,
@@ -270,7 +276,7 @@ def _grouped_kernel(
                 code = code.reshape(BLOCK_R, NG, GB)
             else:
                 code = _codes_at(codes_ptr, e, nbytes, mask, BITS)
-            s = tl.load(scales_ptr + sidx, mask=smask, other=0.0).to(tl.float32)[:, :, None]
+            s = group_scale(scales_ptr, sidx, smask, mins_ptr, SFMT)[:, :, None]
             if ENC == 0:
                 m = tl.load(mins_ptr + sidx, mask=smask, other=0.0).to(tl.float32)[:, :, None]
             else:
@@ -303,7 +309,7 @@ def _grouped_kernel(
                 code = code.reshape(NG, GB, BLOCK_C)
             else:
                 code = _codes_at(codes_ptr, e, nbytes, mask, BITS)
-            s = tl.load(scales_ptr + sidx, mask=smask, other=0.0).to(tl.float32)[:, None, :]
+            s = group_scale(scales_ptr, sidx, smask, mins_ptr, SFMT)[:, None, :]
             if ENC == 0:
                 m = tl.load(mins_ptr + sidx, mask=smask, other=0.0).to(tl.float32)[:, None, :]
             else:
@@ -414,6 +420,7 @@ def _plan(
     nbytes = (P * L * Q * bits + 7) // 8
     meta: dict = dict(
         ENC=ENC_IDS[encoding],
+        SFMT=SCALE_FORMATS.get(encoding, 0),
         BITS=bits,
         GS=group_size,
         LASTAXIS=lastaxis,
@@ -449,12 +456,12 @@ def dequantize_triton(
     config: Config | None = None,
     out: torch.Tensor | None = None,
     idx64: bool | None = None,
-    book: str = "nf4",
 ) -> torch.Tensor:
     """Decode with the Triton kernel. Arguments as ``torch.ops.qtensors.dequantize`` (already
     validated); ``config`` overrides the launch parameters; ``out`` receives the result;
-    ``idx64`` forces 64-bit (True) indexing, by default used only past 2^31 elements; ``book``:
-    the levels an "nf4" codebook indexes ("e2m1" decodes FP4 codes, with fp32 scales)."""
+    ``idx64`` forces 64-bit (True) indexing, by default used only past 2^31 elements. MXFP4 /
+    NVFP4 scales are given as stored (E8M0 bytes; E4M3 with the tensor scale in ``mins``) and
+    decoded in the kernel."""
     shape = tuple(int(d) for d in shape)
     dev = codes.device
     if out is None:
@@ -467,7 +474,10 @@ def dequantize_triton(
     grouped, grid_n, scalars, meta = _plan(
         shape, axis, group_size, bits, encoding, out_dtype, config, idx64, cuda_index
     )
-    levels = _levels(dev, meta["PAIRED"], book) if encoding == "nf4" else scales
+    book = BOOK_OF.get(encoding)
+    levels = scales if book is None else _levels(dev, meta["PAIRED"], book)
+    if scales.dtype == torch.float8_e4m3fn:  # decoded from its bits (kernels/scales.py)
+        scales = scales.view(torch.uint8)
     m = mins if mins is not None else scales
     kernel = _grouped_kernel if grouped else _dequant_kernel
     if cuda_index is not None and cuda_index != torch.cuda.current_device():

@@ -22,13 +22,21 @@ from dataclasses import dataclass
 
 import torch
 
-from .dequant import _levels
+from .dequant import BOOK_OF, _levels
 from .epilogue import ENC_IDS
 from .gemm import gemm_kernel
 from .gemv import gemv_kernel
+from .scales import SCALE_FORMATS
+from .tiled import TILED_ENC, dot_kernel, fma_kernel
 
-#: rows of ``x`` up to which the CUDA-core kernel runs; more go to the tensor-core one
+#: rows of ``x`` up to which the byte-tile GEMV (``gemv.py``) runs for weights the tiled
+#: kernels do not take (groups along the output dim, K not a multiple of a word)
 GEMV_MAX_M = 4
+#: tiled kernels (``tiled.py``): rows of ``x`` up to which ``fma_kernel`` runs; up to
+#: ``TILED_MAX_M`` ``dot_kernel``; beyond, the caller decodes and calls cuBLAS. Set from
+#: ``benches/bench_gpu_gemv_sweep.py`` (its "routing" lines).
+FMA_MAX_M = 4
+TILED_MAX_M = 16
 #: split-K counters per device: tiles of one launch that may split K
 LOCK_SLOTS = 1 << 15
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -59,6 +67,56 @@ class GemmConfig:
     split_k: int = 0
     num_warps: int = 4
     num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class TiledConfig:
+    """``tiled.py``: ``kernel`` "fma" (CUDA cores) or "dot" (``tl.dot``); rows of ``x`` per
+    program (``block_m``, 0: the batch rounded up to a power of two; "dot" needs >= 16),
+    output features and columns per step, K-slices (0: as many as fill the GPU), warps,
+    software-pipelining stages."""
+
+    kernel: str = "fma"
+    block_m: int = 0
+    block_n: int = 16
+    block_k: int = 256
+    split_k: int = 0
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+#: the batch buckets of ``TILED_TABLE`` (a batch uses the first bucket >= it)
+BATCH_BUCKETS = (1, 4, 16, 64, 256)
+#: the launch configuration per (batch bucket, N, K) where a sweep found one better than
+#: ``tiled_default``; filled from ``benches/bench_gpu_gemv_sweep.py`` ("table" lines)
+TILED_TABLE: dict[tuple[int, int, int], TiledConfig] = {}
+
+
+def tiled_default(M: int, bits: int, g: int) -> TiledConfig:
+    """Shape-independent starting points: 8 features x 1024 codes a step (4 KB of 4-bit codes
+    per program and step) on the CUDA cores; ``tl.dot`` tiles of 16 rows x 64 features, of 64 /
+    128 rows x 128 features from 17 rows."""
+    if M <= FMA_MAX_M:
+        # 8 activations (16 bytes) per thread and step: the layout the decoded words share with x
+        return TiledConfig("fma", 0, 8, 1024, num_warps=4, num_stages=2)
+    if M <= 16:
+        return TiledConfig("dot", 16, 64, 128, num_warps=4, num_stages=3)
+    return TiledConfig("dot", 64 if M <= 64 else 128, 128, 64, num_warps=4, num_stages=3)
+
+
+def tiled_config(M: int, N: int, K: int, bits: int, g: int) -> TiledConfig:
+    bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
+    return TILED_TABLE.get((bucket, N, K)) or tiled_default(M, bits, g)
+
+
+def tiled_supported(shape, encoding: str, bits: int, group_size: int, axis: int) -> bool:
+    """Whether ``tiled.py`` takes this weight: groups along the input dim (a power of two of at
+    least one int32 word of codes), 4- or 8-bit codes, rows of whole words."""
+    if len(shape) != 2 or encoding not in TILED_ENC or bits not in (4, 8):
+        return False
+    pw = 32 // bits
+    g = group_size
+    return axis in (1, -1) and g & (g - 1) == 0 and g >= pw and int(shape[1]) % pw == 0
 
 
 def supported(shape, encoding: str, bits: int, group_size: int, axis: int) -> bool:
@@ -195,6 +253,130 @@ def _plan(
     kernel = gemv_kernel if use_gemv else gemm_kernel
     grid = (n_tiles, split)
     return kernel, grid, split, (M, N, K, G), k_split, meta
+
+
+@functools.lru_cache(maxsize=4096)
+def _tiled_plan(
+    M: int,
+    N: int,
+    K: int,
+    encoding: str,
+    bits: int,
+    g: int,
+    x_dtype: torch.dtype,
+    has_bias: bool,
+    cuda_index: int,
+    config: TiledConfig | None,
+    allow_split: bool,
+):
+    """(kernel, grid, split, k_split, constexprs and options) of one tiled launch."""
+    cfg = config or tiled_config(M, N, K, bits, g)
+    fma = cfg.kernel == "fma"
+    block_m = cfg.block_m or max(1, 1 << (M - 1).bit_length())
+    if not fma and block_m < 16:
+        raise ValueError(f"the dot kernel needs block_m >= 16, not {block_m}")
+    bn, bk = cfg.block_n, cfg.block_k
+    n_tiles = -(-N // bn) * (1 if fma else -(-M // block_m))
+    k_steps = -(-K // bk)
+    split = cfg.split_k or _pick_split(n_tiles, k_steps, _sm_count(cuda_index), 4 if fma else 2)
+    if not allow_split or n_tiles > LOCK_SLOTS or split * M * N >= 2**31:
+        split = 1
+    k_split = -(-k_steps // split) * bk
+    split = -(-K // k_split)
+    meta: dict = dict(
+        ENC=TILED_ENC[encoding],
+        SFMT=SCALE_FORMATS.get(encoding, 0),
+        BITS=bits,
+        GS=g,
+        HAS_BIAS=has_bias,
+        BLOCK_M=block_m,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        SPLIT_K=split,
+    )
+    if not fma:
+        meta["IEEE"] = x_dtype == torch.float32 or (cuda_index < 0 and x_dtype == torch.bfloat16)
+    if cuda_index >= 0:
+        # FMAs explicitly: the decode's ``f * s2 + off`` and the accumulation are one each
+        # (Triton's default for fusion is changing)
+        meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
+    kernel = fma_kernel if fma else dot_kernel
+    return kernel, (n_tiles, split), split, k_split, meta
+
+
+def tiled_linear(
+    x2: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    N: int,
+    K: int,
+    encoding: str,
+    bits: int,
+    group_size: int,
+    config: TiledConfig | None = None,
+) -> torch.Tensor:
+    """``x2 @ W^T + bias`` with ``tiled.py`` for a weight ``tiled_supported()`` (arguments as
+    ``fused_linear``; ``codes`` starts on a 4-byte boundary, see ``words_aligned``). MXFP4 /
+    NVFP4 scales are passed as stored (NVFP4's tensor scale in ``mins``)."""
+    dev = x2.device
+    M = x2.shape[0]
+    out = torch.empty((M, N), dtype=x2.dtype, device=dev)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        return out.zero_() if bias is None else out.copy_(bias.expand(M, N))
+    cuda_index = (
+        (dev.index if dev.index is not None else torch.cuda.current_device())
+        if (dev.type == "cuda")
+        else -1
+    )
+    locks = _locks(dev)
+    kernel, grid, split, k_split, meta = _tiled_plan(
+        M,
+        N,
+        K,
+        encoding,
+        bits,
+        group_size,
+        x2.dtype,
+        bias is not None,
+        cuda_index,
+        config,
+        locks is not None,
+    )
+    ws = torch.empty((split, M, N), dtype=torch.float32, device=dev) if split > 1 else out
+    book = BOOK_OF.get(encoding)
+    levels = scales if book is None else _levels(dev, False, book)
+    if scales.dtype == torch.float8_e4m3fn:
+        scales = scales.view(torch.uint8)
+    kernel[grid](
+        x2,
+        codes.view(torch.int32),
+        scales,
+        scales if mins is None else mins,
+        levels,
+        scales if bias is None else bias,
+        out,
+        ws,
+        out if locks is None else locks,
+        M,
+        N,
+        K,
+        K * bits // 32,  # int32 words per row
+        -(-K // group_size),
+        x2.stride(0),
+        out.stride(0),
+        k_split,
+        **meta,
+    )
+    return out
+
+
+def words_aligned(codes: torch.Tensor) -> bool:
+    """Whether the packed codes can be read as int32 words (a 4-byte aligned start)."""
+    return codes.data_ptr() % 4 == 0 and codes.storage_offset() % 4 == 0
 
 
 def fused_linear(
