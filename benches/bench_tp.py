@@ -75,10 +75,10 @@ def child(args: argparse.Namespace) -> None:
     dtype = torch.float32 if smoke else torch.float16
     import transformers
 
-    import qtensors.torch as qtt
-
     # imported before the clock starts: the loads below are timed without them
     from transformers.models.llama import modeling_llama  # noqa: F401
+
+    import qtensors.torch as qtt
 
     out: dict[str, Any] = dict(rank=rank, world=world, kind=args.child)
     out["device"] = "cpu" if smoke else torch.cuda.get_device_name(dev)
@@ -268,7 +268,10 @@ def compare(res: dict[str, Any], report: Report) -> None:
         rel = ((a - b).abs().max() / a.abs().max()).item()
         res["logits_tp2_vs_tp1_rel"] = rel
         agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
-        say(f"qtensors logits TP=2 vs TP=1: max |diff| / max |logit| = {rel:.2e}, argmax agree {agree:.3f}")
+        say(
+            f"qtensors logits TP=2 vs TP=1: max |diff| / max |logit| = {rel:.2e}, "
+            f"argmax agree {agree:.3f}"
+        )
 
     def rank0(key: str) -> dict[str, Any]:
         return (runs.get(key) or [{}])[0]
@@ -289,12 +292,16 @@ def compare(res: dict[str, Any], report: Report) -> None:
             res[f"tp2_{key}_share"] = per
     for w in (1, 2):
         q, h = rank0(f"qtensors-tp{w}"), rank0(f"hf-fp16-tp{w}")
-        say(f"TP={w} load: transformers fp16 / qtensors int4 = {ratio(h.get('load_s'), q.get('load_s'))}")
+        r = ratio(h.get("load_s"), q.get("load_s"))
+        say(f"TP={w} load seconds: transformers fp16 / qtensors int4 = {r}")
     for m in ("eager", "static+compile"):
         t1 = rank0("qtensors-tp1").get(m, {}).get("tokens_per_s")
         t2 = rank0("qtensors-tp2").get(m, {}).get("tokens_per_s")
         h2 = rank0("hf-fp16-tp2").get(m, {}).get("tokens_per_s")
-        say(f"decode {m}: qtensors TP=2 / TP=1 = {ratio(t2, t1)}; TP=2 qtensors / fp16 = {ratio(t2, h2)}")
+        say(
+            f"decode {m}: qtensors TP=2 / TP=1 = {ratio(t2, t1)}; "
+            f"TP=2 int4 / fp16 = {ratio(t2, h2)}"
+        )
 
 
 def main() -> None:
@@ -325,7 +332,9 @@ def main() -> None:
         versions=dict(torch=torch.__version__, transformers=transformers.__version__),
         shapes={},
     )
-    report.say(f"# tensor-parallel load and decode, {name} x{results['gpus']}, {results['versions']}")
+    report.say(
+        f"# tensor-parallel load and decode, {name} x{results['gpus']}, {results['versions']}"
+    )
     shapes = {"llama-1b": LLAMA_1B_DRY if args.smoke else LLAMA_1B}
     if args.big and not args.smoke:
         shapes["llama-8b"] = LLAMA_8B

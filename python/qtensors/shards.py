@@ -161,7 +161,9 @@ class ShardEntry(Entry):
         info = {k: v for k, v in e.info.items() if k != "parts"} | {"shape": shape}
         a, b = bounds(int(e.info["shape"][dim]), rank, world)
         full = list(e.info["shape"])
-        return cls(e.reader, e.index, e.name, info, e.start, nbytes, parts, blocks, full, (dim, a, b))
+        return cls(
+            e.reader, e.index, e.name, info, e.start, nbytes, parts, blocks, full, (dim, a, b)
+        )
 
     def pieces(self, chunk: int) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
@@ -169,7 +171,9 @@ class ShardEntry(Entry):
             if blk.rows == 1 or blk.row_len > chunk:  # within one row, in chunks
                 for r in range(blk.rows):
                     at = blk.dst + r * blk.row_len
-                    out += [(at + k, min(chunk, blk.row_len - k)) for k in range(0, blk.row_len, chunk)]
+                    out += [
+                        (at + k, min(chunk, blk.row_len - k)) for k in range(0, blk.row_len, chunk)
+                    ]
             else:  # whole rows, as many as fit in a chunk
                 per = chunk // blk.row_len
                 for r in range(0, blk.rows, per):

@@ -217,7 +217,9 @@ class TensorParallel:
                 module.register_forward_hook(_Reduce(self.group))
                 continue
             if output == "gather":
-                sizes = [b - a for a, b in (bounds(full[0], r, self.world) for r in range(self.world))]
+                sizes = [
+                    b - a for a, b in (bounds(full[0], r, self.world) for r in range(self.world))
+                ]
                 module.register_forward_hook(_Gather(sizes, self.group))
             elif output in ("reduce", "split_input"):
                 if output == "split_input":

@@ -407,7 +407,7 @@ impl StreamFile {
         if len == 0 {
             return Ok(());
         }
-        if row_len == 0 || len % row_len != 0 || stride < row_len {
+        if row_len == 0 || !len.is_multiple_of(row_len) || stride < row_len {
             return Err(Error::Invalid(format!(
                 "tensor '{}': a strided read needs 0 < row length ({row_len}) <= stride ({stride}) and a buffer of whole rows ({len} bytes)",
                 t.name
@@ -971,7 +971,8 @@ mod tests {
             // 150 bytes of codes per row of 'a' (300 4-bit codes): columns 40..115 of each row.
             for (offset, stride, row_len, rows) in [(40u64, 150u64, 75u64, 256u64), (7, 9, 9, 3)] {
                 let mut got = vec![0u8; (row_len * rows) as usize];
-                s.read_strided(0, offset, stride, row_len, &mut got).unwrap();
+                s.read_strided(0, offset, stride, row_len, &mut got)
+                    .unwrap();
                 let want: Vec<u8> = (0..rows)
                     .flat_map(|i| {
                         let at = (offset + i * stride) as usize;
@@ -985,7 +986,9 @@ mod tests {
             // Rows past the end, a stride shorter than a row, a ragged buffer: named errors.
             let mut two = vec![0u8; 2 * 10];
             for (offset, stride, row_len) in [(b - a - 15, 10, 10), (0, 5, 10), (0, 10, 3)] {
-                let e = s.read_strided(0, offset, stride, row_len, &mut two).unwrap_err();
+                let e = s
+                    .read_strided(0, offset, stride, row_len, &mut two)
+                    .unwrap_err();
                 assert!(matches!(e, Error::Invalid(_)), "{e}");
                 assert!(e.to_string().contains("tensor 'a'"), "{e}");
             }
