@@ -45,6 +45,17 @@ LLAMA_8B: dict[str, Any] = dict(
     num_key_value_heads=8,
     vocab_size=128256,
 )
+#: --smoke: the same architecture, small enough for CPU ranks, big enough that the weights and
+#: not the imports dominate what a load reads
+LLAMA_SMOKE: dict[str, Any] = dict(
+    LLAMA_1B_DRY,
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    vocab_size=4096,
+)
 PROMPT, NEW = 16, 64
 LAUNCH_S = float(os.environ.get("QT_BENCH_LAUNCH_S", "180"))
 
@@ -217,8 +228,8 @@ def run_shape(args, label: str, shape: dict[str, Any], work: str, report: Report
         f"{res['build_s']:.0f} s)"
     )
     say(
-        f"{'loader':<10} {'TP':>2} {'rank':>4} {'load s':>7} {'RSS+ GiB':>8} {'read GiB':>8} "
-        f"{'rchar GiB':>9} {'GPU GiB':>7} {'eager tok/s':>11} {'compiled tok/s':>14}"
+        f"{'loader':<10} {'TP':>2} {'rank':>4} {'load s':>7} {'RSS+ MiB':>8} {'read MiB':>8} "
+        f"{'rchar MiB':>9} {'GPU GiB':>7} {'eager tok/s':>11} {'compiled tok/s':>14}"
     )
     for kind, src in (("qtensors", folder), ("hf-fp16", fp16)):
         for world in (1, 2):
@@ -242,8 +253,8 @@ def run_shape(args, label: str, shape: dict[str, Any], work: str, report: Report
                 ]
                 say(
                     f"{kind:<10} {world:>2} {r['rank']:>4} {r['load_s']:7.2f} "
-                    f"{r['peak_rss_added_gib']:8.2f} {r['read_bytes'] / 2**30:8.2f} "
-                    f"{r['rchar'] / 2**30:9.2f} {r.get('gpu_allocated_gib', 0):7.2f} "
+                    f"{r['peak_rss_added_gib'] * 1024:8.0f} {r['read_bytes'] / 2**20:8.0f} "
+                    f"{r['rchar'] / 2**20:9.0f} {r.get('gpu_allocated_gib', 0):7.2f} "
                     f"{tps[0]:>11} {tps[1]:>14}"
                 )
                 for m in ("eager", "static+compile"):
@@ -335,7 +346,7 @@ def main() -> None:
     report.say(
         f"# tensor-parallel load and decode, {name} x{results['gpus']}, {results['versions']}"
     )
-    shapes = {"llama-1b": LLAMA_1B_DRY if args.smoke else LLAMA_1B}
+    shapes = {"llama-smoke": LLAMA_SMOKE} if args.smoke else {"llama-1b": LLAMA_1B}
     if args.big and not args.smoke:
         shapes["llama-8b"] = LLAMA_8B
     with tempfile.TemporaryDirectory(dir=os.environ.get("QT_BENCH_DIR")) as work:

@@ -22,9 +22,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = os.path.join(HERE, "tp_child.py")
 
 CASES = {
-    # biases on q/k/v/o and the MLP: row-wise layers must add theirs once, after the sum
+    # biases on q/k/v/o and the MLP: row-wise layers must add theirs once, after the sum; an
+    # odd vocabulary: ranks hold 128 and 127 rows of the embedding and the LM head
     "int4-g64-bias": (
-        dict(attention_bias=True, mlp_bias=True, num_key_value_heads=2),
+        dict(attention_bias=True, mlp_bias=True, num_key_value_heads=2, vocab_size=255),
         qt.Affine(bits=4, group_size=64, axis=-1),
     ),
     # groups along the output features, tied embeddings (split by vocabulary rows both ways)
@@ -36,18 +37,34 @@ CASES = {
 
 
 def llama(**overrides):
+    overrides.setdefault("vocab_size", 256)
     config = transformers.LlamaConfig(
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
-        vocab_size=256,
         max_position_embeddings=64,
         architectures=["LlamaForCausalLM"],
         **overrides,
     )
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # transformers starts biases at zero: a bias added twice would pass
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.normal_(0, 0.5)
+    return model
+
+
+def test_model_plan_takes_the_config_plan_and_the_heads():
+    from qtensors.torch.tensor_parallel import model_plan
+
+    model = llama(vocab_size=256)
+    model._tp_plan = {"lm_head": "colwise_rep"}  # a version keeping only the head's rules here
+    model.model._tp_plan = None
+    plan = model_plan(model)
+    assert plan["lm_head"] == "colwise_rep"
+    assert plan["model.layers.*.mlp.down_proj"] == "rowwise"
 
 
 @pytest.fixture(scope="module")

@@ -64,16 +64,23 @@ _EMBEDDINGS = (nn.Embedding, QuantizedEmbedding)
 
 
 def model_plan(model: nn.Module) -> dict[str, str]:
-    """transformers' plan of ``model``: its ``_tp_plan`` (full module names), else its config's
-    ``base_model_tp_plan`` under the base model's prefix."""
-    plan = getattr(model, "_tp_plan", None)
-    if isinstance(plan, dict) and plan:
-        return dict(plan)
-    base = getattr(getattr(model, "config", None), "base_model_tp_plan", None) or {}
+    """transformers' plan of ``model``: its config's ``base_model_tp_plan`` and its base model's
+    ``_tp_plan`` under the base model's prefix, then the model's own ``_tp_plan`` (the head's
+    rules; in recent transformers, the whole plan already)."""
     prefix = getattr(model, "base_model_prefix", "") or ""
-    if prefix and hasattr(model, prefix):
-        return {f"{prefix}.{k}": v for k, v in base.items()}
-    return dict(base)
+    base_model = getattr(model, prefix, None) if prefix else None
+    under = f"{prefix}." if base_model is not None else ""
+    plan: dict[str, str] = {}
+    for rules in (
+        getattr(getattr(model, "config", None), "base_model_tp_plan", None),
+        getattr(base_model, "_tp_plan", None),
+    ):
+        if isinstance(rules, dict):
+            plan.update({under + k: v for k, v in rules.items()})
+    own = getattr(model, "_tp_plan", None)
+    if isinstance(own, dict):
+        plan.update(own)
+    return plan
 
 
 def _pattern(key: str) -> re.Pattern[str]:
