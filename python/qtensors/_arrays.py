@@ -56,6 +56,11 @@ def torch_dtype(name: str):
     return _torch_dtypes()[name]
 
 
+def itemsize(name: str) -> int:
+    """Bytes per element of a qtensors dtype name (spec section 3)."""
+    return np.dtype(_NP_BY_NAME.get(name) or _BITS[name]).itemsize
+
+
 def numpy_dtype(name: str) -> np.dtype:
     if name not in _NP_BY_NAME:
         raise TypeError(

@@ -101,6 +101,15 @@ class Entry:
     #: (part name, offset in the buffer, length) in encoding order
     parts: list[tuple[str, int, int]] = field(default_factory=list)
 
+    def pieces(self, chunk: int) -> list[tuple[int, int]]:
+        """(offset, length) of the reads, at most ``chunk`` bytes each, that fill the buffer (one
+        empty read for an empty buffer)."""
+        return [(p, min(chunk, self.nbytes - p)) for p in range(0, max(self.nbytes, 1), chunk)]
+
+    def read_into(self, pos: int, out: Any) -> None:
+        """Bytes ``[pos, pos + len(out))`` of the buffer into ``out`` (one of ``pieces``)."""
+        self.reader.read(self.index, pos, out, False)
+
 
 def open_entries(
     path: str | os.PathLike[str], mode: str = "pread", threads: int = 4, chunk_size: int = 8 * MiB

@@ -70,6 +70,8 @@ class LoadResult:
     #: the quantized layer signatures ``warmup`` ran (CUDA loads), and its seconds
     warmed: list[Any] = field(default_factory=list)
     warmup_seconds: float = 0.0
+    #: the resolved tensor-parallel plan of this rank (``tp_plan`` loads)
+    tensor_parallel: Any = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,10 +141,7 @@ class _Streamer:
         for e in entries:
             dst = torch.empty(e.nbytes, dtype=torch.uint8)
             arr = dst.numpy()
-            futs = [
-                pool.submit(_read, e, p, arr[p : p + self.chunk])
-                for p in range(0, max(e.nbytes, 1), self.chunk)
-            ]
+            futs = [pool.submit(e.read_into, p, arr[p : p + n]) for p, n in e.pieces(self.chunk)]
             window.append((e, dst, futs))
             inflight += len(futs)
             while window and (inflight > 2 * self.nslots or all(f.done() for f in window[0][2])):
@@ -193,11 +192,10 @@ class _Streamer:
         with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
             for idx, e in enumerate(entries):
                 dst = torch.empty(e.nbytes, dtype=torch.uint8, device=self.device)
-                starts = range(0, max(e.nbytes, 1), self.chunk)
-                todo[idx] = [e, dst, len(starts)]
+                pieces = e.pieces(self.chunk)
+                todo[idx] = [e, dst, len(pieces)]
                 order.append(idx)
-                for pos in starts:
-                    n = min(self.chunk, e.nbytes - pos)
+                for pos, n in pieces:
                     if not free:
                         finish_one()
                         yield from ready()
@@ -205,17 +203,13 @@ class _Streamer:
                     ev = events[slot]
                     if ev is not None:
                         ev.synchronize()
-                    fut = pool.submit(_read, e, pos, arrays[slot][:n])
+                    fut = pool.submit(e.read_into, pos, arrays[slot][:n])
                     inflight.append((idx, slot, n, pos, fut))
                 yield from ready()
             while inflight:
                 finish_one()
                 yield from ready()
             yield from ready()
-
-
-def _read(e: Entry, offset: int, out: Any) -> None:
-    e.reader.read(e.index, offset, out, False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -424,6 +418,8 @@ def load_model(
     staged: bool | None = None,
     mode: str = "pread",
     warmup: bool = True,
+    tp_plan: str | dict[str, str] | None = None,
+    tp_group: Any = None,
     **stream_options: Any,
 ) -> LoadResult:
     """Fill ``model`` (real or on the meta device) from a qtensors file or model folder.
@@ -455,6 +451,11 @@ def load_model(
     ``warmup`` (CUDA targets): run each distinct quantized layer once at the end
     (``qtensors.torch.warmup``), so the first forward compiles no kernel; ``result.warmed`` lists
     what ran, ``result.warmup_seconds`` its time (not in ``result.seconds``).
+
+    ``tp_plan`` (``"auto"`` or a transformers-style dict; ``torch.distributed`` initialised):
+    tensor parallelism over ``tp_group`` (default: the world). Each rank reads only its shard of
+    every weight the plan splits (rows of column-wise linears, group-aligned columns of row-wise
+    ones; ``qtensors.torch.tensor_parallel``) and the split layers get their collectives.
     """
     t0 = time.perf_counter()
     dev = torch.device(device) if device is not None else _default_device(model)
@@ -463,6 +464,13 @@ def load_model(
     targets = _Targets(model)
     result = LoadResult(device=dev)
     loaded: set[str] = set()
+    tp = None
+    if tp_plan is not None:
+        from .tensor_parallel import TensorParallel
+
+        if io != "builtin":
+            raise ValueError("tp_plan loads through io='builtin' (shards are read, not streamed)")
+        tp = TensorParallel.prepare(model, tp_plan, tp_group)
 
     # plan: (entry, model name) in file order; every tensor's header from the Rust reader
     entries = open_entries(path, mode=mode, threads=1, chunk_size=chunk_bytes)
@@ -471,11 +479,13 @@ def load_model(
         name = key_map(fkey) if key_map is not None else targets.resolve(fkey)
         if name is None or name not in targets.kind:
             result.unexpected_keys.append(fkey)
+        elif tp is not None:
+            plan.append((tp.shard(e, targets.groups.get(name, [name])), name))
         else:
             plan.append((e, name))
 
-    def place(name: str, info: dict[str, Any], parts: list[torch.Tensor]) -> None:
-        _place(targets, name, info, parts, keep_quantized, dtype, result)
+    def place(name: str, info: dict[str, Any], parts: list[torch.Tensor], full: Any) -> None:
+        _place(targets, name, info, parts, keep_quantized, dtype, result, full)
         loaded.update(targets.groups.get(name, [name]))
 
     if io == "stream":
@@ -489,13 +499,14 @@ def load_model(
         ) as s:
             for fkey, q in s:
                 name, info = by_key[fkey]
-                place(name, info, q.parts())
+                place(name, info, q.parts(), info["shape"])
             result.bytes_read += s.stats()["bytes"]
     elif io == "builtin":
         streamer = _Streamer(dev, chunk=chunk_bytes, slots=slots, threads=threads, staged=staged)
         names = {id(e): name for e, name in plan}
         for e, buf in streamer.stream([e for e, _ in plan]):
-            place(names[id(e)], e.info, quantized_from_torch(buf, e).parts())
+            full = getattr(e, "full_shape", e.info["shape"])
+            place(names[id(e)], e.info, quantized_from_torch(buf, e).parts(), full)
         result.bytes_read = streamer.bytes_read
     else:
         raise ValueError(f"io must be 'stream' or 'builtin', not {io!r}")
@@ -513,6 +524,9 @@ def load_model(
         t1 = time.perf_counter()
         result.warmed = warm_kernels(model)
         result.warmup_seconds = time.perf_counter() - t1
+    if tp is not None:  # after warmup: its forwards must not run collectives
+        tp.install(model)
+        result.tensor_parallel = tp
     return result
 
 
@@ -524,14 +538,18 @@ def _place(
     keep_quantized: bool,
     dtype: torch.dtype | None,
     result: LoadResult,
+    full_shape: Any,
 ) -> None:
+    # `shape`: what is placed (a tensor-parallel shard, or the whole tensor as stored)
     shape = tuple(int(d) for d in info["shape"])
     enc = info["encoding"]
     kind = targets.kind[name]
     old = targets.current(name)
     old_shape = tuple(old.shape)
-    if old_shape != shape:
-        raise ValueError(f"{name}: the file holds shape {list(shape)}, the model {list(old_shape)}")
+    if old_shape != tuple(int(d) for d in full_shape):
+        raise ValueError(
+            f"{name}: the file holds shape {list(full_shape)}, the model {list(old_shape)}"
+        )
 
     def float_dtype(file_dtype: torch.dtype) -> torch.dtype:
         if dtype is not None:

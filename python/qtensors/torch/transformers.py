@@ -101,6 +101,7 @@ def from_pretrained(
     config: Any = None,
     strict: bool = True,
     warmup: bool = True,
+    tp_plan: str | dict[str, str] | None = None,
     **model_kwargs: Any,
 ) -> nn.Module:
     """A transformers model of a converted qtensors model folder, its weights on ``device``.
@@ -113,6 +114,9 @@ def from_pretrained(
     * ``strict``: raise if a parameter of the model is in no file.
     * ``warmup``: on CUDA, run every distinct quantized layer once before returning, so the first
       forward compiles no kernel (``qtensors.torch.warmup``).
+    * ``tp_plan``: ``"auto"`` (the model's transformers plan) or a dict: tensor parallelism over
+      the initialised ``torch.distributed`` world, each rank reading only its shards (see
+      ``load_model``); the default device is then ``cuda:LOCAL_RANK`` when there are GPUs.
 
     The model comes back in eval mode; ``model.qtensors_load_result`` says what was loaded.
     """
@@ -129,8 +133,17 @@ def from_pretrained(
             model = cls(config, **model_kwargs)
         else:
             model = cls.from_config(config, **model_kwargs)
+    if tp_plan is not None and device is None and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     result: LoadResult = load_model(
-        model, folder, device=device, keep_quantized=keep_quantized, dtype=tdtype, warmup=warmup
+        model,
+        folder,
+        device=device,
+        keep_quantized=keep_quantized,
+        dtype=tdtype,
+        warmup=warmup,
+        tp_plan=tp_plan,
     )
     dev = result.device or torch.device("cpu")
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]

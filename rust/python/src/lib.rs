@@ -258,6 +258,26 @@ impl StreamReader {
         py.detach(|| self.file.read(index, offset, dst, verify))
             .py()
     }
+
+    /// Copy rows of tensor `index`'s buffer one after another into `out`: row `i` is the
+    /// `row_len` bytes from `offset + i * stride`, for len(out) / row_len rows (a column block of
+    /// a row-major part: a tensor-parallel shard), GIL released. No checksums (they cover whole
+    /// parts).
+    fn read_strided(
+        &self,
+        py: Python<'_>,
+        index: usize,
+        offset: u64,
+        stride: u64,
+        row_len: u64,
+        out: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let ob = InputBytes::new(out)?;
+        // SAFETY: we hold the only Rust reference to the output buffer.
+        let dst = unsafe { ob.as_mut_slice()? };
+        py.detach(|| self.file.read_strided(index, offset, stride, row_len, dst))
+            .py()
+    }
 }
 
 /// Writes a file: the layout is planned up front from names, dtypes, shapes and encodings; parts

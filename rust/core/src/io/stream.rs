@@ -368,6 +368,98 @@ impl StreamFile {
     pub fn read(&self, index: usize, offset: u64, out: &mut [u8], verify: bool) -> Result<()> {
         let t = self.tensor_info(index)?;
         let layout = TensorLayout::of(t, self.data_start);
+        let (pieces, stored) = self.fill(t, &layout, offset, out)?;
+        self.check_unchanged(t)?;
+        if verify {
+            let mut stored = stored.iter();
+            for &(s, lo, hi) in &pieces {
+                match s.compressed {
+                    None => {
+                        let at = s.file + (lo + offset - s.buf);
+                        self.verify_piece(index, t, at, &out[lo as usize..hi as usize])?;
+                    }
+                    Some(_) => {
+                        let (at, bytes) = stored.next().expect("one per compressed piece");
+                        self.verify_piece(index, t, *at, bytes)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copy rows of tensor `index`'s buffer one after another into `out`: row `i` is the
+    /// `row_len` bytes from `offset + i * stride`, for `out.len() / row_len` rows. This is how a
+    /// column block of a row-major part (a tensor-parallel shard) comes out of the file in one
+    /// call, each row one read, the rows spread over the threads. No checksums: they cover whole
+    /// parts, and a shard reads part of each. Rows inside a compressed part decode the chunks
+    /// under the block once.
+    pub fn read_strided(
+        &self,
+        index: usize,
+        offset: u64,
+        stride: u64,
+        row_len: u64,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let t = self.tensor_info(index)?;
+        let len = out.len() as u64;
+        if len == 0 {
+            return Ok(());
+        }
+        if row_len == 0 || !len.is_multiple_of(row_len) || stride < row_len {
+            return Err(Error::Invalid(format!(
+                "tensor '{}': a strided read needs 0 < row length ({row_len}) <= stride ({stride}) and a buffer of whole rows ({len} bytes)",
+                t.name
+            )));
+        }
+        let layout = TensorLayout::of(t, self.data_start);
+        let rows = len / row_len;
+        let end = (rows - 1)
+            .checked_mul(stride)
+            .and_then(|x| x.checked_add(offset))
+            .and_then(|x| x.checked_add(row_len));
+        let Some(end) = end.filter(|&e| e <= layout.len) else {
+            return Err(Error::Invalid(format!(
+                "{rows} rows of {row_len} bytes every {stride} from byte {offset} lie outside tensor '{}' ({} bytes)",
+                t.name, layout.len
+            )));
+        };
+        let compressed = layout
+            .segments
+            .iter()
+            .any(|s| s.compressed.is_some() && s.buf < end && offset < s.buf + s.len);
+        if compressed {
+            // Decoding a chunk per row would decode each chunk many times: decode the block once.
+            let mut span = vec![0u8; (end - offset) as usize];
+            self.fill(t, &layout, offset, &mut span)?;
+            for (i, row) in out.chunks_mut(row_len as usize).enumerate() {
+                let at = i * stride as usize;
+                row.copy_from_slice(&span[at..at + row_len as usize]);
+            }
+        } else {
+            out.par_chunks_mut(row_len as usize)
+                .enumerate()
+                .with_min_len(64)
+                .try_for_each(|(i, row)| {
+                    self.fill(t, &layout, offset + i as u64 * stride, row)
+                        .map(|_| ())
+                })?;
+        }
+        self.check_unchanged(t)
+    }
+
+    /// Bytes `[offset, offset + out.len())` of tensor `t`'s buffer into `out` (padding between
+    /// segments as zeros). Returns each segment's share of the piece (segment, [lo, hi) in
+    /// `out`) and the stored bytes read for compressed parts (absolute offset, bytes).
+    #[allow(clippy::type_complexity)]
+    fn fill<'l>(
+        &self,
+        t: &TensorInfo,
+        layout: &'l TensorLayout,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<(Vec<(&'l Segment, u64, u64)>, Vec<(u64, Vec<u8>)>)> {
         let len = out.len() as u64;
         if offset.checked_add(len).is_none_or(|end| end > layout.len) {
             return Err(Error::Invalid(format!(
@@ -386,7 +478,6 @@ impl StreamFile {
             .map(|(s, lo, hi)| (s, lo - offset, hi - offset))
             .collect();
         let mut filled = 0;
-        // Stored bytes read for compressed parts, kept for `verify`: (absolute offset, bytes).
         let mut stored: Vec<(u64, Vec<u8>)> = Vec::new();
         for &(s, lo, hi) in &pieces {
             out[filled as usize..lo as usize].fill(0);
@@ -399,23 +490,7 @@ impl StreamFile {
             filled = filled.max(hi);
         }
         out[filled as usize..].fill(0);
-        self.check_unchanged(t)?;
-        if verify {
-            let mut stored = stored.iter();
-            for &(s, lo, hi) in &pieces {
-                match s.compressed {
-                    None => {
-                        let at = s.file + (lo + offset - s.buf);
-                        self.verify_piece(index, t, at, &out[lo as usize..hi as usize])?;
-                    }
-                    Some(_) => {
-                        let (at, bytes) = stored.next().expect("one per compressed piece");
-                        self.verify_piece(index, t, *at, bytes)?;
-                    }
-                }
-            }
-        }
-        Ok(())
+        Ok((pieces, stored))
     }
 
     /// Decoded bytes `[from, from + out.len())` of compressed part `pi`: reads the stored bytes
@@ -880,6 +955,42 @@ mod tests {
                     s.read(1, 0, &mut too_long, false),
                     Err(Error::Invalid(_))
                 ));
+            }
+        }
+    }
+
+    #[test]
+    fn strided_reads_gather_the_rows_of_a_whole_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_file(dir.path(), 64);
+        for mode in [ReadMode::Pread, ReadMode::Direct, ReadMode::Mmap] {
+            let s = StreamFile::open(&path, mode, 3, 4096).unwrap();
+            let (a, b) = s.tensor_range(0).unwrap();
+            let mut whole = vec![0u8; (b - a) as usize];
+            s.read(0, 0, &mut whole, false).unwrap();
+            // 150 bytes of codes per row of 'a' (300 4-bit codes): columns 40..115 of each row.
+            for (offset, stride, row_len, rows) in [(40u64, 150u64, 75u64, 256u64), (7, 9, 9, 3)] {
+                let mut got = vec![0u8; (row_len * rows) as usize];
+                s.read_strided(0, offset, stride, row_len, &mut got)
+                    .unwrap();
+                let want: Vec<u8> = (0..rows)
+                    .flat_map(|i| {
+                        let at = (offset + i * stride) as usize;
+                        whole[at..at + row_len as usize].to_vec()
+                    })
+                    .collect();
+                assert_eq!(got, want);
+            }
+            let mut none: [u8; 0] = [];
+            s.read_strided(0, 0, 1, 1, &mut none).unwrap();
+            // Rows past the end, a stride shorter than a row, a ragged buffer: named errors.
+            let mut two = vec![0u8; 2 * 10];
+            for (offset, stride, row_len) in [(b - a - 15, 10, 10), (0, 5, 10), (0, 10, 3)] {
+                let e = s
+                    .read_strided(0, offset, stride, row_len, &mut two)
+                    .unwrap_err();
+                assert!(matches!(e, Error::Invalid(_)), "{e}");
+                assert!(e.to_string().contains("tensor 'a'"), "{e}");
             }
         }
     }
