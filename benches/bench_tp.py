@@ -98,7 +98,7 @@ def child(args: argparse.Namespace) -> None:
     io0, rss0 = _proc_io(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     if args.child == "qtensors":
-        plan = "auto" if world > 1 else None
+        plan = "auto" if world > 1 or args.plan_at_1 else None
         model = qtt.from_pretrained(args.folder, device=dev, dtype=dtype, tp_plan=plan)
     else:
         cls = transformers.AutoModelForCausalLM
@@ -216,7 +216,9 @@ def stored_bytes(folder: str) -> int:
     )
 
 
-def run_shape(args, label: str, shape: dict[str, Any], work: str, report: Report) -> dict:
+def run_shape(
+    args, label: str, shape: dict[str, Any], work: str, report: Report, worlds: tuple[int, ...]
+) -> dict:
     say = report.say
     fp16, folder = os.path.join(work, f"{label}-fp16"), os.path.join(work, f"{label}-qt")
     t = time.perf_counter()
@@ -235,13 +237,15 @@ def run_shape(args, label: str, shape: dict[str, Any], work: str, report: Report
         f"{'rchar MiB':>9} {'GPU GiB':>7} {'eager tok/s':>11} {'compiled tok/s':>14}"
     )
     for kind, src in (("qtensors", folder), ("hf-fp16", fp16)):
-        for world in (1, 2):
+        for world in worlds:
             stem = os.path.join(work, f"{label}-{kind}-tp{world}")
             logits = stem + ".logits.pt"
             files = [os.path.join(src, f) for f in os.listdir(src)]
             how = drop_caches(files)
             child_kind = "qtensors" if kind == "qtensors" else "hf"
             extra = ["--child", child_kind, "--folder", src, "--out", stem, "--logits", logits]
+            if worlds == (1,):  # one GPU: the TP path (hooks, NCCL) at world size 1
+                extra.append("--plan-at-1")
             launch(args, world, extra, say)
             ranks = read_ranks(stem, world)
             res["runs"][f"{kind}-tp{world}"] = ranks
@@ -329,6 +333,7 @@ def main() -> None:
     ap.add_argument("--fp16")
     ap.add_argument("--out")
     ap.add_argument("--logits")
+    ap.add_argument("--plan-at-1", action="store_true", help="tp_plan at world size 1 too")
     args = ap.parse_args()
     if args.child:
         return child(args)
@@ -349,12 +354,16 @@ def main() -> None:
     report.say(
         f"# tensor-parallel load and decode, {name} x{results['gpus']}, {results['versions']}"
     )
+    # one GPU: TP=1 only, through tp_plan (NCCL at world size 1); TP=2 comparisons show n/a
+    worlds = (1, 2) if args.smoke or results["gpus"] >= 2 else (1,)
+    if worlds == (1,):
+        report.say("only one GPU: TP=1 runs only")
     shapes = {"llama-smoke": LLAMA_SMOKE} if args.smoke else {"llama-1b": LLAMA_1B}
     if args.big and not args.smoke:
         shapes["llama-8b"] = LLAMA_8B
     with tempfile.TemporaryDirectory(dir=os.environ.get("QT_BENCH_DIR")) as work:
         for label, shape in shapes.items():
-            results["shapes"][label] = run_shape(args, label, shape, work, report)
+            results["shapes"][label] = run_shape(args, label, shape, work, report, worlds)
     report.say(f"total {time.time() - t0:.0f} s")
     report.write("bench_tp" + ("_smoke" if args.smoke else ""), results)
 
