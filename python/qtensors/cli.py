@@ -382,16 +382,20 @@ def _convert_with_method(args: argparse.Namespace) -> int:
 
 
 def _import_foreign(args: argparse.Namespace) -> int:
-    """`convert` of a file in another format (GGUF): its importer, with the quantization options
-    (if any) as the encoding of the tensors that cannot be mapped exactly."""
+    """`convert` of a model in another format (a GGUF file; a GPTQ, AWQ or compressed-tensors
+    folder): its importer, with the quantization options (if any) as the encoding of the GGUF
+    tensors that cannot be mapped exactly."""
     from dataclasses import asdict
 
-    from .interop import import_model
+    from .interop import detect, import_model
 
     chosen = (args.preset, args.bits, args.group_size, args.axis, args.symmetric, args.scale_dtype)
     quant = _quant(args) if any(v is not None for v in chosen) else None
     base = os.path.splitext(args.src.rstrip("/\\"))[0]
-    report = import_model(args.src, args.dst or base + "-qtensors", quant=quant, force=args.force)
+    kw: dict[str, Any] = {"quant": quant, "force": args.force}
+    if detect(args.src) != "gguf":  # folder imports show a progress bar
+        kw["progress"] = False if (args.quiet or args.json) else None
+    report = import_model(args.src, args.dst or base + "-qtensors", **kw)
     if args.json:
         print(json.dumps(asdict(report), indent=2))
     elif not args.quiet:
