@@ -23,6 +23,8 @@ qtensors: safetensors, but group-quantized.
   qtensors inspect model.qtensors                  # what is inside, and how small
   qtensors diff model.safetensors model.qtensors   # the error quantization added
   qtensors verify model.qtensors                   # structure and every checksum
+  qtensors convert ./Llama-GPTQ ./llama-q          # import GPTQ/AWQ/compressed-tensors/GGUF
+  qtensors export ./llama-q ./llama-ct --to compressed-tensors   # for vLLM
 
 Run `qtensors COMMAND --help` for each command's options and examples."""
 
@@ -56,9 +58,17 @@ safety:
   temporary; the next conversion to the same name removes it once it is 10 minutes old. The
   input is only read. An existing output is replaced only with --force.
 
+importing models quantized elsewhere (exact: decoded weights equal the source's bit for bit):
+  A GGUF file (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 mapped exactly, other types re-encoded with the quant
+  options), or a model folder whose config.json has a quantization_config of quant_method
+  gptq (v1 "gptq" and v2 "gptq_v2" checkpoints, 2/4/8 bits, act-order folded), awq (version
+  gemm) or compressed-tensors (format pack-quantized, int weights, group/channel/tensor
+  strategy). The summary lists what was exact, raw and re-encoded, and how each maps.
+
 examples:
   qtensors convert model.safetensors
   qtensors convert model.safetensors model-nf4.qtensors --preset nf4
+  qtensors convert ./Qwen2.5-0.5B-GPTQ-Int4 ./qwen-q       # GPTQ folder -> qtensors folder
   qtensors convert ./Llama-3-8B ./Llama-3-8B-q4 --preset int4-g128 --keep 'lm_head.*'
   qtensors convert ./bert bert.qtensors --bits 8 --group-size 32 --keep-embeddings
 """
@@ -97,6 +107,23 @@ examples:
   qtensors diff model.safetensors model.qtensors
   qtensors diff ./bert ./bert-qtensors --top 10
   qtensors diff model.safetensors model.qtensors --min-sqnr 15 --quiet
+"""
+
+EXPORT_EPILOG = """\
+--to compressed-tensors writes a pack-quantized checkpoint (model.safetensors, and config.json
+with the quantization_config vLLM and transformers read: config_groups, ignore, format):
+  symmetric groups along the last axis   -> symmetric int, exactly (same codes and scales)
+  affine groups whose mins are -zero*scale (imported from GPTQ/AWQ/compressed-tensors)
+                                         -> asymmetric int with zero points, exactly
+  other affine groups (min-max)          -> refused, naming the tensor; --lossy rounds the
+                                            zero points and reports the error
+  other encodings, non-linear modules    -> written dense (linears go to the ignore list)
+Scales keep their dtype when it is the tensor's dtype, else become float32 (exact products).
+
+examples:
+  qtensors convert ./llama ./llama-q --preset int4-g128 --symmetric
+  qtensors export ./llama-q ./llama-ct --to compressed-tensors
+  vllm serve ./llama-ct
 """
 
 DEMO_EPILOG = """\
@@ -217,7 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_formatter,
     )
     p.add_argument(
-        "src", metavar="SRC", help=".safetensors file or model folder, or a GGUF file (imported)"
+        "src",
+        metavar="SRC",
+        help=".safetensors file or model folder; or a GGUF file or GPTQ/AWQ/compressed-tensors "
+        "folder (imported)",
     )
     p.add_argument(
         "dst", metavar="DST", nargs="?", help="a .qtensors file (the suffix is required) or folder"
@@ -287,6 +317,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-sqnr", type=float, metavar="DB", help="fail below this SQNR")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
+
+    p = sub.add_parser(
+        "export",
+        help="write a qtensors model folder in another format (compressed-tensors)",
+        description="Write a qtensors model folder as a compressed-tensors checkpoint.",
+        epilog=EXPORT_EPILOG,
+        formatter_class=_formatter,
+    )
+    p.add_argument("src", metavar="SRC", help="qtensors model folder (config.json, *.qtensors)")
+    p.add_argument("dst", metavar="DST", help="output model folder")
+    p.add_argument(
+        "--to", required=True, choices=["compressed-tensors"], help="the format to write"
+    )
+    p.add_argument(
+        "--lossy", action="store_true", help="round zero points of min-max affine groups"
+    )
+    p.add_argument("-f", "--force", action="store_true", help="replace an existing output")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser(
         "demo",
@@ -508,8 +557,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .interop.export_ct import export_compressed_tensors
+
+    report = export_compressed_tensors(
+        args.src,
+        args.dst,
+        lossy=args.lossy,
+        force=args.force,
+        progress=False if (args.quiet or args.json) else None,
+    )
+    if args.json:
+        print(json.dumps(asdict(report), indent=2))
+    elif not args.quiet:
+        print(report.summary())
+    return 0
+
+
 COMMANDS = {
     "convert": cmd_convert,
+    "export": cmd_export,
     "inspect": cmd_inspect,
     "verify": cmd_verify,
     "diff": cmd_diff,
