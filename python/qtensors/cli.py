@@ -120,10 +120,18 @@ with the quantization_config vLLM and transformers read: config_groups, ignore, 
   other encodings, non-linear modules    -> written dense (linears go to the ignore list)
 Scales keep their dtype when it is the tensor's dtype, else become float32 (exact products).
 
+--to gguf writes one GGUF file (llama architecture: model_type llama or mistral) with the
+config and a byte-level BPE tokenizer in its metadata; groups of 32 along the rows with fp16
+scales map exactly onto llama.cpp blocks, the rest is written F32/F16/BF16:
+  symmetric 4-bit -> Q4_0   symmetric 5-bit -> Q5_0   symmetric 8-bit -> Q8_0
+  affine 4-bit    -> Q4_1   affine 5-bit    -> Q5_1
+
 examples:
   qtensors convert ./llama ./llama-q --preset int4-g128 --symmetric
   qtensors export ./llama-q ./llama-ct --to compressed-tensors
   vllm serve ./llama-ct
+  qtensors convert ./llama ./llama-q4 --bits 4 --group-size 32 --axis -1
+  qtensors export ./llama-q4 llama-q4_1.gguf --to gguf
 """
 
 DEMO_EPILOG = """\
@@ -320,15 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="write a qtensors model folder in another format (compressed-tensors)",
-        description="Write a qtensors model folder as a compressed-tensors checkpoint.",
+        help="write a qtensors model folder in another format (compressed-tensors, GGUF)",
+        description="Write a qtensors model folder as a compressed-tensors checkpoint or a GGUF "
+        "file.",
         epilog=EXPORT_EPILOG,
         formatter_class=_formatter,
     )
     p.add_argument("src", metavar="SRC", help="qtensors model folder (config.json, *.qtensors)")
-    p.add_argument("dst", metavar="DST", help="output model folder")
+    p.add_argument("dst", metavar="DST", help="output model folder (a .gguf file for --to gguf)")
     p.add_argument(
-        "--to", required=True, choices=["compressed-tensors"], help="the format to write"
+        "--to", required=True, choices=["compressed-tensors", "gguf"], help="the format to write"
     )
     p.add_argument(
         "--lossy", action="store_true", help="round zero points of min-max affine groups"
@@ -560,15 +569,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .interop.export_ct import export_compressed_tensors
+    if args.to == "gguf":
+        from .interop.export_gguf import export_gguf
 
-    report = export_compressed_tensors(
-        args.src,
-        args.dst,
-        lossy=args.lossy,
-        force=args.force,
-        progress=False if (args.quiet or args.json) else None,
-    )
+        if args.lossy:
+            raise ValueError("--lossy applies to --to compressed-tensors only")
+        report = export_gguf(args.src, args.dst, force=args.force)
+    else:
+        from .interop.export_ct import export_compressed_tensors
+
+        report = export_compressed_tensors(
+            args.src,
+            args.dst,
+            lossy=args.lossy,
+            force=args.force,
+            progress=False if (args.quiet or args.json) else None,
+        )
     if args.json:
         print(json.dumps(asdict(report), indent=2))
     elif not args.quiet:
