@@ -349,3 +349,18 @@ def test_smollm2_import_is_exact(tmp_path):
             want = proc.process(weights=want, name=t.name).weights
             got = f.get_tensor(by_src[t.name])
             assert got.tobytes() == np.ascontiguousarray(want, np.float32).tobytes(), t.name
+
+
+def test_standard_name_table_equals_transformers_map(tmp_path, monkeypatch):
+    """The fixed GGUF -> transformers name table of the plain decoders gives the map that
+    transformers' own name mapping on a meta model gives."""
+    pytest.importorskip("transformers")
+    src = tmp_path / "tiny.gguf"
+    types = {"embd": "Q8_0", "out": "Q8_0", "qk": "Q4_0", "v": "Q4_0", "o": "Q4_0", "mlp": "Q4_0"}
+    _tiny_llama(src, {**types, "down": "Q4_0"})
+    fast = QG._transformers_side(GGUFFile(str(src)))
+    monkeypatch.setattr(QG, "STANDARD_ARCHS", ())
+    slow = QG._transformers_side(GGUFFile(str(src)))
+    assert fast[2] == slow[2] and len(fast[2]) == 3 + 9 * LAYERS
+    for k, v in fast[0].items():
+        assert slow[0].get(k) == v or k == "rope_theta", k

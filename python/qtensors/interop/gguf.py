@@ -16,9 +16,11 @@ fifth bits in a 32-bit word); our stream packs codes in element order. Float ten
 Other types (K-quants, i-quants, ...) are decoded with `gguf` and quantized again with the chosen
 encoding, and their error is reported.
 
-The config and tokenizer come from transformers' own GGUF reader; tensor names go through
-transformers' GGUF name map, and llama.cpp's Q/K row permutation (LlamaTensorProcessor) is
-undone on the quantized rows, which is exact because groups run along the rows.
+The config and tokenizer come from transformers' own GGUF reader; tensor names go through a
+fixed table for the plain decoders (llama, mistral, qwen2, qwen3), else through transformers'
+GGUF name map on a meta model of the architecture; llama.cpp's Q/K row permutation
+(LlamaTensorProcessor) is undone on the quantized rows, which is exact because groups run along
+the rows.
 """
 
 from __future__ import annotations
@@ -178,18 +180,57 @@ def _transformers_reads(f: GGUFFile) -> Iterator[None]:
         gguf.GGUFReader = original  # type: ignore[misc]
 
 
-def _transformers_side(f: GGUFFile) -> tuple[Any, Any, dict[str, str], Any]:
-    """Config, tokenizer, the map from GGUF tensor names to the model's parameter names, and
-    transformers' tensor processor for the architecture."""
-    import torch
+#: GGUF name -> transformers name for the plain decoder architectures, so that importing them
+#: needs neither transformers' model classes nor a model: importing `modeling_llama` alone takes
+#: seconds, more than the rest of the import of a small model.
+STANDARD_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+STANDARD_TOP = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+STANDARD_LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _standard_name(gguf_name: str, layers: int) -> str | None:
+    base, _, suffix = gguf_name.rpartition(".")
+    if suffix not in ("weight", "bias"):
+        return None
+    parts = base.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) < layers:
+        hf = STANDARD_LAYER.get(parts[2])
+        return None if hf is None else f"model.layers.{parts[1]}.{hf}.{suffix}"
+    hf = STANDARD_TOP.get(base)
+    return None if hf is None else f"{hf}.{suffix}"
+
+
+def _transformers_side(f: GGUFFile) -> tuple[dict[str, Any], Any, dict[str, str], Any]:
+    """Config (as a dict), tokenizer, the map from GGUF tensor names to the model's parameter
+    names, and transformers' tensor processor for the architecture."""
     import transformers
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        load_gguf_checkpoint,
+    )
 
     folder, file = os.path.split(os.path.abspath(f.path))
     arch = f.string("general.architecture") or "?"
     with _transformers_reads(f):
         try:
-            config = transformers.AutoConfig.from_pretrained(folder, gguf_file=file)
+            config = dict(load_gguf_checkpoint(f.path, return_tensors=False)["config"])
         except (ValueError, KeyError, NotImplementedError) as e:
             raise ForeignFormatError(
                 f"GGUF {f.path}: transformers cannot build a config for architecture {arch!r}: {e}"
@@ -198,13 +239,33 @@ def _transformers_side(f: GGUFFile) -> tuple[Any, Any, dict[str, str], Any]:
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=file)
         except (ValueError, KeyError, NotImplementedError, OSError):
             tokenizer = None  # no tokenizer in the metadata: the folder gets none
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
+    layers = int(config.get("num_hidden_layers") or 0)
+    if config.get("model_type") in STANDARD_ARCHS:
+        names = {t.name: _standard_name(t.name, layers) for t in f.tensors}
+        return config, tokenizer, {k: v for k, v in names.items() if v}, processor
+    import torch
+
+    with _transformers_reads(f):
+        full = transformers.AutoConfig.from_pretrained(folder, gguf_file=file)
     with torch.device("meta"):
         try:
-            model = transformers.AutoModelForCausalLM.from_config(config)
+            model = transformers.AutoModelForCausalLM.from_config(full)
         except ValueError:
-            model = transformers.AutoModel.from_config(config)
-    return config, tokenizer, _name_map(f, model, processor), processor
+            model = transformers.AutoModel.from_config(full)
+    return full.to_dict(), tokenizer, _name_map(f, model, processor), processor
+
+
+def _write_config(config: dict[str, Any], folder: str) -> None:
+    """config.json: the config transformers reads from the GGUF metadata (the keys it does not
+    set take its defaults when loaded, as they do for the GGUF itself)."""
+    import transformers
+
+    doc = {k: v for k, v in config.items() if not k.startswith("_")}
+    doc.setdefault("transformers_version", transformers.__version__)
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=2, sort_keys=True)
+        fh.write("\n")
 
 
 def _name_map(f: GGUFFile, model: Any, processor: Any) -> dict[str, str]:
@@ -295,7 +356,7 @@ def import_gguf(
         report.tensors.append(rep)
 
     with building_folder(dst, force) as tmp:
-        config.save_pretrained(tmp)
+        _write_config(config, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         meta = {"format": "pt", "source": os.path.basename(src), "imported_from": "gguf"}
