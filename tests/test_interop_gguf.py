@@ -338,8 +338,15 @@ def test_smollm2_import_is_exact(tmp_path):
     transformers does)."""
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
+    import transformers
+
     report = import_model(SMOLLM2, tmp_path / "m")
     assert report.count("reencoded") == 0 and report.count("exact") == 211
+    folder, name = os.path.split(SMOLLM2)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    ours = transformers.AutoTokenizer.from_pretrained(tmp_path / "m")
+    text = "<|im_start|>user\nHello, wörld! 1234 tokens?<|im_end|>"
+    assert type(ours) is type(theirs) and ours(text).input_ids == theirs(text).input_ids
     proc = LlamaTensorProcessor(config={"num_attention_heads": 9, "num_key_value_heads": 3})
     reader = gguf.GGUFReader(SMOLLM2)
     by_src = {t.source_name: t.name for t in report.tensors}

@@ -235,13 +235,20 @@ def _transformers_side(f: GGUFFile) -> tuple[dict[str, Any], Any, dict[str, str]
             raise ForeignFormatError(
                 f"GGUF {f.path}: transformers cannot build a config for architecture {arch!r}: {e}"
             ) from None
+        standard = config.get("model_type") in STANDARD_ARCHS
+        # AutoTokenizer picks TokenizersBackend for these too, but first imports the config
+        # classes (seconds); the class itself reads the GGUF vocabulary the same way.
+        if standard:
+            from transformers.tokenization_utils_tokenizers import TokenizersBackend as Tok
+        else:
+            Tok = transformers.AutoTokenizer
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=file)
+            tokenizer = Tok.from_pretrained(folder, gguf_file=file)
         except (ValueError, KeyError, NotImplementedError, OSError):
             tokenizer = None  # no tokenizer in the metadata: the folder gets none
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
     layers = int(config.get("num_hidden_layers") or 0)
-    if config.get("model_type") in STANDARD_ARCHS:
+    if standard:
         names = {t.name: _standard_name(t.name, layers) for t in f.tensors}
         return config, tokenizer, {k: v for k, v in names.items() if v}, processor
     import torch
