@@ -12,9 +12,16 @@ without decoding:
 
 all with group size 32, axis -1, fp16 scales. Only the code order differs: a GGUF block keeps
 element i in the low nibble of byte i and element i + 16 in the high nibble (Q5 types add the
-fifth bits in a 32-bit word); our stream packs codes in element order. Float tensors stay raw.
-Other types (K-quants, i-quants, ...) are decoded with `gguf` and quantized again with the chosen
-encoding, and their error is reported.
+fifth bits in a 32-bit word); our stream packs codes in element order. Two K-quants map too,
+with fp32 scales (their products of an fp16 super-block scale and a 6- or 8-bit sub-block
+scale need up to 19 significant bits, which fp16 does not have but fp32 holds exactly):
+
+    Q4_K  x = d*sc_j * q - dmin*m_j  -> affine 4-bit, groups of 32  (scale d*sc, min -dmin*m)
+    Q6_K  x = d*sc_j * (q - 32)      -> symmetric 6-bit, groups of 16 (scale d*sc)
+
+gguf decodes these in fp32 with one rounding (the subtraction), as we do. Float tensors stay
+raw. Other types (Q2_K, Q3_K, Q5_K, i-quants, ...) are decoded with `gguf` and quantized again
+with the chosen encoding, and their error is reported.
 
 The config and tokenizer come from transformers' own GGUF reader; tensor names go through a
 fixed table for the plain decoders (llama, mistral, qwen2, qwen3), else through transformers'
@@ -40,6 +47,7 @@ from ..encodings import Affine, Encoding, Raw, Symmetric, as_encoding
 from ..errors import ForeignFormatError
 from .common import ImportReport, TensorReport, building_folder
 from .gguf_file import GGUFFile, TensorInfo
+from .intgroups import pack_codes
 
 BLOCK = 32
 #: Re-encoding of the types that do not map exactly, unless `quant` says otherwise.
@@ -102,6 +110,7 @@ class BlockMap:
     type_size: int
     encoding: Encoding
     parts: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+    block: int = BLOCK  #: elements per GGUF block (256 for the K-quants)
 
 
 def _q4_0(b: np.ndarray):
@@ -125,12 +134,58 @@ def _q8_0(b: np.ndarray):
     return b[:, 2:] ^ np.uint8(0x80), _fp16(b[:, :2]), None
 
 
+QK_K = 256
+
+
+def _k_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's 12 bytes -> 8 six-bit scales and 8 six-bit mins per block: bytes 0-3 hold scales
+    0-3 (low 6 bits) and the top 2 bits of scales 4-7; bytes 4-7 likewise the mins; bytes 8-11
+    the low 4 bits of scales 4-7 (low nibble) and of mins 4-7 (high nibble)."""
+    a, b, c = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 6) << 4)], axis=1)
+    mn = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 6) << 4)], axis=1)
+    return sc, mn
+
+
+def _q4_k(b: np.ndarray):
+    """x = d*sc_j * q - dmin*m_j per sub-block j of 32: affine with scale d*sc and min
+    -dmin*m, both exact in fp32 (11 + 6 significant bits), and the same single rounding of
+    the subtraction as gguf's fp32 decode."""
+    d = b[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = b[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, mn = _k_scale_min(b[:, 4:16])
+    qs = b[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    codes = (qs & 0x0F).reshape(-1)  # chunk c: low nibbles elements 64c.., high 64c+32..
+    return pack_codes(codes, 4), (d * sc).reshape(-1), (-(dmin * mn) + 0.0).reshape(-1)
+
+
+def _q6_k(b: np.ndarray):
+    """x = d*sc_j * (q - 32) per sub-block j of 16: symmetric 6-bit with scale d*sc (exact in
+    fp32: 11 + 8 bits) and code q."""
+    ql, qh = b[:, :128], b[:, 128:192]
+    sc = b[:, 192:208].view(np.int8).astype(np.float32)
+    d = b[:, 208:210].copy().view(np.float16).astype(np.float32)
+    lo = (ql.reshape(-1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F
+    hi = (qh.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 3
+    codes = lo.reshape(-1, QK_K) | (hi.reshape(-1, QK_K) << 4)
+    return pack_codes(codes.reshape(-1), 6), (d * sc).reshape(-1), None
+
+
 EXACT: dict[str, BlockMap] = {
     "Q4_0": BlockMap(18, Symmetric(bits=4, group_size=BLOCK, axis=-1, levels="full"), _q4_0),
     "Q4_1": BlockMap(20, Affine(bits=4, group_size=BLOCK, axis=-1), _q4_1),
     "Q5_0": BlockMap(22, Symmetric(bits=5, group_size=BLOCK, axis=-1, levels="full"), _q5_0),
     "Q5_1": BlockMap(24, Affine(bits=5, group_size=BLOCK, axis=-1), _q5_1),
     "Q8_0": BlockMap(34, Symmetric(bits=8, group_size=BLOCK, axis=-1), _q8_0),
+    "Q4_K": BlockMap(
+        144, Affine(bits=4, group_size=32, axis=-1, scale_dtype="float32"), _q4_k, QK_K
+    ),
+    "Q6_K": BlockMap(
+        210,
+        Symmetric(bits=6, group_size=16, axis=-1, scale_dtype="float32", levels="full"),
+        _q6_k,
+        QK_K,
+    ),
 }
 
 
@@ -142,12 +197,12 @@ def block_parts(
     with the last axis cut to its groups."""
     m = EXACT[type_name]
     shape = tuple(int(d) for d in shape)
-    if not shape or shape[-1] % BLOCK:
+    if not shape or shape[-1] % m.block:
         raise ForeignFormatError(
             f"GGUF tensor {name!r} ({type_name}): rows of {shape[-1] if shape else 0} elements "
-            f"are not whole blocks of {BLOCK}"
+            f"are not whole blocks of {m.block}"
         )
-    n_blocks = int(np.prod(shape)) // BLOCK
+    n_blocks = int(np.prod(shape)) // m.block
     raw = np.asarray(data).reshape(-1)
     if raw.dtype != np.uint8 or raw.size != n_blocks * m.type_size:
         raise ForeignFormatError(
@@ -155,7 +210,7 @@ def block_parts(
             f"{n_blocks} blocks of {m.type_size} bytes (shape {list(shape)})"
         )
     codes, scales, mins = m.parts(raw.reshape(n_blocks, m.type_size))
-    sshape = (*shape[:-1], shape[-1] // BLOCK)
+    sshape = (*shape[:-1], shape[-1] // m.encoding.group_size)
     return (
         np.ascontiguousarray(codes).reshape(-1),
         scales.reshape(sshape),
