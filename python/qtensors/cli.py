@@ -445,15 +445,18 @@ def _import_foreign(args: argparse.Namespace) -> int:
     tensors that cannot be mapped exactly."""
     from dataclasses import asdict
 
-    from .interop import detect, import_model
+    from .interop import import_model
 
     chosen = (args.preset, args.bits, args.group_size, args.axis, args.symmetric, args.scale_dtype)
     quant = _quant(args) if any(v is not None for v in chosen) else None
     base = os.path.splitext(args.src.rstrip("/\\"))[0]
-    kw: dict[str, Any] = {"quant": quant, "force": args.force}
-    if detect(args.src) != "gguf":  # folder imports show a progress bar
-        kw["progress"] = False if (args.quiet or args.json) else None
-    report = import_model(args.src, args.dst or base + "-qtensors", **kw)
+    report = import_model(
+        args.src,
+        args.dst or base + "-qtensors",
+        quant=quant,
+        force=args.force,
+        progress=False if (args.quiet or args.json) else None,
+    )
     if args.json:
         print(json.dumps(asdict(report), indent=2))
     elif not args.quiet:

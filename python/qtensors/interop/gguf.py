@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from .. import _core
+from .._progress import Progress, want_progress
 from ..encodings import Affine, Encoding, Raw, Symmetric, as_encoding
 from ..errors import ForeignFormatError
 from .common import ImportReport, TensorReport, building_folder
@@ -384,6 +385,7 @@ class _Planned:
     dtype: str
     shape: list[int]
     encoding: dict[str, Any]
+    nbytes: int  #: bytes of the source tensor, for the progress bar
     #: The parts' arrays, and the relative RMSE of a re-encoding (None when nothing was lost).
     make_parts: Callable[[], tuple[list[np.ndarray], float | None]]
 
@@ -394,6 +396,7 @@ def import_gguf(
     *,
     quant: Encoding | str | None = None,
     force: bool = False,
+    progress: bool | None = None,
 ) -> ImportReport:
     """Import the GGUF model `src` into the model folder `dst` (config.json, tokenizer files,
     model.qtensors); `qtensors.torch.from_pretrained(dst, AutoModelForCausalLM)` runs it.
@@ -426,9 +429,12 @@ def import_gguf(
         writer = _core.Writer(os.path.join(tmp, "model.qtensors"), entries, meta, 64)
         try:
             by_name = {r.name: r for r in report.tensors}
-            for i, p in enumerate(plans):
-                parts, by_name[p.name].rel_rmse = p.make_parts()
-                writer.write_parts(i, [np.ascontiguousarray(a).view(np.uint8) for a in parts])
+            total = sum(p.nbytes for p in plans)
+            with Progress(total, len(plans), "import GGUF", want_progress(progress)) as bar:
+                for i, p in enumerate(plans):
+                    parts, by_name[p.name].rel_rmse = p.make_parts()
+                    writer.write_parts(i, [np.ascontiguousarray(a).view(np.uint8) for a in parts])
+                    bar.update(p.nbytes)
             writer.finish()
         except BaseException:
             writer.abort()
@@ -455,7 +461,7 @@ def _plan_tensor(
             return [codes, scales] + ([] if mins is None else [mins]), None
 
         enc = exact.encoding.to_dict(len(shape))
-        plan = _Planned(hf_name, "float32", shape, enc, make_exact)
+        plan = _Planned(hf_name, "float32", shape, enc, t.nbytes, make_exact)
         how = TensorReport(hf_name, t.name, type_name, "exact", _describe(exact.encoding))
         return plan, how
 
@@ -475,7 +481,12 @@ def _plan_tensor(
         if dtype == "bfloat16":
             dtype = "float32"  # numpy has no bfloat16: gguf hands it out widened
         plan = _Planned(
-            hf_name, dtype, shape, {"name": "raw"}, lambda: ([dense().astype(dtype)], None)
+            hf_name,
+            dtype,
+            shape,
+            {"name": "raw"},
+            t.nbytes,
+            lambda: ([dense().astype(dtype)], None),
         )
         return plan, TensorReport(hf_name, t.name, type_name, "raw", "raw")
 
@@ -494,7 +505,7 @@ def _plan_tensor(
         return [np.asarray(a) for a in q.parts()], _rel_rmse(x, np.asarray(dequantize(q)))
 
     d = {"name": "raw"} if isinstance(enc, Raw) else enc.to_dict(len(shape))
-    plan = _Planned(hf_name, "float32", shape, d, make_reencoded)
+    plan = _Planned(hf_name, "float32", shape, d, t.nbytes, make_reencoded)
     return plan, TensorReport(hf_name, t.name, type_name, "reencoded", _describe(enc))
 
 
