@@ -337,4 +337,20 @@ def test_malformed_folders_name_format_and_tensor(tmp_path):
     save_quantized(src, state, {**qc, "checkpoint_format": "marlin"})
     with pytest.raises(ForeignFormatError, match="checkpoint_format = 'marlin'"):
         import_model(src, tmp_path / "dst")
+    ct = {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {}}
+    save_quantized(src, state, ct)
+    with pytest.raises(ForeignFormatError, match="format = 'float-quantized'"):
+        import_model(src, tmp_path / "dst")
+    group = {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "float"}}
+    ct.update(format="mixed-precision", config_groups={"g": {**group, "format": "naive"}})
+    save_quantized(src, state, ct)
+    with pytest.raises(ForeignFormatError, match=r"config_groups\.g\.format = 'naive'"):
+        import_model(src, tmp_path / "dst")
+    ct["config_groups"] = {"g": {**group, "format": "pack-quantized"}}
+    save_quantized(src, state, ct)
+    with pytest.raises(ForeignFormatError, match=r"config_groups\.g\.weights\.type = 'float'"):
+        import_model(src, tmp_path / "dst")
+    save_quantized(src, state, {**qc, "checkpoint_format": "marlin"})
+    with pytest.raises(ForeignFormatError, match="checkpoint_format = 'marlin'"):
+        import_model(src, tmp_path / "dst")
     assert not (tmp_path / "dst").exists()

@@ -209,7 +209,7 @@ class _CompressedTensors(_Format):
 
     def __init__(self, qc: dict[str, Any]) -> None:
         fmt = qc.get("format")
-        if fmt != "pack-quantized":
+        if fmt not in ("pack-quantized", "mixed-precision"):
             raise _unsupported(self.name, "format", fmt, '"pack-quantized"')
         groups = qc.get("config_groups")
         if not isinstance(groups, dict) or not groups:
@@ -225,7 +225,8 @@ class _CompressedTensors(_Format):
                     scheme.get("input_activations"),
                     "weight-only quantization",
                 )
-            if (scheme.get("format") or "pack-quantized") != "pack-quantized":
+            # "mixed-precision" at the top names each group's format; else groups inherit it
+            if (scheme.get("format") or fmt) != "pack-quantized":
                 raise _unsupported(self.name, f"{where}.format", scheme["format"], "pack-quantized")
             if w.get("type", "int") != "int":
                 raise _unsupported(self.name, f"{where}.weights.type", w.get("type"), '"int"')
