@@ -1,10 +1,12 @@
 """GPTQ, AWQ and compressed-tensors model folders imported (qtensors.interop.quantized_folder).
 
 compressed-tensors checkpoints are made and decoded by the compressed-tensors package itself
-(PackedQuantizationCompressor). GPTQ and AWQ packing is written here from the layouts AutoGPTQ /
-GPTQModel and AutoAWQ document (their packages need CUDA builds): the packers below are
-independent of the importer's unpackers, and the reference decode is theirs, (q - z) * s in
-fp16. Every imported weight must decode bit for bit to the reference.
+(PackedQuantizationCompressor). AWQ packing is checked against AutoAWQ's own WQLinear_GEMM packer
+and dequantize_gemm (`pip install --no-deps autoawq`: pure Python without its CUDA kernels).
+GPTQModel / AutoGPTQ are source builds of CUDA extensions, so the GPTQ (and folder-level AWQ)
+packers below are written from their documented layouts, independent of the importer's
+unpackers, with their reference decode (q - z) * s in fp16. Every imported weight must decode
+bit for bit to the reference.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ st = pytest.importorskip("safetensors.torch")
 import qtensors as qt  # noqa: E402
 from qtensors.errors import ForeignFormatError  # noqa: E402
 from qtensors.interop import detect, import_model  # noqa: E402
-from qtensors.interop.intgroups import IntGroups, exact_in, fold_g_idx, map_exact  # noqa: E402
+from qtensors.interop.intgroups import (  # noqa: E402
+    IntGroups,
+    codes_part,
+    exact_in,
+    fold_g_idx,
+    map_exact,
+)
 
 HIDDEN, FF, LAYERS = 64, 128, 2
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
@@ -227,6 +235,51 @@ def test_awq_imports_bit_exact(tmp_path):
     with pytest.raises(ForeignFormatError, match=r"version = 'gemv'"):
         import_model(src, tmp_path / "dst2")
     assert not (tmp_path / "dst2").exists()
+
+
+def _autoawq():
+    """AutoAWQ's own GEMM packer and dequantizer (pure Python; it imports `datasets` for
+    calibration only, which a stub stands in for when it is not installed)."""
+    import importlib.util
+    import sys
+    import types
+
+    if importlib.util.find_spec("awq") is None:
+        pytest.skip("pip install --no-deps autoawq")
+    if importlib.util.find_spec("datasets") is None and "datasets" not in sys.modules:
+        stub = types.ModuleType("datasets")
+        stub.load_dataset = None
+        sys.modules["datasets"] = stub
+    from awq.modules.linear.gemm import WQLinear_GEMM
+    from awq.utils.packing_utils import dequantize_gemm
+
+    return WQLinear_GEMM, dequantize_gemm
+
+
+def test_awq_unpack_matches_autoawq():
+    """AutoAWQ's WQLinear_GEMM.from_linear packs, its dequantize_gemm decodes; our unpacking
+    and mapping decode to the same fp16 values bit for bit."""
+    from qtensors import _core
+    from qtensors.interop import packed_int as P
+
+    wq, dequantize_gemm = _autoawq()
+    gen = torch.Generator().manual_seed(3)
+    out, cols, gs = 64, 128, 32
+    lin = torch.nn.Linear(cols, out, bias=False).half()
+    lin.weight.data = ((torch.rand(out, cols, generator=gen) - 0.5) * 0.1).half()
+    scales = (torch.rand(cols // gs, out, generator=gen) * 0.01 + 0.0143).half()
+    zeros = torch.randint(4, 12, (cols // gs, out), generator=gen)
+    m = wq.from_linear(lin, 4, gs, scales=scales, zeros=zeros)
+    want = dequantize_gemm(m.qweight, m.qzeros, m.scales, 4, gs).T.contiguous()  # [out, in]
+    codes = P.awq_unpack(m.qweight.numpy(), out, "qweight").T
+    z = P.awq_unpack(m.qzeros.numpy(), out, "qzeros").T.astype(np.int64)
+    g = IntGroups((out, cols), m.scales.numpy().T.astype(np.float64), "float16", z, 4, gs)
+    mapped = map_exact(g, "AWQ", "w")
+    parts = [codes_part(np.ascontiguousarray(codes), 4, (out, cols), "AWQ", "w")]
+    parts += [np.ascontiguousarray(p).view(np.uint8).reshape(-1) for p in mapped.scale_parts]
+    enc = json.dumps(mapped.encoding.to_dict(2))
+    got = np.frombuffer(_core.decode(parts, "float16", [out, cols], enc), np.float16)
+    assert got.tobytes() == want.numpy().tobytes()
 
 
 # -- compressed-tensors, by its own compressor ----------------------------------------------------
