@@ -55,6 +55,20 @@ def test_exact_types_decode_like_gguf(type_name):
     assert got.tobytes() == want.tobytes()
 
 
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K"])
+def test_k_quants_decode_like_gguf(type_name):
+    """Random K-quant super-blocks (finite fp16 d, dmin): our affine / symmetric groups with
+    fp32 scales decode to gguf's dequantize bit for bit."""
+    shape = (3, 512)
+    b = _blocks(type_name, np.zeros(shape, np.float32)).reshape(-1, QG.EXACT[type_name].type_size)
+    if type_name == "Q6_K":
+        b[:, 208:210] = np.array([0.0013], np.float16).view(np.uint8)
+    want = gguf.quants.dequantize(b.reshape(shape[0], -1), T[type_name])
+    parts = QG.block_parts(type_name, b, shape)
+    got = decode(parts, QG.EXACT[type_name].encoding, shape)
+    assert np.isfinite(want).all() and got.tobytes() == want.astype(np.float32).tobytes()
+
+
 def test_nibble_order_round_trips():
     qs = np.random.default_rng(1).integers(0, 256, (5, 16), dtype=np.uint8)
     ours = QG._split_nibbles(qs)
@@ -272,7 +286,7 @@ def test_tiny_llama_import_equals_transformers_gguf_load(tmp_path):
     src = tmp_path / "gguf" / "tiny.gguf"
     src.parent.mkdir()
     types = {"embd": "Q8_0", "out": "Q5_1", "qk": "Q4_0", "v": "Q5_0", "o": "Q4_1", "mlp": "Q4_1"}
-    types["down"] = "Q4_K"  # not mapped exactly: decoded and re-encoded
+    types["down"] = "Q5_K"  # not mapped exactly: decoded and re-encoded
     _tiny_llama(src, types)
     dst = tmp_path / "out"
     report = import_model(src, dst)
@@ -336,10 +350,16 @@ except ImportError:
 def test_smollm2_import_is_exact(tmp_path):
     """The real Q4_1 SmolLM2: every tensor decodes to gguf's dequantize (Q/K rows unpermuted as
     transformers does)."""
+    import transformers
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
     report = import_model(SMOLLM2, tmp_path / "m")
     assert report.count("reencoded") == 0 and report.count("exact") == 211
+    folder, name = os.path.split(SMOLLM2)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    ours = transformers.AutoTokenizer.from_pretrained(tmp_path / "m")
+    text = "<|im_start|>user\nHello, wörld! 1234 tokens?<|im_end|>"
+    assert type(ours) is type(theirs) and ours(text).input_ids == theirs(text).input_ids
     proc = LlamaTensorProcessor(config={"num_attention_heads": 9, "num_key_value_heads": 3})
     reader = gguf.GGUFReader(SMOLLM2)
     by_src = {t.source_name: t.name for t in report.tensors}
@@ -349,3 +369,18 @@ def test_smollm2_import_is_exact(tmp_path):
             want = proc.process(weights=want, name=t.name).weights
             got = f.get_tensor(by_src[t.name])
             assert got.tobytes() == np.ascontiguousarray(want, np.float32).tobytes(), t.name
+
+
+def test_standard_name_table_equals_transformers_map(tmp_path, monkeypatch):
+    """The fixed GGUF -> transformers name table of the plain decoders gives the map that
+    transformers' own name mapping on a meta model gives."""
+    pytest.importorskip("transformers")
+    src = tmp_path / "tiny.gguf"
+    types = {"embd": "Q8_0", "out": "Q8_0", "qk": "Q4_0", "v": "Q4_0", "o": "Q4_0", "mlp": "Q4_0"}
+    _tiny_llama(src, {**types, "down": "Q4_0"})
+    fast = QG._transformers_side(GGUFFile(str(src)))
+    monkeypatch.setattr(QG, "STANDARD_ARCHS", ())
+    slow = QG._transformers_side(GGUFFile(str(src)))
+    assert fast[2] == slow[2] and len(fast[2]) == 3 + 9 * LAYERS
+    for k, v in fast[0].items():
+        assert slow[0].get(k) == v or k == "rope_theta", k

@@ -23,6 +23,8 @@ qtensors: safetensors, but group-quantized.
   qtensors inspect model.qtensors                  # what is inside, and how small
   qtensors diff model.safetensors model.qtensors   # the error quantization added
   qtensors verify model.qtensors                   # structure and every checksum
+  qtensors convert ./Llama-GPTQ ./llama-q          # import GPTQ/AWQ/compressed-tensors/GGUF
+  qtensors export ./llama-q ./llama-ct --to compressed-tensors   # for vLLM
 
 Run `qtensors COMMAND --help` for each command's options and examples."""
 
@@ -56,9 +58,17 @@ safety:
   temporary; the next conversion to the same name removes it once it is 10 minutes old. The
   input is only read. An existing output is replaced only with --force.
 
+importing models quantized elsewhere (exact: decoded weights equal the source's bit for bit):
+  A GGUF file (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 mapped exactly, other types re-encoded with the quant
+  options), or a model folder whose config.json has a quantization_config of quant_method
+  gptq (v1 "gptq" and v2 "gptq_v2" checkpoints, 2/4/8 bits, act-order folded), awq (version
+  gemm) or compressed-tensors (format pack-quantized, int weights, group/channel/tensor
+  strategy). The summary lists what was exact, raw and re-encoded, and how each maps.
+
 examples:
   qtensors convert model.safetensors
   qtensors convert model.safetensors model-nf4.qtensors --preset nf4
+  qtensors convert ./Qwen2.5-0.5B-GPTQ-Int4 ./qwen-q       # GPTQ folder -> qtensors folder
   qtensors convert ./Llama-3-8B ./Llama-3-8B-q4 --preset int4-g128 --keep 'lm_head.*'
   qtensors convert ./bert bert.qtensors --bits 8 --group-size 32 --keep-embeddings
 """
@@ -97,6 +107,31 @@ examples:
   qtensors diff model.safetensors model.qtensors
   qtensors diff ./bert ./bert-qtensors --top 10
   qtensors diff model.safetensors model.qtensors --min-sqnr 15 --quiet
+"""
+
+EXPORT_EPILOG = """\
+--to compressed-tensors writes a pack-quantized checkpoint (model.safetensors, and config.json
+with the quantization_config vLLM and transformers read: config_groups, ignore, format):
+  symmetric groups along the last axis   -> symmetric int, exactly (same codes and scales)
+  affine groups whose mins are -zero*scale (imported from GPTQ/AWQ/compressed-tensors)
+                                         -> asymmetric int with zero points, exactly
+  other affine groups (min-max)          -> refused, naming the tensor; --lossy rounds the
+                                            zero points and reports the error
+  other encodings, non-linear modules    -> written dense (linears go to the ignore list)
+Scales keep their dtype when it is the tensor's dtype, else become float32 (exact products).
+
+--to gguf writes one GGUF file (llama architecture: model_type llama or mistral) with the
+config and a byte-level BPE tokenizer in its metadata; groups of 32 along the rows with fp16
+scales map exactly onto llama.cpp blocks, the rest is written F32/F16/BF16:
+  symmetric 4-bit -> Q4_0   symmetric 5-bit -> Q5_0   symmetric 8-bit -> Q8_0
+  affine 4-bit    -> Q4_1   affine 5-bit    -> Q5_1
+
+examples:
+  qtensors convert ./llama ./llama-q --preset int4-g128 --symmetric
+  qtensors export ./llama-q ./llama-ct --to compressed-tensors
+  vllm serve ./llama-ct
+  qtensors convert ./llama ./llama-q4 --bits 4 --group-size 32 --axis -1
+  qtensors export ./llama-q4 llama-q4_1.gguf --to gguf
 """
 
 DEMO_EPILOG = """\
@@ -217,7 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_formatter,
     )
     p.add_argument(
-        "src", metavar="SRC", help=".safetensors file or model folder, or a GGUF file (imported)"
+        "src",
+        metavar="SRC",
+        help=".safetensors file or model folder; or a GGUF file or GPTQ/AWQ/compressed-tensors "
+        "folder (imported)",
     )
     p.add_argument(
         "dst", metavar="DST", nargs="?", help="a .qtensors file (the suffix is required) or folder"
@@ -287,6 +325,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-sqnr", type=float, metavar="DB", help="fail below this SQNR")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
+
+    p = sub.add_parser(
+        "export",
+        help="write a qtensors model folder in another format (compressed-tensors, GGUF)",
+        description="Write a qtensors model folder as a compressed-tensors checkpoint or a GGUF "
+        "file.",
+        epilog=EXPORT_EPILOG,
+        formatter_class=_formatter,
+    )
+    p.add_argument("src", metavar="SRC", help="qtensors model folder (config.json, *.qtensors)")
+    p.add_argument("dst", metavar="DST", help="output model folder (a .gguf file for --to gguf)")
+    p.add_argument(
+        "--to", required=True, choices=["compressed-tensors", "gguf"], help="the format to write"
+    )
+    p.add_argument(
+        "--lossy", action="store_true", help="round zero points of min-max affine groups"
+    )
+    p.add_argument("-f", "--force", action="store_true", help="replace an existing output")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser(
         "demo",
@@ -382,8 +440,9 @@ def _convert_with_method(args: argparse.Namespace) -> int:
 
 
 def _import_foreign(args: argparse.Namespace) -> int:
-    """`convert` of a file in another format (GGUF): its importer, with the quantization options
-    (if any) as the encoding of the tensors that cannot be mapped exactly."""
+    """`convert` of a model in another format (a GGUF file; a GPTQ, AWQ or compressed-tensors
+    folder): its importer, with the quantization options (if any) as the encoding of the GGUF
+    tensors that cannot be mapped exactly."""
     from dataclasses import asdict
 
     from .interop import import_model
@@ -391,7 +450,13 @@ def _import_foreign(args: argparse.Namespace) -> int:
     chosen = (args.preset, args.bits, args.group_size, args.axis, args.symmetric, args.scale_dtype)
     quant = _quant(args) if any(v is not None for v in chosen) else None
     base = os.path.splitext(args.src.rstrip("/\\"))[0]
-    report = import_model(args.src, args.dst or base + "-qtensors", quant=quant, force=args.force)
+    report = import_model(
+        args.src,
+        args.dst or base + "-qtensors",
+        quant=quant,
+        force=args.force,
+        progress=False if (args.quiet or args.json) else None,
+    )
     if args.json:
         print(json.dumps(asdict(report), indent=2))
     elif not args.quiet:
@@ -504,8 +569,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    if args.to == "gguf":
+        from .interop.export_gguf import export_gguf
+
+        if args.lossy:
+            raise ValueError("--lossy applies to --to compressed-tensors only")
+        report = export_gguf(args.src, args.dst, force=args.force)
+    else:
+        from .interop.export_ct import export_compressed_tensors
+
+        report = export_compressed_tensors(
+            args.src,
+            args.dst,
+            lossy=args.lossy,
+            force=args.force,
+            progress=False if (args.quiet or args.json) else None,
+        )
+    if args.json:
+        print(json.dumps(asdict(report), indent=2))
+    elif not args.quiet:
+        print(report.summary())
+    return 0
+
+
 COMMANDS = {
     "convert": cmd_convert,
+    "export": cmd_export,
     "inspect": cmd_inspect,
     "verify": cmd_verify,
     "diff": cmd_diff,

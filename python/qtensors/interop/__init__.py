@@ -14,8 +14,14 @@ __all__ = ["ImportReport", "TensorReport", "detect", "import_model"]
 
 
 def detect(path: str | os.PathLike[str]) -> str | None:
-    """ "gguf" for a GGUF file (by its magic bytes), else None."""
+    """ "gguf" for a GGUF file (by its magic bytes); "gptq", "awq" or "compressed-tensors" for a
+    model folder quantized so (by config.json's quantization_config); else None."""
     p = os.fspath(path)
+    if os.path.isdir(p):
+        from .quantized_folder import quantization_config
+
+        found = quantization_config(p)
+        return None if found is None else found[0]
     if not os.path.isfile(p):
         return None
     with open(p, "rb") as fh:
@@ -32,4 +38,15 @@ def import_model(
         from .gguf import import_gguf
 
         return import_gguf(src, dst, **kw)
-    raise ValueError(f"{os.fspath(src)}: not a format qtensors imports (GGUF)")
+    if fmt is not None:
+        from .quantized_folder import import_quantized_folder
+
+        if kw.pop("quant", None) is not None:
+            raise ValueError(
+                f"{os.fspath(src)}: a {fmt} model maps exactly: quantization options do not apply"
+            )
+        return import_quantized_folder(src, dst, **kw)
+    raise ValueError(
+        f"{os.fspath(src)}: not a format qtensors imports (a GGUF file, or a GPTQ, AWQ or "
+        "compressed-tensors model folder)"
+    )

@@ -48,7 +48,7 @@ class ImportReport:
             key = (t.source_type, t.how, t.encoding)
             by_type[key] = by_type.get(key, 0) + 1
         for (src, how, enc), n in sorted(by_type.items()):
-            lines.append(f"  {n:4d} x {src:6s} -> {how:9s} {enc}")
+            lines.append(f"  {n:4d} x {src:9s} -> {how:9s} {enc}")
         worst = [t for t in self.tensors if t.rel_rmse is not None]
         if worst:
             t = max(worst, key=lambda t: t.rel_rmse or 0.0)

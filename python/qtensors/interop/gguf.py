@@ -12,13 +12,22 @@ without decoding:
 
 all with group size 32, axis -1, fp16 scales. Only the code order differs: a GGUF block keeps
 element i in the low nibble of byte i and element i + 16 in the high nibble (Q5 types add the
-fifth bits in a 32-bit word); our stream packs codes in element order. Float tensors stay raw.
-Other types (K-quants, i-quants, ...) are decoded with `gguf` and quantized again with the chosen
-encoding, and their error is reported.
+fifth bits in a 32-bit word); our stream packs codes in element order. Two K-quants map too,
+with fp32 scales (their products of an fp16 super-block scale and a 6- or 8-bit sub-block
+scale need up to 19 significant bits, which fp16 does not have but fp32 holds exactly):
 
-The config and tokenizer come from transformers' own GGUF reader; tensor names go through
-transformers' GGUF name map, and llama.cpp's Q/K row permutation (LlamaTensorProcessor) is
-undone on the quantized rows, which is exact because groups run along the rows.
+    Q4_K  x = d*sc_j * q - dmin*m_j  -> affine 4-bit, groups of 32  (scale d*sc, min -dmin*m)
+    Q6_K  x = d*sc_j * (q - 32)      -> symmetric 6-bit, groups of 16 (scale d*sc)
+
+gguf decodes these in fp32 with one rounding (the subtraction), as we do. Float tensors stay
+raw. Other types (Q2_K, Q3_K, Q5_K, i-quants, ...) are decoded with `gguf` and quantized again
+with the chosen encoding, and their error is reported.
+
+The config and tokenizer come from transformers' own GGUF reader; tensor names go through a
+fixed table for the plain decoders (llama, mistral, qwen2, qwen3), else through transformers'
+GGUF name map on a meta model of the architecture; llama.cpp's Q/K row permutation
+(LlamaTensorProcessor) is undone on the quantized rows, which is exact because groups run along
+the rows.
 """
 
 from __future__ import annotations
@@ -34,10 +43,12 @@ from typing import Any
 import numpy as np
 
 from .. import _core
+from .._progress import Progress, want_progress
 from ..encodings import Affine, Encoding, Raw, Symmetric, as_encoding
 from ..errors import ForeignFormatError
 from .common import ImportReport, TensorReport, building_folder
 from .gguf_file import GGUFFile, TensorInfo
+from .intgroups import pack_codes
 
 BLOCK = 32
 #: Re-encoding of the types that do not map exactly, unless `quant` says otherwise.
@@ -100,6 +111,7 @@ class BlockMap:
     type_size: int
     encoding: Encoding
     parts: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+    block: int = BLOCK  #: elements per GGUF block (256 for the K-quants)
 
 
 def _q4_0(b: np.ndarray):
@@ -123,12 +135,58 @@ def _q8_0(b: np.ndarray):
     return b[:, 2:] ^ np.uint8(0x80), _fp16(b[:, :2]), None
 
 
+QK_K = 256
+
+
+def _k_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's 12 bytes -> 8 six-bit scales and 8 six-bit mins per block: bytes 0-3 hold scales
+    0-3 (low 6 bits) and the top 2 bits of scales 4-7; bytes 4-7 likewise the mins; bytes 8-11
+    the low 4 bits of scales 4-7 (low nibble) and of mins 4-7 (high nibble)."""
+    a, b, c = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 6) << 4)], axis=1)
+    mn = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 6) << 4)], axis=1)
+    return sc, mn
+
+
+def _q4_k(b: np.ndarray):
+    """x = d*sc_j * q - dmin*m_j per sub-block j of 32: affine with scale d*sc and min
+    -dmin*m, both exact in fp32 (11 + 6 significant bits), and the same single rounding of
+    the subtraction as gguf's fp32 decode."""
+    d = b[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = b[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, mn = _k_scale_min(b[:, 4:16])
+    qs = b[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    codes = (qs & 0x0F).reshape(-1)  # chunk c: low nibbles elements 64c.., high 64c+32..
+    return pack_codes(codes, 4), (d * sc).reshape(-1), (-(dmin * mn) + 0.0).reshape(-1)
+
+
+def _q6_k(b: np.ndarray):
+    """x = d*sc_j * (q - 32) per sub-block j of 16: symmetric 6-bit with scale d*sc (exact in
+    fp32: 11 + 8 bits) and code q."""
+    ql, qh = b[:, :128], b[:, 128:192]
+    sc = b[:, 192:208].view(np.int8).astype(np.float32)
+    d = b[:, 208:210].copy().view(np.float16).astype(np.float32)
+    lo = (ql.reshape(-1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 0x0F
+    hi = (qh.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 3
+    codes = lo.reshape(-1, QK_K) | (hi.reshape(-1, QK_K) << 4)
+    return pack_codes(codes.reshape(-1), 6), (d * sc).reshape(-1), None
+
+
 EXACT: dict[str, BlockMap] = {
     "Q4_0": BlockMap(18, Symmetric(bits=4, group_size=BLOCK, axis=-1, levels="full"), _q4_0),
     "Q4_1": BlockMap(20, Affine(bits=4, group_size=BLOCK, axis=-1), _q4_1),
     "Q5_0": BlockMap(22, Symmetric(bits=5, group_size=BLOCK, axis=-1, levels="full"), _q5_0),
     "Q5_1": BlockMap(24, Affine(bits=5, group_size=BLOCK, axis=-1), _q5_1),
     "Q8_0": BlockMap(34, Symmetric(bits=8, group_size=BLOCK, axis=-1), _q8_0),
+    "Q4_K": BlockMap(
+        144, Affine(bits=4, group_size=32, axis=-1, scale_dtype="float32"), _q4_k, QK_K
+    ),
+    "Q6_K": BlockMap(
+        210,
+        Symmetric(bits=6, group_size=16, axis=-1, scale_dtype="float32", levels="full"),
+        _q6_k,
+        QK_K,
+    ),
 }
 
 
@@ -140,12 +198,12 @@ def block_parts(
     with the last axis cut to its groups."""
     m = EXACT[type_name]
     shape = tuple(int(d) for d in shape)
-    if not shape or shape[-1] % BLOCK:
+    if not shape or shape[-1] % m.block:
         raise ForeignFormatError(
             f"GGUF tensor {name!r} ({type_name}): rows of {shape[-1] if shape else 0} elements "
-            f"are not whole blocks of {BLOCK}"
+            f"are not whole blocks of {m.block}"
         )
-    n_blocks = int(np.prod(shape)) // BLOCK
+    n_blocks = int(np.prod(shape)) // m.block
     raw = np.asarray(data).reshape(-1)
     if raw.dtype != np.uint8 or raw.size != n_blocks * m.type_size:
         raise ForeignFormatError(
@@ -153,7 +211,7 @@ def block_parts(
             f"{n_blocks} blocks of {m.type_size} bytes (shape {list(shape)})"
         )
     codes, scales, mins = m.parts(raw.reshape(n_blocks, m.type_size))
-    sshape = (*shape[:-1], shape[-1] // BLOCK)
+    sshape = (*shape[:-1], shape[-1] // m.encoding.group_size)
     return (
         np.ascontiguousarray(codes).reshape(-1),
         scales.reshape(sshape),
@@ -178,33 +236,99 @@ def _transformers_reads(f: GGUFFile) -> Iterator[None]:
         gguf.GGUFReader = original  # type: ignore[misc]
 
 
-def _transformers_side(f: GGUFFile) -> tuple[Any, Any, dict[str, str], Any]:
-    """Config, tokenizer, the map from GGUF tensor names to the model's parameter names, and
-    transformers' tensor processor for the architecture."""
-    import torch
+#: GGUF name -> transformers name for the plain decoder architectures, so that importing them
+#: needs neither transformers' model classes nor a model: importing `modeling_llama` alone takes
+#: seconds, more than the rest of the import of a small model.
+STANDARD_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+STANDARD_TOP = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+STANDARD_LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _standard_name(gguf_name: str, layers: int) -> str | None:
+    base, _, suffix = gguf_name.rpartition(".")
+    if suffix not in ("weight", "bias"):
+        return None
+    parts = base.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) < layers:
+        hf = STANDARD_LAYER.get(parts[2])
+        return None if hf is None else f"model.layers.{parts[1]}.{hf}.{suffix}"
+    hf = STANDARD_TOP.get(base)
+    return None if hf is None else f"{hf}.{suffix}"
+
+
+def _transformers_side(f: GGUFFile) -> tuple[dict[str, Any], Any, dict[str, str], Any]:
+    """Config (as a dict), tokenizer, the map from GGUF tensor names to the model's parameter
+    names, and transformers' tensor processor for the architecture."""
     import transformers
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        load_gguf_checkpoint,
+    )
 
     folder, file = os.path.split(os.path.abspath(f.path))
     arch = f.string("general.architecture") or "?"
     with _transformers_reads(f):
         try:
-            config = transformers.AutoConfig.from_pretrained(folder, gguf_file=file)
+            config = dict(load_gguf_checkpoint(f.path, return_tensors=False)["config"])
         except (ValueError, KeyError, NotImplementedError) as e:
             raise ForeignFormatError(
                 f"GGUF {f.path}: transformers cannot build a config for architecture {arch!r}: {e}"
             ) from None
+        standard = config.get("model_type") in STANDARD_ARCHS
+        # AutoTokenizer picks TokenizersBackend for these too, but first imports the config
+        # classes (seconds); the class itself reads the GGUF vocabulary the same way.
+        if standard:
+            from transformers.tokenization_utils_tokenizers import TokenizersBackend as Tok
+        else:
+            Tok = transformers.AutoTokenizer
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=file)
+            tokenizer = Tok.from_pretrained(folder, gguf_file=file)
         except (ValueError, KeyError, NotImplementedError, OSError):
             tokenizer = None  # no tokenizer in the metadata: the folder gets none
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
+    layers = int(config.get("num_hidden_layers") or 0)
+    if standard:
+        names = {t.name: _standard_name(t.name, layers) for t in f.tensors}
+        return config, tokenizer, {k: v for k, v in names.items() if v}, processor
+    import torch
+
+    with _transformers_reads(f):
+        full = transformers.AutoConfig.from_pretrained(folder, gguf_file=file)
     with torch.device("meta"):
         try:
-            model = transformers.AutoModelForCausalLM.from_config(config)
+            model = transformers.AutoModelForCausalLM.from_config(full)
         except ValueError:
-            model = transformers.AutoModel.from_config(config)
-    return config, tokenizer, _name_map(f, model, processor), processor
+            model = transformers.AutoModel.from_config(full)
+    return full.to_dict(), tokenizer, _name_map(f, model, processor), processor
+
+
+def _write_config(config: dict[str, Any], folder: str) -> None:
+    """config.json: the config transformers reads from the GGUF metadata (the keys it does not
+    set take its defaults when loaded, as they do for the GGUF itself)."""
+    import transformers
+
+    doc = {k: v for k, v in config.items() if not k.startswith("_")}
+    doc.setdefault("transformers_version", transformers.__version__)
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=2, sort_keys=True)
+        fh.write("\n")
 
 
 def _name_map(f: GGUFFile, model: Any, processor: Any) -> dict[str, str]:
@@ -261,6 +385,7 @@ class _Planned:
     dtype: str
     shape: list[int]
     encoding: dict[str, Any]
+    nbytes: int  #: bytes of the source tensor, for the progress bar
     #: The parts' arrays, and the relative RMSE of a re-encoding (None when nothing was lost).
     make_parts: Callable[[], tuple[list[np.ndarray], float | None]]
 
@@ -271,6 +396,7 @@ def import_gguf(
     *,
     quant: Encoding | str | None = None,
     force: bool = False,
+    progress: bool | None = None,
 ) -> ImportReport:
     """Import the GGUF model `src` into the model folder `dst` (config.json, tokenizer files,
     model.qtensors); `qtensors.torch.from_pretrained(dst, AutoModelForCausalLM)` runs it.
@@ -295,7 +421,7 @@ def import_gguf(
         report.tensors.append(rep)
 
     with building_folder(dst, force) as tmp:
-        config.save_pretrained(tmp)
+        _write_config(config, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         meta = {"format": "pt", "source": os.path.basename(src), "imported_from": "gguf"}
@@ -303,9 +429,12 @@ def import_gguf(
         writer = _core.Writer(os.path.join(tmp, "model.qtensors"), entries, meta, 64)
         try:
             by_name = {r.name: r for r in report.tensors}
-            for i, p in enumerate(plans):
-                parts, by_name[p.name].rel_rmse = p.make_parts()
-                writer.write_parts(i, [np.ascontiguousarray(a).view(np.uint8) for a in parts])
+            total = sum(p.nbytes for p in plans)
+            with Progress(total, len(plans), "import GGUF", want_progress(progress)) as bar:
+                for i, p in enumerate(plans):
+                    parts, by_name[p.name].rel_rmse = p.make_parts()
+                    writer.write_parts(i, [np.ascontiguousarray(a).view(np.uint8) for a in parts])
+                    bar.update(p.nbytes)
             writer.finish()
         except BaseException:
             writer.abort()
@@ -332,7 +461,7 @@ def _plan_tensor(
             return [codes, scales] + ([] if mins is None else [mins]), None
 
         enc = exact.encoding.to_dict(len(shape))
-        plan = _Planned(hf_name, "float32", shape, enc, make_exact)
+        plan = _Planned(hf_name, "float32", shape, enc, t.nbytes, make_exact)
         how = TensorReport(hf_name, t.name, type_name, "exact", _describe(exact.encoding))
         return plan, how
 
@@ -352,7 +481,12 @@ def _plan_tensor(
         if dtype == "bfloat16":
             dtype = "float32"  # numpy has no bfloat16: gguf hands it out widened
         plan = _Planned(
-            hf_name, dtype, shape, {"name": "raw"}, lambda: ([dense().astype(dtype)], None)
+            hf_name,
+            dtype,
+            shape,
+            {"name": "raw"},
+            t.nbytes,
+            lambda: ([dense().astype(dtype)], None),
         )
         return plan, TensorReport(hf_name, t.name, type_name, "raw", "raw")
 
@@ -371,7 +505,7 @@ def _plan_tensor(
         return [np.asarray(a) for a in q.parts()], _rel_rmse(x, np.asarray(dequantize(q)))
 
     d = {"name": "raw"} if isinstance(enc, Raw) else enc.to_dict(len(shape))
-    plan = _Planned(hf_name, "float32", shape, d, make_reencoded)
+    plan = _Planned(hf_name, "float32", shape, d, t.nbytes, make_reencoded)
     return plan, TensorReport(hf_name, t.name, type_name, "reencoded", _describe(enc))
 
 
