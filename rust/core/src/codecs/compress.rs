@@ -82,7 +82,8 @@ pub fn compress_part(
         .map(|(slot, chunk)| compress_chunk(chunk, filter, k, opts.level, slot))
         .collect::<Result<_>>()?;
     let total: usize = lens.iter().sum();
-    if (total as u64) > bytes.len() as u64 - bytes.len() as u64 / MIN_SAVING {
+    // In whole bytes rounded up (a tiny part that saves nothing is no exception).
+    if total as u64 * MIN_SAVING > bytes.len() as u64 * (MIN_SAVING - 1) {
         return Ok(None);
     }
     let mut at = 0;
