@@ -26,6 +26,29 @@ LLAMA_1B_DRY: dict[str, Any] = dict(
 LLAMA_1B_DRY.update(num_attention_heads=4, num_key_value_heads=2)
 
 
+def synthetic_bf16(gb: float) -> dict[str, Any]:
+    """A ~`gb` GB bf16 model of LLaMA-like layers (hidden 2048, MLP 5632) drawn from a realistic
+    distribution: N(0, 1) weights times log-normal per-row scales around 0.02, norms near 1.
+    Seeded: every run and script sees the same tensors."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    hidden, inter = 2048, 5632
+    per_layer = (4 * hidden * hidden + 3 * hidden * inter) * 2
+    shapes = [("q", (hidden, hidden)), ("k", (hidden, hidden)), ("v", (hidden, hidden))]
+    shapes += [("o", (hidden, hidden)), ("gate", (inter, hidden)), ("up", (inter, hidden))]
+    shapes += [("down", (hidden, inter))]
+    for i in range(max(1, round(gb * 1e9 / per_layer))):
+        for name, shape in shapes:
+            rows = 0.02 * torch.exp(0.3 * torch.randn(shape[0], 1, generator=g))
+            w = torch.randn(*shape, generator=g) * rows
+            tensors[f"layers.{i}.{name}.weight"] = w.to(torch.bfloat16)
+        norm = 1 + 0.1 * torch.randn(hidden, generator=g)
+        tensors[f"layers.{i}.norm.weight"] = norm.to(torch.bfloat16)
+    return tensors
+
+
 def drop_caches(paths: list[str]) -> str:
     """Drop the page cache (all of it where permitted, else these files'); returns which way."""
     os.sync()

@@ -320,3 +320,88 @@ def test_stream_reads_compressed_parts_piecewise_and_verifies(tmp_path):
         ref = f.get_quantized("q")
     for _, qq in qt.stream(str(p2), ["q"], device="cpu", framework="np", quantized=True):
         assert np.array_equal(qq.scales, ref.scales) and np.array_equal(qq.codes, ref.codes)
+
+
+def lossless_pair(tmp_path):
+    """A safetensors file and its lossless conversion (small chunks: several per tensor)."""
+    from safetensors.numpy import save_file as st_save
+
+    rng = np.random.default_rng(11)
+    src = tmp_path / "m.safetensors"
+    tensors = {
+        "w": (rng.standard_normal((96, 80)) * 0.02).astype(np.float32),
+        "h": (rng.standard_normal(5000) * 0.5).astype(np.float16),
+        "ids": np.arange(3000, dtype=np.int64),
+        "tiny": rng.standard_normal(3).astype(np.float32),  # saves nothing: stored as it is
+    }
+    st_save(tensors, str(src))
+    dst = tmp_path / "m.qtensors"
+    write(dst, tensors)
+    return src, dst, tensors
+
+
+def test_inspect_lists_compressed_parts(tmp_path, capsys):
+    from qtensors.cli import main
+    from qtensors.inspect import format_inspect, inspect_file
+
+    _, dst, tensors = lossless_pair(tmp_path)
+    h = R.read_header(str(dst))["header"]
+    info = inspect_file(str(dst))
+    rows = {r["name"]: r for r in info["tensors"]}
+    packed = 0
+    for t in h["tensors"]:
+        rec = t["parts"]["data"]
+        row = rows[t["name"]]["parts"]["data"]
+        decoded = tensors[t["name"]].nbytes
+        if "compression" not in rec:
+            assert "compression" not in row and rows[t["name"]]["compression"] is None
+            continue
+        packed += 1
+        c = row["compression"]
+        assert c["codec"] == "zstd" and c["filter"] == rec["compression"]["filter"]
+        assert c["chunks"] == len(rec["compression"]["chunks"]) == -(-decoded // SMALL)
+        assert c["decoded_bytes"] == decoded and c["ratio"] == decoded / rec["length"]
+        summary = rows[t["name"]]["compression"]
+        assert summary["parts"] == 1 and summary["stored_bytes"] == rec["length"]
+    assert packed == 3  # all but "tiny"
+    total = info["totals"]["compression"]
+    assert total["parts"] == packed and total["codecs"] == ["zstd"]
+    want = sum(tensors[n].nbytes for n in ("w", "h", "ids"))
+    assert total["decoded_bytes"] == want and total["ratio"] > 1.1
+    text = format_inspect(info)
+    assert f"compression: zstd on 3 parts: {want / 1000:.1f} kB stored in" in text
+    assert "compressed" in text.splitlines()[2]  # the column, only in files that have it
+    # `inspect --json` carries the same data.
+    assert main(["inspect", str(dst), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["totals"]["compression"] == total
+    # A file without compressed parts: no column, no line.
+    plain = tmp_path / "plain.qtensors"
+    qt.save_file(tensors, str(plain), quant="raw")
+    info = inspect_file(str(plain))
+    assert info["totals"]["compression"]["parts"] == 0
+    assert "compression" not in format_inspect(info)
+
+
+def test_verify_and_diff_read_compressed_files(tmp_path):
+    from qtensors.diff import diff
+    from qtensors.inspect import verify_file
+
+    src, dst, _ = lossless_pair(tmp_path)
+    assert verify_file(str(dst)).ok
+    rep = diff(str(src), str(dst), progress=False)
+    assert not rep.problems and len(rep.raw) == 4 and all(r.exact for r in rep.raw)
+    # A flipped stored byte: verify names the part, diff reports the tensor.
+    spans = chunk_spans(dst, "w", "data")
+    blob = bytearray(dst.read_bytes())
+    blob[spans[1][0] + 30] ^= 4
+    bad = tmp_path / "bad.qtensors"
+    bad.write_bytes(bytes(blob))
+    r = verify_file(str(bad))
+    assert not r.ok and "tensor 'w' part 'data'" in r.errors[0]
+    rep = diff(str(src), str(bad), progress=False)
+    assert [p.name for p in rep.problems] == ["w"]
+    # A chunk whose checksum matches but whose frame lies: verify decodes it and says so.
+    lying = tmp_path / "lying.qtensors"
+    lying.write_bytes(craft([z(ZEROS[:-1])], SMALL))
+    r = verify_file(str(lying))
+    assert not r.ok and "tensor 'x' part 'data' chunk 0" in r.errors[0]

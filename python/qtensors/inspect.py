@@ -71,6 +71,8 @@ def inspect_file(path: str) -> dict[str, Any]:
         item = ITEMSIZE.get(dtype)
         original = numel(shape) * item if item is not None else None
         known = enc.get("name") in KNOWN_ENCODINGS and item is not None
+        part_rows = {name: _part_row(p) for name, p in parts.items()}
+        packed = [p for p in part_rows.values() if "compression" in p]
         rows.append(
             {
                 "name": t.get("name"),
@@ -82,10 +84,9 @@ def inspect_file(path: str) -> dict[str, Any]:
                 "original_bytes": original,
                 "ratio": (stored / original) if original else None,
                 "bits_per_element": (8 * stored / numel(shape)) if numel(shape) else None,
-                "parts": {
-                    name: {k: p[k] for k in ("dtype", "shape", "offset", "length") if k in p}
-                    for name, p in parts.items()
-                },
+                "parts": part_rows,
+                # Over the tensor's parts: stored bytes before compression, and that ratio.
+                "compression": _compression_summary(part_rows.values()) if packed else None,
             }
         )
     quant = [r for r in rows if r["known"] and r["encoding"].get("name") != "raw"]
@@ -93,6 +94,7 @@ def inspect_file(path: str) -> dict[str, Any]:
     stored_total = sum(r["stored_bytes"] for r in rows)
     q_elems = sum(numel(r["shape"]) for r in quant)
     unknown_dtypes = sorted({r["dtype"] for r in rows if r["dtype"] not in ITEMSIZE})
+    all_parts = [p for r in rows for p in r["parts"].values()]
     info: dict[str, Any] = {
         "file": path,
         "version": version,
@@ -112,6 +114,7 @@ def inspect_file(path: str) -> dict[str, Any]:
             "quantized_bits_per_element": (
                 8 * sum(r["stored_bytes"] for r in quant) / q_elems if q_elems else None
             ),
+            "compression": _compression_summary(all_parts),
         },
     }
     if unknown_dtypes:
@@ -120,6 +123,43 @@ def inspect_file(path: str) -> dict[str, Any]:
             "listed but cannot be loaded (upgrade qtensors)"
         )
     return info
+
+
+def _part_row(p: dict[str, Any]) -> dict[str, Any]:
+    """A part as listed: where it lies, and for a compressed part how (spec 2.1): codec, filter,
+    level, chunk size and count (not the chunk table itself), decoded bytes and the ratio."""
+    row = {k: p[k] for k in ("dtype", "shape", "offset", "length") if k in p}
+    c = p.get("compression")
+    if c is not None:
+        item = ITEMSIZE.get(str(p.get("dtype")))
+        decoded = numel(p.get("shape", [])) * item if item is not None else None
+        row["compression"] = {
+            "codec": c.get("codec"),
+            "filter": c.get("filter"),
+            "level": c.get("level"),
+            "chunk_size": c.get("chunk_size"),
+            "chunks": len(c.get("chunks", [])),
+            "decoded_bytes": decoded,
+            "ratio": decoded / row["length"] if decoded and row.get("length") else None,
+        }
+    return row
+
+
+def _compression_summary(parts: Any) -> dict[str, Any]:
+    """Compressed parts among `parts` (listed part rows): how many, which codecs, their decoded
+    and stored bytes and the ratio (decoded / stored; > 1 is a saving)."""
+    packed = [p["compression"] for p in parts if "compression" in p]
+    lengths = [p.get("length", 0) for p in parts if "compression" in p]
+    known = all(c["decoded_bytes"] is not None for c in packed)
+    decoded = sum(c["decoded_bytes"] or 0 for c in packed) if known else None
+    stored = sum(lengths)
+    return {
+        "parts": len(packed),
+        "codecs": sorted({str(c["codec"]) for c in packed}),
+        "decoded_bytes": decoded,
+        "stored_bytes": stored,
+        "ratio": decoded / stored if decoded and stored else None,
+    }
 
 
 def inspect_path(path: str) -> dict[str, Any]:
@@ -139,6 +179,9 @@ def inspect_path(path: str) -> dict[str, Any]:
     totals = {k: sum(f["totals"][k] for f in files) for k in keys}
     totals["ratio"] = (
         totals["stored_bytes"] / totals["original_bytes"] if totals["original_bytes"] else None
+    )
+    totals["compression"] = _compression_summary(
+        [p for f in files for r in f["tensors"] for p in r["parts"].values()]
     )
     return {"folder": path, "files": files, "totals": totals}
 
@@ -164,6 +207,7 @@ def _pct(x: float | None) -> str:
 
 def format_file(info: dict[str, Any]) -> str:
     rows = []
+    packed = bool(info["totals"]["compression"]["parts"])
     for r in info["tensors"]:
         enc = describe_encoding(r["encoding"])
         if not r["known"]:
@@ -178,6 +222,7 @@ def format_file(info: dict[str, Any]) -> str:
                 human_bytes(r["stored_bytes"]),
                 _pct(r["ratio"]),
             ]
+            + ([_compressed(r["compression"])] if packed else [])
         )
     t = info["totals"]
     v = info["version"]
@@ -189,7 +234,8 @@ def format_file(info: dict[str, Any]) -> str:
             "metadata: " + ", ".join(f"{k}={v}" for k, v in sorted(info["metadata"].items()))
         )
     lines.append("")
-    lines += _table(["name", "shape", "dtype", "encoding", "stored", "ratio"], rows, {4, 5})
+    headers = ["name", "shape", "dtype", "encoding", "stored", "ratio"]
+    lines += _table(headers + (["compressed"] if packed else []), rows, {4, 5, 6})
     lines.append("")
     bpe = t["quantized_bits_per_element"]
     lines.append(
@@ -200,7 +246,25 @@ def format_file(info: dict[str, Any]) -> str:
         f"file {human_bytes(t['file_bytes'])}"
         + (f"; quantized tensors at {bpe:.2f} bits per element" if bpe else "")
     )
+    c = t["compression"]
+    if c["parts"]:
+        lines.append(
+            f"compression: {', '.join(c['codecs'])} on {count(c['parts'], 'part')}: "
+            f"{human_bytes(c['decoded_bytes'])} stored in {human_bytes(c['stored_bytes'])} "
+            f"({_times(c['ratio'])})"
+        )
     return "\n".join(lines)
+
+
+def _times(x: float | None) -> str:
+    return "?" if x is None else f"{x:.2f}x"
+
+
+def _compressed(c: dict[str, Any] | None) -> str:
+    """A tensor's compression column: codec and ratio over its compressed parts."""
+    if c is None:
+        return "-"
+    return f"{'+'.join(c['codecs'])} {_times(c['ratio'])} ({count(c['parts'], 'part')})"
 
 
 def format_inspect(info: dict[str, Any]) -> str:
@@ -263,8 +327,24 @@ def _check_padding(reader: Any, header: dict[str, Any], data_start: int) -> list
     return errors
 
 
+def _check_compressed(reader: Any, header: dict[str, Any]) -> list[str]:
+    """Decode every compressed part: a chunk whose checksum matches but whose frame does not
+    decode to what the chunk table says (a writer's bug, or a crafted file) fails here rather
+    than at load time. One part in memory at a time."""
+    errors = []
+    for t in header["tensors"]:
+        for name, p in t["parts"].items():
+            if "compression" in p:
+                try:
+                    reader.decode_part(t["name"], name)
+                except FormatError as e:
+                    errors.append(str(e))
+    return errors
+
+
 def verify_file(path: str) -> VerifyReport:
-    """Structural validation (every rule of spec section 7), every checksum, and zero padding."""
+    """Structural validation (every rule of spec section 7), every checksum, zero padding, and
+    that every compressed part decodes."""
     rep = VerifyReport(path)
     t0 = time.perf_counter()
     try:
@@ -288,6 +368,8 @@ def verify_file(path: str) -> VerifyReport:
             except ChecksumError as e:
                 rep.errors.append(str(e))
     rep.errors += _check_padding(reader, header, reader.data_start)
+    if not rep.errors:
+        rep.errors += _check_compressed(reader, header)
     rep.ok = not rep.errors
     rep.seconds = time.perf_counter() - t0
     return rep

@@ -511,9 +511,11 @@ impl StreamFile {
         let (sa, sb) = (offsets[range.start], offsets[range.end]);
         let at = self.data_start + p.offset + sa;
         let mut stored = vec![0u8; (sb - sa) as usize];
-        self.read_span(t, at, &mut stored)?;
-        // `out` cut at chunk boundaries: (chunk, its decoded start, the slice of `out`).
-        let mut jobs: Vec<(usize, u64, &mut [u8])> = Vec::with_capacity(range.len());
+        // `out` cut at chunk boundaries: (chunk, its decoded start, the slice of `out`), in
+        // groups of about `self.chunk` stored bytes; `bounds`: each group's stored start.
+        let mut groups: Vec<Vec<(usize, u64, &mut [u8])>> = Vec::new();
+        let mut bounds = vec![sa];
+        let mut group = Vec::new();
         let mut rest = out;
         let mut pos = from;
         for i in range.clone() {
@@ -522,26 +524,58 @@ impl StreamFile {
                 i as u64 * c.chunk_size + c.chunk_len(i),
             );
             let (head, tail) = rest.split_at_mut((ce.min(to) - pos) as usize);
-            jobs.push((i, cs, head));
+            group.push((i, cs, head));
             rest = tail;
             pos = ce.min(to);
+            if offsets[i + 1] - bounds[bounds.len() - 1] >= self.chunk as u64 || i + 1 == range.end
+            {
+                groups.push(std::mem::take(&mut group));
+                bounds.push(offsets[i + 1]);
+            }
+        }
+        let mut bufs: Vec<&mut [u8]> = Vec::with_capacity(groups.len());
+        let mut left = &mut stored[..];
+        for w in bounds.windows(2) {
+            let (head, tail) = left.split_at_mut((w[1] - w[0]) as usize);
+            bufs.push(head);
+            left = tail;
         }
         let what = format!("tensor '{}' part '{}'", t.name, p.name);
-        let stored_ref = &stored;
-        let chunk = |i: usize, into: &mut [u8]| {
-            let src = &stored_ref[(offsets[i] - sa) as usize..];
-            compress::decompress_chunks(c, &offsets, src, i..i + 1, into, &what)
+        let decode = |jobs: Vec<(usize, u64, &mut [u8])>, src: &[u8], base: u64| {
+            let chunk = |i: usize, into: &mut [u8]| {
+                let from_chunk = &src[(offsets[i] - base) as usize..];
+                compress::decompress_chunks(c, &offsets, from_chunk, i..i + 1, into, &what)
+            };
+            jobs.into_par_iter().try_for_each(|(i, cs, dst)| {
+                let lo = pos_in_chunk(from, cs);
+                if lo == 0 && dst.len() as u64 == c.chunk_len(i) {
+                    return chunk(i, dst);
+                }
+                let mut whole = vec![0u8; c.chunk_len(i) as usize];
+                chunk(i, &mut whole)?;
+                dst.copy_from_slice(&whole[lo as usize..lo as usize + dst.len()]);
+                Ok(())
+            })
         };
-        jobs.into_par_iter().try_for_each(|(i, cs, dst)| {
-            let lo = pos_in_chunk(from, cs);
-            if lo == 0 && dst.len() as u64 == c.chunk_len(i) {
-                return chunk(i, dst);
-            }
-            let mut whole = vec![0u8; c.chunk_len(i) as usize];
-            chunk(i, &mut whole)?;
-            dst.copy_from_slice(&whole[lo as usize..lo as usize + dst.len()]);
-            Ok(())
-        })?;
+        // Pipelined: group g+1 is read while group g decompresses, so that the disk and the
+        // cores work at once (a cold read would otherwise wait for each in turn).
+        if let Some(first) = bufs.first_mut() {
+            self.read_span(t, at, first)?;
+        }
+        for (g, jobs) in groups.into_iter().enumerate() {
+            let (done, next) = bufs.split_at_mut(g + 1);
+            let src: &[u8] = done[g];
+            let next_at = self.data_start + p.offset + bounds[g + 1];
+            let (decoded, read) = rayon::join(
+                || decode(jobs, src, bounds[g]),
+                || match next.first_mut() {
+                    Some(buf) => self.read_span(t, next_at, buf),
+                    None => Ok(()),
+                },
+            );
+            decoded?;
+            read?;
+        }
         Ok((at, stored))
     }
 

@@ -1,0 +1,156 @@
+"""Cold-cache streaming of a lossless (zstd) file against the same tensors uncompressed: does
+compression pay at the disk's read rate? Self-contained; one script for the CPU and the GPU.
+
+    python benches/bench_stream_compressed.py                      # CPU (qtensors.stream to "cpu")
+    python benches/bench_stream_compressed.py --device cuda        # the GPU variant (H200)
+    python benches/bench_stream_compressed.py --gb 0.25 --work /tmp/x
+
+1. model: the ~1 GB synthetic bf16 model of `_common.synthetic_bf16` saved as safetensors, then
+   `qtensors.convert --lossless` (every tensor raw, zstd on byte planes) and `--quant raw`
+   (the same tensors uncompressed);
+2. check: both files streamed to the device decode bit-identical to the safetensors tensors;
+3. disk: the sequential read rate of the uncompressed file from a cold page cache (plain
+   `read` of 16 MiB blocks, no decoding);
+4. stream: `qtensors.stream(path, device=...)` of each file from a cold page cache (best of
+   `--repeat`), then once warm (page cache: decompression-bound); output GB/s (decoded bytes
+   per second) and the lossless / uncompressed ratio.
+
+Page cache: dropped with `echo 3 > /proc/sys/vm/drop_caches` where allowed, else with
+`posix_fadvise(DONTNEED)` on the files (the output says which). Writes JSON and text to $OUT
+if set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+from _common import Report, drop_caches, synthetic_bf16
+from safetensors.torch import load_file as st_load
+from safetensors.torch import save_file as st_save
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+import qtensors as qt
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--device", default="cpu", help='"cpu" or "cuda"')
+ap.add_argument("--gb", type=float, default=1.0, help="size of the synthetic bf16 model")
+ap.add_argument("--repeat", type=int, default=2)
+ap.add_argument("--work", default=None, help="folder for the files (default: a temporary one)")
+args = ap.parse_args()
+REP = Report()
+RESULT: dict = {"device": args.device, "gb": args.gb}
+
+
+def sync() -> None:
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def stream_all(path: str) -> int:
+    """Stream every tensor of `path` to the device; decoded bytes."""
+    n = 0
+    for _, t in qt.stream(path, device=args.device):
+        n += t.numel() * t.element_size()
+    sync()
+    return n
+
+
+def timed_stream(path: str) -> tuple[float, int]:
+    """Seconds to stream every tensor of `path`, and the decoded bytes."""
+    t0 = time.perf_counter()
+    n = stream_all(path)
+    return time.perf_counter() - t0, n
+
+
+def disk_read(path: str) -> float:
+    """Seconds to read `path` sequentially from a cold cache, 16 MiB at a time."""
+    drop_caches([path])
+    buf = bytearray(16 << 20)
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as fh:
+        while fh.readinto(buf):
+            pass
+    return time.perf_counter() - t0
+
+
+def main(work: str) -> None:
+    REP.say(f"bench_stream_compressed: device {args.device}, {args.gb:g} GB synthetic bf16")
+    if args.device.startswith("cuda"):
+        REP.say(f"gpu: {torch.cuda.get_device_name()}")
+    src = os.path.join(work, "synthetic.safetensors")
+    lossless = os.path.join(work, "lossless.qtensors")
+    plain = os.path.join(work, "plain.qtensors")
+    tensors = synthetic_bf16(args.gb)
+    st_save(tensors, src)
+    del tensors
+    qt.convert(src, lossless, lossless=True, force=True)
+    qt.convert(src, plain, quant="raw", force=True)
+    sizes = {p: os.path.getsize(p) for p in (src, lossless, plain)}
+    RESULT.update(
+        safetensors_bytes=sizes[src], lossless_bytes=sizes[lossless], plain_bytes=sizes[plain]
+    )
+    REP.say(
+        f"files: safetensors {sizes[src] / 1e9:.3f} GB, lossless {sizes[lossless] / 1e9:.3f} GB "
+        f"({sizes[src] / sizes[lossless]:.3f}x), uncompressed qtensors {sizes[plain] / 1e9:.3f} GB"
+    )
+
+    # Correctness first: both files stream to the same bits as the safetensors tensors.
+    want = st_load(src)
+    for path in (lossless, plain):
+        for name, t in qt.stream(path, device=args.device):
+            w = want[name]
+            assert t.dtype == w.dtype and torch.equal(
+                t.cpu().view(torch.int16), w.view(torch.int16)
+            ), (
+                path,
+                name,
+            )
+    del want
+    REP.say("check: both files stream bit-identical to the safetensors tensors")
+
+    t_disk = min(disk_read(plain) for _ in range(args.repeat))
+    how = drop_caches([plain])
+    RESULT["disk_read_gbps"] = sizes[plain] / t_disk / 1e9
+    RESULT["cache_drop"] = how
+    REP.say(f"disk: {RESULT['disk_read_gbps']:.2f} GB/s sequential read, cold ({how})")
+
+    out = {}
+    for label, path in (("uncompressed", plain), ("lossless", lossless)):
+        cold = []
+        for _ in range(args.repeat):
+            drop_caches([path])
+            cold.append(timed_stream(path)[0])
+        stream_all(path)  # into the page cache
+        warm, n = min(timed_stream(path) for _ in range(args.repeat))
+        out[label] = {
+            "decoded_bytes": n,
+            "cold_s": min(cold),
+            "cold_gbps": n / min(cold) / 1e9,
+            "warm_gbps": n / warm / 1e9,
+        }
+        REP.say(
+            f"stream {label:12s} cold {out[label]['cold_gbps']:.2f} GB/s "
+            f"({min(cold):.2f} s)  warm {out[label]['warm_gbps']:.2f} GB/s  (decoded bytes/s)"
+        )
+    RESULT["stream"] = out
+    ratio = out["lossless"]["cold_gbps"] / out["uncompressed"]["cold_gbps"]
+    RESULT["cold_speed_ratio"] = ratio
+    REP.say(
+        f"cold stream, lossless / uncompressed: {ratio:.2f}x "
+        f"({'compression pays' if ratio >= 1 else 'compression does not pay'} at this disk's "
+        f"{RESULT['disk_read_gbps']:.2f} GB/s; threads: {os.cpu_count()} cores visible)"
+    )
+    REP.write("stream_compressed", RESULT)
+
+
+if args.work:
+    os.makedirs(args.work, exist_ok=True)
+    main(args.work)
+else:
+    with tempfile.TemporaryDirectory(prefix="qt-bench-zstream-") as tmp:
+        main(tmp)
