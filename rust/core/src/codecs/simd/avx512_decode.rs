@@ -75,8 +75,8 @@ struct Reader {
     /// code mask in every slot
     mask: __m512i,
     r: usize,
-    /// Loads from before this byte may read a whole vector: they stay inside the codes.
-    safe_end: *const u8,
+    /// The end of the codes.
+    end: *const u8,
 }
 
 impl Reader {
@@ -100,7 +100,7 @@ impl Reader {
                 _mm512_set1_epi32(low as i32)
             },
             r,
-            safe_end: end.wrapping_sub(64),
+            end,
         }
     }
 
@@ -108,8 +108,11 @@ impl Reader {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
     unsafe fn codes<const B: u8, const WORDS: bool>(&self, p: *const u8, n: usize) -> __m512i {
-        // Masked loads only near the end of the codes (the unmasked load is faster).
-        let whole = p <= self.safe_end;
+        // Unmasked loads, of no more bytes than the lanes read (a 64-byte load at a 4- or
+        // 8-byte step crosses a cache line most times, and that doubled the time per vector),
+        // except near the end of the codes.
+        let width = load_width(B, WORDS);
+        let whole = p <= self.end.wrapping_sub(width);
         let bytes = (self.r + n * B as usize).div_ceil(8);
         if B == 8 {
             let d = if whole {
@@ -119,13 +122,37 @@ impl Reader {
             };
             return _mm512_cvtepu8_epi32(d);
         }
-        let d = if whole {
-            _mm512_loadu_si512(p.cast())
-        } else {
+        let d = if !whole {
             _mm512_maskz_loadu_epi8(low_bits(bytes), p.cast())
+        } else if width == 16 {
+            _mm512_zextsi128_si512(_mm_loadu_si128(p.cast()))
+        } else if width == 32 {
+            _mm512_zextsi256_si512(_mm256_loadu_si256(p.cast()))
+        } else {
+            _mm512_loadu_si512(p.cast())
         };
-        let d = _mm512_permutexvar_epi8(self.perm, d);
-        _mm512_and_si512(_mm512_multishift_epi64_epi8(self.ctrl, d), self.mask)
+        let c = _mm512_multishift_epi64_epi8(self.ctrl, _mm512_permutexvar_epi8(self.perm, d));
+        if B <= 4 {
+            // The lookups read the low 4 (vpermps) or 5 (vpermw) bits of a slot, and the
+            // tables repeat every 2^B entries (`levels`), so the bits above the code can stay.
+            c
+        } else {
+            _mm512_and_si512(c, self.mask)
+        }
+    }
+}
+
+/// Bytes to load for one vector: enough for every byte the permutation of `unpack_table`
+/// reads, at most `(7 + (slots - 1) * b) / 8 + 8` (16 for 2- to 4-bit dwords, 32 for words).
+const fn load_width(b: u8, words: bool) -> usize {
+    let slots = if words { 32 } else { 16 };
+    let last = (7 + (slots - 1) * b as usize) / 8 + 8;
+    if b == 8 || last <= 16 {
+        16
+    } else if last <= 32 {
+        32
+    } else {
+        64
     }
 }
 
@@ -135,7 +162,8 @@ fn low_bits(n: usize) -> u64 {
     u64::MAX >> (64 - n)
 }
 
-/// Levels of the codes 0..16 of codec `K`, `B` bits (junk past 2^B, never looked up).
+/// Levels of codec `K` for the indices 0..16, repeating every 2^B (so that an index may keep
+/// the bits above its code).
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn levels<const K: u8, const B: u8>() -> __m512 {
@@ -143,21 +171,57 @@ unsafe fn levels<const K: u8, const B: u8>() -> __m512 {
         return _mm512_loadu_ps(lut::<K>().as_ptr());
     }
     let codec = codec_of::<K, B>();
+    let low = ((1u32 << B) - 1) as usize;
     let mut a = [0f32; 16];
     for (c, v) in a.iter_mut().enumerate() {
-        *v = codec.level(c as u8);
+        *v = codec.level((c & low) as u8);
     }
     _mm512_loadu_ps(a.as_ptr())
 }
 
 /// The 16 outputs of a group with scale `s` and min `m` (affine) as output type `O`: floats, or
-/// 16 words in the low half.
+/// 16 words twice.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
 unsafe fn table<const K: u8, const O: u8>(lv: __m512, s: f32, m: f32) -> __m512i {
     let mut v = _mm512_mul_ps(lv, _mm512_set1_ps(s));
     if K == AFF {
         v = _mm512_add_ps(v, _mm512_set1_ps(m));
+    }
+    match O {
+        OF32 => _mm512_castps_si512(v),
+        // Twice, for vpermw's 5-bit indices.
+        OF16 => twice(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)),
+        _ => twice(bf16x16(v)),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn twice(h: __m256i) -> __m512i {
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(h), h)
+}
+
+/// 16 dword codes decoded with scales `s` and mins `m` (affine), as output type `O` (16-bit
+/// values in the low half).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
+unsafe fn decode16<const K: u8, const B: u8, const O: u8>(
+    c: __m512i,
+    lv: __m512,
+    s: __m512,
+    m: __m512,
+) -> __m512i {
+    let lv = if B <= 4 {
+        _mm512_permutexvar_ps(c, lv)
+    } else if K == SYM {
+        _mm512_cvtepi32_ps(_mm512_sub_epi32(c, _mm512_set1_epi32(1 << (B - 1))))
+    } else {
+        _mm512_cvtepi32_ps(c)
+    };
+    let mut v = _mm512_mul_ps(lv, s);
+    if K == AFF {
+        v = _mm512_add_ps(v, m);
     }
     match O {
         OF32 => _mm512_castps_si512(v),
@@ -211,41 +275,44 @@ unsafe fn run<const K: u8, const B: u8, const O: u8, const TAB: bool, const VEC:
                 if TAB {
                     _mm512_castps_si512(_mm512_permutexvar_ps(c, _mm512_castsi512_ps(tab)))
                 } else {
-                    let lv = if K >= NF4 {
-                        _mm512_permutexvar_ps(c, lv)
-                    } else if K == SYM {
-                        _mm512_cvtepi32_ps(_mm512_sub_epi32(c, _mm512_set1_epi32(1 << (B - 1))))
-                    } else {
-                        _mm512_cvtepi32_ps(c)
-                    };
+                    // Whole vectors load unmasked (faster); a tail reads only its own lanes.
                     let keep = low_bits(k) as __mmask16;
-                    let s = if VEC {
-                        _mm512_maskz_loadu_ps(keep, sp.add(i))
-                    } else {
-                        vs
-                    };
-                    let mut v = _mm512_mul_ps(lv, s);
-                    if K == AFF {
-                        let m = if VEC {
-                            _mm512_maskz_loadu_ps(keep, mp.add(i))
+                    let load = |q: *const f32| {
+                        if k == 16 {
+                            _mm512_loadu_ps(q.add(i))
                         } else {
-                            vm
-                        };
-                        v = _mm512_add_ps(v, m);
-                    }
-                    match O {
-                        OF32 => _mm512_castps_si512(v),
-                        OF16 => _mm512_zextsi256_si512(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)),
-                        _ => _mm512_zextsi256_si512(bf16x16(v)),
-                    }
+                            _mm512_maskz_loadu_ps(keep, q.add(i))
+                        }
+                    };
+                    let s = if VEC { load(sp) } else { vs };
+                    let m = if VEC && K == AFF { load(mp) } else { vm };
+                    decode16::<K, B, O>(c, lv, s, m)
                 }
             }
         }};
     }
     let mut i = 0;
+    if !words && O != OF32 {
+        // Two vectors of 16-bit values joined into one 64-byte store: stored alone, the
+        // narrowing folds into its store form (vcvtps2ph / vpmovdw to memory), which AMD cores
+        // run several times slower.
+        while i + 32 <= n {
+            let a = one!(i, 16, p);
+            let b = one!(i + 16, 16, p.add(2 * B as usize));
+            let v = _mm512_inserti64x4::<1>(a, _mm512_castsi512_si256(b));
+            if !VEC {
+                prefetch_out(o, i * size);
+            }
+            _mm512_storeu_si512(o.add(i * size).cast(), v);
+            p = p.add(4 * B as usize);
+            i += 32;
+        }
+    }
     while i + lanes <= n {
         let v = one!(i, lanes, p);
-        prefetch_out(o, i * size);
+        if !VEC {
+            prefetch_out(o, i * size);
+        }
         if O == OF32 || words {
             _mm512_storeu_si512(o.add(i * size).cast(), v);
         } else {
@@ -343,4 +410,48 @@ pub(super) unsafe fn dq_vec<const K: u8, const B: u8, const O: u8>(
     let (p, o) = (codes.as_ptr(), out.as_mut_ptr());
     let end = p.wrapping_add(codes.len());
     run::<K, B, O, false, true>(p, end, first, n, zero, lv, s.as_ptr(), mp, o);
+}
+
+/// Columns per block of `dq_rows`: their scales and mins (4 KiB as fp32) stay in L1 while the
+/// block is decoded down the rows.
+const ROW_BLOCK: usize = 128;
+
+/// `out[r * w + c] = decode(code[first + r * w + c], s[c], m[c])` for `rows` rows of
+/// `w = n / rows` elements that share one row of scales (groups along an earlier axis), a block
+/// of `ROW_BLOCK` columns at a time down all the rows. Row by row, the scales (two fp32 values
+/// per element) came from L2 and decoding ran at half the speed of memcpy; with the whole
+/// block's scales in registers (32 columns) the strided stores ran slower still.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,f16c")]
+pub(super) unsafe fn dq_rows<const K: u8, const B: u8, const O: u8>(
+    codes: &[u8],
+    first: usize,
+    rows: usize,
+    s: &[f32],
+    m: &[f32],
+    out: &mut [u8],
+) {
+    let size = out_size::<O>();
+    let n = out.len() / size;
+    if n == 0 {
+        return;
+    }
+    assert!(rows > 0 && n.is_multiple_of(rows));
+    assert!((first + n) * B as usize <= codes.len() * 8);
+    let w = n / rows;
+    assert!(s.len() >= w && (K != AFF || m.len() >= w));
+    let lv = levels::<K, B>();
+    let (p0, o0) = (codes.as_ptr(), out.as_mut_ptr());
+    let end = p0.wrapping_add(codes.len());
+    let mp = if K == AFF { m.as_ptr() } else { s.as_ptr() };
+    let zero = _mm512_setzero_si512();
+    let mut c0 = 0;
+    while c0 < w {
+        let k = (w - c0).min(ROW_BLOCK);
+        for r in 0..rows {
+            let e = r * w + c0;
+            let (sp, mq) = (s.as_ptr().add(c0), mp.add(c0));
+            run::<K, B, O, false, true>(p0, end, first + e, k, zero, lv, sp, mq, o0.add(e * size));
+        }
+        c0 += k;
+    }
 }
