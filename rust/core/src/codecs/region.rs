@@ -222,30 +222,9 @@ fn decode_piece(k: &Kernels, q: &Stored<'_>, e0: usize, t: OutType, out: &mut [u
             e += len;
         }
     } else if result.is_ok() {
-        // Whole rows of the inner dimensions that share a row of scales (a group along an
-        // earlier axis) go to the kernel together: `(start, rows, group)` of the rows so far.
-        let q_len = q.layout.inner as usize;
-        let mut rows: Option<(usize, usize, usize)> = None;
-        let w0 = window.start;
         for_each_segment(&q.layout, e0, e1, |seg| {
             if result.is_err() {
                 return;
-            }
-            if !per_segment && seg.per_element && seg.len == q_len {
-                match rows.as_mut() {
-                    Some((st, n, g)) if *g == seg.group && *st + *n * q_len == seg.start => {
-                        *n += 1
-                    }
-                    _ => {
-                        if let Some(r) = rows.replace((seg.start, 1, seg.group)) {
-                            decode_rows(k, q, e0, t, r, w0, &s_buf, &m_buf, out);
-                        }
-                    }
-                }
-                return;
-            }
-            if let Some(r) = rows.take() {
-                decode_rows(k, q, e0, t, r, w0, &s_buf, &m_buf, out);
             }
             let w = if per_segment {
                 let w = segment_window(&seg);
@@ -272,38 +251,10 @@ fn decode_piece(k: &Kernels, q: &Stored<'_>, e0: usize, t: OutType, out: &mut [u
                 (k.dequant_bcast)(q.codec, q.codes, seg.start, s_buf[g], m, t, o);
             }
         });
-        if let Some(r) = rows {
-            decode_rows(k, q, e0, t, r, w0, &s_buf, &m_buf, out);
-        }
     }
     put_buffer(1, s_buf);
     put_buffer(2, m_buf);
     result
-}
-
-/// Decode `rows = (start, count, group)`: `count` whole rows of the inner dimensions from
-/// element `start` on, all with the row of scales at `group` (`w0`: the window's first).
-#[allow(clippy::too_many_arguments)]
-fn decode_rows(
-    k: &Kernels,
-    q: &Stored<'_>,
-    e0: usize,
-    t: OutType,
-    (start, count, group): (usize, usize, usize),
-    w0: usize,
-    s_buf: &[f32],
-    m_buf: &[f32],
-    out: &mut [u8],
-) {
-    let (w, size) = (q.layout.inner as usize, t.size());
-    let g = group - w0;
-    let m = if q.codec.has_mins() {
-        &m_buf[g..g + w]
-    } else {
-        &[][..]
-    };
-    let o = &mut out[(start - e0) * size..(start - e0 + count * w) * size];
-    (k.dequant_rows)(q.codec, q.codes, start, count, &s_buf[g..g + w], m, t, o);
 }
 
 /// The range of scale indices that elements `e0..e1` (non-empty) can use: every group-row

@@ -269,25 +269,6 @@ pub(super) unsafe fn dq_groups<const K: u8, const B: u8, const O: u8>(
     }
 }
 
-/// `dq_vec` row by row over rows that share one row of scales.
-#[target_feature(enable = "avx2,f16c")]
-pub(super) unsafe fn dq_rows<const K: u8, const B: u8, const O: u8>(
-    codes: &[u8],
-    first: usize,
-    rows: usize,
-    s: &[f32],
-    m: &[f32],
-    out: &mut [u8],
-) {
-    if out.is_empty() {
-        return;
-    }
-    let w = out.len() / out_size::<O>() / rows;
-    for (r, o) in out.chunks_mut(w * out_size::<O>()).enumerate() {
-        dq_vec::<K, B, O>(codes, first + r * w, s, m, o);
-    }
-}
-
 #[target_feature(enable = "avx2,f16c")]
 pub(super) unsafe fn dq_vec<const K: u8, const B: u8, const O: u8>(
     codes: &[u8],

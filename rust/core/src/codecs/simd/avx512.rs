@@ -8,7 +8,7 @@ use super::avx2::{
     self, by_codec, key1, mins_of, prefetch_in, sorted, ABS, AFF, INF_BITS, MXF4, NF4, NVF4, OBF16,
     OF16, OF32, ROUND, SYM,
 };
-use super::avx512_decode::{dq_bcast, dq_groups, dq_rows, dq_vec};
+use super::avx512_decode::{dq_bcast, dq_groups, dq_vec};
 use super::{byte_head, scalar, Kernels, OutType};
 
 /// `by_codec_out` of the decode kernels, which also take 2- and 3-bit codes.

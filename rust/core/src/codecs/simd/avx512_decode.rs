@@ -146,7 +146,8 @@ impl Reader {
 /// reads, at most `(7 + (slots - 1) * b) / 8 + 8` (16 for 2- to 4-bit dwords, 32 for words).
 const fn load_width(b: u8, words: bool) -> usize {
     let slots = if words { 32 } else { 16 };
-    let last = (7 + (slots - 1) * b as usize) / 8 + 8;
+    // The last slot's code starts at most at bit 7 + (slots - 1) * b; 8 bytes from its byte.
+    let last = ((7 + (slots - 1) * b as usize) >> 3) + 8;
     if b == 8 || last <= 16 {
         16
     } else if last <= 32 {
@@ -307,9 +308,7 @@ unsafe fn run<const K: u8, const B: u8, const O: u8, const TAB: bool, const VEC:
             let a = one!(i, 16, p);
             let b = one!(i + 16, 16, p.add(2 * B as usize));
             let v = _mm512_inserti64x4::<1>(a, _mm512_castsi512_si256(b));
-            if !VEC {
-                prefetch_out(o, i * size);
-            }
+            prefetch_out(o, i * size);
             _mm512_storeu_si512(o.add(i * size).cast(), v);
             p = p.add(4 * B as usize);
             i += 32;
@@ -317,9 +316,7 @@ unsafe fn run<const K: u8, const B: u8, const O: u8, const TAB: bool, const VEC:
     }
     while i + lanes <= n {
         let v = one!(i, lanes, p);
-        if !VEC {
-            prefetch_out(o, i * size);
-        }
+        prefetch_out(o, i * size);
         if O == OF32 || words {
             _mm512_storeu_si512(o.add(i * size).cast(), v);
         } else {
@@ -370,7 +367,10 @@ pub(super) unsafe fn dq_groups<const K: u8, const B: u8, const O: u8>(
     // Groups of a whole number of bytes all start at the same bit offset: one reader.
     let same = (g * B as usize).is_multiple_of(8);
     let bit0 = first * B as usize;
-    let (rt, rv) = (reader::<B, O, true>(bit0, end), reader::<B, O, false>(bit0, end));
+    let (rt, rv) = (
+        reader::<B, O, true>(bit0, end),
+        reader::<B, O, false>(bit0, end),
+    );
     let mut j0 = 0;
     if B <= 4 && O != OF32 && g == 16 && same {
         // 16-element groups (NVFP4) two at a time: one 32-word table (a group per half) and
@@ -381,7 +381,11 @@ pub(super) unsafe fn dq_groups<const K: u8, const B: u8, const O: u8>(
         let mut pc = p.add(bit0 / 8);
         while j0 + 2 <= groups && (j0 + 2) * 16 <= n {
             let sp = s.as_ptr().add(j0);
-            let (m0, m1) = if K == AFF { (m[j0], m[j0 + 1]) } else { (0.0, 0.0) };
+            let (m0, m1) = if K == AFF {
+                (m[j0], m[j0 + 1])
+            } else {
+                (0.0, 0.0)
+            };
             let t0 = table::<K, O>(lv, *sp, m0);
             let t1 = table::<K, O>(lv, *sp.add(1), m1);
             let tab = _mm512_mask_blend_epi64(0xf0, t0, t1);
@@ -404,10 +408,18 @@ pub(super) unsafe fn dq_groups<const K: u8, const B: u8, const O: u8>(
         if B <= 4 {
             let mj = if K == AFF { *mp } else { 0.0 };
             let tab = table::<K, O>(lv, *sp, mj);
-            let rd = if same { rt } else { reader::<B, O, true>(bit, end) };
+            let rd = if same {
+                rt
+            } else {
+                reader::<B, O, true>(bit, end)
+            };
             run::<K, B, O, true, false>(p, &rd, first + e, len, tab, lv, sp, mp, dst);
         } else {
-            let rd = if same { rv } else { reader::<B, O, false>(bit, end) };
+            let rd = if same {
+                rv
+            } else {
+                reader::<B, O, false>(bit, end)
+            };
             run::<K, B, O, false, false>(p, &rd, first + e, len, zero, lv, sp, mp, dst);
         }
     }
@@ -448,49 +460,4 @@ pub(super) unsafe fn dq_vec<const K: u8, const B: u8, const O: u8>(
     let end = p.wrapping_add(codes.len());
     let rd = reader::<B, O, false>(first * B as usize, end);
     run::<K, B, O, false, true>(p, &rd, first, n, zero, lv, s.as_ptr(), mp, o);
-}
-
-/// Columns per block of `dq_rows`: their scales and mins (4 KiB as fp32) stay in L1 while the
-/// block is decoded down the rows.
-const ROW_BLOCK: usize = 128;
-
-/// `out[r * w + c] = decode(code[first + r * w + c], s[c], m[c])` for `rows` rows of
-/// `w = n / rows` elements that share one row of scales (groups along an earlier axis), a block
-/// of `ROW_BLOCK` columns at a time down all the rows. Row by row, the scales (two fp32 values
-/// per element) came from L2 and decoding ran at half the speed of memcpy; with the whole
-/// block's scales in registers (32 columns) the strided stores ran slower still.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,f16c")]
-pub(super) unsafe fn dq_rows<const K: u8, const B: u8, const O: u8>(
-    codes: &[u8],
-    first: usize,
-    rows: usize,
-    s: &[f32],
-    m: &[f32],
-    out: &mut [u8],
-) {
-    let size = out_size::<O>();
-    let n = out.len() / size;
-    if n == 0 {
-        return;
-    }
-    assert!(rows > 0 && n.is_multiple_of(rows));
-    assert!((first + n) * B as usize <= codes.len() * 8);
-    let w = n / rows;
-    assert!(s.len() >= w && (K != AFF || m.len() >= w));
-    let lv = levels::<K, B>();
-    let (p0, o0) = (codes.as_ptr(), out.as_mut_ptr());
-    let end = p0.wrapping_add(codes.len());
-    let mp = if K == AFF { m.as_ptr() } else { s.as_ptr() };
-    let zero = _mm512_setzero_si512();
-    let mut c0 = 0;
-    while c0 < w {
-        let k = (w - c0).min(ROW_BLOCK);
-        for r in 0..rows {
-            let e = r * w + c0;
-            let (sp, mq) = (s.as_ptr().add(c0), mp.add(c0));
-            let rd = reader::<B, O, false>((first + e) * B as usize, end);
-            run::<K, B, O, false, true>(p0, &rd, first + e, k, zero, lv, sp, mq, o0.add(e * size));
-        }
-        c0 += k;
-    }
 }

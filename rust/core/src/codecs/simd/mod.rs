@@ -45,7 +45,7 @@ impl OutType {
 }
 
 /// The table of an x86 instruction set and its safe wrappers. The invoking module provides the
-/// kernels (`dq_bcast`, `dq_vec`, `dq_groups`, `dq_rows`, `enc_bcast`, `enc_vec`, generic over the codec, and the four
+/// kernels (`dq_bcast`, `dq_vec`, `dq_groups`, `enc_bcast`, `enc_vec`, generic over the codec, and the four
 /// statistics functions named here) and `by_codec!`. The wrappers pick the codec so that the
 /// kernels take at most six integer arguments, all in registers: re-passing stack arguments costs
 /// a store-forwarding stall per call, as much as a 64-element group's work.
@@ -61,7 +61,6 @@ macro_rules! kernel_table {
             dequant_bcast,
             dequant_vec,
             dequant_groups,
-            dequant_rows,
             encode_bcast,
             encode_vec,
             min_max,
@@ -125,27 +124,6 @@ macro_rules! kernel_table {
                     t,
                     dq_groups(codes, first, g, s, m, out),
                     scalar::dequant_groups(codec, codes, first, g, s, m, t, out)
-                )
-            }
-        }
-
-        #[allow(clippy::too_many_arguments)]
-        fn dequant_rows(
-            codec: Codec,
-            codes: &[u8],
-            first: usize,
-            rows: usize,
-            s: &[f32],
-            m: &[f32],
-            t: OutType,
-            out: &mut [u8],
-        ) {
-            unsafe {
-                by_codec_out!(
-                    codec,
-                    t,
-                    dq_rows(codes, first, rows, s, m, out),
-                    scalar::dequant_rows(codec, codes, first, rows, s, m, t, out)
                 )
             }
         }
@@ -227,9 +205,6 @@ pub struct Kernels {
     /// `out[i] = decode(code[first + i], s[i / g], m[i / g])`: runs of whole groups of `g`
     /// (the last may be shorter) in one call, as `dequant_bcast` per group would.
     pub dequant_groups: fn(Codec, &[u8], usize, usize, &[f32], &[f32], OutType, &mut [u8]),
-    /// `out[r * w + i] = decode(code[first + r * w + i], s[i], m[i])`: `dequant_vec` over the
-    /// `rows` rows of `w = len / rows` elements that share one row of scales.
-    pub dequant_rows: fn(Codec, &[u8], usize, usize, &[f32], &[f32], OutType, &mut [u8]),
     /// `code[first + i] |= encode(x[i], inv, m)`, into a zeroed stream
     pub encode_bcast: fn(Codec, &[f32], f32, f32, &[f32; 15], &mut [u8], usize),
     /// `code[first + i] |= encode(x[i], inv[i], m[i])`

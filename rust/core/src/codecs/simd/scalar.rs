@@ -10,7 +10,6 @@ pub static SCALAR: Kernels = Kernels {
     dequant_bcast,
     dequant_vec,
     dequant_groups,
-    dequant_rows,
     encode_bcast,
     encode_vec,
     min_max,
@@ -87,26 +86,6 @@ pub fn dequant_groups(
     for (j, o) in out.chunks_mut(g * size).enumerate() {
         let mj = if codec.has_mins() { m[j] } else { 0.0 };
         dequant_bcast(codec, codes, first + j * g, s[j], mj, t, o);
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-pub fn dequant_rows(
-    codec: Codec,
-    codes: &[u8],
-    first: usize,
-    rows: usize,
-    s: &[f32],
-    m: &[f32],
-    t: OutType,
-    out: &mut [u8],
-) {
-    if out.is_empty() {
-        return;
-    }
-    let w = out.len() / t.size() / rows;
-    for (r, o) in out.chunks_mut(w * t.size()).enumerate() {
-        dequant_vec(codec, codes, first + r * w, s, m, t, o);
     }
 }
 

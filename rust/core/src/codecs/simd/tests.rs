@@ -198,41 +198,6 @@ fn dequant_groups_matches_scalar_per_group() {
 }
 
 #[test]
-fn dequant_rows_matches_scalar_per_row() {
-    let mut r = Rng::new(7);
-    for k in available() {
-        for t in OutType::ALL {
-            for codec in CODECS {
-                for w in [1usize, 15, 16, 33, 130, 600, 1031] {
-                    let rows = r.pick(&[1usize, 2, 5]);
-                    let first = r.pick(&[0usize, 1, 3, 64]);
-                    let n = rows * w;
-                    let codes = r.bytes(codes_len(first, n, codec.bits()));
-                    let sv: Vec<f32> = (0..w).map(|_| wide_scale(&mut r)).collect();
-                    let mv: Vec<f32> = if codec.has_mins() {
-                        (0..w).map(|_| min_of(&mut r)).collect()
-                    } else {
-                        Vec::new()
-                    };
-                    let size = t.size();
-                    let mut want = vec![0u8; n * size];
-                    for (j, o) in want.chunks_mut(w * size).enumerate() {
-                        (SCALAR.dequant_vec)(codec, &codes, first + j * w, &sv, &mv, t, o);
-                    }
-                    let mut got = vec![0u8; n * size];
-                    (k.dequant_rows)(codec, &codes, first, rows, &sv, &mv, t, &mut got);
-                    assert_eq!(
-                        want, got,
-                        "{} dequant_rows {codec:?} {t:?} w {w} rows {rows} first {first}",
-                        k.name
-                    );
-                }
-            }
-        }
-    }
-}
-
-#[test]
 fn scalar_narrowing_is_decode_then_round() {
     // The reference itself: each output element is the fp32 decode rounded by `half`.
     let mut r = Rng::new(5);
