@@ -1,5 +1,6 @@
-//! AVX-512 dequantize (F, BW, VL, VBMI). Codes of any width up to 8 bits are unpacked a vector
-//! at a time at any bit offset: a byte permute (vpermb) gives each 64-bit lane the bytes that
+//! AVX-512 dequantize (F, BW, VL, VBMI) of 2-, 3-, 4- and 8-bit codes (the widths `by_width!`
+//! dispatches; the unpacking tables cover 1 to 7 bits). Codes are unpacked a vector at a time
+//! at any bit offset: a byte permute (vpermb) gives each 64-bit lane the bytes that
 //! hold its codes and a multishift (vpmultishiftqb) moves each code into its slot. Masked loads
 //! and stores take the ends of a run, so no element goes to scalar code and no byte past the
 //! codes is read or written.
