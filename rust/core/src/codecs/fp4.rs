@@ -55,7 +55,7 @@ pub fn e8m0_value(b: u8) -> f32 {
 /// The value of an E4M3 (float8_e4m3fn) byte: bias 7, subnormals, no infinities, S.1111.111
 /// is NaN.
 #[inline]
-pub fn e4m3_value(b: u8) -> f32 {
+pub const fn e4m3_value(b: u8) -> f32 {
     let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
     let (e, m) = ((b >> 3) & 15, b & 7);
     if e == 15 && m == 7 {
@@ -68,6 +68,18 @@ pub fn e4m3_value(b: u8) -> f32 {
     };
     sign * mag
 }
+
+/// `e4m3_value` of every byte: NVFP4 widens one scale per 16 elements, and the branches of
+/// `e4m3_value` cost a third as much as decoding the block.
+static E4M3_VALUES: [f32; 256] = {
+    let mut t = [0f32; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = e4m3_value(b as u8);
+        b += 1;
+    }
+    t
+};
 
 /// A non-negative finite fp32 rounded to E4M3, nearest-even, saturating at 448.
 #[inline]
@@ -138,7 +150,7 @@ pub fn widen_scales(bytes: &[u8], dtype: DType, out: &mut [f32]) -> Result<()> {
         DType::Float8E4m3fn => out
             .iter_mut()
             .zip(bytes)
-            .for_each(|(o, &b)| *o = e4m3_value(b)),
+            .for_each(|(o, &b)| *o = E4M3_VALUES[b as usize]),
         other => {
             return Err(Error::Invalid(format!(
                 "{other} is not an FP4 block scale dtype"

@@ -58,7 +58,6 @@ macro_rules! by_codec_out {
         }
     };
 }
-pub(super) use by_codec_out;
 
 pub(super) const fn out_type<const O: u8>() -> OutType {
     match O {

@@ -1,20 +1,47 @@
-//! AVX-512F kernels: the AVX2 method on 16 lanes, with 4-bit codes decoded by one 16-entry
-//! permute. Bit-identical to `scalar` for the same reasons. What is left after the last full
-//! vector goes to the AVX2 kernels (every AVX-512 CPU has AVX2; `table()` checks both).
+//! AVX-512 kernels: quantize and statistics by the AVX2 method on 16 lanes, bit-identical to
+//! `scalar` for the same reasons; what is left after the last full vector goes to the AVX2
+//! kernels (every AVX-512 CPU has AVX2; `table()` checks both). Dequantize is `avx512_decode`.
 
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    self, by_codec, by_codec_out, key1, lut, mins_of, out_size, prefetch_in, prefetch_out, sorted,
-    ABS, AFF, INF_BITS, MXF4, NF4, NVF4, OBF16, OF16, OF32, ROUND, SYM,
+    self, by_codec, key1, mins_of, prefetch_in, sorted, ABS, AFF, INF_BITS, MXF4, NF4, NVF4, OBF16,
+    OF16, OF32, ROUND, SYM,
 };
+use super::avx512_decode::{dq_bcast, dq_groups, dq_vec};
 use super::{byte_head, scalar, Kernels, OutType};
+
+/// `by_codec_out` of the decode kernels, which also take 2- and 3-bit codes.
+macro_rules! by_codec_out {
+    ($codec:expr, $t:expr, $f:ident($($a:expr),*), $other:expr) => {
+        match $t {
+            OutType::F32 => by_width!($codec, $f[OF32]($($a),*), $other),
+            OutType::F16 => by_width!($codec, $f[OF16]($($a),*), $other),
+            OutType::Bf16 => by_width!($codec, $f[OBF16]($($a),*), $other),
+        }
+    };
+}
+
+macro_rules! by_width {
+    ($codec:expr, $f:ident[$o:ident]($($a:expr),*), $other:expr) => {
+        match $codec {
+            Codec::Affine { bits: 2 } => $f::<AFF, 2, $o>($($a),*),
+            Codec::Affine { bits: 3 } => $f::<AFF, 3, $o>($($a),*),
+            Codec::Symmetric { bits: 2 } => $f::<SYM, 2, $o>($($a),*),
+            Codec::Symmetric { bits: 3 } => $f::<SYM, 3, $o>($($a),*),
+            c => by_codec!(c, $f[$o]($($a),*), $other),
+        }
+    };
+}
 use crate::codecs::codec::Codec;
 
-/// The AVX-512 table if this CPU has AVX-512F, AVX2 and F16C. Its functions are reachable only
-/// here.
+/// The AVX-512 table if this CPU has AVX-512 F, BW, VL and VBMI (Ice Lake, Zen 4 and later),
+/// AVX2 and F16C. Its functions are reachable only here.
 pub fn table() -> Option<&'static Kernels> {
     if is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vbmi")
         && is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("f16c")
     {
@@ -34,104 +61,10 @@ kernel_table!(
     abs_max_vec_avx512
 );
 
-#[inline]
-#[target_feature(enable = "avx512f,avx2,f16c")]
-unsafe fn dq_bcast<const K: u8, const B: u8, const O: u8>(
-    codes: &[u8],
-    first: usize,
-    s: f32,
-    m: f32,
-    out: &mut [u8],
-) {
-    let size = out_size::<O>();
-    let n = out.len() / size;
-    let head = byte_head(first, B, n);
-    let body = (n - head) & !15;
-    // 16-bit outputs of 4-bit codes: the AVX2 table lookup beats 16-lane decoding.
-    if body == 0 || (B == 4 && O != OF32) {
-        return avx2::dq_bcast::<K, B, O>(codes, first, s, m, out);
-    }
-    if head > 0 {
-        avx2::dq_bcast::<K, B, O>(codes, first, s, m, &mut out[..head * size]);
-    }
-    let b0 = (first + head) * B as usize / 8;
-    let src = &codes[b0..b0 + body * B as usize / 8];
-    let o = out[head * size..(head + body) * size].as_mut_ptr();
-    dq_body::<K, B, false, O>(src.as_ptr(), o, body, &s, &m);
-    let r = head + body;
-    if r < n {
-        let o = &mut out[r * size..n * size];
-        avx2::dq_bcast::<K, B, O>(codes, first + r, s, m, o);
-    }
-}
-
-/// `dq_bcast` over consecutive groups of `g` elements (the last may be shorter).
-#[target_feature(enable = "avx512f,avx2,f16c")]
-unsafe fn dq_groups<const K: u8, const B: u8, const O: u8>(
-    codes: &[u8],
-    first: usize,
-    g: usize,
-    s: &[f32],
-    m: &[f32],
-    out: &mut [u8],
-) {
-    let size = out_size::<O>();
-    for (j, o) in out.chunks_mut(g * size).enumerate() {
-        let mj = if K == AFF { m[j] } else { 0.0 };
-        dq_bcast::<K, B, O>(codes, first + j * g, s[j], mj, o);
-    }
-}
-
-#[target_feature(enable = "avx512f,avx2,f16c")]
-unsafe fn dq_vec<const K: u8, const B: u8, const O: u8>(
-    codes: &[u8],
-    first: usize,
-    s: &[f32],
-    m: &[f32],
-    out: &mut [u8],
-) {
-    let size = out_size::<O>();
-    let n = out.len() / size;
-    let head = byte_head(first, B, n);
-    let body = (n - head) & !15;
-    if body == 0 {
-        return avx2::dq_vec::<K, B, O>(codes, first, s, m, out);
-    }
-    assert!(s.len() >= n && (K != AFF || m.len() >= n));
-    if head > 0 {
-        let (mh, oh) = (mins_of::<K>(m, 0..head), &mut out[..head * size]);
-        avx2::dq_vec::<K, B, O>(codes, first, &s[..head], mh, oh);
-    }
-    let b0 = (first + head) * B as usize / 8;
-    let src = &codes[b0..b0 + body * B as usize / 8];
-    let o = out[head * size..(head + body) * size].as_mut_ptr();
-    let mp = mins_of::<K>(m, head..n).as_ptr();
-    dq_body::<K, B, true, O>(src.as_ptr(), o, body, s[head..].as_ptr(), mp);
-    let r = head + body;
-    if r < n {
-        let (mr, or) = (mins_of::<K>(m, r..n), &mut out[r * size..n * size]);
-        avx2::dq_vec::<K, B, O>(codes, first + r, &s[r..n], mr, or);
-    }
-}
-
-/// Store 16 values as elements `i..i + 16` of `o`, bytes of output type `O`.
-#[inline]
-#[target_feature(enable = "avx512f,avx2,f16c")]
-unsafe fn store16<const O: u8>(o: *mut u8, i: usize, v: __m512) {
-    match O {
-        OF32 => _mm512_storeu_ps(o.add(4 * i).cast(), v),
-        OF16 => {
-            let h = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
-            _mm256_storeu_si256(o.add(2 * i).cast(), h)
-        }
-        _ => _mm256_storeu_si256(o.add(2 * i).cast(), bf16x16(v)),
-    }
-}
-
 /// fp32 -> bf16 as `half::bf16::from_f32` (see `avx2::bf16x8`).
 #[inline]
 #[target_feature(enable = "avx512f,avx2")]
-unsafe fn bf16x16(v: __m512) -> __m256i {
+pub(super) unsafe fn bf16x16(v: __m512) -> __m256i {
     let b = _mm512_castps_si512(v);
     let hi = _mm512_srli_epi32::<16>(b);
     let lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
@@ -141,93 +74,6 @@ unsafe fn bf16x16(v: __m512) -> __m256i {
     let nan = _mm512_cmpgt_epi32_mask(magnitude, _mm512_set1_epi32(INF_BITS));
     let r = _mm512_mask_or_epi32(rounded, nan, hi, _mm512_set1_epi32(0x40));
     _mm512_cvtepi32_epi16(r)
-}
-
-/// The 16 levels of a 4-bit codec (`code`, `code - 8`, NF4's or E2M1's).
-#[inline]
-#[target_feature(enable = "avx512f,avx2")]
-unsafe fn levels16<const K: u8>() -> __m512 {
-    match K {
-        AFF => _mm512_setr_ps(
-            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
-        ),
-        SYM => _mm512_setr_ps(
-            -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
-        ),
-        _ => _mm512_loadu_ps(lut::<K>().as_ptr()),
-    }
-}
-
-/// `n` (a multiple of 16) values from byte-aligned codes at `p`, stored into `o` as bytes of
-/// output type `O`. Without VEC, `sp`/`mp` point at the one scale/min.
-#[inline]
-#[target_feature(enable = "avx512f,avx2,f16c")]
-unsafe fn dq_body<const K: u8, const B: u8, const VEC: bool, const O: u8>(
-    p: *const u8,
-    o: *mut u8,
-    n: usize,
-    sp: *const f32,
-    mp: *const f32,
-) {
-    let vs = _mm512_set1_ps(*sp);
-    let vm = if K == AFF {
-        _mm512_set1_ps(*mp)
-    } else {
-        _mm512_setzero_ps()
-    };
-    // One scale: decode the 16 possible values once (same mul and add as per element).
-    let mut tab = levels16::<K>();
-    if B == 4 && !VEC {
-        tab = _mm512_mul_ps(tab, vs);
-        if K == AFF {
-            tab = _mm512_add_ps(tab, vm);
-        }
-    }
-    macro_rules! one {
-        ($i:expr) => {{
-            let i = $i;
-            let v = if B == 4 {
-                let t = _mm512_cvtepu8_epi64(_mm_loadl_epi64(p.add(i / 2).cast()));
-                // Dword 2j: byte j (vpermps reads the low nibble); dword 2j+1: byte j >> 4.
-                let idx = _mm512_or_si512(t, _mm512_slli_epi64::<28>(t));
-                _mm512_permutexvar_ps(idx, tab)
-            } else {
-                let c = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(i).cast()));
-                let c = if K == SYM {
-                    _mm512_sub_epi32(c, _mm512_set1_epi32(128))
-                } else {
-                    c
-                };
-                _mm512_cvtepi32_ps(c)
-            };
-            let v = if B == 4 && !VEC {
-                v
-            } else {
-                let s = if VEC { _mm512_loadu_ps(sp.add(i)) } else { vs };
-                let v = _mm512_mul_ps(v, s);
-                if K == AFF {
-                    let m = if VEC { _mm512_loadu_ps(mp.add(i)) } else { vm };
-                    _mm512_add_ps(v, m)
-                } else {
-                    v
-                }
-            };
-            prefetch_out(o, i * out_size::<O>());
-            store16::<O>(o, i, v);
-        }};
-    }
-    let mut i = 0;
-    while i + 64 <= n {
-        one!(i);
-        one!(i + 16);
-        one!(i + 32);
-        one!(i + 48);
-        i += 64;
-    }
-    while i < n {
-        one!(i);
-        i += 16;
-    }
 }
 
 /// Broadcast constants of one encode call.

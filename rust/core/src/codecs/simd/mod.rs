@@ -186,6 +186,8 @@ macro_rules! kernel_table {
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_decode;
 pub mod scalar;
 #[cfg(test)]
 pub(crate) mod tests;

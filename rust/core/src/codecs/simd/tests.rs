@@ -42,7 +42,7 @@ const LENS: [usize; 20] = [
 const FIRSTS: [usize; 9] = [0, 1, 2, 3, 5, 7, 8, 13, 64];
 
 /// Hot widths of every codec, plus widths that take the scalar fallback.
-const CODECS: [Codec; 12] = [
+const CODECS: [Codec; 14] = [
     Codec::SymmetricFull { bits: 4 },
     Codec::Affine { bits: 4 },
     Codec::Affine { bits: 8 },
@@ -53,7 +53,9 @@ const CODECS: [Codec; 12] = [
     Codec::Nvfp4 {
         tensor_scale: 0x3f80_0000,
     },
+    Codec::Affine { bits: 2 },
     Codec::Affine { bits: 3 },
+    Codec::Symmetric { bits: 3 },
     Codec::Affine { bits: 1 },
     Codec::Symmetric { bits: 6 },
     Codec::Symmetric { bits: 2 },
@@ -164,7 +166,7 @@ fn dequant_groups_matches_scalar_per_group() {
     for k in available() {
         for t in OutType::ALL {
             for codec in CODECS {
-                for g in [1usize, 7, 32, 64, 100] {
+                for g in [1usize, 7, 16, 32, 48, 64, 100] {
                     for len in [0usize, 1, g, 3 * g, 3 * g + 5, 10 * g - 1] {
                         let first = r.pick(&[0usize, 1, 64, 2 * g]);
                         let codes = r.bytes(codes_len(first, len, codec.bits()) + 2);
