@@ -19,9 +19,9 @@ device_map=DEV)`; `qtt` = `qtensors.torch.from_pretrained(q_folder, dtype=float1
 (warm-up on, the default); `qtt_nowarm` = the same with `warmup=False` (run with an empty
 Triton cache only, where warm-up matters); `hf_qtensors` =
 `AutoModelForCausalLM.from_pretrained(q_folder, dtype=float16, device_map=DEV)` through the
-registered quantizer. Each runs `--repeat` times (default 2) with the page cache warm (after one untimed
-run, which also fills Triton's on-disk cache), once with a fresh Triton cache (`*_fresh_triton`:
-what a first-ever run pays), and once with the page cache dropped (`cold`, when
+registered quantizer. Each runs `--repeat` times (default 2) with the page cache warm (after one
+untimed run, which also fills Triton's on-disk cache), once with a fresh Triton cache
+(`*_fresh_triton`: what a first-ever run pays), and once with the page cache dropped (`cold`, when
 /proc/sys/vm/drop_caches is writable). Correctness first: the qtensors loaders give identical
 logits, and close to the fp16 model's. Writes JSON and text to $OUT when set. Needs no network.
 """
