@@ -69,6 +69,37 @@ class Grid:
         """Round-to-nearest parameters of groups laid out along the last dimension."""
         return self.params_from_range(groups.amin(-1), groups.amax(-1))
 
+    def search_params(
+        self,
+        groups: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        steps: int = 20,
+        min_ratio: float = 0.5,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Parameters of groups (last dimension) with the range shrunk by the ratio in
+        ``1, ..., min_ratio`` (``steps`` points) that minimises ``sum weight * (x - q)^2``
+        per group (``weight`` broadcasts to ``groups``; GPTQ passes diag(H)). Ratio 1 is
+        round-to-nearest, so the error is never above RTN's."""
+        x = groups.float()
+        w = torch.ones_like(x) if weight is None else weight.float().expand_as(x)
+        lo, hi = x.amin(-1), x.amax(-1)
+        best_s, best_m = self.params_from_range(lo, hi)
+        best = None
+        for i in range(steps):
+            r = 1 - (1 - min_ratio) * i / max(steps - 1, 1)
+            s, m = self.params_from_range(lo * r, hi * r)
+            q = self.fake(x, s[..., None], None if m is None else m[..., None])
+            err = (w * (x - q).pow(2)).sum(-1)
+            if best is None:
+                best = err
+                continue
+            better = err < best
+            best = torch.where(better, err, best)
+            best_s = torch.where(better, s, best_s)
+            if m is not None:
+                best_m = torch.where(better, m, best_m)
+        return best_s, best_m
+
     # -- codes -------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, s: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
         """Nearest codes (int32) of ``x`` under parameters broadcast to it."""

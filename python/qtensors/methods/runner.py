@@ -4,9 +4,10 @@ learns to correct what came before. Only the block being quantized needs to be o
 
 Blocks are the repeated layers of a Llama-like decoder (``model.layers``) or a BERT-like
 encoder (``encoder.layer``). Per block: the method may rewrite its float weights
-(``prepare_block``: AWQ folds scales), observers collect the inputs of each linear in one pass,
-each linear is quantized and swapped for a ``QuantizedLinear``, and a second pass computes the
-next block's inputs.
+(``prepare_block``: AWQ folds scales); then stage by stage in the order the block calls its
+linears (q/k/v, o, gate/up, down: "true-sequential"), observers collect the stage's inputs with
+the earlier stages already quantized (the run stops after the stage), and its linears are
+quantized and swapped for ``QuantizedLinear``; a last pass computes the next block's inputs.
 """
 
 from __future__ import annotations
@@ -140,9 +141,13 @@ def quantize_blocks(
         for i, block in enumerate(blocks):
             block.to(dev)
 
-            def run(max_batches: int | None = None, block: nn.Module = block) -> None:
-                for args, kwargs in calls[:max_batches]:
-                    block(*args, **kwargs)
+            def run(
+                max_batches: int | None = None,
+                block: nn.Module = block,
+                on: list[tuple[tuple, dict]] = calls,
+                stop_after: nn.Module | None = None,
+            ) -> None:
+                _run(block, on[:max_batches], stop_after)
 
             extra = method.prepare_block(block, run, encoding)
             if extra is not None:
@@ -153,29 +158,34 @@ def quantize_blocks(
                 if type(m) is nn.Linear
                 and not any(fnmatch.fnmatchcase(f"{prefix}.{i}.{n}", p) for p in skip)
             }
-            observers = {n: method.observer(m, n) for n, m in linears.items()}
-            hooks = [
-                m.register_forward_pre_hook(lambda _m, a, o=observers[n]: o.add(a[0]))
-                for n, m in linears.items()
-                if observers[n] is not None
-            ]
-            try:
-                run()
-            finally:
-                for h in hooks:
-                    h.remove()
-            held_inputs = _inputs_of(block, linears, held)
-            for n, lin in linears.items():
-                q = method.quantize_weight(lin.weight, encoding, observers[n])
-                qw = QuantizedWeight.from_quantized(q, device=dev, dtype=lin.weight.dtype)
-                bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone())
-                _swap(block, n, QuantizedLinear.from_weight(qw, bias))
-                if held:
-                    x = held_inputs[n]
-                    ref = x @ lin.weight.float().t()
-                    err = torch.linalg.norm(ref - x @ qw.dequantize(torch.float32).t())
-                    layer_error[f"{prefix}.{i}.{n}"] = float(err / torch.linalg.norm(ref))
-                observers[n] = None  # free the Hessian before the next one is built
+            # true-sequential: each stage's inputs come from the earlier stages as quantized
+            for stage in stages(block, linears, calls[:1]):
+                last = linears[stage[-1]]
+                observers = {n: method.observer(linears[n], n) for n in stage}
+                hooks = [
+                    linears[n].register_forward_pre_hook(lambda _m, a, o=o: o.add(a[0]))
+                    for n, o in observers.items()
+                    if o is not None
+                ]
+                try:
+                    if hooks:
+                        run(stop_after=last)
+                finally:
+                    for h in hooks:
+                        h.remove()
+                held_inputs = _inputs_of(block, {n: linears[n] for n in stage}, held, last)
+                for n in stage:
+                    lin = linears[n]
+                    q = method.quantize_weight(lin.weight, encoding, observers[n])
+                    qw = QuantizedWeight.from_quantized(q, device=dev, dtype=lin.weight.dtype)
+                    bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone())
+                    _swap(block, n, QuantizedLinear.from_weight(qw, bias))
+                    if held:
+                        x = held_inputs[n]
+                        ref = x @ lin.weight.float().t()
+                        err = torch.linalg.norm(ref - x @ qw.dequantize(torch.float32).t())
+                        layer_error[f"{prefix}.{i}.{n}"] = float(err / torch.linalg.norm(ref))
+                    observers[n] = None  # free the Hessian before the next one is built
             # the next block sees this block's quantized outputs
             _advance(block, calls)
             _advance(block, held)
@@ -198,10 +208,68 @@ def _advance(block: nn.Module, calls: list[tuple[tuple, dict]]) -> None:
             calls[j] = (args, {**kwargs, "hidden_states": _first(block(**kwargs))})
 
 
-def _inputs_of(
+def _run(
+    block: nn.Module, calls: list[tuple[tuple, dict]], stop_after: nn.Module | None = None
+) -> None:
+    """Run ``block`` on ``calls``; with ``stop_after``, each call ends once that module ran
+    (what comes after it is not needed)."""
+    h = None
+    if stop_after is not None:
+
+        def stop(_m: nn.Module, _a: tuple, _o: Any) -> None:
+            raise _Stop
+
+        h = stop_after.register_forward_hook(stop)
+    try:
+        for args, kwargs in calls:
+            try:
+                block(*args, **kwargs)
+            except _Stop:
+                pass
+    finally:
+        if h is not None:
+            h.remove()
+
+
+def stages(
     block: nn.Module, linears: dict[str, nn.Linear], calls: list[tuple[tuple, dict]]
+) -> list[list[str]]:
+    """``linears`` in the order the block calls them, split into stages: consecutive linears
+    fed the same input tensor (q/k/v, gate/up) form one stage. Linears the block never calls
+    form a last stage."""
+    seen: list[tuple[str, torch.Tensor]] = []
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda _m, a, n=n: None if any(n == s for s, _ in seen) else seen.append((n, a[0]))
+        )
+        for n, m in linears.items()
+    ]
+    try:
+        _run(block, calls)
+    finally:
+        for h in hooks:
+            h.remove()
+    out: list[list[str]] = []
+    prev: torch.Tensor | None = None
+    for n, x in seen:  # the inputs are kept alive in ``seen``, so identity is meaningful
+        if out and x is prev:
+            out[-1].append(n)
+        else:
+            out.append([n])
+        prev = x
+    rest = [n for n in linears if all(n != s for s, _ in seen)]
+    return out + ([rest] if rest else [])
+
+
+def _inputs_of(
+    block: nn.Module,
+    linears: dict[str, nn.Linear],
+    calls: list[tuple[tuple, dict]],
+    stop_after: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """The inputs (rows) every linear of ``block`` gets on ``calls``."""
+    if not calls:
+        return {}
     got: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
     hooks = [
         m.register_forward_pre_hook(
@@ -210,8 +278,7 @@ def _inputs_of(
         for n, m in linears.items()
     ]
     try:
-        for args, kwargs in calls:
-            block(*args, **kwargs)
+        _run(block, calls, stop_after)
     finally:
         for h in hooks:
             h.remove()
