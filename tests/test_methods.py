@@ -26,8 +26,10 @@ from qtensors.methods import (
 )
 from qtensors.methods.awq import fold_scales, scale_groups
 from qtensors.methods.gptq import gptq_quantize
-from qtensors.methods.grid import Grid
+from qtensors.methods.grid import Grid, rows_view
 from qtensors.methods.hqq import hqq_quantize
+from qtensors.methods.packing import quantized_tensor
+from qtensors.methods.rtn import rtn_quantize
 from qtensors.torch import QuantizedLinear, QuantizedWeight
 
 transformers = pytest.importorskip("transformers")
@@ -38,8 +40,9 @@ ENCODINGS = [
     qt.Symmetric(bits=3, group_size=32, scale_dtype="bfloat16"),
     qt.NF4(group_size=16),
     qt.Affine(bits=4, group_size=16, axis=0),
+    qt.Symmetric(bits=4, group_size=16, levels="full"),
 ]
-IDS = ["affine4", "sym4", "sym3-bf16", "nf4", "affine4-axis0"]
+IDS = ["affine4", "sym4", "sym3-bf16", "nf4", "affine4-axis0", "sym4-full"]
 
 
 def decoded(q: qt.QuantizedTensor) -> torch.Tensor:
@@ -72,11 +75,21 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor, X: torch.Tensor) -> float
 
 
 # -- RTN is exactly what qtensors.quantize writes -----------------------------------------------
-@pytest.mark.parametrize("enc", [*ENCODINGS, qt.Affine(bits=3, group_size=16)], ids=[*IDS, "a3"])
+@pytest.mark.parametrize(
+    "enc",
+    [
+        *ENCODINGS,
+        qt.Affine(bits=3, group_size=16),
+        qt.Symmetric(bits=4, group_size=16, levels="full"),
+    ],
+    ids=[*IDS, "a3", "sym4-full"],
+)
 def test_rtn_matches_core(enc):
+    """The torch round-to-nearest the methods search with is the core's, bit for bit."""
     torch.manual_seed(0)
     w = torch.randn(24, 40) * torch.rand(24, 1) * 3  # 40 columns: a ragged last group
-    mine = RTN().quantize_weight(w, enc, None)
+    grid = Grid.of(enc)
+    mine = quantized_tensor(grid, *rtn_quantize(rows_view(w, grid), grid))
     core = qt.quantize(w, enc, framework="pt")
     for a, b in zip(mine.parts(), core.parts(), strict=True):
         assert torch.equal(a, b)
@@ -451,4 +464,37 @@ def test_quantize_model_refuses_hqq_on_symmetric_before_touching_the_model():
     model = tiny_llama(seed=3)
     with pytest.raises(ValueError, match="affine encoding"):
         qtt.quantize_model(model, qt.Symmetric(bits=4, group_size=16), method="hqq")
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
+# -- FP4 blocks ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("enc", [qt.MXFP4(), qt.NVFP4()], ids=["mxfp4", "nvfp4"])
+def test_quantize_model_rtn_with_fp4_blocks(enc, tmp_path):
+    """RTN fills MXFP4/NVFP4 through the core; the linears run through torch.ops.qtensors and
+    save_model/from_pretrained round-trip them kept quantized."""
+    model = tiny_llama(seed=12)
+    ref = tiny_llama(seed=12)
+    qtt.quantize_model(model, enc, skip=("lm_head",))
+    lins = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(lins) == 14 and all(m.weight.encoding["name"] == enc.name for m in lins)
+    w = model.model.layers[0].mlp.down_proj.weight
+    want = qt.dequantize(qt.quantize(ref.model.layers[0].mlp.down_proj.weight.detach(), enc))
+    torch.testing.assert_close(w.dequantize(torch.float32), torch.as_tensor(want), rtol=0, atol=0)
+    ids = torch.randint(2, 92, (2, 12))
+    with torch.no_grad():
+        got, want_logits = model(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert float((got - want_logits).pow(2).mean() / want_logits.pow(2).mean()) < 0.1
+    folder = tmp_path / "fp4"
+    qtt.save_model(model, folder, quant=qt.Raw())
+    loaded = qtt.from_pretrained(folder, transformers.AutoModelForCausalLM)
+    assert sum(isinstance(m, QuantizedLinear) for m in loaded.modules()) == 14
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "hqq"])
+def test_calibrated_methods_name_what_they_support_for_fp4(method):
+    model = tiny_llama(seed=13)
+    with pytest.raises(ValueError, match="MXFP4 and NVFP4 take method='rtn'"):
+        qtt.quantize_model(model, qt.MXFP4(), method=method, calibration=torch.zeros(2, 8).long())
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())

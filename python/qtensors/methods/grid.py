@@ -31,13 +31,23 @@ class Grid:
     group_size: int
     axis: int
     scale_dtype: str
+    full: bool = False  # symmetric with all 2^bits levels (levels="full", llama.cpp's Q4_0)
 
     @classmethod
-    def of(cls, encoding: Encoding) -> Grid:
+    def of(cls, encoding: Encoding, method: str = "a quantization method") -> Grid:
         if not isinstance(encoding, (Affine, Symmetric, NF4)):
-            raise ValueError(f"a quantization method needs a grouped encoding, not {encoding!r}")
+            raise ValueError(
+                f"{method} chooses the codes of affine, symmetric and NF4 groups, not "
+                f"{getattr(encoding, 'name', encoding)!r}; MXFP4 and NVFP4 take method='rtn'"
+            )
+        full = isinstance(encoding, Symmetric) and encoding.levels == "full"
         return cls(
-            encoding.name, encoding.bits, encoding.group_size, encoding.axis, encoding.scale_dtype
+            encoding.name,
+            encoding.bits,
+            encoding.group_size,
+            encoding.axis,
+            encoding.scale_dtype,
+            full,
         )
 
     # -- parameters ------------------------------------------------------------------------
@@ -60,6 +70,9 @@ class Grid:
         lo, hi = lo.float(), hi.float()
         if self.kind == "affine":
             return self.st((hi - lo) / self.qmax), self.st(lo)
+        if self.full:  # the value of largest magnitude (the positive one on a tie) -> -2^(b-1)
+            peak = torch.where(hi >= -lo, hi, lo)
+            return self.st(peak / -(2 ** (self.bits - 1))), None
         absmax = torch.maximum(lo.abs(), hi.abs())
         if self.kind == "symmetric":
             return self.st(absmax / self.qmax), None
@@ -110,7 +123,8 @@ class Grid:
         t = x.float() * inv
         if self.kind == "symmetric":
             zero = 2 ** (self.bits - 1)
-            return (torch.round(t).clamp_(-self.qmax, self.qmax) + zero).to(torch.int32)
+            low = -zero if self.full else -self.qmax
+            return (torch.round(t).clamp_(low, self.qmax) + zero).to(torch.int32)
         mids = _nf4_mids(t.device)
         return torch.bucketize(t, mids, right=False).to(torch.int32)
 

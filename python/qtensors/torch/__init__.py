@@ -143,11 +143,13 @@ def quantize_model(
     if isinstance(enc, Raw):
         raise ValueError("quantize_model needs a quantizing encoding, not raw")
     m = _methods.get_method(method, **settings)
-    if m.name == "hqq":  # refused before any layer is touched
+    if m.name != "rtn":  # an encoding the method cannot fill is refused before any work
         from ..methods.grid import Grid
         from ..methods.hqq import check_affine
 
-        check_affine(Grid.of(enc))
+        grid = Grid.of(enc, f"method {m.name!r}")
+        if m.name == "hqq":
+            check_affine(grid)
     record: dict[str, _typing.Any] = {**m.settings(), "encoding": _describe(enc)}
     if m.needs_calibration or holdout is not None:
         if m.needs_calibration:
