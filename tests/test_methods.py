@@ -415,7 +415,7 @@ def test_calibrated_methods_on_an_encoder(method):
 
 
 # -- the command line ---------------------------------------------------------------------------
-def tiny_folder(tmp_path):
+def tiny_folder(tmp_path, tie: bool = False):
     """A transformers model folder: tiny Llama weights and a word-level tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -427,7 +427,7 @@ def tiny_folder(tmp_path):
         tokenizer_object=tk, unk_token="[UNK]", eos_token="[EOS]"
     )
     src = tmp_path / "src"
-    tiny_llama(seed=11).save_pretrained(src)
+    tiny_llama(seed=11, tie=tie).save_pretrained(src)
     tok.save_pretrained(src)
     text = tmp_path / "notes.txt"
     text.write_text("the cat sat on the mat and then the dog ran under a log . " * 30)
@@ -498,3 +498,83 @@ def test_calibrated_methods_name_what_they_support_for_fp4(method):
     with pytest.raises(ValueError, match="MXFP4 and NVFP4 take method='rtn'"):
         qtt.quantize_model(model, qt.MXFP4(), method=method, calibration=torch.zeros(2, 8).long())
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
+def test_blocks_run_in_true_sequential_stages():
+    from qtensors.methods.runner import stages
+
+    block = tiny_llama(seed=14).model.layers[0]
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    hidden = torch.randn(1, 6, 64)
+    pos = torch.arange(6)[None]
+    rotary = tiny_llama(seed=14).model.rotary_emb(hidden, pos)
+    calls = [((hidden,), {"position_embeddings": rotary, "attention_mask": None})]
+    assert stages(block, linears, calls) == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_lm_head_is_calibrated_when_not_skipped(method):
+    model = tiny_llama(seed=15)
+    ref = tiny_llama(seed=15)
+    ids = torch.randint(2, 92, (8, 16), generator=torch.Generator().manual_seed(3))
+    final: list[torch.Tensor] = []
+    ref.lm_head.register_forward_pre_hook(lambda _m, a: final.append(a[0].reshape(-1, 64)))
+    with torch.no_grad():
+        ref(input_ids=ids)
+    enc = qt.Symmetric(bits=3, group_size=16)
+    qtt.quantize_model(model, enc, method=method, calibration=ids, samples=8, seq_len=16)
+    assert isinstance(model.lm_head, QuantizedLinear)
+    W = ref.lm_head.weight.detach()
+    X = torch.cat(final)
+    rtn = output_error(W, decoded(RTN().quantize_weight(W, enc)), X)
+    got = output_error(W, model.lm_head.weight.dequantize(torch.float32), X)
+    assert got < rtn  # the head saw its (quantized-model) inputs, not the weights alone
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_convert_with_a_method_holds_one_float_block(tmp_path, method, monkeypatch):
+    """The folder's weights are read block by block: when a block is filled, the blocks before
+    it are quantized already and those after it are still empty (meta)."""
+    from qtensors.methods.convert import convert_with_method
+    from qtensors.methods.lazy import ShardWeights
+
+    src, text = tiny_folder(tmp_path, tie=True)
+    real = ShardWeights.materialize
+    blocks: list[nn.ModuleList] = []
+    states = []
+
+    def spy(self, module, prefix, dtype, exclude=None):
+        if exclude is not None:  # the first call: everything outside the blocks
+            blocks.append(exclude)
+        else:
+            layers, i = blocks[0], int(prefix.split(".")[2])
+            done = all(isinstance(layers[j].mlp.down_proj, QuantizedLinear) for j in range(i))
+            empty = all(layers[j].mlp.down_proj.weight.is_meta for j in range(i, len(layers)))
+            states.append((i, done, empty))
+        real(self, module, prefix, dtype, exclude)
+
+    monkeypatch.setattr(ShardWeights, "materialize", spy)
+    dst = tmp_path / "out"
+    out = convert_with_method(
+        str(src),
+        str(dst),
+        qt.Affine(bits=4, group_size=16),
+        method,
+        calibration=str(text),
+        samples=4,
+        seq_len=16,
+        progress=False,
+    )
+    assert states == [(0, True, True), (1, True, True)]
+    assert out["method"] == method
+    model = qtt.from_pretrained(dst, transformers.AutoModelForCausalLM)
+    ref = tiny_llama(seed=11, tie=True)
+    ids = torch.tensor([[2, 3, 4, 5, 2, 6]])
+    with torch.no_grad():
+        got, want = model(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert float((got - want).pow(2).mean() / want.pow(2).mean()) < 0.1

@@ -121,13 +121,17 @@ def quantize_blocks(
     progress: bool = True,
     on_block: Callable[[int, nn.Module], None] | None = None,
     holdout: torch.Tensor | None = None,
+    load_block: Callable[[int, nn.Module], None] | None = None,
 ) -> dict[str, Any]:
     """Quantize the linears of every block of ``model`` with ``method`` on ``windows`` (token
     ids ``[samples, L]``); in place. Returns a record of what was done (e.g. AWQ's alphas).
 
     ``holdout``: other windows on which each linear's relative output error
     ``||X W^T - X W'^T|| / ||X W^T||`` is measured (X: its inputs there, W: its float weight as
-    the method left it, W': quantized), recorded under ``layer_error``."""
+    the method left it, W': quantized), recorded under ``layer_error``.
+
+    ``load_block(i, block)``: called before block ``i`` is first used (a streaming build fills
+    its weights there, see ``lazy.py``)."""
     skip = tuple(skip)
     prefix, blocks = find_blocks(model)
     home = next(model.parameters()).device
@@ -139,6 +143,8 @@ def quantize_blocks(
         held = [] if holdout is None else capture_inputs(model, blocks, holdout, batch_size, dev)
         bar = _bar(len(blocks), f"{method.name} blocks", progress)
         for i, block in enumerate(blocks):
+            if load_block is not None:
+                load_block(i, block)
             block.to(dev)
 
             def run(
@@ -197,6 +203,73 @@ def quantize_blocks(
     if layer_error:
         record["layer_error"] = layer_error
     return record
+
+
+def quantize_weights_only(
+    blocks: nn.ModuleList,
+    prefix: str,
+    encoding: Encoding,
+    method: Method,
+    load_block: Callable[[int, nn.Module], None],
+    skip: Iterable[str] = (),
+    progress: bool | None = True,
+) -> None:
+    """Quantize the blocks' linears with a method that needs no data, block by block, each
+    filled by ``load_block`` first (its float linears are freed as they are swapped)."""
+    bar = _bar(len(blocks), f"{method.name} blocks", bool(progress))
+    for i, block in enumerate(blocks):
+        load_block(i, block)
+        for n, lin in list(block.named_modules()):
+            if type(lin) is not nn.Linear or any(
+                fnmatch.fnmatchcase(f"{prefix}.{i}.{n}", p) for p in skip
+            ):
+                continue
+            q = method.quantize_weight(lin.weight, encoding, None)
+            qw = QuantizedWeight.from_quantized(q, device=lin.weight.device, dtype=lin.weight.dtype)
+            bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone())
+            _swap(block, n, QuantizedLinear.from_weight(qw, bias))
+        bar.update(1)
+    bar.close()
+
+
+def quantize_outside(
+    model: nn.Module,
+    names: list[str],
+    encoding: Encoding,
+    method: Method,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+) -> None:
+    """Quantize the linears ``names`` that sit outside the blocks (e.g. an lm_head) with a
+    calibrated method: their inputs come from one forward of the whole model, blocks already
+    quantized, on ``windows``. In place."""
+    home = next(model.parameters()).device
+    dev = torch.device(device) if device is not None else home
+    linears = {n: model.get_submodule(n) for n in names}
+    observers = {n: method.observer(m, n) for n, m in linears.items()}
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, a, o=observers[n]: o.add(a[0]))
+        for n, m in linears.items()
+        if observers[n] is not None
+    ]
+    extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    model.to(dev)
+    try:
+        with torch.no_grad():
+            for i in range(0, windows.shape[0], batch_size):
+                model(input_ids=windows[i : i + batch_size].to(dev), **extra)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.to(home)
+    for n, lin in linears.items():
+        q = method.quantize_weight(lin.weight, encoding, observers[n])
+        qw = QuantizedWeight.from_quantized(q, device=home, dtype=lin.weight.dtype)
+        bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone())
+        _swap(model, n, QuantizedLinear.from_weight(qw, bias))
+        observers[n] = None
 
 
 def _advance(block: nn.Module, calls: list[tuple[tuple, dict]]) -> None:
