@@ -578,3 +578,16 @@ def test_convert_with_a_method_holds_one_float_block(tmp_path, method, monkeypat
     with torch.no_grad():
         got, want = model(input_ids=ids).logits, ref(input_ids=ids).logits
     assert float((got - want).pow(2).mean() / want.pow(2).mean()) < 0.1
+
+
+def test_cli_convert_quantize_head(tmp_path):
+    from qtensors.cli import main
+
+    src, text = tiny_folder(tmp_path)
+    dst = tmp_path / "out"
+    argv = ["convert", str(src), str(dst), "--preset", "int4-g64", "--method", "gptq"]
+    argv += ["--calibration", str(text), "--samples", "4", "--seq-len", "16", "--quantize-head"]
+    assert main([*argv, "-q"]) == 0
+    with qt.safe_open(dst / "model.qtensors") as f:
+        assert f.encoding("lm_head.weight")["name"] == "affine"
+        assert f.encoding("model.embed_tokens.weight")["name"] == "raw"

@@ -54,8 +54,10 @@ def convert_with_method(
     keep: Sequence[str] = (),
     force: bool = False,
     progress: bool | None = None,
+    quantize_head: bool = False,
 ) -> dict[str, Any]:
-    """Quantize the model folder ``src`` with ``method`` into the model folder ``dst``."""
+    """Quantize the model folder ``src`` with ``method`` into the model folder ``dst``;
+    ``lm_head`` too with ``quantize_head`` (a head tied to the embeddings stays raw)."""
     import torch
     import transformers
 
@@ -90,13 +92,16 @@ def convert_with_method(
         model = auto.from_config(config, dtype=torch.float32).eval()
     _prefix, blocks = runner.find_blocks(model)
     shards.materialize(model, "", torch.float32, exclude=blocks)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    skip = tuple(keep) if quantize_head and not tied else ("lm_head", *keep)
 
     def load_block(i: int, block: torch.nn.Module) -> None:
         shards.materialize(block, f"{_prefix}.{i}.", torch.float32)
 
     if not m.needs_calibration:  # nothing to run: each block is read, quantized, let go
         runner.quantize_weights_only(
-            blocks, _prefix, encoding, m, load_block, ("lm_head", *keep), want_progress(progress)
+            blocks, _prefix, encoding, m, load_block, skip, want_progress(progress)
         )
     tokenizer = transformers.AutoTokenizer.from_pretrained(src) if texts is not None else None
     qtt.quantize_model(
@@ -108,7 +113,7 @@ def convert_with_method(
         samples=samples,
         seq_len=seq_len,
         device=device,
-        skip=("lm_head", *keep),
+        skip=skip,
         progress=progress,
         load_block=load_block if m.needs_calibration else None,
     )
