@@ -23,7 +23,7 @@ from .._progress import want_progress
 from ..encodings import Encoding, Raw
 from . import runner
 from .calibration import CalibrationError, read_texts
-from .lazy import ShardWeights
+from .lazy import ShardWeights, trim_heap
 
 #: Files of a model folder that are weights (rewritten) rather than copied.
 WEIGHT_SUFFIXES = (
@@ -96,7 +96,10 @@ def convert_with_method(
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     skip = tuple(keep) if quantize_head and not tied else ("lm_head", *keep)
 
+    trim_heap()  # the construction's transient buffers
+
     def load_block(i: int, block: torch.nn.Module) -> None:
+        trim_heap()  # the previous float block, freed when its linears were swapped
         shards.materialize(block, f"{_prefix}.{i}.", torch.float32)
 
     if not m.needs_calibration:  # nothing to run: each block is read, quantized, let go

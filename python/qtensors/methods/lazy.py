@@ -11,7 +11,9 @@ for quantized ones.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 
 import torch
 from torch import nn
@@ -69,3 +71,18 @@ class ShardWeights:
         t = reader.read(entry)  # a view of the shard's memory map: copy it out
         t = t.to(dtype, copy=True) if t.is_floating_point() else t.clone()
         return nn.Parameter(t, requires_grad=False)
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Freed float blocks otherwise stay in the process: after the first large buffer is freed,
+    glibc raises its mmap threshold, later same-sized buffers come from the heap, and the
+    heap, fragmented by the small allocations between them, is not shrunk (measured on
+    SmolLM2: +8 MiB kept per block without it, the quantized block's 1.9 MiB with it)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        pass
