@@ -125,6 +125,8 @@ def smollm2(args, log) -> None:
         enc = CONFIGS[cname]
         rtn_excess = rtn_err = None
         for method in args.methods:
+            if method == "hqq" and enc.name != "affine":
+                continue  # HQQ fits zero points: affine groups only
             model = fresh()
             gc.collect()
             mem = PeakRSS()
@@ -180,6 +182,8 @@ def minilm(args, log) -> None:
     )
     for cname in ("int4-g64-affine", "int4-g64-sym"):
         for method in args.methods:
+            if method == "hqq" and CONFIGS[cname].name != "affine":
+                continue  # HQQ fits zero points: affine groups only
             model = AutoModel.from_pretrained(folder).eval()
             qtt.quantize_model(
                 model,
