@@ -268,17 +268,22 @@ def test_mxfp4_decodes_as_gguf_after_repacking():
 
 
 @pytest.mark.parametrize("kind", sorted(FP4))
-def test_torch_load_model_decodes_and_modules_refuse(tmp_path, kind):
+def test_torch_load_model_keeps_or_decodes(tmp_path, kind):
     qtt = pytest.importorskip("qtensors.torch")
     m = torch.nn.Sequential(torch.nn.Linear(64, 16))
     path = tmp_path / "m.qtensors"
     qt.save_file(m.state_dict(), path, quant=kind)
     want = torch.from_numpy(qt.load_file(path)["0.weight"])
+    x = torch.randn(3, 64)
     for keep in (False, True):
         m2 = torch.nn.Sequential(torch.nn.Linear(64, 16))
         result = qtt.load_model(m2, path, keep_quantized=keep)
-        # Decoded by the Rust core, also when asked to keep weights quantized (not supported yet).
-        assert torch.equal(m2[0].weight.data, want)
-        assert result.decoded == ["0.weight"]
-    with pytest.raises(ValueError, match="cannot be kept quantized"):
-        qtt.quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 16)), kind)
+        if keep:  # a QuantizedLinear through torch.ops.qtensors, decoding as the core does
+            assert isinstance(m2[0], qtt.QuantizedLinear) and result.decoded == []
+            assert torch.equal(m2[0].weight.dequantize(torch.float32), want)
+            torch.testing.assert_close(m2(x), x @ want.t() + m[0].bias.detach())
+        else:  # decoded by the torch op, equal to the Rust core's decode
+            assert torch.equal(m2[0].weight.data, want)
+            assert result.decoded == ["0.weight"]
+    q = qtt.quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 16)), kind)
+    assert q[0].weight.encoding["name"] == kind

@@ -26,8 +26,10 @@ from qtensors.methods import (
 )
 from qtensors.methods.awq import fold_scales, scale_groups
 from qtensors.methods.gptq import gptq_quantize
-from qtensors.methods.grid import Grid
+from qtensors.methods.grid import Grid, rows_view
 from qtensors.methods.hqq import hqq_quantize
+from qtensors.methods.packing import quantized_tensor
+from qtensors.methods.rtn import rtn_quantize
 from qtensors.torch import QuantizedLinear, QuantizedWeight
 
 transformers = pytest.importorskip("transformers")
@@ -38,8 +40,9 @@ ENCODINGS = [
     qt.Symmetric(bits=3, group_size=32, scale_dtype="bfloat16"),
     qt.NF4(group_size=16),
     qt.Affine(bits=4, group_size=16, axis=0),
+    qt.Symmetric(bits=4, group_size=16, levels="full"),
 ]
-IDS = ["affine4", "sym4", "sym3-bf16", "nf4", "affine4-axis0"]
+IDS = ["affine4", "sym4", "sym3-bf16", "nf4", "affine4-axis0", "sym4-full"]
 
 
 def decoded(q: qt.QuantizedTensor) -> torch.Tensor:
@@ -72,11 +75,21 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor, X: torch.Tensor) -> float
 
 
 # -- RTN is exactly what qtensors.quantize writes -----------------------------------------------
-@pytest.mark.parametrize("enc", [*ENCODINGS, qt.Affine(bits=3, group_size=16)], ids=[*IDS, "a3"])
+@pytest.mark.parametrize(
+    "enc",
+    [
+        *ENCODINGS,
+        qt.Affine(bits=3, group_size=16),
+        qt.Symmetric(bits=4, group_size=16, levels="full"),
+    ],
+    ids=[*IDS, "a3", "sym4-full"],
+)
 def test_rtn_matches_core(enc):
+    """The torch round-to-nearest the methods search with is the core's, bit for bit."""
     torch.manual_seed(0)
     w = torch.randn(24, 40) * torch.rand(24, 1) * 3  # 40 columns: a ragged last group
-    mine = RTN().quantize_weight(w, enc, None)
+    grid = Grid.of(enc)
+    mine = quantized_tensor(grid, *rtn_quantize(rows_view(w, grid), grid))
     core = qt.quantize(w, enc, framework="pt")
     for a, b in zip(mine.parts(), core.parts(), strict=True):
         assert torch.equal(a, b)
@@ -169,9 +182,18 @@ def test_gptq_on_a_diagonal_hessian_is_rtn(enc):
     W = torch.randn(16, 48)
     obs = HessianObserver(48)
     obs.add(torch.diag(torch.rand(48) + 0.5))  # orthogonal input rows: a diagonal Hessian
+    rtn = decoded(RTN().quantize_weight(W, enc))
+    d = obs.H.diagonal()
+
+    def err(q: torch.Tensor) -> float:  # the output error under the diagonal Hessian
+        return float(((W - q).pow(2) * d).sum())
+
     for act_order in (False, True):
-        got = decoded(GPTQ(act_order=act_order).quantize_weight(W, enc, obs))
-        torch.testing.assert_close(got, decoded(RTN().quantize_weight(W, enc)), rtol=0, atol=0)
+        plain = GPTQ(act_order=act_order, search_scales=False)
+        got = decoded(plain.quantize_weight(W, enc, obs))
+        torch.testing.assert_close(got, rtn, rtol=0, atol=0)
+        searched = decoded(GPTQ(act_order=act_order).quantize_weight(W, enc, obs))
+        assert err(searched) <= err(rtn) * (1 + 1e-6)
 
 
 def test_gptq_dead_columns_become_zero():
@@ -393,7 +415,7 @@ def test_calibrated_methods_on_an_encoder(method):
 
 
 # -- the command line ---------------------------------------------------------------------------
-def tiny_folder(tmp_path):
+def tiny_folder(tmp_path, tie: bool = False):
     """A transformers model folder: tiny Llama weights and a word-level tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -405,7 +427,7 @@ def tiny_folder(tmp_path):
         tokenizer_object=tk, unk_token="[UNK]", eos_token="[EOS]"
     )
     src = tmp_path / "src"
-    tiny_llama(seed=11).save_pretrained(src)
+    tiny_llama(seed=11, tie=tie).save_pretrained(src)
     tok.save_pretrained(src)
     text = tmp_path / "notes.txt"
     text.write_text("the cat sat on the mat and then the dog ran under a log . " * 30)
@@ -443,3 +465,129 @@ def test_quantize_model_refuses_hqq_on_symmetric_before_touching_the_model():
     with pytest.raises(ValueError, match="affine encoding"):
         qtt.quantize_model(model, qt.Symmetric(bits=4, group_size=16), method="hqq")
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
+# -- FP4 blocks ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("enc", [qt.MXFP4(), qt.NVFP4()], ids=["mxfp4", "nvfp4"])
+def test_quantize_model_rtn_with_fp4_blocks(enc, tmp_path):
+    """RTN fills MXFP4/NVFP4 through the core; the linears run through torch.ops.qtensors and
+    save_model/from_pretrained round-trip them kept quantized."""
+    model = tiny_llama(seed=12)
+    ref = tiny_llama(seed=12)
+    qtt.quantize_model(model, enc, skip=("lm_head",))
+    lins = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(lins) == 14 and all(m.weight.encoding["name"] == enc.name for m in lins)
+    w = model.model.layers[0].mlp.down_proj.weight
+    want = qt.dequantize(qt.quantize(ref.model.layers[0].mlp.down_proj.weight.detach(), enc))
+    torch.testing.assert_close(w.dequantize(torch.float32), torch.as_tensor(want), rtol=0, atol=0)
+    ids = torch.randint(2, 92, (2, 12))
+    with torch.no_grad():
+        got, want_logits = model(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert float((got - want_logits).pow(2).mean() / want_logits.pow(2).mean()) < 0.1
+    folder = tmp_path / "fp4"
+    qtt.save_model(model, folder, quant=qt.Raw())
+    loaded = qtt.from_pretrained(folder, transformers.AutoModelForCausalLM)
+    assert sum(isinstance(m, QuantizedLinear) for m in loaded.modules()) == 14
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "hqq"])
+def test_calibrated_methods_name_what_they_support_for_fp4(method):
+    model = tiny_llama(seed=13)
+    with pytest.raises(ValueError, match="MXFP4 and NVFP4 take method='rtn'"):
+        qtt.quantize_model(model, qt.MXFP4(), method=method, calibration=torch.zeros(2, 8).long())
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
+def test_blocks_run_in_true_sequential_stages():
+    from qtensors.methods.runner import stages
+
+    block = tiny_llama(seed=14).model.layers[0]
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    hidden = torch.randn(1, 6, 64)
+    pos = torch.arange(6)[None]
+    rotary = tiny_llama(seed=14).model.rotary_emb(hidden, pos)
+    calls = [((hidden,), {"position_embeddings": rotary, "attention_mask": None})]
+    assert stages(block, linears, calls) == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_lm_head_is_calibrated_when_not_skipped(method):
+    model = tiny_llama(seed=15)
+    ref = tiny_llama(seed=15)
+    ids = torch.randint(2, 92, (8, 16), generator=torch.Generator().manual_seed(3))
+    final: list[torch.Tensor] = []
+    ref.lm_head.register_forward_pre_hook(lambda _m, a: final.append(a[0].reshape(-1, 64)))
+    with torch.no_grad():
+        ref(input_ids=ids)
+    enc = qt.Symmetric(bits=3, group_size=16)
+    qtt.quantize_model(model, enc, method=method, calibration=ids, samples=8, seq_len=16)
+    assert isinstance(model.lm_head, QuantizedLinear)
+    W = ref.lm_head.weight.detach()
+    X = torch.cat(final)
+    rtn = output_error(W, decoded(RTN().quantize_weight(W, enc)), X)
+    got = output_error(W, model.lm_head.weight.dequantize(torch.float32), X)
+    assert got < rtn  # the head saw its (quantized-model) inputs, not the weights alone
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_convert_with_a_method_holds_one_float_block(tmp_path, method, monkeypatch):
+    """The folder's weights are read block by block: when a block is filled, the blocks before
+    it are quantized already and those after it are still empty (meta)."""
+    from qtensors.methods.convert import convert_with_method
+    from qtensors.methods.lazy import ShardWeights
+
+    src, text = tiny_folder(tmp_path, tie=True)
+    real = ShardWeights.materialize
+    blocks: list[nn.ModuleList] = []
+    states = []
+
+    def spy(self, module, prefix, dtype, exclude=None):
+        if exclude is not None:  # the first call: everything outside the blocks
+            blocks.append(exclude)
+        else:
+            layers, i = blocks[0], int(prefix.split(".")[2])
+            done = all(isinstance(layers[j].mlp.down_proj, QuantizedLinear) for j in range(i))
+            empty = all(layers[j].mlp.down_proj.weight.is_meta for j in range(i, len(layers)))
+            states.append((i, done, empty))
+        real(self, module, prefix, dtype, exclude)
+
+    monkeypatch.setattr(ShardWeights, "materialize", spy)
+    dst = tmp_path / "out"
+    out = convert_with_method(
+        str(src),
+        str(dst),
+        qt.Affine(bits=4, group_size=16),
+        method,
+        calibration=str(text),
+        samples=4,
+        seq_len=16,
+        progress=False,
+    )
+    assert states == [(0, True, True), (1, True, True)]
+    assert out["method"] == method
+    model = qtt.from_pretrained(dst, transformers.AutoModelForCausalLM)
+    ref = tiny_llama(seed=11, tie=True)
+    ids = torch.tensor([[2, 3, 4, 5, 2, 6]])
+    with torch.no_grad():
+        got, want = model(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert float((got - want).pow(2).mean() / want.pow(2).mean()) < 0.1
+
+
+def test_cli_convert_quantize_head(tmp_path):
+    from qtensors.cli import main
+
+    src, text = tiny_folder(tmp_path)
+    dst = tmp_path / "out"
+    argv = ["convert", str(src), str(dst), "--preset", "int4-g64", "--method", "gptq"]
+    argv += ["--calibration", str(text), "--samples", "4", "--seq-len", "16", "--quantize-head"]
+    assert main([*argv, "-q"]) == 0
+    with qt.safe_open(dst / "model.qtensors") as f:
+        assert f.encoding("lm_head.weight")["name"] == "affine"
+        assert f.encoding("model.embed_tokens.weight")["name"] == "raw"

@@ -217,7 +217,13 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
         default="rtn",
         help="how codes and scales are chosen: rtn (default, round-to-nearest), hqq (no data), "
         "gptq or awq (need --calibration); the linears of the model's blocks are quantized, "
-        "lm_head and the rest kept raw",
+        "lm_head (unless --quantize-head) and the rest kept raw",
+    )
+    g.add_argument(
+        "--quantize-head",
+        action="store_true",
+        help="with --method: quantize lm_head too (with the method, on the inputs it gets from "
+        "the quantized blocks; untied heads only)",
     )
     g.add_argument(
         "--calibration",
@@ -430,6 +436,7 @@ def _convert_with_method(args: argparse.Namespace) -> int:
         keep=args.keep,
         force=args.force,
         progress=False if (args.quiet or args.json) else None,
+        quantize_head=args.quantize_head,
     )
     if args.json:
         print(json.dumps(res, indent=2, default=str))

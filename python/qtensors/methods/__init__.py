@@ -8,8 +8,12 @@ writes ordinary qtensors data (affine, symmetric or NF4 groups) that every reade
   (calibration data).
 
 ``qtensors.torch.quantize_model(model, encoding, method=..., calibration=..., tokenizer=...)``
-runs them on a model; ``get_method(name, **settings)`` gives one to use directly
-(``method.quantize_weight(weight, encoding, stats)``).
+runs them on a model (``runner``: block by block, true-sequential within a block; linears
+outside the blocks on their inputs from the quantized model); ``qtensors convert --method``
+streams a model folder through it (``lazy``: one float block in memory). ``get_method(name,
+**settings)`` gives one to use directly (``method.quantize_weight(weight, encoding, stats)``).
+RTN fills every encoding (MXFP4 and NVFP4 included, through the core); the others fill affine,
+symmetric (balanced or full levels) and NF4 groups, HQQ affine ones only.
 """
 
 from __future__ import annotations

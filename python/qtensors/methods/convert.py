@@ -1,11 +1,13 @@
 """``qtensors convert --method``: a transformers model folder quantized with a method.
 
-What it does today: the model is loaded whole (fp32) with transformers, quantized block by
-block (``quantize_model``; the calibrated methods run one block at a time on ``device``), and
-written as a model folder: ``model.qtensors`` (the linears of the blocks quantized, everything
-else raw in the source's dtype), config, generation config, tokenizer and the folder's other
-small files. Not yet: streaming weights lazily from the safetensors shards block by block,
-so peak memory is the fp32 model plus one block's activations, not one block.
+The model is built from its config without weights; the parts outside the blocks are read from
+the safetensors shards at once, each block (fp32) only when the runner reaches it
+(``lazy.ShardWeights``), so a calibrated method holds one float block, the calibration
+activations and the quantized blocks done so far, never the float model. The calibrated methods
+run each block on ``device``. Written as a model folder: ``model.qtensors`` (the linears of the
+blocks quantized, everything else raw in the source's dtype), config, generation config,
+tokenizer and the folder's other small files. RTN and HQQ need no activations: each block is
+read, quantized and its float weights let go in turn.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .._progress import want_progress
 from ..encodings import Encoding, Raw
+from . import runner
 from .calibration import CalibrationError, read_texts
+from .lazy import ShardWeights, trim_heap
 
 #: Files of a model folder that are weights (rewritten) rather than copied.
 WEIGHT_SUFFIXES = (
@@ -49,8 +54,10 @@ def convert_with_method(
     keep: Sequence[str] = (),
     force: bool = False,
     progress: bool | None = None,
+    quantize_head: bool = False,
 ) -> dict[str, Any]:
-    """Quantize the model folder ``src`` with ``method`` into the model folder ``dst``."""
+    """Quantize the model folder ``src`` with ``method`` into the model folder ``dst``;
+    ``lm_head`` too with ``quantize_head`` (a head tied to the embeddings stays raw)."""
     import torch
     import transformers
 
@@ -78,7 +85,27 @@ def convert_with_method(
         if any("CausalLM" in a for a in archs)
         else transformers.AutoModel
     )
-    model = auto.from_pretrained(src, dtype=torch.float32).eval()
+    # built without weights; the parts outside the blocks are read now, each block when the
+    # runner reaches it (lazy.py): one float block in memory at a time
+    shards = ShardWeights(src)
+    with qtt.init_empty_weights():
+        model = auto.from_config(config, dtype=torch.float32).eval()
+    _prefix, blocks = runner.find_blocks(model)
+    shards.materialize(model, "", torch.float32, exclude=blocks)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    skip = tuple(keep) if quantize_head and not tied else ("lm_head", *keep)
+
+    trim_heap()  # the construction's transient buffers
+
+    def load_block(i: int, block: torch.nn.Module) -> None:
+        trim_heap()  # the previous float block, freed when its linears were swapped
+        shards.materialize(block, f"{_prefix}.{i}.", torch.float32)
+
+    if not m.needs_calibration:  # nothing to run: each block is read, quantized, let go
+        runner.quantize_weights_only(
+            blocks, _prefix, encoding, m, load_block, skip, want_progress(progress)
+        )
     tokenizer = transformers.AutoTokenizer.from_pretrained(src) if texts is not None else None
     qtt.quantize_model(
         model,
@@ -89,8 +116,9 @@ def convert_with_method(
         samples=samples,
         seq_len=seq_len,
         device=device,
-        skip=("lm_head", *keep),
+        skip=skip,
         progress=progress,
+        load_block=load_block if m.needs_calibration else None,
     )
     source_dtype = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
     if isinstance(source_dtype, torch.dtype):

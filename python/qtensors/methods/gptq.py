@@ -22,7 +22,7 @@ from torch import nn
 from ..encodings import Encoding
 from ..quantized import QuantizedTensor
 from .base import HessianObserver
-from .grid import Grid, expand, grouped
+from .grid import Grid, expand, group_mask, grouped
 from .packing import quantized_tensor
 
 
@@ -31,6 +31,7 @@ class GPTQ:
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = True
+    search_scales: bool = True
 
     name = "gptq"
     needs_calibration = True
@@ -42,6 +43,7 @@ class GPTQ:
             "damp": self.damp,
             "act_order": self.act_order,
             "static_groups": self.act_order,
+            "search_scales": self.search_scales,
         }
 
     def observer(self, linear: nn.Linear, name: str = "") -> HessianObserver:
@@ -57,7 +59,7 @@ class GPTQ:
             raise ValueError("gptq needs the Hessian of the layer's calibration inputs")
         grid = Grid.of(encoding)
         codes, scales, mins = gptq_quantize(
-            weight, stats.H, grid, self.block_size, self.damp, self.act_order
+            weight, stats.H, grid, self.block_size, self.damp, self.act_order, self.search_scales
         )
         return quantized_tensor(grid, codes, scales, mins)
 
@@ -85,16 +87,26 @@ def gptq_quantize(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = True,
+    search_scales: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Codes, scales and mins of ``weight [out, in]`` in the grid's row orientation (see
     ``grid.rows_view``): ``[out, in]`` and ``[out, G]`` for groups along the input axis,
-    ``[in, out]`` and ``[in, G]`` for groups along the output axis."""
+    ``[in, out]`` and ``[in, G]`` for groups along the output axis.
+
+    ``search_scales``: each group's range is shrunk by the ratio minimising its squared
+    error weighted by diag(H) (``Grid.search_params``) instead of taken whole."""
     W = weight.detach().float().clone()
     out_f, n = W.shape
     H = H.detach().float().to(W.device).clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    d = H.diagonal().clone()  # how much each input column's error costs
+
+    def params(
+        groups: torch.Tensor, cols: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return grid.search_params(groups, cols) if search_scales else grid.params(groups)
 
     g = grid.group_size
     along_in = grid.axis % 2 == 1
@@ -103,7 +115,8 @@ def gptq_quantize(
         S = torch.zeros(out_f, n_groups, device=W.device)
         M = torch.zeros_like(S) if grid.kind == "affine" else None
         if act_order:  # static groups: from the original weights, before any update
-            S, M = grid.params(grouped(W, g))
+            dg = grouped(d[None, :], g) * group_mask(n, g, W.device)  # padding costs nothing
+            S, M = params(grouped(W, g), dg)
         # a group must not straddle blocks, so that its columns are all in W1 when it starts
         B = g * max(1, block_size // g)
     else:
@@ -130,14 +143,15 @@ def gptq_quantize(
             if along_in:
                 k = orig // g
                 if not act_order and orig % g == 0:
-                    s_k, m_k = grid.params(W1[:, i : i + g].unsqueeze(1))
+                    cols = d[orig : orig + g][None, None, :]
+                    s_k, m_k = params(W1[:, i : i + g].unsqueeze(1), cols)
                     S[:, k] = s_k[:, 0]
                     if M is not None:
                         M[:, k] = m_k[:, 0]
                 s = S[:, k]
                 m = None if M is None else M[:, k]
             else:  # groups run down this column: its parameters come with it
-                s_c, m_c = grid.params(grouped(w[None, :], g))
+                s_c, m_c = params(grouped(w[None, :], g), None)
                 S[orig] = s_c[0]
                 s = expand(s_c, g, out_f)[0]
                 m = None

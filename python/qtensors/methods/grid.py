@@ -31,13 +31,23 @@ class Grid:
     group_size: int
     axis: int
     scale_dtype: str
+    full: bool = False  # symmetric with all 2^bits levels (levels="full", llama.cpp's Q4_0)
 
     @classmethod
-    def of(cls, encoding: Encoding) -> Grid:
+    def of(cls, encoding: Encoding, method: str = "a quantization method") -> Grid:
         if not isinstance(encoding, (Affine, Symmetric, NF4)):
-            raise ValueError(f"a quantization method needs a grouped encoding, not {encoding!r}")
+            raise ValueError(
+                f"{method} chooses the codes of affine, symmetric and NF4 groups, not "
+                f"{getattr(encoding, 'name', encoding)!r}; MXFP4 and NVFP4 take method='rtn'"
+            )
+        full = isinstance(encoding, Symmetric) and encoding.levels == "full"
         return cls(
-            encoding.name, encoding.bits, encoding.group_size, encoding.axis, encoding.scale_dtype
+            encoding.name,
+            encoding.bits,
+            encoding.group_size,
+            encoding.axis,
+            encoding.scale_dtype,
+            full,
         )
 
     # -- parameters ------------------------------------------------------------------------
@@ -60,6 +70,9 @@ class Grid:
         lo, hi = lo.float(), hi.float()
         if self.kind == "affine":
             return self.st((hi - lo) / self.qmax), self.st(lo)
+        if self.full:  # the value of largest magnitude (the positive one on a tie) -> -2^(b-1)
+            peak = torch.where(hi >= -lo, hi, lo)
+            return self.st(peak / -(2 ** (self.bits - 1))), None
         absmax = torch.maximum(lo.abs(), hi.abs())
         if self.kind == "symmetric":
             return self.st(absmax / self.qmax), None
@@ -68,6 +81,37 @@ class Grid:
     def params(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Round-to-nearest parameters of groups laid out along the last dimension."""
         return self.params_from_range(groups.amin(-1), groups.amax(-1))
+
+    def search_params(
+        self,
+        groups: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        steps: int = 20,
+        min_ratio: float = 0.5,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Parameters of groups (last dimension) with the range shrunk by the ratio in
+        ``1, ..., min_ratio`` (``steps`` points) that minimises ``sum weight * (x - q)^2``
+        per group (``weight`` broadcasts to ``groups``; GPTQ passes diag(H)). Ratio 1 is
+        round-to-nearest, so the error is never above RTN's."""
+        x = groups.float()
+        w = torch.ones_like(x) if weight is None else weight.float().expand_as(x)
+        lo, hi = x.amin(-1), x.amax(-1)
+        best_s, best_m = self.params_from_range(lo, hi)
+        best = None
+        for i in range(steps):
+            r = 1 - (1 - min_ratio) * i / max(steps - 1, 1)
+            s, m = self.params_from_range(lo * r, hi * r)
+            q = self.fake(x, s[..., None], None if m is None else m[..., None])
+            err = (w * (x - q).pow(2)).sum(-1)
+            if best is None:
+                best = err
+                continue
+            better = err < best
+            best = torch.where(better, err, best)
+            best_s = torch.where(better, s, best_s)
+            if m is not None:
+                best_m = torch.where(better, m, best_m)
+        return best_s, best_m
 
     # -- codes -------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, s: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
@@ -79,7 +123,8 @@ class Grid:
         t = x.float() * inv
         if self.kind == "symmetric":
             zero = 2 ** (self.bits - 1)
-            return (torch.round(t).clamp_(-self.qmax, self.qmax) + zero).to(torch.int32)
+            low = -zero if self.full else -self.qmax
+            return (torch.round(t).clamp_(low, self.qmax) + zero).to(torch.int32)
         mids = _nf4_mids(t.device)
         return torch.bucketize(t, mids, right=False).to(torch.int32)
 

@@ -41,6 +41,8 @@ def quantized_weight(
         "axis": 0 if transposed else 1,
         "scale_dtype": grid.scale_dtype,
     }
+    if grid.full:
+        enc["levels"] = "full"
     return QuantizedWeight.from_parts(
         pack_codes(codes.contiguous(), grid.bits),
         scales.contiguous().to(sdt).cpu(),

@@ -1,5 +1,5 @@
-"""Round-to-nearest: each group's min-max (or absmax) parameters and nearest codes, exactly what
-``qtensors.quantize`` writes. The baseline every other method is compared with."""
+"""Round-to-nearest: each group's min-max (or absmax) parameters and nearest codes, i.e.
+``qtensors.quantize``. The baseline every other method is compared with."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from typing import Any
 import torch
 
 from ..encodings import Encoding
-from ..quantized import QuantizedTensor
+from ..quantized import QuantizedTensor, quantize
 from .base import WeightOnly
 from .grid import Grid, expand, from_rows, grouped, rows_view
-from .packing import quantized_tensor
 
 
 @dataclass
@@ -25,8 +24,9 @@ class RTN(WeightOnly):
     def quantize_weight(
         self, weight: torch.Tensor, encoding: Encoding, stats: Any = None
     ) -> QuantizedTensor:
-        grid = Grid.of(encoding)
-        return quantized_tensor(grid, *rtn_quantize(rows_view(weight.detach(), grid), grid))
+        # the Rust core: every encoding, MXFP4 and NVFP4 included (rtn_quantize is its torch twin,
+        # for the methods that round inside their searches)
+        return quantize(weight.detach().cpu(), encoding, framework="pt")
 
 
 def rtn_quantize(

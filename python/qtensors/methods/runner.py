@@ -4,9 +4,10 @@ learns to correct what came before. Only the block being quantized needs to be o
 
 Blocks are the repeated layers of a Llama-like decoder (``model.layers``) or a BERT-like
 encoder (``encoder.layer``). Per block: the method may rewrite its float weights
-(``prepare_block``: AWQ folds scales), observers collect the inputs of each linear in one pass,
-each linear is quantized and swapped for a ``QuantizedLinear``, and a second pass computes the
-next block's inputs.
+(``prepare_block``: AWQ folds scales); then stage by stage in the order the block calls its
+linears (q/k/v, o, gate/up, down: "true-sequential"), observers collect the stage's inputs with
+the earlier stages already quantized (the run stops after the stage), and its linears are
+quantized and swapped for ``QuantizedLinear``; a last pass computes the next block's inputs.
 """
 
 from __future__ import annotations
@@ -120,13 +121,17 @@ def quantize_blocks(
     progress: bool = True,
     on_block: Callable[[int, nn.Module], None] | None = None,
     holdout: torch.Tensor | None = None,
+    load_block: Callable[[int, nn.Module], None] | None = None,
 ) -> dict[str, Any]:
     """Quantize the linears of every block of ``model`` with ``method`` on ``windows`` (token
     ids ``[samples, L]``); in place. Returns a record of what was done (e.g. AWQ's alphas).
 
     ``holdout``: other windows on which each linear's relative output error
     ``||X W^T - X W'^T|| / ||X W^T||`` is measured (X: its inputs there, W: its float weight as
-    the method left it, W': quantized), recorded under ``layer_error``."""
+    the method left it, W': quantized), recorded under ``layer_error``.
+
+    ``load_block(i, block)``: called before block ``i`` is first used (a streaming build fills
+    its weights there, see ``lazy.py``)."""
     skip = tuple(skip)
     prefix, blocks = find_blocks(model)
     home = next(model.parameters()).device
@@ -138,11 +143,17 @@ def quantize_blocks(
         held = [] if holdout is None else capture_inputs(model, blocks, holdout, batch_size, dev)
         bar = _bar(len(blocks), f"{method.name} blocks", progress)
         for i, block in enumerate(blocks):
+            if load_block is not None:
+                load_block(i, block)
             block.to(dev)
 
-            def run(max_batches: int | None = None, block: nn.Module = block) -> None:
-                for args, kwargs in calls[:max_batches]:
-                    block(*args, **kwargs)
+            def run(
+                max_batches: int | None = None,
+                block: nn.Module = block,
+                on: list[tuple[tuple, dict]] = calls,
+                stop_after: nn.Module | None = None,
+            ) -> None:
+                _run(block, on[:max_batches], stop_after)
 
             extra = method.prepare_block(block, run, encoding)
             if extra is not None:
@@ -153,29 +164,34 @@ def quantize_blocks(
                 if type(m) is nn.Linear
                 and not any(fnmatch.fnmatchcase(f"{prefix}.{i}.{n}", p) for p in skip)
             }
-            observers = {n: method.observer(m, n) for n, m in linears.items()}
-            hooks = [
-                m.register_forward_pre_hook(lambda _m, a, o=observers[n]: o.add(a[0]))
-                for n, m in linears.items()
-                if observers[n] is not None
-            ]
-            try:
-                run()
-            finally:
-                for h in hooks:
-                    h.remove()
-            held_inputs = _inputs_of(block, linears, held)
-            for n, lin in linears.items():
-                q = method.quantize_weight(lin.weight, encoding, observers[n])
-                qw = QuantizedWeight.from_quantized(q, device=dev, dtype=lin.weight.dtype)
-                bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone())
-                _swap(block, n, QuantizedLinear.from_weight(qw, bias))
-                if held:
-                    x = held_inputs[n]
-                    ref = x @ lin.weight.float().t()
-                    err = torch.linalg.norm(ref - x @ qw.dequantize(torch.float32).t())
-                    layer_error[f"{prefix}.{i}.{n}"] = float(err / torch.linalg.norm(ref))
-                observers[n] = None  # free the Hessian before the next one is built
+            # true-sequential: each stage's inputs come from the earlier stages as quantized
+            for stage in stages(block, linears, calls[:1]):
+                last = linears[stage[-1]]
+                observers = {n: method.observer(linears[n], n) for n in stage}
+                hooks = [
+                    linears[n].register_forward_pre_hook(lambda _m, a, o=o: o.add(a[0]))
+                    for n, o in observers.items()
+                    if o is not None
+                ]
+                try:
+                    if hooks:
+                        run(stop_after=last)
+                finally:
+                    for h in hooks:
+                        h.remove()
+                held_inputs = _inputs_of(block, {n: linears[n] for n in stage}, held, last)
+                for n in stage:
+                    lin = linears[n]
+                    q = method.quantize_weight(lin.weight, encoding, observers[n])
+                    qw = QuantizedWeight.from_quantized(q, device=dev, dtype=lin.weight.dtype)
+                    bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone())
+                    _swap(block, n, QuantizedLinear.from_weight(qw, bias))
+                    if held:
+                        x = held_inputs[n]
+                        ref = x @ lin.weight.float().t()
+                        err = torch.linalg.norm(ref - x @ qw.dequantize(torch.float32).t())
+                        layer_error[f"{prefix}.{i}.{n}"] = float(err / torch.linalg.norm(ref))
+                    observers[n] = None  # free the Hessian before the next one is built
             # the next block sees this block's quantized outputs
             _advance(block, calls)
             _advance(block, held)
@@ -189,6 +205,73 @@ def quantize_blocks(
     return record
 
 
+def quantize_weights_only(
+    blocks: nn.ModuleList,
+    prefix: str,
+    encoding: Encoding,
+    method: Method,
+    load_block: Callable[[int, nn.Module], None],
+    skip: Iterable[str] = (),
+    progress: bool | None = True,
+) -> None:
+    """Quantize the blocks' linears with a method that needs no data, block by block, each
+    filled by ``load_block`` first (its float linears are freed as they are swapped)."""
+    bar = _bar(len(blocks), f"{method.name} blocks", bool(progress))
+    for i, block in enumerate(blocks):
+        load_block(i, block)
+        for n, lin in list(block.named_modules()):
+            if type(lin) is not nn.Linear or any(
+                fnmatch.fnmatchcase(f"{prefix}.{i}.{n}", p) for p in skip
+            ):
+                continue
+            q = method.quantize_weight(lin.weight, encoding, None)
+            qw = QuantizedWeight.from_quantized(q, device=lin.weight.device, dtype=lin.weight.dtype)
+            bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone())
+            _swap(block, n, QuantizedLinear.from_weight(qw, bias))
+        bar.update(1)
+    bar.close()
+
+
+def quantize_outside(
+    model: nn.Module,
+    names: list[str],
+    encoding: Encoding,
+    method: Method,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+) -> None:
+    """Quantize the linears ``names`` that sit outside the blocks (e.g. an lm_head) with a
+    calibrated method: their inputs come from one forward of the whole model, blocks already
+    quantized, on ``windows``. In place."""
+    home = next(model.parameters()).device
+    dev = torch.device(device) if device is not None else home
+    linears = {n: model.get_submodule(n) for n in names}
+    observers = {n: method.observer(m, n) for n, m in linears.items()}
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, a, o=observers[n]: o.add(a[0]))
+        for n, m in linears.items()
+        if observers[n] is not None
+    ]
+    extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    model.to(dev)
+    try:
+        with torch.no_grad():
+            for i in range(0, windows.shape[0], batch_size):
+                model(input_ids=windows[i : i + batch_size].to(dev), **extra)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.to(home)
+    for n, lin in linears.items():
+        q = method.quantize_weight(lin.weight, encoding, observers[n])
+        qw = QuantizedWeight.from_quantized(q, device=home, dtype=lin.weight.dtype)
+        bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone())
+        _swap(model, n, QuantizedLinear.from_weight(qw, bias))
+        observers[n] = None
+
+
 def _advance(block: nn.Module, calls: list[tuple[tuple, dict]]) -> None:
     """Replace each call's hidden states by the block's output on them."""
     for j, (args, kwargs) in enumerate(calls):
@@ -198,10 +281,68 @@ def _advance(block: nn.Module, calls: list[tuple[tuple, dict]]) -> None:
             calls[j] = (args, {**kwargs, "hidden_states": _first(block(**kwargs))})
 
 
-def _inputs_of(
+def _run(
+    block: nn.Module, calls: list[tuple[tuple, dict]], stop_after: nn.Module | None = None
+) -> None:
+    """Run ``block`` on ``calls``; with ``stop_after``, each call ends once that module ran
+    (what comes after it is not needed)."""
+    h = None
+    if stop_after is not None:
+
+        def stop(_m: nn.Module, _a: tuple, _o: Any) -> None:
+            raise _Stop
+
+        h = stop_after.register_forward_hook(stop)
+    try:
+        for args, kwargs in calls:
+            try:
+                block(*args, **kwargs)
+            except _Stop:
+                pass
+    finally:
+        if h is not None:
+            h.remove()
+
+
+def stages(
     block: nn.Module, linears: dict[str, nn.Linear], calls: list[tuple[tuple, dict]]
+) -> list[list[str]]:
+    """``linears`` in the order the block calls them, split into stages: consecutive linears
+    fed the same input tensor (q/k/v, gate/up) form one stage. Linears the block never calls
+    form a last stage."""
+    seen: list[tuple[str, torch.Tensor]] = []
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda _m, a, n=n: None if any(n == s for s, _ in seen) else seen.append((n, a[0]))
+        )
+        for n, m in linears.items()
+    ]
+    try:
+        _run(block, calls)
+    finally:
+        for h in hooks:
+            h.remove()
+    out: list[list[str]] = []
+    prev: torch.Tensor | None = None
+    for n, x in seen:  # the inputs are kept alive in ``seen``, so identity is meaningful
+        if out and x is prev:
+            out[-1].append(n)
+        else:
+            out.append([n])
+        prev = x
+    rest = [n for n in linears if all(n != s for s, _ in seen)]
+    return out + ([rest] if rest else [])
+
+
+def _inputs_of(
+    block: nn.Module,
+    linears: dict[str, nn.Linear],
+    calls: list[tuple[tuple, dict]],
+    stop_after: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """The inputs (rows) every linear of ``block`` gets on ``calls``."""
+    if not calls:
+        return {}
     got: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
     hooks = [
         m.register_forward_pre_hook(
@@ -210,8 +351,7 @@ def _inputs_of(
         for n, m in linears.items()
     ]
     try:
-        for args, kwargs in calls:
-            block(*args, **kwargs)
+        _run(block, calls, stop_after)
     finally:
         for h in hooks:
             h.remove()

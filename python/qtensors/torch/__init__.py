@@ -113,6 +113,7 @@ def quantize_model(
     batch_size: int = 8,
     progress: bool | None = None,
     holdout: _typing.Any = None,
+    load_block: _typing.Any = None,
     **settings: _typing.Any,
 ) -> _torch.nn.Module:
     """Replace every plain ``nn.Linear`` of ``model`` (and ``nn.Embedding`` with
@@ -125,13 +126,15 @@ def quantize_model(
     ``calibration`` (texts with ``tokenizer``, or token ids), of which ``samples`` windows of
     ``seq_len`` tokens are drawn (``seed``), and run the model's blocks one at a time on
     ``device`` (default: where the model is), ``batch_size`` windows per forward. Linears
-    outside the blocks (e.g. an lm_head not skipped) get round-to-nearest. ``settings`` go to
+    outside the blocks (e.g. an lm_head not skipped) are quantized with the method too, their
+    inputs taken from one forward of the model with its blocks quantized. ``settings`` go to
     the method (e.g. ``act_order=False``). Embeddings always get round-to-nearest. The method
     and its settings are kept in ``model.qtensors_quantization`` and ``save_model`` records
     them in the file's metadata.
 
     ``holdout`` (token ids ``[n, L]``): measure each linear's relative output error on these
     other windows (any method; recorded under ``layer_error``), for comparing methods.
+    ``load_block(i, block)``: called before block ``i`` is used (streaming builds fill it).
     """
     import fnmatch
 
@@ -143,11 +146,13 @@ def quantize_model(
     if isinstance(enc, Raw):
         raise ValueError("quantize_model needs a quantizing encoding, not raw")
     m = _methods.get_method(method, **settings)
-    if m.name == "hqq":  # refused before any layer is touched
+    if m.name != "rtn":  # an encoding the method cannot fill is refused before any work
         from ..methods.grid import Grid
         from ..methods.hqq import check_affine
 
-        check_affine(Grid.of(enc))
+        grid = Grid.of(enc, f"method {m.name!r}")
+        if m.name == "hqq":
+            check_affine(grid)
     record: dict[str, _typing.Any] = {**m.settings(), "encoding": _describe(enc)}
     if m.needs_calibration or holdout is not None:
         if m.needs_calibration:
@@ -173,15 +178,27 @@ def quantize_model(
                 batch_size=batch_size,
                 progress=_want_progress(progress),
                 holdout=holdout,
+                load_block=load_block,
             )
         )
+        outside = [
+            name
+            for name, module in model.named_modules()
+            if name
+            and _swappable(module, _torch.nn.Linear)
+            and not any(fnmatch.fnmatchcase(name, p) for p in skip)
+        ]
+        if m.needs_calibration and outside:
+            _methods.runner.quantize_outside(
+                model, outside, enc, m, windows, batch_size=batch_size, device=device
+            )
     for name, module in list(model.named_modules()):
         if any(fnmatch.fnmatchcase(name, p) for p in skip) or not name:
             continue
         if _swappable(module, _torch.nn.Linear):
-            if m.needs_calibration or m.name == "rtn":  # linears outside any block
+            if m.name == "rtn":
                 new: _torch.nn.Module = QuantizedLinear.from_linear(module, enc)
-            else:
+            else:  # a method on the weights alone (calibrated ones took theirs above)
                 q = m.quantize_weight(module.weight, enc, None)
                 w = module.weight
                 qw = QuantizedWeight.from_quantized(q, device=w.device, dtype=w.dtype)

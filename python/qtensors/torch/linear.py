@@ -140,7 +140,8 @@ def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, 
     # decoded weight wins (benches/results/cpu_matmul_1thread.txt: 0.3-0.5x of dense bf16 at
     # batch 32 for the Rust tiles, against a decode of ~0.5x of the GEMM's time).
     half_many = x.dtype in (torch.float16, torch.bfloat16) and rows > CPU_PACKED_MAX_ROWS
-    if x.dtype not in RUST_DTYPES or half_many:
+    # the Rust matmul covers the integer and NF4 groups; FP4 blocks decode first
+    if x.dtype not in RUST_DTYPES or half_many or scales.dtype not in SCALE_DTYPES:
         return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
     out = torch.empty((*x.shape[:-1], int(shape[0])), dtype=x.dtype)
     if out.numel() == 0:

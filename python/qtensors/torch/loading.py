@@ -578,18 +578,6 @@ def _place(
         targets.replace_module(name, qw)
         result.quantized_modules.append(module_path)
         return
-    if enc["name"] in ("mxfp4", "nvfp4") and kind != "qweight":
-        # The torch ops do not decode the FP4 formats yet: the Rust core decodes them on the CPU,
-        # also under keep_quantized (they show in result.decoded).
-        from ..quantized import QuantizedTensor
-        from ..quantized import dequantize as decode_parts
-
-        cpu = [p.cpu() for p in parts]
-        scale = cpu[2] if len(cpu) > 2 else None
-        q = QuantizedTensor(cpu[0], cpu[1], None, shape, info["dtype"], enc, "pt", None, scale)
-        targets.assign(name, decode_parts(q).to(device=parts[0].device, dtype=out_dtype))
-        result.decoded.append(name)
-        return
     if keep_quantized and leaf == "weight" and not tied and kind == "param":
         if _swappable(module, nn.Linear):
             qw = QuantizedWeight.from_parts(codes, scales, mins, shape, enc, out_dtype)
@@ -608,7 +596,7 @@ def _place(
     value = dequantize(
         codes,
         scales.reshape(sshape),
-        None if mins is None else mins.reshape(sshape),
+        None if mins is None else mins.reshape(() if enc["name"] == "nvfp4" else sshape),
         list(shape),
         enc["name"],
         bits,

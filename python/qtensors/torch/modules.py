@@ -45,15 +45,6 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def _encoding_dict(encoding: Encoding | dict[str, Any], rank: int) -> dict[str, Any]:
-    name = encoding.get("name") if isinstance(encoding, dict) else encoding.name
-    if name in ("mxfp4", "nvfp4"):
-        # The torch ops (CPU, Triton) do not decode the FP4 formats yet: refuse here rather than
-        # build a module whose forward fails. Files in these formats load decoded
-        # (qt.load_file, qtt.load_model(..., keep_quantized=False)).
-        raise ValueError(
-            f"{name} weights cannot be kept quantized in torch modules yet: "
-            "load them decoded (keep_quantized=False)"
-        )
     if isinstance(encoding, dict):
         enc = dict(encoding)
         enc["axis"] = normalize_axis(int(enc["axis"]), rank)
@@ -97,8 +88,7 @@ class QuantizedWeight(nn.Module):
             torch.zeros(codes_nbytes(self.shape, self.bits), dtype=torch.uint8, device=device),
         )
         self.register_buffer("scales", torch.zeros(sshape, dtype=sdt, device=device))
-        mins = torch.zeros(sshape, dtype=sdt, device=device) if e["name"] == "affine" else None
-        self.register_buffer("mins", mins)
+        self.register_buffer("mins", _third_part(e, sshape, sdt, device))
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -129,7 +119,7 @@ class QuantizedWeight(nn.Module):
     def extra_repr(self) -> str:
         e = self.encoding
         return (
-            f"shape={tuple(self.shape)}, {e['name']}{self.bits} g{e['group_size']} axis={e['axis']}"
+            f"shape={tuple(self.shape)}, {_short_name(e)} g{e['group_size']} axis={e['axis']}"
             f" scales={e['scale_dtype']}, dtype={str(self.dtype).removeprefix('torch.')}"
         )
 
@@ -193,24 +183,30 @@ class QuantizedWeight(nn.Module):
         sshape = scale_shape(w.shape, e["axis"], e["group_size"])
         w.codes = codes.reshape(-1).to(dev, non_blocking=True)
         w.scales = scales.reshape(sshape).to(dev, non_blocking=True)
-        w.mins = None if mins is None else mins.reshape(sshape).to(dev, non_blocking=True)
+        if mins is not None:
+            mshape = () if e["name"] == "nvfp4" else sshape  # nvfp4: the tensor scale
+            mins = mins.reshape(mshape).to(dev, non_blocking=True)
+        w.mins = mins
         _check_parts(w)
         return w
 
     def to_quantized(self) -> QuantizedTensor:
         """The parts as a CPU QuantizedTensor (framework "pt"), e.g. for ``qtensors.save_file``."""
-        parts = [
+        codes, scales, third = (
             None if t is None else t.detach().cpu().contiguous()
             for t in (self.codes, self.scales, self.mins)
-        ]
+        )
+        nvfp4 = self.encoding["name"] == "nvfp4"  # its third part is the tensor scale
         return QuantizedTensor(
-            parts[0],
-            parts[1],
-            parts[2],
+            codes,
+            scales,
+            None if nvfp4 else third,
             tuple(self.shape),
             OUT_DTYPES[self.dtype],
             dict(self.encoding),
             "pt",
+            None,
+            third.reshape(()) if nvfp4 else None,
         )
 
     # -- nn.Module plumbing ------------------------------------------------------------------
@@ -246,7 +242,7 @@ class QuantizedWeight(nn.Module):
         for name in ("codes", "scales", "mins"):
             key = prefix + name
             if key not in state_dict:
-                if name != "mins" or self.encoding["name"] == "affine":
+                if name != "mins" or _has_third_part(self.encoding):
                     missing_keys.append(key)
                 continue
             src = state_dict[key]
@@ -259,7 +255,7 @@ class QuantizedWeight(nn.Module):
                     cur.copy_(src)
             else:
                 setattr(self, name, src.detach().to(cur.device))
-        if self.encoding["name"] != "affine":
+        if not _has_third_part(self.encoding):
             self.mins = None
         try:
             _check_parts(self)
@@ -302,11 +298,36 @@ def _check_parts(w: QuantizedWeight) -> None:
     sdt = dtype_of_name(e["scale_dtype"])
     for name, t in (("scales", w.scales), ("mins", w.mins)):
         if t is None:
-            if name == "scales" or e["name"] == "affine":
+            if name == "scales" or _has_third_part(e):
                 raise ValueError(f"{name} missing")
+            continue
+        if name == "mins" and e["name"] == "nvfp4":
+            if t.numel() != 1 or t.dtype != torch.float32:
+                raise ValueError(f"nvfp4 tensor scale: {list(t.shape)} {t.dtype}, one float32")
             continue
         if t.shape != sshape or t.dtype != sdt:
             raise ValueError(f"{name}: {list(t.shape)} {t.dtype}, {list(sshape)} {sdt} expected")
+
+
+def _short_name(e: dict[str, Any]) -> str:
+    """``affine4``, ``symmetric8``; ``nf4``, ``mxfp4``, ``nvfp4`` name their width already."""
+    return e["name"] if e["name"] in ("nf4", "mxfp4", "nvfp4") else f"{e['name']}{e['bits']}"
+
+
+def _has_third_part(e: dict[str, Any]) -> bool:
+    """Affine groups have mins; NVFP4 keeps its per-tensor fp32 scale in the same slot (the
+    ``mins`` argument of ``torch.ops.qtensors.dequantize``)."""
+    return e["name"] in ("affine", "nvfp4")
+
+
+def _third_part(
+    e: dict[str, Any], sshape: Any, sdt: torch.dtype, device: torch.device | str | None
+) -> torch.Tensor | None:
+    if e["name"] == "affine":
+        return torch.zeros(sshape, dtype=sdt, device=device)
+    if e["name"] == "nvfp4":
+        return torch.ones((), dtype=torch.float32, device=device)
+    return None
 
 
 def _as_torch(p: Any, part: str, encoding: dict[str, Any]) -> torch.Tensor:
@@ -317,6 +338,8 @@ def _as_torch(p: Any, part: str, encoding: dict[str, Any]) -> torch.Tensor:
     arr = np.ascontiguousarray(p)
     if part != "c" and encoding.get("scale_dtype") == "bfloat16":
         return torch.from_numpy(arr.view(np.int16).copy()).view(torch.bfloat16)
+    if part == "s" and encoding.get("scale_dtype") == "float8_e4m3fn":  # raw E4M3 bytes
+        return torch.from_numpy(arr.view(np.uint8).copy()).view(torch.float8_e4m3fn)
     return torch.from_numpy(arr.copy())
 
 
@@ -453,14 +476,18 @@ class QuantizedEmbedding(nn.Module):
         e = w.encoding
         V, D = w.shape
         row_bits = D * w.bits
-        if row_bits % 8 or ids.numel() >= V:
+        fp4 = e["name"] in ("mxfp4", "nvfp4")  # fixed block sizes: only row-wise blocks gather
+        if row_bits % 8 or ids.numel() >= V or (fp4 and e["axis"] != 1):
             return F.embedding(ids, w.dequantize(), self.padding_idx)
         flat = ids.reshape(-1)
         codes = w.codes.view(V, row_bits // 8).index_select(0, flat).reshape(-1)
         g = int(e["group_size"])
         if e["axis"] == 1:
             scales = w.scales.index_select(0, flat)
-            mins = None if w.mins is None else w.mins.index_select(0, flat)
+            if e["name"] == "nvfp4":
+                mins = w.mins  # the tensor scale, shared by every row
+            else:
+                mins = None if w.mins is None else w.mins.index_select(0, flat)
             gs, axis = g, 1
         else:  # groups along the vocabulary: row i uses scale row i // g; decode with g = 1
             grp = torch.div(flat, g, rounding_mode="floor")
