@@ -70,6 +70,46 @@ def _proc_io() -> dict[str, int]:
         return {k: int(v) for k, v in (line.split(": ") for line in fh)}
 
 
+class Phases:
+    """Seconds and ``/proc/self/io`` deltas of named calls inside a load: the loader's functions
+    are wrapped in this child process only, so the breakdown needs no hook in the library."""
+
+    def __init__(self, sync) -> None:
+        self.sync, self.got = sync, {}
+
+    def wrap(self, owner: Any, attr: str, label: str) -> None:
+        fn = getattr(owner, attr)
+
+        def timed(*a, **k):
+            io0, t0 = _proc_io(), time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.sync()
+                io1 = _proc_io()
+                d = self.got.setdefault(label, dict(s=0.0, rchar=0, read_bytes=0))
+                d["s"] += time.perf_counter() - t0
+                d["rchar"] += io1["rchar"] - io0["rchar"]
+                d["read_bytes"] += io1["read_bytes"] - io0["read_bytes"]
+
+        setattr(owner, attr, timed)
+
+
+def breakdown(phases: dict[str, dict[str, float]], load_s: float) -> dict[str, dict[str, float]]:
+    """The load split into what runs before ``load_model`` (config, model skeleton) and after it,
+    its reads and builds (the copies to the device overlap them, a sync ends them), the kernel
+    warm-up and the hooks."""
+    whole = phases.get("load_model", dict(s=0.0, rchar=0, read_bytes=0))
+    parts = {k: phases[k] for k in ("warmup", "hooks") if k in phases}
+    rb = {k: whole[k] - sum(p[k] for p in parts.values()) for k in ("s", "rchar", "read_bytes")}
+    return {"skeleton+rest": dict(s=load_s - whole["s"]), "read+build": rb, **parts}
+
+
+def phase_text(label: str, v: dict[str, float]) -> str:
+    io = f" (rchar {v['rchar'] / 2**20:.0f} MiB, read {v['read_bytes'] / 2**20:.0f} MiB)"
+    return f"{label} {v['s']:.2f} s" + (io if "rchar" in v else "")
+
+
 def child(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
@@ -90,16 +130,30 @@ def child(args: argparse.Namespace) -> None:
     from transformers.models.llama import modeling_llama  # noqa: F401
 
     import qtensors.torch as qtt
+    import qtensors.torch.transformers as qtt_hf
+    from qtensors.torch.tensor_parallel import TensorParallel
 
     out: dict[str, Any] = dict(rank=rank, world=world, kind=args.child)
     out["device"] = "cpu" if smoke else torch.cuda.get_device_name(dev)
     sync = (lambda: None) if smoke else torch.cuda.synchronize
+    # the CUDA context and cuBLAS start before the clock for both loaders: a process pays them
+    # once whatever it loads (their libraries' first reads would otherwise land in one load)
+    t = time.perf_counter()
+    probe = torch.ones(64, 64, device=dev, dtype=dtype)
+    (probe @ probe).sum().item()
+    out["cuda_init_s"] = time.perf_counter() - t
+    phases = Phases(sync)
+    if args.child == "qtensors":
+        phases.wrap(qtt_hf, "load_model", "load_model")
+        phases.wrap(sys.modules["qtensors.torch.warmup"], "warmup", "warmup")
+        phases.wrap(TensorParallel, "install", "hooks")
     dist.barrier()
     io0, rss0 = _proc_io(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     if args.child == "qtensors":
         plan = "auto" if world > 1 or args.plan_at_1 else None
-        model = qtt.from_pretrained(args.folder, device=dev, dtype=dtype, tp_plan=plan)
+        warm = os.environ.get("QT_BENCH_WARMUP", "1") == "1"
+        model = qtt.from_pretrained(args.folder, device=dev, dtype=dtype, tp_plan=plan, warmup=warm)
     else:
         cls = transformers.AutoModelForCausalLM
         if world > 1:
@@ -115,6 +169,7 @@ def child(args: argparse.Namespace) -> None:
     out["peak_rss_added_gib"] = (rss1 - rss0) / 2**20
     if args.child == "qtensors":
         out["loader_bytes"] = model.qtensors_load_result.bytes_read  # what the StreamReader read
+        out["phases"] = breakdown(phases.got, out["load_s"])
     if not smoke:
         out["gpu_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
         out["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -125,7 +180,10 @@ def child(args: argparse.Namespace) -> None:
     ids = torch.randint(1, model.config.vocab_size, (1, PROMPT), generator=g).to(dev)
     try:
         with torch.inference_mode():
+            t = time.perf_counter()
             logits = model(ids).logits
+            sync()
+            out["first_forward_s"] = time.perf_counter() - t
             if rank == 0:
                 torch.save(logits.float().cpu(), args.logits)
     except Exception as exc:  # reported; generate below may still run
@@ -157,6 +215,10 @@ def child(args: argparse.Namespace) -> None:
         with open(f"{args.out}.{rank}.json", "w") as fh:
             json.dump(out, fh)
     dist.destroy_process_group()
+    # every figure is written: leave without waiting on compile workers at interpreter exit
+    # (a TP=1 child once sat there until torchrun was killed)
+    sys.stdout.flush()
+    os._exit(0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -264,6 +326,15 @@ def run_shape(
                     f"{r['rchar'] / 2**20:9.0f} {r.get('gpu_allocated_gib', 0):7.2f} "
                     f"{tps[0]:>11} {tps[1]:>14}"
                 )
+                if "phases" in r:
+                    ph = r["phases"]
+                    line = ", ".join(phase_text(k, v) for k, v in ph.items())
+                    say(f"    rank {r['rank']} load: {line}")
+                if "first_forward_s" in r:
+                    say(
+                        f"    rank {r['rank']}: CUDA+cuBLAS start {r['cuda_init_s']:.2f} s (before "
+                        f"the clock), first forward {r['first_forward_s']:.2f} s"
+                    )
                 for m in ("eager", "static+compile"):
                     if "error" in r.get(m, {}):
                         say(f"    {m}: {r[m]['error']}")

@@ -18,13 +18,17 @@ import qtensors.torch as qtt
 
 
 def compiled_vs_eager(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Layer -> (eager output, compiled output) for a row-wise linear (all-reduce) and the LM
-    head (all-gather)."""
+    """Layer -> (eager output, compiled output) for a row-wise linear (all-reduce), the LM head
+    (all-gather) and the vocabulary-split embedding (masks, all-reduce)."""
     torch._dynamo.reset()
     got = {}
-    for path in ("model.layers.0.mlp.down_proj", "lm_head"):
+    g = torch.Generator().manual_seed(1)
+    for path in ("model.layers.0.mlp.down_proj", "lm_head", "model.embed_tokens"):
         layer = model.get_submodule(path)
-        x = torch.randn(2, 3, layer.in_features, generator=torch.Generator().manual_seed(1))
+        if path == "model.embed_tokens":
+            x = torch.randint(0, model.config.vocab_size, (2, 3), generator=g)
+        else:
+            x = torch.randn(2, 3, layer.in_features, generator=g)
         compiled = torch.compile(lambda t, m=layer: m(t), fullgraph=True, backend="aot_eager")
         with torch.inference_mode():
             got[path] = (layer(x), compiled(x))

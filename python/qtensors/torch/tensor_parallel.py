@@ -220,8 +220,9 @@ class TensorParallel:
                 module.num_embeddings = shape[0]
                 start, _ = bounds(full[0], self.rank, self.world)
                 module.padding_idx = None  # only matters for gradients; it may be another rank's
-                module.register_forward_pre_hook(_VocabMask(start, shape[0]))
-                module.register_forward_hook(_ReduceMasked(self.group))
+                hooks = _VocabSplit(start, shape[0], self.group)
+                module.register_forward_pre_hook(hooks.pre)
+                module.register_forward_hook(hooks.post)
                 continue
             if output == "gather":
                 sizes = [
@@ -288,28 +289,23 @@ class _Reduce:
         return out
 
 
-class _VocabMask:
-    """Pre-hook of a vocabulary-split embedding: ids shifted to the rank's rows, those of other
-    ranks sent to row 0 and remembered, so ``_ReduceMasked`` zeroes their rows."""
+class _VocabSplit:
+    """Hooks of a vocabulary-split embedding: before, ids shifted to the rank's rows and those of
+    other ranks sent to row 0 (and remembered); after, their rows zeroed, then summed."""
 
-    def __init__(self, start: int, rows: int) -> None:
+    def __init__(self, start: int, rows: int, group: Any) -> None:
         self.start, self.rows = start, rows
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        ids = args[0] - self.start
-        outside = (ids < 0) | (ids >= self.rows)
-        module.__dict__["_tp_outside"] = outside
-        return (ids.masked_fill(outside, 0), *args[1:])
-
-
-class _ReduceMasked:
-    """Forward hook of a vocabulary-split embedding: other ranks' rows zeroed, then summed."""
-
-    def __init__(self, group: Any) -> None:
         self.group_name = _group_name(group)
+        self.outside: torch.Tensor | None = None
 
-    def __call__(self, module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
-        outside = module.__dict__.pop("_tp_outside")
+    def pre(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        ids = args[0] - self.start
+        self.outside = (ids < 0) | (ids >= self.rows)
+        return (ids.masked_fill(self.outside, 0), *args[1:])
+
+    def post(self, module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        outside, self.outside = self.outside, None
+        assert outside is not None, "the pre-hook runs first"
         return all_reduce(out.masked_fill(outside.unsqueeze(-1), 0), self.group_name)
 
 
