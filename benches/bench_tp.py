@@ -105,9 +105,60 @@ def breakdown(phases: dict[str, dict[str, float]], load_s: float) -> dict[str, d
     return {"skeleton+rest": dict(s=load_s - whole["s"]), "read+build": rb, **parts}
 
 
+def host_costs(model: Any, sync) -> dict[str, float]:
+    """Microseconds per call, decode-sized (one token), of: a row-wise layer with its hook
+    (matmul + all-reduce) and without it; the all-reduce alone as the hooks run it in eager
+    (functional op, in place), out of place (as under torch.compile) and through
+    ``dist.all_reduce`` (the hooks before). Every rank makes the same calls in the same order,
+    so the collectives pair up."""
+    import torch
+    import torch.distributed as dist
+
+    from qtensors.torch.tensor_parallel import all_reduce
+
+    tp = model.qtensors_load_result.tensor_parallel
+    path = next(p for p, style in tp.plan.items() if style == "rowwise")
+    layer = model.get_submodule(path)
+    x = torch.randn(1, 1, layer.in_features, device=layer.weight.device, dtype=model.dtype)
+    y = torch.zeros(1, 1, layer.out_features, device=x.device, dtype=x.dtype)
+    name = dist.group.WORLD.group_name
+    c10d = torch.ops._c10d_functional
+    hooks = layer._forward_hooks
+
+    def bare():
+        layer._forward_hooks = {}
+        try:
+            layer(x)
+        finally:
+            layer._forward_hooks = hooks
+
+    calls = {
+        "layer+hook": lambda: layer(x),
+        "layer": bare,
+        "all_reduce in place (hooks)": lambda: all_reduce(y, name),
+        "out of place": lambda: c10d.wait_tensor(c10d.all_reduce(y, "sum", name)),
+        "dist.all_reduce": lambda: dist.all_reduce(y),
+    }
+    got = {}
+    with torch.inference_mode():
+        for label, fn in calls.items():
+            for _ in range(20):
+                fn()
+            sync()
+            dist.barrier()
+            t = time.perf_counter()
+            for _ in range(200):
+                fn()
+            sync()
+            got[label] = (time.perf_counter() - t) / 200 * 1e6
+    return got
+
+
 def phase_text(label: str, v: dict[str, float]) -> str:
-    io = f" (rchar {v['rchar'] / 2**20:.0f} MiB, read {v['read_bytes'] / 2**20:.0f} MiB)"
-    return f"{label} {v['s']:.2f} s" + (io if "rchar" in v else "")
+    text = f"{label} {v['s']:.2f} s"
+    if "rchar" in v:
+        text += f" (rchar {v['rchar'] / 2**20:.0f} MiB, read {v['read_bytes'] / 2**20:.0f} MiB)"
+    return text
 
 
 def child(args: argparse.Namespace) -> None:
@@ -188,6 +239,8 @@ def child(args: argparse.Namespace) -> None:
                 torch.save(logits.float().cpu(), args.logits)
     except Exception as exc:  # reported; generate below may still run
         out["logits_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    if out.get("phases", {}).get("hooks"):
+        out["host_us"] = host_costs(model, sync)
     new = 3 if smoke else NEW
     modes = ["eager"]
     if not smoke and args.child == "qtensors" and os.environ.get("QT_BENCH_COMPILE", "1") == "1":
@@ -335,6 +388,9 @@ def run_shape(
                         f"    rank {r['rank']}: CUDA+cuBLAS start {r['cuda_init_s']:.2f} s (before "
                         f"the clock), first forward {r['first_forward_s']:.2f} s"
                     )
+                if "host_us" in r:
+                    us = ", ".join(f"{k} {v:.0f}" for k, v in r["host_us"].items())
+                    say(f"    rank {r['rank']} us per decode call: {us}")
                 for m in ("eager", "static+compile"):
                     if "error" in r.get(m, {}):
                         say(f"    {m}: {r[m]['error']}")

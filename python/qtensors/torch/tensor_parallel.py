@@ -253,8 +253,12 @@ _c10d = torch.ops._c10d_functional
 
 
 def all_reduce(t: torch.Tensor, group_name: str) -> torch.Tensor:
-    """The sum of ``t`` over the group, in a new tensor."""
-    return _c10d.wait_tensor(_c10d.all_reduce(t, "sum", group_name))
+    """The sum of ``t`` over the group: in place in eager (``t`` is a fresh layer output: no
+    copy), in a new tensor under torch.compile (which traces only the functional form)."""
+    if torch.compiler.is_compiling():
+        return _c10d.wait_tensor(_c10d.all_reduce(t, "sum", group_name))
+    _c10d.all_reduce_(t, "sum", group_name)
+    return _c10d.wait_tensor(t)
 
 
 def all_gather_last(t: torch.Tensor, sizes: list[int], group_name: str) -> torch.Tensor:
@@ -276,7 +280,7 @@ def all_gather_last(t: torch.Tensor, sizes: list[int], group_name: str) -> torch
 
 class _Reduce:
     """Forward hook of a row-split linear: sum the partial outputs of every rank, then add the
-    bias once (in place: the sum is a fresh tensor)."""
+    bias once (in place: the output is the layer's own fresh tensor)."""
 
     def __init__(self, group: Any, has_bias: bool = False) -> None:
         self.group_name = _group_name(group)
