@@ -1,22 +1,32 @@
 """Tensor-parallel loading and decoding on two GPUs: a Llama-shaped model (random weights,
-``_common.LLAMA_1B``; ``--big``: an 8B shape too) saved as an fp16 safetensors folder and as its
-qtensors int4-g64 conversion, each loaded under ``torchrun --nproc-per-node {1,2}``:
+``_common.LLAMA_1B``; ``--big``: the 8B shape instead) saved as an fp16 safetensors folder and as
+its qtensors int4-g64 conversion, each loaded under ``torchrun --nproc-per-node {1,2}``:
 
 * qtensors ``from_pretrained(folder, tp_plan="auto")`` (TP=1: no plan) against transformers'
   own ``from_pretrained(fp16_folder, tp_plan="auto")`` (TP=1: ``device_map="cuda"``): per rank
   load seconds, host peak RSS added by the load (``ru_maxrss``), bytes read (``/proc/self/io``
   ``read_bytes``: from storage; ``rchar``: through read calls, page cache included), GPU memory;
+  for qtensors the load split into skeleton (config, meta model), read+build (the copies to the
+  device overlap the reads), kernel warm-up and hooks, each with its rchar / read_bytes; then the
+  first forward (both loaders). The CUDA context and cuBLAS start before the clock (timed
+  apart), for both: every process pays them once, whatever it loads;
+* per rank, microseconds per decode-sized call of a row-wise layer with and without its hook and
+  of the all-reduce three ways (what the hooks' host cost is in eager decoding);
 * greedy decode tokens/s (batch 1, 16-token prompt, 64 new tokens, eager; then static cache +
   ``torch.compile`` where it works) at TP=2 against TP=1;
 * the logits of TP=2 against TP=1 on the same prompt (max |difference| / max |logit|).
 
-    python3 benches/bench_tp.py            # on nvidia-h200-x2; with OUT=DIR also files
+    python3 benches/bench_tp.py            # on nvidia-h200-x2 (~4-5 min); OUT=DIR: files
     python3 benches/bench_tp.py --smoke    # tiny model, CPU processes with gloo (checks it)
+    # the 8B shape: an fp16 folder of 15 GiB and its int4 conversion (~4.3 GiB) in
+    # QT_BENCH_DIR; building them ~3 min, ~10 min in all without the compiled decode
+    QT_BENCH_COMPILE=0 QT_BENCH_LAUNCH_S=300 QT_BENCH_DIR=/tmp python3 benches/bench_tp.py --big
 
 The page cache is dropped before every load (root: /proc/sys/vm/drop_caches; else
 posix_fadvise DONTNEED on the files), so loads are cold. NCCL runs with NVLink multicast off
 (``NCCL_NVLS_ENABLE=0``). Each torchrun is killed after ``QT_BENCH_LAUNCH_S`` seconds (180);
-``QT_BENCH_COMPILE=0`` skips the compiled decode (tried for qtensors only).
+``QT_BENCH_COMPILE=0`` skips the compiled decode (tried for qtensors only); ``QT_BENCH_WARMUP=0``
+loads qtensors without the kernel warm-up (its compiles move into the first forward).
 """
 
 from __future__ import annotations
@@ -254,7 +264,7 @@ def child(args: argparse.Namespace) -> None:
             kw["compile_config"] = transformers.CompileConfig(fullgraph=False)
         try:
             with torch.inference_mode():
-                for _ in range(2):
+                for _ in range(1 if mode == "eager" else 2):
                     model.generate(ids, **kw)
                 sync()
                 t = time.perf_counter()
@@ -452,7 +462,7 @@ def compare(res: dict[str, Any], report: Report) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny model, CPU, gloo")
-    ap.add_argument("--big", action="store_true", help="also an 8B shape (minutes more)")
+    ap.add_argument("--big", action="store_true", help="the 8B shape instead (see the docstring)")
     ap.add_argument("--child", choices=["qtensors", "hf"])
     ap.add_argument("--build", action="store_true")
     ap.add_argument("--shape")
@@ -487,7 +497,7 @@ def main() -> None:
         report.say("only one GPU: TP=1 runs only")
     shapes = {"llama-smoke": LLAMA_SMOKE} if args.smoke else {"llama-1b": LLAMA_1B}
     if args.big and not args.smoke:
-        shapes["llama-8b"] = LLAMA_8B
+        shapes = {"llama-8b": LLAMA_8B}
     with tempfile.TemporaryDirectory(dir=os.environ.get("QT_BENCH_DIR")) as work:
         for label, shape in shapes.items():
             results["shapes"][label] = run_shape(args, label, shape, work, report, worlds)

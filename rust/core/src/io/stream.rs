@@ -446,6 +446,7 @@ impl StreamFile {
             let per = (self.chunk as u64 / stride).max(1) as usize;
             out.par_chunks_mut(per * row_len as usize)
                 .enumerate()
+                .with_min_len((64 / per).max(1))
                 .try_for_each(|(k, block)| {
                     let rows = block.len() / row_len as usize;
                     let first = offset + (k * per) as u64 * stride;
