@@ -143,8 +143,8 @@ def host_costs(model: Any, sync) -> dict[str, float]:
             layer._forward_hooks = hooks
 
     calls = {
-        "layer+hook": lambda: layer(x),
         "layer": bare,
+        "layer+hook": lambda: layer(x),
         "all_reduce in place (hooks)": lambda: all_reduce(y, name),
         "out of place": lambda: c10d.wait_tensor(c10d.all_reduce(y, "sum", name)),
         "dist.all_reduce": lambda: dist.all_reduce(y),
@@ -152,7 +152,7 @@ def host_costs(model: Any, sync) -> dict[str, float]:
     got = {}
     with torch.inference_mode():
         for label, fn in calls.items():
-            for _ in range(20):
+            for _ in range(50):
                 fn()
             sync()
             dist.barrier()
