@@ -1,22 +1,32 @@
 """Tensor-parallel loading and decoding on two GPUs: a Llama-shaped model (random weights,
-``_common.LLAMA_1B``; ``--big``: an 8B shape too) saved as an fp16 safetensors folder and as its
-qtensors int4-g64 conversion, each loaded under ``torchrun --nproc-per-node {1,2}``:
+``_common.LLAMA_1B``; ``--big``: the 8B shape instead) saved as an fp16 safetensors folder and as
+its qtensors int4-g64 conversion, each loaded under ``torchrun --nproc-per-node {1,2}``:
 
 * qtensors ``from_pretrained(folder, tp_plan="auto")`` (TP=1: no plan) against transformers'
   own ``from_pretrained(fp16_folder, tp_plan="auto")`` (TP=1: ``device_map="cuda"``): per rank
   load seconds, host peak RSS added by the load (``ru_maxrss``), bytes read (``/proc/self/io``
   ``read_bytes``: from storage; ``rchar``: through read calls, page cache included), GPU memory;
+  for qtensors the load split into skeleton (config, meta model), read+build (the copies to the
+  device overlap the reads), kernel warm-up and hooks, each with its rchar / read_bytes; then the
+  first forward (both loaders). The CUDA context and cuBLAS start before the clock (timed
+  apart), for both: every process pays them once, whatever it loads;
+* per rank, microseconds per decode-sized call of a row-wise layer with and without its hook and
+  of the all-reduce three ways (what the hooks' host cost is in eager decoding);
 * greedy decode tokens/s (batch 1, 16-token prompt, 64 new tokens, eager; then static cache +
   ``torch.compile`` where it works) at TP=2 against TP=1;
 * the logits of TP=2 against TP=1 on the same prompt (max |difference| / max |logit|).
 
-    python3 benches/bench_tp.py            # on nvidia-h200-x2; with OUT=DIR also files
+    python3 benches/bench_tp.py            # on nvidia-h200-x2 (~4-5 min); OUT=DIR: files
     python3 benches/bench_tp.py --smoke    # tiny model, CPU processes with gloo (checks it)
+    # the 8B shape: an fp16 folder of 15 GiB and its int4 conversion (~4.3 GiB) in
+    # QT_BENCH_DIR; building them ~3 min, ~10 min in all without the compiled decode
+    QT_BENCH_COMPILE=0 QT_BENCH_LAUNCH_S=300 QT_BENCH_DIR=/tmp python3 benches/bench_tp.py --big
 
 The page cache is dropped before every load (root: /proc/sys/vm/drop_caches; else
 posix_fadvise DONTNEED on the files), so loads are cold. NCCL runs with NVLink multicast off
 (``NCCL_NVLS_ENABLE=0``). Each torchrun is killed after ``QT_BENCH_LAUNCH_S`` seconds (180);
-``QT_BENCH_COMPILE=0`` skips the compiled decode (tried for qtensors only).
+``QT_BENCH_COMPILE=0`` skips the compiled decode (tried for qtensors only); ``QT_BENCH_WARMUP=0``
+loads qtensors without the kernel warm-up (its compiles move into the first forward).
 """
 
 from __future__ import annotations
@@ -70,6 +80,97 @@ def _proc_io() -> dict[str, int]:
         return {k: int(v) for k, v in (line.split(": ") for line in fh)}
 
 
+class Phases:
+    """Seconds and ``/proc/self/io`` deltas of named calls inside a load: the loader's functions
+    are wrapped in this child process only, so the breakdown needs no hook in the library."""
+
+    def __init__(self, sync) -> None:
+        self.sync, self.got = sync, {}
+
+    def wrap(self, owner: Any, attr: str, label: str) -> None:
+        fn = getattr(owner, attr)
+
+        def timed(*a, **k):
+            io0, t0 = _proc_io(), time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.sync()
+                io1 = _proc_io()
+                d = self.got.setdefault(label, dict(s=0.0, rchar=0, read_bytes=0))
+                d["s"] += time.perf_counter() - t0
+                d["rchar"] += io1["rchar"] - io0["rchar"]
+                d["read_bytes"] += io1["read_bytes"] - io0["read_bytes"]
+
+        setattr(owner, attr, timed)
+
+
+def breakdown(phases: dict[str, dict[str, float]], load_s: float) -> dict[str, dict[str, float]]:
+    """The load split into what runs before ``load_model`` (config, model skeleton) and after it,
+    its reads and builds (the copies to the device overlap them, a sync ends them), the kernel
+    warm-up and the hooks."""
+    whole = phases.get("load_model", dict(s=0.0, rchar=0, read_bytes=0))
+    parts = {k: phases[k] for k in ("warmup", "hooks") if k in phases}
+    rb = {k: whole[k] - sum(p[k] for p in parts.values()) for k in ("s", "rchar", "read_bytes")}
+    return {"skeleton+rest": dict(s=load_s - whole["s"]), "read+build": rb, **parts}
+
+
+def host_costs(model: Any, sync) -> dict[str, float]:
+    """Microseconds per call, decode-sized (one token), of: a row-wise layer with its hook
+    (matmul + all-reduce) and without it; the all-reduce alone as the hooks run it in eager
+    (functional op, in place), out of place (as under torch.compile) and through
+    ``dist.all_reduce`` (the hooks before). Every rank makes the same calls in the same order,
+    so the collectives pair up."""
+    import torch
+    import torch.distributed as dist
+
+    from qtensors.torch.tensor_parallel import all_reduce
+
+    tp = model.qtensors_load_result.tensor_parallel
+    path = next(p for p, style in tp.plan.items() if style == "rowwise")
+    layer = model.get_submodule(path)
+    x = torch.randn(1, 1, layer.in_features, device=layer.weight.device, dtype=model.dtype)
+    y = torch.zeros(1, 1, layer.out_features, device=x.device, dtype=x.dtype)
+    name = dist.group.WORLD.group_name
+    c10d = torch.ops._c10d_functional
+    hooks = layer._forward_hooks
+
+    def bare():
+        layer._forward_hooks = {}
+        try:
+            layer(x)
+        finally:
+            layer._forward_hooks = hooks
+
+    calls = {
+        "layer": bare,
+        "layer+hook": lambda: layer(x),
+        "all_reduce in place (hooks)": lambda: all_reduce(y, name),
+        "out of place": lambda: c10d.wait_tensor(c10d.all_reduce(y, "sum", name)),
+        "dist.all_reduce": lambda: dist.all_reduce(y),
+    }
+    got = {}
+    with torch.inference_mode():
+        for label, fn in calls.items():
+            for _ in range(50):
+                fn()
+            sync()
+            dist.barrier()
+            t = time.perf_counter()
+            for _ in range(200):
+                fn()
+            sync()
+            got[label] = (time.perf_counter() - t) / 200 * 1e6
+    return got
+
+
+def phase_text(label: str, v: dict[str, float]) -> str:
+    text = f"{label} {v['s']:.2f} s"
+    if "rchar" in v:
+        text += f" (rchar {v['rchar'] / 2**20:.0f} MiB, read {v['read_bytes'] / 2**20:.0f} MiB)"
+    return text
+
+
 def child(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
@@ -90,16 +191,30 @@ def child(args: argparse.Namespace) -> None:
     from transformers.models.llama import modeling_llama  # noqa: F401
 
     import qtensors.torch as qtt
+    import qtensors.torch.transformers as qtt_hf
+    from qtensors.torch.tensor_parallel import TensorParallel
 
     out: dict[str, Any] = dict(rank=rank, world=world, kind=args.child)
     out["device"] = "cpu" if smoke else torch.cuda.get_device_name(dev)
     sync = (lambda: None) if smoke else torch.cuda.synchronize
+    # the CUDA context and cuBLAS start before the clock for both loaders: a process pays them
+    # once whatever it loads (their libraries' first reads would otherwise land in one load)
+    t = time.perf_counter()
+    probe = torch.ones(64, 64, device=dev, dtype=dtype)
+    (probe @ probe).sum().item()
+    out["cuda_init_s"] = time.perf_counter() - t
+    phases = Phases(sync)
+    if args.child == "qtensors":
+        phases.wrap(qtt_hf, "load_model", "load_model")
+        phases.wrap(sys.modules["qtensors.torch.warmup"], "warmup", "warmup")
+        phases.wrap(TensorParallel, "install", "hooks")
     dist.barrier()
     io0, rss0 = _proc_io(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     if args.child == "qtensors":
         plan = "auto" if world > 1 or args.plan_at_1 else None
-        model = qtt.from_pretrained(args.folder, device=dev, dtype=dtype, tp_plan=plan)
+        warm = os.environ.get("QT_BENCH_WARMUP", "1") == "1"
+        model = qtt.from_pretrained(args.folder, device=dev, dtype=dtype, tp_plan=plan, warmup=warm)
     else:
         cls = transformers.AutoModelForCausalLM
         if world > 1:
@@ -115,6 +230,7 @@ def child(args: argparse.Namespace) -> None:
     out["peak_rss_added_gib"] = (rss1 - rss0) / 2**20
     if args.child == "qtensors":
         out["loader_bytes"] = model.qtensors_load_result.bytes_read  # what the StreamReader read
+        out["phases"] = breakdown(phases.got, out["load_s"])
     if not smoke:
         out["gpu_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
         out["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -125,11 +241,16 @@ def child(args: argparse.Namespace) -> None:
     ids = torch.randint(1, model.config.vocab_size, (1, PROMPT), generator=g).to(dev)
     try:
         with torch.inference_mode():
+            t = time.perf_counter()
             logits = model(ids).logits
+            sync()
+            out["first_forward_s"] = time.perf_counter() - t
             if rank == 0:
                 torch.save(logits.float().cpu(), args.logits)
     except Exception as exc:  # reported; generate below may still run
         out["logits_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    if out.get("phases", {}).get("hooks"):
+        out["host_us"] = host_costs(model, sync)
     new = 3 if smoke else NEW
     modes = ["eager"]
     if not smoke and args.child == "qtensors" and os.environ.get("QT_BENCH_COMPILE", "1") == "1":
@@ -143,7 +264,7 @@ def child(args: argparse.Namespace) -> None:
             kw["compile_config"] = transformers.CompileConfig(fullgraph=False)
         try:
             with torch.inference_mode():
-                for _ in range(2):
+                for _ in range(1 if mode == "eager" else 2):
                     model.generate(ids, **kw)
                 sync()
                 t = time.perf_counter()
@@ -157,6 +278,10 @@ def child(args: argparse.Namespace) -> None:
         with open(f"{args.out}.{rank}.json", "w") as fh:
             json.dump(out, fh)
     dist.destroy_process_group()
+    # every figure is written: leave without waiting on compile workers at interpreter exit
+    # (a TP=1 child once sat there until torchrun was killed)
+    sys.stdout.flush()
+    os._exit(0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -264,6 +389,18 @@ def run_shape(
                     f"{r['rchar'] / 2**20:9.0f} {r.get('gpu_allocated_gib', 0):7.2f} "
                     f"{tps[0]:>11} {tps[1]:>14}"
                 )
+                if "phases" in r:
+                    ph = r["phases"]
+                    line = ", ".join(phase_text(k, v) for k, v in ph.items())
+                    say(f"    rank {r['rank']} load: {line}")
+                if "first_forward_s" in r:
+                    say(
+                        f"    rank {r['rank']}: CUDA+cuBLAS start {r['cuda_init_s']:.2f} s (before "
+                        f"the clock), first forward {r['first_forward_s']:.2f} s"
+                    )
+                if "host_us" in r:
+                    us = ", ".join(f"{k} {v:.0f}" for k, v in r["host_us"].items())
+                    say(f"    rank {r['rank']} us per decode call: {us}")
                 for m in ("eager", "static+compile"):
                     if "error" in r.get(m, {}):
                         say(f"    {m}: {r[m]['error']}")
@@ -325,7 +462,7 @@ def compare(res: dict[str, Any], report: Report) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny model, CPU, gloo")
-    ap.add_argument("--big", action="store_true", help="also an 8B shape (minutes more)")
+    ap.add_argument("--big", action="store_true", help="the 8B shape instead (see the docstring)")
     ap.add_argument("--child", choices=["qtensors", "hf"])
     ap.add_argument("--build", action="store_true")
     ap.add_argument("--shape")
@@ -360,7 +497,7 @@ def main() -> None:
         report.say("only one GPU: TP=1 runs only")
     shapes = {"llama-smoke": LLAMA_SMOKE} if args.smoke else {"llama-1b": LLAMA_1B}
     if args.big and not args.smoke:
-        shapes["llama-8b"] = LLAMA_8B
+        shapes = {"llama-8b": LLAMA_8B}
     with tempfile.TemporaryDirectory(dir=os.environ.get("QT_BENCH_DIR")) as work:
         for label, shape in shapes.items():
             results["shapes"][label] = run_shape(args, label, shape, work, report, worlds)

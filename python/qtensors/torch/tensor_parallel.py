@@ -220,8 +220,9 @@ class TensorParallel:
                 module.num_embeddings = shape[0]
                 start, _ = bounds(full[0], self.rank, self.world)
                 module.padding_idx = None  # only matters for gradients; it may be another rank's
-                module.register_forward_pre_hook(_VocabMask(start, shape[0]))
-                module.register_forward_hook(_Reduce(self.group))
+                hooks = _VocabSplit(start, shape[0], self.group)
+                module.register_forward_pre_hook(hooks.pre)
+                module.register_forward_hook(hooks.post)
                 continue
             if output == "gather":
                 sizes = [
@@ -235,57 +236,91 @@ class TensorParallel:
                     )
                 bias = module.bias
                 module.bias = None
-                module.register_forward_hook(_Reduce(self.group, bias))
+                module.register_forward_hook(_Reduce(self.group, bias is not None))
                 if bias is not None:
                     module.reduced_bias = bias  # registered: moves with .to()
 
 
-class _VocabMask:
-    """Pre-hook of a vocabulary-split embedding: ids shifted to the rank's rows, those of other
-    ranks sent to row 0 and remembered, so the forward hook zeroes their rows."""
+def _group_name(group: Any) -> str:
+    return (group if group is not None else dist.group.WORLD).group_name
 
-    def __init__(self, start: int, rows: int) -> None:
-        self.start, self.rows = start, rows
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        ids = args[0] - self.start
-        outside = (ids < 0) | (ids >= self.rows)
-        module.__dict__["_tp_outside"] = outside
-        return (ids.masked_fill(outside, 0), *args[1:])
+# The collectives are torch's functional ones (``_c10d_functional``, what
+# ``torch.distributed._functional_collectives`` wraps): one dispatcher call each in eager, without
+# ``dist.all_reduce``'s Python layers, and torch.compile traces them into its graph (an in-place
+# ``dist.all_reduce`` in a hook breaks the graph and keeps CUDA graphs off).
+_c10d = torch.ops._c10d_functional
+
+
+def all_reduce(t: torch.Tensor, group_name: str) -> torch.Tensor:
+    """The sum of ``t`` over the group: in place in eager (``t`` is a fresh layer output: no
+    copy), in a new tensor under torch.compile (which traces only the functional form)."""
+    if torch.compiler.is_compiling():
+        return _c10d.wait_tensor(_c10d.all_reduce(t, "sum", group_name))
+    _c10d.all_reduce_(t, "sum", group_name)
+    return _c10d.wait_tensor(t)
+
+
+def all_gather_last(t: torch.Tensor, sizes: list[int], group_name: str) -> torch.Tensor:
+    """Every rank's ``t`` (``sizes[r]`` wide, padded to the widest) side by side along the last
+    dimension."""
+    most, world = max(sizes), len(sizes)
+    lead = t.shape[:-1]
+    if t.shape[-1] < most:
+        t = nn.functional.pad(t, (0, most - t.shape[-1]))
+    got = _c10d.wait_tensor(
+        _c10d.all_gather_into_tensor(t.reshape(1, -1).contiguous(), world, group_name)
+    )
+    got = got.view(world, -1, most)  # rank, row, feature
+    if min(sizes) == most:
+        return got.permute(1, 0, 2).reshape(*lead, world * most)
+    parts = [got[r, :, :n] for r, n in enumerate(sizes)]
+    return torch.cat(parts, dim=-1).reshape(*lead, sum(sizes))
 
 
 class _Reduce:
-    """Forward hook: sum the partial outputs of every rank, then add the bias once."""
+    """Forward hook of a row-split linear: sum the partial outputs of every rank, then add the
+    bias once (in place: the output is the layer's own fresh tensor)."""
 
-    def __init__(self, group: Any, bias: torch.Tensor | None = None) -> None:
-        self.group = group
-        self.has_bias = bias is not None
+    def __init__(self, group: Any, has_bias: bool = False) -> None:
+        self.group_name = _group_name(group)
+        self.has_bias = has_bias
 
     def __call__(self, module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
-        outside = module.__dict__.pop("_tp_outside", None)
-        if outside is not None:
-            out = out.masked_fill(outside.unsqueeze(-1), 0)
-        dist.all_reduce(out, group=self.group)
+        out = all_reduce(out, self.group_name)
         if self.has_bias:
-            out = out + module.reduced_bias
+            out.add_(module.reduced_bias)
         return out
 
 
+class _VocabSplit:
+    """Hooks of a vocabulary-split embedding: before, ids shifted to the rank's rows and those of
+    other ranks sent to row 0 (and remembered); after, their rows zeroed, then summed."""
+
+    def __init__(self, start: int, rows: int, group: Any) -> None:
+        self.start, self.rows = start, rows
+        self.group_name = _group_name(group)
+        self.outside: torch.Tensor | None = None
+
+    def pre(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        ids = args[0] - self.start
+        self.outside = (ids < 0) | (ids >= self.rows)
+        return (ids.masked_fill(self.outside, 0), *args[1:])
+
+    def post(self, module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        outside, self.outside = self.outside, None
+        assert outside is not None, "the pre-hook runs first"
+        return all_reduce(out.masked_fill(outside.unsqueeze(-1), 0), self.group_name)
+
+
 class _Gather:
-    """Forward hook: concatenate every rank's slice of the last dimension (slices of unequal
-    sizes are padded for the collective and trimmed after)."""
+    """Forward hook of a column-split linear whose output is gathered."""
 
     def __init__(self, sizes: list[int], group: Any) -> None:
-        self.sizes, self.group = sizes, group
+        self.sizes, self.group_name = sizes, _group_name(group)
 
     def __call__(self, module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
-        most = max(self.sizes)
-        local = out.contiguous()
-        if local.shape[-1] < most:
-            local = nn.functional.pad(local, (0, most - local.shape[-1]))
-        got = [torch.empty_like(local) for _ in self.sizes]
-        dist.all_gather(got, local, group=self.group)
-        return torch.cat([g[..., :n] for g, n in zip(got, self.sizes, strict=True)], dim=-1)
+        return all_gather_last(out, self.sizes, self.group_name)
 
 
 class _SliceInput:
@@ -298,4 +333,12 @@ class _SliceInput:
         return (args[0][..., self.start : self.stop], *args[1:])
 
 
-__all__ = ["STYLES", "TensorParallel", "TensorParallelError", "model_plan", "resolve_plan"]
+__all__ = [
+    "STYLES",
+    "TensorParallel",
+    "TensorParallelError",
+    "all_gather_last",
+    "all_reduce",
+    "model_plan",
+    "resolve_plan",
+]

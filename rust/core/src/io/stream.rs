@@ -210,6 +210,9 @@ pub struct StreamFile {
     hashes: Mutex<HashMap<(usize, usize), PartialHash>>,
 }
 
+/// Strided rows with gaps up to a page between them are read in spans, gaps included.
+const PAGE_GAP: u64 = 4096;
+
 /// Where a piece starting at decoded offset `from` begins inside the chunk starting at `cs`.
 fn pos_in_chunk(from: u64, cs: u64) -> u64 {
     from.saturating_sub(cs)
@@ -391,9 +394,9 @@ impl StreamFile {
     /// Copy rows of tensor `index`'s buffer one after another into `out`: row `i` is the
     /// `row_len` bytes from `offset + i * stride`, for `out.len() / row_len` rows. This is how a
     /// column block of a row-major part (a tensor-parallel shard) comes out of the file in one
-    /// call, each row one read, the rows spread over the threads. No checksums: they cover whole
-    /// parts, and a shard reads part of each. Rows inside a compressed part decode the chunks
-    /// under the block once.
+    /// call: rows less than a page apart in spans of about a chunk, others one read each, spread
+    /// over the threads. No checksums: they cover whole parts, and a shard reads part of each.
+    /// Rows inside a compressed part decode the chunks under the block once.
     pub fn read_strided(
         &self,
         index: usize,
@@ -437,6 +440,24 @@ impl StreamFile {
                 let at = i * stride as usize;
                 row.copy_from_slice(&span[at..at + row_len as usize]);
             }
+        } else if stride - row_len <= PAGE_GAP {
+            // Rows this close share pages, which storage reads whole anyway: one read per span
+            // of rows (about a chunk) costs no more from storage and far fewer read calls.
+            let per = (self.chunk as u64 / stride).max(1) as usize;
+            out.par_chunks_mut(per * row_len as usize)
+                .enumerate()
+                .with_min_len((64 / per).max(1))
+                .try_for_each(|(k, block)| {
+                    let rows = block.len() / row_len as usize;
+                    let first = offset + (k * per) as u64 * stride;
+                    let mut span = vec![0u8; ((rows as u64 - 1) * stride + row_len) as usize];
+                    self.fill(t, &layout, first, &mut span)?;
+                    for (i, row) in block.chunks_mut(row_len as usize).enumerate() {
+                        let at = i * stride as usize;
+                        row.copy_from_slice(&span[at..at + row_len as usize]);
+                    }
+                    Ok::<(), Error>(())
+                })?;
         } else {
             out.par_chunks_mut(row_len as usize)
                 .enumerate()
@@ -1002,8 +1023,15 @@ mod tests {
             let (a, b) = s.tensor_range(0).unwrap();
             let mut whole = vec![0u8; (b - a) as usize];
             s.read(0, 0, &mut whole, false).unwrap();
-            // 150 bytes of codes per row of 'a' (300 4-bit codes): columns 40..115 of each row.
-            for (offset, stride, row_len, rows) in [(40u64, 150u64, 75u64, 256u64), (7, 9, 9, 3)] {
+            // 150 bytes of codes per row of 'a' (300 4-bit codes): columns 40..115 of each row
+            // (read in spans of 4096-byte chunks), contiguous rows, rows a page apart (one read
+            // each).
+            let cases = [
+                (40u64, 150u64, 75u64, 256u64),
+                (7, 9, 9, 3),
+                (5, 9000, 100, 4),
+            ];
+            for (offset, stride, row_len, rows) in cases {
                 let mut got = vec![0u8; (row_len * rows) as usize];
                 s.read_strided(0, offset, stride, row_len, &mut got)
                     .unwrap();
