@@ -168,20 +168,16 @@ def linear_cuda(x, codes, scales, mins, bias, shape, encoding, bits, group_size,
     L = _launch
     if L is None or x.dtype not in L.ACT_DTYPES:
         return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
-    tiled = (
-        rows <= L.TILED_MAX_M
-        and L.tiled_supported(shape, encoding, bits, group_size, a)
-        and L.words_aligned(codes)
-    )
-    # Beyond these batches decoding and cuBLAS win (measured: benches/bench_gpu_gemv_sweep.py).
-    if not tiled and (rows > L.GEMV_MAX_M or not L.supported(shape, encoding, bits, group_size, a)):
+    # Beyond the tiled kernels' batches decoding and cuBLAS win (benches/bench_gpu_gemv_sweep.py).
+    path = L.route(rows, N, K, encoding, bits, group_size, a, L.words_aligned(codes))
+    if path == "decode":
         return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
     x2 = x.reshape(-1, K)
     if K and x2.stride(-1) != 1:
         x2 = x2.contiguous()
     c, s = codes.reshape(-1), scales.reshape(-1)
     m = None if mins is None else mins.reshape(-1)
-    if tiled:
+    if path == "tiled":
         out = L.tiled_linear(x2, c, s, m, bias, N, K, encoding, bits, group_size)
     else:
         out = L.fused_linear(x2, c, s, m, bias, N, K, encoding, bits, group_size, a)
