@@ -31,7 +31,17 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.mark.parametrize(
-    "group", ["gemv", "splitk", "gemm", "dispatch", "tiled-fma", "tiled-dot", "tiled-dispatch"]
+    "group",
+    [
+        "gemv",
+        "splitk",
+        "gemm",
+        "dispatch",
+        "tiled-fma",
+        "tiled-words",
+        "tiled-dot",
+        "tiled-dispatch",
+    ],
 )
 def test_fused_kernels_match_decode_then_matmul(group):
     pytest.importorskip("triton")

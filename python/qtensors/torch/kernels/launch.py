@@ -28,6 +28,7 @@ from .gemm import gemm_kernel
 from .gemv import gemv_kernel
 from .scales import SCALE_FORMATS
 from .tiled import TILED_ENC, dot_kernel, fma_kernel
+from .words import words_kernel
 
 #: rows of ``x`` up to which the byte-tile GEMV (``gemv.py``) runs for weights the tiled
 #: kernels do not take (groups along the output dim, K not a multiple of a word)
@@ -73,7 +74,8 @@ class GemmConfig:
 
 @dataclass(frozen=True)
 class TiledConfig:
-    """``tiled.py``: ``kernel`` "fma" (CUDA cores) or "dot" (``tl.dot``), or "decode" (a table
+    """``tiled.py``: ``kernel`` "fma" (CUDA cores) or "dot" (``tl.dot``), "words" (``words.py``:
+    CUDA cores, per-word accumulator, 1-4 rows; ``block_k`` counts weights), or "decode" (a table
     entry sending this shape to decode + cuBLAS, where that measured faster); rows of ``x`` per
     program (``block_m``, 0: the batch rounded up to a power of two; "dot" needs >= 16),
     output features and columns per step, K-slices (0: as many as fill the GPU), warps,
@@ -131,7 +133,7 @@ def route(
     if M <= TILED_MAX_M and aligned and tiled_supported(shape, encoding, bits, g, axis):
         cfg = tiled_config(M, N, K, bits, g)
         # NF4's table lookup in the dot kernel's layout ran 4x slower than decode + cuBLAS
-        if cfg.kernel == "fma" or (cfg.kernel == "dot" and encoding != "nf4"):
+        if cfg.kernel in ("fma", "words") or (cfg.kernel == "dot" and encoding != "nf4"):
             return "tiled"
         return "decode"
     if M <= GEMV_MAX_M and supported(shape, encoding, bits, g, axis):
@@ -301,12 +303,14 @@ def _tiled_plan(
 ):
     """(kernel, grid, split, k_split, constexprs and options) of one tiled launch."""
     cfg = config or tiled_config(M, N, K, bits, g)
-    if cfg.kernel not in ("fma", "dot"):
+    if cfg.kernel not in ("fma", "dot", "words"):
         raise ValueError(f"{cfg.kernel!r} is not a tiled kernel (see route())")
-    fma = cfg.kernel == "fma"
+    fma = cfg.kernel != "dot"  # "words" too: CUDA cores, one program per feature tile
     block_m = cfg.block_m or max(1, 1 << (M - 1).bit_length())
     if not fma and block_m < 16:
         raise ValueError(f"the dot kernel needs block_m >= 16, not {block_m}")
+    if cfg.kernel == "words" and (M > 4 or cfg.block_k % (32 // bits)):
+        raise ValueError(f"the words kernel takes 1-4 rows and whole words, not {M}, {cfg}")
     bn, bk = cfg.block_n, cfg.block_k
     n_tiles = -(-N // bn) * (1 if fma else -(-M // block_m))
     k_steps = -(-K // bk)
@@ -332,7 +336,7 @@ def _tiled_plan(
         # FMAs explicitly: the decode's ``f * s2 + off`` and the accumulation are one each
         # (Triton's default for fusion is changing)
         meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
-    kernel = fma_kernel if fma else dot_kernel
+    kernel = {"fma": fma_kernel, "dot": dot_kernel, "words": words_kernel}[cfg.kernel]
     return kernel, (n_tiles, split), split, k_split, meta
 
 
