@@ -40,6 +40,9 @@ GEMV_MAX_M = 4
 #: every batch from 4 up (NF4 by 4x), so batches above 4 decode.
 FMA_MAX_M = 4
 TILED_MAX_M = 4
+#: the CUDA-core kernel of ``tiled_default`` up to ``FMA_MAX_M`` rows: "fma" (``tiled.py``) or
+#: "words" (``words.py``); the sweep's "routing" lines say which measured faster
+SMALL_M_KERNEL = "fma"
 #: split-K counters per device: tiles of one launch that may split K
 LOCK_SLOTS = 1 << 15
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -91,7 +94,7 @@ class TiledConfig:
 
 
 #: the batch buckets of ``TILED_TABLE`` (a batch uses the first bucket >= it)
-BATCH_BUCKETS = (1, 2, 4, 16, 64, 256)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 64, 256)
 #: the launch configuration per (batch bucket, N, K) where a sweep found one better than
 #: ``tiled_default``; filled from ``benches/bench_gpu_gemv_sweep.py`` ("table" lines).
 #: Run 1 (int4 affine g64, H200): batch 1 of the small shapes; batch 3-4 of the two
@@ -109,6 +112,10 @@ def tiled_default(M: int, bits: int, g: int) -> TiledConfig:
     """Shape-independent starting points: 8 features x 1024 codes a step (4 KB of 4-bit codes
     per program and step) on the CUDA cores; ``tl.dot`` tiles of 16 rows x 64 features, of 64 /
     128 rows x 128 features from 17 rows."""
+    if M <= FMA_MAX_M and SMALL_M_KERNEL == "words":
+        # 4 features x 128 words a step: one word per feature and thread (40 registers at batch
+        # 1 for sm_90, so ~12 programs per SM keep their loads in flight)
+        return TiledConfig("words", 0, 4, 1024, num_warps=4, num_stages=2)
     if M <= FMA_MAX_M:
         # 8 activations (16 bytes) per thread and step: the layout the decoded words share with x;
         # 4 features from 2 rows (run 1: 73.6 against 94.9 us at batch 4 on 8192 x 8192)
