@@ -95,7 +95,8 @@ def candidates(M: int) -> dict[str, L.TiledConfig]:
             # per-word accumulator: features x words a step, warps, stages
             "w1": c("words", 0, 4, 1024, num_warps=4, num_stages=2),
             "w2": c("words", 0, 8, 1024, num_warps=4, num_stages=2),
-            "w3": c("words", 0, 4, 2048, num_warps=4, num_stages=2),
+            # 16 features: the stride-8 x loads (4 L1 wavefronts each) shared by more rows
+            "w3": c("words", 0, 16, 1024, num_warps=4, num_stages=2),
         }
     if M <= 16:
         return {"dot": c("dot", 16, 64, 128, num_warps=4, num_stages=3)}
