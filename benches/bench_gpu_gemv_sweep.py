@@ -20,7 +20,8 @@ skips the last rows' kernel timings if compiles run long, and says so):
    Per row: the fastest, its share of the HBM bound (weight parts + x + y bytes / copy
    bandwidth), its speedup over cuBLAS, and eager (no graph) us per call of the routed op and of
    ``F.linear``: the host overhead shows where eager exceeds the graph time.
-4. what to set: ``routing`` lines (``TILED_MAX_M``, ``SMALL_M_KERNEL``) and ``table`` lines
+4. what to set: ``routing`` lines (``TILED_MAX_M``, ``FMA_MAX_M``, ``SMALL_M_KERNEL``,
+   ``WORDS_DEFAULT``) and ``table`` lines
    (``TILED_TABLE`` entries, one per (batch bucket, N, K) where the winner across the encodings
    differs from the default).
 """
@@ -408,21 +409,29 @@ def section_dispatch() -> None:
     say(f'routing: SMALL_M_KERNEL = "{small_kernel}"   (now "{L.SMALL_M_KERNEL}")')
     say(f"routing: TILED_MAX_M = {tiled_max}   (now {L.TILED_MAX_M})")
     say(f"routing: FMA_MAX_M = {min(tiled_max, 4)}   (now {L.FMA_MAX_M})")
-    saved = (L.SMALL_M_KERNEL, L.FMA_MAX_M)
+    # the words config that wins most (batch <= 4) becomes the default, the rest table entries
+    words = [w for w in small if w.startswith("w")]
+    top = max(set(words), key=words.count) if words else None
+    words_default = candidates(1)[top] if top else L.WORDS_DEFAULT
+    say(f"routing: WORDS_DEFAULT = {words_default!r}")
+    saved = (L.SMALL_M_KERNEL, L.FMA_MAX_M, L.WORDS_DEFAULT)
     L.SMALL_M_KERNEL, L.FMA_MAX_M = small_kernel, min(tiled_max, 4)
+    L.WORDS_DEFAULT = words_default
     table = []
     for (M, N, K), w in sorted(winner.items()):
         if M > tiled_max:
             continue
         cfg = L.TiledConfig("decode") if w == "decode" else candidates(M)[w]
         if cfg != L.tiled_default(M, 4, 64):
-            table.append(f"    ({M}, {N}, {K}): {cfg!r},")
-    L.SMALL_M_KERNEL, L.FMA_MAX_M = saved
+            bucket = next(b for b in L.BATCH_BUCKETS if M <= b)
+            table.append(f"    ({bucket}, {N}, {K}): {cfg!r},")
+    L.SMALL_M_KERNEL, L.FMA_MAX_M, L.WORDS_DEFAULT = saved
     say("table: TILED_TABLE = {   (replaces the whole dict)")
     for line in table:
         say("table:" + line)
     say("table: }")
     RESULTS["dispatch"] = dict(
+        WORDS_DEFAULT=repr(words_default),
         SMALL_M_KERNEL=small_kernel,
         TILED_MAX_M=tiled_max,
         winner={f"{M},{N},{K}": w for (M, N, K), w in winner.items()},

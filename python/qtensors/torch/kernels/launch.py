@@ -93,6 +93,11 @@ class TiledConfig:
     num_stages: int = 2
 
 
+#: ``words_kernel``'s configuration where ``SMALL_M_KERNEL`` is "words" and the table has none: 4
+#: features x 128 words a step, one word per feature and thread (40 registers at batch 1 for
+#: sm_90, so ~12 programs per SM keep their loads in flight)
+WORDS_DEFAULT = TiledConfig("words", 0, 4, 1024, num_warps=4, num_stages=2)
+
 #: the batch buckets of ``TILED_TABLE`` (a batch uses the first bucket >= it)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 64, 256)
 #: the launch configuration per (batch bucket, N, K) where a sweep found one better than
@@ -113,9 +118,7 @@ def tiled_default(M: int, bits: int, g: int) -> TiledConfig:
     per program and step) on the CUDA cores; ``tl.dot`` tiles of 16 rows x 64 features, of 64 /
     128 rows x 128 features from 17 rows."""
     if M <= FMA_MAX_M and SMALL_M_KERNEL == "words":
-        # 4 features x 128 words a step: one word per feature and thread (40 registers at batch
-        # 1 for sm_90, so ~12 programs per SM keep their loads in flight)
-        return TiledConfig("words", 0, 4, 1024, num_warps=4, num_stages=2)
+        return WORDS_DEFAULT
     if M <= FMA_MAX_M:
         # 8 activations (16 bytes) per thread and step: the layout the decoded words share with x;
         # 4 features from 2 rows (run 1: 73.6 against 94.9 us at batch 4 on 8192 x 8192)
