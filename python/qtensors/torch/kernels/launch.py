@@ -138,12 +138,18 @@ def route(
     M: int, N: int, K: int, encoding: str, bits: int, g: int, axis: int, aligned: bool
 ) -> str:
     """Which path runs ``M`` rows against this weight: "tiled" (``tiled_linear``), "gemv"
-    (``fused_linear``) or "decode" (decode, then cuBLAS). Shapes only, so cached."""
+    (``fused_linear``) or "decode" (decode, then cuBLAS). Shapes only, so cached (and so is
+    ``_tiled_plan``): after changing the settings above, call ``route.cache_clear()`` and
+    ``_tiled_plan.cache_clear()``."""
     shape = (N, K)
     if M <= TILED_MAX_M and aligned and tiled_supported(shape, encoding, bits, g, axis):
         cfg = tiled_config(M, N, K, bits, g)
         # NF4's table lookup in the dot kernel's layout ran 4x slower than decode + cuBLAS
-        if cfg.kernel in ("fma", "words") or (cfg.kernel == "dot" and encoding != "nf4"):
+        if (
+            cfg.kernel == "fma"
+            or (cfg.kernel == "words" and M <= 4)
+            or (cfg.kernel == "dot" and encoding != "nf4")
+        ):
             return "tiled"
         return "decode"
     if M <= GEMV_MAX_M and supported(shape, encoding, bits, g, axis):
