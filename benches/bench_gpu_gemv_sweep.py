@@ -1,30 +1,29 @@
-"""One run that says which fused-linear kernel and launch configuration wins per shape and batch,
-so that ``kernels/launch.py``'s dispatch (``FMA_MAX_M``, ``TILED_MAX_M``, ``TILED_TABLE``) can be
-set from it. Self-contained, no network, < 5 minutes on an H200 (a time budget skips the last
-config sweeps if compiles run long, and says so):
+"""One run that says which fused-linear path wins per encoding, shape and batch, so that
+``kernels/launch.py``'s dispatch (``TILED_MAX_M``, ``SMALL_M_KERNEL``, ``TILED_TABLE``) can be set
+from it. Self-contained, no network, < 6 minutes on an H200 with Triton's compiles (a time budget
+skips the last rows' kernel timings if compiles run long, and says so):
 
     python3 benches/bench_gpu_gemv_sweep.py            # tables to stdout; with OUT=DIR also files
     python3 benches/bench_gpu_gemv_sweep.py --smoke    # CPU, Triton interpreter, tiny shapes
 
-Most of a first run is Triton compiling some 200 kernel variants; they land in Triton's on-disk
-cache, so if the sweep reports "skipped (time budget)" a second run (or ``--budget 600``)
-completes it.
-
-1. copy bandwidth (1 GiB device-to-device): the bound every "hbm" share is measured against.
-2. correctness, before any timing: for every encoding, shape and batch, the routed op
-   (``linear``) against ``F.linear`` in fp32 of the decoded weight; each swept config is checked
-   the same way on its first use and dropped (reported) if wrong.
-3. main table, every encoding (int4 affine / symmetric g64, affine g128, NF4 g64, MXFP4, NVFP4),
-   the issue-11 shapes, batches 1, 4, 16, 64, 256, bf16 activations, CUDA-graph timing (one replay
-   runs the layer over enough weight copies to overflow the L2 cache; median per call): cuBLAS
-   ``F.linear`` of a bf16 weight, decode + cuBLAS, the old kernels (``gemv.py`` / ``gemm.py``,
-   where they apply), the routed op, and the tiled kernels' default config. Per row: us, share of
-   the HBM bound (weight parts + x + y bytes / copy bandwidth), speedup over cuBLAS.
-4. config sweep (int4 affine g64, then the other encodings on its top 3): ``fma_kernel``
-   configs at batch 1 and 4, ``dot_kernel`` configs at every batch; the best per (shape, batch).
-5. what to set: ``TILED_TABLE`` lines (where the best config beats the default by > 3%),
-   ``FMA_MAX_M`` (largest batch where fma beats dot on every shape) and ``TILED_MAX_M`` (largest
-   batch where the best tiled kernel is no slower than decode + cuBLAS on every shape).
+1. copy bandwidth (1 GiB device-to-device, CUDA events, best of 10 after warm-up): the bound
+   every "hbm" share is measured against (read + write bytes / time).
+2. correctness, before any timing: for every encoding and shape, the routed op (``linear``) at
+   every batch against ``F.linear`` in fp32 of the decoded weight; every kernel config is checked
+   the same way on its first use in the table and dropped (reported) if wrong.
+3. one table, every encoding (int4 affine / symmetric g64, affine g128, NF4 g64, MXFP4, NVFP4),
+   the issue-11 shapes, batches 1, 2, 4, 8, 16, 256, bf16 activations, CUDA-graph timing (one
+   replay runs the layer over enough weight copies to overflow the L2 cache; median per call):
+   cuBLAS ``F.linear`` of a bf16 weight, decode + cuBLAS, the routed op as dispatched now, the
+   old CUDA-core kernel (``tiled.fma_kernel``, batch <= 4), the per-word kernel
+   (``words.words_kernel``, batch <= 4) in a few configs, the ``tl.dot`` kernel (batch >= 8).
+   Per row: the fastest, its share of the HBM bound (weight parts + x + y bytes / copy
+   bandwidth), its speedup over cuBLAS, and eager (no graph) us per call of the routed op and of
+   ``F.linear``: the host overhead shows where eager exceeds the graph time.
+4. what to set: ``routing`` lines (``TILED_MAX_M``, ``FMA_MAX_M``, ``SMALL_M_KERNEL``,
+   ``WORDS_DEFAULT``) and ``table`` lines
+   (``TILED_TABLE`` entries, one per (batch bucket, N, K) where the winner across the encodings
+   differs from the default).
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ from qtensors.torch.ops import dequantize  # noqa: E402
 DEV = "cpu" if SMOKE else "cuda"
 DT = torch.bfloat16
 SHAPES = [(8192, 8192), (14336, 4096), (4096, 14336), (4096, 4096), (5632, 2048), (2048, 5632)]
-BATCHES = [1, 4, 16, 64, 256]
+BATCHES = [1, 2, 4, 8, 16, 256]
 ENCODINGS = {  # name: (encoding, bits, group size); groups along the input dim
     "int4-affine-g64": ("affine", 4, 64),
     "int4-sym-g64": ("symmetric", 4, 64),
@@ -64,67 +63,48 @@ ENCODINGS = {  # name: (encoding, bits, group size); groups along the input dim
     "mxfp4": ("mxfp4", 4, 32),
     "nvfp4": ("nvfp4", 4, 16),
 }
-MAIN = "int4-affine-g64"
 FLUSH_BYTES = 256 << 20  # weight copies per timing: enough to overflow the L2 cache
-# the config sweeps stop here (the tables before them always run); --budget S to change it
-BUDGET_S = float(sys.argv[sys.argv.index("--budget") + 1]) if "--budget" in sys.argv else 240.0
-OTHER_BATCHES = [1, 16, 256]  # the main table's batches for encodings other than MAIN
+# kernel timings stop here (cuBLAS, decode + cuBLAS and routed always run); --budget S
+BUDGET_S = float(sys.argv[sys.argv.index("--budget") + 1]) if "--budget" in sys.argv else 300.0
 TOL = 2e-2  # bf16 activations and output
 if SMOKE:
-    SHAPES = [(48, 64), (40, 128)]
-    BATCHES = [1, 4, 16]
-    OTHER_BATCHES = [1, 16]
+    SHAPES = [(40, 128)]
+    BATCHES = [1, 3, 8]
     FLUSH_BYTES = 1 << 12
 
 T0 = time.perf_counter()
-RESULTS: dict[str, Any] = {"device": "", "copy_gbps": 0.0, "check": [], "main": [], "sweep": []}
+RESULTS: dict[str, Any] = {"device": "", "copy_gbps": 0.0, "check": [], "table": []}
 REPORT = Report()
 say = REPORT.say
 
 
-def fma_configs() -> list[L.TiledConfig]:
-    """``fma_kernel``: ``block_k = 8 * 32 * warps`` keeps 8 activations per thread (the decoded
-    words then need no layout conversion); the rest trade rows, stages and split-K."""
-    if SMOKE:
-        return [L.TiledConfig("fma", 0, 8, 64), L.TiledConfig("fma", 0, 16, 32, split_k=1)]
-    c = L.TiledConfig
-    return [
-        c("fma", 0, 8, 1024, num_warps=4, num_stages=2),
-        c("fma", 0, 4, 1024, num_warps=4, num_stages=2),
-        c("fma", 0, 16, 1024, num_warps=4, num_stages=2),
-        c("fma", 0, 8, 1024, num_warps=4, num_stages=3),
-        c("fma", 0, 8, 1024, num_warps=4, num_stages=1),
-        c("fma", 0, 8, 512, num_warps=2, num_stages=2),
-        c("fma", 0, 16, 512, num_warps=2, num_stages=3),
-        c("fma", 0, 8, 2048, num_warps=8, num_stages=2),
-        c("fma", 0, 4, 2048, num_warps=8, num_stages=2),
-        c("fma", 0, 16, 256, num_warps=4, num_stages=2),
-        c("fma", 0, 8, 1024, split_k=1, num_warps=4, num_stages=2),
-    ]
-
-
-def dot_configs(M: int) -> list[L.TiledConfig]:
+def candidates(M: int) -> dict[str, L.TiledConfig]:
+    """The kernel configs timed at batch ``M`` (labels are the table's columns)."""
     c = L.TiledConfig
     if SMOKE:
-        return [c("dot", 16, 16, 64), c("dot", 16, 32, 32, split_k=1)]
-    if M <= 16:  # also batch 1: tensor cores on a padded x against the CUDA cores
-        return [
-            c("dot", 16, 64, 128, num_warps=4, num_stages=3),
-            c("dot", 16, 32, 128, num_warps=4, num_stages=3),
-            c("dot", 16, 64, 256, num_warps=4, num_stages=3),
-            c("dot", 16, 128, 128, num_warps=4, num_stages=3),
-            c("dot", 16, 64, 128, num_warps=4, num_stages=4),
-            c("dot", 16, 32, 256, num_warps=4, num_stages=4),
-        ]
-    bm = 64 if M <= 64 else 128
-    return [
-        c("dot", bm, 64, 64, num_warps=4, num_stages=3),
-        c("dot", bm, 128, 64, num_warps=4, num_stages=3),
-        c("dot", bm, 128, 64, num_warps=8, num_stages=4),
-        c("dot", bm, 128, 128, num_warps=8, num_stages=3),
-        c("dot", bm, 256, 64, num_warps=8, num_stages=3),
-        c("dot", 64, 128, 128, num_warps=4, num_stages=4),
-    ]
+        if M <= 4:
+            return {
+                "fma": c("fma", 0, 8, 64),
+                "w1": c("words", 0, 4, 64),
+                "w2": c("words", 0, 8, 32),
+            }
+        return {"dot": c("dot", 16, 16, 64)}
+    if M <= 4:
+        return {
+            # the old CUDA-core kernel as dispatched after run 1
+            "fma": c("fma", 0, 8 if M == 1 else 4, 1024, num_warps=4, num_stages=2),
+            # per-word accumulator: features x words a step, warps, stages
+            "w1": c("words", 0, 4, 1024, num_warps=4, num_stages=2),
+            "w2": c("words", 0, 8, 1024, num_warps=4, num_stages=2),
+            # 16 features: the stride-8 x loads (4 L1 wavefronts each) shared by more rows
+            "w3": c("words", 0, 16, 1024, num_warps=4, num_stages=2),
+        }
+    if M <= 16:
+        return {"dot": c("dot", 16, 64, 128, num_warps=4, num_stages=3)}
+    return {"dot": c("dot", 128, 64, 64, num_warps=4, num_stages=3)}
+
+
+KERNEL_COLS = ["fma", "w1", "w2", "w3", "dot"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,11 +160,6 @@ def tiled(x, w: Weight, cfg):
     return L.tiled_linear(x, w.codes, w.scales, w.mins, None, w.N, w.K, name, bits, g, cfg)
 
 
-def old(x, w: Weight):
-    name, bits, g = w.enc
-    return L.fused_linear(x, w.codes, w.scales, w.mins, None, w.N, w.K, name, bits, g, 1)
-
-
 def copies(nbytes: int) -> int:
     return max(1, min(64, math.ceil(FLUSH_BYTES / max(nbytes, 1))))
 
@@ -233,11 +208,41 @@ def graph_us(calls: list, reps: int = 10) -> float:
 
 
 def copy_gbps() -> float:
+    """Device-to-device copy of 1 GiB, eagerly, CUDA events around each copy, best of 10 after
+    3 warm-ups (read + write bytes)."""
     n = (1 << 30) if not SMOKE else (1 << 16)
-    src = torch.empty(n, dtype=torch.uint8, device=DEV)
+    src = torch.ones(n // 4, dtype=torch.float32, device=DEV)
     dst = torch.empty_like(src)
-    us = graph_us([lambda: dst.copy_(src)] * 4)
-    return 2 * n / us / 1e3
+    if SMOKE:
+        t = time.perf_counter()
+        dst.copy_(src)
+        return 2 * n / max(time.perf_counter() - t, 1e-9) / 1e9
+    for _ in range(3):
+        dst.copy_(src)
+    best = math.inf
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return 2 * n / best / 1e9
+
+
+def eager_us(fn, reps: int = 200) -> float:
+    """Wall time per call of ``fn`` called back to back without a graph (the GPU time where the
+    kernel is longer than the host work, the host work where shorter)."""
+    fn()
+    if not SMOKE:
+        torch.cuda.synchronize()
+    reps = 3 if SMOKE else reps
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if not SMOKE:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) * 1e6 / reps
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,11 +277,6 @@ class Case:
         return (self.ws[0].nbytes + (M * self.K + M * self.N) * 2) / gbps / 1e3
 
 
-def old_applies(ename: str, M: int) -> bool:
-    name, bits, g = ENCODINGS[ename]
-    return L.supported([1, 64], name, bits, g, 1)
-
-
 def section_check() -> bool:
     say("## correctness: routed op vs F.linear in fp32 of the decoded weight (bf16 x)")
     ok = True
@@ -295,170 +295,148 @@ def section_check() -> bool:
     return ok
 
 
-def section_main(gbps: float) -> None:
+def timed(case: Case, M: int, cfg: L.TiledConfig) -> tuple[float, str]:
+    """us per call of one kernel config, after checking its result (inf and why if wrong or
+    refused by the compiler)."""
+    try:
+        err = case.check(lambda x, w: tiled(x, w, cfg), M)
+        if not err <= TOL:
+            return math.inf, f"WRONG (rel err {err:.2e})"
+        return case.time(lambda x, w: tiled(x, w, cfg), M), ""
+    except Exception as exc:  # a config the compiler refuses (shared memory, registers)
+        return math.inf, f"{type(exc).__name__}: {str(exc)[:80]}"
+
+
+def fmt(v: float | None) -> str:
+    return f"{v:7.1f}" if v is not None and v < math.inf else f"{'-':>7}"
+
+
+def section_table(gbps: float) -> None:
     say()
-    say("## us per call, CUDA graph, bf16 x (hbm: share of the bound; x: speedup over cuBLAS)")
     say(
-        f"{'encoding':<17} {'shape':>11} {'M':>4} | {'cublas':>7} {'dec+cb':>7} {'old':>7} "
-        f"{'routed':>7} {'fma':>7} {'dot':>7} | {'bound':>6} {'hbm':>4} {'x':>5}"
+        "## us per call, CUDA graph, bf16 x; best: fastest of decode+cuBLAS and the kernels (hbm: "
+        "its share of the bound, x: speedup over cuBLAS); eager: us per call without a graph"
+    )
+    cols = " ".join(f"{c:>7}" for c in KERNEL_COLS)
+    say(
+        f"{'encoding':<17} {'shape':>11} {'M':>3} | {'cublas':>7} {'dec+cb':>7} {'routed':>7} | "
+        f"{cols} | {'best':>6} {'bound':>6} {'hbm':>4} {'x':>5} | {'eager':>6} {'F.lin':>6}"
     )
     for ename in ENCODINGS:
         for N, K in SHAPES:
             case = Case(ename, N, K)
-            for M in BATCHES if ename == MAIN else OTHER_BATCHES:
-                t: dict[str, float | None] = {}
+            for M in BATCHES:
                 x = case.x(M)
+                t: dict[str, float | None] = {}
                 t["cublas"] = graph_us([lambda d=d, x=x: F.linear(x, d) for d in case.dense])
-                t["decode_cublas"] = case.time(lambda x, w: F.linear(x, w.dense(DT)), M)
-                t["old"] = case.time(old, M) if old_applies(ename, M) else None
+                t["decode"] = case.time(lambda x, w: F.linear(x, w.dense(DT)), M)
                 t["routed"] = case.time(routed, M)
-                for kind in ("fma", "dot"):
-                    if kind == "fma" and M > 4:
-                        t[kind] = None
+                notes = []
+                cands = candidates(M)
+                for label in KERNEL_COLS:
+                    if label not in cands:
+                        t[label] = None
+                    elif time.perf_counter() - T0 > BUDGET_S:
+                        t[label] = None
+                        notes.append(f"{label}: skipped (time budget)")
                     else:
-                        cfg = default_config(kind, M)
-                        t[kind] = case.time(lambda x, w, c=cfg: tiled(x, w, c), M)
+                        us, err = timed(case, M, cands[label])
+                        t[label] = us
+                        if err:
+                            notes.append(f"{label}: {err}")
+                eager = eager_us(lambda x=x, w=case.ws[0]: routed(x, w))
+                eager_f = eager_us(lambda x=x, d=case.dense[0]: F.linear(x, d))
+                paths = {k: v for k, v in t.items() if k not in ("cublas", "routed") and v}
+                best = min(paths, key=lambda k: paths[k])
                 bound = case.bound_us(M, gbps)
-                share = bound / t["routed"]
-                speed = t["cublas"] / t["routed"]
-                RESULTS["main"].append(
-                    dict(enc=ename, N=N, K=K, M=M, us=t, bound_us=bound, hbm_share=share)
+                RESULTS["table"].append(
+                    dict(
+                        enc=ename,
+                        N=N,
+                        K=K,
+                        M=M,
+                        us=t,
+                        best=best,
+                        bound_us=bound,
+                        eager_us=eager,
+                        eager_flinear_us=eager_f,
+                        configs={k: repr(c) for k, c in cands.items()},
+                        notes=notes,
+                    )
                 )
-
-                def f(v):
-                    return f"{v:7.1f}" if v is not None else f"{'-':>7}"
-
+                ks = " ".join(fmt(t[c]) for c in KERNEL_COLS)
                 say(
-                    f"{ename:<17} {N:>5}x{K:<5} {M:>4} | {f(t['cublas'])} {f(t['decode_cublas'])} "
-                    f"{f(t['old'])} {f(t['routed'])} {f(t['fma'])} {f(t['dot'])} | {bound:6.1f} "
-                    f"{share:4.0%} {speed:5.2f}"
+                    f"{ename:<17} {N:>5}x{K:<5} {M:>3} | {fmt(t['cublas'])} {fmt(t['decode'])} "
+                    f"{fmt(t['routed'])} | {ks} | {best:>6} {bound:6.1f} "
+                    f"{bound / paths[best]:4.0%} {t['cublas'] / paths[best]:5.2f} | "
+                    f"{eager:6.1f} {eager_f:6.1f} {'; '.join(notes)}"
                 )
             del case
             if not SMOKE:
                 torch.cuda.empty_cache()
-
-
-def sweep_one(case: Case, M: int, cfgs: list) -> list[tuple[float, L.TiledConfig, str]]:
-    rows = []
-    for cfg in cfgs:
-        if time.perf_counter() - T0 > BUDGET_S:
-            rows.append((float("inf"), cfg, "skipped (time budget)"))
-            continue
-        try:
-            err = case.check(lambda x, w, c=cfg: tiled(x, w, c), M)
-            if not err <= TOL:
-                rows.append((float("inf"), cfg, f"WRONG (rel err {err:.2e})"))
-                continue
-            rows.append((case.time(lambda x, w, c=cfg: tiled(x, w, c), M), cfg, ""))
-        except Exception as exc:  # a config the compiler refuses (shared memory, registers)
-            rows.append((float("inf"), cfg, f"{type(exc).__name__}: {str(exc)[:80]}"))
-    rows.sort(key=lambda r: r[0])
-    return rows
-
-
-def section_sweep(gbps: float) -> dict:
-    """Best config per (encoding, shape, batch): every config for the main encoding, the main
-    encoding's top 3 for the others (the same kernels, other decode arithmetic)."""
     say()
-    say("## config sweep, bf16 x, CUDA graph: default (tiled_default) vs best per kernel")
     say(
-        f"{'encoding':<17} {'shape':>11} {'M':>4} | {'default':>7} {'best':>7} {'hbm':>4}  "
-        "best config"
+        "configs: " + "; ".join(f"{k}={c!r}" for k, c in {**candidates(1), **candidates(8)}.items())
     )
-    best: dict = {}
-    top: dict = {}
-    for ename in ENCODINGS:
-        for N, K in SHAPES:
-            case = Case(ename, N, K)
-            for M in BATCHES if ename == MAIN else OTHER_BATCHES:
-                for kind in ("fma", "dot"):
-                    if kind == "fma" and M > 4:
-                        continue
-                    cfgs = fma_configs() if kind == "fma" else dot_configs(M)
-                    default = default_config(kind, M)
-                    if ename != MAIN:
-                        cfgs = top.get((kind, N, K, M), [])
-                    cfgs = [default] + [c for c in cfgs if c != default]
-                    rows = sweep_one(case, M, cfgs)
-                    if ename == MAIN:
-                        top[(kind, N, K, M)] = [c for u, c, e in rows[:3] if not e]
-                    us, cfg, err = rows[0]
-                    d_us = next((u for u, c, e in rows if c == default), None)
-                    share = case.bound_us(M, gbps) / us if us < float("inf") else 0.0
-                    best[(ename, kind, N, K, M)] = (us, cfg)
-                    RESULTS["sweep"].append(
-                        dict(
-                            enc=ename,
-                            kind=kind,
-                            N=N,
-                            K=K,
-                            M=M,
-                            all=[dict(us=u, config=repr(c), error=e) for u, c, e in rows],
-                        )
-                    )
-                    ds = f"{d_us:7.1f}" if d_us is not None else f"{'-':>7}"
-                    say(
-                        f"{ename:<17} {N:>5}x{K:<5} {M:>4} | {ds} {us:7.1f} {share:4.0%}  "
-                        f"{cfg!r} {err}"
-                    )
-            del case
-            if not SMOKE:
-                torch.cuda.empty_cache()
-    return best
+    say("         M > 16: " + "; ".join(f"{k}={c!r}" for k, c in candidates(256).items()))
 
 
-def default_config(kind: str, M: int) -> L.TiledConfig:
-    """``launch.tiled_default`` for this kernel at this batch."""
-    g = ENCODINGS[MAIN][2]
-    return L.tiled_default(1 if kind == "fma" else max(M, L.FMA_MAX_M + 1), 4, g)
-
-
-def section_dispatch(best: dict) -> None:
-    """The settings of ``kernels/launch.py`` the sweep supports (main encoding)."""
+def section_dispatch() -> None:
+    """The settings of ``kernels/launch.py`` the table supports: per (batch, N, K) the path with
+    the lowest sum over the encodings of its time relative to each encoding's fastest (NF4 on
+    the dot kernel counts as decode + cuBLAS: ``route()`` never sends it there)."""
     say()
     say("## dispatch: paste into python/qtensors/torch/kernels/launch.py")
-    main = {(r["N"], r["K"], r["M"]): r["us"] for r in RESULTS["main"] if r["enc"] == MAIN}
-
-    def us(kind, N, K, M):
-        return best.get((MAIN, kind, N, K, M), (math.inf,))[0]
-
-    fma_max = 0  # batches from 1 up where fma beats dot on every shape
+    rows = {(r["enc"], r["N"], r["K"], r["M"]): r for r in RESULTS["table"]}
+    winner: dict[tuple[int, int, int], str] = {}
     for M in BATCHES:
-        if not all(us("fma", N, K, M) <= us("dot", N, K, M) for N, K in SHAPES):
-            break
-        fma_max = M
-    tiled_max = 0  # batches from 1 up where a tiled kernel beats decode + cuBLAS on every shape
-    for M in BATCHES:
-        if not all(
-            min(us("fma", N, K, M), us("dot", N, K, M)) <= main[(N, K, M)]["decode_cublas"]
-            for N, K in SHAPES
-        ):
-            break
-        tiled_max = M
-    say(f"routing: FMA_MAX_M = {fma_max}   (now {L.FMA_MAX_M})")
-    say(f"routing: TILED_MAX_M = {tiled_max}   (now {L.TILED_MAX_M})")
-    RESULTS["dispatch"] = dict(FMA_MAX_M=fma_max, TILED_MAX_M=tiled_max, table=[])
-    for M in BATCHES:
-        kind = "fma" if M <= fma_max else "dot"
         for N, K in SHAPES:
-            t, cfg = best.get((MAIN, kind, N, K, M), (math.inf, None))
-            if cfg is None or t == math.inf:
-                continue
-            default = default_config(kind, M)
-            d_us = next(
-                (
-                    a["us"]
-                    for r in RESULTS["sweep"]
-                    if (r["enc"], r["kind"], r["N"], r["K"], r["M"]) == (MAIN, kind, N, K, M)
-                    for a in r["all"]
-                    if a["config"] == repr(default)
-                ),
-                math.inf,
-            )
-            if cfg != default and t < 0.97 * d_us:
-                line = f"table: TILED_TABLE[({M}, {N}, {K})] = {cfg!r}"
-                RESULTS["dispatch"]["table"].append(line)
-                say(line)
+            score: dict[str, float] = {}
+            for ename, (name, _, _) in ENCODINGS.items():
+                r = rows[(ename, N, K, M)]["us"]
+                t = {k: v for k, v in r.items() if k not in ("cublas", "routed")}
+                if name == "nf4" and t.get("dot") is not None:
+                    t["dot"] = t["decode"]
+                fastest = min(v for v in t.values() if v)
+                for k, v in t.items():
+                    if k == "decode" or k in candidates(M):
+                        score[k] = score.get(k, 0.0) + (v / fastest if v else math.inf)
+            winner[(M, N, K)] = min(score, key=lambda k: score[k])
+    small = [w for (M, _, _), w in winner.items() if M <= 4 and w != "decode"]
+    words_wins = sum(w.startswith("w") for w in small)
+    small_kernel = "words" if words_wins * 2 > len(small) else "fma"
+    tiled_max = max([M for (M, _, _), w in winner.items() if w != "decode"], default=0)
+    say(f'routing: SMALL_M_KERNEL = "{small_kernel}"   (now "{L.SMALL_M_KERNEL}")')
+    say(f"routing: TILED_MAX_M = {tiled_max}   (now {L.TILED_MAX_M})")
+    say(f"routing: FMA_MAX_M = {min(tiled_max, 4)}   (now {L.FMA_MAX_M})")
+    # the words config that wins most (batch <= 4) becomes the default, the rest table entries
+    words = [w for w in small if w.startswith("w")]
+    top = max(set(words), key=words.count) if words else None
+    words_default = candidates(1)[top] if top else L.WORDS_DEFAULT
+    say(f"routing: WORDS_DEFAULT = {words_default!r}")
+    saved = (L.SMALL_M_KERNEL, L.FMA_MAX_M, L.WORDS_DEFAULT)
+    L.SMALL_M_KERNEL, L.FMA_MAX_M = small_kernel, min(tiled_max, 4)
+    L.WORDS_DEFAULT = words_default
+    table = []
+    for (M, N, K), w in sorted(winner.items()):
+        if M > tiled_max:
+            continue
+        cfg = L.TiledConfig("decode") if w == "decode" else candidates(M)[w]
+        if cfg != L.tiled_default(M, 4, 64):
+            bucket = next(b for b in L.BATCH_BUCKETS if M <= b)
+            table.append(f"    ({bucket}, {N}, {K}): {cfg!r},")
+    L.SMALL_M_KERNEL, L.FMA_MAX_M, L.WORDS_DEFAULT = saved
+    say("table: TILED_TABLE = {   (replaces the whole dict)")
+    for line in table:
+        say("table:" + line)
+    say("table: }")
+    RESULTS["dispatch"] = dict(
+        WORDS_DEFAULT=repr(words_default),
+        SMALL_M_KERNEL=small_kernel,
+        TILED_MAX_M=tiled_max,
+        winner={f"{M},{N},{K}": w for (M, N, K), w in winner.items()},
+        table=table,
+    )
 
 
 def main() -> int:
@@ -475,9 +453,8 @@ def main() -> int:
         say("correctness FAILED: no timings")
         REPORT.write("gpu_gemv_sweep", RESULTS)
         return 1
-    section_main(gbps)
-    best = section_sweep(gbps)
-    section_dispatch(best)
+    section_table(gbps)
+    section_dispatch()
     say(f"\nwall time {time.perf_counter() - T0:.0f} s")
     REPORT.write("gpu_gemv_sweep", RESULTS)
     return 0

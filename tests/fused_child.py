@@ -156,6 +156,11 @@ def tiled_cases(group: str):
                 for M in (1, 3) if N != 16 else (1, 4):
                     out.append((N, K, M, ename, dt, bias, L.TiledConfig("fma", 0, 8, 64, 1)))
                 out.append((N, K, 2, ename, dt, not bias, L.TiledConfig("fma", 0, 16, 32, 3)))
+            elif group == "tiled-words":  # batch 1-4, split K, a step past K, ragged groups
+                for M in {37: (1, 3), 16: (1, 4), 24: (2, 4)}[N]:
+                    out.append((N, K, M, ename, dt, bias, L.TiledConfig("words", 0, 4, 64, 1)))
+                out.append((N, K, 3, ename, dt, not bias, L.TiledConfig("words", 0, 8, 32, 3)))
+                out.append((N, K, 1, ename, dt, bias, L.TiledConfig("words", 0, 16, 256, 0)))
             elif group == "tiled-dot":
                 for M in (16, 33):
                     out.append((N, K, M, ename, dt, bias, L.TiledConfig("dot", 16, 16, 64, 1)))

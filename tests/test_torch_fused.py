@@ -31,7 +31,17 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.mark.parametrize(
-    "group", ["gemv", "splitk", "gemm", "dispatch", "tiled-fma", "tiled-dot", "tiled-dispatch"]
+    "group",
+    [
+        "gemv",
+        "splitk",
+        "gemm",
+        "dispatch",
+        "tiled-fma",
+        "tiled-words",
+        "tiled-dot",
+        "tiled-dispatch",
+    ],
 )
 def test_fused_kernels_match_decode_then_matmul(group):
     pytest.importorskip("triton")
@@ -126,3 +136,27 @@ def test_linear_op_cpu_fp4(enc, dtype):
     got = linear_op(x, p[0], p[1], tscale, None, [40, 96], name, 4, enc.group_size, 1)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), F.linear(x.float(), w), rtol=tol, atol=tol)
+
+
+def test_route_follows_the_dispatch_settings(monkeypatch):
+    """``launch.route``: the tiled kernels up to TILED_MAX_M rows, a "decode" table entry and
+    NF4 on the dot kernel go to decode + cuBLAS; the words kernel takes at most 4 rows."""
+    pytest.importorskip("triton")
+    from qtensors.torch.kernels import launch as L
+
+    def route(M, N=64, K=128, enc="affine"):
+        L.route.cache_clear()
+        return L.route(M, N, K, enc, 4, 64, 1, True)
+
+    monkeypatch.setattr(L, "TILED_MAX_M", 16)
+    monkeypatch.setattr(L, "FMA_MAX_M", 4)
+    assert route(1) == route(4) == route(16) == "tiled"
+    assert route(17) == "decode"
+    assert route(16, enc="nf4") == "decode" and route(4, enc="nf4") == "tiled"
+    monkeypatch.setitem(L.TILED_TABLE, (4, 64, 128), L.TiledConfig("decode"))
+    assert route(3) == route(4) == "decode" and route(2) == "tiled"
+    assert route(1, K=100) == "gemv"  # K not whole words: the byte-tile GEMV
+    L.route.cache_clear()
+    with pytest.raises(ValueError, match="words kernel"):
+        words = L.TiledConfig("words", 0, 4, 64)
+        L._tiled_plan(5, 64, 128, "affine", 4, 64, torch.float16, False, -1, words, True)

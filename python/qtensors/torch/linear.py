@@ -162,31 +162,30 @@ def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, 
 
 def linear_cuda(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
     """The CUDA implementation: the fused kernels where they apply (by weight layout and batch,
-    ``kernels/launch.py``), else decode and ``F.linear``."""
+    ``kernels/launch.py``), else decode and ``F.linear``. The hot path of a model's decode step:
+    one cached check, one cached route, no copy or reshape of what already has its shape."""
     a = check_linear_args(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
     N, K = int(shape[0]), int(shape[1])
-    rows = x.numel() // K if K else 0
     L = _launch
     if L is None or x.dtype not in L.ACT_DTYPES:
         return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
-    tiled = (
-        rows <= L.TILED_MAX_M
-        and L.tiled_supported(shape, encoding, bits, group_size, a)
-        and L.words_aligned(codes)
-    )
-    # Beyond these batches decoding and cuBLAS win (measured: benches/bench_gpu_gemv_sweep.py).
-    if not tiled and (rows > L.GEMV_MAX_M or not L.supported(shape, encoding, bits, group_size, a)):
+    flat = x.dim() == 2
+    rows = x.shape[0] if flat else (x.numel() // K if K else 0)
+    # Beyond the tiled kernels' batches decoding and cuBLAS win (benches/bench_gpu_gemv_sweep.py).
+    path = L.route(rows, N, K, encoding, bits, group_size, a, L.words_aligned(codes))
+    if path == "decode":
         return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
-    x2 = x.reshape(-1, K)
+    x2 = x if flat else x.reshape(-1, K)
     if K and x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    c, s = codes.reshape(-1), scales.reshape(-1)
-    m = None if mins is None else mins.reshape(-1)
-    if tiled:
+    c = codes if codes.dim() == 1 else codes.reshape(-1)
+    s = scales if scales.dim() == 1 else scales.reshape(-1)
+    m = None if mins is None else mins if mins.dim() == 1 else mins.reshape(-1)
+    if path == "tiled":
         out = L.tiled_linear(x2, c, s, m, bias, N, K, encoding, bits, group_size)
     else:
         out = L.fused_linear(x2, c, s, m, bias, N, K, encoding, bits, group_size, a)
-    return out.reshape(*x.shape[:-1], N)
+    return out if flat else out.reshape(*x.shape[:-1], N)
 
 
 @torch.library.custom_op("qtensors::linear", mutates_args=(), schema=SCHEMA)

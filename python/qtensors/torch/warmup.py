@@ -6,9 +6,10 @@ user's first forward unless done before. ``warmup(model)`` runs each distinct qu
 the model once per path its forward can take, on zeros, so that the compiled kernels are in
 Triton's in-process cache (and its on-disk cache, which makes a later process's compile a load):
 
-* ``QuantizedLinear``: one row (the CUDA-core kernel), ``FMA_MAX_M + 1`` rows (the ``tl.dot``
-  kernel) and ``TILED_MAX_M + 1`` rows (decode the weight, then cuBLAS: prefill), in the
-  layer's dtype (``kernels/launch.py`` routes by these batch sizes);
+* ``QuantizedLinear``: 1, 2 and ``FMA_MAX_M`` rows (the CUDA-core kernel's specialisations),
+  ``FMA_MAX_M + 1`` rows where the ``tl.dot`` kernel runs (``TILED_MAX_M > FMA_MAX_M``) and
+  ``TILED_MAX_M + 1`` rows (decode the weight, then cuBLAS: prefill), in the layer's dtype
+  (``kernels/launch.py`` routes by these batch sizes);
 * ``QuantizedEmbedding``: a lookup of one row (the row-decoding kernel).
 
 Layers that share shape, encoding, dtype and device share kernels and configuration, so the
@@ -27,7 +28,15 @@ from .modules import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 try:
     from .kernels.launch import FMA_MAX_M, TILED_MAX_M
 except Exception:  # no Triton: the CUDA path decodes, nothing to compile
-    FMA_MAX_M, TILED_MAX_M = 4, 16
+    FMA_MAX_M, TILED_MAX_M = 4, 4
+
+
+def default_rows() -> tuple[int, ...]:
+    """The batch sizes that reach each kernel specialisation (see the module's docstring)."""
+    rows = {1, 2, FMA_MAX_M, TILED_MAX_M + 1}
+    if TILED_MAX_M > FMA_MAX_M:
+        rows.add(FMA_MAX_M + 1)
+    return tuple(sorted(rows))
 
 
 def _signature(kind: str, w: QuantizedWeight, rows: int) -> tuple[Any, ...]:
@@ -40,10 +49,9 @@ def _signature(kind: str, w: QuantizedWeight, rows: int) -> tuple[Any, ...]:
 @torch.inference_mode()
 def warmup(model: nn.Module, rows: tuple[int, ...] | None = None) -> list[tuple[Any, ...]]:
     """Run every distinct quantized layer of ``model`` once per forward path (see the module's
-    docstring; ``rows``: the batch sizes for linears, default ``(1, FMA_MAX_M + 1,
-    TILED_MAX_M + 1)``). Returns
-    the signatures run: (kind, shape, encoding, has mins, dtype, device, rows)."""
-    rows = rows or (1, FMA_MAX_M + 1, TILED_MAX_M + 1)
+    docstring; ``rows``: the batch sizes for linears, default ``default_rows()``). Returns the
+    signatures run: (kind, shape, encoding, has mins, dtype, device, rows)."""
+    rows = rows or default_rows()
     done: dict[tuple[Any, ...], None] = {}
     for module in model.modules():
         if isinstance(module, QuantizedLinear):

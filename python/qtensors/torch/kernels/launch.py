@@ -28,15 +28,21 @@ from .gemm import gemm_kernel
 from .gemv import gemv_kernel
 from .scales import SCALE_FORMATS
 from .tiled import TILED_ENC, dot_kernel, fma_kernel
+from .words import words_kernel
 
 #: rows of ``x`` up to which the byte-tile GEMV (``gemv.py``) runs for weights the tiled
 #: kernels do not take (groups along the output dim, K not a multiple of a word)
 GEMV_MAX_M = 4
 #: tiled kernels (``tiled.py``): rows of ``x`` up to which ``fma_kernel`` runs; up to
 #: ``TILED_MAX_M`` ``dot_kernel``; beyond, the caller decodes and calls cuBLAS. Set from
-#: ``benches/bench_gpu_gemv_sweep.py`` (its "routing" lines).
+#: ``benches/bench_gpu_gemv_sweep.py`` (its "routing" lines). Run 1 on the H200
+#: (benches/results/gpu_gemv_sweep_h200_run1.txt): the dot kernel loses to decode + cuBLAS at
+#: every batch from 4 up (NF4 by 4x), so batches above 4 decode.
 FMA_MAX_M = 4
-TILED_MAX_M = 16
+TILED_MAX_M = 4
+#: the CUDA-core kernel of ``tiled_default`` up to ``FMA_MAX_M`` rows: "fma" (``tiled.py``) or
+#: "words" (``words.py``); the sweep's "routing" lines say which measured faster
+SMALL_M_KERNEL = "fma"
 #: split-K counters per device: tiles of one launch that may split K
 LOCK_SLOTS = 1 << 15
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -71,7 +77,9 @@ class GemmConfig:
 
 @dataclass(frozen=True)
 class TiledConfig:
-    """``tiled.py``: ``kernel`` "fma" (CUDA cores) or "dot" (``tl.dot``); rows of ``x`` per
+    """``tiled.py``: ``kernel`` "fma" (CUDA cores) or "dot" (``tl.dot``), "words" (``words.py``:
+    CUDA cores, per-word accumulator, 1-4 rows; ``block_k`` counts weights), or "decode" (a table
+    entry sending this shape to decode + cuBLAS, where that measured faster); rows of ``x`` per
     program (``block_m``, 0: the batch rounded up to a power of two; "dot" needs >= 16),
     output features and columns per step, K-slices (0: as many as fill the GPU), warps,
     software-pipelining stages."""
@@ -85,20 +93,36 @@ class TiledConfig:
     num_stages: int = 2
 
 
+#: ``words_kernel``'s configuration where ``SMALL_M_KERNEL`` is "words" and the table has none: 4
+#: features x 128 words a step, one word per feature and thread (40 registers at batch 1 for
+#: sm_90, so ~12 programs per SM keep their loads in flight)
+WORDS_DEFAULT = TiledConfig("words", 0, 4, 1024, num_warps=4, num_stages=2)
+
 #: the batch buckets of ``TILED_TABLE`` (a batch uses the first bucket >= it)
-BATCH_BUCKETS = (1, 4, 16, 64, 256)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 64, 256)
 #: the launch configuration per (batch bucket, N, K) where a sweep found one better than
-#: ``tiled_default``; filled from ``benches/bench_gpu_gemv_sweep.py`` ("table" lines)
-TILED_TABLE: dict[tuple[int, int, int], TiledConfig] = {}
+#: ``tiled_default``; filled from ``benches/bench_gpu_gemv_sweep.py`` ("table" lines).
+#: Run 1 (int4 affine g64, H200): batch 1 of the small shapes; batch 3-4 of the two
+#: 2048 x 5632 shapes goes to decode + cuBLAS (fma 18.9 / 21.0 us against 14.7 / 17.7).
+TILED_TABLE: dict[tuple[int, int, int], TiledConfig] = {
+    (1, 4096, 4096): TiledConfig("fma", 0, 4, 1024, 0, num_warps=4, num_stages=2),
+    (1, 5632, 2048): TiledConfig("fma", 0, 8, 512, 0, num_warps=2, num_stages=2),
+    (1, 2048, 5632): TiledConfig("fma", 0, 8, 1024, 1, num_warps=4, num_stages=2),
+    (4, 5632, 2048): TiledConfig("decode"),
+    (4, 2048, 5632): TiledConfig("decode"),
+}
 
 
 def tiled_default(M: int, bits: int, g: int) -> TiledConfig:
     """Shape-independent starting points: 8 features x 1024 codes a step (4 KB of 4-bit codes
     per program and step) on the CUDA cores; ``tl.dot`` tiles of 16 rows x 64 features, of 64 /
     128 rows x 128 features from 17 rows."""
+    if M <= FMA_MAX_M and SMALL_M_KERNEL == "words":
+        return WORDS_DEFAULT
     if M <= FMA_MAX_M:
-        # 8 activations (16 bytes) per thread and step: the layout the decoded words share with x
-        return TiledConfig("fma", 0, 8, 1024, num_warps=4, num_stages=2)
+        # 8 activations (16 bytes) per thread and step: the layout the decoded words share with x;
+        # 4 features from 2 rows (run 1: 73.6 against 94.9 us at batch 4 on 8192 x 8192)
+        return TiledConfig("fma", 0, 8 if M == 1 else 4, 1024, num_warps=4, num_stages=2)
     if M <= 16:
         return TiledConfig("dot", 16, 64, 128, num_warps=4, num_stages=3)
     return TiledConfig("dot", 64 if M <= 64 else 128, 128, 64, num_warps=4, num_stages=3)
@@ -107,6 +131,30 @@ def tiled_default(M: int, bits: int, g: int) -> TiledConfig:
 def tiled_config(M: int, N: int, K: int, bits: int, g: int) -> TiledConfig:
     bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
     return TILED_TABLE.get((bucket, N, K)) or tiled_default(M, bits, g)
+
+
+@functools.lru_cache(maxsize=4096)
+def route(
+    M: int, N: int, K: int, encoding: str, bits: int, g: int, axis: int, aligned: bool
+) -> str:
+    """Which path runs ``M`` rows against this weight: "tiled" (``tiled_linear``), "gemv"
+    (``fused_linear``) or "decode" (decode, then cuBLAS). Shapes only, so cached (and so is
+    ``_tiled_plan``): after changing the settings above, call ``route.cache_clear()`` and
+    ``_tiled_plan.cache_clear()``."""
+    shape = (N, K)
+    if M <= TILED_MAX_M and aligned and tiled_supported(shape, encoding, bits, g, axis):
+        cfg = tiled_config(M, N, K, bits, g)
+        # NF4's table lookup in the dot kernel's layout ran 4x slower than decode + cuBLAS
+        if (
+            cfg.kernel == "fma"
+            or (cfg.kernel == "words" and M <= 4)
+            or (cfg.kernel == "dot" and encoding != "nf4")
+        ):
+            return "tiled"
+        return "decode"
+    if M <= GEMV_MAX_M and supported(shape, encoding, bits, g, axis):
+        return "gemv"
+    return "decode"
 
 
 def tiled_supported(shape, encoding: str, bits: int, group_size: int, axis: int) -> bool:
@@ -271,10 +319,14 @@ def _tiled_plan(
 ):
     """(kernel, grid, split, k_split, constexprs and options) of one tiled launch."""
     cfg = config or tiled_config(M, N, K, bits, g)
-    fma = cfg.kernel == "fma"
+    if cfg.kernel not in ("fma", "dot", "words"):
+        raise ValueError(f"{cfg.kernel!r} is not a tiled kernel (see route())")
+    fma = cfg.kernel != "dot"  # "words" too: CUDA cores, one program per feature tile
     block_m = cfg.block_m or max(1, 1 << (M - 1).bit_length())
     if not fma and block_m < 16:
         raise ValueError(f"the dot kernel needs block_m >= 16, not {block_m}")
+    if cfg.kernel == "words" and (M > 4 or cfg.block_k % (32 // bits)):
+        raise ValueError(f"the words kernel takes 1-4 rows and whole words, not {M}, {cfg}")
     bn, bk = cfg.block_n, cfg.block_k
     n_tiles = -(-N // bn) * (1 if fma else -(-M // block_m))
     k_steps = -(-K // bk)
@@ -300,7 +352,7 @@ def _tiled_plan(
         # FMAs explicitly: the decode's ``f * s2 + off`` and the accumulation are one each
         # (Triton's default for fusion is changing)
         meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
-    kernel = fma_kernel if fma else dot_kernel
+    kernel = {"fma": fma_kernel, "dot": dot_kernel, "words": words_kernel}[cfg.kernel]
     return kernel, (n_tiles, split), split, k_split, meta
 
 
