@@ -382,6 +382,35 @@ def test_inspect_lists_compressed_parts(tmp_path, capsys):
     assert "compression" not in format_inspect(info)
 
 
+def test_inspect_of_a_folder_totals_the_compression(tmp_path):
+    from qtensors.inspect import format_inspect, inspect_path
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    _, first, tensors = lossless_pair(folder)
+    second = folder / "b.qtensors"
+    write(second, tensors)
+    plain = folder / "plain.qtensors"  # no compressed part: counts in no compression total
+    qt.save_file(tensors, str(plain), quant="raw")
+    info = inspect_path(str(folder))
+    total = info["totals"]["compression"]
+    one = next(f["totals"]["compression"] for f in info["files"] if f["file"] == str(first))
+    assert total["parts"] == 2 * one["parts"] == 6
+    assert total["stored_bytes"] == 2 * one["stored_bytes"]
+    assert total["decoded_bytes"] == 2 * one["decoded_bytes"]
+    text = format_inspect(info)
+    last = text.split("\n\n")[-1].splitlines()
+    assert last[0].startswith("total: 3 files")
+    assert last[1] == (
+        f"compression: zstd on 6 parts: {2 * one['decoded_bytes'] / 1000:.1f} kB stored in "
+        f"{2 * one['stored_bytes'] / 1000:.1f} kB ({total['ratio']:.2f}x)"
+    )
+    # A folder without compressed parts: no such line.
+    first.unlink()
+    second.unlink()
+    assert "compression" not in format_inspect(inspect_path(str(folder)))
+
+
 def test_verify_and_diff_read_compressed_files(tmp_path):
     from qtensors.diff import diff
     from qtensors.inspect import verify_file
