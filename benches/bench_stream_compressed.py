@@ -12,8 +12,10 @@ compression pay at the disk's read rate? Self-contained; one script for the CPU 
 3. disk: the sequential read rate of the uncompressed file from a cold page cache (plain
    `read` of 16 MiB blocks, no decoding);
 4. stream: `qtensors.stream(path, device=...)` of each file from a cold page cache (best of
-   `--repeat`), then once warm (page cache: decompression-bound); output GB/s (decoded bytes
-   per second) and the lossless / uncompressed ratio.
+   `--repeat`, the contenders in turn), then warm (page cache: decompression-bound); output
+   GB/s (decoded bytes per second) and the lossless / uncompressed ratio. On the CPU also the
+   uncompressed file read one tensor at a time in 8 MiB reads (`uncompressed-1`: the CPU path
+   before it read `HOST_READERS` tensors at once in 2 MiB reads).
 
 Page cache: dropped with `echo 3 > /proc/sys/vm/drop_caches` where allowed, else with
 `posix_fadvise(DONTNEED)` on the files (the output says which). Writes JSON and text to $OUT
@@ -35,6 +37,7 @@ from safetensors.torch import save_file as st_save
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import qtensors as qt
+import qtensors.stream as S
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--device", default="cpu", help='"cpu" or "cuda"')
@@ -51,19 +54,25 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def stream_all(path: str) -> int:
-    """Stream every tensor of `path` to the device; decoded bytes."""
-    n = 0
-    for _, t in qt.stream(path, device=args.device):
-        n += t.numel() * t.element_size()
+def stream_all(path: str, readers: int | None = None, chunk_size: int | None = None) -> int:
+    """Stream every tensor of `path` to the device (on the CPU with `readers` tensors read at
+    once, default HOST_READERS); decoded bytes."""
+    default = S.HOST_READERS
+    S.HOST_READERS = readers or default
+    try:
+        n = 0
+        for _, t in qt.stream(path, device=args.device, chunk_size=chunk_size):
+            n += t.numel() * t.element_size()
+    finally:
+        S.HOST_READERS = default
     sync()
     return n
 
 
-def timed_stream(path: str) -> tuple[float, int]:
+def timed_stream(path: str, **kw) -> tuple[float, int]:
     """Seconds to stream every tensor of `path`, and the decoded bytes."""
     t0 = time.perf_counter()
-    n = stream_all(path)
+    n = stream_all(path, **kw)
     return time.perf_counter() - t0, n
 
 
@@ -119,23 +128,38 @@ def main(work: str) -> None:
     RESULT["cache_drop"] = how
     REP.say(f"disk: {RESULT['disk_read_gbps']:.2f} GB/s sequential read, cold ({how})")
 
-    out = {}
-    for label, path in (("uncompressed", plain), ("lossless", lossless)):
-        cold = []
-        for _ in range(args.repeat):
+    # The contenders in turn, each cold `--repeat` times; on the CPU also the uncompressed file
+    # read one tensor at a time in 8 MiB reads (the CPU path before HOST_READERS).
+    contenders = [("uncompressed", plain, {}), ("lossless", lossless, {})]
+    if not args.device.startswith("cuda"):
+        contenders.append(("uncompressed-1", plain, {"readers": 1, "chunk_size": 8 << 20}))
+    cold: dict[str, list[float]] = {label: [] for label, _, _ in contenders}
+    for _ in range(args.repeat):
+        for label, path, kw in contenders:
             drop_caches([path])
-            cold.append(timed_stream(path)[0])
-        stream_all(path)  # into the page cache
-        warm, n = min(timed_stream(path) for _ in range(args.repeat))
+            cold[label].append(timed_stream(path, **kw)[0])
+    out = {}
+    for label, path, kw in contenders:
+        stream_all(path, **kw)  # into the page cache
+        warm, n = min(timed_stream(path, **kw) for _ in range(args.repeat))
         out[label] = {
             "decoded_bytes": n,
-            "cold_s": min(cold),
-            "cold_gbps": n / min(cold) / 1e9,
+            "cold_s": min(cold[label]),
+            "cold_gbps": n / min(cold[label]) / 1e9,
             "warm_gbps": n / warm / 1e9,
         }
         REP.say(
-            f"stream {label:12s} cold {out[label]['cold_gbps']:.2f} GB/s "
-            f"({min(cold):.2f} s)  warm {out[label]['warm_gbps']:.2f} GB/s  (decoded bytes/s)"
+            f"stream {label:14s} cold {out[label]['cold_gbps']:.2f} GB/s "
+            f"({min(cold[label]):.2f} s)  warm {out[label]['warm_gbps']:.2f} GB/s  "
+            "(decoded bytes/s)"
+        )
+    if "uncompressed-1" in out:
+        gain = out["uncompressed"]["cold_gbps"] / out["uncompressed-1"]["cold_gbps"]
+        RESULT["cold_gain_of_host_readers"] = gain
+        REP.say(
+            f"cold stream, uncompressed: {S.HOST_READERS} tensors at once in "
+            f"{S.HOST_CHUNK >> 20} MiB reads / one at a time in 8 MiB reads: "
+            f"{gain:.2f}x"
         )
     RESULT["stream"] = out
     ratio = out["lossless"]["cold_gbps"] / out["uncompressed"]["cold_gbps"]

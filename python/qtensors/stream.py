@@ -17,8 +17,9 @@ another writer placed far apart are read separately, never the span between them
 
 Memory stays bounded: the pinned ring is fixed (`pinned` bytes), and the tensors read but not
 yet handed out never exceed `prefetch` bytes of stored data (a single tensor larger than the
-window is read alone). On the CPU (`device="cpu"`) tensors are read into plain host buffers and
-decoded by the Rust core.
+window is read alone). On the CPU (`device="cpu"`) tensors are read into plain host buffers, a
+few at once (`HOST_READERS`: a cold disk needs several reads in flight), and decoded by the
+Rust core.
 
 Errors concern one tensor and surface when the iteration reaches it: a file truncated or
 rewritten while it streams raises `FormatError` naming the tensor and the offset, a checksum
@@ -34,6 +35,7 @@ import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +56,13 @@ DEFAULT_PINNED = 128 * MiB
 PINNED_SLOTS = 4
 #: Granularity of reads into host memory on the CPU path (checks for a stop between them).
 HOST_PIECE = 64 * MiB
+#: Tensors read at once on the CPU path, each into its own buffer: a cold disk needs several
+#: reads in flight, and one tensor of a few MiB fills too few (bench_stream_compressed.py).
+HOST_READERS = 4
+#: Bytes per read system call on the CPU path (several tensors in flight: smaller reads keep
+#: more of them going) and into the pinned ring of the CUDA path.
+HOST_CHUNK = 2 * MiB
+DEVICE_CHUNK = 8 * MiB
 DIRECT_ALIGN = 4096
 
 
@@ -373,25 +382,40 @@ class _Pipeline:
             self.thread.start()
 
     def _run(self) -> None:
+        if self.stager is None:
+            self._run_host()
+            return
         try:
-            if self.stager is not None:
-                self.stager.torch.cuda.set_device(self.stager.device)
+            self.stager.torch.cuda.set_device(self.stager.device)
             for k, e in enumerate(self.plan):
                 self.window.acquire(e.nbytes, self.stop)
                 if k + 1 < len(self.plan):
                     nxt = self.plan[k + 1]
                     nxt.reader.will_need_tensor(nxt.index, 64 * MiB)
                 try:
-                    if self.stager is not None:
-                        payload = self.stager.load(e, self.verify, self.stop)
-                    else:
-                        payload = read_host(e, self.verify, self.stop)
+                    payload = self.stager.load(e, self.verify, self.stop)
                 except Stopped:
                     raise
                 except BaseException as exc:
                     self.queue.put((k, None, exc))
                     return
                 self.queue.put((k, payload, None))
+        except Stopped:
+            pass
+        finally:
+            self.queue.put(_END)
+
+    def _run_host(self) -> None:
+        """The CPU path: up to HOST_READERS tensors read at once, handed out in plan order (as
+        futures: a tensor's error surfaces when the iteration reaches it)."""
+        try:
+            with ThreadPoolExecutor(HOST_READERS, thread_name_prefix="qtensors-read") as pool:
+                for k, e in enumerate(self.plan):
+                    self.window.acquire(e.nbytes, self.stop)
+                    if k + 1 < len(self.plan):
+                        nxt = self.plan[k + 1]
+                        nxt.reader.will_need_tensor(nxt.index, 64 * MiB)
+                    self.queue.put((k, pool.submit(read_host, e, self.verify, self.stop), None))
         except Stopped:
             pass
         finally:
@@ -439,20 +463,11 @@ class TensorStream:
         framework: str = "pt",
         mode: str = "pread",
         threads: int = 4,
-        chunk_size: int = 8 * MiB,
+        chunk_size: int | None = None,
         pinned: int = DEFAULT_PINNED,
     ) -> None:
         self._framework = normalize_framework(framework)
         self._quantized = quantized
-        entries = open_entries(path, mode=mode, threads=threads, chunk_size=chunk_size)
-        if names is None:
-            plan = list(entries.values())
-        else:
-            missing = [n for n in names if n not in entries]
-            if missing:
-                raise KeyError(f"no tensor named {missing[0]!r} in {os.fspath(path)}")
-            plan = [entries[n] for n in names]
-        self.mode = plan[0].reader.mode if plan else mode
         dev = None
         if self._framework == "pt":
             import torch
@@ -465,6 +480,17 @@ class TensorStream:
         elif device is not None and str(device) != "cpu":
             raise ValueError("framework='np' streams to the CPU only (device='cpu')")
         self._device = dev
+        if chunk_size is None:
+            chunk_size = DEVICE_CHUNK if dev is not None and dev.type == "cuda" else HOST_CHUNK
+        entries = open_entries(path, mode=mode, threads=threads, chunk_size=chunk_size)
+        if names is None:
+            plan = list(entries.values())
+        else:
+            missing = [n for n in names if n not in entries]
+            if missing:
+                raise KeyError(f"no tensor named {missing[0]!r} in {os.fspath(path)}")
+            plan = [entries[n] for n in names]
+        self.mode = plan[0].reader.mode if plan else mode
         self._pipe = _Pipeline(plan, dev, verify, prefetch, pinned)
         self._yielded = 0
         self._bytes = 0
@@ -484,6 +510,11 @@ class TensorStream:
             raise StopIteration
         k, payload, exc = item
         e = pipe.plan[k]
+        if isinstance(payload, Future):
+            try:
+                payload = payload.result()
+            except BaseException as ex:  # the read's own error (Stopped only after a close)
+                payload, exc = None, ex
         pipe.window.release(e.nbytes)
         if exc is not None:
             self.close()
@@ -548,7 +579,7 @@ def stream(
     framework: str = "pt",
     mode: str = "pread",
     threads: int = 4,
-    chunk_size: int = 8 * MiB,
+    chunk_size: int | None = None,
     pinned: int = DEFAULT_PINNED,
 ) -> TensorStream:
     """Stream the tensors of a qtensors file (or model folder) to `device`, yielding
@@ -563,7 +594,8 @@ def stream(
     * `framework`: "pt" (torch tensors) or "np" (numpy arrays; CPU only).
     * `mode`: "pread" (page cache with read-ahead hints; default), "direct" (O_DIRECT, no page
       cache; falls back to pread where refused) or "mmap"; `threads` reads of `chunk_size`
-      bytes run at once; `pinned`: bytes of the pinned staging ring (CUDA).
+      bytes run at once (default: 2 MiB on the CPU, 8 MiB to CUDA); `pinned`: bytes of the
+      pinned staging ring (CUDA).
     """
     return TensorStream(
         path,
