@@ -14,8 +14,8 @@ compression pay at the disk's read rate? Self-contained; one script for the CPU 
 4. stream: `qtensors.stream(path, device=...)` of each file from a cold page cache (best of
    `--repeat`, the contenders in turn), then warm (page cache: decompression-bound); output
    GB/s (decoded bytes per second) and the lossless / uncompressed ratio. On the CPU also the
-   uncompressed file read one tensor at a time in 8 MiB reads (`uncompressed-1`: the CPU path
-   before it read `HOST_READERS` tensors at once in 2 MiB reads).
+   uncompressed file read one tensor at a time through the page cache (`uncompressed-1`: the
+   CPU path before it read `HOST_READERS` tensors at once in mode "auto").
 
 Page cache: dropped with `echo 3 > /proc/sys/vm/drop_caches` where allowed, else with
 `posix_fadvise(DONTNEED)` on the files (the output says which). Writes JSON and text to $OUT
@@ -25,6 +25,7 @@ if set.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import tempfile
@@ -37,7 +38,8 @@ from safetensors.torch import save_file as st_save
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import qtensors as qt
-import qtensors.stream as S
+
+S = importlib.import_module("qtensors.stream")  # the module (`qt.stream` is the function)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--device", default="cpu", help='"cpu" or "cuda"')
@@ -54,14 +56,14 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def stream_all(path: str, readers: int | None = None, chunk_size: int | None = None) -> int:
+def stream_all(path: str, readers: int | None = None, mode: str | None = None) -> int:
     """Stream every tensor of `path` to the device (on the CPU with `readers` tensors read at
-    once, default HOST_READERS); decoded bytes."""
+    once, default HOST_READERS; `mode`: the read mode, default stream's); decoded bytes."""
     default = S.HOST_READERS
     S.HOST_READERS = readers or default
     try:
         n = 0
-        for _, t in qt.stream(path, device=args.device, chunk_size=chunk_size):
+        for _, t in qt.stream(path, device=args.device, mode=mode):
             n += t.numel() * t.element_size()
     finally:
         S.HOST_READERS = default
@@ -129,10 +131,10 @@ def main(work: str) -> None:
     REP.say(f"disk: {RESULT['disk_read_gbps']:.2f} GB/s sequential read, cold ({how})")
 
     # The contenders in turn, each cold `--repeat` times; on the CPU also the uncompressed file
-    # read one tensor at a time in 8 MiB reads (the CPU path before HOST_READERS).
+    # read as the CPU path did before: one tensor at a time, through the page cache ("pread").
     contenders = [("uncompressed", plain, {}), ("lossless", lossless, {})]
     if not args.device.startswith("cuda"):
-        contenders.append(("uncompressed-1", plain, {"readers": 1, "chunk_size": 8 << 20}))
+        contenders.append(("uncompressed-1", plain, {"readers": 1, "mode": "pread"}))
     cold: dict[str, list[float]] = {label: [] for label, _, _ in contenders}
     for _ in range(args.repeat):
         for label, path, kw in contenders:
@@ -157,9 +159,8 @@ def main(work: str) -> None:
         gain = out["uncompressed"]["cold_gbps"] / out["uncompressed-1"]["cold_gbps"]
         RESULT["cold_gain_of_host_readers"] = gain
         REP.say(
-            f"cold stream, uncompressed: {S.HOST_READERS} tensors at once in "
-            f"{S.HOST_CHUNK >> 20} MiB reads / one at a time in 8 MiB reads: "
-            f"{gain:.2f}x"
+            f"cold stream, uncompressed: {S.HOST_READERS} tensors at once, mode "
+            f"{S.HOST_MODE!r} / one at a time, mode 'pread' (uncompressed-1): {gain:.2f}x"
         )
     RESULT["stream"] = out
     ratio = out["lossless"]["cold_gbps"] / out["uncompressed"]["cold_gbps"]

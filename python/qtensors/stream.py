@@ -59,10 +59,11 @@ HOST_PIECE = 64 * MiB
 #: Tensors read at once on the CPU path, each into its own buffer: a cold disk needs several
 #: reads in flight, and one tensor of a few MiB fills too few (bench_stream_compressed.py).
 HOST_READERS = 4
-#: Bytes per read system call on the CPU path (several tensors in flight: smaller reads keep
-#: more of them going) and into the pinned ring of the CUDA path.
-HOST_CHUNK = 2 * MiB
-DEVICE_CHUNK = 8 * MiB
+#: Read modes (`_core.StreamReader`): on the CPU, cached bytes from the page cache and the rest
+#: with O_DIRECT ("auto": a cold read costs the kernel no page-cache work; measured against
+#: "pread" in bench_stream_compressed.py). CUDA keeps "pread" until measured there.
+HOST_MODE = "auto"
+DEVICE_MODE = "pread"
 DIRECT_ALIGN = 4096
 
 
@@ -302,10 +303,12 @@ class DeviceStager:
 
 
 def read_host(e: Entry, verify: bool, stop: threading.Event | None = None) -> np.ndarray:
-    """The bytes of `e`'s buffer in a new 64-byte aligned host array."""
+    """The bytes of `e`'s buffer in a new host array placed at the file offset's phase modulo
+    4 KiB: O_DIRECT reads land in it without a bounce copy, and parts are as aligned as in the
+    file (64 bytes at least)."""
     n = e.nbytes
-    raw = np.empty(n + 64, dtype=np.uint8)
-    pad = (-raw.ctypes.data) % 64
+    raw = np.empty(n + DIRECT_ALIGN, dtype=np.uint8)
+    pad = (e.start - raw.ctypes.data) % DIRECT_ALIGN
     buf = raw[pad : pad + n]
     off = 0
     while True:
@@ -461,9 +464,9 @@ class TensorStream:
         quantized: bool = False,
         verify: bool = False,
         framework: str = "pt",
-        mode: str = "pread",
+        mode: str | None = None,
         threads: int = 4,
-        chunk_size: int | None = None,
+        chunk_size: int = 8 * MiB,
         pinned: int = DEFAULT_PINNED,
     ) -> None:
         self._framework = normalize_framework(framework)
@@ -480,8 +483,9 @@ class TensorStream:
         elif device is not None and str(device) != "cpu":
             raise ValueError("framework='np' streams to the CPU only (device='cpu')")
         self._device = dev
-        if chunk_size is None:
-            chunk_size = DEVICE_CHUNK if dev is not None and dev.type == "cuda" else HOST_CHUNK
+        to_cuda = dev is not None and dev.type == "cuda"
+        if mode is None:
+            mode = DEVICE_MODE if to_cuda else HOST_MODE
         entries = open_entries(path, mode=mode, threads=threads, chunk_size=chunk_size)
         if names is None:
             plan = list(entries.values())
@@ -577,9 +581,9 @@ def stream(
     quantized: bool = False,
     verify: bool = False,
     framework: str = "pt",
-    mode: str = "pread",
+    mode: str | None = None,
     threads: int = 4,
-    chunk_size: int | None = None,
+    chunk_size: int = 8 * MiB,
     pinned: int = DEFAULT_PINNED,
 ) -> TensorStream:
     """Stream the tensors of a qtensors file (or model folder) to `device`, yielding
@@ -592,10 +596,11 @@ def stream(
     * `quantized=True`: yield `QuantizedTensor`s (packed parts on `device`) instead of decoded
       tensors. `verify=True`: check every part's checksum on the bytes read.
     * `framework`: "pt" (torch tensors) or "np" (numpy arrays; CPU only).
-    * `mode`: "pread" (page cache with read-ahead hints; default), "direct" (O_DIRECT, no page
-      cache; falls back to pread where refused) or "mmap"; `threads` reads of `chunk_size`
-      bytes run at once (default: 2 MiB on the CPU, 8 MiB to CUDA); `pinned`: bytes of the
-      pinned staging ring (CUDA).
+    * `mode`: "pread" (page cache with read-ahead hints; the default to CUDA), "direct"
+      (O_DIRECT, no page cache; falls back to pread where refused), "auto" (what the page cache
+      holds from it, the rest O_DIRECT; the default on the CPU) or "mmap"; `threads` reads of
+      `chunk_size` bytes run at once (per tensor; on the CPU `HOST_READERS` tensors are read at
+      once); `pinned`: bytes of the pinned staging ring (CUDA).
     """
     return TensorStream(
         path,
