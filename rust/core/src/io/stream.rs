@@ -397,7 +397,7 @@ impl StreamFile {
                     }
                     Some(_) => {
                         let (at, bytes) = stored.next().expect("one per compressed piece");
-                        self.verify_piece(index, t, *at, bytes)?;
+                        self.verify_piece(index, t, *at, bytes.as_slice())?;
                     }
                 }
             }
@@ -476,7 +476,7 @@ impl StreamFile {
         layout: &'l TensorLayout,
         offset: u64,
         out: &mut [u8],
-    ) -> Result<(Vec<(&'l Segment, u64, u64)>, Vec<(u64, Vec<u8>)>)> {
+    ) -> Result<(Vec<(&'l Segment, u64, u64)>, Vec<(u64, StoredBytes)>)> {
         let len = out.len() as u64;
         if offset.checked_add(len).is_none_or(|end| end > layout.len) {
             return Err(Error::Invalid(format!(
@@ -495,7 +495,7 @@ impl StreamFile {
             .map(|(s, lo, hi)| (s, lo - offset, hi - offset))
             .collect();
         let mut filled = 0;
-        let mut stored: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut stored: Vec<(u64, StoredBytes)> = Vec::new();
         for &(s, lo, hi) in &pieces {
             out[filled as usize..lo as usize].fill(0);
             let dst = &mut out[lo as usize..hi as usize];
@@ -519,7 +519,7 @@ impl StreamFile {
         pi: usize,
         from: u64,
         out: &mut [u8],
-    ) -> Result<(u64, Vec<u8>)> {
+    ) -> Result<(u64, StoredBytes)> {
         let p = &t.parts[pi];
         let c = p.compression.as_ref().expect("a compressed part");
         let to = from + out.len() as u64;
@@ -527,7 +527,7 @@ impl StreamFile {
         let offsets = c.stored_offsets();
         let (sa, sb) = (offsets[range.start], offsets[range.end]);
         let at = self.data_start + p.offset + sa;
-        let mut stored = vec![0u8; (sb - sa) as usize];
+        let mut stored = StoredBytes::new(at, (sb - sa) as usize);
         // `out` cut at chunk boundaries: (chunk, its decoded start, the slice of `out`), in
         // groups of about `self.chunk` stored bytes; `bounds`: each group's stored start.
         let mut groups: Vec<Vec<(usize, u64, &mut [u8])>> = Vec::new();
@@ -551,7 +551,7 @@ impl StreamFile {
             }
         }
         let mut bufs: Vec<&mut [u8]> = Vec::with_capacity(groups.len());
-        let mut left = &mut stored[..];
+        let mut left = stored.as_mut_slice();
         for w in bounds.windows(2) {
             let (head, tail) = left.split_at_mut((w[1] - w[0]) as usize);
             bufs.push(head);
@@ -929,6 +929,34 @@ fn advise_file(f: &File, advice: i32, offset: i64, len: i64) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (f, advice, offset, len);
+}
+
+/// The stored bytes of compressed chunks read from file offset `at`, placed at its phase modulo
+/// 4 KiB: O_DIRECT reads land in them without a bounce copy. Every byte is read into before
+/// any is looked at (a failed read drops the buffer).
+struct StoredBytes {
+    buf: AlignedBuf,
+    phase: usize,
+}
+
+impl StoredBytes {
+    fn new(at: u64, len: usize) -> Self {
+        let phase = (at % DIRECT_ALIGN) as usize;
+        StoredBytes {
+            buf: AlignedBuf::new(phase + len),
+            phase,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.buf.as_mut_slice()[self.phase..]
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: as `AlignedBuf::as_mut_slice`, read-only.
+        let all = unsafe { std::slice::from_raw_parts(self.buf.ptr.as_ptr(), self.buf.len) };
+        &all[self.phase..]
+    }
 }
 
 /// A 4 KiB-aligned heap buffer for O_DIRECT reads.
