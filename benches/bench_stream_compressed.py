@@ -12,8 +12,10 @@ compression pay at the disk's read rate? Self-contained; one script for the CPU 
 3. disk: the sequential read rate of the uncompressed file from a cold page cache (plain
    `read` of 16 MiB blocks, no decoding);
 4. stream: `qtensors.stream(path, device=...)` of each file from a cold page cache (best of
-   `--repeat`), then once warm (page cache: decompression-bound); output GB/s (decoded bytes
-   per second) and the lossless / uncompressed ratio.
+   `--repeat`, the contenders in turn), then warm (file read into the page cache first); output
+   GB/s (decoded bytes per second) and the lossless / uncompressed ratio. On the CPU also the
+   uncompressed file read one tensor at a time through the page cache (`uncompressed-1`: the
+   CPU path before it read `HOST_READERS` tensors at once in mode "auto").
 
 Page cache: dropped with `echo 3 > /proc/sys/vm/drop_caches` where allowed, else with
 `posix_fadvise(DONTNEED)` on the files (the output says which). Writes JSON and text to $OUT
@@ -23,6 +25,7 @@ if set.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import tempfile
@@ -35,6 +38,8 @@ from safetensors.torch import save_file as st_save
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import qtensors as qt
+
+S = importlib.import_module("qtensors.stream")  # the module (`qt.stream` is the function)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--device", default="cpu", help='"cpu" or "cuda"')
@@ -51,20 +56,34 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def stream_all(path: str) -> int:
-    """Stream every tensor of `path` to the device; decoded bytes."""
-    n = 0
-    for _, t in qt.stream(path, device=args.device):
-        n += t.numel() * t.element_size()
+def stream_all(path: str, readers: int | None = None, mode: str | None = None) -> int:
+    """Stream every tensor of `path` to the device (on the CPU with `readers` tensors read at
+    once, default HOST_READERS; `mode`: the read mode, default stream's); decoded bytes."""
+    default = S.HOST_READERS
+    S.HOST_READERS = readers or default
+    try:
+        n = 0
+        for _, t in qt.stream(path, device=args.device, mode=mode):
+            n += t.numel() * t.element_size()
+    finally:
+        S.HOST_READERS = default
     sync()
     return n
 
 
-def timed_stream(path: str) -> tuple[float, int]:
+def timed_stream(path: str, **kw) -> tuple[float, int]:
     """Seconds to stream every tensor of `path`, and the decoded bytes."""
     t0 = time.perf_counter()
-    n = stream_all(path)
+    n = stream_all(path, **kw)
     return time.perf_counter() - t0, n
+
+
+def cache(path: str) -> None:
+    """Read `path` into the page cache."""
+    buf = bytearray(16 << 20)
+    with open(path, "rb", buffering=0) as fh:
+        while fh.readinto(buf):
+            pass
 
 
 def disk_read(path: str) -> float:
@@ -119,23 +138,37 @@ def main(work: str) -> None:
     RESULT["cache_drop"] = how
     REP.say(f"disk: {RESULT['disk_read_gbps']:.2f} GB/s sequential read, cold ({how})")
 
-    out = {}
-    for label, path in (("uncompressed", plain), ("lossless", lossless)):
-        cold = []
-        for _ in range(args.repeat):
+    # The contenders in turn, each cold `--repeat` times; on the CPU also the uncompressed file
+    # read as the CPU path did before: one tensor at a time, through the page cache ("pread").
+    contenders = [("uncompressed", plain, {}), ("lossless", lossless, {})]
+    if not args.device.startswith("cuda"):
+        contenders.append(("uncompressed-1", plain, {"readers": 1, "mode": "pread"}))
+    cold: dict[str, list[float]] = {label: [] for label, _, _ in contenders}
+    for _ in range(args.repeat):
+        for label, path, kw in contenders:
             drop_caches([path])
-            cold.append(timed_stream(path)[0])
-        stream_all(path)  # into the page cache
-        warm, n = min(timed_stream(path) for _ in range(args.repeat))
+            cold[label].append(timed_stream(path, **kw)[0])
+    out = {}
+    for label, path, kw in contenders:
+        cache(path)  # (a stream in mode "auto" reads around the page cache: it fills none)
+        warm, n = min(timed_stream(path, **kw) for _ in range(args.repeat))
         out[label] = {
             "decoded_bytes": n,
-            "cold_s": min(cold),
-            "cold_gbps": n / min(cold) / 1e9,
+            "cold_s": min(cold[label]),
+            "cold_gbps": n / min(cold[label]) / 1e9,
             "warm_gbps": n / warm / 1e9,
         }
         REP.say(
-            f"stream {label:12s} cold {out[label]['cold_gbps']:.2f} GB/s "
-            f"({min(cold):.2f} s)  warm {out[label]['warm_gbps']:.2f} GB/s  (decoded bytes/s)"
+            f"stream {label:14s} cold {out[label]['cold_gbps']:.2f} GB/s "
+            f"({min(cold[label]):.2f} s)  warm {out[label]['warm_gbps']:.2f} GB/s  "
+            "(decoded bytes/s)"
+        )
+    if "uncompressed-1" in out:
+        gain = out["uncompressed"]["cold_gbps"] / out["uncompressed-1"]["cold_gbps"]
+        RESULT["cold_gain_of_host_readers"] = gain
+        REP.say(
+            f"cold stream, uncompressed: {S.HOST_READERS} tensors at once, mode "
+            f"{S.HOST_MODE!r} / one at a time, mode 'pread' (uncompressed-1): {gain:.2f}x"
         )
     RESULT["stream"] = out
     ratio = out["lossless"]["cold_gbps"] / out["uncompressed"]["cold_gbps"]

@@ -72,6 +72,43 @@ def test_lossless_round_trip_every_dtype_and_the_reference_reads_it(tmp_path, dt
             assert parts["compression"]["chunk_size"] == SMALL  # it was compressed
 
 
+def test_compressing_writer_places_parts_in_write_order(tmp_path):
+    # Each part is compressed while the one before it is still being written in the background:
+    # out of plan order, a repeat of the part in flight, an unwritten part and an abort.
+    rng = np.random.default_rng(5)
+    tensors = {f"t{i}": sample(rng, "float16", (3000 + 1000 * i,)) for i in range(4)}
+    tensors["plain"] = rng.integers(0, 256, 5000).astype(np.uint8)  # incompressible: as it is
+    plans = [(n, str(x.dtype), [x.size], '{"name": "raw"}') for n, x in tensors.items()]
+    path = tmp_path / "w.qtensors"
+    w = _core.Writer(str(path), plans, {}, 64, "zstd", chunk_size=SMALL)
+    order = [2, 4, 0, 3]
+    names = list(tensors)
+    for i in order:
+        w.write_parts(i, [tensors[names[i]].view(np.uint8)])
+    with pytest.raises(ValueError, match="'t3' part 'data' is written already"):
+        w.write_parts(3, [tensors["t3"].view(np.uint8)])
+    with pytest.raises(ValueError, match="'t1' part 'data' was never written"):
+        w.finish()
+    assert not path.exists() and os.listdir(tmp_path) == []  # finish failed: nothing left
+    w = _core.Writer(str(path), plans, {}, 64, "zstd", chunk_size=SMALL)
+    for i in [*order, 1]:
+        w.write_parts(i, [tensors[names[i]].view(np.uint8)])
+    w.finish()
+    h = R.read_header(str(path))["header"]
+    by_name = {t["name"]: t["parts"]["data"] for t in h["tensors"]}
+    offsets = [by_name[names[i]]["offset"] for i in [*order, 1]]
+    assert offsets == sorted(offsets)
+    assert "compression" not in by_name["plain"] and "compression" in by_name["t0"]
+    got = qt.load_file(str(path))
+    assert all(np.array_equal(got[n], x) for n, x in tensors.items())
+    qt.safe_open(str(path)).verify()
+    # Dropped unfinished with a part in flight: no file, no temporary.
+    w = _core.Writer(str(tmp_path / "x.qtensors"), plans, {}, 64, "zstd", chunk_size=SMALL)
+    w.write_parts(0, [tensors["t0"].view(np.uint8)])
+    w.abort()
+    assert sorted(os.listdir(tmp_path)) == ["w.qtensors"]
+
+
 def test_bfloat16_and_save_file_lossless(tmp_path):
     torch = pytest.importorskip("torch")
     g = torch.Generator().manual_seed(0)
@@ -380,6 +417,35 @@ def test_inspect_lists_compressed_parts(tmp_path, capsys):
     info = inspect_file(str(plain))
     assert info["totals"]["compression"]["parts"] == 0
     assert "compression" not in format_inspect(info)
+
+
+def test_inspect_of_a_folder_totals_the_compression(tmp_path):
+    from qtensors.inspect import format_inspect, inspect_path
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    _, first, tensors = lossless_pair(folder)
+    second = folder / "b.qtensors"
+    write(second, tensors)
+    plain = folder / "plain.qtensors"  # no compressed part: counts in no compression total
+    qt.save_file(tensors, str(plain), quant="raw")
+    info = inspect_path(str(folder))
+    total = info["totals"]["compression"]
+    one = next(f["totals"]["compression"] for f in info["files"] if f["file"] == str(first))
+    assert total["parts"] == 2 * one["parts"] == 6
+    assert total["stored_bytes"] == 2 * one["stored_bytes"]
+    assert total["decoded_bytes"] == 2 * one["decoded_bytes"]
+    text = format_inspect(info)
+    last = text.split("\n\n")[-1].splitlines()
+    assert last[0].startswith("total: 3 files")
+    assert last[1] == (
+        f"compression: zstd on 6 parts: {2 * one['decoded_bytes'] / 1000:.1f} kB stored in "
+        f"{2 * one['stored_bytes'] / 1000:.1f} kB ({total['ratio']:.2f}x)"
+    )
+    # A folder without compressed parts: no such line.
+    first.unlink()
+    second.unlink()
+    assert "compression" not in format_inspect(inspect_path(str(folder)))
 
 
 def test_verify_and_diff_read_compressed_files(tmp_path):

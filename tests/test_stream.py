@@ -19,7 +19,7 @@ import torch
 import qtensors as qt
 from qtensors import _core
 
-MODES = ("pread", "direct", "mmap")
+MODES = ("pread", "direct", "mmap", "auto")
 
 
 def _tensors(n: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
@@ -55,6 +55,24 @@ def test_file_order_and_values(model_file, mode):
     for n, v in got:
         assert v.dtype == full[n].dtype and v.shape == full[n].shape
         assert torch.equal(v, full[n]), n
+
+
+def test_auto_mode_reads_pages_the_cache_dropped(model_file):
+    # Every other 64 KiB of the file evicted: "auto" copies what is cached and reads the rest
+    # with O_DIRECT (pread where the file system refuses it), the same bytes either way.
+    path, full = model_file
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        for at in range(0, os.path.getsize(path), 128 << 10):
+            os.posix_fadvise(fd, at, 64 << 10, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    got = dict(qt.stream(path, device="cpu", mode="auto", verify=True, chunk_size=8192))
+    assert got.keys() == full.keys() and all(torch.equal(got[n], full[n]) for n in full)
+    s = qt.stream(path, device="cpu")
+    assert s.stats()["mode"] in ("auto", "pread")  # the CPU default (pread: no O_DIRECT here)
+    s.close()
 
 
 def test_asked_order_numpy_and_packed(model_file):

@@ -40,8 +40,9 @@ class Reader(Buffer):
 class StreamReader:
     """A validated qtensors file opened for streaming reads into caller buffers (GIL released).
 
-    `mode`: 'pread' (page cache, fadvise read-ahead), 'direct' (O_DIRECT; 'pread' where refused)
-    or 'mmap' (copies out of a memory map; kept for measurements).
+    `mode`: 'pread' (page cache, fadvise read-ahead), 'direct' (O_DIRECT; 'pread' where refused),
+    'auto' (what the page cache holds from it, the rest O_DIRECT; 'pread' where O_DIRECT is
+    refused) or 'mmap' (copies out of a memory map; kept for measurements).
     """
 
     def __init__(

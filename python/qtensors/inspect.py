@@ -246,14 +246,18 @@ def format_file(info: dict[str, Any]) -> str:
         f"file {human_bytes(t['file_bytes'])}"
         + (f"; quantized tensors at {bpe:.2f} bits per element" if bpe else "")
     )
-    c = t["compression"]
-    if c["parts"]:
-        lines.append(
-            f"compression: {', '.join(c['codecs'])} on {count(c['parts'], 'part')}: "
-            f"{human_bytes(c['decoded_bytes'])} stored in {human_bytes(c['stored_bytes'])} "
-            f"({_times(c['ratio'])})"
-        )
+    if t["compression"]["parts"]:
+        lines.append(_compression_line(t["compression"]))
     return "\n".join(lines)
+
+
+def _compression_line(c: dict[str, Any]) -> str:
+    """The compressed parts of a file or folder in one line: codecs, bytes, ratio."""
+    return (
+        f"compression: {', '.join(c['codecs'])} on {count(c['parts'], 'part')}: "
+        f"{human_bytes(c['decoded_bytes'])} stored in {human_bytes(c['stored_bytes'])} "
+        f"({_times(c['ratio'])})"
+    )
 
 
 def _times(x: float | None) -> str:
@@ -277,6 +281,7 @@ def format_inspect(info: dict[str, Any]) -> str:
         f"({t['quantized']} quantized): "
         f"{human_bytes(t['original_bytes'])} of values in {human_bytes(t['stored_bytes'])} "
         f"({_pct(t['ratio'])}); files {human_bytes(t['file_bytes'])}"
+        + (f"\n{_compression_line(t['compression'])}" if t["compression"]["parts"] else "")
     )
     return "\n\n".join(blocks)
 

@@ -17,8 +17,9 @@ another writer placed far apart are read separately, never the span between them
 
 Memory stays bounded: the pinned ring is fixed (`pinned` bytes), and the tensors read but not
 yet handed out never exceed `prefetch` bytes of stored data (a single tensor larger than the
-window is read alone). On the CPU (`device="cpu"`) tensors are read into plain host buffers and
-decoded by the Rust core.
+window is read alone). On the CPU (`device="cpu"`) tensors are read into plain host buffers, a
+few at once (`HOST_READERS`: a cold disk needs several reads in flight), and decoded by the
+Rust core.
 
 Errors concern one tensor and surface when the iteration reaches it: a file truncated or
 rewritten while it streams raises `FormatError` naming the tensor and the offset, a checksum
@@ -34,6 +35,7 @@ import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +56,14 @@ DEFAULT_PINNED = 128 * MiB
 PINNED_SLOTS = 4
 #: Granularity of reads into host memory on the CPU path (checks for a stop between them).
 HOST_PIECE = 64 * MiB
+#: Tensors read at once on the CPU path, each into its own buffer: a cold disk needs several
+#: reads in flight, and one tensor of a few MiB fills too few (bench_stream_compressed.py).
+HOST_READERS = 4
+#: Read modes (`_core.StreamReader`): on the CPU, cached bytes from the page cache and the rest
+#: with O_DIRECT ("auto": a cold read costs the kernel no page-cache work; measured against
+#: "pread" in bench_stream_compressed.py). CUDA keeps "pread" until measured there.
+HOST_MODE = "auto"
+DEVICE_MODE = "pread"
 DIRECT_ALIGN = 4096
 
 
@@ -293,10 +303,12 @@ class DeviceStager:
 
 
 def read_host(e: Entry, verify: bool, stop: threading.Event | None = None) -> np.ndarray:
-    """The bytes of `e`'s buffer in a new 64-byte aligned host array."""
+    """The bytes of `e`'s buffer in a new host array placed at the file offset's phase modulo
+    4 KiB: O_DIRECT reads land in it without a bounce copy, and parts are as aligned as in the
+    file (64 bytes at least)."""
     n = e.nbytes
-    raw = np.empty(n + 64, dtype=np.uint8)
-    pad = (-raw.ctypes.data) % 64
+    raw = np.empty(n + DIRECT_ALIGN, dtype=np.uint8)
+    pad = (e.start - raw.ctypes.data) % DIRECT_ALIGN
     buf = raw[pad : pad + n]
     off = 0
     while True:
@@ -373,25 +385,40 @@ class _Pipeline:
             self.thread.start()
 
     def _run(self) -> None:
+        if self.stager is None:
+            self._run_host()
+            return
         try:
-            if self.stager is not None:
-                self.stager.torch.cuda.set_device(self.stager.device)
+            self.stager.torch.cuda.set_device(self.stager.device)
             for k, e in enumerate(self.plan):
                 self.window.acquire(e.nbytes, self.stop)
                 if k + 1 < len(self.plan):
                     nxt = self.plan[k + 1]
                     nxt.reader.will_need_tensor(nxt.index, 64 * MiB)
                 try:
-                    if self.stager is not None:
-                        payload = self.stager.load(e, self.verify, self.stop)
-                    else:
-                        payload = read_host(e, self.verify, self.stop)
+                    payload = self.stager.load(e, self.verify, self.stop)
                 except Stopped:
                     raise
                 except BaseException as exc:
                     self.queue.put((k, None, exc))
                     return
                 self.queue.put((k, payload, None))
+        except Stopped:
+            pass
+        finally:
+            self.queue.put(_END)
+
+    def _run_host(self) -> None:
+        """The CPU path: up to HOST_READERS tensors read at once, handed out in plan order (as
+        futures: a tensor's error surfaces when the iteration reaches it)."""
+        try:
+            with ThreadPoolExecutor(HOST_READERS, thread_name_prefix="qtensors-read") as pool:
+                for k, e in enumerate(self.plan):
+                    self.window.acquire(e.nbytes, self.stop)
+                    if k + 1 < len(self.plan):
+                        nxt = self.plan[k + 1]
+                        nxt.reader.will_need_tensor(nxt.index, 64 * MiB)
+                    self.queue.put((k, pool.submit(read_host, e, self.verify, self.stop), None))
         except Stopped:
             pass
         finally:
@@ -437,22 +464,13 @@ class TensorStream:
         quantized: bool = False,
         verify: bool = False,
         framework: str = "pt",
-        mode: str = "pread",
+        mode: str | None = None,
         threads: int = 4,
         chunk_size: int = 8 * MiB,
         pinned: int = DEFAULT_PINNED,
     ) -> None:
         self._framework = normalize_framework(framework)
         self._quantized = quantized
-        entries = open_entries(path, mode=mode, threads=threads, chunk_size=chunk_size)
-        if names is None:
-            plan = list(entries.values())
-        else:
-            missing = [n for n in names if n not in entries]
-            if missing:
-                raise KeyError(f"no tensor named {missing[0]!r} in {os.fspath(path)}")
-            plan = [entries[n] for n in names]
-        self.mode = plan[0].reader.mode if plan else mode
         dev = None
         if self._framework == "pt":
             import torch
@@ -465,6 +483,18 @@ class TensorStream:
         elif device is not None and str(device) != "cpu":
             raise ValueError("framework='np' streams to the CPU only (device='cpu')")
         self._device = dev
+        to_cuda = dev is not None and dev.type == "cuda"
+        if mode is None:
+            mode = DEVICE_MODE if to_cuda else HOST_MODE
+        entries = open_entries(path, mode=mode, threads=threads, chunk_size=chunk_size)
+        if names is None:
+            plan = list(entries.values())
+        else:
+            missing = [n for n in names if n not in entries]
+            if missing:
+                raise KeyError(f"no tensor named {missing[0]!r} in {os.fspath(path)}")
+            plan = [entries[n] for n in names]
+        self.mode = plan[0].reader.mode if plan else mode
         self._pipe = _Pipeline(plan, dev, verify, prefetch, pinned)
         self._yielded = 0
         self._bytes = 0
@@ -484,6 +514,11 @@ class TensorStream:
             raise StopIteration
         k, payload, exc = item
         e = pipe.plan[k]
+        if isinstance(payload, Future):
+            try:
+                payload = payload.result()
+            except BaseException as ex:  # the read's own error (Stopped only after a close)
+                payload, exc = None, ex
         pipe.window.release(e.nbytes)
         if exc is not None:
             self.close()
@@ -546,7 +581,7 @@ def stream(
     quantized: bool = False,
     verify: bool = False,
     framework: str = "pt",
-    mode: str = "pread",
+    mode: str | None = None,
     threads: int = 4,
     chunk_size: int = 8 * MiB,
     pinned: int = DEFAULT_PINNED,
@@ -561,9 +596,11 @@ def stream(
     * `quantized=True`: yield `QuantizedTensor`s (packed parts on `device`) instead of decoded
       tensors. `verify=True`: check every part's checksum on the bytes read.
     * `framework`: "pt" (torch tensors) or "np" (numpy arrays; CPU only).
-    * `mode`: "pread" (page cache with read-ahead hints; default), "direct" (O_DIRECT, no page
-      cache; falls back to pread where refused) or "mmap"; `threads` reads of `chunk_size`
-      bytes run at once; `pinned`: bytes of the pinned staging ring (CUDA).
+    * `mode`: "pread" (page cache with read-ahead hints; the default to CUDA), "direct"
+      (O_DIRECT, no page cache; falls back to pread where refused), "auto" (what the page cache
+      holds from it, the rest O_DIRECT; the default on the CPU) or "mmap"; `threads` reads of
+      `chunk_size` bytes run at once (per tensor; on the CPU `HOST_READERS` tensors are read at
+      once); `pinned`: bytes of the pinned staging ring (CUDA).
     """
     return TensorStream(
         path,

@@ -207,7 +207,7 @@ impl StreamReader {
         self.file.data_start()
     }
 
-    /// The read mode in use ('direct' becomes 'pread' where O_DIRECT is refused).
+    /// The read mode in use ('direct' and 'auto' become 'pread' where O_DIRECT is refused).
     #[getter]
     fn mode(&self) -> &'static str {
         self.file.mode().name()

@@ -55,28 +55,59 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Compress `bytes`, the decoded bytes of a part of `dtype`. `None` when compression does not
-/// pay (saves less than 1/`MIN_SAVING`): the part is then stored as it is.
+/// A part compressed chunk by chunk, each chunk into its own slot of `buf`: slot `i` starts at
+/// `i * chunk_size`, so the chunks never wait for each other and nothing is packed (a writer
+/// writes each slot's stored bytes at their place in the file).
+pub struct Compressed {
+    /// The slots; handed back to the next [`compress_part`] call to be reused.
+    pub buf: Vec<u8>,
+    /// `None` when compression does not pay (saves less than 1/`MIN_SAVING`): the part is then
+    /// stored as it is, and `buf` holds nothing of use.
+    pub record: Option<Compression>,
+}
+
+impl Compressed {
+    /// The stored bytes of each chunk, in order: their concatenation is the stored part.
+    pub fn stored(&self) -> impl Iterator<Item = &[u8]> {
+        let record = self.record.as_ref();
+        let cs = record.map_or(0, |c| c.chunk_size as usize);
+        let lens = record.map_or(&[][..], |c| &c.chunks[..]);
+        lens.iter()
+            .enumerate()
+            .map(move |(i, &n)| &self.buf[i * cs..i * cs + n as usize])
+    }
+
+    pub fn stored_len(&self) -> u64 {
+        self.record
+            .as_ref()
+            .map_or(0, |c| c.chunks.iter().map(|&n| n as u64).sum())
+    }
+}
+
+/// Compress `bytes`, the decoded bytes of a part of `dtype`, into the slots of `buf` (grown to
+/// the part's size when shorter; pass back the buffer of an earlier part to reuse its pages).
 pub fn compress_part(
     bytes: &[u8],
     dtype: DType,
     opts: &Options,
-) -> Result<Option<(Vec<u8>, Compression)>> {
+    mut buf: Vec<u8>,
+) -> Result<Compressed> {
     let cs = opts.chunk_size;
     if bytes.is_empty()
         || !cs.is_power_of_two()
         || !(crate::format::compression::MIN_CHUNK..=crate::format::compression::MAX_CHUNK)
             .contains(&cs)
     {
-        return Ok(None);
+        return Ok(Compressed { buf, record: None });
     }
     let filter = Filter::for_dtype(dtype);
     let k = dtype.itemsize();
     let cs = cs as usize;
-    // Each chunk compresses into its own slot of one buffer (no chunk is stored longer than
-    // its input), then the slots are packed to the front: no allocation per chunk.
-    let mut out = vec![0u8; bytes.len()];
-    let lens: Vec<usize> = out
+    if buf.len() < bytes.len() {
+        buf.resize(bytes.len(), 0);
+    }
+    // No chunk is stored longer than its input, so each fits its slot.
+    let lens: Vec<usize> = buf[..bytes.len()]
         .par_chunks_mut(cs)
         .zip(bytes.par_chunks(cs))
         .map(|(slot, chunk)| compress_chunk(chunk, filter, k, opts.level, slot))
@@ -84,27 +115,21 @@ pub fn compress_part(
     let total: usize = lens.iter().sum();
     // In whole bytes rounded up (a tiny part that saves nothing is no exception).
     if total as u64 * MIN_SAVING > bytes.len() as u64 * (MIN_SAVING - 1) {
-        return Ok(None);
+        return Ok(Compressed { buf, record: None });
     }
-    let mut at = 0;
-    for (i, &n) in lens.iter().enumerate() {
-        out.copy_within(i * cs..i * cs + n, at);
-        at += n;
-    }
-    out.truncate(at);
-    let chunks = lens.iter().map(|&n| n as u32).collect();
-    Ok(Some((
-        out,
-        Compression {
-            codec: CodecId::Zstd,
-            level: opts.level,
-            filter,
-            chunk_size: opts.chunk_size,
-            chunks,
-            decoded_len: bytes.len() as u64,
-            itemsize: k,
-        },
-    )))
+    let record = Compression {
+        codec: CodecId::Zstd,
+        level: opts.level,
+        filter,
+        chunk_size: opts.chunk_size,
+        chunks: lens.iter().map(|&n| n as u32).collect(),
+        decoded_len: bytes.len() as u64,
+        itemsize: k,
+    };
+    Ok(Compressed {
+        buf,
+        record: Some(record),
+    })
 }
 
 /// One chunk into `slot` (as long as the chunk): its filtered bytes as one zstd frame, or the

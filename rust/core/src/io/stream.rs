@@ -51,6 +51,11 @@ pub enum ReadMode {
     Direct,
     /// Copies out of a read-only memory map with `madvise(SEQUENTIAL)` and `WILLNEED`.
     Mmap,
+    /// What the page cache holds is copied from it (`mincore` tells which); the rest is read
+    /// with `O_DIRECT` straight into the buffer, without filling the cache: a cold read costs
+    /// the kernel no page-cache work and a warm one still reads memory. `Pread` where
+    /// `O_DIRECT` is refused.
+    Auto,
 }
 
 impl ReadMode {
@@ -59,8 +64,9 @@ impl ReadMode {
             "pread" => Ok(ReadMode::Pread),
             "direct" => Ok(ReadMode::Direct),
             "mmap" => Ok(ReadMode::Mmap),
+            "auto" => Ok(ReadMode::Auto),
             other => Err(Error::Invalid(format!(
-                "read mode '{other}' is not one of 'pread', 'direct', 'mmap'"
+                "read mode '{other}' is not one of 'pread', 'direct', 'mmap', 'auto'"
             ))),
         }
     }
@@ -70,6 +76,7 @@ impl ReadMode {
             ReadMode::Pread => "pread",
             ReadMode::Direct => "direct",
             ReadMode::Mmap => "mmap",
+            ReadMode::Auto => "auto",
         }
     }
 }
@@ -241,9 +248,18 @@ impl StreamFile {
         let mut map = None;
         match mode {
             ReadMode::Pread => advise_file(&file, FADV_SEQUENTIAL, 0, 0),
-            ReadMode::Direct => {
+            ReadMode::Direct | ReadMode::Auto => {
                 match open_direct(path) {
-                    Ok(f) => direct = Some(f),
+                    Ok(f) => {
+                        direct = Some(f);
+                        if mode == ReadMode::Auto && file_len > 0 {
+                            // Only for `mincore` (which pages the cache holds): never read
+                            // through, so a truncation cannot fault through it.
+                            // SAFETY: a read-only mapping that no code dereferences.
+                            let m = unsafe { MmapOptions::new().len(file_len as usize).map(&file) };
+                            map = m.ok();
+                        }
+                    }
                     Err(_) => {
                         // tmpfs and a few others refuse O_DIRECT: read through the page cache.
                         mode = ReadMode::Pread;
@@ -360,7 +376,8 @@ impl StreamFile {
                         m.advise_range(Advice::WillNeed, start as usize, (end - start) as usize);
                 }
             }
-            ReadMode::Direct => {}
+            // Read-ahead would fill the page cache that these modes read around.
+            ReadMode::Direct | ReadMode::Auto => {}
         }
     }
 
@@ -383,7 +400,7 @@ impl StreamFile {
                     }
                     Some(_) => {
                         let (at, bytes) = stored.next().expect("one per compressed piece");
-                        self.verify_piece(index, t, *at, bytes)?;
+                        self.verify_piece(index, t, *at, bytes.as_slice())?;
                     }
                 }
             }
@@ -480,7 +497,7 @@ impl StreamFile {
         layout: &'l TensorLayout,
         offset: u64,
         out: &mut [u8],
-    ) -> Result<(Vec<(&'l Segment, u64, u64)>, Vec<(u64, Vec<u8>)>)> {
+    ) -> Result<(Vec<(&'l Segment, u64, u64)>, Vec<(u64, StoredBytes)>)> {
         let len = out.len() as u64;
         if offset.checked_add(len).is_none_or(|end| end > layout.len) {
             return Err(Error::Invalid(format!(
@@ -499,7 +516,7 @@ impl StreamFile {
             .map(|(s, lo, hi)| (s, lo - offset, hi - offset))
             .collect();
         let mut filled = 0;
-        let mut stored: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut stored: Vec<(u64, StoredBytes)> = Vec::new();
         for &(s, lo, hi) in &pieces {
             out[filled as usize..lo as usize].fill(0);
             let dst = &mut out[lo as usize..hi as usize];
@@ -523,7 +540,7 @@ impl StreamFile {
         pi: usize,
         from: u64,
         out: &mut [u8],
-    ) -> Result<(u64, Vec<u8>)> {
+    ) -> Result<(u64, StoredBytes)> {
         let p = &t.parts[pi];
         let c = p.compression.as_ref().expect("a compressed part");
         let to = from + out.len() as u64;
@@ -531,7 +548,7 @@ impl StreamFile {
         let offsets = c.stored_offsets();
         let (sa, sb) = (offsets[range.start], offsets[range.end]);
         let at = self.data_start + p.offset + sa;
-        let mut stored = vec![0u8; (sb - sa) as usize];
+        let mut stored = StoredBytes::new(at, (sb - sa) as usize);
         // `out` cut at chunk boundaries: (chunk, its decoded start, the slice of `out`), in
         // groups of about `self.chunk` stored bytes; `bounds`: each group's stored start.
         let mut groups: Vec<Vec<(usize, u64, &mut [u8])>> = Vec::new();
@@ -555,7 +572,7 @@ impl StreamFile {
             }
         }
         let mut bufs: Vec<&mut [u8]> = Vec::with_capacity(groups.len());
-        let mut left = &mut stored[..];
+        let mut left = stored.as_mut_slice();
         for w in bounds.windows(2) {
             let (head, tail) = left.split_at_mut((w[1] - w[0]) as usize);
             bufs.push(head);
@@ -655,7 +672,49 @@ impl StreamFile {
             ReadMode::Pread => self.pread_exact(&self.file, t, pos, buf),
             ReadMode::Direct => self.read_direct(t, pos, buf),
             ReadMode::Mmap => self.copy_from_map(t, pos, buf),
+            ReadMode::Auto => {
+                let cached = self.copy_cached(t, pos, buf)?;
+                self.read_direct(t, pos + cached as u64, &mut buf[cached..])
+            }
         }
+    }
+
+    /// Copy the leading bytes of `[pos, pos + buf.len())` that the page cache holds: how many.
+    /// `mincore` on a map of the file tells which pages are resident without reading any (a
+    /// `RWF_NOWAIT` read would start read-ahead into the cache, which the direct read that
+    /// follows would then read a second time); a page evicted since is read through the cache.
+    #[cfg(target_os = "linux")]
+    fn copy_cached(&self, t: &TensorInfo, pos: u64, buf: &mut [u8]) -> Result<usize> {
+        let Some(map) = &self.map else { return Ok(0) };
+        // SAFETY: sysconf only reads a constant.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+        let end = (pos + buf.len() as u64).min(map.len() as u64);
+        let first = pos / page * page;
+        if first >= end {
+            return Ok(0);
+        }
+        let mut resident = vec![0u8; (end - first).div_ceil(page) as usize];
+        // SAFETY: the range lies inside the mapping and starts on a page; `resident` has a byte
+        // per page. mincore reads no page, so a truncated file cannot fault here.
+        let rc = unsafe {
+            libc::mincore(
+                map.as_ptr().add(first as usize) as *mut libc::c_void,
+                (end - first) as usize,
+                resident.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Ok(0);
+        }
+        let pages = resident.iter().take_while(|&&r| r & 1 == 1).count() as u64;
+        let cached = (first + pages * page).min(end).saturating_sub(pos) as usize;
+        self.pread_exact(&self.file, t, pos, &mut buf[..cached])?;
+        Ok(cached)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn copy_cached(&self, _t: &TensorInfo, _pos: u64, _buf: &mut [u8]) -> Result<usize> {
+        Ok(0)
     }
 
     fn truncated(&self, t: &TensorInfo, pos: u64, want: u64) -> Error {
@@ -893,6 +952,34 @@ fn advise_file(f: &File, advice: i32, offset: i64, len: i64) {
     let _ = (f, advice, offset, len);
 }
 
+/// The stored bytes of compressed chunks read from file offset `at`, placed at its phase modulo
+/// 4 KiB: O_DIRECT reads land in them without a bounce copy. Every byte is read into before
+/// any is looked at (a failed read drops the buffer).
+struct StoredBytes {
+    buf: AlignedBuf,
+    phase: usize,
+}
+
+impl StoredBytes {
+    fn new(at: u64, len: usize) -> Self {
+        let phase = (at % DIRECT_ALIGN) as usize;
+        StoredBytes {
+            buf: AlignedBuf::new(phase + len),
+            phase,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.buf.as_mut_slice()[self.phase..]
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: as `AlignedBuf::as_mut_slice`, read-only.
+        let all = unsafe { std::slice::from_raw_parts(self.buf.ptr.as_ptr(), self.buf.len) };
+        &all[self.phase..]
+    }
+}
+
 /// A 4 KiB-aligned heap buffer for O_DIRECT reads.
 struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
@@ -986,7 +1073,12 @@ mod tests {
         for alignment in [64, 4096] {
             let path = write_file(dir.path(), alignment);
             let q = QFile::open(&path, false).unwrap();
-            for mode in [ReadMode::Pread, ReadMode::Direct, ReadMode::Mmap] {
+            for mode in [
+                ReadMode::Pread,
+                ReadMode::Direct,
+                ReadMode::Mmap,
+                ReadMode::Auto,
+            ] {
                 // Tiny chunks and several threads: many pieces, unaligned heads and tails.
                 let s = StreamFile::open(&path, mode, 3, 4096).unwrap();
                 assert_eq!(s.header(), q.header());
@@ -1018,7 +1110,12 @@ mod tests {
     fn strided_reads_gather_the_rows_of_a_whole_read() {
         let dir = tempfile::tempdir().unwrap();
         let path = write_file(dir.path(), 64);
-        for mode in [ReadMode::Pread, ReadMode::Direct, ReadMode::Mmap] {
+        for mode in [
+            ReadMode::Pread,
+            ReadMode::Direct,
+            ReadMode::Mmap,
+            ReadMode::Auto,
+        ] {
             let s = StreamFile::open(&path, mode, 3, 4096).unwrap();
             let (a, b) = s.tensor_range(0).unwrap();
             let mut whole = vec![0u8; (b - a) as usize];
@@ -1152,7 +1249,12 @@ mod tests {
     fn truncation_and_corruption_name_the_tensor() {
         let dir = tempfile::tempdir().unwrap();
         let path = write_file(dir.path(), 64);
-        for mode in [ReadMode::Pread, ReadMode::Direct, ReadMode::Mmap] {
+        for mode in [
+            ReadMode::Pread,
+            ReadMode::Direct,
+            ReadMode::Mmap,
+            ReadMode::Auto,
+        ] {
             let s = StreamFile::open(&path, mode, 2, 4096).unwrap();
             let (a, b) = s.tensor_range(1).unwrap();
             let f = OpenOptions::new().write(true).open(&path).unwrap();

@@ -4,16 +4,21 @@
 //!
 //! With compression (spec 2.1) the stored size of a part is known only once it is compressed:
 //! parts then go one after another in the order they are written, and the header space is
-//! reserved up front for the largest compression records the parts can get.
+//! reserved up front for the largest compression records the parts can get. A compressed part
+//! is written (and hashed) by a background thread while the caller brings the next part and it
+//! compresses: the disk and the cores work at once (`benches/bench_compression.py`).
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use std::thread::JoinHandle;
+
 use tempfile::NamedTempFile;
+use xxhash_rust::xxh3::Xxh3Default;
 
 use super::checksum::checksum;
-use crate::codecs::compress::{self, Options};
+use crate::codecs::compress::{self, Compressed, Options};
 use crate::error::{Error, Result};
 use crate::format::compression::{CodecId, Compression, Filter};
 use crate::format::header::PartInfo;
@@ -40,6 +45,29 @@ pub struct FileWriter {
     next: u64,
     /// Header bytes available (the planned header plus the reserve), compressed mode only.
     header_room: u64,
+    /// The compressed part being written in the background, and the buffer the next part
+    /// compresses into (the two alternate: no part allocates its own).
+    pending: Option<PendingWrite>,
+    spare: Vec<u8>,
+}
+
+/// A compressed part on its way to the file: `(tensor, part)`, and the thread that writes its
+/// chunks and returns its buffer and the checksum of its stored bytes.
+struct PendingWrite {
+    tensor: usize,
+    part: usize,
+    thread: JoinHandle<(Vec<u8>, std::io::Result<u64>)>,
+}
+
+/// Write the stored chunks of `c` one after another from `pos`, hashing them as they go.
+fn write_chunks(file: &File, c: &Compressed, mut pos: u64) -> std::io::Result<u64> {
+    let mut hash = Xxh3Default::new();
+    for chunk in c.stored() {
+        write_at(file, chunk, pos)?;
+        hash.update(chunk);
+        pos += chunk.len() as u64;
+    }
+    Ok(hash.digest())
 }
 
 fn align_up(v: u64, a: u64) -> u64 {
@@ -238,6 +266,8 @@ impl FileWriter {
             compression,
             next: 0,
             header_room,
+            pending: None,
+            spare: Vec::new(),
         })
     }
 
@@ -250,11 +280,11 @@ impl FileWriter {
         let t = self
             .header
             .tensors
-            .get_mut(tensor)
+            .get(tensor)
             .ok_or_else(|| Error::Invalid(format!("no tensor #{tensor} in this file")))?;
         let p = t
             .parts
-            .get_mut(part)
+            .get(part)
             .ok_or_else(|| Error::Invalid(format!("tensor '{}' has no part #{part}", t.name)))?;
         let planned = p.decoded_len();
         if bytes.len() as u64 != planned {
@@ -266,32 +296,81 @@ impl FileWriter {
                 planned
             )));
         }
-        if self.written[tensor][part] && self.compression.is_some() {
+        let in_flight = matches!(&self.pending, Some(w) if (w.tensor, w.part) == (tensor, part));
+        if (self.written[tensor][part] || in_flight) && self.compression.is_some() {
             return Err(Error::Invalid(format!(
                 "tensor '{}' part '{}' is written already (a compressing writer places parts in write order)",
                 t.name, p.name
             )));
         }
-        let compressed = match &self.compression {
-            Some(o) => compress::compress_part(bytes, p.dtype, o)
-                .map_err(|e| Error::Invalid(format!("tensor '{}': {e}", t.name)))?,
+        let what = || format!("writing tensor '{}'", t.name);
+        let file = self.tmp.as_ref().expect("writer is open").as_file();
+        let Some(opts) = self.compression else {
+            write_at(file, bytes, self.data_start + p.offset).map_err(|e| Error::io(what(), e))?;
+            self.header.tensors[tensor].parts[part].checksum = checksum(bytes);
+            self.written[tensor][part] = true;
+            return Ok(());
+        };
+        // Compressed while the previous part is still being written.
+        let c = compress::compress_part(bytes, p.dtype, &opts, std::mem::take(&mut self.spare))
+            .map_err(|e| Error::Invalid(format!("tensor '{}': {e}", t.name)))?;
+        let file = match c.record {
+            Some(_) => Some(file.try_clone().map_err(|e| Error::io(what(), e))?),
             None => None,
         };
-        let stored: &[u8] = match &compressed {
-            Some((c, _)) => c,
-            None => bytes,
+        // Its buffer is about to be reused; a failed write fails this part too.
+        self.settle()?;
+        let p = &mut self.header.tensors[tensor].parts[part];
+        p.offset = self.next;
+        p.length = match &c.record {
+            Some(_) => c.stored_len(),
+            None => bytes.len() as u64,
         };
-        if self.compression.is_some() {
-            p.offset = self.next;
-            p.length = stored.len() as u64;
-            p.compression = compressed.as_ref().map(|(_, c)| Box::new(c.clone()));
-            self.next = align_up(p.offset + p.length, self.header.alignment);
-        }
-        let file = self.tmp.as_ref().expect("writer is open").as_file();
-        write_at(file, stored, self.data_start + p.offset)
-            .map_err(|e| Error::io(format!("writing tensor '{}'", t.name), e))?;
-        p.checksum = checksum(stored);
-        self.written[tensor][part] = true;
+        p.compression = c.record.clone().map(Box::new);
+        self.next = align_up(p.offset + p.length, self.header.alignment);
+        let pos = self.data_start + p.offset;
+        let Some(file) = file else {
+            // Compression does not pay: the bytes as they are, now (they are the caller's).
+            self.spare = c.buf;
+            let t = &mut self.header.tensors[tensor];
+            let f = self.tmp.as_ref().expect("writer is open").as_file();
+            write_at(f, bytes, pos)
+                .map_err(|e| Error::io(format!("writing tensor '{}'", t.name), e))?;
+            t.parts[part].checksum = checksum(bytes);
+            self.written[tensor][part] = true;
+            return Ok(());
+        };
+        let thread = std::thread::Builder::new()
+            .name("qtensors-write".into())
+            .spawn(move || {
+                let sum = write_chunks(&file, &c, pos);
+                (c.buf, sum)
+            })
+            .map_err(|e| Error::io("cannot start a writing thread", e))?;
+        self.pending = Some(PendingWrite {
+            tensor,
+            part,
+            thread,
+        });
+        Ok(())
+    }
+
+    /// Wait for the part being written in the background: its checksum goes into the header,
+    /// its buffer becomes the spare.
+    fn settle(&mut self) -> Result<()> {
+        let Some(w) = self.pending.take() else {
+            return Ok(());
+        };
+        let (buf, sum) = w.thread.join().unwrap_or_else(|_| {
+            let e = std::io::Error::other("the writing thread panicked");
+            (Vec::new(), Err(e))
+        });
+        self.spare = buf;
+        let t = &mut self.header.tensors[w.tensor];
+        t.parts[w.part].checksum =
+            sum.map_err(|e| Error::io(format!("writing tensor '{}'", t.name), e))?;
+        // Only a part whose bytes reached the file counts as written (`finish` checks).
+        self.written[w.tensor][w.part] = true;
         Ok(())
     }
 
@@ -305,6 +384,8 @@ impl FileWriter {
 
     /// Write the prefix and header, fsync, and rename into place.
     pub fn finish(mut self) -> Result<()> {
+        self.settle()?;
+        self.spare = Vec::new();
         for (t, w) in self.header.tensors.iter().zip(&self.written) {
             if let Some(i) = w.iter().position(|done| !done) {
                 return Err(Error::Invalid(format!(
@@ -366,6 +447,13 @@ impl FileWriter {
         })?;
         sync_parent_dir(&self.final_path);
         Ok(())
+    }
+}
+
+impl Drop for FileWriter {
+    /// An unfinished writer waits for its background write before its temporary file goes.
+    fn drop(&mut self) {
+        let _ = self.settle();
     }
 }
 
