@@ -118,7 +118,9 @@ def child(threads: int, repeats: int, new: int, work: str) -> dict:
         embs = {k: qtt.sentence_embeddings(m, mtok, sents) for k, m in enc.items()}
         cos = torch.nn.functional.cosine_similarity(embs["fp32"], embs["q4 (qtensors)"])
         out[f"minilm_min_cosine_b{batch}"] = float(cos.min())
-        fns = {k: (lambda m=m: qtt.sentence_embeddings(m, mtok, sents)) for k, m in enc.items()}
+        fns = {
+            k: (lambda m=m, s=sents: qtt.sentence_embeddings(m, mtok, s)) for k, m in enc.items()
+        }
         secs = best_rounds(fns, repeats)
         out["minilm_per_s"][batch] = {k: batch / s for k, s in secs.items()}
     return out
