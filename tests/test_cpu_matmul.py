@@ -63,6 +63,22 @@ def test_matches_decode_then_matmul(enc, shape, batch):
     assert ((got.double() - want).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("enc", [ENCODINGS[0], qt.FLEXGEN], ids=ident)
+@pytest.mark.parametrize("batch", [1, 9])
+def test_large_layer_across_threads(enc, batch):
+    # beyond the core's INLINE_MAX_MACS (2^20) the rows are split across the rayon pool (the
+    # smaller shapes above run on the calling thread): the same values either way
+    q = weight((608, 1800), enc)
+    x = torch.randn(batch, 1800)
+    got = linear(x, *args(q))
+    rows = torch.cat([linear(x[i : i + 1], *args(q)) for i in range(batch)])
+    w = q.weight.dequantize(torch.float64)
+    want = F.linear(x.double(), w, q.bias.double())
+    bound = (x.double().abs() @ w.abs().T + q.bias.double().abs()) * 1802 * 2**-23
+    assert ((got.double() - want).abs() <= bound).all()
+    assert ((rows.double() - want).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("enc", [*ENCODINGS[:3], qt.FLEXGEN], ids=ident)
 def test_half_activations(enc, dtype):

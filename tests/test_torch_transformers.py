@@ -81,7 +81,11 @@ def test_tied_masked_lm_head(tmp_path):
     qt.convert(src, dst, quant="int4-g64")
     q = qtt.from_pretrained(dst, model_cls=transformers.AutoModelForMaskedLM)
     head = q.get_output_embeddings().weight
-    assert head is q.get_input_embeddings().weight  # still tied, decoded once
+    # still tied: one quantized weight shared by the embedding and the head, which multiplies
+    # by its packed codes
+    assert head is q.get_input_embeddings().weight
+    assert isinstance(q.get_output_embeddings(), qtt.QuantizedLinear)
+    assert isinstance(q.get_input_embeddings(), qtt.QuantizedEmbedding)
     ids = torch.tensor([[2, 17, 44, 3]])
     with torch.no_grad():
         got = q(input_ids=ids).logits

@@ -131,6 +131,38 @@ def linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
+def _weight_plan(codes, scales, mins, shape, encoding, bits, group_size, axis):
+    """The weight's arguments of ``_core.linear`` (byte views of its parts, shape, encoding
+    JSON), kept on the codes tensor: building them costs more than a small layer's matmul.
+    Reused while the parts are views of the same memory (the views keep it alive, so equal
+    addresses, sizes and dtypes mean the same bytes)."""
+    key = (
+        codes.data_ptr(),
+        codes.numel(),
+        codes.dtype,
+        scales.data_ptr(),
+        scales.numel(),
+        scales.dtype,
+        None if mins is None else (mins.data_ptr(), mins.numel(), mins.dtype),
+        tuple(shape),
+        encoding,
+        bits,
+        group_size,
+        axis,
+    )
+    plan = getattr(codes, "_qt_cpu_plan", None)
+    if plan is not None and plan[0] == key:
+        return plan
+    scale_dtype = FP4_SCALE_NAMES.get(encoding) or SCALE_DTYPES[scales.dtype]
+    enc = json.dumps(encoding_dict(encoding, bits, group_size, axis, scale_dtype))
+    parts = [_byte_view(codes), _byte_view(scales)]
+    if mins is not None:
+        parts.append(_byte_view(mins))
+    plan = (key, parts, [int(d) for d in shape], enc)
+    codes._qt_cpu_plan = plan
+    return plan
+
+
 def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
     """The CPU implementation: the Rust core multiplies by the packed codes (float16, bfloat16
     and float32 activations; the weight is never decoded to memory); float64 decodes first."""
@@ -146,17 +178,9 @@ def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, 
     out = torch.empty((*x.shape[:-1], int(shape[0])), dtype=x.dtype)
     if out.numel() == 0:
         return out
-    scale_dtype = FP4_SCALE_NAMES.get(encoding) or SCALE_DTYPES[scales.dtype]
-    enc = encoding_dict(encoding, bits, group_size, a, scale_dtype)
-    parts = [_byte_view(codes), _byte_view(scales)]
-    if mins is not None:
-        parts.append(_byte_view(mins))
+    _key, parts, shp, enc = _weight_plan(codes, scales, mins, shape, encoding, bits, group_size, a)
     b = None if bias is None else _byte_view(bias.detach().to(x.dtype))
-    xc = x.detach().contiguous()
-    shape = [int(d) for d in shape]
-    _core.linear(
-        parts, shape, json.dumps(enc), _byte_view(xc), RUST_DTYPES[x.dtype], _byte_view(out), b
-    )
+    _core.linear(parts, shp, enc, _byte_view(x), RUST_DTYPES[x.dtype], _byte_view(out), b)
     return out
 
 

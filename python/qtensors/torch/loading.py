@@ -430,7 +430,8 @@ def load_model(
       a GPU exists).
     * ``keep_quantized``: the ``weight`` of each plain ``nn.Linear`` / ``nn.Embedding`` stored
       quantized makes that module a ``QuantizedLinear`` / ``QuantizedEmbedding`` holding the
-      stored parts (tied weights excepted: they are decoded). Otherwise, and for every other
+      stored parts; tied weights (an embedding and its LM head) share one such weight, except
+      under ``tp_plan`` where they are decoded. Otherwise, and for every other
       quantized tensor, the parts are decoded on the device.
     * Floating tensors take ``dtype`` when given, else the dtype the model's tensor has (meta
       tensors have one too); other tensors keep the file's dtype.
@@ -484,8 +485,15 @@ def load_model(
         else:
             plan.append((e, name))
 
+    planned = {name for _, name in plan}
+
     def place(name: str, info: dict[str, Any], parts: list[torch.Tensor], full: Any) -> None:
-        _place(targets, name, info, parts, keep_quantized, dtype, result, full)
+        # Tied weights share one quantized weight when the files hold one of their names (else
+        # the last copy wins, decoded, as in load_state_dict); tensor parallelism splits them
+        # its own way, decoded.
+        group = targets.groups.get(name, [name])
+        share = tp is None and sum(n in planned for n in group) == 1
+        _place(targets, name, info, parts, keep_quantized, dtype, result, full, share)
         loaded.update(targets.groups.get(name, [name]))
 
     if io == "stream":
@@ -530,6 +538,22 @@ def load_model(
     return result
 
 
+def _tied_swappable(targets: _Targets, name: str, shape: tuple[int, ...]) -> bool:
+    """Whether every name tied to `name` is the 2-D weight of a plain nn.Linear / nn.Embedding
+    (an input embedding and the LM head reading it), so that all can share one quantized
+    weight."""
+    if len(shape) != 2:
+        return False
+    for n in targets.groups[name]:
+        path, _, leaf = n.rpartition(".")
+        if leaf != "weight" or targets.kind.get(n) != "param":
+            return False
+        m = targets.model.get_submodule(path)
+        if not (_swappable(m, nn.Linear) or _swappable(m, nn.Embedding)):
+            return False
+    return True
+
+
 def _place(
     targets: _Targets,
     name: str,
@@ -539,6 +563,7 @@ def _place(
     dtype: torch.dtype | None,
     result: LoadResult,
     full_shape: Any,
+    share_tied: bool = True,
 ) -> None:
     # `shape`: what is placed (a tensor-parallel shard, or the whole tensor as stored)
     shape = tuple(int(d) for d in info["shape"])
@@ -577,6 +602,19 @@ def _place(
         qw = QuantizedWeight.from_parts(codes, scales, mins, shape, enc, out_dtype)
         targets.replace_module(name, qw)
         result.quantized_modules.append(module_path)
+        return
+    if keep_quantized and tied and share_tied and _tied_swappable(targets, name, shape):
+        # A tied embedding and LM head share one QuantizedWeight: the head multiplies by the
+        # packed codes (decoded, it is the largest matmul of a small LM's decoding step).
+        qw = QuantizedWeight.from_parts(codes, scales, mins, shape, enc, out_dtype)
+        for n in targets.groups[name]:
+            path = n.rpartition(".")[0]
+            m = targets.model.get_submodule(path)
+            if _swappable(m, nn.Linear):
+                targets.replace_module(path, QuantizedLinear.from_weight(qw, m.bias))
+            else:
+                targets.replace_module(path, QuantizedEmbedding.from_weight(qw, m.padding_idx))
+            result.quantized_modules.append(path)
         return
     if keep_quantized and leaf == "weight" and not tied and kind == "param":
         if _swappable(module, nn.Linear):

@@ -26,6 +26,11 @@ use crate::format::DType;
 /// Output rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
 
+/// Below this many multiply-adds a call runs on the calling thread, as it does whenever the pool
+/// has one thread: handing a small layer to the rayon pool (waking a worker, then waiting on it)
+/// costs about as much as its matmul (SmolLM2-135M's 576x1536 layers, MiniLM's 384x1536).
+const INLINE_MAX_MACS: usize = 1 << 20;
+
 /// `out = x @ W^T + bias` for `x` of shape `[batch, in]` (`batch` follows from the sizes), `W`
 /// the weight `w` of shape `[n_out, n_in]`, `bias` of shape `[n_out]`; `x`, `bias` and `out`
 /// are little-endian bytes of `dtype` (float16, bfloat16 or float32), `out` of shape
@@ -101,18 +106,35 @@ fn linear_f32(
         return Ok(yt);
     }
     let chunk = ROWS_PER_TASK * batch;
+    let inline = rayon::current_num_threads() == 1 || n_out * n_in * batch < INLINE_MAX_MACS;
     if let Some(plan) = packed::Plan::new(w, n_in, batch) {
         let xp = packed::interleave(x, n_in);
-        return yt
-            .par_chunks_mut(chunk)
-            .enumerate()
-            .try_for_each(|(t, ys)| plan.rows(w, &xp, t * ROWS_PER_TASK, ys))
-            .map(|()| yt);
+        for_each_task(&mut yt, chunk, inline, |t, ys| {
+            plan.rows(w, &xp, t * ROWS_PER_TASK, ys)
+        })?;
+        return Ok(yt);
     }
-    yt.par_chunks_mut(chunk)
-        .enumerate()
-        .try_for_each(|(t, ys)| tiles::rows(k, w, n_in, x, batch, t * ROWS_PER_TASK, ys))?;
+    for_each_task(&mut yt, chunk, inline, |t, ys| {
+        tiles::rows(k, w, n_in, x, batch, t * ROWS_PER_TASK, ys)
+    })?;
     Ok(yt)
+}
+
+/// `f(task index, its output rows)` over `chunk`-sized pieces of `yt`, on the calling thread
+/// (`inline`) or across the rayon pool.
+fn for_each_task<F>(yt: &mut [f32], chunk: usize, inline: bool, f: F) -> Result<()>
+where
+    F: Fn(usize, &mut [f32]) -> Result<()> + Sync + Send,
+{
+    if inline {
+        yt.chunks_mut(chunk)
+            .enumerate()
+            .try_for_each(|(t, ys)| f(t, ys))
+    } else {
+        yt.par_chunks_mut(chunk)
+            .enumerate()
+            .try_for_each(|(t, ys)| f(t, ys))
+    }
 }
 
 #[cfg(test)]
