@@ -37,12 +37,14 @@ GEMV_MAX_M = 4
 #: ``TILED_MAX_M`` ``dot_kernel``; beyond, the caller decodes and calls cuBLAS. Set from
 #: ``benches/bench_gpu_gemv_sweep.py`` (its "routing" lines). Run 1 on the H200
 #: (benches/results/gpu_gemv_sweep_h200_run1.txt): the dot kernel loses to decode + cuBLAS at
-#: every batch from 4 up (NF4 by 4x), so batches above 4 decode.
+#: every batch from 4 up (NF4 by 4x). Run 2 (gpu_gemv_sweep_h200_run2.txt, set with
+#: benches/apply_dispatch.py): the words kernel wins batch 1, fma batch 2-4, dot only at batch 8
+#: of 4096 x 14336; the table sends the rest of batch 8 to decode + cuBLAS.
 FMA_MAX_M = 4
-TILED_MAX_M = 4
+TILED_MAX_M = 8
 #: the CUDA-core kernel of ``tiled_default`` up to ``FMA_MAX_M`` rows: "fma" (``tiled.py``) or
 #: "words" (``words.py``); the sweep's "routing" lines say which measured faster
-SMALL_M_KERNEL = "fma"
+SMALL_M_KERNEL = "words"
 #: split-K counters per device: tiles of one launch that may split K
 LOCK_SLOTS = 1 << 15
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -96,20 +98,62 @@ class TiledConfig:
 #: ``words_kernel``'s configuration where ``SMALL_M_KERNEL`` is "words" and the table has none: 4
 #: features x 128 words a step, one word per feature and thread (40 registers at batch 1 for
 #: sm_90, so ~12 programs per SM keep their loads in flight)
-WORDS_DEFAULT = TiledConfig("words", 0, 4, 1024, num_warps=4, num_stages=2)
+WORDS_DEFAULT = TiledConfig(
+    kernel="words", block_m=0, block_n=8, block_k=1024, split_k=0, num_warps=4, num_stages=2
+)
 
 #: the batch buckets of ``TILED_TABLE`` (a batch uses the first bucket >= it)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 64, 256)
 #: the launch configuration per (batch bucket, N, K) where a sweep found one better than
 #: ``tiled_default``; filled from ``benches/bench_gpu_gemv_sweep.py`` ("table" lines).
-#: Run 1 (int4 affine g64, H200): batch 1 of the small shapes; batch 3-4 of the two
-#: 2048 x 5632 shapes goes to decode + cuBLAS (fma 18.9 / 21.0 us against 14.7 / 17.7).
+#: Run 2 (H200, scored over every encoding): the entries below; "decode" means decode + cuBLAS
+#: measured faster for that shape and batch bucket.
 TILED_TABLE: dict[tuple[int, int, int], TiledConfig] = {
-    (1, 4096, 4096): TiledConfig("fma", 0, 4, 1024, 0, num_warps=4, num_stages=2),
-    (1, 5632, 2048): TiledConfig("fma", 0, 8, 512, 0, num_warps=2, num_stages=2),
-    (1, 2048, 5632): TiledConfig("fma", 0, 8, 1024, 1, num_warps=4, num_stages=2),
-    (4, 5632, 2048): TiledConfig("decode"),
-    (4, 2048, 5632): TiledConfig("decode"),
+    (1, 4096, 4096): TiledConfig(
+        kernel="words", block_m=0, block_n=4, block_k=1024, split_k=0, num_warps=4, num_stages=2
+    ),
+    (2, 2048, 5632): TiledConfig(
+        kernel="words", block_m=0, block_n=16, block_k=1024, split_k=0, num_warps=4, num_stages=2
+    ),
+    (2, 4096, 4096): TiledConfig(
+        kernel="fma", block_m=0, block_n=4, block_k=1024, split_k=0, num_warps=4, num_stages=2
+    ),
+    (2, 4096, 14336): TiledConfig(
+        kernel="fma", block_m=0, block_n=4, block_k=1024, split_k=0, num_warps=4, num_stages=2
+    ),
+    (2, 8192, 8192): TiledConfig(
+        kernel="fma", block_m=0, block_n=4, block_k=1024, split_k=0, num_warps=4, num_stages=2
+    ),
+    (4, 2048, 5632): TiledConfig(
+        kernel="words", block_m=0, block_n=16, block_k=1024, split_k=0, num_warps=4, num_stages=2
+    ),
+    (4, 4096, 4096): TiledConfig(
+        kernel="decode", block_m=0, block_n=16, block_k=256, split_k=0, num_warps=4, num_stages=2
+    ),
+    (4, 4096, 14336): TiledConfig(
+        kernel="fma", block_m=0, block_n=4, block_k=1024, split_k=0, num_warps=4, num_stages=2
+    ),
+    (4, 5632, 2048): TiledConfig(
+        kernel="decode", block_m=0, block_n=16, block_k=256, split_k=0, num_warps=4, num_stages=2
+    ),
+    (4, 8192, 8192): TiledConfig(
+        kernel="fma", block_m=0, block_n=4, block_k=1024, split_k=0, num_warps=4, num_stages=2
+    ),
+    (8, 2048, 5632): TiledConfig(
+        kernel="decode", block_m=0, block_n=16, block_k=256, split_k=0, num_warps=4, num_stages=2
+    ),
+    (8, 4096, 4096): TiledConfig(
+        kernel="decode", block_m=0, block_n=16, block_k=256, split_k=0, num_warps=4, num_stages=2
+    ),
+    (8, 5632, 2048): TiledConfig(
+        kernel="decode", block_m=0, block_n=16, block_k=256, split_k=0, num_warps=4, num_stages=2
+    ),
+    (8, 8192, 8192): TiledConfig(
+        kernel="decode", block_m=0, block_n=16, block_k=256, split_k=0, num_warps=4, num_stages=2
+    ),
+    (8, 14336, 4096): TiledConfig(
+        kernel="decode", block_m=0, block_n=16, block_k=256, split_k=0, num_warps=4, num_stages=2
+    ),
 }
 
 
