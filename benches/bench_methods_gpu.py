@@ -28,14 +28,16 @@ say = REPORT.say
 METHODS = ("rtn", "hqq", "gptq", "awq")
 
 
-def build(shape: dict, device: str, seed: int = 0):
+def build(shape: dict, device: str, seed: int = 0, on_cpu_first: bool = False):
+    """A random Llama; ``on_cpu_first``: drawn by the CPU's generator, then moved, so every
+    device gets the same weights (CUDA's generator draws other numbers)."""
     import transformers
 
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(**shape)
-    with torch.device(device):
+    with torch.device("cpu" if on_cpu_first else device):
         model = transformers.LlamaForCausalLM(cfg)
-    return model.eval()
+    return model.to(device).eval()
 
 
 def sync(device: str) -> None:
@@ -90,7 +92,7 @@ def check(device: str, enc) -> dict:
     ids = torch.randint(0, shape["vocab_size"], (8, 64), generator=torch.Generator().manual_seed(1))
     got = {}
     for dev in ("cpu", device):
-        model = build(shape, dev)
+        model = build(shape, dev, on_cpu_first=True)
         runner.quantize_blocks(model, enc, get_method("gptq"), ids, device=dev, progress=False)
         got[dev] = [m.weight.codes.cpu() for m in model.modules() if isinstance(m, QuantizedLinear)]
     same = sum(int((a == b).sum()) for a, b in zip(got["cpu"], got[device], strict=True))
