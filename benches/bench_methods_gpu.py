@@ -5,9 +5,10 @@ block and in total, each as a ratio to RTN's (the obvious alternative: no calibr
     OUT=DIR python3 benches/bench_methods_gpu.py [--samples 128 --seq-len 512]
     python3 benches/bench_methods_gpu.py --dry        # the same on a tiny model, on the CPU
 
-First a check, on a small model of the same architecture: GPTQ on the GPU chooses the same
-codes as on the CPU (up to float summation order: >= 99% identical), and each method's
-quantized model gives finite logits.
+First a check, on a small model of the same architecture: GPTQ on the GPU is as good as on the
+CPU (its logits' error against the float model within 10% of the CPU's; the codes themselves
+differ where summation order flips a rounding, 67% of bytes equal on an H200), and each
+method's quantized model gives finite logits.
 """
 
 from __future__ import annotations
@@ -90,15 +91,24 @@ def check(device: str, enc) -> dict:
     """GPTQ codes on ``device`` against the CPU's; finite logits for every method."""
     shape = dict(LLAMA_1B_DRY, hidden_size=256, intermediate_size=512)
     ids = torch.randint(0, shape["vocab_size"], (8, 64), generator=torch.Generator().manual_seed(1))
-    got = {}
+    got, err = {}, {}
+    ref = build(shape, "cpu", on_cpu_first=True)
+    with torch.no_grad():
+        ref_logits = ref(input_ids=ids[:2]).logits
     for dev in ("cpu", device):
         model = build(shape, dev, on_cpu_first=True)
         runner.quantize_blocks(model, enc, get_method("gptq"), ids, device=dev, progress=False)
         got[dev] = [m.weight.codes.cpu() for m in model.modules() if isinstance(m, QuantizedLinear)]
+        with torch.no_grad():
+            logits = model(input_ids=ids[:2].to(dev)).logits.float().cpu()
+        err[dev] = float((logits - ref_logits).norm() / ref_logits.norm())
     same = sum(int((a == b).sum()) for a, b in zip(got["cpu"], got[device], strict=True))
     total = sum(a.numel() for a in got["cpu"])
     share = same / total
-    say(f"check: GPTQ codes on {device} equal to the CPU's for {share:.4%} of the bytes")
+    # GPTQ feeds each column's rounding error forward, so summation-order differences flip
+    # codes near a rounding boundary and the flips spread: the codes differ, the quality must not
+    say(f"check: GPTQ codes on {device} equal to the CPU's for {share:.1%} of the bytes")
+    say(f"check: GPTQ logits error vs float: cpu {err['cpu']:.4f}, {device} {err[device]:.4f}")
     finite = {}
     for method in METHODS:
         model = build(shape, device)
@@ -107,10 +117,10 @@ def check(device: str, enc) -> dict:
             logits = model(input_ids=ids[:2].to(device)).logits
         finite[method] = bool(torch.isfinite(logits).all())
         say(f"check: {method} logits finite: {finite[method]}")
-    ok = share >= 0.99 and all(finite.values())
+    ok = err[device] <= 1.1 * err["cpu"] + 1e-3 and all(finite.values())
     if not ok:
         raise SystemExit("check failed")
-    return {"gptq_same_codes": share, "finite": finite}
+    return {"gptq_same_codes": share, "gptq_logits_error": err, "finite": finite}
 
 
 def main() -> None:
