@@ -270,6 +270,26 @@ def gemm_config(M: int, N: int, K: int, bits: int, g: int, axis0: bool) -> GemmC
 _LOCKS: dict[torch.device, torch.Tensor] = {}
 
 
+def _output(
+    x2: torch.Tensor, N: int, K: int, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, bool]:
+    """The ``[M, N]`` result, and whether it is already final (an empty product: no launch)."""
+    M = x2.shape[0]
+    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    if M == 0 or N == 0:
+        return out, True
+    if K == 0:
+        return (out.zero_() if bias is None else out.copy_(bias.expand(M, N))), True
+    return out, False
+
+
+def _device_index(dev: torch.device) -> int:
+    """The CUDA ordinal of ``dev`` (-1 off CUDA): part of the cached launch plans' keys."""
+    if dev.type != "cuda":
+        return -1
+    return dev.index if dev.index is not None else torch.cuda.current_device()
+
+
 def _locks(device: torch.device) -> torch.Tensor | None:
     """The split-K counters of ``device`` (None while a CUDA graph is being captured and they
     do not exist yet: allocating them then would leave them unzeroed outside the graph)."""
@@ -418,16 +438,10 @@ def tiled_linear(
     NVFP4 scales are passed as stored (NVFP4's tensor scale in ``mins``)."""
     dev = x2.device
     M = x2.shape[0]
-    out = torch.empty((M, N), dtype=x2.dtype, device=dev)
-    if M == 0 or N == 0:
+    out, done = _output(x2, N, K, bias)
+    if done:
         return out
-    if K == 0:
-        return out.zero_() if bias is None else out.copy_(bias.expand(M, N))
-    cuda_index = (
-        (dev.index if dev.index is not None else torch.cuda.current_device())
-        if (dev.type == "cuda")
-        else -1
-    )
+    cuda_index = _device_index(dev)
     locks = _locks(dev)
     kernel, grid, split, k_split, meta = _tiled_plan(
         M,
@@ -494,16 +508,10 @@ def fused_linear(
     GemvConfig or GemmConfig also picks the kernel)."""
     dev = x2.device
     M = x2.shape[0]
-    out = torch.empty((M, N), dtype=x2.dtype, device=dev)
-    if M == 0 or N == 0:
+    out, done = _output(x2, N, K, bias)
+    if done:
         return out
-    if K == 0:
-        return out.zero_() if bias is None else out.copy_(bias.expand(M, N))
-    cuda_index = (
-        (dev.index if dev.index is not None else torch.cuda.current_device())
-        if (dev.type == "cuda")
-        else -1
-    )
+    cuda_index = _device_index(dev)
     locks = _locks(dev)
     kernel, grid, split, (M, N, K, G), k_split, meta = _plan(
         M,
