@@ -1020,6 +1020,14 @@ mod tests {
     use crate::io::{FileWriter, PlannedTensor, QFile};
     use std::collections::BTreeMap;
 
+    /// Every read path, so each test covers them all.
+    const EVERY_MODE: [ReadMode; 4] = [
+        ReadMode::Pread,
+        ReadMode::Direct,
+        ReadMode::Mmap,
+        ReadMode::Auto,
+    ];
+
     fn write_file(dir: &Path, alignment: u64) -> PathBuf {
         let path = dir.join("s.qtensors");
         let enc = |bits: u64| {
@@ -1073,12 +1081,7 @@ mod tests {
         for alignment in [64, 4096] {
             let path = write_file(dir.path(), alignment);
             let q = QFile::open(&path, false).unwrap();
-            for mode in [
-                ReadMode::Pread,
-                ReadMode::Direct,
-                ReadMode::Mmap,
-                ReadMode::Auto,
-            ] {
+            for mode in EVERY_MODE {
                 // Tiny chunks and several threads: many pieces, unaligned heads and tails.
                 let s = StreamFile::open(&path, mode, 3, 4096).unwrap();
                 assert_eq!(s.header(), q.header());
@@ -1110,12 +1113,7 @@ mod tests {
     fn strided_reads_gather_the_rows_of_a_whole_read() {
         let dir = tempfile::tempdir().unwrap();
         let path = write_file(dir.path(), 64);
-        for mode in [
-            ReadMode::Pread,
-            ReadMode::Direct,
-            ReadMode::Mmap,
-            ReadMode::Auto,
-        ] {
+        for mode in EVERY_MODE {
             let s = StreamFile::open(&path, mode, 3, 4096).unwrap();
             let (a, b) = s.tensor_range(0).unwrap();
             let mut whole = vec![0u8; (b - a) as usize];
@@ -1249,12 +1247,7 @@ mod tests {
     fn truncation_and_corruption_name_the_tensor() {
         let dir = tempfile::tempdir().unwrap();
         let path = write_file(dir.path(), 64);
-        for mode in [
-            ReadMode::Pread,
-            ReadMode::Direct,
-            ReadMode::Mmap,
-            ReadMode::Auto,
-        ] {
+        for mode in EVERY_MODE {
             let s = StreamFile::open(&path, mode, 2, 4096).unwrap();
             let (a, b) = s.tensor_range(1).unwrap();
             let f = OpenOptions::new().write(true).open(&path).unwrap();
