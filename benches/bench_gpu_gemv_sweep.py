@@ -16,7 +16,7 @@ skips the last rows' kernel timings if compiles run long, and says so):
    replay runs the layer over enough weight copies to overflow the L2 cache; median per call):
    cuBLAS ``F.linear`` of a bf16 weight, decode + cuBLAS, the routed op as dispatched now, the
    old CUDA-core kernel (``tiled.fma_kernel``, batch <= 4), the per-word kernel
-   (``words.words_kernel``, batch <= 4) in a few configs, the ``tl.dot`` kernel (batch >= 8).
+   (``words.words_kernel``, per-group accumulator, batch <= 4) in a few configs, the ``tl.dot`` kernel (batch >= 8).
    Per row: the fastest, its share of the HBM bound (weight parts + x + y bytes / copy
    bandwidth), its speedup over cuBLAS, and eager (no graph) us per call of the routed op and of
    ``F.linear``: the host overhead shows where eager exceeds the graph time.
@@ -93,10 +93,10 @@ def candidates(M: int) -> dict[str, L.TiledConfig]:
         return {
             # the old CUDA-core kernel as dispatched after run 1
             "fma": c("fma", 0, 8 if M == 1 else 4, 1024, num_warps=4, num_stages=2),
-            # per-word accumulator: features x words a step, warps, stages
-            "w1": c("words", 0, 4, 1024, num_warps=4, num_stages=2),
-            "w2": c("words", 0, 8, 1024, num_warps=4, num_stages=2),
-            # 16 features: the stride-8 x loads (4 L1 wavefronts each) shared by more rows
+            # per-group accumulator, one word per thread: features x codes a step, warps,
+            # stages (the probe's best: benches/results/gpu_gemv_probe_h200.txt)
+            "w1": c("words", 0, 8, 1024, num_warps=4, num_stages=2),
+            "w2": c("words", 0, 8, 2048, num_warps=8, num_stages=2),
             "w3": c("words", 0, 16, 1024, num_warps=4, num_stages=2),
         }
     if M <= 16:

@@ -254,9 +254,11 @@ def overhead() -> None:
         lambda: check_linear_args(x, c, s, m, None, [2048, 2048], name, bits, g, 1)
     )
     rows["route"] = t(lambda: L.route(1, 2048, 2048, name, bits, g, 1, L.words_aligned(c)))
+    from qtensors.torch import QuantizedLinear  # noqa: F401
+
     rows["tiled_linear"] = t(lambda: L.tiled_linear(x, c, s, m, None, 2048, 2048, name, bits, g))
     cfg = L.tiled_config(1, 2048, 2048, bits, g)
-    kernel, grid, split, k_split, meta = L._tiled_plan(
+    kernel, grid, split, k_split, meta, _ = L._tiled_plan(
         1, 2048, 2048, name, bits, g, x.dtype, False, 0, None, True
     )
     out = torch.empty((1, 2048), dtype=x.dtype, device=x.device)

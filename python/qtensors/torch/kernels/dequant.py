@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from .._layout import E2M1_LEVELS, NF4_LEVELS, group_layout
+from .fastlaunch import launch
 from .scales import SCALE_FORMATS, group_scale
 
 #: kernel encoding ids: the FP4 formats are codebooks (E2M1 levels) like NF4
@@ -483,8 +484,11 @@ def dequantize_triton(
     if cuda_index is not None and cuda_index != torch.cuda.current_device():
         with torch.cuda.device(cuda_index):
             kernel[(grid_n,)](codes, scales, m, levels, out, *scalars, **meta)
-    else:
+    elif cuda_index is None:
         kernel[(grid_n,)](codes, scales, m, levels, out, *scalars, **meta)
+    else:
+        args = (codes, scales, m, levels, out, *scalars)
+        launch(kernel, (grid_n,), args, meta, tuple(sorted(meta.items())), cuda_index)
     return out
 
 

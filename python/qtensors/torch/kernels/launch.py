@@ -24,6 +24,7 @@ import torch
 
 from .dequant import BOOK_OF, _levels
 from .epilogue import ENC_IDS
+from .fastlaunch import launch
 from .gemm import gemm_kernel
 from .gemv import gemv_kernel
 from .scales import SCALE_FORMATS
@@ -290,6 +291,23 @@ def _device_index(dev: torch.device) -> int:
     return dev.index if dev.index is not None else torch.cuda.current_device()
 
 
+_WORKSPACES: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _workspace(device: torch.device, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The split-K partial sums: one fp32 buffer per device and size, kept (allocating it costs
+    ~4 us of host time a call). Reuse is safe where the counters' is: the launches of a device
+    run in stream order, and the kernels finish with a buffer before the next launch starts.
+    While a CUDA graph is being captured a missing buffer is allocated for that call only."""
+    key = (device, shape)
+    t = _WORKSPACES.get(key)
+    if t is None:
+        t = torch.empty(shape, dtype=torch.float32, device=device)
+        if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            _WORKSPACES[key] = t
+    return t
+
+
 def _locks(device: torch.device) -> torch.Tensor | None:
     """The split-K counters of ``device`` (None while a CUDA graph is being captured and they
     do not exist yet: allocating them then would leave them unzeroed outside the graph)."""
@@ -317,7 +335,8 @@ def _plan(
     config: GemvConfig | GemmConfig | None,
     allow_split: bool,
 ):
-    """(kernel, grid, split, k_split, scalars, constexprs and options) of one launch."""
+    """(kernel, grid, split, scalars, k_split, constexprs and options, their hashable key) of
+    one launch."""
     axis0 = axis in (0, -2)
     sms = _sm_count(cuda_index)
     use_gemv = isinstance(config, GemvConfig) or (config is None and M <= GEMV_MAX_M)
@@ -364,7 +383,7 @@ def _plan(
         meta.update(num_warps=config.num_warps, num_stages=config.num_stages)
     kernel = gemv_kernel if use_gemv else gemm_kernel
     grid = (n_tiles, split)
-    return kernel, grid, split, (M, N, K, G), k_split, meta
+    return kernel, grid, split, (M, N, K, G), k_split, meta, tuple(sorted(meta.items()))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -381,7 +400,8 @@ def _tiled_plan(
     config: TiledConfig | None,
     allow_split: bool,
 ):
-    """(kernel, grid, split, k_split, constexprs and options) of one tiled launch."""
+    """(kernel, grid, split, k_split, constexprs and options, their hashable key) of one tiled
+    launch."""
     cfg = config or tiled_config(M, N, K, bits, g)
     if cfg.kernel not in ("fma", "dot", "words"):
         raise ValueError(f"{cfg.kernel!r} is not a tiled kernel (see route())")
@@ -417,7 +437,7 @@ def _tiled_plan(
         # (Triton's default for fusion is changing)
         meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
     kernel = {"fma": fma_kernel, "dot": dot_kernel, "words": words_kernel}[cfg.kernel]
-    return kernel, (n_tiles, split), split, k_split, meta
+    return kernel, (n_tiles, split), split, k_split, meta, tuple(sorted(meta.items()))
 
 
 def tiled_linear(
@@ -443,7 +463,7 @@ def tiled_linear(
         return out
     cuda_index = _device_index(dev)
     locks = _locks(dev)
-    kernel, grid, split, k_split, meta = _tiled_plan(
+    kernel, grid, split, k_split, meta, meta_key = _tiled_plan(
         M,
         N,
         K,
@@ -456,12 +476,12 @@ def tiled_linear(
         config,
         locks is not None,
     )
-    ws = torch.empty((split, M, N), dtype=torch.float32, device=dev) if split > 1 else out
+    ws = _workspace(dev, (split, M, N)) if split > 1 else out
     book = BOOK_OF.get(encoding)
     levels = scales if book is None else _levels(dev, False, book)
     if scales.dtype == torch.float8_e4m3fn:
         scales = scales.view(torch.uint8)
-    kernel[grid](
+    args = (
         x2,
         codes.view(torch.int32),
         scales,
@@ -479,8 +499,8 @@ def tiled_linear(
         x2.stride(0),
         out.stride(0),
         k_split,
-        **meta,
     )
+    launch(kernel, grid, args, meta, meta_key, cuda_index)
     return out
 
 
@@ -513,7 +533,7 @@ def fused_linear(
         return out
     cuda_index = _device_index(dev)
     locks = _locks(dev)
-    kernel, grid, split, (M, N, K, G), k_split, meta = _plan(
+    kernel, grid, split, (M, N, K, G), k_split, meta, meta_key = _plan(
         M,
         N,
         K,
@@ -527,9 +547,9 @@ def fused_linear(
         config,
         locks is not None,
     )
-    ws = torch.empty((split, M, N), dtype=torch.float32, device=dev) if split > 1 else out
+    ws = _workspace(dev, (split, M, N)) if split > 1 else out
     levels = _levels(dev, False) if encoding == "nf4" else scales
-    kernel[grid](
+    args = (
         x2,
         codes,
         scales,
@@ -546,6 +566,6 @@ def fused_linear(
         x2.stride(0),
         out.stride(0),
         k_split,
-        **meta,
     )
+    launch(kernel, grid, args, meta, meta_key, cuda_index)
     return out
