@@ -35,7 +35,9 @@ def parse(text: str) -> tuple[dict[str, str], list[str]]:
 
 def apply(source: str, settings: dict[str, str], table: list[str]) -> str:
     for name, value in settings.items():
-        source, n = re.subn(rf"^{name} = .*$", f"{name} = {value}", source, flags=re.M)
+        # a one-line value, or a call spread over lines (``TiledConfig(\n ...\n)``)
+        pattern = rf"^{name} = (?:\w+\([^()]*\)|.*)$"
+        source, n = re.subn(pattern, f"{name} = {value}", source, flags=re.M)
         if n != 1:
             raise SystemExit(f"{name}: expected one assignment in launch.py, found {n}")
     head = "TILED_TABLE: dict[tuple[int, int, int], TiledConfig] = {\n"

@@ -303,6 +303,15 @@ def ncu_one() -> None:
 
 
 if __name__ == "__main__":
+    if "--overhead" in sys.argv:
+        try:
+            overhead()
+        finally:
+            if os.environ.get("OUT"):
+                os.makedirs(os.environ["OUT"], exist_ok=True)
+                with open(os.path.join(os.environ["OUT"], "overhead.txt"), "w") as fh:
+                    fh.write("\n".join(LINES) + "\n")
+        sys.exit(0)
     if "--ncu" in sys.argv:
         ncu_one()
         sys.exit(0)

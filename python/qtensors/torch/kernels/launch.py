@@ -42,7 +42,7 @@ GEMV_MAX_M = 4
 #: benches/apply_dispatch.py): the words kernel wins batch 1, fma batch 2-4, dot only at batch 8
 #: of 4096 x 14336; the table sends the rest of batch 8 to decode + cuBLAS.
 FMA_MAX_M = 4
-TILED_MAX_M = 8
+TILED_MAX_M = 4
 #: the CUDA-core kernel of ``tiled_default`` up to ``FMA_MAX_M`` rows: "fma" (``tiled.py``) or
 #: "words" (``words.py``); the sweep's "routing" lines say which measured faster
 SMALL_M_KERNEL = "words"
@@ -96,9 +96,8 @@ class TiledConfig:
     num_stages: int = 2
 
 
-#: ``words_kernel``'s configuration where ``SMALL_M_KERNEL`` is "words" and the table has none: 4
-#: features x 128 words a step, one word per feature and thread (40 registers at batch 1 for
-#: sm_90, so ~12 programs per SM keep their loads in flight)
+#: ``words_kernel``'s configuration where ``SMALL_M_KERNEL`` is "words" and the table has none: 8
+#: features x 1024 codes a step (128 words: one per thread of 4 warps)
 WORDS_DEFAULT = TiledConfig(
     kernel="words", block_m=0, block_n=8, block_k=1024, split_k=0, num_warps=4, num_stages=2
 )
@@ -110,49 +109,22 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 64, 256)
 #: Run 2 (H200, scored over every encoding): the entries below; "decode" means decode + cuBLAS
 #: measured faster for that shape and batch bucket.
 TILED_TABLE: dict[tuple[int, int, int], TiledConfig] = {
+    (1, 2048, 5632): TiledConfig(
+        kernel="words", block_m=0, block_n=8, block_k=2048, split_k=0, num_warps=8, num_stages=2
+    ),
     (1, 4096, 4096): TiledConfig(
-        kernel="words", block_m=0, block_n=4, block_k=1024, split_k=0, num_warps=4, num_stages=2
+        kernel="words", block_m=0, block_n=8, block_k=2048, split_k=0, num_warps=8, num_stages=2
     ),
     (2, 2048, 5632): TiledConfig(
-        kernel="words", block_m=0, block_n=16, block_k=1024, split_k=0, num_warps=4, num_stages=2
+        kernel="words", block_m=0, block_n=8, block_k=2048, split_k=0, num_warps=8, num_stages=2
     ),
     (2, 4096, 4096): TiledConfig(
-        kernel="fma", block_m=0, block_n=4, block_k=1024, split_k=0, num_warps=4, num_stages=2
-    ),
-    (2, 4096, 14336): TiledConfig(
-        kernel="fma", block_m=0, block_n=4, block_k=1024, split_k=0, num_warps=4, num_stages=2
-    ),
-    (2, 8192, 8192): TiledConfig(
-        kernel="fma", block_m=0, block_n=4, block_k=1024, split_k=0, num_warps=4, num_stages=2
+        kernel="words", block_m=0, block_n=8, block_k=2048, split_k=0, num_warps=8, num_stages=2
     ),
     (4, 2048, 5632): TiledConfig(
-        kernel="words", block_m=0, block_n=16, block_k=1024, split_k=0, num_warps=4, num_stages=2
-    ),
-    (4, 4096, 4096): TiledConfig(
-        kernel="decode", block_m=0, block_n=16, block_k=256, split_k=0, num_warps=4, num_stages=2
-    ),
-    (4, 4096, 14336): TiledConfig(
-        kernel="fma", block_m=0, block_n=4, block_k=1024, split_k=0, num_warps=4, num_stages=2
+        kernel="words", block_m=0, block_n=8, block_k=2048, split_k=0, num_warps=8, num_stages=2
     ),
     (4, 5632, 2048): TiledConfig(
-        kernel="decode", block_m=0, block_n=16, block_k=256, split_k=0, num_warps=4, num_stages=2
-    ),
-    (4, 8192, 8192): TiledConfig(
-        kernel="fma", block_m=0, block_n=4, block_k=1024, split_k=0, num_warps=4, num_stages=2
-    ),
-    (8, 2048, 5632): TiledConfig(
-        kernel="decode", block_m=0, block_n=16, block_k=256, split_k=0, num_warps=4, num_stages=2
-    ),
-    (8, 4096, 4096): TiledConfig(
-        kernel="decode", block_m=0, block_n=16, block_k=256, split_k=0, num_warps=4, num_stages=2
-    ),
-    (8, 5632, 2048): TiledConfig(
-        kernel="decode", block_m=0, block_n=16, block_k=256, split_k=0, num_warps=4, num_stages=2
-    ),
-    (8, 8192, 8192): TiledConfig(
-        kernel="decode", block_m=0, block_n=16, block_k=256, split_k=0, num_warps=4, num_stages=2
-    ),
-    (8, 14336, 4096): TiledConfig(
         kernel="decode", block_m=0, block_n=16, block_k=256, split_k=0, num_warps=4, num_stages=2
     ),
 }
