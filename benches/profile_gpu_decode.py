@@ -1,0 +1,77 @@
+"""Where a decode step's GPU time goes: the 1.1B Llama-shaped model (random weights), bf16 and
+int4-g64 kept quantized, greedy batch-1 generation under torch.profiler (eager: the kernels are
+the ones a CUDA graph replays; their device time does not depend on the host).
+
+    OUT=DIR python3 benches/profile_gpu_decode.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import defaultdict
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+from _common import LLAMA_1B, Report  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+import qtensors as qt  # noqa: E402
+import qtensors.torch as qtt  # noqa: E402
+
+NEW = 16
+REPORT = Report()
+say = REPORT.say
+
+
+def build():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def profile_decode(model, label: str, results: dict) -> None:
+    ids = torch.randint(1, 32000, (1, 16), device="cuda")
+    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, disable_compile=True)
+    with torch.inference_mode():
+        model.generate(ids, **kw)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model.generate(ids, **kw)
+            torch.cuda.synchronize()
+    per_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per_name[ev.name][0] += (
+                ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            )
+            per_name[ev.name][1] += 1
+    total = sum(v[0] for v in per_name.values())
+    say(f"## {label}: GPU time per generated token {total / NEW:.0f} us, kernels per token "
+        f"{sum(v[1] for v in per_name.values()) / NEW:.0f}")  # fmt: skip
+    rows = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:18]
+    for name, (us, n) in rows:
+        say(f"  {us / NEW:8.1f} us/token  {n / NEW:6.1f} calls/token  {name[:90]}")
+    results[label] = {k: v for k, v in per_name.items()}
+
+
+def main() -> None:
+    results: dict = {}
+    model = build()
+    profile_decode(model, "bf16", results)
+    qtt.quantize_model(model, qt.Affine(bits=4, group_size=64, axis=-1))
+    torch.cuda.empty_cache()
+    profile_decode(model, "int4-g64", results)
+    REPORT.write("profile_gpu_decode", results)
+
+
+if __name__ == "__main__":
+    main()
