@@ -197,9 +197,12 @@ def check_locks_reset(failures):
     locks = L._LOCKS[x.device]
     if int(locks.abs().sum()) != 0:
         failures.append("split-K counters not reset")
+    ws = L._WORKSPACES.get((x.device, (3, 2, 24)))
     b = L.fused_linear(x, bias=None, N=24, K=130, config=cfg, **args)
     if not torch.equal(a, b):
         failures.append("split-K: a second call differs")
+    if ws is None or L._WORKSPACES[(x.device, (3, 2, 24))] is not ws:
+        failures.append("split-K: the workspace was not kept for the next call")
     check("locks", a, x, dense, None, failures)
 
 
