@@ -15,8 +15,9 @@ skips the last rows' kernel timings if compiles run long, and says so):
    the issue-11 shapes, batches 1, 2, 4, 8, 16, 256, bf16 activations, CUDA-graph timing (one
    replay runs the layer over enough weight copies to overflow the L2 cache; median per call):
    cuBLAS ``F.linear`` of a bf16 weight, decode + cuBLAS, the routed op as dispatched now, the
-   old CUDA-core kernel (``tiled.fma_kernel``, batch <= 4), the per-word kernel
-   (``words.words_kernel``, per-group accumulator, batch <= 4) in a few configs, the ``tl.dot`` kernel (batch >= 8).
+   old CUDA-core kernel (``tiled.fma_kernel``, batch <= 4), the words kernel
+   (``words.words_kernel``, per-group accumulator, batch <= 4) in a few configs, the ``tl.dot``
+   kernel (batch >= 8).
    Per row: the fastest, its share of the HBM bound (weight parts + x + y bytes / copy
    bandwidth), its speedup over cuBLAS, and eager (no graph) us per call of the routed op and of
    ``F.linear``: the host overhead shows where eager exceeds the graph time.

@@ -6,7 +6,6 @@ cuBLAS, CUDA-graph timed; then the eager host overhead of each layer of the call
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -131,7 +130,7 @@ KERNELS = {"wx": wx_kernel, "grp": grp_kernel}
 
 
 def launch(kind, x, w, bn, kw_step, warps, stages, waves, c1=False):
-    name, bits, g = w.enc
+    name, _bits, g = w.enc
     N, K = w.N, w.K
     row_words = K // 8
     n_tiles = -(-N // bn)
@@ -180,7 +179,10 @@ OLD = [
 
 def main() -> None:
     gbps = copy_gbps()
-    say(f"# probe on {torch.cuda.get_device_name()}, triton {triton.__version__}; copy {gbps:.0f} GB/s")
+    say(
+        f"# probe on {torch.cuda.get_device_name()}, triton {triton.__version__}; "
+        f"copy {gbps:.0f} GB/s"
+    )
     say("enc               shape        cublas  routed  | variants (us; x vs cublas)")
     best_of: dict = {}
     for ename in ("int4-affine-g64", "int4-affine-g128"):
@@ -189,7 +191,7 @@ def main() -> None:
                 continue
             case = Case(ename, N, K)
             x = case.x(1)
-            cub = graph_us([lambda d=d: F.linear(x, d) for d in case.dense])
+            cub = graph_us([lambda d=d, x=x: F.linear(x, d) for d in case.dense])
             rt = case.time(routed, 1)
             cells = []
             for v in VARIANTS:
@@ -204,12 +206,17 @@ def main() -> None:
                         cells.append(f"{v}: WRONG {err:.1e}")
                         continue
                     us = case.time(fn, 1)
-                    cells.append(f"{kind}/{bn}/{kws}/{warps}w/{stages}s/{waves}: {us:.1f} ({cub / us:.2f}x)")
+                    cells.append(
+                        f"{kind}/{bn}/{kws}/{warps}w/{stages}s/{waves}: {us:.1f} ({cub / us:.2f}x)"
+                    )
                     best_of.setdefault((ename, N, K), []).append((us, v))
                 except Exception as exc:
                     cells.append(f"{v}: {type(exc).__name__} {str(exc)[:100]}")
             bound = case.bound_us(1, gbps)
-            say(f"{ename:<17} {N:>5}x{K:<5} {cub:7.1f} {rt:7.1f} (x{cub / rt:.2f}) bound {bound:.1f}")
+            say(
+                f"{ename:<17} {N:>5}x{K:<5} {cub:7.1f} {rt:7.1f} (x{cub / rt:.2f}) "
+                f"bound {bound:.1f}"
+            )
             for c in cells:
                 say("      " + c)
             del case

@@ -7,7 +7,6 @@ replaced and cuBLAS, CUDA-graph timed.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -44,7 +43,7 @@ def main() -> None:
     for N, K in SHAPES:
         case = Case("int4-affine-g64", N, K)
         x = case.x(1)
-        cub = graph_us([lambda d=d: F.linear(x, d) for d in case.dense])
+        cub = graph_us([lambda d=d, x=x: F.linear(x, d) for d in case.dense])
         rt = case.time(routed, 1)
         # the per-word kernel this session replaced, in its old default config
         L.words_kernel, saved = words_before, L.words_kernel

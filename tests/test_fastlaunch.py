@@ -7,7 +7,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from qtensors.torch.kernels import fastlaunch  # noqa: E402
+from qtensors.torch.kernels import fastlaunch
 
 
 class FakeCompiled:
@@ -23,7 +23,7 @@ class FakeCompiled:
 
 
 class FakeKernel:
-    arg_names = ["x", "n", "BLOCK"]
+    arg_names = ("x", "n", "BLOCK")
 
     def __init__(self):
         self.log = []

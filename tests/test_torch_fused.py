@@ -160,3 +160,22 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
     with pytest.raises(ValueError, match="words kernel"):
         words = L.TiledConfig("words", 0, 4, 64)
         L._tiled_plan(5, 64, 128, "affine", 4, 64, torch.float16, False, -1, words, True)
+
+
+def test_cuda_path_checks_devices_and_reuses_the_weight_plan():
+    """linear_cuda's cached weight side: parts on different devices, or x elsewhere, are named
+    errors; the plan is rebuilt when the parts change."""
+    from qtensors.torch import linear as lin
+
+    w = torch.randn(8, 64)
+    q = Q.quantize(w, qt.Affine(bits=4, group_size=32, axis=-1), framework="pt")
+    c, s, m = q.parts()
+    args = ([8, 64], "affine", 4, 32, 1)
+    with pytest.raises(ValueError, match="several devices"):
+        lin.linear_cuda(torch.randn(2, 64), c, s.to("meta"), m, None, *args)
+    with pytest.raises(ValueError, match="several devices"):
+        lin.linear_cuda(torch.randn(2, 64, device="meta"), c, s, m, None, *args)
+    plan = lin._cuda_weight(c, s, m, *args)
+    assert lin._cuda_weight(c, s, m, *args) is plan
+    s2 = s.clone()
+    assert lin._cuda_weight(c, s2, m, *args) is not plan

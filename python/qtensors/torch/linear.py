@@ -184,29 +184,86 @@ def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, 
     return out
 
 
+def _cuda_weight(codes, scales, mins, shape, encoding, bits, group_size, axis):
+    """The weight's side of a CUDA call, kept on the codes tensor (as ``_weight_plan`` for the
+    CPU): its checked metadata (the normalized axis), whether its codes read as int32 words,
+    and the flat parts the kernels take. Rebuilding them costs a few us of host time a call,
+    which an eager decode step pays ~150 times. Reused while the parts are the same memory."""
+    key = (
+        codes.data_ptr(),
+        codes.shape,
+        codes.dtype,
+        scales.data_ptr(),
+        scales.shape,
+        scales.dtype,
+        None if mins is None else (mins.data_ptr(), mins.shape, mins.dtype),
+        codes.device,
+        tuple(shape),
+        encoding,
+        bits,
+        group_size,
+        axis,
+    )
+    plan = getattr(codes, "_qt_cuda_plan", None)
+    if plan is not None and plan[0] == key:
+        return plan
+    devices = tuple(t.device for t in (codes, scales, mins) if t is not None)
+    if len(set(devices)) != 1:
+        raise ValueError(f"the weight's parts are on several devices: {devices}")
+    c = codes.reshape(-1)
+    s = scales.reshape(-1)
+    m = None if mins is None else mins.reshape(-1)
+    meta = (
+        (codes.numel(), codes.dtype),
+        (scales.numel(), scales.dtype),
+        None if mins is None else (mins.numel(), mins.dtype),
+        tuple(int(d) for d in shape),
+    )
+    aligned = _launch is not None and _launch.words_aligned(c) and c.numel() % 4 == 0
+    # the tiled kernels read int32 words: the view made once
+    words = c.view(torch.int32) if aligned and c.dtype == torch.uint8 else c
+    plan = (key, meta, aligned, c, words, s, m)
+    codes._qt_cuda_plan = plan
+    return plan
+
+
 def linear_cuda(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
     """The CUDA implementation: the fused kernels where they apply (by weight layout and batch,
     ``kernels/launch.py``), else decode and ``F.linear``. The hot path of a model's decode step:
     one cached check, one cached route, no copy or reshape of what already has its shape."""
-    a = check_linear_args(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
-    N, K = int(shape[0]), int(shape[1])
+    _key, (cm, sm, mm, shp), aligned, c, words, s, m = _cuda_weight(
+        codes, scales, mins, shape, encoding, bits, group_size, axis
+    )
+    devices = (x.device, codes.device) if bias is None else (x.device, codes.device, bias.device)
+    a = _check_meta(
+        int(x.shape[-1]) if x.dim() else -1,
+        x.dtype,
+        devices,
+        cm,
+        sm,
+        mm,
+        None if bias is None else (tuple(bias.shape), bias.dtype),
+        shp,
+        encoding,
+        bits,
+        group_size,
+        axis,
+    )
+    N, K = shp
     L = _launch
     if L is None or x.dtype not in L.ACT_DTYPES:
         return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
     flat = x.dim() == 2
     rows = x.shape[0] if flat else (x.numel() // K if K else 0)
     # Beyond the tiled kernels' batches decoding and cuBLAS win (benches/bench_gpu_gemv_sweep.py).
-    path = L.route(rows, N, K, encoding, bits, group_size, a, L.words_aligned(codes))
+    path = L.route(rows, N, K, encoding, bits, group_size, a, aligned)
     if path == "decode":
         return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
     x2 = x if flat else x.reshape(-1, K)
     if K and x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    c = codes if codes.dim() == 1 else codes.reshape(-1)
-    s = scales if scales.dim() == 1 else scales.reshape(-1)
-    m = None if mins is None else mins if mins.dim() == 1 else mins.reshape(-1)
     if path == "tiled":
-        out = L.tiled_linear(x2, c, s, m, bias, N, K, encoding, bits, group_size)
+        out = L.tiled_linear(x2, words, s, m, bias, N, K, encoding, bits, group_size)
     else:
         out = L.fused_linear(x2, c, s, m, bias, N, K, encoding, bits, group_size, a)
     return out if flat else out.reshape(*x.shape[:-1], N)

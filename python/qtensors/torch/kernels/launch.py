@@ -426,8 +426,9 @@ def tiled_linear(
     config: TiledConfig | None = None,
 ) -> torch.Tensor:
     """``x2 @ W^T + bias`` with ``tiled.py`` for a weight ``tiled_supported()`` (arguments as
-    ``fused_linear``; ``codes`` starts on a 4-byte boundary, see ``words_aligned``). MXFP4 /
-    NVFP4 scales are passed as stored (NVFP4's tensor scale in ``mins``)."""
+    ``fused_linear``; ``codes``: bytes starting on a 4-byte boundary, see ``words_aligned``, or
+    their int32 view). MXFP4 / NVFP4 scales are passed as stored (NVFP4's tensor scale in
+    ``mins``)."""
     dev = x2.device
     M = x2.shape[0]
     out, done = _output(x2, N, K, bias)
@@ -455,7 +456,7 @@ def tiled_linear(
         scales = scales.view(torch.uint8)
     args = (
         x2,
-        codes.view(torch.int32),
+        codes if codes.dtype == torch.int32 else codes.view(torch.int32),
         scales,
         scales if mins is None else mins,
         levels,

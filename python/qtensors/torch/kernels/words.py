@@ -121,7 +121,9 @@ def words_kernel(
         # one word per thread (contiguity 1): see the module
         word = tl.max_contiguous(k0 // PW + tl.arange(0, BLOCK_K // PW), 1).reshape(NG, WG)
         wmask = rmask[:, None, None] & (word < k_hi // PW)[None, :, :]
-        w = tl.load(words_ptr + rows[:, None, None] * row_words + word[None, :, :], mask=wmask, other=0)
+        w = tl.load(
+            words_ptr + rows[:, None, None] * row_words + word[None, :, :], mask=wmask, other=0
+        )
         v = _values(w, levels_ptr, ENC, BITS).reshape(BLOCK_N, NG, WG, PW)
         xcol = word[:, :, None] * PW + lane[None, None, :]
         xmask = xcol < k_hi
