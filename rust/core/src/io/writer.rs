@@ -4,14 +4,17 @@
 //!
 //! With compression (spec 2.1) the stored size of a part is known only once it is compressed:
 //! parts then go one after another in the order they are written, and the header space is
-//! reserved up front for the largest compression records the parts can get. A compressed part
-//! is written (and hashed) by a background thread while the caller brings the next part and it
-//! compresses: the disk and the cores work at once (`benches/bench_compression.py`).
+//! reserved up front for the largest compression records the parts can get. Parts shorter than
+//! a chunk are copied and held until they add up to `STAGE_BYTES`, so that their chunks compress
+//! in parallel as one large part's do (a model's norms, biases and small matrices would
+//! otherwise compress one at a time on one core). A batch of compressed parts is written (and
+//! hashed) by a background thread while the caller brings the next parts and they compress: the
+//! disk and the cores work at once (`benches/bench_compression.py`).
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
-
 use std::thread::JoinHandle;
 
 use tempfile::NamedTempFile;
@@ -45,29 +48,44 @@ pub struct FileWriter {
     next: u64,
     /// Header bytes available (the planned header plus the reserve), compressed mode only.
     header_room: u64,
-    /// The compressed part being written in the background, and the buffer the next part
-    /// compresses into (the two alternate: no part allocates its own).
+    /// Parts given to a compressing writer (staged, being written, or written): each once.
+    taken: Vec<Vec<bool>>,
+    /// Parts shorter than a chunk waiting for a batch: their bytes one after another, and for
+    /// each `(tensor, part, range in staged)`.
+    staged: Vec<u8>,
+    staged_parts: Vec<(usize, usize, Range<usize>)>,
+    /// The batch being written in the background, and the buffer the next batch compresses
+    /// into (the two alternate: no batch allocates its own).
     pending: Option<PendingWrite>,
     spare: Vec<u8>,
 }
 
-/// A compressed part on its way to the file: `(tensor, part)`, and the thread that writes its
-/// chunks and returns its buffer and the checksum of its stored bytes.
+/// Parts shorter than a chunk wait, copied, until they add up to this: eight chunks of the
+/// default size keep eight cores busy, and copying costs a fraction of compressing.
+const STAGE_BYTES: usize = 8 << 20;
+
+/// A batch of compressed parts on its way to the file: each `(tensor, part)`, and the thread
+/// that writes their chunks and returns the buffer and the checksum of each part's stored bytes.
 struct PendingWrite {
-    tensor: usize,
-    part: usize,
-    thread: JoinHandle<(Vec<u8>, std::io::Result<u64>)>,
+    parts: Vec<(usize, usize)>,
+    thread: JoinHandle<(Vec<u8>, std::io::Result<Vec<u64>>)>,
 }
 
-/// Write the stored chunks of `c` one after another from `pos`, hashing them as they go.
-fn write_chunks(file: &File, c: &Compressed, mut pos: u64) -> std::io::Result<u64> {
-    let mut hash = Xxh3Default::new();
-    for chunk in c.stored() {
-        write_at(file, chunk, pos)?;
-        hash.update(chunk);
-        pos += chunk.len() as u64;
+/// Write the stored chunks of each part of `c` one after another from its position in `at`,
+/// hashing them as they go: the checksum of each part.
+fn write_chunks(file: &File, c: &Compressed, at: &[u64]) -> std::io::Result<Vec<u64>> {
+    let mut sums = Vec::with_capacity(at.len());
+    for (j, &start) in at.iter().enumerate() {
+        let mut hash = Xxh3Default::new();
+        let mut pos = start;
+        for chunk in c.stored(j) {
+            write_at(file, chunk, pos)?;
+            hash.update(chunk);
+            pos += chunk.len() as u64;
+        }
+        sums.push(hash.digest());
     }
-    Ok(hash.digest())
+    Ok(sums)
 }
 
 fn align_up(v: u64, a: u64) -> u64 {
@@ -252,7 +270,7 @@ impl FileWriter {
         tmp.as_file()
             .set_len(data_start + initial)
             .map_err(|e| Error::io("cannot size the output file", e))?;
-        let written = header
+        let written: Vec<Vec<bool>> = header
             .tensors
             .iter()
             .map(|t| vec![false; t.parts.len()])
@@ -261,11 +279,14 @@ impl FileWriter {
             tmp: Some(tmp),
             final_path: path.to_path_buf(),
             header,
-            written,
             data_start,
             compression,
             next: 0,
             header_room,
+            taken: written.clone(),
+            written,
+            staged: Vec::new(),
+            staged_parts: Vec::new(),
             pending: None,
             spare: Vec::new(),
         })
@@ -296,81 +317,114 @@ impl FileWriter {
                 planned
             )));
         }
-        let in_flight = matches!(&self.pending, Some(w) if (w.tensor, w.part) == (tensor, part));
-        if (self.written[tensor][part] || in_flight) && self.compression.is_some() {
+        if self.compression.is_some() && self.taken[tensor][part] {
             return Err(Error::Invalid(format!(
                 "tensor '{}' part '{}' is written already (a compressing writer places parts in write order)",
                 t.name, p.name
             )));
         }
-        let what = || format!("writing tensor '{}'", t.name);
-        let file = self.tmp.as_ref().expect("writer is open").as_file();
         let Some(opts) = self.compression else {
-            write_at(file, bytes, self.data_start + p.offset).map_err(|e| Error::io(what(), e))?;
+            let file = self.tmp.as_ref().expect("writer is open").as_file();
+            write_at(file, bytes, self.data_start + p.offset)
+                .map_err(|e| Error::io(format!("writing tensor '{}'", t.name), e))?;
             self.header.tensors[tensor].parts[part].checksum = checksum(bytes);
             self.written[tensor][part] = true;
             return Ok(());
         };
-        // Compressed while the previous part is still being written.
-        let c = compress::compress_part(bytes, p.dtype, &opts, std::mem::take(&mut self.spare))
-            .map_err(|e| Error::Invalid(format!("tensor '{}': {e}", t.name)))?;
-        let file = match c.record {
-            Some(_) => Some(file.try_clone().map_err(|e| Error::io(what(), e))?),
-            None => None,
-        };
-        // Its buffer is about to be reused; a failed write fails this part too.
-        self.settle()?;
-        let p = &mut self.header.tensors[tensor].parts[part];
-        p.offset = self.next;
-        p.length = match &c.record {
-            Some(_) => c.stored_len(),
-            None => bytes.len() as u64,
-        };
-        p.compression = c.record.clone().map(Box::new);
-        self.next = align_up(p.offset + p.length, self.header.alignment);
-        let pos = self.data_start + p.offset;
-        let Some(file) = file else {
-            // Compression does not pay: the bytes as they are, now (they are the caller's).
-            self.spare = c.buf;
-            let t = &mut self.header.tensors[tensor];
-            let f = self.tmp.as_ref().expect("writer is open").as_file();
-            write_at(f, bytes, pos)
-                .map_err(|e| Error::io(format!("writing tensor '{}'", t.name), e))?;
-            t.parts[part].checksum = checksum(bytes);
-            self.written[tensor][part] = true;
+        self.taken[tensor][part] = true;
+        if bytes.len() < opts.chunk_size as usize && self.staged.len() + bytes.len() <= STAGE_BYTES
+        {
+            let at = self.staged.len();
+            self.staged.extend_from_slice(bytes);
+            self.staged_parts
+                .push((tensor, part, at..self.staged.len()));
+            return Ok(());
+        }
+        self.flush(Some((tensor, part, bytes)))
+    }
+
+    /// Compress the staged parts and `current` (the caller's bytes) in one parallel pass, place
+    /// them in that order, and hand them to a background thread that writes them while the
+    /// caller goes on.
+    fn flush(&mut self, current: Option<(usize, usize, &[u8])>) -> Result<()> {
+        let Some(opts) = self.compression else {
             return Ok(());
         };
+        let staged = std::mem::take(&mut self.staged);
+        let mut ids: Vec<(usize, usize)> = Vec::with_capacity(self.staged_parts.len() + 1);
+        let mut inputs: Vec<(&[u8], DType)> = Vec::with_capacity(ids.capacity());
+        let dtype_of = |t: usize, p: usize| self.header.tensors[t].parts[p].dtype;
+        for (t, p, r) in self.staged_parts.drain(..) {
+            ids.push((t, p));
+            inputs.push((&staged[r], dtype_of(t, p)));
+        }
+        if let Some((t, p, bytes)) = current {
+            ids.push((t, p));
+            inputs.push((bytes, dtype_of(t, p)));
+        }
+        if ids.is_empty() {
+            self.staged = staged;
+            return Ok(());
+        }
+        // Compressed while the previous batch is still being written.
+        let c = compress::compress_parts(&inputs, &opts, std::mem::take(&mut self.spare)).map_err(
+            |e| {
+                let (t, _) = ids[0];
+                Error::Invalid(format!("tensor '{}': {e}", self.header.tensors[t].name))
+            },
+        )?;
+        drop(inputs);
+        self.staged = staged;
+        self.staged.clear();
+        let file = self.tmp.as_ref().expect("writer is open").as_file();
+        let file = file
+            .try_clone()
+            .map_err(|e| Error::io("cannot share the output file with a writing thread", e))?;
+        // Its buffer is about to be reused; a failed write fails this batch too.
+        self.settle()?;
+        let mut at = Vec::with_capacity(ids.len());
+        for (j, &(t, p)) in ids.iter().enumerate() {
+            let p = &mut self.header.tensors[t].parts[p];
+            p.offset = self.next;
+            p.length = c.stored_len(j);
+            p.compression = c.parts[j].record.clone().map(Box::new);
+            self.next = align_up(p.offset + p.length, self.header.alignment);
+            at.push(self.data_start + p.offset);
+        }
         let thread = std::thread::Builder::new()
             .name("qtensors-write".into())
             .spawn(move || {
-                let sum = write_chunks(&file, &c, pos);
-                (c.buf, sum)
+                let sums = write_chunks(&file, &c, &at);
+                (c.buf, sums)
             })
             .map_err(|e| Error::io("cannot start a writing thread", e))?;
-        self.pending = Some(PendingWrite {
-            tensor,
-            part,
-            thread,
-        });
+        self.pending = Some(PendingWrite { parts: ids, thread });
         Ok(())
     }
 
-    /// Wait for the part being written in the background: its checksum goes into the header,
+    /// Wait for the batch being written in the background: its checksums go into the header,
     /// its buffer becomes the spare.
     fn settle(&mut self) -> Result<()> {
         let Some(w) = self.pending.take() else {
             return Ok(());
         };
-        let (buf, sum) = w.thread.join().unwrap_or_else(|_| {
+        let (buf, sums) = w.thread.join().unwrap_or_else(|_| {
             let e = std::io::Error::other("the writing thread panicked");
             (Vec::new(), Err(e))
         });
         self.spare = buf;
-        let t = &mut self.header.tensors[w.tensor];
-        t.parts[w.part].checksum =
-            sum.map_err(|e| Error::io(format!("writing tensor '{}'", t.name), e))?;
-        // Only a part whose bytes reached the file counts as written (`finish` checks).
-        self.written[w.tensor][w.part] = true;
+        let sums = sums.map_err(|e| {
+            let (t, _) = w.parts[0];
+            Error::io(
+                format!("writing tensor '{}'", self.header.tensors[t].name),
+                e,
+            )
+        })?;
+        for (&(t, p), sum) in w.parts.iter().zip(sums) {
+            self.header.tensors[t].parts[p].checksum = sum;
+            // Only a part whose bytes reached the file counts as written (`finish` checks).
+            self.written[t][p] = true;
+        }
         Ok(())
     }
 
@@ -383,7 +437,8 @@ impl FileWriter {
     }
 
     /// Write the prefix and header, fsync, and rename into place.
-    pub fn finish(mut self) -> Result<()> {
+    pub fn finish(mut self) -> Result<Header> {
+        self.flush(None)?;
         self.settle()?;
         self.spare = Vec::new();
         for (t, w) in self.header.tensors.iter().zip(&self.written) {
@@ -446,7 +501,7 @@ impl FileWriter {
             )
         })?;
         sync_parent_dir(&self.final_path);
-        Ok(())
+        Ok(self.header.clone())
     }
 }
 
