@@ -153,6 +153,36 @@ def test_parts_shorter_than_a_chunk_are_batched_in_write_order(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["b.qtensors"]
 
 
+def test_parts_longer_than_a_piece_compress_in_pieces(tmp_path):
+    # Parts over 32 chunks (128 KiB with 4 KiB chunks) are compressed and written a piece at a
+    # time (staged parts go with the first piece) and judged whole: one record over all their
+    # chunks, or, when compression does not pay, their bytes as they are in place of the chunks
+    # written.
+    rng = np.random.default_rng(11)
+    tensors = {
+        "a": sample(rng, "float16", (1000,)),  # staged
+        "big": sample(rng, "float32", (100_001,)),  # 3+ pieces and a ragged chunk
+        "b": sample(rng, "float16", (3000,)),
+        "noise": rng.integers(0, 256, 300_000).astype(np.uint8),  # does not pay
+        "c": sample(rng, "float32", (500,)),
+    }
+    path = tmp_path / "p.qtensors"
+    write(path, tensors)
+    header = R.read_header(str(path))["header"]
+    by_name = {t["name"]: t["parts"]["data"] for t in header["tensors"]}
+    big = by_name["big"]["compression"]
+    assert len(big["chunks"]) == -(-100_001 * 4 // SMALL)
+    assert by_name["big"]["length"] == sum(big["chunks"]) < 100_001 * 4
+    assert "compression" not in by_name["noise"] and by_name["noise"]["length"] == 300_000
+    offsets = [by_name[n]["offset"] for n in tensors]
+    assert offsets == sorted(offsets)
+    got = qt.load_file(str(path))
+    assert all(np.array_equal(got[n], x) for n, x in tensors.items())
+    ref, _, _ = R.read_file(str(path))  # strict: in order, zero padding, nothing after
+    assert all(ref[n].tobytes() == x.tobytes() for n, x in tensors.items())
+    qt.safe_open(str(path)).verify()
+
+
 def test_bfloat16_and_save_file_lossless(tmp_path):
     torch = pytest.importorskip("torch")
     g = torch.Generator().manual_seed(0)

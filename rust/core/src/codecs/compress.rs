@@ -101,21 +101,48 @@ impl Compressed {
     }
 }
 
-/// Compress `parts` (the decoded bytes of parts, each with its dtype) into the slots of `buf`
-/// (grown to their total size when shorter; pass back the buffer of an earlier call to reuse its
-/// pages). Every chunk of every part runs in one parallel pass: many small parts (one chunk
-/// each) keep every core busy as one large part does.
-pub fn compress_parts(
-    parts: &[(&[u8], DType)],
-    opts: &Options,
-    mut buf: Vec<u8>,
-) -> Result<Compressed> {
+/// What [`compress_parts`] compresses: the decoded bytes of a part, its dtype, and whether they
+/// are a whole part or a piece of a larger one (whole chunks of it, compressed a piece at a time
+/// to bound memory). A whole part is judged (stored as it is when compression does not pay); a
+/// piece never is (its record holds its chunks, whatever they save: the caller judges the part
+/// with [`pays`] once all its pieces are done).
+#[derive(Clone, Copy)]
+pub struct Input<'a> {
+    pub bytes: &'a [u8],
+    pub dtype: DType,
+    pub piece: bool,
+}
+
+/// Whether `stored` bytes for a part of `len` decoded bytes save enough to be worth decoding on
+/// every read (at least 1/`MIN_SAVING`, in whole bytes rounded up: a tiny part that saves nothing
+/// is no exception).
+pub fn pays(stored: u64, len: u64) -> bool {
+    len > 0 && stored * MIN_SAVING <= len * (MIN_SAVING - 1)
+}
+
+/// The compression record of a part of `dtype` whose chunks are stored in `chunks` bytes each.
+pub fn record(opts: &Options, dtype: DType, chunks: Vec<u32>, decoded_len: u64) -> Compression {
+    Compression {
+        codec: CodecId::Zstd,
+        level: opts.level,
+        filter: Filter::for_dtype(dtype),
+        chunk_size: opts.chunk_size,
+        chunks,
+        decoded_len,
+        itemsize: dtype.itemsize(),
+    }
+}
+
+/// Compress `parts` into the slots of `buf` (grown to their total size when shorter; pass back
+/// the buffer of an earlier call to reuse its pages). Every chunk of every part runs in one
+/// parallel pass: many small parts (one chunk each) keep every core busy as one large part does.
+pub fn compress_parts(parts: &[Input<'_>], opts: &Options, mut buf: Vec<u8>) -> Result<Compressed> {
     let cs = opts.chunk_size;
     let valid = cs.is_power_of_two()
         && (crate::format::compression::MIN_CHUNK..=crate::format::compression::MAX_CHUNK)
             .contains(&cs);
     let cs = cs as usize;
-    let total: usize = parts.iter().map(|(b, _)| b.len()).sum();
+    let total: usize = parts.iter().map(|p| p.bytes.len()).sum();
     if buf.len() < total {
         buf.resize(total, 0);
     }
@@ -125,7 +152,7 @@ pub fn compress_parts(
     let mut jobs = Vec::new();
     let mut rest = &mut buf[..total];
     let mut base = 0;
-    for (j, &(bytes, dtype)) in parts.iter().enumerate() {
+    for (j, &Input { bytes, dtype, .. }) in parts.iter().enumerate() {
         let (mine, tail) = std::mem::take(&mut rest).split_at_mut(bytes.len());
         rest = tail;
         packed.push(Packed {
@@ -146,32 +173,22 @@ pub fn compress_parts(
         .collect::<Result<_>>()?;
     let mut lens = lens.into_iter();
     let mut jobs = jobs.into_iter().peekable();
-    for (j, &(bytes, dtype)) in parts.iter().enumerate() {
+    for (j, input) in parts.iter().enumerate() {
         let mut mine = Vec::new();
         while jobs.peek().is_some_and(|job| job.0 == j) {
             jobs.next();
-            mine.push(lens.next().expect("one length per job"));
+            mine.push(lens.next().expect("one length per job") as u32);
         }
-        let stored: usize = mine.iter().sum();
-        // In whole bytes rounded up (a tiny part that saves nothing is no exception).
-        let p = &mut packed[j];
-        if mine.is_empty() || stored as u64 * MIN_SAVING > bytes.len() as u64 * (MIN_SAVING - 1) {
-            continue;
+        let stored: u64 = mine.iter().map(|&n| n as u64).sum();
+        let len = input.bytes.len() as u64;
+        if !mine.is_empty() && (input.piece || pays(stored, len)) {
+            packed[j].record = Some(record(opts, input.dtype, mine, len));
         }
-        p.record = Some(Compression {
-            codec: CodecId::Zstd,
-            level: opts.level,
-            filter: Filter::for_dtype(dtype),
-            chunk_size: opts.chunk_size,
-            chunks: mine.iter().map(|&n| n as u32).collect(),
-            decoded_len: bytes.len() as u64,
-            itemsize: dtype.itemsize(),
-        });
     }
     // A part stored as it is: its bytes, unfiltered, back into its slots.
-    for (p, &(bytes, _)) in packed.iter().zip(parts) {
+    for (p, input) in packed.iter().zip(parts) {
         if p.record.is_none() {
-            buf[p.base..p.base + p.len].copy_from_slice(bytes);
+            buf[p.base..p.base + p.len].copy_from_slice(input.bytes);
         }
     }
     Ok(Compressed { buf, parts: packed })
@@ -483,11 +500,17 @@ mod tests {
             })
             .collect();
         let small = smooth[..600].to_vec();
-        let parts: Vec<(&[u8], DType)> = vec![
-            (&smooth, DType::Float16),
-            (&noise, DType::Uint8),
-            (&[], DType::Float32),
-            (&small, DType::Float16),
+        let input = |bytes, dtype, piece| Input {
+            bytes,
+            dtype,
+            piece,
+        };
+        let parts = vec![
+            input(&smooth, DType::Float16, false),
+            input(&noise, DType::Uint8, false),
+            input(&[], DType::Float32, false),
+            input(&small, DType::Float16, false),
+            input(&noise, DType::Uint8, true), // a piece: its chunks, whatever they save
         ];
         let opts = Options {
             level: DEFAULT_LEVEL,
@@ -496,14 +519,15 @@ mod tests {
         let c = compress_parts(&parts, &opts, vec![7u8; 3]).unwrap();
         assert!(c.parts[0].record.is_some() && c.parts[1].record.is_none());
         assert!(c.parts[2].record.is_none() && c.stored_len(2) == 0);
-        for (j, &(bytes, _)) in parts.iter().enumerate() {
+        assert!(c.parts[4].record.is_some() && c.stored_len(4) >= noise.len() as u64);
+        for (j, &Input { bytes, .. }) in parts.iter().enumerate() {
             let stored: Vec<u8> = c.stored(j).flatten().copied().collect();
             assert_eq!(stored.len() as u64, c.stored_len(j));
             let Some(rec) = &c.parts[j].record else {
                 assert_eq!(stored, bytes, "part {j} is stored as it is");
                 continue;
             };
-            assert!(stored.len() < bytes.len());
+            assert!(stored.len() < bytes.len() || j == 4);
             let mut out = vec![0u8; bytes.len()];
             let offsets = rec.stored_offsets();
             decompress_chunks(rec, &offsets, &stored, 0..rec.chunks.len(), &mut out, "t").unwrap();

@@ -7,9 +7,10 @@
 //! reserved up front for the largest compression records the parts can get. Parts shorter than
 //! a chunk are copied and held until they add up to `STAGE_BYTES`, so that their chunks compress
 //! in parallel as one large part's do (a model's norms, biases and small matrices would
-//! otherwise compress one at a time on one core). A batch of compressed parts is written (and
-//! hashed) by a background thread while the caller brings the next parts and they compress: the
-//! disk and the cores work at once (`benches/bench_compression.py`).
+//! otherwise compress one at a time on one core); parts longer than `PIECE_CHUNKS` chunks
+//! compress in pieces of that many chunks, so the writer's buffers stay two pieces long (64 MiB
+//! with 1 MiB chunks) whatever the part (a 1 GB embedding included). A batch is written (and hashed) by a background thread while the
+//! next one compresses: the disk and the cores work at once (`benches/bench_compression.py`).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -21,7 +22,7 @@ use tempfile::NamedTempFile;
 use xxhash_rust::xxh3::Xxh3Default;
 
 use super::checksum::checksum;
-use crate::codecs::compress::{self, Compressed, Options};
+use crate::codecs::compress::{self, Compressed, Input, Options};
 use crate::error::{Error, Result};
 use crate::format::compression::{CodecId, Compression, Filter};
 use crate::format::header::PartInfo;
@@ -58,34 +59,51 @@ pub struct FileWriter {
     /// into (the two alternate: no batch allocates its own).
     pending: Option<PendingWrite>,
     spare: Vec<u8>,
+    /// The part being compressed in pieces: its chunks' stored lengths so far, and the hash of
+    /// its stored bytes (with the writing thread while a piece is being written).
+    open: Option<OpenPart>,
+}
+
+struct OpenPart {
+    chunks: Vec<u32>,
+    stored: u64,
+    hash: Option<Xxh3Default>,
 }
 
 /// Parts shorter than a chunk wait, copied, until they add up to this: eight chunks of the
 /// default size keep eight cores busy, and copying costs a fraction of compressing.
 const STAGE_BYTES: usize = 8 << 20;
 
-/// A batch of compressed parts on its way to the file: each `(tensor, part)`, and the thread
-/// that writes their chunks and returns the buffer and the checksum of each part's stored bytes.
+/// Parts longer than this many chunks compress and write a piece of this many chunks at a time:
+/// enough for every core and to keep the writes large, and the writer's memory stays bounded.
+const PIECE_CHUNKS: usize = 32;
+
+/// A batch of compressed parts on its way to the file: each `(tensor, part)` (the last one may
+/// be a piece of the open part), and the thread that writes their chunks and returns the buffer
+/// and the hash of each one's stored bytes.
 struct PendingWrite {
     parts: Vec<(usize, usize)>,
-    thread: JoinHandle<(Vec<u8>, std::io::Result<Vec<u64>>)>,
+    piece: bool,
+    thread: JoinHandle<(Vec<u8>, std::io::Result<Vec<Xxh3Default>>)>,
 }
 
 /// Write the stored chunks of each part of `c` one after another from its position in `at`,
-/// hashing them as they go: the checksum of each part.
-fn write_chunks(file: &File, c: &Compressed, at: &[u64]) -> std::io::Result<Vec<u64>> {
-    let mut sums = Vec::with_capacity(at.len());
-    for (j, &start) in at.iter().enumerate() {
-        let mut hash = Xxh3Default::new();
+/// each hashed as it goes into its hasher of `hashes` (fresh, or the open part's so far).
+fn write_chunks(
+    file: &File,
+    c: &Compressed,
+    at: &[u64],
+    mut hashes: Vec<Xxh3Default>,
+) -> std::io::Result<Vec<Xxh3Default>> {
+    for (j, (&start, hash)) in at.iter().zip(&mut hashes).enumerate() {
         let mut pos = start;
         for chunk in c.stored(j) {
             write_at(file, chunk, pos)?;
             hash.update(chunk);
             pos += chunk.len() as u64;
         }
-        sums.push(hash.digest());
     }
-    Ok(sums)
+    Ok(hashes)
 }
 
 fn align_up(v: u64, a: u64) -> u64 {
@@ -289,6 +307,7 @@ impl FileWriter {
             staged_parts: Vec::new(),
             pending: None,
             spare: Vec::new(),
+            open: None,
         })
     }
 
@@ -332,35 +351,91 @@ impl FileWriter {
             return Ok(());
         };
         self.taken[tensor][part] = true;
-        if bytes.len() < opts.chunk_size as usize && self.staged.len() + bytes.len() <= STAGE_BYTES
-        {
+        let cs = opts.chunk_size as usize;
+        if bytes.len() < cs && self.staged.len() + bytes.len() <= STAGE_BYTES {
             let at = self.staged.len();
             self.staged.extend_from_slice(bytes);
             self.staged_parts
                 .push((tensor, part, at..self.staged.len()));
             return Ok(());
         }
-        self.flush(Some((tensor, part, bytes)))
+        let piece = PIECE_CHUNKS * cs;
+        if bytes.len() <= piece {
+            return self.flush(Some((tensor, part, bytes)), false);
+        }
+        self.write_in_pieces(tensor, part, bytes, piece)
+    }
+
+    /// A part longer than `piece` bytes: compressed and written a piece at a time (the staged
+    /// parts go with the first), then judged as a whole. When compression does not pay, its bytes
+    /// as they are replace the chunks written (from the same offset: nothing follows it yet).
+    fn write_in_pieces(
+        &mut self,
+        tensor: usize,
+        part: usize,
+        bytes: &[u8],
+        piece: usize,
+    ) -> Result<()> {
+        self.open = Some(OpenPart {
+            chunks: Vec::new(),
+            stored: 0,
+            hash: Some(Xxh3Default::new()),
+        });
+        for p in bytes.chunks(piece) {
+            self.flush(Some((tensor, part, p)), true)?;
+        }
+        self.settle()?;
+        let open = self.open.take().expect("the open part");
+        let opts = self.compression.expect("a compressing writer");
+        let t = &mut self.header.tensors[tensor];
+        let p = &mut t.parts[part];
+        let len = bytes.len() as u64;
+        if compress::pays(open.stored, len) {
+            p.length = open.stored;
+            p.checksum = open.hash.expect("the hash is back").digest();
+            p.compression = Some(Box::new(compress::record(&opts, p.dtype, open.chunks, len)));
+        } else {
+            let f = self.tmp.as_ref().expect("writer is open").as_file();
+            write_at(f, bytes, self.data_start + p.offset)
+                .map_err(|e| Error::io(format!("writing tensor '{}'", t.name), e))?;
+            p.length = len;
+            p.checksum = checksum(bytes);
+            p.compression = None;
+        }
+        self.next = align_up(p.offset + p.length, self.header.alignment);
+        self.written[tensor][part] = true;
+        Ok(())
     }
 
     /// Compress the staged parts and `current` (the caller's bytes) in one parallel pass, place
     /// them in that order, and hand them to a background thread that writes them while the
     /// caller goes on.
-    fn flush(&mut self, current: Option<(usize, usize, &[u8])>) -> Result<()> {
+    /// `piece`: `current` is the next piece of the open part.
+    fn flush(&mut self, current: Option<(usize, usize, &[u8])>, piece: bool) -> Result<()> {
         let Some(opts) = self.compression else {
             return Ok(());
         };
         let staged = std::mem::take(&mut self.staged);
         let mut ids: Vec<(usize, usize)> = Vec::with_capacity(self.staged_parts.len() + 1);
-        let mut inputs: Vec<(&[u8], DType)> = Vec::with_capacity(ids.capacity());
+        let mut inputs: Vec<Input<'_>> = Vec::with_capacity(ids.capacity());
         let dtype_of = |t: usize, p: usize| self.header.tensors[t].parts[p].dtype;
         for (t, p, r) in self.staged_parts.drain(..) {
             ids.push((t, p));
-            inputs.push((&staged[r], dtype_of(t, p)));
+            let dtype = dtype_of(t, p);
+            inputs.push(Input {
+                bytes: &staged[r],
+                dtype,
+                piece: false,
+            });
         }
         if let Some((t, p, bytes)) = current {
             ids.push((t, p));
-            inputs.push((bytes, dtype_of(t, p)));
+            let dtype = dtype_of(t, p);
+            inputs.push(Input {
+                bytes,
+                dtype,
+                piece,
+            });
         }
         if ids.is_empty() {
             self.staged = staged;
@@ -383,22 +458,44 @@ impl FileWriter {
         // Its buffer is about to be reused; a failed write fails this batch too.
         self.settle()?;
         let mut at = Vec::with_capacity(ids.len());
+        let mut hashes = Vec::with_capacity(ids.len());
         for (j, &(t, p)) in ids.iter().enumerate() {
             let p = &mut self.header.tensors[t].parts[p];
+            if piece && j + 1 == ids.len() {
+                // The open part: placed at its first piece; its length is known at its end.
+                let open = self.open.as_mut().expect("an open part");
+                if open.chunks.is_empty() {
+                    p.offset = self.next;
+                }
+                at.push(self.data_start + p.offset + open.stored);
+                let rec = c.parts[j]
+                    .record
+                    .as_ref()
+                    .expect("a piece keeps its chunks");
+                open.chunks.extend_from_slice(&rec.chunks);
+                open.stored += c.stored_len(j);
+                hashes.push(open.hash.take().expect("the hash is back"));
+                continue;
+            }
             p.offset = self.next;
             p.length = c.stored_len(j);
             p.compression = c.parts[j].record.clone().map(Box::new);
             self.next = align_up(p.offset + p.length, self.header.alignment);
             at.push(self.data_start + p.offset);
+            hashes.push(Xxh3Default::new());
         }
         let thread = std::thread::Builder::new()
             .name("qtensors-write".into())
             .spawn(move || {
-                let sums = write_chunks(&file, &c, &at);
-                (c.buf, sums)
+                let hashes = write_chunks(&file, &c, &at, hashes);
+                (c.buf, hashes)
             })
             .map_err(|e| Error::io("cannot start a writing thread", e))?;
-        self.pending = Some(PendingWrite { parts: ids, thread });
+        self.pending = Some(PendingWrite {
+            parts: ids,
+            piece,
+            thread,
+        });
         Ok(())
     }
 
@@ -420,8 +517,13 @@ impl FileWriter {
                 e,
             )
         })?;
-        for (&(t, p), sum) in w.parts.iter().zip(sums) {
-            self.header.tensors[t].parts[p].checksum = sum;
+        let n = w.parts.len();
+        for (j, (&(t, p), hash)) in w.parts.iter().zip(sums).enumerate() {
+            if w.piece && j + 1 == n {
+                self.open.as_mut().expect("an open part").hash = Some(hash);
+                continue; // written once its last piece is
+            }
+            self.header.tensors[t].parts[p].checksum = hash.digest();
             // Only a part whose bytes reached the file counts as written (`finish` checks).
             self.written[t][p] = true;
         }
@@ -438,7 +540,7 @@ impl FileWriter {
 
     /// Write the prefix and header, fsync, and rename into place.
     pub fn finish(mut self) -> Result<Header> {
-        self.flush(None)?;
+        self.flush(None, false)?;
         self.settle()?;
         self.spare = Vec::new();
         for (t, w) in self.header.tensors.iter().zip(&self.written) {
