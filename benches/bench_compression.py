@@ -13,7 +13,11 @@ and the cost of compressing during convert, each against the obvious alternative
   stored uncompressed (a copy out of the page cache).
 * convert: `convert --lossless` against `convert --quant raw` (no compression), and default
   quantization with and without `--compress zstd`: the speed ratio (wall time, the two
-  contenders run in turn, best of `--repeat` each, in a child process using every core).
+  contenders run in turn, best of `--repeat` each, or of 4x as many for inputs under 256 MB
+  whose converts take a fraction of a second; in a child process using every core).
+* levels: the filtered chunks of the MiniLM lossless files compressed again at each zstd level
+  with our match finding (and plain level 1): ratio and compression speed per CPU second, to
+  show which level convert should use.
 
 Writes JSON and text to $OUT (if set) and prints the text.
 """
@@ -86,7 +90,7 @@ print(json.dumps(times))
 """
 
 
-def convert_times(jobs: list[tuple[str, str, dict]]) -> list[float]:
+def convert_times(jobs: list[tuple[str, str, dict]], repeat: int) -> list[float]:
     """Best wall time of each `qt.convert(src, dst, **kw)` in `jobs`, run in turn `--repeat`
     times (a busy spell on a shared machine weighs on every contender alike), in a child
     process with Rayon's default thread count (every core, as a user's convert runs; this
@@ -94,7 +98,7 @@ def convert_times(jobs: list[tuple[str, str, dict]]) -> list[float]:
     env = {k: v for k, v in os.environ.items() if k != "RAYON_NUM_THREADS"}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
     out = subprocess.run(
-        [sys.executable, "-c", CONVERT_CHILD, json.dumps(jobs), str(args.repeat)],
+        [sys.executable, "-c", CONVERT_CHILD, json.dumps(jobs), str(repeat)],
         env=env,
         check=True,
         capture_output=True,
@@ -111,6 +115,11 @@ def plain_zstd_size(path: str) -> int:
         while chunk := fh.read(1 << 20):
             total += min(len(c.compress(chunk)), len(chunk))
     return total
+
+
+def convert_repeat(src: str) -> int:
+    """Short converts repeat more: a busy spell on the shared cores weighs more on them."""
+    return args.repeat * (4 if os.path.getsize(src) < 256e6 else 1)
 
 
 def frames_of(q_path: str) -> list[bytes]:
@@ -160,6 +169,37 @@ def zstd_params_ab(q_path: str) -> dict:
     }
 
 
+LEVELS = (-1, 1, 2, 3, 5)
+
+
+def zstd_levels(q_path: str) -> dict:
+    """The filtered chunks of a lossless file compressed again at each level of `LEVELS` with
+    our match finding (hash log 6, min match 7; what the writer sets on top of the level), and
+    at plain level 1: ratio and compression GB per CPU second (one thread, zstandard)."""
+    d = zstandard.ZstdDecompressor()
+    chunks = []
+    for f in frames_of(q_path):
+        chunks.append(d.decompress(f) if f[:4] == b"\x28\xb5\x2f\xfd" else f)
+    n = sum(map(len, chunks))
+    out = {}
+    contenders = [
+        (
+            f"level {lv}",
+            zstandard.ZstdCompressionParameters.from_level(
+                lv, hash_log=6, chain_log=6, min_match=7
+            ),
+        )
+        for lv in LEVELS
+    ]
+    contenders.append(("plain level 1", zstandard.ZstdCompressionParameters.from_level(1)))
+    for name, params in contenders:
+        c = zstandard.ZstdCompressor(compression_params=params)
+        stored = sum(min(len(c.compress(x)), len(x)) for x in chunks)
+        t = best(lambda c=c: [c.compress(x) for x in chunks], args.repeat, time.process_time)
+        out[name] = {"ratio": n / stored, "compress_gb_per_cpu_s": n / t / 1e9}
+    return out
+
+
 def entropy_bound(st_path: str) -> float:
     """The ratio an ideal order-0 entropy coder would reach on each float tensor's byte planes
     (after the filter's sign rotation), coded per tensor and plane; other tensors as they are.
@@ -196,7 +236,8 @@ def measure_model(label: str, st_path: str, tmp: str) -> dict:
     out = os.path.join(tmp, label + ".qtensors")
     plain = os.path.join(tmp, label + "-raw.qtensors")
     t_lossless, t_raw = convert_times(
-        [(st_path, out, {"lossless": True}), (st_path, plain, {"quant": "raw"})]
+        [(st_path, out, {"lossless": True}), (st_path, plain, {"quant": "raw"})],
+        convert_repeat(st_path),
     )
     check_equal(st_path, out)  # correctness first: bit-identical
     st_size, q_size = os.path.getsize(st_path), os.path.getsize(out)
@@ -240,6 +281,14 @@ def measure_model(label: str, st_path: str, tmp: str) -> dict:
         f"(zstandard, GB per CPU s; {speedup:.2f}x faster); order-0 entropy of the byte planes "
         f"(ideal Huffman/ANS per tensor): {bound:.3f}x"
     )
+    if label.startswith("minilm"):
+        r["zstd_levels"] = levels = zstd_levels(out)
+        say(
+            f"{'':16s} filtered chunks per zstd level (ratio, compress GB per CPU s): "
+            + ", ".join(
+                f"{k} {v['ratio']:.3f}x {v['compress_gb_per_cpu_s']:.2f}" for k, v in levels.items()
+            )
+        )
     return r
 
 
@@ -267,7 +316,9 @@ def main() -> None:
             RESULT["synthetic_bf16"] = measure_model(f"synthetic-{args.synthetic_gb:g}GB", syn, tmp)
         # Quantized (flexgen) with and without compression.
         q0, q1 = os.path.join(tmp, "q0.qtensors"), os.path.join(tmp, "q1.qtensors")
-        t0, t1 = convert_times([(src, q0, {}), (src, q1, {"compression": "zstd"})])
+        t0, t1 = convert_times(
+            [(src, q0, {}), (src, q1, {"compression": "zstd"})], convert_repeat(src)
+        )
         a, b = qt.load_file(q0), qt.load_file(q1)
         assert all(np.array_equal(a[k], b[k]) for k in a)
         s0, s1 = os.path.getsize(q0), os.path.getsize(q1)

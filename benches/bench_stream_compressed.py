@@ -16,6 +16,11 @@ compression pay at the disk's read rate? Self-contained; one script for the CPU 
    GB/s (decoded bytes per second) and the lossless / uncompressed ratio. On the CPU also the
    uncompressed file read one tensor at a time through the page cache (`uncompressed-1`: the
    CPU path before it read `HOST_READERS` tensors at once in mode "auto").
+5. loaders (CPU): `qtensors.torch.load_model` of each file into a model built on the meta device,
+   and one forward pass of that model under `qtensors.torch.offload` (each layer's weights read
+   from the file as it runs), cold, in their default engine mode (as the stream: "auto",
+   `HOST_READERS` tensors in flight) against one tensor at a time in mode "pread" (`-1`: how
+   both read before they shared the stream's engine).
 
 Page cache: dropped with `echo 3 > /proc/sys/vm/drop_caches` where allowed, else with
 `posix_fadvise(DONTNEED)` on the files (the output says which). Writes JSON and text to $OUT
@@ -69,6 +74,57 @@ def stream_all(path: str, readers: int | None = None, mode: str | None = None) -
         S.HOST_READERS = default
     sync()
     return n
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        lin = torch.nn.Linear
+        for name in ("q", "k", "v", "o"):
+            setattr(self, name, lin(hidden, hidden, bias=False, dtype=torch.bfloat16))
+        self.gate = lin(hidden, inter, bias=False, dtype=torch.bfloat16)
+        self.up = lin(hidden, inter, bias=False, dtype=torch.bfloat16)
+        self.down = lin(inter, hidden, bias=False, dtype=torch.bfloat16)
+        self.norm = torch.nn.LayerNorm(hidden, bias=False, dtype=torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x + self.o(self.q(x) + self.k(x) + self.v(x)))
+        return x + self.down(self.gate(x) * self.up(x))
+
+
+class _Model(torch.nn.Module):
+    """The synthetic model's tensors as modules (`layers.{i}.{q,...,down,norm}.weight`)."""
+
+    def __init__(self, layers: int, hidden: int = 2048, inter: int = 5632) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_Layer(hidden, inter) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def timed_loader(path: str, layers: int, kind: str, one: bool) -> float:
+    """Seconds of `load_model` (kind "load") or of one offloaded forward (kind "offload") of
+    `path` to the CPU; `one`: one tensor at a time in mode "pread" (else the defaults)."""
+    qtt = importlib.import_module("qtensors.torch")
+    default = S.HOST_READERS
+    S.HOST_READERS = 1 if one else default
+    kw = {"mode": "pread"} if one else {}
+    try:
+        with qtt.init_empty_weights():
+            model = _Model(layers)
+        t0 = time.perf_counter()
+        if kind == "load":
+            qtt.load_model(model, path, device="cpu", **kw)
+        else:
+            model = qtt.offload(model, path, device="cpu", prefetch=1 if one else 2, **kw)
+            model(torch.ones(1, 2048, dtype=torch.bfloat16))
+            model.qtensors_offload.remove()
+        return time.perf_counter() - t0
+    finally:
+        S.HOST_READERS = default
 
 
 def timed_stream(path: str, **kw) -> tuple[float, int]:
@@ -171,6 +227,8 @@ def main(work: str) -> None:
             f"{S.HOST_MODE!r} / one at a time, mode 'pread' (uncompressed-1): {gain:.2f}x"
         )
     RESULT["stream"] = out
+    if not args.device.startswith("cuda"):
+        loaders(lossless, plain, out["uncompressed"]["decoded_bytes"])
     ratio = out["lossless"]["cold_gbps"] / out["uncompressed"]["cold_gbps"]
     RESULT["cold_speed_ratio"] = ratio
     REP.say(
@@ -179,6 +237,34 @@ def main(work: str) -> None:
         f"{RESULT['disk_read_gbps']:.2f} GB/s; threads: {os.cpu_count()} cores visible)"
     )
     REP.write("stream_compressed", RESULT)
+
+
+def loaders(lossless: str, plain: str, n: int) -> None:
+    """load_model and an offloaded forward on the CPU, cold: default engine mode against one
+    tensor at a time in mode "pread", on each file (the four contenders in turn)."""
+    layers = len(qt.safe_open(plain).keys()) // 8
+    res: dict = {}
+    for kind in ("load", "offload"):
+        cold: dict[tuple[str, bool], list[float]] = {}
+        for _ in range(args.repeat):
+            for label, path in (("lossless", lossless), ("uncompressed", plain)):
+                for one in (False, True):
+                    drop_caches([path])
+                    cold.setdefault((label, one), []).append(timed_loader(path, layers, kind, one))
+        for (label, one), ts in cold.items():
+            res[f"{kind} {label}{'-1' if one else ''}"] = {
+                "cold_s": min(ts),
+                "cold_gbps": n / min(ts) / 1e9,
+            }
+        for label in ("lossless", "uncompressed"):
+            new, old = res[f"{kind} {label}"], res[f"{kind} {label}-1"]
+            REP.say(
+                f"{'load_model' if kind == 'load' else 'offload pass'} {label:12s} cold "
+                f"{new['cold_gbps']:.2f} GB/s ({new['cold_s']:.2f} s; the stream's engine) vs "
+                f"{old['cold_gbps']:.2f} GB/s one tensor at a time, 'pread': "
+                f"{new['cold_gbps'] / old['cold_gbps']:.2f}x"
+            )
+    RESULT["loaders"] = res
 
 
 if args.work:

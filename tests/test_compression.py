@@ -109,6 +109,80 @@ def test_compressing_writer_places_parts_in_write_order(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["w.qtensors"]
 
 
+def test_parts_shorter_than_a_chunk_are_batched_in_write_order(tmp_path):
+    # With 1 MiB chunks these parts are staged until they add up to a batch (8 MiB), then
+    # compressed together with the next part of a chunk or more: more than one batch here,
+    # incompressible and empty parts among them, written out of plan order.
+    rng = np.random.default_rng(9)
+    tensors = {}
+    for i in range(40):
+        if i % 7 == 3:
+            tensors[f"s{i}"] = rng.integers(0, 256, 300_000).astype(np.uint8)  # stored as is
+        elif i % 11 == 5:
+            tensors[f"s{i}"] = np.zeros((0, 4), np.float32)
+        else:
+            tensors[f"s{i}"] = sample(rng, "float16", (150_000 + 1000 * i,))
+    tensors["big"] = sample(rng, "float32", (700_000,))  # 2.7 chunks: flushes the batch
+    plans = [(n, str(x.dtype), list(x.shape), '{"name": "raw"}') for n, x in tensors.items()]
+    names = list(tensors)
+    order = [*range(20, 40), 40, *range(20)]
+    path = tmp_path / "b.qtensors"
+    w = _core.Writer(str(path), plans, {}, 64, "zstd")
+    for i in order:
+        w.write_parts(i, [tensors[names[i]].reshape(-1).view(np.uint8)])
+    with pytest.raises(ValueError, match="'s7' part 'data' is written already"):
+        w.write_parts(7, [tensors["s7"].view(np.uint8)])  # staged, not yet written
+    header = json.loads(w.finish())
+    assert header == R.read_header(str(path))["header"]  # finish returns what it wrote
+    by_name = {t["name"]: t["parts"]["data"] for t in header["tensors"]}
+    offsets = [by_name[names[i]]["offset"] for i in order]
+    assert offsets == sorted(offsets)
+    assert "compression" not in by_name["s3"] and "compression" in by_name["s0"]
+    assert "compression" in by_name["big"] and by_name["s5"]["length"] == 0
+    got = qt.load_file(str(path))
+    assert all(np.array_equal(got[n], x) for n, x in tensors.items())
+    # Not strict: written out of plan order, the header lists tensors out of file order.
+    ref, _, _ = R.read_file(str(path), strict=False)
+    assert all(ref[n].tobytes() == x.tobytes() for n, x in tensors.items())
+    qt.safe_open(str(path)).verify()
+    # Dropped with parts staged and a batch in flight: no file, no temporary.
+    w = _core.Writer(str(tmp_path / "x.qtensors"), plans, {}, 64, "zstd")
+    for i in order[:30]:
+        w.write_parts(i, [tensors[names[i]].reshape(-1).view(np.uint8)])
+    w.abort()
+    assert sorted(os.listdir(tmp_path)) == ["b.qtensors"]
+
+
+def test_parts_longer_than_a_piece_compress_in_pieces(tmp_path):
+    # Parts over 32 chunks (128 KiB with 4 KiB chunks) are compressed and written a piece at a
+    # time (staged parts go with the first piece) and judged whole: one record over all their
+    # chunks, or, when compression does not pay, their bytes as they are in place of the chunks
+    # written.
+    rng = np.random.default_rng(11)
+    tensors = {
+        "a": sample(rng, "float16", (1000,)),  # staged
+        "big": sample(rng, "float32", (100_001,)),  # 3+ pieces and a ragged chunk
+        "b": sample(rng, "float16", (3000,)),
+        "noise": rng.integers(0, 256, 300_000).astype(np.uint8),  # does not pay
+        "c": sample(rng, "float32", (500,)),
+    }
+    path = tmp_path / "p.qtensors"
+    write(path, tensors)
+    header = R.read_header(str(path))["header"]
+    by_name = {t["name"]: t["parts"]["data"] for t in header["tensors"]}
+    big = by_name["big"]["compression"]
+    assert len(big["chunks"]) == -(-100_001 * 4 // SMALL)
+    assert by_name["big"]["length"] == sum(big["chunks"]) < 100_001 * 4
+    assert "compression" not in by_name["noise"] and by_name["noise"]["length"] == 300_000
+    offsets = [by_name[n]["offset"] for n in tensors]
+    assert offsets == sorted(offsets)
+    got = qt.load_file(str(path))
+    assert all(np.array_equal(got[n], x) for n, x in tensors.items())
+    ref, _, _ = R.read_file(str(path))  # strict: in order, zero padding, nothing after
+    assert all(ref[n].tobytes() == x.tobytes() for n, x in tensors.items())
+    qt.safe_open(str(path)).verify()
+
+
 def test_bfloat16_and_save_file_lossless(tmp_path):
     torch = pytest.importorskip("torch")
     g = torch.Generator().manual_seed(0)

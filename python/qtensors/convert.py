@@ -487,10 +487,9 @@ def _write_job(
                 ) from None
             del data, x
             progress.update(entry.nbytes)
-        # Stored sizes are known once every part is written (compressed parts shrink).
-        header = json.loads(writer.header_json())
+        # Stored sizes are known once every part is in (compressed parts shrink).
+        header = json.loads(writer.finish())
         stored = sum(p["length"] for t in header["tensors"] for p in t["parts"].values())
-        writer.finish()
     except BaseException:
         writer.abort()
         raise

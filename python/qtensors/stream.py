@@ -34,7 +34,8 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,9 +117,10 @@ class Entry:
         empty read for an empty buffer)."""
         return [(p, min(chunk, self.nbytes - p)) for p in range(0, max(self.nbytes, 1), chunk)]
 
-    def read_into(self, pos: int, out: Any) -> None:
-        """Bytes ``[pos, pos + len(out))`` of the buffer into ``out`` (one of ``pieces``)."""
-        self.reader.read(self.index, pos, out, False)
+    def read_into(self, pos: int, out: Any, verify: bool = False) -> None:
+        """Bytes ``[pos, pos + len(out))`` of the buffer into ``out`` (one of ``pieces``);
+        ``verify``: check the checksums of the parts once read to their end (pieces in order)."""
+        self.reader.read(self.index, pos, out, verify)
 
 
 def open_entries(
@@ -310,15 +312,35 @@ def read_host(e: Entry, verify: bool, stop: threading.Event | None = None) -> np
     raw = np.empty(n + DIRECT_ALIGN, dtype=np.uint8)
     pad = (e.start - raw.ctypes.data) % DIRECT_ALIGN
     buf = raw[pad : pad + n]
-    off = 0
-    while True:
+    for off, m in e.pieces(HOST_PIECE):  # (one empty read for an empty tensor: verify sees it)
         if stop is not None and stop.is_set():
             raise Stopped
-        m = min(HOST_PIECE, n - off)
-        e.reader.read(e.index, off, buf[off : off + m], verify)
-        off += m
-        if off >= n:
-            return buf
+        e.read_into(off, buf[off : off + m], verify)
+    return buf
+
+
+def read_host_ahead(
+    entries: Iterable[Entry], verify: bool = False, readers: int | None = None
+) -> Iterator[tuple[Entry, np.ndarray]]:
+    """`read_host` of every entry, `readers` (default `HOST_READERS`) at once, yielded in order:
+    the CPU path of `load_model` and `offload` (a cold disk needs several reads in flight; the
+    stream's own loader thread does the same with its read-ahead window). Stopping the
+    iteration early waits for the reads in flight and drops them."""
+    readers = max(1, readers or HOST_READERS)
+    stop = threading.Event()
+    window: deque[tuple[Entry, Future]] = deque()
+    with ThreadPoolExecutor(readers, thread_name_prefix="qtensors-read") as pool:
+        try:
+            for e in entries:
+                window.append((e, pool.submit(read_host, e, verify, stop)))
+                if len(window) >= readers:
+                    got, fut = window.popleft()
+                    yield got, fut.result()
+            while window:
+                got, fut = window.popleft()
+                yield got, fut.result()
+        finally:
+            stop.set()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ only once the copy out of it has finished (a CUDA event). Host memory in use is 
 either become the buffers of a ``QuantizedLinear`` / ``QuantizedEmbedding`` (``keep_quantized``) or
 are decoded there by ``torch.ops.qtensors.dequantize`` into the parameter's dtype.
 
-For a CPU target the chunks are read straight into the destination tensors (no staging) and
-decoded by the Rust core. ``io="stream"`` runs ``qtensors.stream``'s pipeline instead (a loader
-thread, checksums with ``verify=True``).
+For a CPU target tensors are read as ``qtensors.stream`` reads them to the CPU (the same engine
+mode, ``"auto"``: cached pages copied, the rest O_DIRECT; several tensors in flight, each into its
+own buffer) and decoded by the Rust core. ``io="stream"`` runs ``qtensors.stream``'s pipeline
+instead (a loader thread, checksums with ``verify=True``).
 
 Measured on an H100 machine (benches/results/gpu_load_h100.txt; 1.1B-parameter Llama-shaped
 model, int4-g64 vs the same weights in fp16 through ``safetensors.torch.load_file(device=
@@ -38,7 +39,15 @@ import torch
 from torch import nn
 
 from ..files import safe_open
-from ..stream import Entry, open_entries, quantized_from_torch, resolve_files
+from ..stream import (
+    DEVICE_MODE,
+    HOST_MODE,
+    Entry,
+    open_entries,
+    quantized_from_torch,
+    read_host_ahead,
+    resolve_files,
+)
 from ._layout import scale_shape
 from .modules import (
     QuantizedEmbedding,
@@ -95,7 +104,8 @@ def model_files(path: str | os.PathLike[str]) -> list[str]:
 class _Streamer:
     """Reads tensors (``qtensors.stream`` entries: the Rust ``StreamReader`` does every read,
     GIL released) into device tensors: chunks read by a few threads at once into a ring of
-    pinned buffers, each copied to the device asynchronously on the current stream."""
+    (pinned, for CUDA) buffers, each copied to the device asynchronously on the current
+    stream. Host targets read without it (``stream.read_host_ahead``)."""
 
     def __init__(
         self,
@@ -103,17 +113,13 @@ class _Streamer:
         chunk: int = DEFAULT_CHUNK,
         slots: int = DEFAULT_SLOTS,
         threads: int | None = None,
-        staged: bool | None = None,
     ) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
-        # staged: through the ring of (pinned, for CUDA) host buffers; else straight into dst
-        self.staged = self.cuda if staged is None else staged
         self.chunk = chunk
         self.nslots = max(1, slots)
         self.threads = threads or max(1, min(self.nslots, os.cpu_count() or 1, 8))
         self._bufs: list[torch.Tensor] = []
-        self.bytes_read = 0
 
     def _slot_buffers(self) -> list[torch.Tensor]:
         if not self._bufs:
@@ -128,35 +134,9 @@ class _Streamer:
         on the current stream (device work queued after it sees the data)."""
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="qtensors-load")
         try:
-            if self.staged:
-                yield from self._stream_staged(pool, entries)
-            else:
-                yield from self._stream_host(pool, entries)
+            yield from self._stream_staged(pool, entries)
         finally:
             pool.shutdown(wait=True)
-
-    def _stream_host(self, pool: ThreadPoolExecutor, entries: Iterable[Entry]):
-        window: deque[tuple[Entry, torch.Tensor, list[Future]]] = deque()
-        inflight = 0
-        for e in entries:
-            dst = torch.empty(e.nbytes, dtype=torch.uint8)
-            arr = dst.numpy()
-            futs = [pool.submit(e.read_into, p, arr[p : p + n]) for p, n in e.pieces(self.chunk)]
-            window.append((e, dst, futs))
-            inflight += len(futs)
-            while window and (inflight > 2 * self.nslots or all(f.done() for f in window[0][2])):
-                got, d, fs = window.popleft()
-                for f in fs:
-                    f.result()
-                inflight -= len(fs)
-                self.bytes_read += got.nbytes
-                yield got, d
-        while window:
-            got, d, fs = window.popleft()
-            for f in fs:
-                f.result()
-            self.bytes_read += got.nbytes
-            yield got, d
 
     def _stream_staged(self, pool: ThreadPoolExecutor, entries: Iterable[Entry]):
         cuda = self.cuda
@@ -186,7 +166,6 @@ class _Streamer:
         def ready() -> Iterator[tuple[Entry, torch.Tensor]]:
             while order and todo[order[0]][2] == 0:
                 e, dst, _ = todo.pop(order.popleft())
-                self.bytes_read += e.nbytes
                 yield e, dst
 
         with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
@@ -416,7 +395,7 @@ def load_model(
     slots: int = DEFAULT_SLOTS,
     threads: int | None = None,
     staged: bool | None = None,
-    mode: str = "pread",
+    mode: str | None = None,
     warmup: bool = True,
     tp_plan: str | dict[str, str] | None = None,
     tp_group: Any = None,
@@ -439,11 +418,14 @@ def load_model(
       ``strict``); file tensors the model lacks in ``unexpected_keys``.
 
     I/O: every byte goes through the Rust ``StreamReader`` (``mode``: ``"pread"``, ``"direct"``
-    for O_DIRECT, ``"mmap"``), as in ``qtensors.stream`` and ``offload``. ``io="builtin"``
-    (default): each tensor's parts are read by ``threads`` threads in chunks of ``chunk_bytes``
-    into a ring of ``slots`` pinned buffers and copied to the device asynchronously (``staged``
-    forces or skips the ring; by default CUDA targets use it; a CPU target is read straight into
-    its tensors). ``io="stream"`` goes through ``qtensors.stream``'s pipeline instead
+    for O_DIRECT, ``"mmap"``, ``"auto"``; default as in ``qtensors.stream``: ``"auto"`` for the
+    CPU, ``"pread"`` through the ring), as in ``qtensors.stream`` and ``offload``.
+    ``io="builtin"`` (default): each tensor's parts are read by ``threads`` threads in chunks of
+    ``chunk_bytes`` into a ring of ``slots`` pinned buffers and copied to the device
+    asynchronously (``staged`` forces or skips the ring; by default CUDA targets use it). Without
+    the ring, tensors are read as ``qtensors.stream`` reads them to the CPU: several at once
+    (``stream.HOST_READERS``), each into its own buffer (by ``threads`` threads, default 4).
+    ``io="stream"`` goes through ``qtensors.stream``'s pipeline instead
     (``stream_options`` are its options: ``verify=True``, ``pinned``, ``prefetch``...). Either way
     host memory stays at a ring of pinned buffers (64 MiB by default), whatever the model size.
     Non-persistent buffers a model built on the meta device holds are recomputed on ``device``
@@ -473,8 +455,15 @@ def load_model(
             raise ValueError("tp_plan loads through io='builtin' (shards are read, not streamed)")
         tp = TensorParallel.prepare(model, tp_plan, tp_group)
 
-    # plan: (entry, model name) in file order; every tensor's header from the Rust reader
-    entries = open_entries(path, mode=mode, threads=1, chunk_size=chunk_bytes)
+    ring = dev.type == "cuda" if staged is None else staged
+    if mode is None and io == "builtin":
+        mode = DEVICE_MODE if ring else HOST_MODE
+    # plan: (entry, model name) in file order; every tensor's header from the Rust reader. The
+    # ring's pool reads pieces in parallel; without it, each tensor's reads use the threads.
+    reader_threads = 1 if ring else (threads or 4)
+    entries = open_entries(
+        path, mode=mode or DEVICE_MODE, threads=reader_threads, chunk_size=chunk_bytes
+    )
     plan: list[tuple[Entry, str]] = []
     for fkey, e in entries.items():
         name = key_map(fkey) if key_map is not None else targets.resolve(fkey)
@@ -510,12 +499,16 @@ def load_model(
                 place(name, info, q.parts(), info["shape"])
             result.bytes_read += s.stats()["bytes"]
     elif io == "builtin":
-        streamer = _Streamer(dev, chunk=chunk_bytes, slots=slots, threads=threads, staged=staged)
         names = {id(e): name for e, name in plan}
-        for e, buf in streamer.stream([e for e, _ in plan]):
+        if ring:
+            streamer = _Streamer(dev, chunk=chunk_bytes, slots=slots, threads=threads)
+            read = streamer.stream([e for e, _ in plan])
+        else:
+            read = ((e, torch.from_numpy(b)) for e, b in read_host_ahead(e for e, _ in plan))
+        for e, buf in read:
             full = getattr(e, "full_shape", e.info["shape"])
             place(names[id(e)], e.info, quantized_from_torch(buf, e).parts(), full)
-        result.bytes_read = streamer.bytes_read
+            result.bytes_read += e.nbytes
     else:
         raise ValueError(f"io must be 'stream' or 'builtin', not {io!r}")
 

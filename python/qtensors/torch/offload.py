@@ -15,6 +15,8 @@ layer that runs has its weights on the device:
   unit computes. The order of units is learned as they run (first pass: module order), and the
   last unit prefetches the first ones of the next forward, so token-by-token decoding streams
   the model continuously.
+* on the CPU, units load as ``qtensors.stream`` reads to the CPU (``stream.read_host_ahead``:
+  read mode "auto", several tensors in flight; the prefetched units load at once).
 
 Decoded weights are cast to the dtype of the parameter they replace (after decoding to the
 file's dtype, exactly as ``load_state_dict`` would), so the output equals the same model with
@@ -37,6 +39,8 @@ from torch import nn
 from .._arrays import torch_dtype
 from ..stream import (
     DEFAULT_PINNED,
+    DEVICE_MODE,
+    HOST_MODE,
     DeviceStager,
     Entry,
     decode_host,
@@ -44,6 +48,7 @@ from ..stream import (
     open_entries,
     quantized_from_torch,
     read_host,
+    read_host_ahead,
 )
 
 __all__ = ["OffloadHandle", "offload"]
@@ -77,7 +82,7 @@ class OffloadHandle:
         device: Any = "cuda",
         prefetch: int = 2,
         verify: bool = False,
-        mode: str = "pread",
+        mode: str | None = None,
         threads: int = 4,
         pinned: int = DEFAULT_PINNED,
         strict: bool = True,
@@ -88,11 +93,18 @@ class OffloadHandle:
         self.device = dev
         self.prefetch = max(0, int(prefetch))
         self.verify = verify
+        cuda = dev.type == "cuda"
+        if mode is None:  # the engine mode of qtensors.stream for the same device
+            mode = DEVICE_MODE if cuda else HOST_MODE
         self.entries = open_entries(path, mode=mode, threads=threads)
         self.units: list[_Unit] = []
         self._build(model, strict)
-        self.stager = DeviceStager(dev, pinned) if dev.type == "cuda" else None
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qtensors-offload")
+        self.stager = DeviceStager(dev, pinned) if cuda else None
+        # The stager is used from one thread at a time; host loads of the units prefetched run
+        # at once (each reading its tensors at once: several reads in flight, as a cold disk
+        # needs).
+        workers = 1 if cuda else max(1, self.prefetch)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qtensors-offload")
         self.pending: dict[int, Future] = {}
         self.active: dict[int, list[torch.Tensor]] = {}
         self.next_of: dict[int, int] = {}
@@ -170,9 +182,10 @@ class OffloadHandle:
     def _load(self, u: _Unit):
         tensors: list[torch.Tensor] = []
         if self.stager is None:
-            for _, e, dtype, _ in u.params:
-                t = decode_host(read_host(e, self.verify), e, "pt")
-                tensors.append(t if t.dtype == dtype else t.to(dtype))
+            dtypes = {id(e): dtype for _, e, dtype, _ in u.params}
+            for e, buf in read_host_ahead([e for _, e, _, _ in u.params], self.verify):
+                t = decode_host(buf, e, "pt")
+                tensors.append(t if t.dtype == dtypes[id(e)] else t.to(dtypes[id(e)]))
             return tensors, None
         torch.cuda.set_device(self.device)
         stream = self.stager.copy_stream
@@ -280,7 +293,7 @@ def offload(
     *,
     prefetch: int = 2,
     verify: bool = False,
-    mode: str = "pread",
+    mode: str | None = None,
     threads: int = 4,
     pinned: int = DEFAULT_PINNED,
     strict: bool = True,
@@ -290,7 +303,9 @@ def offload(
     Each module's parameters are loaded to `device` just before its forward (the next
     `prefetch` modules load meanwhile, overlapped with compute) and leave it after. Returns the
     model; its hooks and loader are ``model.qtensors_offload`` (an `OffloadHandle`).
-    Inputs must be on `device`. `mode`, `threads`, `pinned`: as in `qtensors.stream`.
+    Inputs must be on `device`. `mode`, `threads`, `pinned`: as in `qtensors.stream` (by default
+    its read mode for `device`: "auto" on the CPU, where a unit's tensors, and the units
+    prefetched, are read at once).
     """
     handle = OffloadHandle(
         model,

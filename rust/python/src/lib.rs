@@ -393,12 +393,14 @@ impl Writer {
         .py()
     }
 
-    fn finish(&mut self, py: Python<'_>) -> PyResult<()> {
+    /// Publish the file; returns its header JSON as written (compressed parts' stored sizes
+    /// and offsets are known only once every part is in).
+    fn finish(&mut self, py: Python<'_>) -> PyResult<String> {
         let w = self
             .inner
             .take()
             .ok_or_else(|| PyValueError::new_err("writer is already finished or aborted"))?;
-        py.detach(|| w.finish()).py()
+        Ok(py.detach(|| w.finish()).py()?.to_json())
     }
 
     /// Drop the temporary file.

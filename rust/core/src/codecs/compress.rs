@@ -55,81 +55,143 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A part compressed chunk by chunk, each chunk into its own slot of `buf`: slot `i` starts at
-/// `i * chunk_size`, so the chunks never wait for each other and nothing is packed (a writer
-/// writes each slot's stored bytes at their place in the file).
+/// Parts compressed chunk by chunk, each chunk into its own slot of `buf`: part `j` owns
+/// `buf[base_j..base_j + len_j]` (the parts one after another) and its chunk `i` starts at
+/// `base_j + i * chunk_size`, so the chunks never wait for each other and nothing is packed (a
+/// writer writes each slot's stored bytes at their place in the file).
 pub struct Compressed {
-    /// The slots; handed back to the next [`compress_part`] call to be reused.
+    /// The slots; handed back to the next [`compress_parts`] call to be reused.
     pub buf: Vec<u8>,
+    /// One per part, in the order given.
+    pub parts: Vec<Packed>,
+}
+
+/// Where one part lies in [`Compressed::buf`], and how it is stored.
+pub struct Packed {
+    base: usize,
+    len: usize,
     /// `None` when compression does not pay (saves less than 1/`MIN_SAVING`): the part is then
-    /// stored as it is, and `buf` holds nothing of use.
+    /// stored as it is, and its slots hold its bytes unchanged.
     pub record: Option<Compression>,
 }
 
 impl Compressed {
-    /// The stored bytes of each chunk, in order: their concatenation is the stored part.
-    pub fn stored(&self) -> impl Iterator<Item = &[u8]> {
-        let record = self.record.as_ref();
-        let cs = record.map_or(0, |c| c.chunk_size as usize);
-        let lens = record.map_or(&[][..], |c| &c.chunks[..]);
-        lens.iter()
+    /// The stored bytes of part `j`, in order: their concatenation is the stored part.
+    pub fn stored(&self, j: usize) -> impl Iterator<Item = &[u8]> {
+        let p = &self.parts[j];
+        let cs = p
+            .record
+            .as_ref()
+            .map_or(p.len.max(1), |c| c.chunk_size as usize);
+        let lens: Vec<usize> = match &p.record {
+            Some(c) => c.chunks.iter().map(|&n| n as usize).collect(),
+            None => vec![p.len],
+        };
+        lens.into_iter()
             .enumerate()
-            .map(move |(i, &n)| &self.buf[i * cs..i * cs + n as usize])
+            .map(move |(i, n)| &self.buf[p.base + i * cs..p.base + i * cs + n])
     }
 
-    pub fn stored_len(&self) -> u64 {
-        self.record
+    /// Stored bytes of part `j`.
+    pub fn stored_len(&self, j: usize) -> u64 {
+        let p = &self.parts[j];
+        p.record
             .as_ref()
-            .map_or(0, |c| c.chunks.iter().map(|&n| n as u64).sum())
+            .map_or(p.len as u64, |c| c.chunks.iter().map(|&n| n as u64).sum())
     }
 }
 
-/// Compress `bytes`, the decoded bytes of a part of `dtype`, into the slots of `buf` (grown to
-/// the part's size when shorter; pass back the buffer of an earlier part to reuse its pages).
-pub fn compress_part(
-    bytes: &[u8],
-    dtype: DType,
-    opts: &Options,
-    mut buf: Vec<u8>,
-) -> Result<Compressed> {
-    let cs = opts.chunk_size;
-    if bytes.is_empty()
-        || !cs.is_power_of_two()
-        || !(crate::format::compression::MIN_CHUNK..=crate::format::compression::MAX_CHUNK)
-            .contains(&cs)
-    {
-        return Ok(Compressed { buf, record: None });
-    }
-    let filter = Filter::for_dtype(dtype);
-    let k = dtype.itemsize();
-    let cs = cs as usize;
-    if buf.len() < bytes.len() {
-        buf.resize(bytes.len(), 0);
-    }
-    // No chunk is stored longer than its input, so each fits its slot.
-    let lens: Vec<usize> = buf[..bytes.len()]
-        .par_chunks_mut(cs)
-        .zip(bytes.par_chunks(cs))
-        .map(|(slot, chunk)| compress_chunk(chunk, filter, k, opts.level, slot))
-        .collect::<Result<_>>()?;
-    let total: usize = lens.iter().sum();
-    // In whole bytes rounded up (a tiny part that saves nothing is no exception).
-    if total as u64 * MIN_SAVING > bytes.len() as u64 * (MIN_SAVING - 1) {
-        return Ok(Compressed { buf, record: None });
-    }
-    let record = Compression {
+/// What [`compress_parts`] compresses: the decoded bytes of a part, its dtype, and whether they
+/// are a whole part or a piece of a larger one (whole chunks of it, compressed a piece at a time
+/// to bound memory). A whole part is judged (stored as it is when compression does not pay); a
+/// piece never is (its record holds its chunks, whatever they save: the caller judges the part
+/// with [`pays`] once all its pieces are done).
+#[derive(Clone, Copy)]
+pub struct Input<'a> {
+    pub bytes: &'a [u8],
+    pub dtype: DType,
+    pub piece: bool,
+}
+
+/// Whether `stored` bytes for a part of `len` decoded bytes save enough to be worth decoding on
+/// every read (at least 1/`MIN_SAVING`, in whole bytes rounded up: a tiny part that saves nothing
+/// is no exception).
+pub fn pays(stored: u64, len: u64) -> bool {
+    len > 0 && stored * MIN_SAVING <= len * (MIN_SAVING - 1)
+}
+
+/// The compression record of a part of `dtype` whose chunks are stored in `chunks` bytes each.
+pub fn record(opts: &Options, dtype: DType, chunks: Vec<u32>, decoded_len: u64) -> Compression {
+    Compression {
         codec: CodecId::Zstd,
         level: opts.level,
-        filter,
+        filter: Filter::for_dtype(dtype),
         chunk_size: opts.chunk_size,
-        chunks: lens.iter().map(|&n| n as u32).collect(),
-        decoded_len: bytes.len() as u64,
-        itemsize: k,
-    };
-    Ok(Compressed {
-        buf,
-        record: Some(record),
-    })
+        chunks,
+        decoded_len,
+        itemsize: dtype.itemsize(),
+    }
+}
+
+/// Compress `parts` into the slots of `buf` (grown to their total size when shorter; pass back
+/// the buffer of an earlier call to reuse its pages). Every chunk of every part runs in one
+/// parallel pass: many small parts (one chunk each) keep every core busy as one large part does.
+pub fn compress_parts(parts: &[Input<'_>], opts: &Options, mut buf: Vec<u8>) -> Result<Compressed> {
+    let cs = opts.chunk_size;
+    let valid = cs.is_power_of_two()
+        && (crate::format::compression::MIN_CHUNK..=crate::format::compression::MAX_CHUNK)
+            .contains(&cs);
+    let cs = cs as usize;
+    let total: usize = parts.iter().map(|p| p.bytes.len()).sum();
+    if buf.len() < total {
+        buf.resize(total, 0);
+    }
+    // Every chunk with its slot, the parts one after another; no chunk is stored longer than
+    // its input, so each fits its slot.
+    let mut packed = Vec::with_capacity(parts.len());
+    let mut jobs = Vec::new();
+    let mut rest = &mut buf[..total];
+    let mut base = 0;
+    for (j, &Input { bytes, dtype, .. }) in parts.iter().enumerate() {
+        let (mine, tail) = std::mem::take(&mut rest).split_at_mut(bytes.len());
+        rest = tail;
+        packed.push(Packed {
+            base,
+            len: bytes.len(),
+            record: None,
+        });
+        base += bytes.len();
+        if valid && !bytes.is_empty() {
+            let filter = Filter::for_dtype(dtype);
+            let chunks = mine.chunks_mut(cs).zip(bytes.chunks(cs));
+            jobs.extend(chunks.map(|(slot, chunk)| (j, filter, dtype.itemsize(), slot, chunk)));
+        }
+    }
+    let lens: Vec<usize> = jobs
+        .par_iter_mut()
+        .map(|(_, filter, k, slot, chunk)| compress_chunk(chunk, *filter, *k, opts.level, slot))
+        .collect::<Result<_>>()?;
+    let mut lens = lens.into_iter();
+    let mut jobs = jobs.into_iter().peekable();
+    for (j, input) in parts.iter().enumerate() {
+        let mut mine = Vec::new();
+        while jobs.peek().is_some_and(|job| job.0 == j) {
+            jobs.next();
+            mine.push(lens.next().expect("one length per job") as u32);
+        }
+        let stored: u64 = mine.iter().map(|&n| n as u64).sum();
+        let len = input.bytes.len() as u64;
+        if !mine.is_empty() && (input.piece || pays(stored, len)) {
+            packed[j].record = Some(record(opts, input.dtype, mine, len));
+        }
+    }
+    // A part stored as it is: its bytes, unfiltered, back into its slots.
+    for (p, input) in packed.iter().zip(parts) {
+        if p.record.is_none() {
+            buf[p.base..p.base + p.len].copy_from_slice(input.bytes);
+        }
+    }
+    Ok(Compressed { buf, parts: packed })
 }
 
 /// One chunk into `slot` (as long as the chunk): its filtered bytes as one zstd frame, or the
@@ -419,5 +481,63 @@ mod tests {
         let mut mid = [0u8; 2];
         apply(Filter::Float, 2, &[0x80, 0x3f], &mut mid);
         assert_eq!(mid, [0x00, 0x7f]);
+    }
+
+    #[test]
+    fn parts_compress_together_and_each_decodes_on_its_own() {
+        // One pass over several parts: compressible, incompressible (stored as it is), empty,
+        // shorter than a chunk and several chunks long; each part's stored chunks decode to it.
+        let smooth: Vec<u8> = (0..10_000u32)
+            .flat_map(|i| half_like(i).to_le_bytes())
+            .collect();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..5000)
+            .map(|_| {
+                x ^= x << 13; // xorshift: no pattern for zstd to find
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 56) as u8
+            })
+            .collect();
+        let small = smooth[..600].to_vec();
+        let input = |bytes, dtype, piece| Input {
+            bytes,
+            dtype,
+            piece,
+        };
+        let parts = vec![
+            input(&smooth, DType::Float16, false),
+            input(&noise, DType::Uint8, false),
+            input(&[], DType::Float32, false),
+            input(&small, DType::Float16, false),
+            input(&noise, DType::Uint8, true), // a piece: its chunks, whatever they save
+        ];
+        let opts = Options {
+            level: DEFAULT_LEVEL,
+            chunk_size: 4096,
+        };
+        let c = compress_parts(&parts, &opts, vec![7u8; 3]).unwrap();
+        assert!(c.parts[0].record.is_some() && c.parts[1].record.is_none());
+        assert!(c.parts[2].record.is_none() && c.stored_len(2) == 0);
+        assert!(c.parts[4].record.is_some() && c.stored_len(4) >= noise.len() as u64);
+        for (j, &Input { bytes, .. }) in parts.iter().enumerate() {
+            let stored: Vec<u8> = c.stored(j).flatten().copied().collect();
+            assert_eq!(stored.len() as u64, c.stored_len(j));
+            let Some(rec) = &c.parts[j].record else {
+                assert_eq!(stored, bytes, "part {j} is stored as it is");
+                continue;
+            };
+            assert!(stored.len() < bytes.len() || j == 4);
+            let mut out = vec![0u8; bytes.len()];
+            let offsets = rec.stored_offsets();
+            decompress_chunks(rec, &offsets, &stored, 0..rec.chunks.len(), &mut out, "t").unwrap();
+            assert_eq!(out, bytes, "part {j}");
+        }
+    }
+
+    /// Values like small weights in half precision: few distinct exponents.
+    fn half_like(i: u32) -> u16 {
+        let r = i.wrapping_mul(2654435761);
+        0x2000 | ((r >> 20) as u16 & 0x0fff) | (((r >> 31) as u16) << 15)
     }
 }

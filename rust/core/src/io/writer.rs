@@ -4,21 +4,25 @@
 //!
 //! With compression (spec 2.1) the stored size of a part is known only once it is compressed:
 //! parts then go one after another in the order they are written, and the header space is
-//! reserved up front for the largest compression records the parts can get. A compressed part
-//! is written (and hashed) by a background thread while the caller brings the next part and it
-//! compresses: the disk and the cores work at once (`benches/bench_compression.py`).
+//! reserved up front for the largest compression records the parts can get. Parts shorter than
+//! a chunk are copied and held until they add up to `STAGE_BYTES`, so that their chunks compress
+//! in parallel as one large part's do (a model's norms, biases and small matrices would
+//! otherwise compress one at a time on one core); parts longer than `PIECE_CHUNKS` chunks
+//! compress in pieces of that many chunks, so the writer's buffers stay two pieces long (64 MiB
+//! with 1 MiB chunks) whatever the part (a 1 GB embedding included). A batch is written (and hashed) by a background thread while the
+//! next one compresses: the disk and the cores work at once (`benches/bench_compression.py`).
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
-
 use std::thread::JoinHandle;
 
 use tempfile::NamedTempFile;
 use xxhash_rust::xxh3::Xxh3Default;
 
 use super::checksum::checksum;
-use crate::codecs::compress::{self, Compressed, Options};
+use crate::codecs::compress::{self, Compressed, Input, Options};
 use crate::error::{Error, Result};
 use crate::format::compression::{CodecId, Compression, Filter};
 use crate::format::header::PartInfo;
@@ -45,29 +49,61 @@ pub struct FileWriter {
     next: u64,
     /// Header bytes available (the planned header plus the reserve), compressed mode only.
     header_room: u64,
-    /// The compressed part being written in the background, and the buffer the next part
-    /// compresses into (the two alternate: no part allocates its own).
+    /// Parts given to a compressing writer (staged, being written, or written): each once.
+    taken: Vec<Vec<bool>>,
+    /// Parts shorter than a chunk waiting for a batch: their bytes one after another, and for
+    /// each `(tensor, part, range in staged)`.
+    staged: Vec<u8>,
+    staged_parts: Vec<(usize, usize, Range<usize>)>,
+    /// The batch being written in the background, and the buffer the next batch compresses
+    /// into (the two alternate: no batch allocates its own).
     pending: Option<PendingWrite>,
     spare: Vec<u8>,
+    /// The part being compressed in pieces: its chunks' stored lengths so far, and the hash of
+    /// its stored bytes (with the writing thread while a piece is being written).
+    open: Option<OpenPart>,
 }
 
-/// A compressed part on its way to the file: `(tensor, part)`, and the thread that writes its
-/// chunks and returns its buffer and the checksum of its stored bytes.
+struct OpenPart {
+    chunks: Vec<u32>,
+    stored: u64,
+    hash: Option<Xxh3Default>,
+}
+
+/// Parts shorter than a chunk wait, copied, until they add up to this: eight chunks of the
+/// default size keep eight cores busy, and copying costs a fraction of compressing.
+const STAGE_BYTES: usize = 8 << 20;
+
+/// Parts longer than this many chunks compress and write a piece of this many chunks at a time:
+/// enough for every core and to keep the writes large, and the writer's memory stays bounded.
+const PIECE_CHUNKS: usize = 32;
+
+/// A batch of compressed parts on its way to the file: each `(tensor, part)` (the last one may
+/// be a piece of the open part), and the thread that writes their chunks and returns the buffer
+/// and the hash of each one's stored bytes.
 struct PendingWrite {
-    tensor: usize,
-    part: usize,
-    thread: JoinHandle<(Vec<u8>, std::io::Result<u64>)>,
+    parts: Vec<(usize, usize)>,
+    piece: bool,
+    thread: JoinHandle<(Vec<u8>, std::io::Result<Vec<Xxh3Default>>)>,
 }
 
-/// Write the stored chunks of `c` one after another from `pos`, hashing them as they go.
-fn write_chunks(file: &File, c: &Compressed, mut pos: u64) -> std::io::Result<u64> {
-    let mut hash = Xxh3Default::new();
-    for chunk in c.stored() {
-        write_at(file, chunk, pos)?;
-        hash.update(chunk);
-        pos += chunk.len() as u64;
+/// Write the stored chunks of each part of `c` one after another from its position in `at`,
+/// each hashed as it goes into its hasher of `hashes` (fresh, or the open part's so far).
+fn write_chunks(
+    file: &File,
+    c: &Compressed,
+    at: &[u64],
+    mut hashes: Vec<Xxh3Default>,
+) -> std::io::Result<Vec<Xxh3Default>> {
+    for (j, (&start, hash)) in at.iter().zip(&mut hashes).enumerate() {
+        let mut pos = start;
+        for chunk in c.stored(j) {
+            write_at(file, chunk, pos)?;
+            hash.update(chunk);
+            pos += chunk.len() as u64;
+        }
     }
-    Ok(hash.digest())
+    Ok(hashes)
 }
 
 fn align_up(v: u64, a: u64) -> u64 {
@@ -252,7 +288,7 @@ impl FileWriter {
         tmp.as_file()
             .set_len(data_start + initial)
             .map_err(|e| Error::io("cannot size the output file", e))?;
-        let written = header
+        let written: Vec<Vec<bool>> = header
             .tensors
             .iter()
             .map(|t| vec![false; t.parts.len()])
@@ -261,13 +297,17 @@ impl FileWriter {
             tmp: Some(tmp),
             final_path: path.to_path_buf(),
             header,
-            written,
             data_start,
             compression,
             next: 0,
             header_room,
+            taken: written.clone(),
+            written,
+            staged: Vec::new(),
+            staged_parts: Vec::new(),
             pending: None,
             spare: Vec::new(),
+            open: None,
         })
     }
 
@@ -296,81 +336,197 @@ impl FileWriter {
                 planned
             )));
         }
-        let in_flight = matches!(&self.pending, Some(w) if (w.tensor, w.part) == (tensor, part));
-        if (self.written[tensor][part] || in_flight) && self.compression.is_some() {
+        if self.compression.is_some() && self.taken[tensor][part] {
             return Err(Error::Invalid(format!(
                 "tensor '{}' part '{}' is written already (a compressing writer places parts in write order)",
                 t.name, p.name
             )));
         }
-        let what = || format!("writing tensor '{}'", t.name);
-        let file = self.tmp.as_ref().expect("writer is open").as_file();
         let Some(opts) = self.compression else {
-            write_at(file, bytes, self.data_start + p.offset).map_err(|e| Error::io(what(), e))?;
+            let file = self.tmp.as_ref().expect("writer is open").as_file();
+            write_at(file, bytes, self.data_start + p.offset)
+                .map_err(|e| Error::io(format!("writing tensor '{}'", t.name), e))?;
             self.header.tensors[tensor].parts[part].checksum = checksum(bytes);
             self.written[tensor][part] = true;
             return Ok(());
         };
-        // Compressed while the previous part is still being written.
-        let c = compress::compress_part(bytes, p.dtype, &opts, std::mem::take(&mut self.spare))
-            .map_err(|e| Error::Invalid(format!("tensor '{}': {e}", t.name)))?;
-        let file = match c.record {
-            Some(_) => Some(file.try_clone().map_err(|e| Error::io(what(), e))?),
-            None => None,
-        };
-        // Its buffer is about to be reused; a failed write fails this part too.
+        self.taken[tensor][part] = true;
+        let cs = opts.chunk_size as usize;
+        if bytes.len() < cs && self.staged.len() + bytes.len() <= STAGE_BYTES {
+            let at = self.staged.len();
+            self.staged.extend_from_slice(bytes);
+            self.staged_parts
+                .push((tensor, part, at..self.staged.len()));
+            return Ok(());
+        }
+        let piece = PIECE_CHUNKS * cs;
+        if bytes.len() <= piece {
+            return self.flush(Some((tensor, part, bytes)), false);
+        }
+        self.write_in_pieces(tensor, part, bytes, piece)
+    }
+
+    /// A part longer than `piece` bytes: compressed and written a piece at a time (the staged
+    /// parts go with the first), then judged as a whole. When compression does not pay, its bytes
+    /// as they are replace the chunks written (from the same offset: nothing follows it yet).
+    fn write_in_pieces(
+        &mut self,
+        tensor: usize,
+        part: usize,
+        bytes: &[u8],
+        piece: usize,
+    ) -> Result<()> {
+        self.open = Some(OpenPart {
+            chunks: Vec::new(),
+            stored: 0,
+            hash: Some(Xxh3Default::new()),
+        });
+        for p in bytes.chunks(piece) {
+            self.flush(Some((tensor, part, p)), true)?;
+        }
         self.settle()?;
-        let p = &mut self.header.tensors[tensor].parts[part];
-        p.offset = self.next;
-        p.length = match &c.record {
-            Some(_) => c.stored_len(),
-            None => bytes.len() as u64,
-        };
-        p.compression = c.record.clone().map(Box::new);
-        self.next = align_up(p.offset + p.length, self.header.alignment);
-        let pos = self.data_start + p.offset;
-        let Some(file) = file else {
-            // Compression does not pay: the bytes as they are, now (they are the caller's).
-            self.spare = c.buf;
-            let t = &mut self.header.tensors[tensor];
+        let open = self.open.take().expect("the open part");
+        let opts = self.compression.expect("a compressing writer");
+        let t = &mut self.header.tensors[tensor];
+        let p = &mut t.parts[part];
+        let len = bytes.len() as u64;
+        if compress::pays(open.stored, len) {
+            p.length = open.stored;
+            p.checksum = open.hash.expect("the hash is back").digest();
+            p.compression = Some(Box::new(compress::record(&opts, p.dtype, open.chunks, len)));
+        } else {
             let f = self.tmp.as_ref().expect("writer is open").as_file();
-            write_at(f, bytes, pos)
+            write_at(f, bytes, self.data_start + p.offset)
                 .map_err(|e| Error::io(format!("writing tensor '{}'", t.name), e))?;
-            t.parts[part].checksum = checksum(bytes);
-            self.written[tensor][part] = true;
+            p.length = len;
+            p.checksum = checksum(bytes);
+            p.compression = None;
+        }
+        self.next = align_up(p.offset + p.length, self.header.alignment);
+        self.written[tensor][part] = true;
+        Ok(())
+    }
+
+    /// Compress the staged parts and `current` (the caller's bytes) in one parallel pass, place
+    /// them in that order, and hand them to a background thread that writes them while the
+    /// caller goes on.
+    /// `piece`: `current` is the next piece of the open part.
+    fn flush(&mut self, current: Option<(usize, usize, &[u8])>, piece: bool) -> Result<()> {
+        let Some(opts) = self.compression else {
             return Ok(());
         };
+        let staged = std::mem::take(&mut self.staged);
+        let mut ids: Vec<(usize, usize)> = Vec::with_capacity(self.staged_parts.len() + 1);
+        let mut inputs: Vec<Input<'_>> = Vec::with_capacity(ids.capacity());
+        let dtype_of = |t: usize, p: usize| self.header.tensors[t].parts[p].dtype;
+        for (t, p, r) in self.staged_parts.drain(..) {
+            ids.push((t, p));
+            let dtype = dtype_of(t, p);
+            inputs.push(Input {
+                bytes: &staged[r],
+                dtype,
+                piece: false,
+            });
+        }
+        if let Some((t, p, bytes)) = current {
+            ids.push((t, p));
+            let dtype = dtype_of(t, p);
+            inputs.push(Input {
+                bytes,
+                dtype,
+                piece,
+            });
+        }
+        if ids.is_empty() {
+            self.staged = staged;
+            return Ok(());
+        }
+        // Compressed while the previous batch is still being written.
+        let c = compress::compress_parts(&inputs, &opts, std::mem::take(&mut self.spare)).map_err(
+            |e| {
+                let (t, _) = ids[0];
+                Error::Invalid(format!("tensor '{}': {e}", self.header.tensors[t].name))
+            },
+        )?;
+        drop(inputs);
+        self.staged = staged;
+        self.staged.clear();
+        let file = self.tmp.as_ref().expect("writer is open").as_file();
+        let file = file
+            .try_clone()
+            .map_err(|e| Error::io("cannot share the output file with a writing thread", e))?;
+        // Its buffer is about to be reused; a failed write fails this batch too.
+        self.settle()?;
+        let mut at = Vec::with_capacity(ids.len());
+        let mut hashes = Vec::with_capacity(ids.len());
+        for (j, &(t, p)) in ids.iter().enumerate() {
+            let p = &mut self.header.tensors[t].parts[p];
+            if piece && j + 1 == ids.len() {
+                // The open part: placed at its first piece; its length is known at its end.
+                let open = self.open.as_mut().expect("an open part");
+                if open.chunks.is_empty() {
+                    p.offset = self.next;
+                }
+                at.push(self.data_start + p.offset + open.stored);
+                let rec = c.parts[j]
+                    .record
+                    .as_ref()
+                    .expect("a piece keeps its chunks");
+                open.chunks.extend_from_slice(&rec.chunks);
+                open.stored += c.stored_len(j);
+                hashes.push(open.hash.take().expect("the hash is back"));
+                continue;
+            }
+            p.offset = self.next;
+            p.length = c.stored_len(j);
+            p.compression = c.parts[j].record.clone().map(Box::new);
+            self.next = align_up(p.offset + p.length, self.header.alignment);
+            at.push(self.data_start + p.offset);
+            hashes.push(Xxh3Default::new());
+        }
         let thread = std::thread::Builder::new()
             .name("qtensors-write".into())
             .spawn(move || {
-                let sum = write_chunks(&file, &c, pos);
-                (c.buf, sum)
+                let hashes = write_chunks(&file, &c, &at, hashes);
+                (c.buf, hashes)
             })
             .map_err(|e| Error::io("cannot start a writing thread", e))?;
         self.pending = Some(PendingWrite {
-            tensor,
-            part,
+            parts: ids,
+            piece,
             thread,
         });
         Ok(())
     }
 
-    /// Wait for the part being written in the background: its checksum goes into the header,
+    /// Wait for the batch being written in the background: its checksums go into the header,
     /// its buffer becomes the spare.
     fn settle(&mut self) -> Result<()> {
         let Some(w) = self.pending.take() else {
             return Ok(());
         };
-        let (buf, sum) = w.thread.join().unwrap_or_else(|_| {
+        let (buf, sums) = w.thread.join().unwrap_or_else(|_| {
             let e = std::io::Error::other("the writing thread panicked");
             (Vec::new(), Err(e))
         });
         self.spare = buf;
-        let t = &mut self.header.tensors[w.tensor];
-        t.parts[w.part].checksum =
-            sum.map_err(|e| Error::io(format!("writing tensor '{}'", t.name), e))?;
-        // Only a part whose bytes reached the file counts as written (`finish` checks).
-        self.written[w.tensor][w.part] = true;
+        let sums = sums.map_err(|e| {
+            let (t, _) = w.parts[0];
+            Error::io(
+                format!("writing tensor '{}'", self.header.tensors[t].name),
+                e,
+            )
+        })?;
+        let n = w.parts.len();
+        for (j, (&(t, p), hash)) in w.parts.iter().zip(sums).enumerate() {
+            if w.piece && j + 1 == n {
+                self.open.as_mut().expect("an open part").hash = Some(hash);
+                continue; // written once its last piece is
+            }
+            self.header.tensors[t].parts[p].checksum = hash.digest();
+            // Only a part whose bytes reached the file counts as written (`finish` checks).
+            self.written[t][p] = true;
+        }
         Ok(())
     }
 
@@ -383,7 +539,8 @@ impl FileWriter {
     }
 
     /// Write the prefix and header, fsync, and rename into place.
-    pub fn finish(mut self) -> Result<()> {
+    pub fn finish(mut self) -> Result<Header> {
+        self.flush(None, false)?;
         self.settle()?;
         self.spare = Vec::new();
         for (t, w) in self.header.tensors.iter().zip(&self.written) {
@@ -446,7 +603,7 @@ impl FileWriter {
             )
         })?;
         sync_parent_dir(&self.final_path);
-        Ok(())
+        Ok(self.header.clone())
     }
 }
 
