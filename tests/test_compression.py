@@ -141,8 +141,8 @@ def test_parts_shorter_than_a_chunk_are_batched_in_write_order(tmp_path):
     assert "compression" in by_name["big"] and by_name["s5"]["length"] == 0
     got = qt.load_file(str(path))
     assert all(np.array_equal(got[n], x) for n, x in tensors.items())
-    # Not strict: written out of plan order, the header lists tensors out of file order.
-    ref, _, _ = R.read_file(str(path), strict=False)
+    # Written out of plan order: the header still lists the tensors in file order (strict).
+    ref, _, _ = R.read_file(str(path))
     assert all(ref[n].tobytes() == x.tobytes() for n, x in tensors.items())
     qt.safe_open(str(path)).verify()
     # Dropped with parts staged and a batch in flight: no file, no temporary.

@@ -551,6 +551,11 @@ impl FileWriter {
                 )));
             }
         }
+        if self.compression.is_some() {
+            // Compressed parts are placed in write order, which may differ from the plan's:
+            // the header lists tensors in file order (spec: `tensors`).
+            self.header.tensors.sort_by_key(file_position);
+        }
         let json = self.header.to_json();
         if self.compression.is_some() && json.len() as u64 > self.header_room {
             return Err(Error::Invalid(format!(
@@ -605,6 +610,19 @@ impl FileWriter {
         sync_parent_dir(&self.final_path);
         Ok(self.header.clone())
     }
+}
+
+/// Where a tensor sits in the data section: its first stored byte (zero-length parts, which
+/// may sit anywhere, only where it has nothing else).
+fn file_position(t: &TensorInfo) -> u64 {
+    let first = |stored: bool| {
+        t.parts
+            .iter()
+            .filter(|p| !stored || p.length > 0)
+            .map(|p| p.offset)
+            .min()
+    };
+    first(true).or_else(|| first(false)).unwrap_or(0)
 }
 
 impl Drop for FileWriter {
