@@ -57,7 +57,7 @@ class GPTQ:
     ) -> QuantizedTensor:
         if not isinstance(stats, HessianObserver) or stats.rows == 0:
             raise ValueError("gptq needs the Hessian of the layer's calibration inputs")
-        grid = Grid.of(encoding)
+        grid = Grid.of(encoding).fit(weight)  # NVFP4: the tensor scale, before the sweep
         codes, scales, mins = gptq_quantize(
             weight, stats.H, grid, self.block_size, self.damp, self.act_order, self.search_scales
         )
