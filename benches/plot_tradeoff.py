@@ -150,9 +150,8 @@ def method_errors(bpw_of: dict[str, float]) -> list[tuple[str, str, float, float
     held = calibration_windows(sentences[1::2], tok, samples=32, seq_len=64, seed=1)
     out = []
     for label, enc in METHOD_CASES.items():
-        fp4 = enc.name in ("mxfp4", "nvfp4")
-        for method in ("rtn",) if fp4 else ("rtn", "hqq", "gptq", "awq"):
-            if method == "hqq" and enc.name != "affine":
+        for method in ("rtn", "hqq", "gptq", "awq"):
+            if method == "hqq" and enc.name != "affine":  # HQQ fits zero points
                 continue
             model = AutoModel.from_pretrained(folder).eval()
             qtt.quantize_model(

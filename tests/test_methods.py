@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import reference as R
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import qtensors as qt
@@ -41,8 +43,12 @@ ENCODINGS = [
     qt.NF4(group_size=16),
     qt.Affine(bits=4, group_size=16, axis=0),
     qt.Symmetric(bits=4, group_size=16, levels="full"),
+    qt.MXFP4(),
+    qt.NVFP4(),
+    qt.NVFP4(axis=0),
 ]
-IDS = ["affine4", "sym4", "sym3-bf16", "nf4", "affine4-axis0", "sym4-full"]
+IDS = ["affine4", "sym4", "sym3-bf16", "nf4", "affine4-axis0", "sym4-full", "mxfp4", "nvfp4"]
+IDS += ["nvfp4-axis0"]
 
 
 def decoded(q: qt.QuantizedTensor) -> torch.Tensor:
@@ -55,12 +61,17 @@ def reference_decoded(q: qt.QuantizedTensor) -> np.ndarray:
         "codes": q.codes.numpy(),
         "scales": _storage(q.scales),
         "mins": None if q.mins is None else _storage(q.mins),
+        "tensor_scale": None if q.tensor_scale is None else q.tensor_scale.numpy(),
     }
     return R.dequantize_fp32(parts, q.encoding, q.shape)
 
 
 def _storage(t: torch.Tensor) -> np.ndarray:
-    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    if t.dtype == torch.float8_e4m3fn:  # raw E4M3 bytes, as the file stores them
+        return t.view(torch.uint8).numpy()
+    return t.numpy()
 
 
 def correlated_inputs(n: int, features: int, seed: int) -> torch.Tensor:
@@ -88,7 +99,7 @@ def test_rtn_matches_core(enc):
     """The torch round-to-nearest the methods search with is the core's, bit for bit."""
     torch.manual_seed(0)
     w = torch.randn(24, 40) * torch.rand(24, 1) * 3  # 40 columns: a ragged last group
-    grid = Grid.of(enc)
+    grid = Grid.of(enc).fit(w)
     mine = quantized_tensor(grid, *rtn_quantize(rows_view(w, grid), grid))
     core = qt.quantize(w, enc, framework="pt")
     for a, b in zip(mine.parts(), core.parts(), strict=True):
@@ -492,11 +503,106 @@ def test_quantize_model_rtn_with_fp4_blocks(enc, tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids).logits, got, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "hqq"])
-def test_calibrated_methods_name_what_they_support_for_fp4(method):
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(["mxfp4", "nvfp4"]),
+    rows=st.integers(1, 6),
+    cols=st.integers(1, 70),
+    binade=st.integers(-30, 30),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_fp4_grid_rounds_as_the_core(kind, rows, cols, binade, seed):
+    """The torch FP4 grid the methods search with writes the core's bytes: many binades, zero
+    rows and blocks, E2M1 midpoints (ties), ragged last blocks."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, cols)) * np.exp2(binade + rng.integers(-8, 8, (rows, 1)))
+    x = np.where(rng.random(x.shape) < 0.1, 0.0, x)
+    ties = rng.choice([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.75, -5.0], x.shape)
+    x = np.where(rng.random(x.shape) < 0.1, ties * 2.0**binade, x)
+    w = torch.from_numpy(x.astype(np.float32))
+    enc = qt.MXFP4() if kind == "mxfp4" else qt.NVFP4()
+    grid = Grid.of(enc).fit(w)
+    mine = quantized_tensor(grid, *rtn_quantize(w, grid))
+    core = qt.quantize(w, enc, framework="pt")
+    for a, b in zip(mine.parts(), core.parts(), strict=True):
+        assert a.dtype == b.dtype
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def test_fp4_grid_refuses_non_finite_weights_and_an_unfitted_tensor_scale():
+    w = torch.randn(4, 32)
+    w[1, 3] = float("nan")
+    obs = HessianObserver(32)
+    obs.add(torch.randn(64, 32))
+    for enc in (qt.MXFP4(), qt.NVFP4()):
+        with pytest.raises(qt.QuantizationError, match="NaN or Inf"):
+            GPTQ().quantize_weight(w, enc, obs)
+    with pytest.raises(ValueError, match=r"Grid\.fit"):
+        rtn_quantize(torch.randn(4, 32), Grid.of(qt.NVFP4()))
+
+
+@pytest.mark.parametrize("enc", [qt.MXFP4(), qt.NVFP4()], ids=["mxfp4", "nvfp4"])
+def test_gptq_fp4_scales_are_searched_on_the_format_lattice(enc):
+    """GPTQ's decoded weights are exactly what the packed parts decode to (every searched block
+    scale is a stored E8M0 / E4M3 value), and the search lowers the diag(H)-weighted error."""
+    torch.manual_seed(14)
+    W = torch.randn(16, 96) * torch.rand(16, 1) * 4
+    W[:, 7] *= 5  # an outlier column: neighbouring scales pay off in its blocks
+    obs = HessianObserver(96)
+    obs.add(torch.diag(torch.rand(96) + 0.5))
+    grid = Grid.of(enc).fit(W)
+    d = obs.H.diagonal()
+    errs = {}
+    for search in (False, True):
+        codes, S, _ = gptq_quantize(W, obs.H, grid, search_scales=search)
+        mine = grid.decode(codes, S.repeat_interleave(grid.group_size, 1)[:, :96], None)
+        q = quantized_tensor(grid, codes, S, None)
+        np.testing.assert_array_equal(reference_decoded(q), mine.numpy())
+        errs[search] = float(((W - mine).pow(2) * d).sum())
+    assert errs[True] < errs[False]
+
+
+@pytest.mark.parametrize("enc", [qt.MXFP4(), qt.NVFP4()], ids=["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_methods_on_fp4_blocks_end_to_end(method, enc, tmp_path):
+    """quantize_model with GPTQ/AWQ on MXFP4/NVFP4; the saved folder loads, keeps the FP4
+    encoding, and gives the same logits; the numpy reference decodes every weight."""
     model = tiny_llama(seed=13)
-    with pytest.raises(ValueError, match="MXFP4 and NVFP4 take method='rtn'"):
-        qtt.quantize_model(model, qt.MXFP4(), method=method, calibration=torch.zeros(2, 8).long())
+    ref = tiny_llama(seed=13)
+    ids = torch.randint(2, 92, (8, 32), generator=torch.Generator().manual_seed(1))
+    qtt.quantize_model(
+        model,
+        enc,
+        method=method,
+        calibration=ids,
+        samples=8,
+        seq_len=32,
+        skip=("lm_head",),
+        progress=False,
+    )
+    lins = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert len(lins) == 14 and all(m.weight.encoding["name"] == enc.name for m in lins.values())
+    with torch.no_grad():
+        got, want = model(input_ids=ids[:2]).logits, ref(input_ids=ids[:2]).logits
+    assert float((got - want).pow(2).mean() / want.pow(2).mean()) < 0.1
+    folder = tmp_path / "fp4"
+    path = qtt.save_model(model, folder, quant=qt.Raw())
+    tensors, metadata, _ = R.read_file(path)
+    assert json.loads(metadata["quantization_method"])["method"] == method
+    for name, lin in lins.items():
+        want_w = lin.weight.dequantize(torch.float32).numpy()
+        np.testing.assert_array_equal(tensors[f"{name}.weight"], want_w)
+    loaded = qtt.from_pretrained(folder, transformers.AutoModelForCausalLM)
+    assert sum(isinstance(m, QuantizedLinear) for m in loaded.modules()) == 14
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids[:2]).logits, got, rtol=0, atol=0)
+
+
+def test_hqq_says_why_it_does_not_fit_fp4_blocks():
+    model = tiny_llama(seed=13)
+    for enc in (qt.MXFP4(), qt.NVFP4()):
+        with pytest.raises(ValueError, match="no zero point"):
+            qtt.quantize_model(model, enc, method="hqq")
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 

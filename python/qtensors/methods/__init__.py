@@ -1,5 +1,6 @@
 """Quantization methods: how a weight's codes and group parameters are chosen. Every method
-writes ordinary qtensors data (affine, symmetric or NF4 groups) that every reader decodes.
+writes ordinary qtensors data (affine, symmetric, NF4 groups or MXFP4/NVFP4 blocks) that every
+reader decodes.
 
 * ``rtn``: round-to-nearest per group (the default; no data).
 * ``hqq``: half-quadratic, a better group fit of the weights alone (no data).
@@ -12,8 +13,9 @@ runs them on a model (``runner``: block by block, true-sequential within a block
 outside the blocks on their inputs from the quantized model); ``qtensors convert --method``
 streams a model folder through it (``lazy``: one float block in memory). ``get_method(name,
 **settings)`` gives one to use directly (``method.quantize_weight(weight, encoding, stats)``).
-RTN fills every encoding (MXFP4 and NVFP4 included, through the core); the others fill affine,
-symmetric (balanced or full levels) and NF4 groups, HQQ affine ones only.
+RTN fills every encoding (through the core); GPTQ and AWQ fill affine, symmetric (balanced or
+full levels), NF4, MXFP4 and NVFP4 (``grid``: each format's own scale rules); HQQ affine groups
+only (it fits zero points, which the others do not have).
 """
 
 from __future__ import annotations

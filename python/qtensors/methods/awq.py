@@ -196,7 +196,7 @@ class AWQ:
     def quantize_weight(
         self, weight: torch.Tensor, encoding: Encoding, stats: Any
     ) -> QuantizedTensor:
-        grid = Grid.of(encoding)
+        grid = Grid.of(encoding).fit(weight)
         w = weight.detach().float()
         if (
             isinstance(stats, ActivationObserver)

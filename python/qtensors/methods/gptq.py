@@ -9,6 +9,11 @@ group parameters computed when the sweep reaches a group (from the weights as up
 With ``act_order`` columns go by decreasing ``diag(H)``, and the groups are static (parameters
 from the original weights), so the stored layout is the plain one and readers need no
 permutation. Columns whose input is always zero ("dead") are set to zero.
+
+On the FP4 block formats the groups are the format's blocks (32 for MXFP4, 16 for NVFP4) and a
+block's scale is the format's (E8M0 from the block amax; E4M3 times NVFP4's per-tensor scale,
+which ``Grid.fit`` takes from the whole weight before the sweep), codes E2M1 rounded to nearest
+even: the bytes ``qt.MXFP4()``/``qt.NVFP4()`` define.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ class GPTQ:
     ) -> QuantizedTensor:
         if not isinstance(stats, HessianObserver) or stats.rows == 0:
             raise ValueError("gptq needs the Hessian of the layer's calibration inputs")
-        grid = Grid.of(encoding)
+        grid = Grid.of(encoding).fit(weight)  # NVFP4: the tensor scale, before the sweep
         codes, scales, mins = gptq_quantize(
             weight, stats.H, grid, self.block_size, self.damp, self.act_order, self.search_scales
         )

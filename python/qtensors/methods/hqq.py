@@ -61,6 +61,12 @@ class HQQ(WeightOnly):
 
 
 def check_affine(grid: Grid) -> None:
+    if grid.fp4:
+        raise ValueError(
+            f"HQQ fits each group's zero point, and {grid.kind} blocks have no zero point (E2M1 "
+            "levels symmetric around 0, only a block scale): use method='gptq' or 'awq' for "
+            "FP4 blocks, or an affine encoding (e.g. 'int4-g64') for HQQ"
+        )
     if grid.kind != "affine":
         raise ValueError(
             f"HQQ fits each group's zero point, which {grid.kind} groups do not have: use an "

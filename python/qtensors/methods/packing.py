@@ -33,7 +33,6 @@ def quantized_weight(
     if transposed:
         codes, scales = codes.t(), scales.t()
         mins = None if mins is None else mins.t()
-    sdt = _TORCH_SCALE[grid.scale_dtype]
     enc = {
         "name": grid.kind,
         "bits": grid.bits,
@@ -43,14 +42,31 @@ def quantized_weight(
     }
     if grid.full:
         enc["levels"] = "full"
+    if grid.kind == "nvfp4":  # the third part is the fp32 tensor scale
+        mins = torch.tensor(grid.g, dtype=torch.float32)
     return QuantizedWeight.from_parts(
         pack_codes(codes.contiguous(), grid.bits),
-        scales.contiguous().to(sdt).cpu(),
-        None if mins is None else mins.contiguous().to(sdt).cpu(),
+        stored_scales(grid, scales.contiguous()).cpu(),
+        None if mins is None else mins.contiguous().to(_third_dtype(grid)).cpu(),
         tuple(codes.shape),
         enc,
         dtype,
     )
+
+
+def stored_scales(grid: Grid, scales: torch.Tensor) -> torch.Tensor:
+    """fp32 scale values as the scales part stores them: MXFP4's power of two ``2^k`` as its
+    E8M0 byte ``k + 127``, the rest in their scale dtype (exact: the grid made them so)."""
+    if grid.kind == "mxfp4":
+        _, e = torch.frexp(scales)  # 2^k = 0.5 * 2^(k + 1)
+        return (e + 126).to(torch.uint8)
+    if grid.kind == "nvfp4":
+        return scales.to(torch.float8_e4m3fn)
+    return scales.to(_TORCH_SCALE[grid.scale_dtype])
+
+
+def _third_dtype(grid: Grid) -> torch.dtype:
+    return torch.float32 if grid.kind == "nvfp4" else _TORCH_SCALE[grid.scale_dtype]
 
 
 def quantized_tensor(

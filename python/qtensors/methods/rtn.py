@@ -32,7 +32,8 @@ class RTN(WeightOnly):
 def rtn_quantize(
     w: torch.Tensor, grid: Grid
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Codes ``[rows, n]`` and parameters ``[rows, G]`` of ``w`` (groups along its last axis)."""
+    """Codes ``[rows, n]`` and parameters ``[rows, G]`` of ``w`` (groups along its last axis;
+    an NVFP4 grid fitted to it, ``Grid.fit``)."""
     g, n = grid.group_size, w.shape[1]
     s, m = grid.params(grouped(w.float(), g))
     return grid.encode(w, expand(s, g, n), expand(m, g, n)), s, m
@@ -40,6 +41,7 @@ def rtn_quantize(
 
 def rtn_fake(weight: torch.Tensor, grid: Grid) -> torch.Tensor:
     """``weight`` (any orientation the grid allows) round-tripped through RTN."""
+    grid = grid.fit(weight)
     w = rows_view(weight.detach(), grid)
     g, n = grid.group_size, w.shape[1]
     c, s, m = rtn_quantize(w, grid)
