@@ -232,15 +232,12 @@ pub fn available() -> Vec<&'static Kernels> {
 }
 
 /// Elements at the start of a run that the SIMD kernels leave to scalar code so that their body
-/// starts on a byte boundary of the code stream (only 4- and 8-bit codes are vectorized).
+/// starts on a byte boundary of the code stream: `8 / gcd(bits, 8)` elements fill whole bytes.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 fn byte_head(first: usize, bits: u8, len: usize) -> usize {
-    if bits == 4 {
-        (first & 1).min(len)
-    } else {
-        0
-    }
+    let per = 8 >> bits.trailing_zeros().min(3);
+    ((per - first % per) % per).min(len)
 }
 
 /// The best table for this CPU, unless `QTENSORS_KERNELS` names another (e.g. `scalar`).
