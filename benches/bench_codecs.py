@@ -93,6 +93,7 @@ def main() -> None:
         ("symmetric 8-bit g128 axis=-1", qt.Symmetric(8, 128, axis=-1)),
         ("affine 8-bit g64 axis=-1", qt.Affine(8, 64, axis=-1)),
         ("symmetric 4-bit g64 axis=-1", qt.Symmetric(4, 64, axis=-1)),
+        ("symmetric 4-bit full levels g32 axis=-1 (Q4_0)", qt.Symmetric(4, 32, levels="full")),
         ("affine 3-bit g64 axis=-1", qt.Affine(3, 64, axis=-1)),
         ("affine 2-bit g64 axis=-1", qt.Affine(2, 64, axis=-1)),
         ("nf4 g64 axis=-1", qt.NF4(64, axis=-1)),

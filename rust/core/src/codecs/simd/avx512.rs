@@ -6,16 +6,20 @@ use std::arch::x86_64::*;
 
 use super::avx2::{
     self, codec_of, key1, mins_of, prefetch_in, sorted, ABS, AFF, INF_BITS, MXF4, NF4, NVF4, OBF16,
-    OF16, OF32, ROUND, SYM,
+    OF16, OF32, ROUND, SYM, SYMF,
 };
 use super::avx512_decode::{dq_bcast, dq_groups, dq_vec};
 use super::{byte_head, scalar, Kernels, OutType};
 
-/// `avx2::by_codec` plus 2- and 3-bit affine and symmetric codes, which these kernels also
-/// decode and encode.
+/// `avx2::by_codec` plus 2- and 3-bit affine and symmetric codes and the full-level symmetric
+/// codes, which these kernels also decode and encode.
 macro_rules! by_codec {
     ($codec:expr, $f:ident $([$o:ident])? ($($a:expr),*), $other:expr) => {
         match $codec {
+            Codec::SymmetricFull { bits: 2 } => $f::<SYMF, 2 $(, $o)?>($($a),*),
+            Codec::SymmetricFull { bits: 3 } => $f::<SYMF, 3 $(, $o)?>($($a),*),
+            Codec::SymmetricFull { bits: 4 } => $f::<SYMF, 4 $(, $o)?>($($a),*),
+            Codec::SymmetricFull { bits: 8 } => $f::<SYMF, 8 $(, $o)?>($($a),*),
             Codec::Affine { bits: 2 } => $f::<AFF, 2 $(, $o)?>($($a),*),
             Codec::Affine { bits: 3 } => $f::<AFF, 3 $(, $o)?>($($a),*),
             Codec::Symmetric { bits: 2 } => $f::<SYM, 2 $(, $o)?>($($a),*),
@@ -83,10 +87,13 @@ impl Enc {
     #[inline]
     #[target_feature(enable = "avx512f,avx2")]
     unsafe fn new<const K: u8, const B: u8>(inv: f32, m: f32, mids: &[f32; 15]) -> Enc {
-        let qmax = if K == AFF {
-            ((1u32 << B) - 1) as f32
-        } else {
-            ((1u32 << (B - 1)) - 1) as f32
+        let z = (1u32 << (B - 1)) as f32;
+        // Clamp bounds of the rounded value: 0..2^b - 1 (affine), -z..z - 1 (all levels), else
+        // -(z - 1)..z - 1.
+        let (qmax, nqmax) = match K {
+            AFF => (((1u32 << B) - 1) as f32, 0.0),
+            SYMF => (z - 1.0, -z),
+            _ => (z - 1.0, 1.0 - z),
         };
         // NF4 search tables `mids[j + off]` (lanes past the end are never indexed).
         let tab = |off: usize| {
@@ -100,7 +107,7 @@ impl Enc {
             inv: _mm512_set1_ps(inv),
             m: _mm512_set1_ps(if K == AFF { m } else { 0.0 }),
             qmax: _mm512_set1_ps(qmax),
-            nqmax: _mm512_set1_ps(-qmax),
+            nqmax: _mm512_set1_ps(nqmax),
             zero: _mm512_set1_epi32(1 << (B - 1)),
             mid7: _mm512_set1_ps(mids[7]),
             t3: tab(3),
@@ -140,7 +147,8 @@ unsafe fn enc_bcast<const K: u8, const B: u8>(
 }
 
 /// The elements the AVX-512 bodies leave (heads, tails, short runs): AVX2 kernels for 4- and
-/// 8-bit codes, scalar code for 2 and 3 bits, which AVX2 does not vectorize.
+/// 8-bit codes, scalar code for 2 and 3 bits and full-level symmetric codes, which AVX2 does
+/// not vectorize.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn rest_bcast<const K: u8, const B: u8>(
@@ -151,7 +159,7 @@ unsafe fn rest_bcast<const K: u8, const B: u8>(
     codes: &mut [u8],
     first: usize,
 ) {
-    if B < 4 {
+    if B < 4 || K == SYMF {
         scalar::encode_bcast(codec_of::<K, B>(), x, inv, m, mids, codes, first)
     } else {
         avx2::enc_bcast::<K, B>(x, inv, m, mids, codes, first)
@@ -169,7 +177,7 @@ unsafe fn rest_vec<const K: u8, const B: u8>(
     codes: &mut [u8],
     first: usize,
 ) {
-    if B < 4 {
+    if B < 4 || K == SYMF {
         scalar::encode_vec(codec_of::<K, B>(), x, inv, m, mids, codes, first)
     } else {
         avx2::enc_vec::<K, B>(x, inv, m, mids, codes, first)
@@ -232,7 +240,7 @@ unsafe fn code16<const K: u8, const VEC: bool>(
             let q = _mm512_min_ps(_mm512_max_ps(r, _mm512_setzero_ps()), c.qmax);
             _mm512_cvttps_epi32(q)
         }
-        SYM => {
+        SYM | SYMF => {
             let r = _mm512_roundscale_ps::<ROUND>(_mm512_mul_ps(x, inv));
             let q = _mm512_min_ps(_mm512_max_ps(r, c.nqmax), c.qmax);
             // NaN -> 0 (Rust's `NaN as i32`), which the clamp alone would make -qmax.

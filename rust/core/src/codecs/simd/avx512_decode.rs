@@ -13,7 +13,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{codec_of, lut, out_size, prefetch_out, AFF, NF4, OF16, OF32, SYM};
+use super::avx2::{codec_of, looked_up, lut, out_size, prefetch_out, AFF, OF16, OF32, SYM, SYMF};
 
 /// Byte permutation and multishift control that unpack codes of `b` bits, starting at bit `r`
 /// (0..8) of the loaded bytes, into `slots` slots of `64 / slots` bytes (32 words or 16
@@ -168,7 +168,7 @@ fn low_bits(n: usize) -> u64 {
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn levels<const K: u8, const B: u8>() -> __m512 {
-    if K >= NF4 {
+    if looked_up::<K>() {
         return _mm512_loadu_ps(lut::<K>().as_ptr());
     }
     let codec = codec_of::<K, B>();
@@ -249,7 +249,7 @@ unsafe fn decode16<const K: u8, const B: u8>(
 ) -> __m512 {
     let lv = if B <= 4 {
         _mm512_permutexvar_ps(c, lv)
-    } else if K == SYM {
+    } else if K == SYM || K == SYMF {
         _mm512_cvtepi32_ps(_mm512_sub_epi32(c, _mm512_set1_epi32(1 << (B - 1))))
     } else {
         _mm512_cvtepi32_ps(c)

@@ -42,8 +42,11 @@ const LENS: [usize; 20] = [
 const FIRSTS: [usize; 9] = [0, 1, 2, 3, 5, 7, 8, 13, 64];
 
 /// Hot widths of every codec, plus widths that take the scalar fallback.
-const CODECS: [Codec; 14] = [
+const CODECS: [Codec; 17] = [
     Codec::SymmetricFull { bits: 4 },
+    Codec::SymmetricFull { bits: 8 },
+    Codec::SymmetricFull { bits: 3 },
+    Codec::SymmetricFull { bits: 5 },
     Codec::Affine { bits: 4 },
     Codec::Affine { bits: 8 },
     Codec::Symmetric { bits: 4 },
