@@ -239,33 +239,26 @@ fn decode_piece(k: &Kernels, q: &Stored<'_>, e0: usize, t: OutType, out: &mut [u
             e += len;
         }
     } else if result.is_ok() {
-        // Groups along an earlier axis: every segment is (part of) a row of `inner` elements
-        // with a scale and min per element. Rows longer than `COLUMNS` go a block of columns at
-        // a time through all the piece's rows, so that the block's scales and mins stay in L1
-        // from one row to the next (a 4096-column row's fp32 rows, 32 KiB, did not).
-        let q_len = q.layout.inner as usize;
-        let block = if per_segment { q_len } else { COLUMNS };
-        for c0 in (0..q_len).step_by(block) {
-            let cols = c0..(c0 + block).min(q_len);
-            for_each_segment(&q.layout, e0, e1, |seg| {
-                if result.is_err() {
+        // Groups along an earlier axis: a row of scales and mins per row of `inner` elements.
+        // (Blocks of 512-2048 columns through the rows, to keep those in L1 from row to row,
+        // ran 0.4-0.9x as fast at 4096 columns: `benches/results/flexgen_columns.txt`.)
+        for_each_segment(&q.layout, e0, e1, |seg| {
+            if result.is_err() {
+                return;
+            }
+            let w = if per_segment {
+                let w = segment_window(&seg);
+                if let Err(e) = widen_scales(q, w.clone(), &mut s_buf, &mut m_buf) {
+                    result = Err(e);
                     return;
                 }
-                let Some(seg) = clip(seg, q_len, &cols) else {
-                    return;
-                };
-                let w = if per_segment {
-                    let w = segment_window(&seg);
-                    if let Err(e) = widen_scales(q, w.clone(), &mut s_buf, &mut m_buf) {
-                        result = Err(e);
-                        return;
-                    }
-                    w
-                } else {
-                    window.clone()
-                };
-                let o = &mut out[(seg.start - e0) * size..(seg.start - e0 + seg.len) * size];
-                let g = seg.group - w.start;
+                w
+            } else {
+                window.clone()
+            };
+            let o = &mut out[(seg.start - e0) * size..(seg.start - e0 + seg.len) * size];
+            let g = seg.group - w.start;
+            if seg.per_element {
                 let m = if q.codec.has_mins() {
                     &m_buf[g..g + seg.len]
                 } else {
@@ -273,32 +266,15 @@ fn decode_piece(k: &Kernels, q: &Stored<'_>, e0: usize, t: OutType, out: &mut [u
                 };
                 let s = &s_buf[g..g + seg.len];
                 (k.dequant_vec)(q.codec, q.codes, seg.start, s, m, t, o);
-            });
-        }
+            } else {
+                let m = if q.codec.has_mins() { m_buf[g] } else { 0.0 };
+                (k.dequant_bcast)(q.codec, q.codes, seg.start, s_buf[g], m, t, o);
+            }
+        });
     }
     put_buffer(1, s_buf);
     put_buffer(2, m_buf);
     result
-}
-
-/// Columns per block of the rows of a tensor grouped along an earlier axis: 8 KiB of fp32 scales
-/// and mins, which stay in L1 next to the streaming codes and output.
-const COLUMNS: usize = 1024;
-
-/// The part of `seg` (a segment of a row of `q_len` elements, each its own group) in columns
-/// `cols`, if any.
-fn clip(seg: Segment, q_len: usize, cols: &Range<usize>) -> Option<Segment> {
-    if cols.len() == q_len {
-        return Some(seg);
-    }
-    let c = seg.start % q_len;
-    let (lo, hi) = (c.max(cols.start), (c + seg.len).min(cols.end));
-    (lo < hi).then(|| Segment {
-        start: seg.start + lo - c,
-        len: hi - lo,
-        group: seg.group + lo - c,
-        per_element: true,
-    })
 }
 
 /// The range of scale indices that elements `e0..e1` (non-empty) can use: every group-row
@@ -407,7 +383,7 @@ mod tests {
     }
 
     /// Groups along axis 0 whose group-row is longer than CHUNK (a task per group-row), odd
-    /// columns in blocks of COLUMNS, a ragged last row group, whole and sliced boxes: every table writes each type
+    /// columns, a ragged last row group, whole and sliced boxes: every table writes each type
     /// bit for bit as the spec's value of each element, rounded to the type.
     #[test]
     fn axis0_decode_to_every_type_matches_per_element() {
@@ -417,7 +393,7 @@ mod tests {
         let (rows, cols, gs) = (133usize, 1031usize, 64u64);
         let shape = [rows as u64, cols as u64];
         let layout = GroupLayout::new(&shape, 0, gs).unwrap();
-        assert!(piece_len(&layout) > CHUNK && cols > COLUMNS);
+        assert!(piece_len(&layout) > CHUNK);
         let groups = layout.num_groups() as usize;
         let mut r = Rng::new(5);
         let mut halves = |n: usize, lo: f32, width: f32| -> Vec<u8> {
@@ -449,8 +425,6 @@ mod tests {
             };
             let half_at =
                 |b: &[u8], g: usize| f16::from_le_bytes([b[2 * g], b[2 * g + 1]]).to_f32();
-            // Whole, row-sliced and column-sliced boxes; the last two cross the first block of
-            // COLUMNS columns.
             let boxes: [[Range<u64>; 2]; 5] = [
                 [0..133, 0..1031],
                 [3..130, 0..1031],
