@@ -199,9 +199,13 @@ fn decode_piece(k: &Kernels, q: &Stored<'_>, e0: usize, t: OutType, out: &mut [u
     // A piece that needs few of the scales in its window (a narrow column of a tensor grouped
     // along an earlier axis) widens them segment by segment instead.
     let per_segment = window.len() > 2 * (e1 - e0) + 64;
+    // fp16 scales and mins of groups along an earlier axis go to the kernel as stored, widened
+    // as they are loaded: a 4096-column row of them is 16 KiB where its fp32 copy was 32 KiB,
+    // which left L1 between the rows that share it.
+    let stored = q.layout.inner > 1 && q.params.scale_dtype == DType::Float16;
     let (mut s_buf, mut m_buf) = (take_buffer(1), take_buffer(2));
     let mut result = Ok(());
-    if !per_segment {
+    if !per_segment && !stored {
         result = widen_scales(q, window.clone(), &mut s_buf, &mut m_buf);
     }
     if result.is_ok() && q.layout.inner == 1 {
@@ -246,6 +250,17 @@ fn decode_piece(k: &Kernels, q: &Stored<'_>, e0: usize, t: OutType, out: &mut [u
             if result.is_err() {
                 return;
             }
+            let o = &mut out[(seg.start - e0) * size..(seg.start - e0 + seg.len) * size];
+            if stored {
+                let b = 2 * seg.group..2 * (seg.group + seg.len);
+                let m = if q.codec.has_mins() {
+                    &q.mins[b.clone()]
+                } else {
+                    &[][..]
+                };
+                (k.dequant_vec_f16)(q.codec, q.codes, seg.start, &q.scales[b], m, t, o);
+                return;
+            }
             let w = if per_segment {
                 let w = segment_window(&seg);
                 if let Err(e) = widen_scales(q, w.clone(), &mut s_buf, &mut m_buf) {
@@ -256,7 +271,6 @@ fn decode_piece(k: &Kernels, q: &Stored<'_>, e0: usize, t: OutType, out: &mut [u
             } else {
                 window.clone()
             };
-            let o = &mut out[(seg.start - e0) * size..(seg.start - e0 + seg.len) * size];
             let g = seg.group - w.start;
             if seg.per_element {
                 let m = if q.codec.has_mins() {

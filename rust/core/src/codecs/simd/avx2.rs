@@ -310,6 +310,18 @@ pub(super) unsafe fn dq_vec<const K: u8, const B: u8, const O: u8>(
     }
 }
 
+/// `dq_vec` over fp16 scale and min bytes, widened a chunk at a time.
+pub(super) unsafe fn dq_vec_f16<const K: u8, const B: u8, const O: u8>(
+    codes: &[u8],
+    first: usize,
+    s: &[u8],
+    m: &[u8],
+    out: &mut [u8],
+) {
+    let (codec, t) = (codec_of::<K, B>(), out_type::<O>());
+    super::widened_vec(dequant_vec, codec, codes, first, s, m, t, out)
+}
+
 /// Store 8 values as elements `i..i + 8` of `o`, bytes of output type `O`.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]

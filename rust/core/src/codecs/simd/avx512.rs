@@ -8,7 +8,7 @@ use super::avx2::{
     self, codec_of, key1, mins_of, prefetch_in, sorted, ABS, AFF, INF_BITS, MXF4, NF4, NVF4, OBF16,
     OF16, OF32, ROUND, SYM, SYMF,
 };
-use super::avx512_decode::{dq_bcast, dq_groups, dq_vec};
+use super::avx512_decode::{dq_bcast, dq_groups, dq_vec, dq_vec_f16};
 use super::{byte_head, scalar, Kernels, OutType};
 
 /// `avx2::by_codec` plus 2- and 3-bit affine and symmetric codes and the full-level symmetric

@@ -273,21 +273,28 @@ unsafe fn reader<const B: u8, const O: u8, const TAB: bool>(bit: usize, end: *co
     }
 }
 
-/// Decode `n` elements from element `e` of `codes` into `o` (`rd`: `reader` at `e`'s bit): looked up in `tab` (`table`), or,
-/// without TAB, decoded with the scale and min at `sp`/`mp` (one per element with VEC, else
-/// one for all).
+/// Decode `n` elements from element `e` of `codes` into `o` (`rd`: `reader` at `e`'s bit):
+/// looked up in `tab` (`table`), or, without TAB, decoded with the scale and min at `sp`/`mp`
+/// (one per element with VEC, fp16 with H, else fp32; without VEC one fp32 for all).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn run<const K: u8, const B: u8, const O: u8, const TAB: bool, const VEC: bool>(
+unsafe fn run<
+    const K: u8,
+    const B: u8,
+    const O: u8,
+    const TAB: bool,
+    const VEC: bool,
+    const H: bool,
+>(
     codes: *const u8,
     rd: &Reader,
     e: usize,
     n: usize,
     tab: __m512i,
     lv: __m512,
-    sp: *const f32,
-    mp: *const f32,
+    sp: *const u8,
+    mp: *const u8,
     o: *mut u8,
 ) {
     let size = out_size::<O>();
@@ -300,8 +307,8 @@ unsafe fn run<const K: u8, const B: u8, const O: u8, const TAB: bool, const VEC:
     let (vs, vm) = if VEC {
         (_mm512_setzero_ps(), _mm512_setzero_ps())
     } else {
-        let m = if K == AFF { *mp } else { 0.0 };
-        (_mm512_set1_ps(*sp), _mm512_set1_ps(m))
+        let m = if K == AFF { *mp.cast::<f32>() } else { 0.0 };
+        (_mm512_set1_ps(*sp.cast::<f32>()), _mm512_set1_ps(m))
     };
     // 32 words looked up from the codes at `p` (`k` <= 32 of them valid).
     macro_rules! words {
@@ -319,11 +326,21 @@ unsafe fn run<const K: u8, const B: u8, const O: u8, const TAB: bool, const VEC:
             } else {
                 // Whole vectors load unmasked (faster); a tail reads only its own lanes.
                 let keep = low_bits(k) as __mmask16;
-                let load = |q: *const f32| {
-                    if k == 16 {
-                        _mm512_loadu_ps(q.add(i))
+                let load = |q: *const u8| {
+                    if H {
+                        let q = q.add(2 * i).cast();
+                        _mm512_cvtph_ps(if k == 16 {
+                            _mm256_loadu_si256(q)
+                        } else {
+                            _mm256_maskz_loadu_epi16(keep, q.cast())
+                        })
                     } else {
-                        _mm512_maskz_loadu_ps(keep, q.add(i))
+                        let q = q.add(4 * i).cast::<f32>();
+                        if k == 16 {
+                            _mm512_loadu_ps(q)
+                        } else {
+                            _mm512_maskz_loadu_ps(keep, q)
+                        }
                     }
                 };
                 let s = if VEC { load(sp) } else { vs };
@@ -446,25 +463,29 @@ pub(super) unsafe fn dq_groups<const K: u8, const B: u8, const O: u8>(
         let e = j * g;
         let len = g.min(n - e);
         let bit = (first + e) * B as usize;
-        let sp = s.as_ptr().add(j);
-        let mp = if K == AFF { m.as_ptr().add(j) } else { sp };
+        let sp = s.as_ptr().add(j).cast::<u8>();
+        let mp = if K == AFF {
+            m.as_ptr().add(j).cast()
+        } else {
+            sp
+        };
         let dst = o.add(e * size);
         if B <= 4 {
-            let mj = if K == AFF { *mp } else { 0.0 };
-            let tab = table::<K, O>(lv, *sp, mj);
+            let mj = if K == AFF { m[j] } else { 0.0 };
+            let tab = table::<K, O>(lv, s[j], mj);
             let rd = if same {
                 rt
             } else {
                 reader::<B, O, true>(bit, end)
             };
-            run::<K, B, O, true, false>(p, &rd, first + e, len, tab, lv, sp, mp, dst);
+            run::<K, B, O, true, false, false>(p, &rd, first + e, len, tab, lv, sp, mp, dst);
         } else {
             let rd = if same {
                 rv
             } else {
                 reader::<B, O, false>(bit, end)
             };
-            run::<K, B, O, false, false>(p, &rd, first + e, len, zero, lv, sp, mp, dst);
+            run::<K, B, O, false, false, false>(p, &rd, first + e, len, zero, lv, sp, mp, dst);
         }
     }
 }
@@ -492,16 +513,45 @@ pub(super) unsafe fn dq_vec<const K: u8, const B: u8, const O: u8>(
     out: &mut [u8],
 ) {
     let n = out.len() / out_size::<O>();
+    assert!(s.len() >= n && (K != AFF || m.len() >= n));
+    let (sp, mp) = (s.as_ptr().cast(), m.as_ptr().cast());
+    vec_run::<K, B, O, false>(codes, first, sp, mp, out)
+}
+
+/// `dq_vec` with the scales and mins as fp16 bytes, widened as they are loaded.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,f16c")]
+pub(super) unsafe fn dq_vec_f16<const K: u8, const B: u8, const O: u8>(
+    codes: &[u8],
+    first: usize,
+    s: &[u8],
+    m: &[u8],
+    out: &mut [u8],
+) {
+    let n = out.len() / out_size::<O>();
+    assert!(s.len() >= 2 * n && (K != AFF || m.len() >= 2 * n));
+    vec_run::<K, B, O, true>(codes, first, s.as_ptr(), m.as_ptr(), out)
+}
+
+/// The body of `dq_vec` (H: fp16 scales and mins), whose callers checked `sp`/`mp`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,f16c")]
+unsafe fn vec_run<const K: u8, const B: u8, const O: u8, const H: bool>(
+    codes: &[u8],
+    first: usize,
+    sp: *const u8,
+    mp: *const u8,
+    out: &mut [u8],
+) {
+    let n = out.len() / out_size::<O>();
     if n == 0 {
         return;
     }
     assert!((first + n) * B as usize <= codes.len() * 8);
-    assert!(s.len() >= n && (K != AFF || m.len() >= n));
-    let mp = if K == AFF { m.as_ptr() } else { s.as_ptr() };
+    let mp = if K == AFF { mp } else { sp };
     let zero = _mm512_setzero_si512();
     let lv = levels::<K, B>();
     let (p, o) = (codes.as_ptr(), out.as_mut_ptr());
     let end = p.wrapping_add(codes.len());
     let rd = reader::<B, O, false>(first * B as usize, end);
-    run::<K, B, O, false, true>(p, &rd, first, n, zero, lv, s.as_ptr(), mp, o);
+    run::<K, B, O, false, true, H>(p, &rd, first, n, zero, lv, sp, mp, o);
 }
