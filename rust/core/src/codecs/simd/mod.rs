@@ -244,7 +244,7 @@ pub struct Kernels {
 
 /// A `dequant_vec` table function over fp16 scale and min bytes: widened a stack chunk at a
 /// time, for the tables that do not widen inside the kernel.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)] // `vec` is a `Kernels` field's type
 pub(crate) fn widened_vec(
     vec: fn(Codec, &[u8], usize, &[f32], &[f32], OutType, &mut [u8]),
     codec: Codec,
