@@ -93,6 +93,7 @@ def main() -> None:
         ("symmetric 8-bit g128 axis=-1", qt.Symmetric(8, 128, axis=-1)),
         ("affine 8-bit g64 axis=-1", qt.Affine(8, 64, axis=-1)),
         ("symmetric 4-bit g64 axis=-1", qt.Symmetric(4, 64, axis=-1)),
+        ("symmetric 4-bit full levels g32 axis=-1 (Q4_0)", qt.Symmetric(4, 32, levels="full")),
         ("affine 3-bit g64 axis=-1", qt.Affine(3, 64, axis=-1)),
         ("affine 2-bit g64 axis=-1", qt.Affine(2, 64, axis=-1)),
         ("nf4 g64 axis=-1", qt.NF4(64, axis=-1)),
@@ -153,6 +154,21 @@ def main() -> None:
             f"{dn_gbs / copy_new_gbs:5.2f}x x.copy()"
         )
         for dt in ("float16", "bfloat16"):
+            # Quantize from 16-bit input, per element against quantize from fp32 (same values
+            # rounded to the input dtype first).
+            src16 = _as16(x, dt)
+            t_q16 = best_of(
+                lambda src16=src16, enc_json=enc_json, dt=dt: _core.encode(
+                    src16.reshape(-1).view(np.uint8), dt, [n, n], enc_json
+                ),
+                args.repeat,
+            )
+            q16 = nbytes / t_q16 / 1e9
+            print(
+                f"  quantize from {dt:<8}      {q16:7.2f} GB/s of fp32-equivalent  "
+                f"{q16 / q_gbs:5.2f}x quantize from fp32"
+            )
+        for dt in ("float16", "bfloat16"):
             half = np.empty((n, n), np.uint16)
             src = np.ones_like(half)
             hb = half.reshape(-1).view(np.uint8)
@@ -169,6 +185,14 @@ def main() -> None:
                 f"{h_gbs / hc_gbs:5.2f}x memcpy of the {dt} bytes ({hc_gbs:.2f} GB/s)"
             )
     peers(x, args.repeat)
+
+
+def _as16(x: np.ndarray, dt: str) -> np.ndarray:
+    """`x` rounded to fp16 or bf16 (nearest even), as uint16 bits."""
+    if dt == "float16":
+        return x.astype(np.float16).view(np.uint16)
+    b = x.view(np.uint32)
+    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
 
 
 def peers(x: np.ndarray, repeat: int) -> None:

@@ -329,9 +329,6 @@ fn quantize_fused(
     tasks
         .into_par_iter()
         .try_for_each(|(j0, j1, e0, c, s, m)| -> Result<()> {
-            // This task's elements, widened to fp32 here if they are not already.
-            let block = src.range(e0, start(j1))?;
-            let x: &[f32] = &block;
             if q_len == 1 {
                 // Each group-row is one group of contiguous elements. Batches of groups (in L1)
                 // go through statistics, parameters and codes in turn, so that the divisions and
@@ -340,8 +337,14 @@ fn quantize_fused(
                 let (mut lo, mut hi, mut inv) = ([0f32; BATCH], [0f32; BATCH], [0f32; BATCH]);
                 for b0 in (j0..j1).step_by(BATCH) {
                     let b1 = (b0 + BATCH).min(j1);
+                    // The batch's elements, widened to fp32 here if they are not already: a
+                    // batch at a time, so that 16-bit input widens into L1 (a task's 256 KiB
+                    // went out to L2 and back).
+                    let base = start(b0);
+                    let block = src.range(base, start(b1))?;
+                    let x: &[f32] = &block;
                     for j in b0..b1 {
-                        let xs = &x[start(j) - e0..start(j + 1) - e0];
+                        let xs = &x[start(j) - base..start(j + 1) - base];
                         let (l, h, finite) = if signed {
                             (k.min_max)(xs)
                         } else {
@@ -366,12 +369,15 @@ fn quantize_fused(
                     for j in b0..b1 {
                         let (a, b) = (start(j), start(j + 1));
                         let mb = if has_mins { m[j - j0] } else { 0.0 };
-                        let xs = &x[a - e0..b - e0];
+                        let xs = &x[a - base..b - base];
                         (k.encode_bcast)(codec, xs, inv[j - b0], mb, mids, c, a - e0);
                     }
                 }
                 return Ok(());
             }
+            // This task's elements, widened to fp32 here if they are not already.
+            let block = src.range(e0, start(j1))?;
+            let x: &[f32] = &block;
             // Groups along an earlier axis: columns in tiles of about CHUNK elements per group,
             // statistics over the tile's rows, then its codes while the rows are still cached.
             let w = ((CHUNK / gs).max(8) & !7).min(q_len);

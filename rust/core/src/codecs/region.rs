@@ -199,9 +199,13 @@ fn decode_piece(k: &Kernels, q: &Stored<'_>, e0: usize, t: OutType, out: &mut [u
     // A piece that needs few of the scales in its window (a narrow column of a tensor grouped
     // along an earlier axis) widens them segment by segment instead.
     let per_segment = window.len() > 2 * (e1 - e0) + 64;
+    // fp16 scales and mins of groups along an earlier axis go to the kernel as stored, widened
+    // as they are loaded: a 4096-column row of them is 16 KiB where its fp32 copy was 32 KiB,
+    // which left L1 between the rows that share it.
+    let stored = q.layout.inner > 1 && q.params.scale_dtype == DType::Float16;
     let (mut s_buf, mut m_buf) = (take_buffer(1), take_buffer(2));
     let mut result = Ok(());
-    if !per_segment {
+    if !per_segment && !stored {
         result = widen_scales(q, window.clone(), &mut s_buf, &mut m_buf);
     }
     if result.is_ok() && q.layout.inner == 1 {
@@ -239,8 +243,22 @@ fn decode_piece(k: &Kernels, q: &Stored<'_>, e0: usize, t: OutType, out: &mut [u
             e += len;
         }
     } else if result.is_ok() {
+        // Groups along an earlier axis: a row of scales and mins per row of `inner` elements.
+        // (Blocks of 512-2048 columns through the rows, to keep those in L1 from row to row,
+        // ran 0.4-0.9x as fast at 4096 columns: `benches/results/flexgen_columns.txt`.)
         for_each_segment(&q.layout, e0, e1, |seg| {
             if result.is_err() {
+                return;
+            }
+            let o = &mut out[(seg.start - e0) * size..(seg.start - e0 + seg.len) * size];
+            if stored {
+                let b = 2 * seg.group..2 * (seg.group + seg.len);
+                let m = if q.codec.has_mins() {
+                    &q.mins[b.clone()]
+                } else {
+                    &[][..]
+                };
+                (k.dequant_vec_f16)(q.codec, q.codes, seg.start, &q.scales[b], m, t, o);
                 return;
             }
             let w = if per_segment {
@@ -253,7 +271,6 @@ fn decode_piece(k: &Kernels, q: &Stored<'_>, e0: usize, t: OutType, out: &mut [u
             } else {
                 window.clone()
             };
-            let o = &mut out[(seg.start - e0) * size..(seg.start - e0 + seg.len) * size];
             let g = seg.group - w.start;
             if seg.per_element {
                 let m = if q.codec.has_mins() {
@@ -422,11 +439,12 @@ mod tests {
             };
             let half_at =
                 |b: &[u8], g: usize| f16::from_le_bytes([b[2 * g], b[2 * g + 1]]).to_f32();
-            let boxes: [[Range<u64>; 2]; 4] = [
+            let boxes: [[Range<u64>; 2]; 5] = [
                 [0..133, 0..1031],
                 [3..130, 0..1031],
                 [0..133, 5..1000],
                 [70..71, 1..1030],
+                [1..133, 1000..1031],
             ];
             for ranges in boxes {
                 let runs = Runs::new(&shape, &ranges);

@@ -24,6 +24,14 @@ pub(super) const NF4: u8 = 2;
 // The FP4 formats: E2M1 levels looked up like NF4's; MXFP4 multiplies by 1/scale, NVFP4 divides.
 pub(super) const MXF4: u8 = 3;
 pub(super) const NVF4: u8 = 4;
+// Symmetric with all 2^b levels (`Codec::SymmetricFull`): only the AVX-512 table encodes it; it
+// decodes as `SYM`.
+pub(super) const SYMF: u8 = 5;
+
+/// Whether codec `K`'s levels come from a 16-entry table (NF4, E2M1) rather than the code.
+pub(super) const fn looked_up<const K: u8>() -> bool {
+    matches!(K, NF4 | MXF4 | NVF4)
+}
 
 // The output type as a const parameter (`OutType` in that order).
 pub(super) const OF32: u8 = 0;
@@ -80,6 +88,7 @@ pub(super) fn codec_of<const K: u8, const B: u8>() -> Codec {
     match K {
         AFF => Codec::Affine { bits: B },
         SYM => Codec::Symmetric { bits: B },
+        SYMF => Codec::SymmetricFull { bits: B },
         NF4 => Codec::Nf4,
         MXF4 => Codec::Mxfp4,
         // The scalar fallbacks get full scales (decode) and divisors (encode): they never read
@@ -301,6 +310,18 @@ pub(super) unsafe fn dq_vec<const K: u8, const B: u8, const O: u8>(
     }
 }
 
+/// `dq_vec` over fp16 scale and min bytes, widened a chunk at a time.
+pub(super) unsafe fn dq_vec_f16<const K: u8, const B: u8, const O: u8>(
+    codes: &[u8],
+    first: usize,
+    s: &[u8],
+    m: &[u8],
+    out: &mut [u8],
+) {
+    let (codec, t) = (codec_of::<K, B>(), out_type::<O>());
+    super::widened_vec(dequant_vec, codec, codes, first, s, m, t, out)
+}
+
 /// Store 8 values as elements `i..i + 8` of `o`, bytes of output type `O`.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
@@ -347,7 +368,11 @@ unsafe fn dq_body<const K: u8, const B: u8, const VEC: bool, const O: u8>(
     mp: *const f32,
 ) {
     // The table (NF4 or E2M1) of the codecs decoded by lookup; unused by the others.
-    let table = if K >= NF4 { lut::<K>() } else { &NF4_LEVELS };
+    let table = if looked_up::<K>() {
+        lut::<K>()
+    } else {
+        &NF4_LEVELS
+    };
     let lv_lo = _mm256_loadu_ps(table.as_ptr());
     let lv_hi = _mm256_loadu_ps(table.as_ptr().add(8));
     let vs = _mm256_set1_ps(*sp);
@@ -398,7 +423,7 @@ unsafe fn levels<const K: u8, const B: u8>(
         let t = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(w));
         // Dword 2j holds byte j (low nibble = code 2j), dword 2j+1 holds byte j >> 4.
         let idx = _mm256_or_si256(t, _mm256_slli_epi64::<28>(t));
-        if K >= NF4 {
+        if looked_up::<K>() {
             // vpermps reads the low 3 bits; bit 3 picks the half (moved to the sign for blendv).
             let a = _mm256_permutevar8x32_ps(lv_lo, idx);
             let b = _mm256_permutevar8x32_ps(lv_hi, idx);

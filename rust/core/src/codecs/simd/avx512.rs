@@ -5,38 +5,43 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    self, by_codec, key1, mins_of, prefetch_in, sorted, ABS, AFF, INF_BITS, MXF4, NF4, NVF4, OBF16,
-    OF16, OF32, ROUND, SYM,
+    self, codec_of, key1, mins_of, prefetch_in, sorted, ABS, AFF, INF_BITS, MXF4, NF4, NVF4, OBF16,
+    OF16, OF32, ROUND, SYM, SYMF,
 };
-use super::avx512_decode::{dq_bcast, dq_groups, dq_vec};
+use super::avx512_decode::{dq_bcast, dq_groups, dq_vec, dq_vec_f16};
 use super::{byte_head, scalar, Kernels, OutType};
 
-/// `by_codec_out` of the decode kernels, which also take 2- and 3-bit codes.
-macro_rules! by_codec_out {
-    ($codec:expr, $t:expr, $f:ident($($a:expr),*), $other:expr) => {
-        match $t {
-            OutType::F32 => by_width!($codec, $f[OF32]($($a),*), $other),
-            OutType::F16 => by_width!($codec, $f[OF16]($($a),*), $other),
-            OutType::Bf16 => by_width!($codec, $f[OBF16]($($a),*), $other),
+/// `avx2::by_codec` plus 2- and 3-bit affine and symmetric codes and the full-level symmetric
+/// codes, which these kernels also decode and encode.
+macro_rules! by_codec {
+    ($codec:expr, $f:ident $([$o:ident])? ($($a:expr),*), $other:expr) => {
+        match $codec {
+            Codec::SymmetricFull { bits: 2 } => $f::<SYMF, 2 $(, $o)?>($($a),*),
+            Codec::SymmetricFull { bits: 3 } => $f::<SYMF, 3 $(, $o)?>($($a),*),
+            Codec::SymmetricFull { bits: 4 } => $f::<SYMF, 4 $(, $o)?>($($a),*),
+            Codec::SymmetricFull { bits: 8 } => $f::<SYMF, 8 $(, $o)?>($($a),*),
+            Codec::Affine { bits: 2 } => $f::<AFF, 2 $(, $o)?>($($a),*),
+            Codec::Affine { bits: 3 } => $f::<AFF, 3 $(, $o)?>($($a),*),
+            Codec::Symmetric { bits: 2 } => $f::<SYM, 2 $(, $o)?>($($a),*),
+            Codec::Symmetric { bits: 3 } => $f::<SYM, 3 $(, $o)?>($($a),*),
+            c => avx2::by_codec!(c, $f $([$o])? ($($a),*), $other),
         }
     };
 }
 
-macro_rules! by_width {
-    ($codec:expr, $f:ident[$o:ident]($($a:expr),*), $other:expr) => {
-        match $codec {
-            Codec::Affine { bits: 2 } => $f::<AFF, 2, $o>($($a),*),
-            Codec::Affine { bits: 3 } => $f::<AFF, 3, $o>($($a),*),
-            Codec::Symmetric { bits: 2 } => $f::<SYM, 2, $o>($($a),*),
-            Codec::Symmetric { bits: 3 } => $f::<SYM, 3, $o>($($a),*),
-            c => by_codec!(c, $f[$o]($($a),*), $other),
+macro_rules! by_codec_out {
+    ($codec:expr, $t:expr, $f:ident($($a:expr),*), $other:expr) => {
+        match $t {
+            OutType::F32 => by_codec!($codec, $f[OF32]($($a),*), $other),
+            OutType::F16 => by_codec!($codec, $f[OF16]($($a),*), $other),
+            OutType::Bf16 => by_codec!($codec, $f[OBF16]($($a),*), $other),
         }
     };
 }
 use crate::codecs::codec::Codec;
 
 /// The AVX-512 table if this CPU has AVX-512 F, BW, VL and VBMI (Ice Lake, Zen 4 and later),
-/// AVX2 and F16C. Its functions are reachable only here.
+/// AVX2, F16C and BMI2. Its functions are reachable only here.
 pub fn table() -> Option<&'static Kernels> {
     if is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
@@ -44,6 +49,7 @@ pub fn table() -> Option<&'static Kernels> {
         && is_x86_feature_detected!("avx512vbmi")
         && is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("f16c")
+        && is_x86_feature_detected!("bmi2")
     {
         Some(&AVX512)
     } else {
@@ -60,21 +66,6 @@ kernel_table!(
     min_max_vec_avx512,
     abs_max_vec_avx512
 );
-
-/// fp32 -> bf16 as `half::bf16::from_f32` (see `avx2::bf16x8`).
-#[inline]
-#[target_feature(enable = "avx512f,avx2")]
-pub(super) unsafe fn bf16x16(v: __m512) -> __m256i {
-    let b = _mm512_castps_si512(v);
-    let hi = _mm512_srli_epi32::<16>(b);
-    let lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
-    let biased = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb);
-    let rounded = _mm512_srli_epi32::<16>(biased);
-    let magnitude = _mm512_and_si512(b, _mm512_set1_epi32(ABS));
-    let nan = _mm512_cmpgt_epi32_mask(magnitude, _mm512_set1_epi32(INF_BITS));
-    let r = _mm512_mask_or_epi32(rounded, nan, hi, _mm512_set1_epi32(0x40));
-    _mm512_cvtepi32_epi16(r)
-}
 
 /// Broadcast constants of one encode call.
 #[derive(Clone, Copy)]
@@ -96,10 +87,13 @@ impl Enc {
     #[inline]
     #[target_feature(enable = "avx512f,avx2")]
     unsafe fn new<const K: u8, const B: u8>(inv: f32, m: f32, mids: &[f32; 15]) -> Enc {
-        let qmax = if K == AFF {
-            ((1u32 << B) - 1) as f32
-        } else {
-            ((1u32 << (B - 1)) - 1) as f32
+        let z = (1u32 << (B - 1)) as f32;
+        // Clamp bounds of the rounded value: 0..2^b - 1 (affine), -z..z - 1 (all levels), else
+        // -(z - 1)..z - 1.
+        let (qmax, nqmax) = match K {
+            AFF => (((1u32 << B) - 1) as f32, 0.0),
+            SYMF => (z - 1.0, -z),
+            _ => (z - 1.0, 1.0 - z),
         };
         // NF4 search tables `mids[j + off]` (lanes past the end are never indexed).
         let tab = |off: usize| {
@@ -113,7 +107,7 @@ impl Enc {
             inv: _mm512_set1_ps(inv),
             m: _mm512_set1_ps(if K == AFF { m } else { 0.0 }),
             qmax: _mm512_set1_ps(qmax),
-            nqmax: _mm512_set1_ps(-qmax),
+            nqmax: _mm512_set1_ps(nqmax),
             zero: _mm512_set1_epi32(1 << (B - 1)),
             mid7: _mm512_set1_ps(mids[7]),
             t3: tab(3),
@@ -123,7 +117,7 @@ impl Enc {
     }
 }
 
-#[target_feature(enable = "avx512f,avx2")]
+#[target_feature(enable = "avx512f,avx2,bmi2")]
 unsafe fn enc_bcast<const K: u8, const B: u8>(
     x: &[f32],
     inv: f32,
@@ -136,10 +130,10 @@ unsafe fn enc_bcast<const K: u8, const B: u8>(
     let head = byte_head(first, B, n);
     let body = (n - head) & !15;
     if body == 0 || (K == NF4 && !sorted(mids)) {
-        return avx2::enc_bcast::<K, B>(x, inv, m, mids, codes, first);
+        return rest_bcast::<K, B>(x, inv, m, mids, codes, first);
     }
     if head > 0 {
-        avx2::enc_bcast::<K, B>(&x[..head], inv, m, mids, codes, first);
+        rest_bcast::<K, B>(&x[..head], inv, m, mids, codes, first);
     }
     let b0 = (first + head) * B as usize / 8;
     let dst = codes[b0..b0 + body * B as usize / 8].as_mut_ptr();
@@ -148,11 +142,49 @@ unsafe fn enc_bcast<const K: u8, const B: u8>(
     enc_body::<K, B, false>(xp, xp, xp, body, &c, dst);
     let r = head + body;
     if r < n {
-        avx2::enc_bcast::<K, B>(&x[r..], inv, m, mids, codes, first + r);
+        rest_bcast::<K, B>(&x[r..], inv, m, mids, codes, first + r);
     }
 }
 
-#[target_feature(enable = "avx512f,avx2")]
+/// The elements the AVX-512 bodies leave (heads, tails, short runs): AVX2 kernels for 4- and
+/// 8-bit codes, scalar code for 2 and 3 bits and full-level symmetric codes, which AVX2 does
+/// not vectorize.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn rest_bcast<const K: u8, const B: u8>(
+    x: &[f32],
+    inv: f32,
+    m: f32,
+    mids: &[f32; 15],
+    codes: &mut [u8],
+    first: usize,
+) {
+    if B < 4 || K == SYMF {
+        scalar::encode_bcast(codec_of::<K, B>(), x, inv, m, mids, codes, first)
+    } else {
+        avx2::enc_bcast::<K, B>(x, inv, m, mids, codes, first)
+    }
+}
+
+/// `rest_bcast` with a scale and min per element.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn rest_vec<const K: u8, const B: u8>(
+    x: &[f32],
+    inv: &[f32],
+    m: &[f32],
+    mids: &[f32; 15],
+    codes: &mut [u8],
+    first: usize,
+) {
+    if B < 4 || K == SYMF {
+        scalar::encode_vec(codec_of::<K, B>(), x, inv, m, mids, codes, first)
+    } else {
+        avx2::enc_vec::<K, B>(x, inv, m, mids, codes, first)
+    }
+}
+
+#[target_feature(enable = "avx512f,avx2,bmi2")]
 unsafe fn enc_vec<const K: u8, const B: u8>(
     x: &[f32],
     inv: &[f32],
@@ -165,12 +197,12 @@ unsafe fn enc_vec<const K: u8, const B: u8>(
     let head = byte_head(first, B, n);
     let body = (n - head) & !15;
     if body == 0 || (K == NF4 && !sorted(mids)) {
-        return avx2::enc_vec::<K, B>(x, inv, m, mids, codes, first);
+        return rest_vec::<K, B>(x, inv, m, mids, codes, first);
     }
     assert!(inv.len() >= n && (K != AFF || m.len() >= n));
     if head > 0 {
         let mh = mins_of::<K>(m, 0..head);
-        avx2::enc_vec::<K, B>(&x[..head], &inv[..head], mh, mids, codes, first);
+        rest_vec::<K, B>(&x[..head], &inv[..head], mh, mids, codes, first);
     }
     let b0 = (first + head) * B as usize / 8;
     let dst = codes[b0..b0 + body * B as usize / 8].as_mut_ptr();
@@ -180,7 +212,7 @@ unsafe fn enc_vec<const K: u8, const B: u8>(
     let r = head + body;
     if r < n {
         let mr = mins_of::<K>(m, r..n);
-        avx2::enc_vec::<K, B>(&x[r..], &inv[r..n], mr, mids, codes, first + r);
+        rest_vec::<K, B>(&x[r..], &inv[r..n], mr, mids, codes, first + r);
     }
 }
 
@@ -208,7 +240,7 @@ unsafe fn code16<const K: u8, const VEC: bool>(
             let q = _mm512_min_ps(_mm512_max_ps(r, _mm512_setzero_ps()), c.qmax);
             _mm512_cvttps_epi32(q)
         }
-        SYM => {
+        SYM | SYMF => {
             let r = _mm512_roundscale_ps::<ROUND>(_mm512_mul_ps(x, inv));
             let q = _mm512_min_ps(_mm512_max_ps(r, c.nqmax), c.qmax);
             // NaN -> 0 (Rust's `NaN as i32`), which the clamp alone would make -qmax.
@@ -272,7 +304,7 @@ unsafe fn pack16<const B: u8>(c: __m512i) -> __m128i {
 
 /// Encode `n` (a multiple of 16) elements into byte-aligned `dst`, OR-ing into what is there.
 #[inline]
-#[target_feature(enable = "avx512f,avx2")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,bmi2")]
 unsafe fn enc_body<const K: u8, const B: u8, const VEC: bool>(
     xp: *const f32,
     ip: *const f32,
@@ -281,6 +313,21 @@ unsafe fn enc_body<const K: u8, const B: u8, const VEC: bool>(
     c: &Enc,
     dst: *mut u8,
 ) {
+    if B < 4 {
+        // 16 codes of B bits are 2B whole bytes: their B low bits gathered from the 16 bytes.
+        let low = 0x0101_0101_0101_0101u64 * ((1u64 << B) - 1);
+        for i in (0..n).step_by(16) {
+            let b = _mm512_cvtepi32_epi8(code16::<K, VEC>(xp, ip, mp, i, c));
+            let lo = _pext_u64(_mm_cvtsi128_si64(b) as u64, low);
+            let hi = _pext_u64(_mm_extract_epi64::<1>(b) as u64, low);
+            or_bytes(
+                dst.add(i * B as usize / 8),
+                lo | hi << (8 * B),
+                2 * B as usize,
+            );
+        }
+        return;
+    }
     let mut i = 0;
     while i + 32 <= n {
         let a = pack16::<B>(code16::<K, VEC>(xp, ip, mp, i, c));
@@ -305,6 +352,17 @@ unsafe fn enc_body<const K: u8, const B: u8, const VEC: bool>(
             let d = dst.add(i / 2).cast::<__m128i>();
             _mm_storel_epi64(d, _mm_or_si128(_mm_loadl_epi64(d), a));
         }
+    }
+}
+
+/// OR the `k` (4 or 6) low bytes of `v` into `d`.
+#[inline]
+unsafe fn or_bytes(d: *mut u8, v: u64, k: usize) {
+    let d4 = d.cast::<u32>();
+    d4.write_unaligned(d4.read_unaligned() | v as u32);
+    if k == 6 {
+        let d2 = d.add(4).cast::<u16>();
+        d2.write_unaligned(d2.read_unaligned() | (v >> 32) as u16);
     }
 }
 

@@ -1,4 +1,4 @@
-//! AVX-512 dequantize (F, BW, VL, VBMI) of 2-, 3-, 4- and 8-bit codes (the widths `by_width!`
+//! AVX-512 dequantize (F, BW, VL, VBMI) of 2-, 3-, 4- and 8-bit codes (the widths `avx512::by_codec!`
 //! dispatches; the unpacking tables cover 1 to 7 bits). Codes are unpacked a vector at a time
 //! at any bit offset: a byte permute (vpermb) gives each 64-bit lane the bytes that
 //! hold its codes and a multishift (vpmultishiftqb) moves each code into its slot. Masked loads
@@ -13,8 +13,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{codec_of, lut, out_size, prefetch_out, AFF, NF4, OF16, OF32, SYM};
-use super::avx512::bf16x16;
+use super::avx2::{codec_of, looked_up, lut, out_size, prefetch_out, AFF, OF16, OF32, SYM, SYMF};
 
 /// Byte permutation and multishift control that unpack codes of `b` bits, starting at bit `r`
 /// (0..8) of the loaded bytes, into `slots` slots of `64 / slots` bytes (32 words or 16
@@ -169,7 +168,7 @@ fn low_bits(n: usize) -> u64 {
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn levels<const K: u8, const B: u8>() -> __m512 {
-    if K >= NF4 {
+    if looked_up::<K>() {
         return _mm512_loadu_ps(lut::<K>().as_ptr());
     }
     let codec = codec_of::<K, B>();
@@ -182,7 +181,7 @@ unsafe fn levels<const K: u8, const B: u8>() -> __m512 {
 }
 
 /// The 16 outputs of a group with scale `s` and min `m` (affine) as output type `O`: floats, or
-/// 16 words twice.
+/// 16 words twice (for vpermw's 5-bit indices).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
 unsafe fn table<const K: u8, const O: u8>(lv: __m512, s: f32, m: f32) -> __m512i {
@@ -190,45 +189,76 @@ unsafe fn table<const K: u8, const O: u8>(lv: __m512, s: f32, m: f32) -> __m512i
     if K == AFF {
         v = _mm512_add_ps(v, _mm512_set1_ps(m));
     }
-    match O {
-        OF32 => _mm512_castps_si512(v),
-        // Twice, for vpermw's 5-bit indices.
-        OF16 => twice(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)),
-        _ => twice(bf16x16(v)),
+    if O == OF32 {
+        _mm512_castps_si512(v)
+    } else {
+        narrow::<O>(v, v)
     }
 }
 
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn twice(h: __m256i) -> __m512i {
-    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(h), h)
-}
-
-/// 16 dword codes decoded with scales `s` and mins `m` (affine), as output type `O` (16-bit
-/// values in the low half).
+/// Two vectors of fp32 as 32 words of output type `O` (fp16 or bf16), `a`'s first, rounded as
+/// `half`'s `from_f32`. Narrowing two at a time gives one full 64-byte store: stored alone, the
+/// conversion folds into its store form (vcvtps2ph / vpmovdw to memory), which AMD cores run
+/// several times slower.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
-unsafe fn decode16<const K: u8, const B: u8, const O: u8>(
+unsafe fn narrow<const O: u8>(a: __m512, b: __m512) -> __m512i {
+    if O == OF16 {
+        let lo = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(a);
+        let hi = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(b);
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+    } else {
+        // Word 2i + 1 (index bit 5 picks `b`): the high half of each rounded dword.
+        static HIGH_WORDS: [u16; 32] = {
+            let mut t = [0u16; 32];
+            let mut i = 0;
+            while i < 32 {
+                t[i] = 2 * i as u16 + 1;
+                i += 1;
+            }
+            t
+        };
+        let idx = _mm512_loadu_si512(HIGH_WORDS.as_ptr().cast());
+        _mm512_permutex2var_epi16(bf16_round(a), idx, bf16_round(b))
+    }
+}
+
+/// fp32 with its high half rounded to bf16 as `half::bf16::from_f32`: round to nearest even by
+/// adding 0x7fff plus the lowest kept bit, and a NaN kept NaN by setting the quiet bit (the
+/// AVX-512 BF16 instruction would flush subnormals to zero instead). Five operations where
+/// shifting the lowest kept bit down and the result back took eight and a slow vpmovdw.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn bf16_round(v: __m512) -> __m512i {
+    let x = _mm512_castps_si512(v);
+    let odd = _mm512_test_epi32_mask(x, _mm512_set1_epi32(0x1_0000));
+    let down = _mm512_add_epi32(x, _mm512_set1_epi32(0x7fff));
+    let biased = _mm512_mask_add_epi32(down, odd, x, _mm512_set1_epi32(0x8000));
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+    _mm512_mask_or_epi32(biased, nan, x, _mm512_set1_epi32(0x40_0000))
+}
+
+/// 16 dword codes decoded with scales `s` and mins `m` (affine), as fp32.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
+unsafe fn decode16<const K: u8, const B: u8>(
     c: __m512i,
     lv: __m512,
     s: __m512,
     m: __m512,
-) -> __m512i {
+) -> __m512 {
     let lv = if B <= 4 {
         _mm512_permutexvar_ps(c, lv)
-    } else if K == SYM {
+    } else if K == SYM || K == SYMF {
         _mm512_cvtepi32_ps(_mm512_sub_epi32(c, _mm512_set1_epi32(1 << (B - 1))))
     } else {
         _mm512_cvtepi32_ps(c)
     };
-    let mut v = _mm512_mul_ps(lv, s);
+    let v = _mm512_mul_ps(lv, s);
     if K == AFF {
-        v = _mm512_add_ps(v, m);
-    }
-    match O {
-        OF32 => _mm512_castps_si512(v),
-        OF16 => _mm512_zextsi256_si512(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)),
-        _ => _mm512_zextsi256_si512(bf16x16(v)),
+        _mm512_add_ps(v, m)
+    } else {
+        v
     }
 }
 
@@ -243,21 +273,28 @@ unsafe fn reader<const B: u8, const O: u8, const TAB: bool>(bit: usize, end: *co
     }
 }
 
-/// Decode `n` elements from element `e` of `codes` into `o` (`rd`: `reader` at `e`'s bit): looked up in `tab` (`table`), or,
-/// without TAB, decoded with the scale and min at `sp`/`mp` (one per element with VEC, else
-/// one for all).
+/// Decode `n` elements from element `e` of `codes` into `o` (`rd`: `reader` at `e`'s bit):
+/// looked up in `tab` (`table`), or, without TAB, decoded with the scale and min at `sp`/`mp`
+/// (one per element with VEC, fp16 with H, else fp32; without VEC one fp32 for all).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn run<const K: u8, const B: u8, const O: u8, const TAB: bool, const VEC: bool>(
+unsafe fn run<
+    const K: u8,
+    const B: u8,
+    const O: u8,
+    const TAB: bool,
+    const VEC: bool,
+    const H: bool,
+>(
     codes: *const u8,
     rd: &Reader,
     e: usize,
     n: usize,
     tab: __m512i,
     lv: __m512,
-    sp: *const f32,
-    mp: *const f32,
+    sp: *const u8,
+    mp: *const u8,
     o: *mut u8,
 ) {
     let size = out_size::<O>();
@@ -270,73 +307,96 @@ unsafe fn run<const K: u8, const B: u8, const O: u8, const TAB: bool, const VEC:
     let (vs, vm) = if VEC {
         (_mm512_setzero_ps(), _mm512_setzero_ps())
     } else {
-        let m = if K == AFF { *mp } else { 0.0 };
-        (_mm512_set1_ps(*sp), _mm512_set1_ps(m))
+        let m = if K == AFF { *mp.cast::<f32>() } else { 0.0 };
+        (_mm512_set1_ps(*sp.cast::<f32>()), _mm512_set1_ps(m))
     };
-    // One vector of `k` (<= lanes) elements at `i`, from code bytes at `p`.
-    macro_rules! one {
+    // 32 words looked up from the codes at `p` (`k` <= 32 of them valid).
+    macro_rules! words {
+        ($k:expr, $p:expr) => {
+            _mm512_permutexvar_epi16(rd.codes::<B, true>($p, $k), tab)
+        };
+    }
+    // 16 fp32 values of elements `i..i + k` (k <= 16) from the codes at `p`.
+    macro_rules! floats {
         ($i:expr, $k:expr, $p:expr) => {{
             let (i, k, p): (usize, usize, *const u8) = ($i, $k, $p);
-            if words {
-                _mm512_permutexvar_epi16(rd.codes::<B, true>(p, k), tab)
+            let c = rd.codes::<B, false>(p, k);
+            if TAB {
+                _mm512_permutexvar_ps(c, _mm512_castsi512_ps(tab))
             } else {
-                let c = rd.codes::<B, false>(p, k);
-                if TAB {
-                    _mm512_castps_si512(_mm512_permutexvar_ps(c, _mm512_castsi512_ps(tab)))
-                } else {
-                    // Whole vectors load unmasked (faster); a tail reads only its own lanes.
-                    let keep = low_bits(k) as __mmask16;
-                    let load = |q: *const f32| {
-                        if k == 16 {
-                            _mm512_loadu_ps(q.add(i))
+                // Whole vectors load unmasked (faster); a tail reads only its own lanes.
+                let keep = low_bits(k) as __mmask16;
+                let load = |q: *const u8| {
+                    if H {
+                        let q = q.add(2 * i).cast();
+                        _mm512_cvtph_ps(if k == 16 {
+                            _mm256_loadu_si256(q)
                         } else {
-                            _mm512_maskz_loadu_ps(keep, q.add(i))
+                            _mm256_maskz_loadu_epi16(keep, q.cast())
+                        })
+                    } else {
+                        let q = q.add(4 * i).cast::<f32>();
+                        if k == 16 {
+                            _mm512_loadu_ps(q)
+                        } else {
+                            _mm512_maskz_loadu_ps(keep, q)
                         }
-                    };
-                    let s = if VEC { load(sp) } else { vs };
-                    let m = if VEC && K == AFF { load(mp) } else { vm };
-                    decode16::<K, B, O>(c, lv, s, m)
-                }
+                    }
+                };
+                let s = if VEC { load(sp) } else { vs };
+                let m = if VEC && K == AFF { load(mp) } else { vm };
+                decode16::<K, B>(c, lv, s, m)
             }
         }};
     }
     let mut i = 0;
-    if !words && O != OF32 {
-        // Two vectors of 16-bit values joined into one 64-byte store: stored alone, the
-        // narrowing folds into its store form (vcvtps2ph / vpmovdw to memory), which AMD cores
-        // run several times slower.
+    if words {
         while i + 32 <= n {
-            let a = one!(i, 16, p);
-            let b = one!(i + 16, 16, p.add(2 * B as usize));
-            let v = _mm512_inserti64x4::<1>(a, _mm512_castsi512_si256(b));
             prefetch_out(o, i * size);
-            _mm512_storeu_si512(o.add(i * size).cast(), v);
-            p = p.add(4 * B as usize);
+            _mm512_storeu_si512(o.add(i * size).cast(), words!(32, p));
+            p = p.add(step);
             i += 32;
         }
-    }
-    while i + lanes <= n {
-        let v = one!(i, lanes, p);
-        prefetch_out(o, i * size);
-        if O == OF32 || words {
-            _mm512_storeu_si512(o.add(i * size).cast(), v);
-        } else {
-            _mm256_storeu_si256(o.add(i * size).cast(), _mm512_castsi512_si256(v));
+        if i < n {
+            let k = n - i;
+            let dst = o.add(i * size);
+            if k == 16 {
+                // A 16-element group (NVFP4): half a vector, unmasked.
+                _mm256_storeu_si256(dst.cast(), _mm512_castsi512_si256(words!(k, p)));
+            } else {
+                _mm512_mask_storeu_epi16(dst.cast(), low_bits(k) as __mmask32, words!(k, p));
+            }
         }
-        p = p.add(step);
-        i += lanes;
-    }
-    if i < n {
-        let k = n - i;
-        let v = one!(i, k, p);
-        let dst = o.add(i * size);
-        if words && k == 16 {
-            // A 16-element group (NVFP4): half a vector, unmasked.
-            _mm256_storeu_si256(dst.cast(), _mm512_castsi512_si256(v));
-        } else if O == OF32 {
-            _mm512_mask_storeu_epi32(dst.cast(), low_bits(k) as __mmask16, v);
-        } else {
-            _mm512_mask_storeu_epi16(dst.cast(), low_bits(k) as __mmask32, v);
+    } else if O == OF32 {
+        while i + 16 <= n {
+            prefetch_out(o, i * size);
+            _mm512_storeu_ps(o.add(i * size).cast(), floats!(i, 16, p));
+            p = p.add(step);
+            i += 16;
+        }
+        if i < n {
+            let v = floats!(i, n - i, p);
+            _mm512_mask_storeu_ps(o.add(i * size).cast(), low_bits(n - i) as __mmask16, v);
+        }
+    } else {
+        let half = 2 * B as usize; // code bytes of 16 elements
+        while i + 32 <= n {
+            let v = narrow::<O>(floats!(i, 16, p), floats!(i + 16, 16, p.add(half)));
+            prefetch_out(o, i * size);
+            _mm512_storeu_si512(o.add(i * size).cast(), v);
+            p = p.add(2 * half);
+            i += 32;
+        }
+        if i < n {
+            let k = n - i;
+            let a = floats!(i, k.min(16), p);
+            let b = if k > 16 {
+                floats!(i + 16, k - 16, p.add(half))
+            } else {
+                a
+            };
+            let dst = o.add(i * size).cast();
+            _mm512_mask_storeu_epi16(dst, low_bits(k) as __mmask32, narrow::<O>(a, b));
         }
     }
 }
@@ -403,25 +463,29 @@ pub(super) unsafe fn dq_groups<const K: u8, const B: u8, const O: u8>(
         let e = j * g;
         let len = g.min(n - e);
         let bit = (first + e) * B as usize;
-        let sp = s.as_ptr().add(j);
-        let mp = if K == AFF { m.as_ptr().add(j) } else { sp };
+        let sp = s.as_ptr().add(j).cast::<u8>();
+        let mp = if K == AFF {
+            m.as_ptr().add(j).cast()
+        } else {
+            sp
+        };
         let dst = o.add(e * size);
         if B <= 4 {
-            let mj = if K == AFF { *mp } else { 0.0 };
-            let tab = table::<K, O>(lv, *sp, mj);
+            let mj = if K == AFF { m[j] } else { 0.0 };
+            let tab = table::<K, O>(lv, s[j], mj);
             let rd = if same {
                 rt
             } else {
                 reader::<B, O, true>(bit, end)
             };
-            run::<K, B, O, true, false>(p, &rd, first + e, len, tab, lv, sp, mp, dst);
+            run::<K, B, O, true, false, false>(p, &rd, first + e, len, tab, lv, sp, mp, dst);
         } else {
             let rd = if same {
                 rv
             } else {
                 reader::<B, O, false>(bit, end)
             };
-            run::<K, B, O, false, false>(p, &rd, first + e, len, zero, lv, sp, mp, dst);
+            run::<K, B, O, false, false, false>(p, &rd, first + e, len, zero, lv, sp, mp, dst);
         }
     }
 }
@@ -449,16 +513,45 @@ pub(super) unsafe fn dq_vec<const K: u8, const B: u8, const O: u8>(
     out: &mut [u8],
 ) {
     let n = out.len() / out_size::<O>();
+    assert!(s.len() >= n && (K != AFF || m.len() >= n));
+    let (sp, mp) = (s.as_ptr().cast(), m.as_ptr().cast());
+    vec_run::<K, B, O, false>(codes, first, sp, mp, out)
+}
+
+/// `dq_vec` with the scales and mins as fp16 bytes, widened as they are loaded.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,f16c")]
+pub(super) unsafe fn dq_vec_f16<const K: u8, const B: u8, const O: u8>(
+    codes: &[u8],
+    first: usize,
+    s: &[u8],
+    m: &[u8],
+    out: &mut [u8],
+) {
+    let n = out.len() / out_size::<O>();
+    assert!(s.len() >= 2 * n && (K != AFF || m.len() >= 2 * n));
+    vec_run::<K, B, O, true>(codes, first, s.as_ptr(), m.as_ptr(), out)
+}
+
+/// The body of `dq_vec` (H: fp16 scales and mins), whose callers checked `sp`/`mp`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,f16c")]
+unsafe fn vec_run<const K: u8, const B: u8, const O: u8, const H: bool>(
+    codes: &[u8],
+    first: usize,
+    sp: *const u8,
+    mp: *const u8,
+    out: &mut [u8],
+) {
+    let n = out.len() / out_size::<O>();
     if n == 0 {
         return;
     }
     assert!((first + n) * B as usize <= codes.len() * 8);
-    assert!(s.len() >= n && (K != AFF || m.len() >= n));
-    let mp = if K == AFF { m.as_ptr() } else { s.as_ptr() };
+    let mp = if K == AFF { mp } else { sp };
     let zero = _mm512_setzero_si512();
     let lv = levels::<K, B>();
     let (p, o) = (codes.as_ptr(), out.as_mut_ptr());
     let end = p.wrapping_add(codes.len());
     let rd = reader::<B, O, false>(first * B as usize, end);
-    run::<K, B, O, false, true>(p, &rd, first, n, zero, lv, s.as_ptr(), mp, o);
+    run::<K, B, O, false, true, H>(p, &rd, first, n, zero, lv, sp, mp, o);
 }

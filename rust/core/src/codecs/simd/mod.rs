@@ -60,6 +60,7 @@ macro_rules! kernel_table {
             name: $name,
             dequant_bcast,
             dequant_vec,
+            dequant_vec_f16,
             dequant_groups,
             encode_bcast,
             encode_vec,
@@ -103,6 +104,25 @@ macro_rules! kernel_table {
                     t,
                     dq_vec(codes, first, s, m, out),
                     scalar::dequant_vec(codec, codes, first, s, m, t, out)
+                )
+            }
+        }
+
+        fn dequant_vec_f16(
+            codec: Codec,
+            codes: &[u8],
+            first: usize,
+            s: &[u8],
+            m: &[u8],
+            t: OutType,
+            out: &mut [u8],
+        ) {
+            unsafe {
+                by_codec_out!(
+                    codec,
+                    t,
+                    dq_vec_f16(codes, first, s, m, out),
+                    super::widened_vec(dequant_vec, codec, codes, first, s, m, t, out)
                 )
             }
         }
@@ -202,6 +222,9 @@ pub struct Kernels {
     pub dequant_bcast: fn(Codec, &[u8], usize, f32, f32, OutType, &mut [u8]),
     /// `out[i] = decode(code[first + i], s[i], m[i])` (`m` is empty without mins)
     pub dequant_vec: fn(Codec, &[u8], usize, &[f32], &[f32], OutType, &mut [u8]),
+    /// `dequant_vec` with the scales and mins as little-endian fp16 bytes (2 per element), widened
+    /// inside the kernel: half the bytes of fp32 rows to keep in cache, and no widening pass.
+    pub dequant_vec_f16: fn(Codec, &[u8], usize, &[u8], &[u8], OutType, &mut [u8]),
     /// `out[i] = decode(code[first + i], s[i / g], m[i / g])`: runs of whole groups of `g`
     /// (the last may be shorter) in one call, as `dequant_bcast` per group would.
     pub dequant_groups: fn(Codec, &[u8], usize, usize, &[f32], &[f32], OutType, &mut [u8]),
@@ -219,6 +242,41 @@ pub struct Kernels {
     pub abs_max_vec: fn(&[f32], &mut [f32]) -> bool,
 }
 
+/// A `dequant_vec` table function over fp16 scale and min bytes: widened a stack chunk at a
+/// time, for the tables that do not widen inside the kernel.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)] // `vec` is a `Kernels` field's type
+pub(crate) fn widened_vec(
+    vec: fn(Codec, &[u8], usize, &[f32], &[f32], OutType, &mut [u8]),
+    codec: Codec,
+    codes: &[u8],
+    first: usize,
+    s: &[u8],
+    m: &[u8],
+    t: OutType,
+    out: &mut [u8],
+) {
+    const STEP: usize = 256;
+    let (mut sw, mut mw) = ([0f32; STEP], [0f32; STEP]);
+    let widen = |src: &[u8], dst: &mut [f32]| {
+        for (d, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
+            *d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        }
+    };
+    let n = out.len() / t.size();
+    for i in (0..n).step_by(STEP) {
+        let k = STEP.min(n - i);
+        widen(&s[2 * i..2 * (i + k)], &mut sw[..k]);
+        let mv = if codec.has_mins() {
+            widen(&m[2 * i..2 * (i + k)], &mut mw[..k]);
+            &mw[..k]
+        } else {
+            &[][..]
+        };
+        let o = &mut out[i * t.size()..(i + k) * t.size()];
+        vec(codec, codes, first + i, &sw[..k], mv, t, o);
+    }
+}
+
 /// Every kernel table this CPU can run, best last.
 pub fn available() -> Vec<&'static Kernels> {
     #[allow(unused_mut)]
@@ -232,15 +290,12 @@ pub fn available() -> Vec<&'static Kernels> {
 }
 
 /// Elements at the start of a run that the SIMD kernels leave to scalar code so that their body
-/// starts on a byte boundary of the code stream (only 4- and 8-bit codes are vectorized).
+/// starts on a byte boundary of the code stream: `8 / gcd(bits, 8)` elements fill whole bytes.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 fn byte_head(first: usize, bits: u8, len: usize) -> usize {
-    if bits == 4 {
-        (first & 1).min(len)
-    } else {
-        0
-    }
+    let per = 8 >> bits.trailing_zeros().min(3);
+    ((per - first % per) % per).min(len)
 }
 
 /// The best table for this CPU, unless `QTENSORS_KERNELS` names another (e.g. `scalar`).

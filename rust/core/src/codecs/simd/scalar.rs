@@ -9,6 +9,7 @@ pub static SCALAR: Kernels = Kernels {
     name: "scalar",
     dequant_bcast,
     dequant_vec,
+    dequant_vec_f16,
     dequant_groups,
     encode_bcast,
     encode_vec,
@@ -46,6 +47,19 @@ pub fn dequant_bcast(
             i,
         );
     }
+}
+
+/// `dequant_vec` with fp16 scale and min bytes.
+pub fn dequant_vec_f16(
+    codec: Codec,
+    codes: &[u8],
+    first: usize,
+    s: &[u8],
+    m: &[u8],
+    t: OutType,
+    out: &mut [u8],
+) {
+    super::widened_vec(dequant_vec, codec, codes, first, s, m, t, out)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -42,8 +42,11 @@ const LENS: [usize; 20] = [
 const FIRSTS: [usize; 9] = [0, 1, 2, 3, 5, 7, 8, 13, 64];
 
 /// Hot widths of every codec, plus widths that take the scalar fallback.
-const CODECS: [Codec; 14] = [
+const CODECS: [Codec; 17] = [
     Codec::SymmetricFull { bits: 4 },
+    Codec::SymmetricFull { bits: 8 },
+    Codec::SymmetricFull { bits: 3 },
+    Codec::SymmetricFull { bits: 5 },
     Codec::Affine { bits: 4 },
     Codec::Affine { bits: 8 },
     Codec::Symmetric { bits: 4 },
@@ -145,12 +148,32 @@ fn dequant_matches_scalar() {
                         } else {
                             Vec::new()
                         };
-                        let (mut want, mut got) = (fill.clone(), fill);
+                        let (mut want, mut got) = (fill.clone(), fill.clone());
                         (SCALAR.dequant_vec)(codec, &codes, first, &sv, &mv, t, &mut want[o]);
                         (k.dequant_vec)(codec, &codes, first, &sv, &mv, t, &mut got[o]);
                         assert_eq!(
                             want, got,
                             "{} dequant_vec {codec:?} {t:?} len {len} first {first}",
+                            k.name
+                        );
+
+                        // The same with fp16 scale and min bytes (NaN, inf, subnormal and
+                        // tie-prone values among them), against scalar on their widened values.
+                        let halves = |v: &[f32]| -> (Vec<u8>, Vec<f32>) {
+                            let h: Vec<half::f16> =
+                                v.iter().map(|&x| half::f16::from_f32(x)).collect();
+                            (
+                                h.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                                h.iter().map(|x| x.to_f32()).collect(),
+                            )
+                        };
+                        let ((sb, sw), (mb, mw)) = (halves(&sv), halves(&mv));
+                        let (mut want, mut got) = (fill.clone(), fill);
+                        (SCALAR.dequant_vec)(codec, &codes, first, &sw, &mw, t, &mut want[o]);
+                        (k.dequant_vec_f16)(codec, &codes, first, &sb, &mb, t, &mut got[o]);
+                        assert_eq!(
+                            want, got,
+                            "{} dequant_vec_f16 {codec:?} {t:?} len {len} first {first}",
                             k.name
                         );
                     }
