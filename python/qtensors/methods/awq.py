@@ -3,18 +3,24 @@ large activations matter most, so they are scaled up before quantization (a smal
 rounding error) and the inverse scale is folded into whatever produces them (a norm's weight or
 the previous linear's rows), so inference costs nothing extra.
 
-Per block, for each group of linears sharing one input (``scale_groups``): ``s = x_mean^alpha``
-(optionally ``/ w_mean^(1-alpha)``), normalised, with ``alpha`` from a grid of 20 points in
-[0, 1) minimising the error of the module's output (the attention, the MLP, or the linear
-itself) on the calibration inputs; then the clipping search: per group of weights, the
+Per block, for each group of linears sharing one input (``scale_groups``), at the runner's
+stage where it is due (earlier stages quantized): ``s = x_mean^alpha`` (optionally
+``/ (w_mean^(1-alpha) + 1e-4)``), normalised by ``sqrt(max s * min s)``, with ``alpha`` from a
+grid of 20 points in [0, 1) minimising the squared error of the module's output (the
+attention, the MLP, or the linear itself) on the calibration inputs, each candidate rounded by
+the encoding's own round-to-nearest; then the clipping search: per group of weights, the
 shrinking of its range (ratios 1, 0.95, ..., 0.55) that minimises the error of its share of the
 layer's output. ``alpha = 0`` and ratio 1 are plain round-to-nearest, so on its own objectives
 AWQ is never worse than RTN.
+
+``AWQGPTQ`` ("awq-gptq") folds the same scales, then rounds the scaled weights with GPTQ
+instead of the clipping search (a common combination: the scales protect the salient
+channels, GPTQ compensates the rounding error).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,7 +28,8 @@ from torch import nn
 
 from ..encodings import Encoding
 from ..quantized import QuantizedTensor
-from .base import ActivationObserver
+from .base import ActivationObserver, HessianObserver
+from .gptq import GPTQ
 from .grid import Grid, expand, grouped, rows_view
 from .packing import quantized_tensor
 from .rtn import rtn_fake
@@ -226,6 +233,27 @@ class AWQ:
         else:
             ratio = None
         return quantized_tensor(grid, *clipped_rtn(rows_view(w, grid), grid, ratio))
+
+
+@dataclass
+class AWQGPTQ(AWQ):
+    """AWQ's scales, then GPTQ's rounding (``gptq``: its settings)."""
+
+    gptq: GPTQ = field(default_factory=GPTQ)
+
+    name = "awq-gptq"
+
+    def settings(self) -> dict[str, Any]:
+        own = {k: v for k, v in super().settings().items() if k not in ("clip", "max_shrink")}
+        return {**own, "gptq": {k: v for k, v in self.gptq.settings().items() if k != "method"}}
+
+    def observer(self, linear: nn.Linear, name: str = "") -> HessianObserver:
+        return self.gptq.observer(linear, name)
+
+    def quantize_weight(
+        self, weight: torch.Tensor, encoding: Encoding, stats: Any
+    ) -> QuantizedTensor:
+        return self.gptq.quantize_weight(weight, encoding, stats)
 
 
 def clipped_rtn(
