@@ -34,6 +34,7 @@ CONFIGS = {
     "int4-g128-sym": qt.Symmetric(bits=4, group_size=128),
     "int4-g64-affine": qt.Affine(bits=4, group_size=64),
     "int3-g64-affine": qt.Affine(bits=3, group_size=64),
+    "int4-g64-affine-axis0": qt.Affine(bits=4, group_size=64, axis=0),  # HQQ's own grouping
     "int4-g64-sym": qt.Symmetric(bits=4, group_size=64),
     "mxfp4": qt.MXFP4(),  # 4.25 bits per weight
     "nvfp4": qt.NVFP4(),  # 4.5 bits per weight

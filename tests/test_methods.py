@@ -308,6 +308,52 @@ def test_awq_skips_folds_that_do_not_fit():
     assert names == [["LlamaRMSNorm", 3], ["LlamaRMSNorm", 2], ["Linear", 1]]
 
 
+def test_awq_searches_each_group_at_its_stage(monkeypatch):
+    """True-sequential AWQ: the MLP's scales are searched with the attention already quantized,
+    and a linear producer (v, up) is still float when its consumers' scale is folded into it."""
+    model = tiny_llama(seed=16)
+    seen: list[tuple[str, list[str]]] = []
+    real = AWQ._search
+
+    def spy(self, group, grid, x_mean, calls):
+        block = model.model.layers[0]
+        names = {id(m): n for n, m in block.named_modules()}
+        if id(group.prev) in names:  # block 0 only
+            quantized = sorted(
+                n for n, m in block.named_modules() if isinstance(m, QuantizedLinear)
+            )
+            seen.append((names[id(group.prev)], quantized))
+        return real(self, group, grid, x_mean, calls)
+
+    monkeypatch.setattr(AWQ, "_search", spy)
+    ids = torch.randint(2, 92, (4, 16), generator=torch.Generator().manual_seed(5))
+    enc = qt.Affine(bits=4, group_size=16)
+    qtt.quantize_model(model, enc, method="awq", calibration=ids, samples=4, seq_len=16)
+    attn = ["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
+    assert seen == [
+        ("input_layernorm", []),
+        ("self_attn.v_proj", []),
+        ("post_attention_layernorm", attn),
+        ("mlp.up_proj", attn),
+    ]
+    assert [len(a) for a in model.qtensors_quantization["prepare"]] == [4, 4]
+
+
+def test_awq_gptq_folds_scales_then_beats_rtn():
+    model, ref = tiny_llama(seed=17), tiny_llama(seed=17)
+    ids = torch.randint(2, 92, (8, 16), generator=torch.Generator().manual_seed(6))
+    enc = qt.Symmetric(bits=3, group_size=16)
+    qtt.quantize_model(model, enc, method="awq-gptq", calibration=ids, samples=8, seq_len=16)
+    rec = model.qtensors_quantization
+    assert rec["method"] == "awq-gptq" and rec["gptq"]["act_order"] is True
+    assert all(len(a) == 4 for a in rec["prepare"])
+    rtn = qtt.quantize_model(tiny_llama(seed=17), enc)
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+        err = (model(input_ids=ids).logits - want).norm()
+        assert err < (rtn(input_ids=ids).logits - want).norm()
+
+
 # -- calibration ------------------------------------------------------------------------------
 class CharTokenizer:
     """A stand-in tokenizer: one token per character."""

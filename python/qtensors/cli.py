@@ -213,11 +213,11 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method (model folders of transformers models)")
     g.add_argument(
         "--method",
-        choices=("rtn", "hqq", "gptq", "awq"),
+        choices=("rtn", "hqq", "gptq", "awq", "awq-gptq"),
         default="rtn",
         help="how codes and scales are chosen: rtn (default, round-to-nearest), hqq (no data), "
-        "gptq or awq (need --calibration); the linears of the model's blocks are quantized, "
-        "lm_head (unless --quantize-head) and the rest kept raw",
+        "gptq, awq or awq-gptq (need --calibration); the linears of the model's blocks are "
+        "quantized, lm_head (unless --quantize-head) and the rest kept raw",
     )
     g.add_argument(
         "--quantize-head",

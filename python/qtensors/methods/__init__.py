@@ -6,7 +6,7 @@ reader decodes.
 * ``hqq``: half-quadratic, a better group fit of the weights alone (no data).
 * ``gptq``: column-by-column error compensation with the inputs' Hessian (calibration data).
 * ``awq``: activation-aware channel scales folded into the model, then a clipping search
-  (calibration data).
+  (calibration data); ``awq-gptq``: the same scales, then GPTQ.
 
 ``qtensors.torch.quantize_model(model, encoding, method=..., calibration=..., tokenizer=...)``
 runs them on a model (``runner``: block by block, true-sequential within a block; linears
@@ -23,17 +23,18 @@ from __future__ import annotations
 from typing import Any
 
 from . import runner
-from .awq import AWQ
+from .awq import AWQ, AWQGPTQ
 from .base import ActivationObserver, HessianObserver, Method, Observer
 from .calibration import CalibrationError, calibration_windows, read_texts
 from .gptq import GPTQ
 from .hqq import HQQ
 from .rtn import RTN
 
-METHODS: dict[str, type] = {"rtn": RTN, "gptq": GPTQ, "awq": AWQ, "hqq": HQQ}
+METHODS: dict[str, type] = {"rtn": RTN, "gptq": GPTQ, "awq": AWQ, "awq-gptq": AWQGPTQ, "hqq": HQQ}
 
 __all__ = [
     "AWQ",
+    "AWQGPTQ",
     "GPTQ",
     "HQQ",
     "METHODS",
@@ -51,7 +52,8 @@ __all__ = [
 
 
 def get_method(method: str | Method, **settings: Any) -> Method:
-    """A method by name (``rtn``, ``gptq``, ``awq``, ``hqq``) with ``settings``, or itself."""
+    """A method by name (``rtn``, ``gptq``, ``awq``, ``awq-gptq``, ``hqq``) with ``settings``,
+    or itself."""
     if not isinstance(method, str):
         if settings:
             raise TypeError("settings go to the method's constructor, not with an instance")

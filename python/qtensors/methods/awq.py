@@ -3,18 +3,24 @@ large activations matter most, so they are scaled up before quantization (a smal
 rounding error) and the inverse scale is folded into whatever produces them (a norm's weight or
 the previous linear's rows), so inference costs nothing extra.
 
-Per block, for each group of linears sharing one input (``scale_groups``): ``s = x_mean^alpha``
-(optionally ``/ w_mean^(1-alpha)``), normalised, with ``alpha`` from a grid of 20 points in
-[0, 1) minimising the error of the module's output (the attention, the MLP, or the linear
-itself) on the calibration inputs; then the clipping search: per group of weights, the
+Per block, for each group of linears sharing one input (``scale_groups``), at the runner's
+stage where it is due (earlier stages quantized): ``s = x_mean^alpha`` (optionally
+``/ (w_mean^(1-alpha) + 1e-4)``), normalised by ``sqrt(max s * min s)``, with ``alpha`` from a
+grid of 20 points in [0, 1) minimising the squared error of the module's output (the
+attention, the MLP, or the linear itself) on the calibration inputs, each candidate rounded by
+the encoding's own round-to-nearest; then the clipping search: per group of weights, the
 shrinking of its range (ratios 1, 0.95, ..., 0.55) that minimises the error of its share of the
 layer's output. ``alpha = 0`` and ratio 1 are plain round-to-nearest, so on its own objectives
 AWQ is never worse than RTN.
+
+``AWQGPTQ`` ("awq-gptq") folds the same scales, then rounds the scaled weights with GPTQ
+instead of the clipping search (a common combination: the scales protect the salient
+channels, GPTQ compensates the rounding error).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,7 +28,8 @@ from torch import nn
 
 from ..encodings import Encoding
 from ..quantized import QuantizedTensor
-from .base import ActivationObserver
+from .base import ActivationObserver, HessianObserver
+from .gptq import GPTQ
 from .grid import Grid, expand, grouped, rows_view
 from .packing import quantized_tensor
 from .rtn import rtn_fake
@@ -56,9 +63,9 @@ def scale_groups(block: nn.Module) -> list[ScaleGroup]:
     def add(prev: str, linears: list[str], inspect: str | None) -> None:
         p = _get(block, prev)
         lins = [_get(block, n) for n in linears]
-        if p is None or any(not isinstance(x, nn.Linear) for x in lins):
-            return
-        feat = getattr(p, "out_features", None) or getattr(p, "weight", torch.empty(0)).shape[0]
+        if not _foldable(p) or any(type(x) is not nn.Linear for x in lins):
+            return  # absent, or already quantized
+        feat = p.out_features if isinstance(p, nn.Linear) else p.weight.shape[0]
         if any(x.in_features != feat for x in lins):  # e.g. grouped-query v_proj -> o_proj
             return
         groups.append(ScaleGroup(p, lins, _get(block, inspect) if inspect else lins[0]))
@@ -70,6 +77,13 @@ def scale_groups(block: nn.Module) -> list[ScaleGroup]:
     add("mlp.up_proj", ["mlp.down_proj"], None)
     add("attention.self.value", ["attention.output.dense"], None)
     return groups
+
+
+def _foldable(m: nn.Module | None) -> bool:
+    """A float linear, or a norm (a float weight per feature, no ``in_features``)."""
+    if type(m) is nn.Linear:
+        return True
+    return isinstance(getattr(m, "weight", None), nn.Parameter) and not hasattr(m, "in_features")
 
 
 def fold_scales(group: ScaleGroup, s: torch.Tensor) -> None:
@@ -134,14 +148,25 @@ class AWQ:
         return obs
 
     # -- scales ----------------------------------------------------------------------------
-    def prepare_block(self, block: nn.Module, run: Any, encoding: Encoding) -> list[float]:
-        """Search and fold the scales of each group of ``block``; the chosen alphas."""
+    def prepare_stage(
+        self, block: nn.Module, stage: list[str], run: Any, encoding: Encoding
+    ) -> list[float]:
+        """Search and fold the scales of the groups due at this stage (the runner is about to
+        observe and quantize its linears); the chosen alphas.
+
+        A group is due at the stage of its consumers, or of its producer when that is a linear
+        (the producer must still be float to absorb the scale: v -> o is searched with q/k/v,
+        up -> down with gate/up). Earlier stages are already quantized, so each search sees
+        the inputs the quantized model will give (true-sequential, as GPTQ's stages)."""
         grid = Grid.of(encoding)
+        members = {id(block.get_submodule(n)) for n in stage}
         alphas = []
         for group in scale_groups(block):
+            if id(group.prev) not in members and all(id(x) not in members for x in group.linears):
+                continue
             caps = [_Capture(group.inspect), _Capture(group.linears[0])]
             try:
-                run(self.search_batches)
+                run(self.search_batches, stop_after=group.inspect)
             finally:
                 for c in caps:
                     c.close()
@@ -170,7 +195,7 @@ class AWQ:
                 alpha = i / self.n_grid
                 s = x_mean.pow(alpha)
                 if w_mean is not None:
-                    s = s / w_mean.pow(1 - alpha).clamp_min(1e-4)
+                    s = s / (w_mean.pow(1 - alpha) + 1e-4)
                 s = s.clamp_min(1e-4)
                 s = s / (s.max() * s.min()).sqrt()
                 for lin, w in zip(group.linears, originals, strict=True):
@@ -208,6 +233,27 @@ class AWQ:
         else:
             ratio = None
         return quantized_tensor(grid, *clipped_rtn(rows_view(w, grid), grid, ratio))
+
+
+@dataclass
+class AWQGPTQ(AWQ):
+    """AWQ's scales, then GPTQ's rounding (``gptq``: its settings)."""
+
+    gptq: GPTQ = field(default_factory=GPTQ)
+
+    name = "awq-gptq"
+
+    def settings(self) -> dict[str, Any]:
+        own = {k: v for k, v in super().settings().items() if k not in ("clip", "max_shrink")}
+        return {**own, "gptq": {k: v for k, v in self.gptq.settings().items() if k != "method"}}
+
+    def observer(self, linear: nn.Linear, name: str = "") -> HessianObserver:
+        return self.gptq.observer(linear, name)
+
+    def quantize_weight(
+        self, weight: torch.Tensor, encoding: Encoding, stats: Any
+    ) -> QuantizedTensor:
+        return self.gptq.quantize_weight(weight, encoding, stats)
 
 
 def clipped_rtn(

@@ -24,8 +24,8 @@ class Method(Protocol):
 
     ``needs_calibration``: whether it needs inputs of the layers (then the runner calls
     ``observer`` per linear, feeds it the layer's inputs, and passes it as ``stats``).
-    ``prepare_block`` may rewrite a block's float weights before they are observed and
-    quantized (AWQ folds its scales there); the others leave the block alone.
+    ``prepare_stage`` may rewrite a block's float weights before a stage of its linears is
+    observed and quantized (AWQ folds its scales there); the others leave the block alone.
     """
 
     name: str
@@ -37,7 +37,9 @@ class Method(Protocol):
 
     def observer(self, linear: nn.Linear, name: str = "") -> Observer | None: ...
 
-    def prepare_block(self, block: nn.Module, run: Any, encoding: Encoding) -> Any: ...
+    def prepare_stage(
+        self, block: nn.Module, stage: list[str], run: Any, encoding: Encoding
+    ) -> Any: ...
 
     def quantize_weight(
         self, weight: torch.Tensor, encoding: Encoding, stats: Observer | None
@@ -53,7 +55,9 @@ class WeightOnly:
     def observer(self, linear: nn.Linear, name: str = "") -> None:
         return None
 
-    def prepare_block(self, block: nn.Module, run: Any, encoding: Encoding) -> None:
+    def prepare_stage(
+        self, block: nn.Module, stage: list[str], run: Any, encoding: Encoding
+    ) -> None:
         return None
 
 

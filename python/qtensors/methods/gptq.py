@@ -54,7 +54,9 @@ class GPTQ:
     def observer(self, linear: nn.Linear, name: str = "") -> HessianObserver:
         return HessianObserver(linear.in_features, device=linear.weight.device)
 
-    def prepare_block(self, block: nn.Module, run: Any, encoding: Encoding) -> None:
+    def prepare_stage(
+        self, block: nn.Module, stage: list[str], run: Any, encoding: Encoding
+    ) -> None:
         return None
 
     def quantize_weight(

@@ -3,11 +3,11 @@ of each block are the outputs of the previous block *after* its quantization, so
 learns to correct what came before. Only the block being quantized needs to be on ``device``.
 
 Blocks are the repeated layers of a Llama-like decoder (``model.layers``) or a BERT-like
-encoder (``encoder.layer``). Per block: the method may rewrite its float weights
-(``prepare_block``: AWQ folds scales); then stage by stage in the order the block calls its
-linears (q/k/v, o, gate/up, down: "true-sequential"), observers collect the stage's inputs with
-the earlier stages already quantized (the run stops after the stage), and its linears are
-quantized and swapped for ``QuantizedLinear``; a last pass computes the next block's inputs.
+encoder (``encoder.layer``). Per block, stage by stage in the order the block calls its linears
+(q/k/v, o, gate/up, down: "true-sequential"), with the earlier stages already quantized: the
+method may rewrite the block's float weights (``prepare_stage``: AWQ folds scales), observers
+collect the stage's inputs (the run stops after the stage), and its linears are quantized and
+swapped for ``QuantizedLinear``; a last pass computes the next block's inputs.
 """
 
 from __future__ import annotations
@@ -155,9 +155,7 @@ def quantize_blocks(
             ) -> None:
                 _run(block, on[:max_batches], stop_after)
 
-            extra = method.prepare_block(block, run, encoding)
-            if extra is not None:
-                record.setdefault("prepare", []).append(extra)
+            prepared: list[Any] = []
             linears = {
                 n: m
                 for n, m in block.named_modules()
@@ -166,6 +164,9 @@ def quantize_blocks(
             }
             # true-sequential: each stage's inputs come from the earlier stages as quantized
             for stage in stages(block, linears, calls[:1]):
+                extra = method.prepare_stage(block, stage, run, encoding)
+                if extra:
+                    prepared.extend(extra)
                 last = linears[stage[-1]]
                 observers = {n: method.observer(linears[n], n) for n in stage}
                 hooks = [
@@ -192,6 +193,8 @@ def quantize_blocks(
                         err = torch.linalg.norm(ref - x @ qw.dequantize(torch.float32).t())
                         layer_error[f"{prefix}.{i}.{n}"] = float(err / torch.linalg.norm(ref))
                     observers[n] = None  # free the Hessian before the next one is built
+            if prepared:
+                record.setdefault("prepare", []).append(prepared)
             # the next block sees this block's quantized outputs
             _advance(block, calls)
             _advance(block, held)
