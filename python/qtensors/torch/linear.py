@@ -43,6 +43,12 @@ from .ops import (
 
 # Rows of x up to which the Rust core's packed GEMV runs (rust/core/src/matmul/packed.rs).
 CPU_PACKED_MAX_ROWS = 8
+# The Rust core multiplies 4- and 8-bit integer codes by activations quantized to int8 per block
+# of 32 (AVX-512 VNNI; ~1e-3 relative error from the activations' rounding, see
+# rust/core/src/matmul/int8.rs). False: fp32 activations, results equal to decode-then-matmul up
+# to the order of fp32 additions.
+CPU_INT8_ACTIVATIONS = True
+_INT8 = _core.linear_int8_available()
 # The stored scale formats of the FP4 encodings, by the dtype names of the core.
 FP4_SCALE_NAMES = {"mxfp4": "uint8", "nvfp4": "float8_e4m3fn"}
 # Activations the Rust CPU matmul takes, by the dtype names of the core.
@@ -131,57 +137,88 @@ def linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
-def _weight_plan(codes, scales, mins, shape, encoding, bits, group_size, axis):
-    """The weight's arguments of ``_core.linear`` (byte views of its parts, shape, encoding
-    JSON), kept on the codes tensor: building them costs more than a small layer's matmul.
-    Reused while the parts are views of the same memory (the views keep it alive, so equal
-    addresses, sizes and dtypes mean the same bytes)."""
-    key = (
-        codes.data_ptr(),
-        codes.numel(),
-        codes.dtype,
-        scales.data_ptr(),
-        scales.numel(),
-        scales.dtype,
-        None if mins is None else (mins.data_ptr(), mins.numel(), mins.dtype),
-        tuple(shape),
-        encoding,
-        bits,
-        group_size,
-        axis,
-    )
-    plan = getattr(codes, "_qt_cpu_plan", None)
-    if plan is not None and plan[0] == key:
-        return plan
-    scale_dtype = FP4_SCALE_NAMES.get(encoding) or SCALE_DTYPES[scales.dtype]
-    enc = json.dumps(encoding_dict(encoding, bits, group_size, axis, scale_dtype))
-    parts = [_byte_view(codes), _byte_view(scales)]
-    if mins is not None:
-        parts.append(_byte_view(mins))
-    plan = (key, parts, [int(d) for d in shape], enc)
-    codes._qt_cpu_plan = plan
-    return plan
+class _CpuPlan:
+    """What ``linear_cpu`` reuses across the calls of one weight (kept on its codes tensor): the
+    arguments it was checked with, and the weight's arguments of ``_core.linear`` (byte views of
+    its parts, shape, encoding JSON). Checking and building them costs more than a small layer's
+    matmul (SmolLM2-135M's 576-wide layers). Reused while the call passes the same scales, mins
+    and bias objects (whose memory the views keep alive) and the same scalars."""
+
+    __slots__ = ("args", "axis", "bias", "checked", "enc", "mins", "parts", "scales", "shape")
+
+    def __init__(self, codes, scales, mins, bias, shape, encoding, bits, group_size, axis, a):
+        self.scales, self.mins, self.bias = scales, mins, bias
+        self.args = (tuple(shape), encoding, bits, group_size, axis)
+        self.axis = a
+        self.shape = [int(d) for d in shape]
+        self.checked: set = set()  # (in_features, dtype) of activations already checked
+        self.parts = self.enc = None  # None: the Rust core does not take these scales
+        if scales.dtype in SCALE_DTYPES:
+            scale_dtype = FP4_SCALE_NAMES.get(encoding) or SCALE_DTYPES[scales.dtype]
+            self.enc = json.dumps(encoding_dict(encoding, bits, group_size, a, scale_dtype))
+            parts = [codes, scales] if mins is None else [codes, scales, mins]
+            self.parts = [_byte_view(t) for t in parts]
+
+
+def _cpu_plan(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis) -> _CpuPlan:
+    """The weight's plan, with the arguments checked (ValueError naming the problem)."""
+    p = getattr(codes, "_qt_cpu_plan", None)
+    if not (
+        p is not None
+        and scales is p.scales
+        and mins is p.mins
+        and bias is p.bias
+        and p.args == (tuple(shape), encoding, bits, group_size, axis)
+    ):
+        a = check_linear_args(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
+        p = _CpuPlan(codes, scales, mins, bias, shape, encoding, bits, group_size, axis, a)
+        codes._qt_cpu_plan = p
+    key = (x.shape[-1] if x.dim() else -1, x.dtype)
+    if key not in p.checked:
+        check_linear_args(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
+        p.checked.add(key)
+    return p
 
 
 def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
     """The CPU implementation: the Rust core multiplies by the packed codes (float16, bfloat16
     and float32 activations; the weight is never decoded to memory); float64 decodes first."""
-    a = check_linear_args(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
-    rows = x.numel() // int(shape[1]) if int(shape[1]) else 0
-    # Half-precision activations beyond the packed GEMV's batch: torch's bf16/fp16 GEMM on the
-    # decoded weight wins (benches/results/cpu_matmul_1thread.txt: 0.3-0.5x of dense bf16 at
-    # batch 32 for the Rust tiles, against a decode of ~0.5x of the GEMM's time).
-    half_many = x.dtype in (torch.float16, torch.bfloat16) and rows > CPU_PACKED_MAX_ROWS
+    p = _cpu_plan(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
+    n_out, n_in = p.shape
+    rows = x.numel() // n_in if n_in else 0
+    # Half-precision activations beyond the packed GEMV's batch where the integer kernel does
+    # not apply: torch's bf16/fp16 GEMM on the decoded weight wins
+    # (benches/results/cpu_matmul_1thread.txt).
+    half_many = (
+        x.dtype in (torch.float16, torch.bfloat16)
+        and rows > CPU_PACKED_MAX_ROWS
+        and not (CPU_INT8_ACTIVATIONS and _core_int8(encoding, bits, group_size, p.axis, n_in))
+    )
     # the Rust matmul covers the integer and NF4 groups; FP4 blocks decode first
-    if x.dtype not in RUST_DTYPES or half_many or scales.dtype not in SCALE_DTYPES:
-        return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
-    out = torch.empty((*x.shape[:-1], int(shape[0])), dtype=x.dtype)
+    if p.parts is None or x.dtype not in RUST_DTYPES or half_many:
+        return linear_dequantize(
+            x, codes, scales, mins, bias, shape, encoding, bits, group_size, p.axis
+        )
+    out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype)
     if out.numel() == 0:
         return out
-    _key, parts, shp, enc = _weight_plan(codes, scales, mins, shape, encoding, bits, group_size, a)
+    xb = x.detach().view(torch.uint8).numpy() if x.is_contiguous() else _byte_view(x)
     b = None if bias is None else _byte_view(bias.detach().to(x.dtype))
-    _core.linear(parts, shp, enc, _byte_view(x), RUST_DTYPES[x.dtype], _byte_view(out), b)
+    exact = not CPU_INT8_ACTIVATIONS
+    ob = out.view(torch.uint8).numpy()
+    _core.linear(p.parts, p.shape, p.enc, xb, RUST_DTYPES[x.dtype], ob, b, exact)
     return out
+
+
+def _core_int8(encoding: str, bits: int, group_size: int, axis: int, n_in: int) -> bool:
+    """Whether the core's integer kernel takes this weight (``rust/core/src/matmul/int8.rs``:
+    4- or 8-bit integer codes in groups of whole blocks of 32 along the inputs, the inputs in
+    whole chunks of 64, the block counts nesting with spans of 16)."""
+    if not _INT8 or encoding not in ("affine", "symmetric") or bits not in (4, 8) or axis != 1:
+        return False
+    g = min(group_size, n_in)
+    bpg = g // 32
+    return n_in % 64 == 0 and g % 32 == 0 and (16 % bpg == 0 or bpg % 16 == 0)
 
 
 def linear_cuda(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
