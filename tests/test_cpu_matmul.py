@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import qtensors as qt
-from qtensors.torch import QuantizedLinear
 from qtensors import _core
+from qtensors.torch import QuantizedLinear
 from qtensors.torch import linear as linear_mod
 from qtensors.torch.linear import linear, linear_op
 
