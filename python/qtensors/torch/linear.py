@@ -48,7 +48,6 @@ CPU_PACKED_MAX_ROWS = 8
 # rust/core/src/matmul/int8.rs). False: fp32 activations, results equal to decode-then-matmul up
 # to the order of fp32 additions.
 CPU_INT8_ACTIVATIONS = True
-_INT8 = _core.linear_int8_available()
 # The stored scale formats of the FP4 encodings, by the dtype names of the core.
 FP4_SCALE_NAMES = {"mxfp4": "uint8", "nvfp4": "float8_e4m3fn"}
 # Activations the Rust CPU matmul takes, by the dtype names of the core.
@@ -186,14 +185,11 @@ def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, 
     p = _cpu_plan(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
     n_out, n_in = p.shape
     rows = x.numel() // n_in if n_in else 0
-    # Half-precision activations beyond the packed GEMV's batch where the integer kernel does
-    # not apply: torch's bf16/fp16 GEMM on the decoded weight wins
-    # (benches/results/cpu_matmul_1thread.txt).
-    half_many = (
-        x.dtype in (torch.float16, torch.bfloat16)
-        and rows > CPU_PACKED_MAX_ROWS
-        and not (CPU_INT8_ACTIVATIONS and _core_int8(encoding, bits, group_size, p.axis, n_in))
-    )
+    # Half-precision activations beyond the GEMV batches: torch's bf16/fp16 GEMM on the decoded
+    # weight wins (2-4x faster than the Rust kernels at 16-448 rows; benches/results/
+    # cpu_matmul_1thread.txt). fp32 stays in the core at every batch (its int8 kernel is
+    # faster than fp32 F.linear up to ~128 rows and on par at ~450).
+    half_many = x.dtype in (torch.float16, torch.bfloat16) and rows > CPU_PACKED_MAX_ROWS
     # the Rust matmul covers the integer and NF4 groups; FP4 blocks decode first
     if p.parts is None or x.dtype not in RUST_DTYPES or half_many:
         return linear_dequantize(
@@ -208,17 +204,6 @@ def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, 
     ob = out.view(torch.uint8).numpy()
     _core.linear(p.parts, p.shape, p.enc, xb, RUST_DTYPES[x.dtype], ob, b, exact)
     return out
-
-
-def _core_int8(encoding: str, bits: int, group_size: int, axis: int, n_in: int) -> bool:
-    """Whether the core's integer kernel takes this weight (``rust/core/src/matmul/int8.rs``:
-    4- or 8-bit integer codes in groups of whole blocks of 32 along the inputs, the inputs in
-    whole chunks of 64, the block counts nesting with spans of 16)."""
-    if not _INT8 or encoding not in ("affine", "symmetric") or bits not in (4, 8) or axis != 1:
-        return False
-    g = min(group_size, n_in)
-    bpg = g // 32
-    return n_in % 64 == 0 and g % 32 == 0 and (16 % bpg == 0 or bpg % 16 == 0)
 
 
 def linear_cuda(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
