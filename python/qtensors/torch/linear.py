@@ -26,6 +26,7 @@ import functools
 import json
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -52,6 +53,8 @@ CPU_INT8_ACTIVATIONS = True
 FP4_SCALE_NAMES = {"mxfp4": "uint8", "nvfp4": "float8_e4m3fn"}
 # Activations the Rust CPU matmul takes, by the dtype names of the core.
 RUST_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+# Their numpy dtypes for the output buffer (bfloat16: its bits, viewed back by torch).
+_NUMPY_DTYPES = {torch.float16: np.float16, torch.bfloat16: np.uint16, torch.float32: np.float32}
 
 SCHEMA = (
     "(Tensor x, Tensor codes, Tensor scales, Tensor? mins, Tensor? bias, int[] shape, "
@@ -195,14 +198,21 @@ def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, 
         return linear_dequantize(
             x, codes, scales, mins, bias, shape, encoding, bits, group_size, p.axis
         )
-    out = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype)
-    if out.numel() == 0:
+    # Output and input as numpy arrays: a third of the cost of torch.empty plus byte views.
+    npo = np.empty((*x.shape[:-1], n_out), _NUMPY_DTYPES[x.dtype])
+    out = torch.from_numpy(npo)
+    if x.dtype == torch.bfloat16:
+        out = out.view(torch.bfloat16)
+    if npo.size == 0:
         return out
-    xb = x.detach().view(torch.uint8).numpy() if x.is_contiguous() else _byte_view(x)
+    if not x.is_contiguous():
+        xb = _byte_view(x)
+    else:
+        xd = x.detach() if x.requires_grad else x
+        xb = (xd.view(torch.int16) if x.dtype == torch.bfloat16 else xd).numpy().view(np.uint8)
     b = None if bias is None else _byte_view(bias.detach().to(x.dtype))
     exact = not CPU_INT8_ACTIVATIONS
-    ob = out.view(torch.uint8).numpy()
-    _core.linear(p.parts, p.shape, p.enc, xb, RUST_DTYPES[x.dtype], ob, b, exact)
+    _core.linear(p.parts, p.shape, p.enc, xb, RUST_DTYPES[x.dtype], npo.view(np.uint8), b, exact)
     return out
 
 
