@@ -199,3 +199,17 @@ def test_int8_non_finite_activations_propagate():
     x = torch.randn(2, 128)
     x[0, 5], x[1, 77] = float("nan"), float("inf")
     assert not linear(x, *args(q)).isfinite().any()
+
+
+@pytest.mark.skipif(not _core.linear_int8_available(), reason="needs AVX-512 VNNI")
+def test_int8_rows_independent_of_batch_and_threads():
+    # each row is quantized on its own and each output summed in one fixed order, so a row's
+    # result is the same alone or in a batch of 11 (tiles of 8 + 3), inline or across the pool
+    q = weight((608, 1792), INT8_ENCODINGS[1])
+    x = torch.randn(11, 1792)
+    got = linear(x, *args(q))
+    rows = torch.cat([linear(x[i : i + 1], *args(q)) for i in range(11)])
+    assert torch.equal(got, rows)
+    w = q.weight.dequantize(torch.float64)
+    want = F.linear(x.double(), w, q.bias.double())
+    assert ((got.double() - want).abs() <= int8_bound(x, w)).all()
