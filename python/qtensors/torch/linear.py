@@ -45,7 +45,7 @@ from .ops import (
 # Rows of x up to which the Rust core's packed GEMV runs (rust/core/src/matmul/packed.rs).
 CPU_PACKED_MAX_ROWS = 8
 # The Rust core multiplies 4- and 8-bit integer codes by activations quantized to int8 per block
-# of 32 (AVX-512 VNNI; ~1e-3 relative error from the activations' rounding, see
+# of 32 (AVX-512 VNNI; ~0.5% RMS relative error from the activations' rounding, see
 # rust/core/src/matmul/int8.rs). False: fp32 activations, results equal to decode-then-matmul up
 # to the order of fp32 additions.
 CPU_INT8_ACTIVATIONS = True

@@ -15,8 +15,10 @@
 //!
 //! Accuracy: the weight is used exactly as stored; the activations carry the rounding error of
 //! int8 (at most `max|x| / 254` per element of a block of 32), so results differ from
-//! decode-then-matmul by about `|w| . |x| / 254` at worst, ~1e-3 relative in practice
-//! (`tests.rs` bounds it). `linear(.., exact = true)` keeps fp32 activations.
+//! decode-then-matmul by at most `sum_i |w_i| * max|x|_block(i) / 254` (`tests.rs` checks that
+//! bound). Measured on a 1024x2048 affine 4-bit g64 layer with Gaussian inputs: 0.5% RMS
+//! relative (0.9% with a 20x outlier channel), against 6.4% for the 4-bit weight itself versus
+//! fp32. `linear(.., exact = true)` keeps fp32 activations.
 //!
 //! The float arithmetic runs in 16 lanes in a fixed order, and `scalar` repeats it lane by lane
 //! with the same roundings, so the two agree bit for bit (tested).

@@ -3,7 +3,7 @@
 //!
 //! * `int8` (the default where it applies): 4- and 8-bit integer codes grouped along `in`, any
 //!   batch: the activations are quantized to int8 per block of 32 and multiplied by the codes
-//!   in integer dot products (AVX-512 VNNI), scaled per block; about 1e-3 relative error from
+//!   in integer dot products (AVX-512 VNNI), scaled per block; ~0.5% RMS relative error from
 //!   the activations' rounding (see `int8`). `exact` keeps the fp32 kernels below.
 //! * `packed`: batches of 1..=8 rows and 4-bit codes grouped along `in` (the common layout):
 //!   SIMD dot products straight over the packed codes, each group's 16 decoded values looked up
