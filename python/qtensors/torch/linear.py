@@ -9,8 +9,10 @@
   K when the output alone would not fill the GPU. Capturable in a CUDA graph (no host sync;
   only the output and a split-K workspace are allocated, through torch). Other weights and
   larger batches are decoded, then ``F.linear`` (cuBLAS).
-* CPU (``linear_cpu``): the Rust core's packed matmul (FP4 parts as stored), or decode and
-  ``F.linear`` (float64, half-precision batches beyond ``CPU_PACKED_MAX_ROWS``).
+* CPU (``linear_cpu``): the Rust core's matmul on the packed codes (``rust/core/src/matmul``:
+  4- and 8-bit integer codes times int8-quantized activations unless ``CPU_INT8_ACTIVATIONS``
+  is False, else fp32 kernels), or decode and ``F.linear`` (float64, FP4 parts, half-precision
+  batches beyond ``CPU_PACKED_MAX_ROWS``).
 * meta / FakeTensor: shape and dtype only, so the op traces under ``torch.compile``.
 
 Arguments: ``x [..., in]`` (float16, bfloat16, float32 or float64; the result has its dtype),
