@@ -407,6 +407,11 @@ mod kernel {
         for (v, t) in consts.lanes.iter_mut().zip(&table) {
             *v = _mm512_loadu_si512(t.as_ptr().cast());
         }
+        // The rows before the first prefetch distance, all at once (a small layer is mostly
+        // these; later rows are asked for as the kernel goes).
+        if b0 == 0 {
+            prefetch_rows::<HALF>(args, 0, PREFETCH_ROWS.min(n_rows), row_bytes);
+        }
         let mut r = 0;
         while r < n_rows {
             if r + R <= n_rows {
