@@ -137,8 +137,12 @@ impl Plan {
             let q = &mut a.q[b * n..(b + 1) * n];
             for (k, blk) in row.chunks_exact(BLOCK).enumerate() {
                 let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
-                let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+                // Blocks below ~4e-37 (where 127 / max|x| would overflow) count as zeros.
+                let (d, inv) = if amax > 127.0 / f32::MAX {
+                    (amax / 127.0, 127.0 / amax)
+                } else {
+                    (0.0, 0.0)
+                };
                 let mut sum = 0i32;
                 for (t, &v) in tmp.iter_mut().zip(blk) {
                     // Round half to even, exactly, for |v * inv| <= 127 < 2^22.
