@@ -213,3 +213,46 @@ def test_int8_rows_independent_of_batch_and_threads():
     w = q.weight.dequantize(torch.float64)
     want = F.linear(x.double(), w, q.bias.double())
     assert ((got.double() - want).abs() <= int8_bound(x, w)).all()
+
+
+@pytest.mark.skipif(not _core.linear_int8_available(), reason="needs AVX-512 VNNI")
+@pytest.mark.parametrize(
+    "enc, shape, applies",
+    [
+        (INT8_ENCODINGS[0], (8, 256), True),
+        (INT8_ENCODINGS[5], (8, 576), True),
+        (qt.Affine(bits=4, group_size=96, axis=-1), (8, 576), False),  # 3 blocks a group
+        (qt.Affine(bits=4, group_size=32, axis=-1), (8, 160), False),  # not whole 64s
+        (qt.NF4(group_size=64, axis=-1), (8, 256), False),
+        (qt.Affine(bits=3, group_size=64, axis=-1), (8, 256), False),
+    ],
+    ids=str,
+)
+def test_python_mirror_of_the_int8_conditions(enc, shape, applies):
+    # linear_cpu routes half-precision batches by _int8_applies; the core decides by its own
+    # Plan::new: the int8 kernel ran exactly when the results differ from exact mode
+    q = weight(shape, enc)
+    a = args(q)
+    assert linear_mod._int8_applies(a[5], a[6], a[7], 1, a[4]) == applies
+    x = torch.randn(3, shape[1])
+    got = linear(x, *a)
+    linear_mod.CPU_INT8_ACTIVATIONS = False
+    try:
+        exact_y = linear(x, *a)
+    finally:
+        linear_mod.CPU_INT8_ACTIVATIONS = True
+    assert torch.equal(got, exact_y) != applies
+
+
+@pytest.mark.skipif(not _core.linear_int8_available(), reason="needs AVX-512 VNNI")
+def test_int8_half_batches_of_large_weights():
+    # bf16 at 9..64 rows on a weight of >= 2^22 elements: the int8 kernel, not decode + GEMM
+    q = weight((2048, 2048), INT8_ENCODINGS[0])
+    x = torch.randn(32, 2048).to(torch.bfloat16)
+    got = linear(x, *args(q))
+    w = q.weight.dequantize(torch.float64)
+    want = F.linear(x.double(), w, q.bias.to(torch.bfloat16).double())
+    bound = int8_bound(x, w) + (want.abs() + 1e-30) * 2**-7
+    assert ((got.double() - want).abs() <= bound).all()
+    decoded = linear_mod.linear_dequantize(x, *args(q))
+    assert not torch.equal(got, decoded)

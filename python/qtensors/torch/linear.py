@@ -51,6 +51,9 @@ CPU_PACKED_MAX_ROWS = 8
 # rust/core/src/matmul/int8.rs). False: fp32 activations, results equal to decode-then-matmul up
 # to the order of fp32 additions.
 CPU_INT8_ACTIVATIONS = True
+# Half-precision rows up to which large weights stay in the int8 kernel (see linear_cpu).
+CPU_INT8_HALF_MAX_ROWS = 64
+_INT8_CPU = _core.linear_int8_available()
 # The stored scale formats of the FP4 encodings, by the dtype names of the core.
 FP4_SCALE_NAMES = {"mxfp4": "uint8", "nvfp4": "float8_e4m3fn"}
 # Activations the Rust CPU matmul takes, by the dtype names of the core.
@@ -148,7 +151,18 @@ class _CpuPlan:
     matmul (SmolLM2-135M's 576-wide layers). Reused while the call passes the same scales, mins
     and bias objects (whose memory the views keep alive) and the same scalars."""
 
-    __slots__ = ("args", "axis", "bias", "checked", "enc", "mins", "parts", "scales", "shape")
+    __slots__ = (
+        "args",
+        "axis",
+        "bias",
+        "checked",
+        "enc",
+        "int8",
+        "mins",
+        "parts",
+        "scales",
+        "shape",
+    )
 
     def __init__(self, codes, scales, mins, bias, shape, encoding, bits, group_size, axis, a):
         self.scales, self.mins, self.bias = scales, mins, bias
@@ -157,11 +171,25 @@ class _CpuPlan:
         self.shape = [int(d) for d in shape]
         self.checked: set = set()  # (in_features, dtype) of activations already checked
         self.parts = self.enc = None  # None: the Rust core does not take these scales
+        self.int8 = _int8_applies(encoding, bits, group_size, a, shape)
         if scales.dtype in SCALE_DTYPES:
             scale_dtype = FP4_SCALE_NAMES.get(encoding) or SCALE_DTYPES[scales.dtype]
             self.enc = json.dumps(encoding_dict(encoding, bits, group_size, a, scale_dtype))
             parts = [codes, scales] if mins is None else [codes, scales, mins]
             self.parts = [_byte_view(t) for t in parts]
+
+
+def _int8_applies(encoding: str, bits: int, group_size: int, axis: int, shape) -> bool:
+    """Whether the core's integer kernel takes this weight (``rust/core/src/matmul/int8.rs``,
+    ``Plan::new``): an AVX-512 VNNI CPU; 4- or 8-bit affine or symmetric codes in groups of
+    whole blocks of 32 along the inputs; the inputs in whole chunks of 64; 16 blocks a span
+    either a multiple of the group's blocks or inside one group."""
+    n_in = int(shape[1])
+    if not _INT8_CPU or encoding not in ("affine", "symmetric") or bits not in (4, 8) or axis != 1:
+        return False
+    g = min(group_size, n_in)
+    blocks = g // 32
+    return n_in > 0 and n_in % 64 == 0 and g % 32 == 0 and (16 % blocks == 0 or blocks % 16 == 0)
 
 
 def _cpu_plan(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis) -> _CpuPlan:
@@ -191,10 +219,21 @@ def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, 
     n_out, n_in = p.shape
     rows = x.numel() // n_in if n_in else 0
     # Half-precision activations beyond the GEMV batches: torch's bf16/fp16 GEMM on the decoded
-    # weight wins (2-4x faster than the Rust kernels at 16-448 rows; benches/results/
-    # cpu_matmul_1thread.txt). fp32 stays in the core at every batch (its int8 kernel is
-    # faster than fp32 F.linear up to ~128 rows and on par at ~450).
-    half_many = x.dtype in (torch.float16, torch.bfloat16) and rows > CPU_PACKED_MAX_ROWS
+    # weight wins (2-4x faster than the Rust kernels at 16-448 rows), except on large weights at
+    # up to CPU_INT8_HALF_MAX_ROWS rows, where decoding them costs more than the int8 kernel's
+    # whole matmul (4096x4096 at 32 rows: 5 ms against 21; benches/results/cpu_matmul_*.txt).
+    # fp32 stays in the core at every batch (its int8 kernel is faster than fp32 F.linear up
+    # to ~128 rows and on par at ~450).
+    half_many = (
+        x.dtype in (torch.float16, torch.bfloat16)
+        and rows > CPU_PACKED_MAX_ROWS
+        and not (
+            CPU_INT8_ACTIVATIONS
+            and p.int8
+            and rows <= CPU_INT8_HALF_MAX_ROWS
+            and n_out * n_in >= 1 << 22
+        )
+    )
     # the Rust matmul covers the integer and NF4 groups; FP4 blocks decode first
     if p.parts is None or x.dtype not in RUST_DTYPES or half_many:
         return linear_dequantize(
