@@ -7,7 +7,10 @@
 ``--threads`` sets torch's threads; the Rust pool follows RAYON_NUM_THREADS (set it to match).
 Prints milliseconds (best of --repeat) and the speedups the issue asks for: batch 1 >= 3x fp32
 and >= 1.5x bf16; batch 32 no slower than fp32. Each qtensors figure is in the activations' dtype
-(fp32 activations against fp32 F.linear, bf16 against bf16).
+(fp32 activations against fp32 F.linear, bf16 against bf16). "qtensors" is the default path (the
+integer kernel with int8 activations where it applies: 4-bit affine/symmetric, not NF4 or FlexGen's
+groups along the outputs); "exact" the same call with fp32 activations
+(``qtensors.torch.linear.CPU_INT8_ACTIVATIONS = False``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import nn
 
 import qtensors as qt
 from qtensors.torch import QuantizedLinear
+from qtensors.torch import linear as linear_mod
 
 
 def best_ms(fn, repeat: int) -> float:
@@ -51,7 +55,7 @@ def main() -> None:
         ("flexgen (axis 0)", qt.FLEXGEN),
     ]
     head = f"{'shape':>11} {'batch':>5} {'encoding':>17} {'dtype':>8} {'F.linear ms':>11} "
-    print(head + f"{'qtensors ms':>11} {'speedup':>8}")
+    print(head + f"{'qtensors ms':>11} {'speedup':>8} {'exact ms':>9} {'speedup':>8}")
     torch.manual_seed(0)
     with torch.no_grad():
         for n_out, n_in in [(4096, 4096), (5632, 2048)]:
@@ -64,9 +68,13 @@ def main() -> None:
                         x = torch.randn(batch, n_in).to(dt)
                         t_ref = best_ms(lambda w=w, x=x: F.linear(x, w), args.repeat)
                         t_q = best_ms(lambda q=q, x=x: q(x), args.repeat)
+                        linear_mod.CPU_INT8_ACTIVATIONS = False
+                        t_e = best_ms(lambda q=q, x=x: q(x), args.repeat)
+                        linear_mod.CPU_INT8_ACTIVATIONS = True
                         print(
                             f"{n_out:>5}x{n_in:<5} {batch:>5} {label:>17} {str(dt)[6:]:>8} "
-                            f"{t_ref:11.3f} {t_q:11.3f} {t_ref / t_q:7.2f}x"
+                            f"{t_ref:11.3f} {t_q:11.3f} {t_ref / t_q:7.2f}x "
+                            f"{t_e:9.3f} {t_ref / t_e:7.2f}x"
                         )
 
 

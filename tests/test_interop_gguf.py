@@ -278,7 +278,7 @@ def _tiny_llama(path, types):
     _write_gguf(path, t, kv=kv)
 
 
-def test_tiny_llama_import_equals_transformers_gguf_load(tmp_path):
+def test_tiny_llama_import_equals_transformers_gguf_load(tmp_path, exact_cpu_matmul):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     import qtensors.torch as qtt

@@ -91,7 +91,7 @@ def test_linear_op_rejects_bad_arguments():
         linear_op(torch.randn(3, 64), *args[:3], torch.zeros(7), *args[4:])
 
 
-def test_linear_op_backward():
+def test_linear_op_backward(exact_cpu_matmul):
     torch.manual_seed(4)
     q = QuantizedLinear.from_linear(nn.Linear(64, 16), qt.Affine(bits=4, group_size=32, axis=-1))
     x = torch.randn(3, 64, requires_grad=True)

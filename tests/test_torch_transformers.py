@@ -45,7 +45,7 @@ def minilm(bert_path):
 
 
 @pytest.mark.parametrize("preset", list(qt.PRESETS))
-def test_minilm_presets(minilm, preset, tmp_path):
+def test_minilm_presets(minilm, preset, tmp_path, exact_cpu_matmul):
     src, tok, ref = minilm
     dst = tmp_path / preset
     qt.convert(src, dst, quant=qt.PRESETS[preset])
@@ -64,7 +64,7 @@ def test_minilm_presets(minilm, preset, tmp_path):
     torch.testing.assert_close(qtt.sentence_embeddings(decoded, tok, SENTENCES), emb)
 
 
-def test_tied_masked_lm_head(tmp_path):
+def test_tied_masked_lm_head(tmp_path, exact_cpu_matmul):
     cfg = transformers.BertConfig(
         vocab_size=120,
         hidden_size=32,

@@ -98,4 +98,15 @@ def decode(
     encoding: str,
     out: Buffer | None = None,
 ) -> OwnedBuffer | None: ...
+def linear(
+    parts: Sequence[Buffer],
+    shape: Sequence[int],
+    encoding: str,
+    x: Buffer,
+    dtype: str,
+    out: Buffer,
+    bias: Buffer | None = None,
+    exact: bool = False,
+) -> None: ...
+def linear_int8_available() -> bool: ...
 def kernels() -> tuple[list[str], str]: ...

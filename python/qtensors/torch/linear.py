@@ -9,8 +9,10 @@
   K when the output alone would not fill the GPU. Capturable in a CUDA graph (no host sync;
   only the output and a split-K workspace are allocated, through torch). Other weights and
   larger batches are decoded, then ``F.linear`` (cuBLAS).
-* CPU (``linear_cpu``): the Rust core's packed matmul (FP4 parts as stored), or decode and
-  ``F.linear`` (float64, half-precision batches beyond ``CPU_PACKED_MAX_ROWS``).
+* CPU (``linear_cpu``): the Rust core's matmul on the packed codes (``rust/core/src/matmul``:
+  4- and 8-bit integer codes times int8-quantized activations unless ``CPU_INT8_ACTIVATIONS``
+  is False, else fp32 kernels), or decode and ``F.linear`` (float64, FP4 parts, half-precision
+  batches beyond ``CPU_PACKED_MAX_ROWS``).
 * meta / FakeTensor: shape and dtype only, so the op traces under ``torch.compile``.
 
 Arguments: ``x [..., in]`` (float16, bfloat16, float32 or float64; the result has its dtype),
@@ -26,6 +28,7 @@ import functools
 import json
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,10 +46,20 @@ from .ops import (
 
 # Rows of x up to which the Rust core's packed GEMV runs (rust/core/src/matmul/packed.rs).
 CPU_PACKED_MAX_ROWS = 8
+# The Rust core multiplies 4- and 8-bit integer codes by activations quantized to int8 per block
+# of 32 (AVX-512 VNNI; ~0.5% RMS relative error from the activations' rounding, see
+# rust/core/src/matmul/int8.rs). False: fp32 activations, results equal to decode-then-matmul up
+# to the order of fp32 additions.
+CPU_INT8_ACTIVATIONS = True
+# Half-precision rows up to which large weights stay in the int8 kernel (see linear_cpu).
+CPU_INT8_HALF_MAX_ROWS = 64
+_INT8_CPU = _core.linear_int8_available()
 # The stored scale formats of the FP4 encodings, by the dtype names of the core.
 FP4_SCALE_NAMES = {"mxfp4": "uint8", "nvfp4": "float8_e4m3fn"}
 # Activations the Rust CPU matmul takes, by the dtype names of the core.
 RUST_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+# Their numpy dtypes for the output buffer (bfloat16: its bits, viewed back by torch).
+_NUMPY_DTYPES = {torch.float16: np.float16, torch.bfloat16: np.uint16, torch.float32: np.float32}
 
 SCHEMA = (
     "(Tensor x, Tensor codes, Tensor scales, Tensor? mins, Tensor? bias, int[] shape, "
@@ -131,56 +144,116 @@ def linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
-def _weight_plan(codes, scales, mins, shape, encoding, bits, group_size, axis):
-    """The weight's arguments of ``_core.linear`` (byte views of its parts, shape, encoding
-    JSON), kept on the codes tensor: building them costs more than a small layer's matmul.
-    Reused while the parts are views of the same memory (the views keep it alive, so equal
-    addresses, sizes and dtypes mean the same bytes)."""
-    key = (
-        codes.data_ptr(),
-        codes.numel(),
-        codes.dtype,
-        scales.data_ptr(),
-        scales.numel(),
-        scales.dtype,
-        None if mins is None else (mins.data_ptr(), mins.numel(), mins.dtype),
-        tuple(shape),
-        encoding,
-        bits,
-        group_size,
-        axis,
+class _CpuPlan:
+    """What ``linear_cpu`` reuses across the calls of one weight (kept on its codes tensor): the
+    arguments it was checked with, and the weight's arguments of ``_core.linear`` (byte views of
+    its parts, shape, encoding JSON). Checking and building them costs more than a small layer's
+    matmul (SmolLM2-135M's 576-wide layers). Reused while the call passes the same scales, mins
+    and bias objects (whose memory the views keep alive) and the same scalars."""
+
+    __slots__ = (
+        "args",
+        "axis",
+        "bias",
+        "checked",
+        "enc",
+        "int8",
+        "mins",
+        "parts",
+        "scales",
+        "shape",
     )
-    plan = getattr(codes, "_qt_cpu_plan", None)
-    if plan is not None and plan[0] == key:
-        return plan
-    scale_dtype = FP4_SCALE_NAMES.get(encoding) or SCALE_DTYPES[scales.dtype]
-    enc = json.dumps(encoding_dict(encoding, bits, group_size, axis, scale_dtype))
-    parts = [_byte_view(codes), _byte_view(scales)]
-    if mins is not None:
-        parts.append(_byte_view(mins))
-    plan = (key, parts, [int(d) for d in shape], enc)
-    codes._qt_cpu_plan = plan
-    return plan
+
+    def __init__(self, codes, scales, mins, bias, shape, encoding, bits, group_size, axis, a):
+        self.scales, self.mins, self.bias = scales, mins, bias
+        self.args = (tuple(shape), encoding, bits, group_size, axis)
+        self.axis = a
+        self.shape = [int(d) for d in shape]
+        self.checked: set = set()  # (in_features, dtype) of activations already checked
+        self.parts = self.enc = None  # None: the Rust core does not take these scales
+        self.int8 = _int8_applies(encoding, bits, group_size, a, shape)
+        if scales.dtype in SCALE_DTYPES:
+            scale_dtype = FP4_SCALE_NAMES.get(encoding) or SCALE_DTYPES[scales.dtype]
+            self.enc = json.dumps(encoding_dict(encoding, bits, group_size, a, scale_dtype))
+            parts = [codes, scales] if mins is None else [codes, scales, mins]
+            self.parts = [_byte_view(t) for t in parts]
+
+
+def _int8_applies(encoding: str, bits: int, group_size: int, axis: int, shape) -> bool:
+    """Whether the core's integer kernel takes this weight (``rust/core/src/matmul/int8.rs``,
+    ``Plan::new``): an AVX-512 VNNI CPU; 4- or 8-bit affine or symmetric codes in groups of
+    whole blocks of 32 along the inputs; the inputs in whole chunks of 64; 16 blocks a span
+    either a multiple of the group's blocks or inside one group."""
+    n_in = int(shape[1])
+    if not _INT8_CPU or encoding not in ("affine", "symmetric") or bits not in (4, 8) or axis != 1:
+        return False
+    g = min(group_size, n_in)
+    blocks = g // 32
+    return n_in > 0 and n_in % 64 == 0 and g % 32 == 0 and (16 % blocks == 0 or blocks % 16 == 0)
+
+
+def _cpu_plan(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis) -> _CpuPlan:
+    """The weight's plan, with the arguments checked (ValueError naming the problem)."""
+    p = getattr(codes, "_qt_cpu_plan", None)
+    if not (
+        p is not None
+        and scales is p.scales
+        and mins is p.mins
+        and bias is p.bias
+        and p.args == (tuple(shape), encoding, bits, group_size, axis)
+    ):
+        a = check_linear_args(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
+        p = _CpuPlan(codes, scales, mins, bias, shape, encoding, bits, group_size, axis, a)
+        codes._qt_cpu_plan = p
+    key = (x.shape[-1] if x.dim() else -1, x.dtype)
+    if key not in p.checked:
+        check_linear_args(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
+        p.checked.add(key)
+    return p
 
 
 def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
     """The CPU implementation: the Rust core multiplies by the packed codes (float16, bfloat16
     and float32 activations; the weight is never decoded to memory); float64 decodes first."""
-    a = check_linear_args(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
-    rows = x.numel() // int(shape[1]) if int(shape[1]) else 0
-    # Half-precision activations beyond the packed GEMV's batch: torch's bf16/fp16 GEMM on the
-    # decoded weight wins (benches/results/cpu_matmul_1thread.txt: 0.3-0.5x of dense bf16 at
-    # batch 32 for the Rust tiles, against a decode of ~0.5x of the GEMM's time).
-    half_many = x.dtype in (torch.float16, torch.bfloat16) and rows > CPU_PACKED_MAX_ROWS
+    p = _cpu_plan(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
+    n_out, n_in = p.shape
+    rows = x.numel() // n_in if n_in else 0
+    # Half-precision activations beyond the GEMV batches: torch's bf16/fp16 GEMM on the decoded
+    # weight wins (2-4x faster than the Rust kernels at 16-448 rows), except on large weights at
+    # up to CPU_INT8_HALF_MAX_ROWS rows, where decoding them costs more than the int8 kernel's
+    # whole matmul (4096x4096 at 32 rows: 5 ms against 21; benches/results/cpu_matmul_*.txt).
+    # fp32 stays in the core at every batch (its int8 kernel is faster than fp32 F.linear up
+    # to ~128 rows and on par at ~450).
+    half_many = (
+        x.dtype in (torch.float16, torch.bfloat16)
+        and rows > CPU_PACKED_MAX_ROWS
+        and not (
+            CPU_INT8_ACTIVATIONS
+            and p.int8
+            and rows <= CPU_INT8_HALF_MAX_ROWS
+            and n_out * n_in >= 1 << 22
+        )
+    )
     # the Rust matmul covers the integer and NF4 groups; FP4 blocks decode first
-    if x.dtype not in RUST_DTYPES or half_many or scales.dtype not in SCALE_DTYPES:
-        return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
-    out = torch.empty((*x.shape[:-1], int(shape[0])), dtype=x.dtype)
-    if out.numel() == 0:
+    if p.parts is None or x.dtype not in RUST_DTYPES or half_many:
+        return linear_dequantize(
+            x, codes, scales, mins, bias, shape, encoding, bits, group_size, p.axis
+        )
+    # Output and input as numpy arrays: a third of the cost of torch.empty plus byte views.
+    npo = np.empty((*x.shape[:-1], n_out), _NUMPY_DTYPES[x.dtype])
+    out = torch.from_numpy(npo)
+    if x.dtype == torch.bfloat16:
+        out = out.view(torch.bfloat16)
+    if npo.size == 0:
         return out
-    _key, parts, shp, enc = _weight_plan(codes, scales, mins, shape, encoding, bits, group_size, a)
+    if not x.is_contiguous():
+        xb = _byte_view(x)
+    else:
+        xd = x.detach() if x.requires_grad else x
+        xb = (xd.view(torch.int16) if x.dtype == torch.bfloat16 else xd).numpy().view(np.uint8)
     b = None if bias is None else _byte_view(bias.detach().to(x.dtype))
-    _core.linear(parts, shp, enc, _byte_view(x), RUST_DTYPES[x.dtype], _byte_view(out), b)
+    exact = not CPU_INT8_ACTIVATIONS
+    _core.linear(p.parts, p.shape, p.enc, xb, RUST_DTYPES[x.dtype], npo.view(np.uint8), b, exact)
     return out
 
 

@@ -262,6 +262,8 @@ pub fn decoded_part(info: &TensorInfo, part: usize, stored: &[u8]) -> Result<Vec
 /// `out = x @ W^T + bias` with `W` the 2-D quantized tensor `info` (`[out, in]`) given by its
 /// parts, without decoding it to memory (see `matmul`). `x` (`[batch, in]`), `bias` (`[out]`)
 /// and `out` (`[batch, out]`) are little-endian bytes of `dtype` (float16, bfloat16, float32).
+/// `exact`: fp32 activations throughout (see `matmul::linear`).
+#[allow(clippy::too_many_arguments)]
 pub fn linear(
     k: &Kernels,
     info: &TensorInfo,
@@ -270,6 +272,7 @@ pub fn linear(
     bias: Option<&[u8]>,
     dtype: DType,
     out: &mut [u8],
+    exact: bool,
 ) -> Result<()> {
     let Some((codec, params)) = Codec::from_encoding(&info.encoding) else {
         return Err(Error::Unsupported(format!(
@@ -294,6 +297,7 @@ pub fn linear(
         bias,
         dtype,
         out,
+        exact,
     )
 }
 

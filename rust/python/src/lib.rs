@@ -485,9 +485,11 @@ fn decode(
 
 /// `out = x @ W^T + bias` (the CPU matmul), `W` the 2-D quantized tensor `shape` (`[out, in]`)
 /// given by its parts (in encoding order); `x` (`[batch, in]`), `bias` (`[out]`) and `out`
-/// (`[batch, out]`, written) are buffers of `dtype` (float16, bfloat16 or float32).
+/// (`[batch, out]`, written) are buffers of `dtype` (float16, bfloat16 or float32). `exact`:
+/// fp32 activations throughout (else 4- and 8-bit integer codes multiply int8-quantized
+/// activations where the CPU has AVX-512 VNNI).
 #[pyfunction]
-#[pyo3(signature = (parts, shape, encoding, x, dtype, out, bias = None))]
+#[pyo3(signature = (parts, shape, encoding, x, dtype, out, bias = None, exact = false))]
 #[allow(clippy::too_many_arguments)]
 fn linear(
     py: Python<'_>,
@@ -498,6 +500,7 @@ fn linear(
     dtype: &str,
     out: &Bound<'_, PyAny>,
     bias: Option<&Bound<'_, PyAny>>,
+    exact: bool,
 ) -> PyResult<()> {
     let dtype = parse_dtype(dtype)?;
     let enc = parse_encoding(encoding, shape.len())?;
@@ -518,7 +521,7 @@ fn linear(
     let k = simd::best();
     py.detach(|| {
         let b = bias.as_ref().map(|b| b.as_slice());
-        tensor::linear(k, &info, &slices, x.as_slice(), b, dtype, dst)
+        tensor::linear(k, &info, &slices, x.as_slice(), b, dtype, dst, exact)
     })
     .py()
 }
@@ -594,6 +597,13 @@ fn kernels() -> (Vec<&'static str>, &'static str) {
     )
 }
 
+/// Whether `linear` multiplies 4- and 8-bit integer codes by int8-quantized activations on this
+/// CPU (AVX-512 VNNI), unless `exact`.
+#[pyfunction]
+fn linear_int8_available() -> bool {
+    qtensors_core::matmul::int8_available()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Reader>()?;
@@ -604,6 +614,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode, m)?)?;
     m.add_function(wrap_pyfunction!(kernels, m)?)?;
     m.add_function(wrap_pyfunction!(linear, m)?)?;
+    m.add_function(wrap_pyfunction!(linear_int8_available, m)?)?;
     m.add(
         "FORMAT_VERSION",
         (

@@ -94,7 +94,17 @@ fn check(
     let bias_bytes = to_bytes(&bias, dtype);
     let mut out = vec![0u8; batch * n_out * dtype.itemsize()];
     let b = with_bias.then_some(bias_bytes.as_slice());
-    tensor::linear(k, &info, &parts, &to_bytes(&x, dtype), b, dtype, &mut out).unwrap();
+    tensor::linear(
+        k,
+        &info,
+        &parts,
+        &to_bytes(&x, dtype),
+        b,
+        dtype,
+        &mut out,
+        true,
+    )
+    .unwrap();
     let got = from_bytes(&out, dtype);
 
     // Tolerance: fp32 accumulation error plus the output dtype's rounding.
@@ -190,10 +200,10 @@ fn rejects_mismatched_sizes() {
     };
     let x = vec![0u8; 2 * 64 * 4];
     let mut out = vec![0u8; 2 * 7 * 4];
-    assert!(tensor::linear(k, &info, &parts, &x, None, DType::Float32, &mut out).is_err());
+    assert!(tensor::linear(k, &info, &parts, &x, None, DType::Float32, &mut out, true).is_err());
     let mut out = vec![0u8; 2 * 8 * 4];
-    assert!(tensor::linear(k, &info, &parts, &x, None, DType::Float64, &mut out).is_err());
-    tensor::linear(k, &info, &parts, &x, None, DType::Float32, &mut out).unwrap();
+    assert!(tensor::linear(k, &info, &parts, &x, None, DType::Float64, &mut out, true).is_err());
+    tensor::linear(k, &info, &parts, &x, None, DType::Float32, &mut out, true).unwrap();
 }
 
 #[test]
@@ -229,5 +239,273 @@ fn packed_kernel_covers_the_common_layout() {
         };
         let plan = super::packed::Plan::new(&w, n_in as usize, batch);
         assert_eq!(plan.is_some(), want, "{codec:?} in {n_in} batch {batch}");
+    }
+}
+
+/// A weight of `rows x n_in` random values encoded with `enc`, its parts, and its decoded values.
+fn encoded(r: &mut Rng, enc: &Encoding, rows: usize, n_in: usize) -> (Vec<Vec<u8>>, Vec<f32>) {
+    let w: Vec<f32> = (0..rows * n_in).map(|_| r.unit()).collect();
+    let shape = [rows as u64, n_in as u64];
+    let k = simd::best();
+    let parts = tensor::encode(k, enc, DType::Float32, &shape, Input::F32(&w)).unwrap();
+    let slices: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+    let info = TensorInfo {
+        name: "w".into(),
+        dtype: DType::Float32,
+        shape: shape.to_vec(),
+        encoding: enc.clone(),
+        parts: vec![],
+    };
+    let mut wd = vec![0u8; rows * n_in * 4];
+    tensor::decode(k, &info, &slices, &mut wd).unwrap();
+    (parts, from_bytes(&wd, DType::Float32))
+}
+
+fn int8_encoding(name: &str, bits: u8, group_size: u64, scale_dtype: DType) -> Encoding {
+    let p = GroupParams {
+        bits,
+        group_size,
+        axis: 1,
+        scale_dtype,
+    };
+    match name {
+        "affine" => Encoding::Affine(p),
+        "symmetric" => Encoding::Symmetric(p),
+        _ => Encoding::SymmetricFull(p),
+    }
+}
+
+/// (n_in, group size): one span and less, ragged spans (576 = 18 blocks), ragged groups
+/// (576 = 4.5 groups of 128), groups of 16 blocks and more, a group wider than the row.
+const INT8_SHAPES: [(usize, u64); 8] = [
+    (64, 32),
+    (576, 32),
+    (576, 64),
+    (576, 128),
+    (1024, 512),
+    (2048, 1024),
+    (1536, 1536),
+    (256, 4096),
+];
+
+#[test]
+fn int8_kernel_bit_identical_to_scalar() {
+    use super::int8::Plan;
+    use crate::codecs::region::Stored;
+    use crate::format::GroupLayout;
+    if Plan::new(&empty_stored(), 64, false).is_none() {
+        return; // no AVX-512 VNNI here: the scalar model is all there is
+    }
+    let mut r = Rng::new(21);
+    // fp16 scales are widened inside the kernel, others before it: both.
+    let scale_dtypes = [DType::Float16, DType::Bfloat16, DType::Float32];
+    for (t, (n_in, g)) in INT8_SHAPES.into_iter().enumerate() {
+        for (name, bits) in [
+            ("affine", 4),
+            ("symmetric", 4),
+            ("full", 4),
+            ("affine", 8),
+            ("symmetric", 8),
+        ] {
+            let enc = int8_encoding(name, bits, g, scale_dtypes[(t + bits as usize) % 3]);
+            let rows = 7;
+            let (parts, _) = encoded(&mut r, &enc, rows, n_in);
+            let (codec, params) = crate::codecs::Codec::from_encoding(&enc).unwrap();
+            let w = Stored {
+                codec: codec.decoder(),
+                params: &params,
+                layout: GroupLayout::new(&[rows as u64, n_in as u64], 1, g).unwrap(),
+                codes: &parts[0],
+                scales: &parts[1],
+                mins: if codec.has_mins() { &parts[2] } else { &[] },
+            };
+            let simd_plan = Plan::new(&w, n_in, false).expect("the int8 kernel applies");
+            let scalar_plan = Plan::new(&w, n_in, true).unwrap();
+            for batch in [1, 2, 5, 8, 11] {
+                // Outliers too: a block's scale follows its largest element.
+                let x: Vec<f32> = (0..batch * n_in)
+                    .map(|i| r.unit() * if i % 37 == 0 { 40.0 } else { 1.0 })
+                    .collect();
+                let a = simd_plan.quantize(&x, batch).unwrap();
+                let (mut y1, mut y2) = (vec![0f32; rows * batch], vec![0f32; rows * batch]);
+                // Rows 1.. of the weight: a task that does not start at row 0.
+                simd_plan.rows(&w, &a, 1, &mut y1[batch..], false).unwrap();
+                scalar_plan.rows(&w, &a, 1, &mut y2[batch..], true).unwrap();
+                let (b1, b2): (Vec<u32>, Vec<u32>) = (
+                    y1.iter().map(|v| v.to_bits()).collect(),
+                    y2.iter().map(|v| v.to_bits()).collect(),
+                );
+                assert_eq!(b1, b2, "{enc:?} in {n_in} batch {batch}");
+                assert!(b1.iter().any(|&v| v != 0), "ran");
+            }
+        }
+    }
+}
+
+fn empty_stored() -> crate::codecs::region::Stored<'static> {
+    static P: GroupParams = GroupParams {
+        bits: 4,
+        group_size: 64,
+        axis: 1,
+        scale_dtype: DType::Float16,
+    };
+    crate::codecs::region::Stored {
+        codec: crate::codecs::Codec::Affine { bits: 4 },
+        params: &P,
+        layout: crate::format::GroupLayout::new(&[1, 64], 1, 64).unwrap(),
+        codes: &[],
+        scales: &[],
+        mins: &[],
+    }
+}
+
+#[test]
+fn int8_matches_decode_then_matmul_within_activation_rounding() {
+    // Each activation is off by at most half a step of its block's int8 scale, max|x| / 254:
+    // the result by at most sum_i |w_i| * that, plus fp32 accumulation error.
+    let mut r = Rng::new(22);
+    let k = simd::best();
+    for (n_in, g) in INT8_SHAPES {
+        for (name, bits) in [
+            ("affine", 4),
+            ("symmetric", 4),
+            ("full", 4),
+            ("affine", 8),
+            ("symmetric", 8),
+        ] {
+            let enc = int8_encoding(name, bits, g, DType::Float16);
+            let rows = 5;
+            let (parts, wd) = encoded(&mut r, &enc, rows, n_in);
+            let slices: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+            let info = TensorInfo {
+                name: "w".into(),
+                dtype: DType::Float32,
+                shape: vec![rows as u64, n_in as u64],
+                encoding: enc.clone(),
+                parts: vec![],
+            };
+            for batch in [1, 9] {
+                let x: Vec<f32> = (0..batch * n_in)
+                    .map(|i| r.unit() * if i % 53 == 0 { 30.0 } else { 1.0 })
+                    .collect();
+                let mut out = vec![0u8; batch * rows * 4];
+                let xb = to_bytes(&x, DType::Float32);
+                tensor::linear(
+                    k,
+                    &info,
+                    &slices,
+                    &xb,
+                    None,
+                    DType::Float32,
+                    &mut out,
+                    false,
+                )
+                .unwrap();
+                let got = from_bytes(&out, DType::Float32);
+                let (mut worst, mut exact_diff) = (0f64, 0f64);
+                for b in 0..batch {
+                    let xr = &x[b * n_in..(b + 1) * n_in];
+                    let step: Vec<f64> = xr
+                        .chunks(32)
+                        .map(|c| c.iter().fold(0f64, |m, v| m.max(v.abs() as f64)) / 254.0)
+                        .collect();
+                    for o in 0..rows {
+                        let wr = &wd[o * n_in..(o + 1) * n_in];
+                        let (mut want, mut bound, mut mag) = (0f64, 0f64, 0f64);
+                        for i in 0..n_in {
+                            want += wr[i] as f64 * xr[i] as f64;
+                            bound += (wr[i] as f64).abs() * step[i / 32];
+                            mag += (wr[i] as f64 * xr[i] as f64).abs();
+                        }
+                        let tol = bound * 1.001 + mag * (n_in as f64 + 8.0) * f32::EPSILON as f64;
+                        let g = got[b * rows + o] as f64;
+                        assert!(
+                            (g - want).abs() <= tol,
+                            "{enc:?} in {n_in} batch {batch}: y[{b}, {o}] = {g}, exact {want}, \
+                             bound {tol}"
+                        );
+                        worst = worst.max((g - want).abs() / mag);
+                        exact_diff += (g - want).abs();
+                    }
+                }
+                // The bound is not slack everywhere: int8 activations do change the results.
+                assert!(exact_diff > 0.0 && worst < 0.02, "{enc:?}: worst {worst}");
+            }
+        }
+    }
+}
+
+#[test]
+fn int8_falls_back_for_non_finite_activations() {
+    let mut r = Rng::new(23);
+    let k = simd::best();
+    let enc = int8_encoding("affine", 4, 64, DType::Float16);
+    let (parts, _) = encoded(&mut r, &enc, 3, 128);
+    let slices: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+    let info = TensorInfo {
+        name: "w".into(),
+        dtype: DType::Float32,
+        shape: vec![3, 128],
+        encoding: enc,
+        parts: vec![],
+    };
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut x = vec![0.5f32; 128];
+        x[77] = bad;
+        let mut out = vec![0u8; 3 * 4];
+        let xb = to_bytes(&x, DType::Float32);
+        tensor::linear(
+            k,
+            &info,
+            &slices,
+            &xb,
+            None,
+            DType::Float32,
+            &mut out,
+            false,
+        )
+        .unwrap();
+        let y = from_bytes(&out, DType::Float32);
+        assert!(y.iter().all(|v| !v.is_finite()), "{bad} in x gave {y:?}");
+    }
+}
+
+#[test]
+fn int8_plan_covers_the_integer_layouts() {
+    use super::int8::Plan;
+    use crate::codecs::region::Stored;
+    use crate::codecs::Codec;
+    use crate::format::GroupLayout;
+    let p = GroupParams {
+        bits: 4,
+        group_size: 64,
+        axis: 1,
+        scale_dtype: DType::Float16,
+    };
+    for (codec, n_in, g, axis, want) in [
+        (Codec::Affine { bits: 4 }, 576, 32, 1, true),
+        (Codec::Symmetric { bits: 8 }, 576, 32, 1, true),
+        (Codec::Affine { bits: 4 }, 4096, 48 * 32, 1, true),
+        (Codec::Affine { bits: 4 }, 4096, 96, 1, false), // 3 blocks a group, across spans
+        (Codec::Affine { bits: 4 }, 160, 32, 1, false),  // not whole chunks of 64
+        (Codec::Affine { bits: 3 }, 256, 64, 1, false),
+        (Codec::Nf4, 256, 64, 1, false),
+        (Codec::Affine { bits: 4 }, 256, 64, 0, false),
+    ] {
+        let shape = [8, n_in as u64];
+        let w = Stored {
+            codec,
+            params: &p,
+            layout: GroupLayout::new(&shape, axis, g).unwrap(),
+            codes: &[],
+            scales: &[],
+            mins: &[],
+        };
+        let plan = Plan::new(&w, n_in, true);
+        assert_eq!(
+            plan.is_some(),
+            want,
+            "{codec:?} in {n_in} group {g} axis {axis}"
+        );
     }
 }
