@@ -138,6 +138,10 @@ def method_errors(bpw_of: dict[str, float]) -> list[tuple[str, str, float, float
 
     import qtensors.torch as qtt
     from qtensors.methods import calibration_windows
+    from qtensors.torch import linear as _linear
+
+    # the weights' quality alone: the CPU matmul's int8 activations off
+    _linear.CPU_INT8_ACTIVATIONS = False
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _data import doc_texts, minilm_folder

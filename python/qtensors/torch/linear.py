@@ -258,7 +258,7 @@ def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, 
 
 
 def _cuda_weight(codes, scales, mins, shape, encoding, bits, group_size, axis):
-    """The weight's side of a CUDA call, kept on the codes tensor (as ``_weight_plan`` for the
+    """The weight's side of a CUDA call, kept on the codes tensor (as ``_cpu_plan`` for the
     CPU): its checked metadata (the normalized axis), whether its codes read as int32 words,
     and the flat parts the kernels take. Rebuilding them costs a few us of host time a call,
     which an eager decode step pays ~150 times. Reused while the parts are the same memory."""
