@@ -225,7 +225,7 @@ def main() -> None:
     args.configs = args.configs.split(",")
     torch.manual_seed(0)
     lines = [
-        "$ nice python3 benches/" + " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+        "$ python3 benches/" + " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
         f"# torch {torch.__version__}, {torch.get_num_threads()} threads, CPU",
         "",
     ]
