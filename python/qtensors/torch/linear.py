@@ -257,88 +257,83 @@ def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, 
     return out
 
 
-def _cuda_weight(codes, scales, mins, shape, encoding, bits, group_size, axis):
-    """The weight's side of a CUDA call, kept on the codes tensor (as ``_cpu_plan`` for the
-    CPU): its checked metadata (the normalized axis), whether its codes read as int32 words,
-    and the flat parts the kernels take. Rebuilding them costs a few us of host time a call,
-    which an eager decode step pays ~150 times. Reused while the parts are the same memory."""
-    key = (
-        codes.data_ptr(),
-        codes.shape,
-        codes.dtype,
-        scales.data_ptr(),
-        scales.shape,
-        scales.dtype,
-        None if mins is None else (mins.data_ptr(), mins.shape, mins.dtype),
-        codes.device,
-        tuple(shape),
-        encoding,
-        bits,
-        group_size,
-        axis,
-    )
-    plan = getattr(codes, "_qt_cuda_plan", None)
-    if plan is not None and plan[0] == key:
-        return plan
-    devices = tuple(t.device for t in (codes, scales, mins) if t is not None)
-    if len(set(devices)) != 1:
-        raise ValueError(f"the weight's parts are on several devices: {devices}")
-    c = codes.reshape(-1)
-    s = scales.reshape(-1)
-    m = None if mins is None else mins.reshape(-1)
-    meta = (
-        (codes.numel(), codes.dtype),
-        (scales.numel(), scales.dtype),
-        None if mins is None else (mins.numel(), mins.dtype),
-        tuple(int(d) for d in shape),
-    )
-    aligned = _launch is not None and _launch.words_aligned(c) and c.numel() % 4 == 0
-    # the tiled kernels read int32 words: the view made once
-    words = c.view(torch.int32) if aligned and c.dtype == torch.uint8 else c
-    plan = (key, meta, aligned, c, words, s, m)
-    codes._qt_cuda_plan = plan
-    return plan
+class _CudaPlan:
+    """What ``linear_cuda`` reuses across the calls of one weight (kept on its codes tensor, as
+    ``_CpuPlan``, and reused on the same terms): the checked metadata of its parts, whether its
+    codes read as int32 words, and the flat parts the kernels take. Rebuilding them costs a few
+    us of host time a call, which an eager decode step pays ~150 times."""
+
+    __slots__ = ("aligned", "args", "codes", "meta", "mins", "scales", "shape", "sources", "words")
+
+    def __init__(self, codes, scales, mins, shape, encoding, bits, group_size, axis):
+        self.sources = (scales, mins)
+        devices = tuple(t.device for t in (codes, scales, mins) if t is not None)
+        if len(set(devices)) != 1:
+            raise ValueError(f"the weight's parts are on several devices: {devices}")
+        self.args = (tuple(shape), encoding, bits, group_size, axis)
+        self.shape = tuple(int(d) for d in shape)
+        self.meta = (
+            (codes.numel(), codes.dtype),
+            (scales.numel(), scales.dtype),
+            None if mins is None else (mins.numel(), mins.dtype),
+        )
+        self.codes = codes.reshape(-1)
+        self.scales = scales.reshape(-1)
+        self.mins = None if mins is None else mins.reshape(-1)
+        c = self.codes
+        self.aligned = _launch is not None and _launch.words_aligned(c) and c.numel() % 4 == 0
+        # the tiled kernels read int32 words: the view made once
+        self.words = c.view(torch.int32) if self.aligned and c.dtype == torch.uint8 else c
+
+
+def _cuda_weight(codes, scales, mins, shape, encoding, bits, group_size, axis) -> _CudaPlan:
+    """The weight's plan, reused while the call passes the same scales and mins objects (whose
+    flat views the plan holds) and the same scalars."""
+    p = getattr(codes, "_qt_cuda_plan", None)
+    args = (tuple(shape), encoding, bits, group_size, axis)
+    if p is None or p.args != args or p.sources[0] is not scales or p.sources[1] is not mins:
+        p = _CudaPlan(codes, scales, mins, shape, encoding, bits, group_size, axis)
+        codes._qt_cuda_plan = p
+    return p
 
 
 def linear_cuda(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
     """The CUDA implementation: the fused kernels where they apply (by weight layout and batch,
     ``kernels/launch.py``), else decode and ``F.linear``. The hot path of a model's decode step:
     one cached check, one cached route, no copy or reshape of what already has its shape."""
-    _key, (cm, sm, mm, shp), aligned, c, words, s, m = _cuda_weight(
-        codes, scales, mins, shape, encoding, bits, group_size, axis
-    )
+    p = _cuda_weight(codes, scales, mins, shape, encoding, bits, group_size, axis)
     devices = (x.device, codes.device) if bias is None else (x.device, codes.device, bias.device)
     a = _check_meta(
         int(x.shape[-1]) if x.dim() else -1,
         x.dtype,
         devices,
-        cm,
-        sm,
-        mm,
+        *p.meta,
         None if bias is None else (tuple(bias.shape), bias.dtype),
-        shp,
+        p.shape,
         encoding,
         bits,
         group_size,
         axis,
     )
-    N, K = shp
+    N, K = p.shape
     L = _launch
     if L is None or x.dtype not in L.ACT_DTYPES:
         return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
     flat = x.dim() == 2
     rows = x.shape[0] if flat else (x.numel() // K if K else 0)
     # Beyond the tiled kernels' batches decoding and cuBLAS win (benches/bench_gpu_gemv_sweep.py).
-    path = L.route(rows, N, K, encoding, bits, group_size, a, aligned)
+    path = L.route(rows, N, K, encoding, bits, group_size, a, p.aligned)
     if path == "decode":
         return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
     x2 = x if flat else x.reshape(-1, K)
     if K and x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if path == "tiled":
-        out = L.tiled_linear(x2, words, s, m, bias, N, K, encoding, bits, group_size)
+        out = L.tiled_linear(x2, p.words, p.scales, p.mins, bias, N, K, encoding, bits, group_size)
     else:
-        out = L.fused_linear(x2, c, s, m, bias, N, K, encoding, bits, group_size, a)
+        out = L.fused_linear(
+            x2, p.codes, p.scales, p.mins, bias, N, K, encoding, bits, group_size, a
+        )
     return out if flat else out.reshape(*x.shape[:-1], N)
 
 
