@@ -12,14 +12,18 @@ same data and settings as bench_methods.py.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 from _data import doc_texts, smollm2_folder
-from bench_methods import CONFIGS, cached_fp32_perplexity, eval_windows, perplexity
+from bench_methods import (
+    CONFIGS,
+    cached_fp32_perplexity,
+    eval_windows,
+    perplexity,
+    results_log,
+)
 
 import qtensors.torch as qtt
 from qtensors.methods import GPTQ, calibration_windows
@@ -41,22 +45,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--out")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    lines = [
-        "$ python3 benches/" + " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
-        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, CPU",
-        "",
-    ]
-
-    def log(s: str) -> None:
-        print(s, flush=True)
-        lines.append(s)
-        if args.out:
-            with open(args.out, "w", encoding="utf-8") as fh:
-                fh.write("\n".join(lines) + "\n")
-
-    for line in lines:
-        print(line)
+    log = results_log(args.out)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = smollm2_folder()

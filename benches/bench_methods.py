@@ -207,6 +207,28 @@ def minilm(args, log) -> None:
             log(f"{cname:18} {method:6} cosine {float(cos):.4f}")
 
 
+def results_log(out: str | None):
+    """A ``log(line)`` that prints and keeps the results file ``out`` (if given) up to date,
+    after a head of the command as run and the torch build; seeds torch."""
+    torch.manual_seed(0)
+    lines = [
+        "$ python3 benches/" + " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, CPU",
+        "",
+    ]
+
+    def log(s: str) -> None:
+        print(s, flush=True)
+        lines.append(s)
+        if out:
+            with open(out, "w", encoding="utf-8") as fh:
+                fh.write("\n".join(lines) + "\n")
+
+    for line in lines:
+        print(line)
+    return log
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=32)
@@ -223,22 +245,7 @@ def main() -> None:
     args = ap.parse_args()
     args.methods = args.methods.split(",")
     args.configs = args.configs.split(",")
-    torch.manual_seed(0)
-    lines = [
-        "$ python3 benches/" + " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
-        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, CPU",
-        "",
-    ]
-
-    def log(s: str) -> None:
-        print(s, flush=True)
-        lines.append(s)
-        if args.out:
-            with open(args.out, "w", encoding="utf-8") as fh:
-                fh.write("\n".join(lines) + "\n")
-
-    for line in lines:
-        print(line)
+    log = results_log(args.out)
     if not args.skip_smollm2:
         smollm2(args, log)
     if not args.skip_minilm:
