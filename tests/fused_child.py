@@ -50,13 +50,22 @@ TILED_ENCODINGS = {
     "mxfp4": MXFP4(),
     "nvfp4": NVFP4(),
 }
+# the tensor-core kernel's encodings (4-bit, groups along the input dim, whole bytes a row)
+MMA_ENCODINGS = {
+    "affine4-g32": Affine(bits=4, group_size=32, axis=-1),
+    "affine4-g128": Affine(bits=4, group_size=128, axis=-1),
+    "symmetric4-g64": Symmetric(bits=4, group_size=64, axis=-1),
+    "symfull4-g32": Symmetric(bits=4, group_size=32, axis=-1, levels="full"),
+    "mxfp4": MXFP4(),
+    "nvfp4": NVFP4(),
+}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def weight(N: int, K: int, enc_name: str, seed: int):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(N, K, generator=g) * 0.5 + torch.randn(N, 1, generator=g) * 0.1
-    q = Q.quantize(w, {**ENCODINGS, **TILED_ENCODINGS}[enc_name], framework="pt")
+    q = Q.quantize(w, {**ENCODINGS, **TILED_ENCODINGS, **MMA_ENCODINGS}[enc_name], framework="pt")
     e = q.encoding
     parts = q.parts()
     bits = int(e.get("bits", 4))
@@ -129,6 +138,8 @@ def cases(group: str):
                     out.append((N, K, M, ename, DTYPES[(i + M) % 3], bias, None))
     if group.startswith("tiled"):
         out = tiled_cases(group)
+    if group == "mma":
+        out = mma_cases()
     return [
         (f"{group} {e} N{N} K{K} M{M} {dt} bias={b} {c}", N, K, M, e, dt, b, c)
         for (
@@ -171,12 +182,34 @@ def tiled_cases(group: str):
     return out
 
 
+def mma_cases():
+    """``mma.py``: ragged last groups (K not a multiple of the group) and whole ones, odd N,
+    batches below and above a 16-row tile, several groups a step, split K, the configs picked
+    from the shape (through the CUDA entry point for fp16 / bf16)."""
+    out = []
+    i = 0
+    for ename in MMA_ENCODINGS:
+        for N, K in [(37, 200), (16, 64), (24, 136), (40, 256)]:
+            dt = DTYPES[i % 3]
+            bias = i % 2 == 0
+            i += 1
+            out.append((N, K, 3, ename, dt, bias, L.MmaConfig(16, 16, 1, 1, 4, 1)))
+            out.append((N, K, 33, ename, dt, not bias, L.MmaConfig(16, 32, 2, 3, 4, 1)))
+            out.append((N, K, 17, ename, dt, bias, L.MmaConfig(32, 16, 1, 0, 4, 1)))
+            half = torch.bfloat16 if i % 2 else torch.float16
+            out.append((N, K, 16, ename, half, bias, None))
+    return out
+
+
 def run_case(label, N, K, M, ename, dt, has_bias, cfg, failures):
     args, dense = weight(N, K, ename, seed=N * 1000 + K)
     g = torch.Generator().manual_seed(M)
     x = torch.randn(M, K, generator=g).to(dt)
     bias = torch.randn(N, generator=g).to(dt) if has_bias else None
-    if isinstance(cfg, L.TiledConfig):
+    if isinstance(cfg, L.MmaConfig):
+        c, s, m = (args[k] for k in ("codes", "scales", "mins"))
+        got = L.mma_linear(x, c, s, m, bias, N, K, args["encoding"], args["group_size"], cfg)
+    elif isinstance(cfg, L.TiledConfig):
         c, s, m = (args[k] for k in ("codes", "scales", "mins"))
         e, b, gs = args["encoding"], args["bits"], args["group_size"]
         got = L.tiled_linear(x, c, s, m, bias, N, K, e, b, gs, config=cfg)

@@ -3,7 +3,8 @@
 
 The interpreter is chosen when Triton's ``jit`` decorates a kernel, so the kernels run in child
 processes (``fused_child.py``) that set the variable before importing them. Every path: the
-CUDA-core GEMV, its split-K reduction, the ``tl.dot`` GEMM (with and without split-K), and the
+CUDA-core GEMV, its split-K reduction, the ``tl.dot`` GEMM (with and without split-K), the
+tensor-core kernel of ``mma.py``, and the
 configurations picked from the shape; every encoding the kernels take (affine / symmetric 4 and
 8 bits, NF4, groups along either dim), odd shapes, batch 1/3/16/33, fp16/bf16/fp32 activations,
 with and without bias.
@@ -41,6 +42,7 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
         "tiled-words",
         "tiled-dot",
         "tiled-dispatch",
+        "mma",
     ],
 )
 def test_fused_kernels_match_decode_then_matmul(group):
@@ -156,6 +158,16 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
     monkeypatch.setitem(L.TILED_TABLE, (4, 64, 128), L.TiledConfig("decode"))
     assert route(3) == route(4) == "decode" and route(2) == "tiled"
     assert route(1, K=100) == "gemv"  # K not whole words: the byte-tile GEMV
+    # fp16 / bf16 activations: the tensor-core kernel from MMA_ROUTED's batch to MMA_MAX_M
+    def half(M, enc="affine", g=64):
+        L.route.cache_clear()
+        return L.route(M, 64, 128, enc, 4, g, 1, True, True)
+
+    assert half(2) == half(16) == half(64) == half(16, "symmetric") == "mma"
+    assert half(1) == "tiled" and half(65) == "decode"
+    assert half(3, "mxfp4", 32) != "mma" and half(4, "mxfp4", 32) == "mma"
+    assert half(16, "nvfp4", 16) != "mma" and half(16, "nf4") != "mma"
+    assert route(16) == "tiled"  # fp32 activations never take it
     L.route.cache_clear()
     with pytest.raises(ValueError, match="words kernel"):
         words = L.TiledConfig("words", 0, 4, 64)

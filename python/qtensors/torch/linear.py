@@ -321,14 +321,18 @@ def linear_cuda(x, codes, scales, mins, bias, shape, encoding, bits, group_size,
         return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
     flat = x.dim() == 2
     rows = x.shape[0] if flat else (x.numel() // K if K else 0)
-    # Beyond the tiled kernels' batches decoding and cuBLAS win (benches/bench_gpu_gemv_sweep.py).
-    path = L.route(rows, N, K, encoding, bits, group_size, a, p.aligned)
+    # the kernel per batch and weight (kernels/launch.py: measured in benches/bench_gpu_gemv_sweep.py
+    # and benches/probe_mma.py); beyond their batches, decoding and cuBLAS win
+    half = x.dtype is not torch.float32
+    path = L.route(rows, N, K, encoding, bits, group_size, a, p.aligned, half)
     if path == "decode":
         return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
     x2 = x if flat else x.reshape(-1, K)
     if K and x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if path == "tiled":
+    if path == "mma":
+        out = L.mma_linear(x2, p.codes, p.scales, p.mins, bias, N, K, encoding, group_size)
+    elif path == "tiled":
         out = L.tiled_linear(x2, p.words, p.scales, p.mins, bias, N, K, encoding, bits, group_size)
     else:
         out = L.fused_linear(

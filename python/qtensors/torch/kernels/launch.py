@@ -27,6 +27,7 @@ from .epilogue import ENC_IDS
 from .fastlaunch import launch
 from .gemm import gemm_kernel
 from .gemv import gemv_kernel
+from .mma import MMA_ENC, mma_kernel
 from .scales import SCALE_FORMATS
 from .tiled import TILED_ENC, dot_kernel, fma_kernel
 from .words import words_kernel
@@ -43,6 +44,15 @@ GEMV_MAX_M = 4
 #: of 4096 x 14336; the table sends the rest of batch 8 to decode + cuBLAS.
 FMA_MAX_M = 4
 TILED_MAX_M = 4
+#: ``mma.py`` (tensor cores) for fp16 / bf16 activations: the fewest rows it is routed for, per
+#: encoding, up to ``MMA_MAX_M``. From ``benches/probe_mma.py`` on the H200
+#: (benches/results/gpu_mma_probe_h200.txt): int4 affine / symmetric 1.0-1.16x cuBLAS bf16 from 2
+#: to 16 rows (2-2.4x the decode + cuBLAS it replaces from 8 rows), 0.75-0.95x at 32, 0.5-0.6x at
+#: 64 (still ahead of decode + cuBLAS); MXFP4 0.52-0.66x from 4 rows (the words kernel is faster
+#: below). NVFP4's 16-weight groups cost a scale step per MMA k-step: no faster than decode +
+#: cuBLAS, so not routed.
+MMA_ROUTED = {"affine": 2, "symmetric": 2, "mxfp4": 4}
+MMA_MAX_M = 64
 #: the CUDA-core kernel of ``tiled_default`` up to ``FMA_MAX_M`` rows: "fma" (``tiled.py``) or
 #: "words" (``words.py``); the sweep's "routing" lines say which measured faster
 SMALL_M_KERNEL = "words"
@@ -96,6 +106,21 @@ class TiledConfig:
     num_stages: int = 2
 
 
+@dataclass(frozen=True)
+class MmaConfig:
+    """``mma.py``: rows of ``x`` per program (>= 16: the MMA's N dim; 0: the batch rounded up to
+    a power of two, at least 16), output features per program (>= 16; 64 and up fill an MMA),
+    groups per K step, K-slices (0: as many as fill the GPU), warps, software-pipelining
+    stages."""
+
+    block_m: int = 0
+    block_n: int = 64
+    groups: int = 2
+    split_k: int = 0
+    num_warps: int = 4
+    num_stages: int = 3
+
+
 #: ``words_kernel``'s configuration where ``SMALL_M_KERNEL`` is "words" and the table has none: 8
 #: features x 1024 codes a step (128 words: one per thread of 4 warps)
 WORDS_DEFAULT = TiledConfig(
@@ -130,6 +155,17 @@ TILED_TABLE: dict[tuple[int, int, int], TiledConfig] = {
 }
 
 
+#: ``mma_kernel``'s configuration where ``MMA_TABLE`` has none
+MMA_DEFAULT = MmaConfig(block_m=0, block_n=64, groups=1, split_k=0, num_warps=4, num_stages=3)
+#: per (batch bucket, N, K), as ``TILED_TABLE``: where ``benches/probe_mma.py`` found a config
+#: more than 3% faster than the default (128 features a program on the widest outputs)
+MMA_TABLE: dict[tuple[int, int, int], MmaConfig] = {
+    (b, n, k): MmaConfig(block_m=0, block_n=128, groups=1, split_k=0, num_warps=4, num_stages=3)
+    for b in (2, 4, 8, 16, 64)
+    for n, k in ((8192, 8192), (14336, 4096))
+}
+
+
 def tiled_default(M: int, bits: int, g: int) -> TiledConfig:
     """Shape-independent starting points: 8 features x 1024 codes a step (4 KB of 4-bit codes
     per program and step) on the CUDA cores; ``tl.dot`` tiles of 16 rows x 64 features, of 64 /
@@ -152,13 +188,30 @@ def tiled_config(M: int, N: int, K: int, bits: int, g: int) -> TiledConfig:
 
 @functools.lru_cache(maxsize=4096)
 def route(
-    M: int, N: int, K: int, encoding: str, bits: int, g: int, axis: int, aligned: bool
+    M: int,
+    N: int,
+    K: int,
+    encoding: str,
+    bits: int,
+    g: int,
+    axis: int,
+    aligned: bool,
+    half: bool = False,
 ) -> str:
-    """Which path runs ``M`` rows against this weight: "tiled" (``tiled_linear``), "gemv"
-    (``fused_linear``) or "decode" (decode, then cuBLAS). Shapes only, so cached (and so is
-    ``_tiled_plan``): after changing the settings above, call ``route.cache_clear()`` and
-    ``_tiled_plan.cache_clear()``."""
+    """Which path runs ``M`` rows against this weight: "mma" (``mma_linear``, fp16 / bf16
+    activations: ``half``), "tiled" (``tiled_linear``), "gemv" (``fused_linear``) or "decode"
+    (decode, then cuBLAS). Shapes only, so cached (and so are the plans): after changing the
+    settings above, call ``route.cache_clear()``, ``_tiled_plan.cache_clear()`` and
+    ``_mma_plan.cache_clear()``."""
     shape = (N, K)
+    lo = MMA_ROUTED.get(encoding)
+    if (
+        half
+        and lo is not None
+        and lo <= M <= MMA_MAX_M
+        and mma_supported(shape, encoding, bits, g, axis)
+    ):
+        return "mma"
     if M <= TILED_MAX_M and aligned and tiled_supported(shape, encoding, bits, g, axis):
         cfg = tiled_config(M, N, K, bits, g)
         # NF4's table lookup in the dot kernel's layout ran 4x slower than decode + cuBLAS
@@ -172,6 +225,16 @@ def route(
     if M <= GEMV_MAX_M and supported(shape, encoding, bits, g, axis):
         return "gemv"
     return "decode"
+
+
+def mma_supported(shape, encoding: str, bits: int, group_size: int, axis: int) -> bool:
+    """Whether ``mma.py`` takes this weight: 4-bit affine / symmetric / FP4 codes with groups
+    along the input dim (a power of two of at least 16 codes: one MMA step), rows of whole
+    bytes."""
+    if len(shape) != 2 or encoding not in MMA_ENC or bits != 4:
+        return False
+    g = group_size
+    return axis in (1, -1) and g & (g - 1) == 0 and g >= 16 and int(shape[1]) % 2 == 0
 
 
 def tiled_supported(shape, encoding: str, bits: int, group_size: int, axis: int) -> bool:
@@ -474,6 +537,116 @@ def tiled_linear(
         k_split,
     )
     launch(kernel, grid, args, meta, meta_key, cuda_index)
+    return out
+
+
+def mma_config(M: int, N: int, K: int, g: int) -> MmaConfig:
+    """The launch configuration of ``mma_kernel`` for ``M`` rows (the table, else the default)."""
+    bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
+    return MMA_TABLE.get((bucket, N, K)) or MMA_DEFAULT
+
+
+@functools.lru_cache(maxsize=4096)
+def _mma_plan(
+    M: int,
+    N: int,
+    K: int,
+    encoding: str,
+    g: int,
+    x_dtype: torch.dtype,
+    has_bias: bool,
+    cuda_index: int,
+    config: MmaConfig | None,
+    allow_split: bool,
+):
+    """(grid, split, k_split, constexprs and options, their hashable key) of one mma launch."""
+    cfg = config or mma_config(M, N, K, g)
+    block_m = cfg.block_m or max(16, 1 << (M - 1).bit_length())
+    if block_m < 16 or cfg.block_n < 16:
+        raise ValueError(f"the mma kernel needs block_m and block_n >= 16, not {cfg}")
+    step = g * cfg.groups
+    n_tiles = -(-N // cfg.block_n) * -(-M // block_m)
+    k_steps = -(-K // step)
+    split = cfg.split_k or _pick_split(n_tiles, k_steps, _sm_count(cuda_index), 2)
+    if not allow_split or n_tiles > LOCK_SLOTS or split * M * N >= 2**31:
+        split = 1
+    k_split = -(-k_steps // split) * step
+    split = -(-K // k_split)
+    meta: dict = dict(
+        ENC=MMA_ENC[encoding],
+        SFMT=SCALE_FORMATS.get(encoding, 0),
+        GS=g,
+        HAS_BIAS=has_bias,
+        # fp32 activations: exact fp32 products; the interpreter's tl.dot misreads bf16
+        IEEE=x_dtype == torch.float32 or (cuda_index < 0 and x_dtype == torch.bfloat16),
+        BLOCK_M=block_m,
+        BLOCK_N=cfg.block_n,
+        GROUPS=cfg.groups,
+        SPLIT_K=split,
+        EVEN=K % g == 0,  # whole groups: every group of a K-slice is in range or out
+    )
+    if cuda_index >= 0:
+        meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return (n_tiles, split), split, k_split, meta, tuple(sorted(meta.items()))
+
+
+def mma_linear(
+    x2: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    N: int,
+    K: int,
+    encoding: str,
+    group_size: int,
+    config: MmaConfig | None = None,
+) -> torch.Tensor:
+    """``x2 @ W^T + bias`` with ``mma.py`` for a weight ``mma_supported()`` (arguments as
+    ``tiled_linear``; ``codes`` the packed bytes)."""
+    dev = x2.device
+    M = x2.shape[0]
+    out, done = _output(x2, N, K, bias)
+    if done:
+        return out
+    cuda_index = _device_index(dev)
+    locks = _locks(dev)
+    grid, split, k_split, meta, meta_key = _mma_plan(
+        M,
+        N,
+        K,
+        encoding,
+        group_size,
+        x2.dtype,
+        bias is not None,
+        cuda_index,
+        config,
+        locks is not None,
+    )
+    ws = _workspace(dev, (split, M, N)) if split > 1 else out
+    if codes.dtype != torch.uint8:
+        codes = codes.view(torch.uint8)
+    if scales.dtype == torch.float8_e4m3fn:
+        scales = scales.view(torch.uint8)
+    args = (
+        x2,
+        codes,
+        scales,
+        scales if mins is None else mins,
+        scales if bias is None else bias,
+        out,
+        ws,
+        out if locks is None else locks,
+        M,
+        N,
+        K,
+        K // 2,  # bytes per row
+        -(-K // group_size),
+        x2.stride(0),
+        out.stride(0),
+        k_split,
+    )
+    launch(mma_kernel, grid, args, meta, meta_key, cuda_index)
     return out
 
 
