@@ -158,6 +158,7 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
     monkeypatch.setitem(L.TILED_TABLE, (4, 64, 128), L.TiledConfig("decode"))
     assert route(3) == route(4) == "decode" and route(2) == "tiled"
     assert route(1, K=100) == "gemv"  # K not whole words: the byte-tile GEMV
+
     # fp16 / bf16 activations: the tensor-core kernel from MMA_ROUTED's batch to MMA_MAX_M
     def half(M, enc="affine", g=64):
         L.route.cache_clear()

@@ -321,7 +321,7 @@ def linear_cuda(x, codes, scales, mins, bias, shape, encoding, bits, group_size,
         return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
     flat = x.dim() == 2
     rows = x.shape[0] if flat else (x.numel() // K if K else 0)
-    # the kernel per batch and weight (kernels/launch.py: measured in benches/bench_gpu_gemv_sweep.py
+    # the kernel per batch and weight (kernels/launch.py, from benches/bench_gpu_gemv_sweep.py
     # and benches/probe_mma.py); beyond their batches, decoding and cuBLAS win
     half = x.dtype is not torch.float32
     path = L.route(rows, N, K, encoding, bits, group_size, a, p.aligned, half)

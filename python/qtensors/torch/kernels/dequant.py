@@ -46,14 +46,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .._layout import E2M1_LEVELS, NF4_LEVELS, group_layout
+from .._layout import NF4_LEVELS, group_layout
 from .fastlaunch import launch
 from .scales import SCALE_FORMATS, group_scale
+from .tiled import _e2m1
 
-#: kernel encoding ids: the FP4 formats are codebooks (E2M1 levels) like NF4
-ENC_IDS = {"affine": 0, "symmetric": 1, "nf4": 2, "mxfp4": 2, "nvfp4": 2}
+#: kernel encoding ids: NF4 indexes its codebook; the FP4 formats' E2M1 values are built from the
+#: code's bits (``tiled._e2m1``: a few integer operations beat a table gather per byte)
+ENC_IDS = {"affine": 0, "symmetric": 1, "nf4": 2, "mxfp4": 3, "nvfp4": 3}
 #: the levels each codebook encoding indexes
-BOOK_OF = {"nf4": "nf4", "mxfp4": "e2m1", "nvfp4": "e2m1"}
 
 
 @triton.jit
@@ -103,8 +104,11 @@ def _values(
     code, s, m, levels_ptr, mask, ENC: tl.constexpr, BITS: tl.constexpr, PAIRED: tl.constexpr
 ):
     """fp32 values of the codes: affine ``code * s + m``, symmetric ``(code - 2^(b-1)) * s``,
-    nf4 ``level[code] * s`` (with PAIRED, ``code`` already holds the levels)."""
-    if ENC == 0:
+    nf4 ``level[code] * s`` (with PAIRED, ``code`` already holds the levels), FP4
+    ``e2m1(code) * s``."""
+    if ENC == 3:
+        val = _e2m1(code) * s
+    elif ENC == 0:
         val = code.to(tl.float32) * s + m
     elif ENC == 1:
         val = (code - (1 << (BITS - 1))).to(tl.float32) * s
@@ -368,22 +372,20 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-_LEVELS: dict[tuple[torch.device, bool, str], torch.Tensor] = {}
-_BOOKS = {"nf4": NF4_LEVELS, "e2m1": E2M1_LEVELS}
+_LEVELS: dict[tuple[torch.device, bool], torch.Tensor] = {}
 
 
-def _levels(device: torch.device, pairs: bool, book: str = "nf4") -> torch.Tensor:
-    """A codebook's 16 fp32 levels (NF4's, or FP4's E2M1 values), or with ``pairs`` a 256 x 2
-    table: for each byte value the levels of its low and high nibble (one 8-byte load decodes
-    two codes)."""
-    t = _LEVELS.get((device, pairs, book))
+def _levels(device: torch.device, pairs: bool) -> torch.Tensor:
+    """NF4's 16 fp32 levels, or with ``pairs`` a 256 x 2 table: for each byte value the levels
+    of its low and high nibble (one 8-byte load decodes two codes)."""
+    t = _LEVELS.get((device, pairs))
     if t is None:
-        lv = torch.tensor(_BOOKS[book], dtype=torch.float32)
+        lv = torch.tensor(NF4_LEVELS, dtype=torch.float32)
         if pairs:
             b = torch.arange(256)
             lv = torch.stack([lv[b & 15], lv[b >> 4]], dim=1).contiguous()
         t = lv.to(device)
-        _LEVELS[(device, pairs, book)] = t
+        _LEVELS[(device, pairs)] = t
     return t
 
 
@@ -475,8 +477,7 @@ def dequantize_triton(
     grouped, grid_n, scalars, meta = _plan(
         shape, axis, group_size, bits, encoding, out_dtype, config, idx64, cuda_index
     )
-    book = BOOK_OF.get(encoding)
-    levels = scales if book is None else _levels(dev, meta["PAIRED"], book)
+    levels = _levels(dev, meta["PAIRED"]) if encoding == "nf4" else scales
     if scales.dtype == torch.float8_e4m3fn:  # decoded from its bits (kernels/scales.py)
         scales = scales.view(torch.uint8)
     m = mins if mins is not None else scales

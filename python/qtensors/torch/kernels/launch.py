@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .dequant import BOOK_OF, _levels
+from .dequant import _levels
 from .epilogue import ENC_IDS
 from .fastlaunch import launch
 from .gemm import gemm_kernel
@@ -513,8 +513,7 @@ def tiled_linear(
         locks is not None,
     )
     ws = _workspace(dev, (split, M, N)) if split > 1 else out
-    book = BOOK_OF.get(encoding)
-    levels = scales if book is None else _levels(dev, False, book)
+    levels = _levels(dev, False) if encoding == "nf4" else scales
     if scales.dtype == torch.float8_e4m3fn:
         scales = scales.view(torch.uint8)
     args = (
