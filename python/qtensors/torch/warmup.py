@@ -6,10 +6,12 @@ user's first forward unless done before. ``warmup(model)`` runs each distinct qu
 the model once per path its forward can take, on zeros, so that the compiled kernels are in
 Triton's in-process cache (and its on-disk cache, which makes a later process's compile a load):
 
-* ``QuantizedLinear``: 1, 2 and ``FMA_MAX_M`` rows (the CUDA-core kernel's specialisations),
-  ``FMA_MAX_M + 1`` rows where the ``tl.dot`` kernel runs (``TILED_MAX_M > FMA_MAX_M``) and
-  ``TILED_MAX_M + 1`` rows (decode the weight, then cuBLAS: prefill), in the layer's dtype
-  (``kernels/launch.py`` routes by these batch sizes);
+* ``QuantizedLinear``: 1, 2 and ``FMA_MAX_M`` rows (the CUDA-core kernels' specialisations),
+  ``FMA_MAX_M + 1`` rows where the ``tl.dot`` kernel runs (``TILED_MAX_M > FMA_MAX_M``),
+  ``TILED_MAX_M + 1`` rows, 17 and 33 rows (the tensor-core kernel's 16-, 32- and 64-row tiles,
+  fp16 / bf16 activations: a short prompt's prefill) and ``MMA_MAX_M + 1`` rows (decode the
+  weight, then cuBLAS: longer prefills), in the layer's dtype (``kernels/launch.py`` routes by
+  these batch sizes);
 * ``QuantizedEmbedding``: a lookup of one row (the row-decoding kernel).
 
 Layers that share shape, encoding, dtype and device share kernels and configuration, so the
@@ -26,14 +28,15 @@ from torch import nn
 from .modules import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 
 try:
-    from .kernels.launch import FMA_MAX_M, TILED_MAX_M
+    from .kernels.launch import FMA_MAX_M, MMA_MAX_M, TILED_MAX_M
 except Exception:  # no Triton: the CUDA path decodes, nothing to compile
-    FMA_MAX_M, TILED_MAX_M = 4, 4
+    FMA_MAX_M, TILED_MAX_M, MMA_MAX_M = 4, 4, 0
 
 
 def default_rows() -> tuple[int, ...]:
     """The batch sizes that reach each kernel specialisation (see the module's docstring)."""
-    rows = {1, 2, FMA_MAX_M, TILED_MAX_M + 1}
+    rows = {1, 2, FMA_MAX_M, TILED_MAX_M + 1, MMA_MAX_M + 1}
+    rows |= {m for m in (17, 33) if m <= MMA_MAX_M}
     if TILED_MAX_M > FMA_MAX_M:
         rows.add(FMA_MAX_M + 1)
     return tuple(sorted(rows))
