@@ -289,6 +289,7 @@ def main() -> None:
 def write(report: dict, lines: list[str]) -> None:
     out = os.environ.get("OUT")
     if out:
+        os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "gpu_load.json"), "w") as fh:
             json.dump(report, fh, indent=2)
         with open(os.path.join(out, "gpu_load.txt"), "w") as fh:
