@@ -5,6 +5,7 @@ encoding and fp16 activations at each shape's best config. Prints ``MMA_TABLE`` 
 batches where the kernel beats the current route.
 
     OUT=DIR python3 benches/probe_mma.py [--budget S]
+    OUT=DIR python3 benches/probe_mma.py --routed-only   # cuBLAS against the op as routed
     python3 benches/probe_mma.py --smoke          # CPU, Triton interpreter, tiny shapes
 """
 
@@ -32,8 +33,13 @@ say = S.REPORT.say
 RESULTS: dict = {"sweep": [], "encodings": []}
 
 
+ROUTED_ONLY = "--routed-only" in sys.argv  # no config sweep: cuBLAS against the op as routed
+
+
 def configs(M: int) -> list[L.MmaConfig]:
     C = L.MmaConfig
+    if ROUTED_ONLY:
+        return []
     if S.SMOKE:
         return [C(0, 16, 1, 0, 4, 1), C(0, 32, 2, 0, 4, 1)]
     bm = max(16, 1 << (M - 1).bit_length())
@@ -93,7 +99,7 @@ def sweep(gbps: float) -> dict:
                 us, why = timed(case, M, cfg)
                 cells.append((us, cfg, why))
             cells.sort(key=lambda c: c[0])
-            us, cfg, _ = cells[0]
+            us, cfg, _ = cells[0] if cells else (rt, L.mma_config(M, N, K, 64), "")
             bound = case.bound_us(M, gbps)
             nxt = ", ".join(f"{label(c)} {u:.1f}" for u, c, _ in cells[1:3] if u < math.inf)
             bad = [f"{label(c)}: {w}" for u, c, w in cells if w]
@@ -117,7 +123,10 @@ def encodings(best: dict) -> None:
     say("## every 4-bit encoding at the sweep's best config (bf16 x; fp16 x for affine g64)")
     cols = f"{'cublas':>7} {'routed':>7} {'mma':>7} {'x':>5}"
     say(f"{'encoding':<17} {'shape':>11} {'M':>3} | {cols}")
-    for ename in ("int4-sym-g64", "int4-affine-g128", "mxfp4", "nvfp4", "int4-affine-g64/fp16"):
+    names = ("int4-sym-g64", "int4-affine-g128", "mxfp4", "nvfp4", "int4-affine-g64/fp16")
+    if ROUTED_ONLY:
+        names = ("int4-sym-g64", "mxfp4", "int4-affine-g64/fp16")
+    for ename in names:
         for N, K in SHAPES[:4]:
             if time.perf_counter() - T0 > BUDGET_S * 1.4:
                 say("(budget spent)")

@@ -160,12 +160,13 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
     assert route(1, K=100) == "gemv"  # K not whole words: the byte-tile GEMV
 
     # fp16 / bf16 activations: the tensor-core kernel from MMA_ROUTED's batch to MMA_MAX_M
-    def half(M, enc="affine", g=64):
+    def half(M, enc="affine", g=64, N=64, K=128):
         L.route.cache_clear()
-        return L.route(M, 64, 128, enc, 4, g, 1, True, True)
+        return L.route(M, N, K, enc, 4, g, 1, True, True)
 
-    assert half(2) == half(16) == half(64) == half(16, "symmetric") == "mma"
-    assert half(1) == "tiled" and half(65) == "decode"
+    assert half(2) == half(16) == half(32) == half(16, "symmetric") == "mma"
+    assert half(1) == "tiled" and half(33) == "decode"  # 33-64 rows: only wide weights
+    assert half(64, N=8192, K=4096) == "mma" and half(65, N=8192, K=4096) == "decode"
     assert half(3, "mxfp4", 32) != "mma" and half(4, "mxfp4", 32) == "mma"
     assert half(16, "nvfp4", 16) != "mma" and half(16, "nf4") != "mma"
     assert route(16) == "tiled"  # fp32 activations never take it

@@ -53,6 +53,9 @@ TILED_MAX_M = 4
 #: cuBLAS, so not routed.
 MMA_ROUTED = {"affine": 2, "symmetric": 2, "mxfp4": 4}
 MMA_MAX_M = 64
+#: from 33 rows on, only weights of at least this many elements take it (run 1, 64 rows: 1.21-1.34x
+#: decode + cuBLAS on the 32M+ weights, 0.81-0.99x on the 4096^2 and 2048 x 5632 ones)
+MMA_WIDE_M, MMA_WIDE_MIN_ELEMENTS = 32, 1 << 25
 #: the CUDA-core kernel of ``tiled_default`` up to ``FMA_MAX_M`` rows: "fma" (``tiled.py``) or
 #: "words" (``words.py``); the sweep's "routing" lines say which measured faster
 SMALL_M_KERNEL = "words"
@@ -205,13 +208,10 @@ def route(
     ``_mma_plan.cache_clear()``."""
     shape = (N, K)
     lo = MMA_ROUTED.get(encoding)
-    if (
-        half
-        and lo is not None
-        and lo <= M <= MMA_MAX_M
-        and mma_supported(shape, encoding, bits, g, axis)
-    ):
-        return "mma"
+    wide_enough = M <= MMA_WIDE_M or N * K >= MMA_WIDE_MIN_ELEMENTS
+    if half and lo is not None and lo <= M <= MMA_MAX_M and wide_enough:
+        if mma_supported(shape, encoding, bits, g, axis):
+            return "mma"
     if M <= TILED_MAX_M and aligned and tiled_supported(shape, encoding, bits, g, axis):
         cfg = tiled_config(M, N, K, bits, g)
         # NF4's table lookup in the dot kernel's layout ran 4x slower than decode + cuBLAS
