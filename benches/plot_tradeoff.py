@@ -215,11 +215,15 @@ def main() -> None:
     lines += [
         "",
         "# SmolLM2-135M-Instruct: perplexity relative to fp32, from bench_methods.py's results;",
-        "# bits per weight over its quantized linears (lm_head and embeddings kept)",
+        "# bits per weight over its quantized linears (lm_head and embeddings kept); re-read",
+        "# from the files on every run (--replot too), a later file's row superseding an earlier",
         *[f"# {s}" for s in settings],
         f"{'config':22} {'method':8} {'bits/weight':>11} {'x fp32':>8}  from",
     ]
-    for (cname, method), (ratio, src) in sorted(ppl.items(), key=lambda kv: bits[kv[0][0]]):
+    order = list(METHOD_STYLE)
+    for (cname, method), (ratio, src) in sorted(
+        ppl.items(), key=lambda kv: (bits[kv[0][0]], kv[0][0], order.index(kv[0][1]))
+    ):
         lines.append(f"{cname:22} {method:8} {bits[cname]:11.3f} {ratio:8.3f}  {src}")
     text = "\n".join(lines) + "\n"
     print(text)
