@@ -172,39 +172,63 @@ def smollm2(args, log) -> None:
     log("RTN's; time and peak extra RSS of quantize_model (hold-out measurement included).")
 
 
-def minilm(args, log) -> None:
-    from transformers import AutoModel, AutoTokenizer
+class MiniLMCosine:
+    """all-MiniLM-L6-v2 sentence embeddings, quantized against fp32: the sentences of the library
+    reference split in two (calibration from every other one, cosine on ``evals`` of the rest)."""
 
-    folder = minilm_folder()
-    tok = AutoTokenizer.from_pretrained(folder)
-    text = " ".join(doc_texts("library")[:40])
-    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if 40 < len(s.strip()) < 300]
-    calib, evals = sentences[::2][:1000], sentences[1::2][:256]
-    ref_model = AutoModel.from_pretrained(folder).eval()
-    ref = qtt.sentence_embeddings(ref_model, tok, evals)
+    def __init__(self, evals: int = 256) -> None:
+        from transformers import AutoTokenizer
+
+        self.folder = minilm_folder()
+        self.tok = AutoTokenizer.from_pretrained(self.folder)
+        text = " ".join(doc_texts("library")[:40])
+        sentences = [
+            s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if 40 < len(s.strip()) < 300
+        ]
+        self.calib, evals_ = sentences[::2][:1000], sentences[1::2][:evals]
+        # by length, so that batches pad little (the cosine is a mean: order is free)
+        self.evals = sorted(evals_, key=lambda s: len(self.tok(s)["input_ids"]))
+        self.ref = self.embed(self.fresh())
+
+    def embed(self, model, batch: int = 32) -> torch.Tensor:
+        chunks = [self.evals[i : i + batch] for i in range(0, len(self.evals), batch)]
+        return torch.cat([qtt.sentence_embeddings(model, self.tok, c) for c in chunks])
+
+    def fresh(self):
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(self.folder).eval()
+
+    def cosine(self, enc, method: str, samples: int, seq_len: int = 128) -> float:
+        """Mean cosine to fp32 of the embeddings with every linear quantized by ``method``."""
+        model = self.fresh()
+        qtt.quantize_model(
+            model,
+            enc,
+            method=method,
+            calibration=self.calib,
+            tokenizer=self.tok,
+            samples=samples,
+            seq_len=seq_len,
+            progress=False,
+        )
+        emb = self.embed(model)
+        return float(torch.nn.functional.cosine_similarity(emb, self.ref).mean())
+
+
+def minilm(args, log) -> None:
+    bench = MiniLMCosine()
     log("")
     log(
-        f"all-MiniLM-L6-v2: cosine vs fp32 on {len(evals)} held-out sentences "
+        f"all-MiniLM-L6-v2: cosine vs fp32 on {len(bench.evals)} held-out sentences "
         f"(calibration {args.minilm_samples} x 128 tokens of others)"
     )
-    for cname in ("int4-g64-affine", "int4-g64-sym"):
+    for cname in args.minilm_configs:
         for method in args.methods:
             if method == "hqq" and CONFIGS[cname].name != "affine":
                 continue  # HQQ fits zero points: affine groups only
-            model = AutoModel.from_pretrained(folder).eval()
-            qtt.quantize_model(
-                model,
-                CONFIGS[cname],
-                method=method,
-                calibration=calib,
-                tokenizer=tok,
-                samples=args.minilm_samples,
-                seq_len=128,
-                progress=False,
-            )
-            emb = qtt.sentence_embeddings(model, tok, evals)
-            cos = torch.nn.functional.cosine_similarity(emb, ref).mean()
-            log(f"{cname:18} {method:6} cosine {float(cos):.4f}")
+            cos = bench.cosine(CONFIGS[cname], method, args.minilm_samples)
+            log(f"{cname:18} {method:6} cosine {cos:.4f}")
 
 
 def results_log(out: str | None):
@@ -239,12 +263,14 @@ def main() -> None:
     ap.add_argument("--minilm-samples", type=int, default=64)
     ap.add_argument("--methods", default="rtn,hqq,gptq,awq")
     ap.add_argument("--configs", default="int4-g128-sym,int4-g64-affine")
+    ap.add_argument("--minilm-configs", default="int4-g64-affine,int4-g64-sym")
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()
     args.methods = args.methods.split(",")
     args.configs = args.configs.split(",")
+    args.minilm_configs = args.minilm_configs.split(",")
     log = results_log(args.out)
     if not args.skip_smollm2:
         smollm2(args, log)
