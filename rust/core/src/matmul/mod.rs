@@ -21,6 +21,8 @@ mod int8;
 mod packed;
 mod tiles;
 
+use std::cell::RefCell;
+
 use rayon::prelude::*;
 
 use crate::codecs::region::Stored;
@@ -83,84 +85,125 @@ pub fn linear(
             bias.map_or(0, |b| b.len())
         )));
     }
-    let mut x32 = vec![0f32; batch * n_in];
-    float::widen_into(x, dtype, &mut x32)?;
-    let y32 = linear_f32(k, w, n_out, n_in, &x32, batch, exact)?;
+    if out.is_empty() {
+        return Ok(());
+    }
     let mut b32 = vec![0f32; n_out];
     if let Some(b) = bias {
         float::widen_into(b, dtype, &mut b32)?;
     }
-    // y32 is [out][batch]; the output is [batch][out]. Transposed 16 outputs at a time: 16
-    // sequential reads, one 16-wide write per batch row (at batch 448 an element-wise
-    // transpose took as long as the matmul).
-    let mut y = vec![0f32; batch * n_out];
-    const T: usize = 16;
-    for o0 in (0..n_out).step_by(T) {
-        let o1 = (o0 + T).min(n_out);
-        for b in 0..batch {
-            let dst = &mut y[b * n_out + o0..b * n_out + o1];
-            for (o, d) in (o0..o1).zip(dst) {
-                *d = y32[o * batch + b] + b32[o];
-            }
+    let sink = Sink {
+        out: out.as_mut_ptr(),
+        n_out,
+        batch,
+        dtype,
+        bias: &b32,
+    };
+    // Small layers run on the calling thread (see INLINE_MAX_MACS); so do the activation and
+    // output passes, which at hundreds of rows take as long as the matmul when done serially.
+    let inline = rayon::current_num_threads() == 1 || n_out * n_in * batch < INLINE_MAX_MACS;
+    if n_in == 0 {
+        return run_tasks(n_out, batch, inline, &sink, |_, yt| {
+            yt.fill(0.0);
+            Ok(())
+        });
+    }
+    let int8 = (!exact).then(|| int8::Plan::new(w, n_in, false)).flatten();
+    if let Some(plan) = int8 {
+        if let Some(xq) = plan.quantize_bytes(x, dtype, batch, !inline)? {
+            return run_tasks(n_out, batch, inline, &sink, |r0, yt| {
+                plan.rows(w, &xq, r0, yt, false)
+            });
         }
     }
-    float::narrow_into(&y, dtype, out)
-}
-
-/// `x @ W^T` for fp32 `x` of shape `[batch, n_in]`, returned transposed: `[n_out][batch]`
-/// (each thread's rows are then one contiguous slice).
-fn linear_f32(
-    k: &Kernels,
-    w: &Stored<'_>,
-    n_out: usize,
-    n_in: usize,
-    x: &[f32],
-    batch: usize,
-    exact: bool,
-) -> Result<Vec<f32>> {
-    let mut yt = vec![0f32; n_out * batch];
-    if yt.is_empty() {
-        return Ok(yt);
-    }
-    if n_in == 0 {
-        return Ok(yt);
-    }
-    let chunk = ROWS_PER_TASK * batch;
-    let inline = rayon::current_num_threads() == 1 || n_out * n_in * batch < INLINE_MAX_MACS;
-    let int8 = (!exact).then(|| int8::Plan::new(w, n_in, false)).flatten();
-    if let Some((plan, xq)) = int8.and_then(|p| p.quantize(x, batch).map(|a| (p, a))) {
-        for_each_task(&mut yt, chunk, inline, |t, ys| {
-            plan.rows(w, &xq, t * ROWS_PER_TASK, ys, false)
-        })?;
-        return Ok(yt);
-    }
+    let mut x32 = vec![0f32; batch * n_in];
+    widen_rows(x, dtype, n_in, &mut x32, inline)?;
     if let Some(plan) = packed::Plan::new(w, n_in, batch) {
-        let xp = packed::interleave(x, n_in);
-        for_each_task(&mut yt, chunk, inline, |t, ys| {
-            plan.rows(w, &xp, t * ROWS_PER_TASK, ys)
-        })?;
-        return Ok(yt);
+        let xp = packed::interleave(&x32, n_in);
+        return run_tasks(n_out, batch, inline, &sink, |r0, yt| {
+            plan.rows(w, &xp, r0, yt)
+        });
     }
-    for_each_task(&mut yt, chunk, inline, |t, ys| {
-        tiles::rows(k, w, n_in, x, batch, t * ROWS_PER_TASK, ys)
-    })?;
-    Ok(yt)
+    run_tasks(n_out, batch, inline, &sink, |r0, yt| {
+        tiles::rows(k, w, n_in, &x32, batch, r0, yt)
+    })
 }
 
-/// `f(task index, its output rows)` over `chunk`-sized pieces of `yt`, on the calling thread
-/// (`inline`) or across the rayon pool.
-fn for_each_task<F>(yt: &mut [f32], chunk: usize, inline: bool, f: F) -> Result<()>
+/// `x` (rows of `n_in` elements of `dtype`) widened into `out`, across the pool unless `inline`.
+fn widen_rows(x: &[u8], dtype: DType, n_in: usize, out: &mut [f32], inline: bool) -> Result<()> {
+    let size = dtype.itemsize();
+    if inline {
+        return float::widen_into(x, dtype, out);
+    }
+    out.par_chunks_mut(n_in)
+        .zip(x.par_chunks(n_in * size))
+        .try_for_each(|(o, s)| float::widen_into(s, dtype, o))
+}
+
+/// Where the tasks put their results: `out[b][o] = yt[o][b] + bias[o]` in `dtype`, written
+/// by each task for its own output rows (columns of `out`), so no pass over the whole output
+/// runs on one thread.
+struct Sink<'a> {
+    out: *mut u8,
+    n_out: usize,
+    batch: usize,
+    dtype: DType,
+    bias: &'a [f32],
+}
+
+// SAFETY: tasks write disjoint columns of `out` (`Sink::write`), which outlives them.
+unsafe impl Send for Sink<'_> {}
+unsafe impl Sync for Sink<'_> {}
+
+impl Sink<'_> {
+    /// Output rows `r0..r0 + n` from `yt` (`[n][batch]`); each task calls it for its own rows.
+    fn write(&self, r0: usize, yt: &[f32]) -> Result<()> {
+        let n = yt.len() / self.batch;
+        let size = self.dtype.itemsize();
+        let bias = &self.bias[r0..r0 + n];
+        let mut row = [0f32; ROWS_PER_TASK];
+        for b in 0..self.batch {
+            for (o, v) in row[..n].iter_mut().enumerate() {
+                *v = yt[o * self.batch + b] + bias[o];
+            }
+            // SAFETY: inside `out` (its length was checked against batch * n_out); the
+            // columns r0..r0 + n of row b belong to this task alone.
+            let dst = unsafe {
+                let at = (b * self.n_out + r0) * size;
+                std::slice::from_raw_parts_mut(self.out.add(at), n * size)
+            };
+            float::narrow_into(&row[..n], self.dtype, dst)?;
+        }
+        Ok(())
+    }
+}
+
+thread_local! {
+    /// A task's results, `[rows][batch]`, kept between calls (a fresh one per call cost page
+    /// faults at hundreds of rows).
+    static RESULTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Run `f(first row, its results [rows][batch])` for every task of `ROWS_PER_TASK` output rows,
+/// on the calling thread (`inline`) or across the rayon pool, each task writing its rows out.
+fn run_tasks<F>(n_out: usize, batch: usize, inline: bool, sink: &Sink<'_>, f: F) -> Result<()>
 where
     F: Fn(usize, &mut [f32]) -> Result<()> + Sync + Send,
 {
+    let task = |t: usize| -> Result<()> {
+        let r0 = t * ROWS_PER_TASK;
+        let n = ROWS_PER_TASK.min(n_out - r0);
+        let mut yt = RESULTS.with(|v| std::mem::take(&mut *v.borrow_mut()));
+        yt.resize(n * batch, 0.0);
+        let result = f(r0, &mut yt[..n * batch]).and_then(|()| sink.write(r0, &yt[..n * batch]));
+        RESULTS.with(|v| *v.borrow_mut() = yt);
+        result
+    };
+    let tasks = n_out.div_ceil(ROWS_PER_TASK);
     if inline {
-        yt.chunks_mut(chunk)
-            .enumerate()
-            .try_for_each(|(t, ys)| f(t, ys))
+        (0..tasks).try_for_each(task)
     } else {
-        yt.par_chunks_mut(chunk)
-            .enumerate()
-            .try_for_each(|(t, ys)| f(t, ys))
+        (0..tasks).into_par_iter().try_for_each(task)
     }
 }
 
