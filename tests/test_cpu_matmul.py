@@ -245,14 +245,54 @@ def test_python_mirror_of_the_int8_conditions(enc, shape, applies):
 
 
 @pytest.mark.skipif(not _core.linear_int8_available(), reason="needs AVX-512 VNNI")
-def test_int8_half_batches_of_large_weights():
-    # bf16 at 9..64 rows on a weight of >= 2^22 elements: the int8 kernel, not decode + GEMM
+@pytest.mark.parametrize("dtype, rows", [(torch.bfloat16, 12), (torch.float16, 32)])
+def test_int8_half_batches_of_large_weights(dtype, rows):
+    # half precision beyond the GEMV batches on a weight of >= 2^22 elements: the int8 kernel
+    # (bf16 up to 16 rows, fp16 up to 64), not decode + GEMM
     q = weight((2048, 2048), INT8_ENCODINGS[0])
-    x = torch.randn(32, 2048).to(torch.bfloat16)
+    assert linear_mod._cpu_route(True, 2048, 2048, dtype, rows) == "int8"
+    x = torch.randn(rows, 2048).to(dtype)
     got = linear(x, *args(q))
     w = q.weight.dequantize(torch.float64)
-    want = F.linear(x.double(), w, q.bias.to(torch.bfloat16).double())
+    want = F.linear(x.double(), w, q.bias.to(dtype).double())
     bound = int8_bound(x, w) + (want.abs() + 1e-30) * 2**-7
     assert ((got.double() - want).abs() <= bound).all()
     decoded = linear_mod.linear_dequantize(x, *args(q))
     assert not torch.equal(got, decoded)
+
+
+BF16_TILES = pytest.mark.skipif(not _core.linear_bf16_available(), reason="needs AVX-512 BF16")
+
+
+@BF16_TILES
+@pytest.mark.parametrize("enc", ENCODINGS, ids=ident)
+@pytest.mark.parametrize("shape", [*SHAPES, (70, 1030)], ids=str)
+@pytest.mark.parametrize("rows", [9, 33])
+def test_bf16_tiles_match_decode_to_bf16_then_matmul(enc, shape, rows, exact):
+    # bf16 batches beyond the GEMV: the weight decoded to bf16 tile by tile (as dequantize gives
+    # it in bf16) times the bf16 activations, fp32 sums: decode-then-matmul in bf16
+    q = weight(shape, enc)
+    assert linear_mod._cpu_route(False, *shape, torch.bfloat16, rows) == "exact"
+    x = torch.randn(rows, shape[1]).to(torch.bfloat16)
+    got = linear(x, *args(q))
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, shape[0])
+    w = q.weight.dequantize(torch.bfloat16).double()
+    b = q.bias.to(torch.bfloat16).double()
+    want = F.linear(x.double(), w, b)
+    # fp32 sums, then the output's rounding to bf16
+    bound = (x.double().abs() @ w.abs().T + b.abs()) * (shape[1] + 2) * 2**-23
+    assert ((got.double() - want).abs() <= bound + want.abs() * 2**-8 + 1e-30).all()
+
+
+@BF16_TILES
+def test_bf16_routes_by_shape():
+    route = linear_mod._cpu_route
+    assert route(True, 4096, 4096, torch.bfloat16, 1) == "int8"  # GEMV batches
+    assert route(True, 4096, 4096, torch.bfloat16, 16) == "int8"
+    assert route(True, 4096, 4096, torch.bfloat16, 32) == "exact"  # bf16 tiles
+    assert route(False, 384, 384, torch.bfloat16, 64) == "exact"
+    assert route(False, 384, 384, torch.bfloat16, 480) == "decode"  # torch's GEMM
+    assert route(False, 4096, 4096, torch.bfloat16, 480) == "exact"  # a 32 MiB bf16 copy
+    assert route(True, 384, 384, torch.float16, 32) == "decode"
+    assert route(True, 384, 384, torch.float32, 480) == "int8"
+    assert route(True, 384, 384, torch.float64, 1) == "decode"

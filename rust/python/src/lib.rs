@@ -604,6 +604,13 @@ fn linear_int8_available() -> bool {
     qtensors_core::matmul::int8_available()
 }
 
+/// Whether `linear` multiplies bf16 activations by bf16 tiles of the weight (AVX-512 BF16) where
+/// neither the int8 nor the packed kernel takes the call; elsewhere they widen to fp32.
+#[pyfunction]
+fn linear_bf16_available() -> bool {
+    qtensors_core::matmul::bf16_available()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Reader>()?;
@@ -615,6 +622,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernels, m)?)?;
     m.add_function(wrap_pyfunction!(linear, m)?)?;
     m.add_function(wrap_pyfunction!(linear_int8_available, m)?)?;
+    m.add_function(wrap_pyfunction!(linear_bf16_available, m)?)?;
     m.add(
         "FORMAT_VERSION",
         (

@@ -10,12 +10,16 @@
 //!   from a table built once per group (as llama.cpp does for its block formats).
 //! * `tiles`: everything else (larger batches, other widths, groups along `out`): a few rows of
 //!   `W` at a time are decoded into a buffer that stays in cache, then multiplied by a
-//!   register-blocked kernel.
+//!   register-blocked kernel. bf16 activations on CPUs with AVX-512 BF16 keep their bits and
+//!   the tile is decoded to bf16 (`tiles::rows_bf16`).
 //!
-//! Output rows are split across rayon threads. Activations, bias and output are fp32, fp16 or
-//! bf16; outside `int8` the arithmetic is fp32 (products of the decoded weights, as `dequantize` gives them,
-//! and the activations widened to fp32), so results equal decode-then-matmul up to the order of
-//! the fp32 additions.
+//! Output rows are split across rayon threads; each task also writes its own rows out (bias,
+//! narrowing, the transpose), and the activations are quantized across the pool, so no pass
+//! over the batch runs on one thread. Activations, bias and output are fp32, fp16 or bf16;
+//! outside `int8` the arithmetic is fp32: products of the decoded weights, as `dequantize`
+//! gives them in fp32 (in bf16 for bf16 tiles), and the activations widened to fp32, so
+//! results equal decode-then-matmul (in the activations' dtype for bf16 tiles) up to the
+//! order of the fp32 additions.
 
 mod int8;
 mod packed;
@@ -33,6 +37,12 @@ use crate::format::DType;
 /// Whether `linear` multiplies integer codes by int8 activations on this CPU (unless `exact`).
 pub fn int8_available() -> bool {
     int8::available()
+}
+
+/// Whether `linear` multiplies bf16 activations by bf16 tiles of the weight on this CPU (AVX-512
+/// BF16), where neither the int8 nor the packed kernel takes the call.
+pub fn bf16_available() -> bool {
+    tiles::bf16_available()
 }
 
 /// Output rows per parallel task.
@@ -116,9 +126,15 @@ pub fn linear(
             });
         }
     }
+    let packed = packed::Plan::new(w, n_in, batch);
+    if packed.is_none() && dtype == DType::Bfloat16 && tiles::bf16_available() {
+        return run_tasks(n_out, batch, inline, &sink, |r0, yt| {
+            tiles::rows_bf16(k, w, n_in, x, batch, r0, yt)
+        });
+    }
     let mut x32 = vec![0f32; batch * n_in];
     widen_rows(x, dtype, n_in, &mut x32, inline)?;
-    if let Some(plan) = packed::Plan::new(w, n_in, batch) {
+    if let Some(plan) = packed {
         let xp = packed::interleave(&x32, n_in);
         return run_tasks(n_out, batch, inline, &sink, |r0, yt| {
             plan.rows(w, &xp, r0, yt)

@@ -75,9 +75,33 @@ fn check(
         encoding: enc.clone(),
         parts: vec![],
     };
-    let mut wd = vec![0u8; n_out * n_in * 4];
-    tensor::decode(k, &info, &parts, &mut wd).unwrap();
-    let wd = from_bytes(&wd, DType::Float32);
+    // bf16 activations outside the packed kernel multiply the weight as decoded to bf16
+    // (`tiles::rows_bf16`): decode-then-matmul in bf16, as torch would.
+    let (codec, params) = crate::codecs::Codec::from_encoding(enc).unwrap();
+    let layout = crate::format::GroupLayout::new(&shape, params.axis, params.group_size);
+    let stored = crate::codecs::region::Stored {
+        codec: codec.decoder(),
+        params: &params,
+        layout: layout.unwrap(),
+        codes: &[],
+        scales: &[],
+        mins: &[],
+    };
+    let bf16_tiles = dtype == DType::Bfloat16
+        && super::tiles::bf16_available()
+        && super::packed::Plan::new(&stored, n_in, batch).is_none();
+    let wdt = if bf16_tiles {
+        DType::Bfloat16
+    } else {
+        DType::Float32
+    };
+    let mut wd = vec![0u8; n_out * n_in * wdt.itemsize()];
+    let info_as = TensorInfo {
+        dtype: wdt,
+        ..info.clone()
+    };
+    tensor::decode(k, &info_as, &parts, &mut wd).unwrap();
+    let wd = from_bytes(&wd, wdt);
 
     // Activations and bias exactly representable in `dtype`.
     let x = from_bytes(
@@ -179,6 +203,37 @@ fn activation_dtypes() {
             let enc = encoding(name, 4, 64, axis);
             for batch in [1, 5, 9] {
                 check(&mut r, &enc, 24, 192, batch, dtype, true);
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_tiles_odd_shapes() {
+    // bf16 activations beyond the packed kernel: tiles decoded to bf16, AVX-512 BF16 dot
+    // products in blocks of 4 x 4 and steps of 32 (masked tails), every encoding and layout.
+    let mut r = Rng::new(13);
+    let shapes = [
+        (17, 160, 64, 1),
+        (13, 37, 16, 1),
+        (9, 100, 64, 1),
+        (70, 48, 64, 0),
+        (5, 7, 3, 0),
+        (6, 1030, 128, 1),
+    ];
+    for &(n_out, n_in, g, axis) in &shapes {
+        for (name, bits) in [("affine", 4), ("nf4", 4), ("affine", 3), ("symmetric", 8)] {
+            let enc = encoding(name, bits, g, axis);
+            for batch in [1, 6, 9, 35] {
+                check(
+                    &mut r,
+                    &enc,
+                    n_out,
+                    n_in,
+                    batch,
+                    DType::Bfloat16,
+                    batch != 6,
+                );
             }
         }
     }
