@@ -8,6 +8,8 @@
 //! * `packed`: batches of 1..=8 rows and 4-bit codes grouped along `in` (the common layout):
 //!   SIMD dot products straight over the packed codes, each group's 16 decoded values looked up
 //!   from a table built once per group (as llama.cpp does for its block formats).
+//! * `outgroups`: batches of 1..=8 rows and 4-bit codes grouped along `out` (FlexGen): the
+//!   group's scales folded into the activations, then the packed kernel's level lookup.
 //! * `tiles`: everything else (larger batches, other widths, groups along `out`): a few rows of
 //!   `W` at a time are decoded into a buffer that stays in cache, then multiplied by a
 //!   register-blocked kernel. bf16 activations on CPUs with AVX-512 BF16 keep their bits and
@@ -22,6 +24,7 @@
 //! order of the fp32 additions.
 
 mod int8;
+mod outgroups;
 mod packed;
 mod tiles;
 
@@ -126,23 +129,56 @@ pub fn linear(
             });
         }
     }
-    let packed = packed::Plan::new(w, n_in, batch);
-    if packed.is_none() && dtype == DType::Bfloat16 && tiles::bf16_available() {
+    let path = float_path(w, n_in, batch, dtype);
+    if let FloatPath::TilesBf16 = path {
         return run_tasks(n_out, batch, inline, &sink, |r0, yt| {
             tiles::rows_bf16(k, w, n_in, x, batch, r0, yt)
         });
     }
     let mut x32 = vec![0f32; batch * n_in];
     widen_rows(x, dtype, n_in, &mut x32, inline)?;
-    if let Some(plan) = packed {
-        let xp = packed::interleave(&x32, n_in);
-        return run_tasks(n_out, batch, inline, &sink, |r0, yt| {
-            plan.rows(w, &xp, r0, yt)
-        });
+    match path {
+        FloatPath::Packed(plan) => {
+            let xp = packed::interleave(&x32, n_in);
+            run_tasks(n_out, batch, inline, &sink, |r0, yt| {
+                plan.rows(w, &xp, r0, yt)
+            })
+        }
+        // A task per output group (up to 4 x ROWS_PER_TASK rows): each folds its scales into
+        // the activations once.
+        FloatPath::OutGroups(plan) => {
+            let per_task = plan.rows_per_task(ROWS_PER_TASK);
+            run_tasks_of(per_task, n_out, batch, inline, &sink, |r0, yt| {
+                plan.rows(w, &x32, r0, yt)
+            })
+        }
+        _ => run_tasks(n_out, batch, inline, &sink, |r0, yt| {
+            tiles::rows(k, w, n_in, &x32, batch, r0, yt)
+        }),
     }
-    run_tasks(n_out, batch, inline, &sink, |r0, yt| {
-        tiles::rows(k, w, n_in, &x32, batch, r0, yt)
-    })
+}
+
+/// The float kernel that multiplies a weight at a batch (outside `int8`).
+enum FloatPath {
+    Packed(packed::Plan),
+    OutGroups(outgroups::Plan),
+    TilesBf16,
+    Tiles,
+}
+
+/// The first of the float kernels that takes the call: the GEMVs on the packed codes, then
+/// bf16 tiles for bf16 activations (where the CPU has them), then fp32 tiles.
+fn float_path(w: &Stored<'_>, n_in: usize, batch: usize, dtype: DType) -> FloatPath {
+    if let Some(p) = packed::Plan::new(w, n_in, batch) {
+        return FloatPath::Packed(p);
+    }
+    if let Some(p) = outgroups::Plan::new(w, n_in, batch) {
+        return FloatPath::OutGroups(p);
+    }
+    if dtype == DType::Bfloat16 && tiles::bf16_available() {
+        return FloatPath::TilesBf16;
+    }
+    FloatPath::Tiles
 }
 
 /// `x` (rows of `n_in` elements of `dtype`) widened into `out`, across the pool unless `inline`.
@@ -174,21 +210,25 @@ unsafe impl Sync for Sink<'_> {}
 impl Sink<'_> {
     /// Output rows `r0..r0 + n` from `yt` (`[n][batch]`); each task calls it for its own rows.
     fn write(&self, r0: usize, yt: &[f32]) -> Result<()> {
-        let n = yt.len() / self.batch;
         let size = self.dtype.itemsize();
-        let bias = &self.bias[r0..r0 + n];
         let mut row = [0f32; ROWS_PER_TASK];
-        for b in 0..self.batch {
-            for (o, v) in row[..n].iter_mut().enumerate() {
-                *v = yt[o * self.batch + b] + bias[o];
+        // ROWS_PER_TASK columns at a time (tasks may hold more rows).
+        for (c, yc) in yt.chunks(ROWS_PER_TASK * self.batch).enumerate() {
+            let r = r0 + c * ROWS_PER_TASK;
+            let n = yc.len() / self.batch;
+            let bias = &self.bias[r..r + n];
+            for b in 0..self.batch {
+                for (o, v) in row[..n].iter_mut().enumerate() {
+                    *v = yc[o * self.batch + b] + bias[o];
+                }
+                // SAFETY: inside `out` (its length was checked against batch * n_out); the
+                // columns r..r + n of row b belong to this task alone.
+                let dst = unsafe {
+                    let at = (b * self.n_out + r) * size;
+                    std::slice::from_raw_parts_mut(self.out.add(at), n * size)
+                };
+                float::narrow_into(&row[..n], self.dtype, dst)?;
             }
-            // SAFETY: inside `out` (its length was checked against batch * n_out); the
-            // columns r0..r0 + n of row b belong to this task alone.
-            let dst = unsafe {
-                let at = (b * self.n_out + r0) * size;
-                std::slice::from_raw_parts_mut(self.out.add(at), n * size)
-            };
-            float::narrow_into(&row[..n], self.dtype, dst)?;
         }
         Ok(())
     }
@@ -206,16 +246,31 @@ fn run_tasks<F>(n_out: usize, batch: usize, inline: bool, sink: &Sink<'_>, f: F)
 where
     F: Fn(usize, &mut [f32]) -> Result<()> + Sync + Send,
 {
+    run_tasks_of(ROWS_PER_TASK, n_out, batch, inline, sink, f)
+}
+
+/// `run_tasks` with `per_task` rows a task.
+fn run_tasks_of<F>(
+    per_task: usize,
+    n_out: usize,
+    batch: usize,
+    inline: bool,
+    sink: &Sink<'_>,
+    f: F,
+) -> Result<()>
+where
+    F: Fn(usize, &mut [f32]) -> Result<()> + Sync + Send,
+{
     let task = |t: usize| -> Result<()> {
-        let r0 = t * ROWS_PER_TASK;
-        let n = ROWS_PER_TASK.min(n_out - r0);
+        let r0 = t * per_task;
+        let n = per_task.min(n_out - r0);
         let mut yt = RESULTS.with(|v| std::mem::take(&mut *v.borrow_mut()));
         yt.resize(n * batch, 0.0);
         let result = f(r0, &mut yt[..n * batch]).and_then(|()| sink.write(r0, &yt[..n * batch]));
         RESULTS.with(|v| *v.borrow_mut() = yt);
         result
     };
-    let tasks = n_out.div_ceil(ROWS_PER_TASK);
+    let tasks = n_out.div_ceil(per_task);
     if inline {
         (0..tasks).try_for_each(task)
     } else {

@@ -87,9 +87,10 @@ fn check(
         scales: &[],
         mins: &[],
     };
-    let bf16_tiles = dtype == DType::Bfloat16
-        && super::tiles::bf16_available()
-        && super::packed::Plan::new(&stored, n_in, batch).is_none();
+    let bf16_tiles = matches!(
+        super::float_path(&stored, n_in, batch, dtype),
+        super::FloatPath::TilesBf16
+    );
     let wdt = if bf16_tiles {
         DType::Bfloat16
     } else {
@@ -174,6 +175,8 @@ fn matches_decode_then_matmul() {
         (40, 96, 128, 1), // group wider than the row
         (70, 48, 64, 0),  // groups along the outputs, ragged
         (5, 7, 3, 0),
+        (70, 96, 64, 0), // along the outputs, whole blocks of 32 inputs: outgroups, ragged
+        (45, 160, 16, 0), // groups of 16 rows: a task of 32 rows spans several
     ];
     let encodings: Vec<(&str, u8)> = vec![
         ("affine", 4),
@@ -259,6 +262,42 @@ fn rejects_mismatched_sizes() {
     let mut out = vec![0u8; 2 * 8 * 4];
     assert!(tensor::linear(k, &info, &parts, &x, None, DType::Float64, &mut out, true).is_err());
     tensor::linear(k, &info, &parts, &x, None, DType::Float32, &mut out, true).unwrap();
+}
+
+#[test]
+fn outgroups_kernel_covers_flexgen() {
+    // 4-bit codes grouped along the outputs, inputs in blocks of 32, batch 1..=8: outgroups.
+    use crate::codecs::region::Stored;
+    use crate::format::GroupLayout;
+    #[cfg(target_arch = "x86_64")]
+    if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma")) {
+        return;
+    }
+    let p = GroupParams {
+        bits: 4,
+        group_size: 64,
+        axis: 0,
+        scale_dtype: DType::Float16,
+    };
+    for (codec, n_in, batch, want) in [
+        (crate::codecs::Codec::Affine { bits: 4 }, 96, 1, true),
+        (crate::codecs::Codec::Nf4, 4096, 8, true),
+        (crate::codecs::Codec::Affine { bits: 4 }, 96, 9, false),
+        (crate::codecs::Codec::Affine { bits: 4 }, 48, 1, false),
+        (crate::codecs::Codec::Affine { bits: 8 }, 96, 1, false),
+    ] {
+        let w = Stored {
+            codec,
+            params: &p,
+            layout: GroupLayout::new(&[70, n_in], 0, 64).unwrap(),
+            codes: &[],
+            scales: &[],
+            mins: &[],
+        };
+        let path = super::float_path(&w, n_in as usize, batch, DType::Float32);
+        let got = matches!(path, super::FloatPath::OutGroups(_));
+        assert_eq!(got, want, "{codec:?} in {n_in} batch {batch}");
+    }
 }
 
 #[test]
