@@ -29,6 +29,8 @@ mod packed;
 mod tiles;
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use rayon::prelude::*;
 
@@ -47,6 +49,9 @@ pub fn int8_available() -> bool {
 pub fn bf16_available() -> bool {
     tiles::bf16_available()
 }
+
+/// Activation elements from which their quantize / widen pass is split across the pool.
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
 
 /// Output rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
@@ -115,6 +120,9 @@ pub fn linear(
     // Small layers run on the calling thread (see INLINE_MAX_MACS); so do the activation and
     // output passes, which at hundreds of rows take as long as the matmul when done serially.
     let inline = rayon::current_num_threads() == 1 || n_out * n_in * batch < INLINE_MAX_MACS;
+    // The passes over the activations go to the pool only when they are large (a batch of a
+    // few rows is a few microseconds: less than waking a worker).
+    let wide = !inline && batch * n_in >= PARALLEL_MIN_ELEMENTS;
     if n_in == 0 {
         return run_tasks(n_out, batch, inline, &sink, |_, yt| {
             yt.fill(0.0);
@@ -123,7 +131,7 @@ pub fn linear(
     }
     let int8 = (!exact).then(|| int8::Plan::new(w, n_in, false)).flatten();
     if let Some(plan) = int8 {
-        if let Some(xq) = plan.quantize_bytes(x, dtype, batch, !inline)? {
+        if let Some(xq) = plan.quantize_bytes(x, dtype, batch, wide)? {
             return run_tasks(n_out, batch, inline, &sink, |r0, yt| {
                 plan.rows(w, &xq, r0, yt, false)
             });
@@ -136,7 +144,7 @@ pub fn linear(
         });
     }
     let mut x32 = vec![0f32; batch * n_in];
-    widen_rows(x, dtype, n_in, &mut x32, inline)?;
+    widen_rows(x, dtype, n_in, &mut x32, !wide)?;
     match path {
         FloatPath::Packed(plan) => {
             let xp = packed::interleave(&x32, n_in);
@@ -272,9 +280,34 @@ where
     };
     let tasks = n_out.div_ceil(per_task);
     if inline {
-        (0..tasks).try_for_each(task)
-    } else {
-        (0..tasks).into_par_iter().try_for_each(task)
+        return (0..tasks).try_for_each(task);
+    }
+    // The calling thread works from the start and the pool's other threads join as they wake,
+    // all taking the next task from one counter: a call of ~0.1 ms (a batch-1 layer) handed
+    // whole to the pool waited on the workers' wake-up, and ran no faster on 2 threads than
+    // on 1. (Called from outside the pool, `par_iter` blocks the caller until it is done.)
+    let next = AtomicUsize::new(0);
+    let failed: Mutex<Option<Error>> = Mutex::new(None);
+    let work = || loop {
+        let t = next.fetch_add(1, Ordering::Relaxed);
+        if t >= tasks {
+            break;
+        }
+        if let Err(e) = task(t) {
+            next.store(tasks, Ordering::Relaxed);
+            failed.lock().unwrap().get_or_insert(e);
+        }
+    };
+    let helpers = (rayon::current_num_threads() - 1).min(tasks - 1);
+    rayon::in_place_scope(|s| {
+        for _ in 0..helpers {
+            s.spawn(|_| work());
+        }
+        work();
+    });
+    match failed.into_inner().unwrap() {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 
