@@ -233,7 +233,7 @@ def _route(int8: bool, n_out: int, n_in: int, dtype, rows: int, limits: tuple) -
         # fp32 stays in the core at every batch (its int8 kernel is faster than fp32 F.linear
         # up to ~128 rows and on par at ~450); so do the GEMV batches
         return "int8" if int8 else "exact"
-    # Half-precision batches (benches/results/cpu_matmul_*.txt, bf16_routes.txt).
+    # Half-precision batches (benches/bench_cpu_routes.py: benches/results/cpu_routes_*.txt).
     if dtype == torch.bfloat16 and _BF16_CPU:
         # the int8 kernel up to 16 rows; bf16 tiles to CPU_BF16_TILES_MAX_ROWS (1.1-1.2x the
         # int8 kernel at 32 rows, 1.5-5x decode + GEMM), and beyond on weights whose bf16 copy
