@@ -250,8 +250,8 @@ def test_python_mirror_of_the_int8_conditions(enc, shape, applies):
 @pytest.mark.skipif(not _core.linear_int8_available(), reason="needs AVX-512 VNNI")
 @pytest.mark.parametrize("dtype, rows", [(torch.bfloat16, 12), (torch.float16, 32)])
 def test_int8_half_batches_of_large_weights(dtype, rows):
-    # half precision beyond the GEMV batches on a weight of >= 2^22 elements: the int8 kernel
-    # (bf16 up to 16 rows, fp16 up to 64), not decode + GEMM
+    # half precision beyond the GEMV batches: the int8 kernel (bf16 up to 16 rows, fp16 at
+    # every batch), not decode + GEMM
     q = weight((2048, 2048), INT8_ENCODINGS[0])
     assert linear_mod._cpu_route(True, 2048, 2048, dtype, rows) == "int8"
     x = torch.randn(rows, 2048).to(dtype)
@@ -296,6 +296,7 @@ def test_bf16_routes_by_shape():
     assert route(False, 384, 384, torch.bfloat16, 64) == "exact"
     assert route(False, 384, 384, torch.bfloat16, 480) == "decode"  # torch's GEMM
     assert route(False, 4096, 4096, torch.bfloat16, 480) == "exact"  # a 32 MiB bf16 copy
-    assert route(True, 384, 384, torch.float16, 32) == "decode"
+    assert route(True, 384, 384, torch.float16, 480) == "int8"  # torch's fp16 GEMM is slow
+    assert route(False, 384, 384, torch.float16, 480) == "exact"
     assert route(True, 384, 384, torch.float32, 480) == "int8"
     assert route(True, 384, 384, torch.float64, 1) == "decode"

@@ -51,7 +51,7 @@ CPU_PACKED_MAX_ROWS = 8
 # rust/core/src/matmul/int8.rs). False: fp32 activations, results equal to decode-then-matmul up
 # to the order of fp32 additions.
 CPU_INT8_ACTIVATIONS = True
-# fp16 rows up to which large weights stay in the int8 kernel (see _route).
+# bf16 rows up to which large weights stay in the int8 kernel without AVX-512 BF16 (_route).
 CPU_INT8_HALF_MAX_ROWS = 64
 # bf16 rows up to which the core's bf16 tiles run (AVX-512 BF16; see _route).
 CPU_BF16_TILES_MAX_ROWS = 64
@@ -229,22 +229,24 @@ def _route(int8: bool, n_out: int, n_in: int, dtype, rows: int, limits: tuple) -
     packed_max, int8_half_max, bf16_max = limits
     if dtype not in RUST_DTYPES:
         return "decode"  # float64
-    if dtype == torch.float32 or rows <= packed_max:
+    if dtype != torch.bfloat16 or rows <= packed_max:
         # fp32 stays in the core at every batch (its int8 kernel is faster than fp32 F.linear
-        # up to ~128 rows and on par at ~450); so do the GEMV batches
+        # up to ~128 rows and on par at ~450); so does fp16, whose torch GEMM on this class of
+        # CPU (no AVX-512 FP16) runs 5x slower than the core's fp32 tiles at 32-480 rows; so do
+        # the GEMV batches
         return "int8" if int8 else "exact"
-    # Half-precision batches (benches/bench_cpu_routes.py: benches/results/cpu_routes_*.txt).
-    if dtype == torch.bfloat16 and _BF16_CPU:
-        # the int8 kernel up to 16 rows; bf16 tiles to CPU_BF16_TILES_MAX_ROWS (1.1-1.2x the
-        # int8 kernel at 32 rows, 1.5-5x decode + GEMM), and beyond on weights whose bf16 copy
-        # (>= 32 MiB) the allocator maps afresh each call; torch's GEMM above
+    # bf16 batches (benches/bench_cpu_routes.py: benches/results/cpu_routes_*.txt).
+    if _BF16_CPU:
+        # the int8 kernel up to 16 rows; bf16 tiles to CPU_BF16_TILES_MAX_ROWS (faster than the
+        # int8 kernel from ~32 rows, and than decode + GEMM), and beyond on weights whose bf16
+        # copy (>= 32 MiB) the allocator maps afresh each call; torch's GEMM above
         if int8 and rows <= 16:
             return "int8"
         return "exact" if rows <= bf16_max or n_out * n_in >= 1 << 24 else "decode"
-    # fp16 (and bf16 without AVX-512 BF16, where the core would widen to fp32): torch's GEMM on
-    # the decoded weight wins (2-4x faster than the fp32 kernels at 16-448 rows), except on
-    # large weights at up to CPU_INT8_HALF_MAX_ROWS rows, where decoding them costs more than
-    # the int8 kernel's whole matmul (4096x4096 at 32 rows: 5 ms against 21)
+    # bf16 without AVX-512 BF16 (where the core would widen to fp32): torch's bf16 GEMM on the
+    # decoded weight wins (2-4x faster than the fp32 kernels at 16-448 rows), except on large
+    # weights at up to CPU_INT8_HALF_MAX_ROWS rows, where decoding them costs more than the
+    # int8 kernel's whole matmul (4096x4096 at 32 rows: 5 ms against 21)
     if int8 and rows <= int8_half_max and n_out * n_in >= 1 << 22:
         return "int8"
     return "decode"
