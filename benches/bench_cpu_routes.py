@@ -1,7 +1,8 @@
 """The routes of the CPU linear for bf16 (and fp16) activations, each forced, in the same run:
 the core's int8 kernel, the core's float kernels (packed GEMV / outgroups GEMV / bf16 tiles) and
 decoding the weight to the activations' dtype then torch's ``F.linear``; against ``F.linear`` on
-the dense weight in that dtype. The last column is what ``linear_cpu`` picks (``qtensors.torch.linear._route``, by shapes alone).
+the dense weight in that dtype. The last column is what ``linear_cpu`` picks
+(``qtensors.torch.linear._route``, by shapes alone).
 
     RAYON_NUM_THREADS=1 python3 benches/bench_cpu_routes.py --threads 1
     RAYON_NUM_THREADS=2 python3 benches/bench_cpu_routes.py --threads 2
