@@ -45,7 +45,7 @@ pub fn int8_available() -> bool {
 }
 
 /// Whether `linear` multiplies bf16 activations by bf16 tiles of the weight on this CPU (AVX-512
-/// BF16), where neither the int8 nor the packed kernel takes the call.
+/// BF16), where neither the int8 kernel nor a GEMV (packed, outgroups) takes the call.
 pub fn bf16_available() -> bool {
     tiles::bf16_available()
 }
