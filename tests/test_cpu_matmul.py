@@ -293,6 +293,7 @@ def test_bf16_routes_by_shape():
     assert route(True, 4096, 4096, torch.bfloat16, 1) == "int8"  # GEMV batches
     assert route(True, 4096, 4096, torch.bfloat16, 16) == "int8"
     assert route(True, 4096, 4096, torch.bfloat16, 32) == "exact"  # bf16 tiles
+    assert route(True, 384, 384, torch.bfloat16, 16) == "exact"
     assert route(False, 384, 384, torch.bfloat16, 64) == "exact"
     assert route(False, 384, 384, torch.bfloat16, 480) == "decode"  # torch's GEMM
     assert route(False, 4096, 4096, torch.bfloat16, 480) == "exact"  # a 32 MiB bf16 copy

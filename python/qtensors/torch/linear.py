@@ -237,10 +237,11 @@ def _route(int8: bool, n_out: int, n_in: int, dtype, rows: int, limits: tuple) -
         return "int8" if int8 else "exact"
     # bf16 batches (benches/bench_cpu_routes.py: benches/results/cpu_routes_*.txt).
     if _BF16_CPU:
-        # the int8 kernel up to 16 rows; bf16 tiles to CPU_BF16_TILES_MAX_ROWS (faster than the
-        # int8 kernel from ~32 rows, and than decode + GEMM), and beyond on weights whose bf16
-        # copy (>= 32 MiB) the allocator maps afresh each call; torch's GEMM above
-        if int8 and rows <= 16:
+        # the int8 kernel up to 16 rows on weights of 2^22+ elements; bf16 tiles up to
+        # CPU_BF16_TILES_MAX_ROWS (faster than the int8 kernel from ~32 rows, and than decode +
+        # GEMM), and beyond on weights whose bf16 copy (>= 32 MiB) the allocator maps afresh
+        # each call; torch's GEMM above
+        if int8 and rows <= 16 and n_out * n_in >= 1 << 22:
             return "int8"
         return "exact" if rows <= bf16_max or n_out * n_in >= 1 << 24 else "decode"
     # bf16 without AVX-512 BF16 (where the core would widen to fp32): torch's bf16 GEMM on the
