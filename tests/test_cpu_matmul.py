@@ -30,8 +30,9 @@ ENCODINGS = [
     qt.FLEXGEN,
     qt.Symmetric(bits=8, group_size=32, axis=0),
 ]
-# (out, in): the packed kernel's shapes, a ragged last group, odd sizes
-SHAPES = [(48, 256), (17, 160), (9, 100), (13, 37)]
+# (out, in): the packed kernel's shapes, a ragged last group, odd sizes; (70, 96): groups along
+# the outputs (FlexGen, 64 rows) ragged, inputs in whole blocks of 32 (outgroups.rs)
+SHAPES = [(48, 256), (17, 160), (9, 100), (13, 37), (70, 96)]
 
 
 @pytest.fixture
@@ -75,16 +76,18 @@ def test_matches_decode_then_matmul(enc, shape, batch, exact):
 
 @pytest.mark.parametrize("enc", [ENCODINGS[0], qt.FLEXGEN], ids=ident)
 @pytest.mark.parametrize("batch", [1, 9])
-def test_large_layer_across_threads(enc, batch, exact):
+@pytest.mark.parametrize("n_in", [1800, 1792])
+def test_large_layer_across_threads(enc, batch, n_in, exact):
     # beyond the core's INLINE_MAX_MACS (2^20) the rows are split across the rayon pool (the
-    # smaller shapes above run on the calling thread): the same values either way
-    q = weight((608, 1800), enc)
-    x = torch.randn(batch, 1800)
+    # smaller shapes above run on the calling thread): the same values either way. 1792
+    # inputs (whole blocks of 32): FlexGen's batch-1 kernel (outgroups.rs) too
+    q = weight((608, n_in), enc)
+    x = torch.randn(batch, n_in)
     got = linear(x, *args(q))
     rows = torch.cat([linear(x[i : i + 1], *args(q)) for i in range(batch)])
     w = q.weight.dequantize(torch.float64)
     want = F.linear(x.double(), w, q.bias.double())
-    bound = (x.double().abs() @ w.abs().T + q.bias.double().abs()) * 1802 * 2**-23
+    bound = (x.double().abs() @ w.abs().T + q.bias.double().abs()) * (n_in + 2) * 2**-23
     assert ((got.double() - want).abs() <= bound).all()
     assert ((rows.double() - want).abs() <= bound).all()
 
@@ -245,14 +248,56 @@ def test_python_mirror_of_the_int8_conditions(enc, shape, applies):
 
 
 @pytest.mark.skipif(not _core.linear_int8_available(), reason="needs AVX-512 VNNI")
-def test_int8_half_batches_of_large_weights():
-    # bf16 at 9..64 rows on a weight of >= 2^22 elements: the int8 kernel, not decode + GEMM
+@pytest.mark.parametrize("dtype, rows", [(torch.bfloat16, 12), (torch.float16, 32)])
+def test_int8_half_batches_of_large_weights(dtype, rows):
+    # half precision beyond the GEMV batches: the int8 kernel (bf16 up to 16 rows, fp16 at
+    # every batch), not decode + GEMM
     q = weight((2048, 2048), INT8_ENCODINGS[0])
-    x = torch.randn(32, 2048).to(torch.bfloat16)
+    assert linear_mod._cpu_route(True, 2048, 2048, dtype, rows) == "int8"
+    x = torch.randn(rows, 2048).to(dtype)
     got = linear(x, *args(q))
     w = q.weight.dequantize(torch.float64)
-    want = F.linear(x.double(), w, q.bias.to(torch.bfloat16).double())
+    want = F.linear(x.double(), w, q.bias.to(dtype).double())
     bound = int8_bound(x, w) + (want.abs() + 1e-30) * 2**-7
     assert ((got.double() - want).abs() <= bound).all()
     decoded = linear_mod.linear_dequantize(x, *args(q))
     assert not torch.equal(got, decoded)
+
+
+BF16_TILES = pytest.mark.skipif(not _core.linear_bf16_available(), reason="needs AVX-512 BF16")
+
+
+@BF16_TILES
+@pytest.mark.parametrize("enc", ENCODINGS, ids=ident)
+@pytest.mark.parametrize("shape", [*SHAPES, (70, 1030)], ids=str)
+@pytest.mark.parametrize("rows", [9, 33])
+def test_bf16_tiles_match_decode_to_bf16_then_matmul(enc, shape, rows, exact):
+    # bf16 batches beyond the GEMV: the weight decoded to bf16 tile by tile (as dequantize gives
+    # it in bf16) times the bf16 activations, fp32 sums: decode-then-matmul in bf16
+    q = weight(shape, enc)
+    assert linear_mod._cpu_route(False, *shape, torch.bfloat16, rows) == "exact"
+    x = torch.randn(rows, shape[1]).to(torch.bfloat16)
+    got = linear(x, *args(q))
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, shape[0])
+    w = q.weight.dequantize(torch.bfloat16).double()
+    b = q.bias.to(torch.bfloat16).double()
+    want = F.linear(x.double(), w, b)
+    # fp32 sums, then the output's rounding to bf16
+    bound = (x.double().abs() @ w.abs().T + b.abs()) * (shape[1] + 2) * 2**-23
+    assert ((got.double() - want).abs() <= bound + want.abs() * 2**-8 + 1e-30).all()
+
+
+@BF16_TILES
+def test_bf16_routes_by_shape():
+    route = linear_mod._cpu_route
+    assert route(True, 4096, 4096, torch.bfloat16, 1) == "int8"  # GEMV batches
+    assert route(True, 4096, 4096, torch.bfloat16, 16) == "int8"
+    assert route(True, 4096, 4096, torch.bfloat16, 32) == "exact"  # bf16 tiles
+    assert route(True, 384, 384, torch.bfloat16, 16) == "exact"
+    assert route(False, 384, 384, torch.bfloat16, 64) == "exact"
+    assert route(False, 384, 384, torch.bfloat16, 480) == "decode"  # torch's GEMM
+    assert route(False, 4096, 4096, torch.bfloat16, 480) == "exact"  # a 32 MiB bf16 copy
+    assert route(True, 384, 384, torch.float16, 480) == "int8"  # torch's fp16 GEMM is slow
+    assert route(False, 384, 384, torch.float16, 480) == "exact"
+    assert route(True, 384, 384, torch.float32, 480) == "int8"
+    assert route(True, 384, 384, torch.float64, 1) == "decode"

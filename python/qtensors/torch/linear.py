@@ -11,8 +11,8 @@
   larger batches are decoded, then ``F.linear`` (cuBLAS).
 * CPU (``linear_cpu``): the Rust core's matmul on the packed codes (``rust/core/src/matmul``:
   4- and 8-bit integer codes times int8-quantized activations unless ``CPU_INT8_ACTIVATIONS``
-  is False, else fp32 kernels), or decode and ``F.linear`` (float64, FP4 parts, half-precision
-  batches beyond ``CPU_PACKED_MAX_ROWS``).
+  is False, else fp32 kernels, or bf16 tiles for bf16 batches), or decode and ``F.linear``
+  (float64, FP4 parts, large half-precision batches); ``_route`` picks by shapes.
 * meta / FakeTensor: shape and dtype only, so the op traces under ``torch.compile``.
 
 Arguments: ``x [..., in]`` (float16, bfloat16, float32 or float64; the result has its dtype),
@@ -51,9 +51,12 @@ CPU_PACKED_MAX_ROWS = 8
 # rust/core/src/matmul/int8.rs). False: fp32 activations, results equal to decode-then-matmul up
 # to the order of fp32 additions.
 CPU_INT8_ACTIVATIONS = True
-# Half-precision rows up to which large weights stay in the int8 kernel (see linear_cpu).
+# bf16 rows up to which large weights stay in the int8 kernel without AVX-512 BF16 (_route).
 CPU_INT8_HALF_MAX_ROWS = 64
+# bf16 rows up to which the core's bf16 tiles run (AVX-512 BF16; see _route).
+CPU_BF16_TILES_MAX_ROWS = 64
 _INT8_CPU = _core.linear_int8_available()
+_BF16_CPU = _core.linear_bf16_available()
 # The stored scale formats of the FP4 encodings, by the dtype names of the core.
 FP4_SCALE_NAMES = {"mxfp4": "uint8", "nvfp4": "float8_e4m3fn"}
 # Activations the Rust CPU matmul takes, by the dtype names of the core.
@@ -212,30 +215,52 @@ def _cpu_plan(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a
     return p
 
 
+def _cpu_route(int8: bool, n_out: int, n_in: int, dtype: torch.dtype, rows: int) -> str:
+    """Where ``linear_cpu`` multiplies, by shapes alone: "int8" (the core's integer kernel, for
+    the weights it takes), "exact" (the core's float kernels: packed GEMV, bf16 or fp32 tiles)
+    or "decode" (decode in ``x``'s dtype, then torch's GEMM). The module's switches are read
+    on each call (tests flip them); the rest is cached."""
+    limits = (CPU_PACKED_MAX_ROWS, CPU_INT8_HALF_MAX_ROWS, CPU_BF16_TILES_MAX_ROWS)
+    return _route(int8 and CPU_INT8_ACTIVATIONS, n_out, n_in, dtype, rows, limits)
+
+
+@functools.lru_cache(maxsize=4096)
+def _route(int8: bool, n_out: int, n_in: int, dtype, rows: int, limits: tuple) -> str:
+    packed_max, int8_half_max, bf16_max = limits
+    if dtype not in RUST_DTYPES:
+        return "decode"  # float64
+    if dtype != torch.bfloat16 or rows <= packed_max:
+        # fp32 stays in the core at every batch (its int8 kernel is faster than fp32 F.linear
+        # up to ~128 rows and on par at ~450); so does fp16, whose torch GEMM on this class of
+        # CPU (no AVX-512 FP16) runs 5x slower than the core's fp32 tiles at 32-480 rows; so do
+        # the GEMV batches
+        return "int8" if int8 else "exact"
+    # bf16 batches (benches/bench_cpu_routes.py: benches/results/cpu_routes_*.txt).
+    if _BF16_CPU:
+        # the int8 kernel up to 16 rows on weights of 2^22+ elements; bf16 tiles up to
+        # CPU_BF16_TILES_MAX_ROWS (faster than the int8 kernel from ~32 rows, and than decode +
+        # GEMM), and beyond on weights whose bf16 copy (>= 32 MiB) the allocator maps afresh
+        # each call; torch's GEMM above
+        if int8 and rows <= 16 and n_out * n_in >= 1 << 22:
+            return "int8"
+        return "exact" if rows <= bf16_max or n_out * n_in >= 1 << 24 else "decode"
+    # bf16 without AVX-512 BF16 (where the core would widen to fp32): torch's bf16 GEMM on the
+    # decoded weight wins (2-4x faster than the fp32 kernels at 16-448 rows), except on large
+    # weights at up to CPU_INT8_HALF_MAX_ROWS rows, where decoding them costs more than the
+    # int8 kernel's whole matmul (4096x4096 at 32 rows: 5 ms against 21)
+    if int8 and rows <= int8_half_max and n_out * n_in >= 1 << 22:
+        return "int8"
+    return "decode"
+
+
 def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
     """The CPU implementation: the Rust core multiplies by the packed codes (float16, bfloat16
     and float32 activations; the weight is never decoded to memory); float64 decodes first."""
     p = _cpu_plan(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
     n_out, n_in = p.shape
     rows = x.numel() // n_in if n_in else 0
-    # Half-precision activations beyond the GEMV batches: torch's bf16/fp16 GEMM on the decoded
-    # weight wins (2-4x faster than the Rust kernels at 16-448 rows), except on large weights at
-    # up to CPU_INT8_HALF_MAX_ROWS rows, where decoding them costs more than the int8 kernel's
-    # whole matmul (4096x4096 at 32 rows: 5 ms against 21; benches/results/cpu_matmul_*.txt).
-    # fp32 stays in the core at every batch (its int8 kernel is faster than fp32 F.linear up
-    # to ~128 rows and on par at ~450).
-    half_many = (
-        x.dtype in (torch.float16, torch.bfloat16)
-        and rows > CPU_PACKED_MAX_ROWS
-        and not (
-            CPU_INT8_ACTIVATIONS
-            and p.int8
-            and rows <= CPU_INT8_HALF_MAX_ROWS
-            and n_out * n_in >= 1 << 22
-        )
-    )
-    # the Rust matmul covers the integer and NF4 groups; FP4 blocks decode first
-    if p.parts is None or x.dtype not in RUST_DTYPES or half_many:
+    route = "decode" if p.parts is None else _cpu_route(p.int8, n_out, n_in, x.dtype, rows)
+    if route == "decode":
         return linear_dequantize(
             x, codes, scales, mins, bias, shape, encoding, bits, group_size, p.axis
         )
@@ -252,7 +277,7 @@ def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, 
         xd = x.detach() if x.requires_grad else x
         xb = (xd.view(torch.int16) if x.dtype == torch.bfloat16 else xd).numpy().view(np.uint8)
     b = None if bias is None else _byte_view(bias.detach().to(x.dtype))
-    exact = not CPU_INT8_ACTIVATIONS
+    exact = route == "exact"
     _core.linear(p.parts, p.shape, p.enc, xb, RUST_DTYPES[x.dtype], npo.view(np.uint8), b, exact)
     return out
 

@@ -486,8 +486,9 @@ fn decode(
 /// `out = x @ W^T + bias` (the CPU matmul), `W` the 2-D quantized tensor `shape` (`[out, in]`)
 /// given by its parts (in encoding order); `x` (`[batch, in]`), `bias` (`[out]`) and `out`
 /// (`[batch, out]`, written) are buffers of `dtype` (float16, bfloat16 or float32). `exact`:
-/// fp32 activations throughout (else 4- and 8-bit integer codes multiply int8-quantized
-/// activations where the CPU has AVX-512 VNNI).
+/// no int8 activations (else 4- and 8-bit integer codes multiply int8-quantized activations
+/// where the CPU has AVX-512 VNNI): fp32 products, or bf16 tiles of the weight for bf16
+/// batches where `linear_bf16_available`.
 #[pyfunction]
 #[pyo3(signature = (parts, shape, encoding, x, dtype, out, bias = None, exact = false))]
 #[allow(clippy::too_many_arguments)]
@@ -604,6 +605,13 @@ fn linear_int8_available() -> bool {
     qtensors_core::matmul::int8_available()
 }
 
+/// Whether `linear` multiplies bf16 activations by bf16 tiles of the weight (AVX-512 BF16) where
+/// neither the int8 kernel nor a GEMV takes the call; elsewhere they widen to fp32.
+#[pyfunction]
+fn linear_bf16_available() -> bool {
+    qtensors_core::matmul::bf16_available()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Reader>()?;
@@ -615,6 +623,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernels, m)?)?;
     m.add_function(wrap_pyfunction!(linear, m)?)?;
     m.add_function(wrap_pyfunction!(linear_int8_available, m)?)?;
+    m.add_function(wrap_pyfunction!(linear_bf16_available, m)?)?;
     m.add(
         "FORMAT_VERSION",
         (

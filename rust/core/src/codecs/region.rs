@@ -191,6 +191,15 @@ pub fn decode_span(k: &Kernels, q: &Stored<'_>, e0: usize, out: &mut [f32]) -> R
     Ok(())
 }
 
+/// Decode the contiguous elements `e0..e0 + out.len() / 2` of `q` into `out` as little-endian
+/// bf16 (the kernels' own rounding, as `decode_box` gives them), on the calling thread.
+pub fn decode_span_bf16(k: &Kernels, q: &Stored<'_>, e0: usize, out: &mut [u8]) -> Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    decode_piece(k, q, e0, OutType::Bf16, out)
+}
+
 /// Decode the contiguous elements `e0..` into `out`, bytes of `t` (as many as it holds).
 fn decode_piece(k: &Kernels, q: &Stored<'_>, e0: usize, t: OutType, out: &mut [u8]) -> Result<()> {
     let size = t.size();

@@ -23,6 +23,8 @@
 //! The float arithmetic runs in 16 lanes in a fixed order, and `scalar` repeats it lane by lane
 //! with the same roundings, so the two agree bit for bit (tested).
 
+use rayon::prelude::*;
+
 use crate::codecs::float;
 use crate::codecs::region::Stored;
 use crate::codecs::Codec;
@@ -112,10 +114,23 @@ impl Plan {
 
     /// `x` (`[batch][n_in]`) quantized for this weight; None if it holds a NaN or infinity
     /// (the fp32 kernels then keep IEEE semantics).
+    #[cfg(test)]
     pub fn quantize(&self, x: &[f32], batch: usize) -> Option<Activations> {
-        if !x.iter().all(|v| v.is_finite()) {
-            return None;
-        }
+        let bytes = float::f32_le_bytes(x);
+        self.quantize_bytes(&bytes, DType::Float32, batch, false)
+            .unwrap()
+    }
+
+    /// `x`, `batch` rows of `n_in` little-endian `dtype` values, quantized for this weight,
+    /// row by row (across the rayon pool if `parallel`: at hundreds of rows this pass alone
+    /// took as long as a thread's share of the matmul); None if it holds a NaN or infinity.
+    pub fn quantize_bytes(
+        &self,
+        x: &[u8],
+        dtype: DType,
+        batch: usize,
+        parallel: bool,
+    ) -> Result<Option<Activations>> {
         let n = self.n_in;
         let blocks = n / BLOCK;
         let stride = blocks.div_ceil(SPAN) * SPAN;
@@ -131,32 +146,45 @@ impl Plan {
             xs: vec![0f32; batch * stride],
             stride,
         };
-        let mut tmp = [0i8; BLOCK];
-        for b in 0..batch {
-            let row = &x[b * n..(b + 1) * n];
-            let q = &mut a.q[b * n..(b + 1) * n];
-            for (k, blk) in row.chunks_exact(BLOCK).enumerate() {
-                let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
-                // Blocks below ~4e-37 (where 127 / max|x| would overflow) count as zeros.
-                let (d, inv) = if amax > 127.0 / f32::MAX {
-                    (amax / 127.0, 127.0 / amax)
-                } else {
-                    (0.0, 0.0)
-                };
-                let mut sum = 0i32;
-                for (t, &v) in tmp.iter_mut().zip(blk) {
-                    // Round half to even, exactly, for |v * inv| <= 127 < 2^22.
-                    const MAGIC: f32 = 12582912.0; // 1.5 * 2^23
-                    let r = ((v * inv + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i32;
-                    *t = r as i8;
-                    sum += r;
-                }
-                place(&tmp, k, q, self.bits);
-                a.dx[b * stride + k] = d;
-                a.xs[b * stride + k] = offset * (d * sum as f32);
+        let size = dtype.itemsize();
+        let bits = self.bits;
+        // One row: widened into `buf`, then quantized; false if it is not all finite.
+        let row = |buf: &mut Vec<f32>, q: &mut [i8], dx: &mut [f32], xs: &mut [f32], src: &[u8]| {
+            buf.resize(n, 0.0);
+            float::widen_into(src, dtype, buf)?;
+            if !buf.iter().all(|v| v.is_finite()) {
+                return Ok(false);
             }
-        }
-        Some(a)
+            quantize_row(buf, q, dx, xs, offset, bits);
+            Ok(true)
+        };
+        let Activations { q, dx, xs, .. } = &mut a;
+        let finite = if parallel {
+            q.par_chunks_mut(n)
+                .zip(dx.par_chunks_mut(stride))
+                .zip(xs.par_chunks_mut(stride))
+                .zip(x.par_chunks(n * size))
+                .map_init(Vec::new, |buf, (((q, dx), xs), src)| {
+                    row(buf, q, dx, xs, src)
+                })
+                .try_reduce(|| true, |a, b| Ok(a && b))?
+        } else {
+            let mut buf = Vec::new();
+            let mut all = true;
+            for (((q, dx), xs), src) in q
+                .chunks_mut(n)
+                .zip(dx.chunks_mut(stride))
+                .zip(xs.chunks_mut(stride))
+                .zip(x.chunks(n * size))
+            {
+                all &= row(&mut buf, q, dx, xs, src)?;
+                if !all {
+                    break;
+                }
+            }
+            all
+        };
+        Ok(finite.then_some(a))
     }
 
     /// `yt[o][b] = W[r0 + o] . x[b]` for the rows `yt` holds (`[rows][batch]`).
@@ -214,6 +242,31 @@ impl Plan {
             b0 += nb;
         }
         Ok(())
+    }
+}
+
+/// One row `x` quantized into `q` (in the kernels' order), `dx` and `xs` (per block).
+fn quantize_row(x: &[f32], q: &mut [i8], dx: &mut [f32], xs: &mut [f32], offset: f32, bits: u8) {
+    let mut tmp = [0i8; BLOCK];
+    for (k, blk) in x.chunks_exact(BLOCK).enumerate() {
+        let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // Blocks below ~4e-37 (where 127 / max|x| would overflow) count as zeros.
+        let (d, inv) = if amax > 127.0 / f32::MAX {
+            (amax / 127.0, 127.0 / amax)
+        } else {
+            (0.0, 0.0)
+        };
+        let mut sum = 0i32;
+        for (t, &v) in tmp.iter_mut().zip(blk) {
+            // Round half to even, exactly, for |v * inv| <= 127 < 2^22.
+            const MAGIC: f32 = 12582912.0; // 1.5 * 2^23
+            let r = ((v * inv + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i32;
+            *t = r as i8;
+            sum += r;
+        }
+        place(&tmp, k, q, bits);
+        dx[k] = d;
+        xs[k] = offset * (d * sum as f32);
     }
 }
 

@@ -8,18 +8,29 @@
 //! * `packed`: batches of 1..=8 rows and 4-bit codes grouped along `in` (the common layout):
 //!   SIMD dot products straight over the packed codes, each group's 16 decoded values looked up
 //!   from a table built once per group (as llama.cpp does for its block formats).
+//! * `outgroups`: batches of 1..=8 rows and 4-bit codes grouped along `out` (FlexGen): the
+//!   group's scales folded into the activations, then the packed kernel's level lookup.
 //! * `tiles`: everything else (larger batches, other widths, groups along `out`): a few rows of
 //!   `W` at a time are decoded into a buffer that stays in cache, then multiplied by a
-//!   register-blocked kernel.
+//!   register-blocked kernel. bf16 activations on CPUs with AVX-512 BF16 keep their bits and
+//!   the tile is decoded to bf16 (`tiles::rows_bf16`).
 //!
-//! Output rows are split across rayon threads. Activations, bias and output are fp32, fp16 or
-//! bf16; outside `int8` the arithmetic is fp32 (products of the decoded weights, as `dequantize` gives them,
-//! and the activations widened to fp32), so results equal decode-then-matmul up to the order of
-//! the fp32 additions.
+//! Output rows are split across rayon threads; each task also writes its own rows out (bias,
+//! narrowing, the transpose), and the activations are quantized across the pool, so no pass
+//! over the batch runs on one thread. Activations, bias and output are fp32, fp16 or bf16;
+//! outside `int8` the arithmetic is fp32: products of the decoded weights, as `dequantize`
+//! gives them in fp32 (in bf16 for bf16 tiles), and the activations widened to fp32, so
+//! results equal decode-then-matmul (in the activations' dtype for bf16 tiles) up to the
+//! order of the fp32 additions.
 
 mod int8;
+mod outgroups;
 mod packed;
 mod tiles;
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use rayon::prelude::*;
 
@@ -32,6 +43,15 @@ use crate::format::DType;
 pub fn int8_available() -> bool {
     int8::available()
 }
+
+/// Whether `linear` multiplies bf16 activations by bf16 tiles of the weight on this CPU (AVX-512
+/// BF16), where neither the int8 kernel nor a GEMV (packed, outgroups) takes the call.
+pub fn bf16_available() -> bool {
+    tiles::bf16_available()
+}
+
+/// Activation elements from which their quantize / widen pass is split across the pool.
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
 
 /// Output rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
@@ -83,84 +103,211 @@ pub fn linear(
             bias.map_or(0, |b| b.len())
         )));
     }
-    let mut x32 = vec![0f32; batch * n_in];
-    float::widen_into(x, dtype, &mut x32)?;
-    let y32 = linear_f32(k, w, n_out, n_in, &x32, batch, exact)?;
+    if out.is_empty() {
+        return Ok(());
+    }
     let mut b32 = vec![0f32; n_out];
     if let Some(b) = bias {
         float::widen_into(b, dtype, &mut b32)?;
     }
-    // y32 is [out][batch]; the output is [batch][out]. Transposed 16 outputs at a time: 16
-    // sequential reads, one 16-wide write per batch row (at batch 448 an element-wise
-    // transpose took as long as the matmul).
-    let mut y = vec![0f32; batch * n_out];
-    const T: usize = 16;
-    for o0 in (0..n_out).step_by(T) {
-        let o1 = (o0 + T).min(n_out);
-        for b in 0..batch {
-            let dst = &mut y[b * n_out + o0..b * n_out + o1];
-            for (o, d) in (o0..o1).zip(dst) {
-                *d = y32[o * batch + b] + b32[o];
-            }
+    let sink = Sink {
+        out: out.as_mut_ptr(),
+        n_out,
+        batch,
+        dtype,
+        bias: &b32,
+    };
+    // Small layers run on the calling thread (see INLINE_MAX_MACS); so do the activation and
+    // output passes, which at hundreds of rows take as long as the matmul when done serially.
+    let inline = rayon::current_num_threads() == 1 || n_out * n_in * batch < INLINE_MAX_MACS;
+    // The passes over the activations go to the pool only when they are large (a batch of a
+    // few rows is a few microseconds: less than waking a worker).
+    let wide = !inline && batch * n_in >= PARALLEL_MIN_ELEMENTS;
+    if n_in == 0 {
+        return run_tasks(n_out, batch, inline, &sink, |_, yt| {
+            yt.fill(0.0);
+            Ok(())
+        });
+    }
+    let int8 = (!exact).then(|| int8::Plan::new(w, n_in, false)).flatten();
+    if let Some(plan) = int8 {
+        if let Some(xq) = plan.quantize_bytes(x, dtype, batch, wide)? {
+            return run_tasks(n_out, batch, inline, &sink, |r0, yt| {
+                plan.rows(w, &xq, r0, yt, false)
+            });
         }
     }
-    float::narrow_into(&y, dtype, out)
+    let path = float_path(w, n_in, batch, dtype);
+    if let FloatPath::TilesBf16 = path {
+        return run_tasks(n_out, batch, inline, &sink, |r0, yt| {
+            tiles::rows_bf16(k, w, n_in, x, batch, r0, yt)
+        });
+    }
+    let mut x32 = vec![0f32; batch * n_in];
+    widen_rows(x, dtype, n_in, &mut x32, !wide)?;
+    match path {
+        FloatPath::Packed(plan) => {
+            let xp = packed::interleave(&x32, n_in);
+            run_tasks(n_out, batch, inline, &sink, |r0, yt| {
+                plan.rows(w, &xp, r0, yt)
+            })
+        }
+        // A task per output group (up to 4 x ROWS_PER_TASK rows): each folds its scales into
+        // the activations once.
+        FloatPath::OutGroups(plan) => {
+            let per_task = plan.rows_per_task(ROWS_PER_TASK);
+            run_tasks_of(per_task, n_out, batch, inline, &sink, |r0, yt| {
+                plan.rows(w, &x32, r0, yt)
+            })
+        }
+        _ => run_tasks(n_out, batch, inline, &sink, |r0, yt| {
+            tiles::rows(k, w, n_in, &x32, batch, r0, yt)
+        }),
+    }
 }
 
-/// `x @ W^T` for fp32 `x` of shape `[batch, n_in]`, returned transposed: `[n_out][batch]`
-/// (each thread's rows are then one contiguous slice).
-fn linear_f32(
-    k: &Kernels,
-    w: &Stored<'_>,
+/// The float kernel that multiplies a weight at a batch (outside `int8`).
+enum FloatPath {
+    Packed(packed::Plan),
+    OutGroups(outgroups::Plan),
+    TilesBf16,
+    Tiles,
+}
+
+/// The first of the float kernels that takes the call: the GEMVs on the packed codes, then
+/// bf16 tiles for bf16 activations (where the CPU has them), then fp32 tiles.
+fn float_path(w: &Stored<'_>, n_in: usize, batch: usize, dtype: DType) -> FloatPath {
+    if let Some(p) = packed::Plan::new(w, n_in, batch) {
+        return FloatPath::Packed(p);
+    }
+    if let Some(p) = outgroups::Plan::new(w, n_in, batch) {
+        return FloatPath::OutGroups(p);
+    }
+    if dtype == DType::Bfloat16 && tiles::bf16_available() {
+        return FloatPath::TilesBf16;
+    }
+    FloatPath::Tiles
+}
+
+/// `x` (rows of `n_in` elements of `dtype`) widened into `out`, across the pool unless `inline`.
+fn widen_rows(x: &[u8], dtype: DType, n_in: usize, out: &mut [f32], inline: bool) -> Result<()> {
+    let size = dtype.itemsize();
+    if inline {
+        return float::widen_into(x, dtype, out);
+    }
+    out.par_chunks_mut(n_in)
+        .zip(x.par_chunks(n_in * size))
+        .try_for_each(|(o, s)| float::widen_into(s, dtype, o))
+}
+
+/// Where the tasks put their results: `out[b][o] = yt[o][b] + bias[o]` in `dtype`, written
+/// by each task for its own output rows (columns of `out`), so no pass over the whole output
+/// runs on one thread.
+struct Sink<'a> {
+    out: *mut u8,
     n_out: usize,
-    n_in: usize,
-    x: &[f32],
     batch: usize,
-    exact: bool,
-) -> Result<Vec<f32>> {
-    let mut yt = vec![0f32; n_out * batch];
-    if yt.is_empty() {
-        return Ok(yt);
-    }
-    if n_in == 0 {
-        return Ok(yt);
-    }
-    let chunk = ROWS_PER_TASK * batch;
-    let inline = rayon::current_num_threads() == 1 || n_out * n_in * batch < INLINE_MAX_MACS;
-    let int8 = (!exact).then(|| int8::Plan::new(w, n_in, false)).flatten();
-    if let Some((plan, xq)) = int8.and_then(|p| p.quantize(x, batch).map(|a| (p, a))) {
-        for_each_task(&mut yt, chunk, inline, |t, ys| {
-            plan.rows(w, &xq, t * ROWS_PER_TASK, ys, false)
-        })?;
-        return Ok(yt);
-    }
-    if let Some(plan) = packed::Plan::new(w, n_in, batch) {
-        let xp = packed::interleave(x, n_in);
-        for_each_task(&mut yt, chunk, inline, |t, ys| {
-            plan.rows(w, &xp, t * ROWS_PER_TASK, ys)
-        })?;
-        return Ok(yt);
-    }
-    for_each_task(&mut yt, chunk, inline, |t, ys| {
-        tiles::rows(k, w, n_in, x, batch, t * ROWS_PER_TASK, ys)
-    })?;
-    Ok(yt)
+    dtype: DType,
+    bias: &'a [f32],
 }
 
-/// `f(task index, its output rows)` over `chunk`-sized pieces of `yt`, on the calling thread
-/// (`inline`) or across the rayon pool.
-fn for_each_task<F>(yt: &mut [f32], chunk: usize, inline: bool, f: F) -> Result<()>
+// SAFETY: tasks write disjoint columns of `out` (`Sink::write`), which outlives them.
+unsafe impl Send for Sink<'_> {}
+unsafe impl Sync for Sink<'_> {}
+
+impl Sink<'_> {
+    /// Output rows `r0..r0 + n` from `yt` (`[n][batch]`); each task calls it for its own rows.
+    fn write(&self, r0: usize, yt: &[f32]) -> Result<()> {
+        let size = self.dtype.itemsize();
+        let mut row = [0f32; ROWS_PER_TASK];
+        // ROWS_PER_TASK columns at a time (tasks may hold more rows).
+        for (c, yc) in yt.chunks(ROWS_PER_TASK * self.batch).enumerate() {
+            let r = r0 + c * ROWS_PER_TASK;
+            let n = yc.len() / self.batch;
+            let bias = &self.bias[r..r + n];
+            for b in 0..self.batch {
+                for (o, v) in row[..n].iter_mut().enumerate() {
+                    *v = yc[o * self.batch + b] + bias[o];
+                }
+                // SAFETY: inside `out` (its length was checked against batch * n_out); the
+                // columns r..r + n of row b belong to this task alone.
+                let dst = unsafe {
+                    let at = (b * self.n_out + r) * size;
+                    std::slice::from_raw_parts_mut(self.out.add(at), n * size)
+                };
+                float::narrow_into(&row[..n], self.dtype, dst)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+thread_local! {
+    /// A task's results, `[rows][batch]`, kept between calls (a fresh one per call cost page
+    /// faults at hundreds of rows).
+    static RESULTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Run `f(first row, its results [rows][batch])` for every task of `ROWS_PER_TASK` output rows,
+/// on the calling thread (`inline`) or across the rayon pool, each task writing its rows out.
+fn run_tasks<F>(n_out: usize, batch: usize, inline: bool, sink: &Sink<'_>, f: F) -> Result<()>
 where
     F: Fn(usize, &mut [f32]) -> Result<()> + Sync + Send,
 {
+    run_tasks_of(ROWS_PER_TASK, n_out, batch, inline, sink, f)
+}
+
+/// `run_tasks` with `per_task` rows a task.
+fn run_tasks_of<F>(
+    per_task: usize,
+    n_out: usize,
+    batch: usize,
+    inline: bool,
+    sink: &Sink<'_>,
+    f: F,
+) -> Result<()>
+where
+    F: Fn(usize, &mut [f32]) -> Result<()> + Sync + Send,
+{
+    let task = |t: usize| -> Result<()> {
+        let r0 = t * per_task;
+        let n = per_task.min(n_out - r0);
+        let mut yt = RESULTS.with(|v| std::mem::take(&mut *v.borrow_mut()));
+        yt.resize(n * batch, 0.0);
+        let result = f(r0, &mut yt[..n * batch]).and_then(|()| sink.write(r0, &yt[..n * batch]));
+        RESULTS.with(|v| *v.borrow_mut() = yt);
+        result
+    };
+    let tasks = n_out.div_ceil(per_task);
     if inline {
-        yt.chunks_mut(chunk)
-            .enumerate()
-            .try_for_each(|(t, ys)| f(t, ys))
-    } else {
-        yt.par_chunks_mut(chunk)
-            .enumerate()
-            .try_for_each(|(t, ys)| f(t, ys))
+        return (0..tasks).try_for_each(task);
+    }
+    // The calling thread works from the start and the pool's other threads join as they wake,
+    // all taking the next task from one counter: a call of ~0.1 ms (a batch-1 layer) handed
+    // whole to the pool waited on the workers' wake-up, and ran no faster on 2 threads than
+    // on 1. (Called from outside the pool, `par_iter` blocks the caller until it is done.)
+    let next = AtomicUsize::new(0);
+    let failed: Mutex<Option<Error>> = Mutex::new(None);
+    let work = || loop {
+        let t = next.fetch_add(1, Ordering::Relaxed);
+        if t >= tasks {
+            break;
+        }
+        if let Err(e) = task(t) {
+            next.store(tasks, Ordering::Relaxed);
+            failed.lock().unwrap().get_or_insert(e);
+        }
+    };
+    let helpers = (rayon::current_num_threads() - 1).min(tasks - 1);
+    rayon::in_place_scope(|s| {
+        for _ in 0..helpers {
+            s.spawn(|_| work());
+        }
+        work();
+    });
+    match failed.into_inner().unwrap() {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 

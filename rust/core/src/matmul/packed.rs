@@ -48,6 +48,39 @@ impl Plan {
         })
     }
 
+    /// A plan for rows of 4-bit codes without scales: `levels` multiplies them by their
+    /// levels alone (`code`, `code - 8` or NF4's), one group per row. For `outgroups`, which
+    /// folds each row's scales into the activations.
+    pub fn levels_only(codec: Codec, n_in: usize, batch: usize) -> Option<Plan> {
+        let four_bit = matches!(
+            codec,
+            Codec::Affine { bits: 4 }
+                | Codec::Symmetric { bits: 4 }
+                | Codec::SymmetricFull { bits: 4 }
+                | Codec::Nf4
+        );
+        let fits = four_bit && (1..=8).contains(&batch) && n_in.is_multiple_of(BLOCK);
+        (fits && n_in > 0 && kernel::available()).then_some(Plan {
+            codec,
+            n_in,
+            group: n_in,
+            groups_per_row: 1,
+            batch,
+        })
+    }
+
+    /// `yt[o][b] = sum_k level(codes[o][k]) * xp[b][k]` for the rows of `codes` (`n_in / 2`
+    /// bytes each) that `yt` holds, with a plan of `levels_only`; `xp` is `interleave`d.
+    pub fn levels(&self, codes: &[u8], xp: &[f32], yt: &mut [f32]) {
+        assert!(self.groups_per_row == 1 && self.group == self.n_in);
+        let n_rows = yt.len() / self.batch;
+        let (ones, zeros) = (vec![1f32; n_rows], vec![0f32; n_rows]);
+        assert!(codes.len() >= n_rows * self.n_in / 2 && xp.len() == self.batch * self.n_in);
+        // SAFETY: `levels_only` checked the CPU; the slices have the sizes the kernel reads. A
+        // group's table is `level * 1 + 0`: the levels exactly.
+        unsafe { kernel::rows(self, codes, &ones, &zeros, xp, yt) };
+    }
+
     /// `yt[o][b] = W[r0 + o] . x[b]` for the rows `yt` holds; `xp` is `interleave`d.
     pub fn rows(&self, w: &Stored<'_>, xp: &[f32], r0: usize, yt: &mut [f32]) -> Result<()> {
         let n_rows = yt.len() / self.batch;

@@ -75,9 +75,34 @@ fn check(
         encoding: enc.clone(),
         parts: vec![],
     };
-    let mut wd = vec![0u8; n_out * n_in * 4];
-    tensor::decode(k, &info, &parts, &mut wd).unwrap();
-    let wd = from_bytes(&wd, DType::Float32);
+    // bf16 activations outside the packed kernel multiply the weight as decoded to bf16
+    // (`tiles::rows_bf16`): decode-then-matmul in bf16, as torch would.
+    let (codec, params) = crate::codecs::Codec::from_encoding(enc).unwrap();
+    let layout = crate::format::GroupLayout::new(&shape, params.axis, params.group_size);
+    let stored = crate::codecs::region::Stored {
+        codec: codec.decoder(),
+        params: &params,
+        layout: layout.unwrap(),
+        codes: &[],
+        scales: &[],
+        mins: &[],
+    };
+    let bf16_tiles = matches!(
+        super::float_path(&stored, n_in, batch, dtype),
+        super::FloatPath::TilesBf16
+    );
+    let wdt = if bf16_tiles {
+        DType::Bfloat16
+    } else {
+        DType::Float32
+    };
+    let mut wd = vec![0u8; n_out * n_in * wdt.itemsize()];
+    let info_as = TensorInfo {
+        dtype: wdt,
+        ..info.clone()
+    };
+    tensor::decode(k, &info_as, &parts, &mut wd).unwrap();
+    let wd = from_bytes(&wd, wdt);
 
     // Activations and bias exactly representable in `dtype`.
     let x = from_bytes(
@@ -150,6 +175,8 @@ fn matches_decode_then_matmul() {
         (40, 96, 128, 1), // group wider than the row
         (70, 48, 64, 0),  // groups along the outputs, ragged
         (5, 7, 3, 0),
+        (70, 96, 64, 0), // along the outputs, whole blocks of 32 inputs: outgroups, ragged
+        (45, 160, 16, 0), // groups of 16 rows: a task of 32 rows spans several
     ];
     let encodings: Vec<(&str, u8)> = vec![
         ("affine", 4),
@@ -185,6 +212,37 @@ fn activation_dtypes() {
 }
 
 #[test]
+fn bf16_tiles_odd_shapes() {
+    // bf16 activations beyond the packed kernel: tiles decoded to bf16, AVX-512 BF16 dot
+    // products in blocks of 4 x 4 and steps of 32 (masked tails), every encoding and layout.
+    let mut r = Rng::new(13);
+    let shapes = [
+        (17, 160, 64, 1),
+        (13, 37, 16, 1),
+        (9, 100, 64, 1),
+        (70, 48, 64, 0),
+        (5, 7, 3, 0),
+        (6, 1030, 128, 1),
+    ];
+    for &(n_out, n_in, g, axis) in &shapes {
+        for (name, bits) in [("affine", 4), ("nf4", 4), ("affine", 3), ("symmetric", 8)] {
+            let enc = encoding(name, bits, g, axis);
+            for batch in [1, 6, 9, 35] {
+                check(
+                    &mut r,
+                    &enc,
+                    n_out,
+                    n_in,
+                    batch,
+                    DType::Bfloat16,
+                    batch != 6,
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn rejects_mismatched_sizes() {
     let k = simd::best();
     let enc = encoding("affine", 4, 64, 1);
@@ -204,6 +262,42 @@ fn rejects_mismatched_sizes() {
     let mut out = vec![0u8; 2 * 8 * 4];
     assert!(tensor::linear(k, &info, &parts, &x, None, DType::Float64, &mut out, true).is_err());
     tensor::linear(k, &info, &parts, &x, None, DType::Float32, &mut out, true).unwrap();
+}
+
+#[test]
+fn outgroups_kernel_covers_flexgen() {
+    // 4-bit codes grouped along the outputs, inputs in blocks of 32, batch 1..=8: outgroups.
+    use crate::codecs::region::Stored;
+    use crate::format::GroupLayout;
+    #[cfg(target_arch = "x86_64")]
+    if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma")) {
+        return;
+    }
+    let p = GroupParams {
+        bits: 4,
+        group_size: 64,
+        axis: 0,
+        scale_dtype: DType::Float16,
+    };
+    for (codec, n_in, batch, want) in [
+        (crate::codecs::Codec::Affine { bits: 4 }, 96, 1, true),
+        (crate::codecs::Codec::Nf4, 4096, 8, true),
+        (crate::codecs::Codec::Affine { bits: 4 }, 96, 9, false),
+        (crate::codecs::Codec::Affine { bits: 4 }, 48, 1, false),
+        (crate::codecs::Codec::Affine { bits: 8 }, 96, 1, false),
+    ] {
+        let w = Stored {
+            codec,
+            params: &p,
+            layout: GroupLayout::new(&[70, n_in], 0, 64).unwrap(),
+            codes: &[],
+            scales: &[],
+            mins: &[],
+        };
+        let path = super::float_path(&w, n_in as usize, batch, DType::Float32);
+        let got = matches!(path, super::FloatPath::OutGroups(_));
+        assert_eq!(got, want, "{codec:?} in {n_in} batch {batch}");
+    }
 }
 
 #[test]
