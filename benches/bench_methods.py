@@ -125,7 +125,7 @@ def smollm2(args, log) -> None:
     )
     log("")
     log(
-        f"{'config':18} {'method':6} {'ppl':>8} {'x fp32':>7} {'excess':>7} "
+        f"{'config':18} {'method':8} {'ppl':>8} {'x fp32':>7} {'excess':>7} "
         f"{'layer err':>9} {'vs rtn':>7} {'time s':>7} {'peak MiB':>8}"
     )
     for cname in args.configs:
@@ -162,7 +162,7 @@ def smollm2(args, log) -> None:
             vs = f"{err / rtn_err:7.2f}" if rtn_err else f"{'':>7}"
             excess = f"{(ratio - 1) / rtn_excess:7.2f}" if rtn_excess else f"{'':>7}"
             log(
-                f"{cname:18} {method:6} {ppl:8.3f} {ratio:7.3f} {excess} {err:9.4f} {vs} "
+                f"{cname:18} {method:8} {ppl:8.3f} {ratio:7.3f} {excess} {err:9.4f} {vs} "
                 f"{secs:7.1f} {peak:8.0f}"
             )
             del model
@@ -204,7 +204,7 @@ def minilm(args, log) -> None:
             )
             emb = qtt.sentence_embeddings(model, tok, evals)
             cos = torch.nn.functional.cosine_similarity(emb, ref).mean()
-            log(f"{cname:18} {method:6} cosine {float(cos):.4f}")
+            log(f"{cname:18} {method:8} cosine {float(cos):.4f}")
 
 
 def results_log(out: str | None):
