@@ -187,24 +187,33 @@ def minilm(args, log) -> None:
         f"all-MiniLM-L6-v2: cosine vs fp32 on {len(evals)} held-out sentences "
         f"(calibration {args.minilm_samples} x 128 tokens of others)"
     )
-    for cname in ("int4-g64-affine", "int4-g64-sym"):
+    # the same sentences as token ids: windows cut from the bare stream, without the [CLS] ...
+    # [SEP] frame that texts get for an encoder (calibration_windows), for comparison
+    bare = [tok(s, add_special_tokens=False)["input_ids"] for s in calib]
+
+    def cosine(cname: str, method: str, calibration) -> float:
+        model = AutoModel.from_pretrained(folder).eval()
+        qtt.quantize_model(
+            model,
+            CONFIGS[cname],
+            method=method,
+            calibration=calibration,
+            tokenizer=tok,
+            samples=args.minilm_samples,
+            seq_len=128,
+            progress=False,
+        )
+        emb = qtt.sentence_embeddings(model, tok, evals)
+        return float(torch.nn.functional.cosine_similarity(emb, ref).mean())
+
+    for cname in args.minilm_configs:
         for method in args.methods:
             if method == "hqq" and CONFIGS[cname].name != "affine":
                 continue  # HQQ fits zero points: affine groups only
-            model = AutoModel.from_pretrained(folder).eval()
-            qtt.quantize_model(
-                model,
-                CONFIGS[cname],
-                method=method,
-                calibration=calib,
-                tokenizer=tok,
-                samples=args.minilm_samples,
-                seq_len=128,
-                progress=False,
-            )
-            emb = qtt.sentence_embeddings(model, tok, evals)
-            cos = torch.nn.functional.cosine_similarity(emb, ref).mean()
-            log(f"{cname:18} {method:8} cosine {float(cos):.4f}")
+            log(f"{cname:18} {method:8} cosine {cosine(cname, method, calib):.4f}")
+            if method != "rtn" and args.minilm_bare:
+                cos = cosine(cname, method, bare)
+                log(f"{cname:18} {method:8} cosine {cos:.4f}  (bare-stream windows)")
 
 
 def results_log(out: str | None):
@@ -239,12 +248,15 @@ def main() -> None:
     ap.add_argument("--minilm-samples", type=int, default=64)
     ap.add_argument("--methods", default="rtn,hqq,gptq,awq")
     ap.add_argument("--configs", default="int4-g128-sym,int4-g64-affine")
+    ap.add_argument("--minilm-configs", default="int4-g64-affine,int4-g64-sym")
+    ap.add_argument("--minilm-bare", action="store_true", help="also calibrate without [CLS]/[SEP]")
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()
     args.methods = args.methods.split(",")
     args.configs = args.configs.split(",")
+    args.minilm_configs = args.minilm_configs.split(",")
     log = results_log(args.out)
     if not args.skip_smollm2:
         smollm2(args, log)
