@@ -185,7 +185,7 @@ def minilm(args, log) -> None:
     log("")
     log(
         f"all-MiniLM-L6-v2: cosine vs fp32 on {len(evals)} held-out sentences "
-        f"(calibration {args.minilm_samples} x 128 tokens of others)"
+        f"(calibration {args.minilm_samples} x {args.minilm_seq_len} tokens of others)"
     )
     # the same sentences as token ids: windows cut from the bare stream, without the [CLS] ...
     # [SEP] frame that texts get for an encoder (calibration_windows), for comparison
@@ -200,7 +200,7 @@ def minilm(args, log) -> None:
             calibration=calibration,
             tokenizer=tok,
             samples=args.minilm_samples,
-            seq_len=128,
+            seq_len=args.minilm_seq_len,
             progress=False,
         )
         emb = qtt.sentence_embeddings(model, tok, evals)
@@ -246,6 +246,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--minilm-samples", type=int, default=64)
+    ap.add_argument("--minilm-seq-len", type=int, default=128)
     ap.add_argument("--methods", default="rtn,hqq,gptq,awq")
     ap.add_argument("--configs", default="int4-g128-sym,int4-g64-affine")
     ap.add_argument("--minilm-configs", default="int4-g64-affine,int4-g64-sym")

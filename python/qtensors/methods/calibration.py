@@ -60,9 +60,10 @@ def calibration_windows(
     start at seeded random offsets of the stream.
 
     Texts for an encoder (a tokenizer with CLS and SEP tokens, as BERT's) give windows shaped
-    like its inputs: ``[CLS]``, ``L - 2`` stream tokens, ``[SEP]``. An encoder puts some of its
-    largest activations on those two tokens; windows cut from the bare stream never show them
-    to the calibration (MiniLM int4-g64 GPTQ: see ``benches/results/methods_minilm.txt``).
+    like its inputs: ``[CLS]``, ``L - 2`` stream tokens, ``[SEP]``: an encoder always sees those
+    two tokens, and windows cut from the bare stream never show them to the calibration
+    (MiniLM int4-g64 GPTQ, ``benches/results/methods_minilm.txt``: 0.9861 cosine against 0.9858
+    from bare windows; what matters more there is ``seq_len`` near the inputs' length).
     """
     if calibration is None:
         raise CalibrationError(
