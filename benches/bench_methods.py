@@ -125,7 +125,7 @@ def smollm2(args, log) -> None:
     )
     log("")
     log(
-        f"{'config':18} {'method':6} {'ppl':>8} {'x fp32':>7} {'excess':>7} "
+        f"{'config':18} {'method':8} {'ppl':>8} {'x fp32':>7} {'excess':>7} "
         f"{'layer err':>9} {'vs rtn':>7} {'time s':>7} {'peak MiB':>8}"
     )
     for cname in args.configs:
@@ -162,7 +162,7 @@ def smollm2(args, log) -> None:
             vs = f"{err / rtn_err:7.2f}" if rtn_err else f"{'':>7}"
             excess = f"{(ratio - 1) / rtn_excess:7.2f}" if rtn_excess else f"{'':>7}"
             log(
-                f"{cname:18} {method:6} {ppl:8.3f} {ratio:7.3f} {excess} {err:9.4f} {vs} "
+                f"{cname:18} {method:8} {ppl:8.3f} {ratio:7.3f} {excess} {err:9.4f} {vs} "
                 f"{secs:7.1f} {peak:8.0f}"
             )
             del model
@@ -199,14 +199,15 @@ class MiniLMCosine:
 
         return AutoModel.from_pretrained(self.folder).eval()
 
-    def cosine(self, enc, method: str, samples: int, seq_len: int = 128) -> float:
-        """Mean cosine to fp32 of the embeddings with every linear quantized by ``method``."""
+    def cosine(self, enc, method: str, samples: int, seq_len: int = 128, calibration=None) -> float:
+        """Mean cosine to fp32 of the embeddings with every linear quantized by ``method``
+        (calibrated on ``calibration``, by default the calibration sentences)."""
         model = self.fresh()
         qtt.quantize_model(
             model,
             enc,
             method=method,
-            calibration=self.calib,
+            calibration=self.calib if calibration is None else calibration,
             tokenizer=self.tok,
             samples=samples,
             seq_len=seq_len,
@@ -221,14 +222,21 @@ def minilm(args, log) -> None:
     log("")
     log(
         f"all-MiniLM-L6-v2: cosine vs fp32 on {len(bench.evals)} held-out sentences "
-        f"(calibration {args.minilm_samples} x 128 tokens of others)"
+        f"(calibration {args.minilm_samples} x {args.minilm_seq_len} tokens of others)"
     )
+    # the same sentences as token ids: windows cut from the bare stream, without the [CLS] ...
+    # [SEP] frame that texts get for an encoder (calibration_windows), for comparison
+    bare = [bench.tok(s, add_special_tokens=False)["input_ids"] for s in bench.calib]
+
     for cname in args.minilm_configs:
         for method in args.methods:
             if method == "hqq" and CONFIGS[cname].name != "affine":
                 continue  # HQQ fits zero points: affine groups only
-            cos = bench.cosine(CONFIGS[cname], method, args.minilm_samples)
-            log(f"{cname:18} {method:6} cosine {cos:.4f}")
+            enc, n, L = CONFIGS[cname], args.minilm_samples, args.minilm_seq_len
+            log(f"{cname:18} {method:8} cosine {bench.cosine(enc, method, n, L):.4f}")
+            if method != "rtn" and args.minilm_bare:
+                cos = bench.cosine(enc, method, n, L, calibration=bare)
+                log(f"{cname:18} {method:8} cosine {cos:.4f}  (bare-stream windows)")
 
 
 def results_log(out: str | None):
@@ -261,9 +269,11 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--minilm-samples", type=int, default=64)
+    ap.add_argument("--minilm-seq-len", type=int, default=128)
     ap.add_argument("--methods", default="rtn,hqq,gptq,awq")
     ap.add_argument("--configs", default="int4-g128-sym,int4-g64-affine")
     ap.add_argument("--minilm-configs", default="int4-g64-affine,int4-g64-sym")
+    ap.add_argument("--minilm-bare", action="store_true", help="also calibrate without [CLS]/[SEP]")
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--out")

@@ -26,9 +26,9 @@ from qtensors.methods import (
     calibration_windows,
     get_method,
 )
-from qtensors.methods.awq import fold_scales, scale_groups
+from qtensors.methods.awq import best_clip, clipped_rtn, fold_scales, scale_groups
 from qtensors.methods.gptq import gptq_quantize
-from qtensors.methods.grid import Grid, rows_view
+from qtensors.methods.grid import Grid, expand, grouped, rows_view
 from qtensors.methods.hqq import hqq_quantize
 from qtensors.methods.packing import quantized_tensor
 from qtensors.methods.rtn import rtn_quantize
@@ -354,6 +354,28 @@ def test_awq_gptq_folds_scales_then_beats_rtn():
         assert err < (rtn(input_ids=ids).logits - want).norm()
 
 
+@pytest.mark.parametrize("enc", ENCODINGS[:4] + ENCODINGS[5:6], ids=IDS[:4] + IDS[5:6])
+def test_awq_clip_never_increases_a_groups_output_error(enc):
+    """The clipping search keeps ratio 1 (plain RTN) among its candidates: no (row, group)
+    share of the output gets worse, symmetric groups (absmax shrunk) included, and on
+    outlier-heavy weights some groups get strictly better."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(24, 80, generator=g) * (1 + 6 * (torch.rand(24, 80, generator=g) > 0.97))
+    x = correlated_inputs(96, 80, seed=12)
+    grid = Grid.of(enc)  # groups along the input axis, as the clipping search needs
+    ratio = best_clip(w, x, grid)
+    gs, n = grid.group_size, w.shape[1]
+
+    def share_error(r: torch.Tensor | None) -> torch.Tensor:
+        c, s, m = clipped_rtn(w, grid, r)
+        q = grid.decode(c, expand(s, gs, n), expand(m, gs, n))
+        return torch.einsum("tgk,rgk->trg", grouped(x, gs), grouped(w - q, gs)).pow(2).mean(0)
+
+    clipped, plain = share_error(ratio), share_error(None)
+    assert bool((clipped <= plain * (1 + 1e-6) + 1e-9).all())
+    assert bool((clipped < plain * 0.999).any()) and bool((ratio < 1).any())
+
+
 # -- calibration ------------------------------------------------------------------------------
 class CharTokenizer:
     """A stand-in tokenizer: one token per character."""
@@ -373,6 +395,26 @@ def test_calibration_windows_are_seeded():
     ids = torch.arange(100).reshape(2, 50)
     w = calibration_windows(ids, samples=3, seq_len=200)
     assert w.shape == (3, 100)  # shorter data: windows as long as it is
+
+
+class EncoderCharTokenizer(CharTokenizer):
+    """The stand-in tokenizer as an encoder's: CLS and SEP tokens, no EOS."""
+
+    eos_token_id = None
+    cls_token_id, sep_token_id = 0, 1
+
+
+def test_calibration_windows_for_an_encoder_are_shaped_like_its_inputs():
+    text = "the quick brown fox jumps over the lazy dog. " * 20
+    w = calibration_windows(text, EncoderCharTokenizer(), samples=5, seq_len=16, seed=3)
+    assert w.shape == (5, 16)
+    assert bool((w[:, 0] == 0).all()) and bool((w[:, -1] == 1).all())
+    stream = torch.tensor(CharTokenizer()(text)["input_ids"])
+    inner = calibration_windows(stream, samples=5, seq_len=14, seed=3)
+    assert torch.equal(w[:, 1:-1], inner)  # the same seeded draw, of L - 2 stream tokens
+    # token ids are the caller's: taken as they are, whatever the tokenizer
+    ids = calibration_windows(stream, EncoderCharTokenizer(), samples=5, seq_len=16, seed=3)
+    assert not bool((ids[:, 0] == 0).any())
 
 
 def test_calibration_errors_are_clear():
