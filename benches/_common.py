@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 #: The Llama-shaped 1.1B model the GPU benchmarks load or build (random weights): TinyLlama's
@@ -86,3 +87,14 @@ class Report:
             json.dump(results, fh, indent=1, default=str)
         with open(os.path.join(out, f"{stem}.txt"), "w") as fh:
             fh.write("\n".join(self.lines) + "\n")
+
+
+def best_ms(fn, repeat: int) -> float:
+    """The fastest of ``repeat`` calls of ``fn`` (after one warm-up call), in milliseconds."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times) * 1e3

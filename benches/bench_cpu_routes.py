@@ -16,25 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 
 import torch
 import torch.nn.functional as F
+from _common import best_ms
 from torch import nn
 
 import qtensors as qt
 from qtensors.torch import QuantizedLinear
 from qtensors.torch import linear as L
-
-
-def best_ms(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1e3
 
 
 def main() -> None:

@@ -355,6 +355,43 @@ def _locks(device: torch.device) -> torch.Tensor | None:
     return t
 
 
+def _begin(x2: torch.Tensor, N: int, K: int, bias: torch.Tensor | None):
+    """A fused call's start: the output, whether it is already final (nothing to launch), the
+    CUDA ordinal and the split-K counters of the activations' device."""
+    out, done = _output(x2, N, K, bias)
+    if done:
+        return out, True, -1, None
+    return out, False, _device_index(x2.device), _locks(x2.device)
+
+
+def _finish(kernel, grid, split, k_split, meta, meta_key, cuda_index, locks, x2, out, weight,
+            bias, K, row) -> torch.Tensor:  # fmt: skip
+    """Launch ``kernel`` with the arguments every fused kernel takes, in their order: x, the
+    weight's parts (``weight``: codes, scales, mins or a stand-in, [levels]), the bias (or a
+    stand-in), out, the split-K workspace and counters, M, N, K, the per-row counts ``row``, the
+    strides and the K-slice length."""
+    M, N = out.shape
+    ws = _workspace(x2.device, (split, M, N)) if split > 1 else out
+    stand_in = weight[1]
+    args = (
+        x2,
+        *weight,
+        stand_in if bias is None else bias,
+        out,
+        ws,
+        out if locks is None else locks,
+        M,
+        N,
+        K,
+        *row,
+        x2.stride(0),
+        out.stride(0),
+        k_split,
+    )
+    launch(kernel, grid, args, meta, meta_key, cuda_index)
+    return out
+
+
 @functools.lru_cache(maxsize=4096)
 def _plan(
     M: int,
@@ -492,13 +529,10 @@ def tiled_linear(
     ``fused_linear``; ``codes``: bytes starting on a 4-byte boundary, see ``words_aligned``, or
     their int32 view). MXFP4 / NVFP4 scales are passed as stored (NVFP4's tensor scale in
     ``mins``)."""
-    dev = x2.device
     M = x2.shape[0]
-    out, done = _output(x2, N, K, bias)
+    out, done, cuda_index, locks = _begin(x2, N, K, bias)
     if done:
         return out
-    cuda_index = _device_index(dev)
-    locks = _locks(dev)
     kernel, grid, split, k_split, meta, meta_key = _tiled_plan(
         M,
         N,
@@ -512,31 +546,14 @@ def tiled_linear(
         config,
         locks is not None,
     )
-    ws = _workspace(dev, (split, M, N)) if split > 1 else out
-    levels = _levels(dev, False) if encoding == "nf4" else scales
+    levels = _levels(x2.device, False) if encoding == "nf4" else scales
     if scales.dtype == torch.float8_e4m3fn:
         scales = scales.view(torch.uint8)
-    args = (
-        x2,
-        codes if codes.dtype == torch.int32 else codes.view(torch.int32),
-        scales,
-        scales if mins is None else mins,
-        levels,
-        scales if bias is None else bias,
-        out,
-        ws,
-        out if locks is None else locks,
-        M,
-        N,
-        K,
-        K * bits // 32,  # int32 words per row
-        -(-K // group_size),
-        x2.stride(0),
-        out.stride(0),
-        k_split,
-    )
-    launch(kernel, grid, args, meta, meta_key, cuda_index)
-    return out
+    words = codes if codes.dtype == torch.int32 else codes.view(torch.int32)
+    weight = (words, scales, scales if mins is None else mins, levels)
+    row = (K * bits // 32, -(-K // group_size))  # int32 words per row, groups per row
+    return _finish(kernel, grid, split, k_split, meta, meta_key, cuda_index, locks, x2, out,
+                   weight, bias, K, row)  # fmt: skip
 
 
 def mma_config(M: int, N: int, K: int, g: int) -> MmaConfig:
@@ -603,13 +620,10 @@ def mma_linear(
 ) -> torch.Tensor:
     """``x2 @ W^T + bias`` with ``mma.py`` for a weight ``mma_supported()`` (arguments as
     ``tiled_linear``; ``codes`` the packed bytes)."""
-    dev = x2.device
     M = x2.shape[0]
-    out, done = _output(x2, N, K, bias)
+    out, done, cuda_index, locks = _begin(x2, N, K, bias)
     if done:
         return out
-    cuda_index = _device_index(dev)
-    locks = _locks(dev)
     grid, split, k_split, meta, meta_key = _mma_plan(
         M,
         N,
@@ -622,31 +636,14 @@ def mma_linear(
         config,
         locks is not None,
     )
-    ws = _workspace(dev, (split, M, N)) if split > 1 else out
     if codes.dtype != torch.uint8:
         codes = codes.view(torch.uint8)
     if scales.dtype == torch.float8_e4m3fn:
         scales = scales.view(torch.uint8)
-    args = (
-        x2,
-        codes,
-        scales,
-        scales if mins is None else mins,
-        scales if bias is None else bias,
-        out,
-        ws,
-        out if locks is None else locks,
-        M,
-        N,
-        K,
-        K // 2,  # bytes per row
-        -(-K // group_size),
-        x2.stride(0),
-        out.stride(0),
-        k_split,
-    )
-    launch(mma_kernel, grid, args, meta, meta_key, cuda_index)
-    return out
+    weight = (codes, scales, scales if mins is None else mins)
+    row = (K // 2, -(-K // group_size))  # bytes per row, groups per row
+    return _finish(mma_kernel, grid, split, k_split, meta, meta_key, cuda_index, locks, x2, out,
+                   weight, bias, K, row)  # fmt: skip
 
 
 def words_aligned(codes: torch.Tensor) -> bool:
@@ -671,13 +668,10 @@ def fused_linear(
     """``x2 @ W^T + bias`` for ``x2 [M, K]`` (unit stride along K) and the parts of ``W [N, K]``
     (already validated, ``supported()``); ``config`` overrides the launch parameters (a
     GemvConfig or GemmConfig also picks the kernel)."""
-    dev = x2.device
     M = x2.shape[0]
-    out, done = _output(x2, N, K, bias)
+    out, done, cuda_index, locks = _begin(x2, N, K, bias)
     if done:
         return out
-    cuda_index = _device_index(dev)
-    locks = _locks(dev)
     kernel, grid, split, (M, N, K, G), k_split, meta, meta_key = _plan(
         M,
         N,
@@ -692,25 +686,7 @@ def fused_linear(
         config,
         locks is not None,
     )
-    ws = _workspace(dev, (split, M, N)) if split > 1 else out
-    levels = _levels(dev, False) if encoding == "nf4" else scales
-    args = (
-        x2,
-        codes,
-        scales,
-        scales if mins is None else mins,
-        levels,
-        scales if bias is None else bias,
-        out,
-        ws,
-        out if locks is None else locks,
-        M,
-        N,
-        K,
-        G,
-        x2.stride(0),
-        out.stride(0),
-        k_split,
-    )
-    launch(kernel, grid, args, meta, meta_key, cuda_index)
-    return out
+    levels = _levels(x2.device, False) if encoding == "nf4" else scales
+    weight = (codes, scales, scales if mins is None else mins, levels)
+    return _finish(kernel, grid, split, k_split, meta, meta_key, cuda_index, locks, x2, out,
+                   weight, bias, K, (G,))  # fmt: skip
