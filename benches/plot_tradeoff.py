@@ -48,6 +48,8 @@ SMOLLM2_RESULTS = (
     "methods_fp4.txt",
     "methods_fp4_awq_mxfp4.txt",
     "methods_fp4_awq_nvfp4.txt",
+    "methods_awq_gptq.txt",
+    "methods_awq_gptq_g64.txt",
 )
 
 #: Where the MiniLM panel runs the calibrated methods (labels as in the weight table).
