@@ -280,6 +280,28 @@ def _pick_split(n_tiles: int, k_steps: int, sms: int, waves: int) -> int:
     return split
 
 
+def _k_slices(
+    fixed: int,
+    n_tiles: int,
+    M: int,
+    N: int,
+    K: int,
+    step: int,
+    cuda_index: int,
+    waves: int,
+    allow_split: bool,
+) -> tuple[int, int]:
+    """(K-slices, columns per slice) of a launch whose program steps ``step`` columns: ``fixed``
+    slices if set, else ``_pick_split``'s; one where the split-K counters or workspace do not
+    allow more (no counters yet, too many tiles, a workspace past int32 indexing)."""
+    k_steps = -(-K // step)
+    split = fixed or _pick_split(n_tiles, k_steps, _sm_count(cuda_index), waves)
+    if not allow_split or n_tiles > LOCK_SLOTS or split * M * N >= 2**31:
+        split = 1
+    k_split = -(-k_steps // split) * step
+    return (-(-K // k_split) if K else 1), k_split
+
+
 def gemv_config(M: int, N: int, K: int, bits: int, g: int, axis0: bool) -> GemvConfig:
     """Batch 1-4: 8 features x 256 bytes of codes per step (16 bytes a thread with 4 warps),
     and enough programs (splitting K) for some 4 per SM to hide the memory latency."""
@@ -410,7 +432,6 @@ def _plan(
     """(kernel, grid, split, scalars, k_split, constexprs and options, their hashable key) of
     one launch."""
     axis0 = axis in (0, -2)
-    sms = _sm_count(cuda_index)
     use_gemv = isinstance(config, GemvConfig) or (config is None and M <= GEMV_MAX_M)
     if config is None:
         pick = gemv_config if use_gemv else gemm_config
@@ -429,12 +450,8 @@ def _plan(
         raise ValueError(f"block_n {bn} must divide the group size {g} (groups along out)")
     if not axis0 and not use_gemv and g % bk:
         raise ValueError(f"block_k {bk} must divide the group size {g}")
-    k_steps = -(-K // bk)
-    split = config.split_k or _pick_split(n_tiles, k_steps, sms, 4 if use_gemv else 2)
-    if not allow_split or n_tiles > LOCK_SLOTS or split * M * N >= 2**31:
-        split = 1
-    k_split = -(-k_steps // split) * bk
-    split = -(-K // k_split) if K else 1
+    waves = 4 if use_gemv else 2
+    split, k_split = _k_slices(config.split_k, n_tiles, M, N, K, bk, cuda_index, waves, allow_split)
     G = -(-K // g)
     meta: dict = dict(
         ENC=ENC_IDS[encoding],
@@ -485,12 +502,8 @@ def _tiled_plan(
         raise ValueError(f"the words kernel takes 1-4 rows and whole words, not {M}, {cfg}")
     bn, bk = cfg.block_n, cfg.block_k
     n_tiles = -(-N // bn) * (1 if fma else -(-M // block_m))
-    k_steps = -(-K // bk)
-    split = cfg.split_k or _pick_split(n_tiles, k_steps, _sm_count(cuda_index), 4 if fma else 2)
-    if not allow_split or n_tiles > LOCK_SLOTS or split * M * N >= 2**31:
-        split = 1
-    k_split = -(-k_steps // split) * bk
-    split = -(-K // k_split)
+    waves = 4 if fma else 2
+    split, k_split = _k_slices(cfg.split_k, n_tiles, M, N, K, bk, cuda_index, waves, allow_split)
     meta: dict = dict(
         ENC=TILED_ENC[encoding],
         SFMT=SCALE_FORMATS.get(encoding, 0),
@@ -582,12 +595,7 @@ def _mma_plan(
         raise ValueError(f"the mma kernel needs block_m and block_n >= 16, not {cfg}")
     step = g * cfg.groups
     n_tiles = -(-N // cfg.block_n) * -(-M // block_m)
-    k_steps = -(-K // step)
-    split = cfg.split_k or _pick_split(n_tiles, k_steps, _sm_count(cuda_index), 2)
-    if not allow_split or n_tiles > LOCK_SLOTS or split * M * N >= 2**31:
-        split = 1
-    k_split = -(-k_steps // split) * step
-    split = -(-K // k_split)
+    split, k_split = _k_slices(cfg.split_k, n_tiles, M, N, K, step, cuda_index, 2, allow_split)
     meta: dict = dict(
         ENC=MMA_ENC[encoding],
         SFMT=SCALE_FORMATS.get(encoding, 0),
