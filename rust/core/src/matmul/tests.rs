@@ -264,21 +264,48 @@ fn rejects_mismatched_sizes() {
     tensor::linear(k, &info, &parts, &x, None, DType::Float32, &mut out, true).unwrap();
 }
 
+/// The parameters of a g64 fp16-scaled weight grouped along `axis`, and the header-only (no
+/// bytes) `Stored` of a `rows x n_in` such weight: enough for the kernels' path choice.
+fn g64_params(axis: usize) -> GroupParams {
+    GroupParams {
+        bits: 4,
+        group_size: 64,
+        axis,
+        scale_dtype: DType::Float16,
+    }
+}
+
+fn header_only(
+    codec: crate::codecs::Codec,
+    p: &GroupParams,
+    rows: u64,
+    n_in: u64,
+) -> crate::codecs::region::Stored<'_> {
+    crate::codecs::region::Stored {
+        codec,
+        params: p,
+        layout: crate::format::GroupLayout::new(&[rows, n_in], p.axis, p.group_size).unwrap(),
+        codes: &[],
+        scales: &[],
+        mins: &[],
+    }
+}
+
+/// Whether this CPU has the kernels the path tests below look for.
+fn has_avx512_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 #[test]
 fn outgroups_kernel_covers_flexgen() {
     // 4-bit codes grouped along the outputs, inputs in blocks of 32, batch 1..=8: outgroups.
-    use crate::codecs::region::Stored;
-    use crate::format::GroupLayout;
-    #[cfg(target_arch = "x86_64")]
-    if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma")) {
+    if !has_avx512_fma() {
         return;
     }
-    let p = GroupParams {
-        bits: 4,
-        group_size: 64,
-        axis: 0,
-        scale_dtype: DType::Float16,
-    };
+    let p = g64_params(0);
     for (codec, n_in, batch, want) in [
         (crate::codecs::Codec::Affine { bits: 4 }, 96, 1, true),
         (crate::codecs::Codec::Nf4, 4096, 8, true),
@@ -286,14 +313,7 @@ fn outgroups_kernel_covers_flexgen() {
         (crate::codecs::Codec::Affine { bits: 4 }, 48, 1, false),
         (crate::codecs::Codec::Affine { bits: 8 }, 96, 1, false),
     ] {
-        let w = Stored {
-            codec,
-            params: &p,
-            layout: GroupLayout::new(&[70, n_in], 0, 64).unwrap(),
-            codes: &[],
-            scales: &[],
-            mins: &[],
-        };
+        let w = header_only(codec, &p, 70, n_in);
         let path = super::float_path(&w, n_in as usize, batch, DType::Float32);
         let got = matches!(path, super::FloatPath::OutGroups(_));
         assert_eq!(got, want, "{codec:?} in {n_in} batch {batch}");
@@ -304,18 +324,10 @@ fn outgroups_kernel_covers_flexgen() {
 fn packed_kernel_covers_the_common_layout() {
     // The cases above would pass through the tiles path alone; make sure the packed kernel is
     // what ran for 4-bit codes grouped along the inputs (on CPUs that have it).
-    use crate::codecs::region::Stored;
-    use crate::format::GroupLayout;
-    #[cfg(target_arch = "x86_64")]
-    if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma")) {
+    if !has_avx512_fma() {
         return;
     }
-    let p = GroupParams {
-        bits: 4,
-        group_size: 64,
-        axis: 1,
-        scale_dtype: DType::Float16,
-    };
+    let p = g64_params(1);
     for (codec, n_in, batch, want) in [
         (crate::codecs::Codec::Nf4, 256, 1, true),
         (crate::codecs::Codec::Affine { bits: 4 }, 160, 8, true),
@@ -323,14 +335,7 @@ fn packed_kernel_covers_the_common_layout() {
         (crate::codecs::Codec::Affine { bits: 8 }, 256, 1, false),
         (crate::codecs::Codec::Symmetric { bits: 4 }, 100, 1, false),
     ] {
-        let w = Stored {
-            codec,
-            params: &p,
-            layout: GroupLayout::new(&[4, n_in], 1, 64).unwrap(),
-            codes: &[],
-            scales: &[],
-            mins: &[],
-        };
+        let w = header_only(codec, &p, 4, n_in);
         let plan = super::packed::Plan::new(&w, n_in as usize, batch);
         assert_eq!(plan.is_some(), want, "{codec:?} in {n_in} batch {batch}");
     }
