@@ -79,7 +79,12 @@ CASES = {
     "int4-g64 ax-1 -> bf16": ("affine", 4, 64, -1, torch.bfloat16, torch.bfloat16),
     "int3-g64 ax-1": ("affine", 3, 64, -1, torch.float16, torch.float16),
     "int2-g64 ax0": ("affine", 2, 64, 0, torch.float16, torch.float16),
+    # the FP4 formats: stored scales (E8M0 bytes; E4M3 with the fp32 tensor scale in ``mins``)
+    "mxfp4 ax-1": ("mxfp4", 4, 32, -1, torch.uint8, torch.float16),
+    "nvfp4 ax-1": ("nvfp4", 4, 16, -1, torch.float8_e4m3fn, torch.float16),
 }
+#: the encodings whose group size the format fixes
+FIXED_GROUPS = {"mxfp4": 32, "nvfp4": 16}
 MAIN_CASES = list(CASES)[:4]
 
 
@@ -89,9 +94,15 @@ def random_parts(shape, encoding, bits, group_size, axis, sdt, device, gen=None)
     nb = codes_nbytes(shape, bits)
     codes = torch.randint(0, 256, (nb,), dtype=torch.uint8, device=device, generator=gen)
     ss = scale_shape(shape, axis, group_size)
-    scales = (torch.rand(ss, device=device, generator=gen) * 0.1 + 0.001).to(sdt)
     mins = None
-    if encoding == "affine":
+    if encoding == "mxfp4":  # E8M0 exponents around 2^0
+        scales = torch.randint(118, 131, ss, dtype=torch.uint8, device=device, generator=gen)
+        return codes, scales, mins
+    scales = (torch.rand(ss, device=device, generator=gen) * 0.1 + 0.001).to(sdt)
+    if encoding == "nvfp4":  # E4M3 block scales up to 448, one fp32 tensor scale
+        scales = (torch.rand(ss, device=device, generator=gen) * 440 + 0.01).to(sdt)
+        mins = torch.rand((), device=device, generator=gen) * 1e-3 + 1e-5
+    elif encoding == "affine":
         mins = (torch.randn(ss, device=device, generator=gen) * 0.05).to(sdt)
     return codes, scales, mins
 
@@ -141,7 +152,7 @@ def section_check() -> None:
     if DRY:
         shapes = [s for s in shapes if math.prod(s) <= 1000]
     encs = [("affine", b) for b in range(1, 9)] + [("symmetric", b) for b in range(2, 9)]
-    encs.append(("nf4", 4))
+    encs += [("nf4", 4), ("mxfp4", 4), ("nvfp4", 4)]
     sdts = [torch.float16, torch.bfloat16, torch.float32]
     odts = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
     cfgs = [
@@ -160,7 +171,8 @@ def section_check() -> None:
             rank = len(shape)
             axis = [-1, 0, rank // 2][i % 3] if rank > 1 else 0
             g = [1, 2, 3, 7, 16, 32, 64, 100, 128, 256][(i * 7) % 10]
-            sdt = sdts[i % 3]
+            g = FIXED_GROUPS.get(encoding, g)
+            sdt = {"nvfp4": torch.float8_e4m3fn}.get(encoding, sdts[i % 3])
             odt = odts[(i // 3) % 4]
             codes, scales, mins = random_parts(shape, encoding, bits, g, axis, sdt, "cpu", gen)
             ref = ops.dequantize_op(codes, scales, mins, list(shape), encoding, bits, g, axis, odt)
@@ -289,7 +301,8 @@ def kernel_case_ms(shape, case, cfg=None, impl="triton"):
     fn()
     sync()
     ms = bench_ms(fn)
-    nbytes = codes.numel() + scales.numel() * scales.element_size() * (2 if mins is not None else 1)
+    nbytes = codes.numel() + scales.numel() * scales.element_size()
+    nbytes += 0 if mins is None else mins.numel() * mins.element_size()
     nbytes += out.numel() * out.element_size()
     return ms, nbytes
 
@@ -303,9 +316,9 @@ def sweep_configs(lastaxis: bool, bits: int):
     from qtensors.torch.kernels.dequant import Config
 
     out = []
-    bcs = (512, 1024, 2048) if lastaxis else (128, 256, 512, 1024)
+    bcs = (512, 1024, 2048, 4096) if lastaxis else (128, 256, 512, 1024)
     for bc in bcs:
-        for tile in (4096, 8192):
+        for tile in (4096, 8192, 16384):
             br = tile // bc
             if 1 <= br <= 64:
                 for w in (4, 8):
@@ -317,7 +330,7 @@ def section_sweep(size: int = S(8192)) -> dict[str, Any]:
 
     say(f"## sweep: launch configurations on {size}x{size} (median ms; GB/s of bytes moved)")
     best: dict[str, Any] = {}
-    for name in [*MAIN_CASES, "int3-g64 ax-1", "int2-g64 ax0"]:
+    for name in [*MAIN_CASES, "int3-g64 ax-1", "int2-g64 ax0", "mxfp4 ax-1", "nvfp4 ax-1"]:
         case = CASES[name]
         lastaxis = case[3] == -1
         shape = (size, size)
@@ -423,7 +436,8 @@ def section_kernels(best: dict[str, Any], rounds: int = 3) -> None:
                 ts.append(bench_ms(plain))
                 cs.append(bench_ms(copy))
             ms, tms, cms = min(ks), min(ts), min(cs)
-            nb = codes.numel() + scales.numel() * scales.element_size() * (1 + (mins is not None))
+            nb = codes.numel() + scales.numel() * scales.element_size()
+            nb += 0 if mins is None else mins.numel() * mins.element_size()
             out_bytes = out.numel() * out.element_size()
             nb += out_bytes
             cbw = 2 * out_bytes / cms / 1e6

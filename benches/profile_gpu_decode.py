@@ -2,13 +2,20 @@
 int4-g64 kept quantized, greedy batch-1 generation under torch.profiler (eager: the kernels are
 the ones a CUDA graph replays; their device time does not depend on the host).
 
-    OUT=DIR python3 benches/profile_gpu_decode.py
+    OUT=DIR python3 benches/profile_gpu_decode.py [--modes eager,compiled]
+
+``compiled``: transformers' static cache + ``torch.compile(mode="reduce-overhead", fullgraph)``
+as ``bench_gpu_generate.py`` runs it; the kernels the CUDA graphs replay are listed as the
+profiler records them, with the step's wall time and torch.compile's counters (CUDA-graph skips,
+graph breaks), to find what a compiled step spends beyond its kernels.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import time
 from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,13 +45,38 @@ def build():
     return model
 
 
-def profile_decode(model, label: str, results: dict) -> None:
+def generate_kwargs(mode: str) -> dict:
+    kw: dict = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    if mode == "compiled":
+        from transformers import CompileConfig
+
+        kw["cache_implementation"] = "static"
+        kw["compile_config"] = CompileConfig(fullgraph=True, mode="reduce-overhead")
+    else:
+        kw["disable_compile"] = True
+    return kw
+
+
+def profile_decode(model, label: str, results: dict, mode: str = "eager") -> None:
     ids = torch.randint(1, 32000, (1, 16), device="cuda")
-    kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, disable_compile=True)
+    kw = generate_kwargs(mode)
+    label = f"{label} {mode}"
     with torch.inference_mode():
+        for _ in range(2 if mode == "compiled" else 1):
+            model.generate(ids, **kw)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
         model.generate(ids, **kw)
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        wall_ms = (time.perf_counter() - t0) * 1e3 / NEW
+        say(f"## {label}: wall time per generated token {wall_ms:.2f} ms (prefill included)")
+        if mode == "compiled":
+            from torch._dynamo.utils import counters
+
+            for group in ("inductor", "graph_break", "stats"):
+                items = {k: v for k, v in counters[group].items() if v}
+                say(f"  torch.compile counters[{group!r}]: {dict(list(items.items())[:12])}")
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             model.generate(ids, **kw)
             torch.cuda.synchronize()
     per_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
@@ -54,6 +86,11 @@ def profile_decode(model, label: str, results: dict) -> None:
                 ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
             )
             per_name[ev.name][1] += 1
+    cpu = defaultdict(float)
+    for ev in prof.key_averages():
+        if ev.key.startswith(("cudaGraphLaunch", "cudaLaunchKernel", "cuLaunchKernel")):
+            cpu[ev.key] += ev.count
+    say(f"  host launches per token: { {k: round(v / NEW, 1) for k, v in cpu.items()} }")
     total = sum(v[0] for v in per_name.values())
     say(f"## {label}: GPU time per generated token {total / NEW:.0f} us, kernels per token "
         f"{sum(v[1] for v in per_name.values()) / NEW:.0f}")  # fmt: skip
@@ -64,12 +101,17 @@ def profile_decode(model, label: str, results: dict) -> None:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--modes", default="eager", help="comma-separated: eager, compiled")
+    modes = ap.parse_args().modes.split(",")
     results: dict = {}
     model = build()
-    profile_decode(model, "bf16", results)
+    for mode in modes:
+        profile_decode(model, "bf16", results, mode)
     qtt.quantize_model(model, qt.Affine(bits=4, group_size=64, axis=-1))
     torch.cuda.empty_cache()
-    profile_decode(model, "int4-g64", results)
+    for mode in modes:
+        profile_decode(model, "int4-g64", results, mode)
     REPORT.write("profile_gpu_decode", results)
 
 

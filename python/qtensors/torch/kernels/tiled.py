@@ -50,12 +50,13 @@ def _interleave4(w):
 
 @triton.jit
 def _e2m1(c):
-    """FP4 E2M1 codes as fp32, from bits (no table gather): magnitude ``m = c & 7`` is
-    ``2^((m >> 1) - 1) * (1 + (m & 1) / 2)`` (fp32 exponent ``126 + (m >> 1)``, ``m & 1`` the
-    top mantissa bit) for ``m >= 2``, the subnormals 0 / 0.5 below; bit 3 the sign."""
-    mag = c & 7
-    bits = tl.where(mag >= 2, (mag << 22) + 0x3F000000, (mag & 1) * 0x3F000000)
-    return (bits | ((c & 8) << 28)).to(tl.float32, bitcast=True)
+    """FP4 E2M1 codes as fp32, from bits (no table gather). The code's 3 magnitude bits placed
+    at fp32 bits 22-24 (exponent field ``m >> 1``, top mantissa bit ``m & 1``) read as
+    ``e2m1(m) * 2^-126``, the subnormals 0 / 0.5 included (exponent 0 is subnormal in both
+    formats); bit 3 is the sign. One exact multiply by ``2^126`` (a normal number, no flush:
+    Triton's ``mul.f32`` keeps subnormals) gives the value."""
+    bits = ((c & 7) << 22) | ((c & 8) << 28)
+    return bits.to(tl.float32, bitcast=True) * 8.507059173023462e37  # 2^126
 
 
 @triton.jit
