@@ -69,7 +69,15 @@ def profile_decode(model, label: str, results: dict, mode: str = "eager") -> Non
         model.generate(ids, **kw)
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - t0) * 1e3 / NEW
-        say(f"## {label}: wall time per generated token {wall_ms:.2f} ms (prefill included)")
+        long_kw = dict(kw, max_new_tokens=4 * NEW, min_new_tokens=4 * NEW)
+        model.generate(ids, **long_kw)  # the longer cache shape's compile / capture first
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, **long_kw)
+        torch.cuda.synchronize()
+        step_ms = ((time.perf_counter() - t0) * 1e3 - wall_ms * NEW) / (3 * NEW)
+        say(f"## {label}: wall time per generated token {wall_ms:.2f} ms (prefill included); "
+            f"per decode step {step_ms:.2f} ms (from {NEW} and {4 * NEW} new tokens)")  # fmt: skip
         if mode == "compiled":
             from torch._dynamo.utils import counters
 
@@ -91,6 +99,10 @@ def profile_decode(model, label: str, results: dict, mode: str = "eager") -> Non
         if ev.key.startswith(("cudaGraphLaunch", "cudaLaunchKernel", "cuLaunchKernel")):
             cpu[ev.key] += ev.count
     say(f"  host launches per token: { {k: round(v / NEW, 1) for k, v in cpu.items()} }")
+    say("  host time by event (self CPU, per generated token):")
+    top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:14]
+    for ev in top:
+        say(f"    {ev.self_cpu_time_total / NEW:8.1f} us  {ev.count / NEW:6.1f}x  {ev.key[:80]}")
     total = sum(v[0] for v in per_name.values())
     say(f"## {label}: GPU time per generated token {total / NEW:.0f} us, kernels per token "
         f"{sum(v[1] for v in per_name.values()) / NEW:.0f}")  # fmt: skip

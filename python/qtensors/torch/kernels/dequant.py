@@ -350,12 +350,14 @@ def _pow2_at_most(n: int, cap: int) -> int:
 
 
 def default_config(R: int, C: int, bits: int, lastaxis: bool, encoding: str = "affine") -> Config:
-    """The launch parameters used when none are given, picked from sweeps on an H100
-    (benches/results/gpu_sweep_h100.txt): tiles of 4096 (axis last: 2 x 2048) or 8192 (axis 0:
-    8 x 1024) elements, the columns (the contiguous axis) as wide as the tensor allows."""
+    """The launch parameters used when none are given: tiles of 4096 (axis last: one row of up
+    to 4096 columns, 4 warps: the best of the H200 sweep for int3/int4/MXFP4 along the last axis,
+    ``bench_gpu.py --sections sweep``, benches/results/gpu_kernels_h200.txt) or 8192 (axis 0:
+    8 x 1024, from the H100 sweep) elements, the columns (the contiguous axis) as wide as the
+    tensor allows."""
     if lastaxis:
-        block_c = max(_pow2_at_most(C, 2048), 16)
-        tile, warps = 4096, (4 if bits in (4, 8) else 8)
+        block_c = max(_pow2_at_most(C, 4096), 16)
+        tile, warps = 4096, 4
     else:
         block_c = max(_pow2_at_most(C, 1024), 16)
         tile, warps = 8192, 4
