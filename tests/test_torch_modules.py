@@ -63,6 +63,7 @@ def test_linear_state_dict_round_trip():
     assert dst.weight.mins is None
     dst.load_state_dict(sd)
     assert dst.weight.encoding == src.weight.encoding
+    assert dst.weight.op_args == src.weight.op_args == ((48, 64), "affine", 4, 64, 0)
     x = torch.randn(3, 64)
     torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
     # through torch.save / torch.load(weights_only=True)
@@ -181,3 +182,9 @@ def test_torch_compile_linear():
     x = torch.randn(4, 64)
     compiled = torch.compile(q, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), q(x), rtol=0, atol=0)
+    # the compiled call guards on the weight's static arguments (``op_args``): loading another
+    # encoding into the module must recompile, not replay the old layout
+    other = QuantizedLinear.from_linear(nn.Linear(64, 32), qt.NF4(group_size=32))
+    q.load_state_dict(other.state_dict())
+    assert q.weight.op_args[1:] == ("nf4", 4, 32, 1)
+    torch.testing.assert_close(compiled(x), other(x), rtol=0, atol=0)

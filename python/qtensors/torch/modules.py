@@ -77,8 +77,7 @@ class QuantizedWeight(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        self.shape = torch.Size(int(d) for d in shape)
-        self.encoding = _encoding_dict(encoding, len(self.shape))
+        self._set_layout(shape, encoding)
         self.dtype = torch_dtype(dtype)
         e = self.encoding
         sdt = dtype_of_name(e["scale_dtype"])
@@ -218,9 +217,23 @@ class QuantizedWeight(nn.Module):
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.shape = torch.Size(int(d) for d in state["shape"])
-        self.encoding = _encoding_dict(dict(state["encoding"]), len(self.shape))
+        self._set_layout(state["shape"], dict(state["encoding"]))
         self.dtype = torch_dtype(state["dtype"])
+
+    def _set_layout(self, shape: Any, encoding: Encoding | dict[str, Any]) -> None:
+        """``shape``, ``encoding`` and ``op_args``: the op's static arguments (shape, encoding
+        name, bits, group size, axis) as one tuple of constants, so that a compiled forward
+        guards on one tuple per layer instead of a Size, a dict and a property (guard checks
+        run before every compiled call: fewer is a shorter decode step)."""
+        self.shape = torch.Size(int(d) for d in shape)
+        self.encoding = e = _encoding_dict(encoding, len(self.shape))
+        self.op_args = (
+            tuple(self.shape),
+            e["name"],
+            self.bits,
+            int(e["group_size"]),
+            int(e["axis"]),
+        )
 
     def _load_from_state_dict(
         self,
@@ -374,19 +387,8 @@ class QuantizedLinear(nn.Module):
         w = self.weight
         if x.dtype not in OUT_DTYPES:
             x = x.to(w.dtype)
-        e = w.encoding
-        return linear(
-            x,
-            w.codes,
-            w.scales,
-            w.mins,
-            self.bias,
-            list(w.shape),
-            e["name"],
-            w.bits,
-            int(e["group_size"]),
-            int(e["axis"]),
-        )
+        shape, name, bits, group_size, axis = w.op_args
+        return linear(x, w.codes, w.scales, w.mins, self.bias, shape, name, bits, group_size, axis)
 
     def extra_repr(self) -> str:
         return (
