@@ -251,6 +251,15 @@ def overhead() -> None:
 
     rows = {}
     rows["F.linear bf16"] = t(lambda: F.linear(x, d))
+    # what a model's forward calls: the modules, bf16 nn.Linear against its int4 QuantizedLinear
+    import qtensors as qt
+    from qtensors.torch import QuantizedLinear
+
+    dense_mod = torch.nn.Linear(2048, 2048, bias=False, device=x.device, dtype=x.dtype)
+    q_mod = QuantizedLinear.from_linear(dense_mod, qt.Affine(bits=4, group_size=64, axis=-1))
+    with torch.inference_mode():
+        rows["nn.Linear module (inference_mode)"] = t(lambda: dense_mod(x))
+        rows["QuantizedLinear module (inference_mode)"] = t(lambda: q_mod(x))
     rows["torch.empty(1,N)"] = t(lambda: torch.empty((1, 2048), dtype=x.dtype, device=x.device))
     rows["qtensors linear()"] = t(lambda: linear(x, c, s, m, None, [2048, 2048], name, bits, g, 1))
     rows["torch.ops.qtensors.linear"] = t(
@@ -261,8 +270,6 @@ def overhead() -> None:
         lambda: check_linear_args(x, c, s, m, None, [2048, 2048], name, bits, g, 1)
     )
     rows["route"] = t(lambda: L.route(1, 2048, 2048, name, bits, g, 1, L.words_aligned(c)))
-    from qtensors.torch import QuantizedLinear  # noqa: F401
-
     rows["tiled_linear"] = t(lambda: L.tiled_linear(x, c, s, m, None, 2048, 2048, name, bits, g))
     cfg = L.tiled_config(1, 2048, 2048, bits, g)
     kernel, grid, split, k_split, meta, _ = L._tiled_plan(
