@@ -76,6 +76,16 @@ def child(way: str, folder: str, device: str, dump: str | None) -> None:
         )
     elif way in ("qtt", "qtt_nowarm"):
         model = qtt.from_pretrained(folder, device=dev, dtype=torch.float16, warmup=way == "qtt")
+    elif way == "qtt_breakdown":  # warm-up off, then run by hand one batch size at a time
+        from qtensors.torch.warmup import default_rows, warmup
+
+        model = qtt.from_pretrained(folder, device=dev, dtype=torch.float16, warmup=False)
+        sync()
+        breakdown = {"load_without_warmup_s": time.perf_counter() - t2}
+        for rows in default_rows():
+            tb = time.perf_counter()
+            warmup(model, rows=(rows,))
+            breakdown[f"warmup_rows_{rows}_s"] = time.perf_counter() - tb
     else:
         raise ValueError(way)
     sync()
@@ -103,6 +113,8 @@ def child(way: str, folder: str, device: str, dump: str | None) -> None:
         "transformers": transformers.__version__,
         "torch": torch.__version__,
     }
+    if way == "qtt_breakdown":
+        out["breakdown"] = breakdown
     if dump:
         torch.save(logits[0, -1].float().cpu(), dump)
     print("RESULT " + json.dumps(out))
@@ -205,6 +217,16 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also qtt_breakdown: load without warm-up, then the warm-up timed per batch size",
+    )
+    ap.add_argument(
+        "--quick-phases",
+        action="store_true",
+        help="only the warm page-cache runs (no fresh-Triton-cache, no cold-cache runs)",
+    )
     args = ap.parse_args()
     if args.child:
         child(args.child[0], args.child[1], args.device, args.dump)
@@ -237,6 +259,8 @@ def main() -> None:
         # warm page cache: the three loaders a user picks; `qtt_nowarm` (warm-up off) matters only
         # where Triton's cache is empty, so it runs there alone
         ways = [("hf_fp16", src), ("qtt", dst), ("hf_qtensors", dst)]
+        if args.breakdown:
+            ways.append(("qtt_breakdown", dst))
         runs: dict = {}
         report["runs"] = runs
 
@@ -244,15 +268,18 @@ def main() -> None:
             r = run_child(way, folder, args.device, child_env)
             runs.setdefault(name, []).append(r)
             say(f"  {name}: load {r['load_s']:.3f} s, 1st fwd {r['first_forward_s']:.3f} s")
+            if "breakdown" in r:
+                say("    " + ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown"].items()))
             write(report, lines)  # what ran so far survives a timeout
 
         for _ in range(args.repeat):
             for way, folder in ways:
                 timed(way, way, folder, env)
-        for way in ("qtt", "qtt_nowarm", "hf_qtensors"):  # a first-ever run: Triton's cache empty
+        fresh_ways = () if args.quick_phases else ("qtt", "qtt_nowarm", "hf_qtensors")
+        for way in fresh_ways:  # a first-ever run: Triton's cache empty
             fresh = dict(env, TRITON_CACHE_DIR=os.path.join(work, f"triton-{way}"))
             timed(f"{way}_fresh_triton", way, dst, fresh)
-        if drop_caches_ok():
+        if drop_caches_ok() and not args.quick_phases:
             for way, folder in ways:
                 drop_caches([])
                 timed(f"{way}_cold", way, folder, env)
