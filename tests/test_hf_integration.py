@@ -5,7 +5,6 @@ picked from the config; rotary buffers of a meta-built model; the kernel warm-up
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -245,22 +244,3 @@ def test_sentence_transformers(minilm_q):
     )
     cos = torch.nn.functional.cosine_similarity(got, ref, dim=1)
     assert cos.min() > 0.999, cos
-
-
-def test_prepare_triton_fills_triton_key_once():
-    """The background start-up computes Triton's cache key (the per-process hash of its own
-    installation) so that the first kernel of a CUDA load finds it cached; ``warmup`` waits for
-    it, and starting it again does nothing."""
-    cache = pytest.importorskip("triton.runtime.cache")
-    wu = importlib.import_module(
-        "qtensors.torch.warmup"
-    )  # the package's ``warmup`` is the function
-
-    wu.prepare_triton()
-    thread = wu._PREPARING
-    assert thread is not None
-    wu.prepare_triton()
-    assert wu._PREPARING is thread  # once per process
-    qtt.warmup(torch.nn.Sequential())  # joins it
-    assert not thread.is_alive()
-    assert cache.triton_key.cache_info().currsize == 1

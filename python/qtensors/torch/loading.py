@@ -444,10 +444,6 @@ def load_model(
     dev = torch.device(device) if device is not None else _default_device(model)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    if warmup and dev.type == "cuda":
-        from .warmup import prepare_triton
-
-        prepare_triton()  # Triton's per-process start-up, overlapping the reads below
     targets = _Targets(model)
     result = LoadResult(device=dev)
     loaded: set[str] = set()

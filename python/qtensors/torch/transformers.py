@@ -122,10 +122,6 @@ def from_pretrained(
     """
     folder = os.fspath(folder)
     _check_model_folder(folder, need_config=config is None)
-    if warmup and device is not None and torch.device(device).type == "cuda":
-        from .warmup import prepare_triton
-
-        prepare_triton()  # Triton's per-process start-up, overlapping the model's construction
     import transformers
 
     if config is None:

@@ -20,7 +20,6 @@ number of runs depends on the distinct layer kinds (about 4-6 for a Llama), not 
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import torch
@@ -32,36 +31,6 @@ try:
     from .kernels.launch import FMA_MAX_M, MMA_MAX_M, TILED_MAX_M
 except Exception:  # no Triton: the CUDA path decodes, nothing to compile
     FMA_MAX_M, TILED_MAX_M, MMA_MAX_M = 4, 4, 0
-
-
-_PREPARING: threading.Thread | None = None
-
-
-def _triton_first_use() -> None:
-    try:
-        from triton.runtime.cache import triton_key
-
-        triton_key()  # lru-cached: the JIT's first compile (a cache hit included) reuses it
-    except Exception:  # another Triton: its first kernel pays whatever it pays
-        pass
-    try:
-        import triton.experimental.gluon  # noqa: F401  (imported by the JIT's first launch)
-    except Exception:
-        pass
-
-
-def prepare_triton() -> None:
-    """Start, in a background thread, the one-time work the first Triton kernel of a process
-    pays even when every kernel is in Triton's on-disk cache: hashing Triton's own installation
-    for its cache key (``triton_key``: its 100+ MB ``libtriton`` through sha256, 0.38 s on the
-    H200 machine; hashlib and file reads release the GIL, so it overlaps a load's reads and
-    copies) and importing the modules its launcher loads lazily (0.11 s). ``warmup`` waits for
-    it. Once per process; nothing without Triton."""
-    global _PREPARING
-    if _PREPARING is None:
-        _PREPARING = threading.Thread(target=_triton_first_use, name="qtensors-triton-init")
-        _PREPARING.daemon = True
-        _PREPARING.start()
 
 
 def default_rows() -> tuple[int, ...]:
@@ -86,8 +55,6 @@ def warmup(model: nn.Module, rows: tuple[int, ...] | None = None) -> list[tuple[
     docstring; ``rows``: the batch sizes for linears, default ``default_rows()``). Returns the
     signatures run: (kind, shape, encoding, has mins, dtype, device, rows)."""
     rows = rows or default_rows()
-    if _PREPARING is not None:
-        _PREPARING.join()
     done: dict[tuple[Any, ...], None] = {}
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
