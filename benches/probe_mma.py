@@ -6,6 +6,7 @@ batches where the kernel beats the current route.
 
     OUT=DIR python3 benches/probe_mma.py [--budget S]
     OUT=DIR python3 benches/probe_mma.py --routed-only   # cuBLAS against the op as routed
+    OUT=DIR python3 benches/probe_mma.py --encoding nvfp4  # no sweep: one encoding, default config
     python3 benches/probe_mma.py --smoke          # CPU, Triton interpreter, tiny shapes
 """
 
@@ -34,6 +35,7 @@ RESULTS: dict = {"sweep": [], "encodings": []}
 
 
 ROUTED_ONLY = "--routed-only" in sys.argv  # no config sweep: cuBLAS against the op as routed
+ONLY = sys.argv[sys.argv.index("--encoding") + 1] if "--encoding" in sys.argv else None
 
 
 def configs(M: int) -> list[L.MmaConfig]:
@@ -126,6 +128,8 @@ def encodings(best: dict) -> None:
     names = ("int4-sym-g64", "int4-affine-g128", "mxfp4", "nvfp4", "int4-affine-g64/fp16")
     if ROUTED_ONLY:
         names = ("int4-sym-g64", "mxfp4", "int4-affine-g64/fp16")
+    if ONLY:
+        names = (ONLY,)
     for ename in names:
         for N, K in SHAPES[:4]:
             if time.perf_counter() - T0 > BUDGET_S * 1.4:
@@ -173,7 +177,7 @@ def main() -> int:
     dev = "CPU (interpreter)" if S.SMOKE else torch.cuda.get_device_name()
     gbps = S.copy_gbps()
     say(f"# probe_mma on {dev}; copy {gbps:.0f} GB/s; budget {BUDGET_S:.0f} s")
-    best = sweep(gbps)
+    best = {} if ONLY else sweep(gbps)
     encodings(best)
     say()
     say("## table lines (MMA_TABLE)")

@@ -27,7 +27,7 @@ from .epilogue import ENC_IDS
 from .fastlaunch import launch
 from .gemm import gemm_kernel
 from .gemv import gemv_kernel
-from .mma import MMA_ENC, mma_kernel
+from .mma import MMA_ENC, NVFP4_CHUNK, mma_kernel
 from .scales import SCALE_FORMATS
 from .tiled import TILED_ENC, dot_kernel, fma_kernel
 from .words import words_kernel
@@ -593,6 +593,8 @@ def _mma_plan(
     block_m = cfg.block_m or max(16, 1 << (M - 1).bit_length())
     if block_m < 16 or cfg.block_n < 16:
         raise ValueError(f"the mma kernel needs block_m and block_n >= 16, not {cfg}")
+    if encoding == "nvfp4":  # the kernel's K step: chunks of blocks (see mma.py)
+        g = NVFP4_CHUNK
     step = g * cfg.groups
     n_tiles = -(-N // cfg.block_n) * -(-M // block_m)
     split, k_split = _k_slices(cfg.split_k, n_tiles, M, N, K, step, cuda_index, 2, allow_split)

@@ -13,7 +13,10 @@ spent ~10 instructions a weight building fp32 values and converting them:
 
   * affine:    ``s * d + (min - B * s) * X``
   * symmetric: ``s * d - (B + 8) * s * X``        (codes ``c - 8``)
-  * FP4:       ``s * d``                           (E2M1 values, no offset)
+  * MXFP4:     ``s * d``                           (E2M1 values, no offset)
+  * NVFP4:      ``g * d``, the E4M3 block scales already in the weights: an E2M1 value (2
+    significant bits) times an E4M3 scale (4) is exact in float16 and bfloat16, so each chunk
+    of ``GS = NVFP4_CHUNK`` codes (4 blocks) is one dot; ``g`` the fp32 tensor scale, at the end
 
 * **The weight is the MMA's left operand** ("swap AB"): a program computes a ``[BLOCK_N,
   BLOCK_M]`` tile of ``y^T`` as ``W_tile @ x_tile^T``, so the feature dim (>= 64) fills the
@@ -32,17 +35,20 @@ import triton
 import triton.language as tl
 
 from .epilogue import store_result
-from .scales import group_scale
+from .scales import e4m3, group_scale
 
 #: encoding ids of this kernel
-MMA_ENC = {"affine": 0, "symmetric": 1, "mxfp4": 3, "nvfp4": 3}
+MMA_ENC = {"affine": 0, "symmetric": 1, "mxfp4": 3, "nvfp4": 4}
+#: NVFP4's blocks (16 codes: one MMA k-step) are too narrow to scale each block's partial sum;
+#: its E4M3 block scales are folded into the 16-bit weights instead, over chunks of this width
+NVFP4_CHUNK = 64
 
 
 @triton.jit
 def _half_values(c, F16: tl.constexpr, ENC: tl.constexpr):
     """int16 codes (0..15) as the 16-bit floats the dot multiplies: ``B + c`` (affine /
     symmetric; B = 1024 in float16, 128 in bfloat16) or the E2M1 value (FP4)."""
-    if ENC == 3:
+    if ENC >= 3:
         m = c & 7
         # 2^((m >> 1) - 1) * (1 + (m & 1) / 2) for m >= 2: exponent and top mantissa bit from m
         if F16:
@@ -126,6 +132,20 @@ def mma_kernel(
             # k = 2j + t, back in K order: Triton lays the pair out as the MMA operand's
             # register pair, so the join costs no data movement
             w = tl.join(lo, hi).reshape(BLOCK_N, GS)
+            if ENC == 4:  # NVFP4: each block's E4M3 scale into its 16 weights (exact)
+                NB: tl.constexpr = GS // 16
+                blk = kg // 16 + tl.arange(0, NB)
+                sb = tl.load(
+                    scales_ptr + rows[:, None] * G + blk[None, :],
+                    mask=rmask[:, None] & (blk < G)[None, :],
+                    other=0,
+                ).to(tl.int32)
+                s16 = tl.broadcast_to(e4m3(sb)[:, :, None], (BLOCK_N, NB, 16))
+                s16 = s16.reshape(BLOCK_N, GS)
+                if IEEE:  # (the interpreter has no bfloat16 arithmetic)
+                    w = w.to(tl.float32) * s16
+                else:
+                    w = w * s16.to(dt)
             x = tl.load(
                 x_ptr + offs_m[:, None] * stride_xm + (kg + kx)[None, :],
                 mask=mmask[:, None] & kmask,
@@ -135,19 +155,24 @@ def mma_kernel(
                 d = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
             else:
                 d = tl.dot(w, tl.trans(x.to(dt)))
-            gidx = kg // GS
-            smask = rmask & (rows * 0 + gidx < G)  # a tensor: the interpreter's G is an int
-            s = group_scale(scales_ptr, rows * G + gidx, smask, mins_ptr, SFMT)
-            if ENC == 3:
-                acc += d * s[:, None]
+            if ENC == 4:
+                acc += d
             else:
-                X = tl.sum(x.to(tl.float32), axis=1)
-                if ENC == 0:
-                    mn = tl.load(mins_ptr + rows * G + gidx, mask=smask, other=0.0)
-                    off = mn.to(tl.float32) - BASE * s
+                gidx = kg // GS
+                smask = rmask & (rows * 0 + gidx < G)  # a tensor: the interpreter's G is an int
+                s = group_scale(scales_ptr, rows * G + gidx, smask, mins_ptr, SFMT)
+                if ENC == 3:
+                    acc += d * s[:, None]
                 else:
-                    off = -(BASE + 8.0) * s
-                acc += d * s[:, None] + off[:, None] * X[None, :]
+                    X = tl.sum(x.to(tl.float32), axis=1)
+                    if ENC == 0:
+                        mn = tl.load(mins_ptr + rows * G + gidx, mask=smask, other=0.0)
+                        off = mn.to(tl.float32) - BASE * s
+                    else:
+                        off = -(BASE + 8.0) * s
+                    acc += d * s[:, None] + off[:, None] * X[None, :]
+    if ENC == 4:
+        acc = acc * tl.load(mins_ptr)  # NVFP4's fp32 tensor scale
     store_result(
         tl.trans(acc),
         offs_m,

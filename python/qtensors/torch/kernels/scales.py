@@ -34,10 +34,16 @@ def group_scale(scales_ptr, idx, mask, tscale_ptr, SFMT: tl.constexpr):
         s = tl.where(b == 255, float("nan"), s)
     else:
         b = tl.load(scales_ptr + idx, mask=mask, other=0x38).to(tl.int32)
-        e = (b >> 3) & 15
-        m = b & 7
-        normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
-        mag = tl.where(e == 0, m.to(tl.float32) * 2.0**-9, normal)  # subnormals: m * 2^-9
-        mag = tl.where((b & 0x7F) == 0x7F, float("nan"), mag)
-        s = tl.where((b & 0x80) != 0, -mag, mag) * tl.load(tscale_ptr)
+        s = e4m3(b) * tl.load(tscale_ptr)
     return s
+
+
+@triton.jit
+def e4m3(b):
+    """FP8 E4M3 bytes (int32 0..255) as fp32: exact, NaN for 0x7F / 0xFF."""
+    e = (b >> 3) & 15
+    m = b & 7
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    mag = tl.where(e == 0, m.to(tl.float32) * 2.0**-9, normal)  # subnormals: m * 2^-9
+    mag = tl.where((b & 0x7F) == 0x7F, float("nan"), mag)
+    return tl.where((b & 0x80) != 0, -mag, mag)
