@@ -15,6 +15,7 @@ available, else rayon; ``openmp`` raises where it is not); ``use()`` switches at
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -29,10 +30,13 @@ KINDS = ("auto", "openmp", "rayon")
 _OPENMP_NAME = re.compile(r"lib(gomp|omp|iomp5)([-.].*)?\.so(\..*)?$")
 
 
+@functools.cache
 def openmp_library() -> str | None:
     """The path of the OpenMP runtime torch runs its CPU ops on, as loaded in this process; None
     where torch's parallel backend is not OpenMP or the process's mappings are not readable
-    (outside Linux). Among several loaded runtimes, the one in torch's own folders first."""
+    (outside Linux). Among several loaded runtimes, the one in torch's own folders first.
+    Cached: torch loads it with itself and never unloads it, and ``use`` is called per round
+    by the benchmarks."""
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
     try:
