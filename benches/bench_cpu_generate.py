@@ -154,6 +154,12 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument(
+        "--rayon-threads",
+        type=int,
+        default=None,
+        help="RAYON_NUM_THREADS of the children (default: as --threads): sizes the rayon pool",
+    )
     ap.add_argument("--out", default=None, help="also write the table here (and .json beside)")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -172,7 +178,9 @@ def main() -> None:
     gguf = os.path.join(base, next(f for f in os.listdir(base) if f.endswith(".gguf")))
     lines = [
         f"# $ python3 benches/bench_cpu_generate.py --threads {a.threads} --repeats {a.repeats} "
-        f"--new {a.new}    ({time.strftime('%Y-%m-%d')}, load average before: "
+        f"--new {a.new}"
+        + ("" if a.rayon_threads is None else f" --rayon-threads {a.rayon_threads}")
+        + f"    ({time.strftime('%Y-%m-%d')}, load average before: "
         + " ".join(f"{x:.2f}" for x in os.getloadavg())
         + ")",
         f"# {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, kernels "
@@ -184,7 +192,8 @@ def main() -> None:
         convert(gguf, os.path.join(work, "smollm2-q4"))
         convert(minilm_folder(), os.path.join(work, "minilm-q4"), "--preset", "int4-g64")
         for n in [int(t) for t in a.threads.split(",")]:
-            env = dict(os.environ, RAYON_NUM_THREADS=str(n), OMP_NUM_THREADS=str(n))
+            rayon_n = n if a.rayon_threads is None else a.rayon_threads
+            env = dict(os.environ, RAYON_NUM_THREADS=str(rayon_n), OMP_NUM_THREADS=str(n))
             cmd = [sys.executable, __file__, "--child", str(n), "--work", work]
             cmd += ["--repeats", str(a.repeats), "--new", str(a.new)]
             res = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True)
