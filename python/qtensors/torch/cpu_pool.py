@@ -45,7 +45,9 @@ def openmp_library() -> str | None:
     except OSError:
         return None
     fields = (line.split(maxsplit=5) for line in maps.splitlines())
-    paths = {f[5] for f in fields if len(f) == 6 and _OPENMP_NAME.search(os.path.basename(f[5]))}
+    names = ((f[5], os.path.basename(f[5])) for f in fields if len(f) == 6)
+    # not libgomp's offloading plugins (libgomp-plugin-nvptx.so.1): no GOMP_parallel there
+    paths = {p for p, n in names if _OPENMP_NAME.search(n) and "plugin" not in n}
     if not paths:
         return None
     torch_dir = os.path.dirname(os.path.realpath(torch.__file__))
