@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -98,6 +99,26 @@ def test_same_bits_on_both_pools(shape, enc, batch, dtype, int8, monkeypatch):
     want = torch.nn.functional.linear(x.float(), q.weight.dequantize(torch.float32), q.bias)
     err = (on_openmp.float() - want).norm() / want.norm()
     assert err < 0.03
+
+
+@needs_openmp
+def test_fresh_python_thread_gets_torchs_thread_count():
+    # torch.set_num_threads sets the calling thread's OpenMP team size; other threads take it
+    # from torch at their first parallel op, which the linear triggers before the core's call
+    cpu_pool.use("openmp")
+    torch.set_num_threads(1)
+    q = layer(1100, 1024, qt.Affine(4, 64, axis=-1))
+    x = torch.randn(1, 1024)
+    seen = []
+
+    def fresh():
+        q(x)
+        seen.append(cpu_pool.threads())
+
+    t = threading.Thread(target=fresh)
+    t.start()
+    t.join()
+    assert seen == [1]
 
 
 @pytest.mark.parametrize("kind", ["openmp", "rayon"])

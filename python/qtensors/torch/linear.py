@@ -282,6 +282,10 @@ def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, 
         xb = (xd.view(torch.int16) if x.dtype == torch.bfloat16 else xd).numpy().view(np.uint8)
     b = None if bias is None else _byte_view(bias.detach().to(x.dtype))
     exact = route == "exact"
+    # Sets this thread's OpenMP team size to torch's (torch does so lazily, per thread, at its
+    # first parallel op; a fresh Python thread would otherwise get OpenMP's default): the core
+    # runs on that team (cpu_pool.py). 20 ns.
+    torch.get_num_threads()
     _core.linear(p.parts, p.shape, p.enc, xb, RUST_DTYPES[x.dtype], npo.view(np.uint8), b, exact)
     return out
 
