@@ -126,8 +126,9 @@ fn resolve(library: &str) -> Result<OpenMp> {
 }
 
 /// Threads a parallel call from this thread gets: rayon's pool size, or OpenMP's team size
-/// for this thread (`omp_get_max_threads`: what `torch.set_num_threads` sets), 1 inside an
-/// OpenMP region.
+/// for this thread (`omp_get_max_threads`: what `torch.set_num_threads` sets on the thread that
+/// calls it, and torch sets on other threads at their first parallel op, which the Python
+/// caller triggers), 1 inside an OpenMP region.
 pub fn threads() -> usize {
     match openmp() {
         // SAFETY: argument-less OpenMP API functions, resolved by version (`resolve`).
