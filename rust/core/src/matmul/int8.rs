@@ -23,7 +23,7 @@
 //! The float arithmetic runs in 16 lanes in a fixed order, and `scalar` repeats it lane by lane
 //! with the same roundings, so the two agree bit for bit (tested).
 
-use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::codecs::float;
 use crate::codecs::region::Stored;
@@ -122,7 +122,7 @@ impl Plan {
     }
 
     /// `x`, `batch` rows of `n_in` little-endian `dtype` values, quantized for this weight,
-    /// row by row (across the rayon pool if `parallel`: at hundreds of rows this pass alone
+    /// row by row (across the pool if `parallel`: at hundreds of rows this pass alone
     /// took as long as a thread's share of the matmul); None if it holds a NaN or infinity.
     pub fn quantize_bytes(
         &self,
@@ -160,14 +160,31 @@ impl Plan {
         };
         let Activations { q, dx, xs, .. } = &mut a;
         let finite = if parallel {
-            q.par_chunks_mut(n)
-                .zip(dx.par_chunks_mut(stride))
-                .zip(xs.par_chunks_mut(stride))
-                .zip(x.par_chunks(n * size))
-                .map_init(Vec::new, |buf, (((q, dx), xs), src)| {
-                    row(buf, q, dx, xs, src)
-                })
-                .try_reduce(|| true, |a, b| Ok(a && b))?
+            // Tasks of a few rows, each with its own widening buffer.
+            let per = super::rows_per_pass_task(n);
+            let mut tasks: Vec<_> = q
+                .chunks_mut(per * n)
+                .zip(dx.chunks_mut(per * stride))
+                .zip(xs.chunks_mut(per * stride))
+                .zip(x.chunks(per * n * size))
+                .collect();
+            let all = AtomicBool::new(true);
+            super::pool::for_each_mut(&mut tasks, |(((q, dx), xs), src)| {
+                let mut buf = Vec::new();
+                let rows = q
+                    .chunks_mut(n)
+                    .zip(dx.chunks_mut(stride))
+                    .zip(xs.chunks_mut(stride))
+                    .zip(src.chunks(n * size));
+                for (((q, dx), xs), src) in rows {
+                    if !row(&mut buf, q, dx, xs, src)? {
+                        all.store(false, Ordering::Relaxed);
+                        break;
+                    }
+                }
+                Ok(())
+            })?;
+            all.into_inner()
         } else {
             let mut buf = Vec::new();
             let mut all = true;

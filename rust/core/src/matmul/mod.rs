@@ -15,7 +15,8 @@
 //!   register-blocked kernel. bf16 activations on CPUs with AVX-512 BF16 keep their bits and
 //!   the tile is decoded to bf16 (`tiles::rows_bf16`).
 //!
-//! Output rows are split across rayon threads; each task also writes its own rows out (bias,
+//! Output rows are split across the threads of `pool` (rayon's, or torch's OpenMP team); each
+//! task also writes its own rows out (bias,
 //! narrowing, the transpose), and the activations are quantized across the pool, so no pass
 //! over the batch runs on one thread. Activations, bias and output are fp32, fp16 or bf16;
 //! outside `int8` the arithmetic is fp32: products of the decoded weights, as `dequantize`
@@ -26,18 +27,14 @@
 mod int8;
 mod outgroups;
 mod packed;
+pub mod pool;
 mod tiles;
-
-use std::cell::RefCell;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
-
-use rayon::prelude::*;
 
 use crate::codecs::region::Stored;
 use crate::codecs::{float, Kernels};
 use crate::error::{Error, Result};
 use crate::format::DType;
+use std::cell::RefCell;
 
 /// Whether `linear` multiplies integer codes by int8 activations on this CPU (unless `exact`).
 pub fn int8_available() -> bool {
@@ -57,7 +54,7 @@ const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
 const ROWS_PER_TASK: usize = 32;
 
 /// Below this many multiply-adds a call runs on the calling thread, as it does whenever the pool
-/// has one thread: handing a small layer to the rayon pool (waking a worker, then waiting on it)
+/// has one thread: handing a small layer to the pool (waking a worker, then waiting on it)
 /// costs about as much as its matmul (SmolLM2-135M's 576x1536 layers, MiniLM's 384x1536).
 const INLINE_MAX_MACS: usize = 1 << 20;
 
@@ -119,7 +116,7 @@ pub fn linear(
     };
     // Small layers run on the calling thread (see INLINE_MAX_MACS); so do the activation and
     // output passes, which at hundreds of rows take as long as the matmul when done serially.
-    let inline = rayon::current_num_threads() == 1 || n_out * n_in * batch < INLINE_MAX_MACS;
+    let inline = pool::threads() == 1 || n_out * n_in * batch < INLINE_MAX_MACS;
     // The passes over the activations go to the pool only when they are large (a batch of a
     // few rows is a few microseconds: less than waking a worker).
     let wide = !inline && batch * n_in >= PARALLEL_MIN_ELEMENTS;
@@ -195,9 +192,18 @@ fn widen_rows(x: &[u8], dtype: DType, n_in: usize, out: &mut [f32], inline: bool
     if inline {
         return float::widen_into(x, dtype, out);
     }
-    out.par_chunks_mut(n_in)
-        .zip(x.par_chunks(n_in * size))
-        .try_for_each(|(o, s)| float::widen_into(s, dtype, o))
+    let per = rows_per_pass_task(n_in);
+    let mut tasks: Vec<_> = out
+        .chunks_mut(per * n_in)
+        .zip(x.chunks(per * n_in * size))
+        .collect();
+    pool::for_each_mut(&mut tasks, |(o, s)| float::widen_into(s, dtype, o))
+}
+
+/// Rows of `n_in` activations per task of a pass over them (widen, quantize): a few thousand
+/// elements, so that a task is worth taking from the shared counter.
+pub(crate) fn rows_per_pass_task(n_in: usize) -> usize {
+    (4096 / n_in.max(1)).max(1)
 }
 
 /// Where the tasks put their results: `out[b][o] = yt[o][b] + bias[o]` in `dtype`, written
@@ -249,7 +255,7 @@ thread_local! {
 }
 
 /// Run `f(first row, its results [rows][batch])` for every task of `ROWS_PER_TASK` output rows,
-/// on the calling thread (`inline`) or across the rayon pool, each task writing its rows out.
+/// on the calling thread (`inline`) or across the pool, each task writing its rows out.
 fn run_tasks<F>(n_out: usize, batch: usize, inline: bool, sink: &Sink<'_>, f: F) -> Result<()>
 where
     F: Fn(usize, &mut [f32]) -> Result<()> + Sync + Send,
@@ -282,33 +288,7 @@ where
     if inline {
         return (0..tasks).try_for_each(task);
     }
-    // The calling thread works from the start and the pool's other threads join as they wake,
-    // all taking the next task from one counter: a call of ~0.1 ms (a batch-1 layer) handed
-    // whole to the pool waited on the workers' wake-up, and ran no faster on 2 threads than
-    // on 1. (Called from outside the pool, `par_iter` blocks the caller until it is done.)
-    let next = AtomicUsize::new(0);
-    let failed: Mutex<Option<Error>> = Mutex::new(None);
-    let work = || loop {
-        let t = next.fetch_add(1, Ordering::Relaxed);
-        if t >= tasks {
-            break;
-        }
-        if let Err(e) = task(t) {
-            next.store(tasks, Ordering::Relaxed);
-            failed.lock().unwrap().get_or_insert(e);
-        }
-    };
-    let helpers = (rayon::current_num_threads() - 1).min(tasks - 1);
-    rayon::in_place_scope(|s| {
-        for _ in 0..helpers {
-            s.spawn(|_| work());
-        }
-        work();
-    });
-    match failed.into_inner().unwrap() {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    pool::run(tasks, task)
 }
 
 #[cfg(test)]
