@@ -120,7 +120,8 @@ def convert_with_method(
         progress=progress,
         load_block=load_block if m.needs_calibration else None,
     )
-    source_dtype = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
+    # transformers 5 names it ``dtype`` (reading ``torch_dtype`` warns); older configs the other
+    source_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(source_dtype, torch.dtype):
         model.to(source_dtype)  # raw tensors back to the source's dtype (decode dtype too)
 
