@@ -3,7 +3,7 @@ blocks, each variant quantizing them on the calibration of ``bench_methods.py`` 
 tokens of the tutorial, seed 0), scored by the relative error of the last hidden state against
 the float cut model on 8 held-back windows (seed 1234), and by the per-layer output error on 4
 of those windows (as ``bench_methods.py`` measures it: mean over linears, then per kind of
-linear, relative to the first variant's). A probe for choosing what to run in
+linear: the first variant's own, the others' relative to it). A probe for choosing what to run in
 full (perplexity: ``bench_methods.py``), not a result on its own.
 
     flock /tmp/qt-cpu.lock python3 benches/probe_awq_variants.py --blocks 2 \\
@@ -82,8 +82,9 @@ def main() -> None:
         layer = model.qtensors_quantization["layer_error"]
         first = first or layer
         kinds = {}
-        for name, e in layer.items():
-            kinds.setdefault(name.rsplit(".", 1)[-1].split("_")[0], []).append(e / first[name])
+        for name, e in layer.items():  # the first variant's own errors, the others' ratios
+            ratio = e if layer is first else e / first[name]
+            kinds.setdefault(name.rsplit(".", 1)[-1].split("_")[0], []).append(ratio)
         per_kind = " ".join(f"{k[:2]}{statistics.mean(v):.2f}" for k, v in kinds.items())
         mean = statistics.mean(layer.values())
         vs = mean / statistics.mean(first.values())
