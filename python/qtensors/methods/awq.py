@@ -8,22 +8,21 @@ stage where it is due (earlier stages quantized): ``s = x_mean^alpha`` (the pape
 llm-awq's formula; ``duo_scaling``: AutoAWQ's ``/ (w_mean^(1-alpha) + 1e-4)``), normalised by
 ``sqrt(max s * min s)``, with ``alpha`` from a grid of 20 points in [0, 1) minimising the
 squared error of the module's output (the attention, the MLP, or the linear itself), each
-candidate rounded by the encoding's own round-to-nearest. The candidates run on the quantized
-stream's inputs; their target is the float model's own output of that module
-(``float_targets``, as the reference code scores its float block; off: the float module on the
-same quantized inputs). Then the clipping search: per group of weights, the shrinking of its
-range (ratios 1, 0.95, ..., 0.55) that minimises the mean squared error of its share of the
-layer's output over every calibration row (the groups' Gram matrices, ``ActivationObserver``;
-the reference samples 512 rows), q/k included (``clip_qk``; the reference skips them).
-``alpha = 0`` and ratio 1 are plain round-to-nearest, so on its own objectives AWQ is never
-worse than RTN. On SmolLM2 at int4-g128 symmetric these defaults took AWQ from 1.311x to 1.285x
-of fp32 perplexity and its per-layer error from 0.75 to 0.69 of RTN's
-(``benches/results/methods_awq_g128.txt``).
+candidate rounded by the encoding's own round-to-nearest, scored against the float module's
+output on the same (quantized-stream) inputs, or with ``float_targets`` against the float
+model's own output of that module (a float copy of the block on a float stream: measured worse
+on SmolLM2, 1.285x against 1.259x of fp32 perplexity, so off). Then the clipping search: per
+group of weights, the shrinking of its range (ratios 1, 0.95, ..., 0.55) that minimises the
+mean squared error of its share of the layer's output over every calibration row (the groups'
+Gram matrices, ``ActivationObserver``; the reference samples 512 rows), q/k included
+(``clip_qk``; the reference skips them). ``alpha = 0`` and ratio 1 are plain round-to-nearest,
+so on its own objectives AWQ is never worse than RTN. On SmolLM2 at int4-g128 symmetric these
+defaults took AWQ from 1.311x to 1.259x of fp32 perplexity and its per-layer error from 0.75 to
+0.69 of RTN's (``benches/results/methods_awq_g128.txt``).
 
 ``AWQGPTQ`` ("awq-gptq") folds the same scales, then rounds the scaled weights with GPTQ
 instead of the clipping search (a common combination: the scales protect the salient
-channels, GPTQ compensates the rounding error); it keeps the duo term and the scores on the
-quantized stream it was measured with.
+channels, GPTQ compensates the rounding error); it keeps the duo term it was measured with.
 """
 
 from __future__ import annotations
@@ -138,7 +137,7 @@ class AWQ:
     max_shrink: float = 0.5
     search_batches: int = 4
     clip_qk: bool = True
-    float_targets: bool = True
+    float_targets: bool = False
 
     name = "awq"
     needs_calibration = True
@@ -268,7 +267,6 @@ class AWQGPTQ(AWQ):
 
     gptq: GPTQ = field(default_factory=GPTQ)
     duo_scaling: bool = True
-    float_targets: bool = False
 
     name = "awq-gptq"
 
