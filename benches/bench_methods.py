@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
 import math
 import os
@@ -43,6 +44,21 @@ CONFIGS = {
     "mxfp4": qt.MXFP4(),  # 4.25 bits per weight
     "nvfp4": qt.NVFP4(),  # 4.5 bits per weight
 }
+
+
+def settings_of(text: str) -> dict:
+    """``a=1, b=False`` -> {"a": 1, "b": False} (literals only)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        out[key.strip()] = ast.literal_eval(value.strip())
+    return out
+
+
+def variant(text: str) -> tuple[str, dict]:
+    """``awq:clip_qk=True`` -> ("awq", {"clip_qk": True}): a method and its settings."""
+    name, _, kw = text.partition(":")
+    return name, settings_of(kw)
 
 
 class PeakRSS:
@@ -124,14 +140,16 @@ def smollm2(args, log) -> None:
         f"held-back: {args.holdout} x {args.seq_len} (seed 1234); lm_head and embeddings kept"
     )
     log("")
+    w = max(8, *map(len, args.methods))
     log(
-        f"{'config':18} {'method':8} {'ppl':>8} {'x fp32':>7} {'excess':>7} "
+        f"{'config':18} {'method':{w}} {'ppl':>8} {'x fp32':>7} {'excess':>7} "
         f"{'layer err':>9} {'vs rtn':>7} {'time s':>7} {'peak MiB':>8}"
     )
     for cname in args.configs:
         enc = CONFIGS[cname]
         rtn_excess = rtn_err = None
-        for method in args.methods:
+        for label in args.methods:
+            method, settings = variant(label)
             if method == "hqq" and enc.name != "affine":
                 continue  # HQQ fits zero points: affine groups only
             model = fresh()
@@ -150,6 +168,7 @@ def smollm2(args, log) -> None:
                 holdout=holdout,
                 batch_size=args.batch_size,
                 progress=False,
+                **settings,
             )
             secs = time.perf_counter() - t0
             peak = mem.stop()
@@ -162,7 +181,7 @@ def smollm2(args, log) -> None:
             vs = f"{err / rtn_err:7.2f}" if rtn_err else f"{'':>7}"
             excess = f"{(ratio - 1) / rtn_excess:7.2f}" if rtn_excess else f"{'':>7}"
             log(
-                f"{cname:18} {method:8} {ppl:8.3f} {ratio:7.3f} {excess} {err:9.4f} {vs} "
+                f"{cname:18} {label:{w}} {ppl:8.3f} {ratio:7.3f} {excess} {err:9.4f} {vs} "
                 f"{secs:7.1f} {peak:8.0f}"
             )
             del model
@@ -203,15 +222,17 @@ class MiniLMCosine:
         """Mean cosine to fp32 of the embeddings with every linear quantized by ``method``
         (calibrated on ``calibration``, by default the calibration sentences)."""
         model = self.fresh()
+        name, settings = variant(method)
         qtt.quantize_model(
             model,
             enc,
-            method=method,
+            method=name,
             calibration=self.calib if calibration is None else calibration,
             tokenizer=self.tok,
             samples=samples,
             seq_len=seq_len,
             progress=False,
+            **settings,
         )
         emb = self.embed(model)
         return float(torch.nn.functional.cosine_similarity(emb, self.ref).mean())
@@ -230,7 +251,7 @@ def minilm(args, log) -> None:
 
     for cname in args.minilm_configs:
         for method in args.methods:
-            if method == "hqq" and CONFIGS[cname].name != "affine":
+            if variant(method)[0] == "hqq" and CONFIGS[cname].name != "affine":
                 continue  # HQQ fits zero points: affine groups only
             enc, n, L = CONFIGS[cname], args.minilm_samples, args.minilm_seq_len
             log(f"{cname:18} {method:8} cosine {bench.cosine(enc, method, n, L):.4f}")
@@ -270,7 +291,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--minilm-samples", type=int, default=64)
     ap.add_argument("--minilm-seq-len", type=int, default=128)
-    ap.add_argument("--methods", default="rtn,hqq,gptq,awq")
+    ap.add_argument(
+        "--methods",
+        default="rtn,hqq,gptq,awq",
+        help="methods, with settings as method:key=value,... (then separated by ';')",
+    )
     ap.add_argument("--configs", default="int4-g128-sym,int4-g64-affine")
     ap.add_argument("--minilm-configs", default="int4-g64-affine,int4-g64-sym")
     ap.add_argument("--minilm-bare", action="store_true", help="also calibrate without [CLS]/[SEP]")
@@ -278,7 +303,7 @@ def main() -> None:
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()
-    args.methods = args.methods.split(",")
+    args.methods = args.methods.split(";" if ";" in args.methods else ",")
     args.configs = args.configs.split(",")
     args.minilm_configs = args.minilm_configs.split(",")
     log = results_log(args.out)

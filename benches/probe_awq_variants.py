@@ -1,7 +1,9 @@
 """AWQ's variants compared cheaply: SmolLM2-135M-Instruct cut to its first ``--blocks`` decoder
 blocks, each variant quantizing them on the calibration of ``bench_methods.py`` (32 x 256
 tokens of the tutorial, seed 0), scored by the relative error of the last hidden state against
-the float cut model on 8 held-back windows (seed 1234). A probe for choosing what to run in
+the float cut model on 8 held-back windows (seed 1234), and by the per-layer output error on 4
+of those windows (as ``bench_methods.py`` measures it: mean over linears, then per kind of
+linear: the first variant's own, the others' relative to it). A probe for choosing what to run in
 full (perplexity: ``bench_methods.py``), not a result on its own.
 
     flock /tmp/qt-cpu.lock python3 benches/probe_awq_variants.py --blocks 2 \\
@@ -13,24 +15,15 @@ A variant is ``method:settings`` (keyword arguments of the method, e.g. ``awq:n_
 from __future__ import annotations
 
 import argparse
-import ast
+import statistics
 import time
 
 import torch
 from _data import doc_texts, smollm2_folder
-from bench_methods import CONFIGS, results_log
+from bench_methods import CONFIGS, results_log, settings_of
 
 import qtensors.torch as qtt
 from qtensors.methods import calibration_windows
-
-
-def settings_of(text: str) -> dict:
-    """``a=1, b=False`` -> {"a": 1, "b": False} (literals only)."""
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, _, value = part.partition("=")
-        out[key.strip()] = ast.literal_eval(value.strip())
-    return out
 
 
 def main() -> None:
@@ -64,7 +57,9 @@ def main() -> None:
 
     ref = hidden(cut_model())
     log(f"SmolLM2 first {args.blocks} blocks, {args.config}; calibration 32 x 256 (seed 0)")
-    log(f"{'variant':40} {'rel err':>8} {'time s':>7}")
+    head = f"{'rel err':>8} {'layer':>6} {'vs 1st':>6}  {'per kind vs 1st':30}"
+    log(f"{'variant':40} {head} {'time s':>7}")
+    first: dict[str, float] | None = None
     for variant in args.variants.split(";"):
         method, _, kw = variant.partition(":")
         model = cut_model()
@@ -78,12 +73,22 @@ def main() -> None:
             samples=32,
             seq_len=256,
             skip=("lm_head",),
+            holdout=held[:4],
             progress=False,
             **settings_of(kw),
         )
         secs = time.perf_counter() - t0
         err = float((hidden(model) - ref).norm() / ref.norm())
-        log(f"{variant:40} {err:8.4f} {secs:7.1f}")
+        layer = model.qtensors_quantization["layer_error"]
+        first = first or layer
+        kinds = {}
+        for name, e in layer.items():  # the first variant's own errors, the others' ratios
+            ratio = e if layer is first else e / first[name]
+            kinds.setdefault(name.rsplit(".", 1)[-1].split("_")[0], []).append(ratio)
+        per_kind = " ".join(f"{k[:2]}{statistics.mean(v):.2f}" for k, v in kinds.items())
+        mean = statistics.mean(layer.values())
+        vs = mean / statistics.mean(first.values())
+        log(f"{variant:40} {err:8.4f} {mean:6.4f} {vs:6.2f}  {per_kind:30} {secs:7.1f}")
 
 
 if __name__ == "__main__":

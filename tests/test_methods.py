@@ -21,6 +21,7 @@ from qtensors.methods import (
     GPTQ,
     HQQ,
     RTN,
+    ActivationObserver,
     CalibrationError,
     HessianObserver,
     calibration_windows,
@@ -28,7 +29,7 @@ from qtensors.methods import (
 )
 from qtensors.methods.awq import best_clip, clipped_rtn, fold_scales, scale_groups
 from qtensors.methods.gptq import gptq_quantize
-from qtensors.methods.grid import Grid, expand, grouped, rows_view
+from qtensors.methods.grid import Grid, expand, group_mask, grouped, rows_view
 from qtensors.methods.hqq import hqq_quantize
 from qtensors.methods.packing import quantized_tensor
 from qtensors.methods.rtn import rtn_quantize
@@ -113,7 +114,7 @@ def test_every_method_writes_what_the_reference_decodes(enc):
     X = correlated_inputs(128, 48, seed=6)
     affine = Grid.of(enc).kind == "affine"
     for method in (RTN(), HQQ(), GPTQ(), AWQ()) if affine else (RTN(), GPTQ(), AWQ()):
-        obs = method.observer(nn.Linear(48, 24), "mlp.down_proj")
+        obs = method.observer(nn.Linear(48, 24), "mlp.down_proj", enc)
         if obs is not None:
             obs.add(X)
         q = method.quantize_weight(W, enc, obs)
@@ -315,7 +316,7 @@ def test_awq_searches_each_group_at_its_stage(monkeypatch):
     seen: list[tuple[str, list[str]]] = []
     real = AWQ._search
 
-    def spy(self, group, grid, x_mean, calls):
+    def spy(self, group, grid, x_mean, calls, targets=None):
         block = model.model.layers[0]
         names = {id(m): n for n, m in block.named_modules()}
         if id(group.prev) in names:  # block 0 only
@@ -323,7 +324,7 @@ def test_awq_searches_each_group_at_its_stage(monkeypatch):
                 n for n, m in block.named_modules() if isinstance(m, QuantizedLinear)
             )
             seen.append((names[id(group.prev)], quantized))
-        return real(self, group, grid, x_mean, calls)
+        return real(self, group, grid, x_mean, calls, targets)
 
     monkeypatch.setattr(AWQ, "_search", spy)
     ids = torch.randint(2, 92, (4, 16), generator=torch.Generator().manual_seed(5))
@@ -337,6 +338,81 @@ def test_awq_searches_each_group_at_its_stage(monkeypatch):
         ("mlp.up_proj", attn),
     ]
     assert [len(a) for a in model.qtensors_quantization["prepare"]] == [4, 4]
+
+
+def test_awq_float_targets_are_the_float_models_outputs(monkeypatch):
+    """With ``float_targets``, every scale search scores against the float model's own outputs
+    of the watched module (its own inputs, nothing quantized upstream), not against the float
+    module run on the quantized stream; the option is recorded."""
+    model, ref = tiny_llama(seed=21), tiny_llama(seed=21)
+    ids = torch.randint(2, 92, (4, 16), generator=torch.Generator().manual_seed(8))
+    got: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    real = AWQ._search
+    names = {
+        id(m): f"model.layers.{i}.{n}"
+        for i, b in enumerate(model.model.layers)
+        for n, m in b.named_modules()
+    }
+
+    def spy(self, group, grid, x_mean, calls, targets=None):
+        on_quantized = [out(group.inspect(*a, **k)) for a, k in calls]
+        got.append((names[id(group.inspect)], targets[0], on_quantized[0]))
+        return real(self, group, grid, x_mean, calls, targets)
+
+    def out(o):
+        return (o[0] if isinstance(o, tuple) else o).float()
+
+    monkeypatch.setattr(AWQ, "_search", spy)
+    enc = qt.Symmetric(bits=3, group_size=16)
+    qtt.quantize_model(
+        model,
+        enc,
+        method="awq",
+        float_targets=True,
+        calibration=ids,
+        samples=4,
+        seq_len=16,
+        skip=("lm_head",),
+        progress=False,
+    )
+    assert model.qtensors_quantization["float_targets"] is True
+    assert len(got) == 8  # qkv, v->o, gate/up, up->down in each of the 2 blocks
+    want: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(_m, _a, o) -> None:
+            want[name] = out(o)
+
+        return hook
+
+    hooks = [ref.get_submodule(n).register_forward_hook(keep(n)) for n, _, _ in got]
+    with torch.no_grad():  # the windows the runner drew from ids
+        ref(input_ids=calibration_windows(ids, samples=4, seq_len=16), use_cache=False)
+    for h in hooks:
+        h.remove()
+    for name, targets, _ in got:
+        torch.testing.assert_close(targets, want[name], rtol=1e-5, atol=1e-5)
+    # in block 1 the quantized stream differs: the targets really are the float model's
+    assert not torch.allclose(got[-1][1], got[-1][2], atol=1e-4)
+
+
+def test_awq_clips_q_and_k_only_when_asked():
+    enc = qt.Affine(bits=4, group_size=16)
+    for clip_qk in (False, True):
+        awq = AWQ(clip_qk=clip_qk)
+        grams = {
+            n: awq.observer(nn.Linear(32, 8), n, enc).group_size
+            for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")
+        }
+        want = 16 if clip_qk else None
+        assert grams == {
+            "self_attn.q_proj": want,
+            "self_attn.k_proj": want,
+            "self_attn.v_proj": 16,
+            "mlp.down_proj": 16,
+        }
+    axis0 = qt.Affine(bits=4, group_size=16, axis=0)  # no clipping search across output rows
+    assert AWQ().observer(nn.Linear(32, 8), "mlp.down_proj", axis0).group_size is None
 
 
 def test_awq_gptq_folds_scales_then_beats_rtn():
@@ -363,13 +439,17 @@ def test_awq_clip_never_increases_a_groups_output_error(enc):
     w = torch.randn(24, 80, generator=g) * (1 + 6 * (torch.rand(24, 80, generator=g) > 0.97))
     x = correlated_inputs(96, 80, seed=12)
     grid = Grid.of(enc)  # groups along the input axis, as the clipping search needs
-    ratio = best_clip(w, x, grid)
+    obs = ActivationObserver(80, grid.group_size)
+    obs.add(x[:40])
+    obs.add(x[40:])  # the running mean over two batches
+    ratio = best_clip(w, obs.gram, grid)
     gs, n = grid.group_size, w.shape[1]
 
     def share_error(r: torch.Tensor | None) -> torch.Tensor:
         c, s, m = clipped_rtn(w, grid, r)
         q = grid.decode(c, expand(s, gs, n), expand(m, gs, n))
-        return torch.einsum("tgk,rgk->trg", grouped(x, gs), grouped(w - q, gs)).pow(2).mean(0)
+        xg = grouped(x, gs) * group_mask(n, gs)  # a ragged group's padding is no input
+        return torch.einsum("tgk,rgk->trg", xg, grouped(w - q, gs)).pow(2).mean(0)
 
     clipped, plain = share_error(ratio), share_error(None)
     assert bool((clipped <= plain * (1 + 1e-6) + 1e-9).all())

@@ -4,18 +4,25 @@ rounding error) and the inverse scale is folded into whatever produces them (a n
 the previous linear's rows), so inference costs nothing extra.
 
 Per block, for each group of linears sharing one input (``scale_groups``), at the runner's
-stage where it is due (earlier stages quantized): ``s = x_mean^alpha`` (optionally
-``/ (w_mean^(1-alpha) + 1e-4)``), normalised by ``sqrt(max s * min s)``, with ``alpha`` from a
-grid of 20 points in [0, 1) minimising the squared error of the module's output (the
-attention, the MLP, or the linear itself) on the calibration inputs, each candidate rounded by
-the encoding's own round-to-nearest; then the clipping search: per group of weights, the
-shrinking of its range (ratios 1, 0.95, ..., 0.55) that minimises the error of its share of the
-layer's output. ``alpha = 0`` and ratio 1 are plain round-to-nearest, so on its own objectives
-AWQ is never worse than RTN.
+stage where it is due (earlier stages quantized): ``s = x_mean^alpha`` (the paper's and
+llm-awq's formula; ``duo_scaling``: AutoAWQ's ``/ (w_mean^(1-alpha) + 1e-4)``), normalised by
+``sqrt(max s * min s)``, with ``alpha`` from a grid of 20 points in [0, 1) minimising the
+squared error of the module's output (the attention, the MLP, or the linear itself), each
+candidate rounded by the encoding's own round-to-nearest, scored against the float module's
+output on the same (quantized-stream) inputs, or with ``float_targets`` against the float
+model's own output of that module (a float copy of the block on a float stream: measured worse
+on SmolLM2, 1.285x against 1.259x of fp32 perplexity, so off). Then the clipping search: per
+group of weights, the shrinking of its range (ratios 1, 0.95, ..., 0.55) that minimises the
+mean squared error of its share of the layer's output over every calibration row (the groups'
+Gram matrices, ``ActivationObserver``; the reference samples 512 rows), q/k included
+(``clip_qk``; the reference skips them). ``alpha = 0`` and ratio 1 are plain round-to-nearest,
+so on its own objectives AWQ is never worse than RTN. On SmolLM2 at int4-g128 symmetric these
+defaults took AWQ from 1.311x to 1.259x of fp32 perplexity and its per-layer error from 0.75 to
+0.69 of RTN's (``benches/results/methods_awq_g128.txt``).
 
 ``AWQGPTQ`` ("awq-gptq") folds the same scales, then rounds the scaled weights with GPTQ
 instead of the clipping search (a common combination: the scales protect the salient
-channels, GPTQ compensates the rounding error).
+channels, GPTQ compensates the rounding error); it keeps the duo term it was measured with.
 """
 
 from __future__ import annotations
@@ -57,6 +64,8 @@ def scale_groups(block: nn.Module) -> list[ScaleGroup]:
 
     Only a producer whose output feeds nothing but these linears can absorb a scale: in BERT
     the LayerNorms also feed the residual stream, so only value -> attention output remains.
+    Grouped-query v -> o is skipped, as AWQ's code does (a scale tied across the query heads
+    sharing a value head folds exactly, but measured worse on SmolLM2: v and o errors rose).
     """
     groups: list[ScaleGroup] = []
 
@@ -123,11 +132,12 @@ def _first(out: Any) -> torch.Tensor:
 @dataclass
 class AWQ:
     n_grid: int = 20
-    duo_scaling: bool = True
+    duo_scaling: bool = False
     clip: bool = True
     max_shrink: float = 0.5
     search_batches: int = 4
-    clip_rows: int = 512
+    clip_qk: bool = True
+    float_targets: bool = False
 
     name = "awq"
     needs_calibration = True
@@ -139,13 +149,19 @@ class AWQ:
             "duo_scaling": self.duo_scaling,
             "clip": self.clip,
             "max_shrink": self.max_shrink,
+            "clip_qk": self.clip_qk,
+            "float_targets": self.float_targets,
         }
 
-    def observer(self, linear: nn.Linear, name: str = "") -> ActivationObserver:
-        obs = ActivationObserver(linear.in_features, keep_rows=self.clip_rows)
-        # clipping q/k distorts the attention scores more than it saves (as AWQ's code skips it)
-        obs.clip = self.clip and not any(k in name for k in ("q_proj", "k_proj", "query", "key"))
-        return obs
+    def observer(
+        self, linear: nn.Linear, name: str = "", encoding: Encoding | None = None
+    ) -> ActivationObserver:
+        # AWQ's code skips clipping q/k (their errors reach the output through the attention
+        # scores, which a linear's own output error does not see); ``clip_qk`` clips them too
+        qk = any(k in name for k in ("q_proj", "k_proj", "query", "key"))
+        grid = None if encoding is None else Grid.of(encoding)
+        clip = self.clip and (self.clip_qk or not qk) and grid is not None and grid.axis % 2 == 1
+        return ActivationObserver(linear.in_features, grid.group_size if clip else None)
 
     # -- scales ----------------------------------------------------------------------------
     def prepare_stage(
@@ -174,21 +190,31 @@ class AWQ:
             x_mean = torch.cat(
                 [a[0].reshape(-1, a[0].shape[-1]).abs().float() for a, _ in lin_calls]
             ).mean(0)
-            alpha, s = self._search(group, grid, x_mean, inspect_calls)
+            targets = None
+            if self.float_targets:  # the float model's outputs, on its own inputs
+                targets = run.float_outputs(group.inspect, self.search_batches)
+            alpha, s = self._search(group, grid, x_mean, inspect_calls, targets)
             fold_scales(group, s)
             alphas.append(alpha)
         return alphas
 
     def _search(
-        self, group: ScaleGroup, grid: Grid, x_mean: torch.Tensor, calls: list
+        self,
+        group: ScaleGroup,
+        grid: Grid,
+        x_mean: torch.Tensor,
+        calls: list,
+        targets: list[torch.Tensor] | None = None,
     ) -> tuple[float, torch.Tensor]:
+        """The best alpha and its scales: the least squared error of ``group.inspect``'s outputs
+        on ``calls`` against ``targets`` (by default its float outputs on the same calls)."""
         originals = [lin.weight.detach().clone() for lin in group.linears]
 
         def output() -> list[torch.Tensor]:
             return [_first(group.inspect(*a, **k)).float() for a, k in calls]
 
         with torch.no_grad():
-            ref = output()
+            ref = output() if targets is None else targets
             w_mean = self._w_mean(originals, grid) if self.duo_scaling else None
             best = (float("inf"), 0.0, torch.ones_like(x_mean))
             for i in range(self.n_grid):
@@ -225,11 +251,11 @@ class AWQ:
         w = weight.detach().float()
         if (
             isinstance(stats, ActivationObserver)
-            and getattr(stats, "clip", False)
-            and stats.sample is not None
+            and stats.gram is not None
+            and stats.group_size == grid.group_size
             and grid.axis % 2 == 1
         ):
-            ratio = best_clip(w, stats.sample.to(w.device), grid, self.n_grid, self.max_shrink)
+            ratio = best_clip(w, stats.gram.to(w.device), grid, self.n_grid, self.max_shrink)
         else:
             ratio = None
         return quantized_tensor(grid, *clipped_rtn(rows_view(w, grid), grid, ratio))
@@ -240,15 +266,19 @@ class AWQGPTQ(AWQ):
     """AWQ's scales, then GPTQ's rounding (``gptq``: its settings)."""
 
     gptq: GPTQ = field(default_factory=GPTQ)
+    duo_scaling: bool = True
 
     name = "awq-gptq"
 
     def settings(self) -> dict[str, Any]:
-        own = {k: v for k, v in super().settings().items() if k not in ("clip", "max_shrink")}
+        clip = ("clip", "max_shrink", "clip_qk")
+        own = {k: v for k, v in super().settings().items() if k not in clip}
         return {**own, "gptq": {k: v for k, v in self.gptq.settings().items() if k != "method"}}
 
-    def observer(self, linear: nn.Linear, name: str = "") -> HessianObserver:
-        return self.gptq.observer(linear, name)
+    def observer(
+        self, linear: nn.Linear, name: str = "", encoding: Encoding | None = None
+    ) -> HessianObserver:
+        return self.gptq.observer(linear, name, encoding)
 
     def quantize_weight(
         self, weight: torch.Tensor, encoding: Encoding, stats: Any
@@ -271,26 +301,28 @@ def clipped_rtn(
 
 def best_clip(
     w: torch.Tensor,
-    x: torch.Tensor,
+    gram: torch.Tensor,
     grid: Grid,
     n_grid: int = 20,
     max_shrink: float = 0.5,
     chunk: int = 256,
 ) -> torch.Tensor:
     """Per (row, group) shrink ratio minimising the mean squared error of that group's share
-    of the output, ``sum_j x_tj (w_j - q_j)``, over the sample rows ``x``."""
+    of the output, ``mean_t (sum_j x_tj (w_j - q_j))^2 = d^T H_g d`` with ``gram`` the
+    groups' ``H_g`` (``[G, g, g]``, ``ActivationObserver``): AWQ's objective over every
+    calibration row rather than a sample of them."""
     g, rows = grid.group_size, w.shape[0]
-    xg = grouped(x.float(), g)  # [T, G, g] (ragged padding repeats a column: a small bias)
+    h = gram.float()
     ratios = [1 - i / n_grid for i in range(int(max_shrink * n_grid))]
-    best_ratio = torch.ones(rows, xg.shape[1], device=w.device)
+    best_ratio = torch.ones(rows, h.shape[0], device=w.device)
     for r0 in range(0, rows, chunk):
-        wc = grouped(w[r0 : r0 + chunk], g)  # [R, G, g]
+        wc = grouped(w[r0 : r0 + chunk], g)  # [R, G, g] (ragged padding meets zero rows of H)
         lo, hi = wc.amin(-1), wc.amax(-1)
         best_err = torch.full(lo.shape, float("inf"), device=w.device)
         for r in ratios:
             s, m = grid.params_from_range(lo * r, hi * r)
-            q = grid.fake(wc, s[..., None], None if m is None else m[..., None])
-            err = torch.einsum("tgk,rgk->trg", xg, wc - q).pow(2).mean(0)
+            d = wc - grid.fake(wc, s[..., None], None if m is None else m[..., None])
+            err = (torch.einsum("rgk,gkl->rgl", d, h) * d).sum(-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_ratio[r0 : r0 + chunk] = torch.where(better, r, best_ratio[r0 : r0 + chunk])

@@ -35,7 +35,9 @@ class Method(Protocol):
         """The method's name and settings, as recorded in a file's metadata."""
         ...
 
-    def observer(self, linear: nn.Linear, name: str = "") -> Observer | None: ...
+    def observer(
+        self, linear: nn.Linear, name: str = "", encoding: Encoding | None = None
+    ) -> Observer | None: ...
 
     def prepare_stage(
         self, block: nn.Module, stage: list[str], run: Any, encoding: Encoding
@@ -52,7 +54,7 @@ class WeightOnly:
 
     needs_calibration = False
 
-    def observer(self, linear: nn.Linear, name: str = "") -> None:
+    def observer(self, linear: nn.Linear, name: str = "", encoding: Encoding | None = None) -> None:
         return None
 
     def prepare_stage(
@@ -80,28 +82,34 @@ class HessianObserver:
 
 
 class ActivationObserver:
-    """Per-input-channel mean |x| (AWQ's salience) and a seeded sample of input rows (for the
-    clipping search)."""
+    """Per-input-channel mean |x| and the per-group Gram matrices ``mean x_g x_g^T`` over every
+    input row (groups of ``group_size`` consecutive input channels, the last one zero-padded):
+    the mean squared output error of a group's weight change ``d`` is ``d^T H_g d``, exactly
+    the clipping search's objective on all the calibration rows, at ``rows * features * g``
+    to accumulate and ``features * g`` to keep."""
 
-    def __init__(self, features: int, keep_rows: int = 512, seed: int = 0) -> None:
+    def __init__(self, features: int, group_size: int | None = None) -> None:
         self.abs_sum = torch.zeros(features, dtype=torch.float64)
         self.rows = 0
-        self.keep_rows = keep_rows
-        self.sample: torch.Tensor | None = None
-        self._gen = torch.Generator().manual_seed(seed)
+        self.group_size = group_size
+        self.gram: torch.Tensor | None = None  # [G, g, g], a running mean over the rows
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        if n == 0:
+            return
         self.abs_sum += x.abs().sum(0).double().cpu()
-        self.rows += x.shape[0]
-        # keep a uniform share of every batch: enough rows for the search, bounded memory
-        take = min(x.shape[0], self.keep_rows)
-        idx = torch.randperm(x.shape[0], generator=self._gen)[:take]
-        rows = x[idx.to(x.device)]
-        self.sample = rows if self.sample is None else torch.cat([self.sample, rows])
-        if self.sample.shape[0] > self.keep_rows:
-            keep = torch.randperm(self.sample.shape[0], generator=self._gen)[: self.keep_rows]
-            self.sample = self.sample[keep.to(self.sample.device)]
+        self.rows += n
+        if self.group_size is None:
+            return
+        g = self.group_size
+        pad = -x.shape[1] % g
+        xg = torch.nn.functional.pad(x, (0, pad)).reshape(n, -1, g).transpose(0, 1)  # [G, n, g]
+        if self.gram is None:
+            self.gram = torch.zeros(xg.shape[0], g, g, device=x.device)
+        self.gram.mul_((self.rows - n) / self.rows)
+        self.gram.baddbmm_(xg.transpose(1, 2), xg, alpha=1.0 / self.rows)
 
     @property
     def mean_abs(self) -> torch.Tensor:

@@ -51,7 +51,9 @@ class GPTQ:
             "search_scales": self.search_scales,
         }
 
-    def observer(self, linear: nn.Linear, name: str = "") -> HessianObserver:
+    def observer(
+        self, linear: nn.Linear, name: str = "", encoding: Encoding | None = None
+    ) -> HessianObserver:
         return HessianObserver(linear.in_features, device=linear.weight.device)
 
     def prepare_stage(

@@ -12,6 +12,7 @@ swapped for ``QuantizedLinear``; a last pass computes the next block's inputs.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -140,6 +141,8 @@ def quantize_blocks(
     layer_error: dict[str, float] = {}
     with torch.no_grad():
         calls = capture_inputs(model, blocks, windows, batch_size, dev)
+        # the float model's own stream, for a method that scores against its outputs
+        float_calls = list(calls) if getattr(method, "float_targets", False) else None
         held = [] if holdout is None else capture_inputs(model, blocks, holdout, batch_size, dev)
         bar = _bar(len(blocks), f"{method.name} blocks", progress)
         for i, block in enumerate(blocks):
@@ -147,14 +150,7 @@ def quantize_blocks(
                 load_block(i, block)
             block.to(dev)
 
-            def run(
-                max_batches: int | None = None,
-                block: nn.Module = block,
-                on: list[tuple[tuple, dict]] = calls,
-                stop_after: nn.Module | None = None,
-            ) -> None:
-                _run(block, on[:max_batches], stop_after)
-
+            run = BlockRun(block, calls, float_calls)
             prepared: list[Any] = []
             linears = {
                 n: m
@@ -168,7 +164,7 @@ def quantize_blocks(
                 if extra:
                     prepared.extend(extra)
                 last = linears[stage[-1]]
-                observers = {n: method.observer(linears[n], n) for n in stage}
+                observers = {n: method.observer(linears[n], n, encoding) for n in stage}
                 hooks = [
                     linears[n].register_forward_pre_hook(lambda _m, a, o=o: o.add(a[0]))
                     for n, o in observers.items()
@@ -198,6 +194,9 @@ def quantize_blocks(
             # the next block sees this block's quantized outputs
             _advance(block, calls)
             _advance(block, held)
+            if float_calls is not None:
+                _advance(run.float_block, float_calls)
+            del run
             block.to(home)
             if on_block is not None:
                 on_block(i, block)
@@ -251,7 +250,7 @@ def quantize_outside(
     home = next(model.parameters()).device
     dev = torch.device(device) if device is not None else home
     linears = {n: model.get_submodule(n) for n in names}
-    observers = {n: method.observer(m, n) for n, m in linears.items()}
+    observers = {n: method.observer(m, n, encoding) for n, m in linears.items()}
     hooks = [
         m.register_forward_pre_hook(lambda _m, a, o=observers[n]: o.add(a[0]))
         for n, m in linears.items()
@@ -282,6 +281,41 @@ def _advance(block: nn.Module, calls: list[tuple[tuple, dict]]) -> None:
             calls[j] = ((_first(block(*args, **kwargs)), *args[1:]), kwargs)
         else:
             calls[j] = (args, {**kwargs, "hidden_states": _first(block(**kwargs))})
+
+
+class BlockRun:
+    """What ``prepare_stage`` gets as ``run``: ``run(max_batches, stop_after=module)`` runs the
+    block as it is now (earlier stages quantized) on the calibration calls;
+    ``run.float_outputs(module, max_batches)`` gives the float model's outputs of one of its
+    modules, from a float copy of the block (made before anything in it changed) on the float
+    model's own stream (``float_calls``, only for a method with ``float_targets``)."""
+
+    def __init__(
+        self,
+        block: nn.Module,
+        calls: list[tuple[tuple, dict]],
+        float_calls: list[tuple[tuple, dict]] | None = None,
+    ) -> None:
+        self.block, self.calls, self.float_calls = block, calls, float_calls
+        self.float_block = None if float_calls is None else copy.deepcopy(block)
+        self._names = {id(m): n for n, m in block.named_modules()}
+
+    def __call__(self, max_batches: int | None = None, stop_after: nn.Module | None = None) -> None:
+        _run(self.block, self.calls[:max_batches], stop_after)
+
+    def float_outputs(
+        self, module: nn.Module, max_batches: int | None = None
+    ) -> list[torch.Tensor]:
+        if self.float_block is None or self.float_calls is None:
+            raise ValueError("float outputs need the method's float_targets (a float stream)")
+        target = self.float_block.get_submodule(self._names[id(module)])
+        outs: list[torch.Tensor] = []
+        h = target.register_forward_hook(lambda _m, _a, o: outs.append(_first(o).float()))
+        try:
+            _run(self.float_block, self.float_calls[:max_batches], target)
+        finally:
+            h.remove()
+        return outs
 
 
 def _run(
