@@ -45,14 +45,14 @@ def best_pair(a, b, repeat: int) -> tuple[float, float]:
     ratio rather than one, and lasts fewer repeats."""
     a(), b()
     ta, tb = [], []
-    for _ in range(repeat):
+    for i in range(repeat):
         time.sleep(0.03)
-        t0 = time.perf_counter()
-        a()
-        ta.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        b()
-        tb.append(time.perf_counter() - t0)
+        # Which one runs first after the pause alternates too, so that a cost of running first
+        # (or second) falls on both sides.
+        for fn, times in ((a, ta), (b, tb))[:: 1 if i % 2 == 0 else -1]:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     return min(ta), min(tb)
 
 
