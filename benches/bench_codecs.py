@@ -9,6 +9,13 @@ Dequantizing to fp16 and bf16 is measured against a memcpy of the same (half-siz
 two run alternately, best of each), and
 peers that are installed (gguf-py's Q4_0, bitsandbytes' NF4) dequantize comparable data to fp16
 in the same run.
+
+Quantizing from fp16 and bf16 is compared with quantizing from fp32 (same values), and with
+`--baseline-core PATH` (another build's `_core.abi3.so`, e.g. main's) against that build on the
+same input, the two run alternately. `--quantize-only` skips the rest:
+
+    RAYON_NUM_THREADS=1 python benches/bench_codecs.py --quantize-only \
+        --baseline-core /tmp/main/python/qtensors/_core.abi3.so
 """
 
 from __future__ import annotations
@@ -38,14 +45,14 @@ def best_pair(a, b, repeat: int) -> tuple[float, float]:
     ratio rather than one, and lasts fewer repeats."""
     a(), b()
     ta, tb = [], []
-    for _ in range(repeat):
+    for i in range(repeat):
         time.sleep(0.03)
-        t0 = time.perf_counter()
-        a()
-        ta.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        b()
-        tb.append(time.perf_counter() - t0)
+        # Which one runs first after the pause alternates too, so that a cost of running first
+        # (or second) falls on both sides.
+        for fn, times in ((a, ta), (b, tb))[:: 1 if i % 2 == 0 else -1]:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     return min(ta), min(tb)
 
 
@@ -65,7 +72,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--ref-size", type=int, default=512, help="side of the numpy-reference run")
     ap.add_argument("--only", default="", help="run only the cases whose label contains this")
+    ap.add_argument("--quantize-only", action="store_true", help="only the quantize rows")
+    ap.add_argument(
+        "--baseline-core", default="", help="another build's _core.abi3.so to compare quantize with"
+    )
     args = ap.parse_args()
+    base_core = load_core(args.baseline_core) if args.baseline_core else None
 
     rng = np.random.default_rng(0)
     n = args.size
@@ -77,6 +89,8 @@ def main() -> None:
     )
     print(f"# tensor {n}x{n} fp32 = {nbytes / 2**20:.0f} MiB, best of {args.repeat}")
 
+    if base_core is not None:
+        print(f"# baseline: {args.baseline_core}")
     dst = np.empty_like(x)
     t_copy = best_of(lambda: np.copyto(dst, x), args.repeat)
     copy_gbs = nbytes / t_copy / 1e9
@@ -109,6 +123,20 @@ def main() -> None:
             lambda enc_json=enc_json, flat=flat: _core.encode(flat, "float32", [n, n], enc_json),
             args.repeat,
         )
+        q_gbs = nbytes / t_q / 1e9
+        if args.quantize_only:
+            vs = ""
+            if base_core is not None:
+                t_q, t_old = pair_with(base_core, flat, "float32", n, enc_json, args.repeat)
+                q_gbs = nbytes / t_q / 1e9
+                vs = f"  {t_old / t_q:5.2f}x baseline ({nbytes / t_old / 1e9:.2f} GB/s)"
+            print(f"\n{label}")
+            print(
+                f"  quantize                     {q_gbs:7.2f} GB/s  {q_gbs / copy_gbs:5.2f}x memcpy"
+                + vs
+            )
+            quantize_16bit(x, enc_json, q_gbs, base_core, args.repeat)
+            continue
         parts = [
             np.frombuffer(b, np.uint8) for b in _core.encode(flat, "float32", [n, n], enc_json)
         ]
@@ -136,7 +164,6 @@ def main() -> None:
         ref_q_gbs = xr.nbytes / t_rq / 1e9
         ref_d_gbs = xr.nbytes / t_rd / 1e9
 
-        q_gbs = nbytes / t_q / 1e9
         d_gbs = nbytes / t_d / 1e9
         dn_gbs = nbytes / t_d_new / 1e9
         rows.append((label, q_gbs, d_gbs, dn_gbs, ref_q_gbs, ref_d_gbs))
@@ -153,21 +180,7 @@ def main() -> None:
             f"  dequantize to a new array    {dn_gbs:7.2f} GB/s  {dn_gbs / copy_gbs:5.2f}x memcpy  "
             f"{dn_gbs / copy_new_gbs:5.2f}x x.copy()"
         )
-        for dt in ("float16", "bfloat16"):
-            # Quantize from 16-bit input, per element against quantize from fp32 (same values
-            # rounded to the input dtype first).
-            src16 = _as16(x, dt)
-            t_q16 = best_of(
-                lambda src16=src16, enc_json=enc_json, dt=dt: _core.encode(
-                    src16.reshape(-1).view(np.uint8), dt, [n, n], enc_json
-                ),
-                args.repeat,
-            )
-            q16 = nbytes / t_q16 / 1e9
-            print(
-                f"  quantize from {dt:<8}      {q16:7.2f} GB/s of fp32-equivalent  "
-                f"{q16 / q_gbs:5.2f}x quantize from fp32"
-            )
+        quantize_16bit(x, enc_json, q_gbs, base_core, args.repeat)
         for dt in ("float16", "bfloat16"):
             half = np.empty((n, n), np.uint16)
             src = np.ones_like(half)
@@ -184,7 +197,52 @@ def main() -> None:
                 f"  dequantize to {dt:<8} (prealloc) {h_gbs:7.2f} GB/s  "
                 f"{h_gbs / hc_gbs:5.2f}x memcpy of the {dt} bytes ({hc_gbs:.2f} GB/s)"
             )
-    peers(x, args.repeat)
+    if not args.quantize_only:
+        peers(x, args.repeat)
+
+
+def load_core(path: str):
+    """Another build of the extension (e.g. main's), imported beside this one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline._core", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def pair_with(base_core, src: np.ndarray, dt: str, n: int, enc_json: str, repeat: int):
+    """Best times of quantizing `src` with this build and with `base_core`, run alternately;
+    both must give the same parts."""
+
+    def new():
+        return _core.encode(src, dt, [n, n], enc_json)
+
+    def old():
+        return base_core.encode(src, dt, [n, n], enc_json)
+
+    assert [bytes(p) for p in new()] == [bytes(p) for p in old()], "builds disagree"
+    return best_pair(new, old, repeat)
+
+
+def quantize_16bit(x: np.ndarray, enc_json: str, q_gbs: float, base_core, repeat: int) -> None:
+    """Quantize from fp16 and bf16 input, per element against quantize from fp32 (`q_gbs`, same
+    values rounded to the input dtype first) and, given `base_core`, against that build on the
+    same bytes (run alternately)."""
+    n = x.shape[0]
+    for dt in ("float16", "bfloat16"):
+        src = _as16(x, dt).reshape(-1).view(np.uint8)
+        if base_core is None:
+            t_new = best_of(lambda src=src, dt=dt: _core.encode(src, dt, [n, n], enc_json), repeat)
+            vs = ""
+        else:
+            t_new, t_old = pair_with(base_core, src, dt, n, enc_json, repeat)
+            vs = f"  {t_old / t_new:5.2f}x baseline ({x.nbytes / t_old / 1e9:.2f} GB/s)"
+        q16 = x.nbytes / t_new / 1e9
+        print(
+            f"  quantize from {dt:<8}      {q16:7.2f} GB/s of fp32-equivalent  "
+            f"{q16 / q_gbs:5.2f}x quantize from fp32{vs}"
+        )
 
 
 def _as16(x: np.ndarray, dt: str) -> np.ndarray:

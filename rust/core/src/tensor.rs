@@ -59,8 +59,8 @@ pub fn encode(
     Ok(parts)
 }
 
-/// `encode` from the little-endian bytes of a tensor of `dtype` (what bindings hold); aligned
-/// fp32 bytes are quantized in place, without a copy.
+/// `encode` from the little-endian bytes of a tensor of `dtype` (what bindings hold); fp32,
+/// fp16 and bf16 bytes are quantized in place, without a copy.
 pub fn encode_bytes(
     k: &Kernels,
     encoding: &Encoding,

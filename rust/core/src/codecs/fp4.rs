@@ -128,7 +128,8 @@ pub fn tensor_amax(k: &Kernels, src: Source<'_>) -> Result<f32> {
         .into_par_iter()
         .map(|t| -> Result<f32> {
             let block = src.range(t * CHUNK, ((t + 1) * CHUNK).min(n))?;
-            let (a, finite) = (k.abs_max)(&block);
+            let x = block.values();
+            let (a, finite) = (k.abs_max)(x.t, x.bytes);
             if finite {
                 Ok(a)
             } else {

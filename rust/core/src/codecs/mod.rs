@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 pub use codec::{Codec, NF4_LEVELS};
 use segments::for_each_segment;
-pub use simd::{Kernels, OutType};
+pub use simd::{InType, Kernels, OutType, Values};
 
 use std::cell::RefCell;
 
@@ -36,8 +36,9 @@ pub struct Quantized {
     pub tensor_scale: f32,
 }
 
-/// The values to quantize: fp32 already, or little-endian bytes of another float dtype that are
-/// widened block by block inside the threads (no whole-tensor fp32 copy).
+/// The values to quantize: fp32, or little-endian bytes of a float dtype. The kernels read fp32,
+/// fp16 and bf16 as they are (widening in registers); float64 is rounded to fp32 block by block
+/// inside the threads (no whole-tensor fp32 copy).
 #[derive(Clone, Copy)]
 pub enum Source<'a> {
     /// fp32 values, row-major (the fast path: no copy).
@@ -47,7 +48,8 @@ pub enum Source<'a> {
 }
 
 impl<'a> Source<'a> {
-    /// Values given as little-endian bytes of `dtype`; aligned fp32 bytes are used in place.
+    /// Values given as little-endian bytes of `dtype` (any alignment: the kernels read them in
+    /// place).
     pub fn from_bytes(bytes: &'a [u8], dtype: DType) -> Result<Self> {
         if !dtype.is_quantizable_float() || !bytes.len().is_multiple_of(dtype.itemsize()) {
             return Err(Error::Invalid(format!(
@@ -55,13 +57,6 @@ impl<'a> Source<'a> {
                  and float64 values can",
                 bytes.len()
             )));
-        }
-        if dtype == DType::Float32 && cfg!(target_endian = "little") {
-            // SAFETY: any bit pattern is a valid f32; only a fully aligned view is used.
-            let (pre, mid, post) = unsafe { bytes.align_to::<f32>() };
-            if pre.is_empty() && post.is_empty() {
-                return Ok(Source::F32(mid));
-            }
         }
         Ok(Source::Bytes(bytes, dtype))
     }
@@ -73,16 +68,32 @@ impl<'a> Source<'a> {
         }
     }
 
-    /// Elements `a..b` as fp32: a view, or a widened copy in a buffer recycled per thread (a
-    /// fresh allocation per task costs an mmap and page faults larger than the work).
+    /// Elements `a..b` as the kernels read them: a view of the input, or (float64, and fp32 on
+    /// big-endian targets) an fp32 copy in a buffer recycled per thread (a fresh allocation per
+    /// task costs an mmap and page faults larger than the work).
     fn range(&self, a: usize, b: usize) -> Result<Block<'a>> {
         match *self {
-            Source::F32(x) => Ok(Block::View(&x[a..b])),
-            Source::Bytes(bytes, d) => {
-                let size = d.itemsize();
+            #[cfg(target_endian = "little")]
+            Source::F32(x) => Ok(Block::View(Values::f32(&x[a..b]))),
+            Source::Bytes(bytes, d) if InType::of(d).is_some() => {
+                let t = InType::of(d).unwrap();
+                let bytes = &bytes[a * t.size()..b * t.size()];
+                Ok(Block::View(Values { bytes, t }))
+            }
+            _ => {
                 let mut buf = SPARE.with(|s| s.borrow_mut().pop()).unwrap_or_default();
                 buf.resize(b - a, 0.0);
-                float::widen_into(&bytes[a * size..b * size], d, &mut buf)?;
+                match *self {
+                    Source::F32(x) => buf.copy_from_slice(&x[a..b]),
+                    Source::Bytes(bytes, d) => {
+                        let size = d.itemsize();
+                        float::widen_into(&bytes[a * size..b * size], d, &mut buf)?;
+                    }
+                }
+                // The kernels read little-endian bytes.
+                for v in buf.iter_mut() {
+                    *v = f32::from_bits(v.to_bits().to_le());
+                }
                 Ok(Block::Widened(buf))
             }
         }
@@ -95,16 +106,25 @@ thread_local! {
 
 /// Values of a block of elements; a widened buffer goes back to its thread's spares on drop.
 enum Block<'a> {
-    View(&'a [f32]),
+    View(Values<'a>),
+    /// Little-endian fp32 bytes in an f32 buffer.
     Widened(Vec<f32>),
 }
 
-impl std::ops::Deref for Block<'_> {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
+impl Block<'_> {
+    fn values(&self) -> Values<'_> {
         match self {
-            Block::View(x) => x,
-            Block::Widened(v) => v,
+            Block::View(v) => *v,
+            Block::Widened(v) => {
+                // SAFETY: same memory; u8 has no alignment or validity requirement.
+                let bytes = unsafe {
+                    std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), size_of_val(&v[..]))
+                };
+                Values {
+                    bytes,
+                    t: InType::F32,
+                }
+            }
         }
     }
 }
@@ -205,9 +225,9 @@ fn quantize_with(
             &mids,
         )?;
     if !fused {
-        // The two-pass path reads the tensor twice: widen it once.
-        let widened = src.range(0, n)?;
-        let x: &[f32] = &widened;
+        // The two-pass path reads the tensor twice: float64 is rounded once.
+        let block = src.range(0, n)?;
+        let x = block.values();
         let mut invs = zeroed_here(n_groups);
         group_params(
             k,
@@ -226,7 +246,7 @@ fn quantize_with(
                 let e0 = ci * CHUNK;
                 let e1 = (e0 + CHUNK).min(n);
                 for_each_segment(&layout, e0, e1, |seg| {
-                    let xs = &x[seg.start..seg.start + seg.len];
+                    let xs = x.slice(seg.start, seg.start + seg.len);
                     let first = seg.start - e0;
                     if seg.per_element {
                         let g = seg.group..seg.group + seg.len;
@@ -235,14 +255,15 @@ fn quantize_with(
                         } else {
                             &[][..]
                         };
-                        (k.encode_vec)(codec, xs, &invs[g], m, &mids, chunk, first);
+                        (k.encode_vec)(codec, xs.t, xs.bytes, &invs[g], m, &mids, chunk, first);
                     } else {
                         let m = if codec.has_mins() {
                             mins[seg.group]
                         } else {
                             0.0
                         };
-                        (k.encode_bcast)(codec, xs, invs[seg.group], m, &mids, chunk, first);
+                        let inv = invs[seg.group];
+                        (k.encode_bcast)(codec, xs.t, xs.bytes, inv, m, &mids, chunk, first);
                     }
                 });
             });
@@ -337,18 +358,16 @@ fn quantize_fused(
                 let (mut lo, mut hi, mut inv) = ([0f32; BATCH], [0f32; BATCH], [0f32; BATCH]);
                 for b0 in (j0..j1).step_by(BATCH) {
                     let b1 = (b0 + BATCH).min(j1);
-                    // The batch's elements, widened to fp32 here if they are not already: a
-                    // batch at a time, so that 16-bit input widens into L1 (a task's 256 KiB
-                    // went out to L2 and back).
+                    // The batch's elements (float64 rounded to fp32 a batch at a time, into L1).
                     let base = start(b0);
                     let block = src.range(base, start(b1))?;
-                    let x: &[f32] = &block;
+                    let x = block.values();
                     for j in b0..b1 {
-                        let xs = &x[start(j) - base..start(j + 1) - base];
+                        let xs = x.slice(start(j) - base, start(j + 1) - base);
                         let (l, h, finite) = if signed {
-                            (k.min_max)(xs)
+                            (k.min_max)(xs.t, xs.bytes)
                         } else {
-                            let (h, f) = (k.abs_max)(xs);
+                            let (h, f) = (k.abs_max)(xs.t, xs.bytes);
                             (0.0, h, f)
                         };
                         if !finite {
@@ -369,15 +388,15 @@ fn quantize_fused(
                     for j in b0..b1 {
                         let (a, b) = (start(j), start(j + 1));
                         let mb = if has_mins { m[j - j0] } else { 0.0 };
-                        let xs = &x[a - base..b - base];
-                        (k.encode_bcast)(codec, xs, inv[j - b0], mb, mids, c, a - e0);
+                        let xs = x.slice(a - base, b - base);
+                        (k.encode_bcast)(codec, xs.t, xs.bytes, inv[j - b0], mb, mids, c, a - e0);
                     }
                 }
                 return Ok(());
             }
-            // This task's elements, widened to fp32 here if they are not already.
+            // This task's elements (float64 rounded to fp32 here).
             let block = src.range(e0, start(j1))?;
-            let x: &[f32] = &block;
+            let x = block.values();
             // Groups along an earlier axis: columns in tiles of about CHUNK elements per group,
             // statistics over the tile's rows, then its codes while the rows are still cached.
             let w = ((CHUNK / gs).max(8) & !7).min(q_len);
@@ -394,11 +413,11 @@ fn quantize_fused(
                     hi[..wq].fill(if signed { f32::NEG_INFINITY } else { 0.0 });
                     for l in l0..l1 {
                         let r = (p * l_len + l) * q_len;
-                        let xs = &x[r + q0 - e0..r + q1 - e0];
+                        let xs = x.slice(r + q0 - e0, r + q1 - e0);
                         let finite = if signed {
-                            (k.min_max_vec)(xs, &mut lo[..wq], &mut hi[..wq])
+                            (k.min_max_vec)(xs.t, xs.bytes, &mut lo[..wq], &mut hi[..wq])
                         } else {
-                            (k.abs_max_vec)(xs, &mut hi[..wq])
+                            (k.abs_max_vec)(xs.t, xs.bytes, &mut hi[..wq])
                         };
                         if !finite {
                             return Err(non_finite());
@@ -421,8 +440,9 @@ fn quantize_fused(
                     };
                     for l in l0..l1 {
                         let r = (p * l_len + l) * q_len;
-                        let xs = &x[r + q0 - e0..r + q1 - e0];
-                        (k.encode_vec)(codec, xs, &inv[..wq], mv, mids, c, r + q0 - e0);
+                        let xs = x.slice(r + q0 - e0, r + q1 - e0);
+                        let iv = &inv[..wq];
+                        (k.encode_vec)(codec, xs.t, xs.bytes, iv, mv, mids, c, r + q0 - e0);
                     }
                 }
             }
@@ -494,7 +514,7 @@ fn group_params(
     codec: Codec,
     params: &GroupParams,
     layout: &GroupLayout,
-    x: &[f32],
+    x: Values<'_>,
     scales: &mut [f32],
     mins: &mut [f32],
     invs: &mut [f32],
@@ -520,11 +540,11 @@ fn group_params(
                     let g = ti * GROUPS_PER_TASK + j;
                     let (p, kk) = (g / g_len, g % g_len);
                     let start = p * l_len + kk * gs;
-                    let xs = &x[start..start.saturating_add(gs).min(p * l_len + l_len)];
+                    let xs = x.slice(start, start.saturating_add(gs).min(p * l_len + l_len));
                     let (lo, hi, finite) = if signed {
-                        (k.min_max)(xs)
+                        (k.min_max)(xs.t, xs.bytes)
                     } else {
-                        let (a, f) = (k.abs_max)(xs);
+                        let (a, f) = (k.abs_max)(xs.t, xs.bytes);
                         (0.0, a, f)
                     };
                     if !finite {
@@ -550,11 +570,11 @@ fn group_params(
             let mut hi = vec![if signed { f32::NEG_INFINITY } else { 0.0 }; q_len];
             for l in l0..l1 {
                 let start = (p * l_len + l) * q_len;
-                let xs = &x[start..start + q_len];
+                let xs = x.slice(start, start + q_len);
                 let finite = if signed {
-                    (k.min_max_vec)(xs, &mut lo, &mut hi)
+                    (k.min_max_vec)(xs.t, xs.bytes, &mut lo, &mut hi)
                 } else {
-                    (k.abs_max_vec)(xs, &mut hi)
+                    (k.abs_max_vec)(xs.t, xs.bytes, &mut hi)
                 };
                 if !finite {
                     return Err(non_finite());

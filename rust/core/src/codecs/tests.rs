@@ -1,7 +1,11 @@
 //! The threaded drivers: round-trip error within the spec's bound, and every kernel table giving
 //! the same parts and values.
 
-use super::simd::{available, scalar::SCALAR, tests::Rng};
+use super::simd::{
+    available,
+    scalar::SCALAR,
+    tests::{Rng, Typed},
+};
 use super::*;
 
 /// (shape, axis, group size): ragged last groups, groups along earlier axes (FlexGen layout),
@@ -233,6 +237,15 @@ fn non_finite_input_is_rejected_by_every_table() {
                     let p = params(codec, axis, 64, DType::Float16);
                     let err = quantize(k, codec, &p, &shape, &x).unwrap_err();
                     assert!(matches!(err, Error::Quantization(_)), "{}: {err}", k.name);
+                    // The same from fp16 and bf16 bytes read in place, on both paths.
+                    for t in [InType::F16, InType::Bf16] {
+                        let typed = Typed::new(t, &x);
+                        for fuse in [true, false] {
+                            let src = Source::Bytes(typed.bytes(), t.dtype());
+                            let err = quantize_with(k, codec, &p, &shape, src, fuse).unwrap_err();
+                            assert!(matches!(err, Error::Quantization(_)), "{}: {err}", k.name);
+                        }
+                    }
                 }
             }
         }
@@ -253,22 +266,27 @@ fn fused_and_two_pass_quantize_agree() {
                 let one = quantize_with(k, codec, &p, &shape, Source::F32(&x), true).unwrap();
                 let two = quantize_with(k, codec, &p, &shape, Source::F32(&x), false).unwrap();
                 assert!(one == two, "{} {codec:?} shape {shape:?}", k.name);
-                // fp16 bytes widened block by block inside the tasks give what widening the
-                // whole tensor first gives, on both paths.
-                let halves: Vec<u8> = x
-                    .iter()
-                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                    .collect();
-                let widened: Vec<f32> = halves
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect();
-                let want =
-                    quantize_with(k, codec, &p, &shape, Source::F32(&widened), true).unwrap();
+                // fp16, bf16 and unaligned fp32 bytes read in place by the kernels give what
+                // widening the whole tensor first gives, on both paths.
+                for t in OutType::ALL {
+                    let typed = Typed::new(t, &x);
+                    let wide = Source::F32(&typed.wide);
+                    let want = quantize_with(k, codec, &p, &shape, wide, true).unwrap();
+                    for fuse in [true, false] {
+                        let src = Source::Bytes(typed.bytes(), t.dtype());
+                        let got = quantize_with(k, codec, &p, &shape, src, fuse).unwrap();
+                        assert!(
+                            got == want,
+                            "{t:?} source, fuse={fuse}, {codec:?} {shape:?}"
+                        );
+                    }
+                }
+                // float64 is the one input rounded to fp32 in a buffer (exactly, here).
+                let doubles: Vec<u8> = x.iter().flat_map(|v| (*v as f64).to_le_bytes()).collect();
                 for fuse in [true, false] {
-                    let src = Source::Bytes(&halves, DType::Float16);
+                    let src = Source::Bytes(&doubles, DType::Float64);
                     let got = quantize_with(k, codec, &p, &shape, src, fuse).unwrap();
-                    assert!(got == want, "fp16 source, fuse={fuse}, {codec:?} {shape:?}");
+                    assert!(got == one, "f64 source, fuse={fuse}, {codec:?} {shape:?}");
                 }
             }
             let g = layout.num_groups() as usize;

@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{byte_head, scalar, Kernels, OutType};
+use super::{byte_head, scalar, InType, Kernels, OutType};
 use crate::codecs::codec::{Codec, NF4_LEVELS};
 use crate::codecs::fp4::E2M1_LEVELS;
 
@@ -33,7 +33,8 @@ pub(super) const fn looked_up<const K: u8>() -> bool {
     matches!(K, NF4 | MXF4 | NVF4)
 }
 
-// The output type as a const parameter (`OutType` in that order).
+// The float type written (dequantize) or read (quantize) as a const parameter (`OutType` in
+// that order).
 pub(super) const OF32: u8 = 0;
 pub(super) const OF16: u8 = 1;
 pub(super) const OBF16: u8 = 2;
@@ -145,11 +146,28 @@ pub(super) unsafe fn prefetch_out(o: *mut u8, at: usize) {
     _mm_prefetch::<_MM_HINT_ET0>(o.wrapping_add(at + 4 * PREFETCH_AHEAD).cast::<i8>());
 }
 
-/// Ask for the input line `PREFETCH_AHEAD` floats ahead (a hint; may lie past the slice).
+/// Ask for the input line `4 * PREFETCH_AHEAD` bytes after byte `at` (a hint; may lie past
+/// the slice).
 #[inline]
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn prefetch_in(x: *const f32, i: usize) {
-    _mm_prefetch::<_MM_HINT_T0>(x.wrapping_add(i + PREFETCH_AHEAD).cast::<i8>());
+pub(super) unsafe fn prefetch_in(x: *const u8, at: usize) {
+    _mm_prefetch::<_MM_HINT_T0>(x.wrapping_add(at + 4 * PREFETCH_AHEAD).cast::<i8>());
+}
+
+/// The 8 input values from element `i` of `p` (little-endian bytes of float type `T`), widened
+/// to fp32 in registers: exact, F16C for fp16 and a 16-bit shift for bf16, so every kernel
+/// computes on the same fp32 values as on a widened copy.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn load8<const T: u8>(p: *const u8, i: usize) -> __m256 {
+    match T {
+        OF32 => _mm256_loadu_ps(p.add(4 * i).cast()),
+        OF16 => _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * i).cast())),
+        _ => {
+            let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.add(2 * i).cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
+        }
+    }
 }
 
 pub(super) const ROUND: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
@@ -489,84 +507,89 @@ impl Enc {
     }
 }
 
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn enc_bcast<const K: u8, const B: u8>(
-    x: &[f32],
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn enc_bcast<const K: u8, const B: u8, const T: u8>(
+    x: &[u8],
     inv: f32,
     m: f32,
     mids: &[f32; 15],
     codes: &mut [u8],
     first: usize,
 ) {
-    let n = x.len();
+    let (t, size) = (out_type::<T>(), out_size::<T>());
+    let n = x.len() / size;
     let codec = codec_of::<K, B>();
     if K == NF4 && !sorted(mids) {
-        return scalar::encode_bcast(codec, x, inv, m, mids, codes, first);
+        return scalar::encode_bcast(codec, t, x, inv, m, mids, codes, first);
     }
     let head = byte_head(first, B, n);
     let body = (n - head) & !7;
     if head > 0 {
-        scalar::encode_bcast(codec, &x[..head], inv, m, mids, codes, first);
+        scalar::encode_bcast(codec, t, &x[..head * size], inv, m, mids, codes, first);
     }
     if body > 0 {
         let b0 = (first + head) * B as usize / 8;
         let dst = codes[b0..b0 + body * B as usize / 8].as_mut_ptr();
         let c = Enc::new::<K, B>(inv, m, mids);
-        let xp = x[head..].as_ptr();
-        enc_body::<K, B, false>(xp, xp, xp, body, &c, dst);
+        let xp = x[head * size..].as_ptr();
+        let none = std::ptr::null();
+        enc_body::<K, B, false, T>(xp, none, none, body, &c, dst);
     }
     let r = head + body;
     if r < n {
-        scalar::encode_bcast(codec, &x[r..], inv, m, mids, codes, first + r);
+        let xr = &x[r * size..n * size];
+        scalar::encode_bcast(codec, t, xr, inv, m, mids, codes, first + r);
     }
 }
 
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn enc_vec<const K: u8, const B: u8>(
-    x: &[f32],
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn enc_vec<const K: u8, const B: u8, const T: u8>(
+    x: &[u8],
     inv: &[f32],
     m: &[f32],
     mids: &[f32; 15],
     codes: &mut [u8],
     first: usize,
 ) {
-    let n = x.len();
+    let (t, size) = (out_type::<T>(), out_size::<T>());
+    let n = x.len() / size;
     let codec = codec_of::<K, B>();
     if K == NF4 && !sorted(mids) {
-        return scalar::encode_vec(codec, x, inv, m, mids, codes, first);
+        return scalar::encode_vec(codec, t, x, inv, m, mids, codes, first);
     }
     assert!(inv.len() >= n && (K != AFF || m.len() >= n));
     let head = byte_head(first, B, n);
     let body = (n - head) & !7;
     if head > 0 {
-        let mh = mins_of::<K>(m, 0..head);
-        scalar::encode_vec(codec, &x[..head], &inv[..head], mh, mids, codes, first);
+        let (xh, mh) = (&x[..head * size], mins_of::<K>(m, 0..head));
+        scalar::encode_vec(codec, t, xh, &inv[..head], mh, mids, codes, first);
     }
     if body > 0 {
         let b0 = (first + head) * B as usize / 8;
         let dst = codes[b0..b0 + body * B as usize / 8].as_mut_ptr();
         let c = Enc::new::<K, B>(0.0, 0.0, mids);
         let mp = mins_of::<K>(m, head..n).as_ptr();
-        enc_body::<K, B, true>(x[head..].as_ptr(), inv[head..].as_ptr(), mp, body, &c, dst);
+        let xp = x[head * size..].as_ptr();
+        enc_body::<K, B, true, T>(xp, inv[head..].as_ptr(), mp, body, &c, dst);
     }
     let r = head + body;
     if r < n {
-        let mr = mins_of::<K>(m, r..n);
-        scalar::encode_vec(codec, &x[r..], &inv[r..n], mr, mids, codes, first + r);
+        let (xr, mr) = (&x[r * size..n * size], mins_of::<K>(m, r..n));
+        scalar::encode_vec(codec, t, xr, &inv[r..n], mr, mids, codes, first + r);
     }
 }
 
 /// Codes of the 8 elements starting at `i`, one per dword.
 #[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn code8<const K: u8, const VEC: bool>(
-    xp: *const f32,
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn code8<const K: u8, const VEC: bool, const T: u8>(
+    xp: *const u8,
     ip: *const f32,
     mp: *const f32,
     i: usize,
     c: &Enc,
 ) -> __m256i {
-    let x = _mm256_loadu_ps(xp.add(i));
+    let x = load8::<T>(xp, i);
     let inv = if VEC {
         _mm256_loadu_ps(ip.add(i))
     } else {
@@ -654,11 +677,12 @@ unsafe fn pair_nibbles(b: __m256i) -> __m256i {
     _mm256_packus_epi16(w, w)
 }
 
-/// Encode `n` (a multiple of 8) elements into byte-aligned `dst`, OR-ing into what is there.
+/// Encode `n` (a multiple of 8) elements of type `T` at `xp` into byte-aligned `dst`, OR-ing
+/// into what is there. Without VEC, `ip` and `mp` are unused (the constants are in `c`).
 #[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn enc_body<const K: u8, const B: u8, const VEC: bool>(
-    xp: *const f32,
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn enc_body<const K: u8, const B: u8, const VEC: bool, const T: u8>(
+    xp: *const u8,
     ip: *const f32,
     mp: *const f32,
     n: usize,
@@ -668,10 +692,10 @@ unsafe fn enc_body<const K: u8, const B: u8, const VEC: bool>(
     let mut i = 0;
     while i + 32 <= n {
         let b = pack_bytes(
-            code8::<K, VEC>(xp, ip, mp, i, c),
-            code8::<K, VEC>(xp, ip, mp, i + 8, c),
-            code8::<K, VEC>(xp, ip, mp, i + 16, c),
-            code8::<K, VEC>(xp, ip, mp, i + 24, c),
+            code8::<K, VEC, T>(xp, ip, mp, i, c),
+            code8::<K, VEC, T>(xp, ip, mp, i + 8, c),
+            code8::<K, VEC, T>(xp, ip, mp, i + 16, c),
+            code8::<K, VEC, T>(xp, ip, mp, i + 24, c),
         );
         if B == 8 {
             let d = dst.add(i).cast::<__m256i>();
@@ -686,7 +710,7 @@ unsafe fn enc_body<const K: u8, const B: u8, const VEC: bool>(
     }
     let z = _mm256_setzero_si256();
     while i < n {
-        let b = pack_bytes(code8::<K, VEC>(xp, ip, mp, i, c), z, z, z);
+        let b = pack_bytes(code8::<K, VEC, T>(xp, ip, mp, i, c), z, z, z);
         if B == 8 {
             let d = dst.add(i).cast::<__m128i>();
             let v = _mm_or_si128(_mm_loadl_epi64(d), _mm256_castsi256_si128(b));
@@ -731,20 +755,21 @@ unsafe fn hmax(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(v)
 }
 
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn min_max_avx2(x: &[f32]) -> (f32, f32, bool) {
-    let body = x.len() & !7;
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn min_max_avx2<const T: u8>(x: &[u8]) -> (f32, f32, bool) {
+    let (t, size) = (out_type::<T>(), out_size::<T>());
+    let body = (x.len() / size) & !7;
     if body == 0 {
-        return scalar::min_max(x);
+        return scalar::min_max(t, x);
     }
-    let p = x.as_ptr().cast::<__m256i>();
+    let p = x.as_ptr();
+    let ld = |i: usize| key(_mm256_castps_si256(load8::<T>(p, i)));
     let (mut lo0, mut hi0) = (_mm256_set1_epi32(i32::MAX), _mm256_set1_epi32(i32::MIN));
     let (mut lo1, mut hi1) = (lo0, hi0);
     let mut i = 0;
     while i + 16 <= body {
-        prefetch_in(x.as_ptr(), i);
-        let k0 = key(_mm256_loadu_si256(p.add(i / 8)));
-        let k1 = key(_mm256_loadu_si256(p.add(i / 8 + 1)));
+        prefetch_in(p, i * size);
+        let (k0, k1) = (ld(i), ld(i + 8));
         lo0 = _mm256_min_epi32(lo0, k0);
         hi0 = _mm256_max_epi32(hi0, k0);
         lo1 = _mm256_min_epi32(lo1, k1);
@@ -752,7 +777,7 @@ pub(super) unsafe fn min_max_avx2(x: &[f32]) -> (f32, f32, bool) {
         i += 16;
     }
     if i < body {
-        let k0 = key(_mm256_loadu_si256(p.add(i / 8)));
+        let k0 = ld(i);
         lo0 = _mm256_min_epi32(lo0, k0);
         hi0 = _mm256_max_epi32(hi0, k0);
     }
@@ -763,52 +788,56 @@ pub(super) unsafe fn min_max_avx2(x: &[f32]) -> (f32, f32, bool) {
     let lo = f32::from_bits(key1(lk) as u32);
     let hi = f32::from_bits(key1(hk) as u32);
     // Folding in the rest (or the scalar start values, ±inf) keeps all-NaN input identical too.
-    let (rl, rh, rf) = scalar::min_max(&x[body..]);
+    let (rl, rh, rf) = scalar::min_max(t, &x[body * size..]);
     (scalar::tmin(lo, rl), scalar::tmax(hi, rh), finite && rf)
 }
 
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn abs_max_avx2(x: &[f32]) -> (f32, bool) {
-    let body = x.len() & !7;
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn abs_max_avx2<const T: u8>(x: &[u8]) -> (f32, bool) {
+    let (t, size) = (out_type::<T>(), out_size::<T>());
+    let body = (x.len() / size) & !7;
     if body == 0 {
-        return scalar::abs_max(x);
+        return scalar::abs_max(t, x);
     }
     // |x| as bits orders like the floats (NaN above inf), so an integer max is exact.
-    let p = x.as_ptr().cast::<__m256i>();
+    let p = x.as_ptr();
     let abs = _mm256_set1_epi32(ABS);
+    let ld = |i: usize| _mm256_and_si256(_mm256_castps_si256(load8::<T>(p, i)), abs);
     let (mut a0, mut a1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
     let mut i = 0;
     while i + 16 <= body {
-        prefetch_in(x.as_ptr(), i);
-        a0 = _mm256_max_epi32(a0, _mm256_and_si256(_mm256_loadu_si256(p.add(i / 8)), abs));
-        a1 = _mm256_max_epi32(
-            a1,
-            _mm256_and_si256(_mm256_loadu_si256(p.add(i / 8 + 1)), abs),
-        );
+        prefetch_in(p, i * size);
+        a0 = _mm256_max_epi32(a0, ld(i));
+        a1 = _mm256_max_epi32(a1, ld(i + 8));
         i += 16;
     }
     if i < body {
-        a0 = _mm256_max_epi32(a0, _mm256_and_si256(_mm256_loadu_si256(p.add(i / 8)), abs));
+        a0 = _mm256_max_epi32(a0, ld(i));
     }
     let a = hmax(_mm256_max_epi32(a0, a1));
-    let (ra, rf) = scalar::abs_max(&x[body..]);
+    let (ra, rf) = scalar::abs_max(t, &x[body * size..]);
     (
         scalar::tmax(f32::from_bits(a as u32), ra),
         a < INF_BITS && rf,
     )
 }
 
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn min_max_vec_avx2(x: &[f32], lo: &mut [f32], hi: &mut [f32]) -> bool {
-    let n = x.len().min(lo.len()).min(hi.len());
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn min_max_vec_avx2<const T: u8>(
+    x: &[u8],
+    lo: &mut [f32],
+    hi: &mut [f32],
+) -> bool {
+    let (t, size) = (out_type::<T>(), out_size::<T>());
+    let n = (x.len() / size).min(lo.len()).min(hi.len());
     let body = n & !7;
     let (xp, lp, hp) = (x.as_ptr(), lo.as_mut_ptr(), hi.as_mut_ptr());
     let abs = _mm256_set1_epi32(ABS);
     let mut fin = _mm256_setzero_si256();
     let mut i = 0;
     while i < body {
-        prefetch_in(xp, i);
-        let v = _mm256_loadu_ps(xp.add(i));
+        prefetch_in(xp, i * size);
+        let v = load8::<T>(xp, i);
         let l = _mm256_loadu_ps(lp.add(i));
         let h = _mm256_loadu_ps(hp.add(i));
         // minps/maxps return the second operand on ties; both orders combined give the
@@ -820,30 +849,29 @@ pub(super) unsafe fn min_max_vec_avx2(x: &[f32], lo: &mut [f32], hi: &mut [f32])
         fin = _mm256_max_epi32(fin, _mm256_and_si256(_mm256_castps_si256(v), abs));
         i += 8;
     }
-    let rf = scalar::min_max_vec(&x[body..n], &mut lo[body..n], &mut hi[body..n]);
+    let xr = &x[body * size..n * size];
+    let rf = scalar::min_max_vec(t, xr, &mut lo[body..n], &mut hi[body..n]);
     hmax(fin) < INF_BITS && rf
 }
 
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn abs_max_vec_avx2(x: &[f32], a: &mut [f32]) -> bool {
-    let n = x.len().min(a.len());
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn abs_max_vec_avx2<const T: u8>(x: &[u8], a: &mut [f32]) -> bool {
+    let (t, size) = (out_type::<T>(), out_size::<T>());
+    let n = (x.len() / size).min(a.len());
     let body = n & !7;
-    let (xp, ap) = (
-        x.as_ptr().cast::<__m256i>(),
-        a.as_mut_ptr().cast::<__m256i>(),
-    );
+    let (xp, ap) = (x.as_ptr(), a.as_mut_ptr().cast::<__m256i>());
     let abs = _mm256_set1_epi32(ABS);
     let mut fin = _mm256_setzero_si256();
     let mut i = 0;
     while i < body {
-        prefetch_in(x.as_ptr(), i);
-        let v = _mm256_and_si256(_mm256_loadu_si256(xp.add(i / 8)), abs);
+        prefetch_in(xp, i * size);
+        let v = _mm256_and_si256(_mm256_castps_si256(load8::<T>(xp, i)), abs);
         // A negative accumulator (bits < 0 as i32) loses to any |x|, as in total order.
         let acc = _mm256_max_epi32(_mm256_loadu_si256(ap.add(i / 8)), v);
         _mm256_storeu_si256(ap.add(i / 8), acc);
         fin = _mm256_max_epi32(fin, v);
         i += 8;
     }
-    let rf = scalar::abs_max_vec(&x[body..n], &mut a[body..n]);
+    let rf = scalar::abs_max_vec(t, &x[body * size..n * size], &mut a[body..n]);
     hmax(fin) < INF_BITS && rf
 }

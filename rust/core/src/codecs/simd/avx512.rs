@@ -5,11 +5,11 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    self, codec_of, key1, mins_of, prefetch_in, sorted, ABS, AFF, INF_BITS, MXF4, NF4, NVF4, OBF16,
-    OF16, OF32, ROUND, SYM, SYMF,
+    self, codec_of, key1, mins_of, out_size, out_type, prefetch_in, sorted, ABS, AFF, INF_BITS,
+    MXF4, NF4, NVF4, OBF16, OF16, OF32, ROUND, SYM, SYMF,
 };
 use super::avx512_decode::{dq_bcast, dq_groups, dq_vec, dq_vec_f16};
-use super::{byte_head, scalar, Kernels, OutType};
+use super::{byte_head, scalar, InType, Kernels, OutType};
 
 /// `avx2::by_codec` plus 2- and 3-bit affine and symmetric codes and the full-level symmetric
 /// codes, which these kernels also decode and encode.
@@ -117,32 +117,62 @@ impl Enc {
     }
 }
 
-#[target_feature(enable = "avx512f,avx2,bmi2")]
-unsafe fn enc_bcast<const K: u8, const B: u8>(
-    x: &[f32],
+/// The 16 input values from element `i` of `p` (little-endian bytes of float type `T`),
+/// widened to fp32 in registers as `avx2::load8` does.
+#[inline]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn load16<const T: u8>(p: *const u8, i: usize) -> __m512 {
+    match T {
+        OF32 => _mm512_loadu_ps(p.add(4 * i).cast()),
+        OF16 => _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * i).cast())),
+        _ => {
+            let h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.add(2 * i).cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
+        }
+    }
+}
+
+/// `load16` of the lanes in `k` only (the others +0.0; memory past them is not read).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+unsafe fn load16_masked<const T: u8>(p: *const u8, i: usize, k: __mmask16) -> __m512 {
+    match T {
+        OF32 => _mm512_maskz_loadu_ps(k, p.add(4 * i).cast()),
+        OF16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p.add(2 * i).cast())),
+        _ => {
+            let h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p.add(2 * i).cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx2,f16c,bmi2")]
+unsafe fn enc_bcast<const K: u8, const B: u8, const T: u8>(
+    x: &[u8],
     inv: f32,
     m: f32,
     mids: &[f32; 15],
     codes: &mut [u8],
     first: usize,
 ) {
-    let n = x.len();
+    let size = out_size::<T>();
+    let n = x.len() / size;
     let head = byte_head(first, B, n);
     let body = (n - head) & !15;
     if body == 0 || (K == NF4 && !sorted(mids)) {
-        return rest_bcast::<K, B>(x, inv, m, mids, codes, first);
+        return rest_bcast::<K, B, T>(x, inv, m, mids, codes, first);
     }
     if head > 0 {
-        rest_bcast::<K, B>(&x[..head], inv, m, mids, codes, first);
+        rest_bcast::<K, B, T>(&x[..head * size], inv, m, mids, codes, first);
     }
     let b0 = (first + head) * B as usize / 8;
     let dst = codes[b0..b0 + body * B as usize / 8].as_mut_ptr();
     let c = Enc::new::<K, B>(inv, m, mids);
-    let xp = x[head..].as_ptr();
-    enc_body::<K, B, false>(xp, xp, xp, body, &c, dst);
+    let none = std::ptr::null();
+    enc_body::<K, B, false, T>(x[head * size..].as_ptr(), none, none, body, &c, dst);
     let r = head + body;
     if r < n {
-        rest_bcast::<K, B>(&x[r..], inv, m, mids, codes, first + r);
+        rest_bcast::<K, B, T>(&x[r * size..], inv, m, mids, codes, first + r);
     }
 }
 
@@ -151,8 +181,8 @@ unsafe fn enc_bcast<const K: u8, const B: u8>(
 /// not vectorize.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn rest_bcast<const K: u8, const B: u8>(
-    x: &[f32],
+unsafe fn rest_bcast<const K: u8, const B: u8, const T: u8>(
+    x: &[u8],
     inv: f32,
     m: f32,
     mids: &[f32; 15],
@@ -160,17 +190,18 @@ unsafe fn rest_bcast<const K: u8, const B: u8>(
     first: usize,
 ) {
     if B < 4 || K == SYMF {
-        scalar::encode_bcast(codec_of::<K, B>(), x, inv, m, mids, codes, first)
+        let (codec, t) = (codec_of::<K, B>(), out_type::<T>());
+        scalar::encode_bcast(codec, t, x, inv, m, mids, codes, first)
     } else {
-        avx2::enc_bcast::<K, B>(x, inv, m, mids, codes, first)
+        avx2::enc_bcast::<K, B, T>(x, inv, m, mids, codes, first)
     }
 }
 
 /// `rest_bcast` with a scale and min per element.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn rest_vec<const K: u8, const B: u8>(
-    x: &[f32],
+unsafe fn rest_vec<const K: u8, const B: u8, const T: u8>(
+    x: &[u8],
     inv: &[f32],
     m: &[f32],
     mids: &[f32; 15],
@@ -178,55 +209,58 @@ unsafe fn rest_vec<const K: u8, const B: u8>(
     first: usize,
 ) {
     if B < 4 || K == SYMF {
-        scalar::encode_vec(codec_of::<K, B>(), x, inv, m, mids, codes, first)
+        let (codec, t) = (codec_of::<K, B>(), out_type::<T>());
+        scalar::encode_vec(codec, t, x, inv, m, mids, codes, first)
     } else {
-        avx2::enc_vec::<K, B>(x, inv, m, mids, codes, first)
+        avx2::enc_vec::<K, B, T>(x, inv, m, mids, codes, first)
     }
 }
 
-#[target_feature(enable = "avx512f,avx2,bmi2")]
-unsafe fn enc_vec<const K: u8, const B: u8>(
-    x: &[f32],
+#[target_feature(enable = "avx512f,avx2,f16c,bmi2")]
+unsafe fn enc_vec<const K: u8, const B: u8, const T: u8>(
+    x: &[u8],
     inv: &[f32],
     m: &[f32],
     mids: &[f32; 15],
     codes: &mut [u8],
     first: usize,
 ) {
-    let n = x.len();
+    let size = out_size::<T>();
+    let n = x.len() / size;
     let head = byte_head(first, B, n);
     let body = (n - head) & !15;
     if body == 0 || (K == NF4 && !sorted(mids)) {
-        return rest_vec::<K, B>(x, inv, m, mids, codes, first);
+        return rest_vec::<K, B, T>(x, inv, m, mids, codes, first);
     }
     assert!(inv.len() >= n && (K != AFF || m.len() >= n));
     if head > 0 {
-        let mh = mins_of::<K>(m, 0..head);
-        rest_vec::<K, B>(&x[..head], &inv[..head], mh, mids, codes, first);
+        let (xh, mh) = (&x[..head * size], mins_of::<K>(m, 0..head));
+        rest_vec::<K, B, T>(xh, &inv[..head], mh, mids, codes, first);
     }
     let b0 = (first + head) * B as usize / 8;
     let dst = codes[b0..b0 + body * B as usize / 8].as_mut_ptr();
     let c = Enc::new::<K, B>(0.0, 0.0, mids);
     let mp = mins_of::<K>(m, head..n).as_ptr();
-    enc_body::<K, B, true>(x[head..].as_ptr(), inv[head..].as_ptr(), mp, body, &c, dst);
+    let xp = x[head * size..].as_ptr();
+    enc_body::<K, B, true, T>(xp, inv[head..].as_ptr(), mp, body, &c, dst);
     let r = head + body;
     if r < n {
-        let mr = mins_of::<K>(m, r..n);
-        rest_vec::<K, B>(&x[r..], &inv[r..n], mr, mids, codes, first + r);
+        let (xr, mr) = (&x[r * size..n * size], mins_of::<K>(m, r..n));
+        rest_vec::<K, B, T>(xr, &inv[r..n], mr, mids, codes, first + r);
     }
 }
 
 /// Codes of the 16 elements starting at `i`, one per dword.
 #[inline]
 #[target_feature(enable = "avx512f,avx2")]
-unsafe fn code16<const K: u8, const VEC: bool>(
-    xp: *const f32,
+unsafe fn code16<const K: u8, const VEC: bool, const T: u8>(
+    xp: *const u8,
     ip: *const f32,
     mp: *const f32,
     i: usize,
     c: &Enc,
 ) -> __m512i {
-    let x = _mm512_loadu_ps(xp.add(i));
+    let x = load16::<T>(xp, i);
     let inv = if VEC {
         _mm512_loadu_ps(ip.add(i))
     } else {
@@ -302,11 +336,12 @@ unsafe fn pack16<const B: u8>(c: __m512i) -> __m128i {
     }
 }
 
-/// Encode `n` (a multiple of 16) elements into byte-aligned `dst`, OR-ing into what is there.
+/// Encode `n` (a multiple of 16) elements of type `T` at `xp` into byte-aligned `dst`, OR-ing
+/// into what is there. Without VEC, `ip` and `mp` are unused (the constants are in `c`).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx2,bmi2")]
-unsafe fn enc_body<const K: u8, const B: u8, const VEC: bool>(
-    xp: *const f32,
+unsafe fn enc_body<const K: u8, const B: u8, const VEC: bool, const T: u8>(
+    xp: *const u8,
     ip: *const f32,
     mp: *const f32,
     n: usize,
@@ -317,7 +352,7 @@ unsafe fn enc_body<const K: u8, const B: u8, const VEC: bool>(
         // 16 codes of B bits are 2B whole bytes: their B low bits gathered from the 16 bytes.
         let low = 0x0101_0101_0101_0101u64 * ((1u64 << B) - 1);
         for i in (0..n).step_by(16) {
-            let b = _mm512_cvtepi32_epi8(code16::<K, VEC>(xp, ip, mp, i, c));
+            let b = _mm512_cvtepi32_epi8(code16::<K, VEC, T>(xp, ip, mp, i, c));
             let lo = _pext_u64(_mm_cvtsi128_si64(b) as u64, low);
             let hi = _pext_u64(_mm_extract_epi64::<1>(b) as u64, low);
             or_bytes(
@@ -330,8 +365,8 @@ unsafe fn enc_body<const K: u8, const B: u8, const VEC: bool>(
     }
     let mut i = 0;
     while i + 32 <= n {
-        let a = pack16::<B>(code16::<K, VEC>(xp, ip, mp, i, c));
-        let b = pack16::<B>(code16::<K, VEC>(xp, ip, mp, i + 16, c));
+        let a = pack16::<B>(code16::<K, VEC, T>(xp, ip, mp, i, c));
+        let b = pack16::<B>(code16::<K, VEC, T>(xp, ip, mp, i + 16, c));
         if B == 8 {
             let d = dst.add(i).cast::<__m256i>();
             let v = _mm256_set_m128i(b, a);
@@ -344,7 +379,7 @@ unsafe fn enc_body<const K: u8, const B: u8, const VEC: bool>(
         i += 32;
     }
     if i < n {
-        let a = pack16::<B>(code16::<K, VEC>(xp, ip, mp, i, c));
+        let a = pack16::<B>(code16::<K, VEC, T>(xp, ip, mp, i, c));
         if B == 8 {
             let d = dst.add(i).cast::<__m128i>();
             _mm_storeu_si128(d, _mm_or_si128(_mm_loadu_si128(d), a));
@@ -379,21 +414,22 @@ fn tail_mask(r: usize) -> __mmask16 {
     ((1u32 << r) - 1) as __mmask16
 }
 
-#[target_feature(enable = "avx512f,avx2")]
-unsafe fn min_max_avx512(x: &[f32]) -> (f32, f32, bool) {
-    let n = x.len();
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+unsafe fn min_max_avx512<const T: u8>(x: &[u8]) -> (f32, f32, bool) {
+    let size = out_size::<T>();
+    let n = x.len() / size;
     if n == 0 {
-        return scalar::min_max(x);
+        return scalar::min_max(out_type::<T>(), x);
     }
     let p = x.as_ptr();
+    let ld = |i: usize| key(_mm512_castps_si512(load16::<T>(p, i)));
     let (mut lo0, mut hi0) = (_mm512_set1_epi32(i32::MAX), _mm512_set1_epi32(i32::MIN));
     let (mut lo1, mut hi1) = (lo0, hi0);
     let mut i = 0;
     while i + 32 <= n {
-        prefetch_in(p, i);
-        prefetch_in(p, i + 16);
-        let k0 = key(_mm512_loadu_si512(p.add(i).cast()));
-        let k1 = key(_mm512_loadu_si512(p.add(i + 16).cast()));
+        prefetch_in(p, i * size);
+        prefetch_in(p, (i + 16) * size);
+        let (k0, k1) = (ld(i), ld(i + 16));
         lo0 = _mm512_min_epi32(lo0, k0);
         hi0 = _mm512_max_epi32(hi0, k0);
         lo1 = _mm512_min_epi32(lo1, k1);
@@ -401,7 +437,7 @@ unsafe fn min_max_avx512(x: &[f32]) -> (f32, f32, bool) {
         i += 32;
     }
     if i + 16 <= n {
-        let k0 = key(_mm512_loadu_si512(p.add(i).cast()));
+        let k0 = ld(i);
         lo0 = _mm512_min_epi32(lo0, k0);
         hi0 = _mm512_max_epi32(hi0, k0);
         i += 16;
@@ -409,7 +445,7 @@ unsafe fn min_max_avx512(x: &[f32]) -> (f32, f32, bool) {
     if i < n {
         // Masked lanes are neither read nor counted.
         let t = tail_mask(n - i);
-        let k1 = key(_mm512_maskz_loadu_epi32(t, p.add(i).cast()));
+        let k1 = key(_mm512_castps_si512(load16_masked::<T>(p, i, t)));
         lo1 = _mm512_mask_min_epi32(lo1, t, lo1, k1);
         hi1 = _mm512_mask_max_epi32(hi1, t, hi1, k1);
     }
@@ -423,47 +459,47 @@ unsafe fn min_max_avx512(x: &[f32]) -> (f32, f32, bool) {
     (lo, hi, finite)
 }
 
-#[target_feature(enable = "avx512f,avx2")]
-unsafe fn abs_max_avx512(x: &[f32]) -> (f32, bool) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+unsafe fn abs_max_avx512<const T: u8>(x: &[u8]) -> (f32, bool) {
     // |x| as bits orders like the floats (NaN above inf), so an integer max is exact.
-    let (n, p) = (x.len(), x.as_ptr());
+    let (size, p) = (out_size::<T>(), x.as_ptr());
+    let n = x.len() / size;
     let abs = _mm512_set1_epi32(ABS);
+    let ld = |i: usize| _mm512_and_si512(_mm512_castps_si512(load16::<T>(p, i)), abs);
     let (mut a0, mut a1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
     let mut i = 0;
     while i + 32 <= n {
-        prefetch_in(p, i);
-        prefetch_in(p, i + 16);
-        let v0 = _mm512_and_si512(_mm512_loadu_si512(p.add(i).cast()), abs);
-        let v1 = _mm512_and_si512(_mm512_loadu_si512(p.add(i + 16).cast()), abs);
-        a0 = _mm512_max_epi32(a0, v0);
-        a1 = _mm512_max_epi32(a1, v1);
+        prefetch_in(p, i * size);
+        prefetch_in(p, (i + 16) * size);
+        a0 = _mm512_max_epi32(a0, ld(i));
+        a1 = _mm512_max_epi32(a1, ld(i + 16));
         i += 32;
     }
     if i + 16 <= n {
-        let v0 = _mm512_and_si512(_mm512_loadu_si512(p.add(i).cast()), abs);
-        a0 = _mm512_max_epi32(a0, v0);
+        a0 = _mm512_max_epi32(a0, ld(i));
         i += 16;
     }
     if i < n {
         // Zeroed lanes are +0, the start value of the scalar loop.
-        let v1 = _mm512_maskz_loadu_epi32(tail_mask(n - i), p.add(i).cast());
+        let v1 = _mm512_castps_si512(load16_masked::<T>(p, i, tail_mask(n - i)));
         a1 = _mm512_max_epi32(a1, _mm512_and_si512(v1, abs));
     }
     let a = _mm512_reduce_max_epi32(_mm512_max_epi32(a0, a1));
     (f32::from_bits(a as u32), a < INF_BITS)
 }
 
-#[target_feature(enable = "avx512f,avx2")]
-unsafe fn min_max_vec_avx512(x: &[f32], lo: &mut [f32], hi: &mut [f32]) -> bool {
-    let n = x.len().min(lo.len()).min(hi.len());
+#[target_feature(enable = "avx512f,avx2,f16c")]
+unsafe fn min_max_vec_avx512<const T: u8>(x: &[u8], lo: &mut [f32], hi: &mut [f32]) -> bool {
+    let size = out_size::<T>();
+    let n = (x.len() / size).min(lo.len()).min(hi.len());
     let body = n & !15;
     let (xp, lp, hp) = (x.as_ptr(), lo.as_mut_ptr(), hi.as_mut_ptr());
     let abs = _mm512_set1_epi32(ABS);
     let mut fin = _mm512_setzero_si512();
     let mut i = 0;
     while i < body {
-        prefetch_in(xp, i);
-        let v = _mm512_loadu_ps(xp.add(i));
+        prefetch_in(xp, i * size);
+        let v = load16::<T>(xp, i);
         let l = _mm512_loadu_ps(lp.add(i));
         let h = _mm512_loadu_ps(hp.add(i));
         // Both operand orders combined give the total-order result for ±0 (see avx2).
@@ -480,27 +516,29 @@ unsafe fn min_max_vec_avx512(x: &[f32], lo: &mut [f32], hi: &mut [f32]) -> bool 
         fin = _mm512_max_epi32(fin, _mm512_and_si512(_mm512_castps_si512(v), abs));
         i += 16;
     }
-    let rf = avx2::min_max_vec_avx2(&x[body..n], &mut lo[body..n], &mut hi[body..n]);
+    let xr = &x[body * size..n * size];
+    let rf = avx2::min_max_vec_avx2::<T>(xr, &mut lo[body..n], &mut hi[body..n]);
     _mm512_reduce_max_epi32(fin) < INF_BITS && rf
 }
 
-#[target_feature(enable = "avx512f,avx2")]
-unsafe fn abs_max_vec_avx512(x: &[f32], a: &mut [f32]) -> bool {
-    let n = x.len().min(a.len());
+#[target_feature(enable = "avx512f,avx2,f16c")]
+unsafe fn abs_max_vec_avx512<const T: u8>(x: &[u8], a: &mut [f32]) -> bool {
+    let size = out_size::<T>();
+    let n = (x.len() / size).min(a.len());
     let body = n & !15;
     let (xp, ap) = (x.as_ptr(), a.as_mut_ptr());
     let abs = _mm512_set1_epi32(ABS);
     let mut fin = _mm512_setzero_si512();
     let mut i = 0;
     while i < body {
-        prefetch_in(xp, i);
-        let v = _mm512_and_si512(_mm512_loadu_si512(xp.add(i).cast()), abs);
+        prefetch_in(xp, i * size);
+        let v = _mm512_and_si512(_mm512_castps_si512(load16::<T>(xp, i)), abs);
         // A negative accumulator (bits < 0 as i32) loses to any |x|, as in total order.
         let acc = _mm512_max_epi32(_mm512_loadu_si512(ap.add(i).cast()), v);
         _mm512_storeu_si512(ap.add(i).cast(), acc);
         fin = _mm512_max_epi32(fin, v);
         i += 16;
     }
-    let rf = avx2::abs_max_vec_avx2(&x[body..n], &mut a[body..n]);
+    let rf = avx2::abs_max_vec_avx2::<T>(&x[body * size..n * size], &mut a[body..n]);
     _mm512_reduce_max_epi32(fin) < INF_BITS && rf
 }

@@ -5,13 +5,58 @@ use std::sync::OnceLock;
 use crate::codecs::codec::Codec;
 use crate::format::DType;
 
-/// The float type the dequantize kernels write, as little-endian bytes: values are narrowed in
-/// registers (round to nearest even, as `half`'s `from_f32`), with no fp32 buffer in between.
+/// The float type the dequantize kernels write (and the quantize kernels read, `InType`), as
+/// little-endian bytes: values are narrowed in registers (round to nearest even, as `half`'s `from_f32`), with no fp32 buffer in between.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutType {
     F32,
     F16,
     Bf16,
+}
+
+/// The float type the quantize kernels read, as little-endian bytes: the same three types,
+/// widened in registers (exactly: F16C for fp16, a 16-bit shift for bf16), with no fp32 buffer
+/// in between.
+pub type InType = OutType;
+
+/// Values to quantize: little-endian bytes of `t`, any alignment.
+#[derive(Debug, Clone, Copy)]
+pub struct Values<'a> {
+    pub bytes: &'a [u8],
+    pub t: InType,
+}
+
+impl<'a> Values<'a> {
+    /// fp32 values as kernel input (their memory, read as little-endian: little-endian targets).
+    #[cfg(target_endian = "little")]
+    pub fn f32(x: &'a [f32]) -> Self {
+        // SAFETY: same memory; u8 has no alignment or validity requirement.
+        let bytes = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), size_of_val(x)) };
+        Values {
+            bytes,
+            t: InType::F32,
+        }
+    }
+
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.bytes.len() / self.t.size()
+    }
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Elements `a..b`.
+    #[inline]
+    pub fn slice(&self, a: usize, b: usize) -> Values<'a> {
+        let s = self.t.size();
+        Values {
+            bytes: &self.bytes[a * s..b * s],
+            t: self.t,
+        }
+    }
 }
 
 impl OutType {
@@ -44,9 +89,22 @@ impl OutType {
     }
 }
 
+/// Calls `$f::<T>(args)` with the float type `$t` (an `InType`) as a const parameter.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_type {
+    ($t:expr, $f:ident($($a:expr),*)) => {
+        match $t {
+            OutType::F32 => $f::<OF32>($($a),*),
+            OutType::F16 => $f::<OF16>($($a),*),
+            OutType::Bf16 => $f::<OBF16>($($a),*),
+        }
+    };
+}
+
 /// The table of an x86 instruction set and its safe wrappers. The invoking module provides the
-/// kernels (`dq_bcast`, `dq_vec`, `dq_groups`, `enc_bcast`, `enc_vec`, generic over the codec, and the four
-/// statistics functions named here) and `by_codec!`. The wrappers pick the codec so that the
+/// kernels (`dq_bcast`, `dq_vec`, `dq_groups`, `enc_bcast`, `enc_vec`, generic over the codec
+/// and the float type read or written, and the four statistics functions named here, generic
+/// over the float type read) and `by_codec!`. The wrappers pick the codec so that the
 /// kernels take at most six integer arguments, all in registers: re-passing stack arguments costs
 /// a store-forwarding stall per call, as much as a 64-element group's work.
 ///
@@ -148,9 +206,11 @@ macro_rules! kernel_table {
             }
         }
 
+        #[allow(clippy::too_many_arguments)]
         fn encode_bcast(
             codec: Codec,
-            x: &[f32],
+            t: InType,
+            x: &[u8],
             inv: f32,
             m: f32,
             mids: &[f32; 15],
@@ -158,17 +218,20 @@ macro_rules! kernel_table {
             first: usize,
         ) {
             unsafe {
-                by_codec!(
+                by_codec_out!(
                     codec,
+                    t,
                     enc_bcast(x, inv, m, mids, codes, first),
-                    scalar::encode_bcast(codec, x, inv, m, mids, codes, first)
+                    scalar::encode_bcast(codec, t, x, inv, m, mids, codes, first)
                 )
             }
         }
 
+        #[allow(clippy::too_many_arguments)]
         fn encode_vec(
             codec: Codec,
-            x: &[f32],
+            t: InType,
+            x: &[u8],
             inv: &[f32],
             m: &[f32],
             mids: &[f32; 15],
@@ -176,28 +239,29 @@ macro_rules! kernel_table {
             first: usize,
         ) {
             unsafe {
-                by_codec!(
+                by_codec_out!(
                     codec,
+                    t,
                     enc_vec(x, inv, m, mids, codes, first),
-                    scalar::encode_vec(codec, x, inv, m, mids, codes, first)
+                    scalar::encode_vec(codec, t, x, inv, m, mids, codes, first)
                 )
             }
         }
 
-        fn min_max(x: &[f32]) -> (f32, f32, bool) {
-            unsafe { $min_max(x) }
+        fn min_max(t: InType, x: &[u8]) -> (f32, f32, bool) {
+            unsafe { by_type!(t, $min_max(x)) }
         }
 
-        fn abs_max(x: &[f32]) -> (f32, bool) {
-            unsafe { $abs_max(x) }
+        fn abs_max(t: InType, x: &[u8]) -> (f32, bool) {
+            unsafe { by_type!(t, $abs_max(x)) }
         }
 
-        fn min_max_vec(x: &[f32], lo: &mut [f32], hi: &mut [f32]) -> bool {
-            unsafe { $min_max_vec(x, lo, hi) }
+        fn min_max_vec(t: InType, x: &[u8], lo: &mut [f32], hi: &mut [f32]) -> bool {
+            unsafe { by_type!(t, $min_max_vec(x, lo, hi)) }
         }
 
-        fn abs_max_vec(x: &[f32], a: &mut [f32]) -> bool {
-            unsafe { $abs_max_vec(x, a) }
+        fn abs_max_vec(t: InType, x: &[u8], a: &mut [f32]) -> bool {
+            unsafe { by_type!(t, $abs_max_vec(x, a)) }
         }
     };
 }
@@ -228,18 +292,19 @@ pub struct Kernels {
     /// `out[i] = decode(code[first + i], s[i / g], m[i / g])`: runs of whole groups of `g`
     /// (the last may be shorter) in one call, as `dequant_bcast` per group would.
     pub dequant_groups: fn(Codec, &[u8], usize, usize, &[f32], &[f32], OutType, &mut [u8]),
-    /// `code[first + i] |= encode(x[i], inv, m)`, into a zeroed stream
-    pub encode_bcast: fn(Codec, &[f32], f32, f32, &[f32; 15], &mut [u8], usize),
+    /// `code[first + i] |= encode(x[i], inv, m)`, into a zeroed stream; `x` holds
+    /// little-endian bytes of the `InType` (so do the statistics' inputs).
+    pub encode_bcast: fn(Codec, InType, &[u8], f32, f32, &[f32; 15], &mut [u8], usize),
     /// `code[first + i] |= encode(x[i], inv[i], m[i])`
-    pub encode_vec: fn(Codec, &[f32], &[f32], &[f32], &[f32; 15], &mut [u8], usize),
+    pub encode_vec: fn(Codec, InType, &[u8], &[f32], &[f32], &[f32; 15], &mut [u8], usize),
     /// `(min, max, all finite)`
-    pub min_max: fn(&[f32]) -> (f32, f32, bool),
+    pub min_max: fn(InType, &[u8]) -> (f32, f32, bool),
     /// `(max |x|, all finite)`
-    pub abs_max: fn(&[f32]) -> (f32, bool),
+    pub abs_max: fn(InType, &[u8]) -> (f32, bool),
     /// elementwise running min and max; returns all finite
-    pub min_max_vec: fn(&[f32], &mut [f32], &mut [f32]) -> bool,
+    pub min_max_vec: fn(InType, &[u8], &mut [f32], &mut [f32]) -> bool,
     /// elementwise running max |x|; returns all finite
-    pub abs_max_vec: fn(&[f32], &mut [f32]) -> bool,
+    pub abs_max_vec: fn(InType, &[u8], &mut [f32]) -> bool,
 }
 
 /// A `dequant_vec` table function over fp16 scale and min bytes: widened a stack chunk at a

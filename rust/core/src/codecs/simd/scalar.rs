@@ -2,7 +2,7 @@
 
 use half::{bf16, f16};
 
-use super::{Kernels, OutType};
+use super::{InType, Kernels, OutType};
 use crate::codecs::codec::{read_code, write_code, Codec};
 
 pub static SCALAR: Kernels = Kernels {
@@ -103,9 +103,27 @@ pub fn dequant_groups(
     }
 }
 
+/// Element `i` of little-endian bytes of `t`, widened to fp32 (exact for every input type).
+#[inline(always)]
+pub fn get(t: InType, x: &[u8], i: usize) -> f32 {
+    match t {
+        InType::F32 => f32::from_le_bytes([x[4 * i], x[4 * i + 1], x[4 * i + 2], x[4 * i + 3]]),
+        InType::F16 => f16::from_le_bytes([x[2 * i], x[2 * i + 1]]).to_f32(),
+        InType::Bf16 => f32::from_bits((u16::from_le_bytes([x[2 * i], x[2 * i + 1]]) as u32) << 16),
+    }
+}
+
+/// The values of little-endian bytes of `t`, widened one at a time.
+#[inline(always)]
+fn values(t: InType, x: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    (0..x.len() / t.size()).map(move |i| get(t, x, i))
+}
+
+#[allow(clippy::too_many_arguments)]
 pub fn encode_bcast(
     codec: Codec,
-    x: &[f32],
+    t: InType,
+    x: &[u8],
     inv: f32,
     m: f32,
     mids: &[f32; 15],
@@ -113,14 +131,16 @@ pub fn encode_bcast(
     first: usize,
 ) {
     let bits = codec.bits();
-    for (i, &v) in x.iter().enumerate() {
+    for (i, v) in values(t, x).enumerate() {
         write_code(codes, first + i, bits, codec.encode(v, inv, m, mids));
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn encode_vec(
     codec: Codec,
-    x: &[f32],
+    t: InType,
+    x: &[u8],
     inv: &[f32],
     m: &[f32],
     mids: &[f32; 15],
@@ -129,7 +149,7 @@ pub fn encode_vec(
 ) {
     let bits = codec.bits();
     let has_m = codec.has_mins();
-    for (i, &v) in x.iter().enumerate() {
+    for (i, v) in values(t, x).enumerate() {
         let mi = if has_m { m[i] } else { 0.0 };
         write_code(codes, first + i, bits, codec.encode(v, inv[i], mi, mids));
     }
@@ -155,11 +175,11 @@ pub fn tmax(a: f32, b: f32) -> f32 {
     }
 }
 
-pub fn min_max(x: &[f32]) -> (f32, f32, bool) {
+pub fn min_max(t: InType, x: &[u8]) -> (f32, f32, bool) {
     let mut lo = f32::INFINITY;
     let mut hi = f32::NEG_INFINITY;
     let mut finite = true;
-    for &v in x {
+    for v in values(t, x) {
         finite &= v.is_finite();
         lo = tmin(lo, v);
         hi = tmax(hi, v);
@@ -167,19 +187,19 @@ pub fn min_max(x: &[f32]) -> (f32, f32, bool) {
     (lo, hi, finite)
 }
 
-pub fn abs_max(x: &[f32]) -> (f32, bool) {
+pub fn abs_max(t: InType, x: &[u8]) -> (f32, bool) {
     let mut a = 0f32;
     let mut finite = true;
-    for &v in x {
+    for v in values(t, x) {
         finite &= v.is_finite();
         a = tmax(a, v.abs());
     }
     (a, finite)
 }
 
-pub fn min_max_vec(x: &[f32], lo: &mut [f32], hi: &mut [f32]) -> bool {
+pub fn min_max_vec(t: InType, x: &[u8], lo: &mut [f32], hi: &mut [f32]) -> bool {
     let mut finite = true;
-    for ((&v, l), h) in x.iter().zip(lo.iter_mut()).zip(hi.iter_mut()) {
+    for ((v, l), h) in values(t, x).zip(lo.iter_mut()).zip(hi.iter_mut()) {
         finite &= v.is_finite();
         *l = tmin(*l, v);
         *h = tmax(*h, v);
@@ -187,9 +207,9 @@ pub fn min_max_vec(x: &[f32], lo: &mut [f32], hi: &mut [f32]) -> bool {
     finite
 }
 
-pub fn abs_max_vec(x: &[f32], a: &mut [f32]) -> bool {
+pub fn abs_max_vec(t: InType, x: &[u8], a: &mut [f32]) -> bool {
     let mut finite = true;
-    for (&v, acc) in x.iter().zip(a.iter_mut()) {
+    for (v, acc) in values(t, x).zip(a.iter_mut()) {
         finite &= v.is_finite();
         *acc = tmax(*acc, v.abs());
     }

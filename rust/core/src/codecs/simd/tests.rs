@@ -1,6 +1,6 @@
 //! Every kernel table this CPU runs, bit for bit against `scalar`.
 
-use super::{available, scalar::SCALAR, Kernels, OutType};
+use super::{available, scalar::SCALAR, InType, Kernels, OutType};
 use crate::codecs::codec::{nf4_midpoints, Codec};
 
 /// xorshift64*: deterministic and dependency-free.
@@ -73,6 +73,63 @@ fn simd_tables() -> Vec<&'static Kernels> {
         all.iter().map(|k| k.name).collect::<Vec<_>>()
     );
     all[1..].to_vec()
+}
+
+/// Values as kernel input of type `t`: rounded to `t` (nearest even, as `half`) and stored as
+/// little-endian bytes one byte into the buffer (the kernels take any alignment), with the fp32
+/// values those bytes hold.
+pub(crate) struct Typed {
+    buf: Vec<u8>,
+    pub wide: Vec<f32>,
+}
+
+impl Typed {
+    pub fn new(t: InType, x: &[f32]) -> Typed {
+        let mut buf = vec![0u8];
+        for &v in x {
+            match t {
+                InType::F32 => buf.extend(v.to_le_bytes()),
+                InType::F16 => buf.extend(half::f16::from_f32(v).to_le_bytes()),
+                InType::Bf16 => buf.extend(half::bf16::from_f32(v).to_le_bytes()),
+            }
+        }
+        let wide = (0..x.len())
+            .map(|i| super::scalar::get(t, &buf[1..], i))
+            .collect();
+        Typed { buf, wide }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[1..]
+    }
+
+    /// The widened values as fp32 kernel input (the widen-first reference).
+    pub fn wide_bytes(&self) -> Vec<u8> {
+        self.wide.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+}
+
+#[test]
+fn typed_input_widens_exactly() {
+    // The reference the typed kernels are held to: `get` is `half`'s widening, bit for bit.
+    let mut r = Rng::new(9);
+    let x: Vec<f32> = (0..4096)
+        .map(|_| f32::from_bits(r.next_u64() as u32))
+        .collect();
+    for t in [InType::F16, InType::Bf16] {
+        let v = Typed::new(t, &x);
+        for (i, b) in v.bytes().chunks_exact(2).enumerate() {
+            let want = match t {
+                InType::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+                _ => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            };
+            assert!(
+                want.to_bits() == v.wide[i].to_bits() || (want.is_nan() && v.wide[i].is_nan()),
+                "{t:?} {want} {}",
+                v.wide[i]
+            );
+        }
+    }
 }
 
 fn bits_of(v: &[f32]) -> Vec<u32> {
@@ -277,46 +334,53 @@ fn inv_of(r: &mut Rng) -> f32 {
 
 #[test]
 fn encode_matches_scalar() {
+    // Every table and input type against scalar code on the widened fp32 values: SIMD equals
+    // scalar, and fp16/bf16 read in place equals widening first.
     let mut r = Rng::new(2);
     let mids = nf4_midpoints();
-    for k in simd_tables() {
-        for codec in CODECS {
-            let bits = codec.bits();
-            for len in LENS {
-                for first in FIRSTS {
-                    let n = codes_len(first, len, bits) + 1;
-                    // Zeroed as the drivers hand it, or prefilled to check the OR at the ends.
-                    let base = if r.below(2) == 0 {
-                        vec![0u8; n]
-                    } else {
-                        r.bytes(n)
-                    };
-                    let (inv, m) = (inv_of(&mut r), min_of(&mut r));
-                    let x = encode_input(&mut r, len, inv, m);
-                    let (mut want, mut got) = (base.clone(), base.clone());
-                    (SCALAR.encode_bcast)(codec, &x, inv, m, &mids, &mut want, first);
-                    (k.encode_bcast)(codec, &x, inv, m, &mids, &mut got, first);
-                    assert_eq!(
-                        want, got,
-                        "{} encode_bcast {codec:?} len {len} first {first} inv {inv} m {m}",
-                        k.name
-                    );
+    let f32_ = InType::F32;
+    for k in available() {
+        for t in OutType::ALL {
+            for codec in CODECS {
+                let bits = codec.bits();
+                for len in LENS {
+                    for first in FIRSTS {
+                        let n = codes_len(first, len, bits) + 1;
+                        // Zeroed as the drivers hand it, or prefilled to check the OR at the ends.
+                        let base = if r.below(2) == 0 {
+                            vec![0u8; n]
+                        } else {
+                            r.bytes(n)
+                        };
+                        let (inv, m) = (inv_of(&mut r), min_of(&mut r));
+                        let x = Typed::new(t, &encode_input(&mut r, len, inv, m));
+                        let (mut want, mut got) = (base.clone(), base.clone());
+                        let wide = x.wide_bytes();
+                        (SCALAR.encode_bcast)(codec, f32_, &wide, inv, m, &mids, &mut want, first);
+                        (k.encode_bcast)(codec, t, x.bytes(), inv, m, &mids, &mut got, first);
+                        assert_eq!(
+                            want, got,
+                            "{} encode_bcast {codec:?} {t:?} len {len} first {first} inv {inv} m {m}",
+                            k.name
+                        );
 
-                    let iv: Vec<f32> = (0..len).map(|_| inv_of(&mut r)).collect();
-                    let mv: Vec<f32> = if codec.has_mins() {
-                        (0..len).map(|_| min_of(&mut r)).collect()
-                    } else {
-                        Vec::new()
-                    };
-                    let x = encode_input(&mut r, len, 4.0, 0.0);
-                    let (mut want, mut got) = (base.clone(), base);
-                    (SCALAR.encode_vec)(codec, &x, &iv, &mv, &mids, &mut want, first);
-                    (k.encode_vec)(codec, &x, &iv, &mv, &mids, &mut got, first);
-                    assert_eq!(
-                        want, got,
-                        "{} encode_vec {codec:?} len {len} first {first}",
-                        k.name
-                    );
+                        let iv: Vec<f32> = (0..len).map(|_| inv_of(&mut r)).collect();
+                        let mv: Vec<f32> = if codec.has_mins() {
+                            (0..len).map(|_| min_of(&mut r)).collect()
+                        } else {
+                            Vec::new()
+                        };
+                        let x = Typed::new(t, &encode_input(&mut r, len, 4.0, 0.0));
+                        let (mut want, mut got) = (base.clone(), base);
+                        let wide = x.wide_bytes();
+                        (SCALAR.encode_vec)(codec, f32_, &wide, &iv, &mv, &mids, &mut want, first);
+                        (k.encode_vec)(codec, t, x.bytes(), &iv, &mv, &mids, &mut got, first);
+                        assert_eq!(
+                            want, got,
+                            "{} encode_vec {codec:?} {t:?} len {len} first {first}",
+                            k.name
+                        );
+                    }
                 }
             }
         }
@@ -330,11 +394,13 @@ fn encode_with_unsorted_midpoints_still_counts() {
     let mut mids = nf4_midpoints();
     mids.swap(3, 9);
     for k in simd_tables() {
-        let x: Vec<f32> = (0..200).map(|_| r.unit()).collect();
-        let (mut want, mut got) = (vec![0u8; 100], vec![0u8; 100]);
-        (SCALAR.encode_bcast)(Codec::Nf4, &x, 1.0, 0.0, &mids, &mut want, 0);
-        (k.encode_bcast)(Codec::Nf4, &x, 1.0, 0.0, &mids, &mut got, 0);
-        assert_eq!(want, got, "{}", k.name);
+        for t in OutType::ALL {
+            let x = Typed::new(t, &(0..200).map(|_| r.unit()).collect::<Vec<_>>());
+            let (mut want, mut got) = (vec![0u8; 100], vec![0u8; 100]);
+            (SCALAR.encode_bcast)(Codec::Nf4, t, x.bytes(), 1.0, 0.0, &mids, &mut want, 0);
+            (k.encode_bcast)(Codec::Nf4, t, x.bytes(), 1.0, 0.0, &mids, &mut got, 0);
+            assert_eq!(want, got, "{} {t:?}", k.name);
+        }
     }
 }
 
@@ -363,76 +429,67 @@ fn stats_input(r: &mut Rng, len: usize, special: bool) -> Vec<f32> {
 
 #[test]
 fn statistics_match_scalar() {
+    // As `encode_matches_scalar`: every table and input type against scalar code on the
+    // widened fp32 values.
     let mut r = Rng::new(4);
-    for k in simd_tables() {
-        for len in LENS {
-            for special in [false, false, true] {
-                let x = stats_input(&mut r, len, special);
-                let (wl, wh, wf) = (SCALAR.min_max)(&x);
-                let (gl, gh, gf) = (k.min_max)(&x);
-                assert_eq!(wf, gf, "{} min_max finite, len {len}", k.name);
-                assert_eq!(wf, !special || len == 0);
-                if wf {
-                    assert_eq!(
-                        (wl.to_bits(), wh.to_bits()),
-                        (gl.to_bits(), gh.to_bits()),
-                        "{} min_max len {len}: {wl} {wh} vs {gl} {gh}",
-                        k.name
-                    );
-                }
+    let f32_ = InType::F32;
+    for k in available() {
+        for t in OutType::ALL {
+            for len in LENS {
+                for special in [false, false, true] {
+                    let x = Typed::new(t, &stats_input(&mut r, len, special));
+                    let (xt, wide) = (x.bytes(), x.wide_bytes());
+                    let (wl, wh, wf) = (SCALAR.min_max)(f32_, &wide);
+                    let (gl, gh, gf) = (k.min_max)(t, xt);
+                    let at = format!("{} {t:?} len {len}", k.name);
+                    assert_eq!(wf, gf, "{at} min_max finite");
+                    assert_eq!(wf, !special || len == 0);
+                    if wf {
+                        assert_eq!(
+                            (wl.to_bits(), wh.to_bits()),
+                            (gl.to_bits(), gh.to_bits()),
+                            "{at} min_max: {wl} {wh} vs {gl} {gh}",
+                        );
+                    }
 
-                let (wa, wf) = (SCALAR.abs_max)(&x);
-                let (ga, gf) = (k.abs_max)(&x);
-                assert_eq!(wf, gf, "{} abs_max finite, len {len}", k.name);
-                if wf {
-                    assert_eq!(wa.to_bits(), ga.to_bits(), "{} abs_max len {len}", k.name);
-                }
+                    let (wa, wf) = (SCALAR.abs_max)(f32_, &wide);
+                    let (ga, gf) = (k.abs_max)(t, xt);
+                    assert_eq!(wf, gf, "{at} abs_max finite");
+                    if wf {
+                        assert_eq!(wa.to_bits(), ga.to_bits(), "{at} abs_max");
+                    }
 
-                // Running accumulators: fresh (±inf, 0) or already holding values and zeros.
-                let fresh = r.below(2) == 0;
-                let lo0: Vec<f32> = (0..len)
-                    .map(|_| {
-                        if fresh {
-                            f32::INFINITY
-                        } else {
-                            stats_input(&mut r, 1, false)[0]
-                        }
-                    })
-                    .collect();
-                let hi0: Vec<f32> = (0..len)
-                    .map(|_| {
-                        if fresh {
-                            f32::NEG_INFINITY
-                        } else {
-                            stats_input(&mut r, 1, false)[0]
-                        }
-                    })
-                    .collect();
-                let (mut wl, mut wh) = (lo0.clone(), hi0.clone());
-                let (mut gl, mut gh) = (lo0, hi0);
-                let wf = (SCALAR.min_max_vec)(&x, &mut wl, &mut wh);
-                let gf = (k.min_max_vec)(&x, &mut gl, &mut gh);
-                assert_eq!(wf, gf, "{} min_max_vec finite, len {len}", k.name);
-                if wf {
-                    assert_eq!(bits_of(&wl), bits_of(&gl), "{} min_max_vec lo", k.name);
-                    assert_eq!(bits_of(&wh), bits_of(&gh), "{} min_max_vec hi", k.name);
-                }
+                    // Running accumulators: fresh (±inf, 0) or already holding values and zeros.
+                    let fresh = r.below(2) == 0;
+                    let acc = |r: &mut Rng, start: f32, abs: bool| -> Vec<f32> {
+                        (0..len)
+                            .map(|_| match (fresh, abs) {
+                                (true, _) => start,
+                                (false, false) => stats_input(r, 1, false)[0],
+                                (false, true) => stats_input(r, 1, false)[0].abs(),
+                            })
+                            .collect()
+                    };
+                    let lo0 = acc(&mut r, f32::INFINITY, false);
+                    let hi0 = acc(&mut r, f32::NEG_INFINITY, false);
+                    let a0 = acc(&mut r, 0.0, true);
+                    let (mut wl, mut wh) = (lo0.clone(), hi0.clone());
+                    let (mut gl, mut gh) = (lo0, hi0);
+                    let wf = (SCALAR.min_max_vec)(f32_, &wide, &mut wl, &mut wh);
+                    let gf = (k.min_max_vec)(t, xt, &mut gl, &mut gh);
+                    assert_eq!(wf, gf, "{at} min_max_vec finite");
+                    if wf {
+                        assert_eq!(bits_of(&wl), bits_of(&gl), "{at} min_max_vec lo");
+                        assert_eq!(bits_of(&wh), bits_of(&gh), "{at} min_max_vec hi");
+                    }
 
-                let a0: Vec<f32> = (0..len)
-                    .map(|_| {
-                        if fresh {
-                            0.0
-                        } else {
-                            stats_input(&mut r, 1, false)[0].abs()
-                        }
-                    })
-                    .collect();
-                let (mut wa, mut ga) = (a0.clone(), a0);
-                let wf = (SCALAR.abs_max_vec)(&x, &mut wa);
-                let gf = (k.abs_max_vec)(&x, &mut ga);
-                assert_eq!(wf, gf, "{} abs_max_vec finite, len {len}", k.name);
-                if wf {
-                    assert_eq!(bits_of(&wa), bits_of(&ga), "{} abs_max_vec", k.name);
+                    let (mut wa, mut ga) = (a0.clone(), a0);
+                    let wf = (SCALAR.abs_max_vec)(f32_, &wide, &mut wa);
+                    let gf = (k.abs_max_vec)(t, xt, &mut ga);
+                    assert_eq!(wf, gf, "{at} abs_max_vec finite");
+                    if wf {
+                        assert_eq!(bits_of(&wa), bits_of(&ga), "{at} abs_max_vec");
+                    }
                 }
             }
         }
@@ -447,7 +504,8 @@ fn signed_zero_statistics_are_total_order() {
             for pos in [0, n / 2, n - 1] {
                 let mut x = vec![0.0f32; n];
                 x[pos] = -0.0;
-                let (lo, hi, f) = (k.min_max)(&x);
+                let (lo, hi, f) =
+                    (k.min_max)(InType::F32, &Typed::new(InType::F32, &x).wide_bytes());
                 assert!(
                     f && lo.is_sign_negative() && hi.is_sign_positive(),
                     "{}",
@@ -455,7 +513,8 @@ fn signed_zero_statistics_are_total_order() {
                 );
                 let mut x = vec![-0.0f32; n];
                 x[pos] = 0.0;
-                let (lo, hi, _) = (k.min_max)(&x);
+                let (lo, hi, _) =
+                    (k.min_max)(InType::F32, &Typed::new(InType::F32, &x).wide_bytes());
                 assert!(lo.is_sign_negative() && hi.is_sign_positive(), "{}", k.name);
             }
         }
@@ -489,8 +548,9 @@ fn fp4_encode_ties_and_signs_match_scalar() {
                 let xs: Vec<f32> = x.iter().map(|v| v * scale).collect();
                 let n = xs.len().div_ceil(2);
                 let (mut want, mut got) = (vec![0u8; n], vec![0u8; n]);
-                (SCALAR.encode_bcast)(codec, &xs, inv, 0.0, &mids, &mut want, 0);
-                (k.encode_bcast)(codec, &xs, inv, 0.0, &mids, &mut got, 0);
+                let xs = Typed::new(InType::F32, &xs).wide_bytes();
+                (SCALAR.encode_bcast)(codec, InType::F32, &xs, inv, 0.0, &mids, &mut want, 0);
+                (k.encode_bcast)(codec, InType::F32, &xs, inv, 0.0, &mids, &mut got, 0);
                 assert_eq!(want, got, "{} {codec:?} scale {scale}", k.name);
             }
         }
