@@ -1,5 +1,7 @@
 //! Writer -> reader round trips and the reader's refusals, through the public API.
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use qtensors_core::codecs::simd;
@@ -8,6 +10,8 @@ use qtensors_core::io::{FileWriter, PlannedTensor, QFile};
 use qtensors_core::tensor::{encode, Input};
 use qtensors_core::Error;
 
+use common::values;
+
 fn affine(bits: u8, group_size: u64, axis: usize) -> Encoding {
     Encoding::Affine(GroupParams {
         bits,
@@ -15,18 +19,6 @@ fn affine(bits: u8, group_size: u64, axis: usize) -> Encoding {
         axis,
         scale_dtype: DType::Float16,
     })
-}
-
-fn values(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-        })
-        .collect()
 }
 
 fn write(path: &std::path::Path, tensors: &[(&str, Vec<u64>, Encoding, Vec<f32>)]) {

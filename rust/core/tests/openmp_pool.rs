@@ -5,6 +5,8 @@
 
 #![cfg(all(target_os = "linux", target_env = "gnu"))]
 
+mod common;
+
 use std::ffi::{c_uint, c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -14,20 +16,10 @@ use qtensors_core::matmul::pool;
 use qtensors_core::tensor::{self, Input};
 use qtensors_core::Error;
 
+use common::values;
+
 const GOMP: &str = "libgomp.so.1";
 const TEAM: usize = 3;
-
-fn values(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2_654_435_761).max(1);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 /// A weight, its activations and the calls made with it.
 struct Case {
