@@ -98,3 +98,18 @@ def best_ms(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times) * 1e3
+
+
+def generate_kwargs(new: int, compiled: bool) -> dict[str, Any]:
+    """``generate`` arguments for ``new`` greedy tokens: eager (dynamic cache, transformers'
+    auto-compile off), or ``compiled``: the static cache with transformers' own
+    ``torch.compile(mode="reduce-overhead", fullgraph=True)`` of the decoding step."""
+    kw: dict[str, Any] = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    if compiled:
+        from transformers import CompileConfig
+
+        kw["cache_implementation"] = "static"
+        kw["compile_config"] = CompileConfig(fullgraph=True, mode="reduce-overhead")
+    else:
+        kw["disable_compile"] = True
+    return kw

@@ -9,22 +9,12 @@ stay in L1 next to the streaming codes and output, which is what keeps fp16/bf16
 """
 
 import json
-import time
 
 import numpy as np
+from _common import best_ms
 
 import qtensors as qt
 from qtensors import _core
-
-
-def best(fn, repeat: int = 9) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -41,12 +31,14 @@ def main() -> None:
             out = np.empty(rows * cols * size, np.uint8)
             src = np.ones_like(out)
             shape = [rows, cols]
-            t_d = best(
+            t_d = best_ms(
                 lambda out=out, dt=dt, parts=parts, shape=shape: _core.decode(
                     parts, dt, shape, enc_json, out
-                )
+                ),
+                9,
             )
-            t_c = best(lambda out=out, src=src: np.copyto(out, src))
+            t_d /= 1e3
+            t_c = best_ms(lambda out=out, src=src: np.copyto(out, src), 9) / 1e3
             d, c = out.nbytes / t_d / 1e9, out.nbytes / t_c / 1e9
             print(f"{rows:>6} x {cols:<6}  {dt:<9} {d:10.2f}  {c:11.2f}  {d / c:5.2f}x")
 

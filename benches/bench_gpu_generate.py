@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from _common import LLAMA_1B, LLAMA_1B_DRY, Report
+from _common import LLAMA_1B, LLAMA_1B_DRY, Report, generate_kwargs
 
 DRY = os.environ.get("QT_BENCH_DRY") == "1"
 if DRY:
@@ -66,18 +66,6 @@ def build_model():
     return model
 
 
-def generate_kwargs(mode: str) -> dict:
-    kw: dict[str, Any] = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
-    if mode == "static+compile":
-        from transformers import CompileConfig
-
-        kw["cache_implementation"] = "static"
-        kw["compile_config"] = CompileConfig(fullgraph=True, mode="reduce-overhead")
-    else:
-        kw["disable_compile"] = True
-    return kw
-
-
 def _bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
@@ -97,7 +85,7 @@ def measure_pair(models: dict, batch: int, mode: str) -> None:
     if mode != "eager" and time.time() - T0 > BUDGET_S:
         say(f"{'both':<10} {batch:>5} {mode:<15} skipped (past {BUDGET_S:.0f} s)")
         return
-    kw = generate_kwargs(mode)
+    kw = generate_kwargs(NEW, mode == "static+compile")
     vocab = next(iter(models.values())).config.vocab_size
     ids = torch.randint(1, vocab, (batch, PROMPT), device=DEV)
     times: dict[str, list[float]] = {k: [] for k in models}

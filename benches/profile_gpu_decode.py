@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
 sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
-from _common import LLAMA_1B, Report  # noqa: E402
+from _common import LLAMA_1B, Report, generate_kwargs  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import qtensors as qt  # noqa: E402
@@ -45,21 +45,9 @@ def build():
     return model
 
 
-def generate_kwargs(mode: str) -> dict:
-    kw: dict = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
-    if mode == "compiled":
-        from transformers import CompileConfig
-
-        kw["cache_implementation"] = "static"
-        kw["compile_config"] = CompileConfig(fullgraph=True, mode="reduce-overhead")
-    else:
-        kw["disable_compile"] = True
-    return kw
-
-
 def profile_decode(model, label: str, results: dict, mode: str = "eager") -> None:
     ids = torch.randint(1, 32000, (1, 16), device="cuda")
-    kw = generate_kwargs(mode)
+    kw = generate_kwargs(NEW, mode == "compiled")
     label = f"{label} {mode}"
     with torch.inference_mode():
         for _ in range(2 if mode == "compiled" else 1):
