@@ -46,6 +46,16 @@ def min_term(s, mins_ptr, idx, mask, ENC: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def program_tile(M, BLOCK_M: tl.constexpr):
+    """This program's (linear id, K slice, row tile, feature tile) on a ``(tiles, slices)`` grid
+    whose consecutive programs share a weight tile and differ in rows, so a weight tile comes
+    from HBM about once."""
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BLOCK_M)
+    return pid, tl.program_id(1), pid % n_m, pid // n_m
+
+
+@triton.jit
 def _write(acc, offs_m, offs_n, mask, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]

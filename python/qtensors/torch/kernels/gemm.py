@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .epilogue import code_values, min_term, store_result
+from .epilogue import code_values, min_term, program_tile, store_result
 
 
 @triton.jit
@@ -62,11 +62,7 @@ def gemm_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    n_m = tl.cdiv(M, BLOCK_M)
-    pid_m = pid % n_m
-    pid_n = pid // n_m
+    pid, pid_k, pid_m, pid_n = program_tile(M, BLOCK_M)
     PACK: tl.constexpr = 8 // BITS
     BKH: tl.constexpr = BLOCK_K // PACK
     dt = x_ptr.dtype.element_ty

@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .epilogue import store_result
+from .epilogue import program_tile, store_result
 from .scales import e4m3, group_scale
 
 #: encoding ids of this kernel
@@ -92,12 +92,7 @@ def mma_kernel(
     SPLIT_K: tl.constexpr,
     EVEN: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    # consecutive programs share a weight tile (differ in M): the weight comes from HBM ~once
-    n_m = tl.cdiv(M, BLOCK_M)
-    pid_m = pid % n_m
-    pid_n = pid // n_m
+    pid, pid_k, pid_m, pid_n = program_tile(M, BLOCK_M)
     dt: tl.constexpr = x_ptr.dtype.element_ty
     F16: tl.constexpr = dt == tl.float16
     BASE: tl.constexpr = 1024.0 if F16 else 128.0

@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .epilogue import store_result
+from .epilogue import program_tile, store_result
 from .gemm import _dot
 from .scales import group_scale
 
@@ -235,12 +235,7 @@ def dot_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    # consecutive programs share a weight tile (differ in M): the weight comes from HBM ~once
-    n_m = tl.cdiv(M, BLOCK_M)
-    pid_m = pid % n_m
-    pid_n = pid // n_m
+    pid, pid_k, pid_m, pid_n = program_tile(M, BLOCK_M)
     dt = x_ptr.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
