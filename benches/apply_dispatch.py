@@ -40,11 +40,14 @@ def apply(source: str, settings: dict[str, str], table: list[str]) -> str:
         source, n = re.subn(pattern, f"{name} = {value}", source, flags=re.M)
         if n != 1:
             raise SystemExit(f"{name}: expected one assignment in launch.py, found {n}")
-    head = "TILED_TABLE: dict[tuple[int, int, int], TiledConfig] = {\n"
-    start = source.index(head) + len(head)
-    end = source.index("\n}\n", start)
-    body = "\n".join(table)
-    return source[:start] + body + source[end:] if table else source[:start] + source[end + 1 :]
+    head = "TILED_TABLE: dict[tuple[int, int, int], TiledConfig] = "
+    # the dict as written, empty ("{}") or one entry per line
+    pattern = rf"^{re.escape(head)}(?:\{{\}}|\{{\n.*?\n\}})$"
+    new = head + ("{\n" + "\n".join(table) + "\n}" if table else "{}")
+    source, n = re.subn(pattern, lambda _: new, source, count=1, flags=re.M | re.S)
+    if n != 1:
+        raise SystemExit("TILED_TABLE not found in launch.py")
+    return source
 
 
 def main() -> None:

@@ -125,37 +125,21 @@ class MmaConfig:
 
 
 #: ``words_kernel``'s configuration where ``SMALL_M_KERNEL`` is "words" and the table has none: 8
-#: features x 1024 codes a step (128 words: one per thread of 4 warps)
+#: features x 2048 codes a step with 4 warps (256 words a row: two per lane), the best or within
+#: 5% of it on every shape of ``benches/probe_words.py --configs`` (H200,
+#: ``benches/results/gpu_words_probe_h200.txt``)
 WORDS_DEFAULT = TiledConfig(
-    kernel="words", block_m=0, block_n=8, block_k=1024, split_k=0, num_warps=4, num_stages=2
+    kernel="words", block_m=0, block_n=8, block_k=2048, split_k=0, num_warps=4, num_stages=2
 )
 
 #: the batch buckets of ``TILED_TABLE`` (a batch uses the first bucket >= it)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 64, 256)
 #: the launch configuration per (batch bucket, N, K) where a sweep found one better than
-#: ``tiled_default``; filled from ``benches/bench_gpu_gemv_sweep.py`` ("table" lines).
-#: Run 2 (H200, scored over every encoding): the entries below; "decode" means decode + cuBLAS
-#: measured faster for that shape and batch bucket.
-TILED_TABLE: dict[tuple[int, int, int], TiledConfig] = {
-    (1, 2048, 5632): TiledConfig(
-        kernel="words", block_m=0, block_n=8, block_k=2048, split_k=0, num_warps=8, num_stages=2
-    ),
-    (1, 4096, 4096): TiledConfig(
-        kernel="words", block_m=0, block_n=8, block_k=2048, split_k=0, num_warps=8, num_stages=2
-    ),
-    (2, 2048, 5632): TiledConfig(
-        kernel="words", block_m=0, block_n=8, block_k=2048, split_k=0, num_warps=8, num_stages=2
-    ),
-    (2, 4096, 4096): TiledConfig(
-        kernel="words", block_m=0, block_n=8, block_k=2048, split_k=0, num_warps=8, num_stages=2
-    ),
-    (4, 2048, 5632): TiledConfig(
-        kernel="words", block_m=0, block_n=8, block_k=2048, split_k=0, num_warps=8, num_stages=2
-    ),
-    (4, 5632, 2048): TiledConfig(
-        kernel="decode", block_m=0, block_n=16, block_k=256, split_k=0, num_warps=4, num_stages=2
-    ),
-}
+#: ``tiled_default``; filled from ``benches/bench_gpu_gemv_sweep.py`` ("table" lines), "decode"
+#: meaning decode + cuBLAS measured faster. Empty since the words kernel's rewrite: its default
+#: beat the previous entries (words at 8 features x 2048 codes with 8 warps, and decode at batch
+#: 4 on 5632 x 2048: 14.7 us against the words kernel's 11.0) on the probe's shapes.
+TILED_TABLE: dict[tuple[int, int, int], TiledConfig] = {}
 
 
 #: ``mma_kernel``'s configuration where ``MMA_TABLE`` has none

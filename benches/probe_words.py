@@ -1,0 +1,137 @@
+"""Probe (H200): the batch 1-4 ``words_kernel`` against a baseline copy of it and cuBLAS bf16,
+CUDA-graph timed, over the issue's shapes; a few launch configurations of the current kernel.
+
+    OUT=DIR python3 benches/probe_words.py [--encodings a,b] [--batches 1,4] [--configs]
+        [--variants MOD,...]    # other words_kernel versions: qtensors/torch/kernels/MOD.py
+    ncu -k regex:words_kernel python3 benches/probe_words.py --ncu [--variants ...]  # 1 launch each
+    python3 benches/probe_words.py --smoke    # CPU, TRITON_INTERPRET=1: the script's own check
+
+Prints per (encoding, shape, batch): cuBLAS bf16 ``F.linear``, then the current kernel and each
+variant with the routed configuration (us; x = speedup over cuBLAS; hbm = share of the bound of
+reading the packed weight once), then each extra configuration with ``--configs``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+if "--smoke" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from bench_gpu_gemv_sweep import SHAPES, SMOKE, TOL, Case, copy_gbps, graph_us, tiled  # noqa: E402
+
+from qtensors.torch.kernels import launch as L  # noqa: E402
+
+LINES: list[str] = []
+EXTRA_CONFIGS = [  # (block_n, block_k, warps)
+    (4, 1024, 4),
+    (8, 512, 2),
+    (8, 1024, 4),
+    (8, 2048, 4),
+    (8, 2048, 8),
+    (16, 1024, 4),
+    (16, 2048, 8),
+]
+
+
+def say(s: str = "") -> None:
+    print(s, flush=True)
+    LINES.append(s)
+
+
+def _arg(name: str, default: str) -> str:
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
+
+
+def with_kernel(kernel):
+    """``tiled``'s call with ``kernel`` as the launch module's words kernel."""
+
+    def call(x, w, cfg):
+        saved = L.words_kernel
+        L.words_kernel = kernel
+        L._tiled_plan.cache_clear()
+        try:
+            return tiled(x, w, cfg)
+        finally:
+            L.words_kernel = saved
+            L._tiled_plan.cache_clear()
+
+    return call
+
+
+def timed(case: Case, fn, M: int) -> str:
+    err = case.check(fn, M)
+    if not err <= TOL:
+        return f"WRONG {err:.1e}"
+    return case.time(fn, M)
+
+
+def main() -> None:
+    encodings = _arg("--encodings", "int4-affine-g64,int4-sym-g64,nf4-g64,mxfp4,nvfp4").split(",")
+    batches = [int(b) for b in _arg("--batches", "1").split(",")]
+    kernels = {"now": L.words_kernel}
+    for name in filter(None, _arg("--variants", "").split(",")):
+        kernels[name] = importlib.import_module(f"qtensors.torch.kernels.{name}").words_kernel
+    if "--ncu" in sys.argv:  # one launch of each kernel on the first shape, for ncu -k words_kernel
+        case = Case(encodings[0], *SHAPES[0])
+        cfg = L.tiled_config(batches[0], *SHAPES[0], 4, case.ws[0].enc[2])
+        for name, kernel in kernels.items():
+            print(name, case.check(lambda x, w, k=kernel: with_kernel(k)(x, w, cfg), batches[0]))
+        return
+    gbps = copy_gbps()
+    say(f"# words kernel probe on {'cpu (smoke)' if SMOKE else torch.cuda.get_device_name()}, "
+        f"triton {triton.__version__}; copy {gbps:.0f} GB/s; us per call in a CUDA graph; "
+        f"x: speedup over cuBLAS bf16; hbm: share of the bound")  # fmt: skip
+    say(
+        f"{'encoding':<16} {'shape':>11} M | {'cublas':>7} | "
+        + " | ".join(f"{k:>12} {'x':>5} {'hbm':>4}" for k in kernels)
+        + " | config"
+    )
+    for ename in encodings:
+        for N, K in SHAPES:
+            case = Case(ename, N, K)
+            for M in batches:
+                x = case.x(M)
+                cub = graph_us([lambda d=d, x=x: F.linear(x, d) for d in case.dense])
+                cfg = L.tiled_config(M, N, K, 4, case.ws[0].enc[2])
+                if cfg.kernel != "words":
+                    cfg = L.WORDS_DEFAULT
+                bound = case.bound_us(M, gbps)
+                cells = []
+                for kernel in kernels.values():
+                    t = timed(case, lambda x, w, k=kernel, c=cfg: with_kernel(k)(x, w, c), M)
+                    if isinstance(t, float):
+                        cells.append(f"{t:12.1f} {cub / t:5.2f} {bound / t:4.0%}")
+                    else:
+                        cells.append(f"{t:>23}")
+                say(f"{ename:<16} {N:>5}x{K:<5} {M} | {cub:7.1f} | " + " | ".join(cells)
+                    + f" | {cfg.block_n}/{cfg.block_k}/{cfg.num_warps}w")  # fmt: skip
+                if "--configs" in sys.argv:
+                    for bn, bk, warps in EXTRA_CONFIGS:
+                        c2 = L.TiledConfig("words", 0, bn, bk, 0, warps, 2)
+                        cells = []
+                        for kernel in kernels.values():
+                            t = timed(case, lambda x, w, k=kernel, c=c2: with_kernel(k)(x, w, c), M)
+                            ok = isinstance(t, float)
+                            cells.append(f"{t:12.1f} {cub / t:5.2f} {bound / t:4.0%}" if ok
+                                         else f"{t:>23}")  # fmt: skip
+                        say(f"{'':<16} {bn:>4}/{bk:>4}/{warps}w   | {'':>7} | " + " | ".join(cells))
+            del case
+            torch.cuda.empty_cache()
+    out = os.environ.get("OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "probe_words.txt"), "w") as f:
+            f.write("\n".join(LINES) + "\n")
+
+
+if __name__ == "__main__":
+    main()
