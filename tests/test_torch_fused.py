@@ -164,8 +164,9 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
         L.route.cache_clear()
         return L.route(M, N, K, enc, 4, g, 1, True, True)
 
-    assert half(2) == half(16) == half(32) == half(16, "symmetric") == "mma"
-    assert half(1) == "tiled" and half(33) == "decode"  # 33-64 rows: only wide weights
+    assert half(3) == half(16) == half(32) == half(16, "symmetric") == "mma"
+    assert half(1) == half(2) == half(2, "symmetric") == "tiled"  # the words kernel
+    assert half(33) == "decode"  # 33-64 rows: only wide weights
     assert half(64, N=8192, K=4096) == "mma" and half(65, N=8192, K=4096) == "decode"
     assert half(3, "mxfp4", 32) != "mma" and half(4, "mxfp4", 32) == "mma"
     assert half(16, "nvfp4", 16) != "mma" and half(16, "nf4") != "mma"

@@ -50,8 +50,10 @@ TILED_MAX_M = 4
 #: to 16 rows (2-2.4x the decode + cuBLAS it replaces from 8 rows), 0.75-0.95x at 32, 0.5-0.6x at
 #: 64 (still ahead of decode + cuBLAS); MXFP4 0.52-0.66x from 4 rows (the words kernel is faster
 #: below). NVFP4's 16-weight groups cost a scale step per MMA k-step: no faster than decode +
-#: cuBLAS, so not routed.
-MMA_ROUTED = {"affine": 2, "symmetric": 2, "mxfp4": 4}
+#: cuBLAS, so not routed. Affine / symmetric from 3 rows since the words kernel's rewrite: at 2 rows
+#: it takes 7.8-32.2 us against mma's 10.2-36.0 on every probe shape, at 3 rows 10.2-43.8 against
+#: ~10.2-36 (gpu_words_probe_h200.txt, run 2).
+MMA_ROUTED = {"affine": 3, "symmetric": 3, "mxfp4": 4}
 MMA_MAX_M = 64
 #: from 33 rows on, only weights of at least this many elements take it (run 1, 64 rows: 1.21-1.34x
 #: decode + cuBLAS on the 32M+ weights, 0.81-0.99x on the 4096^2 and 2048 x 5632 ones)
