@@ -7,7 +7,15 @@
   along the output dim, rows not of whole words) and as the baseline of the sweep;
 * ``scales``: group scales as fp32 in every stored format (float, E8M0, E4M3 x tensor scale);
 * ``epilogue``: what both matmul kernels share (code values, the split-K reduction, the store);
-* ``launch``: shapes -> launch configuration, and the launches (``torch.ops.qtensors.linear``).
+* ``launch``: shapes -> launch configuration, and the launches (``torch.ops.qtensors.linear``);
+* ``startup``: Triton's per-process start-up hash, kept on disk (installed here, on import).
 
 Importing any of them needs Triton; this package itself does not.
 """
+
+try:
+    from .startup import remember_triton_key
+except ImportError:  # no Triton: nothing compiles
+    pass
+else:
+    remember_triton_key()
