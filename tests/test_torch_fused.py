@@ -175,6 +175,9 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
     with pytest.raises(ValueError, match="words kernel"):
         words = L.TiledConfig("words", 0, 4, 64)
         L._tiled_plan(5, 64, 128, "affine", 4, 64, torch.float16, False, -1, words, True)
+    with pytest.raises(ValueError, match="word pairs"):  # one word a step: 8 codes
+        words = L.TiledConfig("words", 0, 4, 8)
+        L._tiled_plan(1, 64, 128, "affine", 4, 64, torch.float16, False, -1, words, True)
 
 
 def test_cuda_path_checks_devices_and_reuses_the_weight_plan():

@@ -484,8 +484,10 @@ def _tiled_plan(
     block_m = cfg.block_m or max(1, 1 << (M - 1).bit_length())
     if not fma and block_m < 16:
         raise ValueError(f"the dot kernel needs block_m >= 16, not {block_m}")
-    if cfg.kernel == "words" and (M > 4 or cfg.block_k % (32 // bits)):
-        raise ValueError(f"the words kernel takes 1-4 rows and whole words, not {M}, {cfg}")
+    if cfg.kernel == "words" and (M > 4 or cfg.block_k % (64 // bits)):
+        raise ValueError(
+            f"the words kernel takes 1-4 rows and steps of whole word pairs, not {M}, {cfg}"
+        )
     bn, bk = cfg.block_n, cfg.block_k
     n_tiles = -(-N // bn) * (1 if fma else -(-M // block_m))
     waves = 4 if fma else 2
