@@ -31,7 +31,7 @@ from bench_gpu_gemv_sweep import SHAPES, SMOKE, TOL, Case, copy_gbps, graph_us, 
 from qtensors.torch.kernels import launch as L  # noqa: E402
 
 LINES: list[str] = []
-EXTRA_CONFIGS = [  # (block_n, block_k, warps)
+EXTRA_CONFIGS = [  # (block_n, block_k, warps[, maxnreg])
     (4, 1024, 4),
     (8, 512, 2),
     (8, 1024, 4),
@@ -39,6 +39,11 @@ EXTRA_CONFIGS = [  # (block_n, block_k, warps)
     (8, 2048, 8),
     (16, 1024, 4),
     (16, 2048, 8),
+    (8, 2048, 4, 64),
+    (8, 2048, 4, 80),
+    (8, 2048, 4, 96),
+    (8, 1024, 4, 64),
+    (16, 1024, 4, 96),
 ]
 
 
@@ -115,15 +120,16 @@ def main() -> None:
                 say(f"{ename:<16} {N:>5}x{K:<5} {M} | {cub:7.1f} | " + " | ".join(cells)
                     + f" | {cfg.block_n}/{cfg.block_k}/{cfg.num_warps}w")  # fmt: skip
                 if "--configs" in sys.argv:
-                    for bn, bk, warps in EXTRA_CONFIGS:
-                        c2 = L.TiledConfig("words", 0, bn, bk, 0, warps, 2)
+                    for bn, bk, warps, *regs in EXTRA_CONFIGS:
+                        c2 = L.TiledConfig("words", 0, bn, bk, 0, warps, 2, *regs)
                         cells = []
                         for kernel in kernels.values():
                             t = timed(case, lambda x, w, k=kernel, c=c2: with_kernel(k)(x, w, c), M)
                             ok = isinstance(t, float)
                             cells.append(f"{t:12.1f} {cub / t:5.2f} {bound / t:4.0%}" if ok
                                          else f"{t:>23}")  # fmt: skip
-                        say(f"{'':<16} {bn:>4}/{bk:>4}/{warps}w   | {'':>7} | " + " | ".join(cells))
+                        tag = f"{bn:>4}/{bk:>4}/{warps}w" + (f"/{regs[0]}r" if regs else "    ")
+                        say(f"{'':<16} {tag} | {'':>7} | " + " | ".join(cells))
             del case
             torch.cuda.empty_cache()
     out = os.environ.get("OUT")

@@ -100,7 +100,7 @@ class TiledConfig:
     entry sending this shape to decode + cuBLAS, where that measured faster); rows of ``x`` per
     program (``block_m``, 0: the batch rounded up to a power of two; "dot" needs >= 16),
     output features and columns per step, K-slices (0: as many as fill the GPU), warps,
-    software-pipelining stages."""
+    software-pipelining stages, registers a thread at most (0: the compiler's choice)."""
 
     kernel: str = "fma"
     block_m: int = 0
@@ -109,6 +109,7 @@ class TiledConfig:
     split_k: int = 0
     num_warps: int = 4
     num_stages: int = 2
+    maxnreg: int = 0
 
 
 @dataclass(frozen=True)
@@ -509,6 +510,8 @@ def _tiled_plan(
         # FMAs explicitly: the decode's ``f * s2 + off`` and the accumulation are one each
         # (Triton's default for fusion is changing)
         meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
+        if cfg.maxnreg:
+            meta["maxnreg"] = cfg.maxnreg
     kernel = {"fma": fma_kernel, "dot": dot_kernel, "words": words_kernel}[cfg.kernel]
     return kernel, (n_tiles, split), split, k_split, meta, tuple(sorted(meta.items()))
 
