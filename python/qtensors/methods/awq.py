@@ -138,6 +138,7 @@ class AWQ:
     search_batches: int = 4
     clip_qk: bool = True
     float_targets: bool = False
+    refit: int = 0
 
     name = "awq"
     needs_calibration = True
@@ -151,6 +152,7 @@ class AWQ:
             "max_shrink": self.max_shrink,
             "clip_qk": self.clip_qk,
             "float_targets": self.float_targets,
+            "refit": self.refit,
         }
 
     def observer(
@@ -255,10 +257,13 @@ class AWQ:
             and stats.group_size == grid.group_size
             and grid.axis % 2 == 1
         ):
-            ratio = best_clip(w, stats.gram.to(w.device), grid, self.n_grid, self.max_shrink)
-        else:
-            ratio = None
-        return quantized_tensor(grid, *clipped_rtn(rows_view(w, grid), grid, ratio))
+            rows, gram = rows_view(w, grid), stats.gram.to(w.device)
+            ratio = best_clip(rows, gram, grid, self.n_grid, self.max_shrink)
+            c, s, m = clipped_rtn(rows, grid, ratio)
+            if self.refit and not grid.fp4:
+                c, s, m = refit(rows, gram, grid, s, m, self.refit)
+            return quantized_tensor(grid, c, s, m)
+        return quantized_tensor(grid, *clipped_rtn(rows_view(w, grid), grid, None))
 
 
 @dataclass
@@ -327,3 +332,75 @@ def best_clip(
             best_err = torch.where(better, err, best_err)
             best_ratio[r0 : r0 + chunk] = torch.where(better, r, best_ratio[r0 : r0 + chunk])
     return best_ratio
+
+
+def group_error(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``d^T H_g d`` per (row, group) of grouped differences ``d`` ``[R, G, g]``."""
+    return (torch.einsum("rgk,gkl->rgl", d, h) * d).sum(-1)
+
+
+def refit(
+    w: torch.Tensor,
+    gram: torch.Tensor,
+    grid: Grid,
+    s: torch.Tensor,
+    m: torch.Tensor | None,
+    iters: int = 4,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Codes and parameters after refitting each group's parameters to its codes: with the
+    codes fixed, the scale (and an affine group's min) minimising the clipping search's own
+    objective ``d^T H_g d`` is a weighted least-squares fit in closed form (2x2 for affine,
+    one ratio for symmetric/NF4); the parameters are rounded to the scale dtype, the codes
+    re-rounded to them, and the step repeated ``iters`` times. Each (row, group) keeps the
+    best parameters seen, the clipped start included, so its objective never rises. Not for
+    the FP4 grids, whose scales live on their own lattices."""
+    g, n = grid.group_size, w.shape[1]
+    h = gram.float()
+    s, m = s.clone(), None if m is None else m.clone()
+    affine = m is not None
+    for r0 in range(0, w.shape[0], chunk):
+        rs = slice(r0, r0 + chunk)
+        wc = grouped(w[rs], g)  # [R, G, g]
+        hw = torch.einsum("rgk,gkl->rgl", wc, h)  # H_g w, fixed
+        s_c = s[rs]
+        m_c = None if m is None else m[rs]
+
+        def codes_and_error(sc, mc):
+            mm = None if mc is None else mc[..., None]
+            c = grid.encode(wc, sc[..., None], mm)
+            return c, group_error(wc - grid.decode(c, sc[..., None], mm), h)
+
+        c, best = codes_and_error(s_c, m_c)
+        for _ in range(iters):
+            # the decoded value is ``v * s (+ m)`` with ``v`` the code's value at scale 1
+            v = c.float() if affine else grid.decode(c, torch.ones_like(s_c)[..., None], None)
+            hv = torch.einsum("rgk,gkl->rgl", v, h)
+            vhv, vhw = (v * hv).sum(-1), (v * hw).sum(-1)
+            if affine:
+                h1 = h.sum(-1)  # H_g 1, [G, g]
+                vh1, one_h1, one_hw = (v * h1).sum(-1), h1.sum(-1), hw.sum(-1)
+                det = vhv * one_h1 - vh1 * vh1
+                ok = det > 1e-12 * (vhv * one_h1).clamp_min(1e-30)
+                safe = torch.where(ok, det, torch.ones_like(det))
+                s_new = (vhw * one_h1 - vh1 * one_hw) / safe
+                m_new = (vhv * one_hw - vh1 * vhw) / safe
+            else:
+                ok = vhv > 0
+                s_new = vhw / torch.where(ok, vhv, torch.ones_like(vhv))
+                m_new = None
+            ok &= s_new > 0
+            s_try = grid.st(torch.where(ok, s_new, s_c))
+            m_try = None if m_new is None else grid.st(torch.where(ok, m_new, m_c))
+            c_try, err = codes_and_error(s_try, m_try)
+            better = err < best
+            best = torch.where(better, err, best)
+            s_c = torch.where(better, s_try, s_c)
+            if affine:
+                m_c = torch.where(better, m_try, m_c)
+            c = torch.where(better[..., None], c_try, c)
+        s[rs] = s_c
+        if affine:
+            m[rs] = m_c
+    codes = grid.encode(w, expand(s, g, n), expand(m, g, n))
+    return codes, s, m
