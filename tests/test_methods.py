@@ -463,15 +463,15 @@ def test_awq_clip_never_increases_a_groups_output_error(enc):
     assert bool((clipped < plain * 0.999).any()) and bool((ratio < 1).any())
 
 
-@pytest.mark.parametrize("enc", ENCODINGS[:4] + ENCODINGS[5:6], ids=IDS[:4] + IDS[5:6])
+@pytest.mark.parametrize("enc", ENCODINGS[:4] + ENCODINGS[5:8], ids=IDS[:4] + IDS[5:8])
 def test_awq_refit_never_increases_the_clip_objective(enc):
     """The refit starts from the clipping search's parameters and keeps each (row, group)'s
-    best: its objective ``d^T H_g d`` never rises, falls for some groups, the parameters stay
-    exact in the scale dtype, and the codes are the grid's nearest codes for them."""
+    best: its objective ``d^T H_g d`` never rises, falls for some groups, the scales stay
+    storable (the scale dtype, E8M0, E4M3), and the codes are the grid's nearest for them."""
     g = torch.Generator().manual_seed(21)
     w = torch.randn(24, 80, generator=g) * (1 + 6 * (torch.rand(24, 80, generator=g) > 0.97))
     x = correlated_inputs(200, 80, seed=22)
-    grid = Grid.of(enc)
+    grid = Grid.of(enc).fit(w)
     gs, n = grid.group_size, w.shape[1]
     obs = ActivationObserver(80, gs)
     obs.add(x)
@@ -485,8 +485,10 @@ def test_awq_refit_never_increases_the_clip_objective(enc):
 
     before, after = objective(s, m), objective(s2, m2)
     assert bool((after <= before * (1 + 1e-6) + 1e-9).all())
-    assert bool((after < before * 0.99).any())
-    assert torch.equal(grid.st(s2), s2) and (m2 is None or torch.equal(grid.st(m2), m2))
+    # MXFP4's scales are powers of two: the fit rarely moves one, here none
+    assert grid.kind == "mxfp4" or bool((after < before * 0.99).any())
+    assert torch.equal(grid.nearest_scale(s2), s2)
+    assert m2 is None or torch.equal(grid.st(m2), m2)
     assert torch.equal(c2, grid.encode(w, expand(s2, gs, n), expand(m2, gs, n)))
 
 
@@ -508,14 +510,11 @@ def test_awq_refit_solves_the_least_squares_fit_for_fixed_codes():
     assert torch.equal(c, codes.int())
 
 
-def test_awq_refit_is_recorded_and_skipped_for_fp4():
-    assert AWQ().settings()["refit"] == AWQ().refit
-    w = torch.randn(8, 64)
-    obs = ActivationObserver(64, 32)
-    obs.add(correlated_inputs(40, 64, seed=3))
-    q = AWQ(refit=4).quantize_weight(w, qt.MXFP4(), obs)  # the E8M0 lattice: no refit
-    want = AWQ(refit=0).quantize_weight(w, qt.MXFP4(), obs)
-    assert torch.equal(decoded(q), decoded(want))
+def test_awq_refit_is_recorded_where_it_applies():
+    from qtensors.methods.awq import AWQGPTQ
+
+    assert AWQ().settings()["refit"] == 4 and AWQ(refit=0).settings()["refit"] == 0
+    assert "refit" not in AWQGPTQ().settings()  # GPTQ chooses its own codes and parameters
 
 
 # -- calibration ------------------------------------------------------------------------------

@@ -15,10 +15,14 @@ on SmolLM2, 1.285x against 1.259x of fp32 perplexity, so off). Then the clipping
 group of weights, the shrinking of its range (ratios 1, 0.95, ..., 0.55) that minimises the
 mean squared error of its share of the layer's output over every calibration row (the groups'
 Gram matrices, ``ActivationObserver``; the reference samples 512 rows), q/k included
-(``clip_qk``; the reference skips them). ``alpha = 0`` and ratio 1 are plain round-to-nearest,
-so on its own objectives AWQ is never worse than RTN. On SmolLM2 at int4-g128 symmetric these
-defaults took AWQ from 1.311x to 1.259x of fp32 perplexity and its per-layer error from 0.75 to
-0.69 of RTN's (``benches/results/methods_awq_g128.txt``).
+(``clip_qk``; the reference skips them). Then ``refit``: with each group's codes fixed, its
+scale (and affine min) that minimises that same objective is a least-squares fit in closed
+form; it is rounded to what the format stores, the codes re-rounded, 4 times, each group
+keeping its best (a refinement of the reference, which stops at the clipping grid).
+``alpha = 0`` and ratio 1 are plain round-to-nearest, so on its own objectives AWQ is never
+worse than RTN. On SmolLM2 these defaults took AWQ from 1.311x to 1.253x of fp32 perplexity at
+int4-g128 symmetric (per-layer error 0.75 -> 0.68 of RTN's) and from 1.106x to 1.064x at
+int4-g64 affine (0.80 -> 0.70; ``benches/results/methods_awq_refit.txt``).
 
 ``AWQGPTQ`` ("awq-gptq") folds the same scales, then rounds the scaled weights with GPTQ
 instead of the clipping search (a common combination: the scales protect the salient
@@ -138,7 +142,7 @@ class AWQ:
     search_batches: int = 4
     clip_qk: bool = True
     float_targets: bool = False
-    refit: int = 0
+    refit: int = 4
 
     name = "awq"
     needs_calibration = True
@@ -260,7 +264,7 @@ class AWQ:
             rows, gram = rows_view(w, grid), stats.gram.to(w.device)
             ratio = best_clip(rows, gram, grid, self.n_grid, self.max_shrink)
             c, s, m = clipped_rtn(rows, grid, ratio)
-            if self.refit and not grid.fp4:
+            if self.refit:
                 c, s, m = refit(rows, gram, grid, s, m, self.refit)
             return quantized_tensor(grid, c, s, m)
         return quantized_tensor(grid, *clipped_rtn(rows_view(w, grid), grid, None))
@@ -276,7 +280,7 @@ class AWQGPTQ(AWQ):
     name = "awq-gptq"
 
     def settings(self) -> dict[str, Any]:
-        clip = ("clip", "max_shrink", "clip_qk")
+        clip = ("clip", "max_shrink", "clip_qk", "refit")
         own = {k: v for k, v in super().settings().items() if k not in clip}
         return {**own, "gptq": {k: v for k, v in self.gptq.settings().items() if k != "method"}}
 
@@ -351,10 +355,10 @@ def refit(
     """Codes and parameters after refitting each group's parameters to its codes: with the
     codes fixed, the scale (and an affine group's min) minimising the clipping search's own
     objective ``d^T H_g d`` is a weighted least-squares fit in closed form (2x2 for affine,
-    one ratio for symmetric/NF4); the parameters are rounded to the scale dtype, the codes
+    one ratio for symmetric, NF4 and the FP4 blocks); the parameters are rounded to what the
+    format stores (``Grid.nearest_scale``: the scale dtype, E8M0 or E4M3), the codes
     re-rounded to them, and the step repeated ``iters`` times. Each (row, group) keeps the
-    best parameters seen, the clipped start included, so its objective never rises. Not for
-    the FP4 grids, whose scales live on their own lattices."""
+    best parameters seen, the clipped start included, so its objective never rises."""
     g, n = grid.group_size, w.shape[1]
     h = gram.float()
     s, m = s.clone(), None if m is None else m.clone()
@@ -390,7 +394,7 @@ def refit(
                 s_new = vhw / torch.where(ok, vhv, torch.ones_like(vhv))
                 m_new = None
             ok &= s_new > 0
-            s_try = grid.st(torch.where(ok, s_new, s_c))
+            s_try = grid.nearest_scale(torch.where(ok, s_new, s_c))
             m_try = None if m_new is None else grid.st(torch.where(ok, m_new, m_c))
             c_try, err = codes_and_error(s_try, m_try)
             better = err < best
