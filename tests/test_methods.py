@@ -510,6 +510,24 @@ def test_awq_refit_solves_the_least_squares_fit_for_fixed_codes():
     assert torch.equal(c, codes.int())
 
 
+@pytest.mark.parametrize("enc", ENCODINGS[:4] + ENCODINGS[5:8], ids=IDS[:4] + IDS[5:8])
+def test_awq_refit_keeps_degenerate_groups(enc):
+    """Constant, zero and two-valued groups (a singular fit) and a dead input channel give
+    finite, storable parameters that decode the constant groups exactly as RTN does."""
+    w = torch.randn(6, 64, generator=torch.Generator().manual_seed(8))
+    w[0], w[1] = 0.0, 0.25  # zero and constant rows
+    w[2, :32] = torch.tensor([-1.0, 3.0]).repeat(16)  # two values only
+    x = correlated_inputs(50, 64, seed=9)
+    x[:, 5] = 0.0
+    grid = Grid.of(enc).fit(w)
+    obs = ActivationObserver(64, grid.group_size)
+    obs.add(x)
+    q = AWQ().quantize_weight(w, enc, obs)
+    got, want = decoded(q), decoded(RTN().quantize_weight(w, enc, None))
+    assert bool(torch.isfinite(got).all())
+    assert torch.equal(got[:2], want[:2])
+
+
 def test_awq_refit_is_recorded_where_it_applies():
     from qtensors.methods.awq import AWQGPTQ
 

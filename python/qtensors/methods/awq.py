@@ -369,13 +369,7 @@ def refit(
         hw = torch.einsum("rgk,gkl->rgl", wc, h)  # H_g w, fixed
         s_c = s[rs]
         m_c = None if m is None else m[rs]
-
-        def codes_and_error(sc, mc):
-            mm = None if mc is None else mc[..., None]
-            c = grid.encode(wc, sc[..., None], mm)
-            return c, group_error(wc - grid.decode(c, sc[..., None], mm), h)
-
-        c, best = codes_and_error(s_c, m_c)
+        c, best = _codes_and_error(grid, wc, h, s_c, m_c)
         for _ in range(iters):
             # the decoded value is ``v * s (+ m)`` with ``v`` the code's value at scale 1
             v = c.float() if affine else grid.decode(c, torch.ones_like(s_c)[..., None], None)
@@ -394,9 +388,14 @@ def refit(
                 s_new = vhw / torch.where(ok, vhv, torch.ones_like(vhv))
                 m_new = None
             ok &= s_new > 0
+            if not grid.fp4:  # a near-singular fit stays within the group's own magnitude
+                lim = 2 * wc.abs().amax(-1)
+                ok &= s_new <= lim
+                if m_new is not None:
+                    ok &= m_new.abs() <= lim
             s_try = grid.nearest_scale(torch.where(ok, s_new, s_c))
             m_try = None if m_new is None else grid.st(torch.where(ok, m_new, m_c))
-            c_try, err = codes_and_error(s_try, m_try)
+            c_try, err = _codes_and_error(grid, wc, h, s_try, m_try)
             better = err < best
             best = torch.where(better, err, best)
             s_c = torch.where(better, s_try, s_c)
@@ -408,3 +407,13 @@ def refit(
             m[rs] = m_c
     codes = grid.encode(w, expand(s, g, n), expand(m, g, n))
     return codes, s, m
+
+
+def _codes_and_error(
+    grid: Grid, wc: torch.Tensor, h: torch.Tensor, s: torch.Tensor, m: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest codes of grouped weights ``wc`` under per-group parameters, and their
+    objective ``d^T H_g d``."""
+    mm = None if m is None else m[..., None]
+    c = grid.encode(wc, s[..., None], mm)
+    return c, group_error(wc - grid.decode(c, s[..., None], mm), h)
