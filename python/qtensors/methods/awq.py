@@ -22,7 +22,7 @@ keeping its best (a refinement of the reference, which stops at the clipping gri
 ``alpha = 0`` and ratio 1 are plain round-to-nearest, so on its own objectives AWQ is never
 worse than RTN. On SmolLM2 these defaults took AWQ from 1.311x to 1.253x of fp32 perplexity at
 int4-g128 symmetric (per-layer error 0.75 -> 0.68 of RTN's) and from 1.106x to 1.064x at
-int4-g64 affine (0.80 -> 0.70; ``benches/results/methods_awq_refit.txt``).
+int4-g64 affine (0.80 -> 0.70; ``benches/results/methods_awq_g*_refit.txt``).
 
 ``AWQGPTQ`` ("awq-gptq") folds the same scales, then rounds the scaled weights with GPTQ
 instead of the clipping search (a common combination: the scales protect the salient
