@@ -178,8 +178,9 @@ def smollm2(args, log) -> None:
             err = statistics.mean(errs.values())
             if method == "rtn":
                 rtn_excess, rtn_err = ratio - 1, err
-            vs = f"{err / rtn_err:7.2f}" if rtn_err else f"{'':>7}"
-            excess = f"{(ratio - 1) / rtn_excess:7.2f}" if rtn_excess else f"{'':>7}"
+            # four digits: the goals (excess <= 0.5, layer error <= 0.70) sit at two
+            vs = f"{err / rtn_err:7.4f}" if rtn_err else f"{'':>7}"
+            excess = f"{(ratio - 1) / rtn_excess:7.4f}" if rtn_excess else f"{'':>7}"
             log(
                 f"{cname:18} {label:{w}} {ppl:8.3f} {ratio:7.3f} {excess} {err:9.4f} {vs} "
                 f"{secs:7.1f} {peak:8.0f}"

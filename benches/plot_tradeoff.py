@@ -50,6 +50,9 @@ SMOLLM2_RESULTS = (
     "methods_fp4_awq_nvfp4.txt",
     "methods_awq_gptq.txt",
     "methods_awq_gptq_g64.txt",
+    "methods_awq_int3.txt",  # AWQ's rows with its refit (issue 9)
+    "methods_awq_g128_refit.txt",
+    "methods_awq_g64_refit.txt",
 )
 
 #: Where the MiniLM panel runs the calibrated methods (labels as in the weight table).

@@ -27,7 +27,14 @@ from qtensors.methods import (
     calibration_windows,
     get_method,
 )
-from qtensors.methods.awq import best_clip, clipped_rtn, fold_scales, scale_groups
+from qtensors.methods.awq import (
+    best_clip,
+    clipped_rtn,
+    fold_scales,
+    group_error,
+    refit,
+    scale_groups,
+)
 from qtensors.methods.gptq import gptq_quantize
 from qtensors.methods.grid import Grid, expand, group_mask, grouped, rows_view
 from qtensors.methods.hqq import hqq_quantize
@@ -454,6 +461,78 @@ def test_awq_clip_never_increases_a_groups_output_error(enc):
     clipped, plain = share_error(ratio), share_error(None)
     assert bool((clipped <= plain * (1 + 1e-6) + 1e-9).all())
     assert bool((clipped < plain * 0.999).any()) and bool((ratio < 1).any())
+
+
+@pytest.mark.parametrize("enc", ENCODINGS[:4] + ENCODINGS[5:8], ids=IDS[:4] + IDS[5:8])
+def test_awq_refit_never_increases_the_clip_objective(enc):
+    """The refit starts from the clipping search's parameters and keeps each (row, group)'s
+    best: its objective ``d^T H_g d`` never rises, falls for some groups, the scales stay
+    storable (the scale dtype, E8M0, E4M3), and the codes are the grid's nearest for them."""
+    g = torch.Generator().manual_seed(21)
+    w = torch.randn(24, 80, generator=g) * (1 + 6 * (torch.rand(24, 80, generator=g) > 0.97))
+    x = correlated_inputs(200, 80, seed=22)
+    grid = Grid.of(enc).fit(w)
+    gs, n = grid.group_size, w.shape[1]
+    obs = ActivationObserver(80, gs)
+    obs.add(x)
+    _, s, m = clipped_rtn(w, grid, best_clip(w, obs.gram, grid))
+    c2, s2, m2 = refit(w, obs.gram, grid, s, m, iters=4, chunk=7)  # chunks: ragged ones too
+
+    def objective(s: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+        c = grid.encode(w, expand(s, gs, n), expand(m, gs, n))
+        q = grid.decode(c, expand(s, gs, n), expand(m, gs, n))
+        return group_error(grouped(w - q, gs), obs.gram)
+
+    before, after = objective(s, m), objective(s2, m2)
+    assert bool((after <= before * (1 + 1e-6) + 1e-9).all())
+    # MXFP4's scales are powers of two: the fit rarely moves one, here none
+    assert grid.kind == "mxfp4" or bool((after < before * 0.99).any())
+    assert torch.equal(grid.nearest_scale(s2), s2)
+    assert m2 is None or torch.equal(grid.st(m2), m2)
+    assert torch.equal(c2, grid.encode(w, expand(s2, gs, n), expand(m2, gs, n)))
+
+
+def test_awq_refit_solves_the_least_squares_fit_for_fixed_codes():
+    """With the codes held, one refit step is the weighted least-squares optimum: a group whose
+    weights are exactly ``c * s + m`` is recovered from a perturbed start."""
+    grid = Grid.of(qt.Affine(bits=4, group_size=8, scale_dtype="float32"))
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 16, (3, 8), generator=g)
+    codes[:, 0], codes[:, 1] = 0, 15  # the full range: the exact parameters are RTN's too
+    s_true, m_true = torch.tensor([[0.5], [0.25], [2.0]]), torch.tensor([[-1.0], [0.5], [-3.0]])
+    w = codes.float() * s_true + m_true
+    x = correlated_inputs(64, 8, seed=6)
+    obs = ActivationObserver(8, 8)
+    obs.add(x)
+    # a start close enough that round-to-nearest gives the same codes: one step is exact
+    c, s, m = refit(w, obs.gram, grid, s_true * 1.01, m_true + 0.01 * s_true, iters=1)
+    assert torch.allclose(s, s_true, rtol=1e-5) and torch.allclose(m, m_true, atol=1e-5)
+    assert torch.equal(c, codes.int())
+
+
+@pytest.mark.parametrize("enc", ENCODINGS[:4] + ENCODINGS[5:8], ids=IDS[:4] + IDS[5:8])
+def test_awq_refit_keeps_degenerate_groups(enc):
+    """Constant, zero and two-valued groups (a singular fit) and a dead input channel give
+    finite, storable parameters that decode the constant groups exactly as RTN does."""
+    w = torch.randn(6, 64, generator=torch.Generator().manual_seed(8))
+    w[0], w[1] = 0.0, 0.25  # zero and constant rows
+    w[2, :32] = torch.tensor([-1.0, 3.0]).repeat(16)  # two values only
+    x = correlated_inputs(50, 64, seed=9)
+    x[:, 5] = 0.0
+    grid = Grid.of(enc).fit(w)
+    obs = ActivationObserver(64, grid.group_size)
+    obs.add(x)
+    q = AWQ().quantize_weight(w, enc, obs)
+    got, want = decoded(q), decoded(RTN().quantize_weight(w, enc, None))
+    assert bool(torch.isfinite(got).all())
+    assert torch.equal(got[:2], want[:2])
+
+
+def test_awq_refit_is_recorded_where_it_applies():
+    from qtensors.methods.awq import AWQGPTQ
+
+    assert AWQ().settings()["refit"] == 4 and AWQ(refit=0).settings()["refit"] == 0
+    assert "refit" not in AWQGPTQ().settings()  # GPTQ chooses its own codes and parameters
 
 
 # -- calibration ------------------------------------------------------------------------------

@@ -110,6 +110,16 @@ class Grid:
             raise ValueError(f"a scale or min does not fit in {self.scale_dtype}")
         return out + 0.0  # -0.0 -> +0.0, as the spec stores zeros
 
+    def nearest_scale(self, s: torch.Tensor) -> torch.Tensor:
+        """The storable scale nearest positive fp32 values ``s``: rounded to the scale dtype,
+        or on the FP4 formats' own lattices (MXFP4: the power of two nearest in log scale;
+        NVFP4: the E4M3 value, clamped to its range, as ``_fp4_scale`` clamps)."""
+        if self.kind == "mxfp4":
+            return _pow2(torch.round(torch.log2(s)).clamp(-127, 125))
+        if self.kind == "nvfp4":
+            return _e4m3(s.clamp(2.0**-9, 448.0))
+        return self.st(s)
+
     def params_from_range(
         self, lo: torch.Tensor, hi: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
