@@ -20,6 +20,15 @@
 //! relative (0.9% with a 20x outlier channel), against 6.4% for the 4-bit weight itself versus
 //! fp32. `linear(.., exact = true)` keeps fp32 activations.
 //!
+//! A step of the kernel takes one 512-bit register of codes per weight row: 64 8-bit codes, or
+//! 128 4-bit ones, whose low and high nibbles (masked apart) meet the even and odd activations
+//! in two `vpdpbusd` into the same 16 sums (the activations are stored in that order), so each
+//! 32-bit lane holds one block's products and a step costs one int-to-float conversion and one
+//! FMA by its blocks' `s * dx`. Up to 4 weight rows share each activation load (batch 1).
+//! Each span asks for the same span of the rows `PREFETCH_ROWS` ahead (`matmul_probe`, layers
+//! from memory, 1 thread: 576x1536 18 us against 21-26 without, 2048x5632 172 against 265; on
+//! a layer already in cache it costs ~20%: 4096x4096 183 us against 150).
+//!
 //! The float arithmetic runs in 16 lanes in a fixed order, and `scalar` repeats it lane by lane
 //! with the same roundings, so the two agree bit for bit (tested).
 
@@ -33,10 +42,17 @@ use crate::format::DType;
 
 /// Activation elements per quantization block (one scale each).
 pub const BLOCK: usize = 32;
-/// Elements per step of the kernels (two blocks: one 512-bit register of bytes).
+/// Code bytes per step of the kernels: one 512-bit register, 64 8-bit codes or 128 4-bit ones.
+const STEP_BYTES: usize = 64;
+/// Inputs must come in whole multiples of this (two blocks); 4-bit rows may end in half a step.
 const CHUNK: usize = 64;
 /// Blocks per span: the scales of 16 blocks fill one register.
 const SPAN: usize = 16;
+
+/// Inputs per step of the kernels for `bits`-bit codes.
+const fn step_elements(bits: u8) -> usize {
+    STEP_BYTES * 8 / bits as usize
+}
 /// Activation rows per pass over the weight rows (registers).
 const MAX_NB: usize = 8;
 
@@ -49,9 +65,11 @@ pub fn available() -> bool {
 pub struct Activations {
     batch: usize,
     n_in: usize,
-    /// `[batch][n_in]`; for 4-bit weights each chunk of 64 holds its 32 even elements, then its
-    /// 32 odd ones (the order of the low, then high nibbles of 32 code bytes).
+    /// `[batch][qn]`; for 4-bit weights each step of 128 holds its 64 even elements, then its
+    /// 64 odd ones (the order of the low, then high nibbles of 64 code bytes), zeros past `n_in`.
     q: Vec<i8>,
+    /// Elements per row of `q`: `n_in` padded to whole steps.
+    qn: usize,
     /// `[batch][blocks]` (blocks padded to whole spans with zeros): `dx` per block.
     dx: Vec<f32>,
     /// Like `dx`: `offset * dx * sum(q)` per block, the factor of the group's min.
@@ -134,6 +152,7 @@ impl Plan {
         let n = self.n_in;
         let blocks = n / BLOCK;
         let stride = blocks.div_ceil(SPAN) * SPAN;
+        let qn = n.div_ceil(step_elements(self.bits)) * step_elements(self.bits);
         let offset = match self.kind {
             Kind::Affine => 1.0,
             Kind::Symmetric { zero } => -(zero as f32),
@@ -141,7 +160,8 @@ impl Plan {
         let mut a = Activations {
             batch,
             n_in: n,
-            q: vec![0i8; batch * n],
+            q: vec![0i8; batch * qn],
+            qn,
             dx: vec![0f32; batch * stride],
             xs: vec![0f32; batch * stride],
             stride,
@@ -163,7 +183,7 @@ impl Plan {
             // Tasks of a few rows, each with its own widening buffer.
             let per = super::rows_per_pass_task(n);
             let mut tasks: Vec<_> = q
-                .chunks_mut(per * n)
+                .chunks_mut(per * qn)
                 .zip(dx.chunks_mut(per * stride))
                 .zip(xs.chunks_mut(per * stride))
                 .zip(x.chunks(per * n * size))
@@ -172,7 +192,7 @@ impl Plan {
             super::pool::for_each_mut(&mut tasks, |(((q, dx), xs), src)| {
                 let mut buf = Vec::new();
                 let rows = q
-                    .chunks_mut(n)
+                    .chunks_mut(qn)
                     .zip(dx.chunks_mut(stride))
                     .zip(xs.chunks_mut(stride))
                     .zip(src.chunks(n * size));
@@ -189,7 +209,7 @@ impl Plan {
             let mut buf = Vec::new();
             let mut all = true;
             for (((q, dx), xs), src) in q
-                .chunks_mut(n)
+                .chunks_mut(qn)
                 .zip(dx.chunks_mut(stride))
                 .zip(xs.chunks_mut(stride))
                 .zip(x.chunks(n * size))
@@ -237,7 +257,7 @@ impl Plan {
         let row_bytes = self.n_in * self.bits as usize / 8;
         // From the task's first row to the end of the weight: the kernel prefetches ahead.
         let codes = &w.codes[r0 * row_bytes..];
-        assert!(a.n_in == self.n_in && a.q.len() == batch * self.n_in);
+        assert!(a.n_in == self.n_in && a.q.len() == batch * a.qn);
         let args = Args {
             plan: self,
             codes,
@@ -306,22 +326,29 @@ fn place(t: &[i8; BLOCK], k: usize, q: &mut [i8], bits: u8) {
         q[k * BLOCK..(k + 1) * BLOCK].copy_from_slice(t);
         return;
     }
-    // Chunk of 64 = blocks (2c, 2c+1): byte j < 32 is element 2j, byte 32 + j element 2j + 1.
-    let (c, half) = (k / 2, k % 2);
-    let dst = &mut q[c * CHUNK..(c + 1) * CHUNK];
+    // Step of 128 = blocks 4c..4c + 4: byte j < 64 is element 2j (a low nibble), byte 64 + j
+    // element 2j + 1 (a high one); so lane l of either half holds elements 8l..8l + 8.
+    let (c, p) = (k / 4, k % 4);
+    let dst = &mut q[c * 128..(c + 1) * 128];
     for j in 0..BLOCK / 2 {
-        dst[half * 16 + j] = t[2 * j];
-        dst[32 + half * 16 + j] = t[2 * j + 1];
+        dst[p * 16 + j] = t[2 * j];
+        dst[64 + p * 16 + j] = t[2 * j + 1];
     }
 }
 
-/// For chunk `c` of a span, the block (0..16 in the span) of each lane's four bytes.
+/// For step `c` of a span, the block (0..16 in the span) of each lane's products: lane l
+/// covers inputs 4l..4l + 4 of a step (8-bit), or 8l..8l + 8 (4-bit, both nibbles).
 fn lane_block(bits: u8, c: usize, lane: usize) -> usize {
     if bits == 8 {
         2 * c + lane / 8
     } else {
-        2 * c + (lane / 4) % 2
+        4 * c + lane / 4
     }
+}
+
+/// Steps of the kernels over the `nblk` blocks of a span (4-bit: the last one may be half).
+fn span_steps(bits: u8, nblk: usize) -> usize {
+    nblk.div_ceil(step_elements(bits) / BLOCK)
 }
 
 /// The index of the weight scale (within the span's first group) of each block of a span.
@@ -358,7 +385,7 @@ mod scalar {
             let codes = &args.codes[r * row_bytes..(r + 1) * row_bytes];
             for b in b0..b0 + nb {
                 let mut acc = [0f32; 16];
-                let q = &a.q[b * n..(b + 1) * n];
+                let q = &a.q[b * a.qn..(b + 1) * a.qn];
                 for k0 in (0..blocks).step_by(SPAN) {
                     let j0 = k0 / bpg;
                     let mut sd = [0f32; 16];
@@ -378,21 +405,22 @@ mod scalar {
                     for (l, v) in acc.iter_mut().enumerate() {
                         *v = coef[l].mul_add(a.xs[b * a.stride + k0 + l], *v);
                     }
-                    let chunks = (blocks - k0).min(SPAN) / 2;
-                    for c in 0..chunks {
-                        let e = (k0 + 2 * c) * BLOCK;
+                    let steps = span_steps(p.bits, (blocks - k0).min(SPAN));
+                    for c in 0..steps {
+                        // The step's first input, and its first code byte in the row.
+                        let e = (k0 + c * step_elements(p.bits) / BLOCK) * BLOCK;
+                        let e_byte = e * p.bits as usize / 8;
                         for (l, v) in acc.iter_mut().enumerate() {
                             let mut dot = 0i32;
                             for t in 0..4 {
                                 let byte = 4 * l + t;
-                                let code = if p.bits == 8 {
-                                    codes[e + byte]
-                                } else if byte < 32 {
-                                    codes[e / 2 + byte] & 15
-                                } else {
-                                    codes[e / 2 + byte - 32] >> 4
-                                };
-                                dot += code as i32 * q[e + byte] as i32;
+                                if p.bits == 8 {
+                                    dot += codes[e + byte] as i32 * q[e + byte] as i32;
+                                } else if e_byte + byte < row_bytes {
+                                    let code = codes[e_byte + byte];
+                                    dot += (code & 15) as i32 * q[e + byte] as i32;
+                                    dot += (code >> 4) as i32 * q[e + 64 + byte] as i32;
+                                }
                             }
                             *v = (dot as f32).mul_add(sd[lane_block(p.bits, c, l)], *v);
                         }
@@ -408,7 +436,9 @@ mod scalar {
 mod kernel {
     use std::arch::x86_64::*;
 
-    use super::{lane_block, span_group, Args, Kind, BLOCK, MAX_NB, SPAN};
+    use super::{
+        lane_block, span_group, step_elements, Args, Kind, BLOCK, MAX_NB, SPAN, STEP_BYTES,
+    };
 
     pub fn available() -> bool {
         is_x86_feature_detected!("avx512f")
@@ -418,15 +448,16 @@ mod kernel {
             && is_x86_feature_detected!("fma")
     }
 
-    /// Activation rows `b0..b0 + nb` against every weight row of the task: two weight rows at
-    /// a time up to 4 activation rows (independent sums hide latency), one above (registers).
+    /// Activation rows `b0..b0 + nb` against every weight row of the task: several weight rows
+    /// at a time (each activation load serves them all, and their independent sums hide
+    /// latency), fewer as the activation rows take the registers.
     pub unsafe fn rows(args: &Args<'_>, b0: usize, nb: usize, yt: &mut [f32]) {
         debug_assert!((1..=MAX_NB).contains(&nb));
         macro_rules! by_batch {
             ($bits:literal, $half:literal) => {
                 match nb {
-                    1 => run::<$bits, $half, 1, 2>(args, b0, yt),
-                    2 => run::<$bits, $half, 2, 2>(args, b0, yt),
+                    1 => run::<$bits, $half, 1, 4>(args, b0, yt),
+                    2 => run::<$bits, $half, 2, 3>(args, b0, yt),
                     3 => run::<$bits, $half, 3, 2>(args, b0, yt),
                     4 => run::<$bits, $half, 4, 2>(args, b0, yt),
                     5 => run::<$bits, $half, 5, 1>(args, b0, yt),
@@ -463,7 +494,8 @@ mod kernel {
             assert!(args.s.len() >= n_rows * gpr + SPAN);
             assert!(!affine || args.m.len() >= n_rows * gpr + SPAN);
         }
-        assert!(a.q.len() >= (b0 + NB) * p.n_in && a.dx.len() >= (b0 + NB) * a.stride);
+        assert!(a.qn >= p.n_in.div_ceil(step_elements(BITS)) * step_elements(BITS));
+        assert!(a.q.len() >= (b0 + NB) * a.qn && a.dx.len() >= (b0 + NB) * a.stride);
         let bpg = p.blocks_per_group;
         let mut table = [[0i32; 16]; SPAN / 2 + 1];
         for (i, v) in table[SPAN / 2].iter_mut().enumerate() {
@@ -471,7 +503,7 @@ mod kernel {
         }
         for (c, lanes) in table[..SPAN / 2].iter_mut().enumerate() {
             for (l, v) in lanes.iter_mut().enumerate() {
-                *v = lane_block(BITS, c, l) as i32;
+                *v = lane_block(BITS, c, l).min(SPAN - 1) as i32;
             }
         }
         let mut consts = Consts {
@@ -480,11 +512,6 @@ mod kernel {
         };
         for (v, t) in consts.lanes.iter_mut().zip(&table) {
             *v = _mm512_loadu_si512(t.as_ptr().cast());
-        }
-        // The rows before the first prefetch distance, all at once (a small layer is mostly
-        // these; later rows are asked for as the kernel goes).
-        if b0 == 0 {
-            prefetch_rows::<HALF>(args, 0, PREFETCH_ROWS.min(n_rows), row_bytes);
         }
         let mut r = 0;
         while r < n_rows {
@@ -499,7 +526,7 @@ mod kernel {
     }
 
     /// Permutation indices: the span block of each lane's weight scale (`group_of`), and of
-    /// each lane's bytes in chunk c (`lanes[c]`).
+    /// each lane's products in step c (`lanes[c]`).
     struct Consts {
         group_of: __m512i,
         lanes: [__m512i; SPAN / 2],
@@ -520,10 +547,10 @@ mod kernel {
         let (n, gpr, bpg) = (p.n_in, p.groups_per_row, p.blocks_per_group);
         let row_bytes = n * BITS as usize / 8;
         let blocks = n / BLOCK;
+        let blocks_per_step = step_elements(BITS) / BLOCK;
         let affine = p.kind == Kind::Affine;
         let (group_of, lanes) = (consts.group_of, &consts.lanes);
-        prefetch_rows::<HALF>(args, r + PREFETCH_ROWS, R, row_bytes);
-        let nibble_shift = _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(4));
+        let ahead = args.codes.len() / row_bytes >= r + R + PREFETCH_ROWS;
         let low4 = _mm512_set1_epi8(15);
         let mut acc = [[_mm512_setzero_ps(); NB]; R];
         let mut k0 = 0;
@@ -536,6 +563,9 @@ mod kernel {
             let mut sd = [[_mm512_setzero_ps(); NB]; R];
             for i in 0..R {
                 let at = (r + i) * gpr + j0;
+                if ahead {
+                    prefetch_span::<BITS, HALF>(args, r + i + PREFETCH_ROWS, k0);
+                }
                 let sg = load_groups::<HALF>(args.s, args.s16, at, gmask);
                 let s = _mm512_maskz_permutexvar_ps(bmask, group_of, sg);
                 let coef = if affine {
@@ -552,27 +582,40 @@ mod kernel {
                     acc[i][b] = _mm512_fmadd_ps(coef, xs, acc[i][b]);
                 }
             }
-            let chunks = (blocks - k0).min(SPAN) / 2;
-            for (c, &lane) in lanes.iter().enumerate().take(chunks) {
-                let e = (k0 + 2 * c) * BLOCK;
-                let mut w = [_mm512_setzero_si512(); R];
-                for (i, wi) in w.iter_mut().enumerate() {
-                    let src = args
-                        .codes
-                        .as_ptr()
-                        .add((r + i) * row_bytes + e * BITS as usize / 8);
-                    *wi = if BITS == 8 {
+            let steps = super::span_steps(BITS, (blocks - k0).min(SPAN));
+            for (c, &lane) in lanes.iter().enumerate().take(steps) {
+                let e = (k0 + c * blocks_per_step) * BLOCK;
+                let e_byte = e * BITS as usize / 8;
+                // A 4-bit row of an odd number of 64 inputs ends in half a step.
+                let whole = e_byte + STEP_BYTES <= row_bytes;
+                let (mut lo, mut hi) = ([_mm512_setzero_si512(); R], [_mm512_setzero_si512(); R]);
+                for i in 0..R {
+                    let src = args.codes.as_ptr().add((r + i) * row_bytes + e_byte);
+                    let v = if whole {
                         _mm512_loadu_si512(src.cast())
                     } else {
-                        // 32 code bytes in both halves; the upper half shifted to its high nibbles.
-                        let c = _mm512_broadcast_i64x4(_mm256_loadu_si256(src.cast()));
-                        _mm512_and_si512(_mm512_srlv_epi16(c, nibble_shift), low4)
+                        _mm512_maskz_loadu_epi8(0xffff_ffff, src.cast())
                     };
+                    if BITS == 8 {
+                        lo[i] = v;
+                    } else {
+                        lo[i] = _mm512_and_si512(v, low4);
+                        hi[i] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low4);
+                    }
                 }
                 for b in 0..NB {
-                    let xq = _mm512_loadu_si512(a.q.as_ptr().add((b0 + b) * n + e).cast());
+                    let q = a.q.as_ptr().add((b0 + b) * a.qn + e);
+                    let ql = _mm512_loadu_si512(q.cast());
+                    let qh = if BITS == 8 {
+                        ql
+                    } else {
+                        _mm512_loadu_si512(q.add(STEP_BYTES).cast())
+                    };
                     for i in 0..R {
-                        let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[i], xq);
+                        let mut dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[i], ql);
+                        if BITS == 4 {
+                            dot = _mm512_dpbusd_epi32(dot, hi[i], qh);
+                        }
                         let scale = _mm512_permutexvar_ps(lane, sd[i][b]);
                         acc[i][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[i][b]);
                     }
@@ -587,39 +630,37 @@ mod kernel {
         }
     }
 
-    /// Weight rows ahead of the ones being multiplied: a layer that is not in cache (a model's
-    /// layers in turn) otherwise waits on memory row after row (SmolLM2's 576x1536 layers ran
-    /// at ~4 GB/s).
+    /// Weight rows between a row's span and the one asked for with it: a layer from memory
+    /// otherwise waits on it row after row (the hardware prefetcher follows 4 interleaved row
+    /// streams poorly).
     const PREFETCH_ROWS: usize = 8;
 
-    /// Ask for the codes, scales and mins of rows `r..r + n` to be cached (those the slices
-    /// hold: they run to the end of the weight, past the task's rows).
+    /// Ask for span `k0` of weight row `row` (codes, scales, mins) to be cached in L2.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn prefetch_rows<const HALF: bool>(
+    unsafe fn prefetch_span<const BITS: u8, const HALF: bool>(
         args: &Args<'_>,
-        r: usize,
-        n: usize,
-        row_bytes: usize,
+        row: usize,
+        k0: usize,
     ) {
-        let gpr = args.plan.groups_per_row;
-        let rows = (args.codes.len() / row_bytes).min(r + n);
-        for row in r..rows {
-            let codes = args.codes.as_ptr().add(row * row_bytes);
-            for line in (0..row_bytes).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(codes.add(line).cast());
-            }
-            let (at, params): (usize, [&[u8]; 2]) = if HALF {
-                (row * gpr * 2, [args.s16, args.m16])
-            } else {
-                let f =
-                    |v: &[f32]| std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len() * 4);
-                (row * gpr * 4, [f(args.s), f(args.m)])
-            };
-            for p in params {
-                if at < p.len() {
-                    _mm_prefetch::<_MM_HINT_T0>(p.as_ptr().add(at).cast());
-                }
+        let p = args.plan;
+        let bytes_per_block = BLOCK * BITS as usize / 8;
+        let row_bytes = p.n_in * BITS as usize / 8;
+        let start = row * row_bytes + k0 * bytes_per_block;
+        let span_bytes = (p.n_in / BLOCK - k0).min(SPAN) * bytes_per_block;
+        for line in (0..span_bytes).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T1>(args.codes.as_ptr().add(start + line).cast());
+        }
+        let group = row * p.groups_per_row + k0 / p.blocks_per_group;
+        let (at, params): (usize, [&[u8]; 2]) = if HALF {
+            (group * 2, [args.s16, args.m16])
+        } else {
+            let f = |v: &[f32]| std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len() * 4);
+            (group * 4, [f(args.s), f(args.m)])
+        };
+        for p in params {
+            if at < p.len() {
+                _mm_prefetch::<_MM_HINT_T1>(p.as_ptr().add(at).cast());
             }
         }
     }
