@@ -363,6 +363,8 @@ def refit(
     h = gram.float()
     s, m = s.clone(), None if m is None else m.clone()
     affine = m is not None
+    h1 = h.sum(-1)  # H_g 1, [G, g]: the affine fit's column of ones
+    codes = []
     for r0 in range(0, w.shape[0], chunk):
         rs = slice(r0, r0 + chunk)
         wc = grouped(w[rs], g)  # [R, G, g]
@@ -376,7 +378,6 @@ def refit(
             hv = torch.einsum("rgk,gkl->rgl", v, h)
             vhv, vhw = (v * hv).sum(-1), (v * hw).sum(-1)
             if affine:
-                h1 = h.sum(-1)  # H_g 1, [G, g]
                 vh1, one_h1, one_hw = (v * h1).sum(-1), h1.sum(-1), hw.sum(-1)
                 det = vhv * one_h1 - vh1 * vh1
                 ok = det > 1e-12 * (vhv * one_h1).clamp_min(1e-30)
@@ -405,8 +406,8 @@ def refit(
         s[rs] = s_c
         if affine:
             m[rs] = m_c
-    codes = grid.encode(w, expand(s, g, n), expand(m, g, n))
-    return codes, s, m
+        codes.append(c.reshape(c.shape[0], -1)[:, :n])  # the best codes, ragged padding cut
+    return torch.cat(codes), s, m
 
 
 def _codes_and_error(
