@@ -2,7 +2,9 @@
 32/4, vocab 32000, random weights, built on the GPU), bf16 against ``qtt.quantize_model`` int4-g64
 (affine, groups along in) kept quantized: greedy ``generate`` at batch 1 and 8, eager (dynamic
 cache) and with ``cache_implementation="static"`` + ``torch.compile(mode="reduce-overhead")``
-(transformers' own compile of the decoding step, fullgraph), tokens/s and peak GPU memory.
+(transformers' own compile of the decoding step, fullgraph), tokens/s and peak GPU memory. The
+int4 model runs with the batch-1-4 kernels' int8 activations (``launch.INT8_ACTIVATIONS``, the
+default) and, as ``int4-exact``, a copy of it without (the exact float kernels).
 Self-contained, no network:
 
     python3 benches/bench_gpu_generate.py          # table to stdout; with OUT=DIR also files
@@ -35,6 +37,7 @@ import torch  # noqa: E402
 
 import qtensors as qt  # noqa: E402
 import qtensors.torch as qtt  # noqa: E402
+from qtensors.torch.ops import HAVE_TRITON  # noqa: E402
 
 DEV = "cpu" if DRY else "cuda"
 BUDGET_S = float(os.environ.get("QT_BENCH_BUDGET_S", "330"))
@@ -70,7 +73,16 @@ def _bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
-def _generate_s(model, ids, kw) -> float:
+def setting(label: str) -> None:
+    """The int8-activation switch each model runs under (read at each call, and when a CUDA graph
+    is recorded)."""
+    from qtensors.torch.kernels import launch
+
+    launch.INT8_ACTIVATIONS = label != "int4-exact"
+
+
+def _generate_s(model, ids, kw, label: str) -> float:
+    setting(label)
     t = time.perf_counter()
     out = model.generate(ids, **kw)
     sync()
@@ -95,6 +107,7 @@ def measure_pair(models: dict, batch: int, mode: str) -> None:
     try:
         with torch.inference_mode():
             for label, model in models.items():
+                setting(label)
                 t = time.perf_counter()
                 for _ in range(2):
                     model.generate(ids, **kw)
@@ -102,13 +115,13 @@ def measure_pair(models: dict, batch: int, mode: str) -> None:
                 warm[label] = time.perf_counter() - t
                 if not DRY:
                     torch.cuda.reset_peak_memory_stats()
-                times[label].append(_generate_s(model, ids, kw))
+                times[label].append(_generate_s(model, ids, kw, label))
                 # the other model's weights are resident too: not this one's footprint
                 other = total - _bytes(model)
                 peak[label] = (torch.cuda.max_memory_allocated() - other) / 2**30 if not DRY else 0
             for _ in range(ROUNDS - 1):
                 for label, model in models.items():
-                    times[label].append(_generate_s(model, ids, kw))
+                    times[label].append(_generate_s(model, ids, kw, label))
     except Exception as exc:  # report and go on (a graph break under fullgraph, ...)
         err = f"{type(exc).__name__}: {str(exc)[:300]}"
         say(f"{'both':<10} {batch:>5} {mode:<15} FAILED {err}")
@@ -160,17 +173,22 @@ def main() -> None:
     if not DRY:
         torch.cuda.empty_cache()
     models = {"bf16": bf16, "int4-g64": int4}
+    if not DRY and HAVE_TRITON:
+        models["int4-exact"] = copy.deepcopy(int4)
     runs = [(b, m) for m in MODES for b in BATCHES]
     for b, m in runs:
         measure_pair(models, b, m)
         torch._dynamo.reset()
     say(f"(quantize_model: {RESULTS['quantize_model_s']:.1f} s)")
     by = {(r["model"], r["batch"], r["mode"]): r for r in RESULTS["runs"] if "error" not in r}
-    say("speedup int4-g64 / bf16 in tokens/s:")
-    for b, m in runs:
-        q, f = by.get(("int4-g64", b, m)), by.get(("bf16", b, m))
-        if q and f:
-            say(f"  batch {b} {m:<15} {q['tokens_per_s'] / f['tokens_per_s']:.2f}x")
+    for label in models:
+        if label == "bf16":
+            continue
+        say(f"speedup {label} / bf16 in tokens/s:")
+        for b, m in runs:
+            q, f = by.get((label, b, m)), by.get(("bf16", b, m))
+            if q and f:
+                say(f"  batch {b} {m:<15} {q['tokens_per_s'] / f['tokens_per_s']:.2f}x")
     say(f"total {time.time() - T0:.0f} s")
     REPORT.write("bench_gpu_generate", RESULTS)
 

@@ -1,10 +1,13 @@
 """Probe (H200): the batch 1-4 ``words_kernel`` against a baseline copy of it and cuBLAS bf16,
-CUDA-graph timed, over the issue's shapes; a few launch configurations of the current kernel.
+CUDA-graph timed, over the issue's shapes; a few launch configurations of the current kernel;
+``words_int8_kernel`` (int8 activations) beside them where it applies, checked first against its
+own emulated ``dp4a`` (``EMULATE``: the same integers without inline assembly) on the GPU.
 
     OUT=DIR python3 benches/probe_words.py [--encodings a,b] [--batches 1,4] [--configs]
         [--variants MOD,...]    # other words_kernel versions: qtensors/torch/kernels/MOD.py
     ncu -k regex:words_kernel python3 benches/probe_words.py --ncu [--variants ...]  # 1 launch each
     python3 benches/probe_words.py --smoke    # CPU, TRITON_INTERPRET=1: the script's own check
+        [--int8-configs]        # launch configurations of the int8 kernel
 
 Prints per (encoding, shape, batch): cuBLAS bf16 ``F.linear``, then the current kernel and each
 variant with the routed configuration (us; x = speedup over cuBLAS; hbm = share of the bound of
@@ -72,6 +75,57 @@ def with_kernel(kernel):
     return call
 
 
+INT8_CONFIGS = [  # (block_n, block_k, warps)
+    (8, 2048, 4),
+    (16, 1024, 4),
+    (16, 4096, 4),
+    (16, 2048, 8),
+    (32, 2048, 4),
+    (32, 4096, 8),
+]
+
+
+def emulated(x, w, cfg):
+    """``tiled`` with the int8 kernel's ``dp4a`` emulated (``EMULATE``) on the GPU too."""
+    plan = L._tiled_plan
+
+    def patched(*args):
+        kernel, grid, split, k_split, meta, _ = plan(*args)
+        meta = dict(meta, EMULATE=True)
+        return kernel, grid, split, k_split, meta, tuple(sorted(meta.items()))
+
+    L._tiled_plan = patched
+    try:
+        return tiled(x, w, cfg)
+    finally:
+        L._tiled_plan = plan
+
+
+def int8_cells(case: Case, M: int, cub: float, bound: float) -> list[str]:
+    """The int8 kernel at its default configuration (and ``--int8-configs``' others), after the
+    check that its inline ``dp4a`` gives the emulation's result."""
+    name, bits, g = case.ws[0].enc
+    if not L.int8_applies(M, case.K, name, bits, g, torch.bfloat16):
+        return []
+    x = case.x(M)
+    cfg = L.WORDS_INT8_DEFAULT
+    a, b = tiled(x, case.ws[0], cfg), emulated(x, case.ws[0], cfg)
+    diff = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+    if not diff <= 1e-6:
+        return [f"int8 WRONG: dp4a vs emulation {diff:.1e}"]
+    configs = [cfg] + [
+        L.TiledConfig("words8", 0, bn, bk, 0, w, 2)
+        for bn, bk, w in (INT8_CONFIGS if "--int8-configs" in sys.argv else [])
+    ]
+    cells = []
+    for c in configs:
+        t = timed(case, lambda x, w, c=c: tiled(x, w, c), M)
+        tag = f"int8 {c.block_n}/{c.block_k}/{c.num_warps}w"
+        ok = isinstance(t, float)
+        cells.append(f"{tag} {t:6.1f} {cub / t:5.2f} {bound / t:4.0%}" if ok else f"{tag} {t}")
+    return cells
+
+
 def timed(case: Case, fn, M: int) -> str:
     err = case.check(fn, M)
     if not err <= TOL:
@@ -119,6 +173,8 @@ def main() -> None:
                         cells.append(f"{t:>23}")
                 say(f"{ename:<16} {N:>5}x{K:<5} {M} | {cub:7.1f} | " + " | ".join(cells)
                     + f" | {cfg.block_n}/{cfg.block_k}/{cfg.num_warps}w")  # fmt: skip
+                for cell in int8_cells(case, M, cub, bound):
+                    say(f"{'':<16} {'':>11}   | {'':>7} | {cell}")
                 if "--configs" in sys.argv:
                     for bn, bk, warps, *regs in EXTRA_CONFIGS:
                         c2 = L.TiledConfig("words", 0, bn, bk, 0, warps, 2, *regs)

@@ -50,6 +50,8 @@ TILED_ENCODINGS = {
     "mxfp4": MXFP4(),
     "nvfp4": NVFP4(),
 }
+# the int8 words kernel's (affine / symmetric, groups of at least a 64-bit unit)
+INT8_ENCODINGS = ("affine4-g32", "affine4-g128", "symmetric4-g64", "affine8-g32", "symfull4-g32")
 # the tensor-core kernel's encodings (4-bit, groups along the input dim, whole bytes a row)
 MMA_ENCODINGS = {
     "affine4-g32": Affine(bits=4, group_size=32, axis=-1),
@@ -92,8 +94,9 @@ def weight(N: int, K: int, enc_name: str, seed: int):
     return args, dense
 
 
-def check(label, got, x, dense, bias, failures):
-    ref = F.linear(x.float(), dense, None if bias is None else bias.float())
+def check(label, got, x, dense, bias, failures, ref=None):
+    if ref is None:
+        ref = F.linear(x.float(), dense, None if bias is None else bias.float())
     if got.shape != ref.shape or got.dtype != x.dtype:
         failures.append(f"{label}: got {tuple(got.shape)} {got.dtype}")
         return
@@ -101,6 +104,43 @@ def check(label, got, x, dense, bias, failures):
     err = (got.float() - ref).abs().max().item() / scale
     if not err <= TOL[x.dtype]:  # NaN fails too
         failures.append(f"{label}: error {err:.3g} > {TOL[x.dtype]:.3g}")
+
+
+def int8_reference(x, args, dense, bias):
+    """``words_int8.py``'s result computed another way: each unit's activations (16 for 4-bit
+    codes, 8 for 8-bit) rounded to ``q * d`` (``d = max|x| / 127``, ties to even), times the
+    decoded weight, plus each group's min times what the rounding moved (the kernel takes the
+    min term and the symmetric offset from the exact sums)."""
+    bits, g = args["bits"], args["group_size"]
+    M, K = x.shape
+    N = dense.shape[0]
+    pu = 64 // bits
+    xf = x.float().reshape(M, K // pu, pu)
+    amax = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    d = amax * torch.tensor(1.0 / 127.0)
+    inv = torch.tensor(127.0) / amax
+    xt = (torch.round(xf * inv) * d).reshape(M, K)
+    G = -(-K // g)
+    s = args["scales"].float().reshape(N, G)
+    m = args["mins"].float().reshape(N, G) if args["encoding"] == "affine" else -(2 ** (bits - 1)) * s
+    moved = F.pad(x.float() - xt, (0, G * g - K)).reshape(M, G, g).sum(-1)
+    y = xt.double() @ dense.double().T + moved.double() @ m.double().T
+    if bias is not None:
+        y += bias.double()
+    return y.float(), d.expand(M, K // pu, pu).reshape(M, K)
+
+
+def check_int8(label, got, x, args, dense, bias, failures):
+    """The int8 kernel against ``int8_reference`` (the tolerance of ``check``), and against the
+    exact product within the rounding's bound, ``sum_k |W_nk| d(k) / 2``."""
+    ref, d = int8_reference(x, args, dense, bias)
+    check(label, got, x, dense, bias, failures, ref=ref)
+    exact = F.linear(x.float(), dense, None if bias is None else bias.float())
+    bound = (d.double() / 2) @ dense.abs().double().T
+    slack = TOL[x.dtype] * max(exact.abs().max().item(), 1e-6)
+    over = (got.double() - exact.double()).abs() - bound * (1 + 1e-3) - slack
+    if not over.max().item() <= 0:
+        failures.append(f"{label}: beyond the int8 rounding bound by {over.max().item():.3g}")
 
 
 def cases(group: str):
@@ -172,6 +212,15 @@ def tiled_cases(group: str):
                     out.append((N, K, M, ename, dt, bias, L.TiledConfig("words", 0, 4, 64, 1)))
                 out.append((N, K, 3, ename, dt, not bias, L.TiledConfig("words", 0, 8, 32, 3)))
                 out.append((N, K, 1, ename, dt, bias, L.TiledConfig("words", 0, 16, 256, 0)))
+            elif group == "tiled-int8" and ename in INT8_ENCODINGS:
+                # whole 64-bit units a row: K a multiple of 16 codes (8 for 8-bit)
+                K = {200: 208, 64: 64, 136: 144}[K]
+                half = torch.float16 if i % 2 else torch.bfloat16
+                for M in {37: (1, 3), 16: (1, 4), 24: (2, 4)}[N]:
+                    out.append((N, K, M, ename, half, bias, L.TiledConfig("words8", 0, 4, 64, 1)))
+                out.append((N, K, 3, ename, dt, not bias, L.TiledConfig("words8", 0, 8, 32, 3)))
+                out.append((N, K, 1, ename, half, bias, L.TiledConfig("words8", 0, 16, 256, 0)))
+                out.append((N, K, 2, ename, half, bias, None))  # picked: int8_applies
             elif group == "tiled-dot":
                 for M in (16, 33):
                     out.append((N, K, M, ename, dt, bias, L.TiledConfig("dot", 16, 16, 64, 1)))
@@ -209,7 +258,7 @@ def run_case(label, N, K, M, ename, dt, has_bias, cfg, failures):
     if isinstance(cfg, L.MmaConfig):
         c, s, m = (args[k] for k in ("codes", "scales", "mins"))
         got = L.mma_linear(x, c, s, m, bias, N, K, args["encoding"], args["group_size"], cfg)
-    elif isinstance(cfg, L.TiledConfig):
+    elif isinstance(cfg, L.TiledConfig) or (cfg is None and label.startswith("tiled-int8")):
         c, s, m = (args[k] for k in ("codes", "scales", "mins"))
         e, b, gs = args["encoding"], args["bits"], args["group_size"]
         got = L.tiled_linear(x, c, s, m, bias, N, K, e, b, gs, config=cfg)
@@ -218,7 +267,24 @@ def run_case(label, N, K, M, ename, dt, has_bias, cfg, failures):
         got = lin.linear_cuda(x.reshape(1, M, K), bias=bias, shape=[N, K], **args)[0]
     else:
         got = L.fused_linear(x, bias=bias, N=N, K=K, config=cfg, **args)
-    check(label, got, x, dense, bias, failures)
+    if uses_int8(cfg, x, args, N, K):
+        check_int8(label, got, x, args, dense, bias, failures)
+    else:
+        check(label, got, x, dense, bias, failures)
+
+
+def uses_int8(cfg, x, args, N, K) -> bool:
+    """Whether the case ran ``words_int8.py`` (named, or picked from the shape)."""
+    if isinstance(cfg, L.TiledConfig):
+        return cfg.kernel == "words8"
+    if cfg is not None:
+        return False
+    M = x.shape[0]
+    e, b, g, axis = (args[k] for k in ("encoding", "bits", "group_size", "axis"))
+    c = args["codes"]
+    half = x.dtype != torch.float32
+    path = L.route(M, N, K, e, b, g, axis, L.words_aligned(c), half)
+    return path == "tiled" and L.int8_applies(M, K, e, b, g, x.dtype) and L.units_aligned(c)
 
 
 def check_locks_reset(failures):

@@ -40,6 +40,7 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
         "dispatch",
         "tiled-fma",
         "tiled-words",
+        "tiled-int8",
         "tiled-dot",
         "tiled-dispatch",
         "mma",

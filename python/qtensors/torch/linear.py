@@ -315,8 +315,12 @@ class _CudaPlan:
         self.mins = None if mins is None else mins.reshape(-1)
         c = self.codes
         self.aligned = _launch is not None and _launch.words_aligned(c) and c.numel() % 4 == 0
-        # the tiled kernels read int32 words: the view made once
-        self.words = c.view(torch.int32) if self.aligned and c.dtype == torch.uint8 else c
+        # the tiled kernels read int32 words, the int8 one int64 units: the view made once
+        if self.aligned and c.dtype == torch.uint8:
+            wide = _launch.units_aligned(c)
+            self.words = c.view(torch.int64 if wide else torch.int32)
+        else:
+            self.words = c
 
 
 def _cuda_weight(codes, scales, mins, shape, encoding, bits, group_size, axis) -> _CudaPlan:

@@ -31,6 +31,7 @@ from .mma import MMA_ENC, NVFP4_CHUNK, mma_kernel
 from .scales import SCALE_FORMATS
 from .tiled import TILED_ENC, dot_kernel, fma_kernel
 from .words import words_kernel
+from .words_int8 import words_int8_kernel
 
 #: rows of ``x`` up to which the byte-tile GEMV (``gemv.py``) runs for weights the tiled
 #: kernels do not take (groups along the output dim, K not a multiple of a word)
@@ -61,6 +62,11 @@ MMA_WIDE_M, MMA_WIDE_MIN_ELEMENTS = 32, 1 << 25
 #: the CUDA-core kernel of ``tiled_default`` up to ``FMA_MAX_M`` rows: "fma" (``tiled.py``) or
 #: "words" (``words.py``); the sweep's "routing" lines say which measured faster
 SMALL_M_KERNEL = "words"
+#: 1-4 rows of fp16 / bf16 activations against affine / symmetric 4- and 8-bit codes: rounded to
+#: int8 per 16 (8) activations and multiplied as integers (``words_int8.py``, as llama.cpp's GPU
+#: matrix-vector kernels do); False (or ``QTENSORS_INT8_ACTIVATIONS=0``): ``words.py``, exact to
+#: fp32 accumulation. fp32 activations always take the exact kernel.
+INT8_ACTIVATIONS = os.environ.get("QTENSORS_INT8_ACTIVATIONS", "1") != "0"
 #: split-K counters per device: tiles of one launch that may split K
 LOCK_SLOTS = 1 << 15
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -96,7 +102,9 @@ class GemmConfig:
 @dataclass(frozen=True)
 class TiledConfig:
     """``tiled.py``: ``kernel`` "fma" (CUDA cores) or "dot" (``tl.dot``), "words" (``words.py``:
-    CUDA cores, per-word accumulator, 1-4 rows; ``block_k`` counts weights), or "decode" (a table
+    CUDA cores, per-word accumulator, 1-4 rows; ``block_k`` counts weights), "words8"
+    (``words_int8.py``: the same with int8 activations; ``block_k`` a multiple of 64 bits of
+    codes), or "decode" (a table
     entry sending this shape to decode + cuBLAS, where that measured faster); rows of ``x`` per
     program (``block_m``, 0: the batch rounded up to a power of two; "dot" needs >= 16),
     output features and columns per step, K-slices (0: as many as fill the GPU), warps,
@@ -135,6 +143,12 @@ WORDS_DEFAULT = TiledConfig(
     kernel="words", block_m=0, block_n=8, block_k=2048, split_k=0, num_warps=4, num_stages=2
 )
 
+#: ``words_int8_kernel``'s (``int8_applies``): 16 features x 2048 codes a step, 4 warps (one
+#: 64-bit unit of codes a lane and feature)
+WORDS_INT8_DEFAULT = TiledConfig(
+    kernel="words8", block_m=0, block_n=16, block_k=2048, split_k=0, num_warps=4, num_stages=2
+)
+
 #: the batch buckets of ``TILED_TABLE`` (a batch uses the first bucket >= it)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 64, 256)
 #: the launch configuration per (batch bucket, N, K) where a sweep found one better than
@@ -169,6 +183,26 @@ def tiled_default(M: int, bits: int, g: int) -> TiledConfig:
     if M <= 16:
         return TiledConfig("dot", 16, 64, 128, num_warps=4, num_stages=3)
     return TiledConfig("dot", 64 if M <= 64 else 128, 128, 64, num_warps=4, num_stages=3)
+
+
+def int8_applies(M: int, K: int, encoding: str, bits: int, g: int, dtype: torch.dtype) -> bool:
+    """Whether ``words_int8_kernel`` takes these rows (``INT8_ACTIVATIONS``; the codes must
+    also start on an 8-byte boundary, see ``units_aligned``): 1-4 rows of fp16 / bf16, affine /
+    symmetric 4- or 8-bit codes, rows of whole 64-bit units inside groups."""
+    return (
+        INT8_ACTIVATIONS
+        and M <= 4
+        and dtype in (torch.float16, torch.bfloat16)
+        and encoding in ("affine", "symmetric")
+        and bits in (4, 8)
+        and (K * bits) % 64 == 0
+        and g * bits >= 64
+    )
+
+
+def units_aligned(codes: torch.Tensor) -> bool:
+    """Whether the packed codes can be read as int64 units (an 8-byte aligned start)."""
+    return codes.data_ptr() % 8 == 0 and codes.storage_offset() % 8 == 0 and codes.numel() % 8 == 0
 
 
 def tiled_config(M: int, N: int, K: int, bits: int, g: int) -> TiledConfig:
@@ -479,7 +513,7 @@ def _tiled_plan(
     """(kernel, grid, split, k_split, constexprs and options, their hashable key) of one tiled
     launch."""
     cfg = config or tiled_config(M, N, K, bits, g)
-    if cfg.kernel not in ("fma", "dot", "words"):
+    if cfg.kernel not in ("fma", "dot", "words", "words8"):
         raise ValueError(f"{cfg.kernel!r} is not a tiled kernel (see route())")
     fma = cfg.kernel != "dot"  # "words" too: CUDA cores, one program per feature tile
     block_m = cfg.block_m or max(1, 1 << (M - 1).bit_length())
@@ -488,6 +522,13 @@ def _tiled_plan(
     if cfg.kernel == "words" and (M > 4 or cfg.block_k % (64 // bits)):
         raise ValueError(
             f"the words kernel takes 1-4 rows and steps of whole word pairs, not {M}, {cfg}"
+        )
+    if cfg.kernel == "words8" and not (
+        M <= 4 and cfg.block_k % (64 // bits) == 0 and encoding in ("affine", "symmetric")
+    ):
+        raise ValueError(
+            f"the int8 words kernel takes 1-4 rows of affine / symmetric codes in steps of whole"
+            f" 64-bit units, not {M}, {encoding}, {cfg}"
         )
     bn, bk = cfg.block_n, cfg.block_k
     n_tiles = -(-N // bn) * (1 if fma else -(-M // block_m))
@@ -506,13 +547,16 @@ def _tiled_plan(
     )
     if not fma:
         meta["IEEE"] = x_dtype == torch.float32 or (cuda_index < 0 and x_dtype == torch.bfloat16)
+    if cfg.kernel == "words8":
+        meta["EMULATE"] = cuda_index < 0  # the interpreter runs no inline assembly
     if cuda_index >= 0:
         # FMAs explicitly: the decode's ``f * s2 + off`` and the accumulation are one each
         # (Triton's default for fusion is changing)
         meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
         if cfg.maxnreg:
             meta["maxnreg"] = cfg.maxnreg
-    kernel = {"fma": fma_kernel, "dot": dot_kernel, "words": words_kernel}[cfg.kernel]
+    kernels = {"fma": fma_kernel, "dot": dot_kernel, "words": words_kernel}
+    kernel = kernels.get(cfg.kernel, words_int8_kernel)
     return kernel, (n_tiles, split), split, k_split, meta, tuple(sorted(meta.items()))
 
 
@@ -531,12 +575,19 @@ def tiled_linear(
 ) -> torch.Tensor:
     """``x2 @ W^T + bias`` with ``tiled.py`` for a weight ``tiled_supported()`` (arguments as
     ``fused_linear``; ``codes``: bytes starting on a 4-byte boundary, see ``words_aligned``, or
-    their int32 view). MXFP4 / NVFP4 scales are passed as stored (NVFP4's tensor scale in
-    ``mins``)."""
+    their int32 / int64 view). MXFP4 / NVFP4 scales are passed as stored (NVFP4's tensor scale
+    in ``mins``). Without a ``config``, rows ``int8_applies`` takes run ``words_int8.py`` where
+    the codes start on an 8-byte boundary."""
     M = x2.shape[0]
     out, done, cuda_index, locks = _begin(x2, N, K, bias)
     if done:
         return out
+    if (
+        config is None
+        and int8_applies(M, K, encoding, bits, group_size, x2.dtype)
+        and (codes.dtype == torch.int64 or units_aligned(codes))
+    ):
+        config = WORDS_INT8_DEFAULT
     kernel, grid, split, k_split, meta, meta_key = _tiled_plan(
         M,
         N,
@@ -553,9 +604,11 @@ def tiled_linear(
     levels = _levels(x2.device, False) if encoding == "nf4" else scales
     if scales.dtype == torch.float8_e4m3fn:
         scales = scales.view(torch.uint8)
-    words = codes if codes.dtype == torch.int32 else codes.view(torch.int32)
+    unit = torch.int64 if kernel is words_int8_kernel else torch.int32
+    words = codes if codes.dtype == unit else codes.view(unit)
     weight = (words, scales, scales if mins is None else mins, levels)
-    row = (K * bits // 32, -(-K // group_size))  # int32 words per row, groups per row
+    # int32 words (int64 units) per row, groups per row
+    row = (K * bits // (64 if unit is torch.int64 else 32), -(-K // group_size))
     return _finish(kernel, grid, split, k_split, meta, meta_key, cuda_index, locks, x2, out,
                    weight, bias, K, row)  # fmt: skip
 

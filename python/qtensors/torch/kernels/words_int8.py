@@ -1,0 +1,208 @@
+"""``words_int8_kernel``: ``y = x @ W^T + b`` for 1-4 rows of ``x``, affine / symmetric 4- and
+8-bit codes, with the activations rounded to int8 per word and multiplied by the codes as
+integers (``dp4a``: four byte products and their sum in one instruction).
+
+Why: the float kernel (``words.py``) is bound by instruction issue on the H200, not by HBM; it
+spends ~6 instructions a weight turning each code into a float and multiplying it. Here a word's
+eight 4-bit codes are two masks (``w & 0x0F0F0F0F``, ``(w >> 4) & 0x0F0F0F0F``: the even and
+the odd codes, one per byte) and two ``dp4a`` against the word's activations as int8 bytes,
+then one conversion and two FMAs per word: ~1.5 instructions a weight, plus the activations'
+rounding, shared by the thread's features.
+
+Numerics (as llama.cpp's GPU matrix-vector kernels, which round activations to int8 per 32):
+each word's activations ``x`` (8 of them for 4-bit codes, 4 for 8-bit) are ``q * d`` with
+``d = max(max|x|, 1e-30) / 127`` and ``q = round(x / d)`` in -127..127, so each moves by at most ``d / 2``:
+the result differs from the exact product by at most ``sum_k |W_nk| max|x_word(k)| / 254``.
+The min term (affine) and the symmetric offset use the exact float sum of the word's
+activations. The integer dot is exact; its scale, ``s * d``, and the accumulation are fp32.
+``launch.INT8_ACTIVATIONS`` switches the route off (``words.py`` then runs, exact to fp32).
+
+Layout as ``words.py``: a ``[KW, BLOCK_N]`` tile of words, consecutive words on consecutive
+lanes, the features in each thread's registers; each lane rounds its own word's activations
+(no cross-lane step), once for all of its features. K is split over grid axis 1 when the
+output tiles alone would not fill the GPU; ``epilogue.store_result`` finishes.
+
+``EMULATE`` (the interpreter, which runs no inline assembly) computes ``dp4a`` with shifts and
+multiplies: the same integers.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .epilogue import store_result
+from .scales import group_scale
+
+# 1.5 * 2^23: x + MAGIC rounds x to an integer (ties to even) in the low mantissa bits, whose
+# low byte is then that integer's two's complement for |x| <= 127
+MAGIC = tl.constexpr(12582912.0)
+
+
+@triton.jit
+def _dp4a(a, b, c, EMULATE: tl.constexpr):
+    """``c + sum_j a_j * b_j`` over the four bytes: ``a`` unsigned, ``b`` signed."""
+    if EMULATE:
+        for j in tl.static_range(4):
+            c += ((a >> (8 * j)) & 0xFF) * ((b << (24 - 8 * j)) >> 24)
+        return c
+    else:
+        return tl.inline_asm_elementwise(
+            "dp4a.u32.s32 $0, $1, $2, $3;",
+            "=r,r,r,r",
+            [a, b, c],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+
+
+@triton.jit
+def _pack4(b):
+    """``[KU, 4]`` bytes (int32 0..255) as one int32 per unit, byte ``j`` at bits ``8j``."""
+    sh = tl.arange(0, 4) * 8
+    return tl.sum(b << sh[None, :], axis=1)
+
+
+@triton.jit
+def _quantize(x, inv):
+    """``x`` rounded to ``x * inv`` as int8 bytes (int32 0..255, two's complement)."""
+    return ((x * inv[:, None] + MAGIC).to(tl.int32, bitcast=True)) & 0xFF
+
+
+@triton.jit
+def _row(wa, wb, x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, s, m, acc,
+         ENC: tl.constexpr, BITS: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
+    """``acc`` plus row ``r``'s per-unit terms; ``wa`` / ``wb``: the units' low and high int32
+    words, ``[KU, BLOCK_N]``; ``xcol``: the columns of each unit's first 8 activations."""
+    mask = xmask & (xcol * 0 + r < M)  # a tensor: the interpreter's M is a Python int
+    # 8 activations a load (16 bytes of fp16 / bf16): a unit's all stay in its thread
+    xa = tl.load(x_ptr + r * stride_xm + xcol, mask=mask, other=0.0).to(tl.float32)
+    if BITS == 4:
+        xb = tl.load(x_ptr + r * stride_xm + xcol + 8, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(xa), axis=1), tl.max(tl.abs(xb), axis=1))
+        sx = tl.sum(xa, axis=1) + tl.sum(xb, axis=1)
+    else:
+        amax = tl.max(tl.abs(xa), axis=1)
+        sx = tl.sum(xa, axis=1)
+    # a floor keeps 127 / amax finite (an all-zero unit rounds to zeros)
+    amax = tl.maximum(amax, 1e-30)
+    d = amax * (1.0 / 127.0)
+    inv = 127.0 / amax
+    qa = _quantize(xa, inv)
+    KU: tl.constexpr = qa.shape[0]
+    zero = tl.zeros_like(wa)
+    if BITS == 4:
+        # per word, the even codes are the low nibbles: codes 0-7 in wa, 8-15 in wb
+        ea, oa = tl.split(qa.reshape(KU, 4, 2))
+        eb, ob = tl.split(_quantize(xb, inv).reshape(KU, 4, 2))
+        dot = _dp4a(wa & 0x0F0F0F0F, _pack4(ea)[:, None], zero, EMULATE)
+        dot = _dp4a((wa >> 4) & 0x0F0F0F0F, _pack4(oa)[:, None], dot, EMULATE)
+        dot = _dp4a(wb & 0x0F0F0F0F, _pack4(eb)[:, None], dot, EMULATE)
+        dot = _dp4a((wb >> 4) & 0x0F0F0F0F, _pack4(ob)[:, None], dot, EMULATE)
+    else:
+        q0, q1 = tl.split(tl.permute(qa.reshape(KU, 2, 4), (0, 2, 1)))
+        dot = _dp4a(wa, _pack4(q0)[:, None], zero, EMULATE)
+        dot = _dp4a(wb, _pack4(q1)[:, None], dot, EMULATE)
+    if ENC == 0:
+        acc += dot.to(tl.float32) * d[:, None] * s + m * sx[:, None]
+    else:  # symmetric: codes offset by 2^(BITS - 1)
+        acc += (dot.to(tl.float32) * d[:, None] - (1 << (BITS - 1)) * sx[:, None]) * s
+    return acc
+
+
+@triton.jit(do_not_specialize=["M"])
+def words_int8_kernel(
+    x_ptr,
+    units_ptr,
+    scales_ptr,
+    mins_ptr,
+    levels_ptr,
+    bias_ptr,
+    out_ptr,
+    ws_ptr,
+    lock_ptr,
+    M,
+    N,
+    K,
+    row_units,
+    G,
+    stride_xm,
+    stride_om,
+    k_split,
+    ENC: tl.constexpr,
+    SFMT: tl.constexpr,
+    BITS: tl.constexpr,
+    GS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
+    PU: tl.constexpr = 64 // BITS  # codes per int64 unit
+    KU: tl.constexpr = BLOCK_K // PU  # units per row and step
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    acc0 = tl.zeros((KU, BLOCK_N), tl.float32)
+    acc1 = tl.zeros((KU, BLOCK_N), tl.float32)
+    acc2 = tl.zeros((KU, BLOCK_N), tl.float32)
+    acc3 = tl.zeros((KU, BLOCK_N), tl.float32)
+    k_lo = pid_k * k_split
+    k_hi = tl.minimum(K, k_lo + k_split)
+    lane = tl.arange(0, 8)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        unit = k0 // PU + tl.arange(0, KU)
+        inside = unit < k_hi // PU
+        u = tl.load(
+            units_ptr + rows[None, :] * row_units + unit[:, None],
+            mask=rmask[None, :] & inside[:, None],
+            other=0,
+        )
+        wa = u.to(tl.int32)  # the low word (truncation)
+        wb = (u >> 32).to(tl.int32)
+        xcol = unit[:, None] * PU + lane[None, :]
+        xmask = inside[:, None]
+        # a unit lies in one group (GS >= PU): its lanes' features read one scale each
+        sidx = rows[None, :] * G + (unit * PU // GS)[:, None]
+        smask = rmask[None, :] & inside[:, None]
+        s = group_scale(scales_ptr, sidx, smask, mins_ptr, SFMT)
+        if ENC == 0:
+            m = tl.load(mins_ptr + sidx, mask=smask, other=0.0).to(tl.float32)
+        else:
+            m = s  # unused
+        acc0 = _row(wa, wb, x_ptr, 0, M, stride_xm, xcol, xmask, s, m, acc0, ENC, BITS, EMULATE)
+        if BLOCK_M > 1:
+            acc1 = _row(wa, wb, x_ptr, 1, M, stride_xm, xcol, xmask, s, m, acc1, ENC, BITS,
+                        EMULATE)  # fmt: skip
+        if BLOCK_M > 2:
+            acc2 = _row(wa, wb, x_ptr, 2, M, stride_xm, xcol, xmask, s, m, acc2, ENC, BITS,
+                        EMULATE)  # fmt: skip
+            acc3 = _row(wa, wb, x_ptr, 3, M, stride_xm, xcol, xmask, s, m, acc3, ENC, BITS,
+                        EMULATE)  # fmt: skip
+    m_ids = tl.arange(0, BLOCK_M)
+    part = tl.where(m_ids[:, None] == 0, tl.sum(acc0, axis=0)[None, :], 0.0)
+    if BLOCK_M > 1:
+        part = tl.where(m_ids[:, None] == 1, tl.sum(acc1, axis=0)[None, :], part)
+    if BLOCK_M > 2:
+        part = tl.where(m_ids[:, None] == 2, tl.sum(acc2, axis=0)[None, :], part)
+        part = tl.where(m_ids[:, None] == 3, tl.sum(acc3, axis=0)[None, :], part)
+    store_result(
+        part,
+        m_ids,
+        rows,
+        M,
+        N,
+        out_ptr,
+        stride_om,
+        bias_ptr,
+        ws_ptr,
+        lock_ptr,
+        pid_n,
+        pid_k,
+        HAS_BIAS,
+        SPLIT_K,
+    )
