@@ -122,7 +122,10 @@ def int8_reference(x, args, dense, bias):
     xt = (torch.round(xf * inv) * d).reshape(M, K)
     G = -(-K // g)
     s = args["scales"].float().reshape(N, G)
-    m = args["mins"].float().reshape(N, G) if args["encoding"] == "affine" else -(2 ** (bits - 1)) * s
+    if args["encoding"] == "affine":
+        m = args["mins"].float().reshape(N, G)
+    else:
+        m = -(2 ** (bits - 1)) * s
     moved = F.pad(x.float() - xt, (0, G * g - K)).reshape(M, G, g).sum(-1)
     y = xt.double() @ dense.double().T + moved.double() @ m.double().T
     if bias is not None:

@@ -1,26 +1,27 @@
 """``words_int8_kernel``: ``y = x @ W^T + b`` for 1-4 rows of ``x``, affine / symmetric 4- and
-8-bit codes, with the activations rounded to int8 per word and multiplied by the codes as
-integers (``dp4a``: four byte products and their sum in one instruction).
+8-bit codes, with the activations rounded to int8 and multiplied by the codes as integers
+(``dp4a``: four byte products and their sum in one instruction).
 
 Why: the float kernel (``words.py``) is bound by instruction issue on the H200, not by HBM; it
-spends ~6 instructions a weight turning each code into a float and multiplying it. Here a word's
-eight 4-bit codes are two masks (``w & 0x0F0F0F0F``, ``(w >> 4) & 0x0F0F0F0F``: the even and
-the odd codes, one per byte) and two ``dp4a`` against the word's activations as int8 bytes,
-then one conversion and two FMAs per word: ~1.5 instructions a weight, plus the activations'
-rounding, shared by the thread's features.
+spends ~5.5 instructions a weight (sm_90 SASS of its loop) turning each code into a float and
+multiplying it. Here a 32-bit word's eight 4-bit codes are two masks (``w & 0x0F0F0F0F`` and
+``(w >> 4) & 0x0F0F0F0F``: the even and the odd codes, one per byte) and two ``dp4a`` against
+the matching activations as int8 bytes; one conversion and two FMAs per 64-bit unit of codes:
+~2.4 instructions a weight at 16 features a thread, the activations' rounding included.
 
 Numerics (as llama.cpp's GPU matrix-vector kernels, which round activations to int8 per 32):
-each word's activations ``x`` (8 of them for 4-bit codes, 4 for 8-bit) are ``q * d`` with
-``d = max(max|x|, 1e-30) / 127`` and ``q = round(x / d)`` in -127..127, so each moves by at most ``d / 2``:
-the result differs from the exact product by at most ``sum_k |W_nk| max|x_word(k)| / 254``.
-The min term (affine) and the symmetric offset use the exact float sum of the word's
-activations. The integer dot is exact; its scale, ``s * d``, and the accumulation are fp32.
-``launch.INT8_ACTIVATIONS`` switches the route off (``words.py`` then runs, exact to fp32).
+the activations of each 64-bit unit of codes (16 for 4-bit codes, 8 for 8-bit) are ``q * d``
+with ``d = max(max|x|, 1e-30) / 127`` and ``q = round(x / d)`` in -127..127, so each moves by at
+most ``d / 2``, and the result by at most ``sum_k |W_nk| d(k) / 2``. The min term (affine) and
+the symmetric offset use the exact float sum of the unit's activations; the integer dot is
+exact; its scale and the accumulation are fp32. ``launch.INT8_ACTIVATIONS`` switches the route
+off (``words.py`` then runs, exact to fp32 accumulation).
 
-Layout as ``words.py``: a ``[KW, BLOCK_N]`` tile of words, consecutive words on consecutive
-lanes, the features in each thread's registers; each lane rounds its own word's activations
-(no cross-lane step), once for all of its features. K is split over grid axis 1 when the
-output tiles alone would not fill the GPU; ``epilogue.store_result`` finishes.
+Layout as ``words.py``: a ``[KU, BLOCK_N]`` tile of int64 units, consecutive units on
+consecutive lanes, the features in each thread's registers; each lane rounds its own unit's
+activations (two 16-byte loads, no cross-lane step), once for all of its features. K is split
+over grid axis 1 when the output tiles alone would not fill the GPU; ``epilogue.store_result``
+finishes.
 
 ``EMULATE`` (the interpreter, which runs no inline assembly) computes ``dp4a`` with shifts and
 multiplies: the same integers.
