@@ -75,13 +75,15 @@ def with_kernel(kernel):
     return call
 
 
-INT8_CONFIGS = [  # (block_n, block_k, warps)
-    (8, 2048, 4),
-    (16, 1024, 4),
-    (16, 4096, 4),
-    (16, 2048, 8),
-    (32, 2048, 4),
-    (32, 4096, 8),
+INT8_CONFIGS = [  # (block_n, block_k, warps, K-slices: 0 as launch.py picks)
+    (8, 2048, 4, 0),
+    (16, 2048, 4, 0),
+    (4, 2048, 4, 0),
+    (8, 2048, 4, 2),
+    (8, 1024, 2, 0),
+    (16, 1024, 2, 0),
+    (32, 2048, 4, 0),
+    (16, 4096, 8, 0),
 ]
 
 
@@ -108,21 +110,27 @@ def int8_cells(case: Case, M: int, cub: float, bound: float) -> list[str]:
     if not L.int8_applies(M, case.K, name, bits, g, torch.bfloat16):
         return []
     x = case.x(M)
-    cfg = L.WORDS_INT8_DEFAULT
+    cfg = L.int8_config(M, case.N, case.K)
     a, b = tiled(x, case.ws[0], cfg), emulated(x, case.ws[0], cfg)
     diff = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
     if not diff <= 1e-6:
         return [f"int8 WRONG: dp4a vs emulation {diff:.1e}"]
     configs = [cfg] + [
-        L.TiledConfig("words8", 0, bn, bk, 0, w, 2)
-        for bn, bk, w in (INT8_CONFIGS if "--int8-configs" in sys.argv else [])
+        L.TiledConfig("words8", 0, bn, bk, split, w, 2)
+        for bn, bk, w, split in (INT8_CONFIGS if "--int8-configs" in sys.argv else [])
     ]
     cells = []
     for c in configs:
         t = timed(case, lambda x, w, c=c: tiled(x, w, c), M)
-        tag = f"int8 {c.block_n}/{c.block_k}/{c.num_warps}w"
+        tag = f"int8 {c.block_n}/{c.block_k}/{c.num_warps}w/s{c.split_k}"
         ok = isinstance(t, float)
         cells.append(f"{tag} {t:6.1f} {cub / t:5.2f} {bound / t:4.0%}" if ok else f"{tag} {t}")
+    if M >= 2 and L.mma_supported([case.N, case.K], name, bits, g, 1):
+        t = timed(case, lambda x, w: L.mma_linear(x, w.codes, w.scales, w.mins, None, w.N, w.K,
+                                                  name, g), M)  # fmt: skip
+        ok = isinstance(t, float)
+        cells.append(f"mma (routed from {L.MMA_ROUTED.get(name)} rows) "
+                     + (f"{t:6.1f} {cub / t:5.2f} {bound / t:4.0%}" if ok else t))  # fmt: skip
     return cells
 
 

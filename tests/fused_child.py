@@ -108,26 +108,16 @@ def check(label, got, x, dense, bias, failures, ref=None):
 
 def int8_reference(x, args, dense, bias):
     """``words_int8.py``'s result computed another way: each unit's activations (16 for 4-bit
-    codes, 8 for 8-bit) rounded to ``q * d`` (``d = max|x| / 127``, ties to even), times the
-    decoded weight, plus each group's min times what the rounding moved (the kernel takes the
-    min term and the symmetric offset from the exact sums)."""
-    bits, g = args["bits"], args["group_size"]
+    codes, 8 for 8-bit) rounded to ``q * d`` (``d = max(max|x|, 1e-30) / 127``, ties to even),
+    times the decoded weight, in float64; and ``d`` per activation."""
+    bits = args["bits"]
     M, K = x.shape
-    N = dense.shape[0]
     pu = 64 // bits
     xf = x.float().reshape(M, K // pu, pu)
     amax = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30)
     d = amax * torch.tensor(1.0 / 127.0)
-    inv = torch.tensor(127.0) / amax
-    xt = (torch.round(xf * inv) * d).reshape(M, K)
-    G = -(-K // g)
-    s = args["scales"].float().reshape(N, G)
-    if args["encoding"] == "affine":
-        m = args["mins"].float().reshape(N, G)
-    else:
-        m = -(2 ** (bits - 1)) * s
-    moved = F.pad(x.float() - xt, (0, G * g - K)).reshape(M, G, g).sum(-1)
-    y = xt.double() @ dense.double().T + moved.double() @ m.double().T
+    xt = (torch.round(xf * (torch.tensor(127.0) / amax)) * d).reshape(M, K)
+    y = xt.double() @ dense.double().T
     if bias is not None:
         y += bias.double()
     return y.float(), d.expand(M, K // pu, pu).reshape(M, K)
@@ -286,7 +276,7 @@ def uses_int8(cfg, x, args, N, K) -> bool:
     e, b, g, axis = (args[k] for k in ("encoding", "bits", "group_size", "axis"))
     c = args["codes"]
     half = x.dtype != torch.float32
-    path = L.route(M, N, K, e, b, g, axis, L.words_aligned(c), half)
+    path = L.route(M, N, K, e, b, g, axis, L.words_aligned(c), half, L.INT8_ACTIVATIONS)
     return path == "tiled" and L.int8_applies(M, K, e, b, g, x.dtype) and L.units_aligned(c)
 
 

@@ -172,7 +172,23 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
     assert half(3, "mxfp4", 32) != "mma" and half(4, "mxfp4", 32) == "mma"
     assert half(16, "nvfp4", 16) != "mma" and half(16, "nf4") != "mma"
     assert route(16) == "tiled"  # fp32 activations never take it
+
+    # int8 activations (INT8_ACTIVATIONS, passed by the caller): the int8 kernel's 1-4 rows of
+    # affine / symmetric codes in whole 64-bit units go to the tiled path before mma.py
+    def int8(M, enc="affine", g=64, K=128, bits=4):
+        L.route.cache_clear()
+        return L.route(M, 64, K, enc, bits, g, 1, True, True, True)
+
+    assert int8(3) == int8(4) == int8(4, "symmetric") == int8(2, bits=8, g=32) == "tiled"
+    assert int8(5) == "mma" and int8(3, "mxfp4", 32) != "tiled" and int8(3, K=136) == "mma"
+    assert half(3) == "mma"  # the switch off
     L.route.cache_clear()
+    with pytest.raises(ValueError, match="64-bit units"):
+        words = L.TiledConfig("words8", 0, 4, 8)
+        L._tiled_plan(1, 64, 128, "affine", 4, 64, torch.float16, False, -1, words, True)
+    with pytest.raises(ValueError, match="int8 words kernel"):
+        words = L.TiledConfig("words8", 0, 4, 64)
+        L._tiled_plan(1, 64, 128, "nf4", 4, 64, torch.float16, False, -1, words, True)
     with pytest.raises(ValueError, match="words kernel"):
         words = L.TiledConfig("words", 0, 4, 64)
         L._tiled_plan(5, 64, 128, "affine", 4, 64, torch.float16, False, -1, words, True)

@@ -361,7 +361,7 @@ def linear_cuda(x, codes, scales, mins, bias, shape, encoding, bits, group_size,
     # the kernel per batch and weight (kernels/launch.py, from benches/bench_gpu_gemv_sweep.py
     # and benches/probe_mma.py); beyond their batches, decoding and cuBLAS win
     half = x.dtype is not torch.float32
-    path = L.route(rows, N, K, encoding, bits, group_size, a, p.aligned, half)
+    path = L.route(rows, N, K, encoding, bits, group_size, a, p.aligned, half, L.INT8_ACTIVATIONS)
     if path == "decode":
         return linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a)
     x2 = x if flat else x.reshape(-1, K)

@@ -143,11 +143,23 @@ WORDS_DEFAULT = TiledConfig(
     kernel="words", block_m=0, block_n=8, block_k=2048, split_k=0, num_warps=4, num_stages=2
 )
 
-#: ``words_int8_kernel``'s (``int8_applies``): 16 features x 2048 codes a step, 4 warps (one
-#: 64-bit unit of codes a lane and feature)
+#: ``words_int8_kernel``'s (``int8_applies``): 2048 codes a step with 4 warps (one 64-bit unit
+#: of codes a lane and feature; fewer codes would leave lanes idle), 8 features a program at one
+#: row, 16 from two (H200, ``benches/probe_words.py --int8-configs``,
+#: ``benches/results/gpu_words_int8_probe_h200.txt``: 8 features 13.4 against 15.9 us at batch 1
+#: on 8192 x 8192)
 WORDS_INT8_DEFAULT = TiledConfig(
     kernel="words8", block_m=0, block_n=16, block_k=2048, split_k=0, num_warps=4, num_stages=2
 )
+WORDS_INT8_ONE_ROW = TiledConfig(
+    kernel="words8", block_m=0, block_n=8, block_k=2048, split_k=0, num_warps=4, num_stages=2
+)
+
+
+def int8_config(M: int, N: int, K: int) -> TiledConfig:
+    """The int8 kernel's launch configuration for ``M`` rows."""
+    return WORDS_INT8_ONE_ROW if M == 1 else WORDS_INT8_DEFAULT
+
 
 #: the batch buckets of ``TILED_TABLE`` (a batch uses the first bucket >= it)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 64, 256)
@@ -189,10 +201,14 @@ def int8_applies(M: int, K: int, encoding: str, bits: int, g: int, dtype: torch.
     """Whether ``words_int8_kernel`` takes these rows (``INT8_ACTIVATIONS``; the codes must
     also start on an 8-byte boundary, see ``units_aligned``): 1-4 rows of fp16 / bf16, affine /
     symmetric 4- or 8-bit codes, rows of whole 64-bit units inside groups."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    return INT8_ACTIVATIONS and half and int8_shape(M, K, encoding, bits, g)
+
+
+def int8_shape(M: int, K: int, encoding: str, bits: int, g: int) -> bool:
+    """``int8_applies`` without the switch and the dtype."""
     return (
-        INT8_ACTIVATIONS
-        and M <= 4
-        and dtype in (torch.float16, torch.bfloat16)
+        M <= 4
         and encoding in ("affine", "symmetric")
         and bits in (4, 8)
         and (K * bits) % 64 == 0
@@ -221,13 +237,19 @@ def route(
     axis: int,
     aligned: bool,
     half: bool = False,
+    int8: bool = False,
 ) -> str:
     """Which path runs ``M`` rows against this weight: "mma" (``mma_linear``, fp16 / bf16
-    activations: ``half``), "tiled" (``tiled_linear``), "gemv" (``fused_linear``) or "decode"
+    activations: ``half``), "tiled" (``tiled_linear``; with ``int8``, ``INT8_ACTIVATIONS`` as
+    the caller read it, the int8 kernel's rows first), "gemv" (``fused_linear``) or "decode"
     (decode, then cuBLAS). Shapes only, so cached (and so are the plans): after changing the
     settings above, call ``route.cache_clear()``, ``_tiled_plan.cache_clear()`` and
     ``_mma_plan.cache_clear()``."""
     shape = (N, K)
+    # the int8 kernel beats mma.py at 1-4 rows on every probe shape (gpu_words_int8_probe_h200)
+    if int8 and half and aligned and int8_shape(M, K, encoding, bits, g):
+        if tiled_supported(shape, encoding, bits, g, axis):
+            return "tiled"
     lo = MMA_ROUTED.get(encoding)
     wide_enough = M <= MMA_WIDE_M or N * K >= MMA_WIDE_MIN_ELEMENTS
     if half and lo is not None and lo <= M <= MMA_MAX_M and wide_enough:
@@ -587,7 +609,7 @@ def tiled_linear(
         and int8_applies(M, K, encoding, bits, group_size, x2.dtype)
         and (codes.dtype == torch.int64 or units_aligned(codes))
     ):
-        config = WORDS_INT8_DEFAULT
+        config = int8_config(M, N, K)
     kernel, grid, split, k_split, meta, meta_key = _tiled_plan(
         M,
         N,

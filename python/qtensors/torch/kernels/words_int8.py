@@ -6,16 +6,17 @@ Why: the float kernel (``words.py``) is bound by instruction issue on the H200, 
 spends ~5.5 instructions a weight (sm_90 SASS of its loop) turning each code into a float and
 multiplying it. Here a 32-bit word's eight 4-bit codes are two masks (``w & 0x0F0F0F0F`` and
 ``(w >> 4) & 0x0F0F0F0F``: the even and the odd codes, one per byte) and two ``dp4a`` against
-the matching activations as int8 bytes; one conversion and two FMAs per 64-bit unit of codes:
-~2.4 instructions a weight at 16 features a thread, the activations' rounding included.
+the matching activations as int8 bytes; one conversion and three FMAs per 64-bit unit of codes
+and feature: ~2.4 instructions a weight at 8 features a thread, the activations' rounding (one
+FMA a value, bytes packed with ``prmt``) included.
 
 Numerics (as llama.cpp's GPU matrix-vector kernels, which round activations to int8 per 32):
-the activations of each 64-bit unit of codes (16 for 4-bit codes, 8 for 8-bit) are ``q * d``
-with ``d = max(max|x|, 1e-30) / 127`` and ``q = round(x / d)`` in -127..127, so each moves by at
-most ``d / 2``, and the result by at most ``sum_k |W_nk| d(k) / 2``. The min term (affine) and
-the symmetric offset use the exact float sum of the unit's activations; the integer dot is
-exact; its scale and the accumulation are fp32. ``launch.INT8_ACTIVATIONS`` switches the route
-off (``words.py`` then runs, exact to fp32 accumulation).
+the activations of each 64-bit unit of codes (16 for 4-bit codes, 8 for 8-bit) are rounded to
+``x~ = q * d`` with ``d = max(max|x|, 1e-30) / 127`` and ``q = round(x / d)`` in -127..127 (each
+moves by at most ``d / 2``), and the result is the weight times ``x~``: ``sum(s c q d) +
+m sum(q d)`` per unit, the integer sums exact, their scaling and the accumulation fp32. It
+differs from the exact product by at most ``sum_k |W_nk| d(k) / 2``. ``launch.INT8_ACTIVATIONS``
+switches the route off (``words.py`` then runs, exact to fp32 accumulation).
 
 Layout as ``words.py``: a ``[KU, BLOCK_N]`` tile of int64 units, consecutive units on
 consecutive lanes, the features in each thread's registers; each lane rounds its own unit's
@@ -33,7 +34,6 @@ import triton
 import triton.language as tl
 
 from .epilogue import store_result
-from .scales import group_scale
 
 # 1.5 * 2^23: x + MAGIC rounds x to an integer (ties to even) in the low mantissa bits, whose
 # low byte is then that integer's two's complement for |x| <= 127
@@ -59,16 +59,35 @@ def _dp4a(a, b, c, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _pack4(b):
-    """``[KU, 4]`` bytes (int32 0..255) as one int32 per unit, byte ``j`` at bits ``8j``."""
-    sh = tl.arange(0, 4) * 8
-    return tl.sum(b << sh[None, :], axis=1)
+def _prmt(a, b, sel: tl.constexpr, EMULATE: tl.constexpr):
+    """Bytes of ``a`` (0-3) and ``b`` (4-7) picked by the nibbles of ``sel`` (PTX ``prmt``);
+    only the two selectors ``_pack4`` uses are emulated."""
+    if EMULATE:
+        if sel == 0x0040:
+            return (a & 0xFF) | ((b & 0xFF) << 8)
+        else:  # 0x5410
+            return (a & 0xFFFF) | (b << 16)
+    else:
+        return tl.inline_asm_elementwise(
+            f"prmt.b32 $0, $1, $2, {sel};", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1
+        )
 
 
 @triton.jit
-def _quantize(x, inv):
-    """``x`` rounded to ``x * inv`` as int8 bytes (int32 0..255, two's complement)."""
-    return ((x * inv[:, None] + MAGIC).to(tl.int32, bitcast=True)) & 0xFF
+def _pack4(t, EMULATE: tl.constexpr):
+    """``[KU, 4]`` int32 as one int32 per unit: byte ``j`` the low byte of column ``j``."""
+    even, odd = tl.split(t.reshape(t.shape[0], 2, 2))  # columns 0, 2 and 1, 3
+    c0, c2 = tl.split(even)
+    c1, c3 = tl.split(odd)
+    lo = _prmt(c0, c1, 0x0040, EMULATE)
+    hi = _prmt(c2, c3, 0x0040, EMULATE)
+    return _prmt(lo, hi, 0x5410, EMULATE)
+
+
+@triton.jit
+def _round(x, inv):
+    """``round(x * inv)`` (ties to even) in the low byte, as int8 (two's complement)."""
+    return (x * inv[:, None] + MAGIC).to(tl.int32, bitcast=True)
 
 
 @triton.jit
@@ -79,36 +98,43 @@ def _row(wa, wb, x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, s, m, acc,
     mask = xmask & (xcol * 0 + r < M)  # a tensor: the interpreter's M is a Python int
     # 8 activations a load (16 bytes of fp16 / bf16): a unit's all stay in its thread
     xa = tl.load(x_ptr + r * stride_xm + xcol, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(xa), axis=1)
     if BITS == 4:
         xb = tl.load(x_ptr + r * stride_xm + xcol + 8, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(xa), axis=1), tl.max(tl.abs(xb), axis=1))
-        sx = tl.sum(xa, axis=1) + tl.sum(xb, axis=1)
-    else:
-        amax = tl.max(tl.abs(xa), axis=1)
-        sx = tl.sum(xa, axis=1)
+        amax = tl.maximum(amax, tl.max(tl.abs(xb), axis=1))
     # a floor keeps 127 / amax finite (an all-zero unit rounds to zeros)
     amax = tl.maximum(amax, 1e-30)
     d = amax * (1.0 / 127.0)
-    inv = 127.0 / amax
-    qa = _quantize(xa, inv)
-    KU: tl.constexpr = qa.shape[0]
+    inv = tl.fdiv(tl.full(amax.shape, 127.0, tl.float32), amax)
+    KU: tl.constexpr = amax.shape[0]
     zero = tl.zeros_like(wa)
+    ones = tl.full((KU,), 0x01010101, tl.int32)
     if BITS == 4:
         # per word, the even codes are the low nibbles: codes 0-7 in wa, 8-15 in wb
-        ea, oa = tl.split(qa.reshape(KU, 4, 2))
-        eb, ob = tl.split(_quantize(xb, inv).reshape(KU, 4, 2))
-        dot = _dp4a(wa & 0x0F0F0F0F, _pack4(ea)[:, None], zero, EMULATE)
-        dot = _dp4a((wa >> 4) & 0x0F0F0F0F, _pack4(oa)[:, None], dot, EMULATE)
-        dot = _dp4a(wb & 0x0F0F0F0F, _pack4(eb)[:, None], dot, EMULATE)
-        dot = _dp4a((wb >> 4) & 0x0F0F0F0F, _pack4(ob)[:, None], dot, EMULATE)
+        ea, oa = tl.split(_round(xa, inv).reshape(KU, 4, 2))
+        eb, ob = tl.split(_round(xb, inv).reshape(KU, 4, 2))
+        ea = _pack4(ea, EMULATE)
+        oa = _pack4(oa, EMULATE)
+        eb = _pack4(eb, EMULATE)
+        ob = _pack4(ob, EMULATE)
+        sq = _dp4a(ones, ea, _dp4a(ones, oa, _dp4a(ones, eb, _dp4a(ones, ob, 0, EMULATE),
+                                                   EMULATE), EMULATE), EMULATE)  # fmt: skip
+        dot = _dp4a(wa & 0x0F0F0F0F, ea[:, None], zero, EMULATE)
+        dot = _dp4a((wa >> 4) & 0x0F0F0F0F, oa[:, None], dot, EMULATE)
+        dot = _dp4a(wb & 0x0F0F0F0F, eb[:, None], dot, EMULATE)
+        dot = _dp4a((wb >> 4) & 0x0F0F0F0F, ob[:, None], dot, EMULATE)
     else:
-        q0, q1 = tl.split(tl.permute(qa.reshape(KU, 2, 4), (0, 2, 1)))
-        dot = _dp4a(wa, _pack4(q0)[:, None], zero, EMULATE)
-        dot = _dp4a(wb, _pack4(q1)[:, None], dot, EMULATE)
+        q0, q1 = tl.split(tl.permute(_round(xa, inv).reshape(KU, 2, 4), (0, 2, 1)))
+        q0 = _pack4(q0, EMULATE)
+        q1 = _pack4(q1, EMULATE)
+        sq = _dp4a(ones, q0, _dp4a(ones, q1, 0, EMULATE), EMULATE)
+        dot = _dp4a(wa, q0[:, None], zero, EMULATE)
+        dot = _dp4a(wb, q1[:, None], dot, EMULATE)
+    # the weights times the rounded activations q * d: sum(s c q d) + m sum(q d)
     if ENC == 0:
-        acc += dot.to(tl.float32) * d[:, None] * s + m * sx[:, None]
+        acc += d[:, None] * (s * dot.to(tl.float32) + m * sq.to(tl.float32)[:, None])
     else:  # symmetric: codes offset by 2^(BITS - 1)
-        acc += (dot.to(tl.float32) * d[:, None] - (1 << (BITS - 1)) * sx[:, None]) * s
+        acc += (d[:, None] * s) * (dot - (1 << (BITS - 1)) * sq[:, None]).to(tl.float32)
     return acc
 
 
@@ -147,7 +173,6 @@ def words_int8_kernel(
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
     acc0 = tl.zeros((KU, BLOCK_N), tl.float32)
     acc1 = tl.zeros((KU, BLOCK_N), tl.float32)
     acc2 = tl.zeros((KU, BLOCK_N), tl.float32)
@@ -155,24 +180,24 @@ def words_int8_kernel(
     k_lo = pid_k * k_split
     k_hi = tl.minimum(K, k_lo + k_split)
     lane = tl.arange(0, 8)
+    # Codes and scales are read unmasked, at clamped indices: a unit past the slice has its x
+    # masked to 0, so it adds 0 (its row's own last unit's finite codes and scales); rows past
+    # N are not stored. Masks would cost a zeroing move per load
+    rows_in = tl.minimum(rows, N - 1)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         unit = k0 // PU + tl.arange(0, KU)
         inside = unit < k_hi // PU
-        u = tl.load(
-            units_ptr + rows[None, :] * row_units + unit[:, None],
-            mask=rmask[None, :] & inside[:, None],
-            other=0,
-        )
+        unit_in = tl.minimum(unit, k_hi // PU - 1)
+        u = tl.load(units_ptr + rows_in[None, :] * row_units + unit_in[:, None])
         wa = u.to(tl.int32)  # the low word (truncation)
         wb = (u >> 32).to(tl.int32)
         xcol = unit[:, None] * PU + lane[None, :]
         xmask = inside[:, None]
         # a unit lies in one group (GS >= PU): its lanes' features read one scale each
-        sidx = rows[None, :] * G + (unit * PU // GS)[:, None]
-        smask = rmask[None, :] & inside[:, None]
-        s = group_scale(scales_ptr, sidx, smask, mins_ptr, SFMT)
+        sidx = rows_in[None, :] * G + (unit_in * PU // GS)[:, None]
+        s = tl.load(scales_ptr + sidx).to(tl.float32)
         if ENC == 0:
-            m = tl.load(mins_ptr + sidx, mask=smask, other=0.0).to(tl.float32)
+            m = tl.load(mins_ptr + sidx).to(tl.float32)
         else:
             m = s  # unused
         acc0 = _row(wa, wb, x_ptr, 0, M, stride_xm, xcol, xmask, s, m, acc0, ENC, BITS, EMULATE)
