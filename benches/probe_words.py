@@ -29,11 +29,21 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
-from bench_gpu_gemv_sweep import SHAPES, SMOKE, TOL, Case, copy_gbps, graph_us, tiled  # noqa: E402
+from bench_gpu_gemv_sweep import (  # noqa: E402
+    ENCODINGS,
+    SHAPES,
+    SMOKE,
+    TOL,
+    Case,
+    copy_gbps,
+    graph_us,
+    tiled,
+)
 
 from qtensors.torch.kernels import launch as L  # noqa: E402
 
 LINES: list[str] = []
+ENCODINGS.setdefault("int8-sym-g128", ("symmetric", 8, 128))  # the int8 kernel's 8-bit path
 EXTRA_CONFIGS = [  # (block_n, block_k, warps[, maxnreg])
     (4, 1024, 4),
     (8, 512, 2),
@@ -111,7 +121,7 @@ def int8_cells(case: Case, M: int, cub: float, bound: float) -> list[str]:
     if not L.int8_applies(M, case.K, name, bits, g, torch.bfloat16):
         return []
     x = case.x(M)
-    cfg = L.int8_config(M, case.N, case.K)
+    cfg = L.int8_config(M, case.N, case.K, torch.cuda.current_device() if not SMOKE else -1)
     a, b = tiled(x, case.ws[0], cfg), emulated(x, case.ws[0], cfg)
     diff = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
     if not diff <= 1e-6:

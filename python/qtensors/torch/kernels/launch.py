@@ -143,22 +143,26 @@ WORDS_DEFAULT = TiledConfig(
     kernel="words", block_m=0, block_n=8, block_k=2048, split_k=0, num_warps=4, num_stages=2
 )
 
-#: ``words_int8_kernel``'s (``int8_applies``): 2048 codes a step with 4 warps (one 64-bit unit
-#: of codes a lane and feature; fewer codes would leave lanes idle), 8 features a program at one
-#: row, 16 from two (H200, ``benches/probe_words.py --int8-configs``,
-#: ``benches/results/gpu_words_int8_probe_h200.txt``: 8 features 13.4 against 15.9 us at batch 1
-#: on 8192 x 8192)
+#: ``words_int8_kernel``'s (``int8_applies``): 8 features x 2048 codes a step with 4 warps (one
+#: 64-bit unit of codes a lane and feature: fewer codes would leave lanes idle); 4 features at
+#: one row where 8 would give fewer than 4 programs per SM. H200, ``benches/probe_words.py
+#: --int8-configs`` (``benches/results/gpu_words_int8_probe_h200.txt``): 8 features the best or
+#: within 6% of it at 1-4 rows on every probe shape but 2048 x 5632 at one row (4 features: 4.7
+#: against 5.1 us); 16 features 12.9 against 15.2 us on 8192 x 8192 at one row.
 WORDS_INT8_DEFAULT = TiledConfig(
-    kernel="words8", block_m=0, block_n=16, block_k=2048, split_k=0, num_warps=4, num_stages=2
-)
-WORDS_INT8_ONE_ROW = TiledConfig(
     kernel="words8", block_m=0, block_n=8, block_k=2048, split_k=0, num_warps=4, num_stages=2
 )
+WORDS_INT8_NARROW = TiledConfig(
+    kernel="words8", block_m=0, block_n=4, block_k=2048, split_k=0, num_warps=4, num_stages=2
+)
 
 
-def int8_config(M: int, N: int, K: int) -> TiledConfig:
-    """The int8 kernel's launch configuration for ``M`` rows."""
-    return WORDS_INT8_ONE_ROW if M == 1 else WORDS_INT8_DEFAULT
+@functools.lru_cache(maxsize=4096)
+def int8_config(M: int, N: int, K: int, cuda_index: int = -1) -> TiledConfig:
+    """The int8 kernel's launch configuration for ``M`` rows on device ``cuda_index``."""
+    if M == 1 and -(-N // 8) < 4 * _sm_count(cuda_index):
+        return WORDS_INT8_NARROW
+    return WORDS_INT8_DEFAULT
 
 
 #: the batch buckets of ``TILED_TABLE`` (a batch uses the first bucket >= it)
@@ -609,7 +613,7 @@ def tiled_linear(
         and int8_applies(M, K, encoding, bits, group_size, x2.dtype)
         and (codes.dtype == torch.int64 or units_aligned(codes))
     ):
-        config = int8_config(M, N, K)
+        config = int8_config(M, N, K, cuda_index)
     kernel, grid, split, k_split, meta, meta_key = _tiled_plan(
         M,
         N,
