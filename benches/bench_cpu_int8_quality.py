@@ -1,7 +1,13 @@
-"""What the CPU matmul's int8 activations (``qtensors.torch.linear.CPU_INT8_ACTIVATIONS``, on by
-default) cost in quality: SmolLM2-135M with int4-g64 RTN linears kept quantized, perplexity on
-the Python library reference with the exact fp32-activation kernel and with the int8 one, in
-the same run, against the fp32 model.
+"""What int8 activations cost in quality: SmolLM2-135M with int4-g64 RTN linears kept quantized,
+perplexity on the Python library reference, in the same run, against the fp32 model:
+
+* exact: the CPU kernels with fp32 activations;
+* CPU int8: the CPU matmul's int8 activations (``linear.CPU_INT8_ACTIVATIONS``, on by default;
+  rounded per 32 inside the Rust kernel);
+* GPU int8 numerics: every quantized linear's input rounded as the GPU's 1-4-row kernel rounds
+  it (``kernels/words_int8.py``, ``launch.INT8_ACTIVATIONS``: ``q * d`` per 16 activations,
+  ``d = max|x| / 127``), then the exact kernels. On the GPU only decode steps (1-4 rows) take
+  that kernel; here every row does, so this bounds its effect from above.
 
     python3 benches/bench_cpu_int8_quality.py [--eval-tokens 4096]
 """
@@ -25,6 +31,19 @@ import qtensors.torch as qtt  # noqa: E402
 from qtensors.torch import linear as lin  # noqa: E402
 
 
+def gpu_int8_rounding(module, inputs):
+    """Forward pre-hook: the input rounded per 16 activations as ``words_int8.py`` does (the
+    dtype kept; a ragged tail of fewer than 16 left exact)."""
+    (x,) = inputs
+    K = x.shape[-1]
+    n = K // 16 * 16
+    u = x[..., :n].float().reshape(*x.shape[:-1], n // 16, 16)
+    amax = u.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    d = amax * (1.0 / 127.0)
+    r = (torch.round(u * (127.0 / amax)) * d).reshape(*x.shape[:-1], n)
+    return (torch.cat([r.to(x.dtype), x[..., n:]], -1),)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--eval-tokens", type=int, default=4096)
@@ -39,14 +58,19 @@ def main() -> None:
     print(f"SmolLM2-135M fp32: perplexity {base:.4f} on {windows.numel()} tokens")
     qtt.quantize_model(model, qt.Affine(bits=4, group_size=64, axis=-1))
     saved = lin.CPU_INT8_ACTIVATIONS
+    linears = [m for m in model.modules() if isinstance(m, qtt.QuantizedLinear)]
     try:
-        for flag in (False, True):
-            lin.CPU_INT8_ACTIVATIONS = flag
+        for kind in ("exact (fp32 activations)", "CPU int8 (per 32)", "GPU int8 numerics (per 16)"):
+            lin.CPU_INT8_ACTIVATIONS = kind.startswith("CPU")
+            hooks = []
+            if kind.startswith("GPU"):
+                hooks = [m.register_forward_pre_hook(gpu_int8_rounding) for m in linears]
             t = time.perf_counter()
             p = perplexity(model, windows)
-            kind = "int8 activations" if flag else "exact (fp32 activations)"
+            for h in hooks:
+                h.remove()
             print(
-                f"int4-g64 RTN, {kind:<25} perplexity {p:.4f}  {p / base:.4f}x fp32  "
+                f"int4-g64 RTN, {kind:<27} perplexity {p:.4f}  {p / base:.4f}x fp32  "
                 f"({time.perf_counter() - t:.1f} s)"
             )
     finally:
