@@ -148,6 +148,22 @@ def measure_pair(models: dict, batch: int, mode: str) -> None:
         )
 
 
+def replay_check(model) -> None:
+    """Greedy tokens of the int4 model with ``linear.REPLAYS`` on (the default: eager calls
+    repeat their recorded launch) equal those of the full path."""
+    from qtensors.torch import linear as lin
+
+    ids = torch.randint(1, model.config.vocab_size, (1, PROMPT), device=DEV)
+    kw = generate_kwargs(8, False)
+    outs = []
+    with torch.inference_mode():
+        for on in (False, True):
+            lin.REPLAYS = on
+            outs.append(model.generate(ids, **kw))
+    lin.REPLAYS = True
+    say(f"replay check: greedy tokens with replays equal the full path's: {torch.equal(*outs)}")
+
+
 def main() -> None:
     import copy
 
@@ -172,6 +188,7 @@ def main() -> None:
     RESULTS["quantize_model_s"] = time.perf_counter() - t
     if not DRY:
         torch.cuda.empty_cache()
+    replay_check(int4)
     models = {"bf16": bf16, "int4-g64": int4}
     if not DRY and HAVE_TRITON:
         models["int4-exact"] = copy.deepcopy(int4)

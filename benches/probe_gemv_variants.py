@@ -257,7 +257,21 @@ def overhead() -> None:
 
     dense_mod = torch.nn.Linear(2048, 2048, bias=False, device=x.device, dtype=x.dtype)
     q_mod = QuantizedLinear.from_linear(dense_mod, qt.Affine(bits=4, group_size=64, axis=-1))
+    from qtensors.torch import linear as lin
+
     with torch.inference_mode():
+        # replays (linear.REPLAYS) against the full path, alternately, and their outputs
+        same = []
+        for rnd in range(2):
+            for on in (False, True):
+                lin.REPLAYS = on
+                tag = "replay" if on else "full path"
+                rows[f"QuantizedLinear module, {tag} (inference_mode) r{rnd}"] = t(lambda: q_mod(x))
+            lin.REPLAYS = False
+            want = q_mod(x)
+            lin.REPLAYS = True
+            same.append(all(torch.equal(q_mod(x), want) for _ in range(3)))
+        say(f"  replayed outputs equal the full path's: {all(same)}")
         rows["nn.Linear module (inference_mode)"] = t(lambda: dense_mod(x))
         rows["QuantizedLinear module (inference_mode)"] = t(lambda: q_mod(x))
     rows["torch.empty(1,N)"] = t(lambda: torch.empty((1, 2048), dtype=x.dtype, device=x.device))

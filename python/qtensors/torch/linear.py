@@ -74,9 +74,11 @@ SCHEMA = (
 )
 
 try:  # Triton is optional: without it CUDA decodes, then multiplies
+    from .kernels import fastlaunch
     from .kernels import launch as _launch
 except Exception:
     _launch = None  # type: ignore[assignment]
+    fastlaunch = None  # type: ignore[assignment]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -296,7 +298,18 @@ class _CudaPlan:
     codes read as int32 words, and the flat parts the kernels take. Rebuilding them costs a few
     us of host time a call, which an eager decode step pays ~150 times."""
 
-    __slots__ = ("aligned", "args", "codes", "meta", "mins", "scales", "shape", "sources", "words")
+    __slots__ = (
+        "aligned",
+        "args",
+        "codes",
+        "meta",
+        "mins",
+        "replays",
+        "scales",
+        "shape",
+        "sources",
+        "words",
+    )
 
     def __init__(self, codes, scales, mins, shape, encoding, bits, group_size, axis):
         self.sources = (scales, mins)
@@ -310,6 +323,7 @@ class _CudaPlan:
             (scales.numel(), scales.dtype),
             None if mins is None else (mins.numel(), mins.dtype),
         )
+        self.replays: dict[tuple, fastlaunch.Replay] = {}  # see linear_cuda
         self.codes = codes.reshape(-1)
         self.scales = scales.reshape(-1)
         self.mins = None if mins is None else mins.reshape(-1)
@@ -334,11 +348,58 @@ def _cuda_weight(codes, scales, mins, shape, encoding, bits, group_size, axis) -
     return p
 
 
+# Calls of one weight with up to this many rows are kept as replays (see linear_cuda), at most
+# REPLAYS_PER_WEIGHT shapes each: a decode step's few shapes, not every prompt length.
+REPLAY_MAX_ROWS = 64
+REPLAYS_PER_WEIGHT = 8
+# False: every call takes the full path (benches/probe_gemv_variants.py --overhead compares)
+REPLAYS = True
+
+
 def linear_cuda(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
     """The CUDA implementation: the fused kernels where they apply (by weight layout and batch,
     ``kernels/launch.py``), else decode and ``F.linear``. The hot path of a model's decode step:
-    one cached check, one cached route, no copy or reshape of what already has its shape."""
+    one cached check, one cached route, no copy or reshape of what already has its shape; and
+    from the second call of a shape on, a replay of its one launch (``fastlaunch.Replay``),
+    keyed by what the check, route and plan depend on: the weight (its plan), x's shape, dtype,
+    device and 16-byte alignment, the bias object and ``launch.INT8_ACTIVATIONS``."""
     p = _cuda_weight(codes, scales, mins, shape, encoding, bits, group_size, axis)
+    if _replayable(x):
+        key = (x.shape, x.dtype, x.device, x.data_ptr() % 16 == 0, _launch.INT8_ACTIVATIONS)
+        rp = p.replays.get(key)
+        if rp is not None and rp.bias is bias:
+            out = rp(x)
+            if out is not None:
+                return out
+        rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+        if rows <= REPLAY_MAX_ROWS and len(p.replays) < REPLAYS_PER_WEIGHT:
+            if not torch.cuda.is_current_stream_capturing():
+                with fastlaunch.recording() as noted:
+                    out = _linear_cuda(p, x, codes, scales, mins, bias, shape, encoding, bits,
+                                       group_size, axis)  # fmt: skip
+                if len(noted) == 1 and out.is_contiguous():
+                    try:
+                        p.replays[key] = fastlaunch.Replay(noted[0], x, out, bias)
+                    except ValueError:
+                        pass  # the launch did not take x and out themselves: no replay
+                return out
+    return _linear_cuda(p, x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
+
+
+def _replayable(x: torch.Tensor) -> bool:
+    """Whether this call may take or note a replay: CUDA activations, contiguous, and the cached
+    launch path on (no profiler hooks)."""
+    return (
+        REPLAYS
+        and fastlaunch is not None
+        and x.is_cuda
+        and x.is_contiguous()
+        and fastlaunch.hooks_clear()
+    )
+
+
+def _linear_cuda(p, x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
+    """``linear_cuda`` past its replays."""
     devices = (x.device, codes.device) if bias is None else (x.device, codes.device, bias.device)
     a = _check_meta(
         int(x.shape[-1]) if x.dim() else -1,

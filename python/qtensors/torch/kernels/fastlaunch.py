@@ -13,6 +13,13 @@ alignment, each int's ``== 1``, divisibility by 16 and 32-bit range, so a cached
 only reused for arguments Triton would have compiled the same kernel for. Triton's own path
 runs instead under the interpreter, when launch hooks are installed (profilers), and for good
 if the compiled kernel does not expose the launcher this relies on (another Triton version).
+
+``Replay`` goes one step further for a layer called again and again with the same shapes (an
+eager decode step): while ``recording()`` is active, ``launch`` notes each cached launch; the
+caller keeps the one launch of a call as a ``Replay``, which next time allocates the output and
+calls the launcher with the new activations and output in place of the recorded ones, skipping
+every check, route and plan the first call went through (``linear.linear_cuda`` keys it by
+everything those depended on).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ except ImportError:  # older Triton: no hooks registry to check, so never take t
 
 _LAUNCHERS: dict[tuple, tuple] = {}
 _ENABLED = _knobs is not None and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+_RECORDING: list | None = None  # launches noted by ``launch`` while ``recording()`` runs
 
 
 def _spec(a: Any) -> Any:
@@ -74,3 +82,76 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict, meta_key: tuple, device
     g2 = grid[2] if len(grid) > 2 else 1
     stream = torch._C._cuda_getCurrentRawStream(device)
     run(grid[0], g1, g2, stream, function, packed, None, None, None, *args, *tail)
+    if _RECORDING is not None:
+        _RECORDING.append((hit, (grid[0], g1, g2), args, device))
+
+
+class recording:
+    """``with recording() as launches:`` the cached launches made inside, as ``(launcher, grid,
+    args, device)``: the ones a ``Replay`` can repeat (a first launch, through Triton's path,
+    is not noted)."""
+
+    def __enter__(self) -> list:
+        global _RECORDING
+        self.outer, _RECORDING = _RECORDING, []
+        return _RECORDING
+
+    def __exit__(self, *exc) -> None:
+        global _RECORDING
+        _RECORDING = self.outer
+
+
+def hooks_clear() -> bool:
+    """Whether a ``Replay`` may run now (the cached path is on and no launch hooks are set)."""
+    return _ENABLED and _no_hooks()
+
+
+def _same_memory(a: Any, t: torch.Tensor) -> bool:
+    """Whether kernel argument ``a`` is ``t``'s memory seen as ``[-1, t.shape[-1]]`` (the view
+    the launch paths flatten ``t`` to)."""
+    return (
+        isinstance(a, torch.Tensor)
+        and a.data_ptr() == t.data_ptr()
+        and a.numel() == t.numel()
+        and a.dim() == 2
+        and a.shape[-1] == t.shape[-1]
+    )
+
+
+class Replay:
+    """One noted launch of a call ``x -> out``, repeated with new activations and a fresh output:
+    every other argument (the weight's parts, bias, workspace, sizes, strides) as recorded.
+    Raises ValueError unless the launch took ``x``'s and ``out``'s memory as 2-D views (a copy
+    of ``x`` cannot be replayed)."""
+
+    __slots__ = ("args", "bias", "device", "dtype", "grid", "launcher", "out_at", "shape", "x_at")
+
+    def __init__(self, noted: tuple, x: torch.Tensor, out: torch.Tensor, bias) -> None:
+        self.launcher, self.grid, args, self.device = noted
+        self.x_at = tuple(i for i, a in enumerate(args) if _same_memory(a, x))
+        self.out_at = tuple(i for i, a in enumerate(args) if _same_memory(a, out))
+        if not self.x_at or not self.out_at:
+            raise ValueError("the noted launch does not take this call's x and output")
+        self.args = list(args)
+        for i in self.x_at + self.out_at:
+            self.args[i] = None  # no reference kept to the first call's tensors
+        self.shape, self.dtype, self.bias = tuple(out.shape), out.dtype, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The output for ``x`` (the recorded call's shape, dtype and device), or None where the
+        fresh output is not 16-byte aligned (Triton would specialize differently: the caller
+        takes the full path)."""
+        out = torch.empty(self.shape, dtype=self.dtype, device=x.device)
+        if out.data_ptr() % 16:
+            return None
+        args = self.args.copy()
+        x2 = x if x.dim() == 2 else x.view(-1, x.shape[-1])
+        out2 = out if out.dim() == 2 else out.view(-1, out.shape[-1])
+        for i in self.x_at:
+            args[i] = x2
+        for i in self.out_at:
+            args[i] = out2
+        run, function, packed, tail = self.launcher
+        stream = torch._C._cuda_getCurrentRawStream(self.device)
+        run(*self.grid, stream, function, packed, None, None, None, *args, *tail)
+        return out

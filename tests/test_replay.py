@@ -1,0 +1,141 @@
+"""Replays of a layer's launch (``fastlaunch.Replay``, kept by ``linear.linear_cuda``): the same
+launcher called with the new activations and a fresh output, everything else as recorded; only
+for calls whose one launch took x and the output themselves, and keyed by what the first call's
+checks and routing depended on. The kernels are fakes: CUDA is not needed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from qtensors.torch import linear as lin
+from qtensors.torch.kernels import fastlaunch
+from qtensors.torch.kernels import launch as L
+
+
+class Launcher:
+    """A compiled kernel's launcher: notes its arguments."""
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, *a):
+        self.calls.append(a)
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    monkeypatch.setattr(fastlaunch, "_ENABLED", True)
+    monkeypatch.setattr(fastlaunch, "_no_hooks", lambda: True)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 77, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+
+
+def test_replay_swaps_in_the_new_x_and_a_fresh_output(fast):
+    k = Launcher()
+    x = torch.randn(2, 3, 8)
+    out = torch.empty(2, 3, 5)
+    w = torch.zeros(40)
+    args = (x.view(-1, 8), w, out.view(-1, 5), out.view(-1, 5), 6, 5, 8)
+    rp = fastlaunch.Replay(((k.run, "fn", "meta", (16,)), (4, 2, 1), args, 0), x, out, None)
+    x_new = torch.randn(2, 3, 8)
+    got = rp(x_new)
+    assert got.shape == (2, 3, 5) and got.dtype == out.dtype
+    (call,) = k.calls
+    assert call[:7] == (4, 2, 1, 77, "fn", "meta", None)
+    passed = call[9:]
+    assert passed[0].data_ptr() == x_new.data_ptr() and passed[0].shape == (6, 8)
+    assert passed[1] is w
+    assert passed[2].data_ptr() == passed[3].data_ptr() == got.data_ptr()
+    assert passed[2].data_ptr() != out.data_ptr()  # fresh, not the recorded output
+    assert passed[4:] == (6, 5, 8, 16)  # sizes as recorded, then the constexprs
+    with pytest.raises(ValueError, match="x and output"):  # a launch on a copy of x
+        fastlaunch.Replay(((k.run, "fn", "meta", ()), (1, 1, 1), (x.clone(), out), 0), x, out, None)
+
+
+class FakeKernel:
+    arg_names = ("x", "w", "out", "M", "BLOCK")
+
+    def __init__(self, launcher):
+        self.launcher = launcher
+        self.jit = 0
+
+    def __getitem__(self, grid):
+        def call(*args, **meta):
+            self.jit += 1
+            fake = type("CK", (), {})()
+            fake._init_handles = lambda: None
+            fake.run, fake.function, fake.packed_metadata = self.launcher.run, "fn", "meta"
+            return fake
+
+        return call
+
+
+def test_linear_cuda_keeps_one_replay_per_shape_and_setting(fast, monkeypatch):
+    """Through linear_cuda on CPU tensors (the CUDA test faked): the first call of a shape
+    compiles, the second notes its launch, the third and later replay it; another bias object,
+    shape or INT8_ACTIVATIONS setting takes the full path again."""
+    replayable = lambda x: x.is_contiguous() and fastlaunch.hooks_clear()  # noqa: E731
+    monkeypatch.setattr(lin, "_replayable", replayable)
+    monkeypatch.setattr(fastlaunch, "_LAUNCHERS", {})
+    launcher = Launcher()
+    kernel = FakeKernel(launcher)
+    full = []
+
+    def fake_tiled(x2, codes, scales, mins, bias, N, K, *rest, **kw):
+        full.append(x2.shape)
+        out = torch.empty(x2.shape[0], N, dtype=x2.dtype)
+        fastlaunch.launch(kernel, (N, 1), (x2, codes, out, x2.shape[0]), {"BLOCK": 8}, (8,), 0)
+        return out
+
+    monkeypatch.setattr(L, "tiled_linear", fake_tiled)
+    monkeypatch.setattr(L, "route", lambda *a: "tiled")
+    codes = torch.zeros(16 * 64 // 2, dtype=torch.uint8)
+    scales = torch.ones(16, dtype=torch.float16)
+    mins = torch.zeros(16, dtype=torch.float16)
+    weight = (codes, scales, mins)
+
+    def call(x, bias=None):
+        return lin.linear_cuda(x, *weight, bias, [16, 64], "affine", 4, 64, 1)
+
+    xs = [torch.randn(1, 1, 64, dtype=torch.bfloat16) for _ in range(5)]
+    for x in xs:
+        assert call(x).shape == (1, 1, 16)
+    assert kernel.jit == 1 and len(full) == 2  # compile, note; then three replays
+    assert len(launcher.calls) == 4
+    assert launcher.calls[-1][9].data_ptr() == xs[-1].data_ptr()
+    call(torch.randn(2, 64, dtype=torch.bfloat16))  # another shape: the full path
+    assert len(full) == 3 and kernel.jit == 2  # M = 2: its own specialization
+    bias = torch.zeros(16, dtype=torch.bfloat16)
+    call(xs[0], bias)
+    assert len(full) == 4  # a bias the replay was not recorded with
+    monkeypatch.setattr(L, "INT8_ACTIVATIONS", not L.INT8_ACTIVATIONS)
+    call(xs[0])
+    assert len(full) == 5
+    monkeypatch.setattr(fastlaunch, "_no_hooks", lambda: False)  # a profiler: Triton's path
+    call(xs[0])
+    assert len(full) == 6 and kernel.jit == 3
+
+
+def test_a_call_without_its_own_launch_is_not_replayed(fast, monkeypatch):
+    """Decode + F.linear launches a kernel that takes neither x nor the output: no replay."""
+    monkeypatch.setattr(lin, "_replayable", lambda x: True)
+    monkeypatch.setattr(fastlaunch, "_LAUNCHERS", {})
+    launcher = Launcher()
+    kernel = FakeKernel(launcher)
+    full = []
+
+    def fake_decode_path(x2, codes, *rest, **kw):
+        full.append(1)
+        fastlaunch.launch(kernel, (1,), (codes, codes, codes, 1), {"BLOCK": 8}, (8,), 0)
+        return torch.zeros(x2.shape[0], 16, dtype=x2.dtype)
+
+    monkeypatch.setattr(L, "tiled_linear", fake_decode_path)
+    monkeypatch.setattr(L, "route", lambda *a: "tiled")
+    codes = torch.zeros(16 * 64 // 2, dtype=torch.uint8)
+    weight = (codes, torch.ones(16, dtype=torch.float16), torch.zeros(16, dtype=torch.float16))
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    for _ in range(4):
+        lin.linear_cuda(x, *weight, None, [16, 64], "affine", 4, 64, 1)
+    assert len(full) == 4
