@@ -51,7 +51,15 @@ TILED_ENCODINGS = {
     "nvfp4": NVFP4(),
 }
 # the int8 words kernel's (affine / symmetric, groups of at least a 64-bit unit)
-INT8_ENCODINGS = ("affine4-g32", "affine4-g128", "symmetric4-g64", "affine8-g32", "symfull4-g32")
+INT8_ENCODINGS = (
+    "affine4-g32",
+    "affine4-g128",
+    "symmetric4-g64",
+    "affine8-g32",
+    "symfull4-g32",
+    "mxfp4",
+    "nvfp4",
+)
 # the tensor-core kernel's encodings (4-bit, groups along the input dim, whole bytes a row)
 MMA_ENCODINGS = {
     "affine4-g32": Affine(bits=4, group_size=32, axis=-1),

@@ -209,12 +209,16 @@ def int8_applies(M: int, K: int, encoding: str, bits: int, g: int, dtype: torch.
     return INT8_ACTIVATIONS and half and int8_shape(M, K, encoding, bits, g)
 
 
+#: the encodings ``words_int8_kernel`` takes
+INT8_ENCODINGS = ("affine", "symmetric", "mxfp4", "nvfp4")
+
+
 def int8_shape(M: int, K: int, encoding: str, bits: int, g: int) -> bool:
     """``int8_applies`` without the switch and the dtype."""
     return (
         M <= 4
-        and encoding in ("affine", "symmetric")
-        and bits in (4, 8)
+        and encoding in INT8_ENCODINGS
+        and bits in ((4, 8) if encoding in ("affine", "symmetric") else (4,))
         and (K * bits) % 64 == 0
         and g * bits >= 64
     )
@@ -550,11 +554,11 @@ def _tiled_plan(
             f"the words kernel takes 1-4 rows and steps of whole word pairs, not {M}, {cfg}"
         )
     if cfg.kernel == "words8" and not (
-        M <= 4 and cfg.block_k % (64 // bits) == 0 and encoding in ("affine", "symmetric")
+        M <= 4 and cfg.block_k % (64 // bits) == 0 and encoding in INT8_ENCODINGS
     ):
         raise ValueError(
-            f"the int8 words kernel takes 1-4 rows of affine / symmetric codes in steps of whole"
-            f" 64-bit units, not {M}, {encoding}, {cfg}"
+            f"the int8 words kernel takes 1-4 rows of affine / symmetric / FP4 codes in steps of"
+            f" whole 64-bit units, not {M}, {encoding}, {cfg}"
         )
     bn, bk = cfg.block_n, cfg.block_k
     n_tiles = -(-N // bn) * (1 if fma else -(-M // block_m))

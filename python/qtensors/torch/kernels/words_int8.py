@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .epilogue import store_result
+from .scales import group_scale
 
 # 1.5 * 2^23: x + MAGIC rounds x to an integer (ties to even) in the low mantissa bits, whose
 # low byte is then that integer's two's complement for |x| <= 127
@@ -85,6 +86,55 @@ def _pack4(t, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _lookup(a, b, c, EMULATE: tl.constexpr):
+    """PTX ``prmt`` with a register selector: byte ``i`` of the result is byte ``c_i & 7`` of
+    ``b:a`` (``a`` bytes 0-3), or that byte's sign replicated where ``c_i & 8`` (``c_i``: the
+    ``i``-th nibble of ``c``'s low 16 bits)."""
+    if EMULATE:
+        d = tl.zeros_like(c)
+        for i in tl.static_range(4):
+            nib = (c >> (4 * i)) & 0xF
+            idx = nib & 7
+            byte = (tl.where(idx < 4, a, b) >> (8 * (idx & 3))) & 0xFF
+            byte = tl.where((nib & 8) != 0, tl.where((byte & 0x80) != 0, 0xFF, 0), byte)
+            d |= byte << (8 * i)
+        return d
+    else:
+        return tl.inline_asm_elementwise(
+            "prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1
+        )
+
+
+@triton.jit
+def _fp4_word(w, q_lo, q_hi, n_lo, n_hi, acc, EMULATE: tl.constexpr):
+    """``acc`` plus the dot of a word's eight E2M1 codes (doubled: the integers 0, 1, 2, 3, 4,
+    6, 8, 12 with their signs) with activations ``q`` (bytes, 4 a word, ``[KU]``) and their
+    negatives ``n``. The magnitudes are looked up four at a time with ``prmt`` (the code's low 3
+    bits select a byte of the table); the sign bits, through ``prmt``'s sign replication, mask
+    the negative codes' magnitudes to meet ``n`` instead of ``q``."""
+    table_lo = tl.full(w.shape, 0x03020100, tl.int32)  # 2 x E2M1 of magnitudes 0-3
+    table_hi = tl.full(w.shape, 0x0C080604, tl.int32)  # and 4-7
+    signs = tl.full(w.shape, -2139062144, tl.int32)  # 0x80808080: -> 0xFF where negative
+    mag = w & 0x77777777
+    m_lo = _lookup(table_lo, table_hi, mag, EMULATE)  # codes 0-3, one byte each
+    m_hi = _lookup(table_lo, table_hi, mag >> 16, EMULATE)  # codes 4-7
+    s_lo = _lookup(signs, signs, w, EMULATE) & 0x7F7F7F7F  # 0x7F bytes for negative codes
+    s_hi = _lookup(signs, signs, w >> 16, EMULATE) & 0x7F7F7F7F
+    acc = _dp4a(m_lo & ~s_lo, q_lo[:, None], acc, EMULATE)
+    acc = _dp4a(m_lo & s_lo, n_lo[:, None], acc, EMULATE)
+    acc = _dp4a(m_hi & ~s_hi, q_hi[:, None], acc, EMULATE)
+    acc = _dp4a(m_hi & s_hi, n_hi[:, None], acc, EMULATE)
+    return acc
+
+
+@triton.jit
+def _quads(t, EMULATE: tl.constexpr):
+    """``[KU, 8]`` rounded values as two int32 of bytes: values 0-3 and 4-7."""
+    first, last = tl.split(tl.permute(t.reshape(t.shape[0], 2, 4), (0, 2, 1)))
+    return _pack4(first, EMULATE), _pack4(last, EMULATE)
+
+
+@triton.jit
 def _round(x, inv):
     """``round(x * inv)`` (ties to even) in the low byte, as int8 (two's complement)."""
     return (x * inv[:, None] + MAGIC).to(tl.int32, bitcast=True)
@@ -109,7 +159,16 @@ def _row(wa, wb, x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, s, m, acc,
     KU: tl.constexpr = amax.shape[0]
     zero = tl.zeros_like(wa)
     ones = tl.full((KU,), 0x01010101, tl.int32)
-    if BITS == 4:
+    if ENC == 3:
+        # FP4: codes in order, each word against its activations and their negatives
+        q0, q1 = _quads(_round(xa, inv), EMULATE)
+        q2, q3 = _quads(_round(xb, inv), EMULATE)
+        n0, n1 = _quads(_round(-xa, inv), EMULATE)  # round(-v) = -round(v): ties to even
+        n2, n3 = _quads(_round(-xb, inv), EMULATE)
+        dot = _fp4_word(wa, q0, q1, n0, n1, zero, EMULATE)
+        dot = _fp4_word(wb, q2, q3, n2, n3, dot, EMULATE)
+        sq = dot  # unused
+    elif BITS == 4:
         # per word, the even codes are the low nibbles: codes 0-7 in wa, 8-15 in wb
         ea, oa = tl.split(_round(xa, inv).reshape(KU, 4, 2))
         eb, ob = tl.split(_round(xb, inv).reshape(KU, 4, 2))
@@ -133,6 +192,8 @@ def _row(wa, wb, x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, s, m, acc,
     # the weights times the rounded activations q * d: sum(s c q d) + m sum(q d)
     if ENC == 0:
         acc += d[:, None] * (s * dot.to(tl.float32) + m * sq.to(tl.float32)[:, None])
+    elif ENC == 3:  # the codes were doubled
+        acc += ((d * 0.5)[:, None] * s) * dot.to(tl.float32)
     else:  # symmetric: codes offset by 2^(BITS - 1)
         acc += (d[:, None] * s) * (dot - (1 << (BITS - 1)) * sq[:, None]).to(tl.float32)
     return acc
@@ -196,7 +257,7 @@ def words_int8_kernel(
         xmask = inside[:, None]
         # a unit lies in one group (GS >= PU): its lanes' features read one scale each
         sidx = rows[None, :] * G + (unit * PU // GS)[:, None]
-        s = tl.load(scales_ptr + sidx, mask=wmask, other=0.0).to(tl.float32)
+        s = group_scale(scales_ptr, sidx, wmask, mins_ptr, SFMT)  # NVFP4: mins the tensor scale
         if ENC == 0:
             m = tl.load(mins_ptr + sidx, mask=wmask, other=0.0).to(tl.float32)
         else:
