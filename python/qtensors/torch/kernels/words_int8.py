@@ -1,6 +1,6 @@
 """``words_int8_kernel``: ``y = x @ W^T + b`` for 1-4 rows of ``x``, affine / symmetric 4- and
-8-bit codes, with the activations rounded to int8 and multiplied by the codes as integers
-(``dp4a``: four byte products and their sum in one instruction).
+8-bit codes and MXFP4 / NVFP4, with the activations rounded to int8 and multiplied by the codes
+as integers (``dp4a``: four byte products and their sum in one instruction).
 
 Why: the float kernel (``words.py``) is bound by instruction issue on the H200, not by HBM; it
 spends ~5.5 instructions a weight (sm_90 SASS of its loop) turning each code into a float and
@@ -9,6 +9,12 @@ multiplying it. Here a 32-bit word's eight 4-bit codes are two masks (``w & 0x0F
 the matching activations as int8 bytes; one conversion and three FMAs per 64-bit unit of codes
 and feature: ~2.4 instructions a weight at 8 features a thread, the activations' rounding (one
 FMA a value, bytes packed with ``prmt``) included.
+
+FP4: twice an E2M1 value is an integer (0, 1, 2, 3, 4, 6, 8, 12 and their negatives). A word's
+magnitudes become bytes four codes at a time with ``prmt`` (each code's low 3 bits select a byte
+of a two-register table), and its sign bits, through ``prmt``'s sign replication, split the
+bytes between the activations and their negatives (both rounded once per unit, shared by the
+features): ~5 instructions a weight against ~9 for ``words.py``'s FP4 path.
 
 Numerics (as llama.cpp's GPU matrix-vector kernels, which round activations to int8 per 32):
 the activations of each 64-bit unit of codes (16 for 4-bit codes, 8 for 8-bit) are rounded to
