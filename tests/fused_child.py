@@ -15,6 +15,7 @@ import sys
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
+import reference  # noqa: E402  (tests/reference.py: the spec in numpy)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -57,9 +58,13 @@ INT8_ENCODINGS = (
     "symmetric4-g64",
     "affine8-g32",
     "symfull4-g32",
+    "nf4-g32",
     "mxfp4",
     "nvfp4",
 )
+# NF4's levels as the int8 kernel holds them: round(level * 127) / 127 (rounded independently of
+# the kernel's tables: from the spec's levels in the reference implementation)
+NF4_INT8 = torch.round(torch.tensor(reference.NF4_LEVELS, dtype=torch.float64) * 127) / 127
 # the tensor-core kernel's encodings (4-bit, groups along the input dim, whole bytes a row)
 MMA_ENCODINGS = {
     "affine4-g32": Affine(bits=4, group_size=32, axis=-1),
@@ -114,10 +119,24 @@ def check(label, got, x, dense, bias, failures, ref=None):
         failures.append(f"{label}: error {err:.3g} > {TOL[x.dtype]:.3g}")
 
 
+def int8_weight(args, dense):
+    """The weight ``words_int8.py`` multiplies by: the decoded one, but for NF4 with its levels
+    rounded to int8 (``NF4_INT8``), rebuilt from the codes' nibbles and the group scales."""
+    if args["encoding"] != "nf4":
+        return dense.double()
+    N, K = dense.shape
+    g = args["group_size"]
+    nib = args["codes"].reshape(-1).to(torch.int64)
+    codes = torch.stack([nib & 15, nib >> 4], -1).reshape(-1)[: N * K].reshape(N, K)
+    G = -(-K // g)
+    s = args["scales"].double().reshape(N, G).repeat_interleave(g, 1)[:, :K]
+    return NF4_INT8[codes] * s
+
+
 def int8_reference(x, args, dense, bias):
     """``words_int8.py``'s result computed another way: each unit's activations (16 for 4-bit
     codes, 8 for 8-bit) rounded to ``q * d`` (``d = max(max|x|, 1e-30) / 127``, ties to even),
-    times the decoded weight, in float64; and ``d`` per activation."""
+    times the weight (``int8_weight``), in float64; and ``d`` per activation."""
     bits = args["bits"]
     M, K = x.shape
     pu = 64 // bits
@@ -125,19 +144,21 @@ def int8_reference(x, args, dense, bias):
     amax = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30)
     d = amax * torch.tensor(1.0 / 127.0)
     xt = (torch.round(xf * (torch.tensor(127.0) / amax)) * d).reshape(M, K)
-    y = xt.double() @ dense.double().T
+    y = xt.double() @ int8_weight(args, dense).T
     if bias is not None:
         y += bias.double()
-    return y.float(), d.expand(M, K // pu, pu).reshape(M, K)
+    return y.float(), d.expand(M, K // pu, pu).reshape(M, K), xt
 
 
 def check_int8(label, got, x, args, dense, bias, failures):
     """The int8 kernel against ``int8_reference`` (the tolerance of ``check``), and against the
     exact product within the rounding's bound, ``sum_k |W_nk| d(k) / 2``."""
-    ref, d = int8_reference(x, args, dense, bias)
+    ref, d, xt = int8_reference(x, args, dense, bias)
     check(label, got, x, dense, bias, failures, ref=ref)
     exact = F.linear(x.float(), dense, None if bias is None else bias.float())
-    bound = (d.double() / 2) @ dense.abs().double().T
+    # the activations' rounding, and (NF4) the levels'
+    moved = (int8_weight(args, dense) - dense.double()).abs()
+    bound = (d.double() / 2) @ dense.abs().double().T + xt.double().abs() @ moved.T
     slack = TOL[x.dtype] * max(exact.abs().max().item(), 1e-6)
     over = (got.double() - exact.double()).abs() - bound * (1 + 1e-3) - slack
     if not over.max().item() <= 0:

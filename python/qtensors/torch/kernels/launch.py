@@ -211,7 +211,7 @@ def int8_applies(M: int, K: int, encoding: str, bits: int, g: int, dtype: torch.
 
 
 #: the encodings ``words_int8_kernel`` takes
-INT8_ENCODINGS = ("affine", "symmetric", "mxfp4", "nvfp4")
+INT8_ENCODINGS = ("affine", "symmetric", "nf4", "mxfp4", "nvfp4")
 
 
 def int8_shape(M: int, K: int, encoding: str, bits: int, g: int) -> bool:

@@ -39,8 +39,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .._layout import NF4_LEVELS
 from .epilogue import store_result
 from .scales import group_scale
+
+
+def _nf4_tables() -> tuple[int, int, int, int]:
+    """NF4's levels as int8, ``round(level * 127)`` (as the CPU kernel and llama.cpp's IQ4_NL),
+    four to an int32 (little-endian, signed): levels 0-3, 4-7, 8-11, 12-15."""
+    b = bytes((round(v * 127) & 0xFF) for v in NF4_LEVELS)
+    return tuple(int.from_bytes(b[i : i + 4], "little", signed=True) for i in range(0, 16, 4))
+
+
+NF4_T0, NF4_T1, NF4_T2, NF4_T3 = (tl.constexpr(t) for t in _nf4_tables())
 
 # 1.5 * 2^23: x + MAGIC rounds x to an integer (ties to even) in the low mantissa bits, whose
 # low byte is then that integer's two's complement for |x| <= 127
@@ -57,6 +68,24 @@ def _dp4a(a, b, c, EMULATE: tl.constexpr):
     else:
         return tl.inline_asm_elementwise(
             "dp4a.u32.s32 $0, $1, $2, $3;",
+            "=r,r,r,r",
+            [a, b, c],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+
+
+@triton.jit
+def _dp4a_signed(a, b, c, EMULATE: tl.constexpr):
+    """``c + sum_j a_j * b_j`` over the four bytes, both signed."""
+    if EMULATE:
+        for j in tl.static_range(4):
+            c += ((a << (24 - 8 * j)) >> 24) * ((b << (24 - 8 * j)) >> 24)
+        return c
+    else:
+        return tl.inline_asm_elementwise(
+            "dp4a.s32.s32 $0, $1, $2, $3;",
             "=r,r,r,r",
             [a, b, c],
             dtype=tl.int32,
@@ -134,6 +163,19 @@ def _fp4_word(w, q_lo, q_hi, n_lo, n_hi, acc, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _nf4_quad(c, EMULATE: tl.constexpr):
+    """Four NF4 codes (``c``'s low 16 bits) as their int8 levels, one byte each: levels 0-7 and
+    8-15 looked up from two tables each with the codes' low 3 bits, then ``prmt`` picks each
+    byte from the second where the code's bit 3 is set."""
+    mag = c & 0x7777
+    low = _lookup(tl.full(c.shape, NF4_T0, tl.int32), tl.full(c.shape, NF4_T1, tl.int32), mag,
+                  EMULATE)  # fmt: skip
+    high = _lookup(tl.full(c.shape, NF4_T2, tl.int32), tl.full(c.shape, NF4_T3, tl.int32), mag,
+                   EMULATE)  # fmt: skip
+    return _lookup(low, high, ((c >> 1) & 0x4444) | 0x3210, EMULATE)
+
+
+@triton.jit
 def _quads(t, EMULATE: tl.constexpr):
     """``[KU, 8]`` rounded values as two int32 of bytes: values 0-3 and 4-7."""
     first, last = tl.split(tl.permute(t.reshape(t.shape[0], 2, 4), (0, 2, 1)))
@@ -174,6 +216,15 @@ def _row(wa, wb, x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, s, m, acc,
         dot = _fp4_word(wa, q0, q1, n0, n1, zero, EMULATE)
         dot = _fp4_word(wb, q2, q3, n2, n3, dot, EMULATE)
         sq = dot  # unused
+    elif ENC == 2:
+        # NF4: codes in order, their int8 levels against the activations (both signed)
+        q0, q1 = _quads(_round(xa, inv), EMULATE)
+        q2, q3 = _quads(_round(xb, inv), EMULATE)
+        dot = _dp4a_signed(_nf4_quad(wa, EMULATE), q0[:, None], zero, EMULATE)
+        dot = _dp4a_signed(_nf4_quad(wa >> 16, EMULATE), q1[:, None], dot, EMULATE)
+        dot = _dp4a_signed(_nf4_quad(wb, EMULATE), q2[:, None], dot, EMULATE)
+        dot = _dp4a_signed(_nf4_quad(wb >> 16, EMULATE), q3[:, None], dot, EMULATE)
+        sq = dot  # unused
     elif BITS == 4:
         # per word, the even codes are the low nibbles: codes 0-7 in wa, 8-15 in wb
         ea, oa = tl.split(_round(xa, inv).reshape(KU, 4, 2))
@@ -200,6 +251,8 @@ def _row(wa, wb, x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, s, m, acc,
         acc += d[:, None] * (s * dot.to(tl.float32) + m * sq.to(tl.float32)[:, None])
     elif ENC == 3:  # the codes were doubled
         acc += ((d * 0.5)[:, None] * s) * dot.to(tl.float32)
+    elif ENC == 2:  # the levels were scaled by 127
+        acc += ((d * (1.0 / 127.0))[:, None] * s) * dot.to(tl.float32)
     else:  # symmetric: codes offset by 2^(BITS - 1)
         acc += (d[:, None] * s) * (dot - (1 << (BITS - 1)) * sq[:, None]).to(tl.float32)
     return acc
