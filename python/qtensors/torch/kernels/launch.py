@@ -62,8 +62,8 @@ MMA_WIDE_M, MMA_WIDE_MIN_ELEMENTS = 32, 1 << 25
 #: the CUDA-core kernel of ``tiled_default`` up to ``FMA_MAX_M`` rows: "fma" (``tiled.py``) or
 #: "words" (``words.py``); the sweep's "routing" lines say which measured faster
 SMALL_M_KERNEL = "words"
-#: 1-4 rows of fp16 / bf16 activations against affine / symmetric 4- and 8-bit codes and MXFP4 /
-#: NVFP4 (``INT8_ENCODINGS``): rounded to
+#: 1-4 rows of fp16 / bf16 activations against affine / symmetric 4- and 8-bit codes, NF4 and
+#: MXFP4 / NVFP4 (``INT8_ENCODINGS``): rounded to
 #: int8 per 16 (8) activations and multiplied as integers (``words_int8.py``, as llama.cpp's GPU
 #: matrix-vector kernels do); False (or ``QTENSORS_INT8_ACTIVATIONS=0``): ``words.py``, exact to
 #: fp32 accumulation. fp32 activations always take the exact kernel.

@@ -1,6 +1,6 @@
 """``words_int8_kernel``: ``y = x @ W^T + b`` for 1-4 rows of ``x``, affine / symmetric 4- and
-8-bit codes and MXFP4 / NVFP4, with the activations rounded to int8 and multiplied by the codes
-as integers (``dp4a``: four byte products and their sum in one instruction).
+8-bit codes, NF4 and MXFP4 / NVFP4, with the activations rounded to int8 and multiplied by the
+codes as integers (``dp4a``: four byte products and their sum in one instruction).
 
 Why: the float kernel (``words.py``) is bound by instruction issue on the H200, not by HBM; it
 spends ~5.5 instructions a weight (sm_90 SASS of its loop) turning each code into a float and
@@ -14,7 +14,10 @@ FP4: twice an E2M1 value is an integer (0, 1, 2, 3, 4, 6, 8, 12 and their negati
 magnitudes become bytes four codes at a time with ``prmt`` (each code's low 3 bits select a byte
 of a two-register table), and its sign bits, through ``prmt``'s sign replication, split the
 bytes between the activations and their negatives (both rounded once per unit, shared by the
-features): ~5 instructions a weight against ~9 for ``words.py``'s FP4 path.
+features): ~5 instructions a weight against ~9 for ``words.py``'s FP4 path. NF4: its levels as
+int8, ``round(level * 127)`` (each weight moves by at most 0.4% of its group's absmax), looked up
+from two tables (levels 0-7, 8-15) and picked per byte by the code's bit 3, again with ``prmt``;
+the dot is signed by signed.
 
 Numerics (as llama.cpp's GPU matrix-vector kernels, which round activations to int8 per 32):
 the activations of each 64-bit unit of codes (16 for 4-bit codes, 8 for 8-bit) are rounded to
