@@ -174,13 +174,16 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
     assert route(16) == "tiled"  # fp32 activations never take it
 
     # int8 activations (INT8_ACTIVATIONS, passed by the caller): the int8 kernel's 1-4 rows of
-    # affine / symmetric codes in whole 64-bit units go to the tiled path before mma.py
+    # affine / symmetric / NF4 / FP4 codes in whole 64-bit units go to the tiled path first
     def int8(M, enc="affine", g=64, K=128, bits=4):
         L.route.cache_clear()
         return L.route(M, 64, K, enc, bits, g, 1, True, True, True)
 
     assert int8(3) == int8(4) == int8(4, "symmetric") == int8(2, bits=8, g=32) == "tiled"
-    assert int8(5) == "mma" and int8(3, "mxfp4", 32) != "tiled" and int8(3, K=136) == "mma"
+    assert int8(4, "mxfp4", 32) == int8(4, "nvfp4", 16) == int8(3, "nf4") == "tiled"
+    assert int8(5) == "mma" and int8(3, K=136) == "mma"  # K not whole 64-bit units
+    assert int8(5, "mxfp4", 32) == "mma"
+    assert not L.int8_shape(2, 128, "affine", 8, 4)  # groups smaller than a unit: words.py
     assert half(3) == "mma"  # the switch off
     L.route.cache_clear()
     with pytest.raises(ValueError, match="64-bit units"):
