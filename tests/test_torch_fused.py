@@ -191,7 +191,7 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
         L._tiled_plan(1, 64, 128, "affine", 4, 64, torch.float16, False, -1, words, True)
     with pytest.raises(ValueError, match="int8 words kernel"):
         words = L.TiledConfig("words8", 0, 4, 64)
-        L._tiled_plan(1, 64, 128, "nf4", 4, 64, torch.float16, False, -1, words, True)
+        L._tiled_plan(5, 64, 128, "nf4", 4, 64, torch.float16, False, -1, words, True)
     with pytest.raises(ValueError, match="words kernel"):
         words = L.TiledConfig("words", 0, 4, 64)
         L._tiled_plan(5, 64, 128, "affine", 4, 64, torch.float16, False, -1, words, True)
