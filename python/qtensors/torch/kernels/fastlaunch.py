@@ -25,6 +25,7 @@ everything those depended on).
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import torch
@@ -36,7 +37,8 @@ except ImportError:  # older Triton: no hooks registry to check, so never take t
 
 _LAUNCHERS: dict[tuple, tuple] = {}
 _ENABLED = _knobs is not None and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-_RECORDING: list | None = None  # launches noted by ``launch`` while ``recording()`` runs
+# launches noted by ``launch`` while ``recording()`` runs, per thread (``.noted``)
+_RECORDING = threading.local()
 
 
 def _spec(a: Any) -> Any:
@@ -82,8 +84,9 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict, meta_key: tuple, device
     g2 = grid[2] if len(grid) > 2 else 1
     stream = torch._C._cuda_getCurrentRawStream(device)
     run(grid[0], g1, g2, stream, function, packed, None, None, None, *args, *tail)
-    if _RECORDING is not None:
-        _RECORDING.append((hit, (grid[0], g1, g2), args, device))
+    noted = getattr(_RECORDING, "noted", None)
+    if noted is not None:
+        noted.append((hit, (grid[0], g1, g2), args, device))
 
 
 class recording:
@@ -92,13 +95,12 @@ class recording:
     is not noted)."""
 
     def __enter__(self) -> list:
-        global _RECORDING
-        self.outer, _RECORDING = _RECORDING, []
-        return _RECORDING
+        self.outer = getattr(_RECORDING, "noted", None)
+        _RECORDING.noted = []
+        return _RECORDING.noted
 
     def __exit__(self, *exc) -> None:
-        global _RECORDING
-        _RECORDING = self.outer
+        _RECORDING.noted = self.outer
 
 
 def hooks_clear() -> bool:
