@@ -101,3 +101,20 @@ def store_result(
                 total += tl.load(wsp + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
             _write(total, offs_m, offs_n, mask, M, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
             tl.atomic_xchg(lock_ptr + tile, 0)
+
+
+@triton.jit
+def store_rows(acc0, acc1, acc2, acc3, rows, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, lock_ptr,
+               pid_n, pid_k, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr,
+               SPLIT_K: tl.constexpr):  # fmt: skip
+    """``store_result`` for the words kernels: per row of ``x`` (up to 4), an accumulator of
+    per-word terms ``[K words, features]``, summed over its words into the row's results."""
+    m_ids = tl.arange(0, BLOCK_M)
+    part = tl.where(m_ids[:, None] == 0, tl.sum(acc0, axis=0)[None, :], 0.0)
+    if BLOCK_M > 1:
+        part = tl.where(m_ids[:, None] == 1, tl.sum(acc1, axis=0)[None, :], part)
+    if BLOCK_M > 2:
+        part = tl.where(m_ids[:, None] == 2, tl.sum(acc2, axis=0)[None, :], part)
+        part = tl.where(m_ids[:, None] == 3, tl.sum(acc3, axis=0)[None, :], part)
+    store_result(part, m_ids, rows, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, lock_ptr, pid_n,
+                 pid_k, HAS_BIAS, SPLIT_K)  # fmt: skip

@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .epilogue import store_result
+from .epilogue import store_rows
 from .scales import group_scale
 from .tiled import _e2m1
 
@@ -205,26 +205,5 @@ def words_kernel(
         if BLOCK_M > 2:
             acc2 = _row(v, x_ptr, 2, M, stride_xm, xcol, xmask, s, m, acc2, ENC, BITS)
             acc3 = _row(v, x_ptr, 3, M, stride_xm, xcol, xmask, s, m, acc3, ENC, BITS)
-    m_ids = tl.arange(0, BLOCK_M)
-    part = tl.where(m_ids[:, None] == 0, tl.sum(acc0, axis=0)[None, :], 0.0)
-    if BLOCK_M > 1:
-        part = tl.where(m_ids[:, None] == 1, tl.sum(acc1, axis=0)[None, :], part)
-    if BLOCK_M > 2:
-        part = tl.where(m_ids[:, None] == 2, tl.sum(acc2, axis=0)[None, :], part)
-        part = tl.where(m_ids[:, None] == 3, tl.sum(acc3, axis=0)[None, :], part)
-    store_result(
-        part,
-        m_ids,
-        rows,
-        M,
-        N,
-        out_ptr,
-        stride_om,
-        bias_ptr,
-        ws_ptr,
-        lock_ptr,
-        pid_n,
-        pid_k,
-        HAS_BIAS,
-        SPLIT_K,
-    )
+    store_rows(acc0, acc1, acc2, acc3, rows, M, N, out_ptr, stride_om, bias_ptr, ws_ptr,
+               lock_ptr, pid_n, pid_k, BLOCK_M, HAS_BIAS, SPLIT_K)  # fmt: skip

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .._layout import NF4_LEVELS
-from .epilogue import store_result
+from .epilogue import store_rows
 from .scales import group_scale
 
 
@@ -62,33 +62,19 @@ MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
-def _dp4a(a, b, c, EMULATE: tl.constexpr):
-    """``c + sum_j a_j * b_j`` over the four bytes: ``a`` unsigned, ``b`` signed."""
+def _dp4a(a, b, c, EMULATE: tl.constexpr, SIGNED: tl.constexpr = False):
+    """``c + sum_j a_j * b_j`` over the four bytes: ``b`` signed, ``a`` unsigned (or signed)."""
     if EMULATE:
         for j in tl.static_range(4):
-            c += ((a >> (8 * j)) & 0xFF) * ((b << (24 - 8 * j)) >> 24)
+            if SIGNED:
+                aj = (a << (24 - 8 * j)) >> 24
+            else:
+                aj = (a >> (8 * j)) & 0xFF
+            c += aj * ((b << (24 - 8 * j)) >> 24)
         return c
     else:
         return tl.inline_asm_elementwise(
-            "dp4a.u32.s32 $0, $1, $2, $3;",
-            "=r,r,r,r",
-            [a, b, c],
-            dtype=tl.int32,
-            is_pure=True,
-            pack=1,
-        )
-
-
-@triton.jit
-def _dp4a_signed(a, b, c, EMULATE: tl.constexpr):
-    """``c + sum_j a_j * b_j`` over the four bytes, both signed."""
-    if EMULATE:
-        for j in tl.static_range(4):
-            c += ((a << (24 - 8 * j)) >> 24) * ((b << (24 - 8 * j)) >> 24)
-        return c
-    else:
-        return tl.inline_asm_elementwise(
-            "dp4a.s32.s32 $0, $1, $2, $3;",
+            "dp4a.s32.s32 $0, $1, $2, $3;" if SIGNED else "dp4a.u32.s32 $0, $1, $2, $3;",
             "=r,r,r,r",
             [a, b, c],
             dtype=tl.int32,
@@ -223,10 +209,10 @@ def _row(wa, wb, x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, s, m, acc,
         # NF4: codes in order, their int8 levels against the activations (both signed)
         q0, q1 = _quads(_round(xa, inv), EMULATE)
         q2, q3 = _quads(_round(xb, inv), EMULATE)
-        dot = _dp4a_signed(_nf4_quad(wa, EMULATE), q0[:, None], zero, EMULATE)
-        dot = _dp4a_signed(_nf4_quad(wa >> 16, EMULATE), q1[:, None], dot, EMULATE)
-        dot = _dp4a_signed(_nf4_quad(wb, EMULATE), q2[:, None], dot, EMULATE)
-        dot = _dp4a_signed(_nf4_quad(wb >> 16, EMULATE), q3[:, None], dot, EMULATE)
+        dot = _dp4a(_nf4_quad(wa, EMULATE), q0[:, None], zero, EMULATE, True)
+        dot = _dp4a(_nf4_quad(wa >> 16, EMULATE), q1[:, None], dot, EMULATE, True)
+        dot = _dp4a(_nf4_quad(wb, EMULATE), q2[:, None], dot, EMULATE, True)
+        dot = _dp4a(_nf4_quad(wb >> 16, EMULATE), q3[:, None], dot, EMULATE, True)
         sq = dot  # unused
     elif BITS == 4:
         # per word, the even codes are the low nibbles: codes 0-7 in wa, 8-15 in wb
@@ -333,26 +319,5 @@ def words_int8_kernel(
                         EMULATE)  # fmt: skip
             acc3 = _row(wa, wb, x_ptr, 3, M, stride_xm, xcol, xmask, s, m, acc3, ENC, BITS,
                         EMULATE)  # fmt: skip
-    m_ids = tl.arange(0, BLOCK_M)
-    part = tl.where(m_ids[:, None] == 0, tl.sum(acc0, axis=0)[None, :], 0.0)
-    if BLOCK_M > 1:
-        part = tl.where(m_ids[:, None] == 1, tl.sum(acc1, axis=0)[None, :], part)
-    if BLOCK_M > 2:
-        part = tl.where(m_ids[:, None] == 2, tl.sum(acc2, axis=0)[None, :], part)
-        part = tl.where(m_ids[:, None] == 3, tl.sum(acc3, axis=0)[None, :], part)
-    store_result(
-        part,
-        m_ids,
-        rows,
-        M,
-        N,
-        out_ptr,
-        stride_om,
-        bias_ptr,
-        ws_ptr,
-        lock_ptr,
-        pid_n,
-        pid_k,
-        HAS_BIAS,
-        SPLIT_K,
-    )
+    store_rows(acc0, acc1, acc2, acc3, rows, M, N, out_ptr, stride_om, bias_ptr, ws_ptr,
+               lock_ptr, pid_n, pid_k, BLOCK_M, HAS_BIAS, SPLIT_K)  # fmt: skip
