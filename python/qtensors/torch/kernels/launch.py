@@ -63,10 +63,10 @@ MMA_WIDE_M, MMA_WIDE_MIN_ELEMENTS = 32, 1 << 25
 #: "words" (``words.py``); the sweep's "routing" lines say which measured faster
 SMALL_M_KERNEL = "words"
 #: 1-4 rows of fp16 / bf16 activations against affine / symmetric 4- and 8-bit codes, NF4 and
-#: MXFP4 / NVFP4 (``INT8_ENCODINGS``): rounded to
-#: int8 per 16 (8) activations and multiplied as integers (``words_int8.py``, as llama.cpp's GPU
-#: matrix-vector kernels do); False (or ``QTENSORS_INT8_ACTIVATIONS=0``): ``words.py``, exact to
-#: fp32 accumulation. fp32 activations always take the exact kernel.
+#: MXFP4 / NVFP4 (``INT8_ENCODINGS``): rounded to int8 per 16 (8) activations and multiplied as
+#: integers (``words_int8.py``, as llama.cpp's GPU matrix-vector kernels do); False (or
+#: ``QTENSORS_INT8_ACTIVATIONS=0``): ``words.py``, exact to fp32 accumulation. fp32 activations
+#: always take the exact kernel.
 INT8_ACTIVATIONS = os.environ.get("QTENSORS_INT8_ACTIVATIONS", "1") != "0"
 #: split-K counters per device: tiles of one launch that may split K
 LOCK_SLOTS = 1 << 15
@@ -204,8 +204,9 @@ def tiled_default(M: int, bits: int, g: int) -> TiledConfig:
 
 def int8_applies(M: int, K: int, encoding: str, bits: int, g: int, dtype: torch.dtype) -> bool:
     """Whether ``words_int8_kernel`` takes these rows (``INT8_ACTIVATIONS``; the codes must
-    also start on an 8-byte boundary, see ``units_aligned``): 1-4 rows of fp16 / bf16, affine /
-    symmetric 4- or 8-bit codes, rows of whole 64-bit units inside groups."""
+    also start on an 8-byte boundary, see ``units_aligned``): 1-4 rows of fp16 / bf16, codes of
+    ``INT8_ENCODINGS`` (4-bit; affine / symmetric 8-bit too), rows of whole 64-bit units inside
+    groups."""
     half = dtype in (torch.float16, torch.bfloat16)
     return INT8_ACTIVATIONS and half and int8_shape(M, K, encoding, bits, g)
 
@@ -226,8 +227,14 @@ def int8_shape(M: int, K: int, encoding: str, bits: int, g: int) -> bool:
 
 
 def units_aligned(codes: torch.Tensor) -> bool:
-    """Whether the packed codes can be read as int64 units (an 8-byte aligned start)."""
-    return codes.data_ptr() % 8 == 0 and codes.storage_offset() % 8 == 0 and codes.numel() % 8 == 0
+    """Whether the packed codes (bytes or a wider view) can be read as int64 units: an 8-byte
+    aligned start and whole units."""
+    size = codes.element_size()
+    return (
+        codes.data_ptr() % 8 == 0
+        and codes.storage_offset() * size % 8 == 0
+        and codes.numel() * size % 8 == 0
+    )
 
 
 def tiled_config(M: int, N: int, K: int, bits: int, g: int) -> TiledConfig:
@@ -558,8 +565,8 @@ def _tiled_plan(
         M <= 4 and cfg.block_k % (64 // bits) == 0 and encoding in INT8_ENCODINGS
     ):
         raise ValueError(
-            f"the int8 words kernel takes 1-4 rows of affine / symmetric / FP4 codes in steps of"
-            f" whole 64-bit units, not {M}, {encoding}, {cfg}"
+            f"the int8 words kernel takes 1-4 rows of {INT8_ENCODINGS} codes in steps of whole"
+            f" 64-bit units, not {M}, {encoding}, {cfg}"
         )
     bn, bk = cfg.block_n, cfg.block_k
     n_tiles = -(-N // bn) * (1 if fma else -(-M // block_m))
