@@ -229,9 +229,7 @@ def _row(wa, wb, x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, s, m, acc,
         dot = _dp4a(wb & 0x0F0F0F0F, eb[:, None], dot, EMULATE)
         dot = _dp4a((wb >> 4) & 0x0F0F0F0F, ob[:, None], dot, EMULATE)
     else:
-        q0, q1 = tl.split(tl.permute(_round(xa, inv).reshape(KU, 2, 4), (0, 2, 1)))
-        q0 = _pack4(q0, EMULATE)
-        q1 = _pack4(q1, EMULATE)
+        q0, q1 = _quads(_round(xa, inv), EMULATE)  # 8-bit: codes 0-3 in wa, 4-7 in wb
         sq = _dp4a(ones, q0, _dp4a(ones, q1, 0, EMULATE), EMULATE)
         dot = _dp4a(wa, q0[:, None], zero, EMULATE)
         dot = _dp4a(wb, q1[:, None], dot, EMULATE)
