@@ -29,14 +29,31 @@
 //! from memory, 1 thread: 576x1536 18 us against 21-26 without, 2048x5632 172 against 265; on
 //! a layer already in cache it costs ~20%: 4096x4096 183 us against 150).
 //!
+//! Codes whose levels are not their integer values take the same kernel through a table of 16
+//! int8 levels (`Table`), looked up per nibble with `vpshufb` before the dot products:
+//!
+//! * MXFP4: E2M1 values doubled are the integers 0, ±1, ±2, ±3, ±4, ±6, ±8, ±12, so the table
+//!   is exact and the block scale (a power of two) is halved: the weight is used exactly as
+//!   stored. (NVFP4's blocks of 16 are half an activation block: not taken.)
+//! * NF4: its levels are not integers; the table holds `round(level * 127)` (as llama.cpp's
+//!   IQ4_NL does) and the scale is divided by 127. That moves each weight by at most
+//!   `0.5 / 127` (0.4%) of its group's absmax, where NF4's own rounding moves it by up to half
+//!   a level spacing, 4-15% of it: a small addition to the activations' rounding (`tests.rs`
+//!   and `tests/test_cpu_matmul.py` bound both).
+//!
+//! `vpdpbusd` multiplies unsigned by signed bytes, so the table stores `level + zero` (unsigned)
+//! and the kernel runs as for symmetric codes with that `zero`: `- zero * s * dx * sum(q)`
+//! per block, computed once per call, takes it back out.
+//!
 //! The float arithmetic runs in 16 lanes in a fixed order, and `scalar` repeats it lane by lane
 //! with the same roundings, so the two agree bit for bit (tested).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::codecs::float;
-use crate::codecs::region::Stored;
-use crate::codecs::Codec;
+use crate::codecs::codec::NF4_LEVELS;
+use crate::codecs::fp4::E2M1_LEVELS;
+use crate::codecs::region::{self, Stored};
+use crate::codecs::{float, Codec};
 use crate::error::Result;
 use crate::format::DType;
 
@@ -87,9 +104,44 @@ pub enum Kind {
     Symmetric { zero: i32 },
 }
 
+/// The int8 levels of 4-bit codes that are not integers (module doc): `level * unit` is the
+/// code's value before its group's scale, `level = codes[code] - zero` (`Kind::Symmetric`).
+#[derive(Clone, Copy, Debug)]
+struct Table {
+    /// Code -> `level + zero`, in 0..=255.
+    codes: [u8; 16],
+    /// What the group's scale is multiplied by: 1/2 (E2M1 doubled), 1/127 (NF4).
+    unit: f32,
+}
+
+impl Table {
+    /// The table for `codec` and its `zero`, if it takes one.
+    fn of(codec: Codec) -> Option<(Table, i32)> {
+        let (levels, mul, zero) = match codec {
+            Codec::Mxfp4 | Codec::Nvfp4 { .. } => (&E2M1_LEVELS, 2.0f32, 12),
+            Codec::Nf4 => (&NF4_LEVELS, 127.0, 127),
+            _ => return None,
+        };
+        let mut codes = [0u8; 16];
+        for (c, &l) in codes.iter_mut().zip(levels) {
+            // E2M1 doubled is exact; NF4 rounds (module doc)
+            *c = ((l * mul).round() as i32 + zero) as u8;
+        }
+        Some((
+            Table {
+                codes,
+                unit: 1.0 / mul,
+            },
+            zero,
+        ))
+    }
+}
+
 /// What the integer kernels need to know about a weight they can multiply.
 pub struct Plan {
     kind: Kind,
+    /// For codes looked up in a table of levels (NF4, FP4); None: the codes are the levels.
+    table: Option<Table>,
     bits: u8,
     n_in: usize,
     groups_per_row: usize,
@@ -98,19 +150,24 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// A plan if the integer kernels apply: 4- or 8-bit affine or symmetric codes in groups of
-    /// a multiple of 32 along the inputs, the inputs a multiple of 64, and (unless `scalar`) a
-    /// CPU with AVX-512 VNNI.
+    /// A plan if the integer kernels apply: 4- or 8-bit affine or symmetric codes, or NF4 or
+    /// MXFP4 codes (through a `Table`), in groups of a multiple of 32 along the inputs, the
+    /// inputs a multiple of 64, and (unless `scalar`) a CPU with AVX-512 VNNI. (NVFP4's blocks
+    /// of 16 are half an activation block: not taken.)
     pub fn new(w: &Stored<'_>, n_in: usize, scalar: bool) -> Option<Plan> {
-        let (kind, bits) = match w.codec {
-            Codec::Affine { bits } => (Kind::Affine, bits),
+        let (kind, table, bits) = match w.codec {
+            Codec::Affine { bits } => (Kind::Affine, None, bits),
             Codec::Symmetric { bits } | Codec::SymmetricFull { bits } => (
                 Kind::Symmetric {
                     zero: w.codec.zero(),
                 },
+                None,
                 bits,
             ),
-            _ => return None,
+            c @ (Codec::Nf4 | Codec::Mxfp4 | Codec::Nvfp4 { .. }) => {
+                let (table, zero) = Table::of(c)?;
+                (Kind::Symmetric { zero }, Some(table), 4)
+            }
         };
         let group = (w.layout.group_size as usize).min(n_in);
         let bpg = group / BLOCK;
@@ -123,6 +180,7 @@ impl Plan {
             && (SPAN.is_multiple_of(bpg) || bpg.is_multiple_of(SPAN));
         (fits && (scalar || kernel::available())).then_some(Plan {
             kind,
+            table,
             bits,
             n_in,
             groups_per_row: w.layout.groups_along_axis as usize,
@@ -240,17 +298,19 @@ impl Plan {
         let size = w.params.scale_dtype.itemsize();
         let bytes = window.start * size..window.end * size;
         let affine = self.kind == Kind::Affine;
-        // fp16 scales and mins are widened inside the kernel; other types here, with one span of
-        // slack: the kernel loads whole spans (masked past the end).
-        let half = !scalar && w.params.scale_dtype == DType::Float16;
+        // fp16 scales and mins are widened inside the kernel; other types here (as decoding
+        // widens them), times a table's unit, with one span of slack: the kernel loads whole
+        // spans (masked past the end).
+        let half = !scalar && w.params.scale_dtype == DType::Float16 && self.table.is_none();
         let (mut s, mut m) = (Vec::new(), Vec::new());
         if !half {
+            region::widen_scales(w, window.clone(), &mut s, &mut m)?;
+            if let Some(t) = self.table {
+                s.iter_mut().for_each(|v| *v *= t.unit);
+            }
             s.resize(window.len() + SPAN, 0.0);
-            let dt = w.params.scale_dtype;
-            float::widen_into(&w.scales[bytes.clone()], dt, &mut s[..window.len()])?;
             if affine {
                 m.resize(window.len() + SPAN, 0.0);
-                float::widen_into(&w.mins[bytes.clone()], dt, &mut m[..window.len()])?;
             }
         }
         let raw = |p: &'a [u8]| if half { &p[bytes.start..] } else { &[][..] };
@@ -265,6 +325,9 @@ impl Plan {
             m: &m,
             s16: raw(w.scales),
             m16: if affine { raw(w.mins) } else { &[] },
+            levels: self
+                .table
+                .map_or(std::array::from_fn(|c| c as u8), |t| t.codes),
             a,
         };
         let mut b0 = 0;
@@ -317,6 +380,8 @@ struct Args<'a> {
     m: &'a [f32],
     s16: &'a [u8],
     m16: &'a [u8],
+    /// Code -> the byte the dot products take: the table's, or the code itself.
+    levels: [u8; 16],
     a: &'a Activations,
 }
 
@@ -418,8 +483,10 @@ mod scalar {
                                     dot += codes[e + byte] as i32 * q[e + byte] as i32;
                                 } else if e_byte + byte < row_bytes {
                                     let code = codes[e_byte + byte];
-                                    dot += (code & 15) as i32 * q[e + byte] as i32;
-                                    dot += (code >> 4) as i32 * q[e + 64 + byte] as i32;
+                                    let lv = &args.levels;
+                                    dot += lv[(code & 15) as usize] as i32 * q[e + byte] as i32;
+                                    dot +=
+                                        lv[(code >> 4) as usize] as i32 * q[e + 64 + byte] as i32;
                                 }
                             }
                             *v = (dot as f32).mul_add(sd[lane_block(p.bits, c, l)], *v);
@@ -454,29 +521,41 @@ mod kernel {
     pub unsafe fn rows(args: &Args<'_>, b0: usize, nb: usize, yt: &mut [f32]) {
         debug_assert!((1..=MAX_NB).contains(&nb));
         macro_rules! by_batch {
-            ($bits:literal, $half:literal) => {
+            ($bits:literal, $half:literal, $table:literal) => {
                 match nb {
-                    1 => run::<$bits, $half, 1, 4>(args, b0, yt),
-                    2 => run::<$bits, $half, 2, 3>(args, b0, yt),
-                    3 => run::<$bits, $half, 3, 2>(args, b0, yt),
-                    4 => run::<$bits, $half, 4, 2>(args, b0, yt),
-                    5 => run::<$bits, $half, 5, 1>(args, b0, yt),
-                    6 => run::<$bits, $half, 6, 1>(args, b0, yt),
-                    7 => run::<$bits, $half, 7, 1>(args, b0, yt),
-                    _ => run::<$bits, $half, 8, 1>(args, b0, yt),
+                    1 => run::<$bits, $half, $table, 1, 4>(args, b0, yt),
+                    2 => run::<$bits, $half, $table, 2, 3>(args, b0, yt),
+                    3 => run::<$bits, $half, $table, 3, 2>(args, b0, yt),
+                    4 => run::<$bits, $half, $table, 4, 2>(args, b0, yt),
+                    5 => run::<$bits, $half, $table, 5, 1>(args, b0, yt),
+                    6 => run::<$bits, $half, $table, 6, 1>(args, b0, yt),
+                    7 => run::<$bits, $half, $table, 7, 1>(args, b0, yt),
+                    _ => run::<$bits, $half, $table, 8, 1>(args, b0, yt),
                 }
             };
         }
-        match (args.plan.bits == 8, args.s.is_empty()) {
-            (true, true) => by_batch!(8, true),
-            (true, false) => by_batch!(8, false),
-            (false, true) => by_batch!(4, true),
-            (false, false) => by_batch!(4, false),
+        // Tables: 4-bit codes, scales widened (`Plan::rows`).
+        match (
+            args.plan.bits == 8,
+            args.s.is_empty(),
+            args.plan.table.is_some(),
+        ) {
+            (true, true, _) => by_batch!(8, true, false),
+            (true, false, _) => by_batch!(8, false, false),
+            (false, true, _) => by_batch!(4, true, false),
+            (false, false, false) => by_batch!(4, false, false),
+            (false, false, true) => by_batch!(4, false, true),
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
-    unsafe fn run<const BITS: u8, const HALF: bool, const NB: usize, const R: usize>(
+    unsafe fn run<
+        const BITS: u8,
+        const HALF: bool,
+        const TABLE: bool,
+        const NB: usize,
+        const R: usize,
+    >(
         args: &Args<'_>,
         b0: usize,
         yt: &mut [f32],
@@ -509,6 +588,7 @@ mod kernel {
         let mut consts = Consts {
             group_of: _mm512_loadu_si512(table[SPAN / 2].as_ptr().cast()),
             lanes: [_mm512_setzero_si512(); SPAN / 2],
+            levels: _mm512_broadcast_i32x4(_mm_loadu_si128(args.levels.as_ptr().cast())),
         };
         for (v, t) in consts.lanes.iter_mut().zip(&table) {
             *v = _mm512_loadu_si512(t.as_ptr().cast());
@@ -516,26 +596,34 @@ mod kernel {
         let mut r = 0;
         while r < n_rows {
             if r + R <= n_rows {
-                rows_dot::<BITS, HALF, NB, R>(args, &consts, r, b0, yt);
+                rows_dot::<BITS, HALF, TABLE, NB, R>(args, &consts, r, b0, yt);
                 r += R;
             } else {
-                rows_dot::<BITS, HALF, NB, 1>(args, &consts, r, b0, yt);
+                rows_dot::<BITS, HALF, TABLE, NB, 1>(args, &consts, r, b0, yt);
                 r += 1;
             }
         }
     }
 
     /// Permutation indices: the span block of each lane's weight scale (`group_of`), and of
-    /// each lane's products in step c (`lanes[c]`).
+    /// each lane's products in step c (`lanes[c]`); `Args::levels` in each 128-bit lane (for
+    /// `vpshufb`).
     struct Consts {
         group_of: __m512i,
         lanes: [__m512i; SPAN / 2],
+        levels: __m512i,
     }
 
     /// `yt[(r + i) * batch + b0 + b] = W[r + i] . x[b0 + b]` for `i < R`, `b < NB`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
-    unsafe fn rows_dot<const BITS: u8, const HALF: bool, const NB: usize, const R: usize>(
+    unsafe fn rows_dot<
+        const BITS: u8,
+        const HALF: bool,
+        const TABLE: bool,
+        const NB: usize,
+        const R: usize,
+    >(
         args: &Args<'_>,
         consts: &Consts,
         r: usize,
@@ -601,6 +689,10 @@ mod kernel {
                     } else {
                         lo[i] = _mm512_and_si512(v, low4);
                         hi[i] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low4);
+                        if TABLE {
+                            lo[i] = _mm512_shuffle_epi8(consts.levels, lo[i]);
+                            hi[i] = _mm512_shuffle_epi8(consts.levels, hi[i]);
+                        }
                     }
                 }
                 for b in 0..NB {
