@@ -17,7 +17,8 @@ per contender: the fastest round and the median round (ms), and the speedups of 
 ``F.linear``'s. The issue asks for batch 1 >= 3x fp32 and >= 1.5x bf16; batch 32 no slower than
 fp32. Each qtensors figure is in the activations' dtype (fp32 activations against fp32 F.linear,
 bf16 against bf16). "qtensors" is the default path (the integer kernel with int8 activations
-where it applies: 4-bit affine/symmetric, not NF4 or FlexGen's groups along the outputs);
+where it applies: 4-bit affine/symmetric, NF4 and MXFP4 through int8 tables of their levels, not
+FlexGen's groups along the outputs);
 "exact" the same call with fp32 activations (``qtensors.torch.linear.CPU_INT8_ACTIVATIONS =
 False``).
 
@@ -25,6 +26,8 @@ False``).
 enough of them every call reads its weight from memory, as a model's layers do; 1 (the default):
 the same weight each call, from cache as far as it fits (a 4096x4096 bf16 weight is 32 MiB, this
 VM's L3 32 MiB, so bf16 F.linear there depends on what else the cache holds).
+
+FP4's "exact" decodes and calls ``F.linear``.
 
 ``--breakdown``: where a batch-1 bf16 call's time goes, affine 4-bit g64, the layers alternated
 the same way: the bare ``_core.linear`` call with its arguments made once (the Rust matmul and
@@ -109,6 +112,7 @@ def matmul_table(args) -> None:
     encodings = [
         ("affine4 g64", qt.Affine(4, 64, axis=-1)),
         ("nf4 g64", qt.NF4(64, axis=-1)),
+        ("mxfp4", qt.MXFP4(axis=-1)),
         ("flexgen (axis 0)", qt.FLEXGEN),
     ]
     cols = ["qtensors", "exact", "rayon"]
