@@ -148,10 +148,12 @@ INT8_ENCODINGS = [
     qt.Symmetric(bits=4, group_size=32, axis=-1, levels="full"),
     qt.Affine(bits=8, group_size=64, axis=-1, scale_dtype="float32"),
     qt.Symmetric(bits=8, group_size=32, axis=-1),
-    # through int8 tables of their levels: exact for E2M1, within 0.5/127 of the scale for NF4
+    # through int8 tables of their levels: exact for E2M1 (NVFP4: blocks of 16), within 0.5/127
+    # of the scale for NF4
     qt.NF4(group_size=64, axis=-1),
     qt.NF4(group_size=32, axis=-1, scale_dtype="float32"),
     qt.MXFP4(axis=-1),
+    qt.NVFP4(axis=-1),
 ]
 
 
@@ -246,7 +248,8 @@ def test_int8_rows_independent_of_batch_and_threads():
         (qt.NF4(group_size=64, axis=-1), (8, 256), True),
         (qt.MXFP4(axis=-1), (8, 256), True),
         (qt.MXFP4(axis=-1), (8, 160), False),  # not whole 64s
-        (qt.NVFP4(axis=-1), (8, 256), False),  # blocks of 16
+        (qt.NVFP4(axis=-1), (8, 256), True),  # blocks of 16: half an activation block
+        (qt.NVFP4(axis=-1), (8, 160), False),
         (qt.Affine(bits=3, group_size=64, axis=-1), (8, 256), False),
     ],
     ids=str,

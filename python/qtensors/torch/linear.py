@@ -10,7 +10,7 @@
   only the output and a split-K workspace are allocated, through torch). Other weights and
   larger batches are decoded, then ``F.linear`` (cuBLAS).
 * CPU (``linear_cpu``): the Rust core's matmul on the packed codes (``rust/core/src/matmul``:
-  4- and 8-bit integer codes, NF4 and MXFP4 through int8 tables of their levels, times
+  4- and 8-bit integer codes, NF4 and FP4 through int8 tables of their levels, times
   int8-quantized activations unless ``CPU_INT8_ACTIVATIONS`` is False, else fp32 kernels, or
   bf16 tiles for bf16 batches), or decode and ``F.linear`` (float64, FP4 outside the int8
   kernel, large half-precision batches); ``_route`` picks by shapes. Its threads
@@ -49,7 +49,7 @@ from .ops import (
 
 # Rows of x up to which the Rust core's packed GEMV runs (rust/core/src/matmul/packed.rs).
 CPU_PACKED_MAX_ROWS = 8
-# The Rust core multiplies 4- and 8-bit integer codes, and NF4 / MXFP4 codes through an int8 table
+# The Rust core multiplies 4- and 8-bit integer codes, and NF4 / FP4 codes through an int8 table
 # of their levels, by activations quantized to int8 per block of 32 (AVX-512 VNNI; ~0.5% RMS
 # relative error from the activations' rounding; NF4's table moves each weight by at most 0.4% of
 # its group's scale; see rust/core/src/matmul/int8.rs). False: fp32 activations, results equal to
@@ -193,14 +193,16 @@ class _CpuPlan:
 
 def _int8_applies(encoding: str, bits: int, group_size: int, axis: int, shape) -> bool:
     """Whether the core's integer kernel takes this weight (``rust/core/src/matmul/int8.rs``,
-    ``Plan::new``): an AVX-512 VNNI CPU; 4- or 8-bit affine or symmetric codes, or NF4 or MXFP4
-    codes (not NVFP4: blocks of 16), in groups of whole blocks of 32 along the inputs; the inputs
-    in whole chunks of 64; 16 blocks a span either a multiple of the group's blocks or inside one
-    group."""
+    ``Plan::new``): an AVX-512 VNNI CPU; 4- or 8-bit affine or symmetric codes, or NF4, MXFP4 or
+    NVFP4 codes, in groups of whole blocks of 32 along the inputs (NVFP4: its blocks of 16); the
+    inputs in whole chunks of 64; 16 blocks a span either a multiple of the group's blocks or
+    inside one group."""
     n_in = int(shape[1])
-    kinds = ("affine", "symmetric", "nf4", "mxfp4")
+    kinds = ("affine", "symmetric", "nf4", "mxfp4", "nvfp4")
     if not _INT8_CPU or encoding not in kinds or bits not in (4, 8) or axis != 1:
         return False
+    if encoding == "nvfp4":
+        return n_in > 0 and n_in % 64 == 0
     g = min(group_size, n_in)
     blocks = g // 32
     return n_in > 0 and n_in % 64 == 0 and g % 32 == 0 and (16 % blocks == 0 or blocks % 16 == 0)

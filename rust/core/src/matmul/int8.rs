@@ -33,10 +33,15 @@
 //! int8 levels (`Table`), looked up per nibble with `vpshufb` before the dot products:
 //!
 //! * MXFP4: E2M1 values doubled are the integers 0, ±1, ±2, ±3, ±4, ±6, ±8, ±12, so the table
-//!   is exact and the block scale (a power of two) is halved: the weight is used exactly as
-//!   stored. (NVFP4's blocks of 16 are half an activation block: not taken.)
+//!   is exact and the activations' block scales are halved (a table's `unit` rides on them):
+//!   the weight is used exactly as stored. NVFP4 the same, its block scale E4M3 times the
+//!   tensor scale as decoding rounds it; its blocks of 16 are half an activation block, so each lane's scale
+//!   is its own block's scale times its activation block's `dx` (`Plan::g16`), and the
+//!   `zero` comes out of each lane's integer sum before it is scaled: the dot products start
+//!   from `-zero * sum(q)` over the lane's 8 inputs (two more `vpdpbusd` per step, shared by
+//!   the rows of a pass).
 //! * NF4: its levels are not integers; the table holds `round(level * 127)` (as llama.cpp's
-//!   IQ4_NL does) and the scale is divided by 127. That moves each weight by at most
+//!   IQ4_NL does) and the activations' block scales are divided by 127. That moves each weight by at most
 //!   `0.5 / 127` (0.4%) of its group's absmax, where NF4's own rounding moves it by up to half
 //!   a level spacing, 4-15% of it: a small addition to the activations' rounding (`tests.rs`
 //!   and `tests/test_cpu_matmul.py` bound both).
@@ -110,7 +115,8 @@ pub enum Kind {
 struct Table {
     /// Code -> `level + zero`, in 0..=255.
     codes: [u8; 16],
-    /// What the group's scale is multiplied by: 1/2 (E2M1 doubled), 1/127 (NF4).
+    /// What a level is multiplied by, before the group's scale: 1/2 (E2M1 doubled), 1/127
+    /// (NF4); applied to the activations' block scales (`quantize_row`).
     unit: f32,
 }
 
@@ -145,15 +151,17 @@ pub struct Plan {
     bits: u8,
     n_in: usize,
     groups_per_row: usize,
-    /// Blocks per weight group (`group / 32`): it divides 16, or 16 divides it.
+    /// Blocks per weight group (`group / 32`): it divides 16, or 16 divides it; 1 if `g16`.
     blocks_per_group: usize,
+    /// Groups of 16 (NVFP4's blocks): two per activation block.
+    g16: bool,
 }
 
 impl Plan {
-    /// A plan if the integer kernels apply: 4- or 8-bit affine or symmetric codes, or NF4 or
-    /// MXFP4 codes (through a `Table`), in groups of a multiple of 32 along the inputs, the
-    /// inputs a multiple of 64, and (unless `scalar`) a CPU with AVX-512 VNNI. (NVFP4's blocks
-    /// of 16 are half an activation block: not taken.)
+    /// A plan if the integer kernels apply: 4- or 8-bit affine or symmetric codes, or NF4,
+    /// MXFP4 or NVFP4 codes (through a `Table`), in groups of a multiple of 32 along the inputs
+    /// (NVFP4: its blocks of 16), the inputs a multiple of 64, and (unless `scalar`) a CPU with
+    /// AVX-512 VNNI.
     pub fn new(w: &Stored<'_>, n_in: usize, scalar: bool) -> Option<Plan> {
         let (kind, table, bits) = match w.codec {
             Codec::Affine { bits } => (Kind::Affine, None, bits),
@@ -170,14 +178,16 @@ impl Plan {
             }
         };
         let group = (w.layout.group_size as usize).min(n_in);
-        let bpg = group / BLOCK;
+        let g16 = matches!(w.codec, Codec::Nvfp4 { .. }) && group == 16;
+        let bpg = if g16 { 1 } else { group / BLOCK };
         let fits = (bits == 4 || bits == 8)
             && w.layout.inner == 1
             && w.layout.axis_len as usize == n_in
             && n_in > 0
             && n_in.is_multiple_of(CHUNK)
-            && group.is_multiple_of(BLOCK)
-            && (SPAN.is_multiple_of(bpg) || bpg.is_multiple_of(SPAN));
+            && (g16
+                || (group.is_multiple_of(BLOCK)
+                    && (SPAN.is_multiple_of(bpg) || bpg.is_multiple_of(SPAN))));
         (fits && (scalar || kernel::available())).then_some(Plan {
             kind,
             table,
@@ -185,6 +195,7 @@ impl Plan {
             n_in,
             groups_per_row: w.layout.groups_along_axis as usize,
             blocks_per_group: bpg,
+            g16,
         })
     }
 
@@ -215,6 +226,8 @@ impl Plan {
             Kind::Affine => 1.0,
             Kind::Symmetric { zero } => -(zero as f32),
         };
+        // A table's unit rides on the activations' scales (once per block, not per weight group)
+        let unit = self.table.map_or(1.0, |t| t.unit);
         let mut a = Activations {
             batch,
             n_in: n,
@@ -233,7 +246,7 @@ impl Plan {
             if !buf.iter().all(|v| v.is_finite()) {
                 return Ok(false);
             }
-            quantize_row(buf, q, dx, xs, offset, bits);
+            quantize_row(buf, q, dx, xs, offset, unit, bits);
             Ok(true)
         };
         let Activations { q, dx, xs, .. } = &mut a;
@@ -299,15 +312,12 @@ impl Plan {
         let bytes = window.start * size..window.end * size;
         let affine = self.kind == Kind::Affine;
         // fp16 scales and mins are widened inside the kernel; other types here (as decoding
-        // widens them), times a table's unit, with one span of slack: the kernel loads whole
-        // spans (masked past the end).
-        let half = !scalar && w.params.scale_dtype == DType::Float16 && self.table.is_none();
+        // widens them), with one span of slack: the kernel loads whole spans (masked past the
+        // end).
+        let half = !scalar && w.params.scale_dtype == DType::Float16;
         let (mut s, mut m) = (Vec::new(), Vec::new());
         if !half {
             region::widen_scales(w, window.clone(), &mut s, &mut m)?;
-            if let Some(t) = self.table {
-                s.iter_mut().for_each(|v| *v *= t.unit);
-            }
             s.resize(window.len() + SPAN, 0.0);
             if affine {
                 m.resize(window.len() + SPAN, 0.0);
@@ -345,8 +355,17 @@ impl Plan {
     }
 }
 
-/// One row `x` quantized into `q` (in the kernels' order), `dx` and `xs` (per block).
-fn quantize_row(x: &[f32], q: &mut [i8], dx: &mut [f32], xs: &mut [f32], offset: f32, bits: u8) {
+/// One row `x` quantized into `q` (in the kernels' order), `dx` and `xs` (per block), `dx`
+/// times `unit` (a `Table`'s; 1 for integer codes).
+fn quantize_row(
+    x: &[f32],
+    q: &mut [i8],
+    dx: &mut [f32],
+    xs: &mut [f32],
+    offset: f32,
+    unit: f32,
+    bits: u8,
+) {
     let mut tmp = [0i8; BLOCK];
     for (k, blk) in x.chunks_exact(BLOCK).enumerate() {
         let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -365,8 +384,8 @@ fn quantize_row(x: &[f32], q: &mut [i8], dx: &mut [f32], xs: &mut [f32], offset:
             sum += r;
         }
         place(&tmp, k, q, bits);
-        dx[k] = d;
-        xs[k] = offset * (d * sum as f32);
+        dx[k] = d * unit;
+        xs[k] = offset * (dx[k] * sum as f32);
     }
 }
 
@@ -452,6 +471,10 @@ mod scalar {
                 let mut acc = [0f32; 16];
                 let q = &a.q[b * a.qn..(b + 1) * a.qn];
                 for k0 in (0..blocks).step_by(SPAN) {
+                    if p.g16 {
+                        g16_span(args, codes, r, b, k0, &mut acc);
+                        continue;
+                    }
                     let j0 = k0 / bpg;
                     let mut sd = [0f32; 16];
                     let mut coef = [0f32; 16];
@@ -497,6 +520,41 @@ mod scalar {
             }
         }
     }
+
+    /// Span `k0` of weight row `r` (its `codes`) times activation row `b`, groups of 16: lane
+    /// l of step c holds group `2 k0 + 8c + l/2` of the row, in block `k0 + 4c + l/4`.
+    fn g16_span(args: &Args<'_>, codes: &[u8], r: usize, b: usize, k0: usize, acc: &mut [f32]) {
+        let (p, a) = (args.plan, args.a);
+        let (n, gpr) = (p.n_in, p.groups_per_row);
+        let row_bytes = n / 2;
+        let zero = match p.kind {
+            Kind::Symmetric { zero } => zero,
+            Kind::Affine => 0,
+        };
+        let q = &a.q[b * a.qn..(b + 1) * a.qn];
+        let steps = span_steps(4, (n / BLOCK - k0).min(SPAN));
+        for c in 0..steps {
+            let e = (k0 + 4 * c) * BLOCK;
+            let e_byte = e / 2;
+            for (l, v) in acc.iter_mut().enumerate() {
+                let (mut dot, mut sum) = (0i32, 0i32);
+                for t in 0..4 {
+                    let byte = 4 * l + t;
+                    sum += q[e + byte] as i32 + q[e + 64 + byte] as i32;
+                    if e_byte + byte < row_bytes {
+                        let code = codes[e_byte + byte];
+                        let lv = &args.levels;
+                        dot += lv[(code & 15) as usize] as i32 * q[e + byte] as i32;
+                        dot += lv[(code >> 4) as usize] as i32 * q[e + 64 + byte] as i32;
+                    }
+                }
+                let j = 2 * k0 + 8 * c + l / 2;
+                let s = if j < gpr { args.s[r * gpr + j] } else { 0.0 };
+                let sd = s * a.dx[b * a.stride + k0 + lane_block(4, c, l)];
+                *v = ((dot - zero * sum) as f32).mul_add(sd, *v);
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -521,30 +579,29 @@ mod kernel {
     pub unsafe fn rows(args: &Args<'_>, b0: usize, nb: usize, yt: &mut [f32]) {
         debug_assert!((1..=MAX_NB).contains(&nb));
         macro_rules! by_batch {
-            ($bits:literal, $half:literal, $table:literal) => {
+            ($bits:literal, $half:literal, $table:literal, $g16:literal) => {
                 match nb {
-                    1 => run::<$bits, $half, $table, 1, 4>(args, b0, yt),
-                    2 => run::<$bits, $half, $table, 2, 3>(args, b0, yt),
-                    3 => run::<$bits, $half, $table, 3, 2>(args, b0, yt),
-                    4 => run::<$bits, $half, $table, 4, 2>(args, b0, yt),
-                    5 => run::<$bits, $half, $table, 5, 1>(args, b0, yt),
-                    6 => run::<$bits, $half, $table, 6, 1>(args, b0, yt),
-                    7 => run::<$bits, $half, $table, 7, 1>(args, b0, yt),
-                    _ => run::<$bits, $half, $table, 8, 1>(args, b0, yt),
+                    1 => run::<$bits, $half, $table, $g16, 1, 4>(args, b0, yt),
+                    2 => run::<$bits, $half, $table, $g16, 2, 3>(args, b0, yt),
+                    3 => run::<$bits, $half, $table, $g16, 3, 2>(args, b0, yt),
+                    4 => run::<$bits, $half, $table, $g16, 4, 2>(args, b0, yt),
+                    5 => run::<$bits, $half, $table, $g16, 5, 1>(args, b0, yt),
+                    6 => run::<$bits, $half, $table, $g16, 6, 1>(args, b0, yt),
+                    7 => run::<$bits, $half, $table, $g16, 7, 1>(args, b0, yt),
+                    _ => run::<$bits, $half, $table, $g16, 8, 1>(args, b0, yt),
                 }
             };
         }
-        // Tables: 4-bit codes, scales widened (`Plan::rows`).
-        match (
-            args.plan.bits == 8,
-            args.s.is_empty(),
-            args.plan.table.is_some(),
-        ) {
-            (true, true, _) => by_batch!(8, true, false),
-            (true, false, _) => by_batch!(8, false, false),
-            (false, true, _) => by_batch!(4, true, false),
-            (false, false, false) => by_batch!(4, false, false),
-            (false, false, true) => by_batch!(4, false, true),
+        // Tables: 4-bit codes; groups of 16 (NVFP4): a table, scales widened (`Plan::rows`).
+        let p = args.plan;
+        match (p.bits == 8, args.s.is_empty(), p.table.is_some(), p.g16) {
+            (true, true, ..) => by_batch!(8, true, false, false),
+            (true, false, ..) => by_batch!(8, false, false, false),
+            (false, true, false, _) => by_batch!(4, true, false, false),
+            (false, true, true, _) => by_batch!(4, true, true, false),
+            (false, false, false, _) => by_batch!(4, false, false, false),
+            (false, false, true, false) => by_batch!(4, false, true, false),
+            (false, false, true, true) => by_batch!(4, false, true, true),
         }
     }
 
@@ -553,6 +610,7 @@ mod kernel {
         const BITS: u8,
         const HALF: bool,
         const TABLE: bool,
+        const G16: bool,
         const NB: usize,
         const R: usize,
     >(
@@ -585,10 +643,16 @@ mod kernel {
                 *v = lane_block(BITS, c, l).min(SPAN - 1) as i32;
             }
         }
+        let pairs: [i32; 16] = std::array::from_fn(|l| l as i32 / 2);
         let mut consts = Consts {
             group_of: _mm512_loadu_si512(table[SPAN / 2].as_ptr().cast()),
             lanes: [_mm512_setzero_si512(); SPAN / 2],
             levels: _mm512_broadcast_i32x4(_mm_loadu_si128(args.levels.as_ptr().cast())),
+            pairs: _mm512_loadu_si512(pairs.as_ptr().cast()),
+            zero: _mm512_set1_epi8(match p.kind {
+                Kind::Symmetric { zero } => zero as i8,
+                Kind::Affine => 0,
+            }),
         };
         for (v, t) in consts.lanes.iter_mut().zip(&table) {
             *v = _mm512_loadu_si512(t.as_ptr().cast());
@@ -596,10 +660,10 @@ mod kernel {
         let mut r = 0;
         while r < n_rows {
             if r + R <= n_rows {
-                rows_dot::<BITS, HALF, TABLE, NB, R>(args, &consts, r, b0, yt);
+                rows_dot::<BITS, HALF, TABLE, G16, NB, R>(args, &consts, r, b0, yt);
                 r += R;
             } else {
-                rows_dot::<BITS, HALF, TABLE, NB, 1>(args, &consts, r, b0, yt);
+                rows_dot::<BITS, HALF, TABLE, G16, NB, 1>(args, &consts, r, b0, yt);
                 r += 1;
             }
         }
@@ -607,11 +671,14 @@ mod kernel {
 
     /// Permutation indices: the span block of each lane's weight scale (`group_of`), and of
     /// each lane's products in step c (`lanes[c]`); `Args::levels` in each 128-bit lane (for
-    /// `vpshufb`).
+    /// `vpshufb`); for groups of 16, each lane's group in a step (`pairs`: l / 2) and the
+    /// table's `zero` in every byte.
     struct Consts {
         group_of: __m512i,
         lanes: [__m512i; SPAN / 2],
         levels: __m512i,
+        pairs: __m512i,
+        zero: __m512i,
     }
 
     /// `yt[(r + i) * batch + b0 + b] = W[r + i] . x[b0 + b]` for `i < R`, `b < NB`.
@@ -621,6 +688,7 @@ mod kernel {
         const BITS: u8,
         const HALF: bool,
         const TABLE: bool,
+        const G16: bool,
         const NB: usize,
         const R: usize,
     >(
@@ -643,16 +711,24 @@ mod kernel {
         let mut acc = [[_mm512_setzero_ps(); NB]; R];
         let mut k0 = 0;
         while k0 < blocks {
-            let j0 = k0 / bpg;
+            let j0 = if G16 { 2 * k0 } else { k0 / bpg };
             // Weight groups of this span (the rest of the row at most, zeros past it).
             let groups = (gpr - j0).min(SPAN);
             let gmask: __mmask16 = ((1u32 << groups) - 1) as __mmask16;
             let bmask: __mmask16 = ((1u32 << (blocks - k0).min(SPAN)) - 1) as __mmask16;
             let mut sd = [[_mm512_setzero_ps(); NB]; R];
+            // Groups of 16: each block's dx, for the lanes' own scales in the steps.
+            let mut dxs = [_mm512_setzero_ps(); NB];
+            for (b, d) in dxs.iter_mut().enumerate().take(if G16 { NB } else { 0 }) {
+                *d = _mm512_loadu_ps(a.dx.as_ptr().add((b0 + b) * a.stride + k0));
+            }
             for i in 0..R {
                 let at = (r + i) * gpr + j0;
                 if ahead {
                     prefetch_span::<BITS, HALF>(args, r + i + PREFETCH_ROWS, k0);
+                }
+                if G16 {
+                    continue;
                 }
                 let sg = load_groups::<HALF>(args.s, args.s16, at, gmask);
                 let s = _mm512_maskz_permutexvar_ps(bmask, group_of, sg);
@@ -695,6 +771,16 @@ mod kernel {
                         }
                     }
                 }
+                // Groups of 16: the step's 8 scales of each row, lane l taking group l / 2.
+                let mut s16 = [_mm512_setzero_ps(); R];
+                if G16 {
+                    let j = j0 + 8 * c;
+                    let gmask = ((1u32 << (gpr - j).min(8)) - 1) as __mmask16;
+                    for (i, v) in s16.iter_mut().enumerate() {
+                        let at = args.s.as_ptr().add((r + i) * gpr + j);
+                        *v = _mm512_permutexvar_ps(consts.pairs, _mm512_maskz_loadu_ps(gmask, at));
+                    }
+                }
                 for b in 0..NB {
                     let q = a.q.as_ptr().add((b0 + b) * a.qn + e);
                     let ql = _mm512_loadu_si512(q.cast());
@@ -703,12 +789,24 @@ mod kernel {
                     } else {
                         _mm512_loadu_si512(q.add(STEP_BYTES).cast())
                     };
+                    // Groups of 16: each lane's sum starts at -zero * (its inputs' sum of q).
+                    let (mut start, mut dx) = (_mm512_setzero_si512(), _mm512_setzero_ps());
+                    if G16 {
+                        let zq = _mm512_dpbusd_epi32(_mm512_setzero_si512(), consts.zero, ql);
+                        let zq = _mm512_dpbusd_epi32(zq, consts.zero, qh);
+                        start = _mm512_sub_epi32(_mm512_setzero_si512(), zq);
+                        dx = _mm512_permutexvar_ps(lane, dxs[b]);
+                    }
                     for i in 0..R {
-                        let mut dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[i], ql);
+                        let mut dot = _mm512_dpbusd_epi32(start, lo[i], ql);
                         if BITS == 4 {
                             dot = _mm512_dpbusd_epi32(dot, hi[i], qh);
                         }
-                        let scale = _mm512_permutexvar_ps(lane, sd[i][b]);
+                        let scale = if G16 {
+                            _mm512_mul_ps(s16[i], dx)
+                        } else {
+                            _mm512_permutexvar_ps(lane, sd[i][b])
+                        };
                         acc[i][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[i][b]);
                     }
                 }
@@ -743,7 +841,12 @@ mod kernel {
         for line in (0..span_bytes).step_by(64) {
             _mm_prefetch::<_MM_HINT_T1>(args.codes.as_ptr().add(start + line).cast());
         }
-        let group = row * p.groups_per_row + k0 / p.blocks_per_group;
+        let group = row * p.groups_per_row
+            + if p.g16 {
+                2 * k0
+            } else {
+                k0 / p.blocks_per_group
+            };
         let (at, params): (usize, [&[u8]; 2]) = if HALF {
             (group * 2, [args.s16, args.m16])
         } else {

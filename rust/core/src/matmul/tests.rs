@@ -385,7 +385,7 @@ fn int8_encoding(name: &str, bits: u8, group_size: u64, scale_dtype: DType) -> E
 }
 
 /// The encodings the int8 kernel takes, by `int8_encoding`'s names, and their bits.
-const INT8_KINDS: [(&str, u8); 7] = [
+const INT8_KINDS: [(&str, u8); 8] = [
     ("affine", 4),
     ("symmetric", 4),
     ("full", 4),
@@ -393,6 +393,7 @@ const INT8_KINDS: [(&str, u8); 7] = [
     ("symmetric", 8),
     ("nf4", 4),
     ("mxfp4", 4),
+    ("nvfp4", 4),
 ];
 
 /// (n_in, group size): one span and less, ragged spans (576 = 18 blocks), ragged groups
@@ -619,7 +620,8 @@ fn int8_plan_covers_the_integer_layouts() {
         (Codec::Affine { bits: 3 }, 256, 64, 1, false),
         (Codec::Nf4, 256, 64, 1, true),
         (Codec::Mxfp4, 256, 32, 1, true),
-        (Codec::nvfp4(1.0), 256, 16, 1, false), // blocks of 16: half an activation block
+        (Codec::nvfp4(1.0), 256, 16, 1, true), // blocks of 16: half an activation block
+        (Codec::nvfp4(1.0), 160, 16, 1, false), // not whole chunks of 64
         (Codec::Affine { bits: 4 }, 256, 64, 0, false),
     ] {
         let shape = [8, n_in as u64];
