@@ -17,8 +17,8 @@ per contender: the fastest round and the median round (ms), and the speedups of 
 ``F.linear``'s. The issue asks for batch 1 >= 3x fp32 and >= 1.5x bf16; batch 32 no slower than
 fp32. Each qtensors figure is in the activations' dtype (fp32 activations against fp32 F.linear,
 bf16 against bf16). "qtensors" is the default path (the integer kernel with int8 activations
-where it applies: 4-bit affine/symmetric, NF4 and MXFP4 through int8 tables of their levels, not
-FlexGen's groups along the outputs);
+where it applies: 4-bit affine/symmetric, NF4, MXFP4 and NVFP4 through int8 tables of their
+levels, not FlexGen's groups along the outputs);
 "exact" the same call with fp32 activations (``qtensors.torch.linear.CPU_INT8_ACTIVATIONS =
 False``).
 
@@ -113,6 +113,7 @@ def matmul_table(args) -> None:
         ("affine4 g64", qt.Affine(4, 64, axis=-1)),
         ("nf4 g64", qt.NF4(64, axis=-1)),
         ("mxfp4", qt.MXFP4(axis=-1)),
+        ("nvfp4", qt.NVFP4(axis=-1)),
         ("flexgen (axis 0)", qt.FLEXGEN),
     ]
     cols = ["qtensors", "exact", "rayon"]
