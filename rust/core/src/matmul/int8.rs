@@ -311,10 +311,12 @@ impl Plan {
         let size = w.params.scale_dtype.itemsize();
         let bytes = window.start * size..window.end * size;
         let affine = self.kind == Kind::Affine;
-        // fp16 scales and mins are widened inside the kernel; other types here (as decoding
-        // widens them), with one span of slack: the kernel loads whole spans (masked past the
-        // end).
-        let half = !scalar && w.params.scale_dtype == DType::Float16;
+        // fp16 scales and mins and MXFP4's E8M0 scales are widened inside the kernel (widening
+        // MXFP4's here, a scale per 32 weights, took as long as the matmul); other types here
+        // (as decoding widens them), with one span of slack: the kernel loads whole spans
+        // (masked past the end).
+        let e8m0 = w.codec == Codec::Mxfp4 && w.params.scale_dtype == DType::Uint8;
+        let half = !scalar && (w.params.scale_dtype == DType::Float16 || e8m0);
         let (mut s, mut m) = (Vec::new(), Vec::new());
         if !half {
             region::widen_scales(w, window.clone(), &mut s, &mut m)?;
@@ -335,6 +337,7 @@ impl Plan {
             m: &m,
             s16: raw(w.scales),
             m16: if affine { raw(w.mins) } else { &[] },
+            e8m0,
             levels: self
                 .table
                 .map_or(std::array::from_fn(|c| c as u8), |t| t.codes),
@@ -394,11 +397,12 @@ struct Args<'a> {
     plan: &'a Plan,
     codes: &'a [u8],
     /// Widened scales (and mins if affine) of the task's rows, `SPAN` zeros after; empty if
-    /// `s16` (and `m16`) hold them as stored, in fp16.
+    /// `s16` (and `m16`) hold them as stored, in fp16 (or E8M0 bytes if `e8m0`).
     s: &'a [f32],
     m: &'a [f32],
     s16: &'a [u8],
     m16: &'a [u8],
+    e8m0: bool,
     /// Code -> the byte the dot products take: the table's, or the code itself.
     levels: [u8; 16],
     a: &'a Activations,
@@ -625,8 +629,9 @@ mod kernel {
         assert!(args.codes.len() >= n_rows * row_bytes);
         let affine = p.kind == Kind::Affine;
         if HALF {
-            assert!(args.s16.len() >= n_rows * gpr * 2);
-            assert!(!affine || args.m16.len() >= n_rows * gpr * 2);
+            let size = if args.e8m0 { 1 } else { 2 };
+            assert!(args.s16.len() >= n_rows * gpr * size);
+            assert!(!affine || args.m16.len() >= n_rows * gpr * size);
         } else {
             assert!(args.s.len() >= n_rows * gpr + SPAN);
             assert!(!affine || args.m.len() >= n_rows * gpr + SPAN);
@@ -730,10 +735,10 @@ mod kernel {
                 if G16 {
                     continue;
                 }
-                let sg = load_groups::<HALF>(args.s, args.s16, at, gmask);
+                let sg = load_groups::<HALF>(args.s, args.s16, args.e8m0, at, gmask);
                 let s = _mm512_maskz_permutexvar_ps(bmask, group_of, sg);
                 let coef = if affine {
-                    let mg = load_groups::<HALF>(args.m, args.m16, at, gmask);
+                    let mg = load_groups::<HALF>(args.m, args.m16, false, at, gmask);
                     _mm512_maskz_permutexvar_ps(bmask, group_of, mg)
                 } else {
                     s
@@ -848,7 +853,7 @@ mod kernel {
                 k0 / p.blocks_per_group
             };
         let (at, params): (usize, [&[u8]; 2]) = if HALF {
-            (group * 2, [args.s16, args.m16])
+            (group * if args.e8m0 { 1 } else { 2 }, [args.s16, args.m16])
         } else {
             let f = |v: &[f32]| std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len() * 4);
             (group * 4, [f(args.s), f(args.m)])
@@ -861,16 +866,27 @@ mod kernel {
     }
 
     /// The values of the groups `at..` in `mask`'s lanes (zeros elsewhere), from fp32 `f` or,
-    /// if `HALF`, fp16 bytes `h`.
+    /// if `HALF`, bytes `h`: fp16, or E8M0 if `e8m0` (as `fp4::e8m0_value`).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn load_groups<const HALF: bool>(
         f: &[f32],
         h: &[u8],
+        e8m0: bool,
         at: usize,
         mask: __mmask16,
     ) -> __m512 {
-        if HALF {
+        if HALF && e8m0 {
+            // 2^(b - 127): b in the exponent field; 0 is 2^-127 (a subnormal), 255 NaN
+            let b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, h.as_ptr().add(at).cast()));
+            let bits = _mm512_slli_epi32::<23>(b);
+            let low = _mm512_mask_cmpeq_epi32_mask(mask, b, _mm512_setzero_si512());
+            let nan = _mm512_cmpeq_epi32_mask(b, _mm512_set1_epi32(255));
+            let bits = _mm512_mask_mov_epi32(bits, low, _mm512_set1_epi32(0x0040_0000));
+            let bits =
+                _mm512_mask_mov_epi32(bits, nan, _mm512_set1_epi32(f32::NAN.to_bits() as i32));
+            _mm512_castsi512_ps(bits)
+        } else if HALF {
             let p = h.as_ptr().add(2 * at).cast::<i16>();
             _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p))
         } else {

@@ -458,6 +458,59 @@ fn int8_kernel_bit_identical_to_scalar() {
     }
 }
 
+#[test]
+fn int8_e8m0_scales_widened_in_the_kernel_as_decoded() {
+    // MXFP4's scale bytes are widened inside the kernel: every kind of byte (0: 2^-127, a
+    // subnormal; 255: NaN; the rest powers of two) against the scalar model's widening
+    use super::int8::Plan;
+    use crate::codecs::region::Stored;
+    use crate::codecs::Codec;
+    use crate::format::GroupLayout;
+    if Plan::new(&empty_stored(), 64, false).is_none() {
+        return;
+    }
+    let mut r = Rng::new(24);
+    let (rows, n_in) = (5, 256);
+    let params = GroupParams {
+        bits: 4,
+        group_size: 32,
+        axis: 1,
+        scale_dtype: DType::Uint8,
+    };
+    let codes: Vec<u8> = (0..rows * n_in / 2)
+        .map(|_| (r.unit() * 1e6) as u8)
+        .collect();
+    let picks = [0u8, 1, 2, 100, 127, 128, 150, 200, 230];
+    let mut scales: Vec<u8> = (0..rows * n_in / 32)
+        .map(|i| picks[i % picks.len()])
+        .collect();
+    scales[rows * n_in / 32 - 1] = 255; // the last group of the last row
+    let w = Stored {
+        codec: Codec::Mxfp4,
+        params: &params,
+        layout: GroupLayout::new(&[rows as u64, n_in as u64], 1, 32).unwrap(),
+        codes: &codes,
+        scales: &scales,
+        mins: &[],
+    };
+    let (simd_plan, scalar_plan) = (
+        Plan::new(&w, n_in, false).unwrap(),
+        Plan::new(&w, n_in, true).unwrap(),
+    );
+    let x: Vec<f32> = (0..n_in).map(|_| r.unit()).collect();
+    let a = simd_plan.quantize(&x, 1).unwrap();
+    let (mut y1, mut y2) = (vec![0f32; rows], vec![0f32; rows]);
+    simd_plan.rows(&w, &a, 0, &mut y1, false).unwrap();
+    scalar_plan.rows(&w, &a, 0, &mut y2, true).unwrap();
+    for (o, (v1, v2)) in y1.iter().zip(&y2).enumerate() {
+        assert!(
+            v1.to_bits() == v2.to_bits() || (v1.is_nan() && v2.is_nan()),
+            "row {o}: {v1} {v2}"
+        );
+    }
+    assert!(y1[rows - 1].is_nan() && y1[..rows - 1].iter().all(|v| v.is_finite()));
+}
+
 fn empty_stored() -> crate::codecs::region::Stored<'static> {
     static P: GroupParams = GroupParams {
         bits: 4,
