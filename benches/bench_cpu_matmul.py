@@ -123,7 +123,7 @@ def matmul_table(args) -> None:
     with torch.no_grad():
         for n_out, n_in in SHAPES:
             lin = nn.Linear(n_in, n_out, bias=False)
-            for batch in [1, 32]:
+            for batch in args.batches:
                 for label, enc in encodings:
                     q1 = QuantizedLinear.from_linear(lin, enc)
                     qs = [q1] + [copy.deepcopy(q1) for _ in range(args.layers - 1)]
@@ -203,6 +203,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--layers", type=int, default=1, help="copies of each weight, in turn")
+    ap.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")], default=[1, 32])
     ap.add_argument("--breakdown", action="store_true", help="only the batch-1 breakdown")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
