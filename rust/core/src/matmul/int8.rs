@@ -311,13 +311,20 @@ impl Plan {
         let size = w.params.scale_dtype.itemsize();
         let bytes = window.start * size..window.end * size;
         let affine = self.kind == Kind::Affine;
-        // fp16 scales and mins and MXFP4's E8M0 scales are widened inside the kernel (widening
-        // MXFP4's here, a scale per 32 weights, took as long as the matmul); other types here
-        // (as decoding widens them), with one span of slack: the kernel loads whole spans
-        // (masked past the end).
-        let e8m0 = w.codec == Codec::Mxfp4 && w.params.scale_dtype == DType::Uint8;
-        let half = !scalar && (w.params.scale_dtype == DType::Float16 || e8m0);
-        let (mut s, mut m) = (Vec::new(), Vec::new());
+        // fp16 and bf16 scales and mins and MXFP4's E8M0 scales are widened inside the kernel
+        // (widening MXFP4's here, a scale per 32 weights, took as long as the matmul; bf16's
+        // added 40%); other types here (as decoding widens them), with one span of slack: the
+        // kernel loads whole spans (masked past the end).
+        let raw_kind = match w.params.scale_dtype {
+            DType::Float16 => Some(Raw::F16),
+            DType::Bfloat16 => Some(Raw::Bf16),
+            DType::Uint8 if w.codec == Codec::Mxfp4 => Some(Raw::E8m0),
+            _ => None,
+        };
+        let half = !scalar && raw_kind.is_some();
+        let [mut s, mut m] = WIDENED.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        s.clear();
+        m.clear();
         if !half {
             region::widen_scales(w, window.clone(), &mut s, &mut m)?;
             s.resize(window.len() + SPAN, 0.0);
@@ -337,7 +344,7 @@ impl Plan {
             m: &m,
             s16: raw(w.scales),
             m16: if affine { raw(w.mins) } else { &[] },
-            e8m0,
+            raw: raw_kind.unwrap_or(Raw::F16),
             levels: self
                 .table
                 .map_or(std::array::from_fn(|c| c as u8), |t| t.codes),
@@ -354,8 +361,17 @@ impl Plan {
             }
             b0 += nb;
         }
+        WIDENED.with(|b| *b.borrow_mut() = [s, m]);
         Ok(())
     }
+}
+
+thread_local! {
+    /// `Plan::rows`' widened scales and mins, kept between calls: a range of rows holds up to
+    /// a few MiB of them (NVFP4: a scale per 16 weights), which a fresh buffer per call maps
+    /// and faults in again.
+    static WIDENED: std::cell::RefCell<[Vec<f32>; 2]> =
+        const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
 }
 
 /// One row `x` quantized into `q` (in the kernels' order), `dx` and `xs` (per block), `dx`
@@ -392,17 +408,35 @@ fn quantize_row(
     }
 }
 
+/// The stored scale formats the kernel widens itself.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Raw {
+    F16,
+    Bf16,
+    /// MXFP4's power-of-two scales (`fp4::e8m0_value`).
+    E8m0,
+}
+
+impl Raw {
+    fn size(self) -> usize {
+        match self {
+            Raw::E8m0 => 1,
+            _ => 2,
+        }
+    }
+}
+
 /// One call's operands for the kernels, for the rows of one task.
 struct Args<'a> {
     plan: &'a Plan,
     codes: &'a [u8],
     /// Widened scales (and mins if affine) of the task's rows, `SPAN` zeros after; empty if
-    /// `s16` (and `m16`) hold them as stored, in fp16 (or E8M0 bytes if `e8m0`).
+    /// `s16` (and `m16`) hold them as stored, in `raw`'s format.
     s: &'a [f32],
     m: &'a [f32],
     s16: &'a [u8],
     m16: &'a [u8],
-    e8m0: bool,
+    raw: Raw,
     /// Code -> the byte the dot products take: the table's, or the code itself.
     levels: [u8; 16],
     a: &'a Activations,
@@ -629,7 +663,7 @@ mod kernel {
         assert!(args.codes.len() >= n_rows * row_bytes);
         let affine = p.kind == Kind::Affine;
         if HALF {
-            let size = if args.e8m0 { 1 } else { 2 };
+            let size = args.raw.size();
             assert!(args.s16.len() >= n_rows * gpr * size);
             assert!(!affine || args.m16.len() >= n_rows * gpr * size);
         } else {
@@ -735,10 +769,10 @@ mod kernel {
                 if G16 {
                     continue;
                 }
-                let sg = load_groups::<HALF>(args.s, args.s16, args.e8m0, at, gmask);
+                let sg = load_groups::<HALF>(args.s, args.s16, args.raw, at, gmask);
                 let s = _mm512_maskz_permutexvar_ps(bmask, group_of, sg);
                 let coef = if affine {
-                    let mg = load_groups::<HALF>(args.m, args.m16, false, at, gmask);
+                    let mg = load_groups::<HALF>(args.m, args.m16, args.raw, at, gmask);
                     _mm512_maskz_permutexvar_ps(bmask, group_of, mg)
                 } else {
                     s
@@ -853,7 +887,7 @@ mod kernel {
                 k0 / p.blocks_per_group
             };
         let (at, params): (usize, [&[u8]; 2]) = if HALF {
-            (group * if args.e8m0 { 1 } else { 2 }, [args.s16, args.m16])
+            (group * args.raw.size(), [args.s16, args.m16])
         } else {
             let f = |v: &[f32]| std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len() * 4);
             (group * 4, [f(args.s), f(args.m)])
@@ -866,17 +900,25 @@ mod kernel {
     }
 
     /// The values of the groups `at..` in `mask`'s lanes (zeros elsewhere), from fp32 `f` or,
-    /// if `HALF`, bytes `h`: fp16, or E8M0 if `e8m0` (as `fp4::e8m0_value`).
+    /// if `HALF`, bytes `h` in `raw`'s format.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn load_groups<const HALF: bool>(
         f: &[f32],
         h: &[u8],
-        e8m0: bool,
+        raw: super::Raw,
         at: usize,
         mask: __mmask16,
     ) -> __m512 {
-        if HALF && e8m0 {
+        if !HALF {
+            return _mm512_maskz_loadu_ps(mask, f.as_ptr().add(at));
+        }
+        let p16 = || h.as_ptr().cast::<i16>().add(at);
+        if raw == super::Raw::Bf16 {
+            // a bf16 is the top half of its fp32
+            let v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p16()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v))
+        } else if raw == super::Raw::E8m0 {
             // 2^(b - 127): b in the exponent field; 0 is 2^-127 (a subnormal), 255 NaN
             let b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, h.as_ptr().add(at).cast()));
             let bits = _mm512_slli_epi32::<23>(b);
@@ -886,11 +928,8 @@ mod kernel {
             let bits =
                 _mm512_mask_mov_epi32(bits, nan, _mm512_set1_epi32(f32::NAN.to_bits() as i32));
             _mm512_castsi512_ps(bits)
-        } else if HALF {
-            let p = h.as_ptr().add(2 * at).cast::<i16>();
-            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p))
         } else {
-            _mm512_maskz_loadu_ps(mask, f.as_ptr().add(at))
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p16()))
         }
     }
 
