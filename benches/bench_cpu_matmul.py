@@ -111,13 +111,14 @@ def summary(t: list[float]) -> tuple[float, float]:
 def matmul_table(args) -> None:
     encodings = [
         ("affine4 g64", qt.Affine(4, 64, axis=-1)),
+        ("affine4 bf16 scales", qt.Affine(4, 64, axis=-1, scale_dtype="bfloat16")),
         ("nf4 g64", qt.NF4(64, axis=-1)),
         ("mxfp4", qt.MXFP4(axis=-1)),
         ("nvfp4", qt.NVFP4(axis=-1)),
         ("flexgen (axis 0)", qt.FLEXGEN),
     ]
     cols = ["qtensors", "exact", "rayon"]
-    head = f"{'shape':>11} {'batch':>5} {'encoding':>17} {'dtype':>8} {'F.linear best/med':>18} "
+    head = f"{'shape':>11} {'batch':>5} {'encoding':>19} {'dtype':>8} {'F.linear best/med':>18} "
     print(head + " ".join(f"{c + ' best/med':>16} {'speedup':>11}" for c in cols))
     torch.manual_seed(0)
     with torch.no_grad():
@@ -146,7 +147,7 @@ def matmul_table(args) -> None:
                         )
                         ref = summary(t["F.linear"])
                         line = (
-                            f"{n_out:>5}x{n_in:<5} {batch:>5} {label:>17} {str(dt)[6:]:>8} "
+                            f"{n_out:>5}x{n_in:<5} {batch:>5} {label:>19} {str(dt)[6:]:>8} "
                             f"{ref[0]:8.3f}/{ref[1]:<9.3f}"
                         )
                         for c in cols:
