@@ -10,9 +10,10 @@
   only the output and a split-K workspace are allocated, through torch). Other weights and
   larger batches are decoded, then ``F.linear`` (cuBLAS).
 * CPU (``linear_cpu``): the Rust core's matmul on the packed codes (``rust/core/src/matmul``:
-  4- and 8-bit integer codes times int8-quantized activations unless ``CPU_INT8_ACTIVATIONS``
-  is False, else fp32 kernels, or bf16 tiles for bf16 batches), or decode and ``F.linear``
-  (float64, FP4 parts, large half-precision batches); ``_route`` picks by shapes. Its threads
+  4- and 8-bit integer codes, NF4 and FP4 through int8 tables of their levels, times
+  int8-quantized activations unless ``CPU_INT8_ACTIVATIONS`` is False, else fp32 kernels, or
+  bf16 tiles for bf16 batches), or decode and ``F.linear`` (float64, FP4 outside the int8
+  kernel, large half-precision batches); ``_route`` picks by shapes. Its threads
   are torch's OpenMP team where torch has one, else rayon's (``cpu_pool.py``).
 * meta / FakeTensor: shape and dtype only, so the op traces under ``torch.compile``.
 
@@ -48,10 +49,11 @@ from .ops import (
 
 # Rows of x up to which the Rust core's packed GEMV runs (rust/core/src/matmul/packed.rs).
 CPU_PACKED_MAX_ROWS = 8
-# The Rust core multiplies 4- and 8-bit integer codes by activations quantized to int8 per block
-# of 32 (AVX-512 VNNI; ~0.5% RMS relative error from the activations' rounding, see
-# rust/core/src/matmul/int8.rs). False: fp32 activations, results equal to decode-then-matmul up
-# to the order of fp32 additions.
+# The Rust core multiplies 4- and 8-bit integer codes, and NF4 / FP4 codes through an int8 table
+# of their levels, by activations quantized to int8 per block of 32 (AVX-512 VNNI; ~0.5% RMS
+# relative error from the activations' rounding; NF4's table moves each weight by at most 0.4% of
+# its group's scale; see rust/core/src/matmul/int8.rs). False: fp32 activations, results equal to
+# decode-then-matmul up to the order of fp32 additions (FP4 weights: decoded, then F.linear).
 CPU_INT8_ACTIVATIONS = True
 # bf16 rows up to which large weights stay in the int8 kernel without AVX-512 BF16 (_route).
 CPU_INT8_HALF_MAX_ROWS = 64
@@ -166,6 +168,7 @@ class _CpuPlan:
         "bias",
         "checked",
         "enc",
+        "fp4",
         "int8",
         "mins",
         "parts",
@@ -181,7 +184,9 @@ class _CpuPlan:
         self.checked: set = set()  # (in_features, dtype) of activations already checked
         self.parts = self.enc = None  # None: the Rust core does not take these scales
         self.int8 = _int8_applies(encoding, bits, group_size, a, shape)
-        if scales.dtype in SCALE_DTYPES:
+        # FP4 weights go to the core for its int8 kernel only (linear_cpu)
+        self.fp4 = encoding in FP4_SCALE_NAMES
+        if scales.dtype in SCALE_DTYPES or (self.fp4 and self.int8):
             scale_dtype = FP4_SCALE_NAMES.get(encoding) or SCALE_DTYPES[scales.dtype]
             self.enc = json.dumps(encoding_dict(encoding, bits, group_size, a, scale_dtype))
             parts = [codes, scales] if mins is None else [codes, scales, mins]
@@ -190,12 +195,16 @@ class _CpuPlan:
 
 def _int8_applies(encoding: str, bits: int, group_size: int, axis: int, shape) -> bool:
     """Whether the core's integer kernel takes this weight (``rust/core/src/matmul/int8.rs``,
-    ``Plan::new``): an AVX-512 VNNI CPU; 4- or 8-bit affine or symmetric codes in groups of
-    whole blocks of 32 along the inputs; the inputs in whole chunks of 64; 16 blocks a span
-    either a multiple of the group's blocks or inside one group."""
+    ``Plan::new``): an AVX-512 VNNI CPU; 4- or 8-bit affine or symmetric codes, or NF4, MXFP4 or
+    NVFP4 codes, in groups of whole blocks of 32 along the inputs (NVFP4: its blocks of 16); the
+    inputs in whole chunks of 64; 16 blocks a span either a multiple of the group's blocks or
+    inside one group."""
     n_in = int(shape[1])
-    if not _INT8_CPU or encoding not in ("affine", "symmetric") or bits not in (4, 8) or axis != 1:
+    kinds = ("affine", "symmetric", "nf4", "mxfp4", "nvfp4")
+    if not _INT8_CPU or encoding not in kinds or bits not in (4, 8) or axis != 1:
         return False
+    if encoding == "nvfp4":
+        return n_in > 0 and n_in % 64 == 0
     g = min(group_size, n_in)
     blocks = g // 32
     return n_in > 0 and n_in % 64 == 0 and g % 32 == 0 and (16 % blocks == 0 or blocks % 16 == 0)
@@ -266,6 +275,13 @@ def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, 
     n_out, n_in = p.shape
     rows = x.numel() // n_in if n_in else 0
     route = "decode" if p.parts is None else _cpu_route(p.int8, n_out, n_in, x.dtype, rows)
+    if p.fp4 and route == "exact":
+        # FP4 has no float kernel in the core, and decoding it to bf16 costs more than the int8
+        # kernel's matmul up to tens of rows (4096x4096 at 32 rows: 12.7 ms against ~1.7)
+        bf16_ok = x.dtype != torch.bfloat16 or rows <= CPU_BF16_TILES_MAX_ROWS
+        route = "int8" if p.int8 and CPU_INT8_ACTIVATIONS and bf16_ok else "decode"
+    elif p.fp4 and route != "int8":
+        route = "decode"
     if route == "decode":
         return linear_dequantize(
             x, codes, scales, mins, bias, shape, encoding, bits, group_size, p.axis

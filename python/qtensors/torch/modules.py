@@ -384,11 +384,17 @@ class QuantizedLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
+        # Read from the modules' dicts, not as attributes: nn.Module.__getattr__ costs ~0.5 us
+        # each, 2.5 us of a call that takes ~10 us outside the matmul (benches/bench_cpu_matmul.py
+        # --breakdown).
+        w = self._modules["weight"]
+        parts = w._buffers
         if x.dtype not in OUT_DTYPES:
             x = x.to(w.dtype)
         shape, name, bits, group_size, axis = w.op_args
-        return linear(x, w.codes, w.scales, w.mins, self.bias, shape, name, bits, group_size, axis)
+        codes, scales, mins = parts["codes"], parts["scales"], parts["mins"]
+        bias = self._parameters["bias"]
+        return linear(x, codes, scales, mins, bias, shape, name, bits, group_size, axis)
 
     def extra_repr(self) -> str:
         return (

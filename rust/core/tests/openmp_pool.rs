@@ -207,6 +207,21 @@ fn openmp_pool() {
         })
         .unwrap();
         assert!(items.iter().all(|&v| v == 1));
+        // run_ranges covers every unit once, in ranges of 1..=max units, the first ones large
+        let taken = std::sync::Mutex::new(Vec::new());
+        pool::run_ranges(1000, 64, |r| {
+            taken.lock().unwrap().push(r);
+            Ok(())
+        })
+        .unwrap();
+        let mut taken = taken.into_inner().unwrap();
+        assert!(taken.iter().all(|r| (1..=64).contains(&r.len())));
+        assert!(taken.iter().any(|r| r.len() == 64));
+        taken.sort_by_key(|r| r.start);
+        assert_eq!(taken[0].start, 0);
+        assert!(taken.windows(2).all(|w| w[0].end == w[1].start));
+        assert_eq!(taken.last().unwrap().end, 1000);
+        pool::run_ranges(0, 8, |_| panic!("no units, no calls")).unwrap();
     }
     pool::use_rayon();
 }

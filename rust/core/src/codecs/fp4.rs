@@ -144,10 +144,16 @@ pub fn tensor_amax(k: &Kernels, src: Source<'_>) -> Result<f32> {
 /// E4M3 bytes.
 pub fn widen_scales(bytes: &[u8], dtype: DType, out: &mut [f32]) -> Result<()> {
     match dtype {
-        DType::Uint8 => out
-            .iter_mut()
-            .zip(bytes)
-            .for_each(|(o, &b)| *o = e8m0_value(b)),
+        // e8m0_value's bits picked by the byte (no float per case), so the loop can run as
+        // vector selects: MXFP4 widens a scale per 32 elements
+        DType::Uint8 => out.iter_mut().zip(bytes).for_each(|(o, &b)| {
+            let bits = match b {
+                0 => 0x0040_0000,
+                255 => f32::NAN.to_bits(),
+                _ => (b as u32) << 23,
+            };
+            *o = f32::from_bits(bits)
+        }),
         DType::Float8E4m3fn => out
             .iter_mut()
             .zip(bytes)
@@ -254,6 +260,12 @@ mod tests {
         assert_eq!(e8m0_value(127), 1.0);
         assert_eq!(e8m0_value(0), 2f32.powi(-127));
         assert!(e8m0_value(255).is_nan());
+        let all: Vec<u8> = (0..=255).collect();
+        let mut wide = vec![0f32; 256];
+        widen_scales(&all, DType::Uint8, &mut wide).unwrap();
+        for (&b, w) in all.iter().zip(&wide) {
+            assert_eq!(w.to_bits(), e8m0_value(b).to_bits(), "byte {b}");
+        }
         let bytes = scale_bytes(
             &[e8m0_value(0), e8m0_value(1), e8m0_value(254)],
             DType::Uint8,

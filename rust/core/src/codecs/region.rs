@@ -320,7 +320,7 @@ fn segment_window(seg: &Segment) -> Range<usize> {
 }
 
 /// Widen the stored scales (and mins) of `window` into the two buffers.
-fn widen_scales(
+pub(crate) fn widen_scales(
     q: &Stored<'_>,
     window: Range<usize>,
     s_buf: &mut Vec<f32>,

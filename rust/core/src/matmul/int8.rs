@@ -29,14 +29,36 @@
 //! from memory, 1 thread: 576x1536 18 us against 21-26 without, 2048x5632 172 against 265; on
 //! a layer already in cache it costs ~20%: 4096x4096 183 us against 150).
 //!
+//! Codes whose levels are not their integer values take the same kernel through a table of 16
+//! int8 levels (`Table`), looked up per nibble with `vpshufb` before the dot products:
+//!
+//! * MXFP4: E2M1 values doubled are the integers 0, ±1, ±2, ±3, ±4, ±6, ±8, ±12, so the table
+//!   is exact and the activations' block scales are halved (a table's `unit` rides on them):
+//!   the weight is used exactly as stored. NVFP4 the same, its block scale E4M3 times the
+//!   tensor scale as decoding rounds it; its blocks of 16 are half an activation block, so each lane's scale
+//!   is its own block's scale times its activation block's `dx` (`Plan::g16`), and the
+//!   `zero` comes out of each lane's integer sum before it is scaled: the dot products start
+//!   from `-zero * sum(q)` over the lane's 8 inputs (two more `vpdpbusd` per step, shared by
+//!   the rows of a pass).
+//! * NF4: its levels are not integers; the table holds `round(level * 127)` (as llama.cpp's
+//!   IQ4_NL does) and the activations' block scales are divided by 127. That moves each weight by at most
+//!   `0.5 / 127` (0.4%) of its group's absmax, where NF4's own rounding moves it by up to half
+//!   a level spacing, 4-15% of it: a small addition to the activations' rounding (`tests.rs`
+//!   and `tests/test_cpu_matmul.py` bound both).
+//!
+//! `vpdpbusd` multiplies unsigned by signed bytes, so the table stores `level + zero` (unsigned)
+//! and the kernel runs as for symmetric codes with that `zero`: `- zero * s * dx * sum(q)`
+//! per block, computed once per call, takes it back out.
+//!
 //! The float arithmetic runs in 16 lanes in a fixed order, and `scalar` repeats it lane by lane
 //! with the same roundings, so the two agree bit for bit (tested).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::codecs::float;
-use crate::codecs::region::Stored;
-use crate::codecs::Codec;
+use crate::codecs::codec::NF4_LEVELS;
+use crate::codecs::fp4::E2M1_LEVELS;
+use crate::codecs::region::{self, Stored};
+use crate::codecs::{float, Codec};
 use crate::error::Result;
 use crate::format::DType;
 
@@ -87,46 +109,93 @@ pub enum Kind {
     Symmetric { zero: i32 },
 }
 
+/// The int8 levels of 4-bit codes that are not integers (module doc): `level * unit` is the
+/// code's value before its group's scale, `level = codes[code] - zero` (`Kind::Symmetric`).
+#[derive(Clone, Copy, Debug)]
+struct Table {
+    /// Code -> `level + zero`, in 0..=255.
+    codes: [u8; 16],
+    /// What a level is multiplied by, before the group's scale: 1/2 (E2M1 doubled), 1/127
+    /// (NF4); applied to the activations' block scales (`quantize_row`).
+    unit: f32,
+}
+
+impl Table {
+    /// The table for `codec` and its `zero`, if it takes one.
+    fn of(codec: Codec) -> Option<(Table, i32)> {
+        let (levels, mul, zero) = match codec {
+            Codec::Mxfp4 | Codec::Nvfp4 { .. } => (&E2M1_LEVELS, 2.0f32, 12),
+            Codec::Nf4 => (&NF4_LEVELS, 127.0, 127),
+            _ => return None,
+        };
+        let mut codes = [0u8; 16];
+        for (c, &l) in codes.iter_mut().zip(levels) {
+            // E2M1 doubled is exact; NF4 rounds (module doc)
+            *c = ((l * mul).round() as i32 + zero) as u8;
+        }
+        Some((
+            Table {
+                codes,
+                unit: 1.0 / mul,
+            },
+            zero,
+        ))
+    }
+}
+
 /// What the integer kernels need to know about a weight they can multiply.
 pub struct Plan {
     kind: Kind,
+    /// For codes looked up in a table of levels (NF4, FP4); None: the codes are the levels.
+    table: Option<Table>,
     bits: u8,
     n_in: usize,
     groups_per_row: usize,
-    /// Blocks per weight group (`group / 32`): it divides 16, or 16 divides it.
+    /// Blocks per weight group (`group / 32`): it divides 16, or 16 divides it; 1 if `g16`.
     blocks_per_group: usize,
+    /// Groups of 16 (NVFP4's blocks): two per activation block.
+    g16: bool,
 }
 
 impl Plan {
-    /// A plan if the integer kernels apply: 4- or 8-bit affine or symmetric codes in groups of
-    /// a multiple of 32 along the inputs, the inputs a multiple of 64, and (unless `scalar`) a
-    /// CPU with AVX-512 VNNI.
+    /// A plan if the integer kernels apply: 4- or 8-bit affine or symmetric codes, or NF4,
+    /// MXFP4 or NVFP4 codes (through a `Table`), in groups of a multiple of 32 along the inputs
+    /// (NVFP4: its blocks of 16), the inputs a multiple of 64, and (unless `scalar`) a CPU with
+    /// AVX-512 VNNI.
     pub fn new(w: &Stored<'_>, n_in: usize, scalar: bool) -> Option<Plan> {
-        let (kind, bits) = match w.codec {
-            Codec::Affine { bits } => (Kind::Affine, bits),
+        let (kind, table, bits) = match w.codec {
+            Codec::Affine { bits } => (Kind::Affine, None, bits),
             Codec::Symmetric { bits } | Codec::SymmetricFull { bits } => (
                 Kind::Symmetric {
                     zero: w.codec.zero(),
                 },
+                None,
                 bits,
             ),
-            _ => return None,
+            c @ (Codec::Nf4 | Codec::Mxfp4 | Codec::Nvfp4 { .. }) => {
+                let (table, zero) = Table::of(c)?;
+                (Kind::Symmetric { zero }, Some(table), 4)
+            }
         };
         let group = (w.layout.group_size as usize).min(n_in);
-        let bpg = group / BLOCK;
+        let g16 = matches!(w.codec, Codec::Nvfp4 { .. }) && group == 16;
+        let bpg = if g16 { 1 } else { group / BLOCK };
         let fits = (bits == 4 || bits == 8)
             && w.layout.inner == 1
             && w.layout.axis_len as usize == n_in
             && n_in > 0
             && n_in.is_multiple_of(CHUNK)
-            && group.is_multiple_of(BLOCK)
-            && (SPAN.is_multiple_of(bpg) || bpg.is_multiple_of(SPAN));
+            && (g16
+                || (group.is_multiple_of(BLOCK)
+                    && (SPAN.is_multiple_of(bpg) || bpg.is_multiple_of(SPAN))));
         (fits && (scalar || kernel::available())).then_some(Plan {
             kind,
+            table,
             bits,
             n_in,
             groups_per_row: w.layout.groups_along_axis as usize,
             blocks_per_group: bpg,
+            g16,
         })
     }
 
@@ -157,6 +226,8 @@ impl Plan {
             Kind::Affine => 1.0,
             Kind::Symmetric { zero } => -(zero as f32),
         };
+        // A table's unit rides on the activations' scales (once per block, not per weight group)
+        let unit = self.table.map_or(1.0, |t| t.unit);
         let mut a = Activations {
             batch,
             n_in: n,
@@ -175,7 +246,7 @@ impl Plan {
             if !buf.iter().all(|v| v.is_finite()) {
                 return Ok(false);
             }
-            quantize_row(buf, q, dx, xs, offset, bits);
+            quantize_row(buf, q, dx, xs, offset, unit, bits);
             Ok(true)
         };
         let Activations { q, dx, xs, .. } = &mut a;
@@ -240,17 +311,25 @@ impl Plan {
         let size = w.params.scale_dtype.itemsize();
         let bytes = window.start * size..window.end * size;
         let affine = self.kind == Kind::Affine;
-        // fp16 scales and mins are widened inside the kernel; other types here, with one span of
-        // slack: the kernel loads whole spans (masked past the end).
-        let half = !scalar && w.params.scale_dtype == DType::Float16;
-        let (mut s, mut m) = (Vec::new(), Vec::new());
+        // fp16 and bf16 scales and mins and MXFP4's E8M0 scales are widened inside the kernel
+        // (widening MXFP4's here, a scale per 32 weights, took as long as the matmul; bf16's
+        // added 40%); other types here (as decoding widens them), with one span of slack: the
+        // kernel loads whole spans (masked past the end).
+        let raw_kind = match w.params.scale_dtype {
+            DType::Float16 => Some(Raw::F16),
+            DType::Bfloat16 => Some(Raw::Bf16),
+            DType::Uint8 if w.codec == Codec::Mxfp4 => Some(Raw::E8m0),
+            _ => None,
+        };
+        let half = !scalar && raw_kind.is_some();
+        let [mut s, mut m] = WIDENED.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        s.clear();
+        m.clear();
         if !half {
+            region::widen_scales(w, window.clone(), &mut s, &mut m)?;
             s.resize(window.len() + SPAN, 0.0);
-            let dt = w.params.scale_dtype;
-            float::widen_into(&w.scales[bytes.clone()], dt, &mut s[..window.len()])?;
             if affine {
                 m.resize(window.len() + SPAN, 0.0);
-                float::widen_into(&w.mins[bytes.clone()], dt, &mut m[..window.len()])?;
             }
         }
         let raw = |p: &'a [u8]| if half { &p[bytes.start..] } else { &[][..] };
@@ -265,6 +344,10 @@ impl Plan {
             m: &m,
             s16: raw(w.scales),
             m16: if affine { raw(w.mins) } else { &[] },
+            raw: raw_kind.unwrap_or(Raw::F16),
+            levels: self
+                .table
+                .map_or(std::array::from_fn(|c| c as u8), |t| t.codes),
             a,
         };
         let mut b0 = 0;
@@ -278,12 +361,30 @@ impl Plan {
             }
             b0 += nb;
         }
+        WIDENED.with(|b| *b.borrow_mut() = [s, m]);
         Ok(())
     }
 }
 
-/// One row `x` quantized into `q` (in the kernels' order), `dx` and `xs` (per block).
-fn quantize_row(x: &[f32], q: &mut [i8], dx: &mut [f32], xs: &mut [f32], offset: f32, bits: u8) {
+thread_local! {
+    /// `Plan::rows`' widened scales and mins, kept between calls: a range of rows holds up to
+    /// a few MiB of them (NVFP4: a scale per 16 weights), which a fresh buffer per call maps
+    /// and faults in again.
+    static WIDENED: std::cell::RefCell<[Vec<f32>; 2]> =
+        const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
+}
+
+/// One row `x` quantized into `q` (in the kernels' order), `dx` and `xs` (per block), `dx`
+/// times `unit` (a `Table`'s; 1 for integer codes).
+fn quantize_row(
+    x: &[f32],
+    q: &mut [i8],
+    dx: &mut [f32],
+    xs: &mut [f32],
+    offset: f32,
+    unit: f32,
+    bits: u8,
+) {
     let mut tmp = [0i8; BLOCK];
     for (k, blk) in x.chunks_exact(BLOCK).enumerate() {
         let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -302,8 +403,26 @@ fn quantize_row(x: &[f32], q: &mut [i8], dx: &mut [f32], xs: &mut [f32], offset:
             sum += r;
         }
         place(&tmp, k, q, bits);
-        dx[k] = d;
-        xs[k] = offset * (d * sum as f32);
+        dx[k] = d * unit;
+        xs[k] = offset * (dx[k] * sum as f32);
+    }
+}
+
+/// The stored scale formats the kernel widens itself.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Raw {
+    F16,
+    Bf16,
+    /// MXFP4's power-of-two scales (`fp4::e8m0_value`).
+    E8m0,
+}
+
+impl Raw {
+    fn size(self) -> usize {
+        match self {
+            Raw::E8m0 => 1,
+            _ => 2,
+        }
     }
 }
 
@@ -312,11 +431,14 @@ struct Args<'a> {
     plan: &'a Plan,
     codes: &'a [u8],
     /// Widened scales (and mins if affine) of the task's rows, `SPAN` zeros after; empty if
-    /// `s16` (and `m16`) hold them as stored, in fp16.
+    /// `s16` (and `m16`) hold them as stored, in `raw`'s format.
     s: &'a [f32],
     m: &'a [f32],
     s16: &'a [u8],
     m16: &'a [u8],
+    raw: Raw,
+    /// Code -> the byte the dot products take: the table's, or the code itself.
+    levels: [u8; 16],
     a: &'a Activations,
 }
 
@@ -387,6 +509,10 @@ mod scalar {
                 let mut acc = [0f32; 16];
                 let q = &a.q[b * a.qn..(b + 1) * a.qn];
                 for k0 in (0..blocks).step_by(SPAN) {
+                    if p.g16 {
+                        g16_span(args, codes, r, b, k0, &mut acc);
+                        continue;
+                    }
                     let j0 = k0 / bpg;
                     let mut sd = [0f32; 16];
                     let mut coef = [0f32; 16];
@@ -418,8 +544,10 @@ mod scalar {
                                     dot += codes[e + byte] as i32 * q[e + byte] as i32;
                                 } else if e_byte + byte < row_bytes {
                                     let code = codes[e_byte + byte];
-                                    dot += (code & 15) as i32 * q[e + byte] as i32;
-                                    dot += (code >> 4) as i32 * q[e + 64 + byte] as i32;
+                                    let lv = &args.levels;
+                                    dot += lv[(code & 15) as usize] as i32 * q[e + byte] as i32;
+                                    dot +=
+                                        lv[(code >> 4) as usize] as i32 * q[e + 64 + byte] as i32;
                                 }
                             }
                             *v = (dot as f32).mul_add(sd[lane_block(p.bits, c, l)], *v);
@@ -427,6 +555,41 @@ mod scalar {
                     }
                 }
                 yt[r * a.batch + b] = reduce(acc);
+            }
+        }
+    }
+
+    /// Span `k0` of weight row `r` (its `codes`) times activation row `b`, groups of 16: lane
+    /// l of step c holds group `2 k0 + 8c + l/2` of the row, in block `k0 + 4c + l/4`.
+    fn g16_span(args: &Args<'_>, codes: &[u8], r: usize, b: usize, k0: usize, acc: &mut [f32]) {
+        let (p, a) = (args.plan, args.a);
+        let (n, gpr) = (p.n_in, p.groups_per_row);
+        let row_bytes = n / 2;
+        let zero = match p.kind {
+            Kind::Symmetric { zero } => zero,
+            Kind::Affine => 0,
+        };
+        let q = &a.q[b * a.qn..(b + 1) * a.qn];
+        let steps = span_steps(4, (n / BLOCK - k0).min(SPAN));
+        for c in 0..steps {
+            let e = (k0 + 4 * c) * BLOCK;
+            let e_byte = e / 2;
+            for (l, v) in acc.iter_mut().enumerate() {
+                let (mut dot, mut sum) = (0i32, 0i32);
+                for t in 0..4 {
+                    let byte = 4 * l + t;
+                    sum += q[e + byte] as i32 + q[e + 64 + byte] as i32;
+                    if e_byte + byte < row_bytes {
+                        let code = codes[e_byte + byte];
+                        let lv = &args.levels;
+                        dot += lv[(code & 15) as usize] as i32 * q[e + byte] as i32;
+                        dot += lv[(code >> 4) as usize] as i32 * q[e + 64 + byte] as i32;
+                    }
+                }
+                let j = 2 * k0 + 8 * c + l / 2;
+                let s = if j < gpr { args.s[r * gpr + j] } else { 0.0 };
+                let sd = s * a.dx[b * a.stride + k0 + lane_block(4, c, l)];
+                *v = ((dot - zero * sum) as f32).mul_add(sd, *v);
             }
         }
     }
@@ -454,29 +617,41 @@ mod kernel {
     pub unsafe fn rows(args: &Args<'_>, b0: usize, nb: usize, yt: &mut [f32]) {
         debug_assert!((1..=MAX_NB).contains(&nb));
         macro_rules! by_batch {
-            ($bits:literal, $half:literal) => {
+            ($bits:literal, $half:literal, $table:literal, $g16:literal) => {
                 match nb {
-                    1 => run::<$bits, $half, 1, 4>(args, b0, yt),
-                    2 => run::<$bits, $half, 2, 3>(args, b0, yt),
-                    3 => run::<$bits, $half, 3, 2>(args, b0, yt),
-                    4 => run::<$bits, $half, 4, 2>(args, b0, yt),
-                    5 => run::<$bits, $half, 5, 1>(args, b0, yt),
-                    6 => run::<$bits, $half, 6, 1>(args, b0, yt),
-                    7 => run::<$bits, $half, 7, 1>(args, b0, yt),
-                    _ => run::<$bits, $half, 8, 1>(args, b0, yt),
+                    1 => run::<$bits, $half, $table, $g16, 1, 4>(args, b0, yt),
+                    2 => run::<$bits, $half, $table, $g16, 2, 3>(args, b0, yt),
+                    3 => run::<$bits, $half, $table, $g16, 3, 2>(args, b0, yt),
+                    4 => run::<$bits, $half, $table, $g16, 4, 2>(args, b0, yt),
+                    5 => run::<$bits, $half, $table, $g16, 5, 1>(args, b0, yt),
+                    6 => run::<$bits, $half, $table, $g16, 6, 1>(args, b0, yt),
+                    7 => run::<$bits, $half, $table, $g16, 7, 1>(args, b0, yt),
+                    _ => run::<$bits, $half, $table, $g16, 8, 1>(args, b0, yt),
                 }
             };
         }
-        match (args.plan.bits == 8, args.s.is_empty()) {
-            (true, true) => by_batch!(8, true),
-            (true, false) => by_batch!(8, false),
-            (false, true) => by_batch!(4, true),
-            (false, false) => by_batch!(4, false),
+        // Tables: 4-bit codes; groups of 16 (NVFP4): a table, scales widened (`Plan::rows`).
+        let p = args.plan;
+        match (p.bits == 8, args.s.is_empty(), p.table.is_some(), p.g16) {
+            (true, true, ..) => by_batch!(8, true, false, false),
+            (true, false, ..) => by_batch!(8, false, false, false),
+            (false, true, false, _) => by_batch!(4, true, false, false),
+            (false, true, true, _) => by_batch!(4, true, true, false),
+            (false, false, false, _) => by_batch!(4, false, false, false),
+            (false, false, true, false) => by_batch!(4, false, true, false),
+            (false, false, true, true) => by_batch!(4, false, true, true),
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
-    unsafe fn run<const BITS: u8, const HALF: bool, const NB: usize, const R: usize>(
+    unsafe fn run<
+        const BITS: u8,
+        const HALF: bool,
+        const TABLE: bool,
+        const G16: bool,
+        const NB: usize,
+        const R: usize,
+    >(
         args: &Args<'_>,
         b0: usize,
         yt: &mut [f32],
@@ -488,8 +663,9 @@ mod kernel {
         assert!(args.codes.len() >= n_rows * row_bytes);
         let affine = p.kind == Kind::Affine;
         if HALF {
-            assert!(args.s16.len() >= n_rows * gpr * 2);
-            assert!(!affine || args.m16.len() >= n_rows * gpr * 2);
+            let size = args.raw.size();
+            assert!(args.s16.len() >= n_rows * gpr * size);
+            assert!(!affine || args.m16.len() >= n_rows * gpr * size);
         } else {
             assert!(args.s.len() >= n_rows * gpr + SPAN);
             assert!(!affine || args.m.len() >= n_rows * gpr + SPAN);
@@ -506,9 +682,16 @@ mod kernel {
                 *v = lane_block(BITS, c, l).min(SPAN - 1) as i32;
             }
         }
+        let pairs: [i32; 16] = std::array::from_fn(|l| l as i32 / 2);
         let mut consts = Consts {
             group_of: _mm512_loadu_si512(table[SPAN / 2].as_ptr().cast()),
             lanes: [_mm512_setzero_si512(); SPAN / 2],
+            levels: _mm512_broadcast_i32x4(_mm_loadu_si128(args.levels.as_ptr().cast())),
+            pairs: _mm512_loadu_si512(pairs.as_ptr().cast()),
+            zero: _mm512_set1_epi8(match p.kind {
+                Kind::Symmetric { zero } => zero as i8,
+                Kind::Affine => 0,
+            }),
         };
         for (v, t) in consts.lanes.iter_mut().zip(&table) {
             *v = _mm512_loadu_si512(t.as_ptr().cast());
@@ -516,26 +699,38 @@ mod kernel {
         let mut r = 0;
         while r < n_rows {
             if r + R <= n_rows {
-                rows_dot::<BITS, HALF, NB, R>(args, &consts, r, b0, yt);
+                rows_dot::<BITS, HALF, TABLE, G16, NB, R>(args, &consts, r, b0, yt);
                 r += R;
             } else {
-                rows_dot::<BITS, HALF, NB, 1>(args, &consts, r, b0, yt);
+                rows_dot::<BITS, HALF, TABLE, G16, NB, 1>(args, &consts, r, b0, yt);
                 r += 1;
             }
         }
     }
 
     /// Permutation indices: the span block of each lane's weight scale (`group_of`), and of
-    /// each lane's products in step c (`lanes[c]`).
+    /// each lane's products in step c (`lanes[c]`); `Args::levels` in each 128-bit lane (for
+    /// `vpshufb`); for groups of 16, each lane's group in a step (`pairs`: l / 2) and the
+    /// table's `zero` in every byte.
     struct Consts {
         group_of: __m512i,
         lanes: [__m512i; SPAN / 2],
+        levels: __m512i,
+        pairs: __m512i,
+        zero: __m512i,
     }
 
     /// `yt[(r + i) * batch + b0 + b] = W[r + i] . x[b0 + b]` for `i < R`, `b < NB`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
-    unsafe fn rows_dot<const BITS: u8, const HALF: bool, const NB: usize, const R: usize>(
+    unsafe fn rows_dot<
+        const BITS: u8,
+        const HALF: bool,
+        const TABLE: bool,
+        const G16: bool,
+        const NB: usize,
+        const R: usize,
+    >(
         args: &Args<'_>,
         consts: &Consts,
         r: usize,
@@ -555,21 +750,29 @@ mod kernel {
         let mut acc = [[_mm512_setzero_ps(); NB]; R];
         let mut k0 = 0;
         while k0 < blocks {
-            let j0 = k0 / bpg;
+            let j0 = if G16 { 2 * k0 } else { k0 / bpg };
             // Weight groups of this span (the rest of the row at most, zeros past it).
             let groups = (gpr - j0).min(SPAN);
             let gmask: __mmask16 = ((1u32 << groups) - 1) as __mmask16;
             let bmask: __mmask16 = ((1u32 << (blocks - k0).min(SPAN)) - 1) as __mmask16;
             let mut sd = [[_mm512_setzero_ps(); NB]; R];
+            // Groups of 16: each block's dx, for the lanes' own scales in the steps.
+            let mut dxs = [_mm512_setzero_ps(); NB];
+            for (b, d) in dxs.iter_mut().enumerate().take(if G16 { NB } else { 0 }) {
+                *d = _mm512_loadu_ps(a.dx.as_ptr().add((b0 + b) * a.stride + k0));
+            }
             for i in 0..R {
                 let at = (r + i) * gpr + j0;
                 if ahead {
                     prefetch_span::<BITS, HALF>(args, r + i + PREFETCH_ROWS, k0);
                 }
-                let sg = load_groups::<HALF>(args.s, args.s16, at, gmask);
+                if G16 {
+                    continue;
+                }
+                let sg = load_groups::<HALF>(args.s, args.s16, args.raw, at, gmask);
                 let s = _mm512_maskz_permutexvar_ps(bmask, group_of, sg);
                 let coef = if affine {
-                    let mg = load_groups::<HALF>(args.m, args.m16, at, gmask);
+                    let mg = load_groups::<HALF>(args.m, args.m16, args.raw, at, gmask);
                     _mm512_maskz_permutexvar_ps(bmask, group_of, mg)
                 } else {
                     s
@@ -601,6 +804,20 @@ mod kernel {
                     } else {
                         lo[i] = _mm512_and_si512(v, low4);
                         hi[i] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low4);
+                        if TABLE {
+                            lo[i] = _mm512_shuffle_epi8(consts.levels, lo[i]);
+                            hi[i] = _mm512_shuffle_epi8(consts.levels, hi[i]);
+                        }
+                    }
+                }
+                // Groups of 16: the step's 8 scales of each row, lane l taking group l / 2.
+                let mut s16 = [_mm512_setzero_ps(); R];
+                if G16 {
+                    let j = j0 + 8 * c;
+                    let gmask = ((1u32 << (gpr - j).min(8)) - 1) as __mmask16;
+                    for (i, v) in s16.iter_mut().enumerate() {
+                        let at = args.s.as_ptr().add((r + i) * gpr + j);
+                        *v = _mm512_permutexvar_ps(consts.pairs, _mm512_maskz_loadu_ps(gmask, at));
                     }
                 }
                 for b in 0..NB {
@@ -611,12 +828,24 @@ mod kernel {
                     } else {
                         _mm512_loadu_si512(q.add(STEP_BYTES).cast())
                     };
+                    // Groups of 16: each lane's sum starts at -zero * (its inputs' sum of q).
+                    let (mut start, mut dx) = (_mm512_setzero_si512(), _mm512_setzero_ps());
+                    if G16 {
+                        let zq = _mm512_dpbusd_epi32(_mm512_setzero_si512(), consts.zero, ql);
+                        let zq = _mm512_dpbusd_epi32(zq, consts.zero, qh);
+                        start = _mm512_sub_epi32(_mm512_setzero_si512(), zq);
+                        dx = _mm512_permutexvar_ps(lane, dxs[b]);
+                    }
                     for i in 0..R {
-                        let mut dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[i], ql);
+                        let mut dot = _mm512_dpbusd_epi32(start, lo[i], ql);
                         if BITS == 4 {
                             dot = _mm512_dpbusd_epi32(dot, hi[i], qh);
                         }
-                        let scale = _mm512_permutexvar_ps(lane, sd[i][b]);
+                        let scale = if G16 {
+                            _mm512_mul_ps(s16[i], dx)
+                        } else {
+                            _mm512_permutexvar_ps(lane, sd[i][b])
+                        };
                         acc[i][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[i][b]);
                     }
                 }
@@ -651,9 +880,14 @@ mod kernel {
         for line in (0..span_bytes).step_by(64) {
             _mm_prefetch::<_MM_HINT_T1>(args.codes.as_ptr().add(start + line).cast());
         }
-        let group = row * p.groups_per_row + k0 / p.blocks_per_group;
+        let group = row * p.groups_per_row
+            + if p.g16 {
+                2 * k0
+            } else {
+                k0 / p.blocks_per_group
+            };
         let (at, params): (usize, [&[u8]; 2]) = if HALF {
-            (group * 2, [args.s16, args.m16])
+            (group * args.raw.size(), [args.s16, args.m16])
         } else {
             let f = |v: &[f32]| std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len() * 4);
             (group * 4, [f(args.s), f(args.m)])
@@ -666,20 +900,36 @@ mod kernel {
     }
 
     /// The values of the groups `at..` in `mask`'s lanes (zeros elsewhere), from fp32 `f` or,
-    /// if `HALF`, fp16 bytes `h`.
+    /// if `HALF`, bytes `h` in `raw`'s format.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn load_groups<const HALF: bool>(
         f: &[f32],
         h: &[u8],
+        raw: super::Raw,
         at: usize,
         mask: __mmask16,
     ) -> __m512 {
-        if HALF {
-            let p = h.as_ptr().add(2 * at).cast::<i16>();
-            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p))
+        if !HALF {
+            return _mm512_maskz_loadu_ps(mask, f.as_ptr().add(at));
+        }
+        let p16 = || h.as_ptr().cast::<i16>().add(at);
+        if raw == super::Raw::Bf16 {
+            // a bf16 is the top half of its fp32
+            let v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p16()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v))
+        } else if raw == super::Raw::E8m0 {
+            // 2^(b - 127): b in the exponent field; 0 is 2^-127 (a subnormal), 255 NaN
+            let b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, h.as_ptr().add(at).cast()));
+            let bits = _mm512_slli_epi32::<23>(b);
+            let low = _mm512_mask_cmpeq_epi32_mask(mask, b, _mm512_setzero_si512());
+            let nan = _mm512_cmpeq_epi32_mask(b, _mm512_set1_epi32(255));
+            let bits = _mm512_mask_mov_epi32(bits, low, _mm512_set1_epi32(0x0040_0000));
+            let bits =
+                _mm512_mask_mov_epi32(bits, nan, _mm512_set1_epi32(f32::NAN.to_bits() as i32));
+            _mm512_castsi512_ps(bits)
         } else {
-            _mm512_maskz_loadu_ps(mask, f.as_ptr().add(at))
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p16()))
         }
     }
 

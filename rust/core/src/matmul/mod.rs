@@ -50,7 +50,7 @@ pub fn bf16_available() -> bool {
 /// Activation elements from which their quantize / widen pass is split across the pool.
 const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
 
-/// Output rows per parallel task.
+/// Output rows per unit of the split across the pool (ranges of whole units: `run_tasks`).
 const ROWS_PER_TASK: usize = 32;
 
 /// Below this many multiply-adds a call runs on the calling thread, as it does whenever the pool
@@ -257,8 +257,9 @@ thread_local! {
     static RESULTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Run `f(first row, its results [rows][batch])` for every task of `ROWS_PER_TASK` output rows,
-/// on the calling thread (`inline`) or across the pool, each task writing its rows out.
+/// Run `f(first row, its results [rows][batch])` over ranges of whole tasks of `ROWS_PER_TASK`
+/// output rows that cover them all, on the calling thread (`inline`: one range) or across the
+/// pool (`pool::run_ranges`: large ranges first), each range writing its rows out.
 fn run_tasks<F>(n_out: usize, batch: usize, inline: bool, sink: &Sink<'_>, f: F) -> Result<()>
 where
     F: Fn(usize, &mut [f32]) -> Result<()> + Sync + Send,
@@ -266,7 +267,11 @@ where
     run_tasks_of(ROWS_PER_TASK, n_out, batch, inline, sink, f)
 }
 
-/// `run_tasks` with `per_task` rows a task.
+/// Results a range holds at most (`[rows][batch]` fp32: 256 KiB), so that at large batches they
+/// stay in cache between the kernel and the write-out; at batch 1 no limit in practice.
+const MAX_RANGE_RESULTS: usize = 1 << 16;
+
+/// `run_tasks` with tasks of `per_task` rows.
 fn run_tasks_of<F>(
     per_task: usize,
     n_out: usize,
@@ -278,20 +283,23 @@ fn run_tasks_of<F>(
 where
     F: Fn(usize, &mut [f32]) -> Result<()> + Sync + Send,
 {
-    let task = |t: usize| -> Result<()> {
-        let r0 = t * per_task;
-        let n = per_task.min(n_out - r0);
+    let tasks = n_out.div_ceil(per_task);
+    let max_tasks = (MAX_RANGE_RESULTS / (per_task * batch).max(1)).max(1);
+    let range = |t: std::ops::Range<usize>| -> Result<()> {
+        let r0 = t.start * per_task;
+        let n = (t.end * per_task).min(n_out) - r0;
         let mut yt = RESULTS.with(|v| std::mem::take(&mut *v.borrow_mut()));
         yt.resize(n * batch, 0.0);
         let result = f(r0, &mut yt[..n * batch]).and_then(|()| sink.write(r0, &yt[..n * batch]));
         RESULTS.with(|v| *v.borrow_mut() = yt);
         result
     };
-    let tasks = n_out.div_ceil(per_task);
     if inline {
-        return (0..tasks).try_for_each(task);
+        return (0..tasks)
+            .step_by(max_tasks)
+            .try_for_each(|t| range(t..(t + max_tasks).min(tasks)));
     }
-    pool::run(tasks, task)
+    pool::run_ranges(tasks, max_tasks, range)
 }
 
 #[cfg(test)]
