@@ -1,7 +1,7 @@
 """Loading a 4-bit file of an fp16 model to dense fp16 tensors on the CPU, against reading the
 fp16 original and against bitsandbytes dequantizing the same tensors.
 
-    python3 benches/bench_cpu_load.py [--tensors 8 --dim 4096 --repeats 5]
+    python3 benches/bench_cpu_load.py [--tensors 8 --dim 4096 --repeats 5] [--cold]
                                       [--out benches/results/cpu_load.txt]
 
 The model: ``--tensors`` fp16 matrices of ``--dim`` x ``--dim`` (N(0,1) times log-normal row
@@ -17,7 +17,9 @@ the page cache warm (page faults of fresh memory and of the mapping included):
   every tensor, quantized beforehand in memory (no file read: bitsandbytes has no file format).
 
 One warm-up, then ``--repeats`` rounds in which the contenders alternate; best of each (the
-machine is shared). qtensors' outputs are checked against the numpy reference decoder first.
+machine is shared). ``--cold``: each file is dropped from the page cache before each timed read
+(``posix_fadvise(DONTNEED)``, outside the timing), so the reads come from the disk. qtensors'
+outputs are checked against the numpy reference decoder first.
 """
 
 from __future__ import annotations
@@ -58,12 +60,22 @@ def touch(tensors: dict[str, torch.Tensor]) -> int:
     return s
 
 
+def evict(path: str) -> None:
+    """Drop ``path``'s pages from the page cache (clean pages of a file nobody maps)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tensors", type=int, default=8)
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cold", action="store_true", help="read every file from the disk")
     a = ap.parse_args()
     torch.set_num_threads(1)
     import reference
@@ -73,6 +85,7 @@ def main() -> None:
     tensors = model(a.tensors, a.dim)
     nbytes = sum(t.numel() * 2 for t in tensors.values())
     fns = {}
+    files: dict[str, str] = {}  # contender -> the file it reads (evicted first with --cold)
     notes = []
     with tempfile.TemporaryDirectory() as d:
         fp16 = os.path.join(d, "model.safetensors")
@@ -82,6 +95,7 @@ def main() -> None:
         fns["safetensors fp16 file + clone"] = lambda: touch(
             {k: v.clone() for k, v in st_load(fp16).items()}
         )
+        files["safetensors fp16 file + touch"] = files["safetensors fp16 file + clone"] = fp16
         for preset in ("int4-g64", "nf4"):
             path = os.path.join(d, f"{preset}.qtensors")
             qt.save_file(tensors, path, quant=preset)
@@ -99,6 +113,7 @@ def main() -> None:
             fns[f"qtensors load_file {preset}"] = lambda p=path: touch(
                 qt.load_file(p, framework="pt")
             )
+            files[f"qtensors load_file {preset}"] = path
         try:
             import bitsandbytes.functional as bnbf
 
@@ -115,19 +130,21 @@ def main() -> None:
         best = {k: float("inf") for k in fns}
         for _ in range(a.repeats):
             for k, fn in fns.items():
+                if a.cold and k in files:
+                    evict(files[k])
                 t0 = time.perf_counter()
                 fn()
                 best[k] = min(best[k], time.perf_counter() - t0)
     base = best["safetensors fp16 file + touch"]
     lines = [
         f"# $ python3 benches/bench_cpu_load.py --tensors {a.tensors} --dim {a.dim} "
-        f"--repeats {a.repeats}    ({time.strftime('%Y-%m-%d')}, load average before: "
-        + " ".join(f"{x:.2f}" for x in os.getloadavg())
-        + ")",
+        f"--repeats {a.repeats}{' --cold' if a.cold else ''}    ({time.strftime('%Y-%m-%d')}, "
+        "load average before: " + " ".join(f"{x:.2f}" for x in os.getloadavg()) + ")",
         f"# {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 torch "
         f"thread, RAYON_NUM_THREADS={os.environ.get('RAYON_NUM_THREADS', 'unset')}; "
         f"{a.tensors} x {a.dim}x{a.dim} fp16 = {nbytes / 1e6:.0f} MB of output; best of "
-        f"{a.repeats} alternating rounds, page cache warm",
+        f"{a.repeats} alternating rounds, "
+        + ("files dropped from the page cache before each read" if a.cold else "page cache warm"),
         f"{'contender':<36} {'ms':>9} {'GB/s out':>9} {'vs safetensors':>15}",
     ]
     for k, s in best.items():
