@@ -11,8 +11,8 @@ peers that are installed (gguf-py's Q4_0, bitsandbytes' NF4) dequantize comparab
 in the same run.
 
 Quantizing from fp16 and bf16 is compared with quantizing from fp32 (same values), and with
-`--baseline-core PATH` (another build's `_core.abi3.so`, e.g. main's) against that build on the
-same input, the two run alternately. `--quantize-only` skips the rest:
+`--baseline-core PATH` (another build's `_core.abi3.so`, e.g. main's) quantizing and
+dequantizing to fp16/bf16 are compared with that build on the same input, run alternately. `--quantize-only` skips the rest:
 
     RAYON_NUM_THREADS=1 python benches/bench_codecs.py --quantize-only \
         --baseline-core /tmp/main/python/qtensors/_core.abi3.so
@@ -40,20 +40,28 @@ from qtensors import _core
 
 
 def best_pair(a, b, repeat: int) -> tuple[float, float]:
-    """Best times of `a` and `b` run alternately, with pauses that spread the repeats over a
-    second or more: on a machine shared with other jobs, a load spike then hits both sides of a
-    ratio rather than one, and lasts fewer repeats."""
-    a(), b()
-    ta, tb = [], []
+    """Best times of `a` and `b` run alternately (`best_alternating`)."""
+    ta, tb = best_alternating([a, b], repeat)
+    return ta, tb
+
+
+def best_alternating(fns, repeat: int) -> list[float]:
+    """Best times of `fns` run alternately, with pauses that spread the repeats over a second
+    or more: on a machine shared with other jobs, a load spike then hits every side of a ratio
+    rather than one, and lasts fewer repeats."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    order = list(zip(fns, times, strict=True))
     for i in range(repeat):
         time.sleep(0.03)
         # Which one runs first after the pause alternates too, so that a cost of running first
-        # (or second) falls on both sides.
-        for fn, times in ((a, ta), (b, tb))[:: 1 if i % 2 == 0 else -1]:
+        # (or last) falls on every side.
+        for fn, ts in order[:: 1 if i % 2 == 0 else -1]:
             t0 = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t0)
-    return min(ta), min(tb)
+            ts.append(time.perf_counter() - t0)
+    return [min(ts) for ts in times]
 
 
 def best_of(fn, repeat: int) -> float:
@@ -74,7 +82,9 @@ def main() -> None:
     ap.add_argument("--only", default="", help="run only the cases whose label contains this")
     ap.add_argument("--quantize-only", action="store_true", help="only the quantize rows")
     ap.add_argument(
-        "--baseline-core", default="", help="another build's _core.abi3.so to compare quantize with"
+        "--baseline-core",
+        default="",
+        help="another build's _core.abi3.so to compare quantize and fp16/bf16 dequantize with",
     )
     args = ap.parse_args()
     base_core = load_core(args.baseline_core) if args.baseline_core else None
@@ -182,23 +192,38 @@ def main() -> None:
         )
         quantize_16bit(x, enc_json, q_gbs, base_core, args.repeat)
         for dt in ("float16", "bfloat16"):
-            half = np.empty((n, n), np.uint16)
-            src = np.ones_like(half)
-            hb = half.reshape(-1).view(np.uint8)
-            t_c, t_h = best_pair(
-                lambda half=half, src=src: np.copyto(half, src),
-                lambda parts=parts, enc_json=enc_json, hb=hb, dt=dt: _core.decode(
-                    parts, dt, [n, n], enc_json, hb
-                ),
-                args.repeat,
-            )
-            h_gbs, hc_gbs = half.nbytes / t_h / 1e9, half.nbytes / t_c / 1e9
-            print(
-                f"  dequantize to {dt:<8} (prealloc) {h_gbs:7.2f} GB/s  "
-                f"{h_gbs / hc_gbs:5.2f}x memcpy of the {dt} bytes ({hc_gbs:.2f} GB/s)"
-            )
+            decode_16bit(parts, dt, n, enc_json, base_core, args.repeat)
     if not args.quantize_only:
         peers(x, args.repeat)
+
+
+def decode_16bit(parts, dt: str, n: int, enc_json: str, base_core, repeat: int) -> None:
+    """Dequantize to fp16 or bf16 against a memcpy of the same output bytes and, given
+    `base_core`, against that build decoding the same parts (all run alternately; the two
+    builds must write the same bytes)."""
+    half = np.empty((n, n), np.uint16)
+    src = np.ones_like(half)
+    hb = half.reshape(-1).view(np.uint8)
+    fns = [
+        lambda: np.copyto(half, src),
+        lambda: _core.decode(parts, dt, [n, n], enc_json, hb),
+    ]
+    vs = ""
+    if base_core is not None:
+        other = np.empty_like(hb)
+        base_core.decode(parts, dt, [n, n], enc_json, other)
+        _core.decode(parts, dt, [n, n], enc_json, hb)
+        assert np.array_equal(hb, other), "builds disagree"
+        fns.append(lambda: base_core.decode(parts, dt, [n, n], enc_json, other))
+    t_c, t_h, *t_old = best_alternating(fns, repeat)
+    h_gbs, hc_gbs = half.nbytes / t_h / 1e9, half.nbytes / t_c / 1e9
+    if t_old:
+        o_gbs = half.nbytes / t_old[0] / 1e9
+        vs = f"  {t_old[0] / t_h:5.2f}x baseline ({o_gbs:.2f} GB/s, {o_gbs / hc_gbs:.2f}x memcpy)"
+    print(
+        f"  dequantize to {dt:<8} (prealloc) {h_gbs:7.2f} GB/s  "
+        f"{h_gbs / hc_gbs:5.2f}x memcpy of the {dt} bytes ({hc_gbs:.2f} GB/s){vs}"
+    )
 
 
 def load_core(path: str):

@@ -8,7 +8,7 @@ use super::avx2::{
     self, codec_of, key1, mins_of, out_size, out_type, prefetch_in, sorted, ABS, AFF, INF_BITS,
     MXF4, NF4, NVF4, OBF16, OF16, OF32, ROUND, SYM, SYMF,
 };
-use super::avx512_decode::{dq_bcast, dq_groups, dq_vec, dq_vec_f16};
+use super::avx512_decode::exact::{dq_bcast, dq_groups, dq_vec, dq_vec_f16};
 use super::{byte_head, scalar, InType, Kernels, OutType};
 
 /// `avx2::by_codec` plus 2- and 3-bit affine and symmetric codes and the full-level symmetric
@@ -28,6 +28,7 @@ macro_rules! by_codec {
         }
     };
 }
+pub(super) use by_codec;
 
 macro_rules! by_codec_out {
     ($codec:expr, $t:expr, $f:ident($($a:expr),*), $other:expr) => {
@@ -147,7 +148,7 @@ unsafe fn load16_masked<const T: u8>(p: *const u8, i: usize, k: __mmask16) -> __
 }
 
 #[target_feature(enable = "avx512f,avx2,f16c,bmi2")]
-unsafe fn enc_bcast<const K: u8, const B: u8, const T: u8>(
+pub(super) unsafe fn enc_bcast<const K: u8, const B: u8, const T: u8>(
     x: &[u8],
     inv: f32,
     m: f32,
@@ -217,7 +218,7 @@ unsafe fn rest_vec<const K: u8, const B: u8, const T: u8>(
 }
 
 #[target_feature(enable = "avx512f,avx2,f16c,bmi2")]
-unsafe fn enc_vec<const K: u8, const B: u8, const T: u8>(
+pub(super) unsafe fn enc_vec<const K: u8, const B: u8, const T: u8>(
     x: &[u8],
     inv: &[f32],
     m: &[f32],
@@ -415,7 +416,7 @@ fn tail_mask(r: usize) -> __mmask16 {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
-unsafe fn min_max_avx512<const T: u8>(x: &[u8]) -> (f32, f32, bool) {
+pub(super) unsafe fn min_max_avx512<const T: u8>(x: &[u8]) -> (f32, f32, bool) {
     let size = out_size::<T>();
     let n = x.len() / size;
     if n == 0 {
@@ -460,7 +461,7 @@ unsafe fn min_max_avx512<const T: u8>(x: &[u8]) -> (f32, f32, bool) {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
-unsafe fn abs_max_avx512<const T: u8>(x: &[u8]) -> (f32, bool) {
+pub(super) unsafe fn abs_max_avx512<const T: u8>(x: &[u8]) -> (f32, bool) {
     // |x| as bits orders like the floats (NaN above inf), so an integer max is exact.
     let (size, p) = (out_size::<T>(), x.as_ptr());
     let n = x.len() / size;
@@ -489,7 +490,11 @@ unsafe fn abs_max_avx512<const T: u8>(x: &[u8]) -> (f32, bool) {
 }
 
 #[target_feature(enable = "avx512f,avx2,f16c")]
-unsafe fn min_max_vec_avx512<const T: u8>(x: &[u8], lo: &mut [f32], hi: &mut [f32]) -> bool {
+pub(super) unsafe fn min_max_vec_avx512<const T: u8>(
+    x: &[u8],
+    lo: &mut [f32],
+    hi: &mut [f32],
+) -> bool {
     let size = out_size::<T>();
     let n = (x.len() / size).min(lo.len()).min(hi.len());
     let body = n & !15;
@@ -522,7 +527,7 @@ unsafe fn min_max_vec_avx512<const T: u8>(x: &[u8], lo: &mut [f32], hi: &mut [f3
 }
 
 #[target_feature(enable = "avx512f,avx2,f16c")]
-unsafe fn abs_max_vec_avx512<const T: u8>(x: &[u8], a: &mut [f32]) -> bool {
+pub(super) unsafe fn abs_max_vec_avx512<const T: u8>(x: &[u8], a: &mut [f32]) -> bool {
     let size = out_size::<T>();
     let n = (x.len() / size).min(a.len());
     let body = n & !15;

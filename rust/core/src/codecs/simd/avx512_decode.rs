@@ -196,6 +196,11 @@ unsafe fn table<const K: u8, const O: u8>(lv: __m512, s: f32, m: f32) -> __m512i
     }
 }
 
+/// Output type bf16 narrowed by AVX-512 BF16 (`narrow_bf16_native`), for the kernels of the
+/// `avx512bf16` table only: the functions it is used in must enable avx512bf16 and avx512dq
+/// (an entry point that does is what the instruction inlines into).
+pub(super) const OBF16N: u8 = 3;
+
 /// Two vectors of fp32 as 32 words of output type `O` (fp16 or bf16), `a`'s first, rounded as
 /// `half`'s `from_f32`. Narrowing two at a time gives one full 64-byte store: stored alone, the
 /// conversion folds into its store form (vcvtps2ph / vpmovdw to memory), which AMD cores run
@@ -207,19 +212,45 @@ unsafe fn narrow<const O: u8>(a: __m512, b: __m512) -> __m512i {
         let lo = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(a);
         let hi = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(b);
         _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+    } else if O == OBF16N {
+        narrow_bf16_native(a, b)
     } else {
-        // Word 2i + 1 (index bit 5 picks `b`): the high half of each rounded dword.
-        static HIGH_WORDS: [u16; 32] = {
-            let mut t = [0u16; 32];
-            let mut i = 0;
-            while i < 32 {
-                t[i] = 2 * i as u16 + 1;
-                i += 1;
-            }
-            t
-        };
-        let idx = _mm512_loadu_si512(HIGH_WORDS.as_ptr().cast());
-        _mm512_permutex2var_epi16(bf16_round(a), idx, bf16_round(b))
+        narrow_bf16(a, b)
+    }
+}
+
+/// `narrow` to bf16 in integer registers (any AVX-512 CPU).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn narrow_bf16(a: __m512, b: __m512) -> __m512i {
+    // Word 2i + 1 (index bit 5 picks `b`): the high half of each rounded dword.
+    static HIGH_WORDS: [u16; 32] = {
+        let mut t = [0u16; 32];
+        let mut i = 0;
+        while i < 32 {
+            t[i] = 2 * i as u16 + 1;
+            i += 1;
+        }
+        t
+    };
+    let idx = _mm512_loadu_si512(HIGH_WORDS.as_ptr().cast());
+    _mm512_permutex2var_epi16(bf16_round(a), idx, bf16_round(b))
+}
+
+/// `narrow_bf16` by one vcvtne2ps2bf16 where neither vector holds a subnormal. The instruction
+/// rounds to nearest even and makes a NaN its high half with the quiet bit set, as `half`
+/// does, but flushes subnormal inputs to a signed zero where `half` rounds them: those pairs
+/// take `narrow_bf16`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")]
+unsafe fn narrow_bf16_native(a: __m512, b: __m512) -> __m512i {
+    const SUBNORMAL: i32 = 0x20; // vfpclassps category: denormal
+    let sub = _mm512_fpclass_ps_mask::<SUBNORMAL>(a) | _mm512_fpclass_ps_mask::<SUBNORMAL>(b);
+    if sub == 0 {
+        // The first operand fills the high half.
+        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(b, a))
+    } else {
+        narrow_bf16(a, b)
     }
 }
 
@@ -401,157 +432,197 @@ unsafe fn run<
     }
 }
 
-/// `out[i] = decode(code[first + i], s[i / g], m[i / g])`: groups of `g` (the last may be
-/// shorter), each decoded with its own table (or scale) in one pass.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,f16c")]
-pub(super) unsafe fn dq_groups<const K: u8, const B: u8, const O: u8>(
-    codes: &[u8],
-    first: usize,
-    g: usize,
-    s: &[f32],
-    m: &[f32],
-    out: &mut [u8],
-) {
-    let size = out_size::<O>();
-    let n = out.len() / size;
-    if n == 0 {
-        return;
-    }
-    assert!(g > 0 && (first + n) * B as usize <= codes.len() * 8);
-    let groups = n.div_ceil(g);
-    assert!(s.len() >= groups && (K != AFF || m.len() >= groups));
-    let lv = levels::<K, B>();
-    let (p, o) = (codes.as_ptr(), out.as_mut_ptr());
-    let end = p.wrapping_add(codes.len());
-    let zero = _mm512_setzero_si512();
-    // Groups of a whole number of bytes all start at the same bit offset: one reader.
-    let same = (g * B as usize).is_multiple_of(8);
-    let bit0 = first * B as usize;
-    let (rt, rv) = (
-        reader::<B, O, true>(bit0, end),
-        reader::<B, O, false>(bit0, end),
-    );
-    let mut j0 = 0;
-    if B <= 4 && O != OF32 && g == 16 && same {
-        // 16-element groups (NVFP4) two at a time: one 32-word table (a group per half) and
-        // one 64-byte store per pair; alone, each group paid a whole vector's overhead.
-        let half = _mm512_maskz_set1_epi16(0xffff_0000, 16);
-        let low = _mm512_set1_epi16(15);
-        let step = 32 * B as usize / 8;
-        let mut pc = p.add(bit0 / 8);
-        while j0 + 2 <= groups && (j0 + 2) * 16 <= n {
-            let sp = s.as_ptr().add(j0);
-            let (m0, m1) = if K == AFF {
-                (m[j0], m[j0 + 1])
-            } else {
-                (0.0, 0.0)
-            };
-            let t0 = table::<K, O>(lv, *sp, m0);
-            let t1 = table::<K, O>(lv, *sp.add(1), m1);
-            let tab = _mm512_mask_blend_epi64(0xf0, t0, t1);
-            // (code & 15) | 16 in the upper half: the second group's table.
-            let c = _mm512_ternarylogic_epi32::<0xea>(rt.codes::<B, true>(pc, 32), low, half);
-            let dst = o.add(j0 * 16 * size);
-            prefetch_out(dst, 0);
-            _mm512_storeu_si512(dst.cast(), _mm512_permutexvar_epi16(c, tab));
-            pc = pc.add(step);
-            j0 += 2;
+/// The entry points, compiled with the instruction sets `$features`: the helpers above inline
+/// into them (an intrinsic only inlines into a function that enables its instruction set, and
+/// the bodies are too large for the inliner to move into a caller that does).
+macro_rules! entry_points {
+    ($features:literal) => {
+        /// `out[i] = decode(code[first + i], s[i / g], m[i / g])`: groups of `g` (the last may be
+        /// shorter), each decoded with its own table (or scale) in one pass.
+        #[target_feature(enable = $features)]
+        pub(in crate::codecs::simd) unsafe fn dq_groups<const K: u8, const B: u8, const O: u8>(
+            codes: &[u8],
+            first: usize,
+            g: usize,
+            s: &[f32],
+            m: &[f32],
+            out: &mut [u8],
+        ) {
+            let size = out_size::<O>();
+            let n = out.len() / size;
+            if n == 0 {
+                return;
+            }
+            assert!(g > 0 && (first + n) * B as usize <= codes.len() * 8);
+            let groups = n.div_ceil(g);
+            assert!(s.len() >= groups && (K != AFF || m.len() >= groups));
+            let lv = levels::<K, B>();
+            let (p, o) = (codes.as_ptr(), out.as_mut_ptr());
+            let end = p.wrapping_add(codes.len());
+            let zero = _mm512_setzero_si512();
+            // Groups of a whole number of bytes all start at the same bit offset: one reader.
+            let same = (g * B as usize).is_multiple_of(8);
+            let bit0 = first * B as usize;
+            let (rt, rv) = (
+                reader::<B, O, true>(bit0, end),
+                reader::<B, O, false>(bit0, end),
+            );
+            let mut j0 = 0;
+            if B <= 4 && O != OF32 && g == 16 && same {
+                // 16-element groups (NVFP4) two at a time: one 32-word table (a group per half) and
+                // one 64-byte store per pair; alone, each group paid a whole vector's overhead.
+                let half = _mm512_maskz_set1_epi16(0xffff_0000, 16);
+                let low = _mm512_set1_epi16(15);
+                let step = 32 * B as usize / 8;
+                let mut pc = p.add(bit0 / 8);
+                while j0 + 2 <= groups && (j0 + 2) * 16 <= n {
+                    let sp = s.as_ptr().add(j0);
+                    let (m0, m1) = if K == AFF {
+                        (m[j0], m[j0 + 1])
+                    } else {
+                        (0.0, 0.0)
+                    };
+                    let t0 = table::<K, O>(lv, *sp, m0);
+                    let t1 = table::<K, O>(lv, *sp.add(1), m1);
+                    let tab = _mm512_mask_blend_epi64(0xf0, t0, t1);
+                    // (code & 15) | 16 in the upper half: the second group's table.
+                    let c =
+                        _mm512_ternarylogic_epi32::<0xea>(rt.codes::<B, true>(pc, 32), low, half);
+                    let dst = o.add(j0 * 16 * size);
+                    prefetch_out(dst, 0);
+                    _mm512_storeu_si512(dst.cast(), _mm512_permutexvar_epi16(c, tab));
+                    pc = pc.add(step);
+                    j0 += 2;
+                }
+            }
+            for j in j0..groups {
+                let e = j * g;
+                let len = g.min(n - e);
+                let bit = (first + e) * B as usize;
+                let sp = s.as_ptr().add(j).cast::<u8>();
+                let mp = if K == AFF {
+                    m.as_ptr().add(j).cast()
+                } else {
+                    sp
+                };
+                let dst = o.add(e * size);
+                if B <= 4 {
+                    let mj = if K == AFF { m[j] } else { 0.0 };
+                    let tab = table::<K, O>(lv, s[j], mj);
+                    let rd = if same {
+                        rt
+                    } else {
+                        reader::<B, O, true>(bit, end)
+                    };
+                    run::<K, B, O, true, false, false>(
+                        p,
+                        &rd,
+                        first + e,
+                        len,
+                        tab,
+                        lv,
+                        sp,
+                        mp,
+                        dst,
+                    );
+                } else {
+                    let rd = if same {
+                        rv
+                    } else {
+                        reader::<B, O, false>(bit, end)
+                    };
+                    run::<K, B, O, false, false, false>(
+                        p,
+                        &rd,
+                        first + e,
+                        len,
+                        zero,
+                        lv,
+                        sp,
+                        mp,
+                        dst,
+                    );
+                }
+            }
         }
-    }
-    for j in j0..groups {
-        let e = j * g;
-        let len = g.min(n - e);
-        let bit = (first + e) * B as usize;
-        let sp = s.as_ptr().add(j).cast::<u8>();
-        let mp = if K == AFF {
-            m.as_ptr().add(j).cast()
-        } else {
-            sp
-        };
-        let dst = o.add(e * size);
-        if B <= 4 {
-            let mj = if K == AFF { m[j] } else { 0.0 };
-            let tab = table::<K, O>(lv, s[j], mj);
-            let rd = if same {
-                rt
-            } else {
-                reader::<B, O, true>(bit, end)
-            };
-            run::<K, B, O, true, false, false>(p, &rd, first + e, len, tab, lv, sp, mp, dst);
-        } else {
-            let rd = if same {
-                rv
-            } else {
-                reader::<B, O, false>(bit, end)
-            };
-            run::<K, B, O, false, false, false>(p, &rd, first + e, len, zero, lv, sp, mp, dst);
+
+        /// `out[i] = decode(code[first + i], s, m)`.
+        #[target_feature(enable = $features)]
+        pub(in crate::codecs::simd) unsafe fn dq_bcast<const K: u8, const B: u8, const O: u8>(
+            codes: &[u8],
+            first: usize,
+            s: f32,
+            m: f32,
+            out: &mut [u8],
+        ) {
+            let g = (out.len() / out_size::<O>()).max(1);
+            dq_groups::<K, B, O>(codes, first, g, &[s], &[m], out)
         }
-    }
+
+        /// `out[i] = decode(code[first + i], s[i], m[i])` (`m` is empty without mins).
+        #[target_feature(enable = $features)]
+        pub(in crate::codecs::simd) unsafe fn dq_vec<const K: u8, const B: u8, const O: u8>(
+            codes: &[u8],
+            first: usize,
+            s: &[f32],
+            m: &[f32],
+            out: &mut [u8],
+        ) {
+            let n = out.len() / out_size::<O>();
+            assert!(s.len() >= n && (K != AFF || m.len() >= n));
+            let (sp, mp) = (s.as_ptr().cast(), m.as_ptr().cast());
+            vec_run::<K, B, O, false>(codes, first, sp, mp, out)
+        }
+
+        /// `dq_vec` with the scales and mins as fp16 bytes, widened as they are loaded.
+        #[target_feature(enable = $features)]
+        pub(in crate::codecs::simd) unsafe fn dq_vec_f16<const K: u8, const B: u8, const O: u8>(
+            codes: &[u8],
+            first: usize,
+            s: &[u8],
+            m: &[u8],
+            out: &mut [u8],
+        ) {
+            let n = out.len() / out_size::<O>();
+            assert!(s.len() >= 2 * n && (K != AFF || m.len() >= 2 * n));
+            vec_run::<K, B, O, true>(codes, first, s.as_ptr(), m.as_ptr(), out)
+        }
+
+        /// The body of `dq_vec` (H: fp16 scales and mins), whose callers checked `sp`/`mp`.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn vec_run<const K: u8, const B: u8, const O: u8, const H: bool>(
+            codes: &[u8],
+            first: usize,
+            sp: *const u8,
+            mp: *const u8,
+            out: &mut [u8],
+        ) {
+            let n = out.len() / out_size::<O>();
+            if n == 0 {
+                return;
+            }
+            assert!((first + n) * B as usize <= codes.len() * 8);
+            let mp = if K == AFF { mp } else { sp };
+            let zero = _mm512_setzero_si512();
+            let lv = levels::<K, B>();
+            let (p, o) = (codes.as_ptr(), out.as_mut_ptr());
+            let end = p.wrapping_add(codes.len());
+            let rd = reader::<B, O, false>(first * B as usize, end);
+            run::<K, B, O, false, true, H>(p, &rd, first, n, zero, lv, sp, mp, o);
+        }
+    };
 }
 
-/// `out[i] = decode(code[first + i], s, m)`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,f16c")]
-pub(super) unsafe fn dq_bcast<const K: u8, const B: u8, const O: u8>(
-    codes: &[u8],
-    first: usize,
-    s: f32,
-    m: f32,
-    out: &mut [u8],
-) {
-    let g = (out.len() / out_size::<O>()).max(1);
-    dq_groups::<K, B, O>(codes, first, g, &[s], &[m], out)
+/// The `avx512` table's entry points.
+pub(super) mod exact {
+    use super::*;
+    entry_points!("avx512f,avx512bw,avx512vl,avx512vbmi,avx2,f16c");
 }
 
-/// `out[i] = decode(code[first + i], s[i], m[i])` (`m` is empty without mins).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,f16c")]
-pub(super) unsafe fn dq_vec<const K: u8, const B: u8, const O: u8>(
-    codes: &[u8],
-    first: usize,
-    s: &[f32],
-    m: &[f32],
-    out: &mut [u8],
-) {
-    let n = out.len() / out_size::<O>();
-    assert!(s.len() >= n && (K != AFF || m.len() >= n));
-    let (sp, mp) = (s.as_ptr().cast(), m.as_ptr().cast());
-    vec_run::<K, B, O, false>(codes, first, sp, mp, out)
-}
-
-/// `dq_vec` with the scales and mins as fp16 bytes, widened as they are loaded.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,f16c")]
-pub(super) unsafe fn dq_vec_f16<const K: u8, const B: u8, const O: u8>(
-    codes: &[u8],
-    first: usize,
-    s: &[u8],
-    m: &[u8],
-    out: &mut [u8],
-) {
-    let n = out.len() / out_size::<O>();
-    assert!(s.len() >= 2 * n && (K != AFF || m.len() >= 2 * n));
-    vec_run::<K, B, O, true>(codes, first, s.as_ptr(), m.as_ptr(), out)
-}
-
-/// The body of `dq_vec` (H: fp16 scales and mins), whose callers checked `sp`/`mp`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,f16c")]
-unsafe fn vec_run<const K: u8, const B: u8, const O: u8, const H: bool>(
-    codes: &[u8],
-    first: usize,
-    sp: *const u8,
-    mp: *const u8,
-    out: &mut [u8],
-) {
-    let n = out.len() / out_size::<O>();
-    if n == 0 {
-        return;
-    }
-    assert!((first + n) * B as usize <= codes.len() * 8);
-    let mp = if K == AFF { mp } else { sp };
-    let zero = _mm512_setzero_si512();
-    let lv = levels::<K, B>();
-    let (p, o) = (codes.as_ptr(), out.as_mut_ptr());
-    let end = p.wrapping_add(codes.len());
-    let rd = reader::<B, O, false>(first * B as usize, end);
-    run::<K, B, O, false, true, H>(p, &rd, first, n, zero, lv, sp, mp, o);
+/// The `avx512bf16` table's entry points: the same, also with the instruction sets of
+/// `narrow_bf16_native` (output type `OBF16N`).
+pub(super) mod native {
+    use super::*;
+    entry_points!("avx512f,avx512bw,avx512vl,avx512vbmi,avx2,f16c,avx512dq,avx512bf16");
 }

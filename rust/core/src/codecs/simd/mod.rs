@@ -272,6 +272,8 @@ mod avx2;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx512_decode;
+#[cfg(target_arch = "x86_64")]
+mod avx512bf16;
 pub mod scalar;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -350,6 +352,7 @@ pub fn available() -> Vec<&'static Kernels> {
     {
         all.extend(avx2::table());
         all.extend(avx512::table());
+        all.extend(avx512bf16::table());
     }
     all
 }
