@@ -277,6 +277,101 @@ fn dequant_groups_matches_scalar_per_group() {
     }
 }
 
+/// fp32 values whose narrowing to fp16 and bf16 is easy to get wrong, as vectors of `n`:
+/// normals only (the AVX-512 BF16 instruction's path), normals with one subnormal (which that
+/// instruction would flush to zero), every special value, and random bit patterns.
+fn narrowing_inputs(r: &mut Rng, n: usize) -> Vec<Vec<f32>> {
+    let bits = |b: u32| f32::from_bits(b);
+    let special = [
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        bits(0x7fc0_0000), // quiet NaN
+        bits(0xffc0_0000), // negative quiet NaN
+        bits(0x7fc1_2345), // payload in both halves
+        bits(0xff81_0001), // signalling NaN: quieted by the decode's multiply
+        bits(0x7f80_0001), // signalling NaN, payload in the low half only
+        bits(0x0000_0001), // smallest subnormal
+        bits(0x8000_8000), // negative subnormal, a rounding tie
+        bits(0x007f_ffff), // largest subnormal: rounds up to the smallest normal
+        bits(0x0000_ffff), // subnormal whose bf16 rounds down
+        f32::MIN_POSITIVE, // smallest normal
+        bits(0x7f7f_ffff), // largest finite: bf16 rounds to inf
+        bits(0x3f80_8000), // bf16 tie to even (down)
+        bits(0x3f81_8000), // bf16 tie to even (up)
+        65520.0,           // fp16 rounds to inf
+        bits(0x3380_0000), // 2^-24: smallest fp16 subnormal
+        -1.5,
+    ];
+    let normal = |r: &mut Rng| r.unit() * 1e3 + 2e-3;
+    let mut out = vec![];
+    out.push((0..n).map(|_| normal(r)).collect::<Vec<_>>());
+    let mut one = out[0].clone();
+    one[r.below(n)] = bits(r.below(0x7f_ffff) as u32 + 1);
+    out.push(one);
+    out.push((0..n).map(|i| special[i % special.len()]).collect());
+    out.push((0..n).map(|_| bits(r.next_u64() as u32)).collect());
+    out
+}
+
+#[test]
+fn narrowing_special_values_matches_scalar_and_half() {
+    // Per-element scales with every code at level 1 (affine: with min -0) decode to the scales
+    // themselves, so each kernel narrows exactly these fp32 values: bit for bit as scalar, and
+    // as `half` for every value but NaN (whose payload the decode's multiply may change).
+    let mut r = Rng::new(8);
+    let cases = [
+        (Codec::Symmetric { bits: 8 }, 129u8),
+        (Codec::Affine { bits: 8 }, 1),
+        (Codec::Symmetric { bits: 4 }, 0x99),
+        (Codec::Affine { bits: 4 }, 0x11),
+    ];
+    for k in simd_tables() {
+        for t in [OutType::F16, OutType::Bf16] {
+            for (codec, byte) in cases {
+                for n in [1usize, 31, 32, 33, 64, 1031] {
+                    for sv in narrowing_inputs(&mut r, n) {
+                        let codes = vec![byte; codes_len(0, n, codec.bits())];
+                        let mv = if codec.has_mins() {
+                            vec![-0.0f32; n]
+                        } else {
+                            vec![]
+                        };
+                        let at = format!("{} {codec:?} {t:?} n {n}", k.name);
+                        let mut wide = vec![0u8; 4 * n];
+                        (SCALAR.dequant_vec)(codec, &codes, 0, &sv, &mv, OutType::F32, &mut wide);
+                        for (i, w) in wide.chunks_exact(4).enumerate() {
+                            let w = f32::from_le_bytes(w.try_into().unwrap());
+                            let same = w.to_bits() == sv[i].to_bits();
+                            assert!(same || (w.is_nan() && sv[i].is_nan()), "{at} level 1");
+                        }
+                        let mut want = vec![0u8; 2 * n];
+                        (SCALAR.dequant_vec)(codec, &codes, 0, &sv, &mv, t, &mut want);
+                        for (i, h) in want.chunks_exact(2).enumerate() {
+                            let h = u16::from_le_bytes([h[0], h[1]]);
+                            let v = sv[i];
+                            let exact = match t {
+                                OutType::F16 => half::f16::from_f32(v).to_bits(),
+                                _ => half::bf16::from_f32(v).to_bits(),
+                            };
+                            assert!(v.is_nan() || h == exact, "{at} scalar {v:e}");
+                        }
+                        let mut got = vec![0u8; 2 * n];
+                        (k.dequant_vec)(codec, &codes, 0, &sv, &mv, t, &mut got);
+                        assert_eq!(want, got, "{at} dequant_vec");
+                        // One group per element: the one-scale kernels (and their lookup
+                        // tables, narrowed once per group) on the same values.
+                        let mut got = vec![0u8; 2 * n];
+                        (k.dequant_groups)(codec, &codes, 0, 1, &sv, &mv, t, &mut got);
+                        assert_eq!(want, got, "{at} dequant_groups");
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn scalar_narrowing_is_decode_then_round() {
     // The reference itself: each output element is the fp32 decode rounded by `half`.
