@@ -13,7 +13,9 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{codec_of, looked_up, lut, out_size, prefetch_out, AFF, OF16, OF32, SYM, SYMF};
+use super::avx2::{
+    codec_of, looked_up, lut, out_size, prefetch_in, prefetch_out, AFF, OF16, OF32, SYM, SYMF,
+};
 
 /// Byte permutation and multishift control that unpack codes of `b` bits, starting at bit `r`
 /// (0..8) of the loaded bytes, into `slots` slots of `64 / slots` bytes (32 words or 16
@@ -414,6 +416,9 @@ unsafe fn run<
         while i + 32 <= n {
             let v = narrow::<O>(floats!(i, 16, p), floats!(i + 16, 16, p.add(half)));
             prefetch_out(o, i * size);
+            if B == 8 {
+                prefetch_in(p, 0);
+            }
             _mm512_storeu_si512(o.add(i * size).cast(), v);
             p = p.add(2 * half);
             i += 32;
