@@ -390,6 +390,7 @@ unsafe fn run<
     if words {
         while i + 32 <= n {
             prefetch_out(o, i * size);
+            prefetch_in(p, 0);
             _mm512_storeu_si512(o.add(i * size).cast(), words!(32, p));
             p = p.add(step);
             i += 32;
@@ -499,6 +500,7 @@ macro_rules! entry_points {
                         _mm512_ternarylogic_epi32::<0xea>(rt.codes::<B, true>(pc, 32), low, half);
                     let dst = o.add(j0 * 16 * size);
                     prefetch_out(dst, 0);
+                    prefetch_in(pc, 0);
                     _mm512_storeu_si512(dst.cast(), _mm512_permutexvar_epi16(c, tab));
                     pc = pc.add(step);
                     j0 += 2;
