@@ -193,10 +193,6 @@ unsafe fn table<const K: u8, const O: u8>(lv: __m512, s: f32, m: f32) -> __m512i
     }
     if O == OF32 {
         _mm512_castps_si512(v)
-    } else if O == OBF16N {
-        // Once per group, where the native path's subnormal check and longer latency cost more
-        // than they save (MXFP4 to bf16 ran 0.90-0.92x as fast with it).
-        narrow_bf16(v, v)
     } else {
         narrow::<O>(v, v)
     }
