@@ -12,7 +12,8 @@ in the same run.
 
 Quantizing from fp16 and bf16 is compared with quantizing from fp32 (same values), and with
 `--baseline-core PATH` (another build's `_core.abi3.so`, e.g. main's) quantizing and
-dequantizing to fp16/bf16 are compared with that build on the same input, run alternately. `--quantize-only` skips the rest:
+dequantizing to fp16/bf16 are compared with that build on the same input, run alternately.
+`--quantize-only` skips the rest:
 
     RAYON_NUM_THREADS=1 python benches/bench_codecs.py --quantize-only \
         --baseline-core /tmp/main/python/qtensors/_core.abi3.so
