@@ -386,6 +386,7 @@ unsafe fn run<
     if words {
         while i + 32 <= n {
             prefetch_out(o, i * size);
+            // The codes too: with the hardware prefetcher alone, 16-bit rows ran 5-20% slower.
             prefetch_in(p, 0);
             _mm512_storeu_si512(o.add(i * size).cast(), words!(32, p));
             p = p.add(step);
