@@ -230,17 +230,32 @@ def _cpu_plan(x, codes, scales, mins, bias, shape, encoding, bits, group_size, a
     return p
 
 
-def _cpu_route(int8: bool, n_out: int, n_in: int, dtype: torch.dtype, rows: int) -> str:
+def _cpu_route(
+    int8: bool, n_out: int, n_in: int, dtype: torch.dtype, rows: int, fp4: bool = False
+) -> str:
     """Where ``linear_cpu`` multiplies, by shapes alone: "int8" (the core's integer kernel, for
     the weights it takes), "exact" (the core's float kernels: packed GEMV, bf16 or fp32 tiles)
-    or "decode" (decode in ``x``'s dtype, then torch's GEMM). The module's switches are read
-    on each call (tests flip them); the rest is cached."""
+    or "decode" (decode in ``x``'s dtype, then torch's GEMM); ``fp4``: MXFP4 / NVFP4 weights,
+    which the core takes in its integer kernel only. The module's switches are read on each call
+    (tests flip them); the rest is cached."""
     limits = (CPU_PACKED_MAX_ROWS, CPU_INT8_HALF_MAX_ROWS, CPU_BF16_TILES_MAX_ROWS)
-    return _route(int8 and CPU_INT8_ACTIVATIONS, n_out, n_in, dtype, rows, limits)
+    return _route(int8 and CPU_INT8_ACTIVATIONS, n_out, n_in, dtype, rows, limits, fp4)
 
 
 @functools.lru_cache(maxsize=4096)
-def _route(int8: bool, n_out: int, n_in: int, dtype, rows: int, limits: tuple) -> str:
+def _route(int8: bool, n_out: int, n_in: int, dtype, rows: int, limits: tuple, fp4: bool) -> str:
+    route = _shape_route(int8, n_out, n_in, dtype, rows, limits)
+    if fp4 and route == "exact":
+        # FP4 has no float kernel in the core, and decoding it to bf16 costs more than the int8
+        # kernel's matmul up to tens of rows (4096x4096 at 32 rows: 12.7 ms against ~1.7)
+        bf16_ok = dtype != torch.bfloat16 or rows <= limits[2]
+        return "int8" if int8 and bf16_ok else "decode"
+    if fp4 and route != "int8":
+        return "decode"
+    return route
+
+
+def _shape_route(int8: bool, n_out: int, n_in: int, dtype, rows: int, limits: tuple) -> str:
     packed_max, int8_half_max, bf16_max = limits
     if dtype not in RUST_DTYPES:
         return "decode"  # float64
@@ -274,14 +289,10 @@ def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, 
     p = _cpu_plan(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis)
     n_out, n_in = p.shape
     rows = x.numel() // n_in if n_in else 0
-    route = "decode" if p.parts is None else _cpu_route(p.int8, n_out, n_in, x.dtype, rows)
-    if p.fp4 and route == "exact":
-        # FP4 has no float kernel in the core, and decoding it to bf16 costs more than the int8
-        # kernel's matmul up to tens of rows (4096x4096 at 32 rows: 12.7 ms against ~1.7)
-        bf16_ok = x.dtype != torch.bfloat16 or rows <= CPU_BF16_TILES_MAX_ROWS
-        route = "int8" if p.int8 and CPU_INT8_ACTIVATIONS and bf16_ok else "decode"
-    elif p.fp4 and route != "int8":
+    if p.parts is None:
         route = "decode"
+    else:
+        route = _cpu_route(p.int8, n_out, n_in, x.dtype, rows, p.fp4)
     if route == "decode":
         return linear_dequantize(
             x, codes, scales, mins, bias, shape, encoding, bits, group_size, p.axis
@@ -377,7 +388,8 @@ def linear_cuda(x, codes, scales, mins, bias, shape, encoding, bits, group_size,
     """The CUDA implementation: the fused kernels where they apply (by weight layout and batch,
     ``kernels/launch.py``), else decode and ``F.linear``. The hot path of a model's decode step:
     one cached check, one cached route, no copy or reshape of what already has its shape; and
-    from the second call of a shape on, a replay of its one launch (``fastlaunch.Replay``),
+    from the third call of a shape on (the first compiles, the second notes its launch), a
+    replay of that launch (``fastlaunch.Replay``),
     keyed by what the check, route and plan depend on: the weight (its plan), x's shape, dtype,
     device and 16-byte alignment, the bias object and ``launch.INT8_ACTIVATIONS``."""
     p = _cuda_weight(codes, scales, mins, shape, encoding, bits, group_size, axis)
