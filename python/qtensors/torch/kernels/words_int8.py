@@ -195,7 +195,7 @@ def _row(wa, wb, x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, s, m, acc,
     inv = tl.fdiv(tl.full(amax.shape, 127.0, tl.float32), amax)
     KU: tl.constexpr = amax.shape[0]
     zero = tl.zeros_like(wa)
-    ones = tl.full((KU,), 0x01010101, tl.int32)
+    ones = tl.full((KU,), 0x01010101, tl.int32)  # dp4a against it: a word's byte sum
     if ENC == 3:
         # FP4: codes in order, each word against its activations and their negatives
         q0, q1 = _quads(_round(xa, inv), EMULATE)
@@ -204,7 +204,7 @@ def _row(wa, wb, x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, s, m, acc,
         n2, n3 = _quads(_round(-xb, inv), EMULATE)
         dot = _fp4_word(wa, q0, q1, n0, n1, zero, EMULATE)
         dot = _fp4_word(wb, q2, q3, n2, n3, dot, EMULATE)
-        sq = dot  # unused
+        acc += ((d * 0.5)[:, None] * s) * dot.to(tl.float32)  # the codes were doubled
     elif ENC == 2:
         # NF4: codes in order, their int8 levels against the activations (both signed)
         q0, q1 = _quads(_round(xa, inv), EMULATE)
@@ -213,35 +213,32 @@ def _row(wa, wb, x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, s, m, acc,
         dot = _dp4a(_nf4_quad(wa >> 16, EMULATE), q1[:, None], dot, EMULATE, True)
         dot = _dp4a(_nf4_quad(wb, EMULATE), q2[:, None], dot, EMULATE, True)
         dot = _dp4a(_nf4_quad(wb >> 16, EMULATE), q3[:, None], dot, EMULATE, True)
-        sq = dot  # unused
-    elif BITS == 4:
-        # per word, the even codes are the low nibbles: codes 0-7 in wa, 8-15 in wb
-        ea, oa = tl.split(_round(xa, inv).reshape(KU, 4, 2))
-        eb, ob = tl.split(_round(xb, inv).reshape(KU, 4, 2))
-        ea = _pack4(ea, EMULATE)
-        oa = _pack4(oa, EMULATE)
-        eb = _pack4(eb, EMULATE)
-        ob = _pack4(ob, EMULATE)
-        sq = _dp4a(ones, ea, _dp4a(ones, oa, _dp4a(ones, eb, _dp4a(ones, ob, 0, EMULATE),
-                                                   EMULATE), EMULATE), EMULATE)  # fmt: skip
-        dot = _dp4a(wa & 0x0F0F0F0F, ea[:, None], zero, EMULATE)
-        dot = _dp4a((wa >> 4) & 0x0F0F0F0F, oa[:, None], dot, EMULATE)
-        dot = _dp4a(wb & 0x0F0F0F0F, eb[:, None], dot, EMULATE)
-        dot = _dp4a((wb >> 4) & 0x0F0F0F0F, ob[:, None], dot, EMULATE)
+        acc += ((d * (1.0 / 127.0))[:, None] * s) * dot.to(tl.float32)  # levels times 127
     else:
-        q0, q1 = _quads(_round(xa, inv), EMULATE)  # 8-bit: codes 0-3 in wa, 4-7 in wb
-        sq = _dp4a(ones, q0, _dp4a(ones, q1, 0, EMULATE), EMULATE)
-        dot = _dp4a(wa, q0[:, None], zero, EMULATE)
-        dot = _dp4a(wb, q1[:, None], dot, EMULATE)
-    # the weights times the rounded activations q * d: sum(s c q d) + m sum(q d)
-    if ENC == 0:
-        acc += d[:, None] * (s * dot.to(tl.float32) + m * sq.to(tl.float32)[:, None])
-    elif ENC == 3:  # the codes were doubled
-        acc += ((d * 0.5)[:, None] * s) * dot.to(tl.float32)
-    elif ENC == 2:  # the levels were scaled by 127
-        acc += ((d * (1.0 / 127.0))[:, None] * s) * dot.to(tl.float32)
-    else:  # symmetric: codes offset by 2^(BITS - 1)
-        acc += (d[:, None] * s) * (dot - (1 << (BITS - 1)) * sq[:, None]).to(tl.float32)
+        if BITS == 4:
+            # per word, the even codes are the low nibbles: codes 0-7 in wa, 8-15 in wb
+            ea, oa = tl.split(_round(xa, inv).reshape(KU, 4, 2))
+            eb, ob = tl.split(_round(xb, inv).reshape(KU, 4, 2))
+            ea = _pack4(ea, EMULATE)
+            oa = _pack4(oa, EMULATE)
+            eb = _pack4(eb, EMULATE)
+            ob = _pack4(ob, EMULATE)
+            sq = _dp4a(ones, ea, _dp4a(ones, oa, _dp4a(ones, eb, _dp4a(ones, ob, 0, EMULATE),
+                                                       EMULATE), EMULATE), EMULATE)  # fmt: skip
+            dot = _dp4a(wa & 0x0F0F0F0F, ea[:, None], zero, EMULATE)
+            dot = _dp4a((wa >> 4) & 0x0F0F0F0F, oa[:, None], dot, EMULATE)
+            dot = _dp4a(wb & 0x0F0F0F0F, eb[:, None], dot, EMULATE)
+            dot = _dp4a((wb >> 4) & 0x0F0F0F0F, ob[:, None], dot, EMULATE)
+        else:
+            q0, q1 = _quads(_round(xa, inv), EMULATE)  # 8-bit: codes 0-3 in wa, 4-7 in wb
+            sq = _dp4a(ones, q0, _dp4a(ones, q1, 0, EMULATE), EMULATE)
+            dot = _dp4a(wa, q0[:, None], zero, EMULATE)
+            dot = _dp4a(wb, q1[:, None], dot, EMULATE)
+        # the weights times the rounded activations q * d: sum(s c q d) + m sum(q d)
+        if ENC == 0:
+            acc += d[:, None] * (s * dot.to(tl.float32) + m * sq.to(tl.float32)[:, None])
+        else:  # symmetric: codes offset by 2^(BITS - 1)
+            acc += (d[:, None] * s) * (dot - (1 << (BITS - 1)) * sq[:, None]).to(tl.float32)
     return acc
 
 
@@ -307,7 +304,7 @@ def words_int8_kernel(
         if ENC == 0:
             m = tl.load(mins_ptr + sidx, mask=wmask, other=0.0).to(tl.float32)
         else:
-            m = s  # unused
+            m = s  # symmetric, NF4, FP4: no min (a stand-in _row ignores)
         acc0 = _row(wa, wb, x_ptr, 0, M, stride_xm, xcol, xmask, s, m, acc0, ENC, BITS, EMULATE)
         if BLOCK_M > 1:
             acc1 = _row(wa, wb, x_ptr, 1, M, stride_xm, xcol, xmask, s, m, acc1, ENC, BITS,
