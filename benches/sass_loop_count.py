@@ -1,0 +1,94 @@
+"""Instructions in the main loop of the batch-1 GEMV kernels, from the sm_90 SASS Triton emits
+(no GPU needed: Triton compiles for a named target; its bundled ``cuobjdump`` disassembles).
+
+    python3 benches/sass_loop_count.py [--encodings affine,symmetric,nf4,mxfp4,nvfp4]
+                                       [--block-n 8] [--block-k 2048] [--warps 4]
+
+For each encoding, ``words.py`` (exact) and ``words_int8.py`` (int8 activations): registers a
+thread, instructions in the loop (the longest backward branch's body), and per weight (a loop
+step covers ``block_n * block_k / (32 * warps)`` weights a thread). The figures the README and
+the kernels' docstrings quote come from this script under Triton 3.6 (the H200's); other Triton
+versions lay the same code out differently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from qtensors.torch.kernels.scales import SCALE_FORMATS  # noqa: E402
+from qtensors.torch.kernels.tiled import TILED_ENC  # noqa: E402
+from qtensors.torch.kernels.words import words_kernel  # noqa: E402
+from qtensors.torch.kernels.words_int8 import words_int8_kernel  # noqa: E402
+
+GROUP = {"affine": 64, "symmetric": 64, "nf4": 64, "mxfp4": 32, "nvfp4": 16}
+INSTR = re.compile(r"\s+/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*);")
+
+
+def compile_sass(fn, enc: str, bn: int, bk: int, warps: int) -> tuple[str, int]:
+    sfmt = SCALE_FORMATS.get(enc, 0)
+    consts = dict(ENC=TILED_ENC[enc], SFMT=sfmt, BITS=4, GS=GROUP[enc], HAS_BIAS=False,
+                  BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=False, EMULATE=False)  # fmt: skip
+    ptrs = {"x_ptr": "*bf16", "words_ptr": "*i32", "units_ptr": "*i64", "out_ptr": "*bf16",
+            "scales_ptr": "*u8" if sfmt else "*fp16", "mins_ptr": "*fp32" if sfmt else "*fp16",
+            "levels_ptr": "*fp16", "bias_ptr": "*fp16", "ws_ptr": "*fp32",
+            "lock_ptr": "*i32"}  # fmt: skip
+    names = list(fn.arg_names)
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n.endswith("_ptr") or (sig[n] == "i32" and n != "M")}  # fmt: skip
+    consts = {k: v for k, v in consts.items() if k in names}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    return sass, int(re.search(r"REG:(\d+)", res)[1])
+
+
+def loop_ops(sass: str) -> Counter:
+    """The instructions between the longest backward branch and its target."""
+    ins = [(int(m[1], 16), m[3], m[4]) for m in map(INSTR.match, sass.splitlines()) if m]
+    spans = [(int(t[1], 16), a) for a, op, rest in ins if op == "BRA"
+             for t in [re.search(r"0x([0-9a-f]+)", rest)] if t and int(t[1], 16) < a]  # fmt: skip
+    lo, hi = max(spans, key=lambda s: s[1] - s[0])
+    return Counter(op for a, op, _ in ins if lo <= a <= hi)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--encodings", default="affine,symmetric,nf4,mxfp4,nvfp4")
+    ap.add_argument("--block-n", type=int, default=8)
+    ap.add_argument("--block-k", type=int, default=2048)
+    ap.add_argument("--warps", type=int, default=4)
+    a = ap.parse_args()
+    weights = a.block_n * a.block_k / (32 * a.warps)  # per thread and loop step
+    print(f"# triton {triton.__version__}, sm_90, {a.block_n} features x {a.block_k} codes, "
+          f"{a.warps} warps: {weights:.0f} weights a thread a step")  # fmt: skip
+    for enc in a.encodings.split(","):
+        for name, fn in (("words.py", words_kernel), ("words_int8.py", words_int8_kernel)):
+            sass, regs = compile_sass(fn, enc, a.block_n, a.block_k, a.warps)
+            ops = loop_ops(sass)
+            n = sum(ops.values())
+            top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
+            print(f"{enc:<10} {name:<14} {regs:4d} regs  loop {n:5d}  {n / weights:5.2f} a weight"
+                  f"  ({top})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
