@@ -6,7 +6,8 @@ same bytes and against the numpy reference implementation of the spec (tests/ref
 Prints GB/s (of fp32 bytes: output for dequantize, input for quantize) and the ratios the
 foundation issue asks for: dequantize >= 0.8x memcpy, quantize >= 0.4x memcpy, both >= 20x numpy.
 Dequantizing to fp16 and bf16 is measured against a memcpy of the same (half-size) output (the
-two run alternately, best of each), and
+two run alternately, best of each), into 64-byte aligned buffers (as qtensors and torch allocate
+them; a second line decodes into a buffer 16 bytes off, as a numpy array may be), and
 peers that are installed (gguf-py's Q4_0, bitsandbytes' NF4) dequantize comparable data to fp16
 in the same run.
 
@@ -198,32 +199,50 @@ def main() -> None:
         peers(x, args.repeat)
 
 
+def aligned_empty(nbytes: int, offset: int = 0) -> np.ndarray:
+    """`nbytes` bytes starting `offset` bytes past a 64-byte boundary: qtensors allocates its
+    own outputs 64-byte aligned, as torch's CPU allocator does; numpy aligns to 16."""
+    raw = np.empty(nbytes + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + offset
+    return raw[start : start + nbytes]
+
+
 def decode_16bit(parts, dt: str, n: int, enc_json: str, base_core, repeat: int) -> None:
-    """Dequantize to fp16 or bf16 against a memcpy of the same output bytes and, given
-    `base_core`, against that build decoding the same parts (all run alternately; the two
-    builds must write the same bytes)."""
-    half = np.empty((n, n), np.uint16)
-    src = np.ones_like(half)
-    hb = half.reshape(-1).view(np.uint8)
+    """Dequantize to fp16 or bf16 into a 64-byte aligned buffer against a memcpy of the same
+    output bytes (aligned too) and, given `base_core`, against that build decoding the same
+    parts (all run alternately; the two builds must write the same bytes); then the same decode
+    into a buffer 16 bytes past a 64-byte boundary (a numpy array's alignment), against the same
+    memcpy."""
+    hb = aligned_empty(2 * n * n)
+    src = aligned_empty(hb.nbytes)
+    src[:] = 1
+    dst = aligned_empty(hb.nbytes)
+    off = aligned_empty(hb.nbytes, 16)
     fns = [
-        lambda: np.copyto(half, src),
+        lambda: np.copyto(dst, src),
         lambda: _core.decode(parts, dt, [n, n], enc_json, hb),
+        lambda: _core.decode(parts, dt, [n, n], enc_json, off),
     ]
     vs = ""
     if base_core is not None:
-        other = np.empty_like(hb)
+        other = aligned_empty(hb.nbytes)
         base_core.decode(parts, dt, [n, n], enc_json, other)
         _core.decode(parts, dt, [n, n], enc_json, hb)
         assert np.array_equal(hb, other), "builds disagree"
         fns.append(lambda: base_core.decode(parts, dt, [n, n], enc_json, other))
-    t_c, t_h, *t_old = best_alternating(fns, repeat)
-    h_gbs, hc_gbs = half.nbytes / t_h / 1e9, half.nbytes / t_c / 1e9
+    t_c, t_h, t_off, *t_old = best_alternating(fns, repeat)
+    h_gbs, hc_gbs = hb.nbytes / t_h / 1e9, hb.nbytes / t_c / 1e9
     if t_old:
-        o_gbs = half.nbytes / t_old[0] / 1e9
+        o_gbs = hb.nbytes / t_old[0] / 1e9
         vs = f"  {t_old[0] / t_h:5.2f}x baseline ({o_gbs:.2f} GB/s, {o_gbs / hc_gbs:.2f}x memcpy)"
     print(
         f"  dequantize to {dt:<8} (prealloc) {h_gbs:7.2f} GB/s  "
         f"{h_gbs / hc_gbs:5.2f}x memcpy of the {dt} bytes ({hc_gbs:.2f} GB/s){vs}"
+    )
+    off_gbs = hb.nbytes / t_off / 1e9
+    print(
+        f"    into a buffer at 64k+16 bytes   {off_gbs:7.2f} GB/s  "
+        f"{off_gbs / hc_gbs:5.2f}x memcpy (stores split across cache lines)"
     )
 
 

@@ -214,44 +214,31 @@ fn decode_piece(k: &Kernels, q: &Stored<'_>, e0: usize, t: OutType, out: &mut [u
     let stored = q.layout.inner > 1 && q.params.scale_dtype == DType::Float16;
     let (mut s_buf, mut m_buf) = (take_buffer(1), take_buffer(2));
     let mut result = Ok(());
-    if !per_segment && !stored {
-        result = widen_scales(q, window.clone(), &mut s_buf, &mut m_buf);
-    }
-    if result.is_ok() && q.layout.inner == 1 {
-        // Groups along the last axis: runs of whole groups go to the kernel in one call (a call
-        // per 64-element group, through the segment walker, cost as much as the decoding).
+    if q.layout.inner == 1 {
+        // Groups along the last axis: their scales widened a chunk at a time, so the fp32
+        // copy stays in cache (widened for the whole piece, NVFP4's were 4 MiB at 4096^2,
+        // written and read back from memory).
         let l_len = q.layout.axis_len as usize;
         let g = (q.layout.group_size as usize).min(l_len);
-        let g_len = q.layout.groups_along_axis as usize;
-        let mut e = e0;
-        while e < e1 {
-            let l = e % l_len;
-            // Rows made of whole groups chain into one run; a ragged last group ends it.
-            let stop = if l_len.is_multiple_of(g) {
-                e1
-            } else {
-                e1.min(e - l + l_len)
-            };
-            let kk = l / g;
-            let into = l - kk * g;
-            let len = if into > 0 {
-                (g.min(l_len - kk * g) - into).min(stop - e)
-            } else {
-                stop - e
-            };
-            let gi = (e / l_len) * g_len + kk - window.start..;
-            let m = if q.codec.has_mins() {
-                &m_buf[gi.clone()]
-            } else {
-                &[][..]
-            };
-            let o = &mut out[(e - e0) * size..(e - e0 + len) * size];
-            // A run that starts inside a group is that group's rest: one "group" of `len`.
-            let run_g = if into > 0 { len } else { g };
-            (k.dequant_groups)(q.codec, q.codes, e, run_g, &s_buf[gi], m, t, o);
-            e += len;
+        let mut c0 = e0;
+        while c0 < e1 && result.is_ok() {
+            let mut c1 = e1.min(c0 + WIDEN_CHUNK);
+            let into = (c1 % l_len) % g;
+            if c1 < e1 && c1 - into > c0 {
+                c1 -= into; // end on a group's start
+            }
+            let window = scale_window(&q.layout, c0, c1);
+            result = widen_scales(q, window.clone(), &mut s_buf, &mut m_buf);
+            if result.is_ok() {
+                let o = &mut out[(c0 - e0) * size..(c1 - e0) * size];
+                decode_runs(k, q, c0, c1, window.start, &s_buf, &m_buf, t, o);
+            }
+            c0 = c1;
         }
-    } else if result.is_ok() {
+    } else {
+        if !per_segment && !stored {
+            result = widen_scales(q, window.clone(), &mut s_buf, &mut m_buf);
+        }
         // Groups along an earlier axis: a row of scales and mins per row of `inner` elements.
         // (Blocks of 512-2048 columns through the rows, to keep those in L1 from row to row,
         // ran 0.4-0.9x as fast at 4096 columns: `benches/results/flexgen_columns.txt`.)
@@ -298,6 +285,61 @@ fn decode_piece(k: &Kernels, q: &Stored<'_>, e0: usize, t: OutType, out: &mut [u
     put_buffer(1, s_buf);
     put_buffer(2, m_buf);
     result
+}
+
+/// Elements whose scales `decode_piece` widens at a time, for groups along the last axis: 4096
+/// NVFP4 scales (16 KiB of fp32), where a whole 4096^2 piece's were 4 MiB written to memory and
+/// read back (and a temporary that grew with the tensor).
+const WIDEN_CHUNK: usize = 65536;
+
+/// Decode elements `e0..e1` of `q` (groups along the last axis) into `out` with the widened
+/// scales and mins of the groups from `w0` on: runs of whole groups go to the kernel in one
+/// call (a call per 64-element group, through the segment walker, cost as much as the
+/// decoding).
+#[allow(clippy::too_many_arguments)]
+fn decode_runs(
+    k: &Kernels,
+    q: &Stored<'_>,
+    e0: usize,
+    e1: usize,
+    w0: usize,
+    s_buf: &[f32],
+    m_buf: &[f32],
+    t: OutType,
+    out: &mut [u8],
+) {
+    let size = t.size();
+    let l_len = q.layout.axis_len as usize;
+    let g = (q.layout.group_size as usize).min(l_len);
+    let g_len = q.layout.groups_along_axis as usize;
+    let mut e = e0;
+    while e < e1 {
+        let l = e % l_len;
+        // Rows made of whole groups chain into one run; a ragged last group ends it.
+        let stop = if l_len.is_multiple_of(g) {
+            e1
+        } else {
+            e1.min(e - l + l_len)
+        };
+        let kk = l / g;
+        let into = l - kk * g;
+        let len = if into > 0 {
+            (g.min(l_len - kk * g) - into).min(stop - e)
+        } else {
+            stop - e
+        };
+        let gi = (e / l_len) * g_len + kk - w0..;
+        let m = if q.codec.has_mins() {
+            &m_buf[gi.clone()]
+        } else {
+            &[][..]
+        };
+        let o = &mut out[(e - e0) * size..(e - e0 + len) * size];
+        // A run that starts inside a group is that group's rest: one "group" of `len`.
+        let run_g = if into > 0 { len } else { g };
+        (k.dequant_groups)(q.codec, q.codes, e, run_g, &s_buf[gi], m, t, o);
+        e += len;
+    }
 }
 
 /// The range of scale indices that elements `e0..e1` (non-empty) can use: every group-row
