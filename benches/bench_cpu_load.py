@@ -10,7 +10,10 @@ the page cache warm (page faults of fresh memory and of the mapping included):
 
 * ``safetensors``: ``safetensors.torch.load_file`` of the fp16 file, then one byte of every
   4 KiB page of every tensor read (so that a lazily mapped reader pays its faults); and the
-  same with each tensor cloned (the floor of any decoder: writing fresh memory);
+  same with each tensor cloned;
+* ``fresh fp16 tensors, written once``: ``torch.empty`` + ``fill_`` of each output tensor, no
+  input at all: the floor of any decoder that returns new tensors (page faults of fresh memory
+  and writing every byte once);
 * ``qtensors``: ``qtensors.load_file(file, framework="pt")`` of the int4-g64 (affine, groups
   along rows) and NF4 g64 files of the same tensors: the Rust core decodes straight to fp16;
 * ``bitsandbytes``: ``bitsandbytes.functional.dequantize_4bit`` (NF4, block 64, fp16 out) of
@@ -96,6 +99,11 @@ def main() -> None:
             {k: v.clone() for k, v in st_load(fp16).items()}
         )
         files["safetensors fp16 file + touch"] = files["safetensors fp16 file + clone"] = fp16
+        # the floor of any decoder to fresh tensors: allocating and writing the output once
+        shapes = {k: v.shape for k, v in tensors.items()}
+        fns["fresh fp16 tensors, written once"] = lambda: touch(
+            {k: torch.empty(sh, dtype=torch.float16).fill_(1) for k, sh in shapes.items()}
+        )
         for preset in ("int4-g64", "nf4"):
             path = os.path.join(d, f"{preset}.qtensors")
             qt.save_file(tensors, path, quant=preset)
