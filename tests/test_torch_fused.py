@@ -44,6 +44,7 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
         "tiled-dot",
         "tiled-dispatch",
         "mma",
+        "mma-int8",
     ],
 )
 def test_fused_kernels_match_decode_then_matmul(group):
@@ -198,6 +199,33 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
     with pytest.raises(ValueError, match="word pairs"):  # one word a step: 8 codes
         words = L.TiledConfig("words", 0, 4, 8)
         L._tiled_plan(1, 64, 128, "affine", 4, 64, torch.float16, False, -1, words, True)
+
+
+def test_int8_mma_switch(monkeypatch):
+    """``mma_int8.py`` runs only inside ``INT8_MMA_ROWS`` (off by default), with
+    ``INT8_ACTIVATIONS``, for fp16 / bf16 activations and affine / symmetric codes in whole groups
+    of at least 64; its plan refuses what it cannot run."""
+    pytest.importorskip("triton")
+    from qtensors.torch.kernels import launch as L
+
+    f16, f32 = torch.float16, torch.float32
+    assert L.INT8_MMA_ROWS is None and not L.int8_mma_applies(16, 128, "affine", 64, f16)
+    monkeypatch.setattr(L, "INT8_MMA_ROWS", (5, 64))
+    assert L.int8_mma_applies(5, 128, "affine", 64, f16)
+    assert L.int8_mma_applies(64, 256, "symmetric", 128, torch.bfloat16)
+    assert not L.int8_mma_applies(4, 128, "affine", 64, f16)  # below the rows
+    assert not L.int8_mma_applies(65, 128, "affine", 64, f16)
+    assert not L.int8_mma_applies(16, 128, "affine", 64, f32)
+    assert not L.int8_mma_applies(16, 128, "affine", 32, f16)  # half a k-step a nibble half
+    assert not L.int8_mma_applies(16, 192, "affine", 128, f16)  # a ragged last group
+    assert not L.int8_mma_applies(16, 128, "mxfp4", 64, f16)
+    monkeypatch.setattr(L, "INT8_ACTIVATIONS", False)
+    assert not L.int8_mma_applies(16, 128, "affine", 64, f16)
+    with pytest.raises(ValueError, match="groups of at least 64"):
+        L._mma_int8_plan(16, 64, 192, "affine", 128, False, -1, None, True)
+    with pytest.raises(ValueError, match="block_n >= 64"):
+        cfg = L.MmaConfig(16, 32, 1, 1, 4, 1)
+        L._mma_int8_plan(16, 64, 128, "affine", 64, False, -1, cfg, True)
 
 
 def test_cuda_path_checks_devices_and_reuses_the_weight_plan():
