@@ -300,8 +300,8 @@ def mma_int8_cases():
                 out.append((N, K, 16, ename, dt, bias, "routed"))
                 K += 64
             out.append((N, K, M, ename, dt, bias, L.MmaConfig(16, 64, 1, 1, 4, 1)))
-            out.append((N, K, 17, ename, dt, not bias, L.MmaConfig(16, 64, 1, 3, 4, 1)))
-            out.append((N, K, 33, ename, dt, bias, L.MmaConfig(64, 128, 1, 2, 4, 1)))
+            out.append((N, K, 17, ename, dt, not bias, L.MmaConfig(16, 64, 2, 3, 4, 1)))
+            out.append((N, K, 33, ename, dt, bias, L.MmaConfig(64, 128, 4, 2, 4, 1)))
             out.append((N, K, 5, ename, dt, not bias, "routed"))
     return out
 

@@ -128,7 +128,7 @@ class TiledConfig:
 
 
 @dataclass(frozen=True)
-class MmaConfig:  # (also ``mma_int8.py``'s, whose K step is one group: ``groups`` must be 1)
+class MmaConfig:  # (also ``mma_int8.py``'s: groups 1, 2 or 4)
     """``mma.py``: rows of ``x`` per program (>= 16: the MMA's N dim; 0: the batch rounded up to
     a power of two, at least 16), output features per program (>= 16; 64 and up fill an MMA),
     groups per K step, K-slices (0: as many as fill the GPU), warps, software-pipelining
@@ -769,10 +769,10 @@ def mma_linear(
                    weight, bias, K, row)  # fmt: skip
 
 
-#: ``mma_int8_kernel``'s configuration where ``MMA_INT8_TABLE`` has none (128 features a
-#: program: 3.2 sm_90 instructions a weight in the loop at 16 rows, against 4.8 with 64;
-#: ``benches/probe_mma_int8.py`` measures the others on the GPU)
-MMA_INT8_DEFAULT = MmaConfig(block_m=0, block_n=128, groups=1, split_k=0, num_warps=4, num_stages=3)
+#: ``mma_int8_kernel``'s configuration where ``MMA_INT8_TABLE`` has none: 128 features and 2
+#: groups a step (H200, 8192 x 8192 at 16 rows: 28.5 us against 32.7 with 1 group a step and
+#: 34.4 with 64 features; ``benches/probe_mma_int8.py`` sweeps the others)
+MMA_INT8_DEFAULT = MmaConfig(block_m=0, block_n=128, groups=2, split_k=0, num_warps=4, num_stages=3)
 #: per (batch bucket, N, K), as ``MMA_TABLE``
 MMA_INT8_TABLE: dict[tuple[int, int, int], MmaConfig] = {}
 #: groups a ``quantize_kernel`` program rounds
@@ -796,17 +796,23 @@ def _mma_int8_plan(
     bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
     cfg = config or MMA_INT8_TABLE.get((bucket, N, K)) or MMA_INT8_DEFAULT
     block_m = cfg.block_m or max(16, 1 << (M - 1).bit_length())
-    if block_m < 16 or cfg.block_n < 64 or cfg.groups != 1:
-        raise ValueError(f"the int8 mma kernel needs block_m >= 16, block_n >= 64, groups 1: {cfg}")
+    if block_m < 16 or cfg.block_n < 64 or cfg.groups not in (1, 2, 4):
+        raise ValueError(
+            f"the int8 mma kernel needs block_m >= 16, block_n >= 64, groups 1, 2 or 4: {cfg}"
+        )
     if not int8_mma_shape(K, encoding, g):
         raise ValueError(
             f"the int8 mma kernel takes {tuple(MMA_INT8_ENC)} codes in groups of at least"
             f" {MMA_INT8_MIN_GROUP} dividing K, not {encoding}, g={g}, K={K}"
         )
+    G = K // g
+    groups = cfg.groups
+    while G % groups:  # a step covers whole groups of the row: fewer where they do not divide G
+        groups //= 2
     n_m = -(-M // block_m)
     n_tiles = -(-N // cfg.block_n) * n_m
-    split, k_split = _k_slices(cfg.split_k, n_tiles, M, N, K, g, cuda_index, 2, allow_split)
-    G = K // g
+    step = g * groups
+    split, k_split = _k_slices(cfg.split_k, n_tiles, M, N, K, step, cuda_index, 2, allow_split)
     quant_grid = (n_m * block_m, -(-G // QUANT_GROUPS))
     quant_meta: dict = dict(GS=g, GROUPS=QUANT_GROUPS)
     meta: dict = dict(
@@ -817,6 +823,7 @@ def _mma_int8_plan(
         BLOCK_N=cfg.block_n,
         SPLIT_K=split,
         EMULATE=cuda_index < 0,  # the interpreter runs no inline assembly
+        GROUPS=groups,
     )
     if cuda_index >= 0:
         meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)

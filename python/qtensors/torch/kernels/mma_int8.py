@@ -27,8 +27,15 @@ so the result is the weight times ``x~``: it differs from the exact product by a
 
 Layout as ``mma.py`` ("swap AB"): a program computes a ``[BLOCK_N, BLOCK_M]`` tile of ``y^T`` as
 ``W_tile @ x_tile^T``, so the features (>= 64) fill the MMA's M dim and the batch (16-64) its N.
-K is split over grid axis 1 when the output tiles alone would not fill the GPU (in whole
-groups); ``epilogue.store_result`` finishes.
+A K step covers ``GROUPS`` groups (1, 2 or 4, dividing the row's), whose scales and mins come as
+one tile loaded a step ahead (``_factor_tiles``). K is split over grid axis 1 when the output
+tiles alone would not fill the GPU (in whole steps); ``epilogue.store_result`` finishes.
+
+Cost (Triton 3.6, sm_90 SASS of the loop, 128 features x 16 rows, ``benches/sass_loop_count.py
+--mma``): ~3.0 instructions a weight at 2 groups a step, against ~6.1 for ``mma.py``. On the
+H200 it is still far from the bytes' bound: the per-group scaling of the int32 sums needs each
+feature's scale in the accumulator's layout, which Triton reaches through shared memory and
+barriers (see ``_factor_tiles``); without the scale loads the loop ran ~25% faster.
 
 ``EMULATE`` (the interpreter, which runs no inline assembly): the nibbles with tensor ops.
 """
@@ -114,6 +121,39 @@ def _nibbles(b, EMULATE: tl.constexpr):
     return lo, hi
 
 
+@triton.jit
+def _factor_tiles(scales_ptr, mins_ptr, rows, rmask, g0, G, ENC: tl.constexpr,
+                  GROUPS: tl.constexpr):  # fmt: skip
+    """Groups ``g0 .. g0 + GROUPS - 1``'s scales and (affine) mins, ``[BLOCK_N, GROUPS]`` as
+    stored. Why tiles, loaded a step ahead: a feature's scale is a 2-byte load ``G`` apart from
+    the next feature's, which Triton neither pipelines nor loads in the accumulator's layout
+    (each load is moved there through shared memory, a barrier pair each); one tile of several
+    groups is one such move for all of them, and loading it a step early hides its latency."""
+    cols = tl.arange(0, GROUPS)
+    idx = rows[:, None] * G + g0 + cols[None, :]
+    st = tl.load(scales_ptr + idx, mask=rmask[:, None], other=0.0)
+    tt = st
+    if ENC == 0:
+        tt = tl.load(mins_ptr + idx, mask=rmask[:, None], other=0.0)
+    return st, tt
+
+
+@triton.jit
+def _column(tile, j: tl.constexpr, GROUPS: tl.constexpr):
+    """Column ``j`` of a ``[BLOCK_N, GROUPS]`` tile (GROUPS 1, 2 or 4), by splits (no data
+    movement where the columns share a thread)."""
+    if GROUPS == 1:
+        return tl.reshape(tile, (tile.shape[0],))
+    elif GROUPS == 2:
+        a, b = tl.split(tile)
+        return a if j == 0 else b
+    else:
+        even, odd = tl.split(tile.reshape(tile.shape[0], 2, 2))  # columns 0, 2 and 1, 3
+        half = even if j % 2 == 0 else odd
+        a, b = tl.split(half)
+        return a if j < 2 else b
+
+
 @triton.jit(do_not_specialize=["M"])
 def mma_int8_kernel(
     xq_ptr,
@@ -141,6 +181,7 @@ def mma_int8_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
     EMULATE: tl.constexpr,
+    GROUPS: tl.constexpr = 1,
 ):
     """One ``[BLOCK_M, BLOCK_N]`` output tile from ``quantize_kernel``'s ``xq`` / ``xs`` (``MP``
     rows: a multiple of ``BLOCK_M``; K a multiple of ``GS``; a K-slice ``k_split`` too)."""
@@ -153,30 +194,38 @@ def mma_int8_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k_lo = pid_k * k_split
     k_hi = tl.minimum(K, k_lo + k_split)
-    for kg in range(k_lo, k_hi, GS):
-        kg = tl.multiple_of(kg, GS)
-        b = tl.load(
-            codes_ptr + rows[:, None] * row_bytes + (tl.multiple_of(kg // 2, HB) + jb)[None, :],
-            mask=rmask[:, None],
-            other=0,
-        )
-        lo, hi = _nibbles(b, EMULATE)
-        xp = xq_ptr + offs_m[:, None] * stride_xm + (kg + jb)[None, :]
-        xe = tl.load(xp)  # MP rows: those past M are zeros
-        xo = tl.load(xp + HB)
-        i = tl.dot(lo, tl.trans(xe), out_dtype=tl.int32)
-        i = tl.dot(hi, tl.trans(xo), i, out_dtype=tl.int32)
-        g = kg // GS
-        d = tl.load(xs_ptr + g * MP + offs_m)
-        X = tl.load(xs_ptr + (G + g) * MP + offs_m)
-        s = tl.load(scales_ptr + rows * G + g, mask=rmask, other=0.0).to(tl.float32)
-        if ENC == 0:
-            t = tl.load(mins_ptr + rows * G + g, mask=rmask, other=0.0).to(tl.float32)
-        else:
-            t = -8.0 * s
-        # a multiply, a conversion and two FMAs per (feature, row, group)
-        acc = tl.fma(s[:, None] * d[None, :], i.to(tl.float32), acc)
-        acc = tl.fma(t[:, None], X[None, :], acc)
+    # the scales and mins of GROUPS groups as one [BLOCK_N, GROUPS] tile, a step ahead (see
+    # _factor_tiles)
+    st, tt = _factor_tiles(scales_ptr, mins_ptr, rows, rmask, k_lo // GS, G, ENC, GROUPS)
+    for k0 in range(k_lo, k_hi, GS * GROUPS):
+        k0 = tl.multiple_of(k0, GS * GROUPS)
+        g_next = tl.minimum(k0 // GS + GROUPS, G - GROUPS)  # the last step's is not used
+        st1, tt1 = _factor_tiles(scales_ptr, mins_ptr, rows, rmask, g_next, G, ENC, GROUPS)
+        for gi in tl.static_range(GROUPS):
+            kg = k0 + gi * GS
+            b = tl.load(
+                codes_ptr + rows[:, None] * row_bytes + (tl.multiple_of(kg // 2, HB) + jb)[None, :],
+                mask=rmask[:, None],
+                other=0,
+            )
+            lo, hi = _nibbles(b, EMULATE)
+            xp = xq_ptr + offs_m[:, None] * stride_xm + (kg + jb)[None, :]
+            xe = tl.load(xp)  # MP rows: those past M are zeros
+            xo = tl.load(xp + HB)
+            i = tl.dot(lo, tl.trans(xe), out_dtype=tl.int32)
+            i = tl.dot(hi, tl.trans(xo), i, out_dtype=tl.int32)
+            g = kg // GS
+            d = tl.load(xs_ptr + g * MP + offs_m)
+            X = tl.load(xs_ptr + (G + g) * MP + offs_m)
+            s = _column(st, gi, GROUPS).to(tl.float32)
+            if ENC == 0:
+                t = _column(tt, gi, GROUPS).to(tl.float32)
+            else:
+                t = -8.0 * s
+            # a multiply, a conversion and two FMAs per (feature, row, group)
+            acc = tl.fma(s[:, None] * d[None, :], i.to(tl.float32), acc)
+            acc = tl.fma(t[:, None], X[None, :], acc)
+        st, tt = st1, tt1
     store_result(
         tl.trans(acc),
         offs_m,
