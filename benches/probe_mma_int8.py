@@ -234,9 +234,11 @@ def advice(best: dict) -> None:
         say(f"rows {M:>3}: int8 / mma.py speedup min {min(wins[M]):.2f} max {max(wins[M]):.2f}")
     say(f"routing: INT8_MMA_ROWS = {(min(good), max(good)) if good else None}  (rows won on every"
         " shape: check they are contiguous)")  # fmt: skip
-    for (M, N, K), (cfg, _us) in sorted(best.items()):
-        if cfg != L.MMA_INT8_DEFAULT:
-            say(f"table: ({M}, {N}, {K}): {cfg}")
+    for (M, N, K), (cfg, us) in sorted(best.items()):
+        row = next(r for r in RESULTS["sweep"] if (r["M"], r["N"], r["K"]) == (M, N, K))
+        # MMA_INT8_TABLE's keys are batch buckets: lines at the rows of one, > 3% faster
+        if M in L.BATCH_BUCKETS and us < row["int8_default"] / 1.03:
+            say(f"table: ({M}, {N}, {K}): {cfg}  # {us:.1f} against {row['int8_default']:.1f}")
 
 
 def main() -> int:

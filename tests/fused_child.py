@@ -349,6 +349,7 @@ def run_mma_int8(x, args, bias, N, K, cfg):
     real = L.mma_int8_linear
     L.mma_int8_linear = lambda *a, **k: calls.append(1) or real(*a, **k)
     L.INT8_MMA_ROWS = (5, 64)
+    min_elements, L.INT8_MMA_MIN_ELEMENTS = L.INT8_MMA_MIN_ELEMENTS, 0
     L.route.cache_clear()
     try:
         M = x.shape[0]
@@ -356,6 +357,7 @@ def run_mma_int8(x, args, bias, N, K, cfg):
     finally:
         L.mma_int8_linear = real
         L.INT8_MMA_ROWS = None
+        L.INT8_MMA_MIN_ELEMENTS = min_elements
         L.route.cache_clear()
     return got, bool(calls)
 

@@ -209,18 +209,21 @@ def test_int8_mma_switch(monkeypatch):
     from qtensors.torch.kernels import launch as L
 
     f16, f32 = torch.float16, torch.float32
-    assert L.INT8_MMA_ROWS is None and not L.int8_mma_applies(16, 128, "affine", 64, f16)
+
+    def applies(M, K=128, enc="affine", g=64, dt=f16, N=1 << 20):
+        return L.int8_mma_applies(M, N, K, enc, g, dt)
+
+    assert L.INT8_MMA_ROWS is None and not applies(16)
     monkeypatch.setattr(L, "INT8_MMA_ROWS", (5, 64))
-    assert L.int8_mma_applies(5, 128, "affine", 64, f16)
-    assert L.int8_mma_applies(64, 256, "symmetric", 128, torch.bfloat16)
-    assert not L.int8_mma_applies(4, 128, "affine", 64, f16)  # below the rows
-    assert not L.int8_mma_applies(65, 128, "affine", 64, f16)
-    assert not L.int8_mma_applies(16, 128, "affine", 64, f32)
-    assert not L.int8_mma_applies(16, 128, "affine", 32, f16)  # half a k-step a nibble half
-    assert not L.int8_mma_applies(16, 192, "affine", 128, f16)  # a ragged last group
-    assert not L.int8_mma_applies(16, 128, "mxfp4", 64, f16)
+    assert applies(5) and applies(64, 256, "symmetric", 128, torch.bfloat16)
+    assert not applies(4) and not applies(65)  # outside the rows
+    assert not applies(16, N=(L.INT8_MMA_MIN_ELEMENTS // 128) - 1)  # a small weight: mma.py
+    assert not applies(16, dt=f32)
+    assert not applies(16, g=32)  # half a k-step a nibble half
+    assert not applies(16, K=192, g=128)  # a ragged last group
+    assert not applies(16, enc="mxfp4")
     monkeypatch.setattr(L, "INT8_ACTIVATIONS", False)
-    assert not L.int8_mma_applies(16, 128, "affine", 64, f16)
+    assert not applies(16)
     with pytest.raises(ValueError, match="groups of at least 64"):
         L._mma_int8_plan(16, 64, 192, "affine", 128, False, -1, None, True)
     with pytest.raises(ValueError, match="block_n >= 64"):

@@ -71,9 +71,14 @@ SMALL_M_KERNEL = "words"
 INT8_ACTIVATIONS = os.environ.get("QTENSORS_INT8_ACTIVATIONS", "1") != "0"
 #: the rows ``(lo, hi)`` for which ``mma_linear`` runs ``mma_int8.py`` (fp16 / bf16 activations
 #: rounded to int8 per row and group, int8 tensor cores) instead of ``mma.py``, for the weights
-#: ``int8_mma_shape`` takes; only with ``INT8_ACTIVATIONS``. Off (None) until measured on the
-#: H200 with ``benches/probe_mma_int8.py``.
+#: ``int8_mma_shape`` takes of at least ``INT8_MMA_MIN_ELEMENTS``; only with
+#: ``INT8_ACTIVATIONS``. Off (None) until the lead's own H200 run of
+#: ``benches/probe_mma_int8.py``. Measured (benches/results/gpu_mma_int8_probe_h200.txt): int4
+#: g64 / g128 at 5-64 rows 1.0-1.46x ``mma.py`` on the weights of 2^24+ elements (0.91x on
+#: 4096 x 4096 at 32 rows), 0.88-0.97x on 5632 x 2048 and 2048 x 5632; against cuBLAS bf16
+#: 1.1-1.5x up to 16 rows on the large weights, below 1 from 32 rows.
 INT8_MMA_ROWS: tuple[int, int] | None = None
+INT8_MMA_MIN_ELEMENTS = 1 << 24
 #: split-K counters per device: tiles of one launch that may split K
 LOCK_SLOTS = 1 << 15
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -298,14 +303,16 @@ def int8_mma_shape(K: int, encoding: str, g: int) -> bool:
     return encoding in MMA_INT8_ENC and g >= MMA_INT8_MIN_GROUP and K % g == 0
 
 
-def int8_mma_applies(M: int, K: int, encoding: str, g: int, dtype: torch.dtype) -> bool:
+def int8_mma_applies(M: int, N: int, K: int, encoding: str, g: int, dtype: torch.dtype) -> bool:
     """Whether ``mma_linear`` runs ``mma_int8.py`` for these rows (``INT8_MMA_ROWS``,
-    ``INT8_ACTIVATIONS``, fp16 / bf16 activations, ``int8_mma_shape``)."""
+    ``INT8_ACTIVATIONS``, ``INT8_MMA_MIN_ELEMENTS``, fp16 / bf16 activations,
+    ``int8_mma_shape``)."""
     rows = INT8_MMA_ROWS
     return (
         rows is not None
         and INT8_ACTIVATIONS
         and rows[0] <= M <= rows[1]
+        and N * K >= INT8_MMA_MIN_ELEMENTS
         and dtype in (torch.float16, torch.bfloat16)
         and int8_mma_shape(K, encoding, g)
     )
@@ -742,7 +749,7 @@ def mma_linear(
     ``tiled_linear``; ``codes`` the packed bytes). Without a ``config``, rows
     ``int8_mma_applies`` takes run ``mma_int8.py``."""
     M = x2.shape[0]
-    if config is None and int8_mma_applies(M, K, encoding, group_size, x2.dtype):
+    if config is None and int8_mma_applies(M, N, K, encoding, group_size, x2.dtype):
         return mma_int8_linear(x2, codes, scales, mins, bias, N, K, encoding, group_size)
     out, done, cuda_index, locks = _begin(x2, N, K, bias)
     if done:
@@ -773,8 +780,21 @@ def mma_linear(
 #: groups a step (H200, 8192 x 8192 at 16 rows: 28.5 us against 32.7 with 1 group a step and
 #: 34.4 with 64 features; ``benches/probe_mma_int8.py`` sweeps the others)
 MMA_INT8_DEFAULT = MmaConfig(block_m=0, block_n=128, groups=2, split_k=0, num_warps=4, num_stages=3)
-#: per (batch bucket, N, K), as ``MMA_TABLE``
-MMA_INT8_TABLE: dict[tuple[int, int, int], MmaConfig] = {}
+#: per (batch bucket, N, K), as ``MMA_TABLE``: where ``benches/probe_mma_int8.py`` found a config
+#: more than 3% faster than the default at the bucket's rows (gpu_mma_int8_probe_h200.txt)
+_C = MmaConfig
+MMA_INT8_TABLE: dict[tuple[int, int, int], MmaConfig] = {
+    (8, 4096, 4096): _C(0, 128, 4, 0, 4, 3),  # 12.9 us against the default's 17.9
+    (8, 4096, 14336): _C(0, 128, 1, 0, 4, 3),  # 25.8 against 31.3
+    (16, 4096, 4096): _C(0, 128, 4, 0, 4, 3),  # 13.7 against 19.7
+    (16, 4096, 14336): _C(0, 128, 1, 0, 4, 3),  # 27.6 against 33.3
+    (64, 2048, 5632): _C(0, 64, 4, 0, 4, 2),  # 21.1 against 25.1
+    (64, 4096, 4096): _C(0, 128, 2, 4, 4, 3),  # 24.3 against 34.2
+    (64, 4096, 14336): _C(0, 128, 1, 0, 4, 3),  # 52.1 against 57.8
+    (64, 5632, 2048): _C(0, 64, 4, 0, 4, 2),  # 18.1 against 25.1
+    (64, 8192, 8192): _C(0, 128, 2, 4, 4, 3),  # 53.0 against 59.5
+    (64, 14336, 4096): _C(0, 128, 2, 2, 4, 3),  # 48.2 against 55.3
+}
 #: groups a ``quantize_kernel`` program rounds
 QUANT_GROUPS = 8
 
