@@ -6,12 +6,13 @@ now), CUDA-graph timed over enough weight copies to overflow the L2 cache.
    per (row, group) in torch, times the decoded weight) and against the exact product within
    the rounding's bound ``sum_k |W_nk| d(k) / 2``, every encoding, rows 5 / 16 / 17 / 64;
 2. int4 affine g64, bf16 x, the issue's shapes, rows 5 / 8 / 16 / 32 / 64: cuBLAS ``F.linear``,
-   ``mma.py`` at its routed config, the int8 kernel at its default and a config sweep
+   ``mma.py`` at its routed config, the int8 kernel at its shipped config ("int8":
+   ``MMA_INT8_TABLE``'s entry, else ``MMA_INT8_DEFAULT``) and a config sweep
    (features and groups a program, K-slices, stages; ``--budget`` seconds), the pre-pass alone;
    speedups over cuBLAS and over ``mma.py``;
 3. symmetric g64 and affine g128 (and fp16 x) at each shape's best config;
 4. what to set: ``INT8_MMA_ROWS`` (the rows where the int8 kernel beat ``mma.py`` on every
-   shape) and ``MMA_INT8_TABLE`` lines.
+   shape) and ``MMA_INT8_TABLE`` lines (where the sweep's best beat the shipped config by 3%).
 
     OUT=DIR python3 benches/probe_mma_int8.py [--budget S]   # ~4 minutes on an H200
     python3 benches/probe_mma_int8.py --smoke                # CPU, Triton interpreter, tiny
@@ -159,12 +160,15 @@ def sweep(gbps: float) -> dict:
             old = case.time(mma, M)
             pre = prepass_us(case, M)
             dflt, why = timed(case, M, None)
-            cells = [(dflt, L.MMA_INT8_DEFAULT, why)]
+            bucket = next((b for b in L.BATCH_BUCKETS if M <= b), L.BATCH_BUCKETS[-1])
+            shipped = L.MMA_INT8_TABLE.get((bucket, N, K)) or L.MMA_INT8_DEFAULT
+            cells = [(dflt, shipped, why)]
             if time.perf_counter() - T0 < BUDGET_S:
                 for cfg in configs(M):
-                    if cfg != L.MMA_INT8_DEFAULT:
+                    if cfg != shipped:
                         us, why = timed(case, M, cfg)
                         cells.append((us, cfg, why))
+            base = next((u for u, c, _ in cells if c == L.MMA_INT8_DEFAULT), dflt)
             cells.sort(key=lambda c: c[0])
             us, cfg, _ = cells[0]
             nxt = ", ".join(f"{label(c)} {u:.1f}" for u, c, _ in cells[1:3] if u < math.inf)
@@ -178,7 +182,8 @@ def sweep(gbps: float) -> dict:
                 if w:
                     say(f"      refused/wrong: {label(c)}: {w}")
             best[(M, N, K)] = (cfg, us)
-            row = dict(N=N, K=K, M=M, cublas=cub, mma=old, prepass=pre, int8_default=dflt)
+            row = dict(N=N, K=K, M=M, cublas=cub, mma=old, prepass=pre, int8_shipped=dflt)
+            row["int8_default_config"] = base
             RESULTS["sweep"].append(dict(row, int8_best=us, config=label(cfg), bound=bound))
         del case
         if not S.SMOKE:
@@ -236,9 +241,11 @@ def advice(best: dict) -> None:
         " shape: check they are contiguous)")  # fmt: skip
     for (M, N, K), (cfg, us) in sorted(best.items()):
         row = next(r for r in RESULTS["sweep"] if (r["M"], r["N"], r["K"]) == (M, N, K))
-        # MMA_INT8_TABLE's keys are batch buckets: lines at the rows of one, > 3% faster
-        if M in L.BATCH_BUCKETS and us < row["int8_default"] / 1.03:
-            say(f"table: ({M}, {N}, {K}): {cfg}  # {us:.1f} against {row['int8_default']:.1f}")
+        # MMA_INT8_TABLE's keys are batch buckets: lines at the rows of one, > 3% faster than
+        # MMA_INT8_DEFAULT
+        base = row["int8_default_config"]
+        if M in L.BATCH_BUCKETS and cfg != L.MMA_INT8_DEFAULT and us < base / 1.03:
+            say(f"table: ({M}, {N}, {K}): {cfg}  # {us:.1f} against {base:.1f}")
 
 
 def main() -> int:

@@ -74,9 +74,10 @@ INT8_ACTIVATIONS = os.environ.get("QTENSORS_INT8_ACTIVATIONS", "1") != "0"
 #: ``int8_mma_shape`` takes of at least ``INT8_MMA_MIN_ELEMENTS``; only with
 #: ``INT8_ACTIVATIONS``. Off (None) until the lead's own H200 run of
 #: ``benches/probe_mma_int8.py``. Measured (benches/results/gpu_mma_int8_probe_h200.txt): int4
-#: g64 / g128 at 5-64 rows 1.0-1.46x ``mma.py`` on the weights of 2^24+ elements (0.91x on
-#: 4096 x 4096 at 32 rows), 0.88-0.97x on 5632 x 2048 and 2048 x 5632; against cuBLAS bf16
-#: 1.1-1.5x up to 16 rows on the large weights, below 1 from 32 rows.
+#: affine g64 at 5-64 rows 1.0-1.42x ``mma.py`` on the weights of 2^24+ elements (0.86-0.97x on
+#: 4096 x 4096 at 16-32 rows), 0.87-1.06x on 5632 x 2048 and 2048 x 5632; against cuBLAS bf16
+#: 1.15-1.31x at 5-16 rows on the 32M+ weights (symmetric 1.29-1.51x, affine g128 1.27-1.72x),
+#: below 1 from 32 rows.
 INT8_MMA_ROWS: tuple[int, int] | None = None
 INT8_MMA_MIN_ELEMENTS = 1 << 24
 #: split-K counters per device: tiles of one launch that may split K
@@ -777,23 +778,20 @@ def mma_linear(
 
 
 #: ``mma_int8_kernel``'s configuration where ``MMA_INT8_TABLE`` has none: 128 features and 2
-#: groups a step (H200, 8192 x 8192 at 16 rows: 28.5 us against 32.7 with 1 group a step and
-#: 34.4 with 64 features; ``benches/probe_mma_int8.py`` sweeps the others)
+#: groups a step, the probe's best or within 3% of it on every shape with 2^24+ elements at 5-16
+#: rows (H200, 8192 x 8192 at 16 rows: 29.7 us; ``benches/probe_mma_int8.py`` sweeps the others)
 MMA_INT8_DEFAULT = MmaConfig(block_m=0, block_n=128, groups=2, split_k=0, num_warps=4, num_stages=3)
 #: per (batch bucket, N, K), as ``MMA_TABLE``: where ``benches/probe_mma_int8.py`` found a config
 #: more than 3% faster than the default at the bucket's rows (gpu_mma_int8_probe_h200.txt)
 _C = MmaConfig
 MMA_INT8_TABLE: dict[tuple[int, int, int], MmaConfig] = {
-    (8, 4096, 4096): _C(0, 128, 4, 0, 4, 3),  # 12.9 us against the default's 17.9
-    (8, 4096, 14336): _C(0, 128, 1, 0, 4, 3),  # 25.8 against 31.3
-    (16, 4096, 4096): _C(0, 128, 4, 0, 4, 3),  # 13.7 against 19.7
-    (16, 4096, 14336): _C(0, 128, 1, 0, 4, 3),  # 27.6 against 33.3
-    (64, 2048, 5632): _C(0, 64, 4, 0, 4, 2),  # 21.1 against 25.1
-    (64, 4096, 4096): _C(0, 128, 2, 4, 4, 3),  # 24.3 against 34.2
-    (64, 4096, 14336): _C(0, 128, 1, 0, 4, 3),  # 52.1 against 57.8
-    (64, 5632, 2048): _C(0, 64, 4, 0, 4, 2),  # 18.1 against 25.1
-    (64, 8192, 8192): _C(0, 128, 2, 4, 4, 3),  # 53.0 against 59.5
-    (64, 14336, 4096): _C(0, 128, 2, 2, 4, 3),  # 48.2 against 55.3
+    (8, 4096, 4096): _C(0, 64, 4, 0, 4, 2),  # 13.4 us against the default's 14.5
+    (16, 4096, 4096): _C(0, 128, 4, 0, 4, 3),  # 14.2 against 15.5
+    (64, 2048, 5632): _C(0, 64, 4, 0, 4, 2),  # 20.3 against 24.4
+    (64, 4096, 4096): _C(0, 128, 2, 4, 4, 3),  # 21.2 against 33.6
+    (64, 5632, 2048): _C(0, 64, 4, 0, 4, 2),  # 18.0 against 24.1
+    (64, 8192, 8192): _C(0, 128, 2, 4, 4, 3),  # 50.7 against 54.7
+    (64, 14336, 4096): _C(0, 128, 2, 2, 4, 3),  # 45.1 against 51.2
 }
 #: groups a ``quantize_kernel`` program rounds
 QUANT_GROUPS = 8

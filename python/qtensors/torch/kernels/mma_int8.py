@@ -32,10 +32,13 @@ one tile loaded a step ahead (``_factor_tiles``). K is split over grid axis 1 wh
 tiles alone would not fill the GPU (in whole steps); ``epilogue.store_result`` finishes.
 
 Cost (Triton 3.6, sm_90 SASS of the loop, 128 features x 16 rows, ``benches/sass_loop_count.py
---mma``): ~3.0 instructions a weight at 2 groups a step, against ~6.1 for ``mma.py``. On the
-H200 it is still far from the bytes' bound: the per-group scaling of the int32 sums needs each
-feature's scale in the accumulator's layout, which Triton reaches through shared memory and
-barriers (see ``_factor_tiles``); without the scale loads the loop ran ~25% faster.
+--mma``, ``benches/results/sass_mma_loop_h200.txt``): 2.87 instructions a weight at 2 groups a
+step (symmetric 2.77), against 6.11 (6.00) for ``mma.py``. On the H200 that buys 1.2-1.4x
+``mma.py`` on the large weights, still ~30% of the bytes' bound: the per-group scaling of the
+int32 sums needs each feature's scale in the accumulator's layout, which Triton reaches through
+shared memory and barriers (see ``_factor_tiles``); with the scales replaced by constants the
+loop ran ~25% faster (22.5 against 29.7 us on 8192 x 8192 at 16 rows), and neither prefetching
+them nor passing them through a one-hot MMA (no barriers) gained.
 
 ``EMULATE`` (the interpreter, which runs no inline assembly): the nibbles with tensor ops.
 """
@@ -196,10 +199,14 @@ def mma_int8_kernel(
     k_hi = tl.minimum(K, k_lo + k_split)
     # the scales and mins of GROUPS groups as one [BLOCK_N, GROUPS] tile, a step ahead (see
     # _factor_tiles)
-    st, tt = _factor_tiles(scales_ptr, mins_ptr, rows, rmask, k_lo // GS, G, ENC, GROUPS)
+    # group indices written as multiples of GROUPS, so that Triton sees the tiles' alignment
+    # (vector loads)
+    g_lo = (k_lo // (GS * GROUPS)) * GROUPS
+    st, tt = _factor_tiles(scales_ptr, mins_ptr, rows, rmask, g_lo, G, ENC, GROUPS)
     for k0 in range(k_lo, k_hi, GS * GROUPS):
         k0 = tl.multiple_of(k0, GS * GROUPS)
-        g_next = tl.minimum(k0 // GS + GROUPS, G - GROUPS)  # the last step's is not used
+        g_next = (k0 // (GS * GROUPS)) * GROUPS + GROUPS
+        g_next = tl.minimum(g_next, G - GROUPS)  # the last step's is not used
         st1, tt1 = _factor_tiles(scales_ptr, mins_ptr, rows, rmask, g_next, G, ENC, GROUPS)
         for gi in tl.static_range(GROUPS):
             kg = k0 + gi * GS
