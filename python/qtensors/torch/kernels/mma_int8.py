@@ -198,9 +198,8 @@ def mma_int8_kernel(
     k_lo = pid_k * k_split
     k_hi = tl.minimum(K, k_lo + k_split)
     # the scales and mins of GROUPS groups as one [BLOCK_N, GROUPS] tile, a step ahead (see
-    # _factor_tiles)
-    # group indices written as multiples of GROUPS, so that Triton sees the tiles' alignment
-    # (vector loads)
+    # _factor_tiles); group indices written as multiples of GROUPS, so that Triton sees the
+    # tiles' alignment (vector loads)
     g_lo = (k_lo // (GS * GROUPS)) * GROUPS
     st, tt = _factor_tiles(scales_ptr, mins_ptr, rows, rmask, g_lo, G, ENC, GROUPS)
     for k0 in range(k_lo, k_hi, GS * GROUPS):
