@@ -3,10 +3,13 @@
 
     python3 benches/sass_loop_count.py [--encodings affine,symmetric,nf4,mxfp4,nvfp4]
                                        [--block-n 8] [--block-k 2048] [--warps 4]
+    python3 benches/sass_loop_count.py --mma [--block-n 128]   # the tensor-core kernels
 
 For each encoding, ``words.py`` (exact) and ``words_int8.py`` (int8 activations): registers a
 thread, instructions in the loop (the longest backward branch's body), and per weight (a loop
-step covers ``block_n * block_k / (32 * warps)`` weights a thread). The figures the README and
+step covers ``block_n * block_k / (32 * warps)`` weights a thread). ``--mma``: ``mma.py`` and
+``mma_int8.py`` (int4 affine / symmetric g64, 16 rows, ``block_n`` features, 3 stages), a loop
+step covering ``block_n * 64 * groups / (32 * warps)`` weights a thread. The figures the README and
 the kernels' docstrings quote come from this script under Triton 3.6 (the H200's); other Triton
 versions lay the same code out differently.
 """
@@ -28,6 +31,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from qtensors.torch.kernels.mma import MMA_ENC, mma_kernel  # noqa: E402
+from qtensors.torch.kernels.mma_int8 import MMA_INT8_ENC, mma_int8_kernel  # noqa: E402
 from qtensors.torch.kernels.scales import SCALE_FORMATS  # noqa: E402
 from qtensors.torch.kernels.tiled import TILED_ENC  # noqa: E402
 from qtensors.torch.kernels.words import words_kernel  # noqa: E402
@@ -41,17 +46,24 @@ def compile_sass(fn, enc: str, bn: int, bk: int, warps: int) -> tuple[str, int]:
     sfmt = SCALE_FORMATS.get(enc, 0)
     consts = dict(ENC=TILED_ENC[enc], SFMT=sfmt, BITS=4, GS=GROUP[enc], HAS_BIAS=False,
                   BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=False, EMULATE=False)  # fmt: skip
+    return compile_kernel(fn, consts, {"scales_ptr": "*u8" if sfmt else "*fp16",
+                                       "mins_ptr": "*fp32" if sfmt else "*fp16"},
+                          {"num_warps": warps})  # fmt: skip
+
+
+def compile_kernel(fn, consts: dict, ptr_types: dict, options: dict) -> tuple[str, int]:
+    """(SASS, registers a thread) of ``fn`` for sm_90 with these constexprs."""
     ptrs = {"x_ptr": "*bf16", "words_ptr": "*i32", "units_ptr": "*i64", "out_ptr": "*bf16",
-            "scales_ptr": "*u8" if sfmt else "*fp16", "mins_ptr": "*fp32" if sfmt else "*fp16",
-            "levels_ptr": "*fp16", "bias_ptr": "*fp16", "ws_ptr": "*fp32",
-            "lock_ptr": "*i32"}  # fmt: skip
+            "scales_ptr": "*fp16", "mins_ptr": "*fp16", "levels_ptr": "*fp16",
+            "bias_ptr": "*fp16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "codes_ptr": "*u8",
+            "xq_ptr": "*i8", "xs_ptr": "*fp32", **ptr_types}  # fmt: skip
     names = list(fn.arg_names)
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if n.endswith("_ptr") or (sig[n] == "i32" and n != "M")}  # fmt: skip
     consts = {k: v for k, v in consts.items() if k in names}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
@@ -76,7 +88,11 @@ def main() -> None:
     ap.add_argument("--block-n", type=int, default=8)
     ap.add_argument("--block-k", type=int, default=2048)
     ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--mma", action="store_true", help="the tensor-core kernels instead")
     a = ap.parse_args()
+    if a.mma:
+        mma_counts(a.block_n if a.block_n != 8 else 128)
+        return
     weights = a.block_n * a.block_k / (32 * a.warps)  # per thread and loop step
     print(f"# triton {triton.__version__}, sm_90, {a.block_n} features x {a.block_k} codes, "
           f"{a.warps} warps: {weights:.0f} weights a thread a step")  # fmt: skip
@@ -87,6 +103,27 @@ def main() -> None:
             n = sum(ops.values())
             top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
             print(f"{enc:<10} {name:<14} {regs:4d} regs  loop {n:5d}  {n / weights:5.2f} a weight"
+                  f"  ({top})")  # fmt: skip
+
+
+def mma_counts(bn: int) -> None:
+    """``mma.py`` against ``mma_int8.py`` (1, 2, 4 groups a step), int4 g64, 16 rows."""
+    print(f"# triton {triton.__version__}, sm_90, {bn} features x 16 rows, 4 warps, 3 stages")
+    opts = {"num_warps": 4, "num_stages": 3}
+    for enc in ("affine", "symmetric"):
+        runs = [("mma.py", 1, mma_kernel, dict(ENC=MMA_ENC[enc], SFMT=0, IEEE=False, EVEN=True))]
+        runs += [(f"mma_int8.py g{g}", g, mma_int8_kernel, dict(ENC=MMA_INT8_ENC[enc],
+                                                                 EMULATE=False))
+                 for g in (1, 2, 4)]  # fmt: skip
+        for name, groups, fn, extra in runs:
+            consts = dict(GS=64, HAS_BIAS=False, BLOCK_M=16, BLOCK_N=bn, GROUPS=groups,
+                          SPLIT_K=1, **extra)  # fmt: skip
+            sass, regs = compile_kernel(fn, consts, {}, opts)
+            ops = loop_ops(sass)
+            n = sum(ops.values())
+            weights = bn * 64 * groups / 128
+            top = ", ".join(f"{k} {v}" for k, v in ops.most_common(5))
+            print(f"{enc:<10} {name:<17} {regs:4d} regs  loop {n:5d}  {n / weights:5.2f} a weight"
                   f"  ({top})")  # fmt: skip
 
 

@@ -74,13 +74,21 @@ MMA_ENCODINGS = {
     "mxfp4": MXFP4(),
     "nvfp4": NVFP4(),
 }
+# the int8 tensor-core kernel's (affine / symmetric 4-bit, groups of at least 64)
+INT8_MMA_ENCODINGS = {
+    "affine4-g64": Affine(bits=4, group_size=64, axis=-1),
+    "affine4-g128": Affine(bits=4, group_size=128, axis=-1),
+    "symmetric4-g64": Symmetric(bits=4, group_size=64, axis=-1),
+    "symfull4-g64": Symmetric(bits=4, group_size=64, axis=-1, levels="full"),
+}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def weight(N: int, K: int, enc_name: str, seed: int):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(N, K, generator=g) * 0.5 + torch.randn(N, 1, generator=g) * 0.1
-    q = Q.quantize(w, {**ENCODINGS, **TILED_ENCODINGS, **MMA_ENCODINGS}[enc_name], framework="pt")
+    encs = {**ENCODINGS, **TILED_ENCODINGS, **MMA_ENCODINGS, **INT8_MMA_ENCODINGS}
+    q = Q.quantize(w, encs[enc_name], framework="pt")
     e = q.encoding
     parts = q.parts()
     bits = int(e.get("bits", 4))
@@ -133,13 +141,14 @@ def int8_weight(args, dense):
     return NF4_INT8[codes] * s
 
 
-def int8_reference(x, args, dense, bias):
+def int8_reference(x, args, dense, bias, unit=None):
     """``words_int8.py``'s result computed another way: each unit's activations (16 for 4-bit
-    codes, 8 for 8-bit) rounded to ``q * d`` (``d = max(max|x|, 1e-30) / 127``, ties to even),
-    times the weight (``int8_weight``), in float64; and ``d`` per activation."""
+    codes, 8 for 8-bit; ``unit`` if given: ``mma_int8.py``'s group) rounded to ``q * d``
+    (``d = max(max|x|, 1e-30) / 127``, ties to even), times the weight (``int8_weight``), in
+    float64; and ``d`` per activation."""
     bits = args["bits"]
     M, K = x.shape
-    pu = 64 // bits
+    pu = unit or 64 // bits
     xf = x.float().reshape(M, K // pu, pu)
     amax = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30)
     d = amax * torch.tensor(1.0 / 127.0)
@@ -150,10 +159,10 @@ def int8_reference(x, args, dense, bias):
     return y.float(), d.expand(M, K // pu, pu).reshape(M, K), xt
 
 
-def check_int8(label, got, x, args, dense, bias, failures):
+def check_int8(label, got, x, args, dense, bias, failures, unit=None):
     """The int8 kernel against ``int8_reference`` (the tolerance of ``check``), and against the
     exact product within the rounding's bound, ``sum_k |W_nk| d(k) / 2``."""
-    ref, d, xt = int8_reference(x, args, dense, bias)
+    ref, d, xt = int8_reference(x, args, dense, bias, unit)
     check(label, got, x, dense, bias, failures, ref=ref)
     exact = F.linear(x.float(), dense, None if bias is None else bias.float())
     # the activations' rounding, and (NF4) the levels'
@@ -202,6 +211,8 @@ def cases(group: str):
         out = tiled_cases(group)
     if group == "mma":
         out = mma_cases()
+    if group == "mma-int8":
+        out = mma_int8_cases()
     return [
         (f"{group} {e} N{N} K{K} M{M} {dt} bias={b} {c}", N, K, M, e, dt, b, c)
         for (
@@ -272,11 +283,43 @@ def mma_cases():
     return out
 
 
+def mma_int8_cases():
+    """``mma_int8.py``: odd N (a part of a 64-feature tile), 1-6 groups a row, rows 5 / 16 / 17
+    / 33 / 64 (one and several row tiles, padded ones), fp16 and bf16, bias, split K (2 and 3
+    slices, one of them short), 64- and 128-feature tiles; "routed": through the op's CUDA
+    entry point with ``INT8_MMA_ROWS`` on (a ragged last group: not taken, exact)."""
+    out = []
+    i = 0
+    for ename in INT8_MMA_ENCODINGS:
+        for N, K in [(37, 128), (64, 192), (24, 384), (70, 256)]:
+            dt = torch.float16 if i % 2 else torch.bfloat16
+            bias = i % 2 == 0
+            i += 1
+            M = (5, 16, 17, 33, 64)[i % 5]
+            if K % INT8_MMA_ENCODINGS[ename].group_size:  # a ragged group: refused, routed past
+                out.append((N, K, 16, ename, dt, bias, "routed"))
+                K += 64
+            out.append((N, K, M, ename, dt, bias, L.MmaConfig(16, 64, 1, 1, 4, 1)))
+            out.append((N, K, 17, ename, dt, not bias, L.MmaConfig(16, 64, 2, 3, 4, 1)))
+            out.append((N, K, 33, ename, dt, bias, L.MmaConfig(64, 128, 4, 2, 4, 1)))
+            out.append((N, K, 5, ename, dt, not bias, "routed"))
+    return out
+
+
 def run_case(label, N, K, M, ename, dt, has_bias, cfg, failures):
     args, dense = weight(N, K, ename, seed=N * 1000 + K)
     g = torch.Generator().manual_seed(M)
     x = torch.randn(M, K, generator=g).to(dt)
     bias = torch.randn(N, generator=g).to(dt) if has_bias else None
+    if label.startswith("mma-int8"):
+        got, took = run_mma_int8(x, args, bias, N, K, cfg)
+        if took != L.int8_mma_shape(K, args["encoding"], args["group_size"]):
+            failures.append(f"{label}: the int8 mma kernel taken: {took}")
+        if took:
+            check_int8(label, got, x, args, dense, bias, failures, unit=args["group_size"])
+        else:
+            check(label, got, x, dense, bias, failures)
+        return
     if isinstance(cfg, L.MmaConfig):
         c, s, m = (args[k] for k in ("codes", "scales", "mins"))
         got = L.mma_linear(x, c, s, m, bias, N, K, args["encoding"], args["group_size"], cfg)
@@ -293,6 +336,30 @@ def run_case(label, N, K, M, ename, dt, has_bias, cfg, failures):
         check_int8(label, got, x, args, dense, bias, failures)
     else:
         check(label, got, x, dense, bias, failures)
+
+
+def run_mma_int8(x, args, bias, N, K, cfg):
+    """(result, whether ``mma_int8.py`` ran): with ``cfg``, or (``"routed"``) through
+    ``linear_cuda`` with the switch on."""
+    c, s, m = (args[k] for k in ("codes", "scales", "mins"))
+    e, gs = args["encoding"], args["group_size"]
+    if cfg != "routed":
+        return L.mma_int8_linear(x, c, s, m, bias, N, K, e, gs, cfg), True
+    calls = []
+    real = L.mma_int8_linear
+    L.mma_int8_linear = lambda *a, **k: calls.append(1) or real(*a, **k)
+    L.INT8_MMA_ROWS = (5, 64)
+    min_elements, L.INT8_MMA_MIN_ELEMENTS = L.INT8_MMA_MIN_ELEMENTS, 0
+    L.route.cache_clear()
+    try:
+        M = x.shape[0]
+        got = lin.linear_cuda(x.reshape(1, M, K), bias=bias, shape=[N, K], **args)[0]
+    finally:
+        L.mma_int8_linear = real
+        L.INT8_MMA_ROWS = None
+        L.INT8_MMA_MIN_ELEMENTS = min_elements
+        L.route.cache_clear()
+    return got, bool(calls)
 
 
 def uses_int8(cfg, x, args, N, K) -> bool:
@@ -318,11 +385,11 @@ def check_locks_reset(failures):
     locks = L._LOCKS[x.device]
     if int(locks.abs().sum()) != 0:
         failures.append("split-K counters not reset")
-    ws = L._WORKSPACES.get((x.device, (3, 2, 24)))
+    ws = L._WORKSPACES.get((x.device, (3, 2, 24), torch.float32, ""))
     b = L.fused_linear(x, bias=None, N=24, K=130, config=cfg, **args)
     if not torch.equal(a, b):
         failures.append("split-K: a second call differs")
-    if ws is None or L._WORKSPACES[(x.device, (3, 2, 24))] is not ws:
+    if ws is None or L._WORKSPACES[(x.device, (3, 2, 24), torch.float32, "")] is not ws:
         failures.append("split-K: the workspace was not kept for the next call")
     check("locks", a, x, dense, None, failures)
 

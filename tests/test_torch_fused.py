@@ -44,6 +44,7 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
         "tiled-dot",
         "tiled-dispatch",
         "mma",
+        "mma-int8",
     ],
 )
 def test_fused_kernels_match_decode_then_matmul(group):
@@ -198,6 +199,36 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
     with pytest.raises(ValueError, match="word pairs"):  # one word a step: 8 codes
         words = L.TiledConfig("words", 0, 4, 8)
         L._tiled_plan(1, 64, 128, "affine", 4, 64, torch.float16, False, -1, words, True)
+
+
+def test_int8_mma_switch(monkeypatch):
+    """``mma_int8.py`` runs only inside ``INT8_MMA_ROWS`` (off by default), with
+    ``INT8_ACTIVATIONS``, for fp16 / bf16 activations and affine / symmetric codes in whole groups
+    of at least 64; its plan refuses what it cannot run."""
+    pytest.importorskip("triton")
+    from qtensors.torch.kernels import launch as L
+
+    f16, f32 = torch.float16, torch.float32
+
+    def applies(M, K=128, enc="affine", g=64, dt=f16, N=1 << 20):
+        return L.int8_mma_applies(M, N, K, enc, g, dt)
+
+    assert L.INT8_MMA_ROWS is None and not applies(16)
+    monkeypatch.setattr(L, "INT8_MMA_ROWS", (5, 64))
+    assert applies(5) and applies(64, 256, "symmetric", 128, torch.bfloat16)
+    assert not applies(4) and not applies(65)  # outside the rows
+    assert not applies(16, N=(L.INT8_MMA_MIN_ELEMENTS // 128) - 1)  # a small weight: mma.py
+    assert not applies(16, dt=f32)
+    assert not applies(16, g=32)  # half a k-step a nibble half
+    assert not applies(16, K=192, g=128)  # a ragged last group
+    assert not applies(16, enc="mxfp4")
+    monkeypatch.setattr(L, "INT8_ACTIVATIONS", False)
+    assert not applies(16)
+    with pytest.raises(ValueError, match="groups of at least 64"):
+        L._mma_int8_plan(16, 64, 192, "affine", 128, False, -1, None, True)
+    with pytest.raises(ValueError, match="block_n >= 64"):
+        cfg = L.MmaConfig(16, 32, 1, 1, 4, 1)
+        L._mma_int8_plan(16, 64, 128, "affine", 64, False, -1, cfg, True)
 
 
 def test_cuda_path_checks_devices_and_reuses_the_weight_plan():

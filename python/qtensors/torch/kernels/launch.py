@@ -28,6 +28,7 @@ from .fastlaunch import launch
 from .gemm import gemm_kernel
 from .gemv import gemv_kernel
 from .mma import MMA_ENC, NVFP4_CHUNK, mma_kernel
+from .mma_int8 import MMA_INT8_ENC, MMA_INT8_MIN_GROUP, mma_int8_kernel, quantize_kernel
 from .scales import SCALE_FORMATS
 from .tiled import TILED_ENC, dot_kernel, fma_kernel
 from .words import words_kernel
@@ -68,6 +69,17 @@ SMALL_M_KERNEL = "words"
 #: ``QTENSORS_INT8_ACTIVATIONS=0``): ``words.py``, exact to fp32 accumulation. fp32 activations
 #: always take the exact kernel.
 INT8_ACTIVATIONS = os.environ.get("QTENSORS_INT8_ACTIVATIONS", "1") != "0"
+#: the rows ``(lo, hi)`` for which ``mma_linear`` runs ``mma_int8.py`` (fp16 / bf16 activations
+#: rounded to int8 per row and group, int8 tensor cores) instead of ``mma.py``, for the weights
+#: ``int8_mma_shape`` takes of at least ``INT8_MMA_MIN_ELEMENTS``; only with
+#: ``INT8_ACTIVATIONS``. Off (None) until the lead's own H200 run of
+#: ``benches/probe_mma_int8.py``. Measured (benches/results/gpu_mma_int8_probe_h200.txt): int4
+#: affine g64 at 5-64 rows 1.0-1.42x ``mma.py`` on the weights of 2^24+ elements (0.86-0.97x on
+#: 4096 x 4096 at 16-32 rows), 0.87-1.06x on 5632 x 2048 and 2048 x 5632; against cuBLAS bf16
+#: 1.15-1.31x at 5-16 rows on the 32M+ weights (symmetric 1.29-1.51x, affine g128 1.27-1.72x),
+#: below 1 from 32 rows.
+INT8_MMA_ROWS: tuple[int, int] | None = None
+INT8_MMA_MIN_ELEMENTS = 1 << 24
 #: split-K counters per device: tiles of one launch that may split K
 LOCK_SLOTS = 1 << 15
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -122,7 +134,7 @@ class TiledConfig:
 
 
 @dataclass(frozen=True)
-class MmaConfig:
+class MmaConfig:  # (also ``mma_int8.py``'s: groups 1, 2 or 4)
     """``mma.py``: rows of ``x`` per program (>= 16: the MMA's N dim; 0: the batch rounded up to
     a power of two, at least 16), output features per program (>= 16; 64 and up fill an MMA),
     groups per K step, K-slices (0: as many as fill the GPU), warps, software-pipelining
@@ -286,6 +298,27 @@ def route(
     return "decode"
 
 
+def int8_mma_shape(K: int, encoding: str, g: int) -> bool:
+    """Whether ``mma_int8.py`` takes a weight ``mma_supported()`` takes: affine / symmetric
+    codes, groups of at least 64 (one IMMA k-step a nibble half), whole groups a row."""
+    return encoding in MMA_INT8_ENC and g >= MMA_INT8_MIN_GROUP and K % g == 0
+
+
+def int8_mma_applies(M: int, N: int, K: int, encoding: str, g: int, dtype: torch.dtype) -> bool:
+    """Whether ``mma_linear`` runs ``mma_int8.py`` for these rows (``INT8_MMA_ROWS``,
+    ``INT8_ACTIVATIONS``, ``INT8_MMA_MIN_ELEMENTS``, fp16 / bf16 activations,
+    ``int8_mma_shape``)."""
+    rows = INT8_MMA_ROWS
+    return (
+        rows is not None
+        and INT8_ACTIVATIONS
+        and rows[0] <= M <= rows[1]
+        and N * K >= INT8_MMA_MIN_ELEMENTS
+        and dtype in (torch.float16, torch.bfloat16)
+        and int8_mma_shape(K, encoding, g)
+    )
+
+
 def mma_supported(shape, encoding: str, bits: int, group_size: int, axis: int) -> bool:
     """Whether ``mma.py`` takes this weight: 4-bit affine / symmetric / FP4 codes with groups
     along the input dim (a power of two of at least 16 codes: one MMA step), rows of whole
@@ -407,18 +440,21 @@ def _device_index(dev: torch.device) -> int:
     return dev.index if dev.index is not None else torch.cuda.current_device()
 
 
-_WORKSPACES: dict[tuple[torch.device, int], torch.Tensor] = {}
+_WORKSPACES: dict[tuple, torch.Tensor] = {}
 
 
-def _workspace(device: torch.device, shape: tuple[int, int, int]) -> torch.Tensor:
-    """The split-K partial sums: one fp32 buffer per device and size, kept (allocating it costs
-    ~4 us of host time a call). Reuse is safe where the counters' is: the launches of a device
-    run in stream order, and the kernels finish with a buffer before the next launch starts.
-    While a CUDA graph is being captured a missing buffer is allocated for that call only."""
-    key = (device, shape)
+def _workspace(
+    device: torch.device, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, use: str = ""
+) -> torch.Tensor:
+    """The split-K partial sums (or, by ``use``, another scratch buffer of a launch): one buffer
+    per device, use, dtype and size, kept (allocating it costs ~4 us of host time a call). Reuse
+    is safe where the counters' is: the launches of a device run in stream order, and the
+    kernels finish with a buffer before the next launch starts. While a CUDA graph is being
+    captured a missing buffer is allocated for that call only."""
+    key = (device, shape, dtype, use)
     t = _WORKSPACES.get(key)
     if t is None:
-        t = torch.empty(shape, dtype=torch.float32, device=device)
+        t = torch.empty(shape, dtype=dtype, device=device)
         if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
             _WORKSPACES[key] = t
     return t
@@ -711,8 +747,11 @@ def mma_linear(
     config: MmaConfig | None = None,
 ) -> torch.Tensor:
     """``x2 @ W^T + bias`` with ``mma.py`` for a weight ``mma_supported()`` (arguments as
-    ``tiled_linear``; ``codes`` the packed bytes)."""
+    ``tiled_linear``; ``codes`` the packed bytes). Without a ``config``, rows
+    ``int8_mma_applies`` takes run ``mma_int8.py``."""
     M = x2.shape[0]
+    if config is None and int8_mma_applies(M, N, K, encoding, group_size, x2.dtype):
+        return mma_int8_linear(x2, codes, scales, mins, bias, N, K, encoding, group_size)
     out, done, cuda_index, locks = _begin(x2, N, K, bias)
     if done:
         return out
@@ -736,6 +775,123 @@ def mma_linear(
     row = (K // 2, -(-K // group_size))  # bytes per row, groups per row
     return _finish(mma_kernel, grid, split, k_split, meta, meta_key, cuda_index, locks, x2, out,
                    weight, bias, K, row)  # fmt: skip
+
+
+#: ``mma_int8_kernel``'s configuration where ``MMA_INT8_TABLE`` has none: 128 features and 2
+#: groups a step, the probe's best or within 3% of it on every shape with 2^24+ elements at 5-16
+#: rows (H200, 8192 x 8192 at 16 rows: 29.7 us; ``benches/probe_mma_int8.py`` sweeps the others)
+MMA_INT8_DEFAULT = MmaConfig(block_m=0, block_n=128, groups=2, split_k=0, num_warps=4, num_stages=3)
+#: per (batch bucket, N, K), as ``MMA_TABLE``: where ``benches/probe_mma_int8.py`` found a config
+#: more than 3% faster than the default at the bucket's rows (gpu_mma_int8_probe_h200.txt)
+_C = MmaConfig
+MMA_INT8_TABLE: dict[tuple[int, int, int], MmaConfig] = {
+    (8, 4096, 4096): _C(0, 64, 4, 0, 4, 2),  # 13.4 us against the default's 14.5
+    (16, 4096, 4096): _C(0, 128, 4, 0, 4, 3),  # 14.2 against 15.5
+    (64, 2048, 5632): _C(0, 64, 4, 0, 4, 2),  # 20.3 against 24.4
+    (64, 4096, 4096): _C(0, 128, 2, 4, 4, 3),  # 21.2 against 33.6
+    (64, 5632, 2048): _C(0, 64, 4, 0, 4, 2),  # 18.0 against 24.1
+    (64, 8192, 8192): _C(0, 128, 2, 4, 4, 3),  # 50.7 against 54.7
+    (64, 14336, 4096): _C(0, 128, 2, 2, 4, 3),  # 45.1 against 51.2
+}
+#: groups a ``quantize_kernel`` program rounds
+QUANT_GROUPS = 8
+
+
+@functools.lru_cache(maxsize=4096)
+def _mma_int8_plan(
+    M: int,
+    N: int,
+    K: int,
+    encoding: str,
+    g: int,
+    has_bias: bool,
+    cuda_index: int,
+    config: MmaConfig | None,
+    allow_split: bool,
+):
+    """(rows padded to whole row tiles, the pre-pass's grid and constexprs, the matmul's grid,
+    split, k_split, constexprs and options, their hashable key) of one ``mma_int8`` call."""
+    bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
+    cfg = config or MMA_INT8_TABLE.get((bucket, N, K)) or MMA_INT8_DEFAULT
+    block_m = cfg.block_m or max(16, 1 << (M - 1).bit_length())
+    if block_m < 16 or cfg.block_n < 64 or cfg.groups not in (1, 2, 4):
+        raise ValueError(
+            f"the int8 mma kernel needs block_m >= 16, block_n >= 64, groups 1, 2 or 4: {cfg}"
+        )
+    if not int8_mma_shape(K, encoding, g):
+        raise ValueError(
+            f"the int8 mma kernel takes {tuple(MMA_INT8_ENC)} codes in groups of at least"
+            f" {MMA_INT8_MIN_GROUP} dividing K, not {encoding}, g={g}, K={K}"
+        )
+    G = K // g
+    groups = cfg.groups
+    while G % groups:  # a step covers whole groups of the row: fewer where they do not divide G
+        groups //= 2
+    n_m = -(-M // block_m)
+    n_tiles = -(-N // cfg.block_n) * n_m
+    step = g * groups
+    split, k_split = _k_slices(cfg.split_k, n_tiles, M, N, K, step, cuda_index, 2, allow_split)
+    quant_grid = (n_m * block_m, -(-G // QUANT_GROUPS))
+    quant_meta: dict = dict(GS=g, GROUPS=QUANT_GROUPS)
+    meta: dict = dict(
+        ENC=MMA_INT8_ENC[encoding],
+        GS=g,
+        HAS_BIAS=has_bias,
+        BLOCK_M=block_m,
+        BLOCK_N=cfg.block_n,
+        SPLIT_K=split,
+        EMULATE=cuda_index < 0,  # the interpreter runs no inline assembly
+        GROUPS=groups,
+    )
+    if cuda_index >= 0:
+        meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        quant_meta.update(num_warps=1)
+    quant = (quant_grid, quant_meta, tuple(sorted(quant_meta.items())))
+    return n_m * block_m, quant, (n_tiles, split), split, k_split, meta, tuple(sorted(meta.items()))
+
+
+def mma_int8_linear(
+    x2: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    N: int,
+    K: int,
+    encoding: str,
+    group_size: int,
+    config: MmaConfig | None = None,
+) -> torch.Tensor:
+    """``x2 @ W^T + bias`` with ``mma_int8.py`` (activations rounded to int8 per row and group:
+    see there) for fp16 / bf16 ``x2`` and a weight ``mma_supported()`` and ``int8_mma_shape()``
+    take (arguments as ``mma_linear``). Two launches: ``quantize_kernel`` into kept workspaces,
+    then the matmul."""
+    M = x2.shape[0]
+    out, done, cuda_index, locks = _begin(x2, N, K, bias)
+    if done:
+        return out
+    MP, (qgrid, qmeta, qkey), grid, split, k_split, meta, meta_key = _mma_int8_plan(
+        M,
+        N,
+        K,
+        encoding,
+        group_size,
+        bias is not None,
+        cuda_index,
+        config,
+        locks is not None,
+    )
+    G = K // group_size
+    dev = x2.device
+    xq = _workspace(dev, (MP, K), torch.int8, "int8 activations")
+    xs = _workspace(dev, (2, G, MP), torch.float32, "int8 activation scales")
+    launch(quantize_kernel, qgrid, (x2, xq, xs, M, MP, K, G, x2.stride(0)), qmeta, qkey, cuda_index)
+    if codes.dtype != torch.uint8:
+        codes = codes.view(torch.uint8)
+    weight = (codes, scales, scales if mins is None else mins, xs)
+    row = (K // 2, G, MP)  # bytes per row, groups per row, rows of xq / xs
+    return _finish(mma_int8_kernel, grid, split, k_split, meta, meta_key, cuda_index, locks, xq,
+                   out, weight, bias, K, row)  # fmt: skip
 
 
 def words_aligned(codes: torch.Tensor) -> bool:
