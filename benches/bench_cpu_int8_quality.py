@@ -7,7 +7,9 @@ perplexity on the Python library reference, in the same run, against the fp32 mo
 * GPU int8 numerics: every quantized linear's input rounded as the GPU's 1-4-row kernel rounds
   it (``kernels/words_int8.py``, ``launch.INT8_ACTIVATIONS``: ``q * d`` per 16 activations,
   ``d = max|x| / 127``), then the exact kernels. On the GPU only decode steps (1-4 rows) take
-  that kernel; here every row does, so this bounds its effect from above.
+  that kernel; here every row does, so this bounds its effect from above;
+* GPU int8 MMA numerics: the same rounding per 64 activations (one weight group), as the
+  tensor-core kernel for 5-64 rows rounds them (``kernels/mma_int8.py``).
 
     python3 benches/bench_cpu_int8_quality.py [--eval-tokens 4096]
 """
@@ -31,13 +33,18 @@ import qtensors.torch as qtt  # noqa: E402
 from qtensors.torch import linear as lin  # noqa: E402
 
 
-def gpu_int8_rounding(module, inputs):
-    """Forward pre-hook: the input rounded per 16 activations as ``words_int8.py`` does (the
-    dtype kept; a ragged tail of fewer than 16 left exact)."""
+def int8_rounding(unit: int):
+    """A forward pre-hook: the input rounded per ``unit`` activations as the GPU's int8 kernels
+    do (16: ``words_int8.py``; the group size, 64 here: ``mma_int8.py``), the dtype kept, a
+    ragged tail of fewer than ``unit`` left exact."""
+    return lambda module, inputs: _rounded(inputs, unit)
+
+
+def _rounded(inputs, unit: int):
     (x,) = inputs
     K = x.shape[-1]
-    n = K // 16 * 16
-    u = x[..., :n].float().reshape(*x.shape[:-1], n // 16, 16)
+    n = K // unit * unit
+    u = x[..., :n].float().reshape(*x.shape[:-1], n // unit, unit)
     amax = u.abs().amax(-1, keepdim=True).clamp_min(1e-30)
     d = amax * (1.0 / 127.0)
     r = (torch.round(u * (127.0 / amax)) * d).reshape(*x.shape[:-1], n)
@@ -60,17 +67,23 @@ def main() -> None:
     saved = lin.CPU_INT8_ACTIVATIONS
     linears = [m for m in model.modules() if isinstance(m, qtt.QuantizedLinear)]
     try:
-        for kind in ("exact (fp32 activations)", "CPU int8 (per 32)", "GPU int8 numerics (per 16)"):
+        kinds = {
+            "exact (fp32 activations)": 0,
+            "CPU int8 (per 32)": 0,
+            "GPU int8 numerics (per 16)": 16,
+            "GPU int8 MMA numerics (per 64)": 64,
+        }
+        for kind, unit in kinds.items():
             lin.CPU_INT8_ACTIVATIONS = kind.startswith("CPU")
             hooks = []
-            if kind.startswith("GPU"):
-                hooks = [m.register_forward_pre_hook(gpu_int8_rounding) for m in linears]
+            if unit:
+                hooks = [m.register_forward_pre_hook(int8_rounding(unit)) for m in linears]
             t = time.perf_counter()
             p = perplexity(model, windows)
             for h in hooks:
                 h.remove()
             print(
-                f"int4-g64 RTN, {kind:<27} perplexity {p:.4f}  {p / base:.4f}x fp32  "
+                f"int4-g64 RTN, {kind:<31} perplexity {p:.4f}  {p / base:.4f}x fp32  "
                 f"({time.perf_counter() - t:.1f} s)"
             )
     finally:

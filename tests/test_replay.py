@@ -141,3 +141,30 @@ def test_a_call_without_its_own_launch_is_not_replayed(fast, monkeypatch):
     assert len(full) == lin.REPLAY_TRIES + 2
     # how many calls noted no replayable launch: after REPLAY_TRIES, the shape is not tried again
     assert list(codes._qt_cuda_plan.replays.values()) == [lin.REPLAY_TRIES]
+
+
+def test_a_chain_of_launches_replays_in_order(fast):
+    """The int8 tensor-core path's two launches (x -> kept workspace, workspace -> out) replay
+    as a chain, each with its own arguments swapped; a chain whose first launch does not read x
+    or whose last does not write the output is refused."""
+    pre, main = Launcher(), Launcher()
+    x = torch.randn(3, 8)
+    out = torch.empty(3, 5)
+    ws = torch.zeros(3, 8, dtype=torch.int8)
+    w = torch.zeros(20)
+    chain = [
+        ((pre.run, "pre", "m1", ()), (3, 1, 1), (x, ws, 3), 0),
+        ((main.run, "mm", "m2", (64,)), (2, 1, 1), (ws, w, out, 3), 0),
+    ]
+    rp = fastlaunch.Replay(chain, x, out, None)
+    x_new = torch.randn(3, 8)
+    got = rp(x_new)
+    (p_call,), (m_call,) = pre.calls, main.calls
+    assert p_call[:5] == (3, 1, 1, 77, "pre") and m_call[:5] == (2, 1, 1, 77, "mm")
+    assert p_call[9].data_ptr() == x_new.data_ptr() and p_call[10] is ws
+    assert m_call[9] is ws and m_call[10] is w and m_call[11].data_ptr() == got.data_ptr()
+    assert m_call[12:] == (3, 64)
+    with pytest.raises(ValueError, match="x and output"):  # reversed: x read last
+        fastlaunch.Replay(chain[::-1], x, out, None)
+    with pytest.raises(ValueError, match="x and output"):  # the output written by no launch
+        fastlaunch.Replay(chain[:1], x, out, None)

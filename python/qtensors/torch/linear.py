@@ -380,6 +380,7 @@ def _cuda_weight(codes, scales, mins, shape, encoding, bits, group_size, axis) -
 REPLAY_MAX_ROWS = 64
 REPLAYS_PER_WEIGHT = 8
 REPLAY_TRIES = 3  # calls of a shape that may note its launch (the first compiles)
+REPLAY_MAX_LAUNCHES = 2  # a chain of launches a replay repeats (mma_int8: pre-pass + matmul)
 # False: every call takes the full path (benches/probe_gemv_variants.py --overhead compares)
 REPLAYS = True
 
@@ -408,12 +409,12 @@ def linear_cuda(x, codes, scales, mins, bias, shape, encoding, bits, group_size,
                 with fastlaunch.recording() as noted:
                     out = _linear_cuda(p, x, codes, scales, mins, bias, shape, encoding, bits,
                                        group_size, axis)  # fmt: skip
-                # a first call compiles (nothing noted); a path of several launches, or of
-                # decode + cuBLAS, is not replayable: after REPLAY_TRIES calls, not tried again
+                # a first call compiles (nothing noted, or part of a chain); decode + cuBLAS
+                # is not replayable: after REPLAY_TRIES calls, not tried again
                 p.replays[key] = tries + 1
-                if len(noted) == 1 and out.is_contiguous():
+                if 1 <= len(noted) <= REPLAY_MAX_LAUNCHES and out.is_contiguous():
                     try:
-                        p.replays[key] = fastlaunch.Replay(noted[0], x, out, bias)
+                        p.replays[key] = fastlaunch.Replay(noted, x, out, bias)
                     except ValueError:
                         pass  # the launch did not take x and out themselves
                 return out

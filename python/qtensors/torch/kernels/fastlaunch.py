@@ -16,8 +16,8 @@ if the compiled kernel does not expose the launcher this relies on (another Trit
 
 ``Replay`` goes one step further for a layer called again and again with the same shapes (an
 eager decode step): while ``recording()`` is active, ``launch`` notes each cached launch; the
-caller keeps the one launch of a call as a ``Replay``, which next time allocates the output and
-calls the launcher with the new activations and output in place of the recorded ones, skipping
+caller keeps the launches of a call as a ``Replay``, which next time allocates the output and
+calls the launchers with the new activations and output in place of the recorded ones, skipping
 every check, route and plan the first call went through (``linear.linear_cuda`` keys it by
 everything those depended on).
 """
@@ -121,22 +121,28 @@ def _same_memory(a: Any, t: torch.Tensor) -> bool:
 
 
 class Replay:
-    """One noted launch of a call ``x -> out``, repeated with new activations and a fresh output:
-    every other argument (the weight's parts, bias, workspace, sizes, strides) as recorded.
-    Raises ValueError unless the launch took ``x``'s and ``out``'s memory as 2-D views (a copy
-    of ``x`` cannot be replayed)."""
+    """The noted launches of a call ``x -> out`` (one, or a short chain such as the int8
+    tensor-core path's pre-pass and matmul), repeated in order with new activations and a fresh
+    output: every other argument (the weight's parts, bias, kept workspaces, sizes, strides) as
+    recorded. Raises ValueError unless the first launch took ``x``'s memory and the last
+    ``out``'s as 2-D views (a copy of ``x`` cannot be replayed, nor a path whose output some
+    other operation wrote, as decode + cuBLAS)."""
 
-    __slots__ = ("args", "bias", "device", "dtype", "grid", "launcher", "out_at", "shape", "x_at")
+    __slots__ = ("bias", "device", "dtype", "launches", "shape")
 
-    def __init__(self, noted: tuple, x: torch.Tensor, out: torch.Tensor, bias) -> None:
-        self.launcher, self.grid, args, self.device = noted
-        self.x_at = tuple(i for i, a in enumerate(args) if _same_memory(a, x))
-        self.out_at = tuple(i for i, a in enumerate(args) if _same_memory(a, out))
-        if not self.x_at or not self.out_at:
-            raise ValueError("the noted launch does not take this call's x and output")
-        self.args = list(args)
-        for i in self.x_at + self.out_at:
-            self.args[i] = None  # no reference kept to the first call's tensors
+    def __init__(self, noted: tuple | list, x: torch.Tensor, out: torch.Tensor, bias) -> None:
+        chain = [noted] if isinstance(noted, tuple) else list(noted)
+        self.launches = []
+        for launcher, grid, args, device in chain:
+            x_at = tuple(i for i, a in enumerate(args) if _same_memory(a, x))
+            out_at = tuple(i for i, a in enumerate(args) if _same_memory(a, out))
+            kept = list(args)
+            for i in x_at + out_at:
+                kept[i] = None  # no reference kept to the first call's tensors
+            self.launches.append((launcher, grid, kept, x_at, out_at))
+            self.device = device
+        if not chain or not self.launches[0][3] or not self.launches[-1][4]:
+            raise ValueError("the noted launches do not take this call's x and output")
         self.shape, self.dtype, self.bias = tuple(out.shape), out.dtype, bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -146,14 +152,14 @@ class Replay:
         out = torch.empty(self.shape, dtype=self.dtype, device=x.device)
         if out.data_ptr() % 16:
             return None
-        args = self.args.copy()
         x2 = x if x.dim() == 2 else x.view(-1, x.shape[-1])
         out2 = out if out.dim() == 2 else out.view(-1, out.shape[-1])
-        for i in self.x_at:
-            args[i] = x2
-        for i in self.out_at:
-            args[i] = out2
-        run, function, packed, tail = self.launcher
         stream = torch._C._cuda_getCurrentRawStream(self.device)
-        run(*self.grid, stream, function, packed, None, None, None, *args, *tail)
+        for (run, function, packed, tail), grid, kept, x_at, out_at in self.launches:
+            args = kept.copy()
+            for i in x_at:
+                args[i] = x2
+            for i in out_at:
+                args[i] = out2
+            run(*grid, stream, function, packed, None, None, None, *args, *tail)
         return out

@@ -72,14 +72,15 @@ INT8_ACTIVATIONS = os.environ.get("QTENSORS_INT8_ACTIVATIONS", "1") != "0"
 #: the rows ``(lo, hi)`` for which ``mma_linear`` runs ``mma_int8.py`` (fp16 / bf16 activations
 #: rounded to int8 per row and group, int8 tensor cores) instead of ``mma.py``, for the weights
 #: ``int8_mma_shape`` takes of at least ``INT8_MMA_MIN_ELEMENTS``; only with
-#: ``INT8_ACTIVATIONS``. Off (None) until the lead's own H200 run of
-#: ``benches/probe_mma_int8.py``. Measured (benches/results/gpu_mma_int8_probe_h200.txt): int4
-#: affine g64 at 5-64 rows 1.0-1.42x ``mma.py`` on the weights of 2^24+ elements (0.86-0.97x on
-#: 4096 x 4096 at 16-32 rows), 0.87-1.06x on 5632 x 2048 and 2048 x 5632; against cuBLAS bf16
-#: 1.15-1.31x at 5-16 rows on the 32M+ weights (symmetric 1.29-1.51x, affine g128 1.27-1.72x),
-#: below 1 from 32 rows.
-INT8_MMA_ROWS: tuple[int, int] | None = None
-INT8_MMA_MIN_ELEMENTS = 1 << 24
+#: ``INT8_ACTIVATIONS``; None: never. Measured (benches/results/gpu_mma_int8_probe_h200.txt):
+#: int4 affine g64 at 5-64 rows 1.03-1.42x ``mma.py`` on the weights of 32M+ elements, 0.86-1.25x
+#: on 4096 x 4096, 0.87-1.06x on 5632 x 2048 and 2048 x 5632; against cuBLAS bf16 1.15-1.31x at
+#: 5-16 rows on the 32M+ weights (symmetric 1.29-1.51x, affine g128 1.27-1.72x), below 1 from 32
+#: rows (where ``mma.py``, routed there now, is further below). Quality: SmolLM2-135M int4-g64
+#: perplexity 19.878 with every linear input rounded per 64 against 19.610 exact (+1.4%; per 16,
+#: the 1-4-row kernel: +0.3%; benches/results/cpu_int8_quality.txt).
+INT8_MMA_ROWS: tuple[int, int] | None = (5, 64)
+INT8_MMA_MIN_ELEMENTS = 1 << 25
 #: split-K counters per device: tiles of one launch that may split K
 LOCK_SLOTS = 1 << 15
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
