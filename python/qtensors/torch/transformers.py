@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .loading import LoadResult, load_model
+from .siblings import fuse_siblings as _fuse
 
 
 @contextlib.contextmanager
@@ -102,6 +103,7 @@ def from_pretrained(
     strict: bool = True,
     warmup: bool = True,
     tp_plan: str | dict[str, str] | None = None,
+    fuse_siblings: bool = True,
     **model_kwargs: Any,
 ) -> nn.Module:
     """A transformers model of a converted qtensors model folder, its weights on ``device``.
@@ -117,6 +119,8 @@ def from_pretrained(
     * ``tp_plan``: ``"auto"`` (the model's transformers plan) or a dict: tensor parallelism over
       the initialised ``torch.distributed`` world, each rank reading only its shards (see
       ``load_model``); the default device is then ``cuda:LOCAL_RANK`` when there are GPUs.
+    * ``fuse_siblings``: join the quantized linears that read one input (q/k/v, gate/up), so
+      that each group multiplies once (``qtensors.torch.fuse_siblings``).
 
     The model comes back in eval mode; ``model.qtensors_load_result`` says what was loaded.
     """
@@ -155,6 +159,8 @@ def from_pretrained(
         for k, b in list(module._buffers.items()):
             if b is not None and b.device != dev:
                 module._buffers[k] = b.to(dev)
+    if fuse_siblings:
+        _fuse(model)
     model.eval()
     model.qtensors_load_result = result
     return model
