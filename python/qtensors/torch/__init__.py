@@ -35,8 +35,8 @@ from .linear import linear_op
 from .loading import LoadResult, load_model, model_files, save_model, state_dict_for_file
 from .modules import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from .offload import OffloadHandle, offload
-from .siblings import fuse_siblings, unfuse_siblings
 from .ops import HAVE_TRITON, dequantize_op, dequantize_torch
+from .siblings import fuse_siblings, unfuse_siblings
 from .transformers import from_pretrained, init_empty_weights, sentence_embeddings
 from .warmup import warmup
 

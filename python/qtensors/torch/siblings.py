@@ -67,15 +67,14 @@ class SiblingGroup:
         self.starts = [sum(rows[:i]) for i in range(len(rows))]
         self.rows = rows
         n_in = int(w0.shape[1])
-        shape, name, bits, group_size, axis = w0.op_args
+        _, name, bits, group_size, axis = w0.op_args
         self.op_args = ((sum(rows), n_in), name, bits, group_size, axis)
         with torch.no_grad():
             self.parts: dict[str, torch.Tensor | None] = {
                 p: _cat([m.weight._buffers[p] for m in self.members]) for p in _PARTS
             }
             self.parts["bias"] = _cat([m._parameters["bias"] for m in self.members])
-        self.outputs = [(s, s + r) for s, r in zip(self.starts, rows, strict=True)]
-        self.attached: list[tuple] = [()] * len(self.members)
+        self.expected: list[tuple] = [()] * len(self.members)
         self.generation = 0
         self.attached_generation = [0] * len(self.members)
         self.unused = 0  # kept slices dropped unused (MAX_UNUSED: stop fusing)
@@ -112,28 +111,32 @@ class SiblingGroup:
         buffers = m.weight._buffers
         buffers["codes"], buffers["scales"], buffers["mins"] = codes, scales, mins
         m._parameters["bias"] = bias
-        self.attached[i] = (codes, scales, mins, bias)
         self.attached_generation[i] = self.generation
+        self.fresh = all(g == self.generation for g in self.attached_generation)
+        # what intact() compares: the member's weight module, its parts and bias
+        self.expected[i] = (
+            (m._modules, "weight", m.weight),
+            (buffers, "codes", codes),
+            (buffers, "scales", scales),
+            (buffers, "mins", mins),
+            (m._parameters, "bias", bias),
+        )
 
     def intact(self, i: int) -> bool:
         """Whether member ``i`` still holds the views this group gave it."""
-        m = self.members[i]
-        b = m.weight._buffers
-        codes, scales, mins, bias = self.attached[i]
-        return (
-            b["codes"] is codes
-            and b["scales"] is scales
-            and b["mins"] is mins
-            and m._parameters["bias"] is bias
-        )
+        return all(d.get(k) is o for d, k, o in self.expected[i])
 
     def valid(self) -> bool:
         """Whether every member holds views of the group's current parts (one may have been
-        given other buffers, or moved alone)."""
-        g = self.generation
-        return all(
-            self.attached_generation[i] == g and self.intact(i) for i in range(len(self.members))
-        )
+        given other buffers, or moved alone). Runs before each multiply of the group: a flat
+        loop of identity checks."""
+        if not self.fresh:
+            return False
+        for checks in self.expected:
+            for d, k, o in checks:
+                if d.get(k) is not o:
+                    return False
+        return True
 
     def apply(self, member: QuantizedLinear, fn: Callable, recurse: bool) -> QuantizedLinear:
         """``member._apply(fn)``: the first member of a move moves the group's parts (device
@@ -159,23 +162,21 @@ class SiblingGroup:
             return None
         local = self._local.__dict__
         i = self.index[id(member)]
-        kept = local.get("kept")
         ver = -1 if x.is_inference() else x._version
+        kept = local.get("kept")  # [x, version, data_ptr, shape, output, members still to serve]
         if kept is not None:
+            waiting = kept[5]
+            if i in waiting and kept[0] is x and kept[1] == ver and kept[2] == x.data_ptr():
+                if kept[3] == x.shape:
+                    waiting.remove(i)
+                    if not waiting:
+                        local["kept"] = None
+                    return kept[4].narrow(-1, self.starts[i], self.rows[i])
             local["kept"] = None
-            kx, kver, kptr, kshape, outs = kept
-            out = outs[i]
-            if out is not None and kx is x and kver == ver and kptr == x.data_ptr():
-                if kshape == x.shape:
-                    outs[i] = None
-                    if any(o is not None for o in outs):
-                        local["kept"] = kept
-                    return out
-            if any(o is not None for o in outs):
-                self.unused += 1
-                if self.unused >= MAX_UNUSED:
-                    self.enabled = False
-                    return None
+            self.unused += 1  # computed for members that never asked
+            if self.unused >= MAX_UNUSED:
+                self.enabled = False
+                return None
         if not self.valid():
             return None
         w = member._modules["weight"]
@@ -184,11 +185,10 @@ class SiblingGroup:
         shape, name, bits, group_size, axis = self.op_args
         y = linear(xx, p["codes"], p["scales"], p["mins"], p["bias"], shape, name, bits,
                    group_size, axis)  # fmt: skip
-        outs = [y[..., a:b] for a, b in self.outputs]
-        out = outs[i]
-        outs[i] = None
-        local["kept"] = (x, ver, x.data_ptr(), x.shape, outs)
-        return out
+        waiting = set(range(len(self.members)))
+        waiting.remove(i)
+        local["kept"] = [x, ver, x.data_ptr(), x.shape, y, waiting]
+        return y.narrow(-1, self.starts[i], self.rows[i])
 
     # -- copies ----------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -275,11 +275,7 @@ def _candidates(model: nn.Module, groups: Iterable[Sequence[str]]) -> Iterable[l
         children = parent._modules
         for names in groups:
             found = [children.get(n) for n in names]
-            members = [
-                m
-                for m in found
-                if type(m) is QuantizedLinear and _ATTR not in m.__dict__
-            ]
+            members = [m for m in found if type(m) is QuantizedLinear and _ATTR not in m.__dict__]
             if len(members) >= 2:
                 yield members
 
