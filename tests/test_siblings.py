@@ -143,6 +143,7 @@ def test_from_pretrained_and_hf_quantizer_fuse(tmp_path):
     b = qtt.from_pretrained(tmp_path / "dst", fuse_siblings=False)
     c = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dst")
     assert sum(1 for m in a.modules() if group_of(m) is not None) == 2 * 5
+    assert a.qtensors_load_result.sibling_groups == 4
     assert all(group_of(m) is None for m in b.modules())
     assert group_of(c.model.layers[1].self_attn.k_proj) is not None
     with torch.no_grad():
@@ -418,3 +419,13 @@ def test_copies_and_unfuse():
     with torch.no_grad():
         for a, b in zip(twin(x), plain(x), strict=True):
             assert torch.equal(a, b)
+
+
+def test_warmup_runs_the_joined_shapes_and_leaves_the_groups_alone(monkeypatch):
+    _, fused, _ = quantized_pair(tiny_llama(1))
+    warmed = qtt.warmup(fused, rows=(1, 3))
+    shapes = {k[1] for k in warmed}
+    assert {(128, 64), (256, 64), (64, 64), (32, 64)} <= shapes
+    groups = {id(group_of(m)): group_of(m) for m in fused.modules() if group_of(m) is not None}
+    assert all(g.enabled and g.unused == 0 for g in groups.values())
+    assert all(g._local.__dict__.get("kept") is None for g in groups.values())

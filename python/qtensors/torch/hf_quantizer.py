@@ -177,7 +177,6 @@ def _define_classes() -> tuple[type, type]:
 
     from .loading import load_model, quantized_skeleton
     from .modules import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
-    from .siblings import fuse_siblings
 
     class QtensorsConfig(QuantizationConfigMixin):
         """The ``quantization_config`` of a folder ``qtensors convert`` wrote: ``encoding`` (the
@@ -267,10 +266,12 @@ def _define_classes() -> tuple[type, type]:
                 self._hook = None
             assert self.folder is not None
             warmup = bool(getattr(self.quantization_config, "warmup", True))
-            result = load_model(model, self.folder, device=self.device, strict=True, warmup=warmup)
+            fuse = bool(getattr(self.quantization_config, "fuse_siblings", True))
+            result = load_model(
+                model, self.folder, device=self.device, strict=True, warmup=warmup,
+                fuse_siblings=fuse,
+            )  # fmt: skip
             model.qtensors_load_result = result
-            if getattr(self.quantization_config, "fuse_siblings", True):
-                fuse_siblings(model)
             return model
 
         def is_serializable(self, safe_serialization: Any = None) -> bool:

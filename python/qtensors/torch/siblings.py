@@ -180,15 +180,18 @@ class SiblingGroup:
         if not self.valid():
             return None
         w = member._modules["weight"]
-        xx = x if x.dtype in OUT_DTYPES else x.to(w.dtype)
-        p = self.parts
-        shape, name, bits, group_size, axis = self.op_args
-        y = linear(xx, p["codes"], p["scales"], p["mins"], p["bias"], shape, name, bits,
-                   group_size, axis)  # fmt: skip
+        y = self.multiply(x if x.dtype in OUT_DTYPES else x.to(w.dtype))
         waiting = set(range(len(self.members)))
         waiting.remove(i)
         local["kept"] = [x, ver, x.data_ptr(), x.shape, y, waiting]
         return y.narrow(-1, self.starts[i], self.rows[i])
+
+    def multiply(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole group's output ``[..., sum of rows]`` (members in ``members`` order)."""
+        p = self.parts
+        shape, name, bits, group_size, axis = self.op_args
+        return linear(x, p["codes"], p["scales"], p["mins"], p["bias"], shape, name, bits,
+                      group_size, axis)  # fmt: skip
 
     # -- copies ----------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from .loading import LoadResult, load_model
-from .siblings import fuse_siblings as _fuse
 
 
 @contextlib.contextmanager
@@ -120,7 +119,7 @@ def from_pretrained(
       the initialised ``torch.distributed`` world, each rank reading only its shards (see
       ``load_model``); the default device is then ``cuda:LOCAL_RANK`` when there are GPUs.
     * ``fuse_siblings``: join the quantized linears that read one input (q/k/v, gate/up), so
-      that each group multiplies once (``qtensors.torch.fuse_siblings``).
+      that each group multiplies once (``qtensors.torch.fuse_siblings``; not with ``tp_plan``).
 
     The model comes back in eval mode; ``model.qtensors_load_result`` says what was loaded.
     """
@@ -148,6 +147,7 @@ def from_pretrained(
         dtype=tdtype,
         warmup=warmup,
         tp_plan=tp_plan,
+        fuse_siblings=fuse_siblings,
     )
     dev = result.device or torch.device("cpu")
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
@@ -159,8 +159,6 @@ def from_pretrained(
         for k, b in list(module._buffers.items()):
             if b is not None and b.device != dev:
                 module._buffers[k] = b.to(dev)
-    if fuse_siblings:
-        _fuse(model)
     model.eval()
     model.qtensors_load_result = result
     return model
