@@ -413,9 +413,10 @@ def test_copies_and_unfuse():
     with torch.no_grad():
         for a, b in zip(twin(x), plain(x), strict=True):
             assert torch.equal(a, b)
+    joined = g2.parts["codes"].untyped_storage().data_ptr()
     assert unfuse_siblings(twin) == 1 and group_of(twin.k_proj) is None
-    ptrs = {twin.k_proj.weight.codes.data_ptr(), twin.v_proj.weight.codes.data_ptr()}
-    assert g2.parts["codes"].untyped_storage().data_ptr() not in ptrs
+    own = {m.weight.codes.untyped_storage().data_ptr() for m in (twin.q_proj, twin.k_proj)}
+    assert joined not in own and len(own) == 2
     with torch.no_grad():
         for a, b in zip(twin(x), plain(x), strict=True):
             assert torch.equal(a, b)
@@ -429,3 +430,21 @@ def test_warmup_runs_the_joined_shapes_and_leaves_the_groups_alone(monkeypatch):
     groups = {id(group_of(m)): group_of(m) for m in fused.modules() if group_of(m) is not None}
     assert all(g.enabled and g.unused == 0 for g in groups.values())
     assert all(g._local.__dict__.get("kept") is None for g in groups.values())
+
+
+def test_members_given_other_buffers_end_the_group():
+    plain, fused = Attention(AXIS1), Attention(AXIS1)
+    fuse_siblings(fused)
+    g = group_of(fused.q_proj)
+    other = Attention(qt.Affine(bits=8, group_size=32, axis=-1))
+    with torch.no_grad():
+        for m in (other.k_proj, other.v_proj):
+            m.bias.add_(1)
+    fused.load_state_dict(other.state_dict(), assign=True)  # new tensors, not copies
+    plain.load_state_dict(other.state_dict(), assign=True)
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        for a, b in zip(fused(x), plain(x), strict=True):
+            assert torch.equal(a, b)
+    assert g.dissolved and all(p is None for p in g.parts.values())
+    assert all(group_of(m) is None for m in fused.modules())

@@ -79,6 +79,7 @@ class SiblingGroup:
         self.attached_generation = [0] * len(self.members)
         self.unused = 0  # kept slices dropped unused (MAX_UNUSED: stop fusing)
         self.enabled = True
+        self.dissolved = False
         self._local = threading.local()
         for i in range(len(self.members)):
             self.attach(i)
@@ -127,14 +128,17 @@ class SiblingGroup:
         return all(d.get(k) is o for d, k, o in self.expected[i])
 
     def valid(self) -> bool:
-        """Whether every member holds views of the group's current parts (one may have been
-        given other buffers, or moved alone). Runs before each multiply of the group: a flat
-        loop of identity checks."""
+        """Whether every member holds views of the group's current parts. Runs before each
+        multiply of the group: a flat loop of identity checks. A member moved alone waits for
+        its siblings to follow; one given other buffers (``load_state_dict(assign=True)``,
+        ``load_model``) ends the group (``dissolve``), which would otherwise keep the old
+        weights resident."""
         if not self.fresh:
             return False
         for checks in self.expected:
             for d, k, o in checks:
                 if d.get(k) is not o:
+                    self.dissolve()
                     return False
         return True
 
@@ -143,7 +147,11 @@ class SiblingGroup:
         only for the quantized parts, as ``QuantizedWeight._apply``), each re-views them; a
         member that was given other buffers leaves the group's care."""
         i = self.index[id(member)]
-        if self.intact(i):
+        if self.dissolved:
+            pass
+        elif not self.intact(i):
+            self.dissolve()
+        else:
             if self.attached_generation[i] == self.generation:
                 moved = {k: _apply_part(k, t, fn) for k, t in self.parts.items()}
                 if any(moved[k] is not t for k, t in self.parts.items()):
@@ -205,7 +213,12 @@ class SiblingGroup:
         self.index = {id(m): i for i, m in enumerate(self.members)}  # a copy's members
 
     def dissolve(self) -> None:
-        """Give every member its own copy of its parts and leave the group."""
+        """Give every member still holding the group's views its own copy of its parts, and
+        end the group (its parts are freed with the last view)."""
+        if self.dissolved:
+            return
+        self.enabled, self.fresh, self.dissolved = False, False, True
+        self._local = threading.local()
         with torch.no_grad():
             for i, m in enumerate(self.members):
                 m.__dict__.pop(_ATTR, None)
@@ -220,7 +233,8 @@ class SiblingGroup:
                     m._parameters["bias"] = nn.Parameter(
                         bias.detach().clone(), requires_grad=bias.requires_grad
                     )
-        self.enabled = False
+        self.parts = dict.fromkeys(self.parts)
+        self.expected = [()] * len(self.members)  # no reference kept to the old views
 
 
 def _cat(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
