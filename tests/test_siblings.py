@@ -5,6 +5,7 @@ unfused; the members' parts are views of the group's, saved and moved as before.
 from __future__ import annotations
 
 import copy
+import io
 import threading
 
 import pytest
@@ -325,6 +326,12 @@ def test_member_at_offset_zero_keeps_its_own_plan():
     fuse_siblings(fused)
     g = group_of(fused.q_proj)
     assert fused.q_proj.weight.codes.data_ptr() == g.parts["codes"].data_ptr()
+    # the CUDA path's plan is kept per codes tensor object, as the CPU path's
+    w, p = fused.q_proj.weight, g.parts
+    own = linear_mod._cuda_weight(w.codes, w.scales, w.mins, *w.op_args)
+    joined = linear_mod._cuda_weight(p["codes"], p["scales"], p["mins"], *g.op_args)
+    assert own is not joined and (own.shape, joined.shape) == ((64, 64), (128, 64))
+    assert linear_mod._cuda_weight(w.codes, w.scales, w.mins, *w.op_args) is own
     x, y = torch.randn(1, 64), torch.randn(1, 64)
     with torch.no_grad():
         for _ in range(3):
@@ -414,6 +421,14 @@ def test_copies_and_unfuse():
         for a, b in zip(twin(x), plain(x), strict=True):
             assert torch.equal(a, b)
     joined = g2.parts["codes"].untyped_storage().data_ptr()
+    buf = io.BytesIO()
+    torch.save(fused, buf)  # the whole module, pickled: the group comes back joined
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        for a, b in zip(loaded(x), plain(x), strict=True):
+            assert torch.equal(a, b)
+    assert group_of(loaded.k_proj).valid()
     assert unfuse_siblings(twin) == 1 and group_of(twin.k_proj) is None
     own = {m.weight.codes.untyped_storage().data_ptr() for m in (twin.q_proj, twin.k_proj)}
     assert joined not in own and len(own) == 2
