@@ -463,3 +463,19 @@ def test_members_given_other_buffers_end_the_group():
             assert torch.equal(a, b)
     assert g.dissolved and all(p is None for p in g.parts.values())
     assert all(group_of(m) is None for m in fused.modules())
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_bf16_rows(rows):
+    """bf16 up to CPU_PACKED_MAX_ROWS rows takes the members' route: the same bits; larger bf16
+    batches are routed by the weight's size too (linear._route), so the joined weight may take
+    another kernel than a small member: equal within the int8 activations' rounding."""
+    plain, fused = Attention(AXIS1), Attention(AXIS1)
+    fuse_siblings(fused)
+    x = torch.randn(rows, 64).bfloat16()
+    with torch.no_grad():
+        for a, b in zip(fused(x), plain(x), strict=True):
+            if rows <= linear_mod.CPU_PACKED_MAX_ROWS:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)
