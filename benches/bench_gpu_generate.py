@@ -4,7 +4,10 @@
 cache) and with ``cache_implementation="static"`` + ``torch.compile(mode="reduce-overhead")``
 (transformers' own compile of the decoding step, fullgraph), tokens/s and peak GPU memory. The
 int4 model runs with the batch-1-4 kernels' int8 activations (``launch.INT8_ACTIVATIONS``, the
-default) and, as ``int4-exact``, a copy of it without (the exact float kernels).
+default) and, as ``int4-exact``, a copy of it without (the exact float kernels). The int4 models
+have their sibling linears joined (q/k/v and gate/up multiply once: ``qtt.fuse_siblings``, the
+default of ``quantize_model``); ``int4-apart`` is the same weights with them apart, checked
+first against the joined model (logits of one forward at each batch).
 Self-contained, no network:
 
     python3 benches/bench_gpu_generate.py          # table to stdout; with OUT=DIR also files
@@ -164,6 +167,25 @@ def replay_check(model) -> None:
     say(f"replay check: greedy tokens with replays equal the full path's: {torch.equal(*outs)}")
 
 
+def siblings_check(joined, apart) -> None:
+    """Joined and apart models give the same logits (up to the kernels' summation order: the
+    joined multiply may take another kernel configuration) and the same greedy next tokens."""
+    groups = sum(1 for m in joined.modules() if qtt.siblings.group_of(m) is not None)
+    for batch in BATCHES:
+        ids = torch.randint(1, joined.config.vocab_size, (batch, PROMPT), device=DEV)
+        with torch.inference_mode():
+            a, b = joined(ids).logits.float(), apart(ids).logits.float()
+        rel = float((a - b).abs().max() / b.abs().max())
+        same = float((a[:, -1].argmax(-1) == b[:, -1].argmax(-1)).float().mean())
+        say(
+            f"siblings check, batch {batch}: {groups} joined linears; logits max |joined - apart|"
+            f" / max |apart| = {rel:.2e}, same next token in {same:.0%} of rows"
+        )
+        RESULTS.setdefault("siblings_check", []).append(dict(batch=batch, rel=rel, same=same))
+        if rel > 2e-2:
+            raise SystemExit("the joined model's logits differ from the apart model's")
+
+
 def main() -> None:
     import copy
 
@@ -189,7 +211,10 @@ def main() -> None:
     if not DRY:
         torch.cuda.empty_cache()
     replay_check(int4)
-    models = {"bf16": bf16, "int4-g64": int4}
+    apart = copy.deepcopy(int4)
+    qtt.unfuse_siblings(apart)
+    siblings_check(int4, apart)
+    models = {"bf16": bf16, "int4-g64": int4, "int4-apart": apart}
     if not DRY and HAVE_TRITON:
         models["int4-exact"] = copy.deepcopy(int4)
     runs = [(b, m) for m in MODES for b in BATCHES]
@@ -206,6 +231,11 @@ def main() -> None:
             q, f = by.get((label, b, m)), by.get(("bf16", b, m))
             if q and f:
                 say(f"  batch {b} {m:<15} {q['tokens_per_s'] / f['tokens_per_s']:.2f}x")
+    say("speedup of joined siblings, int4-g64 / int4-apart in tokens/s:")
+    for b, m in runs:
+        q, f = by.get(("int4-g64", b, m)), by.get(("int4-apart", b, m))
+        if q and f:
+            say(f"  batch {b} {m:<15} {q['tokens_per_s'] / f['tokens_per_s']:.2f}x")
     say(f"total {time.time() - T0:.0f} s")
     REPORT.write("bench_gpu_generate", RESULTS)
 

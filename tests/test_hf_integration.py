@@ -172,12 +172,15 @@ def test_warmup_runs_each_layer_kind_once(tiny_llama):
     model = qtt.from_pretrained(dst)
     warmed = qtt.warmup(model)
     # 2 layers, 7 linears each, 4 distinct (shape, encoding, dtype): q/o [64,64], k/v [32,64],
-    # gate/up [128,64], down [64,128]; each batch size of the routing (the CUDA-core kernel's
-    # specialisations, the tl.dot kernel if routed, the decode path); plus the embedding table
+    # gate/up [128,64], down [64,128], and the joined siblings' (fuse_siblings): q|k|v
+    # [128,64] (gate's), gate|up [256,64]; each batch size of the routing (the CUDA-core
+    # kernel's specialisations, the tl.dot kernel if routed, the decode path); plus the
+    # embedding table
     rows = default_rows()
     assert len(rows) >= 3 and rows[0] == 1
-    assert len(warmed) == 4 * len(rows) + 1
-    assert {w[1] for w in warmed if w[0] == "linear"} == {(64, 64), (32, 64), (128, 64), (64, 128)}
+    assert len(warmed) == 5 * len(rows) + 1
+    shapes = {w[1] for w in warmed if w[0] == "linear"}
+    assert shapes == {(64, 64), (32, 64), (128, 64), (64, 128), (256, 64)}
     assert [w for w in warmed if w[0] == "embedding"] == [
         ("embedding", (96, 64), ("affine", 4, 64, 1, "float16"), True, torch.float32, "cpu", 1)
     ]

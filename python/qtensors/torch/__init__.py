@@ -36,6 +36,7 @@ from .loading import LoadResult, load_model, model_files, save_model, state_dict
 from .modules import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from .offload import OffloadHandle, offload
 from .ops import HAVE_TRITON, dequantize_op, dequantize_torch
+from .siblings import fuse_siblings, unfuse_siblings
 from .transformers import from_pretrained, init_empty_weights, sentence_embeddings
 from .warmup import warmup
 
@@ -51,6 +52,7 @@ __all__ = [
     "dequantize_op",
     "dequantize_torch",
     "from_pretrained",
+    "fuse_siblings",
     "init_empty_weights",
     "linear_op",
     "load_kv_cache",
@@ -62,6 +64,7 @@ __all__ = [
     "save_model",
     "sentence_embeddings",
     "state_dict_for_file",
+    "unfuse_siblings",
     "warmup",
 ]
 
@@ -114,6 +117,7 @@ def quantize_model(
     progress: bool | None = None,
     holdout: _typing.Any = None,
     load_block: _typing.Any = None,
+    fuse_siblings: bool = True,
     **settings: _typing.Any,
 ) -> _torch.nn.Module:
     """Replace every plain ``nn.Linear`` of ``model`` (and ``nn.Embedding`` with
@@ -135,6 +139,9 @@ def quantize_model(
     ``holdout`` (token ids ``[n, L]``): measure each linear's relative output error on these
     other windows (any method; recorded under ``layer_error``), for comparing methods.
     ``load_block(i, block)``: called before block ``i`` is used (streaming builds fill it).
+    ``fuse_siblings``: join the linears that read one input (q/k/v, gate/up) so that each
+    group multiplies once (``qtensors.torch.fuse_siblings``; the members' parts become views of
+    the group's, nothing is stored twice).
     """
     import fnmatch
 
@@ -213,6 +220,10 @@ def quantize_model(
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
     model.qtensors_quantization = record
+    if fuse_siblings:
+        from .siblings import fuse_siblings as _fuse
+
+        _fuse(model)
     return model
 
 

@@ -182,7 +182,8 @@ def _define_classes() -> tuple[type, type]:
         """The ``quantization_config`` of a folder ``qtensors convert`` wrote: ``encoding`` (the
         policy), ``keep`` (patterns kept raw), ``modules_not_quantized``, ``weights`` (the
         qtensors index or file); ``warmup`` (default True): compile the CUDA kernels during the
-        load. Unknown keys (a newer writer's) are kept."""
+        load; ``fuse_siblings`` (default True): join the linears that read one input
+        (``qtensors.torch.fuse_siblings``). Unknown keys (a newer writer's) are kept."""
 
         def __init__(
             self,
@@ -191,6 +192,7 @@ def _define_classes() -> tuple[type, type]:
             modules_not_quantized: list[str] | None = None,
             weights: str | None = None,
             warmup: bool = True,
+            fuse_siblings: bool = True,
             **kwargs: Any,
         ) -> None:
             self.quant_method = QUANT_METHOD
@@ -199,6 +201,7 @@ def _define_classes() -> tuple[type, type]:
             self.modules_not_quantized = list(modules_not_quantized or [])
             self.weights = weights
             self.warmup = warmup
+            self.fuse_siblings = fuse_siblings
             for k, v in kwargs.items():
                 if k != "quant_method":
                     setattr(self, k, v)
@@ -263,7 +266,11 @@ def _define_classes() -> tuple[type, type]:
                 self._hook = None
             assert self.folder is not None
             warmup = bool(getattr(self.quantization_config, "warmup", True))
-            result = load_model(model, self.folder, device=self.device, strict=True, warmup=warmup)
+            fuse = bool(getattr(self.quantization_config, "fuse_siblings", True))
+            result = load_model(
+                model, self.folder, device=self.device, strict=True, warmup=warmup,
+                fuse_siblings=fuse,
+            )  # fmt: skip
             model.qtensors_load_result = result
             return model
 

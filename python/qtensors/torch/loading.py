@@ -81,6 +81,8 @@ class LoadResult:
     warmup_seconds: float = 0.0
     #: the resolved tensor-parallel plan of this rank (``tp_plan`` loads)
     tensor_parallel: Any = None
+    #: the sibling groups joined (``fuse_siblings``)
+    sibling_groups: int = 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -399,6 +401,7 @@ def load_model(
     warmup: bool = True,
     tp_plan: str | dict[str, str] | None = None,
     tp_group: Any = None,
+    fuse_siblings: bool = False,
     **stream_options: Any,
 ) -> LoadResult:
     """Fill ``model`` (real or on the meta device) from a qtensors file or model folder.
@@ -434,6 +437,9 @@ def load_model(
     ``warmup`` (CUDA targets): run each distinct quantized layer once at the end
     (``qtensors.torch.warmup``), so the first forward compiles no kernel; ``result.warmed`` lists
     what ran, ``result.warmup_seconds`` its time (not in ``result.seconds``).
+
+    ``fuse_siblings``: join the quantized linears that read one input (q/k/v, gate/up) before
+    the warm-up (``qtensors.torch.fuse_siblings``; not under ``tp_plan``).
 
     ``tp_plan`` (``"auto"`` or a transformers-style dict; ``torch.distributed`` initialised):
     tensor parallelism over ``tp_group`` (default: the world). Each rank reads only its shard of
@@ -519,6 +525,10 @@ def load_model(
         torch.cuda.current_stream(dev).synchronize()
     result.meta_buffers = materialize_meta_buffers(model, dev)
     result.seconds = time.perf_counter() - t0
+    if fuse_siblings and tp is None:
+        from .siblings import fuse_siblings as fuse
+
+        result.sibling_groups = fuse(model)
     if warmup and dev.type == "cuda" and result.quantized_modules:
         from .warmup import warmup as warm_kernels
 

@@ -384,6 +384,12 @@ class QuantizedLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            group = self.__dict__.get("_qt_siblings")  # fuse_siblings (siblings.py)
+            if group is not None:
+                out = group.call(self, x)
+                if out is not None:
+                    return out
         # Read from the modules' dicts, not as attributes: nn.Module.__getattr__ costs ~0.5 us
         # each, 2.5 us of a call that takes ~10 us outside the matmul (benches/bench_cpu_matmul.py
         # --breakdown).
@@ -395,6 +401,12 @@ class QuantizedLinear(nn.Module):
         codes, scales, mins = parts["codes"], parts["scales"], parts["mins"]
         bias = self._parameters["bias"]
         return linear(x, codes, scales, mins, bias, shape, name, bits, group_size, axis)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        group = self.__dict__.get("_qt_siblings")  # a joined group moves its parts once
+        if group is not None:
+            return group.apply(self, fn, recurse)
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return (

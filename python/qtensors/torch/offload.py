@@ -307,6 +307,9 @@ def offload(
     its read mode for `device`: "auto" on the CPU, where a unit's tensors, and the units
     prefetched, are read at once).
     """
+    from .siblings import unfuse_siblings
+
+    unfuse_siblings(model)  # a joined group would keep its members' weights resident
     handle = OffloadHandle(
         model,
         path,

@@ -102,6 +102,7 @@ def from_pretrained(
     strict: bool = True,
     warmup: bool = True,
     tp_plan: str | dict[str, str] | None = None,
+    fuse_siblings: bool = True,
     **model_kwargs: Any,
 ) -> nn.Module:
     """A transformers model of a converted qtensors model folder, its weights on ``device``.
@@ -117,6 +118,8 @@ def from_pretrained(
     * ``tp_plan``: ``"auto"`` (the model's transformers plan) or a dict: tensor parallelism over
       the initialised ``torch.distributed`` world, each rank reading only its shards (see
       ``load_model``); the default device is then ``cuda:LOCAL_RANK`` when there are GPUs.
+    * ``fuse_siblings``: join the quantized linears that read one input (q/k/v, gate/up), so
+      that each group multiplies once (``qtensors.torch.fuse_siblings``; not with ``tp_plan``).
 
     The model comes back in eval mode; ``model.qtensors_load_result`` says what was loaded.
     """
@@ -144,6 +147,7 @@ def from_pretrained(
         dtype=tdtype,
         warmup=warmup,
         tp_plan=tp_plan,
+        fuse_siblings=fuse_siblings,
     )
     dev = result.device or torch.device("cpu")
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]

@@ -16,6 +16,7 @@ Triton's in-process cache (and its on-disk cache, which makes a later process's 
 
 Layers that share shape, encoding, dtype and device share kernels and configuration, so the
 number of runs depends on the distinct layer kinds (about 4-6 for a Llama), not on the depth.
+Members of a sibling group (``siblings.py``) warm the group's joined shape and their own.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .linear import linear
 from .modules import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
+from .siblings import group_of
 
 try:
     from .kernels.launch import FMA_MAX_M, MMA_MAX_M, TILED_MAX_M
@@ -61,13 +64,24 @@ def warmup(model: nn.Module, rows: tuple[int, ...] | None = None) -> list[tuple[
             w = module.weight
             if w.codes.is_meta:
                 continue
+            group = group_of(module)
             for m in rows:
                 key = _signature("linear", w, m)
-                if key in done:
-                    continue
                 x = torch.zeros(m, int(w.shape[1]), dtype=w.dtype, device=w.device)
-                module(x)
-                done[key] = None
+                if group is not None and group.valid():
+                    # the group's multiply, and the member's own (taken when it runs alone);
+                    # calling the member would leave kept slices that no sibling asks for
+                    joined = (*key[:1], group.op_args[0], *key[2:])
+                    if joined not in done:
+                        group.multiply(x)
+                        done[joined] = None
+                    if key not in done:
+                        op = w.op_args
+                        linear(x, w.codes, w.scales, w.mins, module.bias, *op)
+                        done[key] = None
+                elif key not in done:
+                    module(x)
+                    done[key] = None
         elif isinstance(module, QuantizedEmbedding):
             w = module.weight
             if w.codes.is_meta:
