@@ -17,7 +17,8 @@ timed alternately, ``ROUNDS`` calls each, the fastest kept (the shared host drif
 calls: one call per model let that drift decide the ratio); the compiled runs are skipped once
 the script has run longer than
 ``QT_BENCH_BUDGET_S`` seconds (default 330). ``QT_BENCH_DRY=1``: a tiny model on the CPU, eager
-only (checks the script).
+only (checks the script). ``QT_BENCH_MODES=eager`` runs the eager rows only, ``QT_BENCH_EXACT=0``
+leaves out ``int4-exact``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ PROMPT, NEW = (16, 64) if not DRY else (4, 3)
 BATCHES = (1, 8) if not DRY else (1, 2)
 ROUNDS = 3
 MODES = ("eager", "static+compile") if not DRY else ("eager",)
+# QT_BENCH_MODES=eager: the eager rows only; QT_BENCH_EXACT=0: no int4-exact model (a short run)
+MODES = tuple(m for m in MODES if m in os.environ.get("QT_BENCH_MODES", ",".join(MODES)).split(","))
+EXACT = os.environ.get("QT_BENCH_EXACT", "1") != "0"
 T0 = time.time()
 RESULTS: dict[str, Any] = {"runs": []}
 REPORT = Report()
@@ -215,7 +219,7 @@ def main() -> None:
     qtt.unfuse_siblings(apart)
     siblings_check(int4, apart)
     models = {"bf16": bf16, "int4-g64": int4, "int4-apart": apart}
-    if not DRY and HAVE_TRITON:
+    if not DRY and HAVE_TRITON and EXACT:
         models["int4-exact"] = copy.deepcopy(int4)
     runs = [(b, m) for m in MODES for b in BATCHES]
     for b, m in runs:

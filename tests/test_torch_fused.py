@@ -202,7 +202,7 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
 
 
 def test_int8_mma_switch(monkeypatch):
-    """``mma_int8.py`` runs only inside ``INT8_MMA_ROWS`` (off by default), with
+    """``mma_int8.py`` runs only inside ``INT8_MMA_ROWS`` (None: never), with
     ``INT8_ACTIVATIONS``, for fp16 / bf16 activations and affine / symmetric codes in whole groups
     of at least 64; its plan refuses what it cannot run."""
     pytest.importorskip("triton")
@@ -213,7 +213,9 @@ def test_int8_mma_switch(monkeypatch):
     def applies(M, K=128, enc="affine", g=64, dt=f16, N=1 << 20):
         return L.int8_mma_applies(M, N, K, enc, g, dt)
 
-    assert L.INT8_MMA_ROWS is None and not applies(16)
+    assert L.INT8_MMA_ROWS == (5, 64)  # the default, as measured on the H200
+    monkeypatch.setattr(L, "INT8_MMA_ROWS", None)
+    assert not applies(16)
     monkeypatch.setattr(L, "INT8_MMA_ROWS", (5, 64))
     assert applies(5) and applies(64, 256, "symmetric", 128, torch.bfloat16)
     assert not applies(4) and not applies(65)  # outside the rows
