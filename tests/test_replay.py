@@ -168,3 +168,32 @@ def test_a_chain_of_launches_replays_in_order(fast):
         fastlaunch.Replay(chain[::-1], x, out, None)
     with pytest.raises(ValueError, match="x and output"):  # the output written by no launch
         fastlaunch.Replay(chain[:1], x, out, None)
+
+
+def test_linear_cuda_replays_a_two_launch_path(fast, monkeypatch):
+    """A path of two launches (x -> kept workspace -> output, as mma_int8's pre-pass and
+    matmul) is noted as a chain from its second call on and replayed in order after."""
+    monkeypatch.setattr(lin, "_replayable", lambda x: x.is_contiguous())
+    monkeypatch.setattr(fastlaunch, "_LAUNCHERS", {})
+    pre_l, mm_l = Launcher(), Launcher()
+    pre_k, mm_k = FakeKernel(pre_l), FakeKernel(mm_l)
+    ws = torch.zeros(1, 64, dtype=torch.int8)
+    full = []
+
+    def fake_two(x2, codes, scales, mins, bias, N, K, *rest, **kw):
+        full.append(1)
+        out = torch.empty(x2.shape[0], N, dtype=x2.dtype)
+        fastlaunch.launch(pre_k, (1,), (x2, ws, ws, x2.shape[0]), {"BLOCK": 8}, (8,), 0)
+        fastlaunch.launch(mm_k, (N,), (ws, codes, out, x2.shape[0]), {"BLOCK": 8}, (8,), 0)
+        return out
+
+    monkeypatch.setattr(L, "tiled_linear", fake_two)
+    monkeypatch.setattr(L, "route", lambda *a: "tiled")
+    codes = torch.zeros(16 * 64 // 2, dtype=torch.uint8)
+    weight = (codes, torch.ones(16, dtype=torch.float16), torch.zeros(16, dtype=torch.float16))
+    xs = [torch.randn(1, 64, dtype=torch.bfloat16) for _ in range(4)]
+    outs = [lin.linear_cuda(x, *weight, None, [16, 64], "affine", 4, 64, 1) for x in xs]
+    assert len(full) == 2  # compile, note the chain; then two replays of it
+    assert len(pre_l.calls) == len(mm_l.calls) == 3
+    assert pre_l.calls[-1][9].data_ptr() == xs[-1].data_ptr() and pre_l.calls[-1][10] is ws
+    assert mm_l.calls[-1][9] is ws and mm_l.calls[-1][11].data_ptr() == outs[-1].data_ptr()
