@@ -117,6 +117,9 @@ def matmul_table(args) -> None:
         ("nvfp4", qt.NVFP4(axis=-1)),
         ("flexgen (axis 0)", qt.FLEXGEN),
     ]
+    if args.encodings:
+        picks = args.encodings.split(",")
+        encodings = [(k, e) for k, e in encodings if any(p in k for p in picks)]
     cols = ["qtensors", "exact", "rayon"]
     head = f"{'shape':>11} {'batch':>5} {'encoding':>19} {'dtype':>8} {'F.linear best/med':>18} "
     print(head + " ".join(f"{c + ' best/med':>16} {'speedup':>11}" for c in cols))
@@ -206,6 +209,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=1, help="copies of each weight, in turn")
     ap.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")], default=[1, 32])
     ap.add_argument("--breakdown", action="store_true", help="only the batch-1 breakdown")
+    ap.add_argument(
+        "--encodings", default="", help="comma-separated labels (substrings) to run, e.g. nvfp4"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(

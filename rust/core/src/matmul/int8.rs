@@ -311,14 +311,15 @@ impl Plan {
         let size = w.params.scale_dtype.itemsize();
         let bytes = window.start * size..window.end * size;
         let affine = self.kind == Kind::Affine;
-        // fp16 and bf16 scales and mins and MXFP4's E8M0 scales are widened inside the kernel
-        // (widening MXFP4's here, a scale per 32 weights, took as long as the matmul; bf16's
-        // added 40%); other types here (as decoding widens them), with one span of slack: the
+        // fp16 and bf16 scales and mins, MXFP4's E8M0 and NVFP4's E4M3 scales are widened inside
+        // the kernel (widening MXFP4's here, a scale per 32 weights, took as long as the matmul;
+        // bf16's added 40%); other types here (as decoding widens them), with one span of slack: the
         // kernel loads whole spans (masked past the end).
         let raw_kind = match w.params.scale_dtype {
             DType::Float16 => Some(Raw::F16),
             DType::Bfloat16 => Some(Raw::Bf16),
             DType::Uint8 if w.codec == Codec::Mxfp4 => Some(Raw::E8m0),
+            DType::Float8E4m3fn if matches!(w.codec, Codec::Nvfp4 { .. }) => Some(Raw::E4m3),
             _ => None,
         };
         let half = !scalar && raw_kind.is_some();
@@ -345,6 +346,7 @@ impl Plan {
             s16: raw(w.scales),
             m16: if affine { raw(w.mins) } else { &[] },
             raw: raw_kind.unwrap_or(Raw::F16),
+            tensor_scale: w.codec.tensor_scale(),
             levels: self
                 .table
                 .map_or(std::array::from_fn(|c| c as u8), |t| t.codes),
@@ -415,12 +417,15 @@ enum Raw {
     Bf16,
     /// MXFP4's power-of-two scales (`fp4::e8m0_value`).
     E8m0,
+    /// NVFP4's block scales (`fp4::e4m3_value`), times `Args::tensor_scale` (one rounding, as
+    /// `region::widen_scales`).
+    E4m3,
 }
 
 impl Raw {
     fn size(self) -> usize {
         match self {
-            Raw::E8m0 => 1,
+            Raw::E8m0 | Raw::E4m3 => 1,
             _ => 2,
         }
     }
@@ -437,6 +442,8 @@ struct Args<'a> {
     s16: &'a [u8],
     m16: &'a [u8],
     raw: Raw,
+    /// NVFP4's tensor scale (`Raw::E4m3` scales are multiplied by it); 1 otherwise.
+    tensor_scale: f32,
     /// Code -> the byte the dot products take: the table's, or the code itself.
     levels: [u8; 16],
     a: &'a Activations,
@@ -630,13 +637,15 @@ mod kernel {
                 }
             };
         }
-        // Tables: 4-bit codes; groups of 16 (NVFP4): a table, scales widened (`Plan::rows`).
+        // Tables: 4-bit codes; groups of 16 (NVFP4): a table, E4M3 scales as stored or
+        // widened (`Plan::rows`).
         let p = args.plan;
         match (p.bits == 8, args.s.is_empty(), p.table.is_some(), p.g16) {
             (true, true, ..) => by_batch!(8, true, false, false),
             (true, false, ..) => by_batch!(8, false, false, false),
             (false, true, false, _) => by_batch!(4, true, false, false),
-            (false, true, true, _) => by_batch!(4, true, true, false),
+            (false, true, true, false) => by_batch!(4, true, true, false),
+            (false, true, true, true) => by_batch!(4, true, true, true),
             (false, false, false, _) => by_batch!(4, false, false, false),
             (false, false, true, false) => by_batch!(4, false, true, false),
             (false, false, true, true) => by_batch!(4, false, true, true),
@@ -769,7 +778,10 @@ mod kernel {
                 if G16 {
                     continue;
                 }
-                let sg = load_groups::<HALF>(args.s, args.s16, args.raw, at, gmask);
+                let mut sg = load_groups::<HALF>(args.s, args.s16, args.raw, at, gmask);
+                if HALF && args.raw == super::Raw::E4m3 {
+                    sg = _mm512_mul_ps(sg, _mm512_set1_ps(args.tensor_scale));
+                }
                 let s = _mm512_maskz_permutexvar_ps(bmask, group_of, sg);
                 let coef = if affine {
                     let mg = load_groups::<HALF>(args.m, args.m16, args.raw, at, gmask);
@@ -816,8 +828,14 @@ mod kernel {
                     let j = j0 + 8 * c;
                     let gmask = ((1u32 << (gpr - j).min(8)) - 1) as __mmask16;
                     for (i, v) in s16.iter_mut().enumerate() {
-                        let at = args.s.as_ptr().add((r + i) * gpr + j);
-                        *v = _mm512_permutexvar_ps(consts.pairs, _mm512_maskz_loadu_ps(gmask, at));
+                        let at = (r + i) * gpr + j;
+                        let sg = load_groups::<HALF>(args.s, args.s16, args.raw, at, gmask);
+                        let sg = if HALF && args.raw == super::Raw::E4m3 {
+                            _mm512_mul_ps(sg, _mm512_set1_ps(args.tensor_scale))
+                        } else {
+                            sg
+                        };
+                        *v = _mm512_permutexvar_ps(consts.pairs, sg);
                     }
                 }
                 for b in 0..NB {
@@ -918,6 +936,21 @@ mod kernel {
             // a bf16 is the top half of its fp32
             let v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p16()));
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v))
+        } else if raw == super::Raw::E4m3 {
+            // S.EEEE.MMM, bias 7: a normal's exponent and mantissa bits shift into place and
+            // the exponent is rebiased (+120); a subnormal is mant * 2^-9; S.1111.111 is NaN
+            let b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, h.as_ptr().add(at).cast()));
+            let mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7f));
+            let normal =
+                _mm512_add_epi32(_mm512_slli_epi32::<20>(mag), _mm512_set1_epi32(120 << 23));
+            let sub = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(1.0 / 512.0));
+            let small = _mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(8));
+            let nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f));
+            let bits = _mm512_mask_mov_epi32(normal, small, _mm512_castps_si512(sub));
+            let bits =
+                _mm512_mask_mov_epi32(bits, nan, _mm512_set1_epi32(f32::NAN.to_bits() as i32));
+            let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(b, _mm512_set1_epi32(0x80)));
+            _mm512_maskz_mov_ps(mask, _mm512_castsi512_ps(_mm512_or_si512(bits, sign)))
         } else if raw == super::Raw::E8m0 {
             // 2^(b - 127): b in the exponent field; 0 is 2^-127 (a subnormal), 255 NaN
             let b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, h.as_ptr().add(at).cast()));

@@ -511,6 +511,63 @@ fn int8_e8m0_scales_widened_in_the_kernel_as_decoded() {
     assert!(y1[rows - 1].is_nan() && y1[..rows - 1].iter().all(|v| v.is_finite()));
 }
 
+#[test]
+fn int8_e4m3_scales_widened_in_the_kernel_as_decoded() {
+    // NVFP4's block scales are widened inside the kernel and multiplied by the tensor scale:
+    // every E4M3 byte (subnormals, both zeros, 448, negative values) against the scalar model's
+    // widening, and S.1111.111 (NaN) in the last block of the last row
+    use super::int8::Plan;
+    use crate::codecs::region::Stored;
+    use crate::codecs::Codec;
+    use crate::format::GroupLayout;
+    if Plan::new(&empty_stored(), 64, false).is_none() {
+        return;
+    }
+    let mut r = Rng::new(25);
+    let (rows, n_in) = (17, 256);
+    let params = GroupParams {
+        bits: 4,
+        group_size: 16,
+        axis: 1,
+        scale_dtype: DType::Float8E4m3fn,
+    };
+    let codes: Vec<u8> = (0..rows * n_in / 2)
+        .map(|_| (r.unit() * 1e6) as u8)
+        .collect();
+    let bytes: Vec<u8> = (0..=255u8).filter(|b| b & 0x7f != 0x7f).collect();
+    let mut scales: Vec<u8> = (0..rows * n_in / 16)
+        .map(|i| bytes[i % bytes.len()])
+        .collect();
+    scales[rows * n_in / 16 - 1] = 0x7f;
+    let w = Stored {
+        codec: Codec::nvfp4(0.37),
+        params: &params,
+        layout: GroupLayout::new(&[rows as u64, n_in as u64], 1, 16).unwrap(),
+        codes: &codes,
+        scales: &scales,
+        mins: &[],
+    };
+    let (simd_plan, scalar_plan) = (
+        Plan::new(&w, n_in, false).unwrap(),
+        Plan::new(&w, n_in, true).unwrap(),
+    );
+    for batch in [1, 3] {
+        let x: Vec<f32> = (0..batch * n_in).map(|_| r.unit()).collect();
+        let a = simd_plan.quantize(&x, batch).unwrap();
+        let (mut y1, mut y2) = (vec![0f32; rows * batch], vec![0f32; rows * batch]);
+        simd_plan.rows(&w, &a, 0, &mut y1, false).unwrap();
+        scalar_plan.rows(&w, &a, 0, &mut y2, true).unwrap();
+        for (o, (v1, v2)) in y1.iter().zip(&y2).enumerate() {
+            assert!(
+                v1.to_bits() == v2.to_bits() || (v1.is_nan() && v2.is_nan()),
+                "batch {batch} output {o}: {v1} {v2}"
+            );
+        }
+        let (others, last) = y1.split_at((rows - 1) * batch);
+        assert!(last.iter().all(|v| v.is_nan()) && others.iter().all(|v| v.is_finite()));
+    }
+}
+
 fn empty_stored() -> crate::codecs::region::Stored<'static> {
     static P: GroupParams = GroupParams {
         bits: 4,
