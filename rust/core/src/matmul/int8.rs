@@ -322,7 +322,11 @@ impl Plan {
             DType::Float8E4m3fn if matches!(w.codec, Codec::Nvfp4 { .. }) => Some(Raw::E4m3),
             _ => None,
         };
-        let half = !scalar && raw_kind.is_some();
+        // NVFP4's E4M3 scales (one per 16 weights) are widened again for each pass of MAX_NB
+        // activation rows: past one pass, widening them once here is faster (batch 32 ran
+        // 0.70-0.95x as fast widened in the kernel, `benches/results/cpu_matmul_nvfp4.txt`).
+        let in_kernel = raw_kind.is_some() && (raw_kind != Some(Raw::E4m3) || batch <= MAX_NB);
+        let half = !scalar && in_kernel;
         let [mut s, mut m] = WIDENED.with(|b| std::mem::take(&mut *b.borrow_mut()));
         s.clear();
         m.clear();
