@@ -48,9 +48,9 @@ BUDGET_S = float(os.environ.get("QT_BENCH_BUDGET_S", "330"))
 PROMPT, NEW = (16, 64) if not DRY else (4, 3)
 BATCHES = (1, 8) if not DRY else (1, 2)
 ROUNDS = 3
-MODES = ("eager", "static+compile") if not DRY else ("eager",)
 # QT_BENCH_MODES=eager: the eager rows only; QT_BENCH_EXACT=0: no int4-exact model (a short run)
-MODES = tuple(m for m in MODES if m in os.environ.get("QT_BENCH_MODES", ",".join(MODES)).split(","))
+_MODES = os.environ.get("QT_BENCH_MODES", "eager,static+compile").split(",")
+MODES = tuple(m for m in ("eager", "static+compile") if m in _MODES and not (DRY and m != "eager"))
 EXACT = os.environ.get("QT_BENCH_EXACT", "1") != "0"
 T0 = time.time()
 RESULTS: dict[str, Any] = {"runs": []}

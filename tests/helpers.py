@@ -323,3 +323,19 @@ def cases(
         dtype=dtype,
         values=values,
     )
+
+
+def tiny_bert(seed: int = 0):
+    """A 2-layer random BERT (hidden 64) for the tests that run a real transformers model."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    return transformers.BertModel(cfg).eval()

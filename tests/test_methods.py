@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import reference as R
 import torch
+from helpers import tiny_bert
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -277,19 +278,6 @@ def tiny_llama(seed: int = 0, kv_heads: int = 4, tie: bool = False):
             if "norm" in n:
                 p.uniform_(0.5, 1.5)
     return model
-
-
-def tiny_bert(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-    )
-    return transformers.BertModel(cfg).eval()
 
 
 def test_awq_folding_leaves_the_float_model_unchanged():

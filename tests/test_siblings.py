@@ -10,6 +10,7 @@ import threading
 
 import pytest
 import torch
+from helpers import tiny_bert
 from torch import nn
 
 import qtensors as qt
@@ -43,19 +44,6 @@ def tiny_llama(layers: int = 2):
         max_position_embeddings=64,
     )
     return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def tiny_bert():
-    torch.manual_seed(1)
-    cfg = transformers.BertConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-    )
-    return transformers.BertModel(cfg).eval()
 
 
 class Attention(nn.Module):
@@ -123,7 +111,7 @@ def test_quantize_model_fuses_by_default():
 
 
 def test_bert_fused_equals_unfused(monkeypatch):
-    plain, fused, n = quantized_pair(tiny_bert())
+    plain, fused, n = quantized_pair(tiny_bert(1))
     assert n == 2  # query/key/value in each layer
     ids = torch.randint(0, 96, (2, 7))
     calls = count_linears(monkeypatch)

@@ -384,12 +384,11 @@ class QuantizedLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling():
-            group = self.__dict__.get("_qt_siblings")  # fuse_siblings (siblings.py)
-            if group is not None:
-                out = group.call(self, x)
-                if out is not None:
-                    return out
+        group = self.__dict__.get("_qt_siblings")  # fuse_siblings (siblings.py)
+        if group is not None and not torch.compiler.is_compiling():
+            out = group.call(self, x)
+            if out is not None:
+                return out
         # Read from the modules' dicts, not as attributes: nn.Module.__getattr__ costs ~0.5 us
         # each, 2.5 us of a call that takes ~10 us outside the matmul (benches/bench_cpu_matmul.py
         # --breakdown).

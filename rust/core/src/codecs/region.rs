@@ -204,14 +204,6 @@ pub fn decode_span_bf16(k: &Kernels, q: &Stored<'_>, e0: usize, out: &mut [u8]) 
 fn decode_piece(k: &Kernels, q: &Stored<'_>, e0: usize, t: OutType, out: &mut [u8]) -> Result<()> {
     let size = t.size();
     let e1 = e0 + out.len() / size;
-    let window = scale_window(&q.layout, e0, e1);
-    // A piece that needs few of the scales in its window (a narrow column of a tensor grouped
-    // along an earlier axis) widens them segment by segment instead.
-    let per_segment = window.len() > 2 * (e1 - e0) + 64;
-    // fp16 scales and mins of groups along an earlier axis go to the kernel as stored, widened
-    // as they are loaded: a 4096-column row of them is 16 KiB where its fp32 copy was 32 KiB,
-    // which left L1 between the rows that share it.
-    let stored = q.layout.inner > 1 && q.params.scale_dtype == DType::Float16;
     let (mut s_buf, mut m_buf) = (take_buffer(1), take_buffer(2));
     let mut result = Ok(());
     if q.layout.inner == 1 {
@@ -236,6 +228,14 @@ fn decode_piece(k: &Kernels, q: &Stored<'_>, e0: usize, t: OutType, out: &mut [u
             c0 = c1;
         }
     } else {
+        let window = scale_window(&q.layout, e0, e1);
+        // A piece that needs few of the scales in its window (a narrow column of a tensor
+        // grouped along an earlier axis) widens them segment by segment instead.
+        let per_segment = window.len() > 2 * (e1 - e0) + 64;
+        // fp16 scales and mins go to the kernel as stored, widened as they are loaded: a
+        // 4096-column row of them is 16 KiB where its fp32 copy was 32 KiB, which left L1
+        // between the rows that share it.
+        let stored = q.params.scale_dtype == DType::Float16;
         if !per_segment && !stored {
             result = widen_scales(q, window.clone(), &mut s_buf, &mut m_buf);
         }

@@ -782,13 +782,10 @@ mod kernel {
                 if G16 {
                     continue;
                 }
-                let mut sg = load_groups::<HALF>(args.s, args.s16, args.raw, at, gmask);
-                if HALF && args.raw == super::Raw::E4m3 {
-                    sg = _mm512_mul_ps(sg, _mm512_set1_ps(args.tensor_scale));
-                }
+                let sg = load_groups::<HALF>(args, args.s, args.s16, at, gmask);
                 let s = _mm512_maskz_permutexvar_ps(bmask, group_of, sg);
                 let coef = if affine {
-                    let mg = load_groups::<HALF>(args.m, args.m16, args.raw, at, gmask);
+                    let mg = load_groups::<HALF>(args, args.m, args.m16, at, gmask);
                     _mm512_maskz_permutexvar_ps(bmask, group_of, mg)
                 } else {
                     s
@@ -833,12 +830,7 @@ mod kernel {
                     let gmask = ((1u32 << (gpr - j).min(8)) - 1) as __mmask16;
                     for (i, v) in s16.iter_mut().enumerate() {
                         let at = (r + i) * gpr + j;
-                        let sg = load_groups::<HALF>(args.s, args.s16, args.raw, at, gmask);
-                        let sg = if HALF && args.raw == super::Raw::E4m3 {
-                            _mm512_mul_ps(sg, _mm512_set1_ps(args.tensor_scale))
-                        } else {
-                            sg
-                        };
+                        let sg = load_groups::<HALF>(args, args.s, args.s16, at, gmask);
                         *v = _mm512_permutexvar_ps(consts.pairs, sg);
                     }
                 }
@@ -922,19 +914,20 @@ mod kernel {
     }
 
     /// The values of the groups `at..` in `mask`'s lanes (zeros elsewhere), from fp32 `f` or,
-    /// if `HALF`, bytes `h` in `raw`'s format.
+    /// if `HALF`, bytes `h` in `args.raw`'s format (E4M3 scales times `args.tensor_scale`).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn load_groups<const HALF: bool>(
+        args: &Args<'_>,
         f: &[f32],
         h: &[u8],
-        raw: super::Raw,
         at: usize,
         mask: __mmask16,
     ) -> __m512 {
         if !HALF {
             return _mm512_maskz_loadu_ps(mask, f.as_ptr().add(at));
         }
+        let raw = args.raw;
         let p16 = || h.as_ptr().cast::<i16>().add(at);
         if raw == super::Raw::Bf16 {
             // a bf16 is the top half of its fp32
@@ -954,7 +947,8 @@ mod kernel {
             let bits =
                 _mm512_mask_mov_epi32(bits, nan, _mm512_set1_epi32(f32::NAN.to_bits() as i32));
             let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(b, _mm512_set1_epi32(0x80)));
-            _mm512_maskz_mov_ps(mask, _mm512_castsi512_ps(_mm512_or_si512(bits, sign)))
+            let v = _mm512_castsi512_ps(_mm512_or_si512(bits, sign));
+            _mm512_maskz_mul_ps(mask, v, _mm512_set1_ps(args.tensor_scale))
         } else if raw == super::Raw::E8m0 {
             // 2^(b - 127): b in the exponent field; 0 is 2^-127 (a subnormal), 255 NaN
             let b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, h.as_ptr().add(at).cast()));

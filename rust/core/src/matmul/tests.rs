@@ -493,22 +493,36 @@ fn int8_e8m0_scales_widened_in_the_kernel_as_decoded() {
         scales: &scales,
         mins: &[],
     };
+    let y = kernel_as_scalar_model(&w, n_in, 1, &mut r);
+    assert!(y[rows - 1].is_nan() && y[..rows - 1].iter().all(|v| v.is_finite()));
+}
+
+/// `w` times a random activation batch by the SIMD kernel, checked equal (bit for bit, or both
+/// NaN) to the scalar model with its own widening; the kernel's outputs.
+fn kernel_as_scalar_model(
+    w: &crate::codecs::region::Stored<'_>,
+    n_in: usize,
+    batch: usize,
+    r: &mut Rng,
+) -> Vec<f32> {
+    use super::int8::Plan;
     let (simd_plan, scalar_plan) = (
-        Plan::new(&w, n_in, false).unwrap(),
-        Plan::new(&w, n_in, true).unwrap(),
+        Plan::new(w, n_in, false).unwrap(),
+        Plan::new(w, n_in, true).unwrap(),
     );
-    let x: Vec<f32> = (0..n_in).map(|_| r.unit()).collect();
-    let a = simd_plan.quantize(&x, 1).unwrap();
-    let (mut y1, mut y2) = (vec![0f32; rows], vec![0f32; rows]);
-    simd_plan.rows(&w, &a, 0, &mut y1, false).unwrap();
-    scalar_plan.rows(&w, &a, 0, &mut y2, true).unwrap();
+    let x: Vec<f32> = (0..batch * n_in).map(|_| r.unit()).collect();
+    let a = simd_plan.quantize(&x, batch).unwrap();
+    let rows = w.layout.outer as usize * w.layout.axis_len as usize / n_in;
+    let (mut y1, mut y2) = (vec![0f32; rows * batch], vec![0f32; rows * batch]);
+    simd_plan.rows(w, &a, 0, &mut y1, false).unwrap();
+    scalar_plan.rows(w, &a, 0, &mut y2, true).unwrap();
     for (o, (v1, v2)) in y1.iter().zip(&y2).enumerate() {
         assert!(
             v1.to_bits() == v2.to_bits() || (v1.is_nan() && v2.is_nan()),
-            "row {o}: {v1} {v2}"
+            "batch {batch} output {o}: {v1} {v2}"
         );
     }
-    assert!(y1[rows - 1].is_nan() && y1[..rows - 1].iter().all(|v| v.is_finite()));
+    y1
 }
 
 #[test]
@@ -547,23 +561,9 @@ fn int8_e4m3_scales_widened_in_the_kernel_as_decoded() {
         scales: &scales,
         mins: &[],
     };
-    let (simd_plan, scalar_plan) = (
-        Plan::new(&w, n_in, false).unwrap(),
-        Plan::new(&w, n_in, true).unwrap(),
-    );
     for batch in [1, 3] {
-        let x: Vec<f32> = (0..batch * n_in).map(|_| r.unit()).collect();
-        let a = simd_plan.quantize(&x, batch).unwrap();
-        let (mut y1, mut y2) = (vec![0f32; rows * batch], vec![0f32; rows * batch]);
-        simd_plan.rows(&w, &a, 0, &mut y1, false).unwrap();
-        scalar_plan.rows(&w, &a, 0, &mut y2, true).unwrap();
-        for (o, (v1, v2)) in y1.iter().zip(&y2).enumerate() {
-            assert!(
-                v1.to_bits() == v2.to_bits() || (v1.is_nan() && v2.is_nan()),
-                "batch {batch} output {o}: {v1} {v2}"
-            );
-        }
-        let (others, last) = y1.split_at((rows - 1) * batch);
+        let y = kernel_as_scalar_model(&w, n_in, batch, &mut r);
+        let (others, last) = y.split_at((rows - 1) * batch);
         assert!(last.iter().all(|v| v.is_nan()) && others.iter().all(|v| v.is_finite()));
     }
 }
