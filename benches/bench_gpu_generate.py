@@ -171,7 +171,36 @@ def replay_check(model) -> None:
                 outs.append(model.generate(ids, **kw))
         lin.REPLAYS = True
         same = torch.equal(*outs)
-        say(f"replay check, batch {batch}: greedy tokens equal with and without replays: {same}")
+        say(f"replay check, batch {batch}: greedy tokens equal with and without replays: {same}; "
+            f"decode-step calls replayed: {replayed(model, batch)}")  # fmt: skip
+
+
+def replayed(model, batch: int) -> str:
+    """How many of the weights called with ``batch`` rows hold a replay for that shape (the
+    others take the full path on every call), by route: which paths replay is what eager
+    decoding's host time depends on."""
+    from qtensors.torch import linear as lin
+    from qtensors.torch.kernels import fastlaunch
+
+    plans = {}
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        group = qtt.siblings.group_of(m)
+        for t in (getattr(w, "codes", None), *(getattr(group, "parts", None) or {}).values()):
+            p = getattr(t, "_qt_cuda_plan", None)
+            if p is not None:
+                plans[id(p)] = p
+    counts: dict[str, list[int]] = {}
+    for p in plans.values():
+        for key, entry in p.replays.items():
+            if key[0][:-1].numel() == batch:
+                enc, bits, g = p.args[1:4]
+                L = lin._launch
+                tag = L.route(batch, *p.shape, enc, bits, g, 1, p.aligned, True, L.INT8_ACTIVATIONS)
+                c = counts.setdefault(f"{tag} {p.shape[0]}x{p.shape[1]}", [0, 0])
+                c[0] += isinstance(entry, fastlaunch.Replay)
+                c[1] += 1
+    return ", ".join(f"{k} {a}/{b}" for k, (a, b) in sorted(counts.items())) or "none"
 
 
 def siblings_check(joined, apart) -> None:

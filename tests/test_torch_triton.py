@@ -50,6 +50,7 @@ CHILD = textwrap.dedent(
         tk.Config(4, 32, grouped=False, paired=True),
         tk.Config(2, 64, grouped=True, paired=False),
         tk.Config(16, 16, grouped=True, paired=True),
+        tk.Config(8, 32, grouped=True, paired=False, stream=True),
     ]
     failures = []
     n = 0
@@ -104,6 +105,8 @@ CASES = [
     ((17, 48), "affine", 2, 16, 0, "float16", "float16"),
     ((2, 8, 6), "symmetric", 3, 4, 0, "bfloat16", "bfloat16"),
     ((6, 64), "affine", 3, 16, -1, "float16", "float32"),
+    ((5, 96), "affine", 3, 32, -1, "bfloat16", "float16"),
+    ((64, 32), "symmetric", 3, 32, 0, "float16", "float16"),
     ((5, 40), "symmetric", 5, 8, -1, "float32", "float16"),
     ((4, 24), "affine", 1, 8, -1, "float16", "float32"),
     ((19, 32), "affine", 7, 32, 0, "bfloat16", "float32"),
@@ -125,5 +128,5 @@ def test_triton_interpreter_matches_reference():
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["n"] == len(CASES) * 5
+    assert result["n"] == len(CASES) * 6
     assert not result["failures"], "\n".join(result["failures"])

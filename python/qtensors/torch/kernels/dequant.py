@@ -17,10 +17,10 @@ broadcast in registers; ``_dequant_kernel`` (any group size and axis) indexes ev
 Codes come from the packed LSB-first bit stream (element ``e`` starts at stream bit ``e * b``):
 
 * 4 bits (``PAIRED``): the tile's bytes are loaded contiguously and split into their two
-  nibbles; for nf4 each byte indexes a 256 x 2 table of (level of low nibble, level of high
-  nibble), one 8-byte load per two elements;
+  nibbles;
 * other widths but 8 (``OCTETS``): 8 consecutive codes fill exactly ``b`` bytes, read as one word
   and split with shifts;
+* nf4 looks each code up in its 16 fp32 levels (``_nf4_level``).
 * otherwise per element: byte ``e`` for 8 bits, one byte for 1 / 2 / 4 bits, two bytes where a
   3-, 5-, 6- or 7-bit code may straddle them.
 
@@ -85,37 +85,63 @@ def _codes_at(codes_ptr, e, nbytes, mask, BITS: tl.constexpr):
 
 @triton.jit
 def _octets(codes_ptr, start, omask, BITS: tl.constexpr):
-    """The 8 codes of each octet whose BITS bytes start at byte ``start`` (a 3-D tensor): one
-    word per octet, then 8 shifts. Returns ``start``'s shape + [8]."""
-    BP: tl.constexpr = 1 if BITS == 1 else (2 if BITS == 2 else (4 if BITS <= 4 else 8))
-    k = tl.arange(0, BP)[None, None, None, :]
-    bmask = omask[:, :, :, None] & (k < BITS)
-    raw = tl.load(codes_ptr + start[:, :, :, None] + k, mask=bmask, other=0)
-    if BITS <= 4:
+    """The 8 codes of each octet whose BITS bytes start at byte ``start`` (a 3-D tensor), read
+    as one word and split with 8 shifts. Returns ``start``'s shape + [8].
+
+    1, 2 and 4 bits: the octet's bytes are one load. 3, 5, 6, 7: one load per byte, each of
+    ``start``'s shape, so the word is assembled inside the thread; a 4-D byte tile masked to
+    BITS bytes and summed over its last axis made Triton add the bytes across lanes with
+    shuffles (3-bit 4096^2 on the H200: 71% of copy bandwidth against 81%,
+    benches/results/gpu_dequant_probe_h200.txt)."""
+    if BITS == 1 or BITS == 2 or BITS == 4:
+        k = tl.arange(0, BITS)[None, None, None, :]
+        raw = tl.load(codes_ptr + start[:, :, :, None] + k, mask=omask[:, :, :, None], other=0)
         word = tl.sum(raw.to(tl.int32) << (8 * k), axis=3)
+    elif BITS == 3:
+        word = tl.load(codes_ptr + start, mask=omask, other=0).to(tl.int32)
+        for k in tl.static_range(1, BITS):
+            byte = tl.load(codes_ptr + start + k, mask=omask, other=0).to(tl.int32)
+            word = word | (byte << (8 * k))
     else:
-        word = tl.sum(raw.to(tl.int64) << (8 * k).to(tl.int64), axis=3)
+        word = tl.load(codes_ptr + start, mask=omask, other=0).to(tl.int64)
+        for k in tl.static_range(1, BITS):
+            byte = tl.load(codes_ptr + start + k, mask=omask, other=0).to(tl.int64)
+            word = word | (byte << (8 * k))
     j = tl.arange(0, 8)[None, None, None, :]
     return ((word[:, :, :, None] >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.int32)
 
 
 @triton.jit
-def _values(
-    code, s, m, levels_ptr, mask, ENC: tl.constexpr, BITS: tl.constexpr, PAIRED: tl.constexpr
-):
+def _nf4_level(levels_ptr, code, ASM: tl.constexpr):
+    """NF4's fp32 level of each code from the 16-entry table (64 bytes: one cache line, so a
+    warp's lookups are served in one pass). With ``ASM`` the load is inline PTX, which keeps
+    ``code``'s register layout: a ``tl.load`` through a gathered pointer makes Triton move the
+    pointers to its own load layout and the values back through shared memory."""
+    if ASM:
+        base = tl.full(code.shape, 0, tl.int64) + levels_ptr.to(tl.int64)
+        return tl.inline_asm_elementwise(
+            "{ .reg .u64 a; mad.wide.u32 a, $2, 4, $1; ld.global.nc.f32 $0, [a]; }",
+            "=r,l,r",
+            [base, code],
+            dtype=tl.float32,
+            is_pure=True,
+            pack=1,
+        )
+    return tl.load(levels_ptr + code)
+
+
+@triton.jit
+def _values(code, s, m, levels_ptr, ENC: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
     """fp32 values of the codes: affine ``code * s + m``, symmetric ``(code - 2^(b-1)) * s``,
-    nf4 ``level[code] * s`` (with PAIRED, ``code`` already holds the levels), FP4
-    ``e2m1(code) * s``."""
+    nf4 ``level[code] * s``, FP4 ``e2m1(code) * s``."""
     if ENC == 3:
         val = _e2m1(code) * s
     elif ENC == 0:
         val = code.to(tl.float32) * s + m
     elif ENC == 1:
         val = (code - (1 << (BITS - 1))).to(tl.float32) * s
-    elif PAIRED:
-        val = code * s
     else:
-        val = tl.load(levels_ptr + code, mask=mask, other=0.0) * s
+        val = _nf4_level(levels_ptr, code, ASM) * s  # masked codes read as 0: in the table
     return val
 
 
@@ -157,6 +183,7 @@ def _dequant_kernel(
     LASTAXIS: tl.constexpr,
     ONE_P: tl.constexpr,
     PAIRED: tl.constexpr,
+    ASM: tl.constexpr,
     IDX64: tl.constexpr,
     BF16_BITS: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -182,11 +209,7 @@ def _dequant_kernel(
             bmask = rmask[:, None] & (half < (C >> 1))[None, :]
             bptr = codes_ptr + rows[:, None] * (C >> 1) + half[None, :]
             b = tl.load(bptr, mask=bmask, other=0).to(tl.int32)
-            if ENC == 2:  # levels_ptr: per byte value, the levels of its two nibbles
-                pair = (b * 2)[:, :, None] + tl.arange(0, 2)[None, None, :]
-                code = tl.load(levels_ptr + pair).reshape(BLOCK_R, BLOCK_C)
-            else:
-                code = tl.join(b & 15, b >> 4).reshape(BLOCK_R, BLOCK_C)
+            code = tl.join(b & 15, b >> 4).reshape(BLOCK_R, BLOCK_C)
         else:
             code = _codes_at(codes_ptr, e, nbytes, mask, BITS)
 
@@ -204,7 +227,7 @@ def _dequant_kernel(
             m = tl.load(mins_ptr + sidx, mask=mask, other=0.0).to(tl.float32)
         else:
             m = s
-        val = _values(code, s, m, levels_ptr, mask, ENC, BITS, PAIRED)
+        val = _values(code, s, m, levels_ptr, ENC, BITS, ASM)
         tl.store(out_ptr + e, _to_out(val, out_ptr, BF16_BITS), mask=mask)
 
 
@@ -229,6 +252,8 @@ def _grouped_kernel(
     LASTAXIS: tl.constexpr,
     PAIRED: tl.constexpr,
     OCTETS: tl.constexpr,
+    ASM: tl.constexpr,
+    STREAM: tl.constexpr,
     IDX64: tl.constexpr,
     BF16_BITS: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -269,11 +294,7 @@ def _grouped_kernel(
                 h3 = (gstart // 2)[None, :, None] + tl.arange(0, GB // 2)[None, None, :]
                 bmask = (r3 < R) & (h3 < (C >> 1))
                 b = tl.load(codes_ptr + r3 * (C >> 1) + h3, mask=bmask, other=0).to(tl.int32)
-                if ENC == 2:
-                    pair = (b * 2)[:, :, :, None] + tl.arange(0, 2)[None, None, None, :]
-                    code = tl.load(levels_ptr + pair).reshape(BLOCK_R, NG, GB)
-                else:
-                    code = tl.join(b & 15, b >> 4).reshape(BLOCK_R, NG, GB)
+                code = tl.join(b & 15, b >> 4).reshape(BLOCK_R, NG, GB)
             elif OCTETS:
                 o3 = (gstart // 8)[None, :, None] + tl.arange(0, GB // 8)[None, None, :]
                 omask = (r3 < R) & (o3 < (C >> 3))
@@ -302,11 +323,7 @@ def _grouped_kernel(
                 h3 = (tc * (BLOCK_C // 2) + tl.arange(0, BLOCK_C // 2))[None, None, :]
                 bmask = (r3 < R) & (h3 < (C >> 1))
                 b = tl.load(codes_ptr + r3 * (C >> 1) + h3, mask=bmask, other=0).to(tl.int32)
-                if ENC == 2:
-                    pair = (b * 2)[:, :, :, None] + tl.arange(0, 2)[None, None, None, :]
-                    code = tl.load(levels_ptr + pair).reshape(NG, GB, BLOCK_C)
-                else:
-                    code = tl.join(b & 15, b >> 4).reshape(NG, GB, BLOCK_C)
+                code = tl.join(b & 15, b >> 4).reshape(NG, GB, BLOCK_C)
             elif OCTETS:
                 o3 = (tc * (BLOCK_C // 8) + tl.arange(0, BLOCK_C // 8))[None, None, :]
                 omask = (r3 < R) & (o3 < (C >> 3))
@@ -319,8 +336,11 @@ def _grouped_kernel(
                 m = tl.load(mins_ptr + sidx, mask=smask, other=0.0).to(tl.float32)[:, None, :]
             else:
                 m = s
-        val = _values(code, s, m, levels_ptr, mask, ENC, BITS, PAIRED)
-        tl.store(out_ptr + e, _to_out(val, out_ptr, BF16_BITS), mask=mask)
+        val = _values(code, s, m, levels_ptr, ENC, BITS, ASM)
+        if STREAM:
+            tl.store(out_ptr + e, _to_out(val, out_ptr, BF16_BITS), mask=mask, cache_modifier=".cs")
+        else:
+            tl.store(out_ptr + e, _to_out(val, out_ptr, BF16_BITS), mask=mask)
 
 
 @dataclass(frozen=True)
@@ -340,6 +360,7 @@ class Config:
     grouped: bool = True
     octets: bool = True
     fp_fusion: bool = False
+    stream: bool = False
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
@@ -374,20 +395,14 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-_LEVELS: dict[tuple[torch.device, bool], torch.Tensor] = {}
+_LEVELS: dict[torch.device, torch.Tensor] = {}
 
 
-def _levels(device: torch.device, pairs: bool) -> torch.Tensor:
-    """NF4's 16 fp32 levels, or with ``pairs`` a 256 x 2 table: for each byte value the levels
-    of its low and high nibble (one 8-byte load decodes two codes)."""
-    t = _LEVELS.get((device, pairs))
+def _levels(device: torch.device) -> torch.Tensor:
+    """NF4's 16 fp32 levels on ``device`` (64 bytes: one cache line)."""
+    t = _LEVELS.get(device)
     if t is None:
-        lv = torch.tensor(NF4_LEVELS, dtype=torch.float32)
-        if pairs:
-            b = torch.arange(256)
-            lv = torch.stack([lv[b & 15], lv[b >> 4]], dim=1).contiguous()
-        t = lv.to(device)
-        _LEVELS[(device, pairs)] = t
+        t = _LEVELS[device] = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
     return t
 
 
@@ -430,6 +445,7 @@ def _plan(
         GS=group_size,
         LASTAXIS=lastaxis,
         PAIRED=paired,
+        ASM=cuda_index is not None,
         IDX64=idx64,
         BF16_BITS=out_dtype == torch.bfloat16 and _interpreting(),
         BLOCK_R=cfg.block_r,
@@ -441,6 +457,7 @@ def _plan(
         )
     if grouped:
         meta["OCTETS"] = octets
+        meta["STREAM"] = cfg.stream
         scalars: tuple[int, ...] = (R, C, G, Q, nbytes, n_tiles, n_ct)
     else:
         meta["ONE_P"] = P == 1
@@ -479,7 +496,7 @@ def dequantize_triton(
     grouped, grid_n, scalars, meta = _plan(
         shape, axis, group_size, bits, encoding, out_dtype, config, idx64, cuda_index
     )
-    levels = _levels(dev, meta["PAIRED"]) if encoding == "nf4" else scales
+    levels = _levels(dev) if encoding == "nf4" else scales
     if scales.dtype == torch.float8_e4m3fn:  # decoded from its bits (kernels/scales.py)
         scales = scales.view(torch.uint8)
     m = mins if mins is not None else scales
