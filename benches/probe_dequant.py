@@ -71,16 +71,19 @@ def bench_ms(fn) -> float:
 
 def variants(case: tuple, shape: tuple[int, ...]) -> dict[str, tk.Config | None]:
     """The launch configurations to time for a case: the default, and those that change a code
-    path the case takes (streaming stores; persistent grids, other tiles with ``--sweep``)."""
+    path the case takes (with ``--sweep``: persistent grids, pipelined or not, and other tiles)."""
     encoding, bits, _, axis, _, _ = case
     lastaxis = normalize_axis(axis, 2) == 1
     R, C = shape
     base = tk.default_config(R, C, bits, lastaxis, encoding)
     out: dict[str, tk.Config | None] = {"default": None}
-    out["streaming stores"] = dataclasses.replace(base, stream=True)
     if "--sweep" in sys.argv:
         for pers in (1, 2, 4):
             out[f"persistent {pers}"] = dataclasses.replace(base, persistent=pers)
+        for pers, stages in ((4, 3), (8, 3), (8, 4)):  # pipelined: the next tile's loads early
+            out[f"persistent {pers} {stages} st"] = dataclasses.replace(
+                base, persistent=pers, num_stages=stages
+            )
         for tile, warps in ((2048, 4), (4096, 8), (8192, 4), (8192, 8), (16384, 8)):
             bc = min(base.block_c, tile)
             out[f"{max(1, tile // bc)}x{bc} {warps}w"] = dataclasses.replace(

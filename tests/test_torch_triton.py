@@ -50,7 +50,7 @@ CHILD = textwrap.dedent(
         tk.Config(4, 32, grouped=False, paired=True),
         tk.Config(2, 64, grouped=True, paired=False),
         tk.Config(16, 16, grouped=True, paired=True),
-        tk.Config(8, 32, grouped=True, paired=False, stream=True),
+        tk.Config(8, 32, grouped=True, paired=False, num_stages=3),
     ]
     failures = []
     n = 0

@@ -253,7 +253,6 @@ def _grouped_kernel(
     PAIRED: tl.constexpr,
     OCTETS: tl.constexpr,
     ASM: tl.constexpr,
-    STREAM: tl.constexpr,
     IDX64: tl.constexpr,
     BF16_BITS: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -337,10 +336,7 @@ def _grouped_kernel(
             else:
                 m = s
         val = _values(code, s, m, levels_ptr, ENC, BITS, ASM)
-        if STREAM:
-            tl.store(out_ptr + e, _to_out(val, out_ptr, BF16_BITS), mask=mask, cache_modifier=".cs")
-        else:
-            tl.store(out_ptr + e, _to_out(val, out_ptr, BF16_BITS), mask=mask)
+        tl.store(out_ptr + e, _to_out(val, out_ptr, BF16_BITS), mask=mask)
 
 
 @dataclass(frozen=True)
@@ -360,7 +356,6 @@ class Config:
     grouped: bool = True
     octets: bool = True
     fp_fusion: bool = False
-    stream: bool = False
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
@@ -457,7 +452,6 @@ def _plan(
         )
     if grouped:
         meta["OCTETS"] = octets
-        meta["STREAM"] = cfg.stream
         scalars: tuple[int, ...] = (R, C, G, Q, nbytes, n_tiles, n_ct)
     else:
         meta["ONE_P"] = P == 1
