@@ -16,8 +16,7 @@ classes and Llama modules, qtensors.torch) and CUDA's initialisation, then times
 
 Ways: `hf_fp16` = `AutoModelForCausalLM.from_pretrained(fp16_folder, dtype=float16,
 device_map=DEV)`; `qtt` = `qtensors.torch.from_pretrained(q_folder, dtype=float16, device=DEV)`
-(warm-up on, the default); `qtt_nowarm` = the same with `warmup=False` (run with an empty
-Triton cache only, where warm-up matters); `hf_qtensors` =
+(warm-up on, the default); `qtt_nowarm` = the same with `warmup=False`; `hf_qtensors` =
 `AutoModelForCausalLM.from_pretrained(q_folder, dtype=float16, device_map=DEV)` through the
 registered quantizer. Each runs `--repeat` times (default 2) with the page cache warm (after one
 untimed run, which also fills Triton's on-disk cache), once with a fresh Triton cache
@@ -69,6 +68,12 @@ def child(way: str, folder: str, device: str, dump: str | None) -> None:
     if dev.type == "cuda":
         torch.empty(1, device=dev)
         sync()
+    prof = None
+    if os.environ.get("QT_BENCH_PROFILE"):  # the load and first forward, by function
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     t2 = time.perf_counter()
     if way == "hf_fp16" or way == "hf_qtensors":
         model = AutoModelForCausalLM.from_pretrained(
@@ -95,6 +100,9 @@ def child(way: str, folder: str, device: str, dump: str | None) -> None:
         logits = model(ids).logits
         sync()
         t4 = time.perf_counter()
+        if prof is not None:
+            prof.disable()
+            _write_profile(prof, os.environ["QT_BENCH_PROFILE"], way)
         _ = model(ids).logits
         sync()
         t5 = time.perf_counter()
@@ -118,6 +126,16 @@ def child(way: str, folder: str, device: str, dump: str | None) -> None:
     if dump:
         torch.save(logits[0, -1].float().cpu(), dump)
     print("RESULT " + json.dumps(out))
+
+
+def _write_profile(prof, folder: str, way: str) -> None:
+    import pstats
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"profile_{way}.txt"), "w") as f:
+        stats = pstats.Stats(prof, stream=f).sort_stats("cumulative")
+        stats.print_stats(70)
+        stats.sort_stats("tottime").print_stats(30)
 
 
 def run_child(way: str, folder: str, device: str, env: dict, dump: str | None = None) -> dict:
@@ -222,6 +240,7 @@ def main() -> None:
         action="store_true",
         help="also qtt_breakdown: load without warm-up, then the warm-up timed per batch size",
     )
+    ap.add_argument("--profile", metavar="DIR", help="one more qtt run under cProfile, into DIR")
     ap.add_argument(
         "--quick-phases",
         action="store_true",
@@ -256,9 +275,9 @@ def main() -> None:
         say(f"check: {report['check']}")
         write(report, lines)
 
-        # warm page cache: the three loaders a user picks; `qtt_nowarm` (warm-up off) matters only
-        # where Triton's cache is empty, so it runs there alone
-        ways = [("hf_fp16", src), ("qtt", dst), ("hf_qtensors", dst)]
+        # warm page cache: the three loaders a user picks, and qtt without its warm-up
+        # qtt_nowarm: with Triton's cache filled, whether the warm-up pays for itself in TTFT
+        ways = [("hf_fp16", src), ("qtt", dst), ("qtt_nowarm", dst), ("hf_qtensors", dst)]
         if args.breakdown:
             ways.append(("qtt_breakdown", dst))
         runs: dict = {}
@@ -275,6 +294,10 @@ def main() -> None:
         for _ in range(args.repeat):
             for way, folder in ways:
                 timed(way, way, folder, env)
+        if args.profile:  # where qtt's load and first forward spend their time, by function
+            for way in ("qtt", "qtt_nowarm", "hf_fp16"):
+                folder = src if way == "hf_fp16" else dst
+                run_child(way, folder, args.device, dict(env, QT_BENCH_PROFILE=args.profile))
         fresh_ways = () if args.quick_phases else ("qtt", "qtt_nowarm", "hf_qtensors")
         for way in fresh_ways:  # a first-ever run: Triton's cache empty
             fresh = dict(env, TRITON_CACHE_DIR=os.path.join(work, f"triton-{way}"))
