@@ -16,7 +16,9 @@ classes and Llama modules, qtensors.torch) and CUDA's initialisation, then times
 
 Ways: `hf_fp16` = `AutoModelForCausalLM.from_pretrained(fp16_folder, dtype=float16,
 device_map=DEV)`; `qtt` = `qtensors.torch.from_pretrained(q_folder, dtype=float16, device=DEV)`
-(warm-up on, the default); `qtt_nowarm` = the same with `warmup=False`; `hf_qtensors` =
+(warm-up on, the default: it skips what an earlier load in this environment warmed,
+`kernels/warm_record.py`); `qtt_warmup_every_load` the same with that record off;
+`qtt_nowarm` = the same with `warmup=False`; `hf_qtensors` =
 `AutoModelForCausalLM.from_pretrained(q_folder, dtype=float16, device_map=DEV)` through the
 registered quantizer. Each runs `--repeat` times (default 2) with the page cache warm (after one
 untimed run, which also fills Triton's on-disk cache), once with a fresh Triton cache
@@ -294,6 +296,8 @@ def main() -> None:
         for _ in range(args.repeat):
             for way, folder in ways:
                 timed(way, way, folder, env)
+            # the warm-up as it ran before it kept a record (every signature, every load)
+            timed("qtt_warmup_every_load", "qtt", dst, dict(env, QTENSORS_WARMUP_RECORD="0"))
         if args.profile:  # where qtt's load and first forward spend their time, by function
             for way in ("qtt", "qtt_nowarm", "hf_fp16"):
                 folder = src if way == "hf_fp16" else dst

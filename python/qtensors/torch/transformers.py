@@ -47,6 +47,21 @@ def init_empty_weights() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
+def _no_init_weights() -> contextlib.AbstractContextManager[Any]:
+    """transformers' own switch that skips ``init_weights`` (every weight is loaded after): on
+    the meta device each init call still runs torch's Python reference kernels, ~0.1 s for a
+    1.1B Llama's 157 tensors in the H200 machine's profile of a load
+    (``benches/bench_gpu_load.py --profile``)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:  # transformers 4.x
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
+
+
 def _resolve_dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -131,7 +146,7 @@ def from_pretrained(
         config = transformers.AutoConfig.from_pretrained(folder)
     cls = model_cls or architecture_class(config)
     tdtype = _resolve_dtype(dtype, config)
-    with init_empty_weights():
+    with init_empty_weights(), _no_init_weights():
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             model = cls(config, **model_kwargs)
         else:

@@ -52,13 +52,71 @@ def _signature(kind: str, w: QuantizedWeight, rows: int) -> tuple[Any, ...]:
     return (kind, tuple(w.shape), enc, has_mins, w.dtype, str(w.device), rows)
 
 
+class _Record:
+    """The signatures already warmed in this environment (``kernels/warm_record.py``), per CUDA
+    device; CPU signatures are never recorded (nothing compiles there)."""
+
+    def __init__(self, remember: bool) -> None:
+        self.remember = remember
+        self.keys: dict[str, str | None] = {}
+        self.known: dict[str, set[str]] = {}
+        self.ran: dict[str, set[str]] = {}
+
+    def _key(self, device: torch.device) -> str | None:
+        dev = str(device)
+        if dev not in self.keys:
+            try:
+                from .kernels import warm_record
+            except ImportError:  # no Triton: nothing compiles, nothing to record
+                self.keys[dev] = None
+            else:
+                self.keys[dev] = warm_record.environment_key(device)
+                self.known[dev] = warm_record.recorded(self.keys[dev])
+        return self.keys[dev]
+
+    def skip(self, sig: tuple[Any, ...], device: torch.device) -> bool:
+        """Whether ``sig`` was warmed before (its kernels are in Triton's cache)."""
+        if not self.remember or device.type != "cuda" or self._key(device) is None:
+            return False
+        return repr(sig) in self.known[str(device)]
+
+    def ran_on(self, sig: tuple[Any, ...], device: torch.device) -> None:
+        if self.remember and device.type == "cuda":
+            self.ran.setdefault(str(device), set()).add(repr(sig))
+
+    def save(self) -> None:
+        from .kernels import warm_record
+
+        for dev, sigs in self.ran.items():
+            warm_record.record(self.keys.get(dev), sigs)
+
+
 @torch.inference_mode()
-def warmup(model: nn.Module, rows: tuple[int, ...] | None = None) -> list[tuple[Any, ...]]:
+def warmup(
+    model: nn.Module, rows: tuple[int, ...] | None = None, remember: bool = True
+) -> list[tuple[Any, ...]]:
     """Run every distinct quantized layer of ``model`` once per forward path (see the module's
     docstring; ``rows``: the batch sizes for linears, default ``default_rows()``). Returns the
-    signatures run: (kind, shape, encoding, has mins, dtype, device, rows)."""
+    signatures run: (kind, shape, encoding, has mins, dtype, device, rows).
+
+    ``remember``: skip the CUDA signatures an earlier warm-up ran in this environment (their
+    kernels are in Triton's on-disk cache, so a first forward loads them instead of compiling;
+    ``kernels/warm_record.py``), and record those run now."""
     rows = rows or default_rows()
     done: dict[tuple[Any, ...], None] = {}
+    rec = _Record(remember)
+
+    def due(key: tuple[Any, ...], w: QuantizedWeight) -> bool:
+        if key in done:
+            return False
+        if rec.skip(key, w.device):
+            done[key] = None  # counted as done, not returned as run
+            skipped.add(key)
+            return False
+        rec.ran_on(key, w.device)
+        return True
+
+    skipped: set[tuple[Any, ...]] = set()
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             w = module.weight
@@ -67,30 +125,35 @@ def warmup(model: nn.Module, rows: tuple[int, ...] | None = None) -> list[tuple[
             group = group_of(module)
             for m in rows:
                 key = _signature("linear", w, m)
-                x = torch.zeros(m, int(w.shape[1]), dtype=w.dtype, device=w.device)
+                x = None
                 if group is not None and group.valid():
                     # the group's multiply, and the member's own (taken when it runs alone);
                     # calling the member would leave kept slices that no sibling asks for
                     joined = (*key[:1], group.op_args[0], *key[2:])
-                    if joined not in done:
+                    if due(joined, w):
+                        x = torch.zeros(m, int(w.shape[1]), dtype=w.dtype, device=w.device)
                         group.multiply(x)
                         done[joined] = None
-                    if key not in done:
+                    if due(key, w):
+                        if x is None:
+                            x = torch.zeros(m, int(w.shape[1]), dtype=w.dtype, device=w.device)
                         op = w.op_args
                         linear(x, w.codes, w.scales, w.mins, module.bias, *op)
                         done[key] = None
-                elif key not in done:
-                    module(x)
+                elif due(key, w):
+                    module(torch.zeros(m, int(w.shape[1]), dtype=w.dtype, device=w.device))
                     done[key] = None
         elif isinstance(module, QuantizedEmbedding):
             w = module.weight
             if w.codes.is_meta:
                 continue
             key = _signature("embedding", w, 1)
-            if key in done:
+            if not due(key, w):
                 continue
             module(torch.zeros(1, 1, dtype=torch.long, device=w.device))
             done[key] = None
-    if done and any(k[5].startswith("cuda") for k in done):
+    ran = [k for k in done if k not in skipped]
+    if any(k[5].startswith("cuda") for k in ran):
         torch.cuda.synchronize()
-    return list(done)
+    rec.save()
+    return ran

@@ -16,6 +16,7 @@ unwritable cache folder) leaves Triton as it is. ``QTENSORS_TRITON_KEY_CACHE=0``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -40,6 +41,7 @@ def cache_dir() -> str:
     return os.path.join(base, "qtensors")
 
 
+@functools.cache
 def fingerprint() -> str:
     """A digest of the version and of every file ``triton_key`` reads: Triton's Python sources
     under ``compiler/``, ``backends/``, ``language/`` and ``runtime/``, and ``_C/`` (libtriton)."""
@@ -55,32 +57,38 @@ def fingerprint() -> str:
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()
 
 
-def _read(path: str, fp: str) -> str | None:
+def read_json(path: str) -> object:
+    """The JSON at ``path``, or None if it is missing or unreadable."""
     try:
         with open(path) as f:
-            stored = json.load(f)
+            return json.load(f)
     except (OSError, ValueError):
         return None
-    if not isinstance(stored, dict) or stored.get("fingerprint") != fp:
-        return None
-    key = stored.get("key")
-    return key if isinstance(key, str) and key else None
 
 
-def _write(path: str, fp: str, key: str) -> None:
-    """Atomically (a temporary file renamed over the final name); errors ignored."""
+def write_json(path: str, value: object) -> None:
+    """Atomically (a temporary file renamed over the final name); errors ignored: the files
+    this module keeps only save time."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".triton_key.", dir=os.path.dirname(path))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=os.path.dirname(path))
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump({"fingerprint": fp, "key": key}, f)
+                json.dump(value, f)
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)
             raise
     except OSError:
         pass
+
+
+def _read(path: str, fp: str) -> str | None:
+    stored = read_json(path)
+    if not isinstance(stored, dict) or stored.get("fingerprint") != fp:
+        return None
+    key = stored.get("key")
+    return key if isinstance(key, str) and key else None
 
 
 def remember_triton_key() -> str:
@@ -106,7 +114,7 @@ def remember_triton_key() -> str:
 
     def computing() -> str:
         value = _ORIGINAL()
-        _write(path, fp, value)
+        write_json(path, {"fingerprint": fp, "key": value})
         triton_cache.triton_key = _ORIGINAL  # lru-cached from now on
         return value
 

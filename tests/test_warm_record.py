@@ -1,0 +1,96 @@
+"""The warm-up record (``kernels/warm_record.py``): what it keys on, what it keeps, and that
+``warmup`` skips what an earlier warm-up in the same environment ran."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("triton")
+torch = pytest.importorskip("torch")
+
+import importlib  # noqa: E402
+
+from qtensors.torch.kernels import warm_record  # noqa: E402
+
+# the module (``qtensors.torch.warmup`` is also the function's name in the package)
+warmup_mod = importlib.import_module("qtensors.torch.warmup")
+
+CUDA0 = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    """A CUDA device's properties, a Triton cache folder and qtensors' cache folder in tmp."""
+    props = SimpleNamespace(name="Fake GPU", major=9, minor=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cache = tmp_path / "triton"
+    cache.mkdir()
+    monkeypatch.setattr(warm_record, "_triton_cache_folder", lambda: str(cache))
+    monkeypatch.setenv("QTENSORS_CACHE_DIR", str(tmp_path / "qt"))
+    monkeypatch.delenv("QTENSORS_WARMUP_RECORD", raising=False)
+    return SimpleNamespace(props=props, cache=cache, folder=tmp_path / "qt")
+
+
+def test_key_covers_the_gpu_and_the_triton_cache_folder(fake_gpu):
+    a = warm_record.environment_key(CUDA0)
+    assert a is not None and a == warm_record.environment_key(CUDA0)
+    fake_gpu.props.minor = 1  # another compute capability
+    assert warm_record.environment_key(CUDA0) not in (None, a)
+    fake_gpu.props.minor = 0
+    # a deleted and recreated Triton cache is a new environment
+    os.rmdir(fake_gpu.cache)
+    assert warm_record.environment_key(CUDA0) is None
+    fake_gpu.cache.mkdir()
+    b = warm_record.environment_key(CUDA0)
+    assert b is not None
+
+
+def test_no_key_on_cpu_or_when_turned_off(fake_gpu, monkeypatch):
+    assert warm_record.environment_key(torch.device("cpu")) is None
+    monkeypatch.setenv("QTENSORS_WARMUP_RECORD", "0")
+    assert warm_record.environment_key(CUDA0) is None
+    assert warm_record.recorded(None) == set()
+    warm_record.record(None, {"x"})  # nothing to key it under: nothing written
+    assert not (fake_gpu.folder / "warmed.json").exists()
+
+
+def test_record_round_trip_and_replacement(fake_gpu):
+    warm_record.record("k1", {"a", "b"})
+    warm_record.record("k1", {"c"})
+    assert warm_record.recorded("k1") == {"a", "b", "c"}
+    assert warm_record.recorded("k2") == set()
+    warm_record.record("k2", {"d"})  # one environment kept: the current one
+    assert warm_record.recorded("k2") == {"d"}
+    assert warm_record.recorded("k1") == set()
+
+
+@pytest.mark.parametrize(
+    "content", ["", "{", "[1]", '{"key": "k1"}', '{"key": "k1", "signatures": 3}', "\x00\xff"]
+)
+def test_damaged_record_reads_as_empty(fake_gpu, content):
+    fake_gpu.folder.mkdir(parents=True, exist_ok=True)
+    (fake_gpu.folder / "warmed.json").write_bytes(content.encode("utf-8", "surrogateescape"))
+    assert warm_record.recorded("k1") == set()
+    warm_record.record("k1", {"a"})  # and is replaced whole
+    assert warm_record.recorded("k1") == {"a"}
+
+
+def test_warmup_skips_what_it_ran_before(fake_gpu):
+    sig = ("linear", (64, 64), ("affine", 4, 64, 1, "float16"), True, torch.float16, "cuda:0", 1)
+    first = warmup_mod._Record(remember=True)
+    assert not first.skip(sig, CUDA0)
+    first.ran_on(sig, CUDA0)
+    first.save()
+    again = warmup_mod._Record(remember=True)
+    assert again.skip(sig, CUDA0)
+    assert not again.skip((*sig[:-1], 2), CUDA0)  # another batch size was never run
+    assert not warmup_mod._Record(remember=False).skip(sig, CUDA0)
+    # the CPU is never skipped nor recorded
+    cpu = warmup_mod._Record(remember=True)
+    assert not cpu.skip((*sig[:5], "cpu", 1), torch.device("cpu"))
+    cpu.ran_on((*sig[:5], "cpu", 1), torch.device("cpu"))
+    assert cpu.ran == {}
