@@ -28,10 +28,9 @@ Each program walks tiles ``pid, pid + nprog, ...`` so the same kernel runs one t
 or as a persistent grid. Arithmetic is fp32, each operation rounded once (floating-point fusion is
 off by default, so the affine ``code * s + m`` is not an FMA and results match the spec and the
 CPU decoder bit for bit, as checked on an H100); the result is rounded once to the output dtype.
-Indices are int32 unless the tensor reaches 2^31 elements. Measured on an H100 (80 GB HBM3) for
-4096^2 to 16384^2 tensors with fp16 output: 89-98% of the device's copy bandwidth for 4- and 8-bit
-affine / symmetric along either axis, 80-95% for nf4 and 3-bit
-(benches/results/gpu_kernels_h100.txt).
+Indices are int32 unless the tensor reaches 2^31 elements. Measured on the H200 for 4096^2 to
+16384^2 tensors with fp16 output: 80-96% of the device's copy bandwidth, 90-96% at 16384^2 but
+for affine g128 (89.5%) (benches/probe_dequant.py, benches/results/gpu_dequant_probe_h200.txt).
 
 Importing this module needs Triton; it works on CPU tensors under ``TRITON_INTERPRET=1``.
 """
