@@ -17,7 +17,8 @@ classes and Llama modules, qtensors.torch) and CUDA's initialisation, then times
 Ways: `hf_fp16` = `AutoModelForCausalLM.from_pretrained(fp16_folder, dtype=float16,
 device_map=DEV)`; `qtt` = `qtensors.torch.from_pretrained(q_folder, dtype=float16, device=DEV)`
 (warm-up on, the default: it skips what an earlier load in this environment warmed,
-`kernels/warm_record.py`); `qtt_warmup_every_load` the same with that record off;
+`kernels/warm_record.py`); `qtt_warmup_every_load` the same with that record off,
+`qtt_no_preimport` without the background import of Triton's first-run modules;
 `qtt_nowarm` = the same with `warmup=False`; `hf_qtensors` =
 `AutoModelForCausalLM.from_pretrained(q_folder, dtype=float16, device_map=DEV)` through the
 registered quantizer. Each runs `--repeat` times (default 2) with the page cache warm (after one
@@ -243,6 +244,7 @@ def main() -> None:
         help="also qtt_breakdown: load without warm-up, then the warm-up timed per batch size",
     )
     ap.add_argument("--profile", metavar="DIR", help="one more qtt run under cProfile, into DIR")
+    ap.add_argument("--ways", help="only these warm runs (comma-separated names of the table)")
     ap.add_argument(
         "--quick-phases",
         action="store_true",
@@ -293,11 +295,22 @@ def main() -> None:
                 say("    " + ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown"].items()))
             write(report, lines)  # what ran so far survives a timeout
 
+        # qtt with one of its start-up savings off: the warm-up record (every signature warmed
+        # on every load, as before it kept one), the background import of Triton's first-run
+        # modules
+        variants = {
+            "qtt_warmup_every_load": dict(env, QTENSORS_WARMUP_RECORD="0"),
+            "qtt_no_preimport": dict(env, QTENSORS_PREIMPORT="0"),
+        }
+        if args.ways:
+            keep = set(args.ways.split(","))
+            ways = [(w, f) for w, f in ways if w in keep]
+            variants = {k: v for k, v in variants.items() if k in keep}
         for _ in range(args.repeat):
             for way, folder in ways:
                 timed(way, way, folder, env)
-            # the warm-up as it ran before it kept a record (every signature, every load)
-            timed("qtt_warmup_every_load", "qtt", dst, dict(env, QTENSORS_WARMUP_RECORD="0"))
+            for name, variant_env in variants.items():
+                timed(name, "qtt", dst, variant_env)
         if args.profile:  # where qtt's load and first forward spend their time, by function
             for way in ("qtt", "qtt_nowarm", "hf_fp16"):
                 folder = src if way == "hf_fp16" else dst
