@@ -121,17 +121,22 @@ def measure(name: str, size: int, baseline) -> None:
         )
         fns["baseline (main)"]()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    copies = []
+    copies, fills = [], []
     for _ in range(3):
         for k, fn in fns.items():
             times[k].append(bench_ms(fn))
         copies.append(bench_ms(functools.partial(dst.copy_, src)))
+        fills.append(bench_ms(functools.partial(dst.fill_, 1.0)))
     nb = codes.numel() + scales.numel() * scales.element_size()
     nb += 0 if mins is None else mins.numel() * mins.element_size()
     out_bytes = src.numel() * src.element_size()
     nb += out_bytes
     cbw = 2 * out_bytes / min(copies) / 1e6
     d = min(times["default"]) if "default" in times else float("nan")
+    # the output written alone (no reads): how close a decode is to the cost of its writes
+    fill = min(fills)
+    say(f"{name:10} {size:>6} {'(fill_ of the output)':>20} {fill * 1e3:7.1f} "
+        f"{out_bytes / fill / 1e6:6.0f} {'':>7} default / fill {d / fill:.2f}")  # fmt: skip
     for k, ts in times.items():
         ms = min(ts)
         bw = nb / ms / 1e6
