@@ -151,6 +151,8 @@ def from_pretrained(
             model = cls(config, **model_kwargs)
         else:
             model = cls.from_config(config, **model_kwargs)
+    if isinstance(model, transformers.PreTrainedModel):
+        model.tie_weights()  # init_weights ties them, and no_init_weights skipped it
     if tp_plan is not None and device is None and torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
