@@ -676,7 +676,7 @@ def tiled_linear(
         config,
         locks is not None,
     )
-    levels = _levels(x2.device, False) if encoding == "nf4" else scales
+    levels = _levels(x2.device) if encoding == "nf4" else scales
     if scales.dtype == torch.float8_e4m3fn:
         scales = scales.view(torch.uint8)
     unit = torch.int64 if kernel is words_int8_kernel else torch.int32
@@ -935,7 +935,7 @@ def fused_linear(
         config,
         locks is not None,
     )
-    levels = _levels(x2.device, False) if encoding == "nf4" else scales
+    levels = _levels(x2.device) if encoding == "nf4" else scales
     weight = (codes, scales, scales if mins is None else mins, levels)
     return _finish(kernel, grid, split, k_split, meta, meta_key, cuda_index, locks, x2, out,
                    weight, bias, K, (G,))  # fmt: skip
