@@ -41,6 +41,7 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
         "tiled-fma",
         "tiled-words",
         "tiled-int8",
+        "tiled-int8-variants",
         "tiled-dot",
         "tiled-dispatch",
         "mma",

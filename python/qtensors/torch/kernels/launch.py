@@ -16,6 +16,7 @@ decoded and multiplied by the caller.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -122,7 +123,9 @@ class TiledConfig:
     entry sending this shape to decode + cuBLAS, where that measured faster); rows of ``x`` per
     program (``block_m``, 0: the batch rounded up to a power of two; "dot" needs >= 16),
     output features and columns per step, K-slices (0: as many as fill the GPU), warps,
-    software-pipelining stages, registers a thread at most (0: the compiler's choice)."""
+    software-pipelining stages, registers a thread at most (0: the compiler's choice);
+    ``prefetch`` ("words8" only): the next step's codes and scales are loaded before this
+    step's are multiplied (``words_int8.py``'s ``PREFETCH``)."""
 
     kernel: str = "fma"
     block_m: int = 0
@@ -132,6 +135,7 @@ class TiledConfig:
     num_warps: int = 4
     num_stages: int = 2
     maxnreg: int = 0
+    prefetch: bool = False
 
 
 @dataclass(frozen=True)
@@ -171,12 +175,39 @@ WORDS_INT8_NARROW = TiledConfig(
 )
 
 
+#: the routed int8 configurations load the next step's codes and scales while this step's are
+#: multiplied (``TiledConfig.prefetch``): more bytes in flight per thread at the same occupancy
+#: (4 features: all of a step's loads issued before the previous step's products, 55 registers
+#: against 48; sm_90 SASS, ``benches/probe_words.py --int8-variants`` times it). After changing
+#: it, call ``int8_config.cache_clear()``.
+INT8_PREFETCH = False
+#: affine weights keep their scales and mins interleaved (``[scale, min]`` a group, one 32-bit
+#: load a feature in ``words_int8.py``: ``PAIRED``) in their CUDA plan (``linear._CudaPlan``),
+#: a copy beside the module's own: + the size of scales and mins (int4 g64 with fp16 scales: 4
+#: bytes a 64-weight group, +11% of the packed weight). sm_90 SASS at 8 features: 321 against
+#: 334 instructions a step, 56 registers against 64. Off until measured on the H200.
+PAIRED_SCALES = False
+
+
 @functools.lru_cache(maxsize=4096)
 def int8_config(M: int, N: int, K: int, cuda_index: int = -1) -> TiledConfig:
     """The int8 kernel's launch configuration for ``M`` rows on device ``cuda_index``."""
     if M == 1 and -(-N // 8) < 4 * _sm_count(cuda_index):
-        return WORDS_INT8_NARROW
-    return WORDS_INT8_DEFAULT
+        cfg = WORDS_INT8_NARROW
+    else:
+        cfg = WORDS_INT8_DEFAULT
+    return dataclasses.replace(cfg, prefetch=True) if INT8_PREFETCH else cfg
+
+
+def paired_scales(scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """Affine scales and mins interleaved, ``[scale_0, min_0, scale_1, min_1, ...]`` (flat), as
+    ``words_int8.py`` reads them with ``PAIRED``."""
+    if scales.shape != mins.shape or scales.dtype != mins.dtype:
+        raise ValueError(
+            f"scales and mins of one shape and dtype to pair: {scales.shape} {scales.dtype},"
+            f" {mins.shape} {mins.dtype}"
+        )
+    return torch.stack((scales.reshape(-1), mins.reshape(-1)), dim=1).reshape(-1)
 
 
 #: the batch buckets of ``TILED_TABLE`` (a batch uses the first bucket >= it)
@@ -584,9 +615,10 @@ def _tiled_plan(
     cuda_index: int,
     config: TiledConfig | None,
     allow_split: bool,
+    paired: bool = False,
 ):
     """(kernel, grid, split, k_split, constexprs and options, their hashable key) of one tiled
-    launch."""
+    launch; ``paired``: the int8 kernel reads interleaved affine scales and mins."""
     cfg = config or tiled_config(M, N, K, bits, g)
     if cfg.kernel not in ("fma", "dot", "words", "words8"):
         raise ValueError(f"{cfg.kernel!r} is not a tiled kernel (see route())")
@@ -622,8 +654,14 @@ def _tiled_plan(
     )
     if not fma:
         meta["IEEE"] = x_dtype == torch.float32 or (cuda_index < 0 and x_dtype == torch.bfloat16)
+    if cfg.prefetch and cfg.kernel != "words8":
+        raise ValueError(f"prefetch is the int8 words kernel's option, not {cfg.kernel!r}'s")
+    if paired and (cfg.kernel != "words8" or encoding != "affine"):
+        raise ValueError(f"paired scales are the int8 words kernel's, for affine codes: {cfg}")
     if cfg.kernel == "words8":
         meta["EMULATE"] = cuda_index < 0  # the interpreter runs no inline assembly
+        meta["PAIRED"] = paired
+        meta["PREFETCH"] = cfg.prefetch
     if cuda_index >= 0:
         # FMAs explicitly: the decode's ``f * s2 + off`` and the accumulation are one each
         # (Triton's default for fusion is changing)
@@ -647,12 +685,15 @@ def tiled_linear(
     bits: int,
     group_size: int,
     config: TiledConfig | None = None,
+    pairs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x2 @ W^T + bias`` with ``tiled.py`` for a weight ``tiled_supported()`` (arguments as
     ``fused_linear``; ``codes``: bytes starting on a 4-byte boundary, see ``words_aligned``, or
     their int32 / int64 view). MXFP4 / NVFP4 scales are passed as stored (NVFP4's tensor scale
     in ``mins``). Without a ``config``, rows ``int8_applies`` takes run ``words_int8.py`` where
-    the codes start on an 8-byte boundary."""
+    the codes start on an 8-byte boundary. ``pairs``: an affine weight's ``paired_scales``,
+    which ``words_int8.py`` reads instead of ``scales`` and ``mins`` (the other kernels ignore
+    it)."""
     M = x2.shape[0]
     out, done, cuda_index, locks = _begin(x2, N, K, bias)
     if done:
@@ -663,6 +704,11 @@ def tiled_linear(
         and (codes.dtype == torch.int64 or units_aligned(codes))
     ):
         config = int8_config(M, N, K, cuda_index)
+    paired = (
+        pairs is not None
+        and encoding == "affine"
+        and (config or tiled_config(M, N, K, bits, group_size)).kernel == "words8"
+    )
     kernel, grid, split, k_split, meta, meta_key = _tiled_plan(
         M,
         N,
@@ -675,7 +721,12 @@ def tiled_linear(
         cuda_index,
         config,
         locks is not None,
+        paired,
     )
+    if paired:
+        if pairs.numel() != 2 * scales.numel() or pairs.dtype != scales.dtype:
+            raise ValueError(f"pairs are not these scales' ({pairs.numel()}, {pairs.dtype})")
+        scales = pairs
     levels = _levels(x2.device, False) if encoding == "nf4" else scales
     if scales.dtype == torch.float8_e4m3fn:
         scales = scales.view(torch.uint8)

@@ -35,6 +35,13 @@ finishes.
 
 ``EMULATE`` (the interpreter, which runs no inline assembly) computes ``dp4a`` with shifts and
 multiplies: the same integers.
+
+Options (constexprs, both off by default; ``benches/probe_words.py --int8-variants`` times
+them): ``PAIRED``, affine scales and mins interleaved (``launch.paired_scales``) and read with
+one 32-bit load a feature instead of two 16-bit ones; ``PREFETCH``, the next step's codes and
+scales loaded before this step's are multiplied, so a thread keeps loads in flight through its
+arithmetic (more bytes in flight per SM at the same occupancy: the long-K shapes, where few
+programs share an SM).
 """
 
 from __future__ import annotations
@@ -242,6 +249,56 @@ def _row(wa, wb, x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, s, m, acc,
     return acc
 
 
+@triton.jit
+def _weights(units_ptr, scales_ptr, mins_ptr, rows, rmask, k0, k_hi, row_units, G,
+             ENC: tl.constexpr, SFMT: tl.constexpr, PU: tl.constexpr, KU: tl.constexpr,
+             GS: tl.constexpr, PAIRED: tl.constexpr):  # fmt: skip
+    """The step at ``k0``'s codes (int64 units, ``[KU, BLOCK_N]``), fp32 scales and mins (a
+    stand-in where the encoding has none), zeros past ``k_hi`` and ``N``.
+
+    Masked loads, although clamped indices would need no masks (a unit past the slice has its x
+    masked to 0): with the masks ptxas issues every load of the step before the first use (64
+    registers); without them it spreads them out at 40 registers, and the kernel ran 10-45%
+    slower on the H200."""
+    unit = k0 // PU + tl.arange(0, KU)
+    wmask = rmask[None, :] & (unit < k_hi // PU)[:, None]
+    u = tl.load(units_ptr + rows[None, :] * row_units + unit[:, None], mask=wmask, other=0)
+    # a unit lies in one group (GS >= PU): its lanes' features read one scale each
+    sidx = rows[None, :] * G + (unit * PU // GS)[:, None]
+    if PAIRED:
+        # affine: [scale, min] side by side, one 32-bit load a feature (launch.paired_scales)
+        pidx = sidx[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]
+        pair = tl.load(scales_ptr + pidx, mask=wmask[:, :, None], other=0.0)
+        s, m = tl.split(pair.to(tl.float32))
+    else:
+        s = group_scale(scales_ptr, sidx, wmask, mins_ptr, SFMT)  # NVFP4: mins the tensor scale
+        if ENC == 0:
+            m = tl.load(mins_ptr + sidx, mask=wmask, other=0.0).to(tl.float32)
+        else:
+            m = s  # symmetric, NF4, FP4: no min (a stand-in _row ignores)
+    return u, s, m
+
+
+@triton.jit
+def _step(u, s, m, x_ptr, k0, k_hi, M, stride_xm, acc0, acc1, acc2, acc3, ENC: tl.constexpr,
+          BITS: tl.constexpr, PU: tl.constexpr, KU: tl.constexpr, BLOCK_M: tl.constexpr,
+          EMULATE: tl.constexpr):  # fmt: skip
+    """The accumulators plus the step at ``k0``: its codes ``u``, scales ``s`` and mins ``m``
+    against each row's activations."""
+    wa = u.to(tl.int32)  # the low word (truncation)
+    wb = (u >> 32).to(tl.int32)
+    unit = k0 // PU + tl.arange(0, KU)
+    xcol = unit[:, None] * PU + tl.arange(0, 8)[None, :]
+    xmask = (unit < k_hi // PU)[:, None]
+    acc0 = _row(wa, wb, x_ptr, 0, M, stride_xm, xcol, xmask, s, m, acc0, ENC, BITS, EMULATE)
+    if BLOCK_M > 1:
+        acc1 = _row(wa, wb, x_ptr, 1, M, stride_xm, xcol, xmask, s, m, acc1, ENC, BITS, EMULATE)
+    if BLOCK_M > 2:
+        acc2 = _row(wa, wb, x_ptr, 2, M, stride_xm, xcol, xmask, s, m, acc2, ENC, BITS, EMULATE)
+        acc3 = _row(wa, wb, x_ptr, 3, M, stride_xm, xcol, xmask, s, m, acc3, ENC, BITS, EMULATE)
+    return acc0, acc1, acc2, acc3
+
+
 @triton.jit(do_not_specialize=["M"])
 def words_int8_kernel(
     x_ptr,
@@ -271,6 +328,8 @@ def words_int8_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     EMULATE: tl.constexpr,
+    PAIRED: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,
 ):
     PU: tl.constexpr = 64 // BITS  # codes per int64 unit
     KU: tl.constexpr = BLOCK_K // PU  # units per row and step
@@ -283,36 +342,26 @@ def words_int8_kernel(
     acc3 = tl.zeros((KU, BLOCK_N), tl.float32)
     k_lo = pid_k * k_split
     k_hi = tl.minimum(K, k_lo + k_split)
-    lane = tl.arange(0, 8)
     rmask = rows < N
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        unit = k0 // PU + tl.arange(0, KU)
-        inside = unit < k_hi // PU
-        # Masked loads, although clamped indices would need no masks (a unit past the slice has
-        # its x masked to 0): with the masks ptxas issues every load of the step before the
-        # first use (64 registers); without them it spreads them out at 40 registers, and the
-        # kernel ran 10-45% slower on the H200
-        wmask = rmask[None, :] & inside[:, None]
-        u = tl.load(units_ptr + rows[None, :] * row_units + unit[:, None], mask=wmask, other=0)
-        wa = u.to(tl.int32)  # the low word (truncation)
-        wb = (u >> 32).to(tl.int32)
-        xcol = unit[:, None] * PU + lane[None, :]
-        xmask = inside[:, None]
-        # a unit lies in one group (GS >= PU): its lanes' features read one scale each
-        sidx = rows[None, :] * G + (unit * PU // GS)[:, None]
-        s = group_scale(scales_ptr, sidx, wmask, mins_ptr, SFMT)  # NVFP4: mins the tensor scale
-        if ENC == 0:
-            m = tl.load(mins_ptr + sidx, mask=wmask, other=0.0).to(tl.float32)
-        else:
-            m = s  # symmetric, NF4, FP4: no min (a stand-in _row ignores)
-        acc0 = _row(wa, wb, x_ptr, 0, M, stride_xm, xcol, xmask, s, m, acc0, ENC, BITS, EMULATE)
-        if BLOCK_M > 1:
-            acc1 = _row(wa, wb, x_ptr, 1, M, stride_xm, xcol, xmask, s, m, acc1, ENC, BITS,
-                        EMULATE)  # fmt: skip
-        if BLOCK_M > 2:
-            acc2 = _row(wa, wb, x_ptr, 2, M, stride_xm, xcol, xmask, s, m, acc2, ENC, BITS,
-                        EMULATE)  # fmt: skip
-            acc3 = _row(wa, wb, x_ptr, 3, M, stride_xm, xcol, xmask, s, m, acc3, ENC, BITS,
-                        EMULATE)  # fmt: skip
+    if PREFETCH:
+        u, s, m = _weights(units_ptr, scales_ptr, mins_ptr, rows, rmask, k_lo, k_hi, row_units, G,
+                           ENC, SFMT, PU, KU, GS, PAIRED)  # fmt: skip
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            # the next step's codes and scales in flight while this step's are multiplied (past
+            # the slice: masked off)
+            u_next, s_next, m_next = _weights(units_ptr, scales_ptr, mins_ptr, rows, rmask,
+                                              k0 + BLOCK_K, k_hi, row_units, G, ENC, SFMT, PU,
+                                              KU, GS, PAIRED)  # fmt: skip
+            acc0, acc1, acc2, acc3 = _step(u, s, m, x_ptr, k0, k_hi, M, stride_xm, acc0, acc1,
+                                           acc2, acc3, ENC, BITS, PU, KU, BLOCK_M,
+                                           EMULATE)  # fmt: skip
+            u, s, m = u_next, s_next, m_next
+    else:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            u, s, m = _weights(units_ptr, scales_ptr, mins_ptr, rows, rmask, k0, k_hi, row_units,
+                               G, ENC, SFMT, PU, KU, GS, PAIRED)  # fmt: skip
+            acc0, acc1, acc2, acc3 = _step(u, s, m, x_ptr, k0, k_hi, M, stride_xm, acc0, acc1,
+                                           acc2, acc3, ENC, BITS, PU, KU, BLOCK_M,
+                                           EMULATE)  # fmt: skip
     store_rows(acc0, acc1, acc2, acc3, rows, M, N, out_ptr, stride_om, bias_ptr, ws_ptr,
                lock_ptr, pid_n, pid_k, BLOCK_M, HAS_BIAS, SPLIT_K)  # fmt: skip
