@@ -9,8 +9,8 @@ own emulated ``dp4a`` (``EMULATE``: the same integers without inline assembly) o
     python3 benches/probe_words.py --smoke    # CPU, TRITON_INTERPRET=1: the script's own check
         [--int8-configs]        # launch configurations of the int8 kernel
     OUT=DIR python3 benches/probe_words.py --int8-variants NAME,...|all [--encodings a,b]
-        # the int8 kernel as routed against its variants (INT8_VARIANTS), side by side with
-        # cuBLAS; the float words kernel is not run
+        # the int8 kernel as routed against its variants (INT8_TOKENS joined by "+", e.g.
+        # kspec+paired+pf; all: INT8_VARIANTS), side by side with cuBLAS; no float kernel
 
 Prints per (encoding, shape, batch): cuBLAS bf16 ``F.linear``, then the current kernel and each
 variant with the routed configuration (us; x = speedup over cuBLAS; hbm = share of the bound of
@@ -149,21 +149,41 @@ def int8_cells(case: Case, M: int, cub: float, bound: float) -> list[str]:
     return cells
 
 
-#: ``words_int8_kernel``'s variants: name -> (the change to the routed configuration, whether an
-#: affine weight's scales and mins are read interleaved, ``launch.paired_scales``). A variant that
-#: comes out as the routed kernel itself (paired on symmetric codes, 4 features where 4 are
-#: routed) is not timed twice.
-INT8_VARIANTS = {
-    "paired": (lambda c: c, True),
-    "prefetch": (lambda c: replace(c, prefetch=True), False),
-    "pf+paired": (lambda c: replace(c, prefetch=True), True),
-    "pf+paired+r80": (lambda c: replace(c, prefetch=True, maxnreg=80), True),
-    "n4+pf+paired": (lambda c: replace(c, block_n=4, prefetch=True), True),
-    "n8+pf+paired": (lambda c: replace(c, block_n=8, prefetch=True), True),
-    "k4096+paired": (lambda c: replace(c, block_k=4096), True),
-    "s2+pf+paired": (lambda c: replace(c, split_k=2, prefetch=True), True),
-    "w2k1024+paired": (lambda c: replace(c, block_k=1024, num_warps=2), True),
+#: ``words_int8_kernel``'s variant tokens, joined by "+" into a variant ("kspec+paired+pf"):
+#: each changes the routed configuration, but "paired", which reads an affine weight's scales
+#: and mins interleaved (``launch.paired_scales``; no change on other encodings)
+INT8_TOKENS = {
+    "paired": lambda c: c,
+    "pf": lambda c: replace(c, prefetch=True),
+    "kspec": lambda c: replace(c, kspec=True),
+    "n4": lambda c: replace(c, block_n=4),
+    "n8": lambda c: replace(c, block_n=8),
+    "s2": lambda c: replace(c, split_k=2),
+    "k4096": lambda c: replace(c, block_k=4096),
+    "w2k1024": lambda c: replace(c, block_k=1024, num_warps=2),
+    "r80": lambda c: replace(c, maxnreg=80),
 }
+#: ``--int8-variants all``
+INT8_VARIANTS = [
+    "paired",
+    "kspec",
+    "kspec+paired",
+    "pf+paired",
+    "kspec+pf+paired",
+    "kspec+paired+n4",
+    "kspec+paired+n8",
+    "kspec+pf+paired+n8",
+    "kspec+pf+paired+s2",
+    "kspec+paired+w2k1024",
+]
+
+
+def int8_variant(name: str, routed, affine: bool):
+    """(configuration, paired) of the variant ``name`` of the routed configuration."""
+    cfg = routed
+    for token in name.split("+"):
+        cfg = INT8_TOKENS[token](cfg)
+    return cfg, affine and "paired" in name.split("+")
 
 
 def _pairs(w) -> torch.Tensor | None:
@@ -185,9 +205,8 @@ def int8_variant_cells(case: Case, M: int, cub: float, bound: float, names: list
     routed = L.int8_config(M, case.N, case.K, torch.cuda.current_device() if not SMOKE else -1)
     runs = {"now": (routed, False)}
     for v in names:
-        change, paired = INT8_VARIANTS[v]
-        run = (change(routed), paired and name == "affine")
-        if run not in runs.values():
+        run = int8_variant(v, routed, name == "affine")
+        if run not in runs.values():  # the same kernel as an earlier one: timed once
             runs[v] = run
     cells, base = [], None
     for v, (cfg, paired) in runs.items():
@@ -202,14 +221,15 @@ def int8_variant_cells(case: Case, M: int, cub: float, bound: float, names: list
             t = timed(case, call, M)
         except Exception as exc:  # a configuration the compiler refuses
             t = f"{type(exc).__name__}: {str(exc)[:60]}"
-        tag = f"{v:<15} {cfg.block_n}/{cfg.block_k}/{cfg.num_warps}w/s{cfg.split_k}"
-        tag += ("/pf" if cfg.prefetch else "") + (f"/r{cfg.maxnreg}" if cfg.maxnreg else "")
+        tag = f"{v:<20} {cfg.block_n}/{cfg.block_k}/{cfg.num_warps}w/s{cfg.split_k}"
+        tag += "/pf" if cfg.prefetch else ""
+        tag += ("/ks" if cfg.kspec else "") + (f"/r{cfg.maxnreg}" if cfg.maxnreg else "")
         if isinstance(t, float):
             base = base or t
-            cells.append(f"int8 {tag:<32} {t:6.1f} {cub / t:5.2f} {bound / t:4.0%}"
+            cells.append(f"int8 {tag:<40} {t:6.1f} {cub / t:5.2f} {bound / t:4.0%}"
                          f"  {t / base:5.3f} of now")  # fmt: skip
         else:
-            cells.append(f"int8 {tag:<32} {t}")
+            cells.append(f"int8 {tag:<40} {t}")
     return cells
 
 
@@ -234,10 +254,10 @@ def main() -> None:
         return
     variants = _arg("--int8-variants", "")
     if variants:
-        names = list(INT8_VARIANTS) if variants == "all" else variants.split(",")
-        unknown = [v for v in names if v not in INT8_VARIANTS]
+        names = INT8_VARIANTS if variants == "all" else variants.split(",")
+        unknown = {t for v in names for t in v.split("+")} - set(INT8_TOKENS)
         if unknown:
-            raise SystemExit(f"unknown --int8-variants {unknown}: {list(INT8_VARIANTS)}")
+            raise SystemExit(f"unknown --int8-variants tokens {unknown}: {list(INT8_TOKENS)}")
         return int8_variants_main(encodings, batches, names)
     gbps = copy_gbps()
     say(f"# words kernel probe on {'cpu (smoke)' if SMOKE else torch.cuda.get_device_name()}, "
@@ -300,7 +320,7 @@ def int8_variants_main(encodings: list[str], batches: list[int], names: list[str
     )
     say(
         f"{'encoding':<16} {'shape':>11} M | {'cublas':>7} | variant, config (features/codes/"
-        "warps/K-slices[/prefetch][/registers]), us, x, hbm, time over the routed kernel's"
+        "warps/K-slices[/prefetch][/kspec][/registers]), us, x, hbm, time over the routed one's"
     )
     for ename in encodings:
         for N, K in SHAPES:

@@ -255,17 +255,19 @@ def tiled_cases(group: str):
                 out.append((N, K, 1, ename, half, bias, L.TiledConfig("words8", 0, 16, 256, 0)))
                 out.append((N, K, 2, ename, half, bias, None))  # picked: int8_applies
             elif group == "tiled-int8-variants" and ename in INT8_ENCODINGS:
-                # words_int8.py's PREFETCH (every encoding) and PAIRED (affine) paths: several
-                # steps and a ragged last one, split K (a slice of one step), 1-4 rows
+                # words_int8.py's PREFETCH and KSPEC (every encoding) and PAIRED (affine) paths:
+                # several steps and a ragged last one, split K (a slice of one step), 1-4 rows
                 K = {200: 208, 64: 64, 136: 144}[K]
                 half = torch.float16 if i % 2 else torch.bfloat16
                 pf = L.TiledConfig("words8", 0, 4, 64, 1, prefetch=True)
-                pf_split = L.TiledConfig("words8", 0, 8, 32, 3, prefetch=True)
+                ks = L.TiledConfig("words8", 0, 4, 64, 1, kspec=True)
+                both = L.TiledConfig("words8", 0, 8, 32, 3, prefetch=True, kspec=True)
                 out.append((N, K, {37: 3, 16: 4, 24: 1}[N], ename, half, bias, pf))
-                out.append((N, K, 2, ename, half, not bias, pf_split))
+                out.append((N, K, {37: 1, 16: 2, 24: 4}[N], ename, half, not bias, ks))
+                out.append((N, K, 2, ename, half, not bias, both))
                 if ename.startswith("affine"):
                     plain = L.TiledConfig("words8", 0, 4, 64, 1)
-                    for M, cfg in ((1, None), (3, plain), (4, pf_split)):
+                    for M, cfg in ((1, None), (3, plain), (4, both)):
                         out.append((N, K, M, ename, half, bias, ("paired", cfg)))
             elif group == "tiled-dot":
                 for M in (16, 33):
@@ -417,14 +419,15 @@ def check_locks_reset(failures):
 
 
 def check_paired_routed(failures):
-    """``launch.PAIRED_SCALES`` and ``INT8_PREFETCH`` on, through the op's CUDA entry point: the
-    plan holds the pairs, the int8 kernel's result, and an in-place change of the mins (as
-    ``load_state_dict`` makes) is seen by the next call, not read from a stale copy."""
+    """``launch.PAIRED_SCALES``, ``INT8_PREFETCH`` and ``INT8_KSPEC`` on, through the op's CUDA
+    entry point: the plan holds the pairs, the int8 kernel's result, and an in-place change of
+    the mins (as ``load_state_dict`` makes) is seen by the next call, not read from a stale
+    copy."""
     N, K = 24, 144
     args, dense = weight(N, K, "affine4-g32", seed=11)
     x = torch.randn(1, 1, K, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
-    saved = L.PAIRED_SCALES, L.INT8_PREFETCH
-    L.PAIRED_SCALES = L.INT8_PREFETCH = True
+    saved = L.PAIRED_SCALES, L.INT8_PREFETCH, L.INT8_KSPEC
+    L.PAIRED_SCALES = L.INT8_PREFETCH = L.INT8_KSPEC = True
     L.int8_config.cache_clear()
     try:
         for step in ("first", "mins changed in place"):
@@ -437,7 +440,7 @@ def check_paired_routed(failures):
             c, s, m = (args[k] for k in ("codes", "scales", "mins"))
             dense = dequantize(c, s, m, [N, K], "affine", 4, 32, 1, torch.float32)
     finally:
-        L.PAIRED_SCALES, L.INT8_PREFETCH = saved
+        L.PAIRED_SCALES, L.INT8_PREFETCH, L.INT8_KSPEC = saved
         L.int8_config.cache_clear()
 
 

@@ -125,7 +125,8 @@ class TiledConfig:
     output features and columns per step, K-slices (0: as many as fill the GPU), warps,
     software-pipelining stages, registers a thread at most (0: the compiler's choice);
     ``prefetch`` ("words8" only): the next step's codes and scales are loaded before this
-    step's are multiplied (``words_int8.py``'s ``PREFETCH``)."""
+    step's are multiplied (``words_int8.py``'s ``PREFETCH``); ``kspec`` ("words8" only): the
+    kernel compiled for this K (``KSPEC``: immediate-offset loads)."""
 
     kernel: str = "fma"
     block_m: int = 0
@@ -136,6 +137,7 @@ class TiledConfig:
     num_stages: int = 2
     maxnreg: int = 0
     prefetch: bool = False
+    kspec: bool = False
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,11 @@ WORDS_INT8_NARROW = TiledConfig(
 #: against 48; sm_90 SASS, ``benches/probe_words.py --int8-variants`` times it). After changing
 #: it, call ``int8_config.cache_clear()``.
 INT8_PREFETCH = False
+#: the routed int8 configurations compile the kernel per row length K (``TiledConfig.kspec``,
+#: ``words_int8.py``'s ``KSPEC``): every feature's codes and scales an immediate offset from
+#: one address, 13-17% fewer instructions a step in sm_90 SASS, one compile per distinct K of
+#: a model. After changing it, call ``int8_config.cache_clear()``.
+INT8_KSPEC = False
 #: affine weights keep their scales and mins interleaved (``[scale, min]`` a group, one 32-bit
 #: load a feature in ``words_int8.py``: ``PAIRED``) in their CUDA plan (``linear._CudaPlan``),
 #: a copy beside the module's own: + the size of scales and mins (int4 g64 with fp16 scales: 4
@@ -196,7 +203,7 @@ def int8_config(M: int, N: int, K: int, cuda_index: int = -1) -> TiledConfig:
         cfg = WORDS_INT8_NARROW
     else:
         cfg = WORDS_INT8_DEFAULT
-    return dataclasses.replace(cfg, prefetch=True) if INT8_PREFETCH else cfg
+    return dataclasses.replace(cfg, prefetch=INT8_PREFETCH, kspec=INT8_KSPEC)
 
 
 def paired_scales(scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
@@ -654,14 +661,15 @@ def _tiled_plan(
     )
     if not fma:
         meta["IEEE"] = x_dtype == torch.float32 or (cuda_index < 0 and x_dtype == torch.bfloat16)
-    if cfg.prefetch and cfg.kernel != "words8":
-        raise ValueError(f"prefetch is the int8 words kernel's option, not {cfg.kernel!r}'s")
+    if (cfg.prefetch or cfg.kspec) and cfg.kernel != "words8":
+        raise ValueError(f"prefetch / kspec are the int8 words kernel's, not {cfg.kernel!r}'s")
     if paired and (cfg.kernel != "words8" or encoding != "affine"):
         raise ValueError(f"paired scales are the int8 words kernel's, for affine codes: {cfg}")
     if cfg.kernel == "words8":
         meta["EMULATE"] = cuda_index < 0  # the interpreter runs no inline assembly
         meta["PAIRED"] = paired
         meta["PREFETCH"] = cfg.prefetch
+        meta["KSPEC"] = K if cfg.kspec else 0
     if cuda_index >= 0:
         # FMAs explicitly: the decode's ``f * s2 + off`` and the accumulation are one each
         # (Triton's default for fusion is changing)

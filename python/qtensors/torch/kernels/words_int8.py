@@ -36,12 +36,17 @@ finishes.
 ``EMULATE`` (the interpreter, which runs no inline assembly) computes ``dp4a`` with shifts and
 multiplies: the same integers.
 
-Options (constexprs, both off by default; ``benches/probe_words.py --int8-variants`` times
+Options (constexprs, all off by default; ``benches/probe_words.py --int8-variants`` times
 them): ``PAIRED``, affine scales and mins interleaved (``launch.paired_scales``) and read with
 one 32-bit load a feature instead of two 16-bit ones; ``PREFETCH``, the next step's codes and
 scales loaded before this step's are multiplied, so a thread keeps loads in flight through its
 arithmetic (more bytes in flight per SM at the same occupancy: the long-K shapes, where few
-programs share an SM).
+programs share an SM); ``KSPEC``, the kernel compiled for one row length K (a compile per
+distinct K of a model), so a feature's codes and scales are an immediate offset from the
+first feature's address instead of a 64-bit address computed per feature and step (sm_90
+SASS at 8 features, int4 g64: affine 334 -> 300 instructions a step, 278 with ``PAIRED``;
+symmetric 307 -> 266; 4 features: affine 222 -> 195 paired, symmetric 207 -> 188; registers
+unchanged).
 """
 
 from __future__ import annotations
@@ -250,9 +255,9 @@ def _row(wa, wb, x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, s, m, acc,
 
 
 @triton.jit
-def _weights(units_ptr, scales_ptr, mins_ptr, rows, rmask, k0, k_hi, row_units, G,
+def _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, k0, k_hi, row_units, G,
              ENC: tl.constexpr, SFMT: tl.constexpr, PU: tl.constexpr, KU: tl.constexpr,
-             GS: tl.constexpr, PAIRED: tl.constexpr):  # fmt: skip
+             GS: tl.constexpr, PAIRED: tl.constexpr, KSPEC: tl.constexpr):  # fmt: skip
     """The step at ``k0``'s codes (int64 units, ``[KU, BLOCK_N]``), fp32 scales and mins (a
     stand-in where the encoding has none), zeros past ``k_hi`` and ``N``.
 
@@ -262,9 +267,20 @@ def _weights(units_ptr, scales_ptr, mins_ptr, rows, rmask, k0, k_hi, row_units, 
     slower on the H200."""
     unit = k0 // PU + tl.arange(0, KU)
     wmask = rmask[None, :] & (unit < k_hi // PU)[:, None]
-    u = tl.load(units_ptr + rows[None, :] * row_units + unit[:, None], mask=wmask, other=0)
-    # a unit lies in one group (GS >= PU): its lanes' features read one scale each
-    sidx = rows[None, :] * G + (unit * PU // GS)[:, None]
+    # KSPEC (the row length K a constexpr): the tile's first row as a scalar 64-bit offset and
+    # each feature's a constant multiple of the row length on top, so every feature's load is
+    # an immediate offset from one address (sm_90 SASS, int4 affine paired at 8 features: 278
+    # instructions a step against 321)
+    grp = unit * PU // GS  # a unit lies in one group (GS >= PU): one scale a feature
+    if KSPEC:
+        f = tl.arange(0, rows.shape[0]).to(tl.int64)
+        u_at = units_ptr + row0 * row_units
+        u = tl.load(u_at + f[None, :] * row_units + unit.to(tl.int64)[:, None], mask=wmask,
+                    other=0)  # fmt: skip
+        sidx = row0 * G + f[None, :] * G + grp.to(tl.int64)[:, None]
+    else:
+        u = tl.load(units_ptr + rows[None, :] * row_units + unit[:, None], mask=wmask, other=0)
+        sidx = rows[None, :] * G + grp[:, None]
     if PAIRED:
         # affine: [scale, min] side by side, one 32-bit load a feature (launch.paired_scales)
         pidx = sidx[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]
@@ -330,6 +346,7 @@ def words_int8_kernel(
     EMULATE: tl.constexpr,
     PAIRED: tl.constexpr = False,
     PREFETCH: tl.constexpr = False,
+    KSPEC: tl.constexpr = 0,
 ):
     PU: tl.constexpr = 64 // BITS  # codes per int64 unit
     KU: tl.constexpr = BLOCK_K // PU  # units per row and step
@@ -343,23 +360,27 @@ def words_int8_kernel(
     k_lo = pid_k * k_split
     k_hi = tl.minimum(K, k_lo + k_split)
     rmask = rows < N
+    row0 = pid_n.to(tl.int64) * BLOCK_N
+    if KSPEC:  # the row lengths as constants: see _weights
+        row_units = KSPEC * BITS // 64
+        G = (KSPEC + GS - 1) // GS
     if PREFETCH:
-        u, s, m = _weights(units_ptr, scales_ptr, mins_ptr, rows, rmask, k_lo, k_hi, row_units, G,
-                           ENC, SFMT, PU, KU, GS, PAIRED)  # fmt: skip
+        u, s, m = _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, k_lo, k_hi,
+                           row_units, G, ENC, SFMT, PU, KU, GS, PAIRED, KSPEC)  # fmt: skip
         for k0 in range(k_lo, k_hi, BLOCK_K):
             # the next step's codes and scales in flight while this step's are multiplied (past
             # the slice: masked off)
-            u_next, s_next, m_next = _weights(units_ptr, scales_ptr, mins_ptr, rows, rmask,
+            u_next, s_next, m_next = _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask,
                                               k0 + BLOCK_K, k_hi, row_units, G, ENC, SFMT, PU,
-                                              KU, GS, PAIRED)  # fmt: skip
+                                              KU, GS, PAIRED, KSPEC)  # fmt: skip
             acc0, acc1, acc2, acc3 = _step(u, s, m, x_ptr, k0, k_hi, M, stride_xm, acc0, acc1,
                                            acc2, acc3, ENC, BITS, PU, KU, BLOCK_M,
                                            EMULATE)  # fmt: skip
             u, s, m = u_next, s_next, m_next
     else:
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            u, s, m = _weights(units_ptr, scales_ptr, mins_ptr, rows, rmask, k0, k_hi, row_units,
-                               G, ENC, SFMT, PU, KU, GS, PAIRED)  # fmt: skip
+            u, s, m = _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, k0, k_hi,
+                               row_units, G, ENC, SFMT, PU, KU, GS, PAIRED, KSPEC)  # fmt: skip
             acc0, acc1, acc2, acc3 = _step(u, s, m, x_ptr, k0, k_hi, M, stride_xm, acc0, acc1,
                                            acc2, acc3, ENC, BITS, PU, KU, BLOCK_M,
                                            EMULATE)  # fmt: skip
