@@ -202,7 +202,8 @@ def int8_variant_cells(case: Case, M: int, cub: float, bound: float, names: list
     name, bits, g = case.ws[0].enc
     if not L.int8_applies(M, case.K, name, bits, g, torch.bfloat16):
         return []
-    routed = L.int8_config(M, case.N, case.K, torch.cuda.current_device() if not SMOKE else -1)
+    device = torch.cuda.current_device() if not SMOKE else -1
+    routed = L.int8_config(M, case.N, case.K, device, bits)
     runs = {"now": (routed, False)}
     for v in names:
         run = int8_variant(v, routed, name == "affine")

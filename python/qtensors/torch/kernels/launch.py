@@ -197,13 +197,15 @@ PAIRED_SCALES = False
 
 
 @functools.lru_cache(maxsize=4096)
-def int8_config(M: int, N: int, K: int, cuda_index: int = -1) -> TiledConfig:
-    """The int8 kernel's launch configuration for ``M`` rows on device ``cuda_index``."""
+def int8_config(M: int, N: int, K: int, cuda_index: int = -1, bits: int = 4) -> TiledConfig:
+    """The int8 kernel's launch configuration for ``M`` rows of ``bits``-bit codes on device
+    ``cuda_index``."""
     if M == 1 and -(-N // 8) < 4 * _sm_count(cuda_index):
         cfg = WORDS_INT8_NARROW
     else:
         cfg = WORDS_INT8_DEFAULT
-    return dataclasses.replace(cfg, prefetch=INT8_PREFETCH, kspec=INT8_KSPEC)
+    # 8-bit codes are two units a lane and feature: prefetched, 148 registers (sm_90)
+    return dataclasses.replace(cfg, prefetch=INT8_PREFETCH and bits == 4, kspec=INT8_KSPEC)
 
 
 def paired_scales(scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
@@ -711,7 +713,7 @@ def tiled_linear(
         and int8_applies(M, K, encoding, bits, group_size, x2.dtype)
         and (codes.dtype == torch.int64 or units_aligned(codes))
     ):
-        config = int8_config(M, N, K, cuda_index)
+        config = int8_config(M, N, K, cuda_index, bits)
     paired = (
         pairs is not None
         and encoding == "affine"
