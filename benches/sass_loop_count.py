@@ -4,6 +4,8 @@
     python3 benches/sass_loop_count.py [--encodings affine,symmetric,nf4,mxfp4,nvfp4]
                                        [--block-n 8] [--block-k 2048] [--warps 4]
     python3 benches/sass_loop_count.py --mma [--block-n 128]   # the tensor-core kernels
+    python3 benches/sass_loop_count.py --encodings affine --paired --prefetch --kspec 4096
+                                       # words_int8.py's options (--int8-variants' kernels)
 
 For each encoding, ``words.py`` (exact) and ``words_int8.py`` (int8 activations): registers a
 thread, instructions in the loop (the longest backward branch's body), and per weight (a loop
@@ -42,10 +44,12 @@ GROUP = {"affine": 64, "symmetric": 64, "nf4": 64, "mxfp4": 32, "nvfp4": 16}
 INSTR = re.compile(r"\s+/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*);")
 
 
-def compile_sass(fn, enc: str, bn: int, bk: int, warps: int) -> tuple[str, int]:
+def compile_sass(fn, enc: str, bn: int, bk: int, warps: int, int8_opts=None) -> tuple[str, int]:
     sfmt = SCALE_FORMATS.get(enc, 0)
     consts = dict(ENC=TILED_ENC[enc], SFMT=sfmt, BITS=4, GS=GROUP[enc], HAS_BIAS=False,
                   BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=False, EMULATE=False)  # fmt: skip
+    if fn is words_int8_kernel:  # its options (off unless asked): PAIRED, PREFETCH, KSPEC
+        consts.update(int8_opts or dict(PAIRED=False, PREFETCH=False, KSPEC=0))
     return compile_kernel(fn, consts, {"scales_ptr": "*u8" if sfmt else "*fp16",
                                        "mins_ptr": "*fp32" if sfmt else "*fp16"},
                           {"num_warps": warps})  # fmt: skip
@@ -89,6 +93,9 @@ def main() -> None:
     ap.add_argument("--block-k", type=int, default=2048)
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--mma", action="store_true", help="the tensor-core kernels instead")
+    ap.add_argument("--paired", action="store_true", help="words_int8: PAIRED (affine)")
+    ap.add_argument("--prefetch", action="store_true", help="words_int8: PREFETCH")
+    ap.add_argument("--kspec", type=int, default=0, help="words_int8: KSPEC, this K")
     a = ap.parse_args()
     if a.mma:
         mma_counts(a.block_n if a.block_n != 8 else 128)
@@ -97,8 +104,9 @@ def main() -> None:
     print(f"# triton {triton.__version__}, sm_90, {a.block_n} features x {a.block_k} codes, "
           f"{a.warps} warps: {weights:.0f} weights a thread a step")  # fmt: skip
     for enc in a.encodings.split(","):
+        opts = dict(PAIRED=a.paired and enc == "affine", PREFETCH=a.prefetch, KSPEC=a.kspec)
         for name, fn in (("words.py", words_kernel), ("words_int8.py", words_int8_kernel)):
-            sass, regs = compile_sass(fn, enc, a.block_n, a.block_k, a.warps)
+            sass, regs = compile_sass(fn, enc, a.block_n, a.block_k, a.warps, opts)
             ops = loop_ops(sass)
             n = sum(ops.values())
             top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))

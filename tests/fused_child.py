@@ -82,12 +82,22 @@ INT8_MMA_ENCODINGS = {
     "symfull4-g64": Symmetric(bits=4, group_size=64, axis=-1, levels="full"),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# weights only some checks build (no group iterates over them)
+EXTRA_ENCODINGS = {
+    "affine4-g64-bf16": Affine(bits=4, group_size=64, axis=-1, scale_dtype="bfloat16")
+}
 
 
 def weight(N: int, K: int, enc_name: str, seed: int):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(N, K, generator=g) * 0.5 + torch.randn(N, 1, generator=g) * 0.1
-    encs = {**ENCODINGS, **TILED_ENCODINGS, **MMA_ENCODINGS, **INT8_MMA_ENCODINGS}
+    encs = {
+        **ENCODINGS,
+        **TILED_ENCODINGS,
+        **MMA_ENCODINGS,
+        **INT8_MMA_ENCODINGS,
+        **EXTRA_ENCODINGS,
+    }
     q = Q.quantize(w, encs[enc_name], framework="pt")
     e = q.encoding
     parts = q.parts()
@@ -468,7 +478,12 @@ def main(group: str) -> None:
         n += 1
     if group == "tiled-int8-variants":
         check_paired_routed(failures)
-        n += 1
+        # bfloat16 scales and mins: the pairs' halves read as bfloat16
+        both = L.TiledConfig("words8", 0, 8, 64, 2, prefetch=True, kspec=True)
+        for M, cfg in ((1, None), (3, both)):
+            case = ("tiled-int8-variants bf16 scales", 37, 320, M, "affine4-g64-bf16")
+            run_case(*case, torch.bfloat16, M == 1, ("paired", cfg), failures)
+        n += 3
     if group == "dispatch":
         check_locks_reset(failures)
         check_fallback(failures)

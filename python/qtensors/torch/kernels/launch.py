@@ -210,11 +210,12 @@ def int8_config(M: int, N: int, K: int, cuda_index: int = -1, bits: int = 4) -> 
 
 def paired_scales(scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
     """Affine scales and mins interleaved, ``[scale_0, min_0, scale_1, min_1, ...]`` (flat), as
-    ``words_int8.py`` reads them with ``PAIRED``."""
-    if scales.shape != mins.shape or scales.dtype != mins.dtype:
+    ``words_int8.py`` reads them with ``PAIRED`` (a 32-bit word a group: fp16 / bf16 only)."""
+    two_bytes = scales.dtype in (torch.float16, torch.bfloat16)
+    if scales.shape != mins.shape or scales.dtype != mins.dtype or not two_bytes:
         raise ValueError(
-            f"scales and mins of one shape and dtype to pair: {scales.shape} {scales.dtype},"
-            f" {mins.shape} {mins.dtype}"
+            f"fp16 / bf16 scales and mins of one shape and dtype to pair: {scales.shape}"
+            f" {scales.dtype}, {mins.shape} {mins.dtype}"
         )
     return torch.stack((scales.reshape(-1), mins.reshape(-1)), dim=1).reshape(-1)
 

@@ -283,9 +283,10 @@ def _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, k0, k_hi, row_u
         sidx = rows[None, :] * G + grp[:, None]
     if PAIRED:
         # affine: [scale, min] side by side, one 32-bit load a feature (launch.paired_scales)
-        pidx = sidx[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]
-        pair = tl.load(scales_ptr + pidx, mask=wmask[:, :, None], other=0.0)
-        s, m = tl.split(pair.to(tl.float32))
+        ty = scales_ptr.dtype.element_ty
+        pair = tl.load(scales_ptr.to(tl.pointer_type(tl.int32)) + sidx, mask=wmask, other=0)
+        s = pair.to(tl.int16).to(ty, bitcast=True).to(tl.float32)  # the low half (truncation)
+        m = (pair >> 16).to(tl.int16).to(ty, bitcast=True).to(tl.float32)
     else:
         s = group_scale(scales_ptr, sidx, wmask, mins_ptr, SFMT)  # NVFP4: mins the tensor scale
         if ENC == 0:
