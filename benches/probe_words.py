@@ -162,6 +162,8 @@ INT8_TOKENS = {
     "k4096": lambda c: replace(c, block_k=4096),
     "w2k1024": lambda c: replace(c, block_k=1024, num_warps=2),
     "r80": lambda c: replace(c, maxnreg=80),
+    "l2a1": lambda c: replace(c, l2_ahead=1),
+    "l2a2": lambda c: replace(c, l2_ahead=2),
 }
 #: ``--int8-variants all``
 INT8_VARIANTS = [
@@ -170,6 +172,7 @@ INT8_VARIANTS = [
     "kspec+paired",
     "pf+paired",
     "kspec+pf+paired",
+    "kspec+paired+l2a1",
     "kspec+paired+n4",
     "kspec+paired+n8",
     "kspec+pf+paired+n8",
@@ -225,6 +228,7 @@ def int8_variant_cells(case: Case, M: int, cub: float, bound: float, names: list
         tag = f"{v:<20} {cfg.block_n}/{cfg.block_k}/{cfg.num_warps}w/s{cfg.split_k}"
         tag += "/pf" if cfg.prefetch else ""
         tag += ("/ks" if cfg.kspec else "") + (f"/r{cfg.maxnreg}" if cfg.maxnreg else "")
+        tag += f"/l2a{cfg.l2_ahead}" if cfg.l2_ahead else ""
         if isinstance(t, float):
             base = base or t
             cells.append(f"int8 {tag:<40} {t:6.1f} {cub / t:5.2f} {bound / t:4.0%}"
@@ -321,7 +325,7 @@ def int8_variants_main(encodings: list[str], batches: list[int], names: list[str
     )
     say(
         f"{'encoding':<16} {'shape':>11} M | {'cublas':>7} | variant, config (features/codes/"
-        "warps/K-slices[/prefetch][/kspec][/registers]), us, x, hbm, time over the routed one's"
+        "warps/K-slices[/pf][/kspec][/registers][/L2 ahead]), us, x, hbm, time over the routed"
     )
     for ename in encodings:
         for N, K in SHAPES:

@@ -126,7 +126,8 @@ class TiledConfig:
     software-pipelining stages, registers a thread at most (0: the compiler's choice);
     ``prefetch`` ("words8" only): the next step's codes and scales are loaded before this
     step's are multiplied (``words_int8.py``'s ``PREFETCH``); ``kspec`` ("words8" only): the
-    kernel compiled for this K (``KSPEC``: immediate-offset loads)."""
+    kernel compiled for this K (``KSPEC``: immediate-offset loads); ``l2_ahead`` ("words8"
+    only): the codes this many steps on prefetched into L2 (``L2_AHEAD``)."""
 
     kernel: str = "fma"
     block_m: int = 0
@@ -138,6 +139,7 @@ class TiledConfig:
     maxnreg: int = 0
     prefetch: bool = False
     kspec: bool = False
+    l2_ahead: int = 0
 
 
 @dataclass(frozen=True)
@@ -664,8 +666,10 @@ def _tiled_plan(
     )
     if not fma:
         meta["IEEE"] = x_dtype == torch.float32 or (cuda_index < 0 and x_dtype == torch.bfloat16)
-    if (cfg.prefetch or cfg.kspec) and cfg.kernel != "words8":
-        raise ValueError(f"prefetch / kspec are the int8 words kernel's, not {cfg.kernel!r}'s")
+    if (cfg.prefetch or cfg.kspec or cfg.l2_ahead) and cfg.kernel != "words8":
+        raise ValueError(
+            f"prefetch / kspec / l2_ahead are the int8 words kernel's, not {cfg.kernel!r}'s"
+        )
     if paired and (cfg.kernel != "words8" or encoding != "affine"):
         raise ValueError(f"paired scales are the int8 words kernel's, for affine codes: {cfg}")
     if cfg.kernel == "words8":
@@ -673,6 +677,7 @@ def _tiled_plan(
         meta["PAIRED"] = paired
         meta["PREFETCH"] = cfg.prefetch
         meta["KSPEC"] = K if cfg.kspec else 0
+        meta["L2_AHEAD"] = cfg.l2_ahead
     if cuda_index >= 0:
         # FMAs explicitly: the decode's ``f * s2 + off`` and the accumulation are one each
         # (Triton's default for fusion is changing)

@@ -46,7 +46,10 @@ distinct K of a model), so a feature's codes and scales are an immediate offset 
 first feature's address instead of a 64-bit address computed per feature and step (sm_90
 SASS at 8 features, int4 g64: affine 334 -> 300 instructions a step, 278 with ``PAIRED``;
 symmetric 307 -> 266; 4 features: affine 222 -> 195 paired, symmetric 207 -> 188; registers
-unchanged).
+unchanged); ``L2_AHEAD``, the codes that many steps on prefetched into L2 (``prefetch.global.L2``
+a feature, at units clamped into the slice; not in the interpreter, where it would change
+nothing but time): latency hidden without registers held, at a 64-bit address a feature (+54
+instructions a step at 8 features, +29 at 4; ptxas folds no immediate into the prefetch).
 """
 
 from __future__ import annotations
@@ -255,9 +258,24 @@ def _row(wa, wb, x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, s, m, acc,
 
 
 @triton.jit
-def _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, k0, k_hi, row_units, G,
+def _l2_prefetch(ptrs):
+    """``prefetch.global.L2`` of each address: the line comes into L2 from HBM without a
+    register waiting for it."""
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1]; mov.b32 $0, 0;",
+        "=r,l",
+        [ptrs.to(tl.int64)],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
+def _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, full, k0, k_hi, row_units, G,
              ENC: tl.constexpr, SFMT: tl.constexpr, PU: tl.constexpr, KU: tl.constexpr,
-             GS: tl.constexpr, PAIRED: tl.constexpr, KSPEC: tl.constexpr):  # fmt: skip
+             GS: tl.constexpr, PAIRED: tl.constexpr, KSPEC: tl.constexpr,
+             L2_AHEAD: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
     """The step at ``k0``'s codes (int64 units, ``[KU, BLOCK_N]``), fp32 scales and mins (a
     stand-in where the encoding has none), zeros past ``k_hi`` and ``N``.
 
@@ -274,13 +292,20 @@ def _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, k0, k_hi, row_u
     grp = unit * PU // GS  # a unit lies in one group (GS >= PU): one scale a feature
     if KSPEC:
         f = tl.arange(0, rows.shape[0]).to(tl.int64)
-        u_at = units_ptr + row0 * row_units
-        u = tl.load(u_at + f[None, :] * row_units + unit.to(tl.int64)[:, None], mask=wmask,
-                    other=0)  # fmt: skip
+        u_rows = units_ptr + row0 * row_units + f[None, :] * row_units
+        u_ptrs = u_rows + unit.to(tl.int64)[:, None]
         sidx = row0 * G + f[None, :] * G + grp.to(tl.int64)[:, None]
     else:
-        u = tl.load(units_ptr + rows[None, :] * row_units + unit[:, None], mask=wmask, other=0)
+        u_rows = units_ptr + rows[None, :] * row_units
+        u_ptrs = u_rows + unit[:, None]
         sidx = rows[None, :] * G + grp[:, None]
+    if L2_AHEAD and not EMULATE:
+        # the codes L2_AHEAD steps on into L2, at units clamped to the slice's last (in bounds
+        # without a mask); a tile past N (the last) prefetches nothing
+        if full:
+            ahead = tl.minimum(unit + L2_AHEAD * KU, k_hi // PU - 1)
+            _l2_prefetch(u_rows + ahead.to(tl.int64)[:, None])
+    u = tl.load(u_ptrs, mask=wmask, other=0)
     if PAIRED:
         # affine: [scale, min] side by side, one 32-bit load a feature (launch.paired_scales)
         ty = scales_ptr.dtype.element_ty
@@ -348,6 +373,7 @@ def words_int8_kernel(
     PAIRED: tl.constexpr = False,
     PREFETCH: tl.constexpr = False,
     KSPEC: tl.constexpr = 0,
+    L2_AHEAD: tl.constexpr = 0,
 ):
     PU: tl.constexpr = 64 // BITS  # codes per int64 unit
     KU: tl.constexpr = BLOCK_K // PU  # units per row and step
@@ -362,26 +388,30 @@ def words_int8_kernel(
     k_hi = tl.minimum(K, k_lo + k_split)
     rmask = rows < N
     row0 = pid_n.to(tl.int64) * BLOCK_N
+    full = (pid_n + 1) * BLOCK_N <= N  # every feature of the tile in range
     if KSPEC:  # the row lengths as constants: see _weights
         row_units = KSPEC * BITS // 64
         G = (KSPEC + GS - 1) // GS
     if PREFETCH:
-        u, s, m = _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, k_lo, k_hi,
-                           row_units, G, ENC, SFMT, PU, KU, GS, PAIRED, KSPEC)  # fmt: skip
+        u, s, m = _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, full, k_lo, k_hi,
+                           row_units, G, ENC, SFMT, PU, KU, GS, PAIRED, KSPEC, L2_AHEAD,
+                           EMULATE)  # fmt: skip
         for k0 in range(k_lo, k_hi, BLOCK_K):
             # the next step's codes and scales in flight while this step's are multiplied (past
             # the slice: masked off)
             u_next, s_next, m_next = _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask,
-                                              k0 + BLOCK_K, k_hi, row_units, G, ENC, SFMT, PU,
-                                              KU, GS, PAIRED, KSPEC)  # fmt: skip
+                                              full, k0 + BLOCK_K, k_hi, row_units, G, ENC, SFMT, PU,
+                                              KU, GS, PAIRED, KSPEC, L2_AHEAD,
+                                              EMULATE)  # fmt: skip
             acc0, acc1, acc2, acc3 = _step(u, s, m, x_ptr, k0, k_hi, M, stride_xm, acc0, acc1,
                                            acc2, acc3, ENC, BITS, PU, KU, BLOCK_M,
                                            EMULATE)  # fmt: skip
             u, s, m = u_next, s_next, m_next
     else:
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            u, s, m = _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, k0, k_hi,
-                               row_units, G, ENC, SFMT, PU, KU, GS, PAIRED, KSPEC)  # fmt: skip
+            u, s, m = _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, full, k0, k_hi,
+                               row_units, G, ENC, SFMT, PU, KU, GS, PAIRED, KSPEC, L2_AHEAD,
+                               EMULATE)  # fmt: skip
             acc0, acc1, acc2, acc3 = _step(u, s, m, x_ptr, k0, k_hi, M, stride_xm, acc0, acc1,
                                            acc2, acc3, ENC, BITS, PU, KU, BLOCK_M,
                                            EMULATE)  # fmt: skip
