@@ -178,6 +178,7 @@ INT8_VARIANTS = [
     "kspec+pf+paired+n8",
     "kspec+pf+paired+s2",
     "kspec+paired+w2k1024",
+    "kspec+pf+paired+w2k1024",
 ]
 
 
