@@ -161,6 +161,7 @@ INT8_TOKENS = {
     "s2": lambda c: replace(c, split_k=2),
     "k4096": lambda c: replace(c, block_k=4096),
     "w2k1024": lambda c: replace(c, block_k=1024, num_warps=2),
+    "r64": lambda c: replace(c, maxnreg=64),
     "r80": lambda c: replace(c, maxnreg=80),
     "l2a1": lambda c: replace(c, l2_ahead=1),
     "l2a2": lambda c: replace(c, l2_ahead=2),

@@ -181,19 +181,19 @@ WORDS_INT8_NARROW = TiledConfig(
 
 #: the routed int8 configurations load the next step's codes and scales while this step's are
 #: multiplied (``TiledConfig.prefetch``): more bytes in flight per thread at the same occupancy
-#: (4 features: all of a step's loads issued before the previous step's products, 55 registers
-#: against 48; sm_90 SASS, ``benches/probe_words.py --int8-variants`` times it). After changing
-#: it, call ``int8_config.cache_clear()``.
+#: (sm_90 SASS: in the step's second half, not at its top; ``benches/probe_words.py
+#: --int8-variants`` times it). After changing it, call ``int8_config.cache_clear()``.
 INT8_PREFETCH = False
 #: the routed int8 configurations compile the kernel per row length K (``TiledConfig.kspec``,
 #: ``words_int8.py``'s ``KSPEC``): every feature's codes and scales an immediate offset from
-#: one address, 13-17% fewer instructions a step in sm_90 SASS, one compile per distinct K of
-#: a model. After changing it, call ``int8_config.cache_clear()``.
+#: one address: sm_90 SASS, 6-14% fewer instructions a step (affine 334 -> 300 at 8 features,
+#: symmetric 307 -> 264; 278 with paired scales), one compile per distinct K of a model. After
+#: changing it, call ``int8_config.cache_clear()``.
 INT8_KSPEC = False
 #: affine weights keep their scales and mins interleaved (``[scale, min]`` a group, one 32-bit
 #: load a feature in ``words_int8.py``: ``PAIRED``) in their CUDA plan (``linear._CudaPlan``),
 #: a copy beside the module's own: + the size of scales and mins (int4 g64 with fp16 scales: 4
-#: bytes a 64-weight group, +11% of the packed weight). sm_90 SASS at 8 features: 321 against
+#: bytes a 64-weight group, +11% of the packed weight). sm_90 SASS at 8 features: 323 against
 #: 334 instructions a step, 56 registers against 64. Off until measured on the H200.
 PAIRED_SCALES = False
 

@@ -43,13 +43,28 @@ scales loaded before this step's are multiplied, so a thread keeps loads in flig
 arithmetic (more bytes in flight per SM at the same occupancy: the long-K shapes, where few
 programs share an SM); ``KSPEC``, the kernel compiled for one row length K (a compile per
 distinct K of a model), so a feature's codes and scales are an immediate offset from the
-first feature's address instead of a 64-bit address computed per feature and step (sm_90
-SASS at 8 features, int4 g64: affine 334 -> 300 instructions a step, 278 with ``PAIRED``;
-symmetric 307 -> 266; 4 features: affine 222 -> 195 paired, symmetric 207 -> 188; registers
-unchanged); ``L2_AHEAD``, the codes that many steps on prefetched into L2 (``prefetch.global.L2``
-a feature, at units clamped into the slice; not in the interpreter, where it would change
-nothing but time): latency hidden without registers held, at a 64-bit address a feature (+54
-instructions a step at 8 features, +29 at 4; ptxas folds no immediate into the prefetch).
+first feature's address instead of a 64-bit address computed per feature and step;
+``L2_AHEAD``, the codes that many steps on prefetched into L2 (``prefetch.global.L2`` a feature,
+at units clamped into the slice; not in the interpreter, where it would change nothing but
+time): latency hidden without registers held, at a 64-bit address a feature (ptxas folds no
+immediate into the prefetch).
+
+sm_90 SASS of a step (int4 g64, 2048 codes, 4 warps; Triton 3.6;
+``benches/results/sass_int8_variants_triton36.txt``), instructions / registers:
+
+=========================  ==============  ==============  ==============  ==============
+options                    affine, 8 feat  symm., 8 feat   affine, 4 feat  symm., 4 feat
+=========================  ==============  ==============  ==============  ==============
+none (routed)              334 / 64        307 / 56        222 / 48        207 / 40
+PAIRED                     323 / 56        (as none)       214 / 40        (as none)
+KSPEC                      300 / 64        264 / 56        208 / 47        188 / 40
+KSPEC, PAIRED              278 / 56        (as KSPEC)      195 / 40        (as KSPEC)
+PREFETCH, KSPEC, PAIRED    287 / 56        274 / 55        210 / 40        196 / 40
+L2_AHEAD 1, KSPEC, PAIRED  333 / 61        319 / 63        223 / 48        215 / 47
+=========================  ==============  ==============  ==============  ==============
+
+With ``PREFETCH`` ptxas issues the next step's loads late in the step (after most of its
+``dp4a``) at these register counts, not at its top: ``maxnreg`` moves them up.
 """
 
 from __future__ import annotations
@@ -287,8 +302,7 @@ def _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, full, k0, k_hi,
     wmask = rmask[None, :] & (unit < k_hi // PU)[:, None]
     # KSPEC (the row length K a constexpr): the tile's first row as a scalar 64-bit offset and
     # each feature's a constant multiple of the row length on top, so every feature's load is
-    # an immediate offset from one address (sm_90 SASS, int4 affine paired at 8 features: 278
-    # instructions a step against 321)
+    # an immediate offset from one address (the 64-bit sums per feature and step are gone)
     grp = unit * PU // GS  # a unit lies in one group (GS >= PU): one scale a feature
     if KSPEC:
         f = tl.arange(0, rows.shape[0]).to(tl.int64)
