@@ -163,6 +163,8 @@ INT8_TOKENS = {
     "w2k1024": lambda c: replace(c, block_k=1024, num_warps=2),
     "r64": lambda c: replace(c, maxnreg=64),
     "r80": lambda c: replace(c, maxnreg=80),
+    "cp2": lambda c: replace(c, pipeline=2),
+    "cp3": lambda c: replace(c, pipeline=3),
     "l2a1": lambda c: replace(c, l2_ahead=1),
     "l2a2": lambda c: replace(c, l2_ahead=2),
 }
@@ -174,6 +176,8 @@ INT8_VARIANTS = [
     "pf+paired",
     "kspec+pf+paired",
     "kspec+paired+l2a1",
+    "kspec+paired+cp2",
+    "kspec+paired+cp3",
     "kspec+paired+n4",
     "kspec+paired+n8",
     "kspec+pf+paired+n8",
@@ -231,6 +235,7 @@ def int8_variant_cells(case: Case, M: int, cub: float, bound: float, names: list
         tag += "/pf" if cfg.prefetch else ""
         tag += ("/ks" if cfg.kspec else "") + (f"/r{cfg.maxnreg}" if cfg.maxnreg else "")
         tag += f"/l2a{cfg.l2_ahead}" if cfg.l2_ahead else ""
+        tag += f"/cp{cfg.pipeline}" if cfg.pipeline else ""
         if isinstance(t, float):
             base = base or t
             cells.append(f"int8 {tag:<40} {t:6.1f} {cub / t:5.2f} {bound / t:4.0%}"

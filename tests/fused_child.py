@@ -265,12 +265,13 @@ def tiled_cases(group: str):
                 out.append((N, K, 1, ename, half, bias, L.TiledConfig("words8", 0, 16, 256, 0)))
                 out.append((N, K, 2, ename, half, bias, None))  # picked: int8_applies
             elif group == "tiled-int8-variants" and ename in INT8_ENCODINGS:
-                # words_int8.py's PREFETCH and KSPEC (every encoding) and PAIRED (affine) paths:
-                # several steps and a ragged last one, split K (a slice of one step), 1-4 rows
+                # words_int8.py's PREFETCH, KSPEC, PIPELINE (the interpreter's plain loop) and
+                # L2_AHEAD (skipped there) on every encoding, PAIRED on affine: several steps and
+                # a ragged last one, split K (a slice of one step), 1-4 rows
                 K = {200: 208, 64: 64, 136: 144}[K]
                 half = torch.float16 if i % 2 else torch.bfloat16
                 pf = L.TiledConfig("words8", 0, 4, 64, 1, prefetch=True)
-                ks = L.TiledConfig("words8", 0, 4, 64, 1, kspec=True)
+                ks = L.TiledConfig("words8", 0, 4, 64, 1, kspec=True, pipeline=2)
                 both = L.TiledConfig("words8", 0, 8, 32, 3, prefetch=True, kspec=True, l2_ahead=1)
                 out.append((N, K, {37: 3, 16: 4, 24: 1}[N], ename, half, bias, pf))
                 out.append((N, K, {37: 1, 16: 2, 24: 4}[N], ename, half, not bias, ks))

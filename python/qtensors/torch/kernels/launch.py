@@ -127,7 +127,9 @@ class TiledConfig:
     ``prefetch`` ("words8" only): the next step's codes and scales are loaded before this
     step's are multiplied (``words_int8.py``'s ``PREFETCH``); ``kspec`` ("words8" only): the
     kernel compiled for this K (``KSPEC``: immediate-offset loads); ``l2_ahead`` ("words8"
-    only): the codes this many steps on prefetched into L2 (``L2_AHEAD``)."""
+    only): the codes this many steps on prefetched into L2 (``L2_AHEAD``); ``pipeline``
+    ("words8" only, 2 or 3; not with ``prefetch``): Triton's pipeliner on the K loop
+    (``PIPELINE``: cp.async into shared memory)."""
 
     kernel: str = "fma"
     block_m: int = 0
@@ -140,6 +142,7 @@ class TiledConfig:
     prefetch: bool = False
     kspec: bool = False
     l2_ahead: int = 0
+    pipeline: int = 0
 
 
 @dataclass(frozen=True)
@@ -666,10 +669,12 @@ def _tiled_plan(
     )
     if not fma:
         meta["IEEE"] = x_dtype == torch.float32 or (cuda_index < 0 and x_dtype == torch.bfloat16)
-    if (cfg.prefetch or cfg.kspec or cfg.l2_ahead) and cfg.kernel != "words8":
+    if (cfg.prefetch or cfg.kspec or cfg.l2_ahead or cfg.pipeline) and cfg.kernel != "words8":
         raise ValueError(
-            f"prefetch / kspec / l2_ahead are the int8 words kernel's, not {cfg.kernel!r}'s"
+            f"prefetch / kspec / l2_ahead / pipeline are the int8 words kernel's, not {cfg}"
         )
+    if cfg.pipeline and (cfg.prefetch or cfg.pipeline not in (2, 3)):
+        raise ValueError(f"pipeline is 2 or 3 stages, without prefetch: {cfg}")
     if paired and (cfg.kernel != "words8" or encoding != "affine"):
         raise ValueError(f"paired scales are the int8 words kernel's, for affine codes: {cfg}")
     if cfg.kernel == "words8":
@@ -678,6 +683,7 @@ def _tiled_plan(
         meta["PREFETCH"] = cfg.prefetch
         meta["KSPEC"] = K if cfg.kspec else 0
         meta["L2_AHEAD"] = cfg.l2_ahead
+        meta["PIPELINE"] = cfg.pipeline
     if cuda_index >= 0:
         # FMAs explicitly: the decode's ``f * s2 + off`` and the accumulation are one each
         # (Triton's default for fusion is changing)

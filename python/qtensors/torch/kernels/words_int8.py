@@ -65,6 +65,14 @@ L2_AHEAD 1, KSPEC, PAIRED  333 / 61        319 / 63        223 / 48        215 /
 
 With ``PREFETCH`` ptxas issues the next step's loads late in the step (after most of its
 ``dp4a``) at these register counts, not at its top: ``maxnreg`` moves them up.
+
+``PIPELINE`` (2 or 3; not with ``PREFETCH``): Triton's software pipeliner on the K loop, which
+copies the next ``PIPELINE - 1`` steps' codes, scales and activations into shared memory with
+``cp.async`` (LDGSTS) while a step is multiplied, no registers waiting for them: KSPEC and PAIRED
+at 8 features, 296 instructions and 48 registers at 2 (16 KB of shared memory a program), 314
+and 40 at 3 (32 KB: 7 programs an SM, fewer than 8192 x 8192's 1024 tiles need for one wave).
+The interpreter runs it as the plain loop: only the GPU checks (``benches/probe_words.py``) see
+the pipelined code.
 """
 
 from __future__ import annotations
@@ -388,6 +396,7 @@ def words_int8_kernel(
     PREFETCH: tl.constexpr = False,
     KSPEC: tl.constexpr = 0,
     L2_AHEAD: tl.constexpr = 0,
+    PIPELINE: tl.constexpr = 0,
 ):
     PU: tl.constexpr = 64 // BITS  # codes per int64 unit
     KU: tl.constexpr = BLOCK_K // PU  # units per row and step
@@ -421,6 +430,16 @@ def words_int8_kernel(
                                            acc2, acc3, ENC, BITS, PU, KU, BLOCK_M,
                                            EMULATE)  # fmt: skip
             u, s, m = u_next, s_next, m_next
+    elif PIPELINE:
+        # Triton's pipeliner: the loads of the next PIPELINE - 1 steps copied into shared memory
+        # (cp.async) while this step's are multiplied, no registers held for them
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=PIPELINE):
+            u, s, m = _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, full, k0, k_hi,
+                               row_units, G, ENC, SFMT, PU, KU, GS, PAIRED, KSPEC, L2_AHEAD,
+                               EMULATE)  # fmt: skip
+            acc0, acc1, acc2, acc3 = _step(u, s, m, x_ptr, k0, k_hi, M, stride_xm, acc0, acc1,
+                                           acc2, acc3, ENC, BITS, PU, KU, BLOCK_M,
+                                           EMULATE)  # fmt: skip
     else:
         for k0 in range(k_lo, k_hi, BLOCK_K):
             u, s, m = _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, full, k0, k_hi,
