@@ -193,6 +193,11 @@ INT8_PREFETCH = False
 #: symmetric 307 -> 264; 278 with paired scales), one compile per distinct K of a model. After
 #: changing it, call ``int8_config.cache_clear()``.
 INT8_KSPEC = False
+#: the routed int8 configurations' K loop through Triton's pipeliner with this many stages
+#: (``TiledConfig.pipeline``, 2 or 3; 0: the plain loop): the next steps' loads copied into
+#: shared memory (cp.async) during a step, no registers waiting for them; ``INT8_PREFETCH``
+#: yields to it. After changing it, call ``int8_config.cache_clear()``.
+INT8_PIPELINE = 0
 #: affine weights keep their scales and mins interleaved (``[scale, min]`` a group, one 32-bit
 #: load a feature in ``words_int8.py``: ``PAIRED``) in their CUDA plan (``linear._CudaPlan``),
 #: a copy beside the module's own: + the size of scales and mins (int4 g64 with fp16 scales: 4
@@ -210,7 +215,8 @@ def int8_config(M: int, N: int, K: int, cuda_index: int = -1, bits: int = 4) -> 
     else:
         cfg = WORDS_INT8_DEFAULT
     # 8-bit codes are two units a lane and feature: prefetched, 148 registers (sm_90)
-    return dataclasses.replace(cfg, prefetch=INT8_PREFETCH and bits == 4, kspec=INT8_KSPEC)
+    prefetch = INT8_PREFETCH and bits == 4 and not INT8_PIPELINE
+    return dataclasses.replace(cfg, prefetch=prefetch, kspec=INT8_KSPEC, pipeline=INT8_PIPELINE)
 
 
 def paired_scales(scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
