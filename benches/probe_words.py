@@ -332,7 +332,7 @@ def int8_variants_main(encodings: list[str], batches: list[int], names: list[str
     )
     say(
         f"{'encoding':<16} {'shape':>11} M | {'cublas':>7} | variant, config (features/codes/"
-        "warps/K-slices[/pf][/kspec][/registers][/L2 ahead]), us, x, hbm, time over the routed"
+        "warps/K-slices[/pf][/ks][/rN][/l2aN][/cpN]), us, x, hbm, time over the routed kernel"
     )
     for ename in encodings:
         for N, K in SHAPES:
