@@ -206,10 +206,19 @@ INT8_PIPELINE = 0
 PAIRED_SCALES = False
 
 
+#: the int8 kernel's configuration per (batch bucket, N, K) where ``benches/probe_words.py
+#: --int8-variants`` found one faster than the routed default (used as is: the switches above
+#: do not apply to it). After changing it, call ``int8_config.cache_clear()``.
+INT8_TABLE: dict[tuple[int, int, int], TiledConfig] = {}
+
+
 @functools.lru_cache(maxsize=4096)
 def int8_config(M: int, N: int, K: int, cuda_index: int = -1, bits: int = 4) -> TiledConfig:
     """The int8 kernel's launch configuration for ``M`` rows of ``bits``-bit codes on device
-    ``cuda_index``."""
+    ``cuda_index``: ``INT8_TABLE``'s, else the default with the switches applied."""
+    bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
+    if (bucket, N, K) in INT8_TABLE:
+        return INT8_TABLE[bucket, N, K]
     if M == 1 and -(-N // 8) < 4 * _sm_count(cuda_index):
         cfg = WORDS_INT8_NARROW
     else:
