@@ -163,6 +163,7 @@ INT8_TOKENS = {
     "w2k1024": lambda c: replace(c, block_k=1024, num_warps=2),
     "r64": lambda c: replace(c, maxnreg=64),
     "r80": lambda c: replace(c, maxnreg=80),
+    "cg": lambda c: replace(c, stream=True),
     "cp2": lambda c: replace(c, pipeline=2),
     "cp3": lambda c: replace(c, pipeline=3),
     "l2a1": lambda c: replace(c, l2_ahead=1),
@@ -178,6 +179,7 @@ INT8_VARIANTS = [
     "kspec+paired+l2a1",
     "kspec+paired+cp2",
     "kspec+paired+cp3",
+    "kspec+paired+cg",
     "kspec+paired+n4",
     "kspec+paired+n8",
     "kspec+pf+paired+n8",
@@ -235,7 +237,7 @@ def int8_variant_cells(case: Case, M: int, cub: float, bound: float, names: list
         tag += "/pf" if cfg.prefetch else ""
         tag += ("/ks" if cfg.kspec else "") + (f"/r{cfg.maxnreg}" if cfg.maxnreg else "")
         tag += f"/l2a{cfg.l2_ahead}" if cfg.l2_ahead else ""
-        tag += f"/cp{cfg.pipeline}" if cfg.pipeline else ""
+        tag += (f"/cp{cfg.pipeline}" if cfg.pipeline else "") + ("/cg" if cfg.stream else "")
         if isinstance(t, float):
             base = base or t
             cells.append(f"int8 {tag:<40} {t:6.1f} {cub / t:5.2f} {bound / t:4.0%}"
@@ -332,7 +334,7 @@ def int8_variants_main(encodings: list[str], batches: list[int], names: list[str
     )
     say(
         f"{'encoding':<16} {'shape':>11} M | {'cublas':>7} | variant, config (features/codes/"
-        "warps/K-slices[/pf][/ks][/rN][/l2aN][/cpN]), us, x, hbm, time over the routed kernel"
+        "warps/K-slices[/pf][/ks][/rN][/l2aN][/cpN][/cg]), us, x, hbm, time over the routed one"
     )
     for ename in encodings:
         for N, K in SHAPES:

@@ -271,7 +271,7 @@ def tiled_cases(group: str):
                 K = {200: 208, 64: 64, 136: 144}[K]
                 half = torch.float16 if i % 2 else torch.bfloat16
                 pf = L.TiledConfig("words8", 0, 4, 64, 1, prefetch=True)
-                ks = L.TiledConfig("words8", 0, 4, 64, 1, kspec=True, pipeline=2)
+                ks = L.TiledConfig("words8", 0, 4, 64, 1, kspec=True, pipeline=2, stream=True)
                 both = L.TiledConfig("words8", 0, 8, 32, 3, prefetch=True, kspec=True, l2_ahead=1)
                 out.append((N, K, {37: 3, 16: 4, 24: 1}[N], ename, half, bias, pf))
                 out.append((N, K, {37: 1, 16: 2, 24: 4}[N], ename, half, not bias, ks))

@@ -129,7 +129,8 @@ class TiledConfig:
     kernel compiled for this K (``KSPEC``: immediate-offset loads); ``l2_ahead`` ("words8"
     only): the codes this many steps on prefetched into L2 (``L2_AHEAD``); ``pipeline``
     ("words8" only, 2 or 3; not with ``prefetch``): Triton's pipeliner on the K loop
-    (``PIPELINE``: cp.async into shared memory)."""
+    (``PIPELINE``: cp.async into shared memory); ``stream`` ("words8" only): the codes read
+    past L1 (``STREAM``)."""
 
     kernel: str = "fma"
     block_m: int = 0
@@ -143,6 +144,7 @@ class TiledConfig:
     kspec: bool = False
     l2_ahead: int = 0
     pipeline: int = 0
+    stream: bool = False
 
 
 @dataclass(frozen=True)
@@ -684,10 +686,10 @@ def _tiled_plan(
     )
     if not fma:
         meta["IEEE"] = x_dtype == torch.float32 or (cuda_index < 0 and x_dtype == torch.bfloat16)
-    if (cfg.prefetch or cfg.kspec or cfg.l2_ahead or cfg.pipeline) and cfg.kernel != "words8":
-        raise ValueError(
-            f"prefetch / kspec / l2_ahead / pipeline are the int8 words kernel's, not {cfg}"
-        )
+    options = (cfg.prefetch, cfg.kspec, cfg.l2_ahead, cfg.pipeline, cfg.stream)
+    if any(options) and cfg.kernel != "words8":
+        raise ValueError(f"prefetch / kspec / l2_ahead / pipeline / stream are the int8 words"
+                         f" kernel's, not {cfg}")  # fmt: skip
     if cfg.pipeline and (cfg.prefetch or cfg.pipeline not in (2, 3)):
         raise ValueError(f"pipeline is 2 or 3 stages, without prefetch: {cfg}")
     if paired and (cfg.kernel != "words8" or encoding != "affine"):
@@ -699,6 +701,7 @@ def _tiled_plan(
         meta["KSPEC"] = K if cfg.kspec else 0
         meta["L2_AHEAD"] = cfg.l2_ahead
         meta["PIPELINE"] = cfg.pipeline
+        meta["STREAM"] = cfg.stream
     if cuda_index >= 0:
         # FMAs explicitly: the decode's ``f * s2 + off`` and the accumulation are one each
         # (Triton's default for fusion is changing)

@@ -66,6 +66,9 @@ L2_AHEAD 1, KSPEC, PAIRED  333 / 61        319 / 63        223 / 48        215 /
 With ``PREFETCH`` ptxas issues the next step's loads late in the step (after most of its
 ``dp4a``) at these register counts, not at its top: ``maxnreg`` moves them up.
 
+``STREAM``: the codes loaded ``.cg`` (L2 only), so the stream of codes does not evict the
+activations from L1, which every step of every program on the SM reads first.
+
 ``PIPELINE`` (2 or 3; not with ``PREFETCH``): Triton's software pipeliner on the K loop, which
 copies the next ``PIPELINE - 1`` steps' codes, scales and activations into shared memory with
 ``cp.async`` (LDGSTS) while a step is multiplied, no registers waiting for them: KSPEC and PAIRED
@@ -298,7 +301,7 @@ def _l2_prefetch(ptrs):
 def _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, full, k0, k_hi, row_units, G,
              ENC: tl.constexpr, SFMT: tl.constexpr, PU: tl.constexpr, KU: tl.constexpr,
              GS: tl.constexpr, PAIRED: tl.constexpr, KSPEC: tl.constexpr,
-             L2_AHEAD: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
+             L2_AHEAD: tl.constexpr, STREAM: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
     """The step at ``k0``'s codes (int64 units, ``[KU, BLOCK_N]``), fp32 scales and mins (a
     stand-in where the encoding has none), zeros past ``k_hi`` and ``N``.
 
@@ -327,7 +330,10 @@ def _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, full, k0, k_hi,
         if full:
             ahead = tl.minimum(unit + L2_AHEAD * KU, k_hi // PU - 1)
             _l2_prefetch(u_rows + ahead.to(tl.int64)[:, None])
-    u = tl.load(u_ptrs, mask=wmask, other=0)
+    if STREAM:  # read once: past L1, which keeps the activations every step reads
+        u = tl.load(u_ptrs, mask=wmask, other=0, cache_modifier=".cg")
+    else:
+        u = tl.load(u_ptrs, mask=wmask, other=0)
     if PAIRED:
         # affine: [scale, min] side by side, one 32-bit load a feature (launch.paired_scales)
         ty = scales_ptr.dtype.element_ty
@@ -397,6 +403,7 @@ def words_int8_kernel(
     KSPEC: tl.constexpr = 0,
     L2_AHEAD: tl.constexpr = 0,
     PIPELINE: tl.constexpr = 0,
+    STREAM: tl.constexpr = False,
 ):
     PU: tl.constexpr = 64 // BITS  # codes per int64 unit
     KU: tl.constexpr = BLOCK_K // PU  # units per row and step
@@ -417,14 +424,14 @@ def words_int8_kernel(
         G = (KSPEC + GS - 1) // GS
     if PREFETCH:
         u, s, m = _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, full, k_lo, k_hi,
-                           row_units, G, ENC, SFMT, PU, KU, GS, PAIRED, KSPEC, L2_AHEAD,
+                           row_units, G, ENC, SFMT, PU, KU, GS, PAIRED, KSPEC, L2_AHEAD, STREAM,
                            EMULATE)  # fmt: skip
         for k0 in range(k_lo, k_hi, BLOCK_K):
             # the next step's codes and scales in flight while this step's are multiplied (past
             # the slice: masked off)
             u_next, s_next, m_next = _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask,
                                               full, k0 + BLOCK_K, k_hi, row_units, G, ENC, SFMT, PU,
-                                              KU, GS, PAIRED, KSPEC, L2_AHEAD,
+                                              KU, GS, PAIRED, KSPEC, L2_AHEAD, STREAM,
                                               EMULATE)  # fmt: skip
             acc0, acc1, acc2, acc3 = _step(u, s, m, x_ptr, k0, k_hi, M, stride_xm, acc0, acc1,
                                            acc2, acc3, ENC, BITS, PU, KU, BLOCK_M,
@@ -435,7 +442,7 @@ def words_int8_kernel(
         # (cp.async) while this step's are multiplied, no registers held for them
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=PIPELINE):
             u, s, m = _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, full, k0, k_hi,
-                               row_units, G, ENC, SFMT, PU, KU, GS, PAIRED, KSPEC, L2_AHEAD,
+                               row_units, G, ENC, SFMT, PU, KU, GS, PAIRED, KSPEC, L2_AHEAD, STREAM,
                                EMULATE)  # fmt: skip
             acc0, acc1, acc2, acc3 = _step(u, s, m, x_ptr, k0, k_hi, M, stride_xm, acc0, acc1,
                                            acc2, acc3, ENC, BITS, PU, KU, BLOCK_M,
@@ -443,7 +450,7 @@ def words_int8_kernel(
     else:
         for k0 in range(k_lo, k_hi, BLOCK_K):
             u, s, m = _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, full, k0, k_hi,
-                               row_units, G, ENC, SFMT, PU, KU, GS, PAIRED, KSPEC, L2_AHEAD,
+                               row_units, G, ENC, SFMT, PU, KU, GS, PAIRED, KSPEC, L2_AHEAD, STREAM,
                                EMULATE)  # fmt: skip
             acc0, acc1, acc2, acc3 = _step(u, s, m, x_ptr, k0, k_hi, M, stride_xm, acc0, acc1,
                                            acc2, acc3, ENC, BITS, PU, KU, BLOCK_M,
