@@ -437,18 +437,10 @@ def words_int8_kernel(
                                            acc2, acc3, ENC, BITS, PU, KU, BLOCK_M,
                                            EMULATE)  # fmt: skip
             u, s, m = u_next, s_next, m_next
-    elif PIPELINE:
-        # Triton's pipeliner: the loads of the next PIPELINE - 1 steps copied into shared memory
-        # (cp.async) while this step's are multiplied, no registers held for them
-        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=PIPELINE):
-            u, s, m = _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, full, k0, k_hi,
-                               row_units, G, ENC, SFMT, PU, KU, GS, PAIRED, KSPEC, L2_AHEAD, STREAM,
-                               EMULATE)  # fmt: skip
-            acc0, acc1, acc2, acc3 = _step(u, s, m, x_ptr, k0, k_hi, M, stride_xm, acc0, acc1,
-                                           acc2, acc3, ENC, BITS, PU, KU, BLOCK_M,
-                                           EMULATE)  # fmt: skip
     else:
-        for k0 in range(k_lo, k_hi, BLOCK_K):
+        # PIPELINE: Triton's pipeliner, the loads of the next PIPELINE - 1 steps copied into
+        # shared memory (cp.async) while this step's are multiplied, no registers held for them
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=PIPELINE if PIPELINE else None):
             u, s, m = _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, full, k0, k_hi,
                                row_units, G, ENC, SFMT, PU, KU, GS, PAIRED, KSPEC, L2_AHEAD, STREAM,
                                EMULATE)  # fmt: skip
