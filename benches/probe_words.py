@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import time
 from dataclasses import replace
 
 if "--smoke" in sys.argv:
@@ -325,7 +326,18 @@ def main() -> None:
 
 def int8_variants_main(encodings: list[str], batches: list[int], names: list[str]) -> None:
     """``--int8-variants``: per (encoding, shape, batch), cuBLAS bf16, then the int8 kernel as
-    routed and each variant."""
+    routed and each variant; ``$OUT/probe_words_int8_variants.txt`` rewritten after each shape
+    (a run cut short keeps what it measured)."""
+    start = time.perf_counter()
+    out = os.environ.get("OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+
+    def save() -> None:
+        if out:
+            with open(os.path.join(out, "probe_words_int8_variants.txt"), "w") as f:
+                f.write("\n".join(LINES) + "\n")
+
     gbps = copy_gbps()
     device = "cpu (smoke)" if SMOKE else torch.cuda.get_device_name()
     say(
@@ -348,11 +360,9 @@ def int8_variants_main(encodings: list[str], batches: list[int], names: list[str
                     say(f"{'':<16} {'':>11}   | {'':>7} | {cell}")
             del case
             torch.cuda.empty_cache()
-    out = os.environ.get("OUT")
-    if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "probe_words_int8_variants.txt"), "w") as f:
-            f.write("\n".join(LINES) + "\n")
+            save()
+    say(f"# {time.perf_counter() - start:.0f} s")
+    save()
 
 
 if __name__ == "__main__":
