@@ -8,6 +8,9 @@ own emulated ``dp4a`` (``EMULATE``: the same integers without inline assembly) o
     ncu -k regex:words_kernel python3 benches/probe_words.py --ncu [--variants ...]  # 1 launch each
     python3 benches/probe_words.py --smoke    # CPU, TRITON_INTERPRET=1: the script's own check
         [--int8-configs]        # launch configurations of the int8 kernel
+    OUT=DIR python3 benches/probe_words.py --int8-variants NAME,...|all [--encodings a,b]
+        # the int8 kernel as routed against its variants (INT8_TOKENS joined by "+", e.g.
+        # kspec+paired+pf; all: INT8_VARIANTS), side by side with cuBLAS; no float kernel
 
 Prints per (encoding, shape, batch): cuBLAS bf16 ``F.linear``, then the current kernel and each
 variant with the routed configuration (us; x = speedup over cuBLAS; hbm = share of the bound of
@@ -19,6 +22,8 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import time
+from dataclasses import replace
 
 if "--smoke" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
@@ -145,6 +150,104 @@ def int8_cells(case: Case, M: int, cub: float, bound: float) -> list[str]:
     return cells
 
 
+#: ``words_int8_kernel``'s variant tokens, joined by "+" into a variant ("kspec+paired+pf"):
+#: each changes the routed configuration, but "paired", which reads an affine weight's scales
+#: and mins interleaved (``launch.paired_scales``; no change on other encodings)
+INT8_TOKENS = {
+    "paired": lambda c: c,
+    "pf": lambda c: replace(c, prefetch=True),
+    "kspec": lambda c: replace(c, kspec=True),
+    "n4": lambda c: replace(c, block_n=4),
+    "n8": lambda c: replace(c, block_n=8),
+    "s2": lambda c: replace(c, split_k=2),
+    "k4096": lambda c: replace(c, block_k=4096),
+    "w2k1024": lambda c: replace(c, block_k=1024, num_warps=2),
+    "r64": lambda c: replace(c, maxnreg=64),
+    "r80": lambda c: replace(c, maxnreg=80),
+    "cg": lambda c: replace(c, stream=True),
+    "cp2": lambda c: replace(c, pipeline=2),
+    "cp3": lambda c: replace(c, pipeline=3),
+    "l2a1": lambda c: replace(c, l2_ahead=1),
+    "l2a2": lambda c: replace(c, l2_ahead=2),
+}
+#: ``--int8-variants all``
+INT8_VARIANTS = [
+    "paired",
+    "kspec",
+    "kspec+paired",
+    "pf+paired",
+    "kspec+pf+paired",
+    "kspec+paired+l2a1",
+    "kspec+paired+cp2",
+    "kspec+paired+cp3",
+    "kspec+paired+cg",
+    "kspec+paired+n4",
+    "kspec+paired+n8",
+    "kspec+pf+paired+n8",
+    "kspec+pf+paired+s2",
+    "kspec+paired+w2k1024",
+    "kspec+pf+paired+w2k1024",
+]
+
+
+def int8_variant(name: str, routed, affine: bool):
+    """(configuration, paired) of the variant ``name`` of the routed configuration."""
+    cfg = routed
+    for token in name.split("+"):
+        cfg = INT8_TOKENS[token](cfg)
+    return cfg, affine and "paired" in name.split("+")
+
+
+def _pairs(w) -> torch.Tensor | None:
+    """The weight copy's interleaved affine scales and mins, made once (None: not affine)."""
+    if w.enc[0] != "affine":
+        return None
+    if getattr(w, "pairs", None) is None:
+        w.pairs = L.paired_scales(w.scales, w.mins)
+    return w.pairs
+
+
+def int8_variant_cells(case: Case, M: int, cub: float, bound: float, names: list[str]) -> list:
+    """The int8 kernel as routed ("now"), then each variant: checked against the reference
+    (``timed``), us, speedup over cuBLAS, share of the bound, and its time over the routed
+    kernel's."""
+    name, bits, g = case.ws[0].enc
+    if not L.int8_applies(M, case.K, name, bits, g, torch.bfloat16):
+        return []
+    device = torch.cuda.current_device() if not SMOKE else -1
+    routed = L.int8_config(M, case.N, case.K, device, bits)
+    runs = {"now": (routed, False)}
+    for v in names:
+        run = int8_variant(v, routed, name == "affine")
+        if run not in runs.values():  # the same kernel as an earlier one: timed once
+            runs[v] = run
+    cells, base = [], None
+    for v, (cfg, paired) in runs.items():
+
+        def call(x, w, cfg=cfg, paired=paired):
+            n, b, gs = w.enc
+            pairs = _pairs(w) if paired else None
+            return L.tiled_linear(x, w.codes, w.scales, w.mins, None, w.N, w.K, n, b, gs, cfg,
+                                  pairs=pairs)  # fmt: skip
+
+        try:
+            t = timed(case, call, M)
+        except Exception as exc:  # a configuration the compiler refuses
+            t = f"{type(exc).__name__}: {str(exc)[:60]}"
+        tag = f"{v:<20} {cfg.block_n}/{cfg.block_k}/{cfg.num_warps}w/s{cfg.split_k}"
+        tag += "/pf" if cfg.prefetch else ""
+        tag += ("/ks" if cfg.kspec else "") + (f"/r{cfg.maxnreg}" if cfg.maxnreg else "")
+        tag += f"/l2a{cfg.l2_ahead}" if cfg.l2_ahead else ""
+        tag += (f"/cp{cfg.pipeline}" if cfg.pipeline else "") + ("/cg" if cfg.stream else "")
+        if isinstance(t, float):
+            base = base or t
+            cells.append(f"int8 {tag:<40} {t:6.1f} {cub / t:5.2f} {bound / t:4.0%}"
+                         f"  {t / base:5.3f} of now")  # fmt: skip
+        else:
+            cells.append(f"int8 {tag:<40} {t}")
+    return cells
+
+
 def timed(case: Case, fn, M: int) -> str:
     err = case.check(fn, M)
     if not err <= TOL:
@@ -164,6 +267,13 @@ def main() -> None:
         for name, kernel in kernels.items():
             print(name, case.check(lambda x, w, k=kernel: with_kernel(k)(x, w, cfg), batches[0]))
         return
+    variants = _arg("--int8-variants", "")
+    if variants:
+        names = INT8_VARIANTS if variants == "all" else variants.split(",")
+        unknown = {t for v in names for t in v.split("+")} - set(INT8_TOKENS)
+        if unknown:
+            raise SystemExit(f"unknown --int8-variants tokens {unknown}: {list(INT8_TOKENS)}")
+        return int8_variants_main(encodings, batches, names)
     gbps = copy_gbps()
     say(f"# words kernel probe on {'cpu (smoke)' if SMOKE else torch.cuda.get_device_name()}, "
         f"triton {triton.__version__}; copy {gbps:.0f} GB/s; us per call in a CUDA graph; "
@@ -212,6 +322,47 @@ def main() -> None:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "probe_words.txt"), "w") as f:
             f.write("\n".join(LINES) + "\n")
+
+
+def int8_variants_main(encodings: list[str], batches: list[int], names: list[str]) -> None:
+    """``--int8-variants``: per (encoding, shape, batch), cuBLAS bf16, then the int8 kernel as
+    routed and each variant; ``$OUT/probe_words_int8_variants.txt`` rewritten after each shape
+    (a run cut short keeps what it measured)."""
+    start = time.perf_counter()
+    out = os.environ.get("OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+
+    def save() -> None:
+        if out:
+            with open(os.path.join(out, "probe_words_int8_variants.txt"), "w") as f:
+                f.write("\n".join(LINES) + "\n")
+
+    gbps = copy_gbps()
+    device = "cpu (smoke)" if SMOKE else torch.cuda.get_device_name()
+    say(
+        f"# int8 GEMV variants on {device}, triton {triton.__version__}; copy {gbps:.0f} GB/s;"
+        " us per call in a CUDA graph; x: speedup over cuBLAS bf16; hbm: share of the bound"
+    )
+    say(
+        f"{'encoding':<16} {'shape':>11} M | {'cublas':>7} | variant, config (features/codes/"
+        "warps/K-slices[/pf][/ks][/rN][/l2aN][/cpN][/cg]), us, x, hbm, time over the routed one"
+    )
+    for ename in encodings:
+        for N, K in SHAPES:
+            case = Case(ename, N, K)
+            for M in batches:
+                x = case.x(M)
+                cub = graph_us([lambda d=d, x=x: F.linear(x, d) for d in case.dense])
+                bound = case.bound_us(M, gbps)
+                say(f"{ename:<16} {N:>5}x{K:<5} {M} | {cub:7.1f} |")
+                for cell in int8_variant_cells(case, M, cub, bound, names):
+                    say(f"{'':<16} {'':>11}   | {'':>7} | {cell}")
+            del case
+            torch.cuda.empty_cache()
+            save()
+    say(f"# {time.perf_counter() - start:.0f} s")
+    save()
 
 
 if __name__ == "__main__":

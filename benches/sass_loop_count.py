@@ -4,6 +4,8 @@
     python3 benches/sass_loop_count.py [--encodings affine,symmetric,nf4,mxfp4,nvfp4]
                                        [--block-n 8] [--block-k 2048] [--warps 4]
     python3 benches/sass_loop_count.py --mma [--block-n 128]   # the tensor-core kernels
+    python3 benches/sass_loop_count.py --encodings affine --paired --prefetch --kspec 4096
+                                       [--l2-ahead 1] [--pipeline 2] [--stream]  # words_int8
 
 For each encoding, ``words.py`` (exact) and ``words_int8.py`` (int8 activations): registers a
 thread, instructions in the loop (the longest backward branch's body), and per weight (a loop
@@ -22,10 +24,18 @@ import re
 import subprocess
 import sys
 import tempfile
+import types
 from collections import Counter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
+# the kernel modules need Triton alone: their packages stand in for qtensors and qtensors.torch
+# (whose __init__s import the Rust core and torch), so a bare Triton venv runs this script
+for _name in ("qtensors", "qtensors.torch"):
+    if _name not in sys.modules:
+        _pkg = types.ModuleType(_name)
+        _pkg.__path__ = [os.path.join(os.path.dirname(HERE), "python", *_name.split("."))]
+        sys.modules[_name] = _pkg
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -42,13 +52,17 @@ GROUP = {"affine": 64, "symmetric": 64, "nf4": 64, "mxfp4": 32, "nvfp4": 16}
 INSTR = re.compile(r"\s+/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*);")
 
 
-def compile_sass(fn, enc: str, bn: int, bk: int, warps: int) -> tuple[str, int]:
+def compile_sass(fn, enc: str, bn: int, bk: int, warps: int, int8_opts=None) -> tuple[str, int]:
     sfmt = SCALE_FORMATS.get(enc, 0)
     consts = dict(ENC=TILED_ENC[enc], SFMT=sfmt, BITS=4, GS=GROUP[enc], HAS_BIAS=False,
-                  BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=False, EMULATE=False)  # fmt: skip
+                  BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, EMULATE=False)  # fmt: skip
+    if fn is words_int8_kernel:  # its options, off unless asked
+        off = dict(PAIRED=False, PREFETCH=False, KSPEC=0, L2_AHEAD=0, PIPELINE=0, STREAM=False)
+        consts.update(off, **(int8_opts or {}))
+    options = {"num_warps": warps, "num_stages": 2, "enable_fp_fusion": True}  # as launched
     return compile_kernel(fn, consts, {"scales_ptr": "*u8" if sfmt else "*fp16",
                                        "mins_ptr": "*fp32" if sfmt else "*fp16"},
-                          {"num_warps": warps})  # fmt: skip
+                          options)  # fmt: skip
 
 
 def compile_kernel(fn, consts: dict, ptr_types: dict, options: dict) -> tuple[str, int]:
@@ -73,13 +87,27 @@ def compile_kernel(fn, consts: dict, ptr_types: dict, options: dict) -> tuple[st
     return sass, int(re.search(r"REG:(\d+)", res)[1])
 
 
-def loop_ops(sass: str) -> Counter:
-    """The instructions between the longest backward branch and its target."""
+def loop_body(sass: str) -> list[str]:
+    """The opcodes between the longest backward branch and its target, in order."""
     ins = [(int(m[1], 16), m[3], m[4]) for m in map(INSTR.match, sass.splitlines()) if m]
     spans = [(int(t[1], 16), a) for a, op, rest in ins if op == "BRA"
              for t in [re.search(r"0x([0-9a-f]+)", rest)] if t and int(t[1], 16) < a]  # fmt: skip
     lo, hi = max(spans, key=lambda s: s[1] - s[0])
-    return Counter(op for a, op, _ in ins if lo <= a <= hi)
+    return [op for a, op, _ in ins if lo <= a <= hi]
+
+
+def loop_ops(sass: str) -> Counter:
+    """The instructions between the longest backward branch and its target."""
+    return Counter(loop_body(sass))
+
+
+def loads_up_front(sass: str) -> str:
+    """ "k/n": of the loop's n global loads, k issued before its first ``dp4a`` (all of them:
+    the step's loads in flight together; fewer: ptxas spread them through the arithmetic)."""
+    body = loop_body(sass)
+    first = next((i for i, op in enumerate(body) if op.startswith("IDP")), len(body))
+    loads = [i for i, op in enumerate(body) if op.startswith("LDG")]
+    return f"{sum(i < first for i in loads)}/{len(loads)}"
 
 
 def main() -> None:
@@ -89,6 +117,12 @@ def main() -> None:
     ap.add_argument("--block-k", type=int, default=2048)
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--mma", action="store_true", help="the tensor-core kernels instead")
+    ap.add_argument("--paired", action="store_true", help="words_int8: PAIRED (affine)")
+    ap.add_argument("--prefetch", action="store_true", help="words_int8: PREFETCH")
+    ap.add_argument("--kspec", type=int, default=0, help="words_int8: KSPEC, this K")
+    ap.add_argument("--l2-ahead", type=int, default=0, help="words_int8: L2_AHEAD")
+    ap.add_argument("--pipeline", type=int, default=0, help="words_int8: PIPELINE (2, 3)")
+    ap.add_argument("--stream", action="store_true", help="words_int8: STREAM")
     a = ap.parse_args()
     if a.mma:
         mma_counts(a.block_n if a.block_n != 8 else 128)
@@ -97,13 +131,18 @@ def main() -> None:
     print(f"# triton {triton.__version__}, sm_90, {a.block_n} features x {a.block_k} codes, "
           f"{a.warps} warps: {weights:.0f} weights a thread a step")  # fmt: skip
     for enc in a.encodings.split(","):
+        opts = dict(PAIRED=a.paired and enc == "affine", PREFETCH=a.prefetch, KSPEC=a.kspec,
+                    L2_AHEAD=a.l2_ahead, PIPELINE=a.pipeline, STREAM=a.stream)  # fmt: skip
         for name, fn in (("words.py", words_kernel), ("words_int8.py", words_int8_kernel)):
-            sass, regs = compile_sass(fn, enc, a.block_n, a.block_k, a.warps)
+            sass, regs = compile_sass(fn, enc, a.block_n, a.block_k, a.warps, opts)
             ops = loop_ops(sass)
             n = sum(ops.values())
             top = ", ".join(f"{k} {v}" for k, v in ops.most_common(6))
+            early = (
+                f"  loads before the first dp4a {loads_up_front(sass)}" if "int8" in name else ""
+            )
             print(f"{enc:<10} {name:<14} {regs:4d} regs  loop {n:5d}  {n / weights:5.2f} a weight"
-                  f"  ({top})")  # fmt: skip
+                  f"  ({top}){early}")  # fmt: skip
 
 
 def mma_counts(bn: int) -> None:

@@ -82,12 +82,22 @@ INT8_MMA_ENCODINGS = {
     "symfull4-g64": Symmetric(bits=4, group_size=64, axis=-1, levels="full"),
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# weights only some checks build (no group iterates over them)
+EXTRA_ENCODINGS = {
+    "affine4-g64-bf16": Affine(bits=4, group_size=64, axis=-1, scale_dtype="bfloat16")
+}
 
 
 def weight(N: int, K: int, enc_name: str, seed: int):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(N, K, generator=g) * 0.5 + torch.randn(N, 1, generator=g) * 0.1
-    encs = {**ENCODINGS, **TILED_ENCODINGS, **MMA_ENCODINGS, **INT8_MMA_ENCODINGS}
+    encs = {
+        **ENCODINGS,
+        **TILED_ENCODINGS,
+        **MMA_ENCODINGS,
+        **INT8_MMA_ENCODINGS,
+        **EXTRA_ENCODINGS,
+    }
     q = Q.quantize(w, encs[enc_name], framework="pt")
     e = q.encoding
     parts = q.parts()
@@ -254,6 +264,22 @@ def tiled_cases(group: str):
                 out.append((N, K, 3, ename, dt, not bias, L.TiledConfig("words8", 0, 8, 32, 3)))
                 out.append((N, K, 1, ename, half, bias, L.TiledConfig("words8", 0, 16, 256, 0)))
                 out.append((N, K, 2, ename, half, bias, None))  # picked: int8_applies
+            elif group == "tiled-int8-variants" and ename in INT8_ENCODINGS:
+                # words_int8.py's PREFETCH, KSPEC, PIPELINE (the interpreter's plain loop) and
+                # L2_AHEAD (skipped there) on every encoding, PAIRED on affine: several steps and
+                # a ragged last one, split K (a slice of one step), 1-4 rows
+                K = {200: 208, 64: 64, 136: 144}[K]
+                half = torch.float16 if i % 2 else torch.bfloat16
+                pf = L.TiledConfig("words8", 0, 4, 64, 1, prefetch=True)
+                ks = L.TiledConfig("words8", 0, 4, 64, 1, kspec=True, pipeline=2, stream=True)
+                both = L.TiledConfig("words8", 0, 8, 32, 3, prefetch=True, kspec=True, l2_ahead=1)
+                out.append((N, K, {37: 3, 16: 4, 24: 1}[N], ename, half, bias, pf))
+                out.append((N, K, {37: 1, 16: 2, 24: 4}[N], ename, half, not bias, ks))
+                out.append((N, K, 2, ename, half, not bias, both))
+                if ename.startswith("affine"):
+                    plain = L.TiledConfig("words8", 0, 4, 64, 1)
+                    for M, cfg in ((1, None), (3, plain), (4, both)):
+                        out.append((N, K, M, ename, half, bias, ("paired", cfg)))
             elif group == "tiled-dot":
                 for M in (16, 33):
                     out.append((N, K, M, ename, dt, bias, L.TiledConfig("dot", 16, 16, 64, 1)))
@@ -323,6 +349,13 @@ def run_case(label, N, K, M, ename, dt, has_bias, cfg, failures):
     if isinstance(cfg, L.MmaConfig):
         c, s, m = (args[k] for k in ("codes", "scales", "mins"))
         got = L.mma_linear(x, c, s, m, bias, N, K, args["encoding"], args["group_size"], cfg)
+    elif isinstance(cfg, tuple):  # ("paired", config): the scales and mins interleaved
+        c, s, m = (args[k] for k in ("codes", "scales", "mins"))
+        e, b, gs = args["encoding"], args["bits"], args["group_size"]
+        pairs = L.paired_scales(s, m)
+        # NaN where the kernel must not read: it takes scales and mins from the pairs alone
+        s, m = torch.full_like(s, float("nan")), torch.full_like(m, float("nan"))
+        got = L.tiled_linear(x, c, s, m, bias, N, K, e, b, gs, config=cfg[1], pairs=pairs)
     elif isinstance(cfg, L.TiledConfig) or (cfg is None and label.startswith("tiled-int8")):
         c, s, m = (args[k] for k in ("codes", "scales", "mins"))
         e, b, gs = args["encoding"], args["bits"], args["group_size"]
@@ -364,6 +397,8 @@ def run_mma_int8(x, args, bias, N, K, cfg):
 
 def uses_int8(cfg, x, args, N, K) -> bool:
     """Whether the case ran ``words_int8.py`` (named, or picked from the shape)."""
+    if isinstance(cfg, tuple):  # paired: only the int8 kernel reads the pairs
+        return True
     if isinstance(cfg, L.TiledConfig):
         return cfg.kernel == "words8"
     if cfg is not None:
@@ -394,6 +429,32 @@ def check_locks_reset(failures):
     check("locks", a, x, dense, None, failures)
 
 
+def check_paired_routed(failures):
+    """``launch.PAIRED_SCALES``, ``INT8_PREFETCH`` and ``INT8_KSPEC`` on, through the op's CUDA
+    entry point: the plan holds the pairs, the int8 kernel's result, and an in-place change of
+    the mins (as ``load_state_dict`` makes) is seen by the next call, not read from a stale
+    copy."""
+    N, K = 24, 144
+    args, dense = weight(N, K, "affine4-g32", seed=11)
+    x = torch.randn(1, 1, K, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    saved = L.PAIRED_SCALES, L.INT8_PREFETCH, L.INT8_KSPEC
+    L.PAIRED_SCALES = L.INT8_PREFETCH = L.INT8_KSPEC = True
+    L.int8_config.cache_clear()
+    try:
+        for step in ("first", "mins changed in place"):
+            got = lin.linear_cuda(x, bias=None, shape=[N, K], **args)[0]
+            plan = args["codes"]._qt_cuda_plan
+            if plan.pairs is None:
+                failures.append(f"paired routed ({step}): the plan holds no pairs")
+            check_int8(f"paired routed ({step})", got, x[0], args, dense, None, failures)
+            args["mins"].add_(0.25)  # in place: the plan's pairs must follow
+            c, s, m = (args[k] for k in ("codes", "scales", "mins"))
+            dense = dequantize(c, s, m, [N, K], "affine", 4, 32, 1, torch.float32)
+    finally:
+        L.PAIRED_SCALES, L.INT8_PREFETCH, L.INT8_KSPEC = saved
+        L.int8_config.cache_clear()
+
+
 def check_fallback(failures):
     """A 3-bit weight is not fused: decoded, then F.linear, through the same entry point."""
     w = torch.randn(10, 24)
@@ -416,6 +477,14 @@ def main(group: str) -> None:
         except Exception as exc:  # report every failing case, not just the first
             failures.append(f"{case[0]}: {type(exc).__name__}: {exc}"[:400])
         n += 1
+    if group == "tiled-int8-variants":
+        check_paired_routed(failures)
+        # bfloat16 scales and mins: the pairs' halves read as bfloat16
+        both = L.TiledConfig("words8", 0, 8, 64, 2, prefetch=True, kspec=True)
+        for M, cfg in ((1, None), (3, both)):
+            case = ("tiled-int8-variants bf16 scales", 37, 320, M, "affine4-g64-bf16")
+            run_case(*case, torch.bfloat16, M == 1, ("paired", cfg), failures)
+        n += 3
     if group == "dispatch":
         check_locks_reset(failures)
         check_fallback(failures)

@@ -41,6 +41,7 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
         "tiled-fma",
         "tiled-words",
         "tiled-int8",
+        "tiled-int8-variants",
         "tiled-dot",
         "tiled-dispatch",
         "mma",
@@ -199,6 +200,63 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
     with pytest.raises(ValueError, match="word pairs"):  # one word a step: 8 codes
         words = L.TiledConfig("words", 0, 4, 8)
         L._tiled_plan(1, 64, 128, "affine", 4, 64, torch.float16, False, -1, words, True)
+
+
+def test_int8_variant_switches(monkeypatch):
+    """``words_int8.py``'s options as the launch configuration carries them: off by default,
+    each switch, ``INT8_TABLE`` first, what the plan refuses, the constexprs it passes; the
+    interleaved scales and the plan that holds them (kernels: group ``tiled-int8-variants``)."""
+    pytest.importorskip("triton")
+    from qtensors.torch import linear as lin
+    from qtensors.torch.kernels import launch as L
+
+    def config(M=1, N=4096, K=4096, bits=4):
+        L.int8_config.cache_clear()
+        return L.int8_config(M, N, K, -1, bits)
+
+    off = config()
+    assert (off.prefetch, off.kspec, off.l2_ahead, off.pipeline) == (False, False, 0, 0)
+    monkeypatch.setattr(L, "INT8_PREFETCH", True)
+    monkeypatch.setattr(L, "INT8_KSPEC", True)
+    assert config().prefetch and config().kspec
+    assert not config(bits=8).prefetch  # two units a lane: too many registers
+    monkeypatch.setattr(L, "INT8_PIPELINE", 2)
+    assert config().pipeline == 2 and not config().prefetch  # prefetch yields to it
+    table = L.TiledConfig("words8", 0, 8, 1024, 0, 2, 2, kspec=True)
+    monkeypatch.setitem(L.INT8_TABLE, (1, 4096, 4096), table)
+    assert config() is table and config(M=2) is not table and config(N=2048) is not table
+    L.int8_config.cache_clear()
+
+    def plan(cfg, enc="affine", paired=False, K=128):
+        return L._tiled_plan(1, 64, K, enc, 4, 64, torch.float16, False, -1, cfg, True, paired)
+
+    meta = plan(L.TiledConfig("words8", 0, 4, 64, kspec=True, l2_ahead=1, pipeline=3), K=192)[4]
+    assert (meta["KSPEC"], meta["L2_AHEAD"], meta["PIPELINE"], meta["PAIRED"]) == (192, 1, 3, False)
+    assert plan(L.TiledConfig("words8", 0, 4, 64, prefetch=True), paired=True)[4]["PAIRED"]
+    with pytest.raises(ValueError, match="int8 words kernel's"):
+        plan(L.TiledConfig("words", 0, 4, 64, prefetch=True))
+    with pytest.raises(ValueError, match="2 or 3 stages"):
+        plan(L.TiledConfig("words8", 0, 4, 64, pipeline=4))
+    with pytest.raises(ValueError, match="without prefetch"):
+        plan(L.TiledConfig("words8", 0, 4, 64, pipeline=2, prefetch=True))
+    with pytest.raises(ValueError, match="for affine codes"):
+        plan(L.TiledConfig("words8", 0, 4, 64), "symmetric", paired=True)
+
+    s = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float16)
+    m = -s
+    assert L.paired_scales(s, m).tolist() == [1.0, -1.0, 2.0, -2.0, 3.0, -3.0, 4.0, -4.0]
+    with pytest.raises(ValueError, match="fp16 / bf16"):
+        L.paired_scales(s.float(), m.float())
+    codes = torch.zeros(2 * 128 // 2, dtype=torch.uint8)
+    args = ([2, 128], "affine", 4, 64, 1)
+    assert lin._CudaPlan(codes, s, m, *args).pairs is None  # PAIRED_SCALES off
+    monkeypatch.setattr(L, "PAIRED_SCALES", True)
+    p = lin._CudaPlan(codes, s, m, *args)
+    assert torch.equal(p.pairs, L.paired_scales(s, m))
+    assert lin._CudaPlan(codes, s, None, [2, 128], "symmetric", 4, 64, 1).pairs is None
+    with torch.inference_mode():  # no version counter to see a change by: not paired
+        si, mi = s.clone(), m.clone()
+    assert lin._CudaPlan(codes, si, mi, *args).pairs is None
 
 
 def test_int8_mma_switch(monkeypatch):

@@ -331,10 +331,12 @@ class _CudaPlan:
         "codes",
         "meta",
         "mins",
+        "pairs",
         "replays",
         "scales",
         "shape",
         "sources",
+        "versions",
         "words",
     )
 
@@ -362,6 +364,16 @@ class _CudaPlan:
             self.words = c.view(torch.int64 if wide else torch.int32)
         else:
             self.words = c
+        # launch.PAIRED_SCALES: an affine weight's scales and mins interleaved, a copy (rebuilt
+        # when either changes in place: their versions are checked on every call)
+        self.pairs = self.versions = None
+        pair = _launch is not None and _launch.PAIRED_SCALES and encoding == "affine"
+        if pair and mins is not None and scales.dtype in (torch.float16, torch.bfloat16):
+            # inference tensors keep no version: not paired (a change would go unseen)
+            tracked = not (scales.is_inference() or mins.is_inference())
+            if tracked and mins.dtype == scales.dtype and scales.numel() == mins.numel():
+                self.pairs = _launch.paired_scales(self.scales, self.mins)
+                self.versions = (scales._version, mins._version)
 
 
 def _cuda_weight(codes, scales, mins, shape, encoding, bits, group_size, axis) -> _CudaPlan:
@@ -369,7 +381,13 @@ def _cuda_weight(codes, scales, mins, shape, encoding, bits, group_size, axis) -
     flat views the plan holds) and the same scalars."""
     p = getattr(codes, "_qt_cuda_plan", None)
     args = (tuple(shape), encoding, bits, group_size, axis)
-    if p is None or p.args != args or p.sources[0] is not scales or p.sources[1] is not mins:
+    if (
+        p is None
+        or p.args != args
+        or p.sources[0] is not scales
+        or p.sources[1] is not mins
+        or (p.versions is not None and p.versions != (scales._version, mins._version))
+    ):
         p = _CudaPlan(codes, scales, mins, shape, encoding, bits, group_size, axis)
         codes._qt_cuda_plan = p
     return p
@@ -466,7 +484,8 @@ def _linear_cuda(p, x, codes, scales, mins, bias, shape, encoding, bits, group_s
     if path == "mma":
         out = L.mma_linear(x2, p.codes, p.scales, p.mins, bias, N, K, encoding, group_size)
     elif path == "tiled":
-        out = L.tiled_linear(x2, p.words, p.scales, p.mins, bias, N, K, encoding, bits, group_size)
+        out = L.tiled_linear(x2, p.words, p.scales, p.mins, bias, N, K, encoding, bits, group_size,
+                             pairs=p.pairs)  # fmt: skip
     else:
         out = L.fused_linear(
             x2, p.codes, p.scales, p.mins, bias, N, K, encoding, bits, group_size, a

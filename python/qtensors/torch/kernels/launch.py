@@ -16,6 +16,7 @@ decoded and multiplied by the caller.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -122,7 +123,14 @@ class TiledConfig:
     entry sending this shape to decode + cuBLAS, where that measured faster); rows of ``x`` per
     program (``block_m``, 0: the batch rounded up to a power of two; "dot" needs >= 16),
     output features and columns per step, K-slices (0: as many as fill the GPU), warps,
-    software-pipelining stages, registers a thread at most (0: the compiler's choice)."""
+    software-pipelining stages, registers a thread at most (0: the compiler's choice);
+    ``prefetch`` ("words8" only): the next step's codes and scales are loaded before this
+    step's are multiplied (``words_int8.py``'s ``PREFETCH``); ``kspec`` ("words8" only): the
+    kernel compiled for this K (``KSPEC``: immediate-offset loads); ``l2_ahead`` ("words8"
+    only): the codes this many steps on prefetched into L2 (``L2_AHEAD``); ``pipeline``
+    ("words8" only, 2 or 3; not with ``prefetch``): Triton's pipeliner on the K loop
+    (``PIPELINE``: cp.async into shared memory); ``stream`` ("words8" only): the codes read
+    past L1 (``STREAM``)."""
 
     kernel: str = "fma"
     block_m: int = 0
@@ -132,6 +140,11 @@ class TiledConfig:
     num_warps: int = 4
     num_stages: int = 2
     maxnreg: int = 0
+    prefetch: bool = False
+    kspec: bool = False
+    l2_ahead: int = 0
+    pipeline: int = 0
+    stream: bool = False
 
 
 @dataclass(frozen=True)
@@ -171,12 +184,62 @@ WORDS_INT8_NARROW = TiledConfig(
 )
 
 
+#: the routed int8 configurations load the next step's codes and scales while this step's are
+#: multiplied (``TiledConfig.prefetch``): more bytes in flight per thread at the same occupancy
+#: (sm_90 SASS: in the step's second half, not at its top; ``benches/probe_words.py
+#: --int8-variants`` times it). After changing it, call ``int8_config.cache_clear()``.
+INT8_PREFETCH = False
+#: the routed int8 configurations compile the kernel per row length K (``TiledConfig.kspec``,
+#: ``words_int8.py``'s ``KSPEC``): every feature's codes and scales an immediate offset from
+#: one address: sm_90 SASS, 6-14% fewer instructions a step (affine 334 -> 300 at 8 features,
+#: symmetric 307 -> 264; 278 with paired scales), one compile per distinct K of a model. After
+#: changing it, call ``int8_config.cache_clear()``.
+INT8_KSPEC = False
+#: the routed int8 configurations' K loop through Triton's pipeliner with this many stages
+#: (``TiledConfig.pipeline``, 2 or 3; 0: the plain loop): the next steps' loads copied into
+#: shared memory (cp.async) during a step, no registers waiting for them; ``INT8_PREFETCH``
+#: yields to it. After changing it, call ``int8_config.cache_clear()``.
+INT8_PIPELINE = 0
+#: affine weights keep their scales and mins interleaved (``[scale, min]`` a group, one 32-bit
+#: load a feature in ``words_int8.py``: ``PAIRED``) in their CUDA plan (``linear._CudaPlan``),
+#: a copy beside the module's own: + the size of scales and mins (int4 g64 with fp16 scales: 4
+#: bytes a 64-weight group, +11% of the packed weight). sm_90 SASS at 8 features: 323 against
+#: 334 instructions a step, 56 registers against 64. Off until measured on the H200.
+PAIRED_SCALES = False
+
+
+#: the int8 kernel's configuration per (batch bucket, N, K) where ``benches/probe_words.py
+#: --int8-variants`` found one faster than the routed default (used as is: the switches above
+#: do not apply to it). After changing it, call ``int8_config.cache_clear()``.
+INT8_TABLE: dict[tuple[int, int, int], TiledConfig] = {}
+
+
 @functools.lru_cache(maxsize=4096)
-def int8_config(M: int, N: int, K: int, cuda_index: int = -1) -> TiledConfig:
-    """The int8 kernel's launch configuration for ``M`` rows on device ``cuda_index``."""
+def int8_config(M: int, N: int, K: int, cuda_index: int = -1, bits: int = 4) -> TiledConfig:
+    """The int8 kernel's launch configuration for ``M`` rows of ``bits``-bit codes on device
+    ``cuda_index``: ``INT8_TABLE``'s, else the default with the switches applied."""
+    bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
+    if (bucket, N, K) in INT8_TABLE:
+        return INT8_TABLE[bucket, N, K]
     if M == 1 and -(-N // 8) < 4 * _sm_count(cuda_index):
-        return WORDS_INT8_NARROW
-    return WORDS_INT8_DEFAULT
+        cfg = WORDS_INT8_NARROW
+    else:
+        cfg = WORDS_INT8_DEFAULT
+    # 8-bit codes are two units a lane and feature: prefetched, 148 registers (sm_90)
+    prefetch = INT8_PREFETCH and bits == 4 and not INT8_PIPELINE
+    return dataclasses.replace(cfg, prefetch=prefetch, kspec=INT8_KSPEC, pipeline=INT8_PIPELINE)
+
+
+def paired_scales(scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """Affine scales and mins interleaved, ``[scale_0, min_0, scale_1, min_1, ...]`` (flat), as
+    ``words_int8.py`` reads them with ``PAIRED`` (a 32-bit word a group: fp16 / bf16 only)."""
+    two_bytes = scales.dtype in (torch.float16, torch.bfloat16)
+    if scales.shape != mins.shape or scales.dtype != mins.dtype or not two_bytes:
+        raise ValueError(
+            f"fp16 / bf16 scales and mins of one shape and dtype to pair: {scales.shape}"
+            f" {scales.dtype}, {mins.shape} {mins.dtype}"
+        )
+    return torch.stack((scales.reshape(-1), mins.reshape(-1)), dim=1).reshape(-1)
 
 
 #: the batch buckets of ``TILED_TABLE`` (a batch uses the first bucket >= it)
@@ -584,9 +647,10 @@ def _tiled_plan(
     cuda_index: int,
     config: TiledConfig | None,
     allow_split: bool,
+    paired: bool = False,
 ):
     """(kernel, grid, split, k_split, constexprs and options, their hashable key) of one tiled
-    launch."""
+    launch; ``paired``: the int8 kernel reads interleaved affine scales and mins."""
     cfg = config or tiled_config(M, N, K, bits, g)
     if cfg.kernel not in ("fma", "dot", "words", "words8"):
         raise ValueError(f"{cfg.kernel!r} is not a tiled kernel (see route())")
@@ -622,8 +686,22 @@ def _tiled_plan(
     )
     if not fma:
         meta["IEEE"] = x_dtype == torch.float32 or (cuda_index < 0 and x_dtype == torch.bfloat16)
+    options = (cfg.prefetch, cfg.kspec, cfg.l2_ahead, cfg.pipeline, cfg.stream)
+    if any(options) and cfg.kernel != "words8":
+        raise ValueError(f"prefetch / kspec / l2_ahead / pipeline / stream are the int8 words"
+                         f" kernel's, not {cfg}")  # fmt: skip
+    if cfg.pipeline and (cfg.prefetch or cfg.pipeline not in (2, 3)):
+        raise ValueError(f"pipeline is 2 or 3 stages, without prefetch: {cfg}")
+    if paired and (cfg.kernel != "words8" or encoding != "affine"):
+        raise ValueError(f"paired scales are the int8 words kernel's, for affine codes: {cfg}")
     if cfg.kernel == "words8":
         meta["EMULATE"] = cuda_index < 0  # the interpreter runs no inline assembly
+        meta["PAIRED"] = paired
+        meta["PREFETCH"] = cfg.prefetch
+        meta["KSPEC"] = K if cfg.kspec else 0
+        meta["L2_AHEAD"] = cfg.l2_ahead
+        meta["PIPELINE"] = cfg.pipeline
+        meta["STREAM"] = cfg.stream
     if cuda_index >= 0:
         # FMAs explicitly: the decode's ``f * s2 + off`` and the accumulation are one each
         # (Triton's default for fusion is changing)
@@ -647,12 +725,15 @@ def tiled_linear(
     bits: int,
     group_size: int,
     config: TiledConfig | None = None,
+    pairs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x2 @ W^T + bias`` with ``tiled.py`` for a weight ``tiled_supported()`` (arguments as
     ``fused_linear``; ``codes``: bytes starting on a 4-byte boundary, see ``words_aligned``, or
     their int32 / int64 view). MXFP4 / NVFP4 scales are passed as stored (NVFP4's tensor scale
     in ``mins``). Without a ``config``, rows ``int8_applies`` takes run ``words_int8.py`` where
-    the codes start on an 8-byte boundary."""
+    the codes start on an 8-byte boundary. ``pairs``: an affine weight's ``paired_scales``,
+    which ``words_int8.py`` reads instead of ``scales`` and ``mins`` (the other kernels ignore
+    it)."""
     M = x2.shape[0]
     out, done, cuda_index, locks = _begin(x2, N, K, bias)
     if done:
@@ -662,7 +743,12 @@ def tiled_linear(
         and int8_applies(M, K, encoding, bits, group_size, x2.dtype)
         and (codes.dtype == torch.int64 or units_aligned(codes))
     ):
-        config = int8_config(M, N, K, cuda_index)
+        config = int8_config(M, N, K, cuda_index, bits)
+    paired = (
+        pairs is not None
+        and encoding == "affine"
+        and (config or tiled_config(M, N, K, bits, group_size)).kernel == "words8"
+    )
     kernel, grid, split, k_split, meta, meta_key = _tiled_plan(
         M,
         N,
@@ -675,7 +761,12 @@ def tiled_linear(
         cuda_index,
         config,
         locks is not None,
+        paired,
     )
+    if paired:
+        if pairs.numel() != 2 * scales.numel() or pairs.dtype != scales.dtype:
+            raise ValueError(f"pairs are not these scales' ({pairs.numel()}, {pairs.dtype})")
+        scales = pairs
     levels = _levels(x2.device) if encoding == "nf4" else scales
     if scales.dtype == torch.float8_e4m3fn:
         scales = scales.view(torch.uint8)

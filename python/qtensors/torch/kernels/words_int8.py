@@ -35,6 +35,47 @@ finishes.
 
 ``EMULATE`` (the interpreter, which runs no inline assembly) computes ``dp4a`` with shifts and
 multiplies: the same integers.
+
+Options (constexprs, all off by default; ``benches/probe_words.py --int8-variants`` times
+them): ``PAIRED``, affine scales and mins interleaved (``launch.paired_scales``) and read with
+one 32-bit load a feature instead of two 16-bit ones; ``PREFETCH``, the next step's codes and
+scales loaded before this step's are multiplied, so a thread keeps loads in flight through its
+arithmetic (more bytes in flight per SM at the same occupancy: the long-K shapes, where few
+programs share an SM); ``KSPEC``, the kernel compiled for one row length K (a compile per
+distinct K of a model), so a feature's codes and scales are an immediate offset from the
+first feature's address instead of a 64-bit address computed per feature and step;
+``L2_AHEAD``, the codes that many steps on prefetched into L2 (``prefetch.global.L2`` a feature,
+at units clamped into the slice; not in the interpreter, where it would change nothing but
+time): latency hidden without registers held, at a 64-bit address a feature (ptxas folds no
+immediate into the prefetch).
+
+sm_90 SASS of a step (int4 g64, 2048 codes, 4 warps; Triton 3.6;
+``benches/results/sass_int8_variants_triton36.txt``), instructions / registers:
+
+=========================  ==============  ==============  ==============  ==============
+options                    affine, 8 feat  symm., 8 feat   affine, 4 feat  symm., 4 feat
+=========================  ==============  ==============  ==============  ==============
+none (routed)              334 / 64        307 / 56        222 / 48        207 / 40
+PAIRED                     323 / 56        (as none)       214 / 40        (as none)
+KSPEC                      300 / 64        264 / 56        208 / 47        188 / 40
+KSPEC, PAIRED              278 / 56        (as KSPEC)      195 / 40        (as KSPEC)
+PREFETCH, KSPEC, PAIRED    287 / 56        274 / 55        210 / 40        196 / 40
+L2_AHEAD 1, KSPEC, PAIRED  333 / 61        319 / 63        223 / 48        215 / 47
+=========================  ==============  ==============  ==============  ==============
+
+With ``PREFETCH`` ptxas issues the next step's loads late in the step (after most of its
+``dp4a``) at these register counts, not at its top: ``maxnreg`` moves them up.
+
+``STREAM``: the codes loaded ``.cg`` (L2 only), so the stream of codes does not evict the
+activations from L1, which every step of every program on the SM reads first.
+
+``PIPELINE`` (2 or 3; not with ``PREFETCH``): Triton's software pipeliner on the K loop, which
+copies the next ``PIPELINE - 1`` steps' codes, scales and activations into shared memory with
+``cp.async`` (LDGSTS) while a step is multiplied, no registers waiting for them: KSPEC and PAIRED
+at 8 features, 296 instructions and 48 registers at 2 (16 KB of shared memory a program), 314
+and 40 at 3 (32 KB: 7 programs an SM, fewer than 8192 x 8192's 1024 tiles need for one wave).
+The interpreter runs it as the plain loop: only the GPU checks (``benches/probe_words.py``) see
+the pipelined code.
 """
 
 from __future__ import annotations
@@ -242,6 +283,92 @@ def _row(wa, wb, x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, s, m, acc,
     return acc
 
 
+@triton.jit
+def _l2_prefetch(ptrs):
+    """``prefetch.global.L2`` of each address: the line comes into L2 from HBM without a
+    register waiting for it."""
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1]; mov.b32 $0, 0;",
+        "=r,l",
+        [ptrs.to(tl.int64)],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
+def _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, full, k0, k_hi, row_units, G,
+             ENC: tl.constexpr, SFMT: tl.constexpr, PU: tl.constexpr, KU: tl.constexpr,
+             GS: tl.constexpr, PAIRED: tl.constexpr, KSPEC: tl.constexpr,
+             L2_AHEAD: tl.constexpr, STREAM: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
+    """The step at ``k0``'s codes (int64 units, ``[KU, BLOCK_N]``), fp32 scales and mins (a
+    stand-in where the encoding has none), zeros past ``k_hi`` and ``N``.
+
+    Masked loads, although clamped indices would need no masks (a unit past the slice has its x
+    masked to 0): with the masks ptxas issues every load of the step before the first use (64
+    registers); without them it spreads them out at 40 registers, and the kernel ran 10-45%
+    slower on the H200."""
+    unit = k0 // PU + tl.arange(0, KU)
+    wmask = rmask[None, :] & (unit < k_hi // PU)[:, None]
+    # KSPEC (the row length K a constexpr): the tile's first row as a scalar 64-bit offset and
+    # each feature's a constant multiple of the row length on top, so every feature's load is
+    # an immediate offset from one address (the 64-bit sums per feature and step are gone)
+    grp = unit * PU // GS  # a unit lies in one group (GS >= PU): one scale a feature
+    if KSPEC:
+        f = tl.arange(0, rows.shape[0]).to(tl.int64)
+        u_rows = units_ptr + row0 * row_units + f[None, :] * row_units
+        u_ptrs = u_rows + unit.to(tl.int64)[:, None]
+        sidx = row0 * G + f[None, :] * G + grp.to(tl.int64)[:, None]
+    else:
+        u_rows = units_ptr + rows[None, :] * row_units
+        u_ptrs = u_rows + unit[:, None]
+        sidx = rows[None, :] * G + grp[:, None]
+    if L2_AHEAD and not EMULATE:
+        # the codes L2_AHEAD steps on into L2, at units clamped to the slice's last (in bounds
+        # without a mask); a tile past N (the last) prefetches nothing
+        if full:
+            ahead = tl.minimum(unit + L2_AHEAD * KU, k_hi // PU - 1)
+            _l2_prefetch(u_rows + ahead.to(tl.int64)[:, None])
+    if STREAM:  # read once: past L1, which keeps the activations every step reads
+        u = tl.load(u_ptrs, mask=wmask, other=0, cache_modifier=".cg")
+    else:
+        u = tl.load(u_ptrs, mask=wmask, other=0)
+    if PAIRED:
+        # affine: [scale, min] side by side, one 32-bit load a feature (launch.paired_scales)
+        ty = scales_ptr.dtype.element_ty
+        pair = tl.load(scales_ptr.to(tl.pointer_type(tl.int32)) + sidx, mask=wmask, other=0)
+        s = pair.to(tl.int16).to(ty, bitcast=True).to(tl.float32)  # the low half (truncation)
+        m = (pair >> 16).to(tl.int16).to(ty, bitcast=True).to(tl.float32)
+    else:
+        s = group_scale(scales_ptr, sidx, wmask, mins_ptr, SFMT)  # NVFP4: mins the tensor scale
+        if ENC == 0:
+            m = tl.load(mins_ptr + sidx, mask=wmask, other=0.0).to(tl.float32)
+        else:
+            m = s  # symmetric, NF4, FP4: no min (a stand-in _row ignores)
+    return u, s, m
+
+
+@triton.jit
+def _step(u, s, m, x_ptr, k0, k_hi, M, stride_xm, acc0, acc1, acc2, acc3, ENC: tl.constexpr,
+          BITS: tl.constexpr, PU: tl.constexpr, KU: tl.constexpr, BLOCK_M: tl.constexpr,
+          EMULATE: tl.constexpr):  # fmt: skip
+    """The accumulators plus the step at ``k0``: its codes ``u``, scales ``s`` and mins ``m``
+    against each row's activations."""
+    wa = u.to(tl.int32)  # the low word (truncation)
+    wb = (u >> 32).to(tl.int32)
+    unit = k0 // PU + tl.arange(0, KU)
+    xcol = unit[:, None] * PU + tl.arange(0, 8)[None, :]
+    xmask = (unit < k_hi // PU)[:, None]
+    acc0 = _row(wa, wb, x_ptr, 0, M, stride_xm, xcol, xmask, s, m, acc0, ENC, BITS, EMULATE)
+    if BLOCK_M > 1:
+        acc1 = _row(wa, wb, x_ptr, 1, M, stride_xm, xcol, xmask, s, m, acc1, ENC, BITS, EMULATE)
+    if BLOCK_M > 2:
+        acc2 = _row(wa, wb, x_ptr, 2, M, stride_xm, xcol, xmask, s, m, acc2, ENC, BITS, EMULATE)
+        acc3 = _row(wa, wb, x_ptr, 3, M, stride_xm, xcol, xmask, s, m, acc3, ENC, BITS, EMULATE)
+    return acc0, acc1, acc2, acc3
+
+
 @triton.jit(do_not_specialize=["M"])
 def words_int8_kernel(
     x_ptr,
@@ -271,6 +398,12 @@ def words_int8_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     EMULATE: tl.constexpr,
+    PAIRED: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,
+    KSPEC: tl.constexpr = 0,
+    L2_AHEAD: tl.constexpr = 0,
+    PIPELINE: tl.constexpr = 0,
+    STREAM: tl.constexpr = False,
 ):
     PU: tl.constexpr = 64 // BITS  # codes per int64 unit
     KU: tl.constexpr = BLOCK_K // PU  # units per row and step
@@ -283,36 +416,36 @@ def words_int8_kernel(
     acc3 = tl.zeros((KU, BLOCK_N), tl.float32)
     k_lo = pid_k * k_split
     k_hi = tl.minimum(K, k_lo + k_split)
-    lane = tl.arange(0, 8)
     rmask = rows < N
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        unit = k0 // PU + tl.arange(0, KU)
-        inside = unit < k_hi // PU
-        # Masked loads, although clamped indices would need no masks (a unit past the slice has
-        # its x masked to 0): with the masks ptxas issues every load of the step before the
-        # first use (64 registers); without them it spreads them out at 40 registers, and the
-        # kernel ran 10-45% slower on the H200
-        wmask = rmask[None, :] & inside[:, None]
-        u = tl.load(units_ptr + rows[None, :] * row_units + unit[:, None], mask=wmask, other=0)
-        wa = u.to(tl.int32)  # the low word (truncation)
-        wb = (u >> 32).to(tl.int32)
-        xcol = unit[:, None] * PU + lane[None, :]
-        xmask = inside[:, None]
-        # a unit lies in one group (GS >= PU): its lanes' features read one scale each
-        sidx = rows[None, :] * G + (unit * PU // GS)[:, None]
-        s = group_scale(scales_ptr, sidx, wmask, mins_ptr, SFMT)  # NVFP4: mins the tensor scale
-        if ENC == 0:
-            m = tl.load(mins_ptr + sidx, mask=wmask, other=0.0).to(tl.float32)
-        else:
-            m = s  # symmetric, NF4, FP4: no min (a stand-in _row ignores)
-        acc0 = _row(wa, wb, x_ptr, 0, M, stride_xm, xcol, xmask, s, m, acc0, ENC, BITS, EMULATE)
-        if BLOCK_M > 1:
-            acc1 = _row(wa, wb, x_ptr, 1, M, stride_xm, xcol, xmask, s, m, acc1, ENC, BITS,
-                        EMULATE)  # fmt: skip
-        if BLOCK_M > 2:
-            acc2 = _row(wa, wb, x_ptr, 2, M, stride_xm, xcol, xmask, s, m, acc2, ENC, BITS,
-                        EMULATE)  # fmt: skip
-            acc3 = _row(wa, wb, x_ptr, 3, M, stride_xm, xcol, xmask, s, m, acc3, ENC, BITS,
-                        EMULATE)  # fmt: skip
+    row0 = pid_n.to(tl.int64) * BLOCK_N
+    full = (pid_n + 1) * BLOCK_N <= N  # every feature of the tile in range
+    if KSPEC:  # the row lengths as constants: see _weights
+        row_units = KSPEC * BITS // 64
+        G = (KSPEC + GS - 1) // GS
+    if PREFETCH:
+        u, s, m = _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, full, k_lo, k_hi,
+                           row_units, G, ENC, SFMT, PU, KU, GS, PAIRED, KSPEC, L2_AHEAD, STREAM,
+                           EMULATE)  # fmt: skip
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            # the next step's codes and scales in flight while this step's are multiplied (past
+            # the slice: masked off)
+            u_next, s_next, m_next = _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask,
+                                              full, k0 + BLOCK_K, k_hi, row_units, G, ENC, SFMT, PU,
+                                              KU, GS, PAIRED, KSPEC, L2_AHEAD, STREAM,
+                                              EMULATE)  # fmt: skip
+            acc0, acc1, acc2, acc3 = _step(u, s, m, x_ptr, k0, k_hi, M, stride_xm, acc0, acc1,
+                                           acc2, acc3, ENC, BITS, PU, KU, BLOCK_M,
+                                           EMULATE)  # fmt: skip
+            u, s, m = u_next, s_next, m_next
+    else:
+        # PIPELINE: Triton's pipeliner, the loads of the next PIPELINE - 1 steps copied into
+        # shared memory (cp.async) while this step's are multiplied, no registers held for them
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=PIPELINE if PIPELINE else None):
+            u, s, m = _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, full, k0, k_hi,
+                               row_units, G, ENC, SFMT, PU, KU, GS, PAIRED, KSPEC, L2_AHEAD, STREAM,
+                               EMULATE)  # fmt: skip
+            acc0, acc1, acc2, acc3 = _step(u, s, m, x_ptr, k0, k_hi, M, stride_xm, acc0, acc1,
+                                           acc2, acc3, ENC, BITS, PU, KU, BLOCK_M,
+                                           EMULATE)  # fmt: skip
     store_rows(acc0, acc1, acc2, acc3, rows, M, N, out_ptr, stride_om, bias_ptr, ws_ptr,
                lock_ptr, pid_n, pid_k, BLOCK_M, HAS_BIAS, SPLIT_K)  # fmt: skip
