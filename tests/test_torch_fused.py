@@ -203,8 +203,8 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
 
 
 def test_int8_variant_switches(monkeypatch):
-    """``words_int8.py``'s options as the launch configuration carries them: off by default,
-    each switch, ``INT8_TABLE`` first, what the plan refuses, the constexprs it passes; the
+    """``words_int8.py``'s options as the launch configuration carries them: per-K kernels by
+    default and nothing else, each switch, ``INT8_TABLE`` first, what the plan refuses, the constexprs it passes; the
     interleaved scales and the plan that holds them (kernels: group ``tiled-int8-variants``)."""
     pytest.importorskip("triton")
     from qtensors.torch import linear as lin
@@ -214,6 +214,9 @@ def test_int8_variant_switches(monkeypatch):
         L.int8_config.cache_clear()
         return L.int8_config(M, N, K, -1, bits)
 
+    routed = config()  # the default: per-K kernels, nothing else
+    assert (routed.prefetch, routed.kspec, routed.l2_ahead, routed.pipeline) == (False, True, 0, 0)
+    monkeypatch.setattr(L, "INT8_KSPEC", False)
     off = config()
     assert (off.prefetch, off.kspec, off.l2_ahead, off.pipeline) == (False, False, 0, 0)
     monkeypatch.setattr(L, "INT8_PREFETCH", True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 
@@ -101,19 +100,3 @@ def test_stored_value_is_tritons_own(monkeypatch, tmp_path):
 def test_fingerprint_is_a_stat_of_the_installation():
     a = startup.fingerprint()
     assert a == startup.fingerprint() and len(a) == 64
-
-
-def test_preimport_in_background(monkeypatch, tmp_path):
-    (tmp_path / "qt_preimport_probe.py").write_text("VALUE = 7\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "qt_preimport_probe", raising=False)
-    monkeypatch.setattr(startup, "FIRST_RUN_IMPORTS", ("qt_preimport_probe", "qt_no_such_module"))
-    monkeypatch.setenv("QTENSORS_PREIMPORT", "0")
-    assert startup.preimport_in_background() is None  # turned off
-    monkeypatch.delenv("QTENSORS_PREIMPORT")
-    t = startup.preimport_in_background()
-    assert t is not None and t.daemon
-    t.join(30)
-    assert sys.modules["qt_preimport_probe"].VALUE == 7  # imported; the missing one ignored
-    monkeypatch.setattr(startup, "FIRST_RUN_IMPORTS", ("qt_preimport_probe",))
-    assert startup.preimport_in_background() is None  # nothing left to import

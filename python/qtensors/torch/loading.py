@@ -383,16 +383,6 @@ def materialize_meta_buffers(model: nn.Module, device: torch.device) -> list[str
     return []
 
 
-def _preimport_triton() -> None:
-    """What the first Triton kernel run imports, in the background during the load
-    (``kernels/startup.py``); nothing without Triton."""
-    try:
-        from .kernels.startup import preimport_in_background
-    except ImportError:
-        return
-    preimport_in_background()
-
-
 def load_model(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -460,8 +450,6 @@ def load_model(
     dev = torch.device(device) if device is not None else _default_device(model)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    if dev.type == "cuda":
-        _preimport_triton()
     targets = _Targets(model)
     result = LoadResult(device=dev)
     loaded: set[str] = set()

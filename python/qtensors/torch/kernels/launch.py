@@ -187,24 +187,32 @@ WORDS_INT8_NARROW = TiledConfig(
 #: the routed int8 configurations load the next step's codes and scales while this step's are
 #: multiplied (``TiledConfig.prefetch``): more bytes in flight per thread at the same occupancy
 #: (sm_90 SASS: in the step's second half, not at its top; ``benches/probe_words.py
-#: --int8-variants`` times it). After changing it, call ``int8_config.cache_clear()``.
+#: --int8-variants`` times it). After changing it, call ``int8_config.cache_clear()``. Off:
+#: 0.97-1.20x the time on the H200 (gpu_words_int8_variants_h200.txt).
 INT8_PREFETCH = False
 #: the routed int8 configurations compile the kernel per row length K (``TiledConfig.kspec``,
 #: ``words_int8.py``'s ``KSPEC``): every feature's codes and scales an immediate offset from
 #: one address: sm_90 SASS, 6-14% fewer instructions a step (affine 334 -> 300 at 8 features,
-#: symmetric 307 -> 264; 278 with paired scales), one compile per distinct K of a model. After
-#: changing it, call ``int8_config.cache_clear()``.
-INT8_KSPEC = False
+#: symmetric 307 -> 264; 278 with paired scales), one compile per distinct K of a model. On
+#: the H200 (benches/results/gpu_words_int8_variants_h200.txt, batch 1, CUDA graph) 0.92-0.97x
+#: the time on the long-K / tall shapes (affine 4096x14336 12.5 -> 11.5 us, 14336x4096 11.7 ->
+#: 11.3; symmetric 4096x14336 11.6 -> 10.9), within 1-3% elsewhere. After changing it, call
+#: ``int8_config.cache_clear()``.
+INT8_KSPEC = True
 #: the routed int8 configurations' K loop through Triton's pipeliner with this many stages
 #: (``TiledConfig.pipeline``, 2 or 3; 0: the plain loop): the next steps' loads copied into
 #: shared memory (cp.async) during a step, no registers waiting for them; ``INT8_PREFETCH``
-#: yields to it. After changing it, call ``int8_config.cache_clear()``.
+#: yields to it. After changing it, call ``int8_config.cache_clear()``. Off: 3-6x slower on the
+#: H200 (gpu_words_int8_variants_h200.txt).
 INT8_PIPELINE = 0
 #: affine weights keep their scales and mins interleaved (``[scale, min]`` a group, one 32-bit
 #: load a feature in ``words_int8.py``: ``PAIRED``) in their CUDA plan (``linear._CudaPlan``),
 #: a copy beside the module's own: + the size of scales and mins (int4 g64 with fp16 scales: 4
 #: bytes a 64-weight group, +11% of the packed weight). sm_90 SASS at 8 features: 323 against
-#: 334 instructions a step, 56 registers against 64. Off until measured on the H200.
+#: 334 instructions a step, 56 registers against 64. On the H200 with ``INT8_KSPEC`` it saved
+#: 1-5% more on the large shapes (8192^2 12.8 -> 12.2 us, gpu_words_int8_variants_h200.txt): off,
+#: not worth 11% more memory as a copy (a zero-copy layout, the module's scales and mins strided
+#: views of one interleaved buffer, is not built).
 PAIRED_SCALES = False
 
 

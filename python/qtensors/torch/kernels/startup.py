@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import json
 import os
-import sys
 import tempfile
-import threading
 
 import triton
 import triton.runtime.cache as triton_cache
@@ -124,31 +121,3 @@ def remember_triton_key() -> str:
     computing.qtensors_original = _ORIGINAL  # type: ignore[attr-defined]
     triton_cache.triton_key = computing
     return "computing"
-
-
-#: what Triton imports on the first kernel run of a process (Triton 3.6: the Gluon front end,
-#: from its argument specialisation), ~0.1-0.15 s on the H200 machine, where Triton's modules
-#: are compiled to bytecode on each import (``benches/bench_gpu_load.py --profile``)
-FIRST_RUN_IMPORTS = ("triton.experimental.gluon",)
-
-
-def preimport_in_background() -> threading.Thread | None:
-    """Import ``FIRST_RUN_IMPORTS`` in a daemon thread, so that a load, which mostly waits on
-    the disk and the GPU with the interpreter lock released, hides them instead of the first
-    forward paying them. Already imported, or ``QTENSORS_PREIMPORT=0``: nothing (None)."""
-    if os.environ.get("QTENSORS_PREIMPORT", "1") == "0":
-        return None
-    missing = [m for m in FIRST_RUN_IMPORTS if m not in sys.modules]
-    if not missing:
-        return None
-
-    def run() -> None:
-        for name in missing:
-            try:
-                importlib.import_module(name)
-            except Exception:  # another Triton: the first run imports what it needs itself
-                pass
-
-    t = threading.Thread(target=run, name="qtensors-preimport", daemon=True)
-    t.start()
-    return t
