@@ -17,6 +17,10 @@ Triton's in-process cache (and its on-disk cache, which makes a later process's 
 Layers that share shape, encoding, dtype and device share kernels and configuration, so the
 number of runs depends on the distinct layer kinds (about 4-6 for a Llama), not on the depth.
 Members of a sibling group (``siblings.py``) warm the group's joined shape and their own.
+
+Signatures an earlier warm-up ran in the same environment are skipped (their kernels are in
+Triton's on-disk cache, where a first forward loads the few it needs faster than the warm-up
+loads every path's; ``kernels/warm_record.py``).
 """
 
 from __future__ import annotations
