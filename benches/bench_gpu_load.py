@@ -17,8 +17,7 @@ classes and Llama modules, qtensors.torch) and CUDA's initialisation, then times
 Ways: `hf_fp16` = `AutoModelForCausalLM.from_pretrained(fp16_folder, dtype=float16,
 device_map=DEV)`; `qtt` = `qtensors.torch.from_pretrained(q_folder, dtype=float16, device=DEV)`
 (warm-up on, the default: it skips what an earlier load in this environment warmed,
-`kernels/warm_record.py`); `qtt_warmup_every_load` the same with that record off,
-`qtt_no_preimport` without the background import of Triton's first-run modules;
+`kernels/warm_record.py`); `qtt_warmup_every_load` the same with that record off;
 `qtt_nowarm` = the same with `warmup=False`; `hf_qtensors` =
 `AutoModelForCausalLM.from_pretrained(q_folder, dtype=float16, device_map=DEV)` through the
 registered quantizer. Each runs `--repeat` times (default 2) with the page cache warm (after one
@@ -295,13 +294,9 @@ def main() -> None:
                 say("    " + ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown"].items()))
             write(report, lines)  # what ran so far survives a timeout
 
-        # qtt with one of its start-up savings off: the warm-up record (every signature warmed
-        # on every load, as before it kept one), the background import of Triton's first-run
-        # modules
-        variants = {
-            "qtt_warmup_every_load": dict(env, QTENSORS_WARMUP_RECORD="0"),
-            "qtt_no_preimport": dict(env, QTENSORS_PREIMPORT="0"),
-        }
+        # qtt with its warm-up record off: every signature warmed on every load, as before it
+        # kept one
+        variants = {"qtt_warmup_every_load": dict(env, QTENSORS_WARMUP_RECORD="0")}
         if args.ways:
             keep = set(args.ways.split(","))
             ways = [(w, f) for w, f in ways if w in keep]
