@@ -94,3 +94,18 @@ def test_warmup_skips_what_it_ran_before(fake_gpu):
     assert not cpu.skip((*sig[:5], "cpu", 1), torch.device("cpu"))
     cpu.ran_on((*sig[:5], "cpu", 1), torch.device("cpu"))
     assert cpu.ran == {}
+
+
+def test_saving_nothing_imports_nothing(monkeypatch):
+    # a CPU-only warm-up records nothing, so it must not need the kernels package (no Triton)
+    import sys
+
+    import qtensors.torch.kernels as kernels
+
+    rec = warmup_mod._Record(remember=True)
+    monkeypatch.delattr(kernels, "warm_record")
+    monkeypatch.setitem(sys.modules, "qtensors.torch.kernels.warm_record", None)
+    rec.save()  # would raise ImportError if it imported warm_record
+    rec.ran_on(("linear",), CUDA0)
+    with pytest.raises(ImportError):
+        rec.save()  # (the check above can fail: with something to save, it imports)

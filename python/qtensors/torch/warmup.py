@@ -89,6 +89,8 @@ class _Record:
             self.ran.setdefault(str(device), set()).add(repr(sig))
 
     def save(self) -> None:
+        if not self.ran:  # nothing run on CUDA (and maybe no Triton to import)
+            return
         from .kernels import warm_record
 
         for dev, sigs in self.ran.items():
@@ -108,6 +110,7 @@ def warmup(
     ``kernels/warm_record.py``), and record those run now."""
     rows = rows or default_rows()
     done: dict[tuple[Any, ...], None] = {}
+    skipped: set[tuple[Any, ...]] = set()  # in ``done``, warmed by an earlier load
     rec = _Record(remember)
 
     def due(key: tuple[Any, ...], w: QuantizedWeight) -> bool:
@@ -120,7 +123,6 @@ def warmup(
         rec.ran_on(key, w.device)
         return True
 
-    skipped: set[tuple[Any, ...]] = set()
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             w = module.weight
