@@ -204,8 +204,9 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
 
 def test_int8_variant_switches(monkeypatch):
     """``words_int8.py``'s options as the launch configuration carries them: per-K kernels by
-    default and nothing else, each switch, ``INT8_TABLE`` first, what the plan refuses, the constexprs it passes; the
-    interleaved scales and the plan that holds them (kernels: group ``tiled-int8-variants``)."""
+    default and nothing else, each switch, ``INT8_TABLE`` first, what the plan refuses, the
+    constexprs it passes; the interleaved scales and the plan that holds them (kernels: group
+    ``tiled-int8-variants``)."""
     pytest.importorskip("triton")
     from qtensors.torch import linear as lin
     from qtensors.torch.kernels import launch as L
