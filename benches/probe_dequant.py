@@ -29,13 +29,16 @@ if "--smoke" in sys.argv:  # the script's own check on the CPU: tiny sizes, the 
     os.environ["TRITON_INTERPRET"] = "1"
 import torch  # noqa: E402
 import triton  # noqa: E402
+from _common import Report  # noqa: E402
 from bench_gpu import CASES, random_parts  # noqa: E402
 
 from qtensors.torch import ops  # noqa: E402
 from qtensors.torch._layout import normalize_axis  # noqa: E402
 from qtensors.torch.kernels import dequant as tk  # noqa: E402
 
-LINES: list[str] = []
+REPORT = Report()
+say = REPORT.say
+RESULTS: list[dict] = []  # one row per (case, size, variant), written as JSON beside the text
 SMOKE = "--smoke" in sys.argv
 DEV = "cpu" if SMOKE else "cuda"
 SHORT = {
@@ -50,11 +53,6 @@ SHORT = {
     "mxfp4": "mxfp4 ax-1",
     "nvfp4": "nvfp4 ax-1",
 }
-
-
-def say(line: str = "") -> None:
-    print(line, flush=True)
-    LINES.append(line)
 
 
 def _arg(flag: str, default: str) -> str:
@@ -140,6 +138,8 @@ def measure(name: str, size: int, baseline) -> None:
     for k, ts in times.items():
         ms = min(ts)
         bw = nb / ms / 1e6
+        RESULTS.append({"case": name, "size": size, "variant": k, "us": ms * 1e3,
+                        "GBps": bw, "vs_copy": bw / cbw, "fill_us": fill * 1e3})  # fmt: skip
         say(f"{name:10} {size:>6} {k:>20} {ms * 1e3:7.1f} {bw:6.0f} {bw / cbw:7.1%} "
             f"{d / ms:9.2f}x")  # fmt: skip
 
@@ -160,11 +160,7 @@ def main() -> None:
             measure(name, size, baseline)
             if not SMOKE:
                 torch.cuda.empty_cache()
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "probe_dequant.txt"), "w") as f:
-            f.write("\n".join(LINES) + "\n")
+    REPORT.write("probe_dequant", {"rows": RESULTS})
 
 
 if __name__ == "__main__":

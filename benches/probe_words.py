@@ -34,6 +34,7 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
+from _common import Report  # noqa: E402
 from bench_gpu_gemv_sweep import (  # noqa: E402
     ENCODINGS,
     SHAPES,
@@ -47,7 +48,8 @@ from bench_gpu_gemv_sweep import (  # noqa: E402
 
 from qtensors.torch.kernels import launch as L  # noqa: E402
 
-LINES: list[str] = []
+REPORT = Report()
+say = REPORT.say
 ENCODINGS.setdefault("int8-sym-g128", ("symmetric", 8, 128))  # the int8 kernel's 8-bit path
 EXTRA_CONFIGS = [  # (block_n, block_k, warps[, maxnreg])
     (4, 1024, 4),
@@ -63,11 +65,6 @@ EXTRA_CONFIGS = [  # (block_n, block_k, warps[, maxnreg])
     (8, 1024, 4, 64),
     (16, 1024, 4, 96),
 ]
-
-
-def say(s: str = "") -> None:
-    print(s, flush=True)
-    LINES.append(s)
 
 
 def _arg(name: str, default: str) -> str:
@@ -317,11 +314,7 @@ def main() -> None:
                         say(f"{'':<16} {tag} | {'':>7} | " + " | ".join(cells))
             del case
             torch.cuda.empty_cache()
-    out = os.environ.get("OUT")
-    if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "probe_words.txt"), "w") as f:
-            f.write("\n".join(LINES) + "\n")
+    REPORT.write("probe_words", {})
 
 
 def int8_variants_main(encodings: list[str], batches: list[int], names: list[str]) -> None:
@@ -329,14 +322,6 @@ def int8_variants_main(encodings: list[str], batches: list[int], names: list[str
     routed and each variant; ``$OUT/probe_words_int8_variants.txt`` rewritten after each shape
     (a run cut short keeps what it measured)."""
     start = time.perf_counter()
-    out = os.environ.get("OUT")
-    if out:
-        os.makedirs(out, exist_ok=True)
-
-    def save() -> None:
-        if out:
-            with open(os.path.join(out, "probe_words_int8_variants.txt"), "w") as f:
-                f.write("\n".join(LINES) + "\n")
 
     gbps = copy_gbps()
     device = "cpu (smoke)" if SMOKE else torch.cuda.get_device_name()
@@ -360,9 +345,9 @@ def int8_variants_main(encodings: list[str], batches: list[int], names: list[str
                     say(f"{'':<16} {'':>11}   | {'':>7} | {cell}")
             del case
             torch.cuda.empty_cache()
-            save()
+            REPORT.write("probe_words_int8_variants", {})
     say(f"# {time.perf_counter() - start:.0f} s")
-    save()
+    REPORT.write("probe_words_int8_variants", {})
 
 
 if __name__ == "__main__":

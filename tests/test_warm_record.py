@@ -83,29 +83,30 @@ def test_warmup_skips_what_it_ran_before(fake_gpu):
     sig = ("linear", (64, 64), ("affine", 4, 64, 1, "float16"), True, torch.float16, "cuda:0", 1)
     first = warmup_mod._Record(remember=True)
     assert not first.skip(sig, CUDA0)
-    first.ran_on(sig, CUDA0)
-    first.save()
+    first.save([sig])
     again = warmup_mod._Record(remember=True)
     assert again.skip(sig, CUDA0)
     assert not again.skip((*sig[:-1], 2), CUDA0)  # another batch size was never run
     assert not warmup_mod._Record(remember=False).skip(sig, CUDA0)
     # the CPU is never skipped nor recorded
     cpu = warmup_mod._Record(remember=True)
-    assert not cpu.skip((*sig[:5], "cpu", 1), torch.device("cpu"))
-    cpu.ran_on((*sig[:5], "cpu", 1), torch.device("cpu"))
-    assert cpu.ran == {}
+    cpu_sig = (*sig[:5], "cpu", 1)
+    assert not cpu.skip(cpu_sig, torch.device("cpu"))
+    cpu.save([cpu_sig])
+    assert warm_record.recorded(warm_record.environment_key(CUDA0)) == {repr(sig)}
 
 
-def test_saving_nothing_imports_nothing(monkeypatch):
+def test_saving_nothing_imports_nothing(monkeypatch, fake_gpu):
     # a CPU-only warm-up records nothing, so it must not need the kernels package (no Triton)
     import sys
 
     import qtensors.torch.kernels as kernels
 
+    sig = ("linear", (64, 64), ("affine", 4, 64, 1, "float16"), True, torch.float16, "cuda:0", 1)
     rec = warmup_mod._Record(remember=True)
+    assert not rec.skip(sig, CUDA0)  # the device's key looked up
     monkeypatch.delattr(kernels, "warm_record")
     monkeypatch.setitem(sys.modules, "qtensors.torch.kernels.warm_record", None)
-    rec.save()  # would raise ImportError if it imported warm_record
-    rec.ran_on(("linear",), CUDA0)
+    rec.save([(*sig[:5], "cpu", 1)])  # would raise ImportError if it imported warm_record
     with pytest.raises(ImportError):
-        rec.save()  # (the check above can fail: with something to save, it imports)
+        rec.save([sig])  # (the check above can fail: with something to save, it imports)

@@ -49,9 +49,9 @@ def init_empty_weights() -> Iterator[None]:
 
 def _no_init_weights() -> contextlib.AbstractContextManager[Any]:
     """transformers' own switch that skips ``init_weights`` (every weight is loaded after): on
-    the meta device each init call still runs torch's Python reference kernels, ~0.1 s for a
-    1.1B Llama's 157 tensors in the H200 machine's profile of a load
-    (``benches/bench_gpu_load.py --profile``)."""
+    the meta device each init call still runs torch's Python reference kernels, 0.15 s of a
+    1.1B Llama's load under the profiler on the H200 machine (``benches/bench_gpu_load.py
+    --profile``, ``benches/results/gpu_load_profile_qtt_before_h200.txt``)."""
     try:
         from transformers.initialization import no_init_weights
     except ImportError:

@@ -62,9 +62,8 @@ class _Record:
 
     def __init__(self, remember: bool) -> None:
         self.remember = remember
-        self.keys: dict[str, str | None] = {}
+        self.keys: dict[str, str | None] = {}  # per device (``str(device)``, a signature's [5])
         self.known: dict[str, set[str]] = {}
-        self.ran: dict[str, set[str]] = {}
 
     def _key(self, device: torch.device) -> str | None:
         dev = str(device)
@@ -84,17 +83,18 @@ class _Record:
             return False
         return repr(sig) in self.known[str(device)]
 
-    def ran_on(self, sig: tuple[Any, ...], device: torch.device) -> None:
-        if self.remember and device.type == "cuda":
-            self.ran.setdefault(str(device), set()).add(repr(sig))
-
-    def save(self) -> None:
-        if not self.ran:  # nothing run on CUDA (and maybe no Triton to import)
+    def save(self, ran: list[tuple[Any, ...]]) -> None:
+        """Record the CUDA signatures of ``ran`` under their device's key."""
+        per_device: dict[str, set[str]] = {}
+        for sig in ran:
+            if sig[5].startswith("cuda") and self.keys.get(sig[5]) is not None:
+                per_device.setdefault(sig[5], set()).add(repr(sig))
+        if not self.remember or not per_device:  # (and maybe no Triton to import)
             return
         from .kernels import warm_record
 
-        for dev, sigs in self.ran.items():
-            warm_record.record(self.keys.get(dev), sigs)
+        for dev, sigs in per_device.items():
+            warm_record.record(self.keys[dev], sigs)
 
 
 @torch.inference_mode()
@@ -109,18 +109,18 @@ def warmup(
     kernels are in Triton's on-disk cache, so a first forward loads them instead of compiling;
     ``kernels/warm_record.py``), and record those run now."""
     rows = rows or default_rows()
-    done: dict[tuple[Any, ...], None] = {}
-    skipped: set[tuple[Any, ...]] = set()  # in ``done``, warmed by an earlier load
+    seen: set[tuple[Any, ...]] = set()
+    ran: list[tuple[Any, ...]] = []
     rec = _Record(remember)
 
     def due(key: tuple[Any, ...], w: QuantizedWeight) -> bool:
-        if key in done:
+        """Whether to run ``key`` now: not yet seen, and not warmed by an earlier load."""
+        if key in seen:
             return False
+        seen.add(key)
         if rec.skip(key, w.device):
-            done[key] = None  # counted as done, not returned as run
-            skipped.add(key)
             return False
-        rec.ran_on(key, w.device)
+        ran.append(key)
         return True
 
     for module in model.modules():
@@ -129,37 +129,27 @@ def warmup(
             if w.codes.is_meta:
                 continue
             group = group_of(module)
+            grouped = group is not None and group.valid()
             for m in rows:
                 key = _signature("linear", w, m)
-                x = None
-                if group is not None and group.valid():
-                    # the group's multiply, and the member's own (taken when it runs alone);
+                # a group's multiply, and the member's own (taken when it runs alone)
+                joined = grouped and due((*key[:1], group.op_args[0], *key[2:]), w)
+                own = due(key, w)
+                if not (joined or own):
+                    continue
+                x = torch.zeros(m, int(w.shape[1]), dtype=w.dtype, device=w.device)
+                if joined:
+                    group.multiply(x)
+                if own and grouped:
                     # calling the member would leave kept slices that no sibling asks for
-                    joined = (*key[:1], group.op_args[0], *key[2:])
-                    if due(joined, w):
-                        x = torch.zeros(m, int(w.shape[1]), dtype=w.dtype, device=w.device)
-                        group.multiply(x)
-                        done[joined] = None
-                    if due(key, w):
-                        if x is None:
-                            x = torch.zeros(m, int(w.shape[1]), dtype=w.dtype, device=w.device)
-                        op = w.op_args
-                        linear(x, w.codes, w.scales, w.mins, module.bias, *op)
-                        done[key] = None
-                elif due(key, w):
-                    module(torch.zeros(m, int(w.shape[1]), dtype=w.dtype, device=w.device))
-                    done[key] = None
+                    linear(x, w.codes, w.scales, w.mins, module.bias, *w.op_args)
+                elif own:
+                    module(x)
         elif isinstance(module, QuantizedEmbedding):
             w = module.weight
-            if w.codes.is_meta:
-                continue
-            key = _signature("embedding", w, 1)
-            if not due(key, w):
-                continue
-            module(torch.zeros(1, 1, dtype=torch.long, device=w.device))
-            done[key] = None
-    ran = [k for k in done if k not in skipped]
+            if not w.codes.is_meta and due(_signature("embedding", w, 1), w):
+                module(torch.zeros(1, 1, dtype=torch.long, device=w.device))
     if any(k[5].startswith("cuda") for k in ran):
         torch.cuda.synchronize()
-    rec.save()
+    rec.save(ran)
     return ran
