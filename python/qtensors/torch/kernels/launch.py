@@ -29,6 +29,7 @@ from .fastlaunch import launch
 from .gemm import gemm_kernel
 from .gemv import gemv_kernel
 from .mma import MMA_ENC, NVFP4_CHUNK, mma_kernel
+from . import mma_int8_gluon
 from .mma_int8 import MMA_INT8_ENC, MMA_INT8_MIN_GROUP, mma_int8_kernel, quantize_kernel
 from .scales import SCALE_FORMATS
 from .tiled import TILED_ENC, dot_kernel, fma_kernel
@@ -895,6 +896,14 @@ MMA_INT8_TABLE: dict[tuple[int, int, int], MmaConfig] = {
 }
 #: groups a ``quantize_kernel`` program rounds
 QUANT_GROUPS = 8
+#: run ``mma_int8_gluon.py`` (the same product with hand-set layouts: no shared memory) instead
+#: of ``mma_int8.py`` where it applies (``gluon_applies``): Gluon importable, a CUDA device of
+#: compute capability 8.0+ (``mma.sync`` on int8), codes 4-byte aligned, up to 64 rows
+INT8_MMA_GLUON = False
+#: ``mma_int8_gluon_kernel``'s configuration: features a program (16 x warps x repeats), groups
+#: a K step (groups x 64-code chunks a step: 1, 2 or 4), K-slices (0: as many as fill the GPU),
+#: warps (``block_m``: 16 up to 16 rows, else 32; ``num_stages`` unused)
+MMA_INT8_GLUON_DEFAULT = MmaConfig(block_m=0, block_n=64, groups=2, split_k=0, num_warps=4)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -908,12 +917,18 @@ def _mma_int8_plan(
     cuda_index: int,
     config: MmaConfig | None,
     allow_split: bool,
+    gluon: bool = False,
 ):
     """(rows padded to whole row tiles, the pre-pass's grid and constexprs, the matmul's grid,
-    split, k_split, constexprs and options, their hashable key) of one ``mma_int8`` call."""
+    split, k_split, constexprs and options, their hashable key) of one ``mma_int8`` call
+    (``gluon``: of ``mma_int8_gluon_kernel``)."""
     bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
-    cfg = config or MMA_INT8_TABLE.get((bucket, N, K)) or MMA_INT8_DEFAULT
-    block_m = cfg.block_m or max(16, 1 << (M - 1).bit_length())
+    if gluon:
+        cfg = config or MMA_INT8_GLUON_DEFAULT
+        block_m = 16 if M <= 16 else 32
+    else:
+        cfg = config or MMA_INT8_TABLE.get((bucket, N, K)) or MMA_INT8_DEFAULT
+        block_m = cfg.block_m or max(16, 1 << (M - 1).bit_length())
     if block_m < 16 or cfg.block_n < 64 or cfg.groups not in (1, 2, 4):
         raise ValueError(
             f"the int8 mma kernel needs block_m >= 16, block_n >= 64, groups 1, 2 or 4: {cfg}"
@@ -930,22 +945,34 @@ def _mma_int8_plan(
     n_m = -(-M // block_m)
     n_tiles = -(-N // cfg.block_n) * n_m
     step = g * groups
-    split, k_split = _k_slices(cfg.split_k, n_tiles, M, N, K, step, cuda_index, 2, allow_split)
     quant_grid = (n_m * block_m, -(-G // QUANT_GROUPS))
-    quant_meta: dict = dict(GS=g, GROUPS=QUANT_GROUPS)
+    quant_meta: dict = dict(GS=g, GROUPS=QUANT_GROUPS, FRAGMENT=gluon)
     meta: dict = dict(
         ENC=MMA_INT8_ENC[encoding],
         GS=g,
         HAS_BIAS=has_bias,
         BLOCK_M=block_m,
         BLOCK_N=cfg.block_n,
-        SPLIT_K=split,
-        EMULATE=cuda_index < 0,  # the interpreter runs no inline assembly
         GROUPS=groups,
     )
+    if gluon:
+        chunks = g // mma_int8_gluon.CHUNK
+        while groups * chunks > 4 and groups > 1:
+            groups //= 2
+        if groups * chunks > 4:
+            raise ValueError(f"the Gluon int8 kernel takes groups of up to 256 codes, not {g}")
+        meta.update(
+            GROUPS=groups,
+            **mma_int8_gluon.layouts(cfg.block_n, block_m, cfg.num_warps, groups, chunks),
+        )
+        step = g * groups
+    else:
+        meta.update(EMULATE=cuda_index < 0)  # the interpreter runs no inline assembly
+    split, k_split = _k_slices(cfg.split_k, n_tiles, M, N, K, step, cuda_index, 2, allow_split)
     if cuda_index >= 0:
         meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         quant_meta.update(num_warps=1)
+    meta.update(SPLIT_K=split)
     quant = (quant_grid, quant_meta, tuple(sorted(quant_meta.items())))
     return n_m * block_m, quant, (n_tiles, split), split, k_split, meta, tuple(sorted(meta.items()))
 
@@ -961,15 +988,18 @@ def mma_int8_linear(
     encoding: str,
     group_size: int,
     config: MmaConfig | None = None,
+    gluon: bool | None = None,
 ) -> torch.Tensor:
     """``x2 @ W^T + bias`` with ``mma_int8.py`` (activations rounded to int8 per row and group:
     see there) for fp16 / bf16 ``x2`` and a weight ``mma_supported()`` and ``int8_mma_shape()``
     take (arguments as ``mma_linear``). Two launches: ``quantize_kernel`` into kept workspaces,
-    then the matmul."""
+    then the matmul. ``gluon``: run ``mma_int8_gluon.py`` (None: where ``gluon_applies``)."""
     M = x2.shape[0]
     out, done, cuda_index, locks = _begin(x2, N, K, bias)
     if done:
         return out
+    if gluon is None:
+        gluon = gluon_applies(codes, cuda_index, M)
     MP, (qgrid, qmeta, qkey), grid, split, k_split, meta, meta_key = _mma_int8_plan(
         M,
         N,
@@ -980,6 +1010,7 @@ def mma_int8_linear(
         cuda_index,
         config,
         locks is not None,
+        gluon,
     )
     G = K // group_size
     dev = x2.device
@@ -990,8 +1021,27 @@ def mma_int8_linear(
         codes = codes.view(torch.uint8)
     weight = (codes, scales, scales if mins is None else mins, xs)
     row = (K // 2, G, MP)  # bytes per row, groups per row, rows of xq / xs
-    return _finish(mma_int8_kernel, grid, split, k_split, meta, meta_key, cuda_index, locks, xq,
+    kernel = mma_int8_gluon.mma_int8_gluon_kernel if gluon else mma_int8_kernel
+    return _finish(kernel, grid, split, k_split, meta, meta_key, cuda_index, locks, xq,
                    out, weight, bias, K, row)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def _gluon_device(cuda_index: int) -> bool:
+    """Whether ``mma_int8_gluon.py`` runs on this CUDA device (int8 ``mma.sync``: 8.0+)."""
+    return cuda_index >= 0 and torch.cuda.get_device_capability(cuda_index) >= (8, 0)
+
+
+def gluon_applies(codes: torch.Tensor, cuda_index: int, M: int) -> bool:
+    """Whether ``mma_int8_linear`` runs the Gluon kernel by default (``INT8_MMA_GLUON``, Gluon
+    importable, the device, up to 64 rows, codes read as 32-bit words)."""
+    return (
+        INT8_MMA_GLUON
+        and mma_int8_gluon.HAVE_GLUON
+        and M <= 64
+        and _gluon_device(cuda_index)
+        and words_aligned(codes)
+    )
 
 
 def words_aligned(codes: torch.Tensor) -> bool:

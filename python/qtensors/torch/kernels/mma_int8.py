@@ -72,32 +72,47 @@ def quantize_kernel(
     stride_xm,
     GS: tl.constexpr,
     GROUPS: tl.constexpr,
+    FRAGMENT: tl.constexpr = False,
 ):
     """Row ``program_id(0)`` of ``x`` (of ``MP``: ``M`` rounded up to whole row tiles; the rows
     past ``M`` as zeros, so the matmul reads them unmasked), ``GROUPS`` groups a program: each
-    group's activations as int8 ``q`` (even k first, then odd: ``xq [MP, K]``), its ``d`` at
-    ``xs[0, g, m]`` and the sum of its ``x~ = q * d`` at ``xs[1, g, m]`` (fp32; rows contiguous:
-    a feature tile's loads of a group's values are vectors)."""
+    group's activations as int8 ``q`` (``xq [MP, K]``), its ``d`` at ``xs[0, g, m]`` and the sum
+    of its ``x~ = q * d`` at ``xs[1, g, m]`` (fp32; rows contiguous: a feature tile's loads of a
+    group's values are vectors). The order of a group's ``q``: the even k, then the odd (this
+    kernel's), or with ``FRAGMENT`` each 64-code chunk as ``mma_int8_gluon.fragment_order``
+    stores it (slot ``s = 16a + 8h + 4b + c`` holds code ``16a + 8b + 2c + h``)."""
     m = tl.program_id(0)
-    HB: tl.constexpr = GS // 2
     grp = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     gmask = grp < G
     xmask = gmask & (grp * 0 + m < M)  # a tensor: the interpreter's M is an int
-    j = tl.arange(0, HB)
-    base = x_ptr + m * stride_xm + grp[:, None] * GS + 2 * j[None, :]
-    # two strided loads (the row is small and read once): even and odd k of each group
-    xe = tl.load(base, mask=xmask[:, None], other=0.0).to(tl.float32)
-    xo = tl.load(base + 1, mask=xmask[:, None], other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))
-    amax = tl.maximum(amax, 1e-30)  # an all-zero group rounds to zeros
-    d = amax * (1.0 / 127.0)
-    inv = 127.0 / amax
-    qe = (xe * inv[:, None] + MAGIC).to(tl.int32, bitcast=True) - MAGIC_BITS
-    qo = (xo * inv[:, None] + MAGIC).to(tl.int32, bitcast=True) - MAGIC_BITS
-    out = xq_ptr + m * K + grp[:, None] * GS + j[None, :]
-    tl.store(out, qe.to(tl.int8), mask=gmask[:, None])
-    tl.store(out + HB, qo.to(tl.int8), mask=gmask[:, None])
-    total = (tl.sum(qe, axis=1) + tl.sum(qo, axis=1)).to(tl.float32)
+    row = x_ptr + m * stride_xm + grp[:, None] * GS
+    out = xq_ptr + m * K + grp[:, None] * GS
+    if FRAGMENT:
+        s = tl.arange(0, GS)
+        r = s % 64
+        code = (s - r) + 16 * (r >> 4) + 8 * ((r >> 2) & 1) + 2 * (r & 3) + ((r >> 3) & 1)
+        xv = tl.load(row + code[None, :], mask=xmask[:, None], other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(xv), axis=1), 1e-30)  # an all-zero group: zeros
+        d = amax * (1.0 / 127.0)
+        inv = 127.0 / amax
+        q = (xv * inv[:, None] + MAGIC).to(tl.int32, bitcast=True) - MAGIC_BITS
+        tl.store(out + s[None, :], q.to(tl.int8), mask=gmask[:, None])
+        total = tl.sum(q, axis=1).to(tl.float32)
+    else:
+        HB: tl.constexpr = GS // 2
+        j = tl.arange(0, HB)
+        # two strided loads (the row is small and read once): even and odd k of each group
+        xe = tl.load(row + 2 * j[None, :], mask=xmask[:, None], other=0.0).to(tl.float32)
+        xo = tl.load(row + 2 * j[None, :] + 1, mask=xmask[:, None], other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))
+        amax = tl.maximum(amax, 1e-30)  # an all-zero group rounds to zeros
+        d = amax * (1.0 / 127.0)
+        inv = 127.0 / amax
+        qe = (xe * inv[:, None] + MAGIC).to(tl.int32, bitcast=True) - MAGIC_BITS
+        qo = (xo * inv[:, None] + MAGIC).to(tl.int32, bitcast=True) - MAGIC_BITS
+        tl.store(out + j[None, :], qe.to(tl.int8), mask=gmask[:, None])
+        tl.store(out + HB + j[None, :], qo.to(tl.int8), mask=gmask[:, None])
+        total = (tl.sum(qe, axis=1) + tl.sum(qo, axis=1)).to(tl.float32)
     tl.store(xs_ptr + grp * MP + m, d, mask=gmask)
     tl.store(xs_ptr + (G + grp) * MP + m, d * total, mask=gmask)
 

@@ -1,0 +1,324 @@
+"""``mma_int8_gluon_kernel``: ``mma_int8.py``'s W4A8 product (same numerics, same pre-pass) in
+Gluon, with every register layout chosen by hand so that nothing passes through shared memory.
+
+Why: ``mma_int8.py`` (Triton's ``tl.dot``) reaches ~30% of the bytes' bound at 16 rows. Triton
+picks the layouts: the codes are stored to shared memory for the tensor cores, and each feature's
+scale reaches the accumulator's layout through shared memory and barriers. Gluon
+(``triton.experimental.gluon``) states the layouts, so here:
+
+* the MMA is ``mma.sync.m16n8k32.s8`` (``mma_v2``), whose operands are registers;
+* each thread loads, for each of its two rows of a 16-feature tile, the 8 bytes (16 codes) of a
+  64-code chunk that its A fragment needs, in one 8-byte load (``LP`` below);
+* ``and`` / ``shift`` on four bytes at a time give the low and high nibbles, and reshapes /
+  permutes (register renames, no instructions) make them the A operand;
+* which MMA column ``k`` each code becomes is fixed by that choice, so the activations are
+  permuted instead: ``quantize_kernel(FRAGMENT=True)`` writes each chunk's int8 activations in the
+  order each thread's B fragment reads (16 contiguous bytes a thread and row: one 16-byte load);
+* the scales, mins and the activations' per-group factors are loaded straight into the
+  accumulator's row / column layouts.
+
+The mapping, per 64-code chunk of a row: the byte ``j`` (0..31) holds codes ``2j`` (low nibble)
+and ``2j + 1`` (high). Write ``j = 8a + 4b + c`` (a 0..3 the lane in the quad, b 0..1, c 0..3)
+and ``h`` the nibble: the code ``2j + h`` is MMA column ``k = 32h + 16b + 4a + c``. The B side
+stores column ``k`` at ``s = 16a + 8h + 4b + c``. ``fragment_order()`` gives both, for the
+pre-pass and the tests.
+
+Checked where it can be: ``tests/test_torch_mma_gluon.py`` compiles it for sm_90 on the CPU (the
+layout conversions must be no-ops, and it must use no shared memory beyond the split-K
+epilogue's) and checks the permutation against the reference product in numpy; the result itself
+is checked on the GPU (``benches/probe_mma_int8.py --gluon``), since Triton's interpreter does
+not run Gluon.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+try:  # Gluon: Triton 3.5+; absent, the tl.dot kernel runs
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    HAVE_GLUON = True
+    # a CTA-wide barrier: ``barrier`` from Triton 3.7, ``thread_barrier`` before
+    _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+#: codes per MMA chunk: two m16n8k32 k-steps (one a nibble half)
+CHUNK = 64
+
+
+def fragment_order() -> tuple[np.ndarray, np.ndarray]:
+    """(``code_of_k[k]``, ``slot_of_k[k]``) for one 64-code chunk: the code (0..63, as stored:
+    byte ``code // 2``, nibble ``code % 2``) that MMA column ``k`` multiplies, and where the
+    pre-pass stores that column's activation."""
+    k = np.arange(CHUNK)
+    h, b, a, c = k >> 5, (k >> 4) & 1, (k >> 2) & 3, k & 3
+    j = 8 * a + 4 * b + c
+    return 2 * j + h, 16 * a + 8 * h + 4 * b + c
+
+
+def _log2(v: int) -> int:
+    assert v > 0 and v & (v - 1) == 0, v
+    return v.bit_length() - 1
+
+
+def _linear(reg, lane, warp, shape):
+    return gl.DistributedLinearLayout(
+        reg_bases=reg, lane_bases=lane, warp_bases=warp, block_bases=[], shape=shape
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def layouts(block_n: int, block_m: int, warps: int, groups: int, chunks: int) -> dict:
+    """The kernel's constexpr layouts for ``block_n`` features (16 a warp, then repeated),
+    ``block_m`` rows (16 or 32), ``warps`` warps along the features, ``groups`` groups of
+    ``chunks`` 64-code chunks a K step (``groups * chunks`` 1, 2 or 4). Rows and columns as
+    the MMA's (``to_linear_layout`` of its operands: lanes hold rows 1, 2, 4 and a register row
+    8, warps the next 16s, registers the repeats)."""
+    reps = block_n // (16 * warps)
+    per_step = groups * chunks
+    if reps < 1 or block_m not in (16, 32) or per_step not in (1, 2, 4):
+        raise ValueError(
+            f"block_n {block_n} < 16 x {warps} warps, block_m {block_m} not 16 / 32, or"
+            f" {groups} x {chunks} chunks a step not 1, 2 or 4"
+        )
+    warps2 = [[16 << i, 0] for i in range(_log2(warps))]
+    reps2 = [[(16 * warps) << i, 0] for i in range(_log2(reps))]
+    lanes2 = [[1, 0], [2, 0], [4, 0]]
+    none2 = [[0, 0]] * _log2(warps)
+    m32 = [[0, 16]] if block_m == 32 else []
+
+    def with_last(bases, extra):  # 2-D bases as 3-D ones (0 along the last dim) + ``extra``
+        return [b + [0] for b in bases] + [[0, 0, 1 << i] for i in range(_log2(extra))]
+
+    # one chunk's [block_n, 8] 32-bit words of codes: 2 contiguous words (8 bytes) a thread and
+    # row; as bytes [block_n, 8, 4], a word's 4 bytes in 4 registers (one, after the nibble ops)
+    p_reg = [[0, 1], [8, 0]]
+    p_lane = [[0, 2], [0, 4]] + lanes2
+    # one chunk's [64, block_m] int8 activations as stored: 16 contiguous bytes a thread and row
+    q_reg = [[1, 0], [2, 0], [4, 0], [8, 0], [0, 8]] + m32
+    q_lane = [[16, 0], [32, 0], [0, 1], [0, 2], [0, 4]]
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8])
+    return dict(
+        MMA=mma,
+        DOT_A=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4),
+        DOT_B=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4),
+        LP1=_linear(p_reg + reps2, p_lane, warps2, [block_n, 8]),
+        LB=_linear([[0, 0, 1], [0, 0, 2]] + with_last(p_reg + reps2, 1), with_last(p_lane, 1),
+                   with_last(warps2, 1), [block_n, 8, 4]),  # fmt: skip
+        # a step's chunks along a last dim, in registers
+        LP=_linear(with_last(p_reg, per_step) + with_last(reps2, 1), with_last(p_lane, 1),
+                   with_last(warps2, 1), [block_n, 8, per_step]),  # fmt: skip
+        LQ1=_linear(q_reg, q_lane, none2, [64, block_m]),
+        LQ=_linear(with_last(q_reg, per_step), with_last(q_lane, 1), with_last(none2, 1),
+                   [64, block_m, per_step]),  # fmt: skip
+        # [block_n, groups] scales (or mins): a row's groups contiguous in one thread
+        LS=_linear([[0, 1 << i] for i in range(_log2(groups))] + [[8, 0]] + reps2,
+                   [[0, 0], [0, 0]] + lanes2, warps2, [block_n, groups]),  # fmt: skip
+        # [block_m, groups] the activations' per-group factors, rows as the accumulator's columns
+        LD=_linear([[1, 0], [8, 0]] + [[16, 0]] * (block_m == 32)
+                   + [[0, 1 << i] for i in range(_log2(groups))],
+                   [[2, 0], [4, 0], [0, 0], [0, 0], [0, 0]], none2, [block_m, groups]),  # fmt: skip
+    )
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _nibbles(w, LB: gl.constexpr):
+        """32-bit words of codes ``w [BLOCK_N, 8]`` as their bytes' low and high nibbles (int8
+        ``[BLOCK_N, 8, 4]``), one instruction (two) a word: ``w`` broadcast over the 4 bytes of
+        a word (4 copies of one register), of which the asm reads the first."""
+        w3 = gl.expand_dims(gl.convert_layout(w, gl.SliceLayout(2, LB), assert_trivial=True), 2)
+        w4 = w3 + gl.zeros([w.shape[0], w.shape[1], 4], gl.int32, LB)  # (folded away)
+        lo = gl.inline_asm_elementwise(
+            "and.b32 $0, $1, 0x0F0F0F0F;", "=r,r,r,r,r", [w4], dtype=gl.int8, is_pure=True, pack=4
+        )
+        hi = gl.inline_asm_elementwise(
+            "{ .reg .b32 t; shr.u32 t, $1, 4; and.b32 $0, t, 0x0F0F0F0F; }",
+            "=r,r,r,r,r",
+            [w4],
+            dtype=gl.int8,
+            is_pure=True,
+            pack=4,
+        )
+        return lo, hi
+
+    @gluon.jit
+    def _a_operand(w, BLOCK_N: gl.constexpr, LB: gl.constexpr, DOT_A: gl.constexpr):
+        """One chunk's words ``[BLOCK_N, 8]`` (layout LP1) as the MMA's A ``[BLOCK_N, 64]``:
+        byte ``j = 8a + 4b + c`` (word ``2a + b``, byte ``c`` of it), nibble ``h`` -> column
+        ``32h + 16b + 4a + c``."""
+        lo, hi = _nibbles(w, LB)
+        lo = lo.reshape([BLOCK_N, 4, 2, 4])
+        hi = hi.reshape([BLOCK_N, 4, 2, 4])
+        a = gl.join(lo, hi).permute([0, 4, 2, 1, 3]).reshape([BLOCK_N, 64])
+        return gl.convert_layout(a, DOT_A, assert_trivial=True)
+
+    @gluon.jit
+    def _b_operand(q, BLOCK_M: gl.constexpr, DOT_B: gl.constexpr):
+        """One chunk's stored activations ``[64, BLOCK_M]`` (layout LQ; slot
+        ``s = 16a + 8h + 4b + c``) as the MMA's B ``[64, BLOCK_M]`` (column
+        ``32h + 16b + 4a + c``)."""
+        b = q.reshape([4, 2, 2, 4, BLOCK_M]).permute([1, 2, 0, 3, 4]).reshape([64, BLOCK_M])
+        return gl.convert_layout(b, DOT_B, assert_trivial=True)
+
+    @gluon.jit
+    def _pick(t, i: gl.constexpr, N: gl.constexpr, OUT: gl.constexpr):
+        """``t[..., i]`` of a tensor whose last dim (``N`` = 1, 2 or 4) is in registers, as
+        layout ``OUT`` (splits: no data movement)."""
+        if N == 1:
+            r = t.reshape(t.shape[:-1])
+        elif N == 2:
+            lo, hi = gl.split(t)
+            r = lo if i == 0 else hi
+        else:
+            even, odd = gl.split(t.reshape(t.shape[:-1] + [2, 2]))  # i = 0, 2 and 1, 3
+            half = even if i % 2 == 0 else odd
+            lo, hi = gl.split(half)
+            r = lo if i < 2 else hi
+        return gl.convert_layout(r, OUT, assert_trivial=True)
+
+    @gluon.jit(do_not_specialize=["M"])
+    def mma_int8_gluon_kernel(
+        xq_ptr,
+        codes_ptr,
+        scales_ptr,
+        mins_ptr,
+        xs_ptr,
+        bias_ptr,
+        out_ptr,
+        ws_ptr,
+        lock_ptr,
+        M,
+        N,
+        K,
+        row_bytes,
+        G,
+        MP,
+        stride_xm,
+        stride_om,
+        k_split,
+        ENC: gl.constexpr,
+        GS: gl.constexpr,
+        HAS_BIAS: gl.constexpr,
+        BLOCK_M: gl.constexpr,
+        BLOCK_N: gl.constexpr,
+        SPLIT_K: gl.constexpr,
+        GROUPS: gl.constexpr,
+        MMA: gl.constexpr,
+        DOT_A: gl.constexpr,
+        DOT_B: gl.constexpr,
+        LP: gl.constexpr,
+        LP1: gl.constexpr,
+        LB: gl.constexpr,
+        LQ: gl.constexpr,
+        LQ1: gl.constexpr,
+        LS: gl.constexpr,
+        LD: gl.constexpr,
+    ):
+        """One ``[BLOCK_N, BLOCK_M]`` tile of ``y^T`` from ``quantize_kernel(FRAGMENT=True)``'s
+        ``xq`` / ``xs`` (arguments as ``mma_int8_kernel``'s). A K step is ``GROUPS`` groups;
+        its codes are loaded a step ahead (the HBM stream), the rest (cache hits) at its
+        start, all before its first MMA."""
+        ROWS: gl.constexpr = gl.SliceLayout(1, MMA)
+        COLS: gl.constexpr = gl.SliceLayout(0, MMA)
+        CHUNKS: gl.constexpr = GS // 64  # MMA chunks a group
+        PER_STEP: gl.constexpr = GROUPS * CHUNKS
+        STEP: gl.constexpr = GS * GROUPS
+        pid = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        n_m = gl.cdiv(M, BLOCK_M)
+        pid_m = pid % n_m
+        pid_n = pid // n_m
+        # codes: [BLOCK_N, 8, PER_STEP] words, chunk c at word 8 c of the step
+        words_ptr = codes_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+        row_words = row_bytes // 4
+        p_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LP)))
+        p_cols = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LP)))
+        p_chunk = gl.arange(0, PER_STEP, layout=gl.SliceLayout(0, gl.SliceLayout(1, LP)))
+        p_off = gl.expand_dims(gl.expand_dims(p_rows, 1) * row_words + gl.expand_dims(p_cols, 0), 2)
+        p_off = p_off + gl.expand_dims(gl.expand_dims(p_chunk, 0), 1) * 8
+        p_mask = gl.expand_dims(gl.expand_dims(p_rows < N, 1), 2)
+        # activations: [64, BLOCK_M, PER_STEP] int8, chunk c at slot 64 c of the step
+        q_slots = gl.arange(0, 64, layout=gl.SliceLayout(1, gl.SliceLayout(2, LQ)))
+        q_rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, LQ)))
+        q_chunk = gl.arange(0, PER_STEP, layout=gl.SliceLayout(0, gl.SliceLayout(1, LQ)))
+        q_off = gl.expand_dims(gl.expand_dims(q_rows, 0) * stride_xm + gl.expand_dims(q_slots, 1), 2)
+        q_off = q_off + gl.expand_dims(gl.expand_dims(q_chunk, 0), 1) * 64
+        # scales / mins: [BLOCK_N, GROUPS]
+        s_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LS))
+        s_cols = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, LS))
+        s_mask = gl.expand_dims(s_rows < N, 1)
+        s_off = gl.expand_dims(s_rows, 1) * G + gl.expand_dims(s_cols, 0)
+        # the activations' per-group factors: [BLOCK_M, GROUPS], xs [2, G, MP]
+        d_rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LD))
+        d_cols = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, LD))
+        d_off = gl.expand_dims(d_rows, 1) + gl.expand_dims(d_cols, 0) * MP
+
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+        k_lo = pid_k * k_split
+        k_hi = gl.minimum(K, k_lo + k_split)
+        p_next = gl.load(words_ptr + p_off + gl.multiple_of(k_lo // 8, 8), mask=p_mask, other=0)
+        for k0 in range(k_lo, k_hi, STEP):
+            k0 = gl.multiple_of(k0, STEP)
+            p = p_next
+            k_n = gl.minimum(k0 + STEP, k_hi - STEP)  # the last step loads itself again
+            p_next = gl.load(words_ptr + p_off + gl.multiple_of(k_n // 8, 8), mask=p_mask,
+                             other=0)  # fmt: skip
+            q = gl.load(xq_ptr + q_off + k0)
+            g0 = gl.multiple_of(k0 // GS, GROUPS)
+            st = gl.load(scales_ptr + s_off + g0, mask=s_mask, other=0.0)
+            if ENC == 0:
+                tt = gl.load(mins_ptr + s_off + g0, mask=s_mask, other=0.0)
+            dd = gl.load(xs_ptr + d_off + g0 * MP)
+            xx = gl.load(xs_ptr + d_off + (G + g0) * MP)
+            for gi in gl.static_range(GROUPS):
+                i = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, MMA)
+                for ci in gl.static_range(CHUNKS):
+                    c = gi * CHUNKS + ci
+                    a_op = _a_operand(_pick(p, c, PER_STEP, LP1), BLOCK_N, LB, DOT_A)
+                    b_op = _b_operand(_pick(q, c, PER_STEP, LQ1), BLOCK_M, DOT_B)
+                    i = mma_v2(a_op, b_op, i)
+                s = _pick(st, gi, GROUPS, ROWS).to(gl.float32)
+                if ENC == 0:
+                    t = _pick(tt, gi, GROUPS, ROWS).to(gl.float32)
+                else:
+                    t = -8.0 * s
+                d = _pick(dd, gi, GROUPS, COLS)
+                X = _pick(xx, gi, GROUPS, COLS)
+                sd = gl.expand_dims(s, 1) * gl.expand_dims(d, 0)
+                acc = gl.fma(sd, i.to(gl.float32), acc)
+                acc = gl.fma(gl.expand_dims(t, 1), gl.expand_dims(X, 0), acc)
+
+        rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=ROWS)
+        m_cols = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=COLS)
+        mask = gl.expand_dims(rows < N, 1) & gl.expand_dims(m_cols < M, 0)
+        if SPLIT_K == 1:
+            _write(acc, rows, m_cols, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+        else:
+            # as epilogue.store_result: partials to ws [SPLIT_K, M, N]; the last slice of the
+            # tile to arrive adds them in slice order, writes, and puts the counter back to 0
+            wsp = ws_ptr + gl.expand_dims(m_cols, 0) * N + gl.expand_dims(rows, 1)
+            gl.store(wsp + pid_k * M * N, acc, mask=mask)
+            _cta_barrier()
+            arrived = gl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                total = gl.load(wsp, mask=mask, other=0.0, cache_modifier=".cg")
+                for sk in gl.static_range(1, SPLIT_K):
+                    total += gl.load(wsp + sk * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                _write(total, rows, m_cols, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+                gl.atomic_xchg(lock_ptr + pid, 0)
+
+    @gluon.jit
+    def _write(acc, rows, cols, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS: gl.constexpr):
+        """``out[m, n] = acc[n, m] (+ bias[n])`` in out's dtype."""
+        if HAS_BIAS:
+            bias = gl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(gl.float32)
+            acc = acc + gl.expand_dims(bias, 1)
+        ptr = out_ptr + gl.expand_dims(cols, 0) * stride_om + gl.expand_dims(rows, 1)
+        gl.store(ptr, acc.to(out_ptr.dtype.element_ty), mask=mask)
