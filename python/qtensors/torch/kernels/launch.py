@@ -23,13 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
+from . import mma_int8_gluon
 from .dequant import _levels
 from .epilogue import ENC_IDS
 from .fastlaunch import launch
 from .gemm import gemm_kernel
 from .gemv import gemv_kernel
 from .mma import MMA_ENC, NVFP4_CHUNK, mma_kernel
-from . import mma_int8_gluon
 from .mma_int8 import MMA_INT8_ENC, MMA_INT8_MIN_GROUP, mma_int8_kernel, quantize_kernel
 from .scales import SCALE_FORMATS
 from .tiled import TILED_ENC, dot_kernel, fma_kernel
@@ -898,12 +898,19 @@ MMA_INT8_TABLE: dict[tuple[int, int, int], MmaConfig] = {
 QUANT_GROUPS = 8
 #: run ``mma_int8_gluon.py`` (the same product with hand-set layouts: no shared memory) instead
 #: of ``mma_int8.py`` where it applies (``gluon_applies``): Gluon importable, a CUDA device of
-#: compute capability 8.0+ (``mma.sync`` on int8), codes 4-byte aligned, up to 64 rows
-INT8_MMA_GLUON = False
+#: compute capability 8.0+ (``mma.sync`` on int8), codes 4-byte aligned, up to
+#: ``INT8_MMA_GLUON_MAX_M`` rows. H200 (benches/results/gpu_mma_gluon_probe3_h200.txt, CUDA
+#: graph, the pre-pass included, the routed 32M+ weights at 5-16 rows): affine g64 1.05-1.21x
+#: the ``tl.dot`` kernel (1.23-1.49x cuBLAS bf16), symmetric g64 0.99-1.03x, affine g128
+#: 0.96-1.20x; at 32 rows 0.93-1.13x (not routed)
+INT8_MMA_GLUON = True
 #: ``mma_int8_gluon_kernel``'s configuration: features a program (16 x warps x repeats), groups
 #: a K step (groups x 64-code chunks a step: 1, 2 or 4), K-slices (0: as many as fill the GPU),
-#: warps (``block_m``: 16 up to 16 rows, else 32; ``num_stages`` unused)
-MMA_INT8_GLUON_DEFAULT = MmaConfig(block_m=0, block_n=64, groups=2, split_k=0, num_warps=4)
+#: warps, and as ``num_stages`` the steps of codes loaded ahead (1-3; ``block_m``: 16 up to 16
+#: rows, else 32)
+MMA_INT8_GLUON_DEFAULT = MmaConfig(block_m=0, block_n=64, groups=2, split_k=0, num_warps=2,
+                                   num_stages=2)  # fmt: skip
+INT8_MMA_GLUON_MAX_M = 16
 
 
 @functools.lru_cache(maxsize=4096)
@@ -961,8 +968,11 @@ def _mma_int8_plan(
             groups //= 2
         if groups * chunks > 4:
             raise ValueError(f"the Gluon int8 kernel takes groups of up to 256 codes, not {g}")
+        if cfg.num_stages not in (1, 2, 3):
+            raise ValueError(f"the Gluon int8 kernel loads 1-3 steps ahead, not {cfg.num_stages}")
         meta.update(
             GROUPS=groups,
+            DEPTH=cfg.num_stages,
             **mma_int8_gluon.layouts(cfg.block_n, block_m, cfg.num_warps, groups, chunks),
         )
         step = g * groups
@@ -970,7 +980,7 @@ def _mma_int8_plan(
         meta.update(EMULATE=cuda_index < 0)  # the interpreter runs no inline assembly
     split, k_split = _k_slices(cfg.split_k, n_tiles, M, N, K, step, cuda_index, 2, allow_split)
     if cuda_index >= 0:
-        meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        meta.update(num_warps=cfg.num_warps, num_stages=1 if gluon else cfg.num_stages)
         quant_meta.update(num_warps=1)
     meta.update(SPLIT_K=split)
     quant = (quant_grid, quant_meta, tuple(sorted(quant_meta.items())))
@@ -1034,11 +1044,11 @@ def _gluon_device(cuda_index: int) -> bool:
 
 def gluon_applies(codes: torch.Tensor, cuda_index: int, M: int) -> bool:
     """Whether ``mma_int8_linear`` runs the Gluon kernel by default (``INT8_MMA_GLUON``, Gluon
-    importable, the device, up to 64 rows, codes read as 32-bit words)."""
+    importable, the device, up to ``INT8_MMA_GLUON_MAX_M`` rows, codes read as 32-bit words)."""
     return (
         INT8_MMA_GLUON
         and mma_int8_gluon.HAVE_GLUON
-        and M <= 64
+        and M <= INT8_MMA_GLUON_MAX_M
         and _gluon_device(cuda_index)
         and words_aligned(codes)
     )

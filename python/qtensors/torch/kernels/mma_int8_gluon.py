@@ -93,59 +93,87 @@ def layouts(block_n: int, block_m: int, warps: int, groups: int, chunks: int) ->
     m32 = [[0, 16]] if block_m == 32 else []
 
     def with_last(bases, extra):  # 2-D bases as 3-D ones (0 along the last dim) + ``extra``
-        return [b + [0] for b in bases] + [[0, 0, 1 << i] for i in range(_log2(extra))]
+        return [[*b, 0] for b in bases] + [[0, 0, 1 << i] for i in range(_log2(extra))]
 
     # one chunk's [block_n, 8] 32-bit words of codes: 2 contiguous words (8 bytes) a thread and
     # row; as bytes [block_n, 8, 4], a word's 4 bytes in 4 registers (one, after the nibble ops)
     p_reg = [[0, 1], [8, 0]]
-    p_lane = [[0, 2], [0, 4]] + lanes2
-    # one chunk's [64, block_m] int8 activations as stored: 16 contiguous bytes a thread and row
-    q_reg = [[1, 0], [2, 0], [4, 0], [8, 0], [0, 8]] + m32
-    q_lane = [[16, 0], [32, 0], [0, 1], [0, 2], [0, 4]]
+    p_lane = [[0, 2], [0, 4], *lanes2]
+    # one chunk's [16, block_m] 32-bit words of int8 activations as stored: 4 contiguous words
+    # (16 bytes) a thread and row; as bytes [16, block_m, 4], then [64, block_m]
+    q_reg = [[1, 0], [2, 0], [0, 8], *m32]
+    q_lane = [[4, 0], [8, 0], [0, 1], [0, 2], [0, 4]]
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8])
     return dict(
         MMA=mma,
         DOT_A=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4),
         DOT_B=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4),
         LP1=_linear(p_reg + reps2, p_lane, warps2, [block_n, 8]),
-        LB=_linear([[0, 0, 1], [0, 0, 2]] + with_last(p_reg + reps2, 1), with_last(p_lane, 1),
-                   with_last(warps2, 1), [block_n, 8, 4]),  # fmt: skip
+        LB=_linear(
+            [[0, 0, 1], [0, 0, 2], *with_last(p_reg + reps2, 1)],
+            with_last(p_lane, 1),
+            with_last(warps2, 1),
+            [block_n, 8, 4],
+        ),
         # a step's chunks along a last dim, in registers
-        LP=_linear(with_last(p_reg, per_step) + with_last(reps2, 1), with_last(p_lane, 1),
-                   with_last(warps2, 1), [block_n, 8, per_step]),  # fmt: skip
-        LQ1=_linear(q_reg, q_lane, none2, [64, block_m]),
-        LQ=_linear(with_last(q_reg, per_step), with_last(q_lane, 1), with_last(none2, 1),
-                   [64, block_m, per_step]),  # fmt: skip
+        LP=_linear(
+            with_last(p_reg, per_step) + with_last(reps2, 1),
+            with_last(p_lane, 1),
+            with_last(warps2, 1),
+            [block_n, 8, per_step],
+        ),
+        LQ1=_linear(q_reg, q_lane, none2, [16, block_m]),
+        LQB=_linear(
+            [[0, 0, 1], [0, 0, 2], *with_last(q_reg, 1)],
+            with_last(q_lane, 1),
+            with_last(none2, 1),
+            [16, block_m, 4],
+        ),
+        LQ=_linear(
+            with_last(q_reg, per_step),
+            with_last(q_lane, 1),
+            with_last(none2, 1),
+            [16, block_m, per_step],
+        ),
         # [block_n, groups] scales (or mins): a row's groups contiguous in one thread
-        LS=_linear([[0, 1 << i] for i in range(_log2(groups))] + [[8, 0]] + reps2,
-                   [[0, 0], [0, 0]] + lanes2, warps2, [block_n, groups]),  # fmt: skip
+        LS=_linear(
+            [[0, 1 << i] for i in range(_log2(groups))] + [[8, 0]] + reps2,
+            [[0, 0], [0, 0], *lanes2],
+            warps2,
+            [block_n, groups],
+        ),
         # [block_m, groups] the activations' per-group factors, rows as the accumulator's columns
-        LD=_linear([[1, 0], [8, 0]] + [[16, 0]] * (block_m == 32)
-                   + [[0, 1 << i] for i in range(_log2(groups))],
-                   [[2, 0], [4, 0], [0, 0], [0, 0], [0, 0]], none2, [block_m, groups]),  # fmt: skip
+        LD=_linear(
+            [[1, 0], [8, 0]]
+            + [[16, 0]] * (block_m == 32)
+            + [[0, 1 << i] for i in range(_log2(groups))],
+            [[2, 0], [4, 0], [0, 0], [0, 0], [0, 0]],
+            none2,
+            [block_m, groups],
+        ),
     )
 
 
 if HAVE_GLUON:
 
     @gluon.jit
-    def _nibbles(w, LB: gl.constexpr):
-        """32-bit words of codes ``w [BLOCK_N, 8]`` as their bytes' low and high nibbles (int8
-        ``[BLOCK_N, 8, 4]``), one instruction (two) a word: ``w`` broadcast over the 4 bytes of
-        a word (4 copies of one register), of which the asm reads the first."""
+    def _as_bytes(w, LB: gl.constexpr, ASM: gl.constexpr):
+        """32-bit words ``w [R, C]`` as int8 ``[R, C, 4]`` (layout ``LB``: a word's 4 bytes in
+        4 registers, packed as one): ``ASM`` on each word, which is broadcast over its 4 bytes (4
+        copies of one register) of which the asm reads the first. Why not a plain bitcast:
+        Triton has none that splits elements, and int8 tensors carried across loop iterations
+        are kept one byte a register (a byte permute each)."""
         w3 = gl.expand_dims(gl.convert_layout(w, gl.SliceLayout(2, LB), assert_trivial=True), 2)
         w4 = w3 + gl.zeros([w.shape[0], w.shape[1], 4], gl.int32, LB)  # (folded away)
-        lo = gl.inline_asm_elementwise(
-            "and.b32 $0, $1, 0x0F0F0F0F;", "=r,r,r,r,r", [w4], dtype=gl.int8, is_pure=True, pack=4
-        )
-        hi = gl.inline_asm_elementwise(
-            "{ .reg .b32 t; shr.u32 t, $1, 4; and.b32 $0, t, 0x0F0F0F0F; }",
-            "=r,r,r,r,r",
-            [w4],
-            dtype=gl.int8,
-            is_pure=True,
-            pack=4,
-        )
+        return gl.inline_asm_elementwise(ASM, "=r,r,r,r,r", [w4], dtype=gl.int8, is_pure=True,
+                                         pack=4)  # fmt: skip
+
+    @gluon.jit
+    def _nibbles(w, LB: gl.constexpr):
+        """32-bit words of codes ``w [BLOCK_N, 8]`` as their bytes' low and high nibbles (int8
+        ``[BLOCK_N, 8, 4]``), one instruction (two) a word."""
+        lo = _as_bytes(w, LB, "and.b32 $0, $1, 0x0F0F0F0F;")
+        hi = _as_bytes(w, LB, "{ .reg .b32 t; shr.u32 t, $1, 4; and.b32 $0, t, 0x0F0F0F0F; }")
         return lo, hi
 
     @gluon.jit
@@ -160,10 +188,11 @@ if HAVE_GLUON:
         return gl.convert_layout(a, DOT_A, assert_trivial=True)
 
     @gluon.jit
-    def _b_operand(q, BLOCK_M: gl.constexpr, DOT_B: gl.constexpr):
-        """One chunk's stored activations ``[64, BLOCK_M]`` (layout LQ; slot
-        ``s = 16a + 8h + 4b + c``) as the MMA's B ``[64, BLOCK_M]`` (column
+    def _b_operand(w, BLOCK_M: gl.constexpr, LQB: gl.constexpr, DOT_B: gl.constexpr):
+        """One chunk's stored activations, 32-bit words ``[16, BLOCK_M]`` (layout LQ1; byte
+        slot ``s = 16a + 8h + 4b + c``), as the MMA's B ``[64, BLOCK_M]`` (column
         ``32h + 16b + 4a + c``)."""
+        q = _as_bytes(w, LQB, "mov.b32 $0, $1;").permute([0, 2, 1]).reshape([64, BLOCK_M])
         b = q.reshape([4, 2, 2, 4, BLOCK_M]).permute([1, 2, 0, 3, 4]).reshape([64, BLOCK_M])
         return gl.convert_layout(b, DOT_B, assert_trivial=True)
 
@@ -177,11 +206,32 @@ if HAVE_GLUON:
             lo, hi = gl.split(t)
             r = lo if i == 0 else hi
         else:
-            even, odd = gl.split(t.reshape(t.shape[:-1] + [2, 2]))  # i = 0, 2 and 1, 3
+            # columns 0, 2 and 1, 3 (a list sum: Triton's frontend takes no starred lists)
+            even, odd = gl.split(t.reshape(t.shape[:-1] + [2, 2]))  # noqa: RUF005
             half = even if i % 2 == 0 else odd
             lo, hi = gl.split(half)
             r = lo if i < 2 else hi
         return gl.convert_layout(r, OUT, assert_trivial=True)
+
+    @gluon.jit
+    def _codes(words_ptr, p_off, p_mask, k0):
+        """A step's codes from column ``k0``: ``[BLOCK_N, 8, chunks]`` 32-bit words."""
+        return gl.load(words_ptr + p_off + gl.multiple_of(k0 // 8, 8), mask=p_mask, other=0)
+
+    @gluon.jit
+    def _factors(xw_ptr, q_off, scales_ptr, mins_ptr, s_off, s_mask, xs_ptr, d_off, k0, G, MP,
+                 GS: gl.constexpr, GROUPS: gl.constexpr, ENC: gl.constexpr):  # fmt: skip
+        """A step's activations, scales, mins (symmetric: the scales again, unused) and the
+        activations' per-group ``d`` and sums, from column ``k0``."""
+        q = gl.load(xw_ptr + q_off + gl.multiple_of(k0 // 4, 16))
+        g0 = gl.multiple_of(k0 // GS, GROUPS)
+        st = gl.load(scales_ptr + s_off + g0, mask=s_mask, other=0.0)
+        tt = st
+        if ENC == 0:
+            tt = gl.load(mins_ptr + s_off + g0, mask=s_mask, other=0.0)
+        dd = gl.load(xs_ptr + d_off + g0 * MP)
+        xx = gl.load(xs_ptr + d_off + (G + g0) * MP)
+        return q, st, tt, dd, xx
 
     @gluon.jit(do_not_specialize=["M"])
     def mma_int8_gluon_kernel(
@@ -210,6 +260,7 @@ if HAVE_GLUON:
         BLOCK_N: gl.constexpr,
         SPLIT_K: gl.constexpr,
         GROUPS: gl.constexpr,
+        DEPTH: gl.constexpr,
         MMA: gl.constexpr,
         DOT_A: gl.constexpr,
         DOT_B: gl.constexpr,
@@ -218,6 +269,7 @@ if HAVE_GLUON:
         LB: gl.constexpr,
         LQ: gl.constexpr,
         LQ1: gl.constexpr,
+        LQB: gl.constexpr,
         LS: gl.constexpr,
         LD: gl.constexpr,
     ):
@@ -238,18 +290,21 @@ if HAVE_GLUON:
         # codes: [BLOCK_N, 8, PER_STEP] words, chunk c at word 8 c of the step
         words_ptr = codes_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
         row_words = row_bytes // 4
-        p_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LP)))
+        p_rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LP)))
+        p_rows = pid_n * BLOCK_N + p_rows
         p_cols = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LP)))
         p_chunk = gl.arange(0, PER_STEP, layout=gl.SliceLayout(0, gl.SliceLayout(1, LP)))
         p_off = gl.expand_dims(gl.expand_dims(p_rows, 1) * row_words + gl.expand_dims(p_cols, 0), 2)
         p_off = p_off + gl.expand_dims(gl.expand_dims(p_chunk, 0), 1) * 8
         p_mask = gl.expand_dims(gl.expand_dims(p_rows < N, 1), 2)
-        # activations: [64, BLOCK_M, PER_STEP] int8, chunk c at slot 64 c of the step
-        q_slots = gl.arange(0, 64, layout=gl.SliceLayout(1, gl.SliceLayout(2, LQ)))
-        q_rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, LQ)))
+        # activations: [16, BLOCK_M, PER_STEP] words of int8, chunk c at word 16 c of the step
+        xw_ptr = xq_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+        q_slots = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, LQ)))
+        q_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, LQ)))
+        q_rows = pid_m * BLOCK_M + q_rows
         q_chunk = gl.arange(0, PER_STEP, layout=gl.SliceLayout(0, gl.SliceLayout(1, LQ)))
-        q_off = gl.expand_dims(gl.expand_dims(q_rows, 0) * stride_xm + gl.expand_dims(q_slots, 1), 2)
-        q_off = q_off + gl.expand_dims(gl.expand_dims(q_chunk, 0), 1) * 64
+        q_off = gl.expand_dims(q_rows, 0) * (stride_xm // 4) + gl.expand_dims(q_slots, 1)
+        q_off = gl.expand_dims(q_off, 2) + gl.expand_dims(gl.expand_dims(q_chunk, 0), 1) * 16
         # scales / mins: [BLOCK_N, GROUPS]
         s_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LS))
         s_cols = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, LS))
@@ -263,34 +318,48 @@ if HAVE_GLUON:
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
         k_lo = pid_k * k_split
         k_hi = gl.minimum(K, k_lo + k_split)
-        p_next = gl.load(words_ptr + p_off + gl.multiple_of(k_lo // 8, 8), mask=p_mask, other=0)
+        k_last = k_hi - STEP  # steps past the slice load the last one again (unused)
+        # the codes DEPTH steps ahead (the HBM stream: one step in flight a CTA is not enough
+        # to cover its latency), the rest one step ahead
+        p0 = _codes(words_ptr, p_off, p_mask, k_lo)
+        p1 = p0
+        p2 = p0
+        if DEPTH >= 2:
+            p1 = _codes(words_ptr, p_off, p_mask, gl.minimum(k_lo + STEP, k_last))
+        if DEPTH >= 3:
+            p2 = _codes(words_ptr, p_off, p_mask, gl.minimum(k_lo + 2 * STEP, k_last))
+        q, st, tt, dd, xx = _factors(xw_ptr, q_off, scales_ptr, mins_ptr, s_off, s_mask, xs_ptr,
+                                     d_off, k_lo, G, MP, GS, GROUPS, ENC)  # fmt: skip
         for k0 in range(k_lo, k_hi, STEP):
             k0 = gl.multiple_of(k0, STEP)
-            p = p_next
-            k_n = gl.minimum(k0 + STEP, k_hi - STEP)  # the last step loads itself again
-            p_next = gl.load(words_ptr + p_off + gl.multiple_of(k_n // 8, 8), mask=p_mask,
-                             other=0)  # fmt: skip
-            q = gl.load(xq_ptr + q_off + k0)
-            g0 = gl.multiple_of(k0 // GS, GROUPS)
-            st = gl.load(scales_ptr + s_off + g0, mask=s_mask, other=0.0)
-            if ENC == 0:
-                tt = gl.load(mins_ptr + s_off + g0, mask=s_mask, other=0.0)
-            dd = gl.load(xs_ptr + d_off + g0 * MP)
-            xx = gl.load(xs_ptr + d_off + (G + g0) * MP)
+            p = p0
+            qc, stc, ttc, ddc, xxc = q, st, tt, dd, xx
+            k_n = gl.minimum(k0 + STEP, k_last)
+            if DEPTH == 1:
+                p0 = _codes(words_ptr, p_off, p_mask, k_n)
+            elif DEPTH == 2:
+                p0 = p1
+                p1 = _codes(words_ptr, p_off, p_mask, gl.minimum(k0 + 2 * STEP, k_last))
+            else:
+                p0 = p1
+                p1 = p2
+                p2 = _codes(words_ptr, p_off, p_mask, gl.minimum(k0 + 3 * STEP, k_last))
+            q, st, tt, dd, xx = _factors(xw_ptr, q_off, scales_ptr, mins_ptr, s_off, s_mask,
+                                         xs_ptr, d_off, k_n, G, MP, GS, GROUPS, ENC)  # fmt: skip
             for gi in gl.static_range(GROUPS):
                 i = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, MMA)
                 for ci in gl.static_range(CHUNKS):
                     c = gi * CHUNKS + ci
                     a_op = _a_operand(_pick(p, c, PER_STEP, LP1), BLOCK_N, LB, DOT_A)
-                    b_op = _b_operand(_pick(q, c, PER_STEP, LQ1), BLOCK_M, DOT_B)
+                    b_op = _b_operand(_pick(qc, c, PER_STEP, LQ1), BLOCK_M, LQB, DOT_B)
                     i = mma_v2(a_op, b_op, i)
-                s = _pick(st, gi, GROUPS, ROWS).to(gl.float32)
+                s = _pick(stc, gi, GROUPS, ROWS).to(gl.float32)
                 if ENC == 0:
-                    t = _pick(tt, gi, GROUPS, ROWS).to(gl.float32)
+                    t = _pick(ttc, gi, GROUPS, ROWS).to(gl.float32)
                 else:
                     t = -8.0 * s
-                d = _pick(dd, gi, GROUPS, COLS)
-                X = _pick(xx, gi, GROUPS, COLS)
+                d = _pick(ddc, gi, GROUPS, COLS)
+                X = _pick(xxc, gi, GROUPS, COLS)
                 sd = gl.expand_dims(s, 1) * gl.expand_dims(d, 0)
                 acc = gl.fma(sd, i.to(gl.float32), acc)
                 acc = gl.fma(gl.expand_dims(t, 1), gl.expand_dims(X, 0), acc)

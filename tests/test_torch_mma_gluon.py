@@ -1,0 +1,162 @@
+"""The Gluon W4A8 kernel (``kernels/mma_int8_gluon.py``) where a CPU can check it.
+
+Triton's interpreter does not run Gluon, so: the kernel's index algebra (the codes' bytes to MMA
+columns, the pre-pass's slots) replayed in numpy with the same reshapes and permutes against
+the plain product; the pre-pass's FRAGMENT order under the interpreter (a child process); the
+kernel compiled for sm_90 on the CPU, where every layout conversion is asserted to be a no-op
+and the SASS must use no shared memory; the routing. Its results are checked on the GPU by
+``benches/probe_mma_gluon.py`` (``benches/results/gpu_mma_gluon_probe*_h200.txt``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from qtensors.torch.kernels import launch as L
+from qtensors.torch.kernels import mma_int8_gluon as G
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_fragment_order_is_two_permutations():
+    code_of_k, slot_of_k = G.fragment_order()
+    assert sorted(code_of_k.tolist()) == list(range(64))
+    assert sorted(slot_of_k.tolist()) == list(range(64))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kernel_index_algebra_gives_the_product(seed):
+    """The kernel's A (bytes -> nibbles -> reshape / join / permute) and B (stored slots ->
+    reshape / permute) replayed in numpy: their product is codes @ x for one chunk."""
+    rng = np.random.default_rng(seed)
+    N, M = 24, 5
+    codes = rng.integers(0, 16, (N, 64))
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)  # byte j: 2j lo, 2j+1 hi
+    x = rng.integers(-127, 128, (M, 64))
+    code_of_k, slot_of_k = G.fragment_order()
+    stored = np.empty((M, 64), np.int64)
+    stored[:, slot_of_k] = x[:, code_of_k]  # what the pre-pass writes
+    words = packed.view("<u4")  # [N, 8] words, as the kernel loads them
+    as_bytes = words.view(np.uint8).reshape(N, 8, 4)
+    lo = (as_bytes & 15).reshape(N, 4, 2, 4)
+    hi = (as_bytes >> 4).reshape(N, 4, 2, 4)
+    a = np.stack([lo, hi], -1).transpose(0, 4, 2, 1, 3).reshape(N, 64)
+    q = stored.T.reshape(16, 4, M)  # [16 words, 4 bytes, M]: the loaded words, byte-split
+    q = q.reshape(64, M)
+    b = q.reshape(4, 2, 2, 4, M).transpose(1, 2, 0, 3, 4).reshape(64, M)
+    assert np.array_equal(a.astype(np.int64) @ b, codes @ x.T)
+    # and a wrong mapping (the nibbles not permuted) does not
+    a_plain = np.stack([lo, hi], -1).reshape(N, 64)
+    assert not np.array_equal(a_plain.astype(np.int64) @ b, codes @ x.T)
+
+
+def test_prepass_fragment_order_under_the_interpreter():
+    """``quantize_kernel(FRAGMENT=True)`` stores each chunk's int8 activations at
+    ``fragment_order``'s slots, with the same per-group factors as the halves order."""
+    code = textwrap.dedent(
+        """
+        import numpy as np, torch
+        from qtensors.torch.kernels.mma_int8 import quantize_kernel
+        from qtensors.torch.kernels.mma_int8_gluon import fragment_order
+        torch.manual_seed(0)
+        M, K, GS, MP = 3, 384, 128, 16
+        G = K // GS
+        x = torch.randn(M, K, dtype=torch.bfloat16)
+        out = {}
+        for frag in (True, False):
+            xq = torch.full((MP, K), 99, dtype=torch.int8)
+            xs = torch.full((2, G, MP), 7.0)
+            quantize_kernel[(MP, 1)](x, xq, xs, M, MP, K, G, x.stride(0), GS=GS, GROUPS=8,
+                                     FRAGMENT=frag)
+            out[frag] = (xq.numpy().astype(np.int64), xs)
+        code, slot = fragment_order()
+        nat = np.empty((MP, K), np.int64)  # the halves order back in code order
+        halves = out[False][0].reshape(MP, G, 2, GS // 2)
+        nat.reshape(MP, G, GS // 2, 2)[..., 0] = halves[:, :, 0]
+        nat.reshape(MP, G, GS // 2, 2)[..., 1] = halves[:, :, 1]
+        frag = out[True][0].reshape(MP, K // 64, 64)
+        assert (frag[:, :, slot] == nat.reshape(MP, K // 64, 64)[:, :, code]).all()
+        assert (nat[M:] == 0).all() and nat[:M].any()
+        assert torch.equal(out[True][1], out[False][1])
+        print("ok")
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.path.join(ROOT, "python") + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def _compile(block_n, block_m, warps, groups, gs, enc, split, depth):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    kern = G.mma_int8_gluon_kernel
+    meta = dict(
+        ENC=enc, GS=gs, HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
+        GROUPS=groups, DEPTH=depth, **G.layouts(block_n, block_m, warps, groups, gs // 64),
+    )  # fmt: skip
+    ptrs = dict(xq_ptr="*i8", codes_ptr="*u8", scales_ptr="*fp16", mins_ptr="*fp16",
+                xs_ptr="*fp32", bias_ptr="*bf16", out_ptr="*bf16", ws_ptr="*fp32",
+                lock_ptr="*i32")  # fmt: skip
+    sig = {p: "constexpr" if p in meta else ptrs.get(p, "i32") for p in kern.arg_names}
+    aligned = {"row_bytes", "K", "stride_xm", "G", "MP", "k_split"}
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, p in enumerate(kern.arg_names)
+        if p.endswith("_ptr") or p in aligned
+    }
+    src = GluonASTSource(fn=kern, signature=sig, constexprs=meta, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        (64, 16, 2, 2, 64, 0, 1, 2),  # the routed default
+        (64, 16, 4, 1, 128, 1, 1, 3),
+        (128, 32, 4, 2, 64, 0, 1, 1),
+        (64, 16, 4, 4, 64, 1, 1, 2),
+    ],
+)
+def test_compiles_for_sm90_without_shared_memory(cfg):
+    """Every ``convert_layout`` in the kernel asserts it is trivial (the compile fails
+    otherwise), and nothing is staged through shared memory."""
+    k = _compile(*cfg)
+    assert k.metadata.shared == 0
+    assert "mma.sync.aligned.m16n8k32" in k.asm["ptx"]
+
+
+def test_split_k_epilogue_compiles():
+    k = _compile(64, 16, 4, 2, 64, 0, 4, 2)
+    assert k.metadata.shared <= 1024  # the counter's broadcast only
+    assert "atom.global" in k.asm["ptx"]
+
+
+def test_layouts_refuse_what_the_kernel_cannot_tile():
+    with pytest.raises(ValueError, match="block_n"):
+        G.layouts(32, 16, 4, 2, 1)  # fewer features than 16 a warp
+    with pytest.raises(ValueError, match="block_m"):
+        G.layouts(64, 64, 4, 2, 1)
+    with pytest.raises(ValueError, match="chunks a step"):
+        G.layouts(64, 16, 4, 4, 2)
+
+
+def test_routing(monkeypatch):
+    codes = torch.zeros(64, 32, dtype=torch.uint8)
+    assert not L.gluon_applies(codes, -1, 16)  # not on the CPU
+    monkeypatch.setattr(L, "_gluon_device", lambda index: True)
+    assert L.gluon_applies(codes, 0, 16)
+    assert not L.gluon_applies(codes, 0, L.INT8_MMA_GLUON_MAX_M + 1)
+    assert not L.gluon_applies(codes.view(-1)[1:1025], 0, 16)  # not 4-byte aligned
+    monkeypatch.setattr(L, "INT8_MMA_GLUON", False)
+    assert not L.gluon_applies(codes, 0, 16)
