@@ -900,8 +900,8 @@ QUANT_GROUPS = 8
 #: of ``mma_int8.py`` where it applies (``gluon_applies``): Gluon importable, a CUDA device of
 #: compute capability 8.0+ (``mma.sync`` on int8), codes 4-byte aligned, up to
 #: ``INT8_MMA_GLUON_MAX_M`` rows. H200 (benches/results/gpu_mma_gluon_probe3_h200.txt, CUDA
-#: graph, the pre-pass included, the routed 32M+ weights at 5-16 rows): affine g64 1.05-1.21x
-#: the ``tl.dot`` kernel (1.23-1.49x cuBLAS bf16), symmetric g64 0.99-1.03x, affine g128
+#: graph, the pre-pass included, the routed 32M+ weights at 5-16 rows): affine g64 1.12-1.22x
+#: the ``tl.dot`` kernel (1.31-1.50x cuBLAS bf16), symmetric g64 0.99-1.03x, affine g128
 #: 0.96-1.20x; at 32 rows 0.93-1.13x (not routed)
 INT8_MMA_GLUON = True
 #: ``mma_int8_gluon_kernel``'s configuration: features a program (16 x warps x repeats), groups

@@ -1,0 +1,28 @@
+"""On the GPU: ``mma_int8_linear`` routes 5 and 16 rows to the Gluon W4A8 kernel, and its result,
+through the cached launcher (calls 2 and 3), equals the ``tl.dot`` kernel's.
+
+    PYTHONPATH=python python3 benches/check_gluon_route.py
+"""
+
+import torch
+
+from qtensors.torch.kernels import fastlaunch
+from qtensors.torch.kernels import launch as L
+
+torch.manual_seed(0)
+N, K, g = 8192, 4096, 64
+codes = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device="cuda")
+scales = (torch.rand(N, K // g, device="cuda") * 0.01).half()
+mins = (-torch.rand(N, K // g, device="cuda") * 0.05).half()
+for M in (5, 16):
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    assert L.gluon_applies(codes, 0, M)
+    outs = [L.mma_int8_linear(x, codes, scales, mins, None, N, K, "affine", g) for _ in range(3)]
+    ref = L.mma_int8_linear(x, codes, scales, mins, None, N, K, "affine", g, gluon=False)
+    torch.cuda.synchronize()
+    top = ref.float().abs().max().item()
+    d = max((o.float() - ref.float()).abs().max().item() for o in outs) / top
+    print(f"M={M} routed gluon x3 vs tl.dot: max rel diff {d:.2e}", "ok" if d < 2e-2 else "FAIL")
+names = [getattr(getattr(k[0], "fn", None), "__name__", "") for k in fastlaunch._LAUNCHERS]
+gluon = [n for n in names if "gluon" in n]
+print("cached launchers:", len(gluon))
