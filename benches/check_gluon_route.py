@@ -16,7 +16,7 @@ scales = (torch.rand(N, K // g, device="cuda") * 0.01).half()
 mins = (-torch.rand(N, K // g, device="cuda") * 0.05).half()
 for M in (5, 16):
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    assert L.gluon_applies(codes, 0, M)
+    assert L.gluon_applies(codes, scales, 0, M)
     outs = [L.mma_int8_linear(x, codes, scales, mins, None, N, K, "affine", g) for _ in range(3)]
     ref = L.mma_int8_linear(x, codes, scales, mins, None, N, K, "affine", g, gluon=False)
     torch.cuda.synchronize()

@@ -95,7 +95,7 @@ def test_prepass_fragment_order_under_the_interpreter():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
-def _compile(block_n, block_m, warps, groups, gs, enc, split, depth):
+def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -103,7 +103,7 @@ def _compile(block_n, block_m, warps, groups, gs, enc, split, depth):
     kern = G.mma_int8_gluon_kernel
     meta = dict(
         ENC=enc, GS=gs, HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
-        GROUPS=groups, DEPTH=depth, **G.layouts(block_n, block_m, warps, groups, gs // 64),
+        GROUPS=groups, KSPEC=kspec, **G.layouts(block_n, block_m, warps, groups, gs // 64),
     )  # fmt: skip
     ptrs = dict(xq_ptr="*i8", codes_ptr="*u8", scales_ptr="*fp16", mins_ptr="*fp16",
                 xs_ptr="*fp32", bias_ptr="*bf16", out_ptr="*bf16", ws_ptr="*fp32",
@@ -122,10 +122,10 @@ def _compile(block_n, block_m, warps, groups, gs, enc, split, depth):
 @pytest.mark.parametrize(
     "cfg",
     [
-        (64, 16, 2, 2, 64, 0, 1, 2),  # the routed default
-        (64, 16, 4, 1, 128, 1, 1, 3),
-        (128, 32, 4, 2, 64, 0, 1, 1),
-        (64, 16, 4, 4, 64, 1, 1, 2),
+        (64, 16, 2, 2, 64, 0, 1, 4096),  # the routed default, compiled for K = 4096
+        (64, 16, 4, 1, 128, 1, 1, 0),
+        (128, 32, 4, 2, 64, 0, 1, 0),
+        (64, 16, 4, 4, 64, 1, 1, 2048),
     ],
 )
 def test_compiles_for_sm90_without_shared_memory(cfg):
@@ -133,11 +133,12 @@ def test_compiles_for_sm90_without_shared_memory(cfg):
     otherwise), and nothing is staged through shared memory."""
     k = _compile(*cfg)
     assert k.metadata.shared == 0
-    assert "mma.sync.aligned.m16n8k32" in k.asm["ptx"]
+    assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in k.asm["ptx"]
+    assert "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in k.asm["ptx"]  # min terms
 
 
 def test_split_k_epilogue_compiles():
-    k = _compile(64, 16, 4, 2, 64, 0, 4, 2)
+    k = _compile(64, 16, 4, 2, 64, 0, 4, 0)
     assert k.metadata.shared <= 1024  # the counter's broadcast only
     assert "atom.global" in k.asm["ptx"]
 
@@ -153,10 +154,13 @@ def test_layouts_refuse_what_the_kernel_cannot_tile():
 
 def test_routing(monkeypatch):
     codes = torch.zeros(64, 32, dtype=torch.uint8)
-    assert not L.gluon_applies(codes, -1, 16)  # not on the CPU
+    scales = torch.ones(64, 1, dtype=torch.bfloat16)
+    assert not L.gluon_applies(codes, scales, -1, 16)  # not on the CPU
     monkeypatch.setattr(L, "_gluon_device", lambda index: True)
-    assert L.gluon_applies(codes, 0, 16)
-    assert not L.gluon_applies(codes, 0, L.INT8_MMA_GLUON_MAX_M + 1)
-    assert not L.gluon_applies(codes.view(-1)[1:1025], 0, 16)  # not 4-byte aligned
+    assert L.gluon_applies(codes, scales, 0, 16)
+    assert L.gluon_applies(codes, scales.half(), 0, 16)
+    assert not L.gluon_applies(codes, scales.float(), 0, 16)  # tf32 would round fp32 mins
+    assert not L.gluon_applies(codes, scales, 0, L.INT8_MMA_GLUON_MAX_M + 1)
+    assert not L.gluon_applies(codes.view(-1)[1:1025], scales, 0, 16)  # not 4-byte aligned
     monkeypatch.setattr(L, "INT8_MMA_GLUON", False)
-    assert not L.gluon_applies(codes, 0, 16)
+    assert not L.gluon_applies(codes, scales, 0, 16)

@@ -906,10 +906,12 @@ QUANT_GROUPS = 8
 INT8_MMA_GLUON = True
 #: ``mma_int8_gluon_kernel``'s configuration: features a program (16 x warps x repeats), groups
 #: a K step (groups x 64-code chunks a step: 1, 2 or 4), K-slices (0: as many as fill the GPU),
-#: warps, and as ``num_stages`` the steps of codes loaded ahead (1-3; ``block_m``: 16 up to 16
-#: rows, else 32)
-MMA_INT8_GLUON_DEFAULT = MmaConfig(block_m=0, block_n=64, groups=2, split_k=0, num_warps=2,
-                                   num_stages=2)  # fmt: skip
+#: warps (``block_m``: 16 up to 16 rows, else 32; ``num_stages`` unused: the kernel keeps two
+#: steps in flight)
+MMA_INT8_GLUON_DEFAULT = MmaConfig(block_m=0, block_n=64, groups=2, split_k=0, num_warps=2)
+#: compile the Gluon kernel per K (up to 16 rows): a step's loads become immediate offsets from
+#: one address (sm_90 SASS: 297 -> 288 instructions a step of the routed config)
+GLUON_KSPEC = True
 INT8_MMA_GLUON_MAX_M = 16
 
 
@@ -968,11 +970,9 @@ def _mma_int8_plan(
             groups //= 2
         if groups * chunks > 4:
             raise ValueError(f"the Gluon int8 kernel takes groups of up to 256 codes, not {g}")
-        if cfg.num_stages not in (1, 2, 3):
-            raise ValueError(f"the Gluon int8 kernel loads 1-3 steps ahead, not {cfg.num_stages}")
         meta.update(
             GROUPS=groups,
-            DEPTH=cfg.num_stages,
+            KSPEC=K if GLUON_KSPEC and n_m * block_m == 16 else 0,
             **mma_int8_gluon.layouts(cfg.block_n, block_m, cfg.num_warps, groups, chunks),
         )
         step = g * groups
@@ -1009,7 +1009,7 @@ def mma_int8_linear(
     if done:
         return out
     if gluon is None:
-        gluon = gluon_applies(codes, cuda_index, M)
+        gluon = gluon_applies(codes, scales, cuda_index, M)
     MP, (qgrid, qmeta, qkey), grid, split, k_split, meta, meta_key = _mma_int8_plan(
         M,
         N,
@@ -1042,13 +1042,15 @@ def _gluon_device(cuda_index: int) -> bool:
     return cuda_index >= 0 and torch.cuda.get_device_capability(cuda_index) >= (8, 0)
 
 
-def gluon_applies(codes: torch.Tensor, cuda_index: int, M: int) -> bool:
+def gluon_applies(codes: torch.Tensor, scales: torch.Tensor, cuda_index: int, M: int) -> bool:
     """Whether ``mma_int8_linear`` runs the Gluon kernel by default (``INT8_MMA_GLUON``, Gluon
-    importable, the device, up to ``INT8_MMA_GLUON_MAX_M`` rows, codes read as 32-bit words)."""
+    importable, the device, up to ``INT8_MMA_GLUON_MAX_M`` rows, codes read as 32-bit words,
+    fp16 / bf16 scales: its min terms take them as tf32, exactly)."""
     return (
         INT8_MMA_GLUON
         and mma_int8_gluon.HAVE_GLUON
         and M <= INT8_MMA_GLUON_MAX_M
+        and scales.dtype in (torch.float16, torch.bfloat16)
         and _gluon_device(cuda_index)
         and words_aligned(codes)
     )

@@ -223,19 +223,69 @@ if HAVE_GLUON:
         return gl.load(words_ptr + p_off + gl.multiple_of(k0 // 8, 8), mask=p_mask, other=0)
 
     @gluon.jit
-    def _factors(xw_ptr, q_off, scales_ptr, mins_ptr, s_off, s_mask, xs_ptr, d_off, k0, G, MP,
-                 GS: gl.constexpr, GROUPS: gl.constexpr, ENC: gl.constexpr):  # fmt: skip
-        """A step's activations, scales, mins (symmetric: the scales again, unused) and the
-        activations' per-group ``d`` and sums, from column ``k0``."""
+    def _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k0, MP,
+                 GS: gl.constexpr, GROUPS: gl.constexpr):  # fmt: skip
+        """A step's activations, scales and the activations' per-group ``d``, from column
+        ``k0``."""
         q = gl.load(xw_ptr + q_off + gl.multiple_of(k0 // 4, 16))
         g0 = gl.multiple_of(k0 // GS, GROUPS)
         st = gl.load(scales_ptr + s_off + g0, mask=s_mask, other=0.0)
-        tt = st
-        if ENC == 0:
-            tt = gl.load(mins_ptr + s_off + g0, mask=s_mask, other=0.0)
         dd = gl.load(xs_ptr + d_off + g0 * MP)
-        xx = gl.load(xs_ptr + d_off + (G + g0) * MP)
-        return q, st, tt, dd, xx
+        return q, st, dd
+
+    @gluon.jit
+    def _step(acc, p, q, st, dd, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+              GROUPS: gl.constexpr, CHUNKS: gl.constexpr, MMA: gl.constexpr, DOT_A: gl.constexpr,
+              DOT_B: gl.constexpr, LP1: gl.constexpr, LB: gl.constexpr, LQ1: gl.constexpr,
+              LQB: gl.constexpr):  # fmt: skip
+        """``acc`` plus one K step's scale terms: per group, the int32 sums ``I`` of its chunks'
+        MMAs, then ``(s * d) * I`` (the min terms: ``_min_terms``)."""
+        ROWS: gl.constexpr = gl.SliceLayout(1, MMA)
+        COLS: gl.constexpr = gl.SliceLayout(0, MMA)
+        PER_STEP: gl.constexpr = GROUPS * CHUNKS
+        for gi in gl.static_range(GROUPS):
+            i = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, MMA)
+            for ci in gl.static_range(CHUNKS):
+                c = gi * CHUNKS + ci
+                a_op = _a_operand(_pick(p, c, PER_STEP, LP1), BLOCK_N, LB, DOT_A)
+                b_op = _b_operand(_pick(q, c, PER_STEP, LQ1), BLOCK_M, LQB, DOT_B)
+                i = mma_v2(a_op, b_op, i)
+            s = _pick(st, gi, GROUPS, ROWS).to(gl.float32)
+            d = _pick(dd, gi, GROUPS, COLS)
+            acc = gl.fma(gl.expand_dims(s, 1) * gl.expand_dims(d, 0), i.to(gl.float32), acc)
+        return acc
+
+    @gluon.jit
+    def _min_terms(acc, scales_ptr, mins_ptr, xs_ptr, rows0, cols0, N, G, MP, g_lo, g_hi,
+                   ENC: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                   MMA: gl.constexpr):  # fmt: skip
+        """``acc`` plus ``sum_g t[n, g] X[g, m]`` over groups ``g_lo .. g_hi - 1`` (``t``: the
+        min, or ``-8 s``; ``X``: the group's sum of rounded activations) as a matmul on the
+        tensor cores, 16 groups an MMA: tf32 takes an fp16 / bf16 ``t`` exactly, and ``X`` goes
+        in as two parts (its top 11 bits, then the rest: ~21 bits in all), each product summed
+        in fp32. Per group and element this saves an FMA of the step's epilogue."""
+        T_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=1)
+        X_B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=1)
+        t_rows = rows0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, T_A))
+        t_cols = gl.arange(0, 16, layout=gl.SliceLayout(0, T_A))
+        t_off = gl.expand_dims(t_rows, 1) * G + gl.expand_dims(t_cols, 0)
+        t_rmask = gl.expand_dims(t_rows < N, 1)
+        x_grp = gl.arange(0, 16, layout=gl.SliceLayout(1, X_B))
+        x_cols = cols0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, X_B))
+        x_off = gl.expand_dims(x_grp, 1) * MP + gl.expand_dims(x_cols, 0)
+        for g0 in range(g_lo, g_hi, 16):
+            t_mask = t_rmask & gl.expand_dims(g0 + t_cols < g_hi, 0)
+            if ENC == 0:
+                t = gl.load(mins_ptr + t_off + g0, mask=t_mask, other=0.0).to(gl.float32)
+            else:
+                t = gl.load(scales_ptr + t_off + g0, mask=t_mask, other=0.0).to(gl.float32)
+                t = t * -8.0
+            x_mask = gl.expand_dims(g0 + x_grp < g_hi, 1)
+            X = gl.load(xs_ptr + (G + g0) * MP + x_off, mask=x_mask, other=0.0)
+            hi = (X.to(gl.int32, bitcast=True) & -8192).to(gl.float32, bitcast=True)
+            acc = mma_v2(t, hi, acc, input_precision="tf32")
+            acc = mma_v2(t, X - hi, acc, input_precision="tf32")
+        return acc
 
     @gluon.jit(do_not_specialize=["M"])
     def mma_int8_gluon_kernel(
@@ -264,7 +314,7 @@ if HAVE_GLUON:
         BLOCK_N: gl.constexpr,
         SPLIT_K: gl.constexpr,
         GROUPS: gl.constexpr,
-        DEPTH: gl.constexpr,
+        KSPEC: gl.constexpr,
         MMA: gl.constexpr,
         DOT_A: gl.constexpr,
         DOT_B: gl.constexpr,
@@ -286,6 +336,13 @@ if HAVE_GLUON:
         CHUNKS: gl.constexpr = GS // 64  # MMA chunks a group
         PER_STEP: gl.constexpr = GROUPS * CHUNKS
         STEP: gl.constexpr = GS * GROUPS
+        if KSPEC > 0:
+            # compiled for this K (and 16 padded rows): every row's and group's offset is a
+            # constant, so a step's loads are immediate offsets from one address
+            K = KSPEC
+            row_bytes = KSPEC // 2
+            G = KSPEC // GS
+            MP = 16
         pid = gl.program_id(0)
         pid_k = gl.program_id(1)
         n_m = gl.cdiv(M, BLOCK_M)
@@ -323,50 +380,32 @@ if HAVE_GLUON:
         k_lo = pid_k * k_split
         k_hi = gl.minimum(K, k_lo + k_split)
         k_last = k_hi - STEP  # steps past the slice load the last one again (unused)
-        # the codes DEPTH steps ahead (the HBM stream: one step in flight a CTA is not enough
-        # to cover its latency), the rest one step ahead
-        p0 = _codes(words_ptr, p_off, p_mask, k_lo)
-        p1 = p0
-        p2 = p0
-        if DEPTH >= 2:
-            p1 = _codes(words_ptr, p_off, p_mask, gl.minimum(k_lo + STEP, k_last))
-        if DEPTH >= 3:
-            p2 = _codes(words_ptr, p_off, p_mask, gl.minimum(k_lo + 2 * STEP, k_last))
-        q, st, tt, dd, xx = _factors(xw_ptr, q_off, scales_ptr, mins_ptr, s_off, s_mask, xs_ptr,
-                                     d_off, k_lo, G, MP, GS, GROUPS, ENC)  # fmt: skip
-        for k0 in range(k_lo, k_hi, STEP):
-            k0 = gl.multiple_of(k0, STEP)
-            p = p0
-            qc, stc, ttc, ddc, xxc = q, st, tt, dd, xx
-            k_n = gl.minimum(k0 + STEP, k_last)
-            if DEPTH == 1:
-                p0 = _codes(words_ptr, p_off, p_mask, k_n)
-            elif DEPTH == 2:
-                p0 = p1
-                p1 = _codes(words_ptr, p_off, p_mask, gl.minimum(k0 + 2 * STEP, k_last))
-            else:
-                p0 = p1
-                p1 = p2
-                p2 = _codes(words_ptr, p_off, p_mask, gl.minimum(k0 + 3 * STEP, k_last))
-            q, st, tt, dd, xx = _factors(xw_ptr, q_off, scales_ptr, mins_ptr, s_off, s_mask,
-                                         xs_ptr, d_off, k_n, G, MP, GS, GROUPS, ENC)  # fmt: skip
-            for gi in gl.static_range(GROUPS):
-                i = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, MMA)
-                for ci in gl.static_range(CHUNKS):
-                    c = gi * CHUNKS + ci
-                    a_op = _a_operand(_pick(p, c, PER_STEP, LP1), BLOCK_N, LB, DOT_A)
-                    b_op = _b_operand(_pick(qc, c, PER_STEP, LQ1), BLOCK_M, LQB, DOT_B)
-                    i = mma_v2(a_op, b_op, i)
-                s = _pick(stc, gi, GROUPS, ROWS).to(gl.float32)
-                if ENC == 0:
-                    t = _pick(ttc, gi, GROUPS, ROWS).to(gl.float32)
-                else:
-                    t = -8.0 * s
-                d = _pick(ddc, gi, GROUPS, COLS)
-                X = _pick(xxc, gi, GROUPS, COLS)
-                sd = gl.expand_dims(s, 1) * gl.expand_dims(d, 0)
-                acc = gl.fma(sd, i.to(gl.float32), acc)
-                acc = gl.fma(gl.expand_dims(t, 1), gl.expand_dims(X, 0), acc)
+        # two buffers of a step's operands, the loop unrolled by two: each buffer is refilled
+        # (two steps ahead) as soon as its step is done, with no register copies (a rotation
+        # of one buffer costs ~70 moves a step)
+        pa = _codes(words_ptr, p_off, p_mask, k_lo)
+        qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k_lo, MP,
+                              GS, GROUPS)  # fmt: skip
+        k1 = gl.minimum(k_lo + STEP, k_last)
+        pb = _codes(words_ptr, p_off, p_mask, k1)
+        qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k1, MP,
+                              GS, GROUPS)  # fmt: skip
+        for k0 in range(k_lo, k_hi, 2 * STEP):
+            acc = _step(acc, pa, qa, sa, da, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A, DOT_B,
+                        LP1, LB, LQ1, LQB)  # fmt: skip
+            k2 = gl.minimum(k0 + 2 * STEP, k_last)
+            pa = _codes(words_ptr, p_off, p_mask, k2)
+            qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k2,
+                                  MP, GS, GROUPS)  # fmt: skip
+            if k0 + STEP < k_hi:  # an odd number of steps: the last iteration has one
+                acc = _step(acc, pb, qb, sb, db, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A,
+                            DOT_B, LP1, LB, LQ1, LQB)  # fmt: skip
+            k3 = gl.minimum(k0 + 3 * STEP, k_last)
+            pb = _codes(words_ptr, p_off, p_mask, k3)
+            qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k3,
+                                  MP, GS, GROUPS)  # fmt: skip
+        acc = _min_terms(acc, scales_ptr, mins_ptr, xs_ptr, pid_n * BLOCK_N, pid_m * BLOCK_M, N,
+                         G, MP, k_lo // GS, k_hi // GS, ENC, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
 
         rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=ROWS)
         m_cols = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=COLS)
