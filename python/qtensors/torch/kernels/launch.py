@@ -912,7 +912,7 @@ MMA_INT8_GLUON_DEFAULT = MmaConfig(block_m=0, block_n=64, groups=2, split_k=0, n
 #: compile the Gluon kernel per K (up to 16 rows): a step's loads become immediate offsets from
 #: one address (sm_90 SASS: 297 -> 288 instructions a step of the routed config)
 GLUON_KSPEC = True
-INT8_MMA_GLUON_MAX_M = 16
+INT8_MMA_GLUON_MAX_M = 32
 
 
 @functools.lru_cache(maxsize=4096)
@@ -938,9 +938,11 @@ def _mma_int8_plan(
     else:
         cfg = config or MMA_INT8_TABLE.get((bucket, N, K)) or MMA_INT8_DEFAULT
         block_m = cfg.block_m or max(16, 1 << (M - 1).bit_length())
-    if block_m < 16 or cfg.block_n < 64 or cfg.groups not in (1, 2, 4):
+    fewest_n = 16 * cfg.num_warps if gluon else 64  # Gluon: 16 features a warp, at least
+    if block_m < 16 or cfg.block_n < fewest_n or cfg.groups not in (1, 2, 4):
         raise ValueError(
-            f"the int8 mma kernel needs block_m >= 16, block_n >= 64, groups 1, 2 or 4: {cfg}"
+            f"the int8 mma kernel needs block_m >= 16, block_n >= {fewest_n}, groups 1, 2 or 4:"
+            f" {cfg}"
         )
     if not int8_mma_shape(K, encoding, g):
         raise ValueError(
