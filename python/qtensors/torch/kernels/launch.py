@@ -80,7 +80,8 @@ INT8_ACTIVATIONS = os.environ.get("QTENSORS_INT8_ACTIVATIONS", "1") != "0"
 #: 5-16 rows on the 32M+ weights (symmetric 1.29-1.51x, affine g128 1.27-1.72x), below 1 from 32
 #: rows (where ``mma.py``, routed there now, is further below). Quality: SmolLM2-135M int4-g64
 #: perplexity 19.878 with every linear input rounded per 64 against 19.610 exact (+1.4%; per 16,
-#: the 1-4-row kernel: +0.3%; benches/results/cpu_int8_quality.txt).
+#: the 1-4-row kernel: +0.3%; benches/results/cpu_int8_quality.txt). Up to
+#: ``INT8_MMA_GLUON_MAX_M`` rows the same product runs in ``mma_int8_gluon.py`` (faster; below).
 INT8_MMA_ROWS: tuple[int, int] | None = (5, 64)
 INT8_MMA_MIN_ELEMENTS = 1 << 25
 #: split-K counters per device: tiles of one launch that may split K
@@ -899,10 +900,10 @@ QUANT_GROUPS = 8
 #: run ``mma_int8_gluon.py`` (the same product with hand-set layouts: no shared memory) instead
 #: of ``mma_int8.py`` where it applies (``gluon_applies``): Gluon importable, a CUDA device of
 #: compute capability 8.0+ (``mma.sync`` on int8), codes 4-byte aligned, up to
-#: ``INT8_MMA_GLUON_MAX_M`` rows. H200 (benches/results/gpu_mma_gluon_probe3_h200.txt, CUDA
-#: graph, the pre-pass included, the routed 32M+ weights at 5-16 rows): affine g64 1.12-1.22x
-#: the ``tl.dot`` kernel (1.31-1.50x cuBLAS bf16), symmetric g64 0.99-1.03x, affine g128
-#: 0.96-1.20x; at 32 rows 0.93-1.13x (not routed)
+#: ``INT8_MMA_GLUON_MAX_M`` rows, fp16 / bf16 scales. H200 (benches/results/
+#: gpu_mma_gluon_probe5_h200.txt, CUDA graph, the pre-pass included, the routed 32M+ weights,
+#: affine g64): 1.18-1.21x the ``tl.dot`` kernel at 5-16 rows (1.37-1.56x cuBLAS bf16),
+#: 1.17-1.36x at 32 rows (1.03-1.12x cuBLAS); symmetric g64 1.07-1.11x, affine g128 0.97-1.28x
 INT8_MMA_GLUON = True
 #: ``mma_int8_gluon_kernel``'s configuration: features a program (16 x warps x repeats), groups
 #: a K step (groups x 64-code chunks a step: 1, 2 or 4), K-slices (0: as many as fill the GPU),
