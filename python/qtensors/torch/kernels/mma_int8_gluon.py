@@ -328,8 +328,8 @@ if HAVE_GLUON:
     ):
         """One ``[BLOCK_N, BLOCK_M]`` tile of ``y^T`` from ``quantize_kernel(FRAGMENT=True)``'s
         ``xq`` / ``xs`` (arguments as ``mma_int8_kernel``'s). A K step is ``GROUPS`` groups;
-        its codes are loaded a step ahead (the HBM stream), the rest (cache hits) at its
-        start, all before its first MMA."""
+        two steps' operands are in flight (two buffers, the loop unrolled by two); the min
+        terms follow the loop (``_min_terms``); ``KSPEC``: compiled for that K."""
         ROWS: gl.constexpr = gl.SliceLayout(1, MMA)
         COLS: gl.constexpr = gl.SliceLayout(0, MMA)
         CHUNKS: gl.constexpr = GS // 64  # MMA chunks a group
