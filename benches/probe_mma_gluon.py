@@ -43,24 +43,30 @@ C = L.MmaConfig
 
 
 def run(x, w, cfg=None, gluon=True, bias=None):
+    """``mma_int8_linear``; a config's ``num_stages`` 1 turns ``GLUON_KSPEC`` off for the call."""
     name, _bits, g = w.enc
-    return L.mma_int8_linear(x, w.codes, w.scales, w.mins, bias, w.N, w.K, name, g, cfg, gluon)
+    kspec = L.GLUON_KSPEC
+    L.GLUON_KSPEC = not (cfg is not None and cfg.num_stages == 1)
+    try:
+        return L.mma_int8_linear(x, w.codes, w.scales, w.mins, bias, w.N, w.K, name, g, cfg, gluon)
+    finally:
+        L.GLUON_KSPEC = kspec
 
 
 def configs() -> list:
-    """(features, groups a step, K-slices, warps, steps in flight)."""
+    """(features, groups a step, K-slices, warps; num_stages 2: compiled per K, 1: not)."""
     out = []
-    for bn, groups, split, warps, unroll in [
-        (64, 2, 0, 4, 4), (32, 2, 0, 2, 4), (16, 2, 0, 1, 4), (64, 1, 0, 4, 4), (64, 2, 8, 4, 4),
-        (32, 2, 8, 2, 4), (64, 2, 0, 4, 2), (64, 4, 0, 4, 4),
+    for bn, groups, split, warps, kspec in [
+        (64, 2, 0, 2, 0), (64, 2, 0, 4, 1), (64, 4, 0, 2, 1), (64, 4, 0, 4, 1), (64, 1, 0, 2, 1),
+        (64, 2, 8, 2, 1), (16, 4, 0, 1, 1), (32, 4, 0, 1, 1), (32, 2, 0, 2, 1), (64, 2, 16, 2, 1),
     ]:  # fmt: skip
-        out.append(C(0, bn, groups, split, warps, unroll))
+        out.append(C(0, bn, groups, split, warps, 1 + kspec))
     return out
 
 
 def label(c) -> str:
     split = f"/k{c.split_k}" if c.split_k else ""
-    return f"n{c.block_n}/g{c.groups}/{c.num_warps}w/u{c.num_stages}{split}"
+    return f"n{c.block_n}/g{c.groups}/{c.num_warps}w{'/ks' if c.num_stages != 1 else ''}{split}"
 
 
 def check(case, M, cfg=None, bias=False) -> tuple[float, float, float]:

@@ -95,7 +95,7 @@ def test_prepass_fragment_order_under_the_interpreter():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
-def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec, unroll=2):
+def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -103,8 +103,7 @@ def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec, unroll=2):
     kern = G.mma_int8_gluon_kernel
     meta = dict(
         ENC=enc, GS=gs, HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
-        GROUPS=groups, KSPEC=kspec, UNROLL=unroll,
-        **G.layouts(block_n, block_m, warps, groups, gs // 64),
+        GROUPS=groups, KSPEC=kspec, **G.layouts(block_n, block_m, warps, groups, gs // 64),
     )  # fmt: skip
     ptrs = dict(xq_ptr="*i8", codes_ptr="*u8", scales_ptr="*fp16", mins_ptr="*fp16",
                 xs_ptr="*fp32", bias_ptr="*bf16", out_ptr="*bf16", ws_ptr="*fp32",
@@ -127,7 +126,6 @@ def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec, unroll=2):
         (64, 16, 4, 1, 128, 1, 1, 0),
         (128, 32, 4, 2, 64, 0, 1, 0),
         (64, 16, 4, 4, 64, 1, 1, 2048),
-        (32, 16, 2, 2, 64, 0, 1, 4096, 4),  # four steps in flight
     ],
 )
 def test_compiles_for_sm90_without_shared_memory(cfg):

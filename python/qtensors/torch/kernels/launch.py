@@ -907,10 +907,9 @@ QUANT_GROUPS = 8
 INT8_MMA_GLUON = True
 #: ``mma_int8_gluon_kernel``'s configuration: features a program (16 x warps x repeats), groups
 #: a K step (groups x 64-code chunks a step: 1, 2 or 4), K-slices (0: as many as fill the GPU),
-#: warps, and as ``num_stages`` the steps in flight (2 or 4: buffers, the loop unrolled as many
-#: times; ``block_m``: 16 up to 16 rows, else 32)
-MMA_INT8_GLUON_DEFAULT = MmaConfig(block_m=0, block_n=64, groups=2, split_k=0, num_warps=2,
-                                   num_stages=2)  # fmt: skip
+#: warps (``block_m``: 16 up to 16 rows, else 32; ``num_stages`` unused: the kernel keeps two
+#: steps in flight)
+MMA_INT8_GLUON_DEFAULT = MmaConfig(block_m=0, block_n=64, groups=2, split_k=0, num_warps=2)
 #: compile the Gluon kernel per K (up to 16 rows): a step's loads become immediate offsets from
 #: one address (sm_90 SASS: 297 -> 288 instructions a step of the routed config)
 GLUON_KSPEC = True
@@ -974,11 +973,8 @@ def _mma_int8_plan(
             groups //= 2
         if groups * chunks > 4:
             raise ValueError(f"the Gluon int8 kernel takes groups of up to 256 codes, not {g}")
-        if cfg.num_stages not in (2, 4):
-            raise ValueError(f"the Gluon int8 kernel keeps 2 or 4 steps in flight: {cfg}")
         meta.update(
             GROUPS=groups,
-            UNROLL=cfg.num_stages,
             KSPEC=K if GLUON_KSPEC and n_m * block_m == 16 else 0,
             **mma_int8_gluon.layouts(cfg.block_n, block_m, cfg.num_warps, groups, chunks),
         )

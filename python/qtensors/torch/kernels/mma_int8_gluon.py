@@ -217,16 +217,20 @@ if HAVE_GLUON:
         return gl.convert_layout(r, OUT, assert_trivial=True)
 
     @gluon.jit
-    def _operands(words_ptr, p_off, p_mask, xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr,
-                  d_off, k0, MP, GS: gl.constexpr, GROUPS: gl.constexpr):  # fmt: skip
-        """A step's codes (32-bit words), activations (words of int8), scales and the
-        activations' per-group ``d``, from column ``k0``."""
-        p = gl.load(words_ptr + p_off + gl.multiple_of(k0 // 8, 8), mask=p_mask, other=0)
+    def _codes(words_ptr, p_off, p_mask, k0):
+        """A step's codes from column ``k0``: ``[BLOCK_N, 8, chunks]`` 32-bit words."""
+        return gl.load(words_ptr + p_off + gl.multiple_of(k0 // 8, 8), mask=p_mask, other=0)
+
+    @gluon.jit
+    def _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k0, MP,
+                 GS: gl.constexpr, GROUPS: gl.constexpr):  # fmt: skip
+        """A step's activations, scales and the activations' per-group ``d``, from column
+        ``k0``."""
         q = gl.load(xw_ptr + q_off + gl.multiple_of(k0 // 4, 16))
         g0 = gl.multiple_of(k0 // GS, GROUPS)
         st = gl.load(scales_ptr + s_off + g0, mask=s_mask, other=0.0)
         dd = gl.load(xs_ptr + d_off + g0 * MP)
-        return p, q, st, dd
+        return q, st, dd
 
     @gluon.jit
     def _step(acc, p, q, st, dd, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
@@ -310,7 +314,6 @@ if HAVE_GLUON:
         SPLIT_K: gl.constexpr,
         GROUPS: gl.constexpr,
         KSPEC: gl.constexpr,
-        UNROLL: gl.constexpr,
         MMA: gl.constexpr,
         DOT_A: gl.constexpr,
         DOT_B: gl.constexpr,
@@ -325,9 +328,8 @@ if HAVE_GLUON:
     ):
         """One ``[BLOCK_N, BLOCK_M]`` tile of ``y^T`` from ``quantize_kernel(FRAGMENT=True)``'s
         ``xq`` / ``xs`` (arguments as ``mma_int8_kernel``'s). A K step is ``GROUPS`` groups;
-        ``UNROLL`` (2 or 4) steps' operands are in flight (as many buffers, the loop unrolled
-        as many times); the min terms follow the loop (``_min_terms``); ``KSPEC``: compiled for
-        that K."""
+        two steps' operands are in flight (two buffers, the loop unrolled by two); the min
+        terms follow the loop (``_min_terms``); ``KSPEC``: compiled for that K."""
         ROWS: gl.constexpr = gl.SliceLayout(1, MMA)
         COLS: gl.constexpr = gl.SliceLayout(0, MMA)
         CHUNKS: gl.constexpr = GS // 64  # MMA chunks a group
@@ -377,50 +379,30 @@ if HAVE_GLUON:
         k_lo = pid_k * k_split
         k_hi = gl.minimum(K, k_lo + k_split)
         k_last = k_hi - STEP  # steps past the slice load the last one again (unused)
-        # UNROLL buffers of a step's operands, the loop unrolled as many times: each buffer is
-        # refilled (UNROLL steps ahead) as soon as its step is done, with no register copies
-        # (rotating buffers costs ~70 moves a step, and a move waits for its load)
-        S: gl.constexpr = STEP
-        pa, qa, sa, da = _operands(words_ptr, p_off, p_mask, xw_ptr, q_off, scales_ptr, s_off,
-                                   s_mask, xs_ptr, d_off, k_lo, MP, GS, GROUPS)  # fmt: skip
-        pb, qb, sb, db = _operands(words_ptr, p_off, p_mask, xw_ptr, q_off, scales_ptr, s_off,
-                                   s_mask, xs_ptr, d_off, gl.minimum(k_lo + S, k_last), MP, GS,
-                                   GROUPS)  # fmt: skip
-        if UNROLL == 4:
-            pc, qc, sc, dc = _operands(words_ptr, p_off, p_mask, xw_ptr, q_off, scales_ptr, s_off,
-                                       s_mask, xs_ptr, d_off, gl.minimum(k_lo + 2 * S, k_last),
-                                       MP, GS, GROUPS)  # fmt: skip
-            pd, qd, sd, dd = _operands(words_ptr, p_off, p_mask, xw_ptr, q_off, scales_ptr, s_off,
-                                       s_mask, xs_ptr, d_off, gl.minimum(k_lo + 3 * S, k_last),
-                                       MP, GS, GROUPS)  # fmt: skip
-        for k0 in range(k_lo, k_hi, UNROLL * S):
+        # two buffers of a step's operands, the loop unrolled by two: each buffer is refilled
+        # (two steps ahead) as soon as its step is done, with no register copies (a rotation
+        # of one buffer costs ~70 moves a step)
+        pa = _codes(words_ptr, p_off, p_mask, k_lo)
+        qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k_lo, MP,
+                              GS, GROUPS)  # fmt: skip
+        k1 = gl.minimum(k_lo + STEP, k_last)
+        pb = _codes(words_ptr, p_off, p_mask, k1)
+        qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k1, MP,
+                              GS, GROUPS)  # fmt: skip
+        for k0 in range(k_lo, k_hi, 2 * STEP):
             acc = _step(acc, pa, qa, sa, da, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A, DOT_B,
                         LP1, LB, LQ1, LQB)  # fmt: skip
-            kn = gl.minimum(k0 + UNROLL * S, k_last)
-            pa, qa, sa, da = _operands(words_ptr, p_off, p_mask, xw_ptr, q_off, scales_ptr, s_off,
-                                       s_mask, xs_ptr, d_off, kn, MP, GS, GROUPS)  # fmt: skip
-            # a slice's last iteration may have fewer steps
-            if k0 + S < k_hi:
+            k2 = gl.minimum(k0 + 2 * STEP, k_last)
+            pa = _codes(words_ptr, p_off, p_mask, k2)
+            qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k2,
+                                  MP, GS, GROUPS)  # fmt: skip
+            if k0 + STEP < k_hi:  # an odd number of steps: the last iteration has one
                 acc = _step(acc, pb, qb, sb, db, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A,
                             DOT_B, LP1, LB, LQ1, LQB)  # fmt: skip
-            kn = gl.minimum(k0 + (UNROLL + 1) * S, k_last)
-            pb, qb, sb, db = _operands(words_ptr, p_off, p_mask, xw_ptr, q_off, scales_ptr, s_off,
-                                       s_mask, xs_ptr, d_off, kn, MP, GS, GROUPS)  # fmt: skip
-            if UNROLL == 4:
-                if k0 + 2 * S < k_hi:
-                    acc = _step(acc, pc, qc, sc, dc, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA,
-                                DOT_A, DOT_B, LP1, LB, LQ1, LQB)  # fmt: skip
-                kn = gl.minimum(k0 + 6 * S, k_last)
-                pc, qc, sc, dc = _operands(words_ptr, p_off, p_mask, xw_ptr, q_off, scales_ptr,
-                                           s_off, s_mask, xs_ptr, d_off, kn, MP, GS,
-                                           GROUPS)  # fmt: skip
-                if k0 + 3 * S < k_hi:
-                    acc = _step(acc, pd, qd, sd, dd, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA,
-                                DOT_A, DOT_B, LP1, LB, LQ1, LQB)  # fmt: skip
-                kn = gl.minimum(k0 + 7 * S, k_last)
-                pd, qd, sd, dd = _operands(words_ptr, p_off, p_mask, xw_ptr, q_off, scales_ptr,
-                                           s_off, s_mask, xs_ptr, d_off, kn, MP, GS,
-                                           GROUPS)  # fmt: skip
+            k3 = gl.minimum(k0 + 3 * STEP, k_last)
+            pb = _codes(words_ptr, p_off, p_mask, k3)
+            qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k3,
+                                  MP, GS, GROUPS)  # fmt: skip
         acc = _min_terms(acc, scales_ptr, mins_ptr, xs_ptr, pid_n * BLOCK_N, pid_m * BLOCK_M, N,
                          G, MP, k_lo // GS, k_hi // GS, ENC, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
 
