@@ -4,6 +4,7 @@
     python3 benches/sass_loop_count.py [--encodings affine,symmetric,nf4,mxfp4,nvfp4]
                                        [--block-n 8] [--block-k 2048] [--warps 4]
     python3 benches/sass_loop_count.py --mma [--block-n 128]   # the tensor-core kernels
+    python3 benches/sass_loop_count.py --gluon [--block-n 64 --warps 2]   # mma_int8_gluon.py
     python3 benches/sass_loop_count.py --encodings affine --paired --prefetch --kspec 4096
                                        [--l2-ahead 1] [--pipeline 2] [--stream]  # words_int8
 
@@ -11,7 +12,9 @@ For each encoding, ``words.py`` (exact) and ``words_int8.py`` (int8 activations)
 thread, instructions in the loop (the longest backward branch's body), and per weight (a loop
 step covers ``block_n * block_k / (32 * warps)`` weights a thread). ``--mma``: ``mma.py`` and
 ``mma_int8.py`` (int4 affine / symmetric g64, 16 rows, ``block_n`` features, 3 stages), a loop
-step covering ``block_n * 64 * groups / (32 * warps)`` weights a thread. The figures the README and
+step covering ``block_n * 64 * groups / (32 * warps)`` weights a thread. ``--gluon``:
+``mma_int8_gluon.py`` (int4 g64, 16 rows, 2 groups a step; compiled per K = 4096 and not), whose
+loop (unrolled by two) covers two steps. The figures the README and
 the kernels' docstrings quote come from this script under Triton 3.6 (the H200's); other Triton
 versions lay the same code out differently.
 """
@@ -40,7 +43,9 @@ for _name in ("qtensors", "qtensors.torch"):
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
+from qtensors.torch.kernels import mma_int8_gluon  # noqa: E402
 from qtensors.torch.kernels.mma import MMA_ENC, mma_kernel  # noqa: E402
 from qtensors.torch.kernels.mma_int8 import MMA_INT8_ENC, mma_int8_kernel  # noqa: E402
 from qtensors.torch.kernels.scales import SCALE_FORMATS  # noqa: E402
@@ -65,8 +70,9 @@ def compile_sass(fn, enc: str, bn: int, bk: int, warps: int, int8_opts=None) -> 
                           options)  # fmt: skip
 
 
-def compile_kernel(fn, consts: dict, ptr_types: dict, options: dict) -> tuple[str, int]:
-    """(SASS, registers a thread) of ``fn`` for sm_90 with these constexprs."""
+def compile_kernel(fn, consts: dict, ptr_types: dict, options: dict, source=ASTSource):
+    """(SASS, registers a thread) of ``fn`` for sm_90 with these constexprs (``source``:
+    ``GluonASTSource`` for a Gluon kernel)."""
     ptrs = {"x_ptr": "*bf16", "words_ptr": "*i32", "units_ptr": "*i64", "out_ptr": "*bf16",
             "scales_ptr": "*fp16", "mins_ptr": "*fp16", "levels_ptr": "*fp16",
             "bias_ptr": "*fp16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "codes_ptr": "*u8",
@@ -76,7 +82,7 @@ def compile_kernel(fn, consts: dict, ptr_types: dict, options: dict) -> tuple[st
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if n.endswith("_ptr") or (sig[n] == "i32" and n != "M")}  # fmt: skip
     consts = {k: v for k, v in consts.items() if k in names}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    src = source(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -117,6 +123,7 @@ def main() -> None:
     ap.add_argument("--block-k", type=int, default=2048)
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--mma", action="store_true", help="the tensor-core kernels instead")
+    ap.add_argument("--gluon", action="store_true", help="the Gluon int8 kernel instead")
     ap.add_argument("--paired", action="store_true", help="words_int8: PAIRED (affine)")
     ap.add_argument("--prefetch", action="store_true", help="words_int8: PREFETCH")
     ap.add_argument("--kspec", type=int, default=0, help="words_int8: KSPEC, this K")
@@ -126,6 +133,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.mma:
         mma_counts(a.block_n if a.block_n != 8 else 128)
+        return
+    if a.gluon:
+        gluon_counts(a.block_n if a.block_n != 8 else 64, a.warps if a.warps != 4 else 2)
         return
     weights = a.block_n * a.block_k / (32 * a.warps)  # per thread and loop step
     print(f"# triton {triton.__version__}, sm_90, {a.block_n} features x {a.block_k} codes, "
@@ -164,6 +174,25 @@ def mma_counts(bn: int) -> None:
             top = ", ".join(f"{k} {v}" for k, v in ops.most_common(5))
             print(f"{enc:<10} {name:<17} {regs:4d} regs  loop {n:5d}  {n / weights:5.2f} a weight"
                   f"  ({top})")  # fmt: skip
+
+
+def gluon_counts(bn: int, warps: int) -> None:
+    """``mma_int8_gluon.py``, int4 g64, 16 rows, 2 groups a step, compiled per K or not."""
+    print(f"# triton {triton.__version__}, sm_90, {bn} features x 16 rows, {warps} warps, 2 groups")
+    weights = bn * 64 * 2 * 2 / (32 * warps)  # the loop: two steps
+    for enc in ("affine", "symmetric"):
+        for kspec in (4096, 0):
+            consts = dict(ENC=MMA_INT8_ENC[enc], GS=64, HAS_BIAS=False, BLOCK_M=16, BLOCK_N=bn,
+                          SPLIT_K=1, GROUPS=2, KSPEC=kspec,
+                          **mma_int8_gluon.layouts(bn, 16, warps, 2, 1))  # fmt: skip
+            sass, regs = compile_kernel(mma_int8_gluon.mma_int8_gluon_kernel, consts, {},
+                                        {"num_warps": warps}, GluonASTSource)  # fmt: skip
+            ops = loop_ops(sass)
+            n = sum(ops.values())
+            top = ", ".join(f"{k} {v}" for k, v in ops.most_common(5))
+            name = f"gluon K={kspec or 'any'}"
+            print(f"{enc:<10} {name:<17} {regs:4d} regs  loop {n:5d} (2 steps)  "
+                  f"{n / weights:5.2f} a weight  ({top})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -911,7 +911,9 @@ INT8_MMA_GLUON = True
 #: steps in flight)
 MMA_INT8_GLUON_DEFAULT = MmaConfig(block_m=0, block_n=64, groups=2, split_k=0, num_warps=2)
 #: compile the Gluon kernel per K (up to 16 rows): a step's loads become immediate offsets from
-#: one address (sm_90 SASS: 297 -> 288 instructions a step of the routed config)
+#: one address (sm_90 SASS of the routed config: 234 -> 230 instructions a step,
+#: benches/results/sass_gluon_loop_h200.txt; on the H200 within the runs' noise either way,
+#: gpu_mma_gluon_probe5_h200.txt)
 GLUON_KSPEC = True
 INT8_MMA_GLUON_MAX_M = 32
 

@@ -87,32 +87,21 @@ def quantize_kernel(
     xmask = gmask & (grp * 0 + m < M)  # a tensor: the interpreter's M is an int
     row = x_ptr + m * stride_xm + grp[:, None] * GS
     out = xq_ptr + m * K + grp[:, None] * GS
+    # the code each slot s of the group holds; one gather load (the row is small, read once)
+    s = tl.arange(0, GS)
     if FRAGMENT:
-        s = tl.arange(0, GS)
         r = s % 64
         code = (s - r) + 16 * (r >> 4) + 8 * ((r >> 2) & 1) + 2 * (r & 3) + ((r >> 3) & 1)
-        xv = tl.load(row + code[None, :], mask=xmask[:, None], other=0.0).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(xv), axis=1), 1e-30)  # an all-zero group: zeros
-        d = amax * (1.0 / 127.0)
-        inv = 127.0 / amax
-        q = (xv * inv[:, None] + MAGIC).to(tl.int32, bitcast=True) - MAGIC_BITS
-        tl.store(out + s[None, :], q.to(tl.int8), mask=gmask[:, None])
-        total = tl.sum(q, axis=1).to(tl.float32)
     else:
         HB: tl.constexpr = GS // 2
-        j = tl.arange(0, HB)
-        # two strided loads (the row is small and read once): even and odd k of each group
-        xe = tl.load(row + 2 * j[None, :], mask=xmask[:, None], other=0.0).to(tl.float32)
-        xo = tl.load(row + 2 * j[None, :] + 1, mask=xmask[:, None], other=0.0).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))
-        amax = tl.maximum(amax, 1e-30)  # an all-zero group rounds to zeros
-        d = amax * (1.0 / 127.0)
-        inv = 127.0 / amax
-        qe = (xe * inv[:, None] + MAGIC).to(tl.int32, bitcast=True) - MAGIC_BITS
-        qo = (xo * inv[:, None] + MAGIC).to(tl.int32, bitcast=True) - MAGIC_BITS
-        tl.store(out + j[None, :], qe.to(tl.int8), mask=gmask[:, None])
-        tl.store(out + HB + j[None, :], qo.to(tl.int8), mask=gmask[:, None])
-        total = (tl.sum(qe, axis=1) + tl.sum(qo, axis=1)).to(tl.float32)
+        code = tl.where(s < HB, 2 * s, 2 * (s - HB) + 1)
+    xv = tl.load(row + code[None, :], mask=xmask[:, None], other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(xv), axis=1), 1e-30)  # an all-zero group rounds to zeros
+    d = amax * (1.0 / 127.0)
+    inv = 127.0 / amax
+    q = (xv * inv[:, None] + MAGIC).to(tl.int32, bitcast=True) - MAGIC_BITS
+    tl.store(out + s[None, :], q.to(tl.int8), mask=gmask[:, None])
+    total = tl.sum(q, axis=1).to(tl.float32)
     tl.store(xs_ptr + grp * MP + m, d, mask=gmask)
     tl.store(xs_ptr + (G + grp) * MP + m, d * total, mask=gmask)
 

@@ -14,8 +14,8 @@ scale reaches the accumulator's layout through shared memory and barriers. Gluon
 * which MMA column ``k`` each code becomes is fixed by that choice, so the activations are
   permuted instead: ``quantize_kernel(FRAGMENT=True)`` writes each chunk's int8 activations in the
   order each thread's B fragment reads (16 contiguous bytes a thread and row: one 16-byte load);
-* the scales, mins and the activations' per-group factors are loaded straight into the
-  accumulator's row / column layouts.
+* the scales and the activations' per-group factors are loaded straight into the accumulator's
+  row / column layouts; the min terms are a tf32 matmul after the loop (``_min_terms``).
 
 The mapping, per 64-code chunk of a row: the byte ``j`` (0..31) holds codes ``2j`` (low nibble)
 and ``2j + 1`` (high). Write ``j = 8a + 4b + c`` (a 0..3 the lane in the quad, b 0..1, c 0..3)
