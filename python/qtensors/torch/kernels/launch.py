@@ -915,6 +915,12 @@ MMA_INT8_GLUON_DEFAULT = MmaConfig(block_m=0, block_n=64, groups=2, split_k=0, n
 #: benches/results/sass_gluon_loop_h200.txt; on the H200 within the runs' noise either way,
 #: gpu_mma_gluon_probe5_h200.txt)
 GLUON_KSPEC = True
+#: the Gluon kernel reads codes re-packed per program tile (``mma_int8_gluon`` ``TILED``: 1, or 2
+#: with one 16-byte load a thread and row); 0: as stored. A probe switch: the caller re-packs
+#: (``benches/probe_gluon_tiled.py``)
+GLUON_TILED = 0
+#: diagnostics (wrong results): 1 loads only, 2 every step re-reads the first (cache hits)
+GLUON_DIAG = 0
 INT8_MMA_GLUON_MAX_M = 32
 
 
@@ -930,10 +936,14 @@ def _mma_int8_plan(
     config: MmaConfig | None,
     allow_split: bool,
     gluon: bool = False,
+    kspec: bool = False,
+    tiled: int = 0,
+    diag: int = 0,
 ):
     """(rows padded to whole row tiles, the pre-pass's grid and constexprs, the matmul's grid,
     split, k_split, constexprs and options, their hashable key) of one ``mma_int8`` call
-    (``gluon``: of ``mma_int8_gluon_kernel``)."""
+    (``gluon``: of ``mma_int8_gluon_kernel``; ``kspec``, ``tiled``: ``GLUON_KSPEC``,
+    ``GLUON_TILED`` at the call, arguments so that the cache sees them)."""
     bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
     if gluon:
         cfg = config or MMA_INT8_GLUON_DEFAULT
@@ -977,8 +987,12 @@ def _mma_int8_plan(
             raise ValueError(f"the Gluon int8 kernel takes groups of up to 256 codes, not {g}")
         meta.update(
             GROUPS=groups,
-            KSPEC=K if GLUON_KSPEC and n_m * block_m == 16 else 0,
-            **mma_int8_gluon.layouts(cfg.block_n, block_m, cfg.num_warps, groups, chunks),
+            KSPEC=K if kspec and n_m * block_m == 16 else 0,
+            TILED=tiled,
+            DIAG=diag,
+            **mma_int8_gluon.layouts(
+                cfg.block_n, block_m, cfg.num_warps, groups, chunks, tiled == 2
+            ),
         )
         step = g * groups
     else:
@@ -1026,6 +1040,9 @@ def mma_int8_linear(
         config,
         locks is not None,
         gluon,
+        GLUON_KSPEC,
+        GLUON_TILED,
+        GLUON_DIAG,
     )
     G = K // group_size
     dev = x2.device
