@@ -9,7 +9,7 @@ As stored, a program's K step reads 64 bytes from each of its 64 rows (rows K / 
 checked against the as-stored kernel before it is timed (same arithmetic: equal outputs); the
 re-pack's own time is reported (a one-off at load time, if it were adopted).
 
-    OUT=DIR python3 benches/probe_gluon_tiled.py [--quick | --diag]
+    OUT=DIR python3 benches/probe_gluon_tiled.py [--quick | --diag | --regs]
 """
 
 from __future__ import annotations
@@ -63,6 +63,49 @@ def run(x, w, mode: int, diag: int = 0, cfg=None):
         L.GLUON_TILED, L.GLUON_DIAG = old
 
 
+def registers(gbps: float) -> None:
+    """The kernel capped at 128 registers (8 programs of 2 warps an SM instead of 6), K split
+    as routed or 8 ways, codes as stored or re-packed (``TILED`` 2); checked first."""
+    say()
+    say("## register cap, 16 rows: us (CUDA graph, pre-pass included); x: / as routed")
+    say(f"{'encoding':<17} {'shape':>11} | {'routed':>6} | " + " ".join(
+        f"{lab:>14}" for lab in ("r128", "r128/k8", "t2/r128", "t2/r128/k8", "t2/k8")))  # fmt: skip
+    for ename in ("int4-affine-g64", "int4-sym-g64"):
+        for N, K in S.SHAPES:
+            case = S.Case(ename, N, K)
+            x = case.x(16).to(S.DT)
+            t2 = [Tiled(w, 2) for w in case.ws]
+            ref = run(x, case.ws[0], 0)
+            base = case.time(lambda x_, w: run(x_, w, 0), 16)
+            cells = []
+            for tiled, regs, split in [(0, 128, 0), (0, 128, 8), (2, 128, 0), (2, 128, 8),
+                                       (2, 0, 8)]:  # fmt: skip
+                cfg = L.MmaConfig(0, 64, 2, split, num_warps=2)
+                ws = t2 if tiled else case.ws
+                old = L.GLUON_MAXNREG
+                L.GLUON_MAXNREG = regs
+                try:
+                    got = run(x, ws[0], tiled, 0, cfg)
+                    if not torch.allclose(
+                        got.float(), ref.float(), rtol=2e-2, atol=1e-2 * ref.abs().max().item()
+                    ):
+                        cells.append("differs")
+                        continue
+                    us = S.graph_us(
+                        [lambda w=w, c=cfg, t=tiled, x=x: run(x, w, t, 0, c) for w in ws]
+                    )
+                finally:
+                    L.GLUON_MAXNREG = old
+                cells.append(f"{us:6.1f} {base / us:5.2f}x")
+                RESULTS.setdefault("registers", []).append(
+                    dict(enc=ename, N=N, K=K, tiled=tiled, maxnreg=regs, split=split, us=us,
+                         routed=base)
+                )  # fmt: skip
+            say(f"{ename:<17} {N:>5}x{K:<5} | {base:6.1f} | " + " ".join(f"{c:>14}" for c in cells))
+            del case, t2
+            torch.cuda.empty_cache()
+
+
 def diagnose(gbps: float) -> None:
     """What bounds the kernel: the full kernel, its loads alone (``GLUON_DIAG`` 1: no MMA, the
     loaded words xor-ed), its arithmetic alone (2: every step re-reads the slice's first two,
@@ -94,8 +137,8 @@ def main() -> int:
         f"{'tiled16':>7} {'pre':>5} | {'x cub':>5} {'x stored':>8} {'hbm':>4} | repack us"
     )
     ok = True
-    if "--diag" in sys.argv:
-        diagnose(gbps)
+    if "--diag" in sys.argv or "--regs" in sys.argv:
+        (diagnose if "--diag" in sys.argv else registers)(gbps)
         S.REPORT.write("probe_gluon_tiled", RESULTS)
         return 0
     encs = ["int4-affine-g64"] if QUICK else ["int4-affine-g64", "int4-sym-g64"]

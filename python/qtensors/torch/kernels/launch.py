@@ -921,6 +921,8 @@ GLUON_KSPEC = True
 GLUON_TILED = 0
 #: diagnostics (wrong results): 1 loads only, 2 every step re-reads the first (cache hits)
 GLUON_DIAG = 0
+#: a register cap for the Gluon kernel (ptxas ``.maxnreg``; 0: none): more programs an SM
+GLUON_MAXNREG = 0
 INT8_MMA_GLUON_MAX_M = 32
 
 
@@ -939,6 +941,7 @@ def _mma_int8_plan(
     kspec: bool = False,
     tiled: int = 0,
     diag: int = 0,
+    maxnreg: int = 0,
 ):
     """(rows padded to whole row tiles, the pre-pass's grid and constexprs, the matmul's grid,
     split, k_split, constexprs and options, their hashable key) of one ``mma_int8`` call
@@ -1000,6 +1003,8 @@ def _mma_int8_plan(
     split, k_split = _k_slices(cfg.split_k, n_tiles, M, N, K, step, cuda_index, 2, allow_split)
     if cuda_index >= 0:
         meta.update(num_warps=cfg.num_warps, num_stages=1 if gluon else cfg.num_stages)
+        if gluon and maxnreg:
+            meta.update(maxnreg=maxnreg)
         quant_meta.update(num_warps=1)
     meta.update(SPLIT_K=split)
     quant = (quant_grid, quant_meta, tuple(sorted(quant_meta.items())))
@@ -1043,6 +1048,7 @@ def mma_int8_linear(
         GLUON_KSPEC,
         GLUON_TILED,
         GLUON_DIAG,
+        GLUON_MAXNREG,
     )
     G = K // group_size
     dev = x2.device
