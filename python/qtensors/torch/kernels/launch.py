@@ -915,14 +915,6 @@ MMA_INT8_GLUON_DEFAULT = MmaConfig(block_m=0, block_n=64, groups=2, split_k=0, n
 #: benches/results/sass_gluon_loop_h200.txt; on the H200 within the runs' noise either way,
 #: gpu_mma_gluon_probe5_h200.txt)
 GLUON_KSPEC = True
-#: the Gluon kernel reads codes re-packed per program tile (``mma_int8_gluon`` ``TILED``: 1, or 2
-#: with one 16-byte load a thread and row); 0: as stored. A probe switch: the caller re-packs
-#: (``benches/probe_gluon_tiled.py``)
-GLUON_TILED = 0
-#: diagnostics (wrong results): 1 loads only, 2 every step re-reads the first (cache hits)
-GLUON_DIAG = 0
-#: a register cap for the Gluon kernel (ptxas ``.maxnreg``; 0: none): more programs an SM
-GLUON_MAXNREG = 0
 INT8_MMA_GLUON_MAX_M = 32
 
 
@@ -939,14 +931,11 @@ def _mma_int8_plan(
     allow_split: bool,
     gluon: bool = False,
     kspec: bool = False,
-    tiled: int = 0,
-    diag: int = 0,
-    maxnreg: int = 0,
 ):
     """(rows padded to whole row tiles, the pre-pass's grid and constexprs, the matmul's grid,
     split, k_split, constexprs and options, their hashable key) of one ``mma_int8`` call
-    (``gluon``: of ``mma_int8_gluon_kernel``; ``kspec``, ``tiled``: ``GLUON_KSPEC``,
-    ``GLUON_TILED`` at the call, arguments so that the cache sees them)."""
+    (``gluon``: of ``mma_int8_gluon_kernel``; ``kspec``: ``GLUON_KSPEC`` at the call, an argument
+    so that the cache sees it)."""
     bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
     if gluon:
         cfg = config or MMA_INT8_GLUON_DEFAULT
@@ -991,11 +980,7 @@ def _mma_int8_plan(
         meta.update(
             GROUPS=groups,
             KSPEC=K if kspec and n_m * block_m == 16 else 0,
-            TILED=tiled,
-            DIAG=diag,
-            **mma_int8_gluon.layouts(
-                cfg.block_n, block_m, cfg.num_warps, groups, chunks, tiled == 2
-            ),
+            **mma_int8_gluon.layouts(cfg.block_n, block_m, cfg.num_warps, groups, chunks),
         )
         step = g * groups
     else:
@@ -1003,8 +988,6 @@ def _mma_int8_plan(
     split, k_split = _k_slices(cfg.split_k, n_tiles, M, N, K, step, cuda_index, 2, allow_split)
     if cuda_index >= 0:
         meta.update(num_warps=cfg.num_warps, num_stages=1 if gluon else cfg.num_stages)
-        if gluon and maxnreg:
-            meta.update(maxnreg=maxnreg)
         quant_meta.update(num_warps=1)
     meta.update(SPLIT_K=split)
     quant = (quant_grid, quant_meta, tuple(sorted(quant_meta.items())))
@@ -1046,9 +1029,6 @@ def mma_int8_linear(
         locks is not None,
         gluon,
         GLUON_KSPEC,
-        GLUON_TILED,
-        GLUON_DIAG,
-        GLUON_MAXNREG,
     )
     G = K // group_size
     dev = x2.device

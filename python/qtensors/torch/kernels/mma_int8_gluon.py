@@ -76,15 +76,12 @@ def _linear(reg, lane, warp, shape):
 
 
 @functools.lru_cache(maxsize=64)
-def layouts(
-    block_n: int, block_m: int, warps: int, groups: int, chunks: int, vec16: bool = False
-) -> dict:
+def layouts(block_n: int, block_m: int, warps: int, groups: int, chunks: int) -> dict:
     """The kernel's constexpr layouts for ``block_n`` features (16 a warp, then repeated),
     ``block_m`` rows (16 or 32), ``warps`` warps along the features, ``groups`` groups of
     ``chunks`` 64-code chunks a K step (``groups * chunks`` 1, 2 or 4). Rows and columns as
     the MMA's (``to_linear_layout`` of its operands: lanes hold rows 1, 2, 4 and a register row
-    8, warps the next 16s, registers the repeats). ``vec16``: a step's two chunks of a row's
-    words next to each other in registers (``TILED`` 2: one 16-byte load)."""
+    8, warps the next 16s, registers the repeats)."""
     reps = block_n // (16 * warps)
     per_step = groups * chunks
     if reps < 1 or block_m not in (16, 32) or per_step not in (1, 2, 4):
@@ -123,20 +120,10 @@ def layouts(
         ),
         # a step's chunks along a last dim, in registers
         LP=_linear(
-            (
-                [[0, 1, 0], [0, 0, 1], [8, 0, 0]]
-                if vec16 and per_step == 2
-                else with_last(p_reg, per_step)
-            )
-            + with_last(reps2, 1),
+            with_last(p_reg, per_step) + with_last(reps2, 1),
             with_last(p_lane, 1),
             with_last(warps2, 1),
             [block_n, 8, per_step],
-        ),
-        # TILED 2: a step's [block_n, 16] words as re-packed (a thread's 4 contiguous: one
-        # 16-byte load), which reshape / permute to LP (vec16)
-        LP16=_linear(
-            [[0, 1], [0, 2], [8, 0], *reps2], [[0, 4], [0, 8], *lanes2], warps2, [block_n, 16]
         ),
         LQ1=_linear(q_reg, q_lane, none2, [16, block_m]),
         LQB=_linear(
@@ -230,22 +217,9 @@ if HAVE_GLUON:
         return gl.convert_layout(r, OUT, assert_trivial=True)
 
     @gluon.jit
-    def _codes(words_ptr, p_off, p_mask, p_off16, p_mask16, k0, KMUL: gl.constexpr,
-               TILED: gl.constexpr, BLOCK_N: gl.constexpr, LP: gl.constexpr):  # fmt: skip
-        """A step's codes from column ``k0``: ``[BLOCK_N, 8, chunks]`` 32-bit words (``KMUL``:
-        words a code column, times 8: 1 as stored, ``BLOCK_N`` tiled)."""
-        if TILED == 2:
-            return _codes16(words_ptr, p_off16, p_mask16, k0, BLOCK_N, LP)
-        return gl.load(words_ptr + p_off + gl.multiple_of(k0 * KMUL // 8, 8), mask=p_mask,
-                       other=0)  # fmt: skip
-
-    @gluon.jit
-    def _codes16(words_ptr, p_off16, p_mask16, k0, BLOCK_N: gl.constexpr, LP: gl.constexpr):
-        """``_codes`` of re-packed codes (``TILED`` 2): one 16-byte load a thread and row."""
-        w = gl.load(words_ptr + p_off16 + gl.multiple_of(k0 * BLOCK_N // 8, 8), mask=p_mask16,
-                    other=0)  # fmt: skip
-        w = w.reshape([BLOCK_N, 4, 2, 2]).permute([0, 1, 3, 2]).reshape([BLOCK_N, 8, 2])
-        return gl.convert_layout(w, LP, assert_trivial=True)
+    def _codes(words_ptr, p_off, p_mask, k0):
+        """A step's codes from column ``k0``: ``[BLOCK_N, 8, chunks]`` 32-bit words."""
+        return gl.load(words_ptr + p_off + gl.multiple_of(k0 // 8, 8), mask=p_mask, other=0)
 
     @gluon.jit
     def _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k0, MP,
@@ -340,14 +314,11 @@ if HAVE_GLUON:
         SPLIT_K: gl.constexpr,
         GROUPS: gl.constexpr,
         KSPEC: gl.constexpr,
-        TILED: gl.constexpr,
-        DIAG: gl.constexpr,
         MMA: gl.constexpr,
         DOT_A: gl.constexpr,
         DOT_B: gl.constexpr,
         LP: gl.constexpr,
         LP1: gl.constexpr,
-        LP16: gl.constexpr,
         LB: gl.constexpr,
         LQ: gl.constexpr,
         LQ1: gl.constexpr,
@@ -383,32 +354,9 @@ if HAVE_GLUON:
         p_rows = pid_n * BLOCK_N + p_rows
         p_cols = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LP)))
         p_chunk = gl.arange(0, PER_STEP, layout=gl.SliceLayout(0, gl.SliceLayout(1, LP)))
-        if TILED == 0:
-            KMUL: gl.constexpr = 1
-            p_row_off = p_rows * row_words
-            p_chunk_off = p_chunk * 8
-        else:
-            # re-packed codes: [N / BLOCK_N, K / STEP, BLOCK_N, STEP / 8] words, so a program's
-            # step is one contiguous block (TILED 2: a row's two chunks interleaved by pairs of
-            # words, one 16-byte load a thread and row)
-            KMUL: gl.constexpr = BLOCK_N
-            p_row_off = pid_n * BLOCK_N * row_words + (p_rows - pid_n * BLOCK_N) * (STEP // 8)
-            if TILED == 2:
-                p_cols = (p_cols // 2) * 4 + p_cols % 2
-                p_chunk_off = p_chunk * 2
-            else:
-                p_chunk_off = p_chunk * 8
-        p_off = gl.expand_dims(gl.expand_dims(p_row_off, 1) + gl.expand_dims(p_cols, 0), 2)
-        p_off = p_off + gl.expand_dims(gl.expand_dims(p_chunk_off, 0), 1)
+        p_off = gl.expand_dims(gl.expand_dims(p_rows, 1) * row_words + gl.expand_dims(p_cols, 0), 2)
+        p_off = p_off + gl.expand_dims(gl.expand_dims(p_chunk, 0), 1) * 8
         p_mask = gl.expand_dims(gl.expand_dims(p_rows < N, 1), 2)
-        if TILED == 2:
-            r16 = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LP16))
-            p_off16 = gl.expand_dims(pid_n * BLOCK_N * row_words + (r16 - pid_n * BLOCK_N) * 16, 1)
-            p_off16 = p_off16 + gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(0, LP16)), 0)
-            p_mask16 = gl.expand_dims(r16 < N, 1)
-        else:
-            p_off16 = p_off  # (unused)
-            p_mask16 = p_mask
         # activations: [16, BLOCK_M, PER_STEP] words of int8, chunk c at word 16 c of the step
         xw_ptr = xq_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
         q_slots = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, LQ)))
@@ -434,50 +382,27 @@ if HAVE_GLUON:
         # two buffers of a step's operands, the loop unrolled by two: each buffer is refilled
         # (two steps ahead) as soon as its step is done, with no register copies (a rotation
         # of one buffer costs ~70 moves a step)
-        pa = _codes(words_ptr, p_off, p_mask, p_off16, p_mask16, k_lo, KMUL, TILED, BLOCK_N, LP)
+        pa = _codes(words_ptr, p_off, p_mask, k_lo)
         qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k_lo, MP,
                               GS, GROUPS)  # fmt: skip
         k1 = gl.minimum(k_lo + STEP, k_last)
-        pb = _codes(words_ptr, p_off, p_mask, p_off16, p_mask16, k1, KMUL, TILED, BLOCK_N, LP)
+        pb = _codes(words_ptr, p_off, p_mask, k1)
         qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k1, MP,
                               GS, GROUPS)  # fmt: skip
-        yp = gl.zeros_like(pa)
-        yq = gl.zeros_like(qa)
-        ys = gl.zeros_like(sa).to(gl.float32)
-        yd = gl.zeros_like(da)
         for k0 in range(k_lo, k_hi, 2 * STEP):
-            if DIAG == 1:
-                yp = yp ^ pa
-                yq = yq ^ qa
-                ys = ys + sa.to(gl.float32)
-                yd = yd + da
-            else:
-                acc = _step(acc, pa, qa, sa, da, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A,
-                            DOT_B, LP1, LB, LQ1, LQB)  # fmt: skip
+            acc = _step(acc, pa, qa, sa, da, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A, DOT_B,
+                        LP1, LB, LQ1, LQB)  # fmt: skip
             k2 = gl.minimum(k0 + 2 * STEP, k_last)
-            if DIAG == 2:
-                k2 = k_lo
-            pa = _codes(words_ptr, p_off, p_mask, p_off16, p_mask16, k2, KMUL, TILED, BLOCK_N, LP)
+            pa = _codes(words_ptr, p_off, p_mask, k2)
             qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k2,
                                   MP, GS, GROUPS)  # fmt: skip
             if k0 + STEP < k_hi:  # an odd number of steps: the last iteration has one
-                if DIAG == 1:
-                    yp = yp ^ pb
-                    yq = yq ^ qb
-                    ys = ys + sb.to(gl.float32)
-                    yd = yd + db
-                else:
-                    acc = _step(acc, pb, qb, sb, db, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA,
-                                DOT_A, DOT_B, LP1, LB, LQ1, LQB)  # fmt: skip
+                acc = _step(acc, pb, qb, sb, db, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A,
+                            DOT_B, LP1, LB, LQ1, LQB)  # fmt: skip
             k3 = gl.minimum(k0 + 3 * STEP, k_last)
-            if DIAG == 2:
-                k3 = k1
-            pb = _codes(words_ptr, p_off, p_mask, p_off16, p_mask16, k3, KMUL, TILED, BLOCK_N, LP)
+            pb = _codes(words_ptr, p_off, p_mask, k3)
             qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k3,
                                   MP, GS, GROUPS)  # fmt: skip
-        if DIAG == 1:  # (diagnostic: keep the loads live)
-            t = gl.sum(gl.sum(gl.sum(yp, 2), 1), 0) + gl.sum(gl.sum(gl.sum(yq, 2), 1), 0)
-            acc = acc + t.to(gl.float32) + gl.sum(gl.sum(ys, 1), 0) + gl.sum(gl.sum(yd, 1), 0)
         acc = _min_terms(acc, scales_ptr, mins_ptr, xs_ptr, pid_n * BLOCK_N, pid_m * BLOCK_M, N,
                          G, MP, k_lo // GS, k_hi // GS, ENC, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
 
