@@ -21,7 +21,9 @@ device_map=DEV)`; `qtt` = `qtensors.torch.from_pretrained(q_folder, dtype=float1
 `qtt_nowarm` = the same with `warmup=False`; `hf_qtensors` =
 `AutoModelForCausalLM.from_pretrained(q_folder, dtype=float16, device_map=DEV)` through the
 registered quantizer. Each runs `--repeat` times (default 2) with the page cache warm (after one
-untimed run, which also fills Triton's on-disk cache), once with a fresh Triton cache
+untimed run, which also fills Triton's on-disk cache and Python's bytecode cache: a pip install
+compiles every module, a machine with PYTHONDONTWRITEBYTECODE would not; `--no-bytecode-cache`
+keeps the environment's setting), once with a fresh Triton cache
 (`*_fresh_triton`: what a first-ever run pays), and once with the page cache dropped (`cold`, when
 /proc/sys/vm/drop_caches is writable). Correctness first: the qtensors loaders give identical
 logits, and close to the fp16 model's. Writes JSON and text to $OUT when set. Needs no network.
@@ -243,6 +245,12 @@ def main() -> None:
         help="also qtt_breakdown: load without warm-up, then the warm-up timed per batch size",
     )
     ap.add_argument("--profile", metavar="DIR", help="one more qtt run under cProfile, into DIR")
+    ap.add_argument(
+        "--no-bytecode-cache",
+        action="store_true",
+        help="keep the environment's PYTHONDONTWRITEBYTECODE (by default the children share a"
+        " bytecode cache, filled by the untimed runs, as a pip install's compiled modules)",
+    )
     ap.add_argument("--ways", help="only these warm runs (comma-separated names of the table)")
     ap.add_argument(
         "--quick-phases",
@@ -263,10 +271,20 @@ def main() -> None:
         print(s, flush=True)
         lines.append(s)
 
-    report: dict = {"size": size, "device": args.device}
+    report: dict = {
+        "size": size,
+        "device": args.device,
+        "bytecode_cache": not args.no_bytecode_cache,
+    }
     work = tempfile.mkdtemp(prefix="qtensors-bench-load-")
     triton_cache = os.path.join(work, "triton-cache")
     env = dict(os.environ, TRITON_CACHE_DIR=triton_cache, TOKENIZERS_PARALLELISM="false")
+    if not args.no_bytecode_cache:
+        # Python's bytecode cache as after a pip install (which compiles every module): a
+        # machine with PYTHONDONTWRITEBYTECODE set (the lent H200's image) would otherwise
+        # compile each lazily imported module without a .pyc from source in every process
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = os.path.join(work, "pycache")
     try:
         src, dst, info = make_folders(work, size)
         report["folders"] = info
@@ -324,7 +342,8 @@ def main() -> None:
 
         say(
             f"transformers {runs['qtt'][0]['transformers']}, torch {runs['qtt'][0]['torch']}; "
-            f"medians of {args.repeat} fresh processes (page cache warm) unless marked"
+            f"medians of {args.repeat} fresh processes (page cache warm) unless marked; Python's"
+            f" bytecode cache {'off' if args.no_bytecode_cache else 'shared (filled by the check)'}"
         )
         say(
             f"{'way':28s} {'imports':>8s} {'cuda init':>9s} {'load':>7s} {'1st fwd':>8s} "
