@@ -17,7 +17,9 @@ classes and Llama modules, qtensors.torch) and CUDA's initialisation, then times
 Ways: `hf_fp16` = `AutoModelForCausalLM.from_pretrained(fp16_folder, dtype=float16,
 device_map=DEV)`; `qtt` = `qtensors.torch.from_pretrained(q_folder, dtype=float16, device=DEV)`
 (warm-up on, the default: it skips what an earlier load in this environment warmed,
-`kernels/warm_record.py`); `qtt_warmup_every_load` the same with that record off;
+`kernels/warm_record.py`; and the replica that pays torch's first-use costs during the load,
+`prewarm.py`); `qtt_warmup_every_load` the same with that record off; `qtt_noprewarm` without
+the replica;
 `qtt_nowarm` = the same with `warmup=False`; `hf_qtensors` =
 `AutoModelForCausalLM.from_pretrained(q_folder, dtype=float16, device_map=DEV)` through the
 registered quantizer. Each runs `--repeat` times (default 2) with the page cache warm (after one
@@ -122,6 +124,7 @@ def child(way: str, folder: str, device: str, dump: str | None) -> None:
         "quantized_linears": sum(type(m).__name__ == "QuantizedLinear" for m in model.modules()),
         "warmed": len(res.warmed) if res is not None else 0,
         "warmup_s": res.warmup_seconds if res is not None else 0.0,
+        "prewarm_s": getattr(res, "prewarm_seconds", 0.0) if res is not None else 0.0,
         "transformers": transformers.__version__,
         "torch": torch.__version__,
     }
@@ -314,7 +317,11 @@ def main() -> None:
 
         # qtt with its warm-up record off: every signature warmed on every load, as before it
         # kept one
-        variants = {"qtt_warmup_every_load": dict(env, QTENSORS_WARMUP_RECORD="0")}
+        variants = {
+            "qtt_warmup_every_load": dict(env, QTENSORS_WARMUP_RECORD="0"),
+            # without the background replica that pays torch's first-use costs during the load
+            "qtt_noprewarm": dict(env, QTENSORS_PREWARM="0"),
+        }
         if args.ways:
             keep = set(args.ways.split(","))
             ways = [(w, f) for w, f in ways if w in keep]
@@ -338,7 +345,7 @@ def main() -> None:
                 timed(f"{way}_cold", way, folder, env)
 
         def med(way: str, key: str) -> float:
-            return statistics.median(r[key] for r in runs[way])
+            return statistics.median(r.get(key, 0.0) for r in runs[way])
 
         say(
             f"transformers {runs['qtt'][0]['transformers']}, torch {runs['qtt'][0]['torch']}; "
@@ -347,14 +354,14 @@ def main() -> None:
         )
         say(
             f"{'way':28s} {'imports':>8s} {'cuda init':>9s} {'load':>7s} {'1st fwd':>8s} "
-            f"{'2nd fwd':>8s} {'TTFT':>7s} {'warmup':>7s}"
+            f"{'2nd fwd':>8s} {'TTFT':>7s} {'warmup':>7s} {'prewarm':>7s}"
         )
         for way in runs:
             say(
                 f"{way:28s} {med(way, 'imports_s'):8.2f} {med(way, 'cuda_init_s'):9.2f} "
                 f"{med(way, 'load_s'):7.3f} {med(way, 'first_forward_s'):8.3f} "
                 f"{med(way, 'second_forward_s'):8.4f} {med(way, 'ttft_s'):7.3f} "
-                f"{med(way, 'warmup_s'):7.3f}"
+                f"{med(way, 'warmup_s'):7.3f} {med(way, 'prewarm_s'):7.3f}"
             )
         base = med("hf_fp16", "ttft_s")
         for way in runs:

@@ -83,6 +83,8 @@ class LoadResult:
     tensor_parallel: Any = None
     #: the sibling groups joined (``fuse_siblings``)
     sibling_groups: int = 0
+    #: seconds of ``from_pretrained``'s replica warm-up thread (``prewarm.py``; 0: none ran)
+    prewarm_seconds: float = 0.0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .loading import LoadResult, load_model
+from .prewarm import Prewarm
 
 
 @contextlib.contextmanager
@@ -118,6 +119,7 @@ def from_pretrained(
     warmup: bool = True,
     tp_plan: str | dict[str, str] | None = None,
     fuse_siblings: bool = True,
+    prewarm: bool = True,
     **model_kwargs: Any,
 ) -> nn.Module:
     """A transformers model of a converted qtensors model folder, its weights on ``device``.
@@ -135,6 +137,10 @@ def from_pretrained(
       ``load_model``); the default device is then ``cuda:LOCAL_RANK`` when there are GPUs.
     * ``fuse_siblings``: join the quantized linears that read one input (q/k/v, gate/up), so
       that each group multiplies once (``qtensors.torch.fuse_siblings``; not with ``tp_plan``).
+    * ``prewarm``: on CUDA, while the weights load, a thread runs a one-layer replica of the
+      model (no weights) so that torch's own first-use costs (libraries, lazily loaded kernels)
+      are not paid by the first forward (``qtensors.torch.prewarm``; ``QTENSORS_PREWARM=0``
+      turns it off everywhere).
 
     The model comes back in eval mode; ``model.qtensors_load_result`` says what was loaded.
     """
@@ -146,26 +152,31 @@ def from_pretrained(
         config = transformers.AutoConfig.from_pretrained(folder)
     cls = model_cls or architecture_class(config)
     tdtype = _resolve_dtype(dtype, config)
-    with init_empty_weights(), _no_init_weights():
-        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-            model = cls(config, **model_kwargs)
-        else:
-            model = cls.from_config(config, **model_kwargs)
-    if isinstance(model, transformers.PreTrainedModel):
-        model.tie_weights()  # init_weights ties them, and no_init_weights skipped it
     if tp_plan is not None and device is None and torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    result: LoadResult = load_model(
-        model,
-        folder,
-        device=device,
-        keep_quantized=keep_quantized,
-        dtype=tdtype,
-        warmup=warmup,
-        tp_plan=tp_plan,
-        fuse_siblings=fuse_siblings,
-    )
+    warming = Prewarm(cls, config, device if prewarm else None, tdtype).start()
+    try:
+        with init_empty_weights(), _no_init_weights():
+            if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+                model = cls(config, **model_kwargs)
+            else:
+                model = cls.from_config(config, **model_kwargs)
+        if isinstance(model, transformers.PreTrainedModel):
+            model.tie_weights()  # init_weights ties them, and no_init_weights skipped it
+        result: LoadResult = load_model(
+            model,
+            folder,
+            device=device,
+            keep_quantized=keep_quantized,
+            dtype=tdtype,
+            warmup=warmup,
+            tp_plan=tp_plan,
+            fuse_siblings=fuse_siblings,
+        )
+    finally:
+        prewarm_s = warming.join()
+    result.prewarm_seconds = prewarm_s
     dev = result.device or torch.device("cpu")
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:

@@ -1,0 +1,165 @@
+"""Torch's own first-use costs, paid in the background while a model's weights load.
+
+The first forward of a freshly loaded model spends most of its time on things no weight
+decides: CUDA libraries loaded on first use, each kernel's module loaded lazily on its first
+launch, the attention backend's set-up. On the H200 these were ~0.2 s of a 1.1B Llama's 0.34 s
+first forward, the same with fp16 weights (``benches/results/gpu_load_bytecode_h200.txt``,
+``gpu_load_profile_*``: the attention 65 ms, the rotary embedding 57 ms, ``index_select`` 47 ms,
+``pow`` 29 ms...), against a 0.14 s load.
+
+``Prewarm`` builds a one-layer replica of the model (same class and config, so the same ops in
+the same dtypes and head sizes): its linears are stand-ins that return zeros of the right shape
+(no weights, no matmul), its embedding has a few rows, every parameter and buffer is zeros
+(so that no value can send an index out of range). A thread runs it on the device, a short
+prompt and then one cached decoding step, while the caller reads the real weights: torch
+releases the GIL inside its ops, so both proceed. ``join()`` waits for it; a replica that cannot
+be built or run (an unusual architecture) is skipped with a debug log: it only warms.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: ``QTENSORS_PREWARM=0`` turns it off
+ENABLED = os.environ.get("QTENSORS_PREWARM", "1") != "0"
+#: the replica's prompt: as long as a short chat turn (the same kernels as a longer one)
+PROMPT_TOKENS = 16
+#: rows kept of each embedding table
+EMBED_ROWS = 8
+_LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+class _Zeros(nn.Module):
+    """A linear's stand-in: zeros of its output shape, in the input's dtype and device."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def _one_layer(config: Any) -> Any:
+    cfg = copy.deepcopy(config)
+    for sub in (cfg, getattr(cfg, "text_config", None)):
+        if sub is None:
+            continue
+        for name in _LAYER_COUNTS:
+            if isinstance(getattr(sub, name, None), int):
+                setattr(sub, name, 1)
+        types = getattr(sub, "layer_types", None)
+        if isinstance(types, list) and types:
+            sub.layer_types = types[:1]
+    return cfg
+
+
+def build_replica(cls: Any, config: Any) -> nn.Module:
+    """A one-layer replica of ``cls(config)`` on the meta device: linears as ``_Zeros``,
+    embeddings of ``EMBED_ROWS`` rows."""
+    import transformers
+
+    from .transformers import _no_init_weights, init_empty_weights
+
+    cfg = _one_layer(config)
+    with init_empty_weights(), _no_init_weights():
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            model = cls(cfg)
+        else:
+            model = cls.from_config(cfg)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, _Zeros(child.out_features))
+            elif isinstance(child, nn.Embedding):
+                rows = min(child.num_embeddings, EMBED_ROWS)
+                setattr(parent, name, nn.Embedding(rows, child.embedding_dim, device="meta"))
+    return model.eval()
+
+
+def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
+    model.to_empty(device=device)
+    if dtype is not None:
+        model.to(dtype)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.zero_()
+
+
+def run_replica(model: nn.Module, device: torch.device) -> None:
+    """The replica's forward on a ``PROMPT_TOKENS`` prompt, then one cached step (when the
+    model takes ``use_cache``)."""
+    ids = torch.zeros(1, PROMPT_TOKENS, dtype=torch.long, device=device)
+    with torch.inference_mode():
+        try:
+            out = model(input_ids=ids, use_cache=True)
+        except TypeError:  # no cache argument (encoders)
+            model(input_ids=ids)
+            return
+        past = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if past is not None:
+            # transformers 5.2x names it ``cache`` (``past_key_values`` deprecated)
+            params = inspect.signature(model.forward).parameters
+            name = "cache" if "cache" in params else "past_key_values"
+            step = torch.zeros(1, 1, dtype=torch.long, device=device)
+            model(input_ids=step, use_cache=True, **{name: past})
+
+
+class Prewarm:
+    """``start()`` a thread that pays torch's first-use costs of ``cls(config)`` on ``device``
+    in ``dtype``; ``join()`` waits and returns its seconds (0.0 when it did not run). Only CUDA
+    devices (the CPU has no lazy loading to pay); never raises."""
+
+    def __init__(self, cls: Any, config: Any, device: Any, dtype: torch.dtype | None) -> None:
+        self.device = torch.device(device) if device is not None else None
+        self.dtype = dtype
+        self.seconds = 0.0
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._model: nn.Module | None = None
+        if not ENABLED or self.device is None or self.device.type != "cuda":
+            return
+        try:  # on the caller's thread: it patches nn.Module while building
+            self._model = build_replica(cls, config)
+        except Exception as exc:  # an architecture the replica cannot copy
+            log.debug("prewarm: no replica of %s: %r", getattr(cls, "__name__", cls), exc)
+            self.error = exc
+
+    def start(self) -> Prewarm:
+        if self._model is not None:
+            self._thread = threading.Thread(target=self._run, name="qtensors-prewarm", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            assert self._model is not None and self.device is not None
+            if self.device.index is not None:
+                torch.cuda.set_device(self.device)
+            _materialize(self._model, self.device, self.dtype)
+            run_replica(self._model, self.device)
+            torch.cuda.synchronize(self.device)
+        except Exception as exc:  # it only warms
+            log.debug("prewarm: the replica failed: %r", exc)
+            self.error = exc
+        finally:
+            self._model = None  # its memory goes back now
+            self.seconds = time.perf_counter() - t0
+
+    def join(self) -> float:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        return self.seconds
