@@ -10,8 +10,8 @@ first forward, the same with fp16 weights (``benches/results/gpu_load_bytecode_h
 ``Prewarm`` builds a one-layer replica of the model (same class and config, so the same ops in
 the same dtypes and head sizes): its linears are stand-ins that return zeros of the right shape
 (no weights, no matmul), its embedding has a few rows, every parameter and buffer is zeros
-(so that no value can send an index out of range). A thread runs it on the device, a short
-prompt and then one cached decoding step, while the caller reads the real weights: torch
+(so that no value can send an index out of range). A thread runs it on the device on a short
+prompt while the caller reads the real weights: torch
 releases the GIL inside its ops, so both proceed. ``join()`` waits for it; a replica that cannot
 be built or run (an unusual architecture) is skipped with a debug log: it only warms.
 """
@@ -19,7 +19,6 @@ be built or run (an unusual architecture) is skipped with a debug log: it only w
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import os
 import threading
@@ -98,22 +97,16 @@ def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype | No
 
 
 def run_replica(model: nn.Module, device: torch.device) -> None:
-    """The replica's forward on a ``PROMPT_TOKENS`` prompt, then one cached step (when the
-    model takes ``use_cache``)."""
-    ids = torch.zeros(1, PROMPT_TOKENS, dtype=torch.long, device=device)
+    """The replica's forward on a ``PROMPT_TOKENS`` prompt, and the row gathers a quantized
+    embedding makes (``QuantizedEmbedding``: ``index_select`` of code bytes and of fp16 / bf16
+    scales). Not a decoding step: it would outlast the load (the replica's thread took 0.43 s
+    with one, against a 0.2 s load, ``gpu_load_prewarm_h200.txt``), and the time to first token
+    is what waits for it."""
     with torch.inference_mode():
-        try:
-            out = model(input_ids=ids, use_cache=True)
-        except TypeError:  # no cache argument (encoders)
-            model(input_ids=ids)
-            return
-        past = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        if past is not None:
-            # transformers 5.2x names it ``cache`` (``past_key_values`` deprecated)
-            params = inspect.signature(model.forward).parameters
-            name = "cache" if "cache" in params else "past_key_values"
-            step = torch.zeros(1, 1, dtype=torch.long, device=device)
-            model(input_ids=step, use_cache=True, **{name: past})
+        rows = torch.zeros(2, dtype=torch.long, device=device)
+        for dt in (torch.uint8, torch.float16, torch.bfloat16):
+            torch.zeros(4, 8, dtype=dt, device=device).index_select(0, rows)
+        model(input_ids=torch.zeros(1, PROMPT_TOKENS, dtype=torch.long, device=device))
 
 
 class Prewarm:
