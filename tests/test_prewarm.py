@@ -3,6 +3,8 @@ zeros, contained when it fails, only on CUDA."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 from torch import nn
@@ -79,3 +81,52 @@ def test_switched_off(monkeypatch):
     monkeypatch.setattr(P, "ENABLED", False)
     p = P.Prewarm(transformers.LlamaForCausalLM, _config(), "cuda", torch.float16)
     assert p._model is None and p.start().join() == 0.0
+
+
+class _Recorder:
+    """A ``Prewarm`` stand-in that records how the loaders use it."""
+
+    made: ClassVar[list] = []
+
+    def __init__(self, cls, config, device, dtype):
+        self.args = (cls, config, device, dtype)
+        self.joined = 0
+        _Recorder.made.append(self)
+
+    def start(self):
+        return self
+
+    def join(self):
+        self.joined += 1
+        return 0.25
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    import qtensors as qt
+
+    cfg = _config(2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "src")
+    qt.convert(tmp_path / "src", tmp_path / "dst", quant="int4-g64", keep=["lm_head.weight"])
+    return tmp_path / "dst"
+
+
+def test_both_loaders_start_and_join_it(tiny_folder, monkeypatch):
+    import qtensors.torch as qtt
+    from qtensors.torch import transformers as qt_transformers
+
+    monkeypatch.setattr(P, "Prewarm", _Recorder)
+    monkeypatch.setattr(qt_transformers, "Prewarm", _Recorder)
+    _Recorder.made.clear()
+    model = qtt.from_pretrained(tiny_folder, device="cpu", dtype=torch.float16)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float16)
+    assert len(_Recorder.made) == 2 and all(r.joined == 1 for r in _Recorder.made)
+    for rec, m in zip(_Recorder.made, (model, hf), strict=True):
+        cls, config, device, dtype = rec.args
+        assert cls is transformers.LlamaForCausalLM and config.num_hidden_layers == 2
+        assert torch.device(device).type == "cpu" and dtype == torch.float16
+        assert m.qtensors_load_result.prewarm_seconds == 0.25
+    off = qtt.from_pretrained(tiny_folder, device="cpu", prewarm=False)
+    assert _Recorder.made[-1].args[2] is None  # prewarm=False: no device, so no thread
+    assert off.qtensors_load_result.prewarm_seconds == 0.25

@@ -175,6 +175,7 @@ def _define_classes() -> tuple[type, type]:
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
+    from . import prewarm
     from .loading import load_model, quantized_skeleton
     from .modules import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 
@@ -217,6 +218,7 @@ def _define_classes() -> tuple[type, type]:
             self.folder: str | None = None
             self.device = torch.device("cpu")
             self._hook: Any = None
+            self._prewarm: Any = None
 
         def validate_environment(self, device_map: Any = None, **kwargs: Any) -> None:
             if isinstance(device_map, dict):
@@ -258,6 +260,10 @@ def _define_classes() -> tuple[type, type]:
             if register is None:  # torch < 2.5
                 register = model._register_state_dict_hook
             self._hook = register(_hide_state_dict)
+            # torch's first-use costs, paid by a replica while the weights load (prewarm.py)
+            self._prewarm = prewarm.Prewarm(
+                type(model), model.config, self.device, getattr(model, "dtype", None)
+            ).start()
             return model
 
         def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
@@ -267,10 +273,15 @@ def _define_classes() -> tuple[type, type]:
             assert self.folder is not None
             warmup = bool(getattr(self.quantization_config, "warmup", True))
             fuse = bool(getattr(self.quantization_config, "fuse_siblings", True))
-            result = load_model(
-                model, self.folder, device=self.device, strict=True, warmup=warmup,
-                fuse_siblings=fuse,
-            )  # fmt: skip
+            warming, self._prewarm = self._prewarm, None
+            try:
+                result = load_model(
+                    model, self.folder, device=self.device, strict=True, warmup=warmup,
+                    fuse_siblings=fuse,
+                )  # fmt: skip
+            finally:
+                prewarm_s = warming.join() if warming is not None else 0.0
+            result.prewarm_seconds = prewarm_s
             model.qtensors_load_result = result
             return model
 
