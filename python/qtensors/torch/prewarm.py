@@ -1,19 +1,23 @@
 """Torch's own first-use costs, paid in the background while a model's weights load.
 
 The first forward of a freshly loaded model spends most of its time on things no weight
-decides: CUDA libraries loaded on first use, each kernel's module loaded lazily on its first
-launch, the attention backend's set-up. On the H200 these were ~0.2 s of a 1.1B Llama's 0.34 s
-first forward, the same with fp16 weights (``benches/results/gpu_load_bytecode_h200.txt``,
-``gpu_load_profile_*``: the attention 65 ms, the rotary embedding 57 ms, ``index_select`` 47 ms,
-``pow`` 29 ms...), against a 0.14 s load.
+decides: the first call of each torch op on the device (library and kernel set-up). On the H200
+a 1.1B Llama's first forward took 0.34 s against 0.015 s for the second, with int4 weights as
+with fp16 ones (``benches/results/gpu_load_bytecode_h200.txt``); under the profiler the
+attention's first call took 65 ms, the rotary embedding's 57, ``index_select``'s 47, ``pow``'s
+29 (``gpu_load_profile_qtt_bytecode_h200.txt``), against a 0.14 s load. Loading CUDA modules
+eagerly does not help (2.2 s at start-up, the first forward slower:
+``gpu_load_eager_modules_h200.txt``).
 
 ``Prewarm`` builds a one-layer replica of the model (same class and config, so the same ops in
 the same dtypes and head sizes): its linears are stand-ins that return zeros of the right shape
-(no weights, no matmul), its embedding has a few rows, every parameter and buffer is zeros
-(so that no value can send an index out of range). A thread runs it on the device on a short
-prompt while the caller reads the real weights: torch
-releases the GIL inside its ops, so both proceed. ``join()`` waits for it; a replica that cannot
-be built or run (an unusual architecture) is skipped with a debug log: it only warms.
+(no weights, no matmul), its embedding has a few rows, every parameter and buffer is zeros (so
+that no value can send an index out of range). A thread runs it on the device on a short prompt
+while the caller reads the real weights: torch releases the GIL inside its ops, so both
+proceed. ``join()`` waits for it; a replica that cannot be built or run (an unusual
+architecture) is skipped with a debug log: it only warms. Measured
+(``gpu_load_prewarm_h200.txt``, three runs): the first forward 0.12-0.15 s instead of
+0.42-0.46, the time to first token 0.46-0.58 s against 0.59-0.70 without it.
 """
 
 from __future__ import annotations
