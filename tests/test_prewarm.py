@@ -130,3 +130,26 @@ def test_both_loaders_start_and_join_it(tiny_folder, monkeypatch):
     off = qtt.from_pretrained(tiny_folder, device="cpu", prewarm=False)
     assert _Recorder.made[-1].args[2] is None  # prewarm=False: no device, so no thread
     assert off.qtensors_load_result.prewarm_seconds == 0.25
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda n: (transformers.BertModel, transformers.BertConfig(
+            hidden_size=32, num_hidden_layers=n, num_attention_heads=2, intermediate_size=64,
+            vocab_size=50)),
+        lambda n: (transformers.GPT2LMHeadModel, transformers.GPT2Config(
+            n_embd=32, n_layer=n, n_head=2, vocab_size=50)),
+        lambda n: (transformers.T5ForConditionalGeneration, transformers.T5Config(
+            d_model=32, d_kv=8, d_ff=64, num_layers=n, num_decoder_layers=n, num_heads=4,
+            vocab_size=50, decoder_start_token_id=0)),
+    ],
+)  # fmt: skip
+def test_other_families_are_cut_to_one_layer(make):
+    cls, cfg = make(3)
+    model = P.build_replica(cls, cfg)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    # the same modules as the replica of the family's config written with one layer a stack
+    _, one = make(1)
+    assert len(list(model.modules())) == len(list(P.build_replica(cls, one).modules()))
+    assert len(list(model.modules())) < len(list(cls(cfg).modules()))

@@ -40,7 +40,14 @@ ENABLED = os.environ.get("QTENSORS_PREWARM", "1") != "0"
 PROMPT_TOKENS = 16
 #: rows kept of each embedding table
 EMBED_ROWS = 8
-_LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers")
+_LAYER_COUNTS = (
+    "num_hidden_layers",
+    "n_layer",
+    "num_layers",
+    "num_decoder_layers",
+    "encoder_layers",
+    "decoder_layers",
+)
 
 
 class _Zeros(nn.Module):
