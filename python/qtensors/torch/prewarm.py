@@ -123,7 +123,7 @@ def run_replica(model: nn.Module, device: torch.device) -> None:
 class Prewarm:
     """``start()`` a thread that pays torch's first-use costs of ``cls(config)`` on ``device``
     in ``dtype``; ``join()`` waits and returns its seconds (0.0 when it did not run). Only CUDA
-    devices (the CPU has no lazy loading to pay); never raises."""
+    devices, where it was measured; never raises."""
 
     def __init__(self, cls: Any, config: Any, device: Any, dtype: torch.dtype | None) -> None:
         self.device = torch.device(device) if device is not None else None
