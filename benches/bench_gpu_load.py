@@ -363,9 +363,9 @@ def main() -> None:
                 f"{med(way, 'second_forward_s'):8.4f} {med(way, 'ttft_s'):7.3f} "
                 f"{med(way, 'warmup_s'):7.3f} {med(way, 'prewarm_s'):7.3f}"
             )
-        base = med("hf_fp16", "ttft_s")
+        base = med("hf_fp16", "ttft_s") if "hf_fp16" in runs else None
         for way in runs:
-            if not way.startswith("hf_fp16"):
+            if base is not None and not way.startswith("hf_fp16"):
                 cold = way.endswith("_cold") and "hf_fp16_cold" in runs
                 ref = med("hf_fp16_cold", "ttft_s") if cold else base
                 say(f"TTFT hf_fp16 / {way}: {ref / med(way, 'ttft_s'):.2f}x")
