@@ -90,6 +90,8 @@ class _Recorder:
 
     def __init__(self, cls, config, device, dtype):
         self.args = (cls, config, device, dtype)
+        # the real build, where each loader makes it (inside transformers' own loading too)
+        self.replica = P.build_replica(cls, config)
         self.joined = 0
         _Recorder.made.append(self)
 
@@ -127,6 +129,7 @@ def test_both_loaders_start_and_join_it(tiny_folder, monkeypatch):
         assert cls is transformers.LlamaForCausalLM and config.num_hidden_layers == 2
         assert torch.device(device).type == "cpu" and dtype == torch.float16
         assert m.qtensors_load_result.prewarm_seconds == 0.25
+        assert len(rec.replica.model.layers) == 1 and rec.replica.model.layers[0].self_attn
     off = qtt.from_pretrained(tiny_folder, device="cpu", prewarm=False)
     assert _Recorder.made[-1].args[2] is None  # prewarm=False: no device, so no thread
     assert off.qtensors_load_result.prewarm_seconds == 0.25

@@ -78,16 +78,9 @@ def _one_layer(config: Any) -> Any:
 def build_replica(cls: Any, config: Any) -> nn.Module:
     """A one-layer replica of ``cls(config)`` on the meta device: linears as ``_Zeros``,
     embeddings of ``EMBED_ROWS`` rows."""
-    import transformers
+    from .transformers import build_empty
 
-    from .transformers import _no_init_weights, init_empty_weights
-
-    cfg = _one_layer(config)
-    with init_empty_weights(), _no_init_weights():
-        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-            model = cls(cfg)
-        else:
-            model = cls.from_config(cfg)
+    model = build_empty(cls, _one_layer(config))
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):

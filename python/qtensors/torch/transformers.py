@@ -63,6 +63,17 @@ def _no_init_weights() -> contextlib.AbstractContextManager[Any]:
     return no_init_weights()
 
 
+def build_empty(cls: Any, config: Any, **model_kwargs: Any) -> nn.Module:
+    """``cls`` (a transformers model class, or an Auto class) built from ``config`` with its
+    parameters on the meta device and no weight initialisation."""
+    import transformers
+
+    with init_empty_weights(), _no_init_weights():
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls(config, **model_kwargs)
+        return cls.from_config(config, **model_kwargs)
+
+
 def _resolve_dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -157,11 +168,7 @@ def from_pretrained(
         torch.cuda.set_device(device)
     warming = Prewarm(cls, config, device if prewarm else None, tdtype).start()
     try:
-        with init_empty_weights(), _no_init_weights():
-            if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-                model = cls(config, **model_kwargs)
-            else:
-                model = cls.from_config(config, **model_kwargs)
+        model = build_empty(cls, config, **model_kwargs)
         if isinstance(model, transformers.PreTrainedModel):
             model.tie_weights()  # init_weights ties them, and no_init_weights skipped it
         result: LoadResult = load_model(
