@@ -146,6 +146,14 @@ def test_both_loaders_start_and_join_it(tiny_folder, monkeypatch):
         lambda n: (transformers.T5ForConditionalGeneration, transformers.T5Config(
             d_model=32, d_kv=8, d_ff=64, num_layers=n, num_decoder_layers=n, num_heads=4,
             vocab_size=50, decoder_start_token_id=0)),
+        # an nn.Embedding subclass with its own forward (positions, offset 2)
+        lambda n: (transformers.OPTForCausalLM, transformers.OPTConfig(
+            hidden_size=32, num_hidden_layers=n, ffn_dim=64, num_attention_heads=4,
+            vocab_size=50, word_embed_proj_dim=32)),
+        # a padding index past the rows kept
+        lambda n: (transformers.MistralForCausalLM, transformers.MistralConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=n, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=50, pad_token_id=49)),
     ],
 )  # fmt: skip
 def test_other_families_are_cut_to_one_layer(make):
@@ -156,3 +164,5 @@ def test_other_families_are_cut_to_one_layer(make):
     _, one = make(1)
     assert len(list(model.modules())) == len(list(P.build_replica(cls, one).modules()))
     assert len(list(model.modules())) < len(list(cls(cfg).modules()))
+    P._materialize(model, torch.device("cpu"), torch.float32)
+    P.run_replica(model, torch.device("cpu"))

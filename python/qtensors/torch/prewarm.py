@@ -11,8 +11,8 @@ eagerly does not help (2.2 s at start-up, the first forward slower:
 
 ``Prewarm`` builds a one-layer replica of the model (same class and config, so the same ops in
 the same dtypes and head sizes): its linears are stand-ins that return zeros of the right shape
-(no weights, no matmul), its embedding has a few rows, every parameter and buffer is zeros (so
-that no value can send an index out of range). A thread runs it on the device on a short prompt
+(no weights, no matmul), its embeddings keep a few rows, every parameter and buffer is zeros
+(so that no value can send an index out of range). A thread runs it on the device on a short prompt
 while the caller reads the real weights: torch releases the GIL inside its ops, so both
 proceed. ``join()`` waits for it; a replica that cannot be built or run (an unusual
 architecture) is skipped with a debug log: it only warms. Measured
@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 ENABLED = os.environ.get("QTENSORS_PREWARM", "1") != "0"
 #: the replica's prompt: as long as a short chat turn (the same kernels as a longer one)
 PROMPT_TOKENS = 16
-#: rows kept of each embedding table
-EMBED_ROWS = 8
+#: rows kept of each embedding table: the replica's token ids are zeros, its positions below
+#: ``PROMPT_TOKENS`` (plus a model's offset: OPT's is 2)
+EMBED_ROWS = 32
 _LAYER_COUNTS = (
     "num_hidden_layers",
     "n_layer",
@@ -51,11 +52,15 @@ _LAYER_COUNTS = (
 
 
 class _Zeros(nn.Module):
-    """A linear's stand-in: zeros of its output shape, in the input's dtype and device."""
+    """A linear's stand-in: zeros of its output shape, in the input's dtype and device. It has
+    an empty ``weight`` (no elements: models read its dtype, as T5's feed-forward does) and no
+    bias."""
 
-    def __init__(self, out_features: int) -> None:
+    def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
-        self.out_features = out_features
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, 0, device="meta"))
+        self.bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.new_zeros(*x.shape[:-1], self.out_features)
@@ -77,18 +82,27 @@ def _one_layer(config: Any) -> Any:
 
 def build_replica(cls: Any, config: Any) -> nn.Module:
     """A one-layer replica of ``cls(config)`` on the meta device: linears as ``_Zeros``,
-    embeddings of ``EMBED_ROWS`` rows."""
+    embeddings cut to ``EMBED_ROWS`` rows."""
     from .transformers import build_empty
 
     model = build_empty(cls, _one_layer(config))
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, _Zeros(child.out_features))
+                setattr(parent, name, _Zeros(child.in_features, child.out_features))
             elif isinstance(child, nn.Embedding):
-                rows = min(child.num_embeddings, EMBED_ROWS)
-                setattr(parent, name, nn.Embedding(rows, child.embedding_dim, device="meta"))
+                _shrink(child)
     return model.eval()
+
+
+def _shrink(emb: nn.Embedding) -> None:
+    """``emb`` keeps its class (subclasses have their own forward: OPT's positions, Gemma's
+    scaled tokens) but only its first ``EMBED_ROWS`` rows."""
+    rows = min(emb.num_embeddings, EMBED_ROWS)
+    emb.weight = nn.Parameter(torch.empty(rows, emb.embedding_dim, device="meta"))
+    emb.num_embeddings = rows
+    if emb.padding_idx is not None and emb.padding_idx >= rows:
+        emb.padding_idx = None  # F.embedding refuses an index past the table
 
 
 def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
@@ -110,7 +124,11 @@ def run_replica(model: nn.Module, device: torch.device) -> None:
         rows = torch.zeros(2, dtype=torch.long, device=device)
         for dt in (torch.uint8, torch.float16, torch.bfloat16):
             torch.zeros(4, 8, dtype=dt, device=device).index_select(0, rows)
-        model(input_ids=torch.zeros(1, PROMPT_TOKENS, dtype=torch.long, device=device))
+        ids = torch.zeros(1, PROMPT_TOKENS, dtype=torch.long, device=device)
+        extra = {}
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            extra["decoder_input_ids"] = ids[:, :1]  # T5, BART: the decoder's first step
+        model(input_ids=ids, **extra)
 
 
 class Prewarm:
