@@ -41,8 +41,10 @@ def test_replica_has_one_layer_and_no_weights():
 
 def test_replica_runs_a_prompt_on_zeros():
     model = P.build_replica(transformers.LlamaForCausalLM, _config())
-    P._materialize(model, torch.device("cpu"), torch.float32)
+    P._materialize(model, torch.device("cpu"), torch.bfloat16)
     assert all(not t.is_meta and not t.any() for t in [*model.parameters(), *model.buffers()])
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers keep theirs
     calls = []
     model.register_forward_hook(
         lambda m, a, k, out: calls.append(out.logits.shape), with_kwargs=True

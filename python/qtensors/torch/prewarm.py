@@ -106,9 +106,14 @@ def _shrink(emb: nn.Embedding) -> None:
 
 
 def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
+    """Parameters on ``device`` in ``dtype``, buffers in their own dtypes (as the loaders leave
+    a model's: its rotary frequencies stay fp32), everything zero."""
     model.to_empty(device=device)
     if dtype is not None:
-        model.to(dtype)
+        for m in model.modules():
+            for k, p in m._parameters.items():
+                if p is not None and p.is_floating_point():
+                    m._parameters[k] = nn.Parameter(p.to(dtype), requires_grad=False)
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
             t.zero_()
