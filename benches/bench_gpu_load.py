@@ -124,7 +124,7 @@ def child(way: str, folder: str, device: str, dump: str | None) -> None:
         "quantized_linears": sum(type(m).__name__ == "QuantizedLinear" for m in model.modules()),
         "warmed": len(res.warmed) if res is not None else 0,
         "warmup_s": res.warmup_seconds if res is not None else 0.0,
-        "prewarm_s": getattr(res, "prewarm_seconds", 0.0) if res is not None else 0.0,
+        "prewarm_s": res.prewarm_seconds if res is not None else 0.0,
         "transformers": transformers.__version__,
         "torch": torch.__version__,
     }
@@ -345,7 +345,7 @@ def main() -> None:
                 timed(f"{way}_cold", way, folder, env)
 
         def med(way: str, key: str) -> float:
-            return statistics.median(r.get(key, 0.0) for r in runs[way])
+            return statistics.median(r[key] for r in runs[way])
 
         say(
             f"transformers {runs['qtt'][0]['transformers']}, torch {runs['qtt'][0]['torch']}; "

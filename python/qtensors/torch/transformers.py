@@ -149,8 +149,8 @@ def from_pretrained(
     * ``fuse_siblings``: join the quantized linears that read one input (q/k/v, gate/up), so
       that each group multiplies once (``qtensors.torch.fuse_siblings``; not with ``tp_plan``).
     * ``prewarm``: on CUDA, while the weights load, a thread runs a one-layer replica of the
-      model (no weights) so that torch's own first-use costs (libraries, lazily loaded kernels)
-      are not paid by the first forward (``qtensors.torch.prewarm``; ``QTENSORS_PREWARM=0``
+      model (no weights) so that torch's own first-use costs (the first call of each op on the
+      device) are not paid by the first forward (``qtensors.torch.prewarm``; ``QTENSORS_PREWARM=0``
       turns it off everywhere).
 
     The model comes back in eval mode; ``model.qtensors_load_result`` says what was loaded.
