@@ -19,7 +19,8 @@ device_map=DEV)`; `qtt` = `qtensors.torch.from_pretrained(q_folder, dtype=float1
 (warm-up on, the default: it skips what an earlier load in this environment warmed,
 `kernels/warm_record.py`; and the replica that pays torch's first-use costs during the load,
 `prewarm.py`); `qtt_warmup_every_load` the same with that record off; `qtt_noprewarm` without
-the replica;
+the replica; `qtt_prewarm_torch_only` with a replica of stand-ins (torch's ops only, not our
+kernels); `qtt_prewarm_python_switch` with the replica at Python's own thread switch interval;
 `qtt_nowarm` = the same with `warmup=False`; `hf_qtensors` =
 `AutoModelForCausalLM.from_pretrained(q_folder, dtype=float16, device_map=DEV)` through the
 registered quantizer. Each runs `--repeat` times (default 2) with the page cache warm (after one
@@ -56,6 +57,15 @@ PROMPT = 16
 # ------------------------------------------------------------------------------------------------
 # the child: one fresh process, one way of loading
 # ------------------------------------------------------------------------------------------------
+
+
+def _launchers() -> int:
+    """How many (kernel, specialization) launchers qtensors has set up in this process."""
+    try:
+        from qtensors.torch.kernels import fastlaunch
+    except ImportError:  # no Triton
+        return 0
+    return len(fastlaunch._LAUNCHERS)
 
 
 def child(way: str, folder: str, device: str, dump: str | None) -> None:
@@ -102,10 +112,12 @@ def child(way: str, folder: str, device: str, dump: str | None) -> None:
     sync()
     t3 = time.perf_counter()
     ids = torch.arange(1, PROMPT + 1, device=dev).unsqueeze(0)
+    launchers = _launchers()
     with torch.inference_mode():
         logits = model(ids).logits
         sync()
         t4 = time.perf_counter()
+        launchers = _launchers() - launchers
         if prof is not None:
             prof.disable()
             _write_profile(prof, os.environ["QT_BENCH_PROFILE"], way)
@@ -125,6 +137,10 @@ def child(way: str, folder: str, device: str, dump: str | None) -> None:
         "warmed": len(res.warmed) if res is not None else 0,
         "warmup_s": res.warmup_seconds if res is not None else 0.0,
         "prewarm_s": res.prewarm_seconds if res is not None else 0.0,
+        # our kernel launches the first forward set up (0: the load's replica or warm-up ran
+        # every kernel it needs)
+        "first_forward_new_launchers": launchers,
+        "prewarm_error": res.prewarm_error if res is not None else None,
         "transformers": transformers.__version__,
         "torch": torch.__version__,
     }
@@ -215,15 +231,25 @@ def check(src: str, dst: str, device: str, env: dict, work: str) -> dict:
     import torch
 
     dumps = {}
-    for way, folder in (("hf_fp16", src), ("qtt", dst), ("hf_qtensors", dst)):
-        path = os.path.join(work, f"{way}.pt")
-        run_child(way, folder, device, env, dump=path)
-        dumps[way] = torch.load(path)
+    runs = (("hf_fp16", src, env), ("qtt", dst, env), ("hf_qtensors", dst, env))
+    # the replica shares caches with the model (launchers, plans): its logits must not move
+    runs += (("qtt_noprewarm", dst, dict(env, QTENSORS_PREWARM="0")),)
+    for name, folder, run_env in runs:
+        path = os.path.join(work, f"{name}.pt")
+        run_child(name.replace("_noprewarm", ""), folder, device, run_env, dump=path)
+        dumps[name] = torch.load(path)
     same = torch.equal(dumps["qtt"], dumps["hf_qtensors"])
+    same_unwarmed = torch.equal(dumps["qtt"], dumps["qtt_noprewarm"])
     cos = torch.nn.functional.cosine_similarity(dumps["qtt"], dumps["hf_fp16"], dim=0).item()
     if not same:
         raise AssertionError("qtensors.torch.from_pretrained and transformers' loader differ")
-    return {"qtt_equals_hf_qtensors": same, "cosine_last_logits_vs_fp16": cos}
+    if not same_unwarmed:
+        raise AssertionError("from_pretrained's logits differ with and without the replica")
+    return {
+        "qtt_equals_hf_qtensors": same,
+        "qtt_equals_qtt_noprewarm": same_unwarmed,
+        "cosine_last_logits_vs_fp16": cos,
+    }
 
 
 def drop_caches_ok() -> bool:
@@ -310,7 +336,13 @@ def main() -> None:
         def timed(name: str, way: str, folder: str, child_env: dict) -> None:
             r = run_child(way, folder, args.device, child_env)
             runs.setdefault(name, []).append(r)
-            say(f"  {name}: load {r['load_s']:.3f} s, 1st fwd {r['first_forward_s']:.3f} s")
+            say(
+                f"  {name}: load {r['load_s']:.3f} s, 1st fwd {r['first_forward_s']:.3f} s, "
+                f"prewarm {r['prewarm_s']:.3f} s, launchers set up by the 1st fwd "
+                f"{r['first_forward_new_launchers']}"
+            )
+            if r.get("prewarm_error"):
+                say(f"    the replica failed: {r['prewarm_error']}")
             if "breakdown" in r:
                 say("    " + ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown"].items()))
             write(report, lines)  # what ran so far survives a timeout
@@ -321,6 +353,10 @@ def main() -> None:
             "qtt_warmup_every_load": dict(env, QTENSORS_WARMUP_RECORD="0"),
             # without the background replica that pays torch's first-use costs during the load
             "qtt_noprewarm": dict(env, QTENSORS_PREWARM="0"),
+            # the replica with stand-ins only (torch's ops, not our kernels), as in stop 27
+            "qtt_prewarm_torch_only": dict(env, QTENSORS_PREWARM="torch"),
+            # the replica beside the loader at Python's own 5 ms switch interval
+            "qtt_prewarm_python_switch": dict(env, QTENSORS_PREWARM_SWITCH_US="0"),
         }
         if args.ways:
             keep = set(args.ways.split(","))

@@ -3,6 +3,8 @@ zeros, contained when it fails, only on CUDA."""
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import ClassVar
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from torch import nn
 
 from qtensors.torch import prewarm as P
+from qtensors.torch.modules import QuantizedEmbedding, QuantizedLinear
 
 transformers = pytest.importorskip("transformers")
 
@@ -42,7 +45,8 @@ def test_replica_has_one_layer_and_no_weights():
 def test_replica_runs_a_prompt_on_zeros():
     model = P.build_replica(transformers.LlamaForCausalLM, _config())
     P._materialize(model, torch.device("cpu"), torch.bfloat16)
-    assert all(not t.is_meta and not t.any() for t in [*model.parameters(), *model.buffers()])
+    assert all(not p.is_meta and not p.any() for p in model.parameters())
+    assert all(not b.is_meta and b.device.type == "cpu" for b in model.buffers())
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers keep theirs
     calls = []
@@ -90,11 +94,13 @@ class _Recorder:
 
     made: ClassVar[list] = []
 
-    def __init__(self, cls, config, device, dtype):
+    def __init__(self, cls, config, device, dtype, files=None, fuse_siblings=False):
         self.args = (cls, config, device, dtype)
+        self.files, self.fuse = files, fuse_siblings
         # the real build, where each loader makes it (inside transformers' own loading too)
-        self.replica = P.build_replica(cls, config)
+        self.replica = P.build_replica(cls, config, files, dtype)
         self.joined = 0
+        self.error = RuntimeError("no replica")  # reported, and the load goes on
         _Recorder.made.append(self)
 
     def start(self):
@@ -131,7 +137,11 @@ def test_both_loaders_start_and_join_it(tiny_folder, monkeypatch):
         assert cls is transformers.LlamaForCausalLM and config.num_hidden_layers == 2
         assert torch.device(device).type == "cpu" and dtype == torch.float16
         assert m.qtensors_load_result.prewarm_seconds == 0.25
+        assert m.qtensors_load_result.prewarm_error == "RuntimeError('no replica')"
         assert len(rec.replica.model.layers) == 1 and rec.replica.model.layers[0].self_attn
+        # both give it the folder, so its layers are the quantized ones, joined as the load's
+        assert os.path.samefile(rec.files, tiny_folder) and rec.fuse
+        assert isinstance(rec.replica.model.layers[0].mlp.down_proj, QuantizedLinear)
     off = qtt.from_pretrained(tiny_folder, device="cpu", prewarm=False)
     assert _Recorder.made[-1].args[2] is None  # prewarm=False: no device, so no thread
     assert off.qtensors_load_result.prewarm_seconds == 0.25
@@ -168,3 +178,67 @@ def test_other_families_are_cut_to_one_layer(make):
     assert len(list(model.modules())) < len(list(cls(cfg).modules()))
     P._materialize(model, torch.device("cpu"), torch.float32)
     P.run_replica(model, torch.device("cpu"))
+
+
+def test_replica_from_files_places_the_loaded_layers(tiny_folder):
+    import qtensors.torch as qtt
+    from qtensors.torch.siblings import group_of
+
+    loaded = qtt.from_pretrained(tiny_folder, device="cpu", dtype=torch.float16)
+    cfg = transformers.AutoConfig.from_pretrained(tiny_folder)
+    replica = P.build_replica(transformers.LlamaForCausalLM, cfg, tiny_folder, torch.float16)
+    assert len(replica.model.layers) == 1
+    mine, theirs = replica.model.layers[0], loaded.model.layers[0]
+    for name, m in theirs.named_modules():
+        if isinstance(m, (QuantizedLinear, QuantizedEmbedding)):
+            r = mine.get_submodule(name)
+            assert type(r) is type(m) and r.weight.op_args == m.weight.op_args
+            assert r.weight.dtype == m.weight.dtype and r.weight.codes.is_meta
+    assert isinstance(replica.model.embed_tokens, type(loaded.model.embed_tokens))
+    assert replica.model.embed_tokens.weight.shape == loaded.model.embed_tokens.weight.shape
+    # the LM head is stored raw: a real linear in the load's dtype (cuBLAS warms too)
+    assert type(replica.lm_head) is nn.Linear and replica.lm_head.weight.dtype == torch.float16
+    P._materialize(replica, torch.device("cpu"), torch.float16)
+    assert all(not t.is_meta for t in [*replica.parameters(), *replica.buffers()])
+    assert not mine.mlp.down_proj.weight.codes.any()
+    from qtensors.torch.siblings import fuse_siblings
+
+    assert fuse_siblings(replica) == 2  # q/k/v and gate/up, as the load joined them
+    joined = group_of(mine.self_attn.q_proj)
+    assert joined is not None and joined.op_args == group_of(theirs.self_attn.q_proj).op_args
+    logits = []
+    replica.register_forward_hook(lambda m, a, k, out: logits.append(out.logits), with_kwargs=True)
+    P.run_replica(replica, torch.device("cpu"))
+    assert logits[0].shape == (1, P.PROMPT_TOKENS, cfg.vocab_size) and not logits[0].any()
+
+
+def test_tensors_over_the_cap_get_stand_ins(tiny_folder, monkeypatch):
+    monkeypatch.setattr(P, "MAX_TENSOR_BYTES", 1024)
+    cfg = transformers.AutoConfig.from_pretrained(tiny_folder)
+    replica = P.build_replica(transformers.LlamaForCausalLM, cfg, tiny_folder, torch.float16)
+    # the LM head (96 x 64 fp16) is over the cap, the norms are not
+    assert isinstance(replica.lm_head, P._Zeros)
+    assert replica.model.norm.weight.dtype == torch.float16
+    assert not any(isinstance(m, QuantizedLinear) for m in replica.modules())
+    assert replica.model.embed_tokens.num_embeddings == P.EMBED_ROWS
+
+
+def test_switch_interval_lowered_while_a_replica_runs(monkeypatch):
+    before = sys.getswitchinterval()
+    seen = []
+    monkeypatch.setattr(P, "_materialize", lambda *a: seen.append(sys.getswitchinterval()))
+    monkeypatch.setattr(P, "run_replica", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: None)
+    p = P.Prewarm(transformers.LlamaForCausalLM, _config(), "cuda:0", torch.float16).start()
+    p.join()
+    low = pytest.approx(min(before, P.SWITCH_INTERVAL_S), abs=2e-6)  # kept in whole µs
+    assert p.error is None and seen == [low]
+    assert sys.getswitchinterval() == before
+    # counted: two loads at once restore it when the last one ends
+    P._Switching.enter()
+    P._Switching.enter()
+    P._Switching.leave()
+    assert sys.getswitchinterval() == low
+    P._Switching.leave()
+    assert sys.getswitchinterval() == before

@@ -176,7 +176,7 @@ def _define_classes() -> tuple[type, type]:
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
     from . import prewarm
-    from .loading import load_model, quantized_skeleton
+    from .loading import load_model, quantized_skeleton, warm_loaded
     from .modules import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 
     class QtensorsConfig(QuantizationConfigMixin):
@@ -262,7 +262,12 @@ def _define_classes() -> tuple[type, type]:
             self._hook = register(_hide_state_dict)
             # torch's first-use costs, paid by a replica while the weights load (prewarm.py)
             self._prewarm = prewarm.Prewarm(
-                type(model), model.config, self.device, getattr(model, "dtype", None)
+                type(model),
+                model.config,
+                self.device,
+                getattr(model, "dtype", None),
+                files=self.folder,
+                fuse_siblings=bool(getattr(self.quantization_config, "fuse_siblings", True)),
             ).start()
             return model
 
@@ -276,12 +281,16 @@ def _define_classes() -> tuple[type, type]:
             warming, self._prewarm = self._prewarm, None
             try:
                 result = load_model(
-                    model, self.folder, device=self.device, strict=True, warmup=warmup,
+                    model, self.folder, device=self.device, strict=True, warmup=False,
                     fuse_siblings=fuse,
                 )  # fmt: skip
             finally:
                 prewarm_s = warming.join() if warming is not None else 0.0
             result.prewarm_seconds = prewarm_s
+            err = None if warming is None else warming.error
+            result.prewarm_error = None if err is None else repr(err)
+            if warmup:  # after the replica: one thread compiles at a time
+                warm_loaded(model, result)
             model.qtensors_load_result = result
             return model
 

@@ -27,6 +27,7 @@ model, int4-g64 vs the same weights in fp16 through ``safetensors.torch.load_fil
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections import deque
@@ -57,6 +58,8 @@ from .modules import (
 )
 from .ops import dequantize
 
+log = logging.getLogger(__name__)
+
 INDEX_SUFFIX = ".qtensors.index.json"
 DEFAULT_CHUNK = 8 << 20
 DEFAULT_SLOTS = 8
@@ -85,6 +88,8 @@ class LoadResult:
     sibling_groups: int = 0
     #: seconds of ``from_pretrained``'s replica warm-up thread (``prewarm.py``; 0: none ran)
     prewarm_seconds: float = 0.0
+    #: why that replica could not be built or run (it only warms: the load went on without it)
+    prewarm_error: str | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,6 +352,42 @@ def quantized_skeleton(
     return done
 
 
+def place_zeros(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
+    max_bytes: int | None = None,
+) -> list[str]:
+    """Place every tensor of the files that ``model`` has a place for, as ``load_model`` would,
+    with zero bytes instead of the file's: the same modules (``QuantizedLinear`` in the file's
+    encoding, tied weights shared), shapes and dtypes, from the headers alone (nothing is
+    read). Tensors over ``max_bytes`` stored, and those whose placement fails, are left as they
+    are. For a model of the same structure that only has to run the same kernels (the load's
+    replica, ``prewarm.py``). Returns the names placed."""
+    targets = _Targets(model)
+    plan = []
+    for fkey, e in open_entries(path, mode=DEVICE_MODE, threads=1).items():
+        name = targets.resolve(fkey)
+        fits = max_bytes is None or e.nbytes <= max_bytes
+        if name is not None and name in targets.kind and fits:
+            plan.append((e, name))
+    planned = {name for _, name in plan}
+    result = LoadResult(device=torch.device(device))
+    placed: list[str] = []
+    for e, name in plan:
+        share = sum(n in planned for n in targets.groups.get(name, [name])) == 1
+        buf = torch.zeros(e.nbytes, dtype=torch.uint8, device=device)
+        parts = quantized_from_torch(buf, e).parts()
+        try:
+            _place(targets, name, e.info, parts, True, dtype, result, e.info["shape"], share)
+        except (ValueError, RuntimeError, NotImplementedError) as exc:
+            log.debug("place_zeros: %s left as it is: %r", name, exc)
+            continue
+        placed.append(name)
+    return placed
+
+
 def materialize_meta_buffers(model: nn.Module, device: torch.device) -> list[str]:
     """Give the non-persistent buffers still on the meta device (a model built under
     ``torch.device("meta")``: rotary ``inv_freq``, ``position_ids``) real values on ``device``.
@@ -531,16 +572,24 @@ def load_model(
         from .siblings import fuse_siblings as fuse
 
         result.sibling_groups = fuse(model)
-    if warmup and dev.type == "cuda" and result.quantized_modules:
-        from .warmup import warmup as warm_kernels
-
-        t1 = time.perf_counter()
-        result.warmed = warm_kernels(model)
-        result.warmup_seconds = time.perf_counter() - t1
+    if warmup:
+        warm_loaded(model, result)
     if tp is not None:  # after warmup: its forwards must not run collectives
         tp.install(model)
         result.tensor_parallel = tp
     return result
+
+
+def warm_loaded(model: nn.Module, result: LoadResult) -> None:
+    """``load_model``'s warm-up (``qtensors.torch.warmup``) of a model it loaded to CUDA with
+    quantized layers; records what ran and its seconds in ``result``."""
+    if result.device is None or result.device.type != "cuda" or not result.quantized_modules:
+        return
+    from .warmup import warmup as warm_kernels
+
+    t1 = time.perf_counter()
+    result.warmed = warm_kernels(model)
+    result.warmup_seconds = time.perf_counter() - t1
 
 
 def _tied_swappable(targets: _Targets, name: str, shape: tuple[int, ...]) -> bool:

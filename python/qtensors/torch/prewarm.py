@@ -1,8 +1,9 @@
-"""Torch's own first-use costs, paid in the background while a model's weights load.
+"""First-use costs, paid in the background while a model's weights load.
 
 The first forward of a freshly loaded model spends most of its time on things no weight
-decides: the first call of each torch op on the device (library and kernel set-up). On the H200
-a 1.1B Llama's first forward took 0.34 s against 0.015 s for the second, with int4 weights as
+decides: the first call of each torch op on the device (library and kernel set-up) and of each
+of our Triton kernels (its compiled binary found in Triton's cache and loaded). On the H200 a
+1.1B Llama's first forward took 0.34 s against 0.015 s for the second, with int4 weights as
 with fp16 ones (``benches/results/gpu_load_bytecode_h200.txt``); under the profiler the
 attention's first call took 65 ms, the rotary embedding's 57, ``index_select``'s 47, ``pow``'s
 29 (``gpu_load_profile_qtt_bytecode_h200.txt``), against a 0.14 s load. Loading CUDA modules
@@ -10,14 +11,22 @@ eagerly does not help (2.2 s at start-up, the first forward slower:
 ``gpu_load_eager_modules_h200.txt``).
 
 ``Prewarm`` builds a one-layer replica of the model (same class and config, so the same ops in
-the same dtypes and head sizes): its linears are stand-ins that return zeros of the right shape
-(no weights, no matmul), its embeddings keep a few rows, every parameter and buffer is zeros
-(so that no value can send an index out of range). A thread runs it on the device on a short prompt
-while the caller reads the real weights: torch releases the GIL inside its ops, so both
-proceed. ``join()`` waits for it; a replica that cannot be built or run (an unusual
-architecture) is skipped with a debug log: it only warms. Measured
-(``gpu_load_prewarm_h200.txt``, three runs): the first forward 0.12-0.15 s instead of
-0.42-0.46, the time to first token 0.46-0.58 s against 0.59-0.70 without it.
+the same dtypes and head sizes). Given the model's files, the replica's tensors are placed as
+the loader places them, from the headers alone (``loading.place_zeros``): its quantized linears
+and embeddings are ``QuantizedLinear`` / ``QuantizedEmbedding`` of the real shapes and
+encodings, so it runs the very kernels (and Triton specializations) the model will, siblings
+joined as the loader joins them. Tensors it cannot place (no files, or over
+``MAX_TENSOR_BYTES``) get stand-ins: linears that return zeros, embeddings of a few rows. Every
+tensor is zero, so no value can send an index out of range. A thread runs it on the device on
+a short prompt, then each quantized linear on one row (a decoding step's kernels), while the
+caller reads the real weights: torch releases the GIL inside its ops, so both proceed.
+
+While it runs, Python's thread switch interval is lowered to ``SWITCH_INTERVAL_S``: a thread
+that gives the GIL up inside an op waits up to the interval (5 ms by default) to take it back
+from a thread running Python, so a replica of ~150 short ops beside a loader in Python took
+0.33-0.41 s at the default (``gpu_load_prewarm_h200.txt``). ``join()`` waits for it; a replica
+that cannot be built or run (an unusual architecture) is skipped with a debug log: it only
+warms.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -34,13 +44,21 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-#: ``QTENSORS_PREWARM=0`` turns it off
+#: ``QTENSORS_PREWARM=0`` turns it off; ``=torch`` keeps the replica to stand-ins (torch's ops
+#: only, none of our kernels: nothing placed from the files)
 ENABLED = os.environ.get("QTENSORS_PREWARM", "1") != "0"
+FROM_FILES = os.environ.get("QTENSORS_PREWARM", "1") != "torch"
 #: the replica's prompt: as long as a short chat turn (the same kernels as a longer one)
 PROMPT_TOKENS = 16
-#: rows kept of each embedding table: the replica's token ids are zeros, its positions below
-#: ``PROMPT_TOKENS`` (plus a model's offset: OPT's is 2)
+#: rows kept of each stand-in embedding table: the replica's token ids are zeros, its positions
+#: below ``PROMPT_TOKENS`` (plus a model's offset: OPT's is 2)
 EMBED_ROWS = 32
+#: tensors stored larger than this get stand-ins (the replica's memory stays small beside the
+#: model's: a 70B Llama's embedding is 0.5 GB in 4 bits)
+MAX_TENSOR_BYTES = 256 << 20
+#: Python's thread switch interval while a replica runs (``QTENSORS_PREWARM_SWITCH_US``; 0
+#: leaves it as it is)
+SWITCH_INTERVAL_S = float(os.environ.get("QTENSORS_PREWARM_SWITCH_US", "200")) * 1e-6
 _LAYER_COUNTS = (
     "num_hidden_layers",
     "n_layer",
@@ -49,6 +67,30 @@ _LAYER_COUNTS = (
     "encoder_layers",
     "decoder_layers",
 )
+
+
+class _Switching:
+    """Python's switch interval lowered while any replica runs (counted: loads in several
+    threads restore it once, when the last one ends)."""
+
+    lock = threading.Lock()
+    users = 0
+    saved = 0.0
+
+    @classmethod
+    def enter(cls) -> None:
+        with cls.lock:
+            if cls.users == 0:
+                cls.saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(cls.saved, SWITCH_INTERVAL_S))
+            cls.users += 1
+
+    @classmethod
+    def leave(cls) -> None:
+        with cls.lock:
+            cls.users -= 1
+            if cls.users == 0:
+                sys.setswitchinterval(cls.saved)
 
 
 class _Zeros(nn.Module):
@@ -80,14 +122,25 @@ def _one_layer(config: Any) -> Any:
     return cfg
 
 
-def build_replica(cls: Any, config: Any) -> nn.Module:
-    """A one-layer replica of ``cls(config)`` on the meta device: linears as ``_Zeros``,
-    embeddings cut to ``EMBED_ROWS`` rows."""
+def build_replica(
+    cls: Any, config: Any, files: Any = None, dtype: torch.dtype | None = None
+) -> nn.Module:
+    """A one-layer replica of ``cls(config)`` on the meta device. With ``files`` (the model's
+    file or folder), each tensor the replica has is placed as the loader places it, in
+    ``dtype`` (``loading.place_zeros``; up to ``MAX_TENSOR_BYTES``). Linears and embeddings
+    left unplaced become ``_Zeros`` and embeddings of ``EMBED_ROWS`` rows."""
     from .transformers import build_empty
 
     model = build_empty(cls, _one_layer(config))
-    for parent in list(model.modules()):
+    placed: set[str] = set()
+    if files is not None:
+        from .loading import place_zeros
+
+        placed = set(place_zeros(model, files, "meta", dtype, MAX_TENSOR_BYTES))
+    for path, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
+            if f"{path}.{name}.weight".lstrip(".") in placed:
+                continue  # the real module, placed from the files (raw: cuBLAS warms too)
             if isinstance(child, nn.Linear):
                 setattr(parent, name, _Zeros(child.in_features, child.out_features))
             elif isinstance(child, nn.Embedding):
@@ -106,25 +159,33 @@ def _shrink(emb: nn.Embedding) -> None:
 
 
 def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
-    """Parameters on ``device`` in ``dtype``, buffers in their own dtypes (as the loaders leave
-    a model's: its rotary frequencies stay fp32), everything zero."""
-    model.to_empty(device=device)
-    if dtype is not None:
+    """Every tensor of ``model`` on ``device``: meta ones as zeros, floating parameters in
+    ``dtype``, buffers in their own dtypes (as the loaders leave a model's: its rotary
+    frequencies stay fp32; a quantized weight's parts are buffers). Buffers the build computed
+    (rotary frequencies) keep their values."""
+    with torch.no_grad():
         for m in model.modules():
             for k, p in m._parameters.items():
-                if p is not None and p.is_floating_point():
-                    m._parameters[k] = nn.Parameter(p.to(dtype), requires_grad=False)
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            t.zero_()
+                if p is not None and (p.is_meta or p.device != device):
+                    dt = dtype if dtype is not None and p.is_floating_point() else p.dtype
+                    z = torch.zeros(p.shape, dtype=dt, device=device)
+                    m._parameters[k] = nn.Parameter(z, requires_grad=False)
+            for k, b in m._buffers.items():
+                if b is not None and b.is_meta:
+                    m._buffers[k] = torch.zeros(b.shape, dtype=b.dtype, device=device)
+                elif b is not None and b.device != device:
+                    m._buffers[k] = b.to(device)
 
 
 def run_replica(model: nn.Module, device: torch.device) -> None:
-    """The replica's forward on a ``PROMPT_TOKENS`` prompt, and the row gathers a quantized
-    embedding makes (``QuantizedEmbedding``: ``index_select`` of code bytes and of fp16 / bf16
-    scales). Not a decoding step: it would outlast the load (the replica's thread took 0.43 s
-    with one, against a 0.2 s load, ``gpu_load_prewarm_h200.txt``), and the time to first token
-    is what waits for it."""
+    """The replica's forward on a ``PROMPT_TOKENS`` prompt, then each distinct quantized
+    linear on one row (a decoding step's kernels, ``warmup``), and the row gathers a quantized
+    embedding makes (``index_select`` of code bytes and of fp16 / bf16 scales: for a stand-in
+    embedding). Not a whole decoding step: attention with a cache would lengthen the thread
+    (0.43 s with one, against a 0.2 s load, ``gpu_load_prewarm_h200.txt``) for kernels the
+    prompt's forward mostly loaded."""
+    from .warmup import warmup
+
     with torch.inference_mode():
         rows = torch.zeros(2, dtype=torch.long, device=device)
         for dt in (torch.uint8, torch.float16, torch.bfloat16):
@@ -134,24 +195,36 @@ def run_replica(model: nn.Module, device: torch.device) -> None:
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             extra["decoder_input_ids"] = ids[:, :1]  # T5, BART: the decoder's first step
         model(input_ids=ids, **extra)
+    warmup(model, rows=(1,), remember=False)
 
 
 class Prewarm:
-    """``start()`` a thread that pays torch's first-use costs of ``cls(config)`` on ``device``
-    in ``dtype``; ``join()`` waits and returns its seconds (0.0 when it did not run). Only CUDA
-    devices, where it was measured; never raises."""
+    """``start()`` a thread that pays the first-use costs of ``cls(config)`` on ``device`` in
+    ``dtype`` (its files: ``files``; ``fuse_siblings`` as the load joins them); ``join()``
+    waits and returns its seconds (0.0 when it did not run). Only CUDA devices, where it was
+    measured; never raises."""
 
-    def __init__(self, cls: Any, config: Any, device: Any, dtype: torch.dtype | None) -> None:
+    def __init__(
+        self,
+        cls: Any,
+        config: Any,
+        device: Any,
+        dtype: torch.dtype | None,
+        files: Any = None,
+        fuse_siblings: bool = False,
+    ) -> None:
         self.device = torch.device(device) if device is not None else None
         self.dtype = dtype
+        self.fuse = fuse_siblings
         self.seconds = 0.0
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._model: nn.Module | None = None
+        self._switched = False
         if not ENABLED or self.device is None or self.device.type != "cuda":
             return
         try:  # on the caller's thread: it patches nn.Module while building
-            self._model = build_replica(cls, config)
+            self._model = build_replica(cls, config, files if FROM_FILES else None, dtype)
         except Exception as exc:  # an architecture the replica cannot copy
             log.debug("prewarm: no replica of %s: %r", getattr(cls, "__name__", cls), exc)
             self.error = exc
@@ -159,6 +232,9 @@ class Prewarm:
     def start(self) -> Prewarm:
         if self._model is not None:
             self._thread = threading.Thread(target=self._run, name="qtensors-prewarm", daemon=True)
+            self._switched = SWITCH_INTERVAL_S > 0
+            if self._switched:
+                _Switching.enter()
             self._thread.start()
         return self
 
@@ -169,6 +245,10 @@ class Prewarm:
             if self.device.index is not None:
                 torch.cuda.set_device(self.device)
             _materialize(self._model, self.device, self.dtype)
+            if self.fuse:
+                from .siblings import fuse_siblings
+
+                fuse_siblings(self._model)
             run_replica(self._model, self.device)
             torch.cuda.synchronize(self.device)
         except Exception as exc:  # it only warms
@@ -177,6 +257,8 @@ class Prewarm:
         finally:
             self._model = None  # its memory goes back now
             self.seconds = time.perf_counter() - t0
+            if self._switched:
+                _Switching.leave()
 
     def join(self) -> float:
         if self._thread is not None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .loading import LoadResult, load_model
+from .loading import LoadResult, load_model, warm_loaded
 from .prewarm import Prewarm
 
 
@@ -166,7 +166,16 @@ def from_pretrained(
     if tp_plan is not None and device is None and torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    warming = Prewarm(cls, config, device if prewarm else None, tdtype).start()
+    # the replica runs our kernels too when it can have the model's layers (not sharded)
+    same_layers = tp_plan is None and keep_quantized
+    warming = Prewarm(
+        cls,
+        config,
+        device if prewarm else None,
+        tdtype,
+        files=folder if same_layers else None,
+        fuse_siblings=fuse_siblings,
+    ).start()
     try:
         model = build_empty(cls, config, **model_kwargs)
         if isinstance(model, transformers.PreTrainedModel):
@@ -177,13 +186,17 @@ def from_pretrained(
             device=device,
             keep_quantized=keep_quantized,
             dtype=tdtype,
-            warmup=warmup,
+            # under tensor parallelism the warm-up runs before the collectives are installed
+            warmup=warmup and tp_plan is not None,
             tp_plan=tp_plan,
             fuse_siblings=fuse_siblings,
         )
     finally:
         prewarm_s = warming.join()
     result.prewarm_seconds = prewarm_s
+    result.prewarm_error = None if warming.error is None else repr(warming.error)
+    if warmup and tp_plan is None:  # after the replica: one thread compiles at a time
+        warm_loaded(model, result)
     dev = result.device or torch.device("cpu")
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
