@@ -23,8 +23,9 @@ caller reads the real weights: torch releases the GIL inside its ops, so both pr
 
 While it runs, Python's thread switch interval is lowered to ``SWITCH_INTERVAL_S``: a thread
 that gives the GIL up inside an op waits up to the interval (5 ms by default) to take it back
-from a thread running Python, so a replica of ~150 short ops beside a loader in Python took
-0.33-0.41 s at the default (``gpu_load_prewarm_h200.txt``). ``join()`` waits for it; a replica
+from a thread running Python: on the CPU, 200 small ops beside a Python loop take 1.08 s at
+5 ms, 0.03 s at 0.2, 0.014 s alone (``benches/probe_gil_switch.py``, ``gil_switch_cpu.txt``).
+``join()`` waits for it; a replica
 that cannot be built or run (an unusual architecture) is skipped with a debug log: it only
 warms.
 """
