@@ -20,7 +20,7 @@ device_map=DEV)`; `qtt` = `qtensors.torch.from_pretrained(q_folder, dtype=float1
 `kernels/warm_record.py`; and the replica that pays torch's first-use costs during the load,
 `prewarm.py`); `qtt_warmup_every_load` the same with that record off; `qtt_noprewarm` without
 the replica; `qtt_prewarm_torch_only` with a replica of stand-ins (torch's ops only, not our
-kernels); `qtt_prewarm_python_switch` with the replica at Python's own thread switch interval;
+kernels); `qtt_prewarm_no_helpers` without the threads that make common ops' first calls beside it;
 `qtt_nowarm` = the same with `warmup=False`; `hf_qtensors` =
 `AutoModelForCausalLM.from_pretrained(q_folder, dtype=float16, device_map=DEV)` through the
 registered quantizer. Each runs `--repeat` times (default 2) with the page cache warm (after one
@@ -355,8 +355,8 @@ def main() -> None:
             "qtt_noprewarm": dict(env, QTENSORS_PREWARM="0"),
             # the replica with stand-ins only (torch's ops, not our kernels), as in stop 27
             "qtt_prewarm_torch_only": dict(env, QTENSORS_PREWARM="torch"),
-            # the replica beside the loader at Python's own 5 ms switch interval
-            "qtt_prewarm_python_switch": dict(env, QTENSORS_PREWARM_SWITCH_US="0"),
+            # the replica without the helper threads that make common ops' first calls
+            "qtt_prewarm_no_helpers": dict(env, QTENSORS_PREWARM_THREADS="0"),
         }
         if args.ways:
             keep = set(args.ways.split(","))

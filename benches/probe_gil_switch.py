@@ -7,6 +7,11 @@ the loader runs Python. Each op releases the GIL; taking it back from a thread i
 waits for that thread to drop it, which CPython forces after the switch interval (5 ms by
 default). This probe runs 200 small CPU ops in a thread beside a busy Python loop at several
 intervals, and alone, so the cost per op is seen without a GPU.
+
+Outcome (stop 28): the replica lowered the interval to 0.2 ms for a while; on the H200 it did not
+shorten the replica's thread (0.44 s against 0.41 s at 5 ms, ``gpu_load_replica_kernels_h200.txt``):
+alone on the main thread the replica takes as long (``probe_prewarm_phases.py``), its time is
+the first calls' own set-up, so the change was taken out.
 """
 
 from __future__ import annotations

@@ -21,10 +21,6 @@ tensor is zero, so no value can send an index out of range. A thread runs it on 
 a short prompt, then each quantized linear on one row (a decoding step's kernels), while the
 caller reads the real weights: torch releases the GIL inside its ops, so both proceed.
 
-While it runs, Python's thread switch interval is lowered to ``SWITCH_INTERVAL_S``: a thread
-that gives the GIL up inside an op waits up to the interval (5 ms by default) to take it back
-from a thread running Python: on the CPU, 200 small ops beside a Python loop take 1.08 s at
-5 ms, 0.03 s at 0.2, 0.014 s alone (``benches/probe_gil_switch.py``, ``gil_switch_cpu.txt``).
 ``join()`` waits for it; a replica
 that cannot be built or run (an unusual architecture) is skipped with a debug log: it only
 warms.
@@ -35,7 +31,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import sys
 import threading
 import time
 from typing import Any
@@ -57,9 +52,9 @@ EMBED_ROWS = 32
 #: tensors stored larger than this get stand-ins (the replica's memory stays small beside the
 #: model's: a 70B Llama's embedding is 0.5 GB in 4 bits)
 MAX_TENSOR_BYTES = 256 << 20
-#: Python's thread switch interval while a replica runs (``QTENSORS_PREWARM_SWITCH_US``; 0
-#: leaves it as it is)
-SWITCH_INTERVAL_S = float(os.environ.get("QTENSORS_PREWARM_SWITCH_US", "200")) * 1e-6
+#: threads that make the first calls of common ops (``common_ops``) beside the replica
+#: (``QTENSORS_PREWARM_THREADS``; 0: none): the set-ups overlap in part across threads
+HELPER_THREADS = int(os.environ.get("QTENSORS_PREWARM_THREADS", "3"))
 _LAYER_COUNTS = (
     "num_hidden_layers",
     "n_layer",
@@ -68,30 +63,6 @@ _LAYER_COUNTS = (
     "encoder_layers",
     "decoder_layers",
 )
-
-
-class _Switching:
-    """Python's switch interval lowered while any replica runs (counted: loads in several
-    threads restore it once, when the last one ends)."""
-
-    lock = threading.Lock()
-    users = 0
-    saved = 0.0
-
-    @classmethod
-    def enter(cls) -> None:
-        with cls.lock:
-            if cls.users == 0:
-                cls.saved = sys.getswitchinterval()
-                sys.setswitchinterval(min(cls.saved, SWITCH_INTERVAL_S))
-            cls.users += 1
-
-    @classmethod
-    def leave(cls) -> None:
-        with cls.lock:
-            cls.users -= 1
-            if cls.users == 0:
-                sys.setswitchinterval(cls.saved)
 
 
 class _Zeros(nn.Module):
@@ -199,6 +170,70 @@ def run_replica(model: nn.Module, device: torch.device) -> None:
     warmup(model, rows=(1,), remember=False)
 
 
+def _attention_shape(config: Any) -> tuple[int, int, int]:
+    """(heads, key/value heads, head size) of a transformers config (its text part), with
+    defaults where it names them otherwise."""
+    cfg = getattr(config, "text_config", None) or config
+    heads = int(getattr(cfg, "num_attention_heads", None) or 8)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    hidden = int(getattr(cfg, "hidden_size", None) or heads * 64)
+    head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
+    return heads, kv, head_dim
+
+
+def common_ops(config: Any, device: torch.device, dtype: torch.dtype | None) -> list[Any]:
+    """First calls of the ops most decoder forwards make, on small zeros, as callables: RMS /
+    layer norms in fp32, rotary frequencies (a fp32 matmul: cuBLAS's set-up), the halves'
+    rotation, gated activations, the attention at the model's head sizes, a quantized
+    embedding's row gathers. Made from helper threads while the replica runs, so that their
+    set-ups overlap (the first calls of 15 such ops: 0.32-0.41 s on one thread, 0.19-0.20 s on
+    four, ``benches/probe_first_use_parallel.py``); the replica still makes every call the
+    model makes, these only start some earlier."""
+    F = torch.nn.functional
+    dt = dtype or torch.float32
+    heads, kv, hd = _attention_shape(config)
+    n = PROMPT_TOKENS
+
+    def zeros(*shape: int, dtype: torch.dtype = dt) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=dtype, device=device)
+
+    def attention(gqa: bool) -> None:
+        q, k = zeros(1, heads, n, hd), zeros(1, kv if gqa else heads, n, hd)
+        extra = {"enable_gqa": True} if gqa and kv != heads else {}
+        F.scaled_dot_product_attention(q, k, k, is_causal=True, **extra)
+
+    rows = torch.zeros(2, dtype=torch.long, device=device)
+    return [
+        lambda: attention(True),
+        lambda: attention(False),
+        lambda: zeros(1, 64, 1, dtype=torch.float32) @ zeros(1, 1, n, dtype=torch.float32),
+        lambda: zeros(n, 64, dtype=torch.float32).pow(2).mean(-1, keepdim=True),
+        lambda: torch.rsqrt(zeros(n, 1, dtype=torch.float32) + 1e-6),
+        lambda: zeros(n, 64).float().to(dt),
+        lambda: zeros(4, 8, dtype=torch.uint8).index_select(0, rows),
+        lambda: zeros(4, 8).index_select(0, rows),
+        lambda: torch.cat((zeros(n, 32, dtype=torch.float32),) * 2, -1).cos().sin(),
+        lambda: torch.cat((-zeros(n, 32), zeros(n, 32)), -1) * zeros(n, 64) + zeros(n, 64),
+        lambda: F.silu(zeros(n, 64)) * zeros(n, 64),
+        lambda: F.gelu(zeros(n, 64), approximate="tanh"),
+    ]
+
+
+def _run_ops(ops: list[Any], device: torch.device) -> None:
+    try:
+        if device.index is not None:
+            torch.cuda.set_device(device)
+        with torch.inference_mode():
+            for op in ops:
+                try:
+                    op()
+                except Exception as exc:  # an op this torch or device lacks: it only warms
+                    log.debug("prewarm: a common op failed: %r", exc)
+        torch.cuda.synchronize(device)
+    except Exception as exc:
+        log.debug("prewarm: the helper failed: %r", exc)
+
+
 class Prewarm:
     """``start()`` a thread that pays the first-use costs of ``cls(config)`` on ``device`` in
     ``dtype`` (its files: ``files``; ``fuse_siblings`` as the load joins them); ``join()``
@@ -221,7 +256,8 @@ class Prewarm:
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._model: nn.Module | None = None
-        self._switched = False
+        self._helpers: list[threading.Thread] = []
+        self._config = config
         if not ENABLED or self.device is None or self.device.type != "cuda":
             return
         try:  # on the caller's thread: it patches nn.Module while building
@@ -233,9 +269,20 @@ class Prewarm:
     def start(self) -> Prewarm:
         if self._model is not None:
             self._thread = threading.Thread(target=self._run, name="qtensors-prewarm", daemon=True)
-            self._switched = SWITCH_INTERVAL_S > 0
-            if self._switched:
-                _Switching.enter()
+            assert self.device is not None
+            try:
+                ops = common_ops(self._config, self.device, self.dtype) if HELPER_THREADS else []
+            except Exception as exc:  # a config it cannot read: the replica alone
+                log.debug("prewarm: no common ops: %r", exc)
+                ops = []
+            for i in range(min(HELPER_THREADS, len(ops))):
+                part = ops[i::HELPER_THREADS]
+                t = threading.Thread(
+                    target=_run_ops, args=(part, self.device), name="qtensors-prewarm-ops"
+                )
+                t.daemon = True
+                t.start()
+                self._helpers.append(t)
             self._thread.start()
         return self
 
@@ -258,11 +305,12 @@ class Prewarm:
         finally:
             self._model = None  # its memory goes back now
             self.seconds = time.perf_counter() - t0
-            if self._switched:
-                _Switching.leave()
 
     def join(self) -> float:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        for t in self._helpers:
+            t.join()
+        self._helpers = []
         return self.seconds

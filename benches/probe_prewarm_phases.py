@@ -1,0 +1,116 @@
+"""Where the load's replica (``qtensors/torch/prewarm.py``) spends its time, alone.
+
+    python3 benches/probe_prewarm_phases.py [--quick] [--device cuda]
+
+Makes the 1.1B Llama-shaped int4-g64 folder of ``bench_gpu_load.py``, then in fresh processes
+(imports and CUDA's initialisation paid first, as there) runs the replica's steps on the main
+thread with nothing else running, each synchronised and timed: build (from the headers),
+materialize, join siblings, the prompt's forward, the one-row calls, and the same forward again
+(every first use paid). One more process runs them under cProfile and prints the functions with
+the most time of their own: a torch op's first call on the device shows there with its set-up.
+Tells the replica's own cost from what running beside the loader adds (the load bench's
+``prewarm`` column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def child(folder: str, device: str, profile: bool) -> None:
+    import torch
+    import transformers
+
+    import qtensors.torch  # noqa: F401
+    from qtensors.torch import prewarm as P
+    from qtensors.torch.siblings import fuse_siblings
+    from qtensors.torch.transformers import architecture_class
+    from qtensors.torch.warmup import warmup
+
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda":
+        torch.empty(1, device=dev)
+        sync()
+    cfg = transformers.AutoConfig.from_pretrained(folder)
+    cls = architecture_class(cfg)
+    prof = cProfile.Profile() if profile else None
+    times: dict[str, float] = {}
+    state: dict = {}
+
+    def step(name, fn):
+        t = time.perf_counter()
+        if prof is not None:
+            prof.enable()
+        out = fn()
+        sync()
+        if prof is not None:
+            prof.disable()
+        times[name] = time.perf_counter() - t
+        return out
+
+    model = step("build", lambda: P.build_replica(cls, cfg, folder, torch.float16))
+    step("materialize", lambda: P._materialize(model, dev, torch.float16))
+    step("fuse", lambda: fuse_siblings(model))
+    ids = torch.zeros(1, P.PROMPT_TOKENS, dtype=torch.long, device=dev)
+
+    def forward():
+        with torch.inference_mode():
+            state["out"] = model(input_ids=ids)
+
+    step("forward", forward)
+    step("one_row", lambda: warmup(model, rows=(1,), remember=False))
+    step("forward_again", forward)
+    print("RESULT " + " ".join(f"{k}={v * 1e3:.1f}ms" for k, v in times.items()), flush=True)
+    if prof is not None:
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
+        print(s.getvalue())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", metavar="FOLDER")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.device, args.profile)
+        return
+    from bench_gpu_load import SIZES, make_folders
+
+    work = tempfile.mkdtemp(prefix="qtensors-probe-prewarm-")
+    env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(work, "triton"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = os.path.join(work, "pycache")
+    try:
+        _, dst, _ = make_folders(work, SIZES["quick" if args.quick else "full"])
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", dst, "--device", args.device]
+        for i in range(args.repeat + 2):  # the first two fill Triton's and Python's caches
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            if not line:
+                raise RuntimeError(p.stderr[-4000:])
+            print(("untimed " if i < 2 else "") + line[0][7:], flush=True)
+        p = subprocess.run([*cmd, "--profile"], capture_output=True, text=True, env=env)
+        print(p.stdout[-9000:] if p.returncode == 0 else p.stderr[-4000:])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
