@@ -101,9 +101,19 @@ def build_replica(
     file or folder), each tensor the replica has is placed as the loader places it, in
     ``dtype`` (``loading.place_zeros``; up to ``MAX_TENSOR_BYTES``). Linears and embeddings
     left unplaced become ``_Zeros`` and embeddings of ``EMBED_ROWS`` rows."""
+    return fill_replica(empty_replica(cls, config), files, dtype)
+
+
+def empty_replica(cls: Any, config: Any) -> nn.Module:
+    """``cls`` built with one layer on the meta device (transformers patches ``nn.Module``
+    while building: only one thread may build at a time)."""
     from .transformers import build_empty
 
-    model = build_empty(cls, _one_layer(config))
+    return build_empty(cls, _one_layer(config))
+
+
+def fill_replica(model: nn.Module, files: Any, dtype: torch.dtype | None) -> nn.Module:
+    """``build_replica``'s placement and stand-ins, on an ``empty_replica`` (any thread)."""
     placed: set[str] = set()
     if files is not None:
         from .loading import place_zeros
@@ -260,8 +270,9 @@ class Prewarm:
         self._config = config
         if not ENABLED or self.device is None or self.device.type != "cuda":
             return
+        self._files = files if FROM_FILES else None
         try:  # on the caller's thread: it patches nn.Module while building
-            self._model = build_replica(cls, config, files if FROM_FILES else None, dtype)
+            self._model = empty_replica(cls, config)
         except Exception as exc:  # an architecture the replica cannot copy
             log.debug("prewarm: no replica of %s: %r", getattr(cls, "__name__", cls), exc)
             self.error = exc
@@ -292,6 +303,7 @@ class Prewarm:
             assert self._model is not None and self.device is not None
             if self.device.index is not None:
                 torch.cuda.set_device(self.device)
+            fill_replica(self._model, self._files, self.dtype)  # the headers read here
             _materialize(self._model, self.device, self.dtype)
             if self.fuse:
                 from .siblings import fuse_siblings
