@@ -254,3 +254,30 @@ def test_helpers_share_the_common_ops_and_are_joined(monkeypatch):
     ran.clear()
     P.Prewarm(transformers.LlamaForCausalLM, _config(), "cuda:0", torch.float16).start().join()
     assert ran == []
+
+
+def test_triton_driver_is_made_beside_and_awaited(tiny_folder, monkeypatch):
+    import threading
+    import time
+
+    order: list[str] = []
+
+    def slow_driver(ready: threading.Event) -> None:
+        time.sleep(0.05)  # the replica must wait for it, however long it takes
+        order.append("driver")
+        ready.set()
+
+    monkeypatch.setattr(P, "_start_triton", slow_driver)
+    monkeypatch.setattr(P, "_materialize", lambda *a: order.append("materialize"))
+    monkeypatch.setattr(P, "run_replica", lambda *a: order.append("run"))
+    monkeypatch.setattr(P, "HELPER_THREADS", 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: None)
+    cfg = transformers.AutoConfig.from_pretrained(tiny_folder)
+    p = P.Prewarm(transformers.LlamaForCausalLM, cfg, "cuda:0", torch.float16, files=tiny_folder)
+    p.start().join()
+    assert p.error is None and order == ["materialize", "driver", "run"]
+    # without files no kernel of ours runs: no driver thread, nothing awaited
+    order.clear()
+    P.Prewarm(transformers.LlamaForCausalLM, cfg, "cuda:0", torch.float16).start().join()
+    assert order == ["materialize", "run"]

@@ -244,6 +244,20 @@ def _run_ops(ops: list[Any], device: torch.device) -> None:
         log.debug("prewarm: the helper failed: %r", exc)
 
 
+def _start_triton(ready: threading.Event) -> None:
+    """Create Triton's driver (once per process: 76 ms on the H200 machine, 72 of them in
+    ``platform.architecture()``, which runs ``file`` on the Python binary;
+    ``gpu_load_profile_qtt_helpers_h200.txt``), then set ``ready``."""
+    try:
+        from triton.runtime import driver
+
+        driver.active.get_current_device()
+    except Exception as exc:  # no Triton: the replica's kernels fail and are logged there
+        log.debug("prewarm: Triton's driver: %r", exc)
+    finally:
+        ready.set()
+
+
 class Prewarm:
     """``start()`` a thread that pays the first-use costs of ``cls(config)`` on ``device`` in
     ``dtype`` (its files: ``files``; ``fuse_siblings`` as the load joins them); ``join()``
@@ -267,6 +281,7 @@ class Prewarm:
         self._thread: threading.Thread | None = None
         self._model: nn.Module | None = None
         self._helpers: list[threading.Thread] = []
+        self._triton_ready = threading.Event()
         self._config = config
         if not ENABLED or self.device is None or self.device.type != "cuda":
             return
@@ -286,6 +301,15 @@ class Prewarm:
             except Exception as exc:  # a config it cannot read: the replica alone
                 log.debug("prewarm: no common ops: %r", exc)
                 ops = []
+            if self._files is not None:  # our kernels run: Triton's driver made beside
+                t = threading.Thread(
+                    target=_start_triton, args=(self._triton_ready,), name="qtensors-prewarm-triton"
+                )
+                t.daemon = True
+                t.start()
+                self._helpers.append(t)
+            else:
+                self._triton_ready.set()
             for i in range(min(HELPER_THREADS, len(ops))):
                 part = ops[i::HELPER_THREADS]
                 t = threading.Thread(
@@ -309,6 +333,8 @@ class Prewarm:
                 from .siblings import fuse_siblings
 
                 fuse_siblings(self._model)
+            # one thread makes Triton's driver (two at once would each make one)
+            self._triton_ready.wait(timeout=30)
             run_replica(self._model, self.device)
             torch.cuda.synchronize(self.device)
         except Exception as exc:  # it only warms
