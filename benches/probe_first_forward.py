@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 
-def child(folder: str, device: str, profile: bool) -> None:
+def child(folder: str, device: str, profile: bool, warm_main: bool) -> None:
     import torch
 
     import qtensors.torch as qtt
@@ -45,6 +45,12 @@ def child(folder: str, device: str, profile: bool) -> None:
         model = qtt.from_pretrained(folder, device=dev, dtype=torch.float16)
         sync()
         load = time.perf_counter() - t
+        if warm_main and n == 1:  # the common ops' first calls on this thread too
+            from qtensors.torch import prewarm as P
+
+            t = time.perf_counter()
+            P._run_ops(P.common_ops(model.config, dev, torch.float16), dev)
+            out.append(f"common ops on the main thread {(time.perf_counter() - t) * 1e3:.1f} ms")
         times = []
         with torch.inference_mode():
             for i in range(2):
@@ -71,12 +77,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", metavar="FOLDER")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--warm-main", action="store_true", help="common_ops on the main thread first")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.device, args.profile)
+        child(args.child, args.device, args.profile, args.warm_main)
         return
     from bench_gpu_load import SIZES, make_folders
 
@@ -87,6 +94,7 @@ def main() -> None:
     try:
         _, dst, _ = make_folders(work, SIZES["quick" if args.quick else "full"])
         cmd = [sys.executable, os.path.abspath(__file__), "--child", dst, "--device", args.device]
+        cmd += ["--warm-main"] if args.warm_main else []
         for i in range(args.repeat + 2):
             p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
             line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]

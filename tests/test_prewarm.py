@@ -3,7 +3,9 @@ zeros, contained when it fails, only on CUDA."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from typing import ClassVar
 
 import pytest
@@ -56,30 +58,68 @@ def test_replica_runs_a_prompt_on_zeros():
     assert calls == [(1, P.PROMPT_TOKENS, 96)]
 
 
-def test_only_cuda_devices_start_a_thread():
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """The CUDA calls ``Prewarm`` makes itself, as no-ops (the replica's own work is patched by
+    each test): these run on machines without a GPU."""
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+
+
+def test_only_cuda_devices_build_a_replica():
+    here = threading.get_ident()
     for device in (None, "cpu"):
         p = P.Prewarm(transformers.LlamaForCausalLM, _config(), device, torch.float16).start()
-        assert p._thread is None and p.join() == 0.0 and p.error is None
+        assert not p.active and p._helpers == [] and p.error is None
+        # no replica: the load runs on the caller's thread, as it would without prewarm
+        assert p.alongside(lambda a, b=0: (a, b, threading.get_ident()), 1, b=2) == (1, 2, here)
+        assert p.join() == 0.0
 
 
-def test_failures_are_contained(monkeypatch):
+def test_failures_are_contained(monkeypatch, fake_cuda):
     class Broken(transformers.LlamaForCausalLM):
         def __init__(self, config):
             raise RuntimeError("cannot build")
 
     p = P.Prewarm(Broken, _config(), "cuda", torch.float16).start()
-    assert p._thread is None and p.join() == 0.0
+    assert not p.active and p.alongside(lambda: "loaded") == "loaded" and p.join() == 0.0
     assert "cannot build" in str(p.error)
 
     def boom(*args):
         raise RuntimeError("no device")
 
     monkeypatch.setattr(P, "_materialize", boom)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
     p = P.Prewarm(transformers.LlamaForCausalLM, _config(), "cuda:0", torch.float16).start()
-    assert p._thread is not None
+    assert p.active
+    assert p.alongside(lambda: "loaded") == "loaded"  # the load is not held back by it
     assert p.join() >= 0.0 and "no device" in str(p.error)
     assert p._model is None  # its memory is released either way
+
+
+def test_the_replica_runs_here_and_the_load_in_a_worker(monkeypatch, fake_cuda):
+    where = {}
+    monkeypatch.setattr(P, "_materialize", lambda *a: None)
+    here = threading.get_ident
+    monkeypatch.setattr(P, "run_replica", lambda *a: where.setdefault("replica", here()))
+
+    def load(x):
+        where["load"] = threading.get_ident()
+        return x * 2
+
+    p = P.Prewarm(transformers.LlamaForCausalLM, _config(), "cuda:0", torch.float16).start()
+    assert p.alongside(load, 21) == 42 and p.error is None
+    assert where["replica"] == threading.get_ident() != where["load"]
+    assert not p.active  # it ran once; a second call would only load
+
+    def fails():
+        raise KeyError("no weights")
+
+    p = P.Prewarm(transformers.LlamaForCausalLM, _config(), "cuda:0", torch.float16).start()
+    with pytest.raises(KeyError, match="no weights"):  # the load's own error, after the replica
+        p.alongside(fails)
+    assert not p.active
 
 
 def test_switched_off(monkeypatch):
@@ -98,12 +138,16 @@ class _Recorder:
         self.files, self.fuse = files, fuse_siblings
         # the real build, where each loader makes it (inside transformers' own loading too)
         self.replica = P.build_replica(cls, config, files, dtype)
-        self.joined = 0
+        self.joined = self.loads = 0
         self.error = RuntimeError("no replica")  # reported, and the load goes on
         _Recorder.made.append(self)
 
     def start(self):
         return self
+
+    def alongside(self, load, *args, **kwargs):
+        self.loads += 1
+        return load(*args, **kwargs)
 
     def join(self):
         self.joined += 1
@@ -130,7 +174,8 @@ def test_both_loaders_start_and_join_it(tiny_folder, monkeypatch):
     _Recorder.made.clear()
     model = qtt.from_pretrained(tiny_folder, device="cpu", dtype=torch.float16)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float16)
-    assert len(_Recorder.made) == 2 and all(r.joined == 1 for r in _Recorder.made)
+    assert len(_Recorder.made) == 2
+    assert all(r.joined == 1 and r.loads == 1 for r in _Recorder.made)
     for rec, m in zip(_Recorder.made, (model, hf), strict=True):
         cls, config, device, dtype = rec.args
         assert cls is transformers.LlamaForCausalLM and config.num_hidden_layers == 2
@@ -238,13 +283,11 @@ def test_common_ops_run_on_zeros(cfg):
         op()  # each runs as written (a CUDA helper logs and skips one that fails)
 
 
-def test_helpers_share_the_common_ops_and_are_joined(monkeypatch):
+def test_helpers_share_the_common_ops_and_are_joined(monkeypatch, fake_cuda):
     ran: list[int] = []
     monkeypatch.setattr(P, "_run_ops", lambda part, device: ran.append(len(part)))
     monkeypatch.setattr(P, "_materialize", lambda *a: None)
     monkeypatch.setattr(P, "run_replica", lambda *a: None)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: None)
     monkeypatch.setattr(P, "common_ops", lambda c, d, t: list(range(10)))
     monkeypatch.setattr(P, "HELPER_THREADS", 3)
     p = P.Prewarm(transformers.LlamaForCausalLM, _config(), "cuda:0", torch.float16).start()
@@ -256,8 +299,7 @@ def test_helpers_share_the_common_ops_and_are_joined(monkeypatch):
     assert ran == []
 
 
-def test_triton_driver_is_made_beside_and_awaited(tiny_folder, monkeypatch):
-    import threading
+def test_triton_driver_is_made_beside_and_awaited(tiny_folder, monkeypatch, fake_cuda):
     import time
 
     order: list[str] = []
@@ -271,13 +313,12 @@ def test_triton_driver_is_made_beside_and_awaited(tiny_folder, monkeypatch):
     monkeypatch.setattr(P, "_materialize", lambda *a: order.append("materialize"))
     monkeypatch.setattr(P, "run_replica", lambda *a: order.append("run"))
     monkeypatch.setattr(P, "HELPER_THREADS", 0)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: None)
     cfg = transformers.AutoConfig.from_pretrained(tiny_folder)
     p = P.Prewarm(transformers.LlamaForCausalLM, cfg, "cuda:0", torch.float16, files=tiny_folder)
-    p.start().join()
+    p.start().alongside(lambda: None)
+    p.join()
     assert p.error is None and order == ["materialize", "driver", "run"]
     # without files no kernel of ours runs: no driver thread, nothing awaited
     order.clear()
-    P.Prewarm(transformers.LlamaForCausalLM, cfg, "cuda:0", torch.float16).start().join()
+    P.Prewarm(transformers.LlamaForCausalLM, cfg, "cuda:0", torch.float16).start().alongside(int)
     assert order == ["materialize", "run"]

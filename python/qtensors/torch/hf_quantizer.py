@@ -34,6 +34,7 @@ imported, and otherwise as soon as transformers imports them.
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.machinery
 import os
@@ -280,10 +281,12 @@ def _define_classes() -> tuple[type, type]:
             fuse = bool(getattr(self.quantization_config, "fuse_siblings", True))
             warming, self._prewarm = self._prewarm, None
             try:
-                result = load_model(
-                    model, self.folder, device=self.device, strict=True, warmup=False,
-                    fuse_siblings=fuse,
+                # the weights read in a worker while the replica runs here (prewarm.py)
+                load = functools.partial(
+                    load_model, model, self.folder, device=self.device, strict=True,
+                    warmup=False, fuse_siblings=fuse,
                 )  # fmt: skip
+                result = warming.alongside(load) if warming is not None else load()
             finally:
                 prewarm_s = warming.join() if warming is not None else 0.0
             result.prewarm_seconds = prewarm_s

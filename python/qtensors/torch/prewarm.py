@@ -17,9 +17,12 @@ and embeddings are ``QuantizedLinear`` / ``QuantizedEmbedding`` of the real shap
 encodings, so it runs the very kernels (and Triton specializations) the model will, siblings
 joined as the loader joins them. Tensors it cannot place (no files, or over
 ``MAX_TENSOR_BYTES``) get stand-ins: linears that return zeros, embeddings of a few rows. Every
-tensor is zero, so no value can send an index out of range. A thread runs it on the device on
-a short prompt, then each quantized linear on one row (a decoding step's kernels), while the
-caller reads the real weights: torch releases the GIL inside its ops, so both proceed.
+tensor is zero, so no value can send an index out of range. The caller's thread (the one that
+will run the model: some of torch's caches are per thread) runs it on the device on a short
+prompt, then each quantized linear on one row (a decoding step's kernels), while a worker thread
+reads the real weights: torch releases the GIL inside its ops, so both proceed. Helper threads
+meanwhile make the set-ups every thread shares: Triton's driver, and the first calls of common
+ops (``common_ops``).
 
 ``join()`` waits for it; a replica
 that cannot be built or run (an unusual architecture) is skipped with a debug log: it only
@@ -33,6 +36,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -259,10 +263,19 @@ def _start_triton(ready: threading.Event) -> None:
 
 
 class Prewarm:
-    """``start()`` a thread that pays the first-use costs of ``cls(config)`` on ``device`` in
-    ``dtype`` (its files: ``files``; ``fuse_siblings`` as the load joins them); ``join()``
-    waits and returns its seconds (0.0 when it did not run). Only CUDA devices, where it was
-    measured; never raises."""
+    """Pays the first-use costs of ``cls(config)`` on ``device`` in ``dtype`` (its files:
+    ``files``; ``fuse_siblings`` as the load joins them). Only CUDA devices, where it was
+    measured; never raises.
+
+    * ``start()``: helper threads make the set-ups every thread shares (Triton's driver, the
+      common ops' kernels);
+    * ``alongside(load, ...)``: runs ``load`` in a worker thread while the replica runs on the
+      calling thread, the one that will run the model: some caches are per thread (torch keeps
+      cuDNN's attention graphs in a ``thread_local`` cache, ``aten/src/ATen/native/cudnn/MHA.cpp``;
+      a replica run in another thread left the model's first forward 60-75 ms of building them,
+      ``gpu_load_first_forward_h200.txt``);
+    * ``join()``: waits for the helpers and returns the replica's seconds (0.0 when it did not
+      run)."""
 
     def __init__(
         self,
@@ -278,76 +291,92 @@ class Prewarm:
         self.fuse = fuse_siblings
         self.seconds = 0.0
         self.error: BaseException | None = None
-        self._thread: threading.Thread | None = None
         self._model: nn.Module | None = None
         self._helpers: list[threading.Thread] = []
         self._triton_ready = threading.Event()
         self._config = config
+        self._files = files if FROM_FILES else None
         if not ENABLED or self.device is None or self.device.type != "cuda":
             return
-        self._files = files if FROM_FILES else None
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         try:  # on the caller's thread: it patches nn.Module while building
             self._model = empty_replica(cls, config)
         except Exception as exc:  # an architecture the replica cannot copy
             log.debug("prewarm: no replica of %s: %r", getattr(cls, "__name__", cls), exc)
             self.error = exc
 
+    @property
+    def active(self) -> bool:
+        """Whether a replica is built and not yet run."""
+        return self._model is not None
+
     def start(self) -> Prewarm:
-        if self._model is not None:
-            self._thread = threading.Thread(target=self._run, name="qtensors-prewarm", daemon=True)
-            assert self.device is not None
-            try:
-                ops = common_ops(self._config, self.device, self.dtype) if HELPER_THREADS else []
-            except Exception as exc:  # a config it cannot read: the replica alone
-                log.debug("prewarm: no common ops: %r", exc)
-                ops = []
-            if self._files is not None:  # our kernels run: Triton's driver made beside
-                t = threading.Thread(
-                    target=_start_triton, args=(self._triton_ready,), name="qtensors-prewarm-triton"
-                )
-                t.daemon = True
-                t.start()
-                self._helpers.append(t)
-            else:
-                self._triton_ready.set()
-            for i in range(min(HELPER_THREADS, len(ops))):
-                part = ops[i::HELPER_THREADS]
-                t = threading.Thread(
-                    target=_run_ops, args=(part, self.device), name="qtensors-prewarm-ops"
-                )
-                t.daemon = True
-                t.start()
-                self._helpers.append(t)
-            self._thread.start()
+        if self._model is None:
+            return self
+        assert self.device is not None
+        try:
+            ops = common_ops(self._config, self.device, self.dtype) if HELPER_THREADS else []
+        except Exception as exc:  # a config it cannot read: the replica alone
+            log.debug("prewarm: no common ops: %r", exc)
+            ops = []
+        jobs: list[tuple[Any, tuple]] = []
+        if self._files is not None:  # our kernels run: Triton's driver made beside
+            jobs.append((_start_triton, (self._triton_ready,)))
+        else:
+            self._triton_ready.set()
+        for i in range(min(HELPER_THREADS, len(ops))):
+            jobs.append((_run_ops, (ops[i::HELPER_THREADS], self.device)))
+        for target, args in jobs:
+            t = threading.Thread(target=target, args=args, name="qtensors-prewarm", daemon=True)
+            t.start()
+            self._helpers.append(t)
         return self
 
-    def _run(self) -> None:
+    def run(self) -> float:
+        """The replica, on the calling thread; returns its seconds."""
+        if self._model is None:
+            return 0.0
         t0 = time.perf_counter()
         try:
-            assert self._model is not None and self.device is not None
-            if self.device.index is not None:
-                torch.cuda.set_device(self.device)
-            fill_replica(self._model, self._files, self.dtype)  # the headers read here
-            _materialize(self._model, self.device, self.dtype)
-            if self.fuse:
-                from .siblings import fuse_siblings
+            assert self.device is not None
+            with torch.cuda.device(self.device):
+                fill_replica(self._model, self._files, self.dtype)  # the headers read here
+                _materialize(self._model, self.device, self.dtype)
+                if self.fuse:
+                    from .siblings import fuse_siblings
 
-                fuse_siblings(self._model)
-            # one thread makes Triton's driver (two at once would each make one)
-            self._triton_ready.wait(timeout=30)
-            run_replica(self._model, self.device)
-            torch.cuda.synchronize(self.device)
+                    fuse_siblings(self._model)
+                # one thread makes Triton's driver (two at once would each make one)
+                self._triton_ready.wait(timeout=30)
+                run_replica(self._model, self.device)
+                torch.cuda.synchronize(self.device)
         except Exception as exc:  # it only warms
             log.debug("prewarm: the replica failed: %r", exc)
             self.error = exc
         finally:
             self._model = None  # its memory goes back now
             self.seconds = time.perf_counter() - t0
+        return self.seconds
+
+    def alongside(self, load: Any, *args: Any, **kwargs: Any) -> Any:
+        """``load(*args, **kwargs)`` in a worker thread (on this thread's CUDA device) while the
+        replica runs here; its result, or its exception once the replica is done. Without a
+        replica, ``load`` runs here."""
+        if self._model is None:
+            return load(*args, **kwargs)
+        current = torch.cuda.current_device()
+
+        def on_device() -> Any:
+            torch.cuda.set_device(current)  # a new thread starts on device 0
+            return load(*args, **kwargs)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="qtensors-load") as pool:
+            done = pool.submit(on_device)
+            self.run()
+            return done.result()
 
     def join(self) -> float:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
         for t in self._helpers:
             t.join()
         self._helpers = []

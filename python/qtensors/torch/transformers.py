@@ -148,10 +148,11 @@ def from_pretrained(
       ``load_model``); the default device is then ``cuda:LOCAL_RANK`` when there are GPUs.
     * ``fuse_siblings``: join the quantized linears that read one input (q/k/v, gate/up), so
       that each group multiplies once (``qtensors.torch.fuse_siblings``; not with ``tp_plan``).
-    * ``prewarm``: on CUDA, while the weights load, a thread runs a one-layer replica of the
-      model (no weights) so that torch's own first-use costs (the first call of each op on the
-      device) are not paid by the first forward (``qtensors.torch.prewarm``; ``QTENSORS_PREWARM=0``
-      turns it off everywhere).
+    * ``prewarm``: on CUDA, while a worker thread reads the weights, this thread runs a
+      one-layer replica of the model (its layers placed from the files' headers, all zeros), so
+      that the first forward does not pay the first calls of torch's ops and of the quantized
+      kernels (``qtensors.torch.prewarm``; ``QTENSORS_PREWARM=0`` turns it off everywhere).
+      Not under ``tp_plan``.
 
     The model comes back in eval mode; ``model.qtensors_load_result`` says what was loaded.
     """
@@ -171,7 +172,8 @@ def from_pretrained(
     warming = Prewarm(
         cls,
         config,
-        device if prewarm else None,
+        # tensor parallelism: no replica (its collectives stay on this thread)
+        device if prewarm and tp_plan is None else None,
         tdtype,
         files=folder if same_layers else None,
         fuse_siblings=fuse_siblings,
@@ -180,7 +182,9 @@ def from_pretrained(
         model = build_empty(cls, config, **model_kwargs)
         if isinstance(model, transformers.PreTrainedModel):
             model.tie_weights()  # init_weights ties them, and no_init_weights skipped it
-        result: LoadResult = load_model(
+        # the weights read in a worker while the replica runs on this thread (prewarm.py)
+        result: LoadResult = warming.alongside(
+            load_model,
             model,
             folder,
             device=device,
