@@ -24,9 +24,10 @@ reads the real weights: torch releases the GIL inside its ops, so both proceed. 
 meanwhile make the set-ups every thread shares: Triton's driver, and the first calls of common
 ops (``common_ops``).
 
-``join()`` waits for it; a replica
-that cannot be built or run (an unusual architecture) is skipped with a debug log: it only
-warms.
+A replica that cannot be built or run (an unusual architecture) is skipped with a debug log
+and ``LoadResult.prewarm_error``: it only warms. Measured on the H200 (1.1B Llama, int4-g64,
+``gpu_load_replica_here_h200.txt``): first forward 0.033 s against 0.54 s without it, time to
+first token 0.49 s against 0.79 s (fp16 through transformers: 0.98 s in that run).
 """
 
 from __future__ import annotations
