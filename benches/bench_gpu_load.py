@@ -252,6 +252,32 @@ def check(src: str, dst: str, device: str, env: dict, work: str) -> dict:
     }
 
 
+def probe_in_fresh_processes(
+    script: str, device: str, quick: bool, repeat: int, extra: list[str], tail: int = 9000
+) -> None:
+    """The probes' parent (``probe_prewarm_phases.py``, ``probe_first_forward.py``): make the
+    int4-g64 folder, run ``script --child FOLDER --device DEVICE *extra`` in ``repeat`` + 2 fresh
+    processes (the first two fill Triton's and Python's caches, as here) printing each one's
+    ``RESULT`` line, then once more with ``--profile``, printing the end of its output."""
+    work = tempfile.mkdtemp(prefix="qtensors-probe-")
+    env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(work, "triton"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = os.path.join(work, "pycache")
+    try:
+        _, dst, _ = make_folders(work, SIZES["quick" if quick else "full"])
+        cmd = [sys.executable, os.path.abspath(script), "--child", dst, "--device", device, *extra]
+        for i in range(repeat + 2):
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            if not line:
+                raise RuntimeError(p.stderr[-4000:])
+            print(("untimed " if i < 2 else "") + line[0][7:], flush=True)
+        p = subprocess.run([*cmd, "--profile"], capture_output=True, text=True, env=env)
+        print(p.stdout[-tail:] if p.returncode == 0 else p.stderr[-4000:])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def drop_caches_ok() -> bool:
     try:
         with open("/proc/sys/vm/drop_caches", "w") as fh:

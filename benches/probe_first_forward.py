@@ -17,10 +17,7 @@ import cProfile
 import io
 import os
 import pstats
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -85,26 +82,10 @@ def main() -> None:
     if args.child:
         child(args.child, args.device, args.profile, args.warm_main)
         return
-    from bench_gpu_load import SIZES, make_folders
+    from bench_gpu_load import probe_in_fresh_processes
 
-    work = tempfile.mkdtemp(prefix="qtensors-probe-fwd-")
-    env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(work, "triton"))
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    env["PYTHONPYCACHEPREFIX"] = os.path.join(work, "pycache")
-    try:
-        _, dst, _ = make_folders(work, SIZES["quick" if args.quick else "full"])
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", dst, "--device", args.device]
-        cmd += ["--warm-main"] if args.warm_main else []
-        for i in range(args.repeat + 2):
-            p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-            if not line:
-                raise RuntimeError(p.stderr[-4000:])
-            print(("untimed " if i < 2 else "") + line[0][7:], flush=True)
-        p = subprocess.run([*cmd, "--profile"], capture_output=True, text=True, env=env)
-        print(p.stdout[-7000:] if p.returncode == 0 else p.stderr[-4000:])
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    extra = ["--warm-main"] if args.warm_main else []
+    probe_in_fresh_processes(__file__, args.device, args.quick, args.repeat, extra, tail=7000)
 
 
 if __name__ == "__main__":
