@@ -261,7 +261,7 @@ def _define_classes() -> tuple[type, type]:
             if register is None:  # torch < 2.5
                 register = model._register_state_dict_hook
             self._hook = register(_hide_state_dict)
-            # torch's first-use costs, paid by a replica while the weights load (prewarm.py)
+            # first-use costs: the helpers start now, the replica runs beside the load (prewarm.py)
             self._prewarm = prewarm.Prewarm(
                 type(model),
                 model.config,

@@ -86,7 +86,7 @@ class LoadResult:
     tensor_parallel: Any = None
     #: the sibling groups joined (``fuse_siblings``)
     sibling_groups: int = 0
-    #: seconds of ``from_pretrained``'s replica warm-up thread (``prewarm.py``; 0: none ran)
+    #: seconds of the loaders' replica run beside the load (``prewarm.py``; 0: none ran)
     prewarm_seconds: float = 0.0
     #: why that replica could not be built or run (it only warms: the load went on without it)
     prewarm_error: str | None = None
@@ -376,7 +376,7 @@ def place_zeros(
     result = LoadResult(device=torch.device(device))
     placed: list[str] = []
     for e, name in plan:
-        share = sum(n in planned for n in targets.groups.get(name, [name])) == 1
+        share = _shares_tied(targets, name, planned)
         buf = torch.zeros(e.nbytes, dtype=torch.uint8, device=device)
         parts = quantized_from_torch(buf, e).parts()
         try:
@@ -526,11 +526,8 @@ def load_model(
     planned = {name for _, name in plan}
 
     def place(name: str, info: dict[str, Any], parts: list[torch.Tensor], full: Any) -> None:
-        # Tied weights share one quantized weight when the files hold one of their names (else
-        # the last copy wins, decoded, as in load_state_dict); tensor parallelism splits them
-        # its own way, decoded.
-        group = targets.groups.get(name, [name])
-        share = tp is None and sum(n in planned for n in group) == 1
+        # tensor parallelism splits tied weights its own way, decoded
+        share = tp is None and _shares_tied(targets, name, planned)
         _place(targets, name, info, parts, keep_quantized, dtype, result, full, share)
         loaded.update(targets.groups.get(name, [name]))
 
@@ -578,6 +575,12 @@ def load_model(
         tp.install(model)
         result.tensor_parallel = tp
     return result
+
+
+def _shares_tied(targets: _Targets, name: str, planned: set[str]) -> bool:
+    """Whether tied weights share one quantized weight: the files hold one of their names (else
+    the last copy wins, decoded, as in ``load_state_dict``)."""
+    return sum(n in planned for n in targets.groups.get(name, [name])) == 1
 
 
 def warm_loaded(model: nn.Module, result: LoadResult) -> None:

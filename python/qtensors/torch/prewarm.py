@@ -166,17 +166,12 @@ def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype | No
 
 def run_replica(model: nn.Module, device: torch.device) -> None:
     """The replica's forward on a ``PROMPT_TOKENS`` prompt, then each distinct quantized
-    linear on one row (a decoding step's kernels, ``warmup``), and the row gathers a quantized
-    embedding makes (``index_select`` of code bytes and of fp16 / bf16 scales: for a stand-in
-    embedding). Not a whole decoding step: attention with a cache would lengthen the thread
-    (0.43 s with one, against a 0.2 s load, ``gpu_load_prewarm_h200.txt``) for kernels the
-    prompt's forward mostly loaded."""
+    linear on one row (a decoding step's kernels, ``warmup``). Not a whole decoding step:
+    attention with a cache would lengthen the replica (0.43 s with one, against a 0.2 s load,
+    ``gpu_load_prewarm_h200.txt``) for kernels the prompt's forward mostly loaded."""
     from .warmup import warmup
 
     with torch.inference_mode():
-        rows = torch.zeros(2, dtype=torch.long, device=device)
-        for dt in (torch.uint8, torch.float16, torch.bfloat16):
-            torch.zeros(4, 8, dtype=dt, device=device).index_select(0, rows)
         ids = torch.zeros(1, PROMPT_TOKENS, dtype=torch.long, device=device)
         extra = {}
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
@@ -200,7 +195,8 @@ def common_ops(config: Any, device: torch.device, dtype: torch.dtype | None) -> 
     """First calls of the ops most decoder forwards make, on small zeros, as callables: RMS /
     layer norms in fp32, rotary frequencies (a fp32 matmul: cuBLAS's set-up), the halves'
     rotation, gated activations, the attention at the model's head sizes, a quantized
-    embedding's row gathers. Made from helper threads while the replica runs, so that their
+    embedding's row gathers (code bytes, fp16 / bf16 scales: for a replica whose embedding is a
+    stand-in). Made from helper threads while the replica runs, so that their
     set-ups overlap (the first calls of 15 such ops: 0.32-0.41 s on one thread, 0.19-0.20 s on
     four, ``benches/probe_first_use_parallel.py``); the replica still makes every call the
     model makes, these only start some earlier."""
@@ -225,8 +221,10 @@ def common_ops(config: Any, device: torch.device, dtype: torch.dtype | None) -> 
         lambda: zeros(n, 64, dtype=torch.float32).pow(2).mean(-1, keepdim=True),
         lambda: torch.rsqrt(zeros(n, 1, dtype=torch.float32) + 1e-6),
         lambda: zeros(n, 64).float().to(dt),
-        lambda: zeros(4, 8, dtype=torch.uint8).index_select(0, rows),
-        lambda: zeros(4, 8).index_select(0, rows),
+        *(
+            lambda t=t: zeros(4, 8, dtype=t).index_select(0, rows)
+            for t in (torch.uint8, torch.float16, torch.bfloat16)
+        ),
         lambda: torch.cat((zeros(n, 32, dtype=torch.float32),) * 2, -1).cos().sin(),
         lambda: torch.cat((-zeros(n, 32), zeros(n, 32)), -1) * zeros(n, 64) + zeros(n, 64),
         lambda: F.silu(zeros(n, 64)) * zeros(n, 64),
@@ -299,9 +297,9 @@ class Prewarm:
         self._files = files if FROM_FILES else None
         if not ENABLED or self.device is None or self.device.type != "cuda":
             return
-        if self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
         try:  # on the caller's thread: it patches nn.Module while building
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
             self._model = empty_replica(cls, config)
         except Exception as exc:  # an architecture the replica cannot copy
             log.debug("prewarm: no replica of %s: %r", getattr(cls, "__name__", cls), exc)

@@ -152,7 +152,8 @@ def from_pretrained(
       one-layer replica of the model (its layers placed from the files' headers, all zeros), so
       that the first forward does not pay the first calls of torch's ops and of the quantized
       kernels (``qtensors.torch.prewarm``; ``QTENSORS_PREWARM=0`` turns it off everywhere).
-      Not under ``tp_plan``.
+      It holds one layer's weights (and the embeddings and head, up to 256 MiB each) on the
+      device until the load returns. Not under ``tp_plan``.
 
     The model comes back in eval mode; ``model.qtensors_load_result`` says what was loaded.
     """
@@ -167,15 +168,13 @@ def from_pretrained(
     if tp_plan is not None and device is None and torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    # the replica runs our kernels too when it can have the model's layers (not sharded)
-    same_layers = tp_plan is None and keep_quantized
     warming = Prewarm(
         cls,
         config,
         # tensor parallelism: no replica (its collectives stay on this thread)
         device if prewarm and tp_plan is None else None,
         tdtype,
-        files=folder if same_layers else None,
+        files=folder if keep_quantized else None,  # its layers are the model's: our kernels
         fuse_siblings=fuse_siblings,
     ).start()
     try:
