@@ -322,3 +322,22 @@ def test_triton_driver_is_made_beside_and_awaited(tiny_folder, monkeypatch, fake
     order.clear()
     P.Prewarm(transformers.LlamaForCausalLM, cfg, "cuda:0", torch.float16).start().alongside(int)
     assert order == ["materialize", "run"]
+
+
+def test_replica_shares_tied_weights_as_the_load_does(tmp_path):
+    import qtensors as qt
+    import qtensors.torch as qtt
+
+    cfg = _config(2)
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "src")
+    qt.convert(tmp_path / "src", tmp_path / "dst", quant="int4-g64")
+    loaded = qtt.from_pretrained(tmp_path / "dst", device="cpu", dtype=torch.bfloat16)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # one quantized weight
+    cfg = transformers.AutoConfig.from_pretrained(tmp_path / "dst")
+    replica = P.build_replica(transformers.LlamaForCausalLM, cfg, tmp_path / "dst", torch.bfloat16)
+    assert isinstance(replica.lm_head, QuantizedLinear)
+    assert isinstance(replica.model.embed_tokens, QuantizedEmbedding)
+    assert replica.lm_head.weight is replica.model.embed_tokens.weight
+    assert replica.lm_head.weight.op_args == loaded.lm_head.weight.op_args

@@ -65,13 +65,17 @@ def _no_init_weights() -> contextlib.AbstractContextManager[Any]:
 
 def build_empty(cls: Any, config: Any, **model_kwargs: Any) -> nn.Module:
     """``cls`` (a transformers model class, or an Auto class) built from ``config`` with its
-    parameters on the meta device and no weight initialisation."""
+    parameters on the meta device and no weight initialisation; tied weights tied."""
     import transformers
 
     with init_empty_weights(), _no_init_weights():
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-            return cls(config, **model_kwargs)
-        return cls.from_config(config, **model_kwargs)
+            model = cls(config, **model_kwargs)
+        else:
+            model = cls.from_config(config, **model_kwargs)
+    if isinstance(model, transformers.PreTrainedModel):
+        model.tie_weights()  # init_weights ties them, and no_init_weights skipped it
+    return model
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype | None:
@@ -179,8 +183,6 @@ def from_pretrained(
     ).start()
     try:
         model = build_empty(cls, config, **model_kwargs)
-        if isinstance(model, transformers.PreTrainedModel):
-            model.tie_weights()  # init_weights ties them, and no_init_weights skipped it
         # the weights read in a worker while the replica runs on this thread (prewarm.py)
         result: LoadResult = warming.alongside(
             load_model,
