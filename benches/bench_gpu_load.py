@@ -79,11 +79,7 @@ def child(way: str, folder: str, device: str, dump: str | None) -> None:
     import qtensors.torch as qtt
 
     t1 = time.perf_counter()
-    dev = torch.device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    if dev.type == "cuda":
-        torch.empty(1, device=dev)
-        sync()
+    dev, sync = device_ready(device)
     prof = None
     if os.environ.get("QT_BENCH_PROFILE"):  # the load and first forward, by function
         import cProfile
@@ -250,6 +246,40 @@ def check(src: str, dst: str, device: str, env: dict, work: str) -> dict:
         "qtt_equals_qtt_noprewarm": same_unwarmed,
         "cosine_last_logits_vs_fp16": cos,
     }
+
+
+def device_ready(device: str):
+    """``(torch.device, sync)`` with CUDA initialised (its start-up kept out of what a child
+    times); ``sync`` waits for the device (a no-op on the CPU)."""
+    import torch
+
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda":
+        torch.empty(1, device=dev)
+        sync()
+    return dev, sync
+
+
+def probe_parser(repeat: int) -> argparse.ArgumentParser:
+    """The probes' common options (``probe_in_fresh_processes`` runs them with ``--child``)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", metavar="FOLDER")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeat", type=int, default=repeat)
+    return ap
+
+
+def print_profile(prof, lines: int) -> None:
+    """A probe child's profile: the functions with the most time of their own."""
+    import io
+    import pstats
+
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(lines)
+    print(s.getvalue())
 
 
 def probe_in_fresh_processes(

@@ -12,16 +12,20 @@ first forward (cProfile; nothing else runs then: the replica's threads are joine
 
 from __future__ import annotations
 
-import argparse
 import cProfile
-import io
 import os
-import pstats
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+
+from bench_gpu_load import (  # noqa: E402
+    device_ready,
+    print_profile,
+    probe_in_fresh_processes,
+    probe_parser,
+)
 
 
 def child(folder: str, device: str, profile: bool, warm_main: bool) -> None:
@@ -29,11 +33,7 @@ def child(folder: str, device: str, profile: bool, warm_main: bool) -> None:
 
     import qtensors.torch as qtt
 
-    dev = torch.device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    if dev.type == "cuda":
-        torch.empty(1, device=dev)
-        sync()
+    dev, sync = device_ready(device)
     ids = torch.arange(1, 17, device=dev).unsqueeze(0)
     out = []
     prof = None
@@ -65,25 +65,16 @@ def child(folder: str, device: str, profile: bool, warm_main: bool) -> None:
         del model
     print("RESULT " + "; ".join(out), flush=True)
     if prof is not None:
-        s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
-        print(s.getvalue())
+        print_profile(prof, 25)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--child", metavar="FOLDER")
-    ap.add_argument("--profile", action="store_true")
+    ap = probe_parser(repeat=2)
     ap.add_argument("--warm-main", action="store_true", help="common_ops on the main thread first")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
     if args.child:
         child(args.child, args.device, args.profile, args.warm_main)
         return
-    from bench_gpu_load import probe_in_fresh_processes
-
     extra = ["--warm-main"] if args.warm_main else []
     probe_in_fresh_processes(__file__, args.device, args.quick, args.repeat, extra, tail=7000)
 

@@ -14,16 +14,20 @@ Tells the replica's own cost from what running beside the loader adds (the load 
 
 from __future__ import annotations
 
-import argparse
 import cProfile
-import io
 import os
-import pstats
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+
+from bench_gpu_load import (  # noqa: E402
+    device_ready,
+    print_profile,
+    probe_in_fresh_processes,
+    probe_parser,
+)
 
 
 def child(folder: str, device: str, profile: bool) -> None:
@@ -36,11 +40,7 @@ def child(folder: str, device: str, profile: bool) -> None:
     from qtensors.torch.transformers import architecture_class
     from qtensors.torch.warmup import warmup
 
-    dev = torch.device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    if dev.type == "cuda":
-        torch.empty(1, device=dev)
-        sync()
+    dev, sync = device_ready(device)
     cfg = transformers.AutoConfig.from_pretrained(folder)
     cls = architecture_class(cfg)
     prof = cProfile.Profile() if profile else None
@@ -72,24 +72,15 @@ def child(folder: str, device: str, profile: bool) -> None:
     step("forward_again", forward)
     print("RESULT " + " ".join(f"{k}={v * 1e3:.1f}ms" for k, v in times.items()), flush=True)
     if prof is not None:
-        s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
-        print(s.getvalue())
+        print_profile(prof, 30)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--child", metavar="FOLDER")
-    ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap = probe_parser(repeat=3)
     args = ap.parse_args()
     if args.child:
         child(args.child, args.device, args.profile)
         return
-    from bench_gpu_load import probe_in_fresh_processes
-
     probe_in_fresh_processes(__file__, args.device, args.quick, args.repeat, [])
 
 
