@@ -18,9 +18,7 @@ calls: one call per model let that drift decide the ratio); the compiled runs ar
 the script has run longer than
 ``QT_BENCH_BUDGET_S`` seconds (default 330). ``QT_BENCH_DRY=1``: a tiny model on the CPU, eager
 only (checks the script). ``QT_BENCH_MODES=eager`` runs the eager rows only, ``QT_BENCH_EXACT=0``
-leaves out ``int4-exact``, ``QT_BENCH_APART=0`` ``int4-apart``; ``QT_BENCH_PDL=1`` adds
-``int4-nopdl``, a copy of the int4 model run with ``launch.PDL`` off (its kernels launched
-without programmatic dependent launch, ``kernels/gdc.py``).
+leaves out ``int4-exact``, ``QT_BENCH_APART=0`` ``int4-apart``.
 """
 
 from __future__ import annotations
@@ -55,7 +53,6 @@ _MODES = os.environ.get("QT_BENCH_MODES", "eager,static+compile").split(",")
 MODES = tuple(m for m in ("eager", "static+compile") if m in _MODES and not (DRY and m != "eager"))
 EXACT = os.environ.get("QT_BENCH_EXACT", "1") != "0"
 APART = os.environ.get("QT_BENCH_APART", "1") != "0"
-NOPDL = os.environ.get("QT_BENCH_PDL", "0") == "1"
 T0 = time.time()
 RESULTS: dict[str, Any] = {"runs": []}
 REPORT = Report()
@@ -85,21 +82,11 @@ def _bytes(model) -> int:
 
 
 def setting(label: str) -> None:
-    """The int8-activation and PDL switches each model runs under (read at each call, and when a
-    CUDA graph is recorded)."""
+    """The int8-activation switch each model runs under (read at each call, and when a CUDA graph
+    is recorded)."""
     from qtensors.torch.kernels import launch
 
     launch.INT8_ACTIVATIONS = label != "int4-exact"
-    launch.PDL = PDL_DEFAULT and label != "int4-nopdl"
-
-
-def _pdl_default() -> bool:
-    from qtensors.torch.kernels import launch
-
-    return launch.PDL
-
-
-PDL_DEFAULT = _pdl_default() if HAVE_TRITON else False
 
 
 def _generate_s(model, ids, kw, label: str) -> float:
@@ -269,8 +256,6 @@ def main() -> None:
         models["int4-apart"] = apart
     if not DRY and HAVE_TRITON and EXACT:
         models["int4-exact"] = copy.deepcopy(int4)
-    if not DRY and HAVE_TRITON and NOPDL:
-        models["int4-nopdl"] = copy.deepcopy(int4)
     runs = [(b, m) for m in MODES for b in BATCHES]
     for b, m in runs:
         measure_pair(models, b, m)
@@ -285,12 +270,10 @@ def main() -> None:
             q, f = by.get((label, b, m)), by.get(("bf16", b, m))
             if q and f:
                 say(f"  batch {b} {m:<15} {q['tokens_per_s'] / f['tokens_per_s']:.2f}x")
-    for other, what in (("int4-apart", "joined siblings"), ("int4-nopdl", "PDL")):
-        if other not in models:
-            continue
-        say(f"speedup of {what}, int4-g64 / {other} in tokens/s:")
+    if "int4-apart" in models:
+        say("speedup of joined siblings, int4-g64 / int4-apart in tokens/s:")
         for b, m in runs:
-            q, f = by.get(("int4-g64", b, m)), by.get((other, b, m))
+            q, f = by.get(("int4-g64", b, m)), by.get(("int4-apart", b, m))
             if q and f:
                 say(f"  batch {b} {m:<15} {q['tokens_per_s'] / f['tokens_per_s']:.2f}x")
     say(f"total {time.time() - T0:.0f} s")

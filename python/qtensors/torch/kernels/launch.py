@@ -71,12 +71,6 @@ SMALL_M_KERNEL = "words"
 #: ``QTENSORS_INT8_ACTIVATIONS=0``): ``words.py``, exact to fp32 accumulation. fp32 activations
 #: always take the exact kernel.
 INT8_ACTIVATIONS = os.environ.get("QTENSORS_INT8_ACTIVATIONS", "1") != "0"
-#: launch the int8 kernels (``words_int8.py``, the W4A8 pre-pass and its Gluon matmul) as
-#: programmatic dependent launches on sm_90+ (``gdc.py``): each starts while the kernel before it
-#: finishes, with its first weights in flight; ``QTENSORS_PDL=0``: off. ``PDL_AHEAD``: the steps
-#: of weights ``words_int8.py`` prefetches into L2 before it waits.
-PDL = os.environ.get("QTENSORS_PDL", "1") != "0"
-PDL_AHEAD = 2
 #: the rows ``(lo, hi)`` for which ``mma_linear`` runs ``mma_int8.py`` (fp16 / bf16 activations
 #: rounded to int8 per row and group, int8 tensor cores) instead of ``mma.py``, for the weights
 #: ``int8_mma_shape`` takes of at least ``INT8_MMA_MIN_ELEMENTS``; only with
@@ -664,11 +658,9 @@ def _tiled_plan(
     config: TiledConfig | None,
     allow_split: bool,
     paired: bool = False,
-    pdl_ahead: int | None = None,
 ):
     """(kernel, grid, split, k_split, constexprs and options, their hashable key) of one tiled
-    launch; ``paired``: the int8 kernel reads interleaved affine scales and mins; ``pdl_ahead``
-    (not None): the int8 kernel launched with PDL, prefetching that many steps (``pdl()``)."""
+    launch; ``paired``: the int8 kernel reads interleaved affine scales and mins."""
     cfg = config or tiled_config(M, N, K, bits, g)
     if cfg.kernel not in ("fma", "dot", "words", "words8"):
         raise ValueError(f"{cfg.kernel!r} is not a tiled kernel (see route())")
@@ -720,11 +712,6 @@ def _tiled_plan(
         meta["L2_AHEAD"] = cfg.l2_ahead
         meta["PIPELINE"] = cfg.pipeline
         meta["STREAM"] = cfg.stream
-        # every constexpr in meta, set or not: fastlaunch passes them to the launcher by name
-        on = pdl_ahead is not None and cuda_index >= 0
-        meta.update(PDL=on, PDL_AHEAD=pdl_ahead if on else 0)
-        if on:
-            meta["launch_pdl"] = True
     if cuda_index >= 0:
         # FMAs explicitly: the decode's ``f * s2 + off`` and the accumulation are one each
         # (Triton's default for fusion is changing)
@@ -785,7 +772,6 @@ def tiled_linear(
         config,
         locks is not None,
         paired,
-        pdl(cuda_index),
     )
     if paired:
         if pairs.numel() != 2 * scales.numel() or pairs.dtype != scales.dtype:
@@ -945,13 +931,11 @@ def _mma_int8_plan(
     allow_split: bool,
     gluon: bool = False,
     kspec: bool = False,
-    pdl_on: bool = False,
 ):
     """(rows padded to whole row tiles, the pre-pass's grid and constexprs, the matmul's grid,
     split, k_split, constexprs and options, their hashable key) of one ``mma_int8`` call
     (``gluon``: of ``mma_int8_gluon_kernel``; ``kspec``: ``GLUON_KSPEC`` at the call, an argument
-    so that the cache sees it; ``pdl_on``: the pre-pass, and the Gluon matmul, launched with
-    PDL)."""
+    so that the cache sees it)."""
     bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
     if gluon:
         cfg = config or MMA_INT8_GLUON_DEFAULT
@@ -978,9 +962,7 @@ def _mma_int8_plan(
     n_tiles = -(-N // cfg.block_n) * n_m
     step = g * groups
     quant_grid = (n_m * block_m, -(-G // QUANT_GROUPS))
-    pdl_on = pdl_on and cuda_index >= 0
-    # every constexpr in meta, set or not: fastlaunch passes them to the launcher by name
-    quant_meta: dict = dict(GS=g, GROUPS=QUANT_GROUPS, FRAGMENT=gluon, PDL=pdl_on)
+    quant_meta: dict = dict(GS=g, GROUPS=QUANT_GROUPS, FRAGMENT=gluon)
     meta: dict = dict(
         ENC=MMA_INT8_ENC[encoding],
         GS=g,
@@ -998,7 +980,6 @@ def _mma_int8_plan(
         meta.update(
             GROUPS=groups,
             KSPEC=K if kspec and n_m * block_m == 16 else 0,
-            PDL=pdl_on,
             **mma_int8_gluon.layouts(cfg.block_n, block_m, cfg.num_warps, groups, chunks),
         )
         step = g * groups
@@ -1008,10 +989,6 @@ def _mma_int8_plan(
     if cuda_index >= 0:
         meta.update(num_warps=cfg.num_warps, num_stages=1 if gluon else cfg.num_stages)
         quant_meta.update(num_warps=1)
-        if pdl_on:
-            quant_meta["launch_pdl"] = True
-            if gluon:
-                meta["launch_pdl"] = True
     meta.update(SPLIT_K=split)
     quant = (quant_grid, quant_meta, tuple(sorted(quant_meta.items())))
     return n_m * block_m, quant, (n_tiles, split), split, k_split, meta, tuple(sorted(meta.items()))
@@ -1052,7 +1029,6 @@ def mma_int8_linear(
         locks is not None,
         gluon,
         GLUON_KSPEC,
-        pdl(cuda_index) is not None,
     )
     G = K // group_size
     dev = x2.device
@@ -1066,22 +1042,6 @@ def mma_int8_linear(
     kernel = mma_int8_gluon.mma_int8_gluon_kernel if gluon else mma_int8_kernel
     return _finish(kernel, grid, split, k_split, meta, meta_key, cuda_index, locks, xq,
                    out, weight, bias, K, row)  # fmt: skip
-
-
-@functools.lru_cache(maxsize=64)
-def _pdl_device(cuda_index: int) -> bool:
-    """Whether kernels launch with PDL on this CUDA device: sm_90+, a CUDA 12.3+ build (graphs
-    capture such launches from 12.3 on)."""
-    if cuda_index < 0 or torch.version.cuda is None:
-        return False
-    cuda = tuple(int(v) for v in torch.version.cuda.split(".")[:2])
-    return torch.cuda.get_device_capability(cuda_index) >= (9, 0) and cuda >= (12, 3)
-
-
-def pdl(cuda_index: int) -> int | None:
-    """``PDL_AHEAD`` where the int8 kernels launch with PDL on this device (``PDL``, sm_90+, not
-    the interpreter: ``cuda_index`` -1), else None."""
-    return PDL_AHEAD if PDL and _pdl_device(cuda_index) else None
 
 
 @functools.lru_cache(maxsize=64)

@@ -49,7 +49,6 @@ import triton
 import triton.language as tl
 
 from .epilogue import program_tile, store_result
-from .gdc import launch_dependents, wait
 
 #: encoding ids of this kernel (``mma.MMA_ENC``'s)
 MMA_INT8_ENC = {"affine": 0, "symmetric": 1}
@@ -74,7 +73,6 @@ def quantize_kernel(
     GS: tl.constexpr,
     GROUPS: tl.constexpr,
     FRAGMENT: tl.constexpr = False,
-    PDL: tl.constexpr = False,
 ):
     """Row ``program_id(0)`` of ``x`` (of ``MP``: ``M`` rounded up to whole row tiles; the rows
     past ``M`` as zeros, so the matmul reads them unmasked), ``GROUPS`` groups a program: each
@@ -82,13 +80,7 @@ def quantize_kernel(
     of its ``x~ = q * d`` at ``xs[1, g, m]`` (fp32; rows contiguous: a feature tile's loads of a
     group's values are vectors). The order of a group's ``q``: the even k, then the odd (this
     kernel's), or with ``FRAGMENT`` each 64-code chunk as ``mma_int8_gluon.fragment_order``
-    stores it (slot ``s = 16a + 8h + 4b + c`` holds code ``16a + 8b + 2c + h``). ``PDL``:
-    launched as a programmatic dependent launch (``gdc.py``): the matmul may start at once, and
-    this kernel waits for the one that wrote ``x`` (and last read ``xq``) before it reads or
-    writes."""
-    if PDL:
-        launch_dependents()
-        wait()
+    stores it (slot ``s = 16a + 8h + 4b + c`` holds code ``16a + 8b + 2c + h``)."""
     m = tl.program_id(0)
     grp = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     gmask = grp < G

@@ -44,8 +44,6 @@ try:  # Gluon: Triton 3.5+; absent, the tl.dot kernel runs
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-    from .gdc import gl_launch_dependents, gl_wait
-
     HAVE_GLUON = True
     # a CTA-wide barrier: ``barrier`` from Triton 3.7, ``thread_barrier`` before
     _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
@@ -224,18 +222,15 @@ if HAVE_GLUON:
         return gl.load(words_ptr + p_off + gl.multiple_of(k0 // 8, 8), mask=p_mask, other=0)
 
     @gluon.jit
-    def _scales(scales_ptr, s_off, s_mask, k0, GS: gl.constexpr, GROUPS: gl.constexpr):
-        """A step's scales (or ``-8 s``'s ``s``), from column ``k0``."""
-        return gl.load(scales_ptr + s_off + gl.multiple_of(k0 // GS, GROUPS), mask=s_mask,
-                       other=0.0)  # fmt: skip
-
-    @gluon.jit
-    def _activations(xw_ptr, q_off, xs_ptr, d_off, k0, MP, GS: gl.constexpr,
-                     GROUPS: gl.constexpr):  # fmt: skip
-        """A step's activations and their per-group ``d``, from column ``k0``."""
+    def _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k0, MP,
+                 GS: gl.constexpr, GROUPS: gl.constexpr):  # fmt: skip
+        """A step's activations, scales and the activations' per-group ``d``, from column
+        ``k0``."""
         q = gl.load(xw_ptr + q_off + gl.multiple_of(k0 // 4, 16))
-        dd = gl.load(xs_ptr + d_off + gl.multiple_of(k0 // GS, GROUPS) * MP)
-        return q, dd
+        g0 = gl.multiple_of(k0 // GS, GROUPS)
+        st = gl.load(scales_ptr + s_off + g0, mask=s_mask, other=0.0)
+        dd = gl.load(xs_ptr + d_off + g0 * MP)
+        return q, st, dd
 
     @gluon.jit
     def _step(acc, p, q, st, dd, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
@@ -330,13 +325,11 @@ if HAVE_GLUON:
         LQB: gl.constexpr,
         LS: gl.constexpr,
         LD: gl.constexpr,
-        PDL: gl.constexpr = False,
     ):
         """One ``[BLOCK_N, BLOCK_M]`` tile of ``y^T`` from ``quantize_kernel(FRAGMENT=True)``'s
         ``xq`` / ``xs`` (arguments as ``mma_int8_kernel``'s). A K step is ``GROUPS`` groups;
         two steps' operands are in flight (two buffers, the loop unrolled by two); the min
-        terms follow the loop (``_min_terms``); ``KSPEC``: compiled for that K; ``PDL``:
-        launched as a programmatic dependent launch (``gdc.py``)."""
+        terms follow the loop (``_min_terms``); ``KSPEC``: compiled for that K."""
         ROWS: gl.constexpr = gl.SliceLayout(1, MMA)
         COLS: gl.constexpr = gl.SliceLayout(0, MMA)
         CHUNKS: gl.constexpr = GS // 64  # MMA chunks a group
@@ -349,8 +342,6 @@ if HAVE_GLUON:
             row_bytes = KSPEC // 2
             G = KSPEC // GS
             MP = 16
-        if PDL:  # the next kernel may start once every program is placed (gdc.py)
-            gl_launch_dependents()
         pid = gl.program_id(0)
         pid_k = gl.program_id(1)
         n_m = gl.cdiv(M, BLOCK_M)
@@ -391,31 +382,27 @@ if HAVE_GLUON:
         # two buffers of a step's operands, the loop unrolled by two: each buffer is refilled
         # (two steps ahead) as soon as its step is done, with no register copies (a rotation
         # of one buffer costs ~70 moves a step)
-        k1 = gl.minimum(k_lo + STEP, k_last)
         pa = _codes(words_ptr, p_off, p_mask, k_lo)
-        sa = _scales(scales_ptr, s_off, s_mask, k_lo, GS, GROUPS)
+        qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k_lo, MP,
+                              GS, GROUPS)  # fmt: skip
+        k1 = gl.minimum(k_lo + STEP, k_last)
         pb = _codes(words_ptr, p_off, p_mask, k1)
-        sb = _scales(scales_ptr, s_off, s_mask, k1, GS, GROUPS)
-        if PDL:
-            # launched with PDL (gdc.py): the first two steps' codes and scales are in flight
-            # before the wait for the pre-pass, which writes xq / xs
-            gl_wait()
-        qa, da = _activations(xw_ptr, q_off, xs_ptr, d_off, k_lo, MP, GS, GROUPS)
-        qb, db = _activations(xw_ptr, q_off, xs_ptr, d_off, k1, MP, GS, GROUPS)
+        qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k1, MP,
+                              GS, GROUPS)  # fmt: skip
         for k0 in range(k_lo, k_hi, 2 * STEP):
             acc = _step(acc, pa, qa, sa, da, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A, DOT_B,
                         LP1, LB, LQ1, LQB)  # fmt: skip
             k2 = gl.minimum(k0 + 2 * STEP, k_last)
             pa = _codes(words_ptr, p_off, p_mask, k2)
-            qa, da = _activations(xw_ptr, q_off, xs_ptr, d_off, k2, MP, GS, GROUPS)
-            sa = _scales(scales_ptr, s_off, s_mask, k2, GS, GROUPS)
+            qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k2,
+                                  MP, GS, GROUPS)  # fmt: skip
             if k0 + STEP < k_hi:  # an odd number of steps: the last iteration has one
                 acc = _step(acc, pb, qb, sb, db, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A,
                             DOT_B, LP1, LB, LQ1, LQB)  # fmt: skip
             k3 = gl.minimum(k0 + 3 * STEP, k_last)
             pb = _codes(words_ptr, p_off, p_mask, k3)
-            qb, db = _activations(xw_ptr, q_off, xs_ptr, d_off, k3, MP, GS, GROUPS)
-            sb = _scales(scales_ptr, s_off, s_mask, k3, GS, GROUPS)
+            qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k3,
+                                  MP, GS, GROUPS)  # fmt: skip
         acc = _min_terms(acc, scales_ptr, mins_ptr, xs_ptr, pid_n * BLOCK_N, pid_m * BLOCK_M, N,
                          G, MP, k_lo // GS, k_hi // GS, ENC, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
 

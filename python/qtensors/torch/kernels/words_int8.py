@@ -66,10 +66,6 @@ L2_AHEAD 1, KSPEC, PAIRED  333 / 61        319 / 63        223 / 48        215 /
 With ``PREFETCH`` ptxas issues the next step's loads late in the step (after most of its
 ``dp4a``) at these register counts, not at its top: ``maxnreg`` moves them up.
 
-``PDL`` (``launch.PDL``, sm_90+): launched as a programmatic dependent launch (``gdc.py``); the
-first ``PDL_AHEAD`` steps' codes, scales and mins are prefetched into L2 before the wait for the
-kernel that wrote ``x``.
-
 ``STREAM``: the codes loaded ``.cg`` (L2 only), so the stream of codes does not evict the
 activations from L1, which every step of every program on the SM reads first.
 
@@ -89,7 +85,6 @@ import triton.language as tl
 
 from .._layout import NF4_LEVELS
 from .epilogue import store_rows
-from .gdc import l2_prefetch, launch_dependents, wait
 from .scales import group_scale
 
 
@@ -289,6 +284,20 @@ def _row(wa, wb, x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, s, m, acc,
 
 
 @triton.jit
+def _l2_prefetch(ptrs):
+    """``prefetch.global.L2`` of each address: the line comes into L2 from HBM without a
+    register waiting for it."""
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1]; mov.b32 $0, 0;",
+        "=r,l",
+        [ptrs.to(tl.int64)],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
 def _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, full, k0, k_hi, row_units, G,
              ENC: tl.constexpr, SFMT: tl.constexpr, PU: tl.constexpr, KU: tl.constexpr,
              GS: tl.constexpr, PAIRED: tl.constexpr, KSPEC: tl.constexpr,
@@ -320,7 +329,7 @@ def _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, full, k0, k_hi,
         # without a mask); a tile past N (the last) prefetches nothing
         if full:
             ahead = tl.minimum(unit + L2_AHEAD * KU, k_hi // PU - 1)
-            l2_prefetch(u_rows + ahead.to(tl.int64)[:, None])
+            _l2_prefetch(u_rows + ahead.to(tl.int64)[:, None])
     if STREAM:  # read once: past L1, which keeps the activations every step reads
         u = tl.load(u_ptrs, mask=wmask, other=0, cache_modifier=".cg")
     else:
@@ -338,23 +347,6 @@ def _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, full, k0, k_hi,
         else:
             m = s  # symmetric, NF4, FP4: no min (a stand-in _row ignores)
     return u, s, m
-
-
-@triton.jit
-def _prefetch_step(units_ptr, scales_ptr, mins_ptr, rows, N, k0, k_hi, row_units, G,
-                   ENC: tl.constexpr, PU: tl.constexpr, KU: tl.constexpr,
-                   GS: tl.constexpr):  # fmt: skip
-    """The step at ``k0``'s codes, scales and mins into L2: one address a 128-byte line of
-    codes (16 units) and a feature's scales (and mins) of the step, clamped into the slice and
-    the rows (nothing past them is touched)."""
-    LINES: tl.constexpr = (KU + 15) // 16
-    r = tl.minimum(rows, N - 1).to(tl.int64)
-    unit = tl.minimum(k0 // PU + tl.arange(0, LINES) * 16, k_hi // PU - 1)
-    l2_prefetch(units_ptr + r[None, :] * row_units + unit.to(tl.int64)[:, None])
-    grp = tl.minimum(k0, k_hi - 1) // GS
-    l2_prefetch(scales_ptr + r * G + grp)
-    if ENC == 0:
-        l2_prefetch(mins_ptr + r * G + grp)
 
 
 @triton.jit
@@ -412,8 +404,6 @@ def words_int8_kernel(
     L2_AHEAD: tl.constexpr = 0,
     PIPELINE: tl.constexpr = 0,
     STREAM: tl.constexpr = False,
-    PDL: tl.constexpr = False,
-    PDL_AHEAD: tl.constexpr = 0,
 ):
     PU: tl.constexpr = 64 // BITS  # codes per int64 unit
     KU: tl.constexpr = BLOCK_K // PU  # units per row and step
@@ -432,15 +422,6 @@ def words_int8_kernel(
     if KSPEC:  # the row lengths as constants: see _weights
         row_units = KSPEC * BITS // 64
         G = (KSPEC + GS - 1) // GS
-    if PDL:
-        # launched with PDL (gdc.py): the next kernel may start once every program is placed;
-        # the first PDL_AHEAD steps' weights come into L2 while the kernel before (which wrote
-        # x) finishes; nothing else is read or written before the wait
-        launch_dependents()
-        for i in tl.static_range(PDL_AHEAD):
-            _prefetch_step(units_ptr, scales_ptr, mins_ptr, rows, N, k_lo + i * BLOCK_K, k_hi,
-                           row_units, G, ENC, PU, KU, GS)  # fmt: skip
-        wait()
     if PREFETCH:
         u, s, m = _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, full, k_lo, k_hi,
                            row_units, G, ENC, SFMT, PU, KU, GS, PAIRED, KSPEC, L2_AHEAD, STREAM,
