@@ -48,6 +48,7 @@ import triton.language as tl
 
 from .._layout import NF4_LEVELS, group_layout
 from .fastlaunch import launch
+from .kept import kept_empty
 from .scales import SCALE_FORMATS, group_scale
 from .tiled import _e2m1
 
@@ -390,10 +391,12 @@ _LEVELS: dict[torch.device, torch.Tensor] = {}
 
 
 def _levels(device: torch.device) -> torch.Tensor:
-    """NF4's 16 fp32 levels on ``device`` (64 bytes: one cache line)."""
+    """NF4's 16 fp32 levels on ``device`` (64 bytes: one cache line), kept outside any CUDA
+    graph's memory pool (``kept.py``)."""
     t = _LEVELS.get(device)
     if t is None:
-        t = _LEVELS[device] = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+        levels = torch.tensor(NF4_LEVELS, dtype=torch.float32)
+        t = _LEVELS[device] = kept_empty((16,), torch.float32, device).copy_(levels)
     return t
 
 

@@ -29,6 +29,7 @@ from .epilogue import ENC_IDS
 from .fastlaunch import launch
 from .gemm import gemm_kernel
 from .gemv import gemv_kernel
+from .kept import kept_empty
 from .mma import MMA_ENC, NVFP4_CHUNK, mma_kernel
 from .mma_int8 import MMA_INT8_ENC, MMA_INT8_MIN_GROUP, mma_int8_kernel, quantize_kernel
 from .scales import SCALE_FORMATS
@@ -524,13 +525,14 @@ def _workspace(
     per device, use, dtype and size, kept (allocating it costs ~4 us of host time a call). Reuse
     is safe where the counters' is: the launches of a device run in stream order, and the
     kernels finish with a buffer before the next launch starts. While a CUDA graph is being
-    captured a missing buffer is allocated for that call only."""
+    captured a missing buffer is allocated for that call only; a kept one outside any graph
+    pool (``kept.py``)."""
     key = (device, shape, dtype, use)
     t = _WORKSPACES.get(key)
     if t is None:
-        t = torch.empty(shape, dtype=dtype, device=device)
-        if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
-            _WORKSPACES[key] = t
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return torch.empty(shape, dtype=dtype, device=device)
+        t = _WORKSPACES[key] = kept_empty(shape, dtype, device)
     return t
 
 
@@ -541,8 +543,7 @@ def _locks(device: torch.device) -> torch.Tensor | None:
     if t is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        t = torch.zeros(LOCK_SLOTS, dtype=torch.int32, device=device)
-        _LOCKS[device] = t
+        t = _LOCKS[device] = kept_empty((LOCK_SLOTS,), torch.int32, device).zero_()
     return t
 
 
