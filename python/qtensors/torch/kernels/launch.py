@@ -916,12 +916,6 @@ MMA_INT8_GLUON_DEFAULT = MmaConfig(block_m=0, block_n=64, groups=2, split_k=0, n
 #: benches/results/sass_gluon_loop_h200.txt; on the H200 within the runs' noise either way,
 #: gpu_mma_gluon_probe5_h200.txt)
 GLUON_KSPEC = True
-#: ``mma_int8_gluon_kernel``'s K loop: 0, two steps' operands double-buffered in registers; >= 2,
-#: each step's codes, activations and scales copied that many steps ahead minus one into a ring
-#: of shared memory (cp.async), where the step's groups are at least 2 (4-byte scale copies) and
-#: the warps tile the rows (``STAGED_WARPS``)
-GLUON_STAGES = int(os.environ.get("QTENSORS_GLUON_STAGES", "0"))
-STAGED_WARPS = 2
 INT8_MMA_GLUON_MAX_M = 32
 
 
@@ -938,12 +932,11 @@ def _mma_int8_plan(
     allow_split: bool,
     gluon: bool = False,
     kspec: bool = False,
-    stages: int = 0,
 ):
     """(rows padded to whole row tiles, the pre-pass's grid and constexprs, the matmul's grid,
     split, k_split, constexprs and options, their hashable key) of one ``mma_int8`` call
-    (``gluon``: of ``mma_int8_gluon_kernel``; ``kspec``, ``stages``: ``GLUON_KSPEC`` and
-    ``GLUON_STAGES`` at the call, arguments so that the cache sees them)."""
+    (``gluon``: of ``mma_int8_gluon_kernel``; ``kspec``: ``GLUON_KSPEC`` at the call, an argument
+    so that the cache sees it)."""
     bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
     if gluon:
         cfg = config or MMA_INT8_GLUON_DEFAULT
@@ -988,7 +981,6 @@ def _mma_int8_plan(
         meta.update(
             GROUPS=groups,
             KSPEC=K if kspec and n_m * block_m == 16 else 0,
-            STAGES=stages if groups >= 2 and cfg.num_warps == STAGED_WARPS else 0,
             **mma_int8_gluon.layouts(cfg.block_n, block_m, cfg.num_warps, groups, chunks),
         )
         step = g * groups
@@ -1038,7 +1030,6 @@ def mma_int8_linear(
         locks is not None,
         gluon,
         GLUON_KSPEC,
-        GLUON_STAGES,
     )
     G = K // group_size
     dev = x2.device

@@ -42,7 +42,7 @@ import numpy as np
 try:  # Gluon: Triton 3.5+; absent, the tl.dot kernel runs
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     HAVE_GLUON = True
     # a CTA-wide barrier: ``barrier`` from Triton 3.7, ``thread_barrier`` before
@@ -107,19 +107,7 @@ def layouts(block_n: int, block_m: int, warps: int, groups: int, chunks: int) ->
     q_reg = [[1, 0], [2, 0], [0, 8], *m32]
     q_lane = [[4, 0], [8, 0], [0, 1], [0, 2], [0, 4]]
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8])
-    # ``STAGES`` (the staged loop): the cp.async layouts, 16 bytes a thread where the tile allows
-    # (a chunk's codes: [block_n, 8] words; its activations: [block_m, 16] words; a step's
-    # scales: [block_n, groups], a row's groups in one thread), and the shared memory's
-    # (unswizzled: a warp's reads of a chunk, 8 rows of 32 bytes, fall in two wavefronts as
-    # they are)
-    copies = dict(
-        CP=gl.BlockedLayout([1, 4], [16, 2], [warps, 1], [1, 0]),
-        CQ=gl.BlockedLayout([1, 4], [8, 4], [warps, 1], [1, 0]),
-        CS=gl.BlockedLayout([1, groups], [32, 1], [warps, 1], [1, 0]),
-        SH=gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
-    )
     return dict(
-        **copies,
         MMA=mma,
         DOT_A=gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4),
         DOT_B=gl.DotOperandLayout(operand_index=1, parent=mma, k_width=4),
@@ -267,108 +255,6 @@ if HAVE_GLUON:
         return acc
 
     @gluon.jit
-    def _issue(codes_s, acts_s, scales_s, slot, words_ptr, c_off, c_mask, xw_ptr, a_off,
-               scales_ptr, cs_off, cs_mask, k0, GS: gl.constexpr, GROUPS: gl.constexpr,
-               PER_STEP: gl.constexpr):  # fmt: skip
-        """The step at column ``k0`` copied into ring slot ``slot`` (cp.async: in flight without
-        registers), one commit group: each chunk's codes and activations, the step's scales."""
-        for c in gl.static_range(PER_STEP):
-            async_copy.async_copy_global_to_shared(
-                codes_s.index(slot * PER_STEP + c),
-                words_ptr + c_off + gl.multiple_of(k0 // 8 + 8 * c, 8),
-                mask=c_mask,
-            )
-            async_copy.async_copy_global_to_shared(
-                acts_s.index(slot * PER_STEP + c),
-                xw_ptr + a_off + gl.multiple_of(k0 // 4 + 16 * c, 16),
-            )
-        async_copy.async_copy_global_to_shared(
-            scales_s.index(slot),
-            scales_ptr + cs_off + gl.multiple_of(k0 // GS, GROUPS),
-            mask=cs_mask,
-        )
-        async_copy.commit_group()
-
-    @gluon.jit
-    def _staged_step(acc, codes_s, acts_s, scales_s, slot, dd, BLOCK_N: gl.constexpr,
-                     BLOCK_M: gl.constexpr, GROUPS: gl.constexpr, CHUNKS: gl.constexpr,
-                     MMA: gl.constexpr, DOT_A: gl.constexpr, DOT_B: gl.constexpr,
-                     LP1: gl.constexpr, LB: gl.constexpr, LQ1: gl.constexpr, LQB: gl.constexpr,
-                     LS: gl.constexpr):  # fmt: skip
-        """``_step`` on the step in ring slot ``slot``: each chunk's codes and activations read
-        from shared memory into the layouts the MMA's operands are made from."""
-        ROWS: gl.constexpr = gl.SliceLayout(1, MMA)
-        COLS: gl.constexpr = gl.SliceLayout(0, MMA)
-        PER_STEP: gl.constexpr = GROUPS * CHUNKS
-        st = scales_s.index(slot).load(LS)
-        for gi in gl.static_range(GROUPS):
-            i = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, MMA)
-            for ci in gl.static_range(CHUNKS):
-                c = gi * CHUNKS + ci
-                a_op = _a_operand(codes_s.index(slot * PER_STEP + c).load(LP1), BLOCK_N, LB, DOT_A)
-                q = acts_s.index(slot * PER_STEP + c).permute([1, 0]).load(LQ1)
-                i = mma_v2(a_op, _b_operand(q, BLOCK_M, LQB, DOT_B), i)
-            s = _pick(st, gi, GROUPS, ROWS).to(gl.float32)
-            d = _pick(dd, gi, GROUPS, COLS)
-            acc = gl.fma(gl.expand_dims(s, 1) * gl.expand_dims(d, 0), i.to(gl.float32), acc)
-        return acc
-
-    @gluon.jit
-    def _staged_loop(acc, words_ptr, row_words, xw_ptr, stride_xm, scales_ptr, xs_ptr, d_off,
-                     pid_n, pid_m, N, G, MP, k_lo, k_hi, GS: gl.constexpr, GROUPS: gl.constexpr,
-                     CHUNKS: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
-                     BLOCK_M: gl.constexpr, MMA: gl.constexpr, DOT_A: gl.constexpr,
-                     DOT_B: gl.constexpr, LP1: gl.constexpr, LB: gl.constexpr,
-                     LQ1: gl.constexpr, LQB: gl.constexpr, LS: gl.constexpr,
-                     LD: gl.constexpr, CP: gl.constexpr, CQ: gl.constexpr, CS: gl.constexpr,
-                     SH: gl.constexpr):  # fmt: skip
-        """The K loop with each step's codes, activations and scales copied ``STAGES - 1`` steps
-        ahead into a ring of shared memory (cp.async), so that the bytes in flight take no
-        registers; the activations' per-group ``d`` (a few bytes, L2-resident) one step ahead
-        in registers."""
-        PER_STEP: gl.constexpr = GROUPS * CHUNKS
-        STEP: gl.constexpr = GS * GROUPS
-        codes_s = gl.allocate_shared_memory(gl.int32, [STAGES * PER_STEP, BLOCK_N, 8], SH)
-        acts_s = gl.allocate_shared_memory(gl.int32, [STAGES * PER_STEP, BLOCK_M, 16], SH)
-        scales_s = gl.allocate_shared_memory(scales_ptr.dtype.element_ty,
-                                             [STAGES, BLOCK_N, GROUPS], SH)  # fmt: skip
-        # the copies' offsets: a chunk's codes [block_n, 8] words, its activations [block_m, 16]
-        # words, the step's scales [block_n, groups]
-        c_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, CP))
-        c_off = (gl.expand_dims(c_rows, 1) * row_words
-                 + gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, CP)), 0))  # fmt: skip
-        c_mask = gl.expand_dims(c_rows < N, 1)
-        a_rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, CQ))
-        a_off = (gl.expand_dims(a_rows, 1) * (stride_xm // 4)
-                 + gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(0, CQ)), 0))  # fmt: skip
-        cs_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, CS))
-        cs_cols = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, CS))
-        cs_off = gl.expand_dims(cs_rows, 1) * G + gl.expand_dims(cs_cols, 0)
-        cs_mask = gl.expand_dims(cs_rows < N, 1)
-        k_last = k_hi - STEP  # steps past the slice copy the last one again (unused)
-        for i in gl.static_range(STAGES - 1):
-            _issue(codes_s, acts_s, scales_s, i, words_ptr, c_off, c_mask, xw_ptr, a_off,
-                   scales_ptr, cs_off, cs_mask, gl.minimum(k_lo + i * STEP, k_last), GS,
-                   GROUPS, PER_STEP)  # fmt: skip
-        dd = gl.load(xs_ptr + d_off + gl.multiple_of(k_lo // GS, GROUPS) * MP)
-        t = 0
-        for k0 in range(k_lo, k_hi, STEP):
-            async_copy.wait_group(STAGES - 2)  # this thread's copies of step t have landed
-            _cta_barrier()  # everyone's have; and everyone is done with step t - 1's slot
-            _issue(codes_s, acts_s, scales_s, (t + STAGES - 1) % STAGES, words_ptr, c_off,
-                   c_mask, xw_ptr, a_off, scales_ptr, cs_off, cs_mask,
-                   gl.minimum(k0 + (STAGES - 1) * STEP, k_last), GS, GROUPS, PER_STEP)  # fmt: skip
-            d_next = gl.load(xs_ptr + d_off
-                             + gl.multiple_of(gl.minimum(k0 + STEP, k_last) // GS, GROUPS) * MP)  # fmt: skip
-            acc = _staged_step(acc, codes_s, acts_s, scales_s, t % STAGES, dd, BLOCK_N,
-                               BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A, DOT_B, LP1, LB, LQ1, LQB,
-                               LS)  # fmt: skip
-            dd = d_next
-            t += 1
-        async_copy.wait_group(0)
-        return acc
-
-    @gluon.jit
     def _min_terms(acc, scales_ptr, mins_ptr, xs_ptr, rows0, cols0, N, G, MP, g_lo, g_hi,
                    ENC: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                    MMA: gl.constexpr):  # fmt: skip
@@ -439,11 +325,6 @@ if HAVE_GLUON:
         LQB: gl.constexpr,
         LS: gl.constexpr,
         LD: gl.constexpr,
-        CP: gl.constexpr,
-        CQ: gl.constexpr,
-        CS: gl.constexpr,
-        SH: gl.constexpr,
-        STAGES: gl.constexpr = 0,
     ):
         """One ``[BLOCK_N, BLOCK_M]`` tile of ``y^T`` from ``quantize_kernel(FRAGMENT=True)``'s
         ``xq`` / ``xs`` (arguments as ``mma_int8_kernel``'s). A K step is ``GROUPS`` groups;
@@ -497,37 +378,31 @@ if HAVE_GLUON:
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
         k_lo = pid_k * k_split
         k_hi = gl.minimum(K, k_lo + k_split)
-        if STAGES > 0:
-            acc = _staged_loop(acc, words_ptr, row_words, xw_ptr, stride_xm, scales_ptr, xs_ptr,
-                               d_off, pid_n, pid_m, N, G, MP, k_lo, k_hi, GS, GROUPS, CHUNKS,
-                               STAGES, BLOCK_N, BLOCK_M, MMA, DOT_A, DOT_B, LP1, LB, LQ1, LQB,
-                               LS, LD, CP, CQ, CS, SH)  # fmt: skip
-        else:
-            k_last = k_hi - STEP  # steps past the slice load the last one again (unused)
-            # two buffers of a step's operands, the loop unrolled by two: each buffer is refilled
-            # (two steps ahead) as soon as its step is done, with no register copies (a rotation
-            # of one buffer costs ~70 moves a step)
-            pa = _codes(words_ptr, p_off, p_mask, k_lo)
-            qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k_lo, MP,
-                                  GS, GROUPS)  # fmt: skip
-            k1 = gl.minimum(k_lo + STEP, k_last)
-            pb = _codes(words_ptr, p_off, p_mask, k1)
-            qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k1, MP,
-                                  GS, GROUPS)  # fmt: skip
-            for k0 in range(k_lo, k_hi, 2 * STEP):
-                acc = _step(acc, pa, qa, sa, da, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A, DOT_B,
-                            LP1, LB, LQ1, LQB)  # fmt: skip
-                k2 = gl.minimum(k0 + 2 * STEP, k_last)
-                pa = _codes(words_ptr, p_off, p_mask, k2)
-                qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k2,
-                                      MP, GS, GROUPS)  # fmt: skip
-                if k0 + STEP < k_hi:  # an odd number of steps: the last iteration has one
-                    acc = _step(acc, pb, qb, sb, db, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A,
-                                DOT_B, LP1, LB, LQ1, LQB)  # fmt: skip
-                k3 = gl.minimum(k0 + 3 * STEP, k_last)
-                pb = _codes(words_ptr, p_off, p_mask, k3)
-                qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k3,
-                                      MP, GS, GROUPS)  # fmt: skip
+        k_last = k_hi - STEP  # steps past the slice load the last one again (unused)
+        # two buffers of a step's operands, the loop unrolled by two: each buffer is refilled
+        # (two steps ahead) as soon as its step is done, with no register copies (a rotation
+        # of one buffer costs ~70 moves a step)
+        pa = _codes(words_ptr, p_off, p_mask, k_lo)
+        qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k_lo, MP,
+                              GS, GROUPS)  # fmt: skip
+        k1 = gl.minimum(k_lo + STEP, k_last)
+        pb = _codes(words_ptr, p_off, p_mask, k1)
+        qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k1, MP,
+                              GS, GROUPS)  # fmt: skip
+        for k0 in range(k_lo, k_hi, 2 * STEP):
+            acc = _step(acc, pa, qa, sa, da, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A, DOT_B,
+                        LP1, LB, LQ1, LQB)  # fmt: skip
+            k2 = gl.minimum(k0 + 2 * STEP, k_last)
+            pa = _codes(words_ptr, p_off, p_mask, k2)
+            qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k2,
+                                  MP, GS, GROUPS)  # fmt: skip
+            if k0 + STEP < k_hi:  # an odd number of steps: the last iteration has one
+                acc = _step(acc, pb, qb, sb, db, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A,
+                            DOT_B, LP1, LB, LQ1, LQB)  # fmt: skip
+            k3 = gl.minimum(k0 + 3 * STEP, k_last)
+            pb = _codes(words_ptr, p_off, p_mask, k3)
+            qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k3,
+                                  MP, GS, GROUPS)  # fmt: skip
         acc = _min_terms(acc, scales_ptr, mins_ptr, xs_ptr, pid_n * BLOCK_N, pid_m * BLOCK_M, N,
                          G, MP, k_lo // GS, k_hi // GS, ENC, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
 
