@@ -8,7 +8,8 @@
 * ``scales``: group scales as fp32 in every stored format (float, E8M0, E4M3 x tensor scale);
 * ``epilogue``: what both matmul kernels share (code values, the split-K reduction, the store);
 * ``launch``: shapes -> launch configuration, and the launches (``torch.ops.qtensors.linear``);
-* ``startup``: Triton's per-process start-up hash, kept on disk (installed here, on import).
+* ``startup``: Triton's per-process start-up hash, kept on disk (installed here, on import);
+* ``kept``: buffers the kernels keep across calls, allocated where no CUDA-graph pool claims them.
 
 Importing any of them needs Triton; this package itself does not.
 """
