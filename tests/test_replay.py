@@ -45,9 +45,11 @@ def test_replay_swaps_in_the_new_x_and_a_fresh_output(fast):
     (call,) = k.calls
     assert call[:7] == (4, 2, 1, 77, "fn", "meta", None)
     passed = call[9:]
-    assert passed[0].data_ptr() == x_new.data_ptr() and passed[0].shape == (6, 8)
+    # x and the output themselves where the first call passed their 2-D views: a launcher reads
+    # only the address
+    assert passed[0] is x_new
     assert passed[1] is w
-    assert passed[2].data_ptr() == passed[3].data_ptr() == got.data_ptr()
+    assert passed[2] is got and passed[3] is got
     assert passed[2].data_ptr() != out.data_ptr()  # fresh, not the recorded output
     assert passed[4:] == (6, 5, 8, 16)  # sizes as recorded, then the constexprs
     with pytest.raises(ValueError, match="x and output"):  # a launch on a copy of x
@@ -197,3 +199,59 @@ def test_linear_cuda_replays_a_two_launch_path(fast, monkeypatch):
     assert len(pre_l.calls) == len(mm_l.calls) == 3
     assert pre_l.calls[-1][9].data_ptr() == xs[-1].data_ptr() and pre_l.calls[-1][10] is ws
     assert mm_l.calls[-1][9] is ws and mm_l.calls[-1][11].data_ptr() == outs[-1].data_ptr()
+
+
+class CudaLauncher:
+    """A stand-in for Triton 3.6's launcher of the same name: its ``__call__`` uses the same
+    names in the same way (scratch memory, then ``self.launch`` with the cooperative and PDL
+    flags and the two scratch pointers before the arguments), so ``direct_launch`` takes it."""
+
+    def __init__(self, scratch: int = 0):
+        self.global_scratch_size = scratch
+        self.global_scratch_align = 1
+        self.profile_scratch_size = 0
+        self.profile_scratch_align = 1
+        self.launch_cooperative_grid = 0
+        self.launch_pdl = 0
+        self.calls = []
+        self.launch = lambda *a: self.calls.append(a)
+
+    def __call__(self, gridX, gridY, gridZ, stream, function, *args):
+        def allocate_scratch(size, align, allocator):
+            return None if size == 0 else ("scratch", size, align, allocator)
+
+        global_scratch = allocate_scratch(
+            self.global_scratch_size, self.global_scratch_align, _allocation._allocator
+        )
+        profile_scratch = allocate_scratch(
+            self.profile_scratch_size, self.profile_scratch_align, _allocation._profile_allocator
+        )
+        self.launch(gridX, gridY, gridZ, stream, function, self.launch_cooperative_grid,
+                    self.launch_pdl, global_scratch, profile_scratch, *args)  # fmt: skip
+
+
+class _allocation:  # the module name the stand-in's __call__ reads
+    _allocator = "alloc"
+    _profile_allocator = "profile"
+
+
+def test_direct_launch_matches_the_launchers_own_call(fast):
+    """A replay calls the known launcher's ``launch`` itself, with exactly the arguments the
+    launcher's ``__call__`` would pass; a launcher needing scratch memory, or any other
+    launcher, is called as before."""
+    launcher = CudaLauncher()
+    assert fastlaunch.direct_launch(launcher) == (launcher.launch, 0, 0)
+    assert fastlaunch.direct_launch(CudaLauncher(scratch=64)) is None
+    assert fastlaunch.direct_launch(Launcher()) is None  # another class: its own call
+    x = torch.randn(2, 8)
+    out = torch.empty(2, 5)
+    w = torch.zeros(40)
+    args = (x, w, out, 2, 5, 8)
+    rp = fastlaunch.Replay(((launcher, "fn", "meta", (16,)), (4, 2, 1), args, 0), x, out, None)
+    x_new = torch.randn(2, 8)
+    got = rp(x_new)
+    (direct,) = launcher.calls
+    launcher.calls.clear()
+    launcher(4, 2, 1, 77, "fn", "meta", None, None, None, x_new, w, got, 2, 5, 8, 16)
+    (own,) = launcher.calls
+    assert direct == own

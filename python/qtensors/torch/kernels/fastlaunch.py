@@ -120,28 +120,76 @@ def _same_memory(a: Any, t: torch.Tensor) -> bool:
     )
 
 
+#: the names Triton 3.6's ``CudaLauncher.__call__`` uses: with no scratch memory it only calls
+#: ``self.launch(gridX, gridY, gridZ, stream, function, self.launch_cooperative_grid,
+#: self.launch_pdl, None, None, *args)``, which ``Replay`` then calls itself (one Python frame,
+#: a closure and two calls less a launch). Any other implementation (another Triton) keeps its own.
+_LAUNCHER_CALL_NAMES = frozenset(
+    (
+        "global_scratch_size",
+        "global_scratch_align",
+        "_allocation",
+        "_allocator",
+        "profile_scratch_size",
+        "profile_scratch_align",
+        "_profile_allocator",
+        "launch",
+        "launch_cooperative_grid",
+        "launch_pdl",
+    )
+)
+_LAUNCHER_CALL_ARGS = ("self", "gridX", "gridY", "gridZ", "stream", "function")
+
+
+def direct_launch(run: Any) -> tuple | None:
+    """``(launch, cooperative, pdl)`` where ``run`` is the Triton launcher this module knows
+    (its ``__call__`` as in Triton 3.6) and needs no scratch memory, else None."""
+    cls = type(run)
+    code = getattr(cls.__dict__.get("__call__"), "__code__", None)
+    if (
+        cls.__name__ != "CudaLauncher"
+        or code is None
+        or frozenset(code.co_names) != _LAUNCHER_CALL_NAMES
+        or code.co_varnames[: len(_LAUNCHER_CALL_ARGS)] != _LAUNCHER_CALL_ARGS
+    ):
+        return None
+    try:
+        if run.global_scratch_size or run.profile_scratch_size:
+            return None
+        return (run.launch, run.launch_cooperative_grid, run.launch_pdl)
+    except AttributeError:
+        return None
+
+
 class Replay:
     """The noted launches of a call ``x -> out`` (one, or a short chain such as the int8
     tensor-core path's pre-pass and matmul), repeated in order with new activations and a fresh
     output: every other argument (the weight's parts, bias, kept workspaces, sizes, strides) as
     recorded. Raises ValueError unless the first launch took ``x``'s memory and the last
     ``out``'s as 2-D views (a copy of ``x`` cannot be replayed, nor a path whose output some
-    other operation wrote, as decode + cuBLAS)."""
+    other operation wrote, as decode + cuBLAS). A replay passes ``x`` and the output themselves
+    where the first call passed their 2-D views: a launcher reads only a tensor's address."""
 
     __slots__ = ("bias", "device", "dtype", "launches", "shape")
 
     def __init__(self, noted: tuple | list, x: torch.Tensor, out: torch.Tensor, bias) -> None:
         chain = [noted] if isinstance(noted, tuple) else list(noted)
         self.launches = []
-        for launcher, grid, args, device in chain:
+        for (run, function, packed, tail), grid, args, device in chain:
             x_at = tuple(i for i, a in enumerate(args) if _same_memory(a, x))
             out_at = tuple(i for i, a in enumerate(args) if _same_memory(a, out))
             kept = list(args)
             for i in x_at + out_at:
                 kept[i] = None  # no reference kept to the first call's tensors
-            self.launches.append((launcher, grid, kept, x_at, out_at))
+            kept.extend(tail)
+            direct = direct_launch(run)
+            if direct is not None:  # launch(grid, stream, function, coop, pdl, scratch x 2, ...)
+                call, head = direct[0], (function, direct[1], direct[2], None, None, packed)
+            else:  # run(grid, stream, function, packed, the launch hooks' metadata, ...)
+                call, head = run, (function, packed)
+            self.launches.append((call, grid, head, kept, x_at, out_at))
             self.device = device
-        if not chain or not self.launches[0][3] or not self.launches[-1][4]:
+        if not chain or not self.launches[0][4] or not self.launches[-1][5]:
             raise ValueError("the noted launches do not take this call's x and output")
         self.shape, self.dtype, self.bias = tuple(out.shape), out.dtype, bias
 
@@ -149,17 +197,18 @@ class Replay:
         """The output for ``x`` (the recorded call's shape, dtype and device), or None where the
         fresh output is not 16-byte aligned (Triton would specialize differently: the caller
         takes the full path)."""
-        out = torch.empty(self.shape, dtype=self.dtype, device=x.device)
+        if x.dtype is self.dtype:
+            out = x.new_empty(self.shape)
+        else:
+            out = torch.empty(self.shape, dtype=self.dtype, device=x.device)
         if out.data_ptr() % 16:
             return None
-        x2 = x if x.dim() == 2 else x.view(-1, x.shape[-1])
-        out2 = out if out.dim() == 2 else out.view(-1, out.shape[-1])
         stream = torch._C._cuda_getCurrentRawStream(self.device)
-        for (run, function, packed, tail), grid, kept, x_at, out_at in self.launches:
+        for call, (g0, g1, g2), head, kept, x_at, out_at in self.launches:
             args = kept.copy()
             for i in x_at:
-                args[i] = x2
+                args[i] = x
             for i in out_at:
-                args[i] = out2
-            run(*grid, stream, function, packed, None, None, None, *args, *tail)
+                args[i] = out
+            call(g0, g1, g2, stream, *head, None, None, None, *args)
         return out
