@@ -91,3 +91,13 @@ def test_while_capturing_a_missing_workspace_is_for_that_call_only(fake_cuda):
     assert L._locks(dev) is None  # no counters made inside a capture
     # allocated in the capture (the graph's pool), on the calling thread, never kept
     assert fake_cuda["threads"] == [threading.get_ident()] * 2
+
+
+def test_nf4_levels_refuse_a_first_use_inside_a_capture(fake_cuda):
+    """The table is copied from the host: inside a capture that copy cannot run, so a first use
+    there says what to do instead of failing in CUDA."""
+    fake_cuda["capturing"] = True
+    with pytest.raises(RuntimeError, match="call the model once before capturing"):
+        D._levels(torch.device("cuda", 0))
+    fake_cuda["capturing"] = False
+    assert D._levels(torch.device("cuda", 0))[0] == -1.0

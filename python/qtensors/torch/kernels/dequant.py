@@ -395,6 +395,11 @@ def _levels(device: torch.device) -> torch.Tensor:
     graph's memory pool (``kept.py``)."""
     t = _LEVELS.get(device)
     if t is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "NF4's level table is made on a device's first NF4 call, which cannot run inside"
+                " a CUDA graph capture: call the model once before capturing it"
+            )
         levels = torch.tensor(NF4_LEVELS, dtype=torch.float32)
         t = _LEVELS[device] = kept_empty((16,), torch.float32, device).copy_(levels)
     return t
