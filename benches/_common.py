@@ -100,6 +100,45 @@ def best_ms(fn, repeat: int) -> float:
     return min(times) * 1e3
 
 
+def graph_us(calls: list, reps: int, dry: bool = False) -> float:
+    """Median time per call (us) of ``calls`` run back to back inside one CUDA graph, after one
+    eager pass (compiles, allocations, split-K counters: outside the capture) and one on a side
+    stream; ``dry``: one eager pass timed on the host (the CPU dry runs)."""
+    import statistics
+
+    import torch
+
+    if dry:
+        t = time.perf_counter()
+        for c in calls:
+            c()
+        return (time.perf_counter() - t) * 1e6 / len(calls)
+    for c in calls:
+        c()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / len(calls))
+    del graph
+    return statistics.median(times)
+
+
 def generate_kwargs(new: int, compiled: bool) -> dict[str, Any]:
     """``generate`` arguments for ``new`` greedy tokens: eager (dynamic cache, transformers'
     auto-compile off), or ``compiled``: the static cache with transformers' own

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import sys
 import time
 from typing import Any
@@ -47,6 +46,7 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _common import Report  # noqa: E402
+from _common import graph_us as _common_graph_us  # noqa: E402
 
 from qtensors.torch.kernels import launch as L  # noqa: E402
 from qtensors.torch.linear import linear, linear_cuda  # noqa: E402
@@ -176,36 +176,8 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def graph_us(calls: list, reps: int = 10) -> float:
     """Median time per call of ``calls`` run back to back inside one CUDA graph (the launch
-    configuration is fixed before the capture: no autotuning inside it)."""
-    if SMOKE:
-        t = time.perf_counter()
-        for c in calls:
-            c()
-        return (time.perf_counter() - t) * 1e6 / len(calls)
-    for c in calls:  # compile, allocate, set up split-K counters: outside the capture
-        c()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / len(calls))
-    del graph
-    return statistics.median(times)
+    configuration is fixed before the capture: no autotuning inside it): ``_common.graph_us``."""
+    return _common_graph_us(calls, reps, dry=SMOKE)
 
 
 def copy_gbps() -> float:

@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import sys
 import time
 from typing import Any
 
 from _common import Report
+from _common import graph_us as _common_graph_us
 
 DRY = os.environ.get("QT_BENCH_DRY") == "1"
 if DRY:
@@ -139,36 +139,9 @@ def copies(nbytes: int) -> int:
 
 
 def graph_us(calls: list, reps: int = 15) -> float:
-    """Median time per call of ``calls`` run back to back inside one CUDA graph."""
-    if DRY:
-        t = time.perf_counter()
-        for c in calls:
-            c()
-        return (time.perf_counter() - t) * 1e6 / len(calls)
-    for c in calls:  # compile, allocate, set up split-K counters: outside the capture
-        c()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / len(calls))
-    del graph
-    return statistics.median(times)
+    """Median time per call of ``calls`` run back to back inside one CUDA graph (the launch
+    configuration is fixed before the capture: no autotuning inside it): ``_common.graph_us``."""
+    return _common_graph_us(calls, reps, dry=DRY)
 
 
 def eager_us(calls: list) -> float:
