@@ -7,6 +7,9 @@ fresh process) is ``benches/probe_cudagraph_pool.py``."""
 
 from __future__ import annotations
 
+import os
+import select
+import signal
 import threading
 
 import pytest
@@ -101,3 +104,25 @@ def test_nf4_levels_refuse_a_first_use_inside_a_capture(fake_cuda):
         D._levels(torch.device("cuda", 0))
     fake_cuda["capturing"] = False
     assert D._levels(torch.device("cuda", 0))[0] == -1.0
+
+
+def test_a_forked_child_makes_its_own_allocator_thread(fake_cuda):
+    """After a fork the child's pool is forgotten (its thread stayed in the parent), so an
+    allocation there starts a new thread instead of waiting on one that does not exist."""
+    kept.kept_empty((2,), torch.float32, torch.device("cuda", 0))
+    assert kept._POOL is not None
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: allocate, report, leave without running pytest's exit handlers
+        ok = kept._POOL is None
+        kept.kept_empty((2,), torch.float32, torch.device("cuda", 0))
+        os.write(write, b"1" if ok and kept._POOL is not None else b"0")
+        os._exit(0)
+    os.close(write)
+    # a child stuck on the parent's thread never answers: failed, not hung (a generous bound)
+    ready, _, _ = select.select([read], [], [], 60)
+    got = os.read(read, 1) if ready else b""
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert got == b"1"

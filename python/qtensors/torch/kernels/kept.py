@@ -14,6 +14,7 @@ pool; where none is routed, it is the same ``torch.empty``.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,6 +30,16 @@ def _allocator_thread() -> ThreadPoolExecutor:
         if _POOL is None:
             _POOL = ThreadPoolExecutor(1, thread_name_prefix="qtensors-kept")
         return _POOL
+
+
+def _forget_after_fork() -> None:
+    """A forked child has no copy of the parent's thread: it makes its own when it needs one
+    (a pool whose thread is gone would never run the allocation)."""
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def kept_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
