@@ -36,11 +36,11 @@ def main() -> int:
     with torch.inference_mode():
         if "--eager-first" in sys.argv:
             for b in batches:
-                ids = torch.randint(1, 32000, (b, 16), device="cuda")
+                ids = torch.randint(1, model.config.vocab_size, (b, 16), device="cuda")
                 model.generate(ids, **generate_kwargs(8, False))
                 print(f"eager batch {b}: ok", flush=True)
         for b in batches:
-            ids = torch.randint(1, 32000, (b, 16), device="cuda")
+            ids = torch.randint(1, model.config.vocab_size, (b, 16), device="cuda")
             try:
                 for _ in range(3):
                     model.generate(ids, **generate_kwargs(8, True))

@@ -65,7 +65,7 @@ def main() -> None:
     qtt.quantize_model(int4, qt.Affine(bits=4, group_size=64, axis=-1))
     torch.cuda.empty_cache()
     models = {"bf16": bf16, "int4-g64": int4}
-    ids = torch.randint(1, 32000, (1, 16), device="cuda")
+    ids = torch.randint(1, bf16.config.vocab_size, (1, 16), device="cuda")
     best: dict[str, tuple[float, pstats.Stats]] = {}
     with torch.inference_mode():
         for m in models.values():

@@ -54,6 +54,10 @@ def test_replay_swaps_in_the_new_x_and_a_fresh_output(fast):
     assert passed[4:] == (6, 5, 8, 16)  # sizes as recorded, then the constexprs
     with pytest.raises(ValueError, match="x and output"):  # a launch on a copy of x
         fastlaunch.Replay(((k.run, "fn", "meta", ()), (1, 1, 1), (x.clone(), out), 0), x, out, None)
+    wide = torch.empty(2, 3, 5, dtype=torch.float64)  # a replay allocates its output as x
+    with pytest.raises(ValueError, match="x's dtype"):
+        fastlaunch.Replay(((k.run, "fn", "meta", ()), (1, 1, 1), (x.view(-1, 8), wide.view(-1, 5)),
+                           0), x, wide, None)  # fmt: skip
 
 
 class FakeKernel:

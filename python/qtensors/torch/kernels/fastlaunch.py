@@ -170,7 +170,7 @@ class Replay:
     other operation wrote, as decode + cuBLAS). A replay passes ``x`` and the output themselves
     where the first call passed their 2-D views: a launcher reads only a tensor's address."""
 
-    __slots__ = ("bias", "device", "dtype", "launches", "shape")
+    __slots__ = ("bias", "device", "launches", "shape")
 
     def __init__(self, noted: tuple | list, x: torch.Tensor, out: torch.Tensor, bias) -> None:
         chain = [noted] if isinstance(noted, tuple) else list(noted)
@@ -191,16 +191,15 @@ class Replay:
             self.device = device
         if not chain or not self.launches[0][4] or not self.launches[-1][5]:
             raise ValueError("the noted launches do not take this call's x and output")
-        self.shape, self.dtype, self.bias = tuple(out.shape), out.dtype, bias
+        if out.dtype != x.dtype:  # the fused paths write x's dtype: a replay allocates as x
+            raise ValueError(f"a replay's output has x's dtype, not {out.dtype} for {x.dtype}")
+        self.shape, self.bias = tuple(out.shape), bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The output for ``x`` (the recorded call's shape, dtype and device), or None where the
+        """The output for ``x`` (the recorded call's shape; x's dtype and device), or None where the
         fresh output is not 16-byte aligned (Triton would specialize differently: the caller
         takes the full path)."""
-        if x.dtype is self.dtype:
-            out = x.new_empty(self.shape)
-        else:
-            out = torch.empty(self.shape, dtype=self.dtype, device=x.device)
+        out = x.new_empty(self.shape)
         if out.data_ptr() % 16:
             return None
         stream = torch._C._cuda_getCurrentRawStream(self.device)
