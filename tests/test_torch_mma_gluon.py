@@ -95,19 +95,31 @@ def test_prepass_fragment_order_under_the_interpreter():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
-def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec):
+def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec, stages=0):
+    """The register kernel, or with ``stages`` the TMA one (its codes a descriptor)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
 
-    kern = G.mma_int8_gluon_kernel
+    kern = G.mma_int8_gluon_tma_kernel if stages else G.mma_int8_gluon_kernel
+    layouts = dict(G.layouts(block_n, block_m, warps, groups, gs // 64))
+    if stages:
+        layouts["STAGES"] = stages
+    else:
+        del layouts["LT"], layouts["CODES_SL"]
     meta = dict(
         ENC=enc, GS=gs, HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
-        GROUPS=groups, KSPEC=kspec, **G.layouts(block_n, block_m, warps, groups, gs // 64),
+        GROUPS=groups, KSPEC=kspec, **layouts,
     )  # fmt: skip
     ptrs = dict(xq_ptr="*i8", codes_ptr="*u8", scales_ptr="*fp16", mins_ptr="*fp16",
                 xs_ptr="*fp32", bias_ptr="*bf16", out_ptr="*bf16", ws_ptr="*fp32",
                 lock_ptr="*i32")  # fmt: skip
+    if stages:  # the descriptor's type, as Triton names it at a launch
+        words = torch.zeros(block_n, 4096, dtype=torch.int32)
+        meta_k = dict(GS=gs, GROUPS=groups, BLOCK_N=block_n, CODES_SL=layouts["CODES_SL"])
+        desc = L._codes_descriptor(words.view(torch.uint8), block_n, 4096 * 8, meta_k)
+        ptrs["codes_desc"] = mangle_type(desc)
     sig = {p: "constexpr" if p in meta else ptrs.get(p, "i32") for p in kern.arg_names}
     aligned = {"row_bytes", "K", "stride_xm", "G", "MP", "k_split"}
     attrs = {
@@ -135,6 +147,55 @@ def test_compiles_for_sm90_without_shared_memory(cfg):
     assert k.metadata.shared == 0
     assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in k.asm["ptx"]
     assert "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32" in k.asm["ptx"]  # min terms
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        (64, 16, 2, 2, 64, 0, 1, 4096, 3),  # the routed default, compiled for K = 4096
+        (64, 16, 4, 1, 128, 1, 1, 0, 2),
+        (128, 32, 4, 2, 64, 0, 4, 0, 4),  # split-K epilogue
+        (64, 16, 2, 2, 128, 1, 1, 0, 3),  # 128-byte rows of codes a step
+    ],
+)
+def test_tma_kernel_compiles_for_sm90(cfg):
+    """The TMA kernel: its layout conversions trivial (asserted by the compile), the codes
+    copied by the TMA engine into a ring of ``STAGES`` steps (and nothing else staged)."""
+    block_n, _bm, _w, groups, gs, *_, stages = cfg
+    k = _compile(*cfg)
+    ptx = k.asm["ptx"]
+    assert "cp.async.bulk.tensor.2d.shared::" in ptx  # ::cluster (3.6) or ::cta (3.9)
+    assert "mbarrier.try_wait" in ptx
+    assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in ptx
+    ring = stages * block_n * gs * groups // 2
+    assert ring <= k.metadata.shared <= ring + 1024 + 8 * stages  # + barriers, split-K counter
+
+
+def test_tma_plan_and_descriptor():
+    """The plan gives the TMA kernel its ring and layouts (the register kernel none); the
+    descriptor views the codes as ``[N, K / 8]`` words, one step's tile a copy."""
+    plan = L._mma_int8_plan.__wrapped__
+    *_, meta, _key = plan(16, 4096, 4096, "affine", 64, False, -1, None, True, True, True, 3)
+    assert meta["STAGES"] == 3 and "LT" in meta and "CODES_SL" in meta
+    *_, meta0, _key0 = plan(16, 4096, 4096, "affine", 64, False, -1, None, True, True, True, 0)
+    assert "STAGES" not in meta0 and "LT" not in meta0
+    codes = torch.zeros(96, 2048, dtype=torch.uint8)
+    desc = L._codes_descriptor(codes, 96, 4096, meta)
+    assert list(desc.shape) == [96, 512] and list(desc.strides) == [512, 1]
+    assert desc.block_shape == [meta["BLOCK_N"], 64 * meta["GROUPS"] // 8]
+    assert desc.base.data_ptr() == codes.data_ptr()
+
+
+def test_tma_applies(monkeypatch):
+    codes = torch.zeros(64, 64, dtype=torch.uint8)
+    assert not L.tma_applies(codes, 128, -1)  # not on the CPU
+    cap = {"v": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: cap["v"])
+    assert L.tma_applies(codes, 128, 0) == (codes.data_ptr() % 16 == 0)
+    assert not L.tma_applies(codes.view(-1)[4:], 128, 0)  # a start off 16 bytes
+    assert not L.tma_applies(codes[:, :40], 80, 0)  # rows of 40 bytes
+    cap["v"] = (8, 9)
+    assert not L.tma_applies(codes, 128, 0)  # no TMA before Hopper
 
 
 def test_split_k_epilogue_compiles():

@@ -917,6 +917,13 @@ MMA_INT8_GLUON_DEFAULT = MmaConfig(block_m=0, block_n=64, groups=2, split_k=0, n
 #: gpu_mma_gluon_probe5_h200.txt)
 GLUON_KSPEC = True
 INT8_MMA_GLUON_MAX_M = 32
+#: steps of codes the Gluon kernel keeps in flight through the TMA engine (a ring in shared
+#: memory: ``mma_int8_gluon_tma_kernel``) on sm_90+; 0: its register loads (two steps ahead).
+#: H200 (benches/results/gpu_gluon_tma_h200.txt, CUDA graph, pre-pass included, affine g64):
+#: 1.04-1.16x the register kernel at 5-32 rows on all six shapes (the best ring depth, 3, at
+#: 64 features / 2 warps), outputs bit-identical; symmetric g64 1.03-1.12x, affine g128
+#: 0.94-1.19x
+GLUON_TMA_STAGES = 3
 
 
 @functools.lru_cache(maxsize=4096)
@@ -932,11 +939,12 @@ def _mma_int8_plan(
     allow_split: bool,
     gluon: bool = False,
     kspec: bool = False,
+    tma_stages: int = 0,
 ):
     """(rows padded to whole row tiles, the pre-pass's grid and constexprs, the matmul's grid,
     split, k_split, constexprs and options, their hashable key) of one ``mma_int8`` call
     (``gluon``: of ``mma_int8_gluon_kernel``; ``kspec``: ``GLUON_KSPEC`` at the call, an argument
-    so that the cache sees it)."""
+    so that the cache sees it; ``tma_stages``: the TMA kernel's ring, 0 for the register one)."""
     bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
     if gluon:
         cfg = config or MMA_INT8_GLUON_DEFAULT
@@ -978,11 +986,12 @@ def _mma_int8_plan(
             groups //= 2
         if groups * chunks > 4:
             raise ValueError(f"the Gluon int8 kernel takes groups of up to 256 codes, not {g}")
-        meta.update(
-            GROUPS=groups,
-            KSPEC=K if kspec and n_m * block_m == 16 else 0,
-            **mma_int8_gluon.layouts(cfg.block_n, block_m, cfg.num_warps, groups, chunks),
-        )
+        layouts = dict(mma_int8_gluon.layouts(cfg.block_n, block_m, cfg.num_warps, groups, chunks))
+        if tma_stages:
+            layouts.update(STAGES=tma_stages)
+        else:  # the register kernel takes no ring
+            del layouts["LT"], layouts["CODES_SL"]
+        meta.update(GROUPS=groups, KSPEC=K if kspec and n_m * block_m == 16 else 0, **layouts)
         step = g * groups
     else:
         meta.update(EMULATE=cuda_index < 0)  # the interpreter runs no inline assembly
@@ -1018,6 +1027,7 @@ def mma_int8_linear(
         return out
     if gluon is None:
         gluon = gluon_applies(codes, scales, cuda_index, M)
+    tma_stages = GLUON_TMA_STAGES if gluon and tma_applies(codes, K, cuda_index) else 0
     MP, (qgrid, qmeta, qkey), grid, split, k_split, meta, meta_key = _mma_int8_plan(
         M,
         N,
@@ -1030,6 +1040,7 @@ def mma_int8_linear(
         locks is not None,
         gluon,
         GLUON_KSPEC,
+        tma_stages,
     )
     G = K // group_size
     dev = x2.device
@@ -1038,9 +1049,12 @@ def mma_int8_linear(
     launch(quantize_kernel, qgrid, (x2, xq, xs, M, MP, K, G, x2.stride(0)), qmeta, qkey, cuda_index)
     if codes.dtype != torch.uint8:
         codes = codes.view(torch.uint8)
+    kernel = mma_int8_gluon.mma_int8_gluon_kernel if gluon else mma_int8_kernel
+    if tma_stages:
+        kernel = mma_int8_gluon.mma_int8_gluon_tma_kernel
+        codes = _codes_descriptor(codes, N, K, meta)
     weight = (codes, scales, scales if mins is None else mins, xs)
     row = (K // 2, G, MP)  # bytes per row, groups per row, rows of xq / xs
-    kernel = mma_int8_gluon.mma_int8_gluon_kernel if gluon else mma_int8_kernel
     return _finish(kernel, grid, split, k_split, meta, meta_key, cuda_index, locks, xq,
                    out, weight, bias, K, row)  # fmt: skip
 
@@ -1063,6 +1077,28 @@ def gluon_applies(codes: torch.Tensor, scales: torch.Tensor, cuda_index: int, M:
         and _gluon_device(cuda_index)
         and words_aligned(codes)
     )
+
+
+def tma_applies(codes: torch.Tensor, K: int, cuda_index: int) -> bool:
+    """Whether the TMA engine can copy these codes (sm_90+, a 16-byte aligned start and rows of
+    a multiple of 16 bytes)."""
+    return (
+        mma_int8_gluon.HAVE_GLUON
+        and cuda_index >= 0
+        and torch.cuda.get_device_capability(cuda_index) >= (9, 0)
+        and codes.data_ptr() % 16 == 0
+        and (K // 2) % 16 == 0
+    )
+
+
+def _codes_descriptor(codes: torch.Tensor, N: int, K: int, meta: dict):
+    """A TMA descriptor of the codes as int32 words ``[N, K / 8]``, one step's tile a copy."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    words = codes.view(torch.int32).view(N, K // 8)
+    step_words = meta["GS"] * meta["GROUPS"] // 8
+    return TensorDescriptor(words, [N, K // 8], [K // 8, 1], [meta["BLOCK_N"], step_words],
+                            meta["CODES_SL"])  # fmt: skip
 
 
 def words_aligned(codes: torch.Tensor) -> bool:

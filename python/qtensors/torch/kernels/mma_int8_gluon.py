@@ -31,6 +31,13 @@ Triton's interpreter does not run Gluon.
 
 Measured (H200, README): 1.18-1.21x the ``tl.dot`` kernel on affine g64 at 5-16 rows (1.37-1.56x
 cuBLAS bf16), still ~35% of the bytes' bound.
+
+``mma_int8_gluon_tma_kernel`` (routed on sm_90+, ``launch.GLUON_TMA_STAGES``) is the same loop
+with the codes brought in by the TMA engine instead of each thread's 8-byte loads (each of which
+touched 8 cache lines of the L1, its busiest unit): a ring of ``STAGES`` steps' tiles in shared
+memory, swizzled by the copy so that the same fragment loads read it free of bank conflicts, each
+slot refilled as soon as every warp has read it. The arithmetic is the register kernel's, in the
+same order: outputs are bit-identical (``benches/probe_gluon_tma.py``), 1.04-1.16x faster.
 """
 
 from __future__ import annotations
@@ -43,10 +50,13 @@ try:  # Gluon: Triton 3.5+; absent, the tl.dot kernel runs
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
     HAVE_GLUON = True
     # a CTA-wide barrier: ``barrier`` from Triton 3.7, ``thread_barrier`` before
     _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+    # a TMA copy into shared memory: ``async_load`` from Triton 3.7 (the old name then raises)
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
@@ -124,6 +134,18 @@ def layouts(block_n: int, block_m: int, warps: int, groups: int, chunks: int) ->
             with_last(p_lane, 1),
             with_last(warps2, 1),
             [block_n, 8, per_step],
+        ),
+        # a step's [block_n, 8 * per_step] words of codes as TMA left them in shared memory,
+        # loaded in LP's registers (``_codes_tma`` reshapes / permutes it into LP)
+        LT=_linear(
+            [[0, 1], [8, 0]] + [[0, 8 << i] for i in range(_log2(per_step))] + reps2,
+            p_lane,
+            warps2,
+            [block_n, 8 * per_step],
+        ),
+        # the TMA tile's shared layout: rows of 32 / 64 / 128 bytes, swizzled as wide
+        CODES_SL=gl.NVMMASharedLayout(
+            swizzle_byte_width=32 * per_step, element_bitwidth=32, rank=2
         ),
         LQ1=_linear(q_reg, q_lane, none2, [16, block_m]),
         LQB=_linear(
@@ -414,6 +436,166 @@ if HAVE_GLUON:
         else:
             # as epilogue.store_result: partials to ws [SPLIT_K, M, N]; the last slice of the
             # tile to arrive adds them in slice order, writes, and puts the counter back to 0
+            wsp = ws_ptr + gl.expand_dims(m_cols, 0) * N + gl.expand_dims(rows, 1)
+            gl.store(wsp + pid_k * M * N, acc, mask=mask)
+            _cta_barrier()
+            arrived = gl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                total = gl.load(wsp, mask=mask, other=0.0, cache_modifier=".cg")
+                for sk in gl.static_range(1, SPLIT_K):
+                    total += gl.load(wsp + sk * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                _write(total, rows, m_cols, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+                gl.atomic_xchg(lock_ptr + pid, 0)
+
+    @gluon.jit
+    def _tma_refill(codes_desc, ring, bars, i, n_steps, row0, k_lo, STEP: gl.constexpr,
+                    STAGES: gl.constexpr):  # fmt: skip
+        """Start copying step ``i``'s codes (if the slice has it) into its ring slot."""
+        slot = i % STAGES
+        pred = i < n_steps
+        mbarrier.expect(bars.index(slot), codes_desc.block_type.nbytes, pred=pred)
+        _tma_load(codes_desc, [row0, (k_lo + i * STEP) // 8], bars.index(slot),
+                  ring.index(slot), pred=pred)  # fmt: skip
+
+    @gluon.jit
+    def _codes_tma(ring, bars, i, BLOCK_N: gl.constexpr, PER_STEP: gl.constexpr,
+                   STAGES: gl.constexpr, LT: gl.constexpr, LP: gl.constexpr):  # fmt: skip
+        """Step ``i``'s codes from its ring slot once its copy has landed, as LP's
+        ``[BLOCK_N, 8, PER_STEP]`` words."""
+        slot = i % STAGES
+        mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
+        t = ring.index(slot).load(LT)
+        p = t.reshape([BLOCK_N, PER_STEP, 8]).permute([0, 2, 1])
+        return gl.convert_layout(p, LP, assert_trivial=True)
+
+    @gluon.jit(do_not_specialize=["M"])
+    def mma_int8_gluon_tma_kernel(
+        xq_ptr,
+        codes_desc,
+        scales_ptr,
+        mins_ptr,
+        xs_ptr,
+        bias_ptr,
+        out_ptr,
+        ws_ptr,
+        lock_ptr,
+        M,
+        N,
+        K,
+        row_bytes,
+        G,
+        MP,
+        stride_xm,
+        stride_om,
+        k_split,
+        ENC: gl.constexpr,
+        GS: gl.constexpr,
+        HAS_BIAS: gl.constexpr,
+        BLOCK_M: gl.constexpr,
+        BLOCK_N: gl.constexpr,
+        SPLIT_K: gl.constexpr,
+        GROUPS: gl.constexpr,
+        KSPEC: gl.constexpr,
+        STAGES: gl.constexpr,
+        MMA: gl.constexpr,
+        DOT_A: gl.constexpr,
+        DOT_B: gl.constexpr,
+        LP: gl.constexpr,
+        LP1: gl.constexpr,
+        LT: gl.constexpr,
+        CODES_SL: gl.constexpr,
+        LB: gl.constexpr,
+        LQ: gl.constexpr,
+        LQ1: gl.constexpr,
+        LQB: gl.constexpr,
+        LS: gl.constexpr,
+        LD: gl.constexpr,
+    ):
+        """``mma_int8_gluon_kernel`` with the codes brought in by the TMA engine: a ring of
+        ``STAGES`` steps' ``[BLOCK_N, STEP / 2 bytes]`` tiles in shared memory (swizzled, so
+        that the fragment loads from it are free of bank conflicts), each refilled as soon as
+        its step is read. ``codes_desc``: a TensorDescriptor of the codes as int32 words
+        ``[N, K / 8]``, block ``[BLOCK_N, STEP / 8]``, layout ``CODES_SL``."""
+        ROWS: gl.constexpr = gl.SliceLayout(1, MMA)
+        COLS: gl.constexpr = gl.SliceLayout(0, MMA)
+        CHUNKS: gl.constexpr = GS // 64  # MMA chunks a group
+        PER_STEP: gl.constexpr = GROUPS * CHUNKS
+        STEP: gl.constexpr = GS * GROUPS
+        if KSPEC > 0:
+            K = KSPEC
+            G = KSPEC // GS
+            MP = 16
+        pid = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        n_m = gl.cdiv(M, BLOCK_M)
+        pid_m = pid % n_m
+        pid_n = pid // n_m
+        row0 = pid_n * BLOCK_N
+        # activations: [16, BLOCK_M, PER_STEP] words of int8, chunk c at word 16 c of the step
+        xw_ptr = xq_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+        q_slots = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, LQ)))
+        q_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, LQ)))
+        q_rows = pid_m * BLOCK_M + q_rows
+        q_chunk = gl.arange(0, PER_STEP, layout=gl.SliceLayout(0, gl.SliceLayout(1, LQ)))
+        q_off = gl.expand_dims(q_rows, 0) * (stride_xm // 4) + gl.expand_dims(q_slots, 1)
+        q_off = gl.expand_dims(q_off, 2) + gl.expand_dims(gl.expand_dims(q_chunk, 0), 1) * 16
+        s_rows = row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LS))
+        s_cols = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, LS))
+        s_mask = gl.expand_dims(s_rows < N, 1)
+        s_off = gl.expand_dims(s_rows, 1) * G + gl.expand_dims(s_cols, 0)
+        d_rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LD))
+        d_cols = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, LD))
+        d_off = gl.expand_dims(d_rows, 1) + gl.expand_dims(d_cols, 0) * MP
+
+        k_lo = pid_k * k_split
+        k_hi = gl.minimum(K, k_lo + k_split)
+        k_last = k_hi - STEP
+        n_steps = (k_hi - k_lo) // STEP
+        ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, STEP // 8], CODES_SL)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(bars.index(s), count=1)
+        fence_async_shared()
+        for s in gl.static_range(STAGES):
+            _tma_refill(codes_desc, ring, bars, s, n_steps, row0, k_lo, STEP, STAGES)
+
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+        qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k_lo, MP,
+                              GS, GROUPS)  # fmt: skip
+        k1 = gl.minimum(k_lo + STEP, k_last)
+        qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k1, MP,
+                              GS, GROUPS)  # fmt: skip
+        i = 0
+        for k0 in range(k_lo, k_hi, 2 * STEP):
+            pa = _codes_tma(ring, bars, i, BLOCK_N, PER_STEP, STAGES, LT, LP)
+            _cta_barrier()  # every warp has read the slot: refill it
+            _tma_refill(codes_desc, ring, bars, i + STAGES, n_steps, row0, k_lo, STEP, STAGES)
+            acc = _step(acc, pa, qa, sa, da, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A, DOT_B,
+                        LP1, LB, LQ1, LQB)  # fmt: skip
+            k2 = gl.minimum(k0 + 2 * STEP, k_last)
+            qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k2,
+                                  MP, GS, GROUPS)  # fmt: skip
+            if k0 + STEP < k_hi:
+                pb = _codes_tma(ring, bars, i + 1, BLOCK_N, PER_STEP, STAGES, LT, LP)
+                _cta_barrier()
+                _tma_refill(codes_desc, ring, bars, i + 1 + STAGES, n_steps, row0, k_lo, STEP,
+                            STAGES)  # fmt: skip
+                acc = _step(acc, pb, qb, sb, db, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A,
+                            DOT_B, LP1, LB, LQ1, LQB)  # fmt: skip
+            k3 = gl.minimum(k0 + 3 * STEP, k_last)
+            qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k3,
+                                  MP, GS, GROUPS)  # fmt: skip
+            i += 2
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(s))
+        acc = _min_terms(acc, scales_ptr, mins_ptr, xs_ptr, row0, pid_m * BLOCK_M, N, G, MP,
+                         k_lo // GS, k_hi // GS, ENC, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
+        rows = row0 + gl.arange(0, BLOCK_N, layout=ROWS)
+        m_cols = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=COLS)
+        mask = gl.expand_dims(rows < N, 1) & gl.expand_dims(m_cols < M, 0)
+        if SPLIT_K == 1:
+            _write(acc, rows, m_cols, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+        else:
             wsp = ws_ptr + gl.expand_dims(m_cols, 0) * N + gl.expand_dims(rows, 1)
             gl.store(wsp + pid_k * M * N, acc, mask=mask)
             _cta_barrier()
