@@ -78,3 +78,21 @@ def codes_nbytes(shape: Sequence[int], bits: int) -> int:
     for d in shape:
         n *= int(d)
     return (n * bits + 7) // 8
+
+
+def row_parts(
+    shape: Sequence[int], bits: int, group_size: int, axis: int, start: int, rows: int
+) -> tuple[int, int, int, int] | None:
+    """Where rows ``[start, start + rows)`` of a 2-D weight of ``shape`` lie in its parts:
+    ``(c0, cn, s0, sn)``, the bytes ``[c0, c0 + cn)`` of its codes and the rows ``[s0, s0 + sn)``
+    (dim 0) of its scales and mins; None when those rows cannot be cut out as a weight of their
+    own: they do not start on a byte of the codes or, groups along the rows (axis 0), on a
+    group. (An end inside a group is fine: the cut's last group is ragged.)"""
+    n_in = int(shape[1])
+    a = normalize_axis(axis, 2)
+    if start * n_in * bits % 8 or (a == 0 and start % group_size):
+        return None
+    c0, cn = start * n_in * bits // 8, (rows * n_in * bits + 7) // 8
+    if a == 0:
+        return c0, cn, start // group_size, -(-rows // group_size)
+    return c0, cn, start, rows

@@ -385,8 +385,10 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.__dict__.get("_qt_siblings")  # fuse_siblings (siblings.py)
-        if group is not None and not torch.compiler.is_compiling():
-            out = group.call(self, x)
+        if group is not None:
+            # compiled: the group's multiply, narrowed (identical calls, merged by inductor)
+            compiling = torch.compiler.is_compiling()
+            out = group.traced(self, x) if compiling else group.call(self, x)
             if out is not None:
                 return out
         # Read from the modules' dicts, not as attributes: nn.Module.__getattr__ costs ~0.5 us

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._layout import row_parts
 from .linear import linear
 from .modules import QuantizedLinear
 from .ops import OUT_DTYPES
@@ -89,14 +90,11 @@ class SiblingGroup:
     def views(self, i: int) -> tuple:
         """Member ``i``'s parts as views of the group's: codes bytes, scale rows, bias rows."""
         m, start, rows = self.members[i], self.starts[i], self.rows[i]
-        _, _, bits, group_size, axis = self.op_args
-        n_in = self.op_args[0][1]
-        c0 = start * n_in * bits // 8
-        codes = self.parts["codes"][c0 : c0 + (rows * n_in * bits + 7) // 8]
-        if axis == 0:  # scale rows are groups of rows
-            s0, sn = start // group_size, -(-rows // group_size)
-        else:
-            s0, sn = start, rows
+        shape, _, bits, group_size, axis = self.op_args
+        cut = row_parts(shape, bits, group_size, axis, start, rows)
+        assert cut is not None  # _joinable keeps members that start on a byte and a group
+        c0, cn, s0, sn = cut
+        codes = self.parts["codes"][c0 : c0 + cn]
         scales = self.parts["scales"][s0 : s0 + sn]
         mins = self.parts["mins"]
         mins = None if mins is None else mins[s0 : s0 + sn]
@@ -197,6 +195,32 @@ class SiblingGroup:
         local["kept"] = [x, ver, x.data_ptr(), x.shape, outs, len(outs) - 1]
         return out
 
+    def traced(self, member: QuantizedLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """Under ``torch.compile``: the member's rows (a narrow of the last dim, as ``call``'s
+        slices) of the group's multiply, or None: the member computes alone. Every member
+        makes the same call (the group's parts, the same input), which inductor's pass
+        (``inductor_pass.py``) merges into one. Dynamo guards what this reads: a member given
+        other buffers, or a group ended, traces again."""
+        if not self.enabled or not self.fresh or type(x) is not torch.Tensor:
+            return None
+        if torch.is_grad_enabled() and (
+            x.requires_grad
+            or any(b is not None and b.requires_grad for b in self._biases())
+        ):
+            return None  # the group's bias is not the members' parameters
+        for checks in self.expected:  # valid() without its dissolve (no side effects here)
+            for d, k, o in checks:
+                if d.get(k) is not o:
+                    return None
+        _install_pass()
+        i = self.index[id(member)]
+        w = member._modules["weight"]
+        y = self.multiply(x if x.dtype in OUT_DTYPES else x.to(w.dtype))
+        return y.narrow(-1, self.starts[i], self.rows[i])
+
+    def _biases(self) -> list[torch.Tensor | None]:
+        return [m._parameters["bias"] for m in self.members]
+
     def multiply(self, x: torch.Tensor) -> torch.Tensor:
         """The whole group's output ``[..., sum of rows]`` (members in ``members`` order)."""
         p = self.parts
@@ -238,6 +262,18 @@ class SiblingGroup:
                     )
         self.parts = dict.fromkeys(self.parts)
         self.expected = [()] * len(self.members)  # no reference kept to the old views
+
+
+@torch.compiler.assume_constant_result
+def _install_pass() -> bool:
+    """Put the merging pass in inductor's config (``inductor_pass.install``; a pass already
+    there stays, chained). Dynamo runs this at trace time, so each compile of a joined group
+    finds the pass in place, also when the slot was set after an earlier compile; and
+    importing ``qtensors.torch`` does not load inductor (a second's import)."""
+    from . import inductor_pass
+
+    inductor_pass.install()
+    return True
 
 
 def _cat(ts: list[torch.Tensor | None]) -> torch.Tensor | None:

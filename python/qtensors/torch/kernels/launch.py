@@ -919,10 +919,10 @@ GLUON_KSPEC = True
 INT8_MMA_GLUON_MAX_M = 32
 #: steps of codes the Gluon kernel keeps in flight through the TMA engine (a ring in shared
 #: memory: ``mma_int8_gluon_tma_kernel``) on sm_90+; 0: its register loads (two steps ahead).
-#: H200 (benches/results/gpu_gluon_tma_h200.txt, CUDA graph, pre-pass included, affine g64):
-#: 1.04-1.16x the register kernel at 5-32 rows on all six shapes (the best ring depth, 3, at
-#: 64 features / 2 warps), outputs bit-identical; symmetric g64 1.03-1.12x, affine g128
-#: 0.94-1.19x
+#: H200 (benches/results/gpu_gluon_tma_h200.txt, CUDA graph, pre-pass included, affine g64, the
+#: routed 64 features / 2 warps, 3 the best depth of 2-4): 1.01-1.14x the register kernel at
+#: 5-32 rows on the routed 32M+ weights (8192^2 at 16 rows 21.4 against 24.3 us: 1.69x cuBLAS),
+#: outputs bit-identical; symmetric g64 1.06-1.12x, affine g128 0.94-1.19x at 16 rows
 GLUON_TMA_STAGES = 3
 
 

@@ -37,7 +37,8 @@ with the codes brought in by the TMA engine instead of each thread's 8-byte load
 touched 8 cache lines of the L1, its busiest unit): a ring of ``STAGES`` steps' tiles in shared
 memory, swizzled by the copy so that the same fragment loads read it free of bank conflicts, each
 slot refilled as soon as every warp has read it. The arithmetic is the register kernel's, in the
-same order: outputs are bit-identical (``benches/probe_gluon_tma.py``), 1.04-1.16x faster.
+same order: outputs are bit-identical (``benches/probe_gluon_tma.py``), 1.01-1.14x faster on the
+routed weights.
 """
 
 from __future__ import annotations
