@@ -26,3 +26,31 @@ for M in (5, 16):
 names = [getattr(getattr(k[0], "fn", None), "__name__", "") for k in fastlaunch._LAUNCHERS]
 gluon = [n for n in names if "gluon" in n]
 print("cached launchers:", len(gluon))
+
+# The TMA kernel (``GLUON_TMA_STAGES``, sm_90+): routed, bit-identical to the register kernel,
+# through the cached launcher, an eager ``Replay`` of the op and a CUDA-graph replay.
+from qtensors.torch.linear import linear  # noqa: E402
+
+if torch.cuda.get_device_capability() >= (9, 0):
+    assert L.GLUON_TMA_STAGES and L.tma_applies(codes, K, 0)
+    x = torch.randn(16, K, device="cuda", dtype=torch.bfloat16)
+    stages = L.GLUON_TMA_STAGES
+    L.GLUON_TMA_STAGES = 0
+    reg = L.mma_int8_linear(x, codes, scales, mins, None, N, K, "affine", g)
+    L.GLUON_TMA_STAGES = stages
+    tma = [L.mma_int8_linear(x, codes, scales, mins, None, N, K, "affine", g) for _ in range(3)]
+    names = [getattr(getattr(k[0], "fn", None), "__name__", "") for k in fastlaunch._LAUNCHERS]
+    print("TMA launcher cached:", "mma_int8_gluon_tma_kernel" in names)
+    print("TMA x3 == register kernel:", all(torch.equal(t, reg) for t in tma))
+    op = [linear(x, codes, scales, mins, None, (N, K), "affine", 4, g, -1) for _ in range(5)]
+    print("op (replayed from call 3) == register kernel:", all(torch.equal(o, reg) for o in op))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = linear(x, codes, scales, mins, None, (N, K), "affine", 4, g, -1)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    L.GLUON_TMA_STAGES = 0
+    want = L.mma_int8_linear(x, codes, scales, mins, None, N, K, "affine", g)
+    L.GLUON_TMA_STAGES = stages
+    torch.cuda.synchronize()
+    print("CUDA graph replay, new x == register kernel:", torch.equal(y, want))
