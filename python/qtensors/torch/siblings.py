@@ -17,8 +17,15 @@ CPU pool's join) that a small layer (k_proj, v_proj) barely covers.
   The slices are views of one output (not contiguous along the last dim when there are several
   rows; transformers' ``.view(...)`` of heads and elementwise products take them).
   A group whose kept slices go unused twice (cross-attention: k and v read another input) stops
-  fusing. Under ``torch.compile``, for subclassed tensors and for inputs that need gradients the
-  members run alone (the compiled graph has no host overhead to save).
+  fusing. For subclassed tensors and for inputs that need gradients the members run alone.
+* Under ``torch.compile`` (``traced``): each member calls the group's multiply on its input and
+  narrows it to its rows (views of one output, as eager's slices). The calls are identical;
+  inductor's post-grad pass (``inductor_pass.py``, put in ``post_grad_custom_post_pass`` when a
+  group is traced, after any pass already there) merges them, so a compiled Llama layer also
+  makes 4 linear calls, and cuts a call whose rows are read in part (cross-attention, a decode
+  step that calls q alone) to those rows. Other backends keep one call per member, each
+  computing the whole group (same results). Dynamo guards the member's views (one given other
+  parts traces again and runs alone); a member whose input or bias needs gradients runs alone.
   ``torch.inference_mode`` tensors have no version counter: there an in-place edit of the input
   between two sibling calls is not seen (model code makes none).
 * Which groups: siblings of one parent module named as in ``SIBLINGS`` (or ``groups=``), all
@@ -54,6 +61,7 @@ SIBLINGS: tuple[tuple[str, ...], ...] = (
 #: Kept slices that went unused before a group stops fusing.
 MAX_UNUSED = 2
 _ATTR = "_qt_siblings"  # a member's group, in the QuantizedLinear's __dict__
+_TRACED = "_qt_sibling_views"  # its rows and views, in its __dict__ (SiblingGroup.traced)
 _PARTS = ("codes", "scales", "mins")
 
 
@@ -120,6 +128,8 @@ class SiblingGroup:
             (buffers, "mins", mins),
             (m._parameters, "bias", bias),
         )
+        # what traced() reads under torch.compile: its rows and the same objects, flat
+        m.__dict__[_TRACED] = (self.starts[i], self.rows[i], m.weight, codes, scales, mins, bias)
 
     def intact(self, i: int) -> bool:
         """Whether member ``i`` still holds the views this group gave it."""
@@ -199,27 +209,26 @@ class SiblingGroup:
         """Under ``torch.compile``: the member's rows (a narrow of the last dim, as ``call``'s
         slices) of the group's multiply, or None: the member computes alone. Every member
         makes the same call (the group's parts, the same input), which inductor's pass
-        (``inductor_pass.py``) merges into one. Dynamo guards what this reads: a member given
-        other buffers, or a group ended, traces again."""
-        if not self.enabled or not self.fresh or type(x) is not torch.Tensor:
+        (``inductor_pass.py``) merges into one. Dynamo guards what this reads, so a member
+        given other buffers, or moved alone, or a group ended, traces again; it reads little
+        (the member's record ``_TRACED`` rather than ``expected``): each read is a guard
+        checked before every compiled call."""
+        rec = member.__dict__.get(_TRACED)
+        if rec is None or not self.enabled or not self.fresh or type(x) is not torch.Tensor:
+            return None
+        start, rows, w, codes, scales, mins, bias = rec
+        b = w._buffers
+        if member._modules["weight"] is not w or member._parameters["bias"] is not bias:
+            return None
+        if b["codes"] is not codes or b["scales"] is not scales or b["mins"] is not mins:
             return None
         if torch.is_grad_enabled() and (
-            x.requires_grad
-            or any(b is not None and b.requires_grad for b in self._biases())
+            x.requires_grad or (bias is not None and bias.requires_grad)
         ):
-            return None  # the group's bias is not the members' parameters
-        for checks in self.expected:  # valid() without its dissolve (no side effects here)
-            for d, k, o in checks:
-                if d.get(k) is not o:
-                    return None
+            return None  # gradients: the member's own bias parameter, not the group's rows
         _install_pass()
-        i = self.index[id(member)]
-        w = member._modules["weight"]
         y = self.multiply(x if x.dtype in OUT_DTYPES else x.to(w.dtype))
-        return y.narrow(-1, self.starts[i], self.rows[i])
-
-    def _biases(self) -> list[torch.Tensor | None]:
-        return [m._parameters["bias"] for m in self.members]
+        return y.narrow(-1, start, rows)
 
     def multiply(self, x: torch.Tensor) -> torch.Tensor:
         """The whole group's output ``[..., sum of rows]`` (members in ``members`` order)."""
@@ -249,6 +258,7 @@ class SiblingGroup:
         with torch.no_grad():
             for i, m in enumerate(self.members):
                 m.__dict__.pop(_ATTR, None)
+                m.__dict__.pop(_TRACED, None)
                 if not self.intact(i):
                     continue
                 b = m.weight._buffers
