@@ -18,7 +18,7 @@ calls: one call per model let that drift decide the ratio); the compiled runs ar
 the script has run longer than
 ``QT_BENCH_BUDGET_S`` seconds (default 330). ``QT_BENCH_DRY=1``: a tiny model on the CPU, eager
 only (checks the script). ``QT_BENCH_MODES=eager`` runs the eager rows only, ``QT_BENCH_EXACT=0``
-leaves out ``int4-exact``, ``QT_BENCH_APART=0`` ``int4-apart``.
+leaves out ``int4-exact``, ``QT_BENCH_APART=0`` ``int4-apart``; ``QT_BENCH_ROUNDS`` sets ``ROUNDS``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ DEV = "cpu" if DRY else "cuda"
 BUDGET_S = float(os.environ.get("QT_BENCH_BUDGET_S", "330"))
 PROMPT, NEW = (16, 64) if not DRY else (4, 3)
 BATCHES = (1, 8) if not DRY else (1, 2)
-ROUNDS = 3
+ROUNDS = int(os.environ.get("QT_BENCH_ROUNDS", "3"))
 # QT_BENCH_MODES=eager: the eager rows only; QT_BENCH_EXACT=0: no int4-exact model (a short run)
 _MODES = os.environ.get("QT_BENCH_MODES", "eager,static+compile").split(",")
 MODES = tuple(m for m in ("eager", "static+compile") if m in _MODES and not (DRY and m != "eager"))
