@@ -21,6 +21,16 @@ LLAMA_1B: dict[str, Any] = dict(
     max_position_embeddings=2048,
     tie_word_embeddings=False,
 )
+#: Llama-3-8B's shape (hidden 4096, MLP 14336, 32 layers, GQA 32/8, vocab 128256): its MLP and
+#: head weights are large enough for the tensor-core W4A8 route at 5-32 rows
+LLAMA_8B: dict[str, Any] = dict(
+    LLAMA_1B,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+)
 LLAMA_1B_DRY: dict[str, Any] = dict(
     LLAMA_1B, hidden_size=128, intermediate_size=256, num_hidden_layers=2, vocab_size=128
 )

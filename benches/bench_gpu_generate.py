@@ -18,7 +18,9 @@ calls: one call per model let that drift decide the ratio); the compiled runs ar
 the script has run longer than
 ``QT_BENCH_BUDGET_S`` seconds (default 330). ``QT_BENCH_DRY=1``: a tiny model on the CPU, eager
 only (checks the script). ``QT_BENCH_MODES=eager`` runs the eager rows only, ``QT_BENCH_EXACT=0``
-leaves out ``int4-exact``, ``QT_BENCH_APART=0`` ``int4-apart``; ``QT_BENCH_ROUNDS`` sets ``ROUNDS``.
+leaves out ``int4-exact``, ``QT_BENCH_APART=0`` ``int4-apart``; ``QT_BENCH_ROUNDS`` sets
+``ROUNDS``, ``QT_BENCH_BATCHES=1,16`` the batches, ``QT_BENCH_MODEL=8b`` Llama-3-8B's shape
+(``_common.LLAMA_8B``) instead of the 1.1B model.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import sys
 import time
 from typing import Any
 
-from _common import LLAMA_1B, LLAMA_1B_DRY, Report, generate_kwargs
+from _common import LLAMA_1B, LLAMA_1B_DRY, LLAMA_8B, Report, generate_kwargs
 
 DRY = os.environ.get("QT_BENCH_DRY") == "1"
 if DRY:
@@ -47,6 +49,12 @@ DEV = "cpu" if DRY else "cuda"
 BUDGET_S = float(os.environ.get("QT_BENCH_BUDGET_S", "330"))
 PROMPT, NEW = (16, 64) if not DRY else (4, 3)
 BATCHES = (1, 8) if not DRY else (1, 2)
+if os.environ.get("QT_BENCH_BATCHES") and not DRY:
+    BATCHES = tuple(int(b) for b in os.environ["QT_BENCH_BATCHES"].split(","))
+# QT_BENCH_MODEL=8b: Llama-3-8B's shape instead of the 1.1B model
+CONFIG = LLAMA_8B if os.environ.get("QT_BENCH_MODEL") == "8b" else LLAMA_1B
+if DRY:
+    CONFIG = LLAMA_1B_DRY
 ROUNDS = int(os.environ.get("QT_BENCH_ROUNDS", "3"))
 # QT_BENCH_MODES=eager: the eager rows only; QT_BENCH_EXACT=0: no int4-exact model (a short run)
 _MODES = os.environ.get("QT_BENCH_MODES", "eager,static+compile").split(",")
@@ -67,7 +75,7 @@ def sync() -> None:
 def build_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**(LLAMA_1B_DRY if DRY else LLAMA_1B))
+    cfg = LlamaConfig(**CONFIG)
     torch.manual_seed(0)
     with torch.device(DEV):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16 if not DRY else torch.float32)
@@ -231,7 +239,8 @@ def main() -> None:
 
     RESULTS["versions"] = dict(torch=torch.__version__, transformers=transformers.__version__)
     say(
-        f"# 1.1B Llama-shaped decode, {name}, {RESULTS['versions']}, prompt {PROMPT}, "
+        f"# {CONFIG['num_hidden_layers']} layers, hidden {CONFIG['hidden_size']}: Llama-shaped "
+        f"decode, {name}, {RESULTS['versions']}, prompt {PROMPT}, "
         f"{NEW} new tokens, greedy; each row the fastest of {ROUNDS} calls alternating with the "
         "other model's; spread = (slowest - fastest) / fastest"
     )
