@@ -23,7 +23,9 @@ CPU pool's join) that a small layer (k_proj, v_proj) barely covers.
   inductor's post-grad pass (``inductor_pass.py``, put in ``post_grad_custom_post_pass`` when a
   group is traced, after any pass already there) merges them, so a compiled Llama layer also
   makes 4 linear calls, and cuts a call whose rows are read in part (cross-attention, a decode
-  step that calls q alone) to those rows. Other backends keep one call per member, each
+  step that calls q alone) to those rows. A one-row input (a batch-1 decode step) runs the
+  members alone: that step is host-bound, and the join's guards cost more than it saves.
+  Other backends keep one call per member, each
   computing the whole group (same results). Dynamo guards the member's views (one given other
   parts traces again and runs alone); a member whose input or bias needs gradients runs alone.
   ``torch.inference_mode`` tensors have no version counter: there an in-place edit of the input
@@ -213,8 +215,13 @@ class SiblingGroup:
         given other buffers, or moved alone, or a group ended, traces again; it reads little
         (the member's record ``_TRACED`` rather than ``expected``): each read is a guard
         checked before every compiled call."""
+        if type(x) is not torch.Tensor or x.numel() <= x.shape[-1]:
+            # one row (a batch-1 decode step): the step is host-bound, and the guards dynamo
+            # adds for what follows (~10 per member, checked before every call) cost more than
+            # the launches the join saves (H200: 0.97-0.98x the members apart, three runs)
+            return None
         rec = member.__dict__.get(_TRACED)
-        if rec is None or not self.enabled or not self.fresh or type(x) is not torch.Tensor:
+        if rec is None or not self.enabled or not self.fresh:
             return None
         start, rows, w, codes, scales, mins, bias = rec
         b = w._buffers
