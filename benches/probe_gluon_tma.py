@@ -12,7 +12,10 @@ weight copies to overflow the L2 cache.
    the share of the HBM bound;
 3. symmetric g64 / affine g128 at 16 rows, the best TMA config of (2) against the register one.
 
-    OUT=DIR python3 benches/probe_gluon_tma.py [--stages 2,3,4,6] [--quick]
+``--m8`` instead of (2) and (3): up to 8 rows, the routed kernels with 8-row tiles
+(``launch.GLUON_BLOCK_M8``) against 16-row ones, and cuBLAS; the check covers both.
+
+    OUT=DIR python3 benches/probe_gluon_tma.py [--stages 2,3,4,6] [--quick] [--m8]
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from qtensors.torch.kernels import launch as L  # noqa: E402
 ARG = sys.argv[sys.argv.index("--stages") + 1] if "--stages" in sys.argv else "2,3,4,6"
 STAGES = [int(s) for s in ARG.split(",")]
 QUICK = "--quick" in sys.argv
+M8 = "--m8" in sys.argv
 ROWS = [16] if QUICK else [5, 16, 32]
 T0 = time.perf_counter()
 say = S.REPORT.say
@@ -74,7 +78,7 @@ def section_check() -> bool:
     for ename, N, K in cases:
         case = S.Case(ename, N, K)
         w0 = case.ws[0]
-        for M in (5, 16, 17, 32):
+        for M in (5, 8, 16, 17, 32):
             for cfg, bias, stages in (
                 (None, False, 3),
                 (None, True, 2),
@@ -167,6 +171,35 @@ def encodings(best: dict) -> None:
         torch.cuda.empty_cache()
 
 
+def m8(gbps: float) -> None:
+    """Up to 8 rows: the routed TMA kernel with 8-row tiles against 16-row ones."""
+    say()
+    say("## int4-affine-g64, bf16 x, up to 8 rows: us per call (CUDA graph, pre-pass included)")
+    say(f"{'shape':>11} {'M':>3} | {'cublas':>7} {'16 rows':>7} {'8 rows':>7} | {'x 16':>5} "
+        f"{'x cub':>5} {'hbm':>4}")  # fmt: skip
+    st = L.GLUON_TMA_STAGES
+    for N, K in S.SHAPES[:4]:
+        case = S.Case("int4-affine-g64", N, K)
+        for M in (5, 8):
+            x = case.x(M)
+            cub = S.graph_us([lambda d=d, x=x: F.linear(x, d) for d in case.dense[:8]])
+            L.GLUON_BLOCK_M8 = False
+            t16 = case.time(lambda x_, w: run(x_, w, st), M)
+            ref = run(x.to(S.DT), case.ws[0], st)
+            L.GLUON_BLOCK_M8 = True
+            t8 = case.time(lambda x_, w: run(x_, w, st), M)
+            got = run(x.to(S.DT), case.ws[0], st)
+            # the same integer sums and per-group scaling: equal up to the fp32 sums' order
+            diff = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            bound = case.bound_us(M, gbps)
+            say(f"{N:>5}x{K:<5} {M:>3} | {cub:7.1f} {t16:7.1f} {t8:7.1f} | {t16 / t8:5.2f} "
+                f"{cub / t8:5.2f} {bound / t8:4.0%} (8 / 16 rows: {diff:.1e})")  # fmt: skip
+            RESULTS["sweep"].append(dict(N=N, K=K, M=M, cublas=cub, rows16=t16, rows8=t8,
+                                         bound=bound, diff=diff))  # fmt: skip
+        del case
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     gbps = S.copy_gbps()
     say(f"# probe_gluon_tma on {torch.cuda.get_device_name()}; copy {gbps:.0f} GB/s")
@@ -174,9 +207,12 @@ def main() -> int:
         say("correctness FAILED: no timings")
         S.REPORT.write("probe_gluon_tma", RESULTS)
         return 1
-    best = sweep(gbps)
-    if not QUICK:
-        encodings(best)
+    if M8:
+        m8(gbps)
+    else:
+        best = sweep(gbps)
+        if not QUICK:
+            encodings(best)
     say(f"done in {time.perf_counter() - T0:.0f} s")
     S.REPORT.write("probe_gluon_tma", RESULTS)
     return 0
