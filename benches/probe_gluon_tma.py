@@ -15,7 +15,7 @@ weight copies to overflow the L2 cache.
 ``--m8`` instead of (2) and (3): up to 8 rows, the routed kernels with 8-row tiles
 (``launch.GLUON_BLOCK_M8``) against 16-row ones, and cuBLAS; the check covers both.
 
-``--splits``: the routed kernel with its K split 1-16 ways at 8 and 16 rows (no check: the
+``--splits``: the routed kernel with its K split 2-16 ways at 16 rows (no check: the
 split-K epilogue is checked in (1)).
 
     OUT=DIR python3 benches/probe_gluon_tma.py [--stages 2,3,4,6] [--quick] [--m8] [--splits]
@@ -204,18 +204,18 @@ def m8(gbps: float) -> None:
 
 
 def splits(gbps: float) -> None:
-    """The routed TMA kernel at 8 and 16 rows with its K split 1-16 ways (``MmaConfig.split_k``;
+    """The routed TMA kernel at 16 rows with its K split 2-16 ways (``MmaConfig.split_k``;
     0: the launcher's own choice): more, shorter programs hide more latency."""
     say()
     say("## int4-affine-g64, bf16 x: us per call by K-slices (0: as routed)")
     st = L.GLUON_TMA_STAGES
     for N, K in S.SHAPES[:3]:
         case = S.Case("int4-affine-g64", N, K)
-        for M in (8, 16):
+        for M in (16,):
             x = case.x(M)
             cub = S.graph_us([lambda d=d, x=x: F.linear(x, d) for d in case.dense[:8]])
             cells = []
-            for split in (0, 1, 2, 4, 8, 16):
+            for split in (0, 2, 4, 8, 16):
                 us, why = timed(case, M, st, C(0, 64, 2, split, 2, 2))
                 cells.append(f"k{split} {us:.1f}{' ' + why if why else ''}")
                 RESULTS["sweep"].append(dict(N=N, K=K, M=M, split=split, us=us, cublas=cub))
