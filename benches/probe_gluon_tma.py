@@ -12,13 +12,10 @@ weight copies to overflow the L2 cache.
    the share of the HBM bound;
 3. symmetric g64 / affine g128 at 16 rows, the best TMA config of (2) against the register one.
 
-``--m8`` instead of (2) and (3): up to 8 rows, the routed kernels with 8-row tiles
-(``launch.GLUON_BLOCK_M8``) against 16-row ones, and cuBLAS; the check covers both.
-
 ``--splits``: the routed kernel with its K split 2-16 ways at 16 rows (no check: the
 split-K epilogue is checked in (1)).
 
-    OUT=DIR python3 benches/probe_gluon_tma.py [--stages 2,3,4,6] [--quick] [--m8] [--splits]
+    OUT=DIR python3 benches/probe_gluon_tma.py [--stages 2,3,4,6] [--quick] [--splits]
 """
 
 from __future__ import annotations
@@ -41,7 +38,6 @@ from qtensors.torch.kernels import launch as L  # noqa: E402
 ARG = sys.argv[sys.argv.index("--stages") + 1] if "--stages" in sys.argv else "2,3,4,6"
 STAGES = [int(s) for s in ARG.split(",")]
 QUICK = "--quick" in sys.argv
-M8 = "--m8" in sys.argv
 ROWS = [16] if QUICK else [5, 16, 32]
 T0 = time.perf_counter()
 say = S.REPORT.say
@@ -174,35 +170,6 @@ def encodings(best: dict) -> None:
         torch.cuda.empty_cache()
 
 
-def m8(gbps: float) -> None:
-    """Up to 8 rows: the routed TMA kernel with 8-row tiles against 16-row ones."""
-    say()
-    say("## int4-affine-g64, bf16 x, up to 8 rows: us per call (CUDA graph, pre-pass included)")
-    say(f"{'shape':>11} {'M':>3} | {'cublas':>7} {'16 rows':>7} {'8 rows':>7} | {'x 16':>5} "
-        f"{'x cub':>5} {'hbm':>4}")  # fmt: skip
-    st = L.GLUON_TMA_STAGES
-    for N, K in S.SHAPES[:4]:
-        case = S.Case("int4-affine-g64", N, K)
-        for M in (5, 8):
-            x = case.x(M)
-            cub = S.graph_us([lambda d=d, x=x: F.linear(x, d) for d in case.dense[:8]])
-            L.GLUON_BLOCK_M8 = False
-            t16 = case.time(lambda x_, w: run(x_, w, st), M)
-            ref = run(x.to(S.DT), case.ws[0], st)
-            L.GLUON_BLOCK_M8 = True
-            t8 = case.time(lambda x_, w: run(x_, w, st), M)
-            got = run(x.to(S.DT), case.ws[0], st)
-            # the same integer sums and per-group scaling: equal up to the fp32 sums' order
-            diff = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-            bound = case.bound_us(M, gbps)
-            say(f"{N:>5}x{K:<5} {M:>3} | {cub:7.1f} {t16:7.1f} {t8:7.1f} | {t16 / t8:5.2f} "
-                f"{cub / t8:5.2f} {bound / t8:4.0%} (8 / 16 rows: {diff:.1e})")  # fmt: skip
-            RESULTS["sweep"].append(dict(N=N, K=K, M=M, cublas=cub, rows16=t16, rows8=t8,
-                                         bound=bound, diff=diff))  # fmt: skip
-        del case
-        torch.cuda.empty_cache()
-
-
 def splits(gbps: float) -> None:
     """The routed TMA kernel at 16 rows with its K split 2-16 ways (``MmaConfig.split_k``;
     0: the launcher's own choice): more, shorter programs hide more latency."""
@@ -233,8 +200,6 @@ def main() -> int:
         return 1
     if "--splits" in sys.argv:
         splits(gbps)
-    elif M8:
-        m8(gbps)
     else:
         best = sweep(gbps)
         if not QUICK:

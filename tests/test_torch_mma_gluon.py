@@ -138,7 +138,6 @@ def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec, stages=0):
         (64, 16, 4, 1, 128, 1, 1, 0),
         (128, 32, 4, 2, 64, 0, 1, 0),
         (64, 16, 4, 4, 64, 1, 1, 2048),
-        (64, 8, 2, 2, 64, 0, 1, 4096),  # up to 8 rows
     ],
 )
 def test_compiles_for_sm90_without_shared_memory(cfg):
@@ -157,8 +156,6 @@ def test_compiles_for_sm90_without_shared_memory(cfg):
         (64, 16, 4, 1, 128, 1, 1, 0, 2),
         (128, 32, 4, 2, 64, 0, 4, 0, 4),  # split-K epilogue
         (64, 16, 2, 2, 128, 1, 1, 0, 3),  # 128-byte rows of codes a step
-        (64, 8, 2, 2, 64, 0, 1, 4096, 3),  # up to 8 rows, compiled for K = 4096
-        (64, 8, 4, 1, 128, 1, 4, 0, 2),
     ],
 )
 def test_tma_kernel_compiles_for_sm90(cfg):
@@ -189,18 +186,6 @@ def test_tma_plan_and_descriptor():
     assert desc.base.data_ptr() == codes.data_ptr()
 
 
-@pytest.mark.parametrize("M, block_m, kspec", [(5, 8, True), (8, 8, True), (9, 16, True),
-                                               (16, 16, True), (17, 32, False)])  # fmt: skip
-def test_gluon_row_tiles(M, block_m, kspec):
-    """Up to 8 rows an 8-row tile (``GLUON_BLOCK_M8``), then 16 and 32; compiled per K for
-    one tile of rows, its activations' rows padded to the tile (``MP``)."""
-    plan = L._mma_int8_plan.__wrapped__
-    MP, _q, _grid, _s, _k, meta, _key = plan(M, 4096, 4096, "affine", 64, False, -1, None,
-                                             True, True, True, 3)  # fmt: skip
-    assert meta["BLOCK_M"] == block_m and MP == -(-M // block_m) * block_m
-    assert (meta["KSPEC"] == 4096) == kspec
-
-
 def test_tma_applies(monkeypatch):
     codes = torch.zeros(64, 64, dtype=torch.uint8)
     assert not L.tma_applies(codes, 128, -1)  # not on the CPU
@@ -224,8 +209,6 @@ def test_layouts_refuse_what_the_kernel_cannot_tile():
         G.layouts(32, 16, 4, 2, 1)  # fewer features than 16 a warp
     with pytest.raises(ValueError, match="block_m"):
         G.layouts(64, 64, 4, 2, 1)
-    with pytest.raises(ValueError, match="block_m"):
-        G.layouts(64, 4, 4, 2, 1)
     with pytest.raises(ValueError, match="chunks a step"):
         G.layouts(64, 16, 4, 4, 2)
 

@@ -917,9 +917,6 @@ MMA_INT8_GLUON_DEFAULT = MmaConfig(block_m=0, block_n=64, groups=2, split_k=0, n
 #: gpu_mma_gluon_probe5_h200.txt)
 GLUON_KSPEC = True
 INT8_MMA_GLUON_MAX_M = 32
-#: up to 8 rows the Gluon kernel tiles 8 (one m16n8 MMA column block: half the MMAs, scalings
-#: and activation loads of a 16-row tile)
-GLUON_BLOCK_M8 = True
 #: steps of codes the Gluon kernel keeps in flight through the TMA engine (a ring in shared
 #: memory: ``mma_int8_gluon_tma_kernel``) on sm_90+; 0: its register loads (two steps ahead).
 #: H200 (benches/results/gpu_gluon_tma_h200.txt, CUDA graph, pre-pass included, affine g64, the
@@ -951,16 +948,14 @@ def _mma_int8_plan(
     bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
     if gluon:
         cfg = config or MMA_INT8_GLUON_DEFAULT
-        block_m = 8 if M <= 8 and GLUON_BLOCK_M8 else 16 if M <= 16 else 32
+        block_m = 16 if M <= 16 else 32
     else:
         cfg = config or MMA_INT8_TABLE.get((bucket, N, K)) or MMA_INT8_DEFAULT
         block_m = cfg.block_m or max(16, 1 << (M - 1).bit_length())
     fewest_n = 16 * cfg.num_warps if gluon else 64  # Gluon: 16 features a warp, at least
-    fewest_m = 8 if gluon else 16  # Gluon: one m16n8 MMA column block, at least
-    if block_m < fewest_m or cfg.block_n < fewest_n or cfg.groups not in (1, 2, 4):
+    if block_m < 16 or cfg.block_n < fewest_n or cfg.groups not in (1, 2, 4):
         raise ValueError(
-            f"the int8 mma kernel needs block_m >= {fewest_m}, block_n >= {fewest_n}, groups 1, 2"
-            " or 4:"
+            f"the int8 mma kernel needs block_m >= 16, block_n >= {fewest_n}, groups 1, 2 or 4:"
             f" {cfg}"
         )
     if not int8_mma_shape(K, encoding, g):
@@ -996,9 +991,7 @@ def _mma_int8_plan(
             layouts.update(STAGES=tma_stages)
         else:  # the register kernel takes no ring
             del layouts["LT"], layouts["CODES_SL"]
-        meta.update(
-            GROUPS=groups, KSPEC=K if kspec and n_m == 1 and block_m <= 16 else 0, **layouts
-        )
+        meta.update(GROUPS=groups, KSPEC=K if kspec and n_m * block_m == 16 else 0, **layouts)
         step = g * groups
     else:
         meta.update(EMULATE=cuda_index < 0)  # the interpreter runs no inline assembly

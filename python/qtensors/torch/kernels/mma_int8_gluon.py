@@ -89,15 +89,15 @@ def _linear(reg, lane, warp, shape):
 @functools.lru_cache(maxsize=64)
 def layouts(block_n: int, block_m: int, warps: int, groups: int, chunks: int) -> dict:
     """The kernel's constexpr layouts for ``block_n`` features (16 a warp, then repeated),
-    ``block_m`` rows (8, 16 or 32), ``warps`` warps along the features, ``groups`` groups of
+    ``block_m`` rows (16 or 32), ``warps`` warps along the features, ``groups`` groups of
     ``chunks`` 64-code chunks a K step (``groups * chunks`` 1, 2 or 4). Rows and columns as
     the MMA's (``to_linear_layout`` of its operands: lanes hold rows 1, 2, 4 and a register row
     8, warps the next 16s, registers the repeats)."""
     reps = block_n // (16 * warps)
     per_step = groups * chunks
-    if reps < 1 or block_m not in (8, 16, 32) or per_step not in (1, 2, 4):
+    if reps < 1 or block_m not in (16, 32) or per_step not in (1, 2, 4):
         raise ValueError(
-            f"block_n {block_n} < 16 x {warps} warps, block_m {block_m} not 8 / 16 / 32, or"
+            f"block_n {block_n} < 16 x {warps} warps, block_m {block_m} not 16 / 32, or"
             f" {groups} x {chunks} chunks a step not 1, 2 or 4"
         )
     warps2 = [[16 << i, 0] for i in range(_log2(warps))]
@@ -115,7 +115,7 @@ def layouts(block_n: int, block_m: int, warps: int, groups: int, chunks: int) ->
     p_lane = [[0, 2], [0, 4], *lanes2]
     # one chunk's [16, block_m] 32-bit words of int8 activations as stored: 4 contiguous words
     # (16 bytes) a thread and row; as bytes [16, block_m, 4], then [64, block_m]
-    q_reg = [[1, 0], [2, 0], *[[0, 8]] * (block_m > 8), *m32]
+    q_reg = [[1, 0], [2, 0], [0, 8], *m32]
     q_lane = [[4, 0], [8, 0], [0, 1], [0, 2], [0, 4]]
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8])
     return dict(
@@ -170,8 +170,7 @@ def layouts(block_n: int, block_m: int, warps: int, groups: int, chunks: int) ->
         ),
         # [block_m, groups] the activations' per-group factors, rows as the accumulator's columns
         LD=_linear(
-            [[1, 0]]
-            + [[8, 0]] * (block_m > 8)
+            [[1, 0], [8, 0]]
             + [[16, 0]] * (block_m == 32)
             + [[0, 1 << i] for i in range(_log2(groups))],
             [[2, 0], [4, 0], [0, 0], [0, 0], [0, 0]],
@@ -360,12 +359,12 @@ if HAVE_GLUON:
         PER_STEP: gl.constexpr = GROUPS * CHUNKS
         STEP: gl.constexpr = GS * GROUPS
         if KSPEC > 0:
-            # compiled for this K (and one tile of BLOCK_M padded rows): every row's and group's
-            # offset is a constant, so a step's loads are immediate offsets from one address
+            # compiled for this K (and 16 padded rows): every row's and group's offset is a
+            # constant, so a step's loads are immediate offsets from one address
             K = KSPEC
             row_bytes = KSPEC // 2
             G = KSPEC // GS
-            MP = BLOCK_M
+            MP = 16
         pid = gl.program_id(0)
         pid_k = gl.program_id(1)
         n_m = gl.cdiv(M, BLOCK_M)
@@ -526,7 +525,7 @@ if HAVE_GLUON:
         if KSPEC > 0:
             K = KSPEC
             G = KSPEC // GS
-            MP = BLOCK_M
+            MP = 16
         pid = gl.program_id(0)
         pid_k = gl.program_id(1)
         n_m = gl.cdiv(M, BLOCK_M)
