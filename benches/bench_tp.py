@@ -41,20 +41,11 @@ import tempfile
 import time
 from typing import Any
 
-from _common import LLAMA_1B, LLAMA_1B_DRY, Report, drop_caches
+from _common import LLAMA_1B, LLAMA_1B_DRY, LLAMA_8B, Report, drop_caches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "python"))
 
-LLAMA_8B: dict[str, Any] = dict(
-    LLAMA_1B,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-)
 #: --smoke: the same architecture, small enough for CPU ranks, big enough that the weights and
 #: not the imports dominate what a load reads
 LLAMA_SMOKE: dict[str, Any] = dict(

@@ -108,20 +108,14 @@ def test_inductor_multiplies_once_per_group():
     assert sorted(calls(code)) == ["128, 64", "192, 64"]
 
 
-def test_one_row_runs_the_members_alone():
-    """A one-row input (a batch-1 decode step) traces the members alone: that step is
-    host-bound, and the join's guards would cost more than its launches save."""
+@pytest.mark.parametrize("joined, rows", [(False, 3), (True, 1)])
+def test_members_alone(joined, rows):
+    """A model not joined calls each linear; so does a joined one on a one-row input (a batch-1
+    decode step): that step is host-bound, and the join's guards would cost more than its
+    launches save."""
     plain, fused = pair()
-    x = torch.randn(1, 64)
-    out, code = compiled_code(fused, x)
-    assert_outputs(out, plain(x))
-    assert sorted(calls(code)) == ["32, 64", "32, 64", "64, 64", "96, 64", "96, 64"]
-
-
-def test_not_joined_model_calls_each_linear():
-    plain, _ = pair()
-    x = torch.randn(3, 64)
-    out, code = compiled_code(plain, x)
+    x = torch.randn(rows, 64)
+    out, code = compiled_code(fused if joined else plain, x)
     assert_outputs(out, plain(x))
     assert sorted(calls(code)) == ["32, 64", "32, 64", "64, 64", "96, 64", "96, 64"]
 

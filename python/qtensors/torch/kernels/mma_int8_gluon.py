@@ -309,6 +309,53 @@ if HAVE_GLUON:
             acc = mma_v2(t, X - hi, acc, input_precision="tf32")
         return acc
 
+    @gluon.jit
+    def _factor_offsets(pid_m, pid_n, N, G, MP, stride_xm, BLOCK_M: gl.constexpr,
+                        BLOCK_N: gl.constexpr, PER_STEP: gl.constexpr, GROUPS: gl.constexpr,
+                        LQ: gl.constexpr, LS: gl.constexpr, LD: gl.constexpr):  # fmt: skip
+        """A tile's offsets of its activations (``[16, BLOCK_M, PER_STEP]`` int32 words of xq,
+        chunk ``c`` at word ``16 c`` of a step), of its scales / mins (``[BLOCK_N, GROUPS]``,
+        with the mask of rows past N) and of the activations' per-group factors
+        (``[BLOCK_M, GROUPS]`` of ``xs [2, G, MP]``), from a step's first column."""
+        q_slots = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, LQ)))
+        q_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, LQ)))
+        q_rows = pid_m * BLOCK_M + q_rows
+        q_chunk = gl.arange(0, PER_STEP, layout=gl.SliceLayout(0, gl.SliceLayout(1, LQ)))
+        q_off = gl.expand_dims(q_rows, 0) * (stride_xm // 4) + gl.expand_dims(q_slots, 1)
+        q_off = gl.expand_dims(q_off, 2) + gl.expand_dims(gl.expand_dims(q_chunk, 0), 1) * 16
+        s_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LS))
+        s_cols = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, LS))
+        s_mask = gl.expand_dims(s_rows < N, 1)
+        s_off = gl.expand_dims(s_rows, 1) * G + gl.expand_dims(s_cols, 0)
+        d_rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LD))
+        d_cols = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, LD))
+        d_off = gl.expand_dims(d_rows, 1) + gl.expand_dims(d_cols, 0) * MP
+        return q_off, s_off, s_mask, d_off
+
+    @gluon.jit
+    def _store(acc, pid, pid_k, pid_n, pid_m, M, N, out_ptr, stride_om, bias_ptr, ws_ptr,
+               lock_ptr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_N: gl.constexpr,
+               BLOCK_M: gl.constexpr, MMA: gl.constexpr):  # fmt: skip
+        """The tile's result to ``out`` (``_write``); split K, as ``epilogue.store_result``:
+        partials to ``ws [SPLIT_K, M, N]``, and the last slice of the tile to arrive adds them
+        in slice order, writes, and puts the counter back to 0."""
+        rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+        m_cols = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+        mask = gl.expand_dims(rows < N, 1) & gl.expand_dims(m_cols < M, 0)
+        if SPLIT_K == 1:
+            _write(acc, rows, m_cols, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+        else:
+            wsp = ws_ptr + gl.expand_dims(m_cols, 0) * N + gl.expand_dims(rows, 1)
+            gl.store(wsp + pid_k * M * N, acc, mask=mask)
+            _cta_barrier()
+            arrived = gl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                total = gl.load(wsp, mask=mask, other=0.0, cache_modifier=".cg")
+                for sk in gl.static_range(1, SPLIT_K):
+                    total += gl.load(wsp + sk * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                _write(total, rows, m_cols, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+                gl.atomic_xchg(lock_ptr + pid, 0)
+
     @gluon.jit(do_not_specialize=["M"])
     def mma_int8_gluon_kernel(
         xq_ptr,
@@ -353,8 +400,6 @@ if HAVE_GLUON:
         ``xq`` / ``xs`` (arguments as ``mma_int8_kernel``'s). A K step is ``GROUPS`` groups;
         two steps' operands are in flight (two buffers, the loop unrolled by two); the min
         terms follow the loop (``_min_terms``); ``KSPEC``: compiled for that K."""
-        ROWS: gl.constexpr = gl.SliceLayout(1, MMA)
-        COLS: gl.constexpr = gl.SliceLayout(0, MMA)
         CHUNKS: gl.constexpr = GS // 64  # MMA chunks a group
         PER_STEP: gl.constexpr = GROUPS * CHUNKS
         STEP: gl.constexpr = GS * GROUPS
@@ -380,23 +425,10 @@ if HAVE_GLUON:
         p_off = gl.expand_dims(gl.expand_dims(p_rows, 1) * row_words + gl.expand_dims(p_cols, 0), 2)
         p_off = p_off + gl.expand_dims(gl.expand_dims(p_chunk, 0), 1) * 8
         p_mask = gl.expand_dims(gl.expand_dims(p_rows < N, 1), 2)
-        # activations: [16, BLOCK_M, PER_STEP] words of int8, chunk c at word 16 c of the step
         xw_ptr = xq_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
-        q_slots = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, LQ)))
-        q_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, LQ)))
-        q_rows = pid_m * BLOCK_M + q_rows
-        q_chunk = gl.arange(0, PER_STEP, layout=gl.SliceLayout(0, gl.SliceLayout(1, LQ)))
-        q_off = gl.expand_dims(q_rows, 0) * (stride_xm // 4) + gl.expand_dims(q_slots, 1)
-        q_off = gl.expand_dims(q_off, 2) + gl.expand_dims(gl.expand_dims(q_chunk, 0), 1) * 16
-        # scales / mins: [BLOCK_N, GROUPS]
-        s_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LS))
-        s_cols = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, LS))
-        s_mask = gl.expand_dims(s_rows < N, 1)
-        s_off = gl.expand_dims(s_rows, 1) * G + gl.expand_dims(s_cols, 0)
-        # the activations' per-group factors: [BLOCK_M, GROUPS], xs [2, G, MP]
-        d_rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LD))
-        d_cols = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, LD))
-        d_off = gl.expand_dims(d_rows, 1) + gl.expand_dims(d_cols, 0) * MP
+        q_off, s_off, s_mask, d_off = _factor_offsets(
+            pid_m, pid_n, N, G, MP, stride_xm, BLOCK_M, BLOCK_N, PER_STEP, GROUPS, LQ, LS, LD
+        )
 
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
         k_lo = pid_k * k_split
@@ -428,25 +460,8 @@ if HAVE_GLUON:
                                   MP, GS, GROUPS)  # fmt: skip
         acc = _min_terms(acc, scales_ptr, mins_ptr, xs_ptr, pid_n * BLOCK_N, pid_m * BLOCK_M, N,
                          G, MP, k_lo // GS, k_hi // GS, ENC, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
-
-        rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=ROWS)
-        m_cols = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=COLS)
-        mask = gl.expand_dims(rows < N, 1) & gl.expand_dims(m_cols < M, 0)
-        if SPLIT_K == 1:
-            _write(acc, rows, m_cols, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
-        else:
-            # as epilogue.store_result: partials to ws [SPLIT_K, M, N]; the last slice of the
-            # tile to arrive adds them in slice order, writes, and puts the counter back to 0
-            wsp = ws_ptr + gl.expand_dims(m_cols, 0) * N + gl.expand_dims(rows, 1)
-            gl.store(wsp + pid_k * M * N, acc, mask=mask)
-            _cta_barrier()
-            arrived = gl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:
-                total = gl.load(wsp, mask=mask, other=0.0, cache_modifier=".cg")
-                for sk in gl.static_range(1, SPLIT_K):
-                    total += gl.load(wsp + sk * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-                _write(total, rows, m_cols, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
-                gl.atomic_xchg(lock_ptr + pid, 0)
+        _store(acc, pid, pid_k, pid_n, pid_m, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, lock_ptr,
+               HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
 
     @gluon.jit
     def _tma_refill(codes_desc, ring, bars, i, n_steps, row0, k_lo, STEP: gl.constexpr,
@@ -517,8 +532,6 @@ if HAVE_GLUON:
         that the fragment loads from it are free of bank conflicts), each refilled as soon as
         its step is read. ``codes_desc``: a TensorDescriptor of the codes as int32 words
         ``[N, K / 8]``, block ``[BLOCK_N, STEP / 8]``, layout ``CODES_SL``."""
-        ROWS: gl.constexpr = gl.SliceLayout(1, MMA)
-        COLS: gl.constexpr = gl.SliceLayout(0, MMA)
         CHUNKS: gl.constexpr = GS // 64  # MMA chunks a group
         PER_STEP: gl.constexpr = GROUPS * CHUNKS
         STEP: gl.constexpr = GS * GROUPS
@@ -532,21 +545,10 @@ if HAVE_GLUON:
         pid_m = pid % n_m
         pid_n = pid // n_m
         row0 = pid_n * BLOCK_N
-        # activations: [16, BLOCK_M, PER_STEP] words of int8, chunk c at word 16 c of the step
         xw_ptr = xq_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
-        q_slots = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, LQ)))
-        q_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, LQ)))
-        q_rows = pid_m * BLOCK_M + q_rows
-        q_chunk = gl.arange(0, PER_STEP, layout=gl.SliceLayout(0, gl.SliceLayout(1, LQ)))
-        q_off = gl.expand_dims(q_rows, 0) * (stride_xm // 4) + gl.expand_dims(q_slots, 1)
-        q_off = gl.expand_dims(q_off, 2) + gl.expand_dims(gl.expand_dims(q_chunk, 0), 1) * 16
-        s_rows = row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LS))
-        s_cols = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, LS))
-        s_mask = gl.expand_dims(s_rows < N, 1)
-        s_off = gl.expand_dims(s_rows, 1) * G + gl.expand_dims(s_cols, 0)
-        d_rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LD))
-        d_cols = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, LD))
-        d_off = gl.expand_dims(d_rows, 1) + gl.expand_dims(d_cols, 0) * MP
+        q_off, s_off, s_mask, d_off = _factor_offsets(
+            pid_m, pid_n, N, G, MP, stride_xm, BLOCK_M, BLOCK_N, PER_STEP, GROUPS, LQ, LS, LD
+        )
 
         k_lo = pid_k * k_split
         k_hi = gl.minimum(K, k_lo + k_split)
@@ -589,24 +591,10 @@ if HAVE_GLUON:
             i += 2
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(s))
-        acc = _min_terms(acc, scales_ptr, mins_ptr, xs_ptr, row0, pid_m * BLOCK_M, N, G, MP,
-                         k_lo // GS, k_hi // GS, ENC, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
-        rows = row0 + gl.arange(0, BLOCK_N, layout=ROWS)
-        m_cols = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=COLS)
-        mask = gl.expand_dims(rows < N, 1) & gl.expand_dims(m_cols < M, 0)
-        if SPLIT_K == 1:
-            _write(acc, rows, m_cols, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
-        else:
-            wsp = ws_ptr + gl.expand_dims(m_cols, 0) * N + gl.expand_dims(rows, 1)
-            gl.store(wsp + pid_k * M * N, acc, mask=mask)
-            _cta_barrier()
-            arrived = gl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:
-                total = gl.load(wsp, mask=mask, other=0.0, cache_modifier=".cg")
-                for sk in gl.static_range(1, SPLIT_K):
-                    total += gl.load(wsp + sk * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-                _write(total, rows, m_cols, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
-                gl.atomic_xchg(lock_ptr + pid, 0)
+        acc = _min_terms(acc, scales_ptr, mins_ptr, xs_ptr, pid_n * BLOCK_N, pid_m * BLOCK_M, N,
+                         G, MP, k_lo // GS, k_hi // GS, ENC, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
+        _store(acc, pid, pid_k, pid_n, pid_m, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, lock_ptr,
+               HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
 
     @gluon.jit
     def _write(acc, rows, cols, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS: gl.constexpr):
