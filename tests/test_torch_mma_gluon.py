@@ -186,15 +186,29 @@ def test_tma_plan_and_descriptor():
     assert desc.base.data_ptr() == codes.data_ptr()
 
 
-def test_tma_applies(monkeypatch):
-    codes = torch.zeros(64, 64, dtype=torch.uint8)
-    assert not L.tma_applies(codes, 128, -1)  # not on the CPU
-    cap = {"v": (9, 0)}
+@pytest.fixture
+def device_capability(monkeypatch):
+    """Set the capability ``torch.cuda`` reports (``_tma_device`` caches it per device: cleared
+    on each change and after the test)."""
+    cap = {}
+
+    def set_cap(v):
+        cap["v"] = v
+        L._tma_device.cache_clear()
+
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: cap["v"])
+    yield set_cap
+    L._tma_device.cache_clear()
+
+
+def test_tma_applies(device_capability):
+    codes = torch.zeros(64, 64, dtype=torch.uint8)
+    device_capability((9, 0))
+    assert not L.tma_applies(codes, 128, -1)  # not on the CPU
     assert L.tma_applies(codes, 128, 0) == (codes.data_ptr() % 16 == 0)
     assert not L.tma_applies(codes.view(-1)[4:], 128, 0)  # a start off 16 bytes
     assert not L.tma_applies(codes[:, :40], 80, 0)  # rows of 40 bytes
-    cap["v"] = (8, 9)
+    device_capability((8, 9))
     assert not L.tma_applies(codes, 128, 0)  # no TMA before Hopper
 
 

@@ -1079,26 +1079,29 @@ def gluon_applies(codes: torch.Tensor, scales: torch.Tensor, cuda_index: int, M:
     )
 
 
-def tma_applies(codes: torch.Tensor, K: int, cuda_index: int) -> bool:
-    """Whether the TMA engine can copy these codes (sm_90+, a 16-byte aligned start and rows of
-    a multiple of 16 bytes)."""
+@functools.lru_cache(maxsize=64)
+def _tma_device(cuda_index: int) -> bool:
+    """Whether this CUDA device has the TMA engine (9.0+) and Triton its Gluon kernel."""
     return (
-        mma_int8_gluon.HAVE_GLUON
+        mma_int8_gluon.HAVE_TMA
         and cuda_index >= 0
         and torch.cuda.get_device_capability(cuda_index) >= (9, 0)
-        and codes.data_ptr() % 16 == 0
-        and (K // 2) % 16 == 0
     )
+
+
+def tma_applies(codes: torch.Tensor, K: int, cuda_index: int) -> bool:
+    """Whether the TMA engine can copy these codes (``_tma_device``, a 16-byte aligned start and
+    rows of a multiple of 16 bytes)."""
+    return _tma_device(cuda_index) and codes.data_ptr() % 16 == 0 and (K // 2) % 16 == 0
 
 
 def _codes_descriptor(codes: torch.Tensor, N: int, K: int, meta: dict):
     """A TMA descriptor of the codes as int32 words ``[N, K / 8]``, one step's tile a copy."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     words = codes.view(torch.int32).view(N, K // 8)
     step_words = meta["GS"] * meta["GROUPS"] // 8
-    return TensorDescriptor(words, [N, K // 8], [K // 8, 1], [meta["BLOCK_N"], step_words],
-                            meta["CODES_SL"])  # fmt: skip
+    return mma_int8_gluon.TensorDescriptor(
+        words, [N, K // 8], [K // 8, 1], [meta["BLOCK_N"], step_words], meta["CODES_SL"]
+    )
 
 
 def words_aligned(codes: torch.Tensor) -> bool:

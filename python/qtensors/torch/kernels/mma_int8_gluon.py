@@ -51,15 +51,22 @@ try:  # Gluon: Triton 3.5+; absent, the tl.dot kernel runs
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
     HAVE_GLUON = True
     # a CTA-wide barrier: ``barrier`` from Triton 3.7, ``thread_barrier`` before
     _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
-    # a TMA copy into shared memory: ``async_load`` from Triton 3.7 (the old name then raises)
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
+
+try:  # the TMA kernel: Gluon's Hopper modules; absent, the register kernel runs
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401 (launch.py)
+
+    # a TMA copy into shared memory: ``async_load`` from Triton 3.7 (the old name then raises)
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    HAVE_TMA = HAVE_GLUON
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    HAVE_TMA = False
 
 #: codes per MMA chunk: two m16n8k32 k-steps (one a nibble half)
 CHUNK = 64
@@ -356,6 +363,15 @@ if HAVE_GLUON:
                 _write(total, rows, m_cols, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
                 gl.atomic_xchg(lock_ptr + pid, 0)
 
+    @gluon.jit
+    def _write(acc, rows, cols, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS: gl.constexpr):
+        """``out[m, n] = acc[n, m] (+ bias[n])`` in out's dtype."""
+        if HAS_BIAS:
+            bias = gl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(gl.float32)
+            acc = acc + gl.expand_dims(bias, 1)
+        ptr = out_ptr + gl.expand_dims(cols, 0) * stride_om + gl.expand_dims(rows, 1)
+        gl.store(ptr, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
     @gluon.jit(do_not_specialize=["M"])
     def mma_int8_gluon_kernel(
         xq_ptr,
@@ -462,6 +478,9 @@ if HAVE_GLUON:
                          G, MP, k_lo // GS, k_hi // GS, ENC, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
         _store(acc, pid, pid_k, pid_n, pid_m, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, lock_ptr,
                HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
+
+
+if HAVE_TMA:
 
     @gluon.jit
     def _tma_refill(codes_desc, ring, bars, i, n_steps, row0, k_lo, STEP: gl.constexpr,
@@ -595,12 +614,3 @@ if HAVE_GLUON:
                          G, MP, k_lo // GS, k_hi // GS, ENC, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
         _store(acc, pid, pid_k, pid_n, pid_m, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, lock_ptr,
                HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
-
-    @gluon.jit
-    def _write(acc, rows, cols, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS: gl.constexpr):
-        """``out[m, n] = acc[n, m] (+ bias[n])`` in out's dtype."""
-        if HAS_BIAS:
-            bias = gl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(gl.float32)
-            acc = acc + gl.expand_dims(bias, 1)
-        ptr = out_ptr + gl.expand_dims(cols, 0) * stride_om + gl.expand_dims(rows, 1)
-        gl.store(ptr, acc.to(out_ptr.dtype.element_ty), mask=mask)
