@@ -63,7 +63,7 @@ SIBLINGS: tuple[tuple[str, ...], ...] = (
 #: Kept slices that went unused before a group stops fusing.
 MAX_UNUSED = 2
 _ATTR = "_qt_siblings"  # a member's group, in the QuantizedLinear's __dict__
-_TRACED = "_qt_sibling_views"  # its rows and views, in its __dict__ (SiblingGroup.traced)
+_TRACED = "_qt_sibling_views"  # its record (SiblingGroup.records), in its __dict__ for traced()
 _PARTS = ("codes", "scales", "mins")
 
 
@@ -85,7 +85,8 @@ class SiblingGroup:
                 p: _cat([m.weight._buffers[p] for m in self.members]) for p in _PARTS
             }
             self.parts["bias"] = _cat([m._parameters["bias"] for m in self.members])
-        self.expected: list[tuple] = [()] * len(self.members)
+        # per member: (start, rows, weight module, codes, scales, mins, bias) as attached
+        self.records: list[tuple | None] = [None] * len(self.members)
         self.generation = 0
         self.attached_generation = [0] * len(self.members)
         self.unused = 0  # kept slices dropped unused (MAX_UNUSED: stop fusing)
@@ -122,20 +123,14 @@ class SiblingGroup:
         m._parameters["bias"] = bias
         self.attached_generation[i] = self.generation
         self.fresh = all(g == self.generation for g in self.attached_generation)
-        # what intact() compares: the member's weight module, its parts and bias
-        self.expected[i] = (
-            (m._modules, "weight", m.weight),
-            (buffers, "codes", codes),
-            (buffers, "scales", scales),
-            (buffers, "mins", mins),
-            (m._parameters, "bias", bias),
-        )
-        # what traced() reads under torch.compile: its rows and the same objects, flat
-        m.__dict__[_TRACED] = (self.starts[i], self.rows[i], m.weight, codes, scales, mins, bias)
+        # what intact() / valid() compare, also in the member's dict: traced() reads it there
+        rec = (self.starts[i], self.rows[i], m.weight, codes, scales, mins, bias)
+        self.records[i] = m.__dict__[_TRACED] = rec
 
     def intact(self, i: int) -> bool:
         """Whether member ``i`` still holds the views this group gave it."""
-        return all(d.get(k) is o for d, k, o in self.expected[i])
+        rec = self.records[i]
+        return rec is not None and _holds(self.members[i], rec)
 
     def valid(self) -> bool:
         """Whether every member holds views of the group's current parts. Runs before each
@@ -145,11 +140,10 @@ class SiblingGroup:
         weights resident."""
         if not self.fresh:
             return False
-        for checks in self.expected:
-            for d, k, o in checks:
-                if d.get(k) is not o:
-                    self.dissolve()
-                    return False
+        for m, rec in zip(self.members, self.records, strict=True):
+            if not _holds(m, rec):
+                self.dissolve()
+                return False
         return True
 
     def apply(self, member: QuantizedLinear, fn: Callable, recurse: bool) -> QuantizedLinear:
@@ -213,7 +207,7 @@ class SiblingGroup:
         makes the same call (the group's parts, the same input), which inductor's pass
         (``inductor_pass.py``) merges into one. Dynamo guards what this reads, so a member
         given other buffers, or moved alone, or a group ended, traces again; it reads little
-        (the member's record ``_TRACED`` rather than ``expected``): each read is a guard
+        (the member's record from its own dict, not the group's lists): each read is a guard
         checked before every compiled call."""
         if type(x) is not torch.Tensor or x.numel() <= x.shape[-1]:
             # one row (a batch-1 decode step): the step is host-bound, and the guards dynamo
@@ -223,12 +217,9 @@ class SiblingGroup:
         rec = member.__dict__.get(_TRACED)
         if rec is None or not self.enabled or not self.fresh:
             return None
-        start, rows, w, codes, scales, mins, bias = rec
-        b = w._buffers
-        if member._modules["weight"] is not w or member._parameters["bias"] is not bias:
+        if not _holds(member, rec):
             return None
-        if b["codes"] is not codes or b["scales"] is not scales or b["mins"] is not mins:
-            return None
+        start, rows, w, _, _, _, bias = rec
         if torch.is_grad_enabled() and (
             x.requires_grad or (bias is not None and bias.requires_grad)
         ):
@@ -278,7 +269,21 @@ class SiblingGroup:
                         bias.detach().clone(), requires_grad=bias.requires_grad
                     )
         self.parts = dict.fromkeys(self.parts)
-        self.expected = [()] * len(self.members)  # no reference kept to the old views
+        self.records = [None] * len(self.members)  # no reference kept to the old views
+
+
+def _holds(m: QuantizedLinear, rec: tuple) -> bool:
+    """Whether member ``m`` still holds what its record ``rec`` has: the same weight module,
+    parts and bias (identities)."""
+    _, _, w, codes, scales, mins, bias = rec
+    b = w._buffers
+    return (
+        m._modules.get("weight") is w
+        and m._parameters.get("bias") is bias
+        and b.get("codes") is codes
+        and b.get("scales") is scales
+        and b.get("mins") is mins
+    )
 
 
 @torch.compiler.assume_constant_result
