@@ -1,0 +1,235 @@
+"""Where a compiled decode step's time goes (H200): the GPU's busy time against the host's.
+
+For the 1.1B Llama-shaped model of ``bench_gpu_generate.py`` (bf16 and int4-g64 with its sibling
+linears joined, random weights), greedy, with ``cache_implementation="static"`` and transformers'
+own ``torch.compile(mode="reduce-overhead", fullgraph=True)`` of the decoding step:
+
+* ``generate``: tokens/s (best of ``--rounds`` alternating calls), whether inductor ran the step
+  in CUDA graphs (its ``cudagraph_skips`` counter) and, from a ``torch.profiler`` trace of one
+  call, the GPU's busy time (the union of its kernels' intervals) per step against the step's wall
+  time: what is left is host time the GPU waits through;
+* ``loop``: the same compiled step driven without ``generate``'s per-token work: the compiled
+  forward called in a loop with the greedy token picked on the GPU and no host synchronisation per
+  token (as gpt-fast-style decoders run), its tokens checked equal to ``generate``'s; its host
+  time per step (issued while a spin kernel holds the GPU) and its GPU time per step (the steps
+  run back to back once queued), and the kernels that take the GPU's time.
+
+    OUT=DIR python3 benches/probe_decode_step.py [--batches 1,8] [--rounds 3] [--new 64]
+
+Prints one line per model, batch and driver, and the int4 / bf16 ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from _common import LLAMA_1B, Report, generate_kwargs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "python"))
+
+import torch  # noqa: E402
+
+import qtensors as qt  # noqa: E402
+import qtensors.torch as qtt  # noqa: E402
+
+REPORT = Report()
+say = REPORT.say
+PROMPT = 16
+TOP = 14  # kernels listed per model and batch
+
+
+def build_models():
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        bf16 = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(torch.bfloat16).eval()
+    bf16.generation_config.eos_token_id = None  # random weights: always the tokens asked for
+    bf16.generation_config.pad_token_id = 0
+    int4 = copy.deepcopy(bf16)
+    qtt.quantize_model(int4, qt.Affine(bits=4, group_size=64, axis=-1))
+    torch.cuda.empty_cache()
+    return {"bf16": bf16, "int4-g64": int4}
+
+
+def gpu_busy(fn) -> tuple[float, float, int, dict[str, float]]:
+    """(wall s, GPU busy s, kernels, seconds by kernel name) of ``fn()``: the union of the
+    kernels' intervals in a ``torch.profiler`` trace (CUDA-graph replays included: CUPTI traces
+    their kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    kernels = [
+        e
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+    ]
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + (e.time_range.end - e.time_range.start) * 1e-6
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:  # union of intervals (us)
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return wall, busy * 1e-6, len(spans), by_name
+
+
+def host_and_device(model, ids: torch.Tensor, new: int) -> tuple[float, float]:
+    """(host s, device s) per decoding step of ``loop_steps`` after its prefill: the GPU held
+    busy by a spin kernel while the host issues the steps, so the host's time is its own, then
+    the steps run back to back on the GPU, timed by CUDA events from the spin's end (gaps between
+    kernels included)."""
+    state = loop_prefill(model, ids, new)
+    steps = new - 1
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(int(3e9))  # ~1.5 s of spinning: longer than the host needs
+    start.record()
+    t = time.perf_counter()
+    loop_steps(state, steps)
+    host = time.perf_counter() - t
+    end.record()
+    torch.cuda.synchronize()
+    return host / steps, start.elapsed_time(end) * 1e-3 / steps
+
+
+_CACHES: dict = {}
+
+
+def loop_prefill(model, ids: torch.Tensor, new: int) -> dict:
+    """The prompt's forward, uncompiled (as ``generate`` runs it), into a static cache kept per
+    model and shape (as ``generate`` keeps its own, so the compiled step sees the same tensors on
+    every call): the state ``loop_steps`` continues from."""
+    from transformers import CompileConfig, StaticCache
+
+    b, p = ids.shape
+    key = (id(model), b, p + new)
+    if key not in _CACHES:
+        _CACHES[key] = StaticCache(config=model.config, max_cache_len=p + new)
+    cache = _CACHES[key]
+    cache.reset()
+    pos = torch.arange(p, device=ids.device)
+    out = model(input_ids=ids, past_key_values=cache, cache_position=pos,
+                position_ids=pos[None].expand(b, p), use_cache=True)  # fmt: skip
+    tok = out.logits[:, -1:].argmax(-1)
+    return dict(
+        step=model.get_compiled_call(CompileConfig(fullgraph=True, mode="reduce-overhead")),
+        cache=cache,
+        toks=[ids, tok],
+        cp=torch.full((1,), p, device=ids.device, dtype=torch.long),
+    )
+
+
+def loop_steps(state: dict, n: int) -> torch.Tensor:
+    """``n`` decoding steps of the compiled step ``generate`` uses (``get_compiled_call``), each
+    next token picked on the GPU and fed back, no synchronisation per token."""
+    step, cache, toks, cp = state["step"], state["cache"], state["toks"], state["cp"]
+    b = toks[0].shape[0]
+    for _ in range(n):
+        out = step(input_ids=toks[-1], past_key_values=cache, cache_position=cp,
+                   position_ids=cp[None].expand(b, 1), use_cache=True,
+                   return_dict=True)  # fmt: skip
+        toks.append(out.logits[:, -1:].argmax(-1))
+        cp = cp + 1
+    return torch.cat(toks, 1)
+
+
+def loop_decode(model, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """``new`` greedy tokens: ``loop_prefill``, then ``new - 1`` of ``loop_steps``."""
+    return loop_steps(loop_prefill(model, ids, new), new - 1)
+
+
+def drivers(model, ids: torch.Tensor, kw: dict, new: int) -> list:
+    """(name, call) of each way of decoding ``new`` tokens after ``ids``."""
+    return [
+        ("generate", lambda: model.generate(ids, **kw)),
+        ("loop", lambda: loop_decode(model, ids, new)),
+    ]
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new", type=int, default=64)
+    args = ap.parse_args()
+    import transformers
+    from torch._dynamo.utils import counters
+
+    new = args.new
+    say(f"# probe_decode_step on {torch.cuda.get_device_name()}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}; 1.1B Llama shape, prompt {PROMPT}, {new} "
+        f"tokens, greedy; best of {args.rounds} alternating calls")  # fmt: skip
+    models = build_models()
+    kw = generate_kwargs(new, True)
+    rows: dict = {}
+    for batch in (int(b) for b in args.batches.split(",")):
+        ids = torch.randint(1, 32000, (batch, PROMPT), device="cuda")
+        ref = {}
+        with torch.inference_mode():
+            for label, model in models.items():
+                skips = counters["inductor"]["cudagraph_skips"]
+                for _ in range(2):  # compile, record
+                    ref[label] = model.generate(ids, **kw)
+                for _ in range(2):
+                    loop_decode(model, ids, new)
+                torch.cuda.synchronize()
+                same = float((loop_decode(model, ids, new) == ref[label]).float().mean())
+                say(f"{label:<9} batch {batch}: cudagraph skips while compiling "
+                    f"{counters['inductor']['cudagraph_skips'] - skips}; loop tokens equal "
+                    f"generate's: {same:.1%}")  # fmt: skip
+            times: dict = {}
+            for _ in range(args.rounds):
+                for label, model in models.items():
+                    for driver, fn in drivers(model, ids, kw, new):
+                        times.setdefault((label, driver), []).append(timed(fn))
+            for label, model in models.items():
+                for driver, fn in drivers(model, ids, kw, new):
+                    wall, busy, kernels, by_name = gpu_busy(fn)
+                    t = min(times[(label, driver)])
+                    rows[(label, batch, driver)] = t
+                    say(f"{label:<9} batch {batch:>2} {driver:<8} {batch * new / t:8.1f} tokens/s"
+                        f"  {t / new * 1e3:6.3f} ms/step | profiled: wall {wall / new * 1e3:6.3f}"
+                        f" ms/step, GPU busy {busy / new * 1e3:6.3f} ms/step"
+                        f" ({busy / wall:4.0%}), {kernels / new:5.0f} kernels/step")  # fmt: skip
+                    if driver == "loop":
+                        host, dev = host_and_device(model, ids, new)
+                        rows[(label, batch, "loop GPU")] = dev
+                        say(f"{'':<9} batch {batch:>2} loop: host {host * 1e3:6.3f} ms/step "
+                            f"issuing it, GPU {dev * 1e3:6.3f} ms/step back to back "
+                            f"(gaps included)")  # fmt: skip
+                        top = sorted(by_name.items(), key=lambda kv: -kv[1])[:TOP]
+                        for name, sec in top:
+                            say(f"{'':<12} {sec / new * 1e6:8.1f} us/step  {name[:110]}")
+        torch._dynamo.reset()
+    say("## int4-g64 / bf16 in tokens/s")
+    for (label, batch, driver), t in rows.items():
+        if label == "bf16":
+            continue
+        say(f"  batch {batch:>2} {driver:<8} {rows[('bf16', batch, driver)] / t:.2f}x")
+    REPORT.write("probe_decode_step", {str(k): v for k, v in rows.items()})
+
+
+if __name__ == "__main__":
+    main()
