@@ -15,6 +15,10 @@ own ``torch.compile(mode="reduce-overhead", fullgraph=True)`` of the decoding st
   run back to back once queued), and the kernels that take the GPU's time.
 
     OUT=DIR python3 benches/probe_decode_step.py [--batches 1,8] [--rounds 3] [--new 64]
+    OUT=DIR python3 benches/probe_decode_step.py --batches 1 --host-profile
+
+``--host-profile``: the loop's host time per step under ``torch.profiler`` (torch's regions) and
+cProfile (Python functions), per model, instead of the timings.
 
 Prints one line per model, batch and driver, and the int4 / bf16 ratios.
 """
@@ -42,7 +46,10 @@ PROMPT = 16
 TOP = 14  # kernels listed per model and batch
 
 
-def build_models():
+def build_models(kinds: list[str]) -> dict:
+    """The models named in ``kinds``: ``bf16``; ``int4-g64`` (affine, siblings joined: the
+    default of ``quantize_model``); ``int4-sym`` (symmetric: two parts a weight, no mins);
+    ``int4-apart`` (affine, siblings apart: no member's parts are views of a group's)."""
     import copy
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -52,10 +59,21 @@ def build_models():
         bf16 = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(torch.bfloat16).eval()
     bf16.generation_config.eos_token_id = None  # random weights: always the tokens asked for
     bf16.generation_config.pad_token_id = 0
-    int4 = copy.deepcopy(bf16)
-    qtt.quantize_model(int4, qt.Affine(bits=4, group_size=64, axis=-1))
+    encodings = {
+        "int4-g64": qt.Affine(bits=4, group_size=64, axis=-1),
+        "int4-sym": qt.Symmetric(bits=4, group_size=64, axis=-1),
+        "int4-apart": qt.Affine(bits=4, group_size=64, axis=-1),
+    }
+    models = {}
+    for kind in kinds:
+        if kind == "bf16":
+            models[kind] = bf16
+            continue
+        m = copy.deepcopy(bf16)
+        qtt.quantize_model(m, encodings[kind], fuse_siblings=kind != "int4-apart")
+        models[kind] = m
     torch.cuda.empty_cache()
-    return {"bf16": bf16, "int4-g64": int4}
+    return models
 
 
 def gpu_busy(fn) -> tuple[float, float, int, dict[str, float]]:
@@ -152,6 +170,40 @@ def loop_decode(model, ids: torch.Tensor, new: int) -> torch.Tensor:
     return loop_steps(loop_prefill(model, ids, new), new - 1)
 
 
+def host_profile(model, ids: torch.Tensor, new: int, top: int) -> None:
+    """Where the compiled step's host time goes: ``loop_steps`` under ``torch.profiler`` (CPU
+    events, torch's own regions: dynamo's guard checks are "TorchDynamo Cache Lookup") and under
+    cProfile (Python functions), each top ``top`` by own time per step."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = new - 1
+    state = loop_prefill(model, ids, new)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loop_steps(state, steps)
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    for e in events:
+        say(f"{'':<12} {e.self_cpu_time_total / steps:8.1f} us/step own, {e.count / steps:6.1f}"
+            f" calls/step  {e.key[:100]}")  # fmt: skip
+    state = loop_prefill(model, ids, new)
+    torch.cuda.synchronize()
+    prof2 = cProfile.Profile()
+    prof2.enable()
+    loop_steps(state, steps)
+    torch.cuda.synchronize()
+    prof2.disable()
+    st = pstats.Stats(prof2)
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]  # (cc, nc, tt, ct, callers)
+    for (file, line, name), (_cc, nc, tt, ct, _callers) in rows:
+        where = f"{os.path.basename(file)}:{line}:{name}"
+        say(f"{'':<12} own {tt / steps * 1e6:8.1f} cum {ct / steps * 1e6:8.1f} us/step, "
+            f"{nc / steps:6.1f} calls/step  {where[:90]}")  # fmt: skip
+
+
 def drivers(model, ids: torch.Tensor, kw: dict, new: int) -> list:
     """(name, call) of each way of decoding ``new`` tokens after ``ids``."""
     return [
@@ -173,6 +225,15 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument(
+        "--models", default="bf16,int4-g64", help="of bf16,int4-g64,int4-sym,int4-apart"
+    )
+    ap.add_argument("--top", type=int, default=22, help="rows of --host-profile's tables")
+    ap.add_argument(
+        "--host-profile",
+        action="store_true",
+        help="only the loop's host time per step, profiled (first batch)",
+    )
     args = ap.parse_args()
     import transformers
     from torch._dynamo.utils import counters
@@ -181,7 +242,7 @@ def main() -> None:
     say(f"# probe_decode_step on {torch.cuda.get_device_name()}; torch {torch.__version__}, "
         f"transformers {transformers.__version__}; 1.1B Llama shape, prompt {PROMPT}, {new} "
         f"tokens, greedy; best of {args.rounds} alternating calls")  # fmt: skip
-    models = build_models()
+    models = build_models(args.models.split(","))
     kw = generate_kwargs(new, True)
     rows: dict = {}
     for batch in (int(b) for b in args.batches.split(",")):
@@ -199,6 +260,13 @@ def main() -> None:
                 say(f"{label:<9} batch {batch}: cudagraph skips while compiling "
                     f"{counters['inductor']['cudagraph_skips'] - skips}; loop tokens equal "
                     f"generate's: {same:.1%}")  # fmt: skip
+                if args.host_profile:
+                    host, dev = host_and_device(model, ids, new)
+                    say(f"{label:<9} batch {batch} loop: host {host * 1e3:6.3f} ms/step, GPU "
+                        f"{dev * 1e3:6.3f} ms/step")  # fmt: skip
+                    host_profile(model, ids, new, args.top)
+            if args.host_profile:
+                break
             times: dict = {}
             for _ in range(args.rounds):
                 for label, model in models.items():
@@ -225,9 +293,9 @@ def main() -> None:
         torch._dynamo.reset()
     say("## int4-g64 / bf16 in tokens/s")
     for (label, batch, driver), t in rows.items():
-        if label == "bf16":
+        if label == "bf16" or ("bf16", batch, driver) not in rows:
             continue
-        say(f"  batch {batch:>2} {driver:<8} {rows[('bf16', batch, driver)] / t:.2f}x")
+        say(f"  {label} batch {batch:>2} {driver:<8} {rows[('bf16', batch, driver)] / t:.2f}x")
     REPORT.write("probe_decode_step", {str(k): v for k, v in rows.items()})
 
 
