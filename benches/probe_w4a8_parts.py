@@ -7,7 +7,11 @@ matmul alone (the pre-pass's launch skipped: it reads the activations the last c
 matmul with its K split 1, 2, 4 and 8 ways (the launcher picks one to fill the GPU); and the
 floor: an empty Triton kernel, one program, as one graph node.
 
-    OUT=DIR python3 benches/probe_w4a8_parts.py
+    OUT=DIR python3 benches/probe_w4a8_parts.py [--baseline OLD_mma_int8_gluon.py]
+
+``--baseline``: another version of ``kernels/mma_int8_gluon.py`` (e.g. ``git show
+main~1:python/qtensors/torch/kernels/mma_int8_gluon.py``), its routed op timed beside this one's
+(alternating copies of the graph) and its outputs checked bit-equal to this one's first.
 """
 
 from __future__ import annotations
@@ -61,8 +65,34 @@ class Skip:
         L.launch = self.orig
 
 
+def load_baseline(path: str):
+    """The module at ``path`` (a version of ``mma_int8_gluon.py``: it imports nothing of ours)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mma_int8_gluon_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class Kernels:
+    """``launch``'s Gluon kernels taken from ``module`` while inside."""
+
+    def __init__(self, module) -> None:
+        self.module, self.orig = module, L.mma_int8_gluon
+
+    def __enter__(self):
+        L.mma_int8_gluon = self.module
+
+    def __exit__(self, *exc):
+        L.mma_int8_gluon = self.orig
+
+
 def main() -> None:
     t0 = time.perf_counter()
+    baseline = None
+    if "--baseline" in sys.argv:
+        baseline = load_baseline(sys.argv[sys.argv.index("--baseline") + 1])
     say(f"# probe_w4a8_parts on {torch.cuda.get_device_name()}; int4-affine-g64, bf16 x, us per "
         "call in a CUDA graph")  # fmt: skip
     dummy = torch.zeros(1, device="cuda")
@@ -79,6 +109,14 @@ def main() -> None:
             x = case.x(M)
             cub = S.graph_us([lambda d=d, x=x: F.linear(x, d) for d in case.dense[:8]])
             routed = case.time(run, M)
+            if baseline is not None:
+                with Kernels(baseline):
+                    old = run(x, case.ws[0])
+                    t_old = case.time(run, M)
+                same = torch.equal(old, run(x, case.ws[0]))
+                routed = min(routed, case.time(run, M))  # alternate: the faster of two turns
+                say(f"{N:>5}x{K:<5} {M:>3} | baseline {t_old:7.1f}  this {routed:7.1f}  "
+                    f"x{t_old / routed:5.2f}  outputs bit-equal: {same}")  # fmt: skip
             for w in case.ws:  # every copy's plan and workspaces made before the captures
                 run(x, w)
             with Skip(True, False):
