@@ -10,9 +10,11 @@ own ``torch.compile(mode="reduce-overhead", fullgraph=True)`` of the decoding st
   time: what is left is host time the GPU waits through;
 * ``loop``: the same compiled step driven without ``generate``'s per-token work: the compiled
   forward called in a loop with the greedy token picked on the GPU and no host synchronisation per
-  token (as gpt-fast-style decoders run), its tokens checked equal to ``generate``'s; its host
-  time per step (issued while a spin kernel holds the GPU) and its GPU time per step (the steps
-  run back to back once queued), and the kernels that take the GPU's time.
+  token (as gpt-fast-style decoders run), its tokens checked equal to ``generate``'s; its GPU
+  time per step (the steps queued while a spin kernel holds the GPU, then run back to back), the
+  host's time to queue them (an upper bound of its own work: a launch may wait for room in the
+  queue; it varied 0.96-1.47 ms a step between runs of one int4 model), and the kernels that
+  take the GPU's time. The loop's wall per token includes its eager prefill's share.
 
     OUT=DIR python3 benches/probe_decode_step.py [--batches 1,8] [--rounds 3] [--new 64]
     OUT=DIR python3 benches/probe_decode_step.py --batches 1 --host-profile
@@ -107,9 +109,9 @@ def gpu_busy(fn) -> tuple[float, float, int, dict[str, float]]:
 
 def host_and_device(model, ids: torch.Tensor, new: int) -> tuple[float, float]:
     """(host s, device s) per decoding step of ``loop_steps`` after its prefill: the GPU held
-    busy by a spin kernel while the host issues the steps, so the host's time is its own, then
-    the steps run back to back on the GPU, timed by CUDA events from the spin's end (gaps between
-    kernels included)."""
+    busy by a spin kernel while the host issues the steps (the host's time, launches that wait
+    for queue room included), then the steps run back to back on the GPU, timed by CUDA events
+    from the spin's end (gaps between kernels included)."""
     state = loop_prefill(model, ids, new)
     steps = new - 1
     torch.cuda.synchronize()
