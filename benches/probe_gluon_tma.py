@@ -31,7 +31,6 @@ sys.path.insert(0, HERE)
 import bench_gpu_gemv_sweep as S  # noqa: E402
 import probe_mma_int8 as P  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from qtensors.torch.kernels import launch as L  # noqa: E402
 
@@ -125,7 +124,7 @@ def sweep(gbps: float) -> dict:
         case = S.Case("int4-affine-g64", N, K)
         for M in ROWS:
             x = case.x(M)
-            cub = S.graph_us([lambda d=d, x=x: F.linear(x, d) for d in case.dense[:8]])
+            cub = case.cublas_us(x, 8)
             reg = case.time(lambda x_, w: run(x_, w, 0), M)
             cells = []
             for bn, warps in TILES:
@@ -160,7 +159,7 @@ def encodings(best: dict) -> None:
             cfg, st = best[(N, K, 16)]
             case = S.Case(ename, N, K)
             x = case.x(16)
-            cub = S.graph_us([lambda d=d, x=x: F.linear(x, d) for d in case.dense[:8]])
+            cub = case.cublas_us(x, 8)
             reg = case.time(lambda x_, w: run(x_, w, 0), 16)
             us, why = timed(case, 16, st, cfg)
             say(f"{ename:<17} {N:>5}x{K:<5} | cublas {cub:7.1f} reg {reg:7.1f} tma {us:7.1f} "
@@ -180,7 +179,7 @@ def splits(gbps: float) -> None:
         case = S.Case("int4-affine-g64", N, K)
         for M in (16,):
             x = case.x(M)
-            cub = S.graph_us([lambda d=d, x=x: F.linear(x, d) for d in case.dense[:8]])
+            cub = case.cublas_us(x, 8)
             cells = []
             for split in (0, 2, 4, 8, 16):
                 us, why = timed(case, M, st, C(0, 64, 2, split, 2, 2))
