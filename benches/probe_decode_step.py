@@ -1,7 +1,8 @@
 """Where a compiled decode step's time goes (H200): the GPU's busy time against the host's.
 
-For the 1.1B Llama-shaped model of ``bench_gpu_generate.py`` (bf16 and int4-g64 with its sibling
-linears joined, random weights), greedy, with ``cache_implementation="static"`` and transformers'
+For the 1.1B Llama-shaped model of ``bench_gpu_generate.py`` (its ``build_model``, random
+weights; ``QT_BENCH_MODEL=8b``: Llama-3-8B's shape), bf16 and int4-g64 with its sibling linears
+joined, greedy, with ``cache_implementation="static"`` and transformers'
 own ``torch.compile(mode="reduce-overhead", fullgraph=True)`` of the decoding step:
 
 * ``generate``: tokens/s (best of ``--rounds`` alternating calls), whether inductor ran the step
@@ -32,7 +33,7 @@ import os
 import sys
 import time
 
-from _common import LLAMA_1B, Report, generate_kwargs
+from _common import Report, generate_kwargs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "python"))
@@ -54,13 +55,9 @@ def build_models(kinds: list[str]) -> dict:
     ``int4-apart`` (affine, siblings apart: no member's parts are views of a group's)."""
     import copy
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from bench_gpu_generate import build_model  # the bf16 model bench_gpu_generate times
 
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        bf16 = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(torch.bfloat16).eval()
-    bf16.generation_config.eos_token_id = None  # random weights: always the tokens asked for
-    bf16.generation_config.pad_token_id = 0
+    bf16 = build_model()
     encodings = {
         "int4-g64": qt.Affine(bits=4, group_size=64, axis=-1),
         "int4-sym": qt.Symmetric(bits=4, group_size=64, axis=-1),
@@ -241,14 +238,16 @@ def main() -> None:
     from torch._dynamo.utils import counters
 
     new = args.new
-    say(f"# probe_decode_step on {torch.cuda.get_device_name()}; torch {torch.__version__}, "
-        f"transformers {transformers.__version__}; 1.1B Llama shape, prompt {PROMPT}, {new} "
-        f"tokens, greedy; best of {args.rounds} alternating calls")  # fmt: skip
     models = build_models(args.models.split(","))
+    cfg = next(iter(models.values())).config  # bench_gpu_generate's (QT_BENCH_MODEL=8b: 8B's)
+    say(f"# probe_decode_step on {torch.cuda.get_device_name()}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}; Llama shape, {cfg.num_hidden_layers} layers, "
+        f"hidden {cfg.hidden_size}, prompt {PROMPT}, {new} tokens, greedy; best of "
+        f"{args.rounds} alternating calls")  # fmt: skip
     kw = generate_kwargs(new, True)
     rows: dict = {}
     for batch in (int(b) for b in args.batches.split(",")):
-        ids = torch.randint(1, 32000, (batch, PROMPT), device="cuda")
+        ids = torch.randint(1, cfg.vocab_size, (batch, PROMPT), device="cuda")
         ref = {}
         with torch.inference_mode():
             for label, model in models.items():
@@ -293,7 +292,7 @@ def main() -> None:
                         for name, sec in top:
                             say(f"{'':<12} {sec / new * 1e6:8.1f} us/step  {name[:110]}")
         torch._dynamo.reset()
-    say("## int4-g64 / bf16 in tokens/s")
+    say("## bf16's time / each model's (tokens/s ratios; 'loop GPU': GPU time per step)")
     for (label, batch, driver), t in rows.items():
         if label == "bf16" or ("bf16", batch, driver) not in rows:
             continue

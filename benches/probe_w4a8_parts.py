@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -45,23 +46,16 @@ def run(x, w, cfg=None):
     return L.mma_int8_linear(x, w.codes, w.scales, w.mins, None, w.N, w.K, name, g, cfg, True)
 
 
-class Skip:
+def skipping(keep_prepass: bool, keep_rest: bool):
     """``L.launch`` with the pre-pass (``quantize_kernel``) or everything else left out."""
+    orig = L.launch
 
-    def __init__(self, keep_prepass: bool, keep_rest: bool) -> None:
-        self.keep = (keep_prepass, keep_rest)
-        self.orig = L.launch
-
-    def __call__(self, kernel, *args, **kwargs):
-        if self.keep[0 if kernel is L.quantize_kernel else 1]:
-            return self.orig(kernel, *args, **kwargs)
+    def launch(kernel, *args, **kwargs):
+        if (keep_prepass, keep_rest)[0 if kernel is L.quantize_kernel else 1]:
+            return orig(kernel, *args, **kwargs)
         return None
 
-    def __enter__(self):
-        L.launch = self
-
-    def __exit__(self, *exc):
-        L.launch = self.orig
+    return mock.patch.object(L, "launch", launch)
 
 
 def load_baseline(path: str):
@@ -72,19 +66,6 @@ def load_baseline(path: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-class Kernels:
-    """``launch``'s Gluon kernels taken from ``module`` while inside."""
-
-    def __init__(self, module) -> None:
-        self.module, self.orig = module, L.mma_int8_gluon
-
-    def __enter__(self):
-        L.mma_int8_gluon = self.module
-
-    def __exit__(self, *exc):
-        L.mma_int8_gluon = self.orig
 
 
 def main() -> None:
@@ -109,7 +90,7 @@ def main() -> None:
             cub = case.cublas_us(x, 8)
             routed = case.time(run, M)
             if baseline is not None:
-                with Kernels(baseline):
+                with mock.patch.object(L, "mma_int8_gluon", baseline):
                     old = run(x, case.ws[0])
                     t_old = case.time(run, M)
                 same = torch.equal(old, run(x, case.ws[0]))
@@ -118,9 +99,9 @@ def main() -> None:
                     f"x{t_old / routed:5.2f}  outputs bit-equal: {same}")  # fmt: skip
             for w in case.ws:  # every copy's plan and workspaces made before the captures
                 run(x, w)
-            with Skip(True, False):
+            with skipping(True, False):
                 pre = case.time(run, M)
-            with Skip(False, True):
+            with skipping(False, True):
                 mm = case.time(run, M)
             splits = []
             for s in (1, 2, 4, 8):
