@@ -485,9 +485,7 @@ def _linear_cuda(p, x, codes, scales, mins, bias, shape, encoding, bits, group_s
     if path == "mma":
         out = L.mma_linear(x2, p.codes, p.scales, p.mins, bias, N, K, encoding, group_size)
     elif path == "gemm16":
-        out = L.gemm16_linear(
-            x2, p.codes, p.scales, p.mins, bias, N, K, encoding, bits, group_size
-        )
+        out = L.gemm16_linear(x2, p.codes, p.scales, p.mins, bias, N, K, encoding, bits, group_size)
     elif path == "tiled":
         out = L.tiled_linear(x2, p.words, p.scales, p.mins, bias, N, K, encoding, bits, group_size,
                              pairs=p.pairs)  # fmt: skip

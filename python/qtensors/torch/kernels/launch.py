@@ -363,10 +363,10 @@ def route(
 ) -> str:
     """Which path runs ``M`` rows against this weight: "mma" (``mma_linear``, fp16 / bf16
     activations: ``half``), "tiled" (``tiled_linear``; with ``int8``, ``INT8_ACTIVATIONS`` as
-    the caller read it, the int8 kernel's rows first), "gemv" (``fused_linear``) or "decode"
-    (decode, then cuBLAS) or "gemm16" (``gemm16_linear``). Shapes only, so cached (and so are the plans): after changing the
-    settings above, call ``route.cache_clear()``, ``_tiled_plan.cache_clear()`` and
-    ``_mma_plan.cache_clear()``."""
+    the caller read it, the int8 kernel's rows first), "gemm16" (``gemm16_linear``), "gemv"
+    (``fused_linear``) or "decode" (decode, then cuBLAS). Shapes only, so cached (and so are
+    the plans): after changing the settings above, call ``route.cache_clear()`` and the
+    ``cache_clear()`` of ``_tiled_plan``, ``_mma_plan`` and ``_gemm16_plan``."""
     shape = (N, K)
     # the int8 kernel beats mma.py at 1-4 rows on every probe shape (gpu_words_int8_probe_h200)
     if int8 and half and aligned and int8_shape(M, K, encoding, bits, g):
@@ -972,9 +972,7 @@ def _gemm16_plan(
     if not interp:
         # the decode's arithmetic: each operation rounded once (no FMA), so the tile's values
         # are the dequantize kernel's bit for bit
-        meta.update(
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False
-        )
+        meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
     return (n_tiles, split), split, k_split, meta, tuple(sorted(meta.items()))
 
 
