@@ -3,7 +3,9 @@ tensor-core dot) for many rows, against cuBLAS bf16 and the route it replaces (d
 past 64 rows, ``mma.py`` / the W4A8 kernels up to 64), per shape, row count and configuration.
 
     OUT=DIR python3 benches/probe_gemm16.py [--rows 16,64,256,...] [--shapes 8192x8192,...]
-        [--encodings int4-affine-g64,...] [--configs quick|all] [--dtype bf16|fp16]
+        [--encodings int4-affine-g64,...] [--configs quick|focus|all] [--dtype bf16|fp16]
+        [--swap]      # each configuration with the decoded weight as either operand
+        [--int8]      # also mma_int8.py (W4A8, tl.dot) at these rows
     python3 benches/probe_gemm16.py --smoke      # CPU, Triton interpreter: the script's own check
 
 Before any timing every configuration is checked against decode + ``F.linear`` in fp32
@@ -17,6 +19,7 @@ from which gemm16 beat the route it replaces on every shape.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -47,6 +50,8 @@ QUICK = [C(128, 128, 64, 0, 8, 3), C(64, 128, 64, 0, 4, 3), C(128, 64, 64, 0, 4,
          C(16, 128, 64, 0, 4, 3), C(64, 128, 128, 0, 4, 3), C(128, 128, 64, 1, 8, 3)]  # fmt: skip
 ALL = [*QUICK, C(64, 256, 64, 0, 8, 3), C(256, 64, 64, 0, 8, 3), C(128, 64, 128, 0, 4, 3),
        C(64, 64, 128, 0, 4, 3), C(32, 64, 64, 0, 4, 4), C(128, 128, 64, 0, 4, 3)]  # fmt: skip
+FOCUS = [C(128, 128, 64, 0, 8, 3), C(256, 128, 64, 0, 8, 3), C(128, 256, 64, 0, 8, 3),
+         C(128, 128, 128, 0, 8, 3), C(64, 128, 64, 0, 4, 3), C(128, 64, 64, 0, 4, 3)]  # fmt: skip
 SHAPES_1B = [(2048, 2048), (256, 2048), (32000, 2048)]
 
 
@@ -56,7 +61,20 @@ def _arg(flag: str, default: str) -> str:
 
 def label(c: L.Gemm16Config) -> str:
     split = f"s{c.split_k}" if c.split_k else ""
-    return f"{c.block_m}x{c.block_n}x{c.block_k} {c.num_warps}w{c.num_stages}{split}"
+    swap = " swap" if c.swap else ""
+    return f"{c.block_m}x{c.block_n}x{c.block_k} {c.num_warps}w{c.num_stages}{split}{swap}"
+
+
+def int8_mma(cfg):
+    """``mma_int8.py`` (W4A8, the ``tl.dot`` kernel) at these rows: activations rounded to int8
+    per group, so its error is that rounding's, not gemm16's."""
+
+    def run(x, w: S.Weight):
+        name, bits, g = w.enc
+        return L.mma_int8_linear(x, w.codes, w.scales, w.mins, None, w.N, w.K, name, g, cfg,
+                                 gluon=False)  # fmt: skip
+
+    return run
 
 
 def gemm16(cfg):
@@ -88,11 +106,19 @@ def main() -> None:
     if "--shapes" in sys.argv:
         shapes = [tuple(int(d) for d in s.split("x")) for s in _arg("--shapes", "").split(",")]
     encs = _arg("--encodings", "int4-affine-g64").split(",")
-    configs = ALL if _arg("--configs", "quick") == "all" else QUICK
+    configs = {"all": ALL, "focus": FOCUS}.get(_arg("--configs", "quick"), QUICK)
     if _arg("--dtype", "bf16") == "fp16":
         S.DT = torch.float16
+    if "--swap" in sys.argv:  # each configuration both ways
+        configs = [c for cfg in configs for c in (cfg, dataclasses.replace(cfg, swap=True))]
+    int8 = {}
+    if "--int8" in sys.argv:
+        for bm, warps in ((64, 4), (128, 8)):
+            c8 = L.MmaConfig(block_m=bm, block_n=128, groups=1, split_k=0, num_warps=warps)
+            int8[f"w4a8 {bm}x128 {warps}w"] = int8_mma(c8)
     if SMOKE:
         rows, shapes, configs = [3, 70], [(40, 128)], [C(16, 16, 32, 0, 4, 1), C(32, 32, 64, 2)]
+        configs.append(C(16, 16, 32, 0, 4, 1, swap=True))
     gpu = "cpu (smoke)" if SMOKE else torch.cuda.get_device_name()
     say(f"# gemm16 probe, {gpu}, torch {torch.__version__}, {S.DT}; us per call in a CUDA graph")
     say("# x: speedup over cuBLAS (its time / ours); old route: the op without gemm16")
@@ -106,6 +132,7 @@ def main() -> None:
                 ref = F.linear(x.float(), case.ref_w)
                 fns = {"decode+cuBLAS": decode_cublas, "old route": routed_without_gemm16}
                 fns["routed"] = S.routed
+                fns.update(int8)
                 fns.update({label(c): gemm16(c) for c in configs})
                 cfg_of = {label(c): c for c in configs}
                 ok = {}
@@ -115,7 +142,7 @@ def main() -> None:
                     except Exception as exc:  # a config the shape cannot take
                         say(f"  {ename} {N}x{K} M{M} {name}: {type(exc).__name__}: {exc}"[:200])
                         continue
-                    if err < S.TOL:
+                    if err < S.TOL or (name in int8 and err < 0.05):
                         ok[name] = fn
                     else:
                         say(f"  {ename} {N}x{K} M{M} {name}: WRONG, rel err {err:.3g}")

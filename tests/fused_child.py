@@ -362,7 +362,7 @@ def gemm16_cases():
             i += 1
             out.append((N, K, 3, ename, dt, bias, L.Gemm16Config(16, 16, 16, 1, 4, 1)))
             out.append((N, K, 33, ename, dt, not bias, L.Gemm16Config(16, 32, 32, 3, 4, 1)))
-            out.append((N, K, 17, ename, dt, bias, L.Gemm16Config(32, 16, 64, 0, 4, 1)))
+            out.append((N, K, 17, ename, dt, bias, L.Gemm16Config(32, 16, 64, 0, 4, 1, True)))
             half = torch.bfloat16 if i % 2 else torch.float16
             out.append((N, K, 70, ename, half, bias, None))
     return out

@@ -64,6 +64,7 @@ def gemm16_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     EVEN: tl.constexpr,
+    SWAP: tl.constexpr = True,
 ):
     pid, pid_k, pid_m, pid_n = program_tile(M, BLOCK_M)
     # a step's columns as group slots: NG slots of GB columns (GB = the group, or the step
@@ -76,7 +77,10 @@ def gemm16_kernel(
     rmask = rows < N
     kk = tl.arange(0, BLOCK_K)
     slot = tl.arange(0, NG) * GB
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = pid_k * k_split
     k_hi = tl.minimum(K, k_lo + k_split)
     for k_step in range(k_lo, k_hi, BLOCK_K):
@@ -113,19 +117,37 @@ def gemm16_kernel(
             m = tl.load(mins_ptr + sidx, mask=smask, other=0.0).to(tl.float32)[:, :, None]
         else:
             m = s
-        v = _values(code, s, m, levels_ptr, ENC, BITS, ASM).reshape(BLOCK_N, BLOCK_K)
+        if ASM and ENC <= 1:
+            # the code as fp32 from its bits (2^23 + c, less 2^23: exact), not a conversion
+            # (I2F issues at a quarter of the FP32 rate on sm_90)
+            cf = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            if ENC == 0:
+                v = cf * s + m
+            else:
+                v = (cf - (1 << (BITS - 1))) * s
+            v = v.reshape(BLOCK_N, BLOCK_K)
+        else:
+            v = _values(code, s, m, levels_ptr, ENC, BITS, ASM).reshape(BLOCK_N, BLOCK_K)
         w = _to_out(v, x_ptr, BF16_BITS)  # the decode's rounding to the activations' dtype
         x = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + (k0 + kk)[None, :],
             mask=mmask[:, None] & kin,
             other=0.0,
         )
-        if IEEE:  # fp32 activations, and the interpreter (whose tl.dot misreads bf16)
+        if IEEE and SWAP:  # fp32 activations, and the interpreter (whose tl.dot misreads bf16)
             acc += tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
-        else:
+        elif IEEE:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        elif SWAP:
             acc = tl.dot(w, tl.trans(x), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    if SWAP:
+        res = tl.trans(acc)
+    else:
+        res = acc
     store_result(
-        tl.trans(acc),
+        res,
         offs_m,
         rows,
         M,

@@ -157,9 +157,10 @@ class TiledConfig:
 
 @dataclass(frozen=True)
 class Gemm16Config:
-    """``gemm16.py``: rows of ``x`` per program (the dot's N dim), output features per program
-    (its M dim: 64 a warpgroup of 4 warps), columns per K step, K-slices (0: as many as fill the
-    GPU), warps, software-pipelining stages."""
+    """``gemm16.py``: rows of ``x`` per program, output features per program, columns per K
+    step, K-slices (0: as many as fill the GPU), warps, software-pipelining stages, and which
+    operand the decoded weight is (``swap``: the left one, kept in registers; else the right
+    one, which the tensor cores read from shared memory)."""
 
     block_m: int = 128
     block_n: int = 128
@@ -167,6 +168,7 @@ class Gemm16Config:
     split_k: int = 0
     num_warps: int = 8
     num_stages: int = 3
+    swap: bool = False
 
 
 @dataclass(frozen=True)
@@ -968,6 +970,7 @@ def _gemm16_plan(
         BLOCK_K=cfg.block_k,
         SPLIT_K=split,
         EVEN=K % cfg.block_k == 0,  # whole steps: every step of a K-slice is in range or out
+        SWAP=cfg.swap,
     )
     if not interp:
         # the decode's arithmetic: each operation rounded once (no FMA), so the tile's values
