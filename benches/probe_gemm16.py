@@ -70,7 +70,7 @@ def int8_mma(cfg):
     per group, so its error is that rounding's, not gemm16's."""
 
     def run(x, w: S.Weight):
-        name, bits, g = w.enc
+        name, _, g = w.enc
         return L.mma_int8_linear(x, w.codes, w.scales, w.mins, None, w.N, w.K, name, g, cfg,
                                  gluon=False)  # fmt: skip
 
