@@ -3,8 +3,9 @@ of ``bench_gpu_prefill.py`` at one prompt length.
 
     OUT=DIR python3 benches/probe_prefill_host.py [--prompt 512]
 
-Models: bf16; int4 with its many-row linears in ``gemm16.py``; the same through decode +
-cuBLAS. Per model: the forward's wall time (CUDA events, best of 3), its GPU kernel time (the
+Models: bf16; int4 (decode + cuBLAS past 64 rows, the decode launches kept); the same through
+the full path each call (``linear.REPLAYS = False``). Per model: the forward's wall time (CUDA
+events, best of 3), its GPU kernel time (the
 union of kernel intervals in a ``torch.profiler`` trace) and the host time of one forward
 under cProfile (the top functions by own time), so a host-bound forward shows where its host
 time goes.
@@ -29,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import qtensors as qt  # noqa: E402
 import qtensors.torch as qtt  # noqa: E402
-from qtensors.torch.kernels import launch as L  # noqa: E402
+from qtensors.torch import linear as lin  # noqa: E402
 
 REPORT = Report()
 say = REPORT.say
@@ -59,9 +60,8 @@ def main() -> None:
     ids = torch.randint(1, bf16.config.vocab_size, (1, P), device=G.DEV)
     say(f"# prefill host probe, 1.1B, P={P}, {torch.cuda.get_device_name()}")
     with torch.inference_mode():
-        for label, m in (("bf16", bf16), ("int4 gemm16", q), ("int4 decode+cuBLAS", q)):
-            L.GEMM16_MIN_M = None if "decode" in label else L.MMA_MAX_M + 1
-            L.route.cache_clear()
+        for label, m in (("bf16", bf16), ("int4", q), ("int4 full path", q)):
+            lin.REPLAYS = label != "int4 full path"
             for _ in range(3):
                 m(ids)
             torch.cuda.synchronize()

@@ -81,19 +81,6 @@ INT8_MMA_ENCODINGS = {
     "symmetric4-g64": Symmetric(bits=4, group_size=64, axis=-1),
     "symfull4-g64": Symmetric(bits=4, group_size=64, axis=-1, levels="full"),
 }
-# ``gemm16.py``'s (4-bit codes of every encoding, 8-bit affine / symmetric, groups along the
-# input dim)
-GEMM16_ENCODINGS = {
-    "affine4-g32": Affine(bits=4, group_size=32, axis=-1),
-    "affine4-g128": Affine(bits=4, group_size=128, axis=-1),
-    "symmetric4-g64": Symmetric(bits=4, group_size=64, axis=-1),
-    "symfull4-g32": Symmetric(bits=4, group_size=32, axis=-1, levels="full"),
-    "symmetric8-g16": Symmetric(bits=8, group_size=16, axis=-1),
-    "affine8-g32": Affine(bits=8, group_size=32, axis=-1),
-    "nf4-g32": NF4(group_size=32, axis=-1),
-    "mxfp4": MXFP4(),
-    "nvfp4": NVFP4(),
-}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # weights only some checks build (no group iterates over them)
 EXTRA_ENCODINGS = {
@@ -109,7 +96,6 @@ def weight(N: int, K: int, enc_name: str, seed: int):
         **TILED_ENCODINGS,
         **MMA_ENCODINGS,
         **INT8_MMA_ENCODINGS,
-        **GEMM16_ENCODINGS,
         **EXTRA_ENCODINGS,
     }
     q = Q.quantize(w, encs[enc_name], framework="pt")
@@ -237,8 +223,6 @@ def cases(group: str):
         out = mma_cases()
     if group == "mma-int8":
         out = mma_int8_cases()
-    if group == "gemm16":
-        out = gemm16_cases()
     return [
         (f"{group} {e} N{N} K{K} M{M} {dt} bias={b} {c}", N, K, M, e, dt, b, c)
         for (
@@ -348,40 +332,6 @@ def mma_int8_cases():
     return out
 
 
-def gemm16_cases():
-    """``gemm16.py``: odd N (part of a feature tile), K a ragged last step or whole ones,
-    groups smaller than a step (several a step) and larger (one over several steps), rows below
-    and above a row tile, split K (3 slices, one of them short), fp32 / fp16 / bf16, bias;
-    None: through the op's CUDA entry point at 65+ rows (fp16 / bf16: routed there)."""
-    out = []
-    i = 0
-    for ename in GEMM16_ENCODINGS:
-        for N, K in [(37, 200), (16, 64), (24, 136), (40, 256)]:
-            dt = DTYPES[i % 3]
-            bias = i % 2 == 0
-            i += 1
-            out.append((N, K, 3, ename, dt, bias, L.Gemm16Config(16, 16, 16, 1, 4, 1)))
-            out.append((N, K, 33, ename, dt, not bias, L.Gemm16Config(16, 32, 32, 3, 4, 1)))
-            out.append((N, K, 17, ename, dt, bias, L.Gemm16Config(32, 16, 64, 0, 4, 1, True)))
-            half = torch.bfloat16 if i % 2 else torch.float16
-            out.append((N, K, 70, ename, half, bias, None))
-    return out
-
-
-def check_gemm16(label, got, x, dense, bias, failures):
-    """The weight rounded to x's dtype as the decode rounds it: the product differs from decode
-    + matmul only in the order of its fp32 sums and the output's rounding."""
-    w = dense.to(x.dtype).float()
-    ref = F.linear(x.float(), w, None if bias is None else bias.float())
-    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[x.dtype]
-    if got.shape != ref.shape or got.dtype != x.dtype:
-        failures.append(f"{label}: got {tuple(got.shape)} {got.dtype}")
-        return
-    err = (got.float() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
-    if not err <= tol:
-        failures.append(f"{label}: error {err:.3g} > {tol:.3g}")
-
-
 def run_case(label, N, K, M, ename, dt, has_bias, cfg, failures):
     args, dense = weight(N, K, ename, seed=N * 1000 + K)
     g = torch.Generator().manual_seed(M)
@@ -395,20 +345,6 @@ def run_case(label, N, K, M, ename, dt, has_bias, cfg, failures):
             check_int8(label, got, x, args, dense, bias, failures, unit=args["group_size"])
         else:
             check(label, got, x, dense, bias, failures)
-        return
-    if label.startswith("gemm16"):
-        if cfg is None:
-            L.route.cache_clear()
-            path = L.route(M, N, K, args["encoding"], args["bits"], args["group_size"], 1, False,
-                           True)  # fmt: skip
-            if path != "gemm16":
-                failures.append(f"{label}: routed to {path}")
-            got = lin.linear_cuda(x.reshape(1, M, K), bias=bias, shape=[N, K], **args)[0]
-        else:
-            c, s, m = (args[k] for k in ("codes", "scales", "mins"))
-            e, b, gs = args["encoding"], args["bits"], args["group_size"]
-            got = L.gemm16_linear(x, c, s, m, bias, N, K, e, b, gs, config=cfg)
-        check_gemm16(label, got, x, dense, bias, failures)
         return
     if isinstance(cfg, L.MmaConfig):
         c, s, m = (args[k] for k in ("codes", "scales", "mins"))

@@ -259,3 +259,76 @@ def test_direct_launch_matches_the_launchers_own_call(fast):
     launcher(4, 2, 1, 77, "fn", "meta", None, None, None, x_new, w, got, 2, 5, 8, 16)
     (own,) = launcher.calls
     assert direct == own
+
+
+def test_refill_launches_into_a_fresh_output(fast):
+    """``fastlaunch.Refill``: the recorded launch again, a new output of the recorded shape and
+    dtype at the output's positions, every other argument as recorded."""
+    k = Launcher()
+    codes, scales = torch.zeros(40, dtype=torch.uint8), torch.ones(4)
+    out = torch.empty(8, 10, dtype=torch.bfloat16)
+    args = (codes, scales, out, 8, 10)
+    rf = fastlaunch.Refill(((k.run, "fn", "meta", (64,)), (3, 1, 1), args, 0), out)
+    got = rf()
+    assert got.shape == (8, 10) and got.dtype == torch.bfloat16
+    assert got.data_ptr() != out.data_ptr()
+    (call,) = k.calls
+    assert call[:7] == (3, 1, 1, 77, "fn", "meta", None)
+    passed = call[9:]
+    assert passed[0] is codes and passed[1] is scales and passed[2] is got
+    assert passed[3:] == (8, 10, 64)
+    with pytest.raises(ValueError, match="did not write"):  # the launch wrote another tensor
+        fastlaunch.Refill(((k.run, "fn", "meta", ()), (1, 1, 1), (codes, out.clone()), 0), out)
+
+
+def test_decode_route_keeps_its_decode_launch(fast, monkeypatch):
+    """Decode + F.linear (rows past the fused kernels, a prefill): the first decode of a weight
+    in a dtype compiles, the second notes its launch, later ones launch it into a fresh weight
+    whatever the number of rows; results equal ``x @ W^T`` each time. A CUDA graph capture, a
+    profiler's hooks or another dtype take the full path."""
+    monkeypatch.setattr(fastlaunch, "_LAUNCHERS", {})
+    torch.manual_seed(0)
+    W = torch.randn(16, 64).to(torch.bfloat16)
+
+    class Writer(Launcher):  # a decode kernel: writes the weight into its output argument
+        def run(self, *a):
+            super().run(*a)
+            out = next(t for t in a[9:] if isinstance(t, torch.Tensor) and t.shape == W.shape)
+            out.copy_(W.to(out.dtype))
+
+    launcher = Writer()
+    kernel = FakeKernel(launcher)
+    full = []
+
+    def fake_dequantize(codes, scales, mins, shape, *rest):
+        full.append(rest[-1])
+        out = torch.empty(shape, dtype=rest[-1])
+        jit = kernel.jit
+        fastlaunch.launch(kernel, (4,), (codes, scales, out, 16), {"BLOCK": 8}, (8,), 0)
+        if kernel.jit > jit:  # Triton's own path ran it: write as the kernel would
+            out.copy_(W.to(out.dtype))
+        return out
+
+    monkeypatch.setattr(lin, "dequantize", fake_dequantize)
+    monkeypatch.setattr(L, "route", lambda *a: "decode")
+    codes = torch.zeros(16 * 64 // 2, dtype=torch.uint8)
+    weight = (codes, torch.ones(16, dtype=torch.float16), torch.zeros(16, dtype=torch.float16))
+
+    def call(x):
+        got = lin.linear_cuda(x, *weight, None, [16, 64], "affine", 4, 64, 1)
+        ref = (x.float() @ W.float().T).to(x.dtype)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+    for rows in (100, 300, 77, 512):  # prompt lengths past the replays' 64 rows
+        call(torch.randn(rows, 64, dtype=torch.bfloat16))
+    assert len(full) == 2 and kernel.jit == 1  # compile, note; then two refills
+    assert len(launcher.calls) == 3
+    call(torch.randn(70, 64, dtype=torch.float16))
+    assert full[-1] == torch.float16 and len(full) == 3  # another dtype: its own
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    call(torch.randn(90, 64, dtype=torch.bfloat16))
+    assert len(full) == 4  # inside a graph capture: the full path
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(fastlaunch, "_no_hooks", lambda: False)  # a profiler
+    call(torch.randn(90, 64, dtype=torch.bfloat16))
+    assert len(full) == 5

@@ -4,7 +4,7 @@
 The interpreter is chosen when Triton's ``jit`` decorates a kernel, so the kernels run in child
 processes (``fused_child.py``) that set the variable before importing them. Every path: the
 CUDA-core GEMV, its split-K reduction, the ``tl.dot`` GEMM (with and without split-K), the
-tensor-core kernels of ``mma.py`` and ``gemm16.py``, and the
+tensor-core kernel of ``mma.py``, and the
 configurations picked from the shape; every encoding the kernels take (affine / symmetric 4 and
 8 bits, NF4, groups along either dim), odd shapes, batch 1/3/16/33, fp16/bf16/fp32 activations,
 with and without bias.
@@ -46,7 +46,6 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
         "tiled-dispatch",
         "mma",
         "mma-int8",
-        "gemm16",
     ],
 )
 def test_fused_kernels_match_decode_then_matmul(group):
@@ -171,17 +170,7 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
     assert half(3) == half(16) == half(32) == half(16, "symmetric") == "mma"
     assert half(1) == half(2) == half(2, "symmetric") == "tiled"  # the words kernel
     assert half(33) == "decode"  # 33-64 rows: only wide weights
-    assert half(64, N=8192, K=4096) == "mma" and half(65, N=8192, K=4096) == "gemm16"
-    # from GEMM16_MIN_M rows: gemm16.py for every encoding it knows, groups along the input dim
-    assert half(65) == half(300, "nf4") == half(65, "nvfp4", 16) == "gemm16"
-    assert half(65, g=8) == "decode"  # groups smaller than its 16
-    L.route.cache_clear()
-    assert L.route(65, 64, 128, "affine", 4, 64, 0, True, True) == "decode"  # groups along N
-    assert L.route(65, 64, 128, "affine", 3, 64, 1, True, True) == "decode"  # 3-bit codes
-    assert route(65) == "decode"  # fp32 activations: exact decode + matmul
-    monkeypatch.setattr(L, "GEMM16_MIN_M", None)
-    assert half(65, N=8192, K=4096) == "decode"
-    monkeypatch.setattr(L, "GEMM16_MIN_M", 65)
+    assert half(64, N=8192, K=4096) == "mma" and half(65, N=8192, K=4096) == "decode"
     assert half(3, "mxfp4", 32) != "mma" and half(4, "mxfp4", 32) == "mma"
     assert half(16, "nvfp4", 16) != "mma" and half(16, "nf4") != "mma"
     assert route(16) == "tiled"  # fp32 activations never take it

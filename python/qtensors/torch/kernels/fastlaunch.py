@@ -161,6 +161,30 @@ def direct_launch(run: Any) -> tuple | None:
         return None
 
 
+def _prepared(noted: tuple | list, x: torch.Tensor | None, out: torch.Tensor) -> tuple[list, int]:
+    """The noted launches as ``(call, grid, head, kept arguments, x's positions, out's
+    positions)``, ``x`` and ``out`` cut out of the kept arguments (no reference to the first
+    call's tensors), each launch through Triton's C ``launch`` where ``direct_launch`` allows;
+    and their device."""
+    chain = [noted] if isinstance(noted, tuple) else list(noted)
+    launches, device = [], -1
+    for (run, function, packed, tail), grid, args, dev in chain:
+        device = dev
+        x_at = () if x is None else tuple(i for i, a in enumerate(args) if _same_memory(a, x))
+        out_at = tuple(i for i, a in enumerate(args) if _same_memory(a, out))
+        kept = list(args)
+        for i in x_at + out_at:
+            kept[i] = None
+        kept.extend(tail)
+        direct = direct_launch(run)
+        if direct is not None:  # launch(grid, stream, function, coop, pdl, scratch x 2, ...)
+            call, head = direct[0], (function, direct[1], direct[2], None, None, packed)
+        else:  # run(grid, stream, function, packed, the launch hooks' metadata, ...)
+            call, head = run, (function, packed)
+        launches.append((call, grid, head, kept, x_at, out_at))
+    return launches, device
+
+
 class Replay:
     """The noted launches of a call ``x -> out`` (one, or a short chain such as the int8
     tensor-core path's pre-pass and matmul), repeated in order with new activations and a fresh
@@ -173,23 +197,8 @@ class Replay:
     __slots__ = ("bias", "device", "launches", "shape")
 
     def __init__(self, noted: tuple | list, x: torch.Tensor, out: torch.Tensor, bias) -> None:
-        chain = [noted] if isinstance(noted, tuple) else list(noted)
-        self.launches = []
-        for (run, function, packed, tail), grid, args, device in chain:
-            x_at = tuple(i for i, a in enumerate(args) if _same_memory(a, x))
-            out_at = tuple(i for i, a in enumerate(args) if _same_memory(a, out))
-            kept = list(args)
-            for i in x_at + out_at:
-                kept[i] = None  # no reference kept to the first call's tensors
-            kept.extend(tail)
-            direct = direct_launch(run)
-            if direct is not None:  # launch(grid, stream, function, coop, pdl, scratch x 2, ...)
-                call, head = direct[0], (function, direct[1], direct[2], None, None, packed)
-            else:  # run(grid, stream, function, packed, the launch hooks' metadata, ...)
-                call, head = run, (function, packed)
-            self.launches.append((call, grid, head, kept, x_at, out_at))
-            self.device = device
-        if not chain or not self.launches[0][4] or not self.launches[-1][5]:
+        self.launches, self.device = _prepared(noted, x, out)
+        if not self.launches or not self.launches[0][4] or not self.launches[-1][5]:
             raise ValueError("the noted launches do not take this call's x and output")
         if out.dtype != x.dtype:  # the fused paths write x's dtype: a replay allocates as x
             raise ValueError(f"a replay's output has x's dtype, not {out.dtype} for {x.dtype}")
@@ -210,4 +219,33 @@ class Replay:
             for i in out_at:
                 args[i] = out
             call(g0, g1, g2, stream, *head, None, None, None, *args)
+        return out
+
+
+class Refill:
+    """The noted launch of a call that writes a fresh output from fixed inputs (a weight's
+    decode for decode + cuBLAS), repeated into a new output of the recorded shape and dtype:
+    every other argument as recorded. Raises ValueError unless the launch wrote ``out``'s
+    memory (as a 2-D view)."""
+
+    __slots__ = ("device", "dtype", "launches", "shape", "where")
+
+    def __init__(self, noted: tuple | list, out: torch.Tensor) -> None:
+        self.launches, self.device = _prepared(noted, None, out)
+        if len(self.launches) != 1 or not self.launches[0][5]:
+            raise ValueError("the noted launch did not write this output")
+        self.shape, self.dtype, self.where = tuple(out.shape), out.dtype, out.device
+
+    def __call__(self) -> torch.Tensor | None:
+        """The output, or None where the fresh one is not 16-byte aligned (the caller takes the
+        full path)."""
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.where)
+        if out.data_ptr() % 16:
+            return None
+        call, (g0, g1, g2), head, kept, _, out_at = self.launches[0]
+        args = kept.copy()
+        for i in out_at:
+            args[i] = out
+        call(g0, g1, g2, torch._C._cuda_getCurrentRawStream(self.device), *head, None, None,
+             None, *args)  # fmt: skip
         return out

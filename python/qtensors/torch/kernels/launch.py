@@ -28,7 +28,6 @@ from .dequant import _levels
 from .epilogue import ENC_IDS
 from .fastlaunch import launch
 from .gemm import gemm_kernel
-from .gemm16 import GEMM16_ENC, gemm16_kernel
 from .gemv import gemv_kernel
 from .kept import kept_empty
 from .mma import MMA_ENC, NVFP4_CHUNK, mma_kernel
@@ -86,10 +85,6 @@ INT8_ACTIVATIONS = os.environ.get("QTENSORS_INT8_ACTIVATIONS", "1") != "0"
 #: ``INT8_MMA_GLUON_MAX_M`` rows the same product runs in ``mma_int8_gluon.py`` (faster; below).
 INT8_MMA_ROWS: tuple[int, int] | None = (5, 64)
 INT8_MMA_MIN_ELEMENTS = 1 << 25
-#: fp16 / bf16 activations of at least this many rows go to ``gemm16.py`` (the weight decoded
-#: tile by tile into 16 bits in registers, one tensor-core dot) where it takes the weight, instead
-#: of decode + cuBLAS; None: never. See ``GEMM16_DEFAULT`` for what was measured.
-GEMM16_MIN_M: int | None = MMA_MAX_M + 1
 #: split-K counters per device: tiles of one launch that may split K
 LOCK_SLOTS = 1 << 15
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -153,22 +148,6 @@ class TiledConfig:
     l2_ahead: int = 0
     pipeline: int = 0
     stream: bool = False
-
-
-@dataclass(frozen=True)
-class Gemm16Config:
-    """``gemm16.py``: rows of ``x`` per program, output features per program, columns per K
-    step, K-slices (0: as many as fill the GPU), warps, software-pipelining stages, and which
-    operand the decoded weight is (``swap``: the left one, kept in registers; else the right
-    one, which the tensor cores read from shared memory)."""
-
-    block_m: int = 128
-    block_n: int = 128
-    block_k: int = 64
-    split_k: int = 0
-    num_warps: int = 8
-    num_stages: int = 3
-    swap: bool = False
 
 
 @dataclass(frozen=True)
@@ -365,18 +344,15 @@ def route(
 ) -> str:
     """Which path runs ``M`` rows against this weight: "mma" (``mma_linear``, fp16 / bf16
     activations: ``half``), "tiled" (``tiled_linear``; with ``int8``, ``INT8_ACTIVATIONS`` as
-    the caller read it, the int8 kernel's rows first), "gemm16" (``gemm16_linear``), "gemv"
-    (``fused_linear``) or "decode" (decode, then cuBLAS). Shapes only, so cached (and so are
-    the plans): after changing the settings above, call ``route.cache_clear()`` and the
-    ``cache_clear()`` of ``_tiled_plan``, ``_mma_plan`` and ``_gemm16_plan``."""
+    the caller read it, the int8 kernel's rows first), "gemv" (``fused_linear``) or "decode"
+    (decode, then cuBLAS). Shapes only, so cached (and so are the plans): after changing the
+    settings above, call ``route.cache_clear()``, ``_tiled_plan.cache_clear()`` and
+    ``_mma_plan.cache_clear()``."""
     shape = (N, K)
     # the int8 kernel beats mma.py at 1-4 rows on every probe shape (gpu_words_int8_probe_h200)
     if int8 and half and aligned and int8_shape(M, K, encoding, bits, g):
         if tiled_supported(shape, encoding, bits, g, axis):
             return "tiled"
-    if half and GEMM16_MIN_M is not None and M >= GEMM16_MIN_M:
-        if gemm16_supported(shape, encoding, bits, g, axis):
-            return "gemm16"
     lo = MMA_ROUTED.get(encoding)
     wide_enough = M <= MMA_WIDE_M or N * K >= MMA_WIDE_MIN_ELEMENTS
     if half and lo is not None and lo <= M <= MMA_MAX_M and wide_enough:
@@ -426,18 +402,6 @@ def mma_supported(shape, encoding: str, bits: int, group_size: int, axis: int) -
         return False
     g = group_size
     return axis in (1, -1) and g & (g - 1) == 0 and g >= 16 and int(shape[1]) % 2 == 0
-
-
-def gemm16_supported(shape, encoding: str, bits: int, group_size: int, axis: int) -> bool:
-    """Whether ``gemm16.py`` takes this weight: 4-bit codes of any encoding it knows, 8-bit
-    affine / symmetric, groups along the input dim (a power of two of at least 16), rows of
-    whole bytes."""
-    if len(shape) != 2 or encoding not in GEMM16_ENC or bits not in (4, 8):
-        return False
-    if bits == 8 and encoding not in ("affine", "symmetric"):
-        return False
-    g = group_size
-    return axis in (1, -1) and g & (g - 1) == 0 and g >= 16 and int(shape[1]) * bits % 8 == 0
 
 
 def tiled_supported(shape, encoding: str, bits: int, group_size: int, axis: int) -> bool:
@@ -914,113 +878,6 @@ def mma_linear(
     row = (K // 2, -(-K // group_size))  # bytes per row, groups per row
     return _finish(mma_kernel, grid, split, k_split, meta, meta_key, cuda_index, locks, x2, out,
                    weight, bias, K, row)  # fmt: skip
-
-
-#: ``gemm16_kernel``'s configuration where ``GEMM16_TABLE`` has none
-GEMM16_DEFAULT = Gemm16Config()
-#: per (batch bucket, N, K), as ``MMA_TABLE``: where ``benches/probe_gemm16.py`` found a config
-#: faster than the default
-GEMM16_TABLE: dict[tuple[int, int, int], Gemm16Config] = {}
-
-
-def gemm16_config(M: int, N: int, K: int) -> Gemm16Config:
-    """The launch configuration of ``gemm16_kernel`` for ``M`` rows (the table, else the
-    default)."""
-    bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
-    return GEMM16_TABLE.get((bucket, N, K)) or GEMM16_DEFAULT
-
-
-@functools.lru_cache(maxsize=4096)
-def _gemm16_plan(
-    M: int,
-    N: int,
-    K: int,
-    encoding: str,
-    bits: int,
-    g: int,
-    x_dtype: torch.dtype,
-    has_bias: bool,
-    cuda_index: int,
-    config: Gemm16Config | None,
-    allow_split: bool,
-):
-    """(grid, split, k_split, constexprs and options, their hashable key) of one gemm16 launch."""
-    cfg = config or gemm16_config(M, N, K)
-    if cfg.block_m < 16 or cfg.block_n < 16 or cfg.block_k < 16:
-        raise ValueError(f"the gemm16 kernel needs tiles of at least 16, not {cfg}")
-    if any(b & (b - 1) for b in (cfg.block_m, cfg.block_n, cfg.block_k)):
-        raise ValueError(f"the gemm16 kernel's tiles are powers of two, not {cfg}")
-    n_tiles = -(-N // cfg.block_n) * -(-M // cfg.block_m)
-    split, k_split = _k_slices(
-        cfg.split_k, n_tiles, M, N, K, cfg.block_k, cuda_index, 1, allow_split
-    )
-    interp = cuda_index < 0
-    meta: dict = dict(
-        ENC=GEMM16_ENC[encoding],
-        SFMT=SCALE_FORMATS.get(encoding, 0),
-        BITS=bits,
-        GS=g,
-        HAS_BIAS=has_bias,
-        # fp32 activations: exact fp32 products; the interpreter's tl.dot misreads bf16
-        IEEE=x_dtype == torch.float32 or (interp and x_dtype == torch.bfloat16),
-        ASM=not interp,
-        BF16_BITS=interp and x_dtype == torch.bfloat16,  # the interpreter truncates bf16
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        SPLIT_K=split,
-        EVEN=K % cfg.block_k == 0,  # whole steps: every step of a K-slice is in range or out
-        SWAP=cfg.swap,
-    )
-    if not interp:
-        # the decode's arithmetic: each operation rounded once (no FMA), so the tile's values
-        # are the dequantize kernel's bit for bit
-        meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
-    return (n_tiles, split), split, k_split, meta, tuple(sorted(meta.items()))
-
-
-def gemm16_linear(
-    x2: torch.Tensor,
-    codes: torch.Tensor,
-    scales: torch.Tensor,
-    mins: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    N: int,
-    K: int,
-    encoding: str,
-    bits: int,
-    group_size: int,
-    config: Gemm16Config | None = None,
-) -> torch.Tensor:
-    """``x2 @ W^T + bias`` with ``gemm16.py`` for a weight ``gemm16_supported()`` takes
-    (arguments as ``tiled_linear``; ``codes`` the packed bytes): decode + cuBLAS's product,
-    the weight decoded tile by tile in registers."""
-    M = x2.shape[0]
-    out, done, cuda_index, locks = _begin(x2, N, K, bias)
-    if done:
-        return out
-    grid, split, k_split, meta, meta_key = _gemm16_plan(
-        M,
-        N,
-        K,
-        encoding,
-        bits,
-        group_size,
-        x2.dtype,
-        bias is not None,
-        cuda_index,
-        config,
-        locks is not None,
-    )
-    if codes.dtype != torch.uint8:
-        codes = codes.view(torch.uint8)
-    if scales.dtype == torch.float8_e4m3fn:
-        scales = scales.view(torch.uint8)
-    levels = _levels(x2.device) if encoding == "nf4" else scales
-    weight = (codes, scales, scales if mins is None else mins, levels)
-    row = (K * bits // 8, -(-K // group_size))  # bytes per row, groups per row
-    return _finish(gemm16_kernel, grid, split, k_split, meta, meta_key, cuda_index, locks, x2,
-                   out, weight, bias, K, row)  # fmt: skip
 
 
 #: ``mma_int8_kernel``'s configuration where ``MMA_INT8_TABLE`` has none: 128 features and 2
