@@ -40,7 +40,8 @@ say = REPORT.say
 C = L.Gemm16Config
 #: (block_m, block_n, warps, stages)
 QUICK = [C(128, 128, 8, 3), C(128, 128, 8, 4), C(128, 256, 8, 3), C(256, 128, 8, 3),
-         C(64, 128, 4, 4), C(128, 64, 8, 4), C(64, 256, 4, 3), C(128, 128, 4, 3)]  # fmt: skip
+         C(64, 128, 4, 4), C(128, 64, 8, 4), C(64, 256, 4, 3), C(128, 128, 4, 3),
+         C(128, 128, 8, 3, True), C(256, 128, 8, 3, True), C(128, 64, 8, 4, True)]  # fmt: skip
 ALL = [*QUICK, C(64, 64, 4, 4), C(256, 64, 8, 4), C(128, 192, 8, 3), C(64, 128, 4, 6)]
 SHAPES_1B = [(2048, 2048), (256, 2048), (32000, 2048)]
 
@@ -50,7 +51,7 @@ def _arg(flag: str, default: str) -> str:
 
 
 def label(c: L.Gemm16Config) -> str:
-    return f"{c.block_m}x{c.block_n} {c.num_warps}w{c.stages}"
+    return f"{c.block_m}x{c.block_n} {c.num_warps}w{c.stages}{' fma' if c.fuse else ''}"
 
 
 def gemm16(cfg):

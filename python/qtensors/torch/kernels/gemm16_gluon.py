@@ -46,8 +46,9 @@ GEMM16_ENC = {"affine": 0, "symmetric": 1}
 
 def layouts(block_m: int, block_n: int, warps: int) -> dict:
     """The kernel's constexpr layouts: the accumulator (``wgmma``'s, warps along the rows: 16
-    rows a warp), the codes' tile as each thread reads it from shared memory (4 bytes = 8 codes
-    of a row a thread), and the shared layouts of the activations', codes' and weight's tiles."""
+    rows a warp), the codes' tile as int32 words ``[BLOCK_N, 8]`` (a word = 8 codes a thread)
+    and its 8 codes along a last dim in the same thread (``L3``), and the shared layouts of the
+    activations', codes' and weight's tiles."""
     if block_m % (16 * warps) or block_n % 8 or not 8 <= block_n <= 256:
         raise ValueError(f"gemm16: block_m {block_m} not a multiple of 16 x {warps} warps, or"
                          f" block_n {block_n} not a multiple of 8 up to 256")  # fmt: skip
@@ -55,10 +56,10 @@ def layouts(block_m: int, block_n: int, warps: int) -> dict:
         ACC=gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, block_n, 16]
         ),
-        LC=gl.BlockedLayout([1, 4], [4, 8], [warps, 1], [1, 0]),
+        L3=gl.BlockedLayout([1, 1, 8], [4, 8, 1], [warps, 1, 1], [2, 1, 0]),
         X_SL=gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
         W_SL=gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
-        C_SL=gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2),
+        C_SL=gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=32, rank=2),
     )
 
 
@@ -73,7 +74,7 @@ if HAVE_GEMM16:
         NBYTES: gl.constexpr = x_desc.block_type.nbytes + c_desc.block_type.nbytes
         mbarrier.expect(bars.index(slot), NBYTES, pred=pred)
         _tma_load(x_desc, [m0, i * 64], bars.index(slot), xs.index(slot), pred=pred)
-        _tma_load(c_desc, [n0, i * 32], bars.index(slot), cs.index(slot), pred=pred)
+        _tma_load(c_desc, [n0, i * 8], bars.index(slot), cs.index(slot), pred=pred)
 
     @gluon.jit
     def _group(scales_ptr, mins_ptr, rows, rmask, G, i, GS: gl.constexpr, ENC: gl.constexpr):
@@ -87,21 +88,25 @@ if HAVE_GEMM16:
         return s, m
 
     @gluon.jit
-    def _values(c, s, m, ENC: gl.constexpr):
-        """fp32 values of int32 codes 0..15: the code from its bits (``2^23 + c`` less ``2^23``,
-        exact; not a conversion, which issues at a quarter of the FP32 rate), then the decode's
-        ``c * s + min`` or ``(c - 8) * s``."""
+    def _values(words, s, m, ENC: gl.constexpr, L3: gl.constexpr):
+        """fp32 values ``[BLOCK_N, 8, 8]`` of int32 words of 8 codes (``[BLOCK_N, 8]``): code
+        ``k`` of a word is its nibble ``k`` (the stream is LSB first), made a float from its bits
+        (``2^23 + c`` less ``2^23``, exact; not a conversion, which issues at a quarter of the
+        FP32 rate), then the decode's ``c * s + min`` or ``(c - 8) * s``."""
+        shift = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))) * 4
+        u = words.to(gl.uint32, bitcast=True)  # a logical shift: no sign extension to mask off
+        c = (u[:, :, None] >> shift[None, None, :]) & 15
         cf = (c | 0x4B000000).to(gl.float32, bitcast=True) - 8388608.0
         if ENC == 0:
-            v = cf * s[:, None] + m[:, None]
+            v = cf * s[:, None, None] + m[:, None, None]
         else:
-            v = (cf - 8.0) * s[:, None]
+            v = (cf - 8.0) * s[:, None, None]
         return v
 
     @gluon.jit
     def _step(x_desc, c_desc, xs, cs, ws, bars, acc, s_i, m_i, scales_ptr, mins_ptr, rows, rmask,
               G, i, n_steps, m0, n0, ENC: gl.constexpr, GS: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, LC: gl.constexpr):  # fmt: skip
+              STAGES: gl.constexpr, L3: gl.constexpr):  # fmt: skip
         """One K step: decode step ``i``'s weight tile into its buffer, start its product
         behind the previous one's, refill the slot the previous product read. Returns the
         accumulator and the next step's scales and mins (loaded a step ahead)."""
@@ -110,10 +115,8 @@ if HAVE_GEMM16:
         s_next, m_next = _group(scales_ptr, mins_ptr, rows, rmask, G,
                                 gl.minimum(i + 1, n_steps - 1), GS, ENC)  # fmt: skip
         mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
-        b = cs.index(slot).load(LC).to(gl.int32)
-        lo = _values(b & 15, s_i, m_i, ENC).to(dt)
-        hi = _values(b >> 4, s_i, m_i, ENC).to(dt)
-        w = gl.join(lo, hi).reshape([BLOCK_N, 64])  # k = 2j + t: the low nibble first
+        words = cs.index(slot).load(gl.SliceLayout(2, L3))
+        w = _values(words, s_i, m_i, ENC, L3).to(dt).reshape([BLOCK_N, 64])  # k = 8j + nibble
         wbuf = ws.index(i % 2)
         wbuf.store(w)
         fence_async_shared()
@@ -146,14 +149,14 @@ if HAVE_GEMM16:
         BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr,
         ACC: gl.constexpr,
-        LC: gl.constexpr,
+        L3: gl.constexpr,
         X_SL: gl.constexpr,
         W_SL: gl.constexpr,
         C_SL: gl.constexpr,
     ):
         """``x_desc``: the activations ``[M, K]`` (block ``[BLOCK_M, 64]``, ``X_SL``);
-        ``c_desc``: the codes as bytes ``[N, K / 2]`` (block ``[BLOCK_N, 32]``, ``C_SL``); K a
-        multiple of 64, the group size a multiple of 64."""
+        ``c_desc``: the codes as int32 words ``[N, K / 8]`` (block ``[BLOCK_N, 8]``, ``C_SL``);
+        K a multiple of 64, the group size a multiple of 64."""
         dt: gl.constexpr = x_desc.block_type.element_ty
         pid = gl.program_id(0)
         n_m = gl.cdiv(M, BLOCK_M)
@@ -163,7 +166,7 @@ if HAVE_GEMM16:
         n0 = pid_n * BLOCK_N
         n_steps = K // 64
         xs = gl.allocate_shared_memory(dt, [STAGES, BLOCK_M, 64], X_SL)
-        cs = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, 32], C_SL)
+        cs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 8], C_SL)
         ws = gl.allocate_shared_memory(dt, [2, BLOCK_N, 64], W_SL)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
@@ -172,7 +175,7 @@ if HAVE_GEMM16:
         for s in gl.static_range(STAGES):
             _refill(x_desc, c_desc, xs, cs, bars, s, n_steps, m0, n0, STAGES)
 
-        rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LC))
+        rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
         rmask = rows < N
         s_i, m_i = _group(scales_ptr, mins_ptr, rows, rmask, G, 0, GS, ENC)
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, ACC)
@@ -181,11 +184,11 @@ if HAVE_GEMM16:
         # reaches the wait makes it wait after each one: "wgmma serialized", C7515)
         acc, s_i, m_i = _step(x_desc, c_desc, xs, cs, ws, bars, acc, s_i, m_i, scales_ptr,
                               mins_ptr, rows, rmask, G, 0, n_steps, m0, n0, ENC, GS, BLOCK_N,
-                              STAGES, LC)  # fmt: skip
+                              STAGES, L3)  # fmt: skip
         for i in range(1, n_steps):
             acc, s_i, m_i = _step(x_desc, c_desc, xs, cs, ws, bars, acc, s_i, m_i, scales_ptr,
                                   mins_ptr, rows, rmask, G, i, n_steps, m0, n0, ENC, GS,
-                                  BLOCK_N, STAGES, LC)  # fmt: skip
+                                  BLOCK_N, STAGES, L3)  # fmt: skip
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(s))

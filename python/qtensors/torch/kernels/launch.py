@@ -157,12 +157,15 @@ class TiledConfig:
 @dataclass(frozen=True)
 class Gemm16Config:
     """``gemm16_gluon.py``: rows of ``x`` per program (16 a warp), output features per program
-    (8-256), warps, the ring's depth (steps of activations and codes in flight)."""
+    (8-256), warps, the ring's depth (steps of activations and codes in flight), and whether
+    the compiler may fuse the decode's multiply and add (``fuse``: one FMA a weight, values
+    within an ulp of the dequantize kernel's instead of equal to them)."""
 
     block_m: int = 128
     block_n: int = 128
     num_warps: int = 8
     stages: int = 3
+    fuse: bool = False
 
 
 @dataclass(frozen=True)
@@ -962,8 +965,8 @@ def _gemm16_plan(M: int, N: int, K: int, encoding: str, g: int, has_bias: bool,
         **lay,
         num_warps=cfg.num_warps,
         # the decode's arithmetic: each operation rounded once (no FMA), so the weight tile's
-        # values are the dequantize kernel's
-        enable_fp_fusion=False,
+        # values are the dequantize kernel's (unless the config fuses them)
+        enable_fp_fusion=cfg.fuse,
     )
     grid = (-(-M // cfg.block_m) * -(-N // cfg.block_n),)
     return grid, meta, tuple(sorted((k, str(v)) for k, v in meta.items())), cfg
@@ -993,8 +996,8 @@ def gemm16_linear(
                                              config)  # fmt: skip
     TD = gemm16_gluon.TensorDescriptor
     x_desc = TD(x2, [M, K], [x2.stride(0), 1], [cfg.block_m, 64], meta["X_SL"])
-    c2 = codes.view(torch.uint8).view(N, K // 2)
-    c_desc = TD(c2, [N, K // 2], [K // 2, 1], [cfg.block_n, 32], meta["C_SL"])
+    c2 = codes.view(torch.uint8).view(torch.int32).view(N, K // 8)
+    c_desc = TD(c2, [N, K // 8], [K // 8, 1], [cfg.block_n, 8], meta["C_SL"])
     m = scales if mins is None else mins
     args = (x_desc, c_desc, scales, m, scales if bias is None else bias, out, M, N, K,
             K // group_size, out.stride(0))  # fmt: skip
