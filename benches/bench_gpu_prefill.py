@@ -1,9 +1,8 @@
 """Prefill on the GPU: the forward over a prompt (what time to first token is made of past the
 load), the 1.1B Llama-shaped model of ``bench_gpu_generate.py`` (random weights) in bf16 against
 the same model quantized int4-g64 (``quantize_model``, siblings joined), whose linears run
-``gemm16_gluon.py`` past 64 rows (the default on sm_90) and, in the same run, decode + cuBLAS
-(``launch.GEMM16_MIN_M = None``, the decode launches kept: ``fastlaunch.Refill``) and decode +
-cuBLAS through the full path each call (``linear.REPLAYS = False``).
+decode + cuBLAS past 64 rows: with their decode launches kept (``fastlaunch.Refill``) and, in
+the same run, through the full path each call (``linear.REPLAYS = False``).
 
     OUT=DIR python3 benches/bench_gpu_prefill.py [--prompts 128,512,2048] [--batch 1]
     QT_BENCH_MODEL=8b ...          # Llama-3-8B's shape
@@ -11,10 +10,9 @@ cuBLAS through the full path each call (``linear.REPLAYS = False``).
 
 Each forward is ``model(ids, use_cache=True)`` under ``inference_mode`` (a fresh cache per
 call, as ``generate``'s first step), timed with CUDA events; two warm-up calls, then 5 rounds
-alternating between the models, the fastest of each kept. Before timing, the int4 paths'
-last-position logits are compared (gemm16 against decode + cuBLAS: the same weights, fp32 sums in
-another order; the two decode paths: equal). Also prints the peak GPU memory of one forward past
-the weights.
+alternating between the models, the fastest of each kept. Before timing, the two int4 paths'
+last-position logits are compared (the same kernels: equal). Also prints the peak GPU memory of
+one forward past the weights.
 """
 
 from __future__ import annotations
@@ -34,7 +32,6 @@ from _common import Report  # noqa: E402
 import qtensors as qt  # noqa: E402
 import qtensors.torch as qtt  # noqa: E402
 from qtensors.torch import linear as lin  # noqa: E402
-from qtensors.torch.kernels import launch as L  # noqa: E402
 
 DRY = G.DRY
 REPORT = Report()
@@ -46,24 +43,8 @@ def _arg(flag: str, default: str) -> str:
     return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else default
 
 
-#: per model label: (gemm16 from 65 rows, decode launches kept)
-SETTINGS = {
-    "bf16": (True, True),
-    "int4 gemm16": (True, True),
-    "int4 decode": (False, True),
-    "int4 decode, full path": (False, False),
-}
-
-
-def setting(label: str) -> None:
-    gemm16, kept = SETTINGS[label]
-    L.GEMM16_MIN_M = L.MMA_MAX_M + 1 if gemm16 else None
-    L.route.cache_clear()
+def forward_ms(model, ids, kept: bool) -> float:
     lin.REPLAYS = kept
-
-
-def forward_ms(model, ids, label: str) -> float:
-    setting(label)
     if DRY:
         t = time.perf_counter()
         model(ids, use_cache=True)
@@ -83,7 +64,7 @@ def main() -> None:
     bf16 = G.build_model()
     q = G.build_model()
     qtt.quantize_model(q, qt.Affine(bits=4, group_size=64, axis=-1))
-    models = {"bf16": bf16, "int4 gemm16": q, "int4 decode": q, "int4 decode, full path": q}
+    models = {"bf16": (bf16, True), "int4": (q, True), "int4 full path": (q, False)}
     name = {id(G.LLAMA_8B): "8B", id(G.LLAMA_1B): "1.1B"}.get(id(G.CONFIG), "tiny")
     gpu = "cpu (dry)" if DRY else torch.cuda.get_device_name()
     say(f"# prefill, {name} Llama-shaped, batch {batch}, {gpu}, torch {torch.__version__}")
@@ -92,38 +73,34 @@ def main() -> None:
     for P in prompts:
         ids = torch.randint(1, vocab, (batch, P), device=dev)
         with torch.inference_mode():
-            logits = {}
-            for label in ("int4 gemm16", "int4 decode", "int4 decode, full path"):
-                setting(label)
-                for _ in range(3):  # compile, note the launches, then kept
-                    logits[label] = q(ids).logits[:, -1].float()
-            a, b = logits["int4 gemm16"], logits["int4 decode"]
-            rel = ((a - b).abs().max() / b.abs().max()).item()
-            same = bool((a.argmax(-1) == b.argmax(-1)).all())
-            kept = torch.equal(b, logits["int4 decode, full path"])
-            say(f"P={P}: last logits, gemm16 against decode: rel diff {rel:.2e}, greedy equal"
-                f" {same}; decode kept against full path: equal {kept}")  # fmt: skip
+            for _ in range(3):  # compile, note the launches, then kept
+                a = q(ids).logits[:, -1].float()
+            lin.REPLAYS = False
+            b = q(ids).logits[:, -1].float()
+            lin.REPLAYS = True
+            say(f"P={P}: int4 with kept decode launches against the full path, last logits:"
+                f" equal {bool(torch.equal(a, b))}")  # fmt: skip
             peak = {}
-            for label, m in models.items():
+            for label, (m, kept) in models.items():
                 for _ in range(2):
-                    forward_ms(m, ids, label)
+                    forward_ms(m, ids, kept)
                 if not DRY:
                     torch.cuda.synchronize()
                     base = torch.cuda.memory_allocated()
                     torch.cuda.reset_peak_memory_stats()
-                    forward_ms(m, ids, label)
+                    forward_ms(m, ids, kept)
                     peak[label] = (torch.cuda.max_memory_allocated() - base) / 2**20
             times: dict[str, list[float]] = {k: [] for k in models}
             for _ in range(ROUNDS):
-                for label, m in models.items():
-                    times[label].append(forward_ms(m, ids, label))
+                for label, (m, kept) in models.items():
+                    times[label].append(forward_ms(m, ids, kept))
         ref = min(times["bf16"])
         for label, ts in times.items():
             ms = min(ts)
             extra = f", peak +{peak[label]:.0f} MiB" if label in peak else ""
             say(f"  {label:20} P={P:<5} {ms:8.2f} ms  {batch * P / ms * 1e3:9.0f} tok/s"
                 f"  x{ref / ms:5.2f}  (spread {max(ts) / ms - 1:.0%}){extra}")  # fmt: skip
-    setting("int4 gemm16")
+    lin.REPLAYS = True
     REPORT.write("bench_gpu_prefill", {})
 
 
