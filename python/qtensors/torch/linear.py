@@ -444,11 +444,11 @@ def linear_cuda(x, codes, scales, mins, bias, shape, encoding, bits, group_size,
 
 def _decode_then_linear(p, x, codes, scales, mins, bias, shape, encoding, bits, group_size, a):
     """``linear_dequantize`` with the decode's launch kept per weight and dtype
-    (``fastlaunch.Refill``): a prompt's prefill runs every linear once at a length no replay
-    was kept for, and the decode's checks, plan and launch key cost more host time than its
-    kernel on a small model (1.1B Llama-shaped, 512 tokens: ~12 ms a forward on the H200
-    machine, where bf16's whole forward took 14.5; benches/probe_prefill_host.py). From a
-    weight's second decode in a dtype on, the decode allocates its output and launches."""
+    (``fastlaunch.Refill``): a prompt's prefill runs every linear at a length no replay was kept
+    for, and the decode's checks, plan and launch key cost more host time than its kernel on a
+    small model. From a weight's second decode in a dtype on, the decode allocates its output
+    and launches (the 1.1B Llama-shaped model's prefill on the H200, 128-2048 tokens: 16.1-17.0
+    ms a forward against 19.8-20.4 through the full path; benches/bench_gpu_prefill.py)."""
     refill = p.refills.get(x.dtype)
     fast = REPLAYS and fastlaunch.hooks_clear() and not torch.cuda.is_current_stream_capturing()
     w = refill() if refill is not None and fast else None

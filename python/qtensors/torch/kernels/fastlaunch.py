@@ -20,6 +20,10 @@ caller keeps the launches of a call as a ``Replay``, which next time allocates t
 calls the launchers with the new activations and output in place of the recorded ones, skipping
 every check, route and plan the first call went through (``linear.linear_cuda`` keys it by
 everything those depended on).
+
+``Refill`` is the same for a launch that writes a fresh output from fixed inputs: a weight's
+decode on the decode + cuBLAS path (``linear._decode_then_linear``), whose calls (a prompt's
+prefill) come with a new number of rows each time.
 """
 
 from __future__ import annotations
