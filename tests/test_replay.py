@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("triton")
 from qtensors.torch import linear as lin
@@ -314,10 +315,9 @@ def test_decode_route_keeps_its_decode_launch(fast, monkeypatch):
     codes = torch.zeros(16 * 64 // 2, dtype=torch.uint8)
     weight = (codes, torch.ones(16, dtype=torch.float16), torch.zeros(16, dtype=torch.float16))
 
-    def call(x):
-        got = lin.linear_cuda(x, *weight, None, [16, 64], "affine", 4, 64, 1)
-        ref = (x.float() @ W.float().T).to(x.dtype)
-        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    def call(x, parts=weight):
+        got = lin.linear_cuda(x, *parts, None, [16, 64], "affine", 4, 64, 1)
+        torch.testing.assert_close(got, F.linear(x, W.to(x.dtype)), rtol=0, atol=0)
 
     for rows in (100, 300, 77, 512):  # prompt lengths past the replays' 64 rows
         call(torch.randn(rows, 64, dtype=torch.bfloat16))
@@ -332,3 +332,9 @@ def test_decode_route_keeps_its_decode_launch(fast, monkeypatch):
     monkeypatch.setattr(fastlaunch, "_no_hooks", lambda: False)  # a profiler
     call(torch.randn(90, 64, dtype=torch.bfloat16))
     assert len(full) == 5
+    # scales given as a strided view: the decode would read a copy, so nothing is kept
+    monkeypatch.setattr(fastlaunch, "_no_hooks", lambda: True)
+    strided = (weight[0], torch.ones(32, dtype=torch.float16)[::2], weight[2])
+    for _ in range(4):
+        call(torch.randn(80, 64, dtype=torch.bfloat16), strided)
+    assert len(full) == 9 and not strided[0]._qt_cuda_plan.refills

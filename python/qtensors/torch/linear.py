@@ -456,7 +456,9 @@ def _decode_then_linear(p, x, codes, scales, mins, bias, shape, encoding, bits, 
         with fastlaunch.recording() as noted:
             w = dequantize(codes, scales, mins, list(shape), encoding, bits, group_size, a,
                            x.dtype)  # fmt: skip
-        if refill is None and fast and len(noted) == 1:
+        # the parts as given (a copy made for a non-contiguous one would be kept, and go stale)
+        own = all(t is None or t.is_contiguous() for t in (codes, scales, mins))
+        if refill is None and fast and own and len(noted) == 1:
             try:
                 p.refills[x.dtype] = fastlaunch.Refill(noted, w)
             except ValueError:
