@@ -110,6 +110,49 @@ def best_ms(fn, repeat: int) -> float:
     return min(times) * 1e3
 
 
+def gpu_busy(fn) -> tuple[float, float, int, dict[str, float]]:
+    """(wall s, GPU busy s, kernels, seconds by kernel name) of ``fn()``: the union of the
+    kernels' intervals in a ``torch.profiler`` trace (CUDA-graph replays included: CUPTI traces
+    their kernels)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    kernels = [
+        e
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+    ]
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + (e.time_range.end - e.time_range.start) * 1e-6
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:  # union of intervals (us)
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return wall, busy * 1e-6, len(spans), by_name
+
+
+def cuda_ms(fn) -> float:
+    """GPU time of one call of ``fn`` (ms): CUDA events recorded around it on the current
+    stream (when the host is the bottleneck, its launch time)."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def graph_us(calls: list, reps: int, dry: bool = False) -> float:
     """Median time per call (us) of ``calls`` run back to back inside one CUDA graph, after one
     eager pass (compiles, allocations, split-K counters: outside the capture) and one on a side

@@ -55,6 +55,8 @@ if os.environ.get("QT_BENCH_BATCHES") and not DRY:
 CONFIG = LLAMA_8B if os.environ.get("QT_BENCH_MODEL") == "8b" else LLAMA_1B
 if DRY:
     CONFIG = LLAMA_1B_DRY
+#: the model's name in the scripts' headers
+MODEL_NAME = "tiny (dry run)" if DRY else "8B" if CONFIG is LLAMA_8B else "1.1B"
 ROUNDS = int(os.environ.get("QT_BENCH_ROUNDS", "3"))
 # QT_BENCH_MODES=eager: the eager rows only; QT_BENCH_EXACT=0: no int4-exact model (a short run)
 _MODES = os.environ.get("QT_BENCH_MODES", "eager,static+compile").split(",")

@@ -1,8 +1,9 @@
 """Prefill on the GPU: the forward over a prompt (what time to first token is made of past the
-load), the 1.1B Llama-shaped model of ``bench_gpu_generate.py`` (random weights) in bf16 against
-the same model quantized int4-g64 (``quantize_model``, siblings joined), whose linears run
-decode + cuBLAS past 64 rows: with their decode launches kept (``fastlaunch.Refill``) and, in
-the same run, through the full path each call (``linear.REPLAYS = False``).
+load), the Llama-shaped model of ``bench_gpu_generate.py`` (1.1B, or 8B; random weights) in
+bf16 against the same model quantized int4-g64 (``quantize_model``, siblings joined), whose
+linears run decode + cuBLAS past 64 rows: with their decode launches kept
+(``fastlaunch.Refill``) and, in the same run, through the full path each call
+(``linear.REPLAYS = False``).
 
     OUT=DIR python3 benches/bench_gpu_prefill.py [--prompts 128,512,2048] [--batch 1]
     QT_BENCH_MODEL=8b ...          # Llama-3-8B's shape
@@ -27,7 +28,7 @@ sys.path.insert(0, HERE)
 
 import bench_gpu_generate as G  # noqa: E402
 import torch  # noqa: E402
-from _common import Report  # noqa: E402
+from _common import Report, cuda_ms  # noqa: E402
 
 import qtensors as qt  # noqa: E402
 import qtensors.torch as qtt  # noqa: E402
@@ -49,12 +50,7 @@ def forward_ms(model, ids, kept: bool) -> float:
         t = time.perf_counter()
         model(ids, use_cache=True)
         return (time.perf_counter() - t) * 1e3
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    model(ids, use_cache=True)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
+    return cuda_ms(lambda: model(ids, use_cache=True))
 
 
 def main() -> None:
@@ -65,9 +61,8 @@ def main() -> None:
     q = G.build_model()
     qtt.quantize_model(q, qt.Affine(bits=4, group_size=64, axis=-1))
     models = {"bf16": (bf16, True), "int4": (q, True), "int4 full path": (q, False)}
-    name = {id(G.LLAMA_8B): "8B", id(G.LLAMA_1B): "1.1B"}.get(id(G.CONFIG), "tiny")
     gpu = "cpu (dry)" if DRY else torch.cuda.get_device_name()
-    say(f"# prefill, {name} Llama-shaped, batch {batch}, {gpu}, torch {torch.__version__}")
+    say(f"# prefill, {G.MODEL_NAME} Llama-shaped, batch {batch}, {gpu}, torch {torch.__version__}")
     say("# ms per forward (best of 5 alternating rounds), prompt tokens/s; x: bf16 time / this")
     vocab = bf16.config.vocab_size
     for P in prompts:

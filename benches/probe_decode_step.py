@@ -33,7 +33,7 @@ import os
 import sys
 import time
 
-from _common import Report, generate_kwargs
+from _common import Report, generate_kwargs, gpu_busy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "python"))
@@ -73,35 +73,6 @@ def build_models(kinds: list[str]) -> dict:
         models[kind] = m
     torch.cuda.empty_cache()
     return models
-
-
-def gpu_busy(fn) -> tuple[float, float, int, dict[str, float]]:
-    """(wall s, GPU busy s, kernels, seconds by kernel name) of ``fn()``: the union of the
-    kernels' intervals in a ``torch.profiler`` trace (CUDA-graph replays included: CUPTI traces
-    their kernels)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t
-    kernels = [
-        e
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
-    ]
-    by_name: dict[str, float] = {}
-    for e in kernels:
-        by_name[e.name] = by_name.get(e.name, 0.0) + (e.time_range.end - e.time_range.start) * 1e-6
-    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
-    busy, end = 0.0, float("-inf")
-    for a, b in spans:  # union of intervals (us)
-        if b > end:
-            busy += b - max(a, end)
-            end = b
-    return wall, busy * 1e-6, len(spans), by_name
 
 
 def host_and_device(model, ids: torch.Tensor, new: int) -> tuple[float, float]:
