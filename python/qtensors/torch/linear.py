@@ -509,7 +509,12 @@ def _linear_cuda(p, x, codes, scales, mins, bias, shape, encoding, bits, group_s
     x2 = x if flat else x.reshape(-1, K)
     if K and x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if path == "mma":
+    if path == "gemm16":
+        if not L.gemm16_applies(x2, p.codes, L._device_index(x2.device)):
+            return _decode_then_linear(p, x, codes, scales, mins, bias, shape, encoding, bits,
+                                       group_size, a)  # fmt: skip
+        out = L.gemm16_linear(x2, p.codes, p.scales, p.mins, bias, N, K, encoding, group_size)
+    elif path == "mma":
         out = L.mma_linear(x2, p.codes, p.scales, p.mins, bias, N, K, encoding, group_size)
     elif path == "tiled":
         out = L.tiled_linear(x2, p.words, p.scales, p.mins, bias, N, K, encoding, bits, group_size,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import mma_int8_gluon
+from . import gemm16_gluon, mma_int8_gluon
 from .dequant import _levels
 from .epilogue import ENC_IDS
 from .fastlaunch import launch
@@ -85,6 +85,10 @@ INT8_ACTIVATIONS = os.environ.get("QTENSORS_INT8_ACTIVATIONS", "1") != "0"
 #: ``INT8_MMA_GLUON_MAX_M`` rows the same product runs in ``mma_int8_gluon.py`` (faster; below).
 INT8_MMA_ROWS: tuple[int, int] | None = (5, 64)
 INT8_MMA_MIN_ELEMENTS = 1 << 25
+#: fp16 / bf16 activations of at least this many rows run ``gemm16_gluon.py`` (each weight tile
+#: decoded into 16 bits in shared memory, asynchronous ``wgmma``) where it applies
+#: (``gemm16_applies``), instead of decode + cuBLAS; None: never.
+GEMM16_MIN_M: int | None = MMA_MAX_M + 1
 #: split-K counters per device: tiles of one launch that may split K
 LOCK_SLOTS = 1 << 15
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -148,6 +152,28 @@ class TiledConfig:
     l2_ahead: int = 0
     pipeline: int = 0
     stream: bool = False
+
+
+@dataclass(frozen=True)
+class Gemm16Config:
+    """``gemm16_gluon.py``: rows of ``x`` per program (16 a warp), output features per program
+    (8-256), warps, the ring's depth (steps of activations and codes in flight), and whether
+    the compiler may fuse the decode's multiply and add (``fuse``: one FMA a weight, values
+    within an ulp of the dequantize kernel's instead of equal to them)."""
+
+    block_m: int = 128
+    block_n: int = 128
+    num_warps: int = 8
+    stages: int = 3
+    fuse: bool = False
+    depth: int = 1
+    #: warp-specialized (``gemm16_ws_kernel``): ``num_warps`` (whole warpgroups) issue the
+    #: ``wgmma``, ``decode_warps`` decode into a ring of ``w_ring`` weight tiles with
+    #: ``decode_regs`` registers a thread; ``stages``: the activations' and codes' rings
+    ws: bool = False
+    decode_warps: int = 4
+    decode_regs: int = 152
+    w_ring: int = 3
 
 
 @dataclass(frozen=True)
@@ -345,14 +371,18 @@ def route(
     """Which path runs ``M`` rows against this weight: "mma" (``mma_linear``, fp16 / bf16
     activations: ``half``), "tiled" (``tiled_linear``; with ``int8``, ``INT8_ACTIVATIONS`` as
     the caller read it, the int8 kernel's rows first), "gemv" (``fused_linear``) or "decode"
-    (decode, then cuBLAS). Shapes only, so cached (and so are the plans): after changing the
-    settings above, call ``route.cache_clear()``, ``_tiled_plan.cache_clear()`` and
-    ``_mma_plan.cache_clear()``."""
+    (decode, then cuBLAS) or "gemm16" (``gemm16_linear``, where ``gemm16_applies`` to the
+    tensors; else decode + cuBLAS). Shapes only, so cached (and so are the plans): after
+    changing the settings above, call ``route.cache_clear()``, ``_tiled_plan.cache_clear()``
+    and ``_mma_plan.cache_clear()``."""
     shape = (N, K)
     # the int8 kernel beats mma.py at 1-4 rows on every probe shape (gpu_words_int8_probe_h200)
     if int8 and half and aligned and int8_shape(M, K, encoding, bits, g):
         if tiled_supported(shape, encoding, bits, g, axis):
             return "tiled"
+    if half and GEMM16_MIN_M is not None and M >= GEMM16_MIN_M:
+        if gemm16_shape(N, K, encoding, bits, g, axis):
+            return "gemm16"
     lo = MMA_ROUTED.get(encoding)
     wide_enough = M <= MMA_WIDE_M or N * K >= MMA_WIDE_MIN_ELEMENTS
     if half and lo is not None and lo <= M <= MMA_MAX_M and wide_enough:
@@ -878,6 +908,117 @@ def mma_linear(
     row = (K // 2, -(-K // group_size))  # bytes per row, groups per row
     return _finish(mma_kernel, grid, split, k_split, meta, meta_key, cuda_index, locks, x2, out,
                    weight, bias, K, row)  # fmt: skip
+
+
+#: ``gemm16_kernel``'s configuration where ``GEMM16_TABLE`` has none
+GEMM16_DEFAULT = Gemm16Config()
+#: per (batch bucket, N, K), as ``MMA_TABLE``: where ``benches/probe_gemm16.py`` found a config
+#: faster than the default
+GEMM16_TABLE: dict[tuple[int, int, int], Gemm16Config] = {}
+
+
+def gemm16_config(M: int, N: int, K: int) -> Gemm16Config:
+    """``gemm16_kernel``'s launch configuration for ``M`` rows (the table, else the default)."""
+    bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
+    return GEMM16_TABLE.get((bucket, N, K)) or GEMM16_DEFAULT
+
+
+def gemm16_shape(N: int, K: int, encoding: str, bits: int, g: int, axis: int) -> bool:
+    """Whether ``gemm16_gluon.py`` takes this weight's layout: 4-bit affine / symmetric codes,
+    groups along the input dim of a multiple of 64, K a multiple of 64."""
+    return (
+        encoding in gemm16_gluon.GEMM16_ENC
+        and bits == 4
+        and axis in (1, -1)
+        and g % 64 == 0
+        and K % 64 == 0
+        and N > 0
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _hopper(cuda_index: int) -> bool:
+    """sm_90+ (``wgmma``, TMA)."""
+    return cuda_index >= 0 and torch.cuda.get_device_capability(cuda_index) >= (9, 0)
+
+
+def gemm16_applies(x2: torch.Tensor, codes: torch.Tensor, cuda_index: int) -> bool:
+    """Whether these tensors can run ``gemm16_gluon.py`` (on top of the route's shape test):
+    Gluon importable, an sm_90+ device, fp16 / bf16 activations whose rows and codes start
+    16-byte aligned (the TMA engine's rule)."""
+    return (
+        gemm16_gluon.HAVE_GEMM16
+        and x2.dtype in (torch.float16, torch.bfloat16)
+        and _hopper(cuda_index)
+        and x2.data_ptr() % 16 == 0
+        and x2.stride(0) % 8 == 0
+        and x2.stride(1) == 1
+        and codes.data_ptr() % 16 == 0
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _gemm16_plan(M: int, N: int, K: int, encoding: str, g: int, has_bias: bool,
+                 config: Gemm16Config | None):  # fmt: skip
+    """(grid, constexprs and options, their hashable key, the config) of one gemm16 launch."""
+    cfg = config or gemm16_config(M, N, K)
+    meta = dict(
+        ENC=gemm16_gluon.GEMM16_ENC[encoding],
+        GS=g,
+        HAS_BIAS=has_bias,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+    )
+    if cfg.ws:
+        lay = gemm16_gluon.ws_layouts(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.decode_warps)
+        meta.update(X_RING=cfg.stages, C_RING=cfg.stages, W_RING=cfg.w_ring,
+                    DECODE_WARPS=cfg.decode_warps, DECODE_REGS=cfg.decode_regs)  # fmt: skip
+    else:
+        lay = gemm16_gluon.layouts(cfg.block_m, cfg.block_n, cfg.num_warps)
+        meta.update(STAGES=cfg.stages, DEPTH=cfg.depth)
+    meta.update(
+        **lay,
+        num_warps=cfg.num_warps,
+        # the decode's arithmetic: each operation rounded once (no FMA), so the weight tile's
+        # values are the dequantize kernel's (unless the config fuses them)
+        enable_fp_fusion=cfg.fuse,
+    )
+    grid = (-(-M // cfg.block_m) * -(-N // cfg.block_n),)
+    return grid, meta, tuple(sorted((k, str(v)) for k, v in meta.items())), cfg
+
+
+def gemm16_linear(
+    x2: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    N: int,
+    K: int,
+    encoding: str,
+    group_size: int,
+    config: Gemm16Config | None = None,
+) -> torch.Tensor:
+    """``x2 @ W^T + bias`` with ``gemm16_gluon.py`` for a weight ``gemm16_shape()`` takes and
+    tensors ``gemm16_applies()`` to (arguments as ``mma_linear``): decode + cuBLAS's product
+    without the decoded weight in HBM."""
+    M = x2.shape[0]
+    out, done = _output(x2, N, K, bias)
+    if done:
+        return out
+    cuda_index = _device_index(x2.device)
+    grid, meta, meta_key, cfg = _gemm16_plan(M, N, K, encoding, group_size, bias is not None,
+                                             config)  # fmt: skip
+    TD = gemm16_gluon.TensorDescriptor
+    x_desc = TD(x2, [M, K], [x2.stride(0), 1], [cfg.block_m, 64], meta["X_SL"])
+    c2 = codes.view(torch.uint8).view(torch.int32).view(N, K // 8)
+    c_desc = TD(c2, [N, K // 8], [K // 8, 1], [cfg.block_n, 8], meta["C_SL"])
+    m = scales if mins is None else mins
+    args = (x_desc, c_desc, scales, m, scales if bias is None else bias, out, M, N, K,
+            K // group_size, out.stride(0))  # fmt: skip
+    kernel = gemm16_gluon.gemm16_ws_kernel if cfg.ws else gemm16_gluon.gemm16_kernel
+    launch(kernel, grid, args, meta, meta_key, cuda_index)
+    return out
 
 
 #: ``mma_int8_kernel``'s configuration where ``MMA_INT8_TABLE`` has none: 128 features and 2

@@ -1,0 +1,155 @@
+"""Probe (H200): ``kernels/gemm16_gluon.py`` (each weight tile decoded into 16 bits in shared
+memory, asynchronous ``wgmma``) for many rows, against cuBLAS bf16 and the route it replaces
+(decode + cuBLAS past 64 rows), per shape, row count and configuration.
+
+    OUT=DIR python3 benches/probe_gemm16.py [--rows 128,256,...] [--shapes 8192x8192,...]
+        [--encodings int4-affine-g64,...] [--configs quick|all|ws] [--dtype bf16|fp16]
+
+Before any timing every configuration is checked against decode + ``F.linear`` (bf16 output:
+relative error < 2e-2, and reported) and dropped if wrong. Times are us per call inside a CUDA
+graph over enough weight copies to overflow L2 (``bench_gpu_gemv_sweep.Case``), the median of
+10 replays. Prints, per (encoding, shape, rows): cuBLAS, decode + cuBLAS, the op as routed
+without gemm16 (``GEMM16_MIN_M = None``) and with it, every configuration, the best and its
+ratio to cuBLAS; then ``table`` lines for ``launch.GEMM16_TABLE``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
+sys.path.insert(0, HERE)
+
+import bench_gpu_gemv_sweep as S  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from _common import Report  # noqa: E402
+
+from qtensors.torch.kernels import launch as L  # noqa: E402
+from qtensors.torch.linear import linear_dequantize  # noqa: E402
+
+REPORT = Report()
+say = REPORT.say
+C = L.Gemm16Config
+#: (block_m, block_n, warps, stages)
+QUICK = [C(128, 128, 8, 3), C(256, 128, 8, 3), C(128, 64, 8, 4), C(128, 256, 8, 3),
+         C(256, 128, 16, 3), C(128, 128, 16, 4), C(256, 64, 16, 4), C(128, 256, 16, 3),
+         C(128, 64, 16, 4), C(128, 128, 16, 4, depth=2)]  # fmt: skip
+ALL = [*QUICK, C(64, 64, 4, 4), C(256, 64, 8, 4), C(128, 256, 8, 3), C(64, 128, 4, 6)]
+#: warp-specialized (gemm16_ws_kernel), against the best of the old kernel
+WS = [C(128, 128, 8, 3), C(128, 128, 4, 4, ws=True), C(128, 128, 4, 4, ws=True, w_ring=2),
+      C(128, 128, 4, 4, ws=True, decode_warps=8, decode_regs=104),
+      C(256, 128, 8, 4, ws=True), C(256, 64, 8, 4, ws=True, decode_regs=120),
+      C(128, 128, 4, 4, ws=True, fuse=True), C(256, 128, 8, 4, ws=True, fuse=True)]  # fmt: skip
+SHAPES_1B = [(2048, 2048), (256, 2048), (32000, 2048)]
+
+
+def _arg(flag: str, default: str) -> str:
+    return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else default
+
+
+def label(c: L.Gemm16Config) -> str:
+    fma = " fma" if c.fuse else ""
+    if c.ws:
+        return (f"ws {c.block_m}x{c.block_n} {c.num_warps}+{c.decode_warps}w r{c.stages}"
+                f"/{c.w_ring} {c.decode_regs}reg{fma}")  # fmt: skip
+    return f"{c.block_m}x{c.block_n} {c.num_warps}w{c.stages} d{c.depth}{fma}"
+
+
+def gemm16(cfg):
+    def run(x, w: S.Weight):
+        name, _, g = w.enc
+        return L.gemm16_linear(x, w.codes, w.scales, w.mins, None, w.N, w.K, name, g, cfg)
+
+    return run
+
+
+def decode_cublas(x, w: S.Weight):
+    return linear_dequantize(x, *w.args[:3], None, *w.args[3:])
+
+
+def routed_without_gemm16(x, w: S.Weight):
+    old = L.GEMM16_MIN_M
+    L.GEMM16_MIN_M = None
+    L.route.cache_clear()
+    try:
+        return S.routed(x, w)
+    finally:
+        L.GEMM16_MIN_M = old
+        L.route.cache_clear()
+
+
+def main() -> None:
+    rows = [int(r) for r in _arg("--rows", "16,32,64,128,256,512,1024,2048,4096").split(",")]
+    shapes = S.SHAPES + SHAPES_1B
+    if "--shapes" in sys.argv:
+        shapes = [tuple(int(d) for d in s.split("x")) for s in _arg("--shapes", "").split(",")]
+    encs = _arg("--encodings", "int4-affine-g64").split(",")
+    configs = {"all": ALL, "quick": QUICK, "ws": WS}[_arg("--configs", "quick")]
+    if _arg("--dtype", "bf16") == "fp16":
+        S.DT = torch.float16
+    if SMOKE:  # the script's own check: tiny shapes, decode + cuBLAS only (no Gluon on CPU)
+        rows, shapes, configs = [70], [(40, 128)], []
+    gpu = "cpu (smoke)" if SMOKE else torch.cuda.get_device_name()
+    say(f"# gemm16 probe, {gpu}, torch {torch.__version__}, {S.DT}; us per call in a CUDA graph")
+    say("# x: speedup over cuBLAS (its time / ours); old route: the op without gemm16")
+    best_rows: dict[tuple, tuple[str, float, float]] = {}
+    t0 = time.perf_counter()
+    for ename in encs:
+        for N, K in shapes:
+            case = S.Case(ename, N, K)
+            for M in rows:
+                x = case.x(M)
+                ref = F.linear(x.float(), case.ref_w)
+                fns = {"decode+cuBLAS": decode_cublas, "old route": routed_without_gemm16}
+                fns["routed"] = S.routed
+                fns.update({label(c): gemm16(c) for c in configs})
+                cfg_of = {label(c): c for c in configs}
+                ok = {}
+                for name, fn in fns.items():
+                    try:
+                        err = S.rel_err(fn(x, case.ws[0]), ref)
+                    except Exception as exc:  # a config the shape cannot take
+                        say(f"  {ename} {N}x{K} M{M} {name}: {type(exc).__name__}: {exc}"[:200])
+                        continue
+                    if err < S.TOL:
+                        ok[name] = fn
+                        if name in cfg_of and M == rows[0]:
+                            say(f"  {ename} {N}x{K} M{M} {name}: rel err {err:.2e}")
+                    else:
+                        say(f"  {ename} {N}x{K} M{M} {name}: WRONG, rel err {err:.3g}")
+                cub = case.cublas_us(x)
+                times = {name: case.time(fn, M) for name, fn in ok.items()}
+                mine = {k: v for k, v in times.items() if k in cfg_of}
+                best = min(mine, key=mine.get) if mine else None
+                head = f"{ename:16} {N:>5}x{K:<5} M{M:<5} cuBLAS {cub:8.1f}"
+                parts = [f"{k} {v:.1f}" for k, v in times.items() if k not in cfg_of]
+                say(f"{head} | " + " | ".join(parts))
+                ranked = sorted(mine.items(), key=lambda kv: kv[1])
+                say("    " + "  ".join(f"[{k}] {v:.1f}" for k, v in ranked))
+                if best is not None:
+                    old = times.get("old route", float("nan"))
+                    say(f"    best {best}: {mine[best]:.1f} us = {cub / mine[best]:.2f}x cuBLAS,"
+                        f" {old / mine[best]:.2f}x the old route ({old:.1f});"
+                        f" routed now {times.get('routed', float('nan')):.1f}")  # fmt: skip
+                    best_rows[(ename, N, K, M)] = (best, mine[best], old)
+                if not SMOKE:
+                    torch.cuda.empty_cache()
+            del case
+    say(f"# {time.perf_counter() - t0:.0f} s")
+    say("## table: the best configuration per (bucket, N, K) of the first encoding")
+    for (ename, N, K, M), (best, us, old) in best_rows.items():
+        if ename == encs[0]:
+            say(f"table {M} {N} {K} {best} {us:.1f} old {old:.1f}")
+    REPORT.write("probe_gemm16", {})
+
+
+if __name__ == "__main__":
+    main()
