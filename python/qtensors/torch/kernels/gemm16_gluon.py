@@ -263,32 +263,50 @@ if HAVE_GEMM16:
 
     @gluon.jit
     def _ws_decode(cs, ws, c_ready, c_empty, w_ready, w_empty, scales_ptr, mins_ptr, N, G, n0,
-                   n_steps, ENC: gl.constexpr, GS: gl.constexpr, L3: gl.constexpr):  # fmt: skip
+                   n_steps, ENC: gl.constexpr, GS: gl.constexpr, L3: gl.constexpr,
+                   DIAG: gl.constexpr):  # fmt: skip
         """Decoder warps: each step's codes into the weight tile (the dequantize kernel's
-        values, as ``gemm16_kernel``), stored into the weight ring for the ``wgmma`` warps."""
+        values, as ``gemm16_kernel``), stored into the weight ring for the ``wgmma`` warps. The
+        scales are loaded two steps ahead (a gather of one value a row: its latency under load
+        is about a step's). ``DIAG`` (timing only, wrong results): 1 no scale loads, 2 no
+        decode (zeros stored)."""
         C_RING: gl.constexpr = cs.shape[0]
         W_RING: gl.constexpr = ws.shape[0]
         BLOCK_N: gl.constexpr = ws.shape[1]
         rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
         rmask = rows < N
         s_i, m_i = _group(scales_ptr, mins_ptr, rows, rmask, G, 0, GS, ENC)
+        s_n, m_n = _group(scales_ptr, mins_ptr, rows, rmask, G, gl.minimum(1, n_steps - 1), GS,
+                          ENC)  # fmt: skip
+        if DIAG == 1:
+            s_i = gl.full_like(s_i, 1.0)
+            m_i = gl.full_like(m_i, 0.0)
         for i in range(n_steps):
             slot = i % C_RING
             mbarrier.wait(c_ready.index(slot), (i // C_RING) & 1)
             words = cs.index(slot).load(gl.SliceLayout(2, L3))
+            # the slot's generic reads before the TMA engine (the async proxy) refills it
+            fence_async_shared()
             _cta_barrier()  # every decoder warp has read the slot (the arrive is one thread's)
             mbarrier.arrive(c_empty.index(slot))
-            s_next, m_next = _group(scales_ptr, mins_ptr, rows, rmask, G,
-                                    gl.minimum(i + 1, n_steps - 1), GS, ENC)  # fmt: skip
-            w = _values(words, s_i, m_i, ENC, L3).to(ws.dtype).reshape([BLOCK_N, 64])
+            if DIAG != 1:
+                s_nn, m_nn = _group(scales_ptr, mins_ptr, rows, rmask, G,
+                                    gl.minimum(i + 2, n_steps - 1), GS, ENC)  # fmt: skip
+            if DIAG == 2:
+                w = gl.zeros([BLOCK_N, 8, 8], ws.dtype, L3).reshape([BLOCK_N, 64])
+            else:
+                w = _values(words, s_i, m_i, ENC, L3).to(ws.dtype).reshape([BLOCK_N, 64])
             buf = i % W_RING
             mbarrier.wait(w_empty.index(buf), ((i // W_RING) & 1) ^ 1)
             ws.index(buf).store(w)
             fence_async_shared()  # the generic-proxy stores, before the wgmma reads them
             _cta_barrier()
             mbarrier.arrive(w_ready.index(buf))
-            s_i = s_next
-            m_i = m_next
+            if DIAG != 1:
+                s_i = s_n
+                m_i = m_n
+                s_n = s_nn
+                m_n = m_nn
 
     @gluon.jit
     def _ws_mma(xs, ws, x_ready, x_empty, w_ready, w_empty, n_steps, BLOCK_M: gl.constexpr,
@@ -342,6 +360,7 @@ if HAVE_GEMM16:
         W_RING: gl.constexpr,
         DECODE_WARPS: gl.constexpr,
         DECODE_REGS: gl.constexpr,
+        DIAG: gl.constexpr,
         ACC: gl.constexpr,
         L3: gl.constexpr,
         X_SL: gl.constexpr,
@@ -386,7 +405,7 @@ if HAVE_GEMM16:
                 (_ws_load_x, (x_desc, xs, x_ready, x_empty, n_steps, m0)),
                 (_ws_load_codes, (c_desc, cs, c_ready, c_empty, n_steps, n0)),
                 (_ws_decode, (cs, ws, c_ready, c_empty, w_ready, w_empty, scales_ptr, mins_ptr,
-                              N, G, n0, n_steps, ENC, GS, L3)),
+                              N, G, n0, n_steps, ENC, GS, L3, DIAG)),
             ],
             [1, 1, DECODE_WARPS],
             [24, 24, DECODE_REGS],

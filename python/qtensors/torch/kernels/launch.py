@@ -174,6 +174,9 @@ class Gemm16Config:
     decode_warps: int = 4
     decode_regs: int = 152
     w_ring: int = 3
+    #: timing diagnostics of the warp-specialized kernel (wrong results): 1 no scale loads,
+    #: 2 no decode
+    diag: int = 0
 
 
 @dataclass(frozen=True)
@@ -972,7 +975,8 @@ def _gemm16_plan(M: int, N: int, K: int, encoding: str, g: int, has_bias: bool,
     if cfg.ws:
         lay = gemm16_gluon.ws_layouts(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.decode_warps)
         meta.update(X_RING=cfg.stages, C_RING=cfg.stages, W_RING=cfg.w_ring,
-                    DECODE_WARPS=cfg.decode_warps, DECODE_REGS=cfg.decode_regs)  # fmt: skip
+                    DECODE_WARPS=cfg.decode_warps, DECODE_REGS=cfg.decode_regs,
+                    DIAG=cfg.diag)  # fmt: skip
     else:
         lay = gemm16_gluon.layouts(cfg.block_m, cfg.block_n, cfg.num_warps)
         meta.update(STAGES=cfg.stages, DEPTH=cfg.depth)
