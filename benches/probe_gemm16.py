@@ -44,14 +44,19 @@ QUICK = [C(128, 128, 8, 3), C(256, 128, 8, 3), C(128, 64, 8, 4), C(128, 256, 8, 
          C(128, 64, 16, 4), C(128, 128, 16, 4, depth=2)]  # fmt: skip
 ALL = [*QUICK, C(64, 64, 4, 4), C(256, 64, 8, 4), C(128, 256, 8, 3), C(64, 128, 4, 6)]
 #: warp-specialized (gemm16_ws_kernel), against the best of the old kernel; ``diag``: timing
-#: only, results wrong (1 no scale loads, 2 no decode)
-WS = [C(128, 128, 8, 3), C(256, 64, 8, 4, ws=True, decode_regs=120),
-      C(256, 64, 8, 4, ws=True, decode_regs=120, fuse=True),
-      C(256, 64, 8, 4, ws=True, decode_regs=120, diag=1),
-      C(256, 64, 8, 4, ws=True, decode_regs=120, diag=2),
-      C(128, 128, 4, 4, ws=True), C(128, 128, 4, 4, ws=True, diag=1),
-      C(128, 128, 4, 4, ws=True, diag=2),
-      C(256, 128, 8, 4, ws=True, fuse=True), C(256, 128, 8, 4, ws=True, diag=2)]  # fmt: skip
+#: only, results wrong (2: no decode)
+WS = [
+    C(128, 128, 8, 3),
+    C(256, 64, 8, 4, ws=True, decode_regs=120),
+    C(256, 64, 8, 4, ws=True, decode_regs=120, fuse=True),
+    C(256, 64, 8, 4, ws=True, decode_warps=8, decode_regs=80),
+    C(256, 64, 8, 4, ws=True, decode_warps=8, decode_regs=80, fuse=True),
+    C(256, 128, 8, 4, ws=True),
+    C(256, 128, 8, 4, ws=True, fuse=True),
+    C(256, 128, 8, 4, ws=True, diag=2),
+    C(128, 128, 4, 4, ws=True),
+    C(128, 128, 4, 4, ws=True, decode_warps=8, decode_regs=104),
+]
 SHAPES_1B = [(2048, 2048), (256, 2048), (32000, 2048)]
 
 

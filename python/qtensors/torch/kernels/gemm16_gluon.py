@@ -268,8 +268,8 @@ if HAVE_GEMM16:
         """Decoder warps: each step's codes into the weight tile (the dequantize kernel's
         values, as ``gemm16_kernel``), stored into the weight ring for the ``wgmma`` warps. The
         scales are loaded two steps ahead (a gather of one value a row: its latency under load
-        is about a step's). ``DIAG`` (timing only, wrong results): 1 no scale loads, 2 no
-        decode (zeros stored)."""
+        is about a step's). ``DIAG`` (timing only, wrong results): 2 no decode (zeros
+        stored)."""
         C_RING: gl.constexpr = cs.shape[0]
         W_RING: gl.constexpr = ws.shape[0]
         BLOCK_N: gl.constexpr = ws.shape[1]
@@ -278,20 +278,10 @@ if HAVE_GEMM16:
         s_i, m_i = _group(scales_ptr, mins_ptr, rows, rmask, G, 0, GS, ENC)
         s_n, m_n = _group(scales_ptr, mins_ptr, rows, rmask, G, gl.minimum(1, n_steps - 1), GS,
                           ENC)  # fmt: skip
-        if DIAG == 1:
-            s_i = gl.full_like(s_i, 1.0)
-            m_i = gl.full_like(m_i, 0.0)
         for i in range(n_steps):
             slot = i % C_RING
             mbarrier.wait(c_ready.index(slot), (i // C_RING) & 1)
             words = cs.index(slot).load(gl.SliceLayout(2, L3))
-            # the slot's generic reads before the TMA engine (the async proxy) refills it
-            fence_async_shared()
-            _cta_barrier()  # every decoder warp has read the slot (the arrive is one thread's)
-            mbarrier.arrive(c_empty.index(slot))
-            if DIAG != 1:
-                s_nn, m_nn = _group(scales_ptr, mins_ptr, rows, rmask, G,
-                                    gl.minimum(i + 2, n_steps - 1), GS, ENC)  # fmt: skip
             if DIAG == 2:
                 w = gl.zeros([BLOCK_N, 8, 8], ws.dtype, L3).reshape([BLOCK_N, 64])
             else:
@@ -300,13 +290,16 @@ if HAVE_GEMM16:
             mbarrier.wait(w_empty.index(buf), ((i // W_RING) & 1) ^ 1)
             ws.index(buf).store(w)
             fence_async_shared()  # the generic-proxy stores, before the wgmma reads them
-            _cta_barrier()
+            _cta_barrier()  # every decoder warp's part is stored (the arrives are one thread's)
             mbarrier.arrive(w_ready.index(buf))
-            if DIAG != 1:
-                s_i = s_n
-                m_i = m_n
-                s_n = s_nn
-                m_n = m_nn
+            # the codes were read (the stored values depend on them): their slot may be refilled
+            mbarrier.arrive(c_empty.index(slot))
+            # step i + 2's scales, issued after the fence (which waits for this thread's loads
+            # in flight), so the next step's fence finds them a step old
+            s_i = s_n
+            m_i = m_n
+            s_n, m_n = _group(scales_ptr, mins_ptr, rows, rmask, G, gl.minimum(i + 2, n_steps - 1),
+                              GS, ENC)  # fmt: skip
 
     @gluon.jit
     def _ws_mma(xs, ws, x_ready, x_empty, w_ready, w_empty, n_steps, BLOCK_M: gl.constexpr,

@@ -174,8 +174,7 @@ class Gemm16Config:
     decode_warps: int = 4
     decode_regs: int = 152
     w_ring: int = 3
-    #: timing diagnostics of the warp-specialized kernel (wrong results): 1 no scale loads,
-    #: 2 no decode
+    #: a timing diagnostic of the warp-specialized kernel (wrong results): 2 no decode
     diag: int = 0
 
 
