@@ -262,59 +262,88 @@ if HAVE_GEMM16:
             _tma_load(c_desc, [n0, i * 8], c_ready.index(slot), cs.index(slot))
 
     @gluon.jit
-    def _ws_decode(cs, ws, c_ready, c_empty, w_ready, w_empty, scales_ptr, mins_ptr, N, G, n0,
-                   n_steps, ENC: gl.constexpr, GS: gl.constexpr, L3: gl.constexpr,
-                   DIAG: gl.constexpr):  # fmt: skip
+    def _ws_decode(cs, ws, ss, ms, c_ready, c_empty, w_ready, w_empty, s_ready, s_empty, n_steps,
+                   ENC: gl.constexpr, L3: gl.constexpr, DIAG: gl.constexpr):  # fmt: skip
         """Decoder warps: each step's codes into the weight tile (the dequantize kernel's
         values, as ``gemm16_kernel``), stored into the weight ring for the ``wgmma`` warps. The
-        scales are loaded two steps ahead (a gather of one value a row: its latency under load
-        is about a step's). ``DIAG`` (timing only, wrong results): 2 no decode (zeros
-        stored)."""
+        scales come from the ``wgmma`` warps through a ring in shared memory: loaded here, they
+        would be in flight at the fence below every step, which waits for them. ``DIAG``
+        (timing only, wrong results): 2 no decode (zeros stored)."""
         C_RING: gl.constexpr = cs.shape[0]
         W_RING: gl.constexpr = ws.shape[0]
+        S_RING: gl.constexpr = ss.shape[0]
         BLOCK_N: gl.constexpr = ws.shape[1]
-        rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
-        rmask = rows < N
-        s_i, m_i = _group(scales_ptr, mins_ptr, rows, rmask, G, 0, GS, ENC)
-        s_n, m_n = _group(scales_ptr, mins_ptr, rows, rmask, G, gl.minimum(1, n_steps - 1), GS,
-                          ENC)  # fmt: skip
+        LR: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
         for i in range(n_steps):
             slot = i % C_RING
+            sslot = i % S_RING
             mbarrier.wait(c_ready.index(slot), (i // C_RING) & 1)
             words = cs.index(slot).load(gl.SliceLayout(2, L3))
+            mbarrier.wait(s_ready.index(sslot), (i // S_RING) & 1)
+            s = ss.index(sslot).load(LR)
+            if ENC == 0:
+                m = ms.index(sslot).load(LR)
+            else:
+                m = s
             if DIAG == 2:
                 w = gl.zeros([BLOCK_N, 8, 8], ws.dtype, L3).reshape([BLOCK_N, 64])
             else:
-                w = _values(words, s_i, m_i, ENC, L3).to(ws.dtype).reshape([BLOCK_N, 64])
+                w = _values(words, s, m, ENC, L3).to(ws.dtype).reshape([BLOCK_N, 64])
             buf = i % W_RING
             mbarrier.wait(w_empty.index(buf), ((i // W_RING) & 1) ^ 1)
             ws.index(buf).store(w)
             fence_async_shared()  # the generic-proxy stores, before the wgmma reads them
             _cta_barrier()  # every decoder warp's part is stored (the arrives are one thread's)
             mbarrier.arrive(w_ready.index(buf))
-            # the codes were read (the stored values depend on them): their slot may be refilled
+            # the codes and scales were read (the stored values depend on them)
             mbarrier.arrive(c_empty.index(slot))
-            # step i + 2's scales, issued after the fence (which waits for this thread's loads
-            # in flight), so the next step's fence finds them a step old
-            s_i = s_n
-            m_i = m_n
-            s_n, m_n = _group(scales_ptr, mins_ptr, rows, rmask, G, gl.minimum(i + 2, n_steps - 1),
-                              GS, ENC)  # fmt: skip
+            mbarrier.arrive(s_empty.index(sslot))
 
     @gluon.jit
-    def _ws_mma(xs, ws, x_ready, x_empty, w_ready, w_empty, n_steps, BLOCK_M: gl.constexpr,
-                ACC: gl.constexpr):  # fmt: skip
+    def _ws_stage_scales(scales_ptr, mins_ptr, ss, ms, s_ready, s_empty, j, n_steps, n0, N, G,
+                         GS: gl.constexpr, ENC: gl.constexpr, LS: gl.constexpr):  # fmt: skip
+        """Step ``j``'s scales (and mins) of the tile's rows, fp32, into the scales' ring for the
+        decoders (by the ``wgmma`` warps, between issuing a product and waiting for it)."""
+        S_RING: gl.constexpr = ss.shape[0]
+        BLOCK_N: gl.constexpr = ss.shape[1]
+        if j < n_steps:
+            slot = j % S_RING
+            rows = n0 + gl.arange(0, BLOCK_N, layout=LS)
+            rmask = rows < N
+            g = (j * 64) // GS
+            s = gl.load(scales_ptr + rows * G + g, mask=rmask, other=0.0).to(gl.float32)
+            if ENC == 0:
+                m = gl.load(mins_ptr + rows * G + g, mask=rmask, other=0.0).to(gl.float32)
+            mbarrier.wait(s_empty.index(slot), ((j // S_RING) & 1) ^ 1)
+            ss.index(slot).store(s)
+            if ENC == 0:
+                ms.index(slot).store(m)
+            _cta_barrier()  # every warp's rows are stored (the arrive is one thread's)
+            mbarrier.arrive(s_ready.index(slot))
+
+    @gluon.jit
+    def _ws_mma(xs, ws, ss, ms, x_ready, x_empty, w_ready, w_empty, s_ready, s_empty,
+                scales_ptr, mins_ptr, n_steps, n0, N, G, GS: gl.constexpr, ENC: gl.constexpr,
+                BLOCK_M: gl.constexpr, ACC: gl.constexpr):  # fmt: skip
         """The default partition (``wgmma`` warpgroups): one asynchronous product a step, one
         behind in flight; each finished product frees its activations' slot and weight
-        buffer."""
+        buffer. While a product runs, these warps also stage the scales ``S_RING - 1`` steps
+        ahead (the decoders run up to ``W_RING`` steps ahead of the products)."""
         X_RING: gl.constexpr = xs.shape[0]
         W_RING: gl.constexpr = ws.shape[0]
+        S_RING: gl.constexpr = ss.shape[0]
         BLOCK_N: gl.constexpr = ws.shape[1]
+        LS: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+        for j in gl.static_range(S_RING - 1):
+            _ws_stage_scales(scales_ptr, mins_ptr, ss, ms, s_ready, s_empty, j, n_steps, n0, N,
+                             G, GS, ENC, LS)  # fmt: skip
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, ACC)
         # step 0 peeled (see gemm16_kernel: no path may reach a wait with a zeroed accumulator)
         mbarrier.wait(x_ready.index(0), 0)
         mbarrier.wait(w_ready.index(0), 0)
         acc = warpgroup_mma(xs.index(0), ws.index(0).permute([1, 0]), acc, is_async=True)
+        _ws_stage_scales(scales_ptr, mins_ptr, ss, ms, s_ready, s_empty, S_RING - 1, n_steps, n0,
+                         N, G, GS, ENC, LS)  # fmt: skip
         acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])  # (waits for nothing)
         for i in range(1, n_steps):
             xslot = i % X_RING
@@ -323,6 +352,8 @@ if HAVE_GEMM16:
             mbarrier.wait(w_ready.index(buf), (i // W_RING) & 1)
             acc = warpgroup_mma(xs.index(xslot), ws.index(buf).permute([1, 0]), acc,
                                 is_async=True)  # fmt: skip
+            _ws_stage_scales(scales_ptr, mins_ptr, ss, ms, s_ready, s_empty, i + S_RING - 1,
+                             n_steps, n0, N, G, GS, ENC, LS)  # fmt: skip
             acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
             _cta_barrier()  # every warpgroup's product i - 1 is done
             mbarrier.arrive(x_empty.index((i - 1) % X_RING))
@@ -374,6 +405,10 @@ if HAVE_GEMM16:
         xs = gl.allocate_shared_memory(dt, [X_RING, BLOCK_M, 64], X_SL)
         cs = gl.allocate_shared_memory(gl.int32, [C_RING, BLOCK_N, 8], C_SL)
         ws = gl.allocate_shared_memory(dt, [W_RING, BLOCK_N, 64], W_SL)
+        S_RING: gl.constexpr = W_RING + 2
+        SS_L: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        ss = gl.allocate_shared_memory(gl.float32, [S_RING, BLOCK_N], SS_L)
+        ms = gl.allocate_shared_memory(gl.float32, [S_RING, BLOCK_N], SS_L)
         BL: gl.constexpr = mbarrier.MBarrierLayout()
         x_ready = gl.allocate_shared_memory(gl.int64, [X_RING, 1], BL)
         x_empty = gl.allocate_shared_memory(gl.int64, [X_RING, 1], BL)
@@ -390,15 +425,21 @@ if HAVE_GEMM16:
         for s in gl.static_range(W_RING):
             mbarrier.init(w_ready.index(s), count=1)
             mbarrier.init(w_empty.index(s), count=1)
+        s_ready = gl.allocate_shared_memory(gl.int64, [S_RING, 1], BL)
+        s_empty = gl.allocate_shared_memory(gl.int64, [S_RING, 1], BL)
+        for s in gl.static_range(S_RING):
+            mbarrier.init(s_ready.index(s), count=1)
+            mbarrier.init(s_empty.index(s), count=1)
         fence_async_shared()
 
         results = gl.warp_specialize(
             [
-                (_ws_mma, (xs, ws, x_ready, x_empty, w_ready, w_empty, n_steps, BLOCK_M, ACC)),
+                (_ws_mma, (xs, ws, ss, ms, x_ready, x_empty, w_ready, w_empty, s_ready, s_empty,
+                           scales_ptr, mins_ptr, n_steps, n0, N, G, GS, ENC, BLOCK_M, ACC)),
                 (_ws_load_x, (x_desc, xs, x_ready, x_empty, n_steps, m0)),
                 (_ws_load_codes, (c_desc, cs, c_ready, c_empty, n_steps, n0)),
-                (_ws_decode, (cs, ws, c_ready, c_empty, w_ready, w_empty, scales_ptr, mins_ptr,
-                              N, G, n0, n_steps, ENC, GS, L3, DIAG)),
+                (_ws_decode, (cs, ws, ss, ms, c_ready, c_empty, w_ready, w_empty, s_ready,
+                              s_empty, n_steps, ENC, L3, DIAG)),
             ],
             [1, 1, DECODE_WARPS],
             [24, 24, DECODE_REGS],
