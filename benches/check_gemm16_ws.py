@@ -9,7 +9,7 @@ import probe_gemm16 as P
 import torch
 import torch.nn.functional as F
 
-CASES = [("int4-affine-g64", 256, 512, 70), ("int4-symmetric-g64", 256, 512, 70),
+CASES = [("int4-affine-g64", 256, 512, 70), ("int4-sym-g64", 256, 512, 70),
          ("int4-affine-g128", 2048, 2048, 256), ("int4-affine-g64", 8192, 8192, 1024)]  # fmt: skip
 for enc, N, K, M in CASES:
     case = S.Case(enc, N, K)

@@ -266,8 +266,7 @@ if HAVE_GEMM16:
                    ENC: gl.constexpr, L3: gl.constexpr, DIAG: gl.constexpr):  # fmt: skip
         """Decoder warps: each step's codes into the weight tile (the dequantize kernel's
         values, as ``gemm16_kernel``), stored into the weight ring for the ``wgmma`` warps. The
-        scales come from the ``wgmma`` warps through a ring in shared memory: loaded here, they
-        would be in flight at the fence below every step, which waits for them. ``DIAG``
+        scales come from their loader warp through a ring in shared memory. ``DIAG``
         (timing only, wrong results): 2 no decode (zeros stored)."""
         C_RING: gl.constexpr = cs.shape[0]
         W_RING: gl.constexpr = ws.shape[0]
@@ -300,50 +299,47 @@ if HAVE_GEMM16:
             mbarrier.arrive(s_empty.index(sslot))
 
     @gluon.jit
-    def _ws_stage_scales(scales_ptr, mins_ptr, ss, ms, s_ready, s_empty, j, n_steps, n0, N, G,
-                         GS: gl.constexpr, ENC: gl.constexpr, LS: gl.constexpr):  # fmt: skip
-        """Step ``j``'s scales (and mins) of the tile's rows, fp32, into the scales' ring for the
-        decoders (by the ``wgmma`` warps, between issuing a product and waiting for it)."""
+    def _ws_load_scales(scales_ptr, mins_ptr, ss, ms, s_ready, s_empty, n_steps, n0, N, G,
+                        GS: gl.constexpr, ENC: gl.constexpr):  # fmt: skip
+        """Loader warp: each step's scales (and mins) of the tile's rows, fp32, into the scales'
+        ring for the decoders. A gather (one value a row) whose latency is about a step's, so
+        loaded ``AHEAD`` = 2 steps before it is stored (loaded by the decoders themselves, the
+        loads would be in flight at their fence every step, which waits for them)."""
         S_RING: gl.constexpr = ss.shape[0]
         BLOCK_N: gl.constexpr = ss.shape[1]
-        if j < n_steps:
+        LS: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        rows = n0 + gl.arange(0, BLOCK_N, layout=LS)
+        rmask = rows < N
+        s0, m0 = _group(scales_ptr, mins_ptr, rows, rmask, G, 0, GS, ENC)
+        s1, m1 = _group(scales_ptr, mins_ptr, rows, rmask, G, gl.minimum(1, n_steps - 1), GS,
+                        ENC)  # fmt: skip
+        for j in range(n_steps):
             slot = j % S_RING
-            rows = n0 + gl.arange(0, BLOCK_N, layout=LS)
-            rmask = rows < N
-            g = (j * 64) // GS
-            s = gl.load(scales_ptr + rows * G + g, mask=rmask, other=0.0).to(gl.float32)
-            if ENC == 0:
-                m = gl.load(mins_ptr + rows * G + g, mask=rmask, other=0.0).to(gl.float32)
             mbarrier.wait(s_empty.index(slot), ((j // S_RING) & 1) ^ 1)
-            ss.index(slot).store(s)
+            ss.index(slot).store(s0)
             if ENC == 0:
-                ms.index(slot).store(m)
-            _cta_barrier()  # every warp's rows are stored (the arrive is one thread's)
+                ms.index(slot).store(m0)
+            _cta_barrier()  # every lane's rows are stored (the arrive is one thread's)
             mbarrier.arrive(s_ready.index(slot))
+            s0 = s1
+            m0 = m1
+            s1, m1 = _group(scales_ptr, mins_ptr, rows, rmask, G, gl.minimum(j + 2, n_steps - 1),
+                            GS, ENC)  # fmt: skip
 
     @gluon.jit
-    def _ws_mma(xs, ws, ss, ms, x_ready, x_empty, w_ready, w_empty, s_ready, s_empty,
-                scales_ptr, mins_ptr, n_steps, n0, N, G, GS: gl.constexpr, ENC: gl.constexpr,
-                BLOCK_M: gl.constexpr, ACC: gl.constexpr):  # fmt: skip
+    def _ws_mma(xs, ws, x_ready, x_empty, w_ready, w_empty, n_steps, BLOCK_M: gl.constexpr,
+                ACC: gl.constexpr):  # fmt: skip
         """The default partition (``wgmma`` warpgroups): one asynchronous product a step, one
         behind in flight; each finished product frees its activations' slot and weight
-        buffer. While a product runs, these warps also stage the scales ``S_RING - 1`` steps
-        ahead (the decoders run up to ``W_RING`` steps ahead of the products)."""
+        buffer."""
         X_RING: gl.constexpr = xs.shape[0]
         W_RING: gl.constexpr = ws.shape[0]
-        S_RING: gl.constexpr = ss.shape[0]
         BLOCK_N: gl.constexpr = ws.shape[1]
-        LS: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-        for j in gl.static_range(S_RING - 1):
-            _ws_stage_scales(scales_ptr, mins_ptr, ss, ms, s_ready, s_empty, j, n_steps, n0, N,
-                             G, GS, ENC, LS)  # fmt: skip
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, ACC)
         # step 0 peeled (see gemm16_kernel: no path may reach a wait with a zeroed accumulator)
         mbarrier.wait(x_ready.index(0), 0)
         mbarrier.wait(w_ready.index(0), 0)
         acc = warpgroup_mma(xs.index(0), ws.index(0).permute([1, 0]), acc, is_async=True)
-        _ws_stage_scales(scales_ptr, mins_ptr, ss, ms, s_ready, s_empty, S_RING - 1, n_steps, n0,
-                         N, G, GS, ENC, LS)  # fmt: skip
         acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])  # (waits for nothing)
         for i in range(1, n_steps):
             xslot = i % X_RING
@@ -352,8 +348,6 @@ if HAVE_GEMM16:
             mbarrier.wait(w_ready.index(buf), (i // W_RING) & 1)
             acc = warpgroup_mma(xs.index(xslot), ws.index(buf).permute([1, 0]), acc,
                                 is_async=True)  # fmt: skip
-            _ws_stage_scales(scales_ptr, mins_ptr, ss, ms, s_ready, s_empty, i + S_RING - 1,
-                             n_steps, n0, N, G, GS, ENC, LS)  # fmt: skip
             acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
             _cta_barrier()  # every warpgroup's product i - 1 is done
             mbarrier.arrive(x_empty.index((i - 1) % X_RING))
@@ -405,7 +399,7 @@ if HAVE_GEMM16:
         xs = gl.allocate_shared_memory(dt, [X_RING, BLOCK_M, 64], X_SL)
         cs = gl.allocate_shared_memory(gl.int32, [C_RING, BLOCK_N, 8], C_SL)
         ws = gl.allocate_shared_memory(dt, [W_RING, BLOCK_N, 64], W_SL)
-        S_RING: gl.constexpr = W_RING + 2
+        S_RING: gl.constexpr = C_RING
         SS_L: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         ss = gl.allocate_shared_memory(gl.float32, [S_RING, BLOCK_N], SS_L)
         ms = gl.allocate_shared_memory(gl.float32, [S_RING, BLOCK_N], SS_L)
@@ -434,15 +428,16 @@ if HAVE_GEMM16:
 
         results = gl.warp_specialize(
             [
-                (_ws_mma, (xs, ws, ss, ms, x_ready, x_empty, w_ready, w_empty, s_ready, s_empty,
-                           scales_ptr, mins_ptr, n_steps, n0, N, G, GS, ENC, BLOCK_M, ACC)),
+                (_ws_mma, (xs, ws, x_ready, x_empty, w_ready, w_empty, n_steps, BLOCK_M, ACC)),
                 (_ws_load_x, (x_desc, xs, x_ready, x_empty, n_steps, m0)),
                 (_ws_load_codes, (c_desc, cs, c_ready, c_empty, n_steps, n0)),
+                (_ws_load_scales, (scales_ptr, mins_ptr, ss, ms, s_ready, s_empty, n_steps, n0,
+                                   N, G, GS, ENC)),
                 (_ws_decode, (cs, ws, ss, ms, c_ready, c_empty, w_ready, w_empty, s_ready,
                               s_empty, n_steps, ENC, L3, DIAG)),
             ],
-            [1, 1, DECODE_WARPS],
-            [24, 24, DECODE_REGS],
+            [1, 1, 1, DECODE_WARPS],
+            [24, 24, 48, DECODE_REGS],
         )  # fmt: skip
         acc = results[0]
 
