@@ -263,17 +263,20 @@ if HAVE_GEMM16:
 
     @gluon.jit
     def _ws_decode(cs, ws, ss, ms, c_ready, c_empty, w_ready, w_empty, s_ready, s_empty, n_steps,
-                   ENC: gl.constexpr, L3: gl.constexpr, DIAG: gl.constexpr):  # fmt: skip
+                   first, ENC: gl.constexpr, L3: gl.constexpr, DIAG: gl.constexpr,
+                   GROUPS: gl.constexpr):  # fmt: skip
         """Decoder warps: each step's codes into the weight tile (the dequantize kernel's
         values, as ``gemm16_kernel``), stored into the weight ring for the ``wgmma`` warps. The
         scales come from their loader warp through a ring in shared memory. ``DIAG``
-        (timing only, wrong results): 2 no decode (zeros stored)."""
+        (timing only, wrong results): 2 no decode (zeros stored). With ``GROUPS`` = 2 decoder
+        groups, this one takes every other step from ``first``: one group decodes while the
+        other waits at its fence (which waits for its stores)."""
         C_RING: gl.constexpr = cs.shape[0]
         W_RING: gl.constexpr = ws.shape[0]
         S_RING: gl.constexpr = ss.shape[0]
         BLOCK_N: gl.constexpr = ws.shape[1]
         LR: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
-        for i in range(n_steps):
+        for i in range(first, n_steps, GROUPS):
             slot = i % C_RING
             sslot = i % S_RING
             mbarrier.wait(c_ready.index(slot), (i // C_RING) & 1)
@@ -378,6 +381,7 @@ if HAVE_GEMM16:
         W_RING: gl.constexpr,
         DECODE_WARPS: gl.constexpr,
         DECODE_REGS: gl.constexpr,
+        DECODE_GROUPS: gl.constexpr,
         DIAG: gl.constexpr,
         ACC: gl.constexpr,
         L3: gl.constexpr,
@@ -426,19 +430,70 @@ if HAVE_GEMM16:
             mbarrier.init(s_empty.index(s), count=1)
         fence_async_shared()
 
-        results = gl.warp_specialize(
-            [
-                (_ws_mma, (xs, ws, x_ready, x_empty, w_ready, w_empty, n_steps, BLOCK_M, ACC)),
-                (_ws_load_x, (x_desc, xs, x_ready, x_empty, n_steps, m0)),
-                (_ws_load_codes, (c_desc, cs, c_ready, c_empty, n_steps, n0)),
-                (_ws_load_scales, (scales_ptr, mins_ptr, ss, ms, s_ready, s_empty, n_steps, n0,
-                                   N, G, GS, ENC)),
-                (_ws_decode, (cs, ws, ss, ms, c_ready, c_empty, w_ready, w_empty, s_ready,
-                              s_empty, n_steps, ENC, L3, DIAG)),
-            ],
-            [1, 1, 1, DECODE_WARPS],
-            [24, 24, 48, DECODE_REGS],
-        )  # fmt: skip
+        if DECODE_GROUPS == 1:
+            results = gl.warp_specialize(
+                [
+                    (_ws_mma, (xs, ws, x_ready, x_empty, w_ready, w_empty, n_steps, BLOCK_M, ACC)),
+                    (_ws_load_x, (x_desc, xs, x_ready, x_empty, n_steps, m0)),
+                    (_ws_load_codes, (c_desc, cs, c_ready, c_empty, n_steps, n0)),
+                    (
+                        _ws_load_scales,
+                        (
+                            scales_ptr,
+                            mins_ptr,
+                            ss,
+                            ms,
+                            s_ready,
+                            s_empty,
+                            n_steps,
+                            n0,
+                            N,
+                            G,
+                            GS,
+                            ENC,
+                        ),
+                    ),
+                    (
+                        _ws_decode,
+                        (
+                            cs,
+                            ws,
+                            ss,
+                            ms,
+                            c_ready,
+                            c_empty,
+                            w_ready,
+                            w_empty,
+                            s_ready,
+                            s_empty,
+                            n_steps,
+                            0,
+                            ENC,
+                            L3,
+                            DIAG,
+                            1,
+                        ),
+                    ),
+                ],
+                [1, 1, 1, DECODE_WARPS],
+                [24, 24, 48, DECODE_REGS],
+            )
+        else:
+            results = gl.warp_specialize(
+                [
+                    (_ws_mma, (xs, ws, x_ready, x_empty, w_ready, w_empty, n_steps, BLOCK_M, ACC)),
+                    (_ws_load_x, (x_desc, xs, x_ready, x_empty, n_steps, m0)),
+                    (_ws_load_codes, (c_desc, cs, c_ready, c_empty, n_steps, n0)),
+                    (_ws_load_scales, (scales_ptr, mins_ptr, ss, ms, s_ready, s_empty, n_steps,
+                                       n0, N, G, GS, ENC)),
+                    (_ws_decode, (cs, ws, ss, ms, c_ready, c_empty, w_ready, w_empty, s_ready,
+                                  s_empty, n_steps, 0, ENC, L3, DIAG, 2)),
+                    (_ws_decode, (cs, ws, ss, ms, c_ready, c_empty, w_ready, w_empty, s_ready,
+                                  s_empty, n_steps, 1, ENC, L3, DIAG, 2)),
+                ],
+                [1, 1, 1, DECODE_WARPS, DECODE_WARPS],
+                [24, 24, 48, DECODE_REGS, DECODE_REGS],
+            )  # fmt: skip
         acc = results[0]
 
         offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ACC))

@@ -174,6 +174,8 @@ class Gemm16Config:
     decode_warps: int = 4
     decode_regs: int = 152
     w_ring: int = 3
+    #: decoder groups taking turns (2: each ``decode_warps``, every other step; rings even)
+    decode_groups: int = 1
     #: a timing diagnostic of the warp-specialized kernel (wrong results): 2 no decode
     diag: int = 0
 
@@ -975,6 +977,7 @@ def _gemm16_plan(M: int, N: int, K: int, encoding: str, g: int, has_bias: bool,
         lay = gemm16_gluon.ws_layouts(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.decode_warps)
         meta.update(X_RING=cfg.stages, C_RING=cfg.stages, W_RING=cfg.w_ring,
                     DECODE_WARPS=cfg.decode_warps, DECODE_REGS=cfg.decode_regs,
+                    DECODE_GROUPS=cfg.decode_groups,
                     DIAG=cfg.diag)  # fmt: skip
     else:
         lay = gemm16_gluon.layouts(cfg.block_m, cfg.block_n, cfg.num_warps)
