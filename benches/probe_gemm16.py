@@ -47,14 +47,12 @@ ALL = [*QUICK, C(64, 64, 4, 4), C(256, 64, 8, 4), C(128, 256, 8, 3), C(64, 128, 
 #: only, results wrong (2: no decode)
 WS = [
     C(128, 128, 8, 3),
-    C(256, 64, 8, 4, ws=True, decode_regs=120, fuse=True),
-    C(256, 64, 8, 4, ws=True, decode_regs=80, decode_groups=2, w_ring=4),
     C(256, 64, 8, 4, ws=True, decode_regs=80, decode_groups=2, w_ring=4, fuse=True),
-    C(256, 64, 8, 4, ws=True, decode_regs=80, decode_groups=2, w_ring=4, diag=2),
-    C(128, 128, 4, 4, ws=True, fuse=True),
-    C(128, 128, 4, 4, ws=True, decode_regs=104, decode_groups=2, w_ring=4, fuse=True),
+    C(256, 64, 8, 4, ws=True, decode_regs=80, decode_groups=2, w_ring=4, fuse=True, split_k=2),
     C(256, 128, 8, 4, ws=True, decode_regs=128, fuse=True),
-    C(256, 128, 8, 4, ws=True, decode_regs=128, diag=2),
+    C(256, 128, 8, 4, ws=True, decode_regs=128, fuse=True, split_k=2),
+    C(128, 128, 4, 4, ws=True, decode_regs=104, decode_groups=2, w_ring=4, fuse=True),
+    C(128, 128, 4, 4, ws=True, decode_regs=104, decode_groups=2, w_ring=4, fuse=True, split_k=2),
 ]
 SHAPES_1B = [(2048, 2048), (256, 2048), (32000, 2048)]
 
@@ -66,7 +64,7 @@ def _arg(flag: str, default: str) -> str:
 def label(c: L.Gemm16Config) -> str:
     fma = " fma" if c.fuse else ""
     if c.ws:
-        diag = f" DIAG{c.diag}" if c.diag else ""
+        diag = (f" DIAG{c.diag}" if c.diag else "") + (f" k/{c.split_k}" if c.split_k > 1 else "")
         dec = f"{c.decode_groups}x{c.decode_warps}" if c.decode_groups > 1 else c.decode_warps
         return (f"ws {c.block_m}x{c.block_n} {c.num_warps}+{dec}w r{c.stages}"
                 f"/{c.w_ring} {c.decode_regs}reg{fma}{diag}")  # fmt: skip

@@ -240,7 +240,7 @@ def ws_layouts(block_m: int, block_n: int, mma_warps: int, decode_warps: int) ->
 if HAVE_GEMM16:
 
     @gluon.jit
-    def _ws_load_x(x_desc, xs, x_ready, x_empty, n_steps, m0):
+    def _ws_load_x(x_desc, xs, x_ready, x_empty, n_steps, m0, k0):
         """Loader warp: the activations' tiles into their ring, each slot as soon as the product
         that read it is done."""
         RING: gl.constexpr = xs.shape[0]
@@ -248,10 +248,10 @@ if HAVE_GEMM16:
             slot = i % RING
             mbarrier.wait(x_empty.index(slot), ((i // RING) & 1) ^ 1)  # fresh: passes
             mbarrier.expect(x_ready.index(slot), x_desc.block_type.nbytes)
-            _tma_load(x_desc, [m0, i * 64], x_ready.index(slot), xs.index(slot))
+            _tma_load(x_desc, [m0, (k0 + i) * 64], x_ready.index(slot), xs.index(slot))
 
     @gluon.jit
-    def _ws_load_codes(c_desc, cs, c_ready, c_empty, n_steps, n0):
+    def _ws_load_codes(c_desc, cs, c_ready, c_empty, n_steps, n0, k0):
         """Loader warp: the codes' tiles into their ring, each slot as soon as the decoders have
         read it."""
         RING: gl.constexpr = cs.shape[0]
@@ -259,7 +259,7 @@ if HAVE_GEMM16:
             slot = i % RING
             mbarrier.wait(c_empty.index(slot), ((i // RING) & 1) ^ 1)
             mbarrier.expect(c_ready.index(slot), c_desc.block_type.nbytes)
-            _tma_load(c_desc, [n0, i * 8], c_ready.index(slot), cs.index(slot))
+            _tma_load(c_desc, [n0, (k0 + i) * 8], c_ready.index(slot), cs.index(slot))
 
     @gluon.jit
     def _ws_decode(cs, ws, ss, ms, c_ready, c_empty, w_ready, w_empty, s_ready, s_empty, n_steps,
@@ -302,7 +302,7 @@ if HAVE_GEMM16:
             mbarrier.arrive(s_empty.index(sslot))
 
     @gluon.jit
-    def _ws_load_scales(scales_ptr, mins_ptr, ss, ms, s_ready, s_empty, n_steps, n0, N, G,
+    def _ws_load_scales(scales_ptr, mins_ptr, ss, ms, s_ready, s_empty, n_steps, n0, k0, N, G,
                         GS: gl.constexpr, ENC: gl.constexpr):  # fmt: skip
         """Loader warp: each step's scales (and mins) of the tile's rows, fp32, into the scales'
         ring for the decoders. A gather (one value a row) whose latency is about a step's, so
@@ -313,9 +313,9 @@ if HAVE_GEMM16:
         LS: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
         rows = n0 + gl.arange(0, BLOCK_N, layout=LS)
         rmask = rows < N
-        s0, m0 = _group(scales_ptr, mins_ptr, rows, rmask, G, 0, GS, ENC)
-        s1, m1 = _group(scales_ptr, mins_ptr, rows, rmask, G, gl.minimum(1, n_steps - 1), GS,
-                        ENC)  # fmt: skip
+        s0, m0 = _group(scales_ptr, mins_ptr, rows, rmask, G, k0, GS, ENC)
+        s1, m1 = _group(scales_ptr, mins_ptr, rows, rmask, G, k0 + gl.minimum(1, n_steps - 1),
+                        GS, ENC)  # fmt: skip
         for j in range(n_steps):
             slot = j % S_RING
             mbarrier.wait(s_empty.index(slot), ((j // S_RING) & 1) ^ 1)
@@ -326,8 +326,8 @@ if HAVE_GEMM16:
             mbarrier.arrive(s_ready.index(slot))
             s0 = s1
             m0 = m1
-            s1, m1 = _group(scales_ptr, mins_ptr, rows, rmask, G, gl.minimum(j + 2, n_steps - 1),
-                            GS, ENC)  # fmt: skip
+            s1, m1 = _group(scales_ptr, mins_ptr, rows, rmask, G,
+                            k0 + gl.minimum(j + 2, n_steps - 1), GS, ENC)  # fmt: skip
 
     @gluon.jit
     def _ws_mma(xs, ws, x_ready, x_empty, w_ready, w_empty, n_steps, BLOCK_M: gl.constexpr,
@@ -366,16 +366,20 @@ if HAVE_GEMM16:
         mins_ptr,
         bias_ptr,
         out_ptr,
+        ws_ptr,
+        lock_ptr,
         M,
         N,
         K,
         G,
         stride_om,
+        k_steps,
         ENC: gl.constexpr,
         GS: gl.constexpr,
         HAS_BIAS: gl.constexpr,
         BLOCK_M: gl.constexpr,
         BLOCK_N: gl.constexpr,
+        SPLIT_K: gl.constexpr,
         X_RING: gl.constexpr,
         C_RING: gl.constexpr,
         W_RING: gl.constexpr,
@@ -399,7 +403,10 @@ if HAVE_GEMM16:
         n_m = gl.cdiv(M, BLOCK_M)
         m0 = (pid % n_m) * BLOCK_M
         n0 = (pid // n_m) * BLOCK_N
-        n_steps = K // 64
+        # split K: grid axis 1 takes ``k_steps`` steps of 64 each (the last what is left)
+        pid_k = gl.program_id(1)
+        k0 = pid_k * k_steps
+        n_steps = gl.minimum(K // 64 - k0, k_steps)
         xs = gl.allocate_shared_memory(dt, [X_RING, BLOCK_M, 64], X_SL)
         cs = gl.allocate_shared_memory(gl.int32, [C_RING, BLOCK_N, 8], C_SL)
         ws = gl.allocate_shared_memory(dt, [W_RING, BLOCK_N, 64], W_SL)
@@ -434,8 +441,8 @@ if HAVE_GEMM16:
             results = gl.warp_specialize(
                 [
                     (_ws_mma, (xs, ws, x_ready, x_empty, w_ready, w_empty, n_steps, BLOCK_M, ACC)),
-                    (_ws_load_x, (x_desc, xs, x_ready, x_empty, n_steps, m0)),
-                    (_ws_load_codes, (c_desc, cs, c_ready, c_empty, n_steps, n0)),
+                    (_ws_load_x, (x_desc, xs, x_ready, x_empty, n_steps, m0, k0)),
+                    (_ws_load_codes, (c_desc, cs, c_ready, c_empty, n_steps, n0, k0)),
                     (
                         _ws_load_scales,
                         (
@@ -447,6 +454,7 @@ if HAVE_GEMM16:
                             s_empty,
                             n_steps,
                             n0,
+                            k0,
                             N,
                             G,
                             GS,
@@ -482,10 +490,10 @@ if HAVE_GEMM16:
             results = gl.warp_specialize(
                 [
                     (_ws_mma, (xs, ws, x_ready, x_empty, w_ready, w_empty, n_steps, BLOCK_M, ACC)),
-                    (_ws_load_x, (x_desc, xs, x_ready, x_empty, n_steps, m0)),
-                    (_ws_load_codes, (c_desc, cs, c_ready, c_empty, n_steps, n0)),
+                    (_ws_load_x, (x_desc, xs, x_ready, x_empty, n_steps, m0, k0)),
+                    (_ws_load_codes, (c_desc, cs, c_ready, c_empty, n_steps, n0, k0)),
                     (_ws_load_scales, (scales_ptr, mins_ptr, ss, ms, s_ready, s_empty, n_steps,
-                                       n0, N, G, GS, ENC)),
+                                       n0, k0, N, G, GS, ENC)),
                     (_ws_decode, (cs, ws, ss, ms, c_ready, c_empty, w_ready, w_empty, s_ready,
                                   s_empty, n_steps, 0, ENC, L3, DIAG, 2)),
                     (_ws_decode, (cs, ws, ss, ms, c_ready, c_empty, w_ready, w_empty, s_ready,
@@ -499,8 +507,27 @@ if HAVE_GEMM16:
         offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ACC))
         offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, ACC))
         nmask = offs_n < N
-        if HAS_BIAS:
-            acc += gl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(gl.float32)[None, :]
         mask = (offs_m < M)[:, None] & nmask[None, :]
+        if SPLIT_K > 1:  # as epilogue.store_result: the last slice to arrive adds them in order
+            wsp = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+            gl.store(wsp + pid_k * M * N, acc, mask=mask)
+            _cta_barrier()  # every thread's partials are stored before the counter moves
+            arrived = gl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                acc = gl.load(wsp, mask=mask, other=0.0, cache_modifier=".cg")
+                for sk in gl.static_range(1, SPLIT_K):
+                    acc += gl.load(wsp + sk * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                _ws_write(acc, offs_m, offs_n, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+                gl.atomic_xchg(lock_ptr + pid, 0)
+        else:
+            _ws_write(acc, offs_m, offs_n, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+
+    @gluon.jit
+    def _ws_write(acc, offs_m, offs_n, mask, N, out_ptr, stride_om, bias_ptr,
+                  HAS_BIAS: gl.constexpr):  # fmt: skip
+        """``out = acc (+ bias)`` in out's dtype."""
+        if HAS_BIAS:
+            bias = gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+            acc += bias.to(gl.float32)[None, :]
         ptr = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
         gl.store(ptr, acc.to(out_ptr.dtype.element_ty), mask=mask)

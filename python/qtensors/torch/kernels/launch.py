@@ -174,6 +174,9 @@ class Gemm16Config:
     decode_warps: int = 4
     decode_regs: int = 152
     w_ring: int = 3
+    #: K cut into this many slices, one program each (``gemm16_ws_kernel``; the last slice of a
+    #: tile adds the partial sums): more programs where the output tiles alone are too few
+    split_k: int = 1
     #: decoder groups taking turns (2: each ``decode_warps``, every other step; rings even)
     decode_groups: int = 1
     #: a timing diagnostic of the warp-specialized kernel (wrong results): 2 no decode
@@ -977,7 +980,7 @@ def _gemm16_plan(M: int, N: int, K: int, encoding: str, g: int, has_bias: bool,
         lay = gemm16_gluon.ws_layouts(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.decode_warps)
         meta.update(X_RING=cfg.stages, C_RING=cfg.stages, W_RING=cfg.w_ring,
                     DECODE_WARPS=cfg.decode_warps, DECODE_REGS=cfg.decode_regs,
-                    DECODE_GROUPS=cfg.decode_groups,
+                    DECODE_GROUPS=cfg.decode_groups, SPLIT_K=cfg.split_k,
                     DIAG=cfg.diag)  # fmt: skip
     else:
         lay = gemm16_gluon.layouts(cfg.block_m, cfg.block_n, cfg.num_warps)
@@ -990,6 +993,8 @@ def _gemm16_plan(M: int, N: int, K: int, encoding: str, g: int, has_bias: bool,
         enable_fp_fusion=cfg.fuse,
     )
     grid = (-(-M // cfg.block_m) * -(-N // cfg.block_n),)
+    if cfg.ws:
+        grid = (grid[0], cfg.split_k)
     return grid, meta, tuple(sorted((k, str(v)) for k, v in meta.items())), cfg
 
 
@@ -1020,8 +1025,19 @@ def gemm16_linear(
     c2 = codes.view(torch.uint8).view(torch.int32).view(N, K // 8)
     c_desc = TD(c2, [N, K // 8], [K // 8, 1], [cfg.block_n, 8], meta["C_SL"])
     m = scales if mins is None else mins
-    args = (x_desc, c_desc, scales, m, scales if bias is None else bias, out, M, N, K,
-            K // group_size, out.stride(0))  # fmt: skip
+    stand_in = scales if bias is None else bias
+    if cfg.ws:
+        locks = _locks(x2.device)
+        split = cfg.split_k
+        if split > 1 and (locks is None or grid[0] > LOCK_SLOTS):
+            raise ValueError("gemm16: split K needs the counters (made outside graph capture)")
+        ws = _workspace(x2.device, (split, M, N)) if split > 1 else out
+        k_steps = -(-(K // 64) // split)
+        args = (x_desc, c_desc, scales, m, stand_in, out, ws, out if locks is None else locks,
+                M, N, K, K // group_size, out.stride(0), k_steps)  # fmt: skip
+    else:
+        args = (x_desc, c_desc, scales, m, stand_in, out, M, N, K, K // group_size,
+                out.stride(0))  # fmt: skip
     kernel = gemm16_gluon.gemm16_ws_kernel if cfg.ws else gemm16_gluon.gemm16_kernel
     launch(kernel, grid, args, meta, meta_key, cuda_index)
     return out
