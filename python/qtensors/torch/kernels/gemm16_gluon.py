@@ -305,19 +305,17 @@ if HAVE_GEMM16:
     def _ws_load_scales(scales_ptr, mins_ptr, ss, ms, s_ready, s_empty, n_steps, n0, k0, N, G,
                         GS: gl.constexpr, ENC: gl.constexpr):  # fmt: skip
         """Loader warp: each step's scales (and mins) of the tile's rows, fp32, into the scales'
-        ring for the decoders. A gather (one value a row), loaded 4 steps before it is stored
-        (loaded by the decoders themselves, the loads would be in flight at their fence every
-        step, which waits for them)."""
+        ring for the decoders. A gather (one value a row) whose latency is about a step's, so
+        loaded ``AHEAD`` = 2 steps before it is stored (loaded by the decoders themselves, the
+        loads would be in flight at their fence every step, which waits for them)."""
         S_RING: gl.constexpr = ss.shape[0]
         BLOCK_N: gl.constexpr = ss.shape[1]
         LS: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
         rows = n0 + gl.arange(0, BLOCK_N, layout=LS)
         rmask = rows < N
-        last = n_steps - 1
         s0, m0 = _group(scales_ptr, mins_ptr, rows, rmask, G, k0, GS, ENC)
-        s1, m1 = _group(scales_ptr, mins_ptr, rows, rmask, G, k0 + gl.minimum(1, last), GS, ENC)
-        s2, m2 = _group(scales_ptr, mins_ptr, rows, rmask, G, k0 + gl.minimum(2, last), GS, ENC)
-        s3, m3 = _group(scales_ptr, mins_ptr, rows, rmask, G, k0 + gl.minimum(3, last), GS, ENC)
+        s1, m1 = _group(scales_ptr, mins_ptr, rows, rmask, G, k0 + gl.minimum(1, n_steps - 1),
+                        GS, ENC)  # fmt: skip
         for j in range(n_steps):
             slot = j % S_RING
             mbarrier.wait(s_empty.index(slot), ((j // S_RING) & 1) ^ 1)
@@ -328,12 +326,8 @@ if HAVE_GEMM16:
             mbarrier.arrive(s_ready.index(slot))
             s0 = s1
             m0 = m1
-            s1 = s2
-            m1 = m2
-            s2 = s3
-            m2 = m3
-            s3, m3 = _group(scales_ptr, mins_ptr, rows, rmask, G, k0 + gl.minimum(j + 4, last), GS,
-                            ENC)  # fmt: skip
+            s1, m1 = _group(scales_ptr, mins_ptr, rows, rmask, G,
+                            k0 + gl.minimum(j + 2, n_steps - 1), GS, ENC)  # fmt: skip
 
     @gluon.jit
     def _ws_mma(xs, ws, x_ready, x_empty, w_ready, w_empty, n_steps, BLOCK_M: gl.constexpr,
