@@ -3,14 +3,15 @@ memory, asynchronous ``wgmma``) for many rows, against cuBLAS bf16 and the route
 (decode + cuBLAS past 64 rows), per shape, row count and configuration.
 
     OUT=DIR python3 benches/probe_gemm16.py [--rows 128,256,...] [--shapes 8192x8192,...]
-        [--encodings int4-affine-g64,...] [--configs quick|all|ws] [--dtype bf16|fp16]
+        [--encodings int4-affine-g64,...] [--configs table|all] [--dtype bf16|fp16]
 
 Before any timing every configuration is checked against decode + ``F.linear`` (bf16 output:
 relative error < 2e-2, and reported) and dropped if wrong. Times are us per call inside a CUDA
 graph over enough weight copies to overflow L2 (``bench_gpu_gemv_sweep.Case``), the median of
 10 replays. Prints, per (encoding, shape, rows): cuBLAS, decode + cuBLAS, the op as routed
-without gemm16 (``GEMM16_MIN_M = None``) and with it, every configuration, the best and its
-ratio to cuBLAS; then ``table`` lines for ``launch.GEMM16_TABLE``.
+without gemm16 (``GEMM16_ROWS = None``) and with it, every configuration, the best and its
+ratio to cuBLAS; then ``table`` lines for ``launch.GEMM16_TABLE``. ``--configs table``: the
+configurations of the table only (the default: the candidates below).
 """
 
 from __future__ import annotations
@@ -38,21 +39,15 @@ from qtensors.torch.linear import linear_dequantize  # noqa: E402
 REPORT = Report()
 say = REPORT.say
 C = L.Gemm16Config
-#: (block_m, block_n, warps, stages)
-QUICK = [C(128, 128, 8, 3), C(256, 128, 8, 3), C(128, 64, 8, 4), C(128, 256, 8, 3),
-         C(256, 128, 16, 3), C(128, 128, 16, 4), C(256, 64, 16, 4), C(128, 256, 16, 3),
-         C(128, 64, 16, 4), C(128, 128, 16, 4, depth=2)]  # fmt: skip
-ALL = [*QUICK, C(64, 64, 4, 4), C(256, 64, 8, 4), C(128, 256, 8, 3), C(64, 128, 4, 6)]
-#: warp-specialized (gemm16_ws_kernel), against the best of the old kernel; ``diag``: timing
-#: only, results wrong (2: no decode)
-WS = [
-    C(128, 128, 8, 3),
-    C(256, 64, 8, 4, ws=True, decode_regs=80, decode_groups=2, w_ring=4, fuse=True),
-    C(256, 64, 8, 4, ws=True, decode_regs=80, decode_groups=2, w_ring=4, fuse=True, split_k=2),
-    C(256, 128, 8, 4, ws=True, decode_regs=128, fuse=True),
-    C(256, 128, 8, 4, ws=True, decode_regs=128, fuse=True, split_k=2),
-    C(128, 128, 4, 4, ws=True, decode_regs=104, decode_groups=2, w_ring=4, fuse=True),
-    C(128, 128, 4, 4, ws=True, decode_regs=104, decode_groups=2, w_ring=4, fuse=True, split_k=2),
+#: the candidates (block_m, block_n, wgmma warps; the rest by name), as the H200 sweeps of this
+#: kernel narrowed them (``benches/results/gpu_gemm16_ws_h200.txt``)
+ALL = [
+    C(),
+    C(split_k=2),
+    C(256, 128, 8, w_ring=3, decode_regs=128, decode_groups=1),
+    C(256, 128, 8, w_ring=3, decode_regs=128, decode_groups=1, split_k=2),
+    C(128, 128, 4, decode_regs=104),
+    C(128, 128, 4, decode_regs=104, split_k=2),
 ]
 SHAPES_1B = [(2048, 2048), (256, 2048), (32000, 2048)]
 
@@ -62,13 +57,11 @@ def _arg(flag: str, default: str) -> str:
 
 
 def label(c: L.Gemm16Config) -> str:
+    dec = f"{c.decode_groups}x{c.decode_warps}" if c.decode_groups > 1 else c.decode_warps
+    split = f" k/{c.split_k}" if c.split_k > 1 else ""
     fma = " fma" if c.fuse else ""
-    if c.ws:
-        diag = (f" DIAG{c.diag}" if c.diag else "") + (f" k/{c.split_k}" if c.split_k > 1 else "")
-        dec = f"{c.decode_groups}x{c.decode_warps}" if c.decode_groups > 1 else c.decode_warps
-        return (f"ws {c.block_m}x{c.block_n} {c.num_warps}+{dec}w r{c.stages}"
-                f"/{c.w_ring} {c.decode_regs}reg{fma}{diag}")  # fmt: skip
-    return f"{c.block_m}x{c.block_n} {c.num_warps}w{c.stages} d{c.depth}{fma}"
+    return (f"{c.block_m}x{c.block_n} {c.num_warps}+{dec}w r{c.stages}/{c.w_ring}"
+            f" {c.decode_regs}reg{fma}{split}")  # fmt: skip
 
 
 def gemm16(cfg):
@@ -84,13 +77,13 @@ def decode_cublas(x, w: S.Weight):
 
 
 def routed_without_gemm16(x, w: S.Weight):
-    old = L.GEMM16_MIN_M
-    L.GEMM16_MIN_M = None
+    old = L.GEMM16_ROWS
+    L.GEMM16_ROWS = None
     L.route.cache_clear()
     try:
         return S.routed(x, w)
     finally:
-        L.GEMM16_MIN_M = old
+        L.GEMM16_ROWS = old
         L.route.cache_clear()
 
 
@@ -100,7 +93,9 @@ def main() -> None:
     if "--shapes" in sys.argv:
         shapes = [tuple(int(d) for d in s.split("x")) for s in _arg("--shapes", "").split(",")]
     encs = _arg("--encodings", "int4-affine-g64").split(",")
-    configs = {"all": ALL, "quick": QUICK, "ws": WS}[_arg("--configs", "quick")]
+    configs = ALL
+    if _arg("--configs", "all") == "table":
+        configs = list(dict.fromkeys(L.GEMM16_TABLE.values()))
     if _arg("--dtype", "bf16") == "fp16":
         S.DT = torch.float16
     if SMOKE:  # the script's own check: tiny shapes, decode + cuBLAS only (no Gluon on CPU)
@@ -127,7 +122,7 @@ def main() -> None:
                     except Exception as exc:  # a config the shape cannot take
                         say(f"  {ename} {N}x{K} M{M} {name}: {type(exc).__name__}: {exc}"[:200])
                         continue
-                    if err < S.TOL or (name in cfg_of and cfg_of[name].diag):
+                    if err < S.TOL:
                         ok[name] = fn
                         if name in cfg_of and M == rows[0]:
                             say(f"  {ename} {N}x{K} M{M} {name}: rel err {err:.2e}")
@@ -135,7 +130,7 @@ def main() -> None:
                         say(f"  {ename} {N}x{K} M{M} {name}: WRONG, rel err {err:.3g}")
                 cub = case.cublas_us(x)
                 times = {name: case.time(fn, M) for name, fn in ok.items()}
-                mine = {k: v for k, v in times.items() if k in cfg_of and not cfg_of[k].diag}
+                mine = {k: v for k, v in times.items() if k in cfg_of}
                 best = min(mine, key=mine.get) if mine else None
                 head = f"{ename:16} {N:>5}x{K:<5} M{M:<5} cuBLAS {cub:8.1f}"
                 parts = [f"{k} {v:.1f}" for k, v in times.items() if k not in cfg_of]

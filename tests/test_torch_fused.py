@@ -170,15 +170,23 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
     assert half(3) == half(16) == half(32) == half(16, "symmetric") == "mma"
     assert half(1) == half(2) == half(2, "symmetric") == "tiled"  # the words kernel
     assert half(33) == "decode"  # 33-64 rows: only wide weights
-    assert half(64, N=8192, K=4096) == "mma" and half(65, N=8192, K=4096) == "gemm16"
-    # from GEMM16_MIN_M rows: gemm16_gluon.py for int4 affine / symmetric, groups of 64k
-    assert half(65) == half(300, "symmetric", 128) == "gemm16"
-    assert half(65, "nf4") == half(65, "mxfp4", 32) == half(65, g=32) == "decode"
-    assert half(65, K=96) == "decode"  # K not a multiple of 64
-    assert route(65) == "decode"  # fp32 activations: exact decode + matmul
-    monkeypatch.setattr(L, "GEMM16_MIN_M", None)
-    assert half(65, N=8192, K=4096) == "decode"
-    monkeypatch.setattr(L, "GEMM16_MIN_M", L.MMA_MAX_M + 1)
+    assert half(64, N=8192, K=4096) == "mma" and half(65, N=8192, K=4096) == "decode"
+    # GEMM16_ROWS (65-256) on GEMM16_TABLE's weights only: gemm16_gluon.py, int4 affine /
+    # symmetric in groups of 64k; decode + cuBLAS elsewhere and from 257 rows
+    big = dict(N=8192, K=8192)
+    assert half(65, **big) == half(256, "symmetric", 128, **big) == "gemm16"
+    assert half(257, **big) == "decode" and half(200, N=4096, K=4096) == "decode"
+    assert half(100, "nf4", **big) == half(100, "mxfp4", 32, **big) == "decode"
+    assert half(100, g=32, **big) == "decode"  # groups not whole steps of 64
+    assert route(100, **big) == "decode"  # fp32 activations: exact decode + matmul
+    assert L.gemm16_config(100, 8192, 8192) == L.GEMM16_TABLE[(128, 8192, 8192)]
+    assert L.gemm16_config(129, 8192, 8192) == L.GEMM16_TABLE[(256, 8192, 8192)]
+    monkeypatch.setitem(L.GEMM16_TABLE, (128, 64, 128), L.Gemm16Config())
+    assert half(100) == "gemm16" and half(100, K=96) == "decode"  # K not a multiple of 64
+    monkeypatch.setattr(L, "GEMM16_ROWS", None)
+    assert half(100) == half(200, **big) == "decode"
+    monkeypatch.setattr(L, "GEMM16_ROWS", (L.MMA_MAX_M + 1, 256))
+    monkeypatch.delitem(L.GEMM16_TABLE, (128, 64, 128))
     assert half(3, "mxfp4", 32) != "mma" and half(4, "mxfp4", 32) == "mma"
     assert half(16, "nvfp4", 16) != "mma" and half(16, "nf4") != "mma"
     assert route(16) == "tiled"  # fp32 activations never take it

@@ -1,33 +1,34 @@
-"""``gemm16_kernel`` (Gluon, sm_90+): ``y = x @ W^T + b`` for many rows of ``x`` (a prompt's
-prefill, large batches), int4 affine / symmetric codes in groups of 64+ along the input dim.
+"""``gemm16_kernel`` (Gluon, sm_90+): ``y = x @ W^T + b`` for a prompt's worth of rows of ``x``
+(65-256), int4 affine / symmetric codes in groups of 64+ along the input dim, without the
+decoded weight in HBM.
 
-Past a few dozen rows the product is bound by the tensor cores. Each K step of 64 decodes a
-``[BLOCK_N, 64]`` tile of the weight into the activations' 16-bit dtype (the dequantize kernel's
-values: fp32 ``code * s + min``, each operation rounded once, then rounded to the dtype) and
-stores it in shared memory, where an asynchronous ``wgmma`` multiplies it with the activations'
-tile while the warps decode the next step: the weight tiles alternate between two buffers, and
-``warpgroup_mma_wait(1)`` lets one product run behind the decoding. The activations' and codes'
-tiles come in by the TMA engine, ``STAGES`` steps ahead. So the product is decode + cuBLAS's,
-up to the order of the fp32 sums, without the weight-sized temporary and its round trip through
-HBM.
+Warp-specialized: the partitions of a CTA hand tiles over through mbarrier rings.
 
-STATUS (stop 32, not merged; main keeps decode + cuBLAS past 64 rows). Correct against decode +
-``F.linear`` on the H200 (relative error 2.9e-3 in bf16), but 0.34-0.60x cuBLAS bf16 and
-0.54-0.91x decode + cuBLAS at 256 and 1024 rows (main's ``benches/results/gpu_gemm16_gluon*``).
-Products 1-3 deep in flight (``DEPTH``), 16-warp CTAs, codes as words, a fused multiply-add and
-scale loads after the fence changed it by a few percent. Nsight Compute (1024 rows of 8192^2,
-``gpu_gemm16_ncu*_h200.txt``): 0.34 instructions issued per scheduler-cycle with 2 warps each,
-stalls mostly at the CTA barriers, issuing and fixed-latency / L1 waits, the tensor cores' own
-stall under 1%: the decode (~8 instructions a weight) and the product share the warps, and at
-128 rows a tile one weight's decode costs on the CUDA cores what its multiply-adds cost on the
-tensor cores. Next: warp-specialized partitions (``gl.warp_specialize``: a TMA warp, decode
-warps writing the weight ring, ``wgmma`` warpgroups consuming it, mbarriers instead of CTA
-barriers), 256-row tiles, and a cheaper decode (bf16x2 arithmetic).
+* a loader warp brings the activations' ``[BLOCK_M, 64]`` tiles in by TMA, ``stages`` ahead;
+* a loader warp brings the codes' ``[BLOCK_N, 64]`` tiles (as int32 words) in by TMA;
+* a loader warp gathers each step's scales (and mins) two steps ahead into a shared ring: loaded
+  by the decoders, they would be in flight at the decoders' fence, which waits for them (every
+  step, measured: the fence before a ``wgmma`` reads shared memory is ``MEMBAR`` + proxy fence);
+* ``decode_warps`` decoder warps (one group, or two taking every other step, so one decodes
+  while the other waits at its fence) turn the codes into the activations' 16-bit dtype (the
+  dequantize kernel's values: fp32 ``code * s + min``, then rounded; with ``fuse`` the multiply
+  and add are one FMA, within an ulp) and store them into a ring of ``w_ring`` weight tiles;
+* the kernel's own warps (whole warpgroups) issue one asynchronous ``wgmma`` a step, one
+  product behind in flight, and free each activations' slot and weight tile when its product
+  is done; then they write the tile, or with ``split_k`` its fp32 partial sums (the last slice
+  of a tile to arrive adds them in slice order, as ``epilogue.store_result``).
 
-A Triton (``tl.dot``) version of the same product (this branch's history, commits 6362342 and
-f267871) ran 0.14-0.44x cuBLAS bf16: with the weight in registers each ``wgmma`` waited for
-the previous one, and with the weight in shared memory each step waited for its product before
-decoding the next.
+Measured (H200, bf16, us in a CUDA graph; ``benches/probe_gemm16.py``,
+``benches/results/gpu_gemm16_ws_h200.txt``): faster than decode + cuBLAS (the route past 64
+rows before it) by 1.2-1.4x at 128-256 rows on the large Llama-8B-class weights (8192^2,
+14336 x 4096, 4096 x 14336), but 0.6-0.7x cuBLAS on the bf16 weight; slower than decode +
+cuBLAS on 4096^2 and smaller weights and from 512 rows. So ``launch.GEMM16_TABLE`` routes it
+where measured, and only there. Without the decode (zeros stored; a diagnostic build) the
+pipeline itself ran 68 us against cuBLAS's 49 on 8192^2 at 256 rows: the activations are
+re-read from L2 by every one of the ``N / BLOCK_N`` column tiles.
+
+The version before this one (stop 32, branch ``gemm16``) decoded and multiplied on the same
+warps, with CTA barriers between them: 0.34-0.60x cuBLAS, slower than decode + cuBLAS.
 """
 
 from __future__ import annotations
@@ -57,21 +58,20 @@ BK = 64
 GEMM16_ENC = {"affine": 0, "symmetric": 1}
 
 
-def layouts(block_m: int, block_n: int, warps: int) -> dict:
-    """The kernel's constexpr layouts: the accumulator (``wgmma``'s, warps along the rows: 16
-    rows a warp), the codes' tile as int32 words ``[BLOCK_N, 8]`` (a word = 8 codes a thread)
-    and its 8 codes along a last dim in the same thread (``L3``), and the shared layouts of the
-    activations', codes' and weight's tiles."""
-    # warps along the rows (16 each, in fours: a warpgroup), the rest along the features
-    wm = min(warps, block_m // 16)
-    wn = warps // max(wm, 1)
-    if wm % 4 or block_m % (16 * wm) or wm * wn != warps or block_n % (8 * wn) or block_n > 256:
-        raise ValueError(f"gemm16: no wgmma layout for {block_m} x {block_n} on {warps} warps")
+def layouts(block_m: int, block_n: int, mma_warps: int, decode_warps: int) -> dict:
+    """The kernel's constexpr layouts: the accumulator (``wgmma``'s: ``mma_warps`` along the
+    rows, 16 rows a warp), the decoders' tile of int32 code words ``[BLOCK_N, 8]`` with each
+    word's 8 codes along a last dim in one thread (``L3``, over ``decode_warps``), and the shared
+    layouts of the activations', codes' and weight's tiles."""
+    if mma_warps % 4 or block_m % (16 * mma_warps):
+        raise ValueError(f"gemm16: {block_m} rows do not split over {mma_warps} wgmma warps")
+    if block_n % 8 or block_n > 256 or block_n % (4 * decode_warps):
+        raise ValueError(f"gemm16: no layout for {block_n} features on {decode_warps} warps")
     return dict(
         ACC=gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[wm, wn], instr_shape=[16, block_n // wn, 16]
+            version=[3, 0], warps_per_cta=[mma_warps, 1], instr_shape=[16, block_n, 16]
         ),
-        L3=gl.BlockedLayout([1, 1, 8], [4, 8, 1], [warps, 1, 1], [2, 1, 0]),
+        L3=gl.BlockedLayout([1, 1, 8], [4, 8, 1], [decode_warps, 1, 1], [2, 1, 0]),
         X_SL=gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
         W_SL=gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
         C_SL=gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=32, rank=2),
@@ -79,17 +79,6 @@ def layouts(block_m: int, block_n: int, warps: int) -> dict:
 
 
 if HAVE_GEMM16:
-
-    @gluon.jit
-    def _refill(x_desc, c_desc, xs, cs, bars, i, n_steps, m0, n0, STAGES: gl.constexpr):
-        """Start copying step ``i``'s activations and codes (if the K range has it) into its
-        ring slot."""
-        slot = i % STAGES
-        pred = i < n_steps
-        NBYTES: gl.constexpr = x_desc.block_type.nbytes + c_desc.block_type.nbytes
-        mbarrier.expect(bars.index(slot), NBYTES, pred=pred)
-        _tma_load(x_desc, [m0, i * 64], bars.index(slot), xs.index(slot), pred=pred)
-        _tma_load(c_desc, [n0, i * 8], bars.index(slot), cs.index(slot), pred=pred)
 
     @gluon.jit
     def _group(scales_ptr, mins_ptr, rows, rmask, G, i, GS: gl.constexpr, ENC: gl.constexpr):
@@ -119,127 +108,6 @@ if HAVE_GEMM16:
         return v
 
     @gluon.jit
-    def _step(x_desc, c_desc, xs, cs, ws, bars, acc, s_i, m_i, scales_ptr, mins_ptr, rows, rmask,
-              G, i, n_steps, m0, n0, ENC: gl.constexpr, GS: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, L3: gl.constexpr, DEPTH: gl.constexpr):  # fmt: skip
-        """One K step: decode step ``i``'s weight tile into its buffer, start its product
-        behind the previous one's, refill the slot the previous product read. Returns the
-        accumulator and the next step's scales and mins (loaded a step ahead)."""
-        dt: gl.constexpr = x_desc.block_type.element_ty
-        slot = i % STAGES
-        mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
-        words = cs.index(slot).load(gl.SliceLayout(2, L3))
-        w = _values(words, s_i, m_i, ENC, L3).to(dt).reshape([BLOCK_N, 64])  # k = 8j + nibble
-        wbuf = ws.index(i % (DEPTH + 1))
-        wbuf.store(w)
-        fence_async_shared()
-        _cta_barrier()  # every warp's part of the tile is stored before the product
-        # the next step's scales, loaded after the fence: the fence waits for this thread's
-        # loads in flight, so loaded before it they would stall every step
-        s_next, m_next = _group(scales_ptr, mins_ptr, rows, rmask, G,
-                                gl.minimum(i + 1, n_steps - 1), GS, ENC)  # fmt: skip
-        acc = warpgroup_mma(xs.index(slot), wbuf.permute([1, 0]), acc, is_async=True)
-        # the product DEPTH steps back is done: the slot it read may be refilled
-        acc = warpgroup_mma_wait(num_outstanding=DEPTH, deps=[acc])
-        _cta_barrier()
-        if i >= DEPTH:
-            _refill(x_desc, c_desc, xs, cs, bars, i - DEPTH + STAGES, n_steps, m0, n0, STAGES)
-        return acc, s_next, m_next
-
-    @gluon.jit(do_not_specialize=["M"])
-    def gemm16_kernel(
-        x_desc,
-        c_desc,
-        scales_ptr,
-        mins_ptr,
-        bias_ptr,
-        out_ptr,
-        M,
-        N,
-        K,
-        G,
-        stride_om,
-        ENC: gl.constexpr,
-        GS: gl.constexpr,
-        HAS_BIAS: gl.constexpr,
-        BLOCK_M: gl.constexpr,
-        BLOCK_N: gl.constexpr,
-        STAGES: gl.constexpr,
-        DEPTH: gl.constexpr,
-        ACC: gl.constexpr,
-        L3: gl.constexpr,
-        X_SL: gl.constexpr,
-        W_SL: gl.constexpr,
-        C_SL: gl.constexpr,
-    ):
-        """``x_desc``: the activations ``[M, K]`` (block ``[BLOCK_M, 64]``, ``X_SL``);
-        ``c_desc``: the codes as int32 words ``[N, K / 8]`` (block ``[BLOCK_N, 8]``, ``C_SL``);
-        K a multiple of 64, the group size a multiple of 64."""
-        dt: gl.constexpr = x_desc.block_type.element_ty
-        pid = gl.program_id(0)
-        n_m = gl.cdiv(M, BLOCK_M)
-        pid_m = pid % n_m
-        pid_n = pid // n_m
-        m0 = pid_m * BLOCK_M
-        n0 = pid_n * BLOCK_N
-        n_steps = K // 64
-        xs = gl.allocate_shared_memory(dt, [STAGES, BLOCK_M, 64], X_SL)
-        cs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 8], C_SL)
-        ws = gl.allocate_shared_memory(dt, [DEPTH + 1, BLOCK_N, 64], W_SL)
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(bars.index(s), count=1)
-        fence_async_shared()
-        for s in gl.static_range(STAGES):
-            _refill(x_desc, c_desc, xs, cs, bars, s, n_steps, m0, n0, STAGES)
-
-        rows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
-        rmask = rows < N
-        s_i, m_i = _group(scales_ptr, mins_ptr, rows, rmask, G, 0, GS, ENC)
-        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, ACC)
-        # step 0 before the loop: every path to the last wait passes a product, so ptxas keeps
-        # the products in flight across steps (a path that only zeroes the accumulator and
-        # reaches the wait makes it wait after each one: "wgmma serialized", C7515)
-        acc, s_i, m_i = _step(x_desc, c_desc, xs, cs, ws, bars, acc, s_i, m_i, scales_ptr,
-                              mins_ptr, rows, rmask, G, 0, n_steps, m0, n0, ENC, GS, BLOCK_N,
-                              STAGES, L3, DEPTH)  # fmt: skip
-        for i in range(1, n_steps):
-            acc, s_i, m_i = _step(x_desc, c_desc, xs, cs, ws, bars, acc, s_i, m_i, scales_ptr,
-                                  mins_ptr, rows, rmask, G, i, n_steps, m0, n0, ENC, GS,
-                                  BLOCK_N, STAGES, L3, DEPTH)  # fmt: skip
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-        for s in gl.static_range(STAGES):
-            mbarrier.invalidate(bars.index(s))
-
-        offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ACC))
-        offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, ACC))
-        nmask = offs_n < N
-        if HAS_BIAS:
-            acc += gl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(gl.float32)[None, :]
-        mask = (offs_m < M)[:, None] & nmask[None, :]
-        ptr = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        gl.store(ptr, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def ws_layouts(block_m: int, block_n: int, mma_warps: int, decode_warps: int) -> dict:
-    """``gemm16_ws_kernel``'s layouts: the accumulator over the ``wgmma`` warpgroups (16 rows a
-    warp, ``mma_warps`` of them along the rows), the decoders' word tile over ``decode_warps``,
-    and the shared tiles (as ``layouts``)."""
-    if mma_warps % 4 or block_m % (16 * mma_warps):
-        raise ValueError(f"gemm16_ws: {block_m} rows do not split over {mma_warps} warps")
-    if block_n % 8 or block_n > 256 or block_n % (4 * decode_warps):
-        raise ValueError(f"gemm16_ws: no layout for {block_n} features, {decode_warps} warps")
-    lay = layouts(block_m, block_n, mma_warps)
-    lay["ACC"] = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[mma_warps, 1], instr_shape=[16, block_n, 16]
-    )
-    lay["L3"] = gl.BlockedLayout([1, 1, 8], [4, 8, 1], [decode_warps, 1, 1], [2, 1, 0])
-    return lay
-
-
-if HAVE_GEMM16:
-
-    @gluon.jit
     def _ws_load_x(x_desc, xs, x_ready, x_empty, n_steps, m0, k0):
         """Loader warp: the activations' tiles into their ring, each slot as soon as the product
         that read it is done."""
@@ -260,46 +128,6 @@ if HAVE_GEMM16:
             mbarrier.wait(c_empty.index(slot), ((i // RING) & 1) ^ 1)
             mbarrier.expect(c_ready.index(slot), c_desc.block_type.nbytes)
             _tma_load(c_desc, [n0, (k0 + i) * 8], c_ready.index(slot), cs.index(slot))
-
-    @gluon.jit
-    def _ws_decode(cs, ws, ss, ms, c_ready, c_empty, w_ready, w_empty, s_ready, s_empty, n_steps,
-                   first, ENC: gl.constexpr, L3: gl.constexpr, DIAG: gl.constexpr,
-                   GROUPS: gl.constexpr):  # fmt: skip
-        """Decoder warps: each step's codes into the weight tile (the dequantize kernel's
-        values, as ``gemm16_kernel``), stored into the weight ring for the ``wgmma`` warps. The
-        scales come from their loader warp through a ring in shared memory. ``DIAG``
-        (timing only, wrong results): 2 no decode (zeros stored). With ``GROUPS`` = 2 decoder
-        groups, this one takes every other step from ``first``: one group decodes while the
-        other waits at its fence (which waits for its stores)."""
-        C_RING: gl.constexpr = cs.shape[0]
-        W_RING: gl.constexpr = ws.shape[0]
-        S_RING: gl.constexpr = ss.shape[0]
-        BLOCK_N: gl.constexpr = ws.shape[1]
-        LR: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
-        for i in range(first, n_steps, GROUPS):
-            slot = i % C_RING
-            sslot = i % S_RING
-            mbarrier.wait(c_ready.index(slot), (i // C_RING) & 1)
-            words = cs.index(slot).load(gl.SliceLayout(2, L3))
-            mbarrier.wait(s_ready.index(sslot), (i // S_RING) & 1)
-            s = ss.index(sslot).load(LR)
-            if ENC == 0:
-                m = ms.index(sslot).load(LR)
-            else:
-                m = s
-            if DIAG == 2:
-                w = gl.zeros([BLOCK_N, 8, 8], ws.dtype, L3).reshape([BLOCK_N, 64])
-            else:
-                w = _values(words, s, m, ENC, L3).to(ws.dtype).reshape([BLOCK_N, 64])
-            buf = i % W_RING
-            mbarrier.wait(w_empty.index(buf), ((i // W_RING) & 1) ^ 1)
-            ws.index(buf).store(w)
-            fence_async_shared()  # the generic-proxy stores, before the wgmma reads them
-            _cta_barrier()  # every decoder warp's part is stored (the arrives are one thread's)
-            mbarrier.arrive(w_ready.index(buf))
-            # the codes and scales were read (the stored values depend on them)
-            mbarrier.arrive(c_empty.index(slot))
-            mbarrier.arrive(s_empty.index(sslot))
 
     @gluon.jit
     def _ws_load_scales(scales_ptr, mins_ptr, ss, ms, s_ready, s_empty, n_steps, n0, k0, N, G,
@@ -328,6 +156,40 @@ if HAVE_GEMM16:
             m0 = m1
             s1, m1 = _group(scales_ptr, mins_ptr, rows, rmask, G,
                             k0 + gl.minimum(j + 2, n_steps - 1), GS, ENC)  # fmt: skip
+
+    @gluon.jit
+    def _ws_decode(cs, ws, ss, ms, c_ready, c_empty, w_ready, w_empty, s_ready, s_empty, n_steps,
+                   first, ENC: gl.constexpr, L3: gl.constexpr, GROUPS: gl.constexpr):  # fmt: skip
+        """Decoder warps: each step's codes into the weight tile (``_values``), stored into the
+        weight ring for the ``wgmma`` warps; the scales from their loader warp's ring. With
+        ``GROUPS`` = 2 decoder groups, this one takes every other step from ``first``: one group
+        decodes while the other waits at its fence (which waits for its stores)."""
+        C_RING: gl.constexpr = cs.shape[0]
+        W_RING: gl.constexpr = ws.shape[0]
+        S_RING: gl.constexpr = ss.shape[0]
+        BLOCK_N: gl.constexpr = ws.shape[1]
+        LR: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
+        for i in range(first, n_steps, GROUPS):
+            slot = i % C_RING
+            sslot = i % S_RING
+            mbarrier.wait(c_ready.index(slot), (i // C_RING) & 1)
+            words = cs.index(slot).load(gl.SliceLayout(2, L3))
+            mbarrier.wait(s_ready.index(sslot), (i // S_RING) & 1)
+            s = ss.index(sslot).load(LR)
+            if ENC == 0:
+                m = ms.index(sslot).load(LR)
+            else:
+                m = s
+            w = _values(words, s, m, ENC, L3).to(ws.dtype).reshape([BLOCK_N, 64])
+            buf = i % W_RING
+            mbarrier.wait(w_empty.index(buf), ((i // W_RING) & 1) ^ 1)
+            ws.index(buf).store(w)
+            fence_async_shared()  # the generic-proxy stores, before the wgmma reads them
+            _cta_barrier()  # every decoder warp's part is stored (the arrives are one thread's)
+            mbarrier.arrive(w_ready.index(buf))
+            # the codes and scales were read (the stored values depend on them)
+            mbarrier.arrive(c_empty.index(slot))
+            mbarrier.arrive(s_empty.index(sslot))
 
     @gluon.jit
     def _ws_mma(xs, ws, x_ready, x_empty, w_ready, w_empty, n_steps, BLOCK_M: gl.constexpr,
@@ -359,7 +221,7 @@ if HAVE_GEMM16:
         return (acc,)  # warp_specialize takes the default partition's results as a tuple
 
     @gluon.jit(do_not_specialize=["M"])
-    def gemm16_ws_kernel(
+    def gemm16_kernel(
         x_desc,
         c_desc,
         scales_ptr,
@@ -386,18 +248,18 @@ if HAVE_GEMM16:
         DECODE_WARPS: gl.constexpr,
         DECODE_REGS: gl.constexpr,
         DECODE_GROUPS: gl.constexpr,
-        DIAG: gl.constexpr,
         ACC: gl.constexpr,
         L3: gl.constexpr,
         X_SL: gl.constexpr,
         W_SL: gl.constexpr,
         C_SL: gl.constexpr,
     ):
-        """``gemm16_kernel``'s product, warp-specialized: a loader warp for the activations, one
-        for the codes, ``DECODE_WARPS`` decoder warps filling a ring of ``W_RING`` weight tiles,
-        and the kernel's own warps (the default partition) issuing the ``wgmma``; the partitions
-        hand tiles over through mbarriers, so decoding runs ahead of the products instead of
-        taking turns with them at CTA barriers. Arguments as ``gemm16_kernel``."""
+        """``x_desc``: the activations ``[M, K]`` (block ``[BLOCK_M, 64]``, ``X_SL``);
+        ``c_desc``: the codes as int32 words ``[N, K / 8]`` (block ``[BLOCK_N, 8]``, ``C_SL``);
+        scales and mins ``[N, G]``; ``ws_ptr`` / ``lock_ptr``: the split-K workspace
+        ``[SPLIT_K, M, N]`` and counters (unused with ``SPLIT_K`` = 1); grid axis 1 the K
+        slices of ``k_steps`` steps each. K and the group size multiples of 64. The partitions
+        are the module docstring's."""
         dt: gl.constexpr = x_desc.block_type.element_ty
         pid = gl.program_id(0)
         n_m = gl.cdiv(M, BLOCK_M)
@@ -437,68 +299,31 @@ if HAVE_GEMM16:
             mbarrier.init(s_empty.index(s), count=1)
         fence_async_shared()
 
+        # (the arguments written out in each call: Gluon's JIT takes no starred tuples, and a
+        # tuple of constexprs cannot be a variable)
         if DECODE_GROUPS == 1:
             results = gl.warp_specialize(
-                [
-                    (_ws_mma, (xs, ws, x_ready, x_empty, w_ready, w_empty, n_steps, BLOCK_M, ACC)),
-                    (_ws_load_x, (x_desc, xs, x_ready, x_empty, n_steps, m0, k0)),
-                    (_ws_load_codes, (c_desc, cs, c_ready, c_empty, n_steps, n0, k0)),
-                    (
-                        _ws_load_scales,
-                        (
-                            scales_ptr,
-                            mins_ptr,
-                            ss,
-                            ms,
-                            s_ready,
-                            s_empty,
-                            n_steps,
-                            n0,
-                            k0,
-                            N,
-                            G,
-                            GS,
-                            ENC,
-                        ),
-                    ),
-                    (
-                        _ws_decode,
-                        (
-                            cs,
-                            ws,
-                            ss,
-                            ms,
-                            c_ready,
-                            c_empty,
-                            w_ready,
-                            w_empty,
-                            s_ready,
-                            s_empty,
-                            n_steps,
-                            0,
-                            ENC,
-                            L3,
-                            DIAG,
-                            1,
-                        ),
-                    ),
-                ],
+                [(_ws_mma, (xs, ws, x_ready, x_empty, w_ready, w_empty, n_steps, BLOCK_M, ACC)),
+                 (_ws_load_x, (x_desc, xs, x_ready, x_empty, n_steps, m0, k0)),
+                 (_ws_load_codes, (c_desc, cs, c_ready, c_empty, n_steps, n0, k0)),
+                 (_ws_load_scales, (scales_ptr, mins_ptr, ss, ms, s_ready, s_empty, n_steps, n0,
+                                    k0, N, G, GS, ENC)),
+                 (_ws_decode, (cs, ws, ss, ms, c_ready, c_empty, w_ready, w_empty, s_ready,
+                               s_empty, n_steps, 0, ENC, L3, 1))],
                 [1, 1, 1, DECODE_WARPS],
                 [24, 24, 48, DECODE_REGS],
-            )
-        else:
+            )  # fmt: skip
+        else:  # two decoder groups, every other step each
             results = gl.warp_specialize(
-                [
-                    (_ws_mma, (xs, ws, x_ready, x_empty, w_ready, w_empty, n_steps, BLOCK_M, ACC)),
-                    (_ws_load_x, (x_desc, xs, x_ready, x_empty, n_steps, m0, k0)),
-                    (_ws_load_codes, (c_desc, cs, c_ready, c_empty, n_steps, n0, k0)),
-                    (_ws_load_scales, (scales_ptr, mins_ptr, ss, ms, s_ready, s_empty, n_steps,
-                                       n0, k0, N, G, GS, ENC)),
-                    (_ws_decode, (cs, ws, ss, ms, c_ready, c_empty, w_ready, w_empty, s_ready,
-                                  s_empty, n_steps, 0, ENC, L3, DIAG, 2)),
-                    (_ws_decode, (cs, ws, ss, ms, c_ready, c_empty, w_ready, w_empty, s_ready,
-                                  s_empty, n_steps, 1, ENC, L3, DIAG, 2)),
-                ],
+                [(_ws_mma, (xs, ws, x_ready, x_empty, w_ready, w_empty, n_steps, BLOCK_M, ACC)),
+                 (_ws_load_x, (x_desc, xs, x_ready, x_empty, n_steps, m0, k0)),
+                 (_ws_load_codes, (c_desc, cs, c_ready, c_empty, n_steps, n0, k0)),
+                 (_ws_load_scales, (scales_ptr, mins_ptr, ss, ms, s_ready, s_empty, n_steps, n0,
+                                    k0, N, G, GS, ENC)),
+                 (_ws_decode, (cs, ws, ss, ms, c_ready, c_empty, w_ready, w_empty, s_ready,
+                               s_empty, n_steps, 0, ENC, L3, 2)),
+                 (_ws_decode, (cs, ws, ss, ms, c_ready, c_empty, w_ready, w_empty, s_ready,
+                               s_empty, n_steps, 1, ENC, L3, 2))],
                 [1, 1, 1, DECODE_WARPS, DECODE_WARPS],
                 [24, 24, 48, DECODE_REGS, DECODE_REGS],
             )  # fmt: skip

@@ -85,10 +85,11 @@ INT8_ACTIVATIONS = os.environ.get("QTENSORS_INT8_ACTIVATIONS", "1") != "0"
 #: ``INT8_MMA_GLUON_MAX_M`` rows the same product runs in ``mma_int8_gluon.py`` (faster; below).
 INT8_MMA_ROWS: tuple[int, int] | None = (5, 64)
 INT8_MMA_MIN_ELEMENTS = 1 << 25
-#: fp16 / bf16 activations of at least this many rows run ``gemm16_gluon.py`` (each weight tile
-#: decoded into 16 bits in shared memory, asynchronous ``wgmma``) where it applies
-#: (``gemm16_applies``), instead of decode + cuBLAS; None: never.
-GEMM16_MIN_M: int | None = MMA_MAX_M + 1
+#: fp16 / bf16 activations of ``GEMM16_ROWS`` rows (inclusive) run ``gemm16_gluon.py`` (each
+#: weight tile decoded into 16 bits in shared memory, asynchronous ``wgmma``) on the weights of
+#: ``GEMM16_TABLE`` (where it was measured faster than decode + cuBLAS), instead of decode +
+#: cuBLAS; None: never.
+GEMM16_ROWS: tuple[int, int] | None = (MMA_MAX_M + 1, 256)
 #: split-K counters per device: tiles of one launch that may split K
 LOCK_SLOTS = 1 << 15
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -156,31 +157,23 @@ class TiledConfig:
 
 @dataclass(frozen=True)
 class Gemm16Config:
-    """``gemm16_gluon.py``: rows of ``x`` per program (16 a warp), output features per program
-    (8-256), warps, the ring's depth (steps of activations and codes in flight), and whether
-    the compiler may fuse the decode's multiply and add (``fuse``: one FMA a weight, values
-    within an ulp of the dequantize kernel's instead of equal to them)."""
+    """``gemm16_gluon.py``: rows of ``x`` per program, output features per program (8-256), the
+    warps issuing the ``wgmma`` (whole warpgroups, 16 rows a warp), the depth of the activations'
+    and codes' rings (``stages``) and of the weight tiles' (``w_ring``), the decoder warps of a
+    group, their registers a thread and the groups (1, or 2 taking turns: rings even), K slices
+    per tile (``split_k``), and whether the decode's multiply and add are one FMA (``fuse``:
+    values within an ulp of the dequantize kernel's instead of equal to them)."""
 
-    block_m: int = 128
-    block_n: int = 128
+    block_m: int = 256
+    block_n: int = 64
     num_warps: int = 8
-    stages: int = 3
-    fuse: bool = False
-    depth: int = 1
-    #: warp-specialized (``gemm16_ws_kernel``): ``num_warps`` (whole warpgroups) issue the
-    #: ``wgmma``, ``decode_warps`` decode into a ring of ``w_ring`` weight tiles with
-    #: ``decode_regs`` registers a thread; ``stages``: the activations' and codes' rings
-    ws: bool = False
+    stages: int = 4
+    w_ring: int = 4
     decode_warps: int = 4
-    decode_regs: int = 152
-    w_ring: int = 3
-    #: K cut into this many slices, one program each (``gemm16_ws_kernel``; the last slice of a
-    #: tile adds the partial sums): more programs where the output tiles alone are too few
+    decode_regs: int = 80
+    decode_groups: int = 2
     split_k: int = 1
-    #: decoder groups taking turns (2: each ``decode_warps``, every other step; rings even)
-    decode_groups: int = 1
-    #: a timing diagnostic of the warp-specialized kernel (wrong results): 2 no decode
-    diag: int = 0
+    fuse: bool = True
 
 
 @dataclass(frozen=True)
@@ -387,8 +380,8 @@ def route(
     if int8 and half and aligned and int8_shape(M, K, encoding, bits, g):
         if tiled_supported(shape, encoding, bits, g, axis):
             return "tiled"
-    if half and GEMM16_MIN_M is not None and M >= GEMM16_MIN_M:
-        if gemm16_shape(N, K, encoding, bits, g, axis):
+    if half and GEMM16_ROWS is not None and GEMM16_ROWS[0] <= M <= GEMM16_ROWS[1]:
+        if gemm16_config(M, N, K) is not None and gemm16_shape(N, K, encoding, bits, g, axis):
             return "gemm16"
     lo = MMA_ROUTED.get(encoding)
     wide_enough = M <= MMA_WIDE_M or N * K >= MMA_WIDE_MIN_ELEMENTS
@@ -917,17 +910,23 @@ def mma_linear(
                    weight, bias, K, row)  # fmt: skip
 
 
-#: ``gemm16_kernel``'s configuration where ``GEMM16_TABLE`` has none
-GEMM16_DEFAULT = Gemm16Config()
-#: per (batch bucket, N, K), as ``MMA_TABLE``: where ``benches/probe_gemm16.py`` found a config
-#: faster than the default
-GEMM16_TABLE: dict[tuple[int, int, int], Gemm16Config] = {}
+_G16 = Gemm16Config
+#: per (rows bucket: 128 or 256, N, K): the configuration ``benches/probe_gemm16.py`` found
+#: fastest where it beat decode + cuBLAS by 1.2x or more (H200, bf16, int4-g64 affine,
+#: ``benches/results/gpu_gemm16_ws_h200.txt``); the route takes gemm16 for these weights only
+GEMM16_TABLE: dict[tuple[int, int, int], Gemm16Config] = {
+    (128, 8192, 8192): _G16(128, 128, 4, decode_regs=104, split_k=2),
+    (256, 8192, 8192): _G16(),
+    (256, 4096, 14336): _G16(split_k=2),
+    (128, 14336, 4096): _G16(128, 128, 4, decode_regs=104),
+    (256, 14336, 4096): _G16(256, 128, 8, w_ring=3, decode_regs=128, decode_groups=1),
+}
 
 
-def gemm16_config(M: int, N: int, K: int) -> Gemm16Config:
-    """``gemm16_kernel``'s launch configuration for ``M`` rows (the table, else the default)."""
-    bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
-    return GEMM16_TABLE.get((bucket, N, K)) or GEMM16_DEFAULT
+def gemm16_config(M: int, N: int, K: int) -> Gemm16Config | None:
+    """``gemm16_kernel``'s launch configuration for ``M`` rows (65-128: bucket 128, 129-256:
+    256), None where ``GEMM16_TABLE`` has none."""
+    return GEMM16_TABLE.get((128 if M <= 128 else 256, N, K))
 
 
 def gemm16_shape(N: int, K: int, encoding: str, bits: int, g: int, axis: int) -> bool:
@@ -966,36 +965,28 @@ def gemm16_applies(x2: torch.Tensor, codes: torch.Tensor, cuda_index: int) -> bo
 
 @functools.lru_cache(maxsize=4096)
 def _gemm16_plan(M: int, N: int, K: int, encoding: str, g: int, has_bias: bool,
-                 config: Gemm16Config | None):  # fmt: skip
-    """(grid, constexprs and options, their hashable key, the config) of one gemm16 launch."""
-    cfg = config or gemm16_config(M, N, K)
+                 cfg: Gemm16Config):  # fmt: skip
+    """(grid, constexprs and options, their hashable key) of one gemm16 launch."""
     meta = dict(
         ENC=gemm16_gluon.GEMM16_ENC[encoding],
         GS=g,
         HAS_BIAS=has_bias,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
-    )
-    if cfg.ws:
-        lay = gemm16_gluon.ws_layouts(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.decode_warps)
-        meta.update(X_RING=cfg.stages, C_RING=cfg.stages, W_RING=cfg.w_ring,
-                    DECODE_WARPS=cfg.decode_warps, DECODE_REGS=cfg.decode_regs,
-                    DECODE_GROUPS=cfg.decode_groups, SPLIT_K=cfg.split_k,
-                    DIAG=cfg.diag)  # fmt: skip
-    else:
-        lay = gemm16_gluon.layouts(cfg.block_m, cfg.block_n, cfg.num_warps)
-        meta.update(STAGES=cfg.stages, DEPTH=cfg.depth)
-    meta.update(
-        **lay,
+        SPLIT_K=cfg.split_k,
+        X_RING=cfg.stages,
+        C_RING=cfg.stages,
+        W_RING=cfg.w_ring,
+        DECODE_WARPS=cfg.decode_warps,
+        DECODE_REGS=cfg.decode_regs,
+        DECODE_GROUPS=cfg.decode_groups,
+        **gemm16_gluon.layouts(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.decode_warps),
         num_warps=cfg.num_warps,
-        # the decode's arithmetic: each operation rounded once (no FMA), so the weight tile's
-        # values are the dequantize kernel's (unless the config fuses them)
+        # unfused, the decode's operations are each rounded once: the dequantize kernel's values
         enable_fp_fusion=cfg.fuse,
     )
-    grid = (-(-M // cfg.block_m) * -(-N // cfg.block_n),)
-    if cfg.ws:
-        grid = (grid[0], cfg.split_k)
-    return grid, meta, tuple(sorted((k, str(v)) for k, v in meta.items())), cfg
+    grid = (-(-M // cfg.block_m) * -(-N // cfg.block_n), cfg.split_k)
+    return grid, meta, tuple(sorted((k, str(v)) for k, v in meta.items()))
 
 
 def gemm16_linear(
@@ -1011,35 +1002,26 @@ def gemm16_linear(
     config: Gemm16Config | None = None,
 ) -> torch.Tensor:
     """``x2 @ W^T + bias`` with ``gemm16_gluon.py`` for a weight ``gemm16_shape()`` takes and
-    tensors ``gemm16_applies()`` to (arguments as ``mma_linear``): decode + cuBLAS's product
-    without the decoded weight in HBM."""
+    tensors ``gemm16_applies()`` to (arguments as ``mma_linear``; ``config``: else the table's,
+    else the default): decode + cuBLAS's product without the decoded weight in HBM."""
     M = x2.shape[0]
-    out, done = _output(x2, N, K, bias)
+    out, done, cuda_index, locks = _begin(x2, N, K, bias)
     if done:
         return out
-    cuda_index = _device_index(x2.device)
-    grid, meta, meta_key, cfg = _gemm16_plan(M, N, K, encoding, group_size, bias is not None,
-                                             config)  # fmt: skip
+    cfg = config or gemm16_config(M, N, K) or Gemm16Config()
+    if cfg.split_k > 1 and locks is None:  # no counters yet, in a graph capture: one slice
+        cfg = dataclasses.replace(cfg, split_k=1)
+    grid, meta, meta_key = _gemm16_plan(M, N, K, encoding, group_size, bias is not None, cfg)
     TD = gemm16_gluon.TensorDescriptor
     x_desc = TD(x2, [M, K], [x2.stride(0), 1], [cfg.block_m, 64], meta["X_SL"])
     c2 = codes.view(torch.uint8).view(torch.int32).view(N, K // 8)
     c_desc = TD(c2, [N, K // 8], [K // 8, 1], [cfg.block_n, 8], meta["C_SL"])
-    m = scales if mins is None else mins
-    stand_in = scales if bias is None else bias
-    if cfg.ws:
-        locks = _locks(x2.device)
-        split = cfg.split_k
-        if split > 1 and (locks is None or grid[0] > LOCK_SLOTS):
-            raise ValueError("gemm16: split K needs the counters (made outside graph capture)")
-        ws = _workspace(x2.device, (split, M, N)) if split > 1 else out
-        k_steps = -(-(K // 64) // split)
-        args = (x_desc, c_desc, scales, m, stand_in, out, ws, out if locks is None else locks,
-                M, N, K, K // group_size, out.stride(0), k_steps)  # fmt: skip
-    else:
-        args = (x_desc, c_desc, scales, m, stand_in, out, M, N, K, K // group_size,
-                out.stride(0))  # fmt: skip
-    kernel = gemm16_gluon.gemm16_ws_kernel if cfg.ws else gemm16_gluon.gemm16_kernel
-    launch(kernel, grid, args, meta, meta_key, cuda_index)
+    ws = _workspace(x2.device, (cfg.split_k, M, N)) if cfg.split_k > 1 else out
+    k_steps = -(-(K // 64) // cfg.split_k)
+    args = (x_desc, c_desc, scales, scales if mins is None else mins,
+            scales if bias is None else bias, out, ws, out if locks is None else locks, M, N, K,
+            K // group_size, out.stride(0), k_steps)  # fmt: skip
+    launch(gemm16_gluon.gemm16_kernel, grid, args, meta, meta_key, cuda_index)
     return out
 
 

@@ -1,0 +1,123 @@
+"""The warp-specialized Gluon kernel of 65-256 rows (``kernels/gemm16_gluon.py``) where a CPU can
+check it: Triton's interpreter does not run Gluon, so the kernel is compiled for sm_90 on the CPU
+for each kind of configuration the route takes, and its SASS is checked for what the design
+needs (no spills, a ``wgmma`` kept in flight across steps, the partitions' register budgets);
+its plan and routing in Python. Its results are checked on the GPU by ``benches/check_gemm16.py``
+(``benches/results/gpu_gemm16_ws_h200.txt``)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+from qtensors.torch.kernels import gemm16_gluon as G  # noqa: E402
+from qtensors.torch.kernels import launch as L  # noqa: E402
+
+needs_gluon = pytest.mark.skipif(not G.HAVE_GEMM16, reason="this Triton has no Gluon (3.5+)")
+
+
+def _compile(cfg: L.Gemm16Config, enc: str = "affine"):
+    """``gemm16_kernel`` for sm_90 with ``cfg``'s constexprs (K = 4096, bf16, fp16 scales)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    M, N, K = 256, 4096, 4096
+    _, meta, _ = L._gemm16_plan(M, N, K, enc, 64, True, cfg)
+    options = {k: meta.pop(k) for k in ("num_warps", "enable_fp_fusion")}
+    x = torch.zeros(M, K, dtype=torch.bfloat16)
+    words = torch.zeros(N, K // 8, dtype=torch.int32)
+    TD = G.TensorDescriptor
+    descs = dict(
+        x_desc=TD(x, [M, K], [K, 1], [cfg.block_m, 64], meta["X_SL"]),
+        c_desc=TD(words, [N, K // 8], [K // 8, 1], [cfg.block_n, 8], meta["C_SL"]),
+    )
+    ptrs = dict(scales_ptr="*fp16", mins_ptr="*fp16", bias_ptr="*bf16", out_ptr="*bf16",
+                ws_ptr="*fp32", lock_ptr="*i32")  # fmt: skip
+    fn = G.gemm16_kernel
+    sig = {}
+    for p in fn.arg_names:
+        sig[p] = "constexpr" if p in meta else (mangle_type(descs[p]) if p in descs else
+                                                ptrs.get(p, "i32"))  # fmt: skip
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.arg_names)
+             if p.endswith("_ptr") or p in ("K", "G", "stride_om")}  # fmt: skip
+    src = GluonASTSource(fn=fn, signature=sig, constexprs=meta, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _sass(kernel) -> str:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+
+
+#: one of each kind the table routes: two decoder groups with split K, one group on 256 x 128
+#: tiles, one warpgroup of wgmma warps on 128 x 128
+KINDS = [
+    L.Gemm16Config(split_k=2),
+    L.Gemm16Config(256, 128, 8, w_ring=3, decode_regs=128, decode_groups=1),
+    L.Gemm16Config(128, 128, 4, decode_regs=104),
+]
+
+
+@needs_gluon
+@pytest.mark.parametrize("cfg", KINDS, ids=["256x64-2groups-split", "256x128", "128x128"])
+def test_compiles_for_sm90_as_designed(cfg):
+    k = _compile(cfg)
+    sass = _sass(k)
+    assert "HGMMA" in sass  # the products are wgmma
+    assert "STL" not in sass and "LDL" not in sass  # no register spills to local memory
+    # one product in flight while the next is issued (a serialized wgmma waits for 0)
+    assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass
+    # the partitions' register budgets: the decoders' as asked, and the wgmma warps (the
+    # largest) room for their fp32 accumulator and more
+    budgets = [int(r, 16) for r in re.findall(r"USETMAXREG\.\w+\.CTAPOOL (?:UP0, )?0x(\w+)", sass)]
+    assert cfg.decode_regs in budgets
+    assert max(budgets) >= cfg.block_m * cfg.block_n // (32 * cfg.num_warps) + 32
+    assert k.metadata.shared <= 227 * 1024  # one CTA's shared memory fits an sm_90 SM
+
+
+@needs_gluon
+def test_symmetric_compiles():
+    assert "HGMMA" in _sass(_compile(KINDS[0], "symmetric"))
+
+
+@needs_gluon
+def test_layouts_refuse_what_the_kernel_cannot_tile():
+    with pytest.raises(ValueError, match="rows"):
+        G.layouts(96, 64, 4, 4)  # 96 rows over one warpgroup of 16-row warps
+    with pytest.raises(ValueError, match="rows"):
+        G.layouts(128, 64, 6, 4)  # not whole warpgroups
+    with pytest.raises(ValueError, match="features"):
+        G.layouts(256, 40, 8, 4)  # 4 decoder warps take rows 16 at a time
+    with pytest.raises(ValueError, match="features"):
+        G.layouts(256, 512, 8, 4)
+
+
+@needs_gluon
+def test_plan_grid_and_split():
+    cfg = L.Gemm16Config(split_k=2)
+    grid, meta, key = L._gemm16_plan(300, 1000, 4096, "symmetric", 128, False, cfg)
+    assert grid == (2 * 16, 2)  # ceil(300 / 256) x ceil(1000 / 64) tiles, 2 K slices
+    assert meta["ENC"] == 1 and meta["GS"] == 128 and meta["SPLIT_K"] == 2
+    assert meta["DECODE_GROUPS"] == 2 and meta["enable_fp_fusion"] is True
+    assert hash(key) == hash(L._gemm16_plan(300, 1000, 4096, "symmetric", 128, False, cfg)[2])
+
+
+def test_table_rows_and_weights():
+    """The table's keys are (rows bucket, N, K) of weights the kernel takes, its configs valid."""
+    for (bucket, N, K), cfg in L.GEMM16_TABLE.items():
+        assert bucket in (128, 256)
+        assert L.gemm16_shape(N, K, "affine", 4, 64, 1)
+        assert cfg.decode_groups in (1, 2) and (cfg.decode_groups == 1 or cfg.w_ring % 2 == 0)
+        assert cfg.decode_groups == 1 or cfg.stages % 2 == 0  # each ring's slots one group's
+        if G.HAVE_GEMM16:
+            G.layouts(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.decode_warps)
