@@ -1,9 +1,10 @@
 """Prefill on the GPU: the forward over a prompt (what time to first token is made of past the
 load), the Llama-shaped model of ``bench_gpu_generate.py`` (1.1B, or 8B; random weights) in
 bf16 against the same model quantized int4-g64 (``quantize_model``, siblings joined), whose
-linears run decode + cuBLAS past 64 rows: with their decode launches kept
-(``fastlaunch.Refill``) and, in the same run, through the full path each call
-(``linear.REPLAYS = False``).
+linears run past 64 rows either ``gemm16_gluon.py`` (65-256 rows, on ``launch.GEMM16_TABLE``'s
+weights) or decode + cuBLAS: as routed, with the decode launches kept (``fastlaunch.Refill``);
+in the same run without gemm16 (``launch.GEMM16_ROWS = None``: decode + cuBLAS only) and
+through the full path each call (``linear.REPLAYS = False``).
 
     OUT=DIR python3 benches/bench_gpu_prefill.py [--prompts 128,512,2048] [--batch 1]
     QT_BENCH_MODEL=8b ...          # Llama-3-8B's shape
@@ -11,9 +12,10 @@ linears run decode + cuBLAS past 64 rows: with their decode launches kept
 
 Each forward is ``model(ids, use_cache=True)`` under ``inference_mode`` (a fresh cache per
 call, as ``generate``'s first step), timed with CUDA events; two warm-up calls, then 5 rounds
-alternating between the models, the fastest of each kept. Before timing, the two int4 paths'
-last-position logits are compared (the same kernels: equal). Also prints the peak GPU memory of
-one forward past the weights.
+alternating between the models, the fastest of each kept. Before timing, the int4 paths'
+last-position logits are compared: kept launches against the full path (the same kernels:
+equal), with gemm16 against without (relative max difference). Also prints the peak GPU
+memory of one forward past the weights.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from _common import Report, cuda_ms  # noqa: E402
 import qtensors as qt  # noqa: E402
 import qtensors.torch as qtt  # noqa: E402
 from qtensors.torch import linear as lin  # noqa: E402
+from qtensors.torch.kernels import launch as L  # noqa: E402
 
 DRY = G.DRY
 REPORT = Report()
@@ -44,8 +47,18 @@ def _arg(flag: str, default: str) -> str:
     return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else default
 
 
-def forward_ms(model, ids, kept: bool) -> float:
+GEMM16_ROWS = L.GEMM16_ROWS
+
+
+def setting(kept: bool, gemm16: bool) -> None:
     lin.REPLAYS = kept
+    if (L.GEMM16_ROWS is not None) != gemm16:
+        L.GEMM16_ROWS = GEMM16_ROWS if gemm16 else None
+        L.route.cache_clear()
+
+
+def forward_ms(model, ids, kept: bool, gemm16: bool = True) -> float:
+    setting(kept, gemm16)
     if DRY:
         t = time.perf_counter()
         model(ids, use_cache=True)
@@ -60,7 +73,8 @@ def main() -> None:
     bf16 = G.build_model()
     q = G.build_model()
     qtt.quantize_model(q, qt.Affine(bits=4, group_size=64, axis=-1))
-    models = {"bf16": (bf16, True), "int4": (q, True), "int4 full path": (q, False)}
+    models = {"bf16": (bf16, True, True), "int4": (q, True, True),
+              "int4 no gemm16": (q, True, False), "int4 full path": (q, False, True)}  # fmt: skip
     gpu = "cpu (dry)" if DRY else torch.cuda.get_device_name()
     say(f"# prefill, {G.MODEL_NAME} Llama-shaped, batch {batch}, {gpu}, torch {torch.__version__}")
     say("# ms per forward (best of 5 alternating rounds), prompt tokens/s; x: bf16 time / this")
@@ -70,32 +84,36 @@ def main() -> None:
         with torch.inference_mode():
             for _ in range(3):  # compile, note the launches, then kept
                 a = q(ids).logits[:, -1].float()
-            lin.REPLAYS = False
+            setting(False, True)
             b = q(ids).logits[:, -1].float()
-            lin.REPLAYS = True
-            say(f"P={P}: int4 with kept decode launches against the full path, last logits:"
-                f" equal {bool(torch.equal(a, b))}")  # fmt: skip
+            setting(True, False)
+            c = q(ids).logits[:, -1].float()
+            setting(True, True)
+            diff = ((a - c).abs().max() / c.abs().max()).item()
+            say(f"P={P}: int4 last logits, kept decode launches against the full path: equal"
+                f" {bool(torch.equal(a, b))}; with gemm16 against without: relative max"
+                f" difference {diff:.2e}")  # fmt: skip
             peak = {}
-            for label, (m, kept) in models.items():
+            for label, (m, kept, g16) in models.items():
                 for _ in range(2):
-                    forward_ms(m, ids, kept)
+                    forward_ms(m, ids, kept, g16)
                 if not DRY:
                     torch.cuda.synchronize()
                     base = torch.cuda.memory_allocated()
                     torch.cuda.reset_peak_memory_stats()
-                    forward_ms(m, ids, kept)
+                    forward_ms(m, ids, kept, g16)
                     peak[label] = (torch.cuda.max_memory_allocated() - base) / 2**20
             times: dict[str, list[float]] = {k: [] for k in models}
             for _ in range(ROUNDS):
-                for label, (m, kept) in models.items():
-                    times[label].append(forward_ms(m, ids, kept))
+                for label, (m, kept, g16) in models.items():
+                    times[label].append(forward_ms(m, ids, kept, g16))
         ref = min(times["bf16"])
         for label, ts in times.items():
             ms = min(ts)
             extra = f", peak +{peak[label]:.0f} MiB" if label in peak else ""
             say(f"  {label:20} P={P:<5} {ms:8.2f} ms  {batch * P / ms * 1e3:9.0f} tok/s"
                 f"  x{ref / ms:5.2f}  (spread {max(ts) / ms - 1:.0%}){extra}")  # fmt: skip
-    lin.REPLAYS = True
+    setting(True, True)
     REPORT.write("bench_gpu_prefill", {})
 
 
