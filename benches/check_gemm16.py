@@ -52,8 +52,38 @@ def main() -> int:
                 bad += err >= S.TOL
                 tag = "bias" if b is not None else "no bias"
                 print(f"routed {N}x{K} M{M} {P.label(cfg)} {tag}: rel err {err:.2e}", flush=True)
+    bad += not model_takes_gemm16()
     print("FAILED" if bad else "all correct", f"({bad} wrong)")
     return 1 if bad else 0
+
+
+def model_takes_gemm16() -> bool:
+    """A quantized Llama layer of Llama-3-8B's widths: its MLP's down projection at 256 rows (a
+    table weight) runs gemm16, as the op routes it outside a model (counted calls)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import qtensors as qt
+    import qtensors.torch as qtt
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=256)  # fmt: skip
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    qtt.quantize_model(model, qt.Affine(bits=4, group_size=64, axis=-1))
+    down = model.model.layers[0].mlp.down_proj
+    calls = []
+    real = L.gemm16_linear
+    L.gemm16_linear = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        x = torch.randn(1, 256, 14336, device="cuda", dtype=torch.bfloat16)
+        with torch.inference_mode():
+            down(x)
+    finally:
+        L.gemm16_linear = real
+    codes = [b for n, b in down.named_buffers() if "codes" in n]
+    info = [(n, tuple(b.shape), b.dtype, b.data_ptr() % 16) for n, b in down.named_buffers()]
+    print(f"model's down_proj at 256 rows: gemm16 calls {len(calls)}; buffers {info}", flush=True)
+    return bool(calls) and bool(codes)
 
 
 if __name__ == "__main__":
