@@ -90,6 +90,14 @@ def main() -> None:
             c = q(ids).logits[:, -1].float()
             setting(True, True)
             diff = ((a - c).abs().max() / c.abs().max()).item()
+            calls = []
+            real = L.gemm16_linear
+            L.gemm16_linear = lambda *a, **k: calls.append(1) or real(*a, **k)
+            try:
+                q(ids)
+            finally:
+                L.gemm16_linear = real
+            say(f"P={P}: gemm16 calls in one int4 forward: {len(calls)}")
             say(f"P={P}: int4 last logits, kept decode launches against the full path: equal"
                 f" {bool(torch.equal(a, b))}; with gemm16 against without: relative max"
                 f" difference {diff:.2e}")  # fmt: skip
