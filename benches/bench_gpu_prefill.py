@@ -92,7 +92,7 @@ def main() -> None:
             diff = ((a - c).abs().max() / c.abs().max()).item()
             calls = []
             real = L.gemm16_linear
-            L.gemm16_linear = lambda *a, **k: calls.append(1) or real(*a, **k)
+            L.gemm16_linear = lambda *a, c=calls, f=real, **k: c.append(1) or f(*a, **k)
             try:
                 q(ids)
             finally:
