@@ -57,6 +57,35 @@ def main() -> int:
     return 1 if bad else 0
 
 
+def eager_times(layer, x, n: int = 50) -> None:
+    """The layer's eager call, with and without gemm16: host time per call (the launches'
+    Python) and GPU time per call (CUDA events around ``n`` calls)."""
+    import time
+
+    for on in (True, False, True, False):
+        L.GEMM16_ROWS = (L.MMA_MAX_M + 1, 256) if on else None
+        L.route.cache_clear()
+        for _ in range(3):
+            layer(x)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            layer(x)
+        host = (time.perf_counter() - t) / n * 1e6
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(n):
+            layer(x)
+        b.record()
+        torch.cuda.synchronize()
+        gpu = a.elapsed_time(b) / n * 1e3
+        print(f"  eager {'gemm16' if on else 'decode + cuBLAS'}: host {host:.0f} us a call,"
+              f" {gpu:.0f} us a call end to end", flush=True)  # fmt: skip
+    L.GEMM16_ROWS = (L.MMA_MAX_M + 1, 256)
+    L.route.cache_clear()
+
+
 def model_takes_gemm16() -> bool:
     """A quantized Llama layer of Llama-3-8B's widths: its MLP's down projection at 256 rows (a
     table weight) runs gemm16, as the op routes it outside a model (counted calls)."""
@@ -80,6 +109,8 @@ def model_takes_gemm16() -> bool:
             down(x)
     finally:
         L.gemm16_linear = real
+    with torch.inference_mode():
+        eager_times(down, x)
     codes = [b for n, b in down.named_buffers() if "codes" in n]
     info = [(n, tuple(b.shape), b.dtype, b.data_ptr() % 16) for n, b in down.named_buffers()]
     print(f"model's down_proj at 256 rows: gemm16 calls {len(calls)}; buffers {info}", flush=True)
