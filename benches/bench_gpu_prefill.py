@@ -73,8 +73,8 @@ def main() -> None:
     bf16 = G.build_model()
     q = G.build_model()
     qtt.quantize_model(q, qt.Affine(bits=4, group_size=64, axis=-1))
-    models = {"bf16": (bf16, True, True), "int4": (q, True, True),
-              "int4 no gemm16": (q, True, False), "int4 full path": (q, False, True)}  # fmt: skip
+    models = {"bf16": (bf16, True, True), "int4 no gemm16": (q, True, False),
+              "int4": (q, True, True), "int4 full path": (q, False, True)}  # fmt: skip
     gpu = "cpu (dry)" if DRY else torch.cuda.get_device_name()
     say(f"# prefill, {G.MODEL_NAME} Llama-shaped, batch {batch}, {gpu}, torch {torch.__version__}")
     say("# ms per forward (best of 5 alternating rounds), prompt tokens/s; x: bf16 time / this")
