@@ -1,10 +1,10 @@
 """Prefill on the GPU: the forward over a prompt (what time to first token is made of past the
 load), the Llama-shaped model of ``bench_gpu_generate.py`` (1.1B, or 8B; random weights) in
 bf16 against the same model quantized int4-g64 (``quantize_model``, siblings joined), whose
-linears run past 64 rows either ``gemm16_gluon.py`` (65-256 rows, on ``launch.GEMM16_TABLE``'s
-weights) or decode + cuBLAS: as routed, with the decode launches kept (``fastlaunch.Refill``);
-in the same run without gemm16 (``launch.GEMM16_ROWS = None``: decode + cuBLAS only) and
-through the full path each call (``linear.REPLAYS = False``).
+linears run past 64 rows either ``gemm16_gluon.py`` (opt-in, ``launch.GEMM16_ROWS``: 65-256
+rows, on ``launch.GEMM16_TABLE``'s weights) or decode + cuBLAS: "int4" with gemm16 on and the
+decode launches kept (``fastlaunch.Refill``); in the same run "int4 no gemm16" (the default
+route: decode + cuBLAS only) and "int4 full path" (``linear.REPLAYS = False``).
 
     OUT=DIR python3 benches/bench_gpu_prefill.py [--prompts 128,512,2048] [--batch 1]
     QT_BENCH_MODEL=8b ...          # Llama-3-8B's shape
@@ -47,7 +47,7 @@ def _arg(flag: str, default: str) -> str:
     return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else default
 
 
-GEMM16_ROWS = L.GEMM16_ROWS
+GEMM16_ROWS = L.GEMM16_ROWS_ON  # gemm16 is opt-in: "int4" sets it, "int4 no gemm16" not
 
 
 def setting(kept: bool, gemm16: bool) -> None:

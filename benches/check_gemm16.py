@@ -1,7 +1,9 @@
 """GPU check (sm_90+) of ``kernels/gemm16_gluon.py``, which Triton's interpreter cannot run: every
 candidate configuration of ``probe_gemm16.py`` on small and odd shapes, and the op as routed
-(``gemm16`` on the table's weights) with and without a bias, against decode + ``F.linear`` in
-fp32. Exits non-zero on any relative error of 2e-2 or more (bf16 output).
+with ``launch.GEMM16_ROWS`` set (gemm16 on the table's weights), with and without a bias,
+against decode + ``F.linear`` in fp32; that a quantized Llama layer's down projection takes it,
+and that layer's eager time per call with and without it. Exits non-zero on any relative error
+of 2e-2 or more (bf16 output).
 
     python3 benches/check_gemm16.py
 """
@@ -29,6 +31,8 @@ SMALL = [("int4-affine-g64", 200, 576, 70), ("int4-sym-g64", 256, 512, 130),
 
 
 def main() -> int:
+    L.GEMM16_ROWS = L.GEMM16_ROWS_ON  # the route takes gemm16 (off by default)
+    L.route.cache_clear()
     bad = 0
     for enc, N, K, M in SMALL:
         case = S.Case(enc, N, K)
@@ -63,7 +67,7 @@ def eager_times(layer, x, n: int = 50) -> None:
     import time
 
     for on in (True, False, True, False):
-        L.GEMM16_ROWS = (L.MMA_MAX_M + 1, 256) if on else None
+        L.GEMM16_ROWS = L.GEMM16_ROWS_ON if on else None
         L.route.cache_clear()
         for _ in range(3):
             layer(x)
@@ -82,7 +86,7 @@ def eager_times(layer, x, n: int = 50) -> None:
         gpu = a.elapsed_time(b) / n * 1e3
         print(f"  eager {'gemm16' if on else 'decode + cuBLAS'}: host {host:.0f} us a call,"
               f" {gpu:.0f} us a call end to end", flush=True)  # fmt: skip
-    L.GEMM16_ROWS = (L.MMA_MAX_M + 1, 256)
+    L.GEMM16_ROWS = L.GEMM16_ROWS_ON
     L.route.cache_clear()
 
 

@@ -9,9 +9,10 @@ Before any timing every configuration is checked against decode + ``F.linear`` (
 relative error < 2e-2, and reported) and dropped if wrong. Times are us per call inside a CUDA
 graph over enough weight copies to overflow L2 (``bench_gpu_gemv_sweep.Case``), the median of
 10 replays. Prints, per (encoding, shape, rows): cuBLAS, decode + cuBLAS, the op as routed
-without gemm16 (``GEMM16_ROWS = None``) and with it, every configuration, the best and its
-ratio to cuBLAS; then ``table`` lines for ``launch.GEMM16_TABLE``. ``--configs table``: the
-configurations of the table only (the default: the candidates below).
+without gemm16 ("old route": ``GEMM16_ROWS = None``, the default) and with it ("routed":
+``GEMM16_ROWS_ON``), every configuration, the best and its ratio to cuBLAS; then ``table``
+lines for ``launch.GEMM16_TABLE``. ``--configs table``: the table's configurations only (the
+default: the candidates below).
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def main() -> None:
     if "--shapes" in sys.argv:
         shapes = [tuple(int(d) for d in s.split("x")) for s in _arg("--shapes", "").split(",")]
     encs = _arg("--encodings", "int4-affine-g64").split(",")
+    L.GEMM16_ROWS = L.GEMM16_ROWS_ON  # "routed": with gemm16 on (opt-in)
     configs = ALL
     if _arg("--configs", "all") == "table":
         configs = list(dict.fromkeys(L.GEMM16_TABLE.values()))

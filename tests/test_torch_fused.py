@@ -171,9 +171,11 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
     assert half(1) == half(2) == half(2, "symmetric") == "tiled"  # the words kernel
     assert half(33) == "decode"  # 33-64 rows: only wide weights
     assert half(64, N=8192, K=4096) == "mma" and half(65, N=8192, K=4096) == "decode"
-    # GEMM16_ROWS (65-256) on GEMM16_TABLE's weights only: gemm16_gluon.py, int4 affine /
-    # symmetric in groups of 64k; decode + cuBLAS elsewhere and from 257 rows
+    # GEMM16_ROWS (off by default; on: 65-256) on GEMM16_TABLE's weights only:
+    # gemm16_gluon.py, int4 affine / symmetric in groups of 64k; decode + cuBLAS elsewhere
     big = dict(N=8192, K=8192)
+    assert L.GEMM16_ROWS is None and half(100, **big) == "decode"
+    monkeypatch.setattr(L, "GEMM16_ROWS", L.GEMM16_ROWS_ON)
     assert half(65, **big) == half(256, "symmetric", 128, **big) == "gemm16"
     assert half(257, **big) == "decode" and half(200, N=4096, K=4096) == "decode"
     assert half(100, "nf4", **big) == half(100, "mxfp4", 32, **big) == "decode"
@@ -185,7 +187,6 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
     assert half(100) == "gemm16" and half(100, K=96) == "decode"  # K not a multiple of 64
     monkeypatch.setattr(L, "GEMM16_ROWS", None)
     assert half(100) == half(200, **big) == "decode"
-    monkeypatch.setattr(L, "GEMM16_ROWS", (L.MMA_MAX_M + 1, 256))
     monkeypatch.delitem(L.GEMM16_TABLE, (128, 64, 128))
     assert half(3, "mxfp4", 32) != "mma" and half(4, "mxfp4", 32) == "mma"
     assert half(16, "nvfp4", 16) != "mma" and half(16, "nf4") != "mma"

@@ -87,9 +87,14 @@ INT8_MMA_ROWS: tuple[int, int] | None = (5, 64)
 INT8_MMA_MIN_ELEMENTS = 1 << 25
 #: fp16 / bf16 activations of ``GEMM16_ROWS`` rows (inclusive) run ``gemm16_gluon.py`` (each
 #: weight tile decoded into 16 bits in shared memory, asynchronous ``wgmma``) on the weights of
-#: ``GEMM16_TABLE`` (where it was measured faster than decode + cuBLAS), instead of decode +
-#: cuBLAS; None: never.
-GEMM16_ROWS: tuple[int, int] | None = (MMA_MAX_M + 1, 256)
+#: ``GEMM16_TABLE`` (where the kernel was measured faster than decode + cuBLAS), instead of
+#: decode + cuBLAS; None (the default): never. Opt-in, ``(MMA_MAX_M + 1, 256)``: alone, a
+#: table weight's call is 1.2-1.45x faster (CUDA graph and eager), but Llama-3-8B's prefill
+#: forward measured 3-6 ms slower with it than without (three runs; ~1 ms of it is the path's
+#: extra host time, 70 us a call against 43, the rest not found yet): README, "Past 64 rows".
+GEMM16_ROWS: tuple[int, int] | None = None
+#: the rows ``GEMM16_ROWS`` takes when set (the table's buckets)
+GEMM16_ROWS_ON = (MMA_MAX_M + 1, 256)
 #: split-K counters per device: tiles of one launch that may split K
 LOCK_SLOTS = 1 << 15
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
