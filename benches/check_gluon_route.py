@@ -26,6 +26,18 @@ for M in (5, 16):
 names = [getattr(getattr(k[0], "fn", None), "__name__", "") for k in fastlaunch._LAUNCHERS]
 gluon = [n for n in names if "gluon" in n]
 print("cached launchers:", len(gluon))
+# split K (``split_k_sum``, shared with gemm16_gluon.py): 4 slices against 1, twice each (the
+# counters must be back at 0 for the second launch)
+x = torch.randn(16, K, device="cuda", dtype=torch.bfloat16)
+cfg = L.MmaConfig(block_m=0, block_n=64, groups=2, num_warps=2)
+one = L.mma_int8_linear(x, codes, scales, mins, None, N, K, "affine", g, cfg, gluon=True)
+for _ in range(2):
+    four = L.mma_int8_linear(x, codes, scales, mins, None, N, K, "affine", g,
+                             L.MmaConfig(block_m=0, block_n=64, groups=2, split_k=4,
+                                         num_warps=2), gluon=True)  # fmt: skip
+    torch.cuda.synchronize()
+    d = (four.float() - one.float()).abs().max().item() / one.float().abs().max().item()
+    print(f"split K 4 vs 1: max rel diff {d:.2e}", "ok" if d < 1e-2 else "FAIL")
 
 # The TMA kernel (``GLUON_TMA_STAGES``, sm_90+): routed, bit-identical to the register kernel,
 # through the cached launcher, an eager ``Replay`` of the op and a CUDA-graph replay.

@@ -48,6 +48,8 @@ try:
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401 (launch)
 
+    from .mma_int8_gluon import split_k_sum
+
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     # a CTA-wide barrier: ``barrier`` from Triton 3.7, ``thread_barrier`` before
     _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
@@ -336,17 +338,11 @@ if HAVE_GEMM16:
         offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, ACC))
         nmask = offs_n < N
         mask = (offs_m < M)[:, None] & nmask[None, :]
-        if SPLIT_K > 1:  # as epilogue.store_result: the last slice to arrive adds them in order
+        if SPLIT_K > 1:  # the last slice of the tile to arrive adds them in order
             wsp = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-            gl.store(wsp + pid_k * M * N, acc, mask=mask)
-            _cta_barrier()  # every thread's partials are stored before the counter moves
-            arrived = gl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:
-                acc = gl.load(wsp, mask=mask, other=0.0, cache_modifier=".cg")
-                for sk in gl.static_range(1, SPLIT_K):
-                    acc += gl.load(wsp + sk * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-                _ws_write(acc, offs_m, offs_n, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
-                gl.atomic_xchg(lock_ptr + pid, 0)
+            last, total = split_k_sum(acc, wsp, mask, lock_ptr + pid, pid_k, M * N, SPLIT_K)
+            if last:
+                _ws_write(total, offs_m, offs_n, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
         else:
             _ws_write(acc, offs_m, offs_n, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
 

@@ -353,15 +353,28 @@ if HAVE_GLUON:
             _write(acc, rows, m_cols, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
         else:
             wsp = ws_ptr + gl.expand_dims(m_cols, 0) * N + gl.expand_dims(rows, 1)
-            gl.store(wsp + pid_k * M * N, acc, mask=mask)
-            _cta_barrier()
-            arrived = gl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:
-                total = gl.load(wsp, mask=mask, other=0.0, cache_modifier=".cg")
-                for sk in gl.static_range(1, SPLIT_K):
-                    total += gl.load(wsp + sk * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            last, total = split_k_sum(acc, wsp, mask, lock_ptr + pid, pid_k, M * N, SPLIT_K)
+            if last:
                 _write(total, rows, m_cols, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
-                gl.atomic_xchg(lock_ptr + pid, 0)
+
+    @gluon.jit
+    def split_k_sum(acc, wsp, mask, lock, pid_k, slice_stride, SPLIT_K: gl.constexpr):
+        """Split K, as ``epilogue.store_result``: this slice's partial sums to ``wsp + pid_k *
+        slice_stride``; the last slice of the tile to arrive (``lock``: its counter) gets
+        ``(True, the slices' sum in slice order)`` and puts the counter back to 0 for the next
+        launch, the others ``(False, acc)``. (Also ``gemm16_gluon.py``'s.)"""
+        gl.store(wsp + pid_k * slice_stride, acc, mask=mask)
+        _cta_barrier()  # every thread's partials are stored before the counter moves
+        arrived = gl.atomic_add(lock, 1, sem="acq_rel")
+        last = arrived == SPLIT_K - 1
+        total = acc
+        if last:
+            total = gl.load(wsp, mask=mask, other=0.0, cache_modifier=".cg")
+            for sk in gl.static_range(1, SPLIT_K):
+                part = wsp + sk * slice_stride
+                total += gl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
+            gl.atomic_xchg(lock, 0)
+        return last, total
 
     @gluon.jit
     def _write(acc, rows, cols, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS: gl.constexpr):
