@@ -185,9 +185,12 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
     assert L.gemm16_config(129, 8192, 8192) == L.GEMM16_TABLE[(256, 8192, 8192)]
     monkeypatch.setitem(L.GEMM16_TABLE, (128, 64, 128), L.Gemm16Config())
     assert half(100) == "gemm16" and half(100, K=96) == "decode"  # K not a multiple of 64
+    monkeypatch.setitem(L.GEMM16_TABLE, (128, 64, 192), L.Gemm16Config())
+    assert half(100, K=192) == "gemm16" and half(100, g=128, K=192) == "decode"  # a part group
     monkeypatch.setattr(L, "GEMM16_ROWS", None)
     assert half(100) == half(200, **big) == "decode"
     monkeypatch.delitem(L.GEMM16_TABLE, (128, 64, 128))
+    monkeypatch.delitem(L.GEMM16_TABLE, (128, 64, 192))
     assert half(3, "mxfp4", 32) != "mma" and half(4, "mxfp4", 32) == "mma"
     assert half(16, "nvfp4", 16) != "mma" and half(16, "nf4") != "mma"
     assert route(16) == "tiled"  # fp32 activations never take it

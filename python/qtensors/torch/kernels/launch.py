@@ -936,21 +936,15 @@ def gemm16_config(M: int, N: int, K: int) -> Gemm16Config | None:
 
 def gemm16_shape(N: int, K: int, encoding: str, bits: int, g: int, axis: int) -> bool:
     """Whether ``gemm16_gluon.py`` takes this weight's layout: 4-bit affine / symmetric codes,
-    groups along the input dim of a multiple of 64, K a multiple of 64."""
+    groups along the input dim of a multiple of 64 (a step of K each), whole groups."""
     return (
         encoding in gemm16_gluon.GEMM16_ENC
         and bits == 4
         and axis in (1, -1)
         and g % 64 == 0
-        and K % 64 == 0
+        and K % g == 0
         and N > 0
     )
-
-
-@functools.lru_cache(maxsize=64)
-def _hopper(cuda_index: int) -> bool:
-    """sm_90+ (``wgmma``, TMA)."""
-    return cuda_index >= 0 and torch.cuda.get_device_capability(cuda_index) >= (9, 0)
 
 
 def gemm16_applies(x2: torch.Tensor, codes: torch.Tensor, cuda_index: int) -> bool:
@@ -960,7 +954,7 @@ def gemm16_applies(x2: torch.Tensor, codes: torch.Tensor, cuda_index: int) -> bo
     return (
         gemm16_gluon.HAVE_GEMM16
         and x2.dtype in (torch.float16, torch.bfloat16)
-        and _hopper(cuda_index)
+        and _tma_device(cuda_index)  # sm_90+: wgmma and the TMA engine
         and x2.data_ptr() % 16 == 0
         and x2.stride(0) % 8 == 0
         and x2.stride(1) == 1
@@ -1019,8 +1013,7 @@ def gemm16_linear(
     grid, meta, meta_key = _gemm16_plan(M, N, K, encoding, group_size, bias is not None, cfg)
     TD = gemm16_gluon.TensorDescriptor
     x_desc = TD(x2, [M, K], [x2.stride(0), 1], [cfg.block_m, 64], meta["X_SL"])
-    c2 = codes.view(torch.uint8).view(torch.int32).view(N, K // 8)
-    c_desc = TD(c2, [N, K // 8], [K // 8, 1], [cfg.block_n, 8], meta["C_SL"])
+    c_desc = _words_descriptor(codes, N, K, [cfg.block_n, 8], meta["C_SL"])
     ws = _workspace(x2.device, (cfg.split_k, M, N)) if cfg.split_k > 1 else out
     k_steps = -(-(K // 64) // cfg.split_k)
     args = (x_desc, c_desc, scales, scales if mins is None else mins,
@@ -1247,11 +1240,15 @@ def tma_applies(codes: torch.Tensor, K: int, cuda_index: int) -> bool:
 
 def _codes_descriptor(codes: torch.Tensor, N: int, K: int, meta: dict):
     """A TMA descriptor of the codes as int32 words ``[N, K / 8]``, one step's tile a copy."""
-    words = codes.view(torch.int32).view(N, K // 8)
     step_words = meta["GS"] * meta["GROUPS"] // 8
-    return mma_int8_gluon.TensorDescriptor(
-        words, [N, K // 8], [K // 8, 1], [meta["BLOCK_N"], step_words], meta["CODES_SL"]
-    )
+    return _words_descriptor(codes, N, K, [meta["BLOCK_N"], step_words], meta["CODES_SL"])
+
+
+def _words_descriptor(codes: torch.Tensor, N: int, K: int, block: list, layout):
+    """A TMA descriptor of 4-bit codes ``[N, K]`` (packed bytes) as int32 words ``[N, K / 8]``,
+    ``block`` a copy (the Gluon kernels')."""
+    words = codes.view(torch.int32).view(N, K // 8)
+    return mma_int8_gluon.TensorDescriptor(words, [N, K // 8], [K // 8, 1], block, layout)
 
 
 def words_aligned(codes: torch.Tensor) -> bool:
