@@ -19,16 +19,15 @@ Warp-specialized: the partitions of a CTA hand tiles over through mbarrier rings
   of a tile to arrive adds them in slice order, as ``epilogue.store_result``).
 
 Measured (H200, bf16, us in a CUDA graph; ``benches/probe_gemm16.py``,
-``benches/results/gpu_gemm16_ws_h200.txt``): faster than decode + cuBLAS (the route past 64
-rows before it) by 1.2-1.4x at 128-256 rows on the large Llama-8B-class weights (8192^2,
-14336 x 4096, 4096 x 14336), but 0.6-0.7x cuBLAS on the bf16 weight; slower than decode +
-cuBLAS on 4096^2 and smaller weights and from 512 rows. So ``launch.GEMM16_TABLE`` holds the
-weights where it won, and the route takes it only there, and only when ``launch.GEMM16_ROWS`` is
-set: in Llama-3-8B's prefill forward it measured 3-6 ms slower than without (its host path
-costs ~27 us a call more; the rest not found; ``gpu_prefill_gemm16_8b_h200.txt``). Without the
-decode (zeros stored; a diagnostic build) the
-pipeline itself ran 68 us against cuBLAS's 49 on 8192^2 at 256 rows: the activations are
-re-read from L2 by every one of the ``N / BLOCK_N`` column tiles.
+``benches/results/gpu_gemm16_ws_h200.txt``): 1.12-1.46x faster than decode + cuBLAS (the route
+without it) at 100-256 rows on the large Llama-8B-class weights (8192^2, 14336 x 4096, 4096 x
+14336), but 0.63-0.69x cuBLAS on the bf16 weight; slower than decode + cuBLAS on 4096^2 and
+smaller weights and from 512 rows. So ``launch.GEMM16_TABLE`` holds the weights where it won,
+and the route takes it only there, and only when ``launch.GEMM16_ROWS`` is set: in Llama-3-8B's
+prefill forward it measured 3-6 ms slower than without (its host path costs ~27 us a call
+more; the rest not found; ``gpu_prefill_gemm16_8b_h200.txt``). Without the decode (zeros
+stored; a diagnostic build) the pipeline itself ran 68 us against cuBLAS's 49 on 8192^2 at 256
+rows: the activations are re-read from L2 by every one of the ``N / BLOCK_N`` column tiles.
 
 The version before this one (stop 32, branch ``gemm16``) decoded and multiplied on the same
 warps, with CTA barriers between them: 0.34-0.60x cuBLAS, slower than decode + cuBLAS.
