@@ -112,6 +112,19 @@ def test_plan_grid_and_split():
     assert hash(key) == hash(L._gemm16_plan(300, 1000, 4096, "symmetric", 128, False, cfg)[2])
 
 
+def test_split_gives_every_slice_a_step():
+    """A K slice with no step would hang its program (the partitions wait for tiles that never
+    come): the split asked is cut to what K has."""
+    assert L.gemm16_split(4096, 2) == (2, 32)
+    assert L.gemm16_split(9 * 64, 2) == (2, 5)  # 5 + 4 steps
+    assert L.gemm16_split(9 * 64, 4) == (3, 3)  # 4 slices of ceil(9 / 4) = 3: the 4th empty
+    assert L.gemm16_split(64, 2) == (1, 1) and L.gemm16_split(0, 2) == (1, 0)
+    for steps in range(1, 40):
+        for split in range(1, 9):
+            n, per = L.gemm16_split(steps * 64, split)
+            assert 1 <= n <= split and (n - 1) * per < steps <= n * per
+
+
 def test_table_rows_and_weights():
     """The table's keys are (rows bucket, N, K) of weights the kernel takes, its configs valid."""
     for (bucket, N, K), cfg in L.GEMM16_TABLE.items():

@@ -138,28 +138,29 @@ if HAVE_GEMM16:
                         GS: gl.constexpr, ENC: gl.constexpr):  # fmt: skip
         """Loader warp: each step's scales (and mins) of the tile's rows, fp32, into the scales'
         ring for the decoders. A gather (one value a row) whose latency is about a step's, so
-        loaded ``AHEAD`` = 2 steps before it is stored (loaded by the decoders themselves, the
-        loads would be in flight at their fence every step, which waits for them)."""
+        loaded two steps before it is stored (loaded by the decoders themselves, the loads would
+        be in flight at their fence every step, which waits for them)."""
         S_RING: gl.constexpr = ss.shape[0]
         BLOCK_N: gl.constexpr = ss.shape[1]
         LS: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
         rows = n0 + gl.arange(0, BLOCK_N, layout=LS)
         rmask = rows < N
-        s0, m0 = _group(scales_ptr, mins_ptr, rows, rmask, G, k0, GS, ENC)
-        s1, m1 = _group(scales_ptr, mins_ptr, rows, rmask, G, k0 + gl.minimum(1, n_steps - 1),
-                        GS, ENC)  # fmt: skip
+        # this step's (s_j, m_j) and the next one's (s_n, m_n), in registers
+        s_j, m_j = _group(scales_ptr, mins_ptr, rows, rmask, G, k0, GS, ENC)
+        s_n, m_n = _group(scales_ptr, mins_ptr, rows, rmask, G, k0 + gl.minimum(1, n_steps - 1),
+                          GS, ENC)  # fmt: skip
         for j in range(n_steps):
             slot = j % S_RING
             mbarrier.wait(s_empty.index(slot), ((j // S_RING) & 1) ^ 1)
-            ss.index(slot).store(s0)
+            ss.index(slot).store(s_j)
             if ENC == 0:
-                ms.index(slot).store(m0)
+                ms.index(slot).store(m_j)
             _cta_barrier()  # every lane's rows are stored (the arrive is one thread's)
             mbarrier.arrive(s_ready.index(slot))
-            s0 = s1
-            m0 = m1
-            s1, m1 = _group(scales_ptr, mins_ptr, rows, rmask, G,
-                            k0 + gl.minimum(j + 2, n_steps - 1), GS, ENC)  # fmt: skip
+            s_j = s_n
+            m_j = m_n
+            s_n, m_n = _group(scales_ptr, mins_ptr, rows, rmask, G,
+                              k0 + gl.minimum(j + 2, n_steps - 1), GS, ENC)  # fmt: skip
 
     @gluon.jit
     def _ws_decode(cs, ws, ss, ms, c_ready, c_empty, w_ready, w_empty, s_ready, s_empty, n_steps,

@@ -988,6 +988,16 @@ def _gemm16_plan(M: int, N: int, K: int, encoding: str, g: int, has_bias: bool,
     return grid, meta, tuple(sorted((k, str(v)) for k, v in meta.items()))
 
 
+def gemm16_split(K: int, split: int) -> tuple[int, int]:
+    """(K slices, steps of 64 a slice) for ``split`` slices asked: as many as each get a step at
+    least (a slice with none would leave its program's partitions waiting for ever)."""
+    steps = K // 64
+    if steps == 0:
+        return 1, 0
+    per = -(-steps // max(1, min(split, steps)))
+    return -(-steps // per), per
+
+
 def gemm16_linear(
     x2: torch.Tensor,
     codes: torch.Tensor,
@@ -1008,14 +1018,16 @@ def gemm16_linear(
     if done:
         return out
     cfg = config or gemm16_config(M, N, K) or Gemm16Config()
-    if cfg.split_k > 1 and locks is None:  # no counters yet, in a graph capture: one slice
-        cfg = dataclasses.replace(cfg, split_k=1)
+    # one slice where there are no counters yet (in a graph capture) or too few for the tiles
+    tiles = -(-M // cfg.block_m) * -(-N // cfg.block_n)
+    split, k_steps = gemm16_split(K, cfg.split_k if locks is not None and tiles <= LOCK_SLOTS else 1)
+    if split != cfg.split_k:
+        cfg = dataclasses.replace(cfg, split_k=split)
     grid, meta, meta_key = _gemm16_plan(M, N, K, encoding, group_size, bias is not None, cfg)
     TD = gemm16_gluon.TensorDescriptor
     x_desc = TD(x2, [M, K], [x2.stride(0), 1], [cfg.block_m, 64], meta["X_SL"])
     c_desc = _words_descriptor(codes, N, K, [cfg.block_n, 8], meta["C_SL"])
-    ws = _workspace(x2.device, (cfg.split_k, M, N)) if cfg.split_k > 1 else out
-    k_steps = -(-(K // 64) // cfg.split_k)
+    ws = _workspace(x2.device, (split, M, N)) if split > 1 else out
     args = (x_desc, c_desc, scales, scales if mins is None else mins,
             scales if bias is None else bias, out, ws, out if locks is None else locks, M, N, K,
             K // group_size, out.stride(0), k_steps)  # fmt: skip
