@@ -1020,7 +1020,8 @@ def gemm16_linear(
     cfg = config or gemm16_config(M, N, K) or Gemm16Config()
     # one slice where there are no counters yet (in a graph capture) or too few for the tiles
     tiles = -(-M // cfg.block_m) * -(-N // cfg.block_n)
-    split, k_steps = gemm16_split(K, cfg.split_k if locks is not None and tiles <= LOCK_SLOTS else 1)
+    counted = locks is not None and tiles <= LOCK_SLOTS
+    split, k_steps = gemm16_split(K, cfg.split_k if counted else 1)
     if split != cfg.split_k:
         cfg = dataclasses.replace(cfg, split_k=split)
     grid, meta, meta_key = _gemm16_plan(M, N, K, encoding, group_size, bias is not None, cfg)
