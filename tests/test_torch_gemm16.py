@@ -134,3 +134,34 @@ def test_table_rows_and_weights():
         assert cfg.decode_groups == 1 or cfg.stages % 2 == 0  # each ring's slots one group's
         if G.HAVE_GEMM16:
             G.layouts(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.decode_warps)
+
+
+def test_linear_takes_gemm16_where_it_applies(monkeypatch):
+    """``linear_cuda`` on the "gemm16" route: the tensors ``gemm16_applies`` refuses (here: not
+    on an sm_90 device) take decode + ``F.linear``, with its result; where it applies, the call
+    hands gemm16_linear the rows flattened and the weight's parts, and reshapes its output."""
+    from qtensors.torch import linear as lin
+
+    torch.manual_seed(0)
+    N, K, g = 64, 256, 64
+    codes = torch.randint(0, 256, (N * K // 2,), dtype=torch.uint8)
+    scales = torch.rand(N, K // g, dtype=torch.float16) * 0.1
+    mins = -torch.rand(N, K // g, dtype=torch.float16) * 0.5
+    args = (codes, scales, mins, None, [N, K], "affine", 4, g, 1)
+    x = torch.randn(2, 50, K, dtype=torch.bfloat16)  # 100 rows
+    monkeypatch.setattr(L, "route", lambda *a: "gemm16")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # no CUDA
+    want = lin.linear_dequantize(x, *args)
+    assert torch.equal(lin.linear_cuda(x, *args), want)  # refused: decode + F.linear
+
+    seen = []
+
+    def fake(x2, c, s, m, bias, n, k, encoding, group_size):
+        seen.append((x2.shape, c.data_ptr(), s.numel(), m.numel(), n, k, encoding, group_size))
+        return torch.full((x2.shape[0], n), 3.0, dtype=x2.dtype)
+
+    monkeypatch.setattr(L, "gemm16_applies", lambda *a: True)
+    monkeypatch.setattr(L, "gemm16_linear", fake)
+    got = lin.linear_cuda(x, *args)
+    assert got.shape == (2, 50, N) and bool((got == 3).all())
+    assert seen == [((100, K), codes.data_ptr(), N * K // g, N * K // g, N, K, "affine", g)]
