@@ -21,7 +21,7 @@ Warp-specialized: the partitions of a CTA hand tiles over through mbarrier rings
 Measured (H200, bf16, us in a CUDA graph; ``benches/probe_gemm16.py``,
 ``benches/results/gpu_gemm16_ws_h200.txt``): 1.12-1.46x faster than decode + cuBLAS (the route
 without it) at 100-256 rows on the large Llama-8B-class weights (8192^2, 14336 x 4096, 4096 x
-14336), but 0.63-0.69x cuBLAS on the bf16 weight; slower than decode + cuBLAS on 4096^2 and
+14336), but 0.55-0.69x cuBLAS on the bf16 weight; slower than decode + cuBLAS on 4096^2 and
 smaller weights and from 512 rows. So ``launch.GEMM16_TABLE`` holds the weights where it won,
 and the route takes it only there, and only when ``launch.GEMM16_ROWS`` is set: in Llama-3-8B's
 prefill forward it measured 3-6 ms slower than without (its host path costs ~27 us a call
