@@ -274,6 +274,22 @@ def test_slices_decode_only_the_chunks_they_need(tmp_path):
             f.get_tensor("x")
 
 
+def test_broken_chunks_name_the_first_one_every_time(tmp_path):
+    """Chunks decode in parallel; the error names the lowest broken chunk whichever thread ends
+    first (get_tensor and the stream alike)."""
+    x = (np.random.default_rng(5).standard_normal((64, 256)) * 0.1).astype(np.float32)
+    path = tmp_path / "b.qtensors"
+    write(path, {"x": x})
+    spans = chunk_spans(path, "x", "data")
+    break_chunks(path, spans[3:])
+    for _ in range(20):
+        with qt.safe_open(str(path)) as f:
+            with pytest.raises(FormatError, match="part 'data' chunk 3:"):
+                f.get_tensor("x")
+        with pytest.raises(FormatError, match="part 'data' chunk 3:"):
+            list(qt.stream(str(path), device="cpu", framework="np"))
+
+
 def test_quantized_slice_needs_only_its_codes_and_scales(tmp_path):
     rng = np.random.default_rng(4)
     # Few distinct values: the codes compress too.

@@ -269,15 +269,21 @@ pub fn decompress_chunks(
         )));
     }
     let k = c.itemsize;
-    out.par_chunks_mut(c.chunk_size as usize)
+    // Every chunk is decoded and the lowest failing one reported: the same error whichever
+    // thread finishes first.
+    let failed = out
+        .par_chunks_mut(c.chunk_size as usize)
         .zip(range.clone().into_par_iter())
-        .try_for_each(|(dst, i)| {
+        .filter_map(|(dst, i)| {
             let src = &stored[(offsets[i] - base) as usize..(offsets[i + 1] - base) as usize];
-            decode_chunk(c, k, src, dst).map_err(|e| match e {
-                Error::Format(m) => Error::Format(format!("{what} chunk {i}: {m}")),
-                other => other,
-            })
+            decode_chunk(c, k, src, dst).err().map(|e| (i, e))
         })
+        .min_by_key(|(i, _)| *i);
+    match failed {
+        None => Ok(()),
+        Some((i, Error::Format(m))) => Err(Error::Format(format!("{what} chunk {i}: {m}"))),
+        Some((_, other)) => Err(other),
+    }
 }
 
 fn decode_chunk(c: &Compression, k: usize, src: &[u8], dst: &mut [u8]) -> Result<()> {
@@ -466,7 +472,7 @@ mod tests {
     #[test]
     fn filters_invert() {
         let src: Vec<u8> = (0..4120u32) // not a multiple of 8 elements: the tails too
-            .map(|i| ((i * 2654435761u32) >> 13) as u8)
+            .map(|i| (i.wrapping_mul(2654435761u32) >> 13) as u8)
             .collect();
         for filter in [Filter::None, Filter::Bytes, Filter::Float] {
             for k in [1, 2, 4, 8] {
