@@ -3,6 +3,7 @@ importable as `_common`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -190,6 +191,24 @@ def graph_us(calls: list, reps: int, dry: bool = False) -> float:
         times.append(start.elapsed_time(end) * 1000 / len(calls))
     del graph
     return statistics.median(times)
+
+
+@contextlib.contextmanager
+def count_calls(module, name: str):
+    """``with count_calls(launch, "gemm16_linear") as calls:`` the calls of ``module.name``
+    made inside, counted (the function still runs)."""
+    real = getattr(module, name)
+    calls: list[int] = []
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    setattr(module, name, counted)
+    try:
+        yield calls
+    finally:
+        setattr(module, name, real)
 
 
 def generate_kwargs(new: int, compiled: bool) -> dict[str, Any]:

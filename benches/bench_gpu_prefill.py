@@ -1,7 +1,7 @@
 """Prefill on the GPU: the forward over a prompt (what time to first token is made of past the
 load), the Llama-shaped model of ``bench_gpu_generate.py`` (1.1B, or 8B; random weights) in
 bf16 against the same model quantized int4-g64 (``quantize_model``, siblings joined), whose
-linears run past 64 rows either ``gemm16_gluon.py`` (opt-in, ``launch.GEMM16_ROWS``: 65-256
+linears run past 64 rows either ``gemm16_gluon.py`` (opt-in, ``launch.use_gemm16()``: 65-256
 rows, on ``launch.GEMM16_TABLE``'s weights) or decode + cuBLAS: "int4" with gemm16 on and the
 decode launches kept (``fastlaunch.Refill``); in the same run "int4 no gemm16" (the default
 route: decode + cuBLAS only) and "int4 full path" (``linear.REPLAYS = False``).
@@ -30,7 +30,7 @@ sys.path.insert(0, HERE)
 
 import bench_gpu_generate as G  # noqa: E402
 import torch  # noqa: E402
-from _common import Report, cuda_ms  # noqa: E402
+from _common import Report, count_calls, cuda_ms  # noqa: E402
 
 import qtensors as qt  # noqa: E402
 import qtensors.torch as qtt  # noqa: E402
@@ -47,14 +47,11 @@ def _arg(flag: str, default: str) -> str:
     return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else default
 
 
-GEMM16_ROWS = L.GEMM16_ROWS_ON  # gemm16 is opt-in: "int4" sets it, "int4 no gemm16" not
-
-
 def setting(kept: bool, gemm16: bool) -> None:
+    """The int4 model's paths (gemm16 is opt-in: "int4" sets it, "int4 no gemm16" not)."""
     lin.REPLAYS = kept
     if (L.GEMM16_ROWS is not None) != gemm16:
-        L.GEMM16_ROWS = GEMM16_ROWS if gemm16 else None
-        L.route.cache_clear()
+        L.use_gemm16(gemm16)
 
 
 def forward_ms(model, ids, kept: bool, gemm16: bool = True) -> float:
@@ -90,13 +87,8 @@ def main() -> None:
             c = q(ids).logits[:, -1].float()
             setting(True, True)
             diff = ((a - c).abs().max() / c.abs().max()).item()
-            calls = []
-            real = L.gemm16_linear
-            L.gemm16_linear = lambda *a, c=calls, f=real, **k: c.append(1) or f(*a, **k)
-            try:
+            with count_calls(L, "gemm16_linear") as calls:
                 q(ids)
-            finally:
-                L.gemm16_linear = real
             say(f"P={P}: gemm16 calls in one int4 forward: {len(calls)}")
             say(f"P={P}: int4 last logits, kept decode launches against the full path: equal"
                 f" {bool(torch.equal(a, b))}; with gemm16 against without: relative max"

@@ -1,6 +1,6 @@
 """GPU check (sm_90+) of ``kernels/gemm16_gluon.py``, which Triton's interpreter cannot run: every
 candidate configuration of ``probe_gemm16.py`` on small and odd shapes, and the op as routed
-with ``launch.GEMM16_ROWS`` set (gemm16 on the table's weights), with and without a bias,
+with ``launch.use_gemm16()`` (gemm16 on the table's weights), with and without a bias,
 against decode + ``F.linear`` in fp32; that a quantized Llama layer's down projection takes it,
 and that layer's eager time per call with and without it. Exits non-zero on any relative error
 of 2e-2 or more (bf16 output).
@@ -21,6 +21,7 @@ import bench_gpu_gemv_sweep as S  # noqa: E402
 import probe_gemm16 as P  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _common import count_calls  # noqa: E402
 
 from qtensors.torch.kernels import launch as L  # noqa: E402
 
@@ -31,8 +32,7 @@ SMALL = [("int4-affine-g64", 200, 576, 70), ("int4-sym-g64", 256, 512, 130),
 
 
 def main() -> int:
-    L.GEMM16_ROWS = L.GEMM16_ROWS_ON  # the route takes gemm16 (off by default)
-    L.route.cache_clear()
+    L.use_gemm16()  # the route takes gemm16 (off by default)
     bad = 0
     for enc, N, K, M in SMALL:
         case = S.Case(enc, N, K)
@@ -67,8 +67,7 @@ def eager_times(layer, x, n: int = 50) -> None:
     import time
 
     for on in (True, False, True, False):
-        L.GEMM16_ROWS = L.GEMM16_ROWS_ON if on else None
-        L.route.cache_clear()
+        L.use_gemm16(on)
         for _ in range(3):
             layer(x)
         torch.cuda.synchronize()
@@ -86,8 +85,7 @@ def eager_times(layer, x, n: int = 50) -> None:
         gpu = a.elapsed_time(b) / n * 1e3
         print(f"  eager {'gemm16' if on else 'decode + cuBLAS'}: host {host:.0f} us a call,"
               f" {gpu:.0f} us a call end to end", flush=True)  # fmt: skip
-    L.GEMM16_ROWS = L.GEMM16_ROWS_ON
-    L.route.cache_clear()
+    L.use_gemm16()
 
 
 def model_takes_gemm16() -> bool:
@@ -104,15 +102,9 @@ def model_takes_gemm16() -> bool:
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     qtt.quantize_model(model, qt.Affine(bits=4, group_size=64, axis=-1))
     down = model.model.layers[0].mlp.down_proj
-    calls = []
-    real = L.gemm16_linear
-    L.gemm16_linear = lambda *a, **k: calls.append(1) or real(*a, **k)
-    try:
-        x = torch.randn(1, 256, 14336, device="cuda", dtype=torch.bfloat16)
-        with torch.inference_mode():
-            down(x)
-    finally:
-        L.gemm16_linear = real
+    x = torch.randn(1, 256, 14336, device="cuda", dtype=torch.bfloat16)
+    with count_calls(L, "gemm16_linear") as calls, torch.inference_mode():
+        down(x)
     with torch.inference_mode():
         eager_times(down, x)
     codes = [b for n, b in down.named_buffers() if "codes" in n]

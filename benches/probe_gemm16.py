@@ -7,12 +7,12 @@ memory, asynchronous ``wgmma``) for many rows, against cuBLAS bf16 and the route
 
 Before any timing every configuration is checked against decode + ``F.linear`` (bf16 output:
 relative error < 2e-2, and reported) and dropped if wrong. Times are us per call inside a CUDA
-graph over enough weight copies to overflow L2 (``bench_gpu_gemv_sweep.Case``), the median of
-10 replays. Prints, per (encoding, shape, rows): cuBLAS, decode + cuBLAS, the op as routed
-without gemm16 ("old route": ``GEMM16_ROWS = None``, the default) and with it ("routed":
-``GEMM16_ROWS_ON``), every configuration, the best and its ratio to cuBLAS; then ``table``
-lines for ``launch.GEMM16_TABLE``. ``--configs table``: the table's configurations only (the
-default: the candidates below).
+graph over enough weight copies to overflow L2 (``bench_gpu_gemv_sweep.Case``), the median of 10
+replays. Prints, per (encoding, shape, rows): cuBLAS, decode + cuBLAS, the op as routed without
+gemm16 ("old route": the default) and with it ("routed": ``launch.use_gemm16()``), every
+configuration, the best and its ratio to cuBLAS; then ``table`` lines for
+``launch.GEMM16_TABLE``. ``--configs table``: the table's configurations only (the default: the
+candidates below).
 """
 
 from __future__ import annotations
@@ -78,14 +78,11 @@ def decode_cublas(x, w: S.Weight):
 
 
 def routed_without_gemm16(x, w: S.Weight):
-    old = L.GEMM16_ROWS
-    L.GEMM16_ROWS = None
-    L.route.cache_clear()
+    L.use_gemm16(False)
     try:
         return S.routed(x, w)
     finally:
-        L.GEMM16_ROWS = old
-        L.route.cache_clear()
+        L.use_gemm16()
 
 
 def main() -> None:
@@ -94,7 +91,7 @@ def main() -> None:
     if "--shapes" in sys.argv:
         shapes = [tuple(int(d) for d in s.split("x")) for s in _arg("--shapes", "").split(",")]
     encs = _arg("--encodings", "int4-affine-g64").split(",")
-    L.GEMM16_ROWS = L.GEMM16_ROWS_ON  # "routed": with gemm16 on (opt-in)
+    L.use_gemm16()  # "routed": with gemm16 on (opt-in)
     configs = ALL
     if _arg("--configs", "all") == "table":
         configs = list(dict.fromkeys(L.GEMM16_TABLE.values()))

@@ -165,3 +165,16 @@ def test_linear_takes_gemm16_where_it_applies(monkeypatch):
     got = lin.linear_cuda(x, *args)
     assert got.shape == (2, 50, N) and bool((got == 3).all())
     assert seen == [((100, K), codes.data_ptr(), N * K // g, N * K // g, N, K, "affine", g)]
+
+
+def test_use_gemm16_switches_the_route():
+    """``use_gemm16()``: the opt-in, and its cached routes dropped both ways."""
+    assert L.GEMM16_ROWS is None
+    try:
+        assert L.route(256, 8192, 8192, "affine", 4, 64, 1, True, True) == "decode"
+        L.use_gemm16()
+        assert L.route(256, 8192, 8192, "affine", 4, 64, 1, True, True) == "gemm16"
+        L.use_gemm16(False)
+        assert L.route(256, 8192, 8192, "affine", 4, 64, 1, True, True) == "decode"
+    finally:
+        L.use_gemm16(False)

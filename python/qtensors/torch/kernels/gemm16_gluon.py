@@ -56,8 +56,6 @@ try:
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GEMM16 = False
 
-#: columns of K a step: one 128-byte swizzled row of 16-bit activations / weights
-BK = 64
 #: encoding ids
 GEMM16_ENC = {"affine": 0, "symmetric": 1}
 

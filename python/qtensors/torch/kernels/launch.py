@@ -88,12 +88,12 @@ INT8_MMA_MIN_ELEMENTS = 1 << 25
 #: fp16 / bf16 activations of ``GEMM16_ROWS`` rows (inclusive) run ``gemm16_gluon.py`` (each
 #: weight tile decoded into 16 bits in shared memory, asynchronous ``wgmma``) on the weights of
 #: ``GEMM16_TABLE`` (where the kernel was measured faster than decode + cuBLAS), instead of
-#: decode + cuBLAS; None (the default): never. Opt-in, ``(MMA_MAX_M + 1, 256)``: alone, a
+#: decode + cuBLAS; None (the default): never. Opt-in (``use_gemm16()``): alone, a
 #: table weight's call is 1.2-1.45x faster (CUDA graph and eager), but Llama-3-8B's prefill
 #: forward measured 3-6 ms slower with it than without (three runs; ~1 ms of it is the path's
 #: extra host time, 70 us a call against 43, the rest not found yet): README, "Past 64 rows".
 GEMM16_ROWS: tuple[int, int] | None = None
-#: the rows ``GEMM16_ROWS`` takes when set (the table's buckets)
+#: the rows ``GEMM16_ROWS`` takes when set (the table's buckets): ``use_gemm16()``
 GEMM16_ROWS_ON = (MMA_MAX_M + 1, 256)
 #: split-K counters per device: tiles of one launch that may split K
 LOCK_SLOTS = 1 << 15
@@ -926,6 +926,14 @@ GEMM16_TABLE: dict[tuple[int, int, int], Gemm16Config] = {
     (128, 14336, 4096): _G16(128, 128, 4, decode_regs=104),
     (256, 14336, 4096): _G16(256, 128, 8, w_ring=3, decode_regs=128, decode_groups=1),
 }
+
+
+def use_gemm16(on: bool = True) -> None:
+    """Route ``gemm16_gluon.py`` (``GEMM16_ROWS_ON``) or not (the default), and drop the cached
+    routes that the setting changes."""
+    global GEMM16_ROWS
+    GEMM16_ROWS = GEMM16_ROWS_ON if on else None
+    route.cache_clear()
 
 
 def gemm16_config(M: int, N: int, K: int) -> Gemm16Config | None:
