@@ -269,21 +269,29 @@ pub fn decompress_chunks(
         )));
     }
     let k = c.itemsize;
-    // Every chunk is decoded and the lowest failing one reported: the same error whichever
-    // thread finishes first.
-    let failed = out
-        .par_chunks_mut(c.chunk_size as usize)
-        .zip(range.clone().into_par_iter())
-        .filter_map(|(dst, i)| {
-            let src = &stored[(offsets[i] - base) as usize..(offsets[i + 1] - base) as usize];
-            decode_chunk(c, k, src, dst).err().map(|e| (i, e))
-        })
+    lowest_failure(
+        out.par_chunks_mut(c.chunk_size as usize)
+            .zip(range.clone().into_par_iter())
+            .map(|(dst, i)| {
+                let src = &stored[(offsets[i] - base) as usize..(offsets[i + 1] - base) as usize];
+                let done = decode_chunk(c, k, src, dst).map_err(|e| match e {
+                    Error::Format(m) => Error::Format(format!("{what} chunk {i}: {m}")),
+                    other => other,
+                });
+                (i, done)
+            }),
+    )
+}
+
+/// Chunks decoded in parallel, `(index, result)` each: every one runs, and the error reported
+/// is the lowest-indexed chunk's, the same whichever thread ends first.
+pub(crate) fn lowest_failure(
+    results: impl ParallelIterator<Item = (usize, Result<()>)>,
+) -> Result<()> {
+    let failed = results
+        .filter_map(|(i, r)| r.err().map(|e| (i, e)))
         .min_by_key(|(i, _)| *i);
-    match failed {
-        None => Ok(()),
-        Some((i, Error::Format(m))) => Err(Error::Format(format!("{what} chunk {i}: {m}"))),
-        Some((_, other)) => Err(other),
-    }
+    failed.map_or(Ok(()), |(_, e)| Err(e))
 }
 
 fn decode_chunk(c: &Compression, k: usize, src: &[u8], dst: &mut [u8]) -> Result<()> {

@@ -584,23 +584,17 @@ impl StreamFile {
                 let from_chunk = &src[(offsets[i] - base) as usize..];
                 compress::decompress_chunks(c, &offsets, from_chunk, i..i + 1, into, &what)
             };
-            // every chunk decoded, the lowest failing one reported (whichever thread ends first)
-            let failed = jobs
-                .into_par_iter()
-                .filter_map(|(i, cs, dst)| {
-                    let lo = pos_in_chunk(from, cs);
-                    let done = if lo == 0 && dst.len() as u64 == c.chunk_len(i) {
-                        chunk(i, dst)
-                    } else {
-                        let mut whole = vec![0u8; c.chunk_len(i) as usize];
-                        chunk(i, &mut whole).map(|()| {
-                            dst.copy_from_slice(&whole[lo as usize..lo as usize + dst.len()])
-                        })
-                    };
-                    done.err().map(|e| (i, e))
-                })
-                .min_by_key(|(i, _)| *i);
-            failed.map_or(Ok(()), |(_, e)| Err(e))
+            compress::lowest_failure(jobs.into_par_iter().map(|(i, cs, dst)| {
+                let lo = pos_in_chunk(from, cs);
+                let done = if lo == 0 && dst.len() as u64 == c.chunk_len(i) {
+                    chunk(i, dst)
+                } else {
+                    let mut whole = vec![0u8; c.chunk_len(i) as usize];
+                    chunk(i, &mut whole)
+                        .map(|()| dst.copy_from_slice(&whole[lo as usize..lo as usize + dst.len()]))
+                };
+                (i, done)
+            }))
         };
         // Pipelined: group g+1 is read while group g decompresses, so that the disk and the
         // cores work at once (a cold read would otherwise wait for each in turn).
