@@ -91,7 +91,7 @@ INT8_MMA_MIN_ELEMENTS = 1 << 25
 #: decode + cuBLAS; None (the default): never. Opt-in (``use_gemm16()``): alone, a
 #: table weight's call is 1.2-1.45x faster (CUDA graph and eager), but Llama-3-8B's prefill
 #: forward measured 3-6 ms slower with it than without (three runs; ~1 ms of it is the path's
-#: extra host time, 70 us a call against 43, the rest not found yet): README, "Past 64 rows".
+#: extra host time, 66-71 us a call against 42-43, the rest not found yet): README, "Past 64 rows".
 GEMM16_ROWS: tuple[int, int] | None = None
 #: the rows ``GEMM16_ROWS`` takes when set (the table's buckets): ``use_gemm16()``
 GEMM16_ROWS_ON = (MMA_MAX_M + 1, 256)
