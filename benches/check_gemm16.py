@@ -2,7 +2,8 @@
 candidate configuration of ``probe_gemm16.py`` on small and odd shapes, and the op as routed
 with ``launch.use_gemm16()`` (gemm16 on the table's weights), with and without a bias,
 against decode + ``F.linear`` in fp32; that a quantized Llama layer's down projection takes it,
-and that layer's eager time per call with and without it. Exits non-zero on any relative error
+and that layer's eager time per call with and without it (with its launch kept,
+``launch.Gemm16Kept``, and through the full path). Exits non-zero on any relative error
 of 2e-2 or more (bf16 output).
 
     python3 benches/check_gemm16.py
@@ -45,17 +46,26 @@ def main() -> int:
     for (bucket, N, K), cfg in L.GEMM16_TABLE.items():
         case = S.Case("int4-affine-g64", N, K)
         bias = torch.randn(N, device="cuda", dtype=S.DT)
-        for M in (bucket - 27, bucket):
-            x = case.x(M)
-            assert L.route(M, N, K, "affine", 4, 64, 1, True, True, False) == "gemm16"
-            w = case.ws[0]
-            for b in (None, bias):
-                got = torch.ops.qtensors.linear(x, *w.args[:3], b, *w.args[3:])
-                ref = F.linear(x.float(), case.ref_w, None if b is None else b.float())
-                err = S.rel_err(got, ref)
-                bad += err >= S.TOL
-                tag = "bias" if b is not None else "no bias"
-                print(f"routed {N}x{K} M{M} {P.label(cfg)} {tag}: rel err {err:.2e}", flush=True)
+        w = case.ws[0]
+        for b in (None, bias):
+            # the first call compiles, the second keeps its launch (launch.Gemm16Kept), the
+            # later ones take it with their own rows
+            with (
+                count_calls(L, "gemm16_linear") as full,
+                count_calls(L.Gemm16Kept, "__call__") as kept,
+            ):
+                for M in (bucket - 27, bucket - 27, bucket - 5, bucket, bucket - 27):
+                    x = case.x(M)
+                    assert L.route(M, N, K, "affine", 4, 64, 1, True, True, False) == "gemm16"
+                    got = torch.ops.qtensors.linear(x, *w.args[:3], b, *w.args[3:])
+                    ref = F.linear(x.float(), case.ref_w, None if b is None else b.float())
+                    err = S.rel_err(got, ref)
+                    bad += err >= S.TOL
+                    tag = "bias" if b is not None else "no bias"
+                    print(f"routed {N}x{K} M{M} {P.label(cfg)} {tag}: rel err {err:.2e}",
+                          flush=True)  # fmt: skip
+            bad += len(kept) != 3 or len(full) != 2
+            print(f"  full path {len(full)} calls, kept launch {len(kept)} (want 2 and 3)")
     bad += not model_takes_gemm16()
     print("FAILED" if bad else "all correct", f"({bad} wrong)")
     return 1 if bad else 0
@@ -66,8 +76,11 @@ def eager_times(layer, x, n: int = 50) -> None:
     Python) and GPU time per call (CUDA events around ``n`` calls)."""
     import time
 
-    for on in (True, False, True, False):
+    from qtensors.torch import linear as lin
+
+    for on, kept in ((True, True), (True, False), (False, True)) * 2:
         L.use_gemm16(on)
+        lin.REPLAYS = kept
         for _ in range(3):
             layer(x)
         torch.cuda.synchronize()
@@ -83,9 +96,11 @@ def eager_times(layer, x, n: int = 50) -> None:
         b.record()
         torch.cuda.synchronize()
         gpu = a.elapsed_time(b) / n * 1e3
-        print(f"  eager {'gemm16' if on else 'decode + cuBLAS'}: host {host:.0f} us a call,"
-              f" {gpu:.0f} us a call end to end", flush=True)  # fmt: skip
+        path = ("gemm16" if on else "decode + cuBLAS") + ("" if kept else ", full path")
+        print(f"  eager {path}: host {host:.0f} us a call, {gpu:.0f} us a call end to end",
+              flush=True)  # fmt: skip
     L.use_gemm16()
+    lin.REPLAYS = True
 
 
 def model_takes_gemm16() -> bool:

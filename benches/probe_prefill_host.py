@@ -3,12 +3,13 @@
 
     OUT=DIR python3 benches/probe_prefill_host.py [--prompt 512]
 
-Models: bf16; int4 (decode + cuBLAS past 64 rows, the decode launches kept); the same through
-the full path each call (``linear.REPLAYS = False``). Per model: the forward's wall time (CUDA
-events, best of 3), its GPU kernel time (``_common.gpu_busy``: the union of kernel intervals in
-a ``torch.profiler`` trace) with its top kernels, and the host time of one forward under
-cProfile (the top functions by own time), so a host-bound forward shows where its host time
-goes.
+Models: bf16; int4 (decode + cuBLAS past 64 rows, the decode launches kept); int4 with gemm16
+on (``launch.use_gemm16()``: 65-256 rows on its table's weights, the launches kept); int4
+through the full path each call (``linear.REPLAYS = False``). Per model: the forward's wall
+time (CUDA events, best of 3), its GPU kernel time (``_common.gpu_busy``: the union of kernel
+intervals in a ``torch.profiler`` trace) with its top kernels, and the host time of one forward
+under cProfile (the top functions by own time), so a host-bound forward shows where its host
+time goes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from _common import Report, cuda_ms, gpu_busy  # noqa: E402
 import qtensors as qt  # noqa: E402
 import qtensors.torch as qtt  # noqa: E402
 from qtensors.torch import linear as lin  # noqa: E402
+from qtensors.torch.kernels import launch as L  # noqa: E402
 
 REPORT = Report()
 say = REPORT.say
@@ -43,8 +45,10 @@ def main() -> None:
     ids = torch.randint(1, bf16.config.vocab_size, (1, P), device=G.DEV)
     say(f"# prefill host probe, {G.MODEL_NAME}, P={P}, {torch.cuda.get_device_name()}")
     with torch.inference_mode():
-        for label, m in (("bf16", bf16), ("int4", q), ("int4 full path", q)):
+        models = (("bf16", bf16), ("int4", q), ("int4 gemm16", q), ("int4 full path", q))
+        for label, m in models:
             lin.REPLAYS = label != "int4 full path"
+            L.use_gemm16(label == "int4 gemm16")
             for _ in range(3):
                 m(ids)
             torch.cuda.synchronize()

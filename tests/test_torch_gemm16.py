@@ -178,3 +178,53 @@ def test_use_gemm16_switches_the_route():
         assert L.route(256, 8192, 8192, "affine", 4, 64, 1, True, True) == "decode"
     finally:
         L.use_gemm16(False)
+
+
+@needs_gluon
+def test_kept_launch_takes_new_rows(monkeypatch):
+    """``Gemm16Kept``: a launch noted at 200 rows, called with 130, launches the same kernel
+    with the new activations' descriptor, rows, grid and output; every other argument the noted
+    one's. A launch that did not read the call's x is refused."""
+    M, N, K = 200, 192, 512
+    cfg = L.Gemm16Config(128, 64, 4, split_k=2)
+    grid, meta, _ = L._gemm16_plan(M, N, K, "affine", 64, False, cfg)
+    x = torch.zeros(M, K, dtype=torch.bfloat16)
+    out = torch.empty(M, N, dtype=torch.bfloat16)
+    TD = G.TensorDescriptor
+    x_desc = TD(x, [M, K], [K, 1], [128, 64], meta["X_SL"])
+    c_desc, scales, mins, ws, locks = object(), torch.ones(3), torch.ones(3), object(), object()
+    args = (x_desc, c_desc, scales, mins, scales, out, ws, locks, M, N, K, K // 64, N, 4)
+    calls = []
+
+    def run(*a):
+        calls.append(a)
+
+    hit = (run, "function", "packed", ("tail",))
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 7, raising=False)
+    kept = L.Gemm16Kept([(hit, grid, args, 0)], x, out, None)
+    assert grid == (2 * 3, 2) and kept.col_tiles == 3 and kept.split == 2
+
+    x2 = torch.ones(130, K, dtype=torch.bfloat16)
+    got = kept(x2)
+    assert got.shape == (130, N) and got.dtype == torch.bfloat16
+    (a,) = calls
+    assert a[:9] == (2 * 3, 2, 1, 7, "function", "packed", None, None, None)
+    launched = a[9:]
+    assert launched[-1] == "tail" and len(launched) == len(args) + 1
+    d = launched[0]
+    assert isinstance(d, TD) and d.base is x2 and list(d.shape) == [130, K]
+    assert list(d.block_shape) == [128, 64] and d.layout == meta["X_SL"]
+    assert launched[5] is got and launched[8] == 130
+    for i in (1, 2, 3, 4, 6, 7, 9, 10, 11, 12, 13):
+        assert launched[i] is args[i]
+    # (a split of 1 passes the output as the workspace too: both replaced)
+    args1 = (x_desc, c_desc, scales, mins, scales, out, out, locks, M, N, K, K // 64, N, 64)
+    kept1 = L.Gemm16Kept([(hit, (6, 1, 1), args1, 0)], x, out, None)
+    got1 = kept1(x2)
+    assert calls[-1][9 + 5] is got1 and calls[-1][9 + 6] is got1
+    with pytest.raises(ValueError, match="activations"):
+        L.Gemm16Kept([(hit, grid, args, 0)], x.clone(), out, None)
+    with pytest.raises(ValueError, match="launches"):
+        L.Gemm16Kept([(hit, grid, args, 0)] * 2, x, out, None)
+    assert L.gemm16_rows(65) == L.gemm16_rows(128) == 128
+    assert L.gemm16_rows(129) == L.gemm16_rows(256) == 256 and L.gemm16_rows(300) == 384

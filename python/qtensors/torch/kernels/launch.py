@@ -943,6 +943,13 @@ def gemm16_config(M: int, N: int, K: int) -> Gemm16Config | None:
     return GEMM16_TABLE.get((128 if M <= 128 else 256, N, K))
 
 
+def gemm16_rows(M: int) -> int:
+    """The rows a gemm16 launch of ``M`` rows is planned for (its table bucket, 128 or 256; a
+    multiple of 128 past them): every row count of a bucket gets the same split and one split-K
+    workspace, so a prompt of a new length reuses both (and ``Gemm16Kept``)."""
+    return max(128, -(-M // 128) * 128)
+
+
 def gemm16_shape(N: int, K: int, encoding: str, bits: int, g: int, axis: int) -> bool:
     """Whether ``gemm16_gluon.py`` takes this weight's layout: 4-bit affine / symmetric codes,
     groups along the input dim of a multiple of 64 (a step of K each), whole groups."""
@@ -1028,7 +1035,9 @@ def gemm16_linear(
         return out
     cfg = config or gemm16_config(M, N, K) or Gemm16Config()
     # one slice where there are no counters yet (in a graph capture) or too few for the tiles
-    tiles = -(-M // cfg.block_m) * -(-N // cfg.block_n)
+    # (of the bucket's rows: the same split for every row count of a bucket)
+    rows = gemm16_rows(M)
+    tiles = -(-rows // cfg.block_m) * -(-N // cfg.block_n)
     counted = locks is not None and tiles <= LOCK_SLOTS
     split, k_steps = gemm16_split(K, cfg.split_k if counted else 1)
     if split != cfg.split_k:
@@ -1037,12 +1046,73 @@ def gemm16_linear(
     TD = gemm16_gluon.TensorDescriptor
     x_desc = TD(x2, [M, K], [x2.stride(0), 1], [cfg.block_m, 64], meta["X_SL"])
     c_desc = _words_descriptor(codes, N, K, [cfg.block_n, 8], meta["C_SL"])
-    ws = _workspace(x2.device, (split, M, N)) if split > 1 else out
+    # the kernel reads slice k's partial sums at k * M * N: a bucket's buffer holds any M of it
+    ws = _workspace(x2.device, (split, rows, N)) if split > 1 else out
     args = (x_desc, c_desc, scales, scales if mins is None else mins,
             scales if bias is None else bias, out, ws, out if locks is None else locks, M, N, K,
             K // group_size, out.stride(0), k_steps)  # fmt: skip
     launch(gemm16_gluon.gemm16_kernel, grid, args, meta, meta_key, cuda_index)
     return out
+
+
+class Gemm16Kept:
+    """One weight's ``gemm16_linear`` launch for an activations' dtype, row bucket
+    (``gemm16_rows``) and bias, kept from a call made under ``fastlaunch.recording()``: a later
+    call with any row count of the bucket makes the activations' descriptor, the output and the
+    grid, and calls the kept launcher with the first call's other arguments (the codes'
+    descriptor, scales, mins, bias, workspace, counters, sizes). The route, the table, the
+    split, the plan and the launch key are not worked out again: a prompt's prefill comes with
+    new rows each time, so no ``fastlaunch.Replay`` would be kept for it (the idea of
+    ``fastlaunch.Refill`` for the decode + cuBLAS path). Raises ValueError unless the noted
+    launch is this call's one gemm16 launch."""
+
+    __slots__ = ("K", "N", "args", "bias", "block", "block_m", "col_tiles", "device",
+                 "function", "layout", "out_at", "packed", "run", "split", "tail")  # fmt: skip
+
+    # positions in gemm16_kernel's arguments
+    _X, _M = 0, 8
+
+    def __init__(self, noted: list, x2: torch.Tensor, out: torch.Tensor, bias) -> None:
+        if len(noted) != 1:
+            raise ValueError(f"{len(noted)} launches noted, not one")
+        (run, function, packed, tail), grid, args, device = noted[0]
+        x_desc = args[self._X]
+        TD = getattr(gemm16_gluon, "TensorDescriptor", None)
+        if TD is None or not isinstance(x_desc, TD) or x_desc.base is not x2:
+            raise ValueError("the noted launch did not read this call's activations")
+        self.out_at = tuple(i for i, a in enumerate(args) if a is out)
+        if not self.out_at or args[self._M] != x2.shape[0]:
+            raise ValueError("the noted launch did not write this call's output")
+        self.run, self.function, self.packed, self.tail = run, function, packed, tail
+        self.args = list(args)
+        self.args[self._X] = None  # no reference to the first call's tensors
+        for i in self.out_at:
+            self.args[i] = None
+        self.block, self.layout = list(x_desc.block_shape), x_desc.layout
+        self.block_m = self.block[0]
+        self.col_tiles = grid[0] // -(-x2.shape[0] // self.block_m)
+        self.split, self.device, self.bias = grid[1], device, bias
+        self.N, self.K = out.shape[1], x2.shape[1]
+
+    def __call__(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """``x2 @ W^T + bias`` (x2 ``[M, K]`` of the bucket's rows, rows 16-byte aligned as
+        ``gemm16_applies`` checks), or None where the fresh output is not 16-byte aligned (the
+        caller takes the full path)."""
+        M = x2.shape[0]
+        out = x2.new_empty((M, self.N))
+        if out.data_ptr() % 16:
+            return None
+        args = self.args.copy()
+        TD = gemm16_gluon.TensorDescriptor
+        args[self._X] = TD(x2, [M, self.K], [x2.stride(0), 1], self.block, self.layout)
+        args[self._M] = M
+        for i in self.out_at:
+            args[i] = out
+        stream = torch._C._cuda_getCurrentRawStream(self.device)
+        g0 = -(-M // self.block_m) * self.col_tiles
+        self.run(g0, self.split, 1, stream, self.function, self.packed, None, None, None, *args,
+                 *self.tail)  # fmt: skip
+        return out
 
 
 #: ``mma_int8_kernel``'s configuration where ``MMA_INT8_TABLE`` has none: 128 features and 2
