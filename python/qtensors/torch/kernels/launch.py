@@ -926,6 +926,11 @@ GEMM16_TABLE: dict[tuple[int, int, int], Gemm16Config] = {
     (256, 4096, 14336): _G16(split_k=2),
     (128, 14336, 4096): _G16(128, 128, 4, decode_regs=104),
     (256, 14336, 4096): _G16(256, 128, 8, w_ring=3, decode_regs=128, decode_groups=1),
+    # Llama-3-8B's gate and up projections joined (siblings.py): 104.9 against 147.9 us at 128
+    # rows, 136.4 against 170.5 at 256 (gpu_gemm16_joined_h200.txt); its joined q/k/v (6144 x
+    # 4096) measured 0.92-1.02x, not routed
+    (128, 28672, 4096): _G16(128, 128, 4, decode_regs=104),
+    (256, 28672, 4096): _G16(256, 128, 8, w_ring=3, decode_regs=128, decode_groups=1),
 }
 
 
