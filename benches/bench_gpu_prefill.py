@@ -12,7 +12,8 @@ route: decode + cuBLAS only) and "int4 full path" (``linear.REPLAYS = False``).
 
 Each forward is ``model(ids, use_cache=True)`` under ``inference_mode`` (a fresh cache per
 call, as ``generate``'s first step), timed with CUDA events; two warm-up calls, then 5 rounds
-alternating between the models, the fastest of each kept. Before timing, the int4 paths'
+(``QT_BENCH_ROUNDS``) alternating between the models, the fastest and the median of each kept
+(this host's spells of slowness move single rounds by 10-50%). Before timing, the int4 paths'
 last-position logits are compared: kept launches against the full path (the same kernels:
 equal), with gemm16 against without (relative max difference). Also prints the peak GPU
 memory of one forward past the weights.
@@ -21,6 +22,7 @@ memory of one forward past the weights.
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 
@@ -40,7 +42,7 @@ from qtensors.torch.kernels import launch as L  # noqa: E402
 DRY = G.DRY
 REPORT = Report()
 say = REPORT.say
-ROUNDS = 5
+ROUNDS = int(os.environ.get("QT_BENCH_ROUNDS", "5"))
 
 
 def _arg(flag: str, default: str) -> str:
@@ -108,11 +110,13 @@ def main() -> None:
                 for label, (m, kept, g16) in models.items():
                     times[label].append(forward_ms(m, ids, kept, g16))
         ref = min(times["bf16"])
+        ref_med = statistics.median(times["bf16"])
         for label, ts in times.items():
-            ms = min(ts)
+            ms, med = min(ts), statistics.median(ts)
             extra = f", peak +{peak[label]:.0f} MiB" if label in peak else ""
             say(f"  {label:20} P={P:<5} {ms:8.2f} ms  {batch * P / ms * 1e3:9.0f} tok/s"
-                f"  x{ref / ms:5.2f}  (spread {max(ts) / ms - 1:.0%}){extra}")  # fmt: skip
+                f"  x{ref / ms:5.2f}  median {med:6.2f} ms x{ref_med / med:5.2f}"
+                f"  (spread {max(ts) / ms - 1:.0%}){extra}")  # fmt: skip
     setting(True, True)
     REPORT.write("bench_gpu_prefill", {})
 

@@ -338,3 +338,76 @@ def test_decode_route_keeps_its_decode_launch(fast, monkeypatch):
     for _ in range(4):
         call(torch.randn(80, 64, dtype=torch.bfloat16), strided)
     assert len(full) == 9 and not strided[0]._qt_cuda_plan.refills
+
+
+# -- a launcher whose launch expands tensor descriptors (Triton 3.6's wrap_handle_tensordesc) ----
+_BASE_ARGS_FORMAT_LEN = 13  # read by the stand-in's inner, as Triton's module global
+
+
+def make_tensordesc_arg(arg, metadata):
+    """Stand-in of Triton's: the descriptor as its tensor map (here a tuple naming what the
+    real one encodes), shape and strides."""
+    m = ("map", arg.base.data_ptr(), tuple(arg.shape), tuple(arg.strides), metadata["swizzle"])
+    return [m, *arg.shape, *arg.strides]
+
+
+def wrap_handle_tensordesc(launcher, tensordesc_indices, tensordesc_meta):
+    """Stand-in of Triton 3.6's: the same closure names, expanding each descriptor argument."""
+
+    def inner(*args):
+        final_args = list(args[:_BASE_ARGS_FORMAT_LEN])
+        tensordesc_idx = 0
+        for i, arg in enumerate(args[_BASE_ARGS_FORMAT_LEN:]):
+            if i in tensordesc_indices:
+                final_args.extend(make_tensordesc_arg(arg, tensordesc_meta[tensordesc_idx]))
+                tensordesc_idx += 1
+            else:
+                final_args.append(arg)
+        return launcher(*final_args)
+
+    return inner
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(
+        x is y or (not isinstance(x, torch.Tensor) and x == y) for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_gemm16_kept_launch_expands_the_codes_descriptor_once(fast):
+    """``launch.Gemm16Kept`` with a launcher whose launch expands descriptors: it calls the C
+    launch itself, the codes' descriptor expanded when kept, and passes exactly what the
+    launcher's own call passes for the new rows (x's descriptor, rows, grid, output)."""
+    G = pytest.importorskip("qtensors.torch.kernels.gemm16_gluon")
+    if not G.HAVE_GEMM16:
+        pytest.skip("this Triton has no Gluon")
+    M, N, K = 200, 192, 512
+    cfg = L.Gemm16Config(128, 64, 4, split_k=2)
+    grid, meta, _ = L._gemm16_plan(M, N, K, "affine", 64, False, cfg)
+    c_calls = []
+    launcher = CudaLauncher()
+    launcher.launch = wrap_handle_tensordesc(
+        lambda *a: c_calls.append(a), {0, 1}, [{"swizzle": 128}, {"swizzle": 32}]
+    )
+    TD = G.TensorDescriptor
+    x = torch.zeros(M, K, dtype=torch.bfloat16)
+    out = torch.empty(M, N, dtype=torch.bfloat16)
+    words = torch.zeros(N, K // 8, dtype=torch.int32)
+    c_desc = TD(words, [N, K // 8], [K // 8, 1], [64, 8], meta["C_SL"])
+    x_desc = TD(x, [M, K], [K, 1], [128, 64], meta["X_SL"])
+    s, ws, locks = torch.ones(3), torch.zeros(4), torch.zeros(2, dtype=torch.int32)
+    args = (x_desc, c_desc, s, s, s, out, ws, locks, M, N, K, K // 64, N, 4)
+    tail = (0, 64, False)
+    kept = L.Gemm16Kept([((launcher, "fn", "packed", tail), grid, args, 0)], x, out, None)
+    assert kept.direct is not None
+
+    x2 = torch.randn(130, K).to(torch.bfloat16)
+    got = kept(x2)
+    direct = c_calls.pop()
+    own_args = list(args)
+    own_args[0] = TD(x2, [130, K], [K, 1], [128, 64], meta["X_SL"])
+    own_args[5], own_args[8] = got, 130
+    launcher(6, 2, 1, 77, "fn", "packed", None, None, None, *own_args, *tail)
+    own = c_calls.pop()
+    assert _same(direct, own)
+    assert direct[:3] == (6, 2, 1) and direct[13][1] == x2.data_ptr() and direct[14] == 130

@@ -165,6 +165,44 @@ def direct_launch(run: Any) -> tuple | None:
         return None
 
 
+#: what Triton 3.6's launcher of a kernel that takes tensor descriptors wraps its C launch in
+#: (``driver.wrap_handle_tensordesc``'s ``inner``): the closure's names, and the base arguments
+#: before the kernel's (grid, stream, function, cooperative, pdl, two scratch buffers, packed
+#: metadata, launch metadata, two hooks)
+_TENSORDESC_FREEVARS = frozenset(("launcher", "tensordesc_indices", "tensordesc_meta"))
+_TENSORDESC_BASE_ARGS = 13
+
+
+def tensordesc_launch(run: Any) -> tuple | None:
+    """``(C launch, cooperative, pdl, descriptor positions, their metadata, expand)`` where
+    ``run`` is the Triton 3.6 launcher this module knows (``direct_launch``) of a kernel taking
+    tensor descriptors, whose ``launch`` turns each descriptor into its arguments
+    (``expand(descriptor, metadata)``: the CUDA tensor map, shape and strides) before the C
+    launch: a caller that keeps a launch can expand a fixed descriptor once. Else None."""
+    direct = direct_launch(run)
+    inner = direct[0] if direct is not None else None
+    code = getattr(inner, "__code__", None)
+    if code is None or not _TENSORDESC_FREEVARS <= set(code.co_freevars):
+        return None
+    cells = dict(zip(code.co_freevars, inner.__closure__ or (), strict=False))
+    try:
+        launcher = cells["launcher"].cell_contents
+        positions = sorted(cells["tensordesc_indices"].cell_contents)
+        metas = list(cells["tensordesc_meta"].cell_contents)
+    except (KeyError, ValueError, TypeError):
+        return None
+    glob = getattr(inner, "__globals__", {})
+    expand = glob.get("make_tensordesc_arg")
+    if (
+        glob.get("_BASE_ARGS_FORMAT_LEN") != _TENSORDESC_BASE_ARGS
+        or expand is None
+        or len(metas) != len(positions)
+        or any(m is None for m in metas)
+    ):
+        return None
+    return launcher, direct[1], direct[2], positions, metas, expand
+
+
 def _prepared(noted: tuple | list, x: torch.Tensor | None, out: torch.Tensor) -> tuple[list, int]:
     """The noted launches as ``(call, grid, head, kept arguments, x's positions, out's
     positions)``, ``x`` and ``out`` cut out of the kept arguments (no reference to the first

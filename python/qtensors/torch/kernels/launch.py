@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import gemm16_gluon, mma_int8_gluon
+from . import fastlaunch, gemm16_gluon, mma_int8_gluon
 from .dequant import _levels
 from .epilogue import ENC_IDS
 from .fastlaunch import launch
@@ -1060,6 +1060,18 @@ def gemm16_linear(
     return out
 
 
+@dataclass
+class _Desc:
+    """What a tensor descriptor's expansion reads (``fastlaunch.tensordesc_launch``): the
+    tensor, shape, strides, padding; checked by ``gemm16_applies`` instead of the descriptor's
+    own checks."""
+
+    base: torch.Tensor
+    shape: list
+    strides: list
+    padding: str = "zero"
+
+
 class Gemm16Kept:
     """One weight's ``gemm16_linear`` launch for an activations' dtype, row bucket
     (``gemm16_rows``) and bias, kept from a call made under ``fastlaunch.recording()``: a later
@@ -1071,11 +1083,11 @@ class Gemm16Kept:
     ``fastlaunch.Refill`` for the decode + cuBLAS path). Raises ValueError unless the noted
     launch is this call's one gemm16 launch."""
 
-    __slots__ = ("K", "N", "args", "bias", "block", "block_m", "col_tiles", "device",
+    __slots__ = ("K", "N", "args", "bias", "block", "block_m", "col_tiles", "device", "direct",
                  "function", "layout", "out_at", "packed", "run", "split", "tail")  # fmt: skip
 
     # positions in gemm16_kernel's arguments
-    _X, _M = 0, 8
+    _X, _C, _M = 0, 1, 8
 
     def __init__(self, noted: list, x2: torch.Tensor, out: torch.Tensor, bias) -> None:
         if len(noted) != 1:
@@ -1098,6 +1110,14 @@ class Gemm16Kept:
         self.col_tiles = grid[0] // -(-x2.shape[0] // self.block_m)
         self.split, self.device, self.bias = grid[1], device, bias
         self.N, self.K = out.shape[1], x2.shape[1]
+        # Triton 3.6's C launch, with the codes' descriptor expanded once (the launcher's own
+        # wrapper expands every descriptor each call); else the launcher's call
+        self.direct = None
+        td = fastlaunch.tensordesc_launch(run)
+        if td is not None and td[3] == [self._X, self._C]:
+            c_launch, coop, pdl, _, metas, expand = td
+            rest = [*expand(args[self._C], metas[1]), *args[self._C + 1 :], *tail]
+            self.direct = (c_launch, coop, pdl, metas[0], expand, rest)
 
     def __call__(self, x2: torch.Tensor) -> torch.Tensor | None:
         """``x2 @ W^T + bias`` (x2 ``[M, K]`` of the bucket's rows, rows 16-byte aligned as
@@ -1107,14 +1127,24 @@ class Gemm16Kept:
         out = x2.new_empty((M, self.N))
         if out.data_ptr() % 16:
             return None
+        stream = torch._C._cuda_getCurrentRawStream(self.device)
+        g0 = -(-M // self.block_m) * self.col_tiles
+        if self.direct is not None:
+            c_launch, coop, pdl, x_meta, expand, rest = self.direct
+            rest = rest.copy()
+            for i in self.out_at:  # (the codes' descriptor, expanded, took 4 places for 1)
+                rest[i + 3] = out
+            rest[self._M + 3] = M
+            x_args = expand(_Desc(x2, [M, self.K], [x2.stride(0), 1]), x_meta)
+            c_launch(g0, self.split, 1, stream, self.function, coop, pdl, None, None,
+                     self.packed, None, None, None, *x_args, *rest)  # fmt: skip
+            return out
         args = self.args.copy()
         TD = gemm16_gluon.TensorDescriptor
         args[self._X] = TD(x2, [M, self.K], [x2.stride(0), 1], self.block, self.layout)
         args[self._M] = M
         for i in self.out_at:
             args[i] = out
-        stream = torch._C._cuda_getCurrentRawStream(self.device)
-        g0 = -(-M // self.block_m) * self.col_tiles
         self.run(g0, self.split, 1, stream, self.function, self.packed, None, None, None, *args,
                  *self.tail)  # fmt: skip
         return out
