@@ -65,7 +65,10 @@ def main() -> int:
                     print(f"routed {N}x{K} M{M} {P.label(cfg)} {tag}: rel err {err:.2e}",
                           flush=True)  # fmt: skip
             bad += len(kept) != 3 or len(full) != 2
-            print(f"  full path {len(full)} calls, kept launch {len(kept)} (want 2 and 3)")
+            plan = getattr(w.args[0], "_qt_cuda_plan", None)
+            direct = [k.direct is not None for k in getattr(plan, "gemm16s", {}).values()]
+            print(f"  full path {len(full)} calls, kept launch {len(kept)} (want 2 and 3);"
+                  f" kept launches through the C launch: {direct}")  # fmt: skip
     bad += not model_takes_gemm16()
     print("FAILED" if bad else "all correct", f"({bad} wrong)")
     return 1 if bad else 0
