@@ -20,7 +20,9 @@ the script has run longer than
 only (checks the script). ``QT_BENCH_MODES=eager`` runs the eager rows only, ``QT_BENCH_EXACT=0``
 leaves out ``int4-exact``, ``QT_BENCH_APART=0`` ``int4-apart``; ``QT_BENCH_ROUNDS`` sets
 ``ROUNDS``, ``QT_BENCH_BATCHES=1,16`` the batches, ``QT_BENCH_MODEL=8b`` Llama-3-8B's shape
-(``_common.LLAMA_8B``) instead of the 1.1B model.
+(``_common.LLAMA_8B``) instead of the 1.1B model; ``QT_BENCH_GEMM16=1`` adds ``int4-gemm16``, a
+copy of the int4 model run with ``launch.use_gemm16()`` (65-256 rows on its table's weights:
+batches of 65-256 sequences).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ _MODES = os.environ.get("QT_BENCH_MODES", "eager,static+compile").split(",")
 MODES = tuple(m for m in ("eager", "static+compile") if m in _MODES and not (DRY and m != "eager"))
 EXACT = os.environ.get("QT_BENCH_EXACT", "1") != "0"
 APART = os.environ.get("QT_BENCH_APART", "1") != "0"
+GEMM16 = os.environ.get("QT_BENCH_GEMM16") == "1"
 T0 = time.time()
 RESULTS: dict[str, Any] = {"runs": []}
 REPORT = Report()
@@ -97,6 +100,8 @@ def setting(label: str) -> None:
     from qtensors.torch.kernels import launch
 
     launch.INT8_ACTIVATIONS = label != "int4-exact"
+    if (launch.GEMM16_ROWS is not None) != (label == "int4-gemm16"):
+        launch.use_gemm16(label == "int4-gemm16")
 
 
 def _generate_s(model, ids, kw, label: str) -> float:
@@ -267,6 +272,8 @@ def main() -> None:
         models["int4-apart"] = apart
     if not DRY and HAVE_TRITON and EXACT:
         models["int4-exact"] = copy.deepcopy(int4)
+    if not DRY and HAVE_TRITON and GEMM16:
+        models["int4-gemm16"] = copy.deepcopy(int4)
     runs = [(b, m) for m in MODES for b in BATCHES]
     for b, m in runs:
         measure_pair(models, b, m)
@@ -279,6 +286,12 @@ def main() -> None:
         say(f"speedup {label} / bf16 in tokens/s:")
         for b, m in runs:
             q, f = by.get((label, b, m)), by.get(("bf16", b, m))
+            if q and f:
+                say(f"  batch {b} {m:<15} {q['tokens_per_s'] / f['tokens_per_s']:.2f}x")
+    if "int4-gemm16" in models:
+        say("speedup of gemm16, int4-gemm16 / int4-g64 in tokens/s:")
+        for b, m in runs:
+            q, f = by.get(("int4-gemm16", b, m)), by.get(("int4-g64", b, m))
             if q and f:
                 say(f"  batch {b} {m:<15} {q['tokens_per_s'] / f['tokens_per_s']:.2f}x")
     if "int4-apart" in models:

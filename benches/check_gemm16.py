@@ -64,10 +64,11 @@ def main() -> int:
                     tag = "bias" if b is not None else "no bias"
                     print(f"routed {N}x{K} M{M} {P.label(cfg)} {tag}: rel err {err:.2e}",
                           flush=True)  # fmt: skip
-            bad += len(kept) != 3 or len(full) != 2
+            # (a configuration another cell compiled is noted from its first call)
+            bad += not 1 <= len(full) <= 2 or len(full) + len(kept) != 5
             plan = getattr(w.args[0], "_qt_cuda_plan", None)
             direct = [k.direct is not None for k in getattr(plan, "gemm16s", {}).values()]
-            print(f"  full path {len(full)} calls, kept launch {len(kept)} (want 2 and 3);"
+            print(f"  full path {len(full)} calls, kept launch {len(kept)} (of 5; 1-2 full);"
                   f" kept launches through the C launch: {direct}")  # fmt: skip
     bad += not model_takes_gemm16()
     print("FAILED" if bad else "all correct", f"({bad} wrong)")
