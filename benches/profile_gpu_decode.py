@@ -2,7 +2,7 @@
 int4-g64 kept quantized, greedy batch-1 generation under torch.profiler (eager: the kernels are
 the ones a CUDA graph replays; their device time does not depend on the host).
 
-    OUT=DIR python3 benches/profile_gpu_decode.py [--modes eager,compiled]
+    OUT=DIR python3 benches/profile_gpu_decode.py [--modes eager,compiled] [--batch 1] [--model 8b]
 
 ``compiled``: transformers' static cache + ``torch.compile(mode="reduce-overhead", fullgraph)``
 as ``bench_gpu_generate.py`` runs it; the kernels the CUDA graphs replay are listed as the
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
 sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
-from _common import LLAMA_1B, Report, generate_kwargs  # noqa: E402
+from _common import LLAMA_1B, LLAMA_8B, Report, generate_kwargs  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import qtensors as qt  # noqa: E402
@@ -34,21 +34,21 @@ REPORT = Report()
 say = REPORT.say
 
 
-def build():
+def build(config: dict):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(torch.bfloat16).eval()
+        model = LlamaForCausalLM(LlamaConfig(**config)).to(torch.bfloat16).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
 
 
-def profile_decode(model, label: str, results: dict, mode: str = "eager") -> None:
-    ids = torch.randint(1, 32000, (1, 16), device="cuda")
+def profile_decode(model, label: str, results: dict, mode: str = "eager", batch: int = 1) -> None:
+    ids = torch.randint(1, model.config.vocab_size, (batch, 16), device="cuda")
     kw = generate_kwargs(NEW, mode == "compiled")
-    label = f"{label} {mode}"
+    label = f"{label} {mode} batch {batch}"
     with torch.inference_mode():
         for _ in range(2 if mode == "compiled" else 1):
             model.generate(ids, **kw)
@@ -103,15 +103,18 @@ def profile_decode(model, label: str, results: dict, mode: str = "eager") -> Non
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--modes", default="eager", help="comma-separated: eager, compiled")
-    modes = ap.parse_args().modes.split(",")
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    ap.add_argument("--model", default="1b", choices=["1b", "8b"], help="the Llama shape")
+    args = ap.parse_args()
+    modes = args.modes.split(",")
     results: dict = {}
-    model = build()
+    model = build(LLAMA_8B if args.model == "8b" else LLAMA_1B)
     for mode in modes:
-        profile_decode(model, "bf16", results, mode)
+        profile_decode(model, "bf16", results, mode, args.batch)
     qtt.quantize_model(model, qt.Affine(bits=4, group_size=64, axis=-1))
     torch.cuda.empty_cache()
     for mode in modes:
-        profile_decode(model, "int4-g64", results, mode)
+        profile_decode(model, "int4-g64", results, mode, args.batch)
     REPORT.write("profile_gpu_decode", results)
 
 
