@@ -150,10 +150,22 @@ def check_linear_args(x, codes, scales, mins, bias, shape, encoding, bits, group
     )
 
 
+def linear_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` as one 2-D product over x's rows. torch 2.11's matmul folds a 3-D
+    x into rows only where its leading dims view as one or the weight needs gradients; a decoded
+    weight needs none, so a strided x (``hidden[:, -1:]``, the last position of each sequence a
+    batch's prefill keeps for the LM head) became a batched product with the weight expanded per
+    sequence: Llama-3-8B's 128256 x 4096 head at 256 sequences took 60 ms instead of 0.36 on the
+    H200 (``benches/probe_slow_matmul.py``)."""
+    if x.dim() <= 2:
+        return F.linear(x, w, bias)
+    return F.linear(x.reshape(-1, x.shape[-1]), w, bias).reshape(*x.shape[:-1], w.shape[0])
+
+
 def linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
     """Decode the weight in ``x``'s dtype, then ``F.linear`` (arguments already validated)."""
     w = dequantize(codes, scales, mins, list(shape), encoding, bits, group_size, axis, x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return linear_rows(x, w, None if bias is None else bias.to(x.dtype))
 
 
 class _CpuPlan:
@@ -465,7 +477,7 @@ def _decode_then_linear(p, x, codes, scales, mins, bias, shape, encoding, bits, 
                 p.refills[x.dtype] = fastlaunch.Refill(noted, w)
             except ValueError:
                 pass  # the launch did not write w itself
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return linear_rows(x, w, None if bias is None else bias.to(x.dtype))
 
 
 def _gemm16(p, x2, bias, N, K, encoding, group_size):
@@ -592,7 +604,7 @@ def _backward(ctx, grad):
     gx = gb = None
     if ctx.needs_input_grad[0]:
         w = dequantize_op(codes, scales, mins, shape, encoding, bits, group_size, axis, grad.dtype)
-        gx = grad @ w
+        gx = (grad.reshape(-1, grad.shape[-1]) @ w).reshape(*grad.shape[:-1], w.shape[1])
     if ctx.needs_input_grad[4]:
         gb = grad.reshape(-1, shape[0]).sum(0).to(ctx.bias_dtype)
     return gx, None, None, None, gb, None, None, None, None, None
