@@ -280,26 +280,22 @@ def main() -> None:
         torch._dynamo.reset()
     say(f"(quantize_model: {RESULTS['quantize_model_s']:.1f} s)")
     by = {(r["model"], r["batch"], r["mode"]): r for r in RESULTS["runs"] if "error" not in r}
+
+    def ratios(title: str, num: str, den: str) -> None:
+        say(title)
+        for b, m in runs:
+            q, f = by.get((num, b, m)), by.get((den, b, m))
+            if q and f:
+                say(f"  batch {b} {m:<15} {q['tokens_per_s'] / f['tokens_per_s']:.2f}x")
+
     for label in models:
-        if label == "bf16":
-            continue
-        say(f"speedup {label} / bf16 in tokens/s:")
-        for b, m in runs:
-            q, f = by.get((label, b, m)), by.get(("bf16", b, m))
-            if q and f:
-                say(f"  batch {b} {m:<15} {q['tokens_per_s'] / f['tokens_per_s']:.2f}x")
+        if label != "bf16":
+            ratios(f"speedup {label} / bf16 in tokens/s:", label, "bf16")
     if "int4-gemm16" in models:
-        say("speedup of gemm16, int4-gemm16 / int4-g64 in tokens/s:")
-        for b, m in runs:
-            q, f = by.get(("int4-gemm16", b, m)), by.get(("int4-g64", b, m))
-            if q and f:
-                say(f"  batch {b} {m:<15} {q['tokens_per_s'] / f['tokens_per_s']:.2f}x")
+        ratios("speedup of gemm16, int4-gemm16 / int4-g64 in tokens/s:", "int4-gemm16", "int4-g64")
     if "int4-apart" in models:
-        say("speedup of joined siblings, int4-g64 / int4-apart in tokens/s:")
-        for b, m in runs:
-            q, f = by.get(("int4-g64", b, m)), by.get(("int4-apart", b, m))
-            if q and f:
-                say(f"  batch {b} {m:<15} {q['tokens_per_s'] / f['tokens_per_s']:.2f}x")
+        ratios("speedup of joined siblings, int4-g64 / int4-apart in tokens/s:", "int4-g64",
+               "int4-apart")  # fmt: skip
     say(f"total {time.time() - T0:.0f} s")
     REPORT.write("bench_gpu_generate", RESULTS)
 
