@@ -931,6 +931,9 @@ GEMM16_TABLE: dict[tuple[int, int, int], Gemm16Config] = {
     # 4096) measured 0.92-1.02x, not routed
     (128, 28672, 4096): _G16(128, 128, 4, decode_regs=104),
     (256, 28672, 4096): _G16(256, 128, 8, w_ring=3, decode_regs=128, decode_groups=1),
+    # Llama-3's LM head (vocab 128256): 544.5 against 765.6 us at 256 rows
+    # (gpu_gemm16_head_h200.txt; 128 rows not measured)
+    (256, 128256, 4096): _G16(256, 128, 8, w_ring=3, decode_regs=128, decode_groups=1),
 }
 
 
