@@ -89,10 +89,10 @@ INT8_MMA_MIN_ELEMENTS = 1 << 25
 #: weight tile decoded into 16 bits in shared memory, asynchronous ``wgmma``) on the weights of
 #: ``GEMM16_TABLE`` (where the kernel was measured faster than decode + cuBLAS), instead of
 #: decode + cuBLAS; None (the default): never. Opt-in (``use_gemm16()``): alone, a table
-#: weight's call is 1.12-1.46x faster in a CUDA graph (1.22x eager, 8B's down_proj), but
-#: Llama-3-8B's prefill forward measured 3-6 ms slower with it than without (three runs; ~1 ms
-#: of it is the path's extra host time, 66-71 us a call against 42-43, the rest not found
-#: yet): README, "Past 64 rows".
+#: weight's call is 1.12-1.46x faster in a CUDA graph (8B's down_proj eager: 76-78 against
+#: 96-97 us a call, its launch kept: ``Gemm16Kept``), but end to end no gain above the H200
+#: host's noise yet: Llama-3-8B's prefill 0.98-0.99x the time without it (host-bound), its
+#: compiled decoding of 128 / 256 sequences 1.10x / 1.01x (README, "Past 64 rows").
 GEMM16_ROWS: tuple[int, int] | None = None
 #: the rows ``GEMM16_ROWS`` takes when set (the table's buckets): ``use_gemm16()``
 GEMM16_ROWS_ON = (MMA_MAX_M + 1, 256)
