@@ -91,11 +91,11 @@ def main() -> None:
             diff = ((a - c).abs().max() / c.abs().max()).item()
             with (
                 count_calls(L, "gemm16_linear") as calls,
-                count_calls(L.Gemm16Kept, "__call__") as kept,
+                count_calls(L.Gemm16Kept, "__call__") as kept_calls,
             ):
                 q(ids)
-            say(f"P={P}: gemm16 calls in one int4 forward: {len(calls) + len(kept)}"
-                f" ({len(kept)} through kept launches)")  # fmt: skip
+            say(f"P={P}: gemm16 calls in one int4 forward: {len(calls) + len(kept_calls)}"
+                f" ({len(kept_calls)} through kept launches)")  # fmt: skip
             say(f"P={P}: int4 last logits, kept decode launches against the full path: equal"
                 f" {bool(torch.equal(a, b))}; with gemm16 against without: relative max"
                 f" difference {diff:.2e}")  # fmt: skip

@@ -69,9 +69,10 @@ def main() -> None:
     for e in kernels:
         say(f"kernel {e.key[:70]}: {e.count} calls, {e.device_time_total / 1e3:.2f} ms")
     # the LM head's product alone, on each input layout seen, against its bf16 weight
-    w = torch.randn(model.config.vocab_size, 4096, device="cuda", dtype=torch.bfloat16)
+    hidden = model.config.hidden_size
+    w = torch.randn(model.config.vocab_size, hidden, device="cuda", dtype=torch.bfloat16)
     for shape, strides, _ in sorted(set(seen)):
-        base = torch.randn(shape[0], max(1, strides[0] // 4096), 4096, device="cuda",
+        base = torch.randn(shape[0], max(1, strides[0] // hidden), hidden, device="cuda",
                            dtype=torch.bfloat16)  # fmt: skip
         x = base[:, -shape[1] :, :] if len(shape) == 3 else base[:, 0]
         for label, xx in (("as given", x), ("contiguous", x.contiguous())):

@@ -1,5 +1,6 @@
-"""Where a decode step's GPU time goes: the 1.1B Llama-shaped model (random weights), bf16 and
-int4-g64 kept quantized, greedy batch-1 generation under torch.profiler (eager: the kernels are
+"""Where a decode step's GPU time goes: the 1.1B Llama-shaped model (random weights; ``--model
+8b``: Llama-3-8B's shape), bf16 and int4-g64 kept quantized, greedy generation of one sequence
+(``--batch``: that many) under torch.profiler (eager: the kernels are
 the ones a CUDA graph replays; their device time does not depend on the host).
 
     OUT=DIR python3 benches/profile_gpu_decode.py [--modes eager,compiled] [--batch 1] [--model 8b]

@@ -1119,8 +1119,11 @@ class Gemm16Kept:
         td = fastlaunch.tensordesc_launch(run)
         if td is not None and td[3] == [self._X, self._C]:
             c_launch, coop, pdl, _, metas, expand = td
-            rest = [*expand(args[self._C], metas[1]), *args[self._C + 1 :], *tail]
-            self.direct = (c_launch, coop, pdl, metas[0], expand, rest)
+            c_args = expand(args[self._C], metas[1])
+            rest = [*c_args, *args[self._C + 1 :], *tail]
+            # where argument i (past the codes) lands in ``rest``
+            shift = len(c_args) - self._C - 1
+            self.direct = (c_launch, coop, pdl, metas[0], expand, rest, shift)
 
     def __call__(self, x2: torch.Tensor) -> torch.Tensor | None:
         """``x2 @ W^T + bias`` (x2 ``[M, K]`` of the bucket's rows, rows 16-byte aligned as
@@ -1133,11 +1136,11 @@ class Gemm16Kept:
         stream = torch._C._cuda_getCurrentRawStream(self.device)
         g0 = -(-M // self.block_m) * self.col_tiles
         if self.direct is not None:
-            c_launch, coop, pdl, x_meta, expand, rest = self.direct
+            c_launch, coop, pdl, x_meta, expand, rest, shift = self.direct
             rest = rest.copy()
-            for i in self.out_at:  # (the codes' descriptor, expanded, took 4 places for 1)
-                rest[i + 3] = out
-            rest[self._M + 3] = M
+            for i in self.out_at:
+                rest[i + shift] = out
+            rest[self._M + shift] = M
             x_args = expand(_Desc(x2, [M, self.K], [x2.stride(0), 1]), x_meta)
             c_launch(g0, self.split, 1, stream, self.function, coop, pdl, None, None,
                      self.packed, None, None, None, *x_args, *rest)  # fmt: skip
