@@ -411,3 +411,50 @@ def test_gemm16_kept_launch_expands_the_codes_descriptor_once(fast):
     own = c_calls.pop()
     assert _same(direct, own)
     assert direct[:3] == (6, 2, 1) and direct[13][1] == x2.data_ptr() and direct[14] == 130
+
+
+class _Desc:
+    """What the stand-in ``make_tensordesc_arg`` reads of a tensor descriptor."""
+
+    def __init__(self, base: torch.Tensor) -> None:
+        self.base, self.shape, self.strides = base, list(base.shape), list(base.stride())
+
+
+def test_replay_expands_a_fixed_descriptor_once(fast, monkeypatch):
+    """A replay of a launch taking the weight's codes as a tensor descriptor (the W4A8 Gluon
+    kernel's TMA ring) calls the C launch with the descriptor expanded when the replay was
+    kept, and passes exactly what the launcher's own call passes for the new x and output; the
+    descriptor stays referenced by the replay. A descriptor of x itself is not expanded ahead."""
+    expanded = []
+    real = make_tensordesc_arg
+
+    def counting(arg, metadata):
+        expanded.append(arg)
+        return real(arg, metadata)
+
+    monkeypatch.setitem(wrap_handle_tensordesc.__globals__, "make_tensordesc_arg", counting)
+    c_calls = []
+    launcher = CudaLauncher()
+    launcher.launch = wrap_handle_tensordesc(lambda *a: c_calls.append(a), {1}, [{"swizzle": 64}])
+    x = torch.randn(16, 8)
+    out = torch.empty(16, 5)
+    codes = _Desc(torch.zeros(5, 4, dtype=torch.int32))
+    args = (x, codes, torch.ones(3), out, 16, 5, 8)
+    rp = fastlaunch.Replay(((launcher, "fn", "packed", (64,)), (4, 2, 1), args, 0), x, out, None)
+    assert len(expanded) == 1 and codes in rp.held
+    x_new = torch.randn(16, 8)
+    got = rp(x_new)
+    got2 = rp(torch.randn(16, 8))
+    assert len(expanded) == 1  # once, when kept
+    direct = c_calls[0]
+    c_calls.clear()
+    launcher(4, 2, 1, 77, "fn", "packed", None, None, None, x_new, codes, args[2], got, 16, 5,
+             8, 64)  # fmt: skip
+    (own,) = c_calls
+    assert _same(direct, own)
+    assert got2 is not got
+    # a launch whose x is the descriptor (swapped per call) is not expanded ahead, nor one of
+    # a launcher this module does not know
+    args2 = [_Desc(x), torch.ones(3), out, 16]
+    assert fastlaunch._expanded(launcher, args2, (1,)) is None
+    assert fastlaunch._expanded(Launcher().run, args2, ()) is None

@@ -157,7 +157,7 @@ def linear_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> 
     batch's prefill keeps for the LM head) became a batched product with the weight expanded per
     sequence: Llama-3-8B's 128256 x 4096 head at 256 sequences took 60 ms instead of 0.36 on the
     H200 (``benches/probe_slow_matmul.py``)."""
-    if x.dim() <= 2:
+    if x.dim() <= 2 or x.is_contiguous():  # folded by torch itself (no reshapes to pay for)
         return F.linear(x, w, bias)
     return F.linear(x.reshape(-1, x.shape[-1]), w, bias).reshape(*x.shape[:-1], w.shape[0])
 
@@ -429,7 +429,8 @@ def linear_cuda(x, codes, scales, mins, bias, shape, encoding, bits, group_size,
     keyed by what the check, route and plan depend on: the weight (its plan), x's shape, dtype,
     device and 16-byte alignment, the bias object and ``launch.INT8_ACTIVATIONS``."""
     p = _cuda_weight(codes, scales, mins, shape, encoding, bits, group_size, axis)
-    if _replayable(x):
+    # past REPLAY_MAX_ROWS (a prompt's prefill) no replay is kept: no key to make and look up
+    if _replayable(x) and x.numel() <= REPLAY_MAX_ROWS * p.shape[1]:
         key = (x.shape, x.dtype, x.device, x.data_ptr() % 16 == 0, _launch.INT8_ACTIVATIONS)
         entry = p.replays.get(key)  # a Replay, or how many calls noted none
         if isinstance(entry, fastlaunch.Replay) and entry.bias is bias:

@@ -203,13 +203,16 @@ def tensordesc_launch(run: Any) -> tuple | None:
     return launcher, direct[1], direct[2], positions, metas, expand
 
 
-def _prepared(noted: tuple | list, x: torch.Tensor | None, out: torch.Tensor) -> tuple[list, int]:
+def _prepared(
+    noted: tuple | list, x: torch.Tensor | None, out: torch.Tensor
+) -> tuple[list, int, tuple]:
     """The noted launches as ``(call, grid, head, kept arguments, x's positions, out's
     positions)``, ``x`` and ``out`` cut out of the kept arguments (no reference to the first
     call's tensors), each launch through Triton's C ``launch`` where ``direct_launch`` allows;
-    and their device."""
+    their device; and the tensor descriptors expanded into CUDA tensor maps (``_expanded``), for
+    the caller to keep with the launches: a map holds its tensor's raw address."""
     chain = [noted] if isinstance(noted, tuple) else list(noted)
-    launches, device = [], -1
+    launches, device, held = [], -1, []
     for (run, function, packed, tail), grid, args, dev in chain:
         device = dev
         x_at = () if x is None else tuple(i for i, a in enumerate(args) if _same_memory(a, x))
@@ -218,13 +221,44 @@ def _prepared(noted: tuple | list, x: torch.Tensor | None, out: torch.Tensor) ->
         for i in x_at + out_at:
             kept[i] = None
         kept.extend(tail)
+        expanded = _expanded(run, kept, x_at + out_at)
         direct = direct_launch(run)
-        if direct is not None:  # launch(grid, stream, function, coop, pdl, scratch x 2, ...)
+        if expanded is not None:  # the C launch itself, the fixed descriptors expanded once
+            c_launch, coop, pdl, flat, where = expanded
+            held.extend(a for i, a in enumerate(kept) if i not in where)
+            kept = flat
+            call, head = c_launch, (function, coop, pdl, None, None, packed)
+            x_at, out_at = tuple(where[i] for i in x_at), tuple(where[i] for i in out_at)
+        elif direct is not None:  # launch(grid, stream, function, coop, pdl, scratch x 2, ...)
             call, head = direct[0], (function, direct[1], direct[2], None, None, packed)
         else:  # run(grid, stream, function, packed, the launch hooks' metadata, ...)
             call, head = run, (function, packed)
         launches.append((call, grid, head, kept, x_at, out_at))
-    return launches, device
+    return launches, device, tuple(held)
+
+
+def _expanded(run: Any, kept: list, swapped: tuple) -> tuple | None:
+    """Where ``run`` is Triton 3.6's launcher of a kernel taking tensor descriptors
+    (``tensordesc_launch``) and none of them is swapped per call (``swapped``: the positions a
+    replay fills with x and the output): ``(C launch, cooperative, pdl, the arguments with each
+    descriptor expanded, old position -> new)``. The launcher's own launch expands every
+    descriptor (the codes' CUDA tensor map: the weight's, fixed) on every call. Else None."""
+    td = tensordesc_launch(run)
+    if td is None:
+        return None
+    c_launch, coop, pdl, positions, metas, expand = td
+    if any(i in swapped for i in positions) or any(i >= len(kept) for i in positions):
+        return None
+    meta_of = dict(zip(positions, metas, strict=True))
+    flat: list = []
+    where: dict[int, int] = {}
+    for i, a in enumerate(kept):
+        if i in meta_of:
+            flat.extend(expand(a, meta_of[i]))
+        else:
+            where[i] = len(flat)
+            flat.append(a)
+    return c_launch, coop, pdl, flat, where
 
 
 class Replay:
@@ -236,10 +270,10 @@ class Replay:
     other operation wrote, as decode + cuBLAS). A replay passes ``x`` and the output themselves
     where the first call passed their 2-D views: a launcher reads only a tensor's address."""
 
-    __slots__ = ("bias", "device", "launches", "shape")
+    __slots__ = ("bias", "device", "held", "launches", "shape")
 
     def __init__(self, noted: tuple | list, x: torch.Tensor, out: torch.Tensor, bias) -> None:
-        self.launches, self.device = _prepared(noted, x, out)
+        self.launches, self.device, self.held = _prepared(noted, x, out)
         if not self.launches or not self.launches[0][4] or not self.launches[-1][5]:
             raise ValueError("the noted launches do not take this call's x and output")
         if out.dtype != x.dtype:  # the fused paths write x's dtype: a replay allocates as x
@@ -270,10 +304,10 @@ class Refill:
     every other argument as recorded. Raises ValueError unless the launch wrote ``out``'s
     memory (as a 2-D view)."""
 
-    __slots__ = ("device", "dtype", "launches", "shape", "where")
+    __slots__ = ("device", "dtype", "held", "launches", "shape", "where")
 
     def __init__(self, noted: tuple | list, out: torch.Tensor) -> None:
-        self.launches, self.device = _prepared(noted, None, out)
+        self.launches, self.device, self.held = _prepared(noted, None, out)
         if len(self.launches) != 1 or not self.launches[0][5]:
             raise ValueError("the noted launch did not write this output")
         self.shape, self.dtype, self.where = tuple(out.shape), out.dtype, out.device
