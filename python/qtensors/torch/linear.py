@@ -635,10 +635,9 @@ def linear(
     )
     # Gradients come from the op's autograd formula, so only gradient-free calls skip it.
     if type(x) is torch.Tensor and not torch.compiler.is_compiling() and not needs_grad:
-        kind = x.device.type
-        if kind == "cuda":
+        if x.is_cuda:  # (not x.device.type: a device object made each call)
             return linear_cuda(*args)
-        if kind == "cpu":
+        if x.is_cpu:
             return linear_cpu(*args)
     return linear_op(*args)
 
