@@ -239,3 +239,111 @@ def test_routing(monkeypatch):
     assert not L.gluon_applies(codes.view(-1)[1:1025], scales, 0, 16)  # not 4-byte aligned
     monkeypatch.setattr(L, "INT8_MMA_GLUON", False)
     assert not L.gluon_applies(codes, scales, 0, 16)
+
+
+# -- NF4 (``ENC`` 2): its codes as int8 levels by ``prmt`` ------------------------------------
+
+
+def _run_ptx(asm: str, word: int) -> int:
+    """The few PTX instructions ``mma_int8_gluon._nf4_asm`` uses, run on 32-bit ints (``$1``
+    the input, ``$0`` the result): an independent reading of the asm the GPU runs."""
+    regs = {"$1": word & 0xFFFFFFFF}
+
+    def val(tok: str) -> int:
+        tok = tok.strip()
+        return regs[tok] if tok in regs else int(tok, 0) & 0xFFFFFFFF
+
+    body = asm.strip().strip("{}")
+    for ins in body.split(";"):
+        ins = ins.strip()
+        if not ins or ins.startswith(".reg"):
+            continue
+        op, args = ins.split(None, 1)
+        d, *src = [a.strip() for a in args.split(",")]
+        v = [val(a) for a in src]
+        if op == "mov.b32":
+            r = v[0]
+        elif op == "and.b32":
+            r = v[0] & v[1]
+        elif op == "or.b32":
+            r = v[0] | v[1]
+        elif op == "shr.u32":
+            r = v[0] >> v[1]
+        elif op == "prmt.b32":  # generic mode: selector nibbles 0-7 pick bytes of b:a
+            table = v[0] | (v[1] << 32)
+            r = 0
+            for i in range(4):
+                sel = (v[2] >> (4 * i)) & 0xF
+                byte = (table >> (8 * (sel & 7))) & 0xFF
+                if sel & 8:  # sign replication
+                    byte = 0xFF if byte & 0x80 else 0
+                r |= byte << (8 * i)
+        else:
+            raise AssertionError(f"unexpected instruction {op}")
+        regs[d] = r & 0xFFFFFFFF
+    return regs["$0"]
+
+
+def test_nf4_asm_gives_each_codes_int8_level():
+    """Every word of 8 NF4 codes (random words and each code in each position): the even and
+    the odd codes' levels as int8, ``round(level * 127)``, one byte each in code order: the
+    bytes the affine path's nibble masks put in the same places."""
+    from qtensors.torch._layout import NF4_LEVELS
+
+    levels = [round(v * 127) for v in NF4_LEVELS]
+    even_asm, odd_asm = G._nf4_asm(False), G._nf4_asm(True)
+    rng = np.random.default_rng(0)
+    words = [int(w) for w in rng.integers(0, 2**32, 200, dtype=np.uint64)]
+    words += [c << (4 * i) for c in range(16) for i in range(8)]
+    for w in words:
+        codes = [(w >> (4 * i)) & 0xF for i in range(8)]
+        for asm, picked in ((even_asm, codes[0::2]), (odd_asm, codes[1::2])):
+            got = _run_ptx(asm, w)
+            got_levels = [int(np.int8(np.uint8((got >> (8 * i)) & 0xFF))) for i in range(4)]
+            assert got_levels == [levels[c] for c in picked], (hex(w), got_levels)
+
+
+@pytest.mark.parametrize("stages", [0, 3])
+def test_nf4_kernels_compile_for_sm90(stages):
+    """NF4 through both Gluon kernels: the levels by ``prmt``, the int8 MMA, no min terms
+    (no tf32 MMA), the register kernel still without shared memory."""
+    k = _compile(64, 16, 2, 2, 64, 2, 1, 4096, stages)
+    ptx = k.asm["ptx"]
+    assert "prmt.b32" in ptx
+    assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in ptx
+    assert "tf32" not in ptx
+    if not stages:
+        assert k.metadata.shared == 0
+
+
+def test_nf4_routes_to_the_gluon_kernel_where_it_applies(monkeypatch):
+    """NF4 at 5-32 rows of fp16 / bf16 with int8 activations: the Gluon W4A8 kernel
+    ("int8mma"); past its rows, without int8 activations, fp32 or groups it cannot take:
+    decode + cuBLAS. Where the tensors keep it from running (here: no GPU), ``linear_cuda``
+    decodes, with the decode's result."""
+    route = L.route.__wrapped__
+    args = (4096, 4096, "nf4", 4, 64, 1, True)
+    assert route(16, *args, True, True) == "int8mma"
+    assert route(5, *args, True, True) == "int8mma"
+    assert route(L.INT8_MMA_GLUON_MAX_M + 1, *args, True, True) == "decode"
+    assert route(16, *args, True, False) == "decode"  # INT8_ACTIVATIONS off
+    assert route(16, *args, False, True) == "decode"  # fp32
+    assert route(16, 4096, 4096, "nf4", 4, 32, 1, True, True, True) == "decode"  # groups of 32
+    assert route(2, *args, True, True) == "tiled"  # the batch 1-4 int8 kernel
+    assert route(16, 4096, 4096, "affine", 4, 64, 1, True, True, True) == "mma"
+    with pytest.raises(ValueError, match="int8 mma kernel takes"):
+        L._mma_int8_plan.__wrapped__(16, 256, 256, "nf4", 64, False, -1, None, True, False)
+    L._mma_int8_plan.__wrapped__(16, 256, 256, "nf4", 64, False, -1, None, True, True)
+
+    from qtensors.torch import linear as lin
+
+    monkeypatch.setattr(L, "route", lambda *a: "int8mma")
+    N, K, g = 64, 128, 64
+    torch.manual_seed(0)
+    codes = torch.randint(0, 256, (N * K // 2,), dtype=torch.uint8)
+    scales = torch.rand(N, K // g, dtype=torch.bfloat16)
+    x = torch.randn(8, K, dtype=torch.bfloat16)
+    a = (codes, scales, None, None, [N, K], "nf4", 4, g, 1)
+    want = lin.linear_dequantize(x, *a)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # no CUDA
+    torch.testing.assert_close(lin._linear_cuda(lin._cuda_weight(*a[:3], *a[4:]), x, *a), want)

@@ -552,6 +552,12 @@ def _linear_cuda(p, x, codes, scales, mins, bias, shape, encoding, bits, group_s
             return _decode_then_linear(p, x, codes, scales, mins, bias, shape, encoding, bits,
                                        group_size, a)  # fmt: skip
         out = _gemm16(p, x2, bias, N, K, encoding, group_size)
+    elif path == "int8mma":
+        if not L.gluon_applies(p.codes, p.scales, L._device_index(x2.device), rows):
+            return _decode_then_linear(p, x, codes, scales, mins, bias, shape, encoding, bits,
+                                       group_size, a)  # fmt: skip
+        out = L.mma_int8_linear(x2, p.codes, p.scales, p.mins, bias, N, K, encoding, group_size,
+                                gluon=True)  # fmt: skip
     elif path == "mma":
         out = L.mma_linear(x2, p.codes, p.scales, p.mins, bias, N, K, encoding, group_size)
     elif path == "tiled":

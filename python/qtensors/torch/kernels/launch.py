@@ -375,12 +375,13 @@ def route(
     int8: bool = False,
 ) -> str:
     """Which path runs ``M`` rows against this weight: "mma" (``mma_linear``, fp16 / bf16
-    activations: ``half``), "tiled" (``tiled_linear``; with ``int8``, ``INT8_ACTIVATIONS`` as
-    the caller read it, the int8 kernel's rows first), "gemv" (``fused_linear``) or "decode"
-    (decode, then cuBLAS) or "gemm16" (``gemm16_linear``, where ``gemm16_applies`` to the
-    tensors; else decode + cuBLAS). Shapes only, so cached (and so are the plans): after
-    changing the settings above, call ``route.cache_clear()``, ``_tiled_plan.cache_clear()``
-    and ``_mma_plan.cache_clear()``."""
+    activations: ``half``), "int8mma" (``mma_int8_linear`` on the Gluon kernel: NF4, where
+    ``gluon_applies``; else decode + cuBLAS), "tiled" (``tiled_linear``; with ``int8``,
+    ``INT8_ACTIVATIONS`` as the caller read it, the int8 kernel's rows first), "gemv"
+    (``fused_linear``) or "decode" (decode, then cuBLAS) or "gemm16" (``gemm16_linear``, where
+    ``gemm16_applies`` to the tensors; else decode + cuBLAS). Shapes only, so cached (and so are
+    the plans): after changing the settings above, call ``route.cache_clear()``,
+    ``_tiled_plan.cache_clear()`` and ``_mma_plan.cache_clear()``."""
     shape = (N, K)
     # the int8 kernel beats mma.py at 1-4 rows on every probe shape (gpu_words_int8_probe_h200)
     if int8 and half and aligned and int8_shape(M, K, encoding, bits, g):
@@ -404,15 +405,28 @@ def route(
         ):
             return "tiled"
         return "decode"
+    # NF4 past the int8 kernel's rows: the Gluon W4A8 kernel, where its rows and the tensors
+    # allow (``linear`` checks ``gluon_applies``), else decode + cuBLAS (mma.py has no NF4)
+    if int8 and half and encoding == "nf4" and INT8_MMA_ROWS is not None:
+        if INT8_MMA_ROWS[0] <= M <= INT8_MMA_GLUON_MAX_M and nf4_mma_shape(N, K, bits, g, axis):
+            return "int8mma"
     if M <= GEMV_MAX_M and supported(shape, encoding, bits, g, axis):
         return "gemv"
     return "decode"
 
 
-def int8_mma_shape(K: int, encoding: str, g: int) -> bool:
-    """Whether ``mma_int8.py`` takes a weight ``mma_supported()`` takes: affine / symmetric
-    codes, groups of at least 64 (one IMMA k-step a nibble half), whole groups a row."""
-    return encoding in MMA_INT8_ENC and g >= MMA_INT8_MIN_GROUP and K % g == 0
+def int8_mma_shape(K: int, encoding: str, g: int, gluon: bool = False) -> bool:
+    """Whether ``mma_int8.py`` (``gluon``: ``mma_int8_gluon.py``, which takes NF4 too) takes a
+    4-bit weight with groups along the input dim: affine / symmetric codes, groups of at least
+    64 (one IMMA k-step a nibble half), whole groups a row."""
+    encodings = mma_int8_gluon.GLUON_ENC if gluon else MMA_INT8_ENC
+    return encoding in encodings and g >= MMA_INT8_MIN_GROUP and K % g == 0
+
+
+def nf4_mma_shape(N: int, K: int, bits: int, g: int, axis: int) -> bool:
+    """Whether ``mma_int8_gluon.py`` takes this NF4 weight (``int8_mma_shape``), rows of whole
+    32-bit words; whether it runs also depends on the tensors (``gluon_applies``)."""
+    return bits == 4 and axis in (1, -1) and K % 8 == 0 and int8_mma_shape(K, "nf4", g, True)
 
 
 def int8_mma_applies(M: int, N: int, K: int, encoding: str, g: int, dtype: torch.dtype) -> bool:
@@ -1234,9 +1248,10 @@ def _mma_int8_plan(
             f"the int8 mma kernel needs block_m >= 16, block_n >= {fewest_n}, groups 1, 2 or 4:"
             f" {cfg}"
         )
-    if not int8_mma_shape(K, encoding, g):
+    if not int8_mma_shape(K, encoding, g, gluon):
+        encodings = mma_int8_gluon.GLUON_ENC if gluon else MMA_INT8_ENC
         raise ValueError(
-            f"the int8 mma kernel takes {tuple(MMA_INT8_ENC)} codes in groups of at least"
+            f"the int8 mma kernel takes {tuple(encodings)} codes in groups of at least"
             f" {MMA_INT8_MIN_GROUP} dividing K, not {encoding}, g={g}, K={K}"
         )
     G = K // g
@@ -1249,7 +1264,7 @@ def _mma_int8_plan(
     quant_grid = (n_m * block_m, -(-G // QUANT_GROUPS))
     quant_meta: dict = dict(GS=g, GROUPS=QUANT_GROUPS, FRAGMENT=gluon)
     meta: dict = dict(
-        ENC=MMA_INT8_ENC[encoding],
+        ENC=(mma_int8_gluon.GLUON_ENC if gluon else MMA_INT8_ENC)[encoding],
         GS=g,
         HAS_BIAS=has_bias,
         BLOCK_M=block_m,

@@ -70,6 +70,38 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 #: codes per MMA chunk: two m16n8k32 k-steps (one a nibble half)
 CHUNK = 64
+#: encodings of the Gluon kernels (``ENC``): the ``tl.dot`` kernel's, and NF4, whose codes
+#: become their levels as int8, ``round(level * 127)`` (as ``words_int8.py`` and the CPU
+#: kernel hold them: each weight moves by at most 0.4% of its group's absmax), multiplied
+#: signed by signed; no min terms, the sums scaled by ``1 / 127`` once at the end
+GLUON_ENC = {"affine": 0, "symmetric": 1, "nf4": 2}
+
+
+def _nf4_asm(odd: bool) -> str:
+    """PTX turning a 32-bit word of 8 NF4 codes (byte ``j``: codes ``2j``, ``2j + 1``) into the
+    int8 levels of its even (``odd`` False) or odd codes, one byte each in code order: each
+    half-word's four codes look their levels up in two 8-entry tables with ``prmt`` (levels
+    0-7 and 8-15, by the code's low 3 bits), a third ``prmt`` picks per byte by the code's bit
+    3, and a last one gathers the even or odd codes' bytes of the two halves."""
+    t = [v & 0xFFFFFFFF for v in _nf4_tables()]
+    return (
+        "{ .reg .b32 m, n, t0, t1, t2, t3, la, lb, ha, hb, sa, sb, a, b;"
+        f" mov.b32 t0, {t[0]:#x}; mov.b32 t1, {t[1]:#x};"
+        f" mov.b32 t2, {t[2]:#x}; mov.b32 t3, {t[3]:#x};"
+        " and.b32 m, $1, 0x77777777; shr.u32 n, m, 16;"
+        " prmt.b32 la, t0, t1, m; prmt.b32 ha, t2, t3, m;"
+        " prmt.b32 lb, t0, t1, n; prmt.b32 hb, t2, t3, n;"
+        " shr.u32 sa, $1, 1; and.b32 sa, sa, 0x4444; or.b32 sa, sa, 0x3210;"
+        " shr.u32 sb, $1, 17; and.b32 sb, sb, 0x4444; or.b32 sb, sb, 0x3210;"
+        " prmt.b32 a, la, ha, sa; prmt.b32 b, lb, hb, sb;"
+        f" prmt.b32 $0, a, b, {0x7531 if odd else 0x6420:#x}; }}"
+    )
+
+
+def _nf4_tables() -> tuple[int, ...]:
+    from .words_int8 import _nf4_tables as tables
+
+    return tables()
 
 
 def fragment_order() -> tuple[np.ndarray, np.ndarray]:
@@ -201,20 +233,29 @@ if HAVE_GLUON:
         return gl.inline_asm_elementwise(ASM, "=r,r,r,r,r", [w4], dtype=gl.int8, is_pure=True,
                                          pack=4)  # fmt: skip
 
+    NF4_EVEN = gl.constexpr(_nf4_asm(False))
+    NF4_ODD = gl.constexpr(_nf4_asm(True))
+
     @gluon.jit
-    def _nibbles(w, LB: gl.constexpr):
+    def _nibbles(w, LB: gl.constexpr, ENC: gl.constexpr):
         """32-bit words of codes ``w [BLOCK_N, 8]`` as their bytes' low and high nibbles (int8
-        ``[BLOCK_N, 8, 4]``), one instruction (two) a word."""
-        lo = _as_bytes(w, LB, "and.b32 $0, $1, 0x0F0F0F0F;")
-        hi = _as_bytes(w, LB, "{ .reg .b32 t; shr.u32 t, $1, 4; and.b32 $0, t, 0x0F0F0F0F; }")
+        ``[BLOCK_N, 8, 4]``), one instruction (two) a word; NF4 (``ENC`` 2): the nibbles'
+        levels as int8 (``_nf4_asm``)."""
+        if ENC == 2:
+            lo = _as_bytes(w, LB, NF4_EVEN)
+            hi = _as_bytes(w, LB, NF4_ODD)
+        else:
+            lo = _as_bytes(w, LB, "and.b32 $0, $1, 0x0F0F0F0F;")
+            hi = _as_bytes(w, LB, "{ .reg .b32 t; shr.u32 t, $1, 4; and.b32 $0, t, 0x0F0F0F0F; }")
         return lo, hi
 
     @gluon.jit
-    def _a_operand(w, BLOCK_N: gl.constexpr, LB: gl.constexpr, DOT_A: gl.constexpr):
+    def _a_operand(w, BLOCK_N: gl.constexpr, LB: gl.constexpr, DOT_A: gl.constexpr,
+                   ENC: gl.constexpr):  # fmt: skip
         """One chunk's words ``[BLOCK_N, 8]`` (layout LP1) as the MMA's A ``[BLOCK_N, 64]``:
         byte ``j = 8a + 4b + c`` (word ``2a + b``, byte ``c`` of it), nibble ``h`` -> column
         ``32h + 16b + 4a + c``."""
-        lo, hi = _nibbles(w, LB)
+        lo, hi = _nibbles(w, LB, ENC)
         lo = lo.reshape([BLOCK_N, 4, 2, 4])
         hi = hi.reshape([BLOCK_N, 4, 2, 4])
         a = gl.join(lo, hi).permute([0, 4, 2, 1, 3]).reshape([BLOCK_N, 64])
@@ -266,7 +307,7 @@ if HAVE_GLUON:
     def _step(acc, p, q, st, dd, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
               GROUPS: gl.constexpr, CHUNKS: gl.constexpr, MMA: gl.constexpr, DOT_A: gl.constexpr,
               DOT_B: gl.constexpr, LP1: gl.constexpr, LB: gl.constexpr, LQ1: gl.constexpr,
-              LQB: gl.constexpr):  # fmt: skip
+              LQB: gl.constexpr, ENC: gl.constexpr):  # fmt: skip
         """``acc`` plus one K step's scale terms: per group, the int32 sums ``I`` of its chunks'
         MMAs, then ``(s * d) * I`` (the min terms: ``_min_terms``)."""
         ROWS: gl.constexpr = gl.SliceLayout(1, MMA)
@@ -276,7 +317,7 @@ if HAVE_GLUON:
             i = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, MMA)
             for ci in gl.static_range(CHUNKS):
                 c = gi * CHUNKS + ci
-                a_op = _a_operand(_pick(p, c, PER_STEP, LP1), BLOCK_N, LB, DOT_A)
+                a_op = _a_operand(_pick(p, c, PER_STEP, LP1), BLOCK_N, LB, DOT_A, ENC)
                 b_op = _b_operand(_pick(q, c, PER_STEP, LQ1), BLOCK_M, LQB, DOT_B)
                 i = mma_v2(a_op, b_op, i)
             s = _pick(st, gi, GROUPS, ROWS).to(gl.float32)
@@ -475,20 +516,24 @@ if HAVE_GLUON:
                               GS, GROUPS)  # fmt: skip
         for k0 in range(k_lo, k_hi, 2 * STEP):
             acc = _step(acc, pa, qa, sa, da, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A, DOT_B,
-                        LP1, LB, LQ1, LQB)  # fmt: skip
+                        LP1, LB, LQ1, LQB, ENC)  # fmt: skip
             k2 = gl.minimum(k0 + 2 * STEP, k_last)
             pa = _codes(words_ptr, p_off, p_mask, k2)
             qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k2,
                                   MP, GS, GROUPS)  # fmt: skip
             if k0 + STEP < k_hi:  # an odd number of steps: the last iteration has one
                 acc = _step(acc, pb, qb, sb, db, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A,
-                            DOT_B, LP1, LB, LQ1, LQB)  # fmt: skip
+                            DOT_B, LP1, LB, LQ1, LQB, ENC)  # fmt: skip
             k3 = gl.minimum(k0 + 3 * STEP, k_last)
             pb = _codes(words_ptr, p_off, p_mask, k3)
             qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k3,
                                   MP, GS, GROUPS)  # fmt: skip
-        acc = _min_terms(acc, scales_ptr, mins_ptr, xs_ptr, pid_n * BLOCK_N, pid_m * BLOCK_M, N,
-                         G, MP, k_lo // GS, k_hi // GS, ENC, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
+        if ENC == 2:  # NF4: levels held as round(level * 127), no min terms
+            acc = acc * (1.0 / 127.0)
+        else:
+            acc = _min_terms(acc, scales_ptr, mins_ptr, xs_ptr, pid_n * BLOCK_N, pid_m * BLOCK_M,
+                             N, G, MP, k_lo // GS, k_hi // GS, ENC, BLOCK_N, BLOCK_M,
+                             MMA)  # fmt: skip
         _store(acc, pid, pid_k, pid_n, pid_m, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, lock_ptr,
                HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
 
@@ -606,7 +651,7 @@ if HAVE_TMA:
             _cta_barrier()  # every warp has read the slot: refill it
             _tma_refill(codes_desc, ring, bars, i + STAGES, n_steps, row0, k_lo, STEP, STAGES)
             acc = _step(acc, pa, qa, sa, da, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A, DOT_B,
-                        LP1, LB, LQ1, LQB)  # fmt: skip
+                        LP1, LB, LQ1, LQB, ENC)  # fmt: skip
             k2 = gl.minimum(k0 + 2 * STEP, k_last)
             qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k2,
                                   MP, GS, GROUPS)  # fmt: skip
@@ -616,14 +661,18 @@ if HAVE_TMA:
                 _tma_refill(codes_desc, ring, bars, i + 1 + STAGES, n_steps, row0, k_lo, STEP,
                             STAGES)  # fmt: skip
                 acc = _step(acc, pb, qb, sb, db, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A,
-                            DOT_B, LP1, LB, LQ1, LQB)  # fmt: skip
+                            DOT_B, LP1, LB, LQ1, LQB, ENC)  # fmt: skip
             k3 = gl.minimum(k0 + 3 * STEP, k_last)
             qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k3,
                                   MP, GS, GROUPS)  # fmt: skip
             i += 2
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(s))
-        acc = _min_terms(acc, scales_ptr, mins_ptr, xs_ptr, pid_n * BLOCK_N, pid_m * BLOCK_M, N,
-                         G, MP, k_lo // GS, k_hi // GS, ENC, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
+        if ENC == 2:  # NF4: levels held as round(level * 127), no min terms
+            acc = acc * (1.0 / 127.0)
+        else:
+            acc = _min_terms(acc, scales_ptr, mins_ptr, xs_ptr, pid_n * BLOCK_N, pid_m * BLOCK_M,
+                             N, G, MP, k_lo // GS, k_hi // GS, ENC, BLOCK_N, BLOCK_M,
+                             MMA)  # fmt: skip
         _store(acc, pid, pid_k, pid_n, pid_m, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, lock_ptr,
                HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
