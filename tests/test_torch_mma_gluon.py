@@ -56,6 +56,38 @@ def test_kernel_index_algebra_gives_the_product(seed):
     assert not np.array_equal(a_plain.astype(np.int64) @ b, codes @ x.T)
 
 
+def test_prepass_reads_each_activation_twice_with_dup():
+    """``quantize_kernel(DUP=True)`` (8-bit codes as 4-bit pairs: K and the groups doubled)
+    stores what the pre-pass stores for x with each value repeated, factors included."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from qtensors.torch.kernels.mma_int8 import quantize_kernel
+        torch.manual_seed(0)
+        M, K, GS, MP = 3, 256, 128, 16
+        x = torch.randn(M, K, dtype=torch.bfloat16)
+        x2 = x.repeat_interleave(2, dim=1)
+        K2, G = 2 * K, 2 * K // (2 * GS)
+        out = []
+        for src, dup in ((x, True), (x2, False)):
+            xq = torch.full((MP, K2), 99, dtype=torch.int8)
+            xs = torch.full((2, G, MP), 7.0)
+            quantize_kernel[(MP, 1)](src, xq, xs, M, MP, K2, G, src.stride(0), GS=2 * GS,
+                                     GROUPS=8, FRAGMENT=True, DUP=dup)
+            out.append((xq, xs))
+        assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+        assert out[0][0][:M].abs().max() == 127
+        print("ok")
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.path.join(ROOT, "python") + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
 def test_prepass_fragment_order_under_the_interpreter():
     """``quantize_kernel(FRAGMENT=True)`` stores each chunk's int8 activations at
     ``fragment_order``'s slots, with the same per-group factors as the halves order."""
@@ -267,6 +299,8 @@ def _run_ptx(asm: str, word: int) -> int:
             r = v[0] & v[1]
         elif op == "or.b32":
             r = v[0] | v[1]
+        elif op == "xor.b32":
+            r = v[0] ^ v[1]
         elif op == "shr.u32":
             r = v[0] >> v[1]
         elif op == "prmt.b32":  # generic mode: selector nibbles 0-7 pick bytes of b:a
@@ -303,6 +337,34 @@ def test_nf4_asm_gives_each_codes_int8_level():
             assert got_levels == [levels[c] for c in picked], (hex(w), got_levels)
 
 
+def test_symmetric8_bytes_split_into_nibbles_that_add_up_to_the_signed_code():
+    """8-bit symmetric codes (ENC 3): each byte's low nibble and its high one less 128, as
+    the kernel's asm makes them (read by ``_run_ptx``), add up to ``c - 128``, the code's
+    signed value, for every byte value in every position."""
+    asm = G.SYM8_HIGH_ASM
+    for c in range(256):
+        for i in range(4):
+            w = c << (8 * i)
+            lo = (_run_ptx("and.b32 $0, $1, 0x0F0F0F0F;", w) >> (8 * i)) & 0xFF
+            hi = int(np.int8(np.uint8((_run_ptx(asm, w) >> (8 * i)) & 0xFF)))
+            assert 0 <= lo <= 15 and lo + hi == c - 128
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        (64, 16, 2, 1, 256, 3, 1, 8192, 0),  # 8-bit g128 as pairs: 2K, groups of 256
+        (64, 16, 2, 1, 256, 3, 1, 8192, 3),
+        (64, 16, 2, 2, 128, 3, 4, 0, 3),  # 8-bit g64, split K
+    ],
+)
+def test_symmetric8_kernels_compile_for_sm90(cfg):
+    k = _compile(*cfg)
+    ptx = k.asm["ptx"]
+    assert "xor.b32" in ptx and "tf32" not in ptx
+    assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in ptx
+
+
 @pytest.mark.parametrize("stages", [0, 3])
 def test_nf4_kernels_compile_for_sm90(stages):
     """NF4 through both Gluon kernels: the levels by ``prmt``, the int8 MMA, no min terms
@@ -331,6 +393,12 @@ def test_nf4_routes_to_the_gluon_kernel_where_it_applies(monkeypatch):
     assert route(16, 4096, 4096, "nf4", 4, 32, 1, True, True, True) == "decode"  # groups of 32
     assert route(2, *args, True, True) == "tiled"  # the batch 1-4 int8 kernel
     assert route(16, 4096, 4096, "affine", 4, 64, 1, True, True, True) == "mma"
+    sym8 = (4096, 4096, "symmetric", 8, 128, 1, True)
+    assert route(16, *sym8, True, True) == "int8mma"
+    assert L.gluon_only_shape(4096, 4096, "symmetric", 8, 128, 1) == "symmetric8"
+    assert L.gluon_only_shape(4096, 4096, "symmetric", 8, 256, 1) is None  # groups past 128
+    assert L.gluon_only_shape(4096, 4096, "affine", 8, 128, 1) is None
+    assert route(16, 4096, 4096, "affine", 8, 128, 1, True, True, True) == "decode"
     with pytest.raises(ValueError, match="int8 mma kernel takes"):
         L._mma_int8_plan.__wrapped__(16, 256, 256, "nf4", 64, False, -1, None, True, False)
     L._mma_int8_plan.__wrapped__(16, 256, 256, "nf4", 64, False, -1, None, True, True)
@@ -347,3 +415,7 @@ def test_nf4_routes_to_the_gluon_kernel_where_it_applies(monkeypatch):
     want = lin.linear_dequantize(x, *a)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # no CUDA
     torch.testing.assert_close(lin._linear_cuda(lin._cuda_weight(*a[:3], *a[4:]), x, *a), want)
+    codes8 = torch.randint(0, 256, (N * K,), dtype=torch.uint8)  # 8-bit: decoded off the GPU too
+    a8 = (codes8, scales, None, None, [N, K], "symmetric", 8, g, 1)
+    got8 = lin._linear_cuda(lin._cuda_weight(*a8[:3], *a8[4:]), x, *a8)
+    torch.testing.assert_close(got8, lin.linear_dequantize(x, *a8))

@@ -556,8 +556,10 @@ def _linear_cuda(p, x, codes, scales, mins, bias, shape, encoding, bits, group_s
         if not L.gluon_applies(p.codes, p.scales, L._device_index(x2.device), rows):
             return _decode_then_linear(p, x, codes, scales, mins, bias, shape, encoding, bits,
                                        group_size, a)  # fmt: skip
-        out = L.mma_int8_linear(x2, p.codes, p.scales, p.mins, bias, N, K, encoding, group_size,
-                                gluon=True)  # fmt: skip
+        # 8-bit codes as 4-bit pairs over twice K (the pre-pass reads each activation twice)
+        pairs = L.gluon_only_shape(N, K, encoding, bits, group_size, a) == "symmetric8"
+        enc, k, g = ("symmetric8", 2 * K, 2 * group_size) if pairs else (encoding, K, group_size)
+        out = L.mma_int8_linear(x2, p.codes, p.scales, p.mins, bias, N, k, enc, g, gluon=True)
     elif path == "mma":
         out = L.mma_linear(x2, p.codes, p.scales, p.mins, bias, N, K, encoding, group_size)
     elif path == "tiled":

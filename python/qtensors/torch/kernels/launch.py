@@ -375,7 +375,7 @@ def route(
     int8: bool = False,
 ) -> str:
     """Which path runs ``M`` rows against this weight: "mma" (``mma_linear``, fp16 / bf16
-    activations: ``half``), "int8mma" (``mma_int8_linear`` on the Gluon kernel: NF4, where
+    activations: ``half``), "int8mma" (``mma_int8_linear`` on the Gluon kernel: NF4, 8-bit, where
     ``gluon_applies``; else decode + cuBLAS), "tiled" (``tiled_linear``; with ``int8``,
     ``INT8_ACTIVATIONS`` as the caller read it, the int8 kernel's rows first), "gemv"
     (``fused_linear``) or "decode" (decode, then cuBLAS) or "gemm16" (``gemm16_linear``, where
@@ -405,11 +405,13 @@ def route(
         ):
             return "tiled"
         return "decode"
-    # NF4 past the int8 kernel's rows: the Gluon W4A8 kernel, where its rows and the tensors
-    # allow (``linear`` checks ``gluon_applies``), else decode + cuBLAS (mma.py has no NF4)
-    if int8 and half and encoding == "nf4" and INT8_MMA_ROWS is not None:
-        if INT8_MMA_ROWS[0] <= M <= INT8_MMA_GLUON_MAX_M and nf4_mma_shape(N, K, bits, g, axis):
-            return "int8mma"
+    # NF4 and 8-bit codes past the int8 kernel's rows: the Gluon W4A8 kernel, where its rows
+    # and the tensors allow (``linear`` checks ``gluon_applies``), else decode + cuBLAS (mma.py
+    # takes neither)
+    if int8 and half and INT8_MMA_ROWS is not None:
+        if INT8_MMA_ROWS[0] <= M <= INT8_MMA_GLUON_MAX_M:
+            if gluon_only_shape(N, K, encoding, bits, g, axis) is not None:
+                return "int8mma"
     if M <= GEMV_MAX_M and supported(shape, encoding, bits, g, axis):
         return "gemv"
     return "decode"
@@ -423,10 +425,20 @@ def int8_mma_shape(K: int, encoding: str, g: int, gluon: bool = False) -> bool:
     return encoding in encodings and g >= MMA_INT8_MIN_GROUP and K % g == 0
 
 
-def nf4_mma_shape(N: int, K: int, bits: int, g: int, axis: int) -> bool:
-    """Whether ``mma_int8_gluon.py`` takes this NF4 weight (``int8_mma_shape``), rows of whole
-    32-bit words; whether it runs also depends on the tensors (``gluon_applies``)."""
-    return bits == 4 and axis in (1, -1) and K % 8 == 0 and int8_mma_shape(K, "nf4", g, True)
+def gluon_only_shape(N: int, K: int, encoding: str, bits: int, g: int, axis: int) -> str | None:
+    """The encoding ``mma_int8_gluon.py`` runs this weight as, where only it takes the weight
+    among the tensor-core kernels (``route``'s "int8mma"): NF4 (as "nf4"), 8-bit symmetric
+    codes in groups of 32-128 (as "symmetric8": 4-bit pairs over ``2 K``, groups ``2 g``);
+    groups along the input dim, rows of whole 32-bit words. Else None. Whether it runs also
+    depends on the tensors (``gluon_applies``)."""
+    if axis not in (1, -1) or K % 8:
+        return None
+    if encoding == "nf4" and bits == 4 and int8_mma_shape(K, "nf4", g, True):
+        return "nf4"
+    if encoding == "symmetric" and bits == 8 and g <= 128:
+        if int8_mma_shape(2 * K, "symmetric8", 2 * g, True):
+            return "symmetric8"
+    return None
 
 
 def int8_mma_applies(M: int, N: int, K: int, encoding: str, g: int, dtype: torch.dtype) -> bool:
@@ -1263,6 +1275,8 @@ def _mma_int8_plan(
     step = g * groups
     quant_grid = (n_m * block_m, -(-G // QUANT_GROUPS))
     quant_meta: dict = dict(GS=g, GROUPS=QUANT_GROUPS, FRAGMENT=gluon)
+    if encoding == "symmetric8":  # K and g count each activation twice (GLUON_ENC)
+        quant_meta.update(DUP=True)
     meta: dict = dict(
         ENC=(mma_int8_gluon.GLUON_ENC if gluon else MMA_INT8_ENC)[encoding],
         GS=g,

@@ -73,6 +73,7 @@ def quantize_kernel(
     GS: tl.constexpr,
     GROUPS: tl.constexpr,
     FRAGMENT: tl.constexpr = False,
+    DUP: tl.constexpr = False,
 ):
     """Row ``program_id(0)`` of ``x`` (of ``MP``: ``M`` rounded up to whole row tiles; the rows
     past ``M`` as zeros, so the matmul reads them unmasked), ``GROUPS`` groups a program: each
@@ -80,12 +81,14 @@ def quantize_kernel(
     of its ``x~ = q * d`` at ``xs[1, g, m]`` (fp32; rows contiguous: a feature tile's loads of a
     group's values are vectors). The order of a group's ``q``: the even k, then the odd (this
     kernel's), or with ``FRAGMENT`` each 64-code chunk as ``mma_int8_gluon.fragment_order``
-    stores it (slot ``s = 16a + 8h + 4b + c`` holds code ``16a + 8b + 2c + h``)."""
+    stores it (slot ``s = 16a + 8h + 4b + c`` holds code ``16a + 8b + 2c + h``). ``DUP``: ``K``
+    and ``GS`` count each of x's values twice (code ``k`` is ``x[k // 2]``): 8-bit codes read as
+    pairs of nibbles, each nibble meeting its byte's activation (``mma_int8_gluon.GLUON_ENC``)."""
     m = tl.program_id(0)
     grp = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     gmask = grp < G
     xmask = gmask & (grp * 0 + m < M)  # a tensor: the interpreter's M is an int
-    row = x_ptr + m * stride_xm + grp[:, None] * GS
+    row = x_ptr + m * stride_xm + grp[:, None] * (GS // 2 if DUP else GS)
     out = xq_ptr + m * K + grp[:, None] * GS
     # the code each slot s of the group holds; one gather load (the row is small, read once)
     s = tl.arange(0, GS)
@@ -95,6 +98,8 @@ def quantize_kernel(
     else:
         HB: tl.constexpr = GS // 2
         code = tl.where(s < HB, 2 * s, 2 * (s - HB) + 1)
+    if DUP:
+        code = code // 2
     xv = tl.load(row + code[None, :], mask=xmask[:, None], other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(xv), axis=1), 1e-30)  # an all-zero group rounds to zeros
     d = amax * (1.0 / 127.0)

@@ -70,11 +70,20 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 #: codes per MMA chunk: two m16n8k32 k-steps (one a nibble half)
 CHUNK = 64
-#: encodings of the Gluon kernels (``ENC``): the ``tl.dot`` kernel's, and NF4, whose codes
+#: encodings of the Gluon kernels (``ENC``): the ``tl.dot`` kernel's; NF4, whose codes
 #: become their levels as int8, ``round(level * 127)`` (as ``words_int8.py`` and the CPU
 #: kernel hold them: each weight moves by at most 0.4% of its group's absmax), multiplied
-#: signed by signed; no min terms, the sums scaled by ``1 / 127`` once at the end
-GLUON_ENC = {"affine": 0, "symmetric": 1, "nf4": 2}
+#: signed by signed, no min terms, the sums scaled by ``1 / 127`` once at the end; and 8-bit
+#: symmetric codes ``c`` (weight ``s (c - 128)``) read as 4-bit pairs: a byte's low nibble
+#: ``c & 15`` and its high one as ``(c & 0xF0) - 128`` (signed), which add up to ``c - 128``,
+#: each meeting the byte's activation (the pre-pass's ``DUP``: K and the groups doubled), no
+#: min terms
+GLUON_ENC = {"affine": 0, "symmetric": 1, "nf4": 2, "symmetric8": 3}
+
+
+#: an 8-bit symmetric code's high nibble, signed: ``(c & 0xF0) - 128`` a byte (``c ^ 0x80``
+#: keeps the low nibble: the and and the xor are one LOP3)
+SYM8_HIGH_ASM = "{ .reg .b32 t; and.b32 t, $1, 0xF0F0F0F0; xor.b32 $0, t, 0x80808080; }"
 
 
 def _nf4_asm(odd: bool) -> str:
@@ -233,6 +242,7 @@ if HAVE_GLUON:
         return gl.inline_asm_elementwise(ASM, "=r,r,r,r,r", [w4], dtype=gl.int8, is_pure=True,
                                          pack=4)  # fmt: skip
 
+    SYM8_HIGH = gl.constexpr(SYM8_HIGH_ASM)
     NF4_EVEN = gl.constexpr(_nf4_asm(False))
     NF4_ODD = gl.constexpr(_nf4_asm(True))
 
@@ -244,6 +254,9 @@ if HAVE_GLUON:
         if ENC == 2:
             lo = _as_bytes(w, LB, NF4_EVEN)
             hi = _as_bytes(w, LB, NF4_ODD)
+        elif ENC == 3:  # 8-bit symmetric: c & 15 and (c & 0xF0) - 128 a byte
+            lo = _as_bytes(w, LB, "and.b32 $0, $1, 0x0F0F0F0F;")
+            hi = _as_bytes(w, LB, SYM8_HIGH)
         else:
             lo = _as_bytes(w, LB, "and.b32 $0, $1, 0x0F0F0F0F;")
             hi = _as_bytes(w, LB, "{ .reg .b32 t; shr.u32 t, $1, 4; and.b32 $0, t, 0x0F0F0F0F; }")
@@ -530,7 +543,7 @@ if HAVE_GLUON:
                                   MP, GS, GROUPS)  # fmt: skip
         if ENC == 2:  # NF4: levels held as round(level * 127), no min terms
             acc = acc * (1.0 / 127.0)
-        else:
+        elif ENC < 2:  # (8-bit symmetric, ENC 3: signed as multiplied, no min terms)
             acc = _min_terms(acc, scales_ptr, mins_ptr, xs_ptr, pid_n * BLOCK_N, pid_m * BLOCK_M,
                              N, G, MP, k_lo // GS, k_hi // GS, ENC, BLOCK_N, BLOCK_M,
                              MMA)  # fmt: skip
@@ -670,7 +683,7 @@ if HAVE_TMA:
             mbarrier.invalidate(bars.index(s))
         if ENC == 2:  # NF4: levels held as round(level * 127), no min terms
             acc = acc * (1.0 / 127.0)
-        else:
+        elif ENC < 2:  # (8-bit symmetric, ENC 3: signed as multiplied, no min terms)
             acc = _min_terms(acc, scales_ptr, mins_ptr, xs_ptr, pid_n * BLOCK_N, pid_m * BLOCK_M,
                              N, G, MP, k_lo // GS, k_hi // GS, ENC, BLOCK_N, BLOCK_M,
                              MMA)  # fmt: skip

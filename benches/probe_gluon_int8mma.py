@@ -1,18 +1,19 @@
-"""Probe (H200): NF4 through the Gluon W4A8 kernels (``mma_int8_gluon.py``, ``ENC`` 2: codes as
-their levels in int8 by ``prmt``) at 5-32 rows, against what NF4 ran there before, decode +
-cuBLAS, and against cuBLAS on the bf16 weight; CUDA-graph timed over enough weight copies to
-overflow the L2 cache.
+"""Probe (H200): the encodings only the Gluon W4A8 kernels take (``mma_int8_gluon.py``, route
+"int8mma"): NF4 (``ENC`` 2: codes as their levels in int8 by ``prmt``) and 8-bit symmetric
+codes (``ENC`` 3: read as pairs of nibbles over twice K), at 5-32 rows, against what they ran
+there before, decode + cuBLAS, and against cuBLAS on the bf16 weight; CUDA-graph timed over
+enough weight copies to overflow the L2 cache.
 
 1. correctness, before any timing: the TMA and the register kernel, rows 5 / 16 / 17 / 32, a
    bias, a forced K-split, 4000 features (a partial tile), each within the rounding bound of
    the exact product of the weight the kernel multiplies (NF4's levels held as
-   ``round(level * 127) / 127``, the activations rounded per row and group of 64: the bound
-   of ``probe_gluon_tma.excess``); and how far that weight is from NF4's own (the levels'
-   rounding: at most 0.4% of a group's absmax a weight);
+   ``round(level * 127) / 127``; 8-bit codes exactly), the activations rounded per row and
+   group (the bound of ``probe_gluon_tma.excess``); and how far that weight is from the
+   encoding's own (NF4's levels' rounding: at most 0.4% of a group's absmax a weight);
 2. ``linear`` as routed (the TMA kernel) on the issue's shapes at 5 / 16 / 32 rows: us, x
    cuBLAS bf16, x decode + cuBLAS.
 
-    OUT=DIR python3 benches/probe_nf4_gluon.py
+    OUT=DIR python3 benches/probe_gluon_int8mma.py [--encodings nf4-g64,sym8-g128]
 """
 
 from __future__ import annotations
@@ -36,46 +37,53 @@ T0 = time.perf_counter()
 say = S.REPORT.say
 RESULTS: dict = {"check": [], "times": []}
 C = L.MmaConfig
-ENC = "nf4-g64"
+S.ENCODINGS.setdefault("sym8-g128", ("symmetric", 8, 128))
+ARG = sys.argv[sys.argv.index("--encodings") + 1] if "--encodings" in sys.argv else ""
+ENCS = ARG.split(",") if ARG else ["nf4-g64", "sym8-g128"]
 
 
 def run(x, w, stages: int, cfg=None, bias=None):
-    name, _bits, g = w.enc
+    name, bits, g = w.enc
+    enc = L.gluon_only_shape(w.N, w.K, name, bits, g, 1)
+    k, gs = (2 * w.K, 2 * g) if enc == "symmetric8" else (w.K, g)
     old = L.GLUON_TMA_STAGES
     L.GLUON_TMA_STAGES = stages
     try:
-        return L.mma_int8_linear(x, w.codes, w.scales, w.mins, bias, w.N, w.K, name, g, cfg, True)
+        return L.mma_int8_linear(x, w.codes, w.scales, w.mins, bias, w.N, k, enc, gs, cfg, True)
     finally:
         L.GLUON_TMA_STAGES = old
 
 
 def held_weight(w) -> torch.Tensor:
-    """The weight the kernel multiplies: each code's level as ``round(level * 127) / 127``,
-    times its group's scale (float64, decoded here from the codes, not by qtensors)."""
-    levels = torch.tensor([round(v * 127) / 127 for v in NF4_LEVELS], dtype=torch.float64)
-    b = w.codes.reshape(w.N, w.K // 2).to(torch.int64)
-    codes = torch.stack((b & 15, b >> 4), -1).reshape(w.N, w.K)  # low nibble first
-    g = w.enc[2]
+    """The weight the kernel multiplies (float64, decoded here from the codes, not by
+    qtensors): NF4 each code's level as ``round(level * 127) / 127``, 8-bit symmetric ``c -
+    128``, times its group's scale."""
+    _name, bits, g = w.enc
+    b = w.codes.reshape(w.N, w.K * bits // 8).to(torch.int64)
     s = w.scales.double().reshape(w.N, w.K // g).repeat_interleave(g, 1)
+    if bits == 8:
+        return (b - 128).double() * s
+    levels = torch.tensor([round(v * 127) / 127 for v in NF4_LEVELS], dtype=torch.float64)
+    codes = torch.stack((b & 15, b >> 4), -1).reshape(w.N, w.K)  # low nibble first
     return levels.to(codes.device)[codes] * s
 
 
-def excess(x, held, got, bias) -> float:
+def excess(x, held, got, bias, g: int) -> float:
     """The largest excess of ``got`` over the activations' rounding bound of the exact product
     with the held weight (<= 0: ok)."""
     shift = 0.0 if bias is None else bias.double()
-    _xt, d = P.rounded(x, 64)
+    _xt, d = P.rounded(x, g)
     exact = x.double() @ held.T + shift
     bound = (d / 2) @ held.abs().T
     over = (got.double() - exact).abs() - bound * (1 + 1e-3) - exact.abs() * 2.0**-8
     return (over.max() / exact.abs().max()).item()
 
 
-def section_check() -> bool:
-    say("## correctness: within the rounding bound of the held weight's exact product")
+def section_check(ename: str) -> bool:
+    say(f"## {ename} correctness: within the rounding bound of the held weight's exact product")
     ok = True
     for N, K in ((4096, 4096), (4000, 2048)):
-        case = S.Case(ENC, N, K)
+        case = S.Case(ename, N, K)
         w0 = case.ws[0]
         held = held_weight(w0)
         nf4 = case.ref_w.double()
@@ -91,7 +99,7 @@ def section_check() -> bool:
                 x = case.x(M).to(S.DT)
                 b = torch.randn(N, device=x.device, dtype=S.DT) if bias else None
                 got = run(x, w0, stages, cfg, b)
-                exc = excess(x, held, got, b)
+                exc = excess(x, held, got, b, w0.enc[2])
                 good = exc <= 0 and bool(torch.isfinite(got).all())
                 ok &= good
                 tag = ("TMA" if stages else "register") + (" bias" if bias else "")
@@ -99,8 +107,8 @@ def section_check() -> bool:
                     tag += f" k{cfg.split_k}"
                 RESULTS["check"].append(dict(N=N, K=K, M=M, tag=tag, excess=exc))
                 say(f"  M={M:<3} {tag:<20} excess {exc:+.1e} {'ok' if good else 'FAIL'}")
-        routed = lin.linear(case.x(16).to(S.DT), w0.codes, w0.scales, None, None, [N, K], "nf4",
-                            4, 64, 1)  # fmt: skip
+        routed = lin.linear(case.x(16).to(S.DT), w0.codes, w0.scales, None, None, [N, K],
+                            w0.enc[0], w0.enc[1], w0.enc[2], 1)  # fmt: skip
         same = torch.equal(routed, run(case.x(16).to(S.DT), w0, L.GLUON_TMA_STAGES))
         ok &= same
         say(f"  linear() at 16 rows takes the TMA kernel's result: {same}")
@@ -109,29 +117,31 @@ def section_check() -> bool:
 
 
 def routed(x, w):
-    name, _bits, g = w.enc
-    return lin.linear(x, w.codes, w.scales, w.mins, None, [w.N, w.K], name, 4, g, 1)
+    name, bits, g = w.enc
+    return lin.linear(x, w.codes, w.scales, w.mins, None, [w.N, w.K], name, bits, g, 1)
 
 
 def decoded(x, w):
-    name, _bits, g = w.enc
-    return lin.linear_dequantize(x, w.codes, w.scales, w.mins, None, [w.N, w.K], name, 4, g, 1)
+    name, bits, g = w.enc
+    return lin.linear_dequantize(x, w.codes, w.scales, w.mins, None, [w.N, w.K], name, bits, g, 1)
 
 
-def section_times(gbps: float) -> None:
+def section_times(ename: str, gbps: float) -> None:
     say()
-    say("## nf4-g64, bf16 x, us per call in a CUDA graph; x = speedup; hbm = share of the bound")
+    say(f"## {ename}, bf16 x, us per call in a CUDA graph; x = speedup; hbm = share of the bound")
     say(f"{'shape':>11} {'M':>3} | {'cublas':>7} {'decode':>7} {'routed':>7} | x cuBLAS x decode"
         " hbm")  # fmt: skip
     for N, K in S.SHAPES:
-        case = S.Case(ENC, N, K)
+        case = S.Case(ename, N, K)
         for M in (5, 16, 32):
             x = case.x(M)
             cub = case.cublas_us(x)
             dec = case.time(decoded, M)
             now = case.time(routed, M)
             share = case.bound_us(M, gbps) / now
-            RESULTS["times"].append(dict(N=N, K=K, M=M, cublas=cub, decode=dec, routed=now))
+            RESULTS["times"].append(
+                dict(enc=ename, N=N, K=K, M=M, cublas=cub, decode=dec, routed=now)
+            )
             say(f"{N:>5}x{K:<5} {M:>3} | {cub:7.1f} {dec:7.1f} {now:7.1f} | {cub / now:8.2f} "
                 f"{dec / now:8.2f} {share:4.0%}")  # fmt: skip
         del case
@@ -140,15 +150,17 @@ def section_times(gbps: float) -> None:
 
 def main() -> int:
     gbps = S.copy_gbps()
-    say(f"# probe_nf4_gluon on {torch.cuda.get_device_name()}; copy {gbps:.0f} GB/s")
-    if not section_check():
-        say("correctness FAILED: no timings")
-        S.REPORT.write("probe_nf4_gluon", RESULTS)
-        return 1
-    section_times(gbps)
+    say(f"# probe_gluon_int8mma on {torch.cuda.get_device_name()}; copy {gbps:.0f} GB/s")
+    ok = True
+    for ename in ENCS:
+        if section_check(ename):
+            section_times(ename, gbps)
+        else:
+            ok = False
+            say(f"{ename}: correctness FAILED, no timings")
     say(f"done in {time.perf_counter() - T0:.0f} s")
-    S.REPORT.write("probe_nf4_gluon", RESULTS)
-    return 0
+    S.REPORT.write("probe_gluon_int8mma", RESULTS)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
