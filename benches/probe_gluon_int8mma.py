@@ -88,7 +88,8 @@ def section_check(ename: str) -> bool:
         held = held_weight(w0)
         nf4 = case.ref_w.double()
         moved = ((held - nf4).abs().max() / nf4.abs().max()).item()
-        say(f"{N}x{K}: the held weight against NF4's: max |diff| {moved:.2e} of max |W|")
+        say(f"{N}x{K}: the held weight against the encoding's own: max |diff| {moved:.2e} of "
+            "max |W|")  # fmt: skip
         for M in (5, 16, 17, 32):
             for cfg, bias, stages in (
                 (None, False, 3),

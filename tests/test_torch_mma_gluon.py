@@ -395,6 +395,10 @@ def test_nf4_routes_to_the_gluon_kernel_where_it_applies(monkeypatch):
     assert route(16, 4096, 4096, "affine", 4, 64, 1, True, True, True) == "mma"
     sym8 = (4096, 4096, "symmetric", 8, 128, 1, True)
     assert route(16, *sym8, True, True) == "int8mma"
+    # past 16 rows only on 16.8M+ weights (2048 x 5632 at 32 rows: decode + cuBLAS faster)
+    assert route(32, *sym8, True, True) == "int8mma"
+    assert route(17, 2048, 5632, "symmetric", 8, 128, 1, True, True, True) == "decode"
+    assert route(16, 2048, 5632, "symmetric", 8, 128, 1, True, True, True) == "int8mma"
     assert L.gluon_only_shape(4096, 4096, "symmetric", 8, 128, 1) == "symmetric8"
     assert L.gluon_only_shape(4096, 4096, "symmetric", 8, 256, 1) is None  # groups past 128
     assert L.gluon_only_shape(4096, 4096, "affine", 8, 128, 1) is None

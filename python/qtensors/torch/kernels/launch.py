@@ -409,7 +409,8 @@ def route(
     # and the tensors allow (``linear`` checks ``gluon_applies``), else decode + cuBLAS (mma.py
     # takes neither)
     if int8 and half and INT8_MMA_ROWS is not None:
-        if INT8_MMA_ROWS[0] <= M <= INT8_MMA_GLUON_MAX_M:
+        wide = M <= GLUON_ONLY_WIDE_M or N * K >= GLUON_ONLY_WIDE_MIN_ELEMENTS
+        if INT8_MMA_ROWS[0] <= M <= INT8_MMA_GLUON_MAX_M and wide:
             if gluon_only_shape(N, K, encoding, bits, g, axis) is not None:
                 return "int8mma"
     if M <= GEMV_MAX_M and supported(shape, encoding, bits, g, axis):
@@ -423,6 +424,12 @@ def int8_mma_shape(K: int, encoding: str, g: int, gluon: bool = False) -> bool:
     64 (one IMMA k-step a nibble half), whole groups a row."""
     encodings = mma_int8_gluon.GLUON_ENC if gluon else MMA_INT8_ENC
     return encoding in encodings and g >= MMA_INT8_MIN_GROUP and K % g == 0
+
+
+#: past this many rows, only weights of at least this many elements take route's "int8mma":
+#: H200, 32 rows, 2048 x 5632 (11.5M): 8-bit 0.84x decode + cuBLAS, NF4 1.06x; 4096^2 (16.8M)
+#: 1.21x / 1.36x (benches/results/gpu_gluon_int8mma_h200.txt)
+GLUON_ONLY_WIDE_M, GLUON_ONLY_WIDE_MIN_ELEMENTS = 16, 1 << 24
 
 
 def gluon_only_shape(N: int, K: int, encoding: str, bits: int, g: int, axis: int) -> str | None:
