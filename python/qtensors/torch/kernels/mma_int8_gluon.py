@@ -39,6 +39,11 @@ memory, swizzled by the copy so that the same fragment loads read it free of ban
 slot refilled as soon as every warp has read it. The arithmetic is the register kernel's, in the
 same order: outputs are bit-identical (``benches/probe_gluon_tma.py``), 1.01-1.14x faster on the
 routed weights.
+
+Both kernels also take the encodings no other tensor-core kernel here does (``GLUON_ENC``):
+NF4, its codes turned into int8 levels by ``prmt`` (``_nf4_asm``), and 8-bit symmetric codes,
+each byte read as two 4-bit codes over twice K. H200 (``benches/probe_gluon_int8mma.py``):
+1.06-3.28x decode + cuBLAS, their route before, at 5-32 rows.
 """
 
 from __future__ import annotations
