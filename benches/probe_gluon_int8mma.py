@@ -71,12 +71,7 @@ def held_weight(w) -> torch.Tensor:
 def excess(x, held, got, bias, g: int) -> float:
     """The largest excess of ``got`` over the activations' rounding bound of the exact product
     with the held weight (<= 0: ok)."""
-    shift = 0.0 if bias is None else bias.double()
-    _xt, d = P.rounded(x, g)
-    exact = x.double() @ held.T + shift
-    bound = (d / 2) @ held.abs().T
-    over = (got.double() - exact).abs() - bound * (1 + 1e-3) - exact.abs() * 2.0**-8
-    return (over.max() / exact.abs().max()).item()
+    return P.bound_excess(x, held, got, g, bias)
 
 
 def section_check(ename: str) -> bool:
@@ -86,8 +81,8 @@ def section_check(ename: str) -> bool:
         case = S.Case(ename, N, K)
         w0 = case.ws[0]
         held = held_weight(w0)
-        nf4 = case.ref_w.double()
-        moved = ((held - nf4).abs().max() / nf4.abs().max()).item()
+        own = case.ref_w.double()
+        moved = ((held - own).abs().max() / own.abs().max()).item()
         say(f"{N}x{K}: the held weight against the encoding's own: max |diff| {moved:.2e} of "
             "max |W|")  # fmt: skip
         for M in (5, 16, 17, 32):

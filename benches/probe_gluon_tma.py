@@ -59,13 +59,7 @@ def run(x, w, stages: int, cfg=None, bias=None):
 
 def excess(x, w0, ref_w, got, bias) -> float:
     """The largest excess of ``got`` over the rounding bound of the exact product (<= 0: ok)."""
-    shift = 0.0 if bias is None else bias.double()
-    w = ref_w.double()
-    _xt, d = P.rounded(x, w0.enc[2])
-    exact = x.double() @ w.T + shift
-    bound = (d / 2) @ w.abs().T
-    over = (got.double() - exact).abs() - bound * (1 + 1e-3) - exact.abs() * 2.0**-8
-    return (over.max() / exact.abs().max()).item()
+    return P.bound_excess(x, ref_w.double(), got, w0.enc[2], bias)
 
 
 def section_check() -> bool:

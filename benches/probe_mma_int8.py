@@ -79,6 +79,18 @@ def rounded(x: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
     return xt.reshape(M, K).double(), d.expand(M, K // g, g).reshape(M, K).double()
 
 
+def bound_excess(x: torch.Tensor, w: torch.Tensor, got: torch.Tensor, g: int, bias=None) -> float:
+    """The largest excess of ``got`` over the activations' rounding bound (x rounded per row and
+    group of ``g``) of the exact product with the float64 weight ``w``, relative to the largest
+    |exact| (<= 0: within), half a bf16 ulp of each value allowed for the output's rounding."""
+    shift = 0.0 if bias is None else bias.double()
+    _xt, d = rounded(x, g)
+    exact = x.double() @ w.T + shift
+    bound = (d / 2) @ w.abs().T
+    over = (got.double() - exact).abs() - bound * (1 + 1e-3) - exact.abs() * 2.0**-8
+    return (over.max() / exact.abs().max()).item()
+
+
 def check(case: S.Case, M: int, cfg=None, dtype=S.DT) -> tuple[float, float]:
     """(error against float64 ``W x~`` relative to its largest value, the largest excess over
     the rounding bound against the exact product, relative to the largest |exact|)."""

@@ -56,6 +56,17 @@ def test_kernel_index_algebra_gives_the_product(seed):
     assert not np.array_equal(a_plain.astype(np.int64) @ b, codes @ x.T)
 
 
+def _interpret(code: str) -> None:
+    """Run ``code`` in a child process under Triton's interpreter (set before Triton is
+    imported); it prints "ok" at its end."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.path.join(ROOT, "python") + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
 def test_prepass_reads_each_activation_twice_with_dup():
     """``quantize_kernel(DUP=True)`` (8-bit codes as 4-bit pairs: K and the groups doubled)
     stores what the pre-pass stores for x with each value repeated, factors included."""
@@ -80,12 +91,7 @@ def test_prepass_reads_each_activation_twice_with_dup():
         print("ok")
         """
     )
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.path.join(ROOT, "python") + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    _interpret(code)
 
 
 def test_prepass_fragment_order_under_the_interpreter():
@@ -119,12 +125,7 @@ def test_prepass_fragment_order_under_the_interpreter():
         print("ok")
         """
     )
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.path.join(ROOT, "python") + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    _interpret(code)
 
 
 def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec, stages=0):

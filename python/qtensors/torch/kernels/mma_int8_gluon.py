@@ -376,6 +376,20 @@ if HAVE_GLUON:
         return acc
 
     @gluon.jit
+    def _encoding_terms(acc, scales_ptr, mins_ptr, xs_ptr, rows0, cols0, N, G, MP, g_lo, g_hi,
+                        ENC: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                        MMA: gl.constexpr):  # fmt: skip
+        """``acc`` after the loop, finished per encoding: affine / symmetric 4-bit plus their min
+        terms (``_min_terms``); NF4 scaled by ``1 / 127`` (its levels held as ``round(level *
+        127)``); 8-bit symmetric as it is (signed as multiplied, no min terms)."""
+        if ENC == 2:
+            acc = acc * (1.0 / 127.0)
+        elif ENC < 2:
+            acc = _min_terms(acc, scales_ptr, mins_ptr, xs_ptr, rows0, cols0, N, G, MP, g_lo,
+                             g_hi, ENC, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
+        return acc
+
+    @gluon.jit
     def _factor_offsets(pid_m, pid_n, N, G, MP, stride_xm, BLOCK_M: gl.constexpr,
                         BLOCK_N: gl.constexpr, PER_STEP: gl.constexpr, GROUPS: gl.constexpr,
                         LQ: gl.constexpr, LS: gl.constexpr, LD: gl.constexpr):  # fmt: skip
@@ -546,12 +560,9 @@ if HAVE_GLUON:
             pb = _codes(words_ptr, p_off, p_mask, k3)
             qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k3,
                                   MP, GS, GROUPS)  # fmt: skip
-        if ENC == 2:  # NF4: levels held as round(level * 127), no min terms
-            acc = acc * (1.0 / 127.0)
-        elif ENC < 2:  # (8-bit symmetric, ENC 3: signed as multiplied, no min terms)
-            acc = _min_terms(acc, scales_ptr, mins_ptr, xs_ptr, pid_n * BLOCK_N, pid_m * BLOCK_M,
-                             N, G, MP, k_lo // GS, k_hi // GS, ENC, BLOCK_N, BLOCK_M,
-                             MMA)  # fmt: skip
+        acc = _encoding_terms(acc, scales_ptr, mins_ptr, xs_ptr, pid_n * BLOCK_N,
+                              pid_m * BLOCK_M, N, G, MP, k_lo // GS, k_hi // GS, ENC, BLOCK_N,
+                              BLOCK_M, MMA)  # fmt: skip
         _store(acc, pid, pid_k, pid_n, pid_m, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, lock_ptr,
                HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
 
@@ -686,11 +697,8 @@ if HAVE_TMA:
             i += 2
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(s))
-        if ENC == 2:  # NF4: levels held as round(level * 127), no min terms
-            acc = acc * (1.0 / 127.0)
-        elif ENC < 2:  # (8-bit symmetric, ENC 3: signed as multiplied, no min terms)
-            acc = _min_terms(acc, scales_ptr, mins_ptr, xs_ptr, pid_n * BLOCK_N, pid_m * BLOCK_M,
-                             N, G, MP, k_lo // GS, k_hi // GS, ENC, BLOCK_N, BLOCK_M,
-                             MMA)  # fmt: skip
+        acc = _encoding_terms(acc, scales_ptr, mins_ptr, xs_ptr, pid_n * BLOCK_N,
+                              pid_m * BLOCK_M, N, G, MP, k_lo // GS, k_hi // GS, ENC, BLOCK_N,
+                              BLOCK_M, MMA)  # fmt: skip
         _store(acc, pid, pid_k, pid_n, pid_m, M, N, out_ptr, stride_om, bias_ptr, ws_ptr, lock_ptr,
                HAS_BIAS, SPLIT_K, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
