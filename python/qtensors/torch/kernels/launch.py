@@ -419,9 +419,10 @@ def route(
 
 
 def int8_mma_shape(K: int, encoding: str, g: int, gluon: bool = False) -> bool:
-    """Whether ``mma_int8.py`` (``gluon``: ``mma_int8_gluon.py``, which takes NF4 too) takes a
-    4-bit weight with groups along the input dim: affine / symmetric codes, groups of at least
-    64 (one IMMA k-step a nibble half), whole groups a row."""
+    """Whether ``mma_int8.py`` (``gluon``: ``mma_int8_gluon.py``, which also takes NF4 and
+    8-bit symmetric codes seen as 4-bit pairs, "symmetric8") takes a weight of 4-bit codes with
+    groups along the input dim: its encoding, groups of at least 64 (one IMMA k-step a nibble
+    half), whole groups a row."""
     encodings = mma_int8_gluon.GLUON_ENC if gluon else MMA_INT8_ENC
     return encoding in encodings and g >= MMA_INT8_MIN_GROUP and K % g == 0
 

@@ -52,6 +52,8 @@ import functools
 
 import numpy as np
 
+from .words_int8 import nf4_int8_tables
+
 try:  # Gluon: Triton 3.5+; absent, the tl.dot kernel runs
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -97,7 +99,7 @@ def _nf4_asm(odd: bool) -> str:
     half-word's four codes look their levels up in two 8-entry tables with ``prmt`` (levels
     0-7 and 8-15, by the code's low 3 bits), a third ``prmt`` picks per byte by the code's bit
     3, and a last one gathers the even or odd codes' bytes of the two halves."""
-    t = [v & 0xFFFFFFFF for v in _nf4_tables()]
+    t = [v & 0xFFFFFFFF for v in nf4_int8_tables()]
     return (
         "{ .reg .b32 m, n, t0, t1, t2, t3, la, lb, ha, hb, sa, sb, a, b;"
         f" mov.b32 t0, {t[0]:#x}; mov.b32 t1, {t[1]:#x};"
@@ -110,12 +112,6 @@ def _nf4_asm(odd: bool) -> str:
         " prmt.b32 a, la, ha, sa; prmt.b32 b, lb, hb, sb;"
         f" prmt.b32 $0, a, b, {0x7531 if odd else 0x6420:#x}; }}"
     )
-
-
-def _nf4_tables() -> tuple[int, ...]:
-    from .words_int8 import _nf4_tables as tables
-
-    return tables()
 
 
 def fragment_order() -> tuple[np.ndarray, np.ndarray]:
@@ -255,7 +251,8 @@ if HAVE_GLUON:
     def _nibbles(w, LB: gl.constexpr, ENC: gl.constexpr):
         """32-bit words of codes ``w [BLOCK_N, 8]`` as their bytes' low and high nibbles (int8
         ``[BLOCK_N, 8, 4]``), one instruction (two) a word; NF4 (``ENC`` 2): the nibbles'
-        levels as int8 (``_nf4_asm``)."""
+        levels as int8 (``_nf4_asm``); 8-bit symmetric (``ENC`` 3): the low nibble and the high
+        one less 128, signed (``SYM8_HIGH_ASM``)."""
         if ENC == 2:
             lo = _as_bytes(w, LB, NF4_EVEN)
             hi = _as_bytes(w, LB, NF4_ODD)

@@ -88,14 +88,14 @@ from .epilogue import store_rows
 from .scales import group_scale
 
 
-def _nf4_tables() -> tuple[int, int, int, int]:
+def nf4_int8_tables() -> tuple[int, int, int, int]:
     """NF4's levels as int8, ``round(level * 127)`` (as the CPU kernel and llama.cpp's IQ4_NL),
     four to an int32 (little-endian, signed): levels 0-3, 4-7, 8-11, 12-15."""
     b = bytes((round(v * 127) & 0xFF) for v in NF4_LEVELS)
     return tuple(int.from_bytes(b[i : i + 4], "little", signed=True) for i in range(0, 16, 4))
 
 
-NF4_T0, NF4_T1, NF4_T2, NF4_T3 = (tl.constexpr(t) for t in _nf4_tables())
+NF4_T0, NF4_T1, NF4_T2, NF4_T3 = (tl.constexpr(t) for t in nf4_int8_tables())
 
 # 1.5 * 2^23: x + MAGIC rounds x to an integer (ties to even) in the low mantissa bits, whose
 # low byte is then that integer's two's complement for |x| <= 127
