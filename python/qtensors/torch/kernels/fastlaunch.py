@@ -237,28 +237,40 @@ def _prepared(
     return launches, device, tuple(held)
 
 
-def _expanded(run: Any, kept: list, swapped: tuple) -> tuple | None:
+def expand_descriptors(run: Any, args: list, per_call: tuple = ()) -> tuple | None:
     """Where ``run`` is Triton 3.6's launcher of a kernel taking tensor descriptors
-    (``tensordesc_launch``) and none of them is swapped per call (``swapped``: the positions a
-    replay fills with x and the output): ``(C launch, cooperative, pdl, the arguments with each
-    descriptor expanded, old position -> new)``. The launcher's own launch expands every
-    descriptor (the codes' CUDA tensor map: the weight's, fixed) on every call. Else None."""
+    (``tensordesc_launch``), whose own launch expands every descriptor on every call: ``(C
+    launch, cooperative, pdl, the arguments with each fixed descriptor expanded once (its CUDA
+    tensor map, shape and strides), old position -> new of the others, {position: metadata} of
+    the descriptors among ``per_call``, expand)``. ``per_call``: positions the caller fills anew
+    each call, left as one argument each (a descriptor there is the caller's to expand, with
+    its metadata). Else None."""
     td = tensordesc_launch(run)
     if td is None:
         return None
     c_launch, coop, pdl, positions, metas, expand = td
-    if any(i in swapped for i in positions) or any(i >= len(kept) for i in positions):
+    if any(i >= len(args) for i in positions):
         return None
     meta_of = dict(zip(positions, metas, strict=True))
     flat: list = []
     where: dict[int, int] = {}
-    for i, a in enumerate(kept):
-        if i in meta_of:
+    for i, a in enumerate(args):
+        if i in meta_of and i not in per_call:
             flat.extend(expand(a, meta_of[i]))
         else:
             where[i] = len(flat)
             flat.append(a)
-    return c_launch, coop, pdl, flat, where
+    later = {i: meta_of[i] for i in per_call if i in meta_of}
+    return c_launch, coop, pdl, flat, where, later, expand
+
+
+def _expanded(run: Any, kept: list, swapped: tuple) -> tuple | None:
+    """``expand_descriptors`` for a replay, which swaps in x and the output (``swapped``) as
+    they are: None where one of them is a descriptor."""
+    got = expand_descriptors(run, kept, swapped)
+    if got is None or got[5]:
+        return None
+    return got[:5]
 
 
 class Replay:

@@ -1148,16 +1148,13 @@ class Gemm16Kept:
         self.split, self.device, self.bias = grid[1], device, bias
         self.N, self.K = out.shape[1], x2.shape[1]
         # Triton 3.6's C launch, with the codes' descriptor expanded once (the launcher's own
-        # wrapper expands every descriptor each call); else the launcher's call
+        # wrapper expands every descriptor each call), x's per call; else the launcher's call
         self.direct = None
-        td = fastlaunch.tensordesc_launch(run)
-        if td is not None and td[3] == [self._X, self._C]:
-            c_launch, coop, pdl, _, metas, expand = td
-            c_args = expand(args[self._C], metas[1])
-            rest = [*c_args, *args[self._C + 1 :], *tail]
-            # where argument i (past the codes) lands in ``rest``
-            shift = len(c_args) - self._C - 1
-            self.direct = (c_launch, coop, pdl, metas[0], expand, rest, shift)
+        got = fastlaunch.expand_descriptors(run, [*args, *tail], (self._X,))
+        if got is not None and list(got[5]) == [self._X]:
+            c_launch, coop, pdl, flat, where, later, expand = got
+            at = (where[self._X], where[self._M], tuple(where[i] for i in self.out_at))
+            self.direct = (c_launch, coop, pdl, flat, at, later[self._X], expand)
 
     def __call__(self, x2: torch.Tensor) -> torch.Tensor | None:
         """``x2 @ W^T + bias`` (x2 ``[M, K]`` of the bucket's rows, rows 16-byte aligned as
@@ -1170,14 +1167,14 @@ class Gemm16Kept:
         stream = torch._C._cuda_getCurrentRawStream(self.device)
         g0 = -(-M // self.block_m) * self.col_tiles
         if self.direct is not None:
-            c_launch, coop, pdl, x_meta, expand, rest, shift = self.direct
-            rest = rest.copy()
-            for i in self.out_at:
-                rest[i + shift] = out
-            rest[self._M + shift] = M
-            x_args = expand(_Desc(x2, [M, self.K], [x2.stride(0), 1]), x_meta)
+            c_launch, coop, pdl, flat, (x_at, m_at, out_at), x_meta, expand = self.direct
+            args = flat.copy()
+            for i in out_at:
+                args[i] = out
+            args[m_at] = M
+            args[x_at : x_at + 1] = expand(_Desc(x2, [M, self.K], [x2.stride(0), 1]), x_meta)
             c_launch(g0, self.split, 1, stream, self.function, coop, pdl, None, None,
-                     self.packed, None, None, None, *x_args, *rest)  # fmt: skip
+                     self.packed, None, None, None, *args)  # fmt: skip
             return out
         args = self.args.copy()
         TD = gemm16_gluon.TensorDescriptor
