@@ -465,7 +465,7 @@ def _decode_then_linear(p, x, codes, scales, mins, bias, shape, encoding, bits, 
     and launches (the 1.1B Llama-shaped model's prefill on the H200, 128-2048 tokens: 16.1-17.0
     ms a forward against 19.8-20.4 through the full path; benches/bench_gpu_prefill.py)."""
     refill = p.refills.get(x.dtype)
-    fast = REPLAYS and fastlaunch.hooks_clear() and not torch.cuda.is_current_stream_capturing()
+    fast = _keeps_launches()
     w = refill() if refill is not None and fast else None
     if w is None:
         with fastlaunch.recording() as noted:
@@ -487,7 +487,7 @@ def _gemm16(p, x2, bias, N, K, encoding, group_size):
     activations' descriptor and the output and launches, whatever its rows (a prompt's prefill
     comes with new rows each time)."""
     L = _launch
-    fast = REPLAYS and fastlaunch.hooks_clear() and not torch.cuda.is_current_stream_capturing()
+    fast = _keeps_launches()
     key = (x2.dtype, L.gemm16_rows(x2.shape[0]))
     kept = p.gemm16s.get(key) if fast else None
     if kept is not None and kept.bias is bias:
@@ -502,6 +502,12 @@ def _gemm16(p, x2, bias, N, K, encoding, group_size):
         except ValueError:
             pass  # not one launch of this call's x and output
     return out
+
+
+def _keeps_launches() -> bool:
+    """Whether a call may take or keep a launch (``Refill``, ``Gemm16Kept``): replays on, no
+    launch hooks (profilers), no CUDA graph being captured."""
+    return REPLAYS and fastlaunch.hooks_clear() and not torch.cuda.is_current_stream_capturing()
 
 
 def _replayable(x: torch.Tensor) -> bool:
@@ -556,10 +562,7 @@ def _linear_cuda(p, x, codes, scales, mins, bias, shape, encoding, bits, group_s
         if not L.gluon_applies(p.codes, p.scales, L._device_index(x2.device), rows):
             return _decode_then_linear(p, x, codes, scales, mins, bias, shape, encoding, bits,
                                        group_size, a)  # fmt: skip
-        # 8-bit codes as 4-bit pairs over twice K (the pre-pass reads each activation twice)
-        pairs = L.gluon_only_shape(N, K, encoding, bits, group_size, a) == "symmetric8"
-        enc, k, g = ("symmetric8", 2 * K, 2 * group_size) if pairs else (encoding, K, group_size)
-        out = L.mma_int8_linear(x2, p.codes, p.scales, p.mins, bias, N, k, enc, g, gluon=True)
+        out = L.gluon_only_linear(x2, p.codes, p.scales, bias, N, K, encoding, bits, group_size)
     elif path == "mma":
         out = L.mma_linear(x2, p.codes, p.scales, p.mins, bias, N, K, encoding, group_size)
     elif path == "tiled":

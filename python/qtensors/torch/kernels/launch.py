@@ -449,6 +449,27 @@ def gluon_only_shape(N: int, K: int, encoding: str, bits: int, g: int, axis: int
     return None
 
 
+def gluon_only_linear(
+    x2: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    N: int,
+    K: int,
+    encoding: str,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """``x2 @ W^T + bias`` for a weight route's "int8mma" takes (``gluon_only_shape``: NF4,
+    8-bit symmetric; no mins), on ``mma_int8_gluon.py``: 8-bit codes run as 4-bit pairs over
+    twice K, in groups twice as long (the pre-pass reads each activation twice)."""
+    enc = gluon_only_shape(N, K, encoding, bits, group_size, 1)
+    if enc is None:
+        raise ValueError(f"no Gluon-only route for {encoding} {bits}-bit, groups of {group_size}")
+    k, g = (2 * K, 2 * group_size) if enc == "symmetric8" else (K, group_size)
+    return mma_int8_linear(x2, codes, scales, None, bias, N, k, enc, g, gluon=True)
+
+
 def int8_mma_applies(M: int, N: int, K: int, encoding: str, g: int, dtype: torch.dtype) -> bool:
     """Whether ``mma_linear`` runs ``mma_int8.py`` for these rows (``INT8_MMA_ROWS``,
     ``INT8_ACTIVATIONS``, ``INT8_MMA_MIN_ELEMENTS``, fp16 / bf16 activations,
