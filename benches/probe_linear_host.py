@@ -59,6 +59,15 @@ def host_us(fn, n: int = N_CALLS) -> float:
     return dt / n * 1e6
 
 
+def best_host_us(calls: dict) -> dict:
+    """name -> the best of ``ROUNDS`` host times per call, the calls alternating each round."""
+    best = {k: float("inf") for k in calls}
+    for _ in range(ROUNDS):
+        for k, fn in calls.items():
+            best[k] = min(best[k], host_us(fn))
+    return best
+
+
 def gpu_us(fn, n: int = N_CALLS) -> float:
     torch.cuda.synchronize()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -72,11 +81,8 @@ def gpu_us(fn, n: int = N_CALLS) -> float:
 
 def pieces(dense: nn.Linear, q: nn.Module, x: torch.Tensor) -> dict:
     """name -> a call of one piece of the int4 path (and bf16's), on ``x``."""
-    w = q._modules["weight"]
-    parts = w._buffers
-    codes, scales, mins = parts["codes"], parts["scales"], parts["mins"]
-    shape, name, bits, group_size, axis = w.op_args
-    args = (codes, scales, mins, None, shape, name, bits, group_size, axis)
+    args = _args(q)
+    codes, scales, mins, _, shape, name, bits, group_size, axis = args
     q(x)
     q(x)  # the decode's launch kept (fastlaunch.Refill)
     p = lin._cuda_weight(codes, scales, mins, shape, name, bits, group_size, axis)
@@ -149,10 +155,7 @@ def replay_times(dense: nn.Linear, q: nn.Module, rows: int) -> None:
         "int4 replay, descriptor expanded once": lambda: once(x),
         "int4 replay, expanded each call": lambda: each(x),
     }
-    best = {k: float("inf") for k in calls}
-    for _ in range(ROUNDS):
-        for k, fn in calls.items():
-            best[k] = min(best[k], host_us(fn))
+    best = best_host_us(calls)
     p.replays[key] = once
     say(f"## {q.out_features} x {q.in_features}, {rows} rows, replays: outputs equal {same}, "
         f"expanded once: {bool(once.held)}")  # fmt: skip
@@ -262,10 +265,7 @@ def main() -> None:
             for rows in rows_list:
                 x = torch.randn(1, rows, n_in, device="cuda", dtype=torch.bfloat16)
                 calls = pieces(dense, q, x)
-                best = {k: float("inf") for k in calls}
-                for _ in range(ROUNDS):
-                    for k, fn in calls.items():
-                        best[k] = min(best[k], host_us(fn))
+                best = best_host_us(calls)
                 say(f"## {n_out} x {n_in}, {rows} rows: GPU per call, int4 module "
                     f"{gpu_us(calls['int4 module call']):.1f} us, bf16 module "
                     f"{gpu_us(calls['bf16 nn.Linear module']):.1f} us")  # fmt: skip
