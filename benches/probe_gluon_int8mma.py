@@ -1,8 +1,11 @@
-"""Probe (H200): the encodings only the Gluon W4A8 kernels take (``mma_int8_gluon.py``, route
-"int8mma"): NF4 (``ENC`` 2: codes as their levels in int8 by ``prmt``) and 8-bit symmetric
-codes (``ENC`` 3: read as pairs of nibbles over twice K), at 5-32 rows, against what they ran
-there before, decode + cuBLAS, and against cuBLAS on the bf16 weight; CUDA-graph timed over
-enough weight copies to overflow the L2 cache.
+"""Probe (H200): the encodings only the Gluon W4A8 kernels take (``mma_int8_gluon.py``): NF4
+(``ENC`` 2: codes as their levels in int8 by ``prmt``) and 8-bit symmetric codes (``ENC`` 3:
+read as pairs of nibbles over twice K), route "int8mma", and MXFP4 (``ENC`` 4: blocks of 32,
+each an MMA k-step; through ``mma_linear``), at 5-32 rows, against what they ran there before
+(decode + cuBLAS; MXFP4 ``mma.py``) and against cuBLAS on the bf16 weight; CUDA-graph timed
+over enough weight copies to overflow the L2 cache. ``--ab``: int4 affine g64 on the weights
+under ``INT8_MMA_MIN_ELEMENTS``, the Gluon TMA kernel against ``mma.py`` (their route) at 5-32
+rows, same run.
 
 1. correctness, before any timing: the TMA and the register kernel, rows 5 / 16 / 17 / 32, a
    bias, a forced K-split, 4000 features (a partial tile), each within the rounding bound of
@@ -13,7 +16,7 @@ enough weight copies to overflow the L2 cache.
 2. ``linear`` as routed (the TMA kernel) on the issue's shapes at 5 / 16 / 32 rows: us, x
    cuBLAS bf16, x decode + cuBLAS.
 
-    OUT=DIR python3 benches/probe_gluon_int8mma.py [--encodings nf4-g64,sym8-g128]
+    OUT=DIR python3 benches/probe_gluon_int8mma.py [--encodings nf4-g64,sym8-g128,mxfp4] [--ab]
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import probe_mma_int8 as P  # noqa: E402
 import torch  # noqa: E402
 
 from qtensors.torch import linear as lin  # noqa: E402
-from qtensors.torch._layout import NF4_LEVELS  # noqa: E402
+from qtensors.torch._layout import E2M1_LEVELS, NF4_LEVELS  # noqa: E402
 from qtensors.torch.kernels import launch as L  # noqa: E402
 
 T0 = time.perf_counter()
@@ -39,12 +42,14 @@ RESULTS: dict = {"check": [], "times": []}
 C = L.MmaConfig
 S.ENCODINGS.setdefault("sym8-g128", ("symmetric", 8, 128))
 ARG = sys.argv[sys.argv.index("--encodings") + 1] if "--encodings" in sys.argv else ""
-ENCS = ARG.split(",") if ARG else ["nf4-g64", "sym8-g128"]
+ENCS = ARG.split(",") if ARG else ["nf4-g64", "sym8-g128", "mxfp4"]
+#: the 1.1B's joined q/k/v and gate/up beside the issue's shapes under 32M elements
+AB_SHAPES = [(4096, 4096), (11264, 2048), (5632, 2048), (2048, 5632), (2560, 2048), (2048, 2048)]
 
 
 def run(x, w, stages: int, cfg=None, bias=None):
     name, bits, g = w.enc
-    enc = L.gluon_only_shape(w.N, w.K, name, bits, g, 1)
+    enc = L.gluon_only_shape(w.N, w.K, name, bits, g, 1) or name
     k, gs = (2 * w.K, 2 * g) if enc == "symmetric8" else (w.K, g)
     old = L.GLUON_TMA_STAGES
     L.GLUON_TMA_STAGES = stages
@@ -57,13 +62,20 @@ def run(x, w, stages: int, cfg=None, bias=None):
 def held_weight(w) -> torch.Tensor:
     """The weight the kernel multiplies (float64, decoded here from the codes, not by
     qtensors): NF4 each code's level as ``round(level * 127) / 127``, 8-bit symmetric ``c -
-    128``, times its group's scale."""
-    _name, bits, g = w.enc
+    128``, MXFP4 its E2M1 value (exact), times its group's scale (E8M0: ``2^(b - 127)``)."""
+    name, bits, g = w.enc
     b = w.codes.reshape(w.N, w.K * bits // 8).to(torch.int64)
-    s = w.scales.double().reshape(w.N, w.K // g).repeat_interleave(g, 1)
+    if name == "mxfp4":
+        s = torch.exp2(w.scales.double() - 127)
+    else:
+        s = w.scales.double()
+    s = s.reshape(w.N, w.K // g).repeat_interleave(g, 1)
     if bits == 8:
         return (b - 128).double() * s
-    levels = torch.tensor([round(v * 127) / 127 for v in NF4_LEVELS], dtype=torch.float64)
+    if name == "mxfp4":
+        levels = torch.tensor(E2M1_LEVELS, dtype=torch.float64)
+    else:
+        levels = torch.tensor([round(v * 127) / 127 for v in NF4_LEVELS], dtype=torch.float64)
     codes = torch.stack((b & 15, b >> 4), -1).reshape(w.N, w.K)  # low nibble first
     return levels.to(codes.device)[codes] * s
 
@@ -122,17 +134,34 @@ def decoded(x, w):
     return lin.linear_dequantize(x, w.codes, w.scales, w.mins, None, [w.N, w.K], name, bits, g, 1)
 
 
+def mma_py(x, w):
+    """``mma.py``, the fp16 / bf16 tensor-core kernel (``mma_linear`` with its int8 rows off)."""
+    name, _bits, g = w.enc
+    old = L.INT8_MMA_ROWS
+    L.INT8_MMA_ROWS = None
+    try:
+        return L.mma_linear(x, w.codes, w.scales, w.mins, None, w.N, w.K, name, g)
+    finally:
+        L.INT8_MMA_ROWS = old
+
+
+def gluon_tma(x, w):
+    name, _bits, g = w.enc
+    return L.mma_int8_linear(x, w.codes, w.scales, w.mins, None, w.N, w.K, name, g, gluon=True)
+
+
 def section_times(ename: str, gbps: float) -> None:
+    before, bname = (mma_py, "mma.py") if ename == "mxfp4" else (decoded, "decode")
     say()
     say(f"## {ename}, bf16 x, us per call in a CUDA graph; x = speedup; hbm = share of the bound")
-    say(f"{'shape':>11} {'M':>3} | {'cublas':>7} {'decode':>7} {'routed':>7} | x cuBLAS x decode"
+    say(f"{'shape':>11} {'M':>3} | {'cublas':>7} {bname:>7} {'routed':>7} | x cuBLAS x {bname}"
         " hbm")  # fmt: skip
     for N, K in S.SHAPES:
         case = S.Case(ename, N, K)
         for M in (5, 16, 32):
             x = case.x(M)
             cub = case.cublas_us(x)
-            dec = case.time(decoded, M)
+            dec = case.time(before, M)
             now = case.time(routed, M)
             share = case.bound_us(M, gbps) / now
             RESULTS["times"].append(
@@ -144,10 +173,41 @@ def section_times(ename: str, gbps: float) -> None:
         torch.cuda.empty_cache()
 
 
+def section_ab(gbps: float) -> bool:
+    """int4 affine g64 under ``INT8_MMA_MIN_ELEMENTS``: the Gluon TMA kernel against ``mma.py``
+    (checked first: the kernel within its rounding bound, mma.py within TOL of fp32)."""
+    say()
+    say("## int4-affine-g64 A/B, bf16 x, us in a CUDA graph: Gluon TMA (W4A8) vs mma.py")
+    say(f"{'shape':>11} {'M':>3} | {'cublas':>7} {'mma.py':>7} {'gluon':>7} | gluon/mma x cuBLAS"
+        " hbm  check")  # fmt: skip
+    ok = True
+    for N, K in AB_SHAPES:
+        case = S.Case("int4-affine-g64", N, K)
+        for M in (5, 8, 16, 32):
+            x = case.x(M)
+            exc = P.bound_excess(x, case.ref_w.double(), gluon_tma(x, case.ws[0]), 64)
+            err = case.check(mma_py, M)
+            good = exc <= 0 and err <= S.TOL
+            ok &= good
+            cub = case.cublas_us(x)
+            old = case.time(mma_py, M)
+            new = case.time(gluon_tma, M)
+            share = case.bound_us(M, gbps) / new
+            RESULTS["ab"].append(dict(N=N, K=K, M=M, cublas=cub, mma=old, gluon=new, excess=exc))
+            say(f"{N:>5}x{K:<5} {M:>3} | {cub:7.1f} {old:7.1f} {new:7.1f} | {old / new:8.2f} "
+                f"{cub / new:8.2f} {share:4.0%}  {'ok' if good else 'FAIL'}")  # fmt: skip
+        del case
+        torch.cuda.empty_cache()
+    return ok
+
+
 def main() -> int:
     gbps = S.copy_gbps()
     say(f"# probe_gluon_int8mma on {torch.cuda.get_device_name()}; copy {gbps:.0f} GB/s")
     ok = True
+    RESULTS["ab"] = []
+    if "--ab" in sys.argv:
+        ok &= section_ab(gbps)
     for ename in ENCS:
         if section_check(ename):
             section_times(ename, gbps)

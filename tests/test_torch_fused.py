@@ -301,7 +301,14 @@ def test_int8_mma_switch(monkeypatch):
     monkeypatch.setattr(L, "INT8_MMA_ROWS", (5, 64))
     assert applies(5) and applies(64, 256, "symmetric", 128, torch.bfloat16)
     assert not applies(4) and not applies(65)  # outside the rows
-    assert not applies(16, N=(L.INT8_MMA_MIN_ELEMENTS // 128) - 1)  # a small weight: mma.py
+    assert not applies(17, N=(L.INT8_MMA_MIN_ELEMENTS // 128) - 1)  # a small weight: mma.py
+    # up to 16 rows, from 16.8M elements (the Gluon kernel's measured win)
+    assert L.INT8_MMA_NARROW_M == 16
+    assert applies(16, N=L.INT8_MMA_NARROW_MIN_ELEMENTS // 128)
+    assert not applies(16, N=(L.INT8_MMA_NARROW_MIN_ELEMENTS // 128) - 1)
+    monkeypatch.setattr(L, "INT8_MMA_GLUON", False)  # the tl.dot kernel: 32M+ only
+    assert not applies(16, N=L.INT8_MMA_NARROW_MIN_ELEMENTS // 128)
+    monkeypatch.setattr(L, "INT8_MMA_GLUON", True)
     assert not applies(16, dt=f32)
     assert not applies(16, g=32)  # half a k-step a nibble half
     assert not applies(16, K=192, g=128)  # a ragged last group

@@ -24,10 +24,13 @@ from qtensors.torch.kernels import mma_int8_gluon as G
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_fragment_order_is_two_permutations():
-    code_of_k, slot_of_k = G.fragment_order()
+@pytest.mark.parametrize("blocked", [False, True])
+def test_fragment_order_is_two_permutations(blocked):
+    code_of_k, slot_of_k = G.fragment_order(blocked)
     assert sorted(code_of_k.tolist()) == list(range(64))
     assert sorted(slot_of_k.tolist()) == list(range(64))
+    if blocked:  # each MMA k-step (32 columns) multiplies one 32-code block
+        assert (code_of_k[:32] < 32).all() and (code_of_k[32:] >= 32).all()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -54,6 +57,31 @@ def test_kernel_index_algebra_gives_the_product(seed):
     # and a wrong mapping (the nibbles not permuted) does not
     a_plain = np.stack([lo, hi], -1).reshape(N, 64)
     assert not np.array_equal(a_plain.astype(np.int64) @ b, codes @ x.T)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_blocked_index_algebra_gives_each_blocks_product(seed):
+    """Groups of 32 (MXFP4): ``_a_blocks`` (quad lane ``a`` holding words ``a`` and ``4 + a``)
+    and ``_b_blocks`` replayed in numpy: k-step ``B``'s product is exactly block ``B``'s
+    codes @ x, so each block's sum can take its own scale."""
+    rng = np.random.default_rng(seed)
+    N, M = 24, 5
+    codes = rng.integers(0, 16, (N, 64))
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+    x = rng.integers(-127, 128, (M, 64))
+    code_of_k, slot_of_k = G.fragment_order(blocked=True)
+    stored = np.empty((M, 64), np.int64)
+    stored[:, slot_of_k] = x[:, code_of_k]
+    as_bytes = packed.view("<u4").view(np.uint8).reshape(N, 8, 4)  # word w = 4B + a
+    lo = (as_bytes & 15).reshape(N, 2, 4, 4).transpose(0, 2, 3, 1)  # [N, a, c, B]
+    hi = (as_bytes >> 4).reshape(N, 2, 4, 4).transpose(0, 2, 3, 1)
+    q = stored.T.reshape(64, M)
+    b = q.reshape(4, 2, 2, 4, M).transpose(1, 2, 0, 3, 4).reshape(64, M)  # _b_operand
+    b_blocks = b.reshape(2, 32, M).transpose(1, 2, 0)  # [32, M, B]
+    for blk in range(2):
+        a = np.stack([lo[..., blk], hi[..., blk]], -1).transpose(0, 3, 1, 2).reshape(N, 32)
+        want = codes[:, 32 * blk : 32 * blk + 32] @ x[:, 32 * blk : 32 * blk + 32].T
+        assert np.array_equal(a.astype(np.int64) @ b_blocks[..., blk], want)
 
 
 def _interpret(code: str) -> None:
@@ -128,6 +156,41 @@ def test_prepass_fragment_order_under_the_interpreter():
     _interpret(code)
 
 
+def test_prepass_blocked_order_under_the_interpreter():
+    """``quantize_kernel(FRAGMENT=True, BLOCKED=True)`` (groups of 32, two a chunk) stores each
+    chunk at ``fragment_order(blocked=True)``'s slots, with the per-group factors of the plain
+    pre-pass in groups of 32."""
+    code = textwrap.dedent(
+        """
+        import numpy as np, torch
+        from qtensors.torch.kernels.mma_int8 import quantize_kernel
+        from qtensors.torch.kernels.mma_int8_gluon import fragment_order
+        torch.manual_seed(0)
+        M, K, GS, MP = 3, 320, 32, 16
+        G = K // GS
+        x = torch.randn(M, K, dtype=torch.bfloat16) * torch.rand(1, K) * 4
+        out = {}
+        for frag in (True, False):
+            xq = torch.full((MP, K), 99, dtype=torch.int8)
+            xs = torch.full((2, G, MP), 7.0)
+            quantize_kernel[(MP, 2)](x, xq, xs, M, MP, K, G, x.stride(0), GS=GS, GROUPS=8,
+                                     FRAGMENT=frag, BLOCKED=frag)
+            out[frag] = (xq.numpy().astype(np.int64), xs)
+        code, slot = fragment_order(blocked=True)
+        nat = np.empty((MP, K), np.int64)  # the halves order back in code order
+        halves = out[False][0].reshape(MP, G, 2, GS // 2)
+        nat.reshape(MP, G, GS // 2, 2)[..., 0] = halves[:, :, 0]
+        nat.reshape(MP, G, GS // 2, 2)[..., 1] = halves[:, :, 1]
+        frag = out[True][0].reshape(MP, K // 64, 64)
+        assert (frag[:, :, slot] == nat.reshape(MP, K // 64, 64)[:, :, code]).all()
+        assert (nat[M:] == 0).all() and nat[:M].any()
+        assert torch.equal(out[True][1], out[False][1])
+        print("ok")
+        """
+    )
+    _interpret(code)
+
+
 def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec, stages=0):
     """The register kernel, or with ``stages`` the TMA one (its codes a descriptor)."""
     import triton
@@ -136,7 +199,7 @@ def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec, stages=0):
     from triton.runtime.jit import mangle_type
 
     kern = G.mma_int8_gluon_tma_kernel if stages else G.mma_int8_gluon_kernel
-    layouts = dict(G.layouts(block_n, block_m, warps, groups, gs // 64))
+    layouts = dict(G.layouts(block_n, block_m, warps, groups, gs // 64, gs == G.BLOCK_GS))
     if stages:
         layouts["STAGES"] = stages
     else:
@@ -145,7 +208,8 @@ def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec, stages=0):
         ENC=enc, GS=gs, HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
         GROUPS=groups, KSPEC=kspec, **layouts,
     )  # fmt: skip
-    ptrs = dict(xq_ptr="*i8", codes_ptr="*u8", scales_ptr="*fp16", mins_ptr="*fp16",
+    scales = "*u8" if enc == G.GLUON_ENC["mxfp4"] else "*fp16"
+    ptrs = dict(xq_ptr="*i8", codes_ptr="*u8", scales_ptr=scales, mins_ptr="*fp16",
                 xs_ptr="*fp32", bias_ptr="*bf16", out_ptr="*bf16", ws_ptr="*fp32",
                 lock_ptr="*i32")  # fmt: skip
     if stages:  # the descriptor's type, as Triton names it at a launch
@@ -424,3 +488,92 @@ def test_nf4_routes_to_the_gluon_kernel_where_it_applies(monkeypatch):
     a8 = (codes8, scales, None, None, [N, K], "symmetric", 8, g, 1)
     got8 = lin._linear_cuda(lin._cuda_weight(*a8[:3], *a8[4:]), x, *a8)
     torch.testing.assert_close(got8, lin.linear_dequantize(x, *a8))
+
+
+# -- MXFP4 (``ENC`` 4): blocks of 32, twice the E2M1 values as int8 -------------------------
+
+
+def test_fp4_asm_gives_twice_each_codes_value():
+    """Every word of 8 E2M1 codes (each code in each position, and random words): the even
+    and the odd codes as int8 ``2 * value``, exact, in the places the nibble masks use."""
+    from qtensors.torch._layout import E2M1_LEVELS
+
+    levels = [int(2 * v) for v in E2M1_LEVELS]
+    assert levels[:8] == [0, 1, 2, 3, 4, 6, 8, 12] and levels[9:] == [-v for v in levels[1:8]]
+    even_asm, odd_asm = G._fp4_asm(False), G._fp4_asm(True)
+    rng = np.random.default_rng(1)
+    words = [int(w) for w in rng.integers(0, 2**32, 200, dtype=np.uint64)]
+    words += [c << (4 * i) for c in range(16) for i in range(8)]
+    for w in words:
+        codes = [(w >> (4 * i)) & 0xF for i in range(8)]
+        for asm, picked in ((even_asm, codes[0::2]), (odd_asm, codes[1::2])):
+            got = _run_ptx(asm, w)
+            got_levels = [int(np.int8(np.uint8((got >> (8 * i)) & 0xFF))) for i in range(4)]
+            assert got_levels == [levels[c] for c in picked], (hex(w), got_levels)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        (64, 16, 2, 4, 32, 4, 1, 4096, 0),  # register kernel, two chunks a step
+        (64, 16, 2, 4, 32, 4, 1, 4096, 3),  # TMA
+        (64, 32, 2, 2, 32, 4, 4, 0, 3),  # 32 rows, one chunk a step, split K
+    ],
+)
+def test_mxfp4_kernels_compile_for_sm90(cfg):
+    """MXFP4 through both Gluon kernels: the blocks' operands split from the chunk's without
+    data movement (asserted by the compile), the values by ``prmt``, one int8 MMA k-step a
+    block, no min terms; the register kernel without shared memory."""
+    block_n, _bm, _w, groups, *_, stages = cfg
+    k = _compile(*cfg)
+    ptx = k.asm["ptx"]
+    assert "prmt.b32" in ptx and "tf32" not in ptx
+    assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in ptx
+    if not stages:
+        assert k.metadata.shared == 0
+    else:
+        ring = stages * block_n * 32 * groups // 2
+        assert ring <= k.metadata.shared <= ring + 1024 + 8 * stages
+
+
+def test_mxfp4_plan_and_routing(monkeypatch):
+    """MXFP4 at 5-32 rows: ``mma_linear`` takes the Gluon kernel where it applies (blocks of 32,
+    whole 64-code chunks), ``mma.py`` otherwise; the plan's pre-pass is blocked and a step
+    holds 64 x ``groups`` codes as for groups of 64."""
+    plan = L._mma_int8_plan.__wrapped__
+    *_, quant, _g, _s, _k, meta, _key = plan(16, 4096, 4096, "mxfp4", 32, False, -1, None, True,
+                                             True, True, 3)  # fmt: skip
+    assert quant[1]["BLOCKED"] and quant[1]["FRAGMENT"] and quant[1]["GS"] == 32
+    assert meta["ENC"] == G.GLUON_ENC["mxfp4"] and meta["GROUPS"] == 4 and meta["GS"] == 32
+    with pytest.raises(ValueError, match="int8 mma kernel takes"):
+        plan(16, 4096, 4096, "mxfp4", 32, False, -1, None, True, False)  # not the tl.dot one
+    assert L.int8_mma_shape(4096, "mxfp4", 32, gluon=True)
+    assert not L.int8_mma_shape(4096 + 32, "mxfp4", 32, gluon=True)  # a half chunk
+    assert not L.int8_mma_shape(4096, "mxfp4", 32)
+    bf16 = torch.bfloat16
+    assert L.int8_mma_applies(16, 4096, 4096, "mxfp4", 32, bf16)
+    assert L.int8_mma_applies(L.INT8_MMA_GLUON_MAX_M, 4096, 4096, "mxfp4", 32, bf16)
+    assert not L.int8_mma_applies(L.INT8_MMA_GLUON_MAX_M + 1, 4096, 4096, "mxfp4", 32, bf16)
+    assert not L.int8_mma_applies(16, 4096, 4096, "mxfp4", 32, torch.float32)
+    assert not L.int8_mma_applies(4, 4096, 4096, "mxfp4", 32, bf16)
+    # past 16 rows only on 16.8M+ weights (2048 x 5632 at 32 rows: mma.py faster)
+    assert L.int8_mma_applies(16, 2048, 5632, "mxfp4", 32, bf16)
+    assert not L.int8_mma_applies(17, 2048, 5632, "mxfp4", 32, bf16)
+    route = L.route.__wrapped__
+    assert route(16, 4096, 4096, "mxfp4", 4, 32, 1, True, True, True) == "mma"
+    codes = torch.zeros(64, 32, dtype=torch.uint8)
+    e8m0 = torch.full((64, 2), 127, dtype=torch.uint8)
+    monkeypatch.setattr(L, "_gluon_device", lambda index: True)
+    assert L.gluon_applies(codes, e8m0, 0, 16)
+
+    # where the Gluon kernel does not apply (here: no GPU), mma_linear runs mma.py
+    calls = []
+    monkeypatch.setattr(L, "gluon_applies", lambda *a: False)
+    monkeypatch.setattr(L, "mma_int8_linear", lambda *a, **k: calls.append("int8"))
+    monkeypatch.setattr(L, "_begin", lambda *a: (calls.append("mma.py"), True, -1, None))
+    L.mma_linear(torch.zeros(16, 4096, dtype=bf16), codes, e8m0, None, None, 64, 4096,
+                 "mxfp4", 32)  # fmt: skip
+    monkeypatch.setattr(L, "gluon_applies", lambda *a: True)
+    L.mma_linear(torch.zeros(16, 4096, dtype=bf16), codes, e8m0, None, None, 64, 4096,
+                 "mxfp4", 32)  # fmt: skip
+    assert calls == ["mma.py", "int8"]

@@ -85,6 +85,12 @@ INT8_ACTIVATIONS = os.environ.get("QTENSORS_INT8_ACTIVATIONS", "1") != "0"
 #: ``INT8_MMA_GLUON_MAX_M`` rows the same product runs in ``mma_int8_gluon.py`` (faster; below).
 INT8_MMA_ROWS: tuple[int, int] | None = (5, 64)
 INT8_MMA_MIN_ELEMENTS = 1 << 25
+#: up to this many rows, weights of at least this many elements take it too (where the Gluon
+#: kernel is importable). H200, its TMA kernel against ``mma.py`` in the same run
+#: (benches/results/gpu_gluon_mxfp4_h200.txt, --ab): 5-16 rows 1.09-1.18x on 4096^2,
+#: 1.33-1.37x on 11264 x 2048 (the 1.1B's joined gate / up); 0.84-1.06x on the 11.5M and
+#: smaller weights; at 32 rows 0.85x on 4096^2
+INT8_MMA_NARROW_M, INT8_MMA_NARROW_MIN_ELEMENTS = 16, 1 << 24
 #: fp16 / bf16 activations of ``GEMM16_ROWS`` rows (inclusive) run ``gemm16_gluon.py`` (each
 #: weight tile decoded into 16 bits in shared memory, asynchronous ``wgmma``) on the weights of
 #: ``GEMM16_TABLE`` (where the kernel was measured faster than decode + cuBLAS), instead of
@@ -419,10 +425,13 @@ def route(
 
 
 def int8_mma_shape(K: int, encoding: str, g: int, gluon: bool = False) -> bool:
-    """Whether ``mma_int8.py`` (``gluon``: ``mma_int8_gluon.py``, which also takes NF4 and
-    8-bit symmetric codes seen as 4-bit pairs, "symmetric8") takes a weight of 4-bit codes with
-    groups along the input dim: its encoding, groups of at least 64 (one IMMA k-step a nibble
-    half), whole groups a row."""
+    """Whether ``mma_int8.py`` (``gluon``: ``mma_int8_gluon.py``, which also takes NF4, 8-bit
+    symmetric codes seen as 4-bit pairs, "symmetric8", and MXFP4) takes a weight of 4-bit codes
+    with groups along the input dim: its encoding, groups of at least 64 (one IMMA k-step a
+    nibble half), whole groups a row; MXFP4's blocks of 32 (one k-step each) in whole 64-code
+    chunks."""
+    if encoding == "mxfp4":
+        return gluon and g == mma_int8_gluon.BLOCK_GS and K % mma_int8_gluon.CHUNK == 0
     encodings = mma_int8_gluon.GLUON_ENC if gluon else MMA_INT8_ENC
     return encoding in encodings and g >= MMA_INT8_MIN_GROUP and K % g == 0
 
@@ -473,16 +482,29 @@ def gluon_only_linear(
 def int8_mma_applies(M: int, N: int, K: int, encoding: str, g: int, dtype: torch.dtype) -> bool:
     """Whether ``mma_linear`` runs ``mma_int8.py`` for these rows (``INT8_MMA_ROWS``,
     ``INT8_ACTIVATIONS``, ``INT8_MMA_MIN_ELEMENTS``, fp16 / bf16 activations,
-    ``int8_mma_shape``)."""
+    ``int8_mma_shape``; ``INT8_MMA_NARROW_*`` where its Gluon kernel may run); MXFP4 its Gluon
+    kernel, up to ``INT8_MMA_GLUON_MAX_M`` rows, past ``GLUON_ONLY_WIDE_M`` rows only on weights
+    of ``GLUON_ONLY_WIDE_MIN_ELEMENTS`` (``mma_linear`` also asks ``gluon_applies``). H200
+    (benches/results/gpu_gluon_mxfp4_h200.txt): MXFP4 1.21-2.14x ``mma.py`` at 5-16 rows on
+    the issue's shapes (1.01-1.17x cuBLAS bf16 on the 32M+ ones), 1.08-1.59x at 32 rows but
+    0.89x on 2048 x 5632."""
     rows = INT8_MMA_ROWS
-    return (
-        rows is not None
-        and INT8_ACTIVATIONS
-        and rows[0] <= M <= rows[1]
-        and N * K >= INT8_MMA_MIN_ELEMENTS
-        and dtype in (torch.float16, torch.bfloat16)
-        and int8_mma_shape(K, encoding, g)
+    if rows is None or not INT8_ACTIVATIONS or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if encoding == "mxfp4":
+        return (
+            rows[0] <= M <= min(rows[1], INT8_MMA_GLUON_MAX_M)
+            and (M <= GLUON_ONLY_WIDE_M or N * K >= GLUON_ONLY_WIDE_MIN_ELEMENTS)
+            and int8_mma_shape(K, encoding, g, gluon=True)
+        )
+    narrow = (
+        M <= INT8_MMA_NARROW_M
+        and N * K >= INT8_MMA_NARROW_MIN_ELEMENTS
+        and INT8_MMA_GLUON
+        and mma_int8_gluon.HAVE_GLUON
     )
+    wide = N * K >= INT8_MMA_MIN_ELEMENTS or narrow
+    return rows[0] <= M <= rows[1] and wide and int8_mma_shape(K, encoding, g)
 
 
 def mma_supported(shape, encoding: str, bits: int, group_size: int, axis: int) -> bool:
@@ -945,7 +967,11 @@ def mma_linear(
     ``int8_mma_applies`` takes run ``mma_int8.py``."""
     M = x2.shape[0]
     if config is None and int8_mma_applies(M, N, K, encoding, group_size, x2.dtype):
-        return mma_int8_linear(x2, codes, scales, mins, bias, N, K, encoding, group_size)
+        if encoding != "mxfp4":
+            return mma_int8_linear(x2, codes, scales, mins, bias, N, K, encoding, group_size)
+        if gluon_applies(codes, scales, _device_index(x2.device), M):  # its only int8 kernel
+            return mma_int8_linear(x2, codes, scales, mins, bias, N, K, encoding, group_size,
+                                   gluon=True)  # fmt: skip
     out, done, cuda_index, locks = _begin(x2, N, K, bias)
     if done:
         return out
@@ -1303,6 +1329,12 @@ def _mma_int8_plan(
     quant_meta: dict = dict(GS=g, GROUPS=QUANT_GROUPS, FRAGMENT=gluon)
     if encoding == "symmetric8":  # K and g count each activation twice (GLUON_ENC)
         quant_meta.update(DUP=True)
+    blocked = gluon and g == mma_int8_gluon.BLOCK_GS
+    if blocked:  # two groups a chunk; a step of 64 x cfg.groups codes, as for groups of 64
+        quant_meta.update(BLOCKED=True)
+        groups = min(4, 2 * cfg.groups)
+        while G % groups:
+            groups //= 2
     meta: dict = dict(
         ENC=(mma_int8_gluon.GLUON_ENC if gluon else MMA_INT8_ENC)[encoding],
         GS=g,
@@ -1317,7 +1349,9 @@ def _mma_int8_plan(
             groups //= 2
         if groups * chunks > 4:
             raise ValueError(f"the Gluon int8 kernel takes groups of up to 256 codes, not {g}")
-        layouts = dict(mma_int8_gluon.layouts(cfg.block_n, block_m, cfg.num_warps, groups, chunks))
+        layouts = dict(
+            mma_int8_gluon.layouts(cfg.block_n, block_m, cfg.num_warps, groups, chunks, blocked)
+        )
         if tma_stages:
             layouts.update(STAGES=tma_stages)
         else:  # the register kernel takes no ring
@@ -1399,12 +1433,12 @@ def _gluon_device(cuda_index: int) -> bool:
 def gluon_applies(codes: torch.Tensor, scales: torch.Tensor, cuda_index: int, M: int) -> bool:
     """Whether ``mma_int8_linear`` runs the Gluon kernel by default (``INT8_MMA_GLUON``, Gluon
     importable, the device, up to ``INT8_MMA_GLUON_MAX_M`` rows, codes read as 32-bit words,
-    fp16 / bf16 scales: its min terms take them as tf32, exactly)."""
+    fp16 / bf16 scales: its min terms take them as tf32, exactly; or MXFP4's E8M0 bytes)."""
     return (
         INT8_MMA_GLUON
         and mma_int8_gluon.HAVE_GLUON
         and M <= INT8_MMA_GLUON_MAX_M
-        and scales.dtype in (torch.float16, torch.bfloat16)
+        and scales.dtype in (torch.float16, torch.bfloat16, torch.uint8)
         and _gluon_device(cuda_index)
         and words_aligned(codes)
     )

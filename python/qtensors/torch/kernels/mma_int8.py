@@ -74,6 +74,7 @@ def quantize_kernel(
     GROUPS: tl.constexpr,
     FRAGMENT: tl.constexpr = False,
     DUP: tl.constexpr = False,
+    BLOCKED: tl.constexpr = False,
 ):
     """Row ``program_id(0)`` of ``x`` (of ``MP``: ``M`` rounded up to whole row tiles; the rows
     past ``M`` as zeros, so the matmul reads them unmasked), ``GROUPS`` groups a program: each
@@ -83,7 +84,10 @@ def quantize_kernel(
     kernel's), or with ``FRAGMENT`` each 64-code chunk as ``mma_int8_gluon.fragment_order``
     stores it (slot ``s = 16a + 8h + 4b + c`` holds code ``16a + 8b + 2c + h``). ``DUP``: ``K``
     and ``GS`` count each of x's values twice (code ``k`` is ``x[k // 2]``): 8-bit codes read as
-    pairs of nibbles, each nibble meeting its byte's activation (``mma_int8_gluon.GLUON_ENC``)."""
+    pairs of nibbles, each nibble meeting its byte's activation (``mma_int8_gluon.GLUON_ENC``).
+    ``BLOCKED`` (with ``FRAGMENT``, groups of 32: MXFP4's blocks): each 64-code chunk holds two
+    groups, as ``fragment_order(blocked=True)`` stores them (slot ``16a + 8B + 4h + c`` holds
+    code ``32B + 8a + 2c + h``), so a group's slots are not contiguous."""
     m = tl.program_id(0)
     grp = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     gmask = grp < G
@@ -92,7 +96,12 @@ def quantize_kernel(
     out = xq_ptr + m * K + grp[:, None] * GS
     # the code each slot s of the group holds; one gather load (the row is small, read once)
     s = tl.arange(0, GS)
-    if FRAGMENT:
+    dst = s[None, :]
+    if FRAGMENT and BLOCKED:  # element s = 8a + 4h + c of block B = grp % 2 of its chunk
+        code = 8 * (s >> 3) + 2 * (s & 3) + ((s >> 2) & 1)
+        slot = 16 * (s >> 3) + 4 * ((s >> 2) & 1) + (s & 3)
+        dst = slot[None, :] - 24 * (grp[:, None] % 2)  # from the group's start: chunk + 8B
+    elif FRAGMENT:
         r = s % 64
         code = (s - r) + 16 * (r >> 4) + 8 * ((r >> 2) & 1) + 2 * (r & 3) + ((r >> 3) & 1)
     else:
@@ -105,7 +114,7 @@ def quantize_kernel(
     d = amax * (1.0 / 127.0)
     inv = 127.0 / amax
     q = (xv * inv[:, None] + MAGIC).to(tl.int32, bitcast=True) - MAGIC_BITS
-    tl.store(out + s[None, :], q.to(tl.int8), mask=gmask[:, None])
+    tl.store(out + dst, q.to(tl.int8), mask=gmask[:, None])
     total = tl.sum(q, axis=1).to(tl.float32)
     tl.store(xs_ptr + grp * MP + m, d, mask=gmask)
     tl.store(xs_ptr + (G + grp) * MP + m, d * total, mask=gmask)

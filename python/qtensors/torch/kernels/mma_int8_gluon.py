@@ -43,7 +43,10 @@ routed weights.
 Both kernels also take the encodings no other tensor-core kernel here does (``GLUON_ENC``):
 NF4, its codes turned into int8 levels by ``prmt`` (``_nf4_asm``), and 8-bit symmetric codes,
 each byte read as two 4-bit codes over twice K. H200 (``benches/probe_gluon_int8mma.py``):
-1.06-3.28x decode + cuBLAS, their route before, at 5-32 rows.
+1.06-3.28x decode + cuBLAS, their route before, at 5-32 rows. And MXFP4, in blocks of 32
+(``BLOCKED``: quad lane ``a`` takes words ``a`` and ``4 + a`` of a chunk, so that each MMA
+k-step holds one block, which takes its own E8M0 scale; ``fragment_order(blocked=True)``):
+1.21-2.14x ``mma.py``, its route before, at 5-16 rows (``gpu_gluon_mxfp4_h200.txt``).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ import functools
 
 import numpy as np
 
+from .._layout import E2M1_LEVELS
 from .words_int8 import nf4_int8_tables
 
 try:  # Gluon: Triton 3.5+; absent, the tl.dot kernel runs
@@ -80,12 +84,16 @@ CHUNK = 64
 #: encodings of the Gluon kernels (``ENC``): the ``tl.dot`` kernel's; NF4, whose codes
 #: become their levels as int8, ``round(level * 127)`` (as ``words_int8.py`` and the CPU
 #: kernel hold them: each weight moves by at most 0.4% of its group's absmax), multiplied
-#: signed by signed, no min terms, the sums scaled by ``1 / 127`` once at the end; and 8-bit
+#: signed by signed, no min terms, the sums scaled by ``1 / 127`` once at the end; 8-bit
 #: symmetric codes ``c`` (weight ``s (c - 128)``) read as 4-bit pairs: a byte's low nibble
 #: ``c & 15`` and its high one as ``(c & 0xF0) - 128`` (signed), which add up to ``c - 128``,
 #: each meeting the byte's activation (the pre-pass's ``DUP``: K and the groups doubled), no
-#: min terms
-GLUON_ENC = {"affine": 0, "symmetric": 1, "nf4": 2, "symmetric8": 3}
+#: min terms; and MXFP4, its E2M1 codes as twice their value (integers: 0, 1, 2, 3, 4, 6, 8,
+#: 12 and their negatives, so exact) by ``prmt`` as NF4's, each 32-code block its own MMA
+#: k-step (``BLOCKED``, below) scaled by its E8M0 scale, the sums halved once at the end
+GLUON_ENC = {"affine": 0, "symmetric": 1, "nf4": 2, "symmetric8": 3, "mxfp4": 4}
+#: the one group size taken in blocks (MXFP4's): groups of 32 codes, each one MMA k-step
+BLOCK_GS = 32
 
 
 #: an 8-bit symmetric code's high nibble, signed: ``(c & 0xF0) - 128`` a byte (``c ^ 0x80``
@@ -93,13 +101,21 @@ GLUON_ENC = {"affine": 0, "symmetric": 1, "nf4": 2, "symmetric8": 3}
 SYM8_HIGH_ASM = "{ .reg .b32 t; and.b32 t, $1, 0xF0F0F0F0; xor.b32 $0, t, 0x80808080; }"
 
 
-def _nf4_asm(odd: bool) -> str:
-    """PTX turning a 32-bit word of 8 NF4 codes (byte ``j``: codes ``2j``, ``2j + 1``) into the
-    int8 levels of its even (``odd`` False) or odd codes, one byte each in code order: each
-    half-word's four codes look their levels up in two 8-entry tables with ``prmt`` (levels
-    0-7 and 8-15, by the code's low 3 bits), a third ``prmt`` picks per byte by the code's bit
-    3, and a last one gathers the even or odd codes' bytes of the two halves."""
-    t = [v & 0xFFFFFFFF for v in nf4_int8_tables()]
+def fp4_int8_tables() -> tuple[int, int, int, int]:
+    """E2M1's values doubled, as int8 (exact: integers), four to an int32 (little-endian,
+    signed), as ``nf4_int8_tables``: codes 0-3, 4-7, 8-11, 12-15."""
+    b = bytes((round(2 * v) & 0xFF) for v in E2M1_LEVELS)
+    return tuple(int.from_bytes(b[i : i + 4], "little", signed=True) for i in range(0, 16, 4))
+
+
+def _lookup_asm(tables: tuple[int, int, int, int], odd: bool) -> str:
+    """PTX turning a 32-bit word of 8 4-bit codes (byte ``j``: codes ``2j``, ``2j + 1``) into
+    the int8 levels (``tables``: 16 bytes, by code) of its even (``odd`` False) or odd codes,
+    one byte each in code order: each half-word's four codes look their levels up in two
+    8-entry tables with ``prmt`` (levels 0-7 and 8-15, by the code's low 3 bits), a third
+    ``prmt`` picks per byte by the code's bit 3, and a last one gathers the even or odd codes'
+    bytes of the two halves."""
+    t = [v & 0xFFFFFFFF for v in tables]
     return (
         "{ .reg .b32 m, n, t0, t1, t2, t3, la, lb, ha, hb, sa, sb, a, b;"
         f" mov.b32 t0, {t[0]:#x}; mov.b32 t1, {t[1]:#x};"
@@ -114,14 +130,28 @@ def _nf4_asm(odd: bool) -> str:
     )
 
 
-def fragment_order() -> tuple[np.ndarray, np.ndarray]:
+def _nf4_asm(odd: bool) -> str:
+    """``_lookup_asm`` of NF4's int8 levels."""
+    return _lookup_asm(nf4_int8_tables(), odd)
+
+
+def _fp4_asm(odd: bool) -> str:
+    """``_lookup_asm`` of E2M1's doubled values."""
+    return _lookup_asm(fp4_int8_tables(), odd)
+
+
+def fragment_order(blocked: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(``code_of_k[k]``, ``slot_of_k[k]``) for one 64-code chunk: the code (0..63, as stored:
     byte ``code // 2``, nibble ``code % 2``) that MMA column ``k`` multiplies, and where the
-    pre-pass stores that column's activation."""
+    pre-pass stores that column's activation. ``blocked`` (groups of ``BLOCK_GS``): column
+    ``k = 32B + 16h + 4a + c`` is code ``32B + 8a + 2c + h``, so each k-step (``B``) holds one
+    32-code block; the slots are the same either way."""
     k = np.arange(CHUNK)
     h, b, a, c = k >> 5, (k >> 4) & 1, (k >> 2) & 3, k & 3
-    j = 8 * a + 4 * b + c
-    return 2 * j + h, 16 * a + 8 * h + 4 * b + c
+    slot = 16 * a + 8 * h + 4 * b + c
+    if blocked:  # the k-step (h here) is the block, and b the nibble
+        return 32 * h + 8 * a + 2 * c + b, slot
+    return 16 * a + 8 * b + 2 * c + h, slot
 
 
 def _log2(v: int) -> int:
@@ -136,14 +166,19 @@ def _linear(reg, lane, warp, shape):
 
 
 @functools.lru_cache(maxsize=64)
-def layouts(block_n: int, block_m: int, warps: int, groups: int, chunks: int) -> dict:
+def layouts(
+    block_n: int, block_m: int, warps: int, groups: int, chunks: int, blocked: bool = False
+) -> dict:
     """The kernel's constexpr layouts for ``block_n`` features (16 a warp, then repeated),
     ``block_m`` rows (16 or 32), ``warps`` warps along the features, ``groups`` groups of
-    ``chunks`` 64-code chunks a K step (``groups * chunks`` 1, 2 or 4). Rows and columns as
-    the MMA's (``to_linear_layout`` of its operands: lanes hold rows 1, 2, 4 and a register row
-    8, warps the next 16s, registers the repeats)."""
+    ``chunks`` 64-code chunks a K step (``groups * chunks`` 1, 2 or 4); ``blocked``: groups of
+    ``BLOCK_GS`` codes, two a chunk (``chunks`` unused; ``groups`` 2 or 4). Rows and columns
+    as the MMA's (``to_linear_layout`` of its operands: lanes hold rows 1, 2, 4 and a register
+    row 8, warps the next 16s, registers the repeats)."""
     reps = block_n // (16 * warps)
-    per_step = groups * chunks
+    per_step = groups // 2 if blocked else groups * chunks
+    if blocked and groups not in (2, 4):
+        raise ValueError(f"blocks of {BLOCK_GS} codes go 2 or 4 a step, not {groups}")
     if reps < 1 or block_m not in (16, 32) or per_step not in (1, 2, 4):
         raise ValueError(
             f"block_n {block_n} < 16 x {warps} warps, block_m {block_m} not 16 / 32, or"
@@ -159,9 +194,10 @@ def layouts(block_n: int, block_m: int, warps: int, groups: int, chunks: int) ->
         return [[*b, 0] for b in bases] + [[0, 0, 1 << i] for i in range(_log2(extra))]
 
     # one chunk's [block_n, 8] 32-bit words of codes: 2 contiguous words (8 bytes) a thread and
-    # row; as bytes [block_n, 8, 4], a word's 4 bytes in 4 registers (one, after the nibble ops)
-    p_reg = [[0, 1], [8, 0]]
-    p_lane = [[0, 2], [0, 4], *lanes2]
+    # row; as bytes [block_n, 8, 4], a word's 4 bytes in 4 registers (one, after the nibble ops).
+    # Blocked: quad lane a takes words a and 4 + a, one from each 32-code block
+    p_reg = [[0, 4] if blocked else [0, 1], [8, 0]]
+    p_lane = [[0, 1], [0, 2], *lanes2] if blocked else [[0, 2], [0, 4], *lanes2]
     # one chunk's [16, block_m] 32-bit words of int8 activations as stored: 4 contiguous words
     # (16 bytes) a thread and row; as bytes [16, block_m, 4], then [64, block_m]
     q_reg = [[1, 0], [2, 0], [0, 8], *m32]
@@ -188,7 +224,7 @@ def layouts(block_n: int, block_m: int, warps: int, groups: int, chunks: int) ->
         # a step's [block_n, 8 * per_step] words of codes as TMA left them in shared memory,
         # loaded in LP's registers (``_codes_tma`` reshapes / permutes it into LP)
         LT=_linear(
-            [[0, 1], [8, 0]] + [[0, 8 << i] for i in range(_log2(per_step))] + reps2,
+            p_reg + [[0, 8 << i] for i in range(_log2(per_step))] + reps2,
             p_lane,
             warps2,
             [block_n, 8 * per_step],
@@ -246,16 +282,22 @@ if HAVE_GLUON:
     SYM8_HIGH = gl.constexpr(SYM8_HIGH_ASM)
     NF4_EVEN = gl.constexpr(_nf4_asm(False))
     NF4_ODD = gl.constexpr(_nf4_asm(True))
+    FP4_EVEN = gl.constexpr(_fp4_asm(False))
+    FP4_ODD = gl.constexpr(_fp4_asm(True))
 
     @gluon.jit
     def _nibbles(w, LB: gl.constexpr, ENC: gl.constexpr):
         """32-bit words of codes ``w [BLOCK_N, 8]`` as their bytes' low and high nibbles (int8
         ``[BLOCK_N, 8, 4]``), one instruction (two) a word; NF4 (``ENC`` 2): the nibbles'
         levels as int8 (``_nf4_asm``); 8-bit symmetric (``ENC`` 3): the low nibble and the high
-        one less 128, signed (``SYM8_HIGH_ASM``)."""
+        one less 128, signed (``SYM8_HIGH_ASM``); MXFP4 (``ENC`` 4): twice the E2M1 values
+        (``_fp4_asm``)."""
         if ENC == 2:
             lo = _as_bytes(w, LB, NF4_EVEN)
             hi = _as_bytes(w, LB, NF4_ODD)
+        elif ENC == 4:
+            lo = _as_bytes(w, LB, FP4_EVEN)
+            hi = _as_bytes(w, LB, FP4_ODD)
         elif ENC == 3:  # 8-bit symmetric: c & 15 and (c & 0xF0) - 128 a byte
             lo = _as_bytes(w, LB, "and.b32 $0, $1, 0x0F0F0F0F;")
             hi = _as_bytes(w, LB, SYM8_HIGH)
@@ -275,6 +317,28 @@ if HAVE_GLUON:
         hi = hi.reshape([BLOCK_N, 4, 2, 4])
         a = gl.join(lo, hi).permute([0, 4, 2, 1, 3]).reshape([BLOCK_N, 64])
         return gl.convert_layout(a, DOT_A, assert_trivial=True)
+
+    @gluon.jit
+    def _a_blocks(w, BLOCK_N: gl.constexpr, LB: gl.constexpr, DOT_A: gl.constexpr,
+                  ENC: gl.constexpr):  # fmt: skip
+        """One chunk's words ``[BLOCK_N, 8]`` (blocked LP1: quad lane ``a`` holds words ``a``
+        and ``4 + a``) as the A operands ``[BLOCK_N, 32]`` of its two 32-code blocks: word
+        ``4B + a``, byte ``c``, nibble ``h`` -> block ``B``'s column ``16h + 4a + c``."""
+        lo, hi = _nibbles(w, LB, ENC)
+        lo0, lo1 = gl.split(lo.reshape([BLOCK_N, 2, 4, 4]).permute([0, 2, 3, 1]))
+        hi0, hi1 = gl.split(hi.reshape([BLOCK_N, 2, 4, 4]).permute([0, 2, 3, 1]))
+        a0 = gl.join(lo0, hi0).permute([0, 3, 1, 2]).reshape([BLOCK_N, 32])
+        a1 = gl.join(lo1, hi1).permute([0, 3, 1, 2]).reshape([BLOCK_N, 32])
+        return (gl.convert_layout(a0, DOT_A, assert_trivial=True),
+                gl.convert_layout(a1, DOT_A, assert_trivial=True))  # fmt: skip
+
+    @gluon.jit
+    def _b_blocks(w, BLOCK_M: gl.constexpr, LQB: gl.constexpr, DOT_B: gl.constexpr):
+        """``_b_operand`` as the B operands ``[32, BLOCK_M]`` of its two k-steps (the blocks)."""
+        b = _b_operand(w, BLOCK_M, LQB, DOT_B)
+        b0, b1 = gl.split(b.reshape([2, 32, BLOCK_M]).permute([1, 2, 0]))
+        return (gl.convert_layout(b0, DOT_B, assert_trivial=True),
+                gl.convert_layout(b1, DOT_B, assert_trivial=True))  # fmt: skip
 
     @gluon.jit
     def _b_operand(w, BLOCK_M: gl.constexpr, LQB: gl.constexpr, DOT_B: gl.constexpr):
@@ -319,25 +383,53 @@ if HAVE_GLUON:
         return q, st, dd
 
     @gluon.jit
+    def _e8m0(b):
+        """E8M0 scale bytes as fp32 ``2^(b - 127)`` (as ``scales.group_scale``): 0 the
+        subnormal ``2^-127``, 255 NaN."""
+        e = b.to(gl.int32)
+        s = (e << 23).to(gl.float32, bitcast=True)
+        s = gl.where(e == 0, 2.0**-127, s)
+        return gl.where(e == 255, float("nan"), s)
+
+    @gluon.jit
+    def _scaled(acc, i, st, dd, g: gl.constexpr, GROUPS: gl.constexpr, MMA: gl.constexpr,
+                ENC: gl.constexpr):  # fmt: skip
+        """``acc + (s * d) * I``: group ``g`` of the step's int32 sums ``I``, its scales ``s``
+        (MXFP4's E8M0 bytes decoded here) and the activations' factors ``d``."""
+        s = _pick(st, g, GROUPS, gl.SliceLayout(1, MMA))
+        if ENC == 4:
+            s = _e8m0(s)
+        else:
+            s = s.to(gl.float32)
+        d = _pick(dd, g, GROUPS, gl.SliceLayout(0, MMA))
+        return gl.fma(gl.expand_dims(s, 1) * gl.expand_dims(d, 0), i.to(gl.float32), acc)
+
+    @gluon.jit
     def _step(acc, p, q, st, dd, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-              GROUPS: gl.constexpr, CHUNKS: gl.constexpr, MMA: gl.constexpr, DOT_A: gl.constexpr,
+              GROUPS: gl.constexpr, GS: gl.constexpr, MMA: gl.constexpr, DOT_A: gl.constexpr,
               DOT_B: gl.constexpr, LP1: gl.constexpr, LB: gl.constexpr, LQ1: gl.constexpr,
               LQB: gl.constexpr, ENC: gl.constexpr):  # fmt: skip
         """``acc`` plus one K step's scale terms: per group, the int32 sums ``I`` of its chunks'
-        MMAs, then ``(s * d) * I`` (the min terms: ``_min_terms``)."""
-        ROWS: gl.constexpr = gl.SliceLayout(1, MMA)
-        COLS: gl.constexpr = gl.SliceLayout(0, MMA)
-        PER_STEP: gl.constexpr = GROUPS * CHUNKS
-        for gi in gl.static_range(GROUPS):
-            i = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, MMA)
-            for ci in gl.static_range(CHUNKS):
-                c = gi * CHUNKS + ci
-                a_op = _a_operand(_pick(p, c, PER_STEP, LP1), BLOCK_N, LB, DOT_A, ENC)
-                b_op = _b_operand(_pick(q, c, PER_STEP, LQ1), BLOCK_M, LQB, DOT_B)
-                i = mma_v2(a_op, b_op, i)
-            s = _pick(st, gi, GROUPS, ROWS).to(gl.float32)
-            d = _pick(dd, gi, GROUPS, COLS)
-            acc = gl.fma(gl.expand_dims(s, 1) * gl.expand_dims(d, 0), i.to(gl.float32), acc)
+        MMAs, then ``(s * d) * I`` (the min terms: ``_min_terms``). Groups of ``BLOCK_GS``:
+        each chunk's two blocks an MMA k-step each (``_a_blocks``)."""
+        PER_STEP: gl.constexpr = (GROUPS * GS) // 64
+        if GS == 32:
+            for ci in gl.static_range(PER_STEP):
+                a0, a1 = _a_blocks(_pick(p, ci, PER_STEP, LP1), BLOCK_N, LB, DOT_A, ENC)
+                b0, b1 = _b_blocks(_pick(q, ci, PER_STEP, LQ1), BLOCK_M, LQB, DOT_B)
+                zero = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, MMA)
+                acc = _scaled(acc, mma_v2(a0, b0, zero), st, dd, 2 * ci, GROUPS, MMA, ENC)
+                acc = _scaled(acc, mma_v2(a1, b1, zero), st, dd, 2 * ci + 1, GROUPS, MMA, ENC)
+        else:
+            CHUNKS: gl.constexpr = GS // 64
+            for gi in gl.static_range(GROUPS):
+                i = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, MMA)
+                for ci in gl.static_range(CHUNKS):
+                    c = gi * CHUNKS + ci
+                    a_op = _a_operand(_pick(p, c, PER_STEP, LP1), BLOCK_N, LB, DOT_A, ENC)
+                    b_op = _b_operand(_pick(q, c, PER_STEP, LQ1), BLOCK_M, LQB, DOT_B)
+                    i = mma_v2(a_op, b_op, i)
+                acc = _scaled(acc, i, st, dd, gi, GROUPS, MMA, ENC)
         return acc
 
     @gluon.jit
@@ -378,9 +470,12 @@ if HAVE_GLUON:
                         MMA: gl.constexpr):  # fmt: skip
         """``acc`` after the loop, finished per encoding: affine / symmetric 4-bit plus their min
         terms (``_min_terms``); NF4 scaled by ``1 / 127`` (its levels held as ``round(level *
-        127)``); 8-bit symmetric as it is (signed as multiplied, no min terms)."""
+        127)``); MXFP4 halved (its values held doubled); 8-bit symmetric as it is (signed as
+        multiplied, no min terms)."""
         if ENC == 2:
             acc = acc * (1.0 / 127.0)
+        elif ENC == 4:
+            acc = acc * 0.5
         elif ENC < 2:
             acc = _min_terms(acc, scales_ptr, mins_ptr, xs_ptr, rows0, cols0, N, G, MP, g_lo,
                              g_hi, ENC, BLOCK_N, BLOCK_M, MMA)  # fmt: skip
@@ -499,8 +594,7 @@ if HAVE_GLUON:
         ``xq`` / ``xs`` (arguments as ``mma_int8_kernel``'s). A K step is ``GROUPS`` groups;
         two steps' operands are in flight (two buffers, the loop unrolled by two); the min
         terms follow the loop (``_min_terms``); ``KSPEC``: compiled for that K."""
-        CHUNKS: gl.constexpr = GS // 64  # MMA chunks a group
-        PER_STEP: gl.constexpr = GROUPS * CHUNKS
+        PER_STEP: gl.constexpr = (GROUPS * GS) // 64  # 64-code MMA chunks a step
         STEP: gl.constexpr = GS * GROUPS
         if KSPEC > 0:
             # compiled for this K (and 16 padded rows): every row's and group's offset is a
@@ -544,14 +638,14 @@ if HAVE_GLUON:
         qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k1, MP,
                               GS, GROUPS)  # fmt: skip
         for k0 in range(k_lo, k_hi, 2 * STEP):
-            acc = _step(acc, pa, qa, sa, da, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A, DOT_B,
+            acc = _step(acc, pa, qa, sa, da, BLOCK_N, BLOCK_M, GROUPS, GS, MMA, DOT_A, DOT_B,
                         LP1, LB, LQ1, LQB, ENC)  # fmt: skip
             k2 = gl.minimum(k0 + 2 * STEP, k_last)
             pa = _codes(words_ptr, p_off, p_mask, k2)
             qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k2,
                                   MP, GS, GROUPS)  # fmt: skip
             if k0 + STEP < k_hi:  # an odd number of steps: the last iteration has one
-                acc = _step(acc, pb, qb, sb, db, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A,
+                acc = _step(acc, pb, qb, sb, db, BLOCK_N, BLOCK_M, GROUPS, GS, MMA, DOT_A,
                             DOT_B, LP1, LB, LQ1, LQB, ENC)  # fmt: skip
             k3 = gl.minimum(k0 + 3 * STEP, k_last)
             pb = _codes(words_ptr, p_off, p_mask, k3)
@@ -635,8 +729,7 @@ if HAVE_TMA:
         that the fragment loads from it are free of bank conflicts), each refilled as soon as
         its step is read. ``codes_desc``: a TensorDescriptor of the codes as int32 words
         ``[N, K / 8]``, block ``[BLOCK_N, STEP / 8]``, layout ``CODES_SL``."""
-        CHUNKS: gl.constexpr = GS // 64  # MMA chunks a group
-        PER_STEP: gl.constexpr = GROUPS * CHUNKS
+        PER_STEP: gl.constexpr = (GROUPS * GS) // 64  # 64-code MMA chunks a step
         STEP: gl.constexpr = GS * GROUPS
         if KSPEC > 0:
             K = KSPEC
@@ -676,7 +769,7 @@ if HAVE_TMA:
             pa = _codes_tma(ring, bars, i, BLOCK_N, PER_STEP, STAGES, LT, LP)
             _cta_barrier()  # every warp has read the slot: refill it
             _tma_refill(codes_desc, ring, bars, i + STAGES, n_steps, row0, k_lo, STEP, STAGES)
-            acc = _step(acc, pa, qa, sa, da, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A, DOT_B,
+            acc = _step(acc, pa, qa, sa, da, BLOCK_N, BLOCK_M, GROUPS, GS, MMA, DOT_A, DOT_B,
                         LP1, LB, LQ1, LQB, ENC)  # fmt: skip
             k2 = gl.minimum(k0 + 2 * STEP, k_last)
             qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k2,
@@ -686,7 +779,7 @@ if HAVE_TMA:
                 _cta_barrier()
                 _tma_refill(codes_desc, ring, bars, i + 1 + STAGES, n_steps, row0, k_lo, STEP,
                             STAGES)  # fmt: skip
-                acc = _step(acc, pb, qb, sb, db, BLOCK_N, BLOCK_M, GROUPS, CHUNKS, MMA, DOT_A,
+                acc = _step(acc, pb, qb, sb, db, BLOCK_N, BLOCK_M, GROUPS, GS, MMA, DOT_A,
                             DOT_B, LP1, LB, LQ1, LQB, ENC)  # fmt: skip
             k3 = gl.minimum(k0 + 3 * STEP, k_last)
             qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k3,
