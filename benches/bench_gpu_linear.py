@@ -17,7 +17,8 @@ and the old decode-then-``F.linear`` path, on one GPU. Self-contained, no networ
    (codes + scales + mins + x + y bytes) / time / copy bandwidth.
 4. config sweep (bf16, CUDA graph): launch configurations of both kernels per shape and batch,
    the best printed next to the shape-picked default (``kernels/launch.py``).
-5. other encodings (flexgen axis 0, symmetric 4 / 8 bit, NF4, g128) on two shapes.
+5. other encodings (flexgen axis 0, symmetric 4 / 8 bit, NF4, g128, MXFP4, NVFP4) on two
+   shapes.
 6. eager per-call CPU overhead on a small layer: the fused op through the eager fast path,
    through the dispatcher and as a ``QuantizedLinear``, against ``F.linear`` and the old path.
 
@@ -66,6 +67,8 @@ OTHERS = {
     "nf4 g64": ("nf4", 4, 64, 1),
     "symmetric8 g128": ("symmetric", 8, 128, 1),
     "affine4 g128": ("affine", 4, 128, 1),
+    "mxfp4": ("mxfp4", 4, 32, 1),
+    "nvfp4": ("nvfp4", 4, 16, 1),
 }
 FLUSH_BYTES = 256 << 20  # weight copies per timing: enough to overflow the L2 cache
 TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -106,6 +109,11 @@ class Weight:
         self.mins = None
         if name == "affine":
             self.mins = (-s * (1 << (bits - 1))).half()
+        elif name == "mxfp4":  # E8M0 bytes: 2^-9 .. 2^-4
+            self.scales = torch.randint(118, 124, sshape, device=DEV, generator=gen).to(torch.uint8)
+        elif name == "nvfp4":  # E4M3 block scales times an fp32 tensor scale
+            self.scales = (s * 20000).to(torch.float8_e4m3fn)
+            self.mins = torch.tensor([1e-5], device=DEV)
 
     @property
     def args(self) -> tuple:

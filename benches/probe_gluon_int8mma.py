@@ -1,8 +1,9 @@
 """Probe (H200): the encodings only the Gluon W4A8 kernels take (``mma_int8_gluon.py``): NF4
-(``ENC`` 2: codes as their levels in int8 by ``prmt``) and 8-bit symmetric codes (``ENC`` 3:
-read as pairs of nibbles over twice K), route "int8mma", and MXFP4 (``ENC`` 4: blocks of 32,
-each an MMA k-step; through ``mma_linear``), at 5-32 rows, against what they ran there before
-(decode + cuBLAS; MXFP4 ``mma.py``) and against cuBLAS on the bf16 weight; CUDA-graph timed
+(``ENC`` 2: codes as their levels in int8 by ``prmt``), 8-bit symmetric codes (``ENC`` 3:
+read as pairs of nibbles over twice K) and NVFP4 (``ENC`` 5: blocks of 16, two an MMA k-step,
+each its own MMA), route "int8mma", and MXFP4 (``ENC`` 4: blocks of 32, each an MMA k-step;
+through ``mma_linear``), at 5-32 rows, against what they ran there before (decode + cuBLAS;
+MXFP4 ``mma.py``) and against cuBLAS on the bf16 weight; CUDA-graph timed
 over enough weight copies to overflow the L2 cache. ``--ab``: int4 affine g64 on the weights
 under ``INT8_MMA_MIN_ELEMENTS``, the Gluon TMA kernel against ``mma.py`` (their route) at 5-32
 rows, same run.
@@ -42,7 +43,7 @@ RESULTS: dict = {"check": [], "times": []}
 C = L.MmaConfig
 S.ENCODINGS.setdefault("sym8-g128", ("symmetric", 8, 128))
 ARG = sys.argv[sys.argv.index("--encodings") + 1] if "--encodings" in sys.argv else ""
-ENCS = ARG.split(",") if ARG else ["nf4-g64", "sym8-g128", "mxfp4"]
+ENCS = ARG.split(",") if ARG else ["nf4-g64", "sym8-g128", "mxfp4", "nvfp4"]
 #: the 1.1B's joined q/k/v and gate/up beside the issue's shapes under 32M elements
 AB_SHAPES = [(4096, 4096), (11264, 2048), (5632, 2048), (2048, 5632), (2560, 2048), (2048, 2048)]
 
@@ -62,17 +63,20 @@ def run(x, w, stages: int, cfg=None, bias=None):
 def held_weight(w) -> torch.Tensor:
     """The weight the kernel multiplies (float64, decoded here from the codes, not by
     qtensors): NF4 each code's level as ``round(level * 127) / 127``, 8-bit symmetric ``c -
-    128``, MXFP4 its E2M1 value (exact), times its group's scale (E8M0: ``2^(b - 127)``)."""
+    128``, MXFP4 / NVFP4 its E2M1 value (exact), times its group's scale (E8M0: ``2^(b -
+    127)``; NVFP4: the E4M3 value times the tensor scale, rounded to fp32 once)."""
     name, bits, g = w.enc
     b = w.codes.reshape(w.N, w.K * bits // 8).to(torch.int64)
     if name == "mxfp4":
         s = torch.exp2(w.scales.double() - 127)
+    elif name == "nvfp4":
+        s = (w.scales.float() * w.mins.float()).double()
     else:
         s = w.scales.double()
     s = s.reshape(w.N, w.K // g).repeat_interleave(g, 1)
     if bits == 8:
         return (b - 128).double() * s
-    if name == "mxfp4":
+    if name in ("mxfp4", "nvfp4"):
         levels = torch.tensor(E2M1_LEVELS, dtype=torch.float64)
     else:
         levels = torch.tensor([round(v * 127) / 127 for v in NF4_LEVELS], dtype=torch.float64)

@@ -82,6 +82,16 @@ def test_blocked_index_algebra_gives_each_blocks_product(seed):
         a = np.stack([lo[..., blk], hi[..., blk]], -1).transpose(0, 3, 1, 2).reshape(N, 32)
         want = codes[:, 32 * blk : 32 * blk + 32] @ x[:, 32 * blk : 32 * blk + 32].T
         assert np.array_equal(a.astype(np.int64) @ b_blocks[..., blk], want)
+        # blocks of 16 (NVFP4): the activations' stored words 4a + 2B + h kept for a // 2 ==
+        # half only (``_b_blocks``'s HALF) give that 16-code block's product
+        for half in range(2):
+            words = stored.T.reshape(16, 4, M).copy()
+            words[(np.arange(16) >> 3) != half] = 0
+            bh = words.reshape(4, 2, 2, 4, M).transpose(1, 2, 0, 3, 4).reshape(64, M)
+            bh = bh.reshape(2, 32, M).transpose(1, 2, 0)[..., blk]
+            c0 = 32 * blk + 16 * half
+            want = codes[:, c0 : c0 + 16] @ x[:, c0 : c0 + 16].T
+            assert np.array_equal(a.astype(np.int64) @ bh, want)
 
 
 def _interpret(code: str) -> None:
@@ -156,24 +166,25 @@ def test_prepass_fragment_order_under_the_interpreter():
     _interpret(code)
 
 
-def test_prepass_blocked_order_under_the_interpreter():
-    """``quantize_kernel(FRAGMENT=True, BLOCKED=True)`` (groups of 32, two a chunk) stores each
-    chunk at ``fragment_order(blocked=True)``'s slots, with the per-group factors of the plain
-    pre-pass in groups of 32."""
+@pytest.mark.parametrize("gs", [32, 16])
+def test_prepass_blocked_order_under_the_interpreter(gs):
+    """``quantize_kernel(FRAGMENT=True, BLOCKED=True)`` (groups of 32 or 16, two or four a
+    chunk) stores each chunk at ``fragment_order(blocked=True)``'s slots, with the per-group
+    factors of the plain pre-pass in groups of that size."""
     code = textwrap.dedent(
-        """
+        f"""
         import numpy as np, torch
         from qtensors.torch.kernels.mma_int8 import quantize_kernel
         from qtensors.torch.kernels.mma_int8_gluon import fragment_order
         torch.manual_seed(0)
-        M, K, GS, MP = 3, 320, 32, 16
+        M, K, GS, MP = 3, 320, {gs}, 16
         G = K // GS
         x = torch.randn(M, K, dtype=torch.bfloat16) * torch.rand(1, K) * 4
-        out = {}
+        out = {{}}
         for frag in (True, False):
             xq = torch.full((MP, K), 99, dtype=torch.int8)
             xs = torch.full((2, G, MP), 7.0)
-            quantize_kernel[(MP, 2)](x, xq, xs, M, MP, K, G, x.stride(0), GS=GS, GROUPS=8,
+            quantize_kernel[(MP, 3)](x, xq, xs, M, MP, K, G, x.stride(0), GS=GS, GROUPS=8,
                                      FRAGMENT=frag, BLOCKED=frag)
             out[frag] = (xq.numpy().astype(np.int64), xs)
         code, slot = fragment_order(blocked=True)
@@ -199,7 +210,8 @@ def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec, stages=0):
     from triton.runtime.jit import mangle_type
 
     kern = G.mma_int8_gluon_tma_kernel if stages else G.mma_int8_gluon_kernel
-    layouts = dict(G.layouts(block_n, block_m, warps, groups, gs // 64, gs == G.BLOCK_GS))
+    block = gs if gs in G.BLOCK_SIZES else 0
+    layouts = dict(G.layouts(block_n, block_m, warps, groups, gs // 64, block))
     if stages:
         layouts["STAGES"] = stages
     else:
@@ -208,8 +220,9 @@ def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec, stages=0):
         ENC=enc, GS=gs, HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
         GROUPS=groups, KSPEC=kspec, **layouts,
     )  # fmt: skip
-    scales = "*u8" if enc == G.GLUON_ENC["mxfp4"] else "*fp16"
-    ptrs = dict(xq_ptr="*i8", codes_ptr="*u8", scales_ptr=scales, mins_ptr="*fp16",
+    fp4 = enc in (G.GLUON_ENC["mxfp4"], G.GLUON_ENC["nvfp4"])
+    scales, mins = ("*u8", "*fp32") if fp4 else ("*fp16", "*fp16")
+    ptrs = dict(xq_ptr="*i8", codes_ptr="*u8", scales_ptr=scales, mins_ptr=mins,
                 xs_ptr="*fp32", bias_ptr="*bf16", out_ptr="*bf16", ws_ptr="*fp32",
                 lock_ptr="*i32")  # fmt: skip
     if stages:  # the descriptor's type, as Triton names it at a launch
@@ -577,3 +590,48 @@ def test_mxfp4_plan_and_routing(monkeypatch):
     L.mma_linear(torch.zeros(16, 4096, dtype=bf16), codes, e8m0, None, None, 64, 4096,
                  "mxfp4", 32)  # fmt: skip
     assert calls == ["mma.py", "int8"]
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        (64, 16, 2, 8, 16, 5, 1, 4096, 0),  # register kernel, two chunks a step
+        (64, 16, 2, 8, 16, 5, 1, 4096, 3),  # TMA
+        (64, 32, 2, 4, 16, 5, 4, 0, 3),  # 32 rows, one chunk a step, split K
+    ],
+)
+def test_nvfp4_kernels_compile_for_sm90(cfg):
+    """NVFP4 (``ENC`` 5, blocks of 16) through both Gluon kernels: each k-step's two blocks an
+    MMA each, the operands' conversions free (asserted by the compile), no min terms."""
+    block_n, _bm, _w, groups, *_, stages = cfg
+    k = _compile(*cfg)
+    ptx = k.asm["ptx"]
+    assert "prmt.b32" in ptx and "tf32" not in ptx
+    assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in ptx
+    if not stages:
+        assert k.metadata.shared == 0
+    else:
+        ring = stages * block_n * 16 * groups // 2
+        assert ring <= k.metadata.shared <= ring + 1024 + 8 * stages
+
+
+def test_nvfp4_routes_to_the_gluon_kernel():
+    """NVFP4 at 5-32 rows (past 16 only on 16.8M+ weights): route "int8mma", as NF4; the plan
+    takes its blocks of 16 eight a step (128 codes, as the other encodings' default)."""
+    route = L.route.__wrapped__
+    args = (4096, 4096, "nvfp4", 4, 16, 1, True)
+    assert route(5, *args, True, True) == "int8mma"
+    assert route(32, *args, True, True) == "int8mma"
+    assert route(17, 2048, 5632, "nvfp4", 4, 16, 1, True, True, True) == "decode"
+    assert route(16, *args, True, False) == "decode"  # INT8_ACTIVATIONS off
+    assert route(4, *args, True, True) == "tiled"
+    assert L.gluon_only_shape(4096, 4096, "nvfp4", 4, 16, 1) == "nvfp4"
+    assert L.gluon_only_shape(4096, 4096 + 16, "nvfp4", 4, 16, 1) is None  # a partial chunk
+    plan = L._mma_int8_plan.__wrapped__
+    *_, quant, _g, _s, _k, meta, _key = plan(16, 4096, 4096, "nvfp4", 16, False, -1, None, True,
+                                             True, True, 3)  # fmt: skip
+    assert quant[1]["BLOCKED"] and quant[1]["GS"] == 16
+    assert meta["ENC"] == G.GLUON_ENC["nvfp4"] and meta["GROUPS"] == 8
+    codes = torch.zeros(64, 32, dtype=torch.uint8)
+    e4m3 = torch.ones(64, 4, dtype=torch.float8_e4m3fn)
+    assert not L.gluon_applies(codes, e4m3, -1, 16)  # not on the CPU

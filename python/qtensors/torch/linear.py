@@ -562,7 +562,8 @@ def _linear_cuda(p, x, codes, scales, mins, bias, shape, encoding, bits, group_s
         if not L.gluon_applies(p.codes, p.scales, L._device_index(x2.device), rows):
             return _decode_then_linear(p, x, codes, scales, mins, bias, shape, encoding, bits,
                                        group_size, a)  # fmt: skip
-        out = L.gluon_only_linear(x2, p.codes, p.scales, bias, N, K, encoding, bits, group_size)
+        out = L.gluon_only_linear(x2, p.codes, p.scales, p.mins, bias, N, K, encoding, bits,
+                                  group_size)  # fmt: skip
     elif path == "mma":
         out = L.mma_linear(x2, p.codes, p.scales, p.mins, bias, N, K, encoding, group_size)
     elif path == "tiled":

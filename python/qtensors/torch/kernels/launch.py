@@ -426,12 +426,13 @@ def route(
 
 def int8_mma_shape(K: int, encoding: str, g: int, gluon: bool = False) -> bool:
     """Whether ``mma_int8.py`` (``gluon``: ``mma_int8_gluon.py``, which also takes NF4, 8-bit
-    symmetric codes seen as 4-bit pairs, "symmetric8", and MXFP4) takes a weight of 4-bit codes
-    with groups along the input dim: its encoding, groups of at least 64 (one IMMA k-step a
-    nibble half), whole groups a row; MXFP4's blocks of 32 (one k-step each) in whole 64-code
+    symmetric codes seen as 4-bit pairs, "symmetric8", MXFP4 and NVFP4) takes a weight of 4-bit
+    codes with groups along the input dim: its encoding, groups of at least 64 (one IMMA k-step
+    a nibble half), whole groups a row; MXFP4's blocks of 32 and NVFP4's of 16 in whole 64-code
     chunks."""
-    if encoding == "mxfp4":
-        return gluon and g == mma_int8_gluon.BLOCK_GS and K % mma_int8_gluon.CHUNK == 0
+    if encoding in ("mxfp4", "nvfp4"):
+        block = 32 if encoding == "mxfp4" else 16
+        return gluon and g == block and K % mma_int8_gluon.CHUNK == 0
     encodings = mma_int8_gluon.GLUON_ENC if gluon else MMA_INT8_ENC
     return encoding in encodings and g >= MMA_INT8_MIN_GROUP and K % g == 0
 
@@ -444,14 +445,14 @@ GLUON_ONLY_WIDE_M, GLUON_ONLY_WIDE_MIN_ELEMENTS = 16, 1 << 24
 
 def gluon_only_shape(N: int, K: int, encoding: str, bits: int, g: int, axis: int) -> str | None:
     """The encoding ``mma_int8_gluon.py`` runs this weight as, where only it takes the weight
-    among the tensor-core kernels (``route``'s "int8mma"): NF4 (as "nf4"), 8-bit symmetric
-    codes in groups of 32-128 (as "symmetric8": 4-bit pairs over ``2 K``, groups ``2 g``);
-    groups along the input dim, rows of whole 32-bit words. Else None. Whether it runs also
-    depends on the tensors (``gluon_applies``)."""
+    among the tensor-core kernels (``route``'s "int8mma"): NF4 (as "nf4"), NVFP4 ("nvfp4"),
+    8-bit symmetric codes in groups of 32-128 (as "symmetric8": 4-bit pairs over ``2 K``,
+    groups ``2 g``); groups along the input dim, rows of whole 32-bit words. Else None. Whether
+    it runs also depends on the tensors (``gluon_applies``)."""
     if axis not in (1, -1) or K % 8:
         return None
-    if encoding == "nf4" and bits == 4 and int8_mma_shape(K, "nf4", g, True):
-        return "nf4"
+    if encoding in ("nf4", "nvfp4") and bits == 4 and int8_mma_shape(K, encoding, g, True):
+        return encoding
     if encoding == "symmetric" and bits == 8 and g <= 128:
         if int8_mma_shape(2 * K, "symmetric8", 2 * g, True):
             return "symmetric8"
@@ -462,6 +463,7 @@ def gluon_only_linear(
     x2: torch.Tensor,
     codes: torch.Tensor,
     scales: torch.Tensor,
+    mins: torch.Tensor | None,
     bias: torch.Tensor | None,
     N: int,
     K: int,
@@ -470,13 +472,15 @@ def gluon_only_linear(
     group_size: int,
 ) -> torch.Tensor:
     """``x2 @ W^T + bias`` for a weight route's "int8mma" takes (``gluon_only_shape``: NF4,
-    8-bit symmetric; no mins), on ``mma_int8_gluon.py``: 8-bit codes run as 4-bit pairs over
-    twice K, in groups twice as long (the pre-pass reads each activation twice)."""
+    NVFP4, whose ``mins`` is its tensor scale, 8-bit symmetric), on ``mma_int8_gluon.py``:
+    8-bit codes run as 4-bit pairs over twice K, in groups twice as long (the pre-pass reads
+    each activation twice)."""
     enc = gluon_only_shape(N, K, encoding, bits, group_size, 1)
     if enc is None:
         raise ValueError(f"no Gluon-only route for {encoding} {bits}-bit, groups of {group_size}")
     k, g = (2 * K, 2 * group_size) if enc == "symmetric8" else (K, group_size)
-    return mma_int8_linear(x2, codes, scales, None, bias, N, k, enc, g, gluon=True)
+    mins = mins if enc == "nvfp4" else None
+    return mma_int8_linear(x2, codes, scales, mins, bias, N, k, enc, g, gluon=True)
 
 
 def int8_mma_applies(M: int, N: int, K: int, encoding: str, g: int, dtype: torch.dtype) -> bool:
@@ -1329,10 +1333,10 @@ def _mma_int8_plan(
     quant_meta: dict = dict(GS=g, GROUPS=QUANT_GROUPS, FRAGMENT=gluon)
     if encoding == "symmetric8":  # K and g count each activation twice (GLUON_ENC)
         quant_meta.update(DUP=True)
-    blocked = gluon and g == mma_int8_gluon.BLOCK_GS
-    if blocked:  # two groups a chunk; a step of 64 x cfg.groups codes, as for groups of 64
+    blocked = gluon and g in mma_int8_gluon.BLOCK_SIZES
+    if blocked:  # groups under a chunk; a step of 64 x cfg.groups codes, as for groups of 64
         quant_meta.update(BLOCKED=True)
-        groups = min(4, 2 * cfg.groups)
+        groups = min(256, 64 * cfg.groups) // g
         while G % groups:
             groups //= 2
     meta: dict = dict(
@@ -1350,7 +1354,9 @@ def _mma_int8_plan(
         if groups * chunks > 4:
             raise ValueError(f"the Gluon int8 kernel takes groups of up to 256 codes, not {g}")
         layouts = dict(
-            mma_int8_gluon.layouts(cfg.block_n, block_m, cfg.num_warps, groups, chunks, blocked)
+            mma_int8_gluon.layouts(
+                cfg.block_n, block_m, cfg.num_warps, groups, chunks, g if blocked else 0
+            )
         )
         if tma_stages:
             layouts.update(STAGES=tma_stages)
@@ -1414,6 +1420,8 @@ def mma_int8_linear(
     launch(quantize_kernel, qgrid, (x2, xq, xs, M, MP, K, G, x2.stride(0)), qmeta, qkey, cuda_index)
     if codes.dtype != torch.uint8:
         codes = codes.view(torch.uint8)
+    if scales.dtype == torch.float8_e4m3fn:  # NVFP4's, decoded in the kernel from bits
+        scales = scales.view(torch.uint8)
     kernel = mma_int8_gluon.mma_int8_gluon_kernel if gluon else mma_int8_kernel
     if tma_stages:
         kernel = mma_int8_gluon.mma_int8_gluon_tma_kernel
@@ -1433,12 +1441,13 @@ def _gluon_device(cuda_index: int) -> bool:
 def gluon_applies(codes: torch.Tensor, scales: torch.Tensor, cuda_index: int, M: int) -> bool:
     """Whether ``mma_int8_linear`` runs the Gluon kernel by default (``INT8_MMA_GLUON``, Gluon
     importable, the device, up to ``INT8_MMA_GLUON_MAX_M`` rows, codes read as 32-bit words,
-    fp16 / bf16 scales: its min terms take them as tf32, exactly; or MXFP4's E8M0 bytes)."""
+    fp16 / bf16 scales: its min terms take them as tf32, exactly; or the FP4 formats' bytes:
+    MXFP4's E8M0, NVFP4's E4M3)."""
     return (
         INT8_MMA_GLUON
         and mma_int8_gluon.HAVE_GLUON
         and M <= INT8_MMA_GLUON_MAX_M
-        and scales.dtype in (torch.float16, torch.bfloat16, torch.uint8)
+        and scales.dtype in (torch.float16, torch.bfloat16, torch.uint8, torch.float8_e4m3fn)
         and _gluon_device(cuda_index)
         and words_aligned(codes)
     )

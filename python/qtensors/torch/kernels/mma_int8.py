@@ -85,9 +85,10 @@ def quantize_kernel(
     stores it (slot ``s = 16a + 8h + 4b + c`` holds code ``16a + 8b + 2c + h``). ``DUP``: ``K``
     and ``GS`` count each of x's values twice (code ``k`` is ``x[k // 2]``): 8-bit codes read as
     pairs of nibbles, each nibble meeting its byte's activation (``mma_int8_gluon.GLUON_ENC``).
-    ``BLOCKED`` (with ``FRAGMENT``, groups of 32: MXFP4's blocks): each 64-code chunk holds two
-    groups, as ``fragment_order(blocked=True)`` stores them (slot ``16a + 8B + 4h + c`` holds
-    code ``32B + 8a + 2c + h``), so a group's slots are not contiguous."""
+    ``BLOCKED`` (with ``FRAGMENT``, groups of 32 or 16: MXFP4's and NVFP4's blocks): each
+    64-code chunk holds 2 or 4 groups, as ``fragment_order(blocked=True)`` stores them (slot
+    ``16a + 8B + 4h + c`` holds code ``32B + 8a + 2c + h``; group ``B``, or ``2B + a // 2``), so a
+    group's slots are not contiguous."""
     m = tl.program_id(0)
     grp = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     gmask = grp < G
@@ -97,10 +98,15 @@ def quantize_kernel(
     # the code each slot s of the group holds; one gather load (the row is small, read once)
     s = tl.arange(0, GS)
     dst = s[None, :]
-    if FRAGMENT and BLOCKED:  # element s = 8a + 4h + c of block B = grp % 2 of its chunk
+    if FRAGMENT and BLOCKED:
+        # element s = 8a' + 4h + c of group j = grp % (64 / GS) of its chunk: in k-step
+        # B = j // (32 / GS), quad lane a = a' + (j % (32 / GS)) * 2 (groups of 16: the lanes'
+        # halves)
+        j = grp[:, None] % (64 // GS)
+        a = (s[None, :] >> 3) + (j % (32 // GS)) * (GS // 8)
         code = 8 * (s >> 3) + 2 * (s & 3) + ((s >> 2) & 1)
-        slot = 16 * (s >> 3) + 4 * ((s >> 2) & 1) + (s & 3)
-        dst = slot[None, :] - 24 * (grp[:, None] % 2)  # from the group's start: chunk + 8B
+        slot = 16 * a + 8 * (j // (32 // GS)) + 4 * ((s[None, :] >> 2) & 1) + (s[None, :] & 3)
+        dst = slot - GS * j  # from the group's start
     elif FRAGMENT:
         r = s % 64
         code = (s - r) + 16 * (r >> 4) + 8 * ((r >> 2) & 1) + 2 * (r & 3) + ((r >> 3) & 1)

@@ -88,12 +88,15 @@ CHUNK = 64
 #: symmetric codes ``c`` (weight ``s (c - 128)``) read as 4-bit pairs: a byte's low nibble
 #: ``c & 15`` and its high one as ``(c & 0xF0) - 128`` (signed), which add up to ``c - 128``,
 #: each meeting the byte's activation (the pre-pass's ``DUP``: K and the groups doubled), no
-#: min terms; and MXFP4, its E2M1 codes as twice their value (integers: 0, 1, 2, 3, 4, 6, 8,
-#: 12 and their negatives, so exact) by ``prmt`` as NF4's, each 32-code block its own MMA
-#: k-step (``BLOCKED``, below) scaled by its E8M0 scale, the sums halved once at the end
-GLUON_ENC = {"affine": 0, "symmetric": 1, "nf4": 2, "symmetric8": 3, "mxfp4": 4}
-#: the one group size taken in blocks (MXFP4's): groups of 32 codes, each one MMA k-step
-BLOCK_GS = 32
+#: min terms; and MXFP4 / NVFP4, their E2M1 codes as twice their value (integers: 0, 1, 2, 3,
+#: 4, 6, 8, 12 and their negatives, so exact) by ``prmt`` as NF4's, each block's sum apart
+#: (``BLOCK_SIZES``, below) scaled by its E8M0 scale (MXFP4) or its E4M3 scale times the
+#: tensor scale (NVFP4, as the decoder's product), the sums halved once at the end
+GLUON_ENC = {"affine": 0, "symmetric": 1, "nf4": 2, "symmetric8": 3, "mxfp4": 4, "nvfp4": 5}
+#: group sizes under a 64-code chunk, taken in blocks: in the blocked order each MMA k-step
+#: holds one block of 32 (MXFP4), or two blocks of 16 (NVFP4), one on quad lanes 0-1 and one
+#: on 2-3, each summed by its own MMA with the other's activations zeroed
+BLOCK_SIZES = (16, 32)
 
 
 #: an 8-bit symmetric code's high nibble, signed: ``(c & 0xF0) - 128`` a byte (``c ^ 0x80``
@@ -143,9 +146,9 @@ def _fp4_asm(odd: bool) -> str:
 def fragment_order(blocked: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(``code_of_k[k]``, ``slot_of_k[k]``) for one 64-code chunk: the code (0..63, as stored:
     byte ``code // 2``, nibble ``code % 2``) that MMA column ``k`` multiplies, and where the
-    pre-pass stores that column's activation. ``blocked`` (groups of ``BLOCK_GS``): column
+    pre-pass stores that column's activation. ``blocked`` (groups in ``BLOCK_SIZES``): column
     ``k = 32B + 16h + 4a + c`` is code ``32B + 8a + 2c + h``, so each k-step (``B``) holds one
-    32-code block; the slots are the same either way."""
+    32-code block (quad lanes 0-1 its first 16 codes); the slots are the same either way."""
     k = np.arange(CHUNK)
     h, b, a, c = k >> 5, (k >> 4) & 1, (k >> 2) & 3, k & 3
     slot = 16 * a + 8 * h + 4 * b + c
@@ -167,18 +170,19 @@ def _linear(reg, lane, warp, shape):
 
 @functools.lru_cache(maxsize=64)
 def layouts(
-    block_n: int, block_m: int, warps: int, groups: int, chunks: int, blocked: bool = False
+    block_n: int, block_m: int, warps: int, groups: int, chunks: int, block: int = 0
 ) -> dict:
     """The kernel's constexpr layouts for ``block_n`` features (16 a warp, then repeated),
     ``block_m`` rows (16 or 32), ``warps`` warps along the features, ``groups`` groups of
-    ``chunks`` 64-code chunks a K step (``groups * chunks`` 1, 2 or 4); ``blocked``: groups of
-    ``BLOCK_GS`` codes, two a chunk (``chunks`` unused; ``groups`` 2 or 4). Rows and columns
-    as the MMA's (``to_linear_layout`` of its operands: lanes hold rows 1, 2, 4 and a register
-    row 8, warps the next 16s, registers the repeats)."""
+    ``chunks`` 64-code chunks a K step (``groups * chunks`` 1, 2 or 4); ``block``: groups of
+    that many codes in ``BLOCK_SIZES`` (``chunks`` unused), 1, 2 or 4 chunks a step. Rows and
+    columns as the MMA's (``to_linear_layout`` of its operands: lanes hold rows 1, 2, 4 and a
+    register row 8, warps the next 16s, registers the repeats)."""
     reps = block_n // (16 * warps)
-    per_step = groups // 2 if blocked else groups * chunks
-    if blocked and groups not in (2, 4):
-        raise ValueError(f"blocks of {BLOCK_GS} codes go 2 or 4 a step, not {groups}")
+    blocked = block in BLOCK_SIZES
+    per_step = groups * block // CHUNK if blocked else groups * chunks
+    if block and (not blocked or groups * block % CHUNK or groups > 8):
+        raise ValueError(f"groups of {block} codes go {BLOCK_SIZES} in whole chunks, <= 8 a step")
     if reps < 1 or block_m not in (16, 32) or per_step not in (1, 2, 4):
         raise ValueError(
             f"block_n {block_n} < 16 x {warps} warps, block_m {block_m} not 16 / 32, or"
@@ -246,7 +250,7 @@ def layouts(
             with_last(none2, 1),
             [16, block_m, per_step],
         ),
-        # [block_n, groups] scales (or mins): a row's groups contiguous in one thread
+        # [block_n, groups] scales (or mins): a row's groups contiguous in one thread (up to 8)
         LS=_linear(
             [[0, 1 << i] for i in range(_log2(groups))] + [[8, 0]] + reps2,
             [[0, 0], [0, 0], *lanes2],
@@ -290,12 +294,12 @@ if HAVE_GLUON:
         """32-bit words of codes ``w [BLOCK_N, 8]`` as their bytes' low and high nibbles (int8
         ``[BLOCK_N, 8, 4]``), one instruction (two) a word; NF4 (``ENC`` 2): the nibbles'
         levels as int8 (``_nf4_asm``); 8-bit symmetric (``ENC`` 3): the low nibble and the high
-        one less 128, signed (``SYM8_HIGH_ASM``); MXFP4 (``ENC`` 4): twice the E2M1 values
-        (``_fp4_asm``)."""
+        one less 128, signed (``SYM8_HIGH_ASM``); MXFP4 / NVFP4 (``ENC`` 4, 5): twice the E2M1
+        values (``_fp4_asm``)."""
         if ENC == 2:
             lo = _as_bytes(w, LB, NF4_EVEN)
             hi = _as_bytes(w, LB, NF4_ODD)
-        elif ENC == 4:
+        elif ENC >= 4:
             lo = _as_bytes(w, LB, FP4_EVEN)
             hi = _as_bytes(w, LB, FP4_ODD)
         elif ENC == 3:  # 8-bit symmetric: c & 15 and (c & 0xF0) - 128 a byte
@@ -333,8 +337,16 @@ if HAVE_GLUON:
                 gl.convert_layout(a1, DOT_A, assert_trivial=True))  # fmt: skip
 
     @gluon.jit
-    def _b_blocks(w, BLOCK_M: gl.constexpr, LQB: gl.constexpr, DOT_B: gl.constexpr):
-        """``_b_operand`` as the B operands ``[32, BLOCK_M]`` of its two k-steps (the blocks)."""
+    def _b_blocks(w, BLOCK_M: gl.constexpr, LQ1: gl.constexpr, LQB: gl.constexpr,
+                  DOT_B: gl.constexpr, HALF: gl.constexpr):  # fmt: skip
+        """``_b_operand`` as the B operands ``[32, BLOCK_M]`` of its two k-steps (the blocks of
+        32). ``HALF`` 0 / 1: only the activations of each k-step's first / second 16 codes
+        (quad lanes 0-1 / 2-3: stored word ``4a + 2B + h``), the others zero, so that an MMA
+        sums one block of 16; -1: all."""
+        if HALF >= 0:
+            word = gl.arange(0, 16, layout=gl.SliceLayout(1, LQ1))
+            keep = gl.expand_dims((word >> 3) == HALF, 1)
+            w = gl.where(keep, w, gl.zeros_like(w))
         b = _b_operand(w, BLOCK_M, LQB, DOT_B)
         b0, b1 = gl.split(b.reshape([2, 32, BLOCK_M]).permute([1, 2, 0]))
         return (gl.convert_layout(b0, DOT_B, assert_trivial=True),
@@ -358,6 +370,9 @@ if HAVE_GLUON:
         elif N == 2:
             lo, hi = gl.split(t)
             r = lo if i == 0 else hi
+        elif N == 8:  # columns i % 2 == 0 or 1, then as N == 4
+            even, odd = gl.split(t.reshape(t.shape[:-1] + [4, 2]))  # noqa: RUF005
+            r = _pick(even if i % 2 == 0 else odd, i // 2, 4, OUT)
         else:
             # columns 0, 2 and 1, 3 (a list sum: Triton's frontend takes no starred lists)
             even, odd = gl.split(t.reshape(t.shape[:-1] + [2, 2]))  # noqa: RUF005
@@ -392,34 +407,72 @@ if HAVE_GLUON:
         return gl.where(e == 255, float("nan"), s)
 
     @gluon.jit
-    def _scaled(acc, i, st, dd, g: gl.constexpr, GROUPS: gl.constexpr, MMA: gl.constexpr,
+    def _tensor_scale(mins_ptr, ENC: gl.constexpr):
+        """NVFP4's fp32 tensor scale (held where the mins go); 1 for the other encodings."""
+        if ENC == 5:
+            return gl.load(mins_ptr).to(gl.float32)
+        else:
+            return 1.0
+
+    @gluon.jit
+    def _e4m3(b):
+        """FP8 E4M3 bytes as fp32, exact, NaN for 0x7F / 0xFF (as ``scales.e4m3``, which is
+        Triton's, not Gluon's)."""
+        v = b.to(gl.int32)
+        e = (v >> 3) & 15
+        m = v & 7
+        normal = (((e + 120) << 23) | (m << 20)).to(gl.float32, bitcast=True)
+        mag = gl.where(e == 0, m.to(gl.float32) * 2.0**-9, normal)  # subnormals: m * 2^-9
+        mag = gl.where((v & 0x7F) == 0x7F, float("nan"), mag)
+        return gl.where((v & 0x80) != 0, -mag, mag)
+
+    @gluon.jit
+    def _scaled(acc, i, st, dd, ts, g: gl.constexpr, GROUPS: gl.constexpr, MMA: gl.constexpr,
                 ENC: gl.constexpr):  # fmt: skip
         """``acc + (s * d) * I``: group ``g`` of the step's int32 sums ``I``, its scales ``s``
-        (MXFP4's E8M0 bytes decoded here) and the activations' factors ``d``."""
+        (MXFP4's E8M0 bytes decoded here; NVFP4's E4M3 ones times the tensor scale ``ts``, the
+        decoder's one rounding) and the activations' factors ``d``."""
         s = _pick(st, g, GROUPS, gl.SliceLayout(1, MMA))
         if ENC == 4:
             s = _e8m0(s)
+        elif ENC == 5:
+            s = _e4m3(s) * ts
         else:
             s = s.to(gl.float32)
         d = _pick(dd, g, GROUPS, gl.SliceLayout(0, MMA))
         return gl.fma(gl.expand_dims(s, 1) * gl.expand_dims(d, 0), i.to(gl.float32), acc)
 
     @gluon.jit
-    def _step(acc, p, q, st, dd, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+    def _step(acc, p, q, st, dd, ts, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
               GROUPS: gl.constexpr, GS: gl.constexpr, MMA: gl.constexpr, DOT_A: gl.constexpr,
               DOT_B: gl.constexpr, LP1: gl.constexpr, LB: gl.constexpr, LQ1: gl.constexpr,
               LQB: gl.constexpr, ENC: gl.constexpr):  # fmt: skip
         """``acc`` plus one K step's scale terms: per group, the int32 sums ``I`` of its chunks'
-        MMAs, then ``(s * d) * I`` (the min terms: ``_min_terms``). Groups of ``BLOCK_GS``:
-        each chunk's two blocks an MMA k-step each (``_a_blocks``)."""
+        MMAs, then ``(s * d) * I`` (the min terms: ``_min_terms``). Groups of 32: each chunk's
+        two blocks an MMA k-step each (``_a_blocks``); of 16: each k-step's two blocks an MMA
+        each, on the activations of one (``_b_blocks``'s ``HALF``). ``ts``: NVFP4's tensor
+        scale."""
         PER_STEP: gl.constexpr = (GROUPS * GS) // 64
         if GS == 32:
             for ci in gl.static_range(PER_STEP):
                 a0, a1 = _a_blocks(_pick(p, ci, PER_STEP, LP1), BLOCK_N, LB, DOT_A, ENC)
-                b0, b1 = _b_blocks(_pick(q, ci, PER_STEP, LQ1), BLOCK_M, LQB, DOT_B)
+                b0, b1 = _b_blocks(_pick(q, ci, PER_STEP, LQ1), BLOCK_M, LQ1, LQB, DOT_B, -1)
                 zero = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, MMA)
-                acc = _scaled(acc, mma_v2(a0, b0, zero), st, dd, 2 * ci, GROUPS, MMA, ENC)
-                acc = _scaled(acc, mma_v2(a1, b1, zero), st, dd, 2 * ci + 1, GROUPS, MMA, ENC)
+                acc = _scaled(acc, mma_v2(a0, b0, zero), st, dd, ts, 2 * ci, GROUPS, MMA, ENC)
+                acc = _scaled(acc, mma_v2(a1, b1, zero), st, dd, ts, 2 * ci + 1, GROUPS, MMA,
+                              ENC)  # fmt: skip
+        elif GS == 16:
+            for ci in gl.static_range(PER_STEP):
+                a0, a1 = _a_blocks(_pick(p, ci, PER_STEP, LP1), BLOCK_N, LB, DOT_A, ENC)
+                qc = _pick(q, ci, PER_STEP, LQ1)
+                b00, b10 = _b_blocks(qc, BLOCK_M, LQ1, LQB, DOT_B, 0)  # [k-step][half]
+                b01, b11 = _b_blocks(qc, BLOCK_M, LQ1, LQB, DOT_B, 1)
+                zero = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, MMA)
+                g = 4 * ci  # block 2B + half
+                acc = _scaled(acc, mma_v2(a0, b00, zero), st, dd, ts, g, GROUPS, MMA, ENC)
+                acc = _scaled(acc, mma_v2(a0, b01, zero), st, dd, ts, g + 1, GROUPS, MMA, ENC)
+                acc = _scaled(acc, mma_v2(a1, b10, zero), st, dd, ts, g + 2, GROUPS, MMA, ENC)
+                acc = _scaled(acc, mma_v2(a1, b11, zero), st, dd, ts, g + 3, GROUPS, MMA, ENC)
         else:
             CHUNKS: gl.constexpr = GS // 64
             for gi in gl.static_range(GROUPS):
@@ -429,7 +482,7 @@ if HAVE_GLUON:
                     a_op = _a_operand(_pick(p, c, PER_STEP, LP1), BLOCK_N, LB, DOT_A, ENC)
                     b_op = _b_operand(_pick(q, c, PER_STEP, LQ1), BLOCK_M, LQB, DOT_B)
                     i = mma_v2(a_op, b_op, i)
-                acc = _scaled(acc, i, st, dd, gi, GROUPS, MMA, ENC)
+                acc = _scaled(acc, i, st, dd, ts, gi, GROUPS, MMA, ENC)
         return acc
 
     @gluon.jit
@@ -470,11 +523,11 @@ if HAVE_GLUON:
                         MMA: gl.constexpr):  # fmt: skip
         """``acc`` after the loop, finished per encoding: affine / symmetric 4-bit plus their min
         terms (``_min_terms``); NF4 scaled by ``1 / 127`` (its levels held as ``round(level *
-        127)``); MXFP4 halved (its values held doubled); 8-bit symmetric as it is (signed as
-        multiplied, no min terms)."""
+        127)``); MXFP4 / NVFP4 halved (their values held doubled); 8-bit symmetric as it is
+        (signed as multiplied, no min terms)."""
         if ENC == 2:
             acc = acc * (1.0 / 127.0)
-        elif ENC == 4:
+        elif ENC >= 4:
             acc = acc * 0.5
         elif ENC < 2:
             acc = _min_terms(acc, scales_ptr, mins_ptr, xs_ptr, rows0, cols0, N, G, MP, g_lo,
@@ -624,6 +677,7 @@ if HAVE_GLUON:
         )
 
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+        ts = _tensor_scale(mins_ptr, ENC)
         k_lo = pid_k * k_split
         k_hi = gl.minimum(K, k_lo + k_split)
         k_last = k_hi - STEP  # steps past the slice load the last one again (unused)
@@ -638,14 +692,14 @@ if HAVE_GLUON:
         qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k1, MP,
                               GS, GROUPS)  # fmt: skip
         for k0 in range(k_lo, k_hi, 2 * STEP):
-            acc = _step(acc, pa, qa, sa, da, BLOCK_N, BLOCK_M, GROUPS, GS, MMA, DOT_A, DOT_B,
+            acc = _step(acc, pa, qa, sa, da, ts, BLOCK_N, BLOCK_M, GROUPS, GS, MMA, DOT_A, DOT_B,
                         LP1, LB, LQ1, LQB, ENC)  # fmt: skip
             k2 = gl.minimum(k0 + 2 * STEP, k_last)
             pa = _codes(words_ptr, p_off, p_mask, k2)
             qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k2,
                                   MP, GS, GROUPS)  # fmt: skip
             if k0 + STEP < k_hi:  # an odd number of steps: the last iteration has one
-                acc = _step(acc, pb, qb, sb, db, BLOCK_N, BLOCK_M, GROUPS, GS, MMA, DOT_A,
+                acc = _step(acc, pb, qb, sb, db, ts, BLOCK_N, BLOCK_M, GROUPS, GS, MMA, DOT_A,
                             DOT_B, LP1, LB, LQ1, LQB, ENC)  # fmt: skip
             k3 = gl.minimum(k0 + 3 * STEP, k_last)
             pb = _codes(words_ptr, p_off, p_mask, k3)
@@ -759,6 +813,7 @@ if HAVE_TMA:
             _tma_refill(codes_desc, ring, bars, s, n_steps, row0, k_lo, STEP, STAGES)
 
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+        ts = _tensor_scale(mins_ptr, ENC)
         qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k_lo, MP,
                               GS, GROUPS)  # fmt: skip
         k1 = gl.minimum(k_lo + STEP, k_last)
@@ -769,7 +824,7 @@ if HAVE_TMA:
             pa = _codes_tma(ring, bars, i, BLOCK_N, PER_STEP, STAGES, LT, LP)
             _cta_barrier()  # every warp has read the slot: refill it
             _tma_refill(codes_desc, ring, bars, i + STAGES, n_steps, row0, k_lo, STEP, STAGES)
-            acc = _step(acc, pa, qa, sa, da, BLOCK_N, BLOCK_M, GROUPS, GS, MMA, DOT_A, DOT_B,
+            acc = _step(acc, pa, qa, sa, da, ts, BLOCK_N, BLOCK_M, GROUPS, GS, MMA, DOT_A, DOT_B,
                         LP1, LB, LQ1, LQB, ENC)  # fmt: skip
             k2 = gl.minimum(k0 + 2 * STEP, k_last)
             qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k2,
@@ -779,7 +834,7 @@ if HAVE_TMA:
                 _cta_barrier()
                 _tma_refill(codes_desc, ring, bars, i + 1 + STAGES, n_steps, row0, k_lo, STEP,
                             STAGES)  # fmt: skip
-                acc = _step(acc, pb, qb, sb, db, BLOCK_N, BLOCK_M, GROUPS, GS, MMA, DOT_A,
+                acc = _step(acc, pb, qb, sb, db, ts, BLOCK_N, BLOCK_M, GROUPS, GS, MMA, DOT_A,
                             DOT_B, LP1, LB, LQ1, LQB, ENC)  # fmt: skip
             k3 = gl.minimum(k0 + 3 * STEP, k_last)
             qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k3,
