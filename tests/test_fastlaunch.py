@@ -25,6 +25,10 @@ class FakeCompiled:
 class FakeKernel:
     arg_names = ("x", "n", "BLOCK")
 
+    @staticmethod
+    def fn(x, n, BLOCK):  # the jitted function, as JITFunction.fn: its signature
+        pass
+
     def __init__(self):
         self.log = []
 
@@ -79,3 +83,43 @@ def test_hooks_and_unknown_compiled_kernels_take_tritons_path(fast, monkeypatch)
     assert fastlaunch._ENABLED is False
     fastlaunch.launch(k, (1,), (buf, 16), meta, key, 0)
     assert [e[0] for e in k.log] == ["jit"] * 4
+
+
+class DefaultedKernel(FakeKernel):
+    arg_names = ("x", "n", "BLOCK", "FLAG")
+
+    @staticmethod
+    def fn(x, n, BLOCK, FLAG=False):
+        pass
+
+
+def test_a_constexpr_left_to_its_default_keeps_the_fast_path(fast):
+    """A constexpr the caller leaves out of ``meta`` (its default applies, as in Triton's own
+    call) is passed as its default: the launcher is kept and the module stays on. (A KeyError
+    here used to turn the fast path and every replay off for the process.)"""
+    k = DefaultedKernel()
+    buf = torch.zeros(16)
+    meta = {"BLOCK": 32}
+    key = tuple(meta.items())
+    fastlaunch.launch(k, (1,), (buf, 16), meta, key, 0)
+    fastlaunch.launch(k, (1,), (buf, 16), meta, key, 0)
+    assert [e[0] for e in k.log] == ["jit", "direct"] and fastlaunch._ENABLED
+    assert k.log[1][1][-4:] == (buf, 16, 32, False)
+
+
+def test_constexpr_tail_of_the_int8_prepass():
+    """The W4A8 pre-pass's plans leave ``DUP`` / ``BLOCKED`` out where they are off: the tail
+    takes their defaults, in the kernel's order."""
+    from qtensors.torch.kernels import launch as L
+    from qtensors.torch.kernels.mma_int8 import quantize_kernel
+
+    for enc, g in (("affine", 64), ("nf4", 64), ("mxfp4", 32), ("nvfp4", 16)):
+        quant = L._mma_int8_plan.__wrapped__(16, 256, 256, enc, g, False, -1, None, True, True)[1]
+        meta = quant[1]
+        tail = fastlaunch.constexpr_tail(quantize_kernel, meta, 8)
+        names = quantize_kernel.arg_names[8:]
+        assert len(tail) == len(names)
+        want = {"DUP": False, "BLOCKED": False, **meta}
+        assert tail == tuple(want[n] for n in names)
+    with pytest.raises(TypeError, match="GS"):
+        fastlaunch.constexpr_tail(quantize_kernel, {}, 8)

@@ -64,6 +64,10 @@ def test_replay_swaps_in_the_new_x_and_a_fresh_output(fast):
 class FakeKernel:
     arg_names = ("x", "w", "out", "M", "BLOCK")
 
+    @staticmethod
+    def fn(x, w, out, M, BLOCK):  # the jitted function, as JITFunction.fn: its signature
+        pass
+
     def __init__(self, launcher):
         self.launcher = launcher
         self.jit = 0

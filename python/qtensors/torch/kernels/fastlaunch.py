@@ -28,6 +28,7 @@ prefill) come with a new number of rows each time.
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 from typing import Any
@@ -78,9 +79,9 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict, meta_key: tuple, device
         ck = kernel[grid](*args, **meta)
         try:
             ck._init_handles()
-            tail = tuple(meta[n] for n in kernel.arg_names[len(args) :])
+            tail = constexpr_tail(kernel, meta, len(args))
             _LAUNCHERS[key] = (ck.run, ck.function, ck.packed_metadata, tail)
-        except (AttributeError, KeyError, TypeError):
+        except (AttributeError, TypeError):
             _ENABLED = False  # not the CompiledKernel this module knows: Triton's path from now
         return
     run, function, packed, tail = hit
@@ -91,6 +92,23 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict, meta_key: tuple, device
     noted = getattr(_RECORDING, "noted", None)
     if noted is not None:
         noted.append((hit, (grid[0], g1, g2), args, device))
+
+
+def constexpr_tail(kernel, meta: dict, n_args: int) -> tuple:
+    """The values of ``kernel``'s parameters after its ``n_args`` positional ones, as its
+    launcher takes them: ``meta``'s, or the parameter's default where ``meta`` leaves it out (as
+    Triton's own call binds it). A parameter with neither is a caller's bug: TypeError (which
+    leaves this module off, as Triton's own call would fail)."""
+    params = inspect.signature(kernel.fn).parameters
+    tail = []
+    for name in kernel.arg_names[n_args:]:
+        if name in meta:
+            tail.append(meta[name])
+        elif params[name].default is not inspect.Parameter.empty:
+            tail.append(params[name].default)
+        else:
+            raise TypeError(f"{kernel.fn.__name__}: no value for {name}")
+    return tuple(tail)
 
 
 class recording:
