@@ -119,7 +119,7 @@ def section_check(ename: str) -> bool:
                     tag += f" k{cfg.split_k}"
                 RESULTS["check"].append(dict(N=N, K=K, M=M, tag=tag, excess=exc))
                 say(f"  M={M:<3} {tag:<20} excess {exc:+.1e} {'ok' if good else 'FAIL'}")
-        routed = lin.linear(case.x(16).to(S.DT), w0.codes, w0.scales, None, None, [N, K],
+        routed = lin.linear(case.x(16).to(S.DT), w0.codes, w0.scales, w0.mins, None, [N, K],
                             w0.enc[0], w0.enc[1], w0.enc[2], 1)  # fmt: skip
         same = torch.equal(routed, run(case.x(16).to(S.DT), w0, L.GLUON_TMA_STAGES))
         ok &= same

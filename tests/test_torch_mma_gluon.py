@@ -616,13 +616,15 @@ def test_nvfp4_kernels_compile_for_sm90(cfg):
 
 
 def test_nvfp4_routes_to_the_gluon_kernel():
-    """NVFP4 at 5-32 rows (past 16 only on 16.8M+ weights): route "int8mma", as NF4; the plan
-    takes its blocks of 16 eight a step (128 codes, as the other encodings' default)."""
+    """NVFP4 at 5-16 rows on 16.8M+ weights (where it beat decode + cuBLAS): route "int8mma";
+    the plan takes its blocks of 16 eight a step (128 codes, as the other encodings' default)."""
     route = L.route.__wrapped__
     args = (4096, 4096, "nvfp4", 4, 16, 1, True)
     assert route(5, *args, True, True) == "int8mma"
-    assert route(32, *args, True, True) == "int8mma"
-    assert route(17, 2048, 5632, "nvfp4", 4, 16, 1, True, True, True) == "decode"
+    assert route(16, *args, True, True) == "int8mma"
+    assert route(17, *args, True, True) == "decode"
+    assert route(32, 8192, 8192, "nvfp4", 4, 16, 1, True, True, True) == "decode"
+    assert route(16, 2048, 5632, "nvfp4", 4, 16, 1, True, True, True) == "decode"
     assert route(16, *args, True, False) == "decode"  # INT8_ACTIVATIONS off
     assert route(4, *args, True, True) == "tiled"
     assert L.gluon_only_shape(4096, 4096, "nvfp4", 4, 16, 1) == "nvfp4"

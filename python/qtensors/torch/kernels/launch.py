@@ -417,7 +417,9 @@ def route(
     if int8 and half and INT8_MMA_ROWS is not None:
         wide = M <= GLUON_ONLY_WIDE_M or N * K >= GLUON_ONLY_WIDE_MIN_ELEMENTS
         if INT8_MMA_ROWS[0] <= M <= INT8_MMA_GLUON_MAX_M and wide:
-            if gluon_only_shape(N, K, encoding, bits, g, axis) is not None:
+            enc = gluon_only_shape(N, K, encoding, bits, g, axis)
+            nvfp4_ok = M <= NVFP4_GLUON_MAX_M and N * K >= NVFP4_GLUON_MIN_ELEMENTS
+            if enc is not None and (enc != "nvfp4" or nvfp4_ok):
                 return "int8mma"
     if M <= GEMV_MAX_M and supported(shape, encoding, bits, g, axis):
         return "gemv"
@@ -441,6 +443,11 @@ def int8_mma_shape(K: int, encoding: str, g: int, gluon: bool = False) -> bool:
 #: H200, 32 rows, 2048 x 5632 (11.5M): 8-bit 0.84x decode + cuBLAS, NF4 1.06x; 4096^2 (16.8M)
 #: 1.21x / 1.36x (benches/results/gpu_gluon_int8mma_h200.txt)
 GLUON_ONLY_WIDE_M, GLUON_ONLY_WIDE_MIN_ELEMENTS = 16, 1 << 24
+#: NVFP4 takes "int8mma" only up to this many rows, on weights of at least this many elements:
+#: its blocks of 16 cost two MMAs and two scalings a k-step. H200 against decode + cuBLAS
+#: (benches/results/gpu_gluon_nvfp4_h200.txt): 5-16 rows 1.16-1.30x on the 32M+ weights,
+#: 1.01-1.05x on 4096^2, 0.72-0.99x on the 11.5M ones; 32 rows 0.61-0.72x
+NVFP4_GLUON_MAX_M, NVFP4_GLUON_MIN_ELEMENTS = 16, 1 << 24
 
 
 def gluon_only_shape(N: int, K: int, encoding: str, bits: int, g: int, axis: int) -> str | None:
