@@ -6,7 +6,8 @@ through ``mma_linear``), at 5-32 rows, against what they ran there before (decod
 MXFP4 ``mma.py``) and against cuBLAS on the bf16 weight; CUDA-graph timed
 over enough weight copies to overflow the L2 cache. ``--ab``: int4 affine g64 on the weights
 under ``INT8_MMA_MIN_ELEMENTS``, the Gluon TMA kernel against ``mma.py`` (their route) at 5-32
-rows, same run.
+rows, same run. ``--narrow``: 8-row tiles (``launch.GLUON_NARROW_M``) against 16-row ones at 5
+and 8 rows, each checked first, same run.
 
 1. correctness, before any timing: the TMA and the register kernel, rows 5 / 16 / 17 / 32, a
    bias, a forced K-split, 4000 features (a partial tile), each within the rounding bound of
@@ -18,6 +19,7 @@ rows, same run.
    cuBLAS bf16, x decode + cuBLAS.
 
     OUT=DIR python3 benches/probe_gluon_int8mma.py [--encodings nf4-g64,sym8-g128,mxfp4] [--ab]
+        [--narrow]
 """
 
 from __future__ import annotations
@@ -205,14 +207,65 @@ def section_ab(gbps: float) -> bool:
     return ok
 
 
+def with_narrow(rows: int):
+    """The Gluon kernel as ``run`` with tiles of 8 rows up to ``rows`` (0: 16-row tiles)."""
+
+    def fn(x, w, bias=None):
+        old = L.GLUON_NARROW_M
+        L.GLUON_NARROW_M = rows
+        L._mma_int8_plan.cache_clear()
+        try:
+            return run(x, w, L.GLUON_TMA_STAGES, None, bias)
+        finally:
+            L.GLUON_NARROW_M = old
+            L._mma_int8_plan.cache_clear()
+
+    return fn
+
+
+def section_narrow(gbps: float) -> bool:
+    """8-row tiles against 16-row ones at 5 and 8 rows: checked (8-row tiles, with a bias),
+    then timed in turn."""
+    say()
+    say("## 8-row tiles (GLUON_NARROW_M = 8) vs 16-row, bf16, us in a CUDA graph")
+    say(f"{'encoding':<16} {'shape':>11} {'M':>3} | {'cublas':>7} {'m16':>7} {'m8':>7} | "
+        "m16/m8 x cuBLAS check")  # fmt: skip
+    ok = True
+    narrow, wide = with_narrow(8), with_narrow(0)
+    for ename in ["int4-affine-g64", *ENCS]:
+        for N, K in S.SHAPES[:3] + S.SHAPES[4:5]:
+            case = S.Case(ename, N, K)
+            w0 = case.ws[0]
+            held = case.ref_w.double() if w0.enc[0] == "affine" else held_weight(w0)
+            for M in (5, 8):
+                x = case.x(M)
+                b = torch.randn(N, device=x.device, dtype=S.DT)
+                exc = excess(x, held, narrow(x, w0, b), b, w0.enc[2])
+                good = exc <= 0
+                ok &= good
+                cub = case.cublas_us(x)
+                t16 = case.time(wide, M)
+                t8 = case.time(narrow, M)
+                RESULTS["narrow"].append(
+                    dict(enc=ename, N=N, K=K, M=M, cublas=cub, m16=t16, m8=t8, excess=exc)
+                )
+                say(f"{ename:<16} {N:>5}x{K:<5} {M:>3} | {cub:7.1f} {t16:7.1f} {t8:7.1f} | "
+                    f"{t16 / t8:6.2f} {cub / t8:8.2f} {'ok' if good else 'FAIL'}")  # fmt: skip
+            del case
+            torch.cuda.empty_cache()
+    return ok
+
+
 def main() -> int:
     gbps = S.copy_gbps()
     say(f"# probe_gluon_int8mma on {torch.cuda.get_device_name()}; copy {gbps:.0f} GB/s")
     ok = True
-    RESULTS["ab"] = []
+    RESULTS["ab"], RESULTS["narrow"] = [], []
     if "--ab" in sys.argv:
         ok &= section_ab(gbps)
-    for ename in ENCS:
+    if "--narrow" in sys.argv:  # the encodings' own sections run without it
+        ok &= section_narrow(gbps)
+    for ename in [] if "--narrow" in sys.argv else ENCS:
         if section_check(ename):
             section_times(ename, gbps)
         else:

@@ -637,3 +637,38 @@ def test_nvfp4_routes_to_the_gluon_kernel():
     codes = torch.zeros(64, 32, dtype=torch.uint8)
     e4m3 = torch.ones(64, 4, dtype=torch.float8_e4m3fn)
     assert not L.gluon_applies(codes, e4m3, -1, 16)  # not on the CPU
+
+
+# -- 8-row tiles (``launch.GLUON_NARROW_M``) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        (64, 8, 2, 2, 64, 0, 1, 4096, 0),  # affine, register kernel, compiled for K
+        (64, 8, 2, 2, 64, 2, 4, 0, 3),  # NF4, TMA, split K
+        (64, 8, 2, 4, 32, 4, 1, 4096, 3),  # MXFP4
+        (64, 8, 2, 8, 16, 5, 1, 0, 3),  # NVFP4
+    ],
+)
+def test_eight_row_tiles_compile_for_sm90(cfg):
+    """8-row tiles: one MMA n-tile (half the MMAs of a 16-row tile), every conversion free."""
+    k = _compile(*cfg)
+    k16 = _compile(cfg[0], 16, *cfg[2:])
+    mma = "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32"
+    assert 2 * k.asm["ptx"].count(mma) == k16.asm["ptx"].count(mma) > 0
+    if not cfg[-1]:
+        assert k.metadata.shared == 0
+
+
+def test_plan_takes_eight_row_tiles_up_to_narrow_m(monkeypatch):
+    plan = L._mma_int8_plan.__wrapped__
+    for M, want in ((5, 8), (L.GLUON_NARROW_M, 8), (L.GLUON_NARROW_M + 1, 16), (17, 32)):
+        MP, quant, *_, meta, _key = plan(M, 4096, 4096, "affine", 64, False, -1, None, True, True,
+                                         True, 3)  # fmt: skip
+        assert meta["BLOCK_M"] == want and MP == want and quant[0][0] == want
+        assert meta["KSPEC"] == (4096 if want <= 16 else 0)  # one tile of rows: compiled for K
+    monkeypatch.setattr(L, "GLUON_NARROW_M", 0)
+    assert plan(5, 4096, 4096, "affine", 64, False, -1, None, True, True, True, 3)[0] == 16
+    with pytest.raises(ValueError, match="block_m >= 16"):  # the tl.dot kernel: 16 at least
+        plan(5, 4096, 4096, "affine", 64, False, -1, L.MmaConfig(8, 64, 2, 0, 4), True, False)

@@ -1282,6 +1282,12 @@ MMA_INT8_GLUON_DEFAULT = MmaConfig(block_m=0, block_n=64, groups=2, split_k=0, n
 #: gpu_mma_gluon_probe5_h200.txt)
 GLUON_KSPEC = True
 INT8_MMA_GLUON_MAX_M = 32
+#: up to this many rows the Gluon kernels take tiles of 8 rows (one MMA n-tile: half the MMAs
+#: and half the per-group scaling of a 16-row tile, whose rows past M are zeros); 0: never.
+#: H200, TMA kernel at 5 and 8 rows, same run (benches/results/gpu_gluon_narrow_h200.txt):
+#: int4 affine 1.05-1.15x the 16-row tiles on the 32M+ weights (0.99-1.02x on 5632 x 2048),
+#: NF4 1.03-1.08x, MXFP4 1.11-1.17x, NVFP4 1.14-1.33x
+GLUON_NARROW_M = 8
 #: steps of codes the Gluon kernel keeps in flight through the TMA engine (a ring in shared
 #: memory: ``mma_int8_gluon_tma_kernel``) on sm_90+; 0: its register loads (two steps ahead).
 #: H200 (benches/results/gpu_gluon_tma_h200.txt, CUDA graph, pre-pass included, affine g64, the
@@ -1313,15 +1319,16 @@ def _mma_int8_plan(
     bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
     if gluon:
         cfg = config or MMA_INT8_GLUON_DEFAULT
-        block_m = 16 if M <= 16 else 32
+        block_m = 8 if M <= GLUON_NARROW_M else 16 if M <= 16 else 32
     else:
         cfg = config or MMA_INT8_TABLE.get((bucket, N, K)) or MMA_INT8_DEFAULT
         block_m = cfg.block_m or max(16, 1 << (M - 1).bit_length())
     fewest_n = 16 * cfg.num_warps if gluon else 64  # Gluon: 16 features a warp, at least
-    if block_m < 16 or cfg.block_n < fewest_n or cfg.groups not in (1, 2, 4):
+    fewest_m = 8 if gluon else 16  # Gluon: one MMA n-tile, at least
+    if block_m < fewest_m or cfg.block_n < fewest_n or cfg.groups not in (1, 2, 4):
         raise ValueError(
-            f"the int8 mma kernel needs block_m >= 16, block_n >= {fewest_n}, groups 1, 2 or 4:"
-            f" {cfg}"
+            f"the int8 mma kernel needs block_m >= {fewest_m}, block_n >= {fewest_n}, groups 1,"
+            f" 2 or 4: {cfg}"
         )
     if not int8_mma_shape(K, encoding, g, gluon):
         encodings = mma_int8_gluon.GLUON_ENC if gluon else MMA_INT8_ENC
@@ -1369,7 +1376,8 @@ def _mma_int8_plan(
             layouts.update(STAGES=tma_stages)
         else:  # the register kernel takes no ring
             del layouts["LT"], layouts["CODES_SL"]
-        meta.update(GROUPS=groups, KSPEC=K if kspec and n_m * block_m == 16 else 0, **layouts)
+        one_tile = n_m == 1 and block_m <= 16
+        meta.update(GROUPS=groups, KSPEC=K if kspec and one_tile else 0, **layouts)
         step = g * groups
     else:
         meta.update(EMULATE=cuda_index < 0)  # the interpreter runs no inline assembly

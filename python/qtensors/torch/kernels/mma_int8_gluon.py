@@ -173,7 +173,7 @@ def layouts(
     block_n: int, block_m: int, warps: int, groups: int, chunks: int, block: int = 0
 ) -> dict:
     """The kernel's constexpr layouts for ``block_n`` features (16 a warp, then repeated),
-    ``block_m`` rows (16 or 32), ``warps`` warps along the features, ``groups`` groups of
+    ``block_m`` rows (8, 16 or 32), ``warps`` warps along the features, ``groups`` groups of
     ``chunks`` 64-code chunks a K step (``groups * chunks`` 1, 2 or 4); ``block``: groups of
     that many codes in ``BLOCK_SIZES`` (``chunks`` unused), 1, 2 or 4 chunks a step. Rows and
     columns as the MMA's (``to_linear_layout`` of its operands: lanes hold rows 1, 2, 4 and a
@@ -183,15 +183,16 @@ def layouts(
     per_step = groups * block // CHUNK if blocked else groups * chunks
     if block and (not blocked or groups * block % CHUNK or groups > 8):
         raise ValueError(f"groups of {block} codes go {BLOCK_SIZES} in whole chunks, <= 8 a step")
-    if reps < 1 or block_m not in (16, 32) or per_step not in (1, 2, 4):
+    if reps < 1 or block_m not in (8, 16, 32) or per_step not in (1, 2, 4):
         raise ValueError(
-            f"block_n {block_n} < 16 x {warps} warps, block_m {block_m} not 16 / 32, or"
+            f"block_n {block_n} < 16 x {warps} warps, block_m {block_m} not 8 / 16 / 32, or"
             f" {groups} x {chunks} chunks a step not 1, 2 or 4"
         )
     warps2 = [[16 << i, 0] for i in range(_log2(warps))]
     reps2 = [[(16 * warps) << i, 0] for i in range(_log2(reps))]
     lanes2 = [[1, 0], [2, 0], [4, 0]]
     none2 = [[0, 0]] * _log2(warps)
+    m16 = [[0, 8]] if block_m >= 16 else []  # rows 8-15: a second MMA n-tile
     m32 = [[0, 16]] if block_m == 32 else []
 
     def with_last(bases, extra):  # 2-D bases as 3-D ones (0 along the last dim) + ``extra``
@@ -204,7 +205,7 @@ def layouts(
     p_lane = [[0, 1], [0, 2], *lanes2] if blocked else [[0, 2], [0, 4], *lanes2]
     # one chunk's [16, block_m] 32-bit words of int8 activations as stored: 4 contiguous words
     # (16 bytes) a thread and row; as bytes [16, block_m, 4], then [64, block_m]
-    q_reg = [[1, 0], [2, 0], [0, 8], *m32]
+    q_reg = [[1, 0], [2, 0], *m16, *m32]
     q_lane = [[4, 0], [8, 0], [0, 1], [0, 2], [0, 4]]
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8])
     return dict(
@@ -259,7 +260,8 @@ def layouts(
         ),
         # [block_m, groups] the activations' per-group factors, rows as the accumulator's columns
         LD=_linear(
-            [[1, 0], [8, 0]]
+            [[1, 0]]
+            + [[8, 0]] * (block_m >= 16)
             + [[16, 0]] * (block_m == 32)
             + [[0, 1 << i] for i in range(_log2(groups))],
             [[2, 0], [4, 0], [0, 0], [0, 0], [0, 0]],
@@ -650,12 +652,12 @@ if HAVE_GLUON:
         PER_STEP: gl.constexpr = (GROUPS * GS) // 64  # 64-code MMA chunks a step
         STEP: gl.constexpr = GS * GROUPS
         if KSPEC > 0:
-            # compiled for this K (and 16 padded rows): every row's and group's offset is a
+            # compiled for this K (and one tile of rows): every row's and group's offset is a
             # constant, so a step's loads are immediate offsets from one address
             K = KSPEC
             row_bytes = KSPEC // 2
             G = KSPEC // GS
-            MP = 16
+            MP = BLOCK_M
         pid = gl.program_id(0)
         pid_k = gl.program_id(1)
         n_m = gl.cdiv(M, BLOCK_M)
@@ -788,7 +790,7 @@ if HAVE_TMA:
         if KSPEC > 0:
             K = KSPEC
             G = KSPEC // GS
-            MP = 16
+            MP = BLOCK_M
         pid = gl.program_id(0)
         pid_k = gl.program_id(1)
         n_m = gl.cdiv(M, BLOCK_M)
