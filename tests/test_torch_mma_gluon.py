@@ -132,52 +132,20 @@ def test_prepass_reads_each_activation_twice_with_dup():
     _interpret(code)
 
 
-def test_prepass_fragment_order_under_the_interpreter():
+@pytest.mark.parametrize(
+    ("gs", "K", "blocked"), [(128, 384, False), (32, 320, True), (16, 320, True)]
+)
+def test_prepass_fragment_order_under_the_interpreter(gs, K, blocked):
     """``quantize_kernel(FRAGMENT=True)`` stores each chunk's int8 activations at
-    ``fragment_order``'s slots, with the same per-group factors as the halves order."""
-    code = textwrap.dedent(
-        """
-        import numpy as np, torch
-        from qtensors.torch.kernels.mma_int8 import quantize_kernel
-        from qtensors.torch.kernels.mma_int8_gluon import fragment_order
-        torch.manual_seed(0)
-        M, K, GS, MP = 3, 384, 128, 16
-        G = K // GS
-        x = torch.randn(M, K, dtype=torch.bfloat16)
-        out = {}
-        for frag in (True, False):
-            xq = torch.full((MP, K), 99, dtype=torch.int8)
-            xs = torch.full((2, G, MP), 7.0)
-            quantize_kernel[(MP, 1)](x, xq, xs, M, MP, K, G, x.stride(0), GS=GS, GROUPS=8,
-                                     FRAGMENT=frag)
-            out[frag] = (xq.numpy().astype(np.int64), xs)
-        code, slot = fragment_order()
-        nat = np.empty((MP, K), np.int64)  # the halves order back in code order
-        halves = out[False][0].reshape(MP, G, 2, GS // 2)
-        nat.reshape(MP, G, GS // 2, 2)[..., 0] = halves[:, :, 0]
-        nat.reshape(MP, G, GS // 2, 2)[..., 1] = halves[:, :, 1]
-        frag = out[True][0].reshape(MP, K // 64, 64)
-        assert (frag[:, :, slot] == nat.reshape(MP, K // 64, 64)[:, :, code]).all()
-        assert (nat[M:] == 0).all() and nat[:M].any()
-        assert torch.equal(out[True][1], out[False][1])
-        print("ok")
-        """
-    )
-    _interpret(code)
-
-
-@pytest.mark.parametrize("gs", [32, 16])
-def test_prepass_blocked_order_under_the_interpreter(gs):
-    """``quantize_kernel(FRAGMENT=True, BLOCKED=True)`` (groups of 32 or 16, two or four a
-    chunk) stores each chunk at ``fragment_order(blocked=True)``'s slots, with the per-group
-    factors of the plain pre-pass in groups of that size."""
+    ``fragment_order``'s slots, with the same per-group factors as the halves order; with
+    ``BLOCKED`` (groups of 32 or 16, two or four a chunk) at ``fragment_order(blocked=True)``'s."""
     code = textwrap.dedent(
         f"""
         import numpy as np, torch
         from qtensors.torch.kernels.mma_int8 import quantize_kernel
         from qtensors.torch.kernels.mma_int8_gluon import fragment_order
         torch.manual_seed(0)
-        M, K, GS, MP = 3, 320, {gs}, 16
+        M, K, GS, MP, BLOCKED = 3, {K}, {gs}, 16, {blocked}
         G = K // GS
         x = torch.randn(M, K, dtype=torch.bfloat16) * torch.rand(1, K) * 4
         out = {{}}
@@ -185,9 +153,9 @@ def test_prepass_blocked_order_under_the_interpreter(gs):
             xq = torch.full((MP, K), 99, dtype=torch.int8)
             xs = torch.full((2, G, MP), 7.0)
             quantize_kernel[(MP, 3)](x, xq, xs, M, MP, K, G, x.stride(0), GS=GS, GROUPS=8,
-                                     FRAGMENT=frag, BLOCKED=frag)
+                                     FRAGMENT=frag, BLOCKED=frag and BLOCKED)
             out[frag] = (xq.numpy().astype(np.int64), xs)
-        code, slot = fragment_order(blocked=True)
+        code, slot = fragment_order(blocked=BLOCKED)
         nat = np.empty((MP, K), np.int64)  # the halves order back in code order
         halves = out[False][0].reshape(MP, G, 2, GS // 2)
         nat.reshape(MP, G, GS // 2, 2)[..., 0] = halves[:, :, 0]
