@@ -364,14 +364,21 @@ def _run_ptx(asm: str, word: int) -> int:
     return regs["$0"]
 
 
-def test_nf4_asm_gives_each_codes_int8_level():
-    """Every word of 8 NF4 codes (random words and each code in each position): the even and
-    the odd codes' levels as int8, ``round(level * 127)``, one byte each in code order: the
-    bytes the affine path's nibble masks put in the same places."""
-    from qtensors.torch._layout import NF4_LEVELS
+@pytest.mark.parametrize("enc", ["nf4", "fp4"])
+def test_lookup_asm_gives_each_codes_int8_level(enc):
+    """Every word of 8 4-bit codes (random words and each code in each position): the even and
+    the odd codes' levels as int8, one byte each in code order: the bytes the affine path's
+    nibble masks put in the same places. NF4: ``round(level * 127)``; FP4 (MXFP4 / NVFP4):
+    twice the E2M1 value, exact."""
+    from qtensors.torch._layout import E2M1_LEVELS, NF4_LEVELS
 
-    levels = [round(v * 127) for v in NF4_LEVELS]
-    even_asm, odd_asm = G._nf4_asm(False), G._nf4_asm(True)
+    if enc == "nf4":
+        levels, asm_of = [round(v * 127) for v in NF4_LEVELS], G._nf4_asm
+    else:
+        levels, asm_of = [int(2 * v) for v in E2M1_LEVELS], G._fp4_asm
+        assert levels[:8] == [0, 1, 2, 3, 4, 6, 8, 12]
+        assert levels[9:] == [-v for v in levels[1:8]]
+    even_asm, odd_asm = asm_of(False), asm_of(True)
     rng = np.random.default_rng(0)
     words = [int(w) for w in rng.integers(0, 2**32, 200, dtype=np.uint64)]
     words += [c << (4 * i) for c in range(16) for i in range(8)]
@@ -471,41 +478,25 @@ def test_nf4_routes_to_the_gluon_kernel_where_it_applies(monkeypatch):
     torch.testing.assert_close(got8, lin.linear_dequantize(x, *a8))
 
 
-# -- MXFP4 (``ENC`` 4): blocks of 32, twice the E2M1 values as int8 -------------------------
-
-
-def test_fp4_asm_gives_twice_each_codes_value():
-    """Every word of 8 E2M1 codes (each code in each position, and random words): the even
-    and the odd codes as int8 ``2 * value``, exact, in the places the nibble masks use."""
-    from qtensors.torch._layout import E2M1_LEVELS
-
-    levels = [int(2 * v) for v in E2M1_LEVELS]
-    assert levels[:8] == [0, 1, 2, 3, 4, 6, 8, 12] and levels[9:] == [-v for v in levels[1:8]]
-    even_asm, odd_asm = G._fp4_asm(False), G._fp4_asm(True)
-    rng = np.random.default_rng(1)
-    words = [int(w) for w in rng.integers(0, 2**32, 200, dtype=np.uint64)]
-    words += [c << (4 * i) for c in range(16) for i in range(8)]
-    for w in words:
-        codes = [(w >> (4 * i)) & 0xF for i in range(8)]
-        for asm, picked in ((even_asm, codes[0::2]), (odd_asm, codes[1::2])):
-            got = _run_ptx(asm, w)
-            got_levels = [int(np.int8(np.uint8((got >> (8 * i)) & 0xFF))) for i in range(4)]
-            assert got_levels == [levels[c] for c in picked], (hex(w), got_levels)
+# -- MXFP4 / NVFP4 (``ENC`` 4 / 5): blocks of 32 / 16, twice the E2M1 values as int8 -----------
 
 
 @pytest.mark.parametrize(
     "cfg",
     [
-        (64, 16, 2, 4, 32, 4, 1, 4096, 0),  # register kernel, two chunks a step
+        (64, 16, 2, 4, 32, 4, 1, 4096, 0),  # MXFP4, register kernel, two chunks a step
         (64, 16, 2, 4, 32, 4, 1, 4096, 3),  # TMA
         (64, 32, 2, 2, 32, 4, 4, 0, 3),  # 32 rows, one chunk a step, split K
+        (64, 16, 2, 8, 16, 5, 1, 4096, 0),  # NVFP4 (ENC 5, blocks of 16), register kernel
+        (64, 16, 2, 8, 16, 5, 1, 4096, 3),
+        (64, 32, 2, 4, 16, 5, 4, 0, 3),
     ],
 )
-def test_mxfp4_kernels_compile_for_sm90(cfg):
-    """MXFP4 through both Gluon kernels: the blocks' operands split from the chunk's without
-    data movement (asserted by the compile), the values by ``prmt``, one int8 MMA k-step a
-    block, no min terms; the register kernel without shared memory."""
-    block_n, _bm, _w, groups, *_, stages = cfg
+def test_fp4_kernels_compile_for_sm90(cfg):
+    """MXFP4 / NVFP4 through both Gluon kernels: the blocks' operands split from the chunk's
+    without data movement (asserted by the compile), the values by ``prmt``, an int8 MMA a
+    block (NVFP4: two a k-step), no min terms; the register kernel without shared memory."""
+    block_n, _bm, _w, groups, gs, *_, stages = cfg
     k = _compile(*cfg)
     ptx = k.asm["ptx"]
     assert "prmt.b32" in ptx and "tf32" not in ptx
@@ -513,7 +504,7 @@ def test_mxfp4_kernels_compile_for_sm90(cfg):
     if not stages:
         assert k.metadata.shared == 0
     else:
-        ring = stages * block_n * 32 * groups // 2
+        ring = stages * block_n * gs * groups // 2
         assert ring <= k.metadata.shared <= ring + 1024 + 8 * stages
 
 
@@ -558,29 +549,6 @@ def test_mxfp4_plan_and_routing(monkeypatch):
     L.mma_linear(torch.zeros(16, 4096, dtype=bf16), codes, e8m0, None, None, 64, 4096,
                  "mxfp4", 32)  # fmt: skip
     assert calls == ["mma.py", "int8"]
-
-
-@pytest.mark.parametrize(
-    "cfg",
-    [
-        (64, 16, 2, 8, 16, 5, 1, 4096, 0),  # register kernel, two chunks a step
-        (64, 16, 2, 8, 16, 5, 1, 4096, 3),  # TMA
-        (64, 32, 2, 4, 16, 5, 4, 0, 3),  # 32 rows, one chunk a step, split K
-    ],
-)
-def test_nvfp4_kernels_compile_for_sm90(cfg):
-    """NVFP4 (``ENC`` 5, blocks of 16) through both Gluon kernels: each k-step's two blocks an
-    MMA each, the operands' conversions free (asserted by the compile), no min terms."""
-    block_n, _bm, _w, groups, *_, stages = cfg
-    k = _compile(*cfg)
-    ptx = k.asm["ptx"]
-    assert "prmt.b32" in ptx and "tf32" not in ptx
-    assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in ptx
-    if not stages:
-        assert k.metadata.shared == 0
-    else:
-        ring = stages * block_n * 16 * groups // 2
-        assert ring <= k.metadata.shared <= ring + 1024 + 8 * stages
 
 
 def test_nvfp4_routes_to_the_gluon_kernel():
