@@ -6,7 +6,7 @@ through ``mma_linear``), at 5-32 rows, against what they ran there before (decod
 MXFP4 ``mma.py``) and against cuBLAS on the bf16 weight; CUDA-graph timed
 over enough weight copies to overflow the L2 cache. ``--ab``: int4 affine g64 on the weights
 under ``INT8_MMA_MIN_ELEMENTS``, the Gluon TMA kernel against ``mma.py`` (their route) at 5-32
-rows, same run. ``--narrow``: 8-row tiles (``launch.GLUON_NARROW_M``) against 16-row ones at 5
+rows, same run. ``--narrow``: 8-row tiles (``launch.GLUON_TILE8_MAX_M``) against 16-row ones at 5
 and 8 rows, each checked first, same run.
 
 1. correctness, before any timing: the TMA and the register kernel, rows 5 / 16 / 17 / 32, a
@@ -211,13 +211,13 @@ def with_narrow(rows: int):
     """The Gluon kernel as ``run`` with tiles of 8 rows up to ``rows`` (0: 16-row tiles)."""
 
     def fn(x, w, bias=None):
-        old = L.GLUON_NARROW_M
-        L.GLUON_NARROW_M = rows
+        old = L.GLUON_TILE8_MAX_M
+        L.GLUON_TILE8_MAX_M = rows
         L._mma_int8_plan.cache_clear()
         try:
             return run(x, w, L.GLUON_TMA_STAGES, None, bias)
         finally:
-            L.GLUON_NARROW_M = old
+            L.GLUON_TILE8_MAX_M = old
             L._mma_int8_plan.cache_clear()
 
     return fn
@@ -227,7 +227,7 @@ def section_narrow(gbps: float) -> bool:
     """8-row tiles against 16-row ones at 5 and 8 rows: checked (8-row tiles, with a bias),
     then timed in turn."""
     say()
-    say("## 8-row tiles (GLUON_NARROW_M = 8) vs 16-row, bf16, us in a CUDA graph")
+    say("## 8-row tiles (GLUON_TILE8_MAX_M = 8) vs 16-row, bf16, us in a CUDA graph")
     say(f"{'encoding':<16} {'shape':>11} {'M':>3} | {'cublas':>7} {'m16':>7} {'m8':>7} | "
         "m16/m8 x cuBLAS check")  # fmt: skip
     ok = True

@@ -575,7 +575,7 @@ def test_nvfp4_routes_to_the_gluon_kernel():
     assert not L.gluon_applies(codes, e4m3, -1, 16)  # not on the CPU
 
 
-# -- 8-row tiles (``launch.GLUON_NARROW_M``) ---------------------------------------------------
+# -- 8-row tiles (``launch.GLUON_TILE8_MAX_M``) ---------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -599,12 +599,12 @@ def test_eight_row_tiles_compile_for_sm90(cfg):
 
 def test_plan_takes_eight_row_tiles_up_to_narrow_m(monkeypatch):
     plan = L._mma_int8_plan.__wrapped__
-    for M, want in ((5, 8), (L.GLUON_NARROW_M, 8), (L.GLUON_NARROW_M + 1, 16), (17, 32)):
+    for M, want in ((5, 8), (L.GLUON_TILE8_MAX_M, 8), (L.GLUON_TILE8_MAX_M + 1, 16), (17, 32)):
         MP, quant, *_, meta, _key = plan(M, 4096, 4096, "affine", 64, False, -1, None, True, True,
                                          True, 3)  # fmt: skip
         assert meta["BLOCK_M"] == want and MP == want and quant[0][0] == want
         assert meta["KSPEC"] == (4096 if want <= 16 else 0)  # one tile of rows: compiled for K
-    monkeypatch.setattr(L, "GLUON_NARROW_M", 0)
+    monkeypatch.setattr(L, "GLUON_TILE8_MAX_M", 0)
     assert plan(5, 4096, 4096, "affine", 64, False, -1, None, True, True, True, 3)[0] == 16
     with pytest.raises(ValueError, match="block_m >= 16"):  # the tl.dot kernel: 16 at least
         plan(5, 4096, 4096, "affine", 64, False, -1, L.MmaConfig(8, 64, 2, 0, 4), True, False)

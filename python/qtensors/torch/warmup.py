@@ -8,7 +8,7 @@ Triton's in-process cache (and its on-disk cache, which makes a later process's 
 
 * ``QuantizedLinear``: 1, 2 and ``FMA_MAX_M`` rows (the CUDA-core kernels' specialisations),
   ``FMA_MAX_M + 1`` rows where the ``tl.dot`` kernel runs (``TILED_MAX_M > FMA_MAX_M``),
-  ``TILED_MAX_M + 1`` rows, ``GLUON_NARROW_M + 1``, 17 and 33 rows (the tensor-core kernels'
+  ``TILED_MAX_M + 1`` rows, ``GLUON_TILE8_MAX_M + 1``, 17 and 33 rows (the tensor-core kernels'
   8-, 16-, 32- and 64-row tiles, fp16 / bf16 activations: a batch's decoding, a short prompt's
   prefill) and ``MMA_MAX_M + 1`` rows (decode the
   weight, then cuBLAS: longer prefills), in the layer's dtype (``kernels/launch.py`` routes by
@@ -36,16 +36,16 @@ from .modules import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from .siblings import group_of
 
 try:
-    from .kernels.launch import FMA_MAX_M, GLUON_NARROW_M, MMA_MAX_M, TILED_MAX_M
+    from .kernels.launch import FMA_MAX_M, GLUON_TILE8_MAX_M, MMA_MAX_M, TILED_MAX_M
 except Exception:  # no Triton: the CUDA path decodes, nothing to compile
-    FMA_MAX_M, TILED_MAX_M, MMA_MAX_M, GLUON_NARROW_M = 4, 4, 0, 0
+    FMA_MAX_M, TILED_MAX_M, MMA_MAX_M, GLUON_TILE8_MAX_M = 4, 4, 0, 0
 
 
 def default_rows() -> tuple[int, ...]:
     """The batch sizes that reach each kernel specialisation (see the module's docstring)."""
     rows = {1, 2, FMA_MAX_M, TILED_MAX_M + 1, MMA_MAX_M + 1}
-    # the Gluon kernels' 8-row tiles end at GLUON_NARROW_M: past it, their 16-row ones
-    rows |= {m for m in (GLUON_NARROW_M + 1, 17, 33) if m <= MMA_MAX_M}
+    # the Gluon kernels' 8-row tiles end at GLUON_TILE8_MAX_M: past it, their 16-row ones
+    rows |= {m for m in (GLUON_TILE8_MAX_M + 1, 17, 33) if m <= MMA_MAX_M}
     if TILED_MAX_M > FMA_MAX_M:
         rows.add(FMA_MAX_M + 1)
     return tuple(sorted(rows))

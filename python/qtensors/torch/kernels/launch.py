@@ -432,8 +432,8 @@ def int8_mma_shape(K: int, encoding: str, g: int, gluon: bool = False) -> bool:
     codes with groups along the input dim: its encoding, groups of at least 64 (one IMMA k-step
     a nibble half), whole groups a row; MXFP4's blocks of 32 and NVFP4's of 16 in whole 64-code
     chunks."""
-    if encoding in ("mxfp4", "nvfp4"):
-        block = 32 if encoding == "mxfp4" else 16
+    block = mma_int8_gluon.FP4_BLOCKS.get(encoding)
+    if block is not None:
         return gluon and g == block and K % mma_int8_gluon.CHUNK == 0
     encodings = mma_int8_gluon.GLUON_ENC if gluon else MMA_INT8_ENC
     return encoding in encodings and g >= MMA_INT8_MIN_GROUP and K % g == 0
@@ -1287,7 +1287,7 @@ INT8_MMA_GLUON_MAX_M = 32
 #: H200, TMA kernel at 5 and 8 rows, same run (benches/results/gpu_gluon_narrow_h200.txt):
 #: int4 affine 1.05-1.15x the 16-row tiles on the 32M+ weights (0.99-1.02x on 5632 x 2048),
 #: NF4 1.03-1.08x, MXFP4 1.11-1.17x, NVFP4 1.14-1.33x
-GLUON_NARROW_M = 8
+GLUON_TILE8_MAX_M = 8
 #: steps of codes the Gluon kernel keeps in flight through the TMA engine (a ring in shared
 #: memory: ``mma_int8_gluon_tma_kernel``) on sm_90+; 0: its register loads (two steps ahead).
 #: H200 (benches/results/gpu_gluon_tma_h200.txt, CUDA graph, pre-pass included, affine g64, the
@@ -1319,7 +1319,7 @@ def _mma_int8_plan(
     bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
     if gluon:
         cfg = config or MMA_INT8_GLUON_DEFAULT
-        block_m = 8 if M <= GLUON_NARROW_M else 16 if M <= 16 else 32
+        block_m = 8 if M <= GLUON_TILE8_MAX_M else 16 if M <= 16 else 32
     else:
         cfg = config or MMA_INT8_TABLE.get((bucket, N, K)) or MMA_INT8_DEFAULT
         block_m = cfg.block_m or max(16, 1 << (M - 1).bit_length())

@@ -96,7 +96,8 @@ GLUON_ENC = {"affine": 0, "symmetric": 1, "nf4": 2, "symmetric8": 3, "mxfp4": 4,
 #: group sizes under a 64-code chunk, taken in blocks: in the blocked order each MMA k-step
 #: holds one block of 32 (MXFP4), or two blocks of 16 (NVFP4), one on quad lanes 0-1 and one
 #: on 2-3, each summed by its own MMA with the other's activations zeroed
-BLOCK_SIZES = (16, 32)
+FP4_BLOCKS = {"mxfp4": 32, "nvfp4": 16}
+BLOCK_SIZES = tuple(sorted(FP4_BLOCKS.values()))
 
 
 #: an 8-bit symmetric code's high nibble, signed: ``(c & 0xF0) - 128`` a byte (``c ^ 0x80``
