@@ -123,3 +123,22 @@ def test_constexpr_tail_of_the_int8_prepass():
         assert tail == tuple(want[n] for n in names)
     with pytest.raises(TypeError, match="GS"):
         fastlaunch.constexpr_tail(quantize_kernel, {}, 8)
+
+
+def test_a_kernel_whose_parameters_cannot_be_read_keeps_only_itself_off(fast):
+    """A kernel whose signature does not name a parameter ``meta`` leaves out takes Triton's
+    path on every call; the module stays on for the others."""
+
+    class Opaque(DefaultedKernel):  # FLAG: not in meta, and no default to read
+        @staticmethod
+        def fn(*args, **kwargs):
+            pass
+
+    k, ok = Opaque(), FakeKernel()
+    buf = torch.zeros(16)
+    meta = {"BLOCK": 32}
+    key = tuple(meta.items())
+    for kern in (k, k, ok, ok):
+        fastlaunch.launch(kern, (1,), (buf, 16), meta, key, 0)
+    assert [e[0] for e in k.log] == ["jit", "jit"]
+    assert [e[0] for e in ok.log] == ["jit", "direct"] and fastlaunch._ENABLED

@@ -79,10 +79,14 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict, meta_key: tuple, device
         ck = kernel[grid](*args, **meta)
         try:
             ck._init_handles()
-            tail = constexpr_tail(kernel, meta, len(args))
-            _LAUNCHERS[key] = (ck.run, ck.function, ck.packed_metadata, tail)
+            compiled = (ck.run, ck.function, ck.packed_metadata)
         except (AttributeError, TypeError):
             _ENABLED = False  # not the CompiledKernel this module knows: Triton's path from now
+            return
+        try:
+            _LAUNCHERS[key] = (*compiled, constexpr_tail(kernel, meta, len(args)))
+        except (AttributeError, KeyError, TypeError, ValueError):
+            pass  # its parameters unreadable: this kernel alone keeps Triton's path
         return
     run, function, packed, tail = hit
     g1 = grid[1] if len(grid) > 1 else 1
@@ -97,9 +101,13 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict, meta_key: tuple, device
 def constexpr_tail(kernel, meta: dict, n_args: int) -> tuple:
     """The values of ``kernel``'s parameters after its ``n_args`` positional ones, as its
     launcher takes them: ``meta``'s, or the parameter's default where ``meta`` leaves it out (as
-    Triton's own call binds it). A parameter with neither is a caller's bug: TypeError (which
-    leaves this module off, as Triton's own call would fail)."""
-    params = inspect.signature(kernel.fn).parameters
+    Triton's own call binds it). A parameter with neither: TypeError (Triton's own call would
+    have failed first). ``kernel.fn`` is the Python function (unwrapped, should a wrapper such
+    as an autotuner hold the JIT function there)."""
+    fn = kernel.fn
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    params = inspect.signature(fn).parameters
     tail = []
     for name in kernel.arg_names[n_args:]:
         if name in meta:
@@ -107,7 +115,7 @@ def constexpr_tail(kernel, meta: dict, n_args: int) -> tuple:
         elif params[name].default is not inspect.Parameter.empty:
             tail.append(params[name].default)
         else:
-            raise TypeError(f"{kernel.fn.__name__}: no value for {name}")
+            raise TypeError(f"{fn.__name__}: no value for {name}")
     return tuple(tail)
 
 
