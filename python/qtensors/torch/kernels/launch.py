@@ -411,12 +411,11 @@ def route(
         ):
             return "tiled"
         return "decode"
-    # NF4 and 8-bit codes past the int8 kernel's rows: the Gluon W4A8 kernel, where its rows
+    # NF4, NVFP4 and 8-bit codes past the int8 kernel's rows: the Gluon W4A8 kernel, where its rows
     # and the tensors allow (``linear`` checks ``gluon_applies``), else decode + cuBLAS (mma.py
     # takes neither)
     if int8 and half and INT8_MMA_ROWS is not None:
-        wide = M <= GLUON_ONLY_WIDE_M or N * K >= GLUON_ONLY_WIDE_MIN_ELEMENTS
-        if INT8_MMA_ROWS[0] <= M <= INT8_MMA_GLUON_MAX_M and wide:
+        if INT8_MMA_ROWS[0] <= M <= INT8_MMA_GLUON_MAX_M and gluon_rows_pay(M, N, K):
             enc = gluon_only_shape(N, K, encoding, bits, g, axis)
             nvfp4_ok = M <= NVFP4_GLUON_MAX_M and N * K >= NVFP4_GLUON_MIN_ELEMENTS
             if enc is not None and (enc != "nvfp4" or nvfp4_ok):
@@ -443,6 +442,15 @@ def int8_mma_shape(K: int, encoding: str, g: int, gluon: bool = False) -> bool:
 #: H200, 32 rows, 2048 x 5632 (11.5M): 8-bit 0.84x decode + cuBLAS, NF4 1.06x; 4096^2 (16.8M)
 #: 1.21x / 1.36x (benches/results/gpu_gluon_int8mma_h200.txt)
 GLUON_ONLY_WIDE_M, GLUON_ONLY_WIDE_MIN_ELEMENTS = 16, 1 << 24
+
+
+def gluon_rows_pay(M: int, N: int, K: int) -> bool:
+    """Whether ``M`` rows of an ``[N, K]`` weight pay for the Gluon kernel among the encodings
+    only it takes on the int8 tensor cores (NF4, 8-bit, MXFP4, NVFP4): up to
+    ``GLUON_ONLY_WIDE_M`` rows, or weights of ``GLUON_ONLY_WIDE_MIN_ELEMENTS``."""
+    return M <= GLUON_ONLY_WIDE_M or N * K >= GLUON_ONLY_WIDE_MIN_ELEMENTS
+
+
 #: NVFP4 takes "int8mma" only up to this many rows, on weights of at least this many elements:
 #: its blocks of 16 cost two MMAs and two scalings a k-step. H200 against decode + cuBLAS
 #: (benches/results/gpu_gluon_nvfp4_h200.txt): 5-16 rows 1.16-1.30x on the 32M+ weights,
@@ -505,7 +513,7 @@ def int8_mma_applies(M: int, N: int, K: int, encoding: str, g: int, dtype: torch
     if encoding == "mxfp4":
         return (
             rows[0] <= M <= min(rows[1], INT8_MMA_GLUON_MAX_M)
-            and (M <= GLUON_ONLY_WIDE_M or N * K >= GLUON_ONLY_WIDE_MIN_ELEMENTS)
+            and gluon_rows_pay(M, N, K)
             and int8_mma_shape(K, encoding, g, gluon=True)
         )
     narrow = (
