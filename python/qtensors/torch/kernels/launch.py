@@ -487,14 +487,13 @@ def gluon_only_linear(
     group_size: int,
 ) -> torch.Tensor:
     """``x2 @ W^T + bias`` for a weight route's "int8mma" takes (``gluon_only_shape``: NF4,
-    NVFP4, whose ``mins`` is its tensor scale, 8-bit symmetric), on ``mma_int8_gluon.py``:
+    8-bit symmetric, no mins; NVFP4, whose ``mins`` is its tensor scale), on ``mma_int8_gluon.py``:
     8-bit codes run as 4-bit pairs over twice K, in groups twice as long (the pre-pass reads
     each activation twice)."""
     enc = gluon_only_shape(N, K, encoding, bits, group_size, 1)
     if enc is None:
         raise ValueError(f"no Gluon-only route for {encoding} {bits}-bit, groups of {group_size}")
     k, g = (2 * K, 2 * group_size) if enc == "symmetric8" else (K, group_size)
-    mins = mins if enc == "nvfp4" else None
     return mma_int8_linear(x2, codes, scales, mins, bias, N, k, enc, g, gluon=True)
 
 
