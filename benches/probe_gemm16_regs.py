@@ -1,0 +1,127 @@
+"""Probe (H200): ``kernels/gemm16_regs_gluon.py`` (the weight decoded in registers into the
+``wgmma``'s left operand, the activations its right one) for a prompt's worth of rows, against
+cuBLAS on the bf16 weight, decode + cuBLAS (the route past 64 rows) and ``gemm16_gluon.py``
+(the weight decoded into shared memory, opt-in), per shape, row count and configuration.
+
+    OUT=DIR python3 benches/probe_gemm16_regs.py [--rows 128,256] [--shapes 8192x8192,...]
+        [--encodings int4-affine-g64,...] [--configs f128s4k0,...] [--repeat 4]
+
+Checks first, for each configuration: against decode + ``F.linear`` in fp32 (relative error <
+2e-2, reported), and bit for bit against the same configuration with no product in flight
+(``pending`` 0: the same sums in the same order), ``--repeat`` times each: a product reading
+registers the next step's decode had overwritten would differ. Times: us per call inside a CUDA
+graph over enough weight copies to overflow L2 (``bench_gpu_gemv_sweep.Case``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
+sys.path.insert(0, HERE)
+
+import bench_gpu_gemv_sweep as S  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from _common import Report  # noqa: E402
+
+from qtensors.torch.kernels import launch as L  # noqa: E402
+from qtensors.torch.linear import linear_dequantize  # noqa: E402
+
+REPORT = Report()
+say = REPORT.say
+R = L.Gemm16RegsConfig
+
+
+def _arg(flag: str, default: str) -> str:
+    return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else default
+
+
+def parse(spec: str) -> L.Gemm16RegsConfig:
+    """``f128s4k0``: 128 features a program, 4 stages, split K 0 (auto)."""
+    f, rest = spec[1:].split("s")
+    s, k = rest.split("k")
+    return R(block_f=int(f), stages=int(s), split_k=int(k))
+
+
+def regs(cfg):
+    def run(x, w: S.Weight):
+        name, _, g = w.enc
+        return L.gemm16_regs_linear(x, w.codes, w.scales, w.mins, None, w.N, w.K, name, g, cfg)
+
+    return run
+
+
+def gemm16(x, w: S.Weight):
+    name, _, g = w.enc
+    cfg = L.gemm16_config(x.shape[0], w.N, w.K)
+    return L.gemm16_linear(x, w.codes, w.scales, w.mins, None, w.N, w.K, name, g, cfg)
+
+
+def decode_cublas(x, w: S.Weight):
+    return linear_dequantize(x, *w.args[:3], None, *w.args[3:])
+
+
+def main() -> None:
+    rows = [int(r) for r in _arg("--rows", "128,200,256").split(",")]
+    shapes = [(8192, 8192), (14336, 4096), (4096, 14336), (4096, 4096), (11264, 2048)]
+    if "--shapes" in sys.argv:
+        shapes = [tuple(int(d) for d in s.split("x")) for s in _arg("--shapes", "").split(",")]
+    encs = _arg("--encodings", "int4-affine-g64").split(",")
+    specs = _arg("--configs", "f128s4k0,f128s4k1,f64s3k0,f128s3k0").split(",")
+    repeat = int(_arg("--repeat", "4"))
+    say(f"# gemm16_regs probe, {torch.cuda.get_device_name()}, torch {torch.__version__},"
+        f" {S.DT}; us per call in a CUDA graph; x: cuBLAS's time / ours")  # fmt: skip
+    t0 = time.perf_counter()
+    for ename in encs:
+        for N, K in shapes:
+            case = S.Case(ename, N, K)
+            for M in rows:
+                x = case.x(M)
+                ref = F.linear(x.float(), case.ref_w)
+                fns = {"decode+cuBLAS": decode_cublas, "gemm16": gemm16}
+                for spec in specs:
+                    cfg = parse(spec)
+                    fn = regs(cfg)
+                    try:
+                        got = fn(x, case.ws[0])
+                        err = S.rel_err(got, ref)
+                        check = regs(R(cfg.block_f, cfg.stages, cfg.split_k, pending=0))
+                        same = all(
+                            torch.equal(check(x, case.ws[0]), got)
+                            and torch.equal(fn(x, case.ws[0]), got)
+                            for _ in range(repeat)
+                        )
+                    except Exception as exc:  # a configuration the shape cannot take
+                        say(f"  {ename} {N}x{K} M{M} {spec}: {type(exc).__name__}: {exc}"[:300])
+                        continue
+                    verdict = "ok" if err < S.TOL and same else "WRONG"
+                    say(f"  {ename} {N}x{K} M{M} {spec}: rel err {err:.2e}, same bits as"
+                        f" pending 0 x{repeat}: {same} -> {verdict}")  # fmt: skip
+                    if verdict == "ok":
+                        fns[spec] = fn
+                ok = {}
+                for name, fn in fns.items():
+                    if name in specs:
+                        ok[name] = fn
+                        continue
+                    try:
+                        if S.rel_err(fn(x, case.ws[0]), ref) < S.TOL:
+                            ok[name] = fn
+                    except Exception as exc:
+                        say(f"  {name}: {type(exc).__name__}: {exc}"[:200])
+                cub = case.cublas_us(x)
+                times = {name: case.time(fn, M) for name, fn in ok.items()}
+                cells = " | ".join(f"{k} {v:.1f} ({cub / v:.2f}x)" for k, v in times.items())
+                say(f"{ename:16} {N:>5}x{K:<5} M{M:<4} cuBLAS {cub:7.1f} | {cells}")
+                torch.cuda.empty_cache()
+            del case
+    say(f"# {time.perf_counter() - t0:.0f} s")
+    REPORT.write("probe_gemm16_regs", {})
+
+
+if __name__ == "__main__":
+    main()

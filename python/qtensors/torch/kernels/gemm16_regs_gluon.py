@@ -1,0 +1,256 @@
+"""``gemm16_regs_kernel`` (Gluon, sm_90+): ``y = x @ W^T + b`` for a prompt's worth of rows of
+``x`` (65-256), int4 affine / symmetric codes in groups of 64+ along the input dim, the weight
+decoded in registers straight into the ``wgmma``'s left operand.
+
+Why not ``gemm16_gluon.py`` (the weight decoded into shared memory, the activations the
+``wgmma``'s left operand): there the product's N dim is the weight's features, 64-128 a tile,
+so every column tile re-reads all the activations from L2 and each ``wgmma`` reads its
+activations' operand from shared memory for a narrow product (without any decode its pipeline
+ran 68 us against cuBLAS's 49 on 8192^2 at 256 rows). Here the roles swap, as CUTLASS's
+mixed-input Hopper GEMMs have them: the weight is the left operand (M: 64 features a
+warpgroup), from registers, so no decoded tile goes through shared memory and no fence waits
+for one; the activations are the right operand (N: up to 256 rows, the widest ``wgmma``), by
+TMA into a ring of ``STAGES`` steps.
+
+A step is 64 codes of K. The left operand's register layout gives quad lane ``a`` columns
+``16 j + 8 p + 2 a + e`` (``j`` < 4, ``p``, ``e`` < 2); those are byte ``a`` of the row's
+32-bit word ``2 j + p``, nibble ``e``: so each thread loads its two rows' 8 words of the step
+(two 16-byte loads a row, the four lanes of a quad the same ones) and takes byte ``a`` of each,
+and the activations keep their order (no pre-pass). Values as the dequantize kernel makes them:
+fp32 ``c * s + min`` (one FMA) or ``(c - 8) * s``, rounded to the activations' dtype.
+
+Each warpgroup issues its step's product asynchronously and waits for the one before, so the
+next step's decode overlaps a product in flight; that product's registers are kept alive by the
+wait (``deps``), so the decode writes other ones. Each step's codes, scales and mins come by
+TMA on the activations' barrier, ``STAGES`` steps ahead.
+"""
+
+from __future__ import annotations
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401 (launch)
+
+    from .mma_int8_gluon import _store
+
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    # a CTA-wide barrier: ``barrier`` from Triton 3.7, ``thread_barrier`` before
+    _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+    HAVE_GEMM16_REGS = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    HAVE_GEMM16_REGS = False
+
+#: encoding ids (as ``gemm16_gluon.GEMM16_ENC``)
+GEMM16_REGS_ENC = {"affine": 0, "symmetric": 1}
+
+
+def _linear(reg, lane, warp, shape):
+    return gl.DistributedLinearLayout(
+        reg_bases=reg, lane_bases=lane, warp_bases=warp, block_bases=[], shape=shape
+    )
+
+
+def layouts(block_f: int, block_t: int) -> dict:
+    """Constexpr layouts for ``block_f`` features (64 a warpgroup: 4 warps of 16) and
+    ``block_t`` rows of x (8-256, a power of two): the accumulator ``[block_f, block_t]``, the
+    left operand ``[block_f, 64]`` (``wgmma``'s register layout for 16-bit values), the codes'
+    values ``[block_f, 8 words, 4 bytes, 2 nibbles]`` laid out so that their reshape to
+    ``[block_f, 64]`` is that operand's layout, and the activations' shared ring."""
+    if block_f % 64 or block_f > 256 or block_t < 8 or block_t > 256 or block_t & (block_t - 1):
+        raise ValueError(f"gemm16_regs: no layout for {block_f} features x {block_t} rows")
+    warps = block_f // 16
+    acc = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, block_t, 16]
+    )
+    warp_rows = [[16 << i, 0, 0, 0] for i in range(warps.bit_length() - 1)]
+    lane_rows = [[1, 0], [2, 0], [4, 0]]
+    return dict(
+        ACC=acc,
+        DOT_A=gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2),
+        # registers: nibble, row + 8, the 8 words; lanes: the byte (quad lane), rows 1, 2, 4
+        L4=_linear(
+            [[0, 0, 0, 1], [8, 0, 0, 0], [0, 1, 0, 0], [0, 2, 0, 0], [0, 4, 0, 0]],
+            [[0, 0, 1, 0], [0, 0, 2, 0], [1, 0, 0, 0], [2, 0, 0, 0], [4, 0, 0, 0]],
+            warp_rows,
+            [block_f, 8, 4, 2],
+        ),
+        # the codes' words ``[block_f, 8]`` as loaded: a row's 8 in consecutive registers (two
+        # 16-byte loads), then rows + 8; the four lanes of a quad load the same words
+        LWV=_linear(
+            [[0, 1], [0, 2], [0, 4], [8, 0]],
+            [[0, 0], [0, 0], *lane_rows],
+            [r[:2] for r in warp_rows],
+            [block_f, 8],
+        ),
+        # a row's scale (or min) of a step: column 0 of the TMA tile of 8 groups, rows as LWV's
+        LSV=_linear(
+            [[8, 0]], [[0, 0], [0, 0], *lane_rows], [r[:2] for r in warp_rows], [block_f, 1]
+        ),
+        X_SL=gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
+        C_SL=gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=32, rank=2),
+        S_SL=gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2),
+        num_warps=warps,
+    )
+
+
+if HAVE_GEMM16_REGS:
+
+    @gluon.jit
+    def _step_parts(cs, ss, ms, slot, LWV: gl.constexpr, LW: gl.constexpr,
+                    LSV: gl.constexpr, ENC: gl.constexpr):  # fmt: skip
+        """A ring slot's codes (``[BLOCK_F, 8]`` words, loaded in LWV, returned in ``LW``: the
+        same lanes, registers renamed) and fp32 scales and mins (affine; else the scales
+        again), each row's as ``LW``'s rows."""
+        BLOCK_F: gl.constexpr = cs.shape[1]
+        LR: gl.constexpr = gl.SliceLayout(1, LW)
+        words = gl.convert_layout(cs.index(slot).load(LWV), LW)
+        s = ss.index(slot).slice(0, 1, dim=1).load(LSV).reshape([BLOCK_F]).to(gl.float32)
+        s = gl.convert_layout(s, LR)
+        if ENC == 0:
+            m = ms.index(slot).slice(0, 1, dim=1).load(LSV).reshape([BLOCK_F]).to(gl.float32)
+            m = gl.convert_layout(m, LR)
+        else:
+            m = s
+        return words, s, m
+
+    @gluon.jit
+    def _decode(words, s, m, dt: gl.constexpr, ENC: gl.constexpr, L4: gl.constexpr,
+                DOT_A: gl.constexpr):  # fmt: skip
+        """A step's words ``[BLOCK_F, 8]`` as the left operand ``[BLOCK_F, 64]`` in ``dt``: this
+        lane's byte of each word, both nibbles, made a float from their bits (``2^23 + c`` less
+        ``2^23``: exact, no conversion instruction), then ``c * s + min`` or ``(c - 8) * s``."""
+        BLOCK_F: gl.constexpr = words.shape[0]
+        # [1, 1, 4, 1] bytes and [1, 1, 1, 2] nibbles of L4, each from a 1-D slice of it
+        byte = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(3, L4))))
+        byte = gl.expand_dims(gl.expand_dims(gl.expand_dims(byte, 0), 0), 3)
+        nib = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, L4))))
+        nib = gl.expand_dims(gl.expand_dims(gl.expand_dims(nib, 0), 0), 0)
+        shift = (byte * 8 + nib * 4).to(gl.uint32)
+        u = gl.expand_dims(gl.expand_dims(words.to(gl.uint32, bitcast=True), 2), 3)
+        c = (u >> shift) & 15
+        cf = (c | 0x4B000000).to(gl.float32, bitcast=True) - 8388608.0
+        s4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(s, 1), 2), 3)
+        if ENC == 0:
+            m4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(m, 1), 2), 3)
+            v = cf * s4 + m4
+        else:
+            v = (cf - 8.0) * s4
+        a = v.to(dt).reshape([BLOCK_F, 64])
+        return gl.convert_layout(a, DOT_A, assert_trivial=True)
+
+    @gluon.jit
+    def _refill(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, i, n_steps, t0, f0, s0,
+                GS: gl.constexpr, ENC: gl.constexpr):  # fmt: skip
+        """Start copying step ``i``'s activations, codes and (8 groups from its own) scales and
+        mins (if the slice has the step) into its ring slot, on one barrier."""
+        STAGES: gl.constexpr = xs.shape[0]
+        slot = i % STAGES
+        pred = i < n_steps
+        SB: gl.constexpr = s_desc.block_type.nbytes * (2 if ENC == 0 else 1)
+        NB: gl.constexpr = x_desc.block_type.nbytes + c_desc.block_type.nbytes + SB
+        bar = bars.index(slot)
+        mbarrier.expect(bar, NB, pred=pred)
+        k = s0 + i
+        _tma_load(x_desc, [t0, k * 64], bar, xs.index(slot), pred=pred)
+        _tma_load(c_desc, [f0, k * 8], bar, cs.index(slot), pred=pred)
+        _tma_load(s_desc, [f0, (k * 64) // GS], bar, ss.index(slot), pred=pred)
+        if ENC == 0:
+            _tma_load(m_desc, [f0, (k * 64) // GS], bar, ms.index(slot), pred=pred)
+
+    @gluon.jit(do_not_specialize=["M"])
+    def gemm16_regs_kernel(
+        x_desc,
+        c_desc,
+        s_desc,
+        m_desc,
+        bias_ptr,
+        out_ptr,
+        ws_ptr,
+        lock_ptr,
+        M,
+        N,
+        K,
+        stride_om,
+        k_steps,
+        ENC: gl.constexpr,
+        GS: gl.constexpr,
+        HAS_BIAS: gl.constexpr,
+        BLOCK_F: gl.constexpr,
+        BLOCK_T: gl.constexpr,
+        SPLIT_K: gl.constexpr,
+        STAGES: gl.constexpr,
+        ACC: gl.constexpr,
+        DOT_A: gl.constexpr,
+        L4: gl.constexpr,
+        LWV: gl.constexpr,
+        LSV: gl.constexpr,
+        X_SL: gl.constexpr,
+        C_SL: gl.constexpr,
+        S_SL: gl.constexpr,
+        PENDING: gl.constexpr = 1,
+    ):
+        """TMA descriptors: ``x_desc`` the activations ``[M, K]`` (block ``[BLOCK_T, 64]``,
+        ``X_SL``), ``c_desc`` the codes as int32 words ``[N, K / 8]`` (block ``[BLOCK_F, 8]``,
+        ``C_SL``), ``s_desc`` / ``m_desc`` the scales / mins ``[N, G]`` (block ``[BLOCK_F,
+        8]``, ``S_SL``; affine only: ``m_desc`` is ``s_desc`` otherwise);
+        ``ws_ptr`` / ``lock_ptr``: the split-K workspace ``[SPLIT_K, M, N]`` and counters
+        (unused with ``SPLIT_K`` = 1); grid axis 1 the K slices of ``k_steps`` steps each (at
+        least one). K and the group size multiples of 64."""
+        dt: gl.constexpr = x_desc.block_type.element_ty
+        pid = gl.program_id(0)
+        n_t = gl.cdiv(M, BLOCK_T)
+        pid_t = pid % n_t
+        pid_f = pid // n_t
+        t0 = pid_t * BLOCK_T
+        pid_k = gl.program_id(1)
+        s0 = pid_k * k_steps
+        n_steps = gl.minimum(K // 64 - s0, k_steps)
+
+        f0 = pid_f * BLOCK_F
+        xs = gl.allocate_shared_memory(dt, [STAGES, BLOCK_T, 64], X_SL)
+        st_dt: gl.constexpr = s_desc.block_type.element_ty
+        cs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_F, 8], C_SL)
+        ss = gl.allocate_shared_memory(st_dt, [STAGES, BLOCK_F, 8], S_SL)
+        ms = gl.allocate_shared_memory(st_dt, [STAGES, BLOCK_F, 8], S_SL)  # (affine)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for st in gl.static_range(STAGES):
+            mbarrier.init(bars.index(st), count=1)
+        fence_async_shared()
+        for st in gl.static_range(STAGES):
+            _refill(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, st, n_steps, t0, f0,
+                    s0, GS, ENC)  # fmt: skip
+        LW: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, L4))
+
+        # step 0, peeled: no path may zero the accumulator between products in flight
+        mbarrier.wait(bars.index(0), 0)
+        w, s, m = _step_parts(cs, ss, ms, 0, LWV, LW, LSV, ENC)
+        a = _decode(w, s, m, dt, ENC, L4, DOT_A)
+        acc = gl.zeros([BLOCK_F, BLOCK_T], gl.float32, ACC)
+        acc = warpgroup_mma(a, xs.index(0).permute([1, 0]), acc, is_async=True)
+        acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=[acc, a])  # (waits for none)
+        for i in range(1, n_steps):
+            slot = i % STAGES
+            mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
+            w, s, m = _step_parts(cs, ss, ms, slot, LWV, LW, LSV, ENC)
+            a = _decode(w, s, m, dt, ENC, L4, DOT_A)
+            acc = warpgroup_mma(a, xs.index(slot).permute([1, 0]), acc, is_async=True)
+            # the product before is done (its operand's registers kept till here); with
+            # PENDING 0 this one too (a check: the same sums in the same order, none in flight)
+            acc, a_prev = warpgroup_mma_wait(num_outstanding=PENDING, deps=[acc, a_prev])
+            a_prev = a
+            _cta_barrier()  # every warpgroup's product i - 1 is done: refill its slot
+            _refill(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, i - 1 + STAGES,
+                    n_steps, t0, f0, s0, GS, ENC)  # fmt: skip
+        acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=[acc, a_prev])
+        for st in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(st))
+        _store(acc, pid, pid_k, pid_f, pid_t, M, N, out_ptr, stride_om, bias_ptr, ws_ptr,
+               lock_ptr, HAS_BIAS, SPLIT_K, BLOCK_F, BLOCK_T, ACC)  # fmt: skip
