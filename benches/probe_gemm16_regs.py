@@ -4,7 +4,7 @@ cuBLAS on the bf16 weight, decode + cuBLAS (the route past 64 rows) and ``gemm16
 (the weight decoded into shared memory, opt-in), per shape, row count and configuration.
 
     OUT=DIR python3 benches/probe_gemm16_regs.py [--rows 128,256] [--shapes 8192x8192,...]
-        [--encodings int4-affine-g64,...] [--configs f128s4k0,...] [--repeat 4]
+        [--encodings int4-affine-g64,...] [--configs f128s4,...] [--repeat 4]
 
 Checks first, for each configuration: against decode + ``F.linear`` in fp32 (relative error <
 2e-2, reported), and bit for bit against the same configuration with no product in flight
@@ -41,10 +41,9 @@ def _arg(flag: str, default: str) -> str:
 
 
 def parse(spec: str) -> L.Gemm16RegsConfig:
-    """``f128s4k0``: 128 features a program, 4 stages, split K 0 (auto)."""
-    f, rest = spec[1:].split("s")
-    s, k = rest.split("k")
-    return R(block_f=int(f), stages=int(s), split_k=int(k))
+    """``f128s4``: 128 features a program, 4 stages."""
+    f, s = spec[1:].split("s")
+    return R(block_f=int(f), stages=int(s))
 
 
 def regs(cfg):
@@ -71,7 +70,7 @@ def main() -> None:
     if "--shapes" in sys.argv:
         shapes = [tuple(int(d) for d in s.split("x")) for s in _arg("--shapes", "").split(",")]
     encs = _arg("--encodings", "int4-affine-g64").split(",")
-    specs = _arg("--configs", "f128s4k0,f128s4k1,f64s3k0,f128s3k0").split(",")
+    specs = _arg("--configs", "f128s4,f128s3,f64s3,f64s4").split(",")
     repeat = int(_arg("--repeat", "4"))
     say(f"# gemm16_regs probe, {torch.cuda.get_device_name()}, torch {torch.__version__},"
         f" {S.DT}; us per call in a CUDA graph; x: cuBLAS's time / ours")  # fmt: skip
@@ -89,7 +88,7 @@ def main() -> None:
                     try:
                         got = fn(x, case.ws[0])
                         err = S.rel_err(got, ref)
-                        check = regs(R(cfg.block_f, cfg.stages, cfg.split_k, pending=0))
+                        check = regs(R(cfg.block_f, cfg.stages, pending=0))
                         same = all(
                             torch.equal(check(x, case.ws[0]), got)
                             and torch.equal(fn(x, case.ws[0]), got)

@@ -29,7 +29,7 @@ def _compile(M: int, cfg: L.Gemm16RegsConfig, enc: str = "affine", gs: int = 64)
     from triton.runtime.jit import mangle_type
 
     N, K = 4096, 4096
-    _, meta, _, _, _ = L._gemm16_regs_plan(M, N, K, enc, gs, True, cfg, 132)
+    _, meta, _ = L._gemm16_regs_plan(M, N, K, enc, gs, True, cfg)
     options = {"num_warps": meta.pop("num_warps")}
     x = torch.zeros(M, K, dtype=torch.bfloat16)
     words = torch.zeros(N, K // 8, dtype=torch.int32)
@@ -66,9 +66,9 @@ def _sass(kernel) -> str:
 @pytest.mark.parametrize(
     "M, cfg",
     [
-        (256, L.Gemm16RegsConfig(128, 4, 1)),
-        (200, L.Gemm16RegsConfig(64, 3, 1)),
-        (100, L.Gemm16RegsConfig(128, 4, 1)),
+        (256, L.Gemm16RegsConfig(128, 4)),
+        (200, L.Gemm16RegsConfig(64, 3)),
+        (100, L.Gemm16RegsConfig(128, 4)),
     ],
     ids=["256rows-2wg", "200rows-1wg", "100rows"],
 )
@@ -89,7 +89,7 @@ def test_compiles_for_sm90_as_designed(M, cfg):
 @needs_gluon
 @pytest.mark.parametrize("enc, gs", [("symmetric", 64), ("affine", 128)])
 def test_other_codes_compile(enc, gs):
-    assert "HGMMA" in _sass(_compile(256, L.Gemm16RegsConfig(128, 4, 1), enc, gs))
+    assert "HGMMA" in _sass(_compile(256, L.Gemm16RegsConfig(128, 4), enc, gs))
 
 
 @needs_gluon
@@ -107,13 +107,15 @@ def test_plan_rows_grid_and_split():
     assert [L.gemm16_regs_rows(m) for m in (1, 64, 65, 128, 200, 256, 300)] == [
         64, 64, 128, 128, 256, 256, 256,
     ]  # fmt: skip
-    cfg = L.Gemm16RegsConfig(128, 4, 0)
-    grid, meta, key, split, k_steps = L._gemm16_regs_plan(300, 1000, 4096, "symmetric", 128,
-                                                          False, cfg, 132)  # fmt: skip
-    # ceil(300 / 256) x ceil(1000 / 128) = 16 tiles; 132 SMs / 16 = 8 slices of 8 steps
-    assert grid == (16, 8) and (split, k_steps) == (8, 8)
+    cfg = L.Gemm16RegsConfig(128, 4)
+    grid, meta, key = L._gemm16_regs_plan(300, 1000, 4096, "symmetric", 128, False, cfg)
+    assert grid == (2 * 8, 1)  # ceil(300 / 256) x ceil(1000 / 128) tiles, one K slice
     assert meta["ENC"] == 1 and meta["GS"] == 128 and meta["BLOCK_T"] == 256
-    assert meta["num_warps"] == 8 and meta["SPLIT_K"] == 8
-    assert hash(key)
-    one = L._gemm16_regs_plan(256, 14336, 4096, "affine", 64, False, cfg, 132)
-    assert one[0] == (112, 1)  # 112 tiles of 128 features: no split
+    assert meta["num_warps"] == 8 and meta["SPLIT_K"] == 1
+    assert hash(key) == hash(L._gemm16_regs_plan(300, 1000, 4096, "symmetric", 128, False, cfg)[2])
+    assert (
+        L._gemm16_regs_plan(100, 4096, 4096, "affine", 64, False, L.Gemm16RegsConfig(64))[1][
+            "num_warps"
+        ]
+        == 4
+    )  # one warpgroup for 64 features

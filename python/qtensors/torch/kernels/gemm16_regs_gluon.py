@@ -202,7 +202,8 @@ if HAVE_GEMM16_REGS:
         ``C_SL``), ``s_desc`` / ``m_desc`` the scales / mins ``[N, G]`` (block ``[BLOCK_F,
         8]``, ``S_SL``; affine only: ``m_desc`` is ``s_desc`` otherwise);
         ``ws_ptr`` / ``lock_ptr``: the split-K workspace ``[SPLIT_K, M, N]`` and counters
-        (unused with ``SPLIT_K`` = 1); grid axis 1 the K slices of ``k_steps`` steps each (at
+        (unused with ``SPLIT_K`` = 1, which the launcher always passes: split K summed wrong on
+        the H200, cause not found); grid axis 1 the K slices of ``k_steps`` steps each (at
         least one). K and the group size multiples of 64."""
         dt: gl.constexpr = x_desc.block_type.element_ty
         pid = gl.program_id(0)
