@@ -339,3 +339,19 @@ def tiny_bert(seed: int = 0):
         max_position_embeddings=64,
     )
     return transformers.BertModel(cfg).eval()
+
+
+def sm90_sass(kernel) -> str:
+    """The SASS of a kernel Triton compiled for sm_90 (on the CPU: Triton's bundled
+    ``cuobjdump`` disassembles its cubin)."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout

@@ -7,13 +7,11 @@ its plan and routing in Python. Its results are checked on the GPU by ``benches/
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import tempfile
 
 import pytest
 import torch
+from helpers import sm90_sass
 
 triton = pytest.importorskip("triton")
 from qtensors.torch.kernels import gemm16_gluon as G  # noqa: E402
@@ -51,12 +49,7 @@ def _compile(cfg: L.Gemm16Config, enc: str = "affine"):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def _sass(kernel) -> str:
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+_sass = sm90_sass
 
 
 #: one of each kind the table routes: two decoder groups with split K, one group on 256 x 128

@@ -8,12 +8,9 @@ same kernel with no product in flight)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import tempfile
-
 import pytest
 import torch
+from helpers import sm90_sass
 
 triton = pytest.importorskip("triton")
 from qtensors.torch.kernels import gemm16_regs_gluon as R  # noqa: E402
@@ -54,12 +51,7 @@ def _compile(M: int, cfg: L.Gemm16RegsConfig, enc: str = "affine", gs: int = 64)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def _sass(kernel) -> str:
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+_sass = sm90_sass
 
 
 @needs_gluon

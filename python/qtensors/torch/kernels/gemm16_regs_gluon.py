@@ -33,17 +33,14 @@ try:
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
         mbarrier,
-        tma,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401 (launch)
 
+    from .gemm16_gluon import _cta_barrier, _tma_load
     from .mma_int8_gluon import _store
 
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    # a CTA-wide barrier: ``barrier`` from Triton 3.7, ``thread_barrier`` before
-    _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
     HAVE_GEMM16_REGS = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GEMM16_REGS = False
