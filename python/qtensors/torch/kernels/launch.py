@@ -1216,7 +1216,10 @@ def gemm16_regs_linear(
     """``x2 @ W^T + bias`` with ``gemm16_regs_gluon.py`` (the weight decoded in registers into
     the ``wgmma``'s left operand) for a weight ``gemm16_shape()`` takes and tensors
     ``gemm16_applies()`` to (arguments as ``gemm16_linear``; the scales' rows also 16-byte
-    multiples, for their TMA copies). Not routed: slower than ``gemm16_linear`` on the H200."""
+    multiples, for their TMA copies). Not routed: its first version ran slower than
+    ``gemm16_linear`` on the H200, and this one (codes and scales by TMA) faults there with an
+    illegal instruction under Triton 3.6 (``benches/results/gpu_gemm16_regs_tma_fault_h200.txt``):
+    experimental, for ``benches/probe_gemm16_regs.py`` only."""
     M = x2.shape[0]
     out, done, cuda_index, _ = _begin(x2, N, K, bias)
     if done:
