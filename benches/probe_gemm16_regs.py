@@ -4,7 +4,7 @@ cuBLAS on the bf16 weight, decode + cuBLAS (the route past 64 rows) and ``gemm16
 (the weight decoded into shared memory, opt-in), per shape, row count and configuration.
 
     OUT=DIR python3 benches/probe_gemm16_regs.py [--rows 128,256] [--shapes 8192x8192,...]
-        [--encodings int4-affine-g64,...] [--configs f128s4,...] [--repeat 4]
+        [--encodings int4-affine-g64,...] [--configs f128s4,f128s4g,...] [--repeat 4]
 
 Checks first, for each configuration: against decode + ``F.linear`` in fp32 (relative error <
 2e-2, reported), and bit for bit against the same configuration with no product in flight
@@ -15,6 +15,7 @@ graph over enough weight copies to overflow L2 (``bench_gpu_gemv_sweep.Case``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -41,9 +42,10 @@ def _arg(flag: str, default: str) -> str:
 
 
 def parse(spec: str) -> L.Gemm16RegsConfig:
-    """``f128s4``: 128 features a program, 4 stages."""
-    f, s = spec[1:].split("s")
-    return R(block_f=int(f), stages=int(s))
+    """``f128s4``: 128 features a program, 4 stages; ``f128s4g``: the scales and mins read
+    from global memory each step instead of by TMA in the ring (a check)."""
+    f, s = spec[1:].rstrip("g").split("s")
+    return R(block_f=int(f), stages=int(s), scales_tma=not spec.endswith("g"))
 
 
 def regs(cfg):
@@ -88,7 +90,7 @@ def main() -> None:
                     try:
                         got = fn(x, case.ws[0])
                         err = S.rel_err(got, ref)
-                        check = regs(R(cfg.block_f, cfg.stages, pending=0))
+                        check = regs(dataclasses.replace(cfg, pending=0))
                         same = all(
                             torch.equal(check(x, case.ws[0]), got)
                             and torch.equal(fn(x, case.ws[0]), got)

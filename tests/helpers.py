@@ -355,3 +355,71 @@ def sm90_sass(kernel) -> str:
         f.write(kernel.asm["cubin"])
         f.flush()
         return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+
+
+# opcodes whose first register operand is not written (stores, barriers, the products' own)
+_SASS_NO_DEST = tuple(
+    "ST BRA BAR HGMMA SYNCS RED EXIT RET WARPGROUP UTM MEMBAR FENCE NOP CALL BSYNC BSSY "
+    "WARPSYNC DEPBAR CCTL ELECT YIELD".split()
+)
+
+
+def _sass_instructions(sass: str) -> list[tuple[int, str]]:
+    """(address, instruction without its predicate) of each line of ``cuobjdump -sass``."""
+    import re
+
+    out = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            out.append((int(m.group(1), 16), re.sub(r"^@!?U?P[T\d]+\s+", "", m.group(2))))
+    return out
+
+
+def _sass_written(ins: str) -> set[int]:
+    """The registers an instruction writes (its first operand, widened by .64 / .128)."""
+    import re
+
+    op, _, rest = ins.partition(" ")
+    m = re.match(r"R(\d+)\b", rest.strip())
+    if op.startswith(_SASS_NO_DEST) or not m:
+        return set()
+    width = 4 if ".128" in op else 2 if (".64" in op or "WIDE" in op) else 1
+    return set(range(int(m.group(1)), int(m.group(1)) + width))
+
+
+def wgmma_operand_hazards(sass: str) -> list[tuple[str, str]]:
+    """Instructions that write a register an ``HGMMA`` in flight reads as its A operand: the
+    PTX manual makes that undefined (triton-lang/triton#9433). Walks the code in order, the
+    loop holding the products twice (so a product issued at its end is in flight at its top);
+    a group ends at the ``HGMMA`` marked ``gsb0`` and ``WARPGROUP.DEPBAR.LE gsb0, N`` retires
+    all but the last N groups."""
+    import re
+
+    ins = _sass_instructions(sass)
+    addrs = [a for a, _ in ins]
+    products = [a for a, t in ins if t.startswith("HGMMA")]
+    order = list(range(len(ins)))
+    for a, t in ins:
+        m = re.search(r"BRA (0x[0-9a-f]+)", t)
+        start = int(m.group(1), 16) if m else a
+        if start < a and any(start <= p <= a for p in products):
+            top, end = addrs.index(start), addrs.index(a)
+            order = list(range(end + 1)) + list(range(top, len(ins)))
+            break
+    found, in_flight, group = [], [], set()
+    for k in order:
+        a, t = ins[k]
+        if t.startswith("WARPGROUP.DEPBAR"):
+            keep = int(t.rsplit(",", 1)[1], 16)
+            in_flight = in_flight[len(in_flight) - keep :] if keep else []
+        elif t.startswith("HGMMA"):
+            m = re.match(r"HGMMA\S*\s+R\d+,\s*R(\d+),", t)
+            if m:  # A from registers: 4 of them a product
+                group |= set(range(int(m.group(1)), int(m.group(1)) + 4))
+            if "gsb0" in t:
+                in_flight.append(group)
+                group = set()
+        elif _sass_written(t) & set().union(group, *in_flight):
+            found.append((hex(a), t))
+    return found

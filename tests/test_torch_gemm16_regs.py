@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import sm90_sass
+from helpers import sm90_sass, wgmma_operand_hazards
 
 triton = pytest.importorskip("triton")
 from qtensors.torch.kernels import gemm16_regs_gluon as R  # noqa: E402
@@ -26,7 +26,7 @@ def _compile(M: int, cfg: L.Gemm16RegsConfig, enc: str = "affine", gs: int = 64)
     from triton.runtime.jit import mangle_type
 
     N, K = 4096, 4096
-    _, meta, _ = L._gemm16_regs_plan(M, N, K, enc, gs, True, cfg)
+    meta = dict(L._gemm16_regs_plan(M, N, K, enc, gs, True, cfg)[1])  # (the plan is cached)
     options = {"num_warps": meta.pop("num_warps")}
     x = torch.zeros(M, K, dtype=torch.bfloat16)
     words = torch.zeros(N, K // 8, dtype=torch.int32)
@@ -39,14 +39,15 @@ def _compile(M: int, cfg: L.Gemm16RegsConfig, enc: str = "affine", gs: int = 64)
         s_desc=s_desc,
         m_desc=s_desc,
     )
-    ptrs = dict(bias_ptr="*bf16", out_ptr="*bf16", ws_ptr="*fp32", lock_ptr="*i32")
+    ptrs = dict(scales_ptr="*fp16", mins_ptr="*fp16", bias_ptr="*bf16", out_ptr="*bf16",
+                ws_ptr="*fp32", lock_ptr="*i32")  # fmt: skip
     fn = R.gemm16_regs_kernel
     sig = {}
     for p in fn.arg_names:
         sig[p] = "constexpr" if p in meta else (mangle_type(descs[p]) if p in descs else
                                                 ptrs.get(p, "i32"))  # fmt: skip
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.arg_names)
-             if p.endswith("_ptr") or p in ("K", "stride_om")}  # fmt: skip
+             if p.endswith("_ptr") or p in ("K", "G", "stride_om")}  # fmt: skip
     src = GluonASTSource(fn=fn, signature=sig, constexprs=meta, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
@@ -71,8 +72,10 @@ def test_compiles_for_sm90_as_designed(M, cfg):
     # the products are wgmma as wide as the rows, the weight from registers (not a descriptor)
     assert f"HGMMA.64x{rows}x16.F32.BF16 R24, R" in sass
     assert "STL" not in sass and "LDL" not in sass  # no register spills to local memory
-    # one product in flight while the next step is decoded
+    # one product in flight while the next step is decoded, into registers of its own: no
+    # instruction writes an operand register of a product not yet retired
     assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass
+    assert wgmma_operand_hazards(sass) == []
     # codes and scales come from the TMA ring (shared loads), not from global memory
     assert "LDG.E.128" not in sass and "LDS.128" in sass and "UTMALDG.2D" in sass
     assert k.metadata.shared <= 227 * 1024  # one CTA's shared memory fits an sm_90 SM
@@ -81,7 +84,53 @@ def test_compiles_for_sm90_as_designed(M, cfg):
 @needs_gluon
 @pytest.mark.parametrize("enc, gs", [("symmetric", 64), ("affine", 128)])
 def test_other_codes_compile(enc, gs):
-    assert "HGMMA" in _sass(_compile(256, L.Gemm16RegsConfig(128, 4), enc, gs))
+    sass = _sass(_compile(256, L.Gemm16RegsConfig(128, 4), enc, gs))
+    assert "HGMMA" in sass and wgmma_operand_hazards(sass) == []
+
+
+@needs_gluon
+def test_scales_from_global_memory_variant():
+    # the check variant: the ring carries only activations and codes, the scales are loaded
+    sass = _sass(_compile(256, L.Gemm16RegsConfig(128, 4, scales_tma=False)))
+    assert "LDG.E" in sass and wgmma_operand_hazards(sass) == []
+    assert sass.count("UTMALDG.2D") < _sass(_compile(256, L.Gemm16RegsConfig(128, 4))).count(
+        "UTMALDG.2D"
+    )
+
+
+def _line(addr: int, ins: str) -> str:
+    """One line as ``cuobjdump -sass`` prints it."""
+    return f"        /*{addr:04x}*/                   {ins} ;"
+
+
+def _product(addr: int, a_reg: int, end: str = "") -> str:
+    return _line(addr, f"HGMMA.64x256x16.F32.BF16 R24, R{a_reg}, gdesc[UR8], R24{end}")
+
+
+def test_operand_hazard_checker_sees_an_overwrite_in_flight():
+    def code(wait_before_write: str) -> str:
+        return "\n".join([
+            _line(0x10, "SHF.R.U32.HI R168, RZ, R16, R8"),  # the loop's decode writes R168
+            _line(0x20, "WARPGROUP.ARRIVE"),
+            _product(0x30, 168),
+            _product(0x40, 172, ", gsb0"),
+            _line(0x50, wait_before_write),
+            _line(0x60, "@P1 BRA 0x10"),
+            _line(0x70, "EXIT"),
+        ])  # fmt: skip
+
+    # one group may stay in flight: the next pass's write to R168 races it
+    assert [a for a, _ in wgmma_operand_hazards(code("WARPGROUP.DEPBAR.LE gsb0, 0x1"))] == ["0x10"]
+    assert wgmma_operand_hazards(code("WARPGROUP.DEPBAR.LE gsb0, 0x0")) == []
+    # 64-bit writes cover two registers; products from shared memory (gdesc A) read none
+    wide = code("WARPGROUP.DEPBAR.LE gsb0, 0x0") + "\n" + "\n".join([
+        _product(0x80, 176, ", gsb0"),
+        _line(0x90, "IMAD.WIDE R178, R2, 0x4, R6"),
+        _line(0xA0, "IMAD.WIDE R174, R2, 0x4, R6"),
+        _line(0xB0, "HGMMA.64x256x16.F32.BF16 R24, gdesc[UR4], R24, gsb0"),
+        _line(0xC0, "MOV R2, R3"),
+    ])  # fmt: skip
+    assert [a for a, _ in wgmma_operand_hazards(wide)] == ["0x90"]  # R178, not R174
 
 
 @needs_gluon

@@ -20,9 +20,11 @@ and the activations keep their order (no pre-pass). Values as the dequantize ker
 fp32 ``c * s + min`` (one FMA) or ``(c - 8) * s``, rounded to the activations' dtype.
 
 Each warpgroup issues its step's product asynchronously and waits for the one before, so the
-next step's decode overlaps a product in flight; that product's registers are kept alive by the
-wait (``deps``), so the decode writes other ones. Each step's codes, scales and mins come by
-TMA on the activations' barrier, ``STAGES`` steps ahead.
+next step's decode overlaps a product in flight. The steps go in pairs, each with its own
+operand registers: with one set (stop 37's loop) the next step's decode wrote the registers of
+the product still reading them (undefined, triton-lang/triton#9433; seen in the SASS, which the
+tests now check for it). Each step's codes, scales and mins come by TMA on the activations'
+barrier, ``STAGES`` steps ahead.
 """
 
 from __future__ import annotations
@@ -101,21 +103,31 @@ def layouts(block_f: int, block_t: int) -> dict:
 if HAVE_GEMM16_REGS:
 
     @gluon.jit
-    def _step_parts(cs, ss, ms, slot, LWV: gl.constexpr, LW: gl.constexpr,
-                    LSV: gl.constexpr, ENC: gl.constexpr):  # fmt: skip
+    def _step_parts(cs, ss, ms, slot, scales_ptr, mins_ptr, G, f0, group,
+                    LWV: gl.constexpr, LW: gl.constexpr, LSV: gl.constexpr, ENC: gl.constexpr,
+                    SCALES_TMA: gl.constexpr):  # fmt: skip
         """A ring slot's codes (``[BLOCK_F, 8]`` words, loaded in LWV, returned in ``LW``: the
         same lanes, registers renamed) and fp32 scales and mins (affine; else the scales
-        again), each row's as ``LW``'s rows."""
+        again), each row's as ``LW``'s rows: from the ring (``SCALES_TMA``) or, a check, from
+        global memory (group ``group``)."""
         BLOCK_F: gl.constexpr = cs.shape[1]
         LR: gl.constexpr = gl.SliceLayout(1, LW)
         words = gl.convert_layout(cs.index(slot).load(LWV), LW)
-        s = ss.index(slot).slice(0, 1, dim=1).load(LSV).reshape([BLOCK_F]).to(gl.float32)
-        s = gl.convert_layout(s, LR)
-        if ENC == 0:
-            m = ms.index(slot).slice(0, 1, dim=1).load(LSV).reshape([BLOCK_F]).to(gl.float32)
-            m = gl.convert_layout(m, LR)
+        if SCALES_TMA:
+            s = ss.index(slot).slice(0, 1, dim=1).load(LSV).reshape([BLOCK_F]).to(gl.float32)
+            s = gl.convert_layout(s, LR)
+            if ENC == 0:
+                m = ms.index(slot).slice(0, 1, dim=1).load(LSV).reshape([BLOCK_F])
+                m = gl.convert_layout(m.to(gl.float32), LR)
+            else:
+                m = s
         else:
-            m = s
+            at = (f0 + gl.arange(0, BLOCK_F, layout=LR)) * G + group
+            s = gl.load(scales_ptr + at).to(gl.float32)
+            if ENC == 0:
+                m = gl.load(mins_ptr + at).to(gl.float32)
+            else:
+                m = s
         return words, s, m
 
     @gluon.jit
@@ -141,26 +153,49 @@ if HAVE_GEMM16_REGS:
         else:
             v = (cf - 8.0) * s4
         a = v.to(dt).reshape([BLOCK_F, 64])
-        return gl.convert_layout(a, DOT_A, assert_trivial=True)
+        a = gl.convert_layout(a, DOT_A, assert_trivial=True)
+        # a copy for the product (the pattern Triton adopted for triton#9433, so that ptxas
+        # keeps the operand until the wait that retires it; here it compiles to nothing, the
+        # pairs of steps are what give each product registers of its own)
+        return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [a], dtype=a.dtype,
+                                         is_pure=False, pack=2)  # fmt: skip
 
     @gluon.jit
     def _refill(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, i, n_steps, t0, f0, s0,
-                GS: gl.constexpr, ENC: gl.constexpr):  # fmt: skip
+                GS: gl.constexpr, ENC: gl.constexpr, SCALES_TMA: gl.constexpr):  # fmt: skip
         """Start copying step ``i``'s activations, codes and (8 groups from its own) scales and
         mins (if the slice has the step) into its ring slot, on one barrier."""
         STAGES: gl.constexpr = xs.shape[0]
         slot = i % STAGES
         pred = i < n_steps
-        SB: gl.constexpr = s_desc.block_type.nbytes * (2 if ENC == 0 else 1)
+        SB: gl.constexpr = (s_desc.block_type.nbytes * (2 if ENC == 0 else 1)) if SCALES_TMA else 0
         NB: gl.constexpr = x_desc.block_type.nbytes + c_desc.block_type.nbytes + SB
         bar = bars.index(slot)
         mbarrier.expect(bar, NB, pred=pred)
         k = s0 + i
         _tma_load(x_desc, [t0, k * 64], bar, xs.index(slot), pred=pred)
         _tma_load(c_desc, [f0, k * 8], bar, cs.index(slot), pred=pred)
-        _tma_load(s_desc, [f0, (k * 64) // GS], bar, ss.index(slot), pred=pred)
-        if ENC == 0:
-            _tma_load(m_desc, [f0, (k * 64) // GS], bar, ms.index(slot), pred=pred)
+        if SCALES_TMA:
+            _tma_load(s_desc, [f0, (k * 64) // GS], bar, ss.index(slot), pred=pred)
+            if ENC == 0:
+                _tma_load(m_desc, [f0, (k * 64) // GS], bar, ms.index(slot), pred=pred)
+
+    @gluon.jit
+    def _issue(acc, i, xs, cs, ss, ms, bars, scales_ptr, mins_ptr, G, f0, s0,
+               dt: gl.constexpr, GS: gl.constexpr, ENC: gl.constexpr, L4: gl.constexpr,
+               DOT_A: gl.constexpr, LWV: gl.constexpr, LSV: gl.constexpr,
+               SCALES_TMA: gl.constexpr):  # fmt: skip
+        """Step ``i``: wait for its ring slot, decode its weight and start its product (async);
+        returns the accumulator and the product's operand (kept alive till its wait)."""
+        STAGES: gl.constexpr = xs.shape[0]
+        LW: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, L4))
+        slot = i % STAGES
+        mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
+        w, s, m = _step_parts(cs, ss, ms, slot, scales_ptr, mins_ptr, G, f0,
+                              ((s0 + i) * 64) // GS, LWV, LW, LSV, ENC, SCALES_TMA)  # fmt: skip
+        a = _decode(w, s, m, dt, ENC, L4, DOT_A)
+        acc = warpgroup_mma(a, xs.index(slot).permute([1, 0]), acc, is_async=True)
+        return acc, a
 
     @gluon.jit(do_not_specialize=["M"])
     def gemm16_regs_kernel(
@@ -168,6 +203,8 @@ if HAVE_GEMM16_REGS:
         c_desc,
         s_desc,
         m_desc,
+        scales_ptr,
+        mins_ptr,
         bias_ptr,
         out_ptr,
         ws_ptr,
@@ -175,6 +212,7 @@ if HAVE_GEMM16_REGS:
         M,
         N,
         K,
+        G,
         stride_om,
         k_steps,
         ENC: gl.constexpr,
@@ -193,15 +231,21 @@ if HAVE_GEMM16_REGS:
         C_SL: gl.constexpr,
         S_SL: gl.constexpr,
         PENDING: gl.constexpr = 1,
+        SCALES_TMA: gl.constexpr = True,
     ):
         """TMA descriptors: ``x_desc`` the activations ``[M, K]`` (block ``[BLOCK_T, 64]``,
         ``X_SL``), ``c_desc`` the codes as int32 words ``[N, K / 8]`` (block ``[BLOCK_F, 8]``,
         ``C_SL``), ``s_desc`` / ``m_desc`` the scales / mins ``[N, G]`` (block ``[BLOCK_F,
-        8]``, ``S_SL``; affine only: ``m_desc`` is ``s_desc`` otherwise);
+        8]``, ``S_SL``; affine only: ``m_desc`` is ``s_desc`` otherwise); ``scales_ptr`` /
+        ``mins_ptr`` the same tensors, read directly instead with ``SCALES_TMA`` off (a check);
         ``ws_ptr`` / ``lock_ptr``: the split-K workspace ``[SPLIT_K, M, N]`` and counters
         (unused with ``SPLIT_K`` = 1, which the launcher always passes: split K summed wrong on
         the H200, cause not found); grid axis 1 the K slices of ``k_steps`` steps each (at
-        least one). K and the group size multiples of 64."""
+        least one). K and the group size multiples of 64.
+
+        The steps go in pairs, each with its own operand registers: step ``i + 1`` is decoded
+        while step ``i``'s product reads the other set (``PENDING`` = 1; 0: none in flight, a
+        check: the same sums in the same order)."""
         dt: gl.constexpr = x_desc.block_type.element_ty
         pid = gl.program_id(0)
         n_t = gl.cdiv(M, BLOCK_T)
@@ -224,30 +268,34 @@ if HAVE_GEMM16_REGS:
         fence_async_shared()
         for st in gl.static_range(STAGES):
             _refill(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, st, n_steps, t0, f0,
-                    s0, GS, ENC)  # fmt: skip
-        LW: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, L4))
+                    s0, GS, ENC, SCALES_TMA)  # fmt: skip
 
         # step 0, peeled: no path may zero the accumulator between products in flight
-        mbarrier.wait(bars.index(0), 0)
-        w, s, m = _step_parts(cs, ss, ms, 0, LWV, LW, LSV, ENC)
-        a = _decode(w, s, m, dt, ENC, L4, DOT_A)
         acc = gl.zeros([BLOCK_F, BLOCK_T], gl.float32, ACC)
-        acc = warpgroup_mma(a, xs.index(0).permute([1, 0]), acc, is_async=True)
-        acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=[acc, a])  # (waits for none)
-        for i in range(1, n_steps):
-            slot = i % STAGES
-            mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
-            w, s, m = _step_parts(cs, ss, ms, slot, LWV, LW, LSV, ENC)
-            a = _decode(w, s, m, dt, ENC, L4, DOT_A)
-            acc = warpgroup_mma(a, xs.index(slot).permute([1, 0]), acc, is_async=True)
-            # the product before is done (its operand's registers kept till here); with
-            # PENDING 0 this one too (a check: the same sums in the same order, none in flight)
-            acc, a_prev = warpgroup_mma_wait(num_outstanding=PENDING, deps=[acc, a_prev])
-            a_prev = a
+        acc, a_even = _issue(acc, 0, xs, cs, ss, ms, bars, scales_ptr, mins_ptr, G, f0, s0, dt,
+                             GS, ENC, L4, DOT_A, LWV, LSV, SCALES_TMA)  # fmt: skip
+        # (waits for none: the loop carries the accumulator as the wait's tensor)
+        acc, a_even = warpgroup_mma_wait(num_outstanding=1, deps=[acc, a_even])
+        for j in range((n_steps - 1) // 2):
+            i = 1 + 2 * j
+            acc, a_odd = _issue(acc, i, xs, cs, ss, ms, bars, scales_ptr, mins_ptr, G, f0, s0,
+                                dt, GS, ENC, L4, DOT_A, LWV, LSV, SCALES_TMA)  # fmt: skip
+            acc, a_even = warpgroup_mma_wait(num_outstanding=PENDING, deps=[acc, a_even])
             _cta_barrier()  # every warpgroup's product i - 1 is done: refill its slot
             _refill(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, i - 1 + STAGES,
-                    n_steps, t0, f0, s0, GS, ENC)  # fmt: skip
-        acc, a_prev = warpgroup_mma_wait(num_outstanding=0, deps=[acc, a_prev])
+                    n_steps, t0, f0, s0, GS, ENC, SCALES_TMA)  # fmt: skip
+            acc, a_even = _issue(acc, i + 1, xs, cs, ss, ms, bars, scales_ptr, mins_ptr, G, f0,
+                                 s0, dt, GS, ENC, L4, DOT_A, LWV, LSV, SCALES_TMA)  # fmt: skip
+            acc, a_odd = warpgroup_mma_wait(num_outstanding=PENDING, deps=[acc, a_odd])
+            _cta_barrier()
+            _refill(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, i + STAGES, n_steps,
+                    t0, f0, s0, GS, ENC, SCALES_TMA)  # fmt: skip
+        if n_steps % 2 == 0:  # the last step, unpaired (its slot is never refilled)
+            acc, a_odd = _issue(acc, n_steps - 1, xs, cs, ss, ms, bars, scales_ptr, mins_ptr, G,
+                                f0, s0, dt, GS, ENC, L4, DOT_A, LWV, LSV, SCALES_TMA)  # fmt: skip
+            acc, a_even, a_odd = warpgroup_mma_wait(num_outstanding=0, deps=[acc, a_even, a_odd])
+        else:
+            acc, a_even = warpgroup_mma_wait(num_outstanding=0, deps=[acc, a_even])
         for st in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(st))
         _store(acc, pid, pid_k, pid_f, pid_t, M, N, out_ptr, stride_om, bias_ptr, ws_ptr,

@@ -1166,13 +1166,15 @@ def gemm16_linear(
 class Gemm16RegsConfig:
     """``gemm16_regs_gluon.py``: output features per program (64 a warpgroup), the activations'
     ring depth and ``pending`` (1: a step's product in flight while the next is decoded; 0:
-    none, a check). One K slice a tile: split K summed wrong on the H200
+    none, a check) and ``scales_tma`` (the scales and mins by TMA in the ring; off, read from
+    global memory each step: a check). One K slice a tile: split K summed wrong on the H200
     (``benches/results/gpu_gemm16_regs_probe_h200.txt``; the cause is not found), so it is not
     offered."""
 
     block_f: int = 128
     stages: int = 4
     pending: int = 1
+    scales_tma: bool = True
 
 
 def gemm16_regs_rows(M: int) -> int:
@@ -1195,6 +1197,7 @@ def _gemm16_regs_plan(M: int, N: int, K: int, encoding: str, g: int, has_bias: b
         SPLIT_K=1,
         STAGES=cfg.stages,
         PENDING=cfg.pending,
+        SCALES_TMA=cfg.scales_tma,
         **gemm16_regs_gluon.layouts(cfg.block_f, block_t),
     )
     grid = (-(-M // block_t) * -(-N // cfg.block_f), 1)
@@ -1233,8 +1236,9 @@ def gemm16_regs_linear(
     G = K // group_size
     s_desc = TD(scales, [N, G], [G, 1], [cfg.block_f, 8], meta["S_SL"])
     m_desc = s_desc if mins is None else TD(mins, [N, G], [G, 1], [cfg.block_f, 8], meta["S_SL"])
-    args = (x_desc, c_desc, s_desc, m_desc, scales if bias is None else bias, out, out, out,
-            M, N, K, out.stride(0), K // 64)  # fmt: skip
+    args = (x_desc, c_desc, s_desc, m_desc, scales, scales if mins is None else mins,
+            scales if bias is None else bias, out, out, out, M, N, K, G, out.stride(0),
+            K // 64)  # fmt: skip
     launch(gemm16_regs_gluon.gemm16_regs_kernel, grid, args, meta, meta_key, cuda_index)
     return out
 
