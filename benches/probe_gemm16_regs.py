@@ -11,6 +11,9 @@ Checks first, for each configuration: against decode + ``F.linear`` in fp32 (rel
 (``pending`` 0: the same sums in the same order), ``--repeat`` times each: a product reading
 registers the next step's decode had overwritten would differ. Times: us per call inside a CUDA
 graph over enough weight copies to overflow L2 (``bench_gpu_gemv_sweep.Case``).
+
+``--ncu``: only three calls of each configuration, no checks or timing, for a profiler:
+``ncu -k regex:gemm16_regs ... python3 benches/probe_gemm16_regs.py --ncu --rows 256 ...``.
 """
 
 from __future__ import annotations
@@ -82,6 +85,12 @@ def main() -> None:
             case = S.Case(ename, N, K)
             for M in rows:
                 x = case.x(M)
+                if "--ncu" in sys.argv:
+                    for spec in specs:
+                        for _ in range(3):
+                            regs(parse(spec))(x, case.ws[0])
+                    torch.cuda.synchronize()
+                    continue
                 ref = F.linear(x.float(), case.ref_w)
                 fns = {"decode+cuBLAS": decode_cublas, "gemm16": gemm16}
                 for spec in specs:
