@@ -45,10 +45,13 @@ def _arg(flag: str, default: str) -> str:
 
 
 def parse(spec: str) -> L.Gemm16RegsConfig:
-    """``f128s4``: 128 features a program, 4 stages; ``f128s4g``: the scales and mins read
-    from global memory each step instead of by TMA in the ring (a check)."""
+    """``f128s4``: 128 features a program, 4 stages; ``...g``: the scales and mins loaded from
+    global memory a step ahead instead of by TMA in the ring; ``...w16``: 16 groups a TMA copy
+    of the scales (8 by default)."""
+    box = 16 if spec.endswith("w16") else 8
+    spec = spec.removesuffix("w16")
     f, s = spec[1:].rstrip("g").split("s")
-    return R(block_f=int(f), stages=int(s), scales_tma=not spec.endswith("g"))
+    return R(block_f=int(f), stages=int(s), scales_tma=not spec.endswith("g"), scale_box=box)
 
 
 def regs(cfg):

@@ -12,17 +12,19 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 ok=()
 for cfgs in "$@"; do
     echo "=== $cfgs"
-    mkdir -p "$OUT/$cfgs"
-    OUT=$OUT/$cfgs timeout 200 python3 probe_gemm16_regs.py --rows "$ROWS" --shapes "$SHAPES" \
+    dir=$OUT/${cfgs//,/_}
+    mkdir -p "$dir"
+    OUT=$dir timeout 200 python3 probe_gemm16_regs.py --rows "$ROWS" --shapes "$SHAPES" \
         --configs "$cfgs" --repeat 2 2>&1 | grep -v "^\s*$" | tail -30
-    if grep -q -- "-> ok" "$OUT/$cfgs/probe_gemm16_regs.txt" 2>/dev/null; then ok+=("$cfgs"); fi
+    if grep -q -- "-> ok" "$dir/probe_gemm16_regs.txt" 2>/dev/null; then ok+=("$cfgs"); fi
 done
 if [ -n "${NCU:-}" ] && command -v ncu >/dev/null && [ ${#ok[@]} -gt 0 ]; then
     first=${ok[0]%%,*}
     echo "=== ncu $first"
     timeout 150 ncu --clock-control none -k regex:gemm16_regs -c 2 --section SpeedOfLight \
         --section WarpStateStats --section SchedulerStats --section Occupancy \
-        --section MemoryWorkloadAnalysis python3 probe_gemm16_regs.py --ncu --rows 256 \
+        --section MemoryWorkloadAnalysis \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" python3 probe_gemm16_regs.py --ncu --rows 256 \
         --shapes 14336x4096 --configs "$first" > "$OUT/ncu.txt" 2>&1
     grep -v "^==PROF==" "$OUT/ncu.txt" | tail -120
 fi

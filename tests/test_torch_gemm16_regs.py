@@ -32,7 +32,7 @@ def _compile(M: int, cfg: L.Gemm16RegsConfig, enc: str = "affine", gs: int = 64)
     words = torch.zeros(N, K // 8, dtype=torch.int32)
     scales = torch.zeros(N, K // gs, dtype=torch.float16)
     TD = R.TensorDescriptor
-    s_desc = TD(scales, [N, K // gs], [K // gs, 1], [cfg.block_f, 8], meta["S_SL"])
+    s_desc = TD(scales, [N, K // gs], [K // gs, 1], [cfg.block_f, cfg.scale_box], meta["S_SL"])
     descs = dict(
         x_desc=TD(x, [M, K], [K, 1], [meta["BLOCK_T"], 64], meta["X_SL"]),
         c_desc=TD(words, [N, K // 8], [K // 8, 1], [cfg.block_f, 8], meta["C_SL"]),
@@ -89,13 +89,18 @@ def test_other_codes_compile(enc, gs):
 
 
 @needs_gluon
-def test_scales_from_global_memory_variant():
-    # the check variant: the ring carries only activations and codes, the scales are loaded
-    sass = _sass(_compile(256, L.Gemm16RegsConfig(128, 4, scales_tma=False)))
+def test_scales_from_global_memory_or_wider_copies():
+    ring = _compile(256, L.Gemm16RegsConfig(128, 4))
+    # the ring carries only activations and codes, the scales come by loads into registers
+    glob = _compile(256, L.Gemm16RegsConfig(128, 4, scales_tma=False))
+    sass = _sass(glob)
     assert "LDG.E" in sass and wgmma_operand_hazards(sass) == []
-    assert sass.count("UTMALDG.2D") < _sass(_compile(256, L.Gemm16RegsConfig(128, 4))).count(
-        "UTMALDG.2D"
-    )
+    assert sass.count("UTMALDG.2D") < _sass(ring).count("UTMALDG.2D")
+    assert glob.metadata.shared < ring.metadata.shared
+    # 16 groups a copy: the scales' ring twice as wide, the same code otherwise
+    wide = _compile(256, L.Gemm16RegsConfig(128, 4, scale_box=16))
+    assert wide.metadata.shared - ring.metadata.shared == 2 * 4 * 128 * 8 * 2
+    assert wgmma_operand_hazards(_sass(wide)) == []
 
 
 def _line(addr: int, ins: str) -> str:

@@ -103,32 +103,28 @@ def layouts(block_f: int, block_t: int) -> dict:
 if HAVE_GEMM16_REGS:
 
     @gluon.jit
-    def _step_parts(cs, ss, ms, slot, scales_ptr, mins_ptr, G, f0, group,
-                    LWV: gl.constexpr, LW: gl.constexpr, LSV: gl.constexpr, ENC: gl.constexpr,
-                    SCALES_TMA: gl.constexpr):  # fmt: skip
-        """A ring slot's codes (``[BLOCK_F, 8]`` words, loaded in LWV, returned in ``LW``: the
-        same lanes, registers renamed) and fp32 scales and mins (affine; else the scales
-        again), each row's as ``LW``'s rows: from the ring (``SCALES_TMA``) or, a check, from
-        global memory (group ``group``)."""
-        BLOCK_F: gl.constexpr = cs.shape[1]
-        LR: gl.constexpr = gl.SliceLayout(1, LW)
-        words = gl.convert_layout(cs.index(slot).load(LWV), LW)
-        if SCALES_TMA:
-            s = ss.index(slot).slice(0, 1, dim=1).load(LSV).reshape([BLOCK_F]).to(gl.float32)
-            s = gl.convert_layout(s, LR)
-            if ENC == 0:
-                m = ms.index(slot).slice(0, 1, dim=1).load(LSV).reshape([BLOCK_F])
-                m = gl.convert_layout(m.to(gl.float32), LR)
-            else:
-                m = s
-        else:
-            at = (f0 + gl.arange(0, BLOCK_F, layout=LR)) * G + group
-            s = gl.load(scales_ptr + at).to(gl.float32)
-            if ENC == 0:
-                m = gl.load(mins_ptr + at).to(gl.float32)
-            else:
-                m = s
-        return words, s, m
+    def _scales_ring(ss, ms, slot, LSV: gl.constexpr, LR: gl.constexpr, ENC: gl.constexpr):
+        """A ring slot's scales and mins (affine; else the scales again) in fp32, each row's in
+        ``LR``: column 0 of the slot's tile of groups (this step's)."""
+        BLOCK_F: gl.constexpr = ss.shape[1]
+        s = ss.index(slot).slice(0, 1, dim=1).load(LSV).reshape([BLOCK_F]).to(gl.float32)
+        s = gl.convert_layout(s, LR)
+        m = s
+        if ENC == 0:
+            m = ms.index(slot).slice(0, 1, dim=1).load(LSV).reshape([BLOCK_F]).to(gl.float32)
+            m = gl.convert_layout(m, LR)
+        return s, m
+
+    @gluon.jit
+    def _scales_global(scales_ptr, mins_ptr, G, f0, group, BLOCK_F: gl.constexpr,
+                       LR: gl.constexpr, ENC: gl.constexpr):  # fmt: skip
+        """Group ``group``'s scales and mins of the tile's rows, from global memory, in fp32."""
+        at = (f0 + gl.arange(0, BLOCK_F, layout=LR)) * G + group
+        s = gl.load(scales_ptr + at).to(gl.float32)
+        m = s
+        if ENC == 0:
+            m = gl.load(mins_ptr + at).to(gl.float32)
+        return s, m
 
     @gluon.jit
     def _decode(words, s, m, dt: gl.constexpr, ENC: gl.constexpr, L4: gl.constexpr,
@@ -181,21 +177,32 @@ if HAVE_GEMM16_REGS:
                 _tma_load(m_desc, [f0, (k * 64) // GS], bar, ms.index(slot), pred=pred)
 
     @gluon.jit
-    def _issue(acc, i, xs, cs, ss, ms, bars, scales_ptr, mins_ptr, G, f0, s0,
+    def _issue(acc, i, s_i, m_i, n_steps, xs, cs, ss, ms, bars, scales_ptr, mins_ptr, G, f0, s0,
                dt: gl.constexpr, GS: gl.constexpr, ENC: gl.constexpr, L4: gl.constexpr,
                DOT_A: gl.constexpr, LWV: gl.constexpr, LSV: gl.constexpr,
                SCALES_TMA: gl.constexpr):  # fmt: skip
-        """Step ``i``: wait for its ring slot, decode its weight and start its product (async);
-        returns the accumulator and the product's operand (kept alive till its wait)."""
+        """Step ``i``: wait for its ring slot, decode its weight and start its product (async).
+        Returns the accumulator, the product's operand (kept alive till its wait) and, with
+        ``SCALES_TMA`` off, step ``i + 1``'s scales and mins, loaded a step ahead of their use
+        (``s_i`` / ``m_i``: this step's, loaded by the step before)."""
         STAGES: gl.constexpr = xs.shape[0]
+        BLOCK_F: gl.constexpr = cs.shape[1]
         LW: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, L4))
+        LR: gl.constexpr = gl.SliceLayout(1, LW)
         slot = i % STAGES
+        if not SCALES_TMA:  # the last step loads its own again (in bounds)
+            nxt = gl.minimum(i + 1, n_steps - 1)
+            s_n, m_n = _scales_global(scales_ptr, mins_ptr, G, f0, ((s0 + nxt) * 64) // GS,
+                                      BLOCK_F, LR, ENC)  # fmt: skip
         mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
-        w, s, m = _step_parts(cs, ss, ms, slot, scales_ptr, mins_ptr, G, f0,
-                              ((s0 + i) * 64) // GS, LWV, LW, LSV, ENC, SCALES_TMA)  # fmt: skip
-        a = _decode(w, s, m, dt, ENC, L4, DOT_A)
+        # the codes as loaded (LWV) are LW's: the same lanes, registers renamed
+        words = gl.convert_layout(cs.index(slot).load(LWV), LW)
+        if SCALES_TMA:
+            s_i, m_i = _scales_ring(ss, ms, slot, LSV, LR, ENC)
+            s_n, m_n = s_i, m_i  # (unused)
+        a = _decode(words, s_i, m_i, dt, ENC, L4, DOT_A)
         acc = warpgroup_mma(a, xs.index(slot).permute([1, 0]), acc, is_async=True)
-        return acc, a
+        return acc, a, s_n, m_n
 
     @gluon.jit(do_not_specialize=["M"])
     def gemm16_regs_kernel(
@@ -235,9 +242,10 @@ if HAVE_GEMM16_REGS:
     ):
         """TMA descriptors: ``x_desc`` the activations ``[M, K]`` (block ``[BLOCK_T, 64]``,
         ``X_SL``), ``c_desc`` the codes as int32 words ``[N, K / 8]`` (block ``[BLOCK_F, 8]``,
-        ``C_SL``), ``s_desc`` / ``m_desc`` the scales / mins ``[N, G]`` (block ``[BLOCK_F,
-        8]``, ``S_SL``; affine only: ``m_desc`` is ``s_desc`` otherwise); ``scales_ptr`` /
-        ``mins_ptr`` the same tensors, read directly instead with ``SCALES_TMA`` off (a check);
+        ``C_SL``), ``s_desc`` / ``m_desc`` the scales / mins ``[N, G]`` (block ``[BLOCK_F, 8 or
+        16]`` groups from the step's own, ``S_SL``; affine only: ``m_desc`` is ``s_desc``
+        otherwise); ``scales_ptr`` / ``mins_ptr`` the same tensors, loaded a step ahead into
+        registers instead with ``SCALES_TMA`` off;
         ``ws_ptr`` / ``lock_ptr``: the split-K workspace ``[SPLIT_K, M, N]`` and counters
         (unused with ``SPLIT_K`` = 1, which the launcher always passes: split K summed wrong on
         the H200, cause not found); grid axis 1 the K slices of ``k_steps`` steps each (at
@@ -259,9 +267,10 @@ if HAVE_GEMM16_REGS:
         f0 = pid_f * BLOCK_F
         xs = gl.allocate_shared_memory(dt, [STAGES, BLOCK_T, 64], X_SL)
         st_dt: gl.constexpr = s_desc.block_type.element_ty
+        S_BOX: gl.constexpr = s_desc.block_type.shape[1]
         cs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_F, 8], C_SL)
-        ss = gl.allocate_shared_memory(st_dt, [STAGES, BLOCK_F, 8], S_SL)
-        ms = gl.allocate_shared_memory(st_dt, [STAGES, BLOCK_F, 8], S_SL)  # (affine)
+        ss = gl.allocate_shared_memory(st_dt, [STAGES, BLOCK_F, S_BOX], S_SL)
+        ms = gl.allocate_shared_memory(st_dt, [STAGES, BLOCK_F, S_BOX], S_SL)  # (affine)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for st in gl.static_range(STAGES):
             mbarrier.init(bars.index(st), count=1)
@@ -271,28 +280,39 @@ if HAVE_GEMM16_REGS:
                     s0, GS, ENC, SCALES_TMA)  # fmt: skip
 
         # step 0, peeled: no path may zero the accumulator between products in flight
+        LR: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L4)))
+        if SCALES_TMA:
+            s_i = gl.zeros([BLOCK_F], gl.float32, LR)  # (from the ring instead)
+            m_i = s_i
+        else:
+            s_i, m_i = _scales_global(scales_ptr, mins_ptr, G, f0, (s0 * 64) // GS, BLOCK_F, LR,
+                                      ENC)  # fmt: skip
         acc = gl.zeros([BLOCK_F, BLOCK_T], gl.float32, ACC)
-        acc, a_even = _issue(acc, 0, xs, cs, ss, ms, bars, scales_ptr, mins_ptr, G, f0, s0, dt,
-                             GS, ENC, L4, DOT_A, LWV, LSV, SCALES_TMA)  # fmt: skip
+        acc, a_even, s_i, m_i = _issue(acc, 0, s_i, m_i, n_steps, xs, cs, ss, ms, bars,
+                                       scales_ptr, mins_ptr, G, f0, s0, dt, GS, ENC, L4, DOT_A,
+                                       LWV, LSV, SCALES_TMA)  # fmt: skip
         # (waits for none: the loop carries the accumulator as the wait's tensor)
         acc, a_even = warpgroup_mma_wait(num_outstanding=1, deps=[acc, a_even])
         for j in range((n_steps - 1) // 2):
             i = 1 + 2 * j
-            acc, a_odd = _issue(acc, i, xs, cs, ss, ms, bars, scales_ptr, mins_ptr, G, f0, s0,
-                                dt, GS, ENC, L4, DOT_A, LWV, LSV, SCALES_TMA)  # fmt: skip
+            acc, a_odd, s_i, m_i = _issue(acc, i, s_i, m_i, n_steps, xs, cs, ss, ms, bars,
+                                          scales_ptr, mins_ptr, G, f0, s0, dt, GS, ENC, L4,
+                                          DOT_A, LWV, LSV, SCALES_TMA)  # fmt: skip
             acc, a_even = warpgroup_mma_wait(num_outstanding=PENDING, deps=[acc, a_even])
             _cta_barrier()  # every warpgroup's product i - 1 is done: refill its slot
             _refill(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, i - 1 + STAGES,
                     n_steps, t0, f0, s0, GS, ENC, SCALES_TMA)  # fmt: skip
-            acc, a_even = _issue(acc, i + 1, xs, cs, ss, ms, bars, scales_ptr, mins_ptr, G, f0,
-                                 s0, dt, GS, ENC, L4, DOT_A, LWV, LSV, SCALES_TMA)  # fmt: skip
+            acc, a_even, s_i, m_i = _issue(acc, i + 1, s_i, m_i, n_steps, xs, cs, ss, ms, bars,
+                                           scales_ptr, mins_ptr, G, f0, s0, dt, GS, ENC, L4,
+                                           DOT_A, LWV, LSV, SCALES_TMA)  # fmt: skip
             acc, a_odd = warpgroup_mma_wait(num_outstanding=PENDING, deps=[acc, a_odd])
             _cta_barrier()
             _refill(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, i + STAGES, n_steps,
                     t0, f0, s0, GS, ENC, SCALES_TMA)  # fmt: skip
         if n_steps % 2 == 0:  # the last step, unpaired (its slot is never refilled)
-            acc, a_odd = _issue(acc, n_steps - 1, xs, cs, ss, ms, bars, scales_ptr, mins_ptr, G,
-                                f0, s0, dt, GS, ENC, L4, DOT_A, LWV, LSV, SCALES_TMA)  # fmt: skip
+            acc, a_odd, s_i, m_i = _issue(acc, n_steps - 1, s_i, m_i, n_steps, xs, cs, ss, ms,
+                                          bars, scales_ptr, mins_ptr, G, f0, s0, dt, GS, ENC,
+                                          L4, DOT_A, LWV, LSV, SCALES_TMA)  # fmt: skip
             acc, a_even, a_odd = warpgroup_mma_wait(num_outstanding=0, deps=[acc, a_even, a_odd])
         else:
             acc, a_even = warpgroup_mma_wait(num_outstanding=0, deps=[acc, a_even])

@@ -1166,15 +1166,16 @@ def gemm16_linear(
 class Gemm16RegsConfig:
     """``gemm16_regs_gluon.py``: output features per program (64 a warpgroup), the activations'
     ring depth and ``pending`` (1: a step's product in flight while the next is decoded; 0:
-    none, a check) and ``scales_tma`` (the scales and mins by TMA in the ring; off, read from
-    global memory each step: a check). One K slice a tile: split K summed wrong on the H200
-    (``benches/results/gpu_gemm16_regs_probe_h200.txt``; the cause is not found), so it is not
-    offered."""
+    none, a check), ``scales_tma`` (the scales and mins by TMA in the ring, ``scale_box`` groups
+    a copy; off: loaded from global memory into registers a step ahead). One K slice a tile:
+    split K summed wrong on the H200 (``benches/results/gpu_gemm16_regs_probe_h200.txt``; the
+    cause is not found), so it is not offered."""
 
     block_f: int = 128
     stages: int = 4
     pending: int = 1
     scales_tma: bool = True
+    scale_box: int = 8
 
 
 def gemm16_regs_rows(M: int) -> int:
@@ -1234,8 +1235,9 @@ def gemm16_regs_linear(
     x_desc = TD(x2, [M, K], [x2.stride(0), 1], [meta["BLOCK_T"], 64], meta["X_SL"])
     c_desc = _words_descriptor(codes, N, K, [cfg.block_f, 8], meta["C_SL"])
     G = K // group_size
-    s_desc = TD(scales, [N, G], [G, 1], [cfg.block_f, 8], meta["S_SL"])
-    m_desc = s_desc if mins is None else TD(mins, [N, G], [G, 1], [cfg.block_f, 8], meta["S_SL"])
+    box = [cfg.block_f, cfg.scale_box]
+    s_desc = TD(scales, [N, G], [G, 1], box, meta["S_SL"])
+    m_desc = s_desc if mins is None else TD(mins, [N, G], [G, 1], box, meta["S_SL"])
     args = (x_desc, c_desc, s_desc, m_desc, scales, scales if mins is None else mins,
             scales if bias is None else bias, out, out, out, M, N, K, G, out.stride(0),
             K // 64)  # fmt: skip
