@@ -4,7 +4,7 @@ cuBLAS on the bf16 weight, decode + cuBLAS (the route past 64 rows) and ``gemm16
 (the weight decoded into shared memory, opt-in), per shape, row count and configuration.
 
     OUT=DIR python3 benches/probe_gemm16_regs.py [--rows 128,256] [--shapes 8192x8192,...]
-        [--encodings int4-affine-g64,...] [--configs f128s4,f128s4g,...] [--repeat 4]
+        [--encodings int4-affine-g64,...] [--configs f128s4,f64s3x,...] [--repeat 4]
 
 Checks first, for each configuration: against decode + ``F.linear`` in fp32 (relative error <
 2e-2, reported), and bit for bit against the same configuration with no product in flight
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import time
 
@@ -45,13 +46,14 @@ def _arg(flag: str, default: str) -> str:
 
 
 def parse(spec: str) -> L.Gemm16RegsConfig:
-    """``f128s4``: 128 features a program, 4 stages; ``...g``: the scales and mins loaded from
-    global memory a step ahead instead of by TMA in the ring; ``...w16``: 16 groups a TMA copy
-    of the scales (8 by default)."""
-    box = 16 if spec.endswith("w16") else 8
-    spec = spec.removesuffix("w16")
-    f, s = spec[1:].rstrip("g").split("s")
-    return R(block_f=int(f), stages=int(s), scales_tma=not spec.endswith("g"), scale_box=box)
+    """``f128s4``: 128 features a program, 4 stages, the scales loaded a step ahead, the weight
+    decoded in 16-bit pairs; suffixes: ``t`` the scales by TMA in the ring (``t16``: 16 groups
+    a copy), ``x`` decoded through fp32 (as the dequantize kernel)."""
+    m = re.fullmatch(r"f(\d+)s(\d+)(t(16)?)?(x)?", spec)
+    if not m:
+        raise SystemExit(f"bad configuration {spec!r}: f<features>s<stages>[t|t16][x]")
+    return R(block_f=int(m[1]), stages=int(m[2]), scales_tma=bool(m[3]),
+             scale_box=16 if m[4] else 8, packed=not m[5])  # fmt: skip
 
 
 def regs(cfg):

@@ -90,7 +90,7 @@ def test_other_codes_compile(enc, gs):
 
 @needs_gluon
 def test_scales_from_global_memory_or_wider_copies():
-    ring = _compile(256, L.Gemm16RegsConfig(128, 4))
+    ring = _compile(256, L.Gemm16RegsConfig(128, 4, scales_tma=True))
     # the ring carries only activations and codes, the scales come by loads into registers
     glob = _compile(256, L.Gemm16RegsConfig(128, 4, scales_tma=False))
     sass = _sass(glob)
@@ -98,7 +98,7 @@ def test_scales_from_global_memory_or_wider_copies():
     assert sass.count("UTMALDG.2D") < _sass(ring).count("UTMALDG.2D")
     assert glob.metadata.shared < ring.metadata.shared
     # 16 groups a copy: the scales' ring twice as wide, the same code otherwise
-    wide = _compile(256, L.Gemm16RegsConfig(128, 4, scale_box=16))
+    wide = _compile(256, L.Gemm16RegsConfig(128, 4, scales_tma=True, scale_box=16))
     assert wide.metadata.shared - ring.metadata.shared == 2 * 4 * 128 * 8 * 2
     assert wgmma_operand_hazards(_sass(wide)) == []
 
@@ -165,3 +165,63 @@ def test_plan_rows_grid_and_split():
         ]
         == 4
     )  # one warpgroup for 64 features
+
+
+def _run_x2_asm(asm: str, word: int, sel: int, s: float, m: float, dt) -> tuple[float, float]:
+    """``_values_x2``'s PTX run on the CPU: its six instructions over 32-bit registers, a
+    pair's halves rounded to ``dt`` (numpy: float16; bfloat16 through torch)."""
+    import re
+
+    def halves(r: int) -> torch.Tensor:
+        return torch.tensor([r & 0xFFFF, r >> 16], dtype=torch.int32).to(torch.int16).view(dt)
+
+    def pack(t: torch.Tensor) -> int:
+        lo, hi = (int(v) & 0xFFFF for v in t.to(dt).view(torch.int16))
+        return lo | hi << 16
+
+    def pair(v: float) -> int:
+        return pack(torch.tensor([v, v], dtype=torch.float32))
+
+    regs = {"$1": word, "$3": sel, "$5": pair(s), "$6": pair(m)}
+    val = lambda x: regs[x] if x in regs else int(x, 0)  # noqa: E731
+    for op, args in re.findall(r"(?<![.\w])(\w[\w.]*) ([^;{}]+);", asm):
+        if op == "reg":  # (a declaration)
+            continue
+        d, *a = [x.strip() for x in args.split(",")]
+        if op == "shr.b32":
+            r = val(a[0]) >> val(a[1])
+        elif op == "mov.b32":
+            r = val(a[0])
+        elif op == "prmt.b32":  # d.byte i = byte (nibble i of the selector) of {a, b}
+            src = (val(a[0]) | val(a[1]) << 32).to_bytes(8, "little")
+            r = sum(src[(val(a[2]) >> 4 * i) & 7] << 8 * i for i in range(4))
+        elif op == "lop3.b32":
+            assert a[3] == "0xEA"  # (a & b) | c
+            r = (val(a[0]) & val(a[1])) | val(a[2])
+        elif op.startswith("sub.rn."):
+            r = pack(halves(val(a[0])).float() - halves(val(a[1])).float())
+        elif op.startswith("fma.rn."):  # one rounding of the exact product and sum
+            x, y, z = (halves(val(v)).double() for v in a)
+            r = pack(x * y + z)
+        else:
+            raise AssertionError(f"no emulation of {op}")
+        regs[d] = r & 0xFFFFFFFF
+    lo, hi = halves(regs["$0"]).float().tolist()
+    return lo, hi
+
+
+@needs_gluon
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_paired_decode_bits(dt):
+    # every byte value in every lane's position of a word: the pair is (low nibble, high
+    # nibble) times the scale plus the min, each rounded once
+    asm = R._X2_BF16.value if dt == torch.bfloat16 else R._X2_F16.value
+    s, m = 0.0373, -0.29
+    for a in range(4):
+        sel = a + (a + 4) * 256  # as the kernel makes it
+        for b in range(256):
+            word = (b << 8 * a) | (0x5A5A5A5A & ~(0xFF << 8 * a))  # other bytes: noise
+            lo, hi = _run_x2_asm(asm, word, sel, s, m, dt)
+            sd, md = (torch.tensor(v).to(dt).double() for v in (s, m))
+            want = [float((float(c) * sd + md).to(dt)) for c in (b & 15, b >> 4)]
+            assert [lo, hi] == want, (a, b)

@@ -47,6 +47,21 @@ try:
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GEMM16_REGS = False
 
+#: ``_values_x2``'s PTX: a byte's two nibbles as a pair of 16-bit values. ``prmt`` puts the
+#: byte (``$3``: its selector) in byte 0 and the byte of the word shifted down 4 in byte 2; one
+#: ``lop3`` keeps a nibble of each onto ``magic`` (the bits of a power of two whose mantissa
+#: step is 1, in both halves; 0xEA: ``(a & b) | c``), which is then subtracted (exact); ``t``:
+#: the pair's type
+_X2_ASM = (
+    "{{ .reg .b32 h, v, k;\n"
+    "shr.b32 h, $1, 4;\n"
+    "prmt.b32 v, $1, h, $3;\n"
+    "mov.b32 k, {magic};\n"
+    "lop3.b32 v, v, 983055, k, 0xEA;\n"
+    "sub.rn.{t} v, v, k;\n"
+    "fma.rn.{t} $0, v, $5, $6; }}"
+)
+
 #: encoding ids (as ``gemm16_gluon.GEMM16_ENC``)
 GEMM16_REGS_ENC = {"affine": 0, "symmetric": 1}
 
@@ -101,6 +116,8 @@ def layouts(block_f: int, block_t: int) -> dict:
 
 
 if HAVE_GEMM16_REGS:
+    _X2_BF16 = gl.constexpr(_X2_ASM.format(magic="0x43004300", t="bf16x2"))
+    _X2_F16 = gl.constexpr(_X2_ASM.format(magic="0x64006400", t="f16x2"))
 
     @gluon.jit
     def _scales_ring(ss, ms, slot, LSV: gl.constexpr, LR: gl.constexpr, ENC: gl.constexpr):
@@ -128,33 +145,65 @@ if HAVE_GEMM16_REGS:
 
     @gluon.jit
     def _decode(words, s, m, dt: gl.constexpr, ENC: gl.constexpr, L4: gl.constexpr,
-                DOT_A: gl.constexpr):  # fmt: skip
+                DOT_A: gl.constexpr, PACKED: gl.constexpr):  # fmt: skip
         """A step's words ``[BLOCK_F, 8]`` as the left operand ``[BLOCK_F, 64]`` in ``dt``: this
-        lane's byte of each word, both nibbles, made a float from their bits (``2^23 + c`` less
-        ``2^23``: exact, no conversion instruction), then ``c * s + min`` or ``(c - 8) * s``."""
+        lane's byte of each word, both nibbles (``_values_fp32`` or ``_values_x2``)."""
         BLOCK_F: gl.constexpr = words.shape[0]
         # [1, 1, 4, 1] bytes and [1, 1, 1, 2] nibbles of L4, each from a 1-D slice of it
         byte = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(3, L4))))
         byte = gl.expand_dims(gl.expand_dims(gl.expand_dims(byte, 0), 0), 3)
+        u = gl.expand_dims(gl.expand_dims(words.to(gl.uint32, bitcast=True), 2), 3)
+        s4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(s, 1), 2), 3)
+        m4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(m, 1), 2), 3)
         nib = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, L4))))
         nib = gl.expand_dims(gl.expand_dims(gl.expand_dims(nib, 0), 0), 0)
-        shift = (byte * 8 + nib * 4).to(gl.uint32)
-        u = gl.expand_dims(gl.expand_dims(words.to(gl.uint32, bitcast=True), 2), 3)
-        c = (u >> shift) & 15
-        cf = (c | 0x4B000000).to(gl.float32, bitcast=True) - 8388608.0
-        s4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(s, 1), 2), 3)
-        if ENC == 0:
-            m4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(m, 1), 2), 3)
-            v = cf * s4 + m4
+        if PACKED:  # (the nibble's dim kept: a pair takes both)
+            a = _values_x2(u, (byte + (byte + 4) * 256 + nib * 0).to(gl.uint32), s4, m4, dt, ENC)
         else:
-            v = (cf - 8.0) * s4
-        a = v.to(dt).reshape([BLOCK_F, 64])
-        a = gl.convert_layout(a, DOT_A, assert_trivial=True)
+            a = _values_fp32(u, (byte * 8 + nib * 4).to(gl.uint32), s4, m4, dt, ENC)
+        a = gl.convert_layout(a.reshape([BLOCK_F, 64]), DOT_A, assert_trivial=True)
         # a copy for the product (the pattern Triton adopted for triton#9433, so that ptxas
         # keeps the operand until the wait that retires it; here it compiles to nothing, the
         # pairs of steps are what give each product registers of its own)
         return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [a], dtype=a.dtype,
                                          is_pure=False, pack=2)  # fmt: skip
+
+    @gluon.jit
+    def _values_fp32(u, shift, s4, m4, dt: gl.constexpr, ENC: gl.constexpr):
+        """As the dequantize kernel makes them: each code a float from its bits (``2^23 + c``
+        less ``2^23``: exact, no conversion instruction), then fp32 ``c * s + min`` or ``(c -
+        8) * s``, rounded to ``dt``: ~5.5 instructions a weight."""
+        c = (u >> shift) & 15
+        cf = (c | 0x4B000000).to(gl.float32, bitcast=True) - 8388608.0
+        if ENC == 0:
+            v = cf * s4 + m4
+        else:
+            v = (cf - 8.0) * s4
+        return v.to(dt)
+
+    @gluon.jit
+    def _values_x2(u, sel, s4, m4, dt: gl.constexpr, ENC: gl.constexpr):
+        """Both nibbles of a byte at once, in ``dt`` pairs (``bf16x2`` / ``f16x2``, ``_X2_ASM``;
+        ``sel``: the ``prmt`` selector of this lane's byte): the low nibble into the low half's
+        mantissa and the high one into the high half's, on the bits of ``2^7`` (bf16) or
+        ``2^10`` (fp16), whose mantissa step there is 1, that constant subtracted (exact:
+        ``c``), then one paired FMA by the scale and the min (symmetric: ``-8 s``, exact): 5
+        instructions a pair. The scale and
+        min are rounded to ``dt`` first, so a weight can differ from the fp32 decode by up to
+        ``15 |ds| + |dmin|`` (each a half ulp of ``dt``) on top of its own rounding."""
+        if ENC == 0:
+            m = m4
+        else:
+            m = -8.0 * s4
+        sv = s4.to(dt)
+        # $0: the pair; $1 $2: the word (twice), $3 $4: the selector (twice), $5 the scale pair,
+        # $6 the min pair
+        if dt == gl.bfloat16:
+            asm: gl.constexpr = _X2_BF16
+        else:
+            asm: gl.constexpr = _X2_F16
+        return gl.inline_asm_elementwise(asm, "=r,r,r,r,r,r,r", [u, sel, sv, m.to(dt)],
+                                         dtype=sv.dtype, is_pure=True, pack=2)  # fmt: skip
 
     @gluon.jit
     def _refill(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, i, n_steps, t0, f0, s0,
@@ -180,7 +229,7 @@ if HAVE_GEMM16_REGS:
     def _issue(acc, i, s_i, m_i, n_steps, xs, cs, ss, ms, bars, scales_ptr, mins_ptr, G, f0, s0,
                dt: gl.constexpr, GS: gl.constexpr, ENC: gl.constexpr, L4: gl.constexpr,
                DOT_A: gl.constexpr, LWV: gl.constexpr, LSV: gl.constexpr,
-               SCALES_TMA: gl.constexpr):  # fmt: skip
+               SCALES_TMA: gl.constexpr, PACKED: gl.constexpr):  # fmt: skip
         """Step ``i``: wait for its ring slot, decode its weight and start its product (async).
         Returns the accumulator, the product's operand (kept alive till its wait) and, with
         ``SCALES_TMA`` off, step ``i + 1``'s scales and mins, loaded a step ahead of their use
@@ -200,7 +249,7 @@ if HAVE_GEMM16_REGS:
         if SCALES_TMA:
             s_i, m_i = _scales_ring(ss, ms, slot, LSV, LR, ENC)
             s_n, m_n = s_i, m_i  # (unused)
-        a = _decode(words, s_i, m_i, dt, ENC, L4, DOT_A)
+        a = _decode(words, s_i, m_i, dt, ENC, L4, DOT_A, PACKED)
         acc = warpgroup_mma(a, xs.index(slot).permute([1, 0]), acc, is_async=True)
         return acc, a, s_n, m_n
 
@@ -239,6 +288,7 @@ if HAVE_GEMM16_REGS:
         S_SL: gl.constexpr,
         PENDING: gl.constexpr = 1,
         SCALES_TMA: gl.constexpr = True,
+        PACKED: gl.constexpr = True,
     ):
         """TMA descriptors: ``x_desc`` the activations ``[M, K]`` (block ``[BLOCK_T, 64]``,
         ``X_SL``), ``c_desc`` the codes as int32 words ``[N, K / 8]`` (block ``[BLOCK_F, 8]``,
@@ -290,21 +340,21 @@ if HAVE_GEMM16_REGS:
         acc = gl.zeros([BLOCK_F, BLOCK_T], gl.float32, ACC)
         acc, a_even, s_i, m_i = _issue(acc, 0, s_i, m_i, n_steps, xs, cs, ss, ms, bars,
                                        scales_ptr, mins_ptr, G, f0, s0, dt, GS, ENC, L4, DOT_A,
-                                       LWV, LSV, SCALES_TMA)  # fmt: skip
+                                       LWV, LSV, SCALES_TMA, PACKED)  # fmt: skip
         # (waits for none: the loop carries the accumulator as the wait's tensor)
         acc, a_even = warpgroup_mma_wait(num_outstanding=1, deps=[acc, a_even])
         for j in range((n_steps - 1) // 2):
             i = 1 + 2 * j
             acc, a_odd, s_i, m_i = _issue(acc, i, s_i, m_i, n_steps, xs, cs, ss, ms, bars,
                                           scales_ptr, mins_ptr, G, f0, s0, dt, GS, ENC, L4,
-                                          DOT_A, LWV, LSV, SCALES_TMA)  # fmt: skip
+                                          DOT_A, LWV, LSV, SCALES_TMA, PACKED)  # fmt: skip
             acc, a_even = warpgroup_mma_wait(num_outstanding=PENDING, deps=[acc, a_even])
             _cta_barrier()  # every warpgroup's product i - 1 is done: refill its slot
             _refill(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, i - 1 + STAGES,
                     n_steps, t0, f0, s0, GS, ENC, SCALES_TMA)  # fmt: skip
             acc, a_even, s_i, m_i = _issue(acc, i + 1, s_i, m_i, n_steps, xs, cs, ss, ms, bars,
                                            scales_ptr, mins_ptr, G, f0, s0, dt, GS, ENC, L4,
-                                           DOT_A, LWV, LSV, SCALES_TMA)  # fmt: skip
+                                           DOT_A, LWV, LSV, SCALES_TMA, PACKED)  # fmt: skip
             acc, a_odd = warpgroup_mma_wait(num_outstanding=PENDING, deps=[acc, a_odd])
             _cta_barrier()
             _refill(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, i + STAGES, n_steps,
@@ -312,7 +362,7 @@ if HAVE_GEMM16_REGS:
         if n_steps % 2 == 0:  # the last step, unpaired (its slot is never refilled)
             acc, a_odd, s_i, m_i = _issue(acc, n_steps - 1, s_i, m_i, n_steps, xs, cs, ss, ms,
                                           bars, scales_ptr, mins_ptr, G, f0, s0, dt, GS, ENC,
-                                          L4, DOT_A, LWV, LSV, SCALES_TMA)  # fmt: skip
+                                          L4, DOT_A, LWV, LSV, SCALES_TMA, PACKED)  # fmt: skip
             acc, a_even, a_odd = warpgroup_mma_wait(num_outstanding=0, deps=[acc, a_even, a_odd])
         else:
             acc, a_even = warpgroup_mma_wait(num_outstanding=0, deps=[acc, a_even])

@@ -1167,15 +1167,19 @@ class Gemm16RegsConfig:
     """``gemm16_regs_gluon.py``: output features per program (64 a warpgroup), the activations'
     ring depth and ``pending`` (1: a step's product in flight while the next is decoded; 0:
     none, a check), ``scales_tma`` (the scales and mins by TMA in the ring, ``scale_box`` groups
-    a copy; off: loaded from global memory into registers a step ahead). One K slice a tile:
-    split K summed wrong on the H200 (``benches/results/gpu_gemm16_regs_probe_h200.txt``; the
-    cause is not found), so it is not offered."""
+    a copy: faults on the H200 under Triton 3.6, cause not found; off, the default: loaded from
+    global memory into registers a step ahead) and ``packed`` (the weight decoded in pairs of
+    16-bit values, ~3 instructions a weight; off: through fp32 as the dequantize kernel, ~5.5).
+    One K slice a tile: split K summed wrong on the H200
+    (``benches/results/gpu_gemm16_regs_probe_h200.txt``; the cause is not found), so it is not
+    offered."""
 
     block_f: int = 128
     stages: int = 4
     pending: int = 1
-    scales_tma: bool = True
+    scales_tma: bool = False
     scale_box: int = 8
+    packed: bool = True
 
 
 def gemm16_regs_rows(M: int) -> int:
@@ -1199,6 +1203,7 @@ def _gemm16_regs_plan(M: int, N: int, K: int, encoding: str, g: int, has_bias: b
         STAGES=cfg.stages,
         PENDING=cfg.pending,
         SCALES_TMA=cfg.scales_tma,
+        PACKED=cfg.packed,
         **gemm16_regs_gluon.layouts(cfg.block_f, block_t),
     )
     grid = (-(-M // block_t) * -(-N // cfg.block_f), 1)
