@@ -5,6 +5,7 @@ cuBLAS on the bf16 weight, decode + cuBLAS (the route past 64 rows) and ``gemm16
 
     OUT=DIR python3 benches/probe_gemm16_regs.py [--rows 128,256] [--shapes 8192x8192,...]
         [--encodings int4-affine-g64,...] [--configs f128s4,f64s3x,...] [--repeat 4]
+        [--dtype bf16|fp16]
 
 Checks first, for each configuration: against decode + ``F.linear`` in fp32 (relative error <
 2e-2, reported), and bit for bit against the same configuration with no product in flight
@@ -82,6 +83,8 @@ def main() -> None:
     encs = _arg("--encodings", "int4-affine-g64").split(",")
     specs = _arg("--configs", "f128s4,f128s3,f64s3,f64s4").split(",")
     repeat = int(_arg("--repeat", "4"))
+    if _arg("--dtype", "bf16") == "fp16":  # the activations' (and cuBLAS's weight's) dtype
+        S.DT = torch.float16
     say(f"# gemm16_regs probe, {torch.cuda.get_device_name()}, torch {torch.__version__},"
         f" {S.DT}; us per call in a CUDA graph; x: cuBLAS's time / ours")  # fmt: skip
     t0 = time.perf_counter()

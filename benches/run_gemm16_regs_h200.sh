@@ -8,14 +8,15 @@ cd "$(dirname "$0")"
 export PYTHONPATH=$PWD/../python PYTHONUNBUFFERED=1
 SHAPES=${SHAPES:-14336x4096,8192x8192,4096x4096}
 ROWS=${ROWS:-256,128}
+DTYPE=${DTYPE:-bf16}
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 ok=()
 for cfgs in "$@"; do
     echo "=== $cfgs"
-    dir=$OUT/${cfgs//,/_}
+    dir=$OUT/${DTYPE}_${cfgs//,/_}
     mkdir -p "$dir"
     OUT=$dir timeout 200 python3 probe_gemm16_regs.py --rows "$ROWS" --shapes "$SHAPES" \
-        --configs "$cfgs" --repeat 2 2>&1 | grep -v "^\s*$" | tail -30
+        --configs "$cfgs" --repeat 2 --dtype "$DTYPE" 2>&1 | grep -v "^\s*$" | tail -30
     if grep -q -- "-> ok" "$dir/probe_gemm16_regs.txt" 2>/dev/null; then ok+=("$cfgs"); fi
 done
 if [ -n "${NCU:-}" ] && command -v ncu >/dev/null && [ ${#ok[@]} -gt 0 ]; then
