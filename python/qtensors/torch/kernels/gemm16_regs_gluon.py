@@ -133,14 +133,16 @@ if HAVE_GEMM16_REGS:
         return s, m
 
     @gluon.jit
-    def _scales_global(scales_ptr, mins_ptr, G, f0, group, BLOCK_F: gl.constexpr,
+    def _scales_global(scales_ptr, mins_ptr, N, G, f0, group, BLOCK_F: gl.constexpr,
                        LR: gl.constexpr, ENC: gl.constexpr):  # fmt: skip
-        """Group ``group``'s scales and mins of the tile's rows, from global memory, in fp32."""
-        at = (f0 + gl.arange(0, BLOCK_F, layout=LR)) * G + group
-        s = gl.load(scales_ptr + at).to(gl.float32)
+        """Group ``group``'s scales and mins of the tile's rows (those below ``N``; 0 past
+        them), from global memory, in fp32."""
+        rows = f0 + gl.arange(0, BLOCK_F, layout=LR)
+        at = rows * G + group
+        s = gl.load(scales_ptr + at, mask=rows < N, other=0.0).to(gl.float32)
         m = s
         if ENC == 0:
-            m = gl.load(mins_ptr + at).to(gl.float32)
+            m = gl.load(mins_ptr + at, mask=rows < N, other=0.0).to(gl.float32)
         return s, m
 
     @gluon.jit
@@ -226,7 +228,7 @@ if HAVE_GEMM16_REGS:
                 _tma_load(m_desc, [f0, (k * 64) // GS], bar, ms.index(slot), pred=pred)
 
     @gluon.jit
-    def _issue(acc, i, s_i, m_i, n_steps, xs, cs, ss, ms, bars, scales_ptr, mins_ptr, G, f0, s0,
+    def _issue(acc, i, s_i, m_i, n_steps, N, xs, cs, ss, ms, bars, scales_ptr, mins_ptr, G, f0, s0,
                dt: gl.constexpr, GS: gl.constexpr, ENC: gl.constexpr, L4: gl.constexpr,
                DOT_A: gl.constexpr, LWV: gl.constexpr, LSV: gl.constexpr,
                SCALES_TMA: gl.constexpr, PACKED: gl.constexpr):  # fmt: skip
@@ -241,7 +243,7 @@ if HAVE_GEMM16_REGS:
         slot = i % STAGES
         if not SCALES_TMA:  # the last step loads its own again (in bounds)
             nxt = gl.minimum(i + 1, n_steps - 1)
-            s_n, m_n = _scales_global(scales_ptr, mins_ptr, G, f0, ((s0 + nxt) * 64) // GS,
+            s_n, m_n = _scales_global(scales_ptr, mins_ptr, N, G, f0, ((s0 + nxt) * 64) // GS,
                                       BLOCK_F, LR, ENC)  # fmt: skip
         mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
         # the codes as loaded (LWV) are LW's: the same lanes, registers renamed
@@ -335,24 +337,24 @@ if HAVE_GEMM16_REGS:
             s_i = gl.zeros([BLOCK_F], gl.float32, LR)  # (from the ring instead)
             m_i = s_i
         else:
-            s_i, m_i = _scales_global(scales_ptr, mins_ptr, G, f0, (s0 * 64) // GS, BLOCK_F, LR,
+            s_i, m_i = _scales_global(scales_ptr, mins_ptr, N, G, f0, (s0 * 64) // GS, BLOCK_F, LR,
                                       ENC)  # fmt: skip
         acc = gl.zeros([BLOCK_F, BLOCK_T], gl.float32, ACC)
-        acc, a_even, s_i, m_i = _issue(acc, 0, s_i, m_i, n_steps, xs, cs, ss, ms, bars,
+        acc, a_even, s_i, m_i = _issue(acc, 0, s_i, m_i, n_steps, N, xs, cs, ss, ms, bars,
                                        scales_ptr, mins_ptr, G, f0, s0, dt, GS, ENC, L4, DOT_A,
                                        LWV, LSV, SCALES_TMA, PACKED)  # fmt: skip
         # (waits for none: the loop carries the accumulator as the wait's tensor)
         acc, a_even = warpgroup_mma_wait(num_outstanding=1, deps=[acc, a_even])
         for j in range((n_steps - 1) // 2):
             i = 1 + 2 * j
-            acc, a_odd, s_i, m_i = _issue(acc, i, s_i, m_i, n_steps, xs, cs, ss, ms, bars,
+            acc, a_odd, s_i, m_i = _issue(acc, i, s_i, m_i, n_steps, N, xs, cs, ss, ms, bars,
                                           scales_ptr, mins_ptr, G, f0, s0, dt, GS, ENC, L4,
                                           DOT_A, LWV, LSV, SCALES_TMA, PACKED)  # fmt: skip
             acc, a_even = warpgroup_mma_wait(num_outstanding=PENDING, deps=[acc, a_even])
             _cta_barrier()  # every warpgroup's product i - 1 is done: refill its slot
             _refill(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, i - 1 + STAGES,
                     n_steps, t0, f0, s0, GS, ENC, SCALES_TMA)  # fmt: skip
-            acc, a_even, s_i, m_i = _issue(acc, i + 1, s_i, m_i, n_steps, xs, cs, ss, ms, bars,
+            acc, a_even, s_i, m_i = _issue(acc, i + 1, s_i, m_i, n_steps, N, xs, cs, ss, ms, bars,
                                            scales_ptr, mins_ptr, G, f0, s0, dt, GS, ENC, L4,
                                            DOT_A, LWV, LSV, SCALES_TMA, PACKED)  # fmt: skip
             acc, a_odd = warpgroup_mma_wait(num_outstanding=PENDING, deps=[acc, a_odd])
@@ -360,7 +362,7 @@ if HAVE_GEMM16_REGS:
             _refill(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, i + STAGES, n_steps,
                     t0, f0, s0, GS, ENC, SCALES_TMA)  # fmt: skip
         if n_steps % 2 == 0:  # the last step, unpaired (its slot is never refilled)
-            acc, a_odd, s_i, m_i = _issue(acc, n_steps - 1, s_i, m_i, n_steps, xs, cs, ss, ms,
+            acc, a_odd, s_i, m_i = _issue(acc, n_steps - 1, s_i, m_i, n_steps, N, xs, cs, ss, ms,
                                           bars, scales_ptr, mins_ptr, G, f0, s0, dt, GS, ENC,
                                           L4, DOT_A, LWV, LSV, SCALES_TMA, PACKED)  # fmt: skip
             acc, a_even, a_odd = warpgroup_mma_wait(num_outstanding=0, deps=[acc, a_even, a_odd])
