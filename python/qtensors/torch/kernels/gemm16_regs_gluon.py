@@ -296,9 +296,9 @@ if HAVE_GEMM16_REGS:
         ``X_SL``), ``c_desc`` the codes as int32 words ``[N, K / 8]`` (block ``[BLOCK_F, 8]``,
         ``C_SL``), ``s_desc`` / ``m_desc`` the scales / mins ``[N, G]`` (block ``[BLOCK_F, 8 or
         16]`` groups from the step's own, ``S_SL``; affine only: ``m_desc`` is ``s_desc``
-        otherwise); ``scales_ptr`` / ``mins_ptr`` the same tensors, loaded a step ahead into
-        registers instead with ``SCALES_TMA`` off;
-        ``ws_ptr`` / ``lock_ptr``: the split-K workspace ``[SPLIT_K, M, N]`` and counters
+        otherwise; with ``SCALES_TMA`` off, unused: ``c_desc`` again); ``scales_ptr`` /
+        ``mins_ptr`` the same tensors, loaded a step ahead into registers with ``SCALES_TMA``
+        off (the default: the TMA copies of them fault on the H200); ``ws_ptr`` / ``lock_ptr``: the split-K workspace ``[SPLIT_K, M, N]`` and counters
         (unused with ``SPLIT_K`` = 1, which the launcher always passes: split K summed wrong on
         the H200, cause not found); grid axis 1 the K slices of ``k_steps`` steps each (at
         least one). K and the group size multiples of 64.
@@ -319,10 +319,14 @@ if HAVE_GEMM16_REGS:
         f0 = pid_f * BLOCK_F
         xs = gl.allocate_shared_memory(dt, [STAGES, BLOCK_T, 64], X_SL)
         st_dt: gl.constexpr = s_desc.block_type.element_ty
-        S_BOX: gl.constexpr = s_desc.block_type.shape[1]
         cs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_F, 8], C_SL)
-        ss = gl.allocate_shared_memory(st_dt, [STAGES, BLOCK_F, S_BOX], S_SL)
-        ms = gl.allocate_shared_memory(st_dt, [STAGES, BLOCK_F, S_BOX], S_SL)  # (affine)
+        if SCALES_TMA:
+            S_BOX: gl.constexpr = s_desc.block_type.shape[1]
+            ss = gl.allocate_shared_memory(st_dt, [STAGES, BLOCK_F, S_BOX], S_SL)
+            ms = gl.allocate_shared_memory(st_dt, [STAGES, BLOCK_F, S_BOX], S_SL)  # (affine)
+        else:  # (never read: the scales come from global memory)
+            ss = cs
+            ms = cs
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for st in gl.static_range(STAGES):
             mbarrier.init(bars.index(st), count=1)

@@ -1224,11 +1224,13 @@ def gemm16_regs_linear(
 ) -> torch.Tensor:
     """``x2 @ W^T + bias`` with ``gemm16_regs_gluon.py`` (the weight decoded in registers into
     the ``wgmma``'s left operand) for a weight ``gemm16_shape()`` takes and tensors
-    ``gemm16_applies()`` to (arguments as ``gemm16_linear``; the scales' rows also 16-byte
-    multiples, for their TMA copies). Not routed: its first version ran slower than
-    ``gemm16_linear`` on the H200, and this one (codes and scales by TMA) faults there with an
-    illegal instruction under Triton 3.6 (``benches/results/gpu_gemm16_regs_tma_fault_h200.txt``):
-    experimental, for ``benches/probe_gemm16_regs.py`` only."""
+    ``gemm16_applies()`` to (arguments as ``gemm16_linear``; with ``scales_tma``, the scales'
+    rows also 16-byte multiples). Not routed yet: on the H200 at 256 rows it runs 0.79-0.83x
+    cuBLAS on 8192^2 and 14336 x 4096 (1.5-1.6x decode + cuBLAS, 1.2x ``gemm16_linear``) but
+    slower than decode + cuBLAS where the weight has few 64-feature tiles (4096^2: 0.58x; one K
+    slice) (``benches/results/gpu_gemm16_regs_packed_h200.txt``); ``scales_tma`` faults there
+    under Triton 3.6 (``gpu_gemm16_regs_bisect_h200.txt``). For
+    ``benches/probe_gemm16_regs.py``."""
     M = x2.shape[0]
     out, done, cuda_index, _ = _begin(x2, N, K, bias)
     if done:
@@ -1240,9 +1242,11 @@ def gemm16_regs_linear(
     x_desc = TD(x2, [M, K], [x2.stride(0), 1], [meta["BLOCK_T"], 64], meta["X_SL"])
     c_desc = _words_descriptor(codes, N, K, [cfg.block_f, 8], meta["C_SL"])
     G = K // group_size
-    box = [cfg.block_f, cfg.scale_box]
-    s_desc = TD(scales, [N, G], [G, 1], box, meta["S_SL"])
-    m_desc = s_desc if mins is None else TD(mins, [N, G], [G, 1], box, meta["S_SL"])
+    s_desc = m_desc = c_desc  # (unused: the kernel loads the scales itself)
+    if cfg.scales_tma:  # (their rows 16-byte multiples)
+        box = [cfg.block_f, cfg.scale_box]
+        s_desc = TD(scales, [N, G], [G, 1], box, meta["S_SL"])
+        m_desc = s_desc if mins is None else TD(mins, [N, G], [G, 1], box, meta["S_SL"])
     args = (x_desc, c_desc, s_desc, m_desc, scales, scales if mins is None else mins,
             scales if bias is None else bias, out, out, out, M, N, K, G, out.stride(0),
             K // 64)  # fmt: skip
