@@ -298,7 +298,8 @@ if HAVE_GEMM16_REGS:
         16]`` groups from the step's own, ``S_SL``; affine only: ``m_desc`` is ``s_desc``
         otherwise; with ``SCALES_TMA`` off, unused: ``c_desc`` again); ``scales_ptr`` /
         ``mins_ptr`` the same tensors, loaded a step ahead into registers with ``SCALES_TMA``
-        off (the default: the TMA copies of them fault on the H200); ``ws_ptr`` / ``lock_ptr``: the split-K workspace ``[SPLIT_K, M, N]`` and counters
+        off (the default: the TMA copies of them fault on the H200); ``ws_ptr`` /
+        ``lock_ptr``: the split-K workspace ``[SPLIT_K, M, N]`` and counters
         (unused with ``SPLIT_K`` = 1, which the launcher always passes: split K summed wrong on
         the H200, cause not found); grid axis 1 the K slices of ``k_steps`` steps each (at
         least one). K and the group size multiples of 64.
