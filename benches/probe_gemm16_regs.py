@@ -50,11 +50,28 @@ def parse(spec: str) -> L.Gemm16RegsConfig:
     """``f128s4``: 128 features a program, 4 stages, the scales loaded a step ahead, the weight
     decoded in 16-bit pairs; suffixes: ``t`` the scales by TMA in the ring (``t16``: 16 groups
     a copy), ``x`` decoded through fp32 (as the dequantize kernel)."""
-    m = re.fullmatch(r"f(\d+)s(\d+)(t(16)?)?(x)?", spec)
+    m = re.fullmatch(r"f(\d+)s(\d+)(t(16)?)?(x)?(k(\d+))?", spec)
     if not m:
-        raise SystemExit(f"bad configuration {spec!r}: f<features>s<stages>[t|t16][x]")
+        raise SystemExit(f"bad configuration {spec!r}: f<features>s<stages>[t|t16][x][k<n>]")
     return R(block_f=int(m[1]), stages=int(m[2]), scales_tma=bool(m[3]),
-             scale_box=16 if m[4] else 8, packed=not m[5])  # fmt: skip
+             scale_box=16 if m[4] else 8, packed=not m[5],
+             split_k=int(m[7]) if m[6] else 1)  # fmt: skip
+
+
+def slices(x, case, cfg) -> str:
+    """After a split-K call: each K slice's partial sums in the workspace against x times the
+    weight over that slice (fp32), as relative errors."""
+    M, K, N = x.shape[0], case.K, case.N
+    tiles = -(-M // L.gemm16_regs_rows(M)) * -(-N // cfg.block_f)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    split, k_steps = L.gemm16_split(K, cfg.split_k or max(1, sms // tiles))
+    ws = L._workspace(x.device, (split, M, N))
+    errs = []
+    for k in range(split):
+        lo, hi = k * k_steps * 64, min(K, (k + 1) * k_steps * 64)
+        want = F.linear(x[:, lo:hi].float(), case.ref_w[:, lo:hi])
+        errs.append(f"{S.rel_err(ws[k], want):.1e}")
+    return f"slices {split} x {k_steps} steps, partials' rel err {' '.join(errs)}"
 
 
 def regs(cfg):
@@ -119,6 +136,9 @@ def main() -> None:
                     verdict = "ok" if err < S.TOL and same else "WRONG"
                     say(f"  {ename} {N}x{K} M{M} {spec}: rel err {err:.2e}, same bits as"
                         f" pending 0 x{repeat}: {same} -> {verdict}")  # fmt: skip
+                    if verdict != "ok" and cfg.split_k != 1:
+                        fn(x, case.ws[0])
+                        say(f"    {slices(x, case, cfg)}")
                     if verdict == "ok":
                         fns[spec] = fn
                 ok = {}

@@ -158,6 +158,8 @@ def test_plan_rows_grid_and_split():
     assert grid == (2 * 8, 1)  # ceil(300 / 256) x ceil(1000 / 128) tiles, one K slice
     assert meta["ENC"] == 1 and meta["GS"] == 128 and meta["BLOCK_T"] == 256
     assert meta["num_warps"] == 8 and meta["SPLIT_K"] == 1
+    grid3, meta3, key3 = L._gemm16_regs_plan(300, 1000, 4096, "symmetric", 128, False, cfg, 3)
+    assert grid3 == (2 * 8, 3) and meta3["SPLIT_K"] == 3 and key3 != key  # K slices: axis 1
     assert hash(key) == hash(L._gemm16_regs_plan(300, 1000, 4096, "symmetric", 128, False, cfg)[2])
     assert (
         L._gemm16_regs_plan(100, 4096, 4096, "affine", 64, False, L.Gemm16RegsConfig(64))[1][

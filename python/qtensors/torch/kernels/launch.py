@@ -1170,9 +1170,9 @@ class Gemm16RegsConfig:
     a copy: faults on the H200 under Triton 3.6, cause not found; off, the default: loaded from
     global memory into registers a step ahead) and ``packed`` (the weight decoded in pairs of
     16-bit values, ~3 instructions a weight; off: through fp32 as the dequantize kernel, ~5.5).
-    One K slice a tile: split K summed wrong on the H200
-    (``benches/results/gpu_gemm16_regs_probe_h200.txt``; the cause is not found), so it is not
-    offered."""
+    ``split_k``: K slices a tile (1, the default; 0: as many as fill the GPU once; split K
+    summed wrong on the H200 at stop 37, ``benches/results/gpu_gemm16_regs_probe_h200.txt``,
+    and is re-checked by the probe)."""
 
     block_f: int = 128
     stages: int = 4
@@ -1180,6 +1180,7 @@ class Gemm16RegsConfig:
     scales_tma: bool = False
     scale_box: int = 8
     packed: bool = True
+    split_k: int = 1
 
 
 def gemm16_regs_rows(M: int) -> int:
@@ -1189,7 +1190,7 @@ def gemm16_regs_rows(M: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def _gemm16_regs_plan(M: int, N: int, K: int, encoding: str, g: int, has_bias: bool,
-                      cfg: Gemm16RegsConfig):  # fmt: skip
+                      cfg: Gemm16RegsConfig, split: int = 1):  # fmt: skip
     """(grid, constexprs and options, their hashable key) of one ``gemm16_regs_kernel``
     launch."""
     block_t = gemm16_regs_rows(M)
@@ -1199,14 +1200,14 @@ def _gemm16_regs_plan(M: int, N: int, K: int, encoding: str, g: int, has_bias: b
         HAS_BIAS=has_bias,
         BLOCK_F=cfg.block_f,
         BLOCK_T=block_t,
-        SPLIT_K=1,
+        SPLIT_K=split,
         STAGES=cfg.stages,
         PENDING=cfg.pending,
         SCALES_TMA=cfg.scales_tma,
         PACKED=cfg.packed,
         **gemm16_regs_gluon.layouts(cfg.block_f, block_t),
     )
-    grid = (-(-M // block_t) * -(-N // cfg.block_f), 1)
+    grid = (-(-M // block_t) * -(-N // cfg.block_f), split)
     return grid, meta, tuple(sorted((k, str(v)) for k, v in meta.items()))
 
 
@@ -1232,12 +1233,17 @@ def gemm16_regs_linear(
     under Triton 3.6 (``gpu_gemm16_regs_bisect_h200.txt``). For
     ``benches/probe_gemm16_regs.py``."""
     M = x2.shape[0]
-    out, done, cuda_index, _ = _begin(x2, N, K, bias)
+    out, done, cuda_index, locks = _begin(x2, N, K, bias)
     if done:
         return out
     cfg = config or Gemm16RegsConfig()
+    tiles = -(-M // gemm16_regs_rows(M)) * -(-N // cfg.block_f)
+    want = cfg.split_k or max(1, torch.cuda.get_device_properties(x2.device).multi_processor_count
+                              // tiles)  # fmt: skip
+    split, k_steps = gemm16_split(K, want if locks is not None and tiles <= LOCK_SLOTS else 1)
     grid, meta, meta_key = _gemm16_regs_plan(M, N, K, encoding, group_size, bias is not None,
-                                             cfg)  # fmt: skip
+                                             cfg, split)  # fmt: skip
+    ws = _workspace(x2.device, (split, M, N)) if split > 1 else out
     TD = gemm16_regs_gluon.TensorDescriptor
     x_desc = TD(x2, [M, K], [x2.stride(0), 1], [meta["BLOCK_T"], 64], meta["X_SL"])
     c_desc = _words_descriptor(codes, N, K, [cfg.block_f, 8], meta["C_SL"])
@@ -1248,8 +1254,8 @@ def gemm16_regs_linear(
         s_desc = TD(scales, [N, G], [G, 1], box, meta["S_SL"])
         m_desc = s_desc if mins is None else TD(mins, [N, G], [G, 1], box, meta["S_SL"])
     args = (x_desc, c_desc, s_desc, m_desc, scales, scales if mins is None else mins,
-            scales if bias is None else bias, out, out, out, M, N, K, G, out.stride(0),
-            K // 64)  # fmt: skip
+            scales if bias is None else bias, out, ws, out if locks is None else locks, M, N, K, G,
+            out.stride(0), k_steps)  # fmt: skip
     launch(gemm16_regs_gluon.gemm16_regs_kernel, grid, args, meta, meta_key, cuda_index)
     return out
 
