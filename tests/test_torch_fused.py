@@ -187,8 +187,15 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
     assert half(100) == "gemm16" and half(100, K=96) == "decode"  # K not a multiple of 64
     monkeypatch.setitem(L.GEMM16_TABLE, (128, 64, 192), L.Gemm16Config())
     assert half(100, K=192) == "gemm16" and half(100, g=128, K=192) == "decode"  # a part group
+    # a weight of GEMM16_REGS_TABLE alone takes the route too (gemm16_regs_gluon.py runs it)
+    regs = dict(N=14336, K=4096)
+    monkeypatch.delitem(L.GEMM16_TABLE, (128, 14336, 4096))
+    assert L.gemm16_config(100, **regs) is None and half(100, **regs) == "gemm16"
+    assert L.gemm16_regs_config(100, **regs) == L.GEMM16_REGS_TABLE[(128, 14336, 4096)]
+    assert L.gemm16_regs_config(200, **regs) == L.GEMM16_REGS_TABLE[(256, 14336, 4096)]
+    assert L.gemm16_regs_config(100, 4096, 4096) is None and half(100, N=4096, K=4096) == "decode"
     monkeypatch.setattr(L, "GEMM16_ROWS", None)
-    assert half(100) == half(200, **big) == "decode"
+    assert half(100) == half(200, **big) == half(100, **regs) == "decode"
     monkeypatch.delitem(L.GEMM16_TABLE, (128, 64, 128))
     monkeypatch.delitem(L.GEMM16_TABLE, (128, 64, 192))
     assert half(3, "mxfp4", 32) != "mma" and half(4, "mxfp4", 32) == "mma"

@@ -554,10 +554,16 @@ def _linear_cuda(p, x, codes, scales, mins, bias, shape, encoding, bits, group_s
     if K and x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if path == "gemm16":
-        if not L.gemm16_applies(x2, p.codes, L._device_index(x2.device)):
+        cuda_index = L._device_index(x2.device)
+        regs = L.gemm16_regs_config(rows, N, K)
+        if regs is not None and L.gemm16_regs_applies(x2, p.codes, cuda_index):
+            out = L.gemm16_regs_linear(x2, p.codes, p.scales, p.mins, bias, N, K, encoding,
+                                       group_size, regs)  # fmt: skip
+        elif L.gemm16_config(rows, N, K) is None or not L.gemm16_applies(x2, p.codes, cuda_index):
             return _decode_then_linear(p, x, codes, scales, mins, bias, shape, encoding, bits,
                                        group_size, a)  # fmt: skip
-        out = _gemm16(p, x2, bias, N, K, encoding, group_size)
+        else:
+            out = _gemm16(p, x2, bias, N, K, encoding, group_size)
     elif path == "int8mma":
         if not L.gluon_applies(p.codes, p.scales, L._device_index(x2.device), rows):
             return _decode_then_linear(p, x, codes, scales, mins, bias, shape, encoding, bits,

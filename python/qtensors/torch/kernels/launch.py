@@ -384,17 +384,19 @@ def route(
     activations: ``half``), "int8mma" (``mma_int8_linear`` on the Gluon kernel: NF4, 8-bit, where
     ``gluon_applies``; else decode + cuBLAS), "tiled" (``tiled_linear``; with ``int8``,
     ``INT8_ACTIVATIONS`` as the caller read it, the int8 kernel's rows first), "gemv"
-    (``fused_linear``) or "decode" (decode, then cuBLAS) or "gemm16" (``gemm16_linear``, where
-    ``gemm16_applies`` to the tensors; else decode + cuBLAS). Shapes only, so cached (and so are
-    the plans): after changing the settings above, call ``route.cache_clear()``,
-    ``_tiled_plan.cache_clear()`` and ``_mma_plan.cache_clear()``."""
+    (``fused_linear``) or "decode" (decode, then cuBLAS) or "gemm16" (``gemm16_regs_linear``
+    where ``GEMM16_REGS_TABLE`` has the weight and ``gemm16_regs_applies``, else
+    ``gemm16_linear`` where ``gemm16_applies`` to the tensors; else decode + cuBLAS). Shapes
+    only, so cached (and so are the plans): after changing the settings above, call
+    ``route.cache_clear()``, ``_tiled_plan.cache_clear()`` and ``_mma_plan.cache_clear()``."""
     shape = (N, K)
     # the int8 kernel beats mma.py at 1-4 rows on every probe shape (gpu_words_int8_probe_h200)
     if int8 and half and aligned and int8_shape(M, K, encoding, bits, g):
         if tiled_supported(shape, encoding, bits, g, axis):
             return "tiled"
     if half and GEMM16_ROWS is not None and GEMM16_ROWS[0] <= M <= GEMM16_ROWS[1]:
-        if gemm16_config(M, N, K) is not None and gemm16_shape(N, K, encoding, bits, g, axis):
+        tabled = gemm16_config(M, N, K) or gemm16_regs_config(M, N, K)
+        if tabled is not None and gemm16_shape(N, K, encoding, bits, g, axis):
             return "gemm16"
     lo = MMA_ROUTED.get(encoding)
     wide_enough = M <= MMA_WIDE_M or N * K >= MMA_WIDE_MIN_ELEMENTS
@@ -1181,6 +1183,36 @@ class Gemm16RegsConfig:
     scale_box: int = 8
     packed: bool = True
     split_k: int = 1
+
+
+_G16R = Gemm16RegsConfig
+#: per (rows bucket: 128 or 256, N, K): the ``gemm16_regs_kernel`` configuration the opt-in
+#: gemm16 route (``use_gemm16()``) runs instead of ``gemm16_kernel`` for that weight, where it
+#: was measured faster (H200, int4-g64 affine, µs in a CUDA graph,
+#: ``benches/results/gpu_gemm16_regs_packed_h200.txt``: 14336 x 4096 53.5 against gemm16's 68.1
+#: at 256 rows, 44.7 against 53.7 at 128; 8192^2 62.4 against 74.9 and 53.0 against 60.6)
+GEMM16_REGS_TABLE: dict[tuple[int, int, int], Gemm16RegsConfig] = {
+    (128, 14336, 4096): _G16R(64, 3),
+    (256, 14336, 4096): _G16R(64, 3),
+    (128, 8192, 8192): _G16R(64, 4),
+    (256, 8192, 8192): _G16R(64, 4),
+}
+
+
+def gemm16_regs_config(M: int, N: int, K: int) -> Gemm16RegsConfig | None:
+    """``gemm16_regs_kernel``'s configuration for ``M`` rows of this weight on the gemm16 route
+    (65-128 rows: bucket 128, 129-256: 256), None where ``GEMM16_REGS_TABLE`` has none."""
+    return GEMM16_REGS_TABLE.get((128 if M <= 128 else 256, N, K))
+
+
+def gemm16_regs_applies(x2: torch.Tensor, codes: torch.Tensor, cuda_index: int) -> bool:
+    """Whether these tensors can run ``gemm16_regs_gluon.py``: as ``gemm16_applies``, on an
+    sm_90 device exactly (its ``wgmma`` is Hopper's alone)."""
+    return (
+        gemm16_regs_gluon.HAVE_GEMM16_REGS
+        and gemm16_applies(x2, codes, cuda_index)
+        and torch.cuda.get_device_capability(cuda_index) == (9, 0)
+    )
 
 
 def gemm16_regs_rows(M: int) -> int:
