@@ -1,6 +1,7 @@
 """GPU check (sm_90+) of ``kernels/gemm16_gluon.py``, which Triton's interpreter cannot run: every
 candidate configuration of ``probe_gemm16.py`` on small and odd shapes, and the op as routed
-with ``launch.use_gemm16()`` (gemm16 on the table's weights), with and without a bias,
+with ``launch.use_gemm16()`` (gemm16 on the table's weights; ``gemm16_regs_gluon.py`` on
+``GEMM16_REGS_TABLE``'s), with and without a bias,
 against decode + ``F.linear`` in fp32; that a quantized Llama layer's down projection takes it,
 and that layer's eager time per call with and without it (with its launch kept,
 ``launch.Gemm16Kept``, and through the full path). Exits non-zero on any relative error
@@ -43,7 +44,11 @@ def main() -> int:
             err = S.rel_err(P.gemm16(c)(x, case.ws[0]), ref)
             bad += err >= S.TOL
             print(f"{enc} {N}x{K} M{M} {P.label(c)}: rel err {err:.2e}", flush=True)
-    for (bucket, N, K), cfg in L.GEMM16_TABLE.items():
+    for bucket, N, K in sorted({*L.GEMM16_TABLE, *L.GEMM16_REGS_TABLE}):
+        # the register-operand kernel where its table has the weight (no kept launch), else
+        # gemm16_gluon.py
+        regs = L.GEMM16_REGS_TABLE.get((bucket, N, K))
+        label = f"regs {regs}" if regs else P.label(L.GEMM16_TABLE[(bucket, N, K)])
         case = S.Case("int4-affine-g64", N, K)
         bias = torch.randn(N, device="cuda", dtype=S.DT)
         w = case.ws[0]
@@ -53,19 +58,24 @@ def main() -> int:
             with (
                 count_calls(L, "gemm16_linear") as full,
                 count_calls(L.Gemm16Kept, "__call__") as kept,
+                count_calls(L, "gemm16_regs_linear") as by_regs,
             ):
                 for M in (bucket - 27, bucket - 27, bucket - 5, bucket, bucket - 27):
                     x = case.x(M)
                     assert L.route(M, N, K, "affine", 4, 64, 1, True, True, False) == "gemm16"
                     got = torch.ops.qtensors.linear(x, *w.args[:3], b, *w.args[3:])
+                    got = torch.ops.qtensors.linear(x, *w.args[:3], b, *w.args[3:])
                     ref = F.linear(x.float(), case.ref_w, None if b is None else b.float())
                     err = S.rel_err(got, ref)
                     bad += err >= S.TOL
                     tag = "bias" if b is not None else "no bias"
-                    print(f"routed {N}x{K} M{M} {P.label(cfg)} {tag}: rel err {err:.2e}",
-                          flush=True)  # fmt: skip
+                    print(f"routed {N}x{K} M{M} {label} {tag}: rel err {err:.2e}", flush=True)
+            if regs:
+                bad += len(by_regs) != 10 or bool(full) or bool(kept)
+                print(f"  gemm16_regs_linear {len(by_regs)} calls (of 10)")
+                continue
             # (a configuration another cell compiled is noted from its first call)
-            bad += not 1 <= len(full) <= 2 or len(full) + len(kept) != 5
+            bad += not 1 <= len(full) <= 2 or len(full) + len(kept) != 5 or bool(by_regs)
             plan = getattr(w.args[0], "_qt_cuda_plan", None)
             direct = [k.direct is not None for k in getattr(plan, "gemm16s", {}).values()]
             print(f"  full path {len(full)} calls, kept launch {len(kept)} (of 5; 1-2 full);"
