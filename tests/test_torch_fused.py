@@ -193,7 +193,9 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
     assert L.gemm16_config(100, **regs) is None and half(100, **regs) == "gemm16"
     assert L.gemm16_regs_config(100, **regs) == L.GEMM16_REGS_TABLE[(128, 14336, 4096)]
     assert L.gemm16_regs_config(200, **regs) == L.GEMM16_REGS_TABLE[(256, 14336, 4096)]
-    assert L.gemm16_regs_config(100, 4096, 4096) is None and half(100, N=4096, K=4096) == "decode"
+    assert L.gemm16_regs_config(100, 2048, 2048) is None and half(100, N=2048, K=2048) == "decode"
+    # 4096^2: the 128-row bucket only (at 256 rows decode + cuBLAS was as fast)
+    assert half(100, N=4096, K=4096) == "gemm16" and half(200, N=4096, K=4096) == "decode"
     monkeypatch.setattr(L, "GEMM16_ROWS", None)
     assert half(100) == half(200, **big) == half(100, **regs) == "decode"
     monkeypatch.delitem(L.GEMM16_TABLE, (128, 64, 128))

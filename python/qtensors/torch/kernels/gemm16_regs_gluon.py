@@ -300,8 +300,7 @@ if HAVE_GEMM16_REGS:
         ``mins_ptr`` the same tensors, loaded a step ahead into registers with ``SCALES_TMA``
         off (the default: the TMA copies of them fault on the H200); ``ws_ptr`` /
         ``lock_ptr``: the split-K workspace ``[SPLIT_K, M, N]`` and counters
-        (unused with ``SPLIT_K`` = 1, which the launcher always passes: split K summed wrong on
-        the H200, cause not found); grid axis 1 the K slices of ``k_steps`` steps each (at
+        (unused with ``SPLIT_K`` = 1); grid axis 1 the K slices of ``k_steps`` steps each (at
         least one). K and the group size multiples of 64.
 
         The steps go in pairs, each with its own operand registers: step ``i + 1`` is decoded

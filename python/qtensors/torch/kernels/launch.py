@@ -1172,9 +1172,9 @@ class Gemm16RegsConfig:
     a copy: faults on the H200 under Triton 3.6, cause not found; off, the default: loaded from
     global memory into registers a step ahead) and ``packed`` (the weight decoded in pairs of
     16-bit values, ~3 instructions a weight; off: through fp32 as the dequantize kernel, ~5.5).
-    ``split_k``: K slices a tile (1, the default; 0: as many as fill the GPU once; split K
-    summed wrong on the H200 at stop 37, ``benches/results/gpu_gemm16_regs_probe_h200.txt``,
-    and is re-checked by the probe)."""
+    ``split_k``: K slices a tile (1, the default; 0: as many as fill the GPU once; split K,
+    which summed wrong at stop 37, is right since the race was fixed:
+    ``benches/results/gpu_gemm16_regs_split_h200.txt``)."""
 
     block_f: int = 128
     stages: int = 4
@@ -1187,15 +1187,21 @@ class Gemm16RegsConfig:
 
 _G16R = Gemm16RegsConfig
 #: per (rows bucket: 128 or 256, N, K): the ``gemm16_regs_kernel`` configuration the opt-in
-#: gemm16 route (``use_gemm16()``) runs instead of ``gemm16_kernel`` for that weight, where it
-#: was measured faster (H200, int4-g64 affine, µs in a CUDA graph,
-#: ``benches/results/gpu_gemm16_regs_packed_h200.txt``: 14336 x 4096 53.5 against gemm16's 68.1
-#: at 256 rows, 44.7 against 53.7 at 128; 8192^2 62.4 against 74.9 and 53.0 against 60.6)
+#: gemm16 route (``use_gemm16()``) runs for that weight, where it was measured faster than
+#: ``gemm16_kernel`` and decode + cuBLAS (H200, int4-g64 affine, bf16, us in a CUDA graph:
+#: ``benches/results/gpu_gemm16_regs_packed_h200.txt`` and ``gpu_gemm16_regs_split_h200.txt``;
+#: this kernel / gemm16 / decode + cuBLAS)
 GEMM16_REGS_TABLE: dict[tuple[int, int, int], Gemm16RegsConfig] = {
-    (128, 14336, 4096): _G16R(64, 3),
-    (256, 14336, 4096): _G16R(64, 3),
-    (128, 8192, 8192): _G16R(64, 4),
-    (256, 8192, 8192): _G16R(64, 4),
+    (128, 14336, 4096): _G16R(64, 3),  # 44.7 / 53.7 / 77.0
+    (256, 14336, 4096): _G16R(64, 3),  # 53.5 / 68.1 / 85.0
+    (128, 8192, 8192): _G16R(64, 4, split_k=2),  # 48.7 / 61.2 / 86.1
+    (256, 8192, 8192): _G16R(64, 4),  # 62.4 / 74.9 / 93.9
+    (128, 4096, 14336): _G16R(64, 4, split_k=2),  # 55.4 / 150.8 / 81.4
+    (256, 4096, 14336): _G16R(64, 4, split_k=2),  # 62.8 / 72.8 / 90.7
+    (128, 4096, 4096): _G16R(64, 4, split_k=2),  # 20.1 / 37.9 / 25.8 (at 256 rows: 28.8 / 27.7)
+    # Llama-3-8B's gate and up projections joined (siblings.py)
+    (128, 28672, 4096): _G16R(64, 3),  # 88.5 / 104.0 / 148.5
+    (256, 28672, 4096): _G16R(64, 3),  # 109.1 / 137.9 / 171.6
 }
 
 
@@ -1275,7 +1281,8 @@ def gemm16_regs_linear(
     split, k_steps = gemm16_split(K, want if locks is not None and tiles <= LOCK_SLOTS else 1)
     grid, meta, meta_key = _gemm16_regs_plan(M, N, K, encoding, group_size, bias is not None,
                                              cfg, split)  # fmt: skip
-    ws = _workspace(x2.device, (split, M, N)) if split > 1 else out
+    # slice k's partial sums at k * M * N: one buffer per row bucket holds any M of it
+    ws = _workspace(x2.device, (split, gemm16_rows(M), N)) if split > 1 else out
     TD = gemm16_regs_gluon.TensorDescriptor
     x_desc = TD(x2, [M, K], [x2.stride(0), 1], [meta["BLOCK_T"], 64], meta["X_SL"])
     c_desc = _words_descriptor(codes, N, K, [cfg.block_f, 8], meta["C_SL"])
