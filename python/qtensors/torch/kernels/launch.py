@@ -93,8 +93,9 @@ INT8_MMA_MIN_ELEMENTS = 1 << 25
 INT8_MMA_NARROW_M, INT8_MMA_NARROW_MIN_ELEMENTS = 16, 1 << 24
 #: fp16 / bf16 activations of ``GEMM16_ROWS`` rows (inclusive) run ``gemm16_gluon.py`` (each
 #: weight tile decoded into 16 bits in shared memory, asynchronous ``wgmma``) on the weights of
-#: ``GEMM16_TABLE`` (where the kernel was measured faster than decode + cuBLAS), instead of
-#: decode + cuBLAS; None (the default): never. Opt-in (``use_gemm16()``): alone, a table
+#: ``GEMM16_TABLE`` (where the kernel was measured faster than decode + cuBLAS), and
+#: ``gemm16_regs_gluon.py`` on ``GEMM16_REGS_TABLE``'s (sm_90), instead of decode + cuBLAS;
+#: None (the default): never. Opt-in (``use_gemm16()``): alone, a table
 #: weight's call is 1.12-1.46x faster in a CUDA graph (8B's down_proj eager: 76-78 against
 #: 96-97 us a call, its launch kept: ``Gemm16Kept``), but end to end no gain above the H200
 #: host's noise yet: Llama-3-8B's prefill 0.98-0.99x the time without it (host-bound), its
