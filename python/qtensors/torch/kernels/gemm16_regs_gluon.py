@@ -1,6 +1,6 @@
-"""``gemm16_regs_kernel`` (Gluon, sm_90+): ``y = x @ W^T + b`` for a prompt's worth of rows of
-``x`` (65-256), int4 affine / symmetric codes in groups of 64+ along the input dim, the weight
-decoded in registers straight into the ``wgmma``'s left operand.
+"""``gemm16_regs_kernel`` (Gluon, sm_90: Hopper's ``wgmma``): ``y = x @ W^T + b`` for a
+prompt's worth of rows of ``x`` (65-256), int4 affine / symmetric codes in groups of 64+ along
+the input dim, the weight decoded in registers straight into the ``wgmma``'s left operand.
 
 Why not ``gemm16_gluon.py`` (the weight decoded into shared memory, the activations the
 ``wgmma``'s left operand): there the product's N dim is the weight's features, 64-128 a tile,
@@ -16,15 +16,17 @@ A step is 64 codes of K. The left operand's register layout gives quad lane ``a`
 ``16 j + 8 p + 2 a + e`` (``j`` < 4, ``p``, ``e`` < 2); those are byte ``a`` of the row's
 32-bit word ``2 j + p``, nibble ``e``: so each thread loads its two rows' 8 words of the step
 (two 16-byte loads a row, the four lanes of a quad the same ones) and takes byte ``a`` of each,
-and the activations keep their order (no pre-pass). Values as the dequantize kernel makes them:
-fp32 ``c * s + min`` (one FMA) or ``(c - 8) * s``, rounded to the activations' dtype.
+and the activations keep their order (no pre-pass). Its two nibbles are one register of the
+operand: a pair of 16-bit values made in 5 instructions (``_values_x2``), or (``PACKED`` off)
+through fp32 as the dequantize kernel makes them.
 
 Each warpgroup issues its step's product asynchronously and waits for the one before, so the
 next step's decode overlaps a product in flight. The steps go in pairs, each with its own
 operand registers: with one set (stop 37's loop) the next step's decode wrote the registers of
 the product still reading them (undefined, triton-lang/triton#9433; seen in the SASS, which the
-tests now check for it). Each step's codes, scales and mins come by TMA on the activations'
-barrier, ``STAGES`` steps ahead.
+tests now check for it). Each step's activations and codes come by TMA into a ring of
+``STAGES`` steps; the scales and mins are loaded into registers a step ahead (by TMA in the
+ring with ``SCALES_TMA``, which faults on the H200 under Triton 3.6).
 """
 
 from __future__ import annotations
@@ -190,9 +192,9 @@ if HAVE_GEMM16_REGS:
         mantissa and the high one into the high half's, on the bits of ``2^7`` (bf16) or
         ``2^10`` (fp16), whose mantissa step there is 1, that constant subtracted (exact:
         ``c``), then one paired FMA by the scale and the min (symmetric: ``-8 s``, exact): 5
-        instructions a pair. The scale and
-        min are rounded to ``dt`` first, so a weight can differ from the fp32 decode by up to
-        ``15 |ds| + |dmin|`` (each a half ulp of ``dt``) on top of its own rounding."""
+        instructions a pair. The scale and min are rounded to ``dt`` first, so a weight can
+        differ from the fp32 decode by up to ``15 |ds| + |dmin|`` (each a half ulp of ``dt``)
+        on top of its own rounding."""
         if ENC == 0:
             m = m4
         else:
@@ -289,7 +291,7 @@ if HAVE_GEMM16_REGS:
         C_SL: gl.constexpr,
         S_SL: gl.constexpr,
         PENDING: gl.constexpr = 1,
-        SCALES_TMA: gl.constexpr = True,
+        SCALES_TMA: gl.constexpr = False,
         PACKED: gl.constexpr = True,
     ):
         """TMA descriptors: ``x_desc`` the activations ``[M, K]`` (block ``[BLOCK_T, 64]``,

@@ -1265,12 +1265,11 @@ def gemm16_regs_linear(
     """``x2 @ W^T + bias`` with ``gemm16_regs_gluon.py`` (the weight decoded in registers into
     the ``wgmma``'s left operand) for a weight ``gemm16_shape()`` takes and tensors
     ``gemm16_applies()`` to (arguments as ``gemm16_linear``; with ``scales_tma``, the scales'
-    rows also 16-byte multiples). Not routed yet: on the H200 at 256 rows it runs 0.79-0.83x
-    cuBLAS on 8192^2 and 14336 x 4096 (1.5-1.6x decode + cuBLAS, 1.2x ``gemm16_linear``) but
-    slower than decode + cuBLAS where the weight has few 64-feature tiles (4096^2: 0.58x; one K
-    slice) (``benches/results/gpu_gemm16_regs_packed_h200.txt``); ``scales_tma`` faults there
-    under Triton 3.6 (``gpu_gemm16_regs_bisect_h200.txt``). For
-    ``benches/probe_gemm16_regs.py``."""
+    rows also 16-byte multiples). The opt-in gemm16 route (``use_gemm16()``) runs it on
+    ``GEMM16_REGS_TABLE``'s weights: on the H200 at 256 rows 0.79-0.87x cuBLAS there, 1.5-1.6x
+    decode + cuBLAS and 1.15-1.27x ``gemm16_linear``
+    (``benches/results/gpu_gemm16_regs_packed_h200.txt``, ``gpu_gemm16_regs_split_h200.txt``);
+    ``scales_tma`` faults there under Triton 3.6 (``gpu_gemm16_regs_bisect_h200.txt``)."""
     M = x2.shape[0]
     out, done, cuda_index, locks = _begin(x2, N, K, bias)
     if done:
