@@ -7,7 +7,7 @@ and that layer's eager time per call with and without it (with its launch kept,
 ``launch.Gemm16Kept``, and through the full path). Exits non-zero on any relative error
 of 2e-2 or more (bf16 output).
 
-    python3 benches/check_gemm16.py
+    python3 benches/check_gemm16.py [--regs-only]
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ SMALL = [("int4-affine-g64", 200, 576, 70), ("int4-sym-g64", 256, 512, 130),
 def main() -> int:
     L.use_gemm16()  # the route takes gemm16 (off by default)
     bad = 0
-    for enc, N, K, M in SMALL:
+    regs_only = "--regs-only" in sys.argv  # the routed weights of GEMM16_REGS_TABLE alone
+    for enc, N, K, M in [] if regs_only else SMALL:
         case = S.Case(enc, N, K)
         x = case.x(M)
         ref = F.linear(x.float(), case.ref_w)
@@ -44,7 +45,9 @@ def main() -> int:
             err = S.rel_err(P.gemm16(c)(x, case.ws[0]), ref)
             bad += err >= S.TOL
             print(f"{enc} {N}x{K} M{M} {P.label(c)}: rel err {err:.2e}", flush=True)
-    for bucket, N, K in sorted({*L.GEMM16_TABLE, *L.GEMM16_REGS_TABLE}):
+    for bucket, N, K in sorted(
+        L.GEMM16_REGS_TABLE if regs_only else {*L.GEMM16_TABLE, *L.GEMM16_REGS_TABLE}
+    ):
         # the register-operand kernel where its table has the weight (no kept launch), else
         # gemm16_gluon.py
         regs = L.GEMM16_REGS_TABLE.get((bucket, N, K))
@@ -79,7 +82,7 @@ def main() -> int:
             direct = [k.direct is not None for k in getattr(plan, "gemm16s", {}).values()]
             print(f"  full path {len(full)} calls, kept launch {len(kept)} (of 5; 1-2 full);"
                   f" kept launches through the C launch: {direct}")  # fmt: skip
-    bad += not model_takes_gemm16()
+    bad += not regs_only and not model_takes_gemm16()
     print("FAILED" if bad else "all correct", f"({bad} wrong)")
     return 1 if bad else 0
 
