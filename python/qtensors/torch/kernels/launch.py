@@ -1040,8 +1040,9 @@ GEMM16_TABLE: dict[tuple[int, int, int], Gemm16Config] = {
 
 
 def use_gemm16(on: bool = True) -> None:
-    """Route ``gemm16_gluon.py`` (``GEMM16_ROWS_ON``) or not (the default), and drop the cached
-    routes that the setting changes."""
+    """Route ``gemm16_gluon.py`` and, on ``GEMM16_REGS_TABLE``'s weights, ``gemm16_regs_gluon.py``
+    (``GEMM16_ROWS_ON``) or not (the default), and drop the cached routes that the setting
+    changes."""
     global GEMM16_ROWS
     GEMM16_ROWS = GEMM16_ROWS_ON if on else None
     route.cache_clear()
