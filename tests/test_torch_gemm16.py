@@ -159,6 +159,20 @@ def test_linear_takes_gemm16_where_it_applies(monkeypatch):
     assert got.shape == (2, 50, N) and bool((got == 3).all())
     assert seen == [((100, K), codes.data_ptr(), N * K // g, N * K // g, N, K, "affine", g)]
 
+    # a weight of GEMM16_REGS_TABLE takes gemm16_regs_linear with the table's configuration
+    # where it applies (sm_90), gemm16_linear where only gemm16 does
+    cfg = L.Gemm16RegsConfig(64, 3, split_k=2)
+    monkeypatch.setitem(L.GEMM16_REGS_TABLE, (128, N, K), cfg)
+    monkeypatch.setattr(L, "gemm16_regs_applies", lambda *a: True)
+    configs = []
+    monkeypatch.setattr(L, "gemm16_regs_linear", lambda *a: configs.append(a[-1]) or fake(*a[:-1]))
+    got = lin.linear_cuda(x, *args)
+    assert got.shape == (2, 50, N) and bool((got == 3).all()) and configs == [cfg]
+    monkeypatch.setattr(L, "gemm16_regs_applies", lambda *a: False)
+    seen.clear()
+    assert bool((lin.linear_cuda(x, *args) == 3).all()) and seen[0][0] == (100, K)
+    assert configs == [cfg]  # (not called again)
+
 
 def test_use_gemm16_switches_the_route():
     """``use_gemm16()``: the opt-in, and its cached routes dropped both ways."""

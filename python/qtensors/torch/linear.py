@@ -559,7 +559,7 @@ def _linear_cuda(p, x, codes, scales, mins, bias, shape, encoding, bits, group_s
         if regs is not None and L.gemm16_regs_applies(x2, p.codes, cuda_index):
             out = L.gemm16_regs_linear(x2, p.codes, p.scales, p.mins, bias, N, K, encoding,
                                        group_size, regs)  # fmt: skip
-        elif L.gemm16_config(rows, N, K) is None or not L.gemm16_applies(x2, p.codes, cuda_index):
+        elif not L.gemm16_applies(x2, p.codes, cuda_index):
             return _decode_then_linear(p, x, codes, scales, mins, bias, shape, encoding, bits,
                                        group_size, a)  # fmt: skip
         else:
