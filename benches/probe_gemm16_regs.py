@@ -62,10 +62,10 @@ def slices(x, case, cfg) -> str:
     """After a split-K call: each K slice's partial sums in the workspace against x times the
     weight over that slice (fp32), as relative errors."""
     M, K, N = x.shape[0], case.K, case.N
-    tiles = -(-M // L.gemm16_regs_rows(M)) * -(-N // cfg.block_f)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    split, k_steps = L.gemm16_split(K, cfg.split_k or max(1, sms // tiles))
-    ws = L._workspace(x.device, (split, M, N))
+    split, k_steps = L.gemm16_regs_split(M, N, K, cfg, x.device)
+    # the launcher's buffer is its row bucket's; slice k at k * M * N
+    ws = L._workspace(x.device, (split, L.gemm16_rows(M), N)).view(-1)[: split * M * N]
+    ws = ws.view(split, M, N)
     errs = []
     for k in range(split):
         lo, hi = k * k_steps * 64, min(K, (k + 1) * k_steps * 64)

@@ -2,7 +2,7 @@
 # One device call for kernels/gemm16_regs_gluon.py on the H200: the probe, one configuration
 # set per process (a fault ends its process's CUDA context, not the next set's), then Nsight
 # Compute on the configurations that passed. Outputs under $OUT.
-#   OUT=DIR bash benches/run_gemm16_regs_h200.sh "f128s4g,f64s3g" "f128s4" ...
+#   OUT=DIR bash benches/run_gemm16_regs_h200.sh "f128s4,f64s3" "f128s4x" ...   (probe_gemm16_regs.parse)
 set -u
 cd "$(dirname "$0")"
 export PYTHONPATH=$PWD/../python PYTHONUNBUFFERED=1

@@ -1251,6 +1251,17 @@ def _gemm16_regs_plan(M: int, N: int, K: int, encoding: str, g: int, has_bias: b
     return grid, meta, tuple(sorted((k, str(v)) for k, v in meta.items()))
 
 
+def gemm16_regs_split(M: int, N: int, K: int, cfg: Gemm16RegsConfig, device: torch.device,
+                      counted: bool = True) -> tuple[int, int]:  # fmt: skip
+    """(K slices, steps of 64 a slice) of a ``gemm16_regs_kernel`` launch: ``cfg.split_k``, or
+    (0) as many as fill the GPU once; one where there are no counters (``counted``) or too few
+    for the tiles. Slice k's partial sums sit at ``k * M * N`` of the workspace."""
+    tiles = -(-M // gemm16_regs_rows(M)) * -(-N // cfg.block_f)
+    want = cfg.split_k or max(1, torch.cuda.get_device_properties(device).multi_processor_count
+                              // tiles)  # fmt: skip
+    return gemm16_split(K, want if counted and tiles <= LOCK_SLOTS else 1)
+
+
 def gemm16_regs_linear(
     x2: torch.Tensor,
     codes: torch.Tensor,
@@ -1276,10 +1287,7 @@ def gemm16_regs_linear(
     if done:
         return out
     cfg = config or Gemm16RegsConfig()
-    tiles = -(-M // gemm16_regs_rows(M)) * -(-N // cfg.block_f)
-    want = cfg.split_k or max(1, torch.cuda.get_device_properties(x2.device).multi_processor_count
-                              // tiles)  # fmt: skip
-    split, k_steps = gemm16_split(K, want if locks is not None and tiles <= LOCK_SLOTS else 1)
+    split, k_steps = gemm16_regs_split(M, N, K, cfg, x2.device, counted=locks is not None)
     grid, meta, meta_key = _gemm16_regs_plan(M, N, K, encoding, group_size, bias is not None,
                                              cfg, split)  # fmt: skip
     # slice k's partial sums at k * M * N: one buffer per row bucket holds any M of it
