@@ -4,8 +4,9 @@ with ``launch.use_gemm16()`` (gemm16 on the table's weights; ``gemm16_regs_gluon
 ``GEMM16_REGS_TABLE``'s), with and without a bias,
 against decode + ``F.linear`` in fp32; that a quantized Llama layer's down projection takes it,
 and that layer's eager time per call with and without it (with its launch kept,
-``launch.Gemm16Kept``, and through the full path). Exits non-zero on any relative error
-of 2e-2 or more (bf16 output).
+``launch.Gemm16Kept``, and through the full path); ``gemm16_regs_gluon.py``'s configurations
+(one program a tile, split K, stream K) on the same small shapes. Exits non-zero on any
+relative error of 2e-2 or more (bf16 output).
 
     python3 benches/check_gemm16.py [--regs-only]
 """
@@ -31,12 +32,40 @@ from qtensors.torch.kernels import launch as L  # noqa: E402
 #: K slice shorter than the others (K / 64 = 9 steps split in 2)
 SMALL = [("int4-affine-g64", 200, 576, 70), ("int4-sym-g64", 256, 512, 130),
          ("int4-affine-g128", 2048, 2048, 256), ("int4-sym-g64", 72, 1024, 97)]  # fmt: skip
+#: ``gemm16_regs_kernel``'s configurations checked on ``SMALL``: one program a tile, split K,
+#: and stream K (on these shapes a tile is shared by up to 9 programs, one step each)
+REGS = [L.Gemm16RegsConfig(64, 3), L.Gemm16RegsConfig(64, 4, split_k=2),
+        L.Gemm16RegsConfig(64, 3, stream_k=2), L.Gemm16RegsConfig(128, 3, stream_k=1)]  # fmt: skip
+
+
+def check_regs_small() -> int:
+    """``REGS`` on ``SMALL``, with and without a bias, three calls each (the split-K and stream-K
+    counters must be back at 0 after each): the number of wrong results."""
+    bad = 0
+    for enc, N, K, M in SMALL:
+        case = S.Case(enc, N, K)
+        w = case.ws[0]
+        name, _, g = w.enc
+        x = case.x(M)
+        bias = torch.randn(N, device="cuda", dtype=S.DT)
+        for cfg in REGS:
+            for b in (None, bias):
+                ref = F.linear(x.float(), case.ref_w, None if b is None else b.float())
+                got = [L.gemm16_regs_linear(x, w.codes, w.scales, w.mins, b, N, K, name, g, cfg)
+                       for _ in range(3)]  # fmt: skip
+                err = S.rel_err(got[0], ref)
+                same = all(torch.equal(got[0], y) for y in got[1:])
+                bad += err >= S.TOL or not same
+                print(f"regs {enc} {N}x{K} M{M} {cfg} {'bias' if b is not None else 'no bias'}:"
+                      f" rel err {err:.2e}, same bits x3 {same}", flush=True)  # fmt: skip
+    return bad
 
 
 def main() -> int:
     L.use_gemm16()  # the route takes gemm16 (off by default)
     bad = 0
     regs_only = "--regs-only" in sys.argv  # the routed weights of GEMM16_REGS_TABLE alone
+    bad += check_regs_small()
     for enc, N, K, M in [] if regs_only else SMALL:
         case = S.Case(enc, N, K)
         x = case.x(M)

@@ -7,7 +7,8 @@ cuBLAS on the bf16 weight, decode + cuBLAS (the route past 64 rows) and ``gemm16
         [--encodings int4-affine-g64,...] [--configs f128s4,f64s3x,...] [--repeat 4]
         [--dtype bf16|fp16]
 
-Checks first, for each configuration: against decode + ``F.linear`` in fp32 (relative error <
+Configurations ``f<features>s<stages>[t|t16][x][k<n>][p<n>]`` (``parse``). Checks first, for
+each configuration: against decode + ``F.linear`` in fp32 (relative error <
 2e-2, reported), and bit for bit against the same configuration with no product in flight
 (``pending`` 0: the same sums in the same order), ``--repeat`` times each: a product reading
 registers the next step's decode had overwritten would differ. Times: us per call inside a CUDA
@@ -49,13 +50,14 @@ def _arg(flag: str, default: str) -> str:
 def parse(spec: str) -> L.Gemm16RegsConfig:
     """``f128s4``: 128 features a program, 4 stages, the scales loaded a step ahead, the weight
     decoded in 16-bit pairs; suffixes: ``t`` the scales by TMA in the ring (``t16``: 16 groups
-    a copy), ``x`` decoded through fp32 (as the dequantize kernel)."""
-    m = re.fullmatch(r"f(\d+)s(\d+)(t(16)?)?(x)?(k(\d+))?", spec)
+    a copy), ``x`` decoded through fp32 (as the dequantize kernel), ``k<n>`` K in n slices
+    (``k0``: as many as fill the GPU once), ``p<n>`` stream K with n programs an SM."""
+    m = re.fullmatch(r"f(\d+)s(\d+)(t(16)?)?(x)?(k(\d+))?(p(\d+))?", spec)
     if not m:
-        raise SystemExit(f"bad configuration {spec!r}: f<features>s<stages>[t|t16][x][k<n>]")
+        raise SystemExit(f"bad configuration {spec!r}: f<features>s<stages>[t|t16][x][k<n>][p<n>]")
     return R(block_f=int(m[1]), stages=int(m[2]), scales_tma=bool(m[3]),
              scale_box=16 if m[4] else 8, packed=not m[5],
-             split_k=int(m[7]) if m[6] else 1)  # fmt: skip
+             split_k=int(m[7]) if m[6] else 1, stream_k=int(m[9]) if m[8] else 0)  # fmt: skip
 
 
 def slices(x, case, cfg) -> str:
@@ -136,7 +138,7 @@ def main() -> None:
                     verdict = "ok" if err < S.TOL and same else "WRONG"
                     say(f"  {ename} {N}x{K} M{M} {spec}: rel err {err:.2e}, same bits as"
                         f" pending 0 x{repeat}: {same} -> {verdict}")  # fmt: skip
-                    if verdict != "ok" and cfg.split_k != 1:
+                    if verdict != "ok" and cfg.split_k != 1 and not cfg.stream_k:
                         fn(x, case.ws[0])
                         say(f"    {slices(x, case, cfg)}")
                     if verdict == "ok":

@@ -19,14 +19,16 @@ from qtensors.torch.kernels import launch as L  # noqa: E402
 needs_gluon = pytest.mark.skipif(not R.HAVE_GEMM16_REGS, reason="this Triton has no Gluon")
 
 
-def _compile(M: int, cfg: L.Gemm16RegsConfig, enc: str = "affine", gs: int = 64):
-    """``gemm16_regs_kernel`` for sm_90 as planned for ``M`` rows (K = 4096, bf16, fp16 scales)."""
+def _compile(M: int, cfg: L.Gemm16RegsConfig, enc: str = "affine", gs: int = 64,
+             programs: int = 0):  # fmt: skip
+    """``gemm16_regs_kernel`` for sm_90 as planned for ``M`` rows (K = 4096, bf16, fp16 scales;
+    ``programs``: stream K's)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
     N, K = 4096, 4096
-    meta = dict(L._gemm16_regs_plan(M, N, K, enc, gs, True, cfg)[1])  # (the plan is cached)
+    meta = dict(L._gemm16_regs_plan(M, N, K, enc, gs, True, cfg, 1, programs)[1])  # (cached)
     options = {"num_warps": meta.pop("num_warps")}
     x = torch.zeros(M, K, dtype=torch.bfloat16)
     words = torch.zeros(N, K // 8, dtype=torch.int32)
