@@ -335,34 +335,47 @@ if HAVE_GEMM16_REGS:
                   BLOCK_T: gl.constexpr, ACC: gl.constexpr):  # fmt: skip
         """Stream K: this program's sums over its steps of ``tile`` (``S`` steps a tile). Where
         it took the whole tile, the result; else its partial sums go to its workspace slot (2
-        a program: its first segment's, then its last's; ``BLOCK_F * BLOCK_T`` fp32 each), and
-        the last of the tile's programs to arrive (``lock_ptr``: a counter a tile) adds them in
-        program order (the same result whichever arrives last), writes, and puts the counter
-        back to 0."""
-        rows = (tile // n_t) * BLOCK_F + gl.arange(0, BLOCK_F, layout=gl.SliceLayout(1, ACC))
-        cols = (tile % n_t) * BLOCK_T + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, ACC))
-        mask = gl.expand_dims(rows < N, 1) & gl.expand_dims(cols < M, 0)
+        a program: its first segment's, then its last's; ``[BLOCK_F, BLOCK_T]`` fp32 each, row
+        major), and the last of the tile's programs to arrive (``lock_ptr``: a counter a tile)
+        adds them in program order (the same result whichever arrives last), writes, and puts
+        the counter back to 0. The sum goes a quarter of the columns at a time in a layout of
+        its own (``LS``: 4 consecutive columns a thread): a whole tile's running sum beside its
+        addresses took every register and spilled."""
+        f0 = (tile // n_t) * BLOCK_F
+        t0 = (tile % n_t) * BLOCK_T
+        rows = f0 + gl.arange(0, BLOCK_F, layout=gl.SliceLayout(1, ACC))
+        cols = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, ACC))
         b = tile * S
         first = _owner(b, P, T)
         last = _owner(b + S - 1, P, T)
         if first == last:
+            mask = gl.expand_dims(rows < N, 1) & gl.expand_dims(cols < M, 0)
             _write(acc, rows, cols, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
         else:
             TILE: gl.constexpr = BLOCK_F * BLOCK_T
-            loc = gl.expand_dims(gl.arange(0, BLOCK_F, layout=gl.SliceLayout(1, ACC)), 1) + (
-                gl.expand_dims(gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, ACC)), 0) * BLOCK_F
-            )
+            at = gl.expand_dims(rows - f0, 1) * BLOCK_T + gl.expand_dims(cols - t0, 0)
             # a tile is the first segment of each program that starts in it
             slot = 2 * pid + (_first_step(pid, P, T) < b).to(gl.int32)
-            gl.store(ws_ptr + slot * TILE + loc, acc)
+            gl.store(ws_ptr + slot * TILE + at, acc)
             _cta_barrier()  # every thread's partials are stored before the counter moves
             arrived = gl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
             if arrived == last - first:
-                total = gl.zeros([BLOCK_F, BLOCK_T], gl.float32, ACC)
-                for q in range(first, last + 1):
-                    slot_q = 2 * q + (_first_step(q, P, T) < b).to(gl.int32)
-                    total += gl.load(ws_ptr + slot_q * TILE + loc, cache_modifier=".cg")
-                _write(total, rows, cols, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
+                W: gl.constexpr = BLOCK_T // 4
+                NW: gl.constexpr = ACC.warps_per_cta[0]
+                LS: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (W // 4), W // 4], [NW, 1],
+                                                    [1, 0])  # fmt: skip
+                r = gl.arange(0, BLOCK_F, layout=gl.SliceLayout(1, LS))
+                for h in gl.static_range(4):
+                    c = h * W + gl.arange(0, W, layout=gl.SliceLayout(0, LS))
+                    at_h = gl.expand_dims(r, 1) * BLOCK_T + gl.expand_dims(c, 0)
+                    total = gl.zeros([BLOCK_F, W], gl.float32, LS)
+                    for q in range(first, last + 1):
+                        slot_q = 2 * q + (_first_step(q, P, T) < b).to(gl.int32)
+                        total += gl.load(ws_ptr + slot_q * TILE + at_h, cache_modifier=".cg")
+                    rr = f0 + r
+                    cc = t0 + c
+                    mask = gl.expand_dims(rr < N, 1) & gl.expand_dims(cc < M, 0)
+                    _write(total, rr, cc, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
                 gl.atomic_xchg(lock_ptr + tile, 0)
 
     @gluon.jit(do_not_specialize=["M"])
