@@ -356,7 +356,7 @@ if HAVE_GEMM16_REGS:
             at = gl.expand_dims(rows - f0, 1) * BLOCK_T + gl.expand_dims(cols - t0, 0)
             # a tile is the first segment of each program that starts in it
             slot = 2 * pid + (_first_step(pid, P, T) < b).to(gl.int32)
-            gl.store(ws_ptr + slot * TILE + at, acc)
+            gl.store(ws_ptr + slot * TILE + at, acc, eviction_policy="evict_first")
             _cta_barrier()  # every thread's partials are stored before the counter moves
             arrived = gl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
             if arrived == last - first:
