@@ -110,3 +110,27 @@ def test_saving_nothing_imports_nothing(monkeypatch, fake_gpu):
     rec.save([(*sig[:5], "cpu", 1)])  # would raise ImportError if it imported warm_record
     with pytest.raises(ImportError):
         rec.save([sig])  # (the check above can fail: with something to save, it imports)
+
+
+def test_default_rows_follow_the_gemm16_route(monkeypatch):
+    """With the opt-in gemm16 route on, the warm-up also runs a row count of its 256-row bucket
+    and one past its last (decode + cuBLAS again), so a prompt of 129-256 rows compiles nothing;
+    off, neither (its 128-row bucket starts at ``MMA_MAX_M + 1``, warmed either way)."""
+    from qtensors.torch.kernels import launch
+    from qtensors.torch.warmup import default_rows
+
+    try:
+        monkeypatch.setattr(launch, "GEMM16_ROWS", None)
+        off = default_rows()
+        assert launch.MMA_MAX_M + 1 in off and 129 not in off
+        monkeypatch.setattr(launch, "GEMM16_ROWS", launch.GEMM16_ROWS_ON)
+        on = default_rows()
+        lo, hi = launch.GEMM16_ROWS_ON
+        assert set(on) == set(off) | {129, hi + 1}
+        launch.route.cache_clear()  # (routes are cached by shape)
+        # a weight gemm16's tables have, at each of those row counts
+        assert [launch.route(m, 14336, 4096, "affine", 4, 64, 1, True, True, False) for m in
+                (lo, 129, hi, hi + 1)] == ["gemm16", "gemm16", "gemm16", "decode"]  # fmt: skip
+    finally:
+        monkeypatch.undo()
+        launch.route.cache_clear()

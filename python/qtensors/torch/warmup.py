@@ -12,7 +12,8 @@ Triton's in-process cache (and its on-disk cache, which makes a later process's 
   8-, 16-, 32- and 64-row tiles, fp16 / bf16 activations: a batch's decoding, a short prompt's
   prefill) and ``MMA_MAX_M + 1`` rows (decode the
   weight, then cuBLAS: longer prefills), in the layer's dtype (``kernels/launch.py`` routes by
-  these batch sizes);
+  these batch sizes); with the opt-in gemm16 route on (``launch.use_gemm16()``), also 129 rows
+  (its 256-row bucket's kernels) and one past its last (decode + cuBLAS again);
 * ``QuantizedEmbedding``: a lookup of one row (the row-decoding kernel).
 
 Layers that share shape, encoding, dtype and device share kernels and configuration, so the
@@ -36,14 +37,21 @@ from .modules import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from .siblings import group_of
 
 try:
+    from .kernels import launch as _launch
     from .kernels.launch import FMA_MAX_M, GLUON_TILE8_MAX_M, MMA_MAX_M, TILED_MAX_M
 except Exception:  # no Triton: the CUDA path decodes, nothing to compile
     FMA_MAX_M, TILED_MAX_M, MMA_MAX_M, GLUON_TILE8_MAX_M = 4, 4, 0, 0
+    _launch = None
 
 
 def default_rows() -> tuple[int, ...]:
-    """The batch sizes that reach each kernel specialisation (see the module's docstring)."""
+    """The batch sizes that reach each kernel specialisation (see the module's docstring); the
+    gemm16 route's when it is on at the time of the call."""
     rows = {1, 2, FMA_MAX_M, TILED_MAX_M + 1, MMA_MAX_M + 1}
+    gemm16 = getattr(_launch, "GEMM16_ROWS", None)
+    if gemm16 is not None:  # its buckets (65-128: MMA_MAX_M + 1's, 129-256), then decode again
+        lo, hi = gemm16
+        rows |= {m for m in (lo, 129) if lo <= m <= hi} | {hi + 1}
     # the Gluon kernels' 8-row tiles end at GLUON_TILE8_MAX_M: past it, their 16-row ones
     rows |= {m for m in (GLUON_TILE8_MAX_M + 1, 17, 33) if m <= MMA_MAX_M}
     if TILED_MAX_M > FMA_MAX_M:
