@@ -51,13 +51,33 @@ def parse(spec: str) -> L.Gemm16RegsConfig:
     """``f128s4``: 128 features a program, 4 stages, the scales loaded a step ahead, the weight
     decoded in 16-bit pairs; suffixes: ``t`` the scales by TMA in the ring (``t16``: 16 groups
     a copy), ``x`` decoded through fp32 (as the dequantize kernel), ``k<n>`` K in n slices
-    (``k0``: as many as fill the GPU once), ``p<n>`` stream K with n programs an SM."""
-    m = re.fullmatch(r"f(\d+)s(\d+)(t(16)?)?(x)?(k(\d+))?(p(\d+))?", spec)
+    (``k0``: as many as fill the GPU once), ``p<n>`` stream K with n programs an SM, ``q<n>``
+    (a diagnosis) stream K with n programs a tile (``PER_TILE``)."""
+    m = re.fullmatch(r"f(\d+)s(\d+)(t(16)?)?(x)?(k(\d+))?(([pq])(\d+))?", spec)
     if not m:
-        raise SystemExit(f"bad configuration {spec!r}: f<features>s<stages>[t|t16][x][k<n>][p<n>]")
-    return R(block_f=int(m[1]), stages=int(m[2]), scales_tma=bool(m[3]),
-             scale_box=16 if m[4] else 8, packed=not m[5],
-             split_k=int(m[7]) if m[6] else 1, stream_k=int(m[9]) if m[8] else 0)  # fmt: skip
+        raise SystemExit(f"bad configuration {spec!r}: f<F>s<S>[t|t16][x][k<n>][p<n>|q<n>]")
+    cfg = R(block_f=int(m[1]), stages=int(m[2]), scales_tma=bool(m[3]),
+            scale_box=16 if m[4] else 8, packed=not m[5],
+            split_k=int(m[7]) if m[6] else 1, stream_k=int(m[10]) if m[8] else 0)  # fmt: skip
+    if m[9] == "q":
+        PER_TILE[cfg] = int(m[10])
+    return cfg
+
+
+#: configurations whose stream K runs ``n`` programs a tile instead of ``stream_k`` an SM
+PER_TILE: dict = {}
+_STREAM_K = L.gemm16_regs_stream_k
+
+
+def _stream_k(M, N, K, cfg, device, counted=True):
+    """``launch.gemm16_regs_stream_k``, or ``PER_TILE``'s programs for its configurations."""
+    if cfg in PER_TILE and counted:
+        tiles = -(-M // L.gemm16_regs_rows(M)) * -(-N // cfg.block_f)
+        return min(PER_TILE[cfg] * tiles, tiles * (K // 64))
+    return _STREAM_K(M, N, K, cfg, device, counted)
+
+
+L.gemm16_regs_stream_k = _stream_k
 
 
 def slices(x, case, cfg) -> str:
