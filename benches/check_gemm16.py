@@ -5,7 +5,7 @@ with ``launch.use_gemm16()`` (gemm16 on the table's weights; ``gemm16_regs_gluon
 against decode + ``F.linear`` in fp32; that a quantized Llama layer's down projection takes it,
 and that layer's eager time per call with and without it (with its launch kept,
 ``launch.Gemm16Kept``, and through the full path); ``gemm16_regs_gluon.py``'s configurations
-(one program a tile, split K, stream K) on the same small shapes. Exits non-zero on any
+(one program a tile, split K) on the same small shapes. Exits non-zero on any
 relative error of 2e-2 or more (bf16 output).
 
     python3 benches/check_gemm16.py [--regs-only]
@@ -32,15 +32,15 @@ from qtensors.torch.kernels import launch as L  # noqa: E402
 #: K slice shorter than the others (K / 64 = 9 steps split in 2)
 SMALL = [("int4-affine-g64", 200, 576, 70), ("int4-sym-g64", 256, 512, 130),
          ("int4-affine-g128", 2048, 2048, 256), ("int4-sym-g64", 72, 1024, 97)]  # fmt: skip
-#: ``gemm16_regs_kernel``'s configurations checked on ``SMALL``: one program a tile, split K,
-#: and stream K (on these shapes a tile is shared by up to 9 programs, one step each)
+#: ``gemm16_regs_kernel``'s configurations checked on ``SMALL``: one program a tile (one and
+#: two warpgroups), split K
 REGS = [L.Gemm16RegsConfig(64, 3), L.Gemm16RegsConfig(64, 4, split_k=2),
-        L.Gemm16RegsConfig(64, 3, stream_k=2), L.Gemm16RegsConfig(128, 3, stream_k=1)]  # fmt: skip
+        L.Gemm16RegsConfig(128, 3)]  # fmt: skip
 
 
 def check_regs_small() -> int:
-    """``REGS`` on ``SMALL``, with and without a bias, three calls each (the split-K and stream-K
-    counters must be back at 0 after each): the number of wrong results."""
+    """``REGS`` on ``SMALL``, with and without a bias, three calls each (the split-K counters
+    must be back at 0 after each): the number of wrong results."""
     bad = 0
     for enc, N, K, M in SMALL:
         case = S.Case(enc, N, K)

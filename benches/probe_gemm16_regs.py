@@ -7,8 +7,7 @@ cuBLAS on the bf16 weight, decode + cuBLAS (the route past 64 rows) and ``gemm16
         [--encodings int4-affine-g64,...] [--configs f128s4,f64s3x,...] [--repeat 4]
         [--dtype bf16|fp16]
 
-Configurations ``f<features>s<stages>[t|t16][x][k<n>][p<n>]`` (``parse``). Checks first, for
-each configuration: against decode + ``F.linear`` in fp32 (relative error <
+Checks first, for each configuration: against decode + ``F.linear`` in fp32 (relative error <
 2e-2, reported), and bit for bit against the same configuration with no product in flight
 (``pending`` 0: the same sums in the same order), ``--repeat`` times each: a product reading
 registers the next step's decode had overwritten would differ. Times: us per call inside a CUDA
@@ -50,34 +49,13 @@ def _arg(flag: str, default: str) -> str:
 def parse(spec: str) -> L.Gemm16RegsConfig:
     """``f128s4``: 128 features a program, 4 stages, the scales loaded a step ahead, the weight
     decoded in 16-bit pairs; suffixes: ``t`` the scales by TMA in the ring (``t16``: 16 groups
-    a copy), ``x`` decoded through fp32 (as the dequantize kernel), ``k<n>`` K in n slices
-    (``k0``: as many as fill the GPU once), ``p<n>`` stream K with n programs an SM, ``q<n>``
-    (a diagnosis) stream K with n programs a tile (``PER_TILE``)."""
-    m = re.fullmatch(r"f(\d+)s(\d+)(t(16)?)?(x)?(k(\d+))?(([pq])(\d+))?", spec)
+    a copy), ``x`` decoded through fp32 (as the dequantize kernel)."""
+    m = re.fullmatch(r"f(\d+)s(\d+)(t(16)?)?(x)?(k(\d+))?", spec)
     if not m:
-        raise SystemExit(f"bad configuration {spec!r}: f<F>s<S>[t|t16][x][k<n>][p<n>|q<n>]")
-    cfg = R(block_f=int(m[1]), stages=int(m[2]), scales_tma=bool(m[3]),
-            scale_box=16 if m[4] else 8, packed=not m[5],
-            split_k=int(m[7]) if m[6] else 1, stream_k=int(m[10]) if m[8] else 0)  # fmt: skip
-    if m[9] == "q":
-        PER_TILE[cfg] = int(m[10])
-    return cfg
-
-
-#: configurations whose stream K runs ``n`` programs a tile instead of ``stream_k`` an SM
-PER_TILE: dict = {}
-_STREAM_K = L.gemm16_regs_stream_k
-
-
-def _stream_k(M, N, K, cfg, device, counted=True):
-    """``launch.gemm16_regs_stream_k``, or ``PER_TILE``'s programs for its configurations."""
-    if cfg in PER_TILE and counted:
-        tiles = -(-M // L.gemm16_regs_rows(M)) * -(-N // cfg.block_f)
-        return min(PER_TILE[cfg] * tiles, tiles * (K // 64))
-    return _STREAM_K(M, N, K, cfg, device, counted)
-
-
-L.gemm16_regs_stream_k = _stream_k
+        raise SystemExit(f"bad configuration {spec!r}: f<features>s<stages>[t|t16][x][k<n>]")
+    return R(block_f=int(m[1]), stages=int(m[2]), scales_tma=bool(m[3]),
+             scale_box=16 if m[4] else 8, packed=not m[5],
+             split_k=int(m[7]) if m[6] else 1)  # fmt: skip
 
 
 def slices(x, case, cfg) -> str:
@@ -158,7 +136,7 @@ def main() -> None:
                     verdict = "ok" if err < S.TOL and same else "WRONG"
                     say(f"  {ename} {N}x{K} M{M} {spec}: rel err {err:.2e}, same bits as"
                         f" pending 0 x{repeat}: {same} -> {verdict}")  # fmt: skip
-                    if verdict != "ok" and cfg.split_k != 1 and not cfg.stream_k:
+                    if verdict != "ok" and cfg.split_k != 1:
                         fn(x, case.ws[0])
                         say(f"    {slices(x, case, cfg)}")
                     if verdict == "ok":

@@ -19,16 +19,14 @@ from qtensors.torch.kernels import launch as L  # noqa: E402
 needs_gluon = pytest.mark.skipif(not R.HAVE_GEMM16_REGS, reason="this Triton has no Gluon")
 
 
-def _compile(M: int, cfg: L.Gemm16RegsConfig, enc: str = "affine", gs: int = 64,
-             programs: int = 0):  # fmt: skip
-    """``gemm16_regs_kernel`` for sm_90 as planned for ``M`` rows (K = 4096, bf16, fp16 scales;
-    ``programs``: stream K's)."""
+def _compile(M: int, cfg: L.Gemm16RegsConfig, enc: str = "affine", gs: int = 64):
+    """``gemm16_regs_kernel`` for sm_90 as planned for ``M`` rows (K = 4096, bf16, fp16 scales)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
     N, K = 4096, 4096
-    meta = dict(L._gemm16_regs_plan(M, N, K, enc, gs, True, cfg, 1, programs)[1])  # (cached)
+    meta = dict(L._gemm16_regs_plan(M, N, K, enc, gs, True, cfg)[1])  # (the plan is cached)
     options = {"num_warps": meta.pop("num_warps")}
     x = torch.zeros(M, K, dtype=torch.bfloat16)
     words = torch.zeros(N, K // 8, dtype=torch.int32)
@@ -229,67 +227,3 @@ def test_paired_decode_bits(dt):
             sd, md = (torch.tensor(v).to(dt).double() for v in (s, m))
             want = [float((float(c) * sd + md).to(dt)) for c in (b & 15, b >> 4)]
             assert [lo, hi] == want, (a, b)
-
-
-@needs_gluon
-@pytest.mark.parametrize("M, programs", [(256, 264), (128, 396)])
-def test_stream_k_compiles_for_sm90(M, programs):
-    """Stream K's kernel: the same product loop (a product in flight, no operand hazard), no
-    register spills (the tile's sum in quarters: a whole one spilled at 256 rows and ran 3-7x
-    slower on the H200), and the tile counters' atomics."""
-    sass = _sass(_compile(M, L.Gemm16RegsConfig(64, 3), programs=programs))
-    assert f"HGMMA.64x{L.gemm16_regs_rows(M)}x16.F32.BF16 R24, R" in sass
-    assert "STL" not in sass and "LDL" not in sass
-    assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass
-    assert wgmma_operand_hazards(sass) == []
-    assert "ATOM" in sass or "RED" in sass
-
-
-def _first_step(p: int, P: int, T: int) -> int:
-    """``gemm16_regs_gluon._first_step``, in Python."""
-    return p * T // P
-
-
-def _owner(step: int, P: int, T: int) -> int:
-    """``gemm16_regs_gluon._owner``, in Python."""
-    return ((step + 1) * P + T - 1) // T - 1
-
-
-@pytest.mark.parametrize(
-    "tiles, S, P",
-    [(224, 64, 264), (4, 9, 36), (2, 16, 32), (128, 128, 264), (3, 5, 7), (64, 224, 132),
-     (1, 1, 1), (5, 3, 15)],
-)  # fmt: skip
-def test_stream_k_partition(tiles, S, P):
-    """Stream K's arithmetic, replayed as the kernel does it: each step is taken by the program
-    ``_owner`` names, within that program's range; a program's segments are its range cut at
-    tile ends; each tile's parts are its programs ``_owner(first step)`` to ``_owner(last
-    step)``, each with one segment of it; and the workspace slot each writes (0: its first
-    segment, 1: another) is the one the last reader computes for it and no other part's."""
-    T = tiles * S
-    covered = [0] * T
-    parts = {}  # tile -> {program: (slot written, its steps)}
-    for p in range(P):
-        it, end = _first_step(p, P, T), _first_step(p + 1, P, T)
-        first_seg = True
-        while it < end:
-            tile = it // S
-            k1 = min(end - tile * S, S)
-            for step in range(it, tile * S + k1):
-                covered[step] += 1
-                assert _owner(step, P, T) == p
-            written = 2 * p + (_first_step(p, P, T) < tile * S)
-            assert written == 2 * p + (not first_seg)
-            assert p not in parts.setdefault(tile, {})
-            parts[tile][p] = (written, tile * S + k1 - it)
-            it = tile * S + k1
-            first_seg = False
-    assert covered == [1] * T
-    for tile, by_program in parts.items():
-        b = tile * S
-        first, last = _owner(b, P, T), _owner(b + S - 1, P, T)
-        assert sorted(by_program) == list(range(first, last + 1))
-        assert sum(n for _, n in by_program.values()) == S
-        read = [2 * q + (_first_step(q, P, T) < b) for q in range(first, last + 1)]
-        assert read == [by_program[q][0] for q in range(first, last + 1)]
-        assert len(set(read)) == len(read)

@@ -43,7 +43,7 @@ try:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401 (launch)
 
     from .gemm16_gluon import _cta_barrier, _tma_load
-    from .mma_int8_gluon import _store, _write
+    from .mma_int8_gluon import _store
 
     HAVE_GEMM16_REGS = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
@@ -210,13 +210,12 @@ if HAVE_GEMM16_REGS:
                                          dtype=sv.dtype, is_pure=True, pack=2)  # fmt: skip
 
     @gluon.jit
-    def _refill(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, base, i, n_steps, t0, f0,
-                s0, GS: gl.constexpr, ENC: gl.constexpr, SCALES_TMA: gl.constexpr):  # fmt: skip
+    def _refill(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, i, n_steps, t0, f0, s0,
+                GS: gl.constexpr, ENC: gl.constexpr, SCALES_TMA: gl.constexpr):  # fmt: skip
         """Start copying step ``i``'s activations, codes and (8 groups from its own) scales and
-        mins (if the segment has the step) into its ring slot, on one barrier (``base``: the
-        steps the program's ring took before this segment)."""
+        mins (if the slice has the step) into its ring slot, on one barrier."""
         STAGES: gl.constexpr = xs.shape[0]
-        slot = (base + i) % STAGES
+        slot = i % STAGES
         pred = i < n_steps
         SB: gl.constexpr = (s_desc.block_type.nbytes * (2 if ENC == 0 else 1)) if SCALES_TMA else 0
         NB: gl.constexpr = x_desc.block_type.nbytes + c_desc.block_type.nbytes + SB
@@ -231,8 +230,8 @@ if HAVE_GEMM16_REGS:
                 _tma_load(m_desc, [f0, (k * 64) // GS], bar, ms.index(slot), pred=pred)
 
     @gluon.jit
-    def _issue(acc, base, i, s_i, m_i, n_steps, N, xs, cs, ss, ms, bars, scales_ptr, mins_ptr, G,
-               f0, s0, dt: gl.constexpr, GS: gl.constexpr, ENC: gl.constexpr, L4: gl.constexpr,
+    def _issue(acc, i, s_i, m_i, n_steps, N, xs, cs, ss, ms, bars, scales_ptr, mins_ptr, G, f0, s0,
+               dt: gl.constexpr, GS: gl.constexpr, ENC: gl.constexpr, L4: gl.constexpr,
                DOT_A: gl.constexpr, LWV: gl.constexpr, LSV: gl.constexpr,
                SCALES_TMA: gl.constexpr, PACKED: gl.constexpr):  # fmt: skip
         """Step ``i``: wait for its ring slot, decode its weight and start its product (async).
@@ -243,12 +242,12 @@ if HAVE_GEMM16_REGS:
         BLOCK_F: gl.constexpr = cs.shape[1]
         LW: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, L4))
         LR: gl.constexpr = gl.SliceLayout(1, LW)
-        slot = (base + i) % STAGES
+        slot = i % STAGES
         if not SCALES_TMA:  # the last step loads its own again (in bounds)
             nxt = gl.minimum(i + 1, n_steps - 1)
             s_n, m_n = _scales_global(scales_ptr, mins_ptr, N, G, f0, ((s0 + nxt) * 64) // GS,
                                       BLOCK_F, LR, ENC)  # fmt: skip
-        mbarrier.wait(bars.index(slot), ((base + i) // STAGES) & 1)
+        mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
         # the codes as loaded (LWV) are LW's: the same lanes, registers renamed
         words = gl.convert_layout(cs.index(slot).load(LWV), LW)
         if SCALES_TMA:
@@ -257,126 +256,6 @@ if HAVE_GEMM16_REGS:
         a = _decode(words, s_i, m_i, dt, ENC, L4, DOT_A, PACKED)
         acc = warpgroup_mma(a, xs.index(slot).permute([1, 0]), acc, is_async=True)
         return acc, a, s_n, m_n
-
-    @gluon.jit
-    def _segment(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, base, n_steps, t0, f0, s0,
-                 N, G, scales_ptr, mins_ptr, dt: gl.constexpr, GS: gl.constexpr,
-                 ENC: gl.constexpr, ACC: gl.constexpr, DOT_A: gl.constexpr, L4: gl.constexpr,
-                 LWV: gl.constexpr, LSV: gl.constexpr, PENDING: gl.constexpr,
-                 SCALES_TMA: gl.constexpr, PACKED: gl.constexpr):  # fmt: skip
-        """The fp32 sums ``[BLOCK_F, BLOCK_T]`` of one tile over ``n_steps`` (1+) steps from
-        step ``s0``, through the ring (``base``: the steps it took before; every product of
-        them retired and every warp past them).
-
-        The steps go in pairs, each with its own operand registers: step ``i + 1`` is decoded
-        while step ``i``'s product reads the other set (``PENDING`` = 1; 0: none in flight, a
-        check: the same sums in the same order)."""
-        STAGES: gl.constexpr = xs.shape[0]
-        BLOCK_F: gl.constexpr = cs.shape[1]
-        BLOCK_T: gl.constexpr = xs.shape[1]
-        for st in gl.static_range(STAGES):
-            _refill(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, base, st, n_steps, t0,
-                    f0, s0, GS, ENC, SCALES_TMA)  # fmt: skip
-
-        # step 0, peeled: no path may zero the accumulator between products in flight
-        LR: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L4)))
-        if SCALES_TMA:
-            s_i = gl.zeros([BLOCK_F], gl.float32, LR)  # (from the ring instead)
-            m_i = s_i
-        else:
-            s_i, m_i = _scales_global(scales_ptr, mins_ptr, N, G, f0, (s0 * 64) // GS, BLOCK_F, LR,
-                                      ENC)  # fmt: skip
-        acc = gl.zeros([BLOCK_F, BLOCK_T], gl.float32, ACC)
-        acc, a_even, s_i, m_i = _issue(acc, base, 0, s_i, m_i, n_steps, N, xs, cs, ss, ms, bars,
-                                       scales_ptr, mins_ptr, G, f0, s0, dt, GS, ENC, L4, DOT_A,
-                                       LWV, LSV, SCALES_TMA, PACKED)  # fmt: skip
-        # (waits for none: the loop carries the accumulator as the wait's tensor)
-        acc, a_even = warpgroup_mma_wait(num_outstanding=1, deps=[acc, a_even])
-        for j in range((n_steps - 1) // 2):
-            i = 1 + 2 * j
-            acc, a_odd, s_i, m_i = _issue(acc, base, i, s_i, m_i, n_steps, N, xs, cs, ss, ms,
-                                          bars, scales_ptr, mins_ptr, G, f0, s0, dt, GS, ENC, L4,
-                                          DOT_A, LWV, LSV, SCALES_TMA, PACKED)  # fmt: skip
-            acc, a_even = warpgroup_mma_wait(num_outstanding=PENDING, deps=[acc, a_even])
-            _cta_barrier()  # every warpgroup's product i - 1 is done: refill its slot
-            _refill(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, base, i - 1 + STAGES,
-                    n_steps, t0, f0, s0, GS, ENC, SCALES_TMA)  # fmt: skip
-            acc, a_even, s_i, m_i = _issue(acc, base, i + 1, s_i, m_i, n_steps, N, xs, cs, ss, ms,
-                                           bars, scales_ptr, mins_ptr, G, f0, s0, dt, GS, ENC, L4,
-                                           DOT_A, LWV, LSV, SCALES_TMA, PACKED)  # fmt: skip
-            acc, a_odd = warpgroup_mma_wait(num_outstanding=PENDING, deps=[acc, a_odd])
-            _cta_barrier()
-            _refill(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, base, i + STAGES,
-                    n_steps, t0, f0, s0, GS, ENC, SCALES_TMA)  # fmt: skip
-        if n_steps % 2 == 0:  # the last step, unpaired (its slot is never refilled)
-            acc, a_odd, s_i, m_i = _issue(acc, base, n_steps - 1, s_i, m_i, n_steps, N, xs, cs,
-                                          ss, ms, bars, scales_ptr, mins_ptr, G, f0, s0, dt, GS,
-                                          ENC, L4, DOT_A, LWV, LSV, SCALES_TMA,
-                                          PACKED)  # fmt: skip
-            acc, a_even, a_odd = warpgroup_mma_wait(num_outstanding=0, deps=[acc, a_even, a_odd])
-        else:
-            acc, a_even = warpgroup_mma_wait(num_outstanding=0, deps=[acc, a_even])
-        return acc
-
-    @gluon.jit
-    def _first_step(p, P, T):
-        """Stream K: the first of the ``T`` steps (tiles x steps a tile, tile-major) that program
-        ``p`` of ``P`` takes, ``floor(p T / P)``; it takes them up to program ``p + 1``'s."""
-        return (p.to(gl.int64) * T // P).to(gl.int32)
-
-    @gluon.jit
-    def _owner(step, P, T):
-        """Stream K: the program that takes ``step``, ``ceil((step + 1) P / T) - 1``."""
-        return (((step + 1).to(gl.int64) * P + T - 1) // T - 1).to(gl.int32)
-
-    @gluon.jit
-    def _sk_store(acc, tile, pid, P, T, S, n_t, M, N, out_ptr, stride_om, bias_ptr, ws_ptr,
-                  lock_ptr, HAS_BIAS: gl.constexpr, BLOCK_F: gl.constexpr,
-                  BLOCK_T: gl.constexpr, ACC: gl.constexpr):  # fmt: skip
-        """Stream K: this program's sums over its steps of ``tile`` (``S`` steps a tile). Where
-        it took the whole tile, the result; else its partial sums go to its workspace slot (2
-        a program: its first segment's, then its last's; ``[BLOCK_F, BLOCK_T]`` fp32 each, row
-        major), and the last of the tile's programs to arrive (``lock_ptr``: a counter a tile)
-        adds them in program order (the same result whichever arrives last), writes, and puts
-        the counter back to 0. The sum goes a quarter of the columns at a time in a layout of
-        its own (``LS``: 4 consecutive columns a thread): a whole tile's running sum beside its
-        addresses took every register and spilled."""
-        f0 = (tile // n_t) * BLOCK_F
-        t0 = (tile % n_t) * BLOCK_T
-        rows = f0 + gl.arange(0, BLOCK_F, layout=gl.SliceLayout(1, ACC))
-        cols = t0 + gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, ACC))
-        b = tile * S
-        first = _owner(b, P, T)
-        last = _owner(b + S - 1, P, T)
-        if first == last:
-            mask = gl.expand_dims(rows < N, 1) & gl.expand_dims(cols < M, 0)
-            _write(acc, rows, cols, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
-        else:
-            TILE: gl.constexpr = BLOCK_F * BLOCK_T
-            at = gl.expand_dims(rows - f0, 1) * BLOCK_T + gl.expand_dims(cols - t0, 0)
-            # a tile is the first segment of each program that starts in it
-            slot = 2 * pid + (_first_step(pid, P, T) < b).to(gl.int32)
-            gl.store(ws_ptr + slot * TILE + at, acc, eviction_policy="evict_first")
-            _cta_barrier()  # every thread's partials are stored before the counter moves
-            arrived = gl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
-            if arrived == last - first:
-                W: gl.constexpr = BLOCK_T // 4
-                NW: gl.constexpr = ACC.warps_per_cta[0]
-                LS: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (W // 4), W // 4], [NW, 1],
-                                                    [1, 0])  # fmt: skip
-                r = gl.arange(0, BLOCK_F, layout=gl.SliceLayout(1, LS))
-                for h in gl.static_range(4):
-                    c = h * W + gl.arange(0, W, layout=gl.SliceLayout(0, LS))
-                    at_h = gl.expand_dims(r, 1) * BLOCK_T + gl.expand_dims(c, 0)
-                    total = gl.zeros([BLOCK_F, W], gl.float32, LS)
-                    for q in range(first, last + 1):
-                        slot_q = 2 * q + (_first_step(q, P, T) < b).to(gl.int32)
-                        total += gl.load(ws_ptr + slot_q * TILE + at_h, cache_modifier=".cg")
-                    rr = f0 + r
-                    cc = t0 + c
-                    mask = gl.expand_dims(rr < N, 1) & gl.expand_dims(cc < M, 0)
-                    _write(total, rr, cc, mask, N, out_ptr, stride_om, bias_ptr, HAS_BIAS)
-                gl.atomic_xchg(lock_ptr + tile, 0)
 
     @gluon.jit(do_not_specialize=["M"])
     def gemm16_regs_kernel(
@@ -414,7 +293,6 @@ if HAVE_GEMM16_REGS:
         PENDING: gl.constexpr = 1,
         SCALES_TMA: gl.constexpr = False,
         PACKED: gl.constexpr = True,
-        STREAM_K: gl.constexpr = False,
     ):
         """TMA descriptors: ``x_desc`` the activations ``[M, K]`` (block ``[BLOCK_T, 64]``,
         ``X_SL``), ``c_desc`` the codes as int32 words ``[N, K / 8]`` (block ``[BLOCK_F, 8]``,
@@ -427,15 +305,20 @@ if HAVE_GEMM16_REGS:
         (unused with ``SPLIT_K`` = 1); grid axis 1 the K slices of ``k_steps`` steps each (at
         least one). K and the group size multiples of 64.
 
-        ``STREAM_K``: a grid of ``k_steps`` programs (as many as the GPU holds at once, not one
-        a tile), which share the tiles' steps evenly, in tile order, each taking its share in
-        segments of one tile each; a tile taken in parts is summed by ``_sk_store`` (``ws_ptr``:
-        two ``[BLOCK_F, BLOCK_T]`` slots a program). So no SM waits idle while others take a
-        last wave of tiles (224 tiles of 14336 x 4096 on 132 SMs that hold 2 each: 85% of
-        them busy for the whole kernel)."""
+        The steps go in pairs, each with its own operand registers: step ``i + 1`` is decoded
+        while step ``i``'s product reads the other set (``PENDING`` = 1; 0: none in flight, a
+        check: the same sums in the same order)."""
         dt: gl.constexpr = x_desc.block_type.element_ty
         pid = gl.program_id(0)
         n_t = gl.cdiv(M, BLOCK_T)
+        pid_t = pid % n_t
+        pid_f = pid // n_t
+        t0 = pid_t * BLOCK_T
+        pid_k = gl.program_id(1)
+        s0 = pid_k * k_steps
+        n_steps = gl.minimum(K // 64 - s0, k_steps)
+
+        f0 = pid_f * BLOCK_F
         xs = gl.allocate_shared_memory(dt, [STAGES, BLOCK_T, 64], X_SL)
         st_dt: gl.constexpr = s_desc.block_type.element_ty
         cs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_F, 8], C_SL)
@@ -450,37 +333,48 @@ if HAVE_GEMM16_REGS:
         for st in gl.static_range(STAGES):
             mbarrier.init(bars.index(st), count=1)
         fence_async_shared()
-        if STREAM_K:
-            P = k_steps
-            S = K // 64
-            T = n_t * gl.cdiv(N, BLOCK_F) * S
-            it = _first_step(pid, P, T)
-            end = _first_step(pid + 1, P, T)
-            base = it * 0  # the steps the ring has taken
-            while it < end:
-                tile = it // S
-                k0 = it - tile * S
-                k1 = gl.minimum(end - tile * S, S)
-                acc = _segment(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, base, k1 - k0,
-                               (tile % n_t) * BLOCK_T, (tile // n_t) * BLOCK_F, k0, N, G,
-                               scales_ptr, mins_ptr, dt, GS, ENC, ACC, DOT_A, L4, LWV, LSV,
-                               PENDING, SCALES_TMA, PACKED)  # fmt: skip
-                _sk_store(acc, tile, pid, P, T, S, n_t, M, N, out_ptr, stride_om, bias_ptr,
-                          ws_ptr, lock_ptr, HAS_BIAS, BLOCK_F, BLOCK_T, ACC)  # fmt: skip
-                base += k1 - k0
-                it = tile * S + k1
-                _cta_barrier()  # every warp is done with the ring before the next refills it
+        for st in gl.static_range(STAGES):
+            _refill(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, st, n_steps, t0, f0,
+                    s0, GS, ENC, SCALES_TMA)  # fmt: skip
+
+        # step 0, peeled: no path may zero the accumulator between products in flight
+        LR: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L4)))
+        if SCALES_TMA:
+            s_i = gl.zeros([BLOCK_F], gl.float32, LR)  # (from the ring instead)
+            m_i = s_i
         else:
-            pid_t = pid % n_t
-            pid_f = pid // n_t
-            pid_k = gl.program_id(1)
-            s0 = pid_k * k_steps
-            n_steps = gl.minimum(K // 64 - s0, k_steps)
-            acc = _segment(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, 0, n_steps,
-                           pid_t * BLOCK_T, pid_f * BLOCK_F, s0, N, G, scales_ptr, mins_ptr, dt,
-                           GS, ENC, ACC, DOT_A, L4, LWV, LSV, PENDING, SCALES_TMA,
-                           PACKED)  # fmt: skip
-            _store(acc, pid, pid_k, pid_f, pid_t, M, N, out_ptr, stride_om, bias_ptr, ws_ptr,
-                   lock_ptr, HAS_BIAS, SPLIT_K, BLOCK_F, BLOCK_T, ACC)  # fmt: skip
+            s_i, m_i = _scales_global(scales_ptr, mins_ptr, N, G, f0, (s0 * 64) // GS, BLOCK_F, LR,
+                                      ENC)  # fmt: skip
+        acc = gl.zeros([BLOCK_F, BLOCK_T], gl.float32, ACC)
+        acc, a_even, s_i, m_i = _issue(acc, 0, s_i, m_i, n_steps, N, xs, cs, ss, ms, bars,
+                                       scales_ptr, mins_ptr, G, f0, s0, dt, GS, ENC, L4, DOT_A,
+                                       LWV, LSV, SCALES_TMA, PACKED)  # fmt: skip
+        # (waits for none: the loop carries the accumulator as the wait's tensor)
+        acc, a_even = warpgroup_mma_wait(num_outstanding=1, deps=[acc, a_even])
+        for j in range((n_steps - 1) // 2):
+            i = 1 + 2 * j
+            acc, a_odd, s_i, m_i = _issue(acc, i, s_i, m_i, n_steps, N, xs, cs, ss, ms, bars,
+                                          scales_ptr, mins_ptr, G, f0, s0, dt, GS, ENC, L4,
+                                          DOT_A, LWV, LSV, SCALES_TMA, PACKED)  # fmt: skip
+            acc, a_even = warpgroup_mma_wait(num_outstanding=PENDING, deps=[acc, a_even])
+            _cta_barrier()  # every warpgroup's product i - 1 is done: refill its slot
+            _refill(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, i - 1 + STAGES,
+                    n_steps, t0, f0, s0, GS, ENC, SCALES_TMA)  # fmt: skip
+            acc, a_even, s_i, m_i = _issue(acc, i + 1, s_i, m_i, n_steps, N, xs, cs, ss, ms, bars,
+                                           scales_ptr, mins_ptr, G, f0, s0, dt, GS, ENC, L4,
+                                           DOT_A, LWV, LSV, SCALES_TMA, PACKED)  # fmt: skip
+            acc, a_odd = warpgroup_mma_wait(num_outstanding=PENDING, deps=[acc, a_odd])
+            _cta_barrier()
+            _refill(x_desc, c_desc, s_desc, m_desc, xs, cs, ss, ms, bars, i + STAGES, n_steps,
+                    t0, f0, s0, GS, ENC, SCALES_TMA)  # fmt: skip
+        if n_steps % 2 == 0:  # the last step, unpaired (its slot is never refilled)
+            acc, a_odd, s_i, m_i = _issue(acc, n_steps - 1, s_i, m_i, n_steps, N, xs, cs, ss, ms,
+                                          bars, scales_ptr, mins_ptr, G, f0, s0, dt, GS, ENC,
+                                          L4, DOT_A, LWV, LSV, SCALES_TMA, PACKED)  # fmt: skip
+            acc, a_even, a_odd = warpgroup_mma_wait(num_outstanding=0, deps=[acc, a_even, a_odd])
+        else:
+            acc, a_even = warpgroup_mma_wait(num_outstanding=0, deps=[acc, a_even])
         for st in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(st))
+        _store(acc, pid, pid_k, pid_f, pid_t, M, N, out_ptr, stride_om, bias_ptr, ws_ptr,
+               lock_ptr, HAS_BIAS, SPLIT_K, BLOCK_F, BLOCK_T, ACC)  # fmt: skip

@@ -1176,9 +1176,7 @@ class Gemm16RegsConfig:
     16-bit values, ~3 instructions a weight; off: through fp32 as the dequantize kernel, ~5.5).
     ``split_k``: K slices a tile (1, the default; 0: as many as fill the GPU once; split K,
     which summed wrong at stop 37, is right since the race was fixed:
-    ``benches/results/gpu_gemm16_regs_split_h200.txt``). ``stream_k``: programs an SM (0: off,
-    a program a tile and K slice); on, that many programs an SM share the tiles' steps evenly
-    (``split_k`` unused), so no SM idles through a last partial wave of tiles."""
+    ``benches/results/gpu_gemm16_regs_split_h200.txt``)."""
 
     block_f: int = 128
     stages: int = 4
@@ -1187,7 +1185,6 @@ class Gemm16RegsConfig:
     scale_box: int = 8
     packed: bool = True
     split_k: int = 1
-    stream_k: int = 0
 
 
 _G16R = Gemm16RegsConfig
@@ -1233,9 +1230,9 @@ def gemm16_regs_rows(M: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def _gemm16_regs_plan(M: int, N: int, K: int, encoding: str, g: int, has_bias: bool,
-                      cfg: Gemm16RegsConfig, split: int = 1, programs: int = 0):  # fmt: skip
+                      cfg: Gemm16RegsConfig, split: int = 1):  # fmt: skip
     """(grid, constexprs and options, their hashable key) of one ``gemm16_regs_kernel``
-    launch (``programs``: stream K's, 0 without it)."""
+    launch."""
     block_t = gemm16_regs_rows(M)
     meta = dict(
         ENC=gemm16_regs_gluon.GEMM16_REGS_ENC[encoding],
@@ -1248,23 +1245,10 @@ def _gemm16_regs_plan(M: int, N: int, K: int, encoding: str, g: int, has_bias: b
         PENDING=cfg.pending,
         SCALES_TMA=cfg.scales_tma,
         PACKED=cfg.packed,
-        STREAM_K=programs > 0,
         **gemm16_regs_gluon.layouts(cfg.block_f, block_t),
     )
-    grid = (programs, 1) if programs else (-(-M // block_t) * -(-N // cfg.block_f), split)
+    grid = (-(-M // block_t) * -(-N // cfg.block_f), split)
     return grid, meta, tuple(sorted((k, str(v)) for k, v in meta.items()))
-
-
-def gemm16_regs_stream_k(M: int, N: int, K: int, cfg: Gemm16RegsConfig, device: torch.device,
-                         counted: bool = True) -> int:  # fmt: skip
-    """Stream K's programs for this launch: ``cfg.stream_k`` an SM, at most one a step; 0 (a
-    program a tile) where it is off, there are no counters (``counted``) or too few for the
-    tiles."""
-    tiles = -(-M // gemm16_regs_rows(M)) * -(-N // cfg.block_f)
-    if not cfg.stream_k or not counted or tiles > LOCK_SLOTS:
-        return 0
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return min(cfg.stream_k * sms, tiles * (K // 64))
 
 
 def gemm16_regs_split(M: int, N: int, K: int, cfg: Gemm16RegsConfig, device: torch.device,
@@ -1303,19 +1287,11 @@ def gemm16_regs_linear(
     if done:
         return out
     cfg = config or Gemm16RegsConfig()
-    programs = gemm16_regs_stream_k(M, N, K, cfg, x2.device, counted=locks is not None)
-    if programs:  # (k_steps: the kernel's program count)
-        split, k_steps = 1, programs
-    else:
-        split, k_steps = gemm16_regs_split(M, N, K, cfg, x2.device, counted=locks is not None)
+    split, k_steps = gemm16_regs_split(M, N, K, cfg, x2.device, counted=locks is not None)
     grid, meta, meta_key = _gemm16_regs_plan(M, N, K, encoding, group_size, bias is not None,
-                                             cfg, split, programs)  # fmt: skip
-    if programs:  # two tiles' partial sums a program
-        ws = _workspace(x2.device, (2 * programs, meta["BLOCK_T"] * cfg.block_f))
-    elif split > 1:  # slice k's partial sums at k * M * N: a buffer per row bucket, any M
-        ws = _workspace(x2.device, (split, gemm16_rows(M), N))
-    else:
-        ws = out
+                                             cfg, split)  # fmt: skip
+    # slice k's partial sums at k * M * N: one buffer per row bucket holds any M of it
+    ws = _workspace(x2.device, (split, gemm16_rows(M), N)) if split > 1 else out
     TD = gemm16_regs_gluon.TensorDescriptor
     x_desc = TD(x2, [M, K], [x2.stride(0), 1], [meta["BLOCK_T"], 64], meta["X_SL"])
     c_desc = _words_descriptor(codes, N, K, [cfg.block_f, 8], meta["C_SL"])
