@@ -227,3 +227,43 @@ def test_paired_decode_bits(dt):
             sd, md = (torch.tensor(v).to(dt).double() for v in (s, m))
             want = [float((float(c) * sd + md).to(dt)) for c in (b & 15, b >> 4)]
             assert [lo, hi] == want, (a, b)
+
+
+@needs_gluon
+def test_kept_launch_takes_new_rows(monkeypatch):
+    """``Gemm16RegsKept``: a ``gemm16_regs_kernel`` launch noted at 200 rows, called with 130,
+    launches the same kernel with the new activations' descriptor, rows, grid and output (the
+    output also as the workspace and counters where it stood for them); every other argument
+    the noted one's."""
+    M, N, K = 200, 192, 512
+    cfg = L.Gemm16RegsConfig(64, 3)
+    grid, meta, _ = L._gemm16_regs_plan(M, N, K, "affine", 64, False, cfg)
+    x = torch.zeros(M, K, dtype=torch.bfloat16)
+    out = torch.empty(M, N, dtype=torch.bfloat16)
+    TD = R.TensorDescriptor
+    x_desc = TD(x, [M, K], [K, 1], [256, 64], meta["X_SL"])
+    c_desc, scales, mins = object(), torch.ones(3), torch.ones(3)
+    # split 1, no counters: the output stands for the workspace and the counters
+    args = (x_desc, c_desc, c_desc, c_desc, scales, mins, scales, out, out, out, M, N, K,
+            K // 64, N, K // 64)  # fmt: skip
+    calls = []
+    hit = (lambda *a: calls.append(a), "function", "packed", ("tail",))
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 7, raising=False)
+    kept = L.Gemm16RegsKept([(hit, grid, args, 0)], x, out, None)
+    assert grid == (3, 1) and kept.col_tiles == 3 and kept.block_m == 256
+
+    x2 = torch.ones(130, K, dtype=torch.bfloat16)
+    got = kept(x2)
+    assert got.shape == (130, N)
+    (a,) = calls
+    assert a[:9] == (3, 1, 1, 7, "function", "packed", None, None, None)
+    launched = a[9:]
+    assert launched[-1] == "tail" and len(launched) == len(args) + 1
+    d = launched[0]
+    assert isinstance(d, TD) and d.base is x2 and list(d.shape) == [130, K]
+    assert launched[7] is got and launched[8] is got and launched[9] is got
+    assert launched[10] == 130
+    for i in (1, 2, 3, 4, 5, 6, 11, 12, 13, 14, 15):
+        assert launched[i] is args[i]
+    with pytest.raises(ValueError, match="activations"):
+        L.Gemm16RegsKept([(hit, grid, args, 0)], x.clone(), out, None)

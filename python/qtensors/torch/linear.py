@@ -481,19 +481,33 @@ def _decode_then_linear(p, x, codes, scales, mins, bias, shape, encoding, bits, 
     return linear_rows(x, w, None if bias is None else bias.to(x.dtype))
 
 
-def _gemm16(p, x2, bias, N, K, encoding, group_size):
-    """``launch.gemm16_linear`` with its launch kept per activations' dtype and row bucket
-    (``launch.Gemm16Kept``): from a weight's second call in a bucket on, a call makes the
+def _gemm16(p, x2, bias, N, K, encoding, group_size, regs=None):
+    """``launch.gemm16_linear`` (``regs``: ``gemm16_regs_linear`` with that configuration) with
+    its launch kept per activations' dtype and row bucket (``launch.Gemm16Kept``,
+    ``Gemm16RegsKept``): from a weight's second call in a bucket on, a call makes the
     activations' descriptor and the output and launches, whatever its rows (a prompt's prefill
     comes with new rows each time)."""
     L = _launch
     fast = _keeps_launches()
-    key = (x2.dtype, L.gemm16_rows(x2.shape[0]))
+    key = (x2.dtype, L.gemm16_rows(x2.shape[0]), regs)
     kept = p.gemm16s.get(key) if fast else None
     if kept is not None and kept.bias is bias:
         out = kept(x2)
         if out is not None:
             return out
+    with fastlaunch.recording() as noted:
+        if regs is None:
+            out = L.gemm16_linear(x2, p.codes, p.scales, p.mins, bias, N, K, encoding, group_size)
+        else:
+            out = L.gemm16_regs_linear(x2, p.codes, p.scales, p.mins, bias, N, K, encoding,
+                                       group_size, regs)  # fmt: skip
+    if fast and noted:
+        try:
+            kind = L.Gemm16Kept if regs is None else L.Gemm16RegsKept
+            p.gemm16s[key] = kind(noted, x2, out, bias)
+        except ValueError:
+            pass  # not one launch of this call's x and output
+    return out
     with fastlaunch.recording() as noted:
         out = L.gemm16_linear(x2, p.codes, p.scales, p.mins, bias, N, K, encoding, group_size)
     if fast and noted:
@@ -557,8 +571,7 @@ def _linear_cuda(p, x, codes, scales, mins, bias, shape, encoding, bits, group_s
         cuda_index = L._device_index(x2.device)
         regs = L.gemm16_regs_config(rows, N, K)
         if regs is not None and L.gemm16_regs_applies(x2, p.codes, cuda_index):
-            out = L.gemm16_regs_linear(x2, p.codes, p.scales, p.mins, bias, N, K, encoding,
-                                       group_size, regs)  # fmt: skip
+            out = _gemm16(p, x2, bias, N, K, encoding, group_size, regs)
         elif not L.gemm16_applies(x2, p.codes, cuda_index):
             return _decode_then_linear(p, x, codes, scales, mins, bias, shape, encoding, bits,
                                        group_size, a)  # fmt: skip

@@ -1321,7 +1321,8 @@ class _Desc:
 
 
 class Gemm16Kept:
-    """One weight's ``gemm16_linear`` launch for an activations' dtype, row bucket
+    """One weight's ``gemm16_linear`` launch (``Gemm16RegsKept``: ``gemm16_regs_linear``'s) for
+    an activations' dtype, row bucket
     (``gemm16_rows``) and bias, kept from a call made under ``fastlaunch.recording()``: a later
     call with any row count of the bucket makes the activations' descriptor, the output and the
     grid, and calls the kept launcher with the first call's other arguments (the codes'
@@ -1334,8 +1335,8 @@ class Gemm16Kept:
     __slots__ = ("K", "N", "args", "bias", "block", "block_m", "col_tiles", "device", "direct",
                  "function", "layout", "out_at", "packed", "run", "split", "tail")  # fmt: skip
 
-    # positions in gemm16_kernel's arguments
-    _X, _C, _M = 0, 1, 8
+    # positions in gemm16_kernel's arguments: x's descriptor, the rows
+    _X, _M = 0, 8
 
     def __init__(self, noted: list, x2: torch.Tensor, out: torch.Tensor, bias) -> None:
         if len(noted) != 1:
@@ -1396,6 +1397,17 @@ class Gemm16Kept:
         self.run(g0, self.split, 1, stream, self.function, self.packed, None, None, None, *args,
                  *self.tail)  # fmt: skip
         return out
+
+
+class Gemm16RegsKept(Gemm16Kept):
+    """``Gemm16Kept`` for a ``gemm16_regs_linear`` launch: the same kept call (its programs'
+    row tiles, ``BLOCK_T``, are its bucket's for every row count of it), at
+    ``gemm16_regs_kernel``'s argument positions (``_M``: the rows; the scales' two descriptors,
+    the codes' again unless ``scales_tma``, are expanded once with it)."""
+
+    __slots__ = ()
+
+    _M = 10
 
 
 #: ``mma_int8_kernel``'s configuration where ``MMA_INT8_TABLE`` has none: 128 features and 2
