@@ -508,14 +508,6 @@ def _gemm16(p, x2, bias, N, K, encoding, group_size, regs=None):
         except ValueError:
             pass  # not one launch of this call's x and output
     return out
-    with fastlaunch.recording() as noted:
-        out = L.gemm16_linear(x2, p.codes, p.scales, p.mins, bias, N, K, encoding, group_size)
-    if fast and noted:
-        try:
-            p.gemm16s[key] = L.Gemm16Kept(noted, x2, out, bias)
-        except ValueError:
-            pass  # not one launch of this call's x and output
-    return out
 
 
 def _keeps_launches() -> bool:
