@@ -49,9 +49,9 @@ def default_rows() -> tuple[int, ...]:
     gemm16 route's when it is on at the time of the call."""
     rows = {1, 2, FMA_MAX_M, TILED_MAX_M + 1, MMA_MAX_M + 1}
     gemm16 = getattr(_launch, "GEMM16_ROWS", None)
-    if gemm16 is not None:  # its buckets (65-128: MMA_MAX_M + 1's, 129-256), then decode again
+    if gemm16 is not None:  # each of its row buckets' first row count, then decode again
         lo, hi = gemm16
-        rows |= {m for m in (lo, 129) if lo <= m <= hi} | {hi + 1}
+        rows |= {m for m in (lo, _launch.gemm16_rows(lo) + 1) if m <= hi} | {hi + 1}
     # the Gluon kernels' 8-row tiles end at GLUON_TILE8_MAX_M: past it, their 16-row ones
     rows |= {m for m in (GLUON_TILE8_MAX_M + 1, 17, 33) if m <= MMA_MAX_M}
     if TILED_MAX_M > FMA_MAX_M:
