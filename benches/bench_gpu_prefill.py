@@ -1,8 +1,9 @@
 """Prefill on the GPU: the forward over a prompt (what time to first token is made of past the
 load), the Llama-shaped model of ``bench_gpu_generate.py`` (1.1B, or 8B; random weights) in
 bf16 against the same model quantized int4-g64 (``quantize_model``, siblings joined), whose
-linears run past 64 rows either ``gemm16_gluon.py`` (opt-in, ``launch.use_gemm16()``: 65-256
-rows, on ``launch.GEMM16_TABLE``'s weights) or decode + cuBLAS: "int4" with gemm16 on and the
+linears run past 64 rows either the gemm16 route (opt-in, ``launch.use_gemm16()``: 65-256 rows,
+``gemm16_regs_gluon.py`` on ``launch.GEMM16_REGS_TABLE``'s weights, ``gemm16_gluon.py`` on
+``GEMM16_TABLE``'s others) or decode + cuBLAS: "int4" with gemm16 on and the
 decode launches kept (``fastlaunch.Refill``); in the same run "int4 no gemm16" (the default
 route: decode + cuBLAS only) and "int4 full path" (``linear.REPLAYS = False``).
 
