@@ -4,6 +4,7 @@
 the ones a CUDA graph replays; their device time does not depend on the host).
 
     OUT=DIR python3 benches/profile_gpu_decode.py [--modes eager,compiled] [--batch 1] [--model 8b]
+        [--no-bf16]
 
 ``compiled``: transformers' static cache + ``torch.compile(mode="reduce-overhead", fullgraph)``
 as ``bench_gpu_generate.py`` runs it; the kernels the CUDA graphs replay are listed as the
@@ -106,11 +107,12 @@ def main() -> None:
     ap.add_argument("--modes", default="eager", help="comma-separated: eager, compiled")
     ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     ap.add_argument("--model", default="1b", choices=["1b", "8b"], help="the Llama shape")
+    ap.add_argument("--no-bf16", action="store_true", help="profile the int4 model only")
     args = ap.parse_args()
     modes = args.modes.split(",")
     results: dict = {}
     model = build(LLAMA_8B if args.model == "8b" else LLAMA_1B)
-    for mode in modes:
+    for mode in modes if not args.no_bf16 else ():
         profile_decode(model, "bf16", results, mode, args.batch)
     qtt.quantize_model(model, qt.Affine(bits=4, group_size=64, axis=-1))
     torch.cuda.empty_cache()

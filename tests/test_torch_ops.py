@@ -246,8 +246,10 @@ def test_decoded_products_take_rows_whatever_the_strides(monkeypatch):
     one 2-D matrix of x's rows, for a strided 3-D x too (the last position of each sequence, as
     a batch's prefill hands the LM head): torch 2.11 would not fold such an x and ran a batched
     product with the weight expanded per sequence (60 ms against 0.36 for an 8B LM head at 256
-    sequences on the H200). Results equal ``F.linear`` on the decoded weight; the backward's
-    product too."""
+    sequences on the H200). Also an x that ``is_contiguous`` but whose size-1 dim has an odd
+    stride (a compiled decode step's ``(batch, 1, hidden)``: matmul's fold checks that stride);
+    a truly contiguous 3-D x goes to ``F.linear`` as is. Results equal ``F.linear`` on the
+    decoded weight; the backward's product too."""
     import torch.nn.functional as F
 
     from qtensors.torch import linear as lin
@@ -276,6 +278,14 @@ def test_decoded_products_take_rows_whatever_the_strides(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # no CUDA
     torch.testing.assert_close(lin.linear_cuda(x, *args), want)
     assert shapes == [(6, K), (6, K)]
+    odd = torch.randn(6 * K * 2).as_strided((6, 1, K), (K, 7, 1))  # is_contiguous(), 7 on the 1
+    assert odd.is_contiguous() and not lin.rows_fold(odd)
+    for given, passed in ((odd, (6, K)), (odd.view(6, 1, K), (6, 1, K))):  # view: (K, K, 1)
+        shapes.clear()
+        want = real(given.contiguous(), w, bias)
+        torch.testing.assert_close(lin.linear_dequantize(given, *args), want)
+        torch.testing.assert_close(lin.linear_cuda(given, *args), want)
+        assert shapes == [passed, passed]
     monkeypatch.setattr(lin.F, "linear", real)
     xg = x.clone().requires_grad_(True)
     torch.ops.qtensors.linear(xg, *args).sum().backward()

@@ -157,9 +157,19 @@ def linear_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> 
     batch's prefill keeps for the LM head) became a batched product with the weight expanded per
     sequence: Llama-3-8B's 128256 x 4096 head at 256 sequences took 60 ms instead of 0.36 on the
     H200 (``benches/probe_slow_matmul.py``)."""
-    if x.dim() <= 2 or x.is_contiguous():  # folded by torch itself (no reshapes to pay for)
+    if x.dim() <= 2 or rows_fold(x):  # folded by torch itself (no reshapes to pay for)
         return F.linear(x, w, bias)
     return F.linear(x.reshape(-1, x.shape[-1]), w, bias).reshape(*x.shape[:-1], w.shape[0])
+
+
+def rows_fold(x: torch.Tensor) -> bool:
+    """Whether torch 2.11's matmul folds ``x``'s leading dims into rows itself: each dim's stride
+    is the next one's times its size. Not ``x.is_contiguous()``, which skips a size-1 dim's
+    stride where matmul's check does not: a decode step's ``(batch, 1, hidden)`` activations
+    with an odd stride on the 1 (as a compiled graph may hand over) would take the batched
+    product with the weight expanded per sequence (``benches/probe_compiled_strides.py``)."""
+    size, stride = x.shape, x.stride()
+    return all(stride[i] == stride[i + 1] * size[i + 1] for i in range(x.dim() - 2))
 
 
 def linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group_size, axis):
