@@ -20,9 +20,10 @@ the script has run longer than
 only (checks the script). ``QT_BENCH_MODES=eager`` runs the eager rows only, ``QT_BENCH_EXACT=0``
 leaves out ``int4-exact``, ``QT_BENCH_APART=0`` ``int4-apart``; ``QT_BENCH_ROUNDS`` sets
 ``ROUNDS``, ``QT_BENCH_BATCHES=1,16`` the batches, ``QT_BENCH_MODEL=8b`` Llama-3-8B's shape
-(``_common.LLAMA_8B``) instead of the 1.1B model; ``QT_BENCH_GEMM16=1`` adds ``int4-gemm16``, a
-copy of the int4 model run with ``launch.use_gemm16()`` (65-256 rows on its table's weights:
-batches of 65-256 sequences).
+(``_common.LLAMA_8B``) instead of the 1.1B model; ``QT_BENCH_GEMM16=1`` adds ``int4-no-gemm16``,
+a copy of the int4 model run with ``launch.use_gemm16(False)`` (decode + cuBLAS past 64 rows,
+where the default gemm16 route runs its kernels on its tables' weights at 65-256 rows: batches
+of 65-256 sequences; ``int4-gemm16`` if the route is off by default).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ MODES = tuple(m for m in ("eager", "static+compile") if m in _MODES and not (DRY
 EXACT = os.environ.get("QT_BENCH_EXACT", "1") != "0"
 APART = os.environ.get("QT_BENCH_APART", "1") != "0"
 GEMM16 = os.environ.get("QT_BENCH_GEMM16") == "1"
+#: the int4 models' gemm16 route, by label ("int4-g64" and the others: the library's default)
+GEMM16_LABELS = {"int4-gemm16": True, "int4-no-gemm16": False}
 T0 = time.time()
 RESULTS: dict[str, Any] = {"runs": []}
 REPORT = Report()
@@ -94,14 +97,24 @@ def _bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
+def gemm16_default() -> bool:
+    from qtensors.torch.kernels import launch
+
+    return launch.GEMM16_ROWS is not None
+
+
+GEMM16_DEFAULT = HAVE_TRITON and not DRY and gemm16_default()
+
+
 def setting(label: str) -> None:
-    """The int8-activation switch each model runs under (read at each call, and when a CUDA graph
-    is recorded)."""
+    """The int8-activation switch and gemm16 route each model runs under (read at each call,
+    and when a CUDA graph is recorded)."""
     from qtensors.torch.kernels import launch
 
     launch.INT8_ACTIVATIONS = label != "int4-exact"
-    if (launch.GEMM16_ROWS is not None) != (label == "int4-gemm16"):
-        launch.use_gemm16(label == "int4-gemm16")
+    gemm16 = GEMM16_LABELS.get(label, GEMM16_DEFAULT)
+    if (launch.GEMM16_ROWS is not None) != gemm16:
+        launch.use_gemm16(gemm16)
 
 
 def _generate_s(model, ids, kw, label: str) -> float:
@@ -166,7 +179,7 @@ def measure_pair(models: dict, batch: int, mode: str) -> None:
         RESULTS["runs"].append(row)
         spread = (max(times[label]) - t) / t
         say(
-            f"{label:<10} {batch:>5} {mode:<15} {row['tokens_per_s']:9.1f} "
+            f"{label:<14} {batch:>5} {mode:<15} {row['tokens_per_s']:9.1f} "
             f"{row['ms_per_step']:9.2f} {spread:7.0%} {row['peak_gib']:8.2f} {warm[label]:8.1f}"
         )
 
@@ -252,7 +265,7 @@ def main() -> None:
         "other model's; spread = (slowest - fastest) / fastest"
     )
     say(
-        f"{'model':<10} {'batch':>5} {'mode':<15} {'tokens/s':>9} {'ms/step':>9} {'spread':>7} "
+        f"{'model':<14} {'batch':>5} {'mode':<15} {'tokens/s':>9} {'ms/step':>9} {'spread':>7} "
         f"{'peak GiB':>8} {'warmup s':>8}"
     )
     bf16 = build_model()
@@ -272,8 +285,9 @@ def main() -> None:
         models["int4-apart"] = apart
     if not DRY and HAVE_TRITON and EXACT:
         models["int4-exact"] = copy.deepcopy(int4)
+    other = "int4-no-gemm16" if GEMM16_DEFAULT else "int4-gemm16"
     if not DRY and HAVE_TRITON and GEMM16:
-        models["int4-gemm16"] = copy.deepcopy(int4)
+        models[other] = copy.deepcopy(int4)
     runs = [(b, m) for m in MODES for b in BATCHES]
     for b, m in runs:
         measure_pair(models, b, m)
@@ -291,8 +305,9 @@ def main() -> None:
     for label in models:
         if label != "bf16":
             ratios(f"speedup {label} / bf16 in tokens/s:", label, "bf16")
-    if "int4-gemm16" in models:
-        ratios("speedup of gemm16, int4-gemm16 / int4-g64 in tokens/s:", "int4-gemm16", "int4-g64")
+    if other in models:
+        on, off = ("int4-g64", other) if GEMM16_DEFAULT else (other, "int4-g64")
+        ratios(f"speedup of the gemm16 route, {on} / {off} in tokens/s:", on, off)
     if "int4-apart" in models:
         ratios("speedup of joined siblings, int4-g64 / int4-apart in tokens/s:", "int4-g64",
                "int4-apart")  # fmt: skip

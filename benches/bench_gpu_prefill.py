@@ -1,11 +1,12 @@
 """Prefill on the GPU: the forward over a prompt (what time to first token is made of past the
 load), the Llama-shaped model of ``bench_gpu_generate.py`` (1.1B, or 8B; random weights) in
 bf16 against the same model quantized int4-g64 (``quantize_model``, siblings joined), whose
-linears run past 64 rows either the gemm16 route (opt-in, ``launch.use_gemm16()``: 65-256 rows,
-``gemm16_regs_gluon.py`` on ``launch.GEMM16_REGS_TABLE``'s weights, ``gemm16_gluon.py`` on
+linears run past 64 rows either the gemm16 route (the default, ``launch.GEMM16_ROWS``: 65-256
+rows, ``gemm16_regs_gluon.py`` on ``launch.GEMM16_REGS_TABLE``'s weights, ``gemm16_gluon.py`` on
 ``GEMM16_TABLE``'s others) or decode + cuBLAS: "int4" with gemm16 on and the
-decode launches kept (``fastlaunch.Refill``); in the same run "int4 no gemm16" (the default
-route: decode + cuBLAS only) and "int4 full path" (``linear.REPLAYS = False``).
+decode launches kept (``fastlaunch.Refill``); in the same run "int4 no gemm16"
+(``launch.use_gemm16(False)``: decode + cuBLAS only) and "int4 full path"
+(``linear.REPLAYS = False``).
 
     OUT=DIR python3 benches/bench_gpu_prefill.py [--prompts 128,512,2048] [--batch 1]
     QT_BENCH_MODEL=8b ...          # Llama-3-8B's shape
@@ -51,7 +52,7 @@ def _arg(flag: str, default: str) -> str:
 
 
 def setting(kept: bool, gemm16: bool) -> None:
-    """The int4 model's paths (gemm16 is opt-in: "int4" sets it, "int4 no gemm16" not)."""
+    """The int4 model's paths ("int4" with the gemm16 route, "int4 no gemm16" without)."""
     lin.REPLAYS = kept
     if (L.GEMM16_ROWS is not None) != gemm16:
         L.use_gemm16(gemm16)

@@ -171,10 +171,12 @@ def test_route_follows_the_dispatch_settings(monkeypatch):
     assert half(1) == half(2) == half(2, "symmetric") == "tiled"  # the words kernel
     assert half(33) == "decode"  # 33-64 rows: only wide weights
     assert half(64, N=8192, K=4096) == "mma" and half(65, N=8192, K=4096) == "decode"
-    # GEMM16_ROWS (off by default; on: 65-256) on GEMM16_TABLE's weights only:
+    # GEMM16_ROWS (on by default: 65-256; None: off) on GEMM16_TABLE's weights only:
     # gemm16_gluon.py, int4 affine / symmetric in groups of 64k; decode + cuBLAS elsewhere
     big = dict(N=8192, K=8192)
-    assert L.GEMM16_ROWS is None and half(100, **big) == "decode"
+    assert L.GEMM16_ROWS == L.GEMM16_ROWS_ON
+    monkeypatch.setattr(L, "GEMM16_ROWS", None)
+    assert half(100, **big) == "decode"
     monkeypatch.setattr(L, "GEMM16_ROWS", L.GEMM16_ROWS_ON)
     assert half(65, **big) == half(256, "symmetric", 128, **big) == "gemm16"
     assert half(257, **big) == "decode" and half(200, N=4096, K=4096) == "decode"

@@ -175,16 +175,17 @@ def test_linear_takes_gemm16_where_it_applies(monkeypatch):
 
 
 def test_use_gemm16_switches_the_route():
-    """``use_gemm16()``: the opt-in, and its cached routes dropped both ways."""
-    assert L.GEMM16_ROWS is None
+    """``use_gemm16()``: on by default; switched off and on, its cached routes dropped both
+    ways."""
+    assert L.GEMM16_ROWS == L.GEMM16_ROWS_ON
     try:
-        assert L.route(256, 8192, 8192, "affine", 4, 64, 1, True, True) == "decode"
-        L.use_gemm16()
         assert L.route(256, 8192, 8192, "affine", 4, 64, 1, True, True) == "gemm16"
         L.use_gemm16(False)
         assert L.route(256, 8192, 8192, "affine", 4, 64, 1, True, True) == "decode"
+        L.use_gemm16()
+        assert L.route(256, 8192, 8192, "affine", 4, 64, 1, True, True) == "gemm16"
     finally:
-        L.use_gemm16(False)
+        L.use_gemm16()
 
 
 @needs_gluon

@@ -273,10 +273,12 @@ def device_capability(monkeypatch):
     def set_cap(v):
         cap["v"] = v
         L._tma_device.cache_clear()
+        L._hopper_device.cache_clear()
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: cap["v"])
     yield set_cap
     L._tma_device.cache_clear()
+    L._hopper_device.cache_clear()
 
 
 def test_tma_applies(device_capability):
@@ -288,6 +290,23 @@ def test_tma_applies(device_capability):
     assert not L.tma_applies(codes[:, :40], 80, 0)  # rows of 40 bytes
     device_capability((8, 9))
     assert not L.tma_applies(codes, 128, 0)  # no TMA before Hopper
+
+
+def test_gemm16_route_runs_on_hopper_only(device_capability, monkeypatch):
+    """The gemm16 kernels (on by default) take sm_90 devices alone: their ``wgmma`` is Hopper's,
+    and their tables were measured there; elsewhere the route decodes, then cuBLAS."""
+    monkeypatch.setattr(L.gemm16_gluon, "HAVE_GEMM16", True)
+    monkeypatch.setattr(L.gemm16_regs_gluon, "HAVE_GEMM16_REGS", True)
+    monkeypatch.setattr(L.mma_int8_gluon, "HAVE_TMA", True)
+    x = torch.zeros(128, 64, dtype=torch.bfloat16)
+    codes = torch.zeros(64, 32, dtype=torch.uint8)
+    aligned = x.data_ptr() % 16 == 0 and codes.data_ptr() % 16 == 0
+    device_capability((9, 0))
+    assert L.gemm16_applies(x, codes, 0) == L.gemm16_regs_applies(x, codes, 0) == aligned
+    assert not L.gemm16_applies(x.float(), codes, 0)  # fp16 / bf16 activations only
+    for cap in ((8, 0), (10, 0), (12, 0)):
+        device_capability(cap)
+        assert not L.gemm16_applies(x, codes, 0) and not L.gemm16_regs_applies(x, codes, 0)
 
 
 def test_split_k_epilogue_compiles():

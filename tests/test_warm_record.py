@@ -113,9 +113,9 @@ def test_saving_nothing_imports_nothing(monkeypatch, fake_gpu):
 
 
 def test_default_rows_follow_the_gemm16_route(monkeypatch):
-    """With the opt-in gemm16 route on, the warm-up also runs a row count of its 256-row bucket
-    and one past its last (decode + cuBLAS again), so a prompt of 129-256 rows compiles nothing;
-    off, neither (its 128-row bucket starts at ``MMA_MAX_M + 1``, warmed either way)."""
+    """With the gemm16 route on (the default), the warm-up also runs a row count of its 256-row
+    bucket and one past its last (decode + cuBLAS again), so a prompt of 129-256 rows compiles
+    nothing; off, neither (its 128-row bucket starts at ``MMA_MAX_M + 1``, warmed either way)."""
     from qtensors.torch.kernels import launch
     from qtensors.torch.warmup import default_rows
 
@@ -134,3 +134,37 @@ def test_default_rows_follow_the_gemm16_route(monkeypatch):
     finally:
         monkeypatch.undo()
         launch.route.cache_clear()
+
+
+def test_gemm16_rows_run_only_where_the_route_takes_them(monkeypatch):
+    """The gemm16 route's own warm-up rows run only on an sm_90 device, for the weight shapes
+    its tables have (elsewhere those rows decode, then cuBLAS, as ``MMA_MAX_M + 1`` rows did);
+    every other row count runs for every weight. A CPU model's warm-up never runs them."""
+    from qtensors.torch.kernels import launch
+    from qtensors.torch.warmup import default_rows, gemm16_only_rows, gemm16_rows_due
+
+    monkeypatch.setattr(launch, "GEMM16_ROWS", launch.GEMM16_ROWS_ON)
+    only = gemm16_only_rows()
+    assert only == {129, launch.GEMM16_ROWS_ON[1] + 1} and only <= set(default_rows())
+    cap = {"v": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap["v"])
+    gpu, cpu = (SimpleNamespace(device=torch.device(d)) for d in ("cuda:0", "cpu"))
+    tabled, other = (14336, 4096), (2048, 2048)
+    assert gemm16_rows_due(129, gpu, tabled) and gemm16_rows_due(257, gpu, tabled)
+    assert not gemm16_rows_due(129, gpu, other) and not gemm16_rows_due(129, cpu, tabled)
+    assert gemm16_rows_due(launch.MMA_MAX_M + 1, gpu, other) and gemm16_rows_due(1, cpu, other)
+    cap["v"] = (10, 0)  # no wgmma: the route decodes there
+    assert not gemm16_rows_due(129, gpu, tabled)
+    monkeypatch.setattr(launch, "GEMM16_ROWS", None)
+    assert gemm16_only_rows() == frozenset() and gemm16_rows_due(129, cpu, other)
+
+    # a CPU model whose weight shape the tables have: its warm-up runs none of those rows
+    import qtensors as qt
+    from qtensors.torch import quantize_model
+
+    monkeypatch.setattr(launch, "GEMM16_ROWS", launch.GEMM16_ROWS_ON)
+    monkeypatch.setitem(launch.GEMM16_TABLE, (256, 64, 128), launch.Gemm16Config())
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64, bias=False))
+    quantize_model(model, qt.Affine(bits=4, group_size=64, axis=-1))
+    ran = warmup_mod.warmup(model, remember=False)
+    assert sorted(k[-1] for k in ran) == sorted(set(default_rows()) - only)

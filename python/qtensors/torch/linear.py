@@ -165,9 +165,11 @@ def linear_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> 
 def rows_fold(x: torch.Tensor) -> bool:
     """Whether torch 2.11's matmul folds ``x``'s leading dims into rows itself: each dim's stride
     is the next one's times its size. Not ``x.is_contiguous()``, which skips a size-1 dim's
-    stride where matmul's check does not: a decode step's ``(batch, 1, hidden)`` activations
-    with an odd stride on the 1 (as a compiled graph may hand over) would take the batched
-    product with the weight expanded per sequence (``benches/probe_compiled_strides.py``)."""
+    stride where matmul's check does not: Llama-3-8B's compiled decode step hands o_proj
+    ``(256, 1, 4096)`` with strides ``(4096, 128, 1)``, contiguous by torch's rule, and torch 2.11
+    multiplied it as a batched product with the weight expanded per sequence: 910 us against 15
+    folded in a CUDA graph on the H200, half the int4 model's decoding speed lost
+    (``benches/probe_compiled_strides.py``, ``benches/results/gpu_compiled_strides_h200.txt``)."""
     size, stride = x.shape, x.stride()
     return all(stride[i] == stride[i + 1] * size[i + 1] for i in range(x.dim() - 2))
 

@@ -12,8 +12,9 @@ Triton's in-process cache (and its on-disk cache, which makes a later process's 
   8-, 16-, 32- and 64-row tiles, fp16 / bf16 activations: a batch's decoding, a short prompt's
   prefill) and ``MMA_MAX_M + 1`` rows (decode the
   weight, then cuBLAS: longer prefills), in the layer's dtype (``kernels/launch.py`` routes by
-  these batch sizes); with the opt-in gemm16 route on (``launch.use_gemm16()``), also 129 rows
-  (its 256-row bucket's kernels) and one past its last (decode + cuBLAS again);
+  these batch sizes); with the gemm16 route on (``launch.GEMM16_ROWS``, the default), also 129
+  rows (its 256-row bucket's kernels) and one past its last (decode + cuBLAS again), for the
+  weights its tables have (``gemm16_rows_due``);
 * ``QuantizedEmbedding``: a lookup of one row (the row-decoding kernel).
 
 Layers that share shape, encoding, dtype and device share kernels and configuration, so the
@@ -44,19 +45,43 @@ except Exception:  # no Triton: the CUDA path decodes, nothing to compile
     _launch = None
 
 
-def default_rows() -> tuple[int, ...]:
-    """The batch sizes that reach each kernel specialisation (see the module's docstring); the
-    gemm16 route's when it is on at the time of the call."""
+def _route_rows() -> set[int]:
+    """The batch sizes that reach each kernel specialisation but the gemm16 route's."""
     rows = {1, 2, FMA_MAX_M, TILED_MAX_M + 1, MMA_MAX_M + 1}
-    gemm16 = getattr(_launch, "GEMM16_ROWS", None)
-    if gemm16 is not None:  # each of its row buckets' first row count, then decode again
-        lo, hi = gemm16
-        rows |= {m for m in (lo, _launch.gemm16_rows(lo) + 1) if m <= hi} | {hi + 1}
     # the Gluon kernels' 8-row tiles end at GLUON_TILE8_MAX_M: past it, their 16-row ones
     rows |= {m for m in (GLUON_TILE8_MAX_M + 1, 17, 33) if m <= MMA_MAX_M}
     if TILED_MAX_M > FMA_MAX_M:
         rows.add(FMA_MAX_M + 1)
-    return tuple(sorted(rows))
+    return rows
+
+
+def gemm16_only_rows() -> frozenset[int]:
+    """The rows the gemm16 route adds when it is on: its row buckets' first row counts, then
+    one past its last (decode + cuBLAS again). Other weights take decode + cuBLAS at each, as
+    at ``MMA_MAX_M + 1`` rows, so running them there compiles nothing."""
+    gemm16 = getattr(_launch, "GEMM16_ROWS", None)
+    if gemm16 is None:
+        return frozenset()
+    lo, hi = gemm16
+    rows = {m for m in (lo, _launch.gemm16_rows(lo) + 1) if m <= hi} | {hi + 1}
+    return frozenset(rows - _route_rows())
+
+
+def default_rows() -> tuple[int, ...]:
+    """The batch sizes that reach each kernel specialisation (see the module's docstring); the
+    gemm16 route's when it is on at the time of the call."""
+    return tuple(sorted(_route_rows() | gemm16_only_rows()))
+
+
+def gemm16_rows_due(rows: int, w: QuantizedWeight, shape: tuple[int, ...]) -> bool:
+    """Whether the default warm-up runs ``rows`` rows against ``w`` (or its sibling group's
+    joined ``shape``): every row count of ``default_rows()``, but the gemm16 route's own only on
+    an sm_90 device (its kernels' only one) and for the weights its tables have."""
+    if rows not in gemm16_only_rows():
+        return True
+    if w.device.type != "cuda" or torch.cuda.get_device_capability(w.device) != (9, 0):
+        return False
+    return _launch.gemm16_tabled(int(shape[0]), int(shape[1]))
 
 
 def _signature(kind: str, w: QuantizedWeight, rows: int) -> tuple[Any, ...]:
@@ -118,6 +143,8 @@ def warmup(
     ``remember``: skip the CUDA signatures an earlier warm-up ran in this environment (their
     kernels are in Triton's on-disk cache, so a first forward loads them instead of compiling;
     ``kernels/warm_record.py``), and record those run now."""
+    # rows given: each runs for every layer; by default the gemm16 route's only where it applies
+    due_rows = (lambda m, w, shape: True) if rows else gemm16_rows_due
     rows = rows or default_rows()
     seen: set[tuple[Any, ...]] = set()
     ran: list[tuple[Any, ...]] = []
@@ -143,8 +170,13 @@ def warmup(
             for m in rows:
                 key = _signature("linear", w, m)
                 # a group's multiply, and the member's own (taken when it runs alone)
-                joined = grouped and due((*key[:1], group.op_args[0], *key[2:]), w)
-                own = due(key, w)
+                joined_shape = tuple(group.op_args[0]) if grouped else ()
+                joined = (
+                    grouped
+                    and due_rows(m, w, joined_shape)
+                    and due((*key[:1], joined_shape, *key[2:]), w)
+                )
+                own = due_rows(m, w, key[1]) and due(key, w)
                 if not (joined or own):
                     continue
                 x = torch.zeros(m, int(w.shape[1]), dtype=w.dtype, device=w.device)

@@ -6,7 +6,7 @@
 * ``gemv`` / ``gemm``: the byte-tile kernels, for the weights ``tiled`` does not take (groups
   along the output dim, rows not of whole words) and as the baseline of the sweep;
 * ``mma`` / ``mma_int8`` / ``mma_int8_gluon``: tensor-core kernels for a few to 64 rows;
-* ``gemm16_gluon``: warp-specialized (Gluon, sm_90+) for 65-256 rows, opt-in;
+* ``gemm16_gluon`` / ``gemm16_regs_gluon``: Gluon, sm_90, 65-256 rows on the large weights;
 * ``scales``: group scales as fp32 in every stored format (float, E8M0, E4M3 x tensor scale);
 * ``epilogue``: what both matmul kernels share (code values, the split-K reduction, the store);
 * ``launch``: shapes -> launch configuration, and the launches (``torch.ops.qtensors.linear``);

@@ -23,12 +23,11 @@ Measured (H200, bf16, us in a CUDA graph; ``benches/probe_gemm16.py``,
 without it) at 100-256 rows on the large Llama-8B-class weights (8192^2, 14336 x 4096, 4096 x
 14336), but 0.55-0.69x cuBLAS on the bf16 weight; slower than decode + cuBLAS on 4096^2 and
 smaller weights and from 512 rows. So ``launch.GEMM16_TABLE`` holds the weights where it won,
-and the route takes it only there, and only after ``launch.use_gemm16()``: end to end it has
-shown no gain above the host's noise yet (Llama-3-8B's host-bound prefill 0.98-0.99x the time
-without it, ``gpu_prefill_gemm16_kept_8b_h200.txt``; its compiled decoding of 128 / 256
-sequences 1.10x / 1.01x, ``gpu_generate_8b_batch256_rows_h200.txt``). Without the decode (zeros
-stored; a diagnostic build) the pipeline itself ran 68 us against cuBLAS's 49 on 8192^2 at 256
-rows: the activations are re-read from L2 by every one of the ``N / BLOCK_N`` column tiles.
+and the route takes it only there (on by default since stop 41, ``launch.GEMM16_ROWS``; where
+``GEMM16_REGS_TABLE`` also has the weight, ``gemm16_regs_gluon.py`` runs instead). Without
+the decode (zeros stored; a diagnostic build) the pipeline itself ran 68 us against cuBLAS's 49
+on 8192^2 at 256 rows: the activations are re-read from L2 by every one of the ``N / BLOCK_N``
+column tiles.
 
 The version before this one (stop 32, branch ``gemm16``) decoded and multiplied on the same
 warps, with CTA barriers between them: 0.34-0.60x cuBLAS, slower than decode + cuBLAS.

@@ -94,15 +94,14 @@ INT8_MMA_NARROW_M, INT8_MMA_NARROW_MIN_ELEMENTS = 16, 1 << 24
 #: fp16 / bf16 activations of ``GEMM16_ROWS`` rows (inclusive) run ``gemm16_gluon.py`` (each
 #: weight tile decoded into 16 bits in shared memory, asynchronous ``wgmma``) on the weights of
 #: ``GEMM16_TABLE`` (where the kernel was measured faster than decode + cuBLAS), and
-#: ``gemm16_regs_gluon.py`` on ``GEMM16_REGS_TABLE``'s (sm_90), instead of decode + cuBLAS;
-#: None (the default): never. Opt-in (``use_gemm16()``): alone, a table
-#: weight's call is 1.12-1.46x faster in a CUDA graph (8B's down_proj eager: 76-78 against
-#: 96-97 us a call, its launch kept: ``Gemm16Kept``), but end to end no gain above the H200
-#: host's noise yet: Llama-3-8B's prefill 0.98-0.99x the time without it (host-bound), its
-#: compiled decoding of 128 / 256 sequences 1.10x / 1.01x (README, "Past 64 rows").
-GEMM16_ROWS: tuple[int, int] | None = None
-#: the rows ``GEMM16_ROWS`` takes when set (the table's buckets): ``use_gemm16()``
+#: ``gemm16_regs_gluon.py`` on ``GEMM16_REGS_TABLE``'s, instead of decode + cuBLAS; an sm_90
+#: device only (the tables are the H200's; ``gemm16_applies``). None: never
+#: (``use_gemm16(False)``). On by default since stop 41: Llama-3-8B's compiled decoding of
+#: 256 / 128 sequences ran 1.09x / 1.19x the tokens/s of decode + cuBLAS with less peak memory
+#: (README, "Past 64 rows"); its eager batch-1 prefill is host-bound, within a few % either way.
+#: The tables hold 4096-wide and larger weights only: smaller models never take it.
 GEMM16_ROWS_ON = (MMA_MAX_M + 1, 256)
+GEMM16_ROWS: tuple[int, int] | None = GEMM16_ROWS_ON
 #: split-K counters per device: tiles of one launch that may split K
 LOCK_SLOTS = 1 << 15
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -1041,11 +1040,17 @@ GEMM16_TABLE: dict[tuple[int, int, int], Gemm16Config] = {
 
 def use_gemm16(on: bool = True) -> None:
     """Route ``gemm16_gluon.py`` and, on ``GEMM16_REGS_TABLE``'s weights, ``gemm16_regs_gluon.py``
-    (``GEMM16_ROWS_ON``) or not (the default), and drop the cached routes that the setting
-    changes."""
+    (``GEMM16_ROWS_ON``, the default) or not (decode + cuBLAS past ``MMA_MAX_M`` rows), and drop
+    the cached routes that the setting changes."""
     global GEMM16_ROWS
     GEMM16_ROWS = GEMM16_ROWS_ON if on else None
     route.cache_clear()
+
+
+def gemm16_tabled(N: int, K: int) -> bool:
+    """Whether either gemm16 table has this weight shape, at any row bucket (the warm-up runs
+    the route's rows only for such weights)."""
+    return any((b, N, K) in t for b in (128, 256) for t in (GEMM16_TABLE, GEMM16_REGS_TABLE))
 
 
 def gemm16_config(M: int, N: int, K: int) -> Gemm16Config | None:
@@ -1076,12 +1081,13 @@ def gemm16_shape(N: int, K: int, encoding: str, bits: int, g: int, axis: int) ->
 
 def gemm16_applies(x2: torch.Tensor, codes: torch.Tensor, cuda_index: int) -> bool:
     """Whether these tensors can run ``gemm16_gluon.py`` (on top of the route's shape test):
-    Gluon importable, an sm_90+ device, fp16 / bf16 activations whose rows and codes start
+    Gluon importable, an sm_90 device (Hopper's ``wgmma``, which later architectures do not
+    have; the tables were measured there), fp16 / bf16 activations whose rows and codes start
     16-byte aligned (the TMA engine's rule)."""
     return (
         gemm16_gluon.HAVE_GEMM16
         and x2.dtype in (torch.float16, torch.bfloat16)
-        and _tma_device(cuda_index)  # sm_90+: wgmma and the TMA engine
+        and _hopper_device(cuda_index)
         and x2.data_ptr() % 16 == 0
         and x2.stride(0) % 8 == 0
         and x2.stride(1) == 1
@@ -1188,8 +1194,8 @@ class Gemm16RegsConfig:
 
 
 _G16R = Gemm16RegsConfig
-#: per (rows bucket: 128 or 256, N, K): the ``gemm16_regs_kernel`` configuration the opt-in
-#: gemm16 route (``use_gemm16()``) runs for that weight, where it was measured faster than
+#: per (rows bucket: 128 or 256, N, K): the ``gemm16_regs_kernel`` configuration the
+#: gemm16 route (``GEMM16_ROWS``) runs for that weight, where it was measured faster than
 #: ``gemm16_kernel`` and decode + cuBLAS (H200, int4-g64 affine, bf16, us in a CUDA graph:
 #: ``benches/results/gpu_gemm16_regs_packed_h200.txt`` and ``gpu_gemm16_regs_split_h200.txt``;
 #: this kernel / gemm16 / decode + cuBLAS)
@@ -1214,13 +1220,8 @@ def gemm16_regs_config(M: int, N: int, K: int) -> Gemm16RegsConfig | None:
 
 
 def gemm16_regs_applies(x2: torch.Tensor, codes: torch.Tensor, cuda_index: int) -> bool:
-    """Whether these tensors can run ``gemm16_regs_gluon.py``: as ``gemm16_applies``, on an
-    sm_90 device exactly (its ``wgmma`` is Hopper's alone)."""
-    return (
-        gemm16_regs_gluon.HAVE_GEMM16_REGS
-        and gemm16_applies(x2, codes, cuda_index)
-        and torch.cuda.get_device_capability(cuda_index) == (9, 0)
-    )
+    """Whether these tensors can run ``gemm16_regs_gluon.py``: as ``gemm16_applies`` (sm_90)."""
+    return gemm16_regs_gluon.HAVE_GEMM16_REGS and gemm16_applies(x2, codes, cuda_index)
 
 
 def gemm16_regs_rows(M: int) -> int:
@@ -1277,7 +1278,7 @@ def gemm16_regs_linear(
     """``x2 @ W^T + bias`` with ``gemm16_regs_gluon.py`` (the weight decoded in registers into
     the ``wgmma``'s left operand) for a weight ``gemm16_shape()`` takes and tensors
     ``gemm16_applies()`` to (arguments as ``gemm16_linear``; with ``scales_tma``, the scales'
-    rows also 16-byte multiples). The opt-in gemm16 route (``use_gemm16()``) runs it on
+    rows also 16-byte multiples). The gemm16 route (``GEMM16_ROWS``) runs it on
     ``GEMM16_REGS_TABLE``'s weights: on the H200 at 256 rows 0.79-0.87x cuBLAS there, 1.5-1.6x
     decode + cuBLAS and 1.15-1.27x ``gemm16_linear``
     (``benches/results/gpu_gemm16_regs_packed_h200.txt``, ``gpu_gemm16_regs_split_h200.txt``);
@@ -1641,6 +1642,12 @@ def _tma_device(cuda_index: int) -> bool:
         and cuda_index >= 0
         and torch.cuda.get_device_capability(cuda_index) >= (9, 0)
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _hopper_device(cuda_index: int) -> bool:
+    """``_tma_device`` and sm_90 exactly: Hopper's ``wgmma``, which later architectures lack."""
+    return _tma_device(cuda_index) and torch.cuda.get_device_capability(cuda_index) == (9, 0)
 
 
 def tma_applies(codes: torch.Tensor, K: int, cuda_index: int) -> bool:
