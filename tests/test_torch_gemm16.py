@@ -235,4 +235,56 @@ def test_kept_launch_takes_new_rows(monkeypatch):
     with pytest.raises(ValueError, match="launches"):
         L.Gemm16Kept([(hit, grid, args, 0)] * 2, x, out, None)
     assert L.gemm16_rows(65) == L.gemm16_rows(128) == 128
+
+
+@needs_gluon
+def test_kept_launch_holds_no_call_tensor(monkeypatch):
+    """``Gemm16Kept`` keeps none of its first call's x, x's descriptor or output, through the
+    launcher's own call or Triton 3.6's C launch with the descriptors expanded once: under
+    ``torch.compile(mode="reduce-overhead")`` that call runs in the CUDA graphs' pool, which
+    refuses to record while one of its tensors is alive outside the function ("Detected 5
+    tensor(s) in the cudagraph pool not tracked as outputs", on the H200 when the route was
+    first on by default)."""
+    import gc
+    import weakref
+
+    M, N, K = 200, 192, 512
+    cfg = L.Gemm16Config(128, 64, 4, split_k=1)
+    grid, meta, _ = L._gemm16_plan(M, N, K, "affine", 64, False, cfg)
+    TD = G.TensorDescriptor
+
+    def expand(a, m):  # a stand-in for Triton 3.6's: a descriptor as its base's address
+        return [a.base.data_ptr()]
+
+    launched = []
+
+    def c_launch(*a):
+        launched.append(a)
+
+    def fake_expand(run, args, per_call):  # no descriptor but x's is expanded here
+        where = {i: i for i in range(len(args))}
+        return c_launch, False, False, list(args), where, {0: "meta"}, expand
+
+    for direct in (False, True):
+        if direct:
+            monkeypatch.setattr(L.fastlaunch, "expand_descriptors", fake_expand)
+        x = torch.zeros(M, K, dtype=torch.bfloat16)
+        out = torch.empty(M, N, dtype=torch.bfloat16)
+        x_desc = TD(x, [M, K], [K, 1], [128, 64], meta["X_SL"])
+        scales = torch.ones(3)
+        args = (x_desc, object(), scales, scales, scales, out, out, object(), M, N, K, 8, N, 8)
+        hit = (lambda *a: None, "function", "packed", ())
+        kept = L.Gemm16Kept([(hit, grid, args, 0)], x, out, None)
+        assert (kept.direct is not None) == direct
+        refs = [weakref.ref(t) for t in (x, out, x_desc)]
+        del x, out, x_desc, args
+        gc.collect()
+        assert [r() for r in refs] == [None, None, None]
+        if direct:  # the kept call still launches with the new x and output in place
+            monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 7, raising=False)
+            x2 = torch.ones(130, K, dtype=torch.bfloat16)
+            got = kept(x2)
+            (a,) = launched
+            assert a[13] == x2.data_ptr() and a[13 + 5] is got and a[13 + 6] is got
+            assert a[13 + 8] == 130 and a[13 + 2] is scales
     assert L.gemm16_rows(129) == L.gemm16_rows(256) == 256 and L.gemm16_rows(300) == 384

@@ -106,6 +106,38 @@ def test_dtype_moves_keep_parts():
     assert torch.equal(q2.weight.codes, q.weight.codes)
 
 
+def test_copies_and_pickles_carry_no_plan():
+    """A layer's per-weight plans (kept on its codes tensor after a call) stay with the original:
+    ``copy.deepcopy`` and pickling a used model work even where a plan holds what cannot be
+    copied (a kept launch's CUDA tensor map; here a lock), and the copy builds its own plan and
+    gives the same result."""
+    import pickle
+    import threading
+
+    from qtensors.torch import linear as lin
+
+    torch.manual_seed(3)
+    q = QuantizedLinear.from_linear(nn.Linear(64, 16), qt.Affine(bits=4, group_size=32))
+    x = torch.randn(3, 64)
+    y = q(x)
+    codes = q.weight.codes
+    assert isinstance(codes._qt_cpu_plan, lin._CpuPlan)
+    # a CUDA plan's kept launches hold tensor maps; built here on the CPU parts
+    w = q.weight
+    cuda_plan = lin._CudaPlan(codes, w.scales, w.mins, list(w.shape), *w.op_args[1:])
+    cuda_plan.gemm16s[("kept",)] = threading.Lock()
+    codes._qt_cuda_plan = cuda_plan
+    with pytest.raises(TypeError):
+        pickle.dumps(cuda_plan.gemm16s)
+    twin = copy.deepcopy(q)
+    assert twin.weight.codes._qt_cpu_plan is None and twin.weight.codes._qt_cuda_plan is None
+    assert torch.equal(twin(x), y) and twin.weight.codes._qt_cpu_plan is not None
+    back = pickle.loads(pickle.dumps(q))
+    assert getattr(back.weight.codes, "_qt_cuda_plan", None) is None
+    assert torch.equal(back(x), y)
+    assert codes._qt_cuda_plan is cuda_plan  # the original keeps its own
+
+
 def test_quantized_weight_to_quantized_and_file(tmp_path):
     torch.manual_seed(2)
     lin = nn.Linear(80, 24)

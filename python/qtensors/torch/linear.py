@@ -180,7 +180,26 @@ def linear_dequantize(x, codes, scales, mins, bias, shape, encoding, bits, group
     return linear_rows(x, w, None if bias is None else bias.to(x.dtype))
 
 
-class _CpuPlan:
+def _no_plan() -> None:
+    return None
+
+
+class _Plan:
+    """A weight's per-process plan, kept on its codes tensor: a copy or a pickle of the tensor
+    (``copy.deepcopy(model)``, ``torch.save``) carries none, since a plan holds views of the
+    original's parts and launches (CUDA tensor maps cannot be pickled), and the copy builds its
+    own at its first call."""
+
+    __slots__ = ()
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+    def __reduce__(self):
+        return (_no_plan, ())
+
+
+class _CpuPlan(_Plan):
     """What ``linear_cpu`` reuses across the calls of one weight (kept on its codes tensor): the
     arguments it was checked with, and the weight's arguments of ``_core.linear`` (byte views of
     its parts, shape, encoding JSON). Checking and building them costs more than a small layer's
@@ -344,7 +363,7 @@ def linear_cpu(x, codes, scales, mins, bias, shape, encoding, bits, group_size, 
     return out
 
 
-class _CudaPlan:
+class _CudaPlan(_Plan):
     """What ``linear_cuda`` reuses across the calls of one weight (kept on its codes tensor, as
     ``_CpuPlan``, and reused on the same terms): the checked metadata of its parts, whether its
     codes read as int32 words, and the flat parts the kernels take. Rebuilding them costs a few

@@ -1367,6 +1367,10 @@ class Gemm16Kept:
         if got is not None and list(got[5]) == [self._X]:
             c_launch, coop, pdl, flat, where, later, expand = got
             at = (where[self._X], where[self._M], tuple(where[i] for i in self.out_at))
+            # nor here: a call's x and output may sit in a CUDA-graph pool (torch.compile's
+            # warm-up), which refuses to record while a tensor of it is alive elsewhere
+            for i in (at[0], *at[2]):
+                flat[i] = None
             self.direct = (c_launch, coop, pdl, flat, at, later[self._X], expand)
 
     def __call__(self, x2: torch.Tensor) -> torch.Tensor | None:
