@@ -94,12 +94,13 @@ def child(way: str, folder: str, device: str, dump: str | None) -> None:
     elif way in ("qtt", "qtt_nowarm"):
         model = qtt.from_pretrained(folder, device=dev, dtype=torch.float16, warmup=way == "qtt")
     elif way == "qtt_breakdown":  # warm-up off, then run by hand one batch size at a time
-        from qtensors.torch.warmup import default_rows, warmup
+        from qtensors.torch.warmup import default_rows, gemm16_only_rows, warmup
 
         model = qtt.from_pretrained(folder, device=dev, dtype=torch.float16, warmup=False)
         sync()
         breakdown = {"load_without_warmup_s": time.perf_counter() - t2}
-        for rows in default_rows():
+        # (the gemm16 route's own rows run only for its tables' weights: none of this model's)
+        for rows in sorted(set(default_rows()) - gemm16_only_rows()):
             tb = time.perf_counter()
             warmup(model, rows=(rows,))
             breakdown[f"warmup_rows_{rows}_s"] = time.perf_counter() - tb
