@@ -96,9 +96,9 @@ INT8_MMA_NARROW_M, INT8_MMA_NARROW_MIN_ELEMENTS = 16, 1 << 24
 #: ``GEMM16_TABLE`` (where the kernel was measured faster than decode + cuBLAS), and
 #: ``gemm16_regs_gluon.py`` on ``GEMM16_REGS_TABLE``'s, instead of decode + cuBLAS; an sm_90
 #: device only (the tables are the H200's; ``gemm16_applies``). None: never
-#: (``use_gemm16(False)``). On by default since stop 41: Llama-3-8B's compiled decoding of
-#: 256 / 128 sequences ran 1.09x / 1.19x the tokens/s of decode + cuBLAS with less peak memory
-#: (README, "Past 64 rows"); its eager batch-1 prefill is host-bound, within a few % either way.
+#: (``use_gemm16(False)``). On by default since stop 41: on the H200 Llama-3-8B's decoding of
+#: 256 / 128 sequences ran 1.13x / 1.11x the tokens/s of decode + cuBLAS compiled, 1.14x eager,
+#: with less peak memory; its host-bound batch-1 prefill 0.98-1.05x (README, "Stops 40-41").
 #: The tables hold 4096-wide and larger weights only: smaller models never take it.
 GEMM16_ROWS_ON = (MMA_MAX_M + 1, 256)
 GEMM16_ROWS: tuple[int, int] | None = GEMM16_ROWS_ON
