@@ -155,12 +155,13 @@ def test_linear_takes_gemm16_where_it_applies(monkeypatch):
 
     monkeypatch.setattr(L, "gemm16_applies", lambda *a: True)
     monkeypatch.setattr(L, "gemm16_linear", fake)
+    monkeypatch.setitem(L.GEMM16_TABLE, (128, N, K), L.Gemm16Config())
     got = lin.linear_cuda(x, *args)
     assert got.shape == (2, 50, N) and bool((got == 3).all())
     assert seen == [((100, K), codes.data_ptr(), N * K // g, N * K // g, N, K, "affine", g)]
 
     # a weight of GEMM16_REGS_TABLE takes gemm16_regs_linear with the table's configuration
-    # where it applies (sm_90), gemm16_linear where only gemm16 does
+    # where it applies (sm_90), else gemm16_linear if GEMM16_TABLE has it too, else decode
     cfg = L.Gemm16RegsConfig(64, 3, split_k=2)
     monkeypatch.setitem(L.GEMM16_REGS_TABLE, (128, N, K), cfg)
     monkeypatch.setattr(L, "gemm16_regs_applies", lambda *a: True)
@@ -172,6 +173,9 @@ def test_linear_takes_gemm16_where_it_applies(monkeypatch):
     seen.clear()
     assert bool((lin.linear_cuda(x, *args) == 3).all()) and seen[0][0] == (100, K)
     assert configs == [cfg]  # (not called again)
+    monkeypatch.delitem(L.GEMM16_TABLE, (128, N, K))
+    seen.clear()
+    assert torch.equal(lin.linear_cuda(x, *args), want) and seen == [] and configs == [cfg]
 
 
 def test_use_gemm16_switches_the_route():

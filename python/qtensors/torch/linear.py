@@ -595,7 +595,9 @@ def _linear_cuda(p, x, codes, scales, mins, bias, shape, encoding, bits, group_s
         regs = L.gemm16_regs_config(rows, N, K)
         if regs is not None and L.gemm16_regs_applies(x2, p.codes, cuda_index):
             out = _gemm16(p, x2, bias, N, K, encoding, group_size, regs)
-        elif not L.gemm16_applies(x2, p.codes, cuda_index):
+        elif L.gemm16_config(rows, N, K) is None or not L.gemm16_applies(x2, p.codes, cuda_index):
+            # (a weight of the register-operand kernel's table alone: gemm16_gluon.py was
+            # measured slower there than decode + cuBLAS)
             return _decode_then_linear(p, x, codes, scales, mins, bias, shape, encoding, bits,
                                        group_size, a)  # fmt: skip
         else:

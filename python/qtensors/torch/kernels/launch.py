@@ -1210,6 +1210,9 @@ GEMM16_REGS_TABLE: dict[tuple[int, int, int], Gemm16RegsConfig] = {
     # Llama-3-8B's gate and up projections joined (siblings.py)
     (128, 28672, 4096): _G16R(64, 3),  # 88.5 / 104.0 / 148.5
     (256, 28672, 4096): _G16R(64, 3),  # 109.1 / 137.9 / 171.6
+    # Llama-3's LM head (gpu_gemm16_regs_head_h200.txt; cuBLAS 274.7 / 370.6)
+    (128, 128256, 4096): _G16R(64, 3),  # 323.5 / 1149.9 / 629.6
+    (256, 128256, 4096): _G16R(128, 4),  # 449.9 / 543.3 / 714.4
 }
 
 
