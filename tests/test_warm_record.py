@@ -148,9 +148,12 @@ def test_gemm16_rows_run_only_where_the_route_takes_them(monkeypatch):
     assert only == {129, launch.GEMM16_ROWS_ON[1] + 1} and only <= set(default_rows())
     cap = {"v": (9, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap["v"])
-    gpu, cpu = (SimpleNamespace(device=torch.device(d)) for d in ("cuda:0", "cpu"))
+    gpu, cpu = (SimpleNamespace(device=torch.device(d), dtype=torch.bfloat16) for d in
+                ("cuda:0", "cpu"))  # fmt: skip
     tabled, other = (14336, 4096), (2048, 2048)
     assert gemm16_rows_due(129, gpu, tabled) and gemm16_rows_due(257, gpu, tabled)
+    fp32 = SimpleNamespace(device=gpu.device, dtype=torch.float32)  # the route is fp16 / bf16's
+    assert not gemm16_rows_due(129, fp32, tabled) and gemm16_rows_due(1, fp32, tabled)
     assert not gemm16_rows_due(129, gpu, other) and not gemm16_rows_due(129, cpu, tabled)
     assert gemm16_rows_due(launch.MMA_MAX_M + 1, gpu, other) and gemm16_rows_due(1, cpu, other)
     cap["v"] = (10, 0)  # no wgmma: the route decodes there

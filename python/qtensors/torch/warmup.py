@@ -75,10 +75,12 @@ def default_rows() -> tuple[int, ...]:
 
 def gemm16_rows_due(rows: int, w: QuantizedWeight, shape: tuple[int, ...]) -> bool:
     """Whether the default warm-up runs ``rows`` rows against ``w`` (or its sibling group's
-    joined ``shape``): every row count of ``default_rows()``, but the gemm16 route's own only on
-    an sm_90 device (its kernels' only one) and for the weights its tables have."""
+    joined ``shape``): every row count of ``default_rows()``, but the gemm16 route's own only in
+    fp16 / bf16 on an sm_90 device (its kernels' only one) and for the weights its tables have."""
     if rows not in gemm16_only_rows():
         return True
+    if w.dtype not in (torch.float16, torch.bfloat16):
+        return False
     if w.device.type != "cuda" or torch.cuda.get_device_capability(w.device) != (9, 0):
         return False
     return _launch.gemm16_tabled(int(shape[0]), int(shape[1]))
