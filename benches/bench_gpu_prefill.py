@@ -78,7 +78,8 @@ def main() -> None:
               "int4": (q, True, True), "int4 full path": (q, False, True)}  # fmt: skip
     gpu = "cpu (dry)" if DRY else torch.cuda.get_device_name()
     say(f"# prefill, {G.MODEL_NAME} Llama-shaped, batch {batch}, {gpu}, torch {torch.__version__}")
-    say("# ms per forward (best of 5 alternating rounds), prompt tokens/s; x: bf16 time / this")
+    say(f"# ms per forward (best of {ROUNDS} alternating rounds), prompt tokens/s; "
+        "x: bf16 time / this")  # fmt: skip
     vocab = bf16.config.vocab_size
     for P in prompts:
         ids = torch.randint(1, vocab, (batch, P), device=dev)
