@@ -167,7 +167,7 @@ def rows_fold(x: torch.Tensor) -> bool:
     is the next one's times its size. Not ``x.is_contiguous()``, which skips a size-1 dim's
     stride where matmul's check does not: Llama-3-8B's compiled decode step hands o_proj
     ``(256, 1, 4096)`` with strides ``(4096, 128, 1)``, contiguous by torch's rule, and torch 2.11
-    multiplied it as a batched product with the weight expanded per sequence: 910 us against 15
+    multiplied it as a batched product with the weight expanded per sequence: 900 us against 15
     folded in a CUDA graph on the H200, half the int4 model's decoding speed lost
     (``benches/probe_compiled_strides.py``, ``benches/results/gpu_compiled_strides_h200.txt``)."""
     size, stride = x.shape, x.stride()
