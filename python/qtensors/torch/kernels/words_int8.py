@@ -318,15 +318,6 @@ def _lane_unit(u, x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, gdot, gsq,
 
 
 @triton.jit
-def _lane_codes(u_rows, lane, j: tl.constexpr, wmask, STREAM: tl.constexpr):
-    """Unit ``j`` of each lane's, ``[KL, BLOCK_N]`` int64."""
-    u_ptrs = u_rows + (lane + j).to(tl.int64)[:, None]
-    if STREAM:
-        return tl.load(u_ptrs, mask=wmask, other=0, cache_modifier=".cg")
-    return tl.load(u_ptrs, mask=wmask, other=0)
-
-
-@triton.jit
 def _lane_step(units_ptr, scales_ptr, mins_ptr, x_ptr, rows, row0, rmask, k0, k_hi, row_units,
                G, M, stride_xm, acc0, acc1, acc2, acc3, ENC: tl.constexpr, SFMT: tl.constexpr,
                PU: tl.constexpr, KL: tl.constexpr, LU: tl.constexpr, GS: tl.constexpr,
@@ -334,8 +325,8 @@ def _lane_step(units_ptr, scales_ptr, mins_ptr, x_ptr, rows, row0, rmask, k0, k_
                EMULATE: tl.constexpr):  # fmt: skip
     """``LANE_UNITS`` (4-bit affine / symmetric): the step at ``k0`` with ``LU`` consecutive
     units a lane, all in one group, so a feature's scale and min load once a lane and the
-    units' sums meet them once: ``acc += s * sum_u d_u dot_u + m * sum_u d_u sq_u``. ``LU``:
-    2 or 4. The launcher gives K in whole lanes (``K % (LU * PU) == 0``): one mask a lane."""
+    units' sums meet them once: ``acc += s * sum_u d_u dot_u + m * sum_u d_u sq_u``. The
+    launcher gives K in whole lanes (``K % (LU * PU) == 0``): one mask a lane."""
     lane = k0 // PU + tl.arange(0, KL) * LU  # each lane's first unit
     lmask = lane < k_hi // PU
     wmask = rmask[None, :] & lmask[:, None]
@@ -360,24 +351,13 @@ def _lane_step(units_ptr, scales_ptr, mins_ptr, x_ptr, rows, row0, rmask, k0, k_
     q1 = q0
     q2 = q0
     q3 = q0
-    # every unit's codes asked for before any is used (in flight together)
-    u0 = _lane_codes(u_rows, lane, 0, wmask, STREAM)
-    u1 = _lane_codes(u_rows, lane, 1, wmask, STREAM)
-    u2 = u1
-    u3 = u1
-    if LU > 2:
-        u2 = _lane_codes(u_rows, lane, 2, wmask, STREAM)
-        u3 = _lane_codes(u_rows, lane, 3, wmask, STREAM)
     for j in tl.static_range(LU):
         unit = lane + j
-        if j == 0:
-            u = u0
-        elif j == 1:
-            u = u1
-        elif j == 2:
-            u = u2
+        u_ptrs = u_rows + unit.to(tl.int64)[:, None]
+        if STREAM:
+            u = tl.load(u_ptrs, mask=wmask, other=0, cache_modifier=".cg")
         else:
-            u = u3
+            u = tl.load(u_ptrs, mask=wmask, other=0)
         xcol = unit[:, None] * PU + tl.arange(0, 8)[None, :]
         xmask = lmask[:, None]
         g0, q0 = _lane_unit(u, x_ptr, 0, M, stride_xm, xcol, xmask, g0, q0, ENC, EMULATE)
