@@ -166,13 +166,6 @@ INT8_TOKENS = {
     "cp3": lambda c: replace(c, pipeline=3),
     "l2a1": lambda c: replace(c, l2_ahead=1),
     "l2a2": lambda c: replace(c, l2_ahead=2),
-    # LANE_UNITS: that many units a lane, the step's codes grown to keep every lane busy, or
-    # fewer warps over the same codes
-    "lu2": lambda c: replace(c, lane_units=2, block_k=2 * c.block_k),
-    "lu4": lambda c: replace(c, lane_units=4, block_k=4 * c.block_k),
-    "lu2w2": lambda c: replace(c, lane_units=2, num_warps=2),
-    "lu4w2": lambda c: replace(c, lane_units=4, num_warps=2, block_k=2 * c.block_k),
-    "lu4w1": lambda c: replace(c, lane_units=4, num_warps=1),
 }
 #: ``--int8-variants all``
 INT8_VARIANTS = [
@@ -243,7 +236,6 @@ def int8_variant_cells(case: Case, M: int, cub: float, bound: float, names: list
         tag += ("/ks" if cfg.kspec else "") + (f"/r{cfg.maxnreg}" if cfg.maxnreg else "")
         tag += f"/l2a{cfg.l2_ahead}" if cfg.l2_ahead else ""
         tag += (f"/cp{cfg.pipeline}" if cfg.pipeline else "") + ("/cg" if cfg.stream else "")
-        tag += f"/lu{cfg.lane_units}" if cfg.lane_units > 1 else ""
         if isinstance(t, float):
             base = base or t
             cells.append(f"int8 {tag:<40} {t:6.1f} {cub / t:5.2f} {bound / t:4.0%}"

@@ -7,7 +7,6 @@
     python3 benches/sass_loop_count.py --gluon [--block-n 64 --warps 2]   # mma_int8_gluon.py
     python3 benches/sass_loop_count.py --encodings affine --paired --prefetch --kspec 4096
                                        [--l2-ahead 1] [--pipeline 2] [--stream]  # words_int8
-    python3 benches/sass_loop_count.py --encodings affine,symmetric --lane-units 4 --block-k 8192
 
 For each encoding, ``words.py`` (exact) and ``words_int8.py`` (int8 activations): registers a
 thread, instructions in the loop (the longest backward branch's body), and per weight (a loop
@@ -63,15 +62,7 @@ def compile_sass(fn, enc: str, bn: int, bk: int, warps: int, int8_opts=None) -> 
     consts = dict(ENC=TILED_ENC[enc], SFMT=sfmt, BITS=4, GS=GROUP[enc], HAS_BIAS=False,
                   BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, EMULATE=False)  # fmt: skip
     if fn is words_int8_kernel:  # its options, off unless asked
-        off = dict(
-            PAIRED=False,
-            PREFETCH=False,
-            KSPEC=0,
-            L2_AHEAD=0,
-            PIPELINE=0,
-            STREAM=False,
-            LANE_UNITS=1,
-        )
+        off = dict(PAIRED=False, PREFETCH=False, KSPEC=0, L2_AHEAD=0, PIPELINE=0, STREAM=False)
         consts.update(off, **(int8_opts or {}))
     options = {"num_warps": warps, "num_stages": 2, "enable_fp_fusion": True}  # as launched
     return compile_kernel(fn, consts, {"scales_ptr": "*u8" if sfmt else "*fp16",
@@ -139,12 +130,6 @@ def main() -> None:
     ap.add_argument("--l2-ahead", type=int, default=0, help="words_int8: L2_AHEAD")
     ap.add_argument("--pipeline", type=int, default=0, help="words_int8: PIPELINE (2, 3)")
     ap.add_argument("--stream", action="store_true", help="words_int8: STREAM")
-    ap.add_argument(
-        "--lane-units",
-        type=int,
-        default=1,
-        help="words_int8: LANE_UNITS (affine, symmetric; --block-k covers them)",
-    )
     a = ap.parse_args()
     if a.mma:
         mma_counts(a.block_n if a.block_n != 8 else 128)
@@ -157,10 +142,8 @@ def main() -> None:
           f"{a.warps} warps: {weights:.0f} weights a thread a step")  # fmt: skip
     for enc in a.encodings.split(","):
         opts = dict(PAIRED=a.paired and enc == "affine", PREFETCH=a.prefetch, KSPEC=a.kspec,
-                    L2_AHEAD=a.l2_ahead, PIPELINE=a.pipeline, STREAM=a.stream,
-                    LANE_UNITS=a.lane_units)  # fmt: skip
-        kernels = (("words.py", words_kernel), ("words_int8.py", words_int8_kernel))
-        for name, fn in kernels[1:] if a.lane_units > 1 else kernels:
+                    L2_AHEAD=a.l2_ahead, PIPELINE=a.pipeline, STREAM=a.stream)  # fmt: skip
+        for name, fn in (("words.py", words_kernel), ("words_int8.py", words_int8_kernel)):
             sass, regs = compile_sass(fn, enc, a.block_n, a.block_k, a.warps, opts)
             ops = loop_ops(sass)
             n = sum(ops.values())

@@ -280,18 +280,6 @@ def tiled_cases(group: str):
                     plain = L.TiledConfig("words8", 0, 4, 64, 1)
                     for M, cfg in ((1, None), (3, plain), (4, both)):
                         out.append((N, K, M, ename, half, bias, ("paired", cfg)))
-                # LANE_UNITS: 2 or 4 units a lane (4-bit affine / symmetric, K in whole lanes):
-                # several steps, split K, a tile past N, 1-4 rows
-                gsize = TILED_ENCODINGS[ename].group_size
-                if N != 16 and ename in ("affine4-g32", "affine4-g128", "symmetric4-g64",
-                                         "symfull4-g32"):  # fmt: skip
-                    for lu in (4,) if gsize >= 64 else (2,):
-                        K2 = {37: 256, 24: 384}[N]
-                        one = L.TiledConfig("words8", 0, 4, 32 * lu, 1, lane_units=lu)
-                        split = L.TiledConfig("words8", 0, 8, 64 * lu, 3, kspec=True, stream=True,
-                                              lane_units=lu)  # fmt: skip
-                        out.append((N, K2, {37: 1, 24: 4}[N], ename, half, bias, one))
-                        out.append((N, K2, {37: 3, 24: 1}[N], ename, half, not bias, split))
             elif group == "tiled-dot":
                 for M in (16, 33):
                     out.append((N, K, M, ename, dt, bias, L.TiledConfig("dot", 16, 16, 64, 1)))

@@ -150,9 +150,7 @@ class TiledConfig:
     only): the codes this many steps on prefetched into L2 (``L2_AHEAD``); ``pipeline``
     ("words8" only, 2 or 3; not with ``prefetch``): Triton's pipeliner on the K loop
     (``PIPELINE``: cp.async into shared memory); ``stream`` ("words8" only): the codes read
-    past L1 (``STREAM``); ``lane_units`` ("words8" only, 4-bit affine / symmetric): that
-    many consecutive units a lane, in one group (``LANE_UNITS``: a feature's scale and min
-    once a lane, ``block_k`` covering ``32 * num_warps * lane_units`` units)."""
+    past L1 (``STREAM``)."""
 
     kernel: str = "fma"
     block_m: int = 0
@@ -167,7 +165,6 @@ class TiledConfig:
     l2_ahead: int = 0
     pipeline: int = 0
     stream: bool = False
-    lane_units: int = 1
 
 
 @dataclass(frozen=True)
@@ -833,24 +830,10 @@ def _tiled_plan(
     )
     if not fma:
         meta["IEEE"] = x_dtype == torch.float32 or (cuda_index < 0 and x_dtype == torch.bfloat16)
-    options = (cfg.prefetch, cfg.kspec, cfg.l2_ahead, cfg.pipeline, cfg.stream, cfg.lane_units > 1)
+    options = (cfg.prefetch, cfg.kspec, cfg.l2_ahead, cfg.pipeline, cfg.stream)
     if any(options) and cfg.kernel != "words8":
         raise ValueError(f"prefetch / kspec / l2_ahead / pipeline / stream are the int8 words"
                          f" kernel's, not {cfg}")  # fmt: skip
-    lu = cfg.lane_units
-    if lu > 1 and not (
-        bits == 4
-        and encoding in ("affine", "symmetric")
-        and g % (16 * lu) == 0
-        and K % (16 * lu) == 0
-        and bk % (16 * lu) == 0
-        and not (cfg.prefetch or cfg.pipeline or cfg.l2_ahead or paired)
-    ):
-        raise ValueError(
-            f"lane_units {lu} takes 4-bit affine / symmetric codes, groups and K in whole lanes"
-            f" of {16 * lu} codes, no prefetch / pipeline / l2_ahead / paired: {encoding}"
-            f" {bits}-bit g{g}, K {K}, {cfg}"
-        )
     if cfg.pipeline and (cfg.prefetch or cfg.pipeline not in (2, 3)):
         raise ValueError(f"pipeline is 2 or 3 stages, without prefetch: {cfg}")
     if paired and (cfg.kernel != "words8" or encoding != "affine"):
@@ -863,7 +846,6 @@ def _tiled_plan(
         meta["L2_AHEAD"] = cfg.l2_ahead
         meta["PIPELINE"] = cfg.pipeline
         meta["STREAM"] = cfg.stream
-        meta["LANE_UNITS"] = lu
     if cuda_index >= 0:
         # FMAs explicitly: the decode's ``f * s2 + off`` and the accumulation are one each
         # (Triton's default for fusion is changing)

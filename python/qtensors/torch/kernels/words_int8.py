@@ -219,14 +219,14 @@ def _round(x, inv):
 
 
 @triton.jit
-def _unit_x(x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, BITS: tl.constexpr):
-    """Row ``r``'s activations of each unit (``xa``: its first 8, ``xb``: the next 8 where
-    ``BITS`` is 4, fp32), their int8 step ``d = max|x| / 127`` and ``127 / max|x|``."""
+def _row(wa, wb, x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, s, m, acc,
+         ENC: tl.constexpr, BITS: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
+    """``acc`` plus row ``r``'s per-unit terms; ``wa`` / ``wb``: the units' low and high int32
+    words, ``[KU, BLOCK_N]``; ``xcol``: the columns of each unit's first 8 activations."""
     mask = xmask & (xcol * 0 + r < M)  # a tensor: the interpreter's M is a Python int
     # 8 activations a load (16 bytes of fp16 / bf16): a unit's all stay in its thread
     xa = tl.load(x_ptr + r * stride_xm + xcol, mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(xa), axis=1)
-    xb = xa
     if BITS == 4:
         xb = tl.load(x_ptr + r * stride_xm + xcol + 8, mask=mask, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.max(tl.abs(xb), axis=1))
@@ -234,38 +234,7 @@ def _unit_x(x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, BITS: tl.constexp
     amax = tl.maximum(amax, 1e-30)
     d = amax * (1.0 / 127.0)
     inv = tl.fdiv(tl.full(amax.shape, 127.0, tl.float32), amax)
-    return xa, xb, d, inv
-
-
-@triton.jit
-def _int4_dots(wa, wb, xa, xb, inv, EMULATE: tl.constexpr):
-    """A unit's 16 activations rounded to int8 against its 4-bit codes (``wa``, ``wb``: the
-    low and high words, ``[KU, BLOCK_N]``): ``(sum c q`` per feature, ``sum q`` per unit)."""
-    KU: tl.constexpr = inv.shape[0]
-    ones = tl.full((KU,), 0x01010101, tl.int32)  # dp4a against it: a word's byte sum
-    # per word, the even codes are the low nibbles: codes 0-7 in wa, 8-15 in wb
-    ea, oa = tl.split(_round(xa, inv).reshape(KU, 4, 2))
-    eb, ob = tl.split(_round(xb, inv).reshape(KU, 4, 2))
-    ea = _pack4(ea, EMULATE)
-    oa = _pack4(oa, EMULATE)
-    eb = _pack4(eb, EMULATE)
-    ob = _pack4(ob, EMULATE)
-    sq = _dp4a(ones, ea, _dp4a(ones, oa, _dp4a(ones, eb, _dp4a(ones, ob, 0, EMULATE),
-                                               EMULATE), EMULATE), EMULATE)  # fmt: skip
-    dot = _dp4a(wa & 0x0F0F0F0F, ea[:, None], tl.zeros_like(wa), EMULATE)
-    dot = _dp4a((wa >> 4) & 0x0F0F0F0F, oa[:, None], dot, EMULATE)
-    dot = _dp4a(wb & 0x0F0F0F0F, eb[:, None], dot, EMULATE)
-    dot = _dp4a((wb >> 4) & 0x0F0F0F0F, ob[:, None], dot, EMULATE)
-    return dot, sq
-
-
-@triton.jit
-def _row(wa, wb, x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, s, m, acc,
-         ENC: tl.constexpr, BITS: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
-    """``acc`` plus row ``r``'s per-unit terms; ``wa`` / ``wb``: the units' low and high int32
-    words, ``[KU, BLOCK_N]``; ``xcol``: the columns of each unit's first 8 activations."""
-    xa, xb, d, inv = _unit_x(x_ptr, r, M, stride_xm, xcol, xmask, BITS)
-    KU: tl.constexpr = d.shape[0]
+    KU: tl.constexpr = amax.shape[0]
     zero = tl.zeros_like(wa)
     ones = tl.full((KU,), 0x01010101, tl.int32)  # dp4a against it: a word's byte sum
     if ENC == 3:
@@ -288,7 +257,19 @@ def _row(wa, wb, x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, s, m, acc,
         acc += ((d * (1.0 / 127.0))[:, None] * s) * dot.to(tl.float32)  # levels times 127
     else:
         if BITS == 4:
-            dot, sq = _int4_dots(wa, wb, xa, xb, inv, EMULATE)
+            # per word, the even codes are the low nibbles: codes 0-7 in wa, 8-15 in wb
+            ea, oa = tl.split(_round(xa, inv).reshape(KU, 4, 2))
+            eb, ob = tl.split(_round(xb, inv).reshape(KU, 4, 2))
+            ea = _pack4(ea, EMULATE)
+            oa = _pack4(oa, EMULATE)
+            eb = _pack4(eb, EMULATE)
+            ob = _pack4(ob, EMULATE)
+            sq = _dp4a(ones, ea, _dp4a(ones, oa, _dp4a(ones, eb, _dp4a(ones, ob, 0, EMULATE),
+                                                       EMULATE), EMULATE), EMULATE)  # fmt: skip
+            dot = _dp4a(wa & 0x0F0F0F0F, ea[:, None], zero, EMULATE)
+            dot = _dp4a((wa >> 4) & 0x0F0F0F0F, oa[:, None], dot, EMULATE)
+            dot = _dp4a(wb & 0x0F0F0F0F, eb[:, None], dot, EMULATE)
+            dot = _dp4a((wb >> 4) & 0x0F0F0F0F, ob[:, None], dot, EMULATE)
         else:
             q0, q1 = _quads(_round(xa, inv), EMULATE)  # 8-bit: codes 0-3 in wa, 4-7 in wb
             sq = _dp4a(ones, q0, _dp4a(ones, q1, 0, EMULATE), EMULATE)
@@ -300,83 +281,6 @@ def _row(wa, wb, x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, s, m, acc,
         else:  # symmetric: codes offset by 2^(BITS - 1)
             acc += (d[:, None] * s) * (dot - (1 << (BITS - 1)) * sq[:, None]).to(tl.float32)
     return acc
-
-
-@triton.jit
-def _lane_unit(u, x_ptr, r: tl.constexpr, M, stride_xm, xcol, xmask, gdot, gsq,
-               ENC: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
-    """``LANE_UNITS``: ``gdot`` (``[KL, BLOCK_N]``) and ``gsq`` (``[KL]``) plus one unit's
-    ``d * sum c q`` and ``d * sum q`` of row ``r`` (symmetric: ``d * sum (c - 8) q`` alone)."""
-    xa, xb, d, inv = _unit_x(x_ptr, r, M, stride_xm, xcol, xmask, 4)
-    dot, sq = _int4_dots(u.to(tl.int32), (u >> 32).to(tl.int32), xa, xb, inv, EMULATE)
-    if ENC == 0:
-        gdot += d[:, None] * dot.to(tl.float32)
-        gsq += d * sq.to(tl.float32)
-    else:  # symmetric: codes offset by 8, taken off in integers (exact)
-        gdot += d[:, None] * (dot - 8 * sq[:, None]).to(tl.float32)
-    return gdot, gsq
-
-
-@triton.jit
-def _lane_step(units_ptr, scales_ptr, mins_ptr, x_ptr, rows, row0, rmask, k0, k_hi, row_units,
-               G, M, stride_xm, acc0, acc1, acc2, acc3, ENC: tl.constexpr, SFMT: tl.constexpr,
-               PU: tl.constexpr, KL: tl.constexpr, LU: tl.constexpr, GS: tl.constexpr,
-               KSPEC: tl.constexpr, STREAM: tl.constexpr, BLOCK_M: tl.constexpr,
-               EMULATE: tl.constexpr):  # fmt: skip
-    """``LANE_UNITS`` (4-bit affine / symmetric): the step at ``k0`` with ``LU`` consecutive
-    units a lane, all in one group, so a feature's scale and min load once a lane and the
-    units' sums meet them once: ``acc += s * sum_u d_u dot_u + m * sum_u d_u sq_u``. The
-    launcher gives K in whole lanes (``K % (LU * PU) == 0``): one mask a lane."""
-    lane = k0 // PU + tl.arange(0, KL) * LU  # each lane's first unit
-    lmask = lane < k_hi // PU
-    wmask = rmask[None, :] & lmask[:, None]
-    grp = lane * PU // GS
-    if KSPEC:  # as _weights: every feature an immediate offset from the tile's first row
-        f = tl.arange(0, rows.shape[0]).to(tl.int64)
-        u_rows = units_ptr + row0 * row_units + f[None, :] * row_units
-        sidx = row0 * G + f[None, :] * G + grp.to(tl.int64)[:, None]
-    else:
-        u_rows = units_ptr + rows[None, :] * row_units
-        sidx = rows[None, :] * G + grp[:, None]
-    s = group_scale(scales_ptr, sidx, wmask, mins_ptr, SFMT)
-    if ENC == 0:
-        m = tl.load(mins_ptr + sidx, mask=wmask, other=0.0).to(tl.float32)
-    else:
-        m = s
-    g0 = tl.zeros(acc0.shape, tl.float32)
-    g1 = g0
-    g2 = g0
-    g3 = g0
-    q0 = tl.zeros((KL,), tl.float32)
-    q1 = q0
-    q2 = q0
-    q3 = q0
-    for j in tl.static_range(LU):
-        unit = lane + j
-        u_ptrs = u_rows + unit.to(tl.int64)[:, None]
-        if STREAM:
-            u = tl.load(u_ptrs, mask=wmask, other=0, cache_modifier=".cg")
-        else:
-            u = tl.load(u_ptrs, mask=wmask, other=0)
-        xcol = unit[:, None] * PU + tl.arange(0, 8)[None, :]
-        xmask = lmask[:, None]
-        g0, q0 = _lane_unit(u, x_ptr, 0, M, stride_xm, xcol, xmask, g0, q0, ENC, EMULATE)
-        if BLOCK_M > 1:
-            g1, q1 = _lane_unit(u, x_ptr, 1, M, stride_xm, xcol, xmask, g1, q1, ENC, EMULATE)
-        if BLOCK_M > 2:
-            g2, q2 = _lane_unit(u, x_ptr, 2, M, stride_xm, xcol, xmask, g2, q2, ENC, EMULATE)
-            g3, q3 = _lane_unit(u, x_ptr, 3, M, stride_xm, xcol, xmask, g3, q3, ENC, EMULATE)
-    if ENC == 0:
-        acc0 += s * g0 + m * q0[:, None]
-        acc1 += s * g1 + m * q1[:, None]
-        acc2 += s * g2 + m * q2[:, None]
-        acc3 += s * g3 + m * q3[:, None]
-    else:
-        acc0 += s * g0
-        acc1 += s * g1
-        acc2 += s * g2
-        acc3 += s * g3
-    return acc0, acc1, acc2, acc3
 
 
 @triton.jit
@@ -500,18 +404,16 @@ def words_int8_kernel(
     L2_AHEAD: tl.constexpr = 0,
     PIPELINE: tl.constexpr = 0,
     STREAM: tl.constexpr = False,
-    LANE_UNITS: tl.constexpr = 1,
 ):
     PU: tl.constexpr = 64 // BITS  # codes per int64 unit
     KU: tl.constexpr = BLOCK_K // PU  # units per row and step
-    KL: tl.constexpr = KU // LANE_UNITS  # lanes per row and step
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc0 = tl.zeros((KL, BLOCK_N), tl.float32)
-    acc1 = tl.zeros((KL, BLOCK_N), tl.float32)
-    acc2 = tl.zeros((KL, BLOCK_N), tl.float32)
-    acc3 = tl.zeros((KL, BLOCK_N), tl.float32)
+    acc0 = tl.zeros((KU, BLOCK_N), tl.float32)
+    acc1 = tl.zeros((KU, BLOCK_N), tl.float32)
+    acc2 = tl.zeros((KU, BLOCK_N), tl.float32)
+    acc3 = tl.zeros((KU, BLOCK_N), tl.float32)
     k_lo = pid_k * k_split
     k_hi = tl.minimum(K, k_lo + k_split)
     rmask = rows < N
@@ -520,13 +422,7 @@ def words_int8_kernel(
     if KSPEC:  # the row lengths as constants: see _weights
         row_units = KSPEC * BITS // 64
         G = (KSPEC + GS - 1) // GS
-    if LANE_UNITS > 1:
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            acc0, acc1, acc2, acc3 = _lane_step(units_ptr, scales_ptr, mins_ptr, x_ptr, rows, row0,
-                                                rmask, k0, k_hi, row_units, G, M, stride_xm, acc0,
-                                                acc1, acc2, acc3, ENC, SFMT, PU, KL, LANE_UNITS, GS,
-                                                KSPEC, STREAM, BLOCK_M, EMULATE)  # fmt: skip
-    elif PREFETCH:
+    if PREFETCH:
         u, s, m = _weights(units_ptr, scales_ptr, mins_ptr, rows, row0, rmask, full, k_lo, k_hi,
                            row_units, G, ENC, SFMT, PU, KU, GS, PAIRED, KSPEC, L2_AHEAD, STREAM,
                            EMULATE)  # fmt: skip
