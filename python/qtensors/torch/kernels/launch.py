@@ -1207,6 +1207,10 @@ GEMM16_REGS_TABLE: dict[tuple[int, int, int], Gemm16RegsConfig] = {
     (128, 4096, 14336): _G16R(64, 4, split_k=2),  # 55.4 / 150.8 / 81.4
     (256, 4096, 14336): _G16R(64, 4, split_k=2),  # 62.8 / 72.8 / 90.7
     (128, 4096, 4096): _G16R(64, 4, split_k=2),  # 20.1 / 37.9 / 25.8 (at 256 rows: 28.8 / 27.7)
+    # Llama-3-8B's q, k and v joined (siblings.py; gpu_gemm16_regs_qkv_h200.txt, cuBLAS
+    # 17.5 / 22.5)
+    (128, 6144, 4096): _G16R(64, 4),  # 27.5 / 55.3 / 34.0
+    (256, 6144, 4096): _G16R(64, 4),  # 32.8 / 40.7 / 40.8
     # Llama-3-8B's gate and up projections joined (siblings.py)
     (128, 28672, 4096): _G16R(64, 3),  # 88.5 / 104.0 / 148.5
     (256, 28672, 4096): _G16R(64, 3),  # 109.1 / 137.9 / 171.6
