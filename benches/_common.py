@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -76,6 +77,12 @@ def drop_caches(paths: list[str]) -> str:
             finally:
                 os.close(fd)
         return "posix_fadvise(DONTNEED)"
+
+
+def cli_value(flag: str, default: str) -> str:
+    """The word after ``flag`` on the command line, else ``default`` (the probes' one-flag
+    options, without an argparse parser each)."""
+    return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else default
 
 
 class Report:

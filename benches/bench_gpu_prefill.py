@@ -34,7 +34,7 @@ sys.path.insert(0, HERE)
 
 import bench_gpu_generate as G  # noqa: E402
 import torch  # noqa: E402
-from _common import Report, count_calls, cuda_ms  # noqa: E402
+from _common import Report, cli_value, count_calls, cuda_ms  # noqa: E402
 
 import qtensors as qt  # noqa: E402
 import qtensors.torch as qtt  # noqa: E402
@@ -45,10 +45,6 @@ DRY = G.DRY
 REPORT = Report()
 say = REPORT.say
 ROUNDS = int(os.environ.get("QT_BENCH_ROUNDS", "5"))
-
-
-def _arg(flag: str, default: str) -> str:
-    return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else default
 
 
 def setting(kept: bool, gemm16: bool) -> None:
@@ -68,8 +64,10 @@ def forward_ms(model, ids, kept: bool, gemm16: bool = True) -> float:
 
 
 def main() -> None:
-    prompts = [int(p) for p in _arg("--prompts", "16,64" if DRY else "128,512,2048").split(",")]
-    batch = int(_arg("--batch", "1"))
+    prompts = [
+        int(p) for p in cli_value("--prompts", "16,64" if DRY else "128,512,2048").split(",")
+    ]
+    batch = int(cli_value("--batch", "1"))
     dev = G.DEV
     bf16 = G.build_model()
     q = G.build_model()

@@ -29,7 +29,7 @@ if "--smoke" in sys.argv:  # the script's own check on the CPU: tiny sizes, the 
     os.environ["TRITON_INTERPRET"] = "1"
 import torch  # noqa: E402
 import triton  # noqa: E402
-from _common import Report  # noqa: E402
+from _common import Report, cli_value  # noqa: E402
 from bench_gpu import CASES, random_parts  # noqa: E402
 
 from qtensors.torch import ops  # noqa: E402
@@ -53,10 +53,6 @@ SHORT = {
     "mxfp4": "mxfp4 ax-1",
     "nvfp4": "nvfp4 ax-1",
 }
-
-
-def _arg(flag: str, default: str) -> str:
-    return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else default
 
 
 def bench_ms(fn) -> float:
@@ -145,11 +141,11 @@ def measure(name: str, size: int, baseline) -> None:
 
 
 def main() -> None:
-    sizes = [int(s) for s in _arg("--sizes", "64" if SMOKE else "4096,8192").split(",")]
-    names = _arg("--cases", ",".join(SHORT)).split(",")
+    sizes = [int(s) for s in cli_value("--sizes", "64" if SMOKE else "4096,8192").split(",")]
+    names = cli_value("--cases", ",".join(SHORT)).split(",")
     baseline = None
     if "--baseline" in sys.argv:
-        baseline = importlib.import_module(f"qtensors.torch.kernels.{_arg('--baseline', '')}")
+        baseline = importlib.import_module(f"qtensors.torch.kernels.{cli_value('--baseline', '')}")
     gpu = "cpu (smoke)" if SMOKE else torch.cuda.get_device_name()
     say(f"# dequant probe, {gpu}, triton {triton.__version__}; "
         f"us = fastest of 3 rounds of do_bench medians")  # fmt: skip

@@ -32,7 +32,7 @@ sys.path.insert(0, HERE)
 import bench_gpu_gemv_sweep as S  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _common import Report  # noqa: E402
+from _common import Report, cli_value  # noqa: E402
 
 from qtensors.torch.kernels import launch as L  # noqa: E402
 from qtensors.torch.linear import linear_dequantize  # noqa: E402
@@ -51,10 +51,6 @@ ALL = [
     C(128, 128, 4, decode_regs=104, split_k=2),
 ]
 SHAPES_1B = [(2048, 2048), (256, 2048), (32000, 2048)]
-
-
-def _arg(flag: str, default: str) -> str:
-    return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else default
 
 
 def label(c: L.Gemm16Config) -> str:
@@ -86,16 +82,16 @@ def routed_without_gemm16(x, w: S.Weight):
 
 
 def main() -> None:
-    rows = [int(r) for r in _arg("--rows", "16,32,64,128,256,512,1024,2048,4096").split(",")]
+    rows = [int(r) for r in cli_value("--rows", "16,32,64,128,256,512,1024,2048,4096").split(",")]
     shapes = S.SHAPES + SHAPES_1B
     if "--shapes" in sys.argv:
-        shapes = [tuple(int(d) for d in s.split("x")) for s in _arg("--shapes", "").split(",")]
-    encs = _arg("--encodings", "int4-affine-g64").split(",")
+        shapes = [tuple(int(d) for d in s.split("x")) for s in cli_value("--shapes", "").split(",")]
+    encs = cli_value("--encodings", "int4-affine-g64").split(",")
     L.use_gemm16()  # "routed": with gemm16 on (opt-in)
     configs = ALL
-    if _arg("--configs", "all") == "table":
+    if cli_value("--configs", "all") == "table":
         configs = list(dict.fromkeys(L.GEMM16_TABLE.values()))
-    if _arg("--dtype", "bf16") == "fp16":
+    if cli_value("--dtype", "bf16") == "fp16":
         S.DT = torch.float16
     if SMOKE:  # the script's own check: tiny shapes, decode + cuBLAS only (no Gluon on CPU)
         rows, shapes, configs = [70], [(40, 128)], []

@@ -32,7 +32,7 @@ sys.path.insert(0, HERE)
 import bench_gpu_gemv_sweep as S  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _common import Report  # noqa: E402
+from _common import Report, cli_value  # noqa: E402
 
 from qtensors.torch.kernels import launch as L  # noqa: E402
 from qtensors.torch.linear import linear_dequantize  # noqa: E402
@@ -40,10 +40,6 @@ from qtensors.torch.linear import linear_dequantize  # noqa: E402
 REPORT = Report()
 say = REPORT.say
 R = L.Gemm16RegsConfig
-
-
-def _arg(flag: str, default: str) -> str:
-    return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else default
 
 
 def parse(spec: str) -> L.Gemm16RegsConfig:
@@ -93,14 +89,14 @@ def decode_cublas(x, w: S.Weight):
 
 
 def main() -> None:
-    rows = [int(r) for r in _arg("--rows", "128,200,256").split(",")]
+    rows = [int(r) for r in cli_value("--rows", "128,200,256").split(",")]
     shapes = [(8192, 8192), (14336, 4096), (4096, 14336), (4096, 4096), (11264, 2048)]
     if "--shapes" in sys.argv:
-        shapes = [tuple(int(d) for d in s.split("x")) for s in _arg("--shapes", "").split(",")]
-    encs = _arg("--encodings", "int4-affine-g64").split(",")
-    specs = _arg("--configs", "f128s4,f128s3,f64s3,f64s4").split(",")
-    repeat = int(_arg("--repeat", "4"))
-    if _arg("--dtype", "bf16") == "fp16":  # the activations' (and cuBLAS's weight's) dtype
+        shapes = [tuple(int(d) for d in s.split("x")) for s in cli_value("--shapes", "").split(",")]
+    encs = cli_value("--encodings", "int4-affine-g64").split(",")
+    specs = cli_value("--configs", "f128s4,f128s3,f64s3,f64s4").split(",")
+    repeat = int(cli_value("--repeat", "4"))
+    if cli_value("--dtype", "bf16") == "fp16":  # the activations' (and cuBLAS's weight's) dtype
         S.DT = torch.float16
     say(f"# gemm16_regs probe, {torch.cuda.get_device_name()}, torch {torch.__version__},"
         f" {S.DT}; us per call in a CUDA graph; x: cuBLAS's time / ours")  # fmt: skip

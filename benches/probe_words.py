@@ -34,7 +34,7 @@ sys.path.insert(0, HERE)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
-from _common import Report  # noqa: E402
+from _common import Report, cli_value  # noqa: E402
 from bench_gpu_gemv_sweep import (  # noqa: E402
     ENCODINGS,
     SHAPES,
@@ -65,10 +65,6 @@ EXTRA_CONFIGS = [  # (block_n, block_k, warps[, maxnreg])
     (8, 1024, 4, 64),
     (16, 1024, 4, 96),
 ]
-
-
-def _arg(name: str, default: str) -> str:
-    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
 
 
 def with_kernel(kernel):
@@ -160,7 +156,6 @@ INT8_TOKENS = {
     "k4096": lambda c: replace(c, block_k=4096),
     "w2k1024": lambda c: replace(c, block_k=1024, num_warps=2),
     "w1k512": lambda c: replace(c, block_k=512, num_warps=1),
-    "r48": lambda c: replace(c, maxnreg=48),
     "r56": lambda c: replace(c, maxnreg=56),
     "r64": lambda c: replace(c, maxnreg=64),
     "r80": lambda c: replace(c, maxnreg=80),
@@ -256,10 +251,12 @@ def timed(case: Case, fn, M: int) -> str:
 
 
 def main() -> None:
-    encodings = _arg("--encodings", "int4-affine-g64,int4-sym-g64,nf4-g64,mxfp4,nvfp4").split(",")
-    batches = [int(b) for b in _arg("--batches", "1").split(",")]
+    encodings = cli_value("--encodings", "int4-affine-g64,int4-sym-g64,nf4-g64,mxfp4,nvfp4").split(
+        ","
+    )
+    batches = [int(b) for b in cli_value("--batches", "1").split(",")]
     kernels = {"now": L.words_kernel}
-    for name in filter(None, _arg("--variants", "").split(",")):
+    for name in filter(None, cli_value("--variants", "").split(",")):
         kernels[name] = importlib.import_module(f"qtensors.torch.kernels.{name}").words_kernel
     if "--ncu" in sys.argv:  # one launch of each kernel on the first shape, for ncu -k words_kernel
         case = Case(encodings[0], *SHAPES[0])
@@ -267,7 +264,7 @@ def main() -> None:
         for name, kernel in kernels.items():
             print(name, case.check(lambda x, w, k=kernel: with_kernel(k)(x, w, cfg), batches[0]))
         return
-    variants = _arg("--int8-variants", "")
+    variants = cli_value("--int8-variants", "")
     if variants:
         names = INT8_VARIANTS if variants == "all" else variants.split(",")
         unknown = {t for v in names for t in v.split("+")} - set(INT8_TOKENS)

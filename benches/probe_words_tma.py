@@ -2,8 +2,8 @@
 engine into a ring of shared memory (Triton's pipeliner over a tensor descriptor), against the
 routed kernel and cuBLAS bf16, CUDA-graph timed over the issue's shapes.
 
-The question: the routed kernel runs at ~70% of the HBM bound with its instructions cut 23%
-by no gain (``gpu_words_int8_lane_units_h200.txt``), so what holds it may be the bytes a
+The question: the routed kernel runs at ~70% of the HBM bound with its instructions cut
+by 15-23% for no gain (``gpu_words_int8_lane_units_h200.txt``), so what holds it may be the bytes a
 thread can keep in flight in registers (each program loads a step, waits, multiplies). Here
 the next ``STAGES - 1`` steps' codes are copied while a step is multiplied, in shared memory,
 with no register or load instruction per thread for them.
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from _common import Report  # noqa: E402
+from _common import Report, cli_value  # noqa: E402
 from bench_gpu_gemv_sweep import SHAPES, SMOKE, TOL, Case, copy_gbps, graph_us  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
@@ -110,14 +110,10 @@ def routed(x, w):
     return L.tiled_linear(x, w.codes, w.scales, w.mins, None, w.N, w.K, n, b, g)
 
 
-def _arg(name: str, default: str) -> str:
-    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
-
-
 def main() -> None:
-    stages = [int(s) for s in _arg("--stages", "2,3,4").split(",")]
-    features = [int(s) for s in _arg("--features", "4,8").split(",")]
-    encodings = _arg("--encodings", "int4-affine-g64,int4-sym-g64").split(",")
+    stages = [int(s) for s in cli_value("--stages", "2,3,4").split(",")]
+    features = [int(s) for s in cli_value("--features", "4,8").split(",")]
+    encodings = cli_value("--encodings", "int4-affine-g64,int4-sym-g64").split(",")
     gbps = copy_gbps()
     device = "cpu (smoke)" if SMOKE else torch.cuda.get_device_name()
     say(f"# batch-1 int8 GEMV, codes by TMA, on {device}, triton {triton.__version__}; copy "
