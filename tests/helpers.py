@@ -423,3 +423,41 @@ def wgmma_operand_hazards(sass: str) -> list[tuple[str, str]]:
         elif _sass_written(t) & set().union(group, *in_flight):
             found.append((hex(a), t))
     return found
+
+
+def loop_loads_read_in_loop(sass: str) -> list[tuple[str, str]]:
+    """In the loop holding the most ``IMMA`` products (the longest backward branch that encloses
+    one), the 32-bit global loads (``LDG.E R``, the Gluon W4A8 kernels' scale loads) whose
+    register an instruction after them, before the back-edge, reads: the warp waits for that
+    load there, in the iteration that issued it, however far ahead its value was wanted.
+    Returns (load, reader) pairs."""
+    import re
+
+    ins = _sass_instructions(sass)
+    loops = []
+    for line in sass.splitlines():  # conditional backward branches: a loop's back-edge (not
+        # the jumps back from the out-of-line retries of barrier waits)
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+@!?P\d+\s+BRA (0x[0-9a-f]+)", line)
+        if m:
+            a, start = int(m.group(1), 16), int(m.group(2), 16)
+            if start < a and any(start <= b <= a and u.startswith("IMMA") for b, u in ins):
+                loops.append((start, a))
+    if not loops:
+        return []
+    top, end = max(loops, key=lambda se: se[1] - se[0])
+    body = [(a, t) for a, t in ins if top <= a <= end]
+    found = []
+    for k, (_a, t) in enumerate(body):
+        m = re.match(r"LDG\.E\s+R(\d+),", t)
+        if not m:
+            continue
+        reg = re.compile(rf"\bR{m.group(1)}\b")
+        for _b, u in body[k + 1 :]:
+            _op, _, rest = u.partition(" ")
+            dest, _, sources = rest.partition(",")
+            if reg.search(sources):
+                found.append((t, u))
+                break
+            if reg.search(dest) and int(m.group(1)) in _sass_written(u):
+                break  # overwritten unread
+    return found

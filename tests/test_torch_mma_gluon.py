@@ -17,6 +17,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from helpers import loop_loads_read_in_loop, sm90_sass
 
 from qtensors.torch.kernels import launch as L
 from qtensors.torch.kernels import mma_int8_gluon as G
@@ -170,8 +171,10 @@ def test_prepass_fragment_order_under_the_interpreter(gs, K, blocked):
     _interpret(code)
 
 
-def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec, stages=0):
-    """The register kernel, or with ``stages`` the TMA one (its codes a descriptor)."""
+def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec, stages=0, swords=0,
+             scale="*fp16"):  # fmt: skip
+    """The register kernel, or with ``stages`` the TMA one (its codes a descriptor); ``swords``:
+    the scales read as that many words a row and step; ``scale``: their type (not FP4)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -179,7 +182,7 @@ def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec, stages=0):
 
     kern = G.mma_int8_gluon_tma_kernel if stages else G.mma_int8_gluon_kernel
     block = gs if gs in G.BLOCK_SIZES else 0
-    layouts = dict(G.layouts(block_n, block_m, warps, groups, gs // 64, block))
+    layouts = dict(G.layouts(block_n, block_m, warps, groups, gs // 64, block, swords))
     if stages:
         layouts["STAGES"] = stages
     else:
@@ -189,7 +192,7 @@ def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec, stages=0):
         GROUPS=groups, KSPEC=kspec, **layouts,
     )  # fmt: skip
     fp4 = enc in (G.GLUON_ENC["mxfp4"], G.GLUON_ENC["nvfp4"])
-    scales, mins = ("*u8", "*fp32") if fp4 else ("*fp16", "*fp16")
+    scales, mins = ("*u8", "*fp32") if fp4 else (scale, scale)
     ptrs = dict(xq_ptr="*i8", codes_ptr="*u8", scales_ptr=scales, mins_ptr=mins,
                 xs_ptr="*fp32", bias_ptr="*bf16", out_ptr="*bf16", ws_ptr="*fp32",
                 lock_ptr="*i32")  # fmt: skip
@@ -627,3 +630,65 @@ def test_plan_takes_eight_row_tiles_up_to_narrow_m(monkeypatch):
     assert plan(5, 4096, 4096, "affine", 64, False, -1, None, True, True, True, 3)[0] == 16
     with pytest.raises(ValueError, match="block_m >= 16"):  # the tl.dot kernel: 16 at least
         plan(5, 4096, 4096, "affine", 64, False, -1, L.MmaConfig(8, 64, 2, 0, 4), True, False)
+
+
+def test_scale_words_where_a_rows_step_is_whole_words():
+    """``_scale_words``: a row's scales of a K step as 32-bit words (1 or 2) where they fill
+    whole words and every row starts on one; else 0 (16-bit values / bytes as before)."""
+    sw = L._scale_words
+    assert sw("affine", 2, 64) == 1 and sw("symmetric", 4, 64) == 2
+    assert sw("affine", 1, 64) == 0  # half a word a step
+    assert sw("affine", 2, 63) == 0  # rows of an odd number of fp16 scales: not all aligned
+    assert sw("mxfp4", 4, 128) == 1 and sw("nvfp4", 8, 256) == 2  # E8M0 / E4M3 bytes
+    assert sw("mxfp4", 4, 130) == 0 and sw("nvfp4", 4, 256) == 1
+    plan = L._mma_int8_plan.__wrapped__
+    for words, want in ((True, 1), (False, 0)):
+        *_, meta, _key = plan(16, 256, 4096, "affine", 64, False, -1, None, True, True, True, 3,
+                              words)  # fmt: skip
+        assert meta["SWORDS"] == want and meta["GROUPS"] == 2
+    with pytest.raises(ValueError, match="1 or 2 words"):
+        G.layouts(64, 16, 2, 2, 1, 0, 4)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        (64, 16, 2, 2, 64, 0, 1, 4096, 3, 1, "*bf16"),  # the routed default, TMA, bf16 scales
+        (64, 16, 2, 2, 64, 0, 1, 4096, 0, 1, "*fp16"),  # the register kernel, fp16 scales
+        (64, 8, 2, 4, 64, 1, 1, 4096, 3, 2, "*fp16"),  # 8-row tiles, two words a row
+        (64, 16, 2, 4, 32, 4, 1, 4096, 3, 1, "*u8"),  # MXFP4: four E8M0 bytes a word
+        (64, 16, 2, 8, 16, 5, 1, 4096, 3, 2, "*u8"),  # NVFP4: eight E4M3 bytes, two words
+    ],
+)
+def test_scale_words_are_carried_as_loaded(cfg):
+    """With the scales as words, nothing in the main loop reads a scale load's register after
+    the load: the values wait in their registers for the step two ahead that uses them. Read
+    as 16-bit values, ptxas repacked them right after the load (``PRMT``), so each iteration
+    ended waiting for its own loads (a third of the stall samples on the H200,
+    ``benches/results/gpu_gluon_tma_src_h200.txt``)."""
+    *args, stages, swords, scale = cfg
+    k = _compile(*args, stages=stages, swords=swords, scale=scale)
+    sass = sm90_sass(k)
+    assert "IMMA" in sass
+    assert loop_loads_read_in_loop(sass) == []
+
+
+def test_loop_loads_read_in_loop_finds_a_load_read_before_the_back_edge():
+    """The helper on hand-written SASS: a 32-bit load read in its own iteration is found; one
+    read only after the loop, or overwritten unread, is not."""
+    sass = (  # as cuobjdump prints it: each line indented
+        """
+        /*0100*/                   IMMA.16832.S8.S8.SAT R8, R4.ROW, R6.COL, RZ ;
+        /*0110*/                   LDG.E R20, desc[UR6][R2.64] ;
+        /*0120*/                   LDG.E R21, desc[UR6][R2.64+0x4] ;
+        /*0130*/                   LDG.E R22, desc[UR6][R2.64+0x8] ;
+        /*0140*/                   PRMT R30, R20, 0x7632, R31 ;
+        /*0150*/                   MOV R22, RZ ;
+        /*0160*/              @!P0 BRA 0x100 ;
+        /*0170*/                   FADD R9, R21, R22 ;
+        /*0180*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR4], R3 ;
+        /*0190*/                   BRA 0x110 ;
+        """
+    )
+    found = loop_loads_read_in_loop(sass)
+    assert found == [("LDG.E R20, desc[UR6][R2.64]", "PRMT R30, R20, 0x7632, R31")]

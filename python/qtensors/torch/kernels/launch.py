@@ -1472,6 +1472,19 @@ GLUON_TILE8_MAX_M = 8
 #: 5-32 rows on the routed 32M+ weights (8192^2 at 16 rows 21.4 against 24.3 us: 1.69x cuBLAS),
 #: outputs bit-identical; symmetric g64 1.06-1.12x, affine g128 0.94-1.19x at 16 rows
 GLUON_TMA_STAGES = 3
+#: ``mma_int8_gluon.py`` reads a step's scales as 32-bit words (``SWORDS``) and carries them so
+#: across its loop, where a weight's scales allow it (4-byte aligned, a row's groups of a step
+#: whole words). False: as 16-bit values (or bytes), which ptxas repacked right after each
+#: load, so the warp waited for the load there (``benches/results/gpu_gluon_tma_src_h200.txt``)
+GLUON_SCALE_WORDS = False  # on once checked on the H200 (probe_gluon_scale_words.py)
+
+
+def _scale_words(encoding: str, groups: int, G: int) -> int:
+    """32-bit words of a row's scales in a K step of ``groups`` groups (1 or 2; 0 where they
+    are not whole words, or a row of ``G`` groups is not)."""
+    size = 1 if encoding in ("mxfp4", "nvfp4") else 2  # E8M0 / E4M3 bytes, else fp16 / bf16
+    words, rest = divmod(groups * size, 4)
+    return words if rest == 0 and words in (1, 2) and (G * size) % 4 == 0 else 0
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1488,11 +1501,13 @@ def _mma_int8_plan(
     gluon: bool = False,
     kspec: bool = False,
     tma_stages: int = 0,
+    scale_words: bool = False,
 ):
     """(rows padded to whole row tiles, the pre-pass's grid and constexprs, the matmul's grid,
     split, k_split, constexprs and options, their hashable key) of one ``mma_int8`` call
     (``gluon``: of ``mma_int8_gluon_kernel``; ``kspec``: ``GLUON_KSPEC`` at the call, an argument
-    so that the cache sees it; ``tma_stages``: the TMA kernel's ring, 0 for the register one)."""
+    so that the cache sees it; ``tma_stages``: the TMA kernel's ring, 0 for the register one;
+    ``scale_words``: the Gluon kernels may read the scales as words, ``_scale_words``)."""
     bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
     if gluon:
         cfg = config or MMA_INT8_GLUON_DEFAULT
@@ -1544,9 +1559,10 @@ def _mma_int8_plan(
             groups //= 2
         if groups * chunks > 4:
             raise ValueError(f"the Gluon int8 kernel takes groups of up to 256 codes, not {g}")
+        swords = _scale_words(encoding, groups, G) if scale_words else 0
         layouts = dict(
             mma_int8_gluon.layouts(
-                cfg.block_n, block_m, cfg.num_warps, groups, chunks, g if blocked else 0
+                cfg.block_n, block_m, cfg.num_warps, groups, chunks, g if blocked else 0, swords
             )
         )
         if tma_stages:
@@ -1591,6 +1607,7 @@ def mma_int8_linear(
     if gluon is None:
         gluon = gluon_applies(codes, scales, cuda_index, M)
     tma_stages = GLUON_TMA_STAGES if gluon and tma_applies(codes, K, cuda_index) else 0
+    scale_words = bool(gluon and GLUON_SCALE_WORDS and scales.data_ptr() % 4 == 0)
     MP, (qgrid, qmeta, qkey), grid, split, k_split, meta, meta_key = _mma_int8_plan(
         M,
         N,
@@ -1604,6 +1621,7 @@ def mma_int8_linear(
         gluon,
         GLUON_KSPEC,
         tma_stages,
+        scale_words,
     )
     G = K // group_size
     dev = x2.device

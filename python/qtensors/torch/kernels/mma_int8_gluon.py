@@ -171,14 +171,23 @@ def _linear(reg, lane, warp, shape):
 
 @functools.lru_cache(maxsize=64)
 def layouts(
-    block_n: int, block_m: int, warps: int, groups: int, chunks: int, block: int = 0
+    block_n: int,
+    block_m: int,
+    warps: int,
+    groups: int,
+    chunks: int,
+    block: int = 0,
+    swords: int = 0,
 ) -> dict:
     """The kernel's constexpr layouts for ``block_n`` features (16 a warp, then repeated),
     ``block_m`` rows (8, 16 or 32), ``warps`` warps along the features, ``groups`` groups of
     ``chunks`` 64-code chunks a K step (``groups * chunks`` 1, 2 or 4); ``block``: groups of
     that many codes in ``BLOCK_SIZES`` (``chunks`` unused), 1, 2 or 4 chunks a step. Rows and
     columns as the MMA's (``to_linear_layout`` of its operands: lanes hold rows 1, 2, 4 and a
-    register row 8, warps the next 16s, registers the repeats)."""
+    register row 8, warps the next 16s, registers the repeats). ``swords`` (1 or 2; 0: off): a
+    row's scales of a step read as that many 32-bit words (``SWORDS``, layout ``LSW``)."""
+    if swords not in (0, 1, 2):
+        raise ValueError(f"a step's scales in 1 or 2 words a row, not {swords}")
     reps = block_n // (16 * warps)
     blocked = block in BLOCK_SIZES
     per_step = groups * block // CHUNK if blocked else groups * chunks
@@ -258,6 +267,14 @@ def layouts(
             [[0, 0], [0, 0], *lanes2],
             warps2,
             [block_n, groups],
+        ),
+        # the same scales as [block_n, swords] 32-bit words (``SWORDS``; 1 when off, unused)
+        SWORDS=swords,
+        LSW=_linear(
+            [[0, 1 << i] for i in range(_log2(max(swords, 1)))] + [[8, 0]] + reps2,
+            [[0, 0], [0, 0], *lanes2],
+            warps2,
+            [block_n, max(swords, 1)],
         ),
         # [block_m, groups] the activations' per-group factors, rows as the accumulator's columns
         LD=_linear(
@@ -391,12 +408,21 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k0, MP,
-                 GS: gl.constexpr, GROUPS: gl.constexpr):  # fmt: skip
+                 GS: gl.constexpr, GROUPS: gl.constexpr, SWORDS: gl.constexpr):  # fmt: skip
         """A step's activations, scales and the activations' per-group ``d``, from column
-        ``k0``."""
+        ``k0``. ``SWORDS``: the scales as 32-bit words (``[BLOCK_N, SWORDS]``, their bits as
+        stored), so that the loop carries the loaded registers as they are: carried as 16-bit
+        values, ptxas packs each pair into a register right after the load, and the warp waits
+        for the load there, at the end of the step that issued it (``gpu_gluon_tma_src_h200.txt``:
+        a third of the stall samples on two such ``PRMT``)."""
         q = gl.load(xw_ptr + q_off + gl.multiple_of(k0 // 4, 16))
         g0 = gl.multiple_of(k0 // GS, GROUPS)
-        st = gl.load(scales_ptr + s_off + g0, mask=s_mask, other=0.0)
+        if SWORDS > 0:
+            sw = scales_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+            st = gl.load(sw + s_off + gl.multiple_of((k0 // GS) * SWORDS // GROUPS, SWORDS),
+                         mask=s_mask, other=0)  # fmt: skip
+        else:
+            st = gl.load(scales_ptr + s_off + g0, mask=s_mask, other=0.0)
         dd = gl.load(xs_ptr + d_off + g0 * MP)
         return q, st, dd
 
@@ -430,12 +456,31 @@ if HAVE_GLUON:
         return gl.where((v & 0x80) != 0, -mag, mag)
 
     @gluon.jit
+    def _scale_of(st, g: gl.constexpr, GROUPS: gl.constexpr, SWORDS: gl.constexpr,
+                  SDT: gl.constexpr, OUT: gl.constexpr):  # fmt: skip
+        """Group ``g``'s scales of a step, as stored (``SDT``: their type), in layout ``OUT``:
+        a column of ``st``, or with ``SWORDS`` its bits out of the row's words (little-endian:
+        group ``g`` at byte ``g * size`` of the row's step)."""
+        if SWORDS > 0:
+            SB: gl.constexpr = SDT.primitive_bitwidth // 8
+            w = _pick(st, (g * SB) // 4, SWORDS, OUT)
+            b = (w >> (((g * SB) % 4) * 8)) & ((1 << (8 * SB)) - 1)
+            if SB == 1:
+                return b
+            elif SDT == gl.bfloat16:
+                return (b << 16).to(gl.float32, bitcast=True)
+            else:
+                return b.to(gl.int16).to(gl.float16, bitcast=True)
+        else:
+            return _pick(st, g, GROUPS, OUT)
+
+    @gluon.jit
     def _scaled(acc, i, st, dd, ts, g: gl.constexpr, GROUPS: gl.constexpr, MMA: gl.constexpr,
-                ENC: gl.constexpr):  # fmt: skip
+                ENC: gl.constexpr, SWORDS: gl.constexpr, SDT: gl.constexpr):  # fmt: skip
         """``acc + (s * d) * I``: group ``g`` of the step's int32 sums ``I``, its scales ``s``
         (MXFP4's E8M0 bytes decoded here; NVFP4's E4M3 ones times the tensor scale ``ts``, the
         decoder's one rounding) and the activations' factors ``d``."""
-        s = _pick(st, g, GROUPS, gl.SliceLayout(1, MMA))
+        s = _scale_of(st, g, GROUPS, SWORDS, SDT, gl.SliceLayout(1, MMA))
         if ENC == 4:
             s = _e8m0(s)
         elif ENC == 5:
@@ -449,7 +494,8 @@ if HAVE_GLUON:
     def _step(acc, p, q, st, dd, ts, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
               GROUPS: gl.constexpr, GS: gl.constexpr, MMA: gl.constexpr, DOT_A: gl.constexpr,
               DOT_B: gl.constexpr, LP1: gl.constexpr, LB: gl.constexpr, LQ1: gl.constexpr,
-              LQB: gl.constexpr, ENC: gl.constexpr):  # fmt: skip
+              LQB: gl.constexpr, ENC: gl.constexpr, SWORDS: gl.constexpr,
+              SDT: gl.constexpr):  # fmt: skip
         """``acc`` plus one K step's scale terms: per group, the int32 sums ``I`` of its chunks'
         MMAs, then ``(s * d) * I`` (the min terms: ``_min_terms``). Groups of 32: each chunk's
         two blocks an MMA k-step each (``_a_blocks``); of 16: each k-step's two blocks an MMA
@@ -461,9 +507,10 @@ if HAVE_GLUON:
                 a0, a1 = _a_blocks(_pick(p, ci, PER_STEP, LP1), BLOCK_N, LB, DOT_A, ENC)
                 b0, b1 = _b_blocks(_pick(q, ci, PER_STEP, LQ1), BLOCK_M, LQ1, LQB, DOT_B, -1)
                 zero = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, MMA)
-                acc = _scaled(acc, mma_v2(a0, b0, zero), st, dd, ts, 2 * ci, GROUPS, MMA, ENC)
+                acc = _scaled(acc, mma_v2(a0, b0, zero), st, dd, ts, 2 * ci, GROUPS, MMA, ENC,
+                              SWORDS, SDT)  # fmt: skip
                 acc = _scaled(acc, mma_v2(a1, b1, zero), st, dd, ts, 2 * ci + 1, GROUPS, MMA,
-                              ENC)  # fmt: skip
+                              ENC, SWORDS, SDT)  # fmt: skip
         elif GS == 16:
             for ci in gl.static_range(PER_STEP):
                 a0, a1 = _a_blocks(_pick(p, ci, PER_STEP, LP1), BLOCK_N, LB, DOT_A, ENC)
@@ -472,10 +519,14 @@ if HAVE_GLUON:
                 b01, b11 = _b_blocks(qc, BLOCK_M, LQ1, LQB, DOT_B, 1)
                 zero = gl.zeros([BLOCK_N, BLOCK_M], gl.int32, MMA)
                 g = 4 * ci  # block 2B + half
-                acc = _scaled(acc, mma_v2(a0, b00, zero), st, dd, ts, g, GROUPS, MMA, ENC)
-                acc = _scaled(acc, mma_v2(a0, b01, zero), st, dd, ts, g + 1, GROUPS, MMA, ENC)
-                acc = _scaled(acc, mma_v2(a1, b10, zero), st, dd, ts, g + 2, GROUPS, MMA, ENC)
-                acc = _scaled(acc, mma_v2(a1, b11, zero), st, dd, ts, g + 3, GROUPS, MMA, ENC)
+                acc = _scaled(acc, mma_v2(a0, b00, zero), st, dd, ts, g, GROUPS, MMA, ENC,
+                              SWORDS, SDT)  # fmt: skip
+                acc = _scaled(acc, mma_v2(a0, b01, zero), st, dd, ts, g + 1, GROUPS, MMA, ENC,
+                              SWORDS, SDT)  # fmt: skip
+                acc = _scaled(acc, mma_v2(a1, b10, zero), st, dd, ts, g + 2, GROUPS, MMA, ENC,
+                              SWORDS, SDT)  # fmt: skip
+                acc = _scaled(acc, mma_v2(a1, b11, zero), st, dd, ts, g + 3, GROUPS, MMA, ENC,
+                              SWORDS, SDT)  # fmt: skip
         else:
             CHUNKS: gl.constexpr = GS // 64
             for gi in gl.static_range(GROUPS):
@@ -485,7 +536,7 @@ if HAVE_GLUON:
                     a_op = _a_operand(_pick(p, c, PER_STEP, LP1), BLOCK_N, LB, DOT_A, ENC)
                     b_op = _b_operand(_pick(q, c, PER_STEP, LQ1), BLOCK_M, LQB, DOT_B)
                     i = mma_v2(a_op, b_op, i)
-                acc = _scaled(acc, i, st, dd, ts, gi, GROUPS, MMA, ENC)
+                acc = _scaled(acc, i, st, dd, ts, gi, GROUPS, MMA, ENC, SWORDS, SDT)
         return acc
 
     @gluon.jit
@@ -540,21 +591,28 @@ if HAVE_GLUON:
     @gluon.jit
     def _factor_offsets(pid_m, pid_n, N, G, MP, stride_xm, BLOCK_M: gl.constexpr,
                         BLOCK_N: gl.constexpr, PER_STEP: gl.constexpr, GROUPS: gl.constexpr,
-                        LQ: gl.constexpr, LS: gl.constexpr, LD: gl.constexpr):  # fmt: skip
+                        LQ: gl.constexpr, LS: gl.constexpr, LD: gl.constexpr,
+                        SWORDS: gl.constexpr, LSW: gl.constexpr):  # fmt: skip
         """A tile's offsets of its activations (``[16, BLOCK_M, PER_STEP]`` int32 words of xq,
         chunk ``c`` at word ``16 c`` of a step), of its scales / mins (``[BLOCK_N, GROUPS]``,
         with the mask of rows past N) and of the activations' per-group factors
-        (``[BLOCK_M, GROUPS]`` of ``xs [2, G, MP]``), from a step's first column."""
+        (``[BLOCK_M, GROUPS]`` of ``xs [2, G, MP]``), from a step's first column. ``SWORDS``:
+        the scales' as words (``[BLOCK_N, SWORDS]``, layout ``LSW``)."""
         q_slots = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, LQ)))
         q_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, LQ)))
         q_rows = pid_m * BLOCK_M + q_rows
         q_chunk = gl.arange(0, PER_STEP, layout=gl.SliceLayout(0, gl.SliceLayout(1, LQ)))
         q_off = gl.expand_dims(q_rows, 0) * (stride_xm // 4) + gl.expand_dims(q_slots, 1)
         q_off = gl.expand_dims(q_off, 2) + gl.expand_dims(gl.expand_dims(q_chunk, 0), 1) * 16
-        s_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LS))
-        s_cols = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, LS))
+        if SWORDS > 0:  # a row's scales as words: G groups are G * SWORDS / GROUPS words
+            s_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LSW))
+            s_cols = gl.arange(0, SWORDS, layout=gl.SliceLayout(0, LSW))
+            s_off = gl.expand_dims(s_rows, 1) * (G * SWORDS // GROUPS) + gl.expand_dims(s_cols, 0)
+        else:
+            s_rows = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LS))
+            s_cols = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, LS))
+            s_off = gl.expand_dims(s_rows, 1) * G + gl.expand_dims(s_cols, 0)
         s_mask = gl.expand_dims(s_rows < N, 1)
-        s_off = gl.expand_dims(s_rows, 1) * G + gl.expand_dims(s_cols, 0)
         d_rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LD))
         d_cols = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, LD))
         d_off = gl.expand_dims(d_rows, 1) + gl.expand_dims(d_cols, 0) * MP
@@ -645,6 +703,8 @@ if HAVE_GLUON:
         LQB: gl.constexpr,
         LS: gl.constexpr,
         LD: gl.constexpr,
+        SWORDS: gl.constexpr,
+        LSW: gl.constexpr,
     ):
         """One ``[BLOCK_N, BLOCK_M]`` tile of ``y^T`` from ``quantize_kernel(FRAGMENT=True)``'s
         ``xq`` / ``xs`` (arguments as ``mma_int8_kernel``'s). A K step is ``GROUPS`` groups;
@@ -652,6 +712,7 @@ if HAVE_GLUON:
         terms follow the loop (``_min_terms``); ``KSPEC``: compiled for that K."""
         PER_STEP: gl.constexpr = (GROUPS * GS) // 64  # 64-code MMA chunks a step
         STEP: gl.constexpr = GS * GROUPS
+        SDT: gl.constexpr = scales_ptr.dtype.element_ty  # the scales' type, as stored
         if KSPEC > 0:
             # compiled for this K (and one tile of rows): every row's and group's offset is a
             # constant, so a step's loads are immediate offsets from one address
@@ -676,8 +737,9 @@ if HAVE_GLUON:
         p_mask = gl.expand_dims(gl.expand_dims(p_rows < N, 1), 2)
         xw_ptr = xq_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
         q_off, s_off, s_mask, d_off = _factor_offsets(
-            pid_m, pid_n, N, G, MP, stride_xm, BLOCK_M, BLOCK_N, PER_STEP, GROUPS, LQ, LS, LD
-        )
+            pid_m, pid_n, N, G, MP, stride_xm, BLOCK_M, BLOCK_N, PER_STEP, GROUPS, LQ, LS, LD,
+            SWORDS, LSW,
+        )  # fmt: skip
 
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
         ts = _tensor_scale(mins_ptr, ENC)
@@ -689,25 +751,25 @@ if HAVE_GLUON:
         # of one buffer costs ~70 moves a step)
         pa = _codes(words_ptr, p_off, p_mask, k_lo)
         qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k_lo, MP,
-                              GS, GROUPS)  # fmt: skip
+                              GS, GROUPS, SWORDS)  # fmt: skip
         k1 = gl.minimum(k_lo + STEP, k_last)
         pb = _codes(words_ptr, p_off, p_mask, k1)
         qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k1, MP,
-                              GS, GROUPS)  # fmt: skip
+                              GS, GROUPS, SWORDS)  # fmt: skip
         for k0 in range(k_lo, k_hi, 2 * STEP):
             acc = _step(acc, pa, qa, sa, da, ts, BLOCK_N, BLOCK_M, GROUPS, GS, MMA, DOT_A, DOT_B,
-                        LP1, LB, LQ1, LQB, ENC)  # fmt: skip
+                        LP1, LB, LQ1, LQB, ENC, SWORDS, SDT)  # fmt: skip
             k2 = gl.minimum(k0 + 2 * STEP, k_last)
             pa = _codes(words_ptr, p_off, p_mask, k2)
             qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k2,
-                                  MP, GS, GROUPS)  # fmt: skip
+                                  MP, GS, GROUPS, SWORDS)  # fmt: skip
             if k0 + STEP < k_hi:  # an odd number of steps: the last iteration has one
                 acc = _step(acc, pb, qb, sb, db, ts, BLOCK_N, BLOCK_M, GROUPS, GS, MMA, DOT_A,
-                            DOT_B, LP1, LB, LQ1, LQB, ENC)  # fmt: skip
+                            DOT_B, LP1, LB, LQ1, LQB, ENC, SWORDS, SDT)  # fmt: skip
             k3 = gl.minimum(k0 + 3 * STEP, k_last)
             pb = _codes(words_ptr, p_off, p_mask, k3)
             qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k3,
-                                  MP, GS, GROUPS)  # fmt: skip
+                                  MP, GS, GROUPS, SWORDS)  # fmt: skip
         acc = _encoding_terms(acc, scales_ptr, mins_ptr, xs_ptr, pid_n * BLOCK_N,
                               pid_m * BLOCK_M, N, G, MP, k_lo // GS, k_hi // GS, ENC, BLOCK_N,
                               BLOCK_M, MMA)  # fmt: skip
@@ -780,6 +842,8 @@ if HAVE_TMA:
         LQB: gl.constexpr,
         LS: gl.constexpr,
         LD: gl.constexpr,
+        SWORDS: gl.constexpr,
+        LSW: gl.constexpr,
     ):
         """``mma_int8_gluon_kernel`` with the codes brought in by the TMA engine: a ring of
         ``STAGES`` steps' ``[BLOCK_N, STEP / 2 bytes]`` tiles in shared memory (swizzled, so
@@ -788,6 +852,7 @@ if HAVE_TMA:
         ``[N, K / 8]``, block ``[BLOCK_N, STEP / 8]``, layout ``CODES_SL``."""
         PER_STEP: gl.constexpr = (GROUPS * GS) // 64  # 64-code MMA chunks a step
         STEP: gl.constexpr = GS * GROUPS
+        SDT: gl.constexpr = scales_ptr.dtype.element_ty  # the scales' type, as stored
         if KSPEC > 0:
             K = KSPEC
             G = KSPEC // GS
@@ -800,8 +865,9 @@ if HAVE_TMA:
         row0 = pid_n * BLOCK_N
         xw_ptr = xq_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
         q_off, s_off, s_mask, d_off = _factor_offsets(
-            pid_m, pid_n, N, G, MP, stride_xm, BLOCK_M, BLOCK_N, PER_STEP, GROUPS, LQ, LS, LD
-        )
+            pid_m, pid_n, N, G, MP, stride_xm, BLOCK_M, BLOCK_N, PER_STEP, GROUPS, LQ, LS, LD,
+            SWORDS, LSW,
+        )  # fmt: skip
 
         k_lo = pid_k * k_split
         k_hi = gl.minimum(K, k_lo + k_split)
@@ -818,30 +884,30 @@ if HAVE_TMA:
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
         ts = _tensor_scale(mins_ptr, ENC)
         qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k_lo, MP,
-                              GS, GROUPS)  # fmt: skip
+                              GS, GROUPS, SWORDS)  # fmt: skip
         k1 = gl.minimum(k_lo + STEP, k_last)
         qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k1, MP,
-                              GS, GROUPS)  # fmt: skip
+                              GS, GROUPS, SWORDS)  # fmt: skip
         i = 0
         for k0 in range(k_lo, k_hi, 2 * STEP):
             pa = _codes_tma(ring, bars, i, BLOCK_N, PER_STEP, STAGES, LT, LP)
             _cta_barrier()  # every warp has read the slot: refill it
             _tma_refill(codes_desc, ring, bars, i + STAGES, n_steps, row0, k_lo, STEP, STAGES)
             acc = _step(acc, pa, qa, sa, da, ts, BLOCK_N, BLOCK_M, GROUPS, GS, MMA, DOT_A, DOT_B,
-                        LP1, LB, LQ1, LQB, ENC)  # fmt: skip
+                        LP1, LB, LQ1, LQB, ENC, SWORDS, SDT)  # fmt: skip
             k2 = gl.minimum(k0 + 2 * STEP, k_last)
             qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k2,
-                                  MP, GS, GROUPS)  # fmt: skip
+                                  MP, GS, GROUPS, SWORDS)  # fmt: skip
             if k0 + STEP < k_hi:
                 pb = _codes_tma(ring, bars, i + 1, BLOCK_N, PER_STEP, STAGES, LT, LP)
                 _cta_barrier()
                 _tma_refill(codes_desc, ring, bars, i + 1 + STAGES, n_steps, row0, k_lo, STEP,
                             STAGES)  # fmt: skip
                 acc = _step(acc, pb, qb, sb, db, ts, BLOCK_N, BLOCK_M, GROUPS, GS, MMA, DOT_A,
-                            DOT_B, LP1, LB, LQ1, LQB, ENC)  # fmt: skip
+                            DOT_B, LP1, LB, LQ1, LQB, ENC, SWORDS, SDT)  # fmt: skip
             k3 = gl.minimum(k0 + 3 * STEP, k_last)
             qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k3,
-                                  MP, GS, GROUPS)  # fmt: skip
+                                  MP, GS, GROUPS, SWORDS)  # fmt: skip
             i += 2
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(s))
