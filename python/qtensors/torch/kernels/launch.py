@@ -1472,10 +1472,11 @@ GLUON_TILE8_MAX_M = 8
 #: 5-32 rows on the routed 32M+ weights (8192^2 at 16 rows 21.4 against 24.3 us: 1.69x cuBLAS),
 #: outputs bit-identical; symmetric g64 1.06-1.12x, affine g128 0.94-1.19x at 16 rows
 GLUON_TMA_STAGES = 3
-#: ``mma_int8_gluon.py`` reads a step's scales as 32-bit words (``SWORDS``) and carries them so
-#: across its loop, where a weight's scales allow it (4-byte aligned, a row's groups of a step
-#: whole words). False: as 16-bit values (or bytes), which ptxas repacked right after each
-#: load, so the warp waited for the load there, at the end of the iteration that issued it
+#: ``mma_int8_gluon.py``'s TMA kernel reads a step's scales as 32-bit words (``SWORDS``) and
+#: carries them so across its loop, where a weight's scales allow it (4-byte aligned, a row's
+#: groups of a step whole words). False: as 16-bit values (or bytes), which ptxas repacked
+#: right after each load, so the warp waited for the load there, at the end of the iteration
+#: that issued it
 #: (``benches/results/gpu_gluon_tma_src_h200.txt``). H200, 16 rows, the 32M+ weights
 #: (``probe_gluon_scale_words.py``, ``gpu_gluon_scale_words_h200.txt``; outputs bit-identical):
 #: NVFP4 1.22-1.30x, MXFP4 1.08-1.10x, NF4 1.05x, int4 affine / symmetric 0.98-1.06x
@@ -1610,7 +1611,9 @@ def mma_int8_linear(
     if gluon is None:
         gluon = gluon_applies(codes, scales, cuda_index, M)
     tma_stages = GLUON_TMA_STAGES if gluon and tma_applies(codes, K, cuda_index) else 0
-    scale_words = bool(gluon and GLUON_SCALE_WORDS and scales.data_ptr() % 4 == 0)
+    # the TMA kernel only, where it was measured: the register kernel takes 174 registers with
+    # the words against 168 (sm_90, Triton 3.6), one program an SM fewer, and is not timed so
+    scale_words = bool(tma_stages and GLUON_SCALE_WORDS and scales.data_ptr() % 4 == 0)
     MP, (qgrid, qmeta, qkey), grid, split, k_split, meta, meta_key = _mma_int8_plan(
         M,
         N,
