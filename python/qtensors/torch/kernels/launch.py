@@ -456,7 +456,8 @@ def gluon_rows_pay(M: int, N: int, K: int) -> bool:
 #: NVFP4 takes "int8mma" only up to this many rows, on weights of at least this many elements:
 #: its blocks of 16 cost two MMAs and two scalings a k-step. H200 against decode + cuBLAS
 #: (benches/results/gpu_gluon_nvfp4_h200.txt): 5-16 rows 1.16-1.30x on the 32M+ weights,
-#: 1.01-1.05x on 4096^2, 0.72-0.99x on the 11.5M ones; 32 rows 0.61-0.72x
+#: 1.01-1.05x on 4096^2, 0.72-0.99x on the 11.5M ones; 32 rows 0.61-0.72x (stop 36; since the
+#: scales are read as words, ``GLUON_SCALE_WORDS``, 1.22-1.30x faster at 16 rows on the 32M+)
 NVFP4_GLUON_MAX_M, NVFP4_GLUON_MIN_ELEMENTS = 16, 1 << 24
 
 
