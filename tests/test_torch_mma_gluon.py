@@ -172,9 +172,10 @@ def test_prepass_fragment_order_under_the_interpreter(gs, K, blocked):
 
 
 def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec, stages=0, swords=0,
-             scale="*fp16"):  # fmt: skip
+             scale="*fp16", arch=90):  # fmt: skip
     """The register kernel, or with ``stages`` the TMA one (its codes a descriptor); ``swords``:
-    the scales read as that many words a row and step; ``scale``: their type (not FP4)."""
+    the scales read as that many words a row and step; ``scale``: their type (not FP4);
+    ``arch``: the sm_ target."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -209,7 +210,7 @@ def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec, stages=0, s
         if p.endswith("_ptr") or p in aligned
     }
     src = GluonASTSource(fn=kern, signature=sig, constexprs=meta, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
 
 
 @pytest.mark.parametrize(
@@ -692,3 +693,29 @@ def test_loop_loads_read_in_loop_finds_a_load_read_before_the_back_edge():
     )
     found = loop_loads_read_in_loop(sass)
     assert found == [("LDG.E R20, desc[UR6][R2.64]", "PRMT R30, R20, 0x7632, R31")]
+
+
+@pytest.mark.parametrize(
+    "arch, enc, groups, gs",
+    [
+        (80, 0, 2, 64),  # affine g64 on an A100
+        (80, 1, 2, 64),  # symmetric
+        (80, 2, 2, 64),  # NF4
+        (80, 3, 1, 256),  # 8-bit symmetric as 4-bit pairs in groups of 2 x 128
+        (80, 4, 4, 32),  # MXFP4
+        (80, 5, 8, 16),  # NVFP4
+        (86, 0, 2, 64),
+        (89, 4, 4, 32),
+    ],
+)
+def test_register_kernel_compiles_for_the_pre_hopper_gpus_it_is_routed_to(arch, enc, groups, gs):
+    """``gluon_applies`` routes the register kernel to every sm_80+ device (the TMA one needs
+    sm_90): each encoding's routed configuration compiles for sm_80, 86 and 89 through ptxas,
+    with the int8 ``mma.sync`` those GPUs have and nothing of Hopper's (no GPU of theirs to run
+    it on here: compiled, not run)."""
+    k = _compile(64, 16, 2, groups, gs, enc, 1, 4096, arch=arch)
+    ptx = k.asm["ptx"]
+    assert f".target sm_{arch}" in ptx
+    assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in ptx
+    assert "wgmma" not in ptx and "cp.async.bulk" not in ptx and "griddepcontrol" not in ptx
+    assert k.asm["cubin"]
