@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--mma", action="store_true", help="the tensor-core kernels instead")
     ap.add_argument("--gluon", action="store_true", help="the Gluon int8 kernel instead")
+    ap.add_argument("--swords", type=int, default=0, help="--gluon: the scales as N words a row")
     ap.add_argument("--paired", action="store_true", help="words_int8: PAIRED (affine)")
     ap.add_argument("--prefetch", action="store_true", help="words_int8: PREFETCH")
     ap.add_argument("--kspec", type=int, default=0, help="words_int8: KSPEC, this K")
@@ -135,7 +136,7 @@ def main() -> None:
         mma_counts(a.block_n if a.block_n != 8 else 128)
         return
     if a.gluon:
-        gluon_counts(a.block_n if a.block_n != 8 else 64, a.warps if a.warps != 4 else 2)
+        gluon_counts(a.block_n if a.block_n != 8 else 64, a.warps if a.warps != 4 else 2, a.swords)
         return
     weights = a.block_n * a.block_k / (32 * a.warps)  # per thread and loop step
     print(f"# triton {triton.__version__}, sm_90, {a.block_n} features x {a.block_k} codes, "
@@ -176,15 +177,17 @@ def mma_counts(bn: int) -> None:
                   f"  ({top})")  # fmt: skip
 
 
-def gluon_counts(bn: int, warps: int) -> None:
-    """``mma_int8_gluon.py``, int4 g64, 16 rows, 2 groups a step, compiled per K or not."""
-    print(f"# triton {triton.__version__}, sm_90, {bn} features x 16 rows, {warps} warps, 2 groups")
+def gluon_counts(bn: int, warps: int, swords: int = 0) -> None:
+    """``mma_int8_gluon.py``, int4 g64, 16 rows, 2 groups a step, compiled per K or not;
+    ``swords``: the scales read as that many words a row and step (``SWORDS``)."""
+    print(f"# triton {triton.__version__}, sm_90, {bn} features x 16 rows, {warps} warps, 2 groups,"
+          f" scales as {swords or 'no'} words")  # fmt: skip
     weights = bn * 64 * 2 * 2 / (32 * warps)  # the loop: two steps
     for enc in ("affine", "symmetric"):
         for kspec in (4096, 0):
             consts = dict(ENC=MMA_INT8_ENC[enc], GS=64, HAS_BIAS=False, BLOCK_M=16, BLOCK_N=bn,
                           SPLIT_K=1, GROUPS=2, KSPEC=kspec,
-                          **mma_int8_gluon.layouts(bn, 16, warps, 2, 1))  # fmt: skip
+                          **mma_int8_gluon.layouts(bn, 16, warps, 2, 1, 0, swords))  # fmt: skip
             sass, regs = compile_kernel(mma_int8_gluon.mma_int8_gluon_kernel, consts, {},
                                         {"num_warps": warps}, GluonASTSource)  # fmt: skip
             ops = loop_ops(sass)

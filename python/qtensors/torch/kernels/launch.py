@@ -1612,8 +1612,9 @@ def mma_int8_linear(
     if gluon is None:
         gluon = gluon_applies(codes, scales, cuda_index, M)
     tma_stages = GLUON_TMA_STAGES if gluon and tma_applies(codes, K, cuda_index) else 0
-    # the TMA kernel only, where it was measured: the register kernel takes 174 registers with
-    # the words against 168 (sm_90, Triton 3.6), one program an SM fewer, and is not timed so
+    # the TMA kernel only, where it was measured: the register kernel was not timed with the
+    # words, and its registers move with them (168 -> 174 in one configuration: one program an
+    # SM fewer; benches/results/sass_gluon_swords_triton36.txt)
     scale_words = bool(tma_stages and GLUON_SCALE_WORDS and scales.data_ptr() % 4 == 0)
     MP, (qgrid, qmeta, qkey), grid, split, k_split, meta, meta_key = _mma_int8_plan(
         M,
