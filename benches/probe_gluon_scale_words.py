@@ -4,7 +4,8 @@ words (``launch.GLUON_SCALE_WORDS``, on by default) against the same kernels rea
 iteration ended waiting for its own scale loads (``gpu_gluon_tma_src_h200.txt``).
 
 1. correctness, before any timing: outputs with and without the words bit for bit equal (the
-   same values in the same arithmetic), for the TMA kernel and the register one, every
+   same values in the same arithmetic), for the TMA kernel and the register one (which the
+   launcher now runs without the words: there its rows compare one path with itself), every
    encoding the kernels take, rows 5 / 8 / 16 / 17 / 32, a bias, a partial tile of features;
    and int4 affine / symmetric within the activations' rounding bound of the exact product;
 2. the routed op (TMA kernel on sm_90), int4 affine g64, bf16 x, the issue's shapes, rows
