@@ -22,7 +22,7 @@ from qtensors.torch.ops import dequantize
 
 
 def main() -> int:
-    ok = True
+    ok, saved = True, L.GLUON_SCALE_WORDS
     g = torch.Generator(device="cuda").manual_seed(0)
     for N, K in ((4096, 4096), (4000, 2048)):
         codes = torch.randint(0, 256, (N * K,), dtype=torch.uint8, device="cuda", generator=g)
@@ -42,7 +42,7 @@ def main() -> int:
             ok &= good
             print(f"symmetric 8-bit g128 {N}x{K} M={M}: words == values {same}, rel err {err:.2e}"
                   f" {'ok' if good else 'FAIL'}")  # fmt: skip
-    L.GLUON_SCALE_WORDS = True
+    L.GLUON_SCALE_WORDS = saved
     print("all ok" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -453,11 +453,10 @@ def loop_loads_read_in_loop(sass: str) -> list[tuple[str, str]]:
             continue
         reg = re.compile(rf"\bR{m.group(1)}\b")
         for _b, u in body[k + 1 :]:
-            _op, _, rest = u.partition(" ")
-            dest, _, sources = rest.partition(",")
+            sources = u.partition(" ")[2].partition(",")[2]
             if reg.search(sources):
                 found.append((t, u))
                 break
-            if reg.search(dest) and int(m.group(1)) in _sass_written(u):
+            if int(m.group(1)) in _sass_written(u):
                 break  # overwritten unread
     return found

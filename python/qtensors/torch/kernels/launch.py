@@ -1487,7 +1487,7 @@ GLUON_SCALE_WORDS = True
 def _scale_words(encoding: str, groups: int, G: int) -> int:
     """32-bit words of a row's scales in a K step of ``groups`` groups (1 or 2; 0 where they
     are not whole words, or a row of ``G`` groups is not)."""
-    size = 1 if encoding in ("mxfp4", "nvfp4") else 2  # E8M0 / E4M3 bytes, else fp16 / bf16
+    size = 1 if encoding in SCALE_FORMATS else 2  # E8M0 / E4M3 bytes, else fp16 / bf16
     words, rest = divmod(groups * size, 4)
     return words if rest == 0 and words in (1, 2) and (G * size) % 4 == 0 else 0
 
@@ -1512,7 +1512,10 @@ def _mma_int8_plan(
     split, k_split, constexprs and options, their hashable key) of one ``mma_int8`` call
     (``gluon``: of ``mma_int8_gluon_kernel``; ``kspec``: ``GLUON_KSPEC`` at the call, an argument
     so that the cache sees it; ``tma_stages``: the TMA kernel's ring, 0 for the register one;
-    ``scale_words``: the Gluon kernels may read the scales as words, ``_scale_words``)."""
+    ``scale_words``: the scales allow words (``GLUON_SCALE_WORDS`` on, 4-byte aligned), which the
+    TMA kernel then reads where ``_scale_words`` finds them whole; the register kernel was not
+    timed with them, and its registers move with them (168 -> 174 in one configuration: one
+    program an SM fewer; ``benches/results/sass_gluon_swords_triton36.txt``))."""
     bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
     if gluon:
         cfg = config or MMA_INT8_GLUON_DEFAULT
@@ -1564,7 +1567,7 @@ def _mma_int8_plan(
             groups //= 2
         if groups * chunks > 4:
             raise ValueError(f"the Gluon int8 kernel takes groups of up to 256 codes, not {g}")
-        swords = _scale_words(encoding, groups, G) if scale_words else 0
+        swords = _scale_words(encoding, groups, G) if scale_words and tma_stages else 0
         layouts = dict(
             mma_int8_gluon.layouts(
                 cfg.block_n, block_m, cfg.num_warps, groups, chunks, g if blocked else 0, swords
@@ -1612,10 +1615,7 @@ def mma_int8_linear(
     if gluon is None:
         gluon = gluon_applies(codes, scales, cuda_index, M)
     tma_stages = GLUON_TMA_STAGES if gluon and tma_applies(codes, K, cuda_index) else 0
-    # the TMA kernel only, where it was measured: the register kernel was not timed with the
-    # words, and its registers move with them (168 -> 174 in one configuration: one program an
-    # SM fewer; benches/results/sass_gluon_swords_triton36.txt)
-    scale_words = bool(tma_stages and GLUON_SCALE_WORDS and scales.data_ptr() % 4 == 0)
+    scale_words = GLUON_SCALE_WORDS and scales.data_ptr() % 4 == 0
     MP, (qgrid, qmeta, qkey), grid, split, k_split, meta, meta_key = _mma_int8_plan(
         M,
         N,

@@ -419,8 +419,8 @@ if HAVE_GLUON:
         g0 = gl.multiple_of(k0 // GS, GROUPS)
         if SWORDS > 0:
             sw = scales_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
-            st = gl.load(sw + s_off + gl.multiple_of((k0 // GS) * SWORDS // GROUPS, SWORDS),
-                         mask=s_mask, other=0)  # fmt: skip
+            w0 = gl.multiple_of(g0 * SWORDS // GROUPS, SWORDS)  # (SWORDS-word loads)
+            st = gl.load(sw + s_off + w0, mask=s_mask, other=0)
         else:
             st = gl.load(scales_ptr + s_off + g0, mask=s_mask, other=0.0)
         dd = gl.load(xs_ptr + d_off + g0 * MP)
