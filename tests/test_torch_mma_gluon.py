@@ -172,10 +172,10 @@ def test_prepass_fragment_order_under_the_interpreter(gs, K, blocked):
 
 
 def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec, stages=0, swords=0,
-             scale="*fp16", arch=90):  # fmt: skip
+             scale="*fp16", arch=90, xtma=False):  # fmt: skip
     """The register kernel, or with ``stages`` the TMA one (its codes a descriptor); ``swords``:
     the scales read as that many words a row and step; ``scale``: their type (not FP4);
-    ``arch``: the sm_ target."""
+    ``arch``: the sm_ target; ``xtma``: the TMA kernel's activations by TMA too."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -185,9 +185,10 @@ def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec, stages=0, s
     block = gs if gs in G.BLOCK_SIZES else 0
     layouts = dict(G.layouts(block_n, block_m, warps, groups, gs // 64, block, swords))
     if stages:
-        layouts["STAGES"] = stages
+        layouts.update(STAGES=stages, XTMA=xtma)
     else:
-        del layouts["LT"], layouts["CODES_SL"]
+        for name in G.TMA_LAYOUTS:
+            del layouts[name]
     meta = dict(
         ENC=enc, GS=gs, HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split,
         GROUPS=groups, KSPEC=kspec, **layouts,
@@ -202,6 +203,11 @@ def _compile(block_n, block_m, warps, groups, gs, enc, split, kspec, stages=0, s
         meta_k = dict(GS=gs, GROUPS=groups, BLOCK_N=block_n, CODES_SL=layouts["CODES_SL"])
         desc = L._codes_descriptor(words.view(torch.uint8), block_n, 4096 * 8, meta_k)
         ptrs["codes_desc"] = mangle_type(desc)
+        meta_x = dict(meta, XTMA=xtma)
+        xq = torch.zeros(block_m, 4096, dtype=torch.int8)
+        xs = torch.zeros(2, 4096 // gs, block_m)
+        q_desc, d_desc = L._acts_descriptors(xq, xs, meta_x, desc)
+        ptrs.update(xq_desc=mangle_type(q_desc), xs_desc=mangle_type(d_desc))
     sig = {p: "constexpr" if p in meta else ptrs.get(p, "i32") for p in kern.arg_names}
     aligned = {"row_bytes", "K", "stride_xm", "G", "MP", "k_split"}
     attrs = {

@@ -1482,6 +1482,16 @@ GLUON_TMA_STAGES = 3
 #: (``probe_gluon_scale_words.py``, ``gpu_gluon_scale_words_h200.txt``; outputs bit-identical):
 #: NVFP4 1.22-1.30x, MXFP4 1.08-1.10x, NF4 1.05x, int4 affine / symmetric 0.98-1.06x
 GLUON_SCALE_WORDS = True
+#: ``mma_int8_gluon.py``'s TMA kernel also brings each step's int8 activations (1), and their
+#: per-group factors (2), by TMA into its ring slot (``XTMA``), where a step's activations are
+#: rows of up to 128 bytes (``act_tma``); 0: both loaded into registers two steps ahead
+GLUON_ACT_TMA = 0
+
+
+def act_tma(tma_stages: int, per_step: int) -> int:
+    """The TMA kernel's ``XTMA`` (``GLUON_ACT_TMA``; 0 without a ring, or where a step's rows of
+    int8 activations are over 128 bytes, the widest swizzle of a copy)."""
+    return GLUON_ACT_TMA if tma_stages > 0 and per_step <= 2 else 0
 
 
 def _scale_words(encoding: str, groups: int, G: int) -> int:
@@ -1574,9 +1584,11 @@ def _mma_int8_plan(
             )
         )
         if tma_stages:
-            layouts.update(STAGES=tma_stages)
+            per_step = groups * g // mma_int8_gluon.CHUNK
+            layouts.update(STAGES=tma_stages, XTMA=act_tma(tma_stages, per_step))
         else:  # the register kernel takes no ring
-            del layouts["LT"], layouts["CODES_SL"]
+            for name in mma_int8_gluon.TMA_LAYOUTS:
+                del layouts[name]
         one_tile = n_m == 1 and block_m <= 16
         meta.update(GROUPS=groups, KSPEC=K if kspec and one_tile else 0, **layouts)
         step = g * groups
@@ -1643,8 +1655,11 @@ def mma_int8_linear(
     kernel = mma_int8_gluon.mma_int8_gluon_kernel if gluon else mma_int8_kernel
     if tma_stages:
         kernel = mma_int8_gluon.mma_int8_gluon_tma_kernel
-        codes = _codes_descriptor(codes, N, K, meta)
-    weight = (codes, scales, scales if mins is None else mins, xs)
+        desc = _codes_descriptor(codes, N, K, meta)
+        codes = (desc, *_acts_descriptors(xq, xs, meta, desc))
+    else:
+        codes = (codes,)
+    weight = (*codes, scales, scales if mins is None else mins, xs)
     row = (K // 2, G, MP)  # bytes per row, groups per row, rows of xq / xs
     return _finish(kernel, grid, split, k_split, meta, meta_key, cuda_index, locks, xq,
                    out, weight, bias, K, row)  # fmt: skip
@@ -1697,6 +1712,24 @@ def _codes_descriptor(codes: torch.Tensor, N: int, K: int, meta: dict):
     """A TMA descriptor of the codes as int32 words ``[N, K / 8]``, one step's tile a copy."""
     step_words = meta["GS"] * meta["GROUPS"] // 8
     return _words_descriptor(codes, N, K, [meta["BLOCK_N"], step_words], meta["CODES_SL"])
+
+
+def _acts_descriptors(xq: torch.Tensor, xs: torch.Tensor, meta: dict, stand_in) -> tuple:
+    """The TMA kernel's descriptors of the int8 activations ``xq [MP, K]`` (as int32 words, one
+    step's ``[BLOCK_M, STEP / 4]`` a copy) and of their factors ``xs[0] [G, MP]`` (``[GROUPS,
+    BLOCK_M]`` a copy), as ``XTMA`` takes them; ``stand_in`` for each it does not (unused)."""
+    if not meta["XTMA"]:
+        return stand_in, stand_in
+    TD = mma_int8_gluon.TensorDescriptor
+    MP, K = xq.shape
+    step = meta["GS"] * meta["GROUPS"]
+    words = xq.view(torch.int32)
+    q = TD(words, [MP, K // 4], [K // 4, 1], [meta["BLOCK_M"], step // 4], meta["Q_SL"])
+    G = xs.shape[1]
+    if meta["XTMA"] < 2:
+        return q, stand_in
+    d = TD(xs[0], [G, MP], [MP, 1], [meta["GROUPS"], meta["BLOCK_M"]], meta["D_SL"])
+    return q, d
 
 
 def _words_descriptor(codes: torch.Tensor, N: int, K: int, block: list, layout):

@@ -93,6 +93,8 @@ CHUNK = 64
 #: (``BLOCK_SIZES``, below) scaled by its E8M0 scale (MXFP4) or its E4M3 scale times the
 #: tensor scale (NVFP4, as the decoder's product), the sums halved once at the end
 GLUON_ENC = {"affine": 0, "symmetric": 1, "nf4": 2, "symmetric8": 3, "mxfp4": 4, "nvfp4": 5}
+#: ``layouts()`` entries only the TMA kernel takes (its rings' shared and loading layouts)
+TMA_LAYOUTS = ("LT", "CODES_SL", "LQT", "Q_SL", "LDT", "D_SL")
 #: group sizes under a 64-code chunk, taken in blocks: in the blocked order each MMA k-step
 #: holds one block of 32 (MXFP4), or two blocks of 16 (NVFP4), one on quad lanes 0-1 and one
 #: on 2-3, each summed by its own MMA with the other's activations zeroed
@@ -276,6 +278,33 @@ def layouts(
             warps2,
             [block_n, max(swords, 1)],
         ),
+        # a step's [block_m, 16 * per_step] words of int8 activations as the TMA engine left
+        # them in shared memory (``XTMA``), loaded in LQ's registers (``_acts_tma`` reshapes /
+        # permutes it into LQ): 16 contiguous bytes a thread and row, rows swizzled apart
+        LQT=_linear(
+            [[0, 1], [0, 2]]
+            + [[8, 0]] * (block_m >= 16)
+            + [[16, 0]] * (block_m == 32)
+            + [[0, 16 << i] for i in range(_log2(per_step))],
+            [[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]],
+            none2,
+            [block_m, 16 * per_step],
+        ),
+        Q_SL=gl.NVMMASharedLayout(
+            swizzle_byte_width=min(128, 64 * per_step), element_bitwidth=32, rank=2
+        ),
+        # the factors' ``[groups, block_m]`` tile of ``xs[0]`` (``XTMA``), loaded in LD's
+        # registers transposed
+        LDT=_linear(
+            [[0, 1]]
+            + [[0, 8]] * (block_m >= 16)
+            + [[0, 16]] * (block_m == 32)
+            + [[1 << i, 0] for i in range(_log2(groups))],
+            [[0, 2], [0, 4], [0, 0], [0, 0], [0, 0]],
+            none2,
+            [groups, block_m],
+        ),
+        D_SL=gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2),
         # [block_m, groups] the activations' per-group factors, rows as the accumulator's columns
         LD=_linear(
             [[1, 0]]
@@ -416,15 +445,30 @@ if HAVE_GLUON:
         for the load there, at the end of the step that issued it (``gpu_gluon_tma_src_h200.txt``:
         a third of the stall samples on two such ``PRMT``)."""
         q = gl.load(xw_ptr + q_off + gl.multiple_of(k0 // 4, 16))
+        st, dd = _scales_factors(scales_ptr, s_off, s_mask, xs_ptr, d_off, k0, MP, GS, GROUPS,
+                                 SWORDS)  # fmt: skip
+        return q, st, dd
+
+    @gluon.jit
+    def _scales_factors(scales_ptr, s_off, s_mask, xs_ptr, d_off, k0, MP, GS: gl.constexpr,
+                        GROUPS: gl.constexpr, SWORDS: gl.constexpr):  # fmt: skip
+        """A step's scales and the activations' factors from column ``k0`` (``_factors``
+        without the activations)."""
+        st = _scales_at(scales_ptr, s_off, s_mask, k0, GS, GROUPS, SWORDS)
+        g0 = gl.multiple_of(k0 // GS, GROUPS)
+        return st, gl.load(xs_ptr + d_off + g0 * MP)
+
+    @gluon.jit
+    def _scales_at(scales_ptr, s_off, s_mask, k0, GS: gl.constexpr, GROUPS: gl.constexpr,
+                   SWORDS: gl.constexpr):  # fmt: skip
+        """A step's scales from column ``k0`` (``_factors``' third)."""
         g0 = gl.multiple_of(k0 // GS, GROUPS)
         if SWORDS > 0:
             sw = scales_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
             w0 = gl.multiple_of(g0 * SWORDS // GROUPS, SWORDS)  # (SWORDS-word loads)
-            st = gl.load(sw + s_off + w0, mask=s_mask, other=0)
+            return gl.load(sw + s_off + w0, mask=s_mask, other=0)
         else:
-            st = gl.load(scales_ptr + s_off + g0, mask=s_mask, other=0.0)
-        dd = gl.load(xs_ptr + d_off + g0 * MP)
-        return q, st, dd
+            return gl.load(scales_ptr + s_off + g0, mask=s_mask, other=0.0)
 
     @gluon.jit
     def _e8m0(b):
@@ -781,13 +825,41 @@ if HAVE_TMA:
 
     @gluon.jit
     def _tma_refill(codes_desc, ring, bars, i, n_steps, row0, k_lo, STEP: gl.constexpr,
-                    STAGES: gl.constexpr):  # fmt: skip
-        """Start copying step ``i``'s codes (if the slice has it) into its ring slot."""
+                    STAGES: gl.constexpr, xq_desc, xs_desc, q_ring, d_ring, m0,
+                    GS: gl.constexpr, XTMA: gl.constexpr):  # fmt: skip
+        """Start copying step ``i``'s codes (if the slice has it) into its ring slot; with
+        ``XTMA`` its int8 activations too, and (2) their per-group factors, on the same
+        barrier."""
         slot = i % STAGES
         pred = i < n_steps
-        mbarrier.expect(bars.index(slot), codes_desc.block_type.nbytes, pred=pred)
-        _tma_load(codes_desc, [row0, (k_lo + i * STEP) // 8], bars.index(slot),
-                  ring.index(slot), pred=pred)  # fmt: skip
+        k = k_lo + i * STEP
+        nbytes: gl.constexpr = (
+            codes_desc.block_type.nbytes
+            + (xq_desc.block_type.nbytes if XTMA > 0 else 0)
+            + (xs_desc.block_type.nbytes if XTMA > 1 else 0)
+        )
+        mbarrier.expect(bars.index(slot), nbytes, pred=pred)
+        _tma_load(codes_desc, [row0, k // 8], bars.index(slot), ring.index(slot), pred=pred)
+        if XTMA > 0:
+            _tma_load(xq_desc, [m0, k // 4], bars.index(slot), q_ring.index(slot), pred=pred)
+        if XTMA > 1:
+            _tma_load(xs_desc, [k // GS, m0], bars.index(slot), d_ring.index(slot), pred=pred)
+
+    @gluon.jit
+    def _acts_tma(q_ring, d_ring, dd, i, BLOCK_M: gl.constexpr, PER_STEP: gl.constexpr,
+                  STAGES: gl.constexpr, LQT: gl.constexpr, LQ: gl.constexpr,
+                  LDT: gl.constexpr, LD: gl.constexpr, XTMA: gl.constexpr):  # fmt: skip
+        """Step ``i``'s activations (LQ's ``[16, BLOCK_M, PER_STEP]`` words) from its ring slot
+        (``XTMA``; its barrier already waited on), and its factors (LD's ``[BLOCK_M,
+        GROUPS]``): from the slot too with ``XTMA`` 2, else ``dd`` (loaded ahead)."""
+        slot = i % STAGES
+        t = q_ring.index(slot).load(LQT)
+        q = t.reshape([BLOCK_M, PER_STEP, 16]).permute([2, 0, 1])
+        q = gl.convert_layout(q, LQ, assert_trivial=True)
+        if XTMA > 1:
+            d = d_ring.index(slot).load(LDT).permute([1, 0])
+            dd = gl.convert_layout(d, LD, assert_trivial=True)
+        return q, dd
 
     @gluon.jit
     def _codes_tma(ring, bars, i, BLOCK_N: gl.constexpr, PER_STEP: gl.constexpr,
@@ -804,6 +876,8 @@ if HAVE_TMA:
     def mma_int8_gluon_tma_kernel(
         xq_ptr,
         codes_desc,
+        xq_desc,
+        xs_desc,
         scales_ptr,
         mins_ptr,
         xs_ptr,
@@ -844,12 +918,22 @@ if HAVE_TMA:
         LD: gl.constexpr,
         SWORDS: gl.constexpr,
         LSW: gl.constexpr,
+        LQT: gl.constexpr,
+        Q_SL: gl.constexpr,
+        LDT: gl.constexpr,
+        D_SL: gl.constexpr,
+        XTMA: gl.constexpr = 0,
     ):
         """``mma_int8_gluon_kernel`` with the codes brought in by the TMA engine: a ring of
         ``STAGES`` steps' ``[BLOCK_N, STEP / 2 bytes]`` tiles in shared memory (swizzled, so
         that the fragment loads from it are free of bank conflicts), each refilled as soon as
         its step is read. ``codes_desc``: a TensorDescriptor of the codes as int32 words
-        ``[N, K / 8]``, block ``[BLOCK_N, STEP / 8]``, layout ``CODES_SL``."""
+        ``[N, K / 8]``, block ``[BLOCK_N, STEP / 8]``, layout ``CODES_SL``. ``XTMA`` 1: each step's
+        int8 activations come in the same ring slot (``xq_desc``: xq as int32 words ``[MP, K /
+        4]``, block ``[BLOCK_M, STEP / 4]``, ``Q_SL``), read from there at the step instead of
+        loaded into registers two steps ahead; 2: their per-group factors too (``xs_desc``:
+        ``xs[0]`` ``[G, MP]``, block ``[GROUPS, BLOCK_M]``, ``D_SL``); 0: neither, and unused
+        descriptors are stand-ins."""
         PER_STEP: gl.constexpr = (GROUPS * GS) // 64  # 64-code MMA chunks a step
         STEP: gl.constexpr = GS * GROUPS
         SDT: gl.constexpr = scales_ptr.dtype.element_ty  # the scales' type, as stored
@@ -874,15 +958,24 @@ if HAVE_TMA:
         k_last = k_hi - STEP
         n_steps = (k_hi - k_lo) // STEP
         ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, STEP // 8], CODES_SL)
+        q_ring = ring  # (stand-ins, never read)
+        d_ring = ring
+        if XTMA > 0:
+            q_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_M, STEP // 4], Q_SL)
+        if XTMA > 1:
+            d_ring = gl.allocate_shared_memory(gl.float32, [STAGES, GROUPS, BLOCK_M], D_SL)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
             mbarrier.init(bars.index(s), count=1)
         fence_async_shared()
+        m0 = pid_m * BLOCK_M
         for s in gl.static_range(STAGES):
-            _tma_refill(codes_desc, ring, bars, s, n_steps, row0, k_lo, STEP, STAGES)
+            _tma_refill(codes_desc, ring, bars, s, n_steps, row0, k_lo, STEP, STAGES, xq_desc,
+                        xs_desc, q_ring, d_ring, m0, GS, XTMA)  # fmt: skip
 
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
         ts = _tensor_scale(mins_ptr, ENC)
+        # with XTMA the activations' loads here go unused (2: the factors' too)
         qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k_lo, MP,
                               GS, GROUPS, SWORDS)  # fmt: skip
         k1 = gl.minimum(k_lo + STEP, k_last)
@@ -891,23 +984,48 @@ if HAVE_TMA:
         i = 0
         for k0 in range(k_lo, k_hi, 2 * STEP):
             pa = _codes_tma(ring, bars, i, BLOCK_N, PER_STEP, STAGES, LT, LP)
+            if XTMA > 0:
+                qx, dx = _acts_tma(q_ring, d_ring, da, i, BLOCK_M, PER_STEP, STAGES, LQT, LQ, LDT,
+                                   LD, XTMA)  # fmt: skip
+            else:
+                qx = qa
+                dx = da
             _cta_barrier()  # every warp has read the slot: refill it
-            _tma_refill(codes_desc, ring, bars, i + STAGES, n_steps, row0, k_lo, STEP, STAGES)
-            acc = _step(acc, pa, qa, sa, da, ts, BLOCK_N, BLOCK_M, GROUPS, GS, MMA, DOT_A, DOT_B,
+            _tma_refill(codes_desc, ring, bars, i + STAGES, n_steps, row0, k_lo, STEP, STAGES,
+                        xq_desc, xs_desc, q_ring, d_ring, m0, GS, XTMA)  # fmt: skip
+            acc = _step(acc, pa, qx, sa, dx, ts, BLOCK_N, BLOCK_M, GROUPS, GS, MMA, DOT_A, DOT_B,
                         LP1, LB, LQ1, LQB, ENC, SWORDS, SDT)  # fmt: skip
             k2 = gl.minimum(k0 + 2 * STEP, k_last)
-            qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k2,
-                                  MP, GS, GROUPS, SWORDS)  # fmt: skip
+            if XTMA > 1:
+                sa = _scales_at(scales_ptr, s_off, s_mask, k2, GS, GROUPS, SWORDS)
+            elif XTMA > 0:
+                sa, da = _scales_factors(scales_ptr, s_off, s_mask, xs_ptr, d_off, k2, MP, GS,
+                                         GROUPS, SWORDS)  # fmt: skip
+            else:
+                qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off,
+                                      k2, MP, GS, GROUPS, SWORDS)  # fmt: skip
             if k0 + STEP < k_hi:
                 pb = _codes_tma(ring, bars, i + 1, BLOCK_N, PER_STEP, STAGES, LT, LP)
+                if XTMA > 0:
+                    qy, dy = _acts_tma(q_ring, d_ring, db, i + 1, BLOCK_M, PER_STEP, STAGES, LQT,
+                                       LQ, LDT, LD, XTMA)  # fmt: skip
+                else:
+                    qy = qb
+                    dy = db
                 _cta_barrier()
                 _tma_refill(codes_desc, ring, bars, i + 1 + STAGES, n_steps, row0, k_lo, STEP,
-                            STAGES)  # fmt: skip
-                acc = _step(acc, pb, qb, sb, db, ts, BLOCK_N, BLOCK_M, GROUPS, GS, MMA, DOT_A,
+                            STAGES, xq_desc, xs_desc, q_ring, d_ring, m0, GS, XTMA)  # fmt: skip
+                acc = _step(acc, pb, qy, sb, dy, ts, BLOCK_N, BLOCK_M, GROUPS, GS, MMA, DOT_A,
                             DOT_B, LP1, LB, LQ1, LQB, ENC, SWORDS, SDT)  # fmt: skip
             k3 = gl.minimum(k0 + 3 * STEP, k_last)
-            qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k3,
-                                  MP, GS, GROUPS, SWORDS)  # fmt: skip
+            if XTMA > 1:
+                sb = _scales_at(scales_ptr, s_off, s_mask, k3, GS, GROUPS, SWORDS)
+            elif XTMA > 0:
+                sb, db = _scales_factors(scales_ptr, s_off, s_mask, xs_ptr, d_off, k3, MP, GS,
+                                         GROUPS, SWORDS)  # fmt: skip
+            else:
+                qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off,
+                                      k3, MP, GS, GROUPS, SWORDS)  # fmt: skip
             i += 2
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(s))

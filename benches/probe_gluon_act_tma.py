@@ -1,0 +1,170 @@
+"""Probe (H200): the Gluon W4A8 TMA kernel (5-32 rows) with each step's int8 activations
+(``XTMA`` 1), and their per-group factors too (2), copied by the TMA engine into the ring slot
+that holds the step's codes, against loading both into registers two steps ahead (0: the
+kernel before). Nsight Compute had the kernel's two warps a scheduler waiting on global loads
+for half their stall samples (``gpu_gluon_tma_ncu_h200.txt``); here the only loads left in its
+loop are the scales'.
+
+1. correctness, before any timing: every mode's output bit for bit equal to mode 0's (the same
+   values in the same arithmetic), every encoding the kernel takes, rows 5 / 8 / 16 / 17 / 32,
+   with and without a bias, a partial tile of features;
+2. int4 affine g64, bf16 x, the issue's shapes, rows 5 / 8 / 16 / 32: cuBLAS ``F.linear`` and
+   each mode, CUDA-graph timed over enough weight copies to overflow the L2; ratios, share of
+   the HBM bound;
+3. the other encodings at 16 rows on the three large shapes.
+
+    OUT=DIR python3 benches/probe_gluon_act_tma.py [--modes 0,1,2] [--quick] [--smoke MODE]
+
+``--quick``: rows 5 and 16 in (2), no (3).
+
+``--smoke MODE``: one call in that mode against mode 0, exit status 0 if equal (a first try in
+a process of its own: a faulting kernel leaves the process's CUDA context unusable).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import bench_gpu_gemv_sweep as S  # noqa: E402
+import torch  # noqa: E402
+from _common import cli_value  # noqa: E402
+
+from qtensors.torch.kernels import launch as L  # noqa: E402
+
+QUICK = "--quick" in sys.argv
+MODES = [int(m) for m in cli_value("--modes", "0,1,2").split(",")]
+T0 = time.perf_counter()
+say = S.REPORT.say
+RESULTS: dict = {"modes": MODES, "check": [], "table": [], "encodings": []}
+
+
+def run(x, w, mode: int, bias=None):
+    """``mma_int8_linear`` through the routed Gluon kernel with ``GLUON_ACT_TMA = mode``."""
+    name, _bits, g = w.enc
+    saved = L.GLUON_ACT_TMA
+    L.GLUON_ACT_TMA = mode
+    try:
+        return L.mma_int8_linear(x, w.codes, w.scales, w.mins, bias, w.N, w.K, name, g, None, True)
+    finally:
+        L.GLUON_ACT_TMA = saved
+
+
+def smoke(mode: int) -> int:
+    case = S.Case("int4-affine-g64", 4096, 4096)
+    x = case.x(16)
+    same = torch.equal(run(x, case.ws[0], mode), run(x, case.ws[0], 0))
+    torch.cuda.synchronize()
+    print(f"smoke: mode {mode} equal to mode 0: {same}")
+    return 0 if same else 1
+
+
+def section_check() -> bool:
+    say("## correctness: each mode bit for bit equal to mode 0")
+    ok = True
+    for ename in S.ENCODINGS:
+        for N, K in ((4096, 4096), (4000, 2048)):
+            case = S.Case(ename, N, K)
+            for M in (5, 8, 16, 17, 32):
+                for bias in (False, True):
+                    x = case.x(M)
+                    b = torch.randn(N, device=x.device, dtype=S.DT) if bias else None
+                    ref = run(x, case.ws[0], 0, b)
+                    same = {m: torch.equal(run(x, case.ws[0], m, b), ref) for m in MODES}
+                    good = all(same.values())
+                    ok &= good
+                    sames = {str(m): v for m, v in same.items()}
+                    RESULTS["check"].append(dict(enc=ename, N=N, K=K, M=M, bias=bias, same=sames))
+                    if not good or (M == 16 and not bias):
+                        say(f"{ename:<17} {N:>5}x{K:<5} M={M:<3} bias={bias!s:<5} equal "
+                            f"{same} {'ok' if good else 'FAIL'}")  # fmt: skip
+            del case
+            torch.cuda.empty_cache()
+    say(f"check: {'all equal' if ok else 'FAILED'}")
+    return ok
+
+
+def timed(case, M: int):
+    """(cuBLAS us, {mode: us}) at ``M`` rows, or None where a mode's output differs."""
+    x = case.x(M)
+    ref = run(x, case.ws[0], 0)
+    if not all(torch.equal(run(x, case.ws[0], m), ref) for m in MODES):
+        return None
+    cub = case.cublas_us(x, 8)
+    return cub, {m: case.time(lambda x_, w, m=m: run(x_, w, m), M) for m in MODES}
+
+
+def section_table(gbps: float) -> None:
+    say()
+    say("## int4-affine-g64, bf16 x, the routed Gluon kernel: us per call (CUDA graph)")
+    cols = " ".join(f"{'mode ' + str(m):>7}" for m in MODES)
+    ratios = " ".join(f"{'x m' + str(m):>5}" for m in MODES if m)
+    say(f"{'shape':>11} {'M':>3} | {'cublas':>7} {cols} | {'x cub':>5} {ratios} {'hbm':>4}")
+    rows = (5, 16) if QUICK else (5, 8, 16, 32)
+    for N, K in S.SHAPES:
+        case = S.Case("int4-affine-g64", N, K)
+        for M in rows:
+            got = timed(case, M)
+            if got is None:
+                say(f"{N:>5}x{K:<5} {M:>3} | WRONG: a mode differs from mode 0; not timed")
+                continue
+            cub, us = got
+            best = min(us.values())
+            bound = case.bound_us(M, gbps)
+            times = " ".join(f"{us[m]:7.1f}" for m in MODES)
+            gains = " ".join(f"{us[0] / us[m]:5.2f}" for m in MODES if m)
+            say(f"{N:>5}x{K:<5} {M:>3} | {cub:7.1f} {times} | {cub / best:5.2f} {gains} "
+                f"{bound / best:4.0%}")  # fmt: skip
+            RESULTS["table"].append(dict(N=N, K=K, M=M, cublas=cub, bound=bound,
+                                         us={str(m): v for m, v in us.items()}))  # fmt: skip
+        del case
+        torch.cuda.empty_cache()
+
+
+def section_encodings() -> None:
+    say()
+    say("## the other encodings at 16 rows, the large shapes: us per call (CUDA graph)")
+    for ename in S.ENCODINGS:
+        if ename == "int4-affine-g64":
+            continue
+        for N, K in S.SHAPES[:3]:
+            case = S.Case(ename, N, K)
+            got = timed(case, 16)
+            if got is None:
+                say(f"{ename:<17} {N:>5}x{K:<5} | WRONG: a mode differs from mode 0; not timed")
+                continue
+            cub, us = got
+            times = " ".join(f"mode {m} {us[m]:6.1f}" for m in MODES)
+            best = min(us.values())
+            say(f"{ename:<17} {N:>5}x{K:<5} | cublas {cub:6.1f} {times} | x cub "
+                f"{cub / best:5.2f} mode 0 / best {us[0] / best:5.2f}")  # fmt: skip
+            RESULTS["encodings"].append(dict(enc=ename, N=N, K=K, cublas=cub,
+                                             us={str(m): v for m, v in us.items()}))  # fmt: skip
+            del case
+            torch.cuda.empty_cache()
+
+
+def main() -> int:
+    if "--smoke" in sys.argv:
+        return smoke(int(cli_value("--smoke", "2")))
+    gbps = S.copy_gbps()
+    say(f"# probe_gluon_act_tma on {torch.cuda.get_device_name()}; torch {torch.__version__};"
+        f" copy {gbps:.0f} GB/s; modes {MODES}")  # fmt: skip
+    if not section_check():
+        say("correctness FAILED: no timings")
+        S.REPORT.write("probe_gluon_act_tma", RESULTS)
+        return 1
+    section_table(gbps)
+    if not QUICK:
+        section_encodings()
+    say(f"done in {time.perf_counter() - T0:.0f} s")
+    S.REPORT.write("probe_gluon_act_tma", RESULTS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
