@@ -13,11 +13,11 @@ loop are the scales'.
    the HBM bound;
 3. the other encodings at 16 rows on the three large shapes.
 
-    OUT=DIR python3 benches/probe_gluon_act_tma.py [--modes 0,1,2] [--quick] [--smoke MODE]
+    OUT=DIR python3 benches/probe_gluon_act_tma.py [--modes 0,1,2] [--quick] [--first-try MODE]
 
 ``--quick``: rows 5 and 16 in (2), no (3).
 
-``--smoke MODE``: one call in that mode against mode 0, exit status 0 if equal (a first try in
+``--first-try MODE``: one call in that mode against mode 0, exit status 0 if equal (a first try in
 a process of its own: a faulting kernel leaves the process's CUDA context unusable).
 """
 
@@ -54,12 +54,12 @@ def run(x, w, mode: int, bias=None):
         L.GLUON_ACT_TMA = saved
 
 
-def smoke(mode: int) -> int:
+def first_try(mode: int) -> int:
     case = S.Case("int4-affine-g64", 4096, 4096)
     x = case.x(16)
     same = torch.equal(run(x, case.ws[0], mode), run(x, case.ws[0], 0))
     torch.cuda.synchronize()
-    print(f"smoke: mode {mode} equal to mode 0: {same}")
+    print(f"first try: mode {mode} equal to mode 0: {same}")
     return 0 if same else 1
 
 
@@ -149,8 +149,8 @@ def section_encodings() -> None:
 
 
 def main() -> int:
-    if "--smoke" in sys.argv:
-        return smoke(int(cli_value("--smoke", "2")))
+    if "--first-try" in sys.argv:
+        return first_try(int(cli_value("--first-try", "2")))
     gbps = S.copy_gbps()
     say(f"# probe_gluon_act_tma on {torch.cuda.get_device_name()}; torch {torch.__version__};"
         f" copy {gbps:.0f} GB/s; modes {MODES}")  # fmt: skip

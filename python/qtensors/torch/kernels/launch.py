@@ -1488,10 +1488,10 @@ GLUON_SCALE_WORDS = True
 GLUON_ACT_TMA = 0
 
 
-def act_tma(tma_stages: int, per_step: int) -> int:
-    """The TMA kernel's ``XTMA`` (``GLUON_ACT_TMA``; 0 without a ring, or where a step's rows of
-    int8 activations are over 128 bytes, the widest swizzle of a copy)."""
-    return GLUON_ACT_TMA if tma_stages > 0 and per_step <= 2 else 0
+def act_tma(mode: int, per_step: int) -> int:
+    """The TMA kernel's ``XTMA`` for ``GLUON_ACT_TMA`` = ``mode``: 0 where a step's rows of int8
+    activations are over 128 bytes (the widest swizzle of a copy)."""
+    return mode if per_step <= 2 else 0
 
 
 def _scale_words(encoding: str, groups: int, G: int) -> int:
@@ -1517,6 +1517,7 @@ def _mma_int8_plan(
     kspec: bool = False,
     tma_stages: int = 0,
     scale_words: bool = False,
+    act_tma_mode: int = 0,
 ):
     """(rows padded to whole row tiles, the pre-pass's grid and constexprs, the matmul's grid,
     split, k_split, constexprs and options, their hashable key) of one ``mma_int8`` call
@@ -1525,7 +1526,9 @@ def _mma_int8_plan(
     ``scale_words``: the scales allow words (``GLUON_SCALE_WORDS`` on, 4-byte aligned), which the
     TMA kernel then reads where ``_scale_words`` finds them whole; the register kernel was not
     timed with them, and its registers move with them (168 -> 174 in one configuration: one
-    program an SM fewer; ``benches/results/sass_gluon_swords_triton36.txt``))."""
+    program an SM fewer; ``benches/results/sass_gluon_swords_triton36.txt``);
+    ``act_tma_mode``: ``GLUON_ACT_TMA`` at the call, the TMA kernel's ``XTMA`` where
+    ``act_tma`` allows it)."""
     bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
     if gluon:
         cfg = config or MMA_INT8_GLUON_DEFAULT
@@ -1585,7 +1588,7 @@ def _mma_int8_plan(
         )
         if tma_stages:
             per_step = groups * g // mma_int8_gluon.CHUNK
-            layouts.update(STAGES=tma_stages, XTMA=act_tma(tma_stages, per_step))
+            layouts.update(STAGES=tma_stages, XTMA=act_tma(act_tma_mode, per_step))
         else:  # the register kernel takes no ring
             for name in mma_int8_gluon.TMA_LAYOUTS:
                 del layouts[name]
@@ -1642,6 +1645,7 @@ def mma_int8_linear(
         GLUON_KSPEC,
         tma_stages,
         scale_words,
+        GLUON_ACT_TMA,
     )
     G = K // group_size
     dev = x2.device
