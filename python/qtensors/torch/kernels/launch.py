@@ -1488,10 +1488,14 @@ GLUON_SCALE_WORDS = True
 GLUON_ACT_TMA = 0
 
 
-def act_tma(mode: int, per_step: int) -> int:
+def act_tma(mode: int, per_step: int, groups: int, block_m: int) -> int:
     """The TMA kernel's ``XTMA`` for ``GLUON_ACT_TMA`` = ``mode``: 0 where a step's rows of int8
-    activations are over 128 bytes (the widest swizzle of a copy)."""
-    return mode if per_step <= 2 else 0
+    activations are over 128 bytes (the widest swizzle of a copy); at most 1 where a step's
+    factors (``groups x block_m`` fp32) are not a multiple of 128 bytes, which each ring slot of
+    a TMA copy must start on (H200: "misaligned address" at 8 rows, 2 groups)."""
+    if per_step > 2:
+        return 0
+    return min(mode, 1) if (groups * block_m * 4) % 128 else mode
 
 
 def _scale_words(encoding: str, groups: int, G: int) -> int:
@@ -1588,7 +1592,7 @@ def _mma_int8_plan(
         )
         if tma_stages:
             per_step = groups * g // mma_int8_gluon.CHUNK
-            layouts.update(STAGES=tma_stages, XTMA=act_tma(act_tma_mode, per_step))
+            layouts.update(STAGES=tma_stages, XTMA=act_tma(act_tma_mode, per_step, groups, block_m))
         else:  # the register kernel takes no ring
             for name in mma_int8_gluon.TMA_LAYOUTS:
                 del layouts[name]
