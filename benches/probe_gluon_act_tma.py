@@ -158,7 +158,9 @@ def main() -> int:
         say("correctness FAILED: no timings")
         S.REPORT.write("probe_gluon_act_tma", RESULTS)
         return 1
+    S.REPORT.write("probe_gluon_act_tma", RESULTS)  # (each section kept as it ends)
     section_table(gbps)
+    S.REPORT.write("probe_gluon_act_tma", RESULTS)
     if not QUICK:
         section_encodings()
     say(f"done in {time.perf_counter() - T0:.0f} s")
