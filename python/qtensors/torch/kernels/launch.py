@@ -1484,16 +1484,20 @@ GLUON_TMA_STAGES = 3
 GLUON_SCALE_WORDS = True
 #: ``mma_int8_gluon.py``'s TMA kernel also brings each step's int8 activations (1), and their
 #: per-group factors (2), by TMA into its ring slot (``XTMA``), where a step's activations are
-#: rows of up to 128 bytes (``act_tma``); 0: both loaded into registers two steps ahead
-GLUON_ACT_TMA = 0
+#: rows of up to 128 bytes (``act_tma``); 0: both loaded into registers two steps ahead. H200,
+#: CUDA graph, outputs bit-identical (``benches/results/gpu_gluon_act_tma_h200.txt``): 1 gives
+#: int4 affine g64 1.04-1.08x at 32 rows over the six shapes and 0.99-1.03x at 5-16, NF4
+#: 1.02-1.05x, MXFP4 0.97-0.98x (so the blocked FP4 codes keep 0); 2: 0.94-1.10x
+GLUON_ACT_TMA = 1
 
 
-def act_tma(mode: int, per_step: int, groups: int, block_m: int) -> int:
-    """The TMA kernel's ``XTMA`` for ``GLUON_ACT_TMA`` = ``mode``: 0 where a step's rows of int8
-    activations are over 128 bytes (the widest swizzle of a copy); at most 1 where a step's
-    factors (``groups x block_m`` fp32) are not a multiple of 128 bytes, which each ring slot of
-    a TMA copy must start on (H200: "misaligned address" at 8 rows, 2 groups)."""
-    if per_step > 2:
+def act_tma(mode: int, per_step: int, groups: int, block_m: int, blocked: bool) -> int:
+    """The TMA kernel's ``XTMA`` for ``GLUON_ACT_TMA`` = ``mode``: 0 for the blocked FP4 codes
+    (measured slower) and where a step's rows of int8 activations are over 128 bytes (the widest
+    swizzle of a copy); at most 1 where a step's factors (``groups x block_m`` fp32) are not a
+    multiple of 128 bytes, which each ring slot of a TMA copy must start on (H200: "misaligned
+    address" at 8 rows, 2 groups)."""
+    if blocked or per_step > 2:
         return 0
     return min(mode, 1) if (groups * block_m * 4) % 128 else mode
 
@@ -1592,7 +1596,8 @@ def _mma_int8_plan(
         )
         if tma_stages:
             per_step = groups * g // mma_int8_gluon.CHUNK
-            layouts.update(STAGES=tma_stages, XTMA=act_tma(act_tma_mode, per_step, groups, block_m))
+            xtma = act_tma(act_tma_mode, per_step, groups, block_m, blocked)
+            layouts.update(STAGES=tma_stages, XTMA=xtma)
         else:  # the register kernel takes no ring
             for name in mma_int8_gluon.TMA_LAYOUTS:
                 del layouts[name]
