@@ -425,6 +425,33 @@ def wgmma_operand_hazards(sass: str) -> list[tuple[str, str]]:
     return found
 
 
+def imma_loop(sass: str) -> list[tuple[int, str]]:
+    """(address, instruction) of the loop holding the most ``IMMA`` products: the longest
+    backward branch that encloses one, conditional or not (ptxas may test at the top), but not
+    the jump back from an out-of-line retry of a barrier wait (a conditional branch spinning on
+    the wait just before it); empty without one."""
+    import re
+
+    ins = _sass_instructions(sass)
+    loops = []
+    spin = False  # the previous instruction: a conditional branch back to just before it
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(@!?P\d+\s+)?(\S+)\s*([^;]*)", line)
+        if not m:
+            continue
+        a, pred, op, rest = int(m.group(1), 16), m.group(2), m.group(3), m.group(4)
+        t = re.match(r"(0x[0-9a-f]+)", rest) if op == "BRA" else None
+        start = int(t.group(1), 16) if t else None
+        if start is not None and start < a and not (pred is None and spin):
+            if any(start <= b <= a and u.startswith("IMMA") for b, u in ins):
+                loops.append((start, a))
+        spin = pred is not None and start is not None and a - 0x20 <= start < a
+    if not loops:
+        return []
+    top, end = max(loops, key=lambda se: se[1] - se[0])
+    return [(a, t) for a, t in ins if top <= a <= end]
+
+
 def loop_loads_read_in_loop(sass: str) -> list[tuple[str, str]]:
     """In the loop holding the most ``IMMA`` products (the longest backward branch that encloses
     one), the 32-bit global loads (``LDG.E R``, the Gluon W4A8 kernels' scale loads) whose
@@ -433,19 +460,7 @@ def loop_loads_read_in_loop(sass: str) -> list[tuple[str, str]]:
     Returns (load, reader) pairs."""
     import re
 
-    ins = _sass_instructions(sass)
-    loops = []
-    for line in sass.splitlines():  # conditional backward branches: a loop's back-edge (not
-        # the jumps back from the out-of-line retries of barrier waits)
-        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+@!?P\d+\s+BRA (0x[0-9a-f]+)", line)
-        if m:
-            a, start = int(m.group(1), 16), int(m.group(2), 16)
-            if start < a and any(start <= b <= a and u.startswith("IMMA") for b, u in ins):
-                loops.append((start, a))
-    if not loops:
-        return []
-    top, end = max(loops, key=lambda se: se[1] - se[0])
-    body = [(a, t) for a, t in ins if top <= a <= end]
+    body = imma_loop(sass)
     found = []
     for k, (_a, t) in enumerate(body):
         m = re.match(r"LDG\.E\s+R(\d+),", t)

@@ -17,7 +17,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from helpers import loop_loads_read_in_loop, sm90_sass
+from helpers import imma_loop, loop_loads_read_in_loop, sm90_sass
 
 from qtensors.torch.kernels import launch as L
 from qtensors.torch.kernels import mma_int8_gluon as G
@@ -725,3 +725,52 @@ def test_register_kernel_compiles_for_the_pre_hopper_gpus_it_is_routed_to(arch, 
     assert "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" in ptx
     assert "wgmma" not in ptx and "cp.async.bulk" not in ptx and "griddepcontrol" not in ptx
     assert k.asm["cubin"]
+
+
+@pytest.mark.parametrize("xtma", [0, 1, 2])
+def test_tma_kernel_takes_activations_from_its_ring(xtma):
+    """``XTMA``: each step's int8 activations (1) and their factors (2) come by TMA with the
+    step's codes, on the slot's one barrier: more copies a refill, ring slots for them in
+    shared memory, and none of their global loads left in the main loop (the scales' stay)."""
+    k = _compile(64, 16, 2, 2, 64, 0, 1, 4096, 3, swords=1, xtma=xtma)
+    copies = 1 + (xtma > 0) + (xtma > 1)
+    assert k.asm["ptx"].count("cp.async.bulk.tensor") == copies * (3 + 2)  # prologue + loop
+    ring = 3 * 64 * 64 + (xtma > 0) * 3 * 16 * 128 + (xtma > 1) * 3 * 2 * 16 * 4
+    assert ring <= k.metadata.shared <= ring + 1024
+    ops = [t.split()[0] for _a, t in imma_loop(sm90_sass(k))]
+    assert ("LDG.E.128" in ops) == (xtma == 0)  # the activations, 16 bytes a row
+    assert ("LDG.E.64" in ops) == (xtma < 2)  # the factors of the thread's rows
+    assert "LDG.E" in ops  # the scales, as words
+
+
+def test_act_tma_rules_and_descriptors():
+    """Where the plan turns ``XTMA`` down, and the descriptors it gives the TMA kernel."""
+    assert L.act_tma(2, 2, 2, 16, False) == 2
+    assert L.act_tma(2, 2, 2, 8, False) == 1  # 64-byte factor slots: misaligned copies
+    assert L.act_tma(2, 2, 4, 8, False) == 2
+    assert L.act_tma(1, 4, 2, 16, False) == 0  # 256-byte rows: wider than any swizzle
+    assert L.act_tma(1, 2, 4, 16, True) == 0  # the blocked FP4 codes: measured slower
+    plan = L._mma_int8_plan.__wrapped__
+    for M, enc, g, mode, want in ((16, "affine", 64, 2, 2), (5, "affine", 64, 2, 1),
+                                  (16, "nf4", 64, 1, 1), (16, "mxfp4", 32, 1, 0),
+                                  (16, "affine", 128, 1, 0), (16, "affine", 64, 0, 0)):  # fmt: skip
+        MP, *_, meta, key = plan(M, 4096, 4096, enc, g, False, -1, None, True, True, True, 3,
+                                 True, mode)  # fmt: skip
+        assert meta["XTMA"] == want, (M, enc, g, mode)
+        assert ("XTMA", want) in key
+        G_ = 4096 // g
+        xq = torch.zeros(MP, 4096, dtype=torch.int8)
+        xs = torch.zeros(2, G_, MP)
+        stand_in = object()
+        q, d = L._acts_descriptors(xq, xs, meta, stand_in)
+        if want == 0:
+            assert q is stand_in and d is stand_in
+            continue
+        step = g * meta["GROUPS"]
+        assert list(q.shape) == [MP, 1024] and q.block_shape == [meta["BLOCK_M"], step // 4]
+        assert q.base.data_ptr() == xq.data_ptr()
+        if want == 1:
+            assert d is stand_in
+        else:
+            assert list(d.shape) == [G_, MP] and d.block_shape == [meta["GROUPS"], meta["BLOCK_M"]]
+            assert d.base.data_ptr() == xs.data_ptr()
