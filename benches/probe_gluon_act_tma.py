@@ -15,8 +15,12 @@ whatever the switch (measured slower): their rows compare at commit 62425a3.
 3. the other encodings at 16 rows on the three large shapes.
 
     OUT=DIR python3 benches/probe_gluon_act_tma.py [--modes 0,1,2] [--quick] [--first-try MODE]
+        [--configs 64x2,64x4,32x2 [--rows 16,32]]
 
-``--quick``: rows 5 and 16 in (2), no (3).
+``--quick``: rows 5 and 16 in (2), no (3). ``--configs``: instead of (1)-(3), int4 affine g64
+in mode 1 with each ``features x warps`` program on the large shapes and 4096^2 (each within the
+activations' rounding bound of the exact product first): with the activations in shared memory
+a program's warps no longer each load them, which made 4 warps a program slower before.
 
 ``--first-try MODE``: one call in that mode against mode 0, exit status 0 if equal (a first try in
 a process of its own: a faulting kernel leaves the process's CUDA context unusable).
@@ -32,6 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench_gpu_gemv_sweep as S  # noqa: E402
+import probe_mma_int8 as P  # noqa: E402
 import torch  # noqa: E402
 from _common import cli_value  # noqa: E402
 
@@ -44,13 +49,14 @@ say = S.REPORT.say
 RESULTS: dict = {"modes": MODES, "check": [], "table": [], "encodings": []}
 
 
-def run(x, w, mode: int, bias=None):
-    """``mma_int8_linear`` through the routed Gluon kernel with ``GLUON_ACT_TMA = mode``."""
+def run(x, w, mode: int, bias=None, cfg=None):
+    """``mma_int8_linear`` through the routed Gluon kernel with ``GLUON_ACT_TMA = mode`` (and
+    ``cfg``: a configuration other than the default)."""
     name, _bits, g = w.enc
     saved = L.GLUON_ACT_TMA
     L.GLUON_ACT_TMA = mode
     try:
-        return L.mma_int8_linear(x, w.codes, w.scales, w.mins, bias, w.N, w.K, name, g, None, True)
+        return L.mma_int8_linear(x, w.codes, w.scales, w.mins, bias, w.N, w.K, name, g, cfg, True)
     finally:
         L.GLUON_ACT_TMA = saved
 
@@ -149,7 +155,37 @@ def section_encodings() -> None:
             torch.cuda.empty_cache()
 
 
+def section_configs() -> None:
+    say("## int4-affine-g64, mode 1, features x warps a program: us per call (CUDA graph)")
+    specs = cli_value("--configs", "64x2").split(",")
+    rows = [int(r) for r in cli_value("--rows", "16,32").split(",")]
+    for N, K in (*S.SHAPES[:3], (4096, 4096)):
+        case = S.Case("int4-affine-g64", N, K)
+        for M in rows:
+            x = case.x(M)
+            cells = [f"cublas {case.cublas_us(x, 8):6.1f}"]
+            for spec in specs:
+                f, w = (int(v) for v in spec.split("x"))
+                cfg = L.MmaConfig(block_m=0, block_n=f, groups=2, split_k=0, num_warps=w)
+                got = run(x, case.ws[0], 1, None, cfg)
+                exc = P.bound_excess(x, case.ref_w.double(), got, 64)
+                if exc > 0:
+                    cells.append(f"{spec} OUT OF BOUND ({exc:+.1e})")
+                    continue
+                us = case.time(lambda x_, w_, cfg=cfg: run(x_, w_, 1, None, cfg), M)
+                cells.append(f"{spec} {us:6.1f}")
+                RESULTS["table"].append(dict(N=N, K=K, M=M, config=spec, us=us))
+            say(f"{N:>5}x{K:<5} {M:>3} | " + " | ".join(cells))
+        del case
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
+    if "--configs" in sys.argv:
+        say(f"# probe_gluon_act_tma --configs on {torch.cuda.get_device_name()}")
+        section_configs()
+        S.REPORT.write("probe_gluon_act_tma_configs", RESULTS)
+        return 0
     if "--first-try" in sys.argv:
         return first_try(int(cli_value("--first-try", "2")))
     gbps = S.copy_gbps()
