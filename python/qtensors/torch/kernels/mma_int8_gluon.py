@@ -846,6 +846,23 @@ if HAVE_TMA:
             _tma_load(xs_desc, [k // GS, m0], bars.index(slot), d_ring.index(slot), pred=pred)
 
     @gluon.jit
+    def _ahead(q, dd, xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k0, MP,
+               GS: gl.constexpr, GROUPS: gl.constexpr, SWORDS: gl.constexpr,
+               XTMA: gl.constexpr):  # fmt: skip
+        """The operands of the step from column ``k0`` that the loop loads two steps ahead: the
+        scales, and the activations ``q`` and factors ``dd`` unless ``XTMA`` brings them with the
+        step's codes (then passed through as given)."""
+        if XTMA > 1:
+            st = _scales_at(scales_ptr, s_off, s_mask, k0, GS, GROUPS, SWORDS)
+        elif XTMA > 0:
+            st, dd = _scales_factors(scales_ptr, s_off, s_mask, xs_ptr, d_off, k0, MP, GS, GROUPS,
+                                     SWORDS)  # fmt: skip
+        else:
+            q, st, dd = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off, k0, MP,
+                                 GS, GROUPS, SWORDS)  # fmt: skip
+        return q, st, dd
+
+    @gluon.jit
     def _acts_tma(q_ring, d_ring, dd, i, BLOCK_M: gl.constexpr, PER_STEP: gl.constexpr,
                   STAGES: gl.constexpr, LQT: gl.constexpr, LQ: gl.constexpr,
                   LDT: gl.constexpr, LD: gl.constexpr, XTMA: gl.constexpr):  # fmt: skip
@@ -996,14 +1013,8 @@ if HAVE_TMA:
             acc = _step(acc, pa, qx, sa, dx, ts, BLOCK_N, BLOCK_M, GROUPS, GS, MMA, DOT_A, DOT_B,
                         LP1, LB, LQ1, LQB, ENC, SWORDS, SDT)  # fmt: skip
             k2 = gl.minimum(k0 + 2 * STEP, k_last)
-            if XTMA > 1:
-                sa = _scales_at(scales_ptr, s_off, s_mask, k2, GS, GROUPS, SWORDS)
-            elif XTMA > 0:
-                sa, da = _scales_factors(scales_ptr, s_off, s_mask, xs_ptr, d_off, k2, MP, GS,
-                                         GROUPS, SWORDS)  # fmt: skip
-            else:
-                qa, sa, da = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off,
-                                      k2, MP, GS, GROUPS, SWORDS)  # fmt: skip
+            qa, sa, da = _ahead(qa, da, xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off,
+                                k2, MP, GS, GROUPS, SWORDS, XTMA)  # fmt: skip
             if k0 + STEP < k_hi:
                 pb = _codes_tma(ring, bars, i + 1, BLOCK_N, PER_STEP, STAGES, LT, LP)
                 if XTMA > 0:
@@ -1018,14 +1029,8 @@ if HAVE_TMA:
                 acc = _step(acc, pb, qy, sb, dy, ts, BLOCK_N, BLOCK_M, GROUPS, GS, MMA, DOT_A,
                             DOT_B, LP1, LB, LQ1, LQB, ENC, SWORDS, SDT)  # fmt: skip
             k3 = gl.minimum(k0 + 3 * STEP, k_last)
-            if XTMA > 1:
-                sb = _scales_at(scales_ptr, s_off, s_mask, k3, GS, GROUPS, SWORDS)
-            elif XTMA > 0:
-                sb, db = _scales_factors(scales_ptr, s_off, s_mask, xs_ptr, d_off, k3, MP, GS,
-                                         GROUPS, SWORDS)  # fmt: skip
-            else:
-                qb, sb, db = _factors(xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off,
-                                      k3, MP, GS, GROUPS, SWORDS)  # fmt: skip
+            qb, sb, db = _ahead(qb, db, xw_ptr, q_off, scales_ptr, s_off, s_mask, xs_ptr, d_off,
+                                k3, MP, GS, GROUPS, SWORDS, XTMA)  # fmt: skip
             i += 2
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(s))
