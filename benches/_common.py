@@ -218,6 +218,20 @@ def count_calls(module, name: str):
         setattr(module, name, real)
 
 
+@contextlib.contextmanager
+def switched(module, **values):
+    """``with switched(launch, GLUON_ACT_TMA=1):`` those attributes of ``module`` set inside,
+    put back after (the probes' way to run one kernel variant)."""
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
 def generate_kwargs(new: int, compiled: bool) -> dict[str, Any]:
     """``generate`` arguments for ``new`` greedy tokens: eager (dynamic cache, transformers'
     auto-compile off), or ``compiled``: the static cache with transformers' own

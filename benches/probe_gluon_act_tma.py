@@ -38,7 +38,7 @@ sys.path.insert(0, HERE)
 import bench_gpu_gemv_sweep as S  # noqa: E402
 import probe_mma_int8 as P  # noqa: E402
 import torch  # noqa: E402
-from _common import cli_value  # noqa: E402
+from _common import cli_value, switched  # noqa: E402
 
 from qtensors.torch.kernels import launch as L  # noqa: E402
 
@@ -53,12 +53,8 @@ def run(x, w, mode: int, bias=None, cfg=None):
     """``mma_int8_linear`` through the routed Gluon kernel with ``GLUON_ACT_TMA = mode`` (and
     ``cfg``: a configuration other than the default)."""
     name, _bits, g = w.enc
-    saved = L.GLUON_ACT_TMA
-    L.GLUON_ACT_TMA = mode
-    try:
+    with switched(L, GLUON_ACT_TMA=mode):
         return L.mma_int8_linear(x, w.codes, w.scales, w.mins, bias, w.N, w.K, name, g, cfg, True)
-    finally:
-        L.GLUON_ACT_TMA = saved
 
 
 def first_try(mode: int) -> int:

@@ -31,6 +31,7 @@ sys.path.insert(0, HERE)
 import bench_gpu_gemv_sweep as S  # noqa: E402
 import probe_mma_int8 as P  # noqa: E402
 import torch  # noqa: E402
+from _common import switched  # noqa: E402
 
 from qtensors.torch.kernels import launch as L  # noqa: E402
 
@@ -49,12 +50,8 @@ TILES = [(64, 2), (128, 4), (128, 2), (64, 4)]
 
 def run(x, w, stages: int, cfg=None, bias=None):
     name, _bits, g = w.enc
-    old = L.GLUON_TMA_STAGES
-    L.GLUON_TMA_STAGES = stages
-    try:
+    with switched(L, GLUON_TMA_STAGES=stages):
         return L.mma_int8_linear(x, w.codes, w.scales, w.mins, bias, w.N, w.K, name, g, cfg, True)
-    finally:
-        L.GLUON_TMA_STAGES = old
 
 
 def excess(x, w0, ref_w, got, bias) -> float:
