@@ -38,7 +38,10 @@ touched 8 cache lines of the L1, its busiest unit): a ring of ``STAGES`` steps' 
 memory, swizzled by the copy so that the same fragment loads read it free of bank conflicts, each
 slot refilled as soon as every warp has read it. The arithmetic is the register kernel's, in the
 same order: outputs are bit-identical (``benches/probe_gluon_tma.py``), 1.01-1.14x faster on the
-routed weights.
+routed weights. With ``XTMA`` (``launch.GLUON_ACT_TMA``) each ring slot also receives its step's
+int8 activations (and, mode 2, their factors), read from there at the step instead of loaded
+two steps ahead: bit-identical, 168 -> 128 registers, 1.04-1.08x at 32 rows and 0.99-1.03x at
+5-16 (``benches/probe_gluon_act_tma.py``).
 
 Both kernels also take the encodings no other tensor-core kernel here does (``GLUON_ENC``):
 NF4, its codes turned into int8 levels by ``prmt`` (``_nf4_asm``), and 8-bit symmetric codes,
