@@ -774,3 +774,28 @@ def test_act_tma_rules_and_descriptors():
         else:
             assert list(d.shape) == [G_, MP] and d.block_shape == [meta["GROUPS"], meta["BLOCK_M"]]
             assert d.base.data_ptr() == xs.data_ptr()
+
+
+def test_act_descriptors_of_kept_workspaces_are_made_once(monkeypatch):
+    """The descriptors of ``mma_int8_linear``'s kept workspaces are made on the first call and
+    reused; a buffer that is not the kept one (a CUDA-graph capture's) gets its own each call."""
+    monkeypatch.setattr(L, "_WORKSPACES", {})
+    monkeypatch.setattr(L, "_ACT_DESCRIPTORS", {})
+    plan = L._mma_int8_plan.__wrapped__
+    MP, *_, meta, _key = plan(16, 4096, 4096, "affine", 64, False, -1, None, True, True, True,
+                              3, True, 2)  # fmt: skip
+    dev = torch.device("cpu")
+    xq = L._workspace(dev, (MP, 4096), torch.int8, L._XQ_USE)
+    xs = L._workspace(dev, (2, 64, MP), torch.float32, L._XS_USE)
+    first = L._acts_descriptors(xq, xs, meta, None)
+    again = L._acts_descriptors(xq, xs, meta, None)
+    assert again[0] is first[0] and again[1] is first[1]
+    assert first[0].base.data_ptr() == xq.data_ptr() and first[1].base.data_ptr() == xs.data_ptr()
+    other = torch.zeros_like(xq)  # not the kept buffer
+    a = L._acts_descriptors(other, xs, meta, None)
+    b = L._acts_descriptors(other, xs, meta, None)
+    assert a[0] is not b[0] and a[0].base.data_ptr() == other.data_ptr()
+    one = dict(meta, XTMA=1)  # mode 1: the factors' descriptor is the stand-in
+    stand_in = object()
+    q, d = L._acts_descriptors(xq, xs, one, stand_in)
+    assert d is stand_in and q.base.data_ptr() == xq.data_ptr()

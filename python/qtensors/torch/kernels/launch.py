@@ -1658,8 +1658,8 @@ def mma_int8_linear(
     )
     G = K // group_size
     dev = x2.device
-    xq = _workspace(dev, (MP, K), torch.int8, "int8 activations")
-    xs = _workspace(dev, (2, G, MP), torch.float32, "int8 activation scales")
+    xq = _workspace(dev, (MP, K), torch.int8, _XQ_USE)
+    xs = _workspace(dev, (2, G, MP), torch.float32, _XS_USE)
     launch(quantize_kernel, qgrid, (x2, xq, xs, M, MP, K, G, x2.stride(0)), qmeta, qkey, cuda_index)
     if codes.dtype != torch.uint8:
         codes = codes.view(torch.uint8)
@@ -1727,22 +1727,42 @@ def _codes_descriptor(codes: torch.Tensor, N: int, K: int, meta: dict):
     return _words_descriptor(codes, N, K, [meta["BLOCK_N"], step_words], meta["CODES_SL"])
 
 
+#: the workspaces of ``mma_int8_linear``'s pre-pass: the int8 activations and their factors
+_XQ_USE, _XS_USE = "int8 activations", "int8 activation scales"
+#: ``_acts_descriptors`` of the kept workspaces, by (their ids, the tile): each is made once
+#: (a descriptor costs a few us of host time, on every call that is not a replay)
+_ACT_DESCRIPTORS: dict[tuple, tuple] = {}
+
+
 def _acts_descriptors(xq: torch.Tensor, xs: torch.Tensor, meta: dict, stand_in) -> tuple:
     """The TMA kernel's descriptors of the int8 activations ``xq [MP, K]`` (as int32 words, one
     step's ``[BLOCK_M, STEP / 4]`` a copy) and of their factors ``xs[0] [G, MP]`` (``[GROUPS,
-    BLOCK_M]`` a copy), as ``XTMA`` takes them; ``stand_in`` for each it does not (unused)."""
-    if not meta["XTMA"]:
+    BLOCK_M]`` a copy), as ``XTMA`` takes them; ``stand_in`` for each it does not (unused).
+    Kept for kept workspaces (not for the buffers of a CUDA-graph capture)."""
+    mode = meta["XTMA"]
+    if not mode:
         return stand_in, stand_in
-    TD = mma_int8_gluon.TensorDescriptor
-    MP, K = xq.shape
     step = meta["GS"] * meta["GROUPS"]
-    words = xq.view(torch.int32)
-    q = TD(words, [MP, K // 4], [K // 4, 1], [meta["BLOCK_M"], step // 4], meta["Q_SL"])
-    G = xs.shape[1]
-    if meta["XTMA"] < 2:
-        return q, stand_in
-    d = TD(xs[0], [G, MP], [MP, 1], [meta["GROUPS"], meta["BLOCK_M"]], meta["D_SL"])
-    return q, d
+    key = (id(xq), id(xs), meta["BLOCK_M"], step, meta["GROUPS"], mode)
+    hit = _ACT_DESCRIPTORS.get(key)
+    if hit is None or hit[0] is not xq or hit[1] is not xs:
+        TD = mma_int8_gluon.TensorDescriptor
+        MP, K = xq.shape
+        q = TD(xq.view(torch.int32), [MP, K // 4], [K // 4, 1], [meta["BLOCK_M"], step // 4],
+               meta["Q_SL"])  # fmt: skip
+        d = None
+        if mode > 1:
+            G = xs.shape[1]
+            d = TD(xs[0], [G, MP], [MP, 1], [meta["GROUPS"], meta["BLOCK_M"]], meta["D_SL"])
+        hit = (xq, xs, q, d)
+        if _kept(xq, _XQ_USE) and _kept(xs, _XS_USE):
+            _ACT_DESCRIPTORS[key] = hit
+    return hit[2], stand_in if hit[3] is None else hit[3]
+
+
+def _kept(t: torch.Tensor, use: str) -> bool:
+    """Whether ``t`` is ``_workspace``'s kept buffer for ``use``."""
+    return _WORKSPACES.get((t.device, tuple(t.shape), t.dtype, use)) is t
 
 
 def _words_descriptor(codes: torch.Tensor, N: int, K: int, block: list, layout):
