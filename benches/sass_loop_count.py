@@ -5,6 +5,7 @@
                                        [--block-n 8] [--block-k 2048] [--warps 4]
     python3 benches/sass_loop_count.py --mma [--block-n 128]   # the tensor-core kernels
     python3 benches/sass_loop_count.py --gluon [--block-n 64 --warps 2]   # mma_int8_gluon.py
+    python3 benches/sass_loop_count.py --gluon-tma [--swords 1]    # its TMA kernel, per XTMA
     python3 benches/sass_loop_count.py --encodings affine --paired --prefetch --kspec 4096
                                        [--l2-ahead 1] [--pipeline 2] [--stream]  # words_int8
 
@@ -14,7 +15,9 @@ step covers ``block_n * block_k / (32 * warps)`` weights a thread). ``--mma``: `
 ``mma_int8.py`` (int4 affine / symmetric g64, 16 rows, ``block_n`` features, 3 stages), a loop
 step covering ``block_n * 64 * groups / (32 * warps)`` weights a thread. ``--gluon``:
 ``mma_int8_gluon.py`` (int4 g64, 16 rows, 2 groups a step; compiled per K = 4096 and not), whose
-loop (unrolled by two) covers two steps. The figures the README and
+loop (unrolled by two) covers two steps. ``--gluon-tma``: its TMA kernel in the routed
+configuration (64 features, 2 warps, 16 rows, 3 stages, K = 4096) in each ``XTMA`` mode:
+registers (needs torch, for the descriptors' types). The figures the README and
 the kernels' docstrings quote come from this script under Triton 3.6 (the H200's); other Triton
 versions lay the same code out differently.
 """
@@ -124,6 +127,7 @@ def main() -> None:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--mma", action="store_true", help="the tensor-core kernels instead")
     ap.add_argument("--gluon", action="store_true", help="the Gluon int8 kernel instead")
+    ap.add_argument("--gluon-tma", action="store_true", help="its TMA kernel, per XTMA mode")
     ap.add_argument("--swords", type=int, default=0, help="--gluon: the scales as N words a row")
     ap.add_argument("--paired", action="store_true", help="words_int8: PAIRED (affine)")
     ap.add_argument("--prefetch", action="store_true", help="words_int8: PREFETCH")
@@ -134,6 +138,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.mma:
         mma_counts(a.block_n if a.block_n != 8 else 128)
+        return
+    if a.gluon_tma:
+        gluon_tma_counts(a.swords)
         return
     if a.gluon:
         gluon_counts(a.block_n if a.block_n != 8 else 64, a.warps if a.warps != 4 else 2, a.swords)
@@ -196,6 +203,32 @@ def gluon_counts(bn: int, warps: int, swords: int = 0) -> None:
             name = f"gluon K={kspec or 'any'}"
             print(f"{enc:<10} {name:<17} {regs:4d} regs  loop {n:5d} (2 steps)  "
                   f"{n / weights:5.2f} a weight  ({top})")  # fmt: skip
+
+
+def gluon_tma_counts(swords: int) -> None:
+    """``mma_int8_gluon_tma_kernel`` in the routed configuration, int4 affine g64, in each
+    ``XTMA`` mode: registers a thread."""
+    import torch
+    from triton.runtime.jit import mangle_type
+
+    from qtensors.torch.kernels.launch import _acts_descriptors, _codes_descriptor
+
+    print(f"# triton {triton.__version__}, sm_90, mma_int8_gluon_tma_kernel: 64 features x 16"
+          f" rows, 2 warps, 3 stages, int4 affine g64, K = 4096, scales as {swords or 'no'}"
+          " words")  # fmt: skip
+    bn, bm, K = 64, 16, 4096
+    for xtma in (0, 1, 2):
+        consts = dict(ENC=MMA_INT8_ENC["affine"], GS=64, HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=bn,
+                      SPLIT_K=1, GROUPS=2, KSPEC=K, STAGES=3, XTMA=xtma,
+                      **mma_int8_gluon.layouts(bn, bm, 2, 2, 1, 0, swords))  # fmt: skip
+        codes = _codes_descriptor(torch.zeros(bn, K // 2, dtype=torch.uint8), bn, K, consts)
+        q, d = _acts_descriptors(torch.zeros(bm, K, dtype=torch.int8),
+                                 torch.zeros(2, K // 64, bm), consts, codes)  # fmt: skip
+        types = {"codes_desc": mangle_type(codes), "xq_desc": mangle_type(q),
+                 "xs_desc": mangle_type(d)}  # fmt: skip
+        _sass, regs = compile_kernel(mma_int8_gluon.mma_int8_gluon_tma_kernel, consts, types,
+                                     {"num_warps": 2}, GluonASTSource)  # fmt: skip
+        print(f"XTMA {xtma}: {regs:4d} regs")
 
 
 if __name__ == "__main__":

@@ -1729,8 +1729,8 @@ def _codes_descriptor(codes: torch.Tensor, N: int, K: int, meta: dict):
 
 #: the workspaces of ``mma_int8_linear``'s pre-pass: the int8 activations and their factors
 _XQ_USE, _XS_USE = "int8 activations", "int8 activation scales"
-#: ``_acts_descriptors`` of the kept workspaces, by (their ids, the tile): each is made once
-#: (a descriptor costs a few us of host time, on every call that is not a replay)
+#: ``_acts_descriptors`` of the kept workspaces, by (their ids, the tile): each is made once,
+#: not on every call that is not a replay (as the codes' descriptor still is)
 _ACT_DESCRIPTORS: dict[tuple, tuple] = {}
 
 

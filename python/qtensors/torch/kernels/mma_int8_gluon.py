@@ -40,8 +40,8 @@ slot refilled as soon as every warp has read it. The arithmetic is the register 
 same order: outputs are bit-identical (``benches/probe_gluon_tma.py``), 1.01-1.14x faster on the
 routed weights. With ``XTMA`` (``launch.GLUON_ACT_TMA``) each ring slot also receives its step's
 int8 activations (and, mode 2, their factors), read from there at the step instead of loaded
-two steps ahead: bit-identical, 168 -> 128 registers, 1.04-1.08x at 32 rows and 0.99-1.03x at
-5-16 (``benches/probe_gluon_act_tma.py``).
+two steps ahead: bit-identical, 168 -> 127 registers (``benches/sass_loop_count.py
+--gluon-tma``), 1.04-1.08x at 32 rows and 0.99-1.03x at 5-16 (``probe_gluon_act_tma.py``).
 
 Both kernels also take the encodings no other tensor-core kernel here does (``GLUON_ENC``):
 NF4, its codes turned into int8 levels by ``prmt`` (``_nf4_asm``), and 8-bit symmetric codes,
