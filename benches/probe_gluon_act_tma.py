@@ -15,12 +15,13 @@ whatever the switch (measured slower): their rows compare at commit 62425a3.
 3. the other encodings at 16 rows on the three large shapes.
 
     OUT=DIR python3 benches/probe_gluon_act_tma.py [--modes 0,1,2] [--quick] [--first-try MODE]
-        [--configs 64x2,64x4,32x2 [--rows 16,32]]
+        [--configs 64x2,64x4,32x2 [--rows 16,32] [--shapes 4096x4096,11264x2048]]
 
 ``--quick``: rows 5 and 16 in (2), no (3). ``--configs``: instead of (1)-(3), int4 affine g64
 in mode 1 with each ``features x warps`` program on the large shapes and 4096^2 (each within the
 activations' rounding bound of the exact product first): with the activations in shared memory
 a program's warps no longer each load them, which made 4 warps a program slower before.
+``--shapes``: the weights ``NxK`` to time instead of those four.
 
 ``--first-try MODE``: one call in that mode against mode 0, exit status 0 if equal (a first try in
 a process of its own: a faulting kernel leaves the process's CUDA context unusable).
@@ -155,7 +156,9 @@ def section_configs() -> None:
     say("## int4-affine-g64, mode 1, features x warps a program: us per call (CUDA graph)")
     specs = cli_value("--configs", "64x2").split(",")
     rows = [int(r) for r in cli_value("--rows", "16,32").split(",")]
-    for N, K in (*S.SHAPES[:3], (4096, 4096)):
+    given = cli_value("--shapes", "")
+    shapes = [tuple(int(v) for v in s.split("x")) for s in given.split(",") if s]
+    for N, K in shapes or (*S.SHAPES[:3], (4096, 4096)):
         case = S.Case("int4-affine-g64", N, K)
         for M in rows:
             x = case.x(M)
