@@ -639,6 +639,20 @@ def test_plan_takes_eight_row_tiles_up_to_narrow_m(monkeypatch):
         plan(5, 4096, 4096, "affine", 64, False, -1, L.MmaConfig(8, 64, 2, 0, 4), True, False)
 
 
+def test_tma_plan_takes_32_features_a_program_on_narrow_weights():
+    """The TMA kernel's programs take 32 features on weights of up to ``GLUON_NARROW_N``
+    outputs (twice the programs), 64 past it; the register kernel keeps 64; a given config
+    wins."""
+    plan = L._mma_int8_plan.__wrapped__
+    for N, stages, want in ((4096, 3, 32), (2048, 3, 32), (6144, 3, 64), (4096, 0, 64)):
+        *_, meta, _key = plan(16, N, 4096, "affine", 64, False, -1, None, True, True, True,
+                              stages)  # fmt: skip
+        assert meta["BLOCK_N"] == want, (N, stages)
+    cfg = L.MmaConfig(0, 64, 2, 0, 2)
+    *_, meta, _key = plan(16, 4096, 4096, "affine", 64, False, -1, cfg, True, True, True, 3)
+    assert meta["BLOCK_N"] == 64
+
+
 def test_scale_words_where_a_rows_step_is_whole_words():
     """``_scale_words``: a row's scales of a K step as 32-bit words (1 or 2) where they fill
     whole words and every row starts on one; else 0 (16-bit values / bytes as before)."""

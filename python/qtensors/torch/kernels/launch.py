@@ -1454,6 +1454,14 @@ INT8_MMA_GLUON = True
 #: warps (``block_m``: 16 up to 16 rows, else 32; ``num_stages`` unused: the kernel keeps two
 #: steps in flight)
 MMA_INT8_GLUON_DEFAULT = MmaConfig(block_m=0, block_n=64, groups=2, split_k=0, num_warps=2)
+#: the TMA kernel's configuration for weights of at most ``GLUON_NARROW_N`` outputs: 32 features
+#: a program (twice the programs, on weights whose 64-feature tiles leave SMs idle). H200, int4
+#: affine g64, mode-1 activations, 8 / 16 / 32 rows, µs against the default's (benches/results/
+#: gpu_gluon_narrow_configs_h200.txt): 4096^2 10.2 / 11.5 / 14.4 against 10.7 / 12.5 / 16.3,
+#: 2048 x 5632 9.5 / 11.0 / 13.2 against 11.0 / 13.1 / 19.5, 2560 x 2048 0.97-0.86x the time;
+#: 2048^2 0.93-1.04x; slower on 6144 x 4096 (1.05-1.09x) and 14336 x 4096, so not past 4096
+MMA_INT8_GLUON_NARROW = MmaConfig(block_m=0, block_n=32, groups=2, split_k=0, num_warps=2)
+GLUON_NARROW_N = 4096
 #: compile the Gluon kernel per K (up to 16 rows): a step's loads become immediate offsets from
 #: one address (sm_90 SASS of the routed config: 234 -> 230 instructions a step,
 #: benches/results/sass_gluon_loop_h200.txt; on the H200 within the runs' noise either way,
@@ -1539,7 +1547,8 @@ def _mma_int8_plan(
     ``act_tma`` allows it)."""
     bucket = next((b for b in BATCH_BUCKETS if M <= b), BATCH_BUCKETS[-1])
     if gluon:
-        cfg = config or MMA_INT8_GLUON_DEFAULT
+        narrow = tma_stages and N <= GLUON_NARROW_N
+        cfg = config or (MMA_INT8_GLUON_NARROW if narrow else MMA_INT8_GLUON_DEFAULT)
         block_m = 8 if M <= GLUON_TILE8_MAX_M else 16 if M <= 16 else 32
     else:
         cfg = config or MMA_INT8_TABLE.get((bucket, N, K)) or MMA_INT8_DEFAULT
