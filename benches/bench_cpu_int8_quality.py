@@ -9,7 +9,11 @@ perplexity on the Python library reference, in the same run, against the fp32 mo
   ``d = max|x| / 127``), then the exact kernels. On the GPU only decode steps (1-4 rows) take
   that kernel; here every row does, so this bounds its effect from above;
 * GPU int8 MMA numerics: the same rounding per 64 activations (one weight group), as the
-  tensor-core kernel for 5-64 rows rounds them (``kernels/mma_int8.py``).
+  tensor-core kernel for 5-64 rows rounds them (``kernels/mma_int8.py``);
+* per row: one factor for a row's whole input (``unit`` -1), as W4A8 GEMMs that scale each
+  int product once per token do: the cheapest int8 rounding for a prompt's rows to apply;
+* FP8 per row: each row scaled by ``max|x| / 448`` and rounded to E4M3 (``fp8`` hooks), as FP8
+  tensor-core GEMMs take activations.
 
     python3 benches/bench_cpu_int8_quality.py [--eval-tokens 4096]
 """
@@ -40,9 +44,19 @@ def int8_rounding(unit: int):
     return lambda module, inputs: _rounded(inputs, unit)
 
 
+def fp8_rounding(module, inputs):
+    """A forward pre-hook: each row of the input scaled into E4M3's range by one factor and
+    rounded to E4M3 (to nearest even), the dtype kept."""
+    (x,) = inputs
+    u = x.float()
+    d = u.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 448.0
+    return (((u / d).to(torch.float8_e4m3fn).float() * d).to(x.dtype),)
+
+
 def _rounded(inputs, unit: int):
     (x,) = inputs
     K = x.shape[-1]
+    unit = K if unit < 0 else unit
     n = K // unit * unit
     u = x[..., :n].float().reshape(*x.shape[:-1], n // unit, unit)
     amax = u.abs().amax(-1, keepdim=True).clamp_min(1e-30)
@@ -72,12 +86,15 @@ def main() -> None:
             "CPU int8 (per 32)": 0,
             "GPU int8 numerics (per 16)": 16,
             "GPU int8 MMA numerics (per 64)": 64,
+            "int8 per row (one factor a row)": -1,
+            "FP8 E4M3 per row": "fp8",
         }
         for kind, unit in kinds.items():
             lin.CPU_INT8_ACTIVATIONS = kind.startswith("CPU")
             hooks = []
-            if unit:
-                hooks = [m.register_forward_pre_hook(int8_rounding(unit)) for m in linears]
+            hook = fp8_rounding if unit == "fp8" else int8_rounding(unit) if unit else None
+            if hook is not None:
+                hooks = [m.register_forward_pre_hook(hook) for m in linears]
             t = time.perf_counter()
             p = perplexity(model, windows)
             for h in hooks:
